@@ -1,0 +1,290 @@
+//! `ferry list` and `ferry show`: the catalog for people.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use ferry_core::catalog::Catalog;
+use ferry_core::model::{Dtype, WeightGroup};
+use ferry_core::units::format_bytes;
+
+use crate::table::Table;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ListWhat {
+    Gpus,
+    Models,
+    Hosts,
+}
+
+#[derive(Args)]
+pub struct ListArgs {
+    /// What to list.
+    what: ListWhat,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ShowWhat {
+    Model,
+    Gpu,
+    Host,
+}
+
+#[derive(Args)]
+pub struct ShowArgs {
+    /// What kind of entry.
+    what: ShowWhat,
+    /// A catalog name or alias (e.g. 13b, rtx3060); for models also a Hugging Face
+    /// folder or its config.json.
+    name: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn list(args: ListArgs) -> Result<()> {
+    let catalog = Catalog::builtin()?;
+    match args.what {
+        ListWhat::Gpus => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&catalog.gpus)?);
+                return Ok(());
+            }
+            let mut table = Table::new([
+                "name",
+                "memory",
+                "fp16 TFLOP/s",
+                "fp32 TFLOP/s",
+                "mem GB/s",
+                "link",
+                "aliases",
+            ]);
+            for gpu in &catalog.gpus {
+                table.row([
+                    gpu.name.clone(),
+                    format_bytes(gpu.memory_bytes),
+                    format!("{:.1}", gpu.fp16_tflops),
+                    format!("{:.1}", gpu.fp32_tflops),
+                    format!("{:.0}", gpu.memory_bandwidth_gbps),
+                    gpu.interconnect.describe(),
+                    Catalog::aliases_of(&catalog.gpu_aliases, &gpu.name).join(", "),
+                ]);
+            }
+            print!("{}", table.render());
+            println!("\nfp16 is dense tensor throughput with fp32 accumulate; `cpu` is the CPU backend (memory = --device-mem budget).");
+        }
+        ListWhat::Models => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&catalog.models)?);
+                return Ok(());
+            }
+            let mut table = Table::new([
+                "name",
+                "family",
+                "params",
+                "layers",
+                "hidden",
+                "kv heads",
+                "fp16 size",
+                "aliases",
+            ]);
+            for model in &catalog.models {
+                table.row([
+                    model.name.clone(),
+                    format!("{:?}", model.family).to_lowercase(),
+                    format_params(model.params().total),
+                    model.num_layers.to_string(),
+                    model.hidden_size.to_string(),
+                    format!("{}/{}", model.num_kv_heads, model.num_heads),
+                    format_bytes(model.total_bytes(Dtype::F16)),
+                    Catalog::aliases_of(&catalog.model_aliases, &model.name).join(", "),
+                ]);
+            }
+            print!("{}", table.render());
+        }
+        ListWhat::Hosts => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&catalog.hosts)?);
+                return Ok(());
+            }
+            let mut table = Table::new([
+                "name",
+                "RAM",
+                "disk read GB/s",
+                "disk write GB/s",
+                "memcpy GB/s",
+                "CPU GFLOP/s",
+                "description",
+            ]);
+            for host in &catalog.hosts {
+                table.row([
+                    host.name.clone(),
+                    format_bytes(host.ram_bytes),
+                    format!("{:.2}", host.disk_read_gbps),
+                    format!("{:.2}", host.disk_write_gbps),
+                    format!("{:.0}", host.memcpy_gbps),
+                    format!("{:.0}", host.cpu_gflops),
+                    host.description.clone(),
+                ]);
+            }
+            print!("{}", table.render());
+        }
+    }
+    Ok(())
+}
+
+pub fn show(args: ShowArgs) -> Result<()> {
+    let catalog = Catalog::builtin()?;
+    match args.what {
+        ShowWhat::Model => {
+            let resolved = catalog.model(&args.name)?;
+            if let Some(note) = &resolved.note {
+                eprintln!("note: {note}");
+            }
+            let model = resolved.value;
+            if args.json {
+                let breakdown = serde_json::json!({
+                    "model": model,
+                    "params": model.params(),
+                    "kv_bytes_per_token_fp16": model.kv_bytes_per_token_per_layer(Dtype::F16) * model.num_layers,
+                });
+                println!("{}", serde_json::to_string_pretty(&breakdown)?);
+                return Ok(());
+            }
+            let params = model.params();
+            println!(
+                "{} ({:?}), {} parameters",
+                model.name,
+                model.family,
+                format_params(params.total)
+            );
+            println!(
+                "{} layers, hidden {}, MLP {}, {} heads ({} KV heads), vocabulary {}{}",
+                model.num_layers,
+                model.hidden_size,
+                model.intermediate_size,
+                model.num_heads,
+                model.num_kv_heads,
+                model.vocab_size,
+                if model.num_experts > 0 {
+                    format!(
+                        ", {} experts ({} per token)",
+                        model.num_experts, model.experts_per_token
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            println!("source: {}\n", model.source);
+            let dtypes = [Dtype::F32, Dtype::F16, Dtype::Int8, Dtype::Int4];
+            let mut table = Table::new(["weights", "params", "fp32", "fp16/bf16", "int8", "int4"]);
+            let mut add = |label: String, count: u64, bytes: &dyn Fn(Dtype) -> u64| {
+                let mut row = vec![label, format_params(count)];
+                row.extend(dtypes.iter().map(|d| format_bytes(bytes(*d))));
+                table.row(row);
+            };
+            let half = params.norms_per_layer / 2;
+            add(
+                "attention, per layer".into(),
+                params.attention_per_layer + half,
+                &|d| model.group_bytes(WeightGroup::Attention, d),
+            );
+            add(
+                "MLP, per layer".into(),
+                params.mlp_per_layer + params.norms_per_layer - half,
+                &|d| model.group_bytes(WeightGroup::Mlp, d),
+            );
+            add(
+                "one layer".into(),
+                params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer,
+                &|d| model.layer_bytes(d),
+            );
+            add(
+                format!("all {} layers", model.num_layers),
+                model.num_layers
+                    * (params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer),
+                &|d| model.num_layers * model.layer_bytes(d),
+            );
+            add("embeddings".into(), params.embeddings, &|d| {
+                model.group_bytes(WeightGroup::Embeddings, d)
+            });
+            add("final norm + head".into(), params.head, &|d| {
+                model.group_bytes(WeightGroup::Head, d)
+            });
+            add("total".into(), params.total, &|d| model.total_bytes(d));
+            print!("{}", table.render());
+            let kv16 = model.kv_bytes_per_token_per_layer(Dtype::F16);
+            println!(
+                "\nKV cache (fp16): {} per token per layer, {} per token for all layers; {} for one 4096-token sequence",
+                format_bytes(kv16),
+                format_bytes(kv16 * model.num_layers),
+                format_bytes(kv16 * model.num_layers * 4096)
+            );
+            println!(
+                "activations (f32): {} per token between layers, {} per token of workspace inside a layer",
+                format_bytes(model.activation_bytes_per_token()),
+                format_bytes(model.workspace_bytes_per_token())
+            );
+        }
+        ShowWhat::Gpu => {
+            let resolved = catalog.gpu(&args.name)?;
+            if let Some(note) = &resolved.note {
+                eprintln!("note: {note}");
+            }
+            let gpu = resolved.value;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&gpu)?);
+                return Ok(());
+            }
+            println!("{}: {}", gpu.name, gpu.description);
+            let mut table = Table::new(["figure", "value"]);
+            table.row(["memory".to_string(), format_bytes(gpu.memory_bytes)]);
+            table.row([
+                "fp16/bf16 tensor (dense)".to_string(),
+                format!("{} TFLOP/s", gpu.fp16_tflops),
+            ]);
+            table.row(["fp32".to_string(), format!("{} TFLOP/s", gpu.fp32_tflops)]);
+            table.row([
+                "memory bandwidth".to_string(),
+                format!("{} GB/s", gpu.memory_bandwidth_gbps),
+            ]);
+            let link = match gpu.interconnect.peak_gbps() {
+                Some(peak) => format!(
+                    "{} ({peak:.1} GB/s per direction, theoretical)",
+                    gpu.interconnect.describe()
+                ),
+                None => gpu.interconnect.describe(),
+            };
+            table.row(["host link".to_string(), link]);
+            table.row(["default host preset".to_string(), gpu.default_host.clone()]);
+            print!("{}", table.render());
+            println!("source: {}", gpu.source);
+        }
+        ShowWhat::Host => {
+            let resolved = catalog.host(&args.name)?;
+            if let Some(note) = &resolved.note {
+                eprintln!("note: {note}");
+            }
+            let host = resolved.value;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&host)?);
+                return Ok(());
+            }
+            println!("{}", ferry_core::yaml::to_yaml_string(&host)?);
+        }
+    }
+    Ok(())
+}
+
+/// 13015864320 → "13.02 B".
+pub fn format_params(count: u64) -> String {
+    let value = count as f64;
+    if value >= 1e9 {
+        format!("{:.2} B", value / 1e9)
+    } else if value >= 1e6 {
+        format!("{:.2} M", value / 1e6)
+    } else {
+        format!("{count}")
+    }
+}

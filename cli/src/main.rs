@@ -1,0 +1,58 @@
+//! `ferry`: the command-line front end. The only crate that prints for people;
+//! everything it shows is computed by the library crates.
+
+mod catalog_cmds;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Plan, predict and run LLM inference on GPUs (or CPUs) too small for the model.
+///
+/// Start with `ferry show model 13b`, or list what the catalog knows with
+/// `ferry list gpus|models|hosts`.
+#[derive(Parser)]
+#[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the catalog's GPUs, models or host presets.
+    List(catalog_cmds::ListArgs),
+    /// Show one catalog entry in detail (a model's memory breakdown, a GPU's figures).
+    Show(catalog_cmds::ShowArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::List(args) => catalog_cmds::list(args),
+        Command::Show(args) => catalog_cmds::show(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_status(&err))
+        }
+    }
+}
+
+/// 2 for mistakes in what the user asked (unknown names, malformed files, impossible
+/// requests), 1 for everything else, as clap does for bad flags.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    let usage = err.chain().any(|cause| {
+        cause
+            .downcast_ref::<ferry_core::CoreError>()
+            .is_some_and(|e| e.is_usage_error())
+    });
+    if usage {
+        2
+    } else {
+        1
+    }
+}

@@ -1,0 +1,356 @@
+//! The task graph: the one data structure the simulator replays and the engine
+//! executes. Every task names its resource, its work (bytes or FLOPs), the layer,
+//! micro-batch and decode step it belongs to, its dependencies, and the memory it
+//! acquires when it starts and releases when it ends.
+//!
+//! Invariants (checked by `TaskGraph::validate`): tasks are in program order, so
+//! every dependency has a smaller id; a task's resource follows from its kind; the
+//! memory a graph releases from a pool equals the memory it acquires there.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+use crate::model::WeightGroup;
+use crate::units::format_bytes;
+
+pub type TaskId = u32;
+
+/// Something that runs one task at a time per lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Resource {
+    /// The offload disk; reads and writes share it.
+    Disk,
+    HostToDevice,
+    DeviceToHost,
+    DeviceCompute,
+    HostCompute,
+}
+
+impl Resource {
+    pub const ALL: [Resource; 5] = [
+        Resource::Disk,
+        Resource::HostToDevice,
+        Resource::DeviceToHost,
+        Resource::DeviceCompute,
+        Resource::HostCompute,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Resource::Disk => "disk",
+            Resource::HostToDevice => "host→device",
+            Resource::DeviceToHost => "device→host",
+            Resource::DeviceCompute => "device compute",
+            Resource::HostCompute => "host compute",
+        }
+    }
+
+    pub fn is_transfer(self) -> bool {
+        !matches!(self, Resource::DeviceCompute | Resource::HostCompute)
+    }
+}
+
+/// A memory pool with a capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pool {
+    Device,
+    Host,
+}
+
+impl Pool {
+    pub const ALL: [Pool; 2] = [Pool::Device, Pool::Host];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pool::Device => "device",
+            Pool::Host => "host",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    DiskRead,
+    DiskWrite,
+    HostToDevice,
+    DeviceToHost,
+    DeviceCompute,
+    HostCompute,
+}
+
+impl TaskKind {
+    pub fn resource(self) -> Resource {
+        match self {
+            TaskKind::DiskRead | TaskKind::DiskWrite => Resource::Disk,
+            TaskKind::HostToDevice => Resource::HostToDevice,
+            TaskKind::DeviceToHost => Resource::DeviceToHost,
+            TaskKind::DeviceCompute => Resource::DeviceCompute,
+            TaskKind::HostCompute => Resource::HostCompute,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::DiskRead => "read",
+            TaskKind::DiskWrite => "write",
+            TaskKind::HostToDevice => "h2d",
+            TaskKind::DeviceToHost => "d2h",
+            TaskKind::DeviceCompute | TaskKind::HostCompute => "compute",
+        }
+    }
+}
+
+/// A compute operation. `Attention` is the fused form of `AttnQkv` → `AttnCore` →
+/// `AttnOut`, used when attention runs where the projections run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Op {
+    Embed,
+    Attention,
+    AttnQkv,
+    AttnCore,
+    AttnOut,
+    Mlp,
+    /// Final norm, language-model head and greedy sampling.
+    Head,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Embed => "embed",
+            Op::Attention => "attention",
+            Op::AttnQkv => "attn-qkv",
+            Op::AttnCore => "attn-core",
+            Op::AttnOut => "attn-out",
+            Op::Mlp => "mlp",
+            Op::Head => "head",
+        }
+    }
+}
+
+/// What a task moves or computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Payload {
+    Weights { group: WeightGroup },
+    KvCache,
+    Activations,
+    Compute { op: Op },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MemOp {
+    pub pool: Pool,
+    pub bytes: u64,
+}
+
+/// Marks "no layer" for embeddings and head tasks.
+pub const NO_LAYER: u32 = u32::MAX;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub kind: TaskKind,
+    pub payload: Payload,
+    pub layer: u32,
+    pub micro_batch: u32,
+    /// 0 is the prefill; step s ≥ 1 generates token s + 1.
+    pub step: u32,
+    /// Bytes moved (transfers) or read from memory (compute).
+    pub bytes: u64,
+    pub flops: u64,
+    /// Rows processed (sequences × new tokens), for compute tasks.
+    pub tokens: u32,
+    /// Attention context length after this step.
+    pub context: u32,
+    /// Request size for transfers.
+    pub chunk_bytes: u64,
+    /// Host→device copies from page-locked memory.
+    pub pinned: bool,
+    pub deps: Vec<TaskId>,
+    pub acquire: Vec<MemOp>,
+    pub release: Vec<MemOp>,
+}
+
+impl Task {
+    pub fn resource(&self) -> Resource {
+        self.kind.resource()
+    }
+
+    /// A short human label: `h2d L7 attention weights`, `compute L7 mlp mb2`.
+    pub fn label(&self) -> String {
+        let layer = if self.layer == NO_LAYER {
+            String::new()
+        } else {
+            format!(" L{}", self.layer)
+        };
+        let what = match self.payload {
+            Payload::Weights { group } => format!("{group:?} weights").to_lowercase(),
+            Payload::KvCache => "kv".to_string(),
+            Payload::Activations => "activations".to_string(),
+            Payload::Compute { op } => op.name().to_string(),
+        };
+        format!(
+            "{}{layer} {what} mb{} s{}",
+            self.kind.name(),
+            self.micro_batch,
+            self.step
+        )
+    }
+}
+
+/// A pool's capacity and what stays resident in it for the whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSpec {
+    pub pool: Pool,
+    pub capacity_bytes: u64,
+    /// (what, bytes) held for the whole run: resident weights, resident KV, workspace.
+    pub resident: Vec<(String, u64)>,
+}
+
+impl PoolSpec {
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.iter().map(|(_, b)| b).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceSpec {
+    pub resource: Resource,
+    /// Tasks that may run on it at once (copy streams, I/O queue depth).
+    pub lanes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskGraph {
+    pub tasks: Vec<Task>,
+    pub pools: Vec<PoolSpec>,
+    pub resources: Vec<ResourceSpec>,
+    pub batch_size: u64,
+    pub prompt_len: u64,
+    pub gen_len: u64,
+    /// Decode steps present in the graph (a sampled graph may hold fewer than gen_len − 1).
+    pub steps: Vec<u32>,
+}
+
+impl TaskGraph {
+    pub fn pool(&self, pool: Pool) -> &PoolSpec {
+        &self.pools[pool.index()]
+    }
+
+    pub fn lanes(&self, resource: Resource) -> u32 {
+        self.resources
+            .iter()
+            .find(|r| r.resource == resource)
+            .map_or(1, |r| r.lanes)
+    }
+
+    /// Checks the structural invariants; a failure here is a bug in the lowering.
+    pub fn validate(&self) -> Result<()> {
+        for (id, task) in self.tasks.iter().enumerate() {
+            if let Some(dep) = task.deps.iter().find(|&&d| d as usize >= id) {
+                return Err(CoreError::invalid(format!(
+                    "task {id} ({}) depends on later task {dep}",
+                    task.label()
+                )));
+            }
+        }
+        for pool in Pool::ALL {
+            let acquired: u64 = self
+                .tasks
+                .iter()
+                .flat_map(|t| &t.acquire)
+                .filter(|m| m.pool == pool)
+                .map(|m| m.bytes)
+                .sum();
+            let released: u64 = self
+                .tasks
+                .iter()
+                .flat_map(|t| &t.release)
+                .filter(|m| m.pool == pool)
+                .map(|m| m.bytes)
+                .sum();
+            if acquired != released {
+                return Err(CoreError::invalid(format!(
+                    "{} pool: tasks acquire {} but release {}",
+                    pool.name(),
+                    format_bytes(acquired),
+                    format_bytes(released)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails when the resident set alone, or any single task, exceeds its pool: such a
+    /// graph could never run. The message names the pool and the shortfall.
+    pub fn check_fits(&self) -> Result<()> {
+        for spec in &self.pools {
+            let resident = spec.resident_bytes();
+            if resident > spec.capacity_bytes {
+                let detail: Vec<String> = spec
+                    .resident
+                    .iter()
+                    .filter(|(_, b)| *b > 0)
+                    .map(|(what, b)| format!("{what} {}", format_bytes(*b)))
+                    .collect();
+                return Err(CoreError::invalid(format!(
+                    "{} memory: the resident set needs {} but the budget is {} (short by {}): {}",
+                    spec.pool.name(),
+                    format_bytes(resident),
+                    format_bytes(spec.capacity_bytes),
+                    format_bytes(resident - spec.capacity_bytes),
+                    detail.join(", ")
+                )));
+            }
+            let free = spec.capacity_bytes - resident;
+            // The largest amount one task holds at once must fit beside the resident set.
+            if let Some(task) = self
+                .tasks
+                .iter()
+                .filter(|t| {
+                    t.acquire
+                        .iter()
+                        .any(|m| m.pool == spec.pool && m.bytes > free)
+                })
+                .max_by_key(|t| t.acquire.iter().map(|m| m.bytes).sum::<u64>())
+            {
+                let need: u64 = task
+                    .acquire
+                    .iter()
+                    .filter(|m| m.pool == spec.pool)
+                    .map(|m| m.bytes)
+                    .sum();
+                return Err(CoreError::invalid(format!(
+                    "{} memory: task '{}' needs {} but only {} is left beside the resident set (short by {})",
+                    spec.pool.name(),
+                    task.label(),
+                    format_bytes(need),
+                    format_bytes(free),
+                    format_bytes(need - free)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Total bytes moved per task kind, for checks that the graph moves what the plan needs.
+    pub fn bytes_by_kind(&self, kind: TaskKind) -> u64 {
+        self.tasks
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| t.bytes)
+            .sum()
+    }
+}

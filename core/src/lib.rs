@@ -1,0 +1,21 @@
+//! ferry-core: the vocabulary every other Ferry crate speaks.
+//!
+//! Owns: hardware and model descriptions, the built-in catalog, memory arithmetic,
+//! workloads, plans, profiles, the task graph (`schedule` lowers a plan into it),
+//! traces and the metrics computed from them, and YAML/JSON I/O.
+//!
+//! Must never: estimate a duration (that is `ferry-sim`), run a kernel or touch a
+//! weight file (that is `ferry-engine`), or print for people (that is the CLI).
+
+pub mod catalog;
+pub mod error;
+pub mod hardware;
+pub mod model;
+pub mod units;
+pub mod yaml;
+
+pub use error::{CoreError, Result};
+pub mod graph;
+pub mod plan;
+pub mod profile;
+pub mod trace;

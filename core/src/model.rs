@@ -1,0 +1,458 @@
+//! Model shapes and the memory/compute arithmetic every other part relies on:
+//! parameter counts, bytes per weight group, KV-cache and activation bytes, FLOPs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+
+/// Architecture family; decides how parameters are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Mixtral,
+    Opt,
+}
+
+impl Family {
+    /// Llama-shaped decoders (RMSNorm, RoPE, GQA, SwiGLU) that Ferry's engine runs.
+    pub fn is_llama_like(self) -> bool {
+        !matches!(self, Family::Opt)
+    }
+}
+
+/// Element type of stored weights or cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+    Int8,
+    Int4,
+}
+
+impl Dtype {
+    pub fn bits(self) -> u64 {
+        match self {
+            Dtype::F32 => 32,
+            Dtype::F16 | Dtype::Bf16 => 16,
+            Dtype::Int8 => 8,
+            Dtype::Int4 => 4,
+        }
+    }
+
+    /// Bytes of `count` elements, rounded up to a whole byte.
+    pub fn bytes_of(self, count: u64) -> u64 {
+        (count * self.bits()).div_ceil(8)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "fp32",
+            Dtype::F16 => "fp16",
+            Dtype::Bf16 => "bf16",
+            Dtype::Int8 => "int8",
+            Dtype::Int4 => "int4",
+        }
+    }
+}
+
+/// The weight groups a layer's tensors fall into; each can be placed on its own tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightGroup {
+    /// q, k, v, o projections and the input norm.
+    Attention,
+    /// gate/up/down (or fc1/fc2, or all experts and the router) and the post-attention norm.
+    Mlp,
+    /// Token (and positional) embeddings.
+    Embeddings,
+    /// Final norm and language-model head.
+    Head,
+}
+
+/// A decoder-only transformer described by shape alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    pub family: Family,
+    pub hidden_size: u64,
+    pub intermediate_size: u64,
+    pub num_layers: u64,
+    pub num_heads: u64,
+    pub num_kv_heads: u64,
+    pub vocab_size: u64,
+    pub max_position_embeddings: u64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Experts per MoE layer (0 for a dense model).
+    #[serde(default)]
+    pub num_experts: u64,
+    #[serde(default)]
+    pub experts_per_token: u64,
+    /// Biases on q, k, v (Qwen2).
+    #[serde(default)]
+    pub qkv_bias: bool,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Stored weight type of the released checkpoint.
+    #[serde(default = "default_dtype")]
+    pub dtype: Dtype,
+    pub source: String,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-5
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_dtype() -> Dtype {
+    Dtype::F16
+}
+
+/// Parameter counts of one model, by group.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ParamCounts {
+    pub attention_per_layer: u64,
+    pub mlp_per_layer: u64,
+    pub norms_per_layer: u64,
+    pub embeddings: u64,
+    pub head: u64,
+    pub total: u64,
+}
+
+impl ModelSpec {
+    pub fn head_dim(&self) -> u64 {
+        self.hidden_size / self.num_heads
+    }
+
+    pub fn kv_dim(&self) -> u64 {
+        self.num_kv_heads * self.head_dim()
+    }
+
+    /// Checks the shape is self-consistent before any arithmetic trusts it.
+    pub fn validate(&self) -> Result<()> {
+        let fail = |what: &str| Err(CoreError::invalid(format!("model '{}': {what}", self.name)));
+        if self.hidden_size == 0 || self.num_layers == 0 || self.num_heads == 0 {
+            return fail("hidden_size, num_layers and num_heads must be positive");
+        }
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
+            return fail("hidden_size must be a multiple of num_heads");
+        }
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return fail("num_heads must be a multiple of num_kv_heads");
+        }
+        if self.intermediate_size == 0 || self.vocab_size == 0 {
+            return fail("intermediate_size and vocab_size must be positive");
+        }
+        if self.num_experts > 0
+            && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts)
+        {
+            return fail("experts_per_token must be between 1 and num_experts");
+        }
+        Ok(())
+    }
+
+    /// Parameter counts by group, following each family's tensor layout.
+    pub fn params(&self) -> ParamCounts {
+        let h = self.hidden_size;
+        let ffn = self.intermediate_size;
+        let (attention, mlp, norms, embeddings, head) = match self.family {
+            Family::Opt => {
+                // q, k, v, out projections with biases; fc1/fc2 with biases; two LayerNorms (weight+bias).
+                let attention = 4 * h * h + 4 * h;
+                let mlp = 2 * h * ffn + ffn + h;
+                let norms = 4 * h;
+                // OPT stores max_position + 2 learned positions (an offset of 2), and ties its head.
+                let embeddings = self.vocab_size * h + (self.max_position_embeddings + 2) * h;
+                let head = 2 * h; // final LayerNorm; the projection is tied to the embeddings
+                (attention, mlp, norms, embeddings, head)
+            }
+            _ => {
+                let kv = self.kv_dim();
+                let bias = if self.qkv_bias { h + 2 * kv } else { 0 };
+                let attention = 2 * h * h + 2 * h * kv + bias;
+                let dense_mlp = 3 * h * ffn;
+                let mlp = if self.num_experts > 0 {
+                    self.num_experts * dense_mlp + h * self.num_experts
+                } else {
+                    dense_mlp
+                };
+                let norms = 2 * h;
+                let embeddings = self.vocab_size * h;
+                let projection = if self.tie_word_embeddings {
+                    0
+                } else {
+                    self.vocab_size * h
+                };
+                (attention, mlp, norms, embeddings, projection + h)
+            }
+        };
+        let total = self.num_layers * (attention + mlp + norms) + embeddings + head;
+        ParamCounts {
+            attention_per_layer: attention,
+            mlp_per_layer: mlp,
+            norms_per_layer: norms,
+            embeddings,
+            head,
+            total,
+        }
+    }
+
+    /// Bytes of one group of one layer (norms go with the group they precede).
+    pub fn group_bytes(&self, group: WeightGroup, dtype: Dtype) -> u64 {
+        let p = self.params();
+        let half_norms = p.norms_per_layer / 2;
+        let count = match group {
+            WeightGroup::Attention => p.attention_per_layer + half_norms,
+            WeightGroup::Mlp => p.mlp_per_layer + (p.norms_per_layer - half_norms),
+            WeightGroup::Embeddings => p.embeddings,
+            WeightGroup::Head => p.head,
+        };
+        dtype.bytes_of(count)
+    }
+
+    pub fn layer_bytes(&self, dtype: Dtype) -> u64 {
+        self.group_bytes(WeightGroup::Attention, dtype) + self.group_bytes(WeightGroup::Mlp, dtype)
+    }
+
+    pub fn total_bytes(&self, dtype: Dtype) -> u64 {
+        self.num_layers * self.layer_bytes(dtype)
+            + self.group_bytes(WeightGroup::Embeddings, dtype)
+            + self.group_bytes(WeightGroup::Head, dtype)
+    }
+
+    /// KV-cache bytes for one token in one layer: keys and values of the KV heads only
+    /// (grouped-query attention stores fewer heads than it queries).
+    pub fn kv_bytes_per_token_per_layer(&self, dtype: Dtype) -> u64 {
+        dtype.bytes_of(2 * self.kv_dim())
+    }
+
+    /// Hidden-state bytes per token passed between layers (f32 on the engine).
+    pub fn activation_bytes_per_token(&self) -> u64 {
+        4 * self.hidden_size
+    }
+
+    /// Largest intermediate inside a layer per token, in f32: the MLP's gate and up
+    /// outputs together (experts run one at a time), or q/k/v together.
+    pub fn workspace_bytes_per_token(&self) -> u64 {
+        let mlp = 2 * self.intermediate_size;
+        let qkv = self.hidden_size + 2 * self.kv_dim();
+        4 * mlp.max(qkv) + 4 * self.hidden_size
+    }
+
+    /// Matrix-multiply FLOPs of one layer's projections for `tokens` tokens
+    /// (MoE: only the experts each token is routed to).
+    pub fn projection_flops(&self, group: WeightGroup, tokens: u64) -> u64 {
+        let p = self.params();
+        let params = match group {
+            WeightGroup::Attention => p.attention_per_layer,
+            WeightGroup::Mlp => {
+                if self.num_experts > 0 {
+                    self.experts_per_token * 3 * self.hidden_size * self.intermediate_size
+                        + self.hidden_size * self.num_experts
+                } else {
+                    p.mlp_per_layer
+                }
+            }
+            WeightGroup::Embeddings => 0,
+            WeightGroup::Head => self.vocab_size * self.hidden_size,
+        };
+        2 * params * tokens
+    }
+
+    /// FLOPs of attention itself (scores and weighted sum) for `new_tokens` queries over
+    /// a cache that ends at `context` positions (causal in prefill).
+    pub fn attention_core_flops(&self, new_tokens: u64, context: u64) -> u64 {
+        // Each query at position p attends to p + 1 keys; summed over the new tokens.
+        let first = context - new_tokens + 1;
+        let keys_total = (first + context) * new_tokens / 2;
+        4 * self.hidden_size * keys_total
+    }
+}
+
+/// Reads a Hugging Face `config.json` (llama, mistral, qwen2, mixtral, opt).
+pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec> {
+    let value: serde_json::Value = crate::yaml::from_json_str(text, origin)?;
+    let get = |key: &str| value.get(key).and_then(|v| v.as_u64());
+    let need = |key: &str| {
+        get(key)
+            .ok_or_else(|| CoreError::invalid(format!("{origin}: missing integer field '{key}'")))
+    };
+    let model_type = value
+        .get("model_type")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let family = match model_type {
+        "llama" => Family::Llama,
+        "mistral" => Family::Mistral,
+        "qwen2" => Family::Qwen2,
+        "mixtral" => Family::Mixtral,
+        "opt" => Family::Opt,
+        other => {
+            return Err(CoreError::invalid(format!(
+                "{origin}: unsupported model_type '{other}' (Ferry reads llama, mistral, qwen2, mixtral and opt)"
+            )))
+        }
+    };
+    let dtype = match value.get("torch_dtype").and_then(|v| v.as_str()) {
+        Some("float32") => Dtype::F32,
+        Some("bfloat16") => Dtype::Bf16,
+        _ => Dtype::F16,
+    };
+    let spec = if family == Family::Opt {
+        let hidden = need("hidden_size")?;
+        ModelSpec {
+            name: name.to_string(),
+            family,
+            hidden_size: hidden,
+            intermediate_size: need("ffn_dim")?,
+            num_layers: need("num_hidden_layers")?,
+            num_heads: need("num_attention_heads")?,
+            num_kv_heads: need("num_attention_heads")?,
+            vocab_size: need("vocab_size")?,
+            max_position_embeddings: need("max_position_embeddings")?,
+            tie_word_embeddings: true,
+            num_experts: 0,
+            experts_per_token: 0,
+            qkv_bias: true,
+            rms_norm_eps: 1e-5,
+            rope_theta: 0.0,
+            dtype,
+            source: origin.to_string(),
+        }
+    } else {
+        let heads = need("num_attention_heads")?;
+        ModelSpec {
+            name: name.to_string(),
+            family,
+            hidden_size: need("hidden_size")?,
+            intermediate_size: need("intermediate_size")?,
+            num_layers: need("num_hidden_layers")?,
+            num_heads: heads,
+            num_kv_heads: get("num_key_value_heads").unwrap_or(heads),
+            vocab_size: need("vocab_size")?,
+            max_position_embeddings: get("max_position_embeddings").unwrap_or(4096),
+            tie_word_embeddings: value
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            num_experts: get("num_local_experts").unwrap_or(0),
+            experts_per_token: get("num_experts_per_tok").unwrap_or(0),
+            qkv_bias: family == Family::Qwen2,
+            rms_norm_eps: value
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-5),
+            rope_theta: value
+                .get("rope_theta")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0),
+            dtype,
+            source: origin.to_string(),
+        }
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn model(name: &str) -> ModelSpec {
+        Catalog::builtin().unwrap().model(name).unwrap().value
+    }
+
+    #[test]
+    fn parameter_counts_match_published_figures() {
+        // (model, published billions, tolerance): OPT's positional-embedding count varies by source.
+        let cases = [
+            ("llama-2-7b", 6.74, 0.005),
+            ("llama-2-13b", 13.02, 0.005),
+            ("llama-2-70b", 68.98, 0.005),
+            ("llama-3.1-8b", 8.03, 0.005),
+            ("mistral-7b", 7.24, 0.005),
+            ("mixtral-8x7b", 46.70, 0.005),
+            ("opt-30b", 29.97, 0.01),
+            ("opt-175b", 174.6, 0.01),
+            ("qwen2.5-14b", 14.77, 0.005),
+            ("tinyllama-1.1b", 1.10, 0.005),
+        ];
+        for (name, billions, tolerance) in cases {
+            let total = model(name).params().total as f64 / 1e9;
+            let error = (total - billions).abs() / billions;
+            assert!(
+                error <= tolerance,
+                "{name}: {total:.3} B vs published {billions} B"
+            );
+        }
+    }
+
+    #[test]
+    fn test_shapes_have_the_promised_sizes() {
+        let tiny = model("test-tiny").total_bytes(Dtype::Bf16);
+        assert!(tiny < 8_000_000, "test-tiny is {tiny} bytes");
+        let small = model("test-small").total_bytes(Dtype::Bf16);
+        assert!(
+            (150_000_000..=300_000_000).contains(&small),
+            "test-small is {small} bytes"
+        );
+    }
+
+    #[test]
+    fn group_bytes_add_up_to_the_total() {
+        for name in ["llama-2-13b", "mixtral-8x7b", "opt-13b", "qwen2.5-14b"] {
+            let m = model(name);
+            for dtype in [Dtype::F32, Dtype::F16, Dtype::Int8] {
+                assert_eq!(
+                    m.total_bytes(dtype),
+                    dtype.bytes_of(m.params().total),
+                    "{name}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kv_cache_is_grouped_query_aware() {
+        // Llama-2-70B: 8 KV heads of 128 → 2 × 1024 values per token per layer.
+        assert_eq!(
+            model("llama-2-70b").kv_bytes_per_token_per_layer(Dtype::F16),
+            4096
+        );
+        // Llama-2-13B: full multi-head attention, 2 × 5120.
+        assert_eq!(
+            model("llama-2-13b").kv_bytes_per_token_per_layer(Dtype::F16),
+            20480
+        );
+    }
+
+    #[test]
+    fn attention_flops_count_causal_keys() {
+        let m = model("test-tiny");
+        // One decode token at context 10 sees 10 keys.
+        assert_eq!(m.attention_core_flops(1, 10), 4 * m.hidden_size * 10);
+        // A 3-token prompt sees 1 + 2 + 3 keys.
+        assert_eq!(m.attention_core_flops(3, 3), 4 * m.hidden_size * 6);
+    }
+
+    #[test]
+    fn invalid_shapes_are_rejected() {
+        let mut m = model("test-tiny");
+        m.num_kv_heads = 3;
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("num_kv_heads"));
+    }
+}

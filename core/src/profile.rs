@@ -1,0 +1,405 @@
+//! `Profile`: the numbers the simulator turns into durations, and where they came
+//! from. A datasheet profile is derived from catalog entries; a measured one is
+//! written by `ferry profile`. The simulator reads nothing else.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoreError, Result};
+use crate::hardware::{Hardware, Interconnect};
+use crate::units::{bytes_serde, KIB, MIB};
+
+/// Where a profile's numbers came from: the honesty rule made a type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Provenance {
+    /// Derived from catalog datasheets; predictions from it say so.
+    Datasheet {
+        gpu: String,
+        host: String,
+        sources: Vec<String>,
+    },
+    /// Measured by `ferry profile` on `machine` at `date`.
+    Measured {
+        machine: String,
+        date: String,
+        backend: String,
+    },
+}
+
+/// Throughput of a link at one request size and number of requests in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    #[serde(with = "bytes_serde")]
+    pub chunk_bytes: u64,
+    /// Requests in flight at once (I/O queue depth or copy streams).
+    pub concurrency: u32,
+    /// Aggregate bandwidth of all requests together, GB/s.
+    pub gbps: f64,
+}
+
+/// A link's bandwidth as a function of request size and concurrency, plus a fixed
+/// latency paid once per transfer task (first byte).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferCurve {
+    pub latency_ns: u64,
+    pub points: Vec<CurvePoint>,
+}
+
+impl TransferCurve {
+    /// Aggregate bandwidth in bytes per ns at `chunk_bytes` with `concurrency` requests in
+    /// flight: log-linear interpolation in chunk size at the nearest measured concurrency
+    /// levels, linear between them, clamped at the ends of the measured range.
+    pub fn bytes_per_ns(&self, chunk_bytes: u64, concurrency: u32) -> f64 {
+        let mut levels: Vec<u32> = self.points.iter().map(|p| p.concurrency).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        let below = levels
+            .iter()
+            .rev()
+            .find(|&&c| c <= concurrency)
+            .or(levels.first());
+        let above = levels.iter().find(|&&c| c >= concurrency).or(levels.last());
+        let (Some(&low), Some(&high)) = (below, above) else {
+            return 0.0;
+        };
+        let at_low = self.interpolate_chunk(chunk_bytes, low);
+        if low == high {
+            return at_low;
+        }
+        let at_high = self.interpolate_chunk(chunk_bytes, high);
+        let weight = (concurrency - low) as f64 / (high - low) as f64;
+        at_low + (at_high - at_low) * weight
+    }
+
+    fn interpolate_chunk(&self, chunk_bytes: u64, concurrency: u32) -> f64 {
+        let mut points: Vec<&CurvePoint> = self
+            .points
+            .iter()
+            .filter(|p| p.concurrency == concurrency)
+            .collect();
+        points.sort_by_key(|p| p.chunk_bytes);
+        let x = (chunk_bytes.max(1) as f64).ln();
+        let gbps = match points.iter().position(|p| p.chunk_bytes >= chunk_bytes) {
+            None => points.last().map_or(0.0, |p| p.gbps),
+            Some(0) => points[0].gbps,
+            Some(i) => {
+                let (a, b) = (points[i - 1], points[i]);
+                let (xa, xb) = ((a.chunk_bytes as f64).ln(), (b.chunk_bytes as f64).ln());
+                a.gbps + (b.gbps - a.gbps) * (x - xa) / (xb - xa)
+            }
+        };
+        gbps // GB/s is bytes per ns
+    }
+
+    /// A datasheet curve: each request pays `overhead_ns` before streaming at `peak_gbps`;
+    /// requests in flight hide each other's overhead up to the peak.
+    pub fn from_datasheet(peak_gbps: f64, latency_ns: u64, overhead_ns: u64) -> TransferCurve {
+        let mut points = Vec::new();
+        for concurrency in [1u32, 2, 4, 8] {
+            let mut chunk = 64 * KIB;
+            while chunk <= 256 * MIB {
+                let single = chunk as f64 / (overhead_ns as f64 + chunk as f64 / peak_gbps);
+                points.push(CurvePoint {
+                    chunk_bytes: chunk,
+                    concurrency,
+                    gbps: (single * concurrency as f64).min(peak_gbps),
+                });
+                chunk *= 4;
+            }
+        }
+        TransferCurve { latency_ns, points }
+    }
+}
+
+/// How fast a processor runs the work Ferry gives it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComputeProfile {
+    /// Peak matrix-multiply rate at the compute dtype, FLOP/s.
+    pub peak_flops: f64,
+    /// Memory bandwidth for reading weights and cache, bytes/s.
+    pub memory_bytes_per_s: f64,
+    /// Fraction of peak FLOP/s large matrix products reach.
+    pub matmul_efficiency: f64,
+    /// Fraction of memory bandwidth streaming kernels reach.
+    pub memory_efficiency: f64,
+    /// Fixed cost of one compute task (kernel launches, thread wake-ups), ns.
+    pub task_overhead_ns: u64,
+    /// Measured durations of compute tasks by operation and shape; preferred over the
+    /// roofline where an entry matches.
+    #[serde(default)]
+    pub table: Vec<KernelTiming>,
+}
+
+/// One measured compute task: an operation of a model shape at a number of tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelTiming {
+    pub op: String,
+    /// Identifies the model shape (`hidden_size`x`intermediate_size`), so a table
+    /// measured for one model is never applied to another.
+    pub shape: String,
+    pub tokens: u64,
+    #[serde(default)]
+    pub context: u64,
+    pub ns: u64,
+}
+
+/// Measured or assumed slowdowns when resources run together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interference {
+    /// Device compute runs at 1 / (1 + this) while a transfer into device memory is active
+    /// (on the cpu backend copies and reads compete for the same memory bandwidth).
+    pub device_compute_slowdown: f64,
+    /// Host compute runs at 1 / (1 + this) while a transfer touches host memory.
+    pub host_compute_slowdown: f64,
+}
+
+/// Everything the simulator knows about a machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub provenance: Provenance,
+    pub device_name: String,
+    /// Device and host share memory (the cpu backend, Jetson): disk reads land in device
+    /// memory directly and there is no host↔device copy.
+    pub unified_memory: bool,
+    #[serde(with = "bytes_serde")]
+    pub device_memory_bytes: u64,
+    #[serde(with = "bytes_serde")]
+    pub host_memory_bytes: u64,
+    /// The most host memory that may be pinned (page-locked) for fast copies.
+    #[serde(with = "bytes_serde")]
+    pub max_pinned_bytes: u64,
+    /// Fraction of each memory kept free as a safety margin (FlexGen keeps 20 %).
+    pub memory_reserve_fraction: f64,
+    pub disk_read: TransferCurve,
+    pub disk_write: TransferCurve,
+    /// Host→device from pinned memory (pageable copies use `host_to_device_pageable`).
+    pub host_to_device: TransferCurve,
+    pub host_to_device_pageable: TransferCurve,
+    pub device_to_host: TransferCurve,
+    pub device_compute: ComputeProfile,
+    pub host_compute: ComputeProfile,
+    pub interference: Interference,
+}
+
+/// Assumptions used to turn datasheets into a profile. They are written into the
+/// profile (the simulator reads numbers only from there), and kept here, named, so
+/// nobody has to hunt for them.
+pub mod datasheet_assumptions {
+    /// Achieved fraction of theoretical PCIe bandwidth with pinned memory (FlexGen
+    /// measured 12.9 GB/s on a 15.75 GB/s PCIe 3.0 x16 T4 link: 0.82).
+    pub const PCIE_PINNED_EFFICIENCY: f64 = 0.82;
+    /// Pageable copies go through a driver bounce buffer: about half the pinned rate.
+    pub const PCIE_PAGEABLE_EFFICIENCY: f64 = 0.45;
+    /// Per-copy setup cost on a PCIe link, ns.
+    pub const PCIE_COPY_OVERHEAD_NS: u64 = 10_000;
+    /// Large GEMMs reach about 70 % of tensor peak on GPUs, 75 % on CPUs with a tuned BLAS.
+    pub const GPU_MATMUL_EFFICIENCY: f64 = 0.7;
+    pub const CPU_MATMUL_EFFICIENCY: f64 = 0.75;
+    pub const MEMORY_EFFICIENCY: f64 = 0.8;
+    /// Launch cost of one compute task: a handful of kernels on a GPU, a thread wake-up on a CPU.
+    pub const GPU_TASK_OVERHEAD_NS: u64 = 30_000;
+    pub const CPU_TASK_OVERHEAD_NS: u64 = 20_000;
+    /// Share of host RAM that may be pinned.
+    pub const MAX_PINNED_FRACTION: f64 = 0.5;
+    /// FlexGen's safety margin: plan for 80 % of each memory.
+    pub const MEMORY_RESERVE_FRACTION: f64 = 0.2;
+    /// On unified memory, a copy or read running beside compute steals memory bandwidth.
+    pub const UNIFIED_COMPUTE_SLOWDOWN: f64 = 0.15;
+}
+
+impl Profile {
+    /// Builds a profile from catalog datasheets. On a unified-memory device (and the
+    /// `cpu` device, whose compute figures are the host's) there is no PCIe link.
+    pub fn from_datasheet(hardware: &Hardware) -> Profile {
+        use datasheet_assumptions::*;
+        let gpu = &hardware.gpu;
+        let host = &hardware.host;
+        let unified = matches!(gpu.interconnect, Interconnect::Unified);
+        let disk_latency_ns = (host.disk_latency_us * 1000.0) as u64;
+        let disk_read =
+            TransferCurve::from_datasheet(host.disk_read_gbps, disk_latency_ns, disk_latency_ns);
+        let disk_write =
+            TransferCurve::from_datasheet(host.disk_write_gbps, disk_latency_ns, disk_latency_ns);
+        let (h2d, h2d_pageable) = match gpu.interconnect.peak_gbps() {
+            Some(peak) => (
+                TransferCurve::from_datasheet(
+                    peak * PCIE_PINNED_EFFICIENCY,
+                    PCIE_COPY_OVERHEAD_NS,
+                    PCIE_COPY_OVERHEAD_NS,
+                ),
+                TransferCurve::from_datasheet(
+                    peak * PCIE_PAGEABLE_EFFICIENCY,
+                    PCIE_COPY_OVERHEAD_NS,
+                    PCIE_COPY_OVERHEAD_NS,
+                ),
+            ),
+            // Unified memory: a "copy" is a host memcpy (the schedule avoids most of them).
+            None => {
+                let memcpy = TransferCurve::from_datasheet(host.memcpy_gbps, 1_000, 1_000);
+                (memcpy.clone(), memcpy)
+            }
+        };
+        let host_compute = host_compute_profile(hardware);
+        let device_compute = if gpu.is_cpu() {
+            host_compute.clone()
+        } else {
+            ComputeProfile {
+                peak_flops: gpu.fp16_tflops * 1e12,
+                memory_bytes_per_s: gpu.memory_bandwidth_gbps * 1e9,
+                matmul_efficiency: GPU_MATMUL_EFFICIENCY,
+                memory_efficiency: MEMORY_EFFICIENCY,
+                task_overhead_ns: GPU_TASK_OVERHEAD_NS,
+                table: Vec::new(),
+            }
+        };
+        let slowdown = if unified {
+            UNIFIED_COMPUTE_SLOWDOWN
+        } else {
+            0.0
+        };
+        Profile {
+            provenance: Provenance::Datasheet {
+                gpu: gpu.name.clone(),
+                host: host.name.clone(),
+                sources: vec![gpu.source.clone(), host.source.clone()],
+            },
+            device_name: gpu.name.clone(),
+            unified_memory: unified,
+            device_memory_bytes: gpu.memory_bytes,
+            host_memory_bytes: host.ram_bytes,
+            max_pinned_bytes: (host.ram_bytes as f64 * MAX_PINNED_FRACTION) as u64,
+            memory_reserve_fraction: MEMORY_RESERVE_FRACTION,
+            disk_read,
+            disk_write,
+            host_to_device: h2d,
+            host_to_device_pageable: h2d_pageable,
+            device_to_host: TransferCurve::from_datasheet(
+                gpu.interconnect
+                    .peak_gbps()
+                    .map_or(host.memcpy_gbps, |p| p * PCIE_PINNED_EFFICIENCY),
+                PCIE_COPY_OVERHEAD_NS,
+                PCIE_COPY_OVERHEAD_NS,
+            ),
+            device_compute,
+            host_compute,
+            interference: Interference {
+                device_compute_slowdown: slowdown,
+                host_compute_slowdown: slowdown,
+            },
+        }
+    }
+
+    pub fn is_measured(&self) -> bool {
+        matches!(self.provenance, Provenance::Measured { .. })
+    }
+
+    /// Checks the numbers are usable (positive bandwidths and rates, sane fractions).
+    pub fn validate(&self) -> Result<()> {
+        let curves = [
+            ("disk_read", &self.disk_read),
+            ("disk_write", &self.disk_write),
+            ("host_to_device", &self.host_to_device),
+            ("host_to_device_pageable", &self.host_to_device_pageable),
+            ("device_to_host", &self.device_to_host),
+        ];
+        for (name, curve) in curves {
+            if curve.points.is_empty()
+                || curve
+                    .points
+                    .iter()
+                    .any(|p| p.gbps.is_nan() || p.gbps <= 0.0 || p.concurrency == 0)
+            {
+                return Err(CoreError::invalid(format!(
+                    "profile: {name} needs at least one point with positive gbps and concurrency"
+                )));
+            }
+        }
+        for (name, compute) in [
+            ("device_compute", &self.device_compute),
+            ("host_compute", &self.host_compute),
+        ] {
+            let fractions_ok = (0.0..=1.0).contains(&compute.matmul_efficiency)
+                && compute.matmul_efficiency > 0.0
+                && (0.0..=1.0).contains(&compute.memory_efficiency)
+                && compute.memory_efficiency > 0.0;
+            let rates_ok = compute.peak_flops > 0.0 && compute.memory_bytes_per_s > 0.0;
+            if !rates_ok || !fractions_ok {
+                return Err(CoreError::invalid(format!(
+                    "profile: {name} needs positive peak_flops and memory_bytes_per_s and efficiencies in (0, 1]"
+                )));
+            }
+        }
+        if !(0.0..1.0).contains(&self.memory_reserve_fraction) {
+            return Err(CoreError::invalid(
+                "profile: memory_reserve_fraction must be in [0, 1)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn host_compute_profile(hardware: &Hardware) -> ComputeProfile {
+    use datasheet_assumptions::*;
+    ComputeProfile {
+        peak_flops: hardware.host.cpu_gflops * 1e9,
+        memory_bytes_per_s: hardware.host.memory_bandwidth_gbps * 1e9,
+        matmul_efficiency: CPU_MATMUL_EFFICIENCY,
+        memory_efficiency: MEMORY_EFFICIENCY,
+        task_overhead_ns: CPU_TASK_OVERHEAD_NS,
+        table: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+
+    fn hardware(gpu: &str) -> Hardware {
+        let catalog = Catalog::builtin().unwrap();
+        let gpu = catalog.gpu(gpu).unwrap().value;
+        let host = catalog.host(&gpu.default_host).unwrap().value;
+        Hardware { gpu, host }
+    }
+
+    #[test]
+    fn datasheet_profile_of_t4_matches_flexgen_link_speed() {
+        let profile = Profile::from_datasheet(&hardware("t4"));
+        profile.validate().unwrap();
+        let gbps = profile.host_to_device.bytes_per_ns(256 * MIB, 1);
+        assert!(
+            (gbps - 12.9).abs() < 0.3,
+            "T4 PCIe 3 x16 pinned: {gbps} GB/s"
+        );
+        assert!(!profile.unified_memory);
+    }
+
+    #[test]
+    fn curves_interpolate_and_clamp() {
+        let curve = TransferCurve::from_datasheet(2.0, 0, 100_000);
+        let small = curve.bytes_per_ns(64 * KIB, 1);
+        let large = curve.bytes_per_ns(256 * MIB, 1);
+        assert!(small < large && large <= 2.0);
+        let between = curve.bytes_per_ns(128 * KIB, 1);
+        assert!(small < between && between < curve.bytes_per_ns(256 * KIB, 1));
+        // Deeper queues hide per-request overhead.
+        assert!(curve.bytes_per_ns(64 * KIB, 4) > small);
+        assert!(curve.bytes_per_ns(1 << 40, 64) <= 2.0 + 1e-9);
+    }
+
+    #[test]
+    fn cpu_device_takes_host_figures() {
+        let profile = Profile::from_datasheet(&hardware("cpu"));
+        assert!(profile.unified_memory);
+        assert_eq!(profile.device_compute, profile.host_compute);
+    }
+
+    #[test]
+    fn profile_round_trips_through_yaml() {
+        let profile = Profile::from_datasheet(&hardware("rtx3060"));
+        let text = crate::yaml::to_yaml_string(&profile).unwrap();
+        let back: Profile = crate::yaml::from_yaml_str(&text, "profile.yaml").unwrap();
+        assert_eq!(profile, back);
+    }
+}

@@ -1,0 +1,223 @@
+//! `Trace` (when each task ran) and `Metrics` (what people read). Simulator and
+//! engine both produce a `Trace` over the same `TaskGraph`, and `Metrics::compute`
+//! is the single definition of every figure Ferry reports, so predicted and
+//! measured numbers mean exactly the same thing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Pool, Resource, TaskGraph, TaskId};
+
+/// One task's execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub task: TaskId,
+    /// Which of the resource's lanes ran it.
+    pub lane: u32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+/// Where a trace came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TraceSource {
+    Predicted,
+    Measured,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    pub source: TraceSource,
+    /// One span per task, indexed like the graph's tasks.
+    pub spans: Vec<Span>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    pub resource: Resource,
+    /// Union of busy intervals, ns.
+    pub busy_ns: u64,
+    /// busy_ns ÷ total_ns.
+    pub utilization: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolUsage {
+    pub pool: Pool,
+    pub capacity_bytes: u64,
+    pub resident_bytes: u64,
+    /// Resident bytes plus the most that tasks held at once.
+    pub peak_bytes: u64,
+}
+
+/// Every reported figure, defined once (see DESIGN.md "Metrics, defined once").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub source: TraceSource,
+    /// Wall time from the first task's start to the last task's end.
+    pub total_ns: u64,
+    /// End of the prefill's last task: the first token is sampled.
+    pub time_to_first_token_ns: u64,
+    /// Mean decode-step time after the first token (0 when gen_len is 1).
+    pub time_per_output_token_ns: u64,
+    pub generated_tokens: u64,
+    /// batch × gen_len ÷ total time (prefill included, as FlexGen reports it).
+    pub tokens_per_s: f64,
+    pub resources: Vec<ResourceUsage>,
+    pub pools: Vec<PoolUsage>,
+    /// The resource with the highest utilization.
+    pub bottleneck: Resource,
+}
+
+impl Metrics {
+    /// Computes the metrics of a full trace of `graph` (every decode step present).
+    pub fn compute(graph: &TaskGraph, trace: &Trace) -> Metrics {
+        let start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
+        let end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
+        let total_ns = end - start;
+        let step_ends = step_end_times(graph, trace);
+        let ttft = step_ends.first().copied().unwrap_or(end) - start;
+        let decode_ns = total_ns - ttft;
+        let decode_steps = graph.gen_len.saturating_sub(1);
+        let tpot = decode_ns.checked_div(decode_steps).unwrap_or(0);
+        Metrics::assemble(graph, trace, total_ns, ttft, tpot)
+    }
+
+    /// Builds metrics from the timing figures and a trace whose spans give utilization
+    /// and memory (the simulator uses this when it extrapolates decode steps).
+    pub fn assemble(
+        graph: &TaskGraph,
+        trace: &Trace,
+        total_ns: u64,
+        ttft_ns: u64,
+        tpot_ns: u64,
+    ) -> Metrics {
+        let generated_tokens = graph.batch_size * graph.gen_len;
+        let tokens_per_s = if total_ns == 0 {
+            0.0
+        } else {
+            generated_tokens as f64 * 1e9 / total_ns as f64
+        };
+        let trace_start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
+        let trace_end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
+        let window = (trace_end - trace_start).max(1);
+        let resources: Vec<ResourceUsage> = Resource::ALL
+            .iter()
+            .map(|&resource| {
+                let busy_ns = busy_union(graph, trace, resource);
+                ResourceUsage {
+                    resource,
+                    busy_ns,
+                    utilization: busy_ns as f64 / window as f64,
+                }
+            })
+            .collect();
+        let bottleneck = resources
+            .iter()
+            .max_by(|a, b| {
+                a.utilization
+                    .total_cmp(&b.utilization)
+                    .then(b.resource.cmp(&a.resource))
+            })
+            .map_or(Resource::DeviceCompute, |r| r.resource);
+        let pools = graph
+            .pools
+            .iter()
+            .map(|spec| PoolUsage {
+                pool: spec.pool,
+                capacity_bytes: spec.capacity_bytes,
+                resident_bytes: spec.resident_bytes(),
+                peak_bytes: spec.resident_bytes() + peak_dynamic(graph, trace, spec.pool),
+            })
+            .collect();
+        Metrics {
+            source: trace.source,
+            total_ns,
+            time_to_first_token_ns: ttft_ns,
+            time_per_output_token_ns: tpot_ns,
+            generated_tokens,
+            tokens_per_s,
+            resources,
+            pools,
+            bottleneck,
+        }
+    }
+
+    pub fn utilization(&self, resource: Resource) -> f64 {
+        self.resources
+            .iter()
+            .find(|r| r.resource == resource)
+            .map_or(0.0, |r| r.utilization)
+    }
+
+    pub fn pool(&self, pool: Pool) -> Option<&PoolUsage> {
+        self.pools.iter().find(|p| p.pool == pool)
+    }
+}
+
+/// End time of each step present in the trace, in step order (index 0 = prefill).
+pub fn step_end_times(graph: &TaskGraph, trace: &Trace) -> Vec<u64> {
+    let max_step = graph.tasks.iter().map(|t| t.step).max().unwrap_or(0) as usize;
+    let mut ends = vec![0u64; max_step + 1];
+    let mut present = vec![false; max_step + 1];
+    for span in &trace.spans {
+        let step = graph.tasks[span.task as usize].step as usize;
+        ends[step] = ends[step].max(span.end_ns);
+        present[step] = true;
+    }
+    ends.into_iter()
+        .zip(present)
+        .filter(|(_, p)| *p)
+        .map(|(e, _)| e)
+        .collect()
+}
+
+/// Length of the union of the resource's busy intervals.
+fn busy_union(graph: &TaskGraph, trace: &Trace, resource: Resource) -> u64 {
+    let mut intervals: Vec<(u64, u64)> = trace
+        .spans
+        .iter()
+        .filter(|s| graph.tasks[s.task as usize].resource() == resource && s.end_ns > s.start_ns)
+        .map(|s| (s.start_ns, s.end_ns))
+        .collect();
+    intervals.sort_unstable();
+    let mut busy = 0;
+    let mut current: Option<(u64, u64)> = None;
+    for (start, end) in intervals {
+        match current {
+            Some((cs, ce)) if start <= ce => current = Some((cs, ce.max(end))),
+            Some((cs, ce)) => {
+                busy += ce - cs;
+                current = Some((start, end));
+            }
+            None => current = Some((start, end)),
+        }
+    }
+    busy + current.map_or(0, |(s, e)| e - s)
+}
+
+/// The most bytes tasks held in `pool` at once. Releases at an instant are applied
+/// before acquisitions at the same instant, as both the simulator and the engine do.
+fn peak_dynamic(graph: &TaskGraph, trace: &Trace, pool: Pool) -> u64 {
+    let mut events: Vec<(u64, u8, u64)> = Vec::new();
+    for span in &trace.spans {
+        let task = &graph.tasks[span.task as usize];
+        for m in task.acquire.iter().filter(|m| m.pool == pool) {
+            events.push((span.start_ns, 1, m.bytes));
+        }
+        for m in task.release.iter().filter(|m| m.pool == pool) {
+            events.push((span.end_ns, 0, m.bytes));
+        }
+    }
+    events.sort_unstable();
+    let (mut held, mut peak) = (0i128, 0i128);
+    for (_, is_acquire, bytes) in events {
+        if is_acquire == 1 {
+            held += bytes as i128;
+        } else {
+            held -= bytes as i128;
+        }
+        peak = peak.max(held);
+    }
+    peak.max(0) as u64
+}

@@ -1,0 +1,151 @@
+//! Byte sizes and rates as people write them (`512MiB`, `6GB`, `1.5 GiB`) and as
+//! Ferry prints them. Decimal prefixes (kB, MB, GB) are powers of 1000 and binary
+//! prefixes (KiB, MiB, GiB) powers of 1024, as on datasheets.
+
+use crate::error::{CoreError, Result};
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+pub const GB: f64 = 1e9;
+
+/// Parses a byte size such as `512MiB`, `6GB`, `1.5 GiB`, `4096` (bytes).
+pub fn parse_bytes(text: &str) -> Result<u64> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number.replace('_', "").parse().map_err(|_| {
+        CoreError::invalid(format!(
+            "'{text}' is not a byte size (examples: 512MiB, 6GB, 1.5GiB)"
+        ))
+    })?;
+    let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => KIB as f64,
+        "mib" => MIB as f64,
+        "gib" => GIB as f64,
+        "tib" => (GIB * 1024) as f64,
+        other => {
+            return Err(CoreError::invalid(format!(
+                "'{text}': unknown unit '{other}' (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+            )))
+        }
+    };
+    let bytes = number * multiplier;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(CoreError::invalid(format!("'{text}' is out of range")));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Formats bytes with a binary prefix and three significant figures: `12.0 GiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    let units = [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)];
+    for (name, size) in units {
+        if bytes >= size {
+            let value = bytes as f64 / size as f64;
+            return if value >= 100.0 {
+                format!("{value:.0} {name}")
+            } else if value >= 10.0 {
+                format!("{value:.1} {name}")
+            } else {
+                format!("{value:.2} {name}")
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// Formats a duration in integer nanoseconds for people: `1.23 s`, `45.6 ms`, `789 µs`.
+pub fn format_ns(ns: u64) -> String {
+    let value = ns as f64;
+    if value >= 1e9 {
+        format!("{:.3} s", value / 1e9)
+    } else if value >= 1e6 {
+        format!("{:.2} ms", value / 1e6)
+    } else if value >= 1e3 {
+        format!("{:.1} µs", value / 1e3)
+    } else {
+        format!("{ns} ns")
+    }
+}
+
+/// serde helper: a byte count that may be written as a number or a string like `6GiB`.
+pub mod bytes_serde {
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(*value)
+    }
+
+    /// A visitor (not an untagged enum) so the parser keeps the error's line.
+    struct BytesVisitor;
+
+    impl de::Visitor<'_> for BytesVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a byte count such as 4096, 512MiB or 6GB")
+        }
+
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+            Ok(value)
+        }
+
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+            u64::try_from(value).map_err(|_| E::custom("a byte count cannot be negative"))
+        }
+
+        fn visit_f64<E: de::Error>(self, value: f64) -> Result<u64, E> {
+            if value >= 0.0 && value.is_finite() {
+                Ok(value.round() as u64)
+            } else {
+                Err(E::custom("a byte count must be a non-negative number"))
+            }
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<u64, E> {
+            super::parse_bytes(text).map_err(E::custom)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(BytesVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_decimal_and_binary_units() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 * MIB);
+        assert_eq!(parse_bytes("6GB").unwrap(), 6_000_000_000);
+        assert_eq!(parse_bytes("1.5 GiB").unwrap(), 3 * GIB / 2);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("12gib").unwrap(), 12 * GIB);
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_message() {
+        let err = parse_bytes("lots").unwrap_err().to_string();
+        assert!(err.contains("not a byte size"), "{err}");
+        let err = parse_bytes("5 parsecs").unwrap_err().to_string();
+        assert!(err.contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn formats_with_binary_prefixes() {
+        assert_eq!(format_bytes(512 * MIB), "512 MiB");
+        assert_eq!(format_bytes(3 * GIB / 2), "1.50 GiB");
+        assert_eq!(format_bytes(100), "100 B");
+        assert_eq!(format_ns(1_500_000), "1.50 ms");
+    }
+}

@@ -1,0 +1,102 @@
+//! End-to-end tests: run the real `ferry` binary in a temporary directory and check
+//! what a user would see (output, files, exit status).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ferry(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the ferry binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn list_gpus_shows_every_catalog_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["list", "gpus"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    for gpu in [
+        "rtx3060-laptop-6gb",
+        "rtx3060-12gb",
+        "t4",
+        "a100-80gb",
+        "h100-sxm",
+        "jetson-agx-orin-64gb",
+        "cpu",
+    ] {
+        assert!(stdout.contains(gpu), "{gpu} missing from:\n{stdout}");
+    }
+    let json = ferry(dir.path(), &["list", "gpus", "--json"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert!(parsed.as_array().unwrap().len() >= 13);
+}
+
+#[test]
+fn list_models_shows_aliases() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["list", "models"]);
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("llama-2-13b"))
+        .unwrap();
+    assert!(line.contains("13b"), "{line}");
+}
+
+#[test]
+fn show_model_13b_matches_llama_2_13b() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["show", "model", "13b"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("llama-2-13b"));
+    assert!(stdout.contains("13.02 B parameters"), "{stdout}");
+    assert!(text(&out.stderr).contains("resolved to 'llama-2-13b'"));
+}
+
+#[test]
+fn unknown_model_is_a_usage_error_with_suggestions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["show", "model", "13x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("unknown model '13x'") && stderr.contains("13b"),
+        "{stderr}"
+    );
+    let out = ferry(dir.path(), &["show", "gpu", "rtx3070"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("did you mean"));
+}
+
+#[test]
+fn show_gpu_alias_explains_the_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["show", "gpu", "rtx3060"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("12.0 GiB"));
+    assert!(text(&out.stderr).contains("rtx3060-laptop-6gb"));
+}
+
+#[test]
+fn model_folder_with_malformed_config_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("my-model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": oops\n}",
+    )
+    .unwrap();
+    let out = ferry(dir.path(), &["show", "model", "my-model"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("config.json:3:"), "{stderr}");
+}
