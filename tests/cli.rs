@@ -100,3 +100,110 @@ fn model_folder_with_malformed_config_names_file_and_line() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("config.json:3:"), "{stderr}");
 }
+
+fn example_plan(dir: &Path, name: &str) -> std::path::PathBuf {
+    let out = ferry(dir, &["simulate", "--example", name]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, &out.stdout).unwrap();
+    path
+}
+
+#[test]
+fn simulate_prints_metrics_and_writes_a_perfetto_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = example_plan(dir.path(), "rtx3060-13b-layer-prefetch");
+    let out = ferry(
+        dir.path(),
+        &[
+            "simulate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--trace",
+            "trace.json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for needle in [
+        "tokens/s",
+        "first token",
+        "per output token",
+        "bottleneck",
+        "datasheet",
+        "host→device",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() > 0.0));
+    assert!(events
+        .iter()
+        .any(|e| e["name"] == "thread_name" && e["args"]["name"] == "device compute"));
+    // The trace is not overwritten without --force.
+    let again = ferry(
+        dir.path(),
+        &[
+            "simulate",
+            "--plan",
+            plan.to_str().unwrap(),
+            "--trace",
+            "trace.json",
+        ],
+    );
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("--force"));
+}
+
+#[test]
+fn simulate_json_is_machine_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = example_plan(dir.path(), "cpu-tinyllama-512mib-pipelined");
+    let out = ferry(
+        dir.path(),
+        &["simulate", "--plan", plan.to_str().unwrap(), "--json"],
+    );
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tps = json["metrics"]["tokens_per_s"].as_f64().unwrap();
+    assert!(tps > 0.0);
+    assert_eq!(json["profile"], "datasheet");
+}
+
+#[test]
+fn simulate_reports_plans_that_cannot_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = example_plan(dir.path(), "cpu-tinyllama-512mib-pipelined");
+    let text_plan = std::fs::read_to_string(&plan)
+        .unwrap()
+        .replace("device_memory: 512MiB", "device_memory: 64MiB");
+    std::fs::write(&plan, text_plan).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("device memory") && stderr.contains("short by"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn malformed_plan_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = example_plan(dir.path(), "rtx3060-13b-layer-prefetch");
+    let broken = std::fs::read_to_string(&plan)
+        .unwrap()
+        .replace("schedule: layer-prefetch", "schedule: layer-prefech");
+    std::fs::write(&plan, broken).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("rtx3060-13b-layer-prefetch.yaml:") && stderr.contains("layer-prefech"),
+        "{stderr}"
+    );
+}

@@ -2,6 +2,8 @@
 //! everything it shows is computed by the library crates.
 
 mod catalog_cmds;
+mod report;
+mod simulate_cmd;
 mod table;
 
 use std::process::ExitCode;
@@ -25,6 +27,9 @@ enum Command {
     List(catalog_cmds::ListArgs),
     /// Show one catalog entry in detail (a model's memory breakdown, a GPU's figures).
     Show(catalog_cmds::ShowArgs),
+    /// Predict one plan with the discrete-event simulator: tokens/s, time to first
+    /// token, utilization and peak memory; optionally a Chrome/Perfetto trace.
+    Simulate(simulate_cmd::SimulateArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::List(args) => catalog_cmds::list(args),
         Command::Show(args) => catalog_cmds::show(args),
+        Command::Simulate(args) => simulate_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

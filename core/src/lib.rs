@@ -18,4 +18,6 @@ pub use error::{CoreError, Result};
 pub mod graph;
 pub mod plan;
 pub mod profile;
+pub mod resolve;
+pub mod schedule;
 pub mod trace;

@@ -248,6 +248,34 @@ impl ModelSpec {
         4 * mlp.max(qkv) + 4 * self.hidden_size
     }
 
+    /// Scratch for attention scores: the engine computes attention one sequence at a time
+    /// over all heads for at most `rows` query rows, so this bounds its score buffer.
+    pub fn attention_scratch_bytes(&self, rows: u64, max_context: u64) -> u64 {
+        4 * self.num_heads * max_context * rows
+    }
+
+    /// Parameters of the q, k, v projections (with biases) and of the output projection.
+    pub fn attention_split_params(&self) -> (u64, u64) {
+        let out = self.hidden_size * self.hidden_size
+            + if self.family == Family::Opt {
+                self.hidden_size
+            } else {
+                0
+            };
+        (self.params().attention_per_layer - out, out)
+    }
+
+    /// Bytes of MLP weights a step actually reads: all of a dense MLP; for a mixture of
+    /// experts only the experts the `rows` tokens are routed to (at most all of them).
+    pub fn mlp_bytes_read(&self, rows: u64, dtype: Dtype) -> u64 {
+        let all = self.group_bytes(WeightGroup::Mlp, dtype);
+        if self.num_experts == 0 {
+            return all;
+        }
+        let touched = (rows * self.experts_per_token).min(self.num_experts);
+        all * touched / self.num_experts
+    }
+
     /// Matrix-multiply FLOPs of one layer's projections for `tokens` tokens
     /// (MoE: only the experts each token is routed to).
     pub fn projection_flops(&self, group: WeightGroup, tokens: u64) -> u64 {

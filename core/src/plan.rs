@@ -179,6 +179,11 @@ pub struct Policy {
     pub kv_cache: TierCounts,
     /// Attention over host-resident KV runs on the host (FlexGen's CPU delegation).
     pub host_attention: bool,
+    /// Layers whose attention and MLP weights are both on the host are computed by the
+    /// host where they live (llama.cpp's split), instead of being copied to the device.
+    /// Their KV cache must be on the host too.
+    #[serde(default)]
+    pub compute_host_layers_on_host: bool,
     pub weight_dtype: Dtype,
     pub kv_dtype: Dtype,
     /// Size of one transfer request.
@@ -288,14 +293,34 @@ impl Policy {
                 self.attention_weights.host + self.mlp_weights.host + self.kv_cache.host > 0
                     || self.embeddings == Tier::Host
                     || self.head == Tier::Host;
-            if uses_host || self.host_attention {
+            if uses_host || self.host_attention || self.compute_host_layers_on_host {
                 return fail(
                     "this device shares memory with the host: place things on device or disk only, without host attention"
                         .into(),
                 );
             }
         }
+        if self.compute_host_layers_on_host {
+            for layer in 0..layers {
+                let host_layer = self.attention_weights.tier_of(layer) == Tier::Host
+                    && self.mlp_weights.tier_of(layer) == Tier::Host;
+                if host_layer && self.kv_cache.tier_of(layer) != Tier::Host {
+                    return fail(format!(
+                        "layer {layer} is computed on the host but its KV cache is on the {}; \
+                         place the KV cache of host-computed layers on the host",
+                        self.kv_cache.tier_of(layer).name()
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether `layer` runs on the host (both weight groups there and the llama.cpp split on).
+    pub fn layer_on_host(&self, layer: u64) -> bool {
+        self.compute_host_layers_on_host
+            && self.attention_weights.tier_of(layer) == Tier::Host
+            && self.mlp_weights.tier_of(layer) == Tier::Host
     }
 
     pub fn batch_size(&self) -> u64 {

@@ -221,3 +221,56 @@ fn peak_dynamic(graph: &TaskGraph, trace: &Trace, pool: Pool) -> u64 {
     }
     peak.max(0) as u64
 }
+
+/// Chrome trace-event JSON (opens in Perfetto or chrome://tracing): one process per
+/// trace, one track (thread) per resource lane, one complete event per task.
+pub fn chrome_trace(graph: &TaskGraph, trace: &Trace) -> serde_json::Value {
+    let mut events = Vec::new();
+    let mut tracks: Vec<(Resource, u32)> = Vec::new();
+    for span in &trace.spans {
+        let task = &graph.tasks[span.task as usize];
+        let track = (task.resource(), span.lane);
+        let tid = match tracks.iter().position(|t| *t == track) {
+            Some(i) => i,
+            None => {
+                tracks.push(track);
+                tracks.len() - 1
+            }
+        };
+        events.push(serde_json::json!({
+            "name": task.label(),
+            "cat": task.kind.name(),
+            "ph": "X",
+            "pid": 1,
+            "tid": tid,
+            "ts": span.start_ns as f64 / 1000.0,
+            "dur": (span.end_ns - span.start_ns) as f64 / 1000.0,
+            "args": {
+                "task": span.task,
+                "bytes": task.bytes,
+                "flops": task.flops,
+                "layer": if task.layer == crate::graph::NO_LAYER { None } else { Some(task.layer) },
+                "micro_batch": task.micro_batch,
+                "step": task.step,
+            }
+        }));
+    }
+    for (tid, (resource, lane)) in tracks.iter().enumerate() {
+        let lanes = graph.lanes(*resource);
+        let name = if lanes > 1 {
+            format!("{} #{lane}", resource.name())
+        } else {
+            resource.name().to_string()
+        };
+        events.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
+        events.push(serde_json::json!({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": resource.index() * 100 + *lane as usize}}));
+    }
+    let process = match trace.source {
+        TraceSource::Predicted => "ferry (predicted)",
+        TraceSource::Measured => "ferry (measured)",
+    };
+    events.push(
+        serde_json::json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}),
+    );
+    serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
+}

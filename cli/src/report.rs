@@ -1,0 +1,79 @@
+//! Printing predictions and measurements for people.
+
+use ferry_core::graph::Resource;
+use ferry_core::plan::Policy;
+use ferry_core::profile::{Profile, Provenance};
+use ferry_core::trace::Metrics;
+use ferry_core::units::{format_bytes, format_ns};
+
+use crate::table::Table;
+
+pub fn provenance_line(profile: &Profile) -> String {
+    match &profile.provenance {
+        Provenance::Datasheet { gpu, host, .. } => format!(
+            "predicted from datasheet figures ({gpu} in {host}); measure this machine with `ferry profile` for a checked prediction"
+        ),
+        Provenance::Measured { machine, date, backend } => {
+            format!("predicted from a profile measured on {machine} ({backend} backend) on {date}")
+        }
+    }
+}
+
+pub fn policy_table(policy: &Policy) -> String {
+    let mut table = Table::new(["knob", "value"]);
+    for (knob, value) in policy.describe() {
+        table.row([knob, value]);
+    }
+    table.render()
+}
+
+pub fn metrics_text(metrics: &Metrics) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "throughput        {:.2} tokens/s ({} tokens in {})\n",
+        metrics.tokens_per_s,
+        metrics.generated_tokens,
+        format_ns(metrics.total_ns)
+    ));
+    out.push_str(&format!(
+        "first token       {}\n",
+        format_ns(metrics.time_to_first_token_ns)
+    ));
+    out.push_str(&format!(
+        "per output token  {}\n",
+        format_ns(metrics.time_per_output_token_ns)
+    ));
+    out.push_str(&format!(
+        "bottleneck        {}\n\n",
+        metrics.bottleneck.name()
+    ));
+    let mut table = Table::new(["resource", "busy"]);
+    for usage in &metrics.resources {
+        if usage.busy_ns > 0 || matches!(usage.resource, Resource::DeviceCompute) {
+            table.row([
+                usage.resource.name().to_string(),
+                format!("{:.0} %", usage.utilization * 100.0),
+            ]);
+        }
+    }
+    out.push_str(&table.render());
+    out.push('\n');
+    let mut table = Table::new(["memory", "peak", "budget", "resident", "use"]);
+    for pool in &metrics.pools {
+        if pool.peak_bytes == 0 && pool.pool == ferry_core::graph::Pool::Host {
+            continue;
+        }
+        table.row([
+            pool.pool.name().to_string(),
+            format_bytes(pool.peak_bytes),
+            format_bytes(pool.capacity_bytes),
+            format_bytes(pool.resident_bytes),
+            format!(
+                "{:.0} %",
+                pool.peak_bytes as f64 * 100.0 / pool.capacity_bytes.max(1) as f64
+            ),
+        ]);
+    }
+    out.push_str(&table.render());
+    out
+}

@@ -1,0 +1,119 @@
+//! Turning names into things: a `HardwareRef` into a `Profile`, a plan's model name
+//! into a `ModelSpec`. Notes (alias resolutions, overrides) are returned for the CLI
+//! to show.
+
+use std::path::Path;
+
+use crate::catalog::Catalog;
+use crate::error::{CoreError, Result};
+use crate::hardware::Hardware;
+use crate::model::ModelSpec;
+use crate::plan::{HardwareRef, Plan};
+use crate::profile::Profile;
+
+/// A plan with its names resolved.
+#[derive(Debug, Clone)]
+pub struct ResolvedPlan {
+    pub plan: Plan,
+    pub model: ModelSpec,
+    pub profile: Profile,
+    pub notes: Vec<String>,
+}
+
+/// Builds the profile a hardware reference names. Relative profile paths are taken
+/// relative to `base_dir` (the plan file's folder).
+pub fn resolve_hardware(
+    catalog: &Catalog,
+    hardware: &HardwareRef,
+    base_dir: &Path,
+) -> Result<(Profile, Vec<String>)> {
+    let mut notes = Vec::new();
+    let mut profile = match (&hardware.profile, &hardware.gpu) {
+        (Some(_), Some(_)) => {
+            return Err(CoreError::invalid(
+                "give either a GPU name or a profile file, not both",
+            ));
+        }
+        (Some(path), None) => {
+            let path = base_dir.join(path);
+            let profile: Profile = crate::yaml::read_file(&path)?;
+            profile
+                .validate()
+                .map_err(|e| CoreError::invalid(format!("{}: {e}", path.display())))?;
+            profile
+        }
+        (None, Some(gpu_name)) => {
+            let gpu = catalog.gpu(gpu_name)?;
+            notes.extend(gpu.note);
+            let host_name = hardware
+                .host
+                .clone()
+                .unwrap_or_else(|| gpu.value.default_host.clone());
+            if hardware.host.is_none() {
+                notes.push(format!(
+                    "host preset '{host_name}' (the usual host for {}; change it with --host)",
+                    gpu.value.name
+                ));
+            }
+            let host = catalog.host(&host_name)?;
+            notes.extend(host.note);
+            Profile::from_datasheet(&Hardware {
+                gpu: gpu.value,
+                host: host.value,
+            })
+        }
+        (None, None) => {
+            return Err(CoreError::invalid(
+                "hardware: name a GPU (gpu: rtx3060) or a profile file (profile: profile.yaml)",
+            ))
+        }
+    };
+    if let Some(bytes) = hardware.device_memory {
+        profile.device_memory_bytes = bytes;
+        // A RAM budget on the cpu backend is exact: the engine enforces it, so no reserve.
+        if profile.unified_memory && profile.device_name == "cpu" {
+            profile.memory_reserve_fraction = 0.0;
+        }
+    }
+    if let Some(bytes) = hardware.host_memory {
+        profile.host_memory_bytes = bytes;
+        profile.max_pinned_bytes = profile.max_pinned_bytes.min(bytes);
+    }
+    Ok((profile, notes))
+}
+
+pub fn resolve_model(
+    catalog: &Catalog,
+    name: &str,
+    base_dir: &Path,
+) -> Result<(ModelSpec, Vec<String>)> {
+    let candidate = base_dir.join(name);
+    let lookup = if candidate.exists() {
+        candidate.display().to_string()
+    } else {
+        name.to_string()
+    };
+    let model = catalog.model(&lookup)?;
+    Ok((model.value, model.note.into_iter().collect()))
+}
+
+/// Reads a plan file and resolves its model and hardware.
+pub fn load_plan(catalog: &Catalog, path: &Path) -> Result<ResolvedPlan> {
+    let plan: Plan = crate::yaml::read_file(path)?;
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    resolve_plan(catalog, plan, base_dir)
+}
+
+pub fn resolve_plan(catalog: &Catalog, plan: Plan, base_dir: &Path) -> Result<ResolvedPlan> {
+    let (model, mut notes) = resolve_model(catalog, &plan.model, base_dir)?;
+    let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
+    notes.extend(hardware_notes);
+    plan.policy
+        .validate(&model, &plan.workload, profile.unified_memory)?;
+    Ok(ResolvedPlan {
+        plan,
+        model,
+        profile,
+        notes,
+    })
+}

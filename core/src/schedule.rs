@@ -1,0 +1,808 @@
+//! Lowering: a plan's policy, a model and a workload become a `TaskGraph` — the
+//! graph the simulator replays and the engine executes.
+//!
+//! Program order is the order of compute: for each step (0 = prefill), the layer
+//! *visits* in schedule order — micro-batch-major for `sequential` and
+//! `layer-prefetch` (each micro-batch walks every layer, reloading streamed weights),
+//! layer-major for `zigzag-block` and `pipelined` (each layer serves every
+//! micro-batch before the next). Loads are emitted just before the visit that uses
+//! them; *gates* (dependencies) bound how far they run ahead:
+//!
+//! * weight loads of visit `v` wait for visit `v − prefetch_depth − 1` to finish;
+//!   `sequential` goes further: every task waits for the one emitted before it, so
+//!   nothing overlaps at all (Accelerate's hooks);
+//! * KV loads of micro-batch `j` wait for the attention of `j − 2` in the same visit
+//!   (double buffering), the first two for the weight gate;
+//! * a task's memory is acquired when it starts and released when it ends; streamed
+//!   weights are released by their last consumer.
+//!
+//! Where the hidden state of each micro-batch lives (device or host) is tracked, and
+//! an activation copy is emitted whenever the next operation runs on the other side.
+
+use crate::error::{CoreError, Result};
+use crate::graph::{
+    MemOp, Op, Payload, Pool, PoolSpec, Resource, ResourceSpec, Task, TaskGraph, TaskId, TaskKind,
+    NO_LAYER,
+};
+use crate::model::{ModelSpec, WeightGroup};
+use crate::plan::{Policy, Schedule, Tier, Workload};
+use crate::profile::Profile;
+
+/// Which decode steps to lower. The prefill (step 0) is always included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Steps {
+    /// Every decode step: 1 ..= gen_len − 1.
+    All,
+    /// Only these decode steps, ascending; used to extrapolate long generations.
+    Only(Vec<u32>),
+}
+
+/// Memory capacities the graph's pools get: the profile's memory less its reserve.
+pub fn pool_capacities(profile: &Profile) -> (u64, u64) {
+    let keep = 1.0 - profile.memory_reserve_fraction;
+    (
+        (profile.device_memory_bytes as f64 * keep) as u64,
+        (profile.host_memory_bytes as f64 * keep) as u64,
+    )
+}
+
+/// Lowers a policy into a task graph. Fails when the policy does not fit the model.
+pub fn lower(
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    steps: &Steps,
+) -> Result<TaskGraph> {
+    policy.validate(model, workload, profile.unified_memory)?;
+    let decode_steps: Vec<u32> = match steps {
+        Steps::All => (1..workload.gen_len as u32).collect(),
+        Steps::Only(list) => {
+            if list.windows(2).any(|w| w[0] >= w[1])
+                || list.iter().any(|&s| s == 0 || s as u64 >= workload.gen_len)
+            {
+                return Err(CoreError::invalid(
+                    "sampled decode steps must be ascending and within 1..gen_len",
+                ));
+            }
+            list.clone()
+        }
+    };
+    let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
+    builder.step(0);
+    for &step in &decode_steps {
+        builder.step(step);
+    }
+    let (device_capacity, host_capacity) = pool_capacities(profile);
+    let graph = TaskGraph {
+        pools: builder.pools(device_capacity, host_capacity),
+        tasks: builder.tasks,
+        resources: vec![
+            ResourceSpec {
+                resource: Resource::Disk,
+                lanes: policy.io_queue_depth,
+            },
+            ResourceSpec {
+                resource: Resource::HostToDevice,
+                lanes: policy.copy_streams,
+            },
+            ResourceSpec {
+                resource: Resource::DeviceToHost,
+                lanes: policy.copy_streams,
+            },
+            ResourceSpec {
+                resource: Resource::DeviceCompute,
+                lanes: 1,
+            },
+            ResourceSpec {
+                resource: Resource::HostCompute,
+                lanes: 1,
+            },
+        ],
+        batch_size: workload.batch_size,
+        prompt_len: workload.prompt_len,
+        gen_len: workload.gen_len,
+        steps: std::iter::once(0).chain(decode_steps).collect(),
+    };
+    graph.validate()?;
+    Ok(graph)
+}
+
+/// Where a computation runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Device,
+    Host,
+}
+
+/// Weights brought in for one visit: what compute must wait for, and what device
+/// memory the last consumer releases.
+#[derive(Default)]
+struct Loaded {
+    ready: Vec<TaskId>,
+    device_bytes: u64,
+}
+
+struct Builder<'a> {
+    policy: &'a Policy,
+    model: &'a ModelSpec,
+    workload: &'a Workload,
+    unified: bool,
+    tasks: Vec<Task>,
+    /// Last compute task of every visit so far, for prefetch gates.
+    visit_done: Vec<TaskId>,
+    /// Per micro-batch: the task that last produced its hidden state, and where it is.
+    hidden_producer: Vec<Option<TaskId>>,
+    hidden_side: Vec<Side>,
+    /// Per micro-batch: the head task of the previous step (the sampled token).
+    last_head: Vec<Option<TaskId>>,
+    /// pinned[layer][0 = attention, 1 = MLP]: host-resident weights inside the pinned budget.
+    pinned: Vec<[bool; 2]>,
+    kv_pinned: bool,
+}
+
+impl<'a> Builder<'a> {
+    fn new(
+        policy: &'a Policy,
+        model: &'a ModelSpec,
+        workload: &'a Workload,
+        unified: bool,
+    ) -> Builder<'a> {
+        let micro_batches = policy.num_micro_batches as usize;
+        // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
+        let mut pinned_left = policy.pinned_host_bytes;
+        let mut pinned = vec![[false; 2]; model.num_layers as usize];
+        for (layer, flags) in pinned.iter_mut().enumerate() {
+            for (slot, group, counts) in [
+                (0, WeightGroup::Attention, &policy.attention_weights),
+                (1, WeightGroup::Mlp, &policy.mlp_weights),
+            ] {
+                let bytes = model.group_bytes(group, policy.weight_dtype);
+                if counts.tier_of(layer as u64) == Tier::Host && bytes <= pinned_left {
+                    pinned_left -= bytes;
+                    flags[slot] = true;
+                }
+            }
+        }
+        let host_kv = policy.kv_cache.host
+            * model.kv_bytes_per_token_per_layer(policy.kv_dtype)
+            * workload.batch_size
+            * workload.max_context();
+        Builder {
+            policy,
+            model,
+            workload,
+            unified,
+            tasks: Vec::new(),
+            visit_done: Vec::new(),
+            hidden_producer: vec![None; micro_batches],
+            hidden_side: vec![Side::Device; micro_batches],
+            last_head: vec![None; micro_batches],
+            pinned,
+            kv_pinned: host_kv <= pinned_left,
+        }
+    }
+
+    fn push(&mut self, mut task: Task) -> TaskId {
+        let id = self.tasks.len() as TaskId;
+        // Sequential runs one task at a time in program order: each waits for the one before.
+        if self.policy.schedule == Schedule::Sequential && id > 0 && !task.deps.contains(&(id - 1))
+        {
+            task.deps.push(id - 1);
+        }
+        self.tasks.push(task);
+        id
+    }
+
+    fn new_task(kind: TaskKind, payload: Payload, layer: u32, micro_batch: u32, step: u32) -> Task {
+        Task {
+            kind,
+            payload,
+            layer,
+            micro_batch,
+            step,
+            bytes: 0,
+            flops: 0,
+            tokens: 0,
+            context: 0,
+            chunk_bytes: 0,
+            pinned: false,
+            deps: Vec::new(),
+            acquire: Vec::new(),
+            release: Vec::new(),
+        }
+    }
+
+    fn new_tokens(&self, step: u32) -> u64 {
+        if step == 0 {
+            self.workload.prompt_len
+        } else {
+            1
+        }
+    }
+
+    fn context(&self, step: u32) -> u64 {
+        self.workload.prompt_len + step as u64
+    }
+
+    fn layer_major(&self) -> bool {
+        matches!(
+            self.policy.schedule,
+            Schedule::ZigzagBlock | Schedule::Pipelined
+        )
+    }
+
+    fn prefetch_depth(&self) -> usize {
+        match self.policy.schedule {
+            Schedule::Sequential => 0,
+            _ => self.policy.prefetch_depth as usize,
+        }
+    }
+
+    /// The gate for loads of the visit about to be emitted.
+    fn load_gate(&self) -> Vec<TaskId> {
+        let visit = self.visit_done.len();
+        let depth = self.prefetch_depth();
+        if visit > depth {
+            vec![self.visit_done[visit - depth - 1]]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn step(&mut self, step: u32) {
+        let micro_batches = self.policy.num_micro_batches as u32;
+        let layers = self.model.num_layers as u32;
+        if self.layer_major() {
+            for j in 0..micro_batches {
+                self.embed(step, j);
+            }
+            for layer in 0..layers {
+                self.visit(step, layer, 0..micro_batches);
+            }
+            for j in 0..micro_batches {
+                self.head(step, j);
+            }
+        } else {
+            for j in 0..micro_batches {
+                self.embed(step, j);
+                for layer in 0..layers {
+                    self.visit(step, layer, j..j + 1);
+                }
+                self.head(step, j);
+            }
+        }
+    }
+
+    fn rows(&self, step: u32) -> u64 {
+        self.policy.micro_batch_size * self.new_tokens(step)
+    }
+
+    /// A compute task for (`layer`, micro-batch `j`, `step`) with its FLOPs and bytes read.
+    fn compute_task(
+        &self,
+        side: Side,
+        op: Op,
+        (layer, j, step): (u32, u32, u32),
+        flops: u64,
+        bytes: u64,
+    ) -> Task {
+        let kind = match side {
+            Side::Device => TaskKind::DeviceCompute,
+            Side::Host => TaskKind::HostCompute,
+        };
+        let mut task = Builder::new_task(kind, Payload::Compute { op }, layer, j, step);
+        task.flops = flops;
+        task.bytes = bytes;
+        task.tokens = self.rows(step) as u32;
+        task.context = self.context(step) as u32;
+        task
+    }
+
+    /// Makes sure micro-batch `j`'s hidden state is on `side`, copying it if needed, and
+    /// returns the task that produced it there.
+    fn hidden_on(&mut self, side: Side, j: u32, step: u32, layer: u32) -> Option<TaskId> {
+        let index = j as usize;
+        if self.hidden_side[index] == side || self.unified {
+            return self.hidden_producer[index];
+        }
+        let kind = match side {
+            Side::Device => TaskKind::HostToDevice,
+            Side::Host => TaskKind::DeviceToHost,
+        };
+        let mut copy = Builder::new_task(kind, Payload::Activations, layer, j, step);
+        copy.bytes = self.rows(step) * self.model.activation_bytes_per_token();
+        copy.chunk_bytes = copy.bytes.max(1);
+        copy.pinned = true;
+        copy.deps.extend(self.hidden_producer[index]);
+        let id = self.push(copy);
+        self.hidden_side[index] = side;
+        self.hidden_producer[index] = Some(id);
+        Some(id)
+    }
+
+    fn set_hidden(&mut self, j: u32, side: Side, producer: TaskId) {
+        self.hidden_side[j as usize] = side;
+        self.hidden_producer[j as usize] = Some(producer);
+    }
+
+    fn embed(&mut self, step: u32, j: u32) {
+        let side = if self.policy.embeddings == Tier::Device {
+            Side::Device
+        } else {
+            Side::Host
+        };
+        let rows = self.rows(step);
+        let bytes = rows * self.model.hidden_size * self.policy.weight_dtype.bits() / 8;
+        let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
+        task.deps.extend(self.last_head[j as usize]);
+        let id = self.push(task);
+        self.set_hidden(j, side, id);
+    }
+
+    fn head(&mut self, step: u32, j: u32) {
+        let side = if self.policy.head == Tier::Device {
+            Side::Device
+        } else {
+            Side::Host
+        };
+        let dep = self.hidden_on(side, j, step, NO_LAYER);
+        // Only the last position of each sequence is projected to the vocabulary.
+        let rows = self.policy.micro_batch_size;
+        let flops = self.model.projection_flops(WeightGroup::Head, rows);
+        let bytes = self
+            .model
+            .group_bytes(WeightGroup::Head, self.policy.weight_dtype);
+        let mut task = self.compute_task(side, Op::Head, (NO_LAYER, j, step), flops, bytes);
+        task.tokens = rows as u32;
+        task.deps.extend(dep);
+        let id = self.push(task);
+        self.last_head[j as usize] = Some(id);
+        self.set_hidden(j, side, id);
+    }
+
+    /// Emits the load of one weight group for the visit about to run.
+    fn load_weights(
+        &mut self,
+        group: WeightGroup,
+        layer: u32,
+        step: u32,
+        first_j: u32,
+        gate: &[TaskId],
+    ) -> Loaded {
+        let counts = match group {
+            WeightGroup::Attention => &self.policy.attention_weights,
+            _ => &self.policy.mlp_weights,
+        };
+        let tier = counts.tier_of(layer as u64);
+        if tier == Tier::Device || self.policy.layer_on_host(layer as u64) {
+            return Loaded::default();
+        }
+        let bytes = self.model.group_bytes(group, self.policy.weight_dtype);
+        let chunk = self.policy.chunk_bytes;
+        // Only the pipelined schedule makes each chunk its own task.
+        let pieces: Vec<u64> = if self.policy.schedule == Schedule::Pipelined {
+            let full = bytes / chunk;
+            let mut pieces = vec![chunk; full as usize];
+            if !bytes.is_multiple_of(chunk) {
+                pieces.push(bytes % chunk);
+            }
+            pieces
+        } else {
+            vec![bytes]
+        };
+        let slot = usize::from(group != WeightGroup::Attention);
+        let payload = Payload::Weights { group };
+        let mut loaded = Loaded {
+            ready: Vec::new(),
+            device_bytes: bytes,
+        };
+        for piece in pieces {
+            let mut deps = gate.to_vec();
+            if tier == Tier::Disk {
+                let mut read = Builder::new_task(TaskKind::DiskRead, payload, layer, first_j, step);
+                read.bytes = piece;
+                read.chunk_bytes = chunk.min(piece);
+                read.deps = deps;
+                let pool = if self.unified {
+                    Pool::Device
+                } else {
+                    Pool::Host
+                };
+                read.acquire.push(MemOp { pool, bytes: piece });
+                let id = self.push(read);
+                if self.unified {
+                    loaded.ready.push(id);
+                    continue;
+                }
+                deps = vec![id];
+            }
+            let mut copy = Builder::new_task(TaskKind::HostToDevice, payload, layer, first_j, step);
+            copy.bytes = piece;
+            copy.chunk_bytes = chunk.min(piece);
+            copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
+            copy.deps = deps;
+            copy.acquire.push(MemOp {
+                pool: Pool::Device,
+                bytes: piece,
+            });
+            if tier == Tier::Disk {
+                copy.release.push(MemOp {
+                    pool: Pool::Host,
+                    bytes: piece,
+                });
+            }
+            let id = self.push(copy);
+            loaded.ready.push(id);
+        }
+        loaded
+    }
+
+    /// One layer for the micro-batches `js`: loads, then attention and MLP of each.
+    fn visit(&mut self, step: u32, layer: u32, js: std::ops::Range<u32>) {
+        let gate = self.load_gate();
+        let first_j = js.start;
+        let last_j = js.end - 1;
+        let attention = self.load_weights(WeightGroup::Attention, layer, step, first_j, &gate);
+        let mlp = self.load_weights(WeightGroup::Mlp, layer, step, first_j, &gate);
+        let on_host = self.policy.layer_on_host(layer as u64);
+        let mut attention_tasks: Vec<TaskId> = Vec::new();
+        let mut last_mlp = 0;
+        for j in js {
+            let is_last = j == last_j;
+            let kv_gate = if j >= first_j + 2 {
+                vec![attention_tasks[(j - first_j - 2) as usize]]
+            } else {
+                gate.clone()
+            };
+            let attn_done = if on_host {
+                self.attention_on_host_layer(step, layer, j)
+            } else {
+                let release = if is_last { attention.device_bytes } else { 0 };
+                self.attention(step, layer, j, &attention.ready, release, &kv_gate)
+            };
+            attention_tasks.push(attn_done);
+            // MLP.
+            let side = if on_host { Side::Host } else { Side::Device };
+            let rows = self.rows(step);
+            let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
+            let bytes = self.model.mlp_bytes_read(rows, self.policy.weight_dtype);
+            let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
+            task.deps.push(attn_done);
+            task.deps.extend(&mlp.ready);
+            if is_last && mlp.device_bytes > 0 {
+                task.release.push(MemOp {
+                    pool: Pool::Device,
+                    bytes: mlp.device_bytes,
+                });
+            }
+            let id = self.push(task);
+            self.set_hidden(j, side, id);
+            last_mlp = id;
+        }
+        self.visit_done.push(last_mlp);
+    }
+
+    fn kv_tier(&self, layer: u32) -> Tier {
+        self.policy.kv_cache.tier_of(layer as u64)
+    }
+
+    fn kv_bytes(&self, tokens: u64) -> u64 {
+        self.model
+            .kv_bytes_per_token_per_layer(self.policy.kv_dtype)
+            * self.policy.micro_batch_size
+            * tokens
+    }
+
+    fn attention_flops(&self, step: u32) -> (u64, u64, u64) {
+        let rows = self.rows(step);
+        let (qkv_params, out_params) = self.model.attention_split_params();
+        let core = self.policy.micro_batch_size
+            * self
+                .model
+                .attention_core_flops(self.new_tokens(step), self.context(step));
+        (2 * rows * qkv_params, core, 2 * rows * out_params)
+    }
+
+    /// Attention of a device-computed layer; returns the task after which the hidden
+    /// state is updated on the device.
+    fn attention(
+        &mut self,
+        step: u32,
+        layer: u32,
+        j: u32,
+        weights_ready: &[TaskId],
+        release_weights: u64,
+        kv_gate: &[TaskId],
+    ) -> TaskId {
+        let kv_tier = self.kv_tier(layer);
+        let past_tokens = self.context(step) - self.new_tokens(step);
+        let new_kv = self.kv_bytes(self.new_tokens(step));
+        let past_kv = self.kv_bytes(past_tokens);
+        let attn_bytes = self
+            .model
+            .group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
+        let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
+        let kv_read = self.kv_bytes(self.context(step));
+        let host_attention = self.policy.host_attention && kv_tier != Tier::Device && !self.unified;
+        if host_attention {
+            // FlexGen's CPU delegation: projections on the device, attention where the KV is.
+            let hidden = self.hidden_on(Side::Device, j, step, layer);
+            let (qkv_params, _) = self.model.attention_split_params();
+            let qkv_share =
+                attn_bytes * qkv_params / self.model.params().attention_per_layer.max(1);
+            let mut qkv = self.compute_task(
+                Side::Device,
+                Op::AttnQkv,
+                (layer, j, step),
+                qkv_flops,
+                qkv_share,
+            );
+            qkv.deps.extend(hidden);
+            qkv.deps.extend(weights_ready);
+            let qkv_id = self.push(qkv);
+            let rows = self.rows(step);
+            let mut down =
+                Builder::new_task(TaskKind::DeviceToHost, Payload::Activations, layer, j, step);
+            down.bytes = rows * 4 * (self.model.hidden_size + 2 * self.model.kv_dim());
+            down.chunk_bytes = down.bytes;
+            down.pinned = true;
+            down.deps.push(qkv_id);
+            let down_id = self.push(down);
+            let mut core = self.compute_task(
+                Side::Host,
+                Op::AttnCore,
+                (layer, j, step),
+                core_flops,
+                kv_read,
+            );
+            core.deps.push(down_id);
+            if kv_tier == Tier::Disk && past_kv > 0 {
+                let mut read =
+                    Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
+                read.bytes = past_kv;
+                read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
+                read.deps = kv_gate.to_vec();
+                read.acquire.push(MemOp {
+                    pool: Pool::Host,
+                    bytes: past_kv,
+                });
+                let read_id = self.push(read);
+                core.deps.push(read_id);
+                core.release.push(MemOp {
+                    pool: Pool::Host,
+                    bytes: past_kv,
+                });
+            }
+            let core_id = self.push(core);
+            if kv_tier == Tier::Disk {
+                let mut write =
+                    Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
+                write.bytes = new_kv;
+                write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
+                write.deps.push(core_id);
+                self.push(write);
+            }
+            let mut up =
+                Builder::new_task(TaskKind::HostToDevice, Payload::Activations, layer, j, step);
+            up.bytes = rows * self.model.activation_bytes_per_token();
+            up.chunk_bytes = up.bytes;
+            up.pinned = true;
+            up.deps.push(core_id);
+            let up_id = self.push(up);
+            let mut out = self.compute_task(
+                Side::Device,
+                Op::AttnOut,
+                (layer, j, step),
+                out_flops,
+                attn_bytes - qkv_share,
+            );
+            out.deps.push(up_id);
+            out.deps.push(qkv_id);
+            if release_weights > 0 {
+                out.release.push(MemOp {
+                    pool: Pool::Device,
+                    bytes: release_weights,
+                });
+            }
+            let out_id = self.push(out);
+            self.set_hidden(j, Side::Device, out_id);
+            return out_id;
+        }
+        // Attention on the device: bring past KV in if it lives elsewhere.
+        let hidden = self.hidden_on(Side::Device, j, step, layer);
+        let mut kv_ready = Vec::new();
+        let mut release_kv = 0;
+        if kv_tier != Tier::Device && past_kv > 0 {
+            let mut deps = kv_gate.to_vec();
+            if kv_tier == Tier::Disk {
+                let mut read =
+                    Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
+                read.bytes = past_kv;
+                read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
+                read.deps = deps;
+                let pool = if self.unified {
+                    Pool::Device
+                } else {
+                    Pool::Host
+                };
+                read.acquire.push(MemOp {
+                    pool,
+                    bytes: past_kv,
+                });
+                deps = vec![self.push(read)];
+            }
+            if self.unified {
+                kv_ready = deps;
+            } else {
+                let mut copy =
+                    Builder::new_task(TaskKind::HostToDevice, Payload::KvCache, layer, j, step);
+                copy.bytes = past_kv;
+                copy.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
+                copy.pinned = kv_tier == Tier::Disk || self.kv_pinned;
+                copy.deps = deps;
+                copy.acquire.push(MemOp {
+                    pool: Pool::Device,
+                    bytes: past_kv,
+                });
+                if kv_tier == Tier::Disk {
+                    copy.release.push(MemOp {
+                        pool: Pool::Host,
+                        bytes: past_kv,
+                    });
+                }
+                kv_ready = vec![self.push(copy)];
+            }
+            release_kv = past_kv;
+        }
+        let mut task = self.compute_task(
+            Side::Device,
+            Op::Attention,
+            (layer, j, step),
+            qkv_flops + core_flops + out_flops,
+            attn_bytes + kv_read,
+        );
+        task.deps.extend(hidden);
+        task.deps.extend(weights_ready);
+        task.deps.extend(kv_ready);
+        if release_kv > 0 {
+            task.release.push(MemOp {
+                pool: Pool::Device,
+                bytes: release_kv,
+            });
+        }
+        if release_weights > 0 {
+            task.release.push(MemOp {
+                pool: Pool::Device,
+                bytes: release_weights,
+            });
+        }
+        let id = self.push(task);
+        self.set_hidden(j, Side::Device, id);
+        // Store the new tokens' KV where the cache lives.
+        if kv_tier != Tier::Device {
+            let mut store_deps = vec![id];
+            if !self.unified {
+                let mut store =
+                    Builder::new_task(TaskKind::DeviceToHost, Payload::KvCache, layer, j, step);
+                store.bytes = new_kv;
+                store.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
+                store.pinned = kv_tier == Tier::Disk || self.kv_pinned;
+                store.deps = store_deps;
+                store_deps = vec![self.push(store)];
+            }
+            if kv_tier == Tier::Disk {
+                let mut write =
+                    Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
+                write.bytes = new_kv;
+                write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
+                write.deps = store_deps;
+                self.push(write);
+            }
+        }
+        id
+    }
+
+    /// A layer computed where its weights live, on the host (llama.cpp's split).
+    fn attention_on_host_layer(&mut self, step: u32, layer: u32, j: u32) -> TaskId {
+        let hidden = self.hidden_on(Side::Host, j, step, layer);
+        let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
+        let bytes = self
+            .model
+            .group_bytes(WeightGroup::Attention, self.policy.weight_dtype)
+            + self.kv_bytes(self.context(step));
+        let mut task = self.compute_task(
+            Side::Host,
+            Op::Attention,
+            (layer, j, step),
+            qkv_flops + core_flops + out_flops,
+            bytes,
+        );
+        task.deps.extend(hidden);
+        let id = self.push(task);
+        self.set_hidden(j, Side::Host, id);
+        id
+    }
+
+    /// Capacities and what stays resident in each pool for the whole run.
+    fn pools(&self, device_capacity: u64, host_capacity: u64) -> Vec<PoolSpec> {
+        let policy = self.policy;
+        let model = self.model;
+        let wd = policy.weight_dtype;
+        let layers = model.num_layers;
+        let mut device_attention = 0;
+        let mut device_mlp = 0;
+        let mut host_weights = 0;
+        for layer in 0..layers {
+            for (group, counts) in [
+                (WeightGroup::Attention, &policy.attention_weights),
+                (WeightGroup::Mlp, &policy.mlp_weights),
+            ] {
+                let bytes = model.group_bytes(group, wd);
+                match counts.tier_of(layer) {
+                    Tier::Device if group == WeightGroup::Attention => device_attention += bytes,
+                    Tier::Device => device_mlp += bytes,
+                    Tier::Host => host_weights += bytes,
+                    Tier::Disk => {}
+                }
+            }
+        }
+        let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
+            * self.workload.batch_size
+            * self.workload.max_context();
+        let hidden_states = self.workload.batch_size
+            * self.workload.prompt_len
+            * model.activation_bytes_per_token();
+        let workspace = policy.micro_batch_size
+            * self.workload.prompt_len
+            * model.workspace_bytes_per_token()
+            + model.attention_scratch_bytes(self.workload.prompt_len, self.workload.max_context());
+        let embeddings = model.group_bytes(WeightGroup::Embeddings, wd);
+        let head = model.group_bytes(WeightGroup::Head, wd);
+        let on = |tier: Tier, wanted: Tier, bytes: u64| if tier == wanted { bytes } else { 0 };
+        let device = PoolSpec {
+            pool: Pool::Device,
+            capacity_bytes: device_capacity,
+            resident: vec![
+                ("resident attention weights".into(), device_attention),
+                ("resident MLP weights".into(), device_mlp),
+                (
+                    "embeddings".into(),
+                    on(policy.embeddings, Tier::Device, embeddings),
+                ),
+                ("head".into(), on(policy.head, Tier::Device, head)),
+                (
+                    "resident KV cache".into(),
+                    policy.kv_cache.device * kv_per_layer,
+                ),
+                ("hidden states".into(), hidden_states),
+                ("workspace".into(), workspace),
+            ],
+        };
+        let host_computes = policy.compute_host_layers_on_host
+            && (0..layers).any(|l| policy.layer_on_host(l))
+            || policy.host_attention && policy.kv_cache.device < layers
+            || policy.embeddings == Tier::Host
+            || policy.head == Tier::Host;
+        let host_workspace = if host_computes && !self.unified {
+            workspace + hidden_states
+        } else {
+            0
+        };
+        let host = PoolSpec {
+            pool: Pool::Host,
+            capacity_bytes: host_capacity,
+            resident: vec![
+                ("host-resident weights".into(), host_weights),
+                (
+                    "embeddings".into(),
+                    on(policy.embeddings, Tier::Host, embeddings),
+                ),
+                ("head".into(), on(policy.head, Tier::Host, head)),
+                ("host KV cache".into(), policy.kv_cache.host * kv_per_layer),
+                ("host workspace".into(), host_workspace),
+            ],
+        };
+        vec![device, host]
+    }
+}

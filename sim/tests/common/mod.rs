@@ -1,0 +1,101 @@
+//! Helpers shared by the simulator tests: simple profiles whose durations are easy
+//! to compute by hand, and hand-built graphs.
+
+#![allow(dead_code)]
+
+use ferry_core::graph::*;
+use ferry_core::profile::*;
+
+/// A profile with flat curves: every transfer moves `gbps` bytes per ns regardless of
+/// request size or concurrency, no latency; compute runs at `gflops` FLOP per ns, no
+/// overhead, memory bandwidth effectively unlimited; no interference.
+pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) -> Profile {
+    let curve = TransferCurve {
+        latency_ns: 0,
+        points: vec![CurvePoint {
+            chunk_bytes: 4096,
+            concurrency: 1,
+            gbps,
+        }],
+    };
+    let compute = ComputeProfile {
+        peak_flops: gflops * 1e9,
+        memory_bytes_per_s: 1e18,
+        matmul_efficiency: 1.0,
+        memory_efficiency: 1.0,
+        task_overhead_ns: 0,
+        table: Vec::new(),
+    };
+    Profile {
+        provenance: Provenance::Measured {
+            machine: "test".into(),
+            date: "2026-01-01".into(),
+            backend: "test".into(),
+        },
+        device_name: "test".into(),
+        unified_memory: false,
+        device_memory_bytes: device_bytes,
+        host_memory_bytes: host_bytes,
+        max_pinned_bytes: host_bytes,
+        memory_reserve_fraction: 0.0,
+        disk_read: curve.clone(),
+        disk_write: curve.clone(),
+        host_to_device: curve.clone(),
+        host_to_device_pageable: curve.clone(),
+        device_to_host: curve,
+        device_compute: compute.clone(),
+        host_compute: compute,
+        interference: Interference {
+            device_compute_slowdown: 0.0,
+            host_compute_slowdown: 0.0,
+        },
+    }
+}
+
+pub fn task(kind: TaskKind, bytes: u64, flops: u64, deps: Vec<TaskId>) -> Task {
+    Task {
+        kind,
+        payload: match kind {
+            TaskKind::DeviceCompute | TaskKind::HostCompute => Payload::Compute { op: Op::Mlp },
+            _ => Payload::Activations,
+        },
+        layer: 0,
+        micro_batch: 0,
+        step: 0,
+        bytes,
+        flops,
+        tokens: 1,
+        context: 1,
+        chunk_bytes: bytes.max(4096),
+        pinned: true,
+        deps,
+        acquire: Vec::new(),
+        release: Vec::new(),
+    }
+}
+
+pub fn graph(tasks: Vec<Task>, device_bytes: u64, host_bytes: u64, lanes: u32) -> TaskGraph {
+    TaskGraph {
+        tasks,
+        pools: vec![
+            PoolSpec {
+                pool: Pool::Device,
+                capacity_bytes: device_bytes,
+                resident: Vec::new(),
+            },
+            PoolSpec {
+                pool: Pool::Host,
+                capacity_bytes: host_bytes,
+                resident: Vec::new(),
+            },
+        ],
+        resources: Resource::ALL
+            .iter()
+            .map(|&resource| ResourceSpec { resource, lanes })
+            .collect(),
+        batch_size: 1,
+        prompt_len: 1,
+        gen_len: 1,
+        steps: vec![0],
+    }
+}

@@ -1,0 +1,236 @@
+//! Known answers: timings that can be worked out by hand.
+
+mod common;
+
+use common::*;
+use ferry_core::catalog::Catalog;
+use ferry_core::graph::{MemOp, Pool, TaskKind};
+use ferry_core::model::Dtype;
+use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::trace::Metrics;
+use ferry_sim::cost::CostModel;
+use ferry_sim::{predict, simulate, Extrapolation, SimError};
+
+fn tiny() -> ferry_core::model::ModelSpec {
+    Catalog::builtin()
+        .unwrap()
+        .model("test-tiny")
+        .unwrap()
+        .value
+}
+
+#[test]
+fn one_resource_in_series_is_the_sum_of_durations() {
+    // 1 FLOP per ns: flops are nanoseconds.
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let g = graph(
+        vec![
+            task(TaskKind::DeviceCompute, 0, 1_000, vec![]),
+            task(TaskKind::DeviceCompute, 0, 2_500, vec![]),
+            task(TaskKind::DeviceCompute, 0, 700, vec![]),
+        ],
+        1 << 30,
+        1 << 30,
+        1,
+    );
+    let out = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap();
+    let end = out.trace.spans.iter().map(|s| s.end_ns).max().unwrap();
+    assert_eq!(end, 4_200);
+}
+
+#[test]
+fn overlapped_load_and_compute_is_the_larger_per_layer_plus_fill() {
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    for (load, compute) in [(3_000u64, 1_000u64), (1_000, 3_000), (2_000, 2_000)] {
+        let layers = 6;
+        let mut tasks = Vec::new();
+        for layer in 0..layers {
+            let load_id = tasks.len() as u32;
+            tasks.push(task(TaskKind::HostToDevice, load, 0, vec![]));
+            let mut deps = vec![load_id];
+            if layer > 0 {
+                deps.push(load_id - 1);
+            }
+            tasks.push(task(TaskKind::DeviceCompute, 0, compute, deps));
+        }
+        let g = graph(tasks, 1 << 30, 1 << 30, 1);
+        let out = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap();
+        let end = out.trace.spans.iter().map(|s| s.end_ns).max().unwrap();
+        let expected = load.min(compute) + layers * load.max(compute);
+        assert_eq!(end, expected, "load {load} compute {compute}");
+    }
+}
+
+#[test]
+fn concurrent_transfers_share_the_link() {
+    // Two 1000-byte copies on two lanes of a 1 byte/ns link finish together at 2000 ns.
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let g = graph(
+        vec![
+            task(TaskKind::HostToDevice, 1_000, 0, vec![]),
+            task(TaskKind::HostToDevice, 1_000, 0, vec![]),
+        ],
+        1 << 30,
+        1 << 30,
+        2,
+    );
+    let out = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap();
+    assert_eq!(out.trace.spans[0].end_ns, 2_000);
+    assert_eq!(out.trace.spans[1].end_ns, 2_000);
+    assert_eq!(out.trace.spans[0].start_ns, 0);
+    assert_eq!(out.trace.spans[1].start_ns, 0);
+}
+
+fn policy(schedule: Schedule, layers: u64, weights: Tier) -> Policy {
+    Policy {
+        schedule,
+        micro_batch_size: 2,
+        num_micro_batches: 1,
+        prefetch_depth: 1,
+        attention_weights: TierCounts::all(weights, layers),
+        mlp_weights: TierCounts::all(weights, layers),
+        embeddings: Tier::Device,
+        head: Tier::Device,
+        kv_cache: TierCounts::all(Tier::Device, layers),
+        host_attention: false,
+        compute_host_layers_on_host: false,
+        weight_dtype: Dtype::F32,
+        kv_dtype: Dtype::F32,
+        chunk_bytes: 64 * 1024,
+        copy_streams: 1,
+        io_queue_depth: 1,
+        pinned_host_bytes: 1 << 30,
+    }
+}
+
+#[test]
+fn sequential_is_the_sum_of_loads_and_computes() {
+    let model = tiny();
+    let profile = flat_profile(0.5, 2.0, 1 << 30, 1 << 30);
+    let workload = Workload {
+        batch_size: 2,
+        prompt_len: 8,
+        gen_len: 4,
+    };
+    let p = policy(Schedule::Sequential, model.num_layers, Tier::Host);
+    let g = lower(&p, &model, &workload, &profile, &Steps::All).unwrap();
+    let out = simulate(&g, &CostModel::new(&profile, &model)).unwrap();
+    let sum: u64 = out.trace.spans.iter().map(|s| s.end_ns - s.start_ns).sum();
+    let metrics = Metrics::compute(&g, &out.trace);
+    assert_eq!(
+        metrics.total_ns, sum,
+        "nothing overlaps in a sequential plan"
+    );
+    // And prefetching the same placement is strictly faster.
+    let prefetch = policy(Schedule::LayerPrefetch, model.num_layers, Tier::Host);
+    let g2 = lower(&prefetch, &model, &workload, &profile, &Steps::All).unwrap();
+    let m2 = Metrics::compute(
+        &g2,
+        &simulate(&g2, &CostModel::new(&profile, &model))
+            .unwrap()
+            .trace,
+    );
+    assert!(m2.total_ns < metrics.total_ns);
+}
+
+#[test]
+fn task_larger_than_its_pool_is_a_clear_error() {
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let mut big = task(TaskKind::HostToDevice, 1_000, 0, vec![]);
+    big.acquire.push(MemOp {
+        pool: Pool::Device,
+        bytes: 5_000,
+    });
+    let mut consumer = task(TaskKind::DeviceCompute, 0, 10, vec![0]);
+    consumer.release.push(MemOp {
+        pool: Pool::Device,
+        bytes: 5_000,
+    });
+    let g = graph(vec![big, consumer], 4_096, 1 << 20, 1);
+    let err = simulate(&g, &CostModel::new(&profile, &tiny()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device memory") && err.contains("short by"),
+        "{err}"
+    );
+}
+
+#[test]
+fn deadlock_names_the_pool_and_shortfall() {
+    // Two loads each take 3 KiB of a 4 KiB pool; the consumer that frees the first
+    // needs both, so the second can never start.
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let mut a = task(TaskKind::HostToDevice, 100, 0, vec![]);
+    a.acquire.push(MemOp {
+        pool: Pool::Device,
+        bytes: 3_072,
+    });
+    let mut b = task(TaskKind::HostToDevice, 100, 0, vec![]);
+    b.acquire.push(MemOp {
+        pool: Pool::Device,
+        bytes: 3_072,
+    });
+    let mut c = task(TaskKind::DeviceCompute, 0, 10, vec![0, 1]);
+    c.release.push(MemOp {
+        pool: Pool::Device,
+        bytes: 6_144,
+    });
+    let g = graph(vec![a, b, c], 4_096, 1 << 20, 2);
+    let err = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap_err();
+    assert!(
+        matches!(err, SimError::Deadlock { pool: "device", .. }),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("needs 3.00 KiB") && text.contains("1.00 KiB is free"),
+        "{text}"
+    );
+}
+
+#[test]
+fn sampled_extrapolation_stays_within_half_a_percent() {
+    let catalog = Catalog::builtin().unwrap();
+    for name in [
+        "rtx3060-13b-layer-prefetch",
+        "rtx3060-laptop-13b-zigzag",
+        "cpu-tinyllama-512mib-pipelined",
+        "t4-opt-30b-sequential",
+    ] {
+        let text = &catalog
+            .plans
+            .iter()
+            .find(|(f, _)| f == &format!("{name}.yaml"))
+            .unwrap()
+            .1;
+        let plan: ferry_core::plan::Plan = ferry_core::yaml::from_yaml_str(text, name).unwrap();
+        let mut resolved =
+            ferry_core::resolve::resolve_plan(&catalog, plan, std::path::Path::new(".")).unwrap();
+        for gen_len in [48u64, 96] {
+            resolved.plan.workload.gen_len = gen_len;
+            let run = |mode| {
+                predict(
+                    &resolved.plan.policy,
+                    &resolved.model,
+                    &resolved.plan.workload,
+                    &resolved.profile,
+                    mode,
+                )
+                .unwrap()
+                .metrics
+            };
+            let full = run(Extrapolation::Full);
+            let sampled = run(Extrapolation::Sampled);
+            let error = (sampled.tokens_per_s - full.tokens_per_s).abs() / full.tokens_per_s;
+            assert!(
+                error < 0.005,
+                "{name} gen {gen_len}: sampled {} vs full {} tokens/s",
+                sampled.tokens_per_s,
+                full.tokens_per_s
+            );
+            assert_eq!(sampled.time_to_first_token_ns, full.time_to_first_token_ns);
+        }
+    }
+}

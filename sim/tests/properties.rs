@@ -1,0 +1,281 @@
+//! Property tests: invariants of the simulator over random graphs and random plans.
+
+mod common;
+
+use common::*;
+use ferry_core::catalog::Catalog;
+use ferry_core::graph::{MemOp, Payload, Pool, Resource, TaskGraph, TaskKind};
+use ferry_core::model::{Dtype, WeightGroup};
+use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::trace::{Metrics, Trace};
+use ferry_sim::cost::CostModel;
+use ferry_sim::{simulate, SimError};
+use proptest::prelude::*;
+
+const KINDS: [TaskKind; 6] = [
+    TaskKind::DiskRead,
+    TaskKind::DiskWrite,
+    TaskKind::HostToDevice,
+    TaskKind::DeviceToHost,
+    TaskKind::DeviceCompute,
+    TaskKind::HostCompute,
+];
+
+/// A random acyclic graph; some tasks hold device or host memory until a later
+/// dependent task releases it.
+fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
+    (2usize..40, 1u32..4)
+        .prop_flat_map(|(n, lanes)| {
+            let tasks = proptest::collection::vec(
+                (
+                    0usize..6,
+                    1u64..5_000,
+                    proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
+                    0u64..3_000,
+                    any::<bool>(),
+                ),
+                n,
+            );
+            (tasks, Just(lanes))
+        })
+        .prop_map(|(specs, lanes)| {
+            let mut tasks = Vec::new();
+            let mut pending_release: Vec<(usize, MemOp)> = Vec::new();
+            for (i, (kind, size, deps, mem, device_pool)) in specs.into_iter().enumerate() {
+                let kind = KINDS[kind];
+                let mut deps: Vec<u32> = if i == 0 {
+                    vec![]
+                } else {
+                    deps.iter().map(|d| d.index(i) as u32).collect()
+                };
+                deps.sort_unstable();
+                deps.dedup();
+                let is_compute = matches!(kind, TaskKind::DeviceCompute | TaskKind::HostCompute);
+                let mut t = task(
+                    kind,
+                    if is_compute { 0 } else { size },
+                    if is_compute { size } else { 0 },
+                    deps,
+                );
+                // Release memory held by an earlier task, and make this task depend on it.
+                if let Some((holder, op)) = pending_release.pop() {
+                    if !t.deps.contains(&(holder as u32)) {
+                        t.deps.push(holder as u32);
+                    }
+                    t.release.push(op);
+                }
+                if mem > 0 {
+                    let op = MemOp {
+                        pool: if device_pool {
+                            Pool::Device
+                        } else {
+                            Pool::Host
+                        },
+                        bytes: mem,
+                    };
+                    t.acquire.push(op);
+                    pending_release.push((i, op));
+                }
+                tasks.push(t);
+            }
+            // Whatever is still held is released by a final task depending on the holders.
+            if !pending_release.is_empty() {
+                let deps = pending_release.iter().map(|(h, _)| *h as u32).collect();
+                let mut last = task(TaskKind::DeviceCompute, 0, 1, deps);
+                last.release = pending_release.iter().map(|(_, op)| *op).collect();
+                tasks.push(last);
+            }
+            (graph(tasks, 8_000, 8_000, lanes), lanes)
+        })
+}
+
+/// The most bytes held in `pool` at any instant of the trace (releases first at ties).
+fn peak(graph: &TaskGraph, trace: &Trace, pool: Pool) -> u64 {
+    let metrics = Metrics::compute(graph, trace);
+    metrics.pool(pool).unwrap().peak_bytes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn des_invariants_hold_on_random_graphs((g, lanes) in random_graph()) {
+        let profile = flat_profile(0.7, 1.3, 1 << 30, 1 << 30);
+        let tiny = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+        let cost = CostModel::new(&profile, &tiny);
+        match simulate(&g, &cost) {
+            Ok(out) => {
+                let spans = &out.trace.spans;
+                prop_assert_eq!(spans.len(), g.tasks.len());
+                // Dependencies respected.
+                for (i, t) in g.tasks.iter().enumerate() {
+                    for &d in &t.deps {
+                        prop_assert!(spans[i].start_ns >= spans[d as usize].end_ns, "task {} starts before dep {} ends", i, d);
+                    }
+                }
+                // No resource runs more tasks at once than it has lanes; lanes never double-booked.
+                for r in Resource::ALL {
+                    let mut on: Vec<_> = spans.iter().filter(|s| g.tasks[s.task as usize].resource() == r).collect();
+                    on.sort_by_key(|s| s.start_ns);
+                    for s in &on {
+                        let overlapping: Vec<_> = on.iter().filter(|o| o.start_ns <= s.start_ns && o.end_ns > s.start_ns && o.end_ns > o.start_ns).collect();
+                        prop_assert!(overlapping.len() as u32 <= lanes);
+                        let same_lane = overlapping.iter().filter(|o| o.lane == s.lane && o.task != s.task).count();
+                        prop_assert_eq!(same_lane, 0);
+                    }
+                }
+                // Pools never above capacity.
+                for pool in Pool::ALL {
+                    prop_assert!(peak(&g, &out.trace, pool) <= g.pool(pool).capacity_bytes);
+                }
+                // Same input, identical trace.
+                let again = simulate(&g, &cost).unwrap();
+                prop_assert_eq!(&again.trace, &out.trace);
+            }
+            // A random graph may genuinely deadlock on memory; that must be reported, not hang.
+            Err(SimError::Deadlock { .. }) => {}
+            Err(other) => prop_assert!(false, "unexpected error {}", other),
+        }
+    }
+}
+
+fn counts(device: u64, host: u64, layers: u64) -> TierCounts {
+    let device = device.min(layers);
+    let host = host.min(layers - device);
+    TierCounts {
+        device,
+        host,
+        disk: layers - device - host,
+    }
+}
+
+fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)> {
+    (
+        (0usize..4, 1u64..4, 1u64..4, 0u64..4),
+        (0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        (
+            prop::sample::select(vec![4096u64, 16384, 65536]),
+            1u32..4,
+            1u32..4,
+            0u64..400_000,
+        ),
+        (1u64..10, 1u64..6),
+    )
+        .prop_map(
+            move |(
+                (schedule, mb, nmb, depth),
+                (ad, ah, md, mh, kd, kh),
+                (emb_dev, head_dev, host_attn, unified),
+                (chunk, streams, qd, pinned),
+                (prompt, gen),
+            )| {
+                let policy = Policy {
+                    schedule: Schedule::ALL[schedule],
+                    micro_batch_size: mb,
+                    num_micro_batches: nmb,
+                    prefetch_depth: depth,
+                    attention_weights: if unified {
+                        counts(ad, 0, layers)
+                    } else {
+                        counts(ad, ah, layers)
+                    },
+                    mlp_weights: if unified {
+                        counts(md, 0, layers)
+                    } else {
+                        counts(md, mh, layers)
+                    },
+                    embeddings: if emb_dev || unified {
+                        Tier::Device
+                    } else {
+                        Tier::Host
+                    },
+                    head: if head_dev || unified {
+                        Tier::Device
+                    } else {
+                        Tier::Host
+                    },
+                    kv_cache: if unified {
+                        counts(kd, 0, layers)
+                    } else {
+                        counts(kd, kh, layers)
+                    },
+                    host_attention: host_attn && !unified,
+                    compute_host_layers_on_host: false,
+                    weight_dtype: Dtype::F32,
+                    kv_dtype: Dtype::F32,
+                    chunk_bytes: chunk,
+                    copy_streams: streams,
+                    io_queue_depth: qd,
+                    pinned_host_bytes: pinned,
+                };
+                (
+                    policy,
+                    Workload {
+                        batch_size: mb * nmb,
+                        prompt_len: prompt,
+                        gen_len: gen,
+                    },
+                    unified,
+                )
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    #[test]
+    fn lowered_plans_move_what_the_plan_needs_and_fit((policy, workload, unified) in random_policy(4)) {
+        let model = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+        let mut profile = flat_profile(1.0, 1.0, 64 << 20, 64 << 20);
+        profile.unified_memory = unified;
+        let graph = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        graph.validate().unwrap();
+
+        // Weight bytes streamed: every visit of a layer brings its non-device groups in.
+        let steps = workload.gen_len;
+        let visits_per_layer = if matches!(policy.schedule, Schedule::ZigzagBlock | Schedule::Pipelined) { 1 } else { policy.num_micro_batches };
+        let mut expected_stream = 0;
+        let mut expected_disk = 0;
+        for layer in 0..model.num_layers {
+            for (group, tiers) in [(WeightGroup::Attention, &policy.attention_weights), (WeightGroup::Mlp, &policy.mlp_weights)] {
+                let bytes = model.group_bytes(group, policy.weight_dtype) * steps * visits_per_layer;
+                match tiers.tier_of(layer) {
+                    Tier::Device => {}
+                    Tier::Host => expected_stream += bytes,
+                    Tier::Disk => { expected_stream += bytes; expected_disk += bytes; }
+                }
+            }
+        }
+        let weight_bytes = |kind: TaskKind| -> u64 {
+            graph.tasks.iter().filter(|t| t.kind == kind && matches!(t.payload, Payload::Weights { .. })).map(|t| t.bytes).sum()
+        };
+        prop_assert_eq!(weight_bytes(TaskKind::DiskRead), expected_disk);
+        let landed = if unified { weight_bytes(TaskKind::DiskRead) } else { weight_bytes(TaskKind::HostToDevice) };
+        prop_assert_eq!(landed, expected_stream);
+
+        // KV bytes: every decode step reads the past KV of each non-device layer once per micro-batch.
+        let kv_token = model.kv_bytes_per_token_per_layer(policy.kv_dtype) * policy.micro_batch_size;
+        let mut expected_kv_read = 0;
+        for layer in 0..model.num_layers {
+            if policy.kv_cache.tier_of(layer) == Tier::Disk {
+                for step in 1..workload.gen_len {
+                    expected_kv_read += kv_token * (workload.prompt_len + step - 1) * policy.num_micro_batches;
+                }
+            }
+        }
+        let kv_disk: u64 = graph.tasks.iter().filter(|t| t.kind == TaskKind::DiskRead && t.payload == Payload::KvCache).map(|t| t.bytes).sum();
+        prop_assert_eq!(kv_disk, expected_kv_read);
+
+        // The simulation finishes, within the pools.
+        let cost = CostModel::new(&profile, &model);
+        let out = simulate(&graph, &cost).unwrap();
+        let metrics = Metrics::compute(&graph, &out.trace);
+        for pool in &metrics.pools {
+            prop_assert!(pool.peak_bytes <= pool.capacity_bytes);
+        }
+        prop_assert!(metrics.tokens_per_s > 0.0);
+    }
+}
