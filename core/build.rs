@@ -13,9 +13,7 @@ fn main() {
     let mut out = String::from("pub static CATALOG_FILES: &[(&str, &str)] = &[\n");
     for (relative, absolute) in entries {
         println!("cargo:rerun-if-changed={absolute}");
-        out.push_str(&format!(
-            "    ({relative:?}, include_str!({absolute:?})),\n"
-        ));
+        out.push_str(&format!("    ({relative:?}, include_str!({absolute:?})),\n"));
     }
     out.push_str("];\n");
     let dest = Path::new(&env::var("OUT_DIR").unwrap()).join("catalog_files.rs");
@@ -29,11 +27,7 @@ fn collect(root: &Path, dir: &Path, entries: &mut Vec<(String, String)>) {
             println!("cargo:rerun-if-changed={}", path.display());
             collect(root, &path, entries);
         } else if path.extension().is_some_and(|e| e == "yaml") {
-            let relative = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .replace('\\', "/");
+            let relative = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
             entries.push((relative, path.display().to_string()));
         }
     }

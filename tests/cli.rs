@@ -5,11 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn ferry(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the ferry binary runs")
+    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).current_dir(dir).output().expect("the ferry binary runs")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -22,15 +18,7 @@ fn list_gpus_shows_every_catalog_gpu() {
     let out = ferry(dir.path(), &["list", "gpus"]);
     assert!(out.status.success());
     let stdout = text(&out.stdout);
-    for gpu in [
-        "rtx3060-laptop-6gb",
-        "rtx3060-12gb",
-        "t4",
-        "a100-80gb",
-        "h100-sxm",
-        "jetson-agx-orin-64gb",
-        "cpu",
-    ] {
+    for gpu in ["rtx3060-laptop-6gb", "rtx3060-12gb", "t4", "a100-80gb", "h100-sxm", "jetson-agx-orin-64gb", "cpu"] {
         assert!(stdout.contains(gpu), "{gpu} missing from:\n{stdout}");
     }
     let json = ferry(dir.path(), &["list", "gpus", "--json"]);
@@ -43,10 +31,7 @@ fn list_models_shows_aliases() {
     let dir = tempfile::tempdir().unwrap();
     let out = ferry(dir.path(), &["list", "models"]);
     let stdout = text(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("llama-2-13b"))
-        .unwrap();
+    let line = stdout.lines().find(|l| l.starts_with("llama-2-13b")).unwrap();
     assert!(line.contains("13b"), "{line}");
 }
 
@@ -67,10 +52,7 @@ fn unknown_model_is_a_usage_error_with_suggestions() {
     let out = ferry(dir.path(), &["show", "model", "13x"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("unknown model '13x'") && stderr.contains("13b"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("unknown model '13x'") && stderr.contains("13b"), "{stderr}");
     let out = ferry(dir.path(), &["show", "gpu", "rtx3070"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("did you mean"));
@@ -90,11 +72,7 @@ fn model_folder_with_malformed_config_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("my-model");
     std::fs::create_dir(&model).unwrap();
-    std::fs::write(
-        model.join("config.json"),
-        "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": oops\n}",
-    )
-    .unwrap();
+    std::fs::write(model.join("config.json"), "{\n  \"model_type\": \"llama\",\n  \"hidden_size\": oops\n}").unwrap();
     let out = ferry(dir.path(), &["show", "model", "my-model"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
@@ -113,48 +91,19 @@ fn example_plan(dir: &Path, name: &str) -> std::path::PathBuf {
 fn simulate_prints_metrics_and_writes_a_perfetto_trace() {
     let dir = tempfile::tempdir().unwrap();
     let plan = example_plan(dir.path(), "rtx3060-13b-layer-prefetch");
-    let out = ferry(
-        dir.path(),
-        &[
-            "simulate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--trace",
-            "trace.json",
-        ],
-    );
+    let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap(), "--trace", "trace.json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
-    for needle in [
-        "tokens/s",
-        "first token",
-        "per output token",
-        "bottleneck",
-        "datasheet",
-        "host→device",
-    ] {
+    for needle in ["tokens/s", "first token", "per output token", "bottleneck", "datasheet", "host→device"] {
         assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
     }
     let trace: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("trace.json")).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
-    assert!(events
-        .iter()
-        .any(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() > 0.0));
-    assert!(events
-        .iter()
-        .any(|e| e["name"] == "thread_name" && e["args"]["name"] == "device compute"));
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() > 0.0));
+    assert!(events.iter().any(|e| e["name"] == "thread_name" && e["args"]["name"] == "device compute"));
     // The trace is not overwritten without --force.
-    let again = ferry(
-        dir.path(),
-        &[
-            "simulate",
-            "--plan",
-            plan.to_str().unwrap(),
-            "--trace",
-            "trace.json",
-        ],
-    );
+    let again = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap(), "--trace", "trace.json"]);
     assert_eq!(again.status.code(), Some(2));
     assert!(text(&again.stderr).contains("--force"));
 }
@@ -163,10 +112,7 @@ fn simulate_prints_metrics_and_writes_a_perfetto_trace() {
 fn simulate_json_is_machine_readable() {
     let dir = tempfile::tempdir().unwrap();
     let plan = example_plan(dir.path(), "cpu-tinyllama-512mib-pipelined");
-    let out = ferry(
-        dir.path(),
-        &["simulate", "--plan", plan.to_str().unwrap(), "--json"],
-    );
+    let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap(), "--json"]);
     assert!(out.status.success());
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let tps = json["metrics"]["tokens_per_s"].as_f64().unwrap();
@@ -178,32 +124,22 @@ fn simulate_json_is_machine_readable() {
 fn simulate_reports_plans_that_cannot_fit() {
     let dir = tempfile::tempdir().unwrap();
     let plan = example_plan(dir.path(), "cpu-tinyllama-512mib-pipelined");
-    let text_plan = std::fs::read_to_string(&plan)
-        .unwrap()
-        .replace("device_memory: 512MiB", "device_memory: 64MiB");
+    let text_plan = std::fs::read_to_string(&plan).unwrap().replace("device_memory: 512MiB", "device_memory: 64MiB");
     std::fs::write(&plan, text_plan).unwrap();
     let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("device memory") && stderr.contains("short by"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("device memory") && stderr.contains("short by"), "{stderr}");
 }
 
 #[test]
 fn malformed_plan_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let plan = example_plan(dir.path(), "rtx3060-13b-layer-prefetch");
-    let broken = std::fs::read_to_string(&plan)
-        .unwrap()
-        .replace("schedule: layer-prefetch", "schedule: layer-prefech");
+    let broken = std::fs::read_to_string(&plan).unwrap().replace("schedule: layer-prefetch", "schedule: layer-prefech");
     std::fs::write(&plan, broken).unwrap();
     let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
-    assert!(
-        stderr.contains("rtx3060-13b-layer-prefetch.yaml:") && stderr.contains("layer-prefech"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("rtx3060-13b-layer-prefetch.yaml:") && stderr.contains("layer-prefech"), "{stderr}");
 }

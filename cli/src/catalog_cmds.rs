@@ -51,15 +51,8 @@ pub fn list(args: ListArgs) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&catalog.gpus)?);
                 return Ok(());
             }
-            let mut table = Table::new([
-                "name",
-                "memory",
-                "fp16 TFLOP/s",
-                "fp32 TFLOP/s",
-                "mem GB/s",
-                "link",
-                "aliases",
-            ]);
+            let mut table =
+                Table::new(["name", "memory", "fp16 TFLOP/s", "fp32 TFLOP/s", "mem GB/s", "link", "aliases"]);
             for gpu in &catalog.gpus {
                 table.row([
                     gpu.name.clone(),
@@ -79,16 +72,8 @@ pub fn list(args: ListArgs) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&catalog.models)?);
                 return Ok(());
             }
-            let mut table = Table::new([
-                "name",
-                "family",
-                "params",
-                "layers",
-                "hidden",
-                "kv heads",
-                "fp16 size",
-                "aliases",
-            ]);
+            let mut table =
+                Table::new(["name", "family", "params", "layers", "hidden", "kv heads", "fp16 size", "aliases"]);
             for model in &catalog.models {
                 table.row([
                     model.name.clone(),
@@ -153,12 +138,7 @@ pub fn show(args: ShowArgs) -> Result<()> {
                 return Ok(());
             }
             let params = model.params();
-            println!(
-                "{} ({:?}), {} parameters",
-                model.name,
-                model.family,
-                format_params(params.total)
-            );
+            println!("{} ({:?}), {} parameters", model.name, model.family, format_params(params.total));
             println!(
                 "{} layers, hidden {}, MLP {}, {} heads ({} KV heads), vocabulary {}{}",
                 model.num_layers,
@@ -168,10 +148,7 @@ pub fn show(args: ShowArgs) -> Result<()> {
                 model.num_kv_heads,
                 model.vocab_size,
                 if model.num_experts > 0 {
-                    format!(
-                        ", {} experts ({} per token)",
-                        model.num_experts, model.experts_per_token
-                    )
+                    format!(", {} experts ({} per token)", model.num_experts, model.experts_per_token)
                 } else {
                     String::new()
                 }
@@ -185,33 +162,22 @@ pub fn show(args: ShowArgs) -> Result<()> {
                 table.row(row);
             };
             let half = params.norms_per_layer / 2;
-            add(
-                "attention, per layer".into(),
-                params.attention_per_layer + half,
-                &|d| model.group_bytes(WeightGroup::Attention, d),
-            );
-            add(
-                "MLP, per layer".into(),
-                params.mlp_per_layer + params.norms_per_layer - half,
-                &|d| model.group_bytes(WeightGroup::Mlp, d),
-            );
-            add(
-                "one layer".into(),
-                params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer,
-                &|d| model.layer_bytes(d),
-            );
+            add("attention, per layer".into(), params.attention_per_layer + half, &|d| {
+                model.group_bytes(WeightGroup::Attention, d)
+            });
+            add("MLP, per layer".into(), params.mlp_per_layer + params.norms_per_layer - half, &|d| {
+                model.group_bytes(WeightGroup::Mlp, d)
+            });
+            add("one layer".into(), params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer, &|d| {
+                model.layer_bytes(d)
+            });
             add(
                 format!("all {} layers", model.num_layers),
-                model.num_layers
-                    * (params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer),
+                model.num_layers * (params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer),
                 &|d| model.num_layers * model.layer_bytes(d),
             );
-            add("embeddings".into(), params.embeddings, &|d| {
-                model.group_bytes(WeightGroup::Embeddings, d)
-            });
-            add("final norm + head".into(), params.head, &|d| {
-                model.group_bytes(WeightGroup::Head, d)
-            });
+            add("embeddings".into(), params.embeddings, &|d| model.group_bytes(WeightGroup::Embeddings, d));
+            add("final norm + head".into(), params.head, &|d| model.group_bytes(WeightGroup::Head, d));
             add("total".into(), params.total, &|d| model.total_bytes(d));
             print!("{}", table.render());
             let kv16 = model.kv_bytes_per_token_per_layer(Dtype::F16);
@@ -240,20 +206,11 @@ pub fn show(args: ShowArgs) -> Result<()> {
             println!("{}: {}", gpu.name, gpu.description);
             let mut table = Table::new(["figure", "value"]);
             table.row(["memory".to_string(), format_bytes(gpu.memory_bytes)]);
-            table.row([
-                "fp16/bf16 tensor (dense)".to_string(),
-                format!("{} TFLOP/s", gpu.fp16_tflops),
-            ]);
+            table.row(["fp16/bf16 tensor (dense)".to_string(), format!("{} TFLOP/s", gpu.fp16_tflops)]);
             table.row(["fp32".to_string(), format!("{} TFLOP/s", gpu.fp32_tflops)]);
-            table.row([
-                "memory bandwidth".to_string(),
-                format!("{} GB/s", gpu.memory_bandwidth_gbps),
-            ]);
+            table.row(["memory bandwidth".to_string(), format!("{} GB/s", gpu.memory_bandwidth_gbps)]);
             let link = match gpu.interconnect.peak_gbps() {
-                Some(peak) => format!(
-                    "{} ({peak:.1} GB/s per direction, theoretical)",
-                    gpu.interconnect.describe()
-                ),
+                Some(peak) => format!("{} ({peak:.1} GB/s per direction, theoretical)", gpu.interconnect.describe()),
                 None => gpu.interconnect.describe(),
             };
             table.row(["host link".to_string(), link]);

@@ -2,9 +2,11 @@
 //! everything it shows is computed by the library crates.
 
 mod catalog_cmds;
+mod plots_cmd;
 mod report;
 mod simulate_cmd;
 mod table;
+mod tune_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,9 @@ enum Command {
     /// Predict one plan with the discrete-event simulator: tokens/s, time to first
     /// token, utilization and peak memory; optionally a Chrome/Perfetto trace.
     Simulate(simulate_cmd::SimulateArgs),
+    /// Find the best plan for a GPU (or the CPU) and a model: placement, batching,
+    /// schedule and transfer knobs, with predicted speed, memory and utilization.
+    Tune(tune_cmd::TuneArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         Command::List(args) => catalog_cmds::list(args),
         Command::Show(args) => catalog_cmds::show(args),
         Command::Simulate(args) => simulate_cmd::run(args),
+        Command::Tune(args) => tune_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -51,11 +57,8 @@ fn main() -> ExitCode {
 /// 2 for mistakes in what the user asked (unknown names, malformed files, impossible
 /// requests), 1 for everything else, as clap does for bad flags.
 fn exit_status(err: &anyhow::Error) -> u8 {
-    let usage = err.chain().any(|cause| {
-        cause
-            .downcast_ref::<ferry_core::CoreError>()
-            .is_some_and(|e| e.is_usage_error())
-    });
+    let usage =
+        err.chain().any(|cause| cause.downcast_ref::<ferry_core::CoreError>().is_some_and(|e| e.is_usage_error()));
     if usage {
         2
     } else {

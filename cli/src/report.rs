@@ -35,25 +35,13 @@ pub fn metrics_text(metrics: &Metrics) -> String {
         metrics.generated_tokens,
         format_ns(metrics.total_ns)
     ));
-    out.push_str(&format!(
-        "first token       {}\n",
-        format_ns(metrics.time_to_first_token_ns)
-    ));
-    out.push_str(&format!(
-        "per output token  {}\n",
-        format_ns(metrics.time_per_output_token_ns)
-    ));
-    out.push_str(&format!(
-        "bottleneck        {}\n\n",
-        metrics.bottleneck.name()
-    ));
+    out.push_str(&format!("first token       {}\n", format_ns(metrics.time_to_first_token_ns)));
+    out.push_str(&format!("per output token  {}\n", format_ns(metrics.time_per_output_token_ns)));
+    out.push_str(&format!("bottleneck        {}\n\n", metrics.bottleneck.name()));
     let mut table = Table::new(["resource", "busy"]);
     for usage in &metrics.resources {
         if usage.busy_ns > 0 || matches!(usage.resource, Resource::DeviceCompute) {
-            table.row([
-                usage.resource.name().to_string(),
-                format!("{:.0} %", usage.utilization * 100.0),
-            ]);
+            table.row([usage.resource.name().to_string(), format!("{:.0} %", usage.utilization * 100.0)]);
         }
     }
     out.push_str(&table.render());
@@ -68,10 +56,7 @@ pub fn metrics_text(metrics: &Metrics) -> String {
             format_bytes(pool.peak_bytes),
             format_bytes(pool.capacity_bytes),
             format_bytes(pool.resident_bytes),
-            format!(
-                "{:.0} %",
-                pool.peak_bytes as f64 * 100.0 / pool.capacity_bytes.max(1) as f64
-            ),
+            format!("{:.0} %", pool.peak_bytes as f64 * 100.0 / pool.capacity_bytes.max(1) as f64),
         ]);
     }
     out.push_str(&table.render());

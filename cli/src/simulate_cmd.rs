@@ -39,11 +39,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     if let Some(name) = args.example {
         let wanted = format!("{}.yaml", name.trim_end_matches(".yaml"));
         let Some((_, text)) = catalog.plans.iter().find(|(file, _)| *file == wanted) else {
-            let names: Vec<&str> = catalog
-                .plans
-                .iter()
-                .map(|(f, _)| f.trim_end_matches(".yaml"))
-                .collect();
+            let names: Vec<&str> = catalog.plans.iter().map(|(f, _)| f.trim_end_matches(".yaml")).collect();
             return Err(ferry_core::CoreError::UnknownName {
                 kind: "example plan",
                 name,
@@ -59,19 +55,9 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     for note in &resolved.notes {
         eprintln!("note: {note}");
     }
-    let mode = if args.sampled {
-        Extrapolation::Sampled
-    } else {
-        Extrapolation::Full
-    };
-    let prediction = predict(
-        &resolved.plan.policy,
-        &resolved.model,
-        &resolved.plan.workload,
-        &resolved.profile,
-        mode,
-    )
-    .with_context(|| format!("simulating {}", path.display()))?;
+    let mode = if args.sampled { Extrapolation::Sampled } else { Extrapolation::Full };
+    let prediction = predict(&resolved.plan.policy, &resolved.model, &resolved.plan.workload, &resolved.profile, mode)
+        .with_context(|| format!("simulating {}", path.display()))?;
     if let Some(trace_path) = &args.trace {
         let json = chrome_trace(&prediction.graph, &prediction.trace);
         ferry_core::yaml::write_new_file(trace_path, &serde_json::to_string(&json)?, args.force)?;
@@ -95,11 +81,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let workload = &resolved.plan.workload;
     println!(
         "{} on {}: batch {}, prompt {} tokens, {} new tokens per sequence",
-        resolved.model.name,
-        resolved.profile.device_name,
-        workload.batch_size,
-        workload.prompt_len,
-        workload.gen_len
+        resolved.model.name, resolved.profile.device_name, workload.batch_size, workload.prompt_len, workload.gen_len
     );
     println!("{}\n", report::provenance_line(&resolved.profile));
     print!("{}", report::policy_table(&resolved.plan.policy));

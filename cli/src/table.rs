@@ -8,10 +8,7 @@ pub struct Table {
 
 impl Table {
     pub fn new<S: Into<String>>(header: impl IntoIterator<Item = S>) -> Table {
-        Table {
-            header: header.into_iter().map(Into::into).collect(),
-            rows: Vec::new(),
-        }
+        Table { header: header.into_iter().map(Into::into).collect(), rows: Vec::new() }
     }
 
     pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) {
@@ -29,11 +26,10 @@ impl Table {
         let numeric: Vec<bool> = (0..columns)
             .map(|i| {
                 !self.rows.is_empty()
-                    && self.rows.iter().all(|r| {
-                        r.get(i).is_some_and(|c| {
-                            c.starts_with(|ch: char| ch.is_ascii_digit() || ch == '-')
-                        })
-                    })
+                    && self
+                        .rows
+                        .iter()
+                        .all(|r| r.get(i).is_some_and(|c| c.starts_with(|ch: char| ch.is_ascii_digit() || ch == '-')))
             })
             .collect();
         let mut out = String::new();

@@ -114,42 +114,21 @@ impl Catalog {
         if path.is_dir() || (path.is_file() && name.ends_with(".json")) {
             return model_from_path(path).map(|value| Resolved { value, note: None });
         }
-        resolve(
-            "model",
-            name,
-            &self.models,
-            |m| &m.name,
-            &self.model_aliases,
-        )
+        resolve("model", name, &self.models, |m| &m.name, &self.model_aliases)
     }
 
     /// Aliases that point at `target`, for listings.
     pub fn aliases_of<'a>(aliases: &'a [Alias], target: &str) -> Vec<&'a str> {
-        aliases
-            .iter()
-            .filter(|a| a.target == target)
-            .map(|a| a.alias.as_str())
-            .collect()
+        aliases.iter().filter(|a| a.target == target).map(|a| a.alias.as_str()).collect()
     }
 }
 
 /// Reads a model shape from a Hugging Face folder (its `config.json`) or the file itself.
 pub fn model_from_path(path: &Path) -> Result<ModelSpec> {
-    let config = if path.is_dir() {
-        path.join("config.json")
-    } else {
-        path.to_path_buf()
-    };
+    let config = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
     let text = std::fs::read_to_string(&config).map_err(|e| CoreError::io(&config, e))?;
-    let folder = if path.is_dir() {
-        path
-    } else {
-        path.parent().unwrap_or(path)
-    };
-    let name = folder
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".to_string());
+    let folder = if path.is_dir() { path } else { path.parent().unwrap_or(path) };
+    let name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string());
     crate::model::from_hf_config(&text, &config.display().to_string(), &name)
 }
 
@@ -172,10 +151,7 @@ fn resolve<T: Clone>(
 ) -> Result<Resolved<T>> {
     let wanted = name.trim().to_ascii_lowercase();
     if let Some(entry) = entries.iter().find(|e| *name_of(e) == wanted) {
-        return Ok(Resolved {
-            value: entry.clone(),
-            note: None,
-        });
+        return Ok(Resolved { value: entry.clone(), note: None });
     }
     if let Some(alias) = aliases.iter().find(|a| a.alias == wanted) {
         if let Some(entry) = entries.iter().find(|e| *name_of(e) == alias.target) {
@@ -183,29 +159,15 @@ fn resolve<T: Clone>(
             if let Some(extra) = &alias.note {
                 note.push_str(&format!(" ({extra})"));
             }
-            return Ok(Resolved {
-                value: entry.clone(),
-                note: Some(note),
-            });
+            return Ok(Resolved { value: entry.clone(), note: Some(note) });
         }
     }
-    let candidates = entries
-        .iter()
-        .map(|e| name_of(e).as_str())
-        .chain(aliases.iter().map(|a| a.alias.as_str()));
-    Err(CoreError::UnknownName {
-        kind,
-        name: name.to_string(),
-        suggestions: closest_names(&wanted, candidates, 3),
-    })
+    let candidates = entries.iter().map(|e| name_of(e).as_str()).chain(aliases.iter().map(|a| a.alias.as_str()));
+    Err(CoreError::UnknownName { kind, name: name.to_string(), suggestions: closest_names(&wanted, candidates, 3) })
 }
 
 /// The `limit` names closest to `wanted` by edit distance (substring matches first).
-pub fn closest_names<'a>(
-    wanted: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-    limit: usize,
-) -> Vec<String> {
+pub fn closest_names<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>, limit: usize) -> Vec<String> {
     let mut scored: Vec<(usize, &str)> = candidates
         .into_iter()
         .map(|candidate| {
@@ -288,20 +250,11 @@ mod tests {
         ] {
             catalog.model(model).unwrap();
         }
-        for alias in catalog
-            .gpu_aliases
-            .iter()
-            .chain(&catalog.model_aliases)
-            .chain(&catalog.host_aliases)
-        {
+        for alias in catalog.gpu_aliases.iter().chain(&catalog.model_aliases).chain(&catalog.host_aliases) {
             let ok = catalog.gpus.iter().any(|g| g.name == alias.target)
                 || catalog.models.iter().any(|m| m.name == alias.target)
                 || catalog.hosts.iter().any(|h| h.name == alias.target);
-            assert!(
-                ok,
-                "alias {} points at missing {}",
-                alias.alias, alias.target
-            );
+            assert!(ok, "alias {} points at missing {}", alias.alias, alias.target);
         }
     }
 
@@ -336,13 +289,9 @@ mod tests {
     #[test]
     fn malformed_catalog_entry_names_file_and_line() {
         let bad = "name: t9\ndescription: x\nmemory_bytes: lots\n";
-        let err = Catalog::from_files([("gpus/t9.yaml", bad)])
-            .unwrap_err()
-            .to_string();
+        let err = Catalog::from_files([("gpus/t9.yaml", bad)]).unwrap_err().to_string();
         assert!(err.starts_with("catalog:gpus/t9.yaml:3:"), "{err}");
-        let err = Catalog::from_files([("gpus/t9.yaml", "name: [\n")])
-            .unwrap_err()
-            .to_string();
+        let err = Catalog::from_files([("gpus/t9.yaml", "name: [\n")]).unwrap_err().to_string();
         assert!(err.starts_with("catalog:gpus/t9.yaml:"), "{err}");
     }
 
@@ -357,16 +306,11 @@ mod tests {
         let model = catalog.model(dir.path().to_str().unwrap()).unwrap().value;
         let reference = catalog.model("mistral-7b").unwrap().value;
         assert_eq!(model.params().total, reference.params().total);
-        let err = catalog
-            .model(dir.path().join("config.json").to_str().unwrap())
-            .map(|_| ())
-            .map_err(|e| e.to_string());
+        let err =
+            catalog.model(dir.path().join("config.json").to_str().unwrap()).map(|_| ()).map_err(|e| e.to_string());
         assert!(err.is_ok());
         std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
-        let err = catalog
-            .model(dir.path().to_str().unwrap())
-            .unwrap_err()
-            .to_string();
+        let err = catalog.model(dir.path().to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("unsupported model_type 'gpt2'"), "{err}");
     }
 

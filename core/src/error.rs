@@ -8,19 +8,10 @@ use std::path::PathBuf;
 pub enum CoreError {
     /// A catalog name (GPU, model, host) that does not exist.
     #[error("unknown {kind} '{name}'{}", suggestion_text(suggestions))]
-    UnknownName {
-        kind: &'static str,
-        name: String,
-        suggestions: Vec<String>,
-    },
+    UnknownName { kind: &'static str, name: String, suggestions: Vec<String> },
     /// A YAML or JSON document that does not parse or does not match the schema.
     #[error("{file}:{line}:{column}: {message}")]
-    Parse {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Parse { file: String, line: usize, column: usize, message: String },
     /// A file that could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -43,10 +34,7 @@ fn suggestion_text(suggestions: &[String]) -> String {
 
 impl CoreError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CoreError::Io {
-            path: path.into(),
-            source,
-        }
+        CoreError::Io { path: path.into(), source }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -55,10 +43,7 @@ impl CoreError {
 
     /// Whether the error is the user's input (a usage error) rather than the environment.
     pub fn is_usage_error(&self) -> bool {
-        matches!(
-            self,
-            CoreError::UnknownName { .. } | CoreError::Parse { .. } | CoreError::Invalid(_)
-        )
+        matches!(self, CoreError::UnknownName { .. } | CoreError::Parse { .. } | CoreError::Invalid(_))
     }
 }
 

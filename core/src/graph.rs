@@ -190,23 +190,14 @@ impl Task {
 
     /// A short human label: `h2d L7 attention weights`, `compute L7 mlp mb2`.
     pub fn label(&self) -> String {
-        let layer = if self.layer == NO_LAYER {
-            String::new()
-        } else {
-            format!(" L{}", self.layer)
-        };
+        let layer = if self.layer == NO_LAYER { String::new() } else { format!(" L{}", self.layer) };
         let what = match self.payload {
             Payload::Weights { group } => format!("{group:?} weights").to_lowercase(),
             Payload::KvCache => "kv".to_string(),
             Payload::Activations => "activations".to_string(),
             Payload::Compute { op } => op.name().to_string(),
         };
-        format!(
-            "{}{layer} {what} mb{} s{}",
-            self.kind.name(),
-            self.micro_batch,
-            self.step
-        )
+        format!("{}{layer} {what} mb{} s{}", self.kind.name(), self.micro_batch, self.step)
     }
 }
 
@@ -250,37 +241,21 @@ impl TaskGraph {
     }
 
     pub fn lanes(&self, resource: Resource) -> u32 {
-        self.resources
-            .iter()
-            .find(|r| r.resource == resource)
-            .map_or(1, |r| r.lanes)
+        self.resources.iter().find(|r| r.resource == resource).map_or(1, |r| r.lanes)
     }
 
     /// Checks the structural invariants; a failure here is a bug in the lowering.
     pub fn validate(&self) -> Result<()> {
         for (id, task) in self.tasks.iter().enumerate() {
             if let Some(dep) = task.deps.iter().find(|&&d| d as usize >= id) {
-                return Err(CoreError::invalid(format!(
-                    "task {id} ({}) depends on later task {dep}",
-                    task.label()
-                )));
+                return Err(CoreError::invalid(format!("task {id} ({}) depends on later task {dep}", task.label())));
             }
         }
         for pool in Pool::ALL {
-            let acquired: u64 = self
-                .tasks
-                .iter()
-                .flat_map(|t| &t.acquire)
-                .filter(|m| m.pool == pool)
-                .map(|m| m.bytes)
-                .sum();
-            let released: u64 = self
-                .tasks
-                .iter()
-                .flat_map(|t| &t.release)
-                .filter(|m| m.pool == pool)
-                .map(|m| m.bytes)
-                .sum();
+            let acquired: u64 =
+                self.tasks.iter().flat_map(|t| &t.acquire).filter(|m| m.pool == pool).map(|m| m.bytes).sum();
+            let released: u64 =
+                self.tasks.iter().flat_map(|t| &t.release).filter(|m| m.pool == pool).map(|m| m.bytes).sum();
             if acquired != released {
                 return Err(CoreError::invalid(format!(
                     "{} pool: tasks acquire {} but release {}",
@@ -319,19 +294,10 @@ impl TaskGraph {
             if let Some(task) = self
                 .tasks
                 .iter()
-                .filter(|t| {
-                    t.acquire
-                        .iter()
-                        .any(|m| m.pool == spec.pool && m.bytes > free)
-                })
+                .filter(|t| t.acquire.iter().any(|m| m.pool == spec.pool && m.bytes > free))
                 .max_by_key(|t| t.acquire.iter().map(|m| m.bytes).sum::<u64>())
             {
-                let need: u64 = task
-                    .acquire
-                    .iter()
-                    .filter(|m| m.pool == spec.pool)
-                    .map(|m| m.bytes)
-                    .sum();
+                let need: u64 = task.acquire.iter().filter(|m| m.pool == spec.pool).map(|m| m.bytes).sum();
                 return Err(CoreError::invalid(format!(
                     "{} memory: task '{}' needs {} but only {} is left beside the resident set (short by {})",
                     spec.pool.name(),
@@ -347,10 +313,6 @@ impl TaskGraph {
 
     /// Total bytes moved per task kind, for checks that the graph moves what the plan needs.
     pub fn bytes_by_kind(&self, kind: TaskKind) -> u64 {
-        self.tasks
-            .iter()
-            .filter(|t| t.kind == kind)
-            .map(|t| t.bytes)
-            .sum()
+        self.tasks.iter().filter(|t| t.kind == kind).map(|t| t.bytes).sum()
     }
 }

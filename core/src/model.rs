@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
+/// Query rows per block when the engine computes attention scores (see
+/// `ModelSpec::attention_scratch_bytes`).
+pub const ATTENTION_QUERY_BLOCK: u64 = 64;
+
 /// Architecture family; decides how parameters are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -152,9 +156,7 @@ impl ModelSpec {
         if self.intermediate_size == 0 || self.vocab_size == 0 {
             return fail("intermediate_size and vocab_size must be positive");
         }
-        if self.num_experts > 0
-            && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts)
-        {
+        if self.num_experts > 0 && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts) {
             return fail("experts_per_token must be between 1 and num_experts");
         }
         Ok(())
@@ -180,18 +182,11 @@ impl ModelSpec {
                 let bias = if self.qkv_bias { h + 2 * kv } else { 0 };
                 let attention = 2 * h * h + 2 * h * kv + bias;
                 let dense_mlp = 3 * h * ffn;
-                let mlp = if self.num_experts > 0 {
-                    self.num_experts * dense_mlp + h * self.num_experts
-                } else {
-                    dense_mlp
-                };
+                let mlp =
+                    if self.num_experts > 0 { self.num_experts * dense_mlp + h * self.num_experts } else { dense_mlp };
                 let norms = 2 * h;
                 let embeddings = self.vocab_size * h;
-                let projection = if self.tie_word_embeddings {
-                    0
-                } else {
-                    self.vocab_size * h
-                };
+                let projection = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
                 (attention, mlp, norms, embeddings, projection + h)
             }
         };
@@ -248,20 +243,16 @@ impl ModelSpec {
         4 * mlp.max(qkv) + 4 * self.hidden_size
     }
 
-    /// Scratch for attention scores: the engine computes attention one sequence at a time
-    /// over all heads for at most `rows` query rows, so this bounds its score buffer.
+    /// Scratch for attention scores. The engine computes attention for one sequence at a
+    /// time, all heads, in blocks of at most `ATTENTION_QUERY_BLOCK` query rows, so the
+    /// score buffer is bounded by this, whatever the prompt length.
     pub fn attention_scratch_bytes(&self, rows: u64, max_context: u64) -> u64 {
-        4 * self.num_heads * max_context * rows
+        4 * self.num_heads * max_context * rows.min(ATTENTION_QUERY_BLOCK)
     }
 
     /// Parameters of the q, k, v projections (with biases) and of the output projection.
     pub fn attention_split_params(&self) -> (u64, u64) {
-        let out = self.hidden_size * self.hidden_size
-            + if self.family == Family::Opt {
-                self.hidden_size
-            } else {
-                0
-            };
+        let out = self.hidden_size * self.hidden_size + if self.family == Family::Opt { self.hidden_size } else { 0 };
         (self.params().attention_per_layer - out, out)
     }
 
@@ -310,14 +301,9 @@ impl ModelSpec {
 pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec> {
     let value: serde_json::Value = crate::yaml::from_json_str(text, origin)?;
     let get = |key: &str| value.get(key).and_then(|v| v.as_u64());
-    let need = |key: &str| {
-        get(key)
-            .ok_or_else(|| CoreError::invalid(format!("{origin}: missing integer field '{key}'")))
-    };
-    let model_type = value
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
+    let need =
+        |key: &str| get(key).ok_or_else(|| CoreError::invalid(format!("{origin}: missing integer field '{key}'")));
+    let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
     let family = match model_type {
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
@@ -368,21 +354,12 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             num_kv_heads: get("num_key_value_heads").unwrap_or(heads),
             vocab_size: need("vocab_size")?,
             max_position_embeddings: get("max_position_embeddings").unwrap_or(4096),
-            tie_word_embeddings: value
-                .get("tie_word_embeddings")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+            tie_word_embeddings: value.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
             num_experts: get("num_local_experts").unwrap_or(0),
             experts_per_token: get("num_experts_per_tok").unwrap_or(0),
             qkv_bias: family == Family::Qwen2,
-            rms_norm_eps: value
-                .get("rms_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-5),
-            rope_theta: value
-                .get("rope_theta")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(10000.0),
+            rms_norm_eps: value.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-5),
+            rope_theta: value.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0),
             dtype,
             source: origin.to_string(),
         }
@@ -418,10 +395,7 @@ mod tests {
         for (name, billions, tolerance) in cases {
             let total = model(name).params().total as f64 / 1e9;
             let error = (total - billions).abs() / billions;
-            assert!(
-                error <= tolerance,
-                "{name}: {total:.3} B vs published {billions} B"
-            );
+            assert!(error <= tolerance, "{name}: {total:.3} B vs published {billions} B");
         }
     }
 
@@ -430,10 +404,7 @@ mod tests {
         let tiny = model("test-tiny").total_bytes(Dtype::Bf16);
         assert!(tiny < 8_000_000, "test-tiny is {tiny} bytes");
         let small = model("test-small").total_bytes(Dtype::Bf16);
-        assert!(
-            (150_000_000..=300_000_000).contains(&small),
-            "test-small is {small} bytes"
-        );
+        assert!((150_000_000..=300_000_000).contains(&small), "test-small is {small} bytes");
     }
 
     #[test]
@@ -441,11 +412,7 @@ mod tests {
         for name in ["llama-2-13b", "mixtral-8x7b", "opt-13b", "qwen2.5-14b"] {
             let m = model(name);
             for dtype in [Dtype::F32, Dtype::F16, Dtype::Int8] {
-                assert_eq!(
-                    m.total_bytes(dtype),
-                    dtype.bytes_of(m.params().total),
-                    "{name}"
-                );
+                assert_eq!(m.total_bytes(dtype), dtype.bytes_of(m.params().total), "{name}");
             }
         }
     }
@@ -453,15 +420,9 @@ mod tests {
     #[test]
     fn kv_cache_is_grouped_query_aware() {
         // Llama-2-70B: 8 KV heads of 128 → 2 × 1024 values per token per layer.
-        assert_eq!(
-            model("llama-2-70b").kv_bytes_per_token_per_layer(Dtype::F16),
-            4096
-        );
+        assert_eq!(model("llama-2-70b").kv_bytes_per_token_per_layer(Dtype::F16), 4096);
         // Llama-2-13B: full multi-head attention, 2 × 5120.
-        assert_eq!(
-            model("llama-2-13b").kv_bytes_per_token_per_layer(Dtype::F16),
-            20480
-        );
+        assert_eq!(model("llama-2-13b").kv_bytes_per_token_per_layer(Dtype::F16), 20480);
     }
 
     #[test]
@@ -477,10 +438,6 @@ mod tests {
     fn invalid_shapes_are_rejected() {
         let mut m = model("test-tiny");
         m.num_kv_heads = 3;
-        assert!(m
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("num_kv_heads"));
+        assert!(m.validate().unwrap_err().to_string().contains("num_kv_heads"));
     }
 }

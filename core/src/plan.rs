@@ -42,21 +42,9 @@ pub struct TierCounts {
 impl TierCounts {
     pub fn all(tier: Tier, layers: u64) -> TierCounts {
         match tier {
-            Tier::Device => TierCounts {
-                device: layers,
-                host: 0,
-                disk: 0,
-            },
-            Tier::Host => TierCounts {
-                device: 0,
-                host: layers,
-                disk: 0,
-            },
-            Tier::Disk => TierCounts {
-                device: 0,
-                host: 0,
-                disk: layers,
-            },
+            Tier::Device => TierCounts { device: layers, host: 0, disk: 0 },
+            Tier::Host => TierCounts { device: 0, host: layers, disk: 0 },
+            Tier::Disk => TierCounts { device: 0, host: 0, disk: layers },
         }
     }
 
@@ -80,10 +68,7 @@ impl TierCounts {
     }
 
     pub fn describe(&self) -> String {
-        format!(
-            "{} device / {} host / {} disk",
-            self.device, self.host, self.disk
-        )
+        format!("{} device / {} host / {} disk", self.device, self.host, self.disk)
     }
 }
 
@@ -114,12 +99,8 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    pub const ALL: [Schedule; 4] = [
-        Schedule::Sequential,
-        Schedule::LayerPrefetch,
-        Schedule::ZigzagBlock,
-        Schedule::Pipelined,
-    ];
+    pub const ALL: [Schedule; 4] =
+        [Schedule::Sequential, Schedule::LayerPrefetch, Schedule::ZigzagBlock, Schedule::Pipelined];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -131,18 +112,11 @@ impl Schedule {
     }
 
     pub fn parse(text: &str) -> Result<Schedule> {
-        Schedule::ALL
-            .into_iter()
-            .find(|s| s.name() == text)
-            .ok_or_else(|| CoreError::UnknownName {
-                kind: "schedule",
-                name: text.to_string(),
-                suggestions: crate::catalog::closest_names(
-                    text,
-                    Schedule::ALL.iter().map(|s| s.name()),
-                    2,
-                ),
-            })
+        Schedule::ALL.into_iter().find(|s| s.name() == text).ok_or_else(|| CoreError::UnknownName {
+            kind: "schedule",
+            name: text.to_string(),
+            suggestions: crate::catalog::closest_names(text, Schedule::ALL.iter().map(|s| s.name()), 2),
+        })
     }
 }
 
@@ -242,12 +216,7 @@ pub struct Plan {
 
 impl Policy {
     /// Checks the policy against a model and workload; the message says what to change.
-    pub fn validate(
-        &self,
-        model: &ModelSpec,
-        workload: &Workload,
-        unified_memory: bool,
-    ) -> Result<()> {
+    pub fn validate(&self, model: &ModelSpec, workload: &Workload, unified_memory: bool) -> Result<()> {
         let fail = |m: String| Err(CoreError::invalid(format!("plan: {m}")));
         let layers = model.num_layers;
         for (name, counts) in [
@@ -289,10 +258,9 @@ impl Policy {
             return fail("embeddings and head live on the device or the host, not on disk".into());
         }
         if unified_memory {
-            let uses_host =
-                self.attention_weights.host + self.mlp_weights.host + self.kv_cache.host > 0
-                    || self.embeddings == Tier::Host
-                    || self.head == Tier::Host;
+            let uses_host = self.attention_weights.host + self.mlp_weights.host + self.kv_cache.host > 0
+                || self.embeddings == Tier::Host
+                || self.head == Tier::Host;
             if uses_host || self.host_attention || self.compute_host_layers_on_host {
                 return fail(
                     "this device shares memory with the host: place things on device or disk only, without host attention"
@@ -330,48 +298,17 @@ impl Policy {
     pub fn describe(&self) -> Vec<(String, String)> {
         vec![
             ("schedule".into(), self.schedule.name().into()),
-            (
-                "batch".into(),
-                format!(
-                    "{} × {} micro-batches",
-                    self.micro_batch_size, self.num_micro_batches
-                ),
-            ),
-            (
-                "attention weights".into(),
-                self.attention_weights.describe(),
-            ),
+            ("batch".into(), format!("{} × {} micro-batches", self.micro_batch_size, self.num_micro_batches)),
+            ("attention weights".into(), self.attention_weights.describe()),
             ("MLP weights".into(), self.mlp_weights.describe()),
-            (
-                "embeddings / head".into(),
-                format!("{} / {}", self.embeddings.name(), self.head.name()),
-            ),
+            ("embeddings / head".into(), format!("{} / {}", self.embeddings.name(), self.head.name())),
             ("KV cache".into(), self.kv_cache.describe()),
-            (
-                "attention on host".into(),
-                if self.host_attention {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-            ),
-            (
-                "prefetch depth".into(),
-                format!("{} layers", self.prefetch_depth),
-            ),
+            ("attention on host".into(), if self.host_attention { "yes".into() } else { "no".into() }),
+            ("prefetch depth".into(), format!("{} layers", self.prefetch_depth)),
             ("transfer chunk".into(), format_bytes(self.chunk_bytes)),
-            (
-                "copy streams / I/O depth".into(),
-                format!("{} / {}", self.copy_streams, self.io_queue_depth),
-            ),
-            (
-                "pinned host memory".into(),
-                format_bytes(self.pinned_host_bytes),
-            ),
-            (
-                "dtypes (weights / KV)".into(),
-                format!("{} / {}", self.weight_dtype.name(), self.kv_dtype.name()),
-            ),
+            ("copy streams / I/O depth".into(), format!("{} / {}", self.copy_streams, self.io_queue_depth)),
+            ("pinned host memory".into(), format_bytes(self.pinned_host_bytes)),
+            ("dtypes (weights / KV)".into(), format!("{} / {}", self.weight_dtype.name(), self.kv_dtype.name())),
         ]
     }
 }
@@ -386,9 +323,7 @@ mod opt_bytes {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<u64>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
         #[derive(Deserialize)]
         struct Wrapper(#[serde(with = "crate::units::bytes_serde")] u64);
         Option::<Wrapper>::deserialize(deserializer).map(|o| o.map(|w| w.0))
@@ -401,19 +336,12 @@ mod tests {
 
     #[test]
     fn tier_counts_spread_device_layers_evenly() {
-        let counts = TierCounts {
-            device: 2,
-            host: 1,
-            disk: 1,
-        };
+        let counts = TierCounts { device: 2, host: 1, disk: 1 };
         let tiers: Vec<Tier> = (0..4).map(|l| counts.tier_of(l)).collect();
         assert_eq!(tiers.iter().filter(|t| **t == Tier::Device).count(), 2);
         assert_eq!(tiers.iter().filter(|t| **t == Tier::Host).count(), 1);
         assert_eq!(tiers.iter().filter(|t| **t == Tier::Disk).count(), 1);
-        assert_ne!(
-            tiers[0], tiers[1],
-            "device layers alternate with streamed ones: {tiers:?}"
-        );
+        assert_ne!(tiers[0], tiers[1], "device layers alternate with streamed ones: {tiers:?}");
     }
 
     proptest::proptest! {

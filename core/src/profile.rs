@@ -13,17 +13,9 @@ use crate::units::{bytes_serde, KIB, MIB};
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Provenance {
     /// Derived from catalog datasheets; predictions from it say so.
-    Datasheet {
-        gpu: String,
-        host: String,
-        sources: Vec<String>,
-    },
+    Datasheet { gpu: String, host: String, sources: Vec<String> },
     /// Measured by `ferry profile` on `machine` at `date`.
-    Measured {
-        machine: String,
-        date: String,
-        backend: String,
-    },
+    Measured { machine: String, date: String, backend: String },
 }
 
 /// Throughput of a link at one request size and number of requests in flight.
@@ -53,11 +45,7 @@ impl TransferCurve {
         let mut levels: Vec<u32> = self.points.iter().map(|p| p.concurrency).collect();
         levels.sort_unstable();
         levels.dedup();
-        let below = levels
-            .iter()
-            .rev()
-            .find(|&&c| c <= concurrency)
-            .or(levels.first());
+        let below = levels.iter().rev().find(|&&c| c <= concurrency).or(levels.first());
         let above = levels.iter().find(|&&c| c >= concurrency).or(levels.last());
         let (Some(&low), Some(&high)) = (below, above) else {
             return 0.0;
@@ -72,11 +60,7 @@ impl TransferCurve {
     }
 
     fn interpolate_chunk(&self, chunk_bytes: u64, concurrency: u32) -> f64 {
-        let mut points: Vec<&CurvePoint> = self
-            .points
-            .iter()
-            .filter(|p| p.concurrency == concurrency)
-            .collect();
+        let mut points: Vec<&CurvePoint> = self.points.iter().filter(|p| p.concurrency == concurrency).collect();
         points.sort_by_key(|p| p.chunk_bytes);
         let x = (chunk_bytes.max(1) as f64).ln();
         let gbps = match points.iter().position(|p| p.chunk_bytes >= chunk_bytes) {
@@ -217,10 +201,8 @@ impl Profile {
         let host = &hardware.host;
         let unified = matches!(gpu.interconnect, Interconnect::Unified);
         let disk_latency_ns = (host.disk_latency_us * 1000.0) as u64;
-        let disk_read =
-            TransferCurve::from_datasheet(host.disk_read_gbps, disk_latency_ns, disk_latency_ns);
-        let disk_write =
-            TransferCurve::from_datasheet(host.disk_write_gbps, disk_latency_ns, disk_latency_ns);
+        let disk_read = TransferCurve::from_datasheet(host.disk_read_gbps, disk_latency_ns, disk_latency_ns);
+        let disk_write = TransferCurve::from_datasheet(host.disk_write_gbps, disk_latency_ns, disk_latency_ns);
         let (h2d, h2d_pageable) = match gpu.interconnect.peak_gbps() {
             Some(peak) => (
                 TransferCurve::from_datasheet(
@@ -253,11 +235,7 @@ impl Profile {
                 table: Vec::new(),
             }
         };
-        let slowdown = if unified {
-            UNIFIED_COMPUTE_SLOWDOWN
-        } else {
-            0.0
-        };
+        let slowdown = if unified { UNIFIED_COMPUTE_SLOWDOWN } else { 0.0 };
         Profile {
             provenance: Provenance::Datasheet {
                 gpu: gpu.name.clone(),
@@ -275,18 +253,13 @@ impl Profile {
             host_to_device: h2d,
             host_to_device_pageable: h2d_pageable,
             device_to_host: TransferCurve::from_datasheet(
-                gpu.interconnect
-                    .peak_gbps()
-                    .map_or(host.memcpy_gbps, |p| p * PCIE_PINNED_EFFICIENCY),
+                gpu.interconnect.peak_gbps().map_or(host.memcpy_gbps, |p| p * PCIE_PINNED_EFFICIENCY),
                 PCIE_COPY_OVERHEAD_NS,
                 PCIE_COPY_OVERHEAD_NS,
             ),
             device_compute,
             host_compute,
-            interference: Interference {
-                device_compute_slowdown: slowdown,
-                host_compute_slowdown: slowdown,
-            },
+            interference: Interference { device_compute_slowdown: slowdown, host_compute_slowdown: slowdown },
         }
     }
 
@@ -305,20 +278,14 @@ impl Profile {
         ];
         for (name, curve) in curves {
             if curve.points.is_empty()
-                || curve
-                    .points
-                    .iter()
-                    .any(|p| p.gbps.is_nan() || p.gbps <= 0.0 || p.concurrency == 0)
+                || curve.points.iter().any(|p| p.gbps.is_nan() || p.gbps <= 0.0 || p.concurrency == 0)
             {
                 return Err(CoreError::invalid(format!(
                     "profile: {name} needs at least one point with positive gbps and concurrency"
                 )));
             }
         }
-        for (name, compute) in [
-            ("device_compute", &self.device_compute),
-            ("host_compute", &self.host_compute),
-        ] {
+        for (name, compute) in [("device_compute", &self.device_compute), ("host_compute", &self.host_compute)] {
             let fractions_ok = (0.0..=1.0).contains(&compute.matmul_efficiency)
                 && compute.matmul_efficiency > 0.0
                 && (0.0..=1.0).contains(&compute.memory_efficiency)
@@ -331,9 +298,7 @@ impl Profile {
             }
         }
         if !(0.0..1.0).contains(&self.memory_reserve_fraction) {
-            return Err(CoreError::invalid(
-                "profile: memory_reserve_fraction must be in [0, 1)",
-            ));
+            return Err(CoreError::invalid("profile: memory_reserve_fraction must be in [0, 1)"));
         }
         Ok(())
     }
@@ -368,10 +333,7 @@ mod tests {
         let profile = Profile::from_datasheet(&hardware("t4"));
         profile.validate().unwrap();
         let gbps = profile.host_to_device.bytes_per_ns(256 * MIB, 1);
-        assert!(
-            (gbps - 12.9).abs() < 0.3,
-            "T4 PCIe 3 x16 pinned: {gbps} GB/s"
-        );
+        assert!((gbps - 12.9).abs() < 0.3, "T4 PCIe 3 x16 pinned: {gbps} GB/s");
         assert!(!profile.unified_memory);
     }
 

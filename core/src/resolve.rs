@@ -22,33 +22,22 @@ pub struct ResolvedPlan {
 
 /// Builds the profile a hardware reference names. Relative profile paths are taken
 /// relative to `base_dir` (the plan file's folder).
-pub fn resolve_hardware(
-    catalog: &Catalog,
-    hardware: &HardwareRef,
-    base_dir: &Path,
-) -> Result<(Profile, Vec<String>)> {
+pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Path) -> Result<(Profile, Vec<String>)> {
     let mut notes = Vec::new();
     let mut profile = match (&hardware.profile, &hardware.gpu) {
         (Some(_), Some(_)) => {
-            return Err(CoreError::invalid(
-                "give either a GPU name or a profile file, not both",
-            ));
+            return Err(CoreError::invalid("give either a GPU name or a profile file, not both"));
         }
         (Some(path), None) => {
             let path = base_dir.join(path);
             let profile: Profile = crate::yaml::read_file(&path)?;
-            profile
-                .validate()
-                .map_err(|e| CoreError::invalid(format!("{}: {e}", path.display())))?;
+            profile.validate().map_err(|e| CoreError::invalid(format!("{}: {e}", path.display())))?;
             profile
         }
         (None, Some(gpu_name)) => {
             let gpu = catalog.gpu(gpu_name)?;
             notes.extend(gpu.note);
-            let host_name = hardware
-                .host
-                .clone()
-                .unwrap_or_else(|| gpu.value.default_host.clone());
+            let host_name = hardware.host.clone().unwrap_or_else(|| gpu.value.default_host.clone());
             if hardware.host.is_none() {
                 notes.push(format!(
                     "host preset '{host_name}' (the usual host for {}; change it with --host)",
@@ -57,10 +46,7 @@ pub fn resolve_hardware(
             }
             let host = catalog.host(&host_name)?;
             notes.extend(host.note);
-            Profile::from_datasheet(&Hardware {
-                gpu: gpu.value,
-                host: host.value,
-            })
+            Profile::from_datasheet(&Hardware { gpu: gpu.value, host: host.value })
         }
         (None, None) => {
             return Err(CoreError::invalid(
@@ -82,17 +68,9 @@ pub fn resolve_hardware(
     Ok((profile, notes))
 }
 
-pub fn resolve_model(
-    catalog: &Catalog,
-    name: &str,
-    base_dir: &Path,
-) -> Result<(ModelSpec, Vec<String>)> {
+pub fn resolve_model(catalog: &Catalog, name: &str, base_dir: &Path) -> Result<(ModelSpec, Vec<String>)> {
     let candidate = base_dir.join(name);
-    let lookup = if candidate.exists() {
-        candidate.display().to_string()
-    } else {
-        name.to_string()
-    };
+    let lookup = if candidate.exists() { candidate.display().to_string() } else { name.to_string() };
     let model = catalog.model(&lookup)?;
     Ok((model.value, model.note.into_iter().collect()))
 }
@@ -108,12 +86,6 @@ pub fn resolve_plan(catalog: &Catalog, plan: Plan, base_dir: &Path) -> Result<Re
     let (model, mut notes) = resolve_model(catalog, &plan.model, base_dir)?;
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
-    plan.policy
-        .validate(&model, &plan.workload, profile.unified_memory)?;
-    Ok(ResolvedPlan {
-        plan,
-        model,
-        profile,
-        notes,
-    })
+    plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
+    Ok(ResolvedPlan { plan, model, profile, notes })
 }

@@ -21,12 +21,14 @@
 
 use crate::error::{CoreError, Result};
 use crate::graph::{
-    MemOp, Op, Payload, Pool, PoolSpec, Resource, ResourceSpec, Task, TaskGraph, TaskId, TaskKind,
-    NO_LAYER,
+    MemOp, Op, Payload, Pool, PoolSpec, Resource, ResourceSpec, Task, TaskGraph, TaskId, TaskKind, NO_LAYER,
 };
 use crate::model::{ModelSpec, WeightGroup};
 use crate::plan::{Policy, Schedule, Tier, Workload};
 use crate::profile::Profile;
+
+/// Most tasks one weight-group transfer is split into by the `pipelined` schedule.
+pub const MAX_PIPELINE_PIECES: u64 = 16;
 
 /// Which decode steps to lower. The prefill (step 0) is always included.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,10 +42,14 @@ pub enum Steps {
 /// Memory capacities the graph's pools get: the profile's memory less its reserve.
 pub fn pool_capacities(profile: &Profile) -> (u64, u64) {
     let keep = 1.0 - profile.memory_reserve_fraction;
-    (
-        (profile.device_memory_bytes as f64 * keep) as u64,
-        (profile.host_memory_bytes as f64 * keep) as u64,
-    )
+    ((profile.device_memory_bytes as f64 * keep) as u64, (profile.host_memory_bytes as f64 * keep) as u64)
+}
+
+/// The pools a policy's graph would get (capacity and resident set), without building
+/// the tasks: what a search needs to check a placement fits before simulating it.
+pub fn pool_specs(policy: &Policy, model: &ModelSpec, workload: &Workload, profile: &Profile) -> Vec<PoolSpec> {
+    let (device_capacity, host_capacity) = pool_capacities(profile);
+    Builder::new(policy, model, workload, profile.unified_memory).pools(device_capacity, host_capacity)
 }
 
 /// Lowers a policy into a task graph. Fails when the policy does not fit the model.
@@ -58,12 +64,8 @@ pub fn lower(
     let decode_steps: Vec<u32> = match steps {
         Steps::All => (1..workload.gen_len as u32).collect(),
         Steps::Only(list) => {
-            if list.windows(2).any(|w| w[0] >= w[1])
-                || list.iter().any(|&s| s == 0 || s as u64 >= workload.gen_len)
-            {
-                return Err(CoreError::invalid(
-                    "sampled decode steps must be ascending and within 1..gen_len",
-                ));
+            if list.windows(2).any(|w| w[0] >= w[1]) || list.iter().any(|&s| s == 0 || s as u64 >= workload.gen_len) {
+                return Err(CoreError::invalid("sampled decode steps must be ascending and within 1..gen_len"));
             }
             list.clone()
         }
@@ -78,26 +80,11 @@ pub fn lower(
         pools: builder.pools(device_capacity, host_capacity),
         tasks: builder.tasks,
         resources: vec![
-            ResourceSpec {
-                resource: Resource::Disk,
-                lanes: policy.io_queue_depth,
-            },
-            ResourceSpec {
-                resource: Resource::HostToDevice,
-                lanes: policy.copy_streams,
-            },
-            ResourceSpec {
-                resource: Resource::DeviceToHost,
-                lanes: policy.copy_streams,
-            },
-            ResourceSpec {
-                resource: Resource::DeviceCompute,
-                lanes: 1,
-            },
-            ResourceSpec {
-                resource: Resource::HostCompute,
-                lanes: 1,
-            },
+            ResourceSpec { resource: Resource::Disk, lanes: policy.io_queue_depth },
+            ResourceSpec { resource: Resource::HostToDevice, lanes: policy.copy_streams },
+            ResourceSpec { resource: Resource::DeviceToHost, lanes: policy.copy_streams },
+            ResourceSpec { resource: Resource::DeviceCompute, lanes: 1 },
+            ResourceSpec { resource: Resource::HostCompute, lanes: 1 },
         ],
         batch_size: workload.batch_size,
         prompt_len: workload.prompt_len,
@@ -142,21 +129,15 @@ struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    fn new(
-        policy: &'a Policy,
-        model: &'a ModelSpec,
-        workload: &'a Workload,
-        unified: bool,
-    ) -> Builder<'a> {
+    fn new(policy: &'a Policy, model: &'a ModelSpec, workload: &'a Workload, unified: bool) -> Builder<'a> {
         let micro_batches = policy.num_micro_batches as usize;
         // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
         let mut pinned_left = policy.pinned_host_bytes;
         let mut pinned = vec![[false; 2]; model.num_layers as usize];
         for (layer, flags) in pinned.iter_mut().enumerate() {
-            for (slot, group, counts) in [
-                (0, WeightGroup::Attention, &policy.attention_weights),
-                (1, WeightGroup::Mlp, &policy.mlp_weights),
-            ] {
+            for (slot, group, counts) in
+                [(0, WeightGroup::Attention, &policy.attention_weights), (1, WeightGroup::Mlp, &policy.mlp_weights)]
+            {
                 let bytes = model.group_bytes(group, policy.weight_dtype);
                 if counts.tier_of(layer as u64) == Tier::Host && bytes <= pinned_left {
                     pinned_left -= bytes;
@@ -186,8 +167,7 @@ impl<'a> Builder<'a> {
     fn push(&mut self, mut task: Task) -> TaskId {
         let id = self.tasks.len() as TaskId;
         // Sequential runs one task at a time in program order: each waits for the one before.
-        if self.policy.schedule == Schedule::Sequential && id > 0 && !task.deps.contains(&(id - 1))
-        {
+        if self.policy.schedule == Schedule::Sequential && id > 0 && !task.deps.contains(&(id - 1)) {
             task.deps.push(id - 1);
         }
         self.tasks.push(task);
@@ -226,10 +206,7 @@ impl<'a> Builder<'a> {
     }
 
     fn layer_major(&self) -> bool {
-        matches!(
-            self.policy.schedule,
-            Schedule::ZigzagBlock | Schedule::Pipelined
-        )
+        matches!(self.policy.schedule, Schedule::ZigzagBlock | Schedule::Pipelined)
     }
 
     fn prefetch_depth(&self) -> usize {
@@ -279,14 +256,7 @@ impl<'a> Builder<'a> {
     }
 
     /// A compute task for (`layer`, micro-batch `j`, `step`) with its FLOPs and bytes read.
-    fn compute_task(
-        &self,
-        side: Side,
-        op: Op,
-        (layer, j, step): (u32, u32, u32),
-        flops: u64,
-        bytes: u64,
-    ) -> Task {
+    fn compute_task(&self, side: Side, op: Op, (layer, j, step): (u32, u32, u32), flops: u64, bytes: u64) -> Task {
         let kind = match side {
             Side::Device => TaskKind::DeviceCompute,
             Side::Host => TaskKind::HostCompute,
@@ -327,11 +297,7 @@ impl<'a> Builder<'a> {
     }
 
     fn embed(&mut self, step: u32, j: u32) {
-        let side = if self.policy.embeddings == Tier::Device {
-            Side::Device
-        } else {
-            Side::Host
-        };
+        let side = if self.policy.embeddings == Tier::Device { Side::Device } else { Side::Host };
         let rows = self.rows(step);
         let bytes = rows * self.model.hidden_size * self.policy.weight_dtype.bits() / 8;
         let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
@@ -341,18 +307,12 @@ impl<'a> Builder<'a> {
     }
 
     fn head(&mut self, step: u32, j: u32) {
-        let side = if self.policy.head == Tier::Device {
-            Side::Device
-        } else {
-            Side::Host
-        };
+        let side = if self.policy.head == Tier::Device { Side::Device } else { Side::Host };
         let dep = self.hidden_on(side, j, step, NO_LAYER);
         // Only the last position of each sequence is projected to the vocabulary.
         let rows = self.policy.micro_batch_size;
         let flops = self.model.projection_flops(WeightGroup::Head, rows);
-        let bytes = self
-            .model
-            .group_bytes(WeightGroup::Head, self.policy.weight_dtype);
+        let bytes = self.model.group_bytes(WeightGroup::Head, self.policy.weight_dtype);
         let mut task = self.compute_task(side, Op::Head, (NO_LAYER, j, step), flops, bytes);
         task.tokens = rows as u32;
         task.deps.extend(dep);
@@ -362,14 +322,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Emits the load of one weight group for the visit about to run.
-    fn load_weights(
-        &mut self,
-        group: WeightGroup,
-        layer: u32,
-        step: u32,
-        first_j: u32,
-        gate: &[TaskId],
-    ) -> Loaded {
+    fn load_weights(&mut self, group: WeightGroup, layer: u32, step: u32, first_j: u32, gate: &[TaskId]) -> Loaded {
         let counts = match group {
             WeightGroup::Attention => &self.policy.attention_weights,
             _ => &self.policy.mlp_weights,
@@ -382,10 +335,13 @@ impl<'a> Builder<'a> {
         let chunk = self.policy.chunk_bytes;
         // Only the pipelined schedule makes each chunk its own task.
         let pieces: Vec<u64> = if self.policy.schedule == Schedule::Pipelined {
-            let full = bytes / chunk;
-            let mut pieces = vec![chunk; full as usize];
-            if !bytes.is_multiple_of(chunk) {
-                pieces.push(bytes % chunk);
+            // Tasks of at least 1/MAX_PIPELINE_PIECES of the group: finer tasks add events,
+            // not overlap. Requests inside a task are still `chunk_bytes`.
+            let piece = chunk.max(bytes.div_ceil(MAX_PIPELINE_PIECES));
+            let full = bytes / piece;
+            let mut pieces = vec![piece; full as usize];
+            if !bytes.is_multiple_of(piece) {
+                pieces.push(bytes % piece);
             }
             pieces
         } else {
@@ -393,10 +349,7 @@ impl<'a> Builder<'a> {
         };
         let slot = usize::from(group != WeightGroup::Attention);
         let payload = Payload::Weights { group };
-        let mut loaded = Loaded {
-            ready: Vec::new(),
-            device_bytes: bytes,
-        };
+        let mut loaded = Loaded { ready: Vec::new(), device_bytes: bytes };
         for piece in pieces {
             let mut deps = gate.to_vec();
             if tier == Tier::Disk {
@@ -404,11 +357,7 @@ impl<'a> Builder<'a> {
                 read.bytes = piece;
                 read.chunk_bytes = chunk.min(piece);
                 read.deps = deps;
-                let pool = if self.unified {
-                    Pool::Device
-                } else {
-                    Pool::Host
-                };
+                let pool = if self.unified { Pool::Device } else { Pool::Host };
                 read.acquire.push(MemOp { pool, bytes: piece });
                 let id = self.push(read);
                 if self.unified {
@@ -422,15 +371,9 @@ impl<'a> Builder<'a> {
             copy.chunk_bytes = chunk.min(piece);
             copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
             copy.deps = deps;
-            copy.acquire.push(MemOp {
-                pool: Pool::Device,
-                bytes: piece,
-            });
+            copy.acquire.push(MemOp { pool: Pool::Device, bytes: piece });
             if tier == Tier::Disk {
-                copy.release.push(MemOp {
-                    pool: Pool::Host,
-                    bytes: piece,
-                });
+                copy.release.push(MemOp { pool: Pool::Host, bytes: piece });
             }
             let id = self.push(copy);
             loaded.ready.push(id);
@@ -450,11 +393,8 @@ impl<'a> Builder<'a> {
         let mut last_mlp = 0;
         for j in js {
             let is_last = j == last_j;
-            let kv_gate = if j >= first_j + 2 {
-                vec![attention_tasks[(j - first_j - 2) as usize]]
-            } else {
-                gate.clone()
-            };
+            let kv_gate =
+                if j >= first_j + 2 { vec![attention_tasks[(j - first_j - 2) as usize]] } else { gate.clone() };
             let attn_done = if on_host {
                 self.attention_on_host_layer(step, layer, j)
             } else {
@@ -471,10 +411,7 @@ impl<'a> Builder<'a> {
             task.deps.push(attn_done);
             task.deps.extend(&mlp.ready);
             if is_last && mlp.device_bytes > 0 {
-                task.release.push(MemOp {
-                    pool: Pool::Device,
-                    bytes: mlp.device_bytes,
-                });
+                task.release.push(MemOp { pool: Pool::Device, bytes: mlp.device_bytes });
             }
             let id = self.push(task);
             self.set_hidden(j, side, id);
@@ -488,19 +425,14 @@ impl<'a> Builder<'a> {
     }
 
     fn kv_bytes(&self, tokens: u64) -> u64 {
-        self.model
-            .kv_bytes_per_token_per_layer(self.policy.kv_dtype)
-            * self.policy.micro_batch_size
-            * tokens
+        self.model.kv_bytes_per_token_per_layer(self.policy.kv_dtype) * self.policy.micro_batch_size * tokens
     }
 
     fn attention_flops(&self, step: u32) -> (u64, u64, u64) {
         let rows = self.rows(step);
         let (qkv_params, out_params) = self.model.attention_split_params();
-        let core = self.policy.micro_batch_size
-            * self
-                .model
-                .attention_core_flops(self.new_tokens(step), self.context(step));
+        let core =
+            self.policy.micro_batch_size * self.model.attention_core_flops(self.new_tokens(step), self.context(step));
         (2 * rows * qkv_params, core, 2 * rows * out_params)
     }
 
@@ -519,9 +451,7 @@ impl<'a> Builder<'a> {
         let past_tokens = self.context(step) - self.new_tokens(step);
         let new_kv = self.kv_bytes(self.new_tokens(step));
         let past_kv = self.kv_bytes(past_tokens);
-        let attn_bytes = self
-            .model
-            .group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
+        let attn_bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
         let kv_read = self.kv_bytes(self.context(step));
         let host_attention = self.policy.host_attention && kv_tier != Tier::Device && !self.unified;
@@ -529,81 +459,50 @@ impl<'a> Builder<'a> {
             // FlexGen's CPU delegation: projections on the device, attention where the KV is.
             let hidden = self.hidden_on(Side::Device, j, step, layer);
             let (qkv_params, _) = self.model.attention_split_params();
-            let qkv_share =
-                attn_bytes * qkv_params / self.model.params().attention_per_layer.max(1);
-            let mut qkv = self.compute_task(
-                Side::Device,
-                Op::AttnQkv,
-                (layer, j, step),
-                qkv_flops,
-                qkv_share,
-            );
+            let qkv_share = attn_bytes * qkv_params / self.model.params().attention_per_layer.max(1);
+            let mut qkv = self.compute_task(Side::Device, Op::AttnQkv, (layer, j, step), qkv_flops, qkv_share);
             qkv.deps.extend(hidden);
             qkv.deps.extend(weights_ready);
             let qkv_id = self.push(qkv);
             let rows = self.rows(step);
-            let mut down =
-                Builder::new_task(TaskKind::DeviceToHost, Payload::Activations, layer, j, step);
+            let mut down = Builder::new_task(TaskKind::DeviceToHost, Payload::Activations, layer, j, step);
             down.bytes = rows * 4 * (self.model.hidden_size + 2 * self.model.kv_dim());
             down.chunk_bytes = down.bytes;
             down.pinned = true;
             down.deps.push(qkv_id);
             let down_id = self.push(down);
-            let mut core = self.compute_task(
-                Side::Host,
-                Op::AttnCore,
-                (layer, j, step),
-                core_flops,
-                kv_read,
-            );
+            let mut core = self.compute_task(Side::Host, Op::AttnCore, (layer, j, step), core_flops, kv_read);
             core.deps.push(down_id);
             if kv_tier == Tier::Disk && past_kv > 0 {
-                let mut read =
-                    Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
+                let mut read = Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
                 read.bytes = past_kv;
                 read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 read.deps = kv_gate.to_vec();
-                read.acquire.push(MemOp {
-                    pool: Pool::Host,
-                    bytes: past_kv,
-                });
+                read.acquire.push(MemOp { pool: Pool::Host, bytes: past_kv });
                 let read_id = self.push(read);
                 core.deps.push(read_id);
-                core.release.push(MemOp {
-                    pool: Pool::Host,
-                    bytes: past_kv,
-                });
+                core.release.push(MemOp { pool: Pool::Host, bytes: past_kv });
             }
             let core_id = self.push(core);
             if kv_tier == Tier::Disk {
-                let mut write =
-                    Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
+                let mut write = Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
                 write.bytes = new_kv;
                 write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 write.deps.push(core_id);
                 self.push(write);
             }
-            let mut up =
-                Builder::new_task(TaskKind::HostToDevice, Payload::Activations, layer, j, step);
+            let mut up = Builder::new_task(TaskKind::HostToDevice, Payload::Activations, layer, j, step);
             up.bytes = rows * self.model.activation_bytes_per_token();
             up.chunk_bytes = up.bytes;
             up.pinned = true;
             up.deps.push(core_id);
             let up_id = self.push(up);
-            let mut out = self.compute_task(
-                Side::Device,
-                Op::AttnOut,
-                (layer, j, step),
-                out_flops,
-                attn_bytes - qkv_share,
-            );
+            let mut out =
+                self.compute_task(Side::Device, Op::AttnOut, (layer, j, step), out_flops, attn_bytes - qkv_share);
             out.deps.push(up_id);
             out.deps.push(qkv_id);
             if release_weights > 0 {
-                out.release.push(MemOp {
-                    pool: Pool::Device,
-                    bytes: release_weights,
-                });
+                out.release.push(MemOp { pool: Pool::Device, bytes: release_weights });
             }
             let out_id = self.push(out);
             self.set_hidden(j, Side::Device, out_id);
@@ -616,40 +515,25 @@ impl<'a> Builder<'a> {
         if kv_tier != Tier::Device && past_kv > 0 {
             let mut deps = kv_gate.to_vec();
             if kv_tier == Tier::Disk {
-                let mut read =
-                    Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
+                let mut read = Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
                 read.bytes = past_kv;
                 read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 read.deps = deps;
-                let pool = if self.unified {
-                    Pool::Device
-                } else {
-                    Pool::Host
-                };
-                read.acquire.push(MemOp {
-                    pool,
-                    bytes: past_kv,
-                });
+                let pool = if self.unified { Pool::Device } else { Pool::Host };
+                read.acquire.push(MemOp { pool, bytes: past_kv });
                 deps = vec![self.push(read)];
             }
             if self.unified {
                 kv_ready = deps;
             } else {
-                let mut copy =
-                    Builder::new_task(TaskKind::HostToDevice, Payload::KvCache, layer, j, step);
+                let mut copy = Builder::new_task(TaskKind::HostToDevice, Payload::KvCache, layer, j, step);
                 copy.bytes = past_kv;
                 copy.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 copy.pinned = kv_tier == Tier::Disk || self.kv_pinned;
                 copy.deps = deps;
-                copy.acquire.push(MemOp {
-                    pool: Pool::Device,
-                    bytes: past_kv,
-                });
+                copy.acquire.push(MemOp { pool: Pool::Device, bytes: past_kv });
                 if kv_tier == Tier::Disk {
-                    copy.release.push(MemOp {
-                        pool: Pool::Host,
-                        bytes: past_kv,
-                    });
+                    copy.release.push(MemOp { pool: Pool::Host, bytes: past_kv });
                 }
                 kv_ready = vec![self.push(copy)];
             }
@@ -666,16 +550,10 @@ impl<'a> Builder<'a> {
         task.deps.extend(weights_ready);
         task.deps.extend(kv_ready);
         if release_kv > 0 {
-            task.release.push(MemOp {
-                pool: Pool::Device,
-                bytes: release_kv,
-            });
+            task.release.push(MemOp { pool: Pool::Device, bytes: release_kv });
         }
         if release_weights > 0 {
-            task.release.push(MemOp {
-                pool: Pool::Device,
-                bytes: release_weights,
-            });
+            task.release.push(MemOp { pool: Pool::Device, bytes: release_weights });
         }
         let id = self.push(task);
         self.set_hidden(j, Side::Device, id);
@@ -683,8 +561,7 @@ impl<'a> Builder<'a> {
         if kv_tier != Tier::Device {
             let mut store_deps = vec![id];
             if !self.unified {
-                let mut store =
-                    Builder::new_task(TaskKind::DeviceToHost, Payload::KvCache, layer, j, step);
+                let mut store = Builder::new_task(TaskKind::DeviceToHost, Payload::KvCache, layer, j, step);
                 store.bytes = new_kv;
                 store.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 store.pinned = kv_tier == Tier::Disk || self.kv_pinned;
@@ -692,8 +569,7 @@ impl<'a> Builder<'a> {
                 store_deps = vec![self.push(store)];
             }
             if kv_tier == Tier::Disk {
-                let mut write =
-                    Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
+                let mut write = Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
                 write.bytes = new_kv;
                 write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 write.deps = store_deps;
@@ -707,17 +583,10 @@ impl<'a> Builder<'a> {
     fn attention_on_host_layer(&mut self, step: u32, layer: u32, j: u32) -> TaskId {
         let hidden = self.hidden_on(Side::Host, j, step, layer);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
-        let bytes = self
-            .model
-            .group_bytes(WeightGroup::Attention, self.policy.weight_dtype)
+        let bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype)
             + self.kv_bytes(self.context(step));
-        let mut task = self.compute_task(
-            Side::Host,
-            Op::Attention,
-            (layer, j, step),
-            qkv_flops + core_flops + out_flops,
-            bytes,
-        );
+        let mut task =
+            self.compute_task(Side::Host, Op::Attention, (layer, j, step), qkv_flops + core_flops + out_flops, bytes);
         task.deps.extend(hidden);
         let id = self.push(task);
         self.set_hidden(j, Side::Host, id);
@@ -734,10 +603,9 @@ impl<'a> Builder<'a> {
         let mut device_mlp = 0;
         let mut host_weights = 0;
         for layer in 0..layers {
-            for (group, counts) in [
-                (WeightGroup::Attention, &policy.attention_weights),
-                (WeightGroup::Mlp, &policy.mlp_weights),
-            ] {
+            for (group, counts) in
+                [(WeightGroup::Attention, &policy.attention_weights), (WeightGroup::Mlp, &policy.mlp_weights)]
+            {
                 let bytes = model.group_bytes(group, wd);
                 match counts.tier_of(layer) {
                     Tier::Device if group == WeightGroup::Attention => device_attention += bytes,
@@ -750,12 +618,8 @@ impl<'a> Builder<'a> {
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
             * self.workload.max_context();
-        let hidden_states = self.workload.batch_size
-            * self.workload.prompt_len
-            * model.activation_bytes_per_token();
-        let workspace = policy.micro_batch_size
-            * self.workload.prompt_len
-            * model.workspace_bytes_per_token()
+        let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
+        let workspace = policy.micro_batch_size * self.workload.prompt_len * model.workspace_bytes_per_token()
             + model.attention_scratch_bytes(self.workload.prompt_len, self.workload.max_context());
         let embeddings = model.group_bytes(WeightGroup::Embeddings, wd);
         let head = model.group_bytes(WeightGroup::Head, wd);
@@ -766,38 +630,24 @@ impl<'a> Builder<'a> {
             resident: vec![
                 ("resident attention weights".into(), device_attention),
                 ("resident MLP weights".into(), device_mlp),
-                (
-                    "embeddings".into(),
-                    on(policy.embeddings, Tier::Device, embeddings),
-                ),
+                ("embeddings".into(), on(policy.embeddings, Tier::Device, embeddings)),
                 ("head".into(), on(policy.head, Tier::Device, head)),
-                (
-                    "resident KV cache".into(),
-                    policy.kv_cache.device * kv_per_layer,
-                ),
+                ("resident KV cache".into(), policy.kv_cache.device * kv_per_layer),
                 ("hidden states".into(), hidden_states),
                 ("workspace".into(), workspace),
             ],
         };
-        let host_computes = policy.compute_host_layers_on_host
-            && (0..layers).any(|l| policy.layer_on_host(l))
+        let host_computes = policy.compute_host_layers_on_host && (0..layers).any(|l| policy.layer_on_host(l))
             || policy.host_attention && policy.kv_cache.device < layers
             || policy.embeddings == Tier::Host
             || policy.head == Tier::Host;
-        let host_workspace = if host_computes && !self.unified {
-            workspace + hidden_states
-        } else {
-            0
-        };
+        let host_workspace = if host_computes && !self.unified { workspace + hidden_states } else { 0 };
         let host = PoolSpec {
             pool: Pool::Host,
             capacity_bytes: host_capacity,
             resident: vec![
                 ("host-resident weights".into(), host_weights),
-                (
-                    "embeddings".into(),
-                    on(policy.embeddings, Tier::Host, embeddings),
-                ),
+                ("embeddings".into(), on(policy.embeddings, Tier::Host, embeddings)),
                 ("head".into(), on(policy.head, Tier::Host, head)),
                 ("host KV cache".into(), policy.kv_cache.host * kv_per_layer),
                 ("host workspace".into(), host_workspace),

@@ -85,19 +85,9 @@ impl Metrics {
 
     /// Builds metrics from the timing figures and a trace whose spans give utilization
     /// and memory (the simulator uses this when it extrapolates decode steps).
-    pub fn assemble(
-        graph: &TaskGraph,
-        trace: &Trace,
-        total_ns: u64,
-        ttft_ns: u64,
-        tpot_ns: u64,
-    ) -> Metrics {
+    pub fn assemble(graph: &TaskGraph, trace: &Trace, total_ns: u64, ttft_ns: u64, tpot_ns: u64) -> Metrics {
         let generated_tokens = graph.batch_size * graph.gen_len;
-        let tokens_per_s = if total_ns == 0 {
-            0.0
-        } else {
-            generated_tokens as f64 * 1e9 / total_ns as f64
-        };
+        let tokens_per_s = if total_ns == 0 { 0.0 } else { generated_tokens as f64 * 1e9 / total_ns as f64 };
         let trace_start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let trace_end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
         let window = (trace_end - trace_start).max(1);
@@ -105,20 +95,12 @@ impl Metrics {
             .iter()
             .map(|&resource| {
                 let busy_ns = busy_union(graph, trace, resource);
-                ResourceUsage {
-                    resource,
-                    busy_ns,
-                    utilization: busy_ns as f64 / window as f64,
-                }
+                ResourceUsage { resource, busy_ns, utilization: busy_ns as f64 / window as f64 }
             })
             .collect();
         let bottleneck = resources
             .iter()
-            .max_by(|a, b| {
-                a.utilization
-                    .total_cmp(&b.utilization)
-                    .then(b.resource.cmp(&a.resource))
-            })
+            .max_by(|a, b| a.utilization.total_cmp(&b.utilization).then(b.resource.cmp(&a.resource)))
             .map_or(Resource::DeviceCompute, |r| r.resource);
         let pools = graph
             .pools
@@ -144,10 +126,7 @@ impl Metrics {
     }
 
     pub fn utilization(&self, resource: Resource) -> f64 {
-        self.resources
-            .iter()
-            .find(|r| r.resource == resource)
-            .map_or(0.0, |r| r.utilization)
+        self.resources.iter().find(|r| r.resource == resource).map_or(0.0, |r| r.utilization)
     }
 
     pub fn pool(&self, pool: Pool) -> Option<&PoolUsage> {
@@ -165,11 +144,7 @@ pub fn step_end_times(graph: &TaskGraph, trace: &Trace) -> Vec<u64> {
         ends[step] = ends[step].max(span.end_ns);
         present[step] = true;
     }
-    ends.into_iter()
-        .zip(present)
-        .filter(|(_, p)| *p)
-        .map(|(e, _)| e)
-        .collect()
+    ends.into_iter().zip(present).filter(|(_, p)| *p).map(|(e, _)| e).collect()
 }
 
 /// Length of the union of the resource's busy intervals.
@@ -257,20 +232,15 @@ pub fn chrome_trace(graph: &TaskGraph, trace: &Trace) -> serde_json::Value {
     }
     for (tid, (resource, lane)) in tracks.iter().enumerate() {
         let lanes = graph.lanes(*resource);
-        let name = if lanes > 1 {
-            format!("{} #{lane}", resource.name())
-        } else {
-            resource.name().to_string()
-        };
-        events.push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
+        let name = if lanes > 1 { format!("{} #{lane}", resource.name()) } else { resource.name().to_string() };
+        events
+            .push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
         events.push(serde_json::json!({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": resource.index() * 100 + *lane as usize}}));
     }
     let process = match trace.source {
         TraceSource::Predicted => "ferry (predicted)",
         TraceSource::Measured => "ferry (measured)",
     };
-    events.push(
-        serde_json::json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}),
-    );
+    events.push(serde_json::json!({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": process}}));
     serde_json::json!({ "traceEvents": events, "displayTimeUnit": "ms" })
 }

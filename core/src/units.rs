@@ -12,15 +12,12 @@ pub const GB: f64 = 1e9;
 /// Parses a byte size such as `512MiB`, `6GB`, `1.5 GiB`, `4096` (bytes).
 pub fn parse_bytes(text: &str) -> Result<u64> {
     let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
-        .unwrap_or(trimmed.len());
+    let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let number: f64 = number.replace('_', "").parse().map_err(|_| {
-        CoreError::invalid(format!(
-            "'{text}' is not a byte size (examples: 512MiB, 6GB, 1.5GiB)"
-        ))
-    })?;
+    let number: f64 = number
+        .replace('_', "")
+        .parse()
+        .map_err(|_| CoreError::invalid(format!("'{text}' is not a byte size (examples: 512MiB, 6GB, 1.5GiB)")))?;
     let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,

@@ -12,16 +12,8 @@ use crate::error::{CoreError, Result};
 /// Parses a YAML document; `origin` names it in errors (a path or `catalog:gpus/t4.yaml`).
 pub fn from_yaml_str<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T> {
     serde_norway::from_str(text).map_err(|err| {
-        let (line, column) = err
-            .location()
-            .map(|loc| (loc.line(), loc.column()))
-            .unwrap_or((0, 0));
-        CoreError::Parse {
-            file: origin.to_string(),
-            line,
-            column,
-            message: strip_location(&err.to_string()),
-        }
+        let (line, column) = err.location().map(|loc| (loc.line(), loc.column())).unwrap_or((0, 0));
+        CoreError::Parse { file: origin.to_string(), line, column, message: strip_location(&err.to_string()) }
     })
 }
 
@@ -47,23 +39,18 @@ pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 pub fn to_yaml_string<T: Serialize>(value: &T) -> Result<String> {
-    serde_norway::to_string(value)
-        .map_err(|e| CoreError::invalid(format!("cannot write YAML: {e}")))
+    serde_norway::to_string(value).map_err(|e| CoreError::invalid(format!("cannot write YAML: {e}")))
 }
 
 pub fn to_json_string<T: Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string_pretty(value)
-        .map_err(|e| CoreError::invalid(format!("cannot write JSON: {e}")))
+    serde_json::to_string_pretty(value).map_err(|e| CoreError::invalid(format!("cannot write JSON: {e}")))
 }
 
 /// Writes `text` to `path`, refusing to replace an existing file unless `overwrite`.
 /// Nothing the user owns is overwritten without being asked.
 pub fn write_new_file(path: &Path, text: &str, overwrite: bool) -> Result<()> {
     if path.exists() && !overwrite {
-        return Err(CoreError::invalid(format!(
-            "{} already exists; pass --force to overwrite it",
-            path.display()
-        )));
+        return Err(CoreError::invalid(format!("{} already exists; pass --force to overwrite it", path.display())));
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
@@ -106,9 +93,7 @@ mod tests {
     #[test]
     fn yaml_syntax_error_names_line() {
         let text = "name: x\ncount: [1, 2\n";
-        let err = from_yaml_str::<Doc>(text, "bad.yaml")
-            .unwrap_err()
-            .to_string();
+        let err = from_yaml_str::<Doc>(text, "bad.yaml").unwrap_err().to_string();
         assert!(err.starts_with("bad.yaml:"), "{err}");
     }
 

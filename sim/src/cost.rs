@@ -8,7 +8,7 @@
 //! this operation, shape and size, else a roofline: the larger of FLOPs over
 //! achievable FLOP/s and bytes over achievable bandwidth, plus a per-task overhead.
 
-use ferry_core::graph::{Payload, Resource, Task, TaskGraph, TaskKind};
+use ferry_core::graph::{Op, Payload, Resource, Task, TaskGraph, TaskKind};
 use ferry_core::model::ModelSpec;
 use ferry_core::profile::{ComputeProfile, Profile, TransferCurve};
 
@@ -48,10 +48,7 @@ pub struct CostModel<'a> {
 
 impl<'a> CostModel<'a> {
     pub fn new(profile: &'a Profile, model: &ModelSpec) -> CostModel<'a> {
-        CostModel {
-            profile,
-            shape: shape_key(model),
-        }
+        CostModel { profile, shape: shape_key(model) }
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
@@ -66,9 +63,7 @@ impl<'a> CostModel<'a> {
 
     /// Aggregate bytes/ns of `curve` at this request size with `in_flight` requests.
     pub fn bandwidth(&self, curve: Curve, chunk_bytes: u64, in_flight: u32) -> f64 {
-        self.curve(curve)
-            .bytes_per_ns(chunk_bytes, in_flight)
-            .max(1e-12)
+        self.curve(curve).bytes_per_ns(chunk_bytes, in_flight).max(1e-12)
     }
 
     pub fn task_cost(&self, task: &Task) -> TaskCost {
@@ -77,20 +72,14 @@ impl<'a> CostModel<'a> {
 
     /// `task_cost` with the single-request bandwidth supplied by the caller (memoised
     /// over a whole graph: interpolating a curve per task would dominate setup).
-    fn task_cost_with(
-        &self,
-        task: &Task,
-        single_stream: &mut dyn FnMut(Curve, u64) -> f64,
-    ) -> TaskCost {
+    fn task_cost_with(&self, task: &Task, single_stream: &mut dyn FnMut(Curve, u64) -> f64) -> TaskCost {
         let curve = match task.kind {
             TaskKind::DiskRead => Curve::DiskRead,
             TaskKind::DiskWrite => Curve::DiskWrite,
             TaskKind::HostToDevice if task.pinned => Curve::HostToDevicePinned,
             TaskKind::HostToDevice => Curve::HostToDevicePageable,
             TaskKind::DeviceToHost => Curve::DeviceToHost,
-            TaskKind::DeviceCompute => {
-                return self.compute_cost(task, &self.profile.device_compute)
-            }
+            TaskKind::DeviceCompute => return self.compute_cost(task, &self.profile.device_compute),
             TaskKind::HostCompute => return self.compute_cost(task, &self.profile.host_compute),
         };
         let chunk_bytes = task.chunk_bytes.max(1);
@@ -105,24 +94,30 @@ impl<'a> CostModel<'a> {
 
     fn compute_cost(&self, task: &Task, compute: &ComputeProfile) -> TaskCost {
         let op = match task.payload {
-            Payload::Compute { op } => op.name(),
-            _ => "",
+            Payload::Compute { op } => op,
+            _ => Op::Mlp,
         };
-        if let Some(ns) = lookup_table(
-            compute,
-            op,
-            &self.shape,
-            task.tokens as u64,
-            task.context as u64,
-        ) {
-            return TaskCost::Compute { nominal_ns: ns };
+        let nominal_ns = self.compute_ns(compute, op, task.flops, task.bytes, task.tokens as u64, task.context as u64);
+        TaskCost::Compute { nominal_ns }
+    }
+
+    /// Nominal duration of one compute operation: the profile's measured table where it
+    /// has this operation and shape, else the roofline plus the per-task overhead.
+    pub fn compute_ns(
+        &self,
+        compute: &ComputeProfile,
+        op: Op,
+        flops: u64,
+        bytes: u64,
+        tokens: u64,
+        context: u64,
+    ) -> f64 {
+        if let Some(ns) = lookup_table(compute, op.name(), &self.shape, tokens, context) {
+            return ns;
         }
-        let flops_ns = task.flops as f64 / (compute.peak_flops * compute.matmul_efficiency) * 1e9;
-        let bytes_ns =
-            task.bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
-        TaskCost::Compute {
-            nominal_ns: compute.task_overhead_ns as f64 + flops_ns.max(bytes_ns),
-        }
+        let flops_ns = flops as f64 / (compute.peak_flops * compute.matmul_efficiency) * 1e9;
+        let bytes_ns = bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
+        compute.task_overhead_ns as f64 + flops_ns.max(bytes_ns)
     }
 
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.
@@ -149,20 +144,15 @@ impl<'a> CostModel<'a> {
 
     pub fn graph_costs(&self, graph: &TaskGraph) -> Vec<TaskCost> {
         let mut memo: Vec<((Curve, u64), f64)> = Vec::new();
-        let mut single_stream =
-            |curve: Curve, chunk: u64| match memo.iter().find(|(k, _)| *k == (curve, chunk)) {
-                Some((_, bandwidth)) => *bandwidth,
-                None => {
-                    let bandwidth = self.bandwidth(curve, chunk, 1);
-                    memo.push(((curve, chunk), bandwidth));
-                    bandwidth
-                }
-            };
-        graph
-            .tasks
-            .iter()
-            .map(|t| self.task_cost_with(t, &mut single_stream))
-            .collect()
+        let mut single_stream = |curve: Curve, chunk: u64| match memo.iter().find(|(k, _)| *k == (curve, chunk)) {
+            Some((_, bandwidth)) => *bandwidth,
+            None => {
+                let bandwidth = self.bandwidth(curve, chunk, 1);
+                memo.push(((curve, chunk), bandwidth));
+                bandwidth
+            }
+        };
+        graph.tasks.iter().map(|t| self.task_cost_with(t, &mut single_stream)).collect()
     }
 }
 
@@ -173,26 +163,13 @@ pub fn shape_key(model: &ModelSpec) -> String {
 /// A measured duration for (op, shape) at `tokens` rows and `context`: exact match on
 /// the context when present, linear interpolation in tokens between the nearest
 /// entries, proportional scaling beyond the largest.
-fn lookup_table(
-    compute: &ComputeProfile,
-    op: &str,
-    shape: &str,
-    tokens: u64,
-    context: u64,
-) -> Option<f64> {
-    let mut entries: Vec<_> = compute
-        .table
-        .iter()
-        .filter(|e| e.op == op && e.shape == shape)
-        .collect();
+fn lookup_table(compute: &ComputeProfile, op: &str, shape: &str, tokens: u64, context: u64) -> Option<f64> {
+    let mut entries: Vec<_> = compute.table.iter().filter(|e| e.op == op && e.shape == shape).collect();
     if entries.is_empty() {
         return None;
     }
     // Prefer the entries measured at the nearest context length.
-    let nearest_context = entries
-        .iter()
-        .map(|e| e.context)
-        .min_by_key(|c| c.abs_diff(context))?;
+    let nearest_context = entries.iter().map(|e| e.context).min_by_key(|c| c.abs_diff(context))?;
     entries.retain(|e| e.context == nearest_context);
     entries.sort_by_key(|e| e.tokens);
     let position = entries.iter().position(|e| e.tokens >= tokens);

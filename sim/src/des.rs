@@ -88,32 +88,20 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
 
     // Bandwidth of every (curve, request size) the graph uses, by requests in flight,
     // computed once: the event loop only indexes.
-    let max_lanes = graph
-        .resources
-        .iter()
-        .map(|r| r.lanes)
-        .max()
-        .unwrap_or(1)
-        .max(1);
+    let max_lanes = graph.resources.iter().map(|r| r.lanes).max().unwrap_or(1).max(1);
     // A graph uses a handful of distinct (curve, request size) pairs: a linear search beats hashing.
     let mut table_keys: Vec<(crate::cost::Curve, u64)> = Vec::new();
     let mut bandwidth_tables: Vec<Vec<f64>> = Vec::new();
     let bandwidth_row: Vec<u32> = costs
         .iter()
         .map(|c| match *c {
-            TaskCost::Transfer {
-                curve, chunk_bytes, ..
-            } => {
+            TaskCost::Transfer { curve, chunk_bytes, .. } => {
                 let key = (curve, chunk_bytes);
                 match table_keys.iter().position(|k| *k == key) {
                     Some(i) => i as u32,
                     None => {
                         table_keys.push(key);
-                        bandwidth_tables.push(
-                            (1..=max_lanes)
-                                .map(|n| cost.bandwidth(curve, chunk_bytes, n))
-                                .collect(),
-                        );
+                        bandwidth_tables.push((1..=max_lanes).map(|n| cost.bandwidth(curve, chunk_bytes, n)).collect());
                         bandwidth_tables.len() as u32 - 1
                     }
                 }
@@ -126,15 +114,12 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     let lanes: [u32; RESOURCES] = std::array::from_fn(|r| graph.lanes(Resource::ALL[r]).max(1));
     let mut ready: [BinaryHeap<Reverse<u32>>; RESOURCES] = Default::default();
     let mut active: [Vec<Active>; RESOURCES] = Default::default();
-    let mut lane_busy: [Vec<bool>; RESOURCES] =
-        std::array::from_fn(|r| vec![false; lanes[r] as usize]);
+    let mut lane_busy: [Vec<bool>; RESOURCES] = std::array::from_fn(|r| vec![false; lanes[r] as usize]);
     let capacity: [u64; 2] = std::array::from_fn(|p| graph.pools[p].capacity_bytes);
     let mut used: [u64; 2] = std::array::from_fn(|p| graph.pools[p].resident_bytes());
-    let slowdown: [f64; RESOURCES] =
-        std::array::from_fn(|r| cost.compute_slowdown(Resource::ALL[r]));
-    let interferes: [[bool; RESOURCES]; RESOURCES] = std::array::from_fn(|c| {
-        std::array::from_fn(|t| cost.interferes(Resource::ALL[t], Resource::ALL[c]))
-    });
+    let slowdown: [f64; RESOURCES] = std::array::from_fn(|r| cost.compute_slowdown(Resource::ALL[r]));
+    let interferes: [[bool; RESOURCES]; RESOURCES] =
+        std::array::from_fn(|c| std::array::from_fn(|t| cost.interferes(Resource::ALL[t], Resource::ALL[c])));
 
     for (id, deps) in remaining_deps.iter().enumerate() {
         if *deps == 0 {
@@ -142,15 +127,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
         }
     }
 
-    let mut spans = vec![
-        Span {
-            task: 0,
-            lane: 0,
-            start_ns: 0,
-            end_ns: 0
-        };
-        task_count
-    ];
+    let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; task_count];
     let mut time: u64 = 0;
     let mut finished = 0usize;
     let mut events: u64 = 0;
@@ -174,10 +151,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
             }
             let Some((id, r)) = best else { break };
             let task = &graph.tasks[id as usize];
-            let fits = task
-                .acquire
-                .iter()
-                .all(|m| used[m.pool.index()] + m.bytes <= capacity[m.pool.index()]);
+            let fits = task.acquire.iter().all(|m| used[m.pool.index()] + m.bytes <= capacity[m.pool.index()]);
             if !fits {
                 blocked[r] = true;
                 continue;
@@ -192,19 +166,8 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                 TaskCost::Transfer { work_bytes, .. } => work_bytes,
                 TaskCost::Compute { nominal_ns } => nominal_ns,
             };
-            active[r].push(Active {
-                task: id,
-                lane: lane as u32,
-                remaining,
-                rate: 1.0,
-                finish_ns: 0,
-            });
-            spans[id as usize] = Span {
-                task: id,
-                lane: lane as u32,
-                start_ns: time,
-                end_ns: time,
-            };
+            active[r].push(Active { task: id, lane: lane as u32, remaining, rate: 1.0, finish_ns: 0 });
+            spans[id as usize] = Span { task: id, lane: lane as u32, start_ns: time, end_ns: time };
             events += 1;
         }
 
@@ -234,13 +197,8 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     a.rate = bandwidth_tables[row][in_flight as usize - 1] / n as f64;
                 }
             } else {
-                let slowed = slowdown[r] > 0.0
-                    && (0..RESOURCES).any(|t| transfer_active[t] && interferes[r][t]);
-                let rate = if slowed {
-                    1.0 / (1.0 + slowdown[r])
-                } else {
-                    1.0
-                };
+                let slowed = slowdown[r] > 0.0 && (0..RESOURCES).any(|t| transfer_active[t] && interferes[r][t]);
+                let rate = if slowed { 1.0 / (1.0 + slowdown[r]) } else { 1.0 };
                 for a in active[r].iter_mut() {
                     a.rate = rate;
                 }
@@ -277,10 +235,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
             for m in &task.release {
                 used[m.pool.index()] -= m.bytes;
             }
-            let (from, to) = (
-                dependent_start[id as usize] as usize,
-                dependent_start[id as usize + 1] as usize,
-            );
+            let (from, to) = (dependent_start[id as usize] as usize, dependent_start[id as usize + 1] as usize);
             for &dependent in &dependents[from..to] {
                 remaining_deps[dependent as usize] -= 1;
                 if remaining_deps[dependent as usize] == 0 {
@@ -295,25 +250,12 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
             list.sort_unstable_by_key(|a| a.task);
         }
     }
-    Ok(SimOutput {
-        trace: Trace {
-            source: TraceSource::Predicted,
-            spans,
-        },
-        events,
-    })
+    Ok(SimOutput { trace: Trace { source: TraceSource::Predicted, spans }, events })
 }
 
 /// Explains a stall: the lowest-id ready task whose memory does not fit.
-fn deadlock(
-    graph: &TaskGraph,
-    ready: &[BinaryHeap<Reverse<u32>>; RESOURCES],
-    used: &[u64; 2],
-) -> SimError {
-    let head = ready
-        .iter()
-        .filter_map(|h| h.peek().map(|Reverse(id)| *id))
-        .min();
+fn deadlock(graph: &TaskGraph, ready: &[BinaryHeap<Reverse<u32>>; RESOURCES], used: &[u64; 2]) -> SimError {
+    let head = ready.iter().filter_map(|h| h.peek().map(|Reverse(id)| *id)).min();
     let Some(id) = head else {
         return SimError::DoesNotFit(ferry_core::CoreError::invalid(
             "the task graph stalled with no task ready: a dependency can never finish (a bug in the lowering)",
@@ -326,12 +268,7 @@ fn deadlock(
         .find(|m| used[m.pool.index()] + m.bytes > graph.pools[m.pool.index()].capacity_bytes)
         .map_or(Pool::Device, |m| m.pool);
     let spec = graph.pool(pool);
-    let need: u64 = task
-        .acquire
-        .iter()
-        .filter(|m| m.pool == pool)
-        .map(|m| m.bytes)
-        .sum();
+    let need: u64 = task.acquire.iter().filter(|m| m.pool == pool).map(|m| m.bytes).sum();
     let in_use = used[pool.index()];
     let free = spec.capacity_bytes.saturating_sub(in_use);
     let message = format!(
@@ -347,8 +284,5 @@ fn deadlock(
         held = format_bytes(in_use - spec.resident_bytes()),
         short = format_bytes(need.saturating_sub(free)),
     );
-    SimError::Deadlock {
-        pool: pool.name(),
-        message,
-    }
+    SimError::Deadlock { pool: pool.name(), message }
 }

@@ -8,6 +8,7 @@
 pub mod cost;
 pub mod des;
 pub mod predict;
+pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
 pub use predict::{predict, Extrapolation, Prediction};

@@ -57,13 +57,7 @@ pub fn predict(
         Steps::All => Metrics::compute(&graph, &output.trace),
         Steps::Only(list) => {
             let ends = step_end_times(&graph, &output.trace);
-            let start = output
-                .trace
-                .spans
-                .iter()
-                .map(|s| s.start_ns)
-                .min()
-                .unwrap_or(0);
+            let start = output.trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
             let ttft = ends[0] - start;
             // Known step durations: a step that directly follows its predecessor in the graph.
             let mut known: Vec<(u32, f64)> = Vec::new();
@@ -80,12 +74,7 @@ pub fn predict(
             Metrics::assemble(&graph, &output.trace, total, ttft, tpot)
         }
     };
-    Ok(Prediction {
-        graph,
-        trace: output.trace,
-        metrics,
-        events: output.events,
-    })
+    Ok(Prediction { graph, trace: output.trace, metrics, events: output.events })
 }
 
 /// The decode steps of a sampled simulation, or `None` when simulating all is as cheap.

@@ -13,11 +13,7 @@ use ferry_sim::cost::CostModel;
 use ferry_sim::{predict, simulate, Extrapolation, SimError};
 
 fn tiny() -> ferry_core::model::ModelSpec {
-    Catalog::builtin()
-        .unwrap()
-        .model("test-tiny")
-        .unwrap()
-        .value
+    Catalog::builtin().unwrap().model("test-tiny").unwrap().value
 }
 
 #[test]
@@ -67,10 +63,7 @@ fn concurrent_transfers_share_the_link() {
     // Two 1000-byte copies on two lanes of a 1 byte/ns link finish together at 2000 ns.
     let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
     let g = graph(
-        vec![
-            task(TaskKind::HostToDevice, 1_000, 0, vec![]),
-            task(TaskKind::HostToDevice, 1_000, 0, vec![]),
-        ],
+        vec![task(TaskKind::HostToDevice, 1_000, 0, vec![]), task(TaskKind::HostToDevice, 1_000, 0, vec![])],
         1 << 30,
         1 << 30,
         2,
@@ -108,29 +101,17 @@ fn policy(schedule: Schedule, layers: u64, weights: Tier) -> Policy {
 fn sequential_is_the_sum_of_loads_and_computes() {
     let model = tiny();
     let profile = flat_profile(0.5, 2.0, 1 << 30, 1 << 30);
-    let workload = Workload {
-        batch_size: 2,
-        prompt_len: 8,
-        gen_len: 4,
-    };
+    let workload = Workload { batch_size: 2, prompt_len: 8, gen_len: 4 };
     let p = policy(Schedule::Sequential, model.num_layers, Tier::Host);
     let g = lower(&p, &model, &workload, &profile, &Steps::All).unwrap();
     let out = simulate(&g, &CostModel::new(&profile, &model)).unwrap();
     let sum: u64 = out.trace.spans.iter().map(|s| s.end_ns - s.start_ns).sum();
     let metrics = Metrics::compute(&g, &out.trace);
-    assert_eq!(
-        metrics.total_ns, sum,
-        "nothing overlaps in a sequential plan"
-    );
+    assert_eq!(metrics.total_ns, sum, "nothing overlaps in a sequential plan");
     // And prefetching the same placement is strictly faster.
     let prefetch = policy(Schedule::LayerPrefetch, model.num_layers, Tier::Host);
     let g2 = lower(&prefetch, &model, &workload, &profile, &Steps::All).unwrap();
-    let m2 = Metrics::compute(
-        &g2,
-        &simulate(&g2, &CostModel::new(&profile, &model))
-            .unwrap()
-            .trace,
-    );
+    let m2 = Metrics::compute(&g2, &simulate(&g2, &CostModel::new(&profile, &model)).unwrap().trace);
     assert!(m2.total_ns < metrics.total_ns);
 }
 
@@ -138,23 +119,12 @@ fn sequential_is_the_sum_of_loads_and_computes() {
 fn task_larger_than_its_pool_is_a_clear_error() {
     let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
     let mut big = task(TaskKind::HostToDevice, 1_000, 0, vec![]);
-    big.acquire.push(MemOp {
-        pool: Pool::Device,
-        bytes: 5_000,
-    });
+    big.acquire.push(MemOp { pool: Pool::Device, bytes: 5_000 });
     let mut consumer = task(TaskKind::DeviceCompute, 0, 10, vec![0]);
-    consumer.release.push(MemOp {
-        pool: Pool::Device,
-        bytes: 5_000,
-    });
+    consumer.release.push(MemOp { pool: Pool::Device, bytes: 5_000 });
     let g = graph(vec![big, consumer], 4_096, 1 << 20, 1);
-    let err = simulate(&g, &CostModel::new(&profile, &tiny()))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("device memory") && err.contains("short by"),
-        "{err}"
-    );
+    let err = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap_err().to_string();
+    assert!(err.contains("device memory") && err.contains("short by"), "{err}");
 }
 
 #[test]
@@ -163,31 +133,16 @@ fn deadlock_names_the_pool_and_shortfall() {
     // needs both, so the second can never start.
     let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
     let mut a = task(TaskKind::HostToDevice, 100, 0, vec![]);
-    a.acquire.push(MemOp {
-        pool: Pool::Device,
-        bytes: 3_072,
-    });
+    a.acquire.push(MemOp { pool: Pool::Device, bytes: 3_072 });
     let mut b = task(TaskKind::HostToDevice, 100, 0, vec![]);
-    b.acquire.push(MemOp {
-        pool: Pool::Device,
-        bytes: 3_072,
-    });
+    b.acquire.push(MemOp { pool: Pool::Device, bytes: 3_072 });
     let mut c = task(TaskKind::DeviceCompute, 0, 10, vec![0, 1]);
-    c.release.push(MemOp {
-        pool: Pool::Device,
-        bytes: 6_144,
-    });
+    c.release.push(MemOp { pool: Pool::Device, bytes: 6_144 });
     let g = graph(vec![a, b, c], 4_096, 1 << 20, 2);
     let err = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap_err();
-    assert!(
-        matches!(err, SimError::Deadlock { pool: "device", .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SimError::Deadlock { pool: "device", .. }), "{err}");
     let text = err.to_string();
-    assert!(
-        text.contains("needs 3.00 KiB") && text.contains("1.00 KiB is free"),
-        "{text}"
-    );
+    assert!(text.contains("needs 3.00 KiB") && text.contains("1.00 KiB is free"), "{text}");
 }
 
 #[test]
@@ -199,27 +154,15 @@ fn sampled_extrapolation_stays_within_half_a_percent() {
         "cpu-tinyllama-512mib-pipelined",
         "t4-opt-30b-sequential",
     ] {
-        let text = &catalog
-            .plans
-            .iter()
-            .find(|(f, _)| f == &format!("{name}.yaml"))
-            .unwrap()
-            .1;
+        let text = &catalog.plans.iter().find(|(f, _)| f == &format!("{name}.yaml")).unwrap().1;
         let plan: ferry_core::plan::Plan = ferry_core::yaml::from_yaml_str(text, name).unwrap();
-        let mut resolved =
-            ferry_core::resolve::resolve_plan(&catalog, plan, std::path::Path::new(".")).unwrap();
+        let mut resolved = ferry_core::resolve::resolve_plan(&catalog, plan, std::path::Path::new(".")).unwrap();
         for gen_len in [48u64, 96] {
             resolved.plan.workload.gen_len = gen_len;
             let run = |mode| {
-                predict(
-                    &resolved.plan.policy,
-                    &resolved.model,
-                    &resolved.plan.workload,
-                    &resolved.profile,
-                    mode,
-                )
-                .unwrap()
-                .metrics
+                predict(&resolved.plan.policy, &resolved.model, &resolved.plan.workload, &resolved.profile, mode)
+                    .unwrap()
+                    .metrics
             };
             let full = run(Extrapolation::Full);
             let sampled = run(Extrapolation::Sampled);

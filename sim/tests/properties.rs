@@ -44,20 +44,11 @@ fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
             let mut pending_release: Vec<(usize, MemOp)> = Vec::new();
             for (i, (kind, size, deps, mem, device_pool)) in specs.into_iter().enumerate() {
                 let kind = KINDS[kind];
-                let mut deps: Vec<u32> = if i == 0 {
-                    vec![]
-                } else {
-                    deps.iter().map(|d| d.index(i) as u32).collect()
-                };
+                let mut deps: Vec<u32> = if i == 0 { vec![] } else { deps.iter().map(|d| d.index(i) as u32).collect() };
                 deps.sort_unstable();
                 deps.dedup();
                 let is_compute = matches!(kind, TaskKind::DeviceCompute | TaskKind::HostCompute);
-                let mut t = task(
-                    kind,
-                    if is_compute { 0 } else { size },
-                    if is_compute { size } else { 0 },
-                    deps,
-                );
+                let mut t = task(kind, if is_compute { 0 } else { size }, if is_compute { size } else { 0 }, deps);
                 // Release memory held by an earlier task, and make this task depend on it.
                 if let Some((holder, op)) = pending_release.pop() {
                     if !t.deps.contains(&(holder as u32)) {
@@ -66,14 +57,7 @@ fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
                     t.release.push(op);
                 }
                 if mem > 0 {
-                    let op = MemOp {
-                        pool: if device_pool {
-                            Pool::Device
-                        } else {
-                            Pool::Host
-                        },
-                        bytes: mem,
-                    };
+                    let op = MemOp { pool: if device_pool { Pool::Device } else { Pool::Host }, bytes: mem };
                     t.acquire.push(op);
                     pending_release.push((i, op));
                 }
@@ -143,11 +127,7 @@ proptest! {
 fn counts(device: u64, host: u64, layers: u64) -> TierCounts {
     let device = device.min(layers);
     let host = host.min(layers - device);
-    TierCounts {
-        device,
-        host,
-        disk: layers - device - host,
-    }
+    TierCounts { device, host, disk: layers - device - host }
 }
 
 fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)> {
@@ -155,12 +135,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
         (0usize..4, 1u64..4, 1u64..4, 0u64..4),
         (0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5),
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
-        (
-            prop::sample::select(vec![4096u64, 16384, 65536]),
-            1u32..4,
-            1u32..4,
-            0u64..400_000,
-        ),
+        (prop::sample::select(vec![4096u64, 16384, 65536]), 1u32..4, 1u32..4, 0u64..400_000),
         (1u64..10, 1u64..6),
     )
         .prop_map(
@@ -176,31 +151,11 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     micro_batch_size: mb,
                     num_micro_batches: nmb,
                     prefetch_depth: depth,
-                    attention_weights: if unified {
-                        counts(ad, 0, layers)
-                    } else {
-                        counts(ad, ah, layers)
-                    },
-                    mlp_weights: if unified {
-                        counts(md, 0, layers)
-                    } else {
-                        counts(md, mh, layers)
-                    },
-                    embeddings: if emb_dev || unified {
-                        Tier::Device
-                    } else {
-                        Tier::Host
-                    },
-                    head: if head_dev || unified {
-                        Tier::Device
-                    } else {
-                        Tier::Host
-                    },
-                    kv_cache: if unified {
-                        counts(kd, 0, layers)
-                    } else {
-                        counts(kd, kh, layers)
-                    },
+                    attention_weights: if unified { counts(ad, 0, layers) } else { counts(ad, ah, layers) },
+                    mlp_weights: if unified { counts(md, 0, layers) } else { counts(md, mh, layers) },
+                    embeddings: if emb_dev || unified { Tier::Device } else { Tier::Host },
+                    head: if head_dev || unified { Tier::Device } else { Tier::Host },
+                    kv_cache: if unified { counts(kd, 0, layers) } else { counts(kd, kh, layers) },
                     host_attention: host_attn && !unified,
                     compute_host_layers_on_host: false,
                     weight_dtype: Dtype::F32,
@@ -210,15 +165,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     io_queue_depth: qd,
                     pinned_host_bytes: pinned,
                 };
-                (
-                    policy,
-                    Workload {
-                        batch_size: mb * nmb,
-                        prompt_len: prompt,
-                        gen_len: gen,
-                    },
-                    unified,
-                )
+                (policy, Workload { batch_size: mb * nmb, prompt_len: prompt, gen_len: gen }, unified)
             },
         )
 }

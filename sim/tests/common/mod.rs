@@ -10,14 +10,7 @@ use ferry_core::profile::*;
 /// request size or concurrency, no latency; compute runs at `gflops` FLOP per ns, no
 /// overhead, memory bandwidth effectively unlimited; no interference.
 pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) -> Profile {
-    let curve = TransferCurve {
-        latency_ns: 0,
-        points: vec![CurvePoint {
-            chunk_bytes: 4096,
-            concurrency: 1,
-            gbps,
-        }],
-    };
+    let curve = TransferCurve { latency_ns: 0, points: vec![CurvePoint { chunk_bytes: 4096, concurrency: 1, gbps }] };
     let compute = ComputeProfile {
         peak_flops: gflops * 1e9,
         memory_bytes_per_s: 1e18,
@@ -27,11 +20,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         table: Vec::new(),
     };
     Profile {
-        provenance: Provenance::Measured {
-            machine: "test".into(),
-            date: "2026-01-01".into(),
-            backend: "test".into(),
-        },
+        provenance: Provenance::Measured { machine: "test".into(), date: "2026-01-01".into(), backend: "test".into() },
         device_name: "test".into(),
         unified_memory: false,
         device_memory_bytes: device_bytes,
@@ -45,10 +34,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         device_to_host: curve,
         device_compute: compute.clone(),
         host_compute: compute,
-        interference: Interference {
-            device_compute_slowdown: 0.0,
-            host_compute_slowdown: 0.0,
-        },
+        interference: Interference { device_compute_slowdown: 0.0, host_compute_slowdown: 0.0 },
     }
 }
 
@@ -78,21 +64,10 @@ pub fn graph(tasks: Vec<Task>, device_bytes: u64, host_bytes: u64, lanes: u32) -
     TaskGraph {
         tasks,
         pools: vec![
-            PoolSpec {
-                pool: Pool::Device,
-                capacity_bytes: device_bytes,
-                resident: Vec::new(),
-            },
-            PoolSpec {
-                pool: Pool::Host,
-                capacity_bytes: host_bytes,
-                resident: Vec::new(),
-            },
+            PoolSpec { pool: Pool::Device, capacity_bytes: device_bytes, resident: Vec::new() },
+            PoolSpec { pool: Pool::Host, capacity_bytes: host_bytes, resident: Vec::new() },
         ],
-        resources: Resource::ALL
-            .iter()
-            .map(|&resource| ResourceSpec { resource, lanes })
-            .collect(),
+        resources: Resource::ALL.iter().map(|&resource| ResourceSpec { resource, lanes }).collect(),
         batch_size: 1,
         prompt_len: 1,
         gen_len: 1,

@@ -1,0 +1,331 @@
+//! `ferry tune`: search the plan space for this hardware and model.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use ferry_core::catalog::Catalog;
+use ferry_core::model::Dtype;
+use ferry_core::plan::{HardwareRef, Plan, PredictionNote, Schedule};
+use ferry_core::resolve::{resolve_hardware, resolve_model};
+use ferry_core::units::{format_ns, parse_bytes};
+use ferry_sim::tune::{
+    tune_and_compare, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneError, TuneRequest,
+};
+
+use crate::report;
+use crate::table::Table;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ObjectiveArg {
+    Throughput,
+    Latency,
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  ferry tune --gpu rtx3060 --model 13b
+  ferry tune --gpu rtx3060-laptop-6gb --model 13b --batch 8 --out plan.yaml --plots plots/
+  ferry tune --gpu cpu --device-mem 512MiB --host ferry-ci-vm --model tinyllama-1.1b
+  ferry tune --profile profile.yaml --model ./my-model --device-mem 512MiB")]
+pub struct TuneArgs {
+    /// GPU from the catalog (`ferry list gpus`); `cpu` plans for the CPU backend.
+    #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
+    gpu: Option<String>,
+    /// A measured profile (from `ferry profile`) instead of catalog datasheets.
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Model: catalog name or alias (`ferry list models`), a Hugging Face folder, or its config.json.
+    #[arg(long)]
+    model: String,
+    /// Host preset (`ferry list hosts`) [default: the GPU's usual host].
+    #[arg(long)]
+    host: Option<String>,
+    /// Host RAM to plan with, e.g. 32GiB [default: the host preset's RAM].
+    #[arg(long, value_name = "SIZE")]
+    host_mem: Option<String>,
+    /// Device memory to plan with, e.g. 6GiB; on the cpu device the RAM budget [default: the GPU's memory].
+    #[arg(long, value_name = "SIZE")]
+    device_mem: Option<String>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: u64,
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 32)]
+    gen_len: u64,
+    /// Sequences per batch, or `auto` to search batch sizes up to 64 (throughput) / 1 (latency).
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
+    batch: String,
+    /// What to optimise: generated tokens/s over the batch, or one request's completion time.
+    #[arg(long, value_enum, default_value = "throughput")]
+    objective: ObjectiveArg,
+    /// Only consider this schedule (sequential, layer-prefetch, zigzag-block, pipelined).
+    #[arg(long, value_name = "NAME")]
+    schedule: Option<String>,
+    /// Weight dtype [default: the model's].
+    #[arg(long, value_name = "f32|f16|bf16")]
+    weight_dtype: Option<String>,
+    /// Write the winning plan (YAML) here.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Write plots (PNG and SVG) into this folder.
+    #[arg(long, value_name = "DIR")]
+    plots: Option<PathBuf>,
+    /// Also show this many runner-up plans.
+    #[arg(long, default_value_t = 3)]
+    top: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Overwrite files given with --out or in --plots.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: TuneArgs) -> Result<()> {
+    let catalog = Catalog::builtin()?;
+    let cwd = std::path::Path::new(".");
+    let (model, mut notes) = resolve_model(&catalog, &args.model, cwd)?;
+    let hardware = HardwareRef {
+        gpu: args.gpu.clone(),
+        host: args.host.clone(),
+        profile: args.profile.as_ref().map(|p| p.display().to_string()),
+        device_memory: args.device_mem.as_deref().map(parse_bytes).transpose()?,
+        host_memory: args.host_mem.as_deref().map(parse_bytes).transpose()?,
+    };
+    let (profile, hardware_notes) = resolve_hardware(&catalog, &hardware, cwd)?;
+    notes.extend(hardware_notes);
+    if profile.device_name == "cpu" && hardware.device_memory.is_none() {
+        notes.push(format!(
+            "planning the cpu backend with the default {} RAM budget; set it with --device-mem",
+            ferry_core::units::format_bytes(profile.device_memory_bytes)
+        ));
+    }
+    let objective = match args.objective {
+        ObjectiveArg::Throughput => Objective::Throughput,
+        ObjectiveArg::Latency => Objective::Latency,
+    };
+    let batch = match args.batch.as_str() {
+        "auto" => BatchChoice::Auto { max: if objective == Objective::Latency { 1 } else { 64 } },
+        text => {
+            let n: u64 = text
+                .parse()
+                .map_err(|_| ferry_core::CoreError::invalid(format!("--batch '{text}': give a number or auto")))?;
+            if n == 0 {
+                return Err(ferry_core::CoreError::invalid("--batch must be at least 1").into());
+            }
+            BatchChoice::Fixed(n)
+        }
+    };
+    if args.prompt_len == 0 || args.gen_len == 0 {
+        return Err(ferry_core::CoreError::invalid("--prompt-len and --gen-len must be at least 1").into());
+    }
+    let weight_dtype = match args.weight_dtype.as_deref() {
+        None => match model.dtype {
+            // The engine computes in f32 and reads f16/bf16; int types are not executable.
+            Dtype::Int8 | Dtype::Int4 => Dtype::F16,
+            d => d,
+        },
+        Some("f32") => Dtype::F32,
+        Some("f16") => Dtype::F16,
+        Some("bf16") => Dtype::Bf16,
+        Some(other) => {
+            return Err(ferry_core::CoreError::invalid(format!("--weight-dtype '{other}': use f32, f16 or bf16")).into())
+        }
+    };
+    let mut space = KnobSpace::full();
+    if let Some(name) = &args.schedule {
+        space.schedules = vec![Schedule::parse(name)?];
+    }
+    for note in &notes {
+        eprintln!("note: {note}");
+    }
+    let request = TuneRequest {
+        model: &model,
+        profile: &profile,
+        prompt_len: args.prompt_len,
+        gen_len: args.gen_len,
+        batch,
+        objective,
+        weight_dtype,
+        kv_dtype: if weight_dtype == Dtype::F32 { Dtype::F32 } else { Dtype::F16 },
+    };
+    let started = Instant::now();
+    let comparison = tune_and_compare(&request, &space).map_err(|e| match e {
+        // A request no plan can satisfy is the user's to change: a usage error.
+        TuneError::Impossible(message) => anyhow::Error::new(ferry_core::CoreError::invalid(message)),
+        other => anyhow::Error::new(other),
+    })?;
+    let search_time = started.elapsed();
+    let Comparison { result, baselines: baseline_results, adopted_baseline } = comparison;
+    if let Some(name) = adopted_baseline {
+        eprintln!("note: the {name} baseline beat the searched plans; it is the plan");
+    }
+    let batch_size = result.best.workload.batch_size;
+    let plan = Plan {
+        model: if std::path::Path::new(&args.model).exists() { args.model.clone() } else { model.name.clone() },
+        hardware: hardware.clone(),
+        workload: result.best.workload,
+        policy: result.best.policy.clone(),
+        predicted: Some(PredictionNote {
+            tokens_per_s: round3(result.best.metrics.tokens_per_s),
+            time_to_first_token_s: round3(result.best.metrics.time_to_first_token_ns as f64 / 1e9),
+            time_per_output_token_s: round3(result.best.metrics.time_per_output_token_ns as f64 / 1e9),
+            profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
+        }),
+    };
+    if let Some(path) = &args.out {
+        let text = format!(
+            "# Written by `ferry tune` for {} on {}; run `ferry simulate --plan {}` to predict it again.\n{}",
+            model.name,
+            profile.device_name,
+            path.display(),
+            ferry_core::yaml::to_yaml_string(&plan)?
+        );
+        ferry_core::yaml::write_new_file(path, &text, args.force)?;
+    }
+    if let Some(dir) = &args.plots {
+        crate::plots_cmd::tune_plots(dir, &request, &space, &result, args.force)?;
+    }
+    if args.json {
+        let baselines_json: Vec<serde_json::Value> = baseline_results
+            .iter()
+            .map(|b| match &b.outcome {
+                Ok(c) => serde_json::json!({"name": b.name, "tokens_per_s": c.metrics.tokens_per_s, "metrics": c.metrics, "policy": c.policy}),
+                Err(e) => serde_json::json!({"name": b.name, "error": e}),
+            })
+            .collect();
+        let out = serde_json::json!({
+            "plan": plan,
+            "metrics": result.best.metrics,
+            "search": result.stats,
+            "search_seconds": search_time.as_secs_f64(),
+            "baselines": baselines_json,
+            "top": result.top.iter().take(args.top + 1).map(|c| serde_json::json!({"policy": c.policy, "workload": c.workload, "tokens_per_s": c.metrics.tokens_per_s})).collect::<Vec<_>>(),
+            "by_batch": result.by_batch,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let stats = &result.stats;
+    println!(
+        "{} on {} (device {} usable of {}): prompt {} tokens, {} new tokens per sequence, objective {}",
+        model.name,
+        profile.device_name,
+        ferry_core::units::format_bytes(ferry_core::schedule::pool_capacities(&profile).0),
+        ferry_core::units::format_bytes(profile.device_memory_bytes),
+        args.prompt_len,
+        args.gen_len,
+        match objective {
+            Objective::Throughput => "throughput",
+            Objective::Latency => "latency",
+        }
+    );
+    println!("{}", report::provenance_line(&profile));
+    println!(
+        "search: {} configurations considered, {} LP bounds solved ({} configurations bounded, {} infeasible), {} pruned by bound, {} ranked out, {} simulated ({} rejected) in {:.2} s\n",
+        group_digits(stats.considered),
+        stats.lp_solves,
+        group_digits(stats.bounded),
+        group_digits(stats.infeasible),
+        group_digits(stats.pruned),
+        group_digits(stats.ranked_out),
+        stats.simulated,
+        stats.rejected,
+        search_time.as_secs_f64()
+    );
+    println!("Best plan (batch {}):", batch_size);
+    print!("{}", report::policy_table(&result.best.policy));
+    println!();
+    print!("{}", report::metrics_text(&result.best.metrics));
+    println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");
+    let mut table = Table::new(["policy", "batch", "tokens/s", "first token", "per token", "vs ferry", "bottleneck"]);
+    let best = &result.best;
+    table.row(row("ferry (this plan)", best, best));
+    for baseline in &baseline_results {
+        match &baseline.outcome {
+            Ok(c) => table.row(row(baseline.name, c, best)),
+            Err(e) => table.row([
+                baseline.name.to_string(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+                e.clone(),
+            ]),
+        }
+    }
+    print!("{}", table.render());
+    for baseline in &baseline_results {
+        println!("  {}: {}", baseline.name, baseline.description);
+    }
+    if args.top > 0 && result.top.len() > 1 {
+        println!("\nRunners-up:");
+        let mut table = Table::new([
+            "#",
+            "tokens/s",
+            "batch",
+            "schedule",
+            "depth",
+            "chunk",
+            "streams/io",
+            "device layers (attn/mlp/kv)",
+        ]);
+        for (i, c) in result.top.iter().skip(1).take(args.top).enumerate() {
+            let p = &c.policy;
+            table.row([
+                (i + 2).to_string(),
+                format!("{:.2}", c.metrics.tokens_per_s),
+                format!("{}×{}", p.micro_batch_size, p.num_micro_batches),
+                p.schedule.name().to_string(),
+                p.prefetch_depth.to_string(),
+                ferry_core::units::format_bytes(p.chunk_bytes),
+                format!("{}/{}", p.copy_streams, p.io_queue_depth),
+                format!("{}/{}/{}", p.attention_weights.device, p.mlp_weights.device, p.kv_cache.device),
+            ]);
+        }
+        print!("{}", table.render());
+    }
+    match &args.out {
+        Some(path) => println!("\nwrote {} (run it through the simulator again with `ferry simulate --plan {}`)", path.display(), path.display()),
+        None => println!("\nsave this plan with --out plan.yaml; export it for other engines with `ferry export --plan plan.yaml --to llama.cpp|vllm|accelerate|flexgen`"),
+    }
+    if let Some(dir) = &args.plots {
+        println!("wrote plots to {}", dir.display());
+    }
+    if result.best.metrics.tokens_per_s <= 0.0 {
+        bail!("the best plan predicts no throughput; this is a bug");
+    }
+    Ok(())
+}
+
+fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
+    vec![
+        name.to_string(),
+        c.workload.batch_size.to_string(),
+        format!("{:.2}", c.metrics.tokens_per_s),
+        format_ns(c.metrics.time_to_first_token_ns),
+        format_ns(c.metrics.time_per_output_token_ns),
+        format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),
+        c.metrics.bottleneck.name().to_string(),
+    ]
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// 216000 → "216,000".
+fn group_digits(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
