@@ -143,3 +143,141 @@ fn malformed_plan_names_file_and_line() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("rtx3060-13b-layer-prefetch.yaml:") && stderr.contains("layer-prefech"), "{stderr}");
 }
+
+#[test]
+fn tune_prints_a_plan_writes_it_and_it_simulates_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(
+        dir.path(),
+        &[
+            "tune",
+            "--gpu",
+            "rtx3060-laptop-6gb",
+            "--model",
+            "7b",
+            "--batch",
+            "4",
+            "--prompt-len",
+            "128",
+            "--gen-len",
+            "8",
+            "--out",
+            "plan.yaml",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for needle in [
+        "configurations considered",
+        "Best plan",
+        "tokens/s",
+        "first token",
+        "per output token",
+        "bottleneck",
+        "accelerate",
+        "llama.cpp",
+        "flexgen",
+        "device",
+        "datasheet",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+    let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
+    let parsed: serde_json::Value = serde_norway::from_str(&plan).unwrap();
+    let predicted = parsed["predicted"]["tokens_per_s"].as_f64().unwrap();
+    let sim = ferry(dir.path(), &["simulate", "--plan", "plan.yaml", "--json"]);
+    assert!(sim.status.success(), "{}", text(&sim.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&sim.stdout).unwrap();
+    let simulated = json["metrics"]["tokens_per_s"].as_f64().unwrap();
+    assert!((simulated - predicted).abs() / predicted < 0.001, "tune said {predicted}, simulate says {simulated}");
+    // Not overwritten without --force.
+    let again = ferry(
+        dir.path(),
+        &["tune", "--gpu", "rtx3060-laptop-6gb", "--model", "7b", "--batch", "4", "--out", "plan.yaml"],
+    );
+    assert_eq!(again.status.code(), Some(2));
+    // Every engine export runs on it.
+    for engine in ["llama.cpp", "vllm", "accelerate", "flexgen"] {
+        let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", engine]);
+        assert!(out.status.success(), "{engine}: {}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("cannot express"), "{engine}");
+    }
+    let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "tensorrt"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn tune_json_reports_search_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(
+        dir.path(),
+        &[
+            "tune",
+            "--gpu",
+            "cpu",
+            "--device-mem",
+            "512MiB",
+            "--host",
+            "ferry-ci-vm",
+            "--model",
+            "tinyllama",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "32",
+            "--gen-len",
+            "4",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["search"]["considered"].as_u64().unwrap() > json["search"]["simulated"].as_u64().unwrap());
+    assert_eq!(json["plan"]["workload"]["batch_size"], 2);
+    assert_eq!(json["baselines"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn tune_rejects_impossible_budgets_and_unknown_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["tune", "--gpu", "cpu", "--device-mem", "16MiB", "--model", "13b"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("device memory") && stderr.contains("short by"), "{stderr}");
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3070", "--model", "13b"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("did you mean"));
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060", "--model", "13b", "--schedule", "zigzag"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("zigzag-block"));
+}
+
+#[test]
+fn tune_plots_draws_png_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(
+        dir.path(),
+        &[
+            "tune",
+            "--gpu",
+            "rtx3060-laptop-6gb",
+            "--model",
+            "tinyllama",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "32",
+            "--gen-len",
+            "4",
+            "--plots",
+            "plots",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for stem in ["throughput-vs-batch", "decode-step-timeline", "throughput-vs-device-memory"] {
+        for ext in ["png", "svg"] {
+            let path = dir.path().join("plots").join(format!("{stem}.{ext}"));
+            assert!(std::fs::metadata(&path).map(|m| m.len() > 1000).unwrap_or(false), "{path:?}");
+        }
+    }
+}

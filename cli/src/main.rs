@@ -2,6 +2,7 @@
 //! everything it shows is computed by the library crates.
 
 mod catalog_cmds;
+mod export_cmd;
 mod plots_cmd;
 mod report;
 mod simulate_cmd;
@@ -14,8 +15,8 @@ use clap::{Parser, Subcommand};
 
 /// Plan, predict and run LLM inference on GPUs (or CPUs) too small for the model.
 ///
-/// Start with `ferry show model 13b`, or list what the catalog knows with
-/// `ferry list gpus|models|hosts`.
+/// Start with `ferry tune --gpu rtx3060 --model 13b`; list what the catalog knows
+/// with `ferry list gpus|models|hosts`.
 #[derive(Parser)]
 #[command(name = "ferry", version, about, long_about = None, propagate_version = true)]
 struct Cli {
@@ -34,7 +35,10 @@ enum Command {
     Simulate(simulate_cmd::SimulateArgs),
     /// Find the best plan for a GPU (or the CPU) and a model: placement, batching,
     /// schedule and transfer knobs, with predicted speed, memory and utilization.
-    Tune(tune_cmd::TuneArgs),
+    Tune(Box<tune_cmd::TuneArgs>),
+    /// Translate a plan into llama.cpp, vLLM, Accelerate or FlexGen settings, and list
+    /// what each cannot express.
+    Export(export_cmd::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,7 +47,8 @@ fn main() -> ExitCode {
         Command::List(args) => catalog_cmds::list(args),
         Command::Show(args) => catalog_cmds::show(args),
         Command::Simulate(args) => simulate_cmd::run(args),
-        Command::Tune(args) => tune_cmd::run(args),
+        Command::Tune(args) => tune_cmd::run(*args),
+        Command::Export(args) => export_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

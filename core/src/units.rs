@@ -59,6 +59,14 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// `Some("256MiB")` when `bytes` is a whole number of GiB, MiB or KiB (and not zero).
+pub fn exact_binary_size(bytes: u64) -> Option<String> {
+    [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)]
+        .into_iter()
+        .find(|(_, size)| bytes > 0 && bytes.is_multiple_of(*size))
+        .map(|(name, size)| format!("{}{name}", bytes / size))
+}
+
 /// Formats a duration in integer nanoseconds for people: `1.23 s`, `45.6 ms`, `789 µs`.
 pub fn format_ns(ns: u64) -> String {
     let value = ns as f64;
@@ -77,8 +85,13 @@ pub fn format_ns(ns: u64) -> String {
 pub mod bytes_serde {
     use serde::{de, Deserializer, Serializer};
 
+    /// Written the way people write sizes (`256MiB`, `12GiB`) when that is exact, so plan
+    /// files read well; any other count as a plain number.
     pub fn serialize<S: Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u64(*value)
+        match super::exact_binary_size(*value) {
+            Some(text) => serializer.serialize_str(&text),
+            None => serializer.serialize_u64(*value),
+        }
     }
 
     /// A visitor (not an untagged enum) so the parser keeps the error's line.
@@ -144,5 +157,9 @@ mod tests {
         assert_eq!(format_bytes(3 * GIB / 2), "1.50 GiB");
         assert_eq!(format_bytes(100), "100 B");
         assert_eq!(format_ns(1_500_000), "1.50 ms");
+        assert_eq!(exact_binary_size(256 * MIB).as_deref(), Some("256MiB"));
+        assert_eq!(exact_binary_size(12 * GIB).as_deref(), Some("12GiB"));
+        assert_eq!(exact_binary_size(1000), None);
+        assert_eq!(parse_bytes(&exact_binary_size(3 * KIB).unwrap()).unwrap(), 3 * KIB);
     }
 }

@@ -1064,9 +1064,23 @@ pub struct Comparison {
 
 /// Searches, simulates the baselines at the winner's batch, and makes sure the plan
 /// returned is never worse in simulation than any baseline.
+///
+/// The search ranks with sampled extrapolation; the winner and the baselines are then
+/// simulated step by step, so the figures reported are those `ferry simulate` gives.
 pub fn tune_and_compare(request: &TuneRequest, space: &KnobSpace) -> Result<Comparison, TuneError> {
     let mut result = tune(request, space)?;
-    let baselines = baselines(request, result.best.workload.batch_size);
+    let exact = |c: &Candidate| -> Result<Candidate, SimError> {
+        let p = predict(&c.policy, request.model, &c.workload, request.profile, Extrapolation::Full)?;
+        Ok(Candidate { metrics: p.metrics, ..c.clone() })
+    };
+    result.best = exact(&result.best)?;
+    result.top[0] = result.best.clone();
+    let mut baselines = baselines(request, result.best.workload.batch_size);
+    for baseline in &mut baselines {
+        if let Ok(c) = &baseline.outcome {
+            baseline.outcome = exact(c).map_err(|e| e.to_string());
+        }
+    }
     let mut adopted_baseline = None;
     for baseline in &baselines {
         if let Ok(candidate) = &baseline.outcome {

@@ -1,0 +1,133 @@
+//! Tuner behaviour: never worse than the baselines, plans that fit, the whole model on
+//! the device when it fits, determinism, clear errors for impossible requests.
+
+use ferry_core::catalog::Catalog;
+use ferry_core::hardware::Hardware;
+use ferry_core::model::{Dtype, ModelSpec};
+use ferry_core::plan::Tier;
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::units::MIB;
+use ferry_sim::cost::CostModel;
+use ferry_sim::tune::{tune, tune_and_compare, BatchChoice, KnobSpace, Objective, TuneError, TuneRequest};
+use ferry_sim::{predict, simulate, Extrapolation};
+
+fn setup(gpu: &str, host: &str, model: &str, device_mem: Option<u64>) -> (ModelSpec, Profile) {
+    let catalog = Catalog::builtin().unwrap();
+    let gpu = catalog.gpu(gpu).unwrap().value;
+    let host = catalog.host(host).unwrap().value;
+    let mut profile = Profile::from_datasheet(&Hardware { gpu, host });
+    if let Some(bytes) = device_mem {
+        profile.device_memory_bytes = bytes;
+        profile.memory_reserve_fraction = 0.0;
+    }
+    (catalog.model(model).unwrap().value, profile)
+}
+
+fn request<'a>(model: &'a ModelSpec, profile: &'a Profile, batch: BatchChoice) -> TuneRequest<'a> {
+    TuneRequest {
+        model,
+        profile,
+        prompt_len: 256,
+        gen_len: 16,
+        batch,
+        objective: Objective::Throughput,
+        weight_dtype: Dtype::F16,
+        kv_dtype: Dtype::F16,
+    }
+}
+
+const SCENARIOS: [(&str, &str, &str, Option<u64>); 4] = [
+    ("rtx3060-12gb", "desktop-pcie4", "llama-2-13b", None),
+    ("rtx3060-laptop-6gb", "laptop-pcie3", "llama-2-7b", None),
+    ("t4", "gcp-t4-flexgen", "opt-30b", None),
+    ("cpu", "ferry-ci-vm", "tinyllama-1.1b", Some(512 * MIB)),
+];
+
+#[test]
+fn tuned_plan_is_never_worse_than_a_baseline_and_fits() {
+    for (gpu, host, model_name, device_mem) in SCENARIOS {
+        let (model, profile) = setup(gpu, host, model_name, device_mem);
+        let req = request(&model, &profile, BatchChoice::Auto { max: 16 });
+        let comparison = tune_and_compare(&req, &KnobSpace::full()).unwrap();
+        let best = &comparison.result.best;
+        // The search itself should find these plans; adopting a baseline is only the safety net.
+        assert_eq!(comparison.adopted_baseline, None, "{gpu}/{model_name}: search lost to a baseline");
+        for baseline in &comparison.baselines {
+            if let Ok(c) = &baseline.outcome {
+                assert!(
+                    best.metrics.tokens_per_s >= c.metrics.tokens_per_s,
+                    "{gpu}/{model_name}: {} {} tok/s beats the plan's {}",
+                    baseline.name,
+                    c.metrics.tokens_per_s,
+                    best.metrics.tokens_per_s
+                );
+            }
+        }
+        // The emitted plan fits its budgets when every step is simulated.
+        let graph = lower(&best.policy, &model, &best.workload, &profile, &Steps::All).unwrap();
+        graph.check_fits().unwrap();
+        let full = predict(&best.policy, &model, &best.workload, &profile, Extrapolation::Full).unwrap();
+        for pool in &full.metrics.pools {
+            assert!(pool.peak_bytes <= pool.capacity_bytes, "{gpu}/{model_name}: {:?}", pool);
+        }
+        let out = simulate(&graph, &CostModel::new(&profile, &model)).unwrap();
+        assert_eq!(out.trace.spans.len(), graph.tasks.len());
+        assert!(
+            comparison.result.stats.simulated > 0
+                && comparison.result.stats.considered > comparison.result.stats.simulated
+        );
+    }
+}
+
+#[test]
+fn a_model_that_fits_stays_on_the_device() {
+    for (gpu, host, model_name) in
+        [("a100-80gb", "server-pcie4", "llama-2-7b"), ("rtx4090", "desktop-pcie4", "tinyllama-1.1b")]
+    {
+        let (model, profile) = setup(gpu, host, model_name, None);
+        let req = request(&model, &profile, BatchChoice::Fixed(4));
+        let best = tune_and_compare(&req, &KnobSpace::full()).unwrap().result.best;
+        let layers = model.num_layers;
+        let p = &best.policy;
+        assert_eq!(p.attention_weights.device, layers, "{gpu}: {p:?}");
+        assert_eq!(p.mlp_weights.device, layers);
+        assert_eq!(p.kv_cache.device, layers);
+        assert_eq!((p.embeddings, p.head), (Tier::Device, Tier::Device));
+    }
+}
+
+#[test]
+fn tuning_is_deterministic() {
+    let (model, profile) = setup("rtx3060-laptop-6gb", "laptop-pcie3", "llama-2-13b", None);
+    let req = request(&model, &profile, BatchChoice::Auto { max: 16 });
+    let a = tune(&req, &KnobSpace::full()).unwrap();
+    let b = tune(&req, &KnobSpace::full()).unwrap();
+    assert_eq!(a.best.policy, b.best.policy);
+    assert_eq!(a.best.metrics, b.best.metrics);
+    assert_eq!(a.stats, b.stats);
+}
+
+#[test]
+fn impossible_budget_names_the_constraint_and_shortfall() {
+    let (model, profile) = setup("cpu", "ferry-ci-vm", "llama-2-13b", Some(64 * MIB));
+    let req = request(&model, &profile, BatchChoice::Auto { max: 8 });
+    match tune(&req, &KnobSpace::full()) {
+        Err(TuneError::Impossible(message)) => {
+            assert!(message.contains("device memory") && message.contains("short by"), "{message}");
+        }
+        other => panic!("expected an impossible-request error, got {other:?}"),
+    }
+}
+
+#[test]
+fn restricting_the_schedule_is_honoured() {
+    let (model, profile) = setup("rtx3060-12gb", "desktop-pcie4", "llama-2-13b", None);
+    let req = request(&model, &profile, BatchChoice::Fixed(8));
+    for schedule in ferry_core::plan::Schedule::ALL {
+        let space = KnobSpace { schedules: vec![schedule], ..KnobSpace::full() };
+        let result = tune(&req, &space).unwrap();
+        assert!(result.top.iter().all(|c| c.policy.schedule == schedule));
+        assert_eq!(result.best.workload.batch_size, 8);
+    }
+}
