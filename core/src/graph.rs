@@ -159,6 +159,9 @@ pub struct MemOp {
 /// Marks "no layer" for embeddings and head tasks.
 pub const NO_LAYER: u32 = u32::MAX;
 
+/// Marks a weight transfer that moves its whole group (not one pipelined piece).
+pub const WHOLE_GROUP: u32 = u32::MAX;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub kind: TaskKind,
@@ -176,6 +179,9 @@ pub struct Task {
     pub context: u32,
     /// Request size for transfers.
     pub chunk_bytes: u64,
+    /// Which piece of its weight group a pipelined transfer moves
+    /// (`schedule::weight_pieces`), or `WHOLE_GROUP`.
+    pub piece: u32,
     /// Host→device copies from page-locked memory.
     pub pinned: bool,
     pub deps: Vec<TaskId>,

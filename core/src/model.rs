@@ -121,6 +121,21 @@ fn default_dtype() -> Dtype {
     Dtype::F16
 }
 
+/// One stored tensor of a weight group: its Hugging Face name and 2-D shape
+/// (rows × cols; vectors are one row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub rows: u64,
+    pub cols: u64,
+}
+
+impl TensorSpec {
+    pub fn elements(&self) -> u64 {
+        self.rows * self.cols
+    }
+}
+
 /// Parameter counts of one model, by group.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ParamCounts {
@@ -198,6 +213,95 @@ impl ModelSpec {
             embeddings,
             head,
             total,
+        }
+    }
+
+    /// The tensors of one weight group of `layer` (ignored for embeddings and head), in
+    /// the order Ferry stores and reads them. Their elements add up to the group's
+    /// parameters.
+    pub fn group_tensors(&self, group: WeightGroup, layer: u64) -> Vec<TensorSpec> {
+        let h = self.hidden_size;
+        let kv = self.kv_dim();
+        let ffn = self.intermediate_size;
+        let t = |name: String, rows: u64, cols: u64| TensorSpec { name, rows, cols };
+        if self.family == Family::Opt {
+            let p = format!("model.decoder.layers.{layer}");
+            return match group {
+                WeightGroup::Attention => {
+                    let mut v = vec![
+                        t(format!("{p}.self_attn_layer_norm.weight"), 1, h),
+                        t(format!("{p}.self_attn_layer_norm.bias"), 1, h),
+                    ];
+                    for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                        v.push(t(format!("{p}.self_attn.{proj}.weight"), h, h));
+                        v.push(t(format!("{p}.self_attn.{proj}.bias"), 1, h));
+                    }
+                    v
+                }
+                WeightGroup::Mlp => vec![
+                    t(format!("{p}.final_layer_norm.weight"), 1, h),
+                    t(format!("{p}.final_layer_norm.bias"), 1, h),
+                    t(format!("{p}.fc1.weight"), ffn, h),
+                    t(format!("{p}.fc1.bias"), 1, ffn),
+                    t(format!("{p}.fc2.weight"), h, ffn),
+                    t(format!("{p}.fc2.bias"), 1, h),
+                ],
+                WeightGroup::Embeddings => vec![
+                    t("model.decoder.embed_tokens.weight".into(), self.vocab_size, h),
+                    t("model.decoder.embed_positions.weight".into(), self.max_position_embeddings + 2, h),
+                ],
+                WeightGroup::Head => vec![
+                    t("model.decoder.final_layer_norm.weight".into(), 1, h),
+                    t("model.decoder.final_layer_norm.bias".into(), 1, h),
+                ],
+            };
+        }
+        let p = format!("model.layers.{layer}");
+        match group {
+            WeightGroup::Attention => {
+                let mut v = vec![
+                    t(format!("{p}.input_layernorm.weight"), 1, h),
+                    t(format!("{p}.self_attn.q_proj.weight"), h, h),
+                ];
+                if self.qkv_bias {
+                    v.push(t(format!("{p}.self_attn.q_proj.bias"), 1, h));
+                }
+                v.push(t(format!("{p}.self_attn.k_proj.weight"), kv, h));
+                if self.qkv_bias {
+                    v.push(t(format!("{p}.self_attn.k_proj.bias"), 1, kv));
+                }
+                v.push(t(format!("{p}.self_attn.v_proj.weight"), kv, h));
+                if self.qkv_bias {
+                    v.push(t(format!("{p}.self_attn.v_proj.bias"), 1, kv));
+                }
+                v.push(t(format!("{p}.self_attn.o_proj.weight"), h, h));
+                v
+            }
+            WeightGroup::Mlp => {
+                let mut v = vec![t(format!("{p}.post_attention_layernorm.weight"), 1, h)];
+                if self.num_experts > 0 {
+                    v.push(t(format!("{p}.block_sparse_moe.gate.weight"), self.num_experts, h));
+                    for e in 0..self.num_experts {
+                        let q = format!("{p}.block_sparse_moe.experts.{e}");
+                        v.push(t(format!("{q}.w1.weight"), ffn, h));
+                        v.push(t(format!("{q}.w2.weight"), h, ffn));
+                        v.push(t(format!("{q}.w3.weight"), ffn, h));
+                    }
+                } else {
+                    v.push(t(format!("{p}.mlp.gate_proj.weight"), ffn, h));
+                    v.push(t(format!("{p}.mlp.up_proj.weight"), ffn, h));
+                    v.push(t(format!("{p}.mlp.down_proj.weight"), h, ffn));
+                }
+                v
+            }
+            WeightGroup::Embeddings => vec![t("model.embed_tokens.weight".into(), self.vocab_size, h)],
+            WeightGroup::Head => {
+                let mut v = vec![t("model.norm.weight".into(), 1, h)];
+                if !self.tie_word_embeddings {
+                    v.push(t("lm_head.weight".into(), self.vocab_size, h));
+                }
+                v
+            }
         }
     }
 
@@ -414,6 +518,22 @@ mod tests {
             for dtype in [Dtype::F32, Dtype::F16, Dtype::Int8] {
                 assert_eq!(m.total_bytes(dtype), dtype.bytes_of(m.params().total), "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn group_tensors_add_up_to_the_parameter_counts() {
+        for name in ["llama-2-7b", "llama-2-70b", "mixtral-8x7b", "qwen2.5-14b", "opt-13b", "test-tiny"] {
+            let m = model(name);
+            let p = m.params();
+            let sum = |g| m.group_tensors(g, 0).iter().map(TensorSpec::elements).sum::<u64>();
+            assert_eq!(
+                sum(WeightGroup::Attention) + sum(WeightGroup::Mlp),
+                p.attention_per_layer + p.mlp_per_layer + p.norms_per_layer,
+                "{name}"
+            );
+            assert_eq!(sum(WeightGroup::Embeddings), p.embeddings, "{name}");
+            assert_eq!(sum(WeightGroup::Head), p.head, "{name}");
         }
     }
 

@@ -22,13 +22,58 @@
 use crate::error::{CoreError, Result};
 use crate::graph::{
     MemOp, Op, Payload, Pool, PoolSpec, Resource, ResourceSpec, Task, TaskGraph, TaskId, TaskKind, NO_LAYER,
+    WHOLE_GROUP,
 };
 use crate::model::{ModelSpec, WeightGroup};
 use crate::plan::{Policy, Schedule, Tier, Workload};
 use crate::profile::Profile;
 
-/// Most tasks one weight-group transfer is split into by the `pipelined` schedule.
+/// About how many tasks one weight-group transfer is split into by the `pipelined`
+/// schedule: finer tasks add events, not overlap.
 pub const MAX_PIPELINE_PIECES: u64 = 16;
+
+/// A piece of a weight group moved by one pipelined task: rows `row_start ..
+/// row_start + rows` of the group's tensor number `tensor` (see
+/// `ModelSpec::group_tensors`). The simulator needs only the bytes; the engine
+/// multiplies by each row block as it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub tensor: u32,
+    pub row_start: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// The pieces of one weight group for a `pipelined` transfer with `chunk_bytes`
+/// requests: each tensor is cut into row blocks of about max(chunk, group ÷ 16) bytes.
+pub fn weight_pieces(
+    model: &ModelSpec,
+    group: WeightGroup,
+    layer: u64,
+    dtype: crate::model::Dtype,
+    chunk_bytes: u64,
+) -> Vec<Piece> {
+    let tensors = model.group_tensors(group, layer);
+    let total: u64 = tensors.iter().map(|t| dtype.bytes_of(t.elements())).sum();
+    let target = chunk_bytes.max(total.div_ceil(MAX_PIPELINE_PIECES)).max(1);
+    let mut pieces = Vec::new();
+    for (index, tensor) in tensors.iter().enumerate() {
+        let row_bytes = dtype.bytes_of(tensor.cols).max(1);
+        let rows_per_piece = (target / row_bytes).max(1);
+        let mut row = 0;
+        while row < tensor.rows {
+            let rows = rows_per_piece.min(tensor.rows - row);
+            pieces.push(Piece {
+                tensor: index as u32,
+                row_start: row,
+                rows,
+                bytes: dtype.bytes_of(rows * tensor.cols),
+            });
+            row += rows;
+        }
+    }
+    pieces
+}
 
 /// Which decode steps to lower. The prefill (step 0) is always included.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +231,7 @@ impl<'a> Builder<'a> {
             tokens: 0,
             context: 0,
             chunk_bytes: 0,
+            piece: WHOLE_GROUP,
             pinned: false,
             deps: Vec::new(),
             acquire: Vec::new(),
@@ -333,27 +379,24 @@ impl<'a> Builder<'a> {
         }
         let bytes = self.model.group_bytes(group, self.policy.weight_dtype);
         let chunk = self.policy.chunk_bytes;
-        // Only the pipelined schedule makes each chunk its own task.
-        let pieces: Vec<u64> = if self.policy.schedule == Schedule::Pipelined {
-            // Tasks of at least 1/MAX_PIPELINE_PIECES of the group: finer tasks add events,
-            // not overlap. Requests inside a task are still `chunk_bytes`.
-            let piece = chunk.max(bytes.div_ceil(MAX_PIPELINE_PIECES));
-            let full = bytes / piece;
-            let mut pieces = vec![piece; full as usize];
-            if !bytes.is_multiple_of(piece) {
-                pieces.push(bytes % piece);
-            }
-            pieces
+        // Only the pipelined schedule makes each piece its own task; others move the whole group.
+        let pieces: Vec<(u32, u64)> = if self.policy.schedule == Schedule::Pipelined {
+            weight_pieces(self.model, group, layer as u64, self.policy.weight_dtype, chunk)
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u32, p.bytes))
+                .collect()
         } else {
-            vec![bytes]
+            vec![(WHOLE_GROUP, bytes)]
         };
         let slot = usize::from(group != WeightGroup::Attention);
         let payload = Payload::Weights { group };
         let mut loaded = Loaded { ready: Vec::new(), device_bytes: bytes };
-        for piece in pieces {
+        for (piece_index, piece) in pieces {
             let mut deps = gate.to_vec();
             if tier == Tier::Disk {
                 let mut read = Builder::new_task(TaskKind::DiskRead, payload, layer, first_j, step);
+                read.piece = piece_index;
                 read.bytes = piece;
                 read.chunk_bytes = chunk.min(piece);
                 read.deps = deps;
@@ -367,6 +410,7 @@ impl<'a> Builder<'a> {
                 deps = vec![id];
             }
             let mut copy = Builder::new_task(TaskKind::HostToDevice, payload, layer, first_j, step);
+            copy.piece = piece_index;
             copy.bytes = piece;
             copy.chunk_bytes = chunk.min(piece);
             copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];

@@ -53,6 +53,7 @@ pub fn task(kind: TaskKind, bytes: u64, flops: u64, deps: Vec<TaskId>) -> Task {
         tokens: 1,
         context: 1,
         chunk_bytes: bytes.max(4096),
+        piece: WHOLE_GROUP,
         pinned: true,
         deps,
         acquire: Vec::new(),
