@@ -14,7 +14,11 @@
 //! * KV loads of micro-batch `j` wait for the attention of `j − 2` in the same visit
 //!   (double buffering), the first two for the weight gate;
 //! * a task's memory is acquired when it starts and released when it ends; streamed
-//!   weights are released by their last consumer.
+//!   weights are released by their last consumer;
+//! * a KV load of (layer, micro-batch) waits for the previous store of the same cache
+//!   (data, not just a gate: the engine reads what that store wrote);
+//! * the task that frees a visit's streamed weights waits for every other consumer of
+//!   them (micro-batches can otherwise finish out of order under the dispatch rule).
 //!
 //! Where the hidden state of each micro-batch lives (device or host) is tracked, and
 //! an activation copy is emitted whenever the next operation runs on the other side.
@@ -171,6 +175,9 @@ struct Builder<'a> {
     /// pinned[layer][0 = attention, 1 = MLP]: host-resident weights inside the pinned budget.
     pinned: Vec<[bool; 2]>,
     kv_pinned: bool,
+    /// Last task that wrote KV of (layer, micro-batch) to where the cache lives: the next
+    /// load of that cache must wait for it (a data dependency, not only a gate).
+    last_kv_store: std::collections::HashMap<(u32, u32), TaskId>,
 }
 
 impl<'a> Builder<'a> {
@@ -206,6 +213,7 @@ impl<'a> Builder<'a> {
             last_head: vec![None; micro_batches],
             pinned,
             kv_pinned: host_kv <= pinned_left,
+            last_kv_store: std::collections::HashMap::new(),
         }
     }
 
@@ -434,6 +442,7 @@ impl<'a> Builder<'a> {
         let mlp = self.load_weights(WeightGroup::Mlp, layer, step, first_j, &gate);
         let on_host = self.policy.layer_on_host(layer as u64);
         let mut attention_tasks: Vec<TaskId> = Vec::new();
+        let mut mlp_tasks: Vec<TaskId> = Vec::new();
         let mut last_mlp = 0;
         for j in js {
             let is_last = j == last_j;
@@ -443,7 +452,13 @@ impl<'a> Builder<'a> {
                 self.attention_on_host_layer(step, layer, j)
             } else {
                 let release = if is_last { attention.device_bytes } else { 0 };
-                self.attention(step, layer, j, &attention.ready, release, &kv_gate)
+                // The task that frees the visit's weights runs after every other consumer
+                // of them: micro-batches may otherwise finish out of order.
+                let mut weights_ready = attention.ready.clone();
+                if is_last && release > 0 {
+                    weights_ready.extend(&attention_tasks);
+                }
+                self.attention(step, layer, j, &weights_ready, release, &kv_gate)
             };
             attention_tasks.push(attn_done);
             // MLP.
@@ -456,9 +471,11 @@ impl<'a> Builder<'a> {
             task.deps.extend(&mlp.ready);
             if is_last && mlp.device_bytes > 0 {
                 task.release.push(MemOp { pool: Pool::Device, bytes: mlp.device_bytes });
+                task.deps.extend(&mlp_tasks);
             }
             let id = self.push(task);
             self.set_hidden(j, side, id);
+            mlp_tasks.push(id);
             last_mlp = id;
         }
         self.visit_done.push(last_mlp);
@@ -522,6 +539,7 @@ impl<'a> Builder<'a> {
                 read.bytes = past_kv;
                 read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 read.deps = kv_gate.to_vec();
+                read.deps.extend(self.last_kv_store.get(&(layer, j)));
                 read.acquire.push(MemOp { pool: Pool::Host, bytes: past_kv });
                 let read_id = self.push(read);
                 core.deps.push(read_id);
@@ -533,7 +551,8 @@ impl<'a> Builder<'a> {
                 write.bytes = new_kv;
                 write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 write.deps.push(core_id);
-                self.push(write);
+                let write_id = self.push(write);
+                self.last_kv_store.insert((layer, j), write_id);
             }
             let mut up = Builder::new_task(TaskKind::HostToDevice, Payload::Activations, layer, j, step);
             up.bytes = rows * self.model.activation_bytes_per_token();
@@ -558,6 +577,7 @@ impl<'a> Builder<'a> {
         let mut release_kv = 0;
         if kv_tier != Tier::Device && past_kv > 0 {
             let mut deps = kv_gate.to_vec();
+            deps.extend(self.last_kv_store.get(&(layer, j)));
             if kv_tier == Tier::Disk {
                 let mut read = Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
                 read.bytes = past_kv;
@@ -617,8 +637,9 @@ impl<'a> Builder<'a> {
                 write.bytes = new_kv;
                 write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 write.deps = store_deps;
-                self.push(write);
+                store_deps = vec![self.push(write)];
             }
+            self.last_kv_store.insert((layer, j), store_deps[0]);
         }
         id
     }

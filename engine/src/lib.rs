@@ -1,8 +1,67 @@
-//! ferry-engine: executes a plan's `TaskGraph` for real — weights read from disk,
-//! copied through budgeted memory arenas, layers computed on a backend — and records
-//! a measured `Trace` of the same type the simulator predicts.
+//! ferry-engine: executes a plan's `TaskGraph` for real — weights read from disk with
+//! direct I/O, held in budgeted memory, layers computed on the CPU — and records a
+//! measured `Trace` of the same type the simulator predicts, so the two compare task
+//! by task.
 //!
-//! Must never: guess a duration or hold memory outside its arenas' budgets.
+//! Owns: safetensors reading/writing (`safetensors`), synthetic models (`synth`),
+//! model validation (`weights`), page-aligned memory (`memory`), direct I/O
+//! (`io`), the CPU kernels (`kernels`), the backend boundary (`backend`) and the
+//! executor (`executor`).
 //!
-//! Status: not built yet (issue "Engine"); the crate exists so the workspace layout
-//! matches ARCHITECTURE.md.
+//! Must never: guess a duration (it measures), or hold memory its plan did not
+//! account for beyond a small fixed overhead.
+
+pub mod backend;
+pub mod executor;
+pub mod io;
+pub mod kernels;
+pub mod memory;
+pub mod safetensors;
+pub mod synth;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use executor::{run, RunOptions, RunReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Core(#[from] ferry_core::CoreError),
+    #[error("{file}: {message}")]
+    BadWeights { file: PathBuf, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the plan does not match the model: {0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Deadlock(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn io(path: &Path, source: std::io::Error) -> EngineError {
+        EngineError::Io { path: path.to_path_buf(), source }
+    }
+
+    /// Whether the user's input is at fault (bad files, mismatched plan, refused request).
+    pub fn is_usage_error(&self) -> bool {
+        match self {
+            EngineError::Core(e) => e.is_usage_error(),
+            EngineError::BadWeights { .. }
+            | EngineError::Unsupported(_)
+            | EngineError::Refused(_)
+            | EngineError::Mismatch(_) => true,
+            _ => false,
+        }
+    }
+}

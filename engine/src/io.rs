@@ -1,0 +1,168 @@
+//! Disk I/O: reads with O_DIRECT into page-aligned buffers (the page cache is
+//! bypassed, so the disk, not RAM, is measured), issued as `chunk_bytes` requests by
+//! a pool of `io_queue_depth` threads shared by all disk tasks — the same request
+//! size and requests-in-flight the simulator's disk curve is indexed by.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use crate::memory::{Buffer, PAGE};
+use crate::EngineError;
+
+/// A file opened for direct reads (or, where the file system refuses O_DIRECT,
+/// buffered reads followed by dropping the pages from the cache).
+pub struct DiskFile {
+    pub path: PathBuf,
+    file: File,
+    pub direct: bool,
+}
+
+impl DiskFile {
+    pub fn open(path: &Path, allow_buffered: bool) -> Result<DiskFile, EngineError> {
+        match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(file) => Ok(DiskFile { path: path.to_path_buf(), file, direct: true }),
+            Err(e) if allow_buffered && e.raw_os_error() == Some(libc::EINVAL) => {
+                let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+                Ok(DiskFile { path: path.to_path_buf(), file, direct: false })
+            }
+            Err(e) => Err(EngineError::io(path, e)),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` into `dest` (page-aligned memory, page-multiple
+    /// length, page-aligned offset when direct).
+    fn read_at(&self, dest: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut done = 0;
+        while done < dest.len() {
+            let n = self.file.read_at(&mut dest[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        if !self.direct {
+            // SAFETY: plain advisory call on an open descriptor.
+            unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    offset as i64,
+                    dest.len() as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        Ok(done)
+    }
+}
+
+struct Request {
+    file: Arc<DiskFile>,
+    offset: u64,
+    dest: *mut u8,
+    len: usize,
+    done: mpsc::Sender<std::io::Result<usize>>,
+}
+
+// The destination stays valid and untouched by others until the request's sender is
+// answered (the submitting task waits for every answer before using the buffer).
+unsafe impl Send for Request {}
+
+/// `threads` workers serving read requests: the disk's queue depth.
+pub struct ReadPool {
+    sender: Mutex<Option<mpsc::Sender<Request>>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ReadPool {
+    pub fn new(threads: usize) -> ReadPool {
+        let (sender, receiver) = mpsc::channel::<Request>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let workers = (0..threads.max(1))
+            .map(|i| {
+                let receiver = Arc::clone(&receiver);
+                std::thread::Builder::new()
+                    .name(format!("ferry-io-{i}"))
+                    .spawn(move || loop {
+                        let request = match receiver.lock().map(|r| r.recv()) {
+                            Ok(Ok(request)) => request,
+                            _ => return,
+                        };
+                        // SAFETY: see `Request`.
+                        let dest = unsafe { std::slice::from_raw_parts_mut(request.dest, request.len) };
+                        let result = request.file.read_at(dest, request.offset);
+                        let _ = request.done.send(result);
+                    })
+                    .expect("spawn an I/O thread")
+            })
+            .collect();
+        ReadPool { sender: Mutex::new(Some(sender)), workers }
+    }
+
+    /// Reads the byte ranges `ranges` (absolute file offsets) of `file` one after another
+    /// into a new buffer, as `chunk_bytes` requests in flight on the pool. Returns the
+    /// buffer and, for each range, where its bytes start in it.
+    pub fn read_ranges(
+        &self,
+        file: &Arc<DiskFile>,
+        ranges: &[(u64, u64)],
+        chunk_bytes: u64,
+    ) -> Result<(Buffer, Vec<usize>), EngineError> {
+        // Each range is widened to whole pages (direct I/O), read into its own page-aligned slot.
+        let mut slots = Vec::new();
+        let mut total = 0usize;
+        for &(start, end) in ranges {
+            let aligned_start = start / PAGE as u64 * PAGE as u64;
+            let aligned_end = end.div_ceil(PAGE as u64) * PAGE as u64;
+            slots.push((aligned_start, aligned_end, total, (start - aligned_start) as usize));
+            total += (aligned_end - aligned_start) as usize;
+        }
+        let mut buffer = Buffer::new(total).map_err(|e| EngineError::io(&file.path, e))?;
+        let chunk = (chunk_bytes as usize).max(PAGE) / PAGE * PAGE;
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut requests = 0;
+        {
+            let sender = self.sender.lock().expect("pool lock");
+            let sender = sender.as_ref().expect("pool open");
+            let base = buffer.mapped_mut().as_mut_ptr();
+            for &(aligned_start, aligned_end, slot, _) in &slots {
+                let mut offset = aligned_start;
+                while offset < aligned_end {
+                    let len = chunk.min((aligned_end - offset) as usize);
+                    let dest = unsafe { base.add(slot + (offset - aligned_start) as usize) };
+                    sender
+                        .send(Request { file: Arc::clone(file), offset, dest, len, done: done_tx.clone() })
+                        .map_err(|_| EngineError::Internal("I/O pool stopped".into()))?;
+                    requests += 1;
+                    offset += len as u64;
+                }
+            }
+        }
+        let mut first_error = None;
+        for _ in 0..requests {
+            match done_rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => return Err(EngineError::Internal("I/O worker vanished".into())),
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(EngineError::io(&file.path, e));
+        }
+        let starts = slots.iter().map(|&(_, _, slot, skip)| slot + skip).collect();
+        Ok((buffer, starts))
+    }
+}
+
+impl Drop for ReadPool {
+    fn drop(&mut self) {
+        self.sender.lock().map(|mut s| s.take()).ok();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The arithmetic of a Llama-family decoder on the CPU, in f32: dtype conversion,
+//! RMSNorm, rotary embeddings, grouped-query attention over a cache, SwiGLU, linear
+//! layers (matrix products by the `gemm` crate over weights converted from bf16/f16
+//! one row block at a time, so a layer never exists twice in memory) and greedy
+//! sampling.
+
+use ferry_core::model::Dtype;
+use rayon::prelude::*;
+
+/// Converts `bytes` of `dtype` to f32 into `out` (same element count).
+pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        _ => {
+            // bf16 is the top half of an f32.
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits(((c[1] as u32) << 24) | ((c[0] as u32) << 16));
+            }
+        }
+    }
+}
+
+/// Encodes f32 values as `dtype` bytes into `out`.
+pub fn from_f32(dtype: Dtype, values: &[f32], out: &mut [u8]) {
+    match dtype {
+        Dtype::F32 => {
+            for (v, c) in values.iter().zip(out.chunks_exact_mut(4)) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            for (v, c) in values.iter().zip(out.chunks_exact_mut(2)) {
+                c.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        _ => {
+            for (v, c) in values.iter().zip(out.chunks_exact_mut(2)) {
+                c.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+        }
+    }
+}
+
+pub fn element_bytes(dtype: Dtype) -> usize {
+    (dtype.bits() / 8) as usize
+}
+
+/// A weight matrix of `rows` × `cols` stored row-major in `dtype`.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub bytes: &'a [u8],
+    pub dtype: Dtype,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Rows of weights converted per block: about 1 MiB of f32 per block.
+const BLOCK_ELEMENTS: usize = 1 << 18;
+
+/// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `x` of `m` rows × `w.cols`, where `out`
+/// has `out_stride` columns. Row blocks of `w` are converted and multiplied in parallel.
+pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    let k = w.cols;
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride);
+    let block_rows = (BLOCK_ELEMENTS / k.max(1)).clamp(1, w.rows.max(1));
+    let blocks = w.rows.div_ceil(block_rows);
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let element = element_bytes(w.dtype);
+    (0..blocks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, block| {
+        let row0 = block * block_rows;
+        let rows = block_rows.min(w.rows - row0);
+        let src = &w.bytes[row0 * k * element..(row0 + rows) * k * element];
+        let rhs: *const f32 = if w.dtype == Dtype::F32 && (src.as_ptr() as usize).is_multiple_of(4) {
+            src.as_ptr().cast()
+        } else {
+            scratch.resize(rows * k, 0.0);
+            to_f32(w.dtype, src, scratch);
+            scratch.as_ptr()
+        };
+        let out_ptr = &out_ptr;
+        // SAFETY: each block writes its own columns col0+row0 .. col0+row0+rows of `out`;
+        // `rhs` is rows×k row-major, read as the k×rows matrix wᵀ (row stride 1, column stride k).
+        unsafe {
+            gemm::gemm(
+                m,
+                rows,
+                k,
+                out_ptr.0.add(col0 + row0),
+                1,
+                out_stride as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                rhs,
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+}
+
+struct SendPtr(*mut f32);
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendPtr {}
+
+/// Adds a bias vector to every row.
+pub fn add_bias(out: &mut [f32], bias: &[f32], stride: usize, col0: usize) {
+    for row in out.chunks_exact_mut(stride) {
+        for (o, b) in row[col0..col0 + bias.len()].iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
+/// RMSNorm of each `width`-wide row of `x` into `out`, scaled by `weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (row, dst) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        for ((d, v), w) in dst.iter_mut().zip(row).zip(weight) {
+            *d = v * scale * w;
+        }
+    }
+}
+
+/// Rotary position embedding (the "rotate half" layout of Hugging Face Llama) on each
+/// head of each row; `positions[r]` is row r's position.
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f32) {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    for (row, &position) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let angle = position as f32 * inv_freq[i];
+                let (sin, cos) = angle.sin_cos();
+                let (a, b) = (head[i], head[i + half]);
+                head[i] = a * cos - b * sin;
+                head[i + half] = b * cos + a * sin;
+            }
+        }
+    }
+}
+
+/// Causal grouped-query attention for one sequence: `q` holds `new` query rows
+/// (heads × head_dim each) at positions `past .. past + new`; `keys`/`values` hold
+/// `past + new` rows of kv_heads × head_dim. Writes `new` rows of heads × head_dim.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    past: usize,
+    new: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(out.len(), new * heads * head_dim);
+    debug_assert_eq!(keys.len(), (past + new) * kv_heads * head_dim);
+    let group = heads / kv_heads;
+    let kv_width = kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    out.par_chunks_mut(heads * head_dim).enumerate().for_each(|(t, out_row)| {
+        let visible = past + t + 1;
+        let mut scores = vec![0.0f32; visible];
+        for h in 0..heads {
+            let kv_head = h / group;
+            let q_row = &q[t * heads * head_dim + h * head_dim..][..head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (p, score) in scores.iter_mut().enumerate() {
+                let k_row = &keys[p * kv_width + kv_head * head_dim..][..head_dim];
+                let dot: f32 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
+                *score = dot * scale;
+                max = max.max(*score);
+            }
+            let mut sum = 0.0;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                sum += *score;
+            }
+            let o = &mut out_row[h * head_dim..][..head_dim];
+            o.fill(0.0);
+            for (p, score) in scores.iter().enumerate() {
+                let weight = score / sum;
+                let v_row = &values[p * kv_width + kv_head * head_dim..][..head_dim];
+                for (acc, v) in o.iter_mut().zip(v_row) {
+                    *acc += weight * v;
+                }
+            }
+        }
+    });
+}
+
+/// SwiGLU: `gate[i] = silu(gate[i]) × up[i]`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Index of the largest value (the first on ties): greedy sampling.
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn linear_matches_a_naive_product_for_every_dtype() {
+        let (m, n, k) = (3, 37, 19);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 8.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 13) as f32 - 6.0) / 16.0).collect();
+        let expected = naive(&x, m, &w, n, k);
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            let mut bytes = vec![0u8; n * k * element_bytes(dtype)];
+            from_f32(dtype, &w, &mut bytes);
+            // Write into the middle columns of a wider output.
+            let stride = n + 5;
+            let mut out = vec![0.0f32; m * stride];
+            linear(&x, m, Matrix { bytes: &bytes, dtype, rows: n, cols: k }, &mut out, stride, 2);
+            for i in 0..m {
+                for j in 0..n {
+                    let got = out[i * stride + 2 + j];
+                    assert!(
+                        (got - expected[i * n + j]).abs() < 1e-5,
+                        "{dtype:?} [{i},{j}] {got} vs {}",
+                        expected[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_of_one_key_returns_its_value() {
+        let (heads, kv_heads, d) = (4, 2, 8);
+        let q = vec![0.3f32; heads * d];
+        let keys: Vec<f32> = (0..kv_heads * d).map(|i| i as f32 * 0.1).collect();
+        let values: Vec<f32> = (0..kv_heads * d).map(|i| i as f32).collect();
+        let mut out = vec![0.0f32; heads * d];
+        attention(&q, &keys, &values, 0, 1, heads, kv_heads, d, &mut out);
+        for h in 0..heads {
+            let kv = h / 2;
+            assert_eq!(&out[h * d..(h + 1) * d], &values[kv * d..(kv + 1) * d]);
+        }
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_is_identity_at_zero() {
+        let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let original = x.clone();
+        rope(&mut x, 2, 8, &[0], 10000.0);
+        assert_eq!(x, original);
+        rope(&mut x, 2, 8, &[5], 10000.0);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&x) - norm(&original)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn bf16_round_trips() {
+        let values = [1.0f32, -2.5, 0.15625, 3.0e-3];
+        let mut bytes = vec![0u8; 8];
+        from_f32(Dtype::Bf16, &values, &mut bytes);
+        let mut back = [0.0f32; 4];
+        to_f32(Dtype::Bf16, &bytes, &mut back);
+        for (a, b) in values.iter().zip(back) {
+            assert!((a - b).abs() <= a.abs() / 128.0);
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The safetensors format, read and written directly: an 8-byte little-endian header
+//! length, a JSON header mapping tensor names to dtype, shape and byte offsets, then
+//! the data. Only the header is parsed here; tensor bytes are read later with direct
+//! I/O at the offsets it gives, so every offset is checked against the file size.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ferry_core::model::Dtype;
+
+use crate::EngineError;
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorLocation {
+    pub file: PathBuf,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    /// Absolute byte offsets in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+pub fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "F32",
+        Dtype::F16 => "F16",
+        Dtype::Bf16 => "BF16",
+        Dtype::Int8 => "I8",
+        Dtype::Int4 => "I4",
+    }
+}
+
+fn parse_dtype(name: &str) -> Option<Dtype> {
+    match name {
+        "F32" => Some(Dtype::F32),
+        "F16" => Some(Dtype::F16),
+        "BF16" => Some(Dtype::Bf16),
+        _ => None,
+    }
+}
+
+/// Reads the header of one safetensors file and checks every offset lies inside it.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, TensorLocation>, EngineError> {
+    use std::io::Read;
+    let bad = |message: String| EngineError::BadWeights { file: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|_| bad(format!("truncated: {file_len} bytes, too short for a safetensors header")))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100 << 20 || 8 + header_len > file_len {
+        return Err(bad(format!(
+            "header length {header_len} does not fit in a {file_len}-byte file (truncated or not safetensors)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| EngineError::io(path, e))?;
+    let raw: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut tensors = BTreeMap::new();
+    for (name, value) in raw {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry: Entry = serde_json::from_value(value).map_err(|e| bad(format!("tensor '{name}': {e}")))?;
+        let dtype = parse_dtype(&entry.dtype)
+            .ok_or_else(|| bad(format!("tensor '{name}' has dtype {}; Ferry reads F32, F16 and BF16", entry.dtype)))?;
+        let [begin, end] = entry.data_offsets;
+        let elements: u64 = entry.shape.iter().product();
+        if end < begin || end - begin != dtype.bytes_of(elements) {
+            return Err(bad(format!(
+                "tensor '{name}': offsets {begin}..{end} do not match shape {:?} of {}",
+                entry.shape, entry.dtype
+            )));
+        }
+        if data_start + end > file_len {
+            return Err(bad(format!(
+                "truncated: tensor '{name}' ends at byte {} but the file has {file_len}",
+                data_start + end
+            )));
+        }
+        tensors.insert(
+            name,
+            TensorLocation {
+                file: path.to_path_buf(),
+                dtype,
+                shape: entry.shape,
+                start: data_start + begin,
+                end: data_start + end,
+            },
+        );
+    }
+    Ok(tensors)
+}
+
+/// Writes a safetensors file from tensors produced on demand, in the given order.
+/// `fill(index, out)` writes tensor `index`'s bytes to `out`. The header is padded so
+/// the data starts on a 4096-byte boundary (direct I/O reads then need less slack).
+pub fn write(
+    path: &Path,
+    tensors: &[(String, Dtype, Vec<u64>)],
+    mut fill: impl FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
+) -> Result<(), EngineError> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, dtype, shape) in tensors {
+        let bytes = dtype.bytes_of(shape.iter().product());
+        let entry = Entry {
+            dtype: dtype_name(*dtype).to_string(),
+            shape: shape.clone(),
+            data_offsets: [offset, offset + bytes],
+        };
+        header.insert(name.clone(), serde_json::to_value(entry).expect("entries serialize"));
+        offset += bytes;
+    }
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("format".into(), "pt".into());
+    header.insert("__metadata__".into(), serde_json::Value::Object(metadata));
+    let mut text = serde_json::to_vec(&header).expect("header serializes");
+    let padded = (8 + text.len() as u64).div_ceil(4096) * 4096 - 8;
+    text.resize(padded as usize, b' ');
+    let file = std::fs::File::create(path).map_err(|e| EngineError::io(path, e))?;
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+    let io = |e| EngineError::io(path, e);
+    out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    out.write_all(&text).map_err(io)?;
+    for index in 0..tensors.len() {
+        fill(index, &mut out).map_err(io)?;
+    }
+    let file = out.into_inner().map_err(|e| EngineError::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! A Hugging Face model folder on disk: its shape (`config.json`) and where every
+//! tensor's bytes are (`model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`). Everything is validated before a run starts:
+//! names, dtypes, shapes and file sizes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
+
+use crate::safetensors::{read_header, TensorLocation};
+use crate::EngineError;
+
+/// The tensors of one weight group in the order the engine uses them.
+#[derive(Debug, Clone)]
+pub struct GroupLocation {
+    pub tensors: Vec<TensorLocation>,
+    pub dtype: Dtype,
+}
+
+impl GroupLocation {
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.end - t.start).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub spec: ModelSpec,
+    /// The stored dtype (all tensors share it).
+    pub dtype: Dtype,
+    tensors: BTreeMap<String, TensorLocation>,
+}
+
+impl ModelFiles {
+    /// Opens and validates a model folder.
+    pub fn open(dir: &Path) -> Result<ModelFiles, EngineError> {
+        let spec = ferry_core::catalog::model_from_path(dir)?;
+        crate::synth::check_supported(&spec)?;
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let mut tensors = BTreeMap::new();
+        if single.exists() {
+            tensors = read_header(&single)?;
+        } else if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
+            let parsed: serde_json::Value = ferry_core::yaml::from_json_str(&text, &index.display().to_string())?;
+            let map = parsed.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::BadWeights {
+                file: index.clone(),
+                message: "no weight_map object".into(),
+            })?;
+            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                tensors.extend(read_header(&dir.join(shard))?);
+            }
+        } else {
+            return Err(EngineError::BadWeights {
+                file: dir.to_path_buf(),
+                message: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+            });
+        }
+        let dtype = tensors.values().next().map(|t| t.dtype).ok_or_else(|| EngineError::BadWeights {
+            file: dir.to_path_buf(),
+            message: "the safetensors files hold no tensors".into(),
+        })?;
+        let files = ModelFiles { dir: dir.to_path_buf(), spec, dtype, tensors };
+        files.validate()?;
+        Ok(files)
+    }
+
+    /// Every tensor the architecture needs exists with the right shape and dtype.
+    fn validate(&self) -> Result<(), EngineError> {
+        let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
+        for layer in 0..self.spec.num_layers {
+            groups.push((WeightGroup::Attention, layer));
+            groups.push((WeightGroup::Mlp, layer));
+        }
+        for (group, layer) in groups {
+            for spec in self.spec.group_tensors(group, layer) {
+                let found = self.tensors.get(&spec.name).ok_or_else(|| EngineError::BadWeights {
+                    file: self.dir.clone(),
+                    message: format!(
+                        "missing tensor '{}' required by {} (from config.json)",
+                        spec.name, self.spec.name
+                    ),
+                })?;
+                let expected: Vec<u64> = if spec.rows == 1 { vec![spec.cols] } else { vec![spec.rows, spec.cols] };
+                if found.shape != expected {
+                    return Err(EngineError::BadWeights {
+                        file: found.file.clone(),
+                        message: format!(
+                            "tensor '{}' has shape {:?} but config.json implies {:?}",
+                            spec.name, found.shape, expected
+                        ),
+                    });
+                }
+                if found.dtype != self.dtype {
+                    return Err(EngineError::BadWeights {
+                        file: found.file.clone(),
+                        message: format!(
+                            "tensor '{}' is {} but the others are {}; mixed dtypes are not supported",
+                            spec.name,
+                            found.dtype.name(),
+                            self.dtype.name()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn group(&self, group: WeightGroup, layer: u64) -> GroupLocation {
+        let tensors = self.spec.group_tensors(group, layer).iter().map(|t| self.tensors[&t.name].clone()).collect();
+        GroupLocation { tensors, dtype: self.dtype }
+    }
+
+    /// The language-model head matrix: `lm_head.weight`, or the embeddings when tied.
+    pub fn head_matrix_name(&self) -> &'static str {
+        if self.spec.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        }
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorLocation> {
+        self.tensors.get(name)
+    }
+}

@@ -1,0 +1,149 @@
+//! Plan invariance: the engine computes the same tokens and logits whatever the plan
+//! — every schedule, placement (device / host / disk for weights and KV), host
+//! attention, host-computed layers, micro-batching, chunk size and budget that fits.
+
+use std::path::Path;
+
+use ferry_core::catalog::Catalog;
+use ferry_core::hardware::Hardware;
+use ferry_core::model::Dtype;
+use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::units::{KIB, MIB};
+use ferry_engine::backend::CpuBackend;
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::{run, RunOptions, RunReport};
+
+fn profile(gpu: &str, host: &str, device_bytes: u64) -> Profile {
+    let catalog = Catalog::builtin().unwrap();
+    let mut p = Profile::from_datasheet(&Hardware {
+        gpu: catalog.gpu(gpu).unwrap().value,
+        host: catalog.host(host).unwrap().value,
+    });
+    p.device_memory_bytes = device_bytes;
+    p.memory_reserve_fraction = 0.0;
+    p
+}
+
+fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
+    (0..batch).map(|s| (0..len).map(|t| ((s * 131 + t * 17 + 3) % vocab) as u32).collect()).collect()
+}
+
+fn base_policy(layers: u64) -> Policy {
+    Policy {
+        schedule: Schedule::Sequential,
+        micro_batch_size: 4,
+        num_micro_batches: 1,
+        prefetch_depth: 1,
+        attention_weights: TierCounts::all(Tier::Device, layers),
+        mlp_weights: TierCounts::all(Tier::Device, layers),
+        embeddings: Tier::Device,
+        head: Tier::Device,
+        kv_cache: TierCounts::all(Tier::Device, layers),
+        host_attention: false,
+        compute_host_layers_on_host: false,
+        weight_dtype: Dtype::F32,
+        kv_dtype: Dtype::F32,
+        chunk_bytes: 64 * KIB,
+        copy_streams: 1,
+        io_queue_depth: 2,
+        pinned_host_bytes: 0,
+    }
+}
+
+fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload, profile: &Profile) -> RunReport {
+    let graph = lower(policy, &files.spec, workload, profile, &Steps::All).unwrap();
+    let options = RunOptions {
+        prompts: prompts(workload.batch_size, workload.prompt_len, files.spec.vocab_size),
+        scratch_dir: dir.join("scratch"),
+        allow_buffered_io: true,
+        keep_logits: true,
+        progress: None,
+    };
+    run(&graph, policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+}
+
+fn assert_same(reference: &RunReport, other: &RunReport, what: &str) {
+    assert_eq!(reference.tokens, other.tokens, "{what}: tokens differ");
+    for (step, (a, b)) in reference.logits.iter().zip(&other.logits).enumerate() {
+        for (seq, (x, y)) in a.iter().zip(b).enumerate() {
+            // Relative to the vector's largest logit: a different micro-batch size changes
+            // the GEMM's row count and so its summation order, which moves near-zero
+            // logits by far more than 1e-5 of themselves but not of the vector.
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 * scale,
+                    "{what}: step {step} seq {seq} logit {i}: {p} vs {q} (largest {scale})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_schedule_and_placement_computes_the_same_tokens_and_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::builtin().unwrap();
+    let spec = catalog.model("test-tiny").unwrap().value;
+    let model_dir = dir.path().join("model");
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let layers = spec.num_layers;
+    let workload = Workload { batch_size: 4, prompt_len: 6, gen_len: 4 };
+    let cpu = profile("cpu", "ferry-ci-vm", 64 * MIB);
+    let discrete = profile("rtx3060-12gb", "desktop-pcie4", 64 * MIB);
+
+    let reference = execute(dir.path(), &files, &base_policy(layers), &workload, &cpu);
+    assert_eq!(reference.tokens.len(), 4);
+    assert!(reference.tokens.iter().all(|t| t.len() == 4));
+
+    let mut cases: Vec<(String, Policy, &Profile)> = Vec::new();
+    for schedule in Schedule::ALL {
+        for (mb, n) in [(4, 1), (2, 2), (1, 4)] {
+            // Unified memory (the cpu backend): weights and KV on device or disk.
+            let mut p = base_policy(layers);
+            p.schedule = schedule;
+            p.micro_batch_size = mb;
+            p.num_micro_batches = n;
+            p.attention_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
+            p.mlp_weights = TierCounts { device: 0, host: 0, disk: layers };
+            p.kv_cache = TierCounts { device: 2, host: 0, disk: layers - 2 };
+            p.prefetch_depth = 2;
+            p.chunk_bytes = 16 * KIB;
+            cases.push((format!("cpu {schedule:?} {mb}x{n} disk"), p.clone(), &cpu));
+            // A discrete device: host-resident weights and KV, host attention, pinned copies.
+            let mut q = p.clone();
+            q.attention_weights = TierCounts { device: 1, host: 2, disk: layers - 3 };
+            q.mlp_weights = TierCounts { device: 1, host: 1, disk: layers - 2 };
+            q.kv_cache = TierCounts { device: 1, host: 2, disk: layers - 3 };
+            q.host_attention = true;
+            q.embeddings = Tier::Host;
+            q.copy_streams = 2;
+            q.pinned_host_bytes = 256 * KIB;
+            cases.push((format!("discrete {schedule:?} {mb}x{n} host attention"), q.clone(), &discrete));
+            // Device attention over streamed host/disk KV; head on the host.
+            let mut r = q.clone();
+            r.host_attention = false;
+            r.head = Tier::Host;
+            cases.push((format!("discrete {schedule:?} {mb}x{n} kv streamed"), r, &discrete));
+        }
+        // llama.cpp's split: host layers computed on the host.
+        let mut s = base_policy(layers);
+        s.schedule = schedule;
+        s.compute_host_layers_on_host = true;
+        s.attention_weights = TierCounts { device: 2, host: 2, disk: 0 };
+        s.mlp_weights = s.attention_weights;
+        s.kv_cache = TierCounts { device: 2, host: 2, disk: 0 };
+        cases.push((format!("discrete {schedule:?} llama.cpp split"), s, &discrete));
+    }
+    for (what, policy, profile) in &cases {
+        let report = execute(dir.path(), &files, policy, &workload, profile);
+        assert_same(&reference, &report, what);
+        // Every pool stayed inside its budget.
+        for pool in &report.metrics.pools {
+            assert!(pool.peak_bytes <= pool.capacity_bytes, "{what}: {pool:?}");
+        }
+    }
+}
