@@ -281,3 +281,96 @@ fn tune_plots_draws_png_and_svg() {
         }
     }
 }
+
+/// Synthesizes test-small, tunes it for a RAM budget far below its size, runs the plan
+/// and checks the run stayed within budget, really read from disk, and matches the plan.
+#[test]
+fn run_streams_from_disk_within_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["synth", "--model", "test-small", "--out", "small"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again = ferry(dir.path(), &["synth", "--model", "test-small", "--out", "small"]);
+    assert_eq!(again.status.code(), Some(2), "synth must not overwrite");
+    let budget_mib = 96u64;
+    let out = ferry(
+        dir.path(),
+        &[
+            "tune",
+            "--gpu",
+            "cpu",
+            "--host",
+            "ferry-ci-vm",
+            "--device-mem",
+            &format!("{budget_mib}MiB"),
+            "--model",
+            "small",
+            "--batch",
+            "2",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "4",
+            "--out",
+            "plan.yaml",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(
+        dir.path(),
+        &["run", "--model-dir", "small", "--plan", "plan.yaml", "--json", "--trace", "measured.json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let budget = budget_mib << 20;
+    let peak = json["peak_rss_bytes"].as_u64().unwrap();
+    let overhead = 64u64 << 20; // ferry_engine::memory::FIXED_OVERHEAD_BYTES
+    assert!(peak <= budget + overhead, "peak RSS {} MiB exceeds the {budget_mib} MiB budget + 64 MiB", peak >> 20);
+    // Most of the 247 MiB model was streamed, once per step, from storage (not the page cache).
+    let requested = json["requested_read_bytes"].as_u64().unwrap();
+    let from_storage = json["storage_read_bytes"].as_u64().unwrap();
+    assert!(requested > 4 * budget, "only {requested} bytes streamed");
+    assert_eq!(json["direct_io"], true, "/tmp is expected to support O_DIRECT here");
+    assert!(from_storage as f64 >= 0.9 * requested as f64, "{from_storage} of {requested} bytes came from storage");
+    let tokens = json["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|t| t.as_array().unwrap().len() == 4));
+    assert!(json["metrics"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let trace: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("measured.json")).unwrap()).unwrap();
+    assert!(trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "process_name" && e["args"]["name"] == "ferry (measured)"));
+
+    // The same plan with a budget that cannot hold its resident set is refused up front.
+    let plan = std::fs::read_to_string(dir.path().join("plan.yaml"))
+        .unwrap()
+        .replace("device_memory: 96MiB", "device_memory: 8MiB");
+    std::fs::write(dir.path().join("small-plan.yaml"), plan).unwrap();
+    let out = ferry(dir.path(), &["run", "--model-dir", "small", "--plan", "small-plan.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("short by"), "{}", text(&out.stderr));
+
+    // A plan for another model is refused.
+    let other = ferry(
+        dir.path(),
+        &[
+            "tune",
+            "--gpu",
+            "cpu",
+            "--device-mem",
+            "1GiB",
+            "--model",
+            "tinyllama",
+            "--batch",
+            "1",
+            "--out",
+            "other.yaml",
+        ],
+    );
+    assert!(other.status.success());
+    let out = ferry(dir.path(), &["run", "--model-dir", "small", "--plan", "other.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("the plan is for tinyllama-1.1b"), "{}", text(&out.stderr));
+}

@@ -2,6 +2,7 @@
 //! everything it shows is computed by the library crates.
 
 mod catalog_cmds;
+mod engine_cmds;
 mod export_cmd;
 mod plots_cmd;
 mod report;
@@ -39,6 +40,11 @@ enum Command {
     /// Translate a plan into llama.cpp, vLLM, Accelerate or FlexGen settings, and list
     /// what each cannot express.
     Export(export_cmd::ExportArgs),
+    /// Write a Hugging Face style model folder with deterministic random weights.
+    Synth(engine_cmds::SynthArgs),
+    /// Execute a plan for real on the engine (weights streamed from disk within the
+    /// plan's memory budget) and report measured speed next to the prediction.
+    Run(engine_cmds::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate_cmd::run(args),
         Command::Tune(args) => tune_cmd::run(*args),
         Command::Export(args) => export_cmd::run(args),
+        Command::Synth(args) => engine_cmds::synth(args),
+        Command::Run(args) => engine_cmds::run_plan(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

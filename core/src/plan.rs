@@ -318,7 +318,7 @@ mod opt_bytes {
 
     pub fn serialize<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
         match value {
-            Some(v) => serializer.serialize_some(v),
+            Some(v) => crate::units::bytes_serde::serialize(v, serializer),
             None => serializer.serialize_none(),
         }
     }

@@ -168,6 +168,7 @@ pub fn run(
     options: &RunOptions,
 ) -> Result<RunReport, EngineError> {
     check_plan(graph, policy, workload, files, options)?;
+    memory::tame_allocator();
     let baseline_rss_bytes = memory::rss_bytes().unwrap_or(0);
     let setup_start = Instant::now();
     let engine = Engine::new(graph, policy, workload, files, backend, options)?;

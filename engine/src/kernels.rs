@@ -76,7 +76,34 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
     let blocks = w.rows.div_ceil(block_rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let element = element_bytes(w.dtype);
-    (0..blocks).into_par_iter().for_each_init(Vec::new, |scratch: &mut Vec<f32>, block| {
+    (0..blocks).into_par_iter().for_each(|block| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            linear_block(x, m, w, k, block, block_rows, element, &out_ptr, out_stride, col0, scratch)
+        });
+    });
+}
+
+thread_local! {
+    /// Each thread's buffer for converted weight rows: reused, so the hot loop never
+    /// allocates (fresh 1 MiB vectors per block cost page faults and allocator churn).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_block(
+    x: &[f32],
+    m: usize,
+    w: Matrix,
+    k: usize,
+    block: usize,
+    block_rows: usize,
+    element: usize,
+    out_ptr: &SendPtr,
+    out_stride: usize,
+    col0: usize,
+    scratch: &mut Vec<f32>,
+) {
+    {
         let row0 = block * block_rows;
         let rows = block_rows.min(w.rows - row0);
         let src = &w.bytes[row0 * k * element..(row0 + rows) * k * element];
@@ -87,7 +114,6 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
             to_f32(w.dtype, src, scratch);
             scratch.as_ptr()
         };
-        let out_ptr = &out_ptr;
         // SAFETY: each block writes its own columns col0+row0 .. col0+row0+rows of `out`;
         // `rhs` is rows×k row-major, read as the k×rows matrix wᵀ (row stride 1, column stride k).
         unsafe {
@@ -113,7 +139,7 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
                 gemm::Parallelism::None,
             );
         }
-    });
+    }
 }
 
 struct SendPtr(*mut f32);

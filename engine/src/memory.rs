@@ -6,6 +6,16 @@ use std::ptr::NonNull;
 
 pub const PAGE: usize = 4096;
 
+/// What a run may hold beyond its device budget: the binary, thread stacks, the task
+/// graph and trace, allocator slack and the KV/activation copies kernels make. Tested
+/// (`tests/cli.rs`): a run's peak resident set stays within budget + this.
+///
+/// Measured on test-small (batch 2, prompt 16): resident set above the accounted
+/// device use peaks at 46 MiB with two compute threads and 30 MiB with one — about
+/// 14 MiB fixed plus 16 MiB per compute thread (the gemm crate's packing buffers and
+/// the kernels' thread-local scratch), independent of the model's size.
+pub const FIXED_OVERHEAD_BYTES: u64 = 64 << 20;
+
 /// An anonymous, page-aligned, zero-filled mapping; unmapped on drop.
 pub struct Buffer {
     ptr: NonNull<u8>,
@@ -80,6 +90,18 @@ impl Drop for Buffer {
         unsafe {
             libc::munmap(self.ptr.as_ptr().cast(), self.mapped);
         }
+    }
+}
+
+/// Makes malloc return large freed blocks to the kernel. glibc otherwise raises its
+/// mmap threshold after the first large free and serves later large vectors from
+/// per-thread heaps it keeps, so the process would hold memory the plan released.
+pub fn tame_allocator() {
+    // SAFETY: mallopt only changes allocator tuning parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
     }
 }
 

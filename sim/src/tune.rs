@@ -286,6 +286,9 @@ struct Searcher<'a> {
 /// (the bound sums per-step maxima and uses mean context, so it can be a little off).
 const BOUND_SLACK: f64 = 0.02;
 
+/// Plans predicted within this fraction of the best count as tied (see `run`).
+const NEAR_TIE: f64 = 0.005;
+
 impl<'a> Searcher<'a> {
     fn new(request: &'a TuneRequest<'a>, space: &'a KnobSpace) -> Searcher<'a> {
         Searcher { request, space, cost: CostModel::new(request.profile, request.model) }
@@ -818,6 +821,21 @@ impl<'a> Searcher<'a> {
             )));
         }
         simulated.sort_by(|x, y| y.score(objective).total_cmp(&x.score(objective)));
+        // Among plans within NEAR_TIE of the best, take the simplest: fewest micro-batches
+        // (each one streams the layer's weights through memory again), then the shallowest
+        // prefetch. Prediction error is far larger than such differences.
+        let best_score = simulated[0].score(objective);
+        let near = |c: &Candidate| match objective {
+            Objective::Throughput => c.score(objective) >= best_score * (1.0 - NEAR_TIE),
+            Objective::Latency => c.score(objective) >= best_score * (1.0 + NEAR_TIE),
+        };
+        if let Some(simplest) = (0..simulated.len())
+            .filter(|&i| near(&simulated[i]))
+            .min_by_key(|&i| (simulated[i].policy.num_micro_batches, simulated[i].policy.prefetch_depth, i))
+        {
+            let chosen = simulated.remove(simplest);
+            simulated.insert(0, chosen);
+        }
         let mut by_batch: Vec<(u64, f64)> = Vec::new();
         for c in &simulated {
             match by_batch.iter_mut().find(|(batch, _)| *batch == c.workload.batch_size) {

@@ -1,0 +1,278 @@
+//! `ferry synth` and `ferry run`: synthetic models and real runs on the engine.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_core::catalog::Catalog;
+use ferry_core::model::{Dtype, ModelSpec};
+use ferry_core::resolve::load_plan;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::trace::chrome_trace;
+use ferry_core::units::{format_bytes, format_ns};
+use ferry_core::CoreError;
+use ferry_engine::synth::{synthesize, SplitMix64};
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::{backend, run, RunOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::report;
+
+#[derive(Args)]
+#[command(after_help = "Example:
+  ferry synth --model tinyllama-1.1b --out models/tinyllama --dtype bf16")]
+pub struct SynthArgs {
+    /// A Llama-family catalog model (`ferry list models`): tinyllama-1.1b, test-tiny, test-small, llama-2-7b, ...
+    #[arg(long)]
+    model: String,
+    /// Folder to write config.json and model.safetensors into.
+    #[arg(long)]
+    out: PathBuf,
+    /// Weight dtype.
+    #[arg(long, default_value = "bf16", value_name = "bf16|f16|f32")]
+    dtype: String,
+    /// Random seed; the same seed gives the same weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Overwrite a folder that is not empty.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_dtype(text: &str) -> Result<Dtype> {
+    match text {
+        "bf16" => Ok(Dtype::Bf16),
+        "f16" => Ok(Dtype::F16),
+        "f32" => Ok(Dtype::F32),
+        other => Err(CoreError::invalid(format!("dtype '{other}': use bf16, f16 or f32")).into()),
+    }
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}% {elapsed_precise} (eta {eta})")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(250));
+    bar
+}
+
+pub fn synth(args: SynthArgs) -> Result<()> {
+    let catalog = Catalog::builtin()?;
+    let resolved = catalog.model(&args.model)?;
+    if let Some(note) = &resolved.note {
+        eprintln!("note: {note}");
+    }
+    let model = resolved.value;
+    let dtype = parse_dtype(&args.dtype)?;
+    let total = model.total_bytes(dtype);
+    eprintln!(
+        "writing {} ({} parameters, {} in {}) to {}",
+        model.name,
+        model.params().total,
+        format_bytes(total),
+        dtype.name(),
+        args.out.display()
+    );
+    let progress = bar(total, "synth");
+    synthesize(&model, dtype, args.seed, &args.out, args.force, |done, _| progress.set_position(done))
+        .map_err(engine_error)?;
+    progress.finish_and_clear();
+    println!("wrote {} ({})", args.out.display(), format_bytes(total));
+    Ok(())
+}
+
+#[derive(Args)]
+#[command(after_help = "Example:
+  ferry synth --model tinyllama-1.1b --out models/tinyllama
+  ferry tune --gpu cpu --device-mem 512MiB --host ferry-ci-vm --model models/tinyllama --batch 8 --prompt-len 64 --out plan.yaml
+  ferry run --model-dir models/tinyllama --plan plan.yaml")]
+pub struct RunArgs {
+    /// Hugging Face style model folder (config.json + safetensors).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Plan for the cpu device (from `ferry tune --gpu cpu --device-mem ...`).
+    #[arg(long)]
+    plan: PathBuf,
+    /// Override the plan's prompt length.
+    #[arg(long)]
+    prompt_len: Option<u64>,
+    /// Override the plan's generation length.
+    #[arg(long)]
+    gen_len: Option<u64>,
+    /// Override the batch (must divide by the plan's number of micro-batches).
+    #[arg(long)]
+    batch: Option<u64>,
+    /// Seed of the random prompt token ids.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Backend to run on (cpu; cuda is a later issue).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// Write the measured trace as Chrome trace-event JSON (opens in Perfetto).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Overwrite the trace file.
+    #[arg(long)]
+    force: bool,
+}
+
+fn engine_error(e: ferry_engine::EngineError) -> anyhow::Error {
+    if e.is_usage_error() {
+        anyhow::Error::new(CoreError::invalid(e.to_string()))
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
+/// The plan must describe the model on disk: same shape, whatever the name.
+fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
+    let shape =
+        |m: &ModelSpec| (m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads, m.vocab_size);
+    if shape(plan_model) != shape(files) {
+        return Err(CoreError::invalid(format!(
+            "the plan is for {} (hidden {}, {} layers, vocabulary {}) but the folder holds a model with hidden {}, {} layers, vocabulary {}",
+            plan_model.name, plan_model.hidden_size, plan_model.num_layers, plan_model.vocab_size, files.hidden_size, files.num_layers, files.vocab_size
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+pub fn run_plan(args: RunArgs) -> Result<()> {
+    let catalog = Catalog::builtin()?;
+    let backend = backend::backend(&args.backend).map_err(engine_error)?;
+    let mut resolved = load_plan(&catalog, &args.plan)?;
+    let files = ModelFiles::open(&args.model_dir).map_err(engine_error)?;
+    check_same_shape(&resolved.model, &files.spec)?;
+    if !resolved.profile.unified_memory {
+        return Err(CoreError::invalid(format!(
+            "{} is a plan for {}; the {} backend runs plans for the cpu device (ferry tune --gpu cpu --device-mem SIZE ...)",
+            args.plan.display(),
+            resolved.profile.device_name,
+            backend.name()
+        ))
+        .into());
+    }
+    let plan = &mut resolved.plan;
+    if let Some(n) = args.prompt_len {
+        plan.workload.prompt_len = n;
+    }
+    if let Some(n) = args.gen_len {
+        plan.workload.gen_len = n;
+    }
+    if let Some(batch) = args.batch {
+        let n = plan.policy.num_micro_batches;
+        if batch == 0 || batch % n != 0 {
+            return Err(CoreError::invalid(format!(
+                "--batch {batch} must be a positive multiple of the plan's {n} micro-batches"
+            ))
+            .into());
+        }
+        plan.policy.micro_batch_size = batch / n;
+        plan.workload.batch_size = batch;
+    }
+    let workload = plan.workload;
+    let policy = plan.policy.clone();
+    let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::All)?;
+    // The same graph, predicted, for comparison.
+    let cost = ferry_sim::cost::CostModel::new(&resolved.profile, &files.spec);
+    let predicted =
+        ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace));
+    let mut rng = SplitMix64::new(args.seed);
+    let prompts: Vec<Vec<u32>> = (0..workload.batch_size)
+        .map(|_| (0..workload.prompt_len).map(|_| (rng.next_u64() % files.spec.vocab_size) as u32).collect())
+        .collect();
+    let progress = if args.json { None } else { Some(bar(graph.tasks.len() as u64, "run")) };
+    let callback = progress.clone().map(|bar| {
+        Box::new(move |done: usize, _total: usize| bar.set_position(done as u64))
+            as Box<dyn Fn(usize, usize) + Send + Sync>
+    });
+    let options = RunOptions {
+        prompts,
+        scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| args.model_dir.clone()),
+        allow_buffered_io: true,
+        keep_logits: false,
+        progress: callback,
+    };
+    let report = run(&graph, &policy, &workload, &files, backend.as_ref(), &options)
+        .map_err(engine_error)
+        .context("running the plan")?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if let Some(path) = &args.trace {
+        let json = chrome_trace(&graph, &report.trace);
+        ferry_core::yaml::write_new_file(path, &serde_json::to_string(&json)?, args.force)?;
+    }
+    let budget = resolved.profile.device_memory_bytes;
+    if args.json {
+        let out = serde_json::json!({
+            "metrics": report.metrics,
+            "tokens": report.tokens,
+            "peak_rss_bytes": report.peak_rss_bytes,
+            "baseline_rss_bytes": report.baseline_rss_bytes,
+            "device_budget_bytes": budget,
+            "storage_read_bytes": report.storage_read_bytes,
+            "requested_read_bytes": report.requested_read_bytes,
+            "direct_io": report.direct_io,
+            "setup_seconds": report.setup_ns as f64 / 1e9,
+            "predicted_tokens_per_s": predicted.as_ref().ok().map(|m| m.tokens_per_s),
+            "tasks": graph.tasks.len(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} on the {} backend: batch {}, prompt {} tokens, {} new tokens per sequence (measured)",
+        files.spec.name,
+        backend.name(),
+        workload.batch_size,
+        workload.prompt_len,
+        workload.gen_len
+    );
+    println!("resident weights read before the run in {}\n", format_ns(report.setup_ns));
+    print!("{}", report::metrics_text(&report.metrics));
+    if let Ok(p) = &predicted {
+        println!(
+            "\npredicted for the same plan: {:.2} tokens/s ({:+.1} % from measured; {})",
+            p.tokens_per_s,
+            (p.tokens_per_s / report.metrics.tokens_per_s - 1.0) * 100.0,
+            if resolved.profile.is_measured() { "measured profile" } else { "datasheet profile" }
+        );
+    }
+    println!(
+        "process peak memory {} (VmHWM) for a {} device budget; {} was resident before the model loaded",
+        format_bytes(report.peak_rss_bytes),
+        format_bytes(budget),
+        format_bytes(report.baseline_rss_bytes)
+    );
+    println!(
+        "disk: {} requested by tasks, {} read from storage by the kernel ({})",
+        format_bytes(report.requested_read_bytes),
+        format_bytes(report.storage_read_bytes),
+        if report.direct_io {
+            "direct I/O: the page cache is bypassed"
+        } else {
+            "buffered reads, pages dropped after use: this file system refused O_DIRECT"
+        }
+    );
+    println!("\ngenerated token ids:");
+    for (i, tokens) in report.tokens.iter().enumerate().take(8) {
+        println!("  sequence {i}: {tokens:?}");
+    }
+    if report.tokens.len() > 8 {
+        println!("  ... ({} sequences; --json prints all)", report.tokens.len());
+    }
+    Ok(())
+}

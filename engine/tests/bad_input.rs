@@ -1,0 +1,154 @@
+//! Bad input is a clear error, never a panic: truncated or mis-shaped weights, an
+//! architecture the engine does not run, a plan that does not fit or does not match.
+
+use ferry_core::catalog::Catalog;
+use ferry_core::hardware::Hardware;
+use ferry_core::model::Dtype;
+use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::units::{KIB, MIB};
+use ferry_engine::backend::CpuBackend;
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::{run, EngineError, RunOptions};
+
+fn tiny(dir: &std::path::Path) -> ferry_core::model::ModelSpec {
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir, false, |_, _| {}).unwrap();
+    spec
+}
+
+fn message(result: Result<ModelFiles, EngineError>) -> String {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => {
+            assert!(e.is_usage_error(), "{e} should be the user's to fix");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn truncated_safetensors_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let file = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(len - 1000).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("truncated") && err.contains("model.safetensors"), "{err}");
+    f.set_len(5).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn shapes_that_disagree_with_config_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let config = dir.path().join("config.json");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("\"intermediate_size\": 352", "\"intermediate_size\": 360");
+    std::fs::write(&config, text).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("gate_proj") && err.contains("[360, 128]"), "{err}");
+}
+
+#[test]
+fn missing_tensors_and_unsupported_architectures_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path());
+    let config = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, original.replace("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 5")).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("missing tensor 'model.layers.4."), "{err}");
+    std::fs::write(&config, original.replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"")).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("unsupported model_type 'gpt2'"), "{err}");
+    let mixtral = original.replace(
+        "\"model_type\": \"llama\"",
+        "\"model_type\": \"mixtral\", \"num_local_experts\": 2, \"num_experts_per_tok\": 1",
+    );
+    std::fs::write(&config, mixtral).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("not supported by the engine"), "{err}");
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(&config, original).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(err.contains("no model.safetensors"), "{err}");
+}
+
+#[test]
+fn synth_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = tiny(dir.path());
+    let err = ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir.path(), false, |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("--force"));
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir.path(), true, |_, _| {}).unwrap();
+}
+
+#[test]
+fn plans_that_do_not_fit_or_match_are_refused_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = tiny(dir.path());
+    let files = ModelFiles::open(dir.path()).unwrap();
+    let catalog = Catalog::builtin().unwrap();
+    let mut profile = Profile::from_datasheet(&Hardware {
+        gpu: catalog.gpu("cpu").unwrap().value,
+        host: catalog.host("ferry-ci-vm").unwrap().value,
+    });
+    profile.memory_reserve_fraction = 0.0;
+    let layers = spec.num_layers;
+    let mut policy = Policy {
+        schedule: Schedule::LayerPrefetch,
+        micro_batch_size: 2,
+        num_micro_batches: 1,
+        prefetch_depth: 1,
+        attention_weights: TierCounts::all(Tier::Device, layers),
+        mlp_weights: TierCounts::all(Tier::Device, layers),
+        embeddings: Tier::Device,
+        head: Tier::Device,
+        kv_cache: TierCounts::all(Tier::Device, layers),
+        host_attention: false,
+        compute_host_layers_on_host: false,
+        weight_dtype: Dtype::F32,
+        kv_dtype: Dtype::F32,
+        chunk_bytes: 64 * KIB,
+        copy_streams: 1,
+        io_queue_depth: 1,
+        pinned_host_bytes: 0,
+    };
+    let workload = Workload { batch_size: 2, prompt_len: 4, gen_len: 2 };
+    let options = RunOptions {
+        prompts: vec![vec![1, 2, 3, 4], vec![5, 6, 7, 8]],
+        scratch_dir: dir.path().to_path_buf(),
+        allow_buffered_io: true,
+        keep_logits: false,
+        progress: None,
+    };
+    // A 1 MiB budget cannot hold the 3.3 MiB of resident weights.
+    profile.device_memory_bytes = MIB;
+    let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+    let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err().to_string();
+    assert!(err.contains("device memory") && err.contains("short by"), "{err}");
+    // A plan that reads the weights in another dtype is not for these files.
+    profile.device_memory_bytes = 64 * MIB;
+    policy.weight_dtype = Dtype::Bf16;
+    let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+    let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err().to_string();
+    assert!(err.contains("the plan reads weights as bf16"), "{err}");
+    // Token ids outside the vocabulary.
+    policy.weight_dtype = Dtype::F32;
+    let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+    let bad = RunOptions { prompts: vec![vec![1, 2, 3, 4], vec![5, 6, 7, 9999]], ..options };
+    let err = run(&graph, &policy, &workload, &files, &CpuBackend, &bad).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn the_cuda_backend_says_it_is_not_built() {
+    let err = ferry_engine::backend::backend("cuda").err().unwrap().to_string();
+    assert!(err.contains("not built yet"), "{err}");
+}

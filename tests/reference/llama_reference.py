@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""An independent reference for Ferry's engine: a Llama-family forward pass in numpy
+(float64), written from the Hugging Face Llama definition, not from Ferry's code.
+
+It reads a model folder written by `ferry synth` (config.json + model.safetensors in
+f32), runs greedy generation for the prompts in a JSON file, and writes every step's
+logits. The engine's test (engine/tests/reference.rs) synthesizes the same model and
+compares its logits with the committed output.
+
+    ferry synth --model test-tiny --dtype f32 --seed 11 --out /tmp/tiny
+    python3 tests/reference/llama_reference.py /tmp/tiny tests/reference/prompts.json \
+        tests/reference/test-tiny-seed11-golden.json
+"""
+import json
+import struct
+import sys
+
+import numpy as np
+
+
+def load_safetensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        assert info["dtype"] == "F32", "the reference reads f32 models"
+        start, end = info["data_offsets"]
+        tensors[name] = np.frombuffer(data[start:end], dtype="<f4").reshape(info["shape"]).astype(np.float64)
+    return tensors
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x, positions, theta):
+    # x: [tokens, heads, head_dim]; Hugging Face's rotate-half layout.
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    angles = np.outer(positions, inv_freq)  # [tokens, d/2]
+    cos = np.concatenate([np.cos(angles)] * 2, axis=-1)[:, None, :]
+    sin = np.concatenate([np.sin(angles)] * 2, axis=-1)[:, None, :]
+    rotated = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def forward(cfg, w, tokens, cache, start):
+    h = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg["num_key_value_heads"]
+    d = h // heads
+    eps = cfg["rms_norm_eps"]
+    x = w["model.embed_tokens.weight"][tokens]
+    positions = np.arange(start, start + len(tokens))
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        xn = rms_norm(x, w[f"{p}.input_layernorm.weight"], eps)
+        q = (xn @ w[f"{p}.self_attn.q_proj.weight"].T).reshape(len(tokens), heads, d)
+        k = (xn @ w[f"{p}.self_attn.k_proj.weight"].T).reshape(len(tokens), kv_heads, d)
+        v = (xn @ w[f"{p}.self_attn.v_proj.weight"].T).reshape(len(tokens), kv_heads, d)
+        q = rope(q, positions, cfg["rope_theta"])
+        k = rope(k, positions, cfg["rope_theta"])
+        keys, values = cache.setdefault(layer, (np.zeros((0, kv_heads, d)), np.zeros((0, kv_heads, d))))
+        keys = np.concatenate([keys, k])
+        values = np.concatenate([values, v])
+        cache[layer] = (keys, values)
+        group = heads // kv_heads
+        out = np.zeros((len(tokens), heads, d))
+        for t in range(len(tokens)):
+            visible = start + t + 1
+            for head in range(heads):
+                kh = head // group
+                scores = keys[:visible, kh] @ q[t, head] / np.sqrt(d)
+                probs = np.exp(scores - scores.max())
+                probs /= probs.sum()
+                out[t, head] = probs @ values[:visible, kh]
+        x = x + out.reshape(len(tokens), h) @ w[f"{p}.self_attn.o_proj.weight"].T
+        xn = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
+        gate = xn @ w[f"{p}.mlp.gate_proj.weight"].T
+        up = xn @ w[f"{p}.mlp.up_proj.weight"].T
+        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+    last = rms_norm(x[-1], w["model.norm.weight"], eps)
+    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
+    return head @ last
+
+
+def main():
+    model_dir, prompts_path, out_path = sys.argv[1:4]
+    cfg = json.load(open(f"{model_dir}/config.json"))
+    w = load_safetensors(f"{model_dir}/model.safetensors")
+    spec = json.load(open(prompts_path))
+    result = {"gen_len": spec["gen_len"], "sequences": []}
+    for prompt in spec["prompts"]:
+        cache = {}
+        logits_per_step = []
+        tokens = list(prompt)
+        logits = forward(cfg, w, np.array(tokens), cache, 0)
+        for step in range(spec["gen_len"]):
+            logits_per_step.append([float(v) for v in logits])
+            token = int(np.argmax(logits))
+            tokens.append(token)
+            if step + 1 < spec["gen_len"]:
+                logits = forward(cfg, w, np.array([token]), cache, len(tokens) - 1)
+        result["sequences"].append({"tokens": tokens[len(prompt):], "logits": logits_per_step})
+    json.dump(result, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main()
