@@ -33,7 +33,7 @@ def drop_caches():
         return False
 
 
-def disk_bandwidth(path, in_flight, block=8 << 20, limit=1 << 30):
+def disk_bandwidth(path, in_flight, block=8 << 20, limit=2 << 30):
     """GB/s reading `limit` bytes of `path` with O_DIRECT, `in_flight` readers."""
     size = min(os.path.getsize(path) // block * block, limit)
     per = size // in_flight // block * block
@@ -82,11 +82,14 @@ def main():
                 "--prompt-len", "64", "--gen-len", "32", "--out", plan, "--force", "--json"]
         tune += ["--batch", batch] if batch != "auto" else ["--batch", "auto"]
         tuned = json.loads(sh(*tune).stdout)
-        # Disk bandwidth measured right before the run, as the run will see it.
-        bw1 = disk_bandwidth(weights, 1)
-        bw4 = disk_bandwidth(weights, 4)
+        # The disk's speed drifts from minute to minute here: measure it right before
+        # and right after the run and use the mean (the spread is reported).
+        before = (disk_bandwidth(weights, 1), disk_bandwidth(weights, 4))
         drop_caches()
         out = json.loads(sh(FERRY, "run", "--model-dir", model, "--plan", plan, "--json").stdout)
+        after = (disk_bandwidth(weights, 1), disk_bandwidth(weights, 4))
+        bw1 = (before[0] + after[0]) / 2
+        bw4 = (before[1] + after[1]) / 2
         m = out["metrics"]
         policy = tuned["plan"]["policy"]
         bs = tuned["plan"]["workload"]["batch_size"]
@@ -100,12 +103,13 @@ def main():
             "tokens_per_s": m["tokens_per_s"], "predicted": out["predicted_tokens_per_s"],
             "ttft_s": m["time_to_first_token_ns"] / 1e9, "tpot_s": m["time_per_output_token_ns"] / 1e9,
             "streamed_per_step_gb": per_step / 1e9, "disk_gbps_qd1": bw1, "disk_gbps_qd4": bw4, "io_bound_tps": bound,
+            "disk_gbps_before": before, "disk_gbps_after": after,
             "fraction_of_bound": m["tokens_per_s"] / bound, "peak_rss_mib": out["peak_rss_bytes"] / 2**20,
             "storage_read_gb": out["storage_read_bytes"] / 1e9, "direct_io": out["direct_io"],
         })
         r = rows[-1]
         print(f"batch {bs:>3} {r['schedule']:<14} measured {r['tokens_per_s']:.3f} tok/s (predicted {r['predicted']:.3f}); "
-              f"I/O bound {bound:.3f} (streamed {r['streamed_per_step_gb']:.2f} GB/step at {bw:.2f} GB/s) -> {100*r['fraction_of_bound']:.0f} %; "
+              f"I/O bound {bound:.3f} (streamed {r['streamed_per_step_gb']:.2f} GB/step at {bw:.2f} GB/s, before/after {before[1 if qd >= 4 else 0]:.2f}/{after[1 if qd >= 4 else 0]:.2f}) -> {100*r['fraction_of_bound']:.0f} %; "
               f"peak RSS {r['peak_rss_mib']:.0f} MiB; {r['storage_read_gb']:.2f} GB from storage", flush=True)
     if not cache_ok:
         print("warning: could not drop the page cache (not root?): disk figures may be RAM figures", file=sys.stderr)

@@ -374,3 +374,40 @@ fn run_streams_from_disk_within_the_memory_budget() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("the plan is for tinyllama-1.1b"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn disks_are_a_catalog_and_capacity_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["list", "disks"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("nvme-pcie4"));
+    let out = ferry(
+        dir.path(),
+        &["tune", "--gpu", "rtx3060-laptop-6gb", "--model", "opt-175b", "--disk", "virtio-ci", "--host-mem", "16GiB"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("does not fit even on disk") && stderr.contains("short by"), "{stderr}");
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060", "--model", "7b", "--disk", "ssd", "--batch", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("sata-ssd"));
+    let out = ferry(
+        dir.path(),
+        &[
+            "tune",
+            "--gpu",
+            "rtx3060",
+            "--model",
+            "7b",
+            "--disk",
+            "sata-ssd",
+            "--batch",
+            "1",
+            "--prompt-len",
+            "64",
+            "--gen-len",
+            "4",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

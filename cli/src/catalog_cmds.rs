@@ -13,6 +13,7 @@ pub enum ListWhat {
     Gpus,
     Models,
     Hosts,
+    Disks,
 }
 
 #[derive(Args)]
@@ -84,6 +85,24 @@ pub fn list(args: ListArgs) -> Result<()> {
                     format!("{}/{}", model.num_kv_heads, model.num_heads),
                     format_bytes(model.total_bytes(Dtype::F16)),
                     Catalog::aliases_of(&catalog.model_aliases, &model.name).join(", "),
+                ]);
+            }
+            print!("{}", table.render());
+        }
+        ListWhat::Disks => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&catalog.disks)?);
+                return Ok(());
+            }
+            let mut table = Table::new(["name", "read GB/s", "write GB/s", "latency", "capacity", "description"]);
+            for disk in &catalog.disks {
+                table.row([
+                    disk.name.clone(),
+                    format!("{:.2}", disk.read_gbps),
+                    format!("{:.2}", disk.write_gbps),
+                    format!("{} µs", disk.latency_us),
+                    format_bytes(disk.capacity_bytes),
+                    disk.description.clone(),
                 ]);
             }
             print!("{}", table.render());

@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the catalog's GPUs, models or host presets.
+    /// List the catalog's GPUs, models, host presets or disks.
     List(catalog_cmds::ListArgs),
     /// Show one catalog entry in detail (a model's memory breakdown, a GPU's figures).
     Show(catalog_cmds::ShowArgs),

@@ -42,6 +42,9 @@ pub struct TuneArgs {
     /// Host preset (`ferry list hosts`) [default: the GPU's usual host].
     #[arg(long)]
     host: Option<String>,
+    /// Offload disk preset (`ferry list disks`) replacing the host preset's disk.
+    #[arg(long)]
+    disk: Option<String>,
     /// Host RAM to plan with, e.g. 32GiB [default: the host preset's RAM].
     #[arg(long, value_name = "SIZE")]
     host_mem: Option<String>,
@@ -90,6 +93,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     let hardware = HardwareRef {
         gpu: args.gpu.clone(),
         host: args.host.clone(),
+        disk: args.disk.clone(),
         profile: args.profile.as_ref().map(|p| p.display().to_string()),
         device_memory: args.device_mem.as_deref().map(parse_bytes).transpose()?,
         host_memory: args.host_mem.as_deref().map(parse_bytes).transpose()?,

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
-use crate::hardware::{GpuSpec, HostSpec};
+use crate::hardware::{DiskSpec, GpuSpec, HostSpec};
 use crate::model::ModelSpec;
 use crate::yaml::from_yaml_str;
 
@@ -49,6 +49,7 @@ pub struct Catalog {
     pub gpus: Vec<GpuSpec>,
     pub models: Vec<ModelSpec>,
     pub hosts: Vec<HostSpec>,
+    pub disks: Vec<DiskSpec>,
     pub gpu_aliases: Vec<Alias>,
     pub model_aliases: Vec<Alias>,
     pub host_aliases: Vec<Alias>,
@@ -68,6 +69,7 @@ impl Catalog {
             gpus: Vec::new(),
             models: Vec::new(),
             hosts: Vec::new(),
+            disks: Vec::new(),
             gpu_aliases: Vec::new(),
             model_aliases: Vec::new(),
             host_aliases: Vec::new(),
@@ -88,6 +90,10 @@ impl Catalog {
                 let host: HostSpec = from_yaml_str(text, &origin)?;
                 check_file_name(&origin, rest, &host.name)?;
                 catalog.hosts.push(host);
+            } else if let Some(rest) = path.strip_prefix("disks/") {
+                let disk: DiskSpec = from_yaml_str(text, &origin)?;
+                check_file_name(&origin, rest, &disk.name)?;
+                catalog.disks.push(disk);
             } else if let Some(rest) = path.strip_prefix("plans/") {
                 catalog.plans.push((rest.to_string(), text.to_string()));
             } else if path == "aliases.yaml" {
@@ -106,6 +112,10 @@ impl Catalog {
 
     pub fn host(&self, name: &str) -> Result<Resolved<HostSpec>> {
         resolve("host", name, &self.hosts, |h| &h.name, &self.host_aliases)
+    }
+
+    pub fn disk(&self, name: &str) -> Result<Resolved<DiskSpec>> {
+        resolve("disk", name, &self.disks, |d| &d.name, &[])
     }
 
     /// A catalog model name or alias, a Hugging Face model folder, or its `config.json`.
@@ -249,6 +259,9 @@ mod tests {
             "test-small",
         ] {
             catalog.model(model).unwrap();
+        }
+        for disk in ["nvme-pcie3", "nvme-pcie4", "sata-ssd", "hdd", "virtio-ci"] {
+            catalog.disk(disk).unwrap();
         }
         for alias in catalog.gpu_aliases.iter().chain(&catalog.model_aliases).chain(&catalog.host_aliases) {
             let ok = catalog.gpus.iter().any(|g| g.name == alias.target)

@@ -94,6 +94,34 @@ pub struct HostSpec {
     pub source: String,
 }
 
+/// An offload disk preset (`configs/disks/*.yaml`); overrides the host preset's disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub name: String,
+    pub description: String,
+    pub read_gbps: f64,
+    pub write_gbps: f64,
+    pub latency_us: f64,
+    /// Space available for offloaded weights and KV cache.
+    #[serde(with = "bytes_serde")]
+    pub capacity_bytes: u64,
+    pub source: String,
+}
+
+impl HostSpec {
+    /// This host with `disk` as its offload disk.
+    pub fn with_disk(&self, disk: &DiskSpec) -> HostSpec {
+        HostSpec {
+            disk_read_gbps: disk.read_gbps,
+            disk_write_gbps: disk.write_gbps,
+            disk_latency_us: disk.latency_us,
+            description: format!("{} (disk: {})", self.description, disk.description),
+            ..self.clone()
+        }
+    }
+}
+
 /// A device and its host: everything a datasheet profile is made from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hardware {

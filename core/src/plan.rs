@@ -181,6 +181,9 @@ pub struct HardwareRef {
     pub gpu: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// An offload disk preset replacing the host preset's disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
     /// A profile file (relative paths are relative to the plan file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,

@@ -155,6 +155,9 @@ pub struct Profile {
     pub max_pinned_bytes: u64,
     /// Fraction of each memory kept free as a safety margin (FlexGen keeps 20 %).
     pub memory_reserve_fraction: f64,
+    /// Space on the offload disk, when known (a disk preset or a measured profile).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
+    pub disk_capacity_bytes: Option<u64>,
     pub disk_read: TransferCurve,
     pub disk_write: TransferCurve,
     /// Host→device from pinned memory (pageable copies use `host_to_device_pageable`).
@@ -247,7 +250,8 @@ impl Profile {
             device_memory_bytes: gpu.memory_bytes,
             host_memory_bytes: host.ram_bytes,
             max_pinned_bytes: (host.ram_bytes as f64 * MAX_PINNED_FRACTION) as u64,
-            memory_reserve_fraction: MEMORY_RESERVE_FRACTION,
+            memory_reserve_fraction: if gpu.is_cpu() { 0.0 } else { MEMORY_RESERVE_FRACTION },
+            disk_capacity_bytes: None,
             disk_read,
             disk_write,
             host_to_device: h2d,
@@ -313,6 +317,23 @@ fn host_compute_profile(hardware: &Hardware) -> ComputeProfile {
         memory_efficiency: MEMORY_EFFICIENCY,
         task_overhead_ns: CPU_TASK_OVERHEAD_NS,
         table: Vec::new(),
+    }
+}
+
+mod opt_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => crate::units::bytes_serde::serialize(v, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapper(#[serde(with = "crate::units::bytes_serde")] u64);
+        Option::<Wrapper>::deserialize(deserializer).map(|o| o.map(|w| w.0))
     }
 }
 

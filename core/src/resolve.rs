@@ -29,6 +29,11 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
             return Err(CoreError::invalid("give either a GPU name or a profile file, not both"));
         }
         (Some(path), None) => {
+            if hardware.disk.is_some() {
+                return Err(CoreError::invalid(
+                    "--disk applies to catalog hardware; a measured profile has its own disk figures",
+                ));
+            }
             let path = base_dir.join(path);
             let profile: Profile = crate::yaml::read_file(&path)?;
             profile.validate().map_err(|e| CoreError::invalid(format!("{}: {e}", path.display())))?;
@@ -46,7 +51,16 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
             }
             let host = catalog.host(&host_name)?;
             notes.extend(host.note);
-            Profile::from_datasheet(&Hardware { gpu: gpu.value, host: host.value })
+            let mut host = host.value;
+            let mut capacity = None;
+            if let Some(disk_name) = &hardware.disk {
+                let disk = catalog.disk(disk_name)?.value;
+                host = host.with_disk(&disk);
+                capacity = Some(disk.capacity_bytes);
+            }
+            let mut profile = Profile::from_datasheet(&Hardware { gpu: gpu.value, host });
+            profile.disk_capacity_bytes = capacity;
+            profile
         }
         (None, None) => {
             return Err(CoreError::invalid(
@@ -56,10 +70,6 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
     };
     if let Some(bytes) = hardware.device_memory {
         profile.device_memory_bytes = bytes;
-        // A RAM budget on the cpu backend is exact: the engine enforces it, so no reserve.
-        if profile.unified_memory && profile.device_name == "cpu" {
-            profile.memory_reserve_fraction = 0.0;
-        }
     }
     if let Some(bytes) = hardware.host_memory {
         profile.host_memory_bytes = bytes;

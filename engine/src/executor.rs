@@ -498,10 +498,14 @@ impl<'a> Engine<'a> {
     /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks.
     fn project(loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
-        for (row_start, matrix) in Engine::matrix(loaded, tensor) {
-            kernels::linear(x, m, matrix, &mut out, n, row_start);
-        }
+        Engine::project_into(loaded, tensor, x, m, n, &mut out);
         out
+    }
+
+    fn project_into(loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize, out: &mut [f32]) {
+        for (row_start, matrix) in Engine::matrix(loaded, tensor) {
+            kernels::linear(x, m, matrix, out, n, row_start);
+        }
     }
 
     // ---- scheduling -------------------------------------------------------------
@@ -997,41 +1001,52 @@ impl<'a> Engine<'a> {
         (0..self.policy.micro_batch_size as usize).flat_map(|_| (0..new).map(move |t| past + t)).collect()
     }
 
-    /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer.
+    /// RMSNorm of the side's hidden state, read in place (no copy of the hidden state).
+    fn normed_hidden(&self, j: u32, side: Side, weight: &[f32], rows: usize) -> Vec<f32> {
+        let state = lock(&self.micro_batches[j as usize]);
+        let hidden = if side == Side::Device { &state.hidden_device } else { &state.hidden_host };
+        let mut normed = vec![0.0; rows * self.spec.hidden_size as usize];
+        kernels::rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed);
+        normed
+    }
+
+    /// Adds `delta` to the side's hidden state (the residual connection).
+    fn add_to_hidden(&self, j: u32, side: Side, delta: &[f32]) {
+        let mut state = lock(&self.micro_batches[j as usize]);
+        let hidden = if side == Side::Device { &mut state.hidden_device } else { &mut state.hidden_host };
+        for (x, d) in hidden.iter_mut().zip(delta) {
+            *x += d;
+        }
+    }
+
+    /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer,
+    /// laid out as [q: rows × h][k: rows × kv][v: rows × kv].
     fn attn_qkv(&self, task: &Task, side: Side) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
-        let norm = Engine::vector(&weights, 0);
-        let hidden = {
-            let state = lock(&self.micro_batches[task.micro_batch as usize]);
-            if side == Side::Device {
-                state.hidden_device.clone()
-            } else {
-                state.hidden_host.clone()
-            }
-        };
-        let mut normed = vec![0.0; rows * h];
-        kernels::rms_norm(&hidden, &norm, spec.rms_norm_eps as f32, &mut normed);
+        let normed = self.normed_hidden(task.micro_batch, side, &Engine::vector(&weights, 0), rows);
         // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o.
         let bias = spec.qkv_bias;
         let (q_t, k_t, v_t) = if bias { (1, 3, 5) } else { (1, 2, 3) };
-        let mut q = Engine::project(&weights, q_t, &normed, rows, h);
-        let mut k = Engine::project(&weights, k_t, &normed, rows, kv);
-        let mut v = Engine::project(&weights, v_t, &normed, rows, kv);
-        if bias {
-            kernels::add_bias(&mut q, &Engine::vector(&weights, 2), h, 0);
-            kernels::add_bias(&mut k, &Engine::vector(&weights, 4), kv, 0);
-            kernels::add_bias(&mut v, &Engine::vector(&weights, 6), kv, 0);
+        let mut qkv = vec![0.0f32; rows * (h + 2 * kv)];
+        {
+            let (q, rest) = qkv.split_at_mut(rows * h);
+            let (k, v) = rest.split_at_mut(rows * kv);
+            Engine::project_into(&weights, q_t, &normed, rows, h, q);
+            Engine::project_into(&weights, k_t, &normed, rows, kv, k);
+            Engine::project_into(&weights, v_t, &normed, rows, kv, v);
+            if bias {
+                kernels::add_bias(q, &Engine::vector(&weights, 2), h, 0);
+                kernels::add_bias(k, &Engine::vector(&weights, 4), kv, 0);
+                kernels::add_bias(v, &Engine::vector(&weights, 6), kv, 0);
+            }
+            let positions = self.positions(task.step);
+            kernels::rope(q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32);
+            kernels::rope(k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
         }
-        let positions = self.positions(task.step);
-        kernels::rope(&mut q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32);
-        kernels::rope(&mut k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
-        let mut qkv = Vec::with_capacity(rows * (h + 2 * kv));
-        qkv.extend_from_slice(&q);
-        qkv.extend_from_slice(&k);
-        qkv.extend_from_slice(&v);
+        drop(normed);
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
         if side == Side::Device {
             state.qkv_device = qkv;
@@ -1051,12 +1066,13 @@ impl<'a> Engine<'a> {
         let rows = mb * new;
         let kv_dtype = self.policy.kv_dtype;
         let row_bytes = self.kv_row_bytes();
+        // Consumed here: taking it keeps no copy alive between steps.
         let qkv = {
-            let state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
             if side == Side::Device {
-                state.qkv_device.clone()
+                std::mem::take(&mut state.qkv_device)
             } else {
-                state.qkv_host.clone()
+                std::mem::take(&mut state.qkv_host)
             }
         };
         let (q, rest) = qkv.split_at(rows * h);
@@ -1152,21 +1168,16 @@ impl<'a> Engine<'a> {
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
         let o_tensor = if spec.qkv_bias { 7 } else { 4 };
         let attn = {
-            let state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
             if side == Side::Device {
-                state.attn_device.clone()
+                std::mem::take(&mut state.attn_device)
             } else {
-                state.attn_host.clone()
+                std::mem::take(&mut state.attn_host)
             }
         };
         let projected = Engine::project(&weights, o_tensor, &attn, rows, h);
-        {
-            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-            let hidden = if side == Side::Device { &mut state.hidden_device } else { &mut state.hidden_host };
-            for (x, o) in hidden.iter_mut().zip(&projected) {
-                *x += o;
-            }
-        }
+        drop(attn);
+        self.add_to_hidden(task.micro_batch, side, &projected);
         self.release_weights_if_last(task, WeightGroup::Attention);
         Ok(())
     }
@@ -1176,28 +1187,15 @@ impl<'a> Engine<'a> {
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Mlp, task.layer, task.step, task.micro_batch)?;
-        let norm = Engine::vector(&weights, 0);
-        let hidden = {
-            let state = lock(&self.micro_batches[task.micro_batch as usize]);
-            if side == Side::Device {
-                state.hidden_device.clone()
-            } else {
-                state.hidden_host.clone()
-            }
-        };
-        let mut normed = vec![0.0; rows * h];
-        kernels::rms_norm(&hidden, &norm, spec.rms_norm_eps as f32, &mut normed);
+        let normed = self.normed_hidden(task.micro_batch, side, &Engine::vector(&weights, 0), rows);
         let mut gate = Engine::project(&weights, 1, &normed, rows, ffn);
         let up = Engine::project(&weights, 2, &normed, rows, ffn);
+        drop(normed);
         kernels::silu_mul(&mut gate, &up);
+        drop(up);
         let down = Engine::project(&weights, 3, &gate, rows, h);
-        {
-            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-            let hidden = if side == Side::Device { &mut state.hidden_device } else { &mut state.hidden_host };
-            for (x, o) in hidden.iter_mut().zip(&down) {
-                *x += o;
-            }
-        }
+        drop(gate);
+        self.add_to_hidden(task.micro_batch, side, &down);
         self.release_weights_if_last(task, WeightGroup::Mlp);
         Ok(())
     }

@@ -147,3 +147,64 @@ fn every_schedule_and_placement_computes_the_same_tokens_and_logits() {
         }
     }
 }
+
+/// Sharded files (with model.safetensors.index.json), f16 weights and tied embeddings
+/// load and run; the sharded copy computes exactly what the single file does.
+#[test]
+fn sharded_f16_and_tied_models_run() {
+    use ferry_engine::safetensors::{read_header, write};
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::builtin().unwrap();
+    let spec = catalog.model("test-tiny").unwrap().value;
+    let single = dir.path().join("single");
+    ferry_engine::synth::synthesize(&spec, Dtype::F16, 5, &single, false, |_, _| {}).unwrap();
+    // Split the single file into two shards plus an index, as Hugging Face writes them.
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    std::fs::copy(single.join("config.json"), sharded.join("config.json")).unwrap();
+    let header = read_header(&single.join("model.safetensors")).unwrap();
+    let bytes = std::fs::read(single.join("model.safetensors")).unwrap();
+    let names: Vec<&String> = header.keys().collect();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let tensors: Vec<(String, Dtype, Vec<u64>)> =
+            part.iter().map(|n| ((*n).clone(), Dtype::F16, header[*n].shape.clone())).collect();
+        write(&sharded.join(shard), &tensors, |i, out| {
+            let t = &header[&tensors[i].0];
+            out.write_all(&bytes[t.start as usize..t.end as usize])
+        })
+        .unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), shard.into());
+        }
+    }
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+
+    let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 3 };
+    let cpu = profile("cpu", "ferry-ci-vm", 64 * MIB);
+    let mut policy = base_policy(spec.num_layers);
+    policy.weight_dtype = Dtype::F16;
+    policy.kv_dtype = Dtype::F16;
+    policy.micro_batch_size = 2;
+    policy.schedule = Schedule::Pipelined;
+    policy.mlp_weights = TierCounts { device: 1, host: 0, disk: spec.num_layers - 1 };
+    let a = execute(dir.path(), &ModelFiles::open(&single).unwrap(), &policy, &workload, &cpu);
+    let b = execute(dir.path(), &ModelFiles::open(&sharded).unwrap(), &policy, &workload, &cpu);
+    assert_same(&a, &b, "sharded vs single file");
+
+    // Tied embeddings: no lm_head tensor; the head projects with the embeddings.
+    let tied = dir.path().join("tied");
+    let mut tied_spec = spec.clone();
+    tied_spec.tie_word_embeddings = true;
+    ferry_engine::synth::synthesize(&tied_spec, Dtype::F16, 5, &tied, false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(&tied).unwrap();
+    assert!(files.tensor("lm_head.weight").is_none());
+    let report = execute(dir.path(), &files, &policy, &workload, &cpu);
+    assert!(report.tokens.iter().all(|t| t.len() == 3));
+    assert_ne!(report.logits[0][0], a.logits[0][0], "tied and untied heads must differ");
+}

@@ -260,6 +260,8 @@ struct LayerFigures {
     host_static_gb: f64,
     device_capacity_gb: f64,
     host_capacity_gb: f64,
+    /// The offload disk's space, when known.
+    disk_capacity_gb: Option<f64>,
     decode_steps: f64,
 }
 
@@ -506,6 +508,7 @@ impl<'a> Searcher<'a> {
             host_static_gb: gb(pools[Pool::Host.index()].resident_bytes()),
             device_capacity_gb: gb(device_capacity),
             host_capacity_gb: gb(host_capacity),
+            disk_capacity_gb: profile.disk_capacity_bytes.map(gb),
             decode_steps: request.gen_len.saturating_sub(1) as f64,
         }
     }
@@ -607,6 +610,10 @@ impl<'a> Searcher<'a> {
             let staging = window * (f.attention_gb * a[2] + f.mlp_gb * m[2]);
             let host_kv = l * f.kv_full_gb * kv[1];
             problem = problem.with((host_weights + staging + host_kv).leq(f.host_capacity_gb - f.host_static_gb));
+        }
+        if let Some(disk_gb) = f.disk_capacity_gb {
+            let disk_weights = l * (f.attention_gb * a[2] + f.mlp_gb * m[2]);
+            problem = problem.with((disk_weights + l * f.kv_full_gb * kv[2]).leq(disk_gb));
         }
         let solution = problem.solve().ok()?;
         let value = |v: Variable| solution.value(v).clamp(0.0, 1.0);
@@ -727,7 +734,26 @@ impl<'a> Searcher<'a> {
         None
     }
 
+    /// Fails when the weights alone exceed every tier together.
+    fn check_capacity(&self) -> Result<(), TuneError> {
+        let request = self.request;
+        let Some(disk) = request.profile.disk_capacity_bytes else { return Ok(()) };
+        let (device, host) = pool_capacities(request.profile);
+        let room = device + if self.unified() { 0 } else { host } + disk;
+        let weights = request.model.total_bytes(request.weight_dtype);
+        if weights > room {
+            return Err(TuneError::Impossible(format!(
+                "the model does not fit even on disk: its weights need {} but device, host and disk hold {} together (short by {})",
+                format_bytes(weights),
+                format_bytes(room),
+                format_bytes(weights - room)
+            )));
+        }
+        Ok(())
+    }
+
     fn run(&self) -> Result<TuneResult, TuneError> {
+        self.check_capacity()?;
         let mut stats = SearchStats::default();
         // Level 1: bound every group.
         struct Bounded {

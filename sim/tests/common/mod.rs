@@ -27,6 +27,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         host_memory_bytes: host_bytes,
         max_pinned_bytes: host_bytes,
         memory_reserve_fraction: 0.0,
+        disk_capacity_bytes: None,
         disk_read: curve.clone(),
         disk_write: curve.clone(),
         host_to_device: curve.clone(),
