@@ -411,3 +411,60 @@ fn disks_are_a_catalog_and_capacity_is_checked() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_profile_file_can_replace_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["show", "profile", "cpu"]);
+    assert!(out.status.success());
+    // Double the disk bandwidth in the profile: the plan must get faster.
+    let text_profile = text(&out.stdout);
+    std::fs::write(dir.path().join("profile.yaml"), &text_profile).unwrap();
+    let args = |profile: &str| {
+        vec![
+            "tune",
+            "--profile",
+            profile,
+            "--model",
+            "tinyllama",
+            "--device-mem",
+            "512MiB",
+            "--batch",
+            "1",
+            "--prompt-len",
+            "32",
+            "--gen-len",
+            "4",
+            "--json",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let run = |profile: &str| -> f64 {
+        let a = args(profile);
+        let out = ferry(dir.path(), &a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        json["metrics"]["tokens_per_s"].as_f64().unwrap()
+    };
+    let base = run("profile.yaml");
+    let mut profile: serde_json::Value = serde_norway::from_str(&text_profile).unwrap();
+    for point in profile["disk_read"]["points"].as_array_mut().unwrap() {
+        let gbps = point["gbps"].as_f64().unwrap();
+        point["gbps"] = serde_json::json!(gbps * 2.0);
+    }
+    std::fs::write(dir.path().join("fast.yaml"), serde_norway::to_string(&profile).unwrap()).unwrap();
+    let fast = run("fast.yaml");
+    assert!(fast > base * 1.3, "doubling the disk bandwidth gave {fast} vs {base} tokens/s");
+    // A malformed profile names its line.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        text_profile.replacen("unified_memory: true", "unified_memory: maybe", 1),
+    )
+    .unwrap();
+    let a = args("bad.yaml");
+    let out = ferry(dir.path(), &a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("bad.yaml:"), "{}", text(&out.stderr));
+}

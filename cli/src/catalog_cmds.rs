@@ -30,6 +30,8 @@ pub enum ShowWhat {
     Model,
     Gpu,
     Host,
+    /// The datasheet profile of a GPU in its usual host, as YAML: a template for `--profile`.
+    Profile,
 }
 
 #[derive(Args)]
@@ -236,6 +238,21 @@ pub fn show(args: ShowArgs) -> Result<()> {
             table.row(["default host preset".to_string(), gpu.default_host.clone()]);
             print!("{}", table.render());
             println!("source: {}", gpu.source);
+        }
+        ShowWhat::Profile => {
+            let gpu = catalog.gpu(&args.name)?;
+            if let Some(note) = &gpu.note {
+                eprintln!("note: {note}");
+            }
+            let host = catalog.host(&gpu.value.default_host)?.value;
+            let profile =
+                ferry_core::profile::Profile::from_datasheet(&ferry_core::hardware::Hardware { gpu: gpu.value, host });
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&profile)?);
+            } else {
+                println!("# Datasheet profile: edit the figures you have measured and pass the file with --profile.");
+                print!("{}", ferry_core::yaml::to_yaml_string(&profile)?);
+            }
         }
         ShowWhat::Host => {
             let resolved = catalog.host(&args.name)?;

@@ -33,7 +33,7 @@ pub struct TuneArgs {
     /// GPU from the catalog (`ferry list gpus`); `cpu` plans for the CPU backend.
     #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
     gpu: Option<String>,
-    /// A measured profile (from `ferry profile`) instead of catalog datasheets.
+    /// A profile file instead of catalog datasheets (start from `ferry show profile GPU`).
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
     /// Model: catalog name or alias (`ferry list models`), a Hugging Face folder, or its config.json.
