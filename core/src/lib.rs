@@ -15,6 +15,7 @@ pub mod units;
 pub mod yaml;
 
 pub use error::{CoreError, Result};
+pub mod dispatch;
 pub mod export;
 pub mod graph;
 pub mod plan;

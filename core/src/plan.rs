@@ -188,9 +188,9 @@ pub struct HardwareRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     /// Override of the device memory (the RAM budget on the cpu backend).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
     pub device_memory: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
     pub host_memory: Option<u64>,
 }
 
@@ -313,23 +313,6 @@ impl Policy {
             ("pinned host memory".into(), format_bytes(self.pinned_host_bytes)),
             ("dtypes (weights / KV)".into(), format!("{} / {}", self.weight_dtype.name(), self.kv_dtype.name())),
         ]
-    }
-}
-
-mod opt_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(v) => crate::units::bytes_serde::serialize(v, serializer),
-            None => serializer.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-        #[derive(Deserialize)]
-        struct Wrapper(#[serde(with = "crate::units::bytes_serde")] u64);
-        Option::<Wrapper>::deserialize(deserializer).map(|o| o.map(|w| w.0))
     }
 }
 

@@ -156,7 +156,7 @@ pub struct Profile {
     /// Fraction of each memory kept free as a safety margin (FlexGen keeps 20 %).
     pub memory_reserve_fraction: f64,
     /// Space on the offload disk, when known (a disk preset or a measured profile).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
     pub disk_capacity_bytes: Option<u64>,
     pub disk_read: TransferCurve,
     pub disk_write: TransferCurve,
@@ -317,23 +317,6 @@ fn host_compute_profile(hardware: &Hardware) -> ComputeProfile {
         memory_efficiency: MEMORY_EFFICIENCY,
         task_overhead_ns: CPU_TASK_OVERHEAD_NS,
         table: Vec::new(),
-    }
-}
-
-mod opt_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(v) => crate::units::bytes_serde::serialize(v, serializer),
-            None => serializer.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-        #[derive(Deserialize)]
-        struct Wrapper(#[serde(with = "crate::units::bytes_serde")] u64);
-        Option::<Wrapper>::deserialize(deserializer).map(|o| o.map(|w| w.0))
     }
 }
 

@@ -130,6 +130,24 @@ pub mod bytes_serde {
     }
 }
 
+/// serde helper: an optional byte count, written like `bytes_serde`.
+pub mod opt_bytes_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<u64>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => super::bytes_serde::serialize(v, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapper(#[serde(with = "super::bytes_serde")] u64);
+        Option::<Wrapper>::deserialize(deserializer).map(|o| o.map(|w| w.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

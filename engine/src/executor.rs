@@ -1,10 +1,9 @@
 //! Runs a `TaskGraph` for real and records when every task ran.
 //!
-//! A scheduler (the calling thread) applies exactly the simulator's dispatch rule
-//! (`ferry_sim::des`): on each resource, the ready task with the lowest id starts when
-//! one of the resource's lanes is free and its memory fits the pool budget; no task
-//! overtakes it on that resource; across resources, lower ids go first. Each lane is
-//! a worker thread. Memory is accounted exactly as the graph says (acquired at start,
+//! A scheduler (the calling thread) drives `ferry_core::dispatch::Dispatcher` — the
+//! same dispatch code the simulator runs: on each resource, the ready task with the
+//! lowest id starts when one of the resource's lanes is free and its memory fits the
+//! pool budget; no task overtakes it on that resource. Each lane is a worker thread. Memory is accounted exactly as the graph says (acquired at start,
 //! released at end), and the buffers behind it are allocated and freed by the tasks
 //! themselves, so the process holds what the plan accounted for.
 //!
@@ -15,20 +14,19 @@
 //! copies move it between them. A missing or misplaced task therefore changes the
 //! numbers, which the plan-invariance tests would catch.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use ferry_core::dispatch::Dispatcher;
 use ferry_core::graph::{Op, Payload, Pool, Resource, Task, TaskGraph, TaskKind, NO_LAYER, WHOLE_GROUP};
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
 use ferry_core::plan::{Policy, Schedule, Tier, Workload};
 use ferry_core::schedule::weight_pieces;
 use ferry_core::trace::{Metrics, Span, Trace, TraceSource};
-use ferry_core::units::format_bytes;
 
 use crate::backend::Backend;
 use crate::io::{DiskFile, ReadPool};
@@ -513,37 +511,19 @@ impl<'a> Engine<'a> {
     fn execute_graph(&self) -> Result<Vec<Span>, EngineError> {
         let graph = self.graph;
         let count = graph.tasks.len();
-        let mut remaining: Vec<u32> = graph.tasks.iter().map(|t| t.deps.len() as u32).collect();
-        let mut dependents: Vec<Vec<u32>> = vec![Vec::new(); count];
-        for (id, task) in graph.tasks.iter().enumerate() {
-            for &d in &task.deps {
-                dependents[d as usize].push(id as u32);
-            }
-        }
-        const R: usize = Resource::ALL.len();
-        let lanes: [usize; R] = std::array::from_fn(|r| graph.lanes(Resource::ALL[r]).max(1) as usize);
-        let mut ready: [BinaryHeap<Reverse<u32>>; R] = Default::default();
-        for (id, &n) in remaining.iter().enumerate() {
-            if n == 0 {
-                ready[graph.tasks[id].resource().index()].push(Reverse(id as u32));
-            }
-        }
-        let capacity: [u64; 2] = std::array::from_fn(|p| graph.pools[p].capacity_bytes);
-        let mut used: [u64; 2] = std::array::from_fn(|p| graph.pools[p].resident_bytes());
-        let mut lane_busy: [Vec<bool>; R] = std::array::from_fn(|r| vec![false; lanes[r]]);
-        let mut running = 0usize;
-        let mut finished = 0usize;
+        let mut dispatcher = Dispatcher::new(graph);
         let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; count];
         let mut failure: Option<EngineError> = None;
         let clock = Instant::now();
+        const R: usize = Resource::ALL.len();
 
         std::thread::scope(|scope| {
             let (done_tx, done_rx) = mpsc::channel::<(u32, u32, u64, u64, Result<(), EngineError>)>();
             let mut senders: [Vec<mpsc::Sender<u32>>; R] = Default::default();
-            for r in 0..R {
-                for lane in 0..lanes[r] {
+            for (r, lanes) in senders.iter_mut().enumerate() {
+                for lane in 0..graph.lanes(Resource::ALL[r]).max(1) {
                     let (tx, rx) = mpsc::channel::<u32>();
-                    senders[r].push(tx);
+                    lanes.push(tx);
                     let done = done_tx.clone();
                     std::thread::Builder::new()
                         .name(format!("ferry-{}-{lane}", Resource::ALL[r].name()))
@@ -552,7 +532,7 @@ impl<'a> Engine<'a> {
                                 let start = clock.elapsed().as_nanos() as u64;
                                 let result = self.execute(id);
                                 let end = clock.elapsed().as_nanos() as u64;
-                                if done.send((id, lane as u32, start, end, result)).is_err() {
+                                if done.send((id, lane, start, end, result)).is_err() {
                                     return;
                                 }
                             }
@@ -561,42 +541,18 @@ impl<'a> Engine<'a> {
                 }
             }
             drop(done_tx);
-            while finished < count {
+            while !dispatcher.is_finished() {
                 if failure.is_none() {
-                    let mut blocked = [false; R];
-                    loop {
-                        let mut best: Option<(u32, usize)> = None;
-                        for r in 0..R {
-                            if blocked[r] || lane_busy[r].iter().all(|b| *b) {
-                                continue;
-                            }
-                            if let Some(&Reverse(id)) = ready[r].peek() {
-                                if best.is_none_or(|(b, _)| id < b) {
-                                    best = Some((id, r));
-                                }
-                            }
-                        }
-                        let Some((id, r)) = best else { break };
-                        let task = &graph.tasks[id as usize];
-                        if !task.acquire.iter().all(|m| used[m.pool.index()] + m.bytes <= capacity[m.pool.index()]) {
-                            blocked[r] = true;
-                            continue;
-                        }
-                        ready[r].pop();
-                        for m in &task.acquire {
-                            used[m.pool.index()] += m.bytes;
-                        }
-                        let lane = lane_busy[r].iter().position(|b| !b).expect("a free lane");
-                        lane_busy[r][lane] = true;
-                        running += 1;
-                        if senders[r][lane].send(id).is_err() {
+                    dispatcher.dispatch(|id, lane| {
+                        let r = graph.tasks[id as usize].resource().index();
+                        if senders[r][lane as usize].send(id).is_err() {
                             failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
                         }
-                    }
+                    });
                 }
-                if running == 0 {
+                if dispatcher.running() == 0 {
                     if failure.is_none() {
-                        failure = Some(self.stall_error(&ready, &used));
+                        failure = Some(EngineError::Deadlock(dispatcher.stall().message));
                     }
                     break;
                 }
@@ -604,24 +560,12 @@ impl<'a> Engine<'a> {
                     failure.get_or_insert(EngineError::Internal("workers vanished".into()));
                     break;
                 };
-                running -= 1;
-                let task = &graph.tasks[id as usize];
-                let r = task.resource().index();
-                lane_busy[r][lane as usize] = false;
                 spans[id as usize] = Span { task: id, lane, start_ns: start, end_ns: end };
-                for m in &task.release {
-                    used[m.pool.index()] -= m.bytes;
-                }
+                dispatcher.complete(id, lane);
                 if let Err(e) = result {
                     failure.get_or_insert(e);
                 }
-                finished += 1;
-                for &d in &dependents[id as usize] {
-                    remaining[d as usize] -= 1;
-                    if remaining[d as usize] == 0 {
-                        ready[graph.tasks[d as usize].resource().index()].push(Reverse(d));
-                    }
-                }
+                let finished = dispatcher.finished();
                 if let Some(progress) = &self.options.progress {
                     if finished.is_multiple_of(64) || finished == count {
                         progress(finished, count);
@@ -635,28 +579,6 @@ impl<'a> Engine<'a> {
             Some(e) => Err(e),
             None => Ok(spans),
         }
-    }
-
-    fn stall_error(&self, ready: &[BinaryHeap<Reverse<u32>>], used: &[u64; 2]) -> EngineError {
-        let head = ready.iter().filter_map(|h| h.peek().map(|Reverse(id)| *id)).min();
-        let Some(id) = head else {
-            return EngineError::Internal("the graph stalled with no task ready".into());
-        };
-        let task = &self.graph.tasks[id as usize];
-        let pool = task
-            .acquire
-            .iter()
-            .find(|m| used[m.pool.index()] + m.bytes > self.graph.pools[m.pool.index()].capacity_bytes)
-            .map_or(Pool::Device, |m| m.pool);
-        let need: u64 = task.acquire.iter().filter(|m| m.pool == pool).map(|m| m.bytes).sum();
-        let free = self.graph.pool(pool).capacity_bytes.saturating_sub(used[pool.index()]);
-        EngineError::Deadlock(format!(
-            "{} memory is exhausted: task '{}' needs {} but only {} is free and every running task waits on it",
-            pool.name(),
-            task.label(),
-            format_bytes(need),
-            format_bytes(free)
-        ))
     }
 
     // ---- tasks ------------------------------------------------------------------

@@ -1,0 +1,195 @@
+//! The dispatch rule — the one piece of scheduling the simulator and the engine must
+//! share to run a graph the same way. On each resource, the ready task with the
+//! **lowest id** (program order) starts next, when one of the resource's lanes is free
+//! and the memory it acquires fits its pool; otherwise that resource waits (no task
+//! overtakes it there). Across resources, candidates are tried in ascending id.
+//! Memory is acquired when a task starts and released when it ends.
+//!
+//! `Dispatcher` keeps that state; the simulator drives it from its event loop, the
+//! engine from its scheduler thread.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use crate::graph::{Pool, Resource, TaskGraph, TaskId};
+use crate::units::format_bytes;
+
+const RESOURCES: usize = Resource::ALL.len();
+
+pub struct Dispatcher<'g> {
+    graph: &'g TaskGraph,
+    remaining_deps: Vec<u32>,
+    dependent_start: Vec<u32>,
+    dependents: Vec<u32>,
+    ready: [BinaryHeap<Reverse<TaskId>>; RESOURCES],
+    lane_busy: [Vec<bool>; RESOURCES],
+    free_lanes: [usize; RESOURCES],
+    running: usize,
+    capacity: [u64; 2],
+    used: [u64; 2],
+    finished: usize,
+}
+
+/// Why nothing can start although tasks remain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stall {
+    pub pool: Pool,
+    pub message: String,
+}
+
+impl<'g> Dispatcher<'g> {
+    pub fn new(graph: &'g TaskGraph) -> Dispatcher<'g> {
+        let count = graph.tasks.len();
+        let remaining_deps: Vec<u32> = graph.tasks.iter().map(|t| t.deps.len() as u32).collect();
+        // Dependents in compressed form.
+        let mut dependent_start = vec![0u32; count + 1];
+        for task in &graph.tasks {
+            for &dep in &task.deps {
+                dependent_start[dep as usize + 1] += 1;
+            }
+        }
+        for i in 0..count {
+            dependent_start[i + 1] += dependent_start[i];
+        }
+        let mut fill = dependent_start.clone();
+        let mut dependents = vec![0u32; dependent_start[count] as usize];
+        for (id, task) in graph.tasks.iter().enumerate() {
+            for &dep in &task.deps {
+                dependents[fill[dep as usize] as usize] = id as u32;
+                fill[dep as usize] += 1;
+            }
+        }
+        let mut ready: [BinaryHeap<Reverse<TaskId>>; RESOURCES] = Default::default();
+        for (id, &deps) in remaining_deps.iter().enumerate() {
+            if deps == 0 {
+                ready[graph.tasks[id].resource().index()].push(Reverse(id as TaskId));
+            }
+        }
+        Dispatcher {
+            graph,
+            remaining_deps,
+            dependent_start,
+            dependents,
+            ready,
+            lane_busy: std::array::from_fn(|r| vec![false; graph.lanes(Resource::ALL[r]).max(1) as usize]),
+            free_lanes: std::array::from_fn(|r| graph.lanes(Resource::ALL[r]).max(1) as usize),
+            running: 0,
+            capacity: std::array::from_fn(|p| graph.pools[p].capacity_bytes),
+            used: std::array::from_fn(|p| graph.pools[p].resident_bytes()),
+            finished: 0,
+        }
+    }
+
+    /// Starts every task the rule allows now, lowest id first; `start(task, lane)` is
+    /// called for each, after its memory has been acquired.
+    pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32)) {
+        let mut blocked = [false; RESOURCES];
+        loop {
+            let mut best: Option<(TaskId, usize)> = None;
+            for (r, queue) in self.ready.iter().enumerate() {
+                if blocked[r] || self.free_lanes[r] == 0 {
+                    continue;
+                }
+                if let Some(&Reverse(id)) = queue.peek() {
+                    if best.is_none_or(|(b, _)| id < b) {
+                        best = Some((id, r));
+                    }
+                }
+            }
+            let Some((id, r)) = best else { return };
+            let task = &self.graph.tasks[id as usize];
+            let fits =
+                task.acquire.iter().all(|m| self.used[m.pool.index()] + m.bytes <= self.capacity[m.pool.index()]);
+            if !fits {
+                blocked[r] = true;
+                continue;
+            }
+            self.ready[r].pop();
+            for m in &task.acquire {
+                self.used[m.pool.index()] += m.bytes;
+            }
+            let lane = self.lane_busy[r].iter().position(|b| !b).unwrap_or(0);
+            self.lane_busy[r][lane] = true;
+            self.free_lanes[r] -= 1;
+            self.running += 1;
+            start(id, lane as u32);
+        }
+    }
+
+    /// Records that `task`, which ran on `lane`, ended: frees the lane and the memory it
+    /// releases, and readies the dependents it was the last dependency of.
+    pub fn complete(&mut self, task: TaskId, lane: u32) {
+        let t = &self.graph.tasks[task as usize];
+        self.lane_busy[t.resource().index()][lane as usize] = false;
+        self.free_lanes[t.resource().index()] += 1;
+        self.running -= 1;
+        self.finished += 1;
+        for m in &t.release {
+            self.used[m.pool.index()] -= m.bytes;
+        }
+        let (from, to) =
+            (self.dependent_start[task as usize] as usize, self.dependent_start[task as usize + 1] as usize);
+        for &dependent in &self.dependents[from..to] {
+            self.remaining_deps[dependent as usize] -= 1;
+            if self.remaining_deps[dependent as usize] == 0 {
+                self.ready[self.graph.tasks[dependent as usize].resource().index()].push(Reverse(dependent));
+            }
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished == self.graph.tasks.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
+
+    pub fn finished(&self) -> usize {
+        self.finished
+    }
+
+    /// Bytes held in `pool` now (resident set included).
+    pub fn used(&self, pool: Pool) -> u64 {
+        self.used[pool.index()]
+    }
+
+    /// Explains why nothing runs although tasks remain: the lowest-id ready task and the
+    /// pool it does not fit, with the shortfall.
+    pub fn stall(&self) -> Stall {
+        let head = self.ready.iter().filter_map(|h| h.peek().map(|Reverse(id)| *id)).min();
+        let Some(id) = head else {
+            return Stall {
+                pool: Pool::Device,
+                message:
+                    "the task graph stalled with no task ready: a dependency can never finish (a bug in the lowering)"
+                        .into(),
+            };
+        };
+        let graph = self.graph;
+        let task = &graph.tasks[id as usize];
+        let pool = task
+            .acquire
+            .iter()
+            .find(|m| self.used[m.pool.index()] + m.bytes > self.capacity[m.pool.index()])
+            .map_or(Pool::Device, |m| m.pool);
+        let spec = graph.pool(pool);
+        let need: u64 = task.acquire.iter().filter(|m| m.pool == pool).map(|m| m.bytes).sum();
+        let in_use = self.used[pool.index()];
+        let free = spec.capacity_bytes.saturating_sub(in_use);
+        let message = format!(
+            "{pool} memory is exhausted — task '{task}' needs {need} but only {free} is free (capacity {capacity}, \
+             {resident} resident, {held} held by tasks waiting on each other); lower the prefetch depth, the \
+             micro-batch size or the chunk size, or give the {pool} pool {short} more",
+            pool = pool.name(),
+            task = task.label(),
+            need = format_bytes(need),
+            free = format_bytes(free),
+            capacity = format_bytes(spec.capacity_bytes),
+            resident = format_bytes(spec.resident_bytes()),
+            held = format_bytes(in_use.saturating_sub(spec.resident_bytes())),
+            short = format_bytes(need.saturating_sub(free)),
+        );
+        Stall { pool, message }
+    }
+}
