@@ -468,3 +468,15 @@ fn a_profile_file_can_replace_the_catalog() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("bad.yaml:"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn profile_refuses_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["profile", "--backend", "cuda", "--out", "p.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cuda backend is not built yet"), "{}", text(&out.stderr));
+    std::fs::write(dir.path().join("p.yaml"), "keep me").unwrap();
+    let out = ferry(dir.path(), &["profile", "--out", "p.yaml", "--quick"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(dir.path().join("p.yaml")).unwrap(), "keep me");
+}

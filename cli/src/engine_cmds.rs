@@ -276,3 +276,76 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+#[command(after_help = "Example:
+  ferry profile --backend cpu --out profile.yaml --quick
+  ferry tune --profile profile.yaml --model models/tinyllama --device-mem 512MiB")]
+pub struct ProfileArgs {
+    /// Backend to measure (cpu; cuda is a later issue).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Where to write the profile (YAML).
+    #[arg(long)]
+    out: PathBuf,
+    /// A shorter run (under a minute): a 256 MiB scratch file, 3 trials per figure.
+    #[arg(long)]
+    quick: bool,
+    /// Folder on the disk you offload to, for the scratch file [default: the current folder].
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// Overwrite the output file.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn profile(args: ProfileArgs) -> Result<()> {
+    if args.backend != "cpu" {
+        backend::backend(&args.backend).map_err(engine_error)?;
+    }
+    if args.out.exists() && !args.force {
+        return Err(
+            CoreError::invalid(format!("{} already exists; pass --force to overwrite it", args.out.display())).into()
+        );
+    }
+    let scratch = args.scratch_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let options = if args.quick {
+        ferry_profiler::ProfileOptions::quick(scratch)
+    } else {
+        ferry_profiler::ProfileOptions::full(scratch)
+    };
+    eprintln!(
+        "measuring {} with a {} scratch file in {} ...",
+        ferry_profiler::fingerprint(),
+        format_bytes(options.scratch_bytes),
+        options.scratch_dir.display()
+    );
+    let bar = bar(1000, "profile");
+    let profile = ferry_profiler::profile_cpu(&options, |step, fraction| {
+        bar.set_message(format!("profile: {step}"));
+        bar.set_position((fraction * 1000.0) as u64);
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    bar.finish_and_clear();
+    let best = |curve: &ferry_core::profile::TransferCurve| curve.points.iter().map(|p| p.gbps).fold(0.0, f64::max);
+    let text = format!(
+        "# Measured by `ferry profile`; pass it to `ferry tune --profile`.\n{}",
+        ferry_core::yaml::to_yaml_string(&profile)?
+    );
+    ferry_core::yaml::write_new_file(&args.out, &text, args.force)?;
+    println!("wrote {}", args.out.display());
+    println!(
+        "  disk read: up to {:.2} GB/s (direct I/O), first byte {}",
+        best(&profile.disk_read),
+        format_ns(profile.disk_read.latency_ns)
+    );
+    println!("  disk write: up to {:.2} GB/s (buffered + fsync)", best(&profile.disk_write));
+    println!("  memory copy: up to {:.1} GB/s", best(&profile.host_to_device));
+    println!(
+        "  matrix products: {:.0} GFLOP/s peak; bf16 weights stream through one-row products at {:.1} GB/s",
+        profile.device_compute.peak_flops / 1e9,
+        profile.device_compute.memory_bytes_per_s / 1e9
+    );
+    println!("  compute slows by {:.0} % while a read runs", profile.interference.device_compute_slowdown * 100.0);
+    Ok(())
+}

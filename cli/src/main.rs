@@ -45,6 +45,9 @@ enum Command {
     /// Execute a plan for real on the engine (weights streamed from disk within the
     /// plan's memory budget) and report measured speed next to the prediction.
     Run(engine_cmds::RunArgs),
+    /// Measure this machine (disk, copies, kernels) with the engine's own code paths and
+    /// write a profile for `ferry tune --profile`.
+    Profile(engine_cmds::ProfileArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export_cmd::run(args),
         Command::Synth(args) => engine_cmds::synth(args),
         Command::Run(args) => engine_cmds::run_plan(args),
+        Command::Profile(args) => engine_cmds::profile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

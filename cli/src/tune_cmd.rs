@@ -37,7 +37,7 @@ pub struct TuneArgs {
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
     /// Model: catalog name or alias (`ferry list models`), a Hugging Face folder, or its config.json.
-    #[arg(long)]
+    #[arg(long, visible_alias = "model-dir")]
     model: String,
     /// Host preset (`ferry list hosts`) [default: the GPU's usual host].
     #[arg(long)]

@@ -27,6 +27,9 @@ pub struct CurvePoint {
     pub concurrency: u32,
     /// Aggregate bandwidth of all requests together, GB/s.
     pub gbps: f64,
+    /// Measured profiles: (max − min) ÷ median over the trials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<f64>,
 }
 
 /// A link's bandwidth as a function of request size and concurrency, plus a fixed
@@ -87,6 +90,7 @@ impl TransferCurve {
                     chunk_bytes: chunk,
                     concurrency,
                     gbps: (single * concurrency as f64).min(peak_gbps),
+                    spread: None,
                 });
                 chunk *= 4;
             }

@@ -10,7 +10,10 @@ use ferry_core::profile::*;
 /// request size or concurrency, no latency; compute runs at `gflops` FLOP per ns, no
 /// overhead, memory bandwidth effectively unlimited; no interference.
 pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) -> Profile {
-    let curve = TransferCurve { latency_ns: 0, points: vec![CurvePoint { chunk_bytes: 4096, concurrency: 1, gbps }] };
+    let curve = TransferCurve {
+        latency_ns: 0,
+        points: vec![CurvePoint { chunk_bytes: 4096, concurrency: 1, gbps, spread: None }],
+    };
     let compute = ComputeProfile {
         peak_flops: gflops * 1e9,
         memory_bytes_per_s: 1e18,
