@@ -49,7 +49,7 @@ fn parse_dtype(text: &str) -> Result<Dtype> {
     }
 }
 
-fn bar(total: u64, what: &str) -> ProgressBar {
+pub fn bar(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {percent:>3}% {elapsed_precise} (eta {eta})")
@@ -294,6 +294,13 @@ pub struct ProfileArgs {
     /// Folder on the disk you offload to, for the scratch file [default: the current folder].
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
+    /// Also time the engine's compute tasks at this model's shape (catalog name or folder):
+    /// the kernel table the simulator prefers to its roofline.
+    #[arg(long, visible_alias = "model-dir")]
+    model: Option<String>,
+    /// Weight dtype of the kernel table [default: the model's].
+    #[arg(long, value_name = "bf16|f16|f32")]
+    dtype: Option<String>,
     /// Overwrite the output file.
     #[arg(long)]
     force: bool,
@@ -309,11 +316,21 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         );
     }
     let scratch = args.scratch_dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let options = if args.quick {
+    let mut options = if args.quick {
         ferry_profiler::ProfileOptions::quick(scratch)
     } else {
         ferry_profiler::ProfileOptions::full(scratch)
     };
+    if let Some(name) = &args.model {
+        let model = Catalog::builtin()?.model(name)?.value;
+        ferry_engine::synth::check_supported(&model).map_err(engine_error)?;
+        let dtype = match args.dtype.as_deref() {
+            Some(text) => parse_dtype(text)?,
+            None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => model.dtype,
+            None => Dtype::Bf16,
+        };
+        options.kernel_model = Some((model, dtype));
+    }
     eprintln!(
         "measuring {} with a {} scratch file in {} ...",
         ferry_profiler::fingerprint(),
@@ -347,5 +364,9 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         profile.device_compute.memory_bytes_per_s / 1e9
     );
     println!("  compute slows by {:.0} % while a read runs", profile.interference.device_compute_slowdown * 100.0);
+    println!("  engine compute task overhead {}", format_ns(profile.device_compute.task_overhead_ns));
+    if !profile.device_compute.table.is_empty() {
+        println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());
+    }
     Ok(())
 }

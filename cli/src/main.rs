@@ -9,6 +9,7 @@ mod report;
 mod simulate_cmd;
 mod table;
 mod tune_cmd;
+mod validate_cmd;
 
 use std::process::ExitCode;
 
@@ -48,22 +49,27 @@ enum Command {
     /// Measure this machine (disk, copies, kernels) with the engine's own code paths and
     /// write a profile for `ferry tune --profile`.
     Profile(engine_cmds::ProfileArgs),
+    /// Predict and run many plans on this machine; report prediction error and rank
+    /// correlation, and fail (exit 1) past a tolerance.
+    Validate(validate_cmd::ValidateArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::List(args) => catalog_cmds::list(args),
-        Command::Show(args) => catalog_cmds::show(args),
-        Command::Simulate(args) => simulate_cmd::run(args),
-        Command::Tune(args) => tune_cmd::run(*args),
-        Command::Export(args) => export_cmd::run(args),
-        Command::Synth(args) => engine_cmds::synth(args),
-        Command::Run(args) => engine_cmds::run_plan(args),
-        Command::Profile(args) => engine_cmds::profile(args),
+    // Every command returns its exit status: 0, or 1 when validation fails its tolerances.
+    let result: anyhow::Result<u8> = match cli.command {
+        Command::List(args) => catalog_cmds::list(args).map(|()| 0),
+        Command::Show(args) => catalog_cmds::show(args).map(|()| 0),
+        Command::Simulate(args) => simulate_cmd::run(args).map(|()| 0),
+        Command::Tune(args) => tune_cmd::run(*args).map(|()| 0),
+        Command::Export(args) => export_cmd::run(args).map(|()| 0),
+        Command::Synth(args) => engine_cmds::synth(args).map(|()| 0),
+        Command::Run(args) => engine_cmds::run_plan(args).map(|()| 0),
+        Command::Profile(args) => engine_cmds::profile(args).map(|()| 0),
+        Command::Validate(args) => validate_cmd::validate(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(exit_status(&err))

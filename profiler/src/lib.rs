@@ -54,6 +54,12 @@ pub struct ProfileOptions {
     pub trials: usize,
     pub chunk_sizes: Vec<u64>,
     pub queue_depths: Vec<u32>,
+    /// Also measure the engine's compute tasks at this model's shape (the kernel table).
+    pub kernel_model: Option<(ferry_core::model::ModelSpec, Dtype)>,
+    /// Micro-batch sizes the kernel table is measured at.
+    pub kernel_batches: Vec<u64>,
+    /// Prompt length of the kernel-table runs (prefill rows = batch × this).
+    pub kernel_prompt_len: u64,
 }
 
 impl ProfileOptions {
@@ -65,6 +71,9 @@ impl ProfileOptions {
             trials: 3,
             chunk_sizes: vec![64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB],
             queue_depths: vec![1, 2, 4, 8],
+            kernel_model: None,
+            kernel_batches: vec![1, 2, 4, 8, 16],
+            kernel_prompt_len: 32,
         }
     }
 
@@ -243,6 +252,12 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = reader.join();
     let slowdown = (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0);
+    progress("task overhead", 0.0);
+    let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
+    let table = match &options.kernel_model {
+        Some((model, dtype)) => measure_kernel_table(options, model, *dtype, &mut progress)?,
+        None => Vec::new(),
+    };
     progress("done", 1.0);
 
     let memory = meminfo_bytes("MemTotal:").unwrap_or(8 * GIB_BYTES);
@@ -252,8 +267,8 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         // Measured rates are achieved rates.
         matmul_efficiency: 1.0,
         memory_efficiency: 1.0,
-        task_overhead_ns: 0,
-        table: Vec::new(),
+        task_overhead_ns,
+        table,
     };
     let copies = TransferCurve { latency_ns: 0, points: copy_points };
     let profile = Profile {
@@ -280,6 +295,159 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     };
     profile.validate()?;
     Ok(profile)
+}
+
+/// The engine's compute tasks timed at a model's shape: a two-layer copy of the model
+/// (same hidden size, MLP, heads and vocabulary) runs fully resident through the real
+/// executor at each micro-batch size; every compute task's measured duration is filed
+/// under (operation, shape, rows, context), and the median over layers is kept.
+fn measure_kernel_table(
+    options: &ProfileOptions,
+    model: &ferry_core::model::ModelSpec,
+    dtype: Dtype,
+    progress: &mut impl FnMut(&str, f64),
+) -> Result<Vec<ferry_core::profile::KernelTiming>, ProfileError> {
+    use ferry_core::graph::Payload;
+    use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+    let catalog = ferry_core::catalog::Catalog::builtin()?;
+    let mut spec = model.clone();
+    spec.num_layers = 2;
+    spec.name = format!("{}-2-layers", model.name);
+    let dir = options.scratch_dir.join(format!("ferry-profile-shape-{}", std::process::id()));
+    let _cleanup = RemoveDirOnDrop(dir.clone());
+    progress("kernel table: synthesizing the shape", 0.0);
+    ferry_engine::synth::synthesize(&spec, dtype, 3, &dir, true, |_, _| {})?;
+    let files = ferry_engine::weights::ModelFiles::open(&dir)?;
+    let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
+    let mut samples: std::collections::BTreeMap<(String, u64, u64), Vec<f64>> = Default::default();
+    let gen_len = 6;
+    for (i, &batch) in options.kernel_batches.iter().enumerate() {
+        let layers = spec.num_layers;
+        let policy = Policy {
+            schedule: Schedule::Sequential,
+            micro_batch_size: batch,
+            num_micro_batches: 1,
+            prefetch_depth: 0,
+            attention_weights: TierCounts::all(Tier::Device, layers),
+            mlp_weights: TierCounts::all(Tier::Device, layers),
+            embeddings: Tier::Device,
+            head: Tier::Device,
+            kv_cache: TierCounts::all(Tier::Device, layers),
+            host_attention: false,
+            compute_host_layers_on_host: false,
+            weight_dtype: dtype,
+            kv_dtype: dtype,
+            chunk_bytes: 4 * MIB,
+            copy_streams: 1,
+            io_queue_depth: 1,
+            pinned_host_bytes: 0,
+        };
+        let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len };
+        let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
+            gpu: catalog.gpu("cpu")?.value,
+            host: catalog.host("ferry-ci-vm")?.value,
+        });
+        profile.device_memory_bytes = 1 << 40;
+        let graph =
+            ferry_core::schedule::lower(&policy, &spec, &workload, &profile, &ferry_core::schedule::Steps::All)?;
+        let prompts = (0..batch)
+            .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
+            .collect();
+        let run_options = ferry_engine::RunOptions {
+            prompts,
+            scratch_dir: dir.clone(),
+            allow_buffered_io: true,
+            keep_logits: false,
+            progress: None,
+        };
+        let report =
+            ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend, &run_options)?;
+        for span in &report.trace.spans {
+            let task = &graph.tasks[span.task as usize];
+            if let Payload::Compute { op } = task.payload {
+                let key = (op.name().to_string(), task.tokens as u64, task.context as u64);
+                samples.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
+            }
+        }
+        progress("kernel table", (i + 1) as f64 / options.kernel_batches.len() as f64);
+    }
+    Ok(samples
+        .into_iter()
+        .map(|((op, tokens, context), durations)| ferry_core::profile::KernelTiming {
+            op,
+            shape: shape.clone(),
+            tokens,
+            context,
+            ns: median_spread(&durations).0 as u64,
+        })
+        .collect())
+}
+
+/// The fixed cost of one compute task in the engine (hand-off to a worker, locks,
+/// buffer set-up, one parallel dispatch per projection): runs a tiny synthetic model,
+/// fully resident, through the real executor and takes the median over compute tasks
+/// of (measured duration − roofline time at the measured rates).
+fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s: f64) -> Result<u64, ProfileError> {
+    use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+    let catalog = ferry_core::catalog::Catalog::builtin()?;
+    let spec = catalog.model("test-tiny")?.value;
+    let dir = scratch.join(format!("ferry-profile-model-{}", std::process::id()));
+    let _cleanup = RemoveDirOnDrop(dir.clone());
+    ferry_engine::synth::synthesize(&spec, Dtype::Bf16, 1, &dir, true, |_, _| {})?;
+    let files = ferry_engine::weights::ModelFiles::open(&dir)?;
+    let layers = spec.num_layers;
+    let policy = Policy {
+        schedule: Schedule::Sequential,
+        micro_batch_size: 2,
+        num_micro_batches: 1,
+        prefetch_depth: 0,
+        attention_weights: TierCounts::all(Tier::Device, layers),
+        mlp_weights: TierCounts::all(Tier::Device, layers),
+        embeddings: Tier::Device,
+        head: Tier::Device,
+        kv_cache: TierCounts::all(Tier::Device, layers),
+        host_attention: false,
+        compute_host_layers_on_host: false,
+        weight_dtype: Dtype::Bf16,
+        kv_dtype: Dtype::Bf16,
+        chunk_bytes: MIB,
+        copy_streams: 1,
+        io_queue_depth: 1,
+        pinned_host_bytes: 0,
+    };
+    let workload = Workload { batch_size: 2, prompt_len: 8, gen_len: 16 };
+    let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
+        gpu: catalog.gpu("cpu")?.value,
+        host: catalog.host("ferry-ci-vm")?.value,
+    });
+    profile.device_memory_bytes = 64 * MIB;
+    let graph = ferry_core::schedule::lower(&policy, &spec, &workload, &profile, &ferry_core::schedule::Steps::All)?;
+    let options = ferry_engine::RunOptions {
+        prompts: vec![vec![1; 8], vec![2; 8]],
+        scratch_dir: dir.clone(),
+        allow_buffered_io: true,
+        keep_logits: false,
+        progress: None,
+    };
+    let report = ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend, &options)?;
+    let mut excess: Vec<f64> = Vec::new();
+    for span in &report.trace.spans {
+        let task = &graph.tasks[span.task as usize];
+        if task.resource() != ferry_core::graph::Resource::DeviceCompute || task.step == 0 {
+            continue;
+        }
+        let roofline_ns = (task.flops as f64 / peak_flops).max(task.bytes as f64 / bytes_per_s) * 1e9;
+        excess.push(((span.end_ns - span.start_ns) as f64 - roofline_ns).max(0.0));
+    }
+    Ok(median_spread(&excess).0 as u64)
+}
+
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -394,6 +562,12 @@ mod tests {
             trials: 2,
             chunk_sizes: vec![256 * KIB, 4 * MIB],
             queue_depths: vec![1, 4],
+            kernel_model: Some((
+                ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value,
+                Dtype::F32,
+            )),
+            kernel_batches: vec![1, 2],
+            kernel_prompt_len: 4,
         };
         let mut steps = Vec::new();
         let profile = profile_cpu(&options, |step, _| steps.push(step.to_string())).unwrap();
@@ -402,6 +576,13 @@ mod tests {
         assert!(profile.disk_read.points.iter().all(|p| p.gbps > 0.0 && p.spread.is_some()));
         assert!(profile.device_compute.peak_flops > 1e9, "{}", profile.device_compute.peak_flops);
         assert!(profile.device_compute.memory_bytes_per_s > 1e8);
+        assert!(profile.device_compute.task_overhead_ns > 0, "the engine's per-task cost is measured");
+        // The kernel table holds the engine's ops at the test-tiny shape, decode and prefill rows.
+        let table = &profile.device_compute.table;
+        for op in ["attention", "mlp", "head", "embed"] {
+            assert!(table.iter().any(|e| e.op == op && e.shape == "128x352" && e.ns > 0), "no {op} entry");
+        }
+        assert!(table.iter().any(|e| e.op == "mlp" && e.tokens == 8), "prefill rows = batch 2 × prompt 4");
         assert!(steps.contains(&"disk reads".to_string()) && steps.last().map(String::as_str) == Some("done"));
         let text = ferry_core::yaml::to_yaml_string(&profile).unwrap();
         let back: Profile = ferry_core::yaml::from_yaml_str(&text, "profile.yaml").unwrap();

@@ -297,7 +297,9 @@ pub fn scatter_with_band(
         let band_color = RGBColor(200, 220, 240);
         chart
             .draw_series(std::iter::once(Polygon::new(
-                vec![(0.0, 0.0), (max, max * (1.0 + band)), (max, max * (1.0 - band))],
+                // Between y = (1 + band)·x and y = (1 − band)·x, kept inside the square so
+                // the upper edge is not clipped away.
+                vec![(0.0, 0.0), (max / (1.0 + band), max), (max, max), (max, max * (1.0 - band))],
                 band_color.filled(),
             )))
             .map_err(text)?
