@@ -480,3 +480,44 @@ fn profile_refuses_what_it_cannot_do() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(std::fs::read_to_string(dir.path().join("p.yaml")).unwrap(), "keep me");
 }
+
+#[test]
+fn validate_reports_errors_and_gates_on_tolerance() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]).status.success());
+    let profile = ferry(dir.path(), &["show", "profile", "cpu"]);
+    std::fs::write(dir.path().join("datasheet.yaml"), &profile.stdout).unwrap();
+    let args = [
+        "validate",
+        "--model-dir",
+        "tiny",
+        "--profile",
+        "datasheet.yaml",
+        "--plans",
+        "3",
+        "--prompt-len",
+        "4",
+        "--gen-len",
+        "2",
+        "--json",
+    ];
+    // Loose tolerances pass (exit 0) ...
+    let mut loose = args.to_vec();
+    loose.extend(["--tolerance", "100000"]);
+    let out = ferry(dir.path(), &loose);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans = json["plans"].as_array().unwrap();
+    assert_eq!(plans.len(), 3);
+    assert!(plans
+        .iter()
+        .all(|p| p["measured_tokens_per_s"].as_f64().unwrap() > 0.0
+            && p["predicted_tokens_per_s"].as_f64().unwrap() > 0.0));
+    assert!(json["median_abs_error_pct"].as_f64().unwrap() >= 0.0);
+    // ... and a tolerance no prediction can meet fails with exit status 1.
+    let mut strict = args.to_vec();
+    strict.extend(["--tolerance", "0.0000001"]);
+    let out = ferry(dir.path(), &strict);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["passed"], false);
+}

@@ -57,6 +57,11 @@ pub struct ValidateArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// Do not re-measure the disk before each plan (by default its read bandwidth is
+    /// measured right before each run and the profile's disk curve scaled to it: the
+    /// disk here drifts by tens of percent within minutes).
+    #[arg(long)]
+    no_disk_recheck: bool,
     /// Overwrite report files.
     #[arg(long)]
     force: bool,
@@ -78,6 +83,8 @@ struct Row {
     measured_tokens_per_s: f64,
     /// predicted ÷ measured − 1, percent.
     signed_error_pct: f64,
+    /// Disk read bandwidth just before the run ÷ the profile's, at this plan's request size.
+    disk_factor: f64,
     predicted_busy_s: Vec<(Resource, f64)>,
     measured_busy_s: Vec<(Resource, f64)>,
 }
@@ -97,6 +104,18 @@ fn describe(plan: &Plan) -> String {
         p.kv_cache.device,
         plan.hardware.device_memory.map(format_bytes).unwrap_or_default().replace(' ', "")
     )
+}
+
+/// Read bandwidth of the disk holding `file`, GB/s: direct I/O through the engine's read
+/// pool at this request size and queue depth, over up to 512 MiB of the file.
+fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64> {
+    let disk = std::sync::Arc::new(ferry_engine::io::DiskFile::open(file, false).map_err(|e| anyhow::anyhow!(e))?);
+    let len = std::fs::metadata(file)?.len() / 4096 * 4096;
+    let bytes = len.min(512 * MIB);
+    let pool = ferry_engine::io::ReadPool::new(depth as usize);
+    let start = std::time::Instant::now();
+    drop(pool.read_ranges(&disk, &[(0, bytes)], chunk).map_err(|e| anyhow::anyhow!(e))?);
+    Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
 /// Pearson correlation of the ranks (average ranks for ties).
@@ -211,9 +230,29 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
     }
     let progress = crate::engine_cmds::bar(plans.len() as u64, "validate");
     let mut rows = Vec::new();
+    let weights_file =
+        ["model.safetensors"].iter().map(|f| args.model_dir.join(f)).find(|p| p.exists()).or_else(|| {
+            std::fs::read_dir(&args.model_dir)
+                .ok()?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        });
     for plan in &plans {
         let mut profile = base_profile.clone();
         profile.device_memory_bytes = plan.hardware.device_memory.unwrap_or(profile.device_memory_bytes);
+        let mut disk_factor = 1.0;
+        if let (false, Some(file)) = (args.no_disk_recheck, &weights_file) {
+            let chunk = plan.policy.chunk_bytes;
+            let depth = plan.policy.io_queue_depth;
+            let fresh = disk_read_gbps(file, chunk, depth)?;
+            let profiled = profile.disk_read.bytes_per_ns(chunk, depth);
+            if fresh > 0.0 && profiled > 0.0 {
+                disk_factor = fresh / profiled;
+                for point in &mut profile.disk_read.points {
+                    point.gbps *= disk_factor;
+                }
+            }
+        }
         let graph = lower(&plan.policy, spec, &plan.workload, &profile, &Steps::All)?;
         let predicted_trace =
             ferry_sim::simulate(&graph, &CostModel::new(&profile, spec)).context("simulating a plan")?.trace;
@@ -242,6 +281,7 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
             predicted_tokens_per_s: predicted.tokens_per_s,
             measured_tokens_per_s: measured.tokens_per_s,
             signed_error_pct: (predicted.tokens_per_s / measured.tokens_per_s - 1.0) * 100.0,
+            disk_factor,
             predicted_busy_s: busy(&predicted),
             measured_busy_s: busy(&measured),
         });
