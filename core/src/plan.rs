@@ -294,6 +294,30 @@ impl Policy {
             && self.mlp_weights.tier_of(layer) == Tier::Host
     }
 
+    /// The simplest plan: everything on the device, one micro-batch, sequential. A
+    /// reference for tests and the plan the profiler times kernels with.
+    pub fn all_on_device(layers: u64, micro_batch_size: u64, dtype: Dtype) -> Policy {
+        Policy {
+            schedule: Schedule::Sequential,
+            micro_batch_size,
+            num_micro_batches: 1,
+            prefetch_depth: 1,
+            attention_weights: TierCounts::all(Tier::Device, layers),
+            mlp_weights: TierCounts::all(Tier::Device, layers),
+            embeddings: Tier::Device,
+            head: Tier::Device,
+            kv_cache: TierCounts::all(Tier::Device, layers),
+            host_attention: false,
+            compute_host_layers_on_host: false,
+            weight_dtype: dtype,
+            kv_dtype: dtype,
+            chunk_bytes: 1 << 20,
+            copy_streams: 1,
+            io_queue_depth: 1,
+            pinned_host_bytes: 0,
+        }
+    }
+
     pub fn batch_size(&self) -> u64 {
         self.micro_batch_size * self.num_micro_batches
     }

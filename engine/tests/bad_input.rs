@@ -4,7 +4,7 @@
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::model::Dtype;
-use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::plan::{Policy, Schedule, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::units::{KIB, MIB};
@@ -103,22 +103,8 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
     let layers = spec.num_layers;
     let mut policy = Policy {
         schedule: Schedule::LayerPrefetch,
-        micro_batch_size: 2,
-        num_micro_batches: 1,
-        prefetch_depth: 1,
-        attention_weights: TierCounts::all(Tier::Device, layers),
-        mlp_weights: TierCounts::all(Tier::Device, layers),
-        embeddings: Tier::Device,
-        head: Tier::Device,
-        kv_cache: TierCounts::all(Tier::Device, layers),
-        host_attention: false,
-        compute_host_layers_on_host: false,
-        weight_dtype: Dtype::F32,
-        kv_dtype: Dtype::F32,
         chunk_bytes: 64 * KIB,
-        copy_streams: 1,
-        io_queue_depth: 1,
-        pinned_host_bytes: 0,
+        ..Policy::all_on_device(layers, 2, Dtype::F32)
     };
     let workload = Workload { batch_size: 2, prompt_len: 4, gen_len: 2 };
     let options = RunOptions {

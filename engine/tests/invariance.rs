@@ -31,25 +31,7 @@ fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
 }
 
 fn base_policy(layers: u64) -> Policy {
-    Policy {
-        schedule: Schedule::Sequential,
-        micro_batch_size: 4,
-        num_micro_batches: 1,
-        prefetch_depth: 1,
-        attention_weights: TierCounts::all(Tier::Device, layers),
-        mlp_weights: TierCounts::all(Tier::Device, layers),
-        embeddings: Tier::Device,
-        head: Tier::Device,
-        kv_cache: TierCounts::all(Tier::Device, layers),
-        host_attention: false,
-        compute_host_layers_on_host: false,
-        weight_dtype: Dtype::F32,
-        kv_dtype: Dtype::F32,
-        chunk_bytes: 64 * KIB,
-        copy_streams: 1,
-        io_queue_depth: 2,
-        pinned_host_bytes: 0,
-    }
+    Policy { chunk_bytes: 64 * KIB, io_queue_depth: 2, ..Policy::all_on_device(layers, 4, Dtype::F32) }
 }
 
 fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload, profile: &Profile) -> RunReport {

@@ -308,7 +308,7 @@ fn measure_kernel_table(
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<Vec<ferry_core::profile::KernelTiming>, ProfileError> {
     use ferry_core::graph::Payload;
-    use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+    use ferry_core::plan::{Policy, Workload};
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let mut spec = model.clone();
     spec.num_layers = 2;
@@ -323,25 +323,7 @@ fn measure_kernel_table(
     let gen_len = 6;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
         let layers = spec.num_layers;
-        let policy = Policy {
-            schedule: Schedule::Sequential,
-            micro_batch_size: batch,
-            num_micro_batches: 1,
-            prefetch_depth: 0,
-            attention_weights: TierCounts::all(Tier::Device, layers),
-            mlp_weights: TierCounts::all(Tier::Device, layers),
-            embeddings: Tier::Device,
-            head: Tier::Device,
-            kv_cache: TierCounts::all(Tier::Device, layers),
-            host_attention: false,
-            compute_host_layers_on_host: false,
-            weight_dtype: dtype,
-            kv_dtype: dtype,
-            chunk_bytes: 4 * MIB,
-            copy_streams: 1,
-            io_queue_depth: 1,
-            pinned_host_bytes: 0,
-        };
+        let policy = Policy::all_on_device(layers, batch, dtype);
         let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len };
         let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
             gpu: catalog.gpu("cpu")?.value,
@@ -388,7 +370,7 @@ fn measure_kernel_table(
 /// fully resident, through the real executor and takes the median over compute tasks
 /// of (measured duration − roofline time at the measured rates).
 fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s: f64) -> Result<u64, ProfileError> {
-    use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+    use ferry_core::plan::{Policy, Workload};
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let spec = catalog.model("test-tiny")?.value;
     let dir = scratch.join(format!("ferry-profile-model-{}", std::process::id()));
@@ -396,25 +378,7 @@ fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s: f64) -> R
     ferry_engine::synth::synthesize(&spec, Dtype::Bf16, 1, &dir, true, |_, _| {})?;
     let files = ferry_engine::weights::ModelFiles::open(&dir)?;
     let layers = spec.num_layers;
-    let policy = Policy {
-        schedule: Schedule::Sequential,
-        micro_batch_size: 2,
-        num_micro_batches: 1,
-        prefetch_depth: 0,
-        attention_weights: TierCounts::all(Tier::Device, layers),
-        mlp_weights: TierCounts::all(Tier::Device, layers),
-        embeddings: Tier::Device,
-        head: Tier::Device,
-        kv_cache: TierCounts::all(Tier::Device, layers),
-        host_attention: false,
-        compute_host_layers_on_host: false,
-        weight_dtype: Dtype::Bf16,
-        kv_dtype: Dtype::Bf16,
-        chunk_bytes: MIB,
-        copy_streams: 1,
-        io_queue_depth: 1,
-        pinned_host_bytes: 0,
-    };
+    let policy = Policy::all_on_device(layers, 2, Dtype::Bf16);
     let workload = Workload { batch_size: 2, prompt_len: 8, gen_len: 16 };
     let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
         gpu: catalog.gpu("cpu")?.value,

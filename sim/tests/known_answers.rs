@@ -78,22 +78,11 @@ fn concurrent_transfers_share_the_link() {
 fn policy(schedule: Schedule, layers: u64, weights: Tier) -> Policy {
     Policy {
         schedule,
-        micro_batch_size: 2,
-        num_micro_batches: 1,
-        prefetch_depth: 1,
         attention_weights: TierCounts::all(weights, layers),
         mlp_weights: TierCounts::all(weights, layers),
-        embeddings: Tier::Device,
-        head: Tier::Device,
-        kv_cache: TierCounts::all(Tier::Device, layers),
-        host_attention: false,
-        compute_host_layers_on_host: false,
-        weight_dtype: Dtype::F32,
-        kv_dtype: Dtype::F32,
         chunk_bytes: 64 * 1024,
-        copy_streams: 1,
-        io_queue_depth: 1,
         pinned_host_bytes: 1 << 30,
+        ..Policy::all_on_device(layers, 2, Dtype::F32)
     }
 }
 
