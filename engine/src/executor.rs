@@ -75,6 +75,7 @@ pub struct RunReport {
 
 type Key = (u8, u32, u32, u32, u32); // (group, layer, step, first micro-batch, piece)
 
+#[derive(Clone)]
 struct View {
     buffer: usize,
     offset: usize,
@@ -665,18 +666,7 @@ impl<'a> Engine<'a> {
             self.backend.copy(copy.as_mut_slice(), b.as_slice());
             buffers.push(copy);
         }
-        let views = source
-            .views
-            .iter()
-            .map(|v| View {
-                buffer: v.buffer,
-                offset: v.offset,
-                tensor: v.tensor,
-                row_start: v.row_start,
-                rows: v.rows,
-                cols: v.cols,
-            })
-            .collect();
+        let views = source.views.clone();
         let loaded = Loaded { buffers, views, dtype: source.dtype };
         debug_assert!(loaded.bytes() >= source.bytes());
         lock(&self.streamed).insert(key, Arc::new(loaded));
