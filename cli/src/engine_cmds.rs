@@ -278,13 +278,23 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
 }
 
 #[derive(Args)]
-#[command(after_help = "Example:
+#[command(after_help = "Examples:
   ferry profile --backend cpu --out profile.yaml --quick
-  ferry tune --profile profile.yaml --model models/tinyllama --device-mem 512MiB")]
+  ferry tune --profile profile.yaml --model models/tinyllama --device-mem 512MiB
+  ferry profile --backend cuda --model llama-2-7b --out rtx3060.yaml --scratch-dir /mnt/nvme
+
+cpu measures this machine with the engine's own code paths (disk reads alone and
+while compute runs, copies, the engine's kernels and per-task cost). cuda measures an
+NVIDIA GPU through the driver and cuBLAS, loaded at run time: pinned and pageable
+copies both ways and both at once, cuBLAS GEMMs at the model's shapes, launch
+overhead, disk reads into pinned memory; it says so plainly where there is no driver.")]
 pub struct ProfileArgs {
-    /// Backend to measure (cpu; cuda is a later issue).
-    #[arg(long, default_value = "cpu")]
+    /// Backend to measure: cpu or cuda.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda")]
     backend: String,
+    /// GPU to measure with --backend cuda (as nvidia-smi numbers them).
+    #[arg(long, default_value_t = 0)]
+    device: usize,
     /// Where to write the profile (YAML).
     #[arg(long)]
     out: PathBuf,
@@ -307,8 +317,12 @@ pub struct ProfileArgs {
 }
 
 pub fn profile(args: ProfileArgs) -> Result<()> {
-    if args.backend != "cpu" {
-        backend::backend(&args.backend).map_err(engine_error)?;
+    if !matches!(args.backend.as_str(), "cpu" | "cuda") {
+        return Err(CoreError::invalid(format!("unknown backend '{}'; use cpu or cuda", args.backend)).into());
+    }
+    if args.backend == "cuda" {
+        // Before anything else: no scratch file, no synthesis, when there is no GPU to measure.
+        ferry_profiler::cuda::check_libraries().map_err(|e| anyhow::anyhow!(e))?;
     }
     if args.out.exists() && !args.force {
         return Err(
@@ -338,10 +352,16 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         options.scratch_dir.display()
     );
     let bar = bar(1000, "profile");
-    let profile = ferry_profiler::profile_cpu(&options, |step, fraction| {
+    let report = |step: &str, fraction: f64| {
         bar.set_message(format!("profile: {step}"));
         bar.set_position((fraction * 1000.0) as u64);
-    })
+    };
+    let profile = if args.backend == "cuda" {
+        let cuda = ferry_profiler::cuda::CudaOptions::new(args.device, args.quick);
+        ferry_profiler::cuda::profile_cuda(&options, &cuda, report)
+    } else {
+        ferry_profiler::profile_cpu(&options, report)
+    }
     .map_err(|e| anyhow::anyhow!(e))?;
     bar.finish_and_clear();
     let best = |curve: &ferry_core::profile::TransferCurve| curve.points.iter().map(|p| p.gbps).fold(0.0, f64::max);
@@ -357,13 +377,35 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         format_ns(profile.disk_read.latency_ns)
     );
     println!("  disk write: up to {:.2} GB/s (buffered + fsync)", best(&profile.disk_write));
-    println!("  memory copy: up to {:.1} GB/s", best(&profile.host_to_device));
+    if profile.unified_memory {
+        println!("  memory copy: up to {:.1} GB/s", best(&profile.host_to_device));
+    } else {
+        println!(
+            "  host→device: up to {:.1} GB/s pinned, {:.1} GB/s pageable; device→host up to {:.1} GB/s",
+            best(&profile.host_to_device),
+            best(&profile.host_to_device_pageable),
+            best(&profile.device_to_host)
+        );
+    }
     println!(
         "  matrix products: {:.0} GFLOP/s peak; bf16 weights stream through one-row products at {:.1} GB/s",
         profile.device_compute.peak_flops / 1e9,
         profile.device_compute.memory_bytes_per_s / 1e9
     );
-    println!("  compute slows by {:.0} % while a read runs", profile.interference.device_compute_slowdown * 100.0);
+    if let Some(under_compute) = &profile.interference.disk_read_under_compute {
+        println!("  disk read while compute runs: up to {:.2} GB/s", best(under_compute));
+    }
+    println!(
+        "  compute slows by {:.0} % while a {} runs",
+        profile.interference.device_compute_slowdown * 100.0,
+        if profile.unified_memory { "read" } else { "copy" }
+    );
+    if profile.interference.copy_duplex_slowdown > 0.0 {
+        println!(
+            "  copies in both directions at once run {:.0} % slower each",
+            profile.interference.copy_duplex_slowdown * 100.0
+        );
+    }
     println!("  engine compute task overhead {}", format_ns(profile.device_compute.task_overhead_ns));
     if !profile.device_compute.table.is_empty() {
         println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());

@@ -248,9 +248,7 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
             let profiled = profile.disk_read.bytes_per_ns(chunk, depth);
             if fresh > 0.0 && profiled > 0.0 {
                 disk_factor = fresh / profiled;
-                for point in &mut profile.disk_read.points {
-                    point.gbps *= disk_factor;
-                }
+                profile.scale_disk_reads(disk_factor);
             }
         }
         let graph = lower(&plan.policy, spec, &plan.workload, &profile, &Steps::All)?;

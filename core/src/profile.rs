@@ -139,6 +139,22 @@ pub struct Interference {
     pub device_compute_slowdown: f64,
     /// Host compute runs at 1 / (1 + this) while a transfer touches host memory.
     pub host_compute_slowdown: f64,
+    /// Disk reads measured (by request size and requests in flight, like `disk_read`)
+    /// while compute runs on every core. Reads are issued by threads that sleep between
+    /// requests; where they share the CPU with compute (host compute always, device
+    /// compute on unified memory) they wake late and the disk idles in between. Absent
+    /// in datasheet profiles: reads then run at `disk_read` whatever else runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_read_under_compute: Option<TransferCurve>,
+    /// A host→device copy runs at 1 / (1 + this) while a device→host copy runs, and the
+    /// other way round: links (or copy engines) that are not fully duplex. Measured by the
+    /// cuda profiler; 0 where not measured.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copy_duplex_slowdown: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 /// Everything the simulator knows about a machine.
@@ -267,7 +283,23 @@ impl Profile {
             ),
             device_compute,
             host_compute,
-            interference: Interference { device_compute_slowdown: slowdown, host_compute_slowdown: slowdown },
+            interference: Interference {
+                device_compute_slowdown: slowdown,
+                host_compute_slowdown: slowdown,
+                disk_read_under_compute: None,
+                copy_duplex_slowdown: 0.0,
+            },
+        }
+    }
+
+    /// Scales every disk-read figure (alone and under compute) by `factor`: how a disk
+    /// re-measured just now compares with the profile.
+    pub fn scale_disk_reads(&mut self, factor: f64) {
+        let under_compute = self.interference.disk_read_under_compute.iter_mut();
+        for curve in std::iter::once(&mut self.disk_read).chain(under_compute) {
+            for point in &mut curve.points {
+                point.gbps *= factor;
+            }
         }
     }
 
@@ -284,7 +316,8 @@ impl Profile {
             ("host_to_device_pageable", &self.host_to_device_pageable),
             ("device_to_host", &self.device_to_host),
         ];
-        for (name, curve) in curves {
+        let under_compute = self.interference.disk_read_under_compute.iter();
+        for (name, curve) in curves.into_iter().chain(under_compute.map(|c| ("disk_read_under_compute", c))) {
             if curve.points.is_empty()
                 || curve.points.iter().any(|p| p.gbps.is_nan() || p.gbps <= 0.0 || p.concurrency == 0)
             {

@@ -120,23 +120,74 @@ impl ReadPool {
             total += (aligned_end - aligned_start) as usize;
         }
         let mut buffer = Buffer::new(total).map_err(|e| EngineError::io(&file.path, e))?;
+        let base = buffer.mapped_mut().as_mut_ptr();
+        let pieces: Vec<_> = slots
+            .iter()
+            // SAFETY: every slot lies inside `buffer`, and slots do not overlap.
+            .map(|&(aligned_start, aligned_end, slot, _)| {
+                (aligned_start, unsafe { base.add(slot) }, (aligned_end - aligned_start) as usize)
+            })
+            .collect();
+        self.read_pieces(file, &pieces, chunk_bytes)?;
+        let starts = slots.iter().map(|&(_, _, slot, skip)| slot + skip).collect();
+        Ok((buffer, starts))
+    }
+
+    /// Reads `dest.len()` bytes of `file` at `offset` into `dest` (page-aligned memory
+    /// owned by the caller, e.g. pinned host memory of a GPU backend; page-multiple length
+    /// and page-aligned offset when the file is direct) as `chunk_bytes` requests.
+    pub fn read_into(
+        &self,
+        file: &Arc<DiskFile>,
+        offset: u64,
+        dest: &mut [u8],
+        chunk_bytes: u64,
+    ) -> Result<(), EngineError> {
+        if file.direct
+            && (!(dest.as_ptr() as usize).is_multiple_of(PAGE)
+                || !dest.len().is_multiple_of(PAGE)
+                || !offset.is_multiple_of(PAGE as u64))
+        {
+            return Err(EngineError::Internal(format!(
+                "direct read of {} bytes at {offset} into {:p}: needs page alignment",
+                dest.len(),
+                dest.as_ptr()
+            )));
+        }
+        self.read_pieces(file, &[(offset, dest.as_mut_ptr(), dest.len())], chunk_bytes)
+    }
+
+    /// Queues every (file offset, destination, length) piece as `chunk_bytes` requests,
+    /// then waits for all of them. The destinations must stay valid and untouched until
+    /// this returns.
+    fn read_pieces(
+        &self,
+        file: &Arc<DiskFile>,
+        pieces: &[(u64, *mut u8, usize)],
+        chunk_bytes: u64,
+    ) -> Result<(), EngineError> {
         let chunk = (chunk_bytes as usize).max(PAGE) / PAGE * PAGE;
         let (done_tx, done_rx) = mpsc::channel();
         let mut requests = 0;
         {
             let sender = self.sender.lock().expect("pool lock");
             let sender = sender.as_ref().expect("pool open");
-            let base = buffer.mapped_mut().as_mut_ptr();
-            for &(aligned_start, aligned_end, slot, _) in &slots {
-                let mut offset = aligned_start;
-                while offset < aligned_end {
-                    let len = chunk.min((aligned_end - offset) as usize);
-                    let dest = unsafe { base.add(slot + (offset - aligned_start) as usize) };
-                    sender
-                        .send(Request { file: Arc::clone(file), offset, dest, len, done: done_tx.clone() })
-                        .map_err(|_| EngineError::Internal("I/O pool stopped".into()))?;
+            for &(start, base, len) in pieces {
+                let mut done = 0;
+                while done < len {
+                    let n = chunk.min(len - done);
+                    // SAFETY: `done + n <= len`, inside the caller's destination.
+                    let dest = unsafe { base.add(done) };
+                    let request = Request {
+                        file: Arc::clone(file),
+                        offset: start + done as u64,
+                        dest,
+                        len: n,
+                        done: done_tx.clone(),
+                    };
+                    sender.send(request).map_err(|_| EngineError::Internal("I/O pool stopped".into()))?;
                     requests += 1;
-                    offset += len as u64;
+                    done += n;
                 }
             }
         }
@@ -150,11 +201,10 @@ impl ReadPool {
                 Err(_) => return Err(EngineError::Internal("I/O worker vanished".into())),
             }
         }
-        if let Some(e) = first_error {
-            return Err(EngineError::io(&file.path, e));
+        match first_error {
+            Some(e) => Err(EngineError::io(&file.path, e)),
+            None => Ok(()),
         }
-        let starts = slots.iter().map(|&(_, _, slot, skip)| slot + skip).collect();
-        Ok((buffer, starts))
     }
 }
 

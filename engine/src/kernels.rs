@@ -76,11 +76,41 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
     let blocks = w.rows.div_ceil(block_rows);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let element = element_bytes(w.dtype);
-    (0..blocks).into_par_iter().for_each(|block| {
-        SCRATCH.with_borrow_mut(|scratch| {
-            linear_block(x, m, w, k, block, block_rows, element, &out_ptr, out_stride, col0, scratch)
-        });
+    compute_pool().install(|| {
+        (0..blocks).into_par_iter().for_each(|block| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                linear_block(x, m, w, k, block, block_rows, element, &out_ptr, out_stride, col0, scratch)
+            });
+        })
     });
+}
+
+/// Niceness of the compute threads. Every disk request is issued by an I/O thread that
+/// sleeps until the previous one completes; on a machine whose cores are all busy
+/// computing, a woken I/O thread at equal priority waits for a time slice, and the disk
+/// idles meanwhile. Measured on the 2-core build VM (reads of 1 MiB, 2 in flight, while
+/// the linear runs on both cores): 1.48× slower at equal priority, 1.12× with compute at
+/// nice 10. Compute loses nothing when nothing else wants the CPU.
+pub const COMPUTE_NICE: i32 = 10;
+
+/// The thread pool every parallel kernel runs on: one thread per core, at
+/// `COMPUTE_NICE` (Linux niceness is per thread), so I/O and scheduling threads, which
+/// run briefly and often, are served first.
+pub fn compute_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("ferry-compute-{i}"))
+            .start_handler(|_| {
+                // SAFETY: plain system call on the calling thread; failure leaves the
+                // default priority, which is correct, only slower beside I/O.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, COMPUTE_NICE);
+                }
+            })
+            .build()
+            .expect("start the compute threads")
+    })
 }
 
 thread_local! {
@@ -205,34 +235,36 @@ pub fn attention(
     let group = heads / kv_heads;
     let kv_width = kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    out.par_chunks_mut(heads * head_dim).enumerate().for_each(|(t, out_row)| {
-        let visible = past + t + 1;
-        let mut scores = vec![0.0f32; visible];
-        for h in 0..heads {
-            let kv_head = h / group;
-            let q_row = &q[t * heads * head_dim + h * head_dim..][..head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (p, score) in scores.iter_mut().enumerate() {
-                let k_row = &keys[p * kv_width + kv_head * head_dim..][..head_dim];
-                let dot: f32 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
-                *score = dot * scale;
-                max = max.max(*score);
-            }
-            let mut sum = 0.0;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            let o = &mut out_row[h * head_dim..][..head_dim];
-            o.fill(0.0);
-            for (p, score) in scores.iter().enumerate() {
-                let weight = score / sum;
-                let v_row = &values[p * kv_width + kv_head * head_dim..][..head_dim];
-                for (acc, v) in o.iter_mut().zip(v_row) {
-                    *acc += weight * v;
+    compute_pool().install(|| {
+        out.par_chunks_mut(heads * head_dim).enumerate().for_each(|(t, out_row)| {
+            let visible = past + t + 1;
+            let mut scores = vec![0.0f32; visible];
+            for h in 0..heads {
+                let kv_head = h / group;
+                let q_row = &q[t * heads * head_dim + h * head_dim..][..head_dim];
+                let mut max = f32::NEG_INFINITY;
+                for (p, score) in scores.iter_mut().enumerate() {
+                    let k_row = &keys[p * kv_width + kv_head * head_dim..][..head_dim];
+                    let dot: f32 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
+                    *score = dot * scale;
+                    max = max.max(*score);
+                }
+                let mut sum = 0.0;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                let o = &mut out_row[h * head_dim..][..head_dim];
+                o.fill(0.0);
+                for (p, score) in scores.iter().enumerate() {
+                    let weight = score / sum;
+                    let v_row = &values[p * kv_width + kv_head * head_dim..][..head_dim];
+                    for (acc, v) in o.iter_mut().zip(v_row) {
+                        *acc += weight * v;
+                    }
                 }
             }
-        }
+        })
     });
 }
 

@@ -9,6 +9,8 @@
 //! median of repeated trials with its spread; the only inputs that are not are the
 //! memory sizes, read from /proc/meminfo.
 
+pub mod cuda;
+
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -37,6 +39,9 @@ pub enum ProfileError {
     },
     #[error("{0}")]
     Unsupported(String),
+    /// The cuda backend cannot run here, or a CUDA call failed.
+    #[error("cuda backend: {0}")]
+    Cuda(String),
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> ProfileError + '_ {
@@ -119,7 +124,7 @@ pub fn fingerprint() -> String {
     format!("{} — {model}, {cores} cores, {memory}", host.trim())
 }
 
-fn meminfo_bytes(field: &str) -> Option<u64> {
+pub(crate) fn meminfo_bytes(field: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = text.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
@@ -153,67 +158,20 @@ fn drop_from_cache(file: &File, len: u64) {
 /// Measures the cpu backend. `progress(step, fraction)` reports as it goes.
 pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)) -> Result<Profile, ProfileError> {
     let started = Instant::now();
-    std::fs::create_dir_all(&options.scratch_dir).map_err(io_error(&options.scratch_dir))?;
-    let path = options.scratch_dir.join(format!("ferry-profile-{}.bin", std::process::id()));
-    let _cleanup = RemoveOnDrop(path.clone());
+    let scratch = ScratchDisk::create(options, &mut progress)?;
+    let disk = &scratch.disk;
+    let (write_points, read_latency_ns) = (scratch.write_points.clone(), scratch.read_latency_ns);
 
-    // Disk writes: buffered writes of each size, then fsync (what KV stores do).
-    progress("disk writes", 0.0);
-    let mut write_points = Vec::new();
-    let region = options.scratch_bytes / 2;
-    for (i, &chunk) in [64 * KIB, 4 * MIB].iter().enumerate() {
-        let mut rates = Vec::new();
-        for _ in 0..options.trials.min(3) {
-            rates.push(timed_write(&path, region, chunk)?);
-        }
-        let (gbps, spread) = median_spread(&rates);
-        write_points.push(CurvePoint { chunk_bytes: chunk, concurrency: 1, gbps, spread: Some(spread) });
-        progress("disk writes", (i + 1) as f64 / 2.0);
-    }
-    // The scratch file for reads: written once, flushed, evicted from the page cache.
-    timed_write(&path, options.scratch_bytes, 4 * MIB)?;
-    let file = File::open(&path).map_err(io_error(&path))?;
-    drop_from_cache(&file, options.scratch_bytes);
-    let disk = Arc::new(DiskFile::open(&path, false)?);
-    if !disk.direct {
-        return Err(ProfileError::Unsupported(format!(
-            "{} does not support direct I/O; profile on the disk you offload to",
-            options.scratch_dir.display()
-        )));
-    }
-
-    // Disk reads: every request size × requests in flight, through the engine's read pool.
-    let mut read_points = Vec::new();
-    let total = options.chunk_sizes.len() * options.queue_depths.len();
-    let mut done = 0;
-    for &depth in &options.queue_depths {
-        let pool = ReadPool::new(depth as usize);
-        for &chunk in &options.chunk_sizes {
-            // Enough bytes that a measurement takes tens of milliseconds even for small requests.
-            let bytes = (options.scratch_bytes / 4).max(chunk * depth as u64 * 8).min(options.scratch_bytes);
-            let mut rates = Vec::new();
-            for trial in 0..options.trials {
-                let offset = (trial as u64 * bytes) % (options.scratch_bytes - bytes + 1) / 4096 * 4096;
-                let start = Instant::now();
-                drop(pool.read_ranges(&disk, &[(offset, offset + bytes)], chunk)?);
-                rates.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
-            }
-            let (gbps, spread) = median_spread(&rates);
-            read_points.push(CurvePoint { chunk_bytes: chunk, concurrency: depth, gbps, spread: Some(spread) });
-            done += 1;
-            progress("disk reads", done as f64 / total as f64);
-        }
-    }
-    // First-byte latency: single 4 KiB direct reads spread over the file.
-    let pool = ReadPool::new(1);
-    let mut latencies = Vec::new();
-    for i in 0..32u64 {
-        let offset = (i * 7919 * 4096) % (options.scratch_bytes - 4096) / 4096 * 4096;
-        let start = Instant::now();
-        drop(pool.read_ranges(&disk, &[(offset, offset + 4096)], 4096)?);
-        latencies.push(start.elapsed().as_nanos() as f64);
-    }
-    let (read_latency_ns, _) = median_spread(&latencies);
+    // Disk reads: every request size × requests in flight, through the engine's read pool;
+    // then the same while the engine's compute keeps every core busy.
+    let into_new_buffers = |pool: &ReadPool, offset: u64, bytes: u64, chunk: u64| {
+        pool.read_ranges(disk, &[(offset, offset + bytes)], chunk).map(drop)
+    };
+    let read_points = measure_read_curve(options, into_new_buffers, |done| progress("disk reads", done))?;
+    let under_compute = {
+        let _load = ComputeLoad::start();
+        measure_read_curve(options, into_new_buffers, |done| progress("disk reads under compute", done))?
+    };
 
     // Copies between engine buffers (host↔device on the cpu backend is a memcpy).
     progress("memory copies", 0.0);
@@ -229,31 +187,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         }
     }
 
-    // Compute: the engine's linear at a compute-bound shape, and streaming bf16 weights at one row.
-    progress("kernels", 0.0);
-    let (peak_flops, _) =
-        median_spread(&(0..options.trials).map(|_| timed_linear(256, 2048, 2048, Dtype::F32)).collect::<Vec<_>>());
-    progress("kernels", 0.5);
-    let stream = |_: usize| timed_weight_stream(256 * MIB);
-    let (stream_bytes_per_s, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
-    // Interference: the same streaming while the read pool reads the scratch file.
-    progress("interference", 0.0);
-    let busy = Arc::clone(&disk);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_reader = Arc::clone(&stop);
-    let scratch = options.scratch_bytes;
-    let reader = std::thread::spawn(move || {
-        let pool = ReadPool::new(4);
-        while !stop_reader.load(std::sync::atomic::Ordering::Relaxed) {
-            let _ = pool.read_ranges(&busy, &[(0, scratch.min(64 * MIB))], 4 * MIB);
-        }
-    });
-    let (contended, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = reader.join();
-    let slowdown = (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0);
-    progress("task overhead", 0.0);
-    let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
+    let HostCompute { compute, slowdown_during_reads: slowdown } = measure_host_compute(options, disk, &mut progress)?;
     let table = match &options.kernel_model {
         Some((model, dtype)) => measure_kernel_table(options, model, *dtype, &mut progress)?,
         None => Vec::new(),
@@ -261,15 +195,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     progress("done", 1.0);
 
     let memory = meminfo_bytes("MemTotal:").unwrap_or(8 * GIB_BYTES);
-    let compute = ComputeProfile {
-        peak_flops,
-        memory_bytes_per_s: stream_bytes_per_s,
-        // Measured rates are achieved rates.
-        matmul_efficiency: 1.0,
-        memory_efficiency: 1.0,
-        task_overhead_ns,
-        table,
-    };
+    let compute = ComputeProfile { table, ..compute };
     let copies = TransferCurve { latency_ns: 0, points: copy_points };
     let profile = Profile {
         provenance: Provenance::Measured {
@@ -291,10 +217,190 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         device_to_host: copies,
         device_compute: compute.clone(),
         host_compute: compute,
-        interference: Interference { device_compute_slowdown: slowdown, host_compute_slowdown: slowdown },
+        interference: Interference {
+            device_compute_slowdown: slowdown,
+            host_compute_slowdown: slowdown,
+            disk_read_under_compute: Some(TransferCurve { latency_ns: read_latency_ns as u64, points: under_compute }),
+            // Copies on the cpu backend are memcpys on the compute threads' memory bus;
+            // their contention is in the compute slowdown above.
+            copy_duplex_slowdown: 0.0,
+        },
     };
     profile.validate()?;
     Ok(profile)
+}
+
+/// The host CPU running the engine's kernels.
+pub(crate) struct HostCompute {
+    /// Rates without a kernel table.
+    pub compute: ComputeProfile,
+    /// Compute runs at 1 / (1 + this) while the read pool reads.
+    pub slowdown_during_reads: f64,
+}
+
+/// The engine's linear at a compute-bound shape (peak rate) and at one row over bf16
+/// weights (the rate weights stream through memory); the same while the read pool
+/// reads `disk`; and the engine's per-task overhead.
+pub(crate) fn measure_host_compute(
+    options: &ProfileOptions,
+    disk: &Arc<DiskFile>,
+    progress: &mut impl FnMut(&str, f64),
+) -> Result<HostCompute, ProfileError> {
+    progress("kernels", 0.0);
+    let (peak_flops, _) =
+        median_spread(&(0..options.trials).map(|_| timed_linear(256, 2048, 2048, Dtype::F32)).collect::<Vec<_>>());
+    progress("kernels", 0.5);
+    let stream = |_: usize| timed_weight_stream(256 * MIB);
+    let (stream_bytes_per_s, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
+    progress("interference", 0.0);
+    let busy = Arc::clone(disk);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_reader = Arc::clone(&stop);
+    let scratch = options.scratch_bytes;
+    let reader = std::thread::spawn(move || {
+        let pool = ReadPool::new(4);
+        while !stop_reader.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = pool.read_ranges(&busy, &[(0, scratch.min(64 * MIB))], 4 * MIB);
+        }
+    });
+    let (contended, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = reader.join();
+    progress("task overhead", 0.0);
+    let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
+    Ok(HostCompute {
+        compute: ComputeProfile {
+            peak_flops,
+            memory_bytes_per_s: stream_bytes_per_s,
+            // Measured rates are achieved rates.
+            matmul_efficiency: 1.0,
+            memory_efficiency: 1.0,
+            task_overhead_ns,
+            table: Vec::new(),
+        },
+        slowdown_during_reads: (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0),
+    })
+}
+
+/// The scratch file reads are timed on: written (timing buffered writes with fsync, what
+/// KV-cache stores do), evicted from the page cache, opened for direct I/O, and removed
+/// when dropped.
+pub(crate) struct ScratchDisk {
+    pub disk: Arc<DiskFile>,
+    pub write_points: Vec<CurvePoint>,
+    /// Median time to the first byte of a single 4 KiB direct read.
+    pub read_latency_ns: f64,
+    _cleanup: RemoveOnDrop,
+}
+
+impl ScratchDisk {
+    pub fn create(options: &ProfileOptions, progress: &mut impl FnMut(&str, f64)) -> Result<ScratchDisk, ProfileError> {
+        std::fs::create_dir_all(&options.scratch_dir).map_err(io_error(&options.scratch_dir))?;
+        let path = options.scratch_dir.join(format!("ferry-profile-{}.bin", std::process::id()));
+        let cleanup = RemoveOnDrop(path.clone());
+        progress("disk writes", 0.0);
+        let mut write_points = Vec::new();
+        let region = options.scratch_bytes / 2;
+        for (i, &chunk) in [64 * KIB, 4 * MIB].iter().enumerate() {
+            let mut rates = Vec::new();
+            for _ in 0..options.trials.min(3) {
+                rates.push(timed_write(&path, region, chunk)?);
+            }
+            let (gbps, spread) = median_spread(&rates);
+            write_points.push(CurvePoint { chunk_bytes: chunk, concurrency: 1, gbps, spread: Some(spread) });
+            progress("disk writes", (i + 1) as f64 / 2.0);
+        }
+        timed_write(&path, options.scratch_bytes, 4 * MIB)?;
+        let file = File::open(&path).map_err(io_error(&path))?;
+        drop_from_cache(&file, options.scratch_bytes);
+        let disk = Arc::new(DiskFile::open(&path, false)?);
+        if !disk.direct {
+            return Err(ProfileError::Unsupported(format!(
+                "{} does not support direct I/O; profile on the disk you offload to",
+                options.scratch_dir.display()
+            )));
+        }
+        let pool = ReadPool::new(1);
+        let mut latencies = Vec::new();
+        for i in 0..32u64 {
+            let offset = (i * 7919 * 4096) % (options.scratch_bytes - 4096) / 4096 * 4096;
+            let start = Instant::now();
+            drop(pool.read_ranges(&disk, &[(offset, offset + 4096)], 4096)?);
+            latencies.push(start.elapsed().as_nanos() as f64);
+        }
+        let (read_latency_ns, _) = median_spread(&latencies);
+        Ok(ScratchDisk { disk, write_points, read_latency_ns, _cleanup: cleanup })
+    }
+}
+
+/// Read bandwidth over the scratch file for every request size × requests in flight;
+/// `read(pool, offset, bytes, chunk)` performs one timed read.
+pub(crate) fn measure_read_curve(
+    options: &ProfileOptions,
+    mut read: impl FnMut(&ReadPool, u64, u64, u64) -> Result<(), ferry_engine::EngineError>,
+    mut progress: impl FnMut(f64),
+) -> Result<Vec<CurvePoint>, ProfileError> {
+    let mut points = Vec::new();
+    let total = options.chunk_sizes.len() * options.queue_depths.len();
+    for &depth in &options.queue_depths {
+        let pool = ReadPool::new(depth as usize);
+        for &chunk in &options.chunk_sizes {
+            let bytes = read_bytes(options, chunk, depth);
+            let mut rates = Vec::new();
+            for trial in 0..options.trials {
+                let offset = (trial as u64 * bytes) % (options.scratch_bytes - bytes + 1) / 4096 * 4096;
+                let start = Instant::now();
+                read(&pool, offset, bytes, chunk)?;
+                rates.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
+            }
+            let (gbps, spread) = median_spread(&rates);
+            points.push(CurvePoint { chunk_bytes: chunk, concurrency: depth, gbps, spread: Some(spread) });
+            progress(points.len() as f64 / total as f64);
+        }
+    }
+    Ok(points)
+}
+
+/// Bytes one timed read covers: enough that a measurement takes tens of milliseconds
+/// even for small requests, never more than the scratch file.
+pub(crate) fn read_bytes(options: &ProfileOptions, chunk: u64, depth: u32) -> u64 {
+    (options.scratch_bytes / 4).max(chunk * depth as u64 * 8).min(options.scratch_bytes) / 4096 * 4096
+}
+
+/// The engine's decode-sized linear (one row over bf16 weights, on the engine's compute
+/// threads) running in a loop on a background thread until dropped.
+pub(crate) struct ComputeLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ComputeLoad {
+    pub fn start() -> ComputeLoad {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let worker = std::thread::spawn(move || {
+            let (k, n) = (2048usize, 8192usize);
+            let x = vec![0.5f32; k];
+            let weights = vec![0x3fu8; n * k * 2];
+            let mut out = vec![0.0f32; n];
+            let matrix = Matrix { bytes: &weights, dtype: Dtype::Bf16, rows: n, cols: k };
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                kernels::linear(&x, 1, matrix, &mut out, n, 0);
+            }
+        });
+        // Let the compute threads spin up before anything is timed.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ComputeLoad { stop, worker: Some(worker) }
+    }
+}
+
+impl Drop for ComputeLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
 }
 
 /// The engine's compute tasks timed at a model's shape: a two-layer copy of the model
@@ -422,7 +528,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn disk_free_bytes(dir: &Path) -> Option<u64> {
+pub(crate) fn disk_free_bytes(dir: &Path) -> Option<u64> {
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid C string and an out-pointer to a zeroed struct.
@@ -471,7 +577,7 @@ fn timed_copy(bytes: u64, chunk: u64, threads: u32) -> Result<f64, ProfileError>
 }
 
 /// FLOP/s of the engine's linear for an m × n × k product.
-fn timed_linear(m: usize, n: usize, k: usize, dtype: Dtype) -> f64 {
+pub(crate) fn timed_linear(m: usize, n: usize, k: usize, dtype: Dtype) -> f64 {
     let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
     let mut bytes = vec![0u8; n * k * kernels::element_bytes(dtype)];
@@ -486,7 +592,7 @@ fn timed_linear(m: usize, n: usize, k: usize, dtype: Dtype) -> f64 {
 
 /// Bytes/s at which the engine's linear consumes bf16 weights at one row: the rate that
 /// bounds decode compute when weights are streamed through memory.
-fn timed_weight_stream(bytes: u64) -> f64 {
+pub(crate) fn timed_weight_stream(bytes: u64) -> f64 {
     let k = 2048usize;
     let n = (bytes as usize / 2) / k;
     let x = vec![0.5f32; k];

@@ -16,6 +16,8 @@ use ferry_core::profile::{ComputeProfile, Profile, TransferCurve};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Curve {
     DiskRead,
+    /// Disk reads while compute shares the CPU with the reading threads.
+    DiskReadUnderCompute,
     DiskWrite,
     HostToDevicePinned,
     HostToDevicePageable,
@@ -54,6 +56,9 @@ impl<'a> CostModel<'a> {
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
         match curve {
             Curve::DiskRead => &self.profile.disk_read,
+            Curve::DiskReadUnderCompute => {
+                self.profile.interference.disk_read_under_compute.as_ref().unwrap_or(&self.profile.disk_read)
+            }
             Curve::DiskWrite => &self.profile.disk_write,
             Curve::HostToDevicePinned => &self.profile.host_to_device,
             Curve::HostToDevicePageable => &self.profile.host_to_device_pageable,
@@ -64,6 +69,15 @@ impl<'a> CostModel<'a> {
     /// Aggregate bytes/ns of `curve` at this request size with `in_flight` requests.
     pub fn bandwidth(&self, curve: Curve, chunk_bytes: u64, in_flight: u32) -> f64 {
         self.curve(curve).bytes_per_ns(chunk_bytes, in_flight).max(1e-12)
+    }
+
+    /// The curve `curve`'s transfers follow while a compute task that interferes with
+    /// them runs (see `interferes`).
+    pub fn under_compute(&self, curve: Curve) -> Curve {
+        match curve {
+            Curve::DiskRead => Curve::DiskReadUnderCompute,
+            other => other,
+        }
     }
 
     pub fn task_cost(&self, task: &Task) -> TaskCost {
@@ -129,7 +143,8 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    /// Whether a transfer on `transfer` competes with compute on `compute` for memory.
+    /// Whether a transfer on `transfer` competes with compute on `compute` for memory
+    /// (and, for disk reads, for the CPU the reading threads need).
     pub fn interferes(&self, transfer: Resource, compute: Resource) -> bool {
         match compute {
             // The disk writes into device memory only when memory is unified.

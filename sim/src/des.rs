@@ -5,7 +5,9 @@
 //! bandwidth: with `n` tasks active, each drains its work at the link's aggregate
 //! rate for the requests in flight, divided by `n` (processor sharing). Compute runs
 //! at its nominal rate, slowed by the profile's interference factor while a
-//! transfer competes for the same memory.
+//! transfer competes for the same memory; disk reads follow the profile's
+//! under-compute curve while compute shares the CPU with the reading threads, and
+//! copies in opposite directions slow each other by the profile's duplex factor.
 //!
 //! Dispatch follows `ferry_core::dispatch` — the same code the engine's scheduler
 //! runs: on each resource the ready task with the lowest id starts when a lane is
@@ -66,7 +68,8 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     let max_lanes = graph.resources.iter().map(|r| r.lanes).max().unwrap_or(1).max(1);
     // A graph uses a handful of distinct (curve, request size) pairs: a linear search beats hashing.
     let mut table_keys: Vec<(crate::cost::Curve, u64)> = Vec::new();
-    let mut bandwidth_tables: Vec<Vec<f64>> = Vec::new();
+    // Per key: bandwidth by requests in flight alone, and while interfering compute runs.
+    let mut bandwidth_tables: Vec<[Vec<f64>; 2]> = Vec::new();
     let bandwidth_row: Vec<u32> = costs
         .iter()
         .map(|c| match *c {
@@ -76,7 +79,8 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     Some(i) => i as u32,
                     None => {
                         table_keys.push(key);
-                        bandwidth_tables.push((1..=max_lanes).map(|n| cost.bandwidth(curve, chunk_bytes, n)).collect());
+                        let table = |curve| (1..=max_lanes).map(|n| cost.bandwidth(curve, chunk_bytes, n)).collect();
+                        bandwidth_tables.push([table(curve), table(cost.under_compute(curve))]);
                         bandwidth_tables.len() as u32 - 1
                     }
                 }
@@ -92,6 +96,14 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     let slowdown: [f64; RESOURCES] = std::array::from_fn(|r| cost.compute_slowdown(Resource::ALL[r]));
     let interferes: [[bool; RESOURCES]; RESOURCES] =
         std::array::from_fn(|c| std::array::from_fn(|t| cost.interferes(Resource::ALL[t], Resource::ALL[c])));
+
+    // Host→device and device→host copies slow each other on a link that is not fully duplex.
+    let duplex_slowdown = cost.profile.interference.copy_duplex_slowdown;
+    let duplex_partner: [Option<usize>; RESOURCES] = std::array::from_fn(|r| match Resource::ALL[r] {
+        Resource::HostToDevice => Some(Resource::DeviceToHost.index()),
+        Resource::DeviceToHost => Some(Resource::HostToDevice.index()),
+        _ => None,
+    });
 
     let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; task_count];
     let mut time: u64 = 0;
@@ -117,6 +129,8 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
         // Rates for the current set of active tasks.
         let transfer_active: [bool; RESOURCES] =
             std::array::from_fn(|r| Resource::ALL[r].is_transfer() && !active[r].is_empty());
+        let compute_active: [bool; RESOURCES] =
+            std::array::from_fn(|r| !Resource::ALL[r].is_transfer() && !active[r].is_empty());
         for r in 0..RESOURCES {
             let n = active[r].len();
             if n == 0 {
@@ -131,9 +145,14 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     })
                     .sum();
                 let in_flight = requests.min(lanes[r] as u64) as u32;
+                let contended = (0..RESOURCES).any(|c| compute_active[c] && interferes[c][r]) as usize;
+                let duplex = match duplex_partner[r] {
+                    Some(other) if duplex_slowdown > 0.0 && transfer_active[other] => 1.0 + duplex_slowdown,
+                    _ => 1.0,
+                };
                 for a in active[r].iter_mut() {
                     let row = bandwidth_row[a.task as usize] as usize;
-                    a.rate = bandwidth_tables[row][in_flight as usize - 1] / n as f64;
+                    a.rate = bandwidth_tables[row][contended][in_flight as usize - 1] / n as f64 / duplex;
                 }
             } else {
                 let slowed = slowdown[r] > 0.0 && (0..RESOURCES).any(|t| transfer_active[t] && interferes[r][t]);

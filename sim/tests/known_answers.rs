@@ -166,3 +166,51 @@ fn sampled_extrapolation_stays_within_half_a_percent() {
         }
     }
 }
+
+#[test]
+fn disk_reads_follow_the_under_compute_curve_while_cpu_compute_runs() {
+    // Disk 1 byte/ns alone, 0.5 byte/ns while compute shares the CPU. A 3000-byte read
+    // beside a 1000 ns compute: 500 bytes in the first 1000 ns, the other 2500 at full
+    // rate, so it ends at 3500 ns. Device compute shares the CPU only on unified memory;
+    // host compute always does.
+    let mut profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let mut slow = profile.disk_read.clone();
+    slow.points[0].gbps = 0.5;
+    profile.interference.disk_read_under_compute = Some(slow);
+    let read_end = |profile: &ferry_core::profile::Profile, compute: TaskKind| {
+        let g = graph(
+            vec![task(TaskKind::DiskRead, 3_000, 0, vec![]), task(compute, 0, 1_000, vec![])],
+            1 << 30,
+            1 << 30,
+            1,
+        );
+        let out = simulate(&g, &CostModel::new(profile, &tiny())).unwrap();
+        assert_eq!(out.trace.spans[1].end_ns, 1_000, "compute is not slowed (no compute slowdown)");
+        out.trace.spans[0].end_ns
+    };
+    assert_eq!(read_end(&profile, TaskKind::HostCompute), 3_500);
+    assert_eq!(read_end(&profile, TaskKind::DeviceCompute), 3_000, "a discrete GPU does not slow the disk");
+    profile.unified_memory = true;
+    assert_eq!(read_end(&profile, TaskKind::DeviceCompute), 3_500);
+    // Without the curve (datasheet profiles) reads ignore compute.
+    profile.interference.disk_read_under_compute = None;
+    assert_eq!(read_end(&profile, TaskKind::DeviceCompute), 3_000);
+}
+
+#[test]
+fn copies_in_opposite_directions_slow_each_other_by_the_duplex_factor() {
+    // 1 byte/ns each way alone; with a duplex slowdown of 1.0 both run at half rate
+    // while they overlap: 2000 bytes each way, together, end at 4000 ns; a lone copy at 2000.
+    let mut profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    profile.interference.copy_duplex_slowdown = 1.0;
+    let both = graph(
+        vec![task(TaskKind::HostToDevice, 2_000, 0, vec![]), task(TaskKind::DeviceToHost, 2_000, 0, vec![])],
+        1 << 30,
+        1 << 30,
+        1,
+    );
+    let out = simulate(&both, &CostModel::new(&profile, &tiny())).unwrap();
+    assert_eq!((out.trace.spans[0].end_ns, out.trace.spans[1].end_ns), (4_000, 4_000));
+    let alone = graph(vec![task(TaskKind::HostToDevice, 2_000, 0, vec![])], 1 << 30, 1 << 30, 1);
+    assert_eq!(simulate(&alone, &CostModel::new(&profile, &tiny())).unwrap().trace.spans[0].end_ns, 2_000);
+}

@@ -38,7 +38,12 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         device_to_host: curve,
         device_compute: compute.clone(),
         host_compute: compute,
-        interference: Interference { device_compute_slowdown: 0.0, host_compute_slowdown: 0.0 },
+        interference: Interference {
+            device_compute_slowdown: 0.0,
+            host_compute_slowdown: 0.0,
+            disk_read_under_compute: None,
+            copy_duplex_slowdown: 0.0,
+        },
     }
 }
 

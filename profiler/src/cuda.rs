@@ -1,0 +1,849 @@
+//! `ferry profile --backend cuda`: measures an NVIDIA GPU through the CUDA driver API
+//! and cuBLAS (cudarc, libraries loaded at run time, so Ferry builds and runs on
+//! machines without CUDA and says so plainly when asked to profile one).
+//!
+//! Measured: host→device and device→host copies from pinned and pageable memory by
+//! chunk size and copy streams; both directions at once (the duplex slowdown); cuBLAS
+//! bf16 GEMMs at the model's projection shapes and batched GEMMs for attention scores;
+//! the cost of one small cuBLAS call (the per-kernel launch overhead); device memory
+//! bandwidth (device-to-device copies); GEMM slowdown while a copy runs; disk reads
+//! into pinned memory by request size × requests in flight; the host CPU's compute.
+//!
+//! Split so that everything but the device calls is testable here: chunk schedules,
+//! the kernel table composed from GEMM timings, and assembling the `Profile` are pure
+//! functions with unit tests; `device` holds the calls that need a GPU.
+
+use ferry_core::model::ModelSpec;
+use ferry_core::profile::{ComputeProfile, CurvePoint, Interference, KernelTiming, Profile, Provenance, TransferCurve};
+
+use crate::ProfileError;
+
+/// Whether the CUDA driver and cuBLAS can be loaded; the error says what is missing.
+/// Must be called before any other CUDA call: cudarc panics when a library is absent.
+pub fn check_libraries() -> Result<(), ProfileError> {
+    // SAFETY: only tries to dlopen the library; no CUDA function is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(ProfileError::Cuda(format!(
+            "no NVIDIA driver on this machine: could not load the CUDA driver library (looked for {}). \
+             Install the NVIDIA driver (or add its folder to LD_LIBRARY_PATH), or profile the CPU with --backend cpu",
+            library_names("cuda")
+        )));
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(ProfileError::Cuda(format!(
+            "the NVIDIA driver is present but cuBLAS is not (looked for {}). Install the CUDA 12 runtime \
+             libraries (e.g. the nvidia-cublas-cu12 wheel or the toolkit) and add their folder to LD_LIBRARY_PATH",
+            library_names("cublas")
+        )));
+    }
+    Ok(())
+}
+
+/// The file names cudarc tries for `library` on this platform, without repeats.
+fn library_names(library: &str) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for name in cudarc::get_lib_name_candidates(library) {
+        // cudarc also lists the names of 64-bit Windows builds; they never apply here.
+        if !names.contains(&name) && (cfg!(windows) || !name.contains("64")) {
+            names.push(name);
+        }
+    }
+    names.join(", ")
+}
+
+/// How `total_bytes` is copied as `chunk_bytes` pieces over `streams` streams: piece i
+/// goes to stream i mod `streams`, in order, so each stream's pieces are contiguous in
+/// time and every stream has work until the last round. Returns (offset, length) per
+/// stream.
+pub fn chunk_schedule(total_bytes: u64, chunk_bytes: u64, streams: u32) -> Vec<Vec<(u64, u64)>> {
+    let chunk = chunk_bytes.max(1);
+    let mut schedule = vec![Vec::new(); streams.max(1) as usize];
+    let mut offset = 0;
+    let mut piece = 0usize;
+    while offset < total_bytes {
+        let len = chunk.min(total_bytes - offset);
+        let lanes = schedule.len();
+        schedule[piece % lanes].push((offset, len));
+        offset += len;
+        piece += 1;
+    }
+    schedule
+}
+
+/// One cuBLAS product: `m` rows of activations times a `n` × `k` weight matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GemmShape {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+}
+
+/// Attention scores and weighted values for one task: `sequences × heads` products of
+/// `queries` rows against `context` keys of `head_dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttentionShape {
+    pub batch: u64,
+    pub queries: u64,
+    pub context: u64,
+    pub head_dim: u64,
+}
+
+/// The GEMMs each of the graph's compute operations performs at `tokens` rows.
+pub fn op_gemms(model: &ModelSpec, op: &str, tokens: u64) -> Vec<GemmShape> {
+    let (hidden, inter) = (model.hidden_size, model.intermediate_size);
+    let q_width = model.num_heads * model.head_dim();
+    let qkv = GemmShape { m: tokens, n: q_width + 2 * model.kv_dim(), k: hidden };
+    let out = GemmShape { m: tokens, n: hidden, k: q_width };
+    match op {
+        "attn-qkv" => vec![qkv],
+        "attn-out" => vec![out],
+        "attention" => vec![qkv, out],
+        "mlp" => vec![
+            GemmShape { m: tokens, n: inter, k: hidden },
+            GemmShape { m: tokens, n: inter, k: hidden },
+            GemmShape { m: tokens, n: hidden, k: inter },
+        ],
+        "head" => vec![GemmShape { m: tokens, n: model.vocab_size, k: hidden }],
+        _ => Vec::new(),
+    }
+}
+
+/// The attention-core products of a task with `tokens` rows at `context`: a prefill
+/// task holds whole prompts (`tokens` a multiple of `context`, every query of a
+/// sequence at once), a decode task one new query per sequence.
+pub fn attention_shape(model: &ModelSpec, tokens: u64, context: u64) -> AttentionShape {
+    let (sequences, queries) = if context > 0 && tokens >= context && tokens.is_multiple_of(context) {
+        (tokens / context, context)
+    } else {
+        (tokens, 1)
+    };
+    AttentionShape { batch: sequences * model.num_heads, queries, context: context.max(1), head_dim: model.head_dim() }
+}
+
+/// Kernels besides the GEMMs each operation launches (norms, rotary embedding,
+/// softmax, SwiGLU, residual adds, sampling): each costs one launch overhead.
+fn extra_launches(op: &str) -> u64 {
+    match op {
+        "attn-qkv" => 3,
+        "attn-core" => 1,
+        "attn-out" => 1,
+        "attention" => 5,
+        "mlp" => 3,
+        "head" => 3,
+        _ => 1,
+    }
+}
+
+/// The (tokens, context) points a kernel table covers: prefill (batch × prompt rows at
+/// the prompt's context) and decode (batch rows at the context halfway through
+/// generation) for each batch size.
+pub fn table_points(batches: &[u64], prompt_len: u64, gen_len: u64) -> Vec<(u64, u64)> {
+    let mut points = Vec::new();
+    for &batch in batches {
+        points.push((batch * prompt_len, prompt_len));
+        points.push((batch, prompt_len + gen_len.div_ceil(2)));
+    }
+    points.sort_unstable();
+    points.dedup();
+    points
+}
+
+/// A kernel table for the graph's operations at `model`'s shape, composed from
+/// measured times: each operation is the sum of its GEMMs (`gemm_ns`), its
+/// attention-core products (`attention_ns`) and one `launch_ns` per other kernel.
+pub fn compose_kernel_table(
+    model: &ModelSpec,
+    points: &[(u64, u64)],
+    gemm_ns: &dyn Fn(GemmShape) -> f64,
+    attention_ns: &dyn Fn(AttentionShape) -> f64,
+    launch_ns: f64,
+) -> Vec<KernelTiming> {
+    let shape = format!("{}x{}", model.hidden_size, model.intermediate_size);
+    let mut table = Vec::new();
+    for &(tokens, context) in points {
+        for op in ["attn-qkv", "attn-core", "attn-out", "attention", "mlp", "head"] {
+            // The head runs on each sequence's last position only.
+            let rows =
+                if op == "head" { attention_shape(model, tokens, context).batch / model.num_heads } else { tokens };
+            let mut ns: f64 = op_gemms(model, op, rows).into_iter().map(gemm_ns).sum();
+            if op == "attn-core" || op == "attention" {
+                ns += attention_ns(attention_shape(model, tokens, context));
+            }
+            ns += extra_launches(op) as f64 * launch_ns;
+            table.push(KernelTiming { op: op.to_string(), shape: shape.clone(), tokens: rows, context, ns: ns as u64 });
+        }
+    }
+    table
+}
+
+/// Everything the cuda profiler measured, before it becomes a `Profile`.
+#[derive(Debug, Clone)]
+pub struct CudaMeasurements {
+    pub device_name: String,
+    pub device_memory_bytes: u64,
+    pub host_memory_bytes: u64,
+    pub host_to_device_pinned: Vec<CurvePoint>,
+    pub host_to_device_pageable: Vec<CurvePoint>,
+    pub device_to_host_pinned: Vec<CurvePoint>,
+    /// Per-direction GB/s of large pinned copies, each alone and both at once.
+    pub duplex_alone_gbps: f64,
+    pub duplex_both_gbps: f64,
+    /// Time of one small cuBLAS call back to back with others (launch overhead).
+    pub launch_ns: f64,
+    /// Best bf16 GEMM rate measured, FLOP/s.
+    pub peak_flops: f64,
+    /// Device-to-device copy rate counting both the read and the write, bytes/s.
+    pub device_memory_bytes_per_s: f64,
+    /// GEMM time while a host→device copy runs, over the time alone, minus one.
+    pub compute_slowdown_during_copy: f64,
+    pub disk_read: Vec<CurvePoint>,
+    pub disk_write: Vec<CurvePoint>,
+    pub read_latency_ns: f64,
+    pub disk_capacity_bytes: Option<u64>,
+    /// The host's CPU, measured with the engine's kernels (host attention, host layers).
+    pub host_compute: ComputeProfile,
+    pub host_compute_slowdown: f64,
+    pub kernel_table: Vec<KernelTiming>,
+    pub machine: String,
+    pub date: String,
+    pub seconds: f64,
+}
+
+/// The profile of a measured GPU machine.
+pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
+    let curve = |points: Vec<CurvePoint>| TransferCurve { latency_ns: m.launch_ns as u64, points };
+    let duplex_slowdown =
+        if m.duplex_both_gbps > 0.0 { (m.duplex_alone_gbps / m.duplex_both_gbps - 1.0).max(0.0) } else { 0.0 };
+    let profile = Profile {
+        provenance: Provenance::Measured {
+            machine: m.machine,
+            date: m.date,
+            backend: format!("cuda: {} (profiled in {:.0} s)", m.device_name, m.seconds),
+        },
+        device_name: m.device_name,
+        unified_memory: false,
+        device_memory_bytes: m.device_memory_bytes,
+        host_memory_bytes: m.host_memory_bytes,
+        max_pinned_bytes: m.host_memory_bytes / 2,
+        // CUDA context, cuBLAS workspace and fragmentation: FlexGen's margin.
+        memory_reserve_fraction: ferry_core::profile::datasheet_assumptions::MEMORY_RESERVE_FRACTION,
+        disk_capacity_bytes: m.disk_capacity_bytes,
+        disk_read: TransferCurve { latency_ns: m.read_latency_ns as u64, points: m.disk_read },
+        disk_write: TransferCurve { latency_ns: m.read_latency_ns as u64, points: m.disk_write },
+        host_to_device: curve(m.host_to_device_pinned),
+        host_to_device_pageable: curve(m.host_to_device_pageable),
+        device_to_host: curve(m.device_to_host_pinned),
+        device_compute: ComputeProfile {
+            peak_flops: m.peak_flops,
+            memory_bytes_per_s: m.device_memory_bytes_per_s,
+            matmul_efficiency: 1.0,
+            memory_efficiency: 1.0,
+            task_overhead_ns: m.launch_ns as u64,
+            table: m.kernel_table,
+        },
+        host_compute: m.host_compute,
+        interference: Interference {
+            device_compute_slowdown: m.compute_slowdown_during_copy.max(0.0),
+            host_compute_slowdown: m.host_compute_slowdown.max(0.0),
+            // The reading threads share the CPU with host compute only; measured on the
+            // cpu backend, not here (a GPU machine's host compute is a smaller share).
+            disk_read_under_compute: None,
+            copy_duplex_slowdown: duplex_slowdown,
+        },
+    };
+    profile.validate()?;
+    Ok(profile)
+}
+
+/// What `profile_cuda` measures on the device.
+#[derive(Debug, Clone)]
+pub struct CudaOptions {
+    pub device_ordinal: usize,
+    /// Bytes per timed copy.
+    pub copy_bytes: u64,
+    pub copy_chunks: Vec<u64>,
+    pub copy_streams: Vec<u32>,
+}
+
+impl CudaOptions {
+    pub fn new(device_ordinal: usize, quick: bool) -> CudaOptions {
+        use ferry_core::units::{KIB, MIB};
+        CudaOptions {
+            device_ordinal,
+            copy_bytes: if quick { 256 * MIB } else { 1 << 30 },
+            copy_chunks: vec![64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB],
+            copy_streams: vec![1, 2, 4],
+        }
+    }
+}
+
+/// Measures the GPU `cuda.device_ordinal` and this host. Checks the libraries first.
+pub fn profile_cuda(
+    options: &crate::ProfileOptions,
+    cuda: &CudaOptions,
+    mut progress: impl FnMut(&str, f64),
+) -> Result<Profile, ProfileError> {
+    check_libraries()?;
+    device::measure(options, cuda, &mut progress).and_then(assemble)
+}
+
+/// The calls that need a GPU. Not exercised on machines without one (see the module
+/// documentation); everything they compute from their timings is.
+mod device {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
+    use cudarc::cublas::CudaBlas;
+    use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
+    use cudarc::driver::{result, CudaContext, CudaStream, DriverError};
+    use ferry_core::profile::CurvePoint;
+    use ferry_core::units::MIB;
+
+    use super::{chunk_schedule, AttentionShape, CudaMeasurements, CudaOptions, GemmShape};
+    use crate::{median_spread, ProfileError, ProfileOptions};
+
+    fn driver(what: &str) -> impl Fn(DriverError) -> ProfileError + '_ {
+        move |e| ProfileError::Cuda(format!("{what}: {e}"))
+    }
+
+    fn blas(what: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> ProfileError + '_ {
+        move |e| ProfileError::Cuda(format!("{what}: {e}"))
+    }
+
+    /// Device memory, freed on drop.
+    struct DeviceBuffer {
+        ptr: CUdeviceptr,
+        bytes: usize,
+    }
+
+    impl DeviceBuffer {
+        fn new(bytes: usize) -> Result<DeviceBuffer, ProfileError> {
+            // SAFETY: the context is bound to this thread by the caller; freed in Drop.
+            let ptr = unsafe { result::malloc_sync(bytes) }
+                .map_err(|e| ProfileError::Cuda(format!("allocating {bytes} bytes of device memory: {e}")))?;
+            Ok(DeviceBuffer { ptr, bytes })
+        }
+    }
+
+    impl Drop for DeviceBuffer {
+        fn drop(&mut self) {
+            // SAFETY: allocated by malloc_sync and not freed before.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+
+    /// Page-locked host memory, freed on drop.
+    struct PinnedBuffer {
+        ptr: *mut u8,
+        bytes: usize,
+    }
+
+    impl PinnedBuffer {
+        fn new(bytes: usize) -> Result<PinnedBuffer, ProfileError> {
+            // SAFETY: plain page-locked allocation (no flags: readable by the CPU at full speed).
+            let ptr = unsafe { result::malloc_host(bytes, 0) }
+                .map_err(|e| ProfileError::Cuda(format!("pinning {bytes} bytes of host memory: {e}")))?;
+            // SAFETY: `bytes` bytes were just allocated at `ptr`.
+            unsafe { std::ptr::write_bytes(ptr as *mut u8, 1, bytes) };
+            Ok(PinnedBuffer { ptr: ptr as *mut u8, bytes })
+        }
+
+        fn slice_mut(&mut self) -> &mut [u8] {
+            // SAFETY: owned allocation of `bytes` bytes, borrowed mutably.
+            unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+        }
+    }
+
+    impl Drop for PinnedBuffer {
+        fn drop(&mut self) {
+            // SAFETY: allocated by malloc_host and not freed before.
+            let _ = unsafe { result::free_host(self.ptr as *mut _) };
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Direction {
+        HostToDevice,
+        DeviceToHost,
+    }
+
+    /// GB/s of copying `bytes` in `chunk` pieces spread over `streams` (see `chunk_schedule`).
+    fn timed_copy(
+        streams: &[Arc<CudaStream>],
+        direction: Direction,
+        host: &mut [u8],
+        device: &DeviceBuffer,
+        bytes: u64,
+        chunk: u64,
+    ) -> Result<f64, ProfileError> {
+        let schedule =
+            chunk_schedule(bytes.min(host.len() as u64).min(device.bytes as u64), chunk, streams.len() as u32);
+        let start = Instant::now();
+        for (stream, pieces) in streams.iter().zip(&schedule) {
+            for &(offset, len) in pieces {
+                let (offset, len) = (offset as usize, len as usize);
+                let device_ptr = device.ptr + offset as u64;
+                // SAFETY: both ranges lie inside their allocations; the host memory is not
+                // touched until every stream is synchronised below.
+                unsafe {
+                    match direction {
+                        Direction::HostToDevice => {
+                            result::memcpy_htod_async(device_ptr, &host[offset..offset + len], stream.cu_stream())
+                        }
+                        Direction::DeviceToHost => {
+                            result::memcpy_dtoh_async(&mut host[offset..offset + len], device_ptr, stream.cu_stream())
+                        }
+                    }
+                }
+                .map_err(driver("copy"))?;
+            }
+        }
+        for stream in streams {
+            stream.synchronize().map_err(driver("synchronising a copy stream"))?;
+        }
+        Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
+    }
+
+    fn copy_curve(
+        streams: &[Arc<CudaStream>],
+        cuda: &CudaOptions,
+        trials: usize,
+        direction: Direction,
+        host: &mut [u8],
+        device: &DeviceBuffer,
+    ) -> Result<Vec<CurvePoint>, ProfileError> {
+        let mut points = Vec::new();
+        for &count in &cuda.copy_streams {
+            for &chunk in &cuda.copy_chunks {
+                let lanes = &streams[..count as usize];
+                timed_copy(lanes, direction, host, device, cuda.copy_bytes, chunk)?; // warm-up
+                let rates = (0..trials)
+                    .map(|_| timed_copy(lanes, direction, host, device, cuda.copy_bytes, chunk))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (gbps, spread) = median_spread(&rates);
+                points.push(CurvePoint { chunk_bytes: chunk, concurrency: count, gbps, spread: Some(spread) });
+            }
+        }
+        Ok(points)
+    }
+
+    /// Times `repeat` launches of `work` on `stream` with CUDA events; ns per launch.
+    fn timed_on_stream(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        repeat: usize,
+        mut work: impl FnMut() -> Result<(), ProfileError>,
+    ) -> Result<f64, ProfileError> {
+        work()?; // warm-up (cuBLAS picks its kernel on the first call)
+        let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
+        let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver("event"))?;
+        start.record(stream).map_err(driver("event"))?;
+        for _ in 0..repeat {
+            work()?;
+        }
+        end.record(stream).map_err(driver("event"))?;
+        end.synchronize().map_err(driver("event"))?;
+        let ms = start.elapsed_ms(&end).map_err(driver("event"))?;
+        Ok(ms as f64 * 1e6 / repeat as f64)
+    }
+
+    /// bf16 GEMMs on the device with f32 accumulation, the way inference engines call
+    /// cuBLAS; buffers sized for the largest shape asked for.
+    struct GemmBench {
+        blas: CudaBlas,
+        a: DeviceBuffer,
+        b: DeviceBuffer,
+        c: DeviceBuffer,
+    }
+
+    impl GemmBench {
+        fn new(stream: &Arc<CudaStream>, max_elements: usize) -> Result<GemmBench, ProfileError> {
+            let blas = CudaBlas::new(stream.clone()).map_err(blas("starting cuBLAS"))?;
+            let bytes = max_elements * 2;
+            let (a, b, c) = (DeviceBuffer::new(bytes)?, DeviceBuffer::new(bytes)?, DeviceBuffer::new(bytes)?);
+            for buffer in [&a, &b, &c] {
+                // SAFETY: inside the allocation; 0x3c3c is a small finite bf16.
+                unsafe { result::memset_d8_async(buffer.ptr, 0x3c, buffer.bytes, stream.cu_stream()) }
+                    .map_err(driver("memset"))?;
+            }
+            Ok(GemmBench { blas, a, b, c })
+        }
+
+        /// Elements the largest operand of `batch` products of `shape` holds.
+        fn elements(shape: GemmShape, batch: u64) -> u64 {
+            batch * (shape.n * shape.k).max(shape.m * shape.k).max(shape.n * shape.m)
+        }
+
+        /// Cᵀ (n × m) = W (n × k) · Xᵀ (k × m), column-major: `batch` times with strides.
+        fn run(&self, shape: GemmShape, batch: u64) -> Result<(), ProfileError> {
+            let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
+            if Self::elements(shape, batch) as usize * 2 > self.a.bytes {
+                return Err(ProfileError::Cuda(format!("GEMM {shape:?} × {batch} exceeds the benchmark's buffers")));
+            }
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // SAFETY: operands lie inside the buffers (checked above); alpha and beta are f32
+            // host scalars, matching the f32 compute type.
+            unsafe {
+                cudarc::cublas::result::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    n,
+                    m,
+                    k,
+                    (&alpha as *const f32).cast(),
+                    self.a.ptr as *const _,
+                    cudaDataType::CUDA_R_16BF,
+                    k,
+                    (shape.n * shape.k) as i64,
+                    self.b.ptr as *const _,
+                    cudaDataType::CUDA_R_16BF,
+                    k,
+                    (shape.m * shape.k) as i64,
+                    (&beta as *const f32).cast(),
+                    self.c.ptr as *mut _,
+                    cudaDataType::CUDA_R_16BF,
+                    n,
+                    (shape.n * shape.m) as i64,
+                    batch as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(blas("cuBLAS GEMM"))
+        }
+    }
+
+    pub(super) fn measure(
+        options: &ProfileOptions,
+        cuda: &CudaOptions,
+        progress: &mut dyn FnMut(&str, f64),
+    ) -> Result<CudaMeasurements, ProfileError> {
+        let started = Instant::now();
+        let ctx = CudaContext::new(cuda.device_ordinal).map_err(|e| {
+            ProfileError::Cuda(format!(
+                "the CUDA driver loaded but device {} could not be opened: {e} (is there an NVIDIA GPU, and does nvidia-smi list it?)",
+                cuda.device_ordinal
+            ))
+        })?;
+        let device_name = ctx.name().map_err(driver("device name"))?;
+        let device_memory_bytes = ctx.total_mem().map_err(driver("device memory"))? as u64;
+        let max_streams = cuda.copy_streams.iter().copied().max().unwrap_or(1).max(2) as usize;
+        let streams =
+            (0..max_streams).map(|_| ctx.new_stream()).collect::<Result<Vec<_>, _>>().map_err(driver("streams"))?;
+        let trials = options.trials;
+
+        // Copies: pinned both ways, pageable host→device.
+        progress("copies", 0.0);
+        let device = DeviceBuffer::new(cuda.copy_bytes as usize)?;
+        let mut pinned = PinnedBuffer::new(cuda.copy_bytes as usize)?;
+        let h2d = copy_curve(&streams, cuda, trials, Direction::HostToDevice, pinned.slice_mut(), &device)?;
+        progress("copies", 0.35);
+        let d2h = copy_curve(&streams, cuda, trials, Direction::DeviceToHost, pinned.slice_mut(), &device)?;
+        progress("copies", 0.7);
+        let mut pageable = vec![1u8; cuda.copy_bytes as usize];
+        let h2d_pageable = copy_curve(&streams, cuda, trials, Direction::HostToDevice, &mut pageable, &device)?;
+        drop(pageable);
+
+        // Both directions at once: half the buffer each way on its own stream.
+        progress("copies both ways", 0.0);
+        let half = cuda.copy_bytes / 2;
+        let device_in = DeviceBuffer::new(half as usize)?;
+        let device_out = DeviceBuffer::new(half as usize)?;
+        let (first, second) = pinned.slice_mut().split_at_mut(half as usize);
+        let alone = timed_copy(&streams[..1], Direction::HostToDevice, first, &device_in, half, 16 * MIB)?;
+        let start = Instant::now();
+        copy_async(&streams[0], Direction::HostToDevice, first, &device_in)?;
+        copy_async(&streams[1], Direction::DeviceToHost, second, &device_out)?;
+        streams[0].synchronize().map_err(driver("synchronising"))?;
+        streams[1].synchronize().map_err(driver("synchronising"))?;
+        let both = half as f64 / start.elapsed().as_secs_f64() / 1e9;
+
+        // GEMMs: launch overhead, peak rate, the model's shapes, attention products.
+        progress("cuBLAS", 0.0);
+        let compute_stream = &streams[0];
+        // Every product to time, so the operand buffers can be sized for the largest.
+        let points = match &options.kernel_model {
+            Some(_) => super::table_points(&options.kernel_batches, options.kernel_prompt_len, 16),
+            None => Vec::new(),
+        };
+        let mut gemm_shapes = std::collections::BTreeSet::new();
+        let mut attention_shapes = std::collections::BTreeSet::new();
+        if let Some((model, _)) = &options.kernel_model {
+            for &(tokens, context) in &points {
+                let sequences = super::attention_shape(model, tokens, context).batch / model.num_heads;
+                for op in ["attention", "mlp", "head"] {
+                    let rows = if op == "head" { sequences } else { tokens };
+                    gemm_shapes.extend(super::op_gemms(model, op, rows));
+                }
+                attention_shapes.insert(super::attention_shape(model, tokens, context));
+            }
+        }
+        let square = GemmShape { m: 4096, n: 4096, k: 4096 };
+        let largest = gemm_shapes
+            .iter()
+            .map(|s| GemmBench::elements(*s, 1))
+            .chain(attention_shapes.iter().flat_map(|a| {
+                let (scores, values) = attention_gemms(*a);
+                [GemmBench::elements(scores, a.batch), GemmBench::elements(values, a.batch)]
+            }))
+            .fold(GemmBench::elements(square, 1), u64::max);
+        let bench = GemmBench::new(compute_stream, largest as usize)?;
+        let tiny = GemmShape { m: 1, n: 64, k: 64 };
+        let launch_ns = timed_on_stream(&ctx, compute_stream, 200, || bench.run(tiny, 1))?;
+        let square_ns = timed_on_stream(&ctx, compute_stream, 5, || bench.run(square, 1))?;
+        let peak_flops = 2.0 * 4096f64.powi(3) / (square_ns * 1e-9);
+        // Device memory: a device-to-device copy reads and writes every byte.
+        let copy_ns = timed_on_stream(&ctx, compute_stream, 5, || {
+            // SAFETY: both buffers hold at least `half` bytes.
+            unsafe {
+                result::memcpy_dtod_async(device_out.ptr, device_in.ptr, half as usize, compute_stream.cu_stream())
+            }
+            .map_err(driver("device copy"))
+        })?;
+        let device_memory_bytes_per_s = 2.0 * half as f64 / (copy_ns * 1e-9);
+        // GEMM slowdown while a copy runs on another stream.
+        copy_async(&streams[1], Direction::HostToDevice, first, &device_in)?;
+        let contended_ns = timed_on_stream(&ctx, compute_stream, 5, || bench.run(square, 1))?;
+        streams[1].synchronize().map_err(driver("synchronising"))?;
+        let compute_slowdown_during_copy = contended_ns / square_ns - 1.0;
+
+        let mut gemm_times = std::collections::BTreeMap::new();
+        for (i, &shape) in gemm_shapes.iter().enumerate() {
+            gemm_times.insert(shape, timed_on_stream(&ctx, compute_stream, 5, || bench.run(shape, 1))?);
+            progress("cuBLAS at the model's shapes", (i + 1) as f64 / gemm_shapes.len() as f64);
+        }
+        let mut attention_times = std::collections::BTreeMap::new();
+        for &attention in &attention_shapes {
+            let (scores, values) = attention_gemms(attention);
+            let ns = timed_on_stream(&ctx, compute_stream, 5, || {
+                bench.run(scores, attention.batch)?;
+                bench.run(values, attention.batch)
+            })?;
+            attention_times.insert(attention, ns);
+        }
+        let kernel_table = match &options.kernel_model {
+            Some((model, _)) => super::compose_kernel_table(
+                model,
+                &points,
+                &|shape| gemm_times.get(&shape).copied().unwrap_or(0.0),
+                &|shape: AttentionShape| attention_times.get(&shape).copied().unwrap_or(0.0),
+                launch_ns,
+            ),
+            None => Vec::new(),
+        };
+        drop(bench);
+        drop((device, device_in, device_out));
+
+        // Disk reads land in pinned memory, as a GPU engine's would.
+        let scratch = crate::ScratchDisk::create(options, &mut |step, f| progress(step, f))?;
+        let read_region = crate::read_bytes(options, options.chunk_sizes.iter().copied().max().unwrap_or(MIB), 8);
+        let mut landing = PinnedBuffer::new(read_region.max(options.scratch_bytes / 4) as usize)?;
+        let disk_read = crate::measure_read_curve(
+            options,
+            |pool, offset, bytes, chunk| {
+                pool.read_into(&scratch.disk, offset, &mut landing.slice_mut()[..bytes as usize], chunk)
+            },
+            |f| progress("disk reads into pinned memory", f),
+        )?;
+
+        // The host CPU: what host attention and host layers run on.
+        progress("host compute", 0.0);
+        let host = crate::measure_host_compute(options, &scratch.disk, &mut |step, f| progress(step, f))?;
+        Ok(CudaMeasurements {
+            device_name,
+            device_memory_bytes,
+            host_memory_bytes: crate::meminfo_bytes("MemTotal:").unwrap_or(0),
+            host_to_device_pinned: h2d,
+            host_to_device_pageable: h2d_pageable,
+            device_to_host_pinned: d2h,
+            duplex_alone_gbps: alone,
+            duplex_both_gbps: both,
+            launch_ns,
+            peak_flops,
+            device_memory_bytes_per_s,
+            compute_slowdown_during_copy,
+            disk_read,
+            disk_write: scratch.write_points.clone(),
+            read_latency_ns: scratch.read_latency_ns,
+            disk_capacity_bytes: crate::disk_free_bytes(&options.scratch_dir),
+            host_compute: host.compute,
+            host_compute_slowdown: host.slowdown_during_reads,
+            kernel_table,
+            machine: crate::fingerprint(),
+            date: crate::today(),
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Scores (queries × context) then weighted values (queries × head_dim), per head.
+    fn attention_gemms(a: AttentionShape) -> (GemmShape, GemmShape) {
+        (
+            GemmShape { m: a.queries, n: a.context, k: a.head_dim },
+            GemmShape { m: a.queries, n: a.head_dim, k: a.context },
+        )
+    }
+
+    /// Queues one whole-buffer copy on `stream` without waiting.
+    fn copy_async(
+        stream: &Arc<CudaStream>,
+        direction: Direction,
+        host: &mut [u8],
+        device: &DeviceBuffer,
+    ) -> Result<(), ProfileError> {
+        let len = host.len().min(device.bytes);
+        // SAFETY: both ranges lie inside their allocations; callers synchronise `stream`
+        // before touching `host` again.
+        unsafe {
+            match direction {
+                Direction::HostToDevice => result::memcpy_htod_async(device.ptr, &host[..len], stream.cu_stream()),
+                Direction::DeviceToHost => result::memcpy_dtoh_async(&mut host[..len], device.ptr, stream.cu_stream()),
+            }
+        }
+        .map_err(driver("copy"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::catalog::Catalog;
+
+    #[test]
+    fn chunk_schedules_cover_every_byte_once_round_robin() {
+        for (total, chunk, streams) in [(10u64, 3u64, 2u32), (1 << 20, 1 << 16, 4), (5, 10, 3), (0, 4, 2), (12, 4, 1)] {
+            let schedule = chunk_schedule(total, chunk, streams);
+            assert_eq!(schedule.len(), streams as usize);
+            let mut pieces: Vec<(u64, u64)> = schedule.iter().flatten().copied().collect();
+            pieces.sort_unstable();
+            let mut next = 0;
+            for (offset, len) in pieces {
+                assert_eq!(offset, next, "pieces are contiguous and disjoint");
+                assert!(len > 0 && len <= chunk);
+                next += len;
+            }
+            assert_eq!(next, total);
+            let counts: Vec<usize> = schedule.iter().map(Vec::len).collect();
+            let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            assert!(max - min <= 1, "balanced: {counts:?}");
+        }
+        // Piece i goes to stream i mod streams.
+        assert_eq!(chunk_schedule(10, 3, 2), vec![vec![(0, 3), (6, 3)], vec![(3, 3), (9, 1)]]);
+    }
+
+    fn llama_7b() -> ModelSpec {
+        Catalog::builtin().unwrap().model("llama-2-7b").unwrap().value
+    }
+
+    #[test]
+    fn each_operation_is_its_gemms_plus_launches() {
+        let model = llama_7b();
+        // A GEMM costs 1 ns per million multiply-adds; attention 1 ns per batch element.
+        let gemm = |s: GemmShape| (s.m * s.n * s.k) as f64 / 1e6;
+        let attention = |s: AttentionShape| s.batch as f64;
+        let table = compose_kernel_table(&model, &[(4, 40)], &gemm, &attention, 1000.0);
+        let ns = |op: &str| table.iter().find(|e| e.op == op).unwrap().ns;
+        let (h, i) = (4096u64, 11008u64);
+        assert_eq!(ns("mlp"), ((3 * 4 * h * i) as f64 / 1e6 + 3000.0) as u64);
+        assert_eq!(ns("head"), ((4 * 32000 * h) as f64 / 1e6 + 3000.0) as u64);
+        // Decode: one query per sequence, 4 sequences × 32 heads.
+        assert_eq!(ns("attn-core"), (4.0 * 32.0 + 1000.0) as u64);
+        let qkv = (4 * 3 * h * h) as f64 / 1e6;
+        let out = (4 * h * h) as f64 / 1e6;
+        assert_eq!(ns("attention"), (qkv + out + 128.0 + 5000.0) as u64);
+        assert!(table.iter().all(|e| e.shape == "4096x11008"));
+    }
+
+    #[test]
+    fn prefill_tasks_hold_whole_prompts() {
+        let model = llama_7b();
+        assert_eq!(
+            attention_shape(&model, 64, 32),
+            AttentionShape { batch: 64, queries: 32, context: 32, head_dim: 128 }
+        );
+        assert_eq!(
+            attention_shape(&model, 2, 40),
+            AttentionShape { batch: 64, queries: 1, context: 40, head_dim: 128 }
+        );
+        assert_eq!(table_points(&[1, 2], 32, 8), vec![(1, 36), (2, 36), (32, 32), (64, 32)]);
+        // The head runs once per sequence, prefill included.
+        let table = compose_kernel_table(&model, &[(64, 32)], &|s| s.m as f64, &|_| 0.0, 0.0);
+        let head = table.iter().find(|e| e.op == "head").unwrap();
+        assert_eq!((head.tokens, head.ns), (2, 2));
+    }
+
+    fn point(chunk_bytes: u64, concurrency: u32, gbps: f64) -> CurvePoint {
+        CurvePoint { chunk_bytes, concurrency, gbps, spread: Some(0.01) }
+    }
+
+    #[test]
+    fn measurements_become_a_valid_profile() {
+        let host = ComputeProfile {
+            peak_flops: 2e11,
+            memory_bytes_per_s: 1e10,
+            matmul_efficiency: 1.0,
+            memory_efficiency: 1.0,
+            task_overhead_ns: 90_000,
+            table: Vec::new(),
+        };
+        let measured = CudaMeasurements {
+            device_name: "NVIDIA GeForce RTX 3060".into(),
+            device_memory_bytes: 12 << 30,
+            host_memory_bytes: 32 << 30,
+            host_to_device_pinned: vec![point(1 << 20, 1, 11.0), point(1 << 24, 2, 12.5)],
+            host_to_device_pageable: vec![point(1 << 20, 1, 5.0)],
+            device_to_host_pinned: vec![point(1 << 20, 1, 12.0)],
+            duplex_alone_gbps: 12.0,
+            duplex_both_gbps: 8.0,
+            launch_ns: 6_000.0,
+            peak_flops: 5e13,
+            device_memory_bytes_per_s: 3.2e11,
+            compute_slowdown_during_copy: 0.03,
+            disk_read: vec![point(1 << 22, 4, 2.5)],
+            disk_write: vec![point(1 << 22, 1, 1.5)],
+            read_latency_ns: 80_000.0,
+            disk_capacity_bytes: Some(100 << 30),
+            host_compute: host.clone(),
+            host_compute_slowdown: 0.2,
+            kernel_table: Vec::new(),
+            machine: "test".into(),
+            date: "2026-11-24".into(),
+            seconds: 42.0,
+        };
+        let profile = assemble(measured).unwrap();
+        assert!(profile.is_measured() && !profile.unified_memory);
+        assert_eq!(profile.host_to_device.points.len(), 2);
+        assert_eq!(profile.host_to_device_pageable.points[0].gbps, 5.0);
+        assert_eq!(profile.device_to_host.points[0].gbps, 12.0);
+        assert!((profile.interference.copy_duplex_slowdown - 0.5).abs() < 1e-12, "12 alone, 8 together");
+        assert_eq!(profile.device_compute.task_overhead_ns, 6_000);
+        assert_eq!(profile.host_compute, host);
+        assert_eq!(profile.disk_read.latency_ns, 80_000);
+        // Round trip through YAML, as `ferry profile` writes it.
+        let text = ferry_core::yaml::to_yaml_string(&profile).unwrap();
+        assert!(text.contains("copy_duplex_slowdown"));
+        let back: Profile = ferry_core::yaml::from_yaml_str(&text, "profile.yaml").unwrap();
+        assert_eq!(back, profile);
+    }
+
+    /// On a machine without the NVIDIA driver (every CI machine), asking for the cuda
+    /// backend is a clear error, not a panic; where a driver is present, the check passes.
+    #[test]
+    fn the_library_check_matches_what_is_installed() {
+        // SAFETY: only tries to dlopen.
+        let driver_present = unsafe { cudarc::driver::sys::is_culib_present() };
+        match check_libraries() {
+            Ok(()) => assert!(driver_present),
+            Err(e) => {
+                let message = e.to_string();
+                if driver_present {
+                    assert!(message.contains("cuBLAS"), "{message}");
+                } else {
+                    assert!(message.contains("no NVIDIA driver") && message.contains("--backend cpu"), "{message}");
+                }
+            }
+        }
+    }
+}
