@@ -57,9 +57,9 @@ pub struct ValidateArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// Do not re-measure the disk before each plan (by default its read bandwidth is
-    /// measured right before each run and the profile's disk curve scaled to it: the
-    /// disk here drifts by tens of percent within minutes).
+    /// Do not re-measure the disk around each plan (by default its read bandwidth is
+    /// measured right before and right after each run and the profile's disk curves
+    /// scaled to the mean: a shared disk drifts by tens of percent within minutes).
     #[arg(long)]
     no_disk_recheck: bool,
     /// Overwrite report files.
@@ -83,7 +83,8 @@ struct Row {
     measured_tokens_per_s: f64,
     /// predicted ÷ measured − 1, percent.
     signed_error_pct: f64,
-    /// Disk read bandwidth just before the run ÷ the profile's, at this plan's request size.
+    /// Disk read bandwidth around the run (mean of before and after) ÷ the profile's, at
+    /// this plan's request size and depth.
     disk_factor: f64,
     predicted_busy_s: Vec<(Resource, f64)>,
     measured_busy_s: Vec<(Resource, f64)>,
@@ -237,24 +238,22 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
         });
-    for plan in &plans {
+    if let Some(dir) = &args.report {
+        ferry_reports::prepare(dir, &["predicted-vs-measured"], args.force)?;
+        std::fs::create_dir_all(dir.join("plans")).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for (index, plan) in plans.iter().enumerate() {
         let mut profile = base_profile.clone();
         profile.device_memory_bytes = plan.hardware.device_memory.unwrap_or(profile.device_memory_bytes);
-        let mut disk_factor = 1.0;
-        if let (false, Some(file)) = (args.no_disk_recheck, &weights_file) {
-            let chunk = plan.policy.chunk_bytes;
-            let depth = plan.policy.io_queue_depth;
-            let fresh = disk_read_gbps(file, chunk, depth)?;
-            let profiled = profile.disk_read.bytes_per_ns(chunk, depth);
-            if fresh > 0.0 && profiled > 0.0 {
-                disk_factor = fresh / profiled;
-                profile.scale_disk_reads(disk_factor);
-            }
-        }
         let graph = lower(&plan.policy, spec, &plan.workload, &profile, &Steps::All)?;
-        let predicted_trace =
-            ferry_sim::simulate(&graph, &CostModel::new(&profile, spec)).context("simulating a plan")?.trace;
-        let predicted = Metrics::compute(&graph, &predicted_trace);
+        // The disk's read rate at this plan's request size and depth, right before the run
+        // and again right after it: the mean estimates what the run had (this disk drifts by
+        // tens of percent within minutes). Nothing from the run itself enters the prediction.
+        let recheck = match (args.no_disk_recheck, &weights_file) {
+            (false, Some(file)) => Some((file, plan.policy.chunk_bytes, plan.policy.io_queue_depth)),
+            _ => None,
+        };
+        let before = recheck.map(|(file, chunk, depth)| disk_read_gbps(file, chunk, depth)).transpose()?;
         let mut rng = SplitMix64::new(plan.workload.batch_size);
         let prompts = (0..plan.workload.batch_size)
             .map(|_| (0..plan.workload.prompt_len).map(|_| (rng.next_u64() % spec.vocab_size) as u32).collect())
@@ -271,6 +270,28 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
             .map_err(|e| anyhow::anyhow!(e))
             .context(describe(plan))?;
         let measured = report.metrics;
+        let mut disk_factor = 1.0;
+        if let (Some((file, chunk, depth)), Some(before)) = (recheck, before) {
+            let fresh = (before + disk_read_gbps(file, chunk, depth)?) / 2.0;
+            let profiled = profile.disk_read.bytes_per_ns(chunk, depth);
+            if fresh > 0.0 && profiled > 0.0 {
+                disk_factor = fresh / profiled;
+                profile.scale_disk_reads(disk_factor);
+            }
+        }
+        let predicted_trace =
+            ferry_sim::simulate(&graph, &CostModel::new(&profile, spec)).context("simulating a plan")?.trace;
+        let predicted = Metrics::compute(&graph, &predicted_trace);
+        if let Some(dir) = &args.report {
+            // Each plan with both traces (Chrome/Perfetto), to see where a prediction went wrong.
+            let base = dir.join("plans").join(format!("{:02}", index + 1));
+            let write = |suffix: &str, text: String| {
+                ferry_core::yaml::write_new_file(&base.with_extension(suffix), &text, args.force)
+            };
+            write("yaml", ferry_core::yaml::to_yaml_string(plan)?)?;
+            write("predicted.json", ferry_core::trace::chrome_trace(&graph, &predicted_trace).to_string())?;
+            write("measured.json", ferry_core::trace::chrome_trace(&graph, &report.trace).to_string())?;
+        }
         let busy = |m: &Metrics| {
             m.resources.iter().filter(|r| r.busy_ns > 0).map(|r| (r.resource, r.busy_ns as f64 / 1e9)).collect()
         };
@@ -302,7 +323,6 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
         .unwrap_or(0);
 
     if let Some(dir) = &args.report {
-        ferry_reports::prepare(dir, &["predicted-vs-measured"], args.force)?;
         let points: Vec<ferry_reports::ScatterPoint> = rows
             .iter()
             .map(|r| ferry_reports::ScatterPoint {
@@ -328,6 +348,29 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
             if p > 0.0 || m > 0.0 {
                 md.push_str(&format!("| {} | {p:.3} | {m:.3} |\n", resource.name()));
             }
+        }
+        md.push_str(
+            "\n## Every plan\n\nBusy seconds per resource, predicted / measured; the disk factor is the disk's read \
+             rate around the run (mean of right before and right after) over the profile's (the prediction uses it). Plans and both traces are in \
+             `plans/` (open the .json files in Perfetto).\n\n| # | plan | predicted tok/s | measured tok/s | error | disk factor | disk busy (s) | compute busy (s) |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        for (i, r) in rows.iter().enumerate() {
+            let get =
+                |list: &[(Resource, f64)], resource| list.iter().find(|(x, _)| *x == resource).map_or(0.0, |(_, s)| *s);
+            let pair = |resource| {
+                format!("{:.2} / {:.2}", get(&r.predicted_busy_s, resource), get(&r.measured_busy_s, resource))
+            };
+            md.push_str(&format!(
+                "| {:02} | {} | {:.3} | {:.3} | {:+.1} % | {:.2} | {} | {} |\n",
+                i + 1,
+                r.plan,
+                r.predicted_tokens_per_s,
+                r.measured_tokens_per_s,
+                r.signed_error_pct,
+                r.disk_factor,
+                pair(Resource::Disk),
+                pair(Resource::DeviceCompute)
+            ));
         }
         ferry_core::yaml::write_new_file(&dir.join("validation.md"), &md, true)?;
     }

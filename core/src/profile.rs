@@ -116,6 +116,12 @@ pub struct ComputeProfile {
     /// roofline where an entry matches.
     #[serde(default)]
     pub table: Vec<KernelTiming>,
+    /// Time to hand a freed buffer's memory back to the system, ns per MiB, charged to
+    /// the compute task that frees streamed weights or a loaded cache (the cpu engine
+    /// unmaps them: about 50 µs per MiB of 4 KiB pages). 0 where not measured (GPU
+    /// engines keep freed memory in a caching allocator).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub release_ns_per_mib: f64,
 }
 
 /// One measured compute task: an operation of a model shape at a number of tokens.
@@ -256,6 +262,7 @@ impl Profile {
                 memory_efficiency: MEMORY_EFFICIENCY,
                 task_overhead_ns: GPU_TASK_OVERHEAD_NS,
                 table: Vec::new(),
+                release_ns_per_mib: 0.0,
             }
         };
         let slowdown = if unified { UNIFIED_COMPUTE_SLOWDOWN } else { 0.0 };
@@ -354,6 +361,7 @@ fn host_compute_profile(hardware: &Hardware) -> ComputeProfile {
         memory_efficiency: MEMORY_EFFICIENCY,
         task_overhead_ns: CPU_TASK_OVERHEAD_NS,
         table: Vec::new(),
+        release_ns_per_mib: 0.0,
     }
 }
 

@@ -5,8 +5,9 @@
 //! backend.
 //!
 //! The `cpu` backend is the one this project can test everywhere: the device is the
-//! CPU and device memory is a RAM budget. A `cuda` backend (a later issue) implements
-//! the same trait over cudarc.
+//! CPU and device memory is a RAM budget. A `cuda` execution backend (not built yet;
+//! the profiler's cuda path already measures GPUs through cudarc) implements the
+//! same trait.
 
 /// A named backend; `copy` moves bytes between host and device memory.
 pub trait Backend: Send + Sync {
@@ -39,7 +40,9 @@ pub fn backend(name: &str) -> Result<Box<dyn Backend>, crate::EngineError> {
     match name {
         "cpu" => Ok(Box::new(CpuBackend)),
         "cuda" => Err(crate::EngineError::Unsupported(
-            "the cuda backend is not built yet (a later issue); use --backend cpu".into(),
+            "the engine's cuda execution backend is not built yet: runs use --backend cpu \
+             (ferry profile --backend cuda measures a GPU for the tuner)"
+                .into(),
         )),
         other => Err(crate::EngineError::Unsupported(format!("unknown backend '{other}'; use cpu"))),
     }

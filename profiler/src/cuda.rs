@@ -241,6 +241,8 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
             memory_efficiency: 1.0,
             task_overhead_ns: m.launch_ns as u64,
             table: m.kernel_table,
+            // A GPU engine keeps freed device memory in a caching allocator.
+            release_ns_per_mib: 0.0,
         },
         host_compute: m.host_compute,
         interference: Interference {
@@ -787,6 +789,7 @@ mod tests {
             memory_efficiency: 1.0,
             task_overhead_ns: 90_000,
             table: Vec::new(),
+            release_ns_per_mib: 50_000.0,
         };
         let measured = CudaMeasurements {
             device_name: "NVIDIA GeForce RTX 3060".into(),

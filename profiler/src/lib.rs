@@ -65,6 +65,9 @@ pub struct ProfileOptions {
     pub kernel_batches: Vec<u64>,
     /// Prompt length of the kernel-table runs (prefill rows = batch × this).
     pub kernel_prompt_len: u64,
+    /// Runs per micro-batch size for the kernel table (a slow moment during one run
+    /// would otherwise bias every entry of that size).
+    pub kernel_runs: usize,
 }
 
 impl ProfileOptions {
@@ -79,6 +82,7 @@ impl ProfileOptions {
             kernel_model: None,
             kernel_batches: vec![1, 2, 4, 8, 16],
             kernel_prompt_len: 32,
+            kernel_runs: 2,
         }
     }
 
@@ -88,6 +92,7 @@ impl ProfileOptions {
             scratch_bytes: GIB_BYTES,
             trials: 5,
             chunk_sizes: vec![64 * KIB, 256 * KIB, MIB, 2 * MIB, 4 * MIB, 8 * MIB, 16 * MIB, 64 * MIB],
+            kernel_runs: 3,
             ..ProfileOptions::quick(scratch_dir)
         }
     }
@@ -169,7 +174,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     };
     let read_points = measure_read_curve(options, into_new_buffers, |done| progress("disk reads", done))?;
     let under_compute = {
-        let _load = ComputeLoad::start();
+        let _load = Background::compute();
         measure_read_curve(options, into_new_buffers, |done| progress("disk reads under compute", done))?
     };
 
@@ -187,9 +192,16 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         }
     }
 
-    let HostCompute { compute, slowdown_during_reads: slowdown } = measure_host_compute(options, disk, &mut progress)?;
+    let HostCompute { compute, slowdown_during_reads: mut slowdown } =
+        measure_host_compute(options, disk, &mut progress)?;
     let table = match &options.kernel_model {
-        Some((model, dtype)) => measure_kernel_table(options, model, *dtype, &mut progress)?,
+        Some((model, dtype)) => {
+            // The engine's own tasks beside the engine's own reads: a better measure of
+            // the slowdown than one long product, when there is a model to run.
+            let table = measure_kernel_table(options, model, *dtype, disk, &mut progress)?;
+            slowdown = table.slowdown_during_reads;
+            table.entries
+        }
         None => Vec::new(),
     };
     progress("done", 1.0);
@@ -253,19 +265,10 @@ pub(crate) fn measure_host_compute(
     let stream = |_: usize| timed_weight_stream(256 * MIB);
     let (stream_bytes_per_s, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
     progress("interference", 0.0);
-    let busy = Arc::clone(disk);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_reader = Arc::clone(&stop);
-    let scratch = options.scratch_bytes;
-    let reader = std::thread::spawn(move || {
-        let pool = ReadPool::new(4);
-        while !stop_reader.load(std::sync::atomic::Ordering::Relaxed) {
-            let _ = pool.read_ranges(&busy, &[(0, scratch.min(64 * MIB))], 4 * MIB);
-        }
-    });
-    let (contended, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = reader.join();
+    let contended = {
+        let _load = Background::reads(disk, options.scratch_bytes);
+        median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>()).0
+    };
     progress("task overhead", 0.0);
     let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
     Ok(HostCompute {
@@ -277,6 +280,7 @@ pub(crate) fn measure_host_compute(
             memory_efficiency: 1.0,
             task_overhead_ns,
             table: Vec::new(),
+            release_ns_per_mib: timed_release_ns_per_mib(options, disk)?,
         },
         slowdown_during_reads: (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0),
     })
@@ -367,34 +371,51 @@ pub(crate) fn read_bytes(options: &ProfileOptions, chunk: u64, depth: u32) -> u6
     (options.scratch_bytes / 4).max(chunk * depth as u64 * 8).min(options.scratch_bytes) / 4096 * 4096
 }
 
-/// The engine's decode-sized linear (one row over bf16 weights, on the engine's compute
-/// threads) running in a loop on a background thread until dropped.
-pub(crate) struct ComputeLoad {
+/// Work repeated on a background thread until dropped: the load a measurement runs beside.
+pub(crate) struct Background {
     stop: Arc<std::sync::atomic::AtomicBool>,
     worker: Option<std::thread::JoinHandle<()>>,
 }
 
-impl ComputeLoad {
-    pub fn start() -> ComputeLoad {
+impl Background {
+    pub fn start(mut work: impl FnMut() + Send + 'static) -> Background {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = Arc::clone(&stop);
         let worker = std::thread::spawn(move || {
-            let (k, n) = (2048usize, 8192usize);
-            let x = vec![0.5f32; k];
-            let weights = vec![0x3fu8; n * k * 2];
-            let mut out = vec![0.0f32; n];
-            let matrix = Matrix { bytes: &weights, dtype: Dtype::Bf16, rows: n, cols: k };
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                kernels::linear(&x, 1, matrix, &mut out, n, 0);
+                work();
             }
         });
-        // Let the compute threads spin up before anything is timed.
+        // Let the load get going before anything is timed.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        ComputeLoad { stop, worker: Some(worker) }
+        Background { stop, worker: Some(worker) }
+    }
+
+    /// The engine's decode-sized linear (one row over bf16 weights, on the engine's
+    /// compute threads), over and over.
+    pub fn compute() -> Background {
+        let (k, n) = (2048usize, 8192usize);
+        let x = vec![0.5f32; k];
+        let weights = vec![0x3fu8; n * k * 2];
+        let mut out = vec![0.0f32; n];
+        Background::start(move || {
+            let matrix = Matrix { bytes: &weights, dtype: Dtype::Bf16, rows: n, cols: k };
+            kernels::linear(&x, 1, matrix, &mut out, n, 0);
+        })
+    }
+
+    /// The engine's read pool streaming the scratch file into fresh buffers, as weight
+    /// loads do: 4 MiB requests, 4 in flight.
+    pub fn reads(disk: &Arc<DiskFile>, scratch_bytes: u64) -> Background {
+        let disk = Arc::clone(disk);
+        let pool = ReadPool::new(4);
+        Background::start(move || {
+            let _ = pool.read_ranges(&disk, &[(0, scratch_bytes.min(64 * MIB))], 4 * MIB);
+        })
     }
 }
 
-impl Drop for ComputeLoad {
+impl Drop for Background {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(worker) = self.worker.take() {
@@ -403,29 +424,47 @@ impl Drop for ComputeLoad {
     }
 }
 
-/// The engine's compute tasks timed at a model's shape: a two-layer copy of the model
+/// The kernel table and how much the same tasks slow while the disk is read.
+struct KernelTable {
+    entries: Vec<ferry_core::profile::KernelTiming>,
+    /// Σ task time with reads running ÷ Σ task time alone − 1, over the same tasks.
+    slowdown_during_reads: f64,
+}
+
+/// Layers in the copy of a model the kernel table is measured on: enough that the
+/// median over layers is a layer in the middle of a step (the first layer after the
+/// embedding or a gap runs 5–40 % slower: threads wake, caches are cold), few enough
+/// that the copy stays near 1 GiB.
+fn kernel_table_layers(model: &ferry_core::model::ModelSpec, dtype: Dtype) -> u64 {
+    (GIB_BYTES / model.layer_bytes(dtype).max(1)).clamp(3, 4)
+}
+
+/// The engine's compute tasks timed at a model's shape: a few-layer copy of the model
 /// (same hidden size, MLP, heads and vocabulary) runs fully resident through the real
 /// executor at each micro-batch size; every compute task's measured duration is filed
-/// under (operation, shape, rows, context), and the median over layers is kept.
+/// under (operation, shape, rows, context), and the median over layers and runs is kept. Each
+/// run is repeated while the read pool streams the scratch file, for the slowdown.
 fn measure_kernel_table(
     options: &ProfileOptions,
     model: &ferry_core::model::ModelSpec,
     dtype: Dtype,
+    disk: &Arc<DiskFile>,
     progress: &mut impl FnMut(&str, f64),
-) -> Result<Vec<ferry_core::profile::KernelTiming>, ProfileError> {
+) -> Result<KernelTable, ProfileError> {
     use ferry_core::graph::Payload;
     use ferry_core::plan::{Policy, Workload};
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let mut spec = model.clone();
-    spec.num_layers = 2;
-    spec.name = format!("{}-2-layers", model.name);
+    spec.num_layers = kernel_table_layers(model, dtype);
+    spec.name = format!("{}-{}-layers", model.name, spec.num_layers);
     let dir = options.scratch_dir.join(format!("ferry-profile-shape-{}", std::process::id()));
     let _cleanup = RemoveDirOnDrop(dir.clone());
     progress("kernel table: synthesizing the shape", 0.0);
     ferry_engine::synth::synthesize(&spec, dtype, 3, &dir, true, |_, _| {})?;
     let files = ferry_engine::weights::ModelFiles::open(&dir)?;
     let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
-    let mut samples: std::collections::BTreeMap<(String, u64, u64), Vec<f64>> = Default::default();
+    type Samples = std::collections::BTreeMap<(String, u64, u64), Vec<f64>>;
+    let (mut samples, mut contended): (Samples, Samples) = Default::default();
     let gen_len = 6;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
         let layers = spec.num_layers;
@@ -438,37 +477,63 @@ fn measure_kernel_table(
         profile.device_memory_bytes = 1 << 40;
         let graph =
             ferry_core::schedule::lower(&policy, &spec, &workload, &profile, &ferry_core::schedule::Steps::All)?;
-        let prompts = (0..batch)
+        let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
             .collect();
-        let run_options = ferry_engine::RunOptions {
-            prompts,
-            scratch_dir: dir.clone(),
-            allow_buffered_io: true,
-            keep_logits: false,
-            progress: None,
-        };
-        let report =
-            ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend, &run_options)?;
-        for span in &report.trace.spans {
-            let task = &graph.tasks[span.task as usize];
-            if let Payload::Compute { op } = task.payload {
-                let key = (op.name().to_string(), task.tokens as u64, task.context as u64);
-                samples.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
+        // The slowdown is one figure: measured at the smallest batch and every fourth one
+        // (keeps --quick under a minute).
+        let mut passes = vec![false; options.kernel_runs.max(1)];
+        if i % 4 == 0 {
+            passes.push(true);
+        }
+        for reads in passes {
+            let into = if reads { &mut contended } else { &mut samples };
+            let run_options = ferry_engine::RunOptions {
+                prompts: prompts.clone(),
+                scratch_dir: dir.clone(),
+                allow_buffered_io: true,
+                keep_logits: false,
+                progress: None,
+            };
+            let _load = reads.then(|| Background::reads(disk, options.scratch_bytes));
+            let report = ferry_engine::run(
+                &graph,
+                &policy,
+                &workload,
+                &files,
+                &ferry_engine::backend::CpuBackend,
+                &run_options,
+            )?;
+            for span in &report.trace.spans {
+                let task = &graph.tasks[span.task as usize];
+                if let Payload::Compute { op } = task.payload {
+                    let key = (op.name().to_string(), task.tokens as u64, task.context as u64);
+                    into.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
+                }
             }
         }
         progress("kernel table", (i + 1) as f64 / options.kernel_batches.len() as f64);
     }
-    Ok(samples
+    let median = |durations: &[f64]| median_spread(durations).0;
+    let (mut alone_ns, mut with_reads_ns) = (0.0, 0.0);
+    for (key, durations) in &samples {
+        if let Some(slowed) = contended.get(key) {
+            alone_ns += median(durations);
+            with_reads_ns += median(slowed);
+        }
+    }
+    let entries = samples
         .into_iter()
         .map(|((op, tokens, context), durations)| ferry_core::profile::KernelTiming {
             op,
             shape: shape.clone(),
             tokens,
             context,
-            ns: median_spread(&durations).0 as u64,
+            ns: median(&durations) as u64,
         })
-        .collect())
+        .collect();
+    let slowdown_during_reads = if alone_ns > 0.0 { (with_reads_ns / alone_ns - 1.0).max(0.0) } else { 0.0 };
+    Ok(KernelTable { entries, slowdown_during_reads })
 }
 
 /// The fixed cost of one compute task in the engine (hand-off to a worker, locks,
@@ -556,24 +621,53 @@ fn timed_write(path: &Path, bytes: u64, chunk: u64) -> Result<f64, ProfileError>
     Ok(bytes as f64 / seconds / 1e9)
 }
 
-/// Copies `bytes` between two engine buffers in `chunk` pieces on `threads` threads; GB/s.
+/// ns per MiB to drop an engine buffer filled by a direct read (what freeing streamed
+/// weights costs the compute task that frees them).
+fn timed_release_ns_per_mib(options: &ProfileOptions, disk: &Arc<DiskFile>) -> Result<f64, ProfileError> {
+    let bytes = (64 * MIB).min(options.scratch_bytes / 4096 * 4096);
+    let pool = ReadPool::new(4);
+    let mut samples = Vec::new();
+    for trial in 0..options.trials.max(3) as u64 {
+        let offset = (trial * bytes) % (options.scratch_bytes - bytes + 1) / 4096 * 4096;
+        let (buffer, _) = pool.read_ranges(disk, &[(offset, offset + bytes)], 4 * MIB)?;
+        let start = Instant::now();
+        drop(buffer);
+        samples.push(start.elapsed().as_nanos() as f64 / (bytes as f64 / MIB as f64));
+    }
+    Ok(median_spread(&samples).0)
+}
+
+/// Copies `bytes` out of an engine buffer in `chunk` pieces on `threads` threads; GB/s.
 fn timed_copy(bytes: u64, chunk: u64, threads: u32) -> Result<f64, ProfileError> {
     let mut src = Buffer::new(bytes as usize).map_err(io_error(Path::new("memory")))?;
-    let mut dst = Buffer::new(bytes as usize).map_err(io_error(Path::new("memory")))?;
     src.as_mut_slice().fill(1);
-    dst.as_mut_slice().fill(0);
     let per = bytes as usize / threads as usize;
+    // Like the engine's copy tasks, each chunk lands in a newly mapped buffer (its page
+    // faults are part of the copy); the buffers are freed after the clock stops.
     let start = Instant::now();
-    std::thread::scope(|scope| {
-        for (s, d) in src.as_slice().chunks(per).zip(dst.as_mut_slice().chunks_mut(per)) {
-            scope.spawn(move || {
-                for (a, b) in s.chunks(chunk as usize).zip(d.chunks_mut(chunk as usize)) {
-                    b.copy_from_slice(a);
-                }
-            });
-        }
+    let copied: Vec<std::io::Result<Vec<Buffer>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = src
+            .as_slice()
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.chunks(chunk as usize)
+                        .map(|piece| {
+                            let mut dst = Buffer::new(piece.len())?;
+                            dst.as_mut_slice().copy_from_slice(piece);
+                            Ok(dst)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("copy thread")).collect()
     });
-    Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
+    let seconds = start.elapsed().as_secs_f64();
+    for result in copied {
+        drop(result.map_err(io_error(Path::new("memory")))?);
+    }
+    Ok(bytes as f64 / seconds / 1e9)
 }
 
 /// FLOP/s of the engine's linear for an m × n × k product.
@@ -638,6 +732,7 @@ mod tests {
             )),
             kernel_batches: vec![1, 2],
             kernel_prompt_len: 4,
+            kernel_runs: 1,
         };
         let mut steps = Vec::new();
         let profile = profile_cpu(&options, |step, _| steps.push(step.to_string())).unwrap();

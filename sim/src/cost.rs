@@ -6,7 +6,8 @@
 //! depends on what else runs on the link (see `des`). A compute task's work is its
 //! nominal duration in ns — a measured table entry where the profile has one for
 //! this operation, shape and size, else a roofline: the larger of FLOPs over
-//! achievable FLOP/s and bytes over achievable bandwidth, plus a per-task overhead.
+//! achievable FLOP/s and bytes over achievable bandwidth, plus a per-task overhead;
+//! plus the profile's cost of freeing whatever memory the task releases.
 
 use ferry_core::graph::{Op, Payload, Resource, Task, TaskGraph, TaskKind};
 use ferry_core::model::ModelSpec;
@@ -112,7 +113,11 @@ impl<'a> CostModel<'a> {
             _ => Op::Mlp,
         };
         let nominal_ns = self.compute_ns(compute, op, task.flops, task.bytes, task.tokens as u64, task.context as u64);
-        TaskCost::Compute { nominal_ns }
+        // Memory the task frees (streamed weights, a loaded cache) is returned to the
+        // system by the task itself.
+        let released_bytes: u64 = task.release.iter().map(|m| m.bytes).sum();
+        let release_ns = compute.release_ns_per_mib * released_bytes as f64 / (1u64 << 20) as f64;
+        TaskCost::Compute { nominal_ns: nominal_ns + release_ns }
     }
 
     /// Nominal duration of one compute operation: the profile's measured table where it

@@ -21,6 +21,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         memory_efficiency: 1.0,
         task_overhead_ns: 0,
         table: Vec::new(),
+        release_ns_per_mib: 0.0,
     };
     Profile {
         provenance: Provenance::Measured { machine: "test".into(), date: "2026-01-01".into(), backend: "test".into() },
