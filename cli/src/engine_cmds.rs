@@ -224,6 +224,8 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
             "baseline_rss_bytes": report.baseline_rss_bytes,
             "device_budget_bytes": budget,
             "storage_read_bytes": report.storage_read_bytes,
+            "recycled_bytes": report.recycled_bytes,
+            "newly_mapped_bytes": report.newly_mapped_bytes,
             "requested_read_bytes": report.requested_read_bytes,
             "direct_io": report.direct_io,
             "setup_seconds": report.setup_ns as f64 / 1e9,

@@ -31,7 +31,7 @@ use ferry_core::trace::{Metrics, Span, Trace, TraceSource};
 use crate::backend::Backend;
 use crate::io::{DiskFile, ReadPool};
 use crate::kernels::{self, Matrix};
-use crate::memory::{self, Buffer};
+use crate::memory::{self, Buffer, Recycler};
 use crate::weights::ModelFiles;
 use crate::EngineError;
 
@@ -71,6 +71,10 @@ pub struct RunReport {
     pub direct_io: bool,
     /// Reading the resident weights before the run, ns (not part of the metrics).
     pub setup_ns: u64,
+    /// Streamed weights that landed in recycled buffers, and in newly mapped ones (whose
+    /// pages the kernel had to fault in and zero), bytes.
+    pub recycled_bytes: u64,
+    pub newly_mapped_bytes: u64,
 }
 
 type Key = (u8, u32, u32, u32, u32); // (group, layer, step, first micro-batch, piece)
@@ -90,6 +94,18 @@ struct Loaded {
     buffers: Vec<Buffer>,
     views: Vec<View>,
     dtype: Dtype,
+    /// Streamed weights go back to the recycler when freed (resident ones are unmapped).
+    recycler: Option<Arc<Recycler>>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Some(recycler) = &self.recycler {
+            for buffer in self.buffers.drain(..) {
+                recycler.give(buffer);
+            }
+        }
+    }
 }
 
 impl Loaded {
@@ -142,6 +158,11 @@ struct Engine<'a> {
     tokens: Mutex<Vec<Vec<u32>>>,
     logits: Mutex<Vec<Vec<Vec<f32>>>>,
     requested_read_bytes: Mutex<u64>,
+    /// Freed streamed-weight buffers kept mapped for the next loads (see `Recycler`).
+    recycler: Arc<Recycler>,
+    /// Buffers the scheduler took from the recycler for weight reads it dispatched,
+    /// by the read's key.
+    reserved: Mutex<HashMap<Key, Buffer>>,
 }
 
 /// The disk-resident KV cache: one region per (layer, micro-batch), K then V, each
@@ -181,6 +202,7 @@ pub fn run(
     let requested_read_bytes = *lock(&engine.requested_read_bytes);
     let tokens = std::mem::take(&mut *lock(&engine.tokens));
     let logits = std::mem::take(&mut *lock(&engine.logits));
+    let (recycled_bytes, newly_mapped_bytes) = engine.recycler.counters();
     drop(engine);
     Ok(RunReport {
         trace,
@@ -193,6 +215,8 @@ pub fn run(
         requested_read_bytes,
         direct_io,
         setup_ns,
+        recycled_bytes,
+        newly_mapped_bytes,
     })
 }
 
@@ -301,24 +325,26 @@ impl<'a> Engine<'a> {
             tokens: Mutex::new(vec![Vec::new(); workload.batch_size as usize]),
             logits: Mutex::new(Vec::new()),
             requested_read_bytes: Mutex::new(0),
+            recycler: Arc::new(Recycler::new()),
+            reserved: Mutex::new(HashMap::new()),
         };
         // Resident weights: embeddings, head, and every group the plan keeps on the device
         // or the host (read once, before the clock starts).
         let mut resident = HashMap::new();
         resident.insert(
             (group_code(WeightGroup::Embeddings), NO_LAYER),
-            Arc::new(engine.read_group(WeightGroup::Embeddings, 0, WHOLE_GROUP)?),
+            Arc::new(engine.read_group(WeightGroup::Embeddings, 0, WHOLE_GROUP, None)?),
         );
         resident.insert(
             (group_code(WeightGroup::Head), NO_LAYER),
-            Arc::new(engine.read_group(WeightGroup::Head, 0, WHOLE_GROUP)?),
+            Arc::new(engine.read_group(WeightGroup::Head, 0, WHOLE_GROUP, None)?),
         );
         for layer in 0..spec.num_layers {
             for group in [WeightGroup::Attention, WeightGroup::Mlp] {
                 if engine.weight_tier(group, layer) != Tier::Disk {
                     resident.insert(
                         (group_code(group), layer as u32),
-                        Arc::new(engine.read_group(group, layer, WHOLE_GROUP)?),
+                        Arc::new(engine.read_group(group, layer, WHOLE_GROUP, None)?),
                     );
                 }
             }
@@ -373,7 +399,16 @@ impl<'a> Engine<'a> {
     }
 
     /// Reads one weight group (or one pipelined piece of it) from disk.
-    fn read_group(&self, group: WeightGroup, layer: u64, piece: u32) -> Result<Loaded, EngineError> {
+    /// Reads a weight group (or one piece of it). With `recycle` (the read's key) the
+    /// bytes land in a recycled buffer (the one the scheduler reserved for this read, or
+    /// any that fits) and return to the recycler when freed.
+    fn read_group(
+        &self,
+        group: WeightGroup,
+        layer: u64,
+        piece: u32,
+        recycle: Option<Key>,
+    ) -> Result<Loaded, EngineError> {
         let location = self.files.group(group, layer);
         let tensors = self.spec.group_tensors(group, layer);
         let dtype = location.dtype;
@@ -403,7 +438,13 @@ impl<'a> Engine<'a> {
             ));
         }
         // Merge byte ranges that touch (a group's tensors are usually adjacent in the file).
-        let mut loaded = Loaded { buffers: Vec::new(), views: Vec::new(), dtype };
+        let mut loaded = Loaded {
+            buffers: Vec::new(),
+            views: Vec::new(),
+            dtype,
+            recycler: recycle.map(|_| Arc::clone(&self.recycler)),
+        };
+        let mut reserved = recycle.and_then(|key| lock(&self.reserved).remove(&key));
         let mut index = 0;
         while index < parts.len() {
             let file = parts[index].4.clone();
@@ -423,7 +464,17 @@ impl<'a> Engine<'a> {
                 .disk_files
                 .get(&file)
                 .ok_or_else(|| EngineError::Internal(format!("{} not open", file.display())))?;
-            let (buffer, starts) = self.reader.read_ranges(disk, &ranges, self.policy.chunk_bytes)?;
+            let allocate = |len: usize| match (recycle, reserved.take()) {
+                (None, _) => Buffer::new(len),
+                (Some(_), Some(buffer)) if buffer.mapped_len() >= len => Ok(buffer.with_len(len)),
+                (Some(_), other) => {
+                    // A reserved buffer too small for the merged ranges: unmap it first, so
+                    // the new one does not come on top of it.
+                    drop(other);
+                    self.recycler.take(len)
+                }
+            };
+            let (buffer, starts) = self.reader.read_ranges_into(disk, &ranges, self.policy.chunk_bytes, allocate)?;
             *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
             let buffer_index = loaded.buffers.len();
             for (part, range) in members {
@@ -542,10 +593,29 @@ impl<'a> Engine<'a> {
                 }
             }
             drop(done_tx);
+            // Freed weight buffers may be kept mapped only while the device pool has room
+            // for them beside everything the graph accounts.
+            let device_capacity = graph.pools.iter().find(|p| p.pool == Pool::Device).map_or(0, |p| p.capacity_bytes);
+            self.recycler.set_limit(device_capacity.saturating_sub(dispatcher.used(Pool::Device)));
             while !dispatcher.is_finished() {
                 if failure.is_none() {
+                    let room = device_capacity.saturating_sub(dispatcher.used(Pool::Device));
+                    let mut acquired = 0u64;
                     dispatcher.dispatch(|id, lane| {
-                        let r = graph.tasks[id as usize].resource().index();
+                        let task = &graph.tasks[id as usize];
+                        acquired +=
+                            task.acquire.iter().filter(|m| m.pool == Pool::Device).map(|m| m.bytes).sum::<u64>();
+                        // A weight read takes a kept buffer before the limit shrinks by its
+                        // bytes; the rest are unmapped now if they no longer fit.
+                        if let (TaskKind::DiskRead, Payload::Weights { group }) = (task.kind, task.payload) {
+                            if !Engine::lands_on_host(task) {
+                                if let Some(buffer) = self.recycler.take_kept(task.bytes as usize) {
+                                    lock(&self.reserved).insert(self.key(task, group), buffer);
+                                }
+                            }
+                        }
+                        self.recycler.set_limit(room.saturating_sub(acquired));
+                        let r = task.resource().index();
                         if senders[r][lane as usize].send(id).is_err() {
                             failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
                         }
@@ -563,6 +633,7 @@ impl<'a> Engine<'a> {
                 };
                 spans[id as usize] = Span { task: id, lane, start_ns: start, end_ns: end };
                 dispatcher.complete(id, lane);
+                self.recycler.set_limit(device_capacity.saturating_sub(dispatcher.used(Pool::Device)));
                 if let Err(e) = result {
                     failure.get_or_insert(e);
                 }
@@ -614,8 +685,10 @@ impl<'a> Engine<'a> {
     }
 
     fn load_weights_from_disk(&self, task: &Task, group: WeightGroup) -> Result<(), EngineError> {
-        let loaded = Arc::new(self.read_group(group, task.layer as u64, task.piece)?);
-        let target = if Engine::lands_on_host(task) { &self.staged } else { &self.streamed };
+        let on_host = Engine::lands_on_host(task);
+        let recycle = (!on_host).then(|| self.key(task, group));
+        let loaded = Arc::new(self.read_group(group, task.layer as u64, task.piece, recycle)?);
+        let target = if on_host { &self.staged } else { &self.streamed };
         lock(target).insert(self.key(task, group), loaded);
         Ok(())
     }
@@ -637,12 +710,14 @@ impl<'a> Engine<'a> {
                     let view = whole.views.iter().find(|v| v.tensor == p.tensor).expect("tensor view");
                     let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
                     let start = view.offset + p.row_start as usize * row_bytes;
-                    let mut buffer = Buffer::new(p.bytes as usize).map_err(|e| EngineError::io(&self.files.dir, e))?;
+                    let mut buffer =
+                        self.recycler.take(p.bytes as usize).map_err(|e| EngineError::io(&self.files.dir, e))?;
                     self.backend.copy(
                         buffer.as_mut_slice(),
                         &whole.buffers[view.buffer].as_slice()[start..start + p.bytes as usize],
                     );
                     let loaded = Loaded {
+                        recycler: Some(Arc::clone(&self.recycler)),
                         buffers: vec![buffer],
                         views: vec![View {
                             buffer: 0,
@@ -662,12 +737,12 @@ impl<'a> Engine<'a> {
         // Copy every buffer to new device memory (on the cpu backend: a memcpy).
         let mut buffers = Vec::new();
         for b in &source.buffers {
-            let mut copy = Buffer::new(b.len()).map_err(|e| EngineError::io(&self.files.dir, e))?;
+            let mut copy = self.recycler.take(b.len()).map_err(|e| EngineError::io(&self.files.dir, e))?;
             self.backend.copy(copy.as_mut_slice(), b.as_slice());
             buffers.push(copy);
         }
         let views = source.views.clone();
-        let loaded = Loaded { buffers, views, dtype: source.dtype };
+        let loaded = Loaded { buffers, views, dtype: source.dtype, recycler: Some(Arc::clone(&self.recycler)) };
         debug_assert!(loaded.bytes() >= source.bytes());
         lock(&self.streamed).insert(key, Arc::new(loaded));
         Ok(())

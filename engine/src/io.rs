@@ -110,6 +110,17 @@ impl ReadPool {
         ranges: &[(u64, u64)],
         chunk_bytes: u64,
     ) -> Result<(Buffer, Vec<usize>), EngineError> {
+        self.read_ranges_into(file, ranges, chunk_bytes, Buffer::new)
+    }
+
+    /// `read_ranges` into a buffer from `allocate(bytes)` (e.g. a recycled one).
+    pub fn read_ranges_into(
+        &self,
+        file: &Arc<DiskFile>,
+        ranges: &[(u64, u64)],
+        chunk_bytes: u64,
+        allocate: impl FnOnce(usize) -> std::io::Result<Buffer>,
+    ) -> Result<(Buffer, Vec<usize>), EngineError> {
         // Each range is widened to whole pages (direct I/O), read into its own page-aligned slot.
         let mut slots = Vec::new();
         let mut total = 0usize;
@@ -119,7 +130,7 @@ impl ReadPool {
             slots.push((aligned_start, aligned_end, total, (start - aligned_start) as usize));
             total += (aligned_end - aligned_start) as usize;
         }
-        let mut buffer = Buffer::new(total).map_err(|e| EngineError::io(&file.path, e))?;
+        let mut buffer = allocate(total).map_err(|e| EngineError::io(&file.path, e))?;
         let base = buffer.mapped_mut().as_mut_ptr();
         let pieces: Vec<_> = slots
             .iter()

@@ -94,18 +94,20 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
 pub const COMPUTE_NICE: i32 = 10;
 
 /// The thread pool every parallel kernel runs on: one thread per core, at
-/// `COMPUTE_NICE` (Linux niceness is per thread), so I/O and scheduling threads, which
-/// run briefly and often, are served first.
+/// `COMPUTE_NICE` (Linux niceness is per thread; `FERRY_COMPUTE_NICE` overrides it,
+/// e.g. 0 to compare), so I/O and scheduling threads, which run briefly and often,
+/// are served first.
 pub fn compute_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
+        let nice = std::env::var("FERRY_COMPUTE_NICE").ok().and_then(|v| v.parse().ok()).unwrap_or(COMPUTE_NICE);
         rayon::ThreadPoolBuilder::new()
             .thread_name(|i| format!("ferry-compute-{i}"))
-            .start_handler(|_| {
+            .start_handler(move |_| {
                 // SAFETY: plain system call on the calling thread; failure leaves the
                 // default priority, which is correct, only slower beside I/O.
                 unsafe {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, COMPUTE_NICE);
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
                 }
             })
             .build()
