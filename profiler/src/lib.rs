@@ -180,7 +180,9 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     let read_points = measure_read_curve(options, into_recycled, |done| progress("disk reads", done))?;
     let under_compute = {
         let _load = Background::compute();
-        measure_read_curve(options, into_recycled, |done| progress("disk reads under compute", done))?
+        // Two trials each: a quick profile stays under a minute.
+        let fewer = ProfileOptions { trials: options.trials.min(2), ..options.clone() };
+        measure_read_curve(&fewer, into_recycled, |done| progress("disk reads under compute", done))?
     };
     drop(recycler);
 
@@ -491,10 +493,10 @@ fn measure_kernel_table(
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
             .collect();
-        // The slowdown is one figure: measured at the smallest batch and every fourth one
-        // (keeps --quick under a minute).
+        // The slowdown is one figure: measured at the smallest batch (and, in a full
+        // profile, every fourth one too), which keeps --quick under a minute.
         let mut passes = vec![false; options.kernel_runs.max(1)];
-        if i % 4 == 0 {
+        if i == 0 || (options.kernel_runs > 2 && i % 4 == 0) {
             passes.push(true);
         }
         for reads in passes {
