@@ -120,11 +120,7 @@ fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64> {
     let recycler = ferry_engine::memory::Recycler::new();
     recycler.set_limit(u64::MAX);
     let read = |offset: u64| -> Result<()> {
-        let range = [(offset, offset + piece)];
-        let (buffer, _) =
-            pool.read_ranges_into(&disk, &range, chunk, |n| recycler.take(n)).map_err(|e| anyhow::anyhow!(e))?;
-        recycler.give(buffer);
-        Ok(())
+        pool.read_recycled(&disk, &[(offset, offset + piece)], chunk, &recycler).map_err(|e| anyhow::anyhow!(e))
     };
     // The first read maps the buffer; the timed ones reuse it.
     read(len - piece)?;

@@ -113,6 +113,21 @@ impl ReadPool {
         self.read_ranges_into(file, ranges, chunk_bytes, Buffer::new)
     }
 
+    /// Reads `ranges` into a buffer from `recycler` and hands it straight back: the
+    /// engine's steady-state read (no fresh mapping), for measurements that only need
+    /// the bytes to arrive.
+    pub fn read_recycled(
+        &self,
+        file: &Arc<DiskFile>,
+        ranges: &[(u64, u64)],
+        chunk_bytes: u64,
+        recycler: &crate::memory::Recycler,
+    ) -> Result<(), EngineError> {
+        let (buffer, _) = self.read_ranges_into(file, ranges, chunk_bytes, |len| recycler.take(len))?;
+        recycler.give(buffer);
+        Ok(())
+    }
+
     /// `read_ranges` into a buffer from `allocate(bytes)` (e.g. a recycled one).
     pub fn read_ranges_into(
         &self,

@@ -653,7 +653,7 @@ mod device {
 
         // The host CPU: what host attention and host layers run on.
         progress("host compute", 0.0);
-        let host = crate::measure_host_compute(options, &scratch.disk, &mut |step, f| progress(step, f))?;
+        let host = crate::measure_host_compute(options, &scratch.disk, true, &mut |step, f| progress(step, f))?;
         Ok(CudaMeasurements {
             device_name,
             device_memory_bytes,
@@ -672,7 +672,7 @@ mod device {
             read_latency_ns: scratch.read_latency_ns,
             disk_capacity_bytes: crate::disk_free_bytes(&options.scratch_dir),
             host_compute: host.compute,
-            host_compute_slowdown: host.slowdown_during_reads,
+            host_compute_slowdown: host.slowdown_during_reads.unwrap_or(0.0),
             kernel_table,
             machine: crate::fingerprint(),
             date: crate::today(),

@@ -173,9 +173,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     let recycler = ferry_engine::memory::Recycler::new();
     recycler.set_limit(u64::MAX);
     let into_recycled = |pool: &ReadPool, offset: u64, bytes: u64, chunk: u64| {
-        let (buffer, _) = pool.read_ranges_into(disk, &[(offset, offset + bytes)], chunk, |len| recycler.take(len))?;
-        recycler.give(buffer);
-        Ok(())
+        pool.read_recycled(disk, &[(offset, offset + bytes)], chunk, &recycler)
     };
     let read_points = measure_read_curve(options, into_recycled, |done| progress("disk reads", done))?;
     let under_compute = {
@@ -200,22 +198,20 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         }
     }
 
-    let HostCompute { compute, slowdown_during_reads: mut slowdown } =
-        measure_host_compute(options, disk, &mut progress)?;
-    let table = match &options.kernel_model {
+    // With a model, the slowdown comes from the engine's own tasks beside the engine's
+    // own reads (the kernel table's runs), a better measure than one long product.
+    let host = measure_host_compute(options, disk, options.kernel_model.is_none(), &mut progress)?;
+    let (table, slowdown) = match &options.kernel_model {
         Some((model, dtype)) => {
-            // The engine's own tasks beside the engine's own reads: a better measure of
-            // the slowdown than one long product, when there is a model to run.
             let table = measure_kernel_table(options, model, *dtype, disk, &mut progress)?;
-            slowdown = table.slowdown_during_reads;
-            table.entries
+            (table.entries, table.slowdown_during_reads)
         }
-        None => Vec::new(),
+        None => (Vec::new(), host.slowdown_during_reads.unwrap_or(0.0)),
     };
     progress("done", 1.0);
 
     let memory = meminfo_bytes("MemTotal:").unwrap_or(8 * GIB_BYTES);
-    let compute = ComputeProfile { table, ..compute };
+    let compute = ComputeProfile { table, ..host.compute };
     let copies = TransferCurve { latency_ns: 0, points: copy_points };
     let profile = Profile {
         provenance: Provenance::Measured {
@@ -254,16 +250,17 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
 pub(crate) struct HostCompute {
     /// Rates without a kernel table.
     pub compute: ComputeProfile,
-    /// Compute runs at 1 / (1 + this) while the read pool reads.
-    pub slowdown_during_reads: f64,
+    /// Compute runs at 1 / (1 + this) while the read pool reads (when asked for).
+    pub slowdown_during_reads: Option<f64>,
 }
 
 /// The engine's linear at a compute-bound shape (peak rate) and at one row over bf16
-/// weights (the rate weights stream through memory); the same while the read pool
-/// reads `disk`; and the engine's per-task overhead.
+/// weights (the rate weights stream through memory); with `slowdown`, the same while
+/// the read pool reads `disk`; and the engine's per-task overhead.
 pub(crate) fn measure_host_compute(
     options: &ProfileOptions,
     disk: &Arc<DiskFile>,
+    slowdown: bool,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<HostCompute, ProfileError> {
     progress("kernels", 0.0);
@@ -272,11 +269,12 @@ pub(crate) fn measure_host_compute(
     progress("kernels", 0.5);
     let stream = |_: usize| timed_weight_stream(256 * MIB);
     let (stream_bytes_per_s, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
-    progress("interference", 0.0);
-    let contended = {
+    let slowdown_during_reads = slowdown.then(|| {
+        progress("interference", 0.0);
         let _load = Background::reads(disk, options.scratch_bytes);
-        median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>()).0
-    };
+        let contended = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>()).0;
+        (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0)
+    });
     progress("task overhead", 0.0);
     let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
     Ok(HostCompute {
@@ -290,7 +288,7 @@ pub(crate) fn measure_host_compute(
             table: Vec::new(),
             release_ns_per_mib: timed_release_ns_per_mib(options, disk)?,
         },
-        slowdown_during_reads: (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0),
+        slowdown_during_reads,
     })
 }
 
@@ -420,10 +418,7 @@ impl Background {
         let recycler = ferry_engine::memory::Recycler::new();
         recycler.set_limit(u64::MAX);
         Background::start(move || {
-            let range = [(0, scratch_bytes.min(64 * MIB))];
-            if let Ok((buffer, _)) = pool.read_ranges_into(&disk, &range, 4 * MIB, |len| recycler.take(len)) {
-                recycler.give(buffer);
-            }
+            let _ = pool.read_recycled(&disk, &[(0, scratch_bytes.min(64 * MIB))], 4 * MIB, &recycler);
         })
     }
 }
