@@ -82,7 +82,7 @@ pub fn tune_plots(
             (_, Payload::Weights { .. }) => 0,
             (_, Payload::KvCache) => 1,
             (_, Payload::Activations) => 2,
-            (TaskKind::DeviceCompute | TaskKind::HostCompute, Payload::Compute { op }) => match op {
+            (TaskKind::Compute, Payload::Compute { op }) => match op {
                 Op::Attention | Op::AttnQkv | Op::AttnCore | Op::AttnOut => 3,
                 Op::Mlp => 4,
                 Op::Embed | Op::Head => 5,
@@ -102,10 +102,11 @@ pub fn tune_plots(
         .iter()
         .map(|&i| {
             let (resource, lane) = rows[i];
+            let label = prediction.graph.resource_label(resource);
             if prediction.graph.lanes(resource) > 1 {
-                format!("{} #{lane}", resource.name())
+                format!("{label} #{lane}")
             } else {
-                resource.name().to_string()
+                label
             }
         })
         .collect();

@@ -37,22 +37,24 @@ pub fn metrics_text(metrics: &Metrics) -> String {
     ));
     out.push_str(&format!("first token       {}\n", format_ns(metrics.time_to_first_token_ns)));
     out.push_str(&format!("per output token  {}\n", format_ns(metrics.time_per_output_token_ns)));
-    out.push_str(&format!("bottleneck        {}\n\n", metrics.bottleneck.name()));
+    out.push_str(&format!("bottleneck        {}\n\n", metrics.resource_label(metrics.bottleneck)));
     let mut table = Table::new(["resource", "busy"]);
     for usage in &metrics.resources {
-        if usage.busy_ns > 0 || matches!(usage.resource, Resource::DeviceCompute) {
-            table.row([usage.resource.name().to_string(), format!("{:.0} %", usage.utilization * 100.0)]);
+        // Every device's compute is shown, busy or not; links and disks when used.
+        let device_compute = matches!(usage.resource, Resource::Compute { at } if at.is_device());
+        if usage.busy_ns > 0 || device_compute {
+            table.row([metrics.resource_label(usage.resource), format!("{:.0} %", usage.utilization * 100.0)]);
         }
     }
     out.push_str(&table.render());
     out.push('\n');
     let mut table = Table::new(["memory", "peak", "budget", "resident", "use"]);
     for pool in &metrics.pools {
-        if pool.peak_bytes == 0 && pool.pool == ferry_core::graph::Pool::Host {
+        if pool.peak_bytes == 0 && !pool.pool.is_device() {
             continue;
         }
         table.row([
-            pool.pool.name().to_string(),
+            metrics.pool_label(pool.pool),
             format_bytes(pool.peak_bytes),
             format_bytes(pool.capacity_bytes),
             format_bytes(pool.resident_bytes),

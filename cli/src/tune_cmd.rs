@@ -97,6 +97,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         profile: args.profile.as_ref().map(|p| p.display().to_string()),
         device_memory: args.device_mem.as_deref().map(parse_bytes).transpose()?,
         host_memory: args.host_mem.as_deref().map(parse_bytes).transpose()?,
+        devices: Vec::new(),
     };
     let (profile, hardware_notes) = resolve_hardware(&catalog, &hardware, cwd)?;
     notes.extend(hardware_notes);
@@ -313,7 +314,7 @@ fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
         format_ns(c.metrics.time_to_first_token_ns),
         format_ns(c.metrics.time_per_output_token_ns),
         format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),
-        c.metrics.bottleneck.name().to_string(),
+        c.metrics.resource_label(c.metrics.bottleneck),
     ]
 }
 

@@ -357,11 +357,12 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
             "# Validation of {}\n\n{} plans, prompt {}, {} new tokens; median |error| {:.1} %, max {:.1} %, Spearman {:.3}.\n\n![predicted vs measured](predicted-vs-measured.png)\n\n## Worst plan: {}\n\npredicted {:.3} tokens/s, measured {:.3} ({:+.1} %)\n\n| resource | predicted busy (s) | measured busy (s) |\n|---|---|---|\n",
             spec.name, rows.len(), args.prompt_len, args.gen_len, median, max, rho, rows[worst].plan, rows[worst].predicted_tokens_per_s, rows[worst].measured_tokens_per_s, rows[worst].signed_error_pct
         );
-        for resource in Resource::ALL {
+        let worst_resources: Vec<Resource> = rows[worst].predicted_busy_s.iter().map(|(r, _)| *r).collect();
+        for resource in worst_resources {
             let get = |list: &[(Resource, f64)]| list.iter().find(|(r, _)| *r == resource).map_or(0.0, |(_, s)| *s);
             let (p, m) = (get(&rows[worst].predicted_busy_s), get(&rows[worst].measured_busy_s));
             if p > 0.0 || m > 0.0 {
-                md.push_str(&format!("| {} | {p:.3} | {m:.3} |\n", resource.name()));
+                md.push_str(&format!("| {} | {p:.3} | {m:.3} |\n", resource.label(false)));
             }
         }
         md.push_str(
@@ -383,8 +384,8 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
                 r.measured_tokens_per_s,
                 r.signed_error_pct,
                 r.disk_factor,
-                pair(Resource::Disk),
-                pair(Resource::DeviceCompute)
+                pair(Resource::DISK),
+                pair(Resource::DEVICE_COMPUTE)
             ));
         }
         ferry_core::yaml::write_new_file(&dir.join("validation.md"), &md, true)?;

@@ -11,22 +11,27 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use crate::graph::{Pool, Resource, TaskGraph, TaskId};
+use crate::graph::{Pool, TaskGraph, TaskId};
 use crate::units::format_bytes;
 
-const RESOURCES: usize = Resource::ALL.len();
-
+/// Dispatch state over one graph. Resources and pools are indexed by their position
+/// in the graph's lists (`TaskGraph::resource_index`, `pool_index`), looked up once.
 pub struct Dispatcher<'g> {
     graph: &'g TaskGraph,
     remaining_deps: Vec<u32>,
     dependent_start: Vec<u32>,
     dependents: Vec<u32>,
-    ready: [BinaryHeap<Reverse<TaskId>>; RESOURCES],
-    lane_busy: [Vec<bool>; RESOURCES],
-    free_lanes: [usize; RESOURCES],
+    /// Resource index of every task.
+    resource_of: Vec<u32>,
+    /// Every task's acquisitions and releases as (pool index, bytes), task by task.
+    acquire: MemoryOps,
+    release: MemoryOps,
+    ready: Vec<BinaryHeap<Reverse<TaskId>>>,
+    lane_busy: Vec<Vec<bool>>,
+    free_lanes: Vec<usize>,
     running: usize,
-    capacity: [u64; 2],
-    used: [u64; 2],
+    capacity: Vec<u64>,
+    used: Vec<u64>,
     finished: usize,
 }
 
@@ -59,31 +64,43 @@ impl<'g> Dispatcher<'g> {
                 fill[dep as usize] += 1;
             }
         }
-        let mut ready: [BinaryHeap<Reverse<TaskId>>; RESOURCES] = Default::default();
+        let resource_of: Vec<u32> = graph.tasks.iter().map(|t| graph.resource_index(t.resource) as u32).collect();
+        let acquire = MemoryOps::new(graph, |t| &t.acquire);
+        let release = MemoryOps::new(graph, |t| &t.release);
+        let mut ready: Vec<BinaryHeap<Reverse<TaskId>>> = vec![BinaryHeap::new(); graph.resources.len()];
         for (id, &deps) in remaining_deps.iter().enumerate() {
             if deps == 0 {
-                ready[graph.tasks[id].resource().index()].push(Reverse(id as TaskId));
+                ready[resource_of[id] as usize].push(Reverse(id as TaskId));
             }
         }
+        let lanes: Vec<usize> = graph.resources.iter().map(|r| r.lanes.max(1) as usize).collect();
         Dispatcher {
             graph,
             remaining_deps,
             dependent_start,
             dependents,
+            resource_of,
+            acquire,
+            release,
             ready,
-            lane_busy: std::array::from_fn(|r| vec![false; graph.lanes(Resource::ALL[r]).max(1) as usize]),
-            free_lanes: std::array::from_fn(|r| graph.lanes(Resource::ALL[r]).max(1) as usize),
+            lane_busy: lanes.iter().map(|&n| vec![false; n]).collect(),
+            free_lanes: lanes,
             running: 0,
-            capacity: std::array::from_fn(|p| graph.pools[p].capacity_bytes),
-            used: std::array::from_fn(|p| graph.pools[p].resident_bytes()),
+            capacity: graph.pools.iter().map(|p| p.capacity_bytes).collect(),
+            used: graph.pools.iter().map(|p| p.resident_bytes()).collect(),
             finished: 0,
         }
+    }
+
+    /// The resource index (position in the graph's `resources`) of `task`.
+    pub fn resource_of(&self, task: TaskId) -> usize {
+        self.resource_of[task as usize] as usize
     }
 
     /// Starts every task the rule allows now, lowest id first; `start(task, lane)` is
     /// called for each, after its memory has been acquired.
     pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32)) {
-        let mut blocked = [false; RESOURCES];
+        let mut blocked = vec![false; self.ready.len()];
         loop {
             let mut best: Option<(TaskId, usize)> = None;
             for (r, queue) in self.ready.iter().enumerate() {
@@ -97,16 +114,15 @@ impl<'g> Dispatcher<'g> {
                 }
             }
             let Some((id, r)) = best else { return };
-            let task = &self.graph.tasks[id as usize];
-            let fits =
-                task.acquire.iter().all(|m| self.used[m.pool.index()] + m.bytes <= self.capacity[m.pool.index()]);
+            let acquire = self.acquire.of(id);
+            let fits = acquire.iter().all(|&(p, bytes)| self.used[p as usize] + bytes <= self.capacity[p as usize]);
             if !fits {
                 blocked[r] = true;
                 continue;
             }
             self.ready[r].pop();
-            for m in &task.acquire {
-                self.used[m.pool.index()] += m.bytes;
+            for &(p, bytes) in acquire {
+                self.used[p as usize] += bytes;
             }
             let lane = self.lane_busy[r].iter().position(|b| !b).unwrap_or(0);
             self.lane_busy[r][lane] = true;
@@ -119,20 +135,20 @@ impl<'g> Dispatcher<'g> {
     /// Records that `task`, which ran on `lane`, ended: frees the lane and the memory it
     /// releases, and readies the dependents it was the last dependency of.
     pub fn complete(&mut self, task: TaskId, lane: u32) {
-        let t = &self.graph.tasks[task as usize];
-        self.lane_busy[t.resource().index()][lane as usize] = false;
-        self.free_lanes[t.resource().index()] += 1;
+        let r = self.resource_of[task as usize] as usize;
+        self.lane_busy[r][lane as usize] = false;
+        self.free_lanes[r] += 1;
         self.running -= 1;
         self.finished += 1;
-        for m in &t.release {
-            self.used[m.pool.index()] -= m.bytes;
+        for &(p, bytes) in self.release.of(task) {
+            self.used[p as usize] -= bytes;
         }
         let (from, to) =
             (self.dependent_start[task as usize] as usize, self.dependent_start[task as usize + 1] as usize);
         for &dependent in &self.dependents[from..to] {
             self.remaining_deps[dependent as usize] -= 1;
             if self.remaining_deps[dependent as usize] == 0 {
-                self.ready[self.graph.tasks[dependent as usize].resource().index()].push(Reverse(dependent));
+                self.ready[self.resource_of[dependent as usize] as usize].push(Reverse(dependent));
             }
         }
     }
@@ -151,7 +167,7 @@ impl<'g> Dispatcher<'g> {
 
     /// Bytes held in `pool` now (resident set included).
     pub fn used(&self, pool: Pool) -> u64 {
-        self.used[pool.index()]
+        self.used.get(self.graph.pool_index(pool)).copied().unwrap_or(0)
     }
 
     /// Explains why nothing runs although tasks remain: the lowest-id ready task and the
@@ -160,7 +176,7 @@ impl<'g> Dispatcher<'g> {
         let head = self.ready.iter().filter_map(|h| h.peek().map(|Reverse(id)| *id)).min();
         let Some(id) = head else {
             return Stall {
-                pool: Pool::Device,
+                pool: Pool::DEVICE,
                 message:
                     "the task graph stalled with no task ready: a dependency can never finish (a bug in the lowering)"
                         .into(),
@@ -171,17 +187,20 @@ impl<'g> Dispatcher<'g> {
         let pool = task
             .acquire
             .iter()
-            .find(|m| self.used[m.pool.index()] + m.bytes > self.capacity[m.pool.index()])
-            .map_or(Pool::Device, |m| m.pool);
+            .find(|m| {
+                let p = graph.pool_index(m.pool);
+                self.used[p] + m.bytes > self.capacity[p]
+            })
+            .map_or(Pool::DEVICE, |m| m.pool);
         let spec = graph.pool(pool);
         let need: u64 = task.acquire.iter().filter(|m| m.pool == pool).map(|m| m.bytes).sum();
-        let in_use = self.used[pool.index()];
+        let in_use = self.used(pool);
         let free = spec.capacity_bytes.saturating_sub(in_use);
         let message = format!(
             "{pool} memory is exhausted — task '{task}' needs {need} but only {free} is free (capacity {capacity}, \
              {resident} resident, {held} held by tasks waiting on each other); lower the prefetch depth, the \
              micro-batch size or the chunk size, or give the {pool} pool {short} more",
-            pool = pool.name(),
+            pool = graph.pool_label(pool),
             task = task.label(),
             need = format_bytes(need),
             free = format_bytes(free),
@@ -191,5 +210,29 @@ impl<'g> Dispatcher<'g> {
             short = format_bytes(need.saturating_sub(free)),
         );
         Stall { pool, message }
+    }
+}
+
+/// Memory operations of every task in compressed form: task `t`'s are
+/// `ops[start[t]..start[t + 1]]`, with pools as indices.
+struct MemoryOps {
+    start: Vec<u32>,
+    ops: Vec<(u32, u64)>,
+}
+
+impl MemoryOps {
+    fn new(graph: &TaskGraph, of: impl Fn(&crate::graph::Task) -> &Vec<crate::graph::MemOp>) -> MemoryOps {
+        let mut start = Vec::with_capacity(graph.tasks.len() + 1);
+        let mut ops = Vec::new();
+        start.push(0);
+        for task in &graph.tasks {
+            ops.extend(of(task).iter().map(|m| (graph.pool_index(m.pool) as u32, m.bytes)));
+            start.push(ops.len() as u32);
+        }
+        MemoryOps { start, ops }
+    }
+
+    fn of(&self, task: TaskId) -> &[(u32, u64)] {
+        &self.ops[self.start[task as usize] as usize..self.start[task as usize + 1] as usize]
     }
 }

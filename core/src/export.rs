@@ -59,6 +59,13 @@ pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine)
         Engine::Accelerate => accelerate(plan, model, profile, &mut missing),
         Engine::Flexgen => flexgen(plan, model, &mut missing),
     };
+    if plan.policy.stages.len() > 1 {
+        // The per-layer settings above follow the totals; the split over devices is lost.
+        missing.push(format!(
+            "the plan splits the layers over {} devices in stages; these settings place them as if on one device",
+            plan.policy.stages.len()
+        ));
+    }
     Export { engine, settings, cannot_express: missing }
 }
 
@@ -349,6 +356,7 @@ mod tests {
                 copy_streams: 2,
                 io_queue_depth: 4,
                 pinned_host_bytes: 1 << 30,
+                stages: Vec::new(),
             },
             predicted: None,
         }

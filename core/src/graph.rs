@@ -15,98 +15,28 @@ use crate::units::format_bytes;
 
 pub type TaskId = u32;
 
-/// Something that runs one task at a time per lane.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Resource {
-    /// The offload disk; reads and writes share it.
-    Disk,
-    HostToDevice,
-    DeviceToHost,
-    DeviceCompute,
-    HostCompute,
-}
+pub use crate::topology::{Place, Resource};
 
-impl Resource {
-    pub const ALL: [Resource; 5] = [
-        Resource::Disk,
-        Resource::HostToDevice,
-        Resource::DeviceToHost,
-        Resource::DeviceCompute,
-        Resource::HostCompute,
-    ];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Resource::Disk => "disk",
-            Resource::HostToDevice => "host→device",
-            Resource::DeviceToHost => "device→host",
-            Resource::DeviceCompute => "device compute",
-            Resource::HostCompute => "host compute",
-        }
-    }
-
-    pub fn is_transfer(self) -> bool {
-        !matches!(self, Resource::DeviceCompute | Resource::HostCompute)
-    }
-}
-
-/// A memory pool with a capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Pool {
-    Device,
-    Host,
-}
-
-impl Pool {
-    pub const ALL: [Pool; 2] = [Pool::Device, Pool::Host];
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Pool::Device => "device",
-            Pool::Host => "host",
-        }
-    }
-}
+/// A memory pool: the memory of a place (a device's memory, a host's RAM).
+pub type Pool = Place;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskKind {
     DiskRead,
     DiskWrite,
-    HostToDevice,
-    DeviceToHost,
-    DeviceCompute,
-    HostCompute,
+    /// Bytes moved over a link (the task's resource names its two ends).
+    Copy,
+    Compute,
 }
 
 impl TaskKind {
-    pub fn resource(self) -> Resource {
-        match self {
-            TaskKind::DiskRead | TaskKind::DiskWrite => Resource::Disk,
-            TaskKind::HostToDevice => Resource::HostToDevice,
-            TaskKind::DeviceToHost => Resource::DeviceToHost,
-            TaskKind::DeviceCompute => Resource::DeviceCompute,
-            TaskKind::HostCompute => Resource::HostCompute,
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             TaskKind::DiskRead => "read",
             TaskKind::DiskWrite => "write",
-            TaskKind::HostToDevice => "h2d",
-            TaskKind::DeviceToHost => "d2h",
-            TaskKind::DeviceCompute | TaskKind::HostCompute => "compute",
+            TaskKind::Copy => "copy",
+            TaskKind::Compute => "compute",
         }
     }
 }
@@ -165,6 +95,8 @@ pub const WHOLE_GROUP: u32 = u32::MAX;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub kind: TaskKind,
+    /// Where it runs: a place's compute, a link, a disk.
+    pub resource: Resource,
     pub payload: Payload,
     pub layer: u32,
     pub micro_batch: u32,
@@ -191,7 +123,23 @@ pub struct Task {
 
 impl Task {
     pub fn resource(&self) -> Resource {
-        self.kind.resource()
+        self.resource
+    }
+
+    /// A copy's source and destination.
+    pub fn link_ends(&self) -> Option<(Place, Place)> {
+        match self.resource {
+            Resource::Link { from, to } => Some((from, to)),
+            _ => None,
+        }
+    }
+
+    /// Where a compute task runs.
+    pub fn compute_place(&self) -> Option<Place> {
+        match self.resource {
+            Resource::Compute { at } => Some(at),
+            _ => None,
+        }
     }
 
     /// A short human label: `h2d L7 attention weights`, `compute L7 mlp mb2`.
@@ -203,7 +151,15 @@ impl Task {
             Payload::Activations => "activations".to_string(),
             Payload::Compute { op } => op.name().to_string(),
         };
-        format!("{}{layer} {what} mb{} s{}", self.kind.name(), self.micro_batch, self.step)
+        let kind = match self.resource {
+            Resource::Link { from: Place::Host(_), to: Place::Device(0) } => "h2d".to_string(),
+            Resource::Link { from: Place::Device(0), to: Place::Host(_) } => "d2h".to_string(),
+            Resource::Link { from: Place::Host(_), to: Place::Device(n) } => format!("h2d{n}"),
+            Resource::Link { from: Place::Device(n), to: Place::Host(_) } => format!("d{n}2h"),
+            Resource::Link { from: Place::Device(a), to: Place::Device(b) } => format!("d{a}2d{b}"),
+            _ => self.kind.name().to_string(),
+        };
+        format!("{kind}{layer} {what} mb{} s{}", self.micro_batch, self.step)
     }
 }
 
@@ -242,12 +198,38 @@ pub struct TaskGraph {
 }
 
 impl TaskGraph {
+    /// The pool of `place`; every place a task acquires memory in has one.
     pub fn pool(&self, pool: Pool) -> &PoolSpec {
-        &self.pools[pool.index()]
+        &self.pools[self.pool_index(pool)]
+    }
+
+    /// Position of `pool` in `pools` (a graph lists each place once).
+    pub fn pool_index(&self, pool: Pool) -> usize {
+        self.pools.iter().position(|p| p.pool == pool).unwrap_or(usize::MAX)
+    }
+
+    /// Position of `resource` in `resources`.
+    pub fn resource_index(&self, resource: Resource) -> usize {
+        self.resources.iter().position(|r| r.resource == resource).unwrap_or(usize::MAX)
     }
 
     pub fn lanes(&self, resource: Resource) -> u32 {
         self.resources.iter().find(|r| r.resource == resource).map_or(1, |r| r.lanes)
+    }
+
+    /// Devices with a pool in this graph.
+    pub fn device_count(&self) -> usize {
+        self.pools.iter().filter(|p| p.pool.is_device()).count()
+    }
+
+    /// A resource's name for people: indices only when the graph has several devices.
+    pub fn resource_label(&self, resource: Resource) -> String {
+        resource.label(self.device_count() > 1)
+    }
+
+    /// A pool's name for people, like `resource_label`.
+    pub fn pool_label(&self, pool: Pool) -> String {
+        pool.label(self.device_count() > 1)
     }
 
     /// Checks the structural invariants; a failure here is a bug in the lowering.
@@ -256,8 +238,22 @@ impl TaskGraph {
             if let Some(dep) = task.deps.iter().find(|&&d| d as usize >= id) {
                 return Err(CoreError::invalid(format!("task {id} ({}) depends on later task {dep}", task.label())));
             }
+            if self.resource_index(task.resource) == usize::MAX {
+                return Err(CoreError::invalid(format!(
+                    "task {id} ({}) runs on a resource the graph lacks",
+                    task.label()
+                )));
+            }
+            let pools = task.acquire.iter().chain(&task.release);
+            if let Some(m) = pools.into_iter().find(|m| self.pool_index(m.pool) == usize::MAX) {
+                return Err(CoreError::invalid(format!(
+                    "task {id} ({}) uses memory of {}, which has no pool",
+                    task.label(),
+                    m.pool.token()
+                )));
+            }
         }
-        for pool in Pool::ALL {
+        for pool in self.pools.iter().map(|p| p.pool) {
             let acquired: u64 =
                 self.tasks.iter().flat_map(|t| &t.acquire).filter(|m| m.pool == pool).map(|m| m.bytes).sum();
             let released: u64 =
@@ -265,7 +261,7 @@ impl TaskGraph {
             if acquired != released {
                 return Err(CoreError::invalid(format!(
                     "{} pool: tasks acquire {} but release {}",
-                    pool.name(),
+                    self.pool_label(pool),
                     format_bytes(acquired),
                     format_bytes(released)
                 )));
@@ -288,7 +284,7 @@ impl TaskGraph {
                     .collect();
                 return Err(CoreError::invalid(format!(
                     "{} memory: the resident set needs {} but the budget is {} (short by {}): {}",
-                    spec.pool.name(),
+                    self.pool_label(spec.pool),
                     format_bytes(resident),
                     format_bytes(spec.capacity_bytes),
                     format_bytes(resident - spec.capacity_bytes),
@@ -306,7 +302,7 @@ impl TaskGraph {
                 let need: u64 = task.acquire.iter().filter(|m| m.pool == spec.pool).map(|m| m.bytes).sum();
                 return Err(CoreError::invalid(format!(
                     "{} memory: task '{}' needs {} but only {} is left beside the resident set (short by {})",
-                    spec.pool.name(),
+                    self.pool_label(spec.pool),
                     task.label(),
                     format_bytes(need),
                     format_bytes(free),

@@ -22,4 +22,5 @@ pub mod plan;
 pub mod profile;
 pub mod resolve;
 pub mod schedule;
+pub mod topology;
 pub mod trace;

@@ -136,9 +136,39 @@ impl Workload {
     }
 }
 
+/// A run of consecutive layers on one device, with its own placement over that
+/// device, its host and its disk. Stages follow each other in layer order: the first
+/// stage holds layers 0.., the next the layers after it, and the hidden state crosses
+/// a link between their devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// Index into the machine's devices.
+    pub device: u16,
+    pub attention_weights: TierCounts,
+    pub mlp_weights: TierCounts,
+    pub kv_cache: TierCounts,
+}
+
+impl Stage {
+    pub fn layers(&self) -> u64 {
+        self.attention_weights.total()
+    }
+}
+
+/// Where one layer lives and runs: its stage's device and the tier of each thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerPlacement {
+    pub stage: u16,
+    pub device: u16,
+    pub attention: Tier,
+    pub mlp: Tier,
+    pub kv: Tier,
+}
+
 /// The knobs a tuner turns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "PolicyFile")]
 pub struct Policy {
     pub schedule: Schedule,
     pub micro_batch_size: u64,
@@ -171,6 +201,73 @@ pub struct Policy {
     /// the pinned rate, the rest at the pageable rate.
     #[serde(with = "bytes_serde")]
     pub pinned_host_bytes: u64,
+    /// Layers split over several devices, in layer order. Empty: one stage, every layer
+    /// on device 0 with the placement above. When given, the counts above are the totals
+    /// over the stages (they may be left out of the file).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<Stage>,
+}
+
+/// A policy as written in a file: with `stages`, the totals may be left out.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    schedule: Schedule,
+    micro_batch_size: u64,
+    num_micro_batches: u64,
+    prefetch_depth: u64,
+    attention_weights: Option<TierCounts>,
+    mlp_weights: Option<TierCounts>,
+    embeddings: Tier,
+    head: Tier,
+    kv_cache: Option<TierCounts>,
+    host_attention: bool,
+    #[serde(default)]
+    compute_host_layers_on_host: bool,
+    weight_dtype: Dtype,
+    kv_dtype: Dtype,
+    #[serde(with = "bytes_serde")]
+    chunk_bytes: u64,
+    copy_streams: u32,
+    io_queue_depth: u32,
+    #[serde(with = "bytes_serde")]
+    pinned_host_bytes: u64,
+    #[serde(default)]
+    stages: Vec<Stage>,
+}
+
+impl From<PolicyFile> for Policy {
+    fn from(f: PolicyFile) -> Policy {
+        // Missing totals are the sums over the stages (zero without stages: `validate`
+        // then says which placement is missing).
+        let total = |pick: fn(&Stage) -> TierCounts| {
+            f.stages.iter().map(pick).fold(TierCounts { device: 0, host: 0, disk: 0 }, |a, b| TierCounts {
+                device: a.device + b.device,
+                host: a.host + b.host,
+                disk: a.disk + b.disk,
+            })
+        };
+        Policy {
+            attention_weights: f.attention_weights.unwrap_or_else(|| total(|s| s.attention_weights)),
+            mlp_weights: f.mlp_weights.unwrap_or_else(|| total(|s| s.mlp_weights)),
+            kv_cache: f.kv_cache.unwrap_or_else(|| total(|s| s.kv_cache)),
+            schedule: f.schedule,
+            micro_batch_size: f.micro_batch_size,
+            num_micro_batches: f.num_micro_batches,
+            prefetch_depth: f.prefetch_depth,
+            embeddings: f.embeddings,
+            head: f.head,
+            host_attention: f.host_attention,
+            compute_host_layers_on_host: f.compute_host_layers_on_host,
+            weight_dtype: f.weight_dtype,
+            kv_dtype: f.kv_dtype,
+            chunk_bytes: f.chunk_bytes,
+            copy_streams: f.copy_streams,
+            io_queue_depth: f.io_queue_depth,
+            pinned_host_bytes: f.pinned_host_bytes,
+            stages: f.stages,
+        }
+    }
 }
 
 /// Where the hardware of a plan comes from: catalog names or a measured profile.
@@ -192,6 +289,19 @@ pub struct HardwareRef {
     pub device_memory: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
     pub host_memory: Option<u64>,
+    /// Several devices of the profile's kind, each with its own memory (the RAM budget
+    /// on the cpu backend). Absent: one device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceRef>,
+}
+
+/// One device of a plan's machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRef {
+    /// Device memory; absent: the profile's (or `device_memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
+    pub memory: Option<u64>,
 }
 
 /// A prediction stored beside a plan by `ferry tune`, for people reading the file.
@@ -222,6 +332,7 @@ impl Policy {
     pub fn validate(&self, model: &ModelSpec, workload: &Workload, unified_memory: bool) -> Result<()> {
         let fail = |m: String| Err(CoreError::invalid(format!("plan: {m}")));
         let layers = model.num_layers;
+        self.validate_stages(layers)?;
         for (name, counts) in [
             ("attention_weights", &self.attention_weights),
             ("mlp_weights", &self.mlp_weights),
@@ -272,14 +383,70 @@ impl Policy {
             }
         }
         if self.compute_host_layers_on_host {
-            for layer in 0..layers {
-                let host_layer = self.attention_weights.tier_of(layer) == Tier::Host
-                    && self.mlp_weights.tier_of(layer) == Tier::Host;
-                if host_layer && self.kv_cache.tier_of(layer) != Tier::Host {
+            for (layer, place) in self.layer_placements(layers).iter().enumerate() {
+                let host_layer = place.attention == Tier::Host && place.mlp == Tier::Host;
+                if host_layer && place.kv != Tier::Host {
                     return fail(format!(
                         "layer {layer} is computed on the host but its KV cache is on the {}; \
                          place the KV cache of host-computed layers on the host",
-                        self.kv_cache.tier_of(layer).name()
+                        place.kv.name()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages cover the layers in order, each with a consistent placement, on distinct
+    /// devices, and agree with the totals.
+    fn validate_stages(&self, layers: u64) -> Result<()> {
+        let fail = |m: String| Err(CoreError::invalid(format!("plan: {m}")));
+        let mut first = 0;
+        let mut seen = Vec::new();
+        for (index, stage) in self.stages.iter().enumerate() {
+            let n = stage.layers();
+            if n == 0 {
+                return fail(format!("stage {index} holds no layers"));
+            }
+            if stage.mlp_weights.total() != n || stage.kv_cache.total() != n {
+                return fail(format!(
+                    "stage {index} places {n} layers of attention weights but {} of MLP weights and {} of KV cache",
+                    stage.mlp_weights.total(),
+                    stage.kv_cache.total()
+                ));
+            }
+            if seen.contains(&stage.device) {
+                return fail(format!("device {} holds two stages; give each stage its own device", stage.device));
+            }
+            seen.push(stage.device);
+            first += n;
+        }
+        if !self.stages.is_empty() && first != layers {
+            return fail(format!("the stages hold {first} layers but the model has {layers}"));
+        }
+        if !self.stages.is_empty() {
+            let sums = self.layer_placements(layers);
+            let count =
+                |pick: fn(&LayerPlacement) -> Tier, tier: Tier| sums.iter().filter(|p| pick(p) == tier).count() as u64;
+            for (name, totals, pick) in [
+                (
+                    "attention_weights",
+                    self.attention_weights,
+                    (|p: &LayerPlacement| p.attention) as fn(&LayerPlacement) -> Tier,
+                ),
+                ("mlp_weights", self.mlp_weights, |p: &LayerPlacement| p.mlp),
+                ("kv_cache", self.kv_cache, |p: &LayerPlacement| p.kv),
+            ] {
+                let expected = TierCounts {
+                    device: count(pick, Tier::Device),
+                    host: count(pick, Tier::Host),
+                    disk: count(pick, Tier::Disk),
+                };
+                if totals != expected {
+                    return fail(format!(
+                        "{name} says {} but the stages add up to {}; leave the totals out or correct them",
+                        totals.describe(),
+                        expected.describe()
                     ));
                 }
             }
@@ -289,9 +456,79 @@ impl Policy {
 
     /// Whether `layer` runs on the host (both weight groups there and the llama.cpp split on).
     pub fn layer_on_host(&self, layer: u64) -> bool {
-        self.compute_host_layers_on_host
-            && self.attention_weights.tier_of(layer) == Tier::Host
-            && self.mlp_weights.tier_of(layer) == Tier::Host
+        let place = self.placement_of(layer);
+        self.compute_host_layers_on_host && place.attention == Tier::Host && place.mlp == Tier::Host
+    }
+
+    /// The stages of this policy: the listed ones, or one stage on device 0 with the
+    /// top-level placement.
+    pub fn stage_list(&self) -> std::borrow::Cow<'_, [Stage]> {
+        if self.stages.is_empty() {
+            std::borrow::Cow::Owned(vec![Stage {
+                device: 0,
+                attention_weights: self.attention_weights,
+                mlp_weights: self.mlp_weights,
+                kv_cache: self.kv_cache,
+            }])
+        } else {
+            std::borrow::Cow::Borrowed(&self.stages)
+        }
+    }
+
+    /// Where every layer of a `layers`-layer model lives and runs.
+    pub fn layer_placements(&self, layers: u64) -> Vec<LayerPlacement> {
+        let mut out = Vec::with_capacity(layers as usize);
+        for (index, stage) in self.stage_list().iter().enumerate() {
+            for local in 0..stage.layers() {
+                out.push(LayerPlacement {
+                    stage: index as u16,
+                    device: stage.device,
+                    attention: stage.attention_weights.tier_of(local),
+                    mlp: stage.mlp_weights.tier_of(local),
+                    kv: stage.kv_cache.tier_of(local),
+                });
+            }
+        }
+        // A policy that places fewer layers fails `validate`; callers that skipped it
+        // get the rest on device 0's disk rather than an index out of range.
+        while (out.len() as u64) < layers {
+            out.push(LayerPlacement { stage: 0, device: 0, attention: Tier::Disk, mlp: Tier::Disk, kv: Tier::Disk });
+        }
+        out
+    }
+
+    /// The placement of one layer (see `layer_placements`; prefer that in loops).
+    pub fn placement_of(&self, layer: u64) -> LayerPlacement {
+        let mut first = 0;
+        for (index, stage) in self.stage_list().iter().enumerate() {
+            if layer < first + stage.layers() {
+                let local = layer - first;
+                return LayerPlacement {
+                    stage: index as u16,
+                    device: stage.device,
+                    attention: stage.attention_weights.tier_of(local),
+                    mlp: stage.mlp_weights.tier_of(local),
+                    kv: stage.kv_cache.tier_of(local),
+                };
+            }
+            first += stage.layers();
+        }
+        LayerPlacement { stage: 0, device: 0, attention: Tier::Disk, mlp: Tier::Disk, kv: Tier::Disk }
+    }
+
+    /// Devices the policy uses: 1 + the highest stage device.
+    pub fn device_count(&self) -> usize {
+        self.stages.iter().map(|s| s.device as usize + 1).max().unwrap_or(1)
+    }
+
+    /// The device of the first and of the last stage: where embeddings and the head
+    /// run when they are on "the device".
+    pub fn first_device(&self) -> u16 {
+        self.stages.first().map_or(0, |s| s.device)
+    }
+
+    pub fn last_device(&self) -> u16 {
+        self.stages.last().map_or(0, |s| s.device)
     }
 
     /// The simplest plan: everything on the device, one micro-batch, sequential. A
@@ -315,6 +552,7 @@ impl Policy {
             copy_streams: 1,
             io_queue_depth: 1,
             pinned_host_bytes: 0,
+            stages: Vec::new(),
         }
     }
 
@@ -323,7 +561,7 @@ impl Policy {
     }
 
     pub fn describe(&self) -> Vec<(String, String)> {
-        vec![
+        let mut rows: Vec<(String, String)> = vec![
             ("schedule".into(), self.schedule.name().into()),
             ("batch".into(), format!("{} × {} micro-batches", self.micro_batch_size, self.num_micro_batches)),
             ("attention weights".into(), self.attention_weights.describe()),
@@ -336,7 +574,21 @@ impl Policy {
             ("copy streams / I/O depth".into(), format!("{} / {}", self.copy_streams, self.io_queue_depth)),
             ("pinned host memory".into(), format_bytes(self.pinned_host_bytes)),
             ("dtypes (weights / KV)".into(), format!("{} / {}", self.weight_dtype.name(), self.kv_dtype.name())),
-        ]
+        ];
+        for (index, stage) in self.stages.iter().enumerate() {
+            rows.push((
+                format!("stage {index}"),
+                format!(
+                    "device {}: {} layers (attention {}; MLP {}; KV {})",
+                    stage.device,
+                    stage.layers(),
+                    stage.attention_weights.describe(),
+                    stage.mlp_weights.describe(),
+                    stage.kv_cache.describe()
+                ),
+            ));
+        }
+        rows
     }
 }
 

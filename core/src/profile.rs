@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 use crate::hardware::{Hardware, Interconnect};
+use crate::topology::{DeviceSlot, LinkKind, Place, Resource, Topology};
 use crate::units::{bytes_serde, KIB, MIB};
 
 /// Where a profile's numbers came from: the honesty rule made a type.
@@ -193,6 +194,25 @@ pub struct Profile {
     pub device_compute: ComputeProfile,
     pub host_compute: ComputeProfile,
     pub interference: Interference,
+    /// The machine's devices when it has several, each of this profile's kind with its
+    /// own memory. Empty: one device with `device_memory_bytes`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSlot>,
+    /// Links between devices (device→device, one entry per direction). A pair without
+    /// an entry copies through what the profile knows: a memcpy on unified memory, else
+    /// device→host then host→device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkProfile>,
+}
+
+/// One direction of a link between two places, with its own curve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkProfile {
+    pub from: Place,
+    pub to: Place,
+    pub kind: LinkKind,
+    pub curve: TransferCurve,
 }
 
 /// Assumptions used to turn datasheets into a profile. They are written into the
@@ -296,7 +316,51 @@ impl Profile {
                 disk_read_under_compute: None,
                 copy_duplex_slowdown: 0.0,
             },
+            devices: Vec::new(),
+            links: Vec::new(),
         }
+    }
+
+    /// The devices of the machine (one unless `devices` lists several).
+    pub fn device_slots(&self) -> Vec<DeviceSlot> {
+        if self.devices.is_empty() {
+            vec![DeviceSlot { host: 0, memory_bytes: self.device_memory_bytes }]
+        } else {
+            self.devices.clone()
+        }
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len().max(1)
+    }
+
+    /// Memory of device `device` (0 when the machine has no such device).
+    pub fn device_memory(&self, device: u16) -> u64 {
+        self.device_slots().get(device as usize).map_or(0, |d| d.memory_bytes)
+    }
+
+    /// The link profiled for `from → to`, if any.
+    pub fn link(&self, from: Place, to: Place) -> Option<&LinkProfile> {
+        self.links.iter().find(|l| l.from == from && l.to == to)
+    }
+
+    /// The machine as places and links: every device on host 0 with a link each way
+    /// to it (PCIe, or loopback on unified memory), and every pair of devices linked
+    /// (a profiled link's kind, else through the host).
+    pub fn topology(&self) -> Topology {
+        let devices = self.device_slots();
+        let host_link = if self.unified_memory { LinkKind::Loopback } else { LinkKind::Pcie };
+        let mut links = Vec::new();
+        for d in 0..devices.len() as u16 {
+            let device = Place::Device(d);
+            links.push((Resource::link(Place::HOST, device), host_link));
+            links.push((Resource::link(device, Place::HOST), host_link));
+            for e in (0..devices.len() as u16).filter(|&e| e != d) {
+                let kind = self.link(device, Place::Device(e)).map_or(host_link, |l| l.kind);
+                links.push((Resource::link(device, Place::Device(e)), kind));
+            }
+        }
+        Topology { devices, unified_memory: self.unified_memory, links }
     }
 
     /// Scales every disk-read figure (alone and under compute) by `factor`: how a disk
@@ -324,7 +388,10 @@ impl Profile {
             ("device_to_host", &self.device_to_host),
         ];
         let under_compute = self.interference.disk_read_under_compute.iter();
-        for (name, curve) in curves.into_iter().chain(under_compute.map(|c| ("disk_read_under_compute", c))) {
+        let links = self.links.iter().map(|l| ("links", &l.curve));
+        for (name, curve) in
+            curves.into_iter().chain(under_compute.map(|c| ("disk_read_under_compute", c))).chain(links)
+        {
             if curve.points.is_empty()
                 || curve.points.iter().any(|p| p.gbps.is_nan() || p.gbps <= 0.0 || p.concurrency == 0)
             {
@@ -347,6 +414,23 @@ impl Profile {
         }
         if !(0.0..1.0).contains(&self.memory_reserve_fraction) {
             return Err(CoreError::invalid("profile: memory_reserve_fraction must be in [0, 1)"));
+        }
+        let count = self.device_count() as u16;
+        if let Some(bad) = self.devices.iter().position(|d| d.host != 0) {
+            return Err(CoreError::invalid(format!(
+                "profile: devices[{bad}] is on host {}; one host is supported",
+                self.devices[bad].host
+            )));
+        }
+        for link in &self.links {
+            let known = |p: Place| matches!(p, Place::Device(d) if d < count) || p == Place::HOST;
+            if !known(link.from) || !known(link.to) || link.from == link.to {
+                return Err(CoreError::invalid(format!(
+                    "profile: link {}→{} names a place this machine lacks ({count} device(s), host0)",
+                    link.from.token(),
+                    link.to.token()
+                )));
+            }
         }
         Ok(())
     }

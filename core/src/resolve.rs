@@ -71,6 +71,17 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
     if let Some(bytes) = hardware.device_memory {
         profile.device_memory_bytes = bytes;
     }
+    if !hardware.devices.is_empty() {
+        // Several devices of the profile's kind, each with its own memory.
+        profile.devices = hardware
+            .devices
+            .iter()
+            .map(|d| crate::topology::DeviceSlot {
+                host: 0,
+                memory_bytes: d.memory.unwrap_or(profile.device_memory_bytes),
+            })
+            .collect();
+    }
     if let Some(bytes) = hardware.host_memory {
         profile.host_memory_bytes = bytes;
         profile.max_pinned_bytes = profile.max_pinned_bytes.min(bytes);
@@ -97,5 +108,19 @@ pub fn resolve_plan(catalog: &Catalog, plan: Plan, base_dir: &Path) -> Result<Re
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
+    check_devices(&plan.policy, &profile)?;
     Ok(ResolvedPlan { plan, model, profile, notes })
+}
+
+/// Every stage's device must exist on the machine.
+pub fn check_devices(policy: &crate::plan::Policy, profile: &Profile) -> Result<()> {
+    let count = profile.device_count();
+    if policy.device_count() > count {
+        return Err(CoreError::invalid(format!(
+            "plan: a stage runs on device {} but the machine has {count} device(s); list the devices under \
+             hardware.devices (e.g. `devices: [{{memory: 256MiB}}, {{memory: 256MiB}}]`)",
+            policy.device_count() - 1
+        )));
+    }
+    Ok(())
 }

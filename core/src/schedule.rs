@@ -25,11 +25,11 @@
 
 use crate::error::{CoreError, Result};
 use crate::graph::{
-    MemOp, Op, Payload, Pool, PoolSpec, Resource, ResourceSpec, Task, TaskGraph, TaskId, TaskKind, NO_LAYER,
+    MemOp, Op, Payload, Place, Pool, PoolSpec, Resource, ResourceSpec, Task, TaskGraph, TaskId, TaskKind, NO_LAYER,
     WHOLE_GROUP,
 };
 use crate::model::{ModelSpec, WeightGroup};
-use crate::plan::{Policy, Schedule, Tier, Workload};
+use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use crate::profile::Profile;
 
 /// About how many tasks one weight-group transfer is split into by the `pipelined`
@@ -88,17 +88,26 @@ pub enum Steps {
     Only(Vec<u32>),
 }
 
-/// Memory capacities the graph's pools get: the profile's memory less its reserve.
+/// Memory capacities the graph's pools get: the profile's memory less its reserve
+/// (device 0 and the host).
 pub fn pool_capacities(profile: &Profile) -> (u64, u64) {
+    (pool_capacity(profile, Place::DEVICE), pool_capacity(profile, Place::HOST))
+}
+
+/// The capacity of one place's pool: its memory less the profile's reserve.
+pub fn pool_capacity(profile: &Profile, place: Place) -> u64 {
     let keep = 1.0 - profile.memory_reserve_fraction;
-    ((profile.device_memory_bytes as f64 * keep) as u64, (profile.host_memory_bytes as f64 * keep) as u64)
+    let bytes = match place {
+        Place::Device(d) => profile.device_memory(d),
+        Place::Host(_) => profile.host_memory_bytes,
+    };
+    (bytes as f64 * keep) as u64
 }
 
 /// The pools a policy's graph would get (capacity and resident set), without building
 /// the tasks: what a search needs to check a placement fits before simulating it.
 pub fn pool_specs(policy: &Policy, model: &ModelSpec, workload: &Workload, profile: &Profile) -> Vec<PoolSpec> {
-    let (device_capacity, host_capacity) = pool_capacities(profile);
-    Builder::new(policy, model, workload, profile.unified_memory).pools(device_capacity, host_capacity)
+    Builder::new(policy, model, workload, profile.unified_memory).pools(profile)
 }
 
 /// Lowers a policy into a task graph. Fails when the policy does not fit the model.
@@ -119,22 +128,16 @@ pub fn lower(
             list.clone()
         }
     };
+    crate::resolve::check_devices(policy, profile)?;
     let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
     builder.step(0);
     for &step in &decode_steps {
         builder.step(step);
     }
-    let (device_capacity, host_capacity) = pool_capacities(profile);
     let graph = TaskGraph {
-        pools: builder.pools(device_capacity, host_capacity),
+        pools: builder.pools(profile),
+        resources: builder.resources(),
         tasks: builder.tasks,
-        resources: vec![
-            ResourceSpec { resource: Resource::Disk, lanes: policy.io_queue_depth },
-            ResourceSpec { resource: Resource::HostToDevice, lanes: policy.copy_streams },
-            ResourceSpec { resource: Resource::DeviceToHost, lanes: policy.copy_streams },
-            ResourceSpec { resource: Resource::DeviceCompute, lanes: 1 },
-            ResourceSpec { resource: Resource::HostCompute, lanes: 1 },
-        ],
         batch_size: workload.batch_size,
         prompt_len: workload.prompt_len,
         gen_len: workload.gen_len,
@@ -142,13 +145,6 @@ pub fn lower(
     };
     graph.validate()?;
     Ok(graph)
-}
-
-/// Where a computation runs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Device,
-    Host,
 }
 
 /// Weights brought in for one visit: what compute must wait for, and what device
@@ -164,12 +160,14 @@ struct Builder<'a> {
     model: &'a ModelSpec,
     workload: &'a Workload,
     unified: bool,
+    /// Where every layer lives and runs (its stage's device and tiers).
+    placements: Vec<LayerPlacement>,
     tasks: Vec<Task>,
     /// Last compute task of every visit so far, for prefetch gates.
     visit_done: Vec<TaskId>,
     /// Per micro-batch: the task that last produced its hidden state, and where it is.
     hidden_producer: Vec<Option<TaskId>>,
-    hidden_side: Vec<Side>,
+    hidden_side: Vec<Place>,
     /// Per micro-batch: the head task of the previous step (the sampled token).
     last_head: Vec<Option<TaskId>>,
     /// pinned[layer][0 = attention, 1 = MLP]: host-resident weights inside the pinned budget.
@@ -185,13 +183,13 @@ impl<'a> Builder<'a> {
         let micro_batches = policy.num_micro_batches as usize;
         // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
         let mut pinned_left = policy.pinned_host_bytes;
+        let placements = policy.layer_placements(model.num_layers);
         let mut pinned = vec![[false; 2]; model.num_layers as usize];
-        for (layer, flags) in pinned.iter_mut().enumerate() {
-            for (slot, group, counts) in
-                [(0, WeightGroup::Attention, &policy.attention_weights), (1, WeightGroup::Mlp, &policy.mlp_weights)]
+        for (flags, place) in pinned.iter_mut().zip(&placements) {
+            for (slot, group, tier) in [(0, WeightGroup::Attention, place.attention), (1, WeightGroup::Mlp, place.mlp)]
             {
                 let bytes = model.group_bytes(group, policy.weight_dtype);
-                if counts.tier_of(layer as u64) == Tier::Host && bytes <= pinned_left {
+                if tier == Tier::Host && bytes <= pinned_left {
                     pinned_left -= bytes;
                     flags[slot] = true;
                 }
@@ -206,10 +204,11 @@ impl<'a> Builder<'a> {
             model,
             workload,
             unified,
+            placements,
             tasks: Vec::new(),
             visit_done: Vec::new(),
             hidden_producer: vec![None; micro_batches],
-            hidden_side: vec![Side::Device; micro_batches],
+            hidden_side: vec![Place::Device(policy.first_device()); micro_batches],
             last_head: vec![None; micro_batches],
             pinned,
             kv_pinned: host_kv <= pinned_left,
@@ -227,9 +226,10 @@ impl<'a> Builder<'a> {
         id
     }
 
-    fn new_task(kind: TaskKind, payload: Payload, layer: u32, micro_batch: u32, step: u32) -> Task {
+    fn new_task(kind: TaskKind, resource: Resource, payload: Payload, layer: u32, micro_batch: u32, step: u32) -> Task {
         Task {
             kind,
+            resource,
             payload,
             layer,
             micro_batch,
@@ -310,12 +310,9 @@ impl<'a> Builder<'a> {
     }
 
     /// A compute task for (`layer`, micro-batch `j`, `step`) with its FLOPs and bytes read.
-    fn compute_task(&self, side: Side, op: Op, (layer, j, step): (u32, u32, u32), flops: u64, bytes: u64) -> Task {
-        let kind = match side {
-            Side::Device => TaskKind::DeviceCompute,
-            Side::Host => TaskKind::HostCompute,
-        };
-        let mut task = Builder::new_task(kind, Payload::Compute { op }, layer, j, step);
+    fn compute_task(&self, at: Place, op: Op, (layer, j, step): (u32, u32, u32), flops: u64, bytes: u64) -> Task {
+        let mut task =
+            Builder::new_task(TaskKind::Compute, Resource::compute(at), Payload::Compute { op }, layer, j, step);
         task.flops = flops;
         task.bytes = bytes;
         task.tokens = self.rows(step) as u32;
@@ -323,35 +320,53 @@ impl<'a> Builder<'a> {
         task
     }
 
-    /// Makes sure micro-batch `j`'s hidden state is on `side`, copying it if needed, and
-    /// returns the task that produced it there.
-    fn hidden_on(&mut self, side: Side, j: u32, step: u32, layer: u32) -> Option<TaskId> {
+    /// Makes sure micro-batch `j`'s hidden state is at `place`, copying it if needed, and
+    /// returns the task that produced it there. On unified memory a device and its host
+    /// share the bytes (no copy), but two devices have their own budgets: the hidden
+    /// state crosses the link between them.
+    fn hidden_on(&mut self, place: Place, j: u32, step: u32, layer: u32) -> Option<TaskId> {
         let index = j as usize;
-        if self.hidden_side[index] == side || self.unified {
+        let from = self.hidden_side[index];
+        if from == place || (self.unified && !(from.is_device() && place.is_device())) {
             return self.hidden_producer[index];
         }
-        let kind = match side {
-            Side::Device => TaskKind::HostToDevice,
-            Side::Host => TaskKind::DeviceToHost,
-        };
-        let mut copy = Builder::new_task(kind, Payload::Activations, layer, j, step);
+        let mut copy =
+            Builder::new_task(TaskKind::Copy, Resource::link(from, place), Payload::Activations, layer, j, step);
         copy.bytes = self.rows(step) * self.model.activation_bytes_per_token();
         copy.chunk_bytes = copy.bytes.max(1);
         copy.pinned = true;
         copy.deps.extend(self.hidden_producer[index]);
         let id = self.push(copy);
-        self.hidden_side[index] = side;
+        self.hidden_side[index] = place;
         self.hidden_producer[index] = Some(id);
         Some(id)
     }
 
-    fn set_hidden(&mut self, j: u32, side: Side, producer: TaskId) {
-        self.hidden_side[j as usize] = side;
+    fn set_hidden(&mut self, j: u32, place: Place, producer: TaskId) {
+        self.hidden_side[j as usize] = place;
         self.hidden_producer[j as usize] = Some(producer);
     }
 
+    /// The device a layer's stage runs on.
+    fn device_of(&self, layer: u32) -> Place {
+        Place::Device(self.placements[layer as usize].device)
+    }
+
+    /// Where disk reads for `layer` land: its device's memory when memory is unified,
+    /// else host staging memory.
+    fn staging_pool(&self, layer: u32) -> Pool {
+        if self.unified {
+            self.device_of(layer)
+        } else {
+            Place::HOST
+        }
+    }
+
     fn embed(&mut self, step: u32, j: u32) {
-        let side = if self.policy.embeddings == Tier::Device { Side::Device } else { Side::Host };
+        let side = match self.policy.embeddings {
+            Tier::Device => Place::Device(self.policy.first_device()),
+            _ => Place::HOST,
+        };
         let rows = self.rows(step);
         let bytes = rows * self.model.hidden_size * self.policy.weight_dtype.bits() / 8;
         let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
@@ -361,7 +376,10 @@ impl<'a> Builder<'a> {
     }
 
     fn head(&mut self, step: u32, j: u32) {
-        let side = if self.policy.head == Tier::Device { Side::Device } else { Side::Host };
+        let side = match self.policy.head {
+            Tier::Device => Place::Device(self.policy.last_device()),
+            _ => Place::HOST,
+        };
         let dep = self.hidden_on(side, j, step, NO_LAYER);
         // Only the last position of each sequence is projected to the vocabulary.
         let rows = self.policy.micro_batch_size;
@@ -377,11 +395,9 @@ impl<'a> Builder<'a> {
 
     /// Emits the load of one weight group for the visit about to run.
     fn load_weights(&mut self, group: WeightGroup, layer: u32, step: u32, first_j: u32, gate: &[TaskId]) -> Loaded {
-        let counts = match group {
-            WeightGroup::Attention => &self.policy.attention_weights,
-            _ => &self.policy.mlp_weights,
-        };
-        let tier = counts.tier_of(layer as u64);
+        let placement = self.placements[layer as usize];
+        let tier = if group == WeightGroup::Attention { placement.attention } else { placement.mlp };
+        let device = self.device_of(layer);
         if tier == Tier::Device || self.policy.layer_on_host(layer as u64) {
             return Loaded::default();
         }
@@ -403,13 +419,12 @@ impl<'a> Builder<'a> {
         for (piece_index, piece) in pieces {
             let mut deps = gate.to_vec();
             if tier == Tier::Disk {
-                let mut read = Builder::new_task(TaskKind::DiskRead, payload, layer, first_j, step);
+                let mut read = Builder::new_task(TaskKind::DiskRead, Resource::DISK, payload, layer, first_j, step);
                 read.piece = piece_index;
                 read.bytes = piece;
                 read.chunk_bytes = chunk.min(piece);
                 read.deps = deps;
-                let pool = if self.unified { Pool::Device } else { Pool::Host };
-                read.acquire.push(MemOp { pool, bytes: piece });
+                read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: piece });
                 let id = self.push(read);
                 if self.unified {
                     loaded.ready.push(id);
@@ -417,15 +432,16 @@ impl<'a> Builder<'a> {
                 }
                 deps = vec![id];
             }
-            let mut copy = Builder::new_task(TaskKind::HostToDevice, payload, layer, first_j, step);
+            let mut copy =
+                Builder::new_task(TaskKind::Copy, Resource::link(Place::HOST, device), payload, layer, first_j, step);
             copy.piece = piece_index;
             copy.bytes = piece;
             copy.chunk_bytes = chunk.min(piece);
             copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
             copy.deps = deps;
-            copy.acquire.push(MemOp { pool: Pool::Device, bytes: piece });
+            copy.acquire.push(MemOp { pool: device, bytes: piece });
             if tier == Tier::Disk {
-                copy.release.push(MemOp { pool: Pool::Host, bytes: piece });
+                copy.release.push(MemOp { pool: Place::HOST, bytes: piece });
             }
             let id = self.push(copy);
             loaded.ready.push(id);
@@ -462,7 +478,7 @@ impl<'a> Builder<'a> {
             };
             attention_tasks.push(attn_done);
             // MLP.
-            let side = if on_host { Side::Host } else { Side::Device };
+            let side = if on_host { Place::HOST } else { self.device_of(layer) };
             let rows = self.rows(step);
             let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
             let bytes = self.model.mlp_bytes_read(rows, self.policy.weight_dtype);
@@ -470,7 +486,7 @@ impl<'a> Builder<'a> {
             task.deps.push(attn_done);
             task.deps.extend(&mlp.ready);
             if is_last && mlp.device_bytes > 0 {
-                task.release.push(MemOp { pool: Pool::Device, bytes: mlp.device_bytes });
+                task.release.push(MemOp { pool: side, bytes: mlp.device_bytes });
                 task.deps.extend(&mlp_tasks);
             }
             let id = self.push(task);
@@ -482,7 +498,7 @@ impl<'a> Builder<'a> {
     }
 
     fn kv_tier(&self, layer: u32) -> Tier {
-        self.policy.kv_cache.tier_of(layer as u64)
+        self.placements[layer as usize].kv
     }
 
     fn kv_bytes(&self, tokens: u64) -> u64 {
@@ -516,95 +532,116 @@ impl<'a> Builder<'a> {
         let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
         let kv_read = self.kv_bytes(self.context(step));
         let host_attention = self.policy.host_attention && kv_tier != Tier::Device && !self.unified;
+        let device = self.device_of(layer);
         if host_attention {
             // FlexGen's CPU delegation: projections on the device, attention where the KV is.
-            let hidden = self.hidden_on(Side::Device, j, step, layer);
+            let hidden = self.hidden_on(device, j, step, layer);
             let (qkv_params, _) = self.model.attention_split_params();
             let qkv_share = attn_bytes * qkv_params / self.model.params().attention_per_layer.max(1);
-            let mut qkv = self.compute_task(Side::Device, Op::AttnQkv, (layer, j, step), qkv_flops, qkv_share);
+            let mut qkv = self.compute_task(device, Op::AttnQkv, (layer, j, step), qkv_flops, qkv_share);
             qkv.deps.extend(hidden);
             qkv.deps.extend(weights_ready);
             let qkv_id = self.push(qkv);
             let rows = self.rows(step);
-            let mut down = Builder::new_task(TaskKind::DeviceToHost, Payload::Activations, layer, j, step);
+            let mut down = Builder::new_task(
+                TaskKind::Copy,
+                Resource::link(device, Place::HOST),
+                Payload::Activations,
+                layer,
+                j,
+                step,
+            );
             down.bytes = rows * 4 * (self.model.hidden_size + 2 * self.model.kv_dim());
             down.chunk_bytes = down.bytes;
             down.pinned = true;
             down.deps.push(qkv_id);
             let down_id = self.push(down);
-            let mut core = self.compute_task(Side::Host, Op::AttnCore, (layer, j, step), core_flops, kv_read);
+            let mut core = self.compute_task(Place::HOST, Op::AttnCore, (layer, j, step), core_flops, kv_read);
             core.deps.push(down_id);
             if kv_tier == Tier::Disk && past_kv > 0 {
-                let mut read = Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
+                let mut read = Builder::new_task(TaskKind::DiskRead, Resource::DISK, Payload::KvCache, layer, j, step);
                 read.bytes = past_kv;
                 read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 read.deps = kv_gate.to_vec();
                 read.deps.extend(self.last_kv_store.get(&(layer, j)));
-                read.acquire.push(MemOp { pool: Pool::Host, bytes: past_kv });
+                read.acquire.push(MemOp { pool: Place::HOST, bytes: past_kv });
                 let read_id = self.push(read);
                 core.deps.push(read_id);
-                core.release.push(MemOp { pool: Pool::Host, bytes: past_kv });
+                core.release.push(MemOp { pool: Place::HOST, bytes: past_kv });
             }
             let core_id = self.push(core);
             if kv_tier == Tier::Disk {
-                let mut write = Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
+                let mut write =
+                    Builder::new_task(TaskKind::DiskWrite, Resource::DISK, Payload::KvCache, layer, j, step);
                 write.bytes = new_kv;
                 write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 write.deps.push(core_id);
                 let write_id = self.push(write);
                 self.last_kv_store.insert((layer, j), write_id);
             }
-            let mut up = Builder::new_task(TaskKind::HostToDevice, Payload::Activations, layer, j, step);
+            let mut up = Builder::new_task(
+                TaskKind::Copy,
+                Resource::link(Place::HOST, device),
+                Payload::Activations,
+                layer,
+                j,
+                step,
+            );
             up.bytes = rows * self.model.activation_bytes_per_token();
             up.chunk_bytes = up.bytes;
             up.pinned = true;
             up.deps.push(core_id);
             let up_id = self.push(up);
-            let mut out =
-                self.compute_task(Side::Device, Op::AttnOut, (layer, j, step), out_flops, attn_bytes - qkv_share);
+            let mut out = self.compute_task(device, Op::AttnOut, (layer, j, step), out_flops, attn_bytes - qkv_share);
             out.deps.push(up_id);
             out.deps.push(qkv_id);
             if release_weights > 0 {
-                out.release.push(MemOp { pool: Pool::Device, bytes: release_weights });
+                out.release.push(MemOp { pool: device, bytes: release_weights });
             }
             let out_id = self.push(out);
-            self.set_hidden(j, Side::Device, out_id);
+            self.set_hidden(j, device, out_id);
             return out_id;
         }
         // Attention on the device: bring past KV in if it lives elsewhere.
-        let hidden = self.hidden_on(Side::Device, j, step, layer);
+        let hidden = self.hidden_on(device, j, step, layer);
         let mut kv_ready = Vec::new();
         let mut release_kv = 0;
         if kv_tier != Tier::Device && past_kv > 0 {
             let mut deps = kv_gate.to_vec();
             deps.extend(self.last_kv_store.get(&(layer, j)));
             if kv_tier == Tier::Disk {
-                let mut read = Builder::new_task(TaskKind::DiskRead, Payload::KvCache, layer, j, step);
+                let mut read = Builder::new_task(TaskKind::DiskRead, Resource::DISK, Payload::KvCache, layer, j, step);
                 read.bytes = past_kv;
                 read.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 read.deps = deps;
-                let pool = if self.unified { Pool::Device } else { Pool::Host };
-                read.acquire.push(MemOp { pool, bytes: past_kv });
+                read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: past_kv });
                 deps = vec![self.push(read)];
             }
             if self.unified {
                 kv_ready = deps;
             } else {
-                let mut copy = Builder::new_task(TaskKind::HostToDevice, Payload::KvCache, layer, j, step);
+                let mut copy = Builder::new_task(
+                    TaskKind::Copy,
+                    Resource::link(Place::HOST, device),
+                    Payload::KvCache,
+                    layer,
+                    j,
+                    step,
+                );
                 copy.bytes = past_kv;
                 copy.chunk_bytes = self.policy.chunk_bytes.min(past_kv);
                 copy.pinned = kv_tier == Tier::Disk || self.kv_pinned;
                 copy.deps = deps;
-                copy.acquire.push(MemOp { pool: Pool::Device, bytes: past_kv });
+                copy.acquire.push(MemOp { pool: device, bytes: past_kv });
                 if kv_tier == Tier::Disk {
-                    copy.release.push(MemOp { pool: Pool::Host, bytes: past_kv });
+                    copy.release.push(MemOp { pool: Place::HOST, bytes: past_kv });
                 }
                 kv_ready = vec![self.push(copy)];
             }
             release_kv = past_kv;
         }
         let mut task = self.compute_task(
-            Side::Device,
+            device,
             Op::Attention,
             (layer, j, step),
             qkv_flops + core_flops + out_flops,
@@ -614,18 +651,25 @@ impl<'a> Builder<'a> {
         task.deps.extend(weights_ready);
         task.deps.extend(kv_ready);
         if release_kv > 0 {
-            task.release.push(MemOp { pool: Pool::Device, bytes: release_kv });
+            task.release.push(MemOp { pool: device, bytes: release_kv });
         }
         if release_weights > 0 {
-            task.release.push(MemOp { pool: Pool::Device, bytes: release_weights });
+            task.release.push(MemOp { pool: device, bytes: release_weights });
         }
         let id = self.push(task);
-        self.set_hidden(j, Side::Device, id);
+        self.set_hidden(j, device, id);
         // Store the new tokens' KV where the cache lives.
         if kv_tier != Tier::Device {
             let mut store_deps = vec![id];
             if !self.unified {
-                let mut store = Builder::new_task(TaskKind::DeviceToHost, Payload::KvCache, layer, j, step);
+                let mut store = Builder::new_task(
+                    TaskKind::Copy,
+                    Resource::link(device, Place::HOST),
+                    Payload::KvCache,
+                    layer,
+                    j,
+                    step,
+                );
                 store.bytes = new_kv;
                 store.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 store.pinned = kv_tier == Tier::Disk || self.kv_pinned;
@@ -633,7 +677,8 @@ impl<'a> Builder<'a> {
                 store_deps = vec![self.push(store)];
             }
             if kv_tier == Tier::Disk {
-                let mut write = Builder::new_task(TaskKind::DiskWrite, Payload::KvCache, layer, j, step);
+                let mut write =
+                    Builder::new_task(TaskKind::DiskWrite, Resource::DISK, Payload::KvCache, layer, j, step);
                 write.bytes = new_kv;
                 write.chunk_bytes = self.policy.chunk_bytes.min(new_kv);
                 write.deps = store_deps;
@@ -646,70 +691,117 @@ impl<'a> Builder<'a> {
 
     /// A layer computed where its weights live, on the host (llama.cpp's split).
     fn attention_on_host_layer(&mut self, step: u32, layer: u32, j: u32) -> TaskId {
-        let hidden = self.hidden_on(Side::Host, j, step, layer);
+        let hidden = self.hidden_on(Place::HOST, j, step, layer);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
         let bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype)
             + self.kv_bytes(self.context(step));
         let mut task =
-            self.compute_task(Side::Host, Op::Attention, (layer, j, step), qkv_flops + core_flops + out_flops, bytes);
+            self.compute_task(Place::HOST, Op::Attention, (layer, j, step), qkv_flops + core_flops + out_flops, bytes);
         task.deps.extend(hidden);
         let id = self.push(task);
-        self.set_hidden(j, Side::Host, id);
+        self.set_hidden(j, Place::HOST, id);
         id
     }
 
-    /// Capacities and what stays resident in each pool for the whole run.
-    fn pools(&self, device_capacity: u64, host_capacity: u64) -> Vec<PoolSpec> {
+    /// The devices the graph uses, ascending: every stage's device.
+    fn devices(&self) -> Vec<u16> {
+        let mut devices: Vec<u16> = self.policy.stage_list().iter().map(|s| s.device).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        devices
+    }
+
+    /// The resources tasks run on, in a fixed order: the disk, each device's links to
+    /// and from the host, the links between consecutive stages, each device's compute,
+    /// the host's compute. One device gives exactly today's five.
+    fn resources(&self) -> Vec<ResourceSpec> {
+        let policy = self.policy;
+        let copy = |resource| ResourceSpec { resource, lanes: policy.copy_streams };
+        let mut resources = vec![ResourceSpec { resource: Resource::DISK, lanes: policy.io_queue_depth }];
+        let devices = self.devices();
+        for &d in &devices {
+            resources.push(copy(Resource::link(Place::HOST, Place::Device(d))));
+            resources.push(copy(Resource::link(Place::Device(d), Place::HOST)));
+        }
+        for pair in policy.stage_list().windows(2) {
+            resources.push(copy(Resource::link(Place::Device(pair[0].device), Place::Device(pair[1].device))));
+        }
+        for &d in &devices {
+            resources.push(ResourceSpec { resource: Resource::compute(Place::Device(d)), lanes: 1 });
+        }
+        resources.push(ResourceSpec { resource: Resource::HOST_COMPUTE, lanes: 1 });
+        // Any other link a task uses (none today) still gets a resource.
+        for task in &self.tasks {
+            if !resources.iter().any(|r| r.resource == task.resource) {
+                resources.push(copy(task.resource));
+            }
+        }
+        resources
+    }
+
+    /// Capacities and what stays resident in each pool for the whole run: one pool per
+    /// stage device, then the host's.
+    fn pools(&self, profile: &Profile) -> Vec<PoolSpec> {
         let policy = self.policy;
         let model = self.model;
         let wd = policy.weight_dtype;
-        let layers = model.num_layers;
-        let mut device_attention = 0;
-        let mut device_mlp = 0;
+        let devices = self.devices();
+        // Per device: resident attention, MLP and KV bytes.
+        let mut on_device = vec![[0u64; 3]; devices.len()];
         let mut host_weights = 0;
-        for layer in 0..layers {
-            for (group, counts) in
-                [(WeightGroup::Attention, &policy.attention_weights), (WeightGroup::Mlp, &policy.mlp_weights)]
-            {
-                let bytes = model.group_bytes(group, wd);
-                match counts.tier_of(layer) {
-                    Tier::Device if group == WeightGroup::Attention => device_attention += bytes,
-                    Tier::Device => device_mlp += bytes,
-                    Tier::Host => host_weights += bytes,
-                    Tier::Disk => {}
-                }
-            }
-        }
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
             * self.workload.max_context();
+        for place in &self.placements {
+            let slot = devices.iter().position(|&d| d == place.device).unwrap_or(0);
+            for (index, group, tier) in [(0, WeightGroup::Attention, place.attention), (1, WeightGroup::Mlp, place.mlp)]
+            {
+                match tier {
+                    Tier::Device => on_device[slot][index] += model.group_bytes(group, wd),
+                    Tier::Host => host_weights += model.group_bytes(group, wd),
+                    Tier::Disk => {}
+                }
+            }
+            if place.kv == Tier::Device {
+                on_device[slot][2] += kv_per_layer;
+            }
+        }
         let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
         let workspace = policy.micro_batch_size * self.workload.prompt_len * model.workspace_bytes_per_token()
             + model.attention_scratch_bytes(self.workload.prompt_len, self.workload.max_context());
         let embeddings = model.group_bytes(WeightGroup::Embeddings, wd);
         let head = model.group_bytes(WeightGroup::Head, wd);
         let on = |tier: Tier, wanted: Tier, bytes: u64| if tier == wanted { bytes } else { 0 };
-        let device = PoolSpec {
-            pool: Pool::Device,
-            capacity_bytes: device_capacity,
-            resident: vec![
-                ("resident attention weights".into(), device_attention),
-                ("resident MLP weights".into(), device_mlp),
-                ("embeddings".into(), on(policy.embeddings, Tier::Device, embeddings)),
-                ("head".into(), on(policy.head, Tier::Device, head)),
-                ("resident KV cache".into(), policy.kv_cache.device * kv_per_layer),
-                ("hidden states".into(), hidden_states),
-                ("workspace".into(), workspace),
-            ],
-        };
+        let mut pools: Vec<PoolSpec> = devices
+            .iter()
+            .zip(&on_device)
+            .map(|(&d, resident)| {
+                let first = d == policy.first_device();
+                let last = d == policy.last_device();
+                PoolSpec {
+                    pool: Place::Device(d),
+                    capacity_bytes: pool_capacity(profile, Place::Device(d)),
+                    resident: vec![
+                        ("resident attention weights".into(), resident[0]),
+                        ("resident MLP weights".into(), resident[1]),
+                        ("embeddings".into(), if first { on(policy.embeddings, Tier::Device, embeddings) } else { 0 }),
+                        ("head".into(), if last { on(policy.head, Tier::Device, head) } else { 0 }),
+                        ("resident KV cache".into(), resident[2]),
+                        ("hidden states".into(), hidden_states),
+                        ("workspace".into(), workspace),
+                    ],
+                }
+            })
+            .collect();
+        let layers = model.num_layers;
         let host_computes = policy.compute_host_layers_on_host && (0..layers).any(|l| policy.layer_on_host(l))
             || policy.host_attention && policy.kv_cache.device < layers
             || policy.embeddings == Tier::Host
             || policy.head == Tier::Host;
         let host_workspace = if host_computes && !self.unified { workspace + hidden_states } else { 0 };
-        let host = PoolSpec {
-            pool: Pool::Host,
-            capacity_bytes: host_capacity,
+        pools.push(PoolSpec {
+            pool: Place::HOST,
+            capacity_bytes: pool_capacity(profile, Place::HOST),
             resident: vec![
                 ("host-resident weights".into(), host_weights),
                 ("embeddings".into(), on(policy.embeddings, Tier::Host, embeddings)),
@@ -717,7 +809,7 @@ impl<'a> Builder<'a> {
                 ("host KV cache".into(), policy.kv_cache.host * kv_per_layer),
                 ("host workspace".into(), host_workspace),
             ],
-        };
-        vec![device, host]
+        });
+        pools
     }
 }

@@ -91,9 +91,11 @@ impl Metrics {
         let trace_start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let trace_end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
         let window = (trace_end - trace_start).max(1);
-        let resources: Vec<ResourceUsage> = Resource::ALL
+        let resources: Vec<ResourceUsage> = graph
+            .resources
             .iter()
-            .map(|&resource| {
+            .map(|spec| spec.resource)
+            .map(|resource| {
                 let busy_ns = busy_union(graph, trace, resource);
                 ResourceUsage { resource, busy_ns, utilization: busy_ns as f64 / window as f64 }
             })
@@ -101,7 +103,7 @@ impl Metrics {
         let bottleneck = resources
             .iter()
             .max_by(|a, b| a.utilization.total_cmp(&b.utilization).then(b.resource.cmp(&a.resource)))
-            .map_or(Resource::DeviceCompute, |r| r.resource);
+            .map_or(Resource::DEVICE_COMPUTE, |r| r.resource);
         let pools = graph
             .pools
             .iter()
@@ -123,6 +125,21 @@ impl Metrics {
             pools,
             bottleneck,
         }
+    }
+
+    /// Whether the run used several devices (names then carry their numbers).
+    fn indexed(&self) -> bool {
+        self.pools.iter().filter(|p| p.pool.is_device()).count() > 1
+    }
+
+    /// A resource's name for people ("device compute"; "device 1 compute" when the
+    /// run used several devices).
+    pub fn resource_label(&self, resource: Resource) -> String {
+        resource.label(self.indexed())
+    }
+
+    pub fn pool_label(&self, pool: Pool) -> String {
+        pool.label(self.indexed())
     }
 
     pub fn utilization(&self, resource: Resource) -> f64 {
@@ -232,10 +249,11 @@ pub fn chrome_trace(graph: &TaskGraph, trace: &Trace) -> serde_json::Value {
     }
     for (tid, (resource, lane)) in tracks.iter().enumerate() {
         let lanes = graph.lanes(*resource);
-        let name = if lanes > 1 { format!("{} #{lane}", resource.name()) } else { resource.name().to_string() };
+        let label = graph.resource_label(*resource);
+        let name = if lanes > 1 { format!("{label} #{lane}") } else { label };
         events
             .push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
-        events.push(serde_json::json!({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": resource.index() * 100 + *lane as usize}}));
+        events.push(serde_json::json!({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": graph.resource_index(*resource) * 100 + *lane as usize}}));
     }
     let process = match trace.source {
         TraceSource::Predicted => "ferry (predicted)",

@@ -22,9 +22,9 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_core::dispatch::Dispatcher;
-use ferry_core::graph::{Op, Payload, Pool, Resource, Task, TaskGraph, TaskKind, NO_LAYER, WHOLE_GROUP};
+use ferry_core::graph::{Op, Payload, Place, Task, TaskGraph, TaskKind, NO_LAYER, WHOLE_GROUP};
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
-use ferry_core::plan::{Policy, Schedule, Tier, Workload};
+use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use ferry_core::schedule::weight_pieces;
 use ferry_core::trace::{Metrics, Span, Trace, TraceSource};
 
@@ -114,21 +114,35 @@ impl Loaded {
     }
 }
 
-/// Per micro-batch state: the hidden state and attention intermediates, on each side.
+/// One micro-batch's activations at one place: the hidden state and the attention
+/// intermediates (q/k/v after the projections, the attention output).
 #[derive(Default)]
-struct MicroBatch {
-    hidden_device: Vec<f32>,
-    hidden_host: Vec<f32>,
-    qkv_device: Vec<f32>,
-    qkv_host: Vec<f32>,
-    attn_device: Vec<f32>,
-    attn_host: Vec<f32>,
+struct Activations {
+    hidden: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Device,
-    Host,
+/// Per micro-batch state: its activations at every place that has held them. Only
+/// the graph's copy tasks move them between places.
+#[derive(Default)]
+struct MicroBatch {
+    places: HashMap<Place, Activations>,
+}
+
+/// The part of a micro-batch's activations a copy after `after` moves.
+fn activation_part(activations: &mut Activations, after: Option<Op>) -> &mut Vec<f32> {
+    match after {
+        Some(Op::AttnQkv) => &mut activations.qkv,
+        Some(Op::AttnCore) => &mut activations.attn,
+        _ => &mut activations.hidden,
+    }
+}
+
+impl MicroBatch {
+    fn at(&mut self, place: Place) -> &mut Activations {
+        self.places.entry(place).or_default()
+    }
 }
 
 fn group_code(group: WeightGroup) -> u8 {
@@ -149,6 +163,8 @@ struct Engine<'a> {
     resident: HashMap<(u8, u32), Arc<Loaded>>,
     streamed: Mutex<HashMap<Key, Arc<Loaded>>>,
     staged: Mutex<HashMap<Key, Arc<Loaded>>>,
+    /// Where every layer lives and runs.
+    placements: Vec<LayerPlacement>,
     kv_device: Vec<Mutex<Option<Buffer>>>,
     kv_host: Vec<Mutex<Option<Buffer>>>,
     kv_loaded: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
@@ -158,8 +174,9 @@ struct Engine<'a> {
     tokens: Mutex<Vec<Vec<u32>>>,
     logits: Mutex<Vec<Vec<Vec<f32>>>>,
     requested_read_bytes: Mutex<u64>,
-    /// Freed streamed-weight buffers kept mapped for the next loads (see `Recycler`).
-    recycler: Arc<Recycler>,
+    /// Per device: freed streamed-weight buffers kept mapped for its next loads (see
+    /// `Recycler`), each within its own device's budget.
+    recyclers: HashMap<u16, Arc<Recycler>>,
     /// Buffers the scheduler took from the recycler for weight reads it dispatched,
     /// by the read's key.
     reserved: Mutex<HashMap<Key, Buffer>>,
@@ -202,7 +219,8 @@ pub fn run(
     let requested_read_bytes = *lock(&engine.requested_read_bytes);
     let tokens = std::mem::take(&mut *lock(&engine.tokens));
     let logits = std::mem::take(&mut *lock(&engine.logits));
-    let (recycled_bytes, newly_mapped_bytes) = engine.recycler.counters();
+    let (recycled_bytes, newly_mapped_bytes) =
+        engine.recyclers.values().map(|r| r.counters()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
     drop(engine);
     Ok(RunReport {
         trace,
@@ -316,6 +334,7 @@ impl<'a> Engine<'a> {
             resident: HashMap::new(),
             streamed: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
+            placements: policy.layer_placements(spec.num_layers),
             kv_device: (0..layers * micro_batches).map(|_| Mutex::new(None)).collect(),
             kv_host: (0..layers * micro_batches).map(|_| Mutex::new(None)).collect(),
             kv_loaded: Mutex::new(HashMap::new()),
@@ -325,7 +344,7 @@ impl<'a> Engine<'a> {
             tokens: Mutex::new(vec![Vec::new(); workload.batch_size as usize]),
             logits: Mutex::new(Vec::new()),
             requested_read_bytes: Mutex::new(0),
-            recycler: Arc::new(Recycler::new()),
+            recyclers: policy.stage_list().iter().map(|s| (s.device, Arc::new(Recycler::new()))).collect(),
             reserved: Mutex::new(HashMap::new()),
         };
         // Resident weights: embeddings, head, and every group the plan keeps on the device
@@ -354,7 +373,7 @@ impl<'a> Engine<'a> {
         // Resident KV caches (mapped zero pages: they take memory as they fill).
         let kv_bytes = engine.kv_region_bytes() as usize;
         for layer in 0..spec.num_layers {
-            let tier = policy.kv_cache.tier_of(layer);
+            let tier = engine.placements[layer as usize].kv;
             for j in 0..micro_batches {
                 let slot = layer as usize * micro_batches + j;
                 let target = match tier {
@@ -370,11 +389,17 @@ impl<'a> Engine<'a> {
 
     fn weight_tier(&self, group: WeightGroup, layer: u64) -> Tier {
         match group {
-            WeightGroup::Attention => self.policy.attention_weights.tier_of(layer),
-            WeightGroup::Mlp => self.policy.mlp_weights.tier_of(layer),
+            WeightGroup::Attention => self.placements[layer as usize].attention,
+            WeightGroup::Mlp => self.placements[layer as usize].mlp,
             WeightGroup::Embeddings => self.policy.embeddings,
             WeightGroup::Head => self.policy.head,
         }
+    }
+
+    /// The recycler of the device a layer's stage runs on.
+    fn recycler(&self, layer: u32) -> &Arc<Recycler> {
+        let device = self.placements.get(layer as usize).map_or(self.policy.first_device(), |p| p.device);
+        &self.recyclers[&device]
     }
 
     fn layer_major(&self) -> bool {
@@ -442,7 +467,7 @@ impl<'a> Engine<'a> {
             buffers: Vec::new(),
             views: Vec::new(),
             dtype,
-            recycler: recycle.map(|_| Arc::clone(&self.recycler)),
+            recycler: recycle.map(|_| Arc::clone(self.recycler(layer as u32))),
         };
         let mut reserved = recycle.and_then(|key| lock(&self.reserved).remove(&key));
         let mut index = 0;
@@ -471,7 +496,7 @@ impl<'a> Engine<'a> {
                     // A reserved buffer too small for the merged ranges: unmap it first, so
                     // the new one does not come on top of it.
                     drop(other);
-                    self.recycler.take(len)
+                    self.recycler(layer as u32).take(len)
                 }
             };
             let (buffer, starts) = self.reader.read_ranges_into(disk, &ranges, self.policy.chunk_bytes, allocate)?;
@@ -567,18 +592,19 @@ impl<'a> Engine<'a> {
         let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; count];
         let mut failure: Option<EngineError> = None;
         let clock = Instant::now();
-        const R: usize = Resource::ALL.len();
 
         std::thread::scope(|scope| {
             let (done_tx, done_rx) = mpsc::channel::<(u32, u32, u64, u64, Result<(), EngineError>)>();
-            let mut senders: [Vec<mpsc::Sender<u32>>; R] = Default::default();
-            for (r, lanes) in senders.iter_mut().enumerate() {
-                for lane in 0..graph.lanes(Resource::ALL[r]).max(1) {
+            // One worker thread per lane of every resource, indexed like the graph's list.
+            let mut senders: Vec<Vec<mpsc::Sender<u32>>> = Vec::new();
+            for spec in &graph.resources {
+                let mut lanes = Vec::new();
+                for lane in 0..spec.lanes.max(1) {
                     let (tx, rx) = mpsc::channel::<u32>();
                     lanes.push(tx);
                     let done = done_tx.clone();
                     std::thread::Builder::new()
-                        .name(format!("ferry-{}-{lane}", Resource::ALL[r].name()))
+                        .name(format!("ferry-{}-{lane}", graph.resource_label(spec.resource)))
                         .spawn_scoped(scope, move || {
                             while let Ok(id) = rx.recv() {
                                 let start = clock.elapsed().as_nanos() as u64;
@@ -591,31 +617,30 @@ impl<'a> Engine<'a> {
                         })
                         .expect("spawn a worker");
                 }
+                senders.push(lanes);
             }
             drop(done_tx);
-            // Freed weight buffers may be kept mapped only while the device pool has room
-            // for them beside everything the graph accounts.
-            let device_capacity = graph.pools.iter().find(|p| p.pool == Pool::Device).map_or(0, |p| p.capacity_bytes);
-            self.recycler.set_limit(device_capacity.saturating_sub(dispatcher.used(Pool::Device)));
+            // Freed weight buffers may be kept mapped only while their device's pool has
+            // room for them beside everything the graph accounts.
+            let budgets = DeviceBudgets::new(graph, &self.recyclers);
+            let resource_of: Vec<usize> = (0..count as u32).map(|id| dispatcher.resource_of(id)).collect();
+            budgets.refresh(&dispatcher);
             while !dispatcher.is_finished() {
                 if failure.is_none() {
-                    let room = device_capacity.saturating_sub(dispatcher.used(Pool::Device));
-                    let mut acquired = 0u64;
+                    let mut room = budgets.room(&dispatcher);
                     dispatcher.dispatch(|id, lane| {
                         let task = &graph.tasks[id as usize];
-                        acquired +=
-                            task.acquire.iter().filter(|m| m.pool == Pool::Device).map(|m| m.bytes).sum::<u64>();
                         // A weight read takes a kept buffer before the limit shrinks by its
                         // bytes; the rest are unmapped now if they no longer fit.
                         if let (TaskKind::DiskRead, Payload::Weights { group }) = (task.kind, task.payload) {
                             if !Engine::lands_on_host(task) {
-                                if let Some(buffer) = self.recycler.take_kept(task.bytes as usize) {
+                                if let Some(buffer) = self.recycler(task.layer).take_kept(task.bytes as usize) {
                                     lock(&self.reserved).insert(self.key(task, group), buffer);
                                 }
                             }
                         }
-                        self.recycler.set_limit(room.saturating_sub(acquired));
-                        let r = task.resource().index();
+                        budgets.acquired(task, &mut room);
+                        let r = resource_of[id as usize];
                         if senders[r][lane as usize].send(id).is_err() {
                             failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
                         }
@@ -633,7 +658,7 @@ impl<'a> Engine<'a> {
                 };
                 spans[id as usize] = Span { task: id, lane, start_ns: start, end_ns: end };
                 dispatcher.complete(id, lane);
-                self.recycler.set_limit(device_capacity.saturating_sub(dispatcher.used(Pool::Device)));
+                budgets.refresh(&dispatcher);
                 if let Err(e) = result {
                     failure.get_or_insert(e);
                 }
@@ -657,19 +682,19 @@ impl<'a> Engine<'a> {
 
     fn execute(&self, id: u32) -> Result<(), EngineError> {
         let task = &self.graph.tasks[id as usize];
+        let to_device = task.link_ends().is_some_and(|(_, to)| to.is_device());
         match (task.kind, task.payload) {
             (TaskKind::DiskRead, Payload::Weights { group }) => self.load_weights_from_disk(task, group),
-            (TaskKind::HostToDevice, Payload::Weights { group }) => self.copy_weights_to_device(task, group),
+            (TaskKind::Copy, Payload::Weights { group }) if to_device => self.copy_weights_to_device(task, group),
             (TaskKind::DiskRead, Payload::KvCache) => self.read_kv(task),
-            (TaskKind::HostToDevice, Payload::KvCache) => self.copy_kv_to_device(task),
-            (TaskKind::DeviceToHost, Payload::KvCache) => self.store_kv_to_host(task),
+            (TaskKind::Copy, Payload::KvCache) if to_device => self.copy_kv_to_device(task),
+            (TaskKind::Copy, Payload::KvCache) => self.store_kv_to_host(task),
             (TaskKind::DiskWrite, Payload::KvCache) => self.write_kv(task),
-            (TaskKind::HostToDevice | TaskKind::DeviceToHost, Payload::Activations) => {
-                self.copy_activations(task);
-                Ok(())
-            }
-            (TaskKind::DeviceCompute, Payload::Compute { op }) => self.compute(task, op, Side::Device),
-            (TaskKind::HostCompute, Payload::Compute { op }) => self.compute(task, op, Side::Host),
+            (TaskKind::Copy, Payload::Activations) => self.copy_activations(task),
+            (TaskKind::Compute, Payload::Compute { op }) => match task.compute_place() {
+                Some(place) => self.compute(task, op, place),
+                None => Err(EngineError::Internal(format!("compute task {} has no place", task.label()))),
+            },
             (kind, payload) => Err(EngineError::Internal(format!("no executor for {kind:?} of {payload:?}"))),
         }
     }
@@ -681,7 +706,7 @@ impl<'a> Engine<'a> {
     /// Where a disk read's bytes go follows from the pool it acquires: device memory
     /// (unified memory: ready for compute) or host staging (a copy follows).
     fn lands_on_host(task: &Task) -> bool {
-        task.acquire.iter().any(|m| m.pool == Pool::Host)
+        task.acquire.iter().any(|m| !m.pool.is_device())
     }
 
     fn load_weights_from_disk(&self, task: &Task, group: WeightGroup) -> Result<(), EngineError> {
@@ -710,14 +735,15 @@ impl<'a> Engine<'a> {
                     let view = whole.views.iter().find(|v| v.tensor == p.tensor).expect("tensor view");
                     let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
                     let start = view.offset + p.row_start as usize * row_bytes;
+                    let recycler = self.recycler(task.layer);
                     let mut buffer =
-                        self.recycler.take(p.bytes as usize).map_err(|e| EngineError::io(&self.files.dir, e))?;
+                        recycler.take(p.bytes as usize).map_err(|e| EngineError::io(&self.files.dir, e))?;
                     self.backend.copy(
                         buffer.as_mut_slice(),
                         &whole.buffers[view.buffer].as_slice()[start..start + p.bytes as usize],
                     );
                     let loaded = Loaded {
-                        recycler: Some(Arc::clone(&self.recycler)),
+                        recycler: Some(Arc::clone(recycler)),
                         buffers: vec![buffer],
                         views: vec![View {
                             buffer: 0,
@@ -736,13 +762,14 @@ impl<'a> Engine<'a> {
         };
         // Copy every buffer to new device memory (on the cpu backend: a memcpy).
         let mut buffers = Vec::new();
+        let recycler = self.recycler(task.layer);
         for b in &source.buffers {
-            let mut copy = self.recycler.take(b.len()).map_err(|e| EngineError::io(&self.files.dir, e))?;
+            let mut copy = recycler.take(b.len()).map_err(|e| EngineError::io(&self.files.dir, e))?;
             self.backend.copy(copy.as_mut_slice(), b.as_slice());
             buffers.push(copy);
         }
         let views = source.views.clone();
-        let loaded = Loaded { buffers, views, dtype: source.dtype, recycler: Some(Arc::clone(&self.recycler)) };
+        let loaded = Loaded { buffers, views, dtype: source.dtype, recycler: Some(Arc::clone(recycler)) };
         debug_assert!(loaded.bytes() >= source.bytes());
         lock(&self.streamed).insert(key, Arc::new(loaded));
         Ok(())
@@ -848,7 +875,7 @@ impl<'a> Engine<'a> {
             lock(&self.kv_outbox).remove(&key).ok_or_else(|| EngineError::Internal("no new KV to store".into()))?;
         let mut host = vec![0u8; new_kv.len()];
         self.backend.copy(&mut host, &new_kv);
-        if self.policy.kv_cache.tier_of(task.layer as u64) == Tier::Host {
+        if self.placements[task.layer as usize].kv == Tier::Host {
             let mut slot = lock(&self.kv_host[self.kv_slot(task.layer, task.micro_batch)]);
             let region = slot.as_mut().ok_or_else(|| EngineError::Internal("host KV missing".into()))?;
             self.scatter_new(region.as_mut_slice(), &host, self.past(task.step), self.new_tokens(task.step));
@@ -878,29 +905,29 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// Moves a micro-batch's activations between its device and host copies. What moves
-    /// follows from the task before it: q/k/v after AttnQkv, the attention output after
-    /// AttnCore, otherwise the hidden state.
-    fn copy_activations(&self, task: &Task) {
+    /// Moves a micro-batch's activations from one place to another over the task's
+    /// link. What moves follows from the task before it: q/k/v after AttnQkv, the
+    /// attention output after AttnCore, otherwise the hidden state.
+    fn copy_activations(&self, task: &Task) -> Result<(), EngineError> {
+        let (from, to) =
+            task.link_ends().ok_or_else(|| EngineError::Internal(format!("copy {} has no link", task.label())))?;
         let producer = task.deps.first().map(|&d| &self.graph.tasks[d as usize]);
         let after = producer.and_then(|p| match p.payload {
             Payload::Compute { op } => Some(op),
             _ => None,
         });
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-        let state = &mut *state;
-        let to_device = task.kind == TaskKind::HostToDevice;
-        let (src, dst) = match (after, to_device) {
-            (Some(Op::AttnQkv), false) => (&state.qkv_device, &mut state.qkv_host),
-            (Some(Op::AttnCore), true) => (&state.attn_host, &mut state.attn_device),
-            (_, true) => (&state.hidden_host, &mut state.hidden_device),
-            (_, false) => (&state.hidden_device, &mut state.hidden_host),
-        };
+        // Taken out while copying, so source and destination are borrowed apart.
+        let mut source = state.places.remove(&from).unwrap_or_default();
+        let src = activation_part(&mut source, after);
+        let dst = activation_part(state.at(to), after);
         dst.resize(src.len(), 0.0);
         self.backend.copy_f32(dst, src);
+        state.places.insert(from, source);
+        Ok(())
     }
 
-    fn compute(&self, task: &Task, op: Op, side: Side) -> Result<(), EngineError> {
+    fn compute(&self, task: &Task, op: Op, side: Place) -> Result<(), EngineError> {
         match op {
             Op::Embed => self.embed(task, side),
             Op::Head => self.head(task, side),
@@ -921,7 +948,7 @@ impl<'a> Engine<'a> {
         j as usize * mb..(j as usize + 1) * mb
     }
 
-    fn embed(&self, task: &Task, side: Side) -> Result<(), EngineError> {
+    fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
         let new = self.new_tokens(task.step);
         let table = self.resident_group(WeightGroup::Embeddings);
@@ -940,15 +967,11 @@ impl<'a> Engine<'a> {
             }
         }
         drop(tokens);
-        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-        match side {
-            Side::Device => state.hidden_device = hidden,
-            Side::Host => state.hidden_host = hidden,
-        }
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).hidden = hidden;
         Ok(())
     }
 
-    fn head(&self, task: &Task, side: Side) -> Result<(), EngineError> {
+    fn head(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
         let vocab = self.spec.vocab_size as usize;
         let new = self.new_tokens(task.step);
@@ -956,8 +979,8 @@ impl<'a> Engine<'a> {
         let head = self.resident_group(WeightGroup::Head);
         let norm = Engine::vector(std::slice::from_ref(&head), 0);
         let last_rows: Vec<f32> = {
-            let state = lock(&self.micro_batches[task.micro_batch as usize]);
-            let hidden = if side == Side::Device { &state.hidden_device } else { &state.hidden_host };
+            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let hidden = &state.at(side).hidden;
             (0..mb).flat_map(|i| hidden[((i + 1) * new - 1) * h..(i + 1) * new * h].iter().copied()).collect()
         };
         let mut normed = vec![0.0; mb * h];
@@ -989,18 +1012,18 @@ impl<'a> Engine<'a> {
     }
 
     /// RMSNorm of the side's hidden state, read in place (no copy of the hidden state).
-    fn normed_hidden(&self, j: u32, side: Side, weight: &[f32], rows: usize) -> Vec<f32> {
-        let state = lock(&self.micro_batches[j as usize]);
-        let hidden = if side == Side::Device { &state.hidden_device } else { &state.hidden_host };
+    fn normed_hidden(&self, j: u32, side: Place, weight: &[f32], rows: usize) -> Vec<f32> {
+        let mut state = lock(&self.micro_batches[j as usize]);
+        let hidden = &state.at(side).hidden;
         let mut normed = vec![0.0; rows * self.spec.hidden_size as usize];
         kernels::rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed);
         normed
     }
 
     /// Adds `delta` to the side's hidden state (the residual connection).
-    fn add_to_hidden(&self, j: u32, side: Side, delta: &[f32]) {
+    fn add_to_hidden(&self, j: u32, side: Place, delta: &[f32]) {
         let mut state = lock(&self.micro_batches[j as usize]);
-        let hidden = if side == Side::Device { &mut state.hidden_device } else { &mut state.hidden_host };
+        let hidden = &mut state.at(side).hidden;
         for (x, d) in hidden.iter_mut().zip(delta) {
             *x += d;
         }
@@ -1008,7 +1031,7 @@ impl<'a> Engine<'a> {
 
     /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer,
     /// laid out as [q: rows × h][k: rows × kv][v: rows × kv].
-    fn attn_qkv(&self, task: &Task, side: Side) -> Result<(), EngineError> {
+    fn attn_qkv(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
@@ -1034,17 +1057,12 @@ impl<'a> Engine<'a> {
             kernels::rope(k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
         }
         drop(normed);
-        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-        if side == Side::Device {
-            state.qkv_device = qkv;
-        } else {
-            state.qkv_host = qkv;
-        }
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv = qkv;
         Ok(())
     }
 
     /// Attention over the cache where the plan keeps it; appends the new keys and values.
-    fn attn_core(&self, task: &Task, side: Side) -> Result<(), EngineError> {
+    fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
         let mb = self.policy.micro_batch_size as usize;
@@ -1054,14 +1072,7 @@ impl<'a> Engine<'a> {
         let kv_dtype = self.policy.kv_dtype;
         let row_bytes = self.kv_row_bytes();
         // Consumed here: taking it keeps no copy alive between steps.
-        let qkv = {
-            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-            if side == Side::Device {
-                std::mem::take(&mut state.qkv_device)
-            } else {
-                std::mem::take(&mut state.qkv_host)
-            }
-        };
+        let qkv = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv) };
         let (q, rest) = qkv.split_at(rows * h);
         let (k_new, v_new) = rest.split_at(rows * kv);
         // New K and V in the cache dtype: [K: seq × new][V: seq × new].
@@ -1069,7 +1080,7 @@ impl<'a> Engine<'a> {
         kernels::from_f32(kv_dtype, k_new, &mut new_kv[..rows * row_bytes]);
         kernels::from_f32(kv_dtype, v_new, &mut new_kv[rows * row_bytes..]);
         let key = (task.layer, task.micro_batch, task.step);
-        let tier = self.policy.kv_cache.tier_of(task.layer as u64);
+        let tier = self.placements[task.layer as usize].kv;
         let max = self.workload.max_context() as usize;
         // The whole visible cache as bytes: [K: seq × (past + new)][V: ...].
         let visible = past + new;
@@ -1081,7 +1092,7 @@ impl<'a> Engine<'a> {
         // Where the cache lives decides where past rows come from and where new rows go.
         let resident_region = match (tier, side) {
             (Tier::Device, _) => Some(&self.kv_device),
-            (Tier::Host, Side::Host) => Some(&self.kv_host),
+            (Tier::Host, Place::Host(_)) => Some(&self.kv_host),
             _ => None,
         };
         if let Some(regions) = resident_region {
@@ -1098,7 +1109,7 @@ impl<'a> Engine<'a> {
         } else {
             let past_bytes = if past == 0 {
                 Vec::new()
-            } else if side == Side::Host {
+            } else if !side.is_device() {
                 lock(&self.kv_staged)
                     .remove(&key)
                     .ok_or_else(|| EngineError::Internal(format!("KV of layer {} not staged", task.layer)))?
@@ -1138,30 +1149,18 @@ impl<'a> Engine<'a> {
                 &mut out[seq * new * h..(seq + 1) * new * h],
             );
         }
-        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-        if side == Side::Device {
-            state.attn_device = out;
-        } else {
-            state.attn_host = out;
-        }
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn = out;
         Ok(())
     }
 
     /// Output projection and residual.
-    fn attn_out(&self, task: &Task, side: Side) -> Result<(), EngineError> {
+    fn attn_out(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let h = spec.hidden_size as usize;
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
         let o_tensor = if spec.qkv_bias { 7 } else { 4 };
-        let attn = {
-            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-            if side == Side::Device {
-                std::mem::take(&mut state.attn_device)
-            } else {
-                std::mem::take(&mut state.attn_host)
-            }
-        };
+        let attn = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn) };
         let projected = Engine::project(&weights, o_tensor, &attn, rows, h);
         drop(attn);
         self.add_to_hidden(task.micro_batch, side, &projected);
@@ -1169,7 +1168,7 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn mlp(&self, task: &Task, side: Side) -> Result<(), EngineError> {
+    fn mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
@@ -1197,6 +1196,49 @@ impl<'a> Engine<'a> {
         let first = self.first_j(task.micro_batch);
         lock(&self.streamed)
             .retain(|k, _| !(k.0 == group_code(group) && k.1 == task.layer && k.2 == task.step && k.3 == first));
+    }
+}
+
+/// The device pools' budgets as the recyclers see them: each device's kept buffers
+/// may use only what its pool has free beside the graph's accounting.
+struct DeviceBudgets<'e> {
+    /// (device, pool capacity, recycler) for every device with a pool.
+    devices: Vec<(Place, u64, &'e Arc<Recycler>)>,
+}
+
+impl<'e> DeviceBudgets<'e> {
+    fn new(graph: &TaskGraph, recyclers: &'e HashMap<u16, Arc<Recycler>>) -> DeviceBudgets<'e> {
+        let devices = graph
+            .pools
+            .iter()
+            .filter_map(|p| match p.pool {
+                Place::Device(d) => recyclers.get(&d).map(|r| (p.pool, p.capacity_bytes, r)),
+                Place::Host(_) => None,
+            })
+            .collect();
+        DeviceBudgets { devices }
+    }
+
+    /// Free bytes of every device pool now.
+    fn room(&self, dispatcher: &Dispatcher) -> Vec<u64> {
+        self.devices.iter().map(|(place, capacity, _)| capacity.saturating_sub(dispatcher.used(*place))).collect()
+    }
+
+    /// Sets every recycler's limit to its pool's free bytes.
+    fn refresh(&self, dispatcher: &Dispatcher) {
+        for ((_, _, recycler), room) in self.devices.iter().zip(self.room(dispatcher)) {
+            recycler.set_limit(room);
+        }
+    }
+
+    /// A task just started: its device acquisitions shrink the room of their pools.
+    fn acquired(&self, task: &Task, room: &mut [u64]) {
+        for m in &task.acquire {
+            if let Some(i) = self.devices.iter().position(|(place, _, _)| *place == m.pool) {
+                room[i] = room[i].saturating_sub(m.bytes);
+                self.devices[i].2.set_limit(room[i]);
+            }
+        }
     }
 }
 

@@ -53,6 +53,7 @@ fn logits_match_the_numpy_reference() {
         copy_streams: 1,
         io_queue_depth: 2,
         pinned_host_bytes: 0,
+        stages: Vec::new(),
     };
     let mut profile = Profile::from_datasheet(&Hardware {
         gpu: catalog.gpu("cpu").unwrap().value,

@@ -253,6 +253,8 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
             disk_read_under_compute: None,
             copy_duplex_slowdown: duplex_slowdown,
         },
+        devices: Vec::new(),
+        links: Vec::new(),
     };
     profile.validate()?;
     Ok(profile)

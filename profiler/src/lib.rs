@@ -241,6 +241,8 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
             // their contention is in the compute slowdown above.
             copy_duplex_slowdown: 0.0,
         },
+        devices: Vec::new(),
+        links: Vec::new(),
     };
     profile.validate()?;
     Ok(profile)
@@ -576,7 +578,7 @@ fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s: f64) -> R
     let mut excess: Vec<f64> = Vec::new();
     for span in &report.trace.spans {
         let task = &graph.tasks[span.task as usize];
-        if task.resource() != ferry_core::graph::Resource::DeviceCompute || task.step == 0 {
+        if task.resource() != ferry_core::graph::Resource::DEVICE_COMPUTE || task.step == 0 {
             continue;
         }
         let roofline_ns = (task.flops as f64 / peak_flops).max(task.bytes as f64 / bytes_per_s) * 1e9;

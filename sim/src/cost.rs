@@ -9,9 +9,9 @@
 //! achievable FLOP/s and bytes over achievable bandwidth, plus a per-task overhead;
 //! plus the profile's cost of freeing whatever memory the task releases.
 
-use ferry_core::graph::{Op, Payload, Resource, Task, TaskGraph, TaskKind};
+use ferry_core::graph::{Op, Payload, Place, Resource, Task, TaskGraph, TaskKind};
 use ferry_core::model::ModelSpec;
-use ferry_core::profile::{ComputeProfile, Profile, TransferCurve};
+use ferry_core::profile::{ComputeProfile, CurvePoint, Profile, TransferCurve};
 
 /// Which curve a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,6 +23,10 @@ pub enum Curve {
     HostToDevicePinned,
     HostToDevicePageable,
     DeviceToHost,
+    /// A device→device link the profile measured (index into `Profile::links`).
+    Link(u16),
+    /// Device→device without a profiled link: through the host (see `peer_via_host`).
+    PeerViaHost,
 }
 
 /// What the simulator needs to know about one task's cost.
@@ -47,11 +51,13 @@ pub struct CostModel<'a> {
     pub profile: &'a Profile,
     /// `hidden_size`x`intermediate_size`: the key measured kernel tables are stored under.
     shape: String,
+    /// Device→device copies with no profiled link (see `peer_via_host`).
+    peer_via_host: TransferCurve,
 }
 
 impl<'a> CostModel<'a> {
     pub fn new(profile: &'a Profile, model: &ModelSpec) -> CostModel<'a> {
-        CostModel { profile, shape: shape_key(model) }
+        CostModel { profile, shape: shape_key(model), peer_via_host: peer_via_host(profile) }
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
@@ -64,6 +70,21 @@ impl<'a> CostModel<'a> {
             Curve::HostToDevicePinned => &self.profile.host_to_device,
             Curve::HostToDevicePageable => &self.profile.host_to_device_pageable,
             Curve::DeviceToHost => &self.profile.device_to_host,
+            Curve::Link(index) => &self.profile.links[index as usize].curve,
+            Curve::PeerViaHost => &self.peer_via_host,
+        }
+    }
+
+    /// The curve a copy over `from → to` follows.
+    fn link_curve(&self, from: Place, to: Place, pinned: bool) -> Curve {
+        match (from, to) {
+            (Place::Host(_), Place::Device(_)) if pinned => Curve::HostToDevicePinned,
+            (Place::Host(_), _) => Curve::HostToDevicePageable,
+            (Place::Device(_), Place::Host(_)) => Curve::DeviceToHost,
+            _ => match self.profile.links.iter().position(|l| l.from == from && l.to == to) {
+                Some(index) => Curve::Link(index as u16),
+                None => Curve::PeerViaHost,
+            },
         }
     }
 
@@ -88,14 +109,14 @@ impl<'a> CostModel<'a> {
     /// `task_cost` with the single-request bandwidth supplied by the caller (memoised
     /// over a whole graph: interpolating a curve per task would dominate setup).
     fn task_cost_with(&self, task: &Task, single_stream: &mut dyn FnMut(Curve, u64) -> f64) -> TaskCost {
-        let curve = match task.kind {
-            TaskKind::DiskRead => Curve::DiskRead,
-            TaskKind::DiskWrite => Curve::DiskWrite,
-            TaskKind::HostToDevice if task.pinned => Curve::HostToDevicePinned,
-            TaskKind::HostToDevice => Curve::HostToDevicePageable,
-            TaskKind::DeviceToHost => Curve::DeviceToHost,
-            TaskKind::DeviceCompute => return self.compute_cost(task, &self.profile.device_compute),
-            TaskKind::HostCompute => return self.compute_cost(task, &self.profile.host_compute),
+        let curve = match (task.kind, task.resource) {
+            (TaskKind::DiskRead, _) => Curve::DiskRead,
+            (TaskKind::DiskWrite, _) => Curve::DiskWrite,
+            (_, Resource::Link { from, to }) => self.link_curve(from, to, task.pinned),
+            (_, Resource::Compute { at: Place::Device(_) }) => {
+                return self.compute_cost(task, &self.profile.device_compute)
+            }
+            _ => return self.compute_cost(task, &self.profile.host_compute),
         };
         let chunk_bytes = task.chunk_bytes.max(1);
         let latency_ns = self.curve(curve).latency_ns as f64;
@@ -142,8 +163,8 @@ impl<'a> CostModel<'a> {
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.
     pub fn compute_slowdown(&self, resource: Resource) -> f64 {
         match resource {
-            Resource::DeviceCompute => self.profile.interference.device_compute_slowdown,
-            Resource::HostCompute => self.profile.interference.host_compute_slowdown,
+            Resource::Compute { at: Place::Device(_) } => self.profile.interference.device_compute_slowdown,
+            Resource::Compute { at: Place::Host(_) } => self.profile.interference.host_compute_slowdown,
             _ => 0.0,
         }
     }
@@ -152,12 +173,15 @@ impl<'a> CostModel<'a> {
     /// (and, for disk reads, for the CPU the reading threads need).
     pub fn interferes(&self, transfer: Resource, compute: Resource) -> bool {
         match compute {
-            // The disk writes into device memory only when memory is unified.
-            Resource::DeviceCompute => {
-                matches!(transfer, Resource::HostToDevice | Resource::DeviceToHost)
-                    || (transfer == Resource::Disk && self.profile.unified_memory)
-            }
-            Resource::HostCompute => transfer.is_transfer(),
+            // A device's memory is busy with copies into or out of it; on unified memory
+            // every device shares one memory with the host and the disk's reads land in it.
+            Resource::Compute { at: device @ Place::Device(_) } => match transfer {
+                Resource::Link { .. } if self.profile.unified_memory => true,
+                Resource::Link { .. } => transfer.touches(device),
+                Resource::Disk { .. } => self.profile.unified_memory,
+                Resource::Compute { .. } => false,
+            },
+            Resource::Compute { at: Place::Host(_) } => transfer.is_transfer(),
             _ => false,
         }
     }
@@ -174,6 +198,29 @@ impl<'a> CostModel<'a> {
         };
         graph.tasks.iter().map(|t| self.task_cost_with(t, &mut single_stream)).collect()
     }
+}
+
+/// A device→device copy the profile did not measure. On unified memory the two
+/// devices share the host's memory, so it is a memcpy there: the profile's
+/// host→device curve, which on such machines is a measured (or datasheet) memcpy.
+/// Otherwise the bytes go down to the host and up again: at each point the two legs'
+/// times add (1 / (1/down + 1/up)). Latency: both legs'.
+fn peer_via_host(profile: &Profile) -> TransferCurve {
+    let up = &profile.host_to_device;
+    if profile.unified_memory {
+        return up.clone();
+    }
+    let down = &profile.device_to_host;
+    let points = up
+        .points
+        .iter()
+        .map(|p| {
+            let down_gbps = down.bytes_per_ns(p.chunk_bytes, p.concurrency).max(1e-12);
+            let gbps = 1.0 / (1.0 / p.gbps.max(1e-12) + 1.0 / down_gbps);
+            CurvePoint { chunk_bytes: p.chunk_bytes, concurrency: p.concurrency, gbps, spread: None }
+        })
+        .collect();
+    TransferCurve { latency_ns: up.latency_ns + down.latency_ns, points }
 }
 
 pub fn shape_key(model: &ModelSpec) -> String {

@@ -19,7 +19,7 @@
 //! The same graph and costs therefore always give the identical trace.
 
 use ferry_core::dispatch::Dispatcher;
-use ferry_core::graph::{Resource, TaskGraph};
+use ferry_core::graph::TaskGraph;
 use ferry_core::trace::{Span, Trace, TraceSource};
 
 use crate::cost::{CostModel, TaskCost};
@@ -32,7 +32,7 @@ pub enum SimError {
     /// Memory ran out with every running task waiting on another: the message names
     /// the pool, the task that cannot start and the shortfall.
     #[error("deadlock: {message}")]
-    Deadlock { pool: &'static str, message: String },
+    Deadlock { pool: String, message: String },
 }
 
 /// A simulated trace and how many events it took.
@@ -54,8 +54,6 @@ struct Active {
     /// When it completes at the current rate.
     finish_ns: u64,
 }
-
-const RESOURCES: usize = Resource::ALL.len();
 
 /// Replays `graph` with the durations of `cost`.
 pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimError> {
@@ -89,26 +87,30 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
         })
         .collect();
 
-    let resource_of: Vec<usize> = graph.tasks.iter().map(|t| t.resource().index()).collect();
-    let lanes: [u32; RESOURCES] = std::array::from_fn(|r| graph.lanes(Resource::ALL[r]).max(1));
+    // Resources are indexed by their position in the graph's list.
+    let resources: Vec<_> = graph.resources.iter().map(|r| r.resource).collect();
+    let count = resources.len();
     let mut dispatcher = Dispatcher::new(graph);
-    let mut active: [Vec<Active>; RESOURCES] = Default::default();
-    let slowdown: [f64; RESOURCES] = std::array::from_fn(|r| cost.compute_slowdown(Resource::ALL[r]));
-    let interferes: [[bool; RESOURCES]; RESOURCES] =
-        std::array::from_fn(|c| std::array::from_fn(|t| cost.interferes(Resource::ALL[t], Resource::ALL[c])));
+    let resource_of: Vec<usize> = (0..task_count as u32).map(|id| dispatcher.resource_of(id)).collect();
+    let lanes: Vec<u32> = graph.resources.iter().map(|r| r.lanes.max(1)).collect();
+    let is_transfer: Vec<bool> = resources.iter().map(|r| r.is_transfer()).collect();
+    let mut active: Vec<Vec<Active>> = vec![Vec::new(); count];
+    let slowdown: Vec<f64> = resources.iter().map(|&r| cost.compute_slowdown(r)).collect();
+    // interferes[c][t]: a transfer on t slows compute on c (and c's compute slows t's reads).
+    let interferes: Vec<Vec<bool>> =
+        resources.iter().map(|&c| resources.iter().map(|&t| cost.interferes(t, c)).collect()).collect();
 
-    // Host→device and device→host copies slow each other on a link that is not fully duplex.
+    // Copies in opposite directions over one link slow each other when it is not fully duplex.
     let duplex_slowdown = cost.profile.interference.copy_duplex_slowdown;
-    let duplex_partner: [Option<usize>; RESOURCES] = std::array::from_fn(|r| match Resource::ALL[r] {
-        Resource::HostToDevice => Some(Resource::DeviceToHost.index()),
-        Resource::DeviceToHost => Some(Resource::HostToDevice.index()),
-        _ => None,
-    });
+    let duplex_partner: Vec<Option<usize>> =
+        resources.iter().map(|r| r.reverse().and_then(|back| resources.iter().position(|&o| o == back))).collect();
 
     let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; task_count];
     let mut time: u64 = 0;
     let mut events: u64 = 0;
     let mut completed: Vec<(u32, u32)> = Vec::new();
+    let mut transfer_active = vec![false; count];
+    let mut compute_active = vec![false; count];
 
     while !dispatcher.is_finished() {
         dispatcher.dispatch(|id, lane| {
@@ -123,20 +125,20 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
 
         if active.iter().all(Vec::is_empty) {
             let stall = dispatcher.stall();
-            return Err(SimError::Deadlock { pool: stall.pool.name(), message: stall.message });
+            return Err(SimError::Deadlock { pool: graph.pool_label(stall.pool), message: stall.message });
         }
 
         // Rates for the current set of active tasks.
-        let transfer_active: [bool; RESOURCES] =
-            std::array::from_fn(|r| Resource::ALL[r].is_transfer() && !active[r].is_empty());
-        let compute_active: [bool; RESOURCES] =
-            std::array::from_fn(|r| !Resource::ALL[r].is_transfer() && !active[r].is_empty());
-        for r in 0..RESOURCES {
+        for r in 0..count {
+            transfer_active[r] = is_transfer[r] && !active[r].is_empty();
+            compute_active[r] = !is_transfer[r] && !active[r].is_empty();
+        }
+        for r in 0..count {
             let n = active[r].len();
             if n == 0 {
                 continue;
             }
-            if Resource::ALL[r].is_transfer() {
+            if is_transfer[r] {
                 let requests: u64 = active[r]
                     .iter()
                     .map(|a| match costs[a.task as usize] {
@@ -145,7 +147,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     })
                     .sum();
                 let in_flight = requests.min(lanes[r] as u64) as u32;
-                let contended = (0..RESOURCES).any(|c| compute_active[c] && interferes[c][r]) as usize;
+                let contended = (0..count).any(|c| compute_active[c] && interferes[c][r]) as usize;
                 let duplex = match duplex_partner[r] {
                     Some(other) if duplex_slowdown > 0.0 && transfer_active[other] => 1.0 + duplex_slowdown,
                     _ => 1.0,
@@ -155,7 +157,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     a.rate = bandwidth_tables[row][contended][in_flight as usize - 1] / n as f64 / duplex;
                 }
             } else {
-                let slowed = slowdown[r] > 0.0 && (0..RESOURCES).any(|t| transfer_active[t] && interferes[r][t]);
+                let slowed = slowdown[r] > 0.0 && (0..count).any(|t| transfer_active[t] && interferes[r][t]);
                 let rate = if slowed { 1.0 / (1.0 + slowdown[r]) } else { 1.0 };
                 for a in active[r].iter_mut() {
                     a.rate = rate;

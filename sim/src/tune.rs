@@ -25,7 +25,7 @@
 
 use good_lp::{microlp, variable, Expression, ProblemVariables, Solution, SolverModel, Variable};
 
-use ferry_core::graph::{Op, Pool};
+use ferry_core::graph::Op;
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
 use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
@@ -288,6 +288,10 @@ struct Searcher<'a> {
 /// (the bound sums per-step maxima and uses mean context, so it can be a little off).
 const BOUND_SLACK: f64 = 0.02;
 
+/// The tuner searches one-stage plans, whose pools are the device's, then the host's.
+const DEVICE_POOL: usize = 0;
+const HOST_POOL: usize = 1;
+
 /// Plans predicted within this fraction of the best count as tied (see `run`).
 const NEAR_TIE: f64 = 0.005;
 
@@ -504,8 +508,8 @@ impl<'a> Searcher<'a> {
             device_split_ms,
             host_core_ms,
             host_layer_ms,
-            device_static_gb: gb(pools[Pool::Device.index()].resident_bytes()),
-            host_static_gb: gb(pools[Pool::Host.index()].resident_bytes()),
+            device_static_gb: gb(pools[DEVICE_POOL].resident_bytes()),
+            host_static_gb: gb(pools[HOST_POOL].resident_bytes()),
             device_capacity_gb: gb(device_capacity),
             host_capacity_gb: gb(host_capacity),
             disk_capacity_gb: profile.disk_capacity_bytes.map(gb),
@@ -677,6 +681,7 @@ impl<'a> Searcher<'a> {
             copy_streams: member.copy_streams,
             io_queue_depth: member.io_queue_depth,
             pinned_host_bytes,
+            stages: Vec::new(),
         }
     }
 
@@ -692,17 +697,15 @@ impl<'a> Searcher<'a> {
         {
             policy.embeddings = Tier::Device;
             let pools = pool_specs(&policy, request.model, workload, request.profile);
-            if pools[Pool::Device.index()].resident_bytes() > pools[Pool::Device.index()].capacity_bytes
-                && !self.unified()
-            {
+            if pools[DEVICE_POOL].resident_bytes() > pools[DEVICE_POOL].capacity_bytes && !self.unified() {
                 policy.embeddings = Tier::Host;
             }
         }
         let spill = if self.unified() { Tier::Disk } else { Tier::Host };
         for _ in 0..(3 * request.model.num_layers + 2) {
             let pools = pool_specs(&policy, request.model, workload, request.profile);
-            let device = &pools[Pool::Device.index()];
-            let host = &pools[Pool::Host.index()];
+            let device = &pools[DEVICE_POOL];
+            let host = &pools[HOST_POOL];
             let device_ok = device.resident_bytes() <= device.capacity_bytes;
             let host_ok = host.resident_bytes() <= host.capacity_bytes;
             if device_ok && host_ok {
@@ -910,9 +913,9 @@ impl<'a> Searcher<'a> {
         let layer = model
             .group_bytes(WeightGroup::Mlp, request.weight_dtype)
             .max(model.group_bytes(WeightGroup::Attention, request.weight_dtype));
-        let device_need = pools[Pool::Device.index()].resident_bytes() + layer;
+        let device_need = pools[DEVICE_POOL].resident_bytes() + layer;
         if device_need > device_capacity {
-            let detail: Vec<String> = pools[Pool::Device.index()]
+            let detail: Vec<String> = pools[DEVICE_POOL]
                 .resident
                 .iter()
                 .filter(|(_, b)| *b > 0)
@@ -927,7 +930,7 @@ impl<'a> Searcher<'a> {
                 detail.join(", ")
             );
         }
-        let host_need = pools[Pool::Host.index()].resident_bytes() + layer;
+        let host_need = pools[HOST_POOL].resident_bytes() + layer;
         if !self.unified() && host_need > host_capacity {
             return format!(
                 "host memory: the staging buffers and host-resident items need {} but the usable budget is {} (short by {})",

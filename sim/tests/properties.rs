@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use ferry_core::catalog::Catalog;
-use ferry_core::graph::{MemOp, Payload, Pool, Resource, TaskGraph, TaskKind};
+use ferry_core::graph::{MemOp, Payload, Pool, TaskGraph, TaskKind};
 use ferry_core::model::{Dtype, WeightGroup};
 use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::schedule::{lower, Steps};
@@ -13,14 +13,7 @@ use ferry_sim::cost::CostModel;
 use ferry_sim::{simulate, SimError};
 use proptest::prelude::*;
 
-const KINDS: [TaskKind; 6] = [
-    TaskKind::DiskRead,
-    TaskKind::DiskWrite,
-    TaskKind::HostToDevice,
-    TaskKind::DeviceToHost,
-    TaskKind::DeviceCompute,
-    TaskKind::HostCompute,
-];
+const KINDS: [Kind; 6] = ALL_KINDS;
 
 /// A random acyclic graph; some tasks hold device or host memory until a later
 /// dependent task releases it.
@@ -47,7 +40,7 @@ fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
                 let mut deps: Vec<u32> = if i == 0 { vec![] } else { deps.iter().map(|d| d.index(i) as u32).collect() };
                 deps.sort_unstable();
                 deps.dedup();
-                let is_compute = matches!(kind, TaskKind::DeviceCompute | TaskKind::HostCompute);
+                let is_compute = matches!(kind, DEVICE_COMPUTE | HOST_COMPUTE);
                 let mut t = task(kind, if is_compute { 0 } else { size }, if is_compute { size } else { 0 }, deps);
                 // Release memory held by an earlier task, and make this task depend on it.
                 if let Some((holder, op)) = pending_release.pop() {
@@ -57,7 +50,7 @@ fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
                     t.release.push(op);
                 }
                 if mem > 0 {
-                    let op = MemOp { pool: if device_pool { Pool::Device } else { Pool::Host }, bytes: mem };
+                    let op = MemOp { pool: if device_pool { Pool::DEVICE } else { Pool::HOST }, bytes: mem };
                     t.acquire.push(op);
                     pending_release.push((i, op));
                 }
@@ -66,7 +59,7 @@ fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
             // Whatever is still held is released by a final task depending on the holders.
             if !pending_release.is_empty() {
                 let deps = pending_release.iter().map(|(h, _)| *h as u32).collect();
-                let mut last = task(TaskKind::DeviceCompute, 0, 1, deps);
+                let mut last = task(DEVICE_COMPUTE, 0, 1, deps);
                 last.release = pending_release.iter().map(|(_, op)| *op).collect();
                 tasks.push(last);
             }
@@ -99,7 +92,7 @@ proptest! {
                     }
                 }
                 // No resource runs more tasks at once than it has lanes; lanes never double-booked.
-                for r in Resource::ALL {
+                for r in ONE_DEVICE_RESOURCES {
                     let mut on: Vec<_> = spans.iter().filter(|s| g.tasks[s.task as usize].resource() == r).collect();
                     on.sort_by_key(|s| s.start_ns);
                     for s in &on {
@@ -110,7 +103,7 @@ proptest! {
                     }
                 }
                 // Pools never above capacity.
-                for pool in Pool::ALL {
+                for pool in [Pool::DEVICE, Pool::HOST] {
                     prop_assert!(peak(&g, &out.trace, pool) <= g.pool(pool).capacity_bytes);
                 }
                 // Same input, identical trace.
@@ -164,6 +157,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     copy_streams: streams,
                     io_queue_depth: qd,
                     pinned_host_bytes: pinned,
+                    stages: Vec::new(),
                 };
                 (policy, Workload { batch_size: mb * nmb, prompt_len: prompt, gen_len: gen }, unified)
             },
@@ -187,27 +181,28 @@ proptest! {
         let mut expected_stream = 0;
         let mut expected_disk = 0;
         for layer in 0..model.num_layers {
-            for (group, tiers) in [(WeightGroup::Attention, &policy.attention_weights), (WeightGroup::Mlp, &policy.mlp_weights)] {
+            let place = policy.placement_of(layer);
+            for (group, tier) in [(WeightGroup::Attention, place.attention), (WeightGroup::Mlp, place.mlp)] {
                 let bytes = model.group_bytes(group, policy.weight_dtype) * steps * visits_per_layer;
-                match tiers.tier_of(layer) {
+                match tier {
                     Tier::Device => {}
                     Tier::Host => expected_stream += bytes,
                     Tier::Disk => { expected_stream += bytes; expected_disk += bytes; }
                 }
             }
         }
-        let weight_bytes = |kind: TaskKind| -> u64 {
-            graph.tasks.iter().filter(|t| t.kind == kind && matches!(t.payload, Payload::Weights { .. })).map(|t| t.bytes).sum()
+        let weight_bytes = |(kind, resource): Kind| -> u64 {
+            graph.tasks.iter().filter(|t| t.kind == kind && t.resource == resource && matches!(t.payload, Payload::Weights { .. })).map(|t| t.bytes).sum()
         };
-        prop_assert_eq!(weight_bytes(TaskKind::DiskRead), expected_disk);
-        let landed = if unified { weight_bytes(TaskKind::DiskRead) } else { weight_bytes(TaskKind::HostToDevice) };
+        prop_assert_eq!(weight_bytes(DISK_READ), expected_disk);
+        let landed = if unified { weight_bytes(DISK_READ) } else { weight_bytes(H2D) };
         prop_assert_eq!(landed, expected_stream);
 
         // KV bytes: every decode step reads the past KV of each non-device layer once per micro-batch.
         let kv_token = model.kv_bytes_per_token_per_layer(policy.kv_dtype) * policy.micro_batch_size;
         let mut expected_kv_read = 0;
         for layer in 0..model.num_layers {
-            if policy.kv_cache.tier_of(layer) == Tier::Disk {
+            if policy.placement_of(layer).kv == Tier::Disk {
                 for step in 1..workload.gen_len {
                     expected_kv_read += kv_token * (workload.prompt_len + step - 1) * policy.num_micro_batches;
                 }

@@ -45,14 +45,27 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
             disk_read_under_compute: None,
             copy_duplex_slowdown: 0.0,
         },
+        devices: Vec::new(),
+        links: Vec::new(),
     }
 }
 
-pub fn task(kind: TaskKind, bytes: u64, flops: u64, deps: Vec<TaskId>) -> Task {
+/// Task kinds of a one-device machine, as (kind, resource).
+pub type Kind = (TaskKind, Resource);
+pub const DISK_READ: Kind = (TaskKind::DiskRead, Resource::DISK);
+pub const DISK_WRITE: Kind = (TaskKind::DiskWrite, Resource::DISK);
+pub const H2D: Kind = (TaskKind::Copy, Resource::HOST_TO_DEVICE);
+pub const D2H: Kind = (TaskKind::Copy, Resource::DEVICE_TO_HOST);
+pub const DEVICE_COMPUTE: Kind = (TaskKind::Compute, Resource::DEVICE_COMPUTE);
+pub const HOST_COMPUTE: Kind = (TaskKind::Compute, Resource::HOST_COMPUTE);
+pub const ALL_KINDS: [Kind; 6] = [DISK_READ, DISK_WRITE, H2D, D2H, DEVICE_COMPUTE, HOST_COMPUTE];
+
+pub fn task((kind, resource): Kind, bytes: u64, flops: u64, deps: Vec<TaskId>) -> Task {
     Task {
         kind,
+        resource,
         payload: match kind {
-            TaskKind::DeviceCompute | TaskKind::HostCompute => Payload::Compute { op: Op::Mlp },
+            TaskKind::Compute => Payload::Compute { op: Op::Mlp },
             _ => Payload::Activations,
         },
         layer: 0,
@@ -75,13 +88,22 @@ pub fn graph(tasks: Vec<Task>, device_bytes: u64, host_bytes: u64, lanes: u32) -
     TaskGraph {
         tasks,
         pools: vec![
-            PoolSpec { pool: Pool::Device, capacity_bytes: device_bytes, resident: Vec::new() },
-            PoolSpec { pool: Pool::Host, capacity_bytes: host_bytes, resident: Vec::new() },
+            PoolSpec { pool: Pool::DEVICE, capacity_bytes: device_bytes, resident: Vec::new() },
+            PoolSpec { pool: Pool::HOST, capacity_bytes: host_bytes, resident: Vec::new() },
         ],
-        resources: Resource::ALL.iter().map(|&resource| ResourceSpec { resource, lanes }).collect(),
+        resources: ONE_DEVICE_RESOURCES.iter().map(|&resource| ResourceSpec { resource, lanes }).collect(),
         batch_size: 1,
         prompt_len: 1,
         gen_len: 1,
         steps: vec![0],
     }
 }
+
+/// The resources of a one-device machine, in the lowering's order.
+pub const ONE_DEVICE_RESOURCES: [Resource; 5] = [
+    Resource::DISK,
+    Resource::HOST_TO_DEVICE,
+    Resource::DEVICE_TO_HOST,
+    Resource::DEVICE_COMPUTE,
+    Resource::HOST_COMPUTE,
+];
