@@ -7,9 +7,10 @@ use std::path::Path;
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::model::Dtype;
-use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::plan::{Policy, Schedule, Stage, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
+use ferry_core::topology::{DeviceSlot, Place, Resource};
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::CpuBackend;
 use ferry_engine::weights::ModelFiles;
@@ -28,6 +29,37 @@ fn profile(gpu: &str, host: &str, device_bytes: u64) -> Profile {
 
 fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
     (0..batch).map(|s| (0..len).map(|t| ((s * 131 + t * 17 + 3) % vocab) as u32).collect()).collect()
+}
+
+/// `profile` with `count` devices of its kind, each with `device_bytes` of memory.
+fn with_devices(profile: &Profile, count: usize, device_bytes: u64) -> Profile {
+    let mut p = profile.clone();
+    p.devices = vec![DeviceSlot { host: 0, memory_bytes: device_bytes }; count];
+    p
+}
+
+/// `policy` with its layers split into stages of `sizes` layers on devices `devices`,
+/// each stage placing its layers like `place(stage, layers)` says.
+fn staged(policy: &Policy, sizes: &[u64], devices: &[u16], place: impl Fn(usize, u64) -> [TierCounts; 3]) -> Policy {
+    let mut p = policy.clone();
+    p.stages = sizes
+        .iter()
+        .zip(devices)
+        .enumerate()
+        .map(|(i, (&n, &device))| {
+            let [attention_weights, mlp_weights, kv_cache] = place(i, n);
+            Stage { device, attention_weights, mlp_weights, kv_cache }
+        })
+        .collect();
+    let sum = |k: usize| {
+        p.stage_list().iter().fold(TierCounts { device: 0, host: 0, disk: 0 }, |a, s| {
+            let c = [s.attention_weights, s.mlp_weights, s.kv_cache][k];
+            TierCounts { device: a.device + c.device, host: a.host + c.host, disk: a.disk + c.disk }
+        })
+    };
+    let totals = [sum(0), sum(1), sum(2)];
+    [p.attention_weights, p.mlp_weights, p.kv_cache] = totals;
+    p
 }
 
 fn base_policy(layers: u64) -> Policy {
@@ -120,12 +152,72 @@ fn every_schedule_and_placement_computes_the_same_tokens_and_logits() {
         s.kv_cache = TierCounts { device: 2, host: 2, disk: 0 };
         cases.push((format!("discrete {schedule:?} llama.cpp split"), s, &discrete));
     }
+    // Several stages: layers split over devices, the hidden state crossing the link
+    // between them (two or three cpu devices on one host, each with its own budget;
+    // two discrete devices with host-resident and streamed weights and KV).
+    let two_cpus = with_devices(&cpu, 2, 32 * MIB);
+    let three_cpus = with_devices(&cpu, 3, 32 * MIB);
+    let two_gpus = with_devices(&discrete, 2, 32 * MIB);
+    let all = |tier: Tier, n: u64| TierCounts::all(tier, n);
+    let mixed = |n: u64| TierCounts { device: 1, host: 0, disk: n - 1 };
+    for schedule in Schedule::ALL {
+        for (mb, n) in [(4, 1), (2, 2)] {
+            let mut p = base_policy(layers);
+            p.schedule = schedule;
+            p.micro_batch_size = mb;
+            p.num_micro_batches = n;
+            p.prefetch_depth = 2;
+            p.chunk_bytes = 16 * KIB;
+            let resident = staged(&p, &[2, 2], &[0, 1], |_, n| [all(Tier::Device, n); 3]);
+            cases.push((format!("2 cpu stages {schedule:?} {mb}x{n} resident"), resident, &two_cpus));
+            let streamed = staged(&p, &[1, 3], &[1, 0], |i, n| {
+                if i == 0 {
+                    [all(Tier::Disk, n), all(Tier::Device, n), all(Tier::Disk, n)]
+                } else {
+                    [mixed(n), all(Tier::Disk, n), mixed(n)]
+                }
+            });
+            cases.push((format!("2 cpu stages {schedule:?} {mb}x{n} streamed, devices reversed"), streamed, &two_cpus));
+            let three = staged(&p, &[1, 1, 2], &[0, 1, 2], |i, n| {
+                [if i == 1 { all(Tier::Disk, n) } else { all(Tier::Device, n) }, mixed(n), all(Tier::Device, n)]
+            });
+            cases.push((format!("3 cpu stages {schedule:?} {mb}x{n}"), three, &three_cpus));
+            let mut q = p.clone();
+            q.host_attention = true;
+            q.embeddings = Tier::Host;
+            q.head = Tier::Host;
+            q.copy_streams = 2;
+            q.pinned_host_bytes = 256 * KIB;
+            let gpus = staged(&q, &[2, 2], &[0, 1], |i, n| {
+                let host = TierCounts { device: 1, host: 1, disk: n - 2 };
+                if i == 0 {
+                    [host, mixed(n), host]
+                } else {
+                    [TierCounts { device: 0, host: 1, disk: n - 1 }, host, mixed(n)]
+                }
+            });
+            cases.push((format!("2 discrete stages {schedule:?} {mb}x{n} host attention"), gpus, &two_gpus));
+        }
+    }
     for (what, policy, profile) in &cases {
         let report = execute(dir.path(), &files, policy, &workload, profile);
         assert_same(&reference, &report, what);
         // Every pool stayed inside its budget.
         for pool in &report.metrics.pools {
             assert!(pool.peak_bytes <= pool.capacity_bytes, "{what}: {pool:?}");
+        }
+        // A multi-stage run used every stage's device and moved activations between them.
+        if policy.stages.len() > 1 {
+            let devices = report.metrics.pools.iter().filter(|p| p.pool.is_device()).count();
+            assert_eq!(devices, policy.stages.len(), "{what}: one pool per stage device");
+            let peer_busy = report.metrics.resources.iter().any(|r| {
+                matches!(r.resource, Resource::Link { from, to } if from.is_device() && to.is_device()) && r.busy_ns > 0
+            });
+            assert!(peer_busy, "{what}: the hidden state never crossed a device-to-device link");
+            for stage in &policy.stages {
+                let compute = Resource::compute(Place::Device(stage.device));
+                assert!(report.metrics.utilization(compute) > 0.0, "{what}: device {} never computed", stage.device);
+            }
         }
     }
 }

@@ -1,0 +1,316 @@
+//! The model's forward pass: embeddings, attention (fused, or split around host
+//! attention), MLP and head on one micro-batch's activations at the place the task
+//! runs, and the copies that move those activations between places.
+
+use std::collections::HashMap;
+
+use ferry_core::graph::{Op, Payload, Place, Task};
+use ferry_core::model::WeightGroup;
+use ferry_core::plan::Tier;
+
+use super::{lock, Engine};
+use crate::kernels;
+use crate::EngineError;
+
+/// One micro-batch's activations at one place: the hidden state and the attention
+/// intermediates (q/k/v after the projections, the attention output).
+#[derive(Default)]
+pub(super) struct Activations {
+    hidden: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+}
+
+/// Per micro-batch state: its activations at every place that has held them. Only
+/// the graph's copy tasks move them between places.
+#[derive(Default)]
+pub(super) struct MicroBatch {
+    places: HashMap<Place, Activations>,
+}
+
+/// The part of a micro-batch's activations a copy after `after` moves.
+pub(super) fn activation_part(activations: &mut Activations, after: Option<Op>) -> &mut Vec<f32> {
+    match after {
+        Some(Op::AttnQkv) => &mut activations.qkv,
+        Some(Op::AttnCore) => &mut activations.attn,
+        _ => &mut activations.hidden,
+    }
+}
+
+impl MicroBatch {
+    pub(super) fn at(&mut self, place: Place) -> &mut Activations {
+        self.places.entry(place).or_default()
+    }
+}
+
+impl<'a> Engine<'a> {
+    /// Moves a micro-batch's activations from one place to another over the task's
+    /// link. What moves follows from the task before it: q/k/v after AttnQkv, the
+    /// attention output after AttnCore, otherwise the hidden state.
+    pub(super) fn copy_activations(&self, task: &Task) -> Result<(), EngineError> {
+        let (from, to) =
+            task.link_ends().ok_or_else(|| EngineError::Internal(format!("copy {} has no link", task.label())))?;
+        let producer = task.deps.first().map(|&d| &self.graph.tasks[d as usize]);
+        let after = producer.and_then(|p| match p.payload {
+            Payload::Compute { op } => Some(op),
+            _ => None,
+        });
+        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        // Taken out while copying, so source and destination are borrowed apart.
+        let mut source = state.places.remove(&from).unwrap_or_default();
+        let src = activation_part(&mut source, after);
+        let dst = activation_part(state.at(to), after);
+        dst.resize(src.len(), 0.0);
+        self.backend.copy_f32(dst, src);
+        state.places.insert(from, source);
+        Ok(())
+    }
+
+    pub(super) fn compute(&self, task: &Task, op: Op, side: Place) -> Result<(), EngineError> {
+        match op {
+            Op::Embed => self.embed(task, side),
+            Op::Head => self.head(task, side),
+            Op::Attention => {
+                self.attn_qkv(task, side)?;
+                self.attn_core(task, side)?;
+                self.attn_out(task, side)
+            }
+            Op::AttnQkv => self.attn_qkv(task, side),
+            Op::AttnCore => self.attn_core(task, side),
+            Op::AttnOut => self.attn_out(task, side),
+            Op::Mlp => self.mlp(task, side),
+        }
+    }
+
+    pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let h = self.spec.hidden_size as usize;
+        let new = self.new_tokens(task.step);
+        let table = self.resident_group(WeightGroup::Embeddings);
+        let blocks = Engine::matrix(std::slice::from_ref(&table), 0);
+        let (_, matrix) = blocks.first().ok_or_else(|| EngineError::Internal("no embeddings".into()))?;
+        let row_bytes = kernels::element_bytes(matrix.dtype) * h;
+        let tokens = lock(&self.tokens);
+        let mut hidden = vec![0.0f32; self.policy.micro_batch_size as usize * new * h];
+        for (i, seq) in self.sequences(task.micro_batch).enumerate() {
+            for t in 0..new {
+                let token =
+                    if task.step == 0 { self.options.prompts[seq][t] } else { tokens[seq][task.step as usize - 1] }
+                        as usize;
+                let src = &matrix.bytes[token * row_bytes..(token + 1) * row_bytes];
+                kernels::to_f32(matrix.dtype, src, &mut hidden[(i * new + t) * h..(i * new + t + 1) * h]);
+            }
+        }
+        drop(tokens);
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).hidden = hidden;
+        Ok(())
+    }
+
+    pub(super) fn head(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let h = self.spec.hidden_size as usize;
+        let vocab = self.spec.vocab_size as usize;
+        let new = self.new_tokens(task.step);
+        let mb = self.policy.micro_batch_size as usize;
+        let head = self.resident_group(WeightGroup::Head);
+        let norm = Engine::vector(std::slice::from_ref(&head), 0);
+        let last_rows: Vec<f32> = {
+            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let hidden = &state.at(side).hidden;
+            (0..mb).flat_map(|i| hidden[((i + 1) * new - 1) * h..(i + 1) * new * h].iter().copied()).collect()
+        };
+        let mut normed = vec![0.0; mb * h];
+        kernels::rms_norm(&last_rows, &norm, self.spec.rms_norm_eps as f32, &mut normed);
+        let logits = if self.spec.tie_word_embeddings {
+            Engine::project(std::slice::from_ref(&self.resident_group(WeightGroup::Embeddings)), 0, &normed, mb, vocab)
+        } else {
+            Engine::project(std::slice::from_ref(&head), 1, &normed, mb, vocab)
+        };
+        let mut tokens = lock(&self.tokens);
+        let mut all_logits = lock(&self.logits);
+        if self.options.keep_logits && all_logits.len() <= task.step as usize {
+            all_logits.resize(task.step as usize + 1, vec![Vec::new(); self.workload.batch_size as usize]);
+        }
+        for (i, seq) in self.sequences(task.micro_batch).enumerate() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            tokens[seq].push(kernels::argmax(row));
+            if self.options.keep_logits {
+                all_logits[task.step as usize][seq] = row.to_vec();
+            }
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of the side's hidden state, read in place (no copy of the hidden state).
+    pub(super) fn normed_hidden(&self, j: u32, side: Place, weight: &[f32], rows: usize) -> Vec<f32> {
+        let mut state = lock(&self.micro_batches[j as usize]);
+        let hidden = &state.at(side).hidden;
+        let mut normed = vec![0.0; rows * self.spec.hidden_size as usize];
+        kernels::rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed);
+        normed
+    }
+
+    /// Adds `delta` to the side's hidden state (the residual connection).
+    pub(super) fn add_to_hidden(&self, j: u32, side: Place, delta: &[f32]) {
+        let mut state = lock(&self.micro_batches[j as usize]);
+        let hidden = &mut state.at(side).hidden;
+        for (x, d) in hidden.iter_mut().zip(delta) {
+            *x += d;
+        }
+    }
+
+    /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer,
+    /// laid out as [q: rows × h][k: rows × kv][v: rows × kv].
+    pub(super) fn attn_qkv(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let spec = self.spec;
+        let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
+        let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
+        let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
+        let normed = self.normed_hidden(task.micro_batch, side, &Engine::vector(&weights, 0), rows);
+        // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o.
+        let bias = spec.qkv_bias;
+        let (q_t, k_t, v_t) = if bias { (1, 3, 5) } else { (1, 2, 3) };
+        let mut qkv = vec![0.0f32; rows * (h + 2 * kv)];
+        {
+            let (q, rest) = qkv.split_at_mut(rows * h);
+            let (k, v) = rest.split_at_mut(rows * kv);
+            Engine::project_into(&weights, q_t, &normed, rows, h, q);
+            Engine::project_into(&weights, k_t, &normed, rows, kv, k);
+            Engine::project_into(&weights, v_t, &normed, rows, kv, v);
+            if bias {
+                kernels::add_bias(q, &Engine::vector(&weights, 2), h, 0);
+                kernels::add_bias(k, &Engine::vector(&weights, 4), kv, 0);
+                kernels::add_bias(v, &Engine::vector(&weights, 6), kv, 0);
+            }
+            let positions = self.positions(task.step);
+            kernels::rope(q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32);
+            kernels::rope(k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
+        }
+        drop(normed);
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv = qkv;
+        Ok(())
+    }
+
+    /// Attention over the cache where the plan keeps it; appends the new keys and values.
+    pub(super) fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let spec = self.spec;
+        let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
+        let mb = self.policy.micro_batch_size as usize;
+        let new = self.new_tokens(task.step);
+        let past = self.past(task.step);
+        let rows = mb * new;
+        let kv_dtype = self.policy.kv_dtype;
+        let row_bytes = self.kv_row_bytes();
+        // Consumed here: taking it keeps no copy alive between steps.
+        let qkv = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv) };
+        let (q, rest) = qkv.split_at(rows * h);
+        let (k_new, v_new) = rest.split_at(rows * kv);
+        // New K and V in the cache dtype: [K: seq × new][V: seq × new].
+        let mut new_kv = vec![0u8; 2 * rows * row_bytes];
+        kernels::from_f32(kv_dtype, k_new, &mut new_kv[..rows * row_bytes]);
+        kernels::from_f32(kv_dtype, v_new, &mut new_kv[rows * row_bytes..]);
+        let key = (task.layer, task.micro_batch, task.step);
+        let tier = self.placements[task.layer as usize].kv;
+        let max = self.workload.max_context() as usize;
+        // The whole visible cache as bytes: [K: seq × (past + new)][V: ...].
+        let visible = past + new;
+        let mut cache = vec![0u8; 2 * mb * visible * row_bytes];
+        let mut place = |half: usize, seq: usize, pos: usize, bytes: &[u8]| {
+            let at = ((half * mb + seq) * visible + pos) * row_bytes;
+            cache[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        // Where the cache lives decides where past rows come from and where new rows go.
+        let resident_region = match (tier, side) {
+            (Tier::Device, _) => Some(&self.kv_device),
+            (Tier::Host, Place::Host(_)) => Some(&self.kv_host),
+            _ => None,
+        };
+        if let Some(regions) = resident_region {
+            let mut slot = lock(&regions[self.kv_slot(task.layer, task.micro_batch)]);
+            let region = slot.as_mut().ok_or_else(|| EngineError::Internal("KV region missing".into()))?;
+            self.scatter_new(region.as_mut_slice(), &new_kv, past, new);
+            let bytes = region.as_slice();
+            for half in 0..2 {
+                for seq in 0..mb {
+                    let start = (half * mb + seq) * max * row_bytes;
+                    place(half, seq, 0, &bytes[start..start + visible * row_bytes]);
+                }
+            }
+        } else {
+            let past_bytes = if past == 0 {
+                Vec::new()
+            } else if !side.is_device() {
+                lock(&self.kv_staged)
+                    .remove(&key)
+                    .ok_or_else(|| EngineError::Internal(format!("KV of layer {} not staged", task.layer)))?
+            } else {
+                lock(&self.kv_loaded)
+                    .remove(&key)
+                    .ok_or_else(|| EngineError::Internal(format!("KV of layer {} not loaded", task.layer)))?
+            };
+            for half in 0..2 {
+                for seq in 0..mb {
+                    let p = (half * mb + seq) * past * row_bytes;
+                    place(half, seq, 0, &past_bytes[p..p + past * row_bytes]);
+                    let n = (half * mb + seq) * new * row_bytes;
+                    place(half, seq, past, &new_kv[n..n + new * row_bytes]);
+                }
+            }
+            lock(&self.kv_outbox).insert(key, new_kv);
+        }
+        let mut out = vec![0.0f32; rows * h];
+        let elements = visible * kv;
+        let mut keys = vec![0.0f32; elements];
+        let mut values = vec![0.0f32; elements];
+        for seq in 0..mb {
+            let k_at = seq * visible * row_bytes;
+            let v_at = (mb + seq) * visible * row_bytes;
+            kernels::to_f32(kv_dtype, &cache[k_at..k_at + visible * row_bytes], &mut keys);
+            kernels::to_f32(kv_dtype, &cache[v_at..v_at + visible * row_bytes], &mut values);
+            kernels::attention(
+                &q[seq * new * h..(seq + 1) * new * h],
+                &keys,
+                &values,
+                past,
+                new,
+                spec.num_heads as usize,
+                spec.num_kv_heads as usize,
+                d,
+                &mut out[seq * new * h..(seq + 1) * new * h],
+            );
+        }
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn = out;
+        Ok(())
+    }
+
+    /// Output projection and residual.
+    pub(super) fn attn_out(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let spec = self.spec;
+        let h = spec.hidden_size as usize;
+        let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
+        let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
+        let o_tensor = if spec.qkv_bias { 7 } else { 4 };
+        let attn = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn) };
+        let projected = Engine::project(&weights, o_tensor, &attn, rows, h);
+        drop(attn);
+        self.add_to_hidden(task.micro_batch, side, &projected);
+        self.release_weights_if_last(task, WeightGroup::Attention);
+        Ok(())
+    }
+
+    pub(super) fn mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let spec = self.spec;
+        let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
+        let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
+        let weights = self.weights(WeightGroup::Mlp, task.layer, task.step, task.micro_batch)?;
+        let normed = self.normed_hidden(task.micro_batch, side, &Engine::vector(&weights, 0), rows);
+        let mut gate = Engine::project(&weights, 1, &normed, rows, ffn);
+        let up = Engine::project(&weights, 2, &normed, rows, ffn);
+        drop(normed);
+        kernels::silu_mul(&mut gate, &up);
+        drop(up);
+        let down = Engine::project(&weights, 3, &gate, rows, h);
+        drop(gate);
+        self.add_to_hidden(task.micro_batch, side, &down);
+        self.release_weights_if_last(task, WeightGroup::Mlp);
+        Ok(())
+    }
+}

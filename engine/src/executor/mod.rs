@@ -1,0 +1,397 @@
+//! Runs a `TaskGraph` for real and records when every task ran.
+//!
+//! A scheduler (the calling thread) drives `ferry_core::dispatch::Dispatcher` — the
+//! same dispatch code the simulator runs: on each resource, the ready task with the
+//! lowest id starts when one of the resource's lanes is free and its memory fits the
+//! pool budget; no task overtakes it on that resource. Each lane is a worker thread. Memory is accounted exactly as the graph says (acquired at start,
+//! released at end), and the buffers behind it are allocated and freed by the tasks
+//! themselves, so the process holds what the plan accounted for.
+//!
+//! Data moves the way the graph says: weights read from disk or copied from host
+//! memory land in per-visit buffers that the visit's computes use; KV caches live
+//! where the plan puts them and are loaded and stored by their tasks; the hidden
+//! state of each micro-batch has a device copy and a host copy, and activation
+//! copies move it between them. A missing or misplaced task therefore changes the
+//! numbers, which the plan-invariance tests would catch.
+
+//!
+//! The code is split by concern: `scheduler` (the dispatch loop and one worker per
+//! lane; knows tasks, resources and pools, nothing of the model), `weights` (weight
+//! bytes in memory: reads, copies, row-block views), `kv` (the KV cache at every
+//! tier, the scratch file for the disk tier), `forward` (the model's forward pass on
+//! each micro-batch's activations, kept per place).
+
+mod forward;
+mod kv;
+mod scheduler;
+mod weights;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ferry_core::graph::{Task, TaskGraph, NO_LAYER, WHOLE_GROUP};
+use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
+use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
+use ferry_core::trace::{Metrics, Trace, TraceSource};
+
+use crate::backend::Backend;
+use crate::io::{DiskFile, ReadPool};
+use crate::kernels;
+use crate::memory::{self, Buffer, Recycler};
+use crate::weights::ModelFiles;
+use crate::EngineError;
+
+use forward::MicroBatch;
+use kv::KvFile;
+use weights::{group_code, Key, Loaded};
+
+/// What to run and how.
+pub struct RunOptions {
+    /// Prompt token ids, one list of `prompt_len` per sequence of the batch.
+    pub prompts: Vec<Vec<u32>>,
+    /// Where the disk-resident KV cache file is created (and removed afterwards).
+    pub scratch_dir: PathBuf,
+    /// Accept buffered reads (dropped from the page cache afterwards) where the file
+    /// system refuses O_DIRECT, instead of failing.
+    pub allow_buffered_io: bool,
+    /// Keep every step's logits (tests compare them across plans).
+    pub keep_logits: bool,
+    /// Called with (finished tasks, all tasks) as the run goes.
+    pub progress: Option<Box<dyn Fn(usize, usize) + Send + Sync>>,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunReport {
+    pub trace: Trace,
+    pub metrics: Metrics,
+    /// Generated token ids, `gen_len` per sequence.
+    pub tokens: Vec<Vec<u32>>,
+    /// logits[step][sequence] when `keep_logits`.
+    #[serde(skip)]
+    pub logits: Vec<Vec<Vec<f32>>>,
+    /// Peak resident set of the process (VmHWM) at the end of the run.
+    pub peak_rss_bytes: u64,
+    /// Resident set before the model's memory was allocated: the fixed overhead.
+    pub baseline_rss_bytes: u64,
+    /// Bytes the kernel read from storage for this process during the run (page-cache
+    /// hits do not count), against the bytes disk tasks asked for.
+    pub storage_read_bytes: u64,
+    pub requested_read_bytes: u64,
+    pub direct_io: bool,
+    /// Reading the resident weights before the run, ns (not part of the metrics).
+    pub setup_ns: u64,
+    /// Streamed weights that landed in recycled buffers, and in newly mapped ones (whose
+    /// pages the kernel had to fault in and zero), bytes.
+    pub recycled_bytes: u64,
+    pub newly_mapped_bytes: u64,
+}
+
+struct Engine<'a> {
+    graph: &'a TaskGraph,
+    policy: &'a Policy,
+    workload: &'a Workload,
+    files: &'a ModelFiles,
+    spec: &'a ModelSpec,
+    backend: &'a dyn Backend,
+    options: &'a RunOptions,
+    reader: ReadPool,
+    disk_files: HashMap<PathBuf, Arc<DiskFile>>,
+    kv_file: Option<KvFile>,
+    resident: HashMap<(u8, u32), Arc<Loaded>>,
+    streamed: Mutex<HashMap<Key, Arc<Loaded>>>,
+    staged: Mutex<HashMap<Key, Arc<Loaded>>>,
+    /// Where every layer lives and runs.
+    placements: Vec<LayerPlacement>,
+    kv_device: Vec<Mutex<Option<Buffer>>>,
+    kv_host: Vec<Mutex<Option<Buffer>>>,
+    kv_loaded: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
+    kv_staged: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
+    kv_outbox: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
+    micro_batches: Vec<Mutex<MicroBatch>>,
+    tokens: Mutex<Vec<Vec<u32>>>,
+    logits: Mutex<Vec<Vec<Vec<f32>>>>,
+    requested_read_bytes: Mutex<u64>,
+    /// Per device: freed streamed-weight buffers kept mapped for its next loads (see
+    /// `Recycler`), each within its own device's budget.
+    recyclers: HashMap<u16, Arc<Recycler>>,
+    /// Buffers the scheduler took from the recycler for weight reads it dispatched,
+    /// by the read's key.
+    reserved: Mutex<HashMap<Key, Buffer>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `graph` (lowered from `policy` for `workload`) on the model in `files`.
+pub fn run(
+    graph: &TaskGraph,
+    policy: &Policy,
+    workload: &Workload,
+    files: &ModelFiles,
+    backend: &dyn Backend,
+    options: &RunOptions,
+) -> Result<RunReport, EngineError> {
+    check_plan(graph, policy, workload, files, options)?;
+    memory::tame_allocator();
+    let baseline_rss_bytes = memory::rss_bytes().unwrap_or(0);
+    let setup_start = Instant::now();
+    let engine = Engine::new(graph, policy, workload, files, backend, options)?;
+    let setup_ns = setup_start.elapsed().as_nanos() as u64;
+    let read_before = memory::storage_read_bytes().unwrap_or(0);
+    let spans = engine.execute_graph()?;
+    let storage_read_bytes = memory::storage_read_bytes().unwrap_or(0).saturating_sub(read_before);
+    let trace = Trace { source: TraceSource::Measured, spans };
+    let metrics = Metrics::compute(graph, &trace);
+    let direct_io = engine.disk_files.values().all(|f| f.direct);
+    let requested_read_bytes = *lock(&engine.requested_read_bytes);
+    let tokens = std::mem::take(&mut *lock(&engine.tokens));
+    let logits = std::mem::take(&mut *lock(&engine.logits));
+    let (recycled_bytes, newly_mapped_bytes) =
+        engine.recyclers.values().map(|r| r.counters()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
+    drop(engine);
+    Ok(RunReport {
+        trace,
+        metrics,
+        tokens,
+        logits,
+        peak_rss_bytes: memory::peak_rss_bytes().unwrap_or(0),
+        baseline_rss_bytes,
+        storage_read_bytes,
+        requested_read_bytes,
+        direct_io,
+        setup_ns,
+        recycled_bytes,
+        newly_mapped_bytes,
+    })
+}
+
+/// Refuses, before anything starts, a plan that cannot run on these files.
+fn check_plan(
+    graph: &TaskGraph,
+    policy: &Policy,
+    workload: &Workload,
+    files: &ModelFiles,
+    options: &RunOptions,
+) -> Result<(), EngineError> {
+    let spec = &files.spec;
+    policy.validate(spec, workload, false)?;
+    if policy.weight_dtype != files.dtype {
+        return Err(EngineError::Mismatch(format!(
+            "the plan reads weights as {} but {} stores {}",
+            policy.weight_dtype.name(),
+            files.dir.display(),
+            files.dtype.name()
+        )));
+    }
+    if !matches!(policy.kv_dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) {
+        return Err(EngineError::Unsupported(format!(
+            "KV cache dtype {} is not supported by the engine",
+            policy.kv_dtype.name()
+        )));
+    }
+    if options.prompts.len() as u64 != workload.batch_size
+        || options.prompts.iter().any(|p| p.len() as u64 != workload.prompt_len)
+    {
+        return Err(EngineError::Mismatch(format!(
+            "expected {} prompts of {} tokens",
+            workload.batch_size, workload.prompt_len
+        )));
+    }
+    if let Some(bad) = options.prompts.iter().flatten().find(|&&t| t as u64 >= spec.vocab_size) {
+        return Err(EngineError::Mismatch(format!("token id {bad} is outside the vocabulary of {}", spec.vocab_size)));
+    }
+    if workload.max_context() > spec.max_position_embeddings {
+        return Err(EngineError::Mismatch(format!(
+            "prompt + generation = {} tokens exceeds the model's {} positions",
+            workload.max_context(),
+            spec.max_position_embeddings
+        )));
+    }
+    if graph.steps.len() as u64 != workload.gen_len {
+        return Err(EngineError::Internal("the engine runs full graphs (every decode step)".into()));
+    }
+    // The budget: nothing starts unless every pool can hold its resident set and each task.
+    graph.check_fits()?;
+    Ok(())
+}
+
+impl<'a> Engine<'a> {
+    pub(super) fn new(
+        graph: &'a TaskGraph,
+        policy: &'a Policy,
+        workload: &'a Workload,
+        files: &'a ModelFiles,
+        backend: &'a dyn Backend,
+        options: &'a RunOptions,
+    ) -> Result<Engine<'a>, EngineError> {
+        let spec = &files.spec;
+        let layers = spec.num_layers as usize;
+        let micro_batches = policy.num_micro_batches as usize;
+        let mut disk_files = HashMap::new();
+        for group in [WeightGroup::Embeddings, WeightGroup::Head] {
+            for t in files.group(group, 0).tensors {
+                disk_files
+                    .entry(t.file.clone())
+                    .or_insert(Arc::new(DiskFile::open(&t.file, options.allow_buffered_io)?));
+            }
+        }
+        for layer in 0..spec.num_layers {
+            for group in [WeightGroup::Attention, WeightGroup::Mlp] {
+                for t in files.group(group, layer).tensors {
+                    if !disk_files.contains_key(&t.file) {
+                        disk_files
+                            .insert(t.file.clone(), Arc::new(DiskFile::open(&t.file, options.allow_buffered_io)?));
+                    }
+                }
+            }
+        }
+        let kv_file =
+            if policy.kv_cache.disk > 0 { Some(KvFile::create(spec, policy, workload, options)?) } else { None };
+        let mut engine = Engine {
+            graph,
+            policy,
+            workload,
+            files,
+            spec,
+            backend,
+            options,
+            reader: ReadPool::new(policy.io_queue_depth as usize),
+            disk_files,
+            kv_file,
+            resident: HashMap::new(),
+            streamed: Mutex::new(HashMap::new()),
+            staged: Mutex::new(HashMap::new()),
+            placements: policy.layer_placements(spec.num_layers),
+            kv_device: (0..layers * micro_batches).map(|_| Mutex::new(None)).collect(),
+            kv_host: (0..layers * micro_batches).map(|_| Mutex::new(None)).collect(),
+            kv_loaded: Mutex::new(HashMap::new()),
+            kv_staged: Mutex::new(HashMap::new()),
+            kv_outbox: Mutex::new(HashMap::new()),
+            micro_batches: (0..micro_batches).map(|_| Mutex::new(MicroBatch::default())).collect(),
+            tokens: Mutex::new(vec![Vec::new(); workload.batch_size as usize]),
+            logits: Mutex::new(Vec::new()),
+            requested_read_bytes: Mutex::new(0),
+            recyclers: policy.stage_list().iter().map(|s| (s.device, Arc::new(Recycler::new()))).collect(),
+            reserved: Mutex::new(HashMap::new()),
+        };
+        // Resident weights: embeddings, head, and every group the plan keeps on the device
+        // or the host (read once, before the clock starts).
+        let mut resident = HashMap::new();
+        resident.insert(
+            (group_code(WeightGroup::Embeddings), NO_LAYER),
+            Arc::new(engine.read_group(WeightGroup::Embeddings, 0, WHOLE_GROUP, None)?),
+        );
+        resident.insert(
+            (group_code(WeightGroup::Head), NO_LAYER),
+            Arc::new(engine.read_group(WeightGroup::Head, 0, WHOLE_GROUP, None)?),
+        );
+        for layer in 0..spec.num_layers {
+            for group in [WeightGroup::Attention, WeightGroup::Mlp] {
+                if engine.weight_tier(group, layer) != Tier::Disk {
+                    resident.insert(
+                        (group_code(group), layer as u32),
+                        Arc::new(engine.read_group(group, layer, WHOLE_GROUP, None)?),
+                    );
+                }
+            }
+        }
+        engine.resident = resident;
+        *lock(&engine.requested_read_bytes) = 0;
+        // Resident KV caches (mapped zero pages: they take memory as they fill).
+        let kv_bytes = engine.kv_region_bytes() as usize;
+        for layer in 0..spec.num_layers {
+            let tier = engine.placements[layer as usize].kv;
+            for j in 0..micro_batches {
+                let slot = layer as usize * micro_batches + j;
+                let target = match tier {
+                    Tier::Device => &engine.kv_device[slot],
+                    Tier::Host => &engine.kv_host[slot],
+                    Tier::Disk => continue,
+                };
+                *lock(target) = Some(Buffer::new(kv_bytes).map_err(|e| EngineError::io(&files.dir, e))?);
+            }
+        }
+        Ok(engine)
+    }
+
+    pub(super) fn weight_tier(&self, group: WeightGroup, layer: u64) -> Tier {
+        match group {
+            WeightGroup::Attention => self.placements[layer as usize].attention,
+            WeightGroup::Mlp => self.placements[layer as usize].mlp,
+            WeightGroup::Embeddings => self.policy.embeddings,
+            WeightGroup::Head => self.policy.head,
+        }
+    }
+
+    /// The recycler of the device a layer's stage runs on.
+    pub(super) fn recycler(&self, layer: u32) -> &Arc<Recycler> {
+        let device = self.placements.get(layer as usize).map_or(self.policy.first_device(), |p| p.device);
+        &self.recyclers[&device]
+    }
+
+    pub(super) fn layer_major(&self) -> bool {
+        matches!(self.policy.schedule, Schedule::ZigzagBlock | Schedule::Pipelined)
+    }
+
+    pub(super) fn first_j(&self, j: u32) -> u32 {
+        if self.layer_major() {
+            0
+        } else {
+            j
+        }
+    }
+
+    pub(super) fn kv_row_bytes(&self) -> usize {
+        self.spec.kv_dim() as usize * kernels::element_bytes(self.policy.kv_dtype)
+    }
+
+    /// Bytes of one (layer, micro-batch) KV cache: K and V for every sequence and position.
+    pub(super) fn kv_region_bytes(&self) -> u64 {
+        2 * self.policy.micro_batch_size * self.workload.max_context() * self.kv_row_bytes() as u64
+    }
+
+    pub(super) fn key(&self, task: &Task, group: WeightGroup) -> Key {
+        (group_code(group), task.layer, task.step, task.micro_batch, task.piece)
+    }
+
+    /// Where a disk read's bytes go follows from the pool it acquires: device memory
+    /// (unified memory: ready for compute) or host staging (a copy follows).
+    pub(super) fn lands_on_host(task: &Task) -> bool {
+        task.acquire.iter().any(|m| !m.pool.is_device())
+    }
+
+    pub(super) fn kv_slot(&self, layer: u32, j: u32) -> usize {
+        layer as usize * self.policy.num_micro_batches as usize + j as usize
+    }
+
+    pub(super) fn new_tokens(&self, step: u32) -> usize {
+        if step == 0 {
+            self.workload.prompt_len as usize
+        } else {
+            1
+        }
+    }
+
+    pub(super) fn past(&self, step: u32) -> usize {
+        if step == 0 {
+            0
+        } else {
+            self.workload.prompt_len as usize + step as usize - 1
+        }
+    }
+
+    pub(super) fn sequences(&self, j: u32) -> std::ops::Range<usize> {
+        let mb = self.policy.micro_batch_size as usize;
+        j as usize * mb..(j as usize + 1) * mb
+    }
+
+    pub(super) fn positions(&self, step: u32) -> Vec<usize> {
+        let past = self.past(step);
+        let new = self.new_tokens(step);
+        (0..self.policy.micro_batch_size as usize).flat_map(|_| (0..new).map(move |t| past + t)).collect()
+    }
+}

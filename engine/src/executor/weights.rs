@@ -1,0 +1,301 @@
+//! Weight bytes in memory: groups (or pipelined pieces) read from disk or copied from
+//! host memory into per-visit buffers, and row-block views the kernels multiply by.
+
+use std::sync::Arc;
+
+use ferry_core::graph::{Task, NO_LAYER, WHOLE_GROUP};
+use ferry_core::model::{Dtype, WeightGroup};
+use ferry_core::plan::Tier;
+use ferry_core::schedule::weight_pieces;
+
+use super::{lock, Engine};
+use crate::kernels::{self, Matrix};
+use crate::memory::{Buffer, Recycler};
+use crate::EngineError;
+
+pub(super) type Key = (u8, u32, u32, u32, u32); // (group, layer, step, first micro-batch, piece)
+
+#[derive(Clone)]
+pub(super) struct View {
+    buffer: usize,
+    offset: usize,
+    tensor: u32,
+    row_start: usize,
+    rows: usize,
+    cols: usize,
+}
+
+/// Weight bytes in memory: buffers and where each tensor (or row block) is in them.
+pub(super) struct Loaded {
+    buffers: Vec<Buffer>,
+    views: Vec<View>,
+    dtype: Dtype,
+    /// Streamed weights go back to the recycler when freed (resident ones are unmapped).
+    recycler: Option<Arc<Recycler>>,
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Some(recycler) = &self.recycler {
+            for buffer in self.buffers.drain(..) {
+                recycler.give(buffer);
+            }
+        }
+    }
+}
+
+impl Loaded {
+    pub(super) fn bytes(&self) -> usize {
+        self.buffers.iter().map(Buffer::len).sum()
+    }
+}
+
+pub(super) fn group_code(group: WeightGroup) -> u8 {
+    group as u8
+}
+
+impl<'a> Engine<'a> {
+    /// Reads one weight group (or one pipelined piece of it) from disk.
+    /// Reads a weight group (or one piece of it). With `recycle` (the read's key) the
+    /// bytes land in a recycled buffer (the one the scheduler reserved for this read, or
+    /// any that fits) and return to the recycler when freed.
+    pub(super) fn read_group(
+        &self,
+        group: WeightGroup,
+        layer: u64,
+        piece: u32,
+        recycle: Option<Key>,
+    ) -> Result<Loaded, EngineError> {
+        let location = self.files.group(group, layer);
+        let tensors = self.spec.group_tensors(group, layer);
+        let dtype = location.dtype;
+        // (tensor index, row_start, rows, cols, file, start, end)
+        let mut parts = Vec::new();
+        if piece == WHOLE_GROUP {
+            for (i, (t, loc)) in tensors.iter().zip(&location.tensors).enumerate() {
+                parts.push((i as u32, 0, t.rows as usize, t.cols as usize, loc.file.clone(), loc.start, loc.end));
+            }
+        } else {
+            let p = weight_pieces(self.spec, group, layer, dtype, self.policy.chunk_bytes)
+                .get(piece as usize)
+                .copied()
+                .ok_or_else(|| EngineError::Internal(format!("piece {piece} out of range")))?;
+            let t = &tensors[p.tensor as usize];
+            let loc = &location.tensors[p.tensor as usize];
+            let row_bytes = dtype.bytes_of(t.cols);
+            let start = loc.start + p.row_start * row_bytes;
+            parts.push((
+                p.tensor,
+                p.row_start as usize,
+                p.rows as usize,
+                t.cols as usize,
+                loc.file.clone(),
+                start,
+                start + p.bytes,
+            ));
+        }
+        // Merge byte ranges that touch (a group's tensors are usually adjacent in the file).
+        let mut loaded = Loaded {
+            buffers: Vec::new(),
+            views: Vec::new(),
+            dtype,
+            recycler: recycle.map(|_| Arc::clone(self.recycler(layer as u32))),
+        };
+        let mut reserved = recycle.and_then(|key| lock(&self.reserved).remove(&key));
+        let mut index = 0;
+        while index < parts.len() {
+            let file = parts[index].4.clone();
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            let mut members: Vec<(usize, usize)> = Vec::new(); // (part index, range index)
+            let mut end = index;
+            while end < parts.len() && parts[end].4 == file {
+                let (s, e) = (parts[end].5, parts[end].6);
+                match ranges.last_mut() {
+                    Some(last) if last.1 == s => last.1 = e,
+                    _ => ranges.push((s, e)),
+                }
+                members.push((end, ranges.len() - 1));
+                end += 1;
+            }
+            let disk = self
+                .disk_files
+                .get(&file)
+                .ok_or_else(|| EngineError::Internal(format!("{} not open", file.display())))?;
+            let allocate = |len: usize| match (recycle, reserved.take()) {
+                (None, _) => Buffer::new(len),
+                (Some(_), Some(buffer)) if buffer.mapped_len() >= len => Ok(buffer.with_len(len)),
+                (Some(_), other) => {
+                    // A reserved buffer too small for the merged ranges: unmap it first, so
+                    // the new one does not come on top of it.
+                    drop(other);
+                    self.recycler(layer as u32).take(len)
+                }
+            };
+            let (buffer, starts) = self.reader.read_ranges_into(disk, &ranges, self.policy.chunk_bytes, allocate)?;
+            *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
+            let buffer_index = loaded.buffers.len();
+            for (part, range) in members {
+                let (tensor, row_start, rows, cols, _, start, _) = &parts[part];
+                let offset = starts[range] + (start - ranges[range].0) as usize;
+                loaded.views.push(View {
+                    buffer: buffer_index,
+                    offset,
+                    tensor: *tensor,
+                    row_start: *row_start,
+                    rows: *rows,
+                    cols: *cols,
+                });
+            }
+            loaded.buffers.push(buffer);
+            index = end;
+        }
+        Ok(loaded)
+    }
+
+    /// The loaded weights a compute of (group, layer) at (step, micro-batch) uses.
+    pub(super) fn weights(
+        &self,
+        group: WeightGroup,
+        layer: u32,
+        step: u32,
+        j: u32,
+    ) -> Result<Vec<Arc<Loaded>>, EngineError> {
+        if let Some(resident) = self.resident.get(&(group_code(group), layer)) {
+            if self.weight_tier(group, layer as u64) == Tier::Device || self.policy.layer_on_host(layer as u64) {
+                return Ok(vec![Arc::clone(resident)]);
+            }
+        }
+        let first = self.first_j(j);
+        let streamed = lock(&self.streamed);
+        let mut pieces: Vec<(u32, Arc<Loaded>)> = streamed
+            .iter()
+            .filter(|(k, _)| k.0 == group_code(group) && k.1 == layer && k.2 == step && k.3 == first)
+            .map(|(k, v)| (k.4, Arc::clone(v)))
+            .collect();
+        if pieces.is_empty() {
+            return Err(EngineError::Internal(format!(
+                "weights of layer {layer} {group:?} step {step} were not loaded"
+            )));
+        }
+        pieces.sort_by_key(|(piece, _)| *piece);
+        Ok(pieces.into_iter().map(|(_, l)| l).collect())
+    }
+
+    pub(super) fn resident_group(&self, group: WeightGroup) -> Arc<Loaded> {
+        Arc::clone(&self.resident[&(group_code(group), NO_LAYER)])
+    }
+
+    /// Row blocks of tensor `tensor` across the loaded pieces.
+    pub(super) fn matrix<'l>(loaded: &'l [Arc<Loaded>], tensor: u32) -> Vec<(usize, Matrix<'l>)> {
+        let mut blocks = Vec::new();
+        for l in loaded {
+            for v in l.views.iter().filter(|v| v.tensor == tensor) {
+                let bytes = l.dtype.bytes_of((v.rows * v.cols) as u64) as usize;
+                let data = &l.buffers[v.buffer].as_slice()[v.offset..v.offset + bytes];
+                blocks.push((v.row_start, Matrix { bytes: data, dtype: l.dtype, rows: v.rows, cols: v.cols }));
+            }
+        }
+        blocks
+    }
+
+    pub(super) fn vector(loaded: &[Arc<Loaded>], tensor: u32) -> Vec<f32> {
+        let blocks = Engine::matrix(loaded, tensor);
+        let cols = blocks.first().map_or(0, |b| b.1.cols);
+        let mut out = vec![0.0; cols];
+        if let Some((_, m)) = blocks.first() {
+            kernels::to_f32(m.dtype, m.bytes, &mut out);
+        }
+        out
+    }
+
+    /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks.
+    pub(super) fn project(loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; m * n];
+        Engine::project_into(loaded, tensor, x, m, n, &mut out);
+        out
+    }
+
+    pub(super) fn project_into(loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize, out: &mut [f32]) {
+        for (row_start, matrix) in Engine::matrix(loaded, tensor) {
+            kernels::linear(x, m, matrix, out, n, row_start);
+        }
+    }
+
+    pub(super) fn load_weights_from_disk(&self, task: &Task, group: WeightGroup) -> Result<(), EngineError> {
+        let on_host = Engine::lands_on_host(task);
+        let recycle = (!on_host).then(|| self.key(task, group));
+        let loaded = Arc::new(self.read_group(group, task.layer as u64, task.piece, recycle)?);
+        let target = if on_host { &self.staged } else { &self.streamed };
+        lock(target).insert(self.key(task, group), loaded);
+        Ok(())
+    }
+
+    pub(super) fn copy_weights_to_device(&self, task: &Task, group: WeightGroup) -> Result<(), EngineError> {
+        let key = self.key(task, group);
+        let source: Arc<Loaded> = match lock(&self.staged).remove(&key) {
+            Some(staged) => staged,
+            None => {
+                // Host-resident weights: copy the whole group or this piece of it.
+                let whole = Arc::clone(self.resident.get(&(group_code(group), task.layer)).ok_or_else(|| {
+                    EngineError::Internal(format!("layer {} {group:?} is neither staged nor host-resident", task.layer))
+                })?);
+                if task.piece == WHOLE_GROUP {
+                    whole
+                } else {
+                    let p = weight_pieces(self.spec, group, task.layer as u64, whole.dtype, self.policy.chunk_bytes)
+                        [task.piece as usize];
+                    let view = whole.views.iter().find(|v| v.tensor == p.tensor).expect("tensor view");
+                    let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
+                    let start = view.offset + p.row_start as usize * row_bytes;
+                    let recycler = self.recycler(task.layer);
+                    let mut buffer =
+                        recycler.take(p.bytes as usize).map_err(|e| EngineError::io(&self.files.dir, e))?;
+                    self.backend.copy(
+                        buffer.as_mut_slice(),
+                        &whole.buffers[view.buffer].as_slice()[start..start + p.bytes as usize],
+                    );
+                    let loaded = Loaded {
+                        recycler: Some(Arc::clone(recycler)),
+                        buffers: vec![buffer],
+                        views: vec![View {
+                            buffer: 0,
+                            offset: 0,
+                            tensor: p.tensor,
+                            row_start: p.row_start as usize,
+                            rows: p.rows as usize,
+                            cols: view.cols,
+                        }],
+                        dtype: whole.dtype,
+                    };
+                    lock(&self.streamed).insert(key, Arc::new(loaded));
+                    return Ok(());
+                }
+            }
+        };
+        // Copy every buffer to new device memory (on the cpu backend: a memcpy).
+        let mut buffers = Vec::new();
+        let recycler = self.recycler(task.layer);
+        for b in &source.buffers {
+            let mut copy = recycler.take(b.len()).map_err(|e| EngineError::io(&self.files.dir, e))?;
+            self.backend.copy(copy.as_mut_slice(), b.as_slice());
+            buffers.push(copy);
+        }
+        let views = source.views.clone();
+        let loaded = Loaded { buffers, views, dtype: source.dtype, recycler: Some(Arc::clone(recycler)) };
+        debug_assert!(loaded.bytes() >= source.bytes());
+        lock(&self.streamed).insert(key, Arc::new(loaded));
+        Ok(())
+    }
+
+    /// Frees a visit's streamed weights after their last consumer, as the graph's
+    /// release says (the last micro-batch of a layer-major visit; every visit otherwise).
+    pub(super) fn release_weights_if_last(&self, task: &Task, group: WeightGroup) {
+        let last = !self.layer_major() || task.micro_batch as u64 == self.policy.num_micro_batches - 1;
+        if !last {
+            return;
+        }
+        let first = self.first_j(task.micro_batch);
+        lock(&self.streamed)
+            .retain(|k, _| !(k.0 == group_code(group) && k.1 == task.layer && k.2 == task.step && k.3 == first));
+    }
+}
