@@ -1,0 +1,398 @@
+//! The builder: program order, prefetch gates, weight loads and where each
+//! micro-batch's hidden state is (see the module docs of `schedule`).
+
+use super::attention::AttentionInputs;
+use super::weight_pieces;
+use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
+use crate::model::{ModelSpec, WeightGroup};
+use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
+
+/// Weights brought in for one visit: what compute must wait for, and what device
+/// memory the last consumer releases.
+#[derive(Default)]
+pub(super) struct Loaded {
+    pub(super) ready: Vec<TaskId>,
+    pub(super) device_bytes: u64,
+}
+
+pub(super) struct Builder<'a> {
+    pub(super) policy: &'a Policy,
+    pub(super) model: &'a ModelSpec,
+    pub(super) workload: &'a Workload,
+    pub(super) unified: bool,
+    /// Where every layer lives and runs (its stage's device and tiers).
+    pub(super) placements: Vec<LayerPlacement>,
+    pub(super) tasks: Vec<Task>,
+    /// Last compute task of every visit so far, for prefetch gates.
+    pub(super) visit_done: Vec<TaskId>,
+    /// Per micro-batch: the task that last produced its hidden state, and where it is.
+    pub(super) hidden_producer: Vec<Option<TaskId>>,
+    pub(super) hidden_side: Vec<Place>,
+    /// Per micro-batch: the head task of the previous step (the sampled token).
+    pub(super) last_head: Vec<Option<TaskId>>,
+    /// pinned[layer][0 = attention, 1 = MLP]: host-resident weights inside the pinned budget.
+    pub(super) pinned: Vec<[bool; 2]>,
+    pub(super) kv_pinned: bool,
+    /// Last task that wrote KV of (layer, micro-batch) to where the cache lives: the next
+    /// load of that cache must wait for it (a data dependency, not only a gate).
+    pub(super) last_kv_store: std::collections::HashMap<(u32, u32), TaskId>,
+}
+
+impl<'a> Builder<'a> {
+    pub(super) fn new(policy: &'a Policy, model: &'a ModelSpec, workload: &'a Workload, unified: bool) -> Builder<'a> {
+        let micro_batches = policy.num_micro_batches as usize;
+        // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
+        let mut pinned_left = policy.pinned_host_bytes;
+        let placements = policy.layer_placements(model.num_layers);
+        let mut pinned = vec![[false; 2]; model.num_layers as usize];
+        for (flags, place) in pinned.iter_mut().zip(&placements) {
+            for (slot, group, tier) in [(0, WeightGroup::Attention, place.attention), (1, WeightGroup::Mlp, place.mlp)]
+            {
+                let bytes = model.group_bytes(group, policy.weight_dtype);
+                if tier == Tier::Host && bytes <= pinned_left {
+                    pinned_left -= bytes;
+                    flags[slot] = true;
+                }
+            }
+        }
+        let host_kv = policy.kv_cache.host
+            * model.kv_bytes_per_token_per_layer(policy.kv_dtype)
+            * workload.batch_size
+            * workload.max_context();
+        Builder {
+            policy,
+            model,
+            workload,
+            unified,
+            placements,
+            tasks: Vec::new(),
+            visit_done: Vec::new(),
+            hidden_producer: vec![None; micro_batches],
+            hidden_side: vec![Place::Device(policy.first_device()); micro_batches],
+            last_head: vec![None; micro_batches],
+            pinned,
+            kv_pinned: host_kv <= pinned_left,
+            last_kv_store: std::collections::HashMap::new(),
+        }
+    }
+
+    pub(super) fn push(&mut self, mut task: Task) -> TaskId {
+        let id = self.tasks.len() as TaskId;
+        // Sequential runs one task at a time in program order: each waits for the one before.
+        if self.policy.schedule == Schedule::Sequential && id > 0 && !task.deps.contains(&(id - 1)) {
+            task.deps.push(id - 1);
+        }
+        self.tasks.push(task);
+        id
+    }
+
+    pub(super) fn new_task(
+        kind: TaskKind,
+        resource: Resource,
+        payload: Payload,
+        layer: u32,
+        micro_batch: u32,
+        step: u32,
+    ) -> Task {
+        Task {
+            kind,
+            resource,
+            payload,
+            layer,
+            micro_batch,
+            step,
+            bytes: 0,
+            flops: 0,
+            tokens: 0,
+            context: 0,
+            chunk_bytes: 0,
+            piece: WHOLE_GROUP,
+            pinned: false,
+            deps: Vec::new(),
+            acquire: Vec::new(),
+            release: Vec::new(),
+        }
+    }
+
+    pub(super) fn new_tokens(&self, step: u32) -> u64 {
+        if step == 0 {
+            self.workload.prompt_len
+        } else {
+            1
+        }
+    }
+
+    pub(super) fn context(&self, step: u32) -> u64 {
+        self.workload.prompt_len + step as u64
+    }
+
+    pub(super) fn layer_major(&self) -> bool {
+        matches!(self.policy.schedule, Schedule::ZigzagBlock | Schedule::Pipelined)
+    }
+
+    pub(super) fn prefetch_depth(&self) -> usize {
+        match self.policy.schedule {
+            Schedule::Sequential => 0,
+            _ => self.policy.prefetch_depth as usize,
+        }
+    }
+
+    /// The gate for loads of the visit about to be emitted.
+    pub(super) fn load_gate(&self) -> Vec<TaskId> {
+        let visit = self.visit_done.len();
+        let depth = self.prefetch_depth();
+        if visit > depth {
+            vec![self.visit_done[visit - depth - 1]]
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub(super) fn step(&mut self, step: u32) {
+        let micro_batches = self.policy.num_micro_batches as u32;
+        let layers = self.model.num_layers as u32;
+        if self.layer_major() {
+            for j in 0..micro_batches {
+                self.embed(step, j);
+            }
+            for layer in 0..layers {
+                self.visit(step, layer, 0..micro_batches);
+            }
+            for j in 0..micro_batches {
+                self.head(step, j);
+            }
+        } else {
+            for j in 0..micro_batches {
+                self.embed(step, j);
+                for layer in 0..layers {
+                    self.visit(step, layer, j..j + 1);
+                }
+                self.head(step, j);
+            }
+        }
+    }
+
+    pub(super) fn rows(&self, step: u32) -> u64 {
+        self.policy.micro_batch_size * self.new_tokens(step)
+    }
+
+    /// A compute task for (`layer`, micro-batch `j`, `step`) with its FLOPs and bytes read.
+    pub(super) fn compute_task(
+        &self,
+        at: Place,
+        op: Op,
+        (layer, j, step): (u32, u32, u32),
+        flops: u64,
+        bytes: u64,
+    ) -> Task {
+        let mut task =
+            Builder::new_task(TaskKind::Compute, Resource::compute(at), Payload::Compute { op }, layer, j, step);
+        task.flops = flops;
+        task.bytes = bytes;
+        task.tokens = self.rows(step) as u32;
+        task.context = self.context(step) as u32;
+        task
+    }
+
+    /// Makes sure micro-batch `j`'s hidden state is at `place`, copying it if needed, and
+    /// returns the task that produced it there. On unified memory a device and its host
+    /// share the bytes (no copy), but two devices have their own budgets: the hidden
+    /// state crosses the link between them.
+    pub(super) fn hidden_on(&mut self, place: Place, j: u32, step: u32, layer: u32) -> Option<TaskId> {
+        let index = j as usize;
+        let from = self.hidden_side[index];
+        if from == place || (self.unified && !(from.is_device() && place.is_device())) {
+            return self.hidden_producer[index];
+        }
+        let mut copy =
+            Builder::new_task(TaskKind::Copy, Resource::link(from, place), Payload::Activations, layer, j, step);
+        copy.bytes = self.rows(step) * self.model.activation_bytes_per_token();
+        copy.chunk_bytes = copy.bytes.max(1);
+        copy.pinned = true;
+        copy.deps.extend(self.hidden_producer[index]);
+        let id = self.push(copy);
+        self.hidden_side[index] = place;
+        self.hidden_producer[index] = Some(id);
+        Some(id)
+    }
+
+    pub(super) fn set_hidden(&mut self, j: u32, place: Place, producer: TaskId) {
+        self.hidden_side[j as usize] = place;
+        self.hidden_producer[j as usize] = Some(producer);
+    }
+
+    /// The device a layer's stage runs on.
+    pub(super) fn device_of(&self, layer: u32) -> Place {
+        Place::Device(self.placements[layer as usize].device)
+    }
+
+    /// Where disk reads for `layer` land: its device's memory when memory is unified,
+    /// else host staging memory.
+    pub(super) fn staging_pool(&self, layer: u32) -> Pool {
+        if self.unified {
+            self.device_of(layer)
+        } else {
+            Place::HOST
+        }
+    }
+
+    pub(super) fn embed(&mut self, step: u32, j: u32) {
+        let side = match self.policy.embeddings {
+            Tier::Device => Place::Device(self.policy.first_device()),
+            _ => Place::HOST,
+        };
+        let rows = self.rows(step);
+        let bytes = rows * self.model.hidden_size * self.policy.weight_dtype.bits() / 8;
+        let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
+        task.deps.extend(self.last_head[j as usize]);
+        let id = self.push(task);
+        self.set_hidden(j, side, id);
+    }
+
+    pub(super) fn head(&mut self, step: u32, j: u32) {
+        let side = match self.policy.head {
+            Tier::Device => Place::Device(self.policy.last_device()),
+            _ => Place::HOST,
+        };
+        let dep = self.hidden_on(side, j, step, NO_LAYER);
+        // Only the last position of each sequence is projected to the vocabulary.
+        let rows = self.policy.micro_batch_size;
+        let flops = self.model.projection_flops(WeightGroup::Head, rows);
+        let bytes = self.model.group_bytes(WeightGroup::Head, self.policy.weight_dtype);
+        let mut task = self.compute_task(side, Op::Head, (NO_LAYER, j, step), flops, bytes);
+        task.tokens = rows as u32;
+        task.deps.extend(dep);
+        let id = self.push(task);
+        self.last_head[j as usize] = Some(id);
+        self.set_hidden(j, side, id);
+    }
+
+    /// Emits the load of one weight group for the visit about to run.
+    pub(super) fn load_weights(
+        &mut self,
+        group: WeightGroup,
+        layer: u32,
+        step: u32,
+        first_j: u32,
+        gate: &[TaskId],
+    ) -> Loaded {
+        let placement = self.placements[layer as usize];
+        let tier = if group == WeightGroup::Attention { placement.attention } else { placement.mlp };
+        let device = self.device_of(layer);
+        if tier == Tier::Device || self.policy.layer_on_host(layer as u64) {
+            return Loaded::default();
+        }
+        let bytes = self.model.group_bytes(group, self.policy.weight_dtype);
+        let chunk = self.policy.chunk_bytes;
+        // Only the pipelined schedule makes each piece its own task; others move the whole group.
+        let pieces: Vec<(u32, u64)> = if self.policy.schedule == Schedule::Pipelined {
+            weight_pieces(self.model, group, layer as u64, self.policy.weight_dtype, chunk)
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u32, p.bytes))
+                .collect()
+        } else {
+            vec![(WHOLE_GROUP, bytes)]
+        };
+        let slot = usize::from(group != WeightGroup::Attention);
+        let payload = Payload::Weights { group };
+        let mut loaded = Loaded { ready: Vec::new(), device_bytes: bytes };
+        for (piece_index, piece) in pieces {
+            let mut deps = gate.to_vec();
+            if tier == Tier::Disk {
+                let mut read = Builder::new_task(TaskKind::DiskRead, Resource::DISK, payload, layer, first_j, step);
+                read.piece = piece_index;
+                read.bytes = piece;
+                read.chunk_bytes = chunk.min(piece);
+                read.deps = deps;
+                read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: piece });
+                let id = self.push(read);
+                if self.unified {
+                    loaded.ready.push(id);
+                    continue;
+                }
+                deps = vec![id];
+            }
+            let mut copy =
+                Builder::new_task(TaskKind::Copy, Resource::link(Place::HOST, device), payload, layer, first_j, step);
+            copy.piece = piece_index;
+            copy.bytes = piece;
+            copy.chunk_bytes = chunk.min(piece);
+            copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
+            copy.deps = deps;
+            copy.acquire.push(MemOp { pool: device, bytes: piece });
+            if tier == Tier::Disk {
+                copy.release.push(MemOp { pool: Place::HOST, bytes: piece });
+            }
+            let id = self.push(copy);
+            loaded.ready.push(id);
+        }
+        loaded
+    }
+
+    /// One layer for the micro-batches `js`: loads, then attention and MLP of each.
+    pub(super) fn visit(&mut self, step: u32, layer: u32, js: std::ops::Range<u32>) {
+        let gate = self.load_gate();
+        let first_j = js.start;
+        let last_j = js.end - 1;
+        let attention = self.load_weights(WeightGroup::Attention, layer, step, first_j, &gate);
+        let mlp = self.load_weights(WeightGroup::Mlp, layer, step, first_j, &gate);
+        let on_host = self.policy.layer_on_host(layer as u64);
+        let mut attention_tasks: Vec<TaskId> = Vec::new();
+        let mut mlp_tasks: Vec<TaskId> = Vec::new();
+        let mut last_mlp = 0;
+        for j in js {
+            let is_last = j == last_j;
+            let kv_gate =
+                if j >= first_j + 2 { vec![attention_tasks[(j - first_j - 2) as usize]] } else { gate.clone() };
+            let attn_done = if on_host {
+                self.attention_on_host_layer(step, layer, j)
+            } else {
+                let release = if is_last { attention.device_bytes } else { 0 };
+                // The task that frees the visit's weights runs after every other consumer
+                // of them: micro-batches may otherwise finish out of order.
+                let mut weights_ready = attention.ready.clone();
+                if is_last && release > 0 {
+                    weights_ready.extend(&attention_tasks);
+                }
+                let inputs =
+                    AttentionInputs { weights_ready: &weights_ready, release_weights: release, kv_gate: &kv_gate };
+                self.attention(step, layer, j, &inputs)
+            };
+            attention_tasks.push(attn_done);
+            // MLP.
+            let side = if on_host { Place::HOST } else { self.device_of(layer) };
+            let rows = self.rows(step);
+            let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
+            let bytes = self.model.mlp_bytes_read(rows, self.policy.weight_dtype);
+            let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
+            task.deps.push(attn_done);
+            task.deps.extend(&mlp.ready);
+            if is_last && mlp.device_bytes > 0 {
+                task.release.push(MemOp { pool: side, bytes: mlp.device_bytes });
+                task.deps.extend(&mlp_tasks);
+            }
+            let id = self.push(task);
+            self.set_hidden(j, side, id);
+            mlp_tasks.push(id);
+            last_mlp = id;
+        }
+        self.visit_done.push(last_mlp);
+    }
+
+    pub(super) fn kv_tier(&self, layer: u32) -> Tier {
+        self.placements[layer as usize].kv
+    }
+
+    pub(super) fn kv_bytes(&self, tokens: u64) -> u64 {
+        self.model.kv_bytes_per_token_per_layer(self.policy.kv_dtype) * self.policy.micro_batch_size * tokens
+    }
+
+    pub(super) fn attention_flops(&self, step: u32) -> (u64, u64, u64) {
+        let rows = self.rows(step);
+        let (qkv_params, out_params) = self.model.attention_split_params();
+        let core =
+            self.policy.micro_batch_size * self.model.attention_core_flops(self.new_tokens(step), self.context(step));
+        (2 * rows * qkv_params, core, 2 * rows * out_params)
+    }
+}

@@ -1,0 +1,156 @@
+//! Lowering: a plan's policy, a model and a workload become a `TaskGraph` — the
+//! graph the simulator replays and the engine executes.
+//!
+//! Program order is the order of compute: for each step (0 = prefill), the layer
+//! *visits* in schedule order — micro-batch-major for `sequential` and
+//! `layer-prefetch` (each micro-batch walks every layer, reloading streamed weights),
+//! layer-major for `zigzag-block` and `pipelined` (each layer serves every
+//! micro-batch before the next). Loads are emitted just before the visit that uses
+//! them; *gates* (dependencies) bound how far they run ahead:
+//!
+//! * weight loads of visit `v` wait for visit `v − prefetch_depth − 1` to finish;
+//!   `sequential` goes further: every task waits for the one emitted before it, so
+//!   nothing overlaps at all (Accelerate's hooks);
+//! * KV loads of micro-batch `j` wait for the attention of `j − 2` in the same visit
+//!   (double buffering), the first two for the weight gate;
+//! * a task's memory is acquired when it starts and released when it ends; streamed
+//!   weights are released by their last consumer;
+//! * a KV load of (layer, micro-batch) waits for the previous store of the same cache
+//!   (data, not just a gate: the engine reads what that store wrote);
+//! * the task that frees a visit's streamed weights waits for every other consumer of
+//!   them (micro-batches can otherwise finish out of order under the dispatch rule).
+//!
+//! Where the hidden state of each micro-batch lives (device or host) is tracked, and
+//! an activation copy is emitted whenever the next operation runs on the other side.
+//!
+//! The lowering is split in three: `builder` (program order, gates, weight loads,
+//! where each micro-batch's hidden state is), `attention` (attention with the KV
+//! cache at any tier, fused or around host attention), `resources` (the pools and
+//! resources a graph gets, one per place).
+
+mod attention;
+mod builder;
+mod resources;
+
+use crate::error::{CoreError, Result};
+use crate::graph::{Place, PoolSpec, TaskGraph};
+use crate::model::{ModelSpec, WeightGroup};
+use crate::plan::{Policy, Workload};
+use crate::profile::Profile;
+
+use builder::Builder;
+
+/// About how many tasks one weight-group transfer is split into by the `pipelined`
+/// schedule: finer tasks add events, not overlap.
+pub const MAX_PIPELINE_PIECES: u64 = 16;
+
+/// A piece of a weight group moved by one pipelined task: rows `row_start ..
+/// row_start + rows` of the group's tensor number `tensor` (see
+/// `ModelSpec::group_tensors`). The simulator needs only the bytes; the engine
+/// multiplies by each row block as it arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub tensor: u32,
+    pub row_start: u64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// The pieces of one weight group for a `pipelined` transfer with `chunk_bytes`
+/// requests: each tensor is cut into row blocks of about max(chunk, group ÷ 16) bytes.
+pub fn weight_pieces(
+    model: &ModelSpec,
+    group: WeightGroup,
+    layer: u64,
+    dtype: crate::model::Dtype,
+    chunk_bytes: u64,
+) -> Vec<Piece> {
+    let tensors = model.group_tensors(group, layer);
+    let total: u64 = tensors.iter().map(|t| dtype.bytes_of(t.elements())).sum();
+    let target = chunk_bytes.max(total.div_ceil(MAX_PIPELINE_PIECES)).max(1);
+    let mut pieces = Vec::new();
+    for (index, tensor) in tensors.iter().enumerate() {
+        let row_bytes = dtype.bytes_of(tensor.cols).max(1);
+        let rows_per_piece = (target / row_bytes).max(1);
+        let mut row = 0;
+        while row < tensor.rows {
+            let rows = rows_per_piece.min(tensor.rows - row);
+            pieces.push(Piece {
+                tensor: index as u32,
+                row_start: row,
+                rows,
+                bytes: dtype.bytes_of(rows * tensor.cols),
+            });
+            row += rows;
+        }
+    }
+    pieces
+}
+
+/// Which decode steps to lower. The prefill (step 0) is always included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Steps {
+    /// Every decode step: 1 ..= gen_len − 1.
+    All,
+    /// Only these decode steps, ascending; used to extrapolate long generations.
+    Only(Vec<u32>),
+}
+
+/// Memory capacities the graph's pools get: the profile's memory less its reserve
+/// (device 0 and the host).
+pub fn pool_capacities(profile: &Profile) -> (u64, u64) {
+    (pool_capacity(profile, Place::DEVICE), pool_capacity(profile, Place::HOST))
+}
+
+/// The capacity of one place's pool: its memory less the profile's reserve.
+pub fn pool_capacity(profile: &Profile, place: Place) -> u64 {
+    let keep = 1.0 - profile.memory_reserve_fraction;
+    let bytes = match place {
+        Place::Device(d) => profile.device_memory(d),
+        Place::Host(_) => profile.host_memory_bytes,
+    };
+    (bytes as f64 * keep) as u64
+}
+
+/// The pools a policy's graph would get (capacity and resident set), without building
+/// the tasks: what a search needs to check a placement fits before simulating it.
+pub fn pool_specs(policy: &Policy, model: &ModelSpec, workload: &Workload, profile: &Profile) -> Vec<PoolSpec> {
+    Builder::new(policy, model, workload, profile.unified_memory).pools(profile)
+}
+
+/// Lowers a policy into a task graph. Fails when the policy does not fit the model.
+pub fn lower(
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    steps: &Steps,
+) -> Result<TaskGraph> {
+    policy.validate(model, workload, profile.unified_memory)?;
+    let decode_steps: Vec<u32> = match steps {
+        Steps::All => (1..workload.gen_len as u32).collect(),
+        Steps::Only(list) => {
+            if list.windows(2).any(|w| w[0] >= w[1]) || list.iter().any(|&s| s == 0 || s as u64 >= workload.gen_len) {
+                return Err(CoreError::invalid("sampled decode steps must be ascending and within 1..gen_len"));
+            }
+            list.clone()
+        }
+    };
+    crate::resolve::check_devices(policy, profile)?;
+    let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
+    builder.step(0);
+    for &step in &decode_steps {
+        builder.step(step);
+    }
+    let graph = TaskGraph {
+        pools: builder.pools(profile),
+        resources: builder.resources(),
+        tasks: builder.tasks,
+        batch_size: workload.batch_size,
+        prompt_len: workload.prompt_len,
+        gen_len: workload.gen_len,
+        steps: std::iter::once(0).chain(decode_steps).collect(),
+    };
+    graph.validate()?;
+    Ok(graph)
+}

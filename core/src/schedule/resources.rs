@@ -1,0 +1,119 @@
+//! The pools and resources of a graph: one memory pool per place, one resource per
+//! processor, link direction and disk, in a fixed order.
+
+use super::{pool_capacity, Builder};
+use crate::graph::{Place, PoolSpec, Resource, ResourceSpec};
+use crate::model::WeightGroup;
+use crate::plan::Tier;
+use crate::profile::Profile;
+
+impl Builder<'_> {
+    pub(super) fn devices(&self) -> Vec<u16> {
+        let mut devices: Vec<u16> = self.policy.stage_list().iter().map(|s| s.device).collect();
+        devices.sort_unstable();
+        devices.dedup();
+        devices
+    }
+
+    /// The resources tasks run on, in a fixed order: the disk, each device's links to
+    /// and from the host, the links between consecutive stages, each device's compute,
+    /// the host's compute. One device gives exactly today's five.
+    pub(super) fn resources(&self) -> Vec<ResourceSpec> {
+        let policy = self.policy;
+        let copy = |resource| ResourceSpec { resource, lanes: policy.copy_streams };
+        let mut resources = vec![ResourceSpec { resource: Resource::DISK, lanes: policy.io_queue_depth }];
+        let devices = self.devices();
+        for &d in &devices {
+            resources.push(copy(Resource::link(Place::HOST, Place::Device(d))));
+            resources.push(copy(Resource::link(Place::Device(d), Place::HOST)));
+        }
+        for pair in policy.stage_list().windows(2) {
+            resources.push(copy(Resource::link(Place::Device(pair[0].device), Place::Device(pair[1].device))));
+        }
+        for &d in &devices {
+            resources.push(ResourceSpec { resource: Resource::compute(Place::Device(d)), lanes: 1 });
+        }
+        resources.push(ResourceSpec { resource: Resource::HOST_COMPUTE, lanes: 1 });
+        // Any other link a task uses (none today) still gets a resource.
+        for task in &self.tasks {
+            if !resources.iter().any(|r| r.resource == task.resource) {
+                resources.push(copy(task.resource));
+            }
+        }
+        resources
+    }
+
+    /// Capacities and what stays resident in each pool for the whole run: one pool per
+    /// stage device, then the host's.
+    pub(super) fn pools(&self, profile: &Profile) -> Vec<PoolSpec> {
+        let policy = self.policy;
+        let model = self.model;
+        let wd = policy.weight_dtype;
+        let devices = self.devices();
+        // Per device: resident attention, MLP and KV bytes.
+        let mut on_device = vec![[0u64; 3]; devices.len()];
+        let mut host_weights = 0;
+        let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
+            * self.workload.batch_size
+            * self.workload.max_context();
+        for place in &self.placements {
+            let slot = devices.iter().position(|&d| d == place.device).unwrap_or(0);
+            for (index, group, tier) in [(0, WeightGroup::Attention, place.attention), (1, WeightGroup::Mlp, place.mlp)]
+            {
+                match tier {
+                    Tier::Device => on_device[slot][index] += model.group_bytes(group, wd),
+                    Tier::Host => host_weights += model.group_bytes(group, wd),
+                    Tier::Disk => {}
+                }
+            }
+            if place.kv == Tier::Device {
+                on_device[slot][2] += kv_per_layer;
+            }
+        }
+        let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
+        let workspace = policy.micro_batch_size * self.workload.prompt_len * model.workspace_bytes_per_token()
+            + model.attention_scratch_bytes(self.workload.prompt_len, self.workload.max_context());
+        let embeddings = model.group_bytes(WeightGroup::Embeddings, wd);
+        let head = model.group_bytes(WeightGroup::Head, wd);
+        let on = |tier: Tier, wanted: Tier, bytes: u64| if tier == wanted { bytes } else { 0 };
+        let mut pools: Vec<PoolSpec> = devices
+            .iter()
+            .zip(&on_device)
+            .map(|(&d, resident)| {
+                let first = d == policy.first_device();
+                let last = d == policy.last_device();
+                PoolSpec {
+                    pool: Place::Device(d),
+                    capacity_bytes: pool_capacity(profile, Place::Device(d)),
+                    resident: vec![
+                        ("resident attention weights".into(), resident[0]),
+                        ("resident MLP weights".into(), resident[1]),
+                        ("embeddings".into(), if first { on(policy.embeddings, Tier::Device, embeddings) } else { 0 }),
+                        ("head".into(), if last { on(policy.head, Tier::Device, head) } else { 0 }),
+                        ("resident KV cache".into(), resident[2]),
+                        ("hidden states".into(), hidden_states),
+                        ("workspace".into(), workspace),
+                    ],
+                }
+            })
+            .collect();
+        let layers = model.num_layers;
+        let host_computes = policy.compute_host_layers_on_host && (0..layers).any(|l| policy.layer_on_host(l))
+            || policy.host_attention && policy.kv_cache.device < layers
+            || policy.embeddings == Tier::Host
+            || policy.head == Tier::Host;
+        let host_workspace = if host_computes && !self.unified { workspace + hidden_states } else { 0 };
+        pools.push(PoolSpec {
+            pool: Place::HOST,
+            capacity_bytes: pool_capacity(profile, Place::HOST),
+            resident: vec![
+                ("host-resident weights".into(), host_weights),
+                ("embeddings".into(), on(policy.embeddings, Tier::Host, embeddings)),
+                ("head".into(), on(policy.head, Tier::Host, head)),
+                ("host KV cache".into(), policy.kv_cache.host * kv_per_layer),
+                ("host workspace".into(), host_workspace),
+            ],
+        });
+        pools
+    }
+}
