@@ -215,7 +215,8 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         let json = chrome_trace(&graph, &report.trace);
         ferry_core::yaml::write_new_file(path, &serde_json::to_string(&json)?, args.force)?;
     }
-    let budget = resolved.profile.device_memory_bytes;
+    // Every device's budget together: the process holds all of them.
+    let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
     if args.json {
         let out = serde_json::json!({
             "metrics": report.metrics,
@@ -254,9 +255,13 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         );
     }
     println!(
-        "process peak memory {} (VmHWM) for a {} device budget; {} was resident before the model loaded",
+        "process peak memory {} (VmHWM) for {} of device budget{}; {} was resident before the model loaded",
         format_bytes(report.peak_rss_bytes),
         format_bytes(budget),
+        match resolved.profile.device_count() {
+            1 => String::new(),
+            n => format!(" over {n} devices"),
+        },
         format_bytes(report.baseline_rss_bytes)
     );
     println!(

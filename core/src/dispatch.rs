@@ -1,8 +1,13 @@
 //! The dispatch rule — the one piece of scheduling the simulator and the engine must
 //! share to run a graph the same way. On each resource, the ready task with the
 //! **lowest id** (program order) starts next, when one of the resource's lanes is free
-//! and the memory it acquires fits its pool; otherwise that resource waits (no task
-//! overtakes it there). Across resources, candidates are tried in ascending id.
+//! and the memory it acquires fits its pool; otherwise no later task on that resource
+//! that acquires memory in the same pool, or none at all, overtakes it. Tasks that
+//! acquire memory in *another* pool may: with several devices one disk serves them
+//! all, and a read for a full device must not hold back the reads another device
+//! needs to make progress (that would deadlock a pipeline of stages). With one device
+//! every task on a resource acquires in the same pool (or none), so this is exactly
+//! "no task overtakes it". Across resources, candidates are tried in ascending id.
 //! Memory is acquired when a task starts and released when it ends.
 //!
 //! `Dispatcher` keeps that state; the simulator drives it from its event loop, the
@@ -23,6 +28,12 @@ pub struct Dispatcher<'g> {
     dependents: Vec<u32>,
     /// Resource index of every task.
     resource_of: Vec<u32>,
+    /// Ready queue of every task: one per (resource, first pool the task acquires in,
+    /// or none) that occurs in the graph.
+    queue_of: Vec<u32>,
+    /// Per queue: its resource and whether its tasks acquire memory.
+    queue_resource: Vec<u32>,
+    queue_acquires: Vec<bool>,
     /// Every task's acquisitions and releases as (pool index, bytes), task by task.
     acquire: MemoryOps,
     release: MemoryOps,
@@ -67,10 +78,23 @@ impl<'g> Dispatcher<'g> {
         let resource_of: Vec<u32> = graph.tasks.iter().map(|t| graph.resource_index(t.resource) as u32).collect();
         let acquire = MemoryOps::new(graph, |t| &t.acquire);
         let release = MemoryOps::new(graph, |t| &t.release);
-        let mut ready: Vec<BinaryHeap<Reverse<TaskId>>> = vec![BinaryHeap::new(); graph.resources.len()];
+        let mut queue_keys: Vec<(u32, u32)> = Vec::new();
+        let queue_of: Vec<u32> = (0..count)
+            .map(|id| {
+                let key = (resource_of[id], acquire.of(id as TaskId).first().map_or(u32::MAX, |&(p, _)| p));
+                match queue_keys.iter().position(|k| *k == key) {
+                    Some(q) => q as u32,
+                    None => {
+                        queue_keys.push(key);
+                        queue_keys.len() as u32 - 1
+                    }
+                }
+            })
+            .collect();
+        let mut ready: Vec<BinaryHeap<Reverse<TaskId>>> = vec![BinaryHeap::new(); queue_keys.len()];
         for (id, &deps) in remaining_deps.iter().enumerate() {
             if deps == 0 {
-                ready[resource_of[id] as usize].push(Reverse(id as TaskId));
+                ready[queue_of[id] as usize].push(Reverse(id as TaskId));
             }
         }
         let lanes: Vec<usize> = graph.resources.iter().map(|r| r.lanes.max(1) as usize).collect();
@@ -80,6 +104,9 @@ impl<'g> Dispatcher<'g> {
             dependent_start,
             dependents,
             resource_of,
+            queue_of,
+            queue_resource: queue_keys.iter().map(|k| k.0).collect(),
+            queue_acquires: queue_keys.iter().map(|k| k.1 != u32::MAX).collect(),
             acquire,
             release,
             ready,
@@ -100,27 +127,33 @@ impl<'g> Dispatcher<'g> {
     /// Starts every task the rule allows now, lowest id first; `start(task, lane)` is
     /// called for each, after its memory has been acquired.
     pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32)) {
+        // A queue is blocked once its head did not fit; a resource once any of its
+        // queues is (which blocks its queues of tasks that acquire nothing).
         let mut blocked = vec![false; self.ready.len()];
+        let mut resource_blocked = vec![false; self.free_lanes.len()];
         loop {
             let mut best: Option<(TaskId, usize)> = None;
-            for (r, queue) in self.ready.iter().enumerate() {
-                if blocked[r] || self.free_lanes[r] == 0 {
+            for (q, queue) in self.ready.iter().enumerate() {
+                let r = self.queue_resource[q] as usize;
+                if blocked[q] || self.free_lanes[r] == 0 || (resource_blocked[r] && !self.queue_acquires[q]) {
                     continue;
                 }
                 if let Some(&Reverse(id)) = queue.peek() {
                     if best.is_none_or(|(b, _)| id < b) {
-                        best = Some((id, r));
+                        best = Some((id, q));
                     }
                 }
             }
-            let Some((id, r)) = best else { return };
+            let Some((id, q)) = best else { return };
+            let r = self.queue_resource[q] as usize;
             let acquire = self.acquire.of(id);
             let fits = acquire.iter().all(|&(p, bytes)| self.used[p as usize] + bytes <= self.capacity[p as usize]);
             if !fits {
-                blocked[r] = true;
+                blocked[q] = true;
+                resource_blocked[r] = true;
                 continue;
             }
-            self.ready[r].pop();
+            self.ready[q].pop();
             for &(p, bytes) in acquire {
                 self.used[p as usize] += bytes;
             }
@@ -148,7 +181,7 @@ impl<'g> Dispatcher<'g> {
         for &dependent in &self.dependents[from..to] {
             self.remaining_deps[dependent as usize] -= 1;
             if self.remaining_deps[dependent as usize] == 0 {
-                self.ready[self.resource_of[dependent as usize] as usize].push(Reverse(dependent));
+                self.ready[self.queue_of[dependent as usize] as usize].push(Reverse(dependent));
             }
         }
     }

@@ -23,8 +23,11 @@ pub(super) struct Builder<'a> {
     /// Where every layer lives and runs (its stage's device and tiers).
     pub(super) placements: Vec<LayerPlacement>,
     pub(super) tasks: Vec<Task>,
-    /// Last compute task of every visit so far, for prefetch gates.
-    pub(super) visit_done: Vec<TaskId>,
+    /// Per device: the last compute task of every visit on it so far, for prefetch
+    /// gates. Prefetch is a device's own pipeline: with several stages, a gate on a
+    /// visit of another device would let a later visit's loads take this device's
+    /// memory before an earlier visit's (gated on the other device) could — a deadlock.
+    pub(super) visit_done: std::collections::HashMap<u16, Vec<TaskId>>,
     /// Per micro-batch: the task that last produced its hidden state, and where it is.
     pub(super) hidden_producer: Vec<Option<TaskId>>,
     pub(super) hidden_side: Vec<Place>,
@@ -66,7 +69,7 @@ impl<'a> Builder<'a> {
             unified,
             placements,
             tasks: Vec::new(),
-            visit_done: Vec::new(),
+            visit_done: std::collections::HashMap::new(),
             hidden_producer: vec![None; micro_batches],
             hidden_side: vec![Place::Device(policy.first_device()); micro_batches],
             last_head: vec![None; micro_batches],
@@ -137,12 +140,13 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// The gate for loads of the visit about to be emitted.
-    pub(super) fn load_gate(&self) -> Vec<TaskId> {
-        let visit = self.visit_done.len();
+    /// The gate for loads of the visit of `layer` about to be emitted: the visit
+    /// `prefetch_depth + 1` before it on the same device.
+    pub(super) fn load_gate(&self, layer: u32) -> Vec<TaskId> {
+        let done = self.visit_done.get(&self.placements[layer as usize].device).map_or(&[][..], |v| v.as_slice());
         let depth = self.prefetch_depth();
-        if visit > depth {
-            vec![self.visit_done[visit - depth - 1]]
+        if done.len() > depth {
+            vec![done[done.len() - depth - 1]]
         } else {
             Vec::new()
         }
@@ -332,7 +336,7 @@ impl<'a> Builder<'a> {
 
     /// One layer for the micro-batches `js`: loads, then attention and MLP of each.
     pub(super) fn visit(&mut self, step: u32, layer: u32, js: std::ops::Range<u32>) {
-        let gate = self.load_gate();
+        let gate = self.load_gate(layer);
         let first_j = js.start;
         let last_j = js.end - 1;
         let attention = self.load_weights(WeightGroup::Attention, layer, step, first_j, &gate);
@@ -377,7 +381,7 @@ impl<'a> Builder<'a> {
             mlp_tasks.push(id);
             last_mlp = id;
         }
-        self.visit_done.push(last_mlp);
+        self.visit_done.entry(self.placements[layer as usize].device).or_default().push(last_mlp);
     }
 
     pub(super) fn kv_tier(&self, layer: u32) -> Tier {
