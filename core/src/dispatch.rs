@@ -28,12 +28,14 @@ pub struct Dispatcher<'g> {
     dependents: Vec<u32>,
     /// Resource index of every task.
     resource_of: Vec<u32>,
-    /// Ready queue of every task: one per (resource, first pool the task acquires in,
-    /// or none) that occurs in the graph.
+    /// Ready queue of every task: one per resource, except that a resource whose tasks
+    /// acquire memory in several pools (one disk serving several devices) gets one
+    /// queue per pool and one for tasks that acquire none.
     queue_of: Vec<u32>,
-    /// Per queue: its resource and whether its tasks acquire memory.
-    queue_resource: Vec<u32>,
-    queue_acquires: Vec<bool>,
+    queues: Vec<QueueInfo>,
+    /// Scratch for `dispatch`: which queues and resources are blocked this round.
+    blocked: Vec<bool>,
+    resource_blocked: Vec<bool>,
     /// Every task's acquisitions and releases as (pool index, bytes), task by task.
     acquire: MemoryOps,
     release: MemoryOps,
@@ -75,13 +77,24 @@ impl<'g> Dispatcher<'g> {
                 fill[dep as usize] += 1;
             }
         }
-        let resource_of: Vec<u32> = graph.tasks.iter().map(|t| graph.resource_index(t.resource) as u32).collect();
+        let resource_of = graph.task_resource_indices();
         let acquire = MemoryOps::new(graph, |t| &t.acquire);
         let release = MemoryOps::new(graph, |t| &t.release);
+        // Pools each resource's tasks acquire in: split a resource's queue only if several.
+        let first_pool = |id: usize| acquire.of(id as TaskId).first().map_or(u32::MAX, |&(p, _)| p);
+        let mut pools_of: Vec<Vec<u32>> = vec![Vec::new(); graph.resources.len()];
+        for id in 0..count {
+            let (r, p) = (resource_of[id] as usize, first_pool(id));
+            if p != u32::MAX && !pools_of[r].contains(&p) {
+                pools_of[r].push(p);
+            }
+        }
         let mut queue_keys: Vec<(u32, u32)> = Vec::new();
         let queue_of: Vec<u32> = (0..count)
             .map(|id| {
-                let key = (resource_of[id], acquire.of(id as TaskId).first().map_or(u32::MAX, |&(p, _)| p));
+                let r = resource_of[id];
+                let split = pools_of[r as usize].len() > 1;
+                let key = (r, if split { first_pool(id) } else { SHARED });
                 match queue_keys.iter().position(|k| *k == key) {
                     Some(q) => q as u32,
                     None => {
@@ -105,8 +118,12 @@ impl<'g> Dispatcher<'g> {
             dependents,
             resource_of,
             queue_of,
-            queue_resource: queue_keys.iter().map(|k| k.0).collect(),
-            queue_acquires: queue_keys.iter().map(|k| k.1 != u32::MAX).collect(),
+            queues: queue_keys
+                .iter()
+                .map(|&(r, p)| QueueInfo { resource: r, acquires_only_its_pool: p != SHARED && p != u32::MAX })
+                .collect(),
+            blocked: vec![false; queue_keys.len()],
+            resource_blocked: vec![false; graph.resources.len()],
             acquire,
             release,
             ready,
@@ -128,14 +145,18 @@ impl<'g> Dispatcher<'g> {
     /// called for each, after its memory has been acquired.
     pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32)) {
         // A queue is blocked once its head did not fit; a resource once any of its
-        // queues is (which blocks its queues of tasks that acquire nothing).
-        let mut blocked = vec![false; self.ready.len()];
-        let mut resource_blocked = vec![false; self.free_lanes.len()];
+        // queues is, which blocks its other queues except those of another pool.
+        self.blocked.fill(false);
+        self.resource_blocked.fill(false);
         loop {
             let mut best: Option<(TaskId, usize)> = None;
             for (q, queue) in self.ready.iter().enumerate() {
-                let r = self.queue_resource[q] as usize;
-                if blocked[q] || self.free_lanes[r] == 0 || (resource_blocked[r] && !self.queue_acquires[q]) {
+                let info = self.queues[q];
+                let r = info.resource as usize;
+                if self.blocked[q]
+                    || self.free_lanes[r] == 0
+                    || (self.resource_blocked[r] && !info.acquires_only_its_pool)
+                {
                     continue;
                 }
                 if let Some(&Reverse(id)) = queue.peek() {
@@ -145,12 +166,12 @@ impl<'g> Dispatcher<'g> {
                 }
             }
             let Some((id, q)) = best else { return };
-            let r = self.queue_resource[q] as usize;
+            let r = self.queues[q].resource as usize;
             let acquire = self.acquire.of(id);
             let fits = acquire.iter().all(|&(p, bytes)| self.used[p as usize] + bytes <= self.capacity[p as usize]);
             if !fits {
-                blocked[q] = true;
-                resource_blocked[r] = true;
+                self.blocked[q] = true;
+                self.resource_blocked[r] = true;
                 continue;
             }
             self.ready[q].pop();
@@ -246,6 +267,17 @@ impl<'g> Dispatcher<'g> {
     }
 }
 
+/// Queue key of tasks on a resource that is not split by pool.
+const SHARED: u32 = u32::MAX - 1;
+
+/// A ready queue's resource, and whether its tasks all acquire in one pool of a
+/// resource split by pool (they may then pass a blocked queue of another pool).
+#[derive(Clone, Copy)]
+struct QueueInfo {
+    resource: u32,
+    acquires_only_its_pool: bool,
+}
+
 /// Memory operations of every task in compressed form: task `t`'s are
 /// `ops[start[t]..start[t + 1]]`, with pools as indices.
 struct MemoryOps {
@@ -257,9 +289,11 @@ impl MemoryOps {
     fn new(graph: &TaskGraph, of: impl Fn(&crate::graph::Task) -> &Vec<crate::graph::MemOp>) -> MemoryOps {
         let mut start = Vec::with_capacity(graph.tasks.len() + 1);
         let mut ops = Vec::new();
+        let keys = graph.pool_keys();
+        let index = |pool: crate::graph::Pool| keys.iter().position(|&k| k == pool.key()).unwrap_or(usize::MAX) as u32;
         start.push(0);
         for task in &graph.tasks {
-            ops.extend(of(task).iter().map(|m| (graph.pool_index(m.pool) as u32, m.bytes)));
+            ops.extend(of(task).iter().map(|m| (index(m.pool), m.bytes)));
             start.push(ops.len() as u32);
         }
         MemoryOps { start, ops }

@@ -213,6 +213,25 @@ impl TaskGraph {
         self.resources.iter().position(|r| r.resource == resource).unwrap_or(usize::MAX)
     }
 
+    /// Every task's resource index (`u32::MAX` for a resource the graph lacks),
+    /// computed in one pass with integer keys: simulator, dispatcher and metrics need
+    /// it for every task of every candidate plan.
+    pub fn task_resource_indices(&self) -> Vec<u32> {
+        let keys: Vec<u64> = self.resources.iter().map(|r| r.resource.key()).collect();
+        self.tasks
+            .iter()
+            .map(|t| {
+                let key = t.resource.key();
+                keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
+            })
+            .collect()
+    }
+
+    /// Integer keys of the pools, in order (see `Place::key`).
+    pub fn pool_keys(&self) -> Vec<u32> {
+        self.pools.iter().map(|p| p.pool.key()).collect()
+    }
+
     pub fn lanes(&self, resource: Resource) -> u32 {
         self.resources.iter().find(|r| r.resource == resource).map_or(1, |r| r.lanes)
     }
@@ -234,18 +253,20 @@ impl TaskGraph {
 
     /// Checks the structural invariants; a failure here is a bug in the lowering.
     pub fn validate(&self) -> Result<()> {
+        let resource_of = self.task_resource_indices();
+        let pool_keys = self.pool_keys();
         for (id, task) in self.tasks.iter().enumerate() {
             if let Some(dep) = task.deps.iter().find(|&&d| d as usize >= id) {
                 return Err(CoreError::invalid(format!("task {id} ({}) depends on later task {dep}", task.label())));
             }
-            if self.resource_index(task.resource) == usize::MAX {
+            if resource_of[id] == u32::MAX {
                 return Err(CoreError::invalid(format!(
                     "task {id} ({}) runs on a resource the graph lacks",
                     task.label()
                 )));
             }
             let pools = task.acquire.iter().chain(&task.release);
-            if let Some(m) = pools.into_iter().find(|m| self.pool_index(m.pool) == usize::MAX) {
+            if let Some(m) = pools.into_iter().find(|m| !pool_keys.contains(&m.pool.key())) {
                 return Err(CoreError::invalid(format!(
                     "task {id} ({}) uses memory of {}, which has no pool",
                     task.label(),
@@ -253,11 +274,18 @@ impl TaskGraph {
                 )));
             }
         }
-        for pool in self.pools.iter().map(|p| p.pool) {
-            let acquired: u64 =
-                self.tasks.iter().flat_map(|t| &t.acquire).filter(|m| m.pool == pool).map(|m| m.bytes).sum();
-            let released: u64 =
-                self.tasks.iter().flat_map(|t| &t.release).filter(|m| m.pool == pool).map(|m| m.bytes).sum();
+        // Acquired and released bytes per pool, in one pass over the tasks.
+        let mut balance = vec![(0u64, 0u64); self.pools.len()];
+        let slot = |pool: Pool| pool_keys.iter().position(|&k| k == pool.key()).unwrap_or(0);
+        for task in &self.tasks {
+            for m in &task.acquire {
+                balance[slot(m.pool)].0 += m.bytes;
+            }
+            for m in &task.release {
+                balance[slot(m.pool)].1 += m.bytes;
+            }
+        }
+        for (pool, (acquired, released)) in self.pools.iter().map(|p| p.pool).zip(balance) {
             if acquired != released {
                 return Err(CoreError::invalid(format!(
                     "{} pool: tasks acquire {} but release {}",

@@ -499,8 +499,18 @@ impl Policy {
 
     /// The placement of one layer (see `layer_placements`; prefer that in loops).
     pub fn placement_of(&self, layer: u64) -> LayerPlacement {
+        if self.stages.is_empty() {
+            // One stage: no list to build (this runs per layer in the tuner's inner loop).
+            return LayerPlacement {
+                stage: 0,
+                device: 0,
+                attention: self.attention_weights.tier_of(layer),
+                mlp: self.mlp_weights.tier_of(layer),
+                kv: self.kv_cache.tier_of(layer),
+            };
+        }
         let mut first = 0;
-        for (index, stage) in self.stage_list().iter().enumerate() {
+        for (index, stage) in self.stages.iter().enumerate() {
             if layer < first + stage.layers() {
                 let local = layer - first;
                 return LayerPlacement {

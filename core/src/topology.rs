@@ -36,6 +36,14 @@ impl Place {
         matches!(self, Place::Device(_))
     }
 
+    /// A small integer naming the place, for fast lookups in hot loops.
+    pub fn key(self) -> u32 {
+        match self {
+            Place::Device(n) => n as u32,
+            Place::Host(n) => 0x1_0000 | n as u32,
+        }
+    }
+
     /// The name people read. `indexed`: the machine has several of this kind, so the
     /// number is part of the name ("device 1"); otherwise just "device" or "host".
     pub fn label(self, indexed: bool) -> String {
@@ -112,6 +120,16 @@ impl Resource {
 
     pub fn is_transfer(self) -> bool {
         !matches!(self, Resource::Compute { .. })
+    }
+
+    /// An integer naming the resource (distinct for distinct resources), for fast
+    /// lookups in hot loops: comparing it is one instruction.
+    pub fn key(self) -> u64 {
+        match self {
+            Resource::Disk { host } => 1 << 48 | host as u64,
+            Resource::Link { from, to } => 2 << 48 | (from.key() as u64) << 20 | to.key() as u64,
+            Resource::Compute { at } => 3 << 48 | at.key() as u64,
+        }
     }
 
     /// The name people read; `indexed` as in `Place::label`.

@@ -91,12 +91,14 @@ impl Metrics {
         let trace_start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let trace_end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
         let window = (trace_end - trace_start).max(1);
+        let resource_of = graph.task_resource_indices();
         let resources: Vec<ResourceUsage> = graph
             .resources
             .iter()
-            .map(|spec| spec.resource)
-            .map(|resource| {
-                let busy_ns = busy_union(graph, trace, resource);
+            .enumerate()
+            .map(|(index, spec)| {
+                let resource = spec.resource;
+                let busy_ns = busy_union(&resource_of, trace, index as u32);
                 ResourceUsage { resource, busy_ns, utilization: busy_ns as f64 / window as f64 }
             })
             .collect();
@@ -164,12 +166,13 @@ pub fn step_end_times(graph: &TaskGraph, trace: &Trace) -> Vec<u64> {
     ends.into_iter().zip(present).filter(|(_, p)| *p).map(|(e, _)| e).collect()
 }
 
-/// Length of the union of the resource's busy intervals.
-fn busy_union(graph: &TaskGraph, trace: &Trace, resource: Resource) -> u64 {
+/// Length of the union of the busy intervals of resource number `resource`
+/// (`resource_of`: every task's resource index).
+fn busy_union(resource_of: &[u32], trace: &Trace, resource: u32) -> u64 {
     let mut intervals: Vec<(u64, u64)> = trace
         .spans
         .iter()
-        .filter(|s| graph.tasks[s.task as usize].resource() == resource && s.end_ns > s.start_ns)
+        .filter(|s| resource_of[s.task as usize] == resource && s.end_ns > s.start_ns)
         .map(|s| (s.start_ns, s.end_ns))
         .collect();
     intervals.sort_unstable();

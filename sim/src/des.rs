@@ -96,9 +96,10 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     let is_transfer: Vec<bool> = resources.iter().map(|r| r.is_transfer()).collect();
     let mut active: Vec<Vec<Active>> = vec![Vec::new(); count];
     let slowdown: Vec<f64> = resources.iter().map(|&r| cost.compute_slowdown(r)).collect();
-    // interferes[c][t]: a transfer on t slows compute on c (and c's compute slows t's reads).
-    let interferes: Vec<Vec<bool>> =
-        resources.iter().map(|&c| resources.iter().map(|&t| cost.interferes(t, c)).collect()).collect();
+    // interferes[c * count + t]: a transfer on t slows compute on c (and c's compute
+    // slows t's reads). Flat: the event loop reads it for every pair.
+    let interferes: Vec<bool> =
+        resources.iter().flat_map(|&c| resources.iter().map(move |&t| cost.interferes(t, c))).collect();
 
     // Copies in opposite directions over one link slow each other when it is not fully duplex.
     let duplex_slowdown = cost.profile.interference.copy_duplex_slowdown;
@@ -147,7 +148,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     })
                     .sum();
                 let in_flight = requests.min(lanes[r] as u64) as u32;
-                let contended = (0..count).any(|c| compute_active[c] && interferes[c][r]) as usize;
+                let contended = (0..count).any(|c| compute_active[c] && interferes[c * count + r]) as usize;
                 let duplex = match duplex_partner[r] {
                     Some(other) if duplex_slowdown > 0.0 && transfer_active[other] => 1.0 + duplex_slowdown,
                     _ => 1.0,
@@ -157,7 +158,8 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     a.rate = bandwidth_tables[row][contended][in_flight as usize - 1] / n as f64 / duplex;
                 }
             } else {
-                let slowed = slowdown[r] > 0.0 && (0..count).any(|t| transfer_active[t] && interferes[r][t]);
+                let slowed =
+                    slowdown[r] > 0.0 && (0..count).any(|t| transfer_active[t] && interferes[r * count + t]);
                 let rate = if slowed { 1.0 / (1.0 + slowdown[r]) } else { 1.0 };
                 for a in active[r].iter_mut() {
                     a.rate = rate;

@@ -27,7 +27,7 @@ pub(super) struct Builder<'a> {
     /// gates. Prefetch is a device's own pipeline: with several stages, a gate on a
     /// visit of another device would let a later visit's loads take this device's
     /// memory before an earlier visit's (gated on the other device) could — a deadlock.
-    pub(super) visit_done: std::collections::HashMap<u16, Vec<TaskId>>,
+    pub(super) visit_done: Vec<Vec<TaskId>>,
     /// Per micro-batch: the task that last produced its hidden state, and where it is.
     pub(super) hidden_producer: Vec<Option<TaskId>>,
     pub(super) hidden_side: Vec<Place>,
@@ -69,7 +69,7 @@ impl<'a> Builder<'a> {
             unified,
             placements,
             tasks: Vec::new(),
-            visit_done: std::collections::HashMap::new(),
+            visit_done: Vec::new(),
             hidden_producer: vec![None; micro_batches],
             hidden_side: vec![Place::Device(policy.first_device()); micro_batches],
             last_head: vec![None; micro_batches],
@@ -143,7 +143,8 @@ impl<'a> Builder<'a> {
     /// The gate for loads of the visit of `layer` about to be emitted: the visit
     /// `prefetch_depth + 1` before it on the same device.
     pub(super) fn load_gate(&self, layer: u32) -> Vec<TaskId> {
-        let done = self.visit_done.get(&self.placements[layer as usize].device).map_or(&[][..], |v| v.as_slice());
+        let device = self.placements[layer as usize].device as usize;
+        let done = self.visit_done.get(device).map_or(&[][..], |v| v.as_slice());
         let depth = self.prefetch_depth();
         if done.len() > depth {
             vec![done[done.len() - depth - 1]]
@@ -225,6 +226,12 @@ impl<'a> Builder<'a> {
         self.hidden_producer[j as usize] = Some(producer);
     }
 
+    /// Whether `layer` is computed on the host (llama.cpp's split; `Policy::layer_on_host`).
+    pub(super) fn on_host(&self, layer: u32) -> bool {
+        let place = &self.placements[layer as usize];
+        self.policy.compute_host_layers_on_host && place.attention == Tier::Host && place.mlp == Tier::Host
+    }
+
     /// The device a layer's stage runs on.
     pub(super) fn device_of(&self, layer: u32) -> Place {
         Place::Device(self.placements[layer as usize].device)
@@ -283,7 +290,7 @@ impl<'a> Builder<'a> {
         let placement = self.placements[layer as usize];
         let tier = if group == WeightGroup::Attention { placement.attention } else { placement.mlp };
         let device = self.device_of(layer);
-        if tier == Tier::Device || self.policy.layer_on_host(layer as u64) {
+        if tier == Tier::Device || self.on_host(layer) {
             return Loaded::default();
         }
         let bytes = self.model.group_bytes(group, self.policy.weight_dtype);
@@ -341,7 +348,7 @@ impl<'a> Builder<'a> {
         let last_j = js.end - 1;
         let attention = self.load_weights(WeightGroup::Attention, layer, step, first_j, &gate);
         let mlp = self.load_weights(WeightGroup::Mlp, layer, step, first_j, &gate);
-        let on_host = self.policy.layer_on_host(layer as u64);
+        let on_host = self.on_host(layer);
         let mut attention_tasks: Vec<TaskId> = Vec::new();
         let mut mlp_tasks: Vec<TaskId> = Vec::new();
         let mut last_mlp = 0;
@@ -381,7 +388,11 @@ impl<'a> Builder<'a> {
             mlp_tasks.push(id);
             last_mlp = id;
         }
-        self.visit_done.entry(self.placements[layer as usize].device).or_default().push(last_mlp);
+        let device = self.placements[layer as usize].device as usize;
+        if self.visit_done.len() <= device {
+            self.visit_done.resize(device + 1, Vec::new());
+        }
+        self.visit_done[device].push(last_mlp);
     }
 
     pub(super) fn kv_tier(&self, layer: u32) -> Tier {

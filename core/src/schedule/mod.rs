@@ -138,6 +138,10 @@ pub fn lower(
     };
     crate::resolve::check_devices(policy, profile)?;
     let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
+    // About six tasks per (layer, micro-batch, step): reserving them up front saves the
+    // vector's regrowth copies, which the tuner pays on every candidate it simulates.
+    let per_step = (model.num_layers * 6 + 4) * policy.num_micro_batches;
+    builder.tasks.reserve((per_step * (decode_steps.len() as u64 + 1)).min(1 << 24) as usize);
     builder.step(0);
     for &step in &decode_steps {
         builder.step(step);

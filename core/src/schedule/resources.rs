@@ -35,8 +35,11 @@ impl Builder<'_> {
         }
         resources.push(ResourceSpec { resource: Resource::HOST_COMPUTE, lanes: 1 });
         // Any other link a task uses (none today) still gets a resource.
+        let mut keys: Vec<u64> = resources.iter().map(|r| r.resource.key()).collect();
         for task in &self.tasks {
-            if !resources.iter().any(|r| r.resource == task.resource) {
+            let key = task.resource.key();
+            if !keys.contains(&key) {
+                keys.push(key);
                 resources.push(copy(task.resource));
             }
         }
@@ -98,7 +101,7 @@ impl Builder<'_> {
             })
             .collect();
         let layers = model.num_layers;
-        let host_computes = policy.compute_host_layers_on_host && (0..layers).any(|l| policy.layer_on_host(l))
+        let host_computes = policy.compute_host_layers_on_host && (0..layers as u32).any(|l| self.on_host(l))
             || policy.host_attention && policy.kv_cache.device < layers
             || policy.embeddings == Tier::Host
             || policy.head == Tier::Host;
