@@ -55,6 +55,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    end_quietly_on_broken_pipe();
     let cli = Cli::parse();
     // Every command returns its exit status: 0, or 1 when validation fails its tolerances.
     let result: anyhow::Result<u8> = match cli.command {
@@ -74,6 +75,19 @@ fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::from(exit_status(&err))
         }
+    }
+}
+
+/// Restores the default action of SIGPIPE, which the Rust runtime ignores: output piped
+/// into a reader that stops early (`ferry show model 13b | head`) then ends the program
+/// quietly, as for other command-line tools, instead of `println!` panicking on EPIPE.
+/// Ferry writes to no other pipes or sockets, so only stdout and stderr are affected.
+fn end_quietly_on_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists; it only
+    // changes the disposition of one signal to the system default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

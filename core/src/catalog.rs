@@ -136,7 +136,7 @@ impl Catalog {
 /// Reads a model shape from a Hugging Face folder (its `config.json`) or the file itself.
 pub fn model_from_path(path: &Path) -> Result<ModelSpec> {
     let config = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&config).map_err(|e| CoreError::io(&config, e))?;
+    let text = crate::yaml::read_text(&config)?;
     let folder = if path.is_dir() { path } else { path.parent().unwrap_or(path) };
     let name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string());
     crate::model::from_hf_config(&text, &config.display().to_string(), &name)

@@ -12,13 +12,10 @@ pub enum CoreError {
     /// A YAML or JSON document that does not parse or does not match the schema.
     #[error("{file}:{line}:{column}: {message}")]
     Parse { file: String, line: usize, column: usize, message: String },
-    /// A file that could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file that could not be read or written. The OS message is part of this error's
+    /// text and deliberately not its `source()`, so a cause chain prints it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     /// A value that parses but makes no sense (negative sizes, mismatched counts, ...).
     #[error("{0}")]
     Invalid(String),
@@ -34,7 +31,7 @@ fn suggestion_text(suggestions: &[String]) -> String {
 
 impl CoreError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CoreError::Io { path: path.into(), source }
+        CoreError::Io { path: path.into(), error: source }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {

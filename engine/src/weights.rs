@@ -40,28 +40,16 @@ impl ModelFiles {
         crate::synth::check_supported(&spec)?;
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let mut tensors = BTreeMap::new();
-        if single.exists() {
-            tensors = read_header(&single)?;
+        let tensors = if single.exists() {
+            read_header(&single)?
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| EngineError::io(&index, e))?;
-            let parsed: serde_json::Value = ferry_core::yaml::from_json_str(&text, &index.display().to_string())?;
-            let map = parsed.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::BadWeights {
-                file: index.clone(),
-                message: "no weight_map object".into(),
-            })?;
-            let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-            shards.sort_unstable();
-            shards.dedup();
-            for shard in shards {
-                tensors.extend(read_header(&dir.join(shard))?);
-            }
+            read_sharded(dir, &index)?
         } else {
             return Err(EngineError::BadWeights {
                 file: dir.to_path_buf(),
                 message: "no model.safetensors or model.safetensors.index.json in this folder".into(),
             });
-        }
+        };
         let dtype = tensors.values().next().map(|t| t.dtype).ok_or_else(|| EngineError::BadWeights {
             file: dir.to_path_buf(),
             message: "the safetensors files hold no tensors".into(),
@@ -130,4 +118,74 @@ impl ModelFiles {
     pub fn tensor(&self, name: &str) -> Option<&TensorLocation> {
         self.tensors.get(name)
     }
+}
+
+/// Reads the headers of the shards an index lists. Each shard is a plain relative path
+/// that stays inside the model folder (no `..`, no absolute path, no symbolic link out
+/// of the folder) and names a regular file; every tensor the index maps is in the shard
+/// it names, and no tensor is in two shards.
+fn read_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, TensorLocation>, EngineError> {
+    let bad = |message: String| EngineError::BadWeights { file: index.to_path_buf(), message };
+    let text = ferry_core::yaml::read_text(index)?;
+    let parsed: serde_json::Value = ferry_core::yaml::from_json_str(&text, &index.display().to_string())?;
+    let map = parsed.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no weight_map object".into()))?;
+    let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| {
+            bad(format!("tensor '{tensor}': the weight_map value must be a file name, found {shard}"))
+        })?;
+        wanted.entry(shard).or_default().push(tensor);
+    }
+    let root = dir.canonicalize().map_err(|e| EngineError::io(dir, e))?;
+    let mut tensors: BTreeMap<String, TensorLocation> = BTreeMap::new();
+    for (shard, names) in wanted {
+        let path = shard_path(dir, &root, shard).map_err(|message| {
+            bad(format!("tensor '{}': shard '{shard}' {message}", names.first().copied().unwrap_or_default()))
+        })?;
+        let found = read_header(&path)?;
+        for name in names {
+            if !found.contains_key(name) {
+                return Err(EngineError::BadWeights {
+                    file: path.clone(),
+                    message: format!("tensor '{name}' is mapped to this shard by {} but is not in it", index.display()),
+                });
+            }
+        }
+        for (name, location) in found {
+            if let Some(other) = tensors.get(&name) {
+                return Err(EngineError::BadWeights {
+                    file: path.clone(),
+                    message: format!(
+                        "tensor '{name}' is also in {}; tensor names must be unique",
+                        other.file.display()
+                    ),
+                });
+            }
+            tensors.insert(name, location);
+        }
+    }
+    Ok(tensors)
+}
+
+/// The path of one shard, refused unless it is a relative path of plain names that
+/// resolves (links followed) to a regular file inside the model folder `root`.
+fn shard_path(dir: &Path, root: &Path, shard: &str) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let relative = Path::new(shard);
+    if shard.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+        return Err("must be a relative path inside the model folder (no '..', no absolute path)".into());
+    }
+    let path = dir.join(relative);
+    let resolved = path.canonicalize().map_err(|e| format!("cannot be opened: {e}"))?;
+    if !resolved.starts_with(root) {
+        return Err(format!("leads out of the model folder (to {})", resolved.display()));
+    }
+    let metadata = std::fs::metadata(&resolved).map_err(|e| format!("cannot be opened: {e}"))?;
+    if metadata.is_dir() {
+        return Err("is a directory, not a safetensors file".into());
+    }
+    if !metadata.is_file() {
+        return Err("is not a regular file".into());
+    }
+    Ok(path)
 }
