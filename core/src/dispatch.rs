@@ -26,20 +26,17 @@ pub struct Dispatcher<'g> {
     remaining_deps: Vec<u32>,
     dependent_start: Vec<u32>,
     dependents: Vec<u32>,
-    /// Resource index of every task.
-    resource_of: Vec<u32>,
     /// Ready queue of every task: one per resource, except that a resource whose tasks
     /// acquire memory in several pools (one disk serving several devices) gets one
     /// queue per pool and one for tasks that acquire none.
     queue_of: Vec<u32>,
     queues: Vec<QueueInfo>,
-    /// Scratch for `dispatch`: which queues and resources are blocked this round.
-    blocked: Vec<bool>,
-    resource_blocked: Vec<bool>,
-    /// Every task's acquisitions and releases as (pool index, bytes), task by task.
-    acquire: MemoryOps,
-    release: MemoryOps,
+    /// Pool index by place, without a search (see `PoolSlots`).
+    pool_slots: PoolSlots,
     ready: Vec<BinaryHeap<Reverse<TaskId>>>,
+    /// The lowest id in each ready queue (`TaskId::MAX` when empty), kept beside the
+    /// heaps so choosing the next task reads one small array.
+    heads: Vec<TaskId>,
     lane_busy: Vec<Vec<bool>>,
     free_lanes: Vec<usize>,
     running: usize,
@@ -77,33 +74,8 @@ impl<'g> Dispatcher<'g> {
                 fill[dep as usize] += 1;
             }
         }
-        let resource_of = graph.task_resource_indices();
-        let acquire = MemoryOps::new(graph, |t| &t.acquire);
-        let release = MemoryOps::new(graph, |t| &t.release);
-        // Pools each resource's tasks acquire in: split a resource's queue only if several.
-        let first_pool = |id: usize| acquire.of(id as TaskId).first().map_or(u32::MAX, |&(p, _)| p);
-        let mut pools_of: Vec<Vec<u32>> = vec![Vec::new(); graph.resources.len()];
-        for id in 0..count {
-            let (r, p) = (resource_of[id] as usize, first_pool(id));
-            if p != u32::MAX && !pools_of[r].contains(&p) {
-                pools_of[r].push(p);
-            }
-        }
-        let mut queue_keys: Vec<(u32, u32)> = Vec::new();
-        let queue_of: Vec<u32> = (0..count)
-            .map(|id| {
-                let r = resource_of[id];
-                let split = pools_of[r as usize].len() > 1;
-                let key = (r, if split { first_pool(id) } else { SHARED });
-                match queue_keys.iter().position(|k| *k == key) {
-                    Some(q) => q as u32,
-                    None => {
-                        queue_keys.push(key);
-                        queue_keys.len() as u32 - 1
-                    }
-                }
-            })
-            .collect();
+        let pool_slots = PoolSlots::new(graph);
+        let (queue_of, queue_keys) = queues(graph, &pool_slots);
         let mut ready: Vec<BinaryHeap<Reverse<TaskId>>> = vec![BinaryHeap::new(); queue_keys.len()];
         for (id, &deps) in remaining_deps.iter().enumerate() {
             if deps == 0 {
@@ -111,22 +83,20 @@ impl<'g> Dispatcher<'g> {
             }
         }
         let lanes: Vec<usize> = graph.resources.iter().map(|r| r.lanes.max(1) as usize).collect();
+        let heads = ready.iter().map(|h| h.peek().map_or(TaskId::MAX, |r| r.0)).collect();
         Dispatcher {
             graph,
             remaining_deps,
             dependent_start,
             dependents,
-            resource_of,
             queue_of,
             queues: queue_keys
                 .iter()
                 .map(|&(r, p)| QueueInfo { resource: r, acquires_only_its_pool: p != SHARED && p != u32::MAX })
                 .collect(),
-            blocked: vec![false; queue_keys.len()],
-            resource_blocked: vec![false; graph.resources.len()],
-            acquire,
-            release,
+            pool_slots,
             ready,
+            heads,
             lane_busy: lanes.iter().map(|&n| vec![false; n]).collect(),
             free_lanes: lanes,
             running: 0,
@@ -138,71 +108,79 @@ impl<'g> Dispatcher<'g> {
 
     /// The resource index (position in the graph's `resources`) of `task`.
     pub fn resource_of(&self, task: TaskId) -> usize {
-        self.resource_of[task as usize] as usize
+        self.queues[self.queue_of[task as usize] as usize].resource as usize
     }
 
-    /// Starts every task the rule allows now, lowest id first; `start(task, lane)` is
-    /// called for each, after its memory has been acquired.
-    pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32)) {
+    /// Starts every task the rule allows now, lowest id first; `start(task, lane,
+    /// resource index)` is called for each, after its memory has been acquired.
+    pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32, usize)) {
         // A queue is blocked once its head did not fit; a resource once any of its
-        // queues is, which blocks its other queues except those of another pool.
-        self.blocked.fill(false);
-        self.resource_blocked.fill(false);
+        // queues is, which blocks its other queues except those of another pool. Bit
+        // sets of 128; queues and resources past 127 share the last bit, which only
+        // makes the rule stricter (they block each other, as one queue would).
+        let (mut blocked, mut resource_blocked) = (0u128, 0u128);
         loop {
-            let mut best: Option<(TaskId, usize)> = None;
-            for (q, queue) in self.ready.iter().enumerate() {
-                let info = self.queues[q];
+            // The lowest head among the queues that may start a task now.
+            let (mut best_id, mut best_q) = (TaskId::MAX, usize::MAX);
+            for (q, (&head, info)) in self.heads.iter().zip(&self.queues).enumerate() {
+                if head >= best_id || blocked >> q.min(127) & 1 != 0 {
+                    continue;
+                }
                 let r = info.resource as usize;
-                if self.blocked[q]
-                    || self.free_lanes[r] == 0
-                    || (self.resource_blocked[r] && !info.acquires_only_its_pool)
+                if self.free_lanes[r] == 0 || (resource_blocked >> r.min(127) & 1 != 0 && !info.acquires_only_its_pool)
                 {
                     continue;
                 }
-                if let Some(&Reverse(id)) = queue.peek() {
-                    if best.is_none_or(|(b, _)| id < b) {
-                        best = Some((id, q));
-                    }
-                }
+                (best_id, best_q) = (head, q);
             }
-            let Some((id, q)) = best else { return };
+            if best_q == usize::MAX {
+                return;
+            }
+            let (id, q) = (best_id, best_q);
             let r = self.queues[q].resource as usize;
-            let acquire = self.acquire.of(id);
-            let fits = acquire.iter().all(|&(p, bytes)| self.used[p as usize] + bytes <= self.capacity[p as usize]);
+            let acquire = &self.graph.tasks[id as usize].acquire;
+            let slots = &self.pool_slots;
+            let fits = acquire.iter().all(|m| {
+                let p = slots.index(m.pool);
+                self.used[p] + m.bytes <= self.capacity[p]
+            });
             if !fits {
-                self.blocked[q] = true;
-                self.resource_blocked[r] = true;
+                blocked |= 1 << q.min(127);
+                resource_blocked |= 1 << r.min(127);
                 continue;
             }
             self.ready[q].pop();
-            for &(p, bytes) in acquire {
-                self.used[p as usize] += bytes;
+            self.heads[q] = self.ready[q].peek().map_or(TaskId::MAX, |r| r.0);
+            for m in acquire {
+                self.used[slots.index(m.pool)] += m.bytes;
             }
             let lane = self.lane_busy[r].iter().position(|b| !b).unwrap_or(0);
             self.lane_busy[r][lane] = true;
             self.free_lanes[r] -= 1;
             self.running += 1;
-            start(id, lane as u32);
+            start(id, lane as u32, r);
         }
     }
 
     /// Records that `task`, which ran on `lane`, ended: frees the lane and the memory it
     /// releases, and readies the dependents it was the last dependency of.
     pub fn complete(&mut self, task: TaskId, lane: u32) {
-        let r = self.resource_of[task as usize] as usize;
+        let r = self.queues[self.queue_of[task as usize] as usize].resource as usize;
         self.lane_busy[r][lane as usize] = false;
         self.free_lanes[r] += 1;
         self.running -= 1;
         self.finished += 1;
-        for &(p, bytes) in self.release.of(task) {
-            self.used[p as usize] -= bytes;
+        for m in &self.graph.tasks[task as usize].release {
+            self.used[self.pool_slots.index(m.pool)] -= m.bytes;
         }
         let (from, to) =
             (self.dependent_start[task as usize] as usize, self.dependent_start[task as usize + 1] as usize);
         for &dependent in &self.dependents[from..to] {
             self.remaining_deps[dependent as usize] -= 1;
             if self.remaining_deps[dependent as usize] == 0 {
-                self.ready[self.queue_of[dependent as usize] as usize].push(Reverse(dependent));
+                let q = self.queue_of[dependent as usize] as usize;
+                self.ready[q].push(Reverse(dependent));
+                self.heads[q] = self.heads[q].min(dependent);
             }
         }
     }
@@ -278,28 +256,85 @@ struct QueueInfo {
     acquires_only_its_pool: bool,
 }
 
-/// Memory operations of every task in compressed form: task `t`'s are
-/// `ops[start[t]..start[t + 1]]`, with pools as indices.
-struct MemoryOps {
-    start: Vec<u32>,
-    ops: Vec<(u32, u64)>,
+/// Pool index by place in O(1): the first 63 devices by number and host 0 have a
+/// slot; any other place is searched (no machine has one yet). The dispatcher looks
+/// pools up for every memory operation of every task.
+struct PoolSlots {
+    slots: [u8; 64],
+    keys: Vec<u32>,
 }
 
-impl MemoryOps {
-    fn new(graph: &TaskGraph, of: impl Fn(&crate::graph::Task) -> &Vec<crate::graph::MemOp>) -> MemoryOps {
-        let mut start = Vec::with_capacity(graph.tasks.len() + 1);
-        let mut ops = Vec::new();
-        let keys = graph.pool_keys();
-        let index = |pool: crate::graph::Pool| keys.iter().position(|&k| k == pool.key()).unwrap_or(usize::MAX) as u32;
-        start.push(0);
-        for task in &graph.tasks {
-            ops.extend(of(task).iter().map(|m| (index(m.pool), m.bytes)));
-            start.push(ops.len() as u32);
+impl PoolSlots {
+    fn new(graph: &TaskGraph) -> PoolSlots {
+        let mut slots = [u8::MAX; 64];
+        for (index, pool) in graph.pools.iter().enumerate() {
+            if let Some(slot) = PoolSlots::slot(pool.pool) {
+                slots[slot] = index.min(254) as u8;
+            }
         }
-        MemoryOps { start, ops }
+        PoolSlots { slots, keys: graph.pool_keys() }
     }
 
-    fn of(&self, task: TaskId) -> &[(u32, u64)] {
-        &self.ops[self.start[task as usize] as usize..self.start[task as usize + 1] as usize]
+    fn slot(place: Pool) -> Option<usize> {
+        match place {
+            crate::graph::Place::Device(n) if n < 63 => Some(n as usize),
+            crate::graph::Place::Host(0) => Some(63),
+            _ => None,
+        }
     }
+
+    /// The pool's index in the graph's list (a graph that validated has every pool
+    /// its tasks use).
+    fn index(&self, place: Pool) -> usize {
+        match PoolSlots::slot(place).map(|s| self.slots[s]) {
+            Some(index) if index != u8::MAX => index as usize,
+            _ => self.keys.iter().position(|&k| k == place.key()).unwrap_or(0),
+        }
+    }
+}
+
+/// Every task's ready queue, and each queue's (resource, pool or `SHARED`): one queue
+/// per resource, split by pool on resources whose tasks acquire in several pools
+/// (only graphs over several devices have such resources: one disk serving them all).
+fn queues(graph: &TaskGraph, pools: &PoolSlots) -> (Vec<u32>, Vec<(u32, u32)>) {
+    let resource_of = graph.task_resource_indices();
+    let resources = graph.resources.len();
+    if graph.device_count() <= 1 {
+        // One device: no resource serves two devices' pools; one queue per resource,
+        // without reading every task's memory operations.
+        return (resource_of, (0..resources as u32).map(|r| (r, SHARED)).collect());
+    }
+    let slots = graph.pools.len() + 1; // per resource: no pool, then each pool
+    let first_slot = |id: usize| graph.tasks[id].acquire.first().map_or(0, |m| pools.index(m.pool) + 1);
+    let mut pools_used = vec![0u64; resources];
+    for (id, &r) in resource_of.iter().enumerate() {
+        let slot = first_slot(id);
+        if slot > 0 {
+            pools_used[r as usize] |= 1 << (slot - 1).min(63);
+        }
+    }
+    let mut queue_index = vec![u32::MAX; resources * slots];
+    let mut keys: Vec<(u32, u32)> = Vec::new();
+    let queue_of = resource_of
+        .iter()
+        .enumerate()
+        .map(|(id, &r)| {
+            let split = pools_used[r as usize].count_ones() > 1;
+            let slot = if split { first_slot(id) } else { 0 };
+            let index = &mut queue_index[r as usize * slots + slot];
+            if *index == u32::MAX {
+                *index = keys.len() as u32;
+                let pool = if !split {
+                    SHARED
+                } else if slot == 0 {
+                    u32::MAX
+                } else {
+                    slot as u32 - 1
+                };
+                keys.push((r, pool));
+            }
+            *index
+        })
+        .collect();
+    (queue_of, keys)
 }

@@ -163,6 +163,19 @@ impl Task {
     }
 }
 
+/// A table slot for the resources of machines with up to 16 devices on host 0: the
+/// disk, the host's compute, and each device's compute and links to and from the host.
+fn resource_slot(resource: Resource) -> Option<usize> {
+    match resource {
+        Resource::Disk { host: 0 } => Some(0),
+        Resource::Compute { at: Place::Host(0) } => Some(1),
+        Resource::Compute { at: Place::Device(d) } if d < 16 => Some(2 + d as usize),
+        Resource::Link { from: Place::Host(0), to: Place::Device(d) } if d < 16 => Some(18 + d as usize),
+        Resource::Link { from: Place::Device(d), to: Place::Host(0) } if d < 16 => Some(34 + d as usize),
+        _ => None,
+    }
+}
+
 /// A pool's capacity and what stays resident in it for the whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolSpec {
@@ -217,12 +230,22 @@ impl TaskGraph {
     /// computed in one pass with integer keys: simulator, dispatcher and metrics need
     /// it for every task of every candidate plan.
     pub fn task_resource_indices(&self) -> Vec<u32> {
+        // The resources of up to 16 devices have a slot in a table; others are searched.
+        let mut table = [u32::MAX; 50];
+        for (index, spec) in self.resources.iter().enumerate() {
+            if let Some(slot) = resource_slot(spec.resource) {
+                table[slot] = index as u32;
+            }
+        }
         let keys: Vec<u64> = self.resources.iter().map(|r| r.resource.key()).collect();
         self.tasks
             .iter()
-            .map(|t| {
-                let key = t.resource.key();
-                keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
+            .map(|t| match resource_slot(t.resource).map(|slot| table[slot]) {
+                Some(index) if index != u32::MAX => index,
+                _ => {
+                    let key = t.resource.key();
+                    keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
+                }
             })
             .collect()
     }

@@ -33,6 +33,9 @@ pub enum SimError {
     /// the pool, the task that cannot start and the shortfall.
     #[error("deadlock: {message}")]
     Deadlock { pool: String, message: String },
+    /// More resources than the simulator's bit sets hold (about 15 devices).
+    #[error("the plan's graph has {0} resources; the simulator handles at most 64 (about 15 devices)")]
+    TooManyResources(usize),
 }
 
 /// A simulated trace and how many events it took.
@@ -53,6 +56,94 @@ struct Active {
     rate: f64,
     /// When it completes at the current rate.
     finish_ns: u64,
+}
+
+/// What the event loop needs to know of every resource, computed once per graph.
+/// Sets of resources are bit masks (a graph has at most 64 resources), so deciding
+/// whether anything slows a resource is one AND, whatever the number of devices.
+struct ResourceTable {
+    count: usize,
+    lanes: Vec<u32>,
+    /// Bit r: resource r moves bytes (a link or a disk), not compute.
+    transfers: u64,
+    /// Per transfer r: the compute resources whose work slows its reads.
+    slowed_by_compute: Vec<u64>,
+    /// Per compute resource r: the transfers that slow it, and by how much.
+    slowed_by_transfers: Vec<u64>,
+    slowdown: Vec<f64>,
+    /// Per link: the opposite direction, whose copies slow it by the duplex factor.
+    duplex_partner: Vec<Option<usize>>,
+    duplex_slowdown: f64,
+}
+
+impl ResourceTable {
+    fn new(graph: &TaskGraph, cost: &CostModel) -> Result<ResourceTable, SimError> {
+        let resources: Vec<_> = graph.resources.iter().map(|r| r.resource).collect();
+        let count = resources.len();
+        if count > 64 {
+            return Err(SimError::TooManyResources(count));
+        }
+        let mask = |f: &dyn Fn(usize) -> bool| (0..count).filter(|&i| f(i)).fold(0u64, |m, i| m | 1 << i);
+        Ok(ResourceTable {
+            count,
+            lanes: graph.resources.iter().map(|r| r.lanes.max(1)).collect(),
+            transfers: mask(&|i| resources[i].is_transfer()),
+            slowed_by_compute: (0..count).map(|t| mask(&|c| cost.interferes(resources[t], resources[c]))).collect(),
+            slowed_by_transfers: (0..count).map(|c| mask(&|t| cost.interferes(resources[t], resources[c]))).collect(),
+            slowdown: resources.iter().map(|&r| cost.compute_slowdown(r)).collect(),
+            duplex_partner: resources
+                .iter()
+                .map(|r| r.reverse().and_then(|back| resources.iter().position(|&o| o == back)))
+                .collect(),
+            duplex_slowdown: cost.profile.interference.copy_duplex_slowdown,
+        })
+    }
+
+    /// Sets the rate of every active task for the current set of active tasks.
+    fn set_rates(
+        &self,
+        active: &mut [Vec<Active>],
+        costs: &[TaskCost],
+        bandwidth_row: &[u32],
+        bandwidth_tables: &[[Vec<f64>; 2]],
+    ) {
+        let busy = (0..self.count).filter(|&r| !active[r].is_empty()).fold(0u64, |m, r| m | 1 << r);
+        let transfer_active = busy & self.transfers;
+        let compute_active = busy & !self.transfers;
+        let mut left = busy;
+        while left != 0 {
+            let r = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let n = active[r].len() as f64;
+            if transfer_active & 1 << r != 0 {
+                let requests: u64 = active[r]
+                    .iter()
+                    .map(|a| match costs[a.task as usize] {
+                        TaskCost::Transfer { requests, .. } => requests,
+                        TaskCost::Compute { .. } => 1,
+                    })
+                    .sum();
+                let in_flight = requests.min(self.lanes[r] as u64) as usize;
+                let contended = (compute_active & self.slowed_by_compute[r] != 0) as usize;
+                let duplex = match self.duplex_partner[r] {
+                    Some(other) if self.duplex_slowdown > 0.0 && transfer_active & 1 << other != 0 => {
+                        1.0 + self.duplex_slowdown
+                    }
+                    _ => 1.0,
+                };
+                for a in active[r].iter_mut() {
+                    let row = bandwidth_row[a.task as usize] as usize;
+                    a.rate = bandwidth_tables[row][contended][in_flight - 1] / n / duplex;
+                }
+            } else {
+                let slowed = self.slowdown[r] > 0.0 && transfer_active & self.slowed_by_transfers[r] != 0;
+                let rate = if slowed { 1.0 / (1.0 + self.slowdown[r]) } else { 1.0 };
+                for a in active[r].iter_mut() {
+                    a.rate = rate;
+                }
+            }
+        }
+    }
 }
 
 /// Replays `graph` with the durations of `cost`.
@@ -87,39 +178,21 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
         })
         .collect();
 
-    // Resources are indexed by their position in the graph's list.
-    let resources: Vec<_> = graph.resources.iter().map(|r| r.resource).collect();
-    let count = resources.len();
+    let table = ResourceTable::new(graph, cost)?;
     let mut dispatcher = Dispatcher::new(graph);
-    let resource_of: Vec<usize> = (0..task_count as u32).map(|id| dispatcher.resource_of(id)).collect();
-    let lanes: Vec<u32> = graph.resources.iter().map(|r| r.lanes.max(1)).collect();
-    let is_transfer: Vec<bool> = resources.iter().map(|r| r.is_transfer()).collect();
-    let mut active: Vec<Vec<Active>> = vec![Vec::new(); count];
-    let slowdown: Vec<f64> = resources.iter().map(|&r| cost.compute_slowdown(r)).collect();
-    // interferes[c * count + t]: a transfer on t slows compute on c (and c's compute
-    // slows t's reads). Flat: the event loop reads it for every pair.
-    let interferes: Vec<bool> =
-        resources.iter().flat_map(|&c| resources.iter().map(move |&t| cost.interferes(t, c))).collect();
-
-    // Copies in opposite directions over one link slow each other when it is not fully duplex.
-    let duplex_slowdown = cost.profile.interference.copy_duplex_slowdown;
-    let duplex_partner: Vec<Option<usize>> =
-        resources.iter().map(|r| r.reverse().and_then(|back| resources.iter().position(|&o| o == back))).collect();
-
+    let mut active: Vec<Vec<Active>> = vec![Vec::new(); table.count];
     let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; task_count];
     let mut time: u64 = 0;
     let mut events: u64 = 0;
     let mut completed: Vec<(u32, u32)> = Vec::new();
-    let mut transfer_active = vec![false; count];
-    let mut compute_active = vec![false; count];
 
     while !dispatcher.is_finished() {
-        dispatcher.dispatch(|id, lane| {
+        dispatcher.dispatch(|id, lane, resource| {
             let remaining = match costs[id as usize] {
                 TaskCost::Transfer { work_bytes, .. } => work_bytes,
                 TaskCost::Compute { nominal_ns } => nominal_ns,
             };
-            active[resource_of[id as usize]].push(Active { task: id, lane, remaining, rate: 1.0, finish_ns: 0 });
+            active[resource].push(Active { task: id, lane, remaining, rate: 1.0, finish_ns: 0 });
             spans[id as usize] = Span { task: id, lane, start_ns: time, end_ns: time };
             events += 1;
         });
@@ -128,44 +201,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
             let stall = dispatcher.stall();
             return Err(SimError::Deadlock { pool: graph.pool_label(stall.pool), message: stall.message });
         }
-
-        // Rates for the current set of active tasks.
-        for r in 0..count {
-            transfer_active[r] = is_transfer[r] && !active[r].is_empty();
-            compute_active[r] = !is_transfer[r] && !active[r].is_empty();
-        }
-        for r in 0..count {
-            let n = active[r].len();
-            if n == 0 {
-                continue;
-            }
-            if is_transfer[r] {
-                let requests: u64 = active[r]
-                    .iter()
-                    .map(|a| match costs[a.task as usize] {
-                        TaskCost::Transfer { requests, .. } => requests,
-                        TaskCost::Compute { .. } => 1,
-                    })
-                    .sum();
-                let in_flight = requests.min(lanes[r] as u64) as u32;
-                let contended = (0..count).any(|c| compute_active[c] && interferes[c * count + r]) as usize;
-                let duplex = match duplex_partner[r] {
-                    Some(other) if duplex_slowdown > 0.0 && transfer_active[other] => 1.0 + duplex_slowdown,
-                    _ => 1.0,
-                };
-                for a in active[r].iter_mut() {
-                    let row = bandwidth_row[a.task as usize] as usize;
-                    a.rate = bandwidth_tables[row][contended][in_flight as usize - 1] / n as f64 / duplex;
-                }
-            } else {
-                let slowed =
-                    slowdown[r] > 0.0 && (0..count).any(|t| transfer_active[t] && interferes[r * count + t]);
-                let rate = if slowed { 1.0 / (1.0 + slowdown[r]) } else { 1.0 };
-                for a in active[r].iter_mut() {
-                    a.rate = rate;
-                }
-            }
-        }
+        table.set_rates(&mut active, &costs, &bandwidth_row, &bandwidth_tables);
 
         // Next completion.
         let mut next = u64::MAX;

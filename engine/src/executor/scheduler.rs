@@ -54,12 +54,11 @@ impl<'a> Engine<'a> {
             // Freed weight buffers may be kept mapped only while their device's pool has
             // room for them beside everything the graph accounts.
             let budgets = DeviceBudgets::new(graph, &self.recyclers);
-            let resource_of: Vec<usize> = (0..count as u32).map(|id| dispatcher.resource_of(id)).collect();
             budgets.refresh(&dispatcher);
             while !dispatcher.is_finished() {
                 if failure.is_none() {
                     let mut room = budgets.room(&dispatcher);
-                    dispatcher.dispatch(|id, lane| {
+                    dispatcher.dispatch(|id, lane, r| {
                         let task = &graph.tasks[id as usize];
                         // A weight read takes a kept buffer before the limit shrinks by its
                         // bytes; the rest are unmapped now if they no longer fit.
@@ -71,7 +70,6 @@ impl<'a> Engine<'a> {
                             }
                         }
                         budgets.acquired(task, &mut room);
-                        let r = resource_of[id as usize];
                         if senders[r][lane as usize].send(id).is_err() {
                             failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
                         }
