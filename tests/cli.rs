@@ -127,7 +127,8 @@ fn simulate_reports_plans_that_cannot_fit() {
     let text_plan = std::fs::read_to_string(&plan).unwrap().replace("device_memory: 512MiB", "device_memory: 64MiB");
     std::fs::write(&plan, text_plan).unwrap();
     let out = ferry(dir.path(), &["simulate", "--plan", plan.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    // An impossible budget is the user's to change: exit 2, as in `tune` and `run`.
+    assert_eq!(out.status.code(), Some(2));
     let stderr = text(&out.stderr);
     assert!(stderr.contains("device memory") && stderr.contains("short by"), "{stderr}");
 }
@@ -528,4 +529,33 @@ fn validate_reports_errors_and_gates_on_tolerance() {
     let out = ferry(dir.path(), &strict);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["passed"], false);
+}
+
+#[test]
+fn one_error_exits_alike_in_every_command() {
+    // The exit status follows from the error's kind, not from the command that met it.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = ferry(dir.path(), &["show", "profile", "cpu"]);
+    std::fs::write(dir.path().join("profile.yaml"), &profile.stdout).unwrap();
+    let plan = example_plan(dir.path(), "cpu-tinyllama-512mib-pipelined");
+    // A model folder that does not exist: a usage error in run and validate alike.
+    let run = ferry(dir.path(), &["run", "--model-dir", "missing", "--plan", plan.to_str().unwrap()]);
+    let validate = ferry(
+        dir.path(),
+        &["validate", "--model-dir", "missing", "--profile", "profile.yaml", "--plans", "2", "--json"],
+    );
+    assert_eq!(run.status.code(), Some(2), "{}", text(&run.stderr));
+    assert_eq!(validate.status.code(), Some(2), "{}", text(&validate.stderr));
+    // A plan file that does not exist: 2 in simulate, export and run.
+    for args in [
+        vec!["simulate", "--plan", "nope.yaml"],
+        vec!["export", "--plan", "nope.yaml", "--to", "vllm"],
+        vec!["run", "--model-dir", "missing", "--plan", "nope.yaml"],
+    ] {
+        let out = ferry(dir.path(), &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        let stderr = text(&out.stderr);
+        // The OS message is printed once.
+        assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+    }
 }

@@ -79,8 +79,7 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         args.out.display()
     );
     let progress = bar(total, "synth");
-    synthesize(&model, dtype, args.seed, &args.out, args.force, |done, _| progress.set_position(done))
-        .map_err(engine_error)?;
+    synthesize(&model, dtype, args.seed, &args.out, args.force, |done, _| progress.set_position(done))?;
     progress.finish_and_clear();
     println!("wrote {} ({})", args.out.display(), format_bytes(total));
     Ok(())
@@ -127,14 +126,6 @@ pub struct RunArgs {
     force: bool,
 }
 
-fn engine_error(e: ferry_engine::EngineError) -> anyhow::Error {
-    if e.is_usage_error() {
-        anyhow::Error::new(CoreError::invalid(e.to_string()))
-    } else {
-        anyhow::Error::new(e)
-    }
-}
-
 /// The plan must describe the model on disk: same shape, whatever the name.
 fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
     let shape =
@@ -151,9 +142,9 @@ fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
 
 pub fn run_plan(args: RunArgs) -> Result<()> {
     let catalog = Catalog::builtin()?;
-    let backend = backend::backend(&args.backend).map_err(engine_error)?;
+    let backend = backend::backend(&args.backend)?;
     let mut resolved = load_plan(&catalog, &args.plan)?;
-    let files = ModelFiles::open(&args.model_dir).map_err(engine_error)?;
+    let files = ModelFiles::open(&args.model_dir)?;
     check_same_shape(&resolved.model, &files.spec)?;
     if !resolved.profile.unified_memory {
         return Err(CoreError::invalid(format!(
@@ -205,9 +196,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         keep_logits: false,
         progress: callback,
     };
-    let report = run(&graph, &policy, &workload, &files, backend.as_ref(), &options)
-        .map_err(engine_error)
-        .context("running the plan")?;
+    let report = run(&graph, &policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -329,7 +318,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     }
     if args.backend == "cuda" {
         // Before anything else: no scratch file, no synthesis, when there is no GPU to measure.
-        ferry_profiler::cuda::check_libraries().map_err(|e| anyhow::anyhow!(e))?;
+        ferry_profiler::cuda::check_libraries()?;
     }
     if args.out.exists() && !args.force {
         return Err(
@@ -344,7 +333,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     };
     if let Some(name) = &args.model {
         let model = Catalog::builtin()?.model(name)?.value;
-        ferry_engine::synth::check_supported(&model).map_err(engine_error)?;
+        ferry_engine::synth::check_supported(&model)?;
         let dtype = match args.dtype.as_deref() {
             Some(text) => parse_dtype(text)?,
             None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => model.dtype,
@@ -368,8 +357,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         ferry_profiler::cuda::profile_cuda(&options, &cuda, report)
     } else {
         ferry_profiler::profile_cpu(&options, report)
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
+    }?;
     bar.finish_and_clear();
     let best = |curve: &ferry_core::profile::TransferCurve| curve.points.iter().map(|p| p.gbps).fold(0.0, f64::max);
     let text = format!(

@@ -14,6 +14,7 @@ mod validate_cmd;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use ferry_core::{Classify, ErrorKind};
 
 /// Plan, predict and run LLM inference on GPUs (or CPUs) too small for the model.
 ///
@@ -91,14 +92,22 @@ fn end_quietly_on_broken_pipe() {
     }
 }
 
-/// 2 for mistakes in what the user asked (unknown names, malformed files, impossible
-/// requests), 1 for everything else, as clap does for bad flags.
+/// The exit status follows from the kind of the first typed error in the chain, the
+/// same way in every command: 2 for mistakes in what the user asked (unknown names,
+/// malformed or missing files, impossible budgets), 1 for everything else, as clap
+/// does for bad flags. An error no library classified is Ferry's own: 1.
 fn exit_status(err: &anyhow::Error) -> u8 {
-    let usage =
-        err.chain().any(|cause| cause.downcast_ref::<ferry_core::CoreError>().is_some_and(|e| e.is_usage_error()));
-    if usage {
-        2
-    } else {
-        1
+    err.chain().find_map(kind_of).map_or(1, ErrorKind::exit_status)
+}
+
+fn kind_of(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+    fn kind<E: Classify + std::error::Error + 'static>(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
+        cause.downcast_ref::<E>().map(Classify::kind)
     }
+    kind::<ferry_core::CoreError>(cause)
+        .or_else(|| kind::<ferry_engine::EngineError>(cause))
+        .or_else(|| kind::<ferry_sim::SimError>(cause))
+        .or_else(|| kind::<ferry_sim::tune::TuneError>(cause))
+        .or_else(|| kind::<ferry_profiler::ProfileError>(cause))
+        .or_else(|| kind::<ferry_reports::ReportError>(cause))
 }

@@ -10,9 +10,7 @@ use ferry_core::model::Dtype;
 use ferry_core::plan::{HardwareRef, Plan, PredictionNote, Schedule};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
-use ferry_sim::tune::{
-    tune_and_compare, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneError, TuneRequest,
-};
+use ferry_sim::tune::{tune_and_compare, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest};
 
 use crate::report;
 use crate::table::Table;
@@ -157,11 +155,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         kv_dtype: if weight_dtype == Dtype::F32 { Dtype::F32 } else { Dtype::F16 },
     };
     let started = Instant::now();
-    let comparison = tune_and_compare(&request, &space).map_err(|e| match e {
-        // A request no plan can satisfy is the user's to change: a usage error.
-        TuneError::Impossible(message) => anyhow::Error::new(ferry_core::CoreError::invalid(message)),
-        other => anyhow::Error::new(other),
-    })?;
+    let comparison = tune_and_compare(&request, &space)?;
     let search_time = started.elapsed();
     let Comparison { result, baselines: baseline_results, adopted_baseline } = comparison;
     if let Some(name) = adopted_baseline {

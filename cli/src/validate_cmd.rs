@@ -112,16 +112,15 @@ fn describe(plan: &Plan) -> String {
 /// recycled buffer — measured the way the profile measured it and the engine reads
 /// (into fresh mappings it would be slower: the kernel faults and zeroes every page).
 fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64> {
-    let disk = std::sync::Arc::new(ferry_engine::io::DiskFile::open(file, false).map_err(|e| anyhow::anyhow!(e))?);
+    let disk = std::sync::Arc::new(ferry_engine::io::DiskFile::open(file, false)?);
     let len = std::fs::metadata(file)?.len() / 4096 * 4096;
     let piece = len.min(64 * MIB);
     let pieces = (len / piece.max(1)).clamp(1, 8);
     let pool = ferry_engine::io::ReadPool::new(depth as usize);
     let recycler = ferry_engine::memory::Recycler::new();
     recycler.set_limit(u64::MAX);
-    let read = |offset: u64| -> Result<()> {
-        pool.read_recycled(&disk, &[(offset, offset + piece)], chunk, &recycler).map_err(|e| anyhow::anyhow!(e))
-    };
+    let read =
+        |offset: u64| -> Result<()> { Ok(pool.read_recycled(&disk, &[(offset, offset + piece)], chunk, &recycler)?) };
     // The first read maps the buffer; the timed ones reuse it.
     read(len - piece)?;
     let start = std::time::Instant::now();
@@ -148,7 +147,7 @@ fn drop_page_cache() -> bool {
 
 pub fn validate(args: ValidateArgs) -> Result<u8> {
     let catalog = ferry_core::catalog::Catalog::builtin()?;
-    let files = ModelFiles::open(&args.model_dir).map_err(|e| anyhow::Error::new(CoreError::invalid(e.to_string())))?;
+    let files = ModelFiles::open(&args.model_dir)?;
     let (base_profile, _) = resolve_hardware(
         &catalog,
         &HardwareRef { profile: Some(args.profile.display().to_string()), ..HardwareRef::default() },
@@ -281,9 +280,8 @@ pub fn validate(args: ValidateArgs) -> Result<u8> {
             progress: None,
         };
         drop_page_cache();
-        let report = run(&graph, &plan.policy, &plan.workload, &files, &CpuBackend, &options)
-            .map_err(|e| anyhow::anyhow!(e))
-            .context(describe(plan))?;
+        let report =
+            run(&graph, &plan.policy, &plan.workload, &files, &CpuBackend, &options).context(describe(plan))?;
         let measured = report.metrics;
         let mut disk_factor = 1.0;
         if let (Some((file, chunk, depth)), Some(before)) = (recheck, before) {

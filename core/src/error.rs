@@ -40,7 +40,58 @@ impl CoreError {
 
     /// Whether the error is the user's input (a usage error) rather than the environment.
     pub fn is_usage_error(&self) -> bool {
-        matches!(self, CoreError::UnknownName { .. } | CoreError::Parse { .. } | CoreError::Invalid(_))
+        self.kind() == ErrorKind::Usage
+    }
+}
+
+/// What kind of failure an error is. Every library error says which, and the exit
+/// status of every command follows from it the same way (`exit_status`), so one
+/// error exits alike whichever command met it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The user's request or files are at fault: an unknown name, a malformed or
+    /// missing file, an impossible budget. Exit status 2.
+    Usage,
+    /// The machine failed: a full disk, a device that errs, a driver that is missing.
+    /// Exit status 1.
+    Environment,
+    /// Ferry itself is wrong (a bug). Exit status 1.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn exit_status(self) -> u8 {
+        match self {
+            ErrorKind::Usage => 2,
+            ErrorKind::Environment | ErrorKind::Internal => 1,
+        }
+    }
+
+    /// The kind of an I/O failure on a file the user named: a missing, unreadable or
+    /// malformed file is theirs to fix; anything else is the machine's.
+    pub fn of_io(error: &std::io::Error) -> ErrorKind {
+        use std::io::ErrorKind as Io;
+        match error.kind() {
+            Io::NotFound | Io::PermissionDenied | Io::InvalidData | Io::InvalidInput | Io::AlreadyExists => {
+                ErrorKind::Usage
+            }
+            Io::IsADirectory | Io::NotADirectory => ErrorKind::Usage,
+            _ => ErrorKind::Environment,
+        }
+    }
+}
+
+/// An error that knows its `ErrorKind`; implemented by the error type of every crate.
+pub trait Classify {
+    fn kind(&self) -> ErrorKind;
+}
+
+impl Classify for CoreError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CoreError::UnknownName { .. } | CoreError::Parse { .. } | CoreError::Invalid(_) => ErrorKind::Usage,
+            CoreError::Io { error, .. } => ErrorKind::of_io(error),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ pub mod model;
 pub mod units;
 pub mod yaml;
 
-pub use error::{CoreError, Result};
+pub use error::{Classify, CoreError, ErrorKind, Result};
 pub mod dispatch;
 pub mod export;
 pub mod graph;

@@ -22,6 +22,8 @@ pub mod weights;
 
 use std::path::{Path, PathBuf};
 
+use ferry_core::{Classify, ErrorKind};
+
 pub use executor::{run, RunOptions, RunReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +36,6 @@ pub enum EngineError {
     Unsupported(String),
     #[error("{0}")]
     Refused(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("the plan does not match the model: {0}")]
     Mismatch(String),
     #[error("{0}")]
@@ -49,19 +45,29 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// A file that could not be read or written (`CoreError::Io`, the one I/O error).
     pub fn io(path: &Path, source: std::io::Error) -> EngineError {
-        EngineError::Io { path: path.to_path_buf(), source }
+        EngineError::Core(ferry_core::CoreError::io(path, source))
     }
 
     /// Whether the user's input is at fault (bad files, mismatched plan, refused request).
     pub fn is_usage_error(&self) -> bool {
+        self.kind() == ErrorKind::Usage
+    }
+}
+
+impl Classify for EngineError {
+    fn kind(&self) -> ErrorKind {
         match self {
-            EngineError::Core(e) => e.is_usage_error(),
+            EngineError::Core(e) => e.kind(),
             EngineError::BadWeights { .. }
             | EngineError::Unsupported(_)
             | EngineError::Refused(_)
-            | EngineError::Mismatch(_) => true,
-            _ => false,
+            | EngineError::Mismatch(_) => ErrorKind::Usage,
+            // A plan whose memory runs out mid-run was accepted by the checks: the
+            // user's budget is too small for what the run needed.
+            EngineError::Deadlock(_) => ErrorKind::Usage,
+            EngineError::Internal(_) => ErrorKind::Internal,
         }
     }
 }

@@ -204,7 +204,9 @@ proptest! {
         // none may come from a file outside the folder (it would have been read).
         match result.expect_err("no tiny model in these shards") {
             EngineError::BadWeights { file, message } => prop_assert!(file.starts_with(&dir), "{}: {message}", file.display()),
-            EngineError::Io { path, source } => prop_assert!(path.starts_with(&dir), "{}: {source}", path.display()),
+            EngineError::Core(ferry_core::CoreError::Io { path, error }) => {
+                prop_assert!(path.starts_with(&dir), "{}: {error}", path.display())
+            }
             other => prop_assert!(false, "unexpected error {other}"),
         }
     }

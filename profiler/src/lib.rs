@@ -31,12 +31,6 @@ pub enum ProfileError {
     Engine(#[from] ferry_engine::EngineError),
     #[error(transparent)]
     Core(#[from] ferry_core::CoreError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("{0}")]
     Unsupported(String),
     /// The cuda backend cannot run here, or a CUDA call failed.
@@ -45,7 +39,19 @@ pub enum ProfileError {
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> ProfileError + '_ {
-    move |source| ProfileError::Io { path: path.to_path_buf(), source }
+    move |source| ProfileError::Core(ferry_core::CoreError::io(path, source))
+}
+
+impl ferry_core::Classify for ProfileError {
+    fn kind(&self) -> ferry_core::ErrorKind {
+        match self {
+            ProfileError::Engine(e) => e.kind(),
+            ProfileError::Core(e) => e.kind(),
+            ProfileError::Unsupported(_) => ferry_core::ErrorKind::Usage,
+            // No driver or library, or a CUDA call failed: the machine's.
+            ProfileError::Cuda(_) => ferry_core::ErrorKind::Environment,
+        }
+    }
 }
 
 /// How much to measure.

@@ -17,14 +17,21 @@ pub enum ReportError {
     Draw { path: PathBuf, message: String },
     #[error("{0} already exists; pass --force to overwrite it")]
     Exists(PathBuf),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Core(#[from] ferry_core::CoreError),
     #[error("nothing to plot: {0}")]
     Empty(String),
+}
+
+impl ferry_core::Classify for ReportError {
+    fn kind(&self) -> ferry_core::ErrorKind {
+        match self {
+            ReportError::Core(e) => e.kind(),
+            ReportError::Exists(_) => ferry_core::ErrorKind::Usage,
+            ReportError::Draw { .. } => ferry_core::ErrorKind::Environment,
+            ReportError::Empty(_) => ferry_core::ErrorKind::Internal,
+        }
+    }
 }
 
 const FONT: &str = "sans-serif";
@@ -73,7 +80,7 @@ const PALETTE: [RGBColor; 8] = [
 
 /// Refuses to overwrite unless `force`; creates the folder.
 pub fn prepare(dir: &Path, stems: &[&str], force: bool) -> Result<(), ReportError> {
-    std::fs::create_dir_all(dir).map_err(|source| ReportError::Io { path: dir.to_path_buf(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| ferry_core::CoreError::io(dir, source))?;
     if !force {
         for stem in stems {
             for ext in ["png", "svg"] {

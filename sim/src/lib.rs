@@ -12,3 +12,26 @@ pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
 pub use predict::{predict, Extrapolation, Prediction};
+
+use ferry_core::{Classify, ErrorKind};
+
+impl Classify for des::SimError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            des::SimError::DoesNotFit(e) => e.kind(),
+            // The plan's memory cannot hold what its schedule keeps in flight, or it
+            // names more devices than the simulator holds: the user's plan to change.
+            des::SimError::Deadlock { .. } | des::SimError::TooManyResources(_) => ErrorKind::Usage,
+        }
+    }
+}
+
+impl Classify for tune::TuneError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            // No plan fits the budget the user gave: theirs to change.
+            tune::TuneError::Impossible(_) => ErrorKind::Usage,
+            tune::TuneError::Sim(e) => e.kind(),
+        }
+    }
+}
