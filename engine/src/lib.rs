@@ -40,6 +40,9 @@ pub enum EngineError {
     Mismatch(String),
     #[error("{0}")]
     Deadlock(String),
+    /// An accelerator could not be used: no driver or library, or a device call failed.
+    #[error("cuda backend: {0}")]
+    Device(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -67,6 +70,7 @@ impl Classify for EngineError {
             // A plan whose memory runs out mid-run was accepted by the checks: the
             // user's budget is too small for what the run needed.
             EngineError::Deadlock(_) => ErrorKind::Usage,
+            EngineError::Device(_) => ErrorKind::Environment,
             EngineError::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -20,36 +20,13 @@ use crate::ProfileError;
 
 /// Whether the CUDA driver and cuBLAS can be loaded; the error says what is missing.
 /// Must be called before any other CUDA call: cudarc panics when a library is absent.
+/// The check is the engine's (`ferry_engine::backend::cuda`), whose device primitives
+/// this profiler measures with.
 pub fn check_libraries() -> Result<(), ProfileError> {
-    // SAFETY: only tries to dlopen the library; no CUDA function is called.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(ProfileError::Cuda(format!(
-            "no NVIDIA driver on this machine: could not load the CUDA driver library (looked for {}). \
-             Install the NVIDIA driver (or add its folder to LD_LIBRARY_PATH), or profile the CPU with --backend cpu",
-            library_names("cuda")
-        )));
-    }
-    // SAFETY: as above.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err(ProfileError::Cuda(format!(
-            "the NVIDIA driver is present but cuBLAS is not (looked for {}). Install the CUDA 12 runtime \
-             libraries (e.g. the nvidia-cublas-cu12 wheel or the toolkit) and add their folder to LD_LIBRARY_PATH",
-            library_names("cublas")
-        )));
-    }
-    Ok(())
-}
-
-/// The file names cudarc tries for `library` on this platform, without repeats.
-fn library_names(library: &str) -> String {
-    let mut names: Vec<String> = Vec::new();
-    for name in cudarc::get_lib_name_candidates(library) {
-        // cudarc also lists the names of 64-bit Windows builds; they never apply here.
-        if !names.contains(&name) && (cfg!(windows) || !name.contains("64")) {
-            names.push(name);
-        }
-    }
-    names.join(", ")
+    ferry_engine::backend::cuda::check_libraries().map_err(|e| match e {
+        ferry_engine::EngineError::Device(message) => ProfileError::Cuda(message),
+        other => ProfileError::Engine(other),
+    })
 }
 
 /// How `total_bytes` is copied as `chunk_bytes` pieces over `streams` streams: piece i
@@ -71,13 +48,7 @@ pub fn chunk_schedule(total_bytes: u64, chunk_bytes: u64, streams: u32) -> Vec<V
     schedule
 }
 
-/// One cuBLAS product: `m` rows of activations times a `n` × `k` weight matrix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GemmShape {
-    pub m: u64,
-    pub n: u64,
-    pub k: u64,
-}
+pub use ferry_engine::backend::cuda::GemmShape;
 
 /// Attention scores and weighted values for one task: `sequences × heads` products of
 /// `queries` rows against `context` keys of `head_dim`.
@@ -298,12 +269,11 @@ mod device {
     use std::sync::Arc;
     use std::time::Instant;
 
-    use cudarc::cublas::sys::{cublasComputeType_t, cublasOperation_t, cudaDataType};
-    use cudarc::cublas::CudaBlas;
-    use cudarc::driver::sys::{CUdeviceptr, CUevent_flags};
+    use cudarc::driver::sys::CUevent_flags;
     use cudarc::driver::{result, CudaContext, CudaStream, DriverError};
     use ferry_core::profile::CurvePoint;
     use ferry_core::units::MIB;
+    use ferry_engine::backend::cuda::{copy_async, open_device, DeviceMemory, Direction, Gemm, PinnedMemory};
 
     use super::{chunk_schedule, AttentionShape, CudaMeasurements, CudaOptions, GemmShape};
     use crate::{median_spread, ProfileError, ProfileOptions};
@@ -312,73 +282,12 @@ mod device {
         move |e| ProfileError::Cuda(format!("{what}: {e}"))
     }
 
-    fn blas(what: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> ProfileError + '_ {
-        move |e| ProfileError::Cuda(format!("{what}: {e}"))
-    }
-
-    /// Device memory, freed on drop.
-    struct DeviceBuffer {
-        ptr: CUdeviceptr,
-        bytes: usize,
-    }
-
-    impl DeviceBuffer {
-        fn new(bytes: usize) -> Result<DeviceBuffer, ProfileError> {
-            // SAFETY: the context is bound to this thread by the caller; freed in Drop.
-            let ptr = unsafe { result::malloc_sync(bytes) }
-                .map_err(|e| ProfileError::Cuda(format!("allocating {bytes} bytes of device memory: {e}")))?;
-            Ok(DeviceBuffer { ptr, bytes })
-        }
-    }
-
-    impl Drop for DeviceBuffer {
-        fn drop(&mut self) {
-            // SAFETY: allocated by malloc_sync and not freed before.
-            let _ = unsafe { result::free_sync(self.ptr) };
-        }
-    }
-
-    /// Page-locked host memory, freed on drop.
-    struct PinnedBuffer {
-        ptr: *mut u8,
-        bytes: usize,
-    }
-
-    impl PinnedBuffer {
-        fn new(bytes: usize) -> Result<PinnedBuffer, ProfileError> {
-            // SAFETY: plain page-locked allocation (no flags: readable by the CPU at full speed).
-            let ptr = unsafe { result::malloc_host(bytes, 0) }
-                .map_err(|e| ProfileError::Cuda(format!("pinning {bytes} bytes of host memory: {e}")))?;
-            // SAFETY: `bytes` bytes were just allocated at `ptr`.
-            unsafe { std::ptr::write_bytes(ptr as *mut u8, 1, bytes) };
-            Ok(PinnedBuffer { ptr: ptr as *mut u8, bytes })
-        }
-
-        fn slice_mut(&mut self) -> &mut [u8] {
-            // SAFETY: owned allocation of `bytes` bytes, borrowed mutably.
-            unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
-        }
-    }
-
-    impl Drop for PinnedBuffer {
-        fn drop(&mut self) {
-            // SAFETY: allocated by malloc_host and not freed before.
-            let _ = unsafe { result::free_host(self.ptr as *mut _) };
-        }
-    }
-
-    #[derive(Clone, Copy, PartialEq)]
-    enum Direction {
-        HostToDevice,
-        DeviceToHost,
-    }
-
     /// GB/s of copying `bytes` in `chunk` pieces spread over `streams` (see `chunk_schedule`).
     fn timed_copy(
         streams: &[Arc<CudaStream>],
         direction: Direction,
         host: &mut [u8],
-        device: &DeviceBuffer,
+        device: &DeviceMemory,
         bytes: u64,
         chunk: u64,
     ) -> Result<f64, ProfileError> {
@@ -388,20 +297,8 @@ mod device {
         for (stream, pieces) in streams.iter().zip(&schedule) {
             for &(offset, len) in pieces {
                 let (offset, len) = (offset as usize, len as usize);
-                let device_ptr = device.ptr + offset as u64;
-                // SAFETY: both ranges lie inside their allocations; the host memory is not
-                // touched until every stream is synchronised below.
-                unsafe {
-                    match direction {
-                        Direction::HostToDevice => {
-                            result::memcpy_htod_async(device_ptr, &host[offset..offset + len], stream.cu_stream())
-                        }
-                        Direction::DeviceToHost => {
-                            result::memcpy_dtoh_async(&mut host[offset..offset + len], device_ptr, stream.cu_stream())
-                        }
-                    }
-                }
-                .map_err(driver("copy"))?;
+                // The host range is not touched until every stream is synchronised below.
+                copy_async(stream, direction, &mut host[offset..offset + len], device, offset)?;
             }
         }
         for stream in streams {
@@ -416,7 +313,7 @@ mod device {
         trials: usize,
         direction: Direction,
         host: &mut [u8],
-        device: &DeviceBuffer,
+        device: &DeviceMemory,
     ) -> Result<Vec<CurvePoint>, ProfileError> {
         let mut points = Vec::new();
         for &count in &cuda.copy_streams {
@@ -453,26 +350,25 @@ mod device {
         Ok(ms as f64 * 1e6 / repeat as f64)
     }
 
-    /// bf16 GEMMs on the device with f32 accumulation, the way inference engines call
-    /// cuBLAS; buffers sized for the largest shape asked for.
+    /// bf16 GEMMs on the device through the engine's cuBLAS wrapper; buffers sized
+    /// for the largest shape asked for.
     struct GemmBench {
-        blas: CudaBlas,
-        a: DeviceBuffer,
-        b: DeviceBuffer,
-        c: DeviceBuffer,
+        gemm: Gemm,
+        a: DeviceMemory,
+        b: DeviceMemory,
+        c: DeviceMemory,
     }
 
     impl GemmBench {
         fn new(stream: &Arc<CudaStream>, max_elements: usize) -> Result<GemmBench, ProfileError> {
-            let blas = CudaBlas::new(stream.clone()).map_err(blas("starting cuBLAS"))?;
+            let gemm = Gemm::new(stream)?;
             let bytes = max_elements * 2;
-            let (a, b, c) = (DeviceBuffer::new(bytes)?, DeviceBuffer::new(bytes)?, DeviceBuffer::new(bytes)?);
+            let (a, b, c) = (DeviceMemory::new(bytes)?, DeviceMemory::new(bytes)?, DeviceMemory::new(bytes)?);
             for buffer in [&a, &b, &c] {
-                // SAFETY: inside the allocation; 0x3c3c is a small finite bf16.
-                unsafe { result::memset_d8_async(buffer.ptr, 0x3c, buffer.bytes, stream.cu_stream()) }
-                    .map_err(driver("memset"))?;
+                // 0x3c3c is a small finite bf16.
+                buffer.fill(0x3c, stream)?;
             }
-            Ok(GemmBench { blas, a, b, c })
+            Ok(GemmBench { gemm, a, b, c })
         }
 
         /// Elements the largest operand of `batch` products of `shape` holds.
@@ -480,43 +376,9 @@ mod device {
             batch * (shape.n * shape.k).max(shape.m * shape.k).max(shape.n * shape.m)
         }
 
-        /// Cᵀ (n × m) = W (n × k) · Xᵀ (k × m), column-major: `batch` times with strides.
+        /// Cᵀ (n × m) = W (n × k) · Xᵀ (k × m), `batch` times with strides.
         fn run(&self, shape: GemmShape, batch: u64) -> Result<(), ProfileError> {
-            let (m, n, k) = (shape.m as i32, shape.n as i32, shape.k as i32);
-            if Self::elements(shape, batch) as usize * 2 > self.a.bytes {
-                return Err(ProfileError::Cuda(format!("GEMM {shape:?} × {batch} exceeds the benchmark's buffers")));
-            }
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            // SAFETY: operands lie inside the buffers (checked above); alpha and beta are f32
-            // host scalars, matching the f32 compute type.
-            unsafe {
-                cudarc::cublas::result::gemm_strided_batched_ex(
-                    *self.blas.handle(),
-                    cublasOperation_t::CUBLAS_OP_T,
-                    cublasOperation_t::CUBLAS_OP_N,
-                    n,
-                    m,
-                    k,
-                    (&alpha as *const f32).cast(),
-                    self.a.ptr as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    k,
-                    (shape.n * shape.k) as i64,
-                    self.b.ptr as *const _,
-                    cudaDataType::CUDA_R_16BF,
-                    k,
-                    (shape.m * shape.k) as i64,
-                    (&beta as *const f32).cast(),
-                    self.c.ptr as *mut _,
-                    cudaDataType::CUDA_R_16BF,
-                    n,
-                    (shape.n * shape.m) as i64,
-                    batch as i32,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cudarc::cublas::sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(blas("cuBLAS GEMM"))
+            Ok(self.gemm.bf16(&self.a, &self.b, &self.c, shape, batch)?)
         }
     }
 
@@ -526,12 +388,7 @@ mod device {
         progress: &mut dyn FnMut(&str, f64),
     ) -> Result<CudaMeasurements, ProfileError> {
         let started = Instant::now();
-        let ctx = CudaContext::new(cuda.device_ordinal).map_err(|e| {
-            ProfileError::Cuda(format!(
-                "the CUDA driver loaded but device {} could not be opened: {e} (is there an NVIDIA GPU, and does nvidia-smi list it?)",
-                cuda.device_ordinal
-            ))
-        })?;
+        let ctx = open_device(cuda.device_ordinal)?;
         let device_name = ctx.name().map_err(driver("device name"))?;
         let device_memory_bytes = ctx.total_mem().map_err(driver("device memory"))? as u64;
         let max_streams = cuda.copy_streams.iter().copied().max().unwrap_or(1).max(2) as usize;
@@ -541,8 +398,8 @@ mod device {
 
         // Copies: pinned both ways, pageable host→device.
         progress("copies", 0.0);
-        let device = DeviceBuffer::new(cuda.copy_bytes as usize)?;
-        let mut pinned = PinnedBuffer::new(cuda.copy_bytes as usize)?;
+        let device = DeviceMemory::new(cuda.copy_bytes as usize)?;
+        let mut pinned = PinnedMemory::new(cuda.copy_bytes as usize)?;
         let h2d = copy_curve(&streams, cuda, trials, Direction::HostToDevice, pinned.slice_mut(), &device)?;
         progress("copies", 0.35);
         let d2h = copy_curve(&streams, cuda, trials, Direction::DeviceToHost, pinned.slice_mut(), &device)?;
@@ -554,13 +411,13 @@ mod device {
         // Both directions at once: half the buffer each way on its own stream.
         progress("copies both ways", 0.0);
         let half = cuda.copy_bytes / 2;
-        let device_in = DeviceBuffer::new(half as usize)?;
-        let device_out = DeviceBuffer::new(half as usize)?;
+        let device_in = DeviceMemory::new(half as usize)?;
+        let device_out = DeviceMemory::new(half as usize)?;
         let (first, second) = pinned.slice_mut().split_at_mut(half as usize);
         let alone = timed_copy(&streams[..1], Direction::HostToDevice, first, &device_in, half, 16 * MIB)?;
         let start = Instant::now();
-        copy_async(&streams[0], Direction::HostToDevice, first, &device_in)?;
-        copy_async(&streams[1], Direction::DeviceToHost, second, &device_out)?;
+        copy_whole(&streams[0], Direction::HostToDevice, first, &device_in)?;
+        copy_whole(&streams[1], Direction::DeviceToHost, second, &device_out)?;
         streams[0].synchronize().map_err(driver("synchronising"))?;
         streams[1].synchronize().map_err(driver("synchronising"))?;
         let both = half as f64 / start.elapsed().as_secs_f64() / 1e9;
@@ -609,7 +466,7 @@ mod device {
         })?;
         let device_memory_bytes_per_s = 2.0 * half as f64 / (copy_ns * 1e-9);
         // GEMM slowdown while a copy runs on another stream.
-        copy_async(&streams[1], Direction::HostToDevice, first, &device_in)?;
+        copy_whole(&streams[1], Direction::HostToDevice, first, &device_in)?;
         let contended_ns = timed_on_stream(&ctx, compute_stream, 5, || bench.run(square, 1))?;
         streams[1].synchronize().map_err(driver("synchronising"))?;
         let compute_slowdown_during_copy = contended_ns / square_ns - 1.0;
@@ -644,7 +501,7 @@ mod device {
         // Disk reads land in pinned memory, as a GPU engine's would.
         let scratch = crate::ScratchDisk::create(options, &mut |step, f| progress(step, f))?;
         let read_region = crate::read_bytes(options, options.chunk_sizes.iter().copied().max().unwrap_or(MIB), 8);
-        let mut landing = PinnedBuffer::new(read_region.max(options.scratch_bytes / 4) as usize)?;
+        let mut landing = PinnedMemory::new(read_region.max(options.scratch_bytes / 4) as usize)?;
         let disk_read = crate::measure_read_curve(
             options,
             |pool, offset, bytes, chunk| {
@@ -690,23 +547,16 @@ mod device {
         )
     }
 
-    /// Queues one whole-buffer copy on `stream` without waiting.
-    fn copy_async(
+    /// Queues one whole-buffer copy on `stream` without waiting (callers synchronise
+    /// `stream` before touching `host` again).
+    fn copy_whole(
         stream: &Arc<CudaStream>,
         direction: Direction,
         host: &mut [u8],
-        device: &DeviceBuffer,
+        device: &DeviceMemory,
     ) -> Result<(), ProfileError> {
         let len = host.len().min(device.bytes);
-        // SAFETY: both ranges lie inside their allocations; callers synchronise `stream`
-        // before touching `host` again.
-        unsafe {
-            match direction {
-                Direction::HostToDevice => result::memcpy_htod_async(device.ptr, &host[..len], stream.cu_stream()),
-                Direction::DeviceToHost => result::memcpy_dtoh_async(&mut host[..len], device.ptr, stream.cu_stream()),
-            }
-        }
-        .map_err(driver("copy"))
+        Ok(copy_async(stream, direction, &mut host[..len], device, 0)?)
     }
 }
 

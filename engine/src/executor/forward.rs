@@ -9,6 +9,7 @@ use ferry_core::model::WeightGroup;
 use ferry_core::plan::Tier;
 
 use super::{lock, Engine};
+use crate::backend::AttentionShape;
 use crate::kernels;
 use crate::EngineError;
 
@@ -97,7 +98,7 @@ impl<'a> Engine<'a> {
                     if task.step == 0 { self.options.prompts[seq][t] } else { tokens[seq][task.step as usize - 1] }
                         as usize;
                 let src = &matrix.bytes[token * row_bytes..(token + 1) * row_bytes];
-                kernels::to_f32(matrix.dtype, src, &mut hidden[(i * new + t) * h..(i * new + t + 1) * h]);
+                self.backend.decode(matrix.dtype, src, &mut hidden[(i * new + t) * h..(i * new + t + 1) * h]);
             }
         }
         drop(tokens);
@@ -111,18 +112,18 @@ impl<'a> Engine<'a> {
         let new = self.new_tokens(task.step);
         let mb = self.policy.micro_batch_size as usize;
         let head = self.resident_group(WeightGroup::Head);
-        let norm = Engine::vector(std::slice::from_ref(&head), 0);
+        let norm = self.vector(std::slice::from_ref(&head), 0);
         let last_rows: Vec<f32> = {
             let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
             let hidden = &state.at(side).hidden;
             (0..mb).flat_map(|i| hidden[((i + 1) * new - 1) * h..(i + 1) * new * h].iter().copied()).collect()
         };
         let mut normed = vec![0.0; mb * h];
-        kernels::rms_norm(&last_rows, &norm, self.spec.rms_norm_eps as f32, &mut normed);
+        self.backend.rms_norm(&last_rows, &norm, self.spec.rms_norm_eps as f32, &mut normed);
         let logits = if self.spec.tie_word_embeddings {
-            Engine::project(std::slice::from_ref(&self.resident_group(WeightGroup::Embeddings)), 0, &normed, mb, vocab)
+            self.project(std::slice::from_ref(&self.resident_group(WeightGroup::Embeddings)), 0, &normed, mb, vocab)
         } else {
-            Engine::project(std::slice::from_ref(&head), 1, &normed, mb, vocab)
+            self.project(std::slice::from_ref(&head), 1, &normed, mb, vocab)
         };
         let mut tokens = lock(&self.tokens);
         let mut all_logits = lock(&self.logits);
@@ -131,7 +132,7 @@ impl<'a> Engine<'a> {
         }
         for (i, seq) in self.sequences(task.micro_batch).enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
-            tokens[seq].push(kernels::argmax(row));
+            tokens[seq].push(self.backend.argmax(row));
             if self.options.keep_logits {
                 all_logits[task.step as usize][seq] = row.to_vec();
             }
@@ -144,17 +145,14 @@ impl<'a> Engine<'a> {
         let mut state = lock(&self.micro_batches[j as usize]);
         let hidden = &state.at(side).hidden;
         let mut normed = vec![0.0; rows * self.spec.hidden_size as usize];
-        kernels::rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed);
+        self.backend.rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed);
         normed
     }
 
     /// Adds `delta` to the side's hidden state (the residual connection).
     pub(super) fn add_to_hidden(&self, j: u32, side: Place, delta: &[f32]) {
         let mut state = lock(&self.micro_batches[j as usize]);
-        let hidden = &mut state.at(side).hidden;
-        for (x, d) in hidden.iter_mut().zip(delta) {
-            *x += d;
-        }
+        self.backend.add(&mut state.at(side).hidden, delta);
     }
 
     /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer,
@@ -164,7 +162,7 @@ impl<'a> Engine<'a> {
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
-        let normed = self.normed_hidden(task.micro_batch, side, &Engine::vector(&weights, 0), rows);
+        let normed = self.normed_hidden(task.micro_batch, side, &self.vector(&weights, 0), rows);
         // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o.
         let bias = spec.qkv_bias;
         let (q_t, k_t, v_t) = if bias { (1, 3, 5) } else { (1, 2, 3) };
@@ -172,17 +170,17 @@ impl<'a> Engine<'a> {
         {
             let (q, rest) = qkv.split_at_mut(rows * h);
             let (k, v) = rest.split_at_mut(rows * kv);
-            Engine::project_into(&weights, q_t, &normed, rows, h, q);
-            Engine::project_into(&weights, k_t, &normed, rows, kv, k);
-            Engine::project_into(&weights, v_t, &normed, rows, kv, v);
+            self.project_into(&weights, q_t, &normed, rows, h, q);
+            self.project_into(&weights, k_t, &normed, rows, kv, k);
+            self.project_into(&weights, v_t, &normed, rows, kv, v);
             if bias {
-                kernels::add_bias(q, &Engine::vector(&weights, 2), h, 0);
-                kernels::add_bias(k, &Engine::vector(&weights, 4), kv, 0);
-                kernels::add_bias(v, &Engine::vector(&weights, 6), kv, 0);
+                self.backend.add_bias(q, &self.vector(&weights, 2), h, 0);
+                self.backend.add_bias(k, &self.vector(&weights, 4), kv, 0);
+                self.backend.add_bias(v, &self.vector(&weights, 6), kv, 0);
             }
             let positions = self.positions(task.step);
-            kernels::rope(q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32);
-            kernels::rope(k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
+            self.backend.rope(q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32);
+            self.backend.rope(k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
         }
         drop(normed);
         lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv = qkv;
@@ -205,8 +203,8 @@ impl<'a> Engine<'a> {
         let (k_new, v_new) = rest.split_at(rows * kv);
         // New K and V in the cache dtype: [K: seq × new][V: seq × new].
         let mut new_kv = vec![0u8; 2 * rows * row_bytes];
-        kernels::from_f32(kv_dtype, k_new, &mut new_kv[..rows * row_bytes]);
-        kernels::from_f32(kv_dtype, v_new, &mut new_kv[rows * row_bytes..]);
+        self.backend.encode(kv_dtype, k_new, &mut new_kv[..rows * row_bytes]);
+        self.backend.encode(kv_dtype, v_new, &mut new_kv[rows * row_bytes..]);
         let key = (task.layer, task.micro_batch, task.step);
         let tier = self.placements[task.layer as usize].kv;
         let max = self.workload.max_context() as usize;
@@ -263,17 +261,20 @@ impl<'a> Engine<'a> {
         for seq in 0..mb {
             let k_at = seq * visible * row_bytes;
             let v_at = (mb + seq) * visible * row_bytes;
-            kernels::to_f32(kv_dtype, &cache[k_at..k_at + visible * row_bytes], &mut keys);
-            kernels::to_f32(kv_dtype, &cache[v_at..v_at + visible * row_bytes], &mut values);
-            kernels::attention(
+            self.backend.decode(kv_dtype, &cache[k_at..k_at + visible * row_bytes], &mut keys);
+            self.backend.decode(kv_dtype, &cache[v_at..v_at + visible * row_bytes], &mut values);
+            let shape = AttentionShape {
+                past,
+                new,
+                heads: spec.num_heads as usize,
+                kv_heads: spec.num_kv_heads as usize,
+                head_dim: d,
+            };
+            self.backend.attention(
                 &q[seq * new * h..(seq + 1) * new * h],
                 &keys,
                 &values,
-                past,
-                new,
-                spec.num_heads as usize,
-                spec.num_kv_heads as usize,
-                d,
+                shape,
                 &mut out[seq * new * h..(seq + 1) * new * h],
             );
         }
@@ -289,7 +290,7 @@ impl<'a> Engine<'a> {
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
         let o_tensor = if spec.qkv_bias { 7 } else { 4 };
         let attn = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn) };
-        let projected = Engine::project(&weights, o_tensor, &attn, rows, h);
+        let projected = self.project(&weights, o_tensor, &attn, rows, h);
         drop(attn);
         self.add_to_hidden(task.micro_batch, side, &projected);
         self.release_weights_if_last(task, WeightGroup::Attention);
@@ -301,13 +302,13 @@ impl<'a> Engine<'a> {
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Mlp, task.layer, task.step, task.micro_batch)?;
-        let normed = self.normed_hidden(task.micro_batch, side, &Engine::vector(&weights, 0), rows);
-        let mut gate = Engine::project(&weights, 1, &normed, rows, ffn);
-        let up = Engine::project(&weights, 2, &normed, rows, ffn);
+        let normed = self.normed_hidden(task.micro_batch, side, &self.vector(&weights, 0), rows);
+        let mut gate = self.project(&weights, 1, &normed, rows, ffn);
+        let up = self.project(&weights, 2, &normed, rows, ffn);
         drop(normed);
-        kernels::silu_mul(&mut gate, &up);
+        self.backend.silu_mul(&mut gate, &up);
         drop(up);
-        let down = Engine::project(&weights, 3, &gate, rows, h);
+        let down = self.project(&weights, 3, &gate, rows, h);
         drop(gate);
         self.add_to_hidden(task.micro_batch, side, &down);
         self.release_weights_if_last(task, WeightGroup::Mlp);

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use ferry_core::graph::{Task, TaskGraph, NO_LAYER, WHOLE_GROUP};
+use ferry_core::graph::{Place, Task, TaskGraph, NO_LAYER, WHOLE_GROUP};
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
 use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use ferry_core::trace::{Metrics, Trace, TraceSource};
@@ -307,12 +307,12 @@ impl<'a> Engine<'a> {
             let tier = engine.placements[layer as usize].kv;
             for j in 0..micro_batches {
                 let slot = layer as usize * micro_batches + j;
-                let target = match tier {
-                    Tier::Device => &engine.kv_device[slot],
-                    Tier::Host => &engine.kv_host[slot],
+                let (target, place) = match tier {
+                    Tier::Device => (&engine.kv_device[slot], Place::Device(engine.placements[layer as usize].device)),
+                    Tier::Host => (&engine.kv_host[slot], Place::HOST),
                     Tier::Disk => continue,
                 };
-                *lock(target) = Some(Buffer::new(kv_bytes).map_err(|e| EngineError::io(&files.dir, e))?);
+                *lock(target) = Some(backend.allocate(place, kv_bytes)?);
             }
         }
         Ok(engine)

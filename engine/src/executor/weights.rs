@@ -9,7 +9,7 @@ use ferry_core::plan::Tier;
 use ferry_core::schedule::weight_pieces;
 
 use super::{lock, Engine};
-use crate::kernels::{self, Matrix};
+use crate::kernels::Matrix;
 use crate::memory::{Buffer, Recycler};
 use crate::EngineError;
 
@@ -198,26 +198,35 @@ impl<'a> Engine<'a> {
         blocks
     }
 
-    pub(super) fn vector(loaded: &[Arc<Loaded>], tensor: u32) -> Vec<f32> {
+    /// A 1-D tensor (a norm weight, a bias) as f32.
+    pub(super) fn vector(&self, loaded: &[Arc<Loaded>], tensor: u32) -> Vec<f32> {
         let blocks = Engine::matrix(loaded, tensor);
         let cols = blocks.first().map_or(0, |b| b.1.cols);
         let mut out = vec![0.0; cols];
         if let Some((_, m)) = blocks.first() {
-            kernels::to_f32(m.dtype, m.bytes, &mut out);
+            self.backend.decode(m.dtype, m.bytes, &mut out);
         }
         out
     }
 
     /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks.
-    pub(super) fn project(loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+    pub(super) fn project(&self, loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize) -> Vec<f32> {
         let mut out = vec![0.0; m * n];
-        Engine::project_into(loaded, tensor, x, m, n, &mut out);
+        self.project_into(loaded, tensor, x, m, n, &mut out);
         out
     }
 
-    pub(super) fn project_into(loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize, out: &mut [f32]) {
+    pub(super) fn project_into(
+        &self,
+        loaded: &[Arc<Loaded>],
+        tensor: u32,
+        x: &[f32],
+        m: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
         for (row_start, matrix) in Engine::matrix(loaded, tensor) {
-            kernels::linear(x, m, matrix, out, n, row_start);
+            self.backend.linear(x, m, matrix, out, n, row_start);
         }
     }
 
