@@ -1,170 +1,16 @@
-//! `Plan`: a self-contained description of one offloading run — which model, on
-//! which hardware, for which workload, with which policy (placement, batching,
-//! schedule, transfer knobs). Plans are what `ferry tune` writes, `ferry simulate`
-//! predicts and `ferry run` executes.
+//! `Policy`: the knobs a tuner turns (placement totals and stages, batching,
+//! schedule, transfer knobs), how a policy file is read (`PolicyFile`, whose totals
+//! may be left out when stages are given), the checks against a model and workload,
+//! and the per-layer placement the rest of Ferry reads (`layer_placements`,
+//! `placement_of`, `stage_list`).
 
 use serde::{Deserialize, Serialize};
 
+use super::placement::{LayerPlacement, Stage, Tier, TierCounts};
+use super::{Schedule, Workload};
 use crate::error::{CoreError, Result};
 use crate::model::{Dtype, ModelSpec};
 use crate::units::{bytes_serde, format_bytes};
-
-/// A memory tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Tier {
-    Device,
-    Host,
-    Disk,
-}
-
-impl Tier {
-    pub fn name(self) -> &'static str {
-        match self {
-            Tier::Device => "device",
-            Tier::Host => "host",
-            Tier::Disk => "disk",
-        }
-    }
-}
-
-/// How many layers keep something on each tier. Which layers go where is fixed by
-/// `tier_of`: device layers are spread evenly through the stack, so streamed layers
-/// alternate with resident ones and their loads overlap resident compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TierCounts {
-    pub device: u64,
-    pub host: u64,
-    pub disk: u64,
-}
-
-impl TierCounts {
-    pub fn all(tier: Tier, layers: u64) -> TierCounts {
-        match tier {
-            Tier::Device => TierCounts { device: layers, host: 0, disk: 0 },
-            Tier::Host => TierCounts { device: 0, host: layers, disk: 0 },
-            Tier::Disk => TierCounts { device: 0, host: 0, disk: layers },
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.device + self.host + self.disk
-    }
-
-    /// The tier of `layer` (0-based) out of `total()` layers.
-    pub fn tier_of(&self, layer: u64) -> Tier {
-        let total = self.total();
-        if spread_pick(layer, total, self.device) {
-            return Tier::Device;
-        }
-        // Rank of this layer among the non-device layers, then spread host among those.
-        let non_device_rank = layer - picks_before(layer, total, self.device);
-        if spread_pick(non_device_rank, total - self.device, self.host) {
-            Tier::Host
-        } else {
-            Tier::Disk
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        format!("{} device / {} host / {} disk", self.device, self.host, self.disk)
-    }
-}
-
-/// Whether item `index` of `total` is one of `count` evenly spread picks.
-fn spread_pick(index: u64, total: u64, count: u64) -> bool {
-    count > 0 && picks_before(index + 1, total, count) > picks_before(index, total, count)
-}
-
-/// Number of picks among items `0..index` when `count` of `total` are spread evenly.
-fn picks_before(index: u64, total: u64, count: u64) -> u64 {
-    (index * count).checked_div(total).unwrap_or(0)
-}
-
-/// The order in which layers, micro-batches and loads are issued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Schedule {
-    /// Load a layer, then compute it; nothing overlaps (what Accelerate does).
-    Sequential,
-    /// The next `prefetch_depth` layers load while the current one computes (FlexInfer).
-    LayerPrefetch,
-    /// FlexGen's block schedule: each layer's weights serve every micro-batch before
-    /// the next layer; KV loads and stores of neighbouring micro-batches overlap.
-    ZigzagBlock,
-    /// PIPO's fine-grained pipeline: weight, KV-load, KV-store and compute streams run
-    /// concurrently; transfers are split into `chunk_bytes` tasks.
-    Pipelined,
-}
-
-impl Schedule {
-    pub const ALL: [Schedule; 4] =
-        [Schedule::Sequential, Schedule::LayerPrefetch, Schedule::ZigzagBlock, Schedule::Pipelined];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Schedule::Sequential => "sequential",
-            Schedule::LayerPrefetch => "layer-prefetch",
-            Schedule::ZigzagBlock => "zigzag-block",
-            Schedule::Pipelined => "pipelined",
-        }
-    }
-
-    pub fn parse(text: &str) -> Result<Schedule> {
-        Schedule::ALL.into_iter().find(|s| s.name() == text).ok_or_else(|| CoreError::UnknownName {
-            kind: "schedule",
-            name: text.to_string(),
-            suggestions: crate::catalog::closest_names(text, Schedule::ALL.iter().map(|s| s.name()), 2),
-        })
-    }
-}
-
-/// What the run computes: batch × (prompt, then generated tokens).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Workload {
-    pub batch_size: u64,
-    pub prompt_len: u64,
-    /// Tokens generated per sequence, the first one by the prefill.
-    pub gen_len: u64,
-}
-
-impl Workload {
-    pub fn max_context(&self) -> u64 {
-        self.prompt_len + self.gen_len
-    }
-}
-
-/// A run of consecutive layers on one device, with its own placement over that
-/// device, its host and its disk. Stages follow each other in layer order: the first
-/// stage holds layers 0.., the next the layers after it, and the hidden state crosses
-/// a link between their devices.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Stage {
-    /// Index into the machine's devices.
-    pub device: u16,
-    pub attention_weights: TierCounts,
-    pub mlp_weights: TierCounts,
-    pub kv_cache: TierCounts,
-}
-
-impl Stage {
-    pub fn layers(&self) -> u64 {
-        self.attention_weights.total()
-    }
-}
-
-/// Where one layer lives and runs: its stage's device and the tier of each thing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LayerPlacement {
-    pub stage: u16,
-    pub device: u16,
-    pub attention: Tier,
-    pub mlp: Tier,
-    pub kv: Tier,
-}
 
 /// The knobs a tuner turns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,63 +114,6 @@ impl From<PolicyFile> for Policy {
             stages: f.stages,
         }
     }
-}
-
-/// Where the hardware of a plan comes from: catalog names or a measured profile.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HardwareRef {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gpu: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    /// An offload disk preset replacing the host preset's disk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk: Option<String>,
-    /// A profile file (relative paths are relative to the plan file).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profile: Option<String>,
-    /// Override of the device memory (the RAM budget on the cpu backend).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
-    pub device_memory: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
-    pub host_memory: Option<u64>,
-    /// Several devices of the profile's kind, each with its own memory (the RAM budget
-    /// on the cpu backend). Absent: one device.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub devices: Vec<DeviceRef>,
-}
-
-/// One device of a plan's machine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceRef {
-    /// Device memory; absent: the profile's (or `device_memory`).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
-    pub memory: Option<u64>,
-}
-
-/// A prediction stored beside a plan by `ferry tune`, for people reading the file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PredictionNote {
-    pub tokens_per_s: f64,
-    pub time_to_first_token_s: f64,
-    pub time_per_output_token_s: f64,
-    /// `datasheet` or `measured`: where the profile's numbers came from.
-    pub profile: String,
-}
-
-/// A complete, self-contained plan file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Plan {
-    /// Catalog model name, or a path to a Hugging Face folder / config.json.
-    pub model: String,
-    pub hardware: HardwareRef,
-    pub workload: Workload,
-    pub policy: Policy,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub predicted: Option<PredictionNote>,
 }
 
 impl Policy {
@@ -599,41 +388,5 @@ impl Policy {
             ));
         }
         rows
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tier_counts_spread_device_layers_evenly() {
-        let counts = TierCounts { device: 2, host: 1, disk: 1 };
-        let tiers: Vec<Tier> = (0..4).map(|l| counts.tier_of(l)).collect();
-        assert_eq!(tiers.iter().filter(|t| **t == Tier::Device).count(), 2);
-        assert_eq!(tiers.iter().filter(|t| **t == Tier::Host).count(), 1);
-        assert_eq!(tiers.iter().filter(|t| **t == Tier::Disk).count(), 1);
-        assert_ne!(tiers[0], tiers[1], "device layers alternate with streamed ones: {tiers:?}");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn tier_of_honours_the_counts(device in 0u64..50, host in 0u64..50, disk in 0u64..50) {
-            let counts = TierCounts { device, host, disk };
-            let mut seen = [0u64; 3];
-            for layer in 0..counts.total() {
-                seen[counts.tier_of(layer) as usize] += 1;
-            }
-            proptest::prop_assert_eq!(seen, [device, host, disk]);
-        }
-    }
-
-    #[test]
-    fn schedule_names_round_trip_and_suggest() {
-        for s in Schedule::ALL {
-            assert_eq!(Schedule::parse(s.name()).unwrap(), s);
-        }
-        let err = Schedule::parse("zigzag").unwrap_err().to_string();
-        assert!(err.contains("zigzag-block"), "{err}");
     }
 }

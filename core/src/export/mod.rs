@@ -1,0 +1,157 @@
+//! Translating a plan into the settings of engines people already run: llama.cpp,
+//! vLLM, Hugging Face Accelerate and FlexGen. Each export gives the closest settings
+//! in the engine's own terms and one line for every part of the plan the engine
+//! cannot express.
+//!
+//! This file holds what every target shares: the `Engine` enum, `Export`, `export()`
+//! and helpers such as `streaming_knobs`. Each target engine has its own file
+//! (`llama_cpp`, `vllm`, `accelerate`, `flexgen`) with a `settings` function.
+//!
+//! a new target engine = a new file here + a variant of `Engine` (the compiler then
+//! asks for its arms in `Engine::name` and `export`; add it to `Engine::ALL` too).
+
+mod accelerate;
+mod flexgen;
+mod llama_cpp;
+mod vllm;
+
+use serde::Serialize;
+
+use crate::error::{CoreError, Result};
+use crate::model::ModelSpec;
+use crate::plan::{Plan, Schedule};
+use crate::profile::Profile;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    LlamaCpp,
+    Vllm,
+    Accelerate,
+    Flexgen,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 4] = [Engine::LlamaCpp, Engine::Vllm, Engine::Accelerate, Engine::Flexgen];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::LlamaCpp => "llama.cpp",
+            Engine::Vllm => "vllm",
+            Engine::Accelerate => "accelerate",
+            Engine::Flexgen => "flexgen",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Engine> {
+        Engine::ALL.into_iter().find(|e| e.name() == text.to_ascii_lowercase()).ok_or_else(|| CoreError::UnknownName {
+            kind: "engine",
+            name: text.to_string(),
+            suggestions: crate::catalog::closest_names(text, Engine::ALL.iter().map(|e| e.name()), 2),
+        })
+    }
+}
+
+/// The closest settings in one engine, and what they leave out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Export {
+    pub engine: Engine,
+    /// A command line, or a document (Accelerate's device_map), ready to paste.
+    pub settings: String,
+    /// Parts of the plan the engine cannot express, one sentence each.
+    pub cannot_express: Vec<String>,
+}
+
+pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine) -> Export {
+    let mut missing = Vec::new();
+    let settings = match engine {
+        Engine::LlamaCpp => llama_cpp::settings(plan, model, &mut missing),
+        Engine::Vllm => vllm::settings(plan, model, profile, &mut missing),
+        Engine::Accelerate => accelerate::settings(plan, model, profile, &mut missing),
+        Engine::Flexgen => flexgen::settings(plan, model, &mut missing),
+    };
+    if plan.policy.stages.len() > 1 {
+        // The per-layer settings above follow the totals; the split over devices is lost.
+        missing.push(format!(
+            "the plan splits the layers over {} devices in stages; these settings place them as if on one device",
+            plan.policy.stages.len()
+        ));
+    }
+    Export { engine, settings, cannot_express: missing }
+}
+
+/// Adds the lines for the streaming knobs a target without them cannot express:
+/// schedule and prefetch depth, chunk size, copy streams and I/O queue depth.
+fn streaming_knobs(plan: &Plan, engine: &str, missing: &mut Vec<String>) {
+    let p = &plan.policy;
+    if p.schedule != Schedule::Sequential {
+        missing.push(format!(
+            "{engine} has no {} schedule or prefetch depth ({} layers ahead)",
+            p.schedule.name(),
+            p.prefetch_depth
+        ));
+    }
+    missing.push(format!(
+        "{engine} has no transfer chunk size, copy-stream count or I/O queue depth (plan: {} chunks, {} streams, depth {})",
+        crate::units::format_bytes(p.chunk_bytes),
+        p.copy_streams,
+        p.io_queue_depth
+    ));
+}
+
+/// A plan and a machine for the per-engine tests.
+#[cfg(test)]
+mod fixtures {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::plan::{HardwareRef, Policy, Tier, TierCounts, Workload};
+    use crate::units::MIB;
+
+    pub(super) fn plan(model: &ModelSpec) -> Plan {
+        let layers = model.num_layers;
+        Plan {
+            model: model.name.clone(),
+            hardware: HardwareRef { gpu: Some("rtx3060".into()), ..HardwareRef::default() },
+            workload: Workload { batch_size: 8, prompt_len: 128, gen_len: 16 },
+            policy: Policy {
+                schedule: Schedule::ZigzagBlock,
+                micro_batch_size: 4,
+                num_micro_batches: 2,
+                prefetch_depth: 2,
+                attention_weights: TierCounts { device: layers / 2, host: layers - layers / 2, disk: 0 },
+                mlp_weights: TierCounts { device: 0, host: layers - 2, disk: 2 },
+                embeddings: Tier::Host,
+                head: Tier::Device,
+                kv_cache: TierCounts { device: 0, host: layers, disk: 0 },
+                host_attention: true,
+                compute_host_layers_on_host: false,
+                weight_dtype: crate::model::Dtype::F16,
+                kv_dtype: crate::model::Dtype::F16,
+                chunk_bytes: 16 * MIB,
+                copy_streams: 2,
+                io_queue_depth: 4,
+                pinned_host_bytes: 1 << 30,
+                stages: Vec::new(),
+            },
+            predicted: None,
+        }
+    }
+
+    pub(super) fn setup(name: &str) -> (ModelSpec, Profile) {
+        let catalog = Catalog::builtin().unwrap();
+        let gpu = catalog.gpu("rtx3060").unwrap().value;
+        let host = catalog.host("desktop-pcie4").unwrap().value;
+        (catalog.model(name).unwrap().value, Profile::from_datasheet(&crate::hardware::Hardware { gpu, host }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_engine_suggests() {
+        let err = Engine::parse("llamacpp").unwrap_err().to_string();
+        assert!(err.contains("llama.cpp"), "{err}");
+    }
+}
