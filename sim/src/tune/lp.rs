@@ -1,0 +1,375 @@
+//! The per-group placement LP (good_lp + microlp): FlexGen's formulation extended with
+//! our knobs. It chooses the fractions of attention weights, MLP weights and KV cache on
+//! device / host / disk that minimise a lower bound on the run time under every memory
+//! constraint. Also here: the per-layer figures the LP is written in, and the estimate
+//! that ranks a group's members by the LP's time terms at the group's placement.
+//!
+//! The LP is written in GB and ms: badly scaled LPs are misreported as infeasible.
+
+use good_lp::{microlp, variable, Constraint, Expression, ProblemVariables, Solution, SolverModel, Variable};
+
+use ferry_core::graph::Op;
+use ferry_core::model::WeightGroup;
+use ferry_core::schedule::{pool_capacities, pool_specs};
+use ferry_core::units::MIB;
+
+use super::search::{Class, Group, Member, Searcher};
+use super::{DEVICE_POOL, HOST_POOL};
+
+/// Placement fractions chosen by a group's LP.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Fractions {
+    pub(super) attention: [f64; 3],
+    pub(super) mlp: [f64; 3],
+    pub(super) kv: [f64; 3],
+}
+
+/// Per-layer figures the LP is written in (GB and ms).
+pub(super) struct LayerFigures {
+    layers: f64,
+    attention_gb: f64,
+    mlp_gb: f64,
+    /// Full-sequence KV of one layer for the whole batch.
+    kv_full_gb: f64,
+    /// KV one decode step reads per layer for the whole batch, at the mean context.
+    kv_read_gb: f64,
+    /// Double buffer for streaming one micro-batch's KV of one layer.
+    kv_buffer_gb: f64,
+    /// Per layer, all micro-batches: [prefill, decode] ms.
+    device_fused_ms: [f64; 2],
+    device_split_ms: [f64; 2],
+    host_core_ms: [f64; 2],
+    host_layer_ms: [f64; 2],
+    device_static_gb: f64,
+    host_static_gb: f64,
+    device_capacity_gb: f64,
+    host_capacity_gb: f64,
+    /// The offload disk's space, when known.
+    disk_capacity_gb: Option<f64>,
+    decode_steps: f64,
+}
+
+/// Per layer, all micro-batches: [prefill, decode] ms (see `LayerFigures`).
+struct LayerTimes {
+    device_fused_ms: [f64; 2],
+    device_split_ms: [f64; 2],
+    host_core_ms: [f64; 2],
+    host_layer_ms: [f64; 2],
+}
+
+/// Bandwidths (GB/s) and prefetch window (layers) of one member, or the best case of a group.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Transfer {
+    pub(super) h2d_gbps: f64,
+    pub(super) disk_gbps: f64,
+    pub(super) window: f64,
+}
+
+/// The LP's variables: fractions [device, host, disk] of attention weights (`a`), MLP
+/// weights (`m`) and KV cache, and the per-step prefill and decode times (ms).
+struct LpVariables {
+    a: [Variable; 3],
+    m: [Variable; 3],
+    kv: [Variable; 3],
+    prefill: Variable,
+    decode: Variable,
+}
+
+impl LpVariables {
+    /// Adds the variables to `vars`; without `host_allowed` (unified memory) nothing goes on the host.
+    fn new(vars: &mut ProblemVariables, host_allowed: bool) -> LpVariables {
+        let mut fractions = || -> [Variable; 3] {
+            [
+                vars.add(variable().min(0.0).max(1.0)),
+                vars.add(variable().min(0.0).max(if host_allowed { 1.0 } else { 0.0 })),
+                vars.add(variable().min(0.0).max(1.0)),
+            ]
+        };
+        let a = fractions();
+        let m = fractions();
+        let kv = fractions();
+        let prefill = vars.add(variable().min(0.0));
+        let decode = vars.add(variable().min(0.0));
+        LpVariables { a, m, kv, prefill, decode }
+    }
+}
+
+/// One phase's per-step load, in the LP's variables: GB streamed to the device and read
+/// from disk, ms of device and host compute.
+struct PhaseLoad {
+    streamed: Expression,
+    from_disk: Expression,
+    device_ms: Expression,
+    host_ms: Expression,
+}
+
+impl Searcher<'_> {
+    pub(super) fn figures(&self, group: &Group) -> LayerFigures {
+        let request = self.request;
+        let model = request.model;
+        let profile = request.profile;
+        let wd = request.weight_dtype;
+        let batch = group.batch();
+        let mb = group.micro_batch_size;
+        let max_context = request.prompt_len + request.gen_len;
+        let kv_token = model.kv_bytes_per_token_per_layer(request.kv_dtype) as f64;
+        let mean_past = request.prompt_len as f64 + (request.gen_len as f64 - 2.0).max(0.0) / 2.0;
+        let attention_bytes = model.group_bytes(WeightGroup::Attention, wd);
+        let times = self.layer_times(group, mean_past);
+        let (device_static, host_static) = self.static_resident_bytes(group);
+        let (device_capacity, host_capacity) = pool_capacities(profile);
+        let gb = |b: u64| b as f64 / 1e9;
+        LayerFigures {
+            layers: model.num_layers as f64,
+            attention_gb: gb(attention_bytes),
+            mlp_gb: gb(model.group_bytes(WeightGroup::Mlp, wd)),
+            kv_full_gb: kv_token * (batch * max_context) as f64 / 1e9,
+            kv_read_gb: kv_token * batch as f64 * mean_past / 1e9,
+            kv_buffer_gb: 2.0 * kv_token * (mb * max_context) as f64 / 1e9,
+            device_fused_ms: times.device_fused_ms,
+            device_split_ms: times.device_split_ms,
+            host_core_ms: times.host_core_ms,
+            host_layer_ms: times.host_layer_ms,
+            device_static_gb: gb(device_static),
+            host_static_gb: gb(host_static),
+            device_capacity_gb: gb(device_capacity),
+            host_capacity_gb: gb(host_capacity),
+            disk_capacity_gb: profile.disk_capacity_bytes.map(gb),
+            decode_steps: request.gen_len.saturating_sub(1) as f64,
+        }
+    }
+
+    /// Compute time of one layer for all micro-batches, in prefill and in a decode step
+    /// at the mean past context `mean_past`.
+    fn layer_times(&self, group: &Group, mean_past: f64) -> LayerTimes {
+        let request = self.request;
+        let model = request.model;
+        let profile = request.profile;
+        let wd = request.weight_dtype;
+        let mb = group.micro_batch_size;
+        let nmb = group.num_micro_batches as f64;
+        let kv_token = model.kv_bytes_per_token_per_layer(request.kv_dtype) as f64;
+        let (qkv_params, out_params) = model.attention_split_params();
+        let attention_bytes = model.group_bytes(WeightGroup::Attention, wd);
+        let qkv_bytes = attention_bytes * qkv_params / model.params().attention_per_layer.max(1);
+        let dev = &profile.device_compute;
+        let host = &profile.host_compute;
+        let mut device_fused_ms = [0.0; 2];
+        let mut device_split_ms = [0.0; 2];
+        let mut host_core_ms = [0.0; 2];
+        let mut host_layer_ms = [0.0; 2];
+        for (phase, (new_tokens, context)) in
+            [(request.prompt_len, request.prompt_len), (1, (mean_past + 1.0).round() as u64)].into_iter().enumerate()
+        {
+            let rows = mb * new_tokens;
+            let core_flops = mb * model.attention_core_flops(new_tokens, context);
+            let kv_bytes = (kv_token * (mb * context) as f64) as u64;
+            let qkv_flops = 2 * rows * qkv_params;
+            let out_flops = 2 * rows * out_params;
+            let mlp_flops = model.projection_flops(WeightGroup::Mlp, rows);
+            let mlp_bytes = model.mlp_bytes_read(rows, wd);
+            let c = &self.cost;
+            let fused = c.compute_ns(
+                dev,
+                Op::Attention,
+                qkv_flops + core_flops + out_flops,
+                attention_bytes + kv_bytes,
+                rows,
+                context,
+            );
+            let mlp = c.compute_ns(dev, Op::Mlp, mlp_flops, mlp_bytes, rows, context);
+            let split = c.compute_ns(dev, Op::AttnQkv, qkv_flops, qkv_bytes, rows, context)
+                + c.compute_ns(dev, Op::AttnOut, out_flops, attention_bytes - qkv_bytes, rows, context);
+            device_fused_ms[phase] = nmb * (fused + mlp) / 1e6;
+            device_split_ms[phase] = nmb * (split + mlp) / 1e6;
+            host_core_ms[phase] = nmb * c.compute_ns(host, Op::AttnCore, core_flops, kv_bytes, rows, context) / 1e6;
+            host_layer_ms[phase] = nmb
+                * (c.compute_ns(
+                    host,
+                    Op::Attention,
+                    qkv_flops + core_flops + out_flops,
+                    attention_bytes + kv_bytes,
+                    rows,
+                    context,
+                ) + c.compute_ns(host, Op::Mlp, mlp_flops, mlp_bytes, rows, context))
+                / 1e6;
+        }
+        LayerTimes { device_fused_ms, device_split_ms, host_core_ms, host_layer_ms }
+    }
+
+    /// Static memory (device, host bytes): the same resident items the lowering puts in
+    /// the pools, with no weights or KV.
+    fn static_resident_bytes(&self, group: &Group) -> (u64, u64) {
+        let probe = self.policy_for(
+            group,
+            &Fractions { attention: [0.0, 0.0, 1.0], mlp: [0.0, 0.0, 1.0], kv: [0.0, 0.0, 1.0] },
+            &Member {
+                schedule: group.schedules[0],
+                prefetch_depth: 1,
+                chunk_bytes: 64 * MIB,
+                copy_streams: 1,
+                io_queue_depth: 1,
+            },
+        );
+        let workload = self.workload(group);
+        let pools = pool_specs(&probe, self.request.model, &workload, self.request.profile);
+        (pools[DEVICE_POOL].resident_bytes(), pools[HOST_POOL].resident_bytes())
+    }
+
+    /// Solves the group's placement LP; `None` when no placement fits.
+    pub(super) fn solve(&self, group: &Group, f: &LayerFigures, transfer: Transfer) -> Option<(Fractions, f64)> {
+        let mut vars = ProblemVariables::new();
+        let v = LpVariables::new(&mut vars, !self.unified());
+        let objective: Expression = Expression::from(v.prefill) + f.decode_steps * v.decode;
+        let problem = vars
+            .minimise(objective.clone())
+            .using(microlp)
+            .with_all([&v.a, &v.m, &v.kv].map(|set| (set[0] + set[1] + set[2]).eq(1.0)))
+            .with_all(whole_layer_constraints(group, &v))
+            .with_all(self.time_constraints(group, f, transfer, &v))
+            .with_all(self.memory_constraints(group, f, transfer.window, &v));
+        let solution = problem.solve().ok()?;
+        let value = |x: Variable| solution.value(x).clamp(0.0, 1.0);
+        let fr = Fractions {
+            attention: [value(v.a[0]), value(v.a[1]), value(v.a[2])],
+            mlp: [value(v.m[0]), value(v.m[1]), value(v.m[2])],
+            kv: [value(v.kv[0]), value(v.kv[1]), value(v.kv[2])],
+        };
+        Some((fr, solution.eval(&objective)))
+    }
+
+    /// Per-step time ≥ each resource's busy time in both phases (≥ their sum for `sequential`).
+    fn time_constraints(
+        &self,
+        group: &Group,
+        f: &LayerFigures,
+        transfer: Transfer,
+        v: &LpVariables,
+    ) -> Vec<Constraint> {
+        let unified = self.unified();
+        let mut constraints = Vec::new();
+        for (phase, time) in [(0usize, v.prefill), (1, v.decode)] {
+            let PhaseLoad { streamed, from_disk, device_ms, host_ms } = phase_load(group, f, v, phase);
+            // GB ÷ GB/s = s → ×1000 for ms. On unified memory disk reads land on the device: no copy.
+            let h2d_ms: Expression =
+                if unified { Expression::from(0.0) } else { streamed * (1000.0 / transfer.h2d_gbps) };
+            let disk_ms: Expression = from_disk * (1000.0 / transfer.disk_gbps);
+            if group.class == Class::Sequential {
+                constraints.push(Expression::from(time).geq(device_ms + host_ms + h2d_ms + disk_ms));
+            } else {
+                constraints.push(Expression::from(time).geq(device_ms));
+                constraints.push(Expression::from(time).geq(host_ms));
+                constraints.push(Expression::from(time).geq(h2d_ms));
+                constraints.push(Expression::from(time).geq(disk_ms));
+            }
+        }
+        constraints
+    }
+
+    /// Memory (GB): resident weights and full-sequence KV, prefetch windows and staging
+    /// buffers fit beside the static items on each tier.
+    fn memory_constraints(&self, group: &Group, f: &LayerFigures, window: f64, v: &LpVariables) -> Vec<Constraint> {
+        let (a, m, kv) = (&v.a, &v.m, &v.kv);
+        let l = f.layers;
+        let mut constraints = Vec::new();
+        let device_weights = l * (f.attention_gb * a[0] + f.mlp_gb * m[0]);
+        let stream_buffers = window * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2]));
+        let kv_buffers = if group.host_attention || group.host_compute {
+            Expression::from(0.0)
+        } else {
+            f.kv_buffer_gb * (kv[1] + kv[2])
+        };
+        let device_kv = l * f.kv_full_gb * kv[0];
+        constraints.push(
+            (device_weights + stream_buffers + kv_buffers + device_kv).leq(f.device_capacity_gb - f.device_static_gb),
+        );
+        if !self.unified() {
+            let host_weights = l * (f.attention_gb * a[1] + f.mlp_gb * m[1]);
+            let staging = window * (f.attention_gb * a[2] + f.mlp_gb * m[2]);
+            let host_kv = l * f.kv_full_gb * kv[1];
+            constraints.push((host_weights + staging + host_kv).leq(f.host_capacity_gb - f.host_static_gb));
+        }
+        if let Some(disk_gb) = f.disk_capacity_gb {
+            let disk_weights = l * (f.attention_gb * a[2] + f.mlp_gb * m[2]);
+            constraints.push((disk_weights + l * f.kv_full_gb * kv[2]).leq(disk_gb));
+        }
+        constraints
+    }
+
+    /// The LP's time terms at fixed fractions with a member's bandwidths: an estimate used
+    /// to rank a group's members (ms).
+    pub(super) fn estimate(&self, group: &Group, f: &LayerFigures, fr: &Fractions, transfer: Transfer) -> f64 {
+        let l = f.layers;
+        let visits = if group.class == Class::LayerMajor { 1.0 } else { group.num_micro_batches as f64 };
+        let offloaded = fr.kv[1] + fr.kv[2];
+        let mut total = 0.0;
+        for phase in 0..2 {
+            let streamed = visits
+                * l
+                * (f.attention_gb * (fr.attention[1] + fr.attention[2]) + f.mlp_gb * (fr.mlp[1] + fr.mlp[2]))
+                + if phase == 1 && !group.host_attention { l * f.kv_read_gb * offloaded } else { 0.0 };
+            let from_disk = visits * l * (f.attention_gb * fr.attention[2] + f.mlp_gb * fr.mlp[2])
+                + if phase == 1 { l * f.kv_read_gb * fr.kv[2] } else { 0.0 };
+            let h2d = if self.unified() { 0.0 } else { streamed * 1000.0 / transfer.h2d_gbps };
+            let disk = from_disk * 1000.0 / transfer.disk_gbps;
+            let device = l * f.device_fused_ms[phase];
+            let host = if group.host_attention { l * f.host_core_ms[phase] * offloaded } else { 0.0 };
+            let step = if group.class == Class::Sequential {
+                device + host + h2d + disk
+            } else {
+                device.max(host).max(h2d).max(disk)
+            };
+            total += if phase == 0 { step } else { step * f.decode_steps };
+        }
+        total
+    }
+}
+
+/// With llama.cpp-style host compute, whole layers: both weight groups share a tier; KV
+/// of host layers on the host, the rest on the device.
+fn whole_layer_constraints(group: &Group, v: &LpVariables) -> Vec<Constraint> {
+    let (a, m, kv) = (&v.a, &v.m, &v.kv);
+    let mut constraints = Vec::new();
+    if group.host_compute {
+        for i in 0..3 {
+            constraints.push((a[i] - m[i]).eq(0.0));
+        }
+        constraints.push((kv[1] - a[1]).eq(0.0));
+        constraints.push(Expression::from(kv[2]).eq(0.0));
+    }
+    constraints
+}
+
+/// The per-step load of `phase` (0 prefill, 1 decode). Weights stream to the device in
+/// both phases; KV only in decode.
+fn phase_load(group: &Group, f: &LayerFigures, v: &LpVariables, phase: usize) -> PhaseLoad {
+    let (a, m, kv) = (&v.a, &v.m, &v.kv);
+    let l = f.layers;
+    let visits = match group.class {
+        Class::LayerMajor => 1.0,
+        _ => group.num_micro_batches as f64,
+    };
+    if group.host_compute {
+        return PhaseLoad {
+            streamed: visits * l * (f.attention_gb + f.mlp_gb) * a[2],
+            from_disk: visits * l * (f.attention_gb + f.mlp_gb) * a[2],
+            device_ms: l * f.device_fused_ms[phase] * (a[0] + a[2]),
+            host_ms: l * f.host_layer_ms[phase] * a[1],
+        };
+    }
+    let ha = if group.host_attention { 1.0 } else { 0.0 };
+    let kv_offloaded: Expression = kv[1] + kv[2];
+    let kv_h2d = if phase == 1 && !group.host_attention {
+        l * f.kv_read_gb * kv_offloaded.clone()
+    } else {
+        Expression::from(0.0)
+    };
+    let kv_disk = if phase == 1 { l * f.kv_read_gb * kv[2] } else { Expression::from(0.0) };
+    let split = if group.host_attention { f.device_split_ms[phase] - f.device_fused_ms[phase] } else { 0.0 };
+    PhaseLoad {
+        streamed: visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2])) + kv_h2d,
+        from_disk: visits * l * (f.attention_gb * a[2] + f.mlp_gb * m[2]) + kv_disk,
+        device_ms: l * f.device_fused_ms[phase] + l * split * kv_offloaded.clone(),
+        host_ms: l * f.host_core_ms[phase] * ha * kv_offloaded,
+    }
+}

@@ -1,0 +1,119 @@
+//! From the LP's fractions to a concrete policy: whole layers per tier (`round_counts`),
+//! the group's and member's knobs (`policy_for`), then layers moved off full tiers until
+//! the resident sets fit (`fit`).
+
+use ferry_core::plan::{Policy, Tier, TierCounts, Workload};
+use ferry_core::schedule::pool_specs;
+
+use super::lp::Fractions;
+use super::search::{Group, Member, Searcher};
+use super::{DEVICE_POOL, HOST_POOL};
+
+impl Searcher<'_> {
+    /// Rounds fractions to whole layers and builds the policy.
+    pub(super) fn policy_for(&self, group: &Group, fr: &Fractions, member: &Member) -> Policy {
+        let layers = self.request.model.num_layers;
+        let unified = self.unified();
+        let (embeddings, head) = if unified { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
+        let pinned_host_bytes = if group.pinned { self.request.profile.max_pinned_bytes } else { 0 };
+        Policy {
+            schedule: member.schedule,
+            micro_batch_size: group.micro_batch_size,
+            num_micro_batches: group.num_micro_batches,
+            prefetch_depth: member.prefetch_depth,
+            attention_weights: round_counts(fr.attention, layers),
+            mlp_weights: round_counts(fr.mlp, layers),
+            embeddings,
+            head,
+            kv_cache: round_counts(fr.kv, layers),
+            host_attention: group.host_attention,
+            compute_host_layers_on_host: group.host_compute,
+            weight_dtype: self.request.weight_dtype,
+            kv_dtype: self.request.kv_dtype,
+            chunk_bytes: member.chunk_bytes,
+            copy_streams: member.copy_streams,
+            io_queue_depth: member.io_queue_depth,
+            pinned_host_bytes,
+            stages: Vec::new(),
+        }
+    }
+
+    /// Moves device layers off the device (MLP first, then attention, then KV) until the
+    /// resident sets fit; `None` if nothing fits.
+    pub(super) fn fit(&self, mut policy: Policy, workload: &Workload) -> Option<Policy> {
+        let request = self.request;
+        // Embeddings are a cheap lookup: keep them on the host unless nothing else streams.
+        let layers = request.model.num_layers;
+        if policy.attention_weights.device == layers
+            && policy.mlp_weights.device == layers
+            && policy.kv_cache.device == layers
+        {
+            policy.embeddings = Tier::Device;
+            let pools = pool_specs(&policy, request.model, workload, request.profile);
+            if pools[DEVICE_POOL].resident_bytes() > pools[DEVICE_POOL].capacity_bytes && !self.unified() {
+                policy.embeddings = Tier::Host;
+            }
+        }
+        let spill = if self.unified() { Tier::Disk } else { Tier::Host };
+        for _ in 0..(3 * request.model.num_layers + 2) {
+            let pools = pool_specs(&policy, request.model, workload, request.profile);
+            let device = &pools[DEVICE_POOL];
+            let host = &pools[HOST_POOL];
+            let device_ok = device.resident_bytes() <= device.capacity_bytes;
+            let host_ok = host.resident_bytes() <= host.capacity_bytes;
+            if device_ok && host_ok {
+                return Some(policy);
+            }
+            if !device_ok {
+                if !shift(&mut policy.mlp_weights, Tier::Device, spill)
+                    && !shift(&mut policy.attention_weights, Tier::Device, spill)
+                    && !shift(&mut policy.kv_cache, Tier::Device, spill)
+                {
+                    return None;
+                }
+            } else if !shift(&mut policy.mlp_weights, Tier::Host, Tier::Disk)
+                && !shift(&mut policy.attention_weights, Tier::Host, Tier::Disk)
+                && !shift(&mut policy.kv_cache, Tier::Host, Tier::Disk)
+            {
+                return None;
+            }
+            if policy.compute_host_layers_on_host {
+                // Keep whole layers together for the llama.cpp split.
+                policy.attention_weights = policy.mlp_weights;
+                policy.kv_cache = TierCounts {
+                    device: policy.mlp_weights.device + policy.mlp_weights.disk,
+                    host: policy.mlp_weights.host,
+                    disk: 0,
+                };
+            }
+        }
+        None
+    }
+}
+
+/// Moves one layer from `from` to `to`; false if none is left on `from`.
+fn shift(counts: &mut TierCounts, from: Tier, to: Tier) -> bool {
+    fn slot(counts: &mut TierCounts, tier: Tier) -> &mut u64 {
+        match tier {
+            Tier::Device => &mut counts.device,
+            Tier::Host => &mut counts.host,
+            Tier::Disk => &mut counts.disk,
+        }
+    }
+    if *slot(counts, from) == 0 {
+        return false;
+    }
+    *slot(counts, from) -= 1;
+    *slot(counts, to) += 1;
+    true
+}
+
+/// Fractions (device, host, disk) to whole layers: device rounded down (so the LP's
+/// memory bound still holds), host to nearest, disk the rest. A fraction within 1e-6
+/// of 1 counts as whole, so a model that fits stays entirely on the device.
+fn round_counts(fractions: [f64; 3], layers: u64) -> TierCounts {
+    let l = layers as f64;
+    let device = ((fractions[0] * l) + 1e-6).floor().min(l) as u64;
+    let host = ((fractions[1] * l).round() as u64).min(layers - device);
+    TierCounts { device, host, disk: layers - device - host }
+}

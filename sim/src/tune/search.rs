@@ -1,0 +1,375 @@
+//! The two-level search itself: the groups (placement knobs) and their members (transfer
+//! knobs), each group bounded by its LP, groups visited best bound first and pruned when
+//! they cannot beat the best simulated plan, members ranked by the LP's time terms, and
+//! the survivors rounded, fitted and simulated. Ends by choosing among near-ties and
+//! summarising the simulated plans into a `TuneResult`.
+
+use ferry_core::plan::{Schedule, Workload};
+
+use super::lp::{Fractions, LayerFigures, Transfer};
+use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
+use crate::cost::{CostModel, Curve};
+use crate::predict::{predict, Extrapolation};
+
+/// Schedule classes share a placement LP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Class {
+    Sequential,
+    BatchMajor,
+    LayerMajor,
+}
+
+impl Class {
+    fn of(schedule: Schedule) -> Class {
+        match schedule {
+            Schedule::Sequential => Class::Sequential,
+            Schedule::LayerPrefetch => Class::BatchMajor,
+            Schedule::ZigzagBlock | Schedule::Pipelined => Class::LayerMajor,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Group {
+    pub(super) micro_batch_size: u64,
+    pub(super) num_micro_batches: u64,
+    pub(super) host_attention: bool,
+    pub(super) host_compute: bool,
+    pub(super) pinned: bool,
+    pub(super) class: Class,
+    pub(super) schedules: Vec<Schedule>,
+}
+
+impl Group {
+    pub(super) fn batch(&self) -> u64 {
+        self.micro_batch_size * self.num_micro_batches
+    }
+}
+
+/// One member's transfer knobs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Member {
+    pub(super) schedule: Schedule,
+    pub(super) prefetch_depth: u64,
+    pub(super) chunk_bytes: u64,
+    pub(super) copy_streams: u32,
+    pub(super) io_queue_depth: u32,
+}
+
+pub(super) struct Searcher<'a> {
+    pub(super) request: &'a TuneRequest<'a>,
+    space: &'a KnobSpace,
+    pub(super) cost: CostModel<'a>,
+}
+
+/// Prune when even the optimistic bound is this much worse than the best simulated plan
+/// (the bound sums per-step maxima and uses mean context, so it can be a little off).
+const BOUND_SLACK: f64 = 0.02;
+
+/// Plans predicted within this fraction of the best count as tied (see `rank_simulated`).
+const NEAR_TIE: f64 = 0.005;
+
+/// A group whose LP has a solution: its members, the figures and placement of its LP,
+/// and its bound.
+struct Bounded {
+    group: Group,
+    members: Vec<Member>,
+    figures: LayerFigures,
+    fractions: Fractions,
+    bound_ms: f64,
+}
+
+impl<'a> Searcher<'a> {
+    pub(super) fn new(request: &'a TuneRequest<'a>, space: &'a KnobSpace) -> Searcher<'a> {
+        Searcher { request, space, cost: CostModel::new(request.profile, request.model) }
+    }
+
+    pub(super) fn unified(&self) -> bool {
+        self.request.profile.unified_memory
+    }
+
+    fn batch_configs(&self) -> Vec<(u64, u64)> {
+        let mut configs = Vec::new();
+        for &mb in &self.space.micro_batch_sizes {
+            for &n in &self.space.micro_batch_counts {
+                let ok = match self.request.batch {
+                    BatchChoice::Fixed(b) => mb * n == b,
+                    BatchChoice::Auto { max } => mb * n <= max,
+                };
+                if ok {
+                    configs.push((mb, n));
+                }
+            }
+        }
+        if let BatchChoice::Fixed(b) = self.request.batch {
+            if configs.is_empty() {
+                // A batch the power-of-two lists miss: one micro-batch of that size.
+                configs.push((b, 1));
+            }
+        }
+        configs
+    }
+
+    fn groups(&self) -> Vec<Group> {
+        // With unified memory there is no host tier, no copy to pin and no host side to delegate to.
+        let only_false = |options: &[bool]| -> Vec<bool> {
+            if self.unified() {
+                vec![false]
+            } else {
+                options.to_vec()
+            }
+        };
+        let (host_attention_options, host_compute_options, pinned_options) = (
+            only_false(&self.space.host_attention),
+            only_false(&self.space.host_compute),
+            only_false(&self.space.pinned),
+        );
+        let mut groups = Vec::new();
+        for (mb, n) in self.batch_configs() {
+            for &host_attention in &host_attention_options {
+                for &host_compute in &host_compute_options {
+                    for &pinned in &pinned_options {
+                        // llama.cpp's split keeps KV beside each layer: no separate host attention.
+                        if host_compute && host_attention {
+                            continue;
+                        }
+                        for class in [Class::Sequential, Class::BatchMajor, Class::LayerMajor] {
+                            let schedules: Vec<Schedule> =
+                                self.space.schedules.iter().copied().filter(|s| Class::of(*s) == class).collect();
+                            if schedules.is_empty() {
+                                continue;
+                            }
+                            groups.push(Group {
+                                micro_batch_size: mb,
+                                num_micro_batches: n,
+                                host_attention,
+                                host_compute,
+                                pinned,
+                                class,
+                                schedules,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        groups
+    }
+
+    fn members(&self, group: &Group) -> Vec<Member> {
+        let unified = self.unified();
+        let streams: &[u32] = if unified { &[1] } else { &self.space.copy_streams };
+        let mut members = Vec::new();
+        for &schedule in &group.schedules {
+            let depths: &[u64] = if schedule == Schedule::Sequential { &[0] } else { &self.space.prefetch_depths };
+            for &prefetch_depth in depths {
+                for &chunk_bytes in &self.space.chunk_bytes {
+                    for &copy_streams in streams {
+                        for &io_queue_depth in &self.space.io_queue_depths {
+                            members.push(Member {
+                                schedule,
+                                prefetch_depth,
+                                chunk_bytes,
+                                copy_streams,
+                                io_queue_depth,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        members
+    }
+
+    fn h2d_curve(&self, pinned: bool) -> Curve {
+        if pinned {
+            Curve::HostToDevicePinned
+        } else {
+            Curve::HostToDevicePageable
+        }
+    }
+
+    fn member_transfer(&self, group: &Group, member: &Member) -> Transfer {
+        Transfer {
+            h2d_gbps: self.cost.bandwidth(self.h2d_curve(group.pinned), member.chunk_bytes, member.copy_streams),
+            disk_gbps: self.cost.bandwidth(Curve::DiskRead, member.chunk_bytes, member.io_queue_depth),
+            window: member.prefetch_depth as f64 + 1.0,
+        }
+    }
+
+    /// The best transfer figures any member of the group reaches: valid for its bound.
+    fn best_transfer(&self, group: &Group, members: &[Member]) -> Transfer {
+        let mut best = Transfer { h2d_gbps: 0.0, disk_gbps: 0.0, window: f64::MAX };
+        for member in members {
+            let t = self.member_transfer(group, member);
+            best.h2d_gbps = best.h2d_gbps.max(t.h2d_gbps);
+            best.disk_gbps = best.disk_gbps.max(t.disk_gbps);
+            best.window = best.window.min(t.window);
+        }
+        best
+    }
+
+    pub(super) fn workload(&self, group: &Group) -> Workload {
+        Workload { batch_size: group.batch(), prompt_len: self.request.prompt_len, gen_len: self.request.gen_len }
+    }
+
+    pub(super) fn run(&self) -> Result<TuneResult, TuneError> {
+        self.check_capacity()?;
+        let mut stats = SearchStats::default();
+        // Level 1: bound every group.
+        let mut bounded = self.bound_groups(&mut stats);
+        if bounded.is_empty() {
+            return Err(TuneError::Impossible(self.explain_impossible()));
+        }
+        bounded.sort_by(|x, y| self.bound_score(y).total_cmp(&self.bound_score(x)));
+        // Level 2: visit groups best bound first.
+        let simulated = self.visit_groups(&bounded, &mut stats);
+        if simulated.is_empty() {
+            return Err(TuneError::Impossible(format!(
+                "no rounded placement fits or runs without deadlock: {}",
+                self.explain_impossible()
+            )));
+        }
+        Ok(summarise(simulated, stats, self.request.objective))
+    }
+
+    /// Solves every group's LP; the groups with a feasible placement, in search order.
+    fn bound_groups(&self, stats: &mut SearchStats) -> Vec<Bounded> {
+        let mut bounded: Vec<Bounded> = Vec::new();
+        for group in self.groups() {
+            let members = self.members(&group);
+            stats.considered += members.len() as u64;
+            stats.bounded += members.len() as u64;
+            stats.lp_solves += 1;
+            let figures = self.figures(&group);
+            let best = self.best_transfer(&group, &members);
+            match self.solve(&group, &figures, best) {
+                Some((fractions, bound_ms)) => bounded.push(Bounded { group, members, figures, fractions, bound_ms }),
+                None => stats.infeasible += members.len() as u64,
+            }
+        }
+        bounded
+    }
+
+    /// Best achievable score by the bound: tokens/s (throughput) or −ms (latency).
+    fn bound_score(&self, b: &Bounded) -> f64 {
+        match self.request.objective {
+            Objective::Throughput => b.group.batch() as f64 * self.request.gen_len as f64 / (b.bound_ms / 1000.0),
+            Objective::Latency => -b.bound_ms,
+        }
+    }
+
+    /// Simulates the surviving groups' best members, pruning every group whose bound
+    /// cannot beat the best plan simulated so far.
+    fn visit_groups(&self, bounded: &[Bounded], stats: &mut SearchStats) -> Vec<Candidate> {
+        let objective = self.request.objective;
+        let mut simulated: Vec<Candidate> = Vec::new();
+        let mut best_score = f64::NEG_INFINITY;
+        for b in bounded {
+            let optimistic = self.bound_score(b);
+            let beaten = match objective {
+                Objective::Throughput => optimistic * (1.0 + BOUND_SLACK) <= best_score,
+                Objective::Latency => optimistic * (1.0 - BOUND_SLACK) <= best_score,
+            };
+            if beaten {
+                stats.pruned += b.members.len() as u64;
+                continue;
+            }
+            for candidate in self.simulate_best_members(b, stats) {
+                best_score = best_score.max(candidate.score(objective));
+                simulated.push(candidate);
+            }
+        }
+        simulated
+    }
+
+    /// Ranks the group's members; simulates the best one per (schedule, prefetch depth).
+    fn simulate_best_members(&self, b: &Bounded, stats: &mut SearchStats) -> Vec<Candidate> {
+        let mut candidates = Vec::new();
+        let mut chosen: Vec<(Schedule, u64)> = Vec::new();
+        let workload = self.workload(&b.group);
+        for index in self.rank_members(b) {
+            let member = b.members[index];
+            let key = (member.schedule, member.prefetch_depth);
+            if chosen.contains(&key) {
+                stats.ranked_out += 1;
+                continue;
+            }
+            chosen.push(key);
+            stats.simulated += 1;
+            match self.simulate_member(b, &member, workload) {
+                Some(candidate) => candidates.push(candidate),
+                None => stats.rejected += 1,
+            }
+        }
+        candidates
+    }
+
+    /// Member indices, best estimate first (ties in enumeration order).
+    fn rank_members(&self, b: &Bounded) -> Vec<usize> {
+        let mut ranked: Vec<(f64, usize)> = b
+            .members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (self.estimate(&b.group, &b.figures, &b.fractions, self.member_transfer(&b.group, m)), i))
+            .collect();
+        ranked.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+        ranked.into_iter().map(|(_, index)| index).collect()
+    }
+
+    /// Rounds the group's placement for `member`, fits it and simulates it; `None` when
+    /// the rounded placement does not fit or the simulation fails (deadlock).
+    fn simulate_member(&self, b: &Bounded, member: &Member, workload: Workload) -> Option<Candidate> {
+        let policy = self.policy_for(&b.group, &b.fractions, member);
+        let policy = self.fit(policy, &workload)?;
+        let prediction =
+            predict(&policy, self.request.model, &workload, self.request.profile, Extrapolation::Sampled).ok()?;
+        Some(Candidate { policy, workload, metrics: prediction.metrics, bound_ns: (b.bound_ms * 1e6) as u64 })
+    }
+}
+
+/// The result from the simulated plans: best first, the chosen plan at the head.
+fn summarise(mut simulated: Vec<Candidate>, stats: SearchStats, objective: Objective) -> TuneResult {
+    rank_simulated(&mut simulated, objective);
+    let by_batch = best_by_batch(&simulated);
+    let mut top: Vec<Candidate> = Vec::new();
+    for c in simulated {
+        if !top.iter().any(|t| t.policy == c.policy) {
+            top.push(c);
+        }
+    }
+    TuneResult { best: top[0].clone(), top, stats, by_batch }
+}
+
+/// Sorts best first, then moves the simplest near-best plan to the head.
+fn rank_simulated(simulated: &mut Vec<Candidate>, objective: Objective) {
+    simulated.sort_by(|x, y| y.score(objective).total_cmp(&x.score(objective)));
+    // Among plans within NEAR_TIE of the best, take the simplest: fewest micro-batches
+    // (each one streams the layer's weights through memory again), then the shallowest
+    // prefetch. Prediction error is far larger than such differences.
+    let best_score = simulated[0].score(objective);
+    let near = |c: &Candidate| match objective {
+        Objective::Throughput => c.score(objective) >= best_score * (1.0 - NEAR_TIE),
+        Objective::Latency => c.score(objective) >= best_score * (1.0 + NEAR_TIE),
+    };
+    if let Some(simplest) = (0..simulated.len())
+        .filter(|&i| near(&simulated[i]))
+        .min_by_key(|&i| (simulated[i].policy.num_micro_batches, simulated[i].policy.prefetch_depth, i))
+    {
+        let chosen = simulated.remove(simplest);
+        simulated.insert(0, chosen);
+    }
+}
+
+/// Best predicted tokens/s at each batch size, by batch.
+fn best_by_batch(simulated: &[Candidate]) -> Vec<(u64, f64)> {
+    let mut by_batch: Vec<(u64, f64)> = Vec::new();
+    for c in simulated {
+        match by_batch.iter_mut().find(|(batch, _)| *batch == c.workload.batch_size) {
+            Some(entry) => entry.1 = entry.1.max(c.metrics.tokens_per_s),
+            None => by_batch.push((c.workload.batch_size, c.metrics.tokens_per_s)),
+        }
+    }
+    by_batch.sort_by_key(|(batch, _)| *batch);
+    by_batch
+}
