@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
+mod hf_config;
+
+pub use hf_config::from_hf_config;
+
 /// Query rows per block when the engine computes attention scores (see
 /// `ModelSpec::attention_scratch_bytes`).
 pub const ATTENTION_QUERY_BLOCK: u64 = 64;
@@ -427,165 +431,8 @@ impl ModelSpec {
     }
 }
 
-/// The largest sizes a `config.json` may give: far above any released model, low
-/// enough that Ferry's parameter and byte arithmetic cannot overflow.
-const MAX_WIDTH: u64 = 1 << 20;
-const MAX_LAYERS: u64 = 1 << 14;
-const MAX_VOCAB: u64 = 1 << 24;
-const MAX_POSITIONS: u64 = 1 << 26;
-const MAX_EXPERTS: u64 = 1 << 12;
 /// At most 2^48 parameters (about 281 trillion), so bytes and FLOPs fit in 64 bits.
 const MAX_PARAMS: u128 = 1 << 48;
-
-/// Typed access to a `config.json` object: a key of the wrong type or out of range is
-/// an error naming the file and the key, never silently replaced by a default. A key
-/// that is absent or `null` is absent.
-struct HfConfig<'a> {
-    map: &'a serde_json::Map<String, serde_json::Value>,
-    origin: &'a str,
-}
-
-impl HfConfig<'_> {
-    fn value(&self, key: &str) -> Option<&serde_json::Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn wrong(&self, key: &str, expected: &str) -> CoreError {
-        let found = self.value(key).map(|v| v.to_string()).unwrap_or_default();
-        let found: String =
-            if found.chars().count() > 40 { found.chars().take(40).chain("...".chars()).collect() } else { found };
-        CoreError::invalid(format!("{}: '{key}' must be {expected}, found {found}", self.origin))
-    }
-
-    /// An integer in `1..=max`.
-    fn size(&self, key: &str, max: u64) -> Result<Option<u64>> {
-        let Some(value) = self.value(key) else { return Ok(None) };
-        match value.as_u64() {
-            Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
-            _ => Err(self.wrong(key, &format!("an integer from 1 to {max}"))),
-        }
-    }
-
-    fn need_size(&self, key: &str, max: u64) -> Result<u64> {
-        self.size(key, max)?
-            .ok_or_else(|| CoreError::invalid(format!("{}: missing integer field '{key}'", self.origin)))
-    }
-
-    /// A positive, finite number.
-    fn positive(&self, key: &str) -> Result<Option<f64>> {
-        let Some(value) = self.value(key) else { return Ok(None) };
-        match value.as_f64() {
-            Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
-            _ => Err(self.wrong(key, "a positive finite number")),
-        }
-    }
-
-    fn flag(&self, key: &str) -> Result<Option<bool>> {
-        let Some(value) = self.value(key) else { return Ok(None) };
-        value.as_bool().map(Some).ok_or_else(|| self.wrong(key, "true or false"))
-    }
-
-    fn text(&self, key: &str) -> Result<Option<&str>> {
-        let Some(value) = self.value(key) else { return Ok(None) };
-        value.as_str().map(Some).ok_or_else(|| self.wrong(key, "a string"))
-    }
-}
-
-/// Reads a Hugging Face `config.json` (llama, mistral, qwen2, mixtral, opt).
-pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec> {
-    let value: serde_json::Value = crate::yaml::from_json_str(text, origin)?;
-    let map = value
-        .as_object()
-        .ok_or_else(|| CoreError::invalid(format!("{origin}: a config.json must be a JSON object")))?;
-    let config = HfConfig { map, origin };
-    let model_type = config.text("model_type")?.unwrap_or("");
-    let family = match model_type {
-        "llama" => Family::Llama,
-        "mistral" => Family::Mistral,
-        "qwen2" => Family::Qwen2,
-        "mixtral" => Family::Mixtral,
-        "opt" => Family::Opt,
-        other => {
-            return Err(CoreError::invalid(format!(
-                "{origin}: unsupported model_type '{other}' (Ferry reads llama, mistral, qwen2, mixtral and opt)"
-            )))
-        }
-    };
-    let dtype = match config.text("torch_dtype")? {
-        Some("float32" | "float") => Dtype::F32,
-        Some("bfloat16") => Dtype::Bf16,
-        Some("float16" | "half") | None => Dtype::F16,
-        Some(other) => {
-            return Err(CoreError::invalid(format!(
-                "{origin}: unsupported torch_dtype '{other}' (Ferry reads float32, float16 and bfloat16)"
-            )))
-        }
-    };
-    let spec = if family == Family::Opt {
-        let hidden = config.need_size("hidden_size", MAX_WIDTH)?;
-        let heads = config.need_size("num_attention_heads", MAX_WIDTH)?;
-        // OPT always ties its head to the embeddings; a config that says so is fine.
-        config.flag("tie_word_embeddings")?;
-        ModelSpec {
-            name: name.to_string(),
-            family,
-            hidden_size: hidden,
-            intermediate_size: config.need_size("ffn_dim", MAX_WIDTH)?,
-            num_layers: config.need_size("num_hidden_layers", MAX_LAYERS)?,
-            num_heads: heads,
-            num_kv_heads: heads,
-            vocab_size: config.need_size("vocab_size", MAX_VOCAB)?,
-            max_position_embeddings: config.need_size("max_position_embeddings", MAX_POSITIONS)?,
-            tie_word_embeddings: true,
-            num_experts: 0,
-            experts_per_token: 0,
-            qkv_bias: true,
-            rms_norm_eps: 1e-5,
-            rope_theta: 0.0,
-            dtype,
-            source: origin.to_string(),
-        }
-    } else {
-        match config.text("hidden_act")? {
-            Some("silu" | "swish") | None => {}
-            Some(other) => {
-                return Err(CoreError::invalid(format!(
-                    "{origin}: unsupported hidden_act '{other}' ({model_type} models use silu)"
-                )))
-            }
-        }
-        let heads = config.need_size("num_attention_heads", MAX_WIDTH)?;
-        let experts = match config.value("num_local_experts").and_then(|v| v.as_u64()) {
-            Some(0) => 0,
-            _ => config.size("num_local_experts", MAX_EXPERTS)?.unwrap_or(0),
-        };
-        let experts_per_token = match config.value("num_experts_per_tok").and_then(|v| v.as_u64()) {
-            Some(0) => 0,
-            _ => config.size("num_experts_per_tok", MAX_EXPERTS)?.unwrap_or(0),
-        };
-        ModelSpec {
-            name: name.to_string(),
-            family,
-            hidden_size: config.need_size("hidden_size", MAX_WIDTH)?,
-            intermediate_size: config.need_size("intermediate_size", MAX_WIDTH)?,
-            num_layers: config.need_size("num_hidden_layers", MAX_LAYERS)?,
-            num_heads: heads,
-            num_kv_heads: config.size("num_key_value_heads", MAX_WIDTH)?.unwrap_or(heads),
-            vocab_size: config.need_size("vocab_size", MAX_VOCAB)?,
-            max_position_embeddings: config.size("max_position_embeddings", MAX_POSITIONS)?.unwrap_or(4096),
-            tie_word_embeddings: config.flag("tie_word_embeddings")?.unwrap_or(false),
-            num_experts: experts,
-            experts_per_token,
-            qkv_bias: family == Family::Qwen2,
-            rms_norm_eps: config.positive("rms_norm_eps")?.unwrap_or(1e-5),
-            rope_theta: config.positive("rope_theta")?.unwrap_or(10000.0),
-            dtype,
-            source: origin.to_string(),
-        }
-    };
-    spec.validate().map_err(|e| CoreError::invalid(format!("{origin}: {e}")))?;
-    Ok(spec)
-}
 
 #[cfg(test)]
 mod tests {
@@ -674,79 +521,6 @@ mod tests {
         let mut m = model("test-tiny");
         m.num_kv_heads = 3;
         assert!(m.validate().unwrap_err().to_string().contains("num_kv_heads"));
-    }
-
-    fn tiny_config() -> serde_json::Map<String, serde_json::Value> {
-        let text = r#"{"model_type": "llama", "hidden_size": 128, "intermediate_size": 352,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "vocab_size": 512, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu",
-            "torch_dtype": "float32"}"#;
-        serde_json::from_str(text).unwrap()
-    }
-
-    fn parse_with(key: &str, value: serde_json::Value) -> Result<ModelSpec> {
-        let mut config = tiny_config();
-        config.insert(key.to_string(), value);
-        from_hf_config(&serde_json::Value::Object(config).to_string(), "m/config.json", "m")
-    }
-
-    #[test]
-    fn config_values_of_the_wrong_type_are_errors_naming_the_key() {
-        use serde_json::json;
-        let cases = [
-            ("rope_theta", json!("128")),
-            ("rms_norm_eps", json!({})),
-            ("hidden_act", json!(64)),
-            ("tie_word_embeddings", json!(256)),
-            ("hidden_size", json!("128")),
-            ("num_key_value_heads", json!(2.5)),
-            ("max_position_embeddings", json!([256])),
-            ("torch_dtype", json!(16)),
-            ("model_type", json!(1)),
-        ];
-        for (key, value) in cases {
-            let err = parse_with(key, value.clone()).unwrap_err().to_string();
-            assert!(err.starts_with("m/config.json: ") && err.contains(&format!("'{key}'")), "{key}={value}: {err}");
-        }
-        // Absent or null optional keys take their defaults.
-        let spec = parse_with("num_key_value_heads", json!(null)).unwrap();
-        assert_eq!(spec.num_kv_heads, 4);
-        let spec = parse_with("rope_theta", json!(null)).unwrap();
-        assert_eq!(spec.rope_theta, 10000.0);
-    }
-
-    #[test]
-    fn config_values_out_of_range_are_errors() {
-        use serde_json::json;
-        let cases = [
-            ("rope_theta", json!(0)),
-            ("rope_theta", json!(-10000.0)),
-            ("rms_norm_eps", json!(-1)),
-            ("rms_norm_eps", json!(0.0)),
-            ("hidden_size", json!(0)),
-            ("hidden_size", json!(-128)),
-            ("num_hidden_layers", json!(1u64 << 40)),
-            ("vocab_size", json!(u64::MAX)),
-            ("max_position_embeddings", json!(0)),
-            ("hidden_act", json!("gelu")),
-            ("torch_dtype", json!("int3")),
-        ];
-        for (key, value) in cases {
-            let err = parse_with(key, value.clone()).unwrap_err().to_string();
-            assert!(err.contains(key), "{key}={value}: {err}");
-        }
-        parse_with("rms_norm_eps", json!(1e-6)).unwrap();
-        // Sizes that fit each bound but together would overflow the parameter count.
-        let mut config = tiny_config();
-        for key in ["hidden_size", "intermediate_size"] {
-            config.insert(key.into(), json!(1u64 << 20));
-        }
-        config.insert("num_hidden_layers".into(), json!(1u64 << 14));
-        let err = from_hf_config(&serde_json::Value::Object(config).to_string(), "m/config.json", "m")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("implausibly large"), "{err}");
     }
 
     #[test]
