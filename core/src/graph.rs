@@ -278,6 +278,8 @@ impl TaskGraph {
     pub fn validate(&self) -> Result<()> {
         let resource_of = self.task_resource_indices();
         let pool_keys = self.pool_keys();
+        // One pass: program order, resources, and the bytes each pool acquires and releases.
+        let mut balance = vec![(0u64, 0u64); self.pools.len()];
         for (id, task) in self.tasks.iter().enumerate() {
             if let Some(dep) = task.deps.iter().find(|&&d| d as usize >= id) {
                 return Err(CoreError::invalid(format!("task {id} ({}) depends on later task {dep}", task.label())));
@@ -288,24 +290,21 @@ impl TaskGraph {
                     task.label()
                 )));
             }
-            let pools = task.acquire.iter().chain(&task.release);
-            if let Some(m) = pools.into_iter().find(|m| !pool_keys.contains(&m.pool.key())) {
-                return Err(CoreError::invalid(format!(
-                    "task {id} ({}) uses memory of {}, which has no pool",
-                    task.label(),
-                    m.pool.token()
-                )));
-            }
-        }
-        // Acquired and released bytes per pool, in one pass over the tasks.
-        let mut balance = vec![(0u64, 0u64); self.pools.len()];
-        let slot = |pool: Pool| pool_keys.iter().position(|&k| k == pool.key()).unwrap_or(0);
-        for task in &self.tasks {
-            for m in &task.acquire {
-                balance[slot(m.pool)].0 += m.bytes;
-            }
-            for m in &task.release {
-                balance[slot(m.pool)].1 += m.bytes;
+            for (ops, acquired) in [(&task.acquire, true), (&task.release, false)] {
+                for m in ops {
+                    let Some(slot) = pool_keys.iter().position(|&k| k == m.pool.key()) else {
+                        return Err(CoreError::invalid(format!(
+                            "task {id} ({}) uses memory of {}, which has no pool",
+                            task.label(),
+                            m.pool.token()
+                        )));
+                    };
+                    if acquired {
+                        balance[slot].0 += m.bytes;
+                    } else {
+                        balance[slot].1 += m.bytes;
+                    }
+                }
             }
         }
         for (pool, (acquired, released)) in self.pools.iter().map(|p| p.pool).zip(balance) {

@@ -34,15 +34,7 @@ impl Builder<'_> {
             resources.push(ResourceSpec { resource: Resource::compute(Place::Device(d)), lanes: 1 });
         }
         resources.push(ResourceSpec { resource: Resource::HOST_COMPUTE, lanes: 1 });
-        // Any other link a task uses (none today) still gets a resource.
-        let mut keys: Vec<u64> = resources.iter().map(|r| r.resource.key()).collect();
-        for task in &self.tasks {
-            let key = task.resource.key();
-            if !keys.contains(&key) {
-                keys.push(key);
-                resources.push(copy(task.resource));
-            }
-        }
+        // Every resource a task uses is one of these; `TaskGraph::validate` checks it.
         resources
     }
 
