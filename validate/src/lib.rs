@@ -186,3 +186,20 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     let passed = tolerances.as_ref().is_none_or(|t| t.passed_by(&stats));
     Ok(Outcome { plans: rows, stats, tolerances, passed })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_comes_from_the_wrapped_error() {
+        let run = ValidateError::Run { plan: "sequential b1".into(), source: EngineError::Internal("x".into()) };
+        assert_eq!(run.kind(), ErrorKind::Internal);
+        // The plan names the failure; the engine's error follows as its source.
+        assert_eq!(run.to_string(), "sequential b1");
+        assert!(std::error::Error::source(&run).is_some());
+        let core: ValidateError = CoreError::invalid("no plan fits").into();
+        assert_eq!(core.kind(), ErrorKind::Usage);
+        assert_eq!(core.to_string(), "no plan fits");
+    }
+}

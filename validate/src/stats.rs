@@ -88,5 +88,34 @@ mod tests {
         assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
         // Monotone but not linear is still perfect rank correlation.
         assert!((spearman(&[1.0, 2.0, 3.0], &[1.0, 8.0, 27.0]) - 1.0).abs() < 1e-12);
+        assert!(spearman(&[1.0], &[2.0]).is_nan());
+    }
+
+    fn row(predicted: f64, measured: f64) -> PlanResult {
+        PlanResult {
+            plan: String::new(),
+            predicted_tokens_per_s: predicted,
+            measured_tokens_per_s: measured,
+            signed_error_pct: (predicted / measured - 1.0) * 100.0,
+            disk_factor: 1.0,
+            predicted_busy_s: Vec::new(),
+            measured_busy_s: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stats_and_gate() {
+        let stats = ErrorStats::of(&[row(11.0, 10.0), row(15.0, 20.0), row(30.0, 30.0)]);
+        assert!((stats.median_abs_error_pct - 10.0).abs() < 1e-9);
+        assert!((stats.max_abs_error_pct - 25.0).abs() < 1e-9);
+        assert_eq!(stats.worst, 1);
+        assert!((stats.spearman - 1.0).abs() < 1e-12);
+        // The largest error defaults to 2.5 × the median.
+        let flags = Tolerances::resolve(&ToleranceSource::Percent { median_pct: 10.5, max_pct: None }).unwrap();
+        assert_eq!(flags, Tolerances { median_pct: 10.5, max_pct: 26.25, min_spearman: None });
+        assert!(flags.passed_by(&stats));
+        assert!(!Tolerances { median_pct: 9.9, ..flags.clone() }.passed_by(&stats));
+        assert!(!Tolerances { max_pct: 24.9, ..flags.clone() }.passed_by(&stats));
+        assert!(!Tolerances { min_spearman: Some(1.5), ..flags }.passed_by(&stats));
     }
 }

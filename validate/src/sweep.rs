@@ -116,3 +116,18 @@ pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profil
     }
     Ok(plans)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_start_with_the_tuners_pick_and_cover_the_space() {
+        let configs = configs(&[0.35, 0.6, 1.5]);
+        assert_eq!(configs[0], (0.6, None, 0, 0, 0));
+        assert_eq!(configs.len(), 1 + 3 * Schedule::ALL.len() * 9);
+        assert!(configs[1..].iter().all(|c| c.1.is_some()));
+        // The shuffle is fixed: the same order every time.
+        assert_eq!(configs, super::configs(&[0.35, 0.6, 1.5]));
+    }
+}
