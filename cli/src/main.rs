@@ -110,4 +110,5 @@ fn kind_of(cause: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
         .or_else(|| kind::<ferry_sim::tune::TuneError>(cause))
         .or_else(|| kind::<ferry_profiler::ProfileError>(cause))
         .or_else(|| kind::<ferry_reports::ReportError>(cause))
+        .or_else(|| kind::<ferry_validate::ValidateError>(cause))
 }

@@ -1,0 +1,205 @@
+//! ferry-validate: predicts and runs many plans on this machine and compares the two.
+//! `sweep` chooses diverse plans (every schedule, several budgets, batches, depths and
+//! chunks, each placed by the tuner), `measure` runs one plan on the engine with the
+//! disk's read rate measured around the run and predicts it with the simulator,
+//! `stats` computes error statistics, rank correlation and the tolerance gate, and
+//! `report` writes `validation.md`, the predicted-vs-measured plot and per-plan traces.
+//!
+//! Must never: print. Progress and notes reach the caller through the `Event`
+//! callback; the results come back as an `Outcome` for the caller to show.
+
+pub mod measure;
+pub mod report;
+pub mod stats;
+pub mod sweep;
+
+use std::path::{Path, PathBuf};
+
+use ferry_core::catalog::Catalog;
+use ferry_core::graph::Resource;
+use ferry_core::plan::HardwareRef;
+use ferry_core::resolve::resolve_hardware;
+use ferry_core::{Classify, CoreError, ErrorKind};
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::EngineError;
+use ferry_reports::ReportError;
+use ferry_sim::tune::TuneError;
+use ferry_sim::SimError;
+
+pub use stats::{spearman, ErrorStats, Tolerances};
+pub use sweep::describe;
+
+/// Errors of a validation: the other crates' errors, and which plan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Sim(#[from] SimError),
+    #[error(transparent)]
+    Tune(#[from] TuneError),
+    #[error(transparent)]
+    Report(#[from] ReportError),
+    /// A plan the engine failed to run; `plan` is its one-line description.
+    #[error("{plan}")]
+    Run {
+        plan: String,
+        #[source]
+        source: EngineError,
+    },
+    /// The simulator failed on a plan.
+    #[error("simulating a plan")]
+    Simulate(#[source] SimError),
+}
+
+impl Classify for ValidateError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ValidateError::Core(e) => e.kind(),
+            ValidateError::Engine(e) | ValidateError::Run { source: e, .. } => e.kind(),
+            ValidateError::Sim(e) | ValidateError::Simulate(e) => e.kind(),
+            ValidateError::Tune(e) => e.kind(),
+            ValidateError::Report(e) => e.kind(),
+        }
+    }
+}
+
+/// Where the tolerances of the gate come from.
+#[derive(Debug, Clone)]
+pub enum ToleranceSource {
+    /// Median and largest absolute error, percent; the largest defaults to 2.5 × the median.
+    Percent { median_pct: f64, max_pct: Option<f64> },
+    /// A YAML file with `median_pct`, `max_pct` and optionally `min_spearman`.
+    File(PathBuf),
+}
+
+/// What to validate and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Model folder to run (config.json + safetensors).
+    pub model_dir: PathBuf,
+    /// Profile of this machine; validation is meant for a measured one.
+    pub profile: PathBuf,
+    /// How many plans to predict and run (at most).
+    pub plans: usize,
+    /// The gate; `None` always passes.
+    pub tolerances: Option<ToleranceSource>,
+    /// Device-memory budgets to plan for, as fractions of the model's size.
+    pub budget_fractions: Vec<f64>,
+    pub prompt_len: u64,
+    pub gen_len: u64,
+    /// Write a predicted-vs-measured scatter plot, `validation.md` and per-plan traces here.
+    pub report: Option<PathBuf>,
+    /// Measure the disk's read bandwidth right before and right after each run and scale
+    /// the profile's disk curves to the mean (a shared disk drifts by tens of percent
+    /// within minutes).
+    pub disk_recheck: bool,
+    /// Overwrite report files.
+    pub force: bool,
+}
+
+/// What `validate` reports while it works, for the caller to show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A remark for the user, as soon as it is known (before the runs).
+    Note(String),
+    /// The plans are chosen: `total` of them are about to run.
+    Running { total: usize },
+    /// One more plan has been predicted and run.
+    PlanDone,
+    /// Every plan has run; statistics and the report follow.
+    Finished,
+}
+
+/// One plan, predicted and measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanResult {
+    pub plan: String,
+    pub predicted_tokens_per_s: f64,
+    pub measured_tokens_per_s: f64,
+    /// predicted ÷ measured − 1, percent.
+    pub signed_error_pct: f64,
+    /// Disk read bandwidth around the run (mean of before and after) ÷ the profile's, at
+    /// this plan's request size and depth.
+    pub disk_factor: f64,
+    pub predicted_busy_s: Vec<(Resource, f64)>,
+    pub measured_busy_s: Vec<(Resource, f64)>,
+}
+
+/// The result of a validation.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Every plan, in the order they ran.
+    pub plans: Vec<PlanResult>,
+    pub stats: ErrorStats,
+    /// The tolerances applied, if any.
+    pub tolerances: Option<Tolerances>,
+    /// Whether the statistics are within the tolerances (always, without tolerances).
+    pub passed: bool,
+}
+
+/// Predicts and runs `options.plans` diverse plans and compares prediction with
+/// measurement; writes the report when asked. A failed gate is `passed: false`, not an
+/// error.
+pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Outcome, ValidateError> {
+    let catalog = Catalog::builtin()?;
+    let files = ModelFiles::open(&options.model_dir)?;
+    let (base_profile, _) = resolve_hardware(
+        &catalog,
+        &HardwareRef { profile: Some(options.profile.display().to_string()), ..HardwareRef::default() },
+        Path::new("."),
+    )?;
+    if !base_profile.is_measured() {
+        progress(Event::Note(format!(
+            "{} is a datasheet profile; validation is meant for a measured one (ferry profile)",
+            options.profile.display()
+        )));
+    }
+    let tolerances = options.tolerances.as_ref().map(Tolerances::resolve).transpose()?;
+    let plans = sweep::plans(options, &files, &base_profile)?;
+    if !measure::drop_page_cache() {
+        progress(Event::Note(
+            "cannot drop the page cache (not root); runs use direct I/O, which bypasses it anyway".into(),
+        ));
+    }
+    progress(Event::Running { total: plans.len() });
+    let disk_file = measure::weights_file(&options.model_dir).filter(|_| options.disk_recheck);
+    if let Some(dir) = &options.report {
+        report::prepare(dir, options.force)?;
+    }
+    let mut rows = Vec::new();
+    for (index, plan) in plans.iter().enumerate() {
+        let measured = measure::predict_and_run(plan, &files, &base_profile, disk_file.as_deref(), &options.model_dir)?;
+        if let Some(dir) = &options.report {
+            report::write_plan(dir, index, plan, &measured, options.force)?;
+        }
+        rows.push(measured.result);
+        progress(Event::PlanDone);
+    }
+    progress(Event::Finished);
+    let stats = ErrorStats::of(&rows);
+    if let Some(dir) = &options.report {
+        report::write_summary(dir, &files.spec.name, options, &rows, &stats)?;
+    }
+    let passed = tolerances.as_ref().is_none_or(|t| t.passed_by(&stats));
+    Ok(Outcome { plans: rows, stats, tolerances, passed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_comes_from_the_wrapped_error() {
+        let run = ValidateError::Run { plan: "sequential b1".into(), source: EngineError::Internal("x".into()) };
+        assert_eq!(run.kind(), ErrorKind::Internal);
+        // The plan names the failure; the engine's error follows as its source.
+        assert_eq!(run.to_string(), "sequential b1");
+        assert!(std::error::Error::source(&run).is_some());
+        let core: ValidateError = CoreError::invalid("no plan fits").into();
+        assert_eq!(core.kind(), ErrorKind::Usage);
+        assert_eq!(core.to_string(), "no plan fits");
+    }
+}

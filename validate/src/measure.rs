@@ -1,0 +1,129 @@
+//! Running one plan for real and predicting it, with the disk measured around the run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_core::graph::TaskGraph;
+use ferry_core::plan::Plan;
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::trace::{Metrics, Trace};
+use ferry_core::units::MIB;
+use ferry_core::CoreError;
+use ferry_engine::io::{DiskFile, ReadPool};
+use ferry_engine::memory::Recycler;
+use ferry_engine::synth::SplitMix64;
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::{backend::CpuBackend, run, RunOptions};
+use ferry_sim::cost::CostModel;
+
+use crate::sweep::describe;
+use crate::{PlanResult, ValidateError};
+
+/// One plan, run and predicted: the comparison, with the graph and both traces.
+pub struct Measured {
+    pub result: PlanResult,
+    pub graph: TaskGraph,
+    pub predicted: Trace,
+    pub measured: Trace,
+}
+
+/// The model's weights file whose disk is re-measured: `model.safetensors`, or else the
+/// first `.safetensors` file in the folder.
+pub fn weights_file(model_dir: &Path) -> Option<PathBuf> {
+    ["model.safetensors"].iter().map(|f| model_dir.join(f)).find(|p| p.exists()).or_else(|| {
+        std::fs::read_dir(model_dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+    })
+}
+
+/// Drops the kernel's page cache; false when not permitted (not root).
+pub fn drop_page_cache() -> bool {
+    std::fs::write("/proc/sys/vm/drop_caches", "1\n").is_ok()
+}
+
+/// Read bandwidth of the disk holding `file`, GB/s: direct I/O through the engine's read
+/// pool at this request size and queue depth, over up to 512 MiB of the file, into a
+/// recycled buffer — measured the way the profile measured it and the engine reads
+/// (into fresh mappings it would be slower: the kernel faults and zeroes every page).
+pub fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64, ValidateError> {
+    let disk = Arc::new(DiskFile::open(file, false)?);
+    let len = std::fs::metadata(file).map_err(|e| CoreError::io(file, e))?.len() / 4096 * 4096;
+    let piece = len.min(64 * MIB);
+    let pieces = (len / piece.max(1)).clamp(1, 8);
+    let pool = ReadPool::new(depth as usize);
+    let recycler = Recycler::new();
+    recycler.set_limit(u64::MAX);
+    let read = |offset: u64| pool.read_recycled(&disk, &[(offset, offset + piece)], chunk, &recycler);
+    // The first read maps the buffer; the timed ones reuse it.
+    read(len - piece)?;
+    let start = std::time::Instant::now();
+    for i in 0..pieces {
+        read(i * piece)?;
+    }
+    Ok((pieces * piece) as f64 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Runs `plan` on the engine (random prompts, direct I/O, page cache dropped first) and
+/// predicts it with `base_profile` at the plan's device budget. With `disk_file`, the
+/// disk's read rate is measured right before and right after the run, and the profile's
+/// disk curves are scaled to the mean before predicting.
+pub fn predict_and_run(
+    plan: &Plan,
+    files: &ModelFiles,
+    base_profile: &Profile,
+    disk_file: Option<&Path>,
+    scratch_dir: &Path,
+) -> Result<Measured, ValidateError> {
+    let spec = &files.spec;
+    let mut profile = base_profile.clone();
+    profile.device_memory_bytes = plan.hardware.device_memory.unwrap_or(profile.device_memory_bytes);
+    let graph = lower(&plan.policy, spec, &plan.workload, &profile, &Steps::All)?;
+    // The disk's read rate at this plan's request size and depth, right before the run
+    // and again right after it: the mean estimates what the run had (this disk drifts by
+    // tens of percent within minutes). Nothing from the run itself enters the prediction.
+    let recheck = disk_file.map(|file| (file, plan.policy.chunk_bytes, plan.policy.io_queue_depth));
+    let before = recheck.map(|(file, chunk, depth)| disk_read_gbps(file, chunk, depth)).transpose()?;
+    let mut rng = SplitMix64::new(plan.workload.batch_size);
+    let prompts = (0..plan.workload.batch_size)
+        .map(|_| (0..plan.workload.prompt_len).map(|_| (rng.next_u64() % spec.vocab_size) as u32).collect())
+        .collect();
+    let options = RunOptions {
+        prompts,
+        scratch_dir: scratch_dir.to_path_buf(),
+        allow_buffered_io: false,
+        keep_logits: false,
+        progress: None,
+    };
+    drop_page_cache();
+    let report = run(&graph, &plan.policy, &plan.workload, files, &CpuBackend, &options)
+        .map_err(|source| ValidateError::Run { plan: describe(plan), source })?;
+    let measured = report.metrics;
+    let mut disk_factor = 1.0;
+    if let (Some((file, chunk, depth)), Some(before)) = (recheck, before) {
+        let fresh = (before + disk_read_gbps(file, chunk, depth)?) / 2.0;
+        let profiled = profile.disk_read.bytes_per_ns(chunk, depth);
+        if fresh > 0.0 && profiled > 0.0 {
+            disk_factor = fresh / profiled;
+            profile.scale_disk_reads(disk_factor);
+        }
+    }
+    let predicted_trace =
+        ferry_sim::simulate(&graph, &CostModel::new(&profile, spec)).map_err(ValidateError::Simulate)?.trace;
+    let predicted = Metrics::compute(&graph, &predicted_trace);
+    let busy = |m: &Metrics| {
+        m.resources.iter().filter(|r| r.busy_ns > 0).map(|r| (r.resource, r.busy_ns as f64 / 1e9)).collect()
+    };
+    let result = PlanResult {
+        plan: describe(plan),
+        predicted_tokens_per_s: predicted.tokens_per_s,
+        measured_tokens_per_s: measured.tokens_per_s,
+        signed_error_pct: (predicted.tokens_per_s / measured.tokens_per_s - 1.0) * 100.0,
+        disk_factor,
+        predicted_busy_s: busy(&predicted),
+        measured_busy_s: busy(&measured),
+    };
+    Ok(Measured { result, graph, predicted: predicted_trace, measured: report.trace })
+}

@@ -1,0 +1,121 @@
+//! Error statistics over the validated plans, rank correlation, and the tolerance gate.
+
+use statrs::statistics::{Data, OrderStatistics, RankTieBreaker, Statistics};
+
+use crate::{PlanResult, ToleranceSource};
+
+/// The gate: limits on the median and largest absolute error, and optionally a least
+/// rank correlation.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tolerances {
+    pub median_pct: f64,
+    pub max_pct: f64,
+    #[serde(default)]
+    pub min_spearman: Option<f64>,
+}
+
+impl Tolerances {
+    /// The tolerances from the flags (the largest error defaults to 2.5 × the median) or
+    /// from a YAML file.
+    pub fn resolve(source: &ToleranceSource) -> Result<Tolerances, ferry_core::CoreError> {
+        Ok(match source {
+            ToleranceSource::File(path) => ferry_core::yaml::read_file::<Tolerances>(path)?,
+            &ToleranceSource::Percent { median_pct, max_pct } => {
+                Tolerances { median_pct, max_pct: max_pct.unwrap_or(2.5 * median_pct), min_spearman: None }
+            }
+        })
+    }
+
+    /// Whether `stats` are within these tolerances.
+    pub fn passed_by(&self, stats: &ErrorStats) -> bool {
+        stats.median_abs_error_pct <= self.median_pct
+            && stats.max_abs_error_pct <= self.max_pct
+            && self.min_spearman.is_none_or(|s| stats.spearman >= s)
+    }
+}
+
+/// Prediction error over all plans.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorStats {
+    /// Median of |signed error|, percent.
+    pub median_abs_error_pct: f64,
+    /// Largest |signed error|, percent.
+    pub max_abs_error_pct: f64,
+    /// Rank correlation of predicted and measured tokens/s.
+    pub spearman: f64,
+    /// Index of the plan with the largest |error| (0 when there are none).
+    pub worst: usize,
+}
+
+impl ErrorStats {
+    pub fn of(rows: &[PlanResult]) -> ErrorStats {
+        let abs: Vec<f64> = rows.iter().map(|r| r.signed_error_pct.abs()).collect();
+        let median = Data::new(abs.clone()).median();
+        let max = abs.iter().copied().fold(0.0, f64::max);
+        let rho = spearman(
+            &rows.iter().map(|r| r.predicted_tokens_per_s).collect::<Vec<_>>(),
+            &rows.iter().map(|r| r.measured_tokens_per_s).collect::<Vec<_>>(),
+        );
+        let worst = rows
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.signed_error_pct.abs().total_cmp(&b.1.signed_error_pct.abs()))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        ErrorStats { median_abs_error_pct: median, max_abs_error_pct: max, spearman: rho, worst }
+    }
+}
+
+/// Pearson correlation of the ranks (average ranks for ties).
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() < 2 {
+        return f64::NAN;
+    }
+    let ra = Data::new(a.to_vec()).ranks(RankTieBreaker::Average);
+    let rb = Data::new(b.to_vec()).ranks(RankTieBreaker::Average);
+    let covariance = (&ra).covariance(&rb);
+    covariance / ((&ra).std_dev() * (&rb).std_dev())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spearman_is_rank_correlation() {
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 30.0, 40.0]) - 1.0).abs() < 1e-12);
+        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // Monotone but not linear is still perfect rank correlation.
+        assert!((spearman(&[1.0, 2.0, 3.0], &[1.0, 8.0, 27.0]) - 1.0).abs() < 1e-12);
+        assert!(spearman(&[1.0], &[2.0]).is_nan());
+    }
+
+    fn row(predicted: f64, measured: f64) -> PlanResult {
+        PlanResult {
+            plan: String::new(),
+            predicted_tokens_per_s: predicted,
+            measured_tokens_per_s: measured,
+            signed_error_pct: (predicted / measured - 1.0) * 100.0,
+            disk_factor: 1.0,
+            predicted_busy_s: Vec::new(),
+            measured_busy_s: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stats_and_gate() {
+        let stats = ErrorStats::of(&[row(11.0, 10.0), row(15.0, 20.0), row(30.0, 30.0)]);
+        assert!((stats.median_abs_error_pct - 10.0).abs() < 1e-9);
+        assert!((stats.max_abs_error_pct - 25.0).abs() < 1e-9);
+        assert_eq!(stats.worst, 1);
+        assert!((stats.spearman - 1.0).abs() < 1e-12);
+        // The largest error defaults to 2.5 × the median.
+        let flags = Tolerances::resolve(&ToleranceSource::Percent { median_pct: 10.5, max_pct: None }).unwrap();
+        assert_eq!(flags, Tolerances { median_pct: 10.5, max_pct: 26.25, min_spearman: None });
+        assert!(flags.passed_by(&stats));
+        assert!(!Tolerances { median_pct: 9.9, ..flags.clone() }.passed_by(&stats));
+        assert!(!Tolerances { max_pct: 24.9, ..flags.clone() }.passed_by(&stats));
+        assert!(!Tolerances { min_spearman: Some(1.5), ..flags }.passed_by(&stats));
+    }
+}
