@@ -51,13 +51,14 @@ pub struct CostModel<'a> {
     pub profile: &'a Profile,
     /// `hidden_size`x`intermediate_size`: the key measured kernel tables are stored under.
     shape: String,
-    /// Device→device copies with no profiled link (see `peer_via_host`).
-    peer_via_host: TransferCurve,
+    /// Device→device copies with no profiled link (see `peer_via_host`), built on
+    /// first use: one-device graphs never need it, and the tuner builds many models.
+    peer_via_host: std::sync::OnceLock<TransferCurve>,
 }
 
 impl<'a> CostModel<'a> {
     pub fn new(profile: &'a Profile, model: &ModelSpec) -> CostModel<'a> {
-        CostModel { profile, shape: shape_key(model), peer_via_host: peer_via_host(profile) }
+        CostModel { profile, shape: shape_key(model), peer_via_host: std::sync::OnceLock::new() }
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
@@ -71,7 +72,7 @@ impl<'a> CostModel<'a> {
             Curve::HostToDevicePageable => &self.profile.host_to_device_pageable,
             Curve::DeviceToHost => &self.profile.device_to_host,
             Curve::Link(index) => &self.profile.links[index as usize].curve,
-            Curve::PeerViaHost => &self.peer_via_host,
+            Curve::PeerViaHost => self.peer_via_host.get_or_init(|| peer_via_host(self.profile)),
         }
     }
 

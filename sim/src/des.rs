@@ -99,21 +99,19 @@ impl ResourceTable {
         })
     }
 
-    /// Sets the rate of every active task for the current set of active tasks.
+    /// Sets the rate of every active task for the current set of active tasks (`busy`:
+    /// the resources that have some).
     fn set_rates(
         &self,
+        busy: u64,
         active: &mut [Vec<Active>],
         costs: &[TaskCost],
         bandwidth_row: &[u32],
         bandwidth_tables: &[[Vec<f64>; 2]],
     ) {
-        let busy = (0..self.count).filter(|&r| !active[r].is_empty()).fold(0u64, |m, r| m | 1 << r);
         let transfer_active = busy & self.transfers;
         let compute_active = busy & !self.transfers;
-        let mut left = busy;
-        while left != 0 {
-            let r = left.trailing_zeros() as usize;
-            left &= left - 1;
+        for r in bits(busy) {
             let n = active[r].len() as f64;
             if transfer_active & 1 << r != 0 {
                 let requests: u64 = active[r]
@@ -144,6 +142,17 @@ impl ResourceTable {
             }
         }
     }
+}
+
+/// The set bits of `mask`, lowest first.
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let bit = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            bit
+        })
+    })
 }
 
 /// Replays `graph` with the durations of `cost`.
@@ -186,6 +195,10 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     let mut events: u64 = 0;
     let mut completed: Vec<(u32, u32)> = Vec::new();
 
+    // Bit r: resource r has active tasks. Kept as tasks start and end, so every step
+    // below visits only busy resources, in ascending order (as iteration order fixes
+    // float rounding, the order is part of determinism).
+    let mut busy: u64 = 0;
     while !dispatcher.is_finished() {
         dispatcher.dispatch(|id, lane, resource| {
             let remaining = match costs[id as usize] {
@@ -193,25 +206,29 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                 TaskCost::Compute { nominal_ns } => nominal_ns,
             };
             active[resource].push(Active { task: id, lane, remaining, rate: 1.0, finish_ns: 0 });
+            busy |= 1 << resource;
             spans[id as usize] = Span { task: id, lane, start_ns: time, end_ns: time };
             events += 1;
         });
 
-        if active.iter().all(Vec::is_empty) {
+        if busy == 0 {
             let stall = dispatcher.stall();
             return Err(SimError::Deadlock { pool: graph.pool_label(stall.pool), message: stall.message });
         }
-        table.set_rates(&mut active, &costs, &bandwidth_row, &bandwidth_tables);
+        table.set_rates(busy, &mut active, &costs, &bandwidth_row, &bandwidth_tables);
 
         // Next completion.
         let mut next = u64::MAX;
-        for a in active.iter_mut().flatten() {
-            a.finish_ns = time + (a.remaining / a.rate).ceil() as u64;
-            next = next.min(a.finish_ns);
+        for r in bits(busy) {
+            for a in active[r].iter_mut() {
+                a.finish_ns = time + (a.remaining / a.rate).ceil() as u64;
+                next = next.min(a.finish_ns);
+            }
         }
         let elapsed = (next - time) as f64;
         completed.clear();
-        for list in active.iter_mut() {
+        for r in bits(busy) {
+            let list = &mut active[r];
             let mut i = 0;
             while i < list.len() {
                 let a = &mut list[i];
@@ -223,6 +240,13 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     i += 1;
                 }
             }
+            if list.is_empty() {
+                busy &= !(1 << r);
+            } else if list.len() > 1 {
+                // Keep the active lists in id order so iteration (and float rounding) is
+                // deterministic.
+                list.sort_unstable_by_key(|a| a.task);
+            }
         }
         time = next;
         completed.sort_unstable();
@@ -230,10 +254,6 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
             spans[id as usize].end_ns = time;
             dispatcher.complete(id, lane);
             events += 1;
-        }
-        // Keep the active lists in id order so iteration (and float rounding) is deterministic.
-        for list in active.iter_mut().filter(|l| l.len() > 1) {
-            list.sort_unstable_by_key(|a| a.task);
         }
     }
     Ok(SimOutput { trace: Trace { source: TraceSource::Predicted, spans }, events })
