@@ -12,6 +12,11 @@ use crate::error::{CoreError, Result};
 use crate::model::{Dtype, ModelSpec};
 use crate::units::{bytes_serde, format_bytes};
 
+/// The most copy streams a plan may use (GPUs have a handful of copy engines).
+pub const MAX_COPY_STREAMS: u32 = 64;
+/// The most disk requests a plan may keep in flight (NVMe queues saturate far below).
+pub const MAX_IO_QUEUE_DEPTH: u32 = 256;
+
 /// The knobs a tuner turns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "PolicyFile")]
@@ -151,11 +156,30 @@ impl Policy {
         if workload.prompt_len == 0 || workload.gen_len == 0 {
             return fail("prompt_len and gen_len must be at least 1".into());
         }
+        // Checked before any work: a run would otherwise grow memory and simulate a
+        // graph for positions the model cannot encode.
+        if workload.max_context() > model.max_position_embeddings {
+            return fail(format!(
+                "prompt + generation = {} tokens exceeds the {} positions {} encodes; shorten the prompt or \
+                 the generation",
+                workload.max_context(),
+                model.max_position_embeddings,
+                model.name
+            ));
+        }
         if self.chunk_bytes < 4096 {
             return fail(format!("chunk_bytes {} is below 4 KiB", self.chunk_bytes));
         }
         if self.copy_streams == 0 || self.io_queue_depth == 0 {
             return fail("copy_streams and io_queue_depth must be at least 1".into());
+        }
+        // Each stream and each request in flight is a thread of the engine (a stack, a
+        // buffer): bounded so a plan cannot exhaust the machine or its budget.
+        if self.copy_streams > MAX_COPY_STREAMS || self.io_queue_depth > MAX_IO_QUEUE_DEPTH {
+            return fail(format!(
+                "copy_streams {} and io_queue_depth {} must be at most {MAX_COPY_STREAMS} and {MAX_IO_QUEUE_DEPTH}",
+                self.copy_streams, self.io_queue_depth
+            ));
         }
         if matches!(self.embeddings, Tier::Disk) || matches!(self.head, Tier::Disk) {
             return fail("embeddings and head live on the device or the host, not on disk".into());

@@ -35,17 +35,17 @@ impl KvFile {
         let region_bytes = (2 * policy.micro_batch_size * workload.max_context() * row).div_ceil(4096) * 4096;
         let regions = spec.num_layers * policy.num_micro_batches;
         std::fs::create_dir_all(&options.scratch_dir).map_err(|e| EngineError::io(&options.scratch_dir, e))?;
-        let path = options.scratch_dir.join(format!("ferry-kv-{}-{}.bin", std::process::id(), regions));
-        let writer = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| EngineError::io(&path, e))?;
-        writer.set_len(regions * region_bytes).map_err(|e| EngineError::io(&path, e))?;
-        let reader = Arc::new(DiskFile::open(&path, options.allow_buffered_io)?);
-        Ok(KvFile { path, reader, writer, region_bytes })
+        // A name no other run can hold (two containers on one volume may share a pid),
+        // created exclusively, opened for reading too, then unlinked at once: the file
+        // lives as long as this run's descriptors and nothing is left behind on any exit,
+        // SIGKILL included.
+        let (path, writer) = create_unique(&options.scratch_dir)?;
+        let reader = writer
+            .set_len(regions * region_bytes)
+            .map_err(|e| EngineError::io(&path, e))
+            .and_then(|()| DiskFile::open(&path, options.allow_buffered_io));
+        let _ = std::fs::remove_file(&path);
+        Ok(KvFile { path, reader: Arc::new(reader?), writer, region_bytes })
     }
 
     pub(super) fn region_offset(&self, slot: usize) -> u64 {
@@ -53,10 +53,32 @@ impl KvFile {
     }
 }
 
-impl Drop for KvFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+/// Creates `ferry-kv-<random>.bin` in `dir` with `create_new`, retrying on a clash.
+fn create_unique(dir: &std::path::Path) -> Result<(PathBuf, File), EngineError> {
+    let mut last = None;
+    for attempt in 0..16u64 {
+        let path = dir.join(format!("ferry-kv-{:016x}.bin", unique_token(attempt)));
+        match std::fs::OpenOptions::new().create_new(true).read(true).write(true).open(&path) {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some((path, e)),
+            Err(e) => return Err(EngineError::io(&path, e)),
+        }
     }
+    let (path, e) = last.unwrap_or_else(|| (dir.to_path_buf(), std::io::Error::other("no attempt made")));
+    Err(EngineError::io(&path, e))
+}
+
+/// 64 bits that differ between runs and attempts: the clock's nanoseconds, the pid,
+/// a stack address (randomised per process) and the attempt, mixed.
+fn unique_token(attempt: u64) -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let local = 0u8;
+    let address = &local as *const u8 as u64;
+    let mut x = nanos ^ (std::process::id() as u64).rotate_left(32) ^ address.rotate_left(17) ^ attempt;
+    // SplitMix64's finaliser: every input bit reaches every output bit.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^ (x >> 31)
 }
 
 impl<'a> Engine<'a> {

@@ -1,0 +1,145 @@
+//! Reliability through the binary: limits checked before any work, and disk-tier KV
+//! scratch files that no two runs share and that nothing leaves behind.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn ferry(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).current_dir(dir).output().expect("the ferry binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// test-tiny with every layer's KV cache on disk: every decode step reads and writes
+/// the scratch file.
+const DISK_KV_PLAN: &str = "model: tiny
+hardware: {gpu: cpu, host: ferry-ci-vm, device_memory: 64MiB}
+workload: {batch_size: 2, prompt_len: 8, gen_len: 24}
+policy:
+  schedule: layer-prefetch
+  micro_batch_size: 2
+  num_micro_batches: 1
+  prefetch_depth: 1
+  attention_weights: {device: 4, host: 0, disk: 0}
+  mlp_weights: {device: 4, host: 0, disk: 0}
+  embeddings: device
+  head: device
+  kv_cache: {device: 0, host: 0, disk: 4}
+  host_attention: false
+  weight_dtype: f32
+  kv_dtype: f32
+  chunk_bytes: 64KiB
+  copy_streams: 1
+  io_queue_depth: 2
+  pinned_host_bytes: 0
+";
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    std::fs::write(dir.path().join("plan.yaml"), DISK_KV_PLAN).unwrap();
+    dir
+}
+
+fn scratch_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with("ferry-kv"))
+        .collect()
+}
+
+#[test]
+fn two_disk_kv_runs_on_one_folder_at_once_get_identical_tokens() {
+    let dir = setup();
+    let args = ["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json", "--scratch-dir", "tiny"];
+    // Each run in a PID namespace of its own where `unshare` can make one (root, or
+    // user namespaces): both are then pid 1, as two containers on one volume would be.
+    let namespaces = Command::new("unshare").args(["-p", "-f", "true"]).status().is_ok_and(|s| s.success());
+    if !namespaces {
+        eprintln!("note: unshare cannot make PID namespaces here; the two runs share one");
+    }
+    // Different prompts (seeds): runs sharing a scratch file would read each other's KV.
+    let spawn = |seed: &str| {
+        let mut command = if namespaces {
+            let mut c = Command::new("unshare");
+            c.args(["-p", "-f", env!("CARGO_BIN_EXE_ferry")]);
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+        };
+        command
+            .args(args)
+            .args(["--seed", seed])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("1"), spawn("2"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success(), "{} {}", text(&a.stderr), text(&b.stderr));
+    let tokens = |out: &Output| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tokens"].clone();
+    let alone = |seed: &str| ferry(dir.path(), &[&args[..], &["--seed", seed]].concat());
+    assert_eq!(tokens(&a), tokens(&alone("1")), "a concurrent run computed other tokens");
+    assert_eq!(tokens(&b), tokens(&alone("2")), "a concurrent run computed other tokens");
+    assert_ne!(tokens(&a), tokens(&b), "the two runs must have different prompts");
+    assert!(scratch_files(&dir.path().join("tiny")).is_empty(), "scratch files left behind");
+}
+
+#[test]
+fn a_killed_run_leaves_no_scratch_file() {
+    let dir = setup();
+    // A long generation, killed while it runs.
+    let plan = DISK_KV_PLAN.replace("gen_len: 24", "gen_len: 240");
+    std::fs::write(dir.path().join("long.yaml"), plan).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["run", "--model-dir", "tiny", "--plan", "long.yaml", "--json", "--scratch-dir", "scratch"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the run has its scratch folder (the file is made right after), then kill.
+    let scratch = dir.path().join("scratch");
+    for _ in 0..200 {
+        if scratch.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(scratch.exists(), "the run never started");
+    assert!(!status.success(), "the run finished before it was killed: make it longer");
+    assert!(scratch_files(&scratch).is_empty(), "a SIGKILL'd run left {:?}", scratch_files(&scratch));
+}
+
+#[test]
+fn limits_are_checked_before_any_work() {
+    let dir = setup();
+    let many = DISK_KV_PLAN.replace("copy_streams: 1", "copy_streams: 100000");
+    std::fs::write(dir.path().join("many.yaml"), many).unwrap();
+    for command in [vec!["simulate", "--plan", "many.yaml"], vec!["run", "--model-dir", "tiny", "--plan", "many.yaml"]]
+    {
+        let out = ferry(dir.path(), &command);
+        assert_eq!(out.status.code(), Some(2), "{command:?}");
+        assert!(text(&out.stderr).contains("at most 64"), "{}", text(&out.stderr));
+    }
+    // A generation past the model's positions is refused at once, by simulate as by run.
+    let long = DISK_KV_PLAN.replace("gen_len: 24", "gen_len: 10000000");
+    std::fs::write(dir.path().join("long.yaml"), long).unwrap();
+    for command in [vec!["simulate", "--plan", "long.yaml"], vec!["run", "--model-dir", "tiny", "--plan", "long.yaml"]]
+    {
+        let started = std::time::Instant::now();
+        let out = ferry(dir.path(), &command);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("positions"), "{}", text(&out.stderr));
+        assert!(started.elapsed().as_secs() < 10, "{command:?} worked before refusing");
+    }
+}
