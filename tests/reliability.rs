@@ -1,46 +1,27 @@
 //! Reliability through the binary: limits checked before any work, and disk-tier KV
 //! scratch files that no two runs share and that nothing leaves behind.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-fn ferry(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).current_dir(dir).output().expect("the ferry binary runs")
-}
+use common::{ferry, text, TINY_PLAN};
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// test-tiny with every layer's KV cache on disk and a longer generation: every decode
+/// step reads and writes the scratch file.
+fn disk_kv_plan() -> String {
+    TINY_PLAN
+        .replace("batch_size: 4, prompt_len: 6, gen_len: 5", "batch_size: 2, prompt_len: 8, gen_len: 24")
+        .replace("micro_batch_size: 2\n  num_micro_batches: 2", "micro_batch_size: 2\n  num_micro_batches: 1")
+        .replace("kv_cache: {device: 3, host: 0, disk: 1}", "kv_cache: {device: 0, host: 0, disk: 4}")
 }
-
-/// test-tiny with every layer's KV cache on disk: every decode step reads and writes
-/// the scratch file.
-const DISK_KV_PLAN: &str = "model: tiny
-hardware: {gpu: cpu, host: ferry-ci-vm, device_memory: 64MiB}
-workload: {batch_size: 2, prompt_len: 8, gen_len: 24}
-policy:
-  schedule: layer-prefetch
-  micro_batch_size: 2
-  num_micro_batches: 1
-  prefetch_depth: 1
-  attention_weights: {device: 4, host: 0, disk: 0}
-  mlp_weights: {device: 4, host: 0, disk: 0}
-  embeddings: device
-  head: device
-  kv_cache: {device: 0, host: 0, disk: 4}
-  host_attention: false
-  weight_dtype: f32
-  kv_dtype: f32
-  chunk_bytes: 64KiB
-  copy_streams: 1
-  io_queue_depth: 2
-  pinned_host_bytes: 0
-";
 
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let synth = ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]);
     assert!(synth.status.success(), "{}", text(&synth.stderr));
-    std::fs::write(dir.path().join("plan.yaml"), DISK_KV_PLAN).unwrap();
+    std::fs::write(dir.path().join("plan.yaml"), disk_kv_plan()).unwrap();
     dir
 }
 
@@ -95,7 +76,7 @@ fn two_disk_kv_runs_on_one_folder_at_once_get_identical_tokens() {
 fn a_killed_run_leaves_no_scratch_file() {
     let dir = setup();
     // A long generation, killed while it runs.
-    let plan = DISK_KV_PLAN.replace("gen_len: 24", "gen_len: 240");
+    let plan = disk_kv_plan().replace("gen_len: 24", "gen_len: 240");
     std::fs::write(dir.path().join("long.yaml"), plan).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["run", "--model-dir", "tiny", "--plan", "long.yaml", "--json", "--scratch-dir", "scratch"])
@@ -123,7 +104,7 @@ fn a_killed_run_leaves_no_scratch_file() {
 #[test]
 fn limits_are_checked_before_any_work() {
     let dir = setup();
-    let many = DISK_KV_PLAN.replace("copy_streams: 1", "copy_streams: 100000");
+    let many = disk_kv_plan().replace("copy_streams: 1", "copy_streams: 100000");
     std::fs::write(dir.path().join("many.yaml"), many).unwrap();
     for command in [vec!["simulate", "--plan", "many.yaml"], vec!["run", "--model-dir", "tiny", "--plan", "many.yaml"]]
     {
@@ -132,7 +113,7 @@ fn limits_are_checked_before_any_work() {
         assert!(text(&out.stderr).contains("at most 64"), "{}", text(&out.stderr));
     }
     // A generation past the model's positions is refused at once, by simulate as by run.
-    let long = DISK_KV_PLAN.replace("gen_len: 24", "gen_len: 10000000");
+    let long = disk_kv_plan().replace("gen_len: 24", "gen_len: 10000000");
     std::fs::write(dir.path().join("long.yaml"), long).unwrap();
     for command in [vec!["simulate", "--plan", "long.yaml"], vec!["run", "--model-dir", "tiny", "--plan", "long.yaml"]]
     {

@@ -3,41 +3,9 @@
 //! crossing the link between them) simulates with per-device figures and runs with
 //! exactly the tokens of the one-stage plan.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn ferry(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry")).args(args).current_dir(dir).output().expect("the ferry binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-const ONE_STAGE: &str = "model: tiny
-hardware:
-  gpu: cpu
-  host: ferry-ci-vm
-  device_memory: 64MiB
-workload: {batch_size: 4, prompt_len: 6, gen_len: 5}
-policy:
-  schedule: layer-prefetch
-  micro_batch_size: 2
-  num_micro_batches: 2
-  prefetch_depth: 1
-  attention_weights: {device: 1, host: 0, disk: 3}
-  mlp_weights: {device: 2, host: 0, disk: 2}
-  embeddings: device
-  head: device
-  kv_cache: {device: 3, host: 0, disk: 1}
-  host_attention: false
-  weight_dtype: f32
-  kv_dtype: f32
-  chunk_bytes: 64KiB
-  copy_streams: 1
-  io_queue_depth: 2
-  pinned_host_bytes: 0
-";
+use common::{ferry, text, TINY_PLAN as ONE_STAGE};
 
 fn two_stages() -> String {
     ONE_STAGE
