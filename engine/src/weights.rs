@@ -121,8 +121,8 @@ impl ModelFiles {
 }
 
 /// Reads the headers of the shards an index lists. Each shard is a plain relative path
-/// that stays inside the model folder (no `..`, no absolute path, no symbolic link out
-/// of the folder) and names a regular file; every tensor the index maps is in the shard
+/// inside the model folder (no `..`, no absolute path) that names a regular file (links
+/// followed, as in the Hugging Face cache); every tensor the index maps is in the shard
 /// it names, and no tensor is in two shards.
 fn read_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, TensorLocation>, EngineError> {
     let bad = |message: String| EngineError::BadWeights { file: index.to_path_buf(), message };
@@ -136,10 +136,9 @@ fn read_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, TensorLocat
         })?;
         wanted.entry(shard).or_default().push(tensor);
     }
-    let root = dir.canonicalize().map_err(|e| EngineError::io(dir, e))?;
     let mut tensors: BTreeMap<String, TensorLocation> = BTreeMap::new();
     for (shard, names) in wanted {
-        let path = shard_path(dir, &root, shard).map_err(|message| {
+        let path = shard_path(dir, shard).map_err(|message| {
             bad(format!("tensor '{}': shard '{shard}' {message}", names.first().copied().unwrap_or_default()))
         })?;
         let found = read_header(&path)?;
@@ -167,20 +166,19 @@ fn read_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, TensorLocat
     Ok(tensors)
 }
 
-/// The path of one shard, refused unless it is a relative path of plain names that
-/// resolves (links followed) to a regular file inside the model folder `root`.
-fn shard_path(dir: &Path, root: &Path, shard: &str) -> Result<PathBuf, String> {
+/// The path of one shard, refused unless it is a relative path of plain names inside
+/// the model folder that resolves to a regular file. Links are followed wherever they
+/// lead: the Hugging Face cache links every file of `snapshots/<rev>/` to
+/// `../../blobs/`, and a link is something the user made, unlike an index entry
+/// (which is only refused from naming `..`, an absolute path, or a device).
+fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf, String> {
     use std::path::Component;
     let relative = Path::new(shard);
     if shard.is_empty() || !relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
         return Err("must be a relative path inside the model folder (no '..', no absolute path)".into());
     }
     let path = dir.join(relative);
-    let resolved = path.canonicalize().map_err(|e| format!("cannot be opened: {e}"))?;
-    if !resolved.starts_with(root) {
-        return Err(format!("leads out of the model folder (to {})", resolved.display()));
-    }
-    let metadata = std::fs::metadata(&resolved).map_err(|e| format!("cannot be opened: {e}"))?;
+    let metadata = std::fs::metadata(&path).map_err(|e| format!("cannot be opened: {e}"))?;
     if metadata.is_dir() {
         return Err("is a directory, not a safetensors file".into());
     }
