@@ -28,25 +28,29 @@ impl<'a> Engine<'a> {
             let (done_tx, done_rx) = mpsc::channel::<(u32, u32, u64, u64, Result<(), EngineError>)>();
             // One worker thread per lane of every resource, indexed like the graph's list.
             let mut senders: Vec<Vec<mpsc::Sender<u32>>> = Vec::new();
-            for spec in &graph.resources {
+            'spawn: for spec in &graph.resources {
                 let mut lanes = Vec::new();
                 for lane in 0..spec.lanes.max(1) {
                     let (tx, rx) = mpsc::channel::<u32>();
                     lanes.push(tx);
                     let done = done_tx.clone();
-                    std::thread::Builder::new()
-                        .name(format!("ferry-{}-{lane}", graph.resource_label(spec.resource)))
-                        .spawn_scoped(scope, move || {
-                            while let Ok(id) = rx.recv() {
-                                let start = clock.elapsed().as_nanos() as u64;
-                                let result = self.execute(id);
-                                let end = clock.elapsed().as_nanos() as u64;
-                                if done.send((id, lane, start, end, result)).is_err() {
-                                    return;
-                                }
+                    let name = format!("ferry-{}-{lane}", graph.resource_label(spec.resource));
+                    let spawned = std::thread::Builder::new().name(name.clone()).spawn_scoped(scope, move || {
+                        while let Ok(id) = rx.recv() {
+                            let start = clock.elapsed().as_nanos() as u64;
+                            let result = self.execute(id);
+                            let end = clock.elapsed().as_nanos() as u64;
+                            if done.send((id, lane, start, end, result)).is_err() {
+                                return;
                             }
-                        })
-                        .expect("spawn a worker");
+                        }
+                    });
+                    // The system refusing a thread ends the run with an error, not a panic
+                    // (nothing has been dispatched yet).
+                    if let Err(e) = spawned {
+                        failure = Some(EngineError::io(std::path::Path::new(&format!("thread {name}")), e));
+                        break 'spawn;
+                    }
                 }
                 senders.push(lanes);
             }

@@ -251,9 +251,11 @@ impl<'a> Engine<'a> {
                 if task.piece == WHOLE_GROUP {
                     whole
                 } else {
-                    let p = weight_pieces(self.spec, group, task.layer as u64, whole.dtype, self.policy.chunk_bytes)
-                        [task.piece as usize];
-                    let view = whole.views.iter().find(|v| v.tensor == p.tensor).expect("tensor view");
+                    let pieces =
+                        weight_pieces(self.spec, group, task.layer as u64, whole.dtype, self.policy.chunk_bytes);
+                    let missing = || EngineError::Internal(format!("{}: no such piece in memory", task.label()));
+                    let p = *pieces.get(task.piece as usize).ok_or_else(missing)?;
+                    let view = whole.views.iter().find(|v| v.tensor == p.tensor).ok_or_else(missing)?;
                     let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
                     let start = view.offset + p.row_start as usize * row_bytes;
                     let recycler = self.recycler(task.layer);
