@@ -106,11 +106,6 @@ impl<'g> Dispatcher<'g> {
         }
     }
 
-    /// The resource index (position in the graph's `resources`) of `task`.
-    pub fn resource_of(&self, task: TaskId) -> usize {
-        self.queues[self.queue_of[task as usize] as usize].resource as usize
-    }
-
     /// Starts every task the rule allows now, lowest id first; `start(task, lane,
     /// resource index)` is called for each, after its memory has been acquired.
     pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32, usize)) {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 use crate::hardware::{Hardware, Interconnect};
-use crate::topology::{DeviceSlot, LinkKind, Place, Resource, Topology};
+use crate::topology::{DeviceSlot, LinkKind, Place};
 use crate::units::{bytes_serde, KIB, MIB};
 
 /// Where a profile's numbers came from: the honesty rule made a type.
@@ -336,31 +336,11 @@ impl Profile {
 
     /// Memory of device `device` (0 when the machine has no such device).
     pub fn device_memory(&self, device: u16) -> u64 {
-        self.device_slots().get(device as usize).map_or(0, |d| d.memory_bytes)
-    }
-
-    /// The link profiled for `from → to`, if any.
-    pub fn link(&self, from: Place, to: Place) -> Option<&LinkProfile> {
-        self.links.iter().find(|l| l.from == from && l.to == to)
-    }
-
-    /// The machine as places and links: every device on host 0 with a link each way
-    /// to it (PCIe, or loopback on unified memory), and every pair of devices linked
-    /// (a profiled link's kind, else through the host).
-    pub fn topology(&self) -> Topology {
-        let devices = self.device_slots();
-        let host_link = if self.unified_memory { LinkKind::Loopback } else { LinkKind::Pcie };
-        let mut links = Vec::new();
-        for d in 0..devices.len() as u16 {
-            let device = Place::Device(d);
-            links.push((Resource::link(Place::HOST, device), host_link));
-            links.push((Resource::link(device, Place::HOST), host_link));
-            for e in (0..devices.len() as u16).filter(|&e| e != d) {
-                let kind = self.link(device, Place::Device(e)).map_or(host_link, |l| l.kind);
-                links.push((Resource::link(device, Place::Device(e)), kind));
-            }
+        match (self.devices.is_empty(), device) {
+            (true, 0) => self.device_memory_bytes,
+            (true, _) => 0,
+            (false, d) => self.devices.get(d as usize).map_or(0, |slot| slot.memory_bytes),
         }
-        Topology { devices, unified_memory: self.unified_memory, links }
     }
 
     /// Scales every disk-read figure (alone and under compute) by `factor`: how a disk

@@ -186,26 +186,6 @@ pub struct DeviceSlot {
     pub memory_bytes: u64,
 }
 
-/// The places of a machine and the links between them, as a plan sees them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Topology {
-    pub devices: Vec<DeviceSlot>,
-    /// Devices and their hosts share one memory (the cpu backend, Jetson).
-    pub unified_memory: bool,
-    pub links: Vec<(Resource, LinkKind)>,
-}
-
-impl Topology {
-    pub fn device_count(&self) -> usize {
-        self.devices.len()
-    }
-
-    /// The kind of the link `from → to`, if the machine has one.
-    pub fn link_kind(&self, from: Place, to: Place) -> Option<LinkKind> {
-        self.links.iter().find(|(r, _)| *r == Resource::link(from, to)).map(|(_, k)| *k)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,18 @@ impl Stage {
     pub fn layers(&self) -> u64 {
         self.attention_weights.total()
     }
+
+    /// Where this stage's layer number `local` (0-based within the stage) lives; the
+    /// stage is number `index` of its policy.
+    pub fn placement(&self, index: u16, local: u64) -> LayerPlacement {
+        LayerPlacement {
+            stage: index,
+            device: self.device,
+            attention: self.attention_weights.tier_of(local),
+            mlp: self.mlp_weights.tier_of(local),
+            kv: self.kv_cache.tier_of(local),
+        }
+    }
 }
 
 /// Where one layer lives and runs: its stage's device and the tier of each thing.
@@ -105,6 +117,19 @@ pub struct LayerPlacement {
     pub attention: Tier,
     pub mlp: Tier,
     pub kv: Tier,
+}
+
+impl LayerPlacement {
+    /// Where a layer placed beyond every stage goes (a policy that places too few
+    /// layers fails validation; callers that skipped it get this, not a panic).
+    pub const UNPLACED: LayerPlacement =
+        LayerPlacement { stage: 0, device: 0, attention: Tier::Disk, mlp: Tier::Disk, kv: Tier::Disk };
+
+    /// Whether the layer is computed on the host where its weights live (llama.cpp's
+    /// split, when the policy turns it on): both weight groups are on the host.
+    pub fn computed_on_host(&self, split_enabled: bool) -> bool {
+        split_enabled && self.attention == Tier::Host && self.mlp == Tier::Host
+    }
 }
 
 #[cfg(test)]

@@ -197,8 +197,7 @@ impl Policy {
         }
         if self.compute_host_layers_on_host {
             for (layer, place) in self.layer_placements(layers).iter().enumerate() {
-                let host_layer = place.attention == Tier::Host && place.mlp == Tier::Host;
-                if host_layer && place.kv != Tier::Host {
+                if place.computed_on_host(true) && place.kv != Tier::Host {
                     return fail(format!(
                         "layer {layer} is computed on the host but its KV cache is on the {}; \
                          place the KV cache of host-computed layers on the host",
@@ -267,12 +266,6 @@ impl Policy {
         Ok(())
     }
 
-    /// Whether `layer` runs on the host (both weight groups there and the llama.cpp split on).
-    pub fn layer_on_host(&self, layer: u64) -> bool {
-        let place = self.placement_of(layer);
-        self.compute_host_layers_on_host && place.attention == Tier::Host && place.mlp == Tier::Host
-    }
-
     /// The stages of this policy: the listed ones, or one stage on device 0 with the
     /// top-level placement.
     pub fn stage_list(&self) -> std::borrow::Cow<'_, [Stage]> {
@@ -292,21 +285,9 @@ impl Policy {
     pub fn layer_placements(&self, layers: u64) -> Vec<LayerPlacement> {
         let mut out = Vec::with_capacity(layers as usize);
         for (index, stage) in self.stage_list().iter().enumerate() {
-            for local in 0..stage.layers() {
-                out.push(LayerPlacement {
-                    stage: index as u16,
-                    device: stage.device,
-                    attention: stage.attention_weights.tier_of(local),
-                    mlp: stage.mlp_weights.tier_of(local),
-                    kv: stage.kv_cache.tier_of(local),
-                });
-            }
+            out.extend((0..stage.layers()).map(|local| stage.placement(index as u16, local)));
         }
-        // A policy that places fewer layers fails `validate`; callers that skipped it
-        // get the rest on device 0's disk rather than an index out of range.
-        while (out.len() as u64) < layers {
-            out.push(LayerPlacement { stage: 0, device: 0, attention: Tier::Disk, mlp: Tier::Disk, kv: Tier::Disk });
-        }
+        out.resize(out.len().max(layers as usize), LayerPlacement::UNPLACED);
         out
     }
 
@@ -314,29 +295,22 @@ impl Policy {
     pub fn placement_of(&self, layer: u64) -> LayerPlacement {
         if self.stages.is_empty() {
             // One stage: no list to build (this runs per layer in the tuner's inner loop).
-            return LayerPlacement {
-                stage: 0,
+            return Stage {
                 device: 0,
-                attention: self.attention_weights.tier_of(layer),
-                mlp: self.mlp_weights.tier_of(layer),
-                kv: self.kv_cache.tier_of(layer),
-            };
+                attention_weights: self.attention_weights,
+                mlp_weights: self.mlp_weights,
+                kv_cache: self.kv_cache,
+            }
+            .placement(0, layer);
         }
         let mut first = 0;
         for (index, stage) in self.stages.iter().enumerate() {
             if layer < first + stage.layers() {
-                let local = layer - first;
-                return LayerPlacement {
-                    stage: index as u16,
-                    device: stage.device,
-                    attention: stage.attention_weights.tier_of(local),
-                    mlp: stage.mlp_weights.tier_of(local),
-                    kv: stage.kv_cache.tier_of(local),
-                };
+                return stage.placement(index as u16, layer - first);
             }
             first += stage.layers();
         }
-        LayerPlacement { stage: 0, device: 0, attention: Tier::Disk, mlp: Tier::Disk, kv: Tier::Disk }
+        LayerPlacement::UNPLACED
     }
 
     /// Devices the policy uses: 1 + the highest stage device.

@@ -226,10 +226,9 @@ impl<'a> Builder<'a> {
         self.hidden_producer[j as usize] = Some(producer);
     }
 
-    /// Whether `layer` is computed on the host (llama.cpp's split; `Policy::layer_on_host`).
+    /// Whether `layer` is computed on the host (llama.cpp's split; `LayerPlacement::computed_on_host`).
     pub(super) fn on_host(&self, layer: u32) -> bool {
-        let place = &self.placements[layer as usize];
-        self.policy.compute_host_layers_on_host && place.attention == Tier::Host && place.mlp == Tier::Host
+        self.placements[layer as usize].computed_on_host(self.policy.compute_host_layers_on_host)
     }
 
     /// The device a layer's stage runs on.

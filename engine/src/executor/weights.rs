@@ -161,7 +161,9 @@ impl<'a> Engine<'a> {
         j: u32,
     ) -> Result<Vec<Arc<Loaded>>, EngineError> {
         if let Some(resident) = self.resident.get(&(group_code(group), layer)) {
-            if self.weight_tier(group, layer as u64) == Tier::Device || self.policy.layer_on_host(layer as u64) {
+            let split = self.policy.compute_host_layers_on_host;
+            let on_host = self.placements.get(layer as usize).is_some_and(|p| p.computed_on_host(split));
+            if self.weight_tier(group, layer as u64) == Tier::Device || on_host {
                 return Ok(vec![Arc::clone(resident)]);
             }
         }
