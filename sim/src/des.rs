@@ -155,20 +155,16 @@ fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
     })
 }
 
-/// Replays `graph` with the durations of `cost`.
-pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimError> {
-    graph.check_fits()?;
-    let costs = cost.graph_costs(graph);
-    let task_count = graph.tasks.len();
-
-    // Bandwidth of every (curve, request size) the graph uses, by requests in flight,
-    // computed once: the event loop only indexes.
+/// Bandwidth of every (curve, request size) the graph uses, by requests in flight,
+/// computed once so the event loop only indexes: per task its row (`u32::MAX` for
+/// compute), per row the rates alone and while interfering compute runs.
+#[allow(clippy::type_complexity)]
+fn bandwidth_tables(graph: &TaskGraph, cost: &CostModel, costs: &[TaskCost]) -> (Vec<u32>, Vec<[Vec<f64>; 2]>) {
     let max_lanes = graph.resources.iter().map(|r| r.lanes).max().unwrap_or(1).max(1);
     // A graph uses a handful of distinct (curve, request size) pairs: a linear search beats hashing.
     let mut table_keys: Vec<(crate::cost::Curve, u64)> = Vec::new();
-    // Per key: bandwidth by requests in flight alone, and while interfering compute runs.
-    let mut bandwidth_tables: Vec<[Vec<f64>; 2]> = Vec::new();
-    let bandwidth_row: Vec<u32> = costs
+    let mut tables: Vec<[Vec<f64>; 2]> = Vec::new();
+    let rows = costs
         .iter()
         .map(|c| match *c {
             TaskCost::Transfer { curve, chunk_bytes, .. } => {
@@ -178,14 +174,24 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
                     None => {
                         table_keys.push(key);
                         let table = |curve| (1..=max_lanes).map(|n| cost.bandwidth(curve, chunk_bytes, n)).collect();
-                        bandwidth_tables.push([table(curve), table(cost.under_compute(curve))]);
-                        bandwidth_tables.len() as u32 - 1
+                        tables.push([table(curve), table(cost.under_compute(curve))]);
+                        tables.len() as u32 - 1
                     }
                 }
             }
             TaskCost::Compute { .. } => u32::MAX,
         })
         .collect();
+    (rows, tables)
+}
+
+/// Replays `graph` with the durations of `cost`.
+pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimError> {
+    graph.check_fits()?;
+    let costs = cost.graph_costs(graph);
+    let task_count = graph.tasks.len();
+
+    let (bandwidth_row, bandwidth_tables) = bandwidth_tables(graph, cost, &costs);
 
     let table = ResourceTable::new(graph, cost)?;
     let mut dispatcher = Dispatcher::new(graph);
