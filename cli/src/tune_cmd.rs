@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ferry_core::catalog::Catalog;
 use ferry_core::model::Dtype;
-use ferry_core::plan::{HardwareRef, Plan, PredictionNote, Schedule};
+use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
 use ferry_sim::tune::{tune_and_compare, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest};
@@ -163,7 +163,11 @@ pub fn run(args: TuneArgs) -> Result<()> {
     }
     let batch_size = result.best.workload.batch_size;
     let plan = Plan {
-        model: if std::path::Path::new(&args.model).exists() { args.model.clone() } else { model.name.clone() },
+        models: Models::target(if std::path::Path::new(&args.model).exists() {
+            args.model.clone()
+        } else {
+            model.name.clone()
+        }),
         hardware: hardware.clone(),
         workload: result.best.workload,
         policy: result.best.policy.clone(),

@@ -104,7 +104,7 @@ pub fn load_plan(catalog: &Catalog, path: &Path) -> Result<ResolvedPlan> {
 }
 
 pub fn resolve_plan(catalog: &Catalog, plan: Plan, base_dir: &Path) -> Result<ResolvedPlan> {
-    let (model, mut notes) = resolve_model(catalog, &plan.model, base_dir)?;
+    let (model, mut notes) = resolve_model(catalog, &plan.models.target, base_dir)?;
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ferry_core::plan::{HardwareRef, Plan, Schedule};
+use ferry_core::plan::{HardwareRef, Models, Plan, Schedule};
 use ferry_core::profile::Profile;
 use ferry_core::units::{format_bytes, MIB};
 use ferry_core::CoreError;
@@ -97,7 +97,7 @@ pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profil
         };
         let Ok(result) = tune(&request, &space) else { continue };
         let plan = Plan {
-            model: absolute(&options.model_dir),
+            models: Models::target(absolute(&options.model_dir)),
             hardware: HardwareRef {
                 profile: Some(absolute(&options.profile)),
                 device_memory: Some(profile.device_memory_bytes),

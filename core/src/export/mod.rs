@@ -110,7 +110,7 @@ mod fixtures {
     pub(super) fn plan(model: &ModelSpec) -> Plan {
         let layers = model.num_layers;
         Plan {
-            model: model.name.clone(),
+            models: crate::plan::Models::target(model.name.clone()),
             hardware: HardwareRef { gpu: Some("rtx3060".into()), ..HardwareRef::default() },
             workload: Workload { batch_size: 8, prompt_len: 128, gen_len: 16 },
             policy: Policy {

@@ -3,8 +3,8 @@
 //! schedule, transfer knobs). Plans are what `ferry tune` writes, `ferry simulate`
 //! predicts and `ferry run` executes.
 //!
-//! This file holds the plan itself and what it names besides the policy (`Schedule`,
-//! `Workload`, `HardwareRef`, `DeviceRef`, `PredictionNote`). Where layers live is in
+//! This file holds the plan itself and what it names besides the policy (`Models`,
+//! `Schedule`, `Workload`, `HardwareRef`, `DeviceRef`, `PredictionNote`). Where layers live is in
 //! `placement` (`Tier`, `TierCounts`, `Stage`, `LayerPlacement`), the tuner's knobs and
 //! their checks in `policy` (`Policy`). Everything is re-exported here, so callers
 //! name it `plan::X`.
@@ -117,17 +117,70 @@ pub struct PredictionNote {
     pub profile: String,
 }
 
-/// A complete, self-contained plan file.
+/// The models of a plan, by the role each plays. Today a plan has one, the `target`
+/// (the model whose tokens the run produces); a speculative plan adds a draft model and
+/// a mixture-of-experts plan its experts as further roles here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Models {
+    /// Catalog model name, or a path to a Hugging Face folder / config.json (relative
+    /// paths are relative to the plan file).
+    pub target: String,
+}
+
+impl Models {
+    pub fn target(name: impl Into<String>) -> Models {
+        Models { target: name.into() }
+    }
+}
+
+/// A complete, self-contained plan file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "PlanFile")]
 pub struct Plan {
-    /// Catalog model name, or a path to a Hugging Face folder / config.json.
-    pub model: String,
+    pub models: Models,
     pub hardware: HardwareRef,
     pub workload: Workload,
     pub policy: Policy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predicted: Option<PredictionNote>,
+}
+
+/// A plan as written in a file: `model: NAME` (what plans written before model roles
+/// say, and still the short way to write a one-model plan) means `models: {target:
+/// NAME}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanFile {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    models: Option<Models>,
+    hardware: HardwareRef,
+    workload: Workload,
+    policy: Policy,
+    #[serde(default)]
+    predicted: Option<PredictionNote>,
+}
+
+impl TryFrom<PlanFile> for Plan {
+    type Error = String;
+
+    fn try_from(file: PlanFile) -> std::result::Result<Plan, String> {
+        let models = match (file.model, file.models) {
+            (Some(name), None) => Models::target(name),
+            (None, Some(models)) => models,
+            (Some(_), Some(_)) => return Err("give either `model: NAME` or `models: {target: NAME}`, not both".into()),
+            (None, None) => return Err("missing field `models` (e.g. `models: {target: 13b}`)".into()),
+        };
+        Ok(Plan {
+            models,
+            hardware: file.hardware,
+            workload: file.workload,
+            policy: file.policy,
+            predicted: file.predicted,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -141,5 +194,52 @@ mod tests {
         }
         let err = Schedule::parse("zigzag").unwrap_err().to_string();
         assert!(err.contains("zigzag-block"), "{err}");
+    }
+
+    const REST: &str = "hardware: {gpu: rtx3060}
+workload: {batch_size: 1, prompt_len: 8, gen_len: 4}
+policy:
+  schedule: sequential
+  micro_batch_size: 1
+  num_micro_batches: 1
+  prefetch_depth: 0
+  attention_weights: {device: 40, host: 0, disk: 0}
+  mlp_weights: {device: 40, host: 0, disk: 0}
+  embeddings: device
+  head: device
+  kv_cache: {device: 40, host: 0, disk: 0}
+  host_attention: false
+  weight_dtype: f16
+  kv_dtype: f16
+  chunk_bytes: 4MiB
+  copy_streams: 1
+  io_queue_depth: 1
+  pinned_host_bytes: 0B
+";
+
+    fn parse(head: &str) -> std::result::Result<Plan, String> {
+        crate::yaml::from_yaml_str(&format!("{head}{REST}"), "plan.yaml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn model_shorthand_means_the_target_role() {
+        let short = parse("model: 13b\n").unwrap();
+        let roles = parse("models: {target: 13b}\n").unwrap();
+        assert_eq!(short, roles);
+        assert_eq!(short.models.target, "13b");
+        // Written back in the role form, which reads back the same.
+        let text = crate::yaml::to_yaml_string(&short).unwrap();
+        assert!(text.starts_with("models:\n  target: 13b\n"), "{text}");
+        assert_eq!(crate::yaml::from_yaml_str::<Plan>(&text, "again.yaml").unwrap(), short);
+    }
+
+    #[test]
+    fn model_roles_are_checked() {
+        let both = parse("model: 13b\nmodels: {target: 7b}\n").unwrap_err();
+        assert!(both.contains("not both"), "{both}");
+        let none = parse("").unwrap_err();
+        assert!(none.contains("models"), "{none}");
+        let unknown = parse("models: {target: 13b, drafter: 1b}\n").unwrap_err();
+        assert!(unknown.contains("drafter") && unknown.contains("target"), "{unknown}");
     }
 }
