@@ -206,11 +206,56 @@ pub struct TaskGraph {
     pub batch_size: u64,
     pub prompt_len: u64,
     pub gen_len: u64,
-    /// Decode steps present in the graph (a sampled graph may hold fewer than gen_len − 1).
-    pub steps: Vec<u32>,
+    /// The decoding rounds present in the graph, by ascending step (a sampled graph
+    /// holds the prefill and some decode steps, not all).
+    pub rounds: Vec<Round>,
+}
+
+/// One decoding round: every sequence processes `rows` new positions after `past`
+/// earlier ones and ends it with `tokens` more generated tokens. The prefill processes
+/// the prompt and yields the first token; a plain decode step processes the last
+/// token and yields the next. A speculative verification would process a draft's
+/// guesses and yield those accepted plus one, so tokens per round are data, not 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Round {
+    /// The tasks' `step`: 0 is the prefill.
+    pub step: u32,
+    pub past: u32,
+    pub rows: u32,
+    pub tokens: u32,
+}
+
+impl Round {
+    /// Round `step` of plain decoding: the prefill (step 0), then one token per step.
+    pub fn decoding(workload: &crate::plan::Workload, step: u32) -> Round {
+        let prompt = workload.prompt_len as u32;
+        if step == 0 {
+            Round { step, past: 0, rows: prompt, tokens: 1 }
+        } else {
+            Round { step, past: prompt + step - 1, rows: 1, tokens: 1 }
+        }
+    }
+
+    /// Attention context at the end of the round.
+    pub fn context(&self) -> u32 {
+        self.past + self.rows
+    }
 }
 
 impl TaskGraph {
+    /// The round a task's `step` belongs to.
+    pub fn round(&self, step: u32) -> Option<&Round> {
+        self.rounds.binary_search_by_key(&step, |r| r.step).ok().map(|i| &self.rounds[i])
+    }
+
+    /// Whether the graph holds every round of its generation (steps 0, 1, … with
+    /// `gen_len` tokens in all), as a run needs; a sampled graph does not.
+    pub fn is_complete(&self) -> bool {
+        let contiguous = self.rounds.iter().enumerate().all(|(i, r)| r.step as usize == i);
+        let tokens: u64 = self.rounds.iter().map(|r| r.tokens as u64).sum();
+        contiguous && tokens == self.gen_len
+    }
+
     /// The pool of `place`; every place a task acquires memory in has one.
     pub fn pool(&self, pool: Pool) -> &PoolSpec {
         &self.pools[self.pool_index(pool)]
@@ -276,11 +321,24 @@ impl TaskGraph {
 
     /// Checks the structural invariants; a failure here is a bug in the lowering.
     pub fn validate(&self) -> Result<()> {
+        self.validate_rounds()?;
         let resource_of = self.task_resource_indices();
         let pool_keys = self.pool_keys();
-        // One pass: program order, resources, and the bytes each pool acquires and releases.
+        // One pass: program order, rounds, resources, and the bytes each pool acquires
+        // and releases. Rounds are lowered one after another, so tasks' steps ascend.
         let mut balance = vec![(0u64, 0u64); self.pools.len()];
+        let mut round = 0;
         for (id, task) in self.tasks.iter().enumerate() {
+            while round < self.rounds.len() && self.rounds[round].step < task.step {
+                round += 1;
+            }
+            if self.rounds.get(round).is_none_or(|r| r.step != task.step) {
+                return Err(CoreError::invalid(format!(
+                    "task {id} ({}) belongs to step {}, which is not among the graph's rounds or comes out of order",
+                    task.label(),
+                    task.step
+                )));
+            }
             if let Some(dep) = task.deps.iter().find(|&&d| d as usize >= id) {
                 return Err(CoreError::invalid(format!("task {id} ({}) depends on later task {dep}", task.label())));
             }
@@ -316,6 +374,23 @@ impl TaskGraph {
                     format_bytes(released)
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// Rounds ascend by step from the prefill, and each processes and yields something.
+    fn validate_rounds(&self) -> Result<()> {
+        if self.rounds.first().is_none_or(|r| r.step != 0) {
+            return Err(CoreError::invalid("a task graph starts with its prefill round (step 0)"));
+        }
+        if self.rounds.windows(2).any(|w| w[0].step >= w[1].step) {
+            return Err(CoreError::invalid("a task graph's rounds must ascend by step"));
+        }
+        if let Some(r) = self.rounds.iter().find(|r| r.rows == 0 || r.tokens == 0) {
+            return Err(CoreError::invalid(format!(
+                "round {} processes {} positions and yields {} tokens; both must be at least 1",
+                r.step, r.rows, r.tokens
+            )));
         }
         Ok(())
     }

@@ -125,8 +125,23 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
     let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
     let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err().to_string();
     assert!(err.contains("the plan reads weights as bf16"), "{err}");
-    // Token ids outside the vocabulary.
+    // A sampled graph (not every round) is for the simulator only.
     policy.weight_dtype = Dtype::F32;
+    let long = Workload { gen_len: 20, ..workload };
+    let sampled = lower(&policy, &spec, &long, &profile, &Steps::Only(vec![1, 2, 9])).unwrap();
+    assert!(!sampled.is_complete());
+    let err = run(&sampled, &policy, &long, &files, &CpuBackend, &options).unwrap_err().to_string();
+    assert!(err.contains("complete graphs"), "{err}");
+    // A round that yields two tokens needs a verifier the engine does not have.
+    let mut graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+    graph.rounds[1].tokens = 2;
+    graph.gen_len += 1;
+    assert!(graph.is_complete() && graph.validate().is_ok());
+    let three = Workload { gen_len: 3, ..workload };
+    let err = run(&graph, &policy, &three, &files, &CpuBackend, &options).unwrap_err();
+    assert!(matches!(err, EngineError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("round 1") && err.to_string().contains("yields 2 token(s)"), "{err}");
+    // Token ids outside the vocabulary.
     let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
     let bad = RunOptions { prompts: vec![vec![1, 2, 3, 4], vec![5, 6, 7, 9999]], ..options };
     let err = run(&graph, &policy, &workload, &files, &CpuBackend, &bad).unwrap_err().to_string();

@@ -53,9 +53,9 @@ impl Builder<'_> {
         let at = (layer, j, step);
         let device = self.device_of(layer);
         let kv_tier = self.kv_tier(layer);
-        let past_kv = self.kv_bytes(self.context(step) - self.new_tokens(step));
+        let past_kv = self.kv_bytes(self.context() - self.new_tokens());
         let attn_bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
-        let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
+        let (qkv_flops, core_flops, out_flops) = self.attention_flops();
         let hidden = self.hidden_on(device, j, step, layer);
         let (qkv_params, _) = self.model.attention_split_params();
         let qkv_share = attn_bytes * qkv_params / self.model.params().attention_per_layer.max(1);
@@ -63,12 +63,12 @@ impl Builder<'_> {
         qkv.deps.extend(hidden);
         qkv.deps.extend(inputs.weights_ready);
         let qkv_id = self.push(qkv);
-        let rows = self.rows(step);
+        let rows = self.rows();
         let qkv_bytes = rows * 4 * (self.model.hidden_size + 2 * self.model.kv_dim());
         let mut down = Builder::activation_copy(device, Place::HOST, at, qkv_bytes);
         down.deps.push(qkv_id);
         let down_id = self.push(down);
-        let kv_read = self.kv_bytes(self.context(step));
+        let kv_read = self.kv_bytes(self.context());
         let mut core = self.compute_task(Place::HOST, Op::AttnCore, at, core_flops, kv_read);
         core.deps.push(down_id);
         if kv_tier == Tier::Disk && past_kv > 0 {
@@ -81,8 +81,7 @@ impl Builder<'_> {
         }
         let core_id = self.push(core);
         if kv_tier == Tier::Disk {
-            let mut write =
-                self.kv_transfer(TaskKind::DiskWrite, Resource::DISK, at, self.kv_bytes(self.new_tokens(step)));
+            let mut write = self.kv_transfer(TaskKind::DiskWrite, Resource::DISK, at, self.kv_bytes(self.new_tokens()));
             write.deps.push(core_id);
             let write_id = self.push(write);
             self.last_kv_store.insert((layer, j), write_id);
@@ -106,10 +105,10 @@ impl Builder<'_> {
     fn device_attention(&mut self, step: u32, layer: u32, j: u32, inputs: &AttentionInputs) -> TaskId {
         let device = self.device_of(layer);
         let attn_bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
-        let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
+        let (qkv_flops, core_flops, out_flops) = self.attention_flops();
         let hidden = self.hidden_on(device, j, step, layer);
         let (kv_ready, release_kv) = self.load_past_kv(step, layer, j, inputs.kv_gate);
-        let kv_read = self.kv_bytes(self.context(step));
+        let kv_read = self.kv_bytes(self.context());
         let flops = qkv_flops + core_flops + out_flops;
         let mut task = self.compute_task(device, Op::Attention, (layer, j, step), flops, attn_bytes + kv_read);
         task.deps.extend(hidden);
@@ -133,7 +132,7 @@ impl Builder<'_> {
     fn load_past_kv(&mut self, step: u32, layer: u32, j: u32, kv_gate: &[TaskId]) -> (Vec<TaskId>, u64) {
         let at = (layer, j, step);
         let kv_tier = self.kv_tier(layer);
-        let past_kv = self.kv_bytes(self.context(step) - self.new_tokens(step));
+        let past_kv = self.kv_bytes(self.context() - self.new_tokens());
         if kv_tier == Tier::Device || past_kv == 0 {
             return (Vec::new(), 0);
         }
@@ -167,7 +166,7 @@ impl Builder<'_> {
             return;
         }
         let at = (layer, j, step);
-        let new_kv = self.kv_bytes(self.new_tokens(step));
+        let new_kv = self.kv_bytes(self.new_tokens());
         let mut store_deps = vec![after];
         if !self.unified {
             let mut store =
@@ -187,9 +186,9 @@ impl Builder<'_> {
     /// A layer computed where its weights live, on the host (llama.cpp's split).
     pub(super) fn attention_on_host_layer(&mut self, step: u32, layer: u32, j: u32) -> TaskId {
         let hidden = self.hidden_on(Place::HOST, j, step, layer);
-        let (qkv_flops, core_flops, out_flops) = self.attention_flops(step);
-        let bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype)
-            + self.kv_bytes(self.context(step));
+        let (qkv_flops, core_flops, out_flops) = self.attention_flops();
+        let bytes =
+            self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype) + self.kv_bytes(self.context());
         let flops = qkv_flops + core_flops + out_flops;
         let mut task = self.compute_task(Place::HOST, Op::Attention, (layer, j, step), flops, bytes);
         task.deps.extend(hidden);

@@ -3,7 +3,7 @@
 
 use super::attention::AttentionInputs;
 use super::weight_pieces;
-use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
+use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Round, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
 use crate::model::{ModelSpec, WeightGroup};
 use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 
@@ -23,6 +23,8 @@ pub(super) struct Builder<'a> {
     /// Where every layer lives and runs (its stage's device and tiers).
     pub(super) placements: Vec<LayerPlacement>,
     pub(super) tasks: Vec<Task>,
+    /// The round being lowered.
+    pub(super) round: Round,
     /// Per device: the last compute task of every visit on it so far, for prefetch
     /// gates. Prefetch is a device's own pipeline: with several stages, a gate on a
     /// visit of another device would let a later visit's loads take this device's
@@ -68,6 +70,7 @@ impl<'a> Builder<'a> {
             workload,
             unified,
             placements,
+            round: Round::decoding(workload, 0),
             tasks: Vec::new(),
             visit_done: Vec::new(),
             hidden_producer: vec![None; micro_batches],
@@ -117,16 +120,14 @@ impl<'a> Builder<'a> {
         }
     }
 
-    pub(super) fn new_tokens(&self, step: u32) -> u64 {
-        if step == 0 {
-            self.workload.prompt_len
-        } else {
-            1
-        }
+    /// New positions per sequence in the round being lowered.
+    pub(super) fn new_tokens(&self) -> u64 {
+        self.round.rows as u64
     }
 
-    pub(super) fn context(&self, step: u32) -> u64 {
-        self.workload.prompt_len + step as u64
+    /// Attention context per sequence at the end of the round being lowered.
+    pub(super) fn context(&self) -> u64 {
+        self.round.context() as u64
     }
 
     pub(super) fn layer_major(&self) -> bool {
@@ -153,7 +154,10 @@ impl<'a> Builder<'a> {
         }
     }
 
-    pub(super) fn step(&mut self, step: u32) {
+    /// Emits the tasks of one decoding round.
+    pub(super) fn round(&mut self, round: Round) {
+        self.round = round;
+        let step = round.step;
         let micro_batches = self.policy.num_micro_batches as u32;
         let layers = self.model.num_layers as u32;
         if self.layer_major() {
@@ -177,8 +181,8 @@ impl<'a> Builder<'a> {
         }
     }
 
-    pub(super) fn rows(&self, step: u32) -> u64 {
-        self.policy.micro_batch_size * self.new_tokens(step)
+    pub(super) fn rows(&self) -> u64 {
+        self.policy.micro_batch_size * self.new_tokens()
     }
 
     /// A compute task for (`layer`, micro-batch `j`, `step`) with its FLOPs and bytes read.
@@ -194,8 +198,8 @@ impl<'a> Builder<'a> {
             Builder::new_task(TaskKind::Compute, Resource::compute(at), Payload::Compute { op }, layer, j, step);
         task.flops = flops;
         task.bytes = bytes;
-        task.tokens = self.rows(step) as u32;
-        task.context = self.context(step) as u32;
+        task.tokens = self.rows() as u32;
+        task.context = self.context() as u32;
         task
     }
 
@@ -211,7 +215,7 @@ impl<'a> Builder<'a> {
         }
         let mut copy =
             Builder::new_task(TaskKind::Copy, Resource::link(from, place), Payload::Activations, layer, j, step);
-        copy.bytes = self.rows(step) * self.model.activation_bytes_per_token();
+        copy.bytes = self.rows() * self.model.activation_bytes_per_token();
         copy.chunk_bytes = copy.bytes.max(1);
         copy.pinned = true;
         copy.deps.extend(self.hidden_producer[index]);
@@ -251,7 +255,7 @@ impl<'a> Builder<'a> {
             Tier::Device => Place::Device(self.policy.first_device()),
             _ => Place::HOST,
         };
-        let rows = self.rows(step);
+        let rows = self.rows();
         let bytes = rows * self.model.hidden_size * self.policy.weight_dtype.bits() / 8;
         let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
         task.deps.extend(self.last_head[j as usize]);
@@ -372,7 +376,7 @@ impl<'a> Builder<'a> {
             attention_tasks.push(attn_done);
             // MLP.
             let side = if on_host { Place::HOST } else { self.device_of(layer) };
-            let rows = self.rows(step);
+            let rows = self.rows();
             let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
             let bytes = self.model.mlp_bytes_read(rows, self.policy.weight_dtype);
             let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
@@ -402,11 +406,10 @@ impl<'a> Builder<'a> {
         self.model.kv_bytes_per_token_per_layer(self.policy.kv_dtype) * self.policy.micro_batch_size * tokens
     }
 
-    pub(super) fn attention_flops(&self, step: u32) -> (u64, u64, u64) {
-        let rows = self.rows(step);
+    pub(super) fn attention_flops(&self) -> (u64, u64, u64) {
+        let rows = self.rows();
         let (qkv_params, out_params) = self.model.attention_split_params();
-        let core =
-            self.policy.micro_batch_size * self.model.attention_core_flops(self.new_tokens(step), self.context(step));
+        let core = self.policy.micro_batch_size * self.model.attention_core_flops(self.new_tokens(), self.context());
         (2 * rows * qkv_params, core, 2 * rows * out_params)
     }
 }

@@ -1,7 +1,8 @@
 //! Lowering: a plan's policy, a model and a workload become a `TaskGraph` — the
 //! graph the simulator replays and the engine executes.
 //!
-//! Program order is the order of compute: for each step (0 = prefill), the layer
+//! Program order is the order of compute: for each round (`Round`; step 0 = the
+//! prefill, then one decode step per generated token), the layer
 //! *visits* in schedule order — micro-batch-major for `sequential` and
 //! `layer-prefetch` (each micro-batch walks every layer, reloading streamed weights),
 //! layer-major for `zigzag-block` and `pipelined` (each layer serves every
@@ -33,7 +34,7 @@ mod builder;
 mod resources;
 
 use crate::error::{CoreError, Result};
-use crate::graph::{Place, PoolSpec, TaskGraph};
+use crate::graph::{Place, PoolSpec, Round, TaskGraph};
 use crate::model::{ModelSpec, WeightGroup};
 use crate::plan::{Policy, Workload};
 use crate::profile::Profile;
@@ -142,9 +143,10 @@ pub fn lower(
     // vector's regrowth copies, which the tuner pays on every candidate it simulates.
     let per_step = (model.num_layers * 6 + 4) * policy.num_micro_batches;
     builder.tasks.reserve((per_step * (decode_steps.len() as u64 + 1)).min(1 << 24) as usize);
-    builder.step(0);
-    for &step in &decode_steps {
-        builder.step(step);
+    let rounds: Vec<Round> =
+        std::iter::once(0).chain(decode_steps).map(|step| Round::decoding(workload, step)).collect();
+    for &round in &rounds {
+        builder.round(round);
     }
     let graph = TaskGraph {
         pools: builder.pools(profile),
@@ -153,8 +155,62 @@ pub fn lower(
         batch_size: workload.batch_size,
         prompt_len: workload.prompt_len,
         gen_len: workload.gen_len,
-        steps: std::iter::once(0).chain(decode_steps).collect(),
+        rounds,
     };
     graph.validate()?;
     Ok(graph)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::hardware::Hardware;
+    use crate::model::Dtype;
+
+    fn tiny_graph(workload: &Workload, steps: &Steps) -> TaskGraph {
+        let catalog = Catalog::builtin().unwrap();
+        let model = catalog.model("test-tiny").unwrap().value;
+        let profile = Profile::from_datasheet(&Hardware {
+            gpu: catalog.gpu("cpu").unwrap().value,
+            host: catalog.host("ferry-ci-vm").unwrap().value,
+        });
+        let policy = Policy::all_on_device(model.num_layers, 1, Dtype::F32);
+        lower(&policy, &model, workload, &profile, steps).unwrap()
+    }
+
+    #[test]
+    fn plain_decoding_is_a_prefill_then_one_token_per_round() {
+        let workload = Workload { batch_size: 1, prompt_len: 5, gen_len: 4 };
+        let graph = tiny_graph(&workload, &Steps::All);
+        let rounds: Vec<(u32, u32, u32, u32)> =
+            graph.rounds.iter().map(|r| (r.step, r.past, r.rows, r.tokens)).collect();
+        assert_eq!(rounds, [(0, 0, 5, 1), (1, 5, 1, 1), (2, 6, 1, 1), (3, 7, 1, 1)]);
+        assert!(graph.is_complete());
+        // Compute tasks carry their round's rows and context.
+        let last = graph.tasks.iter().rev().find(|t| t.kind == crate::graph::TaskKind::Compute).unwrap();
+        assert_eq!((last.step, last.tokens, last.context), (3, 1, 8));
+        let long = Workload { gen_len: 40, ..workload };
+        let sampled = tiny_graph(&long, &Steps::Only(vec![1, 2, 30]));
+        assert_eq!(sampled.rounds.iter().map(|r| r.step).collect::<Vec<_>>(), [0, 1, 2, 30]);
+        assert!(!sampled.is_complete());
+        assert_eq!(sampled.round(30).map(|r| r.past), Some(34));
+        assert!(sampled.round(3).is_none());
+    }
+
+    #[test]
+    fn graphs_whose_rounds_disagree_with_their_tasks_are_refused() {
+        let workload = Workload { batch_size: 1, prompt_len: 5, gen_len: 3 };
+        let mut graph = tiny_graph(&workload, &Steps::All);
+        graph.rounds.remove(1);
+        let err = graph.validate().unwrap_err().to_string();
+        assert!(err.contains("step 1") && err.contains("not among the graph's rounds"), "{err}");
+        let mut graph = tiny_graph(&workload, &Steps::All);
+        graph.rounds[2].tokens = 0;
+        let err = graph.validate().unwrap_err().to_string();
+        assert!(err.contains("round 2") && err.contains("at least 1"), "{err}");
+        let mut graph = tiny_graph(&workload, &Steps::All);
+        graph.rounds.swap(1, 2);
+        assert!(graph.validate().unwrap_err().to_string().contains("ascend"));
+    }
 }

@@ -86,6 +86,8 @@ impl<'a> Engine<'a> {
     pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
         let new = self.new_tokens(task.step);
+        let past = self.past(task.step);
+        let prompt_len = self.workload.prompt_len as usize;
         let table = self.resident_group(WeightGroup::Embeddings);
         let blocks = Engine::matrix(std::slice::from_ref(&table), 0);
         let (_, matrix) = blocks.first().ok_or_else(|| EngineError::Internal("no embeddings".into()))?;
@@ -94,9 +96,13 @@ impl<'a> Engine<'a> {
         let mut hidden = vec![0.0f32; self.policy.micro_batch_size as usize * new * h];
         for (i, seq) in self.sequences(task.micro_batch).enumerate() {
             for t in 0..new {
-                let token =
-                    if task.step == 0 { self.options.prompts[seq][t] } else { tokens[seq][task.step as usize - 1] }
-                        as usize;
+                // The token at position past + t: the prompt's, then the generated ones.
+                let position = past + t;
+                let token = if position < prompt_len {
+                    self.options.prompts[seq][position]
+                } else {
+                    tokens[seq][position - prompt_len]
+                } as usize;
                 let src = &matrix.bytes[token * row_bytes..(token + 1) * row_bytes];
                 self.backend.decode(matrix.dtype, src, &mut hidden[(i * new + t) * h..(i * new + t + 1) * h]);
             }

@@ -211,11 +211,36 @@ fn check_plan(
             spec.max_position_embeddings
         )));
     }
-    if graph.steps.len() as u64 != workload.gen_len {
-        return Err(EngineError::Internal("the engine runs full graphs (every decode step)".into()));
-    }
+    check_rounds(graph)?;
     // The budget: nothing starts unless every pool can hold its resident set and each task.
     graph.check_fits()?;
+    Ok(())
+}
+
+/// The engine runs complete graphs (every round) of plain decoding: each round's
+/// positions follow the previous round's, and each yields one token per sequence
+/// from its last row. Rounds that yield several tokens need a verifier (speculative
+/// decoding), which the engine does not have yet.
+fn check_rounds(graph: &TaskGraph) -> Result<(), EngineError> {
+    if !graph.is_complete() {
+        return Err(EngineError::Internal(
+            "the engine runs complete graphs (every round of the generation), not sampled ones".into(),
+        ));
+    }
+    let mut next_position = 0;
+    for round in &graph.rounds {
+        if round.past != next_position || round.tokens != 1 {
+            return Err(EngineError::Unsupported(format!(
+                "round {} processes positions {}..{} and yields {} token(s); the engine decodes one token per \
+                 round after the positions before it (rounds yielding several tokens need speculative decoding)",
+                round.step,
+                round.past,
+                round.context(),
+                round.tokens
+            )));
+        }
+        next_position = round.context();
+    }
     Ok(())
 }
 
@@ -368,20 +393,15 @@ impl<'a> Engine<'a> {
         layer as usize * self.policy.num_micro_batches as usize + j as usize
     }
 
+    /// New positions per sequence in round `step` (a complete graph's rounds are
+    /// indexed by step, checked before the run).
     pub(super) fn new_tokens(&self, step: u32) -> usize {
-        if step == 0 {
-            self.workload.prompt_len as usize
-        } else {
-            1
-        }
+        self.graph.rounds[step as usize].rows as usize
     }
 
+    /// Earlier positions per sequence before round `step`.
     pub(super) fn past(&self, step: u32) -> usize {
-        if step == 0 {
-            0
-        } else {
-            self.workload.prompt_len as usize + step as usize - 1
-        }
+        self.graph.rounds[step as usize].past as usize
     }
 
     pub(super) fn sequences(&self, j: u32) -> std::ops::Range<usize> {

@@ -95,7 +95,7 @@ pub fn graph(tasks: Vec<Task>, device_bytes: u64, host_bytes: u64, lanes: u32) -
         batch_size: 1,
         prompt_len: 1,
         gen_len: 1,
-        steps: vec![0],
+        rounds: vec![Round { step: 0, past: 0, rows: 1, tokens: 1 }],
     }
 }
 
