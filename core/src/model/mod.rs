@@ -82,6 +82,30 @@ pub enum WeightGroup {
     Head,
 }
 
+impl WeightGroup {
+    /// The groups every layer has, each placed on its own tier and loaded by its own
+    /// transfer. Lowering, memory accounting and the engine iterate over this list,
+    /// so a new per-layer group (an MoE router, experts, a shared expert) is a variant
+    /// here, its tensors (`ModelSpec::group_tensors`), its parameters, its tier in
+    /// `LayerPlacement::tier` and its compute — the schedulers do not change.
+    pub const PER_LAYER: [WeightGroup; 2] = [WeightGroup::Attention, WeightGroup::Mlp];
+
+    /// How reports name the group ("resident MLP weights").
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightGroup::Attention => "attention",
+            WeightGroup::Mlp => "MLP",
+            WeightGroup::Embeddings => "embeddings",
+            WeightGroup::Head => "head",
+        }
+    }
+
+    /// Position of a per-layer group in `PER_LAYER` (`None` for embeddings and head).
+    pub fn layer_slot(self) -> Option<usize> {
+        WeightGroup::PER_LAYER.iter().position(|&g| g == self)
+    }
+}
+
 /// A decoder-only transformer described by shape alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -489,14 +513,30 @@ mod tests {
             let m = model(name);
             let p = m.params();
             let sum = |g| m.group_tensors(g, 0).iter().map(TensorSpec::elements).sum::<u64>();
+            // The per-layer groups hold every tensor of a layer, each once.
             assert_eq!(
-                sum(WeightGroup::Attention) + sum(WeightGroup::Mlp),
+                WeightGroup::PER_LAYER.into_iter().map(sum).sum::<u64>(),
                 p.attention_per_layer + p.mlp_per_layer + p.norms_per_layer,
                 "{name}"
             );
+            let mut names: Vec<String> =
+                WeightGroup::PER_LAYER.into_iter().flat_map(|g| m.group_tensors(g, 0)).map(|t| t.name).collect();
+            let count = names.len();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), count, "{name}: a tensor in two groups");
             assert_eq!(sum(WeightGroup::Embeddings), p.embeddings, "{name}");
             assert_eq!(sum(WeightGroup::Head), p.head, "{name}");
         }
+    }
+
+    #[test]
+    fn per_layer_groups_know_their_slots() {
+        for (slot, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
+            assert_eq!(group.layer_slot(), Some(slot));
+        }
+        assert_eq!(WeightGroup::Embeddings.layer_slot(), None);
+        assert_eq!(WeightGroup::Head.layer_slot(), None);
     }
 
     #[test]

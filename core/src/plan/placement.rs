@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::WeightGroup;
+
 /// A memory tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -124,6 +126,16 @@ impl LayerPlacement {
     /// layers fails validation; callers that skipped it get this, not a panic).
     pub const UNPLACED: LayerPlacement =
         LayerPlacement { stage: 0, device: 0, attention: Tier::Disk, mlp: Tier::Disk, kv: Tier::Disk };
+
+    /// The tier of one of the layer's weight groups (`WeightGroup::PER_LAYER`);
+    /// embeddings and head are placed by the policy, not per layer.
+    pub fn tier(&self, group: WeightGroup) -> Tier {
+        match group {
+            WeightGroup::Attention => self.attention,
+            WeightGroup::Mlp => self.mlp,
+            WeightGroup::Embeddings | WeightGroup::Head => Tier::Disk,
+        }
+    }
 
     /// Whether the layer is computed on the host where its weights live (llama.cpp's
     /// split, when the policy turns it on): both weight groups are on the host.

@@ -35,8 +35,9 @@ pub(super) struct Builder<'a> {
     pub(super) hidden_side: Vec<Place>,
     /// Per micro-batch: the head task of the previous step (the sampled token).
     pub(super) last_head: Vec<Option<TaskId>>,
-    /// pinned[layer][0 = attention, 1 = MLP]: host-resident weights inside the pinned budget.
-    pub(super) pinned: Vec<[bool; 2]>,
+    /// pinned[layer][slot in `WeightGroup::PER_LAYER`]: host-resident weights inside
+    /// the pinned budget.
+    pub(super) pinned: Vec<[bool; WeightGroup::PER_LAYER.len()]>,
     pub(super) kv_pinned: bool,
     /// Last task that wrote KV of (layer, micro-batch) to where the cache lives: the next
     /// load of that cache must wait for it (a data dependency, not only a gate).
@@ -49,12 +50,11 @@ impl<'a> Builder<'a> {
         // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
         let mut pinned_left = policy.pinned_host_bytes;
         let placements = policy.layer_placements(model.num_layers);
-        let mut pinned = vec![[false; 2]; model.num_layers as usize];
+        let mut pinned = vec![[false; WeightGroup::PER_LAYER.len()]; model.num_layers as usize];
         for (flags, place) in pinned.iter_mut().zip(&placements) {
-            for (slot, group, tier) in [(0, WeightGroup::Attention, place.attention), (1, WeightGroup::Mlp, place.mlp)]
-            {
+            for (slot, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
                 let bytes = model.group_bytes(group, policy.weight_dtype);
-                if tier == Tier::Host && bytes <= pinned_left {
+                if place.tier(group) == Tier::Host && bytes <= pinned_left {
                     pinned_left -= bytes;
                     flags[slot] = true;
                 }
@@ -291,7 +291,7 @@ impl<'a> Builder<'a> {
         gate: &[TaskId],
     ) -> Loaded {
         let placement = self.placements[layer as usize];
-        let tier = if group == WeightGroup::Attention { placement.attention } else { placement.mlp };
+        let tier = placement.tier(group);
         let device = self.device_of(layer);
         if tier == Tier::Device || self.on_host(layer) {
             return Loaded::default();
@@ -308,7 +308,7 @@ impl<'a> Builder<'a> {
         } else {
             vec![(WHOLE_GROUP, bytes)]
         };
-        let slot = usize::from(group != WeightGroup::Attention);
+        let slot = group.layer_slot().unwrap_or(0);
         let payload = Payload::Weights { group };
         let mut loaded = Loaded { ready: Vec::new(), device_bytes: bytes };
         for (piece_index, piece) in pieces {

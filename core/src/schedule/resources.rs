@@ -45,24 +45,24 @@ impl Builder<'_> {
         let model = self.model;
         let wd = policy.weight_dtype;
         let devices = self.devices();
-        // Per device: resident attention, MLP and KV bytes.
-        let mut on_device = vec![[0u64; 3]; devices.len()];
+        // Per device: resident bytes of each per-layer weight group, then of the KV cache.
+        const KV: usize = WeightGroup::PER_LAYER.len();
+        let mut on_device = vec![[0u64; KV + 1]; devices.len()];
         let mut host_weights = 0;
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
             * self.workload.max_context();
         for place in &self.placements {
             let slot = devices.iter().position(|&d| d == place.device).unwrap_or(0);
-            for (index, group, tier) in [(0, WeightGroup::Attention, place.attention), (1, WeightGroup::Mlp, place.mlp)]
-            {
-                match tier {
+            for (index, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
+                match place.tier(group) {
                     Tier::Device => on_device[slot][index] += model.group_bytes(group, wd),
                     Tier::Host => host_weights += model.group_bytes(group, wd),
                     Tier::Disk => {}
                 }
             }
             if place.kv == Tier::Device {
-                on_device[slot][2] += kv_per_layer;
+                on_device[slot][KV] += kv_per_layer;
             }
         }
         let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
@@ -80,15 +80,21 @@ impl Builder<'_> {
                 PoolSpec {
                     pool: Place::Device(d),
                     capacity_bytes: pool_capacity(profile, Place::Device(d)),
-                    resident: vec![
-                        ("resident attention weights".into(), resident[0]),
-                        ("resident MLP weights".into(), resident[1]),
-                        ("embeddings".into(), if first { on(policy.embeddings, Tier::Device, embeddings) } else { 0 }),
-                        ("head".into(), if last { on(policy.head, Tier::Device, head) } else { 0 }),
-                        ("resident KV cache".into(), resident[2]),
-                        ("hidden states".into(), hidden_states),
-                        ("workspace".into(), workspace),
-                    ],
+                    resident: WeightGroup::PER_LAYER
+                        .iter()
+                        .zip(resident)
+                        .map(|(group, &bytes)| (format!("resident {} weights", group.name()), bytes))
+                        .chain([
+                            (
+                                "embeddings".into(),
+                                if first { on(policy.embeddings, Tier::Device, embeddings) } else { 0 },
+                            ),
+                            ("head".into(), if last { on(policy.head, Tier::Device, head) } else { 0 }),
+                            ("resident KV cache".into(), resident[KV]),
+                            ("hidden states".into(), hidden_states),
+                            ("workspace".into(), workspace),
+                        ])
+                        .collect(),
                 }
             })
             .collect();

@@ -265,7 +265,7 @@ impl<'a> Engine<'a> {
             }
         }
         for layer in 0..spec.num_layers {
-            for group in [WeightGroup::Attention, WeightGroup::Mlp] {
+            for group in WeightGroup::PER_LAYER {
                 for t in files.group(group, layer).tensors {
                     if !disk_files.contains_key(&t.file) {
                         disk_files
@@ -315,7 +315,7 @@ impl<'a> Engine<'a> {
             Arc::new(engine.read_group(WeightGroup::Head, 0, WHOLE_GROUP, None)?),
         );
         for layer in 0..spec.num_layers {
-            for group in [WeightGroup::Attention, WeightGroup::Mlp] {
+            for group in WeightGroup::PER_LAYER {
                 if engine.weight_tier(group, layer) != Tier::Disk {
                     resident.insert(
                         (group_code(group), layer as u32),
@@ -345,10 +345,9 @@ impl<'a> Engine<'a> {
 
     pub(super) fn weight_tier(&self, group: WeightGroup, layer: u64) -> Tier {
         match group {
-            WeightGroup::Attention => self.placements[layer as usize].attention,
-            WeightGroup::Mlp => self.placements[layer as usize].mlp,
             WeightGroup::Embeddings => self.policy.embeddings,
             WeightGroup::Head => self.policy.head,
+            layer_group => self.placements[layer as usize].tier(layer_group),
         }
     }
 
