@@ -189,7 +189,12 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         provenance: Provenance::Measured {
             machine: fingerprint(),
             date: today(),
-            backend: format!("cpu (profiled in {:.0} s)", started.elapsed().as_secs_f64()),
+            // Which few-row kernels ran: the kernel table holds their timings.
+            backend: format!(
+                "cpu, {} kernels (profiled in {:.0} s)",
+                kernels::simd_path().map_or("gemm-only", |p| p.name()),
+                started.elapsed().as_secs_f64()
+            ),
         },
         device_name: "cpu".into(),
         unified_memory: true,

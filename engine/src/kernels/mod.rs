@@ -1,11 +1,16 @@
 //! The arithmetic of a Llama-family decoder on the CPU, in f32: dtype conversion,
 //! RMSNorm, rotary embeddings, grouped-query attention over a cache, SwiGLU, linear
-//! layers (matrix products by the `gemm` crate over weights converted from bf16/f16
-//! one row block at a time, so a layer never exists twice in memory) and greedy
-//! sampling.
+//! layers (for few rows, `rows`: one pass over the stored weights with the CPU's
+//! vector instructions; for more, matrix products by the `gemm` crate over weights
+//! converted from bf16/f16 one row block at a time, so a layer never exists twice in
+//! memory) and greedy sampling.
+
+mod rows;
 
 use ferry_core::model::Dtype;
 use rayon::prelude::*;
+
+pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 
 /// Converts `bytes` of `dtype` to f32 into `out` (same element count).
 pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
@@ -69,6 +74,16 @@ const BLOCK_ELEMENTS: usize = 1 << 18;
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `x` of `m` rows × `w.cols`, where `out`
 /// has `out_stride` columns. Row blocks of `w` are converted and multiplied in parallel.
 pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    if let Some(path) = simd_path().filter(|_| m <= MAX_ROWS) {
+        // Few rows (decoding): one pass over the stored weights beats converting them.
+        return linear_rows(path, x, m, w, out, out_stride, col0);
+    }
+    linear_converted(x, m, w, out, out_stride, col0);
+}
+
+/// `linear` through the GEMM: row blocks of `w` converted to f32 and multiplied in
+/// parallel (the path for many rows; public so benchmarks can compare the two).
+pub fn linear_converted(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
     let k = w.cols;
     debug_assert_eq!(x.len(), m * k);
     debug_assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride);
@@ -175,6 +190,14 @@ fn linear_block(
 }
 
 struct SendPtr(*mut f32);
+
+impl SendPtr {
+    /// Through a method, so closures capture the whole `SendPtr` (which is `Sync`),
+    /// not its raw-pointer field.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
