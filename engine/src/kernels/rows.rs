@@ -98,29 +98,52 @@ pub fn linear_rows(path: SimdPath, x: &[f32], m: usize, w: Matrix, out: &mut [f3
         (0..tasks).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
             let last = (first + ROWS_PER_TASK).min(w.rows);
-            let mut dots = [0.0f32; MAX_ROWS];
-            for j in first..last {
-                let row = &w.bytes[j * k * element..(j + 1) * k * element];
-                dot_rows(path, w.dtype, row, x, m, k, &mut dots);
-                for (i, &dot) in dots[..m].iter().enumerate() {
-                    // SAFETY: task `task` alone writes columns col0 + first .. col0 + last
-                    // of each row; the asserts above keep every index inside `out`.
-                    unsafe { *out_ptr.get().add(i * out_stride + col0 + j) = dot };
+            let mut dots = [[0.0f32; MAX_ROWS]; MAX_BLOCK];
+            let mut j = first;
+            while j < last {
+                let rows = &w.bytes[j * k * element..last * k * element];
+                let done = dot_block(path, w.dtype, rows, last - j, x, m, k, &mut dots);
+                for (r, row_dots) in dots[..done].iter().enumerate() {
+                    for (i, &dot) in row_dots[..m].iter().enumerate() {
+                        // SAFETY: task `task` alone writes columns col0 + first .. col0 + last
+                        // of each row; the asserts above keep every index inside `out`.
+                        unsafe { *out_ptr.get().add(i * out_stride + col0 + j + r) = dot };
+                    }
                 }
+                j += done;
             }
         })
     });
 }
 
-/// `dots[i] = x[i] · row` for the first `m` rows of `x`.
-fn dot_rows(path: SimdPath, dtype: Dtype, row: &[u8], x: &[f32], m: usize, k: usize, dots: &mut [f32; MAX_ROWS]) {
+/// The most weight rows one call of a vector kernel multiplies together.
+const MAX_BLOCK: usize = 4;
+
+/// `dots[r][i] = x[i] · w[r]` for a block of the `available` weight rows at the start
+/// of `rows` and the first `m` rows of `x`; returns how many weight rows it did.
+#[allow(clippy::too_many_arguments)]
+fn dot_block(
+    path: SimdPath,
+    dtype: Dtype,
+    rows: &[u8],
+    available: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
+) -> usize {
     match path {
-        // SAFETY: the path is only chosen when the CPU supports it (`linear_rows`).
+        // SAFETY: the path is only chosen when the CPU supports it (`linear_rows`), and
+        // `rows` holds `available` rows of k elements.
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx512 => unsafe { x86::dot_rows_avx512(dtype, row, x, m, k, dots) },
+        SimdPath::Avx512 => unsafe { x86::dot_block_avx512(dtype, rows, available, x, m, k, dots) },
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 => unsafe { x86::dot_rows_avx2(dtype, row, x, m, k, dots) },
-        _ => dot_rows_scalar(dtype, row, x, m, k, dots),
+        SimdPath::Avx2 => unsafe { x86::dot_block_avx2(dtype, rows, available, x, m, k, dots) },
+        _ => {
+            let row_bytes = rows.len() / available;
+            dot_row_scalar(dtype, &rows[..row_bytes], x, m, k, &mut dots[0]);
+            1
+        }
     }
 }
 
@@ -134,7 +157,7 @@ fn element(dtype: Dtype, row: &[u8], index: usize) -> f32 {
     }
 }
 
-fn dot_rows_scalar(dtype: Dtype, row: &[u8], x: &[f32], m: usize, k: usize, dots: &mut [f32; MAX_ROWS]) {
+fn dot_row_scalar(dtype: Dtype, row: &[u8], x: &[f32], m: usize, k: usize, dots: &mut [f32; MAX_ROWS]) {
     dots[..m].fill(0.0);
     for c in 0..k {
         let w = element(dtype, row, c);
@@ -146,161 +169,191 @@ fn dot_rows_scalar(dtype: Dtype, row: &[u8], x: &[f32], m: usize, k: usize, dots
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! The vector paths. Each loads a run of stored weights, widens it to f32 lanes
-    //! once and multiplies it into every row's accumulators. The row count is a const
-    //! parameter so the accumulators live in registers (a runtime count puts them on
-    //! the stack, which measured half the speed at two rows); `U` accumulators per row
-    //! keep `U` FMA chains in flight (one row alone would wait on each FMA's latency),
-    //! as many as the register file holds beside the weights. The tail (k not a
-    //! multiple of the vector) is done element by element.
+    //! The vector paths. A kernel multiplies a block of `R` weight rows by `M` rows of
+    //! x: each step loads one vector of every weight row (widened to f32 lanes once)
+    //! and one vector of every x row, and does the R × M FMAs between them. Loading x
+    //! once for R weight rows is what keeps several rows fast (x for eight rows is
+    //! larger than the L1 cache, so with R = 1 every FMA waited on an L2 load), and the
+    //! R × M accumulators are independent FMA chains. `M` and `R` are const parameters
+    //! so the accumulators live in registers; R is as large as the register file
+    //! allows beside the weight and x vectors. The tail (k not a multiple of the
+    //! vector) is done element by element.
 
     use std::arch::x86_64::*;
 
-    use super::{element, Dtype, MAX_ROWS};
+    use super::{element, Dtype, MAX_BLOCK, MAX_ROWS};
 
-    /// Calls `$f::<M, U>` for the runtime row count `$m` (1..=MAX_ROWS).
-    macro_rules! by_rows {
-        ($f:ident, $m:expr, $few:literal, $many:literal, $($arg:expr),*) => {
+    /// Calls `$f::<M, R>` for the runtime row count `$m`, with the block of weight rows
+    /// R each row count allows (`$r` lists them for M = 1..=8), or R = 1 when fewer
+    /// weight rows than that are left.
+    macro_rules! by_shape {
+        ($f:ident, $m:expr, $available:expr, [$($r:literal),*], $($arg:expr),*) => {{
+            let blocks: [usize; 8] = [$($r),*];
+            let m = $m;
+            let block = blocks[m - 1];
+            if $available >= block {
+                by_shape!(@rows $f, m, block, [$($r),*], $($arg),*)
+            } else {
+                by_shape!(@one $f, m, $($arg),*)
+            }
+        }};
+        (@rows $f:ident, $m:expr, $block:expr, [$r1:literal, $r2:literal, $r3:literal, $r4:literal,
+            $r5:literal, $r6:literal, $r7:literal, $r8:literal], $($arg:expr),*) => {
             match $m {
-                1 => $f::<1, $few>($($arg),*),
-                2 => $f::<2, $few>($($arg),*),
-                3 => $f::<3, $few>($($arg),*),
-                4 => $f::<4, $few>($($arg),*),
-                5 => $f::<5, $many>($($arg),*),
-                6 => $f::<6, $many>($($arg),*),
-                7 => $f::<7, $many>($($arg),*),
-                _ => $f::<8, $many>($($arg),*),
+                1 => $f::<1, $r1>($($arg),*),
+                2 => $f::<2, $r2>($($arg),*),
+                3 => $f::<3, $r3>($($arg),*),
+                4 => $f::<4, $r4>($($arg),*),
+                5 => $f::<5, $r5>($($arg),*),
+                6 => $f::<6, $r6>($($arg),*),
+                7 => $f::<7, $r7>($($arg),*),
+                _ => $f::<8, $r8>($($arg),*),
+            }
+        };
+        (@one $f:ident, $m:expr, $($arg:expr),*) => {
+            match $m {
+                1 => $f::<1, 1>($($arg),*),
+                2 => $f::<2, 1>($($arg),*),
+                3 => $f::<3, 1>($($arg),*),
+                4 => $f::<4, 1>($($arg),*),
+                5 => $f::<5, 1>($($arg),*),
+                6 => $f::<6, 1>($($arg),*),
+                7 => $f::<7, 1>($($arg),*),
+                _ => $f::<8, 1>($($arg),*),
             }
         };
     }
 
     /// # Safety
-    /// The CPU supports AVX-512F; `row` holds `k` elements of `dtype`, `x` holds m × k.
-    pub(super) unsafe fn dot_rows_avx512(
+    /// The CPU supports AVX-512F; `rows` holds `available` rows of `k` elements of
+    /// `dtype`; `x` holds m × k values, 1 ≤ m ≤ MAX_ROWS.
+    pub(super) unsafe fn dot_block_avx512(
         dtype: Dtype,
-        row: &[u8],
+        rows: &[u8],
+        available: usize,
         x: &[f32],
         m: usize,
         k: usize,
-        dots: &mut [f32; MAX_ROWS],
-    ) {
-        // 32 zmm registers: 8 rows × 2 chains + 2 weight vectors fit; 4 chains for few rows.
-        by_rows!(avx512, m, 4, 2, dtype, row, x, k, dots)
+        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
+    ) -> usize {
+        // 32 zmm registers hold M × R accumulators, R weight vectors and one x vector.
+        by_shape!(avx512, m, available, [4, 4, 4, 4, 4, 4, 3, 3], dtype, rows, x, k, dots)
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512<const M: usize, const U: usize>(
+    unsafe fn avx512<const M: usize, const R: usize>(
         dtype: Dtype,
-        row: &[u8],
+        rows: &[u8],
         x: &[f32],
         k: usize,
-        dots: &mut [f32; MAX_ROWS],
-    ) {
-        // 16 weights per vector, widened from their stored form (c + 16 ≤ k).
-        let load = |c: usize| -> __m512 {
+        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
+    ) -> usize {
+        let row_elements = k;
+        // 16 weights of row r from column c, widened from their stored form (c + 16 ≤ k).
+        let load = |r: usize, c: usize| -> __m512 {
+            let at = r * row_elements + c;
             match dtype {
-                Dtype::F32 => _mm512_loadu_ps(row.as_ptr().add(4 * c).cast()),
-                Dtype::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(2 * c).cast())),
+                Dtype::F32 => _mm512_loadu_ps(rows.as_ptr().add(4 * at).cast()),
+                Dtype::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(rows.as_ptr().add(2 * at).cast())),
                 _ => {
-                    let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(row.as_ptr().add(2 * c).cast()));
+                    let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(rows.as_ptr().add(2 * at).cast()));
                     _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16))
                 }
             }
         };
-        let mut acc = [[_mm512_setzero_ps(); U]; M];
+        let mut acc = [[_mm512_setzero_ps(); R]; M];
         let mut c = 0;
-        while c + 16 * U <= k {
-            let mut w = [_mm512_setzero_ps(); U];
-            for (u, v) in w.iter_mut().enumerate() {
-                *v = load(c + 16 * u);
-            }
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xr = x.as_ptr().add(i * k + c);
-                for u in 0..U {
-                    a[u] = _mm512_fmadd_ps(w[u], _mm512_loadu_ps(xr.add(16 * u)), a[u]);
-                }
-            }
-            c += 16 * U;
-        }
         while c + 16 <= k {
-            let w0 = load(c);
+            let mut w = [_mm512_setzero_ps(); R];
+            for (r, v) in w.iter_mut().enumerate() {
+                *v = load(r, c);
+            }
             for (i, a) in acc.iter_mut().enumerate() {
-                a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x.as_ptr().add(i * k + c)), a[0]);
+                let xv = _mm512_loadu_ps(x.as_ptr().add(i * k + c));
+                for (lane, &wv) in a.iter_mut().zip(&w) {
+                    *lane = _mm512_fmadd_ps(wv, xv, *lane);
+                }
             }
             c += 16;
         }
-        for (i, dot) in dots[..M].iter_mut().enumerate() {
-            let sum = acc[i][1..].iter().fold(acc[i][0], |s, &a| _mm512_add_ps(s, a));
-            *dot = _mm512_reduce_add_ps(sum);
-            for t in c..k {
-                *dot += element(dtype, row, t) * x[i * k + t];
+        for (r, row_dots) in dots[..R].iter_mut().enumerate() {
+            let row = &rows[r * k * element_size(dtype)..(r + 1) * k * element_size(dtype)];
+            for (i, dot) in row_dots[..M].iter_mut().enumerate() {
+                *dot = _mm512_reduce_add_ps(acc[i][r]);
+                for t in c..k {
+                    *dot += element(dtype, row, t) * x[i * k + t];
+                }
             }
         }
+        R
     }
 
     /// # Safety
-    /// The CPU supports AVX2, FMA and F16C; `row` holds `k` elements of `dtype`, `x`
-    /// holds m × k.
-    pub(super) unsafe fn dot_rows_avx2(
+    /// The CPU supports AVX2, FMA and F16C; `rows` holds `available` rows of `k`
+    /// elements of `dtype`; `x` holds m × k values, 1 ≤ m ≤ MAX_ROWS.
+    pub(super) unsafe fn dot_block_avx2(
         dtype: Dtype,
-        row: &[u8],
+        rows: &[u8],
+        available: usize,
         x: &[f32],
         m: usize,
         k: usize,
-        dots: &mut [f32; MAX_ROWS],
-    ) {
-        // 16 ymm registers: up to 4 rows × 2 chains + 2 weight vectors; one chain beyond.
-        by_rows!(avx2, m, 2, 1, dtype, row, x, k, dots)
+        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
+    ) -> usize {
+        // 16 ymm registers hold M × R accumulators, R weight vectors and one x vector.
+        by_shape!(avx2, m, available, [4, 4, 3, 2, 2, 1, 1, 1], dtype, rows, x, k, dots)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn avx2<const M: usize, const U: usize>(
+    unsafe fn avx2<const M: usize, const R: usize>(
         dtype: Dtype,
-        row: &[u8],
+        rows: &[u8],
         x: &[f32],
         k: usize,
-        dots: &mut [f32; MAX_ROWS],
-    ) {
-        // 8 weights per vector (c + 8 ≤ k).
-        let load = |c: usize| -> __m256 {
+        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
+    ) -> usize {
+        let row_elements = k;
+        // 8 weights of row r from column c (c + 8 ≤ k).
+        let load = |r: usize, c: usize| -> __m256 {
+            let at = r * row_elements + c;
             match dtype {
-                Dtype::F32 => _mm256_loadu_ps(row.as_ptr().add(4 * c).cast()),
-                Dtype::F16 => _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * c).cast())),
+                Dtype::F32 => _mm256_loadu_ps(rows.as_ptr().add(4 * at).cast()),
+                Dtype::F16 => _mm256_cvtph_ps(_mm_loadu_si128(rows.as_ptr().add(2 * at).cast())),
                 _ => {
-                    let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(row.as_ptr().add(2 * c).cast()));
+                    let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(rows.as_ptr().add(2 * at).cast()));
                     _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16))
                 }
             }
         };
-        let mut acc = [[_mm256_setzero_ps(); U]; M];
+        let mut acc = [[_mm256_setzero_ps(); R]; M];
         let mut c = 0;
-        while c + 8 * U <= k {
-            let mut w = [_mm256_setzero_ps(); U];
-            for (u, v) in w.iter_mut().enumerate() {
-                *v = load(c + 8 * u);
-            }
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xr = x.as_ptr().add(i * k + c);
-                for u in 0..U {
-                    a[u] = _mm256_fmadd_ps(w[u], _mm256_loadu_ps(xr.add(8 * u)), a[u]);
-                }
-            }
-            c += 8 * U;
-        }
         while c + 8 <= k {
-            let w0 = load(c);
+            let mut w = [_mm256_setzero_ps(); R];
+            for (r, v) in w.iter_mut().enumerate() {
+                *v = load(r, c);
+            }
             for (i, a) in acc.iter_mut().enumerate() {
-                a[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i * k + c)), a[0]);
+                let xv = _mm256_loadu_ps(x.as_ptr().add(i * k + c));
+                for (lane, &wv) in a.iter_mut().zip(&w) {
+                    *lane = _mm256_fmadd_ps(wv, xv, *lane);
+                }
             }
             c += 8;
         }
-        for (i, dot) in dots[..M].iter_mut().enumerate() {
-            let sum = acc[i][1..].iter().fold(acc[i][0], |s, &a| _mm256_add_ps(s, a));
-            *dot = horizontal_sum_avx(sum);
-            for t in c..k {
-                *dot += element(dtype, row, t) * x[i * k + t];
+        for (r, row_dots) in dots[..R].iter_mut().enumerate() {
+            let row = &rows[r * k * element_size(dtype)..(r + 1) * k * element_size(dtype)];
+            for (i, dot) in row_dots[..M].iter_mut().enumerate() {
+                *dot = horizontal_sum_avx(acc[i][r]);
+                for t in c..k {
+                    *dot += element(dtype, row, t) * x[i * k + t];
+                }
             }
         }
+        R
+    }
+
+    fn element_size(dtype: Dtype) -> usize {
+        crate::kernels::element_bytes(dtype)
     }
 
     #[target_feature(enable = "avx2")]
