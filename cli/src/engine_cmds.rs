@@ -141,6 +141,9 @@ fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
 }
 
 pub fn run_plan(args: RunArgs) -> Result<()> {
+    if let Some(path) = &args.trace {
+        ferry_core::atomic::check_output_path(path, args.force)?;
+    }
     let catalog = Catalog::builtin()?;
     let backend = backend::backend(&args.backend)?;
     let mut resolved = load_plan(&catalog, &args.plan)?;
@@ -320,11 +323,8 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         // Before anything else: no scratch file, no synthesis, when there is no GPU to measure.
         ferry_profiler::cuda::check_libraries()?;
     }
-    if args.out.exists() && !args.force {
-        return Err(
-            CoreError::invalid(format!("{} already exists; pass --force to overwrite it", args.out.display())).into()
-        );
-    }
+    // Before minutes of measuring: the file written at the end must be writable.
+    ferry_core::atomic::check_output_path(&args.out, args.force)?;
     let scratch = args.scratch_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let mut options = if args.quick {
         ferry_profiler::ProfileOptions::quick(scratch)

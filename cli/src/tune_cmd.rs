@@ -85,6 +85,10 @@ pub struct TuneArgs {
 }
 
 pub fn run(args: TuneArgs) -> Result<()> {
+    // Before the search: a file that will be refused is refused now.
+    if let Some(path) = &args.out {
+        ferry_core::atomic::check_output_path(path, args.force)?;
+    }
     let catalog = Catalog::builtin()?;
     let cwd = std::path::Path::new(".");
     let (model, mut notes) = resolve_model(&catalog, &args.model, cwd)?;

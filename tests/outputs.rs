@@ -1,0 +1,92 @@
+//! Output files through the binary: written whole or not at all, never through a
+//! symbolic link, and no temporary file left behind by a failure or an interruption.
+
+mod common;
+
+use std::path::Path;
+
+use common::{ferry, text};
+
+/// Names under `dir` (recursively) that look like an atomic write's temporary file.
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.contains(".tmp-") {
+            found.push(name);
+        } else if entry.file_type().unwrap().is_dir() {
+            found.extend(leftovers(&entry.path()));
+        }
+    }
+    found
+}
+
+const TUNE: [&str; 12] = [
+    "tune",
+    "--gpu",
+    "cpu",
+    "--device-mem",
+    "64MiB",
+    "--model",
+    "test-tiny",
+    "--prompt-len",
+    "8",
+    "--gen-len",
+    "4",
+    "--out",
+];
+
+#[test]
+fn outputs_that_are_symbolic_links_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("mine.yaml"), "kept").unwrap();
+    std::os::unix::fs::symlink("mine.yaml", d.join("live.yaml")).unwrap();
+    std::os::unix::fs::symlink("nowhere.yaml", d.join("dangling.yaml")).unwrap();
+    for link in ["live.yaml", "dangling.yaml"] {
+        let out = ferry(d, &[&TUNE[..], &[link, "--force"]].concat());
+        assert_eq!(out.status.code(), Some(2), "{link}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("symbolic link"), "{}", text(&out.stderr));
+    }
+    // The same for synth's folder.
+    std::fs::create_dir(d.join("real")).unwrap();
+    std::os::unix::fs::symlink("real", d.join("model")).unwrap();
+    let out = ferry(d, &["synth", "--model", "test-tiny", "--out", "model"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("symbolic link"), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(d.join("mine.yaml")).unwrap(), "kept");
+    assert!(!d.join("nowhere.yaml").exists(), "written through a dangling link");
+    assert_eq!(std::fs::read_dir(d.join("real")).unwrap().count(), 0, "written through a linked folder");
+    assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
+}
+
+#[test]
+fn a_failed_write_leaves_nothing_and_a_good_one_no_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("file"), "").unwrap();
+    // The parent of the output is a file: an error naming it, and nothing written.
+    let out = ferry(d, &[&TUNE[..], &["file/plan.yaml"]].concat());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("file/plan.yaml"), "{}", text(&out.stderr));
+    let out = ferry(d, &["synth", "--model", "test-tiny", "--out", "file/model"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // Complete writes: the plan, plots, a synthetic model; each file whole, no temporary.
+    let out = ferry(d, &[&TUNE[..], &["plan.yaml", "--batch", "2", "--plots", "plots"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(d, &["synth", "--model", "test-tiny", "--out", "tiny"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(d, &["simulate", "--plan", "plan.yaml", "--trace", "trace.json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for file in ["plan.yaml", "plots/throughput-vs-batch.png", "plots/throughput-vs-batch.svg", "trace.json"] {
+        assert!(d.join(file).metadata().unwrap().len() > 0, "{file} is empty");
+    }
+    let names: Vec<_> = std::fs::read_dir(d.join("tiny")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // Existing files still need --force.
+    let out = ferry(d, &["simulate", "--plan", "plan.yaml", "--trace", "trace.json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("--force"), "{}", text(&out.stderr));
+    assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
+}
