@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use common::{ferry, text};
 
@@ -89,4 +90,44 @@ fn a_failed_write_leaves_nothing_and_a_good_one_no_temporary() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("--force"), "{}", text(&out.stderr));
     assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
+}
+/// Sends `signal` to a synth of a model big enough to take seconds once its weights
+/// file is being written; the process must exit 128 + signal and leave nothing.
+fn interrupt_synth(signal: i32) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["synth", "--model", "test-small", "--dtype", "f32", "--out", "model"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut started = false;
+    for _ in 0..500 {
+        if out.exists() && !leftovers(&out).is_empty() {
+            started = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(started, "the synth never started writing");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + signal), "{status:?} (did the synth finish before the signal?)");
+    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+    assert!(!out.join("model.safetensors").exists(), "a partial weights file");
+    assert!(!out.join("config.json").exists(), "a config.json without its weights");
+}
+
+#[test]
+fn sigterm_removes_the_temporary_files_of_writes_in_progress() {
+    interrupt_synth(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_removes_the_temporary_files_of_writes_in_progress() {
+    interrupt_synth(libc::SIGINT);
 }
