@@ -124,3 +124,33 @@ fn limits_are_checked_before_any_work() {
         assert!(started.elapsed().as_secs() < 10, "{command:?} worked before refusing");
     }
 }
+
+#[test]
+fn implausible_profile_figures_and_unknown_keys_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let shown = ferry(dir.path(), &["show", "profile", "cpu"]);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let profile = text(&shown.stdout);
+    let tune = |edited: &str| {
+        std::fs::write(dir.path().join("p.yaml"), edited).unwrap();
+        ferry(
+            dir.path(),
+            &["tune", "--profile", "p.yaml", "--model", "test-tiny", "--prompt-len", "8", "--gen-len", "4"],
+        )
+    };
+    let out = tune(&profile);
+    assert!(out.status.success(), "the shown profile must tune: {}", text(&out.stderr));
+    // A typo of an exponent: refused, not a prediction of hundreds of thousands of tokens/s.
+    let tiny = profile.replacen("  peak_flops: 400000000000.0", "  peak_flops: 1e-300", 1);
+    let out = tune(&tiny);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("device_compute.peak_flops"), "{}", text(&out.stderr));
+    let typo = profile.replacen("  peak_flops: 400000000000.0", "  peak_flop: 4e11\n  peak_flops: 4e11", 1);
+    let out = tune(&typo);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("device_compute") && stderr.contains("peak_flop`") && stderr.contains("p.yaml"),
+        "{stderr}"
+    );
+}

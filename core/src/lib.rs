@@ -21,6 +21,7 @@ pub mod export;
 pub mod graph;
 pub mod plan;
 pub mod profile;
+mod profile_check;
 pub mod resolve;
 pub mod schedule;
 pub mod topology;
