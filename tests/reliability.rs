@@ -154,3 +154,59 @@ fn implausible_profile_figures_and_unknown_keys_are_refused_naming_them() {
         "{stderr}"
     );
 }
+
+#[test]
+fn tune_writes_only_plans_that_run_and_export_refuses_what_simulate_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The catalog says test-tiny is f32; synth's default follows the catalog.
+    let synth = ferry(d, &["synth", "--model", "test-tiny", "--out", "tiny"]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    let config = std::fs::read_to_string(d.join("tiny/config.json")).unwrap();
+    assert!(config.contains("\"torch_dtype\": \"float32\""), "{config}");
+    // The default 512 + 32 tokens exceed test-tiny's 256 positions: shortened, said, and run.
+    let tune = ferry(
+        d,
+        &["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", "tiny", "--batch", "2", "--out", "plan.yaml"],
+    );
+    assert!(tune.status.success(), "{}", text(&tune.stderr));
+    assert!(text(&tune.stderr).contains("256 positions"), "{}", text(&tune.stderr));
+    let run = ferry(d, &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json"]);
+    assert!(run.status.success(), "tune wrote a plan run refuses: {}", text(&run.stderr));
+    // Lengths the user gave are not changed behind their back.
+    let args =
+        ["tune", "--gpu", "cpu", "--model", "tiny", "--prompt-len", "250", "--gen-len", "10", "--out", "long.yaml"];
+    let tune = ferry(d, &args);
+    assert_eq!(tune.status.code(), Some(2), "{}", text(&tune.stderr));
+    assert!(text(&tune.stderr).contains("--prompt-len 250 + --gen-len 10"), "{}", text(&tune.stderr));
+    assert!(!d.join("long.yaml").exists());
+    // A zero budget: refused alike by simulate, export and run.
+    let plan = std::fs::read_to_string(d.join("plan.yaml")).unwrap();
+    std::fs::write(d.join("zero.yaml"), plan.replace("device_memory: 64MiB", "device_memory: 0B")).unwrap();
+    for command in [
+        vec!["simulate", "--plan", "zero.yaml"],
+        vec!["export", "--plan", "zero.yaml", "--to", "llama.cpp"],
+        vec!["run", "--model-dir", "tiny", "--plan", "zero.yaml"],
+    ] {
+        let out = ferry(d, &command);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("device_memory"), "{}", text(&out.stderr));
+    }
+    // A budget that does not fit the plan: simulate refuses it, so export does.
+    std::fs::write(d.join("small.yaml"), plan.replace("device_memory: 64MiB", "device_memory: 64KiB")).unwrap();
+    for command in [vec!["simulate", "--plan", "small.yaml"], vec!["export", "--plan", "small.yaml", "--to", "vllm"]] {
+        let out = ferry(d, &command);
+        assert!(!out.status.success(), "{command:?} accepted a plan that does not fit");
+    }
+}
+
+#[test]
+fn byte_sizes_past_2_to_the_64_are_errors_not_saturated() {
+    let dir = tempfile::tempdir().unwrap();
+    for flag in ["--device-mem", "--host-mem"] {
+        let args = ["tune", "--gpu", "cpu", "--model", "test-tiny", flag, "18446744073709551616B"];
+        let out = ferry(dir.path(), &args);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("out of range"), "{}", text(&out.stderr));
+    }
+}

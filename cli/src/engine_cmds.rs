@@ -29,9 +29,9 @@ pub struct SynthArgs {
     /// Folder to write config.json and model.safetensors into.
     #[arg(long)]
     out: PathBuf,
-    /// Weight dtype.
-    #[arg(long, default_value = "bf16", value_name = "bf16|f16|f32")]
-    dtype: String,
+    /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types].
+    #[arg(long, value_name = "bf16|f16|f32")]
+    dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -68,7 +68,13 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         eprintln!("note: {note}");
     }
     let model = resolved.value;
-    let dtype = parse_dtype(&args.dtype)?;
+    // The catalog's dtype, so that a synthetic folder and the catalog entry of the
+    // same name describe the same bytes (and plans tuned for one run on the other).
+    let dtype = match &args.dtype {
+        Some(text) => parse_dtype(text)?,
+        None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => model.dtype,
+        None => Dtype::Bf16,
+    };
     let total = model.total_bytes(dtype);
     eprintln!(
         "writing {} ({} parameters, {} in {}) to {}",

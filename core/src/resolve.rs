@@ -86,6 +86,15 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
         profile.host_memory_bytes = bytes;
         profile.max_pinned_bytes = profile.max_pinned_bytes.min(bytes);
     }
+    let zero = |bytes: Option<u64>| bytes == Some(0);
+    if zero(hardware.device_memory) || zero(hardware.host_memory) || hardware.devices.iter().any(|d| zero(d.memory)) {
+        return Err(CoreError::invalid(
+            "hardware: device_memory, host_memory and every device's memory must be more than 0 bytes",
+        ));
+    }
+    // The overrides above change figures of a checked profile: check them again, so
+    // every command that resolves a plan (simulate, run, export, tune) refuses alike.
+    profile.validate()?;
     Ok((profile, notes))
 }
 
