@@ -210,3 +210,46 @@ fn byte_sizes_past_2_to_the_64_are_errors_not_saturated() {
         assert!(text(&out.stderr).contains("out of range"), "{}", text(&out.stderr));
     }
 }
+
+#[test]
+fn plans_name_model_folders_and_profiles_relative_to_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("work/plans")).unwrap();
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    let synth = ferry(d, &["synth", "--model", "test-tiny", "--out", "work/models/x"]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    let shown = ferry(d, &["show", "profile", "cpu"]);
+    std::fs::write(d.join("work/p.yaml"), &shown.stdout).unwrap();
+    let work = d.join("work");
+    let args = ["tune", "--profile", "p.yaml", "--device-mem", "64MiB", "--model", "models/x", "--batch", "2"];
+    let tune = ferry(&work, &[&args[..], &["--out", "plans/plan.yaml"]].concat());
+    assert!(tune.status.success(), "{}", text(&tune.stderr));
+    let plan = std::fs::read_to_string(work.join("plans/plan.yaml")).unwrap();
+    // From the plan's folder, the working directory's `models/x` is `../models/x`:
+    // outside it, so written absolute.
+    let model_line = plan.lines().find(|l| l.starts_with("model:")).unwrap();
+    assert!(model_line.ends_with("/work/models/x") && model_line.contains(": /"), "{model_line}");
+    for command in [
+        vec!["simulate", "--plan", "work/plans/plan.yaml"],
+        vec!["run", "--model-dir", "work/models/x", "--plan", "work/plans/plan.yaml"],
+    ] {
+        let out = ferry(d, &command);
+        assert!(out.status.success(), "{command:?}: {}", text(&out.stderr));
+    }
+    // A plan beside the model keeps a relative path, and runs from anywhere.
+    let tune = ferry(&work, &[&args[..], &["--out", "plan.yaml"]].concat());
+    assert!(tune.status.success(), "{}", text(&tune.stderr));
+    let plan = std::fs::read_to_string(work.join("plan.yaml")).unwrap();
+    assert!(plan.contains("model: models/x") && plan.contains("profile: p.yaml"), "{plan}");
+    let model_dir = work.join("models/x").display().to_string();
+    let out = ferry(&d.join("elsewhere"), &["run", "--model-dir", &model_dir, "--plan", "../work/plan.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A copy of the plan without the model beside it: the folder given stands in for
+    // the plan's model name (same shape), with a note.
+    let copy = plan.replace("profile: p.yaml", &format!("profile: {}", work.join("p.yaml").display()));
+    std::fs::write(d.join("elsewhere/plan.yaml"), copy).unwrap();
+    let out = ferry(&d.join("elsewhere"), &["run", "--model-dir", &model_dir, "--plan", "plan.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("'models/x' is not found"), "{}", text(&out.stderr));
+}

@@ -1,13 +1,14 @@
 //! `ferry synth` and `ferry run`: synthetic models and real runs on the engine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use ferry_core::catalog::Catalog;
 use ferry_core::model::{Dtype, ModelSpec};
-use ferry_core::resolve::load_plan;
+use ferry_core::plan::Plan;
+use ferry_core::resolve::{resolve_model, resolve_plan_with_model, ResolvedPlan};
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::chrome_trace;
 use ferry_core::units::{format_bytes, format_ns};
@@ -146,15 +147,33 @@ fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
     Ok(())
 }
 
+/// Resolves the plan for the model in the folder given with `--model-dir`, which is
+/// what runs. The plan's own model must have the folder's shape when it names one that
+/// resolves; a path that does not resolve from the plan's folder (a plan copied
+/// elsewhere) is stood in for by the folder, with a note.
+fn resolve_for_folder(catalog: &Catalog, path: &Path, folder: &ModelSpec) -> Result<ResolvedPlan> {
+    let plan: Plan = ferry_core::yaml::read_file(path)?;
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match resolve_model(catalog, &plan.model, base) {
+        Ok((model, _)) => check_same_shape(&model, folder)?,
+        Err(CoreError::UnknownName { .. }) => eprintln!(
+            "note: the plan's model '{}' is not found from {}; running it on the --model-dir folder",
+            plan.model,
+            base.display()
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(resolve_plan_with_model(catalog, plan, folder.clone(), Vec::new(), base)?)
+}
+
 pub fn run_plan(args: RunArgs) -> Result<()> {
     if let Some(path) = &args.trace {
         ferry_core::atomic::check_output_path(path, args.force)?;
     }
     let catalog = Catalog::builtin()?;
     let backend = backend::backend(&args.backend)?;
-    let mut resolved = load_plan(&catalog, &args.plan)?;
     let files = ModelFiles::open(&args.model_dir)?;
-    check_same_shape(&resolved.model, &files.spec)?;
+    let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec)?;
     if !resolved.profile.unified_memory {
         return Err(CoreError::invalid(format!(
             "{} is a plan for {}; the {} backend runs plans for the cpu device (ferry tune --gpu cpu --device-mem SIZE ...)",

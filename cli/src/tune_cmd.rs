@@ -1,6 +1,6 @@
 //! `ferry tune`: search the plan space for this hardware and model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -166,8 +166,15 @@ pub fn run(args: TuneArgs) -> Result<()> {
     }
     let batch_size = result.best.workload.batch_size;
     let plan = Plan {
-        model: if std::path::Path::new(&args.model).exists() { args.model.clone() } else { model.name.clone() },
-        hardware: hardware.clone(),
+        model: if Path::new(&args.model).exists() {
+            path_from_plan(Path::new(&args.model), args.out.as_deref())
+        } else {
+            model.name.clone()
+        },
+        hardware: HardwareRef {
+            profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
+            ..hardware.clone()
+        },
         workload: result.best.workload,
         policy: result.best.policy.clone(),
         predicted: Some(PredictionNote {
@@ -317,6 +324,25 @@ fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
         format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),
         c.metrics.resource_label(c.metrics.bottleneck),
     ]
+}
+
+/// `given`, a path relative to the working directory, as a plan written to `out` must
+/// name it: paths in a plan are relative to the plan's folder (as `run`, `simulate`
+/// and `export` read them). Inside that folder it stays relative; elsewhere it
+/// becomes absolute.
+fn path_from_plan(given: &Path, out: Option<&Path>) -> String {
+    let plan_dir = out.and_then(Path::parent).filter(|p| !p.as_os_str().is_empty());
+    let (Some(plan_dir), false) = (plan_dir, given.is_absolute()) else {
+        return given.display().to_string();
+    };
+    let (Ok(target), Ok(dir)) = (given.canonicalize(), plan_dir.canonicalize()) else {
+        // The plan's folder does not exist yet (it is made when the plan is written).
+        return std::path::absolute(given).unwrap_or_else(|_| given.to_path_buf()).display().to_string();
+    };
+    match target.strip_prefix(&dir) {
+        Ok(inside) => inside.display().to_string(),
+        Err(_) => target.display().to_string(),
+    }
 }
 
 /// Prompt and generation lengths within the model's positions, as `run` requires.

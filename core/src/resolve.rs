@@ -113,7 +113,19 @@ pub fn load_plan(catalog: &Catalog, path: &Path) -> Result<ResolvedPlan> {
 }
 
 pub fn resolve_plan(catalog: &Catalog, plan: Plan, base_dir: &Path) -> Result<ResolvedPlan> {
-    let (model, mut notes) = resolve_model(catalog, &plan.model, base_dir)?;
+    let (model, notes) = resolve_model(catalog, &plan.model, base_dir)?;
+    resolve_plan_with_model(catalog, plan, model, notes, base_dir)
+}
+
+/// Resolves a plan's hardware and checks its policy for `model`, which stands for the
+/// plan's own model name (a folder the user named for a run); `notes` are kept.
+pub fn resolve_plan_with_model(
+    catalog: &Catalog,
+    plan: Plan,
+    model: ModelSpec,
+    mut notes: Vec<String>,
+    base_dir: &Path,
+) -> Result<ResolvedPlan> {
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
