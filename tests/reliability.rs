@@ -253,3 +253,46 @@ fn plans_name_model_folders_and_profiles_relative_to_themselves() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("'models/x' is not found"), "{}", text(&out.stderr));
 }
+
+/// Overwrites tensor `name` of a single-file safetensors model: `values(i)` for
+/// element i, f32 (the folder must be synthesized with `--dtype f32`).
+fn poke_tensor(file: &Path, name: &str, values: impl Fn(usize) -> Option<f32>) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let offsets = &header[name]["data_offsets"];
+    let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    let data = &mut bytes[8 + header_len + start..8 + header_len + end];
+    for (i, element) in data.chunks_exact_mut(4).enumerate() {
+        if let Some(v) = values(i) {
+            element.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn non_finite_weights_and_activations_stop_a_run_naming_where() {
+    let dir = setup();
+    let weights = dir.path().join("tiny/model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let run = || ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json"]);
+    let clean = run();
+    assert!(clean.status.success(), "{}", text(&clean.stderr));
+    // A NaN in a weight streamed from disk: the tensor is named when it is read.
+    let tensor = "model.layers.3.mlp.up_proj.weight";
+    poke_tensor(&weights, tensor, |i| (i == 1000).then_some(f32::NAN));
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(tensor) && stderr.contains("element 1000"), "{stderr}");
+    // Finite but huge norm weights: the MLP of layer 1 overflows f32 at the prompt,
+    // and the logits that follow are refused, naming the step and the layer.
+    std::fs::write(&weights, &original).unwrap();
+    poke_tensor(&weights, "model.layers.1.post_attention_layernorm.weight", |_| Some(1e38));
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("step 0: the logits"), "{stderr}");
+    assert!(stderr.contains("layer 1 (mlp) at step 0"), "{stderr}");
+}
