@@ -131,3 +131,30 @@ fn sigterm_removes_the_temporary_files_of_writes_in_progress() {
 fn sigint_removes_the_temporary_files_of_writes_in_progress() {
     interrupt_synth(libc::SIGINT);
 }
+
+#[test]
+fn a_write_that_fails_midway_leaves_neither_a_temporary_nor_a_partial_file() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command.args(["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]).current_dir(dir.path());
+    // Files may grow to 1 MiB only, and writing past that fails with EFBIG instead of
+    // killing the process (SIGXFSZ ignored; an ignored signal stays so across exec):
+    // the 3.3 MiB weights file fails after its first megabyte is written.
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 1 << 20, rlim_max: 1 << 20 };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("model.safetensors"), "{}", text(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("tiny")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "a failed synth left {left:?}");
+}
