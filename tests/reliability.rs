@@ -124,3 +124,175 @@ fn limits_are_checked_before_any_work() {
         assert!(started.elapsed().as_secs() < 10, "{command:?} worked before refusing");
     }
 }
+
+#[test]
+fn implausible_profile_figures_and_unknown_keys_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let shown = ferry(dir.path(), &["show", "profile", "cpu"]);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let profile = text(&shown.stdout);
+    let tune = |edited: &str| {
+        std::fs::write(dir.path().join("p.yaml"), edited).unwrap();
+        ferry(
+            dir.path(),
+            &["tune", "--profile", "p.yaml", "--model", "test-tiny", "--prompt-len", "8", "--gen-len", "4"],
+        )
+    };
+    let out = tune(&profile);
+    assert!(out.status.success(), "the shown profile must tune: {}", text(&out.stderr));
+    // A typo of an exponent: refused, not a prediction of hundreds of thousands of tokens/s.
+    let tiny = profile.replacen("  peak_flops: 400000000000.0", "  peak_flops: 1e-300", 1);
+    let out = tune(&tiny);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("device_compute.peak_flops"), "{}", text(&out.stderr));
+    let typo = profile.replacen("  peak_flops: 400000000000.0", "  peak_flop: 4e11\n  peak_flops: 4e11", 1);
+    let out = tune(&typo);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("device_compute") && stderr.contains("peak_flop`") && stderr.contains("p.yaml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn tune_writes_only_plans_that_run_and_export_refuses_what_simulate_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The catalog says test-tiny is f32; synth's default follows the catalog.
+    let synth = ferry(d, &["synth", "--model", "test-tiny", "--out", "tiny"]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    let config = std::fs::read_to_string(d.join("tiny/config.json")).unwrap();
+    assert!(config.contains("\"torch_dtype\": \"float32\""), "{config}");
+    // The default 512 + 32 tokens exceed test-tiny's 256 positions: shortened, said, and run.
+    let tune = ferry(
+        d,
+        &["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", "tiny", "--batch", "2", "--out", "plan.yaml"],
+    );
+    assert!(tune.status.success(), "{}", text(&tune.stderr));
+    assert!(text(&tune.stderr).contains("256 positions"), "{}", text(&tune.stderr));
+    let run = ferry(d, &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json"]);
+    assert!(run.status.success(), "tune wrote a plan run refuses: {}", text(&run.stderr));
+    // Lengths the user gave are not changed behind their back.
+    let args =
+        ["tune", "--gpu", "cpu", "--model", "tiny", "--prompt-len", "250", "--gen-len", "10", "--out", "long.yaml"];
+    let tune = ferry(d, &args);
+    assert_eq!(tune.status.code(), Some(2), "{}", text(&tune.stderr));
+    assert!(text(&tune.stderr).contains("--prompt-len 250 + --gen-len 10"), "{}", text(&tune.stderr));
+    assert!(!d.join("long.yaml").exists());
+    // A zero budget: refused alike by simulate, export and run.
+    let plan = std::fs::read_to_string(d.join("plan.yaml")).unwrap();
+    std::fs::write(d.join("zero.yaml"), plan.replace("device_memory: 64MiB", "device_memory: 0B")).unwrap();
+    for command in [
+        vec!["simulate", "--plan", "zero.yaml"],
+        vec!["export", "--plan", "zero.yaml", "--to", "llama.cpp"],
+        vec!["run", "--model-dir", "tiny", "--plan", "zero.yaml"],
+    ] {
+        let out = ferry(d, &command);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("device_memory"), "{}", text(&out.stderr));
+    }
+    // A budget that does not fit the plan: simulate refuses it, so export does.
+    std::fs::write(d.join("small.yaml"), plan.replace("device_memory: 64MiB", "device_memory: 64KiB")).unwrap();
+    for command in [vec!["simulate", "--plan", "small.yaml"], vec!["export", "--plan", "small.yaml", "--to", "vllm"]] {
+        let out = ferry(d, &command);
+        assert!(!out.status.success(), "{command:?} accepted a plan that does not fit");
+    }
+}
+
+#[test]
+fn byte_sizes_past_2_to_the_64_are_errors_not_saturated() {
+    let dir = tempfile::tempdir().unwrap();
+    for flag in ["--device-mem", "--host-mem"] {
+        let args = ["tune", "--gpu", "cpu", "--model", "test-tiny", flag, "18446744073709551616B"];
+        let out = ferry(dir.path(), &args);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("out of range"), "{}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn plans_name_model_folders_and_profiles_relative_to_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("work/plans")).unwrap();
+    std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+    let synth = ferry(d, &["synth", "--model", "test-tiny", "--out", "work/models/x"]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    let shown = ferry(d, &["show", "profile", "cpu"]);
+    std::fs::write(d.join("work/p.yaml"), &shown.stdout).unwrap();
+    let work = d.join("work");
+    let args = ["tune", "--profile", "p.yaml", "--device-mem", "64MiB", "--model", "models/x", "--batch", "2"];
+    let tune = ferry(&work, &[&args[..], &["--out", "plans/plan.yaml"]].concat());
+    assert!(tune.status.success(), "{}", text(&tune.stderr));
+    let plan = std::fs::read_to_string(work.join("plans/plan.yaml")).unwrap();
+    // From the plan's folder, the working directory's `models/x` is `../models/x`:
+    // outside it, so written absolute.
+    let model_line = plan.lines().find(|l| l.trim_start().starts_with("target:")).unwrap();
+    assert!(model_line.ends_with("/work/models/x") && model_line.contains(": /"), "{model_line}");
+    for command in [
+        vec!["simulate", "--plan", "work/plans/plan.yaml"],
+        vec!["run", "--model-dir", "work/models/x", "--plan", "work/plans/plan.yaml"],
+    ] {
+        let out = ferry(d, &command);
+        assert!(out.status.success(), "{command:?}: {}", text(&out.stderr));
+    }
+    // A plan beside the model keeps a relative path, and runs from anywhere.
+    let tune = ferry(&work, &[&args[..], &["--out", "plan.yaml"]].concat());
+    assert!(tune.status.success(), "{}", text(&tune.stderr));
+    let plan = std::fs::read_to_string(work.join("plan.yaml")).unwrap();
+    assert!(plan.contains("target: models/x") && plan.contains("profile: p.yaml"), "{plan}");
+    let model_dir = work.join("models/x").display().to_string();
+    let out = ferry(&d.join("elsewhere"), &["run", "--model-dir", &model_dir, "--plan", "../work/plan.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A copy of the plan without the model beside it: the folder given stands in for
+    // the plan's model name (same shape), with a note.
+    let copy = plan.replace("profile: p.yaml", &format!("profile: {}", work.join("p.yaml").display()));
+    std::fs::write(d.join("elsewhere/plan.yaml"), copy).unwrap();
+    let out = ferry(&d.join("elsewhere"), &["run", "--model-dir", &model_dir, "--plan", "plan.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("'models/x' is not found"), "{}", text(&out.stderr));
+}
+
+/// Overwrites tensor `name` of a single-file safetensors model: `values(i)` for
+/// element i, f32 (the folder must be synthesized with `--dtype f32`).
+fn poke_tensor(file: &Path, name: &str, values: impl Fn(usize) -> Option<f32>) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let offsets = &header[name]["data_offsets"];
+    let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    let data = &mut bytes[8 + header_len + start..8 + header_len + end];
+    for (i, element) in data.chunks_exact_mut(4).enumerate() {
+        if let Some(v) = values(i) {
+            element.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    std::fs::write(file, bytes).unwrap();
+}
+
+#[test]
+fn non_finite_weights_and_activations_stop_a_run_naming_where() {
+    let dir = setup();
+    let weights = dir.path().join("tiny/model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let run = || ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json"]);
+    let clean = run();
+    assert!(clean.status.success(), "{}", text(&clean.stderr));
+    // A NaN in a weight streamed from disk: the tensor is named when it is read.
+    let tensor = "model.layers.3.mlp.up_proj.weight";
+    poke_tensor(&weights, tensor, |i| (i == 1000).then_some(f32::NAN));
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(tensor) && stderr.contains("element 1000"), "{stderr}");
+    // Finite but huge norm weights: the MLP of layer 1 overflows f32 at the prompt,
+    // and the logits that follow are refused, naming the step and the layer.
+    std::fs::write(&weights, &original).unwrap();
+    poke_tensor(&weights, "model.layers.1.post_attention_layernorm.weight", |_| Some(1e38));
+    let out = run();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("step 0: the logits"), "{stderr}");
+    assert!(stderr.contains("layer 1 (mlp) at step 0"), "{stderr}");
+}

@@ -1,13 +1,14 @@
 //! `ferry synth` and `ferry run`: synthetic models and real runs on the engine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use ferry_core::catalog::Catalog;
 use ferry_core::model::{Dtype, ModelSpec};
-use ferry_core::resolve::load_plan;
+use ferry_core::plan::Plan;
+use ferry_core::resolve::{resolve_model, resolve_plan_with_model, ResolvedPlan};
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::chrome_trace;
 use ferry_core::units::{format_bytes, format_ns};
@@ -29,9 +30,9 @@ pub struct SynthArgs {
     /// Folder to write config.json and model.safetensors into.
     #[arg(long)]
     out: PathBuf,
-    /// Weight dtype.
-    #[arg(long, default_value = "bf16", value_name = "bf16|f16|f32")]
-    dtype: String,
+    /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types].
+    #[arg(long, value_name = "bf16|f16|f32")]
+    dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -68,7 +69,13 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         eprintln!("note: {note}");
     }
     let model = resolved.value;
-    let dtype = parse_dtype(&args.dtype)?;
+    // The catalog's dtype, so that a synthetic folder and the catalog entry of the
+    // same name describe the same bytes (and plans tuned for one run on the other).
+    let dtype = match &args.dtype {
+        Some(text) => parse_dtype(text)?,
+        None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => model.dtype,
+        None => Dtype::Bf16,
+    };
     let total = model.total_bytes(dtype);
     eprintln!(
         "writing {} ({} parameters, {} in {}) to {}",
@@ -140,12 +147,33 @@ fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
     Ok(())
 }
 
+/// Resolves the plan for the model in the folder given with `--model-dir`, which is
+/// what runs. The plan's own model must have the folder's shape when it names one that
+/// resolves; a path that does not resolve from the plan's folder (a plan copied
+/// elsewhere) is stood in for by the folder, with a note.
+fn resolve_for_folder(catalog: &Catalog, path: &Path, folder: &ModelSpec) -> Result<ResolvedPlan> {
+    let plan: Plan = ferry_core::yaml::read_file(path)?;
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match resolve_model(catalog, &plan.models.target, base) {
+        Ok((model, _)) => check_same_shape(&model, folder)?,
+        Err(CoreError::UnknownName { .. }) => eprintln!(
+            "note: the plan's model '{}' is not found from {}; running it on the --model-dir folder",
+            plan.models.target,
+            base.display()
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(resolve_plan_with_model(catalog, plan, folder.clone(), Vec::new(), base)?)
+}
+
 pub fn run_plan(args: RunArgs) -> Result<()> {
+    if let Some(path) = &args.trace {
+        ferry_core::atomic::check_output_path(path, args.force)?;
+    }
     let catalog = Catalog::builtin()?;
     let backend = backend::backend(&args.backend)?;
-    let mut resolved = load_plan(&catalog, &args.plan)?;
     let files = ModelFiles::open(&args.model_dir)?;
-    check_same_shape(&resolved.model, &files.spec)?;
+    let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec)?;
     if !resolved.profile.unified_memory {
         return Err(CoreError::invalid(format!(
             "{} is a plan for {}; the {} backend runs plans for the cpu device (ferry tune --gpu cpu --device-mem SIZE ...)",
@@ -320,11 +348,8 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         // Before anything else: no scratch file, no synthesis, when there is no GPU to measure.
         ferry_profiler::cuda::check_libraries()?;
     }
-    if args.out.exists() && !args.force {
-        return Err(
-            CoreError::invalid(format!("{} already exists; pass --force to overwrite it", args.out.display())).into()
-        );
-    }
+    // Before minutes of measuring: the file written at the end must be writable.
+    ferry_core::atomic::check_output_path(&args.out, args.force)?;
     let scratch = args.scratch_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let mut options = if args.quick {
         ferry_profiler::ProfileOptions::quick(scratch)

@@ -2,11 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use ferry_core::catalog::Catalog;
 use ferry_core::export::{export, Engine};
 use ferry_core::resolve::load_plan;
+use ferry_sim::{predict, Extrapolation};
 
 #[derive(Args)]
 #[command(after_help = "Example:
@@ -31,6 +32,12 @@ pub fn run(args: ExportArgs) -> Result<()> {
     for note in &resolved.notes {
         eprintln!("note: {note}");
     }
+    // A plan `simulate` refuses (memory that does not fit, a graph that cannot be
+    // built) is refused here too: settings for a plan that cannot run would mislead.
+    // The sampled prediction checks the same graph rules at a fraction of the cost.
+    let plan = &resolved.plan;
+    predict(&plan.policy, &resolved.model, &plan.workload, &resolved.profile, Extrapolation::Sampled)
+        .with_context(|| format!("{} cannot run", args.plan.display()))?;
     let out = export(&resolved.plan, &resolved.model, &resolved.profile, engine);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -57,6 +57,7 @@ enum Command {
 
 fn main() -> ExitCode {
     end_quietly_on_broken_pipe();
+    remove_temporary_files_on_interrupt();
     let cli = Cli::parse();
     // Every command returns its exit status: 0, or 1 when validation fails its tolerances.
     let result: anyhow::Result<u8> = match cli.command {
@@ -89,6 +90,41 @@ fn end_quietly_on_broken_pipe() {
     // changes the disposition of one signal to the system default.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// SIGINT and SIGTERM end the program as before, but first remove the temporary files
+/// of the atomic writes in progress (`ferry_core::atomic`), which the default action
+/// would leave behind. Both signals are blocked in every thread (threads inherit the
+/// mask of the one that spawns them, and this runs before any other exists) and one
+/// thread takes them with `sigwait`, so the clean-up runs as ordinary code, not in a
+/// signal handler. The exit status is the shells' 128 + signal: 130 and 143.
+fn remove_temporary_files_on_interrupt() {
+    #[cfg(unix)]
+    {
+        // SAFETY: `sigset_t` is plain data that sigemptyset initializes; the calls only
+        // read and write that local set and this thread's signal mask.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        let waiter = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+            let mut signal = 0;
+            // SAFETY: sigwait reads the initialized set and writes one integer.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                ferry_core::atomic::remove_live_temps();
+                std::process::exit(128 + signal);
+            }
+        });
+        if waiter.is_err() {
+            // Without the waiting thread, the signals must keep ending the program.
+            // SAFETY: as above, on this thread's mask.
+            unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+        }
     }
 }
 

@@ -1,15 +1,16 @@
 //! `ferry tune`: search the plan space for this hardware and model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ferry_core::catalog::Catalog;
-use ferry_core::model::Dtype;
+use ferry_core::model::{Dtype, ModelSpec};
 use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
+use ferry_core::CoreError;
 use ferry_sim::tune::{tune_and_compare, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest};
 
 use crate::report;
@@ -49,12 +50,12 @@ pub struct TuneArgs {
     /// Device memory to plan with, e.g. 6GiB; on the cpu device the RAM budget [default: the GPU's memory].
     #[arg(long, value_name = "SIZE")]
     device_mem: Option<String>,
-    /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 512)]
-    prompt_len: u64,
-    /// Tokens generated per sequence.
-    #[arg(long, default_value_t = 32)]
-    gen_len: u64,
+    /// Prompt tokens per sequence [default: 512, or shorter to fit the model's positions].
+    #[arg(long)]
+    prompt_len: Option<u64>,
+    /// Tokens generated per sequence [default: 32, or shorter to fit the model's positions].
+    #[arg(long)]
+    gen_len: Option<u64>,
     /// Sequences per batch, or `auto` to search batch sizes up to 64 (throughput) / 1 (latency).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     batch: String,
@@ -85,6 +86,10 @@ pub struct TuneArgs {
 }
 
 pub fn run(args: TuneArgs) -> Result<()> {
+    // Before the search: a file that will be refused is refused now.
+    if let Some(path) = &args.out {
+        ferry_core::atomic::check_output_path(path, args.force)?;
+    }
     let catalog = Catalog::builtin()?;
     let cwd = std::path::Path::new(".");
     let (model, mut notes) = resolve_model(&catalog, &args.model, cwd)?;
@@ -121,9 +126,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
             BatchChoice::Fixed(n)
         }
     };
-    if args.prompt_len == 0 || args.gen_len == 0 {
-        return Err(ferry_core::CoreError::invalid("--prompt-len and --gen-len must be at least 1").into());
-    }
+    let (prompt_len, gen_len) = context_lengths(args.prompt_len, args.gen_len, &model, &mut notes)?;
     let weight_dtype = match args.weight_dtype.as_deref() {
         None => match model.dtype {
             // The engine computes in f32 and reads f16/bf16; int types are not executable.
@@ -147,8 +150,8 @@ pub fn run(args: TuneArgs) -> Result<()> {
     let request = TuneRequest {
         model: &model,
         profile: &profile,
-        prompt_len: args.prompt_len,
-        gen_len: args.gen_len,
+        prompt_len,
+        gen_len,
         batch,
         objective,
         weight_dtype,
@@ -163,12 +166,15 @@ pub fn run(args: TuneArgs) -> Result<()> {
     }
     let batch_size = result.best.workload.batch_size;
     let plan = Plan {
-        models: Models::target(if std::path::Path::new(&args.model).exists() {
-            args.model.clone()
+        models: Models::target(if Path::new(&args.model).exists() {
+            path_from_plan(Path::new(&args.model), args.out.as_deref())
         } else {
             model.name.clone()
         }),
-        hardware: hardware.clone(),
+        hardware: HardwareRef {
+            profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
+            ..hardware.clone()
+        },
         workload: result.best.workload,
         policy: result.best.policy.clone(),
         predicted: Some(PredictionNote {
@@ -178,6 +184,10 @@ pub fn run(args: TuneArgs) -> Result<()> {
             profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
         }),
     };
+    // The checks `simulate`, `run` and `export` make on a plan file: a plan this
+    // writes is one they accept.
+    plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
+    ferry_core::resolve::check_devices(&plan.policy, &profile)?;
     if let Some(path) = &args.out {
         let text = format!(
             "# Written by `ferry tune` for {} on {}; run `ferry simulate --plan {}` to predict it again.\n{}",
@@ -218,8 +228,8 @@ pub fn run(args: TuneArgs) -> Result<()> {
         profile.device_name,
         ferry_core::units::format_bytes(ferry_core::schedule::pool_capacities(&profile).0),
         ferry_core::units::format_bytes(profile.device_memory_bytes),
-        args.prompt_len,
-        args.gen_len,
+        prompt_len,
+        gen_len,
         match objective {
             Objective::Throughput => "throughput",
             Objective::Latency => "latency",
@@ -314,6 +324,63 @@ fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
         format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),
         c.metrics.resource_label(c.metrics.bottleneck),
     ]
+}
+
+/// `given`, a path relative to the working directory, as a plan written to `out` must
+/// name it: paths in a plan are relative to the plan's folder (as `run`, `simulate`
+/// and `export` read them). Inside that folder it stays relative; elsewhere it
+/// becomes absolute.
+fn path_from_plan(given: &Path, out: Option<&Path>) -> String {
+    let plan_dir = out.and_then(Path::parent).filter(|p| !p.as_os_str().is_empty());
+    let (Some(plan_dir), false) = (plan_dir, given.is_absolute()) else {
+        return given.display().to_string();
+    };
+    let (Ok(target), Ok(dir)) = (given.canonicalize(), plan_dir.canonicalize()) else {
+        // The plan's folder does not exist yet (it is made when the plan is written).
+        return std::path::absolute(given).unwrap_or_else(|_| given.to_path_buf()).display().to_string();
+    };
+    match target.strip_prefix(&dir) {
+        Ok(inside) => inside.display().to_string(),
+        Err(_) => target.display().to_string(),
+    }
+}
+
+/// Prompt and generation lengths within the model's positions, as `run` requires.
+/// Lengths the user gave are checked (the error names the flags); defaults are
+/// shortened to fit, with a note.
+fn context_lengths(
+    prompt: Option<u64>,
+    gen: Option<u64>,
+    model: &ModelSpec,
+    notes: &mut Vec<String>,
+) -> Result<(u64, u64)> {
+    let positions = model.max_position_embeddings;
+    let (p, g) = (prompt.unwrap_or(512), gen.unwrap_or(32));
+    if p == 0 || g == 0 {
+        bail!(CoreError::invalid("--prompt-len and --gen-len must be at least 1"));
+    }
+    if p.saturating_add(g) <= positions {
+        return Ok((p, g));
+    }
+    let (p, g) = match (prompt, gen) {
+        (Some(p), None) => (p, positions.saturating_sub(p).min(g)),
+        (None, Some(g)) => (positions.saturating_sub(g), g),
+        (None, None) => (positions - g.min(positions / 2), g.min(positions / 2)),
+        (Some(_), Some(_)) => (0, 0),
+    };
+    if p == 0 || g == 0 {
+        bail!(CoreError::invalid(format!(
+            "--prompt-len {} + --gen-len {} exceeds the {positions} positions {} encodes; shorten them",
+            prompt.unwrap_or(512),
+            gen.unwrap_or(32),
+            model.name
+        )));
+    }
+    notes.push(format!(
+        "prompt {p} and generation {g} tokens: the defaults shortened to the {positions} positions {} encodes",
+        model.name
+    ));
+    Ok((p, g))
 }
 
 fn round3(x: f64) -> f64 {

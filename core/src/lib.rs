@@ -7,6 +7,7 @@
 //! Must never: estimate a duration (that is `ferry-sim`), run a kernel or touch a
 //! weight file (that is `ferry-engine`), or print for people (that is the CLI).
 
+pub mod atomic;
 pub mod catalog;
 pub mod error;
 pub mod hardware;
@@ -20,6 +21,7 @@ pub mod export;
 pub mod graph;
 pub mod plan;
 pub mod profile;
+mod profile_check;
 pub mod resolve;
 pub mod schedule;
 pub mod topology;

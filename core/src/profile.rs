@@ -4,14 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CoreError, Result};
 use crate::hardware::{Hardware, Interconnect};
 use crate::topology::{DeviceSlot, LinkKind, Place};
 use crate::units::{bytes_serde, KIB, MIB};
 
 /// Where a profile's numbers came from: the honesty rule made a type.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
+#[serde(tag = "kind", rename_all = "kebab-case", try_from = "ProvenanceFields")]
 pub enum Provenance {
     /// Derived from catalog datasheets; predictions from it say so.
     Datasheet { gpu: String, host: String, sources: Vec<String> },
@@ -19,8 +18,50 @@ pub enum Provenance {
     Measured { machine: String, date: String, backend: String },
 }
 
+/// `Provenance` as read: a plain struct, so that an unknown or misspelt key is
+/// reported with its path and line (an internally tagged enum loses both).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProvenanceFields {
+    kind: String,
+    gpu: Option<String>,
+    host: Option<String>,
+    sources: Option<Vec<String>>,
+    machine: Option<String>,
+    date: Option<String>,
+    backend: Option<String>,
+}
+
+impl TryFrom<ProvenanceFields> for Provenance {
+    type Error = String;
+
+    fn try_from(f: ProvenanceFields) -> std::result::Result<Self, String> {
+        let need = |value: Option<String>, key: &str| value.ok_or(format!("{} provenance needs `{key}`", f.kind));
+        let (datasheet, measured) = (
+            [f.gpu.is_some(), f.host.is_some(), f.sources.is_some()],
+            [f.machine.is_some(), f.date.is_some(), f.backend.is_some()],
+        );
+        match f.kind.as_str() {
+            "datasheet" if !measured.contains(&true) => Ok(Provenance::Datasheet {
+                gpu: need(f.gpu.clone(), "gpu")?,
+                host: need(f.host.clone(), "host")?,
+                sources: f.sources.unwrap_or_default(),
+            }),
+            "measured" if !datasheet.contains(&true) => Ok(Provenance::Measured {
+                machine: need(f.machine.clone(), "machine")?,
+                date: need(f.date.clone(), "date")?,
+                backend: need(f.backend.clone(), "backend")?,
+            }),
+            "datasheet" => Err("datasheet provenance takes gpu, host and sources only".into()),
+            "measured" => Err("measured provenance takes machine, date and backend only".into()),
+            other => Err(format!("unknown provenance kind `{other}`: use datasheet or measured")),
+        }
+    }
+}
+
 /// Throughput of a link at one request size and number of requests in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CurvePoint {
     #[serde(with = "bytes_serde")]
     pub chunk_bytes: u64,
@@ -36,6 +77,7 @@ pub struct CurvePoint {
 /// A link's bandwidth as a function of request size and concurrency, plus a fixed
 /// latency paid once per transfer task (first byte).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransferCurve {
     pub latency_ns: u64,
     pub points: Vec<CurvePoint>,
@@ -102,6 +144,7 @@ impl TransferCurve {
 
 /// How fast a processor runs the work Ferry gives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ComputeProfile {
     /// Peak matrix-multiply rate at the compute dtype, FLOP/s.
     pub peak_flops: f64,
@@ -127,6 +170,7 @@ pub struct ComputeProfile {
 
 /// One measured compute task: an operation of a model shape at a number of tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KernelTiming {
     pub op: String,
     /// Identifies the model shape (`hidden_size`x`intermediate_size`), so a table
@@ -140,6 +184,7 @@ pub struct KernelTiming {
 
 /// Measured or assumed slowdowns when resources run together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Interference {
     /// Device compute runs at 1 / (1 + this) while a transfer into device memory is active
     /// (on the cpu backend copies and reads compete for the same memory bandwidth).
@@ -356,63 +401,6 @@ impl Profile {
 
     pub fn is_measured(&self) -> bool {
         matches!(self.provenance, Provenance::Measured { .. })
-    }
-
-    /// Checks the numbers are usable (positive bandwidths and rates, sane fractions).
-    pub fn validate(&self) -> Result<()> {
-        let curves = [
-            ("disk_read", &self.disk_read),
-            ("disk_write", &self.disk_write),
-            ("host_to_device", &self.host_to_device),
-            ("host_to_device_pageable", &self.host_to_device_pageable),
-            ("device_to_host", &self.device_to_host),
-        ];
-        let under_compute = self.interference.disk_read_under_compute.iter();
-        let links = self.links.iter().map(|l| ("links", &l.curve));
-        for (name, curve) in
-            curves.into_iter().chain(under_compute.map(|c| ("disk_read_under_compute", c))).chain(links)
-        {
-            if curve.points.is_empty()
-                || curve.points.iter().any(|p| p.gbps.is_nan() || p.gbps <= 0.0 || p.concurrency == 0)
-            {
-                return Err(CoreError::invalid(format!(
-                    "profile: {name} needs at least one point with positive gbps and concurrency"
-                )));
-            }
-        }
-        for (name, compute) in [("device_compute", &self.device_compute), ("host_compute", &self.host_compute)] {
-            let fractions_ok = (0.0..=1.0).contains(&compute.matmul_efficiency)
-                && compute.matmul_efficiency > 0.0
-                && (0.0..=1.0).contains(&compute.memory_efficiency)
-                && compute.memory_efficiency > 0.0;
-            let rates_ok = compute.peak_flops > 0.0 && compute.memory_bytes_per_s > 0.0;
-            if !rates_ok || !fractions_ok {
-                return Err(CoreError::invalid(format!(
-                    "profile: {name} needs positive peak_flops and memory_bytes_per_s and efficiencies in (0, 1]"
-                )));
-            }
-        }
-        if !(0.0..1.0).contains(&self.memory_reserve_fraction) {
-            return Err(CoreError::invalid("profile: memory_reserve_fraction must be in [0, 1)"));
-        }
-        let count = self.device_count() as u16;
-        if let Some(bad) = self.devices.iter().position(|d| d.host != 0) {
-            return Err(CoreError::invalid(format!(
-                "profile: devices[{bad}] is on host {}; one host is supported",
-                self.devices[bad].host
-            )));
-        }
-        for link in &self.links {
-            let known = |p: Place| matches!(p, Place::Device(d) if d < count) || p == Place::HOST;
-            if !known(link.from) || !known(link.to) || link.from == link.to {
-                return Err(CoreError::invalid(format!(
-                    "profile: link {}→{} names a place this machine lacks ({count} device(s), host0)",
-                    link.from.token(),
-                    link.to.token()
-                )));
-            }
-        }
-        Ok(())
     }
 }
 

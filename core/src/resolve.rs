@@ -86,6 +86,15 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
         profile.host_memory_bytes = bytes;
         profile.max_pinned_bytes = profile.max_pinned_bytes.min(bytes);
     }
+    let zero = |bytes: Option<u64>| bytes == Some(0);
+    if zero(hardware.device_memory) || zero(hardware.host_memory) || hardware.devices.iter().any(|d| zero(d.memory)) {
+        return Err(CoreError::invalid(
+            "hardware: device_memory, host_memory and every device's memory must be more than 0 bytes",
+        ));
+    }
+    // The overrides above change figures of a checked profile: check them again, so
+    // every command that resolves a plan (simulate, run, export, tune) refuses alike.
+    profile.validate()?;
     Ok((profile, notes))
 }
 
@@ -104,7 +113,19 @@ pub fn load_plan(catalog: &Catalog, path: &Path) -> Result<ResolvedPlan> {
 }
 
 pub fn resolve_plan(catalog: &Catalog, plan: Plan, base_dir: &Path) -> Result<ResolvedPlan> {
-    let (model, mut notes) = resolve_model(catalog, &plan.models.target, base_dir)?;
+    let (model, notes) = resolve_model(catalog, &plan.models.target, base_dir)?;
+    resolve_plan_with_model(catalog, plan, model, notes, base_dir)
+}
+
+/// Resolves a plan's hardware and checks its policy for `model`, which stands for the
+/// plan's own model name (a folder the user named for a run); `notes` are kept.
+pub fn resolve_plan_with_model(
+    catalog: &Catalog,
+    plan: Plan,
+    model: ModelSpec,
+    mut notes: Vec<String>,
+    base_dir: &Path,
+) -> Result<ResolvedPlan> {
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;

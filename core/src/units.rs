@@ -14,29 +14,39 @@ pub fn parse_bytes(text: &str) -> Result<u64> {
     let trimmed = text.trim();
     let split = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let number: f64 = number
-        .replace('_', "")
-        .parse()
-        .map_err(|_| CoreError::invalid(format!("'{text}' is not a byte size (examples: 512MiB, 6GB, 1.5GiB)")))?;
-    let multiplier: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => KIB as f64,
-        "mib" => MIB as f64,
-        "gib" => GIB as f64,
-        "tib" => (GIB * 1024) as f64,
+    let number = number.replace('_', "");
+    let not_a_size = || CoreError::invalid(format!("'{text}' is not a byte size (examples: 512MiB, 6GB, 1.5GiB)"));
+    if number.is_empty() || number == "." {
+        return Err(not_a_size());
+    }
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "kib" => KIB,
+        "mib" => MIB,
+        "gib" => GIB,
+        "tib" => GIB * 1024,
         other => {
             return Err(CoreError::invalid(format!(
                 "'{text}': unknown unit '{other}' (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
             )))
         }
     };
-    let bytes = number * multiplier;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(CoreError::invalid(format!("'{text}' is out of range")));
+    let out_of_range = || CoreError::invalid(format!("'{text}' is out of range: at most 16 EiB (2^64 - 1 bytes)"));
+    // Whole numbers exactly (an f64 rounds past 2^53 and saturates at 2^64), so a size
+    // that does not fit is an error rather than a silently different one.
+    if !number.contains('.') {
+        let whole: u128 =
+            if number.len() > 39 { return Err(out_of_range()) } else { number.parse().map_err(|_| not_a_size())? };
+        return u64::try_from(whole * u128::from(multiplier)).map_err(|_| out_of_range());
+    }
+    let bytes = number.parse::<f64>().map_err(|_| not_a_size())? * multiplier as f64;
+    // 2^64 itself is out of range: `u64::MAX as f64` rounds up to it.
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(out_of_range());
     }
     Ok(bytes.round() as u64)
 }
@@ -167,6 +177,18 @@ mod tests {
         assert!(err.contains("not a byte size"), "{err}");
         let err = parse_bytes("5 parsecs").unwrap_err().to_string();
         assert!(err.contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn sizes_past_u64_are_errors_not_saturated() {
+        assert_eq!(parse_bytes("18446744073709551615").unwrap(), u64::MAX);
+        assert_eq!(parse_bytes("9007199254740993B").unwrap(), 9_007_199_254_740_993, "exact past 2^53");
+        for text in ["18446744073709551616", "18446744073709551616B", "16777216TiB", "18446744073709551616.0"] {
+            let err = parse_bytes(text).map(|b| b.to_string()).unwrap_err().to_string();
+            assert!(err.contains("out of range"), "{text}: {err}");
+        }
+        let err = parse_bytes(&"9".repeat(60)).unwrap_err().to_string();
+        assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]

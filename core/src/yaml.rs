@@ -107,16 +107,11 @@ pub fn to_json_string<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string_pretty(value).map_err(|e| CoreError::invalid(format!("cannot write JSON: {e}")))
 }
 
-/// Writes `text` to `path`, refusing to replace an existing file unless `overwrite`.
-/// Nothing the user owns is overwritten without being asked.
+/// Writes `text` to `path` atomically (`atomic::write_atomic`), refusing to replace an
+/// existing file unless `overwrite`, and a symbolic link always. Nothing the user owns
+/// is overwritten without being asked, and a failed write leaves nothing half-written.
 pub fn write_new_file(path: &Path, text: &str, overwrite: bool) -> Result<()> {
-    if path.exists() && !overwrite {
-        return Err(CoreError::invalid(format!("{} already exists; pass --force to overwrite it", path.display())));
-    }
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| CoreError::io(parent, e))?;
-    }
-    std::fs::write(path, text).map_err(|e| CoreError::io(path, e))
+    crate::atomic::write_atomic(path, text.as_bytes(), overwrite)
 }
 
 /// Refuses YAML nested deeper than [`MAX_YAML_DEPTH`] in one linear pass, before the

@@ -196,8 +196,11 @@ fn check_coverage(tensors: &BTreeMap<String, TensorLocation>, data_start: u64, f
 /// Writes a safetensors file from tensors produced on demand, in the given order.
 /// `fill(index, out)` writes tensor `index`'s bytes to `out`. The header is padded so
 /// the data starts on a 4096-byte boundary (direct I/O reads then need less slack).
+/// The file is written atomically: complete under its name, or not there at all; an
+/// existing file is replaced only if `overwrite`.
 pub fn write(
     path: &Path,
+    overwrite: bool,
     tensors: &[(String, Dtype, Vec<u64>)],
     mut fill: impl FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), EngineError> {
@@ -219,7 +222,7 @@ pub fn write(
     let mut text = serde_json::to_vec(&header).expect("header serializes");
     let padded = (8 + text.len() as u64).div_ceil(4096) * 4096 - 8;
     text.resize(padded as usize, b' ');
-    let file = std::fs::File::create(path).map_err(|e| EngineError::io(path, e))?;
+    let file = ferry_core::atomic::AtomicFile::create(path, overwrite)?;
     let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
     let io = |e| EngineError::io(path, e);
     out.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
@@ -228,6 +231,5 @@ pub fn write(
         fill(index, &mut out).map_err(io)?;
     }
     let file = out.into_inner().map_err(|e| EngineError::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(())
+    Ok(file.commit()?)
 }

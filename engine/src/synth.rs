@@ -122,6 +122,7 @@ pub fn synthesize(
     if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) {
         return Err(EngineError::Unsupported("synth writes f32, f16 or bf16".into()));
     }
+    ferry_core::atomic::refuse_symlink(out)?;
     if out.exists() {
         let non_empty = std::fs::read_dir(out).map_err(|e| EngineError::io(out, e))?.next().is_some();
         if non_empty && !force {
@@ -129,15 +130,22 @@ pub fn synthesize(
         }
     }
     std::fs::create_dir_all(out).map_err(|e| EngineError::io(out, e))?;
-    let config = serde_json::to_string_pretty(&config_json(model, dtype)).expect("config serializes");
+    // config.json is what makes the folder a model: an old one goes first and the new
+    // one is written last, so a synth that fails or is killed midway never leaves a
+    // config.json beside weights of another shape or a missing safetensors file.
     let config_path = out.join("config.json");
-    std::fs::write(&config_path, config).map_err(|e| EngineError::io(&config_path, e))?;
+    if force {
+        match std::fs::remove_file(&config_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(EngineError::io(&config_path, e)),
+            _ => {}
+        }
+    }
     let list = tensor_list(model);
     let total: u64 = list.iter().map(|(_, s)| dtype.bytes_of(s.iter().product())).sum();
     let tensors: Vec<(String, Dtype, Vec<u64>)> = list.iter().map(|(n, s)| (n.clone(), dtype, s.clone())).collect();
     let mut done = 0u64;
     let mut buffer: Vec<u8> = Vec::with_capacity(4 << 20);
-    crate::safetensors::write(&out.join("model.safetensors"), &tensors, |index, writer| {
+    crate::safetensors::write(&out.join("model.safetensors"), force, &tensors, |index, writer| {
         let (name, shape) = &list[index];
         let elements: u64 = shape.iter().product();
         let mut values = tensor_values(seed, name, elements);
@@ -152,7 +160,10 @@ pub fn synthesize(
             progress(done, total);
         }
         Ok(())
-    })
+    })?;
+    let config = serde_json::to_string_pretty(&config_json(model, dtype)).expect("config serializes");
+    ferry_core::atomic::write_atomic(&config_path, config.as_bytes(), force)?;
+    Ok(())
 }
 
 /// Appends values in `dtype`'s little-endian encoding.

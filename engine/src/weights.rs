@@ -3,8 +3,9 @@
 //! `model.safetensors.index.json`). Everything is validated before a run starts:
 //! names, dtypes, shapes and file sizes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
 
@@ -31,6 +32,9 @@ pub struct ModelFiles {
     /// The stored dtype (all tensors share it).
     pub dtype: Dtype,
     tensors: BTreeMap<String, TensorLocation>,
+    /// Byte ranges (file, start) whose values were found finite: streamed weights are
+    /// read every step, checked the first time only.
+    checked: Arc<Mutex<HashSet<(PathBuf, u64)>>>,
 }
 
 impl ModelFiles {
@@ -54,7 +58,7 @@ impl ModelFiles {
             file: dir.to_path_buf(),
             message: "the safetensors files hold no tensors".into(),
         })?;
-        let files = ModelFiles { dir: dir.to_path_buf(), spec, dtype, tensors };
+        let files = ModelFiles { dir: dir.to_path_buf(), spec, dtype, tensors, checked: Default::default() };
         files.validate()?;
         Ok(files)
     }
@@ -117,6 +121,41 @@ impl ModelFiles {
 
     pub fn tensor(&self, name: &str) -> Option<&TensorLocation> {
         self.tensors.get(name)
+    }
+
+    /// Checks that `bytes`, values of tensor `name` read from `file` at byte `start`,
+    /// are all finite, the first time these bytes are read: one pass over them, cheap
+    /// beside the multiply that follows. A NaN or infinity in a weight would otherwise
+    /// only show as garbage tokens (or non-finite logits) far from its cause.
+    pub fn check_finite(&self, name: &str, file: &Path, start: u64, bytes: &[u8]) -> Result<(), EngineError> {
+        let key = (file.to_path_buf(), start);
+        if self.checked.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
+            return Ok(());
+        }
+        if let Some(index) = first_non_finite(self.dtype, bytes) {
+            let element =
+                (start - self.tensors.get(name).map_or(start, |t| t.start)) / self.dtype.bytes_of(1) + index as u64;
+            return Err(EngineError::BadWeights {
+                file: file.to_path_buf(),
+                message: format!("tensor '{name}' holds a non-finite value (NaN or infinity) at element {element}"),
+            });
+        }
+        self.checked.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+        Ok(())
+    }
+}
+
+/// The index of the first NaN or infinity among little-endian values of `dtype`: the
+/// exponent bits all set.
+pub fn first_non_finite(dtype: Dtype, bytes: &[u8]) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000),
+        Dtype::Bf16 => bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        Dtype::F16 => bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        // Integer types hold no non-finite values.
+        _ => None,
     }
 }
 
@@ -186,4 +225,29 @@ fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf, String> {
         return Err("is not a regular file".into());
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+            let encode = |values: &[f32]| {
+                let mut out = Vec::new();
+                crate::synth::encode(values.iter().copied(), dtype, &mut out);
+                out
+            };
+            // The largest finite value of each dtype and subnormals are finite.
+            let big = match dtype {
+                Dtype::F16 => 65504.0,
+                _ => 3.0e38,
+            };
+            assert_eq!(first_non_finite(dtype, &encode(&[0.0, -1.5, big, -big, 1e-40])), None, "{dtype:?}");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                assert_eq!(first_non_finite(dtype, &encode(&[1.0, 2.0, bad, 3.0])), Some(2), "{dtype:?} {bad}");
+            }
+        }
+    }
 }

@@ -114,7 +114,7 @@ fn small_file(dir: &Path) -> std::path::PathBuf {
         ("e".to_string(), Dtype::F16, vec![0]),
         ("n".to_string(), Dtype::F32, vec![2]),
     ];
-    write(&path, &tensors, |i, out| {
+    write(&path, true, &tensors, |i, out| {
         out.write_all(&vec![i as u8; 64][..tensors[i].1.bytes_of(tensors[i].2.iter().product()) as usize])
     })
     .unwrap();

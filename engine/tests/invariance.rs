@@ -244,7 +244,7 @@ fn sharded_f16_and_tied_models_run() {
     for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
         let tensors: Vec<(String, Dtype, Vec<u64>)> =
             part.iter().map(|n| ((*n).clone(), Dtype::F16, header[*n].shape.clone())).collect();
-        write(&sharded.join(shard), &tensors, |i, out| {
+        write(&sharded.join(shard), false, &tensors, |i, out| {
             let t = &header[&tensors[i].0];
             out.write_all(&bytes[t.start as usize..t.end as usize])
         })

@@ -279,14 +279,14 @@ pub(crate) struct ScratchDisk {
     pub write_points: Vec<CurvePoint>,
     /// Median time to the first byte of a single 4 KiB direct read.
     pub read_latency_ns: f64,
-    _cleanup: RemoveOnDrop,
+    _cleanup: ferry_core::atomic::ScratchPath,
 }
 
 impl ScratchDisk {
     pub fn create(options: &ProfileOptions, progress: &mut impl FnMut(&str, f64)) -> Result<ScratchDisk, ProfileError> {
         std::fs::create_dir_all(&options.scratch_dir).map_err(io_error(&options.scratch_dir))?;
         let path = options.scratch_dir.join(format!("ferry-profile-{}.bin", std::process::id()));
-        let cleanup = RemoveOnDrop(path.clone());
+        let cleanup = ferry_core::atomic::ScratchPath::register(path.clone());
         progress("disk writes", 0.0);
         let mut write_points = Vec::new();
         let region = options.scratch_bytes / 2;
@@ -408,14 +408,6 @@ impl Drop for Background {
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }
-    }
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

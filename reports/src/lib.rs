@@ -78,44 +78,52 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// Refuses to overwrite unless `force`; creates the folder.
+/// Creates the folder and checks every file to be drawn in it before any drawing:
+/// none may be a symbolic link, and none may exist unless `force`.
 pub fn prepare(dir: &Path, stems: &[&str], force: bool) -> Result<(), ReportError> {
+    ferry_core::atomic::refuse_symlink(dir)?;
     std::fs::create_dir_all(dir).map_err(|source| ferry_core::CoreError::io(dir, source))?;
-    if !force {
-        for stem in stems {
-            for ext in ["png", "svg"] {
-                let path = dir.join(format!("{stem}.{ext}"));
-                if path.exists() {
-                    return Err(ReportError::Exists(path));
-                }
+    for stem in stems {
+        for ext in ["png", "svg"] {
+            let path = dir.join(format!("{stem}.{ext}"));
+            if !force && path.exists() {
+                return Err(ReportError::Exists(path));
             }
+            ferry_core::atomic::check_output_path(&path, true)?;
         }
     }
     Ok(())
 }
 
 /// Draws `$body` (with `$root` bound to the drawing area) into `<stem>.png` and
-/// `<stem>.svg`, expanding the body once per backend; evaluates to both paths.
+/// `<stem>.svg`, expanding the body once per backend; evaluates to both paths. Each
+/// file is drawn under a temporary name and renamed into place once complete.
 macro_rules! both {
     ($dir:expr, $stem:expr, $size:expr, |$root:ident| $body:block) => {{
         register_font();
         let png = $dir.join(format!("{}.png", $stem));
         let svg = $dir.join(format!("{}.svg", $stem));
         {
-            let area = BitMapBackend::new(&png, $size).into_drawing_area();
+            let file = ferry_core::atomic::AtomicFile::create(&png, true)?;
+            let area = BitMapBackend::new(file.temp_path(), $size).into_drawing_area();
             area.fill(&WHITE).map_err(|e| draw_error(&png, e))?;
             let $root = &area;
             let drawn: Result<(), String> = (|| $body)();
             drawn.map_err(|message| ReportError::Draw { path: png.clone(), message })?;
             area.present().map_err(|e| draw_error(&png, e))?;
+            drop(area);
+            file.commit()?;
         }
         {
-            let area = SVGBackend::new(&svg, $size).into_drawing_area();
+            let file = ferry_core::atomic::AtomicFile::create(&svg, true)?;
+            let area = SVGBackend::new(file.temp_path(), $size).into_drawing_area();
             area.fill(&WHITE).map_err(|e| draw_error(&svg, e))?;
             let $root = &area;
             let drawn: Result<(), String> = (|| $body)();
             drawn.map_err(|message| ReportError::Draw { path: svg.clone(), message })?;
             area.present().map_err(|e| draw_error(&svg, e))?;
+            drop(area);
+            file.commit()?;
         }
         Ok(vec![png, svg])
     }};

@@ -27,6 +27,9 @@ pub(super) struct Activations {
 #[derive(Default)]
 pub(super) struct MicroBatch {
     places: HashMap<Place, Activations>,
+    /// Where the hidden state of a last token first went non-finite: (step, layer,
+    /// sub-layer), for the error that non-finite logits raise.
+    first_non_finite: Option<(u32, u32, &'static str)>,
 }
 
 /// The part of a micro-batch's activations a copy after `after` moves.
@@ -138,6 +141,10 @@ impl<'a> Engine<'a> {
         }
         for (i, seq) in self.sequences(task.micro_batch).enumerate() {
             let row = &logits[i * vocab..(i + 1) * vocab];
+            // A NaN has no maximum: the argmax of such a row would be an arbitrary token.
+            if row.iter().any(|v| !v.is_finite()) {
+                return Err(self.non_finite_logits(task, seq));
+            }
             tokens[seq].push(self.backend.argmax(row));
             if self.options.keep_logits {
                 all_logits[task.step as usize][seq] = row.to_vec();
@@ -155,10 +162,42 @@ impl<'a> Engine<'a> {
         normed
     }
 
-    /// Adds `delta` to the side's hidden state (the residual connection).
-    pub(super) fn add_to_hidden(&self, j: u32, side: Place, delta: &[f32]) {
-        let mut state = lock(&self.micro_batches[j as usize]);
-        self.backend.add(&mut state.at(side).hidden, delta);
+    /// Adds `delta` to the side's hidden state (the residual connection), and notes
+    /// the first sub-layer after which a sequence's last row is no longer finite (the
+    /// rows the next token comes from; checking only them keeps this cheap).
+    pub(super) fn add_to_hidden(&self, task: &Task, side: Place, delta: &[f32], sublayer: &'static str) {
+        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let hidden = &mut state.at(side).hidden;
+        self.backend.add(hidden, delta);
+        if state.first_non_finite.is_none() {
+            let (h, new) = (self.spec.hidden_size as usize, self.new_tokens(task.step));
+            let hidden = &state.at(side).hidden;
+            let last_rows =
+                (0..self.policy.micro_batch_size as usize).map(|i| &hidden[((i + 1) * new - 1) * h..(i + 1) * new * h]);
+            if last_rows.flatten().any(|v| !v.is_finite()) {
+                state.first_non_finite = Some((task.step, task.layer, sublayer));
+            }
+        }
+    }
+
+    /// The error for non-finite logits at `step`: where the hidden state first went
+    /// non-finite, if it did (otherwise the head itself overflowed).
+    fn non_finite_logits(&self, task: &Task, seq: usize) -> EngineError {
+        let state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let origin = match state.first_non_finite {
+            Some((step, layer, sublayer)) => {
+                format!("the hidden state first went non-finite in layer {layer} ({sublayer}) at step {step}")
+            }
+            None => "the hidden state is finite: the head overflowed".to_string(),
+        };
+        EngineError::BadWeights {
+            file: self.files.dir.clone(),
+            message: format!(
+                "step {}: the logits of sequence {seq} are not finite (NaN or infinity); {origin}. \
+                 The weights are out of range for this model's arithmetic",
+                task.step
+            ),
+        }
     }
 
     /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer,
@@ -298,7 +337,7 @@ impl<'a> Engine<'a> {
         let attn = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn) };
         let projected = self.project(&weights, o_tensor, &attn, rows, h);
         drop(attn);
-        self.add_to_hidden(task.micro_batch, side, &projected);
+        self.add_to_hidden(task, side, &projected, "attention");
         self.release_weights_if_last(task, WeightGroup::Attention);
         Ok(())
     }
@@ -316,7 +355,7 @@ impl<'a> Engine<'a> {
         drop(up);
         let down = self.project(&weights, 3, &gate, rows, h);
         drop(gate);
-        self.add_to_hidden(task.micro_batch, side, &down);
+        self.add_to_hidden(task, side, &down, "mlp");
         self.release_weights_if_last(task, WeightGroup::Mlp);
         Ok(())
     }

@@ -135,8 +135,11 @@ impl<'a> Engine<'a> {
             *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
             let buffer_index = loaded.buffers.len();
             for (part, range) in members {
-                let (tensor, row_start, rows, cols, _, start, _) = &parts[part];
+                let (tensor, row_start, rows, cols, _, start, end) = &parts[part];
                 let offset = starts[range] + (start - ranges[range].0) as usize;
+                let name = &tensors[*tensor as usize].name;
+                let bytes = &buffer.as_slice()[offset..offset + (end - start) as usize];
+                self.files.check_finite(name, &file, *start, bytes)?;
                 loaded.views.push(View {
                     buffer: buffer_index,
                     offset,
