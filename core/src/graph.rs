@@ -230,6 +230,14 @@ impl TaskGraph {
     /// computed in one pass with integer keys: simulator, dispatcher and metrics need
     /// it for every task of every candidate plan.
     pub fn task_resource_indices(&self) -> Vec<u32> {
+        let mut indices = Vec::new();
+        self.task_resource_indices_into(&mut indices);
+        indices
+    }
+
+    /// `task_resource_indices` into `indices` (cleared first), for callers that keep
+    /// one buffer over many graphs.
+    pub fn task_resource_indices_into(&self, indices: &mut Vec<u32>) {
         // The resources of up to 16 devices have a slot in a table; others are searched.
         let mut table = [u32::MAX; 50];
         for (index, spec) in self.resources.iter().enumerate() {
@@ -238,16 +246,14 @@ impl TaskGraph {
             }
         }
         let keys: Vec<u64> = self.resources.iter().map(|r| r.resource.key()).collect();
-        self.tasks
-            .iter()
-            .map(|t| match resource_slot(t.resource).map(|slot| table[slot]) {
-                Some(index) if index != u32::MAX => index,
-                _ => {
-                    let key = t.resource.key();
-                    keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
-                }
-            })
-            .collect()
+        indices.clear();
+        indices.extend(self.tasks.iter().map(|t| match resource_slot(t.resource).map(|slot| table[slot]) {
+            Some(index) if index != u32::MAX => index,
+            _ => {
+                let key = t.resource.key();
+                keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
+            }
+        }));
     }
 
     /// Integer keys of the pools, in order (see `Place::key`).
