@@ -127,11 +127,15 @@ impl<'g> Dispatcher<'g> {
             // The lowest head among the queues that may start a task now.
             let (mut best_id, mut best_q) = (TaskId::MAX, usize::MAX);
             for (q, (&head, info)) in self.heads.iter().zip(&self.queues).enumerate() {
-                if head >= best_id || blocked >> q.min(127) & 1 != 0 {
+                // Nothing is blocked on most calls: test that before shifting 128 bits.
+                if head >= best_id || (blocked != 0 && blocked >> q.min(127) & 1 != 0) {
                     continue;
                 }
                 let r = info.resource as usize;
-                if self.free_lanes[r] == 0 || (resource_blocked >> r.min(127) & 1 != 0 && !info.acquires_only_its_pool)
+                if self.free_lanes[r] == 0
+                    || (resource_blocked != 0
+                        && resource_blocked >> r.min(127) & 1 != 0
+                        && !info.acquires_only_its_pool)
                 {
                     continue;
                 }
