@@ -260,6 +260,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     result
 }
 
+/// The event loop of `simulate`, over the thread's reused tables.
 fn replay(graph: &TaskGraph, cost: &CostModel, workspace: &mut Workspace) -> Result<SimOutput, SimError> {
     let costs = &mut workspace.costs;
     cost.graph_costs_into(graph, costs);
