@@ -52,30 +52,29 @@ pub struct Stall {
     pub message: String,
 }
 
+/// The dispatcher's tables over tasks (dependencies, dependents, ready queue). A
+/// caller that runs many graphs — the simulator replays thousands for the tuner —
+/// passes them from one dispatcher to the next (`with_tables`, `into_tables`), so a run
+/// reuses their memory instead of allocating, and faulting in, a megabyte per graph.
+#[derive(Default)]
+pub struct DispatchTables {
+    remaining_deps: Vec<u32>,
+    dependent_start: Vec<u32>,
+    dependents: Vec<u32>,
+    queue_of: Vec<u32>,
+}
+
 impl<'g> Dispatcher<'g> {
     pub fn new(graph: &'g TaskGraph) -> Dispatcher<'g> {
-        let count = graph.tasks.len();
-        let remaining_deps: Vec<u32> = graph.tasks.iter().map(|t| t.deps.len() as u32).collect();
-        // Dependents in compressed form.
-        let mut dependent_start = vec![0u32; count + 1];
-        for task in &graph.tasks {
-            for &dep in &task.deps {
-                dependent_start[dep as usize + 1] += 1;
-            }
-        }
-        for i in 0..count {
-            dependent_start[i + 1] += dependent_start[i];
-        }
-        let mut fill = dependent_start.clone();
-        let mut dependents = vec![0u32; dependent_start[count] as usize];
-        for (id, task) in graph.tasks.iter().enumerate() {
-            for &dep in &task.deps {
-                dependents[fill[dep as usize] as usize] = id as u32;
-                fill[dep as usize] += 1;
-            }
-        }
+        Dispatcher::with_tables(graph, DispatchTables::default())
+    }
+
+    /// `new`, filling `tables` (whatever they held) instead of allocating its own.
+    pub fn with_tables(graph: &'g TaskGraph, tables: DispatchTables) -> Dispatcher<'g> {
+        let DispatchTables { mut remaining_deps, mut dependent_start, mut dependents, mut queue_of } = tables;
+        dependents_of(graph, &mut remaining_deps, &mut dependent_start, &mut dependents);
         let pool_slots = PoolSlots::new(graph);
-        let (queue_of, queue_keys) = queues(graph, &pool_slots);
+        let queue_keys = queues(graph, &pool_slots, &mut queue_of);
         let mut ready: Vec<BinaryHeap<Reverse<TaskId>>> = vec![BinaryHeap::new(); queue_keys.len()];
         for (id, &deps) in remaining_deps.iter().enumerate() {
             if deps == 0 {
@@ -106,6 +105,16 @@ impl<'g> Dispatcher<'g> {
         }
     }
 
+    /// Gives back the tables over tasks, for the next graph's `with_tables`.
+    pub fn into_tables(self) -> DispatchTables {
+        DispatchTables {
+            remaining_deps: self.remaining_deps,
+            dependent_start: self.dependent_start,
+            dependents: self.dependents,
+            queue_of: self.queue_of,
+        }
+    }
+
     /// Starts every task the rule allows now, lowest id first; `start(task, lane,
     /// resource index)` is called for each, after its memory has been acquired.
     pub fn dispatch(&mut self, mut start: impl FnMut(TaskId, u32, usize)) {
@@ -118,11 +127,15 @@ impl<'g> Dispatcher<'g> {
             // The lowest head among the queues that may start a task now.
             let (mut best_id, mut best_q) = (TaskId::MAX, usize::MAX);
             for (q, (&head, info)) in self.heads.iter().zip(&self.queues).enumerate() {
-                if head >= best_id || blocked >> q.min(127) & 1 != 0 {
+                // Nothing is blocked on most calls: test that before shifting 128 bits.
+                if head >= best_id || (blocked != 0 && blocked >> q.min(127) & 1 != 0) {
                     continue;
                 }
                 let r = info.resource as usize;
-                if self.free_lanes[r] == 0 || (resource_blocked >> r.min(127) & 1 != 0 && !info.acquires_only_its_pool)
+                if self.free_lanes[r] == 0
+                    || (resource_blocked != 0
+                        && resource_blocked >> r.min(127) & 1 != 0
+                        && !info.acquires_only_its_pool)
                 {
                     continue;
                 }
@@ -240,6 +253,42 @@ impl<'g> Dispatcher<'g> {
     }
 }
 
+/// Every task's count of dependencies, and its dependents in compressed form: those
+/// of task d are `dependents[dependent_start[d]..dependent_start[d + 1]]`, ascending.
+fn dependents_of(
+    graph: &TaskGraph,
+    remaining_deps: &mut Vec<u32>,
+    dependent_start: &mut Vec<u32>,
+    dependents: &mut Vec<u32>,
+) {
+    let count = graph.tasks.len();
+    remaining_deps.clear();
+    dependent_start.clear();
+    dependent_start.resize(count + 1, 0);
+    for task in &graph.tasks {
+        remaining_deps.push(task.deps.len() as u32);
+        for &dep in &task.deps {
+            dependent_start[dep as usize] += 1;
+        }
+    }
+    // Running sums: entry d becomes the end of d's run (the last entry, the total).
+    let mut total = 0;
+    for entry in dependent_start.iter_mut() {
+        total += *entry;
+        *entry = total;
+    }
+    dependents.clear();
+    dependents.resize(total as usize, 0);
+    // Filling from the last task back moves each entry from the end of its run to its
+    // start, and leaves every run in ascending order — no second table of positions.
+    for (id, task) in graph.tasks.iter().enumerate().rev() {
+        for &dep in task.deps.iter().rev() {
+            dependent_start[dep as usize] -= 1;
+            dependents[dependent_start[dep as usize] as usize] = id as u32;
+        }
+    }
+}
+
 /// Queue key of tasks on a resource that is not split by pool.
 const SHARED: u32 = u32::MAX - 1;
 
@@ -280,6 +329,7 @@ impl PoolSlots {
 
     /// The pool's index in the graph's list (a graph that validated has every pool
     /// its tasks use).
+    #[inline]
     fn index(&self, place: Pool) -> usize {
         match PoolSlots::slot(place).map(|s| self.slots[s]) {
             Some(index) if index != u8::MAX => index as usize,
@@ -288,21 +338,23 @@ impl PoolSlots {
     }
 }
 
-/// Every task's ready queue, and each queue's (resource, pool or `SHARED`): one queue
-/// per resource, split by pool on resources whose tasks acquire in several pools
-/// (only graphs over several devices have such resources: one disk serving them all).
-fn queues(graph: &TaskGraph, pools: &PoolSlots) -> (Vec<u32>, Vec<(u32, u32)>) {
-    let resource_of = graph.task_resource_indices();
+/// Every task's ready queue (into `queue_of`), and each queue's (resource, pool or
+/// `SHARED`): one queue per resource, split by pool on resources whose tasks acquire in
+/// several pools (only graphs over several devices have such resources: one disk
+/// serving them all).
+fn queues(graph: &TaskGraph, pools: &PoolSlots, queue_of: &mut Vec<u32>) -> Vec<(u32, u32)> {
+    // Each task's resource first; on a resource split by pool it becomes its queue below.
+    graph.task_resource_indices_into(queue_of);
     let resources = graph.resources.len();
     if graph.device_count() <= 1 {
         // One device: no resource serves two devices' pools; one queue per resource,
         // without reading every task's memory operations.
-        return (resource_of, (0..resources as u32).map(|r| (r, SHARED)).collect());
+        return (0..resources as u32).map(|r| (r, SHARED)).collect();
     }
     let slots = graph.pools.len() + 1; // per resource: no pool, then each pool
     let first_slot = |id: usize| graph.tasks[id].acquire.first().map_or(0, |m| pools.index(m.pool) + 1);
     let mut pools_used = vec![0u64; resources];
-    for (id, &r) in resource_of.iter().enumerate() {
+    for (id, &r) in queue_of.iter().enumerate() {
         let slot = first_slot(id);
         if slot > 0 {
             pools_used[r as usize] |= 1 << (slot - 1).min(63);
@@ -310,26 +362,23 @@ fn queues(graph: &TaskGraph, pools: &PoolSlots) -> (Vec<u32>, Vec<(u32, u32)>) {
     }
     let mut queue_index = vec![u32::MAX; resources * slots];
     let mut keys: Vec<(u32, u32)> = Vec::new();
-    let queue_of = resource_of
-        .iter()
-        .enumerate()
-        .map(|(id, &r)| {
-            let split = pools_used[r as usize].count_ones() > 1;
-            let slot = if split { first_slot(id) } else { 0 };
-            let index = &mut queue_index[r as usize * slots + slot];
-            if *index == u32::MAX {
-                *index = keys.len() as u32;
-                let pool = if !split {
-                    SHARED
-                } else if slot == 0 {
-                    u32::MAX
-                } else {
-                    slot as u32 - 1
-                };
-                keys.push((r, pool));
-            }
-            *index
-        })
-        .collect();
-    (queue_of, keys)
+    for (id, queue) in queue_of.iter_mut().enumerate() {
+        let r = *queue;
+        let split = pools_used[r as usize].count_ones() > 1;
+        let slot = if split { first_slot(id) } else { 0 };
+        let index = &mut queue_index[r as usize * slots + slot];
+        if *index == u32::MAX {
+            *index = keys.len() as u32;
+            let pool = if !split {
+                SHARED
+            } else if slot == 0 {
+                u32::MAX
+            } else {
+                slot as u32 - 1
+            };
+            keys.push((r, pool));
+        }
+        *queue = *index;
+    }
+    keys
 }

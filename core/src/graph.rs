@@ -275,6 +275,14 @@ impl TaskGraph {
     /// computed in one pass with integer keys: simulator, dispatcher and metrics need
     /// it for every task of every candidate plan.
     pub fn task_resource_indices(&self) -> Vec<u32> {
+        let mut indices = Vec::new();
+        self.task_resource_indices_into(&mut indices);
+        indices
+    }
+
+    /// `task_resource_indices` into `indices` (cleared first), for callers that keep
+    /// one buffer over many graphs.
+    pub fn task_resource_indices_into(&self, indices: &mut Vec<u32>) {
         // The resources of up to 16 devices have a slot in a table; others are searched.
         let mut table = [u32::MAX; 50];
         for (index, spec) in self.resources.iter().enumerate() {
@@ -283,16 +291,14 @@ impl TaskGraph {
             }
         }
         let keys: Vec<u64> = self.resources.iter().map(|r| r.resource.key()).collect();
-        self.tasks
-            .iter()
-            .map(|t| match resource_slot(t.resource).map(|slot| table[slot]) {
-                Some(index) if index != u32::MAX => index,
-                _ => {
-                    let key = t.resource.key();
-                    keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
-                }
-            })
-            .collect()
+        indices.clear();
+        indices.extend(self.tasks.iter().map(|t| match resource_slot(t.resource).map(|slot| table[slot]) {
+            Some(index) if index != u32::MAX => index,
+            _ => {
+                let key = t.resource.key();
+                keys.iter().position(|&k| k == key).map_or(u32::MAX, |i| i as u32)
+            }
+        }));
     }
 
     /// Integer keys of the pools, in order (see `Place::key`).
@@ -398,6 +404,9 @@ impl TaskGraph {
     /// Fails when the resident set alone, or any single task, exceeds its pool: such a
     /// graph could never run. The message names the pool and the shortfall.
     pub fn check_fits(&self) -> Result<()> {
+        if self.fits_everywhere() {
+            return Ok(());
+        }
         for spec in &self.pools {
             let resident = spec.resident_bytes();
             if resident > spec.capacity_bytes {
@@ -436,6 +445,22 @@ impl TaskGraph {
             }
         }
         Ok(())
+    }
+
+    /// Whether `check_fits` passes, in one pass over the tasks for all pools (it makes
+    /// one per pool): the simulator checks every candidate plan's graph. The full check
+    /// runs only to name what does not fit.
+    fn fits_everywhere(&self) -> bool {
+        let mut free: Vec<(Pool, u64)> = Vec::with_capacity(self.pools.len());
+        for spec in &self.pools {
+            match spec.capacity_bytes.checked_sub(spec.resident_bytes()) {
+                Some(bytes) => free.push((spec.pool, bytes)),
+                None => return false,
+            }
+        }
+        self.tasks
+            .iter()
+            .all(|t| t.acquire.iter().all(|m| free.iter().all(|&(pool, bytes)| pool != m.pool || m.bytes <= bytes)))
     }
 
     /// Total bytes moved per task kind, for checks that the graph moves what the plan needs.

@@ -188,6 +188,14 @@ impl<'a> CostModel<'a> {
     }
 
     pub fn graph_costs(&self, graph: &TaskGraph) -> Vec<TaskCost> {
+        let mut costs = Vec::new();
+        self.graph_costs_into(graph, &mut costs);
+        costs
+    }
+
+    /// `graph_costs` into `costs` (cleared first), so a caller that simulates many
+    /// graphs reuses one buffer instead of allocating one per graph.
+    pub fn graph_costs_into(&self, graph: &TaskGraph, costs: &mut Vec<TaskCost>) {
         let mut memo: Vec<((Curve, u64), f64)> = Vec::new();
         let mut single_stream = |curve: Curve, chunk: u64| match memo.iter().find(|(k, _)| *k == (curve, chunk)) {
             Some((_, bandwidth)) => *bandwidth,
@@ -197,7 +205,8 @@ impl<'a> CostModel<'a> {
                 bandwidth
             }
         };
-        graph.tasks.iter().map(|t| self.task_cost_with(t, &mut single_stream)).collect()
+        costs.clear();
+        costs.extend(graph.tasks.iter().map(|t| self.task_cost_with(t, &mut single_stream)));
     }
 }
 

@@ -18,7 +18,9 @@
 //! (3) among completions, ascending task id; among dispatches, ascending task id.
 //! The same graph and costs therefore always give the identical trace.
 
-use ferry_core::dispatch::Dispatcher;
+use std::cell::Cell;
+
+use ferry_core::dispatch::{DispatchTables, Dispatcher};
 use ferry_core::graph::TaskGraph;
 use ferry_core::trace::{Span, Trace, TraceSource};
 
@@ -56,6 +58,12 @@ struct Active {
     rate: f64,
     /// When it completes at the current rate.
     finish_ns: u64,
+    /// Transfers: the task's row in `BandwidthTables`; copied here at start so setting
+    /// rates reads nothing but the active list.
+    bandwidth_row: u32,
+    /// Requests the task keeps in flight, capped at its resource's lanes (the sum over
+    /// a resource is capped there too, so capping each term first changes nothing).
+    requests: u32,
 }
 
 /// What the event loop needs to know of every resource, computed once per graph.
@@ -100,47 +108,72 @@ impl ResourceTable {
     }
 
     /// Sets the rate of every active task for the current set of active tasks (`busy`:
-    /// the resources that have some).
-    fn set_rates(
+    /// the resources that have some) and when each completes at that rate from `time`;
+    /// returns the earliest completion.
+    fn set_rates_and_finish(
         &self,
         busy: u64,
+        time: u64,
         active: &mut [Vec<Active>],
-        costs: &[TaskCost],
-        bandwidth_row: &[u32],
-        bandwidth_tables: &[[Vec<f64>; 2]],
-    ) {
+        bandwidth: &BandwidthTables,
+    ) -> u64 {
         let transfer_active = busy & self.transfers;
         let compute_active = busy & !self.transfers;
+        let mut next = u64::MAX;
         for r in bits(busy) {
-            let n = active[r].len() as f64;
+            let list = &mut active[r];
             if transfer_active & 1 << r != 0 {
-                let requests: u64 = active[r]
-                    .iter()
-                    .map(|a| match costs[a.task as usize] {
-                        TaskCost::Transfer { requests, .. } => requests,
-                        TaskCost::Compute { .. } => 1,
-                    })
-                    .sum();
+                let requests: u64 = list.iter().map(|a| a.requests as u64).sum();
                 let in_flight = requests.min(self.lanes[r] as u64) as usize;
-                let contended = (compute_active & self.slowed_by_compute[r] != 0) as usize;
+                let contended = compute_active & self.slowed_by_compute[r] != 0;
                 let duplex = match self.duplex_partner[r] {
                     Some(other) if self.duplex_slowdown > 0.0 && transfer_active & 1 << other != 0 => {
                         1.0 + self.duplex_slowdown
                     }
                     _ => 1.0,
                 };
-                for a in active[r].iter_mut() {
-                    let row = bandwidth_row[a.task as usize] as usize;
-                    a.rate = bandwidth_tables[row][contended][in_flight - 1] / n / duplex;
+                // Dividing by 1 is exact: skipping it leaves every rate bit-identical and
+                // saves a division (the loop's dearest instruction) per active task.
+                let n = list.len() as f64;
+                for a in list.iter_mut() {
+                    let mut rate = bandwidth.rate(a.bandwidth_row, contended, in_flight);
+                    if n != 1.0 {
+                        rate /= n;
+                    }
+                    if duplex != 1.0 {
+                        rate /= duplex;
+                    }
+                    a.rate = rate;
+                    a.finish_ns = time + ceil_ns(a.remaining, rate);
+                    next = next.min(a.finish_ns);
                 }
             } else {
                 let slowed = self.slowdown[r] > 0.0 && transfer_active & self.slowed_by_transfers[r] != 0;
                 let rate = if slowed { 1.0 / (1.0 + self.slowdown[r]) } else { 1.0 };
-                for a in active[r].iter_mut() {
+                for a in list.iter_mut() {
                     a.rate = rate;
+                    a.finish_ns = time + ceil_ns(a.remaining, rate);
+                    next = next.min(a.finish_ns);
                 }
             }
         }
+        next
+    }
+}
+
+/// `(remaining / rate).ceil() as u64`, bit for bit, without the division when the rate
+/// is 1 (dividing by 1 is exact) and, for the durations that occur (positive, under
+/// 2^63 ns), without `f64::ceil`, which without SSE4.1 in the target is a call to a
+/// software routine: the truncated integer, plus one when truncating lost a fraction,
+/// is the same integer. Anything else (NaN, negative, huge) takes `ceil` itself.
+fn ceil_ns(remaining: f64, rate: f64) -> u64 {
+    const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+    let ns = if rate == 1.0 { remaining } else { remaining / rate };
+    if ns > 0.0 && ns < TWO_POW_63 {
+        let whole = ns as i64;
+        (whole + ((whole as f64) < ns) as i64) as u64
+    } else {
+        ns.ceil() as u64
     }
 }
 
@@ -156,50 +189,91 @@ fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
 }
 
 /// Bandwidth of every (curve, request size) the graph uses, by requests in flight,
-/// computed once so the event loop only indexes: per task its row (`u32::MAX` for
-/// compute), per row the rates alone and while interfering compute runs.
-#[allow(clippy::type_complexity)]
-fn bandwidth_tables(graph: &TaskGraph, cost: &CostModel, costs: &[TaskCost]) -> (Vec<u32>, Vec<[Vec<f64>; 2]>) {
-    let max_lanes = graph.resources.iter().map(|r| r.lanes).max().unwrap_or(1).max(1);
-    // A graph uses a handful of distinct (curve, request size) pairs: a linear search beats hashing.
-    let mut table_keys: Vec<(crate::cost::Curve, u64)> = Vec::new();
-    let mut tables: Vec<[Vec<f64>; 2]> = Vec::new();
-    let rows = costs
-        .iter()
-        .map(|c| match *c {
+/// computed once so the event loop only indexes: per task its row, per row the rates
+/// alone and while interfering compute runs, in one flat table (one bounds check, no
+/// pointer to follow).
+struct BandwidthTables {
+    /// Per task: its row (`u32::MAX` for compute).
+    row_of: Vec<u32>,
+    /// Row-major: row, then contended (0 alone, 1 under compute), then requests in
+    /// flight − 1.
+    bytes_per_ns: Vec<f64>,
+    max_lanes: usize,
+}
+
+impl BandwidthTables {
+    /// `row_of`: a buffer to reuse (cleared first).
+    fn new(graph: &TaskGraph, cost: &CostModel, costs: &[TaskCost], mut row_of: Vec<u32>) -> BandwidthTables {
+        let max_lanes = graph.resources.iter().map(|r| r.lanes).max().unwrap_or(1).max(1);
+        // A graph uses a handful of distinct (curve, request size) pairs: a linear search beats hashing.
+        let mut table_keys: Vec<(crate::cost::Curve, u64)> = Vec::new();
+        let mut bytes_per_ns: Vec<f64> = Vec::new();
+        row_of.clear();
+        row_of.extend(costs.iter().map(|c| match *c {
             TaskCost::Transfer { curve, chunk_bytes, .. } => {
                 let key = (curve, chunk_bytes);
                 match table_keys.iter().position(|k| *k == key) {
                     Some(i) => i as u32,
                     None => {
                         table_keys.push(key);
-                        let table = |curve| (1..=max_lanes).map(|n| cost.bandwidth(curve, chunk_bytes, n)).collect();
-                        tables.push([table(curve), table(cost.under_compute(curve))]);
-                        tables.len() as u32 - 1
+                        for curve in [curve, cost.under_compute(curve)] {
+                            bytes_per_ns.extend((1..=max_lanes).map(|n| cost.bandwidth(curve, chunk_bytes, n)));
+                        }
+                        table_keys.len() as u32 - 1
                     }
                 }
             }
             TaskCost::Compute { .. } => u32::MAX,
-        })
-        .collect();
-    (rows, tables)
+        }));
+        BandwidthTables { row_of, bytes_per_ns, max_lanes: max_lanes as usize }
+    }
+
+    /// Aggregate bytes/ns of `row` with `in_flight` (≥ 1) requests in flight.
+    fn rate(&self, row: u32, contended: bool, in_flight: usize) -> f64 {
+        self.bytes_per_ns[(row as usize * 2 + contended as usize) * self.max_lanes + in_flight - 1]
+    }
+}
+
+/// The simulator's tables over tasks, kept per thread between simulations: the tuner
+/// replays thousands of graphs, and allocating these afresh each time cost page faults
+/// (the allocator returns large freed blocks to the system and faults them in again).
+/// Holds the memory of the largest graph the thread simulated.
+#[derive(Default)]
+struct Workspace {
+    costs: Vec<TaskCost>,
+    bandwidth_rows: Vec<u32>,
+    dispatch: DispatchTables,
+    active: Vec<Vec<Active>>,
+    completed: Vec<(u32, u32)>,
+}
+
+thread_local! {
+    static WORKSPACE: Cell<Workspace> = Cell::default();
 }
 
 /// Replays `graph` with the durations of `cost`.
 pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimError> {
     graph.check_fits()?;
-    let costs = cost.graph_costs(graph);
-    let task_count = graph.tasks.len();
+    let mut workspace = WORKSPACE.take();
+    let result = replay(graph, cost, &mut workspace);
+    WORKSPACE.set(workspace);
+    result
+}
 
-    let (bandwidth_row, bandwidth_tables) = bandwidth_tables(graph, cost, &costs);
-
+/// The event loop of `simulate`, over the thread's reused tables.
+fn replay(graph: &TaskGraph, cost: &CostModel, workspace: &mut Workspace) -> Result<SimOutput, SimError> {
+    let costs = &mut workspace.costs;
+    cost.graph_costs_into(graph, costs);
+    let bandwidth = BandwidthTables::new(graph, cost, costs, std::mem::take(&mut workspace.bandwidth_rows));
     let table = ResourceTable::new(graph, cost)?;
-    let mut dispatcher = Dispatcher::new(graph);
-    let mut active: Vec<Vec<Active>> = vec![Vec::new(); table.count];
-    let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; task_count];
+    let mut dispatcher = Dispatcher::with_tables(graph, std::mem::take(&mut workspace.dispatch));
+    let active = &mut workspace.active;
+    active.iter_mut().for_each(Vec::clear);
+    active.resize_with(table.count, Vec::new);
+    let completed = &mut workspace.completed;
+    let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; graph.tasks.len()];
     let mut time: u64 = 0;
     let mut events: u64 = 0;
-    let mut completed: Vec<(u32, u32)> = Vec::new();
 
     // Bit r: resource r has active tasks. Kept as tasks start and end, so every step
     // below visits only busy resources, in ascending order (as iteration order fixes
@@ -207,11 +281,21 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
     let mut busy: u64 = 0;
     while !dispatcher.is_finished() {
         dispatcher.dispatch(|id, lane, resource| {
-            let remaining = match costs[id as usize] {
-                TaskCost::Transfer { work_bytes, .. } => work_bytes,
-                TaskCost::Compute { nominal_ns } => nominal_ns,
+            let (remaining, requests) = match costs[id as usize] {
+                TaskCost::Transfer { work_bytes, requests, .. } => (work_bytes, requests),
+                TaskCost::Compute { nominal_ns } => (nominal_ns, 1),
             };
-            active[resource].push(Active { task: id, lane, remaining, rate: 1.0, finish_ns: 0 });
+            let requests = requests.min(table.lanes[resource] as u64) as u32;
+            let bandwidth_row = bandwidth.row_of[id as usize];
+            active[resource].push(Active {
+                task: id,
+                lane,
+                remaining,
+                rate: 1.0,
+                finish_ns: 0,
+                bandwidth_row,
+                requests,
+            });
             busy |= 1 << resource;
             spans[id as usize] = Span { task: id, lane, start_ns: time, end_ns: time };
             events += 1;
@@ -221,16 +305,7 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
             let stall = dispatcher.stall();
             return Err(SimError::Deadlock { pool: graph.pool_label(stall.pool), message: stall.message });
         }
-        table.set_rates(busy, &mut active, &costs, &bandwidth_row, &bandwidth_tables);
-
-        // Next completion.
-        let mut next = u64::MAX;
-        for r in bits(busy) {
-            for a in active[r].iter_mut() {
-                a.finish_ns = time + (a.remaining / a.rate).ceil() as u64;
-                next = next.min(a.finish_ns);
-            }
-        }
+        let next = table.set_rates_and_finish(busy, time, active, &bandwidth);
         let elapsed = (next - time) as f64;
         completed.clear();
         for r in bits(busy) {
@@ -256,11 +331,13 @@ pub fn simulate(graph: &TaskGraph, cost: &CostModel) -> Result<SimOutput, SimErr
         }
         time = next;
         completed.sort_unstable();
-        for &(id, lane) in &completed {
+        for &(id, lane) in completed.iter() {
             spans[id as usize].end_ns = time;
             dispatcher.complete(id, lane);
             events += 1;
         }
     }
+    workspace.dispatch = dispatcher.into_tables();
+    workspace.bandwidth_rows = bandwidth.row_of;
     Ok(SimOutput { trace: Trace { source: TraceSource::Predicted, spans }, events })
 }
