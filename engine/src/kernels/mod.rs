@@ -5,6 +5,7 @@
 //! converted from bf16/f16 one row block at a time, so a layer never exists twice in
 //! memory) and greedy sampling.
 
+mod attention;
 mod rows;
 
 use ferry_core::model::Dtype;
@@ -255,42 +256,15 @@ pub fn attention(
     head_dim: usize,
     out: &mut [f32],
 ) {
-    debug_assert_eq!(out.len(), new * heads * head_dim);
-    debug_assert_eq!(keys.len(), (past + new) * kv_heads * head_dim);
-    let group = heads / kv_heads;
-    let kv_width = kv_heads * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    compute_pool().install(|| {
-        out.par_chunks_mut(heads * head_dim).enumerate().for_each(|(t, out_row)| {
-            let visible = past + t + 1;
-            let mut scores = vec![0.0f32; visible];
-            for h in 0..heads {
-                let kv_head = h / group;
-                let q_row = &q[t * heads * head_dim + h * head_dim..][..head_dim];
-                let mut max = f32::NEG_INFINITY;
-                for (p, score) in scores.iter_mut().enumerate() {
-                    let k_row = &keys[p * kv_width + kv_head * head_dim..][..head_dim];
-                    let dot: f32 = q_row.iter().zip(k_row).map(|(a, b)| a * b).sum();
-                    *score = dot * scale;
-                    max = max.max(*score);
-                }
-                let mut sum = 0.0;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
-                let o = &mut out_row[h * head_dim..][..head_dim];
-                o.fill(0.0);
-                for (p, score) in scores.iter().enumerate() {
-                    let weight = score / sum;
-                    let v_row = &values[p * kv_width + kv_head * head_dim..][..head_dim];
-                    for (acc, v) in o.iter_mut().zip(v_row) {
-                        *acc += weight * v;
-                    }
-                }
-            }
-        })
-    });
+    assert_eq!(out.len(), new * heads * head_dim, "attention: output of {new} rows");
+    assert!(q.len() >= new * heads * head_dim, "attention: {new} query rows");
+    assert!(
+        keys.len() >= (past + new) * kv_heads * head_dim && values.len() >= (past + new) * kv_heads * head_dim,
+        "attention: {} key and value rows",
+        past + new
+    );
+    assert!(kv_heads > 0 && heads.is_multiple_of(kv_heads), "attention: {heads} heads over {kv_heads} KV heads");
+    attention::attention(q, keys, values, attention::Shape { past, heads, kv_heads, head_dim }, out);
 }
 
 /// SwiGLU: `gate[i] = silu(gate[i]) × up[i]`.

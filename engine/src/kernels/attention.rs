@@ -1,0 +1,231 @@
+//! Causal grouped-query attention on the CPU. Each (query row, head) pair is a task:
+//! its scores against every visible key, a softmax, and the weighted sum of values.
+//! The dot products and the weighted sums are written as sixteen independent lanes,
+//! which the compiler turns into vector instructions without reordering any lane's
+//! additions; the function is compiled once per instruction set (`SimdPath`) and the
+//! path chosen at run time, as for the few-row products. Decoding has one query row,
+//! so tasks are spread over heads as well as rows: one row's heads used to run on
+//! one thread, scalar.
+
+use rayon::prelude::*;
+
+use super::{compute_pool, simd_path, SimdPath};
+
+/// Lanes of the vectorised loops: one AVX-512 register of f32, two AVX2 ones.
+const LANES: usize = 16;
+
+/// The shape of one sequence's attention (see `super::attention`).
+#[derive(Clone, Copy)]
+pub(super) struct Shape {
+    pub past: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+pub(super) fn attention(q: &[f32], keys: &[f32], values: &[f32], shape: Shape, out: &mut [f32]) {
+    attention_on(simd_path().unwrap_or(SimdPath::Scalar), q, keys, values, shape, out);
+}
+
+fn attention_on(path: SimdPath, q: &[f32], keys: &[f32], values: &[f32], shape: Shape, out: &mut [f32]) {
+    let Shape { heads, head_dim, .. } = shape;
+    let path = if path.supported() { path } else { SimdPath::Scalar };
+    compute_pool().install(|| {
+        out.par_chunks_mut(head_dim).enumerate().with_min_len(4).for_each_init(Vec::new, |scores, (index, o)| {
+            let (t, h) = (index / heads, index % heads);
+            // SAFETY: `path` is one this CPU supports (checked above).
+            unsafe { head(path, q, keys, values, shape, t, h, scores, o) }
+        })
+    });
+}
+
+/// Query row `t`, head `h`, on the chosen instruction set.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head(
+    path: SimdPath,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: Shape,
+    t: usize,
+    h: usize,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => head_avx512(q, keys, values, shape, t, h, scores, o),
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => head_avx2(q, keys, values, shape, t, h, scores, o),
+        _ => head_body::<false>(q, keys, values, shape, t, h, scores, o),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_avx512(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: Shape,
+    t: usize,
+    h: usize,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    head_body::<true>(q, keys, values, shape, t, h, scores, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_avx2(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: Shape,
+    t: usize,
+    h: usize,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    head_body::<true>(q, keys, values, shape, t, h, scores, o)
+}
+
+/// The work of one (row, head); `FUSED` multiplies and adds in one rounding (where the
+/// CPU has FMA; without it `mul_add` would be a library call).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn head_body<const FUSED: bool>(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    shape: Shape,
+    t: usize,
+    h: usize,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let Shape { past, heads, kv_heads, head_dim } = shape;
+    let kv_width = kv_heads * head_dim;
+    let kv_offset = (h / (heads / kv_heads)) * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let visible = past + t + 1;
+    let q_row = &q[(t * heads + h) * head_dim..][..head_dim];
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for p in 0..visible {
+        let score = dot::<FUSED>(q_row, &keys[p * kv_width + kv_offset..][..head_dim]) * scale;
+        max = max.max(score);
+        scores.push(score);
+    }
+    let mut sum = 0.0;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        sum += *score;
+    }
+    o.fill(0.0);
+    for (p, score) in scores.iter().enumerate() {
+        axpy::<FUSED>(score / sum, &values[p * kv_width + kv_offset..][..head_dim], o);
+    }
+}
+
+#[inline(always)]
+fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `a · b` in `LANES` independent partial sums, then their total.
+#[inline(always)]
+fn dot<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for i in 0..LANES {
+            lanes[i] = fma::<FUSED>(ca[i], cb[i], lanes[i]);
+        }
+    }
+    let mut total: f32 = lanes.iter().sum();
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        total = fma::<FUSED>(*x, *y, total);
+    }
+    total
+}
+
+/// `out += alpha × x`.
+#[inline(always)]
+fn axpy<const FUSED: bool>(alpha: f32, x: &[f32], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = fma::<FUSED>(alpha, *v, *o);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Causal attention in f64, straight from the definition.
+    fn naive(q: &[f32], keys: &[f32], values: &[f32], shape: Shape, new: usize) -> Vec<f32> {
+        let Shape { past, heads, kv_heads, head_dim } = shape;
+        let kv_width = kv_heads * head_dim;
+        let mut out = vec![0.0f32; new * heads * head_dim];
+        for t in 0..new {
+            for h in 0..heads {
+                let kv = (h / (heads / kv_heads)) * head_dim;
+                let q_row = &q[(t * heads + h) * head_dim..][..head_dim];
+                let scores: Vec<f64> = (0..past + t + 1)
+                    .map(|p| {
+                        let k_row = &keys[p * kv_width + kv..][..head_dim];
+                        q_row.iter().zip(k_row).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                            / (head_dim as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let value: f64 =
+                        weights.iter().enumerate().map(|(p, w)| w / total * values[p * kv_width + kv + d] as f64).sum();
+                    out[(t * heads + h) * head_dim + d] = value as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// Every path this CPU has, grouped and plain attention, prefill and decode shapes,
+    /// head widths with and without a tail, against the f64 definition.
+    #[test]
+    fn every_path_matches_the_definition() {
+        let paths: Vec<SimdPath> =
+            [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512].into_iter().filter(|p| p.supported()).collect();
+        for (past, new, heads, kv_heads, head_dim) in
+            [(0, 5, 4, 2, 16), (7, 1, 8, 2, 64), (3, 3, 4, 4, 20), (30, 1, 6, 3, 8), (0, 1, 2, 1, 33)]
+        {
+            let shape = Shape { past, heads, kv_heads, head_dim };
+            let rows = past + new;
+            let wave =
+                |n: usize, f: usize| -> Vec<f32> { (0..n).map(|i| ((i * f % 37) as f32 - 18.0) / 9.0).collect() };
+            let q = wave(new * heads * head_dim, 7);
+            let keys = wave(rows * kv_heads * head_dim, 11);
+            let values = wave(rows * kv_heads * head_dim, 13);
+            let expected = naive(&q, &keys, &values, shape, new);
+            for &path in &paths {
+                let mut out = vec![f32::NAN; new * heads * head_dim];
+                attention_on(path, &q, &keys, &values, shape, &mut out);
+                for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{path:?} {past}+{new} [{i}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
