@@ -32,81 +32,51 @@ fn attention_on(path: SimdPath, q: &[f32], keys: &[f32], values: &[f32], shape: 
     let path = if path.supported() { path } else { SimdPath::Scalar };
     compute_pool().install(|| {
         out.par_chunks_mut(head_dim).enumerate().with_min_len(4).for_each_init(Vec::new, |scores, (index, o)| {
-            let (t, h) = (index / heads, index % heads);
+            let task = Task { q, keys, values, shape, t: index / heads, h: index % heads };
             // SAFETY: `path` is one this CPU supports (checked above).
-            unsafe { head(path, q, keys, values, shape, t, h, scores, o) }
+            unsafe { head(path, &task, scores, o) }
         })
     });
 }
 
-/// Query row `t`, head `h`, on the chosen instruction set.
-#[allow(clippy::too_many_arguments)]
-unsafe fn head(
-    path: SimdPath,
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+/// One (query row, head) of one sequence's attention.
+struct Task<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
     shape: Shape,
     t: usize,
     h: usize,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
+}
+
+/// Runs `task` on the chosen instruction set.
+unsafe fn head(path: SimdPath, task: &Task, scores: &mut Vec<f32>, o: &mut [f32]) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx512 => head_avx512(q, keys, values, shape, t, h, scores, o),
+        SimdPath::Avx512 => head_avx512(task, scores, o),
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 => head_avx2(q, keys, values, shape, t, h, scores, o),
-        _ => head_body::<false>(q, keys, values, shape, t, h, scores, o),
+        SimdPath::Avx2 => head_avx2(task, scores, o),
+        _ => head_body::<false>(task, scores, o),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn head_avx512(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    shape: Shape,
-    t: usize,
-    h: usize,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    head_body::<true>(q, keys, values, shape, t, h, scores, o)
+unsafe fn head_avx512(task: &Task, scores: &mut Vec<f32>, o: &mut [f32]) {
+    head_body::<true>(task, scores, o)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn head_avx2(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    shape: Shape,
-    t: usize,
-    h: usize,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    head_body::<true>(q, keys, values, shape, t, h, scores, o)
+unsafe fn head_avx2(task: &Task, scores: &mut Vec<f32>, o: &mut [f32]) {
+    head_body::<true>(task, scores, o)
 }
 
 /// The work of one (row, head); `FUSED` multiplies and adds in one rounding (where the
 /// CPU has FMA; without it `mul_add` would be a library call).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn head_body<const FUSED: bool>(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    shape: Shape,
-    t: usize,
-    h: usize,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
+fn head_body<const FUSED: bool>(task: &Task, scores: &mut Vec<f32>, o: &mut [f32]) {
+    let Task { q, keys, values, shape, t, h } = *task;
     let Shape { past, heads, kv_heads, head_dim } = shape;
     let kv_width = kv_heads * head_dim;
     let kv_offset = (h / (heads / kv_heads)) * head_dim;

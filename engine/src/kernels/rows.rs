@@ -136,9 +136,7 @@ fn dot_block(
         // SAFETY: the path is only chosen when the CPU supports it (`linear_rows`), and
         // `rows` holds `available` rows of k elements.
         #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx512 => unsafe { x86::dot_block_avx512(dtype, rows, available, x, m, k, dots) },
-        #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 => unsafe { x86::dot_block_avx2(dtype, rows, available, x, m, k, dots) },
+        SimdPath::Avx512 | SimdPath::Avx2 => unsafe { x86::dot_block(path, dtype, rows, available, x, m, k, dots) },
         _ => {
             let row_bytes = rows.len() / available;
             dot_row_scalar(dtype, &rows[..row_bytes], x, m, k, &mut dots[0]);
@@ -181,7 +179,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{element, Dtype, MAX_BLOCK, MAX_ROWS};
+    use super::{element, Dtype, SimdPath, MAX_BLOCK, MAX_ROWS};
 
     /// Calls `$f::<M, R>` for the runtime row count `$m`, with the block of weight rows
     /// R each row count allows (`$r` lists them for M = 1..=8), or R = 1 when fewer
@@ -225,9 +223,11 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU supports AVX-512F; `rows` holds `available` rows of `k` elements of
-    /// `dtype`; `x` holds m × k values, 1 ≤ m ≤ MAX_ROWS.
-    pub(super) unsafe fn dot_block_avx512(
+    /// The CPU supports `path` (AVX-512F, or AVX2 with FMA and F16C); `rows` holds
+    /// `available` rows of `k` elements of `dtype`; `x` holds m × k values, 1 ≤ m ≤ MAX_ROWS.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dot_block(
+        path: SimdPath,
         dtype: Dtype,
         rows: &[u8],
         available: usize,
@@ -236,124 +236,109 @@ mod x86 {
         k: usize,
         dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
     ) -> usize {
-        // 32 zmm registers hold M × R accumulators, R weight vectors and one x vector.
-        by_shape!(avx512, m, available, [4, 4, 4, 4, 4, 4, 3, 3], dtype, rows, x, k, dots)
+        if path == SimdPath::Avx512 {
+            // 32 zmm registers hold M × R accumulators, R weight vectors and one x vector.
+            by_shape!(avx512, m, available, [4, 4, 4, 4, 4, 4, 3, 3], dtype, rows, x, k, dots)
+        } else {
+            // 16 ymm registers hold the same for AVX2.
+            by_shape!(avx2, m, available, [4, 4, 3, 2, 2, 1, 1, 1], dtype, rows, x, k, dots)
+        }
     }
 
+    /// The block kernel, once per instruction set: `$width` f32 lanes in a `$vector`,
+    /// `$load_weights` widening `$width` stored weights, `$fma`, `$sum` across lanes.
+    macro_rules! block_kernel {
+        ($name:ident, $features:literal, $vector:ty, $width:literal, $zero:ident, $load_x:ident, $fma:ident,
+         $sum:path, $load_weights:path) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const M: usize, const R: usize>(
+                dtype: Dtype,
+                rows: &[u8],
+                x: &[f32],
+                k: usize,
+                dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
+            ) -> usize {
+                let mut acc: [[$vector; R]; M] = [[$zero(); R]; M];
+                let mut c = 0;
+                while c + $width <= k {
+                    let mut w: [$vector; R] = [$zero(); R];
+                    for (r, v) in w.iter_mut().enumerate() {
+                        // Row r's weights from column c (c + width ≤ k, r < R ≤ rows held).
+                        *v = $load_weights(dtype, rows.as_ptr(), r * k + c);
+                    }
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = $load_x(x.as_ptr().add(i * k + c));
+                        for (lane, &wv) in a.iter_mut().zip(&w) {
+                            *lane = $fma(wv, xv, *lane);
+                        }
+                    }
+                    c += $width;
+                }
+                let row_bytes = k * crate::kernels::element_bytes(dtype);
+                for (r, row_dots) in dots[..R].iter_mut().enumerate() {
+                    let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                    for (i, dot) in row_dots[..M].iter_mut().enumerate() {
+                        *dot = $sum(acc[i][r]);
+                        for t in c..k {
+                            *dot += element(dtype, row, t) * x[i * k + t];
+                        }
+                    }
+                }
+                R
+            }
+        };
+    }
+
+    block_kernel!(
+        avx512,
+        "avx512f",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_reduce_add_ps,
+        weights_avx512
+    );
+    block_kernel!(
+        avx2,
+        "avx2,fma,f16c",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        horizontal_sum_avx,
+        weights_avx2
+    );
+
+    /// 16 stored weights from element `at` of `rows`, widened to f32.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512<const M: usize, const R: usize>(
-        dtype: Dtype,
-        rows: &[u8],
-        x: &[f32],
-        k: usize,
-        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
-    ) -> usize {
-        let row_elements = k;
-        // 16 weights of row r from column c, widened from their stored form (c + 16 ≤ k).
-        let load = |r: usize, c: usize| -> __m512 {
-            let at = r * row_elements + c;
-            match dtype {
-                Dtype::F32 => _mm512_loadu_ps(rows.as_ptr().add(4 * at).cast()),
-                Dtype::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(rows.as_ptr().add(2 * at).cast())),
-                _ => {
-                    let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(rows.as_ptr().add(2 * at).cast()));
-                    _mm512_castsi512_ps(_mm512_slli_epi32(halves, 16))
-                }
-            }
-        };
-        let mut acc = [[_mm512_setzero_ps(); R]; M];
-        let mut c = 0;
-        while c + 16 <= k {
-            let mut w = [_mm512_setzero_ps(); R];
-            for (r, v) in w.iter_mut().enumerate() {
-                *v = load(r, c);
-            }
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_loadu_ps(x.as_ptr().add(i * k + c));
-                for (lane, &wv) in a.iter_mut().zip(&w) {
-                    *lane = _mm512_fmadd_ps(wv, xv, *lane);
-                }
-            }
-            c += 16;
+    unsafe fn weights_avx512(dtype: Dtype, rows: *const u8, at: usize) -> __m512 {
+        match dtype {
+            Dtype::F32 => _mm512_loadu_ps(rows.add(4 * at).cast()),
+            Dtype::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(rows.add(2 * at).cast())),
+            // bf16 is the top half of an f32.
+            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(rows.add(2 * at).cast())),
+                16,
+            )),
         }
-        for (r, row_dots) in dots[..R].iter_mut().enumerate() {
-            let row = &rows[r * k * element_size(dtype)..(r + 1) * k * element_size(dtype)];
-            for (i, dot) in row_dots[..M].iter_mut().enumerate() {
-                *dot = _mm512_reduce_add_ps(acc[i][r]);
-                for t in c..k {
-                    *dot += element(dtype, row, t) * x[i * k + t];
-                }
-            }
-        }
-        R
     }
 
-    /// # Safety
-    /// The CPU supports AVX2, FMA and F16C; `rows` holds `available` rows of `k`
-    /// elements of `dtype`; `x` holds m × k values, 1 ≤ m ≤ MAX_ROWS.
-    pub(super) unsafe fn dot_block_avx2(
-        dtype: Dtype,
-        rows: &[u8],
-        available: usize,
-        x: &[f32],
-        m: usize,
-        k: usize,
-        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
-    ) -> usize {
-        // 16 ymm registers hold M × R accumulators, R weight vectors and one x vector.
-        by_shape!(avx2, m, available, [4, 4, 3, 2, 2, 1, 1, 1], dtype, rows, x, k, dots)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn avx2<const M: usize, const R: usize>(
-        dtype: Dtype,
-        rows: &[u8],
-        x: &[f32],
-        k: usize,
-        dots: &mut [[f32; MAX_ROWS]; MAX_BLOCK],
-    ) -> usize {
-        let row_elements = k;
-        // 8 weights of row r from column c (c + 8 ≤ k).
-        let load = |r: usize, c: usize| -> __m256 {
-            let at = r * row_elements + c;
-            match dtype {
-                Dtype::F32 => _mm256_loadu_ps(rows.as_ptr().add(4 * at).cast()),
-                Dtype::F16 => _mm256_cvtph_ps(_mm_loadu_si128(rows.as_ptr().add(2 * at).cast())),
-                _ => {
-                    let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(rows.as_ptr().add(2 * at).cast()));
-                    _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16))
-                }
-            }
-        };
-        let mut acc = [[_mm256_setzero_ps(); R]; M];
-        let mut c = 0;
-        while c + 8 <= k {
-            let mut w = [_mm256_setzero_ps(); R];
-            for (r, v) in w.iter_mut().enumerate() {
-                *v = load(r, c);
-            }
-            for (i, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(i * k + c));
-                for (lane, &wv) in a.iter_mut().zip(&w) {
-                    *lane = _mm256_fmadd_ps(wv, xv, *lane);
-                }
-            }
-            c += 8;
+    /// 8 stored weights from element `at` of `rows`, widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn weights_avx2(dtype: Dtype, rows: *const u8, at: usize) -> __m256 {
+        match dtype {
+            Dtype::F32 => _mm256_loadu_ps(rows.add(4 * at).cast()),
+            Dtype::F16 => _mm256_cvtph_ps(_mm_loadu_si128(rows.add(2 * at).cast())),
+            _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(rows.add(2 * at).cast())),
+                16,
+            )),
         }
-        for (r, row_dots) in dots[..R].iter_mut().enumerate() {
-            let row = &rows[r * k * element_size(dtype)..(r + 1) * k * element_size(dtype)];
-            for (i, dot) in row_dots[..M].iter_mut().enumerate() {
-                *dot = horizontal_sum_avx(acc[i][r]);
-                for t in c..k {
-                    *dot += element(dtype, row, t) * x[i * k + t];
-                }
-            }
-        }
-        R
-    }
-
-    fn element_size(dtype: Dtype) -> usize {
-        crate::kernels::element_bytes(dtype)
     }
 
     #[target_feature(enable = "avx2")]
@@ -369,16 +354,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::from_f32;
-
-    fn naive(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let mut out = vec![0.0; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                out[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum::<f64>() as f32;
-            }
-        }
-        out
-    }
+    use crate::kernels::tests::naive;
 
     /// Every path this CPU supports, every stored dtype, row counts 1..=MAX_ROWS and
     /// widths with and without a tail, against a naive f64 product of the same
