@@ -139,14 +139,19 @@ pub fn lower(
     };
     crate::resolve::check_devices(policy, profile)?;
     let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
-    // About six tasks per (layer, micro-batch, step): reserving them up front saves the
-    // vector's regrowth copies, which the tuner pays on every candidate it simulates.
-    let per_step = (model.num_layers * 6 + 4) * policy.num_micro_batches;
-    builder.tasks.reserve((per_step * (decode_steps.len() as u64 + 1)).min(1 << 24) as usize);
     let rounds: Vec<Round> =
         std::iter::once(0).chain(decode_steps).map(|step| Round::decoding(workload, step)).collect();
-    for &round in &rounds {
+    // Decode rounds have the same tasks: once the first is lowered, the rest are
+    // reserved at its size, which saves the vector's regrowth copies (the tuner pays
+    // them on every candidate it simulates).
+    let mut before = 0;
+    for (index, &round) in rounds.iter().enumerate() {
         builder.round(round);
+        if index == 1 {
+            let per_round = builder.tasks.len() - before;
+            builder.tasks.reserve((per_round * (rounds.len() - 2)).min(1 << 24));
+        }
+        before = builder.tasks.len();
     }
     let graph = TaskGraph {
         pools: builder.pools(profile),
