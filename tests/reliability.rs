@@ -125,6 +125,57 @@ fn limits_are_checked_before_any_work() {
     }
 }
 
+/// The most threads a plan may ask for (64 copy streams, 256 disk requests in flight)
+/// keep the process inside its budget plus the documented 64 MiB: the threads' stacks
+/// and buffers are part of the fixed overhead, not a way around the budget.
+#[test]
+fn the_most_threads_a_plan_may_ask_for_stay_inside_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = ferry(d, &["synth", "--model", "test-small", "--out", "small"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let budget_mib = 96u64;
+    let tune = [
+        "tune",
+        "--gpu",
+        "cpu",
+        "--host",
+        "ferry-ci-vm",
+        "--device-mem",
+        "96MiB",
+        "--model",
+        "small",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--out",
+        "plan.yaml",
+    ];
+    let out = ferry(d, &tune);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = std::fs::read_to_string(d.join("plan.yaml")).unwrap();
+    let widest: String = plan
+        .lines()
+        .map(|line| match line.trim_start() {
+            l if l.starts_with("copy_streams:") => "  copy_streams: 64".to_string(),
+            l if l.starts_with("io_queue_depth:") => "  io_queue_depth: 256".to_string(),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(widest.contains("copy_streams: 64") && widest.contains("io_queue_depth: 256"), "{widest}");
+    std::fs::write(d.join("widest.yaml"), widest).unwrap();
+    let out = ferry(d, &["run", "--model-dir", "small", "--plan", "widest.yaml", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let peak = json["peak_rss_bytes"].as_u64().unwrap();
+    let limit = (budget_mib + 64) << 20;
+    assert!(peak <= limit, "peak RSS {} MiB exceeds the {budget_mib} MiB budget + 64 MiB", peak >> 20);
+}
+
 #[test]
 fn implausible_profile_figures_and_unknown_keys_are_refused_naming_them() {
     let dir = tempfile::tempdir().unwrap();
