@@ -119,7 +119,7 @@ impl<'a> CostModel<'a> {
             }
             _ => return self.compute_cost(task, &self.profile.host_compute),
         };
-        let chunk_bytes = task.chunk_bytes.max(1);
+        let chunk_bytes = (task.chunk_bytes as u64).max(1);
         let latency_ns = self.curve(curve).latency_ns as f64;
         TaskCost::Transfer {
             curve,

@@ -34,7 +34,7 @@ impl Builder<'_> {
     fn kv_transfer(&self, kind: TaskKind, resource: Resource, (layer, j, step): (u32, u32, u32), bytes: u64) -> Task {
         let mut task = Builder::new_task(kind, resource, Payload::KvCache, layer, j, step);
         task.bytes = bytes;
-        task.chunk_bytes = self.policy.chunk_bytes.min(bytes);
+        task.chunk_bytes = Task::request_bytes(self.policy.chunk_bytes.min(bytes));
         task
     }
 
@@ -43,7 +43,7 @@ impl Builder<'_> {
         let mut task =
             Builder::new_task(TaskKind::Copy, Resource::link(from, to), Payload::Activations, layer, j, step);
         task.bytes = bytes;
-        task.chunk_bytes = bytes;
+        task.chunk_bytes = Task::request_bytes(bytes);
         task.pinned = true;
         task
     }

@@ -216,7 +216,7 @@ impl<'a> Builder<'a> {
         let mut copy =
             Builder::new_task(TaskKind::Copy, Resource::link(from, place), Payload::Activations, layer, j, step);
         copy.bytes = self.rows() * self.model.activation_bytes_per_token();
-        copy.chunk_bytes = copy.bytes.max(1);
+        copy.chunk_bytes = Task::request_bytes(copy.bytes.max(1));
         copy.pinned = true;
         copy.deps.extend(self.hidden_producer[index]);
         let id = self.push(copy);
@@ -317,7 +317,7 @@ impl<'a> Builder<'a> {
                 let mut read = Builder::new_task(TaskKind::DiskRead, Resource::DISK, payload, layer, first_j, step);
                 read.piece = piece_index;
                 read.bytes = piece;
-                read.chunk_bytes = chunk.min(piece);
+                read.chunk_bytes = Task::request_bytes(chunk.min(piece));
                 read.deps = deps;
                 read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: piece });
                 let id = self.push(read);
@@ -331,7 +331,7 @@ impl<'a> Builder<'a> {
                 Builder::new_task(TaskKind::Copy, Resource::link(Place::HOST, device), payload, layer, first_j, step);
             copy.piece = piece_index;
             copy.bytes = piece;
-            copy.chunk_bytes = chunk.min(piece);
+            copy.chunk_bytes = Task::request_bytes(chunk.min(piece));
             copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
             copy.deps = deps;
             copy.acquire.push(MemOp { pool: device, bytes: piece });

@@ -75,7 +75,7 @@ pub fn task((kind, resource): Kind, bytes: u64, flops: u64, deps: Vec<TaskId>) -
         flops,
         tokens: 1,
         context: 1,
-        chunk_bytes: bytes.max(4096),
+        chunk_bytes: Task::request_bytes(bytes.max(4096)),
         piece: WHOLE_GROUP,
         pinned: true,
         deps,
