@@ -1,6 +1,8 @@
 //! End-to-end tests: run the real `ferry` binary in a temporary directory and check
 //! what a user would see (output, files, exit status).
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -293,28 +295,7 @@ fn run_streams_from_disk_within_the_memory_budget() {
     let again = ferry(dir.path(), &["synth", "--model", "test-small", "--out", "small"]);
     assert_eq!(again.status.code(), Some(2), "synth must not overwrite");
     let budget_mib = 96u64;
-    let out = ferry(
-        dir.path(),
-        &[
-            "tune",
-            "--gpu",
-            "cpu",
-            "--host",
-            "ferry-ci-vm",
-            "--device-mem",
-            &format!("{budget_mib}MiB"),
-            "--model",
-            "small",
-            "--batch",
-            "2",
-            "--prompt-len",
-            "16",
-            "--gen-len",
-            "4",
-            "--out",
-            "plan.yaml",
-        ],
-    );
+    let out = common::tune_small(dir.path(), budget_mib);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = ferry(
         dir.path(),

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{ferry, text, TINY_PLAN};
+use common::{ferry, text, tune_small, TINY_PLAN};
 
 /// test-tiny with every layer's KV cache on disk and a longer generation: every decode
 /// step reads and writes the scratch file.
@@ -135,26 +135,7 @@ fn the_most_threads_a_plan_may_ask_for_stay_inside_the_budget() {
     let out = ferry(d, &["synth", "--model", "test-small", "--out", "small"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let budget_mib = 96u64;
-    let tune = [
-        "tune",
-        "--gpu",
-        "cpu",
-        "--host",
-        "ferry-ci-vm",
-        "--device-mem",
-        "96MiB",
-        "--model",
-        "small",
-        "--batch",
-        "2",
-        "--prompt-len",
-        "16",
-        "--gen-len",
-        "4",
-        "--out",
-        "plan.yaml",
-    ];
-    let out = ferry(d, &tune);
+    let out = tune_small(d, budget_mib);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let plan = std::fs::read_to_string(d.join("plan.yaml")).unwrap();
     let widest: String = plan

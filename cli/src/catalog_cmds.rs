@@ -143,6 +143,9 @@ pub fn list(args: ListArgs) -> Result<()> {
 pub fn show(args: ShowArgs) -> Result<()> {
     let catalog = Catalog::builtin()?;
     match args.what {
+        ShowWhat::Model if args.name.ends_with(".gguf") && std::path::Path::new(&args.name).is_file() => {
+            show_gguf(std::path::Path::new(&args.name), args.json)?;
+        }
         ShowWhat::Model => {
             let resolved = catalog.model(&args.name)?;
             if let Some(note) = &resolved.note {
@@ -160,20 +163,7 @@ pub fn show(args: ShowArgs) -> Result<()> {
             }
             let params = model.params();
             println!("{} ({:?}), {} parameters", model.name, model.family, format_params(params.total));
-            println!(
-                "{} layers, hidden {}, MLP {}, {} heads ({} KV heads), vocabulary {}{}",
-                model.num_layers,
-                model.hidden_size,
-                model.intermediate_size,
-                model.num_heads,
-                model.num_kv_heads,
-                model.vocab_size,
-                if model.num_experts > 0 {
-                    format!(", {} experts ({} per token)", model.num_experts, model.experts_per_token)
-                } else {
-                    String::new()
-                }
-            );
+            println!("{}", shape_line(&model));
             println!("source: {}\n", model.source);
             let dtypes = [Dtype::F32, Dtype::F16, Dtype::Int8, Dtype::Int4];
             let mut table = Table::new(["weights", "params", "fp32", "fp16/bf16", "int8", "int4"]);
@@ -280,4 +270,92 @@ pub fn format_params(count: u64) -> String {
     } else {
         format!("{count}")
     }
+}
+
+/// A GGUF file: the shape its metadata describes and its bytes per weight group by the
+/// tensor types it really holds.
+fn show_gguf(path: &std::path::Path, json: bool) -> Result<()> {
+    use ferry_core::gguf::GgufHeader;
+    use ferry_core::model::{from_gguf, GroupBytes};
+    let header = GgufHeader::open(path)?;
+    let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    let model = from_gguf(&header, &name)?;
+    let bytes = GroupBytes::of(&header);
+    let file_bytes: u64 = header.tensors.iter().map(|t| t.end - t.start).sum();
+    if json {
+        let groups: serde_json::Map<String, serde_json::Value> = bytes
+            .groups
+            .iter()
+            .map(|(group, (total, types))| {
+                (group.name().to_lowercase(), serde_json::json!({ "bytes": total, "by_type": types }))
+            })
+            .collect();
+        let out = serde_json::json!({
+            "model": model,
+            "params": model.params(),
+            "file": { "gguf_version": header.version, "tensors": header.tensors.len(),
+                      "tensor_bytes": file_bytes, "groups": groups, "other_tensors": bytes.other },
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let params = model.params();
+    println!(
+        "{} ({:?}), {} parameters; GGUF v{}, {} tensors",
+        model.name,
+        model.family,
+        format_params(params.total),
+        header.version,
+        header.tensors.len()
+    );
+    println!("{}, {} positions", shape_line(&model), model.max_position_embeddings);
+    println!("source: {}\n", path.display());
+    let mut table = Table::new(["weights in this file", "bytes", "per layer", "tensor types (share of bytes)"]);
+    for (group, (total, types)) in &bytes.groups {
+        let per_layer =
+            if group.layer_slot().is_some() { format_bytes(total / model.num_layers.max(1)) } else { String::new() };
+        let mix: Vec<String> = types
+            .iter()
+            .map(|(name, b)| format!("{name} {:.0} %", 100.0 * *b as f64 / (*total).max(1) as f64))
+            .collect();
+        let label = match group {
+            WeightGroup::Head => "final norm + head".to_string(),
+            g if g.layer_slot().is_some() => format!("{}, all {} layers", g.name(), model.num_layers),
+            g => g.name().to_string(),
+        };
+        table.row([label, format_bytes(*total), per_layer, mix.join(", ")]);
+    }
+    if !bytes.other.is_empty() {
+        table.row([format!("other ({} tensors)", bytes.other.len()), String::new(), String::new(), String::new()]);
+    }
+    table.row(["total".to_string(), format_bytes(file_bytes), String::new(), String::new()]);
+    print!("{}", table.render());
+    let kv16 = model.kv_bytes_per_token_per_layer(Dtype::F16);
+    println!(
+        "\nKV cache (fp16): {} per token per layer, {} per token for all layers",
+        format_bytes(kv16),
+        format_bytes(kv16 * model.num_layers)
+    );
+    if ferry_core::model::float_dtype(&header).is_none() {
+        println!("planning and running quantized weights comes with quantized formats; `ferry tune` refuses this file for now");
+    }
+    Ok(())
+}
+
+/// "22 layers, hidden 2048, MLP 5632, 32 heads (4 KV heads), vocabulary 32000[, experts]".
+fn shape_line(model: &ferry_core::model::ModelSpec) -> String {
+    let experts = if model.num_experts > 0 {
+        format!(", {} experts ({} per token)", model.num_experts, model.experts_per_token)
+    } else {
+        String::new()
+    };
+    format!(
+        "{} layers, hidden {}, MLP {}, {} heads ({} KV heads), vocabulary {}{experts}",
+        model.num_layers,
+        model.hidden_size,
+        model.intermediate_size,
+        model.num_heads,
+        model.num_kv_heads,
+        model.vocab_size
+    )
 }

@@ -121,6 +121,9 @@ impl Catalog {
     /// A catalog model name or alias, a Hugging Face model folder, or its `config.json`.
     pub fn model(&self, name: &str) -> Result<Resolved<ModelSpec>> {
         let path = Path::new(name);
+        if path.is_file() && name.ends_with(".gguf") {
+            return model_from_gguf(path).map(|value| Resolved { value, note: None });
+        }
         if path.is_dir() || (path.is_file() && name.ends_with(".json")) {
             return model_from_path(path).map(|value| Resolved { value, note: None });
         }
@@ -140,6 +143,29 @@ pub fn model_from_path(path: &Path) -> Result<ModelSpec> {
     let folder = if path.is_dir() { path } else { path.parent().unwrap_or(path) };
     let name = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string());
     crate::model::from_hf_config(&text, &config.display().to_string(), &name)
+}
+
+/// The shape of a GGUF file whose matrices are all f32, f16 or bf16. A file with
+/// quantized tensors is refused (saying what it holds) until Ferry plans quantized
+/// formats; `ferry show model` describes it either way.
+pub fn model_from_gguf(path: &Path) -> Result<ModelSpec> {
+    let header = crate::gguf::GgufHeader::open(path)?;
+    let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string());
+    let spec = crate::model::from_gguf(&header, &name)?;
+    if crate::model::float_dtype(&header).is_none() {
+        let mut types: Vec<&str> =
+            header.tensors.iter().filter(|t| t.dims.len() > 1).map(|t| t.ggml_type.name).collect();
+        types.sort_unstable();
+        types.dedup();
+        return Err(CoreError::invalid(format!(
+            "{}: its weights are {} — Ferry plans f32, f16 and bf16 weights until quantized formats land; \
+             `ferry show model {}` describes the file",
+            path.display(),
+            types.join(", "),
+            path.display()
+        )));
+    }
+    Ok(spec)
 }
 
 fn check_file_name(origin: &str, file: &str, name: &str) -> Result<()> {

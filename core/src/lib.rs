@@ -4,8 +4,9 @@
 //! workloads, plans, profiles, the task graph (`schedule` lowers a plan into it),
 //! traces and the metrics computed from them, and YAML/JSON I/O.
 //!
-//! Must never: estimate a duration (that is `ferry-sim`), run a kernel or touch a
-//! weight file (that is `ferry-engine`), or print for people (that is the CLI).
+//! Must never: estimate a duration (that is `ferry-sim`), run a kernel or read weights
+//! (that is `ferry-engine`; a GGUF file's header is a model description, like
+//! `config.json`, and is read here), or print for people (that is the CLI).
 
 pub mod atomic;
 pub mod catalog;
@@ -18,6 +19,7 @@ pub mod yaml;
 pub use error::{Classify, CoreError, ErrorKind, Result};
 pub mod dispatch;
 pub mod export;
+pub mod gguf;
 pub mod graph;
 pub mod plan;
 pub mod profile;

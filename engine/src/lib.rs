@@ -13,7 +13,6 @@
 
 pub mod backend;
 pub mod executor;
-pub mod gguf;
 pub mod io;
 pub mod kernels;
 pub mod memory;

@@ -40,6 +40,13 @@ pub struct ModelFiles {
 impl ModelFiles {
     /// Opens and validates a model folder.
     pub fn open(dir: &Path) -> Result<ModelFiles, EngineError> {
+        if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
+            return Err(EngineError::Unsupported(format!(
+                "{}: the engine runs Hugging Face folders (config.json + safetensors); running GGUF files comes \
+                 with quantized formats (`ferry show model` and `ferry tune` read them already)",
+                dir.display()
+            )));
+        }
         let spec = ferry_core::catalog::model_from_path(dir)?;
         crate::synth::check_supported(&spec)?;
         let single = dir.join("model.safetensors");

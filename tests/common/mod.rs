@@ -14,6 +14,32 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Tunes the test-small folder `small` in `dir` for a cpu RAM budget far below its
+/// size (batch 2, prompt 16, 4 tokens) and writes the plan to `plan.yaml`.
+pub fn tune_small(dir: &Path, budget_mib: u64) -> Output {
+    let budget = format!("{budget_mib}MiB");
+    let args = [
+        "tune",
+        "--gpu",
+        "cpu",
+        "--host",
+        "ferry-ci-vm",
+        "--device-mem",
+        &budget,
+        "--model",
+        "small",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--out",
+        "plan.yaml",
+    ];
+    ferry(dir, &args)
+}
+
 /// A one-stage cpu plan for a `ferry synth --model test-tiny --dtype f32` folder named
 /// `tiny`: some layers resident, some streamed from disk, two micro-batches.
 pub const TINY_PLAN: &str = "model: tiny

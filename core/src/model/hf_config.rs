@@ -6,11 +6,11 @@ use crate::error::{CoreError, Result};
 
 /// The largest sizes a `config.json` may give: far above any released model, low
 /// enough that Ferry's parameter and byte arithmetic cannot overflow.
-const MAX_WIDTH: u64 = 1 << 20;
-const MAX_LAYERS: u64 = 1 << 14;
-const MAX_VOCAB: u64 = 1 << 24;
-const MAX_POSITIONS: u64 = 1 << 26;
-const MAX_EXPERTS: u64 = 1 << 12;
+pub(super) const MAX_WIDTH: u64 = 1 << 20;
+pub(super) const MAX_LAYERS: u64 = 1 << 14;
+pub(super) const MAX_VOCAB: u64 = 1 << 24;
+pub(super) const MAX_POSITIONS: u64 = 1 << 26;
+pub(super) const MAX_EXPERTS: u64 = 1 << 12;
 
 /// Typed access to a `config.json` object: a key of the wrong type or out of range is
 /// an error naming the file and the key, never silently replaced by a default. A key

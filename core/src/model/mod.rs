@@ -5,8 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
+mod gguf_metadata;
 mod hf_config;
 
+pub use gguf_metadata::{float_dtype, from_gguf, group_of, GroupBytes};
 pub use hf_config::from_hf_config;
 
 /// Query rows per block when the engine computes attention scores (see

@@ -1,4 +1,5 @@
-//! GGUF files (llama.cpp's format): the header — metadata key/value pairs and the
+//! GGUF files (llama.cpp's format): the header (a model description, like a
+//! Hugging Face `config.json`, with the tensor table beside it) — metadata key/value pairs and the
 //! tensor table — read and validated before anything trusts it. A GGUF file is
 //! `GGUF`, a version, counts, the metadata, the tensor infos (name, shape, ggml type,
 //! offset), padding to the file's alignment, then the tensor data; offsets are
@@ -15,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::EngineError;
+use crate::error::{CoreError, Result};
 
 /// The most header bytes read: large vocabularies take a few MiB.
 pub const MAX_HEADER_BYTES: usize = 64 << 20;
@@ -120,19 +121,19 @@ pub struct GgufHeader {
 
 impl GgufHeader {
     /// Reads and validates the header of a GGUF file.
-    pub fn open(path: &Path) -> Result<GgufHeader, EngineError> {
+    pub fn open(path: &Path) -> Result<GgufHeader> {
         use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| EngineError::io(path, e))?.len();
+        let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| CoreError::io(path, e))?.len();
         let mut bytes = Vec::new();
-        file.take(MAX_HEADER_BYTES as u64).read_to_end(&mut bytes).map_err(|e| EngineError::io(path, e))?;
+        file.take(MAX_HEADER_BYTES as u64).read_to_end(&mut bytes).map_err(|e| CoreError::io(path, e))?;
         GgufHeader::parse(path, &bytes, file_len)
     }
 
     /// Validates the header in `bytes` (the file's first bytes, or all of it) of a
     /// file of `file_len` bytes.
-    pub fn parse(path: &Path, bytes: &[u8], file_len: u64) -> Result<GgufHeader, EngineError> {
-        let bad = |message: String| EngineError::BadWeights { file: path.to_path_buf(), message };
+    pub fn parse(path: &Path, bytes: &[u8], file_len: u64) -> Result<GgufHeader> {
+        let bad = |message: String| CoreError::invalid(format!("{}: {message}", path.display()));
         let mut r = Reader { bytes, at: 0 };
         if r.take(4).map_err(&bad)? != b"GGUF" {
             return Err(bad("not a GGUF file (the first four bytes are not `GGUF`)".into()));
@@ -176,7 +177,7 @@ impl GgufHeader {
     }
 
     /// A whole-number metadata value, or an error naming the key.
-    pub fn uint(&self, key: &str) -> Result<u64, EngineError> {
+    pub fn uint(&self, key: &str) -> Result<u64> {
         match self.metadata.get(key) {
             Some(Value::Uint(v)) => Ok(*v),
             Some(Value::Int(v)) if *v >= 0 => Ok(*v as u64),
@@ -186,15 +187,15 @@ impl GgufHeader {
     }
 
     /// The architecture (`general.architecture`: llama, qwen2, …).
-    pub fn architecture(&self) -> Result<&str, EngineError> {
+    pub fn architecture(&self) -> Result<&str> {
         match self.metadata.get("general.architecture") {
             Some(Value::String(s)) => Ok(s),
             _ => Err(self.bad("metadata `general.architecture` is missing or not a string".into())),
         }
     }
 
-    fn bad(&self, message: String) -> EngineError {
-        EngineError::BadWeights { file: self.path.clone(), message }
+    fn bad(&self, message: String) -> CoreError {
+        CoreError::invalid(format!("{}: {message}", self.path.display()))
     }
 }
 

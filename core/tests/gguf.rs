@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_engine::gguf::{GgmlType, GgufHeader, Value};
-use ferry_engine::EngineError;
+use ferry_core::gguf::{GgmlType, GgufHeader, Value};
+use ferry_core::CoreError;
 use proptest::prelude::*;
 
 /// A GGUF file built by hand: metadata entries, then tensors (name, dims, type id,
@@ -103,7 +103,7 @@ fn llama() -> Builder {
         .tensor("output_norm.weight", &[64], "F32")
 }
 
-fn parse(bytes: &[u8]) -> Result<GgufHeader, EngineError> {
+fn parse(bytes: &[u8]) -> Result<GgufHeader, CoreError> {
     GgufHeader::parse(Path::new("model.gguf"), bytes, bytes.len() as u64)
 }
 

@@ -1,0 +1,58 @@
+//! GGUF files end to end with the real binary: `show model` describes a quantized file
+//! by the tensor types it holds, `tune` plans a float one and refuses a quantized one
+//! saying why, `run` refuses a GGUF file clearly. The files are written by llama.cpp's
+//! `gguf` Python package (tests/reference/tiny_gguf.py; the README's test command
+//! installs it).
+
+mod common;
+
+use std::path::Path;
+
+use common::{ferry, text};
+
+fn write_gguf(dir: &Path, name: &str, kind: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/tiny_gguf.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(dir.join(name))
+        .arg(kind)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "the gguf package wrote no file (pip install gguf): {}", text(&out.stderr));
+}
+
+#[test]
+fn show_describes_a_quantized_file_by_its_tensor_types() {
+    let dir = tempfile::tempdir().unwrap();
+    write_gguf(dir.path(), "q.gguf", "q");
+    let out = ferry(dir.path(), &["show", "model", "q.gguf"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("2 layers, hidden 256, MLP 512, 4 heads (2 KV heads), vocabulary 300"), "{shown}");
+    let mlp = shown.lines().find(|l| l.starts_with("MLP, all 2 layers")).unwrap();
+    assert!(mlp.contains("Q4_K") && mlp.contains("Q6_K") && mlp.contains("F32"), "{mlp}");
+    let out = ferry(dir.path(), &["show", "model", "q.gguf", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Q4_K: 144 bytes per 256 weights. Gate and up are 512 × 256 each, in 2 layers.
+    assert_eq!(json["file"]["groups"]["mlp"]["by_type"]["Q4_K"], 2 * 2 * 512 * 256 / 256 * 144);
+    assert_eq!(json["model"]["tie_word_embeddings"], false);
+}
+
+#[test]
+fn tune_plans_a_float_file_and_refuses_a_quantized_one_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    write_gguf(dir.path(), "q.gguf", "q");
+    write_gguf(dir.path(), "f.gguf", "f");
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060", "--model", "q.gguf"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("Q4_K, Q6_K") && err.contains("show model"), "{err}");
+    let tune = ["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", "f.gguf", "--out", "plan.yaml"];
+    let out = ferry(dir.path(), &tune);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["run", "--model-dir", "f.gguf", "--plan", "plan.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("running GGUF files comes with quantized formats"), "{}", text(&out.stderr));
+}
