@@ -6,6 +6,7 @@
 //! memory) and greedy sampling.
 
 mod attention;
+pub mod quant;
 mod rows;
 
 use ferry_core::model::Dtype;
