@@ -11,7 +11,9 @@ use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
 use ferry_core::CoreError;
-use ferry_sim::tune::{tune_and_compare, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest};
+use ferry_sim::tune::{
+    tune_and_compare, Baseline, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest, TuneResult,
+};
 
 use crate::report;
 use crate::table::Table;
@@ -114,32 +116,9 @@ pub fn run(args: TuneArgs) -> Result<()> {
         ObjectiveArg::Throughput => Objective::Throughput,
         ObjectiveArg::Latency => Objective::Latency,
     };
-    let batch = match args.batch.as_str() {
-        "auto" => BatchChoice::Auto { max: if objective == Objective::Latency { 1 } else { 64 } },
-        text => {
-            let n: u64 = text
-                .parse()
-                .map_err(|_| ferry_core::CoreError::invalid(format!("--batch '{text}': give a number or auto")))?;
-            if n == 0 {
-                return Err(ferry_core::CoreError::invalid("--batch must be at least 1").into());
-            }
-            BatchChoice::Fixed(n)
-        }
-    };
+    let batch = parse_batch(&args.batch, objective)?;
     let (prompt_len, gen_len) = context_lengths(args.prompt_len, args.gen_len, &model, &mut notes)?;
-    let weight_dtype = match args.weight_dtype.as_deref() {
-        None => match model.dtype {
-            // The engine computes in f32 and reads f16/bf16; int types are not executable.
-            Dtype::Int8 | Dtype::Int4 => Dtype::F16,
-            d => d,
-        },
-        Some("f32") => Dtype::F32,
-        Some("f16") => Dtype::F16,
-        Some("bf16") => Dtype::Bf16,
-        Some(other) => {
-            return Err(ferry_core::CoreError::invalid(format!("--weight-dtype '{other}': use f32, f16 or bf16")).into())
-        }
-    };
+    let weight_dtype = parse_weight_dtype(args.weight_dtype.as_deref(), &model)?;
     let mut space = KnobSpace::full();
     if let Some(name) = &args.schedule {
         space.schedules = vec![Schedule::parse(name)?];
@@ -164,30 +143,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     if let Some(name) = adopted_baseline {
         eprintln!("note: the {name} baseline beat the searched plans; it is the plan");
     }
-    let batch_size = result.best.workload.batch_size;
-    let plan = Plan {
-        models: Models::target(if Path::new(&args.model).exists() {
-            path_from_plan(Path::new(&args.model), args.out.as_deref())
-        } else {
-            model.name.clone()
-        }),
-        hardware: HardwareRef {
-            profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
-            ..hardware.clone()
-        },
-        workload: result.best.workload,
-        policy: result.best.policy.clone(),
-        predicted: Some(PredictionNote {
-            tokens_per_s: round3(result.best.metrics.tokens_per_s),
-            time_to_first_token_s: round3(result.best.metrics.time_to_first_token_ns as f64 / 1e9),
-            time_per_output_token_s: round3(result.best.metrics.time_per_output_token_ns as f64 / 1e9),
-            profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
-        }),
-    };
-    // The checks `simulate`, `run` and `export` make on a plan file: a plan this
-    // writes is one they accept.
-    plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
-    ferry_core::resolve::check_devices(&plan.policy, &profile)?;
+    let plan = written_plan(&args, &model, &hardware, &profile, &result.best)?;
     if let Some(path) = &args.out {
         let text = format!(
             "# Written by `ferry tune` for {} on {}; run `ferry simulate --plan {}` to predict it again.\n{}",
@@ -202,31 +158,32 @@ pub fn run(args: TuneArgs) -> Result<()> {
         crate::plots_cmd::tune_plots(dir, &request, &space, &result, args.force)?;
     }
     if args.json {
-        let baselines_json: Vec<serde_json::Value> = baseline_results
-            .iter()
-            .map(|b| match &b.outcome {
-                Ok(c) => serde_json::json!({"name": b.name, "tokens_per_s": c.metrics.tokens_per_s, "metrics": c.metrics, "policy": c.policy}),
-                Err(e) => serde_json::json!({"name": b.name, "error": e}),
-            })
-            .collect();
-        let out = serde_json::json!({
-            "plan": plan,
-            "metrics": result.best.metrics,
-            "search": result.stats,
-            "search_seconds": search_time.as_secs_f64(),
-            "baselines": baselines_json,
-            "top": result.top.iter().take(args.top + 1).map(|c| serde_json::json!({"policy": c.policy, "workload": c.workload, "tokens_per_s": c.metrics.tokens_per_s})).collect::<Vec<_>>(),
-            "by_batch": result.by_batch,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return print_json(&plan, &result, &baseline_results, search_time, args.top);
     }
+    print_report(&args, &request, &result, &baseline_results, search_time);
+    if result.best.metrics.tokens_per_s <= 0.0 {
+        bail!("the best plan predicts no throughput; this is a bug");
+    }
+    Ok(())
+}
+
+/// The human report: the setting, the search, the plan, the baselines, runners-up.
+fn print_report(
+    args: &TuneArgs,
+    request: &TuneRequest,
+    result: &TuneResult,
+    baseline_results: &[Baseline],
+    search_time: std::time::Duration,
+) {
+    let (model, profile) = (request.model, request.profile);
+    let (prompt_len, gen_len, objective) = (request.prompt_len, request.gen_len, request.objective);
+    let batch_size = result.best.workload.batch_size;
     let stats = &result.stats;
     println!(
         "{} on {} (device {} usable of {}): prompt {} tokens, {} new tokens per sequence, objective {}",
         model.name,
         profile.device_name,
-        ferry_core::units::format_bytes(ferry_core::schedule::pool_capacities(&profile).0),
+        ferry_core::units::format_bytes(ferry_core::schedule::pool_capacities(profile).0),
         ferry_core::units::format_bytes(profile.device_memory_bytes),
         prompt_len,
         gen_len,
@@ -235,7 +192,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
             Objective::Latency => "latency",
         }
     );
-    println!("{}", report::provenance_line(&profile));
+    println!("{}", report::provenance_line(profile));
     println!(
         "search: {} configurations considered, {} LP bounds solved ({} configurations bounded, {} infeasible), {} pruned by bound, {} ranked out, {} simulated ({} rejected) in {:.2} s\n",
         group_digits(stats.considered),
@@ -256,7 +213,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     let mut table = Table::new(["policy", "batch", "tokens/s", "first token", "per token", "vs ferry", "bottleneck"]);
     let best = &result.best;
     table.row(row("ferry (this plan)", best, best));
-    for baseline in &baseline_results {
+    for baseline in baseline_results {
         match &baseline.outcome {
             Ok(c) => table.row(row(baseline.name, c, best)),
             Err(e) => table.row([
@@ -271,7 +228,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         }
     }
     print!("{}", table.render());
-    for baseline in &baseline_results {
+    for baseline in baseline_results {
         println!("  {}: {}", baseline.name, baseline.description);
     }
     if args.top > 0 && result.top.len() > 1 {
@@ -308,9 +265,95 @@ pub fn run(args: TuneArgs) -> Result<()> {
     if let Some(dir) = &args.plots {
         println!("wrote plots to {}", dir.display());
     }
-    if result.best.metrics.tokens_per_s <= 0.0 {
-        bail!("the best plan predicts no throughput; this is a bug");
+}
+
+/// `--batch`: a number, or `auto` (up to 64 for throughput, 1 for latency).
+fn parse_batch(text: &str, objective: Objective) -> Result<BatchChoice> {
+    if text == "auto" {
+        return Ok(BatchChoice::Auto { max: if objective == Objective::Latency { 1 } else { 64 } });
     }
+    let n: u64 =
+        text.parse().map_err(|_| ferry_core::CoreError::invalid(format!("--batch '{text}': give a number or auto")))?;
+    if n == 0 {
+        return Err(ferry_core::CoreError::invalid("--batch must be at least 1").into());
+    }
+    Ok(BatchChoice::Fixed(n))
+}
+
+/// `--weight-dtype`, or the model's own where the engine can execute it.
+fn parse_weight_dtype(arg: Option<&str>, model: &ModelSpec) -> Result<Dtype> {
+    Ok(match arg {
+        None => match model.dtype {
+            // The engine computes in f32 and reads f16/bf16; int types are not executable.
+            Dtype::Int8 | Dtype::Int4 => Dtype::F16,
+            d => d,
+        },
+        Some("f32") => Dtype::F32,
+        Some("f16") => Dtype::F16,
+        Some("bf16") => Dtype::Bf16,
+        Some(other) => {
+            return Err(ferry_core::CoreError::invalid(format!("--weight-dtype '{other}': use f32, f16 or bf16")).into())
+        }
+    })
+}
+
+/// The plan file `tune` writes, checked as `simulate`, `run` and `export` check a plan
+/// file: a plan this writes is one they accept.
+fn written_plan(
+    args: &TuneArgs,
+    model: &ModelSpec,
+    hardware: &HardwareRef,
+    profile: &ferry_core::profile::Profile,
+    best: &Candidate,
+) -> Result<Plan> {
+    let plan = Plan {
+        models: Models::target(if Path::new(&args.model).exists() {
+            path_from_plan(Path::new(&args.model), args.out.as_deref())
+        } else {
+            model.name.clone()
+        }),
+        hardware: HardwareRef {
+            profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
+            ..hardware.clone()
+        },
+        workload: best.workload,
+        policy: best.policy.clone(),
+        predicted: Some(PredictionNote {
+            tokens_per_s: round3(best.metrics.tokens_per_s),
+            time_to_first_token_s: round3(best.metrics.time_to_first_token_ns as f64 / 1e9),
+            time_per_output_token_s: round3(best.metrics.time_per_output_token_ns as f64 / 1e9),
+            profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
+        }),
+    };
+    plan.policy.validate(model, &plan.workload, profile.unified_memory)?;
+    ferry_core::resolve::check_devices(&plan.policy, profile)?;
+    Ok(plan)
+}
+
+fn print_json(
+    plan: &Plan,
+    result: &TuneResult,
+    baseline_results: &[Baseline],
+    search_time: std::time::Duration,
+    top: usize,
+) -> Result<()> {
+    let baselines_json: Vec<serde_json::Value> = baseline_results
+        .iter()
+        .map(|b| match &b.outcome {
+            Ok(c) => serde_json::json!({"name": b.name, "tokens_per_s": c.metrics.tokens_per_s, "metrics": c.metrics, "policy": c.policy}),
+            Err(e) => serde_json::json!({"name": b.name, "error": e}),
+        })
+        .collect();
+    let out = serde_json::json!({
+        "plan": plan,
+        "metrics": result.best.metrics,
+        "search": result.stats,
+        "search_seconds": search_time.as_secs_f64(),
+        "baselines": baselines_json,
+        "top": result.top.iter().take(top + 1).map(|c| serde_json::json!({"policy": c.policy, "workload": c.workload, "tokens_per_s": c.metrics.tokens_per_s})).collect::<Vec<_>>(),
+        "by_batch": result.by_batch,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
