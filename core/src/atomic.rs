@@ -113,7 +113,10 @@ impl AtomicFile {
     /// Flushes the data to the disk and renames the temporary file into place. The
     /// target is checked again first: it may have appeared since `create`.
     pub fn commit(mut self) -> Result<()> {
-        let file = self.file.take().expect("an uncommitted AtomicFile has its file");
+        // `file` is only taken here (commit consumes the writer) and in `Drop`.
+        let Some(file) = self.file.take() else {
+            return Err(CoreError::invalid(format!("{}: already committed", self.target.display())));
+        };
         file.sync_all().map_err(|e| CoreError::io(&self.temp, e))?;
         drop(file);
         check_output_path(&self.target, self.overwrite)?;
