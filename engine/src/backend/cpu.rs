@@ -1,78 +1,246 @@
-//! The CPU as the device: device memory is a RAM budget (page-aligned mappings the
+//! The CPU as the device: every place is host RAM (a device is a RAM budget the
 //! executor accounts against the plan's pools), copies are memcpy, and compute is the
-//! `kernels` module on the compute thread pool.
+//! `kernels` module on the compute thread pool. An accelerator's backend computes on
+//! its host places with these same operations.
 
 use ferry_core::graph::Place;
-use ferry_core::model::Dtype;
 
-use super::{AttentionShape, Backend};
+use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, WeightRef};
 use crate::kernels::{self, Matrix};
 use crate::memory::Buffer;
 use crate::EngineError;
 
 pub struct CpuBackend;
 
+/// The host memory behind a buffer; another backend's memory is the executor's mistake.
+pub(crate) fn host(buffer: &DeviceBuffer) -> Result<&HostBytes, EngineError> {
+    match buffer {
+        DeviceBuffer::Host(host) => Ok(host),
+        #[allow(unreachable_patterns)]
+        _ => Err(EngineError::Internal("device memory passed to a host operation".into())),
+    }
+}
+
+pub(crate) fn host_mut(buffer: &mut DeviceBuffer) -> Result<&mut HostBytes, EngineError> {
+    match buffer {
+        DeviceBuffer::Host(host) => Ok(host),
+        #[allow(unreachable_patterns)]
+        _ => Err(EngineError::Internal("device memory passed to a host operation".into())),
+    }
+}
+
+/// The stored bytes of a weight as the kernels take them.
+fn matrix<'a>(w: &WeightRef<'a>) -> Result<Matrix<'a>, EngineError> {
+    let bytes = host(w.memory)?.as_bytes();
+    let data = bytes.get(w.offset..w.offset + w.bytes()).ok_or_else(|| {
+        EngineError::Internal(format!("a {}×{} weight at {} passes its buffer's end", w.rows, w.cols, w.offset))
+    })?;
+    Ok(Matrix { bytes: data, dtype: w.dtype, rows: w.rows, cols: w.cols })
+}
+
+/// A 1-D weight (norm, bias) as f32.
+fn vector(w: &WeightRef) -> Result<Vec<f32>, EngineError> {
+    let m = matrix(w)?;
+    let mut out = vec![0.0; m.rows * m.cols];
+    kernels::to_f32(m.dtype, m.bytes, &mut out);
+    Ok(out)
+}
+
+fn out_of_range(what: &str) -> EngineError {
+    EngineError::Internal(format!("{what} passes the end of its buffer"))
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
     }
 
-    fn allocate(&self, place: Place, bytes: usize) -> Result<Buffer, EngineError> {
-        Buffer::new(bytes)
-            .map_err(|e| EngineError::io(std::path::Path::new(&format!("{} memory ({bytes} bytes)", place.token())), e))
+    fn host_addressable(&self, _place: Place) -> bool {
+        true
     }
 
-    fn copy(&self, dst: &mut [u8], src: &[u8]) {
-        dst.copy_from_slice(src);
+    fn allocate(&self, place: Place, bytes: usize) -> Result<DeviceBuffer, EngineError> {
+        let buffer = Buffer::new(bytes).map_err(|e| {
+            EngineError::io(std::path::Path::new(&format!("{} memory ({bytes} bytes)", place.token())), e)
+        })?;
+        Ok(DeviceBuffer::from_mapped(buffer))
     }
 
-    fn copy_f32(&self, dst: &mut [f32], src: &[f32]) {
-        dst.copy_from_slice(src);
+    fn scratch(&self, _place: Place, bytes: usize) -> Result<DeviceBuffer, EngineError> {
+        Ok(DeviceBuffer::Host(HostBytes::heap(bytes)))
+    }
+
+    fn adopt(&self, _place: Place, bytes: Buffer) -> Result<DeviceBuffer, EngineError> {
+        Ok(DeviceBuffer::from_mapped(bytes))
+    }
+
+    fn copy(
+        &self,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        dst: &mut DeviceBuffer,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<(), EngineError> {
+        let from = host(src)?.as_bytes().get(src_offset..src_offset + bytes).ok_or_else(|| out_of_range("a copy"))?;
+        let to = host_mut(dst)?
+            .as_bytes_mut()
+            .get_mut(dst_offset..dst_offset + bytes)
+            .ok_or_else(|| out_of_range("a copy"))?;
+        to.copy_from_slice(from);
+        Ok(())
+    }
+
+    fn download_f32(&self, x: &DeviceBuffer) -> Result<Vec<f32>, EngineError> {
+        Ok(host(x)?.as_f32().to_vec())
     }
 
     fn synchronize(&self) -> Result<(), EngineError> {
         Ok(())
     }
 
-    fn linear(&self, x: &[f32], rows: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
-        kernels::linear(x, rows, w, out, out_stride, col0);
+    fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError> {
+        let m = matrix(&table)?;
+        let row_bytes = kernels::element_bytes(m.dtype) * m.cols;
+        let out = host_mut(out)?.as_f32_mut();
+        for (&token, row) in tokens.iter().zip(out.chunks_exact_mut(m.cols)) {
+            let at = token as usize * row_bytes;
+            let src = m.bytes.get(at..at + row_bytes).ok_or_else(|| out_of_range("an embedding row"))?;
+            kernels::to_f32(m.dtype, src, row);
+        }
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-        kernels::rms_norm(x, weight, eps, out);
+    fn linear(
+        &self,
+        x: &DeviceBuffer,
+        rows: usize,
+        w: WeightRef,
+        out: &mut DeviceBuffer,
+        out_stride: usize,
+        col0: usize,
+    ) -> Result<(), EngineError> {
+        kernels::linear(host(x)?.as_f32(), rows, matrix(&w)?, host_mut(out)?.as_f32_mut(), out_stride, col0);
+        Ok(())
     }
 
-    fn rope(&self, x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f32) {
-        kernels::rope(x, heads, head_dim, positions, theta);
+    fn rms_norm(
+        &self,
+        x: &DeviceBuffer,
+        weight: WeightRef,
+        eps: f32,
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        kernels::rms_norm(host(x)?.as_f32(), &vector(&weight)?, eps, host_mut(out)?.as_f32_mut());
+        Ok(())
     }
 
-    fn attention(&self, q: &[f32], keys: &[f32], values: &[f32], s: AttentionShape, out: &mut [f32]) {
-        kernels::attention(q, keys, values, s.past, s.new, s.heads, s.kv_heads, s.head_dim, out);
+    fn rope(
+        &self,
+        x: &mut DeviceBuffer,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f32,
+    ) -> Result<(), EngineError> {
+        kernels::rope(host_mut(x)?.as_f32_mut(), heads, head_dim, positions, theta);
+        Ok(())
     }
 
-    fn silu_mul(&self, gate: &mut [f32], up: &[f32]) {
-        kernels::silu_mul(gate, up);
+    fn attention(
+        &self,
+        q: &DeviceBuffer,
+        cache: &DeviceBuffer,
+        layout: KvLayout,
+        s: AttentionShape,
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let (q, cache, out) = (host(q)?.as_f32(), host(cache)?.as_bytes(), host_mut(out)?.as_f32_mut());
+        let visible = s.past + s.new;
+        let (width, kv_dim) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+        let mut keys = vec![0.0f32; visible * kv_dim];
+        let mut values = vec![0.0f32; visible * kv_dim];
+        let span = visible * layout.row_bytes;
+        for seq in 0..layout.sequences {
+            let (k_at, v_at) = (layout.offset(0, seq, 0), layout.offset(1, seq, 0));
+            let k = cache.get(k_at..k_at + span).ok_or_else(|| out_of_range("attention's keys"))?;
+            let v = cache.get(v_at..v_at + span).ok_or_else(|| out_of_range("attention's values"))?;
+            kernels::to_f32(layout.dtype, k, &mut keys);
+            kernels::to_f32(layout.dtype, v, &mut values);
+            let rows = seq * s.new * width..(seq + 1) * s.new * width;
+            kernels::attention(
+                &q[rows.clone()],
+                &keys,
+                &values,
+                s.past,
+                s.new,
+                s.heads,
+                s.kv_heads,
+                s.head_dim,
+                &mut out[rows],
+            );
+        }
+        Ok(())
     }
 
-    fn add(&self, x: &mut [f32], delta: &[f32]) {
-        for (v, d) in x.iter_mut().zip(delta) {
+    fn store_kv(
+        &self,
+        rows: &DeviceBuffer,
+        new: usize,
+        half: usize,
+        cache: &mut DeviceBuffer,
+        layout: KvLayout,
+        position: usize,
+    ) -> Result<(), EngineError> {
+        let (rows, cache) = (host(rows)?.as_f32(), host_mut(cache)?.as_bytes_mut());
+        let kv_dim = layout.row_bytes / kernels::element_bytes(layout.dtype);
+        for seq in 0..layout.sequences {
+            let at = layout.offset(half, seq, position);
+            let dst = cache.get_mut(at..at + new * layout.row_bytes).ok_or_else(|| out_of_range("a KV store"))?;
+            kernels::from_f32(layout.dtype, &rows[seq * new * kv_dim..(seq + 1) * new * kv_dim], dst);
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError> {
+        kernels::silu_mul(host_mut(gate)?.as_f32_mut(), host(up)?.as_f32());
+        Ok(())
+    }
+
+    fn add(&self, x: &mut DeviceBuffer, delta: &DeviceBuffer) -> Result<(), EngineError> {
+        for (v, d) in host_mut(x)?.as_f32_mut().iter_mut().zip(host(delta)?.as_f32()) {
             *v += d;
         }
+        Ok(())
     }
 
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], stride: usize, col0: usize) {
-        kernels::add_bias(out, bias, stride, col0);
+    fn add_bias(&self, out: &mut DeviceBuffer, bias: WeightRef, stride: usize, col0: usize) -> Result<(), EngineError> {
+        kernels::add_bias(host_mut(out)?.as_f32_mut(), &vector(&bias)?, stride, col0);
+        Ok(())
     }
 
-    fn decode(&self, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
-        kernels::to_f32(dtype, bytes, out);
+    fn gather_rows(
+        &self,
+        x: &DeviceBuffer,
+        width: usize,
+        rows: &[usize],
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let (x, out) = (host(x)?.as_f32(), host_mut(out)?.as_f32_mut());
+        for (&row, dst) in rows.iter().zip(out.chunks_exact_mut(width)) {
+            dst.copy_from_slice(x.get(row * width..(row + 1) * width).ok_or_else(|| out_of_range("a row"))?);
+        }
+        Ok(())
     }
 
-    fn encode(&self, dtype: Dtype, values: &[f32], out: &mut [u8]) {
-        kernels::from_f32(dtype, values, out);
-    }
-
-    fn argmax(&self, logits: &[f32]) -> u32 {
-        kernels::argmax(logits)
+    fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError> {
+        let x = host(x)?.as_f32();
+        for &row in rows {
+            let values = x.get(row * width..(row + 1) * width).ok_or_else(|| out_of_range("a row"))?;
+            if values.iter().any(|v| !v.is_finite()) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }

@@ -97,6 +97,15 @@ impl Drop for DeviceMemory {
     }
 }
 
+/// Device memory as the engine's backend hands it out (`super::DeviceBuffer::Cuda`).
+pub struct CudaBuffer(pub DeviceMemory);
+
+impl CudaBuffer {
+    pub fn len_bytes(&self) -> usize {
+        self.0.bytes
+    }
+}
+
 /// Page-locked host memory (copies from it run at the link's full rate), freed on drop.
 pub struct PinnedMemory {
     ptr: *mut u8,

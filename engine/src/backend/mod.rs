@@ -1,36 +1,124 @@
 //! The device boundary. A backend owns what differs between a CPU and an accelerator:
 //! memory at its places, moving bytes into, out of and between them, and the compute
 //! operations of the forward pass on data in that memory. Everything else
-//! (scheduling, I/O, memory accounting, tracing, the model's data flow) is the
+//! (scheduling, disk I/O, memory accounting, tracing, the model's data flow) is the
 //! executor's and is the same for every backend.
 //!
-//! The executor's forward pass (`executor::forward`) calls only these operations, so a
-//! new device kind is a new implementation of `Backend` (a file here), not a change to
-//! the forward pass.
+//! Memory is handed out as `DeviceBuffer`s: opaque handles the executor keeps (weights,
+//! KV caches, activations) and passes back to the same backend's operations; only a
+//! backend looks inside one. On the `cpu` backend, the one this project tests
+//! everywhere, every place is host RAM (a device is a RAM budget), so a buffer is the
+//! memory itself. The `cuda` backend (cargo feature `cuda`) keeps device places in GPU
+//! memory and computes there; its host places are host memory computed on by the CPU
+//! kernels, exactly as on the cpu backend.
 //!
-//! Operands are slices of the backend's memory. On the `cpu` backend, the one this
-//! project tests everywhere, device memory is host RAM under a budget, so a slice is
-//! the memory itself. An accelerator whose memory the host cannot address needs opaque
-//! buffer handles in these signatures: that is the next step of the cuda execution
-//! backend (see `backend("cuda")`); its device primitives (memory, pinned memory,
-//! copies, cuBLAS) live in `cuda` behind the `cuda` cargo feature and are what
-//! `ferry profile --backend cuda` measures with.
+//! A new device kind is a new implementation of `Backend` (a file here) and a variant of
+//! `DeviceBuffer`; the executor's forward pass does not change.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod host;
 
 use ferry_core::graph::Place;
 use ferry_core::model::Dtype;
 
 pub use cpu::CpuBackend;
+pub use host::HostBytes;
 
-use crate::kernels::Matrix;
 use crate::memory::Buffer;
 use crate::EngineError;
 
-/// The shape of one sequence's causal attention: `new` query rows at positions
-/// `past .. past + new` over `past + new` key and value rows.
+/// Memory a backend holds at one place. Opaque to the executor, which only reads the
+/// bytes of host-addressable memory (`host_bytes`) to write them to disk.
+pub enum DeviceBuffer {
+    /// Host-addressable memory: every place of the cpu backend, the host places of an
+    /// accelerator's backend.
+    Host(HostBytes),
+    /// Memory on a CUDA device.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaBuffer),
+}
+
+impl DeviceBuffer {
+    /// A page-aligned mapping (read from disk, or kept for reuse) as host-addressable memory.
+    pub fn from_mapped(buffer: Buffer) -> DeviceBuffer {
+        DeviceBuffer::Host(HostBytes::Mapped(buffer))
+    }
+
+    /// The mapping behind host-addressable memory, to keep it for reuse.
+    pub fn into_mapped(self) -> Option<Buffer> {
+        match self {
+            DeviceBuffer::Host(HostBytes::Mapped(buffer)) => Some(buffer),
+            _ => None,
+        }
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        match self {
+            DeviceBuffer::Host(host) => host.len_bytes(),
+            #[cfg(feature = "cuda")]
+            DeviceBuffer::Cuda(device) => device.len_bytes(),
+        }
+    }
+
+    /// The bytes, where the CPU can address them.
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        match self {
+            DeviceBuffer::Host(host) => Some(host.as_bytes()),
+            #[cfg(feature = "cuda")]
+            DeviceBuffer::Cuda(_) => None,
+        }
+    }
+}
+
+/// A weight matrix (or a 1-D tensor: one row) stored in a buffer: `rows × cols`
+/// elements of `dtype` at byte `offset`.
+#[derive(Clone, Copy)]
+pub struct WeightRef<'a> {
+    pub memory: &'a DeviceBuffer,
+    pub offset: usize,
+    pub dtype: Dtype,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl WeightRef<'_> {
+    pub fn bytes(&self) -> usize {
+        self.dtype.bytes_of((self.rows * self.cols) as u64) as usize
+    }
+}
+
+/// How a block of KV cache lays out its bytes: K then V, each
+/// `[sequence][position][kv row]` with room for `capacity` positions per sequence.
+/// A resident region has room for the whole context; a block moved between places
+/// holds just the positions it carries.
+#[derive(Debug, Clone, Copy)]
+pub struct KvLayout {
+    pub dtype: Dtype,
+    pub sequences: usize,
+    pub capacity: usize,
+    /// Bytes of one position's keys (or values): kv_dim elements of `dtype`.
+    pub row_bytes: usize,
+}
+
+impl KvLayout {
+    pub fn bytes(&self) -> usize {
+        2 * self.sequences * self.capacity * self.row_bytes
+    }
+
+    /// Where (half 0 = K, 1 = V; sequence; position) starts, in bytes.
+    pub fn offset(&self, half: usize, sequence: usize, position: usize) -> usize {
+        ((half * self.sequences + sequence) * self.capacity + position) * self.row_bytes
+    }
+
+    pub fn with_capacity(self, capacity: usize) -> KvLayout {
+        KvLayout { capacity, ..self }
+    }
+}
+
+/// The shape of causal attention over a micro-batch: per sequence, `new` query rows
+/// at positions `past .. past + new` over `past + new` key and value rows.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
     pub past: usize,
@@ -40,55 +128,160 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// What the executor asks of a device.
+/// What the executor asks of a device. Activations are f32; every operation may run
+/// asynchronously on an accelerator (in the order issued), and `download_f32` and
+/// `synchronize` wait for what came before.
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
     // ---- memory ----------------------------------------------------------------
 
-    /// `bytes` of memory at `place`, zero-filled as it is first touched.
-    fn allocate(&self, place: Place, bytes: usize) -> Result<Buffer, EngineError>;
-    /// Copies bytes between places (host→device, device→host, device→device).
-    fn copy(&self, dst: &mut [u8], src: &[u8]);
-    /// Copies activations (f32) between places.
-    fn copy_f32(&self, dst: &mut [f32], src: &[f32]);
-    /// Waits until every operation issued so far has finished (copies and kernels may
-    /// run asynchronously on accelerators; the cpu backend runs them in the call).
+    /// Whether the CPU can address memory at `place` (the cpu backend: everywhere).
+    /// Disk reads land in such memory directly; elsewhere they arrive through `adopt`.
+    fn host_addressable(&self, place: Place) -> bool;
+    /// `bytes` of zeroed memory at `place` that the plan accounts for (resident KV
+    /// caches): on the host, a fresh mapping whose pages count as they fill.
+    fn allocate(&self, place: Place, bytes: usize) -> Result<DeviceBuffer, EngineError>;
+    /// `bytes` of zeroed working memory at `place` (activations, KV on its way).
+    fn scratch(&self, place: Place, bytes: usize) -> Result<DeviceBuffer, EngineError>;
+    /// Bytes the host holds (read from disk) as memory at `place`: kept as they are
+    /// where `place` is host-addressable, uploaded otherwise.
+    fn adopt(&self, place: Place, bytes: Buffer) -> Result<DeviceBuffer, EngineError>;
+    /// Copies `bytes` bytes from `src` at `src_offset` to `dst` at `dst_offset`, between
+    /// any two places.
+    fn copy(
+        &self,
+        src: &DeviceBuffer,
+        src_offset: usize,
+        dst: &mut DeviceBuffer,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<(), EngineError>;
+    /// The f32 values of `x`, on the host.
+    fn download_f32(&self, x: &DeviceBuffer) -> Result<Vec<f32>, EngineError>;
+    /// Waits until every operation issued so far has finished.
     fn synchronize(&self) -> Result<(), EngineError>;
 
     // ---- compute ---------------------------------------------------------------
 
+    /// Row `t` of `out` = row `tokens[t]` of the embedding table, as f32.
+    fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError>;
     /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `rows` rows of `x`; `out` rows are
     /// `out_stride` wide (a weight split in row blocks writes its columns in place).
-    fn linear(&self, x: &[f32], rows: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize);
+    fn linear(
+        &self,
+        x: &DeviceBuffer,
+        rows: usize,
+        w: WeightRef,
+        out: &mut DeviceBuffer,
+        out_stride: usize,
+        col0: usize,
+    ) -> Result<(), EngineError>;
     /// RMSNorm of each row of `x` (rows as wide as `weight`) into `out`.
-    fn rms_norm(&self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]);
+    fn rms_norm(
+        &self,
+        x: &DeviceBuffer,
+        weight: WeightRef,
+        eps: f32,
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError>;
     /// Rotary position embedding of each head of each row; `positions[r]` is row r's.
-    fn rope(&self, x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f32);
-    /// Causal grouped-query attention of one sequence.
-    fn attention(&self, q: &[f32], keys: &[f32], values: &[f32], shape: AttentionShape, out: &mut [f32]);
+    fn rope(
+        &self,
+        x: &mut DeviceBuffer,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f32,
+    ) -> Result<(), EngineError>;
+    /// Causal grouped-query attention of every sequence of a micro-batch: `q` rows
+    /// `[sequence][new][heads × head_dim]` over positions `0 .. past + new` of `cache`.
+    fn attention(
+        &self,
+        q: &DeviceBuffer,
+        cache: &DeviceBuffer,
+        layout: KvLayout,
+        shape: AttentionShape,
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError>;
+    /// Stores `new` rows per sequence of keys (`half` 0) or values (1), f32
+    /// `[sequence][new][kv_dim]`, into positions `position ..` of `cache`, converted to
+    /// the cache's dtype.
+    fn store_kv(
+        &self,
+        rows: &DeviceBuffer,
+        new: usize,
+        half: usize,
+        cache: &mut DeviceBuffer,
+        layout: KvLayout,
+        position: usize,
+    ) -> Result<(), EngineError>;
     /// SwiGLU: `gate = silu(gate) × up`.
-    fn silu_mul(&self, gate: &mut [f32], up: &[f32]);
+    fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError>;
     /// `x += delta` (the residual connection).
-    fn add(&self, x: &mut [f32], delta: &[f32]);
+    fn add(&self, x: &mut DeviceBuffer, delta: &DeviceBuffer) -> Result<(), EngineError>;
     /// Adds `bias` to columns `col0 ..` of every `stride`-wide row of `out`.
-    fn add_bias(&self, out: &mut [f32], bias: &[f32], stride: usize, col0: usize);
-    /// Converts stored values (weights, KV cache) to f32 (`decode`) and back (`encode`).
-    fn decode(&self, dtype: Dtype, bytes: &[u8], out: &mut [f32]);
-    fn encode(&self, dtype: Dtype, values: &[f32], out: &mut [u8]);
-    /// Greedy sampling: the index of the largest logit (the first on ties).
-    fn argmax(&self, logits: &[f32]) -> u32;
+    fn add_bias(&self, out: &mut DeviceBuffer, bias: WeightRef, stride: usize, col0: usize) -> Result<(), EngineError>;
+    /// Rows `rows[i]` of `x` (rows `width` wide) into row i of `out`.
+    fn gather_rows(
+        &self,
+        x: &DeviceBuffer,
+        width: usize,
+        rows: &[usize],
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError>;
+    /// Whether rows `rows` of `x` (rows `width` wide) are all finite.
+    fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError>;
 }
 
-/// Picks a backend by name. `cuda` says what it can and cannot do yet.
+/// Copies positions `src_position .. + count` of every sequence's keys and values
+/// from a KV block laid out as `src_layout` to positions `dst_position ..` of another.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_kv_positions(
+    backend: &dyn Backend,
+    src: &DeviceBuffer,
+    src_layout: KvLayout,
+    src_position: usize,
+    dst: &mut DeviceBuffer,
+    dst_layout: KvLayout,
+    dst_position: usize,
+    count: usize,
+) -> Result<(), EngineError> {
+    let bytes = count * src_layout.row_bytes;
+    for half in 0..2 {
+        for seq in 0..src_layout.sequences {
+            let from = src_layout.offset(half, seq, src_position);
+            let to = dst_layout.offset(half, seq, dst_position);
+            backend.copy(src, from, dst, to, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// Picks a backend by name; `cuda` says what it needs when it cannot start.
 pub fn backend(name: &str) -> Result<Box<dyn Backend>, EngineError> {
     match name {
         "cpu" => Ok(Box::new(CpuBackend)),
-        "cuda" => Err(EngineError::Unsupported(
-            "the engine's cuda execution backend is not built yet: runs use --backend cpu \
-             (ferry profile --backend cuda measures a GPU for the tuner)"
-                .into(),
-        )),
-        other => Err(EngineError::Unsupported(format!("unknown backend '{other}'; use cpu"))),
+        "cuda" => cuda_backend(),
+        other => Err(EngineError::Unsupported(format!("unknown backend '{other}'; use cpu or cuda"))),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<Box<dyn Backend>, EngineError> {
+    cuda::check_libraries()?;
+    Err(EngineError::Unsupported(
+        "the engine's cuda execution backend is not built yet: runs use --backend cpu \
+         (ferry profile --backend cuda measures a GPU for the tuner)"
+            .into(),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<Box<dyn Backend>, EngineError> {
+    Err(EngineError::Unsupported(
+        "this ferry was built without the cuda backend: rebuild with `--features cuda` (the cudarc \
+         libraries load at run time, so no CUDA toolkit is needed to build)"
+            .into(),
+    ))
 }

@@ -6,20 +6,21 @@ use std::collections::HashMap;
 
 use ferry_core::graph::{Op, Payload, Place, Task};
 use ferry_core::model::WeightGroup;
-use ferry_core::plan::Tier;
 
 use super::{lock, Engine};
-use crate::backend::AttentionShape;
+use crate::backend::{DeviceBuffer, WeightRef};
 use crate::kernels;
 use crate::EngineError;
 
 /// One micro-batch's activations at one place: the hidden state and the attention
-/// intermediates (q/k/v after the projections, the attention output).
+/// intermediates (q, k, v after the projections; the attention output), f32 each.
 #[derive(Default)]
 pub(super) struct Activations {
-    hidden: Vec<f32>,
-    qkv: Vec<f32>,
-    attn: Vec<f32>,
+    pub(super) hidden: Option<DeviceBuffer>,
+    pub(super) q: Option<DeviceBuffer>,
+    pub(super) k: Option<DeviceBuffer>,
+    pub(super) v: Option<DeviceBuffer>,
+    pub(super) attn: Option<DeviceBuffer>,
 }
 
 /// Per micro-batch state: its activations at every place that has held them. Only
@@ -32,12 +33,12 @@ pub(super) struct MicroBatch {
     first_non_finite: Option<(u32, u32, &'static str)>,
 }
 
-/// The part of a micro-batch's activations a copy after `after` moves.
-pub(super) fn activation_part(activations: &mut Activations, after: Option<Op>) -> &mut Vec<f32> {
+/// The parts of a micro-batch's activations a copy after `after` moves.
+fn activation_parts(activations: &mut Activations, after: Option<Op>) -> Vec<&mut Option<DeviceBuffer>> {
     match after {
-        Some(Op::AttnQkv) => &mut activations.qkv,
-        Some(Op::AttnCore) => &mut activations.attn,
-        _ => &mut activations.hidden,
+        Some(Op::AttnQkv) => vec![&mut activations.q, &mut activations.k, &mut activations.v],
+        Some(Op::AttnCore) => vec![&mut activations.attn],
+        _ => vec![&mut activations.hidden],
     }
 }
 
@@ -45,6 +46,10 @@ impl MicroBatch {
     pub(super) fn at(&mut self, place: Place) -> &mut Activations {
         self.places.entry(place).or_default()
     }
+}
+
+fn missing(what: &str, task: &Task) -> EngineError {
+    EngineError::Internal(format!("{}: no {what} at the place it runs", task.label()))
 }
 
 impl<'a> Engine<'a> {
@@ -60,13 +65,18 @@ impl<'a> Engine<'a> {
             _ => None,
         });
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-        // Taken out while copying, so source and destination are borrowed apart.
-        let mut source = state.places.remove(&from).unwrap_or_default();
-        let src = activation_part(&mut source, after);
-        let dst = activation_part(state.at(to), after);
-        dst.resize(src.len(), 0.0);
-        self.backend.copy_f32(dst, src);
-        state.places.insert(from, source);
+        // Copied into fresh memory at the destination; the source stays where it is.
+        let mut copies = Vec::new();
+        for part in activation_parts(state.at(from), after) {
+            let src = part.as_ref().ok_or_else(|| missing("activations to copy", task))?;
+            let bytes = src.len_bytes();
+            let mut dst = self.backend.scratch(to, bytes)?;
+            self.backend.copy(src, 0, &mut dst, 0, bytes)?;
+            copies.push(dst);
+        }
+        for (part, copy) in activation_parts(state.at(to), after).into_iter().zip(copies) {
+            *part = Some(copy);
+        }
         Ok(())
     }
 
@@ -86,54 +96,66 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// f32 working memory for `elements` values at `place`.
+    pub(super) fn activation(&self, place: Place, elements: usize) -> Result<DeviceBuffer, EngineError> {
+        self.backend.scratch(place, elements * 4)
+    }
+
     pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
         let new = self.new_tokens(task.step);
         let past = self.past(task.step);
         let prompt_len = self.workload.prompt_len as usize;
-        let table = self.resident_group(WeightGroup::Embeddings);
-        let blocks = Engine::matrix(std::slice::from_ref(&table), 0);
-        let (_, matrix) = blocks.first().ok_or_else(|| EngineError::Internal("no embeddings".into()))?;
-        let row_bytes = kernels::element_bytes(matrix.dtype) * h;
-        let tokens = lock(&self.tokens);
-        let mut hidden = vec![0.0f32; self.policy.micro_batch_size as usize * new * h];
-        for (i, seq) in self.sequences(task.micro_batch).enumerate() {
-            for t in 0..new {
-                // The token at position past + t: the prompt's, then the generated ones.
-                let position = past + t;
-                let token = if position < prompt_len {
-                    self.options.prompts[seq][position]
-                } else {
-                    tokens[seq][position - prompt_len]
-                } as usize;
-                let src = &matrix.bytes[token * row_bytes..(token + 1) * row_bytes];
-                self.backend.decode(matrix.dtype, src, &mut hidden[(i * new + t) * h..(i * new + t + 1) * h]);
+        let mut ids = Vec::with_capacity(self.policy.micro_batch_size as usize * new);
+        {
+            let tokens = lock(&self.tokens);
+            for seq in self.sequences(task.micro_batch) {
+                // The token at each position past + t: the prompt's, then the generated ones.
+                for position in past..past + new {
+                    ids.push(if position < prompt_len {
+                        self.options.prompts[seq][position]
+                    } else {
+                        tokens[seq][position - prompt_len]
+                    });
+                }
             }
         }
-        drop(tokens);
-        lock(&self.micro_batches[task.micro_batch as usize]).at(side).hidden = hidden;
+        let table = self.resident_group(WeightGroup::Embeddings);
+        let table_ref = Engine::tensor(std::slice::from_ref(&table), 0)?;
+        let mut hidden = self.activation(side, ids.len() * h)?;
+        self.backend.embed(table_ref, &ids, &mut hidden)?;
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).hidden = Some(hidden);
         Ok(())
+    }
+
+    /// The rows of a micro-batch's hidden state its next tokens come from: each
+    /// sequence's last.
+    fn last_rows(&self, step: u32) -> Vec<usize> {
+        let new = self.new_tokens(step);
+        (1..=self.policy.micro_batch_size as usize).map(|i| i * new - 1).collect()
     }
 
     pub(super) fn head(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
         let vocab = self.spec.vocab_size as usize;
-        let new = self.new_tokens(task.step);
         let mb = self.policy.micro_batch_size as usize;
         let head = self.resident_group(WeightGroup::Head);
-        let norm = self.vector(std::slice::from_ref(&head), 0);
-        let last_rows: Vec<f32> = {
+        let norm = Engine::tensor(std::slice::from_ref(&head), 0)?;
+        let mut last = self.activation(side, mb * h)?;
+        {
             let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-            let hidden = &state.at(side).hidden;
-            (0..mb).flat_map(|i| hidden[((i + 1) * new - 1) * h..(i + 1) * new * h].iter().copied()).collect()
-        };
-        let mut normed = vec![0.0; mb * h];
-        self.backend.rms_norm(&last_rows, &norm, self.spec.rms_norm_eps as f32, &mut normed);
+            let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
+            self.backend.gather_rows(hidden, h, &self.last_rows(task.step), &mut last)?;
+        }
+        let mut normed = self.activation(side, mb * h)?;
+        self.backend.rms_norm(&last, norm, self.spec.rms_norm_eps as f32, &mut normed)?;
         let logits = if self.spec.tie_word_embeddings {
-            self.project(std::slice::from_ref(&self.resident_group(WeightGroup::Embeddings)), 0, &normed, mb, vocab)
+            let table = self.resident_group(WeightGroup::Embeddings);
+            self.project(std::slice::from_ref(&table), 0, &normed, mb, vocab, side)?
         } else {
-            self.project(std::slice::from_ref(&head), 1, &normed, mb, vocab)
+            self.project(std::slice::from_ref(&head), 1, &normed, mb, vocab, side)?
         };
+        let logits = self.backend.download_f32(&logits)?;
         let mut tokens = lock(&self.tokens);
         let mut all_logits = lock(&self.logits);
         if self.options.keep_logits && all_logits.len() <= task.step as usize {
@@ -145,7 +167,7 @@ impl<'a> Engine<'a> {
             if row.iter().any(|v| !v.is_finite()) {
                 return Err(self.non_finite_logits(task, seq));
             }
-            tokens[seq].push(self.backend.argmax(row));
+            tokens[seq].push(kernels::argmax(row));
             if self.options.keep_logits {
                 all_logits[task.step as usize][seq] = row.to_vec();
             }
@@ -153,31 +175,42 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// RMSNorm of the side's hidden state, read in place (no copy of the hidden state).
-    pub(super) fn normed_hidden(&self, j: u32, side: Place, weight: &[f32], rows: usize) -> Vec<f32> {
-        let mut state = lock(&self.micro_batches[j as usize]);
-        let hidden = &state.at(side).hidden;
-        let mut normed = vec![0.0; rows * self.spec.hidden_size as usize];
-        self.backend.rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed);
-        normed
+    /// RMSNorm of the side's hidden state (read in place) into new memory.
+    pub(super) fn normed_hidden(
+        &self,
+        task: &Task,
+        side: Place,
+        weight: WeightRef,
+        rows: usize,
+    ) -> Result<DeviceBuffer, EngineError> {
+        let mut normed = self.activation(side, rows * self.spec.hidden_size as usize)?;
+        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
+        self.backend.rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed)?;
+        Ok(normed)
     }
 
     /// Adds `delta` to the side's hidden state (the residual connection), and notes
     /// the first sub-layer after which a sequence's last row is no longer finite (the
     /// rows the next token comes from; checking only them keeps this cheap).
-    pub(super) fn add_to_hidden(&self, task: &Task, side: Place, delta: &[f32], sublayer: &'static str) {
+    pub(super) fn add_to_hidden(
+        &self,
+        task: &Task,
+        side: Place,
+        delta: &DeviceBuffer,
+        sublayer: &'static str,
+    ) -> Result<(), EngineError> {
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
-        let hidden = &mut state.at(side).hidden;
-        self.backend.add(hidden, delta);
+        let hidden = state.at(side).hidden.as_mut().ok_or_else(|| missing("hidden state", task))?;
+        self.backend.add(hidden, delta)?;
         if state.first_non_finite.is_none() {
-            let (h, new) = (self.spec.hidden_size as usize, self.new_tokens(task.step));
-            let hidden = &state.at(side).hidden;
-            let last_rows =
-                (0..self.policy.micro_batch_size as usize).map(|i| &hidden[((i + 1) * new - 1) * h..(i + 1) * new * h]);
-            if last_rows.flatten().any(|v| !v.is_finite()) {
+            let h = self.spec.hidden_size as usize;
+            let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
+            if !self.backend.rows_finite(hidden, h, &self.last_rows(task.step))? {
                 state.first_non_finite = Some((task.step, task.layer, sublayer));
             }
         }
+        Ok(())
     }
 
     /// The error for non-finite logits at `step`: where the hidden state first went
@@ -200,130 +233,31 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Norm, q/k/v projections and rotary embedding into the side's `qkv` buffer,
-    /// laid out as [q: rows × h][k: rows × kv][v: rows × kv].
+    /// Norm, q/k/v projections and rotary embedding into the side's q, k and v.
     pub(super) fn attn_qkv(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
-        let normed = self.normed_hidden(task.micro_batch, side, &self.vector(&weights, 0), rows);
+        let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
         // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o.
         let bias = spec.qkv_bias;
         let (q_t, k_t, v_t) = if bias { (1, 3, 5) } else { (1, 2, 3) };
-        let mut qkv = vec![0.0f32; rows * (h + 2 * kv)];
-        {
-            let (q, rest) = qkv.split_at_mut(rows * h);
-            let (k, v) = rest.split_at_mut(rows * kv);
-            self.project_into(&weights, q_t, &normed, rows, h, q);
-            self.project_into(&weights, k_t, &normed, rows, kv, k);
-            self.project_into(&weights, v_t, &normed, rows, kv, v);
-            if bias {
-                self.backend.add_bias(q, &self.vector(&weights, 2), h, 0);
-                self.backend.add_bias(k, &self.vector(&weights, 4), kv, 0);
-                self.backend.add_bias(v, &self.vector(&weights, 6), kv, 0);
-            }
-            let positions = self.positions(task.step);
-            self.backend.rope(q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32);
-            self.backend.rope(k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32);
-        }
+        let mut q = self.project(&weights, q_t, &normed, rows, h, side)?;
+        let mut k = self.project(&weights, k_t, &normed, rows, kv, side)?;
+        let mut v = self.project(&weights, v_t, &normed, rows, kv, side)?;
         drop(normed);
-        lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv = qkv;
-        Ok(())
-    }
-
-    /// Attention over the cache where the plan keeps it; appends the new keys and values.
-    pub(super) fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let spec = self.spec;
-        let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
-        let mb = self.policy.micro_batch_size as usize;
-        let new = self.new_tokens(task.step);
-        let past = self.past(task.step);
-        let rows = mb * new;
-        let kv_dtype = self.policy.kv_dtype;
-        let row_bytes = self.kv_row_bytes();
-        // Consumed here: taking it keeps no copy alive between steps.
-        let qkv = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).qkv) };
-        let (q, rest) = qkv.split_at(rows * h);
-        let (k_new, v_new) = rest.split_at(rows * kv);
-        // New K and V in the cache dtype: [K: seq × new][V: seq × new].
-        let mut new_kv = vec![0u8; 2 * rows * row_bytes];
-        self.backend.encode(kv_dtype, k_new, &mut new_kv[..rows * row_bytes]);
-        self.backend.encode(kv_dtype, v_new, &mut new_kv[rows * row_bytes..]);
-        let key = (task.layer, task.micro_batch, task.step);
-        let tier = self.placements[task.layer as usize].kv;
-        let max = self.workload.max_context() as usize;
-        // The whole visible cache as bytes: [K: seq × (past + new)][V: ...].
-        let visible = past + new;
-        let mut cache = vec![0u8; 2 * mb * visible * row_bytes];
-        let mut place = |half: usize, seq: usize, pos: usize, bytes: &[u8]| {
-            let at = ((half * mb + seq) * visible + pos) * row_bytes;
-            cache[at..at + bytes.len()].copy_from_slice(bytes);
-        };
-        // Where the cache lives decides where past rows come from and where new rows go.
-        let resident_region = match (tier, side) {
-            (Tier::Device, _) => Some(&self.kv_device),
-            (Tier::Host, Place::Host(_)) => Some(&self.kv_host),
-            _ => None,
-        };
-        if let Some(regions) = resident_region {
-            let mut slot = lock(&regions[self.kv_slot(task.layer, task.micro_batch)]);
-            let region = slot.as_mut().ok_or_else(|| EngineError::Internal("KV region missing".into()))?;
-            self.scatter_new(region.as_mut_slice(), &new_kv, past, new);
-            let bytes = region.as_slice();
-            for half in 0..2 {
-                for seq in 0..mb {
-                    let start = (half * mb + seq) * max * row_bytes;
-                    place(half, seq, 0, &bytes[start..start + visible * row_bytes]);
-                }
-            }
-        } else {
-            let past_bytes = if past == 0 {
-                Vec::new()
-            } else if !side.is_device() {
-                lock(&self.kv_staged)
-                    .remove(&key)
-                    .ok_or_else(|| EngineError::Internal(format!("KV of layer {} not staged", task.layer)))?
-            } else {
-                lock(&self.kv_loaded)
-                    .remove(&key)
-                    .ok_or_else(|| EngineError::Internal(format!("KV of layer {} not loaded", task.layer)))?
-            };
-            for half in 0..2 {
-                for seq in 0..mb {
-                    let p = (half * mb + seq) * past * row_bytes;
-                    place(half, seq, 0, &past_bytes[p..p + past * row_bytes]);
-                    let n = (half * mb + seq) * new * row_bytes;
-                    place(half, seq, past, &new_kv[n..n + new * row_bytes]);
-                }
-            }
-            lock(&self.kv_outbox).insert(key, new_kv);
+        if bias {
+            self.backend.add_bias(&mut q, Engine::tensor(&weights, 2)?, h, 0)?;
+            self.backend.add_bias(&mut k, Engine::tensor(&weights, 4)?, kv, 0)?;
+            self.backend.add_bias(&mut v, Engine::tensor(&weights, 6)?, kv, 0)?;
         }
-        let mut out = vec![0.0f32; rows * h];
-        let elements = visible * kv;
-        let mut keys = vec![0.0f32; elements];
-        let mut values = vec![0.0f32; elements];
-        for seq in 0..mb {
-            let k_at = seq * visible * row_bytes;
-            let v_at = (mb + seq) * visible * row_bytes;
-            self.backend.decode(kv_dtype, &cache[k_at..k_at + visible * row_bytes], &mut keys);
-            self.backend.decode(kv_dtype, &cache[v_at..v_at + visible * row_bytes], &mut values);
-            let shape = AttentionShape {
-                past,
-                new,
-                heads: spec.num_heads as usize,
-                kv_heads: spec.num_kv_heads as usize,
-                head_dim: d,
-            };
-            self.backend.attention(
-                &q[seq * new * h..(seq + 1) * new * h],
-                &keys,
-                &values,
-                shape,
-                &mut out[seq * new * h..(seq + 1) * new * h],
-            );
-        }
-        lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn = out;
+        let positions = self.positions(task.step);
+        self.backend.rope(&mut q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32)?;
+        self.backend.rope(&mut k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32)?;
+        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let activations = state.at(side);
+        (activations.q, activations.k, activations.v) = (Some(q), Some(k), Some(v));
         Ok(())
     }
 
@@ -334,10 +268,11 @@ impl<'a> Engine<'a> {
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
         let o_tensor = if spec.qkv_bias { 7 } else { 4 };
-        let attn = { std::mem::take(&mut lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn) };
-        let projected = self.project(&weights, o_tensor, &attn, rows, h);
+        let attn = lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn.take();
+        let attn = attn.ok_or_else(|| missing("attention output", task))?;
+        let projected = self.project(&weights, o_tensor, &attn, rows, h, side)?;
         drop(attn);
-        self.add_to_hidden(task, side, &projected, "attention");
+        self.add_to_hidden(task, side, &projected, "attention")?;
         self.release_weights_if_last(task, WeightGroup::Attention);
         Ok(())
     }
@@ -347,15 +282,15 @@ impl<'a> Engine<'a> {
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
         let weights = self.weights(WeightGroup::Mlp, task.layer, task.step, task.micro_batch)?;
-        let normed = self.normed_hidden(task.micro_batch, side, &self.vector(&weights, 0), rows);
-        let mut gate = self.project(&weights, 1, &normed, rows, ffn);
-        let up = self.project(&weights, 2, &normed, rows, ffn);
+        let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
+        let mut gate = self.project(&weights, 1, &normed, rows, ffn, side)?;
+        let up = self.project(&weights, 2, &normed, rows, ffn, side)?;
         drop(normed);
-        self.backend.silu_mul(&mut gate, &up);
+        self.backend.silu_mul(&mut gate, &up)?;
         drop(up);
-        let down = self.project(&weights, 3, &gate, rows, h);
+        let down = self.project(&weights, 3, &gate, rows, h, side)?;
         drop(gate);
-        self.add_to_hidden(task, side, &down, "mlp");
+        self.add_to_hidden(task, side, &down, "mlp")?;
         self.release_weights_if_last(task, WeightGroup::Mlp);
         Ok(())
     }

@@ -7,11 +7,12 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use ferry_core::graph::Task;
+use ferry_core::graph::{Place, Task};
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::{Policy, Tier, Workload};
 
 use super::{lock, Engine, RunOptions};
+use crate::backend::{copy_kv_positions, AttentionShape, KvLayout};
 use crate::io::DiskFile;
 use crate::EngineError;
 
@@ -82,92 +83,144 @@ fn unique_token(attempt: u64) -> u64 {
 }
 
 impl<'a> Engine<'a> {
-    /// Copies positions `0..past` of every sequence out of a KV region (K then V).
-    pub(super) fn gather_past(&self, region: &[u8], past: usize) -> Vec<u8> {
-        let row = self.kv_row_bytes();
-        let mb = self.policy.micro_batch_size as usize;
-        let max = self.workload.max_context() as usize;
-        let mut out = Vec::with_capacity(2 * mb * past * row);
-        for half in 0..2 {
-            for seq in 0..mb {
-                let start = (half * mb + seq) * max * row;
-                out.extend_from_slice(&region[start..start + past * row]);
-            }
+    /// How a resident region lays out its bytes (room for the whole context); blocks
+    /// moved between places use it `with_capacity` the positions they carry.
+    pub(super) fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            dtype: self.policy.kv_dtype,
+            sequences: self.policy.micro_batch_size as usize,
+            capacity: self.workload.max_context() as usize,
+            row_bytes: self.kv_row_bytes(),
         }
-        out
     }
 
-    /// Writes new KV rows (K then V, [seq][new]) into a region at positions past..past+new.
-    pub(super) fn scatter_new(&self, region: &mut [u8], new_kv: &[u8], past: usize, new: usize) {
-        let row = self.kv_row_bytes();
-        let mb = self.policy.micro_batch_size as usize;
-        let max = self.workload.max_context() as usize;
-        for half in 0..2 {
-            for seq in 0..mb {
-                let dst = ((half * mb + seq) * max + past) * row;
-                let src = (half * mb + seq) * new * row;
-                region[dst..dst + new * row].copy_from_slice(&new_kv[src..src + new * row]);
+    fn kv_key(task: &Task) -> (u32, u32, u32) {
+        (task.layer, task.micro_batch, task.step)
+    }
+
+    /// Attention over the cache where the plan keeps it; stores the new keys and values
+    /// there (a resident region), or passes them on to where the cache lives.
+    pub(super) fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let spec = self.spec;
+        let (new, past) = (self.new_tokens(task.step), self.past(task.step));
+        let rows = self.policy.micro_batch_size as usize * new;
+        let (q, k_new, v_new) = {
+            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let a = state.at(side);
+            (a.q.take(), a.k.take(), a.v.take())
+        };
+        let missing = || EngineError::Internal(format!("{}: q, k and v are not at {}", task.label(), side.token()));
+        let (q, k_new, v_new) = (q.ok_or_else(missing)?, k_new.ok_or_else(missing)?, v_new.ok_or_else(missing)?);
+        let shape = AttentionShape {
+            past,
+            new,
+            heads: spec.num_heads as usize,
+            kv_heads: spec.num_kv_heads as usize,
+            head_dim: spec.head_dim() as usize,
+        };
+        let mut out = self.activation(side, rows * spec.hidden_size as usize)?;
+        let layout = self.kv_layout();
+        // Where the cache lives decides where past rows come from and where new rows go.
+        let resident_region = match (self.placements[task.layer as usize].kv, side) {
+            (Tier::Device, _) => Some(&self.kv_device),
+            (Tier::Host, Place::Host(_)) => Some(&self.kv_host),
+            _ => None,
+        };
+        if let Some(regions) = resident_region {
+            let mut slot = lock(&regions[self.kv_slot(task.layer, task.micro_batch)]);
+            let region = slot.as_mut().ok_or_else(|| EngineError::Internal("KV region missing".into()))?;
+            self.backend.store_kv(&k_new, new, 0, region, layout, past)?;
+            self.backend.store_kv(&v_new, new, 1, region, layout, past)?;
+            self.backend.attention(&q, region, layout, shape, &mut out)?;
+        } else {
+            // The past positions arrived (read or copied) for this round; assembled with
+            // the new ones into one block the attention reads.
+            let visible = layout.with_capacity(past + new);
+            let mut cache = self.backend.scratch(side, visible.bytes())?;
+            if past > 0 {
+                let arrived = if side.is_device() { &self.kv_loaded } else { &self.kv_staged };
+                let past_kv = lock(arrived).remove(&Engine::kv_key(task)).ok_or_else(|| {
+                    EngineError::Internal(format!("KV of layer {} did not arrive at {}", task.layer, side.token()))
+                })?;
+                copy_kv_positions(self.backend, &past_kv, layout.with_capacity(past), 0, &mut cache, visible, 0, past)?;
             }
+            self.backend.store_kv(&k_new, new, 0, &mut cache, visible, past)?;
+            self.backend.store_kv(&v_new, new, 1, &mut cache, visible, past)?;
+            self.backend.attention(&q, &cache, visible, shape, &mut out)?;
+            let carried = layout.with_capacity(new);
+            let mut new_kv = self.backend.scratch(side, carried.bytes())?;
+            copy_kv_positions(self.backend, &cache, visible, past, &mut new_kv, carried, 0, new)?;
+            lock(&self.kv_outbox).insert(Engine::kv_key(task), new_kv);
         }
+        lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn = Some(out);
+        Ok(())
     }
 
     pub(super) fn read_kv(&self, task: &Task) -> Result<(), EngineError> {
         let kv = self.kv_file.as_ref().ok_or_else(|| EngineError::Internal("no KV file".into()))?;
         let past = self.past(task.step);
-        let row = self.kv_row_bytes() as u64;
-        let mb = self.policy.micro_batch_size;
-        let max = self.workload.max_context();
+        let layout = self.kv_layout();
         let base = kv.region_offset(self.kv_slot(task.layer, task.micro_batch));
-        let ranges: Vec<(u64, u64)> = (0..2 * mb)
+        let span = past * layout.row_bytes;
+        let ranges: Vec<(u64, u64)> = (0..2 * layout.sequences)
             .map(|i| {
-                let start = base + i * max * row;
-                (start, start + past as u64 * row)
+                let start = base + (i * layout.capacity * layout.row_bytes) as u64;
+                (start, start + span as u64)
             })
             .collect();
-        let (buffer, starts) = self.reader.read_ranges(&kv.reader, &ranges, self.policy.chunk_bytes)?;
+        let (mut buffer, starts) = self.reader.read_ranges(&kv.reader, &ranges, self.policy.chunk_bytes)?;
         *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
-        let mut bytes = Vec::with_capacity((2 * mb * past as u64 * row) as usize);
-        for (i, &(s, e)) in ranges.iter().enumerate() {
-            bytes.extend_from_slice(&buffer.as_slice()[starts[i]..starts[i] + (e - s) as usize]);
+        // Packed in place into the layout of the positions read: each range lies at or
+        // after its packed place, so moving them in order never overwrites one unread.
+        let bytes = buffer.as_mut_slice();
+        for (i, &start) in starts.iter().enumerate() {
+            bytes.copy_within(start..start + span, i * span);
         }
-        let key = (task.layer, task.micro_batch, task.step);
+        let buffer = buffer.with_len(layout.with_capacity(past).bytes());
         // Staged in host memory (for host attention or a copy), or already in device memory.
-        if Engine::lands_on_host(task) {
-            lock(&self.kv_staged).insert(key, bytes);
+        let (place, arrived) = if Engine::lands_on_host(task) {
+            (Place::HOST, &self.kv_staged)
         } else {
-            lock(&self.kv_loaded).insert(key, bytes);
-        }
+            (self.layer_device(task.layer), &self.kv_loaded)
+        };
+        let block = self.backend.adopt(place, buffer)?;
+        lock(arrived).insert(Engine::kv_key(task), block);
         Ok(())
     }
 
     pub(super) fn copy_kv_to_device(&self, task: &Task) -> Result<(), EngineError> {
-        let key = (task.layer, task.micro_batch, task.step);
-        let source = match lock(&self.kv_staged).remove(&key) {
-            Some(staged) => staged,
+        let past = self.past(task.step);
+        let layout = self.kv_layout();
+        let carried = layout.with_capacity(past);
+        let mut device = self.backend.scratch(self.layer_device(task.layer), carried.bytes())?;
+        match lock(&self.kv_staged).remove(&Engine::kv_key(task)) {
+            Some(staged) => self.backend.copy(&staged, 0, &mut device, 0, carried.bytes())?,
             None => {
                 let slot = lock(&self.kv_host[self.kv_slot(task.layer, task.micro_batch)]);
                 let region = slot.as_ref().ok_or_else(|| EngineError::Internal("host KV missing".into()))?;
-                self.gather_past(region.as_slice(), self.past(task.step))
+                copy_kv_positions(self.backend, region, layout, 0, &mut device, carried, 0, past)?;
             }
-        };
-        let mut device = vec![0u8; source.len()];
-        self.backend.copy(&mut device, &source);
-        lock(&self.kv_loaded).insert(key, device);
+        }
+        lock(&self.kv_loaded).insert(Engine::kv_key(task), device);
         Ok(())
     }
 
     pub(super) fn store_kv_to_host(&self, task: &Task) -> Result<(), EngineError> {
-        let key = (task.layer, task.micro_batch, task.step);
+        let key = Engine::kv_key(task);
         let new_kv =
             lock(&self.kv_outbox).remove(&key).ok_or_else(|| EngineError::Internal("no new KV to store".into()))?;
-        let mut host = vec![0u8; new_kv.len()];
-        self.backend.copy(&mut host, &new_kv);
+        let layout = self.kv_layout();
+        let new = self.new_tokens(task.step);
         if self.placements[task.layer as usize].kv == Tier::Host {
             let mut slot = lock(&self.kv_host[self.kv_slot(task.layer, task.micro_batch)]);
             let region = slot.as_mut().ok_or_else(|| EngineError::Internal("host KV missing".into()))?;
-            self.scatter_new(region.as_mut_slice(), &host, self.past(task.step), self.new_tokens(task.step));
+            let past = self.past(task.step);
+            copy_kv_positions(self.backend, &new_kv, layout.with_capacity(new), 0, region, layout, past, new)?;
         } else {
             // On its way to disk.
+            let bytes = new_kv.len_bytes();
+            let mut host = self.backend.scratch(Place::HOST, bytes)?;
+            self.backend.copy(&new_kv, 0, &mut host, 0, bytes)?;
             lock(&self.kv_outbox).insert(key, host);
         }
         Ok(())
@@ -175,18 +228,19 @@ impl<'a> Engine<'a> {
 
     pub(super) fn write_kv(&self, task: &Task) -> Result<(), EngineError> {
         let kv = self.kv_file.as_ref().ok_or_else(|| EngineError::Internal("no KV file".into()))?;
-        let key = (task.layer, task.micro_batch, task.step);
-        let new_kv =
-            lock(&self.kv_outbox).remove(&key).ok_or_else(|| EngineError::Internal("no new KV to write".into()))?;
-        let row = self.kv_row_bytes() as u64;
-        let mb = self.policy.micro_batch_size;
-        let max = self.workload.max_context();
-        let new = self.new_tokens(task.step) as u64;
-        let past = self.past(task.step) as u64;
+        let new_kv = lock(&self.kv_outbox)
+            .remove(&Engine::kv_key(task))
+            .ok_or_else(|| EngineError::Internal("no new KV to write".into()))?;
+        let new_kv = new_kv
+            .host_bytes()
+            .ok_or_else(|| EngineError::Internal(format!("{}: the KV to write is not in host memory", task.label())))?;
+        let layout = self.kv_layout();
+        let span = self.new_tokens(task.step) * layout.row_bytes;
+        let past = self.past(task.step);
         let base = kv.region_offset(self.kv_slot(task.layer, task.micro_batch));
-        for i in 0..2 * mb {
-            let offset = base + (i * max + past) * row;
-            let src = &new_kv[(i * new * row) as usize..((i + 1) * new * row) as usize];
+        for i in 0..2 * layout.sequences {
+            let offset = base + ((i * layout.capacity + past) * layout.row_bytes) as u64;
+            let src = &new_kv[i * span..(i + 1) * span];
             kv.writer.write_all_at(src, offset).map_err(|e| EngineError::io(&kv.path, e))?;
         }
         Ok(())

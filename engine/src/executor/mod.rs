@@ -36,7 +36,7 @@ use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
 use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use ferry_core::trace::{Metrics, Trace, TraceSource};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, DeviceBuffer};
 use crate::io::{DiskFile, ReadPool};
 use crate::kernels;
 use crate::memory::{self, Buffer, Recycler};
@@ -105,11 +105,14 @@ struct Engine<'a> {
     staged: Mutex<HashMap<Key, Arc<Loaded>>>,
     /// Where every layer lives and runs.
     placements: Vec<LayerPlacement>,
-    kv_device: Vec<Mutex<Option<Buffer>>>,
-    kv_host: Vec<Mutex<Option<Buffer>>>,
-    kv_loaded: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
-    kv_staged: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
-    kv_outbox: Mutex<HashMap<(u32, u32, u32), Vec<u8>>>,
+    /// Resident KV caches, one region per (layer, micro-batch), laid out as `kv_layout`.
+    kv_device: Vec<Mutex<Option<DeviceBuffer>>>,
+    kv_host: Vec<Mutex<Option<DeviceBuffer>>>,
+    /// KV blocks on their way, by (layer, micro-batch, step): past positions arrived on
+    /// the device (`loaded`) or in host memory (`staged`), new positions leaving (`outbox`).
+    kv_loaded: Mutex<HashMap<(u32, u32, u32), DeviceBuffer>>,
+    kv_staged: Mutex<HashMap<(u32, u32, u32), DeviceBuffer>>,
+    kv_outbox: Mutex<HashMap<(u32, u32, u32), DeviceBuffer>>,
     micro_batches: Vec<Mutex<MicroBatch>>,
     tokens: Mutex<Vec<Vec<u32>>>,
     logits: Mutex<Vec<Vec<Vec<f32>>>>,
@@ -306,21 +309,17 @@ impl<'a> Engine<'a> {
         // Resident weights: embeddings, head, and every group the plan keeps on the device
         // or the host (read once, before the clock starts).
         let mut resident = HashMap::new();
-        resident.insert(
-            (group_code(WeightGroup::Embeddings), NO_LAYER),
-            Arc::new(engine.read_group(WeightGroup::Embeddings, 0, WHOLE_GROUP, None)?),
-        );
-        resident.insert(
-            (group_code(WeightGroup::Head), NO_LAYER),
-            Arc::new(engine.read_group(WeightGroup::Head, 0, WHOLE_GROUP, None)?),
-        );
+        for group in [WeightGroup::Embeddings, WeightGroup::Head] {
+            let place = engine.resident_place(group, NO_LAYER);
+            let loaded = engine.read_group(group, 0, WHOLE_GROUP, place, None)?;
+            resident.insert((group_code(group), NO_LAYER), Arc::new(loaded));
+        }
         for layer in 0..spec.num_layers {
             for group in WeightGroup::PER_LAYER {
                 if engine.weight_tier(group, layer) != Tier::Disk {
-                    resident.insert(
-                        (group_code(group), layer as u32),
-                        Arc::new(engine.read_group(group, layer, WHOLE_GROUP, None)?),
-                    );
+                    let place = engine.resident_place(group, layer as u32);
+                    let loaded = engine.read_group(group, layer, WHOLE_GROUP, place, None)?;
+                    resident.insert((group_code(group), layer as u32), Arc::new(loaded));
                 }
             }
         }
@@ -348,6 +347,24 @@ impl<'a> Engine<'a> {
             WeightGroup::Embeddings => self.policy.embeddings,
             WeightGroup::Head => self.policy.head,
             layer_group => self.placements[layer as usize].tier(layer_group),
+        }
+    }
+
+    /// The device a layer's stage runs on.
+    pub(super) fn layer_device(&self, layer: u32) -> Place {
+        let device = self.placements.get(layer as usize).map_or(self.policy.first_device(), |p| p.device);
+        Place::Device(device)
+    }
+
+    /// Where a group the plan keeps resident lives: its tier's place (embeddings on the
+    /// first stage's device, the head on the last's, a layer's groups on its stage's).
+    fn resident_place(&self, group: WeightGroup, layer: u32) -> Place {
+        let tier = self.weight_tier(group, if layer == NO_LAYER { 0 } else { layer as u64 });
+        match (tier, group) {
+            (Tier::Device, WeightGroup::Embeddings) => Place::Device(self.policy.first_device()),
+            (Tier::Device, WeightGroup::Head) => Place::Device(self.policy.last_device()),
+            (Tier::Device, _) => self.layer_device(layer),
+            _ => Place::HOST,
         }
     }
 

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use ferry_core::graph::{Task, NO_LAYER, WHOLE_GROUP};
+use ferry_core::graph::{Place, Task, NO_LAYER, WHOLE_GROUP};
 use ferry_core::model::{Dtype, WeightGroup};
 use ferry_core::plan::Tier;
 use ferry_core::schedule::weight_pieces;
 
 use super::{lock, Engine};
-use crate::kernels::Matrix;
+use crate::backend::{DeviceBuffer, WeightRef};
 use crate::memory::{Buffer, Recycler};
 use crate::EngineError;
 
@@ -27,7 +27,7 @@ pub(super) struct View {
 
 /// Weight bytes in memory: buffers and where each tensor (or row block) is in them.
 pub(super) struct Loaded {
-    buffers: Vec<Buffer>,
+    buffers: Vec<DeviceBuffer>,
     views: Vec<View>,
     dtype: Dtype,
     /// Streamed weights go back to the recycler when freed (resident ones are unmapped).
@@ -37,16 +37,10 @@ pub(super) struct Loaded {
 impl Drop for Loaded {
     fn drop(&mut self) {
         if let Some(recycler) = &self.recycler {
-            for buffer in self.buffers.drain(..) {
+            for buffer in self.buffers.drain(..).filter_map(DeviceBuffer::into_mapped) {
                 recycler.give(buffer);
             }
         }
-    }
-}
-
-impl Loaded {
-    pub(super) fn bytes(&self) -> usize {
-        self.buffers.iter().map(Buffer::len).sum()
     }
 }
 
@@ -55,17 +49,20 @@ pub(super) fn group_code(group: WeightGroup) -> u8 {
 }
 
 impl<'a> Engine<'a> {
-    /// Reads one weight group (or one pipelined piece of it) from disk.
-    /// Reads a weight group (or one piece of it). With `recycle` (the read's key) the
-    /// bytes land in a recycled buffer (the one the scheduler reserved for this read, or
-    /// any that fits) and return to the recycler when freed.
+    /// Reads a weight group (or one pipelined piece of it) from disk into memory at
+    /// `place`. With `recycle` (the read's key) the bytes land in a recycled buffer (the
+    /// one the scheduler reserved for this read, or any that fits) and return to the
+    /// recycler when freed; that needs memory the CPU addresses, so a backend whose
+    /// `place` is not reads into fresh host memory and uploads it.
     pub(super) fn read_group(
         &self,
         group: WeightGroup,
         layer: u64,
         piece: u32,
+        place: Place,
         recycle: Option<Key>,
     ) -> Result<Loaded, EngineError> {
+        let recycle = recycle.filter(|_| self.backend.host_addressable(place));
         let location = self.files.group(group, layer);
         let tensors = self.spec.group_tensors(group, layer);
         let dtype = location.dtype;
@@ -149,7 +146,7 @@ impl<'a> Engine<'a> {
                     cols: *cols,
                 });
             }
-            loaded.buffers.push(buffer);
+            loaded.buffers.push(self.backend.adopt(place, buffer)?);
             index = end;
         }
         Ok(loaded)
@@ -190,117 +187,136 @@ impl<'a> Engine<'a> {
         Arc::clone(&self.resident[&(group_code(group), NO_LAYER)])
     }
 
-    /// Row blocks of tensor `tensor` across the loaded pieces.
-    pub(super) fn matrix<'l>(loaded: &'l [Arc<Loaded>], tensor: u32) -> Vec<(usize, Matrix<'l>)> {
+    /// Row blocks of tensor `tensor` across the loaded pieces: (first row, block).
+    pub(super) fn matrix(loaded: &[Arc<Loaded>], tensor: u32) -> Vec<(usize, WeightRef<'_>)> {
         let mut blocks = Vec::new();
         for l in loaded {
             for v in l.views.iter().filter(|v| v.tensor == tensor) {
-                let bytes = l.dtype.bytes_of((v.rows * v.cols) as u64) as usize;
-                let data = &l.buffers[v.buffer].as_slice()[v.offset..v.offset + bytes];
-                blocks.push((v.row_start, Matrix { bytes: data, dtype: l.dtype, rows: v.rows, cols: v.cols }));
+                let block = WeightRef {
+                    memory: &l.buffers[v.buffer],
+                    offset: v.offset,
+                    dtype: l.dtype,
+                    rows: v.rows,
+                    cols: v.cols,
+                };
+                blocks.push((v.row_start, block));
             }
         }
         blocks
     }
 
-    /// A 1-D tensor (a norm weight, a bias) as f32.
-    pub(super) fn vector(&self, loaded: &[Arc<Loaded>], tensor: u32) -> Vec<f32> {
-        let blocks = Engine::matrix(loaded, tensor);
-        let cols = blocks.first().map_or(0, |b| b.1.cols);
-        let mut out = vec![0.0; cols];
-        if let Some((_, m)) = blocks.first() {
-            self.backend.decode(m.dtype, m.bytes, &mut out);
+    /// A whole tensor held in one block (a norm weight, a bias, a table kept resident).
+    pub(super) fn tensor(loaded: &[Arc<Loaded>], tensor: u32) -> Result<WeightRef<'_>, EngineError> {
+        match Engine::matrix(loaded, tensor).as_slice() {
+            [(0, block)] => Ok(*block),
+            blocks => Err(EngineError::Internal(format!(
+                "tensor {tensor} is in {} blocks where one whole was expected",
+                blocks.len()
+            ))),
         }
-        out
     }
 
-    /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks.
-    pub(super) fn project(&self, loaded: &[Arc<Loaded>], tensor: u32, x: &[f32], m: usize, n: usize) -> Vec<f32> {
-        let mut out = vec![0.0; m * n];
-        self.project_into(loaded, tensor, x, m, n, &mut out);
-        out
-    }
-
-    pub(super) fn project_into(
+    /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks, into new memory at `place`.
+    pub(super) fn project(
         &self,
         loaded: &[Arc<Loaded>],
         tensor: u32,
-        x: &[f32],
+        x: &DeviceBuffer,
         m: usize,
         n: usize,
-        out: &mut [f32],
-    ) {
-        for (row_start, matrix) in Engine::matrix(loaded, tensor) {
-            self.backend.linear(x, m, matrix, out, n, row_start);
+        place: Place,
+    ) -> Result<DeviceBuffer, EngineError> {
+        let mut out = self.activation(place, m * n)?;
+        for (row_start, block) in Engine::matrix(loaded, tensor) {
+            self.backend.linear(x, m, block, &mut out, n, row_start)?;
         }
+        Ok(out)
     }
 
     pub(super) fn load_weights_from_disk(&self, task: &Task, group: WeightGroup) -> Result<(), EngineError> {
         let on_host = Engine::lands_on_host(task);
+        let (place, target) =
+            if on_host { (Place::HOST, &self.staged) } else { (self.layer_device(task.layer), &self.streamed) };
         let recycle = (!on_host).then(|| self.key(task, group));
-        let loaded = Arc::new(self.read_group(group, task.layer as u64, task.piece, recycle)?);
-        let target = if on_host { &self.staged } else { &self.streamed };
+        let loaded = Arc::new(self.read_group(group, task.layer as u64, task.piece, place, recycle)?);
         lock(target).insert(self.key(task, group), loaded);
         Ok(())
     }
 
+    /// Streamed-weight memory on the device of `layer`: a recycled mapping where the
+    /// CPU addresses that memory, the backend's otherwise.
+    fn device_memory(&self, layer: u32, bytes: usize) -> Result<DeviceBuffer, EngineError> {
+        let place = self.layer_device(layer);
+        if self.backend.host_addressable(place) {
+            let buffer = self.recycler(layer).take(bytes).map_err(|e| EngineError::io(&self.files.dir, e))?;
+            Ok(DeviceBuffer::from_mapped(buffer))
+        } else {
+            self.backend.scratch(place, bytes)
+        }
+    }
+
     pub(super) fn copy_weights_to_device(&self, task: &Task, group: WeightGroup) -> Result<(), EngineError> {
         let key = self.key(task, group);
-        let source: Arc<Loaded> = match lock(&self.staged).remove(&key) {
-            Some(staged) => staged,
+        let recycler = Some(Arc::clone(self.recycler(task.layer)));
+        let loaded = match lock(&self.staged).remove(&key) {
+            Some(staged) => self.copy_whole(task.layer, &staged, recycler)?,
             None => {
-                // Host-resident weights: copy the whole group or this piece of it.
-                let whole = Arc::clone(self.resident.get(&(group_code(group), task.layer)).ok_or_else(|| {
+                // Host-resident weights: the whole group or this piece of it.
+                let whole = self.resident.get(&(group_code(group), task.layer)).ok_or_else(|| {
                     EngineError::Internal(format!("layer {} {group:?} is neither staged nor host-resident", task.layer))
-                })?);
+                })?;
                 if task.piece == WHOLE_GROUP {
-                    whole
+                    self.copy_whole(task.layer, whole, recycler)?
                 } else {
-                    let pieces =
-                        weight_pieces(self.spec, group, task.layer as u64, whole.dtype, self.policy.chunk_bytes);
-                    let missing = || EngineError::Internal(format!("{}: no such piece in memory", task.label()));
-                    let p = *pieces.get(task.piece as usize).ok_or_else(missing)?;
-                    let view = whole.views.iter().find(|v| v.tensor == p.tensor).ok_or_else(missing)?;
-                    let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
-                    let start = view.offset + p.row_start as usize * row_bytes;
-                    let recycler = self.recycler(task.layer);
-                    let mut buffer =
-                        recycler.take(p.bytes as usize).map_err(|e| EngineError::io(&self.files.dir, e))?;
-                    self.backend.copy(
-                        buffer.as_mut_slice(),
-                        &whole.buffers[view.buffer].as_slice()[start..start + p.bytes as usize],
-                    );
-                    let loaded = Loaded {
-                        recycler: Some(Arc::clone(recycler)),
-                        buffers: vec![buffer],
-                        views: vec![View {
-                            buffer: 0,
-                            offset: 0,
-                            tensor: p.tensor,
-                            row_start: p.row_start as usize,
-                            rows: p.rows as usize,
-                            cols: view.cols,
-                        }],
-                        dtype: whole.dtype,
-                    };
-                    lock(&self.streamed).insert(key, Arc::new(loaded));
-                    return Ok(());
+                    self.copy_piece(task, group, whole, recycler)?
                 }
             }
         };
-        // Copy every buffer to new device memory (on the cpu backend: a memcpy).
-        let mut buffers = Vec::new();
-        let recycler = self.recycler(task.layer);
-        for b in &source.buffers {
-            let mut copy = recycler.take(b.len()).map_err(|e| EngineError::io(&self.files.dir, e))?;
-            self.backend.copy(copy.as_mut_slice(), b.as_slice());
-            buffers.push(copy);
-        }
-        let views = source.views.clone();
-        let loaded = Loaded { buffers, views, dtype: source.dtype, recycler: Some(Arc::clone(recycler)) };
-        debug_assert!(loaded.bytes() >= source.bytes());
         lock(&self.streamed).insert(key, Arc::new(loaded));
         Ok(())
+    }
+
+    /// Every buffer of `source` to new memory on the layer's device (on the cpu
+    /// backend: a memcpy).
+    fn copy_whole(&self, layer: u32, source: &Loaded, recycler: Option<Arc<Recycler>>) -> Result<Loaded, EngineError> {
+        let mut buffers = Vec::new();
+        for b in &source.buffers {
+            let mut copy = self.device_memory(layer, b.len_bytes())?;
+            self.backend.copy(b, 0, &mut copy, 0, b.len_bytes())?;
+            buffers.push(copy);
+        }
+        Ok(Loaded { buffers, views: source.views.clone(), dtype: source.dtype, recycler })
+    }
+
+    /// One pipelined piece of a host-resident group, copied to the layer's device.
+    fn copy_piece(
+        &self,
+        task: &Task,
+        group: WeightGroup,
+        whole: &Loaded,
+        recycler: Option<Arc<Recycler>>,
+    ) -> Result<Loaded, EngineError> {
+        let pieces = weight_pieces(self.spec, group, task.layer as u64, whole.dtype, self.policy.chunk_bytes);
+        let missing = || EngineError::Internal(format!("{}: no such piece in memory", task.label()));
+        let p = *pieces.get(task.piece as usize).ok_or_else(missing)?;
+        let view = whole.views.iter().find(|v| v.tensor == p.tensor).ok_or_else(missing)?;
+        let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
+        let start = view.offset + p.row_start as usize * row_bytes;
+        let mut buffer = self.device_memory(task.layer, p.bytes as usize)?;
+        self.backend.copy(&whole.buffers[view.buffer], start, &mut buffer, 0, p.bytes as usize)?;
+        Ok(Loaded {
+            recycler,
+            buffers: vec![buffer],
+            views: vec![View {
+                buffer: 0,
+                offset: 0,
+                tensor: p.tensor,
+                row_start: p.row_start as usize,
+                rows: p.rows as usize,
+                cols: view.cols,
+            }],
+            dtype: whole.dtype,
+        })
     }
 
     /// Frees a visit's streamed weights after their last consumer, as the graph's
