@@ -27,8 +27,9 @@ use std::time::Instant;
 use ferry_core::model::Dtype;
 use ferry_core::profile::{ComputeProfile, CurvePoint, Interference, Profile, Provenance, TransferCurve};
 use ferry_core::units::{KIB, MIB};
+use ferry_engine::backend::{Backend, CpuBackend, DeviceBuffer, WeightRef};
 use ferry_engine::io::{DiskFile, ReadPool};
-use ferry_engine::kernels::{self, Matrix};
+use ferry_engine::kernels;
 use ferry_engine::memory::Buffer;
 
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +150,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     };
     let read_points = measure_read_curve(options, into_recycled, |done| progress("disk reads", done))?;
     let under_compute = {
-        let _load = Background::compute();
+        let _load = Background::compute()?;
         // Two trials each: a quick profile stays under a minute.
         let fewer = ProfileOptions { trials: options.trials.min(2), ..options.clone() };
         measure_read_curve(&fewer, into_recycled, |done| progress("disk reads under compute", done))?
@@ -243,17 +244,20 @@ pub(crate) fn measure_host_compute(
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<HostCompute, ProfileError> {
     progress("kernels", 0.0);
-    let (peak_flops, _) =
-        median_spread(&(0..options.trials).map(|_| timed_linear(256, 2048, 2048, Dtype::F32)).collect::<Vec<_>>());
+    let peaks =
+        (0..options.trials).map(|_| timed_linear(256, 2048, 2048, Dtype::F32)).collect::<Result<Vec<_>, _>>()?;
+    let (peak_flops, _) = median_spread(&peaks);
     progress("kernels", 0.5);
-    let stream = |_: usize| timed_weight_stream(256 * MIB);
-    let (stream_bytes_per_s, _) = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>());
-    let slowdown_during_reads = slowdown.then(|| {
+    let streams = || (0..options.trials).map(|_| timed_weight_stream(256 * MIB)).collect::<Result<Vec<_>, _>>();
+    let (stream_bytes_per_s, _) = median_spread(&streams()?);
+    let slowdown_during_reads = if slowdown {
         progress("interference", 0.0);
         let _load = Background::reads(disk, options.scratch_bytes);
-        let contended = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>()).0;
-        (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0)
-    });
+        let contended = median_spread(&streams()?).0;
+        Some((stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0))
+    } else {
+        None
+    };
     progress("task overhead", 0.0);
     let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
     Ok(HostCompute {
@@ -378,15 +382,16 @@ impl Background {
 
     /// The engine's decode-sized linear (one row over bf16 weights, on the engine's
     /// compute threads), over and over.
-    pub fn compute() -> Background {
+    pub fn compute() -> Result<Background, ProfileError> {
         let (k, n) = (2048usize, 8192usize);
-        let x = vec![0.5f32; k];
-        let weights = vec![0x3fu8; n * k * 2];
-        let mut out = vec![0.0f32; n];
-        Background::start(move || {
-            let matrix = Matrix { bytes: &weights, dtype: Dtype::Bf16, rows: n, cols: k };
-            kernels::linear(&x, 1, matrix, &mut out, n, 0);
-        })
+        let x = on_device(&f32_bytes(&vec![0.5f32; k]))?;
+        let weights = on_device(&vec![0x3fu8; n * k * 2])?;
+        let mut out = on_device(&vec![0u8; n * 4])?;
+        Ok(Background::start(move || {
+            let matrix = WeightRef { memory: &weights, offset: 0, dtype: Dtype::Bf16, rows: n, cols: k };
+            // A load only: its result is not read, and the same call succeeded when timed.
+            let _ = CpuBackend.linear(&x, 1, matrix, &mut out, n, 0);
+        }))
     }
 
     /// The engine's read pool streaming the scratch file into recycled buffers, as
@@ -472,32 +477,58 @@ fn timed_copy(bytes: u64, chunk: u64, threads: u32) -> Result<f64, ProfileError>
     Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
+/// Host bytes as memory of the cpu backend's device, where the engine keeps weights
+/// and activations.
+fn on_device(bytes: &[u8]) -> Result<DeviceBuffer, ProfileError> {
+    let mut buffer = Buffer::new(bytes.len()).map_err(io_error(Path::new("memory")))?;
+    buffer.as_mut_slice().copy_from_slice(bytes);
+    Ok(DeviceBuffer::from_mapped(buffer))
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The engine's linear as its forward pass calls it — through the cpu backend, on
+/// buffers in its memory — for `m` rows of `x` over an `n × k` weight stored as
+/// `dtype`: seconds of one call (`warm`: after one untimed call).
+fn timed_backend_linear(
+    x: &[f32],
+    m: usize,
+    weights: &[u8],
+    dtype: Dtype,
+    n: usize,
+    warm: bool,
+) -> Result<f64, ProfileError> {
+    let k = x.len() / m;
+    let (x, w) = (on_device(&f32_bytes(x))?, on_device(weights)?);
+    let matrix = WeightRef { memory: &w, offset: 0, dtype, rows: n, cols: k };
+    let mut out = on_device(&vec![0u8; m * n * 4])?;
+    if warm {
+        CpuBackend.linear(&x, m, matrix, &mut out, n, 0)?;
+    }
+    let start = Instant::now();
+    CpuBackend.linear(&x, m, matrix, &mut out, n, 0)?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// FLOP/s of the engine's linear for an m × n × k product.
-pub(crate) fn timed_linear(m: usize, n: usize, k: usize, dtype: Dtype) -> f64 {
+pub(crate) fn timed_linear(m: usize, n: usize, k: usize, dtype: Dtype) -> Result<f64, ProfileError> {
     let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 13.0).collect();
     let w: Vec<f32> = (0..n * k).map(|i| (i % 7) as f32 / 7.0 - 0.5).collect();
     let mut bytes = vec![0u8; n * k * kernels::element_bytes(dtype)];
     kernels::from_f32(dtype, &w, &mut bytes);
-    let mut out = vec![0.0f32; m * n];
-    let matrix = Matrix { bytes: &bytes, dtype, rows: n, cols: k };
-    kernels::linear(&x, m, matrix, &mut out, n, 0); // warm-up
-    let start = Instant::now();
-    kernels::linear(&x, m, matrix, &mut out, n, 0);
-    2.0 * (m * n * k) as f64 / start.elapsed().as_secs_f64()
+    Ok(2.0 * (m * n * k) as f64 / timed_backend_linear(&x, m, &bytes, dtype, n, true)?)
 }
 
 /// Bytes/s at which the engine's linear consumes bf16 weights at one row: the rate that
 /// bounds decode compute when weights are streamed through memory.
-pub(crate) fn timed_weight_stream(bytes: u64) -> f64 {
+pub(crate) fn timed_weight_stream(bytes: u64) -> Result<f64, ProfileError> {
     let k = 2048usize;
     let n = (bytes as usize / 2) / k;
     let x = vec![0.5f32; k];
     let data = vec![0x3fu8; n * k * 2];
-    let mut out = vec![0.0f32; n];
-    let matrix = Matrix { bytes: &data, dtype: Dtype::Bf16, rows: n, cols: k };
-    let start = Instant::now();
-    kernels::linear(&x, 1, matrix, &mut out, n, 0);
-    bytes as f64 / start.elapsed().as_secs_f64()
+    Ok(bytes as f64 / timed_backend_linear(&x, 1, &data, Dtype::Bf16, n, false)?)
 }
 
 #[cfg(test)]
