@@ -71,3 +71,73 @@ fn every_format_decodes_bit_identically_to_the_gguf_package() {
         assert!(ours.iter().any(|v| *v != 0.0), "{}: all zero", format.name());
     }
 }
+
+/// `x · wᵀ` in f64 over the reference decoding of `w`: what the kernels must give,
+/// up to the order of f32 additions.
+fn reference_product(format: BlockFormat, w: &[u8], rows: usize, cols: usize, x: &[f32], m: usize) -> Vec<f64> {
+    let mut decoded = vec![0.0f32; rows * cols];
+    dequantize(format, w, &mut decoded);
+    let mut out = vec![0.0f64; m * rows];
+    for i in 0..m {
+        for j in 0..rows {
+            out[i * rows + j] = (0..cols).map(|c| decoded[j * cols + c] as f64 * x[i * cols + c] as f64).sum::<f64>();
+        }
+    }
+    out
+}
+
+/// Every quantized product — each instruction-set path this CPU has, 1 to 8 rows, and
+/// the GEMM path for more — against the f64 product over the reference decoding, into
+/// the middle columns of a wider output (the other columns untouched).
+#[test]
+fn quantized_products_match_the_reference_decoding_on_every_path() {
+    use ferry_engine::kernels::{quant_converted, quant_rows, QuantMatrix, SimdPath};
+    let paths: Vec<SimdPath> =
+        [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512].into_iter().filter(|p| p.supported()).collect();
+    for (f, format) in BlockFormat::ALL.into_iter().enumerate() {
+        let (weights, block_bytes) = format.block();
+        let (rows, cols) = (37, 2 * weights);
+        let w = random_blocks(format, rows * cols / weights, 101 + f as u64);
+        assert_eq!(w.len(), rows * cols / weights * block_bytes);
+        let matrix = QuantMatrix { bytes: &w, format, rows, cols };
+        for m in [1, 2, 3, 5, 8, 11] {
+            let x: Vec<f32> = (0..m * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+            let expected = reference_product(format, &w, rows, cols, &x, m);
+            let scale = expected.iter().fold(1e-3f64, |a, v| a.max(v.abs()));
+            let (stride, col0) = (rows + 5, 3);
+            let mut runs: Vec<(String, Vec<f32>)> = Vec::new();
+            if m <= 8 {
+                for &path in &paths {
+                    let mut out = vec![-7.0f32; m * stride];
+                    quant_rows(path, &x, m, matrix, &mut out, stride, col0);
+                    runs.push((path.name().to_string(), out));
+                }
+            }
+            let mut out = vec![-7.0f32; m * stride];
+            quant_converted(&x, m, matrix, &mut out, stride, col0);
+            runs.push(("gemm".into(), out));
+            for (name, out) in runs {
+                for i in 0..m {
+                    for c in 0..stride {
+                        let got = out[i * stride + c] as f64;
+                        if c < col0 || c >= col0 + rows {
+                            assert_eq!(
+                                got,
+                                -7.0,
+                                "{} {name} m={m}: column {c} outside the product changed",
+                                format.name()
+                            );
+                            continue;
+                        }
+                        let want = expected[i * rows + c - col0];
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale,
+                            "{} {name} m={m} row {i} col {c}: {got} vs {want} (scale {scale})",
+                            format.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -7,11 +7,13 @@
 
 mod attention;
 pub mod quant;
+mod quant_rows;
 mod rows;
 
 use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
+pub use quant_rows::{linear_quant, quant_converted, quant_rows, QuantMatrix};
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 
 /// Converts `bytes` of `dtype` to f32 into `out` (same element count).

@@ -1,8 +1,8 @@
 //! ggml's block-quantized weight formats, decoded to f32 exactly as llama.cpp does:
 //! the same integer unpacking and the same float operations in the same order, so the
 //! values are bit-identical to llama.cpp's (tested against the `gguf` package). These
-//! are the reference the quantized matrix kernels are checked against; the engine does
-//! not plan or run quantized weights yet.
+//! are the reference the quantized matrix kernels (`quant_rows`) are checked against,
+//! and the unpacking those kernels run.
 
 /// A block-quantized format (`ferry_core::gguf::GgmlType` names them in files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +43,7 @@ impl BlockFormat {
     }
 }
 
+#[inline(always)]
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
@@ -60,15 +61,23 @@ pub fn dequantize(format: BlockFormat, bytes: &[u8], out: &mut [f32]) {
         out.len()
     );
     for (block, y) in bytes.chunks_exact(block_bytes).zip(out.chunks_exact_mut(weights)) {
-        match format {
-            BlockFormat::Q8_0 => q8_0(block, y),
-            BlockFormat::Q4_0 => q4_0(block, y),
-            BlockFormat::Q4K => q4_k(block, y),
-            BlockFormat::Q6K => q6_k(block, y),
-        }
+        dequantize_block(format, block, y);
     }
 }
 
+/// Decodes one block (`format.block()` bytes) into its weights. Inlined so that a
+/// caller compiled for a wider instruction set vectorises the unpacking too.
+#[inline(always)]
+pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32]) {
+    match format {
+        BlockFormat::Q8_0 => q8_0(block, y),
+        BlockFormat::Q4_0 => q4_0(block, y),
+        BlockFormat::Q4K => q4_k(block, y),
+        BlockFormat::Q6K => q6_k(block, y),
+    }
+}
+
+#[inline(always)]
 fn q8_0(block: &[u8], y: &mut [f32]) {
     let d = f16_at(block, 0);
     for (v, &q) in y.iter_mut().zip(&block[2..34]) {
@@ -76,6 +85,7 @@ fn q8_0(block: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn q4_0(block: &[u8], y: &mut [f32]) {
     let d = f16_at(block, 0);
     let qs = &block[2..18];
@@ -87,6 +97,7 @@ fn q4_0(block: &[u8], y: &mut [f32]) {
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a K-quant's 12 packed bytes.
+#[inline(always)]
 fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
@@ -95,6 +106,7 @@ fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
     }
 }
 
+#[inline(always)]
 fn q4_k(block: &[u8], y: &mut [f32]) {
     let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
     let scales = &block[4..16];
@@ -112,6 +124,7 @@ fn q4_k(block: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 fn q6_k(block: &[u8], y: &mut [f32]) {
     let (ql_all, qh_all, sc_all) = (&block[0..128], &block[128..192], &block[192..208]);
     let d = f16_at(block, 208);

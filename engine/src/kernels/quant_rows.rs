@@ -1,0 +1,186 @@
+//! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q4_K and Q6_K),
+//! multiplied straight from the stored blocks: no float copy of a tensor is made.
+//!
+//! For few rows (decoding) each block is decoded into a small stack buffer with the
+//! reference unpacking (`quant::dequantize_block`, bit-identical to llama.cpp's) and
+//! multiplied into every row of `x` while it is in the L1 cache, so the weights are
+//! read from memory once, at their quantized size; results differ from "dequantize,
+//! then multiply" only in the order of additions. The body is compiled twice — for
+//! AVX2 with FMA (the unpacking and the products vectorise) and portable — and the
+//! path follows `simd_path()` like the float kernels. Many rows (prefill) decode row
+//! blocks to f32 and take the GEMM (`linear_converted`), where arithmetic dominates.
+
+use rayon::prelude::*;
+
+use super::quant::{dequantize_block, BlockFormat};
+use super::{compute_pool, linear_converted, Matrix, SendPtr, SimdPath, MAX_ROWS};
+use ferry_core::model::Dtype;
+
+/// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks.
+#[derive(Clone, Copy)]
+pub struct QuantMatrix<'a> {
+    pub bytes: &'a [u8],
+    pub format: BlockFormat,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl QuantMatrix<'_> {
+    pub fn row_bytes(&self) -> usize {
+        let (weights, block_bytes) = self.format.block();
+        self.cols / weights * block_bytes
+    }
+
+    fn check(&self) {
+        let (weights, _) = self.format.block();
+        assert!(
+            self.cols.is_multiple_of(weights) && self.bytes.len() >= self.rows * self.row_bytes(),
+            "{}: {} bytes do not hold {} × {} weights",
+            self.format.name(),
+            self.bytes.len(),
+            self.rows,
+            self.cols
+        );
+    }
+}
+
+/// Accumulator lanes per row of `x`: one AVX2 vector of f32.
+const LANES: usize = 8;
+
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `m` rows of `x`; `out` rows are
+/// `out_stride` wide. Few rows multiply from the blocks (`quant_rows`), many rows go
+/// through the GEMM.
+pub fn linear_quant(x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    match super::simd_path().filter(|_| m <= MAX_ROWS) {
+        Some(path) => quant_rows(path, x, m, w, out, out_stride, col0),
+        None => quant_converted(x, m, w, out, out_stride, col0),
+    }
+}
+
+/// The few-row product on `path` (scalar where the CPU lacks it).
+pub fn quant_rows(
+    path: SimdPath,
+    x: &[f32],
+    m: usize,
+    w: QuantMatrix,
+    out: &mut [f32],
+    out_stride: usize,
+    col0: usize,
+) {
+    w.check();
+    let k = w.cols;
+    assert!((1..=MAX_ROWS).contains(&m) && x.len() >= m * k, "quant_rows: {m} rows of {k}");
+    assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride, "quant_rows: output too small");
+    let path = if path.supported() { path } else { SimdPath::Scalar };
+    let row_bytes = w.row_bytes();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    compute_pool().install(|| {
+        (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let mut dots = [0.0f32; MAX_ROWS];
+            for j in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(w.rows) {
+                row_dots(path, w.format, &w.bytes[j * row_bytes..(j + 1) * row_bytes], x, m, k, &mut dots);
+                for (i, &dot) in dots[..m].iter().enumerate() {
+                    // SAFETY: this task alone writes columns col0 + its rows; the asserts
+                    // above keep every index inside `out`.
+                    unsafe { *out_ptr.get().add(i * out_stride + col0 + j) = dot };
+                }
+            }
+        })
+    });
+}
+
+/// `dots[i] = x[i] · row` for one stored weight row.
+fn row_dots(
+    path: SimdPath,
+    format: BlockFormat,
+    row: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dots: &mut [f32; MAX_ROWS],
+) {
+    match path {
+        // SAFETY: `quant_rows` only passes a path this CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 | SimdPath::Avx512 => unsafe { row_dots_avx2(format, row, x, m, k, dots) },
+        _ => by_format::<false>(format, row, x, m, k, dots),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_dots_avx2(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dots: &mut [f32; MAX_ROWS]) {
+    by_format::<true>(format, row, x, m, k, dots)
+}
+
+/// One copy of the body per format, so each is compiled with its unpacking inlined.
+#[inline(always)]
+fn by_format<const FMA: bool>(
+    format: BlockFormat,
+    row: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dots: &mut [f32; MAX_ROWS],
+) {
+    match format {
+        BlockFormat::Q8_0 => row_body::<FMA>(BlockFormat::Q8_0, row, x, m, k, dots),
+        BlockFormat::Q4_0 => row_body::<FMA>(BlockFormat::Q4_0, row, x, m, k, dots),
+        BlockFormat::Q4K => row_body::<FMA>(BlockFormat::Q4K, row, x, m, k, dots),
+        BlockFormat::Q6K => row_body::<FMA>(BlockFormat::Q6K, row, x, m, k, dots),
+    }
+}
+
+/// Decodes each block of `row` and multiplies it into every row of `x`, in `LANES`
+/// independent sums per row (reduced at the end). `FMA`: fused multiply-adds, where
+/// the instruction set has them (elsewhere `mul_add` would be a slow library call).
+#[inline(always)]
+fn row_body<const FMA: bool>(
+    format: BlockFormat,
+    row: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dots: &mut [f32; MAX_ROWS],
+) {
+    let (weights, block_bytes) = format.block();
+    let mut sums = [[0.0f32; LANES]; MAX_ROWS];
+    let mut decoded = [0.0f32; 256];
+    for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+        let values = &mut decoded[..weights];
+        dequantize_block(format, block, values);
+        for (i, sum) in sums[..m].iter_mut().enumerate() {
+            let xs = &x[i * k + b * weights..i * k + (b + 1) * weights];
+            for (w, v) in values.chunks_exact(LANES).zip(xs.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    sum[l] = if FMA { w[l].mul_add(v[l], sum[l]) } else { sum[l] + w[l] * v[l] };
+                }
+            }
+        }
+    }
+    for (dot, sum) in dots[..m].iter_mut().zip(&sums[..m]) {
+        *dot = sum.iter().sum();
+    }
+}
+
+/// Many rows: blocks of weight rows decoded to f32 (about 1 MiB each) and multiplied
+/// by the GEMM.
+pub fn quant_converted(x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    w.check();
+    let k = w.cols;
+    let block_rows = ((1 << 18) / k.max(1)).clamp(1, w.rows.max(1));
+    let row_bytes = w.row_bytes();
+    let mut decoded = vec![0.0f32; block_rows * k];
+    for first in (0..w.rows).step_by(block_rows) {
+        let rows = block_rows.min(w.rows - first);
+        let values = &mut decoded[..rows * k];
+        super::quant::dequantize(w.format, &w.bytes[first * row_bytes..(first + rows) * row_bytes], values);
+        // SAFETY: f32 has no invalid bit patterns and u8 no alignment.
+        let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), values.len() * 4) };
+        let block = Matrix { bytes, dtype: Dtype::F32, rows, cols: k };
+        linear_converted(x, m, block, out, out_stride, col0 + first);
+    }
+}
