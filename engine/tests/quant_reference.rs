@@ -141,3 +141,39 @@ fn quantized_products_match_the_reference_decoding_on_every_path() {
         }
     }
 }
+
+/// Q8_0 and Q4_0 encode to the same bytes as llama.cpp's reference quantizers (the
+/// `gguf` package's `quants.quantize`), ties and outliers included.
+#[test]
+fn q8_0_and_q4_0_quantize_byte_identically_to_the_gguf_package() {
+    use ferry_engine::kernels::quant::quantize;
+    let dir = tempfile::tempdir().unwrap();
+    // Signed values with exact halves (ties), zeros, an all-zero block and outliers.
+    let mut values: Vec<f32> = (0..32 * 40).map(|i| ((i * 7919 % 257) as f32 - 128.0) / 64.0).collect();
+    values[64..96].fill(0.0);
+    values[5] = 40.0;
+    values[200] = -40.0;
+    let input = dir.path().join("values.f32");
+    std::fs::write(&input, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        let output = dir.path().join(format!("{}.bin", format.name()));
+        let script =
+            "import sys, numpy as np\nfrom gguf import quants\nfrom gguf.constants import GGMLQuantizationType as T\n\
+                      x = np.fromfile(sys.argv[1], dtype=np.float32).reshape(-1, 32)\n\
+                      quants.quantize(x, T[sys.argv[3]]).tofile(sys.argv[2])\n";
+        let run = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&input)
+            .arg(&output)
+            .arg(format.name())
+            .output()
+            .expect("python3 runs");
+        assert!(run.status.success(), "the gguf package: {}", String::from_utf8_lossy(&run.stderr));
+        let reference = std::fs::read(&output).unwrap();
+        let mut ours = Vec::new();
+        quantize(format, &values, &mut ours);
+        assert_eq!(ours.len(), reference.len(), "{}", format.name());
+        let first_difference = ours.iter().zip(&reference).position(|(a, b)| a != b);
+        assert_eq!(first_difference, None, "{}: bytes differ", format.name());
+    }
+}
