@@ -56,3 +56,44 @@ fn tune_plans_a_float_file_and_refuses_a_quantized_one_saying_why() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("running GGUF files comes with quantized formats"), "{}", text(&out.stderr));
 }
+
+/// `synth --format gguf` writes the model `synth` writes (same seed) as a GGUF file
+/// that llama.cpp's package reads: each tensor under llama.cpp's name, q/k rows in its
+/// order, values within the format's rounding (tests/reference/compare_gguf.py); the
+/// file describes the same shape; shapes a format cannot hold are refused.
+#[test]
+fn synth_writes_gguf_files_llama_cpp_reads_as_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = |args: &[&str]| {
+        let mut all = vec!["synth", "--model", "test-tiny", "--seed", "5"];
+        all.extend_from_slice(args);
+        ferry(dir.path(), &all)
+    };
+    let out = synth(&["--out", "float", "--dtype", "f32"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/compare_gguf.py");
+    for storage in ["f32", "f16", "q8_0", "q4_0"] {
+        let file = format!("tiny-{storage}.gguf");
+        let out = synth(&["--format", "gguf", "--dtype", storage, "--out", &file]);
+        assert!(out.status.success(), "{storage}: {}", text(&out.stderr));
+        let check = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(dir.path().join(&file))
+            .arg(dir.path().join("float/model.safetensors"))
+            .arg("32")
+            .arg(storage)
+            .output()
+            .expect("python3 runs");
+        assert!(check.status.success(), "{storage}: {}{}", text(&check.stdout), text(&check.stderr));
+        let shown = text(&ferry(dir.path(), &["show", "model", &file]).stdout);
+        assert!(shown.contains("4 layers, hidden 128, MLP 352, 4 heads (2 KV heads), vocabulary 512"), "{shown}");
+    }
+    // test-tiny's rows of 128 and 352 values are not whole 256-value blocks.
+    let out = synth(&["--format", "gguf", "--dtype", "q4_k", "--out", "tiny-q4_k.gguf"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not whole 256-value blocks"), "{}", text(&out.stderr));
+    assert!(!dir.path().join("tiny-q4_k.gguf").exists());
+    // An existing file is not overwritten without --force.
+    let out = synth(&["--format", "gguf", "--dtype", "q8_0", "--out", "tiny-q8_0.gguf"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}

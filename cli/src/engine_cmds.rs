@@ -14,6 +14,7 @@ use ferry_core::trace::chrome_trace;
 use ferry_core::units::{format_bytes, format_ns};
 use ferry_core::CoreError;
 use ferry_engine::synth::{synthesize, SplitMix64};
+use ferry_engine::synth_gguf::{synthesize_gguf, GgufStorage};
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{backend, run, RunOptions};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -21,17 +22,26 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::report;
 
 #[derive(Args)]
-#[command(after_help = "Example:
-  ferry synth --model tinyllama-1.1b --out models/tinyllama --dtype bf16")]
+#[command(after_help = "Examples:
+  ferry synth --model tinyllama-1.1b --out models/tinyllama --dtype bf16
+  ferry synth --model tinyllama-1.1b --format gguf --dtype q4_0 --out models/tinyllama-q4_0.gguf
+
+A GGUF file is what llama.cpp reads: its matrices in --dtype (q8_0, q4_0, q4_k and q6_k
+quantized by Ferry), norms in f32, the query and key rows in llama.cpp's order, and a
+placeholder vocabulary. The same --seed gives the same model in both formats.")]
 pub struct SynthArgs {
     /// A Llama-family catalog model (`ferry list models`): tinyllama-1.1b, test-tiny, test-small, llama-2-7b, ...
     #[arg(long)]
     model: String,
-    /// Folder to write config.json and model.safetensors into.
+    /// safetensors: a folder with config.json and model.safetensors; gguf: one .gguf file.
     #[arg(long)]
     out: PathBuf,
-    /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types].
-    #[arg(long, value_name = "bf16|f16|f32")]
+    /// File format.
+    #[arg(long, value_name = "safetensors|gguf", default_value = "safetensors")]
+    format: String,
+    /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types;
+    /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q4_k and q6_k.
+    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q4_k|q6_k")]
     dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
@@ -69,6 +79,11 @@ pub fn synth(args: SynthArgs) -> Result<()> {
         eprintln!("note: {note}");
     }
     let model = resolved.value;
+    match args.format.as_str() {
+        "safetensors" => {}
+        "gguf" => return synth_gguf(&args, &model),
+        other => return Err(CoreError::invalid(format!("format '{other}': use safetensors or gguf")).into()),
+    }
     // The catalog's dtype, so that a synthetic folder and the catalog entry of the
     // same name describe the same bytes (and plans tuned for one run on the other).
     let dtype = match &args.dtype {
@@ -89,6 +104,33 @@ pub fn synth(args: SynthArgs) -> Result<()> {
     synthesize(&model, dtype, args.seed, &args.out, args.force, |done, _| progress.set_position(done))?;
     progress.finish_and_clear();
     println!("wrote {} ({})", args.out.display(), format_bytes(total));
+    Ok(())
+}
+
+fn synth_gguf(args: &SynthArgs, model: &ModelSpec) -> Result<()> {
+    let storage = match &args.dtype {
+        Some(text) => GgufStorage::parse(text)
+            .ok_or_else(|| CoreError::invalid(format!("gguf dtype '{text}': use {}", GgufStorage::NAMES.join(", "))))?,
+        None if model.dtype == Dtype::F32 => GgufStorage::F32,
+        None => GgufStorage::F16,
+    };
+    if args.out.extension().and_then(|e| e.to_str()) != Some("gguf") {
+        return Err(CoreError::invalid(format!(
+            "--out {}: a GGUF model is one file; name it with .gguf (e.g. --out models/{}.gguf)",
+            args.out.display(),
+            model.name
+        ))
+        .into());
+    }
+    eprintln!("writing {} ({} parameters) as GGUF to {}", model.name, model.params().total, args.out.display());
+    let progress = bar(0, "synth");
+    synthesize_gguf(model, storage, args.seed, &args.out, args.force, |done, total| {
+        progress.set_length(total);
+        progress.set_position(done)
+    })?;
+    progress.finish_and_clear();
+    let bytes = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({})", args.out.display(), format_bytes(bytes));
     Ok(())
 }
 

@@ -13,11 +13,13 @@
 
 pub mod backend;
 pub mod executor;
+pub mod gguf_write;
 pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod safetensors;
 pub mod synth;
+pub mod synth_gguf;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

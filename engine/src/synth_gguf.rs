@@ -1,0 +1,245 @@
+//! `ferry synth --format gguf`: the synthetic model of `synth` (same seed, same
+//! values) as a llama.cpp GGUF file, its matrices stored as f32, f16 or a block format
+//! quantized by Ferry (`kernels::quant::quantize`), its norms and biases as f32 — the
+//! way llama.cpp's converter and quantizer lay out a model, so every test and
+//! benchmark of quantized weights runs without a download.
+//!
+//! Like llama.cpp's converter, the query and key projections of `llama`-architecture
+//! files are stored with each head's rows interleaved (llama.cpp's rotary embedding
+//! rotates adjacent pairs where Hugging Face rotates halves); `qwen2` files keep them
+//! as they are. A reader of these files must undo it (`unpermuted_row`).
+
+use std::path::Path;
+
+use ferry_core::gguf::GgmlType;
+use ferry_core::model::{Family, ModelSpec};
+
+use crate::gguf_write::{self, GgufTensor, Meta};
+use crate::kernels::quant::{quantize, BlockFormat};
+use crate::synth::{check_supported, tensor_list, tensor_values};
+use crate::EngineError;
+
+/// How a synthetic GGUF file stores its matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufStorage {
+    F32,
+    F16,
+    Blocks(BlockFormat),
+}
+
+impl GgufStorage {
+    pub const NAMES: [&'static str; 6] = ["f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k"];
+
+    pub fn parse(text: &str) -> Option<GgufStorage> {
+        Some(match text.to_ascii_lowercase().as_str() {
+            "f32" => GgufStorage::F32,
+            "f16" => GgufStorage::F16,
+            "q8_0" => GgufStorage::Blocks(BlockFormat::Q8_0),
+            "q4_0" => GgufStorage::Blocks(BlockFormat::Q4_0),
+            "q4_k" => GgufStorage::Blocks(BlockFormat::Q4K),
+            "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
+            _ => return None,
+        })
+    }
+
+    fn ggml_name(self) -> &'static str {
+        match self {
+            GgufStorage::F32 => "F32",
+            GgufStorage::F16 => "F16",
+            GgufStorage::Blocks(format) => format.name(),
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufStorage::F32 => 0,
+            GgufStorage::F16 => 1,
+            GgufStorage::Blocks(BlockFormat::Q4_0) => 2,
+            GgufStorage::Blocks(BlockFormat::Q8_0) => 7,
+            GgufStorage::Blocks(BlockFormat::Q4K) => 14,
+            GgufStorage::Blocks(BlockFormat::Q6K) => 18,
+        }
+    }
+}
+
+fn ggml_type(name: &str) -> Result<GgmlType, EngineError> {
+    GgmlType::all().find(|t| t.name == name).ok_or_else(|| EngineError::Internal(format!("no ggml type {name}")))
+}
+
+/// llama.cpp's name for a Hugging Face tensor name of a Llama-family model.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some(name.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let (module, kind) = part.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{kind}"))
+}
+
+/// The Hugging Face row that row `row` of a permuted projection holds: within each
+/// head of `head_dim` rows, stored row 2i + j is Hugging Face row j·head_dim/2 + i.
+pub fn unpermuted_row(row: usize, head_dim: usize) -> usize {
+    let (head, within) = (row / head_dim, row % head_dim);
+    head * head_dim + (within % 2) * (head_dim / 2) + within / 2
+}
+
+fn architecture(model: &ModelSpec) -> &'static str {
+    if model.family == Family::Qwen2 {
+        "qwen2"
+    } else {
+        "llama"
+    }
+}
+
+/// The metadata llama.cpp needs to load the model: shape, rotary and norm figures,
+/// and a vocabulary of placeholder tokens (unknown, begin, end, the 256 byte tokens
+/// where the vocabulary is large enough, then `t<id>`).
+fn metadata(model: &ModelSpec, storage: GgufStorage) -> Vec<(String, Meta)> {
+    let arch = architecture(model);
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut meta = vec![
+        ("general.architecture".to_string(), Meta::Str(arch.into())),
+        ("general.name".to_string(), Meta::Str(format!("{} (synthetic, ferry synth)", model.name))),
+        ("general.file_type".to_string(), Meta::U32(storage.file_type())),
+        (key("context_length"), Meta::U32(model.max_position_embeddings as u32)),
+        (key("embedding_length"), Meta::U32(model.hidden_size as u32)),
+        (key("block_count"), Meta::U32(model.num_layers as u32)),
+        (key("feed_forward_length"), Meta::U32(model.intermediate_size as u32)),
+        (key("rope.dimension_count"), Meta::U32(model.head_dim() as u32)),
+        (key("attention.head_count"), Meta::U32(model.num_heads as u32)),
+        (key("attention.head_count_kv"), Meta::U32(model.num_kv_heads as u32)),
+        (key("attention.layer_norm_rms_epsilon"), Meta::F32(model.rms_norm_eps as f32)),
+        (key("rope.freq_base"), Meta::F32(model.rope_theta as f32)),
+        (key("vocab_size"), Meta::U32(model.vocab_size as u32)),
+    ];
+    if matches!(storage, GgufStorage::Blocks(_)) {
+        meta.push(("general.quantization_version".into(), Meta::U32(2)));
+    }
+    let vocab = model.vocab_size as usize;
+    let bytes = if vocab >= 3 + 256 { 256 } else { 0 };
+    let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    tokens.extend((0..bytes).map(|b| format!("<0x{b:02X}>")));
+    types.extend(std::iter::repeat_n(6, bytes));
+    tokens.extend((tokens.len()..vocab).map(|i| format!("t{i}")));
+    types.resize(vocab, 1);
+    tokens.truncate(vocab);
+    meta.extend([
+        ("tokenizer.ggml.model".to_string(), Meta::Str("llama".into())),
+        ("tokenizer.ggml.scores".to_string(), Meta::F32s(vec![0.0; vocab])),
+        ("tokenizer.ggml.token_type".to_string(), Meta::I32s(types)),
+        ("tokenizer.ggml.tokens".to_string(), Meta::Strings(tokens)),
+        ("tokenizer.ggml.bos_token_id".to_string(), Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id".to_string(), Meta::U32(2)),
+        ("tokenizer.ggml.unknown_token_id".to_string(), Meta::U32(0)),
+    ]);
+    meta
+}
+
+/// One tensor's values as stored: rows permuted for the llama layout where needed.
+fn stored_values(model: &ModelSpec, seed: u64, hf: &str, shape: &[u64]) -> Vec<f32> {
+    let elements: u64 = shape.iter().product();
+    let values: Vec<f32> = tensor_values(seed, hf, elements).collect();
+    let permuted = architecture(model) == "llama"
+        && shape.len() == 2
+        && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight"));
+    if !permuted {
+        return values;
+    }
+    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    let head_dim = model.head_dim() as usize;
+    let mut out = vec![0.0f32; values.len()];
+    for row in 0..rows {
+        let source = unpermuted_row(row, head_dim);
+        out[row * cols..(row + 1) * cols].copy_from_slice(&values[source * cols..(source + 1) * cols]);
+    }
+    out
+}
+
+/// Writes the model to `out` (a `.gguf` file; an existing one only with `force`).
+/// `progress(tensors_done, tensors_total)` is called as tensors are written.
+pub fn synthesize_gguf(
+    model: &ModelSpec,
+    storage: GgufStorage,
+    seed: u64,
+    out: &Path,
+    force: bool,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), EngineError> {
+    check_supported(model)?;
+    let list = tensor_list(model);
+    let mut tensors = Vec::with_capacity(list.len());
+    for (hf, shape) in &list {
+        let name = gguf_name(hf).ok_or_else(|| EngineError::Internal(format!("no GGUF name for {hf}")))?;
+        let kind = if shape.len() == 2 { storage.ggml_name() } else { "F32" };
+        let ggml_type = ggml_type(kind)?;
+        let cols = *shape.last().unwrap_or(&0);
+        if !cols.is_multiple_of(ggml_type.block_elements) {
+            return Err(EngineError::Unsupported(format!(
+                "{} cannot be stored as {}: {name} has rows of {cols} values, not whole {}-value blocks \
+                 (q8_0 and q4_0 need rows of a multiple of 32, q4_k and q6_k of 256)",
+                model.name, ggml_type.name, ggml_type.block_elements
+            )));
+        }
+        // ggml lists dimensions from the contiguous one.
+        tensors.push(GgufTensor { name, dims: shape.iter().rev().copied().collect(), ggml_type });
+    }
+    let total = tensors.len() as u64;
+    let mut bytes = Vec::new();
+    gguf_write::write(out, force, &metadata(model, storage), &tensors, |index, writer| {
+        let (hf, shape) = &list[index];
+        let values = stored_values(model, seed, hf, shape);
+        bytes.clear();
+        match (shape.len(), storage) {
+            (2, GgufStorage::F16) => values.iter().for_each(|v| bytes.extend(half::f16::from_f32(*v).to_le_bytes())),
+            (2, GgufStorage::Blocks(format)) => quantize(format, &values, &mut bytes),
+            _ => values.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+        }
+        writer.write_all(&bytes)?;
+        progress(index as u64 + 1, total);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_llama_cpp() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.bias").unwrap(), "blk.3.attn_k.bias");
+        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(), "blk.0.ffn_down.weight");
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert_eq!(gguf_name("model.layers.0.unknown.weight"), None);
+    }
+
+    /// The permutation is llama.cpp's `reshape(heads, 2, d/2, cols).swapaxes(1, 2)`:
+    /// a bijection on each head's rows that interleaves its two halves.
+    #[test]
+    fn the_query_key_permutation_interleaves_each_heads_halves() {
+        let head_dim = 8;
+        let rows: Vec<usize> = (0..16).map(|r| unpermuted_row(r, head_dim)).collect();
+        assert_eq!(&rows[..8], &[0, 4, 1, 5, 2, 6, 3, 7]);
+        assert_eq!(&rows[8..], &[8, 12, 9, 13, 10, 14, 11, 15]);
+    }
+}
