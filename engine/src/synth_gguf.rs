@@ -242,4 +242,27 @@ mod tests {
         assert_eq!(&rows[..8], &[0, 4, 1, 5, 2, 6, 3, 7]);
         assert_eq!(&rows[8..], &[8, 12, 9, 13, 10, 14, 11, 15]);
     }
+
+    /// The rotary embedding in llama.cpp's layout on the permuted rows is the Hugging
+    /// Face embedding on the original ones, element for element: why a GGUF file's
+    /// query and key projections run unpermuted with `RopeLayout::Pairs`.
+    #[test]
+    fn pairs_on_permuted_rows_equal_halves_on_the_original() {
+        use crate::kernels::{rope, RopeLayout};
+        let (heads, head_dim) = (3, 16);
+        let original: Vec<f32> = (0..2 * heads * head_dim).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut permuted: Vec<f32> = (0..original.len())
+            .map(|i| {
+                let (row, element) = (i / (heads * head_dim), i % (heads * head_dim));
+                original[row * heads * head_dim + unpermuted_row(element, head_dim)]
+            })
+            .collect();
+        let mut halves = original.clone();
+        rope(&mut halves, heads, head_dim, &[3, 70], 10000.0, RopeLayout::Halves);
+        rope(&mut permuted, heads, head_dim, &[3, 70], 10000.0, RopeLayout::Pairs);
+        for (i, &value) in permuted.iter().enumerate() {
+            let (row, element) = (i / (heads * head_dim), i % (heads * head_dim));
+            assert_eq!(value, halves[row * heads * head_dim + unpermuted_row(element, head_dim)], "element {i}");
+        }
+    }
 }

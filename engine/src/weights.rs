@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
 
+use crate::kernels::RopeLayout;
 use crate::safetensors::{read_header, TensorLocation};
 use crate::EngineError;
 
@@ -31,6 +32,9 @@ pub struct ModelFiles {
     pub spec: ModelSpec,
     /// The stored dtype (all tensors share it).
     pub dtype: Dtype,
+    /// How the files lay out each head's query and key rows, which the rotary
+    /// embedding must follow (Hugging Face folders: halves).
+    pub rope_layout: RopeLayout,
     tensors: BTreeMap<String, TensorLocation>,
     /// Byte ranges (file, start) whose values were found finite: streamed weights are
     /// read every step, checked the first time only.
@@ -65,7 +69,14 @@ impl ModelFiles {
             file: dir.to_path_buf(),
             message: "the safetensors files hold no tensors".into(),
         })?;
-        let files = ModelFiles { dir: dir.to_path_buf(), spec, dtype, tensors, checked: Default::default() };
+        let files = ModelFiles {
+            dir: dir.to_path_buf(),
+            spec,
+            dtype,
+            rope_layout: RopeLayout::Halves,
+            tensors,
+            checked: Default::default(),
+        };
         files.validate()?;
         Ok(files)
     }

@@ -5,7 +5,7 @@
 
 use ferry_core::graph::Place;
 
-use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, WeightRef};
+use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
 use crate::kernels::{self, Matrix};
 use crate::memory::Buffer;
 use crate::EngineError;
@@ -135,15 +135,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(
-        &self,
-        x: &mut DeviceBuffer,
-        heads: usize,
-        head_dim: usize,
-        positions: &[usize],
-        theta: f32,
-    ) -> Result<(), EngineError> {
-        kernels::rope(host_mut(x)?.as_f32_mut(), heads, head_dim, positions, theta);
+    fn rope(&self, x: &mut DeviceBuffer, r: Rotary, positions: &[usize]) -> Result<(), EngineError> {
+        kernels::rope(host_mut(x)?.as_f32_mut(), r.heads, r.head_dim, positions, r.theta, r.layout);
         Ok(())
     }
 

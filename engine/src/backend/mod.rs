@@ -26,6 +26,7 @@ use ferry_core::model::Dtype;
 pub use cpu::CpuBackend;
 pub use host::HostBytes;
 
+pub use crate::kernels::RopeLayout;
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -117,6 +118,15 @@ impl KvLayout {
     }
 }
 
+/// A rotary embedding: `heads` heads of `head_dim` per row, base `theta`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotary {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub theta: f32,
+    pub layout: RopeLayout,
+}
+
 /// The shape of causal attention over a micro-batch: per sequence, `new` query rows
 /// at positions `past .. past + new` over `past + new` key and value rows.
 #[derive(Debug, Clone, Copy)]
@@ -185,15 +195,9 @@ pub trait Backend: Send + Sync {
         eps: f32,
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError>;
-    /// Rotary position embedding of each head of each row; `positions[r]` is row r's.
-    fn rope(
-        &self,
-        x: &mut DeviceBuffer,
-        heads: usize,
-        head_dim: usize,
-        positions: &[usize],
-        theta: f32,
-    ) -> Result<(), EngineError>;
+    /// Rotary position embedding of each head of each row; `positions[r]` is row r's;
+    /// `layout` says which elements turn together.
+    fn rope(&self, x: &mut DeviceBuffer, rotary: Rotary, positions: &[usize]) -> Result<(), EngineError>;
     /// Causal grouped-query attention of every sequence of a micro-batch: `q` rows
     /// `[sequence][new][heads × head_dim]` over positions `0 .. past + new` of `cache`.
     fn attention(

@@ -8,7 +8,7 @@ use ferry_core::graph::{Op, Payload, Place, Task};
 use ferry_core::model::WeightGroup;
 
 use super::{lock, Engine};
-use crate::backend::{DeviceBuffer, WeightRef};
+use crate::backend::{DeviceBuffer, Rotary, WeightRef};
 use crate::kernels;
 use crate::EngineError;
 
@@ -253,8 +253,14 @@ impl<'a> Engine<'a> {
             self.backend.add_bias(&mut v, Engine::tensor(&weights, 6)?, kv, 0)?;
         }
         let positions = self.positions(task.step);
-        self.backend.rope(&mut q, spec.num_heads as usize, d, &positions, spec.rope_theta as f32)?;
-        self.backend.rope(&mut k, spec.num_kv_heads as usize, d, &positions, spec.rope_theta as f32)?;
+        let rotary = |heads: u64| Rotary {
+            heads: heads as usize,
+            head_dim: d,
+            theta: spec.rope_theta as f32,
+            layout: self.files.rope_layout,
+        };
+        self.backend.rope(&mut q, rotary(spec.num_heads), &positions)?;
+        self.backend.rope(&mut k, rotary(spec.num_kv_heads), &positions)?;
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
         let activations = state.at(side);
         (activations.q, activations.k, activations.v) = (Some(q), Some(k), Some(v));

@@ -226,19 +226,33 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotary position embedding (the "rotate half" layout of Hugging Face Llama) on each
-/// head of each row; `positions[r]` is row r's position.
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f32) {
+/// Which elements of a head the rotary embedding rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Element i with element i + head_dim/2 (Hugging Face Llama's "rotate half").
+    Halves,
+    /// Element 2i with 2i + 1: llama.cpp's layout, whose GGUF files store the query and
+    /// key rows of each head interleaved so that this gives the same attention scores.
+    Pairs,
+}
+
+/// Rotary position embedding on each head of each row; `positions[r]` is row r's
+/// position. Pair i turns by position × θ^(−2i/head_dim) in either layout.
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f32, layout: RopeLayout) {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    let (stride, partner) = match layout {
+        RopeLayout::Halves => (1, half),
+        RopeLayout::Pairs => (2, 1),
+    };
     for (row, &position) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
         for head in row.chunks_exact_mut(head_dim) {
-            for i in 0..half {
-                let angle = position as f32 * inv_freq[i];
-                let (sin, cos) = angle.sin_cos();
-                let (a, b) = (head[i], head[i + half]);
-                head[i] = a * cos - b * sin;
-                head[i + half] = b * cos + a * sin;
+            for (i, &freq) in inv_freq.iter().enumerate() {
+                let (sin, cos) = (position as f32 * freq).sin_cos();
+                let (first, second) = (i * stride, i * stride + partner);
+                let (a, b) = (head[first], head[second]);
+                head[first] = a * cos - b * sin;
+                head[second] = b * cos + a * sin;
             }
         }
     }
@@ -347,9 +361,9 @@ pub(super) mod tests {
     fn rope_preserves_norm_and_is_identity_at_zero() {
         let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let original = x.clone();
-        rope(&mut x, 2, 8, &[0], 10000.0);
+        rope(&mut x, 2, 8, &[0], 10000.0, RopeLayout::Halves);
         assert_eq!(x, original);
-        rope(&mut x, 2, 8, &[5], 10000.0);
+        rope(&mut x, 2, 8, &[5], 10000.0, RopeLayout::Halves);
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&x) - norm(&original)).abs() < 1e-3);
     }
