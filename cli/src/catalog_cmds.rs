@@ -337,7 +337,10 @@ fn show_gguf(path: &std::path::Path, json: bool) -> Result<()> {
         format_bytes(kv16 * model.num_layers)
     );
     if ferry_core::model::float_dtype(&header).is_none() {
-        println!("planning and running quantized weights comes with quantized formats; `ferry tune` refuses this file for now");
+        println!(
+            "`ferry tune` and `ferry simulate` plan this file as stored (weight_format: stored, these bytes); \
+             `ferry run` runs it once the engine's quantized kernels land"
+        );
     }
     Ok(())
 }

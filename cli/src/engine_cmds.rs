@@ -203,9 +203,11 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     let workload = plan.workload;
     let policy = plan.policy.clone();
+    // Refused before anything is set up (the engine checks again when it runs).
+    ferry_engine::check_weight_format(&policy)?;
     let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::All)?;
     // The same graph, predicted, for comparison.
-    let cost = ferry_sim::cost::CostModel::new(&resolved.profile, &files.spec);
+    let cost = ferry_sim::cost::CostModel::for_formats(&resolved.profile, &files.spec, &policy.weight_format);
     let predicted =
         ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace));
     let mut rng = SplitMix64::new(args.seed);

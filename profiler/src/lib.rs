@@ -2,14 +2,16 @@
 //! a `Profile` whose provenance is `measured`: disk reads (direct I/O through the
 //! engine's read pool) by request size and requests in flight, buffered writes, copies
 //! between engine buffers, the engine's matrix products (peak rate, and the rate of
-//! streaming bf16 weights through memory, which bounds small batches), and how much
-//! compute slows while a read runs.
+//! streaming bf16 weights through memory, which bounds small batches), the engine's
+//! dequantization of each ggml block format (`dequant`), and how much compute slows
+//! while a read runs.
 //!
 //! Must never: invent a number. Every figure in the output was measured here, as the
 //! median of repeated trials with its spread; the only inputs that are not are the
 //! memory sizes, read from /proc/meminfo.
 
 pub mod cuda;
+mod dequant;
 mod kernel_table;
 mod machine;
 
@@ -254,6 +256,8 @@ pub(crate) fn measure_host_compute(
         let contended = median_spread(&(0..options.trials).map(stream).collect::<Vec<_>>()).0;
         (stream_bytes_per_s / contended.max(1.0) - 1.0).max(0.0)
     });
+    progress("dequantization", 0.0);
+    let dequantize = dequant::measure_dequantize(options);
     progress("task overhead", 0.0);
     let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
     Ok(HostCompute {
@@ -266,6 +270,7 @@ pub(crate) fn measure_host_compute(
             task_overhead_ns,
             table: Vec::new(),
             release_ns_per_mib: timed_release_ns_per_mib(options, disk)?,
+            dequantize,
         },
         slowdown_during_reads,
     })
