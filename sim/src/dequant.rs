@@ -110,3 +110,88 @@ impl Dequantization {
         Some(ns)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::CostModel;
+    use ferry_core::catalog::Catalog;
+    use ferry_core::hardware::Hardware;
+    use ferry_core::plan::{Policy, Workload};
+    use ferry_core::profile::{DequantRate, KernelTiming};
+
+    fn setup() -> (ModelSpec, Profile) {
+        let catalog = Catalog::builtin().unwrap();
+        let model = catalog.model("test-tiny").unwrap().value;
+        let profile = Profile::from_datasheet(&Hardware {
+            gpu: catalog.gpu("cpu").unwrap().value,
+            host: catalog.host("ferry-ci-vm").unwrap().value,
+        });
+        (model, profile)
+    }
+
+    fn q8_0() -> WeightFormats {
+        WeightFormats::uniform(WeightFormat::parse("q8_0").unwrap())
+    }
+
+    /// test-tiny's MLP: gate and up are 352 × 128, down 128 × 352; in Q8_0 every row of
+    /// 128 values is 4 blocks of 34 bytes, of 352 values 11 blocks: 47,872 bytes each.
+    const MLP_Q8_0_BYTES: f64 = (2 * 352 * 4 * 34 + 128 * 11 * 34) as f64;
+
+    #[test]
+    fn dequantization_is_charged_at_the_profile_rate_and_only_there() {
+        let (model, mut profile) = setup();
+        let float =
+            CostModel::for_formats(&profile, &model, &WeightFormats::float(ferry_core::model::Dtype::F16).unwrap());
+        assert_eq!(float.dequant_ns(false, Op::Mlp, Some(0), 1), None, "float weights decode nothing");
+        // No rate: quantized, priced as fused (nothing added).
+        let unpriced = CostModel::for_formats(&profile, &model, &q8_0());
+        assert_eq!(unpriced.dequant_ns(false, Op::Mlp, Some(0), 1), Some(0.0));
+        assert_eq!(unpriced.dequant_ns(false, Op::AttnCore, Some(0), 1), None);
+        // 1 GB/s: one ns per quantized byte, on the side that has the rate only.
+        profile.device_compute.dequantize.push(DequantRate { format: "q8_0".into(), bytes_per_s: 1e9 });
+        let priced = CostModel::for_formats(&profile, &model, &q8_0());
+        let ns = priced.dequant_ns(false, Op::Mlp, Some(0), 1).unwrap();
+        assert!((ns - MLP_Q8_0_BYTES).abs() < 1e-6, "{ns}");
+        assert_eq!(priced.dequant_ns(true, Op::Mlp, Some(0), 1), Some(0.0));
+        assert_eq!(priced.dequant_ns(false, Op::Mlp, None, 1), Some(ns), "every layer alike");
+    }
+
+    #[test]
+    fn quantized_tasks_skip_the_float_kernel_table() {
+        let (model, mut profile) = setup();
+        let shape = crate::cost::shape_key(&model);
+        profile.device_compute.table.push(KernelTiming {
+            op: "mlp".into(),
+            shape,
+            tokens: 1,
+            context: 0,
+            ns: 77_777_777,
+        });
+        let c = CostModel::for_formats(&profile, &model, &q8_0());
+        let compute = &profile.device_compute;
+        assert_eq!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, None), 77_777_777.0);
+        let quantized = c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, Some(0.0));
+        assert!(quantized < 1e6, "the roofline, not the float table: {quantized}");
+        assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, Some(5e6)) > 5e6, "decoding adds to the FLOPs");
+    }
+
+    #[test]
+    fn a_slow_measured_decoder_slows_the_prediction() {
+        let (model, mut profile) = setup();
+        let workload = Workload { batch_size: 1, prompt_len: 8, gen_len: 4 };
+        let mut policy = Policy::all_on_device(model.num_layers, 1, ferry_core::model::Dtype::F32);
+        policy.set_weight_format(q8_0());
+        let tokens_per_s = |profile: &Profile| {
+            crate::predict(&policy, &model, &workload, profile, crate::Extrapolation::Full)
+                .unwrap()
+                .metrics
+                .tokens_per_s
+        };
+        let fused = tokens_per_s(&profile);
+        // 10 MB/s: each layer's 0.2 MB of Q8_0 weights take milliseconds to decode.
+        profile.device_compute.dequantize.push(DequantRate { format: "q8_0".into(), bytes_per_s: 1e7 });
+        let slow = tokens_per_s(&profile);
+        assert!(slow < fused / 2.0, "{slow} vs {fused}");
+    }
+}
