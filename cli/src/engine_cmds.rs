@@ -429,6 +429,12 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         );
     }
     println!("  engine compute task overhead {}", format_ns(profile.device_compute.task_overhead_ns));
+    let rates: Vec<String> = (profile.host_compute.dequantize.iter())
+        .map(|r| format!("{} {:.1} GB/s", r.format, r.bytes_per_s / 1e9))
+        .collect();
+    if !rates.is_empty() {
+        println!("  dequantization (host, of quantized bytes): {}", rates.join(", "));
+    }
     if !profile.device_compute.table.is_empty() {
         println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());
     }

@@ -185,11 +185,11 @@ pub fn run(args: TuneArgs) -> Result<()> {
         crate::plots_cmd::tune_plots(dir, &request, &space, result, args.force)?;
     }
     if args.json {
-        let formats_json = tune_formats::json(&outcomes, &model, Some(chosen));
+        let formats_json = tune_formats::json(&outcomes, &model, &profile, Some(chosen));
         return print_json(&plan, result, baseline_results, search_time, args.top, formats_json);
     }
     if compared {
-        print_formats(&args, &outcomes, &model, chosen);
+        print_formats(&args, &outcomes, &model, &profile, chosen);
     }
     print_report(&args, &request, result, baseline_results, search_time);
     if result.best.metrics.tokens_per_s <= 0.0 {
@@ -199,12 +199,18 @@ pub fn run(args: TuneArgs) -> Result<()> {
 }
 
 /// The comparison of formats, before the chosen format's full report.
-fn print_formats(args: &TuneArgs, outcomes: &[Outcome], model: &ModelSpec, chosen: usize) {
+fn print_formats(
+    args: &TuneArgs,
+    outcomes: &[Outcome],
+    model: &ModelSpec,
+    profile: &ferry_core::profile::Profile,
+    chosen: usize,
+) {
     println!(
         "Best plan for each weight format (* the plan below{}):",
         if args.out.is_some() { ", written with --out" } else { "" }
     );
-    print!("{}", tune_formats::table(outcomes, model, Some(chosen)));
+    print!("{}", tune_formats::table(outcomes, model, profile, Some(chosen)));
     println!(
         "chosen: {}, the best by {} of the formats you listed (quality is yours to judge: Ferry never picks a lower precision you did not list)\n",
         outcomes[chosen].formats.describe(),
@@ -213,6 +219,16 @@ fn print_formats(args: &TuneArgs, outcomes: &[Outcome], model: &ModelSpec, chose
             ObjectiveArg::Latency => "completion time",
         }
     );
+    let priced_elsewhere = outcomes
+        .iter()
+        .any(|o| !o.formats.quantized_formats(model).is_empty() && !tune_formats::unpriced(&o.formats, model, profile));
+    if tune_formats::unpriced(&outcomes[chosen].formats, model, profile) && priced_elsewhere {
+        println!(
+            "note: {}'s dequantization is unpriced here while other formats' is measured: its lead may be the \
+             missing figure's\n",
+            outcomes[chosen].formats.describe()
+        );
+    }
 }
 
 /// The human report: the setting, the search, the plan, the baselines, runners-up.

@@ -4,6 +4,7 @@
 
 use anyhow::Result;
 use ferry_core::model::{Dtype, ModelSpec, WeightFormat, WeightFormats};
+use ferry_core::profile::Profile;
 use ferry_core::units::{format_bytes, format_ns};
 use ferry_core::CoreError;
 use ferry_sim::tune::{Comparison, Objective, TuneError};
@@ -75,8 +76,18 @@ pub fn best(outcomes: &[Outcome], objective: Objective) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-/// The comparison table: for each format the best plan's figures and where its weights live.
-pub fn table(outcomes: &[Outcome], model: &ModelSpec, chosen: Option<usize>) -> String {
+/// Whether the profile lacks a dequantization rate on the device for one of the quantized
+/// formats `formats` stores `model` in: its figures are then a lower bound (the
+/// dequantization is priced as fused into the multiply), not comparable as equals with
+/// formats whose rates were measured.
+pub fn unpriced(formats: &WeightFormats, model: &ModelSpec, profile: &Profile) -> bool {
+    let quantized = formats.quantized_formats(model);
+    quantized.iter().any(|f| profile.device_compute.dequant_bytes_per_s(&f.name()).is_none())
+}
+
+/// The comparison table: for each format the best plan's figures and where its weights
+/// live; formats whose dequantization the profile does not price are marked †.
+pub fn table(outcomes: &[Outcome], model: &ModelSpec, profile: &Profile, chosen: Option<usize>) -> String {
     let mut table = Table::new([
         "format",
         "weights",
@@ -88,7 +99,12 @@ pub fn table(outcomes: &[Outcome], model: &ModelSpec, chosen: Option<usize>) -> 
         "peak device memory",
     ]);
     for (i, outcome) in outcomes.iter().enumerate() {
-        let name = format!("{}{}", outcome.formats.describe(), if Some(i) == chosen { " *" } else { "" });
+        let name = format!(
+            "{}{}{}",
+            outcome.formats.describe(),
+            if unpriced(&outcome.formats, model, profile) { " †" } else { "" },
+            if Some(i) == chosen { " *" } else { "" }
+        );
         let total = ferry_core::model::WeightLayout::of(model, &outcome.formats).total_bytes();
         match &outcome.result {
             Ok(c) => {
@@ -118,11 +134,23 @@ pub fn table(outcomes: &[Outcome], model: &ModelSpec, chosen: Option<usize>) -> 
             ]),
         }
     }
-    table.render()
+    let mut text = table.render();
+    if outcomes.iter().any(|o| unpriced(&o.formats, model, profile)) {
+        text.push_str(
+            "† dequantization not measured in this profile: priced as fused into the multiply, a lower bound \
+             (`ferry profile --backend cpu` measures q8_0, q4_0, q4_k and q6_k on a CPU)\n",
+        );
+    }
+    text
 }
 
 /// The comparison as JSON rows.
-pub fn json(outcomes: &[Outcome], model: &ModelSpec, chosen: Option<usize>) -> Vec<serde_json::Value> {
+pub fn json(
+    outcomes: &[Outcome],
+    model: &ModelSpec,
+    profile: &Profile,
+    chosen: Option<usize>,
+) -> Vec<serde_json::Value> {
     outcomes
         .iter()
         .enumerate()
@@ -132,6 +160,7 @@ pub fn json(outcomes: &[Outcome], model: &ModelSpec, chosen: Option<usize>) -> V
                 "weight_format": outcome.formats,
                 "weight_bytes": total,
                 "chosen": Some(i) == chosen,
+                "dequantization_priced": !unpriced(&outcome.formats, model, profile),
             });
             match &outcome.result {
                 Ok(c) => {

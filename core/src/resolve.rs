@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::catalog::Catalog;
 use crate::error::{CoreError, Result};
 use crate::hardware::Hardware;
-use crate::model::{ModelSpec, WeightFormats};
+use crate::model::{ModelSpec, WeightFormat, WeightFormats};
 use crate::plan::{HardwareRef, Plan};
 use crate::profile::Profile;
 
@@ -152,10 +152,10 @@ pub fn weight_format_notes(formats: &WeightFormats, model: &ModelSpec, profile: 
         if missing.is_empty() {
             continue;
         }
-        let how = if profile.device_name == "cpu" {
-            "`ferry profile --backend cpu` measures it"
-        } else {
-            "no GPU profile carries one yet"
+        let how = match (format, profile.device_name == "cpu") {
+            (WeightFormat::Block(_), true) => "`ferry profile --backend cpu` measures it",
+            (WeightFormat::Block(_), false) => "no GPU profile carries one yet",
+            _ => "the engine has no decoder of it to measure yet",
         };
         notes.push(format!(
             "{name} weights: the profile has no dequantization rate for {name} on the {}, so it is priced as fused \
