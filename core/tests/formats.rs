@@ -175,3 +175,13 @@ fn malformed_formats_are_refused_saying_what_to_write() {
     let err = plan("").unwrap_err();
     assert!(err.contains("weight_format"), "{err}");
 }
+
+/// Against a file people download: TheBloke/Llama-2-7B-GGUF lists `llama-2-7b.Q8_0.gguf`
+/// at 7.16 GB (every matrix Q8_0, norms F32; the header with the vocabulary adds under
+/// a megabyte).
+#[test]
+fn a_q8_0_llama_2_7b_weighs_what_the_published_file_does() {
+    let total = layout(&model("llama-2-7b"), "q8_0").total_bytes();
+    assert_eq!(total, 7_160_348_672);
+    assert!((total as f64 - 7.16e9).abs() / 7.16e9 < 0.001, "{total}");
+}
