@@ -101,5 +101,5 @@ fn run_refuses_a_quantized_plan_saying_what_the_engine_runs() {
     let out = ferry(d, &["run", "--model-dir", "tiny", "--plan", "q8.yaml", "--gen-len", "2"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("stores weights as q8_0") && err.contains("f32, f16 and bf16"), "{err}");
+    assert!(err.contains("weight format is q8_0") && err.contains("f32, f16 and bf16"), "{err}");
 }

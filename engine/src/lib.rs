@@ -47,7 +47,7 @@ pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), Engi
         return Ok(());
     }
     Err(EngineError::Unsupported(format!(
-        "this plan stores weights as {}; the engine runs f32, f16 and bf16 weights only until its quantized \
+        "this plan's weight format is {}; the engine runs f32, f16 and bf16 weights only until its quantized \
          kernels land (`ferry simulate` predicts the plan; tune with --weight-format f16 for a plan it runs)",
         policy.weight_format.describe()
     )))

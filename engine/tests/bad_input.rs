@@ -133,7 +133,7 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
         let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err();
         assert!(err.is_usage_error(), "{err}");
         let err = err.to_string();
-        assert!(err.contains(&format!("stores weights as {format}")) && err.contains("f32, f16 and bf16"), "{err}");
+        assert!(err.contains(&format!("weight format is {format}")) && err.contains("f32, f16 and bf16"), "{err}");
     }
     // A sampled graph (not every round) is for the simulator only.
     policy.set_weight_format(WeightFormats::uniform(WeightFormat::F32));

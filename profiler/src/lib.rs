@@ -549,6 +549,9 @@ mod tests {
         assert!(profile.device_compute.peak_flops > 1e9, "{}", profile.device_compute.peak_flops);
         assert!(profile.device_compute.memory_bytes_per_s > 1e8);
         assert!(profile.device_compute.task_overhead_ns > 0, "the engine's per-task cost is measured");
+        // Every block format the engine decodes has a measured dequantization rate.
+        let formats: Vec<&str> = profile.device_compute.dequantize.iter().map(|d| d.format.as_str()).collect();
+        assert_eq!(formats, ["q8_0", "q4_0", "q4_k", "q6_k"]);
         // The kernel table holds the engine's ops at the test-tiny shape, decode and prefill rows.
         let table = &profile.device_compute.table;
         for op in ["attention", "mlp", "head", "embed"] {
@@ -559,6 +562,7 @@ mod tests {
         let text = ferry_core::yaml::to_yaml_string(&profile).unwrap();
         let back: Profile = ferry_core::yaml::from_yaml_str(&text, "profile.yaml").unwrap();
         assert_eq!(back.disk_read.points.len(), 4);
+        assert_eq!(back.device_compute.dequantize, profile.device_compute.dequantize);
         // The scratch file is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

@@ -348,9 +348,9 @@ impl WeightFormats {
         Ok(())
     }
 
-    /// For people: `q4_k`, `q4_k (head q6_k)`, `as stored`.
+    /// For people: `q4_k`, `q4_k (head q6_k)`, `stored (the model file's own types)`.
     pub fn describe(&self) -> String {
-        let base = self.default.map_or("as stored".to_string(), WeightFormat::name);
+        let base = self.default.map_or("stored (the model file's own types)".to_string(), WeightFormat::name);
         if self.overrides.is_empty() {
             return base;
         }
