@@ -14,18 +14,17 @@ use crate::table::Table;
 /// The formats to tune: the list given (each checked against the model's shapes before
 /// any search), or the model's own — a GGUF file's mix as stored, else its dtype.
 pub fn requested(arg: Option<&str>, model: &ModelSpec) -> Result<Vec<WeightFormats>> {
-    let Some(list) = arg else {
-        let own = match model.stored {
-            Some(_) => WeightFormats::stored(),
-            // The integer dtypes are no storage format; such checkpoints are planned in f16.
-            None => WeightFormats::float(model.dtype).unwrap_or_else(|| WeightFormats::uniform(WeightFormat::F16)),
-        };
-        return Ok(vec![own]);
+    let own = match model.stored {
+        Some(_) => WeightFormats::stored(),
+        // The integer dtypes are no storage format; such checkpoints are planned in f16.
+        None => WeightFormats::float(model.dtype).unwrap_or_else(|| WeightFormats::uniform(WeightFormat::F16)),
     };
+    let Some(list) = arg else { return Ok(vec![own]) };
     let mut formats: Vec<WeightFormats> = Vec::new();
     for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        // `stored` is the model's own format: a file's mix, or a checkpoint's dtype by name.
         let format = if name.eq_ignore_ascii_case("stored") {
-            WeightFormats::stored()
+            own.clone()
         } else {
             WeightFormats::uniform(WeightFormat::parse(name)?)
         };
