@@ -1,6 +1,6 @@
 //! GGUF files end to end with the real binary: `show model` describes a quantized file
-//! by the tensor types it holds, `tune` plans a float one and refuses a quantized one
-//! saying why, `run` refuses a GGUF file clearly. The files are written by llama.cpp's
+//! by the tensor types it holds, `tune` and `simulate` plan float and quantized files
+//! at the bytes the file holds, `run` refuses a GGUF file clearly. The files are written by llama.cpp's
 //! `gguf` Python package (tests/reference/tiny_gguf.py; the README's test command
 //! installs it).
 
@@ -39,22 +39,45 @@ fn show_describes_a_quantized_file_by_its_tensor_types() {
 }
 
 #[test]
-fn tune_plans_a_float_file_and_refuses_a_quantized_one_saying_why() {
+fn tune_and_simulate_plan_float_and_quantized_files_at_their_own_bytes() {
     let dir = tempfile::tempdir().unwrap();
     write_gguf(dir.path(), "q.gguf", "q");
     write_gguf(dir.path(), "f.gguf", "f");
-    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060", "--model", "q.gguf"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    assert!(err.contains("Q4_K, Q6_K") && err.contains("show model"), "{err}");
-    let tune = ["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", "f.gguf", "--out", "plan.yaml"];
-    let out = ferry(dir.path(), &tune);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    for file in ["q.gguf", "f.gguf"] {
+        let tune = ["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", file, "--batch", "1"];
+        let out = ferry(dir.path(), &[&tune[..], &["--json", "--out", "plan.yaml", "--force"]].concat());
+        assert!(out.status.success(), "{file}: {}", text(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        // Planned as the file stores each tensor: its bytes are the tensor table's.
+        let shown = ferry(dir.path(), &["show", "model", file, "--json"]);
+        let described: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+        let file_bytes: u64 =
+            described["file"]["groups"].as_object().unwrap().values().map(|g| g["bytes"].as_u64().unwrap()).sum();
+        let row = &json["formats"][0];
+        assert_eq!(row["weight_format"], "stored", "{file}");
+        assert_eq!(row["weight_bytes"].as_u64(), Some(file_bytes), "{file}: {row}");
+        let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
+        assert!(plan.contains("weight_format: stored"), "{plan}");
+        let out = ferry(dir.path(), &["simulate", "--json", "--plan", "plan.yaml"]);
+        assert!(out.status.success(), "{file}: {}", text(&out.stderr));
+        let sim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(sim["metrics"]["tokens_per_s"], json["metrics"]["tokens_per_s"], "{file}");
+    }
+    // The quantized file's weights are a fraction of the float one's.
+    let bytes = |file: &str| {
+        let out = ferry(dir.path(), &["tune", "--gpu", "cpu", "--model", file, "--batch", "1", "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["formats"][0]["weight_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(bytes("q.gguf") * 3 < bytes("f.gguf"));
+    // Another format for a file is a different file: refused, saying what to do.
+    let out = ferry(dir.path(), &["tune", "--gpu", "cpu", "--model", "q.gguf", "--weight-format", "q8_0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("plan it as stored"), "{}", text(&out.stderr));
     let out = ferry(dir.path(), &["run", "--model-dir", "f.gguf", "--plan", "plan.yaml"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("running GGUF files comes with quantized formats"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("running GGUF files comes with its quantized kernels"), "{}", text(&out.stderr));
 }
 
 /// `synth --format gguf` writes the model `synth` writes (same seed) as a GGUF file

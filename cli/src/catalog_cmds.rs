@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use ferry_core::catalog::Catalog;
-use ferry_core::model::{Dtype, WeightGroup};
+use ferry_core::model::{Dtype, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
 use ferry_core::units::format_bytes;
 
 use crate::table::Table;
@@ -165,31 +165,38 @@ pub fn show(args: ShowArgs) -> Result<()> {
             println!("{} ({:?}), {} parameters", model.name, model.family, format_params(params.total));
             println!("{}", shape_line(&model));
             println!("source: {}\n", model.source);
-            let dtypes = [Dtype::F32, Dtype::F16, Dtype::Int8, Dtype::Int4];
-            let mut table = Table::new(["weights", "params", "fp32", "fp16/bf16", "int8", "int4"]);
-            let mut add = |label: String, count: u64, bytes: &dyn Fn(Dtype) -> u64| {
+            // Bytes in the formats plans use (`weight_format`), exact to their block layouts;
+            // "—" where a format cannot store the shape.
+            let formats = ["f32", "f16", "q8_0", "q6_k", "q4_k", "int4-g64"];
+            let layouts: Vec<Option<WeightLayout>> = formats
+                .iter()
+                .map(|name| {
+                    let formats = WeightFormats::uniform(WeightFormat::parse(name).ok()?);
+                    formats.check(&model).ok()?;
+                    Some(WeightLayout::of(&model, &formats))
+                })
+                .collect();
+            let mut table = Table::new(["weights", "params", "f32", "f16/bf16", "q8_0", "q6_k", "q4_k", "int4-g64"]);
+            let mut add = |label: String, count: u64, bytes: &dyn Fn(&WeightLayout) -> u64| {
                 let mut row = vec![label, format_params(count)];
-                row.extend(dtypes.iter().map(|d| format_bytes(bytes(*d))));
+                row.extend(layouts.iter().map(|l| l.as_ref().map_or("—".into(), |l| format_bytes(bytes(l)))));
                 table.row(row);
             };
             let half = params.norms_per_layer / 2;
-            add("attention, per layer".into(), params.attention_per_layer + half, &|d| {
-                model.group_bytes(WeightGroup::Attention, d)
+            let per_layer = params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer;
+            add("attention, per layer".into(), params.attention_per_layer + half, &|l| {
+                l.bytes(WeightGroup::Attention, 0)
             });
-            add("MLP, per layer".into(), params.mlp_per_layer + params.norms_per_layer - half, &|d| {
-                model.group_bytes(WeightGroup::Mlp, d)
+            add("MLP, per layer".into(), params.mlp_per_layer + params.norms_per_layer - half, &|l| {
+                l.bytes(WeightGroup::Mlp, 0)
             });
-            add("one layer".into(), params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer, &|d| {
-                model.layer_bytes(d)
+            add("one layer".into(), per_layer, &|l| l.bytes(WeightGroup::Attention, 0) + l.bytes(WeightGroup::Mlp, 0));
+            add(format!("all {} layers", model.num_layers), model.num_layers * per_layer, &|l| {
+                l.group_total(WeightGroup::Attention) + l.group_total(WeightGroup::Mlp)
             });
-            add(
-                format!("all {} layers", model.num_layers),
-                model.num_layers * (params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer),
-                &|d| model.num_layers * model.layer_bytes(d),
-            );
-            add("embeddings".into(), params.embeddings, &|d| model.group_bytes(WeightGroup::Embeddings, d));
-            add("final norm + head".into(), params.head, &|d| model.group_bytes(WeightGroup::Head, d));
-            add("total".into(), params.total, &|d| model.total_bytes(d));
+            add("embeddings".into(), params.embeddings, &|l| l.bytes(WeightGroup::Embeddings, 0));
+            add("final norm + head".into(), params.head, &|l| l.bytes(WeightGroup::Head, 0));
+            add("total".into(), params.total, &|l| l.total_bytes());
             print!("{}", table.render());
             let kv16 = model.kv_bytes_per_token_per_layer(Dtype::F16);
             println!(
@@ -337,7 +344,10 @@ fn show_gguf(path: &std::path::Path, json: bool) -> Result<()> {
         format_bytes(kv16 * model.num_layers)
     );
     if ferry_core::model::float_dtype(&header).is_none() {
-        println!("planning and running quantized weights comes with quantized formats; `ferry tune` refuses this file for now");
+        println!(
+            "`ferry tune` and `ferry simulate` plan this file as stored (weight_format: stored, these bytes); \
+             `ferry run` runs it once the engine's quantized kernels land"
+        );
     }
     Ok(())
 }

@@ -245,9 +245,11 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     let workload = plan.workload;
     let policy = plan.policy.clone();
+    // Refused before anything is set up (the engine checks again when it runs).
+    ferry_engine::check_weight_format(&policy)?;
     let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::All)?;
     // The same graph, predicted, for comparison.
-    let cost = ferry_sim::cost::CostModel::new(&resolved.profile, &files.spec);
+    let cost = ferry_sim::cost::CostModel::for_formats(&resolved.profile, &files.spec, &policy.weight_format);
     let predicted =
         ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace));
     let mut rng = SplitMix64::new(args.seed);
@@ -469,6 +471,12 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         );
     }
     println!("  engine compute task overhead {}", format_ns(profile.device_compute.task_overhead_ns));
+    let rates: Vec<String> = (profile.host_compute.dequantize.iter())
+        .map(|r| format!("{} {:.1} GB/s", r.format, r.bytes_per_s / 1e9))
+        .collect();
+    if !rates.is_empty() {
+        println!("  dequantization (host, of quantized bytes): {}", rates.join(", "));
+    }
     if !profile.device_compute.table.is_empty() {
         println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());
     }

@@ -9,6 +9,7 @@ mod report;
 mod simulate_cmd;
 mod table;
 mod tune_cmd;
+mod tune_formats;
 mod validate_cmd;
 
 use std::process::ExitCode;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ferry_core::catalog::Catalog;
-use ferry_core::model::{Dtype, ModelSpec};
+use ferry_core::model::{ModelSpec, WeightFormats};
 use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
@@ -17,6 +17,7 @@ use ferry_sim::tune::{
 
 use crate::report;
 use crate::table::Table;
+use crate::tune_formats::{self, Outcome};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ObjectiveArg {
@@ -29,7 +30,14 @@ pub enum ObjectiveArg {
   ferry tune --gpu rtx3060 --model 13b
   ferry tune --gpu rtx3060-laptop-6gb --model 13b --batch 8 --out plan.yaml --plots plots/
   ferry tune --gpu cpu --device-mem 512MiB --host ferry-ci-vm --model tinyllama-1.1b
-  ferry tune --profile profile.yaml --model ./my-model --device-mem 512MiB")]
+  ferry tune --profile profile.yaml --model ./my-model --device-mem 512MiB
+  ferry tune --gpu rtx3060 --model 13b --weight-format q4_k,q8_0,f16
+  ferry tune --gpu cpu --device-mem 1GiB --model ./tinyllama-q4_k_m.gguf
+
+Weight formats: the tuner plans the model's own format unless --weight-format lists
+others (it never lowers precision on its own). With several, it tunes each, prints a
+table of the best plan per format (tokens/s, first token, weights on device / host /
+disk) and keeps the best by the objective; --out writes that one.")]
 pub struct TuneArgs {
     /// GPU from the catalog (`ferry list gpus`); `cpu` plans for the CPU backend.
     #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
@@ -67,9 +75,12 @@ pub struct TuneArgs {
     /// Only consider this schedule (sequential, layer-prefetch, zigzag-block, pipelined).
     #[arg(long, value_name = "NAME")]
     schedule: Option<String>,
-    /// Weight dtype [default: the model's].
-    #[arg(long, value_name = "f32|f16|bf16")]
-    weight_dtype: Option<String>,
+    /// Weight formats to compare, comma-separated: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k
+    /// (ggml blocks), int4-g64, int8-g64 (FlexGen's group-wise; -gN sets the group).
+    /// Each is tuned and the best plan of each shown; the plan is the best of them.
+    /// [default: the model's own: its dtype, or a GGUF file's mix of types as stored]
+    #[arg(long, visible_alias = "weight-dtype", value_name = "LIST")]
+    weight_format: Option<String>,
     /// Write the winning plan (YAML) here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -118,27 +129,43 @@ pub fn run(args: TuneArgs) -> Result<()> {
     };
     let batch = parse_batch(&args.batch, objective)?;
     let (prompt_len, gen_len) = context_lengths(args.prompt_len, args.gen_len, &model, &mut notes)?;
-    let weight_dtype = parse_weight_dtype(args.weight_dtype.as_deref(), &model)?;
+    let formats = tune_formats::requested(args.weight_format.as_deref(), &model)?;
     let mut space = KnobSpace::full();
     if let Some(name) = &args.schedule {
         space.schedules = vec![Schedule::parse(name)?];
     }
+    for f in &formats {
+        notes.extend(ferry_core::resolve::weight_format_notes(f, &model, &profile));
+    }
     for note in &notes {
         eprintln!("note: {note}");
     }
-    let request = TuneRequest {
+    let request_for = |weight_format: &WeightFormats| TuneRequest {
         model: &model,
         profile: &profile,
         prompt_len,
         gen_len,
         batch,
         objective,
-        weight_dtype,
-        kv_dtype: if weight_dtype == Dtype::F32 { Dtype::F32 } else { Dtype::F16 },
+        weight_format: weight_format.clone(),
+        kv_dtype: tune_formats::kv_dtype(weight_format),
     };
     let started = Instant::now();
-    let comparison = tune_and_compare(&request, &space)?;
+    let mut outcomes: Vec<Outcome> = formats
+        .into_iter()
+        .map(|formats| Outcome { result: tune_and_compare(&request_for(&formats), &space), formats })
+        .collect();
     let search_time = started.elapsed();
+    let Some(chosen) = tune_formats::best(&outcomes, objective) else {
+        // No format found a plan: the reason (of the first format, the only one unless compared).
+        let count = outcomes.len();
+        let first = outcomes.swap_remove(0);
+        let err = first.result.err().map_or_else(|| anyhow::anyhow!("no plan found"), anyhow::Error::from);
+        return Err(if count > 1 { err.context("no weight format found a plan") } else { err });
+    };
+    let compared = outcomes.len() > 1;
+    let Ok(comparison) = &outcomes[chosen].result else { bail!("the chosen format has no plan; this is a bug") };
+    let request = request_for(&outcomes[chosen].formats);
     let Comparison { result, baselines: baseline_results, adopted_baseline } = comparison;
     if let Some(name) = adopted_baseline {
         eprintln!("note: the {name} baseline beat the searched plans; it is the plan");
@@ -155,16 +182,53 @@ pub fn run(args: TuneArgs) -> Result<()> {
         ferry_core::yaml::write_new_file(path, &text, args.force)?;
     }
     if let Some(dir) = &args.plots {
-        crate::plots_cmd::tune_plots(dir, &request, &space, &result, args.force)?;
+        crate::plots_cmd::tune_plots(dir, &request, &space, result, args.force)?;
     }
     if args.json {
-        return print_json(&plan, &result, &baseline_results, search_time, args.top);
+        let formats_json = tune_formats::json(&outcomes, &model, &profile, Some(chosen));
+        return print_json(&plan, result, baseline_results, search_time, args.top, formats_json);
     }
-    print_report(&args, &request, &result, &baseline_results, search_time);
+    if compared {
+        print_formats(&args, &outcomes, &model, &profile, chosen);
+    }
+    print_report(&args, &request, result, baseline_results, search_time);
     if result.best.metrics.tokens_per_s <= 0.0 {
         bail!("the best plan predicts no throughput; this is a bug");
     }
     Ok(())
+}
+
+/// The comparison of formats, before the chosen format's full report.
+fn print_formats(
+    args: &TuneArgs,
+    outcomes: &[Outcome],
+    model: &ModelSpec,
+    profile: &ferry_core::profile::Profile,
+    chosen: usize,
+) {
+    println!(
+        "Best plan for each weight format (* the plan below{}):",
+        if args.out.is_some() { ", written with --out" } else { "" }
+    );
+    print!("{}", tune_formats::table(outcomes, model, profile, Some(chosen)));
+    println!(
+        "chosen: {}, the best by {} of the formats you listed (quality is yours to judge: Ferry never picks a lower precision you did not list)\n",
+        outcomes[chosen].formats.describe(),
+        match args.objective {
+            ObjectiveArg::Throughput => "tokens/s",
+            ObjectiveArg::Latency => "completion time",
+        }
+    );
+    let priced_elsewhere = outcomes
+        .iter()
+        .any(|o| !o.formats.quantized_formats(model).is_empty() && !tune_formats::unpriced(&o.formats, model, profile));
+    if tune_formats::unpriced(&outcomes[chosen].formats, model, profile) && priced_elsewhere {
+        println!(
+            "note: {}'s dequantization is unpriced here while other formats' is measured: its lead may be the \
+             missing figure's\n",
+            outcomes[chosen].formats.describe()
+        );
+    }
 }
 
 /// The human report: the setting, the search, the plan, the baselines, runners-up.
@@ -280,23 +344,6 @@ fn parse_batch(text: &str, objective: Objective) -> Result<BatchChoice> {
     Ok(BatchChoice::Fixed(n))
 }
 
-/// `--weight-dtype`, or the model's own where the engine can execute it.
-fn parse_weight_dtype(arg: Option<&str>, model: &ModelSpec) -> Result<Dtype> {
-    Ok(match arg {
-        None => match model.dtype {
-            // The engine computes in f32 and reads f16/bf16; int types are not executable.
-            Dtype::Int8 | Dtype::Int4 => Dtype::F16,
-            d => d,
-        },
-        Some("f32") => Dtype::F32,
-        Some("f16") => Dtype::F16,
-        Some("bf16") => Dtype::Bf16,
-        Some(other) => {
-            return Err(ferry_core::CoreError::invalid(format!("--weight-dtype '{other}': use f32, f16 or bf16")).into())
-        }
-    })
-}
-
 /// The plan file `tune` writes, checked as `simulate`, `run` and `export` check a plan
 /// file: a plan this writes is one they accept.
 fn written_plan(
@@ -336,6 +383,7 @@ fn print_json(
     baseline_results: &[Baseline],
     search_time: std::time::Duration,
     top: usize,
+    formats: Vec<serde_json::Value>,
 ) -> Result<()> {
     let baselines_json: Vec<serde_json::Value> = baseline_results
         .iter()
@@ -352,6 +400,8 @@ fn print_json(
         "baselines": baselines_json,
         "top": result.top.iter().take(top + 1).map(|c| serde_json::json!({"policy": c.policy, "workload": c.workload, "tokens_per_s": c.metrics.tokens_per_s})).collect::<Vec<_>>(),
         "by_batch": result.by_batch,
+        // The best plan of each weight format tuned (one row unless --weight-format listed several).
+        "formats": formats,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -145,27 +145,12 @@ pub fn model_from_path(path: &Path) -> Result<ModelSpec> {
     crate::model::from_hf_config(&text, &config.display().to_string(), &name)
 }
 
-/// The shape of a GGUF file whose matrices are all f32, f16 or bf16. A file with
-/// quantized tensors is refused (saying what it holds) until Ferry plans quantized
-/// formats; `ferry show model` describes it either way.
+/// The shape of a GGUF file, with its bytes per group by the tensor types it holds
+/// (`ModelSpec::stored`): plans in the `stored` format use the file's exact mix.
 pub fn model_from_gguf(path: &Path) -> Result<ModelSpec> {
     let header = crate::gguf::GgufHeader::open(path)?;
     let name = path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".to_string());
-    let spec = crate::model::from_gguf(&header, &name)?;
-    if crate::model::float_dtype(&header).is_none() {
-        let mut types: Vec<&str> =
-            header.tensors.iter().filter(|t| t.dims.len() > 1).map(|t| t.ggml_type.name).collect();
-        types.sort_unstable();
-        types.dedup();
-        return Err(CoreError::invalid(format!(
-            "{}: its weights are {} — Ferry plans f32, f16 and bf16 weights until quantized formats land; \
-             `ferry show model {}` describes the file",
-            path.display(),
-            types.join(", "),
-            path.display()
-        )));
-    }
-    Ok(spec)
+    crate::model::from_gguf(&header, &name)
 }
 
 fn check_file_name(origin: &str, file: &str, name: &str) -> Result<()> {

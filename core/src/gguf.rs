@@ -75,6 +75,17 @@ impl GgmlType {
     pub fn all() -> impl Iterator<Item = GgmlType> {
         TYPES.iter().filter_map(|t| GgmlType::from_id(t.0))
     }
+
+    /// The type of a name as ggml spells it (`Q4_K`), in any case.
+    pub fn by_name(name: &str) -> Option<GgmlType> {
+        GgmlType::all().find(|t| t.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether values are stored in blocks with scales (every type of more than one
+    /// element per block), not as plain numbers.
+    pub fn is_quantized(&self) -> bool {
+        self.block_elements > 1
+    }
 }
 
 /// A metadata value.

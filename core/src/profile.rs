@@ -166,6 +166,29 @@ pub struct ComputeProfile {
     /// engines keep freed memory in a caching allocator).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub release_ns_per_mib: f64,
+    /// Measured dequantization rates by weight format (the engine's decoder of each
+    /// format on every compute thread). A format without an entry is priced as
+    /// dequantized inside the multiply at no extra cost (memory-bound at its real bytes),
+    /// and predictions say so. Absent from datasheet profiles and older measured ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dequantize: Vec<DequantRate>,
+}
+
+/// How fast one weight format is dequantized to f32.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DequantRate {
+    /// The format's name (`q4_k`, as plans name it).
+    pub format: String,
+    /// Bytes of quantized input decoded per second.
+    pub bytes_per_s: f64,
+}
+
+impl ComputeProfile {
+    /// The measured dequantization rate of `format` (bytes of quantized input per second).
+    pub fn dequant_bytes_per_s(&self, format: &str) -> Option<f64> {
+        self.dequantize.iter().find(|d| d.format == format).map(|d| d.bytes_per_s)
+    }
 }
 
 /// One measured compute task: an operation of a model shape at a number of tokens.
@@ -328,6 +351,7 @@ impl Profile {
                 task_overhead_ns: GPU_TASK_OVERHEAD_NS,
                 table: Vec::new(),
                 release_ns_per_mib: 0.0,
+                dequantize: Vec::new(),
             }
         };
         let slowdown = if unified { UNIFIED_COMPUTE_SLOWDOWN } else { 0.0 };
@@ -414,6 +438,7 @@ fn host_compute_profile(hardware: &Hardware) -> ComputeProfile {
         task_overhead_ns: CPU_TASK_OVERHEAD_NS,
         table: Vec::new(),
         release_ns_per_mib: 0.0,
+        dequantize: Vec::new(),
     }
 }
 

@@ -74,6 +74,11 @@ fn check_compute(field: &str, compute: &ComputeProfile) -> Result<()> {
     }
     let release = (0.0, MAX_LATENCY_NS as f64);
     check_range(&format!("{field}.release_ns_per_mib"), compute.release_ns_per_mib, release, "ns")?;
+    for (i, rate) in compute.dequantize.iter().enumerate() {
+        crate::model::WeightFormat::parse(&rate.format)
+            .map_err(|e| CoreError::invalid(format!("profile: {field}.dequantize[{i}].format: {e}")))?;
+        check_range(&format!("{field}.dequantize[{i}].bytes_per_s"), rate.bytes_per_s, BYTES_PER_S, "bytes/s")?;
+    }
     for (i, timing) in compute.table.iter().enumerate() {
         if timing.ns == 0 || timing.ns > MAX_TASK_NS {
             return Err(out_of_range(&format!("{field}.table[{i}].ns"), timing.ns, "1 ns to an hour"));
@@ -206,6 +211,20 @@ mod tests {
             ("device_memory_bytes", Box::new(|p| p.device_memory_bytes = 0)),
             ("host_memory_bytes", Box::new(|p| p.host_memory_bytes = 0)),
             ("disk_write.points", Box::new(|p| p.disk_write.points.clear())),
+            (
+                "host_compute.dequantize[0].bytes_per_s",
+                Box::new(|p| {
+                    let rate = crate::profile::DequantRate { format: "q4_k".into(), bytes_per_s: 1e15 };
+                    p.host_compute.dequantize.push(rate)
+                }),
+            ),
+            (
+                "device_compute.dequantize[0].format",
+                Box::new(|p| {
+                    let rate = crate::profile::DequantRate { format: "q4_kk".into(), bytes_per_s: 1e9 };
+                    p.device_compute.dequantize.push(rate)
+                }),
+            ),
         ];
         for (field, edit) in cases {
             let message = refused(edit);

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::catalog::Catalog;
 use crate::error::{CoreError, Result};
 use crate::hardware::Hardware;
-use crate::model::ModelSpec;
+use crate::model::{ModelSpec, WeightFormat, WeightFormats};
 use crate::plan::{HardwareRef, Plan};
 use crate::profile::Profile;
 
@@ -130,7 +130,48 @@ pub fn resolve_plan_with_model(
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
     check_devices(&plan.policy, &profile)?;
+    notes.extend(weight_format_notes(&plan.policy.weight_format, &model, &profile));
     Ok(ResolvedPlan { plan, model, profile, notes })
+}
+
+/// What a prediction of weights stored in `formats` assumes about their dequantization:
+/// for each quantized format the profile has no measured rate for, that it is taken as
+/// fused into the matrix multiply at no extra cost (memory-bound at its real bytes);
+/// where the profile has a kernel table, that quantized tasks are priced by the roofline
+/// instead (the table timed float weights).
+pub fn weight_format_notes(formats: &WeightFormats, model: &ModelSpec, profile: &Profile) -> Vec<String> {
+    let quantized = formats.quantized_formats(model);
+    let mut notes = Vec::new();
+    for format in &quantized {
+        let name = format.name();
+        let missing: Vec<&str> = [("device", &profile.device_compute), ("host", &profile.host_compute)]
+            .into_iter()
+            .filter(|(_, compute)| compute.dequant_bytes_per_s(&name).is_none())
+            .map(|(side, _)| side)
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let how = match (format, profile.device_name == "cpu") {
+            (WeightFormat::Block(_), true) => "`ferry profile --backend cpu` measures it",
+            (WeightFormat::Block(_), false) => "no GPU profile carries one yet",
+            _ => "the engine has no decoder of it to measure yet",
+        };
+        notes.push(format!(
+            "{name} weights: the profile has no dequantization rate for {name} on the {}, so it is priced as fused \
+             into the matrix multiply (memory-bound at {name}'s real bytes), a lower bound on compute; {how}",
+            missing.join(" or the ")
+        ));
+    }
+    let table = !profile.device_compute.table.is_empty() || !profile.host_compute.table.is_empty();
+    if table && !quantized.is_empty() {
+        notes.push(
+            "the profile's kernel table timed float weights: tasks reading quantized weights are priced by the \
+             roofline at their real bytes plus the dequantization instead"
+                .into(),
+        );
+    }
+    notes
 }
 
 /// Every stage's device must exist on the machine.

@@ -26,7 +26,34 @@ use std::path::{Path, PathBuf};
 
 use ferry_core::{Classify, ErrorKind};
 
-pub use executor::{run, RunOptions, RunReport};
+pub use executor::{RunOptions, RunReport};
+
+/// Runs a plan's graph on `files` (see `executor::run`), after refusing weight formats
+/// the engine cannot execute: it multiplies by float weights of one dtype only until its
+/// quantized kernels land (issue 13, item 4).
+pub fn run(
+    graph: &ferry_core::graph::TaskGraph,
+    policy: &ferry_core::plan::Policy,
+    workload: &ferry_core::plan::Workload,
+    files: &weights::ModelFiles,
+    backend: &dyn backend::Backend,
+    options: &RunOptions,
+) -> Result<RunReport, EngineError> {
+    check_weight_format(policy)?;
+    executor::run(graph, policy, workload, files, backend, options)
+}
+
+/// Refuses a plan whose weights are not one float dtype throughout.
+pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), EngineError> {
+    if policy.weight_format.uniform_float().is_some() {
+        return Ok(());
+    }
+    Err(EngineError::Unsupported(format!(
+        "this plan's weight format is {}; the engine runs f32, f16 and bf16 weights only until its quantized \
+         kernels land (`ferry simulate` predicts the plan; tune with --weight-format f16 for a plan it runs)",
+        policy.weight_format.describe()
+    )))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

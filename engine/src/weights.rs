@@ -47,7 +47,7 @@ impl ModelFiles {
         if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
             return Err(EngineError::Unsupported(format!(
                 "{}: the engine runs Hugging Face folders (config.json + safetensors); running GGUF files comes \
-                 with quantized formats (`ferry show model` and `ferry tune` read them already)",
+                 with its quantized kernels (`ferry tune` and `ferry simulate` plan them already)",
                 dir.display()
             )));
         }

@@ -3,7 +3,7 @@
 
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
-use ferry_core::model::Dtype;
+use ferry_core::model::{Dtype, WeightFormat, WeightFormats};
 use ferry_core::plan::{Policy, Schedule, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
@@ -121,12 +121,22 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
     assert!(err.contains("device memory") && err.contains("short by"), "{err}");
     // A plan that reads the weights in another dtype is not for these files.
     profile.device_memory_bytes = 64 * MIB;
-    policy.weight_dtype = Dtype::Bf16;
+    policy.set_weight_format(WeightFormats::uniform(WeightFormat::Bf16));
     let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
     let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err().to_string();
     assert!(err.contains("the plan reads weights as bf16"), "{err}");
+    // A plan of quantized weights is refused, saying what the engine runs (its quantized
+    // kernels are to come); the simulator predicts such plans.
+    for format in ["q8_0", "int4-g64"] {
+        policy.set_weight_format(WeightFormats::uniform(WeightFormat::parse(format).unwrap()));
+        let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+        let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err();
+        assert!(err.is_usage_error(), "{err}");
+        let err = err.to_string();
+        assert!(err.contains(&format!("weight format is {format}")) && err.contains("f32, f16 and bf16"), "{err}");
+    }
     // A sampled graph (not every round) is for the simulator only.
-    policy.weight_dtype = Dtype::F32;
+    policy.set_weight_format(WeightFormats::uniform(WeightFormat::F32));
     let long = Workload { gen_len: 20, ..workload };
     let sampled = lower(&policy, &spec, &long, &profile, &Steps::Only(vec![1, 2, 9])).unwrap();
     assert!(!sampled.is_complete());

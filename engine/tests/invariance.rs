@@ -262,7 +262,7 @@ fn sharded_f16_and_tied_models_run() {
     let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 3 };
     let cpu = profile("cpu", "ferry-ci-vm", 64 * MIB);
     let mut policy = base_policy(spec.num_layers);
-    policy.weight_dtype = Dtype::F16;
+    policy.set_weight_format(ferry_core::model::WeightFormats::uniform(ferry_core::model::WeightFormat::F16));
     policy.kv_dtype = Dtype::F16;
     policy.micro_batch_size = 2;
     policy.schedule = Schedule::Pipelined;

@@ -47,6 +47,7 @@ fn logits_match_the_numpy_reference() {
         kv_cache: TierCounts { device: 1, host: 0, disk: layers - 1 },
         host_attention: false,
         compute_host_layers_on_host: false,
+        weight_format: ferry_core::model::WeightFormats::uniform(ferry_core::model::WeightFormat::F32),
         weight_dtype: Dtype::F32,
         kv_dtype: Dtype::F32,
         chunk_bytes: 32 * KIB,

@@ -2,14 +2,16 @@
 //! a `Profile` whose provenance is `measured`: disk reads (direct I/O through the
 //! engine's read pool) by request size and requests in flight, buffered writes, copies
 //! between engine buffers, the engine's matrix products (peak rate, and the rate of
-//! streaming bf16 weights through memory, which bounds small batches), and how much
-//! compute slows while a read runs.
+//! streaming bf16 weights through memory, which bounds small batches), the engine's
+//! dequantization of each ggml block format (`dequant`), and how much compute slows
+//! while a read runs.
 //!
 //! Must never: invent a number. Every figure in the output was measured here, as the
 //! median of repeated trials with its spread; the only inputs that are not are the
 //! memory sizes, read from /proc/meminfo.
 
 pub mod cuda;
+mod dequant;
 mod kernel_table;
 mod machine;
 
@@ -258,6 +260,8 @@ pub(crate) fn measure_host_compute(
     } else {
         None
     };
+    progress("dequantization", 0.0);
+    let dequantize = dequant::measure_dequantize(options);
     progress("task overhead", 0.0);
     let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
     Ok(HostCompute {
@@ -270,6 +274,7 @@ pub(crate) fn measure_host_compute(
             task_overhead_ns,
             table: Vec::new(),
             release_ns_per_mib: timed_release_ns_per_mib(options, disk)?,
+            dequantize,
         },
         slowdown_during_reads,
     })
@@ -575,6 +580,9 @@ mod tests {
         assert!(profile.device_compute.peak_flops > 1e9, "{}", profile.device_compute.peak_flops);
         assert!(profile.device_compute.memory_bytes_per_s > 1e8);
         assert!(profile.device_compute.task_overhead_ns > 0, "the engine's per-task cost is measured");
+        // Every block format the engine decodes has a measured dequantization rate.
+        let formats: Vec<&str> = profile.device_compute.dequantize.iter().map(|d| d.format.as_str()).collect();
+        assert_eq!(formats, ["q8_0", "q4_0", "q4_k", "q6_k"]);
         // The kernel table holds the engine's ops at the test-tiny shape, decode and prefill rows.
         let table = &profile.device_compute.table;
         for op in ["attention", "mlp", "head", "embed"] {
@@ -585,6 +593,7 @@ mod tests {
         let text = ferry_core::yaml::to_yaml_string(&profile).unwrap();
         let back: Profile = ferry_core::yaml::from_yaml_str(&text, "profile.yaml").unwrap();
         assert_eq!(back.disk_read.points.len(), 4);
+        assert_eq!(back.device_compute.dequantize, profile.device_compute.dequantize);
         // The scratch file is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

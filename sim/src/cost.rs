@@ -7,11 +7,16 @@
 //! nominal duration in ns — a measured table entry where the profile has one for
 //! this operation, shape and size, else a roofline: the larger of FLOPs over
 //! achievable FLOP/s and bytes over achievable bandwidth, plus a per-task overhead;
-//! plus the profile's cost of freeing whatever memory the task releases.
+//! plus the profile's cost of freeing whatever memory the task releases. A task that
+//! reads quantized weights is priced by the roofline at their real bytes with the
+//! measured dequantization added to its FLOPs time (see `dequant`): the kernel table
+//! was measured with float weights and does not describe it.
 
 use ferry_core::graph::{Op, Payload, Place, Resource, Task, TaskGraph, TaskKind};
-use ferry_core::model::ModelSpec;
+use ferry_core::model::{ModelSpec, WeightFormats};
 use ferry_core::profile::{ComputeProfile, CurvePoint, Profile, TransferCurve};
+
+use crate::dequant::{Dequantization, Side};
 
 /// Which curve a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,11 +59,26 @@ pub struct CostModel<'a> {
     /// Device→device copies with no profiled link (see `peer_via_host`), built on
     /// first use: one-device graphs never need it, and the tuner builds many models.
     peer_via_host: std::sync::OnceLock<TransferCurve>,
+    /// The dequantization of the plan's quantized weights (`None`: float weights).
+    dequant: Option<Dequantization>,
 }
 
 impl<'a> CostModel<'a> {
+    /// The cost model of a plan whose weights are float.
     pub fn new(profile: &'a Profile, model: &ModelSpec) -> CostModel<'a> {
-        CostModel { profile, shape: shape_key(model), peer_via_host: std::sync::OnceLock::new() }
+        CostModel { profile, shape: shape_key(model), peer_via_host: std::sync::OnceLock::new(), dequant: None }
+    }
+
+    /// The cost model of a plan storing its weights in `formats`.
+    pub fn for_formats(profile: &'a Profile, model: &ModelSpec, formats: &WeightFormats) -> CostModel<'a> {
+        CostModel { dequant: Dequantization::new(profile, model, formats), ..CostModel::new(profile, model) }
+    }
+
+    /// Dequantization ns of an `op` task of `layer` (`None`: the mean layer) over `rows`
+    /// rows on the host or the device, when it reads quantized weights (see `compute_ns`).
+    pub fn dequant_ns(&self, on_host: bool, op: Op, layer: Option<u64>, rows: u64) -> Option<f64> {
+        let side = if on_host { Side::Host } else { Side::Device };
+        self.dequant.as_ref()?.task_ns(side, op, layer, rows)
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
@@ -115,9 +135,9 @@ impl<'a> CostModel<'a> {
             (TaskKind::DiskWrite, _) => Curve::DiskWrite,
             (_, Resource::Link { from, to }) => self.link_curve(from, to, task.pinned),
             (_, Resource::Compute { at: Place::Device(_) }) => {
-                return self.compute_cost(task, &self.profile.device_compute)
+                return self.compute_cost(task, &self.profile.device_compute, false)
             }
-            _ => return self.compute_cost(task, &self.profile.host_compute),
+            _ => return self.compute_cost(task, &self.profile.host_compute, true),
         };
         let chunk_bytes = (task.chunk_bytes as u64).max(1);
         let latency_ns = self.curve(curve).latency_ns as f64;
@@ -129,12 +149,15 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    fn compute_cost(&self, task: &Task, compute: &ComputeProfile) -> TaskCost {
+    fn compute_cost(&self, task: &Task, compute: &ComputeProfile, on_host: bool) -> TaskCost {
         let op = match task.payload {
             Payload::Compute { op } => op,
             _ => Op::Mlp,
         };
-        let nominal_ns = self.compute_ns(compute, op, task.flops, task.bytes, task.tokens as u64, task.context as u64);
+        let layer = (task.layer != ferry_core::graph::NO_LAYER).then_some(task.layer as u64);
+        let dequant = self.dequant_ns(on_host, op, layer.or(Some(0)), task.tokens as u64);
+        let nominal_ns =
+            self.compute_ns(compute, op, task.flops, task.bytes, task.tokens as u64, task.context as u64, dequant);
         // Memory the task frees (streamed weights, a loaded cache) is returned to the
         // system by the task itself.
         let released_bytes: u64 = task.release.iter().map(|m| m.bytes).sum();
@@ -143,7 +166,11 @@ impl<'a> CostModel<'a> {
     }
 
     /// Nominal duration of one compute operation: the profile's measured table where it
-    /// has this operation and shape, else the roofline plus the per-task overhead.
+    /// has this operation and shape, else the roofline plus the per-task overhead. With
+    /// `dequant_ns` (the task reads quantized weights; `dequant_ns`): the roofline at the
+    /// real bytes, the dequantization added to the FLOPs time — decoding and
+    /// multiply-adds share the cores while memory streams beside both.
+    #[allow(clippy::too_many_arguments)]
     pub fn compute_ns(
         &self,
         compute: &ComputeProfile,
@@ -152,13 +179,16 @@ impl<'a> CostModel<'a> {
         bytes: u64,
         tokens: u64,
         context: u64,
+        dequant_ns: Option<f64>,
     ) -> f64 {
-        if let Some(ns) = lookup_table(compute, op.name(), &self.shape, tokens, context) {
-            return ns;
+        if dequant_ns.is_none() {
+            if let Some(ns) = lookup_table(compute, op.name(), &self.shape, tokens, context) {
+                return ns;
+            }
         }
         let flops_ns = flops as f64 / (compute.peak_flops * compute.matmul_efficiency) * 1e9;
         let bytes_ns = bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
-        compute.task_overhead_ns as f64 + flops_ns.max(bytes_ns)
+        compute.task_overhead_ns as f64 + (flops_ns + dequant_ns.unwrap_or(0.0)).max(bytes_ns)
     }
 
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.

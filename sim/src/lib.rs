@@ -1,4 +1,5 @@
-//! ferry-sim: predicts how a plan runs. `cost` turns a `Profile` into task costs,
+//! ferry-sim: predicts how a plan runs. `cost` turns a `Profile` into task costs
+//! (`dequant`: what quantized weights add),
 //! `des` replays a `TaskGraph` on modelled resources and memory pools, `predict`
 //! lowers a plan and simulates it (extrapolating long generations), `tune`
 //! searches the plan space.
@@ -6,6 +7,7 @@
 //! Must never: touch a file or the clock; the same input always gives the same trace.
 
 pub mod cost;
+pub mod dequant;
 pub mod des;
 pub mod predict;
 pub mod tune;

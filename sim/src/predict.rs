@@ -44,7 +44,7 @@ pub fn predict(
     profile: &Profile,
     mode: Extrapolation,
 ) -> Result<Prediction, SimError> {
-    let cost = CostModel::new(profile, model);
+    let cost = CostModel::for_formats(profile, model, &policy.weight_format);
     let decode_steps = workload.gen_len.saturating_sub(1) as u32;
     let sampled = sample_steps(decode_steps);
     let steps = match (mode, &sampled) {

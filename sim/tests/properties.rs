@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use ferry_core::catalog::Catalog;
 use ferry_core::graph::{MemOp, Payload, Pool, TaskGraph, TaskKind};
-use ferry_core::model::{Dtype, WeightGroup};
+use ferry_core::model::{Dtype, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
 use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::{Metrics, Trace};
@@ -129,7 +129,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
         (0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5),
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
         (prop::sample::select(vec![4096u64, 16384, 65536]), 1u32..4, 1u32..4, 0u64..400_000),
-        (1u64..10, 1u64..6),
+        (1u64..10, 1u64..6, 0usize..4),
     )
         .prop_map(
             move |(
@@ -137,9 +137,11 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                 (ad, ah, md, mh, kd, kh),
                 (emb_dev, head_dev, host_attn, unified),
                 (chunk, streams, qd, pinned),
-                (prompt, gen),
+                (prompt, gen, format),
             )| {
-                let policy = Policy {
+                // test-tiny's rows (128 and 352 values) are whole q8_0 and q4_0 blocks.
+                let format = ["f32", "q8_0", "q4_0", "int4-g64"][format];
+                let mut policy = Policy {
                     schedule: Schedule::ALL[schedule],
                     micro_batch_size: mb,
                     num_micro_batches: nmb,
@@ -151,6 +153,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     kv_cache: if unified { counts(kd, 0, layers) } else { counts(kd, kh, layers) },
                     host_attention: host_attn && !unified,
                     compute_host_layers_on_host: false,
+                    weight_format: WeightFormats::uniform(WeightFormat::F32),
                     weight_dtype: Dtype::F32,
                     kv_dtype: Dtype::F32,
                     chunk_bytes: chunk,
@@ -159,6 +162,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     pinned_host_bytes: pinned,
                     stages: Vec::new(),
                 };
+                policy.set_weight_format(WeightFormats::uniform(WeightFormat::parse(format).unwrap()));
                 (policy, Workload { batch_size: mb * nmb, prompt_len: prompt, gen_len: gen }, unified)
             },
         )
@@ -175,7 +179,9 @@ proptest! {
         let graph = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
         graph.validate().unwrap();
 
-        // Weight bytes streamed: every visit of a layer brings its non-device groups in.
+        // Weight bytes streamed: every visit of a layer brings its non-device groups in, at
+        // the bytes of the plan's format.
+        let layout = WeightLayout::of(&model, &policy.weight_format);
         let steps = workload.gen_len;
         let visits_per_layer = if matches!(policy.schedule, Schedule::ZigzagBlock | Schedule::Pipelined) { 1 } else { policy.num_micro_batches };
         let mut expected_stream = 0;
@@ -183,7 +189,7 @@ proptest! {
         for layer in 0..model.num_layers {
             let place = policy.placement_of(layer);
             for (group, tier) in [(WeightGroup::Attention, place.attention), (WeightGroup::Mlp, place.mlp)] {
-                let bytes = model.group_bytes(group, policy.weight_dtype) * steps * visits_per_layer;
+                let bytes = layout.bytes(group, layer) * steps * visits_per_layer;
                 match tier {
                     Tier::Device => {}
                     Tier::Host => expected_stream += bytes,
@@ -212,7 +218,7 @@ proptest! {
         prop_assert_eq!(kv_disk, expected_kv_read);
 
         // The simulation finishes, within the pools.
-        let cost = CostModel::new(&profile, &model);
+        let cost = CostModel::for_formats(&profile, &model, &policy.weight_format);
         let out = simulate(&graph, &cost).unwrap();
         let metrics = Metrics::compute(&graph, &out.trace);
         for pool in &metrics.pools {

@@ -3,7 +3,7 @@
 
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
-use ferry_core::model::{Dtype, ModelSpec};
+use ferry_core::model::{Dtype, ModelSpec, WeightFormat, WeightFormats};
 use ferry_core::plan::Tier;
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
@@ -32,7 +32,7 @@ fn request<'a>(model: &'a ModelSpec, profile: &'a Profile, batch: BatchChoice) -
         gen_len: 16,
         batch,
         objective: Objective::Throughput,
-        weight_dtype: Dtype::F16,
+        weight_format: WeightFormats::uniform(WeightFormat::F16),
         kv_dtype: Dtype::F16,
     }
 }

@@ -111,7 +111,9 @@ pub fn predict_and_run(
         }
     }
     let predicted_trace =
-        ferry_sim::simulate(&graph, &CostModel::new(&profile, spec)).map_err(ValidateError::Simulate)?.trace;
+        ferry_sim::simulate(&graph, &CostModel::for_formats(&profile, spec, &plan.policy.weight_format))
+            .map_err(ValidateError::Simulate)?
+            .trace;
     let predicted = Metrics::compute(&graph, &predicted_trace);
     let busy = |m: &Metrics| {
         m.resources.iter().filter(|r| r.busy_ns > 0).map(|r| (r.resource, r.busy_ns as f64 / 1e9)).collect()

@@ -83,7 +83,13 @@ pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profil
             gen_len: options.gen_len,
             batch: if schedule.is_none() { BatchChoice::Auto { max: 4 } } else { BatchChoice::Fixed(batch) },
             objective: Objective::Throughput,
-            weight_dtype: files.dtype,
+            // The engine runs the folder's own float type.
+            weight_format: ferry_core::model::WeightFormats::float(files.dtype).ok_or_else(|| {
+                ValidateError::Engine(ferry_engine::EngineError::Unsupported(format!(
+                    "weights stored as {} are not a float format",
+                    files.dtype.name()
+                )))
+            })?,
             kv_dtype: files.dtype,
         };
         let space = match schedule {

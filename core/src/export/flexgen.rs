@@ -2,19 +2,25 @@
 //! FlexGen's `--percent` shares of weights and KV cache on each tier.
 
 use crate::model::{Family, ModelSpec, WeightGroup};
-use crate::plan::{Plan, Schedule};
+use crate::plan::{Plan, Schedule, Tier};
 
 /// The `flexgen.flex_opt` command line for `plan`; adds to `missing` what it cannot express.
 pub(super) fn settings(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>) -> String {
     let p = &plan.policy;
-    let wd = p.weight_dtype;
-    let layer_groups = [(WeightGroup::Attention, &p.attention_weights), (WeightGroup::Mlp, &p.mlp_weights)];
-    let total: u64 = layer_groups.iter().map(|(g, c)| c.total() * model.group_bytes(*g, wd)).sum();
-    let share = |tier: fn(&crate::plan::TierCounts) -> u64| -> f64 {
-        let bytes: u64 = layer_groups.iter().map(|(g, c)| tier(c) * model.group_bytes(*g, wd)).sum();
-        100.0 * bytes as f64 / total.max(1) as f64
+    let layout = crate::model::WeightLayout::of(model, &p.weight_format);
+    let placements = p.layer_placements(model.num_layers);
+    let on = |tier: Tier| -> u64 {
+        let mut bytes = 0;
+        for (layer, place) in placements.iter().enumerate() {
+            for group in WeightGroup::PER_LAYER.into_iter().filter(|&g| place.tier(g) == tier) {
+                bytes += layout.bytes(group, layer as u64);
+            }
+        }
+        bytes
     };
-    let (wg, wc) = (share(|c| c.device).round(), share(|c| c.host).round());
+    let total = on(Tier::Device) + on(Tier::Host) + on(Tier::Disk);
+    let share = |tier: Tier| 100.0 * on(tier) as f64 / total.max(1) as f64;
+    let (wg, wc) = (share(Tier::Device).round(), share(Tier::Host).round());
     let layers = model.num_layers as f64;
     let cg = (100.0 * p.kv_cache.device as f64 / layers).round();
     let cc = (100.0 * p.kv_cache.host as f64 / layers).round();

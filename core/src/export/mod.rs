@@ -70,6 +70,12 @@ pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine)
         Engine::Accelerate => accelerate::settings(plan, model, profile, &mut missing),
         Engine::Flexgen => flexgen::settings(plan, model, &mut missing),
     };
+    if plan.policy.weight_format.uniform_float().is_none() {
+        missing.push(format!(
+            "these settings do not carry the plan's weight format ({}); give the engine weights stored that way",
+            plan.policy.weight_format.describe()
+        ));
+    }
     if plan.policy.stages.len() > 1 {
         // The per-layer settings above follow the totals; the split over devices is lost.
         missing.push(format!(
@@ -125,6 +131,7 @@ mod fixtures {
                 kv_cache: TierCounts { device: 0, host: layers, disk: 0 },
                 host_attention: true,
                 compute_host_layers_on_host: false,
+                weight_format: crate::model::WeightFormats::uniform(crate::model::WeightFormat::F16),
                 weight_dtype: crate::model::Dtype::F16,
                 kv_dtype: crate::model::Dtype::F16,
                 chunk_bytes: 16 * MIB,

@@ -10,10 +10,16 @@ use crate::units::GIB;
 /// Bytes of attention and MLP weights the plan keeps on the host or on disk.
 fn offloaded_weight_bytes(plan: &Plan, model: &ModelSpec) -> u64 {
     let p = &plan.policy;
-    let off = |counts: &crate::plan::TierCounts, group| {
-        (counts.host + counts.disk) * model.group_bytes(group, p.weight_dtype)
-    };
-    off(&p.attention_weights, WeightGroup::Attention) + off(&p.mlp_weights, WeightGroup::Mlp)
+    let layout = crate::model::WeightLayout::of(model, &p.weight_format);
+    let mut bytes = 0;
+    for (layer, place) in p.layer_placements(model.num_layers).iter().enumerate() {
+        for group in WeightGroup::PER_LAYER {
+            if place.tier(group) != crate::plan::Tier::Device {
+                bytes += layout.bytes(group, layer as u64);
+            }
+        }
+    }
+    bytes
 }
 
 /// The `vllm serve` command line for `plan`; adds to `missing` what it cannot express.

@@ -6,13 +6,14 @@
 use std::collections::BTreeMap;
 
 use super::hf_config::{MAX_EXPERTS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
-use super::{Dtype, Family, ModelSpec, WeightGroup};
+use super::{Dtype, Family, GroupSize, ModelSpec, WeightFormat, WeightGroup, WeightLayout};
 use crate::error::{CoreError, Result};
 use crate::gguf::{GgufHeader, Value};
 
-/// The shape a GGUF header describes. `dtype` is the file's float type when every
-/// matrix is F32, F16 or BF16; a file with quantized tensors is described by
-/// `GroupBytes`, and planning it waits for quantized formats.
+/// The shape a GGUF header describes, with the file's own bytes per group and layer
+/// (`ModelSpec::stored`: what a plan's `stored` format means for this file). `dtype` is
+/// the file's float type when every matrix is F32, F16 or BF16 (else F16, the type
+/// tensors a quantizer leaves alone are usually in).
 pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
     let origin = header.path.display().to_string();
     let bad = |message: String| CoreError::invalid(format!("{origin}: {message}"));
@@ -72,9 +73,93 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         rope_theta: positive("rope.freq_base")?.unwrap_or(10000.0),
         dtype: float_dtype(header).unwrap_or(Dtype::F16),
         source: origin.clone(),
+        stored: None,
     };
     spec.validate().map_err(|e| bad(e.to_string()))?;
-    Ok(spec)
+    let stored = stored_layout(header, &spec).map_err(bad)?;
+    Ok(ModelSpec { stored: Some(std::sync::Arc::new(stored)), ..spec })
+}
+
+/// The file's bytes per group and layer: every tensor of the shape (`group_tensors`)
+/// found under its llama.cpp name and priced in its own ggml type (tensors of no group
+/// Ferry knows, such as `rope_freqs`, are left out as `GroupBytes::other`).
+fn stored_layout(header: &GgufHeader, spec: &ModelSpec) -> std::result::Result<WeightLayout, String> {
+    let by_name: std::collections::HashMap<&str, &crate::gguf::TensorInfo> =
+        header.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let group_size = |group: WeightGroup, layer: u64| -> std::result::Result<GroupSize, String> {
+        let mut size = GroupSize::default();
+        for tensor in spec.group_tensors(group, layer) {
+            let name = gguf_name(&tensor.name).ok_or_else(|| format!("no llama.cpp name for {}", tensor.name))?;
+            let info = by_name.get(name.as_str()).ok_or_else(|| {
+                format!("the file has no tensor `{name}` ({}, which its metadata implies)", tensor.name)
+            })?;
+            let format = match info.ggml_type.name {
+                "F32" => WeightFormat::F32,
+                "F16" => WeightFormat::F16,
+                "BF16" => WeightFormat::Bf16,
+                _ => WeightFormat::Block(info.ggml_type),
+            };
+            // Experts are one 3-D tensor per layer in a GGUF file: each expert is a slice.
+            let experts = if name.contains("_exps.") { spec.num_experts.max(1) } else { 1 };
+            if info.elements() != tensor.elements() * experts || info.dims[0] != tensor.cols {
+                return Err(format!(
+                    "tensor `{name}` has shape {:?} but the metadata implies {} × {}",
+                    info.dims, tensor.rows, tensor.cols
+                ));
+            }
+            size.add(format, format.bytes(tensor.rows, tensor.cols));
+        }
+        Ok(size)
+    };
+    let mut layers = Vec::with_capacity(spec.num_layers as usize);
+    for layer in 0..spec.num_layers {
+        layers.push([group_size(WeightGroup::Attention, layer)?, group_size(WeightGroup::Mlp, layer)?]);
+    }
+    if layers.windows(2).all(|w| w[0] == w[1]) {
+        layers.truncate(1);
+    }
+    let embeddings = group_size(WeightGroup::Embeddings, 0)?;
+    let token_embedding = embeddings.tensors.first().copied().unwrap_or(WeightFormat::F32);
+    let head = group_size(WeightGroup::Head, 0)?;
+    Ok(WeightLayout::from_parts(layers, spec.num_layers, embeddings, head, token_embedding, spec.hidden_size))
+}
+
+/// llama.cpp's name of a tensor Ferry names as Hugging Face does.
+fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let (layer, tensor) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let mapped = match tensor {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        t if t.starts_with("self_attn.") => {
+            let (projection, kind) = t.strip_prefix("self_attn.")?.split_once('.')?;
+            let short = match projection {
+                "q_proj" => "attn_q",
+                "k_proj" => "attn_k",
+                "v_proj" => "attn_v",
+                "o_proj" => "attn_output",
+                _ => return None,
+            };
+            return Some(format!("blk.{layer}.{short}.{kind}"));
+        }
+        t if t.starts_with("block_sparse_moe.experts.") => match t.rsplit('.').nth(1)? {
+            "w1" => "ffn_gate_exps.weight",
+            "w2" => "ffn_down_exps.weight",
+            "w3" => "ffn_up_exps.weight",
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
 }
 
 /// The one float type of every matrix in the file, if it has one (norms are F32 in

@@ -119,6 +119,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             rope_theta: 0.0,
             dtype,
             source: origin.to_string(),
+            stored: None,
         }
     } else {
         match config.text("hidden_act")? {
@@ -156,6 +157,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             rope_theta: config.positive("rope_theta")?.unwrap_or(10000.0),
             dtype,
             source: origin.to_string(),
+            stored: None,
         }
     };
     spec.validate().map_err(|e| CoreError::invalid(format!("{origin}: {e}")))?;

@@ -5,11 +5,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
+mod format;
 mod gguf_metadata;
 mod hf_config;
+mod layout;
 
+pub use format::{WeightFormat, WeightFormats, DEFAULT_GROUP_SIZE, MAX_GROUP_SIZE, PLANNABLE_BLOCKS};
 pub use gguf_metadata::{float_dtype, from_gguf, group_of, GroupBytes};
 pub use hf_config::from_hf_config;
+pub use layout::{GroupSize, SharedLayout, WeightLayout};
 
 /// Query rows per block when the engine computes attention scores (see
 /// `ModelSpec::attention_scratch_bytes`).
@@ -139,6 +143,11 @@ pub struct ModelSpec {
     #[serde(default = "default_dtype")]
     pub dtype: Dtype,
     pub source: String,
+    /// The bytes of each group as the model's file stores them, when that is not
+    /// `dtype` throughout (a GGUF file's mix of types); what `WeightFormats::stored`
+    /// plans with. Never in a catalog file.
+    #[serde(skip)]
+    pub stored: Option<SharedLayout>,
 }
 
 fn default_rms_eps() -> f64 {
@@ -163,6 +172,14 @@ pub struct TensorSpec {
 impl TensorSpec {
     pub fn elements(&self) -> u64 {
         self.rows * self.cols
+    }
+
+    /// Whether a quantizer stores this tensor quantized: matrices, except the MoE router
+    /// and learned position embeddings, which llama.cpp keeps in their float type
+    /// (`tensor_allows_quantization`: `ffn_gate_inp`, `LLM_TENSOR_POS_EMBD`). Vectors
+    /// (norms, biases) are never quantized.
+    pub fn quantizable(&self) -> bool {
+        self.rows > 1 && !self.name.ends_with("block_sparse_moe.gate.weight") && !self.name.contains("embed_positions")
     }
 }
 
@@ -361,7 +378,9 @@ impl ModelSpec {
         }
     }
 
-    /// Bytes of one group of one layer (norms go with the group they precede).
+    /// Bytes of one group of one layer (norms go with the group they precede) with every
+    /// tensor in the float `dtype`; plans read `WeightLayout`, which equals this for a
+    /// float format (tested) and prices other formats exactly.
     pub fn group_bytes(&self, group: WeightGroup, dtype: Dtype) -> u64 {
         let p = self.params();
         let half_norms = p.norms_per_layer / 2;
@@ -416,10 +435,10 @@ impl ModelSpec {
         (self.params().attention_per_layer - out, out)
     }
 
-    /// Bytes of MLP weights a step actually reads: all of a dense MLP; for a mixture of
-    /// experts only the experts the `rows` tokens are routed to (at most all of them).
-    pub fn mlp_bytes_read(&self, rows: u64, dtype: Dtype) -> u64 {
-        let all = self.group_bytes(WeightGroup::Mlp, dtype);
+    /// Bytes of MLP weights a step actually reads, of `all` bytes in the layer's MLP:
+    /// all of a dense MLP; for a mixture of experts only the experts the `rows` tokens
+    /// are routed to (at most all of them).
+    pub fn mlp_bytes_read(&self, rows: u64, all: u64) -> u64 {
         if self.num_experts == 0 {
             return all;
         }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::placement::{LayerPlacement, Stage, Tier, TierCounts};
 use super::{Schedule, Workload};
 use crate::error::{CoreError, Result};
-use crate::model::{Dtype, ModelSpec};
+use crate::model::{Dtype, ModelSpec, WeightFormat, WeightFormats};
 use crate::units::{bytes_serde, format_bytes};
 
 /// The most copy streams a plan may use (GPUs have a handful of copy engines).
@@ -19,7 +19,7 @@ pub const MAX_IO_QUEUE_DEPTH: u32 = 256;
 
 /// The knobs a tuner turns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(from = "PolicyFile")]
+#[serde(try_from = "PolicyFile")]
 pub struct Policy {
     pub schedule: Schedule,
     pub micro_batch_size: u64,
@@ -39,6 +39,14 @@ pub struct Policy {
     /// Their KV cache must be on the host too.
     #[serde(default)]
     pub compute_host_layers_on_host: bool,
+    /// How each weight group is stored (`f16`, `q4_k`, `{default: q4_k, head: q6_k}`,
+    /// `stored`); what memory, transfers and compute are priced at.
+    pub weight_format: WeightFormats,
+    /// The float type the engine's executor reads weights as: `weight_format`'s when it
+    /// is one float type for every group, else f32 (what dequantized weights become).
+    /// Kept in step by `set_weight_format` and checked by `validate`; never written to a
+    /// file (`weight_dtype` in a file is the old name of a float `weight_format`).
+    #[serde(skip_serializing)]
     pub weight_dtype: Dtype,
     pub kv_dtype: Dtype,
     /// Size of one transfer request.
@@ -75,7 +83,11 @@ struct PolicyFile {
     host_attention: bool,
     #[serde(default)]
     compute_host_layers_on_host: bool,
-    weight_dtype: Dtype,
+    /// The old name of a float `weight_format` (plans before weight formats).
+    #[serde(default)]
+    weight_dtype: Option<Dtype>,
+    #[serde(default)]
+    weight_format: Option<WeightFormats>,
     kv_dtype: Dtype,
     #[serde(with = "bytes_serde")]
     chunk_bytes: u64,
@@ -87,8 +99,25 @@ struct PolicyFile {
     stages: Vec<Stage>,
 }
 
-impl From<PolicyFile> for Policy {
-    fn from(f: PolicyFile) -> Policy {
+impl TryFrom<PolicyFile> for Policy {
+    type Error = String;
+
+    fn try_from(f: PolicyFile) -> std::result::Result<Policy, String> {
+        let weight_format = match (f.weight_format, f.weight_dtype) {
+            (Some(format), None) => format,
+            (None, Some(dtype)) => WeightFormats::float(dtype).ok_or_else(|| {
+                format!(
+                    "weight_dtype {} is no storage format (values without scales); write `weight_format:` with \
+                     int{}-g64 (FlexGen's group-wise) or a ggml block format (q8_0, q4_0, q4_k, q6_k)",
+                    dtype.name(),
+                    dtype.bits()
+                )
+            })?,
+            (Some(_), Some(_)) => {
+                return Err("give weight_format (weight_dtype is its old name for float formats), not both".into())
+            }
+            (None, None) => return Err("missing field `weight_format` (e.g. `weight_format: f16`)".into()),
+        };
         // Missing totals are the sums over the stages (zero without stages: `validate`
         // then says which placement is missing).
         let total = |pick: fn(&Stage) -> TierCounts| {
@@ -98,7 +127,7 @@ impl From<PolicyFile> for Policy {
                 disk: a.disk + b.disk,
             })
         };
-        Policy {
+        Ok(Policy {
             attention_weights: f.attention_weights.unwrap_or_else(|| total(|s| s.attention_weights)),
             mlp_weights: f.mlp_weights.unwrap_or_else(|| total(|s| s.mlp_weights)),
             kv_cache: f.kv_cache.unwrap_or_else(|| total(|s| s.kv_cache)),
@@ -110,23 +139,43 @@ impl From<PolicyFile> for Policy {
             head: f.head,
             host_attention: f.host_attention,
             compute_host_layers_on_host: f.compute_host_layers_on_host,
-            weight_dtype: f.weight_dtype,
+            weight_dtype: engine_dtype(&weight_format),
+            weight_format,
             kv_dtype: f.kv_dtype,
             chunk_bytes: f.chunk_bytes,
             copy_streams: f.copy_streams,
             io_queue_depth: f.io_queue_depth,
             pinned_host_bytes: f.pinned_host_bytes,
             stages: f.stages,
-        }
+        })
     }
 }
 
+/// `Policy::weight_dtype` for a plan's formats.
+fn engine_dtype(formats: &WeightFormats) -> Dtype {
+    formats.uniform_float().unwrap_or(Dtype::F32)
+}
+
 impl Policy {
+    /// Sets the weight formats and the engine's float type with them.
+    pub fn set_weight_format(&mut self, formats: WeightFormats) {
+        self.weight_dtype = engine_dtype(&formats);
+        self.weight_format = formats;
+    }
+
     /// Checks the policy against a model and workload; the message says what to change.
     pub fn validate(&self, model: &ModelSpec, workload: &Workload, unified_memory: bool) -> Result<()> {
         let fail = |m: String| Err(CoreError::invalid(format!("plan: {m}")));
         let layers = model.num_layers;
         self.validate_stages(layers)?;
+        if self.weight_dtype != engine_dtype(&self.weight_format) {
+            return fail(format!(
+                "weight_dtype {} disagrees with weight_format {} (set both with `Policy::set_weight_format`)",
+                self.weight_dtype.name(),
+                self.weight_format.describe()
+            ));
+        }
+        self.weight_format.check(model)?;
         for (name, counts) in [
             ("attention_weights", &self.attention_weights),
             ("mlp_weights", &self.mlp_weights),
@@ -331,6 +380,7 @@ impl Policy {
     /// The simplest plan: everything on the device, one micro-batch, sequential. A
     /// reference for tests and the plan the profiler times kernels with.
     pub fn all_on_device(layers: u64, micro_batch_size: u64, dtype: Dtype) -> Policy {
+        let weight_format = WeightFormats::float(dtype).unwrap_or_else(|| WeightFormats::uniform(WeightFormat::F32));
         Policy {
             schedule: Schedule::Sequential,
             micro_batch_size,
@@ -343,7 +393,8 @@ impl Policy {
             kv_cache: TierCounts::all(Tier::Device, layers),
             host_attention: false,
             compute_host_layers_on_host: false,
-            weight_dtype: dtype,
+            weight_dtype: engine_dtype(&weight_format),
+            weight_format,
             kv_dtype: dtype,
             chunk_bytes: 1 << 20,
             copy_streams: 1,
@@ -351,6 +402,21 @@ impl Policy {
             pinned_host_bytes: 0,
             stages: Vec::new(),
         }
+    }
+
+    /// Weight bytes kept on each tier (device, host, disk) of `model` in this policy's
+    /// formats: the per-layer groups where each layer places them, embeddings and head.
+    pub fn weight_bytes_by_tier(&self, model: &ModelSpec) -> [u64; 3] {
+        let layout = crate::model::WeightLayout::of(model, &self.weight_format);
+        let mut tiers = [0u64; 3];
+        for (layer, place) in self.layer_placements(model.num_layers).iter().enumerate() {
+            for group in crate::model::WeightGroup::PER_LAYER {
+                tiers[place.tier(group) as usize] += layout.bytes(group, layer as u64);
+            }
+        }
+        tiers[self.embeddings as usize] += layout.bytes(crate::model::WeightGroup::Embeddings, 0);
+        tiers[self.head as usize] += layout.bytes(crate::model::WeightGroup::Head, 0);
+        tiers
     }
 
     pub fn batch_size(&self) -> u64 {
@@ -370,7 +436,15 @@ impl Policy {
             ("transfer chunk".into(), format_bytes(self.chunk_bytes)),
             ("copy streams / I/O depth".into(), format!("{} / {}", self.copy_streams, self.io_queue_depth)),
             ("pinned host memory".into(), format_bytes(self.pinned_host_bytes)),
-            ("dtypes (weights / KV)".into(), format!("{} / {}", self.weight_dtype.name(), self.kv_dtype.name())),
+            (
+                "weights / KV cache".into(),
+                format!(
+                    "{} / {}",
+                    self.weight_format.describe(),
+                    WeightFormat::from_dtype(self.kv_dtype)
+                        .map_or(self.kv_dtype.name().to_string(), WeightFormat::name)
+                ),
+            ),
         ];
         for (index, stage) in self.stages.iter().enumerate() {
             rows.push((

@@ -54,7 +54,7 @@ impl Builder<'_> {
         let device = self.device_of(layer);
         let kv_tier = self.kv_tier(layer);
         let past_kv = self.kv_bytes(self.context() - self.new_tokens());
-        let attn_bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
+        let attn_bytes = self.layout.bytes(WeightGroup::Attention, layer as u64);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops();
         let hidden = self.hidden_on(device, j, step, layer);
         let (qkv_params, _) = self.model.attention_split_params();
@@ -104,7 +104,7 @@ impl Builder<'_> {
     /// storing the new tokens' KV back where the cache lives.
     fn device_attention(&mut self, step: u32, layer: u32, j: u32, inputs: &AttentionInputs) -> TaskId {
         let device = self.device_of(layer);
-        let attn_bytes = self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype);
+        let attn_bytes = self.layout.bytes(WeightGroup::Attention, layer as u64);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops();
         let hidden = self.hidden_on(device, j, step, layer);
         let (kv_ready, release_kv) = self.load_past_kv(step, layer, j, inputs.kv_gate);
@@ -187,8 +187,7 @@ impl Builder<'_> {
     pub(super) fn attention_on_host_layer(&mut self, step: u32, layer: u32, j: u32) -> TaskId {
         let hidden = self.hidden_on(Place::HOST, j, step, layer);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops();
-        let bytes =
-            self.model.group_bytes(WeightGroup::Attention, self.policy.weight_dtype) + self.kv_bytes(self.context());
+        let bytes = self.layout.bytes(WeightGroup::Attention, layer as u64) + self.kv_bytes(self.context());
         let flops = qkv_flops + core_flops + out_flops;
         let mut task = self.compute_task(Place::HOST, Op::Attention, (layer, j, step), flops, bytes);
         task.deps.extend(hidden);

@@ -2,9 +2,9 @@
 //! micro-batch's hidden state is (see the module docs of `schedule`).
 
 use super::attention::AttentionInputs;
-use super::weight_pieces;
+use super::format_pieces;
 use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Round, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
-use crate::model::{ModelSpec, WeightGroup};
+use crate::model::{ModelSpec, WeightGroup, WeightLayout};
 use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 
 /// Weights brought in for one visit: what compute must wait for, and what device
@@ -22,6 +22,8 @@ pub(super) struct Builder<'a> {
     pub(super) unified: bool,
     /// Where every layer lives and runs (its stage's device and tiers).
     pub(super) placements: Vec<LayerPlacement>,
+    /// The bytes of every weight group in the plan's formats.
+    pub(super) layout: WeightLayout,
     pub(super) tasks: Vec<Task>,
     /// The round being lowered.
     pub(super) round: Round,
@@ -50,10 +52,11 @@ impl<'a> Builder<'a> {
         // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
         let mut pinned_left = policy.pinned_host_bytes;
         let placements = policy.layer_placements(model.num_layers);
+        let layout = WeightLayout::of(model, &policy.weight_format);
         let mut pinned = vec![[false; WeightGroup::PER_LAYER.len()]; model.num_layers as usize];
-        for (flags, place) in pinned.iter_mut().zip(&placements) {
+        for (layer, (flags, place)) in pinned.iter_mut().zip(&placements).enumerate() {
             for (slot, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
-                let bytes = model.group_bytes(group, policy.weight_dtype);
+                let bytes = layout.bytes(group, layer as u64);
                 if place.tier(group) == Tier::Host && bytes <= pinned_left {
                     pinned_left -= bytes;
                     flags[slot] = true;
@@ -70,6 +73,7 @@ impl<'a> Builder<'a> {
             workload,
             unified,
             placements,
+            layout,
             round: Round::decoding(workload, 0),
             tasks: Vec::new(),
             visit_done: Vec::new(),
@@ -256,7 +260,7 @@ impl<'a> Builder<'a> {
             _ => Place::HOST,
         };
         let rows = self.rows();
-        let bytes = rows * self.model.hidden_size * self.policy.weight_dtype.bits() / 8;
+        let bytes = self.layout.embedding_lookup(rows).bytes;
         let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
         task.deps.extend(self.last_head[j as usize]);
         let id = self.push(task);
@@ -272,7 +276,7 @@ impl<'a> Builder<'a> {
         // Only the last position of each sequence is projected to the vocabulary.
         let rows = self.policy.micro_batch_size;
         let flops = self.model.projection_flops(WeightGroup::Head, rows);
-        let bytes = self.model.group_bytes(WeightGroup::Head, self.policy.weight_dtype);
+        let bytes = self.layout.bytes(WeightGroup::Head, 0);
         let mut task = self.compute_task(side, Op::Head, (NO_LAYER, j, step), flops, bytes);
         task.tokens = rows as u32;
         task.deps.extend(dep);
@@ -296,11 +300,12 @@ impl<'a> Builder<'a> {
         if tier == Tier::Device || self.on_host(layer) {
             return Loaded::default();
         }
-        let bytes = self.model.group_bytes(group, self.policy.weight_dtype);
+        let size = self.layout.group(group, layer as u64);
+        let bytes = size.bytes;
         let chunk = self.policy.chunk_bytes;
         // Only the pipelined schedule makes each piece its own task; others move the whole group.
         let pieces: Vec<(u32, u64)> = if self.policy.schedule == Schedule::Pipelined {
-            weight_pieces(self.model, group, layer as u64, self.policy.weight_dtype, chunk)
+            format_pieces(self.model, group, layer as u64, size, chunk)
                 .iter()
                 .enumerate()
                 .map(|(i, p)| (i as u32, p.bytes))
@@ -378,7 +383,7 @@ impl<'a> Builder<'a> {
             let side = if on_host { Place::HOST } else { self.device_of(layer) };
             let rows = self.rows();
             let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
-            let bytes = self.model.mlp_bytes_read(rows, self.policy.weight_dtype);
+            let bytes = self.model.mlp_bytes_read(rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));
             let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
             task.deps.push(attn_done);
             task.deps.extend(&mlp.ready);

@@ -35,7 +35,7 @@ mod resources;
 
 use crate::error::{CoreError, Result};
 use crate::graph::{Place, PoolSpec, Round, TaskGraph};
-use crate::model::{ModelSpec, WeightGroup};
+use crate::model::{GroupSize, ModelSpec, TensorSpec, WeightFormat, WeightGroup};
 use crate::plan::{Policy, Workload};
 use crate::profile::Profile;
 
@@ -58,7 +58,8 @@ pub struct Piece {
 }
 
 /// The pieces of one weight group for a `pipelined` transfer with `chunk_bytes`
-/// requests: each tensor is cut into row blocks of about max(chunk, group ÷ 16) bytes.
+/// requests, every tensor in the float `dtype` (what the executor reads today): each
+/// tensor is cut into row blocks of about max(chunk, group ÷ 16) bytes.
 pub fn weight_pieces(
     model: &ModelSpec,
     group: WeightGroup,
@@ -67,21 +68,44 @@ pub fn weight_pieces(
     chunk_bytes: u64,
 ) -> Vec<Piece> {
     let tensors = model.group_tensors(group, layer);
-    let total: u64 = tensors.iter().map(|t| dtype.bytes_of(t.elements())).sum();
+    cut_pieces(&tensors, chunk_bytes, |_, rows, cols| dtype.bytes_of(rows * cols), |_| 1)
+}
+
+/// The pieces of one weight group stored as `size` says (each tensor in its own format,
+/// `GroupSize::tensors`): row blocks of about max(chunk, group ÷ 16) bytes that cut a
+/// quantized tensor only between whole rows (whole blocks) and a group-wise one only
+/// between whole groups of rows. For float formats, exactly `weight_pieces`.
+pub fn format_pieces(
+    model: &ModelSpec,
+    group: WeightGroup,
+    layer: u64,
+    size: &GroupSize,
+    chunk_bytes: u64,
+) -> Vec<Piece> {
+    let tensors = model.group_tensors(group, layer);
+    let format = |index: usize| size.tensors.get(index).copied().unwrap_or(WeightFormat::F32);
+    cut_pieces(&tensors, chunk_bytes, |i, rows, cols| format(i).bytes(rows, cols), |i| format(i).row_unit())
+}
+
+/// Cuts tensors into row blocks: `bytes(tensor, rows, cols)` prices rows of a tensor,
+/// `unit(tensor)` is the row count a cut must be a multiple of.
+fn cut_pieces(
+    tensors: &[TensorSpec],
+    chunk_bytes: u64,
+    bytes: impl Fn(usize, u64, u64) -> u64,
+    unit: impl Fn(usize) -> u64,
+) -> Vec<Piece> {
+    let total: u64 = tensors.iter().enumerate().map(|(i, t)| bytes(i, t.rows, t.cols)).sum();
     let target = chunk_bytes.max(total.div_ceil(MAX_PIPELINE_PIECES)).max(1);
     let mut pieces = Vec::new();
     for (index, tensor) in tensors.iter().enumerate() {
-        let row_bytes = dtype.bytes_of(tensor.cols).max(1);
-        let rows_per_piece = (target / row_bytes).max(1);
+        let unit_rows = unit(index).max(1);
+        let unit_bytes = bytes(index, unit_rows, tensor.cols).max(1);
+        let rows_per_piece = (target / unit_bytes).max(1) * unit_rows;
         let mut row = 0;
         while row < tensor.rows {
             let rows = rows_per_piece.min(tensor.rows - row);
-            pieces.push(Piece {
-                tensor: index as u32,
-                row_start: row,
-                rows,
-                bytes: dtype.bytes_of(rows * tensor.cols),
-            });
+            pieces.push(Piece { tensor: index as u32, row_start: row, rows, bytes: bytes(index, rows, tensor.cols) });
             row += rows;
         }
     }

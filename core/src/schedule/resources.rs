@@ -43,7 +43,6 @@ impl Builder<'_> {
     pub(super) fn pools(&self, profile: &Profile) -> Vec<PoolSpec> {
         let policy = self.policy;
         let model = self.model;
-        let wd = policy.weight_dtype;
         let devices = self.devices();
         // Per device: resident bytes of each per-layer weight group, then of the KV cache.
         const KV: usize = WeightGroup::PER_LAYER.len();
@@ -52,12 +51,12 @@ impl Builder<'_> {
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
             * self.workload.max_context();
-        for place in &self.placements {
+        for (layer, place) in self.placements.iter().enumerate() {
             let slot = devices.iter().position(|&d| d == place.device).unwrap_or(0);
             for (index, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
                 match place.tier(group) {
-                    Tier::Device => on_device[slot][index] += model.group_bytes(group, wd),
-                    Tier::Host => host_weights += model.group_bytes(group, wd),
+                    Tier::Device => on_device[slot][index] += self.layout.bytes(group, layer as u64),
+                    Tier::Host => host_weights += self.layout.bytes(group, layer as u64),
                     Tier::Disk => {}
                 }
             }
@@ -68,8 +67,8 @@ impl Builder<'_> {
         let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
         let workspace = policy.micro_batch_size * self.workload.prompt_len * model.workspace_bytes_per_token()
             + model.attention_scratch_bytes(self.workload.prompt_len, self.workload.max_context());
-        let embeddings = model.group_bytes(WeightGroup::Embeddings, wd);
-        let head = model.group_bytes(WeightGroup::Head, wd);
+        let embeddings = self.layout.bytes(WeightGroup::Embeddings, 0);
+        let head = self.layout.bytes(WeightGroup::Head, 0);
         let on = |tier: Tier, wanted: Tier, bytes: u64| if tier == wanted { bytes } else { 0 };
         let mut pools: Vec<PoolSpec> = devices
             .iter()

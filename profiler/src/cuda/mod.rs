@@ -214,6 +214,9 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
             table: m.kernel_table,
             // A GPU engine keeps freed device memory in a caching allocator.
             release_ns_per_mib: 0.0,
+            // The engine has no GPU dequantization kernel to time yet: predictions
+            // price quantized weights as dequantized inside the multiply, and say so.
+            dequantize: Vec::new(),
         },
         host_compute: m.host_compute,
         interference: Interference {
@@ -347,6 +350,7 @@ mod tests {
             task_overhead_ns: 90_000,
             table: Vec::new(),
             release_ns_per_mib: 50_000.0,
+            dequantize: Vec::new(),
         };
         let measured = CudaMeasurements {
             device_name: "NVIDIA GeForce RTX 3060".into(),

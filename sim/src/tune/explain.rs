@@ -17,7 +17,7 @@ impl Searcher<'_> {
         let Some(disk) = request.profile.disk_capacity_bytes else { return Ok(()) };
         let (device, host) = pool_capacities(request.profile);
         let room = device + if self.unified() { 0 } else { host } + disk;
-        let weights = request.model.total_bytes(request.weight_dtype);
+        let weights = self.layout.total_bytes();
         if weights > room {
             return Err(TuneError::Impossible(format!(
                 "the model does not fit even on disk: its weights need {} but device, host and disk hold {} together (short by {})",
@@ -57,9 +57,7 @@ impl Searcher<'_> {
         policy.kv_cache = TierCounts::all(if self.unified() { Tier::Disk } else { Tier::Host }, model.num_layers);
         let workload = Workload { batch_size: 1, prompt_len: request.prompt_len, gen_len: request.gen_len };
         let pools = pool_specs(&policy, model, &workload, request.profile);
-        let layer = model
-            .group_bytes(WeightGroup::Mlp, request.weight_dtype)
-            .max(model.group_bytes(WeightGroup::Attention, request.weight_dtype));
+        let layer = self.layout.max_bytes(WeightGroup::Mlp).max(self.layout.max_bytes(WeightGroup::Attention));
         let device_need = pools[DEVICE_POOL].resident_bytes() + layer;
         if device_need > device_capacity {
             let detail: Vec<String> = pools[DEVICE_POOL]

@@ -108,13 +108,14 @@ impl Searcher<'_> {
         let request = self.request;
         let model = request.model;
         let profile = request.profile;
-        let wd = request.weight_dtype;
+        let layout = &self.layout;
         let batch = group.batch();
         let mb = group.micro_batch_size;
         let max_context = request.prompt_len + request.gen_len;
         let kv_token = model.kv_bytes_per_token_per_layer(request.kv_dtype) as f64;
         let mean_past = request.prompt_len as f64 + (request.gen_len as f64 - 2.0).max(0.0) / 2.0;
-        let attention_bytes = model.group_bytes(WeightGroup::Attention, wd);
+        // Per layer: the mean over layers (every layer alike but in a file's own mix).
+        let attention_bytes = layout.mean_bytes(WeightGroup::Attention);
         let times = self.layer_times(group, mean_past);
         let (device_static, host_static) = self.static_resident_bytes(group);
         let (device_capacity, host_capacity) = pool_capacities(profile);
@@ -122,7 +123,7 @@ impl Searcher<'_> {
         LayerFigures {
             layers: model.num_layers as f64,
             attention_gb: gb(attention_bytes),
-            mlp_gb: gb(model.group_bytes(WeightGroup::Mlp, wd)),
+            mlp_gb: gb(layout.mean_bytes(WeightGroup::Mlp)),
             kv_full_gb: kv_token * (batch * max_context) as f64 / 1e9,
             kv_read_gb: kv_token * batch as f64 * mean_past / 1e9,
             kv_buffer_gb: 2.0 * kv_token * (mb * max_context) as f64 / 1e9,
@@ -145,12 +146,12 @@ impl Searcher<'_> {
         let request = self.request;
         let model = request.model;
         let profile = request.profile;
-        let wd = request.weight_dtype;
+        let layout = &self.layout;
         let mb = group.micro_batch_size;
         let nmb = group.num_micro_batches as f64;
         let kv_token = model.kv_bytes_per_token_per_layer(request.kv_dtype) as f64;
         let (qkv_params, out_params) = model.attention_split_params();
-        let attention_bytes = model.group_bytes(WeightGroup::Attention, wd);
+        let attention_bytes = layout.mean_bytes(WeightGroup::Attention);
         let qkv_bytes = attention_bytes * qkv_params / model.params().attention_per_layer.max(1);
         let dev = &profile.device_compute;
         let host = &profile.host_compute;
@@ -167,8 +168,9 @@ impl Searcher<'_> {
             let qkv_flops = 2 * rows * qkv_params;
             let out_flops = 2 * rows * out_params;
             let mlp_flops = model.projection_flops(WeightGroup::Mlp, rows);
-            let mlp_bytes = model.mlp_bytes_read(rows, wd);
+            let mlp_bytes = model.mlp_bytes_read(rows, layout.mean_bytes(WeightGroup::Mlp));
             let c = &self.cost;
+            let dq = |on_host: bool, op: Op| c.dequant_ns(on_host, op, None, rows);
             let fused = c.compute_ns(
                 dev,
                 Op::Attention,
@@ -176,13 +178,23 @@ impl Searcher<'_> {
                 attention_bytes + kv_bytes,
                 rows,
                 context,
+                dq(false, Op::Attention),
             );
-            let mlp = c.compute_ns(dev, Op::Mlp, mlp_flops, mlp_bytes, rows, context);
-            let split = c.compute_ns(dev, Op::AttnQkv, qkv_flops, qkv_bytes, rows, context)
-                + c.compute_ns(dev, Op::AttnOut, out_flops, attention_bytes - qkv_bytes, rows, context);
+            let mlp = c.compute_ns(dev, Op::Mlp, mlp_flops, mlp_bytes, rows, context, dq(false, Op::Mlp));
+            let split = c.compute_ns(dev, Op::AttnQkv, qkv_flops, qkv_bytes, rows, context, dq(false, Op::AttnQkv))
+                + c.compute_ns(
+                    dev,
+                    Op::AttnOut,
+                    out_flops,
+                    attention_bytes - qkv_bytes,
+                    rows,
+                    context,
+                    dq(false, Op::AttnOut),
+                );
             device_fused_ms[phase] = nmb * (fused + mlp) / 1e6;
             device_split_ms[phase] = nmb * (split + mlp) / 1e6;
-            host_core_ms[phase] = nmb * c.compute_ns(host, Op::AttnCore, core_flops, kv_bytes, rows, context) / 1e6;
+            host_core_ms[phase] =
+                nmb * c.compute_ns(host, Op::AttnCore, core_flops, kv_bytes, rows, context, None) / 1e6;
             host_layer_ms[phase] = nmb
                 * (c.compute_ns(
                     host,
@@ -191,7 +203,8 @@ impl Searcher<'_> {
                     attention_bytes + kv_bytes,
                     rows,
                     context,
-                ) + c.compute_ns(host, Op::Mlp, mlp_flops, mlp_bytes, rows, context))
+                    dq(true, Op::Attention),
+                ) + c.compute_ns(host, Op::Mlp, mlp_flops, mlp_bytes, rows, context, dq(true, Op::Mlp)))
                 / 1e6;
         }
         LayerTimes { device_fused_ms, device_split_ms, host_core_ms, host_layer_ms }

@@ -40,7 +40,7 @@ mod lp;
 mod rounding;
 mod search;
 
-use ferry_core::model::{Dtype, ModelSpec};
+use ferry_core::model::{Dtype, ModelSpec, WeightFormats};
 use ferry_core::plan::{Policy, Schedule, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::trace::Metrics;
@@ -138,7 +138,9 @@ pub struct TuneRequest<'a> {
     pub gen_len: u64,
     pub batch: BatchChoice,
     pub objective: Objective,
-    pub weight_dtype: Dtype,
+    /// How the weights are stored; the tuner never changes it (precision is the user's
+    /// call: `ferry tune --weight-format` compares formats by tuning each).
+    pub weight_format: WeightFormats,
     pub kv_dtype: Dtype,
 }
 

@@ -16,7 +16,7 @@ impl Searcher<'_> {
         let unified = self.unified();
         let (embeddings, head) = if unified { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
         let pinned_host_bytes = if group.pinned { self.request.profile.max_pinned_bytes } else { 0 };
-        Policy {
+        let mut policy = Policy {
             schedule: member.schedule,
             micro_batch_size: group.micro_batch_size,
             num_micro_batches: group.num_micro_batches,
@@ -28,14 +28,18 @@ impl Searcher<'_> {
             kv_cache: round_counts(fr.kv, layers),
             host_attention: group.host_attention,
             compute_host_layers_on_host: group.host_compute,
-            weight_dtype: self.request.weight_dtype,
+            weight_dtype: ferry_core::model::Dtype::F32,
+            weight_format: self.request.weight_format.clone(),
             kv_dtype: self.request.kv_dtype,
             chunk_bytes: member.chunk_bytes,
             copy_streams: member.copy_streams,
             io_queue_depth: member.io_queue_depth,
             pinned_host_bytes,
             stages: Vec::new(),
-        }
+        };
+        // The engine's float type follows the formats.
+        policy.set_weight_format(self.request.weight_format.clone());
+        policy
     }
 
     /// Moves device layers off the device (MLP first, then attention, then KV) until the

@@ -60,6 +60,8 @@ pub(super) struct Searcher<'a> {
     pub(super) request: &'a TuneRequest<'a>,
     space: &'a KnobSpace,
     pub(super) cost: CostModel<'a>,
+    /// The weights' bytes in the request's formats.
+    pub(super) layout: ferry_core::model::WeightLayout,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -81,7 +83,12 @@ struct Bounded {
 
 impl<'a> Searcher<'a> {
     pub(super) fn new(request: &'a TuneRequest<'a>, space: &'a KnobSpace) -> Searcher<'a> {
-        Searcher { request, space, cost: CostModel::new(request.profile, request.model) }
+        Searcher {
+            request,
+            space,
+            cost: CostModel::for_formats(request.profile, request.model, &request.weight_format),
+            layout: ferry_core::model::WeightLayout::of(request.model, &request.weight_format),
+        }
     }
 
     pub(super) fn unified(&self) -> bool {

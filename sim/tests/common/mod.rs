@@ -22,6 +22,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         task_overhead_ns: 0,
         table: Vec::new(),
         release_ns_per_mib: 0.0,
+        dequantize: Vec::new(),
     };
     Profile {
         provenance: Provenance::Measured { machine: "test".into(), date: "2026-01-01".into(), backend: "test".into() },

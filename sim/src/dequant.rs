@@ -1,0 +1,197 @@
+//! What a plan's quantized weights add to compute: the time to dequantize them, from
+//! the profile's measured rates (`ComputeProfile::dequantize`, bytes of quantized input
+//! per second), never from a constant.
+//!
+//! A compute task that reads quantized weights decodes each of them once (the engine's
+//! quantized kernels decode blocks inside the multiply); decoding and the multiply-adds
+//! share the cores, memory streams beside both, so the task costs
+//! `overhead + max(FLOPs time + dequantization time, bytes time)` at the format's real
+//! bytes (`CostModel::compute_ns`). Where the profile has no rate for a format — every
+//! datasheet GPU profile, older measured ones — the dequantization is taken as fused into
+//! the matrix multiply at no extra cost, so the task is memory-bound at its real bytes;
+//! `ferry_core::resolve::weight_format_notes` says so beside the prediction.
+
+use ferry_core::graph::Op;
+use ferry_core::model::{GroupSize, ModelSpec, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
+use ferry_core::profile::{ComputeProfile, Profile};
+
+/// Which processor's rates apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Device = 0,
+    Host = 1,
+}
+
+/// The dequantization costs of one plan's weights.
+#[derive(Debug, Clone)]
+pub struct Dequantization {
+    layout: WeightLayout,
+    /// Per side (device, host): each quantized format's measured rate, bytes/s (`None`:
+    /// the profile has no figure).
+    rates: [Vec<(WeightFormat, Option<f64>)>; 2],
+    /// The q, k, v projections' share of a layer's attention weights.
+    qkv_share: f64,
+    num_layers: u64,
+    model: ModelSpec,
+}
+
+impl Dequantization {
+    /// `None` when the plan stores no weight quantized.
+    pub fn new(profile: &Profile, model: &ModelSpec, formats: &WeightFormats) -> Option<Dequantization> {
+        let layout = WeightLayout::of(model, formats);
+        let mut used: Vec<WeightFormat> = Vec::new();
+        for size in layout.all_groups().chain(std::iter::once(&layout.embedding_lookup(1))) {
+            for (format, _) in &size.quantized {
+                if !used.contains(format) {
+                    used.push(*format);
+                }
+            }
+        }
+        if used.is_empty() {
+            return None;
+        }
+        let rates_of = |compute: &ComputeProfile| -> Vec<(WeightFormat, Option<f64>)> {
+            used.iter().map(|&f| (f, compute.dequant_bytes_per_s(&f.name()))).collect()
+        };
+        let (qkv_params, _) = model.attention_split_params();
+        Some(Dequantization {
+            rates: [rates_of(&profile.device_compute), rates_of(&profile.host_compute)],
+            qkv_share: qkv_params as f64 / model.params().attention_per_layer.max(1) as f64,
+            num_layers: model.num_layers,
+            layout,
+            model: model.clone(),
+        })
+    }
+
+    /// Dequantization ns of the quantized weights an `op` task of `layer` (`None`: the
+    /// mean layer) reads over `rows` rows on `side`; `None` when it reads none.
+    pub fn task_ns(&self, side: Side, op: Op, layer: Option<u64>, rows: u64) -> Option<f64> {
+        match layer {
+            Some(layer) => self.layer_ns(side, op, layer, rows),
+            None if self.layout.layers_alike() => self.layer_ns(side, op, 0, rows),
+            None => {
+                let per_layer: Vec<f64> =
+                    (0..self.num_layers).filter_map(|l| self.layer_ns(side, op, l, rows)).collect();
+                (!per_layer.is_empty()).then(|| per_layer.iter().sum::<f64>() / self.num_layers as f64)
+            }
+        }
+    }
+
+    fn layer_ns(&self, side: Side, op: Op, layer: u64, rows: u64) -> Option<f64> {
+        let lookup;
+        let (size, share): (&GroupSize, f64) = match op {
+            Op::Attention => (self.layout.group(WeightGroup::Attention, layer), 1.0),
+            Op::AttnQkv => (self.layout.group(WeightGroup::Attention, layer), self.qkv_share),
+            Op::AttnOut => (self.layout.group(WeightGroup::Attention, layer), 1.0 - self.qkv_share),
+            Op::Mlp => {
+                let size = self.layout.group(WeightGroup::Mlp, layer);
+                let read = self.model.mlp_bytes_read(rows, size.bytes);
+                (size, read as f64 / size.bytes.max(1) as f64)
+            }
+            Op::Head => (self.layout.group(WeightGroup::Head, 0), 1.0),
+            Op::Embed => {
+                lookup = self.layout.embedding_lookup(rows);
+                (&lookup, 1.0)
+            }
+            Op::AttnCore => return None,
+        };
+        if !size.is_quantized() {
+            return None;
+        }
+        let rates = &self.rates[side as usize];
+        let ns = size
+            .quantized
+            .iter()
+            .map(|(format, bytes)| {
+                let rate = rates.iter().find(|(f, _)| f == format).and_then(|(_, r)| *r);
+                rate.map_or(0.0, |r| *bytes as f64 * share / r * 1e9)
+            })
+            .sum();
+        Some(ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::CostModel;
+    use ferry_core::catalog::Catalog;
+    use ferry_core::hardware::Hardware;
+    use ferry_core::plan::{Policy, Workload};
+    use ferry_core::profile::{DequantRate, KernelTiming};
+
+    fn setup() -> (ModelSpec, Profile) {
+        let catalog = Catalog::builtin().unwrap();
+        let model = catalog.model("test-tiny").unwrap().value;
+        let profile = Profile::from_datasheet(&Hardware {
+            gpu: catalog.gpu("cpu").unwrap().value,
+            host: catalog.host("ferry-ci-vm").unwrap().value,
+        });
+        (model, profile)
+    }
+
+    fn q8_0() -> WeightFormats {
+        WeightFormats::uniform(WeightFormat::parse("q8_0").unwrap())
+    }
+
+    /// test-tiny's MLP: gate and up are 352 × 128, down 128 × 352; in Q8_0 every row of
+    /// 128 values is 4 blocks of 34 bytes, of 352 values 11 blocks: 47,872 bytes each.
+    const MLP_Q8_0_BYTES: f64 = (2 * 352 * 4 * 34 + 128 * 11 * 34) as f64;
+
+    #[test]
+    fn dequantization_is_charged_at_the_profile_rate_and_only_there() {
+        let (model, mut profile) = setup();
+        let float =
+            CostModel::for_formats(&profile, &model, &WeightFormats::float(ferry_core::model::Dtype::F16).unwrap());
+        assert_eq!(float.dequant_ns(false, Op::Mlp, Some(0), 1), None, "float weights decode nothing");
+        // No rate: quantized, priced as fused (nothing added).
+        let unpriced = CostModel::for_formats(&profile, &model, &q8_0());
+        assert_eq!(unpriced.dequant_ns(false, Op::Mlp, Some(0), 1), Some(0.0));
+        assert_eq!(unpriced.dequant_ns(false, Op::AttnCore, Some(0), 1), None);
+        // 1 GB/s: one ns per quantized byte, on the side that has the rate only.
+        profile.device_compute.dequantize.push(DequantRate { format: "q8_0".into(), bytes_per_s: 1e9 });
+        let priced = CostModel::for_formats(&profile, &model, &q8_0());
+        let ns = priced.dequant_ns(false, Op::Mlp, Some(0), 1).unwrap();
+        assert!((ns - MLP_Q8_0_BYTES).abs() < 1e-6, "{ns}");
+        assert_eq!(priced.dequant_ns(true, Op::Mlp, Some(0), 1), Some(0.0));
+        assert_eq!(priced.dequant_ns(false, Op::Mlp, None, 1), Some(ns), "every layer alike");
+    }
+
+    #[test]
+    fn quantized_tasks_skip_the_float_kernel_table() {
+        let (model, mut profile) = setup();
+        let shape = crate::cost::shape_key(&model);
+        profile.device_compute.table.push(KernelTiming {
+            op: "mlp".into(),
+            shape,
+            tokens: 1,
+            context: 0,
+            ns: 77_777_777,
+        });
+        let c = CostModel::for_formats(&profile, &model, &q8_0());
+        let compute = &profile.device_compute;
+        assert_eq!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, None), 77_777_777.0);
+        let quantized = c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, Some(0.0));
+        assert!(quantized < 1e6, "the roofline, not the float table: {quantized}");
+        assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, Some(5e6)) > 5e6, "decoding adds to the FLOPs");
+    }
+
+    #[test]
+    fn a_slow_measured_decoder_slows_the_prediction() {
+        let (model, mut profile) = setup();
+        let workload = Workload { batch_size: 1, prompt_len: 8, gen_len: 4 };
+        let mut policy = Policy::all_on_device(model.num_layers, 1, ferry_core::model::Dtype::F32);
+        policy.set_weight_format(q8_0());
+        let tokens_per_s = |profile: &Profile| {
+            crate::predict(&policy, &model, &workload, profile, crate::Extrapolation::Full)
+                .unwrap()
+                .metrics
+                .tokens_per_s
+        };
+        let fused = tokens_per_s(&profile);
+        // 10 MB/s: each layer's 0.2 MB of Q8_0 weights take milliseconds to decode.
+        profile.device_compute.dequantize.push(DequantRate { format: "q8_0".into(), bytes_per_s: 1e7 });
+        let slow = tokens_per_s(&profile);
+        assert!(slow < fused / 2.0, "{slow} vs {fused}");
+    }
+}
