@@ -90,16 +90,21 @@ fn formats_are_checked_by_name_and_against_the_shape() {
     );
 }
 
+/// The engine runs the weights as the files store them: a q8_0 plan on an f32 folder
+/// is refused saying what to plan, and FlexGen's group-wise formats (priced, not run)
+/// are refused saying what the engine runs.
 #[test]
-fn run_refuses_a_quantized_plan_saying_what_the_engine_runs() {
+fn run_refuses_plans_in_formats_the_files_or_the_engine_do_not_hold() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     assert!(ferry(d, &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]).status.success());
     let tune = ["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", "tiny", "--batch", "1"];
-    let out = ferry(d, &[&tune[..], &["--weight-format", "q8_0", "--out", "q8.yaml"]].concat());
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = ferry(d, &["run", "--model-dir", "tiny", "--plan", "q8.yaml", "--gen-len", "2"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    let err = text(&out.stderr);
-    assert!(err.contains("weight format is q8_0") && err.contains("f32, f16 and bf16"), "{err}");
+    for (format, expected) in [("q8_0", "holds it as f32"), ("int4-g64", "not int4-g64")] {
+        let out = ferry(d, &[&tune[..], &["--weight-format", format, "--out", "p.yaml", "--force"]].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let out = ferry(d, &["run", "--model-dir", "tiny", "--plan", "p.yaml", "--gen-len", "2"]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(err.contains(expected), "{format}: {err}");
+    }
 }

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod executor;
+pub mod gguf_files;
 pub mod gguf_write;
 pub mod io;
 pub mod kernels;
@@ -29,8 +30,7 @@ use ferry_core::{Classify, ErrorKind};
 pub use executor::{RunOptions, RunReport};
 
 /// Runs a plan's graph on `files` (see `executor::run`), after refusing weight formats
-/// the engine cannot execute: it multiplies by float weights of one dtype only until its
-/// quantized kernels land (issue 13, item 4).
+/// the engine cannot execute.
 pub fn run(
     graph: &ferry_core::graph::TaskGraph,
     policy: &ferry_core::plan::Policy,
@@ -43,16 +43,29 @@ pub fn run(
     executor::run(graph, policy, workload, files, backend, options)
 }
 
-/// Refuses a plan whose weights are not one float dtype throughout.
+/// Refuses a plan naming a weight format the engine has no kernels for: it runs f32,
+/// f16, bf16 and ggml's Q8_0, Q4_0, Q4_K and Q6_K (and a file's `stored` mix of those);
+/// FlexGen's group-wise formats are planned and priced, not run.
 pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), EngineError> {
-    if policy.weight_format.uniform_float().is_some() {
-        return Ok(());
+    use ferry_core::model::{WeightFormat, WeightGroup};
+    let groups = [WeightGroup::Embeddings, WeightGroup::Head, WeightGroup::Attention, WeightGroup::Mlp];
+    for format in groups.into_iter().filter_map(|g| policy.weight_format.group(g)) {
+        let runs = match format {
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::Bf16 => true,
+            WeightFormat::Block(t) => kernels::quant::BlockFormat::from_ggml(t.name).is_some(),
+            WeightFormat::Grouped { .. } => false,
+        };
+        if !runs {
+            return Err(EngineError::Unsupported(format!(
+                "this plan's weight format is {}; the engine runs f32, f16, bf16, q8_0, q4_0, q4_k and q6_k \
+                 weights, not {} (`ferry simulate` predicts the plan; tune with another --weight-format for a \
+                 plan it runs)",
+                policy.weight_format.describe(),
+                format.name()
+            )));
+        }
     }
-    Err(EngineError::Unsupported(format!(
-        "this plan's weight format is {}; the engine runs f32, f16 and bf16 weights only until its quantized \
-         kernels land (`ferry simulate` predicts the plan; tune with --weight-format f16 for a plan it runs)",
-        policy.weight_format.describe()
-    )))
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use ferry_core::gguf::GgmlType;
-use ferry_core::model::{Family, ModelSpec};
+use ferry_core::model::{gguf_name, Family, ModelSpec};
 
 use crate::gguf_write::{self, GgufTensor, Meta};
 use crate::kernels::quant::{quantize, BlockFormat};
@@ -65,35 +65,6 @@ impl GgufStorage {
 
 fn ggml_type(name: &str) -> Result<GgmlType, EngineError> {
     GgmlType::all().find(|t| t.name == name).ok_or_else(|| EngineError::Internal(format!("no ggml type {name}")))
-}
-
-/// llama.cpp's name for a Hugging Face tensor name of a Llama-family model.
-pub fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Some(name.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let (module, kind) = part.rsplit_once('.')?;
-    let short = match module {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.{kind}"))
 }
 
 /// The Hugging Face row that row `row` of a permuted projection holds: within each
@@ -224,14 +195,6 @@ pub fn synthesize_gguf(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_follow_llama_cpp() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.bias").unwrap(), "blk.3.attn_k.bias");
-        assert_eq!(gguf_name("model.layers.0.mlp.down_proj.weight").unwrap(), "blk.0.ffn_down.weight");
-        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
-        assert_eq!(gguf_name("model.layers.0.unknown.weight"), None);
-    }
 
     /// The permutation is llama.cpp's `reshape(heads, 2, d/2, cols).swapaxes(1, 2)`:
     /// a bijection on each head's rows that interleaves its two halves.

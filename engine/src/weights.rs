@@ -1,23 +1,35 @@
-//! A Hugging Face model folder on disk: its shape (`config.json`) and where every
-//! tensor's bytes are (`model.safetensors`, or shards listed in
-//! `model.safetensors.index.json`). Everything is validated before a run starts:
-//! names, dtypes, shapes and file sizes.
+//! A model on disk: a Hugging Face folder (`config.json`, `model.safetensors` or shards
+//! listed in `model.safetensors.index.json`) or a llama.cpp GGUF file (`gguf_files`):
+//! its shape and where every tensor's bytes are, in what format. Everything is
+//! validated before a run starts: names, formats, shapes and file sizes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
+use ferry_core::model::{ModelSpec, WeightFormat, WeightFormats, WeightGroup};
 
+use crate::kernels::quant::{first_non_finite_block, BlockFormat};
 use crate::kernels::RopeLayout;
 use crate::safetensors::{read_header, TensorLocation};
 use crate::EngineError;
 
+/// One stored tensor: its file, byte range, format and shape (`[rows, cols]`, or
+/// `[cols]` for a vector, in Hugging Face order).
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    pub file: PathBuf,
+    pub format: WeightFormat,
+    pub shape: Vec<u64>,
+    /// Absolute byte offsets in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
 /// The tensors of one weight group in the order the engine uses them.
 #[derive(Debug, Clone)]
 pub struct GroupLocation {
-    pub tensors: Vec<TensorLocation>,
-    pub dtype: Dtype,
+    pub tensors: Vec<StoredTensor>,
 }
 
 impl GroupLocation {
@@ -26,106 +38,144 @@ impl GroupLocation {
     }
 }
 
-#[derive(Debug, Clone)]
+/// A model's files (the tensor table is long: `Debug` names the model only).
 pub struct ModelFiles {
+    /// The model folder, or the GGUF file.
     pub dir: PathBuf,
     pub spec: ModelSpec,
-    /// The stored dtype (all tensors share it).
-    pub dtype: Dtype,
+    /// The weight formats a plan must name to run on these files: one float dtype for a
+    /// safetensors folder, `stored` (the file's own mix) for a GGUF file.
+    pub formats: WeightFormats,
     /// How the files lay out each head's query and key rows, which the rotary
     /// embedding must follow (Hugging Face folders: halves).
     pub rope_layout: RopeLayout,
-    tensors: BTreeMap<String, TensorLocation>,
+    tensors: BTreeMap<String, StoredTensor>,
     /// Byte ranges (file, start) whose values were found finite: streamed weights are
     /// read every step, checked the first time only.
     checked: Arc<Mutex<HashSet<(PathBuf, u64)>>>,
 }
 
+impl std::fmt::Debug for ModelFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelFiles").field("dir", &self.dir).field("model", &self.spec.name).finish_non_exhaustive()
+    }
+}
+
 impl ModelFiles {
-    /// Opens and validates a model folder.
+    /// Opens and validates a model folder or GGUF file (or a folder holding one GGUF
+    /// file and no safetensors).
     pub fn open(dir: &Path) -> Result<ModelFiles, EngineError> {
         if dir.is_file() && dir.extension().is_some_and(|e| e == "gguf") {
-            return Err(EngineError::Unsupported(format!(
-                "{}: the engine runs Hugging Face folders (config.json + safetensors); running GGUF files comes \
-                 with its quantized kernels (`ferry tune` and `ferry simulate` plan them already)",
-                dir.display()
-            )));
+            return crate::gguf_files::open(dir);
+        }
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if !single.exists() && !index.exists() {
+            if let Some(file) = crate::gguf_files::only_gguf_in(dir)? {
+                return crate::gguf_files::open(&file);
+            }
         }
         let spec = ferry_core::catalog::model_from_path(dir)?;
         crate::synth::check_supported(&spec)?;
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let tensors = if single.exists() {
+        let located = if single.exists() {
             read_header(&single)?
         } else if index.exists() {
             read_sharded(dir, &index)?
         } else {
             return Err(EngineError::BadWeights {
                 file: dir.to_path_buf(),
-                message: "no model.safetensors or model.safetensors.index.json in this folder".into(),
+                message: "no model.safetensors, model.safetensors.index.json or .gguf file in this folder".into(),
             });
         };
-        let dtype = tensors.values().next().map(|t| t.dtype).ok_or_else(|| EngineError::BadWeights {
+        let dtype = located.values().next().map(|t| t.dtype).ok_or_else(|| EngineError::BadWeights {
             file: dir.to_path_buf(),
             message: "the safetensors files hold no tensors".into(),
         })?;
-        let files = ModelFiles {
-            dir: dir.to_path_buf(),
-            spec,
-            dtype,
-            rope_layout: RopeLayout::Halves,
-            tensors,
-            checked: Default::default(),
+        if let Some((name, other)) = located.iter().find(|(_, t)| t.dtype != dtype) {
+            return Err(EngineError::BadWeights {
+                file: other.file.clone(),
+                message: format!(
+                    "tensor '{name}' is {} but the others are {}; mixed dtypes are not supported",
+                    other.dtype.name(),
+                    dtype.name()
+                ),
+            });
+        }
+        let stored = |t: TensorLocation| StoredTensor {
+            file: t.file,
+            format: WeightFormat::from_dtype(t.dtype).unwrap_or(WeightFormat::F32),
+            shape: t.shape,
+            start: t.start,
+            end: t.end,
         };
+        let files = ModelFiles::new(
+            dir.to_path_buf(),
+            spec,
+            WeightFormats::uniform(WeightFormat::from_dtype(dtype).unwrap_or(WeightFormat::F32)),
+            RopeLayout::Halves,
+            located.into_iter().map(|(name, t)| (name, stored(t))).collect(),
+        );
         files.validate()?;
         Ok(files)
     }
 
-    /// Every tensor the architecture needs exists with the right shape and dtype.
-    fn validate(&self) -> Result<(), EngineError> {
+    pub(crate) fn new(
+        dir: PathBuf,
+        spec: ModelSpec,
+        formats: WeightFormats,
+        rope_layout: RopeLayout,
+        tensors: BTreeMap<String, StoredTensor>,
+    ) -> ModelFiles {
+        ModelFiles { dir, spec, formats, rope_layout, tensors, checked: Default::default() }
+    }
+
+    /// Every tensor the architecture needs exists with the right shape, in a format
+    /// the engine decodes.
+    pub(crate) fn validate(&self) -> Result<(), EngineError> {
         let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
         for layer in 0..self.spec.num_layers {
-            groups.push((WeightGroup::Attention, layer));
-            groups.push((WeightGroup::Mlp, layer));
+            groups.extend(WeightGroup::PER_LAYER.map(|g| (g, layer)));
         }
         for (group, layer) in groups {
             for spec in self.spec.group_tensors(group, layer) {
                 let found = self.tensors.get(&spec.name).ok_or_else(|| EngineError::BadWeights {
                     file: self.dir.clone(),
-                    message: format!(
-                        "missing tensor '{}' required by {} (from config.json)",
-                        spec.name, self.spec.name
-                    ),
+                    message: format!("missing tensor '{}' required by {}", spec.name, self.spec.name),
                 })?;
                 let expected: Vec<u64> = if spec.rows == 1 { vec![spec.cols] } else { vec![spec.rows, spec.cols] };
                 if found.shape != expected {
                     return Err(EngineError::BadWeights {
                         file: found.file.clone(),
                         message: format!(
-                            "tensor '{}' has shape {:?} but config.json implies {:?}",
+                            "tensor '{}' has shape {:?} but the model's shape implies {:?}",
                             spec.name, found.shape, expected
                         ),
                     });
                 }
-                if found.dtype != self.dtype {
-                    return Err(EngineError::BadWeights {
-                        file: found.file.clone(),
-                        message: format!(
-                            "tensor '{}' is {} but the others are {}; mixed dtypes are not supported",
+                if let WeightFormat::Block(t) = found.format {
+                    if BlockFormat::from_ggml(t.name).is_none() {
+                        return Err(EngineError::Unsupported(format!(
+                            "{}: tensor '{}' is {}; the engine runs F32, F16, BF16, Q8_0, Q4_0, Q4_K and Q6_K",
+                            found.file.display(),
                             spec.name,
-                            found.dtype.name(),
-                            self.dtype.name()
-                        ),
-                    });
+                            t.name
+                        )));
+                    }
                 }
             }
         }
         Ok(())
     }
 
+    /// The KV cache's natural dtype: the weights' float dtype, or f16 (llama.cpp's
+    /// default) for quantized files.
+    pub fn kv_dtype(&self) -> ferry_core::model::Dtype {
+        self.formats.uniform_float().unwrap_or(ferry_core::model::Dtype::F16)
+    }
+
     pub fn group(&self, group: WeightGroup, layer: u64) -> GroupLocation {
         let tensors = self.spec.group_tensors(group, layer).iter().map(|t| self.tensors[&t.name].clone()).collect();
-        GroupLocation { tensors, dtype: self.dtype }
+        GroupLocation { tensors }
     }
 
     /// The language-model head matrix: `lm_head.weight`, or the embeddings when tied.
@@ -137,22 +187,32 @@ impl ModelFiles {
         }
     }
 
-    pub fn tensor(&self, name: &str) -> Option<&TensorLocation> {
+    pub fn tensor(&self, name: &str) -> Option<&StoredTensor> {
         self.tensors.get(name)
     }
 
     /// Checks that `bytes`, values of tensor `name` read from `file` at byte `start`,
-    /// are all finite, the first time these bytes are read: one pass over them, cheap
-    /// beside the multiply that follows. A NaN or infinity in a weight would otherwise
-    /// only show as garbage tokens (or non-finite logits) far from its cause.
+    /// are all finite, the first time these bytes are read: one pass over them (for a
+    /// block format, over its scales), cheap beside the multiply that follows. A NaN or
+    /// infinity in a weight would otherwise only show as garbage tokens (or non-finite
+    /// logits) far from its cause.
     pub fn check_finite(&self, name: &str, file: &Path, start: u64, bytes: &[u8]) -> Result<(), EngineError> {
         let key = (file.to_path_buf(), start);
         if self.checked.lock().unwrap_or_else(|p| p.into_inner()).contains(&key) {
             return Ok(());
         }
-        if let Some(index) = first_non_finite(self.dtype, bytes) {
-            let element =
-                (start - self.tensors.get(name).map_or(start, |t| t.start)) / self.dtype.bytes_of(1) + index as u64;
+        let tensor = self.tensors.get(name);
+        let format = tensor.map_or(WeightFormat::F32, |t| t.format);
+        let (found, unit_bytes, unit_values) = match (format, format.dtype()) {
+            (_, Some(dtype)) => (first_non_finite(dtype, bytes), dtype.bytes_of(1), 1),
+            (WeightFormat::Block(t), None) => match BlockFormat::from_ggml(t.name) {
+                Some(block) => (first_non_finite_block(block, bytes), t.block_bytes, t.block_elements),
+                None => (None, 1, 1),
+            },
+            _ => (None, 1, 1),
+        };
+        if let Some(index) = found {
+            let element = (start - tensor.map_or(start, |t| t.start)) / unit_bytes * unit_values + index as u64;
             return Err(EngineError::BadWeights {
                 file: file.to_path_buf(),
                 message: format!("tensor '{name}' holds a non-finite value (NaN or infinity) at element {element}"),
@@ -165,13 +225,17 @@ impl ModelFiles {
 
 /// The index of the first NaN or infinity among little-endian values of `dtype`: the
 /// exponent bits all set.
-pub fn first_non_finite(dtype: Dtype, bytes: &[u8]) -> Option<usize> {
+pub fn first_non_finite(dtype: ferry_core::model::Dtype, bytes: &[u8]) -> Option<usize> {
     match dtype {
-        Dtype::F32 => bytes
+        ferry_core::model::Dtype::F32 => bytes
             .chunks_exact(4)
             .position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000),
-        Dtype::Bf16 => bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
-        Dtype::F16 => bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+        ferry_core::model::Dtype::Bf16 => {
+            bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80)
+        }
+        ferry_core::model::Dtype::F16 => {
+            bytes.chunks_exact(2).position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00)
+        }
         // Integer types hold no non-finite values.
         _ => None,
     }
@@ -248,6 +312,7 @@ fn shard_path(dir: &Path, shard: &str) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::model::Dtype;
 
     #[test]
     fn non_finite_values_are_found_in_every_float_dtype() {

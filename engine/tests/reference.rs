@@ -1,41 +1,47 @@
 //! Logits of a synthetic model match an independent numpy implementation
-//! (tests/reference/llama_reference.py, output committed as golden values) within
-//! 1e-4, through a plan that streams weights and KV from disk.
+//! (tests/reference/llama_reference.py) within 1e-4 of the largest logit: the f32
+//! safetensors model against committed golden values, through a plan that streams
+//! weights and KV from disk; and GGUF files of the same model in f16, Q8_0 and Q4_0
+//! (run from their blocks, query/key rows in llama.cpp's order) against the reference
+//! run live over the same file's dequantized weights, through that streaming plan and
+//! an all-resident one, which must also agree token for token.
+
+use std::path::Path;
 
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
-use ferry_core::model::Dtype;
+use ferry_core::model::{Dtype, WeightFormat, WeightFormats};
 use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::CpuBackend;
+use ferry_engine::kernels::quant::BlockFormat;
+use ferry_engine::synth_gguf::{synthesize_gguf, GgufStorage};
 use ferry_engine::weights::ModelFiles;
-use ferry_engine::{run, RunOptions};
+use ferry_engine::{run, RunOptions, RunReport};
 
-#[test]
-fn logits_match_the_numpy_reference() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference");
-    let prompts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("prompts.json")).unwrap()).unwrap();
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("test-tiny-seed11-golden.json")).unwrap()).unwrap();
-    let prompts: Vec<Vec<u32>> = prompts["prompts"]
+fn reference_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference")
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    read_json(&reference_dir().join("prompts.json"))["prompts"]
         .as_array()
         .unwrap()
         .iter()
         .map(|p| p.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
-        .collect();
-    let gen_len = golden["gen_len"].as_u64().unwrap();
+        .collect()
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::builtin().unwrap();
-    let spec = catalog.model("test-tiny").unwrap().value;
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
-    let files = ModelFiles::open(dir.path()).unwrap();
-    let layers = spec.num_layers;
-    let workload = Workload { batch_size: prompts.len() as u64, prompt_len: prompts[0].len() as u64, gen_len };
-    let policy = Policy {
+/// Pipelined, two micro-batches: every layer's MLP and all but one layer's attention
+/// and KV cache on disk, read in 32 KiB pieces.
+fn streaming(layers: u64, weight_format: WeightFormats, kv_dtype: Dtype) -> Policy {
+    let mut policy = Policy {
         schedule: Schedule::Pipelined,
         micro_batch_size: 1,
         num_micro_batches: 2,
@@ -47,34 +53,46 @@ fn logits_match_the_numpy_reference() {
         kv_cache: TierCounts { device: 1, host: 0, disk: layers - 1 },
         host_attention: false,
         compute_host_layers_on_host: false,
-        weight_format: ferry_core::model::WeightFormats::uniform(ferry_core::model::WeightFormat::F32),
         weight_dtype: Dtype::F32,
-        kv_dtype: Dtype::F32,
+        weight_format: WeightFormats::uniform(WeightFormat::F32),
+        kv_dtype,
         chunk_bytes: 32 * KIB,
         copy_streams: 1,
         io_queue_depth: 2,
         pinned_host_bytes: 0,
         stages: Vec::new(),
     };
+    policy.set_weight_format(weight_format);
+    policy
+}
+
+fn run_plan(files: &ModelFiles, policy: &Policy, gen_len: u64, scratch: &Path) -> RunReport {
+    let catalog = Catalog::builtin().unwrap();
+    let prompts = prompts();
+    let workload = Workload { batch_size: prompts.len() as u64, prompt_len: prompts[0].len() as u64, gen_len };
     let mut profile = Profile::from_datasheet(&Hardware {
         gpu: catalog.gpu("cpu").unwrap().value,
         host: catalog.host("ferry-ci-vm").unwrap().value,
     });
     profile.device_memory_bytes = 16 * MIB;
-    let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+    let graph = lower(policy, &files.spec, &workload, &profile, &Steps::All).unwrap();
     let options = RunOptions {
         prompts,
-        scratch_dir: dir.path().to_path_buf(),
+        scratch_dir: scratch.to_path_buf(),
         allow_buffered_io: true,
         keep_logits: true,
         progress: None,
     };
-    let report = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap();
+    run(&graph, policy, &workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+}
 
-    for (seq, expected) in golden["sequences"].as_array().unwrap().iter().enumerate() {
+/// Every sequence's tokens equal the reference's, and every step's logits are within
+/// 1e-4 of the reference's largest logit.
+fn assert_matches(report: &RunReport, reference: &serde_json::Value, what: &str) {
+    for (seq, expected) in reference["sequences"].as_array().unwrap().iter().enumerate() {
         let tokens: Vec<u32> =
             expected["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-        assert_eq!(report.tokens[seq], tokens, "sequence {seq}: generated tokens differ from the reference");
+        assert_eq!(report.tokens[seq], tokens, "{what} sequence {seq}: generated tokens differ from the reference");
         for (step, logits) in expected["logits"].as_array().unwrap().iter().enumerate() {
             let reference: Vec<f64> = logits.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
             let ours = &report.logits[step][seq];
@@ -82,8 +100,59 @@ fn logits_match_the_numpy_reference() {
             let worst = ours.iter().zip(&reference).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
             assert!(
                 worst <= 1e-4 * scale,
-                "sequence {seq} step {step}: largest difference {worst:e} against a largest logit of {scale}"
+                "{what} sequence {seq} step {step}: largest difference {worst:e} against a largest logit of {scale}"
             );
         }
+    }
+}
+
+#[test]
+fn logits_match_the_numpy_reference() {
+    let golden = read_json(&reference_dir().join("test-tiny-seed11-golden.json"));
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(dir.path()).unwrap();
+    let policy = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
+    let report = run_plan(&files, &policy, golden["gen_len"].as_u64().unwrap(), dir.path());
+    assert_matches(&report, &golden, "safetensors f32");
+}
+
+#[test]
+fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let gen_len = read_json(&reference_dir().join("prompts.json"))["gen_len"].as_u64().unwrap();
+    for storage in [GgufStorage::F16, GgufStorage::Blocks(BlockFormat::Q8_0), GgufStorage::Blocks(BlockFormat::Q4_0)] {
+        let file = dir.path().join(format!("tiny-{storage:?}.gguf"));
+        synthesize_gguf(&spec, storage, 11, &file, false, |_, _| {}).unwrap();
+        let expected = dir.path().join("expected.json");
+        let script = reference_dir().join("llama_reference.py");
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&file)
+            .arg(reference_dir().join("prompts.json"))
+            .arg(&expected)
+            .output()
+            .expect("python3 runs");
+        assert!(out.status.success(), "the numpy reference failed: {}", String::from_utf8_lossy(&out.stderr));
+        let reference = read_json(&expected);
+        let files = ModelFiles::open(&file).unwrap();
+        let streamed = streaming(spec.num_layers, WeightFormats::stored(), Dtype::F32);
+        let resident = Policy {
+            schedule: Schedule::Sequential,
+            num_micro_batches: 1,
+            micro_batch_size: 2,
+            attention_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
+            mlp_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
+            kv_cache: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
+            ..streamed.clone()
+        };
+        let what = format!("{storage:?}");
+        let first = run_plan(&files, &streamed, gen_len, dir.path());
+        assert_matches(&first, &reference, &format!("{what} streamed"));
+        let second = run_plan(&files, &resident, gen_len, dir.path());
+        assert_eq!(first.tokens, second.tokens, "{what}: the plans disagree");
+        assert_matches(&second, &reference, &format!("{what} resident"));
     }
 }

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_core::model::Dtype;
+use ferry_core::model::{Dtype, WeightFormat};
 use ferry_core::profile::{ComputeProfile, CurvePoint, Interference, Profile, Provenance, TransferCurve};
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::{Backend, CpuBackend, DeviceBuffer, WeightRef};
@@ -393,7 +393,7 @@ impl Background {
         let weights = on_device(&vec![0x3fu8; n * k * 2])?;
         let mut out = on_device(&vec![0u8; n * 4])?;
         Ok(Background::start(move || {
-            let matrix = WeightRef { memory: &weights, offset: 0, dtype: Dtype::Bf16, rows: n, cols: k };
+            let matrix = WeightRef { memory: &weights, offset: 0, format: WeightFormat::Bf16, rows: n, cols: k };
             // A load only: its result is not read, and the same call succeeded when timed.
             let _ = CpuBackend.linear(&x, 1, matrix, &mut out, n, 0);
         }))
@@ -507,7 +507,8 @@ fn timed_backend_linear(
 ) -> Result<f64, ProfileError> {
     let k = x.len() / m;
     let (x, w) = (on_device(&f32_bytes(x))?, on_device(weights)?);
-    let matrix = WeightRef { memory: &w, offset: 0, dtype, rows: n, cols: k };
+    let format = WeightFormat::from_dtype(dtype).unwrap_or(WeightFormat::F32);
+    let matrix = WeightRef { memory: &w, offset: 0, format, rows: n, cols: k };
     let mut out = on_device(&vec![0u8; m * n * 4])?;
     if warm {
         CpuBackend.linear(&x, m, matrix, &mut out, n, 0)?;

@@ -3,8 +3,9 @@
 (float64), written from the Hugging Face Llama definition, not from Ferry's code.
 
 It reads a model folder written by `ferry synth` (config.json + model.safetensors in
-f32), runs greedy generation for the prompts in a JSON file, and writes every step's
-logits. The engine's test (engine/tests/reference.rs) synthesizes the same model and
+f32), or a GGUF file (any tensor types llama.cpp's `gguf` package decodes; the query
+and key rows of a `llama` file put back in Hugging Face's order), runs greedy
+generation for the prompts in a JSON file, and writes every step's logits. The engine's test (engine/tests/reference.rs) synthesizes the same model and
 compares its logits with the committed output.
 
     ferry synth --model test-tiny --dtype f32 --seed 11 --out /tmp/tiny
@@ -31,6 +32,51 @@ def load_safetensors(path):
         start, end = info["data_offsets"]
         tensors[name] = np.frombuffer(data[start:end], dtype="<f4").reshape(info["shape"]).astype(np.float64)
     return tensors
+
+
+GGUF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def load_gguf(path):
+    """The config and the weights (float64, Hugging Face names and row order) of a GGUF file."""
+    from gguf import GGUFReader, quants
+
+    reader = GGUFReader(path)
+
+    def field(key):
+        part = reader.fields[key].parts[-1]
+        return str(bytes(part), "utf-8") if part.dtype == np.uint8 else part[0].item()
+
+    arch = field("general.architecture")
+    cfg = {
+        "hidden_size": field(f"{arch}.embedding_length"),
+        "num_attention_heads": field(f"{arch}.attention.head_count"),
+        "num_key_value_heads": field(f"{arch}.attention.head_count_kv"),
+        "num_hidden_layers": field(f"{arch}.block_count"),
+        "rms_norm_eps": field(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field(f"{arch}.rope.freq_base"),
+    }
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    w = {}
+    for t in reader.tensors:
+        base, kind = t.name.rsplit(".", 1)
+        if base.startswith("blk."):
+            _, layer, short = base.split(".")
+            hf = f"model.layers.{layer}.{GGUF_NAMES[short]}.{kind}"
+        else:
+            hf = f"{names[base]}.{kind}"
+        shape = [int(d) for d in reversed(t.shape.tolist())]
+        values = quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
+        if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            rows, cols = values.shape
+            # Stored row 2i + j of a head is Hugging Face row j * head_dim / 2 + i.
+            values = values.reshape(rows // head_dim, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+        w[hf] = values
+    cfg["tie_word_embeddings"] = "lm_head.weight" not in w
+    return cfg, w
 
 
 def rms_norm(x, w, eps):
@@ -90,8 +136,11 @@ def forward(cfg, w, tokens, cache, start):
 
 def main():
     model_dir, prompts_path, out_path = sys.argv[1:4]
-    cfg = json.load(open(f"{model_dir}/config.json"))
-    w = load_safetensors(f"{model_dir}/model.safetensors")
+    if model_dir.endswith(".gguf"):
+        cfg, w = load_gguf(model_dir)
+    else:
+        cfg = json.load(open(f"{model_dir}/config.json"))
+        w = load_safetensors(f"{model_dir}/model.safetensors")
     spec = json.load(open(prompts_path))
     result = {"gen_len": spec["gen_len"], "sequences": []}
     for prompt in spec["prompts"]:

@@ -65,7 +65,7 @@ fn configs(budget_fractions: &[f64]) -> Vec<Config> {
 /// tuner cannot place are skipped. Fails when none fits.
 pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profile) -> Result<Vec<Plan>, ValidateError> {
     let spec = &files.spec;
-    let model_bytes = spec.total_bytes(files.dtype);
+    let model_bytes = ferry_core::model::WeightLayout::of(spec, &files.formats).total_bytes();
     // Absolute paths: the plans written into --report must resolve from their folder.
     let absolute =
         |path: &Path| std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).display().to_string();
@@ -83,14 +83,9 @@ pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profil
             gen_len: options.gen_len,
             batch: if schedule.is_none() { BatchChoice::Auto { max: 4 } } else { BatchChoice::Fixed(batch) },
             objective: Objective::Throughput,
-            // The engine runs the folder's own float type.
-            weight_format: ferry_core::model::WeightFormats::float(files.dtype).ok_or_else(|| {
-                ValidateError::Engine(ferry_engine::EngineError::Unsupported(format!(
-                    "weights stored as {} are not a float format",
-                    files.dtype.name()
-                )))
-            })?,
-            kv_dtype: files.dtype,
+            // The engine runs the weights as the files store them.
+            weight_format: files.formats.clone(),
+            kv_dtype: files.kv_dtype(),
         };
         let space = match schedule {
             None => KnobSpace::full(),

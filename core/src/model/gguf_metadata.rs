@@ -124,8 +124,9 @@ fn stored_layout(header: &GgufHeader, spec: &ModelSpec) -> std::result::Result<W
     Ok(WeightLayout::from_parts(layers, spec.num_layers, embeddings, head, token_embedding, spec.hidden_size))
 }
 
-/// llama.cpp's name of a tensor Ferry names as Hugging Face does.
-fn gguf_name(hf: &str) -> Option<String> {
+/// llama.cpp's name of a tensor Ferry names as Hugging Face does (experts: the
+/// layer's one 3-D tensor they are slices of).
+pub fn gguf_name(hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),

@@ -11,7 +11,7 @@ mod hf_config;
 mod layout;
 
 pub use format::{WeightFormat, WeightFormats, DEFAULT_GROUP_SIZE, MAX_GROUP_SIZE, PLANNABLE_BLOCKS};
-pub use gguf_metadata::{float_dtype, from_gguf, group_of, GroupBytes};
+pub use gguf_metadata::{float_dtype, from_gguf, gguf_name, group_of, GroupBytes};
 pub use hf_config::from_hf_config;
 pub use layout::{GroupSize, SharedLayout, WeightLayout};
 

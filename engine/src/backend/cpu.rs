@@ -4,9 +4,11 @@
 //! its host places with these same operations.
 
 use ferry_core::graph::Place;
+use ferry_core::model::WeightFormat;
 
 use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
-use crate::kernels::{self, Matrix};
+use crate::kernels::quant::BlockFormat;
+use crate::kernels::{self, Matrix, QuantMatrix};
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -29,20 +31,36 @@ pub(crate) fn host_mut(buffer: &mut DeviceBuffer) -> Result<&mut HostBytes, Engi
     }
 }
 
-/// The stored bytes of a weight as the kernels take them.
-fn matrix<'a>(w: &WeightRef<'a>) -> Result<Matrix<'a>, EngineError> {
+/// The stored bytes of a weight.
+fn stored<'a>(w: &WeightRef<'a>) -> Result<&'a [u8], EngineError> {
     let bytes = host(w.memory)?.as_bytes();
-    let data = bytes.get(w.offset..w.offset + w.bytes()).ok_or_else(|| {
+    bytes.get(w.offset..w.offset + w.bytes()).ok_or_else(|| {
         EngineError::Internal(format!("a {}×{} weight at {} passes its buffer's end", w.rows, w.cols, w.offset))
-    })?;
-    Ok(Matrix { bytes: data, dtype: w.dtype, rows: w.rows, cols: w.cols })
+    })
+}
+
+/// The block format of a ggml type the kernels decode.
+fn block_format(format: WeightFormat) -> Result<BlockFormat, EngineError> {
+    match format {
+        WeightFormat::Block(t) => BlockFormat::from_ggml(t.name)
+            .ok_or_else(|| EngineError::Unsupported(format!("the engine has no kernels for {} weights", t.name))),
+        other => Err(EngineError::Unsupported(format!("the engine has no kernels for {} weights", other.name()))),
+    }
+}
+
+/// Stored values in `format` as f32.
+fn decode(format: WeightFormat, bytes: &[u8], out: &mut [f32]) -> Result<(), EngineError> {
+    match format.dtype() {
+        Some(dtype) => kernels::to_f32(dtype, bytes, out),
+        None => kernels::quant::dequantize(block_format(format)?, bytes, out),
+    }
+    Ok(())
 }
 
 /// A 1-D weight (norm, bias) as f32.
 fn vector(w: &WeightRef) -> Result<Vec<f32>, EngineError> {
-    let m = matrix(w)?;
-    let mut out = vec![0.0; m.rows * m.cols];
-    kernels::to_f32(m.dtype, m.bytes, &mut out);
+    let mut out = vec![0.0; w.rows * w.cols];
+    decode(w.format, stored(w)?, &mut out)?;
     Ok(out)
 }
 
@@ -100,13 +118,13 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError> {
-        let m = matrix(&table)?;
-        let row_bytes = kernels::element_bytes(m.dtype) * m.cols;
+        let bytes = stored(&table)?;
+        let row_bytes = table.format.bytes(1, table.cols as u64) as usize;
         let out = host_mut(out)?.as_f32_mut();
-        for (&token, row) in tokens.iter().zip(out.chunks_exact_mut(m.cols)) {
+        for (&token, row) in tokens.iter().zip(out.chunks_exact_mut(table.cols)) {
             let at = token as usize * row_bytes;
-            let src = m.bytes.get(at..at + row_bytes).ok_or_else(|| out_of_range("an embedding row"))?;
-            kernels::to_f32(m.dtype, src, row);
+            let src = bytes.get(at..at + row_bytes).ok_or_else(|| out_of_range("an embedding row"))?;
+            decode(table.format, src, row)?;
         }
         Ok(())
     }
@@ -120,7 +138,17 @@ impl Backend for CpuBackend {
         out_stride: usize,
         col0: usize,
     ) -> Result<(), EngineError> {
-        kernels::linear(host(x)?.as_f32(), rows, matrix(&w)?, host_mut(out)?.as_f32_mut(), out_stride, col0);
+        let (x, bytes, out) = (host(x)?.as_f32(), stored(&w)?, host_mut(out)?.as_f32_mut());
+        match w.format.dtype() {
+            Some(dtype) => {
+                let matrix = Matrix { bytes, dtype, rows: w.rows, cols: w.cols };
+                kernels::linear(x, rows, matrix, out, out_stride, col0);
+            }
+            None => {
+                let matrix = QuantMatrix { bytes, format: block_format(w.format)?, rows: w.rows, cols: w.cols };
+                kernels::linear_quant(x, rows, matrix, out, out_stride, col0);
+            }
+        }
         Ok(())
     }
 

@@ -21,7 +21,7 @@ pub mod cuda;
 mod host;
 
 use ferry_core::graph::Place;
-use ferry_core::model::Dtype;
+use ferry_core::model::{Dtype, WeightFormat};
 
 pub use cpu::CpuBackend;
 pub use host::HostBytes;
@@ -74,19 +74,19 @@ impl DeviceBuffer {
 }
 
 /// A weight matrix (or a 1-D tensor: one row) stored in a buffer: `rows × cols`
-/// elements of `dtype` at byte `offset`.
+/// values in `format` (a float dtype, or whole blocks per row) at byte `offset`.
 #[derive(Clone, Copy)]
 pub struct WeightRef<'a> {
     pub memory: &'a DeviceBuffer,
     pub offset: usize,
-    pub dtype: Dtype,
+    pub format: WeightFormat,
     pub rows: usize,
     pub cols: usize,
 }
 
 impl WeightRef<'_> {
     pub fn bytes(&self) -> usize {
-        self.dtype.bytes_of((self.rows * self.cols) as u64) as usize
+        self.format.bytes(self.rows as u64, self.cols as u64) as usize
     }
 }
 

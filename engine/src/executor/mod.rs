@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ferry_core::graph::{Place, Task, TaskGraph, NO_LAYER, WHOLE_GROUP};
-use ferry_core::model::{Dtype, ModelSpec, WeightGroup};
+use ferry_core::model::{Dtype, ModelSpec, WeightGroup, WeightLayout};
 use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use ferry_core::trace::{Metrics, Trace, TraceSource};
 
@@ -105,6 +105,8 @@ struct Engine<'a> {
     staged: Mutex<HashMap<Key, Arc<Loaded>>>,
     /// Where every layer lives and runs.
     placements: Vec<LayerPlacement>,
+    /// The bytes and format of every weight group in the plan's formats.
+    layout: WeightLayout,
     /// Resident KV caches, one region per (layer, micro-batch), laid out as `kv_layout`.
     kv_device: Vec<Mutex<Option<DeviceBuffer>>>,
     kv_host: Vec<Mutex<Option<DeviceBuffer>>>,
@@ -182,14 +184,7 @@ fn check_plan(
 ) -> Result<(), EngineError> {
     let spec = &files.spec;
     policy.validate(spec, workload, false)?;
-    if policy.weight_dtype != files.dtype {
-        return Err(EngineError::Mismatch(format!(
-            "the plan reads weights as {} but {} stores {}",
-            policy.weight_dtype.name(),
-            files.dir.display(),
-            files.dtype.name()
-        )));
-    }
+    check_formats(policy, files)?;
     if !matches!(policy.kv_dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) {
         return Err(EngineError::Unsupported(format!(
             "KV cache dtype {} is not supported by the engine",
@@ -217,6 +212,37 @@ fn check_plan(
     check_rounds(graph)?;
     // The budget: nothing starts unless every pool can hold its resident set and each task.
     graph.check_fits()?;
+    Ok(())
+}
+
+/// The plan's weight formats must be what the files hold, tensor by tensor: the
+/// engine reads the bytes as stored (it does not convert or quantize), and lowering
+/// priced and cut transfers by the plan's formats.
+fn check_formats(policy: &Policy, files: &ModelFiles) -> Result<(), EngineError> {
+    let spec = &files.spec;
+    let planned = WeightLayout::of(spec, &policy.weight_format);
+    let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
+    for layer in 0..spec.num_layers {
+        groups.extend(WeightGroup::PER_LAYER.map(|g| (g, layer)));
+    }
+    for (group, layer) in groups {
+        let stored = files.group(group, layer);
+        let tensors = spec.group_tensors(group, layer);
+        let formats = planned.group(group, layer).tensors.iter();
+        for ((tensor, held), &plan) in tensors.iter().zip(&stored.tensors).zip(formats) {
+            if plan != held.format {
+                return Err(EngineError::Mismatch(format!(
+                    "the plan stores '{}' as {} but {} holds it as {}; plan the weights as the files store them \
+                     (`ferry tune --weight-format {}`)",
+                    tensor.name,
+                    plan.name(),
+                    files.dir.display(),
+                    held.format.name(),
+                    files.formats.describe()
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -294,6 +320,7 @@ impl<'a> Engine<'a> {
             streamed: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
             placements: policy.layer_placements(spec.num_layers),
+            layout: WeightLayout::of(spec, &policy.weight_format),
             kv_device: (0..layers * micro_batches).map(|_| Mutex::new(None)).collect(),
             kv_host: (0..layers * micro_batches).map(|_| Mutex::new(None)).collect(),
             kv_loaded: Mutex::new(HashMap::new()),

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use ferry_core::graph::{Place, Task, NO_LAYER, WHOLE_GROUP};
-use ferry_core::model::{Dtype, WeightGroup};
+use ferry_core::model::{WeightFormat, WeightGroup};
 use ferry_core::plan::Tier;
-use ferry_core::schedule::weight_pieces;
+use ferry_core::schedule::format_pieces;
 
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, WeightRef};
@@ -23,13 +23,25 @@ pub(super) struct View {
     row_start: usize,
     rows: usize,
     cols: usize,
+    format: WeightFormat,
+}
+
+/// Rows `row_start .. + rows` of one tensor of a group, at bytes `start..end` of `file`.
+struct Part {
+    tensor: u32,
+    row_start: usize,
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+    file: std::path::PathBuf,
+    start: u64,
+    end: u64,
 }
 
 /// Weight bytes in memory: buffers and where each tensor (or row block) is in them.
 pub(super) struct Loaded {
     buffers: Vec<DeviceBuffer>,
     views: Vec<View>,
-    dtype: Dtype,
     /// Streamed weights go back to the recycler when freed (resident ones are unmapped).
     recycler: Option<Arc<Recycler>>,
 }
@@ -65,48 +77,54 @@ impl<'a> Engine<'a> {
         let recycle = recycle.filter(|_| self.backend.host_addressable(place));
         let location = self.files.group(group, layer);
         let tensors = self.spec.group_tensors(group, layer);
-        let dtype = location.dtype;
-        // (tensor index, row_start, rows, cols, file, start, end)
         let mut parts = Vec::new();
         if piece == WHOLE_GROUP {
             for (i, (t, loc)) in tensors.iter().zip(&location.tensors).enumerate() {
-                parts.push((i as u32, 0, t.rows as usize, t.cols as usize, loc.file.clone(), loc.start, loc.end));
+                parts.push(Part {
+                    tensor: i as u32,
+                    row_start: 0,
+                    rows: t.rows as usize,
+                    cols: t.cols as usize,
+                    format: loc.format,
+                    file: loc.file.clone(),
+                    start: loc.start,
+                    end: loc.end,
+                });
             }
         } else {
-            let p = weight_pieces(self.spec, group, layer, dtype, self.policy.chunk_bytes)
+            let p = self
+                .pieces(group, layer)
                 .get(piece as usize)
                 .copied()
                 .ok_or_else(|| EngineError::Internal(format!("piece {piece} out of range")))?;
-            let t = &tensors[p.tensor as usize];
-            let loc = &location.tensors[p.tensor as usize];
-            let row_bytes = dtype.bytes_of(t.cols);
-            let start = loc.start + p.row_start * row_bytes;
-            parts.push((
-                p.tensor,
-                p.row_start as usize,
-                p.rows as usize,
-                t.cols as usize,
-                loc.file.clone(),
+            let (t, loc) = (&tensors[p.tensor as usize], &location.tensors[p.tensor as usize]);
+            let start = loc.start + loc.format.bytes(p.row_start, t.cols);
+            parts.push(Part {
+                tensor: p.tensor,
+                row_start: p.row_start as usize,
+                rows: p.rows as usize,
+                cols: t.cols as usize,
+                format: loc.format,
+                file: loc.file.clone(),
                 start,
-                start + p.bytes,
-            ));
+                end: start + p.bytes,
+            });
         }
         // Merge byte ranges that touch (a group's tensors are usually adjacent in the file).
         let mut loaded = Loaded {
             buffers: Vec::new(),
             views: Vec::new(),
-            dtype,
             recycler: recycle.map(|_| Arc::clone(self.recycler(layer as u32))),
         };
         let mut reserved = recycle.and_then(|key| lock(&self.reserved).remove(&key));
         let mut index = 0;
         while index < parts.len() {
-            let file = parts[index].4.clone();
+            let file = parts[index].file.clone();
             let mut ranges: Vec<(u64, u64)> = Vec::new();
             let mut members: Vec<(usize, usize)> = Vec::new(); // (part index, range index)
             let mut end = index;
-            while end < parts.len() && parts[end].4 == file {
-                let (s, e) = (parts[end].5, parts[end].6);
+            while end < parts.len() && parts[end].file == file {
+                let (s, e) = (parts[end].start, parts[end].end);
                 match ranges.last_mut() {
                     Some(last) if last.1 == s => last.1 = e,
                     _ => ranges.push((s, e)),
@@ -132,24 +150,31 @@ impl<'a> Engine<'a> {
             *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
             let buffer_index = loaded.buffers.len();
             for (part, range) in members {
-                let (tensor, row_start, rows, cols, _, start, end) = &parts[part];
-                let offset = starts[range] + (start - ranges[range].0) as usize;
-                let name = &tensors[*tensor as usize].name;
-                let bytes = &buffer.as_slice()[offset..offset + (end - start) as usize];
-                self.files.check_finite(name, &file, *start, bytes)?;
+                let p = &parts[part];
+                let offset = starts[range] + (p.start - ranges[range].0) as usize;
+                let name = &tensors[p.tensor as usize].name;
+                let bytes = &buffer.as_slice()[offset..offset + (p.end - p.start) as usize];
+                self.files.check_finite(name, &file, p.start, bytes)?;
                 loaded.views.push(View {
                     buffer: buffer_index,
                     offset,
-                    tensor: *tensor,
-                    row_start: *row_start,
-                    rows: *rows,
-                    cols: *cols,
+                    tensor: p.tensor,
+                    row_start: p.row_start,
+                    rows: p.rows,
+                    cols: p.cols,
+                    format: p.format,
                 });
             }
             loaded.buffers.push(self.backend.adopt(place, buffer)?);
             index = end;
         }
         Ok(loaded)
+    }
+
+    /// The pieces a pipelined transfer of (group, layer) cuts, as lowering cut them:
+    /// from the plan's layout, which `check_plan` found equal to the files' formats.
+    fn pieces(&self, group: WeightGroup, layer: u64) -> Vec<ferry_core::schedule::Piece> {
+        format_pieces(self.spec, group, layer, self.layout.group(group, layer), self.policy.chunk_bytes)
     }
 
     /// The loaded weights a compute of (group, layer) at (step, micro-batch) uses.
@@ -195,7 +220,7 @@ impl<'a> Engine<'a> {
                 let block = WeightRef {
                     memory: &l.buffers[v.buffer],
                     offset: v.offset,
-                    dtype: l.dtype,
+                    format: v.format,
                     rows: v.rows,
                     cols: v.cols,
                 };
@@ -285,7 +310,7 @@ impl<'a> Engine<'a> {
             self.backend.copy(b, 0, &mut copy, 0, b.len_bytes())?;
             buffers.push(copy);
         }
-        Ok(Loaded { buffers, views: source.views.clone(), dtype: source.dtype, recycler })
+        Ok(Loaded { buffers, views: source.views.clone(), recycler })
     }
 
     /// One pipelined piece of a host-resident group, copied to the layer's device.
@@ -296,12 +321,11 @@ impl<'a> Engine<'a> {
         whole: &Loaded,
         recycler: Option<Arc<Recycler>>,
     ) -> Result<Loaded, EngineError> {
-        let pieces = weight_pieces(self.spec, group, task.layer as u64, whole.dtype, self.policy.chunk_bytes);
+        let pieces = self.pieces(group, task.layer as u64);
         let missing = || EngineError::Internal(format!("{}: no such piece in memory", task.label()));
         let p = *pieces.get(task.piece as usize).ok_or_else(missing)?;
         let view = whole.views.iter().find(|v| v.tensor == p.tensor).ok_or_else(missing)?;
-        let row_bytes = whole.dtype.bytes_of(view.cols as u64) as usize;
-        let start = view.offset + p.row_start as usize * row_bytes;
+        let start = view.offset + view.format.bytes(p.row_start, view.cols as u64) as usize;
         let mut buffer = self.device_memory(task.layer, p.bytes as usize)?;
         self.backend.copy(&whole.buffers[view.buffer], start, &mut buffer, 0, p.bytes as usize)?;
         Ok(Loaded {
@@ -314,8 +338,8 @@ impl<'a> Engine<'a> {
                 row_start: p.row_start as usize,
                 rows: p.rows as usize,
                 cols: view.cols,
+                format: view.format,
             }],
-            dtype: whole.dtype,
         })
     }
 

@@ -32,6 +32,11 @@ impl BlockFormat {
         }
     }
 
+    /// The format of a ggml type name (`Q4_K`), if the engine decodes it.
+    pub fn from_ggml(name: &str) -> Option<BlockFormat> {
+        BlockFormat::ALL.into_iter().find(|f| f.name() == name)
+    }
+
     /// (weights, bytes) per block.
     pub fn block(self) -> (usize, usize) {
         match self {
@@ -145,6 +150,21 @@ fn q6_k(block: &[u8], y: &mut [f32]) {
             }
         }
     }
+}
+
+/// The first weight (index) of a block whose f16 scales are not finite: a NaN or
+/// infinity there makes every weight of the block non-finite.
+pub fn first_non_finite_block(format: BlockFormat, bytes: &[u8]) -> Option<usize> {
+    let (weights, block_bytes) = format.block();
+    let scales: &[usize] = match format {
+        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
+        BlockFormat::Q4K => &[0, 2],
+        BlockFormat::Q6K => &[208],
+    };
+    bytes
+        .chunks_exact(block_bytes)
+        .position(|block| scales.iter().any(|&at| !f16_at(block, at).is_finite()))
+        .map(|b| b * weights)
 }
 
 /// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0 and Q4_0
