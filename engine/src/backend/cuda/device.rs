@@ -8,7 +8,8 @@ use cudarc::driver::result;
 use ferry_core::model::Dtype;
 
 use super::backend::CudaBackend;
-use super::kernels::{elementwise, n, per_block, Arg, Kernel, ATTN_MAX_HEAD_DIM, ATTN_THREADS, NORM_THREADS};
+use super::kernels::{Kernel, ATTN_MAX_HEAD_DIM};
+use super::launches::{self, Launch};
 use super::memory::{on_lane, CudaBuffer, Scope};
 use super::shapes::{f32_bytes, sgemm_blocks, within, Sgemm, WIDEN_ELEMENTS};
 use crate::backend::{AttentionShape, DeviceBuffer, KvLayout, WeightRef};
@@ -62,16 +63,10 @@ impl CudaBackend {
         on_lane(&self.lanes, &self.allocator, what, work)
     }
 
-    /// Launches `kernel` unless the launch is empty.
-    fn launch(
-        &self,
-        scope: &Scope,
-        kernel: Kernel,
-        config: Option<cudarc::driver::LaunchConfig>,
-        args: &[Arg],
-    ) -> Result<(), EngineError> {
-        match config {
-            Some(config) => self.kernels.launch(scope.stream(), kernel, config, args),
+    /// Issues `launch` unless it is empty.
+    fn launch(&self, scope: &Scope, launch: Launch) -> Result<(), EngineError> {
+        match launch.config {
+            Some(config) => self.kernels.launch(scope.stream(), launch.kernel, config, &launch.args),
             None => Ok(()),
         }
     }
@@ -174,8 +169,7 @@ impl CudaBackend {
         }
         self.on("embed", |scope| {
             let ids = scope.upload(&ids)?;
-            let args = [Arg::Ptr(table_ptr), Arg::I64(code), Arg::Ptr(ids), n(count), n(cols), Arg::Ptr(out.ptr())];
-            self.launch(scope, Kernel::Embed, elementwise(count * cols), &args)
+            self.launch(scope, launches::embed(table_ptr, code, ids, count, cols, out.ptr()))
         })
     }
 
@@ -211,8 +205,7 @@ impl CudaBackend {
                     w_ptr + 4 * first
                 } else {
                     let count = g.rows * k;
-                    let args = [Arg::Ptr(w_ptr + element * first), Arg::I64(code), Arg::Ptr(scratch), n(count)];
-                    self.launch(scope, Kernel::Decode, elementwise(count), &args)?;
+                    self.launch(scope, launches::decode(w_ptr + element * first, code, scratch, count))?;
                     scratch
                 };
                 sgemm(scope, g, a, x.ptr(), out.ptr() + 4 * g.c_offset as u64)?;
@@ -233,12 +226,8 @@ impl CudaBackend {
         let width = weight_ref.rows * weight_ref.cols;
         // As the cpu kernel: the rows both buffers hold.
         let rows = floats(x).min(floats(out)).checked_div(width).unwrap_or(0);
-        let config = per_block(rows, NORM_THREADS)?;
-        self.on("rms_norm", |scope| {
-            let args =
-                [Arg::Ptr(x.ptr()), Arg::Ptr(w_ptr), Arg::I64(code), n(width), Arg::F32(eps), Arg::Ptr(out.ptr())];
-            self.launch(scope, Kernel::RmsNorm, config, &args)
-        })
+        let launch = launches::rms_norm(x.ptr(), w_ptr, code, width, eps, out.ptr(), rows)?;
+        self.on("rms_norm", |scope| self.launch(scope, launch))
     }
 
     pub(super) fn gpu_rope(
@@ -252,15 +241,10 @@ impl CudaBackend {
         let x = gpu_mut(x)?;
         let width = heads * head_dim;
         let rows = positions.len().min(floats(x).checked_div(width).unwrap_or(0));
-        let half = head_dim / 2;
-        // kernels::rope's frequencies and f32 positions, computed here the same way so
-        // the angles are bit-identical; only sin and cos run on the GPU.
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
-        let positions: Vec<f32> = positions[..rows].iter().map(|&p| p as f32).collect();
+        let (positions, inv_freq) = launches::rope_tables(&positions[..rows], head_dim, theta);
         self.on("rope", |scope| {
             let (positions, inv_freq) = (scope.upload(&positions)?, scope.upload(&inv_freq)?);
-            let args = [Arg::Ptr(x.ptr()), n(rows), n(heads), n(head_dim), Arg::Ptr(positions), Arg::Ptr(inv_freq)];
-            self.launch(scope, Kernel::Rope, elementwise(rows * heads * half), &args)
+            self.launch(scope, launches::rope(x.ptr(), rows, heads, head_dim, positions, inv_freq))
         })
     }
 
@@ -278,24 +262,8 @@ impl CudaBackend {
         let rows = layout.sequences * s.new * s.heads * s.head_dim;
         within("attention's queries", 0, f32_bytes(rows), q.len_bytes())?;
         within("attention's output", 0, f32_bytes(rows), out.len_bytes())?;
-        let config = per_block(layout.sequences * s.new * s.heads, ATTN_THREADS)?;
-        self.on("attention", |scope| {
-            let args = [
-                Arg::Ptr(q.ptr()),
-                Arg::Ptr(cache.ptr()),
-                Arg::I64(dtype_code(layout.dtype)?),
-                n(layout.sequences),
-                n(layout.capacity),
-                n(layout.row_bytes),
-                n(s.past),
-                n(s.new),
-                n(s.heads),
-                n(s.kv_heads),
-                n(s.head_dim),
-                Arg::Ptr(out.ptr()),
-            ];
-            self.launch(scope, Kernel::Attention, config, &args)
-        })
+        let launch = launches::attention(q.ptr(), cache.ptr(), layout, s, out.ptr())?;
+        self.on("attention", |scope| self.launch(scope, launch))
     }
 
     pub(super) fn gpu_store_kv(
@@ -313,21 +281,8 @@ impl CudaBackend {
         within("a KV store's block", 0, layout.bytes(), cache.len_bytes())?;
         let count = layout.sequences * new * kv_dim;
         within("a KV store's rows", 0, f32_bytes(count), rows.len_bytes())?;
-        self.on("store_kv", |scope| {
-            let args = [
-                Arg::Ptr(rows.ptr()),
-                Arg::Ptr(cache.ptr()),
-                Arg::I64(dtype_code(layout.dtype)?),
-                n(layout.sequences),
-                n(layout.capacity),
-                n(layout.row_bytes),
-                n(half),
-                n(position),
-                n(new),
-                n(kv_dim),
-            ];
-            self.launch(scope, Kernel::StoreKv, elementwise(count), &args)
-        })
+        let launch = launches::store_kv(rows.ptr(), cache.ptr(), layout, half, position, new)?;
+        self.on("store_kv", |scope| self.launch(scope, launch))
     }
 
     /// `silu_mul` and `add`: element-wise over what both buffers hold.
@@ -339,9 +294,7 @@ impl CudaBackend {
     ) -> Result<(), EngineError> {
         let (x, other) = (gpu_mut(x)?, gpu(other)?);
         let count = floats(x).min(floats(other));
-        self.on(kernel.name(), |scope| {
-            self.launch(scope, kernel, elementwise(count), &[Arg::Ptr(x.ptr()), Arg::Ptr(other.ptr()), n(count)])
-        })
+        self.on(kernel.name(), |scope| self.launch(scope, launches::pairwise(kernel, x.ptr(), other.ptr(), count)))
     }
 
     pub(super) fn gpu_add_bias(
@@ -359,8 +312,7 @@ impl CudaBackend {
         }
         let rows = floats(out).checked_div(stride).unwrap_or(0);
         self.on("add_bias", |scope| {
-            let args = [Arg::Ptr(out.ptr()), Arg::Ptr(bias_ptr), Arg::I64(code), n(rows), n(stride), n(col0), n(width)];
-            self.launch(scope, Kernel::AddBias, elementwise(rows * width), &args)
+            self.launch(scope, launches::add_bias(out.ptr(), bias_ptr, code, rows, stride, col0, width))
         })
     }
 
@@ -386,8 +338,7 @@ impl CudaBackend {
         let list = CudaBackend::row_list(x, width, &rows[..count])?;
         self.on("gather_rows", |scope| {
             let list = scope.upload(&list)?;
-            let args = [Arg::Ptr(x.ptr()), n(width), Arg::Ptr(list), n(count), Arg::Ptr(out.ptr())];
-            self.launch(scope, Kernel::GatherRows, elementwise(count * width), &args)
+            self.launch(scope, launches::gather_rows(x.ptr(), width, list, count, out.ptr()))
         })
     }
 
@@ -400,8 +351,7 @@ impl CudaBackend {
             // SAFETY: the 4 bytes just allocated, on their stream.
             unsafe { result::memset_d8_async(flag, 0, 4, scope.raw_stream()) }.map_err(driver("memset"))?;
             let list = scope.upload(&list)?;
-            let args = [Arg::Ptr(x.ptr()), n(width), Arg::Ptr(list), n(rows.len()), Arg::Ptr(flag)];
-            self.launch(scope, Kernel::RowsFinite, elementwise(rows.len() * width), &args)?;
+            self.launch(scope, launches::rows_finite(x.ptr(), width, list, rows.len(), flag))?;
             // SAFETY: 4 bytes into `found`, which outlives the synchronisation in `on`.
             unsafe { result::memcpy_dtoh_async(&mut found[..], flag, scope.raw_stream()) }
                 .map_err(driver("downloading"))

@@ -191,7 +191,7 @@ impl Kernels {
     }
 }
 
-fn check_args(kernel: Kernel, args: &[Arg]) -> Result<(), EngineError> {
+pub(super) fn check_args(kernel: Kernel, args: &[Arg]) -> Result<(), EngineError> {
     let kinds: Vec<Kind> = args.iter().map(Arg::kind).collect();
     if kinds != kernel.params() {
         return Err(EngineError::Internal(format!(

@@ -10,11 +10,16 @@
 //!   synchronised before it returns (why: see there);
 //! - `kernels` and `kernels.cu`: the forward pass's kernels, compiled by NVRTC when
 //!   the backend opens;
+//! - `launches`: each kernel launch as data (kernel, grid, arguments), shared by the
+//!   GPU path and the host emulation test;
 //! - `shapes`: the launch arithmetic that needs no GPU (tested everywhere).
 
 mod backend;
 mod device;
+#[cfg(test)]
+mod emulated;
 mod kernels;
+mod launches;
 mod memory;
 mod primitives;
 mod shapes;
