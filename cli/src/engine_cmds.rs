@@ -158,7 +158,9 @@ pub struct RunArgs {
     /// Seed of the random prompt token ids.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Backend to run on (cpu; cuda is a later issue).
+    /// Backend to run on: cpu, or cuda (the plan's device is CUDA GPU 0, its memory and
+    /// compute; host memory and host compute stay on the CPU). cuda loads the NVIDIA
+    /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].

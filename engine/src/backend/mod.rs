@@ -9,8 +9,11 @@
 //! backend looks inside one. On the `cpu` backend, the one this project tests
 //! everywhere, every place is host RAM (a device is a RAM budget), so a buffer is the
 //! memory itself. The `cuda` backend (cargo feature `cuda`) keeps device places in GPU
-//! memory and computes there; its host places are host memory computed on by the CPU
-//! kernels, exactly as on the cpu backend.
+//! memory and computes there (its kernels compiled by NVRTC at start, linear layers by
+//! cuBLAS in f32); its host places are host memory computed on by the CPU kernels,
+//! exactly as on the cpu backend. It runs each call on the calling thread's own stream
+//! and waits for it before returning, so a task's time is its GPU time and the next
+//! task, on whatever thread, sees its results (`cuda::memory`).
 //!
 //! A new device kind is a new implementation of `Backend` (a file here) and a variant of
 //! `DeviceBuffer`; the executor's forward pass does not change.
@@ -271,14 +274,12 @@ pub fn backend(name: &str) -> Result<Box<dyn Backend>, EngineError> {
     }
 }
 
+/// The cuda backend on CUDA device 0; the error says what is missing (driver, cuBLAS,
+/// NVRTC, a GPU) or why the kernels did not compile.
 #[cfg(feature = "cuda")]
 fn cuda_backend() -> Result<Box<dyn Backend>, EngineError> {
     cuda::check_libraries()?;
-    Err(EngineError::Unsupported(
-        "the engine's cuda execution backend is not built yet: runs use --backend cpu \
-         (ferry profile --backend cuda measures a GPU for the tuner)"
-            .into(),
-    ))
+    Ok(Box::new(cuda::CudaBackend::open(0)?))
 }
 
 #[cfg(not(feature = "cuda"))]

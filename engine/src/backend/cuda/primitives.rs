@@ -1,12 +1,7 @@
-//! The CUDA device (cargo feature `cuda`): cudarc with the driver and cuBLAS loaded at
-//! run time, so Ferry builds everywhere and says plainly when a machine has no driver.
-//!
-//! Holds the device primitives the engine's cuda backend is built from and that
-//! `ferry profile --backend cuda` measures with: opening a device, device memory,
-//! page-locked host memory, asynchronous copies on streams, and cuBLAS GEMMs at the
-//! shapes of a model's projections. What is missing before `ferry run --backend cuda`
-//! can execute plans: the forward pass's norm, rotary, attention and SwiGLU kernels on
-//! the device and `Backend` operands as device buffer handles (see `super`).
+//! The CUDA primitives: loading checks, opening a device, device memory, page-locked
+//! host memory, asynchronous copies on streams, and cuBLAS GEMMs at the shapes of a
+//! model's projections. `ferry profile --backend cuda` measures with these; the
+//! engine's `CudaBackend` is built on the same driver and cuBLAS.
 //!
 //! `check_libraries` must run before any other call here: cudarc panics when a
 //! library is absent.
@@ -24,13 +19,14 @@ fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineErr
     move |e| EngineError::Device(format!("{what}: {e}"))
 }
 
-/// Whether the CUDA driver and cuBLAS can be loaded; the error says what is missing.
+/// Whether the CUDA driver, cuBLAS and NVRTC (which compiles the backend's kernels at
+/// run time) can be loaded; the error names what is missing and how to get it.
 pub fn check_libraries() -> Result<(), EngineError> {
     // SAFETY: only tries to dlopen the library; no CUDA function is called.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(EngineError::Device(format!(
             "no NVIDIA driver on this machine: could not load the CUDA driver library (looked for {}). \
-             Install the NVIDIA driver (or add its folder to LD_LIBRARY_PATH), or profile the CPU with --backend cpu",
+             Install the NVIDIA driver (or add its folder to LD_LIBRARY_PATH), or use --backend cpu",
             library_names("cuda")
         )));
     }
@@ -40,6 +36,15 @@ pub fn check_libraries() -> Result<(), EngineError> {
             "the NVIDIA driver is present but cuBLAS is not (looked for {}). Install the CUDA 12 runtime \
              libraries (e.g. the nvidia-cublas-cu12 wheel or the toolkit) and add their folder to LD_LIBRARY_PATH",
             library_names("cublas")
+        )));
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(EngineError::Device(format!(
+            "the NVIDIA driver and cuBLAS are present but NVRTC, which compiles Ferry's GPU kernels when the \
+             cuda backend starts, is not (looked for {}). Install the CUDA 12 runtime compiler (e.g. the \
+             nvidia-cuda-nvrtc-cu12 wheel or the toolkit) and add its folder to LD_LIBRARY_PATH",
+            library_names("nvrtc")
         )));
     }
     Ok(())
@@ -94,15 +99,6 @@ impl Drop for DeviceMemory {
     fn drop(&mut self) {
         // SAFETY: allocated by malloc_sync and not freed before.
         let _ = unsafe { result::free_sync(self.ptr) };
-    }
-}
-
-/// Device memory as the engine's backend hands it out (`super::DeviceBuffer::Cuda`).
-pub struct CudaBuffer(pub DeviceMemory);
-
-impl CudaBuffer {
-    pub fn len_bytes(&self) -> usize {
-        self.0.bytes
     }
 }
 
