@@ -218,7 +218,8 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     let backend = backend::backend(&args.backend)?;
     let files = ModelFiles::open(&args.model_dir)?;
     let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec)?;
-    if !resolved.profile.unified_memory {
+    // A backend whose "device" is host RAM (cpu) measures nothing of a discrete GPU's plan.
+    if !resolved.profile.unified_memory && backend.host_addressable(ferry_core::graph::Place::DEVICE) {
         return Err(CoreError::invalid(format!(
             "{} is a plan for {}; the {} backend runs plans for the cpu device (ferry tune --gpu cpu --device-mem SIZE ...)",
             args.plan.display(),

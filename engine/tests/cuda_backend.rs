@@ -165,7 +165,9 @@ fn the_cuda_backend_computes_the_cpu_backends_tokens() {
         ferry_engine::synth::synthesize(&spec, dtype, seed, &model, false, |_, _| {}).unwrap();
         let files = ModelFiles::open(&model).unwrap();
         for (what, mut policy, on_discrete) in plans(spec.num_layers) {
-            policy.weight_dtype = dtype;
+            policy.set_weight_format(ferry_core::model::WeightFormats::uniform(
+                ferry_core::model::WeightFormat::from_dtype(dtype).unwrap(),
+            ));
             let profile = if on_discrete { &discrete } else { &unified };
             let what = format!("{dtype:?} model, {what}");
             let cpu = execute(dir.path(), &files, &policy, &workload, profile, &CpuBackend);

@@ -13,7 +13,7 @@ use ferry_core::graph::Place;
 use super::kernels::{Kernel, Kernels};
 use super::memory::{Allocator, Lanes};
 use super::primitives::{check_libraries, open_device};
-use crate::backend::{AttentionShape, Backend, CpuBackend, DeviceBuffer, HostBytes, KvLayout, WeightRef};
+use crate::backend::{AttentionShape, Backend, CpuBackend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -177,17 +177,10 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn rope(
-        &self,
-        x: &mut DeviceBuffer,
-        heads: usize,
-        head_dim: usize,
-        positions: &[usize],
-        theta: f32,
-    ) -> Result<(), EngineError> {
+    fn rope(&self, x: &mut DeviceBuffer, rotary: Rotary, positions: &[usize]) -> Result<(), EngineError> {
         match side("rope", &[x])? {
-            Side::Host => CpuBackend.rope(x, heads, head_dim, positions, theta),
-            Side::Gpu => self.gpu_rope(x, heads, head_dim, positions, theta),
+            Side::Host => CpuBackend.rope(x, rotary, positions),
+            Side::Gpu => self.gpu_rope(x, rotary, positions),
         }
     }
 

@@ -12,7 +12,7 @@ use super::kernels::{Kernel, ATTN_MAX_HEAD_DIM};
 use super::launches::{self, Launch};
 use super::memory::{on_lane, CudaBuffer, Scope};
 use super::shapes::{f32_bytes, sgemm_blocks, within, Sgemm, WIDEN_ELEMENTS};
-use crate::backend::{AttentionShape, DeviceBuffer, KvLayout, WeightRef};
+use crate::backend::{AttentionShape, DeviceBuffer, KvLayout, Rotary, WeightRef};
 use crate::kernels::element_bytes;
 use crate::EngineError;
 
@@ -51,11 +51,22 @@ fn driver(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineError + '
     move |e| EngineError::Device(format!("{what}: {e}"))
 }
 
+/// A float weight's dtype: the kernels here widen f32, f16 and bf16; block-quantized
+/// weights run on the cpu backend only, for now.
+fn weight_dtype(w: &WeightRef) -> Result<Dtype, EngineError> {
+    w.format.dtype().ok_or_else(|| {
+        EngineError::Unsupported(format!(
+            "the cuda backend multiplies f32, f16 and bf16 weights; {} weights run on --backend cpu",
+            w.format.name()
+        ))
+    })
+}
+
 /// A stored weight's device address and dtype code, its extent checked.
 fn weight(w: &WeightRef) -> Result<(u64, i64), EngineError> {
     let buffer = gpu(w.memory)?;
     within(&format!("a {}×{} weight", w.rows, w.cols), w.offset, w.bytes(), buffer.len_bytes())?;
-    Ok((buffer.ptr() + w.offset as u64, dtype_code(w.dtype)?))
+    Ok((buffer.ptr() + w.offset as u64, dtype_code(weight_dtype(w)?)?))
 }
 
 impl CudaBackend {
@@ -192,10 +203,11 @@ impl CudaBackend {
         within("a linear's output", 0, f32_bytes(rows * out_stride), out.len_bytes())?;
         let (w_ptr, code) = weight(&w)?;
         // f32 weights at an f32-aligned address go to cuBLAS as they are.
-        let direct = w.dtype == Dtype::F32 && w_ptr.is_multiple_of(4);
+        let dtype = weight_dtype(&w)?;
+        let direct = dtype == Dtype::F32 && w_ptr.is_multiple_of(4);
         let limit = if direct { usize::MAX } else { WIDEN_ELEMENTS };
         let blocks = sgemm_blocks(rows, w.rows, k, out_stride, col0, limit)?;
-        let element = element_bytes(w.dtype) as u64;
+        let element = element_bytes(dtype) as u64;
         self.on("linear", |scope| {
             let widest = blocks.iter().map(|g| g.rows).max().unwrap_or(0);
             let scratch = if direct { 0 } else { scope.temp(f32_bytes(widest * k))? };
@@ -230,21 +242,14 @@ impl CudaBackend {
         self.on("rms_norm", |scope| self.launch(scope, launch))
     }
 
-    pub(super) fn gpu_rope(
-        &self,
-        x: &mut DeviceBuffer,
-        heads: usize,
-        head_dim: usize,
-        positions: &[usize],
-        theta: f32,
-    ) -> Result<(), EngineError> {
+    pub(super) fn gpu_rope(&self, x: &mut DeviceBuffer, r: Rotary, positions: &[usize]) -> Result<(), EngineError> {
         let x = gpu_mut(x)?;
-        let width = heads * head_dim;
+        let width = r.heads * r.head_dim;
         let rows = positions.len().min(floats(x).checked_div(width).unwrap_or(0));
-        let (positions, inv_freq) = launches::rope_tables(&positions[..rows], head_dim, theta);
+        let (positions, inv_freq) = launches::rope_tables(&positions[..rows], r.head_dim, r.theta);
         self.on("rope", |scope| {
-            let (positions, inv_freq) = (scope.upload(&positions)?, scope.upload(&inv_freq)?);
-            self.launch(scope, launches::rope(x.ptr(), rows, heads, head_dim, positions, inv_freq))
+            let tables = (scope.upload(&positions)?, scope.upload(&inv_freq)?);
+            self.launch(scope, launches::rope(x.ptr(), rows, r.heads, r.head_dim, tables, r.layout))
         })
     }
 

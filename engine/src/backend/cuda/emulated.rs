@@ -187,12 +187,15 @@ fn row_kernels_match_the_cpu() {
     // rope over 4 heads of 12.
     let (heads, head_dim) = (4, 12);
     let positions = [0usize, 1, 7, 300, 4095];
-    let mut got = wave(rows * heads * head_dim, 4);
-    let mut want = got.clone();
     let (pos, inv_freq) = launches::rope_tables(&positions, head_dim, 10000.0);
-    run(f, launches::rope(addr_mut(&mut got), rows, heads, head_dim, addr(&pos), addr(&inv_freq)));
-    kernels::rope(&mut want, heads, head_dim, &positions, 10000.0);
-    assert_near("rope", &got, &want, 1e-6);
+    let tables = (addr(&pos), addr(&inv_freq));
+    for layout in [kernels::RopeLayout::Halves, kernels::RopeLayout::Pairs] {
+        let mut got = wave(rows * heads * head_dim, 4);
+        let mut want = got.clone();
+        run(f, launches::rope(addr_mut(&mut got), rows, heads, head_dim, tables, layout));
+        kernels::rope(&mut want, heads, head_dim, &positions, 10000.0, layout);
+        assert_near("rope", &got, &want, 1e-6);
+    }
 }
 
 #[test]

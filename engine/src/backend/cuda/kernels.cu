@@ -145,9 +145,11 @@ extern "C" __global__ void ferry_embed(const u8* table, i64 dtype, const i64* to
     }
 }
 
-// Rotary embedding, "rotate half": inv_freq computed on the host exactly as the CPU does.
+// Rotary embedding: inv_freq computed on the host exactly as the CPU does. Pair j turns
+// elements j and j + head_dim/2 ("rotate half"), or 2j and 2j + 1 where `pairs` is set
+// (llama.cpp's layout, for GGUF files' interleaved q/k rows).
 extern "C" __global__ void ferry_rope(float* x, i64 rows, i64 heads, i64 head_dim, const float* positions,
-                                      const float* inv_freq) {
+                                      const float* inv_freq, i64 pairs) {
     i64 half = head_dim / 2;
     GRID_STRIDE(i, rows * heads * half) {
         i64 j = i % half;
@@ -157,10 +159,12 @@ extern "C" __global__ void ferry_rope(float* x, i64 rows, i64 heads, i64 head_di
         float s = sinf(angle);
         float c = cosf(angle);
         float* v = x + head * head_dim;
-        float a = v[j];
-        float b = v[j + half];
-        v[j] = a * c - b * s;
-        v[j + half] = b * c + a * s;
+        i64 first = pairs ? 2 * j : j;
+        i64 second = pairs ? 2 * j + 1 : j + half;
+        float a = v[first];
+        float b = v[second];
+        v[first] = a * c - b * s;
+        v[second] = b * c + a * s;
     }
 }
 

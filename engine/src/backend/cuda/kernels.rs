@@ -109,7 +109,7 @@ impl Kernel {
         match self {
             Kernel::Decode => &[Ptr, I64, Ptr, I64],
             Kernel::Embed => &[Ptr, I64, Ptr, I64, I64, Ptr],
-            Kernel::Rope => &[Ptr, I64, I64, I64, Ptr, Ptr],
+            Kernel::Rope => &[Ptr, I64, I64, I64, Ptr, Ptr, I64],
             Kernel::StoreKv => &[Ptr, Ptr, I64, I64, I64, I64, I64, I64, I64, I64],
             Kernel::SiluMul => &[Ptr, Ptr, I64],
             Kernel::Add => &[Ptr, Ptr, I64],

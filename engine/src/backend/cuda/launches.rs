@@ -8,7 +8,7 @@ use cudarc::driver::LaunchConfig;
 
 use super::device::dtype_code;
 use super::kernels::{elementwise, n, per_block, Arg, Kernel, ATTN_THREADS, NORM_THREADS};
-use crate::backend::{AttentionShape, KvLayout};
+use crate::backend::{AttentionShape, KvLayout, RopeLayout};
 use crate::kernels::element_bytes;
 use crate::EngineError;
 
@@ -62,12 +62,20 @@ pub(super) fn rope_tables(positions: &[usize], head_dim: usize, theta: f32) -> (
     (positions.iter().map(|&p| p as f32).collect(), inv_freq)
 }
 
-/// Rotary embedding of `rows` rows of `heads` heads, tables from `rope_tables`.
-pub(super) fn rope(x: u64, rows: usize, heads: usize, head_dim: usize, positions: u64, inv_freq: u64) -> Launch {
+/// Rotary embedding of `rows` rows of `heads` heads in `layout`, tables from `rope_tables`.
+pub(super) fn rope(
+    x: u64,
+    rows: usize,
+    heads: usize,
+    head_dim: usize,
+    (positions, inv_freq): (u64, u64),
+    layout: RopeLayout,
+) -> Launch {
+    let pairs = Arg::I64((layout == RopeLayout::Pairs) as i64);
     Launch {
         kernel: Kernel::Rope,
         config: elementwise(rows * heads * (head_dim / 2)),
-        args: vec![Arg::Ptr(x), n(rows), n(heads), n(head_dim), Arg::Ptr(positions), Arg::Ptr(inv_freq)],
+        args: vec![Arg::Ptr(x), n(rows), n(heads), n(head_dim), Arg::Ptr(positions), Arg::Ptr(inv_freq), pairs],
     }
 }
 
