@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Ferry against llama.cpp on the same GGUF files (issue 13's peer benchmark; not CI).
+#
+#   bench/peers.sh build     # llama.cpp from the llama-cpp-python source distribution
+#                            # (its vendor/llama.cpp), CPU only, native flags:
+#                            # ~15 min on two cores, once, into $PEERS (default bench/work/peers)
+#   bench/peers.sh ram [N]   # TinyLlama shape, Q4_0 and Q8_0 (ferry synth --format gguf),
+#                            # everything in RAM, prompt 64, 32 tokens, batch 1 and 8,
+#                            # N alternated rounds (default 3): tokens/s of each
+#
+# Ferry's figure is its measured decode rate (1 / time per output token, batch
+# sequences per step); llama.cpp's is llama-bench's tg32 (batch 1) and
+# llama-batched-bench's decode rate with 8 parallel sequences after a 64-token prompt.
+# Both use every core. Needs: cmake (pip install cmake), a C++17 compiler, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS=${PEERS:-$PWD/bench/work/peers}
+VERSION=0.3.36
+FERRY=${FERRY:-$PWD/target/release/ferry}
+mkdir -p "$PEERS"
+
+build() {
+  local tarball="$PEERS/llama_cpp_python-$VERSION.tar.gz"
+  if [ ! -f "$tarball" ]; then
+    python3 - "$tarball" "$VERSION" <<'PY'
+import json, sys, urllib.parse, urllib.request
+out, version = sys.argv[1], sys.argv[2]
+index = "https://pypi.org/pypi/llama-cpp-python/json"
+project = json.load(urllib.request.urlopen(index))
+files = project.get("releases", {}).get(version) or (project["urls"] if project["info"]["version"] == version else [])
+sdist = [f for f in files if f["packagetype"] == "sdist"][0]
+urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), out)
+PY
+  fi
+  tar -xzf "$tarball" -C "$PEERS"
+  local src="$PEERS/llama_cpp_python-$VERSION/vendor/llama.cpp"
+  cmake -S "$src" -B "$PEERS/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF > "$PEERS/cmake.log"
+  cmake --build "$PEERS/build" --target llama-bench llama-batched-bench -j "$(nproc)" > "$PEERS/build.log"
+  ls "$PEERS/build/bin"
+}
+
+ferry_rate() { # model plan -> tokens/s (batch sequences per step / time per output token)
+  "$FERRY" run --model-dir "$1" --plan "$2" --json 2>/dev/null |
+    python3 -c "import json,sys; d=json.load(sys.stdin); m=d['metrics']; print(round(len(d['tokens'])*1e9/m['time_per_output_token_ns'],2))"
+}
+
+ram() {
+  local rounds=${1:-3} bin="$PEERS/build/bin"
+  cargo build --release -q -p ferry
+  for q in q4_0 q8_0; do
+    local file="$PEERS/tinyllama-$q.gguf"
+    [ -f "$file" ] || "$FERRY" synth --model tinyllama-1.1b --format gguf --dtype $q --out "$file" > /dev/null
+    for b in 1 8; do
+      "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
+        --gen-len 32 --out "$PEERS/plan-$q-b$b.yaml" --force > /dev/null
+    done
+  done
+  for round in $(seq "$rounds"); do
+    for q in q4_0 q8_0; do
+      local file="$PEERS/tinyllama-$q.gguf"
+      local ferry1 ferry8 llama1 llama8
+      ferry1=$(ferry_rate "$file" "$PEERS/plan-$q-b1.yaml")
+      llama1=$("$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 -o json 2>/dev/null |
+        python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
+      ferry8=$(ferry_rate "$file" "$PEERS/plan-$q-b8.yaml")
+      llama8=$("$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 --output-format jsonl 2>/dev/null |
+        python3 -c "import json,sys; print(round([json.loads(l) for l in sys.stdin if l.startswith('{')][-1]['speed_tg'],2))")
+      echo "round $round $q: batch 1 ferry $ferry1 llama.cpp $llama1 tokens/s; batch 8 ferry $ferry8 llama.cpp $llama8 tokens/s"
+    done
+  done
+}
+
+case "${1:-}" in
+  build) build ;;
+  ram) ram "${2:-3}" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
