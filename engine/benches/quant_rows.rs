@@ -11,35 +11,12 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_core::model::Dtype;
-use ferry_engine::kernels::quant::BlockFormat;
+use ferry_engine::kernels::quant::{sample_blocks, BlockFormat};
 use ferry_engine::kernels::{from_f32, linear_rows, quant_rows, simd_path, Matrix, QuantMatrix, SimdPath};
 
 const N: usize = 5632;
 const K: usize = 2048;
 const MATRICES: usize = 8;
-
-/// Blocks of random bytes with finite, small f16 scales where the format keeps them.
-fn blocks(format: BlockFormat, count: usize) -> Vec<u8> {
-    let (_, block_bytes) = format.block();
-    let mut state = 7u64;
-    let mut bytes: Vec<u8> = (0..count * block_bytes)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 33) as u8
-        })
-        .collect();
-    let scales: &[usize] = match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
-        BlockFormat::Q4K => &[0, 2],
-        BlockFormat::Q6K => &[208],
-    };
-    for block in bytes.chunks_exact_mut(block_bytes) {
-        for &at in scales {
-            block[at..at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
-        }
-    }
-    bytes
-}
 
 fn bench(c: &mut Criterion) {
     let path = simd_path().unwrap_or_else(SimdPath::best);
@@ -62,7 +39,7 @@ fn bench(c: &mut Criterion) {
             })
         });
         for format in BlockFormat::ALL {
-            let one = blocks(format, N * K / format.block().0);
+            let one = sample_blocks(format, N * K / format.block().0, 7);
             let stored: Vec<Vec<u8>> = (0..MATRICES).map(|_| one.clone()).collect();
             group.bench_with_input(BenchmarkId::new(format.name(), m), &m, |b, &m| {
                 b.iter(|| {

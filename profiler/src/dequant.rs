@@ -1,78 +1,71 @@
-//! Dequantization throughput: the engine's decoder of each ggml block format
-//! (`kernels::quant::dequantize`, bit-identical to llama.cpp's) run on every thread of
-//! the engine's compute pool, as quantized kernels will run it. The figure is bytes of
-//! quantized input per second; the cost model charges a task's quantized bytes at it.
+//! Dequantization throughput of the engine's quantized kernels: `kernels::quant_rows`
+//! (the products straight from the blocks) multiplying one row by weights of each ggml block
+//! format held in the caches, on the engine's compute pool — the kernel `ferry run`
+//! runs, at the decoding batch where its decoding shows most.
+//!
+//! The cost model charges a quantized task `FLOPs time + bytes ÷ rate` (plus the
+//! roofline's memory bound; `sim::dequant`), FLOPs at the profile's peak. So that a
+//! one-row product costs what it measured, the rate written is the product's time less
+//! those FLOPs at that peak: bytes ÷ (measured − 2·weights ÷ peak). Where the FLOPs
+//! would take most of the measured time, the decoding is taken to cost at least a
+//! tenth of it (a rate 10× the product's), never nothing.
 
 use std::time::Instant;
 
 use ferry_core::profile::DequantRate;
 use ferry_core::units::{KIB, MIB};
-use ferry_engine::kernels::{self, quant::BlockFormat};
+use ferry_engine::kernels::quant::BlockFormat;
+use ferry_engine::kernels::{self, QuantMatrix};
 
 use super::{median_spread, ProfileOptions};
 
-/// Quantized bytes decoded per trial: enough for tens of milliseconds on a fast machine.
+/// Quantized bytes multiplied per trial: tens of milliseconds on a fast machine.
 const INPUT_BYTES: u64 = 32 * MIB;
-/// Input decoded per step: its f32 output stays in a core's cache, so the figure is the
-/// decoder's, not the memory's (which the roofline already prices).
-const STEP_INPUT_BYTES: u64 = 16 * KIB;
+/// Weights per product: small enough to stay in the caches while it is multiplied,
+/// so the figure is the kernel's, not the memory's (which the roofline prices).
+const STEP_INPUT_BYTES: u64 = 256 * KIB;
+/// Values per weight row: a multiple of every block (256) and a common hidden size.
+const COLS: usize = 2048;
 
-/// One rate per block format the engine decodes, named as plans name formats (`q4_k`).
-pub(crate) fn measure_dequantize(options: &ProfileOptions) -> Vec<DequantRate> {
+/// One rate per block format the engine multiplies, named as plans name formats
+/// (`q4_k`); `peak_flops` is the measured rate the cost model charges FLOPs at.
+pub(crate) fn measure_dequantize(options: &ProfileOptions, peak_flops: f64) -> Vec<DequantRate> {
     BlockFormat::ALL
         .iter()
         .map(|&format| {
-            let input = blocks(format, INPUT_BYTES);
-            let rates: Vec<f64> = (0..options.trials.max(1)).map(|_| timed_dequantize(format, &input)).collect();
+            let input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
+            let rates: Vec<f64> = (0..options.trials.max(1)).map(|_| decode_rate(format, &input, peak_flops)).collect();
             DequantRate { format: format.name().to_ascii_lowercase(), bytes_per_s: median_spread(&rates).0 }
         })
         .collect()
 }
 
-/// About `bytes` of whole blocks of `format` with pseudo-random values and plausible
-/// f16 scales (0.01): random scale bits would include infinities and NaNs.
-fn blocks(format: BlockFormat, bytes: u64) -> Vec<u8> {
-    let (_, block_bytes) = format.block();
-    let count = (bytes as usize / block_bytes).max(1);
-    let mut rng = ferry_engine::synth::SplitMix64::new(block_bytes as u64);
-    let mut data: Vec<u8> = (0..count * block_bytes).map(|_| rng.next_u64() as u8).collect();
-    // 0.01 as an f16 (exponent 8, mantissa 287).
-    let scale = 0x211Fu16.to_le_bytes();
-    // Where each format keeps its f16 scales (ggml's block layouts).
-    let scale_offsets: &[usize] = match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
-        BlockFormat::Q4K => &[0, 2],
-        BlockFormat::Q6K => &[208],
-    };
-    for block in data.chunks_exact_mut(block_bytes) {
-        for &at in scale_offsets {
-            block[at..at + 2].copy_from_slice(&scale);
-        }
-    }
-    data
-}
-
-/// Bytes of `input` decoded per second on every thread of the compute pool.
-fn timed_dequantize(format: BlockFormat, input: &[u8]) -> f64 {
+/// Bytes of `input` per second of decoding, from one pass of one-row products over it.
+fn decode_rate(format: BlockFormat, input: &[u8], peak_flops: f64) -> f64 {
     let (weights, block_bytes) = format.block();
-    let step = (STEP_INPUT_BYTES as usize / block_bytes).max(1) * block_bytes;
-    let pool = kernels::compute_pool();
-    let threads = pool.current_num_threads().max(1);
-    let per_thread = input.len().div_ceil(threads).div_ceil(block_bytes) * block_bytes;
-    let start = Instant::now();
-    pool.scope(|scope| {
-        for part in input.chunks(per_thread) {
-            scope.spawn(move |_| {
-                let mut out = vec![0.0f32; step / block_bytes * weights];
-                for piece in part.chunks(step) {
-                    let values = piece.len() / block_bytes * weights;
-                    kernels::quant::dequantize(format, piece, &mut out[..values]);
-                }
-                std::hint::black_box(&out);
-            });
+    let row_bytes = COLS / weights * block_bytes;
+    let rows = (STEP_INPUT_BYTES as usize / row_bytes).max(1);
+    let x = vec![0.25f32; COLS];
+    let mut out = vec![0.0f32; rows];
+    let path = kernels::simd_path().unwrap_or(kernels::SimdPath::Scalar);
+    let pieces: Vec<&[u8]> = input.chunks_exact(rows * row_bytes).collect();
+    // One pass untimed: the first touch of each page is not the kernel's cost.
+    let mut run = || {
+        for piece in &pieces {
+            // Each piece twice: the second product reads it from the caches.
+            for _ in 0..2 {
+                let matrix = QuantMatrix { bytes: piece, format, rows, cols: COLS };
+                kernels::quant_rows(path, &x, 1, matrix, &mut out, rows, 0);
+            }
         }
-    });
-    input.len() as f64 / start.elapsed().as_secs_f64()
+    };
+    run();
+    let start = Instant::now();
+    run();
+    let seconds = start.elapsed().as_secs_f64();
+    let bytes = 2.0 * (pieces.len() * rows * row_bytes) as f64;
+    let flops_seconds = 2.0 * 2.0 * (pieces.len() * rows * COLS) as f64 / peak_flops.max(1.0);
+    bytes / (seconds - flops_seconds).max(seconds / 10.0)
 }
 
 #[cfg(test)]
@@ -82,7 +75,7 @@ mod tests {
     #[test]
     fn every_block_format_the_engine_decodes_gets_a_plausible_rate() {
         let options = ProfileOptions { trials: 1, ..ProfileOptions::quick(std::env::temp_dir()) };
-        let rates = measure_dequantize(&options);
+        let rates = measure_dequantize(&options, 50e9);
         let names: Vec<&str> = rates.iter().map(|r| r.format.as_str()).collect();
         assert_eq!(names, ["q8_0", "q4_0", "q4_k", "q6_k"]);
         for rate in &rates {

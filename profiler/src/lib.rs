@@ -261,7 +261,7 @@ pub(crate) fn measure_host_compute(
         None
     };
     progress("dequantization", 0.0);
-    let dequantize = dequant::measure_dequantize(options);
+    let dequantize = dequant::measure_dequantize(options, peak_flops);
     progress("task overhead", 0.0);
     let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
     Ok(HostCompute {

@@ -156,15 +156,36 @@ fn q6_k(block: &[u8], y: &mut [f32]) {
 /// infinity there makes every weight of the block non-finite.
 pub fn first_non_finite_block(format: BlockFormat, bytes: &[u8]) -> Option<usize> {
     let (weights, block_bytes) = format.block();
-    let scales: &[usize] = match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
-        BlockFormat::Q4K => &[0, 2],
-        BlockFormat::Q6K => &[208],
-    };
+    let scales = scale_offsets(format);
     bytes
         .chunks_exact(block_bytes)
         .position(|block| scales.iter().any(|&at| !f16_at(block, at).is_finite()))
         .map(|b| b * weights)
+}
+
+/// `count` blocks of pseudo-random bytes (`seed`) whose f16 scales are finite and
+/// small (0.01): what tests, benchmarks and the profiler multiply by (random scale bits
+/// would include infinities and NaNs).
+pub fn sample_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
+    let (_, block_bytes) = format.block();
+    let mut rng = crate::synth::SplitMix64::new(seed);
+    let mut data: Vec<u8> = (0..count * block_bytes).map(|_| rng.next_u64() as u8).collect();
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    for block in data.chunks_exact_mut(block_bytes) {
+        for &at in scale_offsets(format) {
+            block[at..at + 2].copy_from_slice(&scale);
+        }
+    }
+    data
+}
+
+/// Where each format keeps its f16 scales (ggml's block layouts).
+fn scale_offsets(format: BlockFormat) -> &'static [usize] {
+    match format {
+        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
+        BlockFormat::Q4K => &[0, 2],
+        BlockFormat::Q6K => &[208],
+    }
 }
 
 /// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0 and Q4_0
