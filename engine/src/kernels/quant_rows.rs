@@ -79,17 +79,50 @@ pub fn quant_rows(
     let out_ptr = SendPtr(out.as_mut_ptr());
     compute_pool().install(|| {
         (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-            let mut dots = [0.0f32; MAX_ROWS];
-            for j in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(w.rows) {
-                row_dots(path, w.format, &w.bytes[j * row_bytes..(j + 1) * row_bytes], x, m, k, &mut dots);
-                for (i, &dot) in dots[..m].iter().enumerate() {
-                    // SAFETY: this task alone writes columns col0 + its rows; the asserts
-                    // above keep every index inside `out`.
-                    unsafe { *out_ptr.get().add(i * out_stride + col0 + j) = dot };
+            let mut dots = [[0.0f32; MAX_ROWS]; 2];
+            let last = ((task + 1) * ROWS_PER_TASK).min(w.rows);
+            let mut j = task * ROWS_PER_TASK;
+            while j < last {
+                let rows = &w.bytes[j * row_bytes..last * row_bytes];
+                let done = weight_rows_dots(path, w.format, rows, row_bytes, x, m, k, &mut dots);
+                for (r, row_dots) in dots[..done].iter().enumerate() {
+                    for (i, &dot) in row_dots[..m].iter().enumerate() {
+                        // SAFETY: this task alone writes columns col0 + its rows; the
+                        // asserts above keep every index inside `out`.
+                        unsafe { *out_ptr.get().add(i * out_stride + col0 + j + r) = dot };
+                    }
                 }
+                j += done;
             }
         })
     });
+}
+
+/// `dots[r][i] = x[i] · row r` for the first one or two of the weight rows in `rows`
+/// (whole rows of `row_bytes`); returns how many it did. Two at once where the vector
+/// path has them and x has four rows or more: each load of x then serves both.
+#[allow(clippy::too_many_arguments)]
+fn weight_rows_dots(
+    path: SimdPath,
+    format: BlockFormat,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    dots: &mut [[f32; MAX_ROWS]; 2],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let pairs = path == SimdPath::Avx512 && matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0);
+    // Below four rows x fits the L1 cache and a row at a time is faster (measured).
+    if pairs && m >= 4 && rows.len() >= 2 * row_bytes {
+        let (first, second) = rows.split_at(row_bytes);
+        // SAFETY: `quant_rows` only passes a path this CPU supports; both rows are whole.
+        unsafe { x86::two_rows_avx512(format, first, &second[..row_bytes], x, m, k, dots) };
+        return 2;
+    }
+    row_dots(path, format, &rows[..row_bytes], x, m, k, &mut dots[0]);
+    1
 }
 
 /// `dots[i] = x[i] · row` for one stored weight row.
@@ -293,6 +326,62 @@ mod x86 {
                 6 => rows16::<6>(q4, row, x, k, dots),
                 7 => rows16::<7>(q4, row, x, k, dots),
                 _ => rows16::<8>(q4, row, x, k, dots),
+            }
+        }
+    }
+
+    /// `small_blocks_avx512` for two weight rows at once: each pair of x vectors is
+    /// loaded once for both (x for eight rows outgrows the L1 cache, so its loads are
+    /// what a row at a time waits on).
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn two_rows_avx512(
+        format: BlockFormat,
+        first: &[u8],
+        second: &[u8],
+        x: &[f32],
+        m: usize,
+        k: usize,
+        dots: &mut [[f32; MAX_ROWS]; 2],
+    ) {
+        let q4 = format == BlockFormat::Q4_0;
+        // SAFETY (each arm): as in `small_blocks`, for both rows; AVX-512F is present.
+        unsafe {
+            match m {
+                1 => pair16::<1>(q4, [first, second], x, k, dots),
+                2 => pair16::<2>(q4, [first, second], x, k, dots),
+                3 => pair16::<3>(q4, [first, second], x, k, dots),
+                4 => pair16::<4>(q4, [first, second], x, k, dots),
+                5 => pair16::<5>(q4, [first, second], x, k, dots),
+                6 => pair16::<6>(q4, [first, second], x, k, dots),
+                7 => pair16::<7>(q4, [first, second], x, k, dots),
+                _ => pair16::<8>(q4, [first, second], x, k, dots),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn pair16<const M: usize>(q4: bool, rows: [&[u8]; 2], x: &[f32], k: usize, dots: &mut [[f32; MAX_ROWS]; 2]) {
+        let block_bytes = if q4 { 18 } else { 34 };
+        // SAFETY: see `small_blocks`; every load below lies inside the rows or `x`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); M]; 2];
+            for b in 0..rows[0].len() / block_bytes {
+                let blocks = [rows[0].as_ptr().add(b * block_bytes), rows[1].as_ptr().add(b * block_bytes)];
+                let d = [_mm512_set1_ps(scale(blocks[0])), _mm512_set1_ps(scale(blocks[1]))];
+                let q = [widen16(q4, blocks[0]), widen16(q4, blocks[1])];
+                for i in 0..M {
+                    let xs = x.as_ptr().add(i * k + b * 32);
+                    let (low, high) = (_mm512_loadu_ps(xs), _mm512_loadu_ps(xs.add(16)));
+                    for r in 0..2 {
+                        let s = _mm512_fmadd_ps(q[r][1], high, _mm512_mul_ps(q[r][0], low));
+                        acc[r][i] = _mm512_fmadd_ps(d[r], s, acc[r][i]);
+                    }
+                }
+            }
+            for (row_dots, sums) in dots.iter_mut().zip(acc) {
+                for (dot, sum) in row_dots.iter_mut().zip(sums) {
+                    *dot = _mm512_reduce_add_ps(sum);
+                }
             }
         }
     }
