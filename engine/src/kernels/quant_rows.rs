@@ -359,6 +359,8 @@ mod x86 {
         }
     }
 
+    // `i` picks a row of x and the accumulator of both weight rows for it.
+    #[allow(clippy::needless_range_loop)]
     #[inline(always)]
     unsafe fn pair16<const M: usize>(q4: bool, rows: [&[u8]; 2], x: &[f32], k: usize, dots: &mut [[f32; MAX_ROWS]; 2]) {
         let block_bytes = if q4 { 18 } else { 34 };
