@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ferry_core::catalog::Catalog;
 use ferry_core::model::{Dtype, ModelSpec};
-use ferry_core::plan::Plan;
+use ferry_core::plan::{Plan, Policy};
 use ferry_core::resolve::{resolve_model, resolve_plan_with_model, ResolvedPlan};
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::chrome_trace;
@@ -17,6 +17,7 @@ use ferry_engine::synth::{synthesize, SplitMix64};
 use ferry_engine::synth_gguf::{synthesize_gguf, GgufStorage};
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{backend, run, RunOptions};
+use ferry_sim::predict::Extrapolation;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::report;
@@ -250,11 +251,19 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     let policy = plan.policy.clone();
     // Refused before anything is set up (the engine checks again when it runs).
     ferry_engine::check_weight_format(&policy)?;
-    let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::All)?;
-    // The same graph, predicted, for comparison.
-    let cost = ferry_sim::cost::CostModel::for_formats(&resolved.profile, &files.spec, &policy.weight_format);
-    let predicted =
-        ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace));
+    let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::Bound)?;
+    // The same plan, predicted, for comparison (with speculation: its expected rounds at
+    // the plan's acceptance rate; the run's own rate is compared after it).
+    let predict_at = |policy: &Policy| {
+        if policy.speculation.is_some() {
+            ferry_sim::predict::predict(policy, &files.spec, &workload, &resolved.profile, Extrapolation::Full)
+                .map(|p| p.metrics)
+        } else {
+            let cost = ferry_sim::cost::CostModel::for_formats(&resolved.profile, &files.spec, &policy.weight_format);
+            ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace))
+        }
+    };
+    let predicted = predict_at(&policy);
     let mut rng = SplitMix64::new(args.seed);
     let prompts: Vec<Vec<u32>> = (0..workload.batch_size)
         .map(|_| (0..workload.prompt_len).map(|_| (rng.next_u64() % files.spec.vocab_size) as u32).collect())
@@ -275,8 +284,16 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
+    // A speculative run stops once every sequence has its tokens: its trace is over the
+    // rounds that ran.
+    let graph = report.graph_run.as_ref().unwrap_or(&graph);
+    let at_measured_rate = report.speculation.as_ref().and_then(|measured| {
+        let mut policy = policy.clone();
+        policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
+        predict_at(&policy).ok()
+    });
     if let Some(path) = &args.trace {
-        let json = chrome_trace(&graph, &report.trace);
+        let json = chrome_trace(graph, &report.trace);
         ferry_core::yaml::write_new_file(path, &serde_json::to_string(&json)?, args.force)?;
     }
     // Every device's budget together: the process holds all of them.
@@ -295,6 +312,8 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
             "direct_io": report.direct_io,
             "setup_seconds": report.setup_ns as f64 / 1e9,
             "predicted_tokens_per_s": predicted.as_ref().ok().map(|m| m.tokens_per_s),
+            "speculation": report.speculation,
+            "predicted_tokens_per_s_at_measured_acceptance": at_measured_rate.as_ref().map(|m| m.tokens_per_s),
             "tasks": graph.tasks.len(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -310,6 +329,20 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     );
     println!("resident weights read before the run in {}\n", format_ns(report.setup_ns));
     print!("{}", report::metrics_text(&report.metrics));
+    if let (Some(measured), Some(plan)) = (&report.speculation, &policy.speculation) {
+        println!(
+            "\nspeculation: {} rounds after the prefill, {:.2} tokens per round; the target accepted a draft token \
+             at α = {:.3} (measured; the plan assumed {:.3})",
+            measured.rounds, measured.tokens_per_round, measured.acceptance_rate, plan.acceptance_rate
+        );
+        if let Some(p) = &at_measured_rate {
+            println!(
+                "predicted at the measured α: {:.2} tokens/s ({:+.1} % from measured)",
+                p.tokens_per_s,
+                (p.tokens_per_s / report.metrics.tokens_per_s - 1.0) * 100.0
+            );
+        }
+    }
     if let Ok(p) = &predicted {
         println!(
             "\npredicted for the same plan: {:.2} tokens/s ({:+.1} % from measured; {})",

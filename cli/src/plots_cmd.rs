@@ -82,7 +82,7 @@ pub fn tune_plots(
             (_, Payload::Weights { .. }) => 0,
             (_, Payload::KvCache) => 1,
             (_, Payload::Activations) => 2,
-            (TaskKind::Compute, Payload::Compute { op }) => match op {
+            (TaskKind::Compute, Payload::Compute { op, .. }) => match op {
                 Op::Attention | Op::AttnQkv | Op::AttnCore | Op::AttnOut => 3,
                 Op::Mlp => 4,
                 Op::Embed | Op::Head => 5,

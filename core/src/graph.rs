@@ -74,10 +74,18 @@ impl Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Payload {
-    Weights { group: WeightGroup },
+    Weights {
+        group: WeightGroup,
+    },
     KvCache,
     Activations,
-    Compute { op: Op },
+    /// `draft`: an operation of the draft model (speculative decoding), on its own
+    /// weights, KV cache and activations.
+    Compute {
+        op: Op,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        draft: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -157,7 +165,8 @@ impl Task {
             Payload::Weights { group } => format!("{group:?} weights").to_lowercase(),
             Payload::KvCache => "kv".to_string(),
             Payload::Activations => "activations".to_string(),
-            Payload::Compute { op } => op.name().to_string(),
+            Payload::Compute { op, draft: false } => op.name().to_string(),
+            Payload::Compute { op, draft: true } => format!("draft {}", op.name()),
         };
         let kind = match self.resource {
             Resource::Link { from: Place::Host(_), to: Place::Device(0) } => "h2d".to_string(),
@@ -231,6 +240,11 @@ pub struct Round {
     pub past: u32,
     pub rows: u32,
     pub tokens: u32,
+    /// Draft tokens per sequence this round verifies (speculative decoding): the
+    /// draft's passes come first, then the target processes `drafted + 1` positions.
+    /// 0 for plain decoding.
+    #[serde(default)]
+    pub drafted: u32,
 }
 
 impl Round {
@@ -238,9 +252,9 @@ impl Round {
     pub fn decoding(workload: &crate::plan::Workload, step: u32) -> Round {
         let prompt = workload.prompt_len as u32;
         if step == 0 {
-            Round { step, past: 0, rows: prompt, tokens: 1 }
+            Round { step, past: 0, rows: prompt, tokens: 1, drafted: 0 }
         } else {
-            Round { step, past: prompt + step - 1, rows: 1, tokens: 1 }
+            Round { step, past: prompt + step - 1, rows: 1, tokens: 1, drafted: 0 }
         }
     }
 
@@ -390,6 +404,41 @@ impl TaskGraph {
             }
         }
         Ok(())
+    }
+
+    /// The graph up to round `last_step`, its rounds yielding `tokens` (per round from
+    /// the prefill on): what a speculative run executed once every sequence had its
+    /// tokens. Tasks are in program order and steps ascend, so the rounds kept are a
+    /// prefix of the tasks.
+    pub fn truncated(&self, last_step: u32, tokens: &[u32]) -> Result<TaskGraph> {
+        let kept_tasks = self.tasks.iter().take_while(|t| t.step <= last_step).count();
+        let mut rounds: Vec<Round> = self.rounds.iter().take_while(|r| r.step <= last_step).copied().collect();
+        if rounds.len() != tokens.len() {
+            return Err(CoreError::invalid(format!(
+                "{} rounds up to step {last_step} but {} token counts",
+                rounds.len(),
+                tokens.len()
+            )));
+        }
+        for (round, &yielded) in rounds.iter_mut().zip(tokens) {
+            round.tokens = yielded;
+        }
+        let graph = TaskGraph { tasks: self.tasks[..kept_tasks].to_vec(), rounds, ..self.clone_shell() };
+        graph.validate()?;
+        Ok(graph)
+    }
+
+    /// The graph without tasks or rounds (pools, resources, workload).
+    fn clone_shell(&self) -> TaskGraph {
+        TaskGraph {
+            tasks: Vec::new(),
+            pools: self.pools.clone(),
+            resources: self.resources.clone(),
+            batch_size: self.batch_size,
+            prompt_len: self.prompt_len,
+            gen_len: self.gen_len,
+            rounds: Vec::new(),
+        }
     }
 
     /// Rounds ascend by step from the prefill, and each processes and yields something.

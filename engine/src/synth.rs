@@ -108,6 +108,30 @@ pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
     })
 }
 
+/// Layers from `from_layer` on add their attention and MLP outputs to the residual
+/// stream scaled by `factor` (their `o_proj` and `down_proj` weights are): a model whose
+/// later layers are small perturbations of what its first layers compute, so that those
+/// first layers predict most of its tokens — the honest way to make a self-speculating
+/// draft agree with a random model for a reason.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Damping {
+    pub from_layer: u64,
+    pub factor: f32,
+}
+
+impl Damping {
+    /// The factor for tensor `name` (1 for every tensor it does not touch).
+    pub fn factor_for(damping: Option<Damping>, name: &str) -> f32 {
+        let Some(d) = damping else { return 1.0 };
+        let layer = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+        let output = name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight");
+        match layer {
+            Some(layer) if output && layer >= d.from_layer => d.factor,
+            _ => 1.0,
+        }
+    }
+}
+
 /// Writes the folder. Refuses a non-empty folder unless `force`. `progress(bytes_done,
 /// bytes_total)` is called as tensors are written.
 pub fn synthesize(
@@ -116,8 +140,29 @@ pub fn synthesize(
     seed: u64,
     out: &Path,
     force: bool,
+    progress: impl FnMut(u64, u64),
+) -> Result<(), EngineError> {
+    synthesize_damped(model, dtype, seed, None, out, force, progress)
+}
+
+/// `synthesize` with the later layers damped (`Damping`).
+pub fn synthesize_damped(
+    model: &ModelSpec,
+    dtype: Dtype,
+    seed: u64,
+    damping: Option<Damping>,
+    out: &Path,
+    force: bool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), EngineError> {
+    if let Some(d) = damping {
+        if !d.factor.is_finite() || d.factor < 0.0 || d.from_layer >= model.num_layers {
+            return Err(EngineError::Refused(format!(
+                "damping: layers from {} of {}'s {} by {}: give a layer below {} and a finite factor ≥ 0",
+                d.from_layer, model.name, model.num_layers, d.factor, model.num_layers
+            )));
+        }
+    }
     check_supported(model)?;
     if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) {
         return Err(EngineError::Unsupported("synth writes f32, f16 or bf16".into()));
@@ -148,7 +193,8 @@ pub fn synthesize(
     crate::safetensors::write(&out.join("model.safetensors"), force, &tensors, |index, writer| {
         let (name, shape) = &list[index];
         let elements: u64 = shape.iter().product();
-        let mut values = tensor_values(seed, name, elements);
+        let factor = Damping::factor_for(damping, name);
+        let mut values = tensor_values(seed, name, elements).map(move |v| v * factor);
         let mut left = elements;
         while left > 0 {
             let n = left.min(1 << 20);

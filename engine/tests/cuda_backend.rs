@@ -52,7 +52,7 @@ fn execute(
     profile: &Profile,
     backend: &dyn Backend,
 ) -> RunReport {
-    let graph = lower(policy, &files.spec, workload, profile, &Steps::All).unwrap();
+    let graph = lower(policy, &files.spec, workload, profile, &Steps::Bound).unwrap();
     let options = RunOptions {
         prompts: prompts(workload.batch_size, workload.prompt_len, files.spec.vocab_size),
         scratch_dir: dir.join("scratch"),

@@ -67,7 +67,7 @@ fn base_policy(layers: u64) -> Policy {
 }
 
 fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload, profile: &Profile) -> RunReport {
-    let graph = lower(policy, &files.spec, workload, profile, &Steps::All).unwrap();
+    let graph = lower(policy, &files.spec, workload, profile, &Steps::Bound).unwrap();
     let options = RunOptions {
         prompts: prompts(workload.batch_size, workload.prompt_len, files.spec.vocab_size),
         scratch_dir: dir.join("scratch"),

@@ -61,6 +61,7 @@ fn streaming(layers: u64, weight_format: WeightFormats, kv_dtype: Dtype) -> Poli
         io_queue_depth: 2,
         pinned_host_bytes: 0,
         stages: Vec::new(),
+        speculation: None,
     };
     policy.set_weight_format(weight_format);
     policy

@@ -86,7 +86,7 @@ pub(crate) fn measure_kernel_table(
             )?;
             for span in &report.trace.spans {
                 let task = &graph.tasks[span.task as usize];
-                if let Payload::Compute { op } = task.payload {
+                if let Payload::Compute { op, .. } = task.payload {
                     let key = (op.name().to_string(), task.tokens as u64, task.context as u64);
                     into.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
                 }

@@ -151,7 +151,7 @@ impl<'a> CostModel<'a> {
 
     fn compute_cost(&self, task: &Task, compute: &ComputeProfile, on_host: bool) -> TaskCost {
         let op = match task.payload {
-            Payload::Compute { op } => op,
+            Payload::Compute { op, .. } => op,
             _ => Op::Mlp,
         };
         let layer = (task.layer != ferry_core::graph::NO_LAYER).then_some(task.layer as u64);

@@ -8,7 +8,7 @@ use ferry_core::graph::TaskGraph;
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::{Policy, Workload};
 use ferry_core::profile::Profile;
-use ferry_core::schedule::{lower, Steps};
+use ferry_core::schedule::{decode_rounds, expected_decode_rounds, lower, Steps};
 use ferry_core::trace::{step_end_times, Metrics, Trace};
 
 use crate::cost::CostModel;
@@ -45,7 +45,7 @@ pub fn predict(
     mode: Extrapolation,
 ) -> Result<Prediction, SimError> {
     let cost = CostModel::for_formats(profile, model, &policy.weight_format);
-    let decode_steps = workload.gen_len.saturating_sub(1) as u32;
+    let decode_steps = decode_rounds(policy, workload);
     let sampled = sample_steps(decode_steps);
     let steps = match (mode, &sampled) {
         (Extrapolation::Sampled, Some(list)) => Steps::Only(list.clone()),
@@ -54,7 +54,19 @@ pub fn predict(
     let graph = lower(policy, model, workload, profile, &steps)?;
     let output = simulate(&graph, &cost)?;
     let metrics = match steps {
-        Steps::All => Metrics::compute(&graph, &output.trace),
+        Steps::All if policy.speculation.is_none() => Metrics::compute(&graph, &output.trace),
+        Steps::All | Steps::Bound => {
+            // Speculation: the graph holds the expected rounds rounded up; the decode
+            // time is scaled to the expected (fractional) number.
+            let ends = step_end_times(&graph, &output.trace);
+            let start = output.trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
+            let end = output.trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
+            let ttft = ends.first().map_or(0, |e| e - start);
+            let scale = expected_decode_rounds(policy, workload) / decode_steps.max(1) as f64;
+            let decode_ns = (end - start - ttft) as f64 * scale;
+            let tpot = decode_ns / workload.gen_len.saturating_sub(1).max(1) as f64;
+            Metrics::assemble(&graph, &output.trace, ttft + decode_ns.round() as u64, ttft, tpot.round() as u64)
+        }
         Steps::Only(list) => {
             let ends = step_end_times(&graph, &output.trace);
             let start = output.trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
@@ -68,9 +80,11 @@ pub fn predict(
                 }
                 previous = step;
             }
-            let decode_ns: f64 = (1..=decode_steps).map(|s| interpolate(&known, s)).sum();
+            let scale = expected_decode_rounds(policy, workload) / decode_steps.max(1) as f64;
+            let decode_ns: f64 = (1..=decode_steps).map(|s| interpolate(&known, s)).sum::<f64>() * scale;
             let total = ttft + decode_ns.round() as u64;
-            let tpot = (decode_ns / decode_steps.max(1) as f64).round() as u64;
+            // Per output token: speculative rounds yield several.
+            let tpot = (decode_ns / workload.gen_len.saturating_sub(1).max(1) as f64).round() as u64;
             Metrics::assemble(&graph, &output.trace, total, ttft, tpot)
         }
     };

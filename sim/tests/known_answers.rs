@@ -78,6 +78,7 @@ fn policy(schedule: Schedule, layers: u64, weights: Tier) -> Policy {
         chunk_bytes: 64 * 1024,
         pinned_host_bytes: 1 << 30,
         stages: Vec::new(),
+        speculation: None,
         ..Policy::all_on_device(layers, 2, Dtype::F32)
     }
 }

@@ -161,6 +161,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     io_queue_depth: qd,
                     pinned_host_bytes: pinned,
                     stages: Vec::new(),
+                    speculation: None,
                 };
                 policy.set_weight_format(WeightFormats::uniform(WeightFormat::parse(format).unwrap()));
                 (policy, Workload { batch_size: mb * nmb, prompt_len: prompt, gen_len: gen }, unified)

@@ -80,7 +80,7 @@ pub fn predict_and_run(
     let spec = &files.spec;
     let mut profile = base_profile.clone();
     profile.device_memory_bytes = plan.hardware.device_memory.unwrap_or(profile.device_memory_bytes);
-    let graph = lower(&plan.policy, spec, &plan.workload, &profile, &Steps::All)?;
+    let graph = lower(&plan.policy, spec, &plan.workload, &profile, &Steps::Bound)?;
     // The disk's read rate at this plan's request size and depth, right before the run
     // and again right after it: the mean estimates what the run had (this disk drifts by
     // tens of percent within minutes). Nothing from the run itself enters the prediction.

@@ -139,6 +139,7 @@ mod fixtures {
                 io_queue_depth: 4,
                 pinned_host_bytes: 1 << 30,
                 stages: Vec::new(),
+                speculation: None,
             },
             predicted: None,
         }

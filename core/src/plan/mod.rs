@@ -11,9 +11,11 @@
 
 mod placement;
 mod policy;
+pub mod speculation;
 
 pub use placement::{LayerPlacement, Stage, Tier, TierCounts};
 pub use policy::Policy;
+pub use speculation::{Draft, Speculation};
 
 use serde::{Deserialize, Serialize};
 

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::placement::{LayerPlacement, Stage, Tier, TierCounts};
+use super::speculation::{Draft, Speculation};
 use super::{Schedule, Workload};
 use crate::error::{CoreError, Result};
 use crate::model::{Dtype, ModelSpec, WeightFormat, WeightFormats};
@@ -65,6 +66,9 @@ pub struct Policy {
     /// over the stages (they may be left out of the file).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<Stage>,
+    /// Speculative decoding: a draft proposes tokens the target verifies in rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculation: Option<Speculation>,
 }
 
 /// A policy as written in a file: with `stages`, the totals may be left out.
@@ -97,6 +101,8 @@ struct PolicyFile {
     pinned_host_bytes: u64,
     #[serde(default)]
     stages: Vec<Stage>,
+    #[serde(default)]
+    speculation: Option<Speculation>,
 }
 
 impl TryFrom<PolicyFile> for Policy {
@@ -147,6 +153,7 @@ impl TryFrom<PolicyFile> for Policy {
             io_queue_depth: f.io_queue_depth,
             pinned_host_bytes: f.pinned_host_bytes,
             stages: f.stages,
+            speculation: f.speculation,
         })
     }
 }
@@ -207,11 +214,12 @@ impl Policy {
         }
         // Checked before any work: a run would otherwise grow memory and simulate a
         // graph for positions the model cannot encode.
-        if workload.max_context() > model.max_position_embeddings {
+        if self.kv_positions(workload) > model.max_position_embeddings {
             return fail(format!(
-                "prompt + generation = {} tokens exceeds the {} positions {} encodes; shorten the prompt or \
+                "prompt + generation{} = {} tokens exceeds the {} positions {} encodes; shorten the prompt or \
                  the generation",
-                workload.max_context(),
+                if self.speculation.is_some() { " + draft tokens" } else { "" },
+                self.kv_positions(workload),
                 model.max_position_embeddings,
                 model.name
             ));
@@ -244,6 +252,9 @@ impl Policy {
                 );
             }
         }
+        if let Some(speculation) = &self.speculation {
+            self.validate_speculation(speculation, model)?;
+        }
         if self.compute_host_layers_on_host {
             for (layer, place) in self.layer_placements(layers).iter().enumerate() {
                 if place.computed_on_host(true) && place.kv != Tier::Host {
@@ -256,6 +267,28 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// The draft runs on the (one) device and shares the target's embeddings and head
+    /// there.
+    fn validate_speculation(&self, speculation: &Speculation, model: &ModelSpec) -> Result<()> {
+        speculation.validate(model)?;
+        let fail = |m: &str| Err(CoreError::invalid(format!("plan: speculation: {m}")));
+        if self.stages.len() > 1 {
+            return fail("speculative plans run on one device (several stages are not supported with a draft yet)");
+        }
+        match speculation.draft {
+            Draft::SelfLayers { .. } if self.embeddings != Tier::Device || self.head != Tier::Device => {
+                fail("a self-speculating draft shares the target's embeddings and head on the device: place both there")
+            }
+            Draft::SelfLayers { .. } => Ok(()),
+        }
+    }
+
+    /// Positions every sequence's KV cache holds room for: the prompt and the
+    /// generation, and with speculation the draft tokens the last round verifies beyond.
+    pub fn kv_positions(&self, workload: &Workload) -> u64 {
+        workload.max_context() + self.speculation.map_or(0, |s| s.draft_len as u64)
     }
 
     /// Stages cover the layers in order, each with a consistent placement, on distinct
@@ -401,6 +434,7 @@ impl Policy {
             io_queue_depth: 1,
             pinned_host_bytes: 0,
             stages: Vec::new(),
+            speculation: None,
         }
     }
 

@@ -66,7 +66,7 @@ impl<'a> Builder<'a> {
         let host_kv = policy.kv_cache.host
             * model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * workload.batch_size
-            * workload.max_context();
+            * policy.kv_positions(workload);
         Builder {
             policy,
             model,
@@ -164,7 +164,11 @@ impl<'a> Builder<'a> {
         let step = round.step;
         let micro_batches = self.policy.num_micro_batches as u32;
         let layers = self.model.num_layers as u32;
+        let speculating = self.policy.speculation.is_some();
         if self.layer_major() {
+            for j in (0..micro_batches).filter(|_| speculating) {
+                self.draft_passes(round, j);
+            }
             for j in 0..micro_batches {
                 self.embed(step, j);
             }
@@ -176,6 +180,9 @@ impl<'a> Builder<'a> {
             }
         } else {
             for j in 0..micro_batches {
+                if speculating {
+                    self.draft_passes(round, j);
+                }
                 self.embed(step, j);
                 for layer in 0..layers {
                     self.visit(step, layer, j..j + 1);
@@ -198,8 +205,14 @@ impl<'a> Builder<'a> {
         flops: u64,
         bytes: u64,
     ) -> Task {
-        let mut task =
-            Builder::new_task(TaskKind::Compute, Resource::compute(at), Payload::Compute { op }, layer, j, step);
+        let mut task = Builder::new_task(
+            TaskKind::Compute,
+            Resource::compute(at),
+            Payload::Compute { op, draft: false },
+            layer,
+            j,
+            step,
+        );
         task.flops = flops;
         task.bytes = bytes;
         task.tokens = self.rows() as u32;
@@ -273,8 +286,9 @@ impl<'a> Builder<'a> {
             _ => Place::HOST,
         };
         let dep = self.hidden_on(side, j, step, NO_LAYER);
-        // Only the last position of each sequence is projected to the vocabulary.
-        let rows = self.policy.micro_batch_size;
+        // Only the last position of each sequence is projected to the vocabulary, but a
+        // verification needs the target's token after every guess.
+        let rows = if self.round.drafted > 0 { self.rows() } else { self.policy.micro_batch_size };
         let flops = self.model.projection_flops(WeightGroup::Head, rows);
         let bytes = self.layout.bytes(WeightGroup::Head, 0);
         let mut task = self.compute_task(side, Op::Head, (NO_LAYER, j, step), flops, bytes);

@@ -31,6 +31,7 @@
 
 mod attention;
 mod builder;
+mod draft;
 mod resources;
 
 use crate::error::{CoreError, Result};
@@ -112,13 +113,82 @@ fn cut_pieces(
     pieces
 }
 
-/// Which decode steps to lower. The prefill (step 0) is always included.
+/// Which decode rounds to lower. The prefill (step 0) is always included.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Steps {
-    /// Every decode step: 1 ..= gen_len − 1.
+    /// Every round: one per generated token after the first; with speculation, the
+    /// expected number of rounds (`expected_decode_rounds`, rounded up), each at the
+    /// expected context.
     All,
-    /// Only these decode steps, ascending; used to extrapolate long generations.
+    /// Only these rounds of `All`, ascending; used to extrapolate long generations.
     Only(Vec<u32>),
+    /// Every round a run may need, each at the largest context it may reach: what the
+    /// engine executes (with speculation it stops once every sequence has its tokens,
+    /// and a round's real positions are known only when it runs). Plain decoding: `All`.
+    Bound,
+}
+
+/// Decode rounds after the prefill, as `Steps::All` lowers them.
+pub fn decode_rounds(policy: &Policy, workload: &Workload) -> u32 {
+    expected_decode_rounds(policy, workload).ceil() as u32
+}
+
+/// The expected number of decode rounds after the prefill: one per token, or with
+/// speculation the expected rounds until every micro-batch has its tokens
+/// (`plan::speculation::expected_rounds`).
+pub fn expected_decode_rounds(policy: &Policy, workload: &Workload) -> f64 {
+    let tokens = workload.gen_len.saturating_sub(1);
+    match &policy.speculation {
+        None => tokens as f64,
+        Some(s) => crate::plan::speculation::expected_rounds(
+            s.group_acceptance(policy.micro_batch_size),
+            s.draft_len,
+            tokens,
+            policy.num_micro_batches,
+        ),
+    }
+}
+
+/// The rounds `steps` lowers.
+fn rounds(policy: &Policy, workload: &Workload, steps: &Steps) -> Result<Vec<Round>> {
+    let Some(speculation) = &policy.speculation else {
+        let decode: Vec<u32> = match steps {
+            Steps::All | Steps::Bound => (1..workload.gen_len as u32).collect(),
+            Steps::Only(list) => checked_sample(list, workload.gen_len.saturating_sub(1) as u32)?,
+        };
+        return Ok(std::iter::once(0).chain(decode).map(|step| Round::decoding(workload, step)).collect());
+    };
+    let prompt = workload.prompt_len as u32;
+    let tokens = workload.gen_len.saturating_sub(1) as u32;
+    let k = speculation.draft_len;
+    let verify = |step: u32, past: u32, tokens: u32| Round { step, past, rows: k + 1, tokens, drafted: k };
+    let mut out = vec![Round::decoding(workload, 0)];
+    if let Steps::Bound = steps {
+        // Round r starts after at most (r − 1)(k + 1) accepted tokens, and a micro-batch
+        // that has its tokens stays where it is (so never past prompt + gen_len − 2).
+        for step in 1..=tokens {
+            let accepted = ((step - 1) as u64 * (k + 1) as u64).min(tokens.saturating_sub(1) as u64) as u32;
+            out.push(verify(step, prompt + accepted, 1));
+        }
+        return Ok(out);
+    }
+    // The expected rounds share the tokens evenly; each starts where they leave it.
+    let count = decode_rounds(policy, workload);
+    let before = |r: u32| (r as u64 * tokens as u64 / count.max(1) as u64) as u32;
+    let all: Vec<u32> = (1..=count).collect();
+    let wanted = match steps {
+        Steps::Only(list) => checked_sample(list, count)?,
+        _ => all,
+    };
+    out.extend(wanted.into_iter().map(|r| verify(r, prompt + before(r - 1), before(r) - before(r - 1))));
+    Ok(out)
+}
+
+fn checked_sample(list: &[u32], rounds: u32) -> Result<Vec<u32>> {
+    if list.windows(2).any(|w| w[0] >= w[1]) || list.iter().any(|&s| s == 0 || s > rounds) {
+        return Err(CoreError::invalid(format!("sampled decode rounds must be ascending and within 1..={rounds}")));
+    }
+    Ok(list.to_vec())
 }
 
 /// Memory capacities the graph's pools get: the profile's memory less its reserve
@@ -152,19 +222,9 @@ pub fn lower(
     steps: &Steps,
 ) -> Result<TaskGraph> {
     policy.validate(model, workload, profile.unified_memory)?;
-    let decode_steps: Vec<u32> = match steps {
-        Steps::All => (1..workload.gen_len as u32).collect(),
-        Steps::Only(list) => {
-            if list.windows(2).any(|w| w[0] >= w[1]) || list.iter().any(|&s| s == 0 || s as u64 >= workload.gen_len) {
-                return Err(CoreError::invalid("sampled decode steps must be ascending and within 1..gen_len"));
-            }
-            list.clone()
-        }
-    };
+    let rounds = rounds(policy, workload, steps)?;
     crate::resolve::check_devices(policy, profile)?;
     let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
-    let rounds: Vec<Round> =
-        std::iter::once(0).chain(decode_steps).map(|step| Round::decoding(workload, step)).collect();
     // Decode rounds have the same tasks: once the first is lowered, the rest are
     // reserved at its size, which saves the vector's regrowth copies (the tuner pays
     // them on every candidate it simulates).

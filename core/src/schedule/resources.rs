@@ -50,7 +50,7 @@ impl Builder<'_> {
         let mut host_weights = 0;
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
-            * self.workload.max_context();
+            * policy.kv_positions(self.workload);
         for (layer, place) in self.placements.iter().enumerate() {
             let slot = devices.iter().position(|&d| d == place.device).unwrap_or(0);
             for (index, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
@@ -66,7 +66,7 @@ impl Builder<'_> {
         }
         let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
         let workspace = policy.micro_batch_size * self.workload.prompt_len * model.workspace_bytes_per_token()
-            + model.attention_scratch_bytes(self.workload.prompt_len, self.workload.max_context());
+            + model.attention_scratch_bytes(self.workload.prompt_len, policy.kv_positions(self.workload));
         let embeddings = self.layout.bytes(WeightGroup::Embeddings, 0);
         let head = self.layout.bytes(WeightGroup::Head, 0);
         let on = |tier: Tier, wanted: Tier, bytes: u64| if tier == wanted { bytes } else { 0 };
@@ -93,6 +93,7 @@ impl Builder<'_> {
                             ("hidden states".into(), hidden_states),
                             ("workspace".into(), workspace),
                         ])
+                        .chain(if first { self.draft_resident() } else { Vec::new() })
                         .collect(),
                 }
             })

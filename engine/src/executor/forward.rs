@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use ferry_core::graph::{Op, Payload, Place, Task};
 use ferry_core::model::WeightGroup;
 
+use super::speculate::{is_draft, Positions};
+use super::weights::Loaded;
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, Rotary, WeightRef};
 use crate::kernels;
@@ -61,7 +63,7 @@ impl<'a> Engine<'a> {
             task.link_ends().ok_or_else(|| EngineError::Internal(format!("copy {} has no link", task.label())))?;
         let producer = task.deps.first().map(|&d| &self.graph.tasks[d as usize]);
         let after = producer.and_then(|p| match p.payload {
-            Payload::Compute { op } => Some(op),
+            Payload::Compute { op, .. } => Some(op),
             _ => None,
         });
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
@@ -96,6 +98,16 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// The weights a layer task multiplies by: the draft's resident ones, or the
+    /// target's as its visit loaded them.
+    fn layer_weights(&self, task: &Task, group: WeightGroup) -> Result<Vec<std::sync::Arc<Loaded>>, EngineError> {
+        if is_draft(task) {
+            self.draft_weights(group, task.layer)
+        } else {
+            self.weights(group, task.layer, task.step, task.micro_batch)
+        }
+    }
+
     /// f32 working memory for `elements` values at `place`.
     pub(super) fn activation(&self, place: Place, elements: usize) -> Result<DeviceBuffer, EngineError> {
         self.backend.scratch(place, elements * 4)
@@ -103,76 +115,72 @@ impl<'a> Engine<'a> {
 
     pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
-        let new = self.new_tokens(task.step);
-        let past = self.past(task.step);
-        let prompt_len = self.workload.prompt_len as usize;
-        let mut ids = Vec::with_capacity(self.policy.micro_batch_size as usize * new);
-        {
-            let tokens = lock(&self.tokens);
-            for seq in self.sequences(task.micro_batch) {
-                // The token at each position past + t: the prompt's, then the generated ones.
-                for position in past..past + new {
-                    ids.push(if position < prompt_len {
-                        self.options.prompts[seq][position]
-                    } else {
-                        tokens[seq][position - prompt_len]
-                    });
-                }
-            }
-        }
+        let at = self.positions_of(task)?;
+        let ids = self.input_tokens(task, at)?;
         let table = self.resident_group(WeightGroup::Embeddings);
         let table_ref = Engine::tensor(std::slice::from_ref(&table), 0)?;
         let mut hidden = self.activation(side, ids.len() * h)?;
         self.backend.embed(table_ref, &ids, &mut hidden)?;
-        lock(&self.micro_batches[task.micro_batch as usize]).at(side).hidden = Some(hidden);
+        lock(self.activations_of(task)).at(side).hidden = Some(hidden);
         Ok(())
     }
 
     /// The rows of a micro-batch's hidden state its next tokens come from: each
-    /// sequence's last.
-    fn last_rows(&self, step: u32) -> Vec<usize> {
-        let new = self.new_tokens(step);
+    /// sequence's last of `new`.
+    fn last_rows(&self, new: usize) -> Vec<usize> {
         (1..=self.policy.micro_batch_size as usize).map(|i| i * new - 1).collect()
+    }
+
+    /// The rows a head projects: each sequence's last, or for a verification every
+    /// row (the target's token after each guess).
+    fn head_rows(&self, task: &Task, at: Positions) -> Vec<usize> {
+        if !is_draft(task) && self.graph.rounds[task.step as usize].drafted > 0 {
+            (0..self.policy.micro_batch_size as usize * at.new).collect()
+        } else {
+            self.last_rows(at.new)
+        }
     }
 
     pub(super) fn head(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec.hidden_size as usize;
         let vocab = self.spec.vocab_size as usize;
-        let mb = self.policy.micro_batch_size as usize;
+        let at = self.positions_of(task)?;
+        let rows = self.head_rows(task, at);
         let head = self.resident_group(WeightGroup::Head);
         let norm = Engine::tensor(std::slice::from_ref(&head), 0)?;
-        let mut last = self.activation(side, mb * h)?;
+        let mut last = self.activation(side, rows.len() * h)?;
         {
-            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let mut state = lock(self.activations_of(task));
             let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
-            self.backend.gather_rows(hidden, h, &self.last_rows(task.step), &mut last)?;
+            self.backend.gather_rows(hidden, h, &rows, &mut last)?;
         }
-        let mut normed = self.activation(side, mb * h)?;
+        let mut normed = self.activation(side, rows.len() * h)?;
         self.backend.rms_norm(&last, norm, self.spec.rms_norm_eps as f32, &mut normed)?;
         let logits = if self.spec.tie_word_embeddings {
             let table = self.resident_group(WeightGroup::Embeddings);
-            self.project(std::slice::from_ref(&table), 0, &normed, mb, vocab, side)?
+            self.project(std::slice::from_ref(&table), 0, &normed, rows.len(), vocab, side)?
         } else {
-            self.project(std::slice::from_ref(&head), 1, &normed, mb, vocab, side)?
+            self.project(std::slice::from_ref(&head), 1, &normed, rows.len(), vocab, side)?
         };
         let logits = self.backend.download_f32(&logits)?;
-        let mut tokens = lock(&self.tokens);
-        let mut all_logits = lock(&self.logits);
-        if self.options.keep_logits && all_logits.len() <= task.step as usize {
-            all_logits.resize(task.step as usize + 1, vec![Vec::new(); self.workload.batch_size as usize]);
-        }
-        for (i, seq) in self.sequences(task.micro_batch).enumerate() {
-            let row = &logits[i * vocab..(i + 1) * vocab];
+        let per_sequence = rows.len() / self.policy.micro_batch_size as usize;
+        let mut predicted = Vec::with_capacity(rows.len());
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
             // A NaN has no maximum: the argmax of such a row would be an arbitrary token.
             if row.iter().any(|v| !v.is_finite()) {
-                return Err(self.non_finite_logits(task, seq));
+                return Err(self.non_finite_logits(task, self.sequences(task.micro_batch).start + i / per_sequence));
             }
-            tokens[seq].push(kernels::argmax(row));
-            if self.options.keep_logits {
-                all_logits[task.step as usize][seq] = row.to_vec();
-            }
+            predicted.push(kernels::argmax(row));
         }
-        Ok(())
+        if is_draft(task) {
+            return self.take_guesses(task, &predicted);
+        }
+        let kept = if self.options.keep_logits {
+            logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+        } else {
+            Vec::new()
+        };
+        self.accept(task, &predicted, kept)
     }
 
     /// RMSNorm of the side's hidden state (read in place) into new memory.
@@ -184,7 +192,7 @@ impl<'a> Engine<'a> {
         rows: usize,
     ) -> Result<DeviceBuffer, EngineError> {
         let mut normed = self.activation(side, rows * self.spec.hidden_size as usize)?;
-        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let mut state = lock(self.activations_of(task));
         let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
         self.backend.rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed)?;
         Ok(normed)
@@ -200,13 +208,14 @@ impl<'a> Engine<'a> {
         delta: &DeviceBuffer,
         sublayer: &'static str,
     ) -> Result<(), EngineError> {
-        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let new = self.positions_of(task)?.new;
+        let mut state = lock(self.activations_of(task));
         let hidden = state.at(side).hidden.as_mut().ok_or_else(|| missing("hidden state", task))?;
         self.backend.add(hidden, delta)?;
         if state.first_non_finite.is_none() {
             let h = self.spec.hidden_size as usize;
             let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
-            if !self.backend.rows_finite(hidden, h, &self.last_rows(task.step))? {
+            if !self.backend.rows_finite(hidden, h, &self.last_rows(new))? {
                 state.first_non_finite = Some((task.step, task.layer, sublayer));
             }
         }
@@ -216,7 +225,7 @@ impl<'a> Engine<'a> {
     /// The error for non-finite logits at `step`: where the hidden state first went
     /// non-finite, if it did (otherwise the head itself overflowed).
     fn non_finite_logits(&self, task: &Task, seq: usize) -> EngineError {
-        let state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let state = lock(self.activations_of(task));
         let origin = match state.first_non_finite {
             Some((step, layer, sublayer)) => {
                 format!("the hidden state first went non-finite in layer {layer} ({sublayer}) at step {step}")
@@ -237,8 +246,9 @@ impl<'a> Engine<'a> {
     pub(super) fn attn_qkv(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
-        let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
-        let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
+        let at = self.positions_of(task)?;
+        let rows = self.policy.micro_batch_size as usize * at.new;
+        let weights = self.layer_weights(task, WeightGroup::Attention)?;
         let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
         // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o.
         let bias = spec.qkv_bias;
@@ -252,7 +262,7 @@ impl<'a> Engine<'a> {
             self.backend.add_bias(&mut k, Engine::tensor(&weights, 4)?, kv, 0)?;
             self.backend.add_bias(&mut v, Engine::tensor(&weights, 6)?, kv, 0)?;
         }
-        let positions = self.positions(task.step);
+        let positions = self.positions(at);
         let rotary = |heads: u64| Rotary {
             heads: heads as usize,
             head_dim: d,
@@ -261,7 +271,7 @@ impl<'a> Engine<'a> {
         };
         self.backend.rope(&mut q, rotary(spec.num_heads), &positions)?;
         self.backend.rope(&mut k, rotary(spec.num_kv_heads), &positions)?;
-        let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+        let mut state = lock(self.activations_of(task));
         let activations = state.at(side);
         (activations.q, activations.k, activations.v) = (Some(q), Some(k), Some(v));
         Ok(())
@@ -271,23 +281,25 @@ impl<'a> Engine<'a> {
     pub(super) fn attn_out(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let h = spec.hidden_size as usize;
-        let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
-        let weights = self.weights(WeightGroup::Attention, task.layer, task.step, task.micro_batch)?;
+        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
+        let weights = self.layer_weights(task, WeightGroup::Attention)?;
         let o_tensor = if spec.qkv_bias { 7 } else { 4 };
-        let attn = lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn.take();
+        let attn = lock(self.activations_of(task)).at(side).attn.take();
         let attn = attn.ok_or_else(|| missing("attention output", task))?;
         let projected = self.project(&weights, o_tensor, &attn, rows, h, side)?;
         drop(attn);
         self.add_to_hidden(task, side, &projected, "attention")?;
-        self.release_weights_if_last(task, WeightGroup::Attention);
+        if !is_draft(task) {
+            self.release_weights_if_last(task, WeightGroup::Attention);
+        }
         Ok(())
     }
 
     pub(super) fn mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
-        let rows = self.policy.micro_batch_size as usize * self.new_tokens(task.step);
-        let weights = self.weights(WeightGroup::Mlp, task.layer, task.step, task.micro_batch)?;
+        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
+        let weights = self.layer_weights(task, WeightGroup::Mlp)?;
         let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
         let mut gate = self.project(&weights, 1, &normed, rows, ffn, side)?;
         let up = self.project(&weights, 2, &normed, rows, ffn, side)?;
@@ -297,7 +309,9 @@ impl<'a> Engine<'a> {
         let down = self.project(&weights, 3, &gate, rows, h, side)?;
         drop(gate);
         self.add_to_hidden(task, side, &down, "mlp")?;
-        self.release_weights_if_last(task, WeightGroup::Mlp);
+        if !is_draft(task) {
+            self.release_weights_if_last(task, WeightGroup::Mlp);
+        }
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use ferry_core::graph::{Place, Task};
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::{Policy, Tier, Workload};
 
+use super::speculate::{is_draft, Positions};
 use super::{lock, Engine, RunOptions};
 use crate::backend::{copy_kv_positions, AttentionShape, KvLayout};
 use crate::io::DiskFile;
@@ -33,7 +34,7 @@ impl KvFile {
         options: &RunOptions,
     ) -> Result<KvFile, EngineError> {
         let row = spec.kv_dim() * (policy.kv_dtype.bits() / 8);
-        let region_bytes = (2 * policy.micro_batch_size * workload.max_context() * row).div_ceil(4096) * 4096;
+        let region_bytes = (2 * policy.micro_batch_size * policy.kv_positions(workload) * row).div_ceil(4096) * 4096;
         let regions = spec.num_layers * policy.num_micro_batches;
         std::fs::create_dir_all(&options.scratch_dir).map_err(|e| EngineError::io(&options.scratch_dir, e))?;
         // A name no other run can hold (two containers on one volume may share a pid),
@@ -89,7 +90,7 @@ impl<'a> Engine<'a> {
         KvLayout {
             dtype: self.policy.kv_dtype,
             sequences: self.policy.micro_batch_size as usize,
-            capacity: self.workload.max_context() as usize,
+            capacity: self.policy.kv_positions(self.workload) as usize,
             row_bytes: self.kv_row_bytes(),
         }
     }
@@ -102,10 +103,10 @@ impl<'a> Engine<'a> {
     /// there (a resident region), or passes them on to where the cache lives.
     pub(super) fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec;
-        let (new, past) = (self.new_tokens(task.step), self.past(task.step));
+        let Positions { past, new } = self.positions_of(task)?;
         let rows = self.policy.micro_batch_size as usize * new;
         let (q, k_new, v_new) = {
-            let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
+            let mut state = lock(self.activations_of(task));
             let a = state.at(side);
             (a.q.take(), a.k.take(), a.v.take())
         };
@@ -121,13 +122,14 @@ impl<'a> Engine<'a> {
         let mut out = self.activation(side, rows * spec.hidden_size as usize)?;
         let layout = self.kv_layout();
         // Where the cache lives decides where past rows come from and where new rows go.
-        let resident_region = match (self.placements[task.layer as usize].kv, side) {
-            (Tier::Device, _) => Some(&self.kv_device),
-            (Tier::Host, Place::Host(_)) => Some(&self.kv_host),
+        let resident_region = match (is_draft(task), self.placements[task.layer as usize].kv, side) {
+            (true, _, _) => Some(self.draft_kv(task)?),
+            (false, Tier::Device, _) => Some(&self.kv_device[self.kv_slot(task.layer, task.micro_batch)]),
+            (false, Tier::Host, Place::Host(_)) => Some(&self.kv_host[self.kv_slot(task.layer, task.micro_batch)]),
             _ => None,
         };
-        if let Some(regions) = resident_region {
-            let mut slot = lock(&regions[self.kv_slot(task.layer, task.micro_batch)]);
+        if let Some(region) = resident_region {
+            let mut slot = lock(region);
             let region = slot.as_mut().ok_or_else(|| EngineError::Internal("KV region missing".into()))?;
             self.backend.store_kv(&k_new, new, 0, region, layout, past)?;
             self.backend.store_kv(&v_new, new, 1, region, layout, past)?;
@@ -142,7 +144,10 @@ impl<'a> Engine<'a> {
                 let past_kv = lock(arrived).remove(&Engine::kv_key(task)).ok_or_else(|| {
                     EngineError::Internal(format!("KV of layer {} did not arrive at {}", task.layer, side.token()))
                 })?;
-                copy_kv_positions(self.backend, &past_kv, layout.with_capacity(past), 0, &mut cache, visible, 0, past)?;
+                // What arrived may hold more positions than this round reads (a
+                // speculative round's loads carry the most it could need).
+                let arrived_layout = layout.with_capacity(self.loaded_past(task.step));
+                copy_kv_positions(self.backend, &past_kv, arrived_layout, 0, &mut cache, visible, 0, past)?;
             }
             self.backend.store_kv(&k_new, new, 0, &mut cache, visible, past)?;
             self.backend.store_kv(&v_new, new, 1, &mut cache, visible, past)?;
@@ -152,13 +157,13 @@ impl<'a> Engine<'a> {
             copy_kv_positions(self.backend, &cache, visible, past, &mut new_kv, carried, 0, new)?;
             lock(&self.kv_outbox).insert(Engine::kv_key(task), new_kv);
         }
-        lock(&self.micro_batches[task.micro_batch as usize]).at(side).attn = Some(out);
+        lock(self.activations_of(task)).at(side).attn = Some(out);
         Ok(())
     }
 
     pub(super) fn read_kv(&self, task: &Task) -> Result<(), EngineError> {
         let kv = self.kv_file.as_ref().ok_or_else(|| EngineError::Internal("no KV file".into()))?;
-        let past = self.past(task.step);
+        let past = self.loaded_past(task.step);
         let layout = self.kv_layout();
         let base = kv.region_offset(self.kv_slot(task.layer, task.micro_batch));
         let span = past * layout.row_bytes;
@@ -189,7 +194,7 @@ impl<'a> Engine<'a> {
     }
 
     pub(super) fn copy_kv_to_device(&self, task: &Task) -> Result<(), EngineError> {
-        let past = self.past(task.step);
+        let past = self.loaded_past(task.step);
         let layout = self.kv_layout();
         let carried = layout.with_capacity(past);
         let mut device = self.backend.scratch(self.layer_device(task.layer), carried.bytes())?;
@@ -210,11 +215,10 @@ impl<'a> Engine<'a> {
         let new_kv =
             lock(&self.kv_outbox).remove(&key).ok_or_else(|| EngineError::Internal("no new KV to store".into()))?;
         let layout = self.kv_layout();
-        let new = self.new_tokens(task.step);
+        let Positions { past, new } = self.positions_of(task)?;
         if self.placements[task.layer as usize].kv == Tier::Host {
             let mut slot = lock(&self.kv_host[self.kv_slot(task.layer, task.micro_batch)]);
             let region = slot.as_mut().ok_or_else(|| EngineError::Internal("host KV missing".into()))?;
-            let past = self.past(task.step);
             copy_kv_positions(self.backend, &new_kv, layout.with_capacity(new), 0, region, layout, past, new)?;
         } else {
             // On its way to disk.
@@ -235,8 +239,8 @@ impl<'a> Engine<'a> {
             .host_bytes()
             .ok_or_else(|| EngineError::Internal(format!("{}: the KV to write is not in host memory", task.label())))?;
         let layout = self.kv_layout();
-        let span = self.new_tokens(task.step) * layout.row_bytes;
-        let past = self.past(task.step);
+        let Positions { past, new } = self.positions_of(task)?;
+        let span = new * layout.row_bytes;
         let base = kv.region_offset(self.kv_slot(task.layer, task.micro_batch));
         for i in 0..2 * layout.sequences {
             let offset = base + ((i * layout.capacity + past) * layout.row_bytes) as u64;

@@ -24,10 +24,12 @@
 mod forward;
 mod kv;
 mod scheduler;
+mod speculate;
 mod weights;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -45,6 +47,8 @@ use crate::EngineError;
 
 use forward::MicroBatch;
 use kv::KvFile;
+pub use speculate::SpeculationReport;
+use speculate::{DraftState, Positions};
 use weights::{group_code, Key, Loaded};
 
 /// What to run and how.
@@ -76,6 +80,12 @@ pub struct RunReport {
     pub peak_rss_bytes: u64,
     /// Resident set before the model's memory was allocated: the fixed overhead.
     pub baseline_rss_bytes: u64,
+    /// Speculative decoding: the measured acceptance and tokens per round.
+    pub speculation: Option<SpeculationReport>,
+    /// The graph as it ran, when that is not the one given: a speculative run stops
+    /// once every sequence has its tokens (its trace and metrics are over this one).
+    #[serde(skip)]
+    pub graph_run: Option<TaskGraph>,
     /// Bytes the kernel read from storage for this process during the run (page-cache
     /// hits do not count), against the bytes disk tasks asked for.
     pub storage_read_bytes: u64,
@@ -125,6 +135,11 @@ struct Engine<'a> {
     /// Buffers the scheduler took from the recycler for weight reads it dispatched,
     /// by the read's key.
     reserved: Mutex<HashMap<Key, Buffer>>,
+    /// Speculative decoding: the draft's memory and the run's rounds.
+    draft: Option<DraftState>,
+    /// The last round that must run (speculation: once every micro-batch has its
+    /// tokens); tasks of later rounds are skipped. `u32::MAX` until known.
+    last_round: AtomicU32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,13 +162,26 @@ pub fn run(
     let engine = Engine::new(graph, policy, workload, files, backend, options)?;
     let setup_ns = setup_start.elapsed().as_nanos() as u64;
     let read_before = memory::storage_read_bytes().unwrap_or(0);
-    let spans = engine.execute_graph()?;
+    let mut spans = engine.execute_graph()?;
     let storage_read_bytes = memory::storage_read_bytes().unwrap_or(0).saturating_sub(read_before);
+    let graph_run = engine.graph_run()?;
+    if let Some(run) = &graph_run {
+        spans.truncate(run.tasks.len());
+    }
     let trace = Trace { source: TraceSource::Measured, spans };
-    let metrics = Metrics::compute(graph, &trace);
+    let metrics = Metrics::compute(graph_run.as_ref().unwrap_or(graph), &trace);
+    let speculation = graph_run.as_ref().and_then(|g| engine.speculation_report(g.rounds.len() as u32 - 1));
     let direct_io = engine.disk_files.values().all(|f| f.direct);
     let requested_read_bytes = *lock(&engine.requested_read_bytes);
-    let tokens = std::mem::take(&mut *lock(&engine.tokens));
+    let mut tokens = std::mem::take(&mut *lock(&engine.tokens));
+    if let Some(check) = tokens.iter().find(|t| t.len() as u64 != workload.gen_len) {
+        return Err(EngineError::Internal(format!(
+            "the run produced {} tokens for a sequence, not {}",
+            check.len(),
+            workload.gen_len
+        )));
+    }
+    tokens.iter_mut().for_each(|t| t.truncate(workload.gen_len as usize));
     let logits = std::mem::take(&mut *lock(&engine.logits));
     let (recycled_bytes, newly_mapped_bytes) =
         engine.recyclers.values().map(|r| r.counters()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
@@ -165,6 +193,8 @@ pub fn run(
         logits,
         peak_rss_bytes: memory::peak_rss_bytes().unwrap_or(0),
         baseline_rss_bytes,
+        speculation,
+        graph_run,
         storage_read_bytes,
         requested_read_bytes,
         direct_io,
@@ -209,7 +239,7 @@ fn check_plan(
             spec.max_position_embeddings
         )));
     }
-    check_rounds(graph)?;
+    check_rounds(graph, policy)?;
     // The budget: nothing starts unless every pool can hold its resident set and each task.
     graph.check_fits()?;
     Ok(())
@@ -246,22 +276,35 @@ fn check_formats(policy: &Policy, files: &ModelFiles) -> Result<(), EngineError>
     Ok(())
 }
 
-/// The engine runs complete graphs (every round) of plain decoding: each round's
-/// positions follow the previous round's, and each yields one token per sequence
-/// from its last row. Rounds that yield several tokens need a verifier (speculative
-/// decoding), which the engine does not have yet.
-fn check_rounds(graph: &TaskGraph) -> Result<(), EngineError> {
+/// The engine runs complete graphs (every round). Plain decoding: each round's
+/// positions follow the previous round's, and each yields one token per sequence from
+/// its last row. Speculative decoding: every round a run may need (`Steps::Bound`),
+/// each verifying the plan's draft length; a round's positions and tokens are known
+/// only when it runs.
+fn check_rounds(graph: &TaskGraph, policy: &Policy) -> Result<(), EngineError> {
     if !graph.is_complete() {
         return Err(EngineError::Internal(
             "the engine runs complete graphs (every round of the generation), not sampled ones".into(),
         ));
     }
+    if let Some(speculation) = &policy.speculation {
+        let k = speculation.draft_len;
+        if let Some(round) = graph.rounds[1..].iter().find(|r| r.drafted != k || r.rows != k + 1 || r.tokens != 1) {
+            return Err(EngineError::Internal(format!(
+                "round {} verifies {} draft tokens over {} positions yielding {}; a speculative run needs every \
+                 round the run may need (`Steps::Bound`), each verifying the plan's {k}",
+                round.step, round.drafted, round.rows, round.tokens
+            )));
+        }
+        return Ok(());
+    }
     let mut next_position = 0;
     for round in &graph.rounds {
-        if round.past != next_position || round.tokens != 1 {
+        if round.past != next_position || round.tokens != 1 || round.drafted != 0 {
             return Err(EngineError::Unsupported(format!(
                 "round {} processes positions {}..{} and yields {} token(s); the engine decodes one token per \
-                 round after the positions before it (rounds yielding several tokens need speculative decoding)",
+                 round after the positions before it (rounds yielding several tokens need the plan's \
+                 speculation section)",
                 round.step,
                 round.past,
                 round.context(),
@@ -332,6 +375,8 @@ impl<'a> Engine<'a> {
             requested_read_bytes: Mutex::new(0),
             recyclers: policy.stage_list().iter().map(|s| (s.device, Arc::new(Recycler::new()))).collect(),
             reserved: Mutex::new(HashMap::new()),
+            draft: None,
+            last_round: AtomicU32::new(u32::MAX),
         };
         // Resident weights: embeddings, head, and every group the plan keeps on the device
         // or the host (read once, before the clock starts).
@@ -351,6 +396,9 @@ impl<'a> Engine<'a> {
             }
         }
         engine.resident = resident;
+        if let Some(speculation) = policy.speculation {
+            engine.draft = Some(engine.draft_state(speculation)?);
+        }
         *lock(&engine.requested_read_bytes) = 0;
         // Resident KV caches (mapped zero pages: they take memory as they fill).
         let kv_bytes = engine.kv_region_bytes() as usize;
@@ -367,6 +415,34 @@ impl<'a> Engine<'a> {
             }
         }
         Ok(engine)
+    }
+
+    /// The graph as it ran, when a speculative run stopped early: the rounds up to the
+    /// last that ran, each yielding what the last micro-batch to finish gained in it.
+    fn graph_run(&self) -> Result<Option<TaskGraph>, EngineError> {
+        let Some(draft) = &self.draft else { return Ok(None) };
+        let finished = lock(&draft.finished_at).clone();
+        let slowest = (0..finished.len()).max_by_key(|&j| finished[j].unwrap_or(u32::MAX));
+        let (Some(j), Some(last)) = (slowest, finished.iter().map(|f| f.unwrap_or(u32::MAX)).max()) else {
+            return Ok(None);
+        };
+        if last == u32::MAX {
+            return Err(EngineError::Internal("a speculative run ended before every sequence had its tokens".into()));
+        }
+        let yielded = lock(&draft.yielded_by_round)[j].clone();
+        Ok(Some(self.graph.truncated(last, &yielded)?))
+    }
+
+    /// Marks rounds after `step` unneeded once every micro-batch has its tokens.
+    pub(super) fn note_round_done(&self, step: u32) {
+        if self.finished_after(step) {
+            self.last_round.fetch_min(step, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a task belongs to a round after the last one the run needs.
+    pub(super) fn skipped(&self, task: &Task) -> bool {
+        task.step > self.last_round.load(Ordering::SeqCst)
     }
 
     pub(super) fn weight_tier(&self, group: WeightGroup, layer: u64) -> Tier {
@@ -419,7 +495,7 @@ impl<'a> Engine<'a> {
 
     /// Bytes of one (layer, micro-batch) KV cache: K and V for every sequence and position.
     pub(super) fn kv_region_bytes(&self) -> u64 {
-        2 * self.policy.micro_batch_size * self.workload.max_context() * self.kv_row_bytes() as u64
+        2 * self.policy.micro_batch_size * self.policy.kv_positions(self.workload) * self.kv_row_bytes() as u64
     }
 
     pub(super) fn key(&self, task: &Task, group: WeightGroup) -> Key {
@@ -436,14 +512,9 @@ impl<'a> Engine<'a> {
         layer as usize * self.policy.num_micro_batches as usize + j as usize
     }
 
-    /// New positions per sequence in round `step` (a complete graph's rounds are
-    /// indexed by step, checked before the run).
-    pub(super) fn new_tokens(&self, step: u32) -> usize {
-        self.graph.rounds[step as usize].rows as usize
-    }
-
-    /// Earlier positions per sequence before round `step`.
-    pub(super) fn past(&self, step: u32) -> usize {
+    /// Earlier positions per sequence a KV load of round `step` carries: the round's
+    /// (with speculation, the most the round may need; it reads what it does).
+    pub(super) fn loaded_past(&self, step: u32) -> usize {
         self.graph.rounds[step as usize].past as usize
     }
 
@@ -452,9 +523,8 @@ impl<'a> Engine<'a> {
         j as usize * mb..(j as usize + 1) * mb
     }
 
-    pub(super) fn positions(&self, step: u32) -> Vec<usize> {
-        let past = self.past(step);
-        let new = self.new_tokens(step);
-        (0..self.policy.micro_batch_size as usize).flat_map(|_| (0..new).map(move |t| past + t)).collect()
+    /// Each row's position: every sequence processes `at.new` after `at.past`.
+    pub(super) fn positions(&self, at: Positions) -> Vec<usize> {
+        (0..self.policy.micro_batch_size as usize).flat_map(|_| (0..at.new).map(move |t| at.past + t)).collect()
     }
 }

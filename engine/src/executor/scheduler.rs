@@ -113,6 +113,10 @@ impl<'a> Engine<'a> {
 
     pub(super) fn execute(&self, id: u32) -> Result<(), EngineError> {
         let task = &self.graph.tasks[id as usize];
+        // A speculative run that has every token skips the rounds lowered beyond.
+        if self.skipped(task) {
+            return Ok(());
+        }
         let to_device = task.link_ends().is_some_and(|(_, to)| to.is_device());
         match (task.kind, task.payload) {
             (TaskKind::DiskRead, Payload::Weights { group }) => self.load_weights_from_disk(task, group),
@@ -122,7 +126,7 @@ impl<'a> Engine<'a> {
             (TaskKind::Copy, Payload::KvCache) => self.store_kv_to_host(task),
             (TaskKind::DiskWrite, Payload::KvCache) => self.write_kv(task),
             (TaskKind::Copy, Payload::Activations) => self.copy_activations(task),
-            (TaskKind::Compute, Payload::Compute { op }) => match task.compute_place() {
+            (TaskKind::Compute, Payload::Compute { op, .. }) => match task.compute_place() {
                 Some(place) => self.compute(task, op, place),
                 None => Err(EngineError::Internal(format!("compute task {} has no place", task.label()))),
             },

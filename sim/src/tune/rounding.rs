@@ -36,6 +36,7 @@ impl Searcher<'_> {
             io_queue_depth: member.io_queue_depth,
             pinned_host_bytes,
             stages: Vec::new(),
+            speculation: None,
         };
         // The engine's float type follows the formats.
         policy.set_weight_format(self.request.weight_format.clone());

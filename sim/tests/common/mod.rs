@@ -66,7 +66,7 @@ pub fn task((kind, resource): Kind, bytes: u64, flops: u64, deps: Vec<TaskId>) -
         kind,
         resource,
         payload: match kind {
-            TaskKind::Compute => Payload::Compute { op: Op::Mlp },
+            TaskKind::Compute => Payload::Compute { op: Op::Mlp, draft: false },
             _ => Payload::Activations,
         },
         layer: 0,
@@ -96,7 +96,7 @@ pub fn graph(tasks: Vec<Task>, device_bytes: u64, host_bytes: u64, lanes: u32) -
         batch_size: 1,
         prompt_len: 1,
         gen_len: 1,
-        rounds: vec![Round { step: 0, past: 0, rows: 1, tokens: 1 }],
+        rounds: vec![Round { step: 0, past: 0, rows: 1, tokens: 1, drafted: 0 }],
     }
 }
 

@@ -1,0 +1,98 @@
+//! The draft model's tasks (speculative decoding). The draft is resident on the first
+//! stage's device with its own KV cache there, so a draft pass is compute only: embed,
+//! each draft layer's attention and MLP, and its head, one after another, each a task
+//! of the same kinds as the target's (priced alike) marked `draft`.
+//!
+//! Rounds (see `plan::speculation`): the prefill round starts with the draft's pass over
+//! the prompt (filling its cache while the target's first weights load); every later
+//! round starts, per micro-batch, with `draft_len` passes: the first over the last two
+//! accepted positions (the one before may be a draft token the draft never processed,
+//! when every guess was accepted), the others over the guess before. The target's
+//! pass then waits for the last draft pass, as it waits for a head in plain decoding.
+
+use super::builder::Builder;
+use crate::graph::{Op, Payload, Place, Round, TaskId, NO_LAYER};
+use crate::model::WeightGroup;
+use crate::plan::{Draft, Speculation, Tier};
+
+impl Builder<'_> {
+    /// The draft's layers: self-speculation runs the target's first layers.
+    pub(super) fn draft_layers(speculation: &Speculation) -> u64 {
+        match speculation.draft {
+            Draft::SelfLayers { layers } => layers,
+        }
+    }
+
+    /// Emits micro-batch `j`'s draft passes for `round`: over the prompt in the
+    /// prefill, else `drafted` passes of 2, 1, 1, … positions per sequence.
+    pub(super) fn draft_passes(&mut self, round: Round, j: u32) {
+        if round.step == 0 {
+            self.draft_pass(round.step, j, round.rows as u64, round.rows as u64);
+            return;
+        }
+        for pass in 0..round.drafted {
+            let rows = if pass == 0 { 2 } else { 1 };
+            // Context after the pass: the round's first row (the last accepted token)
+            // is position `past`, guess i sits at `past + i`.
+            let context = round.past as u64 + 1 + pass as u64;
+            self.draft_pass(round.step, j, rows, context);
+        }
+    }
+
+    /// One draft pass of micro-batch `j` over `rows` new positions per sequence,
+    /// `context` positions in all after it.
+    fn draft_pass(&mut self, step: u32, j: u32, rows: u64, context: u64) {
+        let Some(speculation) = self.policy.speculation else { return };
+        let device = Place::Device(self.policy.first_device());
+        let mb = self.policy.micro_batch_size;
+        let model = self.model;
+        let all_rows = mb * rows;
+        let mut previous: Vec<TaskId> = self.last_head[j as usize].into_iter().collect();
+        let mut emit = |builder: &mut Builder, op: Op, layer: u32, flops: u64, bytes: u64, tokens: u64| {
+            let mut task = builder.compute_task(device, op, (layer, j, step), flops, bytes);
+            task.payload = Payload::Compute { op, draft: true };
+            task.tokens = tokens as u32;
+            task.context = context as u32;
+            task.deps = std::mem::take(&mut previous);
+            let id = builder.push(task);
+            previous = vec![id];
+            id
+        };
+        let embed_bytes = self.layout.embedding_lookup(all_rows).bytes;
+        emit(self, Op::Embed, NO_LAYER, 0, embed_bytes, all_rows);
+        let kv_read = model.kv_bytes_per_token_per_layer(self.policy.kv_dtype) * mb * context;
+        let (qkv_params, out_params) = model.attention_split_params();
+        for layer in 0..Builder::draft_layers(&speculation) as u32 {
+            let core = mb * model.attention_core_flops(rows, context);
+            let flops = 2 * all_rows * (qkv_params + out_params) + core;
+            let bytes = self.layout.bytes(WeightGroup::Attention, layer as u64) + kv_read;
+            emit(self, Op::Attention, layer, flops, bytes, all_rows);
+            let flops = model.projection_flops(WeightGroup::Mlp, all_rows);
+            let bytes = model.mlp_bytes_read(all_rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));
+            emit(self, Op::Mlp, layer, flops, bytes, all_rows);
+        }
+        // The guess comes from each sequence's last position only.
+        let flops = model.projection_flops(WeightGroup::Head, mb);
+        let head = emit(self, Op::Head, NO_LAYER, flops, self.layout.bytes(WeightGroup::Head, 0), mb);
+        self.last_head[j as usize] = Some(head);
+    }
+
+    /// Device memory the draft holds for the whole run: its weights (self-speculation
+    /// shares every group the target keeps on the device, and the embeddings and head)
+    /// and its KV cache, with room for every position.
+    pub(super) fn draft_resident(&self) -> Vec<(String, u64)> {
+        let Some(speculation) = self.policy.speculation else { return Vec::new() };
+        let layers = Builder::draft_layers(&speculation);
+        let weights: u64 = (0..layers)
+            .flat_map(|layer| WeightGroup::PER_LAYER.map(|group| (layer, group)))
+            .filter(|&(layer, group)| self.placements[layer as usize].tier(group) != Tier::Device)
+            .map(|(layer, group)| self.layout.bytes(group, layer))
+            .sum();
+        let kv = layers
+            * self.model.kv_bytes_per_token_per_layer(self.policy.kv_dtype)
+            * self.workload.batch_size
+            * self.policy.kv_positions(self.workload);
+        let hidden = self.workload.batch_size * self.workload.prompt_len * self.model.activation_bytes_per_token();
+        vec![("draft weights".into(), weights), ("draft KV cache".into(), kv), ("draft hidden states".into(), hidden)]
+    }
+}

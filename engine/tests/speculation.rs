@@ -1,0 +1,139 @@
+//! Speculative decoding: with greedy verification the tokens are exactly those of
+//! plain greedy decoding of the target, whatever the draft length, the draft, the
+//! schedule, the placement and the micro-batching — and the run reports the rate at
+//! which the target accepted the draft's tokens.
+
+use std::path::Path;
+
+use ferry_core::catalog::Catalog;
+use ferry_core::hardware::Hardware;
+use ferry_core::model::Dtype;
+use ferry_core::plan::{Draft, Policy, Schedule, Speculation, TierCounts, Workload};
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::units::{KIB, MIB};
+use ferry_engine::backend::CpuBackend;
+use ferry_engine::synth::Damping;
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::{run, RunOptions, RunReport};
+
+/// The cpu device (unified memory), or a discrete GPU's datasheet (device and host
+/// apart; the cpu backend runs it with both in RAM).
+const DAMPING: f32 = 0.3;
+
+fn profile(discrete: bool) -> Profile {
+    let catalog = Catalog::builtin().unwrap();
+    let (gpu, host) = if discrete { ("rtx3060-12gb", "desktop-pcie4") } else { ("cpu", "ferry-ci-vm") };
+    let mut p = Profile::from_datasheet(&Hardware {
+        gpu: catalog.gpu(gpu).unwrap().value,
+        host: catalog.host(host).unwrap().value,
+    });
+    let device_bytes = 64 * MIB;
+    p.device_memory_bytes = device_bytes;
+    p.memory_reserve_fraction = 0.0;
+    p
+}
+
+fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
+    (0..batch).map(|s| (0..len).map(|t| ((s * 131 + t * 17 + 3) % vocab) as u32).collect()).collect()
+}
+
+fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload) -> RunReport {
+    // Host placements need a machine whose device is not the host.
+    let profile = profile(policy.host_attention);
+    let graph = lower(policy, &files.spec, workload, &profile, &Steps::Bound).unwrap();
+    let options = RunOptions {
+        prompts: prompts(workload.batch_size, workload.prompt_len, files.spec.vocab_size),
+        scratch_dir: dir.join("scratch"),
+        allow_buffered_io: true,
+        keep_logits: true,
+        progress: None,
+    };
+    run(&graph, policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+}
+
+fn speculating(policy: &Policy, layers: u64, draft_len: u32) -> Policy {
+    let draft = Draft::SelfLayers { layers };
+    Policy { speculation: Some(Speculation { draft, draft_len, acceptance_rate: 0.5 }), ..policy.clone() }
+}
+
+fn streamed(layers: u64, schedule: Schedule, micro_batch_size: u64, micro_batches: u64) -> Policy {
+    let mut p = Policy::all_on_device(layers, micro_batch_size, Dtype::F32);
+    p.num_micro_batches = micro_batches;
+    p.schedule = schedule;
+    p.chunk_bytes = 64 * KIB;
+    p.io_queue_depth = 2;
+    // The first layer stays on the device (the draft shares it), the rest stream from
+    // disk; half the KV cache is on disk.
+    p.attention_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
+    p.mlp_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
+    p.kv_cache = TierCounts { device: layers / 2, host: 0, disk: layers - layers / 2 };
+    p
+}
+
+#[test]
+fn speculation_yields_exactly_the_targets_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let model_dir = dir.path().join("model");
+    // Layers after the first perturb what it computes: a first-layer draft agrees with
+    // many of the target's tokens, not all.
+    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
+    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let layers = spec.num_layers;
+    let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 12 };
+    let plain = Policy::all_on_device(layers, 2, Dtype::F32);
+    let reference = execute(dir.path(), &files, &plain, &workload);
+    assert!(reference.speculation.is_none());
+
+    let mut cases: Vec<(String, Policy)> = Vec::new();
+    // A draft that is the target itself agrees with every token.
+    let whole = execute(dir.path(), &files, &speculating(&plain, layers, 4), &workload);
+    assert_eq!(reference.tokens, whole.tokens);
+    let measured = whole.speculation.as_ref().unwrap();
+    assert_eq!((measured.rejections, measured.acceptance_rate), (0, 1.0), "{measured:?}");
+    assert_eq!(measured.rounds, 3, "11 tokens after the prefill at 5 per round: {measured:?}");
+    for k in 1..=8 {
+        cases.push((format!("resident, self 1 layer, k {k}"), speculating(&plain, 1, k)));
+    }
+    for schedule in Schedule::ALL {
+        for (mb, n) in [(2, 1), (1, 2)] {
+            let p = streamed(layers, schedule, mb, n);
+            cases.push((format!("{schedule:?} {mb}×{n} streamed, self 1, k 3"), speculating(&p, 1, 3)));
+            cases.push((format!("{schedule:?} {mb}×{n} streamed, self 2, k 5"), speculating(&p, 2, 5)));
+        }
+    }
+    let mut host = streamed(layers, Schedule::LayerPrefetch, 1, 2);
+    host.attention_weights = TierCounts { device: 1, host: layers - 1, disk: 0 };
+    host.kv_cache = TierCounts { device: 1, host: layers - 1, disk: 0 };
+    host.host_attention = true;
+    cases.push(("host weights and KV, host attention, k 4".into(), speculating(&host, 2, 4)));
+
+    let (mut agreed, mut rejected) = (0, 0);
+    for (what, policy) in cases {
+        let report = execute(dir.path(), &files, &policy, &workload);
+        assert_eq!(reference.tokens, report.tokens, "{what}: tokens differ from plain greedy decoding");
+        let measured = report.speculation.as_ref().unwrap_or_else(|| panic!("{what}: no speculation report"));
+        // Every accepted token is one fewer round: the rounds and tokens add up.
+        let k = policy.speculation.unwrap().draft_len;
+        assert!(measured.rounds >= 1 && measured.rounds < workload.gen_len as u32, "{what}: {measured:?}");
+        assert!(measured.tokens_per_round >= 1.0 && measured.tokens_per_round <= (k + 1) as f64, "{what}");
+        let graph_run = report.graph_run.as_ref().expect("a speculative run reports the graph it ran");
+        assert_eq!(graph_run.rounds.len() as u32, measured.rounds + 1, "{what}");
+        assert!(graph_run.is_complete(), "{what}: the rounds that ran yield every token");
+        assert_eq!(report.trace.spans.len(), graph_run.tasks.len());
+        // Logits of the accepted tokens match plain decoding's.
+        for (index, (a, b)) in reference.logits.iter().zip(&report.logits).enumerate() {
+            for (x, y) in a.iter().zip(b) {
+                let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let worst = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4 * scale, "{what}: token {index}: logits differ by {worst} (largest {scale})");
+            }
+        }
+        agreed += measured.agreed;
+        rejected += measured.rejections;
+    }
+    // The cases exercise both sides of verification.
+    assert!(agreed > 0 && rejected > 0, "agreed {agreed}, rejected {rejected}");
+}
