@@ -10,6 +10,7 @@ mod simulate_cmd;
 mod table;
 mod tune_cmd;
 mod tune_formats;
+mod tune_speculative;
 mod validate_cmd;
 
 use std::process::ExitCode;

@@ -7,17 +7,19 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ferry_core::catalog::Catalog;
 use ferry_core::model::{ModelSpec, WeightFormats};
-use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule};
+use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule, Speculation};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
 use ferry_core::CoreError;
 use ferry_sim::tune::{
-    tune_and_compare, Baseline, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest, TuneResult,
+    tune_and_compare, tune_speculative, Baseline, BatchChoice, Candidate, Comparison, KnobSpace, Objective,
+    TuneRequest, TuneResult, DRAFT_LENS,
 };
 
 use crate::report;
 use crate::table::Table;
 use crate::tune_formats::{self, Outcome};
+use crate::tune_speculative;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ObjectiveArg {
@@ -33,6 +35,7 @@ pub enum ObjectiveArg {
   ferry tune --profile profile.yaml --model ./my-model --device-mem 512MiB
   ferry tune --gpu rtx3060 --model 13b --weight-format q4_k,q8_0,f16
   ferry tune --gpu cpu --device-mem 1GiB --model ./tinyllama-q4_k_m.gguf
+  ferry tune --gpu cpu --device-mem 512MiB --model tinyllama-1.1b --draft self:2 --acceptance 0.7
 
 Weight formats: the tuner plans the model's own format unless --weight-format lists
 others (it never lowers precision on its own). With several, it tunes each, prints a
@@ -81,6 +84,19 @@ pub struct TuneArgs {
     /// [default: the model's own: its dtype, or a GGUF file's mix of types as stored]
     #[arg(long, visible_alias = "weight-dtype", value_name = "LIST")]
     weight_format: Option<String>,
+    /// Speculative decoding: the draft to try, `self:L` (the model's own first L layers
+    /// with its head; LayerSkip-style early exit). The search runs with and without it
+    /// and reports the speed-up and the acceptance rate it needs to win.
+    #[arg(long, value_name = "self:L", requires = "acceptance")]
+    draft: Option<String>,
+    /// Draft tokens per round to plan with [default: search 1 to 8].
+    #[arg(long, value_name = "K", requires = "draft")]
+    draft_len: Option<u32>,
+    /// The rate α at which the model accepts a draft token, which the speculative
+    /// plans are predicted with: your estimate, or the rate `ferry run` measured on a
+    /// speculative plan (it prints it).
+    #[arg(long, value_name = "α", requires = "draft")]
+    acceptance: Option<f64>,
     /// Write the winning plan (YAML) here.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -149,7 +165,15 @@ pub fn run(args: TuneArgs) -> Result<()> {
         objective,
         weight_format: weight_format.clone(),
         kv_dtype: tune_formats::kv_dtype(weight_format),
+        speculation: None,
     };
+    if let Some(draft) = &args.draft {
+        let speculation = tune_speculative::requested(draft, args.draft_len, args.acceptance, &model)?;
+        let [format] = formats.as_slice() else {
+            bail!("--draft tunes one weight format; give a single --weight-format (or none) with it")
+        };
+        return run_speculative(&args, &request_for(format), &hardware, &space, speculation);
+    }
     let started = Instant::now();
     let mut outcomes: Vec<Outcome> = formats
         .into_iter()
@@ -170,20 +194,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     if let Some(name) = adopted_baseline {
         eprintln!("note: the {name} baseline beat the searched plans; it is the plan");
     }
-    let plan = written_plan(&args, &model, &hardware, &profile, &result.best)?;
-    if let Some(path) = &args.out {
-        let text = format!(
-            "# Written by `ferry tune` for {} on {}; run `ferry simulate --plan {}` to predict it again.\n{}",
-            model.name,
-            profile.device_name,
-            path.display(),
-            ferry_core::yaml::to_yaml_string(&plan)?
-        );
-        ferry_core::yaml::write_new_file(path, &text, args.force)?;
-    }
-    if let Some(dir) = &args.plots {
-        crate::plots_cmd::tune_plots(dir, &request, &space, result, args.force)?;
-    }
+    let plan = write_outputs(&args, &request, &hardware, &space, result)?;
     if args.json {
         let formats_json = tune_formats::json(&outcomes, &model, &profile, Some(chosen));
         return print_json(&plan, result, baseline_results, search_time, args.top, formats_json);
@@ -346,6 +357,61 @@ fn parse_batch(text: &str, objective: Objective) -> Result<BatchChoice> {
 
 /// The plan file `tune` writes, checked as `simulate`, `run` and `export` check a plan
 /// file: a plan this writes is one they accept.
+/// The plan of `result`'s best candidate, written to `--out`, and the plots to `--plots`.
+fn write_outputs(
+    args: &TuneArgs,
+    request: &TuneRequest,
+    hardware: &HardwareRef,
+    space: &KnobSpace,
+    result: &TuneResult,
+) -> Result<Plan> {
+    let (model, profile) = (request.model, request.profile);
+    let plan = written_plan(args, model, hardware, profile, &result.best)?;
+    if let Some(path) = &args.out {
+        let text = format!(
+            "# Written by `ferry tune` for {} on {}; run `ferry simulate --plan {}` to predict it again.\n{}",
+            model.name,
+            profile.device_name,
+            path.display(),
+            ferry_core::yaml::to_yaml_string(&plan)?
+        );
+        ferry_core::yaml::write_new_file(path, &text, args.force)?;
+    }
+    if let Some(dir) = &args.plots {
+        crate::plots_cmd::tune_plots(dir, request, space, result, args.force)?;
+    }
+    Ok(plan)
+}
+
+/// `ferry tune --draft`: the search without and with speculation (each draft length),
+/// the recommended plan written and reported like any, then the speculation table.
+fn run_speculative(
+    args: &TuneArgs,
+    request: &TuneRequest,
+    hardware: &HardwareRef,
+    space: &KnobSpace,
+    speculation: Speculation,
+) -> Result<()> {
+    let started = Instant::now();
+    let draft_lens = args.draft_len.map_or(DRAFT_LENS.to_vec(), |k| vec![k]);
+    let outcome = tune_speculative(request, space, speculation, &draft_lens)?;
+    let search_time = started.elapsed();
+    let mut result = outcome.plain.result.clone();
+    let recommended = outcome.recommended(request).clone();
+    if recommended.policy.speculation.is_some() {
+        result.top.insert(0, recommended.clone());
+        result.best = recommended;
+    }
+    let plan = write_outputs(args, request, hardware, space, &result)?;
+    if args.json {
+        let table = tune_speculative::json(&outcome, request);
+        return print_json(&plan, &result, &outcome.plain.baselines, search_time, args.top, vec![table]);
+    }
+    print_report(args, request, &result, &outcome.plain.baselines, search_time);
+    tune_speculative::print(&outcome, request, speculation);
+    Ok(())
+}
+
 fn written_plan(
     args: &TuneArgs,
     model: &ModelSpec,

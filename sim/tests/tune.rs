@@ -34,6 +34,7 @@ fn request<'a>(model: &'a ModelSpec, profile: &'a Profile, batch: BatchChoice) -
         objective: Objective::Throughput,
         weight_format: WeightFormats::uniform(WeightFormat::F16),
         kv_dtype: Dtype::F16,
+        speculation: None,
     }
 }
 

@@ -86,6 +86,7 @@ pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profil
             // The engine runs the weights as the files store them.
             weight_format: files.formats.clone(),
             kv_dtype: files.kv_dtype(),
+            speculation: None,
         };
         let space = match schedule {
             None => KnobSpace::full(),

@@ -480,6 +480,18 @@ impl Policy {
                 ),
             ),
         ];
+        if let Some(speculation) = &self.speculation {
+            let Draft::SelfLayers { layers } = speculation.draft;
+            rows.push((
+                "speculation".into(),
+                format!(
+                    "draft: the first {layers} layers; {} draft tokens per round; α = {} assumed ({:.2} tokens per round)",
+                    speculation.draft_len,
+                    speculation.acceptance_rate,
+                    speculation.tokens_per_round(self.micro_batch_size)
+                ),
+            ));
+        }
         for (index, stage) in self.stages.iter().enumerate() {
             rows.push((
                 format!("stage {index}"),

@@ -136,7 +136,17 @@ impl Searcher<'_> {
             device_capacity_gb: gb(device_capacity),
             host_capacity_gb: gb(host_capacity),
             disk_capacity_gb: profile.disk_capacity_bytes.map(gb),
-            decode_steps: request.gen_len.saturating_sub(1) as f64,
+            // With speculation, the expected rounds: each streams the weights once and
+            // computes at least a plain step (the bound stays a lower bound).
+            decode_steps: match &request.speculation {
+                None => request.gen_len.saturating_sub(1) as f64,
+                Some(s) => ferry_core::plan::speculation::expected_rounds(
+                    s.group_acceptance(group.micro_batch_size),
+                    s.draft_len,
+                    request.gen_len.saturating_sub(1),
+                    group.num_micro_batches,
+                ),
+            },
         }
     }
 
@@ -226,6 +236,9 @@ impl Searcher<'_> {
         );
         let workload = self.workload(group);
         let pools = pool_specs(&probe, self.request.model, &workload, self.request.profile);
+        // A draft's copies of its layers count whole: it shares only layers the target
+        // keeps on the device, and device layers are spread over the model, so the
+        // draft's first layers are rarely among them.
         (pools[DEVICE_POOL].resident_bytes(), pools[HOST_POOL].resident_bytes())
     }
 

@@ -39,9 +39,10 @@ mod explain;
 mod lp;
 mod rounding;
 mod search;
+mod speculative;
 
 use ferry_core::model::{Dtype, ModelSpec, WeightFormats};
-use ferry_core::plan::{Policy, Schedule, Workload};
+use ferry_core::plan::{Policy, Schedule, Speculation, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::trace::Metrics;
 use ferry_core::units::MIB;
@@ -51,6 +52,7 @@ use crate::predict::{predict, Extrapolation};
 
 pub use self::baselines::{baselines, Baseline};
 use self::search::Searcher;
+pub use self::speculative::{tune_speculative, SpeculativeComparison, DRAFT_LENS};
 
 /// Knob values the search tries.
 #[derive(Debug, Clone)]
@@ -142,6 +144,9 @@ pub struct TuneRequest<'a> {
     /// call: `ferry tune --weight-format` compares formats by tuning each).
     pub weight_format: WeightFormats,
     pub kv_dtype: Dtype,
+    /// Plans speculate with this draft, draft length and assumed acceptance rate
+    /// (`tune_speculative` searches the draft length).
+    pub speculation: Option<Speculation>,
 }
 
 /// A simulated plan.

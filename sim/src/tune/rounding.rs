@@ -14,7 +14,9 @@ impl Searcher<'_> {
     pub(super) fn policy_for(&self, group: &Group, fr: &Fractions, member: &Member) -> Policy {
         let layers = self.request.model.num_layers;
         let unified = self.unified();
-        let (embeddings, head) = if unified { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
+        // A self-speculating draft shares the embeddings and head on the device.
+        let on_device = unified || self.request.speculation.is_some();
+        let (embeddings, head) = if on_device { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
         let pinned_host_bytes = if group.pinned { self.request.profile.max_pinned_bytes } else { 0 };
         let mut policy = Policy {
             schedule: member.schedule,
@@ -36,7 +38,7 @@ impl Searcher<'_> {
             io_queue_depth: member.io_queue_depth,
             pinned_host_bytes,
             stages: Vec::new(),
-            speculation: None,
+            speculation: self.request.speculation,
         };
         // The engine's float type follows the formats.
         policy.set_weight_format(self.request.weight_format.clone());

@@ -1,0 +1,122 @@
+//! `ferry tune --draft self:L --acceptance α`: the speculation section the search
+//! plans with, and the table of the best plan per draft length beside the best plan
+//! without a draft.
+
+use anyhow::Result;
+use ferry_core::model::ModelSpec;
+use ferry_core::plan::speculation::tokens_per_round;
+use ferry_core::plan::{Draft, Speculation};
+use ferry_core::units::format_ns;
+use ferry_core::CoreError;
+use ferry_sim::tune::{SpeculativeComparison, TuneRequest};
+
+use crate::table::Table;
+
+/// The speculation section from `--draft`, `--draft-len` and `--acceptance`, checked
+/// against the model.
+pub fn requested(
+    draft: &str,
+    draft_len: Option<u32>,
+    acceptance: Option<f64>,
+    model: &ModelSpec,
+) -> Result<Speculation> {
+    let layers = draft.strip_prefix("self:").and_then(|n| n.trim().parse::<u64>().ok()).ok_or_else(|| {
+        CoreError::invalid(format!("--draft {draft}: give self:L, the model's first L layers (e.g. self:2)"))
+    })?;
+    let acceptance_rate = acceptance.ok_or_else(|| {
+        CoreError::invalid(
+            "--draft needs --acceptance α, the rate at which the model accepts a draft token: your estimate, or \
+             the rate `ferry run` reports for a speculative plan",
+        )
+    })?;
+    let speculation =
+        Speculation { draft: Draft::SelfLayers { layers }, draft_len: draft_len.unwrap_or(1), acceptance_rate };
+    speculation.validate(model)?;
+    if layers == model.num_layers {
+        return Err(CoreError::invalid(format!(
+            "--draft self:{layers} is all of {}'s layers: the draft would be the model itself (never faster); \
+             give fewer",
+            model.name
+        ))
+        .into());
+    }
+    Ok(speculation)
+}
+
+/// The best plan without a draft, then the best for each draft length.
+pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation: Speculation) {
+    let plain = &outcome.plain.result.best;
+    let Draft::SelfLayers { layers } = speculation.draft;
+    println!(
+        "\nspeculation: a draft of {}'s first {layers} layers, α = {:.3} assumed (a micro-batch of m sequences \
+         accepts a token at α^m)",
+        request.model.name, speculation.acceptance_rate
+    );
+    let mut table = Table::new(["draft tokens", "batch", "tokens/round", "tokens/s", "first token", "vs no draft"]);
+    table.row([
+        "none".to_string(),
+        plain.workload.batch_size.to_string(),
+        "1.00".into(),
+        format!("{:.2}", plain.metrics.tokens_per_s),
+        format_ns(plain.metrics.time_to_first_token_ns),
+        "1.00×".into(),
+    ]);
+    for (draft_len, candidate) in &outcome.by_draft_len {
+        let c = match candidate {
+            Ok(c) => c,
+            Err(_) => {
+                table.row([draft_len.to_string(), "-".into(), "-".into(), "no plan".into(), "-".into(), "-".into()]);
+                continue;
+            }
+        };
+        let a = speculation.acceptance_rate.powi(c.policy.micro_batch_size as i32);
+        table.row([
+            draft_len.to_string(),
+            c.workload.batch_size.to_string(),
+            format!("{:.2}", tokens_per_round(a, *draft_len)),
+            format!("{:.2}", c.metrics.tokens_per_s),
+            format_ns(c.metrics.time_to_first_token_ns),
+            format!("{:.2}×", c.metrics.tokens_per_s / plain.metrics.tokens_per_s),
+        ]);
+    }
+    print!("{}", table.render());
+    let chosen = outcome.recommended(request);
+    match (&outcome.best, outcome.break_even) {
+        (Some(best), Some(rate)) => println!(
+            "the best speculative plan (draft {} tokens) beats the best plan without a draft for α ≥ {rate:.3}{}",
+            best.policy.speculation.map_or(0, |s| s.draft_len),
+            if chosen.policy.speculation.is_some() {
+                "; it is the plan"
+            } else {
+                "; at the assumed α it does not: the plan has no draft"
+            }
+        ),
+        (Some(_), None) => {
+            println!("no speculative plan beats the best plan without a draft, even at α = 1: the plan has no draft")
+        }
+        (None, _) => {
+            let why = outcome.by_draft_len.iter().find_map(|(_, c)| c.as_ref().err()).cloned().unwrap_or_default();
+            println!("no speculative plan fits beside the draft (the plan has no draft): {why}")
+        }
+    }
+}
+
+/// The same, for `--json`.
+pub fn json(outcome: &SpeculativeComparison, request: &TuneRequest) -> serde_json::Value {
+    let rows: Vec<serde_json::Value> = outcome
+        .by_draft_len
+        .iter()
+        .map(|(k, c)| match c {
+            Ok(c) => serde_json::json!({"draft_len": k, "batch": c.workload.batch_size, "tokens_per_s": c.metrics.tokens_per_s, "metrics": c.metrics}),
+            Err(e) => serde_json::json!({"draft_len": k, "error": e}),
+        })
+        .collect();
+    serde_json::json!({
+        "speculation": {
+            "without_draft_tokens_per_s": outcome.plain.result.best.metrics.tokens_per_s,
+            "by_draft_len": rows,
+            "break_even_acceptance": outcome.break_even,
+            "chosen_has_draft": outcome.recommended(request).policy.speculation.is_some(),
+        }
+    })
+}
