@@ -60,7 +60,7 @@ pub fn tune_plots(
     let prediction = predict(&best.policy, request.model, &best.workload, request.profile, Extrapolation::Full)?;
     let step = (request.gen_len.saturating_sub(1)).min(2) as u32;
     let categories: Vec<String> =
-        ["weight loads", "KV-cache transfers", "activation copies", "attention", "MLP", "embed / head"]
+        ["weight loads", "KV-cache transfers", "activation copies", "attention", "MLP", "embed / head", "draft passes"]
             .map(String::from)
             .to_vec();
     let mut rows: Vec<(ferry_core::graph::Resource, u32)> = Vec::new();
@@ -82,6 +82,7 @@ pub fn tune_plots(
             (_, Payload::Weights { .. }) => 0,
             (_, Payload::KvCache) => 1,
             (_, Payload::Activations) => 2,
+            (TaskKind::Compute, Payload::Compute { draft: true, .. }) => 6,
             (TaskKind::Compute, Payload::Compute { op, .. }) => match op {
                 Op::Attention | Op::AttnQkv | Op::AttnCore | Op::AttnOut => 3,
                 Op::Mlp => 4,

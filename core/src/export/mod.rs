@@ -64,12 +64,15 @@ pub struct Export {
 
 pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine) -> Export {
     let mut missing = Vec::new();
-    let settings = match engine {
+    let mut settings = match engine {
         Engine::LlamaCpp => llama_cpp::settings(plan, model, &mut missing),
         Engine::Vllm => vllm::settings(plan, model, profile, &mut missing),
         Engine::Accelerate => accelerate::settings(plan, model, profile, &mut missing),
         Engine::Flexgen => flexgen::settings(plan, model, &mut missing),
     };
+    if let Some(speculation) = &plan.policy.speculation {
+        settings.push_str(&speculation_settings(speculation, engine, &mut missing));
+    }
     if plan.policy.weight_format.uniform_float().is_none() {
         missing.push(format!(
             "these settings do not carry the plan's weight format ({}); give the engine weights stored that way",
@@ -84,6 +87,37 @@ pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine)
         ));
     }
     Export { engine, settings, cannot_express: missing }
+}
+
+/// What a target engine does with the plan's self-speculating draft: Hugging Face's
+/// `generate` drafts with a model's own first layers (`assistant_early_exit`, made for
+/// LayerSkip-trained models); llama.cpp and vLLM speculate only with a separate draft
+/// (or learned heads); FlexGen not at all. Returns lines to add to the settings.
+fn speculation_settings(speculation: &crate::plan::Speculation, engine: Engine, missing: &mut Vec<String>) -> String {
+    let crate::plan::Draft::SelfLayers { layers } = speculation.draft;
+    let k = speculation.draft_len;
+    let draft = format!("the plan drafts {k} tokens per round with the model's own first {layers} layers");
+    match engine {
+        Engine::Accelerate => {
+            missing.push(format!(
+                "transformers' early-exit assistant suits models trained for early exit (LayerSkip); {draft} and \
+                 verifies greedily, as generate does with do_sample=False"
+            ));
+            return format!(
+                "\n# speculation: model.generate(..., do_sample=False, assistant_early_exit={layers}, \
+                 num_assistant_tokens={k}, num_assistant_tokens_schedule=\"constant\")"
+            );
+        }
+        Engine::LlamaCpp => missing.push(format!(
+            "llama.cpp speculates only with a separate draft model (-md DRAFT.gguf --draft-max {k} -ngld 99); {draft}"
+        )),
+        Engine::Vllm => missing.push(format!(
+            "vLLM speculates with a separate draft or learned heads (--speculative-config '{{\"model\": \"DRAFT\", \
+             \"num_speculative_tokens\": {k}}}'); {draft}"
+        )),
+        Engine::Flexgen => missing.push(format!("FlexGen has no speculative decoding; {draft}")),
+    }
+    String::new()
 }
 
 /// Adds the lines for the streaming knobs a target without them cannot express:
@@ -103,6 +137,34 @@ fn streaming_knobs(plan: &Plan, engine: &str, missing: &mut Vec<String>) {
         p.copy_streams,
         p.io_queue_depth
     ));
+}
+
+#[cfg(test)]
+mod speculation_tests {
+    use super::fixtures::{plan, setup};
+    use super::*;
+    use crate::plan::{Draft, Speculation};
+
+    #[test]
+    fn a_self_speculating_plan_says_what_each_engine_does_with_its_draft() {
+        let (model, profile) = setup("llama-2-7b");
+        let mut plan = plan(&model);
+        let plain: Vec<Export> = Engine::ALL.iter().map(|&e| export(&plan, &model, &profile, e)).collect();
+        plan.policy.speculation =
+            Some(Speculation { draft: Draft::SelfLayers { layers: 4 }, draft_len: 5, acceptance_rate: 0.6 });
+        for (engine, before) in Engine::ALL.into_iter().zip(plain) {
+            let out = export(&plan, &model, &profile, engine);
+            let added: Vec<&String> =
+                out.cannot_express.iter().filter(|l| !before.cannot_express.contains(l)).collect();
+            assert_eq!(added.len(), 1, "{engine:?}: {added:?}");
+            assert!(added[0].contains("first 4 layers") && added[0].contains('5'), "{engine:?}: {}", added[0]);
+            if engine == Engine::Accelerate {
+                assert!(out.settings.contains("assistant_early_exit=4, num_assistant_tokens=5"), "{}", out.settings);
+            } else {
+                assert_eq!(out.settings, before.settings, "{engine:?}");
+            }
+        }
+    }
 }
 
 /// A plan and a machine for the per-engine tests.
