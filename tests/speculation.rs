@@ -118,3 +118,73 @@ fn bad_speculation_sections_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("embeddings and head on the device"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_separate_draft_model_runs_from_the_plans_models_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let args =
+        ["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny", "--damp-from", "1", "--damping", "0.3"];
+    assert!(ferry(dir.path(), &args).status.success());
+    // The draft: the same shape cut to one layer, from the same seed (so its layer,
+    // embeddings and head are the target's); and one with another vocabulary.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tiny/config.json")).unwrap()).unwrap();
+    for (folder, key, value) in [("cut", "num_hidden_layers", 1), ("wide", "vocab_size", 640)] {
+        let mut variant = config.clone();
+        variant[key] = value.into();
+        variant.as_object_mut().unwrap().remove("ferry_synthetic");
+        std::fs::create_dir_all(dir.path().join(format!("{folder}-config"))).unwrap();
+        std::fs::write(dir.path().join(format!("{folder}-config/config.json")), variant.to_string()).unwrap();
+        let config_path = format!("{folder}-config/config.json");
+        let out = ferry(dir.path(), &["synth", "--model", &config_path, "--dtype", "f32", "--out", folder]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let plain = TINY_PLAN.replace("gen_len: 5", "gen_len: 12");
+    let section = "  speculation: {draft: {kind: model}, draft_len: 3, acceptance_rate: 0.6}\n";
+    let with_draft =
+        |draft: &str| plain.replace("model: tiny\n", &format!("models: {{target: tiny, draft: {draft}}}\n")) + section;
+    std::fs::write(dir.path().join("plain.yaml"), &plain).unwrap();
+    std::fs::write(dir.path().join("cut.yaml"), with_draft("cut")).unwrap();
+    std::fs::write(dir.path().join("self.yaml"), plain.clone() + SPECULATION).unwrap();
+
+    let run = |plan: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["run", "--model-dir", "tiny", "--plan", plan, "--json"];
+        args.extend(extra);
+        let out = ferry(dir.path(), &args);
+        assert!(out.status.success(), "{plan}: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let reference = run("plain.yaml", &[]);
+    let cut = run("cut.yaml", &[]);
+    assert_eq!(reference["tokens"], cut["tokens"], "a separate draft changed the tokens");
+    // The cut file is the self-speculating draft's layer: the same acceptance.
+    let own = run("self.yaml", &[]);
+    assert_eq!(own["speculation"]["agreed"], cut["speculation"]["agreed"]);
+    assert_eq!(own["speculation"]["rejections"], cut["speculation"]["rejections"]);
+    // --draft-dir stands in for the plan's draft.
+    std::fs::write(dir.path().join("elsewhere.yaml"), with_draft("missing-folder")).unwrap();
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "elsewhere.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_eq!(run("elsewhere.yaml", &["--draft-dir", "cut"])["tokens"], reference["tokens"]);
+    // The export names the draft where the engine takes one.
+    let out = ferry(dir.path(), &["export", "--plan", "cut.yaml", "--to", "llama.cpp"]);
+    assert!(text(&out.stdout).contains("-md cut --draft-max 3"), "{}", text(&out.stdout));
+
+    // A draft of another vocabulary, in a plan or given to tune, is refused.
+    std::fs::write(dir.path().join("wide.yaml"), with_draft("wide")).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", "wide.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("vocabulary of 640 tokens"), "{}", text(&out.stderr));
+    let tune =
+        ["tune", "--gpu", "cpu", "--device-mem", "64MiB", "--model", "tiny", "--draft", "wide", "--acceptance", "0.5"];
+    let out = ferry(dir.path(), &tune);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("vocabulary"), "{}", text(&out.stderr));
+    // Half a draft: named without a speculation that uses it, or the reverse.
+    std::fs::write(dir.path().join("half.yaml"), with_draft("cut").replace(section, "")).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", "half.yaml"]);
+    assert!(text(&out.stderr).contains("does not speculate with it"), "{}", text(&out.stderr));
+    std::fs::write(dir.path().join("half.yaml"), plain.clone() + section).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", "half.yaml"]);
+    assert!(text(&out.stderr).contains("names none"), "{}", text(&out.stderr));
+}

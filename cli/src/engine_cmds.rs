@@ -177,6 +177,10 @@ pub struct RunArgs {
     /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// The draft model's files, for a plan that speculates with a separate draft
+    /// [default: the plan's `models.draft`, relative to the plan's folder].
+    #[arg(long, value_name = "DIR|FILE")]
+    draft_dir: Option<PathBuf>,
     /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
@@ -205,13 +209,45 @@ fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
     Ok(())
 }
 
+/// A separate draft's files: the plan's `models.draft` (relative to its folder, or the
+/// `--draft-dir` put there), which must hold the shape the plan was resolved with.
+fn open_draft(plan_path: &Path, resolved: &mut ResolvedPlan) -> Result<Option<ModelFiles>> {
+    let Some(name) = &resolved.plan.models.draft else { return Ok(None) };
+    let base = plan_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let path = base.join(name);
+    if !path.exists() {
+        return Err(CoreError::invalid(format!(
+            "the plan's draft '{name}' is no folder or file from {}; give the draft's files with --draft-dir",
+            base.display()
+        ))
+        .into());
+    }
+    let files = ModelFiles::open(&path)?;
+    if let Some(speculation) = resolved.plan.policy.speculation.as_mut() {
+        if let Some(spec) = &speculation.draft_spec {
+            check_same_shape(spec, &files.spec)?;
+        }
+        speculation.draft_spec = Some(std::sync::Arc::new(files.spec.clone()));
+    }
+    Ok(Some(files))
+}
+
 /// Resolves the plan for the model in the folder given with `--model-dir`, which is
 /// what runs. The plan's own model must have the folder's shape when it names one that
 /// resolves; a path that does not resolve from the plan's folder (a plan copied
 /// elsewhere) is stood in for by the folder, with a note.
-fn resolve_for_folder(catalog: &Catalog, path: &Path, folder: &ModelSpec) -> Result<ResolvedPlan> {
-    let plan: Plan = ferry_core::yaml::read_file(path)?;
+fn resolve_for_folder(
+    catalog: &Catalog,
+    path: &Path,
+    folder: &ModelSpec,
+    draft_dir: Option<&Path>,
+) -> Result<ResolvedPlan> {
+    let mut plan: Plan = ferry_core::yaml::read_file(path)?;
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Some(dir) = draft_dir {
+        let absolute = std::path::absolute(dir).map_err(|e| CoreError::io(dir, e))?;
+        plan.models.draft = Some(absolute.display().to_string());
+    }
     match resolve_model(catalog, &plan.models.target, base) {
         Ok((model, _)) => check_same_shape(&model, folder)?,
         Err(CoreError::UnknownName { .. }) => eprintln!(
@@ -231,7 +267,8 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     let catalog = Catalog::builtin()?;
     let backend = backend::backend(&args.backend)?;
     let files = ModelFiles::open(&args.model_dir)?;
-    let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec)?;
+    let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec, args.draft_dir.as_deref())?;
+    let draft_files = open_draft(&args.plan, &mut resolved)?;
     // A backend whose "device" is host RAM (cpu) measures nothing of a discrete GPU's plan.
     if !resolved.profile.unified_memory && backend.host_addressable(ferry_core::graph::Place::DEVICE) {
         return Err(CoreError::invalid(format!(
@@ -292,6 +329,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         allow_buffered_io: true,
         keep_logits: false,
         progress: callback,
+        draft_files,
     };
     let report = run(&graph, &policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?;
     if let Some(bar) = progress {

@@ -74,7 +74,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
             "metrics": prediction.metrics,
             "tasks": prediction.graph.tasks.len(),
             "events": prediction.events,
-            "speculation": resolved.plan.policy.speculation.map(|s| serde_json::json!({
+            "speculation": resolved.plan.policy.speculation.as_ref().map(|s| serde_json::json!({
                 "tokens_per_round": s.tokens_per_round(resolved.plan.policy.micro_batch_size),
                 "expected_rounds": ferry_core::schedule::expected_decode_rounds(&resolved.plan.policy, &resolved.plan.workload),
             })),

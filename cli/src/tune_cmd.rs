@@ -85,9 +85,10 @@ pub struct TuneArgs {
     #[arg(long, visible_alias = "weight-dtype", value_name = "LIST")]
     weight_format: Option<String>,
     /// Speculative decoding: the draft to try, `self:L` (the model's own first L layers
-    /// with its head; LayerSkip-style early exit). The search runs with and without it
-    /// and reports the speed-up and the acceptance rate it needs to win.
-    #[arg(long, value_name = "self:L", requires = "acceptance")]
+    /// with its head; LayerSkip-style early exit) or a draft model (catalog name,
+    /// folder or GGUF file) with the model's vocabulary. The search runs with and
+    /// without it and reports the speed-up and the acceptance rate it needs to win.
+    #[arg(long, value_name = "self:L|MODEL", requires = "acceptance")]
     draft: Option<String>,
     /// Draft tokens per round to plan with [default: search 1 to 8].
     #[arg(long, value_name = "K", requires = "draft")]
@@ -168,7 +169,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
         speculation: None,
     };
     if let Some(draft) = &args.draft {
-        let speculation = tune_speculative::requested(draft, args.draft_len, args.acceptance, &model)?;
+        let speculation = tune_speculative::requested(draft, args.draft_len, args.acceptance, &model, &catalog)?;
         let [format] = formats.as_slice() else {
             bail!("--draft tunes one weight format; give a single --weight-format (or none) with it")
         };
@@ -394,7 +395,7 @@ fn run_speculative(
 ) -> Result<()> {
     let started = Instant::now();
     let draft_lens = args.draft_len.map_or(DRAFT_LENS.to_vec(), |k| vec![k]);
-    let outcome = tune_speculative(request, space, speculation, &draft_lens)?;
+    let outcome = tune_speculative(request, space, speculation.clone(), &draft_lens)?;
     let search_time = started.elapsed();
     let mut result = outcome.plain.result.clone();
     let recommended = outcome.recommended(request).clone();
@@ -408,7 +409,7 @@ fn run_speculative(
         return print_json(&plan, &result, &outcome.plain.baselines, search_time, args.top, vec![table]);
     }
     print_report(args, request, &result, &outcome.plain.baselines, search_time);
-    tune_speculative::print(&outcome, request, speculation);
+    tune_speculative::print(&outcome, request, &speculation);
     Ok(())
 }
 
@@ -419,12 +420,20 @@ fn written_plan(
     profile: &ferry_core::profile::Profile,
     best: &Candidate,
 ) -> Result<Plan> {
-    let plan = Plan {
-        models: Models::target(if Path::new(&args.model).exists() {
-            path_from_plan(Path::new(&args.model), args.out.as_deref())
+    let named = |given: &str, name: &str| {
+        if Path::new(given).exists() {
+            path_from_plan(Path::new(given), args.out.as_deref())
         } else {
-            model.name.clone()
-        }),
+            name.to_string()
+        }
+    };
+    // A separate draft is named like the model: a path relative to the plan, or a name.
+    let draft = match (&args.draft, best.policy.speculation.as_ref().and_then(|s| s.draft_spec.as_ref())) {
+        (Some(given), Some(spec)) => Some(named(given, &spec.name)),
+        _ => None,
+    };
+    let plan = Plan {
+        models: Models { target: named(&args.model, &model.name), draft },
         hardware: HardwareRef {
             profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
             ..hardware.clone()

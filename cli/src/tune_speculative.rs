@@ -2,55 +2,76 @@
 //! plans with, and the table of the best plan per draft length beside the best plan
 //! without a draft.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use anyhow::Result;
+use ferry_core::catalog::Catalog;
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::speculation::tokens_per_round;
 use ferry_core::plan::{Draft, Speculation};
+use ferry_core::resolve::resolve_model;
 use ferry_core::units::format_ns;
 use ferry_core::CoreError;
 use ferry_sim::tune::{SpeculativeComparison, TuneRequest};
 
 use crate::table::Table;
 
-/// The speculation section from `--draft`, `--draft-len` and `--acceptance`, checked
-/// against the model.
+/// The speculation section from `--draft` (`self:L`, or a draft model: a catalog name,
+/// a folder or a GGUF file), `--draft-len` and `--acceptance`, checked against the
+/// model.
 pub fn requested(
     draft: &str,
     draft_len: Option<u32>,
     acceptance: Option<f64>,
     model: &ModelSpec,
+    catalog: &Catalog,
 ) -> Result<Speculation> {
-    let layers = draft.strip_prefix("self:").and_then(|n| n.trim().parse::<u64>().ok()).ok_or_else(|| {
-        CoreError::invalid(format!("--draft {draft}: give self:L, the model's first L layers (e.g. self:2)"))
-    })?;
     let acceptance_rate = acceptance.ok_or_else(|| {
         CoreError::invalid(
             "--draft needs --acceptance α, the rate at which the model accepts a draft token: your estimate, or \
              the rate `ferry run` reports for a speculative plan",
         )
     })?;
-    let speculation =
-        Speculation { draft: Draft::SelfLayers { layers }, draft_len: draft_len.unwrap_or(1), acceptance_rate };
+    let draft_len = draft_len.unwrap_or(1);
+    let speculation = match draft.strip_prefix("self:") {
+        Some(layers) => {
+            let layers = layers.trim().parse::<u64>().map_err(|_| {
+                CoreError::invalid(format!("--draft {draft}: give self:L, the model's first L layers (e.g. self:2)"))
+            })?;
+            if layers == model.num_layers {
+                return Err(CoreError::invalid(format!(
+                    "--draft self:{layers} is all of {}'s layers: the draft would be the model itself (never \
+                     faster); give fewer",
+                    model.name
+                ))
+                .into());
+            }
+            Speculation { draft: Draft::SelfLayers { layers }, draft_len, acceptance_rate, draft_spec: None }
+        }
+        None => {
+            let (spec, _) = resolve_model(catalog, draft, Path::new(".")).map_err(|e| {
+                anyhow::Error::from(e)
+                    .context(format!("--draft {draft}: a draft model, or self:L for the model's own first layers"))
+            })?;
+            Speculation { draft: Draft::Model, draft_len, acceptance_rate, draft_spec: Some(Arc::new(spec)) }
+        }
+    };
     speculation.validate(model)?;
-    if layers == model.num_layers {
-        return Err(CoreError::invalid(format!(
-            "--draft self:{layers} is all of {}'s layers: the draft would be the model itself (never faster); \
-             give fewer",
-            model.name
-        ))
-        .into());
-    }
     Ok(speculation)
 }
 
 /// The best plan without a draft, then the best for each draft length.
-pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation: Speculation) {
+pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation: &Speculation) {
     let plain = &outcome.plain.result.best;
-    let Draft::SelfLayers { layers } = speculation.draft;
+    let draft = match (speculation.draft, &speculation.draft_spec) {
+        (Draft::SelfLayers { layers }, _) => format!("{}'s first {layers} layers", request.model.name),
+        (Draft::Model, Some(model)) => model.name.clone(),
+        (Draft::Model, None) => "a draft model".into(),
+    };
     println!(
-        "\nspeculation: a draft of {}'s first {layers} layers, α = {:.3} assumed (a micro-batch of m sequences \
-         accepts a token at α^m)",
-        request.model.name, speculation.acceptance_rate
+        "\nspeculation: a draft of {draft}, α = {:.3} assumed (a micro-batch of m sequences accepts a token at α^m)",
+        speculation.acceptance_rate
     );
     let mut table = Table::new(["draft tokens", "batch", "tokens/round", "tokens/s", "first token", "vs no draft"]);
     table.row([
@@ -84,7 +105,7 @@ pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation
     match (&outcome.best, outcome.break_even) {
         (Some(best), Some(rate)) => println!(
             "the best speculative plan (draft {} tokens) beats the best plan without a draft for α ≥ {rate:.3}{}",
-            best.policy.speculation.map_or(0, |s| s.draft_len),
+            best.policy.speculation.as_ref().map_or(0, |s| s.draft_len),
             if chosen.policy.speculation.is_some() {
                 "; it is the plan"
             } else {

@@ -126,12 +126,40 @@ pub fn resolve_plan_with_model(
     mut notes: Vec<String>,
     base_dir: &Path,
 ) -> Result<ResolvedPlan> {
+    let mut plan = plan;
+    resolve_draft(catalog, &mut plan, base_dir, &mut notes)?;
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
     check_devices(&plan.policy, &profile)?;
     notes.extend(weight_format_notes(&plan.policy.weight_format, &model, &profile));
     Ok(ResolvedPlan { plan, model, profile, notes })
+}
+
+/// Fills a speculative plan's separate draft (`models.draft`) into its speculation
+/// section: a draft named without a speculation that uses it, or the reverse, is an
+/// error saying which half is missing.
+pub fn resolve_draft(catalog: &Catalog, plan: &mut Plan, base_dir: &Path, notes: &mut Vec<String>) -> Result<()> {
+    use crate::plan::Draft;
+    let wants = plan.policy.speculation.as_ref().map(|s| s.draft);
+    match (&plan.models.draft, wants) {
+        (None, Some(Draft::Model)) => Err(CoreError::invalid(
+            "plan: the speculation's draft is a separate model but `models` names none (`models: {target: …, draft: …}`)",
+        )),
+        (Some(name), None | Some(Draft::SelfLayers { .. })) => Err(CoreError::invalid(format!(
+            "plan: models.draft names {name} but the policy does not speculate with it; add `speculation: {{draft: \
+             {{kind: model}}, draft_len: 4, acceptance_rate: …}}` to the policy, or remove the draft"
+        ))),
+        (Some(name), Some(Draft::Model)) => {
+            let (draft, draft_notes) = resolve_model(catalog, name, base_dir)?;
+            notes.extend(draft_notes.into_iter().map(|n| format!("draft: {n}")));
+            if let Some(speculation) = plan.policy.speculation.as_mut() {
+                speculation.draft_spec = Some(std::sync::Arc::new(draft));
+            }
+            Ok(())
+        }
+        (None, _) => Ok(()),
+    }
 }
 
 /// What a prediction of weights stored in `formats` assumes about their dequantization:

@@ -187,6 +187,14 @@ impl ModelFiles {
         }
     }
 
+    /// Every file the tensors are in, once each.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = self.tensors.values().map(|t| t.file.clone()).collect();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
     pub fn tensor(&self, name: &str) -> Option<&StoredTensor> {
         self.tensors.get(name)
     }

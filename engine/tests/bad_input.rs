@@ -113,6 +113,7 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
         allow_buffered_io: true,
         keep_logits: false,
         progress: None,
+        draft_files: None,
     };
     // A 1 MiB budget cannot hold the 3.3 MiB of resident weights.
     profile.device_memory_bytes = MIB;

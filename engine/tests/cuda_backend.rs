@@ -59,6 +59,7 @@ fn execute(
         allow_buffered_io: true,
         keep_logits: true,
         progress: None,
+        draft_files: None,
     };
     run(&graph, policy, workload, files, backend, &options)
         .unwrap_or_else(|e| panic!("{} backend, {policy:?}: {e}", backend.name()))

@@ -74,6 +74,7 @@ fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload,
         allow_buffered_io: true,
         keep_logits: true,
         progress: None,
+        draft_files: None,
     };
     run(&graph, policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
 }

@@ -83,6 +83,7 @@ fn run_plan(files: &ModelFiles, policy: &Policy, gen_len: u64, scratch: &Path) -
         allow_buffered_io: true,
         keep_logits: true,
         progress: None,
+        draft_files: None,
     };
     run(&graph, policy, &workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
 }

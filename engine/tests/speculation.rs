@@ -4,6 +4,7 @@
 //! which the target accepted the draft's tokens.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
@@ -39,22 +40,47 @@ fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
 }
 
 fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload) -> RunReport {
+    execute_with(dir, files, None, policy, workload)
+}
+
+/// Runs `policy` on `files`, with a separate draft's files when it speculates with one.
+fn execute_with(
+    dir: &Path,
+    files: &ModelFiles,
+    draft_files: Option<&Path>,
+    policy: &Policy,
+    workload: &Workload,
+) -> RunReport {
     // Host placements need a machine whose device is not the host.
     let profile = profile(policy.host_attention);
-    let graph = lower(policy, &files.spec, workload, &profile, &Steps::Bound).unwrap();
+    let draft_files = draft_files.map(|path| ModelFiles::open(path).unwrap());
+    let mut policy = policy.clone();
+    if let (Some(draft), Some(speculation)) = (&draft_files, policy.speculation.as_mut()) {
+        speculation.draft_spec = Some(Arc::new(draft.spec.clone()));
+    }
+    let graph = lower(&policy, &files.spec, workload, &profile, &Steps::Bound).unwrap();
     let options = RunOptions {
         prompts: prompts(workload.batch_size, workload.prompt_len, files.spec.vocab_size),
         scratch_dir: dir.join("scratch"),
         allow_buffered_io: true,
         keep_logits: true,
         progress: None,
+        draft_files,
     };
-    run(&graph, policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+    run(&graph, &policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
 }
 
 fn speculating(policy: &Policy, layers: u64, draft_len: u32) -> Policy {
     let draft = Draft::SelfLayers { layers };
-    Policy { speculation: Some(Speculation { draft, draft_len, acceptance_rate: 0.5 }), ..policy.clone() }
+    let speculation = Speculation { draft, draft_len, acceptance_rate: 0.5, draft_spec: None };
+    Policy { speculation: Some(speculation), ..policy.clone() }
+}
+
+/// `policy` speculating with a separate draft model (its shape is filled in from its
+/// files by `execute_with`).
+fn with_draft_model(policy: &Policy, draft_len: u32) -> Policy {
+    let speculation = Speculation { draft: Draft::Model, draft_len, acceptance_rate: 0.5, draft_spec: None };
+    Policy { speculation: Some(speculation), ..policy.clone() }
 }
 
 fn streamed(layers: u64, schedule: Schedule, micro_batch_size: u64, micro_batches: u64) -> Policy {
@@ -116,7 +142,7 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
         assert_eq!(reference.tokens, report.tokens, "{what}: tokens differ from plain greedy decoding");
         let measured = report.speculation.as_ref().unwrap_or_else(|| panic!("{what}: no speculation report"));
         // Every accepted token is one fewer round: the rounds and tokens add up.
-        let k = policy.speculation.unwrap().draft_len;
+        let k = policy.speculation.as_ref().unwrap().draft_len;
         assert!(measured.rounds >= 1 && measured.rounds < workload.gen_len as u32, "{what}: {measured:?}");
         assert!(measured.tokens_per_round >= 1.0 && measured.tokens_per_round <= (k + 1) as f64, "{what}");
         let graph_run = report.graph_run.as_ref().expect("a speculative run reports the graph it ran");
@@ -136,4 +162,49 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
     }
     // The cases exercise both sides of verification.
     assert!(agreed > 0 && rejected > 0, "agreed {agreed}, rejected {rejected}");
+}
+
+#[test]
+fn a_separate_draft_model_yields_the_targets_tokens_and_agrees_as_its_layers_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
+    let model_dir = dir.path().join("model");
+    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
+    // A file holding exactly the target's first layer, embeddings, final norm and head
+    // (synthetic values depend only on the seed and the tensor's name): as a separate
+    // draft it must agree with the target exactly as the self-speculating one does.
+    let first_layer = ferry_core::model::ModelSpec { num_layers: 1, ..spec.clone() };
+    let cut_dir = dir.path().join("cut");
+    ferry_engine::synth::synthesize(&first_layer, Dtype::F32, 7, &cut_dir, false, |_, _| {}).unwrap();
+    // A draft of another shape (narrower, two layers, its own weights) with the vocabulary.
+    let narrow = ferry_core::model::ModelSpec {
+        name: "test-narrow".into(),
+        hidden_size: 64,
+        intermediate_size: 160,
+        num_layers: 2,
+        num_heads: 2,
+        num_kv_heads: 1,
+        ..spec.clone()
+    };
+    let narrow_dir = dir.path().join("narrow");
+    ferry_engine::synth::synthesize(&narrow, Dtype::F32, 11, &narrow_dir, false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let layers = spec.num_layers;
+    let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 12 };
+    let plain = Policy::all_on_device(layers, 2, Dtype::F32);
+    let reference = execute(dir.path(), &files, &plain, &workload);
+    for (what, policy) in [
+        ("resident", plain.clone()),
+        ("streamed, layer-major, 1×2", streamed(layers, Schedule::ZigzagBlock, 1, 2)),
+        ("streamed, pipelined", streamed(layers, Schedule::Pipelined, 2, 1)),
+    ] {
+        let own = execute(dir.path(), &files, &speculating(&policy, 1, 3), &workload);
+        let cut = execute_with(dir.path(), &files, Some(&cut_dir), &with_draft_model(&policy, 3), &workload);
+        assert_eq!(reference.tokens, cut.tokens, "{what}: a separate draft changed the tokens");
+        let (a, b) = (own.speculation.unwrap(), cut.speculation.unwrap());
+        assert_eq!((a.agreed, a.rejections, a.rounds), (b.agreed, b.rejections, b.rounds), "{what}");
+        let narrow = execute_with(dir.path(), &files, Some(&narrow_dir), &with_draft_model(&policy, 4), &workload);
+        assert_eq!(reference.tokens, narrow.tokens, "{what}: a draft of another shape changed the tokens");
+    }
 }

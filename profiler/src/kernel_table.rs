@@ -74,6 +74,7 @@ pub(crate) fn measure_kernel_table(
                 allow_buffered_io: true,
                 keep_logits: false,
                 progress: None,
+                draft_files: None,
             };
             let _load = reads.then(|| Background::reads(disk, options.scratch_bytes));
             let report = ferry_engine::run(
@@ -143,6 +144,7 @@ pub(crate) fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s
         allow_buffered_io: true,
         keep_logits: false,
         progress: None,
+        draft_files: None,
     };
     let report = ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend, &options)?;
     let mut excess: Vec<f64> = Vec::new();

@@ -61,12 +61,33 @@ pub struct CostModel<'a> {
     peer_via_host: std::sync::OnceLock<TransferCurve>,
     /// The dequantization of the plan's quantized weights (`None`: float weights).
     dequant: Option<Dequantization>,
+    /// A separate draft model's shape key and dequantization (speculative plans): its
+    /// tasks are priced at its own shape.
+    draft: Option<(String, Option<Dequantization>)>,
 }
 
 impl<'a> CostModel<'a> {
     /// The cost model of a plan whose weights are float.
     pub fn new(profile: &'a Profile, model: &ModelSpec) -> CostModel<'a> {
-        CostModel { profile, shape: shape_key(model), peer_via_host: std::sync::OnceLock::new(), dequant: None }
+        CostModel {
+            profile,
+            shape: shape_key(model),
+            peer_via_host: std::sync::OnceLock::new(),
+            dequant: None,
+            draft: None,
+        }
+    }
+
+    /// The cost model of `policy`'s plan: its weight formats, and a separate draft's
+    /// shape and formats when it speculates with one.
+    pub fn for_policy(profile: &'a Profile, model: &ModelSpec, policy: &ferry_core::plan::Policy) -> CostModel<'a> {
+        let mut cost = CostModel::for_formats(profile, model, &policy.weight_format);
+        if let Some(speculation) = policy.speculation.as_ref().filter(|s| !s.is_self()) {
+            let draft = speculation.draft_model(model);
+            let formats = speculation.draft_formats(&policy.weight_format);
+            cost.draft = Some((shape_key(&draft), Dequantization::new(profile, &draft, &formats)));
+        }
+        cost
     }
 
     /// The cost model of a plan storing its weights in `formats`.
@@ -155,9 +176,19 @@ impl<'a> CostModel<'a> {
             _ => Op::Mlp,
         };
         let layer = (task.layer != ferry_core::graph::NO_LAYER).then_some(task.layer as u64);
-        let dequant = self.dequant_ns(on_host, op, layer.or(Some(0)), task.tokens as u64);
-        let nominal_ns =
-            self.compute_ns(compute, op, task.flops, task.bytes, task.tokens as u64, task.context as u64, dequant);
+        let (tokens, context) = (task.tokens as u64, task.context as u64);
+        let side = if on_host { Side::Host } else { Side::Device };
+        let nominal_ns = match (&self.draft, task.payload) {
+            // A separate draft's task: its own shape in the kernel table, its own formats.
+            (Some((shape, dequant)), Payload::Compute { draft: true, .. }) => {
+                let dequant = dequant.as_ref().and_then(|d| d.task_ns(side, op, layer.or(Some(0)), tokens));
+                self.compute_ns_at(shape, compute, op, (task.flops, task.bytes), (tokens, context), dequant)
+            }
+            _ => {
+                let dequant = self.dequant_ns(on_host, op, layer.or(Some(0)), tokens);
+                self.compute_ns(compute, op, task.flops, task.bytes, tokens, context, dequant)
+            }
+        };
         // Memory the task frees (streamed weights, a loaded cache) is returned to the
         // system by the task itself.
         let released_bytes: u64 = task.release.iter().map(|m| m.bytes).sum();
@@ -181,8 +212,21 @@ impl<'a> CostModel<'a> {
         context: u64,
         dequant_ns: Option<f64>,
     ) -> f64 {
+        self.compute_ns_at(&self.shape, compute, op, (flops, bytes), (tokens, context), dequant_ns)
+    }
+
+    /// `compute_ns` with the kernel table read at `shape`.
+    fn compute_ns_at(
+        &self,
+        shape: &str,
+        compute: &ComputeProfile,
+        op: Op,
+        (flops, bytes): (u64, u64),
+        (tokens, context): (u64, u64),
+        dequant_ns: Option<f64>,
+    ) -> f64 {
         if dequant_ns.is_none() {
-            if let Some(ns) = lookup_table(compute, op.name(), &self.shape, tokens, context) {
+            if let Some(ns) = lookup_table(compute, op.name(), shape, tokens, context) {
                 return ns;
             }
         }

@@ -44,7 +44,7 @@ pub fn predict(
     profile: &Profile,
     mode: Extrapolation,
 ) -> Result<Prediction, SimError> {
-    let cost = CostModel::for_formats(profile, model, &policy.weight_format);
+    let cost = CostModel::for_policy(profile, model, policy);
     let decode_steps = decode_rounds(policy, workload);
     let sampled = sample_steps(decode_steps);
     let steps = match (mode, &sampled) {

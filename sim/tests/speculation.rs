@@ -41,7 +41,7 @@ fn streamed(model: &ModelSpec, schedule: Schedule, micro_batch_size: u64) -> Pol
 
 fn with(policy: &Policy, draft_len: u32, acceptance_rate: f64) -> Policy {
     let draft = Draft::SelfLayers { layers: 1 };
-    Policy { speculation: Some(Speculation { draft, draft_len, acceptance_rate }), ..policy.clone() }
+    Policy { speculation: Some(Speculation { draft, draft_len, acceptance_rate, draft_spec: None }), ..policy.clone() }
 }
 
 #[test]
@@ -94,12 +94,13 @@ fn the_speculative_search_reports_its_gain_and_the_rate_it_needs() {
         kv_dtype: Dtype::F16,
         speculation: None,
     };
-    let speculation = Speculation { draft: Draft::SelfLayers { layers: 1 }, draft_len: 1, acceptance_rate: 0.8 };
+    let speculation =
+        Speculation { draft: Draft::SelfLayers { layers: 1 }, draft_len: 1, acceptance_rate: 0.8, draft_spec: None };
     let outcome = tune_speculative(&request, &KnobSpace::full(), speculation, &[2, 4]).unwrap();
     let best = outcome.best.as_ref().expect("a one-layer draft fits in 1 GiB");
     let plain = outcome.plain.result.best.metrics.tokens_per_s;
     assert!(best.metrics.tokens_per_s > plain, "streamed from disk at α = 0.8 a draft wins");
-    assert_eq!(outcome.recommended(&request).policy.speculation.map(|s| s.acceptance_rate), Some(0.8));
+    assert_eq!(outcome.recommended(&request).policy.speculation.as_ref().map(|s| s.acceptance_rate), Some(0.8));
     let rate = outcome.break_even.expect("it wins at some rate");
     assert!(rate > 0.0 && rate < 0.8, "{rate}");
     // Just above the rate the plan wins; just below it does not.

@@ -96,6 +96,7 @@ pub fn predict_and_run(
         allow_buffered_io: false,
         keep_logits: false,
         progress: None,
+        draft_files: None,
     };
     drop_page_cache();
     let report = run(&graph, &plan.policy, &plan.workload, files, &CpuBackend, &options)

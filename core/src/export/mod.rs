@@ -70,9 +70,7 @@ pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine)
         Engine::Accelerate => accelerate::settings(plan, model, profile, &mut missing),
         Engine::Flexgen => flexgen::settings(plan, model, &mut missing),
     };
-    if let Some(speculation) = &plan.policy.speculation {
-        settings.push_str(&speculation_settings(speculation, engine, &mut missing));
-    }
+    settings.push_str(&speculation_settings(plan, engine, &mut missing));
     if plan.policy.weight_format.uniform_float().is_none() {
         missing.push(format!(
             "these settings do not carry the plan's weight format ({}); give the engine weights stored that way",
@@ -89,13 +87,36 @@ pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine)
     Export { engine, settings, cannot_express: missing }
 }
 
-/// What a target engine does with the plan's self-speculating draft: Hugging Face's
-/// `generate` drafts with a model's own first layers (`assistant_early_exit`, made for
-/// LayerSkip-trained models); llama.cpp and vLLM speculate only with a separate draft
-/// (or learned heads); FlexGen not at all. Returns lines to add to the settings.
-fn speculation_settings(speculation: &crate::plan::Speculation, engine: Engine, missing: &mut Vec<String>) -> String {
-    let crate::plan::Draft::SelfLayers { layers } = speculation.draft;
+/// What a target engine does with the plan's draft. A separate draft model maps onto
+/// each engine's own speculation (llama.cpp's `-md`, vLLM's speculative config,
+/// transformers' `assistant_model`); a self-speculating one only onto transformers'
+/// `assistant_early_exit` (made for LayerSkip-trained models). FlexGen has none.
+/// Returns lines to add to the settings.
+fn speculation_settings(plan: &Plan, engine: Engine, missing: &mut Vec<String>) -> String {
+    use crate::plan::Draft;
+    let Some(speculation) = &plan.policy.speculation else { return String::new() };
     let k = speculation.draft_len;
+    let model = plan.models.draft.as_deref().unwrap_or("DRAFT");
+    let layers = match speculation.draft {
+        Draft::SelfLayers { layers } => layers,
+        Draft::Model => {
+            return match engine {
+                Engine::LlamaCpp => format!(" \\\n  -md {model} --draft-max {k} --draft-min {k} -ngld 99"),
+                Engine::Vllm => {
+                    format!(" \\\n  --speculative-config '{{\"model\": \"{model}\", \"num_speculative_tokens\": {k}}}'")
+                }
+                Engine::Accelerate => format!(
+                    "\n# speculation: model.generate(..., do_sample=False, \
+                     assistant_model=AutoModelForCausalLM.from_pretrained(\"{model}\"), num_assistant_tokens={k}, \
+                     num_assistant_tokens_schedule=\"constant\")"
+                ),
+                Engine::Flexgen => {
+                    missing.push(format!("FlexGen has no speculative decoding; the plan drafts {k} tokens per round"));
+                    String::new()
+                }
+            }
+        }
+    };
     let draft = format!("the plan drafts {k} tokens per round with the model's own first {layers} layers");
     match engine {
         Engine::Accelerate => {
@@ -150,8 +171,12 @@ mod speculation_tests {
         let (model, profile) = setup("llama-2-7b");
         let mut plan = plan(&model);
         let plain: Vec<Export> = Engine::ALL.iter().map(|&e| export(&plan, &model, &profile, e)).collect();
-        plan.policy.speculation =
-            Some(Speculation { draft: Draft::SelfLayers { layers: 4 }, draft_len: 5, acceptance_rate: 0.6 });
+        plan.policy.speculation = Some(Speculation {
+            draft: Draft::SelfLayers { layers: 4 },
+            draft_len: 5,
+            acceptance_rate: 0.6,
+            draft_spec: None,
+        });
         for (engine, before) in Engine::ALL.into_iter().zip(plain) {
             let out = export(&plan, &model, &profile, engine);
             let added: Vec<&String> =

@@ -119,20 +119,23 @@ pub struct PredictionNote {
     pub profile: String,
 }
 
-/// The models of a plan, by the role each plays. Today a plan has one, the `target`
-/// (the model whose tokens the run produces); a speculative plan adds a draft model and
-/// a mixture-of-experts plan its experts as further roles here.
+/// The models of a plan, by the role each plays: the `target` (the model whose tokens
+/// the run produces) and, for speculative decoding with a separate model, the `draft`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Models {
     /// Catalog model name, or a path to a Hugging Face folder / config.json (relative
     /// paths are relative to the plan file).
     pub target: String,
+    /// A separate draft model for speculative decoding (the policy's speculation says
+    /// `draft: {kind: model}`), named like the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<String>,
 }
 
 impl Models {
     pub fn target(name: impl Into<String>) -> Models {
-        Models { target: name.into() }
+        Models { target: name.into(), draft: None }
     }
 }
 

@@ -281,14 +281,14 @@ impl Policy {
             Draft::SelfLayers { .. } if self.embeddings != Tier::Device || self.head != Tier::Device => {
                 fail("a self-speculating draft shares the target's embeddings and head on the device: place both there")
             }
-            Draft::SelfLayers { .. } => Ok(()),
+            Draft::SelfLayers { .. } | Draft::Model => Ok(()),
         }
     }
 
     /// Positions every sequence's KV cache holds room for: the prompt and the
     /// generation, and with speculation the draft tokens the last round verifies beyond.
     pub fn kv_positions(&self, workload: &Workload) -> u64 {
-        workload.max_context() + self.speculation.map_or(0, |s| s.draft_len as u64)
+        workload.max_context() + self.speculation.as_ref().map_or(0, |s| s.draft_len as u64)
     }
 
     /// Stages cover the layers in order, each with a consistent placement, on distinct
@@ -481,11 +481,15 @@ impl Policy {
             ),
         ];
         if let Some(speculation) = &self.speculation {
-            let Draft::SelfLayers { layers } = speculation.draft;
+            let draft = match (speculation.draft, &speculation.draft_spec) {
+                (Draft::SelfLayers { layers }, _) => format!("the first {layers} layers"),
+                (Draft::Model, Some(model)) => model.name.clone(),
+                (Draft::Model, None) => "the plan's draft model".into(),
+            };
             rows.push((
                 "speculation".into(),
                 format!(
-                    "draft: the first {layers} layers; {} draft tokens per round; α = {} assumed ({:.2} tokens per round)",
+                    "draft: {draft}; {} draft tokens per round; α = {} assumed ({:.2} tokens per round)",
                     speculation.draft_len,
                     speculation.acceptance_rate,
                     speculation.tokens_per_round(self.micro_batch_size)

@@ -17,7 +17,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
-use crate::model::ModelSpec;
+use std::sync::Arc;
+
+use crate::model::{ModelSpec, WeightFormat, WeightFormats};
 
 /// The most draft tokens a round may verify (the tuner searches 1–8).
 pub const MAX_DRAFT_LEN: u32 = 16;
@@ -32,19 +34,26 @@ pub enum Draft {
     /// the device.
     #[serde(rename = "self")]
     SelfLayers { layers: u64 },
+    /// A separate model: the plan's `models.draft` (a catalog name, a model folder or
+    /// a GGUF file), resident on the device in its own format. Its vocabulary must be
+    /// the target's.
+    Model,
 }
 
 /// A plan's speculation section.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Speculation {
     pub draft: Draft,
     /// Draft tokens proposed per sequence and round (k).
     pub draft_len: u32,
     /// The probability α that the target accepts one draft token, which predictions
-    /// assume. Not a measurement: `ferry run` measures the rate a run achieved, and
-    /// `ferry profile --draft` the rate on the machine's prompts.
+    /// assume. Not a measurement: `ferry run` measures the rate a run achieved.
     pub acceptance_rate: f64,
+    /// A separate draft's shape, resolved from `models.draft` (`resolve`); never in a
+    /// file.
+    #[serde(skip)]
+    pub draft_spec: Option<Arc<ModelSpec>>,
 }
 
 impl Speculation {
@@ -57,26 +66,56 @@ impl Speculation {
         if !self.acceptance_rate.is_finite() || !(0.0..=1.0).contains(&self.acceptance_rate) {
             return fail(format!("acceptance_rate {} must be a probability, 0 to 1", self.acceptance_rate));
         }
-        match self.draft {
+        match (self.draft, &self.draft_spec) {
             // Every layer is allowed: a draft that is the target itself is always
             // accepted (a check of verification, never faster).
-            Draft::SelfLayers { layers } if layers == 0 || layers > model.num_layers => fail(format!(
+            (Draft::SelfLayers { layers }, _) if layers == 0 || layers > model.num_layers => fail(format!(
                 "a self-speculating draft uses the first 1 to {} of {}'s layers, not {layers}",
                 model.num_layers, model.name
             )),
-            Draft::SelfLayers { .. } => Ok(()),
+            (Draft::SelfLayers { .. }, _) => Ok(()),
+            (Draft::Model, None) => fail(
+                "the draft is a separate model: name it in the plan's models (`models: {target: …, draft: …}`)".into(),
+            ),
+            (Draft::Model, Some(draft)) if draft.vocab_size != model.vocab_size => fail(format!(
+                "the draft {} has a vocabulary of {} tokens but the target {} has {}: a draft must share the \
+                 target's vocabulary (its tokens are the target's)",
+                draft.name, draft.vocab_size, model.name, model.vocab_size
+            )),
+            (Draft::Model, Some(_)) => Ok(()),
         }
     }
 
     /// The draft as a model: for self-speculation, the target cut after its first
-    /// layers.
+    /// layers; else the resolved `models.draft`.
     pub fn draft_model(&self, target: &ModelSpec) -> ModelSpec {
-        match self.draft {
-            Draft::SelfLayers { layers } => ModelSpec {
+        match (self.draft, &self.draft_spec) {
+            (Draft::SelfLayers { layers }, _) => ModelSpec {
                 name: format!("{} (first {layers} layers)", target.name),
                 num_layers: layers,
                 ..target.clone()
             },
+            (Draft::Model, Some(draft)) => draft.as_ref().clone(),
+            // `validate` refuses this; a target-shaped draft of no layers prices nothing.
+            (Draft::Model, None) => ModelSpec { num_layers: 0, ..target.clone() },
+        }
+    }
+
+    /// Whether the draft is the target's own first layers (sharing its files, its
+    /// embeddings and head and its device-resident layers).
+    pub fn is_self(&self) -> bool {
+        matches!(self.draft, Draft::SelfLayers { .. })
+    }
+
+    /// How the draft's weights are stored: self-speculation reads the target's (in
+    /// `target_formats`); a separate model its own (a GGUF file's mix, or its dtype).
+    pub fn draft_formats(&self, target_formats: &WeightFormats) -> WeightFormats {
+        match (&self.draft, &self.draft_spec) {
+            (Draft::Model, Some(draft)) if draft.stored.is_some() => WeightFormats::stored(),
+            (Draft::Model, Some(draft)) => {
+                WeightFormats::float(draft.dtype).unwrap_or_else(|| WeightFormats::uniform(WeightFormat::F16))
+            }
+            _ => target_formats.clone(),
         }
     }
 
@@ -205,14 +244,25 @@ mod tests {
     fn bad_sections_are_refused() {
         let mut model = crate::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
         model.num_layers = 4;
-        let ok = Speculation { draft: Draft::SelfLayers { layers: 1 }, draft_len: 4, acceptance_rate: 0.5 };
+        let ok = Speculation {
+            draft: Draft::SelfLayers { layers: 1 },
+            draft_len: 4,
+            acceptance_rate: 0.5,
+            draft_spec: None,
+        };
         ok.validate(&model).unwrap();
+        let other_vocab = ModelSpec { vocab_size: 1000, ..model.clone() };
         for (bad, needle) in [
-            (Speculation { draft_len: 0, ..ok }, "draft_len"),
-            (Speculation { acceptance_rate: f64::NAN, ..ok }, "probability"),
-            (Speculation { acceptance_rate: 1.5, ..ok }, "probability"),
-            (Speculation { draft: Draft::SelfLayers { layers: 5 }, ..ok }, "1 to 4"),
-            (Speculation { draft: Draft::SelfLayers { layers: 0 }, ..ok }, "1 to 4"),
+            (Speculation { draft_len: 0, ..ok.clone() }, "draft_len"),
+            (Speculation { acceptance_rate: f64::NAN, ..ok.clone() }, "probability"),
+            (Speculation { acceptance_rate: 1.5, ..ok.clone() }, "probability"),
+            (Speculation { draft: Draft::SelfLayers { layers: 5 }, ..ok.clone() }, "1 to 4"),
+            (Speculation { draft: Draft::SelfLayers { layers: 0 }, ..ok.clone() }, "1 to 4"),
+            (Speculation { draft: Draft::Model, ..ok.clone() }, "models"),
+            (
+                Speculation { draft: Draft::Model, draft_spec: Some(Arc::new(other_vocab)), ..ok.clone() },
+                "vocabulary of 1000 tokens",
+            ),
         ] {
             let err = bad.validate(&model).unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");

@@ -44,6 +44,8 @@ pub(super) struct Builder<'a> {
     /// Last task that wrote KV of (layer, micro-batch) to where the cache lives: the next
     /// load of that cache must wait for it (a data dependency, not only a gate).
     pub(super) last_kv_store: std::collections::HashMap<(u32, u32), TaskId>,
+    /// The draft of a speculative plan (`schedule::draft`).
+    pub(super) draft: Option<super::draft::DraftShape>,
 }
 
 impl<'a> Builder<'a> {
@@ -83,6 +85,7 @@ impl<'a> Builder<'a> {
             pinned,
             kv_pinned: host_kv <= pinned_left,
             last_kv_store: std::collections::HashMap::new(),
+            draft: super::draft::DraftShape::of(policy, model),
         }
     }
 

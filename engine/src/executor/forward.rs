@@ -114,10 +114,10 @@ impl<'a> Engine<'a> {
     }
 
     pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let h = self.spec.hidden_size as usize;
+        let h = self.spec_of(task).hidden_size as usize;
         let at = self.positions_of(task)?;
         let ids = self.input_tokens(task, at)?;
-        let table = self.resident_group(WeightGroup::Embeddings);
+        let table = self.table(task, WeightGroup::Embeddings)?;
         let table_ref = Engine::tensor(std::slice::from_ref(&table), 0)?;
         let mut hidden = self.activation(side, ids.len() * h)?;
         self.backend.embed(table_ref, &ids, &mut hidden)?;
@@ -142,11 +142,12 @@ impl<'a> Engine<'a> {
     }
 
     pub(super) fn head(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let h = self.spec.hidden_size as usize;
-        let vocab = self.spec.vocab_size as usize;
+        let spec = self.spec_of(task);
+        let h = spec.hidden_size as usize;
+        let vocab = spec.vocab_size as usize;
         let at = self.positions_of(task)?;
         let rows = self.head_rows(task, at);
-        let head = self.resident_group(WeightGroup::Head);
+        let head = self.table(task, WeightGroup::Head)?;
         let norm = Engine::tensor(std::slice::from_ref(&head), 0)?;
         let mut last = self.activation(side, rows.len() * h)?;
         {
@@ -155,9 +156,9 @@ impl<'a> Engine<'a> {
             self.backend.gather_rows(hidden, h, &rows, &mut last)?;
         }
         let mut normed = self.activation(side, rows.len() * h)?;
-        self.backend.rms_norm(&last, norm, self.spec.rms_norm_eps as f32, &mut normed)?;
-        let logits = if self.spec.tie_word_embeddings {
-            let table = self.resident_group(WeightGroup::Embeddings);
+        self.backend.rms_norm(&last, norm, spec.rms_norm_eps as f32, &mut normed)?;
+        let logits = if spec.tie_word_embeddings {
+            let table = self.table(task, WeightGroup::Embeddings)?;
             self.project(std::slice::from_ref(&table), 0, &normed, rows.len(), vocab, side)?
         } else {
             self.project(std::slice::from_ref(&head), 1, &normed, rows.len(), vocab, side)?
@@ -191,10 +192,11 @@ impl<'a> Engine<'a> {
         weight: WeightRef,
         rows: usize,
     ) -> Result<DeviceBuffer, EngineError> {
-        let mut normed = self.activation(side, rows * self.spec.hidden_size as usize)?;
+        let spec = self.spec_of(task);
+        let mut normed = self.activation(side, rows * spec.hidden_size as usize)?;
         let mut state = lock(self.activations_of(task));
         let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
-        self.backend.rms_norm(hidden, weight, self.spec.rms_norm_eps as f32, &mut normed)?;
+        self.backend.rms_norm(hidden, weight, spec.rms_norm_eps as f32, &mut normed)?;
         Ok(normed)
     }
 
@@ -213,7 +215,7 @@ impl<'a> Engine<'a> {
         let hidden = state.at(side).hidden.as_mut().ok_or_else(|| missing("hidden state", task))?;
         self.backend.add(hidden, delta)?;
         if state.first_non_finite.is_none() {
-            let h = self.spec.hidden_size as usize;
+            let h = self.spec_of(task).hidden_size as usize;
             let hidden = state.at(side).hidden.as_ref().ok_or_else(|| missing("hidden state", task))?;
             if !self.backend.rows_finite(hidden, h, &self.last_rows(new))? {
                 state.first_non_finite = Some((task.step, task.layer, sublayer));
@@ -244,7 +246,7 @@ impl<'a> Engine<'a> {
 
     /// Norm, q/k/v projections and rotary embedding into the side's q, k and v.
     pub(super) fn attn_qkv(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let spec = self.spec;
+        let spec = self.spec_of(task);
         let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
         let at = self.positions_of(task)?;
         let rows = self.policy.micro_batch_size as usize * at.new;
@@ -267,7 +269,7 @@ impl<'a> Engine<'a> {
             heads: heads as usize,
             head_dim: d,
             theta: spec.rope_theta as f32,
-            layout: self.files.rope_layout,
+            layout: self.rope_layout_of(task),
         };
         self.backend.rope(&mut q, rotary(spec.num_heads), &positions)?;
         self.backend.rope(&mut k, rotary(spec.num_kv_heads), &positions)?;
@@ -279,7 +281,7 @@ impl<'a> Engine<'a> {
 
     /// Output projection and residual.
     pub(super) fn attn_out(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let spec = self.spec;
+        let spec = self.spec_of(task);
         let h = spec.hidden_size as usize;
         let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Attention)?;
@@ -296,7 +298,7 @@ impl<'a> Engine<'a> {
     }
 
     pub(super) fn mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let spec = self.spec;
+        let spec = self.spec_of(task);
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Mlp)?;

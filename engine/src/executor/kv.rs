@@ -87,11 +87,21 @@ impl<'a> Engine<'a> {
     /// How a resident region lays out its bytes (room for the whole context); blocks
     /// moved between places use it `with_capacity` the positions they carry.
     pub(super) fn kv_layout(&self) -> KvLayout {
+        self.kv_layout_for(self.spec)
+    }
+
+    /// The layout of the cache a task's attention reads: the draft's (its own width)
+    /// or the target's.
+    pub(super) fn kv_layout_of(&self, task: &Task) -> KvLayout {
+        self.kv_layout_for(self.spec_of(task))
+    }
+
+    pub(super) fn kv_layout_for(&self, spec: &ferry_core::model::ModelSpec) -> KvLayout {
         KvLayout {
             dtype: self.policy.kv_dtype,
             sequences: self.policy.micro_batch_size as usize,
             capacity: self.policy.kv_positions(self.workload) as usize,
-            row_bytes: self.kv_row_bytes(),
+            row_bytes: spec.kv_dim() as usize * crate::kernels::element_bytes(self.policy.kv_dtype),
         }
     }
 
@@ -102,7 +112,7 @@ impl<'a> Engine<'a> {
     /// Attention over the cache where the plan keeps it; stores the new keys and values
     /// there (a resident region), or passes them on to where the cache lives.
     pub(super) fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
-        let spec = self.spec;
+        let spec = self.spec_of(task);
         let Positions { past, new } = self.positions_of(task)?;
         let rows = self.policy.micro_batch_size as usize * new;
         let (q, k_new, v_new) = {
@@ -120,7 +130,7 @@ impl<'a> Engine<'a> {
             head_dim: spec.head_dim() as usize,
         };
         let mut out = self.activation(side, rows * spec.hidden_size as usize)?;
-        let layout = self.kv_layout();
+        let layout = self.kv_layout_of(task);
         // Where the cache lives decides where past rows come from and where new rows go.
         let resident_region = match (is_draft(task), self.placements[task.layer as usize].kv, side) {
             (true, _, _) => Some(self.draft_kv(task)?),

@@ -64,6 +64,8 @@ pub struct RunOptions {
     pub keep_logits: bool,
     /// Called with (finished tasks, all tasks) as the run goes.
     pub progress: Option<Box<dyn Fn(usize, usize) + Send + Sync>>,
+    /// A separate draft model's files, for a plan that speculates with one.
+    pub draft_files: Option<ModelFiles>,
 }
 
 /// What a run measured.
@@ -346,6 +348,13 @@ impl<'a> Engine<'a> {
                 }
             }
         }
+        // A separate draft's files are read like the target's (before the clock starts).
+        for file in options.draft_files.iter().flat_map(ModelFiles::paths) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = disk_files.entry(file) {
+                let opened = DiskFile::open(slot.key(), options.allow_buffered_io)?;
+                slot.insert(Arc::new(opened));
+            }
+        }
         let kv_file =
             if policy.kv_cache.disk > 0 { Some(KvFile::create(spec, policy, workload, options)?) } else { None };
         let mut engine = Engine {
@@ -396,7 +405,7 @@ impl<'a> Engine<'a> {
             }
         }
         engine.resident = resident;
-        if let Some(speculation) = policy.speculation {
+        if let Some(speculation) = &policy.speculation {
             engine.draft = Some(engine.draft_state(speculation)?);
         }
         *lock(&engine.requested_read_bytes) = 0;

@@ -12,9 +12,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ferry_core::graph::{Payload, Place, Task};
-use ferry_core::model::WeightGroup;
-use ferry_core::plan::{Speculation, Tier};
+use ferry_core::graph::{Payload, Place, Task, NO_LAYER, WHOLE_GROUP};
+use ferry_core::model::{ModelSpec, WeightGroup};
+use ferry_core::plan::{Draft, Speculation, Tier};
 use serde::Serialize;
 
 use super::forward::MicroBatch;
@@ -49,7 +49,11 @@ pub struct SpeculationReport {
 /// activations of each micro-batch.
 pub(super) struct DraftState {
     pub(super) speculation: Speculation,
+    /// The draft's shape (self-speculation: the target's, cut after its layers).
+    pub(super) spec: ModelSpec,
     pub(super) layers: u32,
+    /// Its layers' weights, and for a separate model its embeddings and head (a
+    /// self-speculating draft uses the target's).
     pub(super) weights: HashMap<(u8, u32), Arc<Loaded>>,
     pub(super) kv: Vec<Mutex<Option<DeviceBuffer>>>,
     pub(super) micro_batches: Vec<Mutex<MicroBatch>>,
@@ -79,30 +83,43 @@ pub(super) fn is_draft(task: &Task) -> bool {
 impl<'a> Engine<'a> {
     /// Reads the draft's weights (before the clock starts) and allocates its KV regions
     /// on the first device, as lowering accounted them (`schedule::draft`).
-    pub(super) fn draft_state(&self, speculation: Speculation) -> Result<DraftState, EngineError> {
-        let ferry_core::plan::Draft::SelfLayers { layers } = speculation.draft;
+    pub(super) fn draft_state(&self, speculation: &Speculation) -> Result<DraftState, EngineError> {
         let device = Place::Device(self.policy.first_device());
-        let mut weights = HashMap::new();
-        for layer in 0..layers {
-            for group in WeightGroup::PER_LAYER {
-                let key = (group_code(group), layer as u32);
-                let shared = self.weight_tier(group, layer) == Tier::Device;
-                let loaded = match self.resident.get(&key) {
-                    Some(resident) if shared => Arc::clone(resident),
-                    _ => Arc::new(self.read_group(group, layer, ferry_core::graph::WHOLE_GROUP, device, None)?),
-                };
-                weights.insert(key, loaded);
+        let (files, spec) = match (speculation.draft, self.options.draft_files.as_ref()) {
+            (Draft::SelfLayers { layers }, _) => (self.files, ModelSpec { num_layers: layers, ..self.spec.clone() }),
+            (Draft::Model, Some(files)) => (files, files.spec.clone()),
+            (Draft::Model, None) => {
+                return Err(EngineError::Mismatch(
+                    "the plan speculates with a separate draft model but the run was given no draft files".into(),
+                ))
             }
+        };
+        let mut weights = HashMap::new();
+        let mut groups: Vec<(WeightGroup, u64)> =
+            (0..spec.num_layers).flat_map(|layer| WeightGroup::PER_LAYER.map(|g| (g, layer))).collect();
+        if !speculation.is_self() {
+            groups.extend([(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)]);
+        }
+        for (group, layer) in groups {
+            let code = if group.layer_slot().is_none() { NO_LAYER } else { layer as u32 };
+            let key = (group_code(group), code);
+            let shared = speculation.is_self() && self.weight_tier(group, layer) == Tier::Device;
+            let loaded = match self.resident.get(&key) {
+                Some(resident) if shared => Arc::clone(resident),
+                _ => Arc::new(self.read_group_of(files, &spec, group, layer, WHOLE_GROUP, device, None)?),
+            };
+            weights.insert(key, loaded);
         }
         let micro_batches = self.policy.num_micro_batches as usize;
-        let region = self.kv_region_bytes() as usize;
+        let region = self.kv_layout_for(&spec).bytes();
         let mut kv = Vec::new();
-        for _ in 0..layers as usize * micro_batches {
+        for _ in 0..spec.num_layers as usize * micro_batches {
             kv.push(Mutex::new(Some(self.backend.allocate(device, region)?)));
         }
         Ok(DraftState {
-            speculation,
-            layers: layers as u32,
+            speculation: speculation.clone(),
+            layers: spec.num_layers as u32,
+            spec,
             weights,
             kv,
             micro_batches: (0..micro_batches).map(|_| Mutex::new(MicroBatch::default())).collect(),
@@ -112,6 +129,35 @@ impl<'a> Engine<'a> {
             report: Mutex::new(SpeculationReport { draft_len: speculation.draft_len, ..Default::default() }),
             yielded_by_round: Mutex::new(vec![Vec::new(); micro_batches]),
         })
+    }
+
+    /// The shape a task computes with: the draft's or the target's.
+    pub(super) fn spec_of(&self, task: &Task) -> &ModelSpec {
+        match (&self.draft, is_draft(task)) {
+            (Some(draft), true) => &draft.spec,
+            _ => self.spec,
+        }
+    }
+
+    /// Which elements a task's rotary embedding turns together: as its model's files
+    /// store q and k.
+    pub(super) fn rope_layout_of(&self, task: &Task) -> crate::backend::RopeLayout {
+        match (&self.draft, self.options.draft_files.as_ref(), is_draft(task)) {
+            (Some(draft), Some(files), true) if !draft.speculation.is_self() => files.rope_layout,
+            _ => self.files.rope_layout,
+        }
+    }
+
+    /// The embeddings or head a task uses: a separate draft's own, else the target's.
+    pub(super) fn table(&self, task: &Task, group: WeightGroup) -> Result<Arc<Loaded>, EngineError> {
+        match (&self.draft, is_draft(task)) {
+            (Some(draft), true) if !draft.speculation.is_self() => draft
+                .weights
+                .get(&(group_code(group), NO_LAYER))
+                .cloned()
+                .ok_or_else(|| EngineError::Internal(format!("the draft's {} is not in memory", group.name()))),
+            _ => Ok(self.resident_group(group)),
+        }
     }
 
     fn draft(&self) -> Result<&DraftState, EngineError> {

@@ -11,6 +11,7 @@ use ferry_core::schedule::format_pieces;
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, WeightRef};
 use crate::memory::{Buffer, Recycler};
+use crate::weights::ModelFiles;
 use crate::EngineError;
 
 pub(super) type Key = (u8, u32, u32, u32, u32); // (group, layer, step, first micro-batch, piece)
@@ -74,9 +75,24 @@ impl<'a> Engine<'a> {
         place: Place,
         recycle: Option<Key>,
     ) -> Result<Loaded, EngineError> {
+        self.read_group_of(self.files, self.spec, group, layer, piece, place, recycle)
+    }
+
+    /// `read_group` from another model's files (a separate draft's).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read_group_of(
+        &self,
+        files: &ModelFiles,
+        spec: &ferry_core::model::ModelSpec,
+        group: WeightGroup,
+        layer: u64,
+        piece: u32,
+        place: Place,
+        recycle: Option<Key>,
+    ) -> Result<Loaded, EngineError> {
         let recycle = recycle.filter(|_| self.backend.host_addressable(place));
-        let location = self.files.group(group, layer);
-        let tensors = self.spec.group_tensors(group, layer);
+        let location = files.group(group, layer);
+        let tensors = spec.group_tensors(group, layer);
         let mut parts = Vec::new();
         if piece == WHOLE_GROUP {
             for (i, (t, loc)) in tensors.iter().zip(&location.tensors).enumerate() {
@@ -154,7 +170,7 @@ impl<'a> Engine<'a> {
                 let offset = starts[range] + (p.start - ranges[range].0) as usize;
                 let name = &tensors[p.tensor as usize].name;
                 let bytes = &buffer.as_slice()[offset..offset + (p.end - p.start) as usize];
-                self.files.check_finite(name, &file, p.start, bytes)?;
+                files.check_finite(name, &file, p.start, bytes)?;
                 loaded.views.push(View {
                     buffer: buffer_index,
                     offset,

@@ -15,7 +15,7 @@ impl Searcher<'_> {
         let layers = self.request.model.num_layers;
         let unified = self.unified();
         // A self-speculating draft shares the embeddings and head on the device.
-        let on_device = unified || self.request.speculation.is_some();
+        let on_device = unified || self.request.speculation.as_ref().is_some_and(|s| s.is_self());
         let (embeddings, head) = if on_device { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
         let pinned_host_bytes = if group.pinned { self.request.profile.max_pinned_bytes } else { 0 };
         let mut policy = Policy {
@@ -38,7 +38,7 @@ impl Searcher<'_> {
             io_queue_depth: member.io_queue_depth,
             pinned_host_bytes,
             stages: Vec::new(),
-            speculation: self.request.speculation,
+            speculation: self.request.speculation.clone(),
         };
         // The engine's float type follows the formats.
         policy.set_weight_format(self.request.weight_format.clone());

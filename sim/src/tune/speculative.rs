@@ -51,7 +51,8 @@ pub fn tune_speculative(
     let plain = tune_and_compare(&plain_request, space)?;
     let mut by_draft_len = Vec::new();
     for &draft_len in draft_lens {
-        let with = TuneRequest { speculation: Some(Speculation { draft_len, ..speculation }), ..request.clone() };
+        let with =
+            TuneRequest { speculation: Some(Speculation { draft_len, ..speculation.clone() }), ..request.clone() };
         // A draft length whose plans do not fit is a row without a plan, not a failure.
         // A draft length whose plans do not fit is a row saying why, not a failure.
         let best = match tune(&with, space) {
