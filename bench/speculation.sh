@@ -4,18 +4,19 @@
 # first layer. Random weights make acceptance meaningless unless the pair agrees for a
 # reason, so the model is synthesized with its later layers damped (their o_proj and
 # down_proj scaled by DAMPING): they perturb what the first layer computes. Every
-# figure is printed beside the acceptance rate the run measured.
+# figure is printed beside the acceptance rate the run measured. Predictions use the
+# disk's read rate re-measured around each run (`ferry run --recheck-disk`).
 #
 # Usage: bench/speculation.sh [rounds] [budget] [batch]   (defaults: 3 512MiB 1)
-# Env: DAMPING (0.1), PROMPT (64), GEN (32), DRAFT (1: layers of the draft).
+# Env: DAMPING (0.05), PROMPT (64), GEN (64), DRAFT (1: layers of the draft).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-3}
 budget=${2:-512MiB}
 batch=${3:-1}
-damping=${DAMPING:-0.1}
+damping=${DAMPING:-0.05}
 prompt=${PROMPT:-64}
-gen=${GEN:-32}
+gen=${GEN:-64}
 draft=${DRAFT:-1}
 work=bench/work/speculation
 mkdir -p "$work"
@@ -45,7 +46,7 @@ python3 - "$bin" "$model" "$work" "$rounds" <<'PY'
 import json, subprocess, sys, statistics
 binary, model, work, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 def run(plan):
-    out = subprocess.run([binary, "run", "--model-dir", model, "--plan", f"{work}/{plan}.yaml", "--scratch-dir", work, "--json"],
+    out = subprocess.run([binary, "run", "--model-dir", model, "--plan", f"{work}/{plan}.yaml", "--scratch-dir", work, "--json", "--recheck-disk"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 results = {"plain": [], "spec": []}
@@ -63,7 +64,8 @@ plan = open(f"{work}/spec.yaml").read()
 k = int(plan.split("draft_len: ")[1].split()[0])
 a = statistics.median(alphas)
 formula = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
-print(f"rounds: {rounds}, alternated; tokens identical in every run")
+factors = [r["disk_factor"] for rs in results.values() for r in rs]
+print(f"rounds: {rounds}, alternated; tokens identical in every run; disk at {min(factors):.2f}–{max(factors):.2f}× the profile's rate around the runs (predictions use it)")
 print(f"without a draft: {plain:.3f} tok/s measured, {pred_plain:.3f} predicted ({(pred_plain/plain-1)*100:+.1f} %)")
 print(f"self-speculation (draft {k} tokens): {spec:.3f} tok/s measured, {pred_spec:.3f} predicted at the measured α ({(pred_spec/spec-1)*100:+.1f} %)")
 print(f"measured α {min(alphas):.3f}–{max(alphas):.3f} (median {a:.3f}); tokens per round {statistics.median(per_round):.2f} measured, {formula:.2f} by the formula")

@@ -18,6 +18,7 @@ use ferry_engine::synth_gguf::{synthesize_gguf, GgufStorage};
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{backend, run, RunOptions};
 use ferry_sim::predict::Extrapolation;
+use ferry_validate::measure::{disk_read_gbps, weights_file};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::report;
@@ -184,6 +185,12 @@ pub struct RunArgs {
     /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
+    /// Measure the disk's read rate (the plan's request size and queue depth, direct I/O
+    /// on the model's weights file) right before and right after the run, and predict
+    /// with the profile's disk figures scaled to it, as `ferry validate` does: a disk
+    /// whose rate drifts then does not pass for an error of the model.
+    #[arg(long)]
+    recheck_disk: bool,
     /// Write the measured trace as Chrome trace-event JSON (opens in Perfetto).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -207,6 +214,14 @@ fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// The file whose disk `--recheck-disk` measures: the model's weights file.
+fn disk_recheck_file(model_dir: &Path) -> Result<PathBuf> {
+    let file = if model_dir.is_file() { Some(model_dir.to_path_buf()) } else { weights_file(model_dir) };
+    file.ok_or_else(|| {
+        CoreError::invalid(format!("--recheck-disk: no weights file in {} to read", model_dir.display())).into()
+    })
 }
 
 /// A separate draft's files: the plan's `models.draft` (relative to its folder, or the
@@ -302,18 +317,9 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     // Refused before anything is set up (the engine checks again when it runs).
     ferry_engine::check_weight_format(&policy)?;
     let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::Bound)?;
-    // The same plan, predicted, for comparison (with speculation: its expected rounds at
-    // the plan's acceptance rate; the run's own rate is compared after it).
-    let predict_at = |policy: &Policy| {
-        if policy.speculation.is_some() {
-            ferry_sim::predict::predict(policy, &files.spec, &workload, &resolved.profile, Extrapolation::Full)
-                .map(|p| p.metrics)
-        } else {
-            let cost = ferry_sim::cost::CostModel::for_formats(&resolved.profile, &files.spec, &policy.weight_format);
-            ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace))
-        }
-    };
-    let predicted = predict_at(&policy);
+    let recheck = args.recheck_disk.then(|| disk_recheck_file(&args.model_dir)).transpose()?;
+    let recheck = recheck.map(|file| (file, policy.chunk_bytes, policy.io_queue_depth));
+    let before = recheck.as_ref().map(|(file, chunk, depth)| disk_read_gbps(file, *chunk, *depth)).transpose()?;
     let mut rng = SplitMix64::new(args.seed);
     let prompts: Vec<Vec<u32>> = (0..workload.batch_size)
         .map(|_| (0..workload.prompt_len).map(|_| (rng.next_u64() % files.spec.vocab_size) as u32).collect())
@@ -335,6 +341,29 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
+    // The plan predicted with the profile (its disk figures scaled to the disk as it was
+    // around the run, when rechecked).
+    let mut profile = resolved.profile.clone();
+    let mut disk_factor = None;
+    if let (Some((file, chunk, depth)), Some(before)) = (&recheck, before) {
+        let around = (before + disk_read_gbps(file, *chunk, *depth)?) / 2.0;
+        let profiled = profile.disk_read.bytes_per_ns(*chunk, *depth);
+        if around > 0.0 && profiled > 0.0 {
+            profile.scale_disk_reads(around / profiled);
+            disk_factor = Some(around / profiled);
+        }
+    }
+    // With speculation: its expected rounds at the plan's acceptance rate (and below, at
+    // the rate the run measured).
+    let predict_at = |policy: &Policy| {
+        if policy.speculation.is_some() {
+            ferry_sim::predict::predict(policy, &files.spec, &workload, &profile, Extrapolation::Full).map(|p| p.metrics)
+        } else {
+            let cost = ferry_sim::cost::CostModel::for_formats(&profile, &files.spec, &policy.weight_format);
+            ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace))
+        }
+    };
+    let predicted = predict_at(&policy);
     // A speculative run stops once every sequence has its tokens: its trace is over the
     // rounds that ran.
     let graph = report.graph_run.as_ref().unwrap_or(&graph);
@@ -363,6 +392,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
             "direct_io": report.direct_io,
             "setup_seconds": report.setup_ns as f64 / 1e9,
             "predicted_tokens_per_s": predicted.as_ref().ok().map(|m| m.tokens_per_s),
+            "disk_factor": disk_factor,
             "speculation": report.speculation,
             "predicted_tokens_per_s_at_measured_acceptance": at_measured_rate.as_ref().map(|m| m.tokens_per_s),
             "tasks": graph.tasks.len(),
@@ -399,7 +429,11 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
             "\npredicted for the same plan: {:.2} tokens/s ({:+.1} % from measured; {})",
             p.tokens_per_s,
             (p.tokens_per_s / report.metrics.tokens_per_s - 1.0) * 100.0,
-            if resolved.profile.is_measured() { "measured profile" } else { "datasheet profile" }
+            match (resolved.profile.is_measured(), disk_factor) {
+                (true, Some(f)) => format!("measured profile, its disk rates × {f:.2} as rechecked around the run"),
+                (true, None) => "measured profile".into(),
+                (false, _) => "datasheet profile".into(),
+            }
         );
     }
     println!(
