@@ -357,7 +357,8 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     // the rate the run measured).
     let predict_at = |policy: &Policy| {
         if policy.speculation.is_some() {
-            ferry_sim::predict::predict(policy, &files.spec, &workload, &profile, Extrapolation::Full).map(|p| p.metrics)
+            ferry_sim::predict::predict(policy, &files.spec, &workload, &profile, Extrapolation::Full)
+                .map(|p| p.metrics)
         } else {
             let cost = ferry_sim::cost::CostModel::for_formats(&profile, &files.spec, &policy.weight_format);
             ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace))
