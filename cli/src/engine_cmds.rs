@@ -10,7 +10,7 @@ use ferry_core::model::{Dtype, ModelSpec};
 use ferry_core::plan::{Plan, Policy};
 use ferry_core::resolve::{resolve_model, resolve_plan_with_model, ResolvedPlan};
 use ferry_core::schedule::{lower, Steps};
-use ferry_core::trace::chrome_trace;
+use ferry_core::trace::{chrome_trace, Metrics};
 use ferry_core::units::{format_bytes, format_ns};
 use ferry_core::CoreError;
 use ferry_engine::synth::{synthesize_damped, Damping, SplitMix64};
@@ -294,29 +294,11 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         ))
         .into());
     }
-    let plan = &mut resolved.plan;
-    if let Some(n) = args.prompt_len {
-        plan.workload.prompt_len = n;
-    }
-    if let Some(n) = args.gen_len {
-        plan.workload.gen_len = n;
-    }
-    if let Some(batch) = args.batch {
-        let n = plan.policy.num_micro_batches;
-        if batch == 0 || batch % n != 0 {
-            return Err(CoreError::invalid(format!(
-                "--batch {batch} must be a positive multiple of the plan's {n} micro-batches"
-            ))
-            .into());
-        }
-        plan.policy.micro_batch_size = batch / n;
-        plan.workload.batch_size = batch;
-    }
-    let workload = plan.workload;
-    let policy = plan.policy.clone();
+    apply_overrides(&args, &mut resolved.plan)?;
+    let (workload, policy) = (resolved.plan.workload, &resolved.plan.policy);
     // Refused before anything is set up (the engine checks again when it runs).
-    ferry_engine::check_weight_format(&policy)?;
-    let graph = lower(&policy, &files.spec, &workload, &resolved.profile, &Steps::Bound)?;
+    ferry_engine::check_weight_format(policy)?;
+    let graph = lower(policy, &files.spec, &workload, &resolved.profile, &Steps::Bound)?;
     let recheck = args.recheck_disk.then(|| disk_recheck_file(&args.model_dir)).transpose()?;
     let recheck = recheck.map(|file| (file, policy.chunk_bytes, policy.io_queue_depth));
     let before = recheck.as_ref().map(|(file, chunk, depth)| disk_read_gbps(file, *chunk, *depth)).transpose()?;
@@ -337,106 +319,179 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         progress: callback,
         draft_files,
     };
-    let report = run(&graph, &policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?;
+    let report = run(&graph, policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    // The plan predicted with the profile (its disk figures scaled to the disk as it was
-    // around the run, when rechecked).
-    let mut profile = resolved.profile.clone();
+    // The disk's rate around the run, against the profile's at the plan's request size.
     let mut disk_factor = None;
     if let (Some((file, chunk, depth)), Some(before)) = (&recheck, before) {
         let around = (before + disk_read_gbps(file, *chunk, *depth)?) / 2.0;
-        let profiled = profile.disk_read.bytes_per_ns(*chunk, *depth);
-        if around > 0.0 && profiled > 0.0 {
-            profile.scale_disk_reads(around / profiled);
-            disk_factor = Some(around / profiled);
-        }
+        let profiled = resolved.profile.disk_read.bytes_per_ns(*chunk, *depth);
+        disk_factor = (around > 0.0 && profiled > 0.0).then(|| around / profiled);
     }
-    // With speculation: its expected rounds at the plan's acceptance rate (and below, at
-    // the rate the run measured).
-    let predict_at = |policy: &Policy| {
-        if policy.speculation.is_some() {
-            ferry_sim::predict::predict(policy, &files.spec, &workload, &profile, Extrapolation::Full)
-                .map(|p| p.metrics)
-        } else {
-            let cost = ferry_sim::cost::CostModel::for_formats(&profile, &files.spec, &policy.weight_format);
-            ferry_sim::simulate(&graph, &cost).map(|out| ferry_core::trace::Metrics::compute(&graph, &out.trace))
-        }
-    };
-    let predicted = predict_at(&policy);
+    let predictions = predict_run(&resolved, &files.spec, &graph, &report, disk_factor);
     // A speculative run stops once every sequence has its tokens: its trace is over the
     // rounds that ran.
     let graph = report.graph_run.as_ref().unwrap_or(&graph);
-    let at_measured_rate = report.speculation.as_ref().and_then(|measured| {
-        let mut policy = policy.clone();
-        policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
-        predict_at(&policy).ok()
-    });
     if let Some(path) = &args.trace {
         let json = chrome_trace(graph, &report.trace);
         ferry_core::yaml::write_new_file(path, &serde_json::to_string(&json)?, args.force)?;
     }
+    if args.json {
+        return print_run_json(&resolved, &report, &predictions, graph.tasks.len());
+    }
+    print_run(&resolved, &files.spec, backend.name(), &report, &predictions);
+    Ok(())
+}
+
+/// `--prompt-len`, `--gen-len` and `--batch` applied to the plan.
+fn apply_overrides(args: &RunArgs, plan: &mut Plan) -> Result<()> {
+    if let Some(n) = args.prompt_len {
+        plan.workload.prompt_len = n;
+    }
+    if let Some(n) = args.gen_len {
+        plan.workload.gen_len = n;
+    }
+    if let Some(batch) = args.batch {
+        let n = plan.policy.num_micro_batches;
+        if batch == 0 || batch % n != 0 {
+            return Err(CoreError::invalid(format!(
+                "--batch {batch} must be a positive multiple of the plan's {n} micro-batches"
+            ))
+            .into());
+        }
+        plan.policy.micro_batch_size = batch / n;
+        plan.workload.batch_size = batch;
+    }
+    Ok(())
+}
+
+/// What a run is compared with.
+struct RunPredictions {
+    /// The plan as given (with speculation: its expected rounds at its acceptance rate).
+    plan: Result<Metrics, ferry_sim::SimError>,
+    /// A speculative plan again at the acceptance rate the run measured.
+    at_measured_acceptance: Option<Metrics>,
+    /// The profile's disk rates were scaled by this (`--recheck-disk`).
+    disk_factor: Option<f64>,
+}
+
+/// The plan predicted with the profile, its disk figures scaled to the disk as it was
+/// around the run when rechecked.
+fn predict_run(
+    resolved: &ResolvedPlan,
+    spec: &ModelSpec,
+    graph: &ferry_core::graph::TaskGraph,
+    report: &ferry_engine::RunReport,
+    disk_factor: Option<f64>,
+) -> RunPredictions {
+    let mut profile = resolved.profile.clone();
+    if let Some(factor) = disk_factor {
+        profile.scale_disk_reads(factor);
+    }
+    let workload = resolved.plan.workload;
+    let predict_at = |policy: &Policy| {
+        if policy.speculation.is_some() {
+            ferry_sim::predict::predict(policy, spec, &workload, &profile, Extrapolation::Full).map(|p| p.metrics)
+        } else {
+            let cost = ferry_sim::cost::CostModel::for_formats(&profile, spec, &policy.weight_format);
+            ferry_sim::simulate(graph, &cost).map(|out| Metrics::compute(graph, &out.trace))
+        }
+    };
+    let at_measured_acceptance = report.speculation.as_ref().and_then(|measured| {
+        let mut policy = resolved.plan.policy.clone();
+        policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
+        predict_at(&policy).ok()
+    });
+    RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor }
+}
+
+fn print_run_json(
+    resolved: &ResolvedPlan,
+    report: &ferry_engine::RunReport,
+    predictions: &RunPredictions,
+    tasks: usize,
+) -> Result<()> {
     // Every device's budget together: the process holds all of them.
     let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
-    if args.json {
-        let out = serde_json::json!({
-            "metrics": report.metrics,
-            "tokens": report.tokens,
-            "peak_rss_bytes": report.peak_rss_bytes,
-            "baseline_rss_bytes": report.baseline_rss_bytes,
-            "device_budget_bytes": budget,
-            "storage_read_bytes": report.storage_read_bytes,
-            "recycled_bytes": report.recycled_bytes,
-            "newly_mapped_bytes": report.newly_mapped_bytes,
-            "requested_read_bytes": report.requested_read_bytes,
-            "direct_io": report.direct_io,
-            "setup_seconds": report.setup_ns as f64 / 1e9,
-            "predicted_tokens_per_s": predicted.as_ref().ok().map(|m| m.tokens_per_s),
-            "disk_factor": disk_factor,
-            "speculation": report.speculation,
-            "predicted_tokens_per_s_at_measured_acceptance": at_measured_rate.as_ref().map(|m| m.tokens_per_s),
-            "tasks": graph.tasks.len(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
-    }
+    let out = serde_json::json!({
+        "metrics": report.metrics,
+        "tokens": report.tokens,
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "baseline_rss_bytes": report.baseline_rss_bytes,
+        "device_budget_bytes": budget,
+        "storage_read_bytes": report.storage_read_bytes,
+        "recycled_bytes": report.recycled_bytes,
+        "newly_mapped_bytes": report.newly_mapped_bytes,
+        "requested_read_bytes": report.requested_read_bytes,
+        "direct_io": report.direct_io,
+        "setup_seconds": report.setup_ns as f64 / 1e9,
+        "predicted_tokens_per_s": predictions.plan.as_ref().ok().map(|m| m.tokens_per_s),
+        "disk_factor": predictions.disk_factor,
+        "speculation": report.speculation,
+        "predicted_tokens_per_s_at_measured_acceptance":
+            predictions.at_measured_acceptance.as_ref().map(|m| m.tokens_per_s),
+        "tasks": tasks,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn print_run(
+    resolved: &ResolvedPlan,
+    spec: &ModelSpec,
+    backend: &str,
+    report: &ferry_engine::RunReport,
+    predictions: &RunPredictions,
+) {
+    let workload = &resolved.plan.workload;
     println!(
-        "{} on the {} backend: batch {}, prompt {} tokens, {} new tokens per sequence (measured)",
-        files.spec.name,
-        backend.name(),
-        workload.batch_size,
-        workload.prompt_len,
-        workload.gen_len
+        "{} on the {backend} backend: batch {}, prompt {} tokens, {} new tokens per sequence (measured)",
+        spec.name, workload.batch_size, workload.prompt_len, workload.gen_len
     );
     println!("resident weights read before the run in {}\n", format_ns(report.setup_ns));
     print!("{}", report::metrics_text(&report.metrics));
-    if let (Some(measured), Some(plan)) = (&report.speculation, &policy.speculation) {
+    let measured_rate = report.metrics.tokens_per_s;
+    if let (Some(measured), Some(plan)) = (&report.speculation, &resolved.plan.policy.speculation) {
         println!(
             "\nspeculation: {} rounds after the prefill, {:.2} tokens per round; the target accepted a draft token \
              at α = {:.3} (measured; the plan assumed {:.3})",
             measured.rounds, measured.tokens_per_round, measured.acceptance_rate, plan.acceptance_rate
         );
-        if let Some(p) = &at_measured_rate {
+        if let Some(p) = &predictions.at_measured_acceptance {
             println!(
                 "predicted at the measured α: {:.2} tokens/s ({:+.1} % from measured)",
                 p.tokens_per_s,
-                (p.tokens_per_s / report.metrics.tokens_per_s - 1.0) * 100.0
+                (p.tokens_per_s / measured_rate - 1.0) * 100.0
             );
         }
     }
-    if let Ok(p) = &predicted {
+    if let Ok(p) = &predictions.plan {
         println!(
             "\npredicted for the same plan: {:.2} tokens/s ({:+.1} % from measured; {})",
             p.tokens_per_s,
-            (p.tokens_per_s / report.metrics.tokens_per_s - 1.0) * 100.0,
-            match (resolved.profile.is_measured(), disk_factor) {
+            (p.tokens_per_s / measured_rate - 1.0) * 100.0,
+            match (resolved.profile.is_measured(), predictions.disk_factor) {
                 (true, Some(f)) => format!("measured profile, its disk rates × {f:.2} as rechecked around the run"),
                 (true, None) => "measured profile".into(),
                 (false, _) => "datasheet profile".into(),
             }
         );
     }
+    print_memory_and_disk(resolved, report);
+    println!("\ngenerated token ids:");
+    for (i, tokens) in report.tokens.iter().enumerate().take(8) {
+        println!("  sequence {i}: {tokens:?}");
+    }
+    if report.tokens.len() > 8 {
+        println!("  ... ({} sequences; --json prints all)", report.tokens.len());
+    }
+}
+
+fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunReport) {
+    // Every device's budget together: the process holds all of them.
+    let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
     println!(
         "process peak memory {} (VmHWM) for {} of device budget{}; {} was resident before the model loaded",
         format_bytes(report.peak_rss_bytes),
@@ -457,14 +512,6 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
             "buffered reads, pages dropped after use: this file system refused O_DIRECT"
         }
     );
-    println!("\ngenerated token ids:");
-    for (i, tokens) in report.tokens.iter().enumerate().take(8) {
-        println!("  sequence {i}: {tokens:?}");
-    }
-    if report.tokens.len() > 8 {
-        println!("  ... ({} sequences; --json prints all)", report.tokens.len());
-    }
-    Ok(())
 }
 
 #[derive(Args)]
