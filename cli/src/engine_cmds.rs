@@ -18,7 +18,7 @@ use ferry_engine::synth_gguf::{synthesize_gguf, GgufStorage};
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{backend, run, RunOptions};
 use ferry_sim::predict::Extrapolation;
-use ferry_validate::measure::{disk_read_gbps, weights_file};
+use ferry_validate::measure::{disk_read_gbps, profiled_read_gbps, weights_file};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::report;
@@ -327,7 +327,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     let mut disk_factor = None;
     if let (Some((file, chunk, depth)), Some(before)) = (&recheck, before) {
         let around = (before + disk_read_gbps(file, *chunk, *depth)?) / 2.0;
-        let profiled = resolved.profile.disk_read.bytes_per_ns(*chunk, *depth);
+        let profiled = profiled_read_gbps(&resolved.profile, file, *chunk, *depth)?;
         disk_factor = (around > 0.0 && profiled > 0.0).then(|| around / profiled);
     }
     let predictions = predict_run(&resolved, &files.spec, &graph, &report, disk_factor);

@@ -50,8 +50,8 @@ pub fn drop_page_cache() -> bool {
 /// (into fresh mappings it would be slower: the kernel faults and zeroes every page).
 pub fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64, ValidateError> {
     let disk = Arc::new(DiskFile::open(file, false)?);
-    let len = std::fs::metadata(file).map_err(|e| CoreError::io(file, e))?.len() / 4096 * 4096;
-    let piece = len.min(64 * MIB);
+    let len = recheck_len(file)?;
+    let piece = len.min(RECHECK_PIECE);
     let pieces = (len / piece.max(1)).clamp(1, 8);
     let pool = ReadPool::new(depth as usize);
     let recycler = Recycler::new();
@@ -64,6 +64,25 @@ pub fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64, Valida
         read(i * piece)?;
     }
     Ok((pieces * piece) as f64 / start.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Bytes `disk_read_gbps` reads at once: pieces of the file no larger than this.
+const RECHECK_PIECE: u64 = 64 * MIB;
+
+fn recheck_len(file: &Path) -> Result<u64, ValidateError> {
+    Ok(std::fs::metadata(file).map_err(|e| CoreError::io(file, e))?.len() / 4096 * 4096)
+}
+
+/// The profile's read rate at the operating point `disk_read_gbps` measures for this
+/// request size and depth, GB/s: requests of min(chunk, piece) bytes, as many in flight
+/// as a piece holds up to `depth` (a chunk of a piece or more is one request at a time).
+/// A recheck compares like with like: the curve at the plan's chunk and depth would
+/// price requests the recheck never issued.
+pub fn profiled_read_gbps(profile: &Profile, file: &Path, chunk: u64, depth: u32) -> Result<f64, ValidateError> {
+    let piece = recheck_len(file)?.min(RECHECK_PIECE).max(1);
+    let request = chunk.clamp(1, piece);
+    let in_flight = (piece.div_ceil(request)).min(depth.max(1) as u64) as u32;
+    Ok(profile.disk_read.bytes_per_ns(request, in_flight))
 }
 
 /// Runs `plan` on the engine (random prompts, direct I/O, page cache dropped first) and
@@ -105,7 +124,7 @@ pub fn predict_and_run(
     let mut disk_factor = 1.0;
     if let (Some((file, chunk, depth)), Some(before)) = (recheck, before) {
         let fresh = (before + disk_read_gbps(file, chunk, depth)?) / 2.0;
-        let profiled = profile.disk_read.bytes_per_ns(chunk, depth);
+        let profiled = profiled_read_gbps(&profile, file, chunk, depth)?;
         if fresh > 0.0 && profiled > 0.0 {
             disk_factor = fresh / profiled;
             profile.scale_disk_reads(disk_factor);
