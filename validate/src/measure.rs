@@ -79,7 +79,7 @@ fn recheck_len(file: &Path) -> Result<u64, ValidateError> {
 /// A recheck compares like with like: the curve at the plan's chunk and depth would
 /// price requests the recheck never issued.
 pub fn profiled_read_gbps(profile: &Profile, file: &Path, chunk: u64, depth: u32) -> Result<f64, ValidateError> {
-    let piece = recheck_len(file)?.min(RECHECK_PIECE).max(1);
+    let piece = recheck_len(file)?.clamp(1, RECHECK_PIECE);
     let request = chunk.clamp(1, piece);
     let in_flight = (piece.div_ceil(request)).min(depth.max(1) as u64) as u32;
     Ok(profile.disk_read.bytes_per_ns(request, in_flight))
