@@ -6,6 +6,7 @@ mod engine_cmds;
 mod export_cmd;
 mod plots_cmd;
 mod report;
+mod run_cmd;
 mod simulate_cmd;
 mod table;
 mod tune_cmd;
@@ -48,7 +49,7 @@ enum Command {
     Synth(engine_cmds::SynthArgs),
     /// Execute a plan for real on the engine (weights streamed from disk within the
     /// plan's memory budget) and report measured speed next to the prediction.
-    Run(engine_cmds::RunArgs),
+    Run(run_cmd::RunArgs),
     /// Measure this machine (disk, copies, kernels) with the engine's own code paths and
     /// write a profile for `ferry tune --profile`.
     Profile(engine_cmds::ProfileArgs),
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
         Command::Tune(args) => tune_cmd::run(*args).map(|()| 0),
         Command::Export(args) => export_cmd::run(args).map(|()| 0),
         Command::Synth(args) => engine_cmds::synth(args).map(|()| 0),
-        Command::Run(args) => engine_cmds::run_plan(args).map(|()| 0),
+        Command::Run(args) => run_cmd::run_plan(args).map(|()| 0),
         Command::Profile(args) => engine_cmds::profile(args).map(|()| 0),
         Command::Validate(args) => validate_cmd::validate(args),
     };

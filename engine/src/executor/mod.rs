@@ -175,7 +175,7 @@ pub fn run(
     let speculation = graph_run.as_ref().and_then(|g| engine.speculation_report(g.rounds.len() as u32 - 1));
     let direct_io = engine.disk_files.values().all(|f| f.direct);
     let requested_read_bytes = *lock(&engine.requested_read_bytes);
-    let mut tokens = std::mem::take(&mut *lock(&engine.tokens));
+    let tokens = std::mem::take(&mut *lock(&engine.tokens));
     if let Some(check) = tokens.iter().find(|t| t.len() as u64 != workload.gen_len) {
         return Err(EngineError::Internal(format!(
             "the run produced {} tokens for a sequence, not {}",
@@ -183,7 +183,6 @@ pub fn run(
             workload.gen_len
         )));
     }
-    tokens.iter_mut().for_each(|t| t.truncate(workload.gen_len as usize));
     let logits = std::mem::take(&mut *lock(&engine.logits));
     let (recycled_bytes, newly_mapped_bytes) =
         engine.recyclers.values().map(|r| r.counters()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));

@@ -51,7 +51,6 @@ pub(super) struct DraftState {
     pub(super) speculation: Speculation,
     /// The draft's shape (self-speculation: the target's, cut after its layers).
     pub(super) spec: ModelSpec,
-    pub(super) layers: u32,
     /// Its layers' weights, and for a separate model its embeddings and head (a
     /// self-speculating draft uses the target's).
     pub(super) weights: HashMap<(u8, u32), Arc<Loaded>>,
@@ -118,7 +117,6 @@ impl<'a> Engine<'a> {
         }
         Ok(DraftState {
             speculation: speculation.clone(),
-            layers: spec.num_layers as u32,
             spec,
             weights,
             kv,
@@ -229,7 +227,7 @@ impl<'a> Engine<'a> {
     pub(super) fn draft_weights(&self, group: WeightGroup, layer: u32) -> Result<Vec<Arc<Loaded>>, EngineError> {
         let draft = self.draft()?;
         let loaded = draft.weights.get(&(group_code(group), layer)).ok_or_else(|| {
-            EngineError::Internal(format!("the draft has no layer {layer} (it has {})", draft.layers))
+            EngineError::Internal(format!("the draft has no layer {layer} (it has {})", draft.spec.num_layers))
         })?;
         Ok(vec![Arc::clone(loaded)])
     }

@@ -1,0 +1,389 @@
+//! `ferry run`: a plan executed on the engine, its measured figures beside the plan's
+//! prediction (with speculation: at the acceptance rate the run measured; with
+//! `--recheck-disk`: at the disk's rate around the run).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_core::catalog::Catalog;
+use ferry_core::model::ModelSpec;
+use ferry_core::plan::{Plan, Policy};
+use ferry_core::resolve::{resolve_model, resolve_plan_with_model, ResolvedPlan};
+use ferry_core::schedule::{lower, Steps};
+use ferry_core::trace::{chrome_trace, Metrics};
+use ferry_core::units::{format_bytes, format_ns};
+use ferry_core::CoreError;
+use ferry_engine::synth::SplitMix64;
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::{backend, run, RunOptions};
+use ferry_sim::predict::Extrapolation;
+use ferry_validate::measure::{disk_read_gbps, profiled_read_gbps, weights_file};
+
+use crate::engine_cmds::bar;
+use crate::report;
+
+#[derive(Args)]
+#[command(after_help = "Example:
+  ferry synth --model tinyllama-1.1b --out models/tinyllama
+  ferry tune --gpu cpu --device-mem 512MiB --host ferry-ci-vm --model models/tinyllama --batch 8 --prompt-len 64 --out plan.yaml
+  ferry run --model-dir models/tinyllama --plan plan.yaml")]
+pub struct RunArgs {
+    /// Hugging Face style model folder (config.json + safetensors).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Plan for the cpu device (from `ferry tune --gpu cpu --device-mem ...`).
+    #[arg(long)]
+    plan: PathBuf,
+    /// Override the plan's prompt length.
+    #[arg(long)]
+    prompt_len: Option<u64>,
+    /// Override the plan's generation length.
+    #[arg(long)]
+    gen_len: Option<u64>,
+    /// Override the batch (must divide by the plan's number of micro-batches).
+    #[arg(long)]
+    batch: Option<u64>,
+    /// Seed of the random prompt token ids.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Backend to run on: cpu, or cuda (the plan's device is CUDA GPU 0, its memory and
+    /// compute; host memory and host compute stay on the CPU). cuda loads the NVIDIA
+    /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// The draft model's files, for a plan that speculates with a separate draft
+    /// [default: the plan's `models.draft`, relative to the plan's folder].
+    #[arg(long, value_name = "DIR|FILE")]
+    draft_dir: Option<PathBuf>,
+    /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// Measure the disk's read rate (the plan's request size and queue depth, direct I/O
+    /// on the model's weights file) right before and right after the run, and predict
+    /// with the profile's disk figures scaled to it, as `ferry validate` does: a disk
+    /// whose rate drifts then does not pass for an error of the model.
+    #[arg(long)]
+    recheck_disk: bool,
+    /// Write the measured trace as Chrome trace-event JSON (opens in Perfetto).
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Overwrite the trace file.
+    #[arg(long)]
+    force: bool,
+}
+
+/// The plan must describe the model on disk: same shape, whatever the name.
+fn check_same_shape(plan_model: &ModelSpec, files: &ModelSpec) -> Result<()> {
+    let shape =
+        |m: &ModelSpec| (m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads, m.vocab_size);
+    if shape(plan_model) != shape(files) {
+        return Err(CoreError::invalid(format!(
+            "the plan is for {} (hidden {}, {} layers, vocabulary {}) but the folder holds a model with hidden {}, {} layers, vocabulary {}",
+            plan_model.name, plan_model.hidden_size, plan_model.num_layers, plan_model.vocab_size, files.hidden_size, files.num_layers, files.vocab_size
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The file whose disk `--recheck-disk` measures: the model's weights file.
+fn disk_recheck_file(model_dir: &Path) -> Result<PathBuf> {
+    let file = if model_dir.is_file() { Some(model_dir.to_path_buf()) } else { weights_file(model_dir) };
+    file.ok_or_else(|| {
+        CoreError::invalid(format!("--recheck-disk: no weights file in {} to read", model_dir.display())).into()
+    })
+}
+
+/// A separate draft's files: the plan's `models.draft` (relative to its folder, or the
+/// `--draft-dir` put there), which must hold the shape the plan was resolved with.
+fn open_draft(plan_path: &Path, resolved: &mut ResolvedPlan) -> Result<Option<ModelFiles>> {
+    let Some(name) = &resolved.plan.models.draft else { return Ok(None) };
+    let base = plan_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let path = base.join(name);
+    if !path.exists() {
+        return Err(CoreError::invalid(format!(
+            "the plan's draft '{name}' is no folder or file from {}; give the draft's files with --draft-dir",
+            base.display()
+        ))
+        .into());
+    }
+    let files = ModelFiles::open(&path)?;
+    if let Some(speculation) = resolved.plan.policy.speculation.as_mut() {
+        if let Some(spec) = &speculation.draft_spec {
+            check_same_shape(spec, &files.spec)?;
+        }
+        speculation.draft_spec = Some(std::sync::Arc::new(files.spec.clone()));
+    }
+    Ok(Some(files))
+}
+
+/// Resolves the plan for the model in the folder given with `--model-dir`, which is
+/// what runs. The plan's own model must have the folder's shape when it names one that
+/// resolves; a path that does not resolve from the plan's folder (a plan copied
+/// elsewhere) is stood in for by the folder, with a note.
+fn resolve_for_folder(
+    catalog: &Catalog,
+    path: &Path,
+    folder: &ModelSpec,
+    draft_dir: Option<&Path>,
+) -> Result<ResolvedPlan> {
+    let mut plan: Plan = ferry_core::yaml::read_file(path)?;
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Some(dir) = draft_dir {
+        let absolute = std::path::absolute(dir).map_err(|e| CoreError::io(dir, e))?;
+        plan.models.draft = Some(absolute.display().to_string());
+    }
+    match resolve_model(catalog, &plan.models.target, base) {
+        Ok((model, _)) => check_same_shape(&model, folder)?,
+        Err(CoreError::UnknownName { .. }) => eprintln!(
+            "note: the plan's model '{}' is not found from {}; running it on the --model-dir folder",
+            plan.models.target,
+            base.display()
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(resolve_plan_with_model(catalog, plan, folder.clone(), Vec::new(), base)?)
+}
+
+pub fn run_plan(args: RunArgs) -> Result<()> {
+    if let Some(path) = &args.trace {
+        ferry_core::atomic::check_output_path(path, args.force)?;
+    }
+    let catalog = Catalog::builtin()?;
+    let backend = backend::backend(&args.backend)?;
+    let files = ModelFiles::open(&args.model_dir)?;
+    let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec, args.draft_dir.as_deref())?;
+    let draft_files = open_draft(&args.plan, &mut resolved)?;
+    // A backend whose "device" is host RAM (cpu) measures nothing of a discrete GPU's plan.
+    if !resolved.profile.unified_memory && backend.host_addressable(ferry_core::graph::Place::DEVICE) {
+        return Err(CoreError::invalid(format!(
+            "{} is a plan for {}; the {} backend runs plans for the cpu device (ferry tune --gpu cpu --device-mem SIZE ...)",
+            args.plan.display(),
+            resolved.profile.device_name,
+            backend.name()
+        ))
+        .into());
+    }
+    apply_overrides(&args, &mut resolved.plan)?;
+    let (workload, policy) = (resolved.plan.workload, &resolved.plan.policy);
+    // Refused before anything is set up (the engine checks again when it runs).
+    ferry_engine::check_weight_format(policy)?;
+    let graph = lower(policy, &files.spec, &workload, &resolved.profile, &Steps::Bound)?;
+    let recheck = args.recheck_disk.then(|| disk_recheck_file(&args.model_dir)).transpose()?;
+    let recheck = recheck.map(|file| (file, policy.chunk_bytes, policy.io_queue_depth));
+    let before = recheck.as_ref().map(|(file, chunk, depth)| disk_read_gbps(file, *chunk, *depth)).transpose()?;
+    let mut rng = SplitMix64::new(args.seed);
+    let prompts: Vec<Vec<u32>> = (0..workload.batch_size)
+        .map(|_| (0..workload.prompt_len).map(|_| (rng.next_u64() % files.spec.vocab_size) as u32).collect())
+        .collect();
+    let progress = if args.json { None } else { Some(bar(graph.tasks.len() as u64, "run")) };
+    let callback = progress.clone().map(|bar| {
+        Box::new(move |done: usize, _total: usize| bar.set_position(done as u64))
+            as Box<dyn Fn(usize, usize) + Send + Sync>
+    });
+    let options = RunOptions {
+        prompts,
+        scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| args.model_dir.clone()),
+        allow_buffered_io: true,
+        keep_logits: false,
+        progress: callback,
+        draft_files,
+    };
+    let report = run(&graph, policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    // The disk's rate around the run, against the profile's at the plan's request size.
+    let mut disk_factor = None;
+    if let (Some((file, chunk, depth)), Some(before)) = (&recheck, before) {
+        let around = (before + disk_read_gbps(file, *chunk, *depth)?) / 2.0;
+        let profiled = profiled_read_gbps(&resolved.profile, file, *chunk, *depth)?;
+        disk_factor = (around > 0.0 && profiled > 0.0).then(|| around / profiled);
+    }
+    let predictions = predict_run(&resolved, &files.spec, &graph, &report, disk_factor);
+    // A speculative run stops once every sequence has its tokens: its trace is over the
+    // rounds that ran.
+    let graph = report.graph_run.as_ref().unwrap_or(&graph);
+    if let Some(path) = &args.trace {
+        let json = chrome_trace(graph, &report.trace);
+        ferry_core::yaml::write_new_file(path, &serde_json::to_string(&json)?, args.force)?;
+    }
+    if args.json {
+        return print_run_json(&resolved, &report, &predictions, graph.tasks.len());
+    }
+    print_run(&resolved, &files.spec, backend.name(), &report, &predictions);
+    Ok(())
+}
+
+/// `--prompt-len`, `--gen-len` and `--batch` applied to the plan.
+fn apply_overrides(args: &RunArgs, plan: &mut Plan) -> Result<()> {
+    if let Some(n) = args.prompt_len {
+        plan.workload.prompt_len = n;
+    }
+    if let Some(n) = args.gen_len {
+        plan.workload.gen_len = n;
+    }
+    if let Some(batch) = args.batch {
+        let n = plan.policy.num_micro_batches;
+        if batch == 0 || batch % n != 0 {
+            return Err(CoreError::invalid(format!(
+                "--batch {batch} must be a positive multiple of the plan's {n} micro-batches"
+            ))
+            .into());
+        }
+        plan.policy.micro_batch_size = batch / n;
+        plan.workload.batch_size = batch;
+    }
+    Ok(())
+}
+
+/// What a run is compared with.
+struct RunPredictions {
+    /// The plan as given (with speculation: its expected rounds at its acceptance rate).
+    plan: Result<Metrics, ferry_sim::SimError>,
+    /// A speculative plan again at the acceptance rate the run measured.
+    at_measured_acceptance: Option<Metrics>,
+    /// The profile's disk rates were scaled by this (`--recheck-disk`).
+    disk_factor: Option<f64>,
+}
+
+/// The plan predicted with the profile, its disk figures scaled to the disk as it was
+/// around the run when rechecked.
+fn predict_run(
+    resolved: &ResolvedPlan,
+    spec: &ModelSpec,
+    graph: &ferry_core::graph::TaskGraph,
+    report: &ferry_engine::RunReport,
+    disk_factor: Option<f64>,
+) -> RunPredictions {
+    let mut profile = resolved.profile.clone();
+    if let Some(factor) = disk_factor {
+        profile.scale_disk_reads(factor);
+    }
+    let workload = resolved.plan.workload;
+    let predict_at = |policy: &Policy| {
+        if policy.speculation.is_some() {
+            ferry_sim::predict::predict(policy, spec, &workload, &profile, Extrapolation::Full).map(|p| p.metrics)
+        } else {
+            let cost = ferry_sim::cost::CostModel::for_formats(&profile, spec, &policy.weight_format);
+            ferry_sim::simulate(graph, &cost).map(|out| Metrics::compute(graph, &out.trace))
+        }
+    };
+    let at_measured_acceptance = report.speculation.as_ref().and_then(|measured| {
+        let mut policy = resolved.plan.policy.clone();
+        policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
+        predict_at(&policy).ok()
+    });
+    RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor }
+}
+
+fn print_run_json(
+    resolved: &ResolvedPlan,
+    report: &ferry_engine::RunReport,
+    predictions: &RunPredictions,
+    tasks: usize,
+) -> Result<()> {
+    // Every device's budget together: the process holds all of them.
+    let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
+    let out = serde_json::json!({
+        "metrics": report.metrics,
+        "tokens": report.tokens,
+        "peak_rss_bytes": report.peak_rss_bytes,
+        "baseline_rss_bytes": report.baseline_rss_bytes,
+        "device_budget_bytes": budget,
+        "storage_read_bytes": report.storage_read_bytes,
+        "recycled_bytes": report.recycled_bytes,
+        "newly_mapped_bytes": report.newly_mapped_bytes,
+        "requested_read_bytes": report.requested_read_bytes,
+        "direct_io": report.direct_io,
+        "setup_seconds": report.setup_ns as f64 / 1e9,
+        "predicted_tokens_per_s": predictions.plan.as_ref().ok().map(|m| m.tokens_per_s),
+        "disk_factor": predictions.disk_factor,
+        "speculation": report.speculation,
+        "predicted_tokens_per_s_at_measured_acceptance":
+            predictions.at_measured_acceptance.as_ref().map(|m| m.tokens_per_s),
+        "tasks": tasks,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn print_run(
+    resolved: &ResolvedPlan,
+    spec: &ModelSpec,
+    backend: &str,
+    report: &ferry_engine::RunReport,
+    predictions: &RunPredictions,
+) {
+    let workload = &resolved.plan.workload;
+    println!(
+        "{} on the {backend} backend: batch {}, prompt {} tokens, {} new tokens per sequence (measured)",
+        spec.name, workload.batch_size, workload.prompt_len, workload.gen_len
+    );
+    println!("resident weights read before the run in {}\n", format_ns(report.setup_ns));
+    print!("{}", report::metrics_text(&report.metrics));
+    let measured_rate = report.metrics.tokens_per_s;
+    if let (Some(measured), Some(plan)) = (&report.speculation, &resolved.plan.policy.speculation) {
+        println!(
+            "\nspeculation: {} rounds after the prefill, {:.2} tokens per round; the target accepted a draft token \
+             at α = {:.3} (measured; the plan assumed {:.3})",
+            measured.rounds, measured.tokens_per_round, measured.acceptance_rate, plan.acceptance_rate
+        );
+        if let Some(p) = &predictions.at_measured_acceptance {
+            println!(
+                "predicted at the measured α: {:.2} tokens/s ({:+.1} % from measured)",
+                p.tokens_per_s,
+                (p.tokens_per_s / measured_rate - 1.0) * 100.0
+            );
+        }
+    }
+    if let Ok(p) = &predictions.plan {
+        println!(
+            "\npredicted for the same plan: {:.2} tokens/s ({:+.1} % from measured; {})",
+            p.tokens_per_s,
+            (p.tokens_per_s / measured_rate - 1.0) * 100.0,
+            match (resolved.profile.is_measured(), predictions.disk_factor) {
+                (true, Some(f)) => format!("measured profile, its disk rates × {f:.2} as rechecked around the run"),
+                (true, None) => "measured profile".into(),
+                (false, _) => "datasheet profile".into(),
+            }
+        );
+    }
+    print_memory_and_disk(resolved, report);
+    println!("\ngenerated token ids:");
+    for (i, tokens) in report.tokens.iter().enumerate().take(8) {
+        println!("  sequence {i}: {tokens:?}");
+    }
+    if report.tokens.len() > 8 {
+        println!("  ... ({} sequences; --json prints all)", report.tokens.len());
+    }
+}
+
+fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunReport) {
+    // Every device's budget together: the process holds all of them.
+    let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
+    println!(
+        "process peak memory {} (VmHWM) for {} of device budget{}; {} was resident before the model loaded",
+        format_bytes(report.peak_rss_bytes),
+        format_bytes(budget),
+        match resolved.profile.device_count() {
+            1 => String::new(),
+            n => format!(" over {n} devices"),
+        },
+        format_bytes(report.baseline_rss_bytes)
+    );
+    println!(
+        "disk: {} requested by tasks, {} read from storage by the kernel ({})",
+        format_bytes(report.requested_read_bytes),
+        format_bytes(report.storage_read_bytes),
+        if report.direct_io {
+            "direct I/O: the page cache is bypassed"
+        } else {
+            "buffered reads, pages dropped after use: this file system refused O_DIRECT"
+        }
+    );
+}
