@@ -42,9 +42,19 @@ others (it never lowers precision on its own). With several, it tunes each, prin
 table of the best plan per format (tokens/s, first token, weights on device / host /
 disk) and keeps the best by the objective; --out writes that one.")]
 pub struct TuneArgs {
-    /// GPU from the catalog (`ferry list gpus`); `cpu` plans for the CPU backend.
-    #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
+    /// GPU from the catalog (`ferry list gpus`); `cpu` plans for the CPU backend. Several,
+    /// comma-separated, plan a pipeline over them: each on its own machine joined by
+    /// --link, or all in one machine with --host.
+    #[arg(long, required_unless_present_any = ["profile", "cluster"], conflicts_with_all = ["profile", "cluster"])]
     gpu: Option<String>,
+    /// A machine of several devices or a cluster of machines (`ferry list clusters`, or a
+    /// cluster file): plans split the layers over its devices in pipeline stages.
+    #[arg(long, value_name = "NAME|FILE", conflicts_with = "profile")]
+    cluster: Option<String>,
+    /// The link joining the devices --gpu lists (`ferry list links`): 1gbe, 10gbe, wifi6,
+    /// pcie4-p2p, nvlink4.
+    #[arg(long, value_name = "NAME", requires = "gpu")]
+    link: Option<String>,
     /// A profile file instead of catalog datasheets (start from `ferry show profile GPU`).
     #[arg(long, value_name = "FILE")]
     profile: Option<PathBuf>,
@@ -125,6 +135,8 @@ pub fn run(args: TuneArgs) -> Result<()> {
     let (model, mut notes) = resolve_model(&catalog, &args.model, cwd)?;
     let hardware = HardwareRef {
         gpu: args.gpu.clone(),
+        cluster: args.cluster.clone(),
+        link: args.link.clone(),
         host: args.host.clone(),
         disk: args.disk.clone(),
         profile: args.profile.as_ref().map(|p| p.display().to_string()),

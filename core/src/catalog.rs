@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
-use crate::hardware::{DiskSpec, GpuSpec, HostSpec};
+use crate::hardware::{ClusterSpec, DiskSpec, GpuSpec, HostSpec, LinkSpec};
 use crate::model::ModelSpec;
 use crate::yaml::from_yaml_str;
 
@@ -50,6 +50,10 @@ pub struct Catalog {
     pub models: Vec<ModelSpec>,
     pub hosts: Vec<HostSpec>,
     pub disks: Vec<DiskSpec>,
+    /// Link presets (`configs/links/`): NVLink, PCIe peer-to-peer, Ethernet, Wi-Fi.
+    pub links: Vec<LinkSpec>,
+    /// Machines of several devices and clusters of machines (`configs/clusters/`).
+    pub clusters: Vec<ClusterSpec>,
     pub gpu_aliases: Vec<Alias>,
     pub model_aliases: Vec<Alias>,
     pub host_aliases: Vec<Alias>,
@@ -70,6 +74,8 @@ impl Catalog {
             models: Vec::new(),
             hosts: Vec::new(),
             disks: Vec::new(),
+            links: Vec::new(),
+            clusters: Vec::new(),
             gpu_aliases: Vec::new(),
             model_aliases: Vec::new(),
             host_aliases: Vec::new(),
@@ -94,6 +100,14 @@ impl Catalog {
                 let disk: DiskSpec = from_yaml_str(text, &origin)?;
                 check_file_name(&origin, rest, &disk.name)?;
                 catalog.disks.push(disk);
+            } else if let Some(rest) = path.strip_prefix("links/") {
+                let link: LinkSpec = from_yaml_str(text, &origin)?;
+                check_file_name(&origin, rest, &link.name)?;
+                catalog.links.push(link);
+            } else if let Some(rest) = path.strip_prefix("clusters/") {
+                let cluster: ClusterSpec = from_yaml_str(text, &origin)?;
+                check_file_name(&origin, rest, &cluster.name)?;
+                catalog.clusters.push(cluster);
             } else if let Some(rest) = path.strip_prefix("plans/") {
                 catalog.plans.push((rest.to_string(), text.to_string()));
             } else if path == "aliases.yaml" {
@@ -116,6 +130,20 @@ impl Catalog {
 
     pub fn disk(&self, name: &str) -> Result<Resolved<DiskSpec>> {
         resolve("disk", name, &self.disks, |d| &d.name, &[])
+    }
+
+    pub fn link(&self, name: &str) -> Result<Resolved<LinkSpec>> {
+        resolve("link", name, &self.links, |l| &l.name, &[])
+    }
+
+    /// A catalog cluster by name, or a cluster file (`.yaml`).
+    pub fn cluster(&self, name: &str) -> Result<Resolved<ClusterSpec>> {
+        let path = Path::new(name);
+        if path.is_file() {
+            let value: ClusterSpec = crate::yaml::read_file(path)?;
+            return Ok(Resolved { value, note: None });
+        }
+        resolve("cluster", name, &self.clusters, |c| &c.name, &[])
     }
 
     /// A catalog model name or alias, a Hugging Face model folder, or its `config.json`.

@@ -128,3 +128,72 @@ pub struct Hardware {
     pub gpu: GpuSpec,
     pub host: HostSpec,
 }
+
+/// A link preset (`configs/links/*.yaml`): the wire between two devices of a server
+/// (NVLink, PCIe peer-to-peer) or between machines (Ethernet, Wi-Fi).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    pub name: String,
+    pub description: String,
+    pub kind: crate::topology::LinkKind,
+    /// Signalling rate in one direction, GB/s (1 Gbit/s Ethernet is 0.125).
+    pub peak_gbps: f64,
+    /// Fraction of the peak a bulk transfer reaches (framing, TCP/IP, protocol).
+    pub efficiency: f64,
+    /// Time to first byte of one transfer, µs (a round trip for a network).
+    pub latency_us: f64,
+    pub source: String,
+}
+
+impl LinkSpec {
+    /// The link as a datasheet transfer curve: each transfer pays the latency once.
+    pub fn curve(&self) -> crate::profile::TransferCurve {
+        let latency_ns = (self.latency_us * 1000.0) as u64;
+        crate::profile::TransferCurve::from_datasheet(self.peak_gbps * self.efficiency, latency_ns, latency_ns)
+    }
+}
+
+/// A machine of several devices, or several machines on a network
+/// (`configs/clusters/*.yaml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub description: String,
+    /// The machines, in order; devices are numbered node by node.
+    pub nodes: Vec<ClusterNode>,
+    /// A link preset joining devices of one node directly (NVLink, PCIe peer-to-peer);
+    /// absent: their copies go through the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_link: Option<String>,
+    /// The link preset joining the nodes (required with several nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_link: Option<String>,
+    pub source: String,
+}
+
+/// One machine of a cluster: a host preset and its devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterNode {
+    pub host: String,
+    /// The node's devices, in order (`{gpu: rtx4090, count: 8}`).
+    pub devices: Vec<NodeDevices>,
+}
+
+/// `count` devices of one kind in a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDevices {
+    pub gpu: String,
+    #[serde(default = "one")]
+    pub count: u32,
+    /// Memory of each device when not the GPU's (a cpu device's RAM budget).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
+    pub memory: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}

@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod export;
 pub mod gguf;
 pub mod graph;
+pub mod machine;
 pub mod plan;
 pub mod profile;
 mod profile_check;

@@ -271,6 +271,10 @@ pub struct Profile {
     /// device→host then host→device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<LinkProfile>,
+    /// Hosts after the first (host 0 is this profile's own host figures): the other
+    /// nodes of a cluster (`crate::machine`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<crate::machine::HostProfile>,
 }
 
 /// One direction of a link between two places, with its own curve.
@@ -387,13 +391,14 @@ impl Profile {
             },
             devices: Vec::new(),
             links: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 
     /// The devices of the machine (one unless `devices` lists several).
     pub fn device_slots(&self) -> Vec<DeviceSlot> {
         if self.devices.is_empty() {
-            vec![DeviceSlot { host: 0, memory_bytes: self.device_memory_bytes }]
+            vec![DeviceSlot { host: 0, memory_bytes: self.device_memory_bytes, profile: None }]
         } else {
             self.devices.clone()
         }

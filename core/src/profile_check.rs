@@ -120,9 +120,7 @@ impl Profile {
         ] {
             check_range(&format!("interference.{name}"), value, (0.0, MAX_SLOWDOWN), "a slowdown")?;
         }
-        if !(self.memory_reserve_fraction >= 0.0 && self.memory_reserve_fraction < 1.0) {
-            return Err(out_of_range("memory_reserve_fraction", self.memory_reserve_fraction, "a fraction in [0, 1)"));
-        }
+        check_reserve("memory_reserve_fraction", self.memory_reserve_fraction)?;
         for (name, bytes) in
             [("device_memory_bytes", self.device_memory_bytes), ("host_memory_bytes", self.host_memory_bytes)]
         {
@@ -134,27 +132,69 @@ impl Profile {
     }
 
     fn check_devices(&self) -> Result<()> {
-        if let Some(bad) = self.devices.iter().position(|d| d.host != 0) {
-            return Err(CoreError::invalid(format!(
-                "profile: devices[{bad}] is on host {}; one host is supported",
-                self.devices[bad].host
-            )));
+        let hosts = self.host_count() as u16;
+        for (i, device) in self.devices.iter().enumerate() {
+            if device.host >= hosts {
+                return Err(CoreError::invalid(format!(
+                    "profile: devices[{i}] is on host {} but the profile has {hosts} host(s) (host 0 and `hosts`)",
+                    device.host
+                )));
+            }
+            if device.memory_bytes == 0 {
+                return Err(out_of_range(&format!("devices[{i}].memory_bytes"), 0, "more than 0 bytes"));
+            }
+            if let Some(kind) = &device.profile {
+                let at = format!("devices[{i}].profile");
+                check_compute(&format!("{at}.compute"), &kind.compute)?;
+                for (name, curve) in [
+                    ("host_to_device", &kind.host_to_device),
+                    ("host_to_device_pageable", &kind.host_to_device_pageable),
+                    ("device_to_host", &kind.device_to_host),
+                ] {
+                    check_curve(&format!("{at}.{name}"), curve)?;
+                }
+                check_range(
+                    &format!("{at}.compute_slowdown"),
+                    kind.compute_slowdown,
+                    (0.0, MAX_SLOWDOWN),
+                    "a slowdown",
+                )?;
+                check_reserve(&format!("{at}.memory_reserve_fraction"), kind.memory_reserve_fraction)?;
+            }
         }
-        if let Some(bad) = self.devices.iter().position(|d| d.memory_bytes == 0) {
-            return Err(out_of_range(&format!("devices[{bad}].memory_bytes"), 0, "more than 0 bytes"));
+        for (i, host) in self.hosts.iter().enumerate() {
+            let at = format!("hosts[{i}]");
+            check_compute(&format!("{at}.compute"), &host.compute)?;
+            check_curve(&format!("{at}.disk_read"), &host.disk_read)?;
+            check_curve(&format!("{at}.disk_write"), &host.disk_write)?;
+            check_range(&format!("{at}.compute_slowdown"), host.compute_slowdown, (0.0, MAX_SLOWDOWN), "a slowdown")?;
+            if host.memory_bytes == 0 {
+                return Err(out_of_range(&format!("{at}.memory_bytes"), 0, "more than 0 bytes"));
+            }
         }
         let count = self.device_count() as u16;
         for link in &self.links {
-            let known = |p: Place| matches!(p, Place::Device(d) if d < count) || p == Place::HOST;
+            let known = |p: Place| match p {
+                Place::Device(d) => d < count,
+                Place::Host(h) => h < hosts,
+            };
             if !known(link.from) || !known(link.to) || link.from == link.to {
                 return Err(CoreError::invalid(format!(
-                    "profile: link {}→{} names a place this machine lacks ({count} device(s), host0)",
+                    "profile: link {}→{} names a place this machine lacks ({count} device(s), {hosts} host(s))",
                     link.from.token(),
                     link.to.token()
                 )));
             }
         }
         Ok(())
+    }
+}
+
+fn check_reserve(field: &str, fraction: f64) -> Result<()> {
+    if fraction >= 0.0 && fraction < 1.0 {
+        Ok(())
+    } else {
+        Err(out_of_range(field, fraction, "a fraction in [0, 1)"))
     }
 }
 

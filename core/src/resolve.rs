@@ -24,6 +24,14 @@ pub struct ResolvedPlan {
 /// relative to `base_dir` (the plan file's folder).
 pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Path) -> Result<(Profile, Vec<String>)> {
     let mut notes = Vec::new();
+    if hardware.cluster.is_some() || hardware.gpu.as_deref().is_some_and(|g| g.contains(',')) {
+        return resolve_cluster(catalog, hardware, &mut notes).map(|profile| (profile, notes));
+    }
+    if hardware.link.is_some() {
+        return Err(CoreError::invalid(
+            "a link joins several devices: name them (--gpu rtx3060,jetson-agx-orin-64gb --link 1gbe) or a cluster",
+        ));
+    }
     let mut profile = match (&hardware.profile, &hardware.gpu) {
         (Some(_), Some(_)) => {
             return Err(CoreError::invalid("give either a GPU name or a profile file, not both"));
@@ -79,6 +87,7 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
             .map(|d| crate::topology::DeviceSlot {
                 host: 0,
                 memory_bytes: d.memory.unwrap_or(profile.device_memory_bytes),
+                profile: None,
             })
             .collect();
     }
@@ -96,6 +105,117 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
     // every command that resolves a plan (simulate, run, export, tune) refuses alike.
     profile.validate()?;
     Ok((profile, notes))
+}
+
+/// The profile of a cluster: a catalog cluster (or file), or a list of GPUs with a link.
+fn resolve_cluster(catalog: &Catalog, hardware: &HardwareRef, notes: &mut Vec<String>) -> Result<Profile> {
+    if hardware.profile.is_some() || hardware.disk.is_some() || !hardware.devices.is_empty() {
+        return Err(CoreError::invalid(
+            "hardware: a cluster (or a list of GPUs) takes its devices, hosts and disks from the catalog; \
+             drop profile, disk and devices",
+        ));
+    }
+    if hardware.device_memory.is_some() || hardware.host_memory.is_some() {
+        return Err(CoreError::invalid(
+            "hardware: device_memory and host_memory apply to one device; a cluster file sets each node's memory",
+        ));
+    }
+    let spec = match (&hardware.cluster, &hardware.gpu) {
+        (Some(_), Some(_)) => return Err(CoreError::invalid("give either a cluster or GPU names, not both")),
+        (Some(name), None) => {
+            if hardware.link.is_some() || hardware.host.is_some() {
+                return Err(CoreError::invalid("a cluster names its own hosts and links; drop host and link"));
+            }
+            let found = catalog.cluster(name)?;
+            notes.extend(found.note);
+            found.value
+        }
+        (None, Some(list)) => cluster_of_list(list, hardware)?,
+        (None, None) => unreachable!("resolve_cluster is called with a cluster or a GPU list"),
+    };
+    let cluster = cluster_hardware(catalog, &spec, notes)?;
+    Profile::from_cluster(&cluster)
+}
+
+/// `--gpu a,b[,…]`: with a host, one machine of these devices (the link, if any, joins
+/// them directly); without, each on its own default host, joined by the link.
+fn cluster_of_list(list: &str, hardware: &HardwareRef) -> Result<crate::hardware::ClusterSpec> {
+    use crate::hardware::{ClusterNode, ClusterSpec, NodeDevices};
+    let names: Vec<&str> = list.split(',').map(str::trim).collect();
+    if names.iter().any(|n| n.is_empty()) {
+        return Err(CoreError::invalid(format!("gpu: `{list}` has an empty name; separate GPU names with commas")));
+    }
+    let device = |gpu: &str| NodeDevices { gpu: gpu.to_string(), count: 1, memory: None };
+    let (nodes, peer_link, node_link) = match &hardware.host {
+        Some(host) => (
+            vec![ClusterNode { host: host.clone(), devices: names.iter().map(|n| device(n)).collect() }],
+            hardware.link.clone(),
+            None,
+        ),
+        None => {
+            let Some(link) = &hardware.link else {
+                return Err(CoreError::invalid(format!(
+                    "gpu: `{list}` names {} devices, each on its own machine: say how the machines are joined \
+                     (--link 1gbe, 10gbe or wifi6), or put them in one machine with --host",
+                    names.len()
+                )));
+            };
+            // Each device on its own default host: the host is found once the GPU is.
+            let nodes = names.iter().map(|n| ClusterNode { host: String::new(), devices: vec![device(n)] }).collect();
+            (nodes, None, Some(link.clone()))
+        }
+    };
+    Ok(ClusterSpec {
+        name: names.join("+"),
+        description: format!("{} joined by {}", names.join(", "), hardware.link.as_deref().unwrap_or("their host")),
+        nodes,
+        peer_link,
+        node_link,
+        source: "named on the command line".into(),
+    })
+}
+
+/// A cluster's catalog names resolved: GPUs, hosts (a node without one takes its first
+/// GPU's default host) and link presets.
+pub fn cluster_hardware(
+    catalog: &Catalog,
+    spec: &crate::hardware::ClusterSpec,
+    notes: &mut Vec<String>,
+) -> Result<crate::machine::ClusterHardware> {
+    use crate::machine::{ClusterHardware, NodeHardware};
+    let in_cluster = |e: CoreError| CoreError::invalid(format!("cluster {}: {e}", spec.name));
+    let mut nodes = Vec::new();
+    for node in &spec.nodes {
+        let mut devices = Vec::new();
+        for entry in &node.devices {
+            let gpu = catalog.gpu(&entry.gpu).map_err(in_cluster)?;
+            notes.extend(gpu.note);
+            if entry.count == 0 || entry.memory == Some(0) {
+                return Err(in_cluster(CoreError::invalid(format!(
+                    "{}: count and memory must be more than 0",
+                    entry.gpu
+                ))));
+            }
+            let memory = entry.memory.unwrap_or(gpu.value.memory_bytes);
+            devices.extend(std::iter::repeat_n((gpu.value, memory), entry.count as usize));
+        }
+        let Some((first, _)) = devices.first() else {
+            return Err(in_cluster(CoreError::invalid(format!("node on host `{}` lists no devices", node.host))));
+        };
+        let host_name = if node.host.is_empty() { first.default_host.clone() } else { node.host.clone() };
+        let host = catalog.host(&host_name).map_err(in_cluster)?;
+        notes.extend(host.note);
+        nodes.push(NodeHardware { host: host.value, devices });
+    }
+    let link = |name: &Option<String>| -> Result<Option<crate::hardware::LinkSpec>> {
+        name.as_deref().map(|n| catalog.link(n).map(|l| l.value).map_err(in_cluster)).transpose()
+    };
+    Ok(ClusterHardware {
+        name: spec.name.clone(),
+        nodes,
+        peer_link: link(&spec.peer_link)?,
+        node_link: link(&spec.node_link)?,
+    })
 }
 
 pub fn resolve_model(catalog: &Catalog, name: &str, base_dir: &Path) -> Result<(ModelSpec, Vec<String>)> {
@@ -211,6 +331,26 @@ pub fn check_devices(policy: &crate::plan::Policy, profile: &Profile) -> Result<
              hardware.devices (e.g. `devices: [{{memory: 256MiB}}, {{memory: 256MiB}}]`)",
             policy.device_count() - 1
         )));
+    }
+    if policy.stages.len() > 1 {
+        for (index, stage) in policy.stages.iter().enumerate() {
+            let device = profile.device(stage.device);
+            if !device.unified_memory {
+                continue;
+            }
+            let first = index == 0;
+            let last = index + 1 == policy.stages.len();
+            let uses_host = stage.attention_weights.host + stage.mlp_weights.host + stage.kv_cache.host > 0
+                || first && policy.embeddings == crate::plan::Tier::Host
+                || last && policy.head == crate::plan::Tier::Host;
+            if uses_host || policy.host_attention || policy.compute_host_layers_on_host {
+                return Err(CoreError::invalid(format!(
+                    "plan: stage {index} runs on device {} ({}), which shares memory with its host: place its \
+                     things on device or disk only, without host attention",
+                    stage.device, device.name
+                )));
+            }
+        }
     }
     Ok(())
 }

@@ -184,6 +184,10 @@ pub struct DeviceSlot {
     pub host: u16,
     #[serde(with = "crate::units::bytes_serde")]
     pub memory_bytes: u64,
+    /// The device's own figures when its kind differs from the profile's (a cluster of
+    /// different devices; `crate::machine`). Absent: the profile's device figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Box<crate::machine::DeviceProfile>>,
 }
 
 #[cfg(test)]

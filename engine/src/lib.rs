@@ -40,7 +40,25 @@ pub fn run(
     options: &RunOptions,
 ) -> Result<RunReport, EngineError> {
     check_weight_format(policy)?;
+    check_one_machine(graph)?;
     executor::run(graph, policy, workload, files, backend, options)
+}
+
+/// Refuses a graph whose stages span several machines: one process runs the stages of
+/// one host (several devices on it are fine).
+fn check_one_machine(graph: &ferry_core::graph::TaskGraph) -> Result<(), EngineError> {
+    use ferry_core::graph::Place;
+    match graph.pools.iter().find_map(|p| match p.pool {
+        Place::Host(h) if h > 0 => Some(h),
+        _ => None,
+    }) {
+        Some(host) => Err(EngineError::Unsupported(format!(
+            "this plan's stages span several machines (it uses host {host}); the engine runs the stages of one \
+             machine in one process, and stages joined over the network are not built yet (`ferry simulate` \
+             predicts the plan)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a plan naming a weight format the engine has no kernels for: it runs f32,

@@ -34,7 +34,7 @@ fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
 /// `profile` with `count` devices of its kind, each with `device_bytes` of memory.
 fn with_devices(profile: &Profile, count: usize, device_bytes: u64) -> Profile {
     let mut p = profile.clone();
-    p.devices = vec![DeviceSlot { host: 0, memory_bytes: device_bytes }; count];
+    p.devices = vec![DeviceSlot { host: 0, memory_bytes: device_bytes, profile: None }; count];
     p
 }
 

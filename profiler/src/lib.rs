@@ -223,6 +223,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         },
         devices: Vec::new(),
         links: Vec::new(),
+        hosts: Vec::new(),
     };
     profile.validate()?;
     Ok(profile)

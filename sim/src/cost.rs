@@ -18,20 +18,23 @@ use ferry_core::profile::{ComputeProfile, CurvePoint, Profile, TransferCurve};
 
 use crate::dequant::{Dequantization, Side};
 
-/// Which curve a transfer uses.
+/// Which curve a transfer uses: of which host's disk, which device's link to its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Curve {
-    DiskRead,
+    DiskRead(u16),
     /// Disk reads while compute shares the CPU with the reading threads.
-    DiskReadUnderCompute,
-    DiskWrite,
-    HostToDevicePinned,
-    HostToDevicePageable,
-    DeviceToHost,
-    /// A device→device link the profile measured (index into `Profile::links`).
+    DiskReadUnderCompute(u16),
+    DiskWrite(u16),
+    HostToDevicePinned(u16),
+    HostToDevicePageable(u16),
+    DeviceToHost(u16),
+    /// A device→device link the profile has a curve for (index into `Profile::links`).
     Link(u16),
-    /// Device→device without a profiled link: through the host (see `peer_via_host`).
-    PeerViaHost,
+    /// Device→device without a link curve: down to the host and up again (see `peer_via_host`).
+    PeerViaHost {
+        from: u16,
+        to: u16,
+    },
 }
 
 /// What the simulator needs to know about one task's cost.
@@ -56,9 +59,10 @@ pub struct CostModel<'a> {
     pub profile: &'a Profile,
     /// `hidden_size`x`intermediate_size`: the key measured kernel tables are stored under.
     shape: String,
-    /// Device→device copies with no profiled link (see `peer_via_host`), built on
-    /// first use: one-device graphs never need it, and the tuner builds many models.
-    peer_via_host: std::sync::OnceLock<TransferCurve>,
+    /// Device→device copies with no link curve (see `peer_via_host`), by (from, to),
+    /// built on first use: one-device graphs never need them, and the tuner builds many
+    /// models.
+    peer_via_host: std::sync::OnceLock<std::collections::HashMap<(u16, u16), TransferCurve>>,
     /// The dequantization of the plan's quantized weights (`None`: float weights).
     dequant: Option<Dequantization>,
     /// A separate draft model's shape key and dequantization (speculative plans): its
@@ -103,30 +107,39 @@ impl<'a> CostModel<'a> {
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
+        let profile = self.profile;
         match curve {
-            Curve::DiskRead => &self.profile.disk_read,
-            Curve::DiskReadUnderCompute => {
-                self.profile.interference.disk_read_under_compute.as_ref().unwrap_or(&self.profile.disk_read)
+            Curve::DiskRead(h) => profile.host(h).disk_read,
+            Curve::DiskReadUnderCompute(h) => {
+                let host = profile.host(h);
+                host.disk_read_under_compute.unwrap_or(host.disk_read)
             }
-            Curve::DiskWrite => &self.profile.disk_write,
-            Curve::HostToDevicePinned => &self.profile.host_to_device,
-            Curve::HostToDevicePageable => &self.profile.host_to_device_pageable,
-            Curve::DeviceToHost => &self.profile.device_to_host,
-            Curve::Link(index) => &self.profile.links[index as usize].curve,
-            Curve::PeerViaHost => self.peer_via_host.get_or_init(|| peer_via_host(self.profile)),
+            Curve::DiskWrite(h) => profile.host(h).disk_write,
+            Curve::HostToDevicePinned(d) => profile.device(d).host_to_device,
+            Curve::HostToDevicePageable(d) => profile.device(d).host_to_device_pageable,
+            Curve::DeviceToHost(d) => profile.device(d).device_to_host,
+            Curve::Link(index) => &profile.links[index as usize].curve,
+            Curve::PeerViaHost { from, to } => {
+                let curves = self.peer_via_host.get_or_init(|| peer_curves(profile));
+                &curves[&(from, to)]
+            }
         }
     }
 
     /// The curve a copy over `from → to` follows.
     fn link_curve(&self, from: Place, to: Place, pinned: bool) -> Curve {
         match (from, to) {
-            (Place::Host(_), Place::Device(_)) if pinned => Curve::HostToDevicePinned,
-            (Place::Host(_), _) => Curve::HostToDevicePageable,
-            (Place::Device(_), Place::Host(_)) => Curve::DeviceToHost,
-            _ => match self.profile.links.iter().position(|l| l.from == from && l.to == to) {
-                Some(index) => Curve::Link(index as u16),
-                None => Curve::PeerViaHost,
-            },
+            (Place::Host(_), Place::Device(d)) if pinned => Curve::HostToDevicePinned(d),
+            (Place::Host(_), Place::Device(d)) => Curve::HostToDevicePageable(d),
+            (Place::Device(d), Place::Host(_)) => Curve::DeviceToHost(d),
+            (Place::Device(a), Place::Device(b)) => {
+                match self.profile.links.iter().position(|l| l.from == from && l.to == to) {
+                    Some(index) => Curve::Link(index as u16),
+                    None => Curve::PeerViaHost { from: a, to: b },
+                }
+            }
+            // Host to host (not lowered today): the first host's pageable copy.
+            (Place::Host(_), Place::Host(_)) => Curve::HostToDevicePageable(0),
         }
     }
 
@@ -139,7 +152,7 @@ impl<'a> CostModel<'a> {
     /// them runs (see `interferes`).
     pub fn under_compute(&self, curve: Curve) -> Curve {
         match curve {
-            Curve::DiskRead => Curve::DiskReadUnderCompute,
+            Curve::DiskRead(h) => Curve::DiskReadUnderCompute(h),
             other => other,
         }
     }
@@ -151,14 +164,21 @@ impl<'a> CostModel<'a> {
     /// `task_cost` with the single-request bandwidth supplied by the caller (memoised
     /// over a whole graph: interpolating a curve per task would dominate setup).
     fn task_cost_with(&self, task: &Task, single_stream: &mut dyn FnMut(Curve, u64) -> f64) -> TaskCost {
+        let host_of_disk = |resource| match resource {
+            Resource::Disk { host } => host,
+            _ => 0,
+        };
         let curve = match (task.kind, task.resource) {
-            (TaskKind::DiskRead, _) => Curve::DiskRead,
-            (TaskKind::DiskWrite, _) => Curve::DiskWrite,
+            (TaskKind::DiskRead, resource) => Curve::DiskRead(host_of_disk(resource)),
+            (TaskKind::DiskWrite, resource) => Curve::DiskWrite(host_of_disk(resource)),
             (_, Resource::Link { from, to }) => self.link_curve(from, to, task.pinned),
-            (_, Resource::Compute { at: Place::Device(_) }) => {
-                return self.compute_cost(task, &self.profile.device_compute, false)
+            (_, Resource::Compute { at: Place::Device(d) }) => {
+                return self.compute_cost(task, self.profile.device(d).compute, false)
             }
-            _ => return self.compute_cost(task, &self.profile.host_compute, true),
+            (_, Resource::Compute { at: Place::Host(h) }) => {
+                return self.compute_cost(task, self.profile.host(h).compute, true)
+            }
+            (_, Resource::Disk { .. }) => unreachable!("a disk runs reads and writes only (TaskGraph::validate)"),
         };
         let chunk_bytes = (task.chunk_bytes as u64).max(1);
         let latency_ns = self.curve(curve).latency_ns as f64;
@@ -238,25 +258,34 @@ impl<'a> CostModel<'a> {
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.
     pub fn compute_slowdown(&self, resource: Resource) -> f64 {
         match resource {
-            Resource::Compute { at: Place::Device(_) } => self.profile.interference.device_compute_slowdown,
-            Resource::Compute { at: Place::Host(_) } => self.profile.interference.host_compute_slowdown,
+            Resource::Compute { at: Place::Device(d) } => self.profile.device(d).compute_slowdown,
+            Resource::Compute { at: Place::Host(h) } => self.profile.host(h).compute_slowdown,
             _ => 0.0,
         }
     }
 
     /// Whether a transfer on `transfer` competes with compute on `compute` for memory
-    /// (and, for disk reads, for the CPU the reading threads need).
+    /// (and, for disk reads, for the CPU the reading threads need). Transfers on another
+    /// host never do.
     pub fn interferes(&self, transfer: Resource, compute: Resource) -> bool {
+        let profile = self.profile;
+        // Whether the transfer reads or writes the memory of host `h` (or of a device on it).
+        let touches_host = |h: u16| match transfer {
+            Resource::Link { from, to } => profile.host_of(from) == h || profile.host_of(to) == h,
+            Resource::Disk { host } => host == h,
+            Resource::Compute { .. } => false,
+        };
         match compute {
             // A device's memory is busy with copies into or out of it; on unified memory
-            // every device shares one memory with the host and the disk's reads land in it.
-            Resource::Compute { at: device @ Place::Device(_) } => match transfer {
-                Resource::Link { .. } if self.profile.unified_memory => true,
-                Resource::Link { .. } => transfer.touches(device),
-                Resource::Disk { .. } => self.profile.unified_memory,
-                Resource::Compute { .. } => false,
-            },
-            Resource::Compute { at: Place::Host(_) } => transfer.is_transfer(),
+            // the device shares its host's memory, and its disk's reads land in it.
+            Resource::Compute { at: device @ Place::Device(d) } => {
+                if profile.device(d).unified_memory {
+                    touches_host(profile.host_of(device))
+                } else {
+                    matches!(transfer, Resource::Link { .. }) && transfer.touches(device)
+                }
+            }
+            Resource::Compute { at: Place::Host(h) } => touches_host(h),
             _ => false,
         }
     }
@@ -284,17 +313,31 @@ impl<'a> CostModel<'a> {
     }
 }
 
-/// A device→device copy the profile did not measure. On unified memory the two
-/// devices share the host's memory, so it is a memcpy there: the profile's
-/// host→device curve, which on such machines is a measured (or datasheet) memcpy.
-/// Otherwise the bytes go down to the host and up again: at each point the two legs'
-/// times add (1 / (1/down + 1/up)). Latency: both legs'.
-fn peer_via_host(profile: &Profile) -> TransferCurve {
-    let up = &profile.host_to_device;
-    if profile.unified_memory {
+/// Every device→device copy the profile has no link curve for (see `peer_via_host`).
+fn peer_curves(profile: &Profile) -> std::collections::HashMap<(u16, u16), TransferCurve> {
+    let count = profile.device_count() as u16;
+    let mut curves = std::collections::HashMap::new();
+    for from in 0..count {
+        for to in (0..count).filter(|&to| to != from) {
+            curves.insert((from, to), peer_via_host(profile, from, to));
+        }
+    }
+    curves
+}
+
+/// A device→device copy the profile has no curve for. Two unified devices on one host
+/// share its memory, so it is a memcpy there: the host→device curve, which on such
+/// machines is a measured (or datasheet) memcpy. Otherwise the bytes go down to the
+/// host and up again: at each point the two legs' times add (1 / (1/down + 1/up)).
+/// Latency: both legs'. (Devices on different hosts are joined by the cluster's
+/// network, a link curve, never this.)
+fn peer_via_host(profile: &Profile, from: u16, to: u16) -> TransferCurve {
+    let (source, target) = (profile.device(from), profile.device(to));
+    let up = target.host_to_device;
+    if source.unified_memory && target.unified_memory && source.host == target.host {
         return up.clone();
     }
-    let down = &profile.device_to_host;
+    let down = source.device_to_host;
     let points = up
         .points
         .iter()

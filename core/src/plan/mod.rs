@@ -94,6 +94,15 @@ pub struct HardwareRef {
     pub device_memory: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::units::opt_bytes_serde")]
     pub host_memory: Option<u64>,
+    /// A machine of several devices or a cluster of machines: a catalog name
+    /// (`8x-rtx4090`) or a cluster file. Instead of `gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// With `gpu` naming several devices (`rtx3060-laptop-6gb,jetson-agx-orin-64gb`): the
+    /// link preset joining them (`1gbe`); each on its own default host, or all in one
+    /// `host` (then the link joins them directly, and may be left out: through the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
     /// Several devices of the profile's kind, each with its own memory (the RAM budget
     /// on the cpu backend). Absent: one device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -241,7 +241,9 @@ impl Policy {
         if matches!(self.embeddings, Tier::Disk) || matches!(self.head, Tier::Disk) {
             return fail("embeddings and head live on the device or the host, not on disk".into());
         }
-        if unified_memory {
+        // With several stages, each stage's device is checked against the machine
+        // (`resolve::check_devices`): a cluster may mix unified and discrete devices.
+        if unified_memory && self.stages.len() <= 1 {
             let uses_host = self.attention_weights.host + self.mlp_weights.host + self.kv_cache.host > 0
                 || self.embeddings == Tier::Host
                 || self.head == Tier::Host;

@@ -23,7 +23,7 @@ impl Builder<'_> {
     /// state is updated on the device.
     pub(super) fn attention(&mut self, step: u32, layer: u32, j: u32, inputs: &AttentionInputs) -> TaskId {
         let kv_tier = self.kv_tier(layer);
-        if self.policy.host_attention && kv_tier != Tier::Device && !self.unified {
+        if self.policy.host_attention && kv_tier != Tier::Device && !self.unified(layer) {
             self.host_attention(step, layer, j, inputs)
         } else {
             self.device_attention(step, layer, j, inputs)
@@ -65,28 +65,30 @@ impl Builder<'_> {
         let qkv_id = self.push(qkv);
         let rows = self.rows();
         let qkv_bytes = rows * 4 * (self.model.hidden_size + 2 * self.model.kv_dim());
-        let mut down = Builder::activation_copy(device, Place::HOST, at, qkv_bytes);
+        let host = self.host_of(layer);
+        let mut down = Builder::activation_copy(device, host, at, qkv_bytes);
         down.deps.push(qkv_id);
         let down_id = self.push(down);
         let kv_read = self.kv_bytes(self.context());
-        let mut core = self.compute_task(Place::HOST, Op::AttnCore, at, core_flops, kv_read);
+        let mut core = self.compute_task(host, Op::AttnCore, at, core_flops, kv_read);
         core.deps.push(down_id);
         if kv_tier == Tier::Disk && past_kv > 0 {
-            let mut read = self.kv_transfer(TaskKind::DiskRead, Resource::DISK, at, past_kv);
+            let mut read = self.kv_transfer(TaskKind::DiskRead, self.disk_of(layer), at, past_kv);
             read.deps = inputs.kv_gate.to_vec();
             read.deps.extend(self.last_kv_store.get(&(layer, j)));
-            read.acquire.push(MemOp { pool: Place::HOST, bytes: past_kv });
+            read.acquire.push(MemOp { pool: host, bytes: past_kv });
             core.deps.push(self.push(read));
-            core.release.push(MemOp { pool: Place::HOST, bytes: past_kv });
+            core.release.push(MemOp { pool: host, bytes: past_kv });
         }
         let core_id = self.push(core);
         if kv_tier == Tier::Disk {
-            let mut write = self.kv_transfer(TaskKind::DiskWrite, Resource::DISK, at, self.kv_bytes(self.new_tokens()));
+            let new_kv = self.kv_bytes(self.new_tokens());
+            let mut write = self.kv_transfer(TaskKind::DiskWrite, self.disk_of(layer), at, new_kv);
             write.deps.push(core_id);
             let write_id = self.push(write);
             self.last_kv_store.insert((layer, j), write_id);
         }
-        let mut up = Builder::activation_copy(Place::HOST, device, at, rows * self.model.activation_bytes_per_token());
+        let mut up = Builder::activation_copy(host, device, at, rows * self.model.activation_bytes_per_token());
         up.deps.push(core_id);
         let up_id = self.push(up);
         let mut out = self.compute_task(device, Op::AttnOut, at, out_flops, attn_bytes - qkv_share);
@@ -140,20 +142,21 @@ impl Builder<'_> {
         let mut deps = kv_gate.to_vec();
         deps.extend(self.last_kv_store.get(&(layer, j)));
         if kv_tier == Tier::Disk {
-            let mut read = self.kv_transfer(TaskKind::DiskRead, Resource::DISK, at, past_kv);
+            let mut read = self.kv_transfer(TaskKind::DiskRead, self.disk_of(layer), at, past_kv);
             read.deps = deps;
             read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: past_kv });
             deps = vec![self.push(read)];
         }
-        if self.unified {
+        if self.unified(layer) {
             return (deps, past_kv);
         }
-        let mut copy = self.kv_transfer(TaskKind::Copy, Resource::link(Place::HOST, device), at, past_kv);
+        let host = self.host_of(layer);
+        let mut copy = self.kv_transfer(TaskKind::Copy, Resource::link(host, device), at, past_kv);
         copy.pinned = kv_tier == Tier::Disk || self.kv_pinned;
         copy.deps = deps;
         copy.acquire.push(MemOp { pool: device, bytes: past_kv });
         if kv_tier == Tier::Disk {
-            copy.release.push(MemOp { pool: Place::HOST, bytes: past_kv });
+            copy.release.push(MemOp { pool: host, bytes: past_kv });
         }
         (vec![self.push(copy)], past_kv)
     }
@@ -168,15 +171,15 @@ impl Builder<'_> {
         let at = (layer, j, step);
         let new_kv = self.kv_bytes(self.new_tokens());
         let mut store_deps = vec![after];
-        if !self.unified {
-            let mut store =
-                self.kv_transfer(TaskKind::Copy, Resource::link(self.device_of(layer), Place::HOST), at, new_kv);
+        if !self.unified(layer) {
+            let link = Resource::link(self.device_of(layer), self.host_of(layer));
+            let mut store = self.kv_transfer(TaskKind::Copy, link, at, new_kv);
             store.pinned = kv_tier == Tier::Disk || self.kv_pinned;
             store.deps = store_deps;
             store_deps = vec![self.push(store)];
         }
         if kv_tier == Tier::Disk {
-            let mut write = self.kv_transfer(TaskKind::DiskWrite, Resource::DISK, at, new_kv);
+            let mut write = self.kv_transfer(TaskKind::DiskWrite, self.disk_of(layer), at, new_kv);
             write.deps = store_deps;
             store_deps = vec![self.push(write)];
         }
@@ -185,14 +188,15 @@ impl Builder<'_> {
 
     /// A layer computed where its weights live, on the host (llama.cpp's split).
     pub(super) fn attention_on_host_layer(&mut self, step: u32, layer: u32, j: u32) -> TaskId {
-        let hidden = self.hidden_on(Place::HOST, j, step, layer);
+        let host = self.host_of(layer);
+        let hidden = self.hidden_on(host, j, step, layer);
         let (qkv_flops, core_flops, out_flops) = self.attention_flops();
         let bytes = self.layout.bytes(WeightGroup::Attention, layer as u64) + self.kv_bytes(self.context());
         let flops = qkv_flops + core_flops + out_flops;
-        let mut task = self.compute_task(Place::HOST, Op::Attention, (layer, j, step), flops, bytes);
+        let mut task = self.compute_task(host, Op::Attention, (layer, j, step), flops, bytes);
         task.deps.extend(hidden);
         let id = self.push(task);
-        self.set_hidden(j, Place::HOST, id);
+        self.set_hidden(j, host, id);
         id
     }
 }

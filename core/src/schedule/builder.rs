@@ -6,6 +6,7 @@ use super::format_pieces;
 use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Round, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
 use crate::model::{ModelSpec, WeightGroup, WeightLayout};
 use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
+use crate::profile::Profile;
 
 /// Weights brought in for one visit: what compute must wait for, and what device
 /// memory the last consumer releases.
@@ -19,7 +20,8 @@ pub(super) struct Builder<'a> {
     pub(super) policy: &'a Policy,
     pub(super) model: &'a ModelSpec,
     pub(super) workload: &'a Workload,
-    pub(super) unified: bool,
+    /// The machine: each device's host and whether it shares that host's memory.
+    pub(super) profile: &'a Profile,
     /// Where every layer lives and runs (its stage's device and tiers).
     pub(super) placements: Vec<LayerPlacement>,
     /// The bytes of every weight group in the plan's formats.
@@ -49,7 +51,12 @@ pub(super) struct Builder<'a> {
 }
 
 impl<'a> Builder<'a> {
-    pub(super) fn new(policy: &'a Policy, model: &'a ModelSpec, workload: &'a Workload, unified: bool) -> Builder<'a> {
+    pub(super) fn new(
+        policy: &'a Policy,
+        model: &'a ModelSpec,
+        workload: &'a Workload,
+        profile: &'a Profile,
+    ) -> Builder<'a> {
         let micro_batches = policy.num_micro_batches as usize;
         // Fill the pinned budget with host-resident weights in layer order, then the host KV cache.
         let mut pinned_left = policy.pinned_host_bytes;
@@ -73,7 +80,7 @@ impl<'a> Builder<'a> {
             policy,
             model,
             workload,
-            unified,
+            profile,
             placements,
             layout,
             round: Round::decoding(workload, 0),
@@ -230,7 +237,7 @@ impl<'a> Builder<'a> {
     pub(super) fn hidden_on(&mut self, place: Place, j: u32, step: u32, layer: u32) -> Option<TaskId> {
         let index = j as usize;
         let from = self.hidden_side[index];
-        if from == place || (self.unified && !(from.is_device() && place.is_device())) {
+        if from == place || self.profile.shares_memory(from, place) {
             return self.hidden_producer[index];
         }
         let mut copy =
@@ -260,20 +267,41 @@ impl<'a> Builder<'a> {
         Place::Device(self.placements[layer as usize].device)
     }
 
+    /// The host of a layer's device: where its host-tier weights and cache live.
+    pub(super) fn host_of(&self, layer: u32) -> Place {
+        Place::Host(self.profile.host_of(self.device_of(layer)))
+    }
+
+    /// The disk of a layer's host.
+    pub(super) fn disk_of(&self, layer: u32) -> Resource {
+        Resource::Disk { host: self.profile.host_of(self.device_of(layer)) }
+    }
+
+    /// Whether a layer's device shares its host's memory (no host↔device copies).
+    pub(super) fn unified(&self, layer: u32) -> bool {
+        self.profile.device(self.placements[layer as usize].device).unified_memory
+    }
+
+    /// The host of the device the embeddings (`first`) or the head run beside.
+    pub(super) fn end_host(&self, first: bool) -> Place {
+        let device = if first { self.policy.first_device() } else { self.policy.last_device() };
+        Place::Host(self.profile.host_of(Place::Device(device)))
+    }
+
     /// Where disk reads for `layer` land: its device's memory when memory is unified,
     /// else host staging memory.
     pub(super) fn staging_pool(&self, layer: u32) -> Pool {
-        if self.unified {
+        if self.unified(layer) {
             self.device_of(layer)
         } else {
-            Place::HOST
+            self.host_of(layer)
         }
     }
 
     pub(super) fn embed(&mut self, step: u32, j: u32) {
         let side = match self.policy.embeddings {
             Tier::Device => Place::Device(self.policy.first_device()),
-            _ => Place::HOST,
+            _ => self.end_host(true),
         };
         let rows = self.rows();
         let bytes = self.layout.embedding_lookup(rows).bytes;
@@ -286,7 +314,7 @@ impl<'a> Builder<'a> {
     pub(super) fn head(&mut self, step: u32, j: u32) {
         let side = match self.policy.head {
             Tier::Device => Place::Device(self.policy.last_device()),
-            _ => Place::HOST,
+            _ => self.end_host(false),
         };
         let dep = self.hidden_on(side, j, step, NO_LAYER);
         // Only the last position of each sequence is projected to the vocabulary, but a
@@ -336,21 +364,23 @@ impl<'a> Builder<'a> {
         for (piece_index, piece) in pieces {
             let mut deps = gate.to_vec();
             if tier == Tier::Disk {
-                let mut read = Builder::new_task(TaskKind::DiskRead, Resource::DISK, payload, layer, first_j, step);
+                let mut read =
+                    Builder::new_task(TaskKind::DiskRead, self.disk_of(layer), payload, layer, first_j, step);
                 read.piece = piece_index;
                 read.bytes = piece;
                 read.chunk_bytes = Task::request_bytes(chunk.min(piece));
                 read.deps = deps;
                 read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: piece });
                 let id = self.push(read);
-                if self.unified {
+                if self.unified(layer) {
                     loaded.ready.push(id);
                     continue;
                 }
                 deps = vec![id];
             }
+            let host = self.host_of(layer);
             let mut copy =
-                Builder::new_task(TaskKind::Copy, Resource::link(Place::HOST, device), payload, layer, first_j, step);
+                Builder::new_task(TaskKind::Copy, Resource::link(host, device), payload, layer, first_j, step);
             copy.piece = piece_index;
             copy.bytes = piece;
             copy.chunk_bytes = Task::request_bytes(chunk.min(piece));
@@ -358,7 +388,7 @@ impl<'a> Builder<'a> {
             copy.deps = deps;
             copy.acquire.push(MemOp { pool: device, bytes: piece });
             if tier == Tier::Disk {
-                copy.release.push(MemOp { pool: Place::HOST, bytes: piece });
+                copy.release.push(MemOp { pool: host, bytes: piece });
             }
             let id = self.push(copy);
             loaded.ready.push(id);
@@ -397,7 +427,7 @@ impl<'a> Builder<'a> {
             };
             attention_tasks.push(attn_done);
             // MLP.
-            let side = if on_host { Place::HOST } else { self.device_of(layer) };
+            let side = if on_host { self.host_of(layer) } else { self.device_of(layer) };
             let rows = self.rows();
             let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
             let bytes = self.model.mlp_bytes_read(rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));

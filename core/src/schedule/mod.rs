@@ -197,20 +197,20 @@ pub fn pool_capacities(profile: &Profile) -> (u64, u64) {
     (pool_capacity(profile, Place::DEVICE), pool_capacity(profile, Place::HOST))
 }
 
-/// The capacity of one place's pool: its memory less the profile's reserve.
+/// The capacity of one place's pool: its memory less its reserve (a device's kind's;
+/// a host keeps the profile's).
 pub fn pool_capacity(profile: &Profile, place: Place) -> u64 {
-    let keep = 1.0 - profile.memory_reserve_fraction;
-    let bytes = match place {
-        Place::Device(d) => profile.device_memory(d),
-        Place::Host(_) => profile.host_memory_bytes,
+    let (bytes, reserve) = match place {
+        Place::Device(d) => (profile.device_memory(d), profile.device(d).memory_reserve_fraction),
+        Place::Host(h) => (profile.host(h).memory_bytes, profile.memory_reserve_fraction),
     };
-    (bytes as f64 * keep) as u64
+    (bytes as f64 * (1.0 - reserve)) as u64
 }
 
 /// The pools a policy's graph would get (capacity and resident set), without building
 /// the tasks: what a search needs to check a placement fits before simulating it.
 pub fn pool_specs(policy: &Policy, model: &ModelSpec, workload: &Workload, profile: &Profile) -> Vec<PoolSpec> {
-    Builder::new(policy, model, workload, profile.unified_memory).pools(profile)
+    Builder::new(policy, model, workload, profile).pools()
 }
 
 /// Lowers a policy into a task graph. Fails when the policy does not fit the model.
@@ -224,7 +224,7 @@ pub fn lower(
     policy.validate(model, workload, profile.unified_memory)?;
     let rounds = rounds(policy, workload, steps)?;
     crate::resolve::check_devices(policy, profile)?;
-    let mut builder = Builder::new(policy, model, workload, profile.unified_memory);
+    let mut builder = Builder::new(policy, model, workload, profile);
     // Decode rounds have the same tasks: once the first is lowered, the rest are
     // reserved at its size, which saves the vector's regrowth copies (the tuner pays
     // them on every candidate it simulates).
@@ -238,7 +238,7 @@ pub fn lower(
         before = builder.tasks.len();
     }
     let graph = TaskGraph {
-        pools: builder.pools(profile),
+        pools: builder.pools(),
         resources: builder.resources(),
         tasks: builder.tasks,
         batch_size: workload.batch_size,

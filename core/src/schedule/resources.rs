@@ -5,7 +5,6 @@ use super::{pool_capacity, Builder};
 use crate::graph::{Place, PoolSpec, Resource, ResourceSpec};
 use crate::model::WeightGroup;
 use crate::plan::Tier;
-use crate::profile::Profile;
 
 impl Builder<'_> {
     pub(super) fn devices(&self) -> Vec<u16> {
@@ -15,17 +14,30 @@ impl Builder<'_> {
         devices
     }
 
-    /// The resources tasks run on, in a fixed order: the disk, each device's links to
-    /// and from the host, the links between consecutive stages, each device's compute,
-    /// the host's compute. One device gives exactly today's five.
+    /// The hosts of the stage devices, ascending (host 0 alone on one machine).
+    pub(super) fn hosts(&self) -> Vec<u16> {
+        let mut hosts: Vec<u16> = self.devices().iter().map(|&d| self.profile.host_of(Place::Device(d))).collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        hosts
+    }
+
+    /// The resources tasks run on, in a fixed order: each host's disk, each device's
+    /// links to and from its host, the links between consecutive stages, each device's
+    /// compute, each host's compute. One device gives exactly today's five.
     pub(super) fn resources(&self) -> Vec<ResourceSpec> {
         let policy = self.policy;
         let copy = |resource| ResourceSpec { resource, lanes: policy.copy_streams };
-        let mut resources = vec![ResourceSpec { resource: Resource::DISK, lanes: policy.io_queue_depth }];
+        let hosts = self.hosts();
+        let mut resources: Vec<ResourceSpec> = hosts
+            .iter()
+            .map(|&host| ResourceSpec { resource: Resource::Disk { host }, lanes: policy.io_queue_depth })
+            .collect();
         let devices = self.devices();
         for &d in &devices {
-            resources.push(copy(Resource::link(Place::HOST, Place::Device(d))));
-            resources.push(copy(Resource::link(Place::Device(d), Place::HOST)));
+            let host = Place::Host(self.profile.host_of(Place::Device(d)));
+            resources.push(copy(Resource::link(host, Place::Device(d))));
+            resources.push(copy(Resource::link(Place::Device(d), host)));
         }
         for pair in policy.stage_list().windows(2) {
             resources.push(copy(Resource::link(Place::Device(pair[0].device), Place::Device(pair[1].device))));
@@ -33,35 +45,44 @@ impl Builder<'_> {
         for &d in &devices {
             resources.push(ResourceSpec { resource: Resource::compute(Place::Device(d)), lanes: 1 });
         }
-        resources.push(ResourceSpec { resource: Resource::HOST_COMPUTE, lanes: 1 });
+        for &host in &hosts {
+            resources.push(ResourceSpec { resource: Resource::compute(Place::Host(host)), lanes: 1 });
+        }
         // Every resource a task uses is one of these; `TaskGraph::validate` checks it.
         resources
     }
 
     /// Capacities and what stays resident in each pool for the whole run: one pool per
-    /// stage device, then the host's.
-    pub(super) fn pools(&self, profile: &Profile) -> Vec<PoolSpec> {
+    /// stage device, then one per host.
+    pub(super) fn pools(&self) -> Vec<PoolSpec> {
         let policy = self.policy;
         let model = self.model;
+        let profile = self.profile;
         let devices = self.devices();
-        // Per device: resident bytes of each per-layer weight group, then of the KV cache.
+        let hosts = self.hosts();
+        // Per device: resident bytes of each per-layer weight group, then of the KV
+        // cache; per host: host-resident weights, then the host KV cache.
         const KV: usize = WeightGroup::PER_LAYER.len();
         let mut on_device = vec![[0u64; KV + 1]; devices.len()];
-        let mut host_weights = 0;
+        let mut on_host = vec![[0u64; 2]; hosts.len()];
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
             * policy.kv_positions(self.workload);
         for (layer, place) in self.placements.iter().enumerate() {
             let slot = devices.iter().position(|&d| d == place.device).unwrap_or(0);
+            let host = profile.host_of(Place::Device(place.device));
+            let host_slot = hosts.iter().position(|&h| h == host).unwrap_or(0);
             for (index, group) in WeightGroup::PER_LAYER.into_iter().enumerate() {
                 match place.tier(group) {
                     Tier::Device => on_device[slot][index] += self.layout.bytes(group, layer as u64),
-                    Tier::Host => host_weights += self.layout.bytes(group, layer as u64),
+                    Tier::Host => on_host[host_slot][0] += self.layout.bytes(group, layer as u64),
                     Tier::Disk => {}
                 }
             }
-            if place.kv == Tier::Device {
-                on_device[slot][KV] += kv_per_layer;
+            match place.kv {
+                Tier::Device => on_device[slot][KV] += kv_per_layer,
+                Tier::Host => on_host[host_slot][1] += kv_per_layer,
+                Tier::Disk => {}
             }
         }
         let hidden_states = self.workload.batch_size * self.workload.prompt_len * model.activation_bytes_per_token();
@@ -98,23 +119,30 @@ impl Builder<'_> {
                 }
             })
             .collect();
-        let layers = model.num_layers;
-        let host_computes = policy.compute_host_layers_on_host && (0..layers as u32).any(|l| self.on_host(l))
-            || policy.host_attention && policy.kv_cache.device < layers
-            || policy.embeddings == Tier::Host
-            || policy.head == Tier::Host;
-        let host_workspace = if host_computes && !self.unified { workspace + hidden_states } else { 0 };
-        pools.push(PoolSpec {
-            pool: Place::HOST,
-            capacity_bytes: pool_capacity(profile, Place::HOST),
-            resident: vec![
-                ("host-resident weights".into(), host_weights),
-                ("embeddings".into(), on(policy.embeddings, Tier::Host, embeddings)),
-                ("head".into(), on(policy.head, Tier::Host, head)),
-                ("host KV cache".into(), policy.kv_cache.host * kv_per_layer),
-                ("host workspace".into(), host_workspace),
-            ],
-        });
+        for (&host, resident) in hosts.iter().zip(&on_host) {
+            let place = Place::Host(host);
+            let first = self.end_host(true) == place;
+            let last = self.end_host(false) == place;
+            let layers_here = (0..self.placements.len() as u32).filter(|&l| self.host_of(l) == place);
+            let host_computes = layers_here.clone().any(|l| {
+                policy.compute_host_layers_on_host && self.on_host(l)
+                    || policy.host_attention && self.kv_tier(l) != Tier::Device && !self.unified(l)
+            }) || first && policy.embeddings == Tier::Host
+                || last && policy.head == Tier::Host;
+            let unified = layers_here.clone().next().is_some_and(|l| self.unified(l));
+            let host_workspace = if host_computes && !unified { workspace + hidden_states } else { 0 };
+            pools.push(PoolSpec {
+                pool: place,
+                capacity_bytes: pool_capacity(profile, place),
+                resident: vec![
+                    ("host-resident weights".into(), resident[0]),
+                    ("embeddings".into(), if first { on(policy.embeddings, Tier::Host, embeddings) } else { 0 }),
+                    ("head".into(), if last { on(policy.head, Tier::Host, head) } else { 0 }),
+                    ("host KV cache".into(), resident[1]),
+                    ("host workspace".into(), host_workspace),
+                ],
+            });
+        }
         pools
     }
 }

@@ -229,6 +229,7 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
         },
         devices: Vec::new(),
         links: Vec::new(),
+        hosts: Vec::new(),
     };
     profile.validate()?;
     Ok(profile)

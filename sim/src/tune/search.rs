@@ -190,16 +190,16 @@ impl<'a> Searcher<'a> {
 
     fn h2d_curve(&self, pinned: bool) -> Curve {
         if pinned {
-            Curve::HostToDevicePinned
+            Curve::HostToDevicePinned(0)
         } else {
-            Curve::HostToDevicePageable
+            Curve::HostToDevicePageable(0)
         }
     }
 
     fn member_transfer(&self, group: &Group, member: &Member) -> Transfer {
         Transfer {
             h2d_gbps: self.cost.bandwidth(self.h2d_curve(group.pinned), member.chunk_bytes, member.copy_streams),
-            disk_gbps: self.cost.bandwidth(Curve::DiskRead, member.chunk_bytes, member.io_queue_depth),
+            disk_gbps: self.cost.bandwidth(Curve::DiskRead(0), member.chunk_bytes, member.io_queue_depth),
             window: member.prefetch_depth as f64 + 1.0,
         }
     }
