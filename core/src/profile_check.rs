@@ -191,7 +191,7 @@ impl Profile {
 }
 
 fn check_reserve(field: &str, fraction: f64) -> Result<()> {
-    if fraction >= 0.0 && fraction < 1.0 {
+    if (0.0..1.0).contains(&fraction) {
         Ok(())
     } else {
         Err(out_of_range(field, fraction, "a fraction in [0, 1)"))
