@@ -14,6 +14,10 @@ pub enum ListWhat {
     Models,
     Hosts,
     Disks,
+    /// Machines of several devices and clusters of machines (`ferry tune --cluster`).
+    Clusters,
+    /// Link presets joining devices or machines (`ferry tune --gpu a,b --link`).
+    Links,
 }
 
 #[derive(Args)]
@@ -87,6 +91,44 @@ pub fn list(args: ListArgs) -> Result<()> {
                     format!("{}/{}", model.num_kv_heads, model.num_heads),
                     format_bytes(model.total_bytes(Dtype::F16)),
                     Catalog::aliases_of(&catalog.model_aliases, &model.name).join(", "),
+                ]);
+            }
+            print!("{}", table.render());
+        }
+        ListWhat::Clusters => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&catalog.clusters)?);
+                return Ok(());
+            }
+            let mut table = Table::new(["name", "devices", "links", "description"]);
+            for cluster in &catalog.clusters {
+                let devices: Vec<String> = cluster
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let list: Vec<String> = n.devices.iter().map(|d| format!("{}×{}", d.count, d.gpu)).collect();
+                        format!("{} in {}", list.join("+"), n.host)
+                    })
+                    .collect();
+                let links: Vec<&str> = cluster.peer_link.iter().chain(&cluster.node_link).map(String::as_str).collect();
+                let links = if links.is_empty() { "through the host".to_string() } else { links.join(", ") };
+                table.row([cluster.name.clone(), devices.join("; "), links, cluster.description.clone()]);
+            }
+            print!("{}", table.render());
+        }
+        ListWhat::Links => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&catalog.links)?);
+                return Ok(());
+            }
+            let mut table = Table::new(["name", "kind", "GB/s (achieved)", "latency", "description"]);
+            for link in &catalog.links {
+                table.row([
+                    link.name.clone(),
+                    format!("{:?}", link.kind).to_lowercase(),
+                    format!("{:.3}", link.peak_gbps * link.efficiency),
+                    format!("{} µs", link.latency_us),
+                    link.description.clone(),
                 ]);
             }
             print!("{}", table.render());

@@ -12,8 +12,8 @@ use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
 use ferry_core::CoreError;
 use ferry_sim::tune::{
-    tune_and_compare, tune_speculative, Baseline, BatchChoice, Candidate, Comparison, KnobSpace, Objective,
-    TuneRequest, TuneResult, DRAFT_LENS,
+    tune_and_compare, tune_pipeline, tune_speculative, Baseline, BatchChoice, Candidate, Comparison, KnobSpace,
+    Objective, SearchStats, TuneRequest, TuneResult, DRAFT_LENS,
 };
 
 use crate::report;
@@ -146,7 +146,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     };
     let (profile, hardware_notes) = resolve_hardware(&catalog, &hardware, cwd)?;
     notes.extend(hardware_notes);
-    if profile.device_name == "cpu" && hardware.device_memory.is_none() {
+    if profile.device_name == "cpu" && hardware.device_memory.is_none() && profile.device_count() == 1 {
         notes.push(format!(
             "planning the cpu backend with the default {} RAM budget; set it with --device-mem",
             ferry_core::units::format_bytes(profile.device_memory_bytes)
@@ -186,6 +186,12 @@ pub fn run(args: TuneArgs) -> Result<()> {
             bail!("--draft tunes one weight format; give a single --weight-format (or none) with it")
         };
         return run_speculative(&args, &request_for(format), &hardware, &space, speculation);
+    }
+    if profile.device_count() > 1 {
+        let [format] = formats.as_slice() else {
+            bail!("a machine of several devices tunes one weight format; give a single --weight-format (or none)")
+        };
+        return run_pipeline(&args, &request_for(format), &hardware, &space);
     }
     let started = Instant::now();
     let mut outcomes: Vec<Outcome> = formats
@@ -422,6 +428,24 @@ fn run_speculative(
     }
     print_report(args, request, &result, &outcome.plain.baselines, search_time);
     tune_speculative::print(&outcome, request, &speculation);
+    Ok(())
+}
+
+/// `ferry tune --cluster`: the pipeline search over the machine's devices, its plan
+/// written like any, then its report (`tune_pipeline`).
+fn run_pipeline(args: &TuneArgs, request: &TuneRequest, hardware: &HardwareRef, space: &KnobSpace) -> Result<()> {
+    let started = Instant::now();
+    let outcome = tune_pipeline(request, space)?;
+    let search_time = started.elapsed();
+    let best = outcome.best.clone();
+    let by_batch = vec![(best.workload.batch_size, best.metrics.tokens_per_s)];
+    let result = TuneResult { best: best.clone(), top: vec![best], stats: SearchStats::default(), by_batch };
+    let plan = write_outputs(args, request, hardware, space, &result)?;
+    if args.json {
+        let pipeline = crate::tune_pipeline::json(&outcome);
+        return print_json(&plan, &result, &[], search_time, 0, vec![pipeline]);
+    }
+    crate::tune_pipeline::print(&outcome, request, search_time);
     Ok(())
 }
 

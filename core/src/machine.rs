@@ -313,7 +313,6 @@ impl Profile {
         }
         sources.extend(cluster.peer_link.iter().chain(&cluster.node_link).map(|l| l.source.clone()));
         sources.dedup();
-        profile.device_name = cluster.name.clone();
         profile.provenance =
             Provenance::Datasheet { gpu: cluster.name.clone(), host: first_host.name.clone(), sources };
         profile.validate()?;

@@ -26,27 +26,27 @@ pub(super) struct Fractions {
 
 /// Per-layer figures the LP is written in (GB and ms).
 pub(super) struct LayerFigures {
-    layers: f64,
-    attention_gb: f64,
-    mlp_gb: f64,
+    pub(super) layers: f64,
+    pub(super) attention_gb: f64,
+    pub(super) mlp_gb: f64,
     /// Full-sequence KV of one layer for the whole batch.
-    kv_full_gb: f64,
+    pub(super) kv_full_gb: f64,
     /// KV one decode step reads per layer for the whole batch, at the mean context.
-    kv_read_gb: f64,
+    pub(super) kv_read_gb: f64,
     /// Double buffer for streaming one micro-batch's KV of one layer.
-    kv_buffer_gb: f64,
+    pub(super) kv_buffer_gb: f64,
     /// Per layer, all micro-batches: [prefill, decode] ms.
-    device_fused_ms: [f64; 2],
-    device_split_ms: [f64; 2],
-    host_core_ms: [f64; 2],
-    host_layer_ms: [f64; 2],
-    device_static_gb: f64,
-    host_static_gb: f64,
-    device_capacity_gb: f64,
-    host_capacity_gb: f64,
+    pub(super) device_fused_ms: [f64; 2],
+    pub(super) device_split_ms: [f64; 2],
+    pub(super) host_core_ms: [f64; 2],
+    pub(super) host_layer_ms: [f64; 2],
+    pub(super) device_static_gb: f64,
+    pub(super) host_static_gb: f64,
+    pub(super) device_capacity_gb: f64,
+    pub(super) host_capacity_gb: f64,
     /// The offload disk's space, when known.
-    disk_capacity_gb: Option<f64>,
-    decode_steps: f64,
+    pub(super) disk_capacity_gb: Option<f64>,
+    pub(super) decode_steps: f64,
 }
 
 /// Per layer, all micro-batches: [prefill, decode] ms (see `LayerFigures`).

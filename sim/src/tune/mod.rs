@@ -40,6 +40,8 @@ mod lp;
 mod rounding;
 mod search;
 mod speculative;
+mod split;
+mod stages;
 
 use ferry_core::model::{Dtype, ModelSpec, WeightFormats};
 use ferry_core::plan::{Policy, Schedule, Speculation, Workload};
@@ -53,6 +55,7 @@ use crate::predict::{predict, Extrapolation};
 pub use self::baselines::{baselines, Baseline};
 use self::search::Searcher;
 pub use self::speculative::{tune_speculative, SpeculativeComparison, DRAFT_LENS};
+pub use self::stages::{tune_pipeline, PipelineResult, PipelineStats, SplitBaseline};
 
 /// Knob values the search tries.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ pub(super) enum Class {
 }
 
 impl Class {
-    fn of(schedule: Schedule) -> Class {
+    pub(super) fn of(schedule: Schedule) -> Class {
         match schedule {
             Schedule::Sequential => Class::Sequential,
             Schedule::LayerPrefetch => Class::BatchMajor,

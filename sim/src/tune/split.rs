@@ -92,7 +92,16 @@ mod tests {
     /// Every split of `layers` over `devices` (zeros allowed), by brute force.
     fn brute_force(devices: usize, layers: u64, m: u64, cost: &mut StageCost) -> Option<f64> {
         #[allow(clippy::too_many_arguments)]
-        fn walk(i: usize, start: u64, devices: usize, layers: u64, acc: (f64, f64), m: u64, cost: &mut StageCost, best: &mut Option<f64>) {
+        fn walk(
+            i: usize,
+            start: u64,
+            devices: usize,
+            layers: u64,
+            acc: (f64, f64),
+            m: u64,
+            cost: &mut StageCost,
+            best: &mut Option<f64>,
+        ) {
             if i == devices {
                 if start == layers {
                     let t = pipeline_time(acc.0, acc.1, m);

@@ -1,0 +1,586 @@
+//! Pipeline plans over the devices of a cluster: which devices, in which order, hold
+//! which contiguous layers, each stage with its own offload plan over its device,
+//! its host and its disk.
+//!
+//! For each group of pipeline knobs (micro-batch size and count, schedule class):
+//!
+//! 1. every device gets the one-device LP's per-layer figures on its own machine
+//!    (`Profile::single_device`: its compute, its host's memory and disk), and a
+//!    stage's cost for k layers is the best of its offload plans — k + 1 ways to keep
+//!    layers resident, the KV cache and streamed weights filling the device, then the
+//!    host (shared by the devices on it), then the disk — priced like the LP: each
+//!    phase takes the longest of compute, copies and disk reads, plus the activations
+//!    crossing in from the previous stage;
+//! 2. `split::best_split` places the layers exactly over each device order (orders of
+//!    distinct device kinds, up to five devices; else the cluster's own order);
+//! 3. the best estimates are assembled into plans and simulated, the winner stepped
+//!    fully; an even split and llama.cpp's split in proportion to device memory, with
+//!    the winner's knobs, are simulated beside it.
+
+use ferry_core::model::WeightGroup;
+use ferry_core::plan::{Policy, Schedule, Stage, Tier, TierCounts, Workload};
+use ferry_core::profile::Profile;
+use ferry_core::topology::Place;
+
+use super::lp::LayerFigures;
+use super::search::{Class, Group, Searcher};
+use super::split::best_split;
+use super::{BatchChoice, Candidate, KnobSpace, Objective, TuneError, TuneRequest};
+use crate::cost::{CostModel, Curve};
+use crate::predict::{predict, Extrapolation};
+
+/// Transfer knobs every pipeline plan uses: the single-device search tunes them finely;
+/// here they are fixed at values that serve streaming well (and the simulation, not the
+/// estimate, decides between plans). Prefetch depth is searched: a small device may
+/// have room for two streamed layers and not three.
+const PREFETCH_DEPTHS: [u64; 2] = [1, 2];
+const CHUNK_BYTES: u64 = 64 << 20;
+const COPY_STREAMS: u32 = 2;
+const IO_QUEUE_DEPTH: u32 = 8;
+/// Plans simulated after the estimate ranks them.
+const SIMULATED: usize = 6;
+/// Device orders are searched up to this many devices (5! = 120 orders).
+const MAX_ORDERED_DEVICES: usize = 5;
+
+/// A split compared with the tuned one.
+#[derive(Debug, Clone)]
+pub struct SplitBaseline {
+    pub name: &'static str,
+    /// Layers per device, in device order.
+    pub layers: Vec<u64>,
+    pub outcome: Result<Candidate, String>,
+}
+
+/// What the pipeline search did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct PipelineStats {
+    pub groups: u64,
+    pub orders: u64,
+    /// Stage offload plans priced (device, layers, position).
+    pub stage_plans: u64,
+    pub simulated: u64,
+    /// Whether device orders were searched (else the cluster's order was kept).
+    pub orders_searched: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineResult {
+    pub best: Candidate,
+    /// The estimate the search ranked the winner by, ms for the whole run.
+    pub estimate_ms: f64,
+    pub baselines: Vec<SplitBaseline>,
+    /// The split that beat the searched plans in simulation and so became the plan.
+    pub adopted: Option<&'static str>,
+    pub stats: PipelineStats,
+}
+
+/// The pipeline knobs of one group.
+#[derive(Debug, Clone, Copy)]
+struct Knobs {
+    micro_batch_size: u64,
+    num_micro_batches: u64,
+    schedule: Schedule,
+    prefetch_depth: u64,
+}
+
+/// One stage's offload plan: layers per tier (device, host, disk) for its weights
+/// (attention and MLP alike) and its KV cache, and its busy time.
+#[derive(Debug, Clone, Copy)]
+struct StagePlan {
+    weights: [u64; 3],
+    kv: [u64; 3],
+    busy_ms: f64,
+}
+
+/// What pricing a stage on one device needs besides the LP's figures.
+struct DeviceTerms {
+    figures: LayerFigures,
+    unified: bool,
+    embeddings_gb: f64,
+    head_gb: f64,
+    /// The head's compute, [prefill, decode] ms (all micro-batches).
+    head_ms: [f64; 2],
+    /// The activations crossing into this device from the slowest other, [prefill, decode] ms.
+    link_in_ms: [f64; 2],
+    h2d_gbps: f64,
+    disk_gbps: f64,
+    /// This device's share of its host's memory, GB.
+    host_share_gb: f64,
+    /// Reloads of a streamed layer per step: 1 layer-major, one per micro-batch batch-major.
+    reloads: f64,
+    /// Streamed layers in device memory at once: the one computing and those prefetched.
+    window_layers: f64,
+}
+
+/// Searches pipeline plans over the request's cluster (see the module docs).
+pub fn tune_pipeline(request: &TuneRequest, space: &KnobSpace) -> Result<PipelineResult, TuneError> {
+    if request.speculation.is_some() {
+        return Err(TuneError::Impossible(
+            "speculative decoding is planned on one device; tune a cluster without --draft".into(),
+        ));
+    }
+    let profile = request.profile;
+    let count = profile.device_count();
+    let singles: Vec<Profile> = (0..count as u16).map(|d| profile.single_device(d)).collect();
+    let requests: Vec<TuneRequest> =
+        singles.iter().map(|p| TuneRequest { profile: p, speculation: None, ..request.clone() }).collect();
+    let searchers: Vec<Searcher> = requests.iter().map(|r| Searcher::new(r, space)).collect();
+    let orders = device_orders(profile);
+    let mut stats = PipelineStats { orders_searched: count <= MAX_ORDERED_DEVICES, ..PipelineStats::default() };
+    let mut ranked: Vec<Estimated> = Vec::new();
+    for knobs in knob_groups(request, space) {
+        stats.groups += 1;
+        let terms: Vec<DeviceTerms> =
+            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs)).collect();
+        // Stage plans by (device, layers, first, last): shared by every order.
+        let mut memo = std::collections::HashMap::new();
+        for order in &orders {
+            stats.orders += 1;
+            if let Some(estimated) = split_order(request, knobs, order, &terms, &mut memo, &mut stats) {
+                ranked.push(estimated);
+            }
+        }
+    }
+    if ranked.is_empty() {
+        let smallest =
+            Knobs { micro_batch_size: 1, num_micro_batches: 1, schedule: Schedule::Pipelined, prefetch_depth: 1 };
+        let terms: Vec<DeviceTerms> =
+            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, smallest)).collect();
+        return Err(TuneError::Impossible(nothing_fits(request, &terms)));
+    }
+    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
+    let mut best: Option<(Candidate, f64)> = None;
+    for e in ranked.iter().take(SIMULATED) {
+        let policy = assemble(request, e.knobs, &e.devices, &e.plans, &e.layers);
+        stats.simulated += 1;
+        let Some(candidate) = simulate(request, policy, Extrapolation::Sampled) else { continue };
+        let estimate = e.time_ms;
+        if best.as_ref().is_none_or(|(b, _)| candidate.score(request.objective) > b.score(request.objective)) {
+            best = Some((candidate, estimate));
+        }
+    }
+    let Some((best, estimate_ms)) = best else {
+        return Err(TuneError::Impossible(format!(
+            "{} estimated pipeline plans were assembled, but none fits its pools in simulation",
+            ranked.len().min(SIMULATED)
+        )));
+    };
+    let best = simulate(request, best.policy, Extrapolation::Full)
+        .ok_or_else(|| TuneError::Impossible("the best pipeline plan failed its full simulation".into()))?;
+    let baselines = split_baselines(request, &best, &searchers);
+    // The estimate ranks splits; the simulation has the last word: a compared split
+    // that simulates better is the plan (as `tune_and_compare` does with baselines).
+    let mut best = best;
+    let mut adopted = None;
+    for baseline in &baselines {
+        if let Ok(c) = &baseline.outcome {
+            if c.score(request.objective) > best.score(request.objective) {
+                best = c.clone();
+                adopted = Some(baseline.name);
+            }
+        }
+    }
+    Ok(PipelineResult { best, estimate_ms, baselines, adopted, stats })
+}
+
+/// A split the estimate priced: its knobs, used devices in stage order with their
+/// plans and layers, the pipeline time and the score it is ranked by (lower is better).
+struct Estimated {
+    score: f64,
+    time_ms: f64,
+    knobs: Knobs,
+    devices: Vec<u16>,
+    plans: Vec<StagePlan>,
+    layers: Vec<u64>,
+}
+
+type StageMemo = std::collections::HashMap<(usize, u64, bool, bool), Option<StagePlan>>;
+
+/// The best split over one device order (`split::best_split`), with each used stage's plan.
+fn split_order(
+    request: &TuneRequest,
+    knobs: Knobs,
+    order: &[u16],
+    terms: &[DeviceTerms],
+    memo: &mut StageMemo,
+    stats: &mut PipelineStats,
+) -> Option<Estimated> {
+    let layers = request.model.num_layers;
+    let key = |i: usize, start: u64, take: u64| (order[i] as usize, take, start == 0, start + take == layers);
+    let mut cost = |i: usize, start: u64, take: u64| {
+        let k = key(i, start, take);
+        let plan = *memo.entry(k).or_insert_with(|| {
+            stats.stage_plans += 1;
+            stage_plan(&terms[k.0], take, k.2, k.3)
+        });
+        plan.map(|p| p.busy_ms)
+    };
+    let (split, time_ms) = best_split(order.len(), layers, knobs.num_micro_batches, &mut cost)?;
+    let (mut devices, mut plans, mut taken) = (Vec::new(), Vec::new(), Vec::new());
+    let mut start = 0;
+    for (i, &take) in split.iter().enumerate() {
+        if take > 0 {
+            devices.push(order[i]);
+            plans.push(memo[&key(i, start, take)].expect("the split's stages were priced"));
+            taken.push(take);
+        }
+        start += take;
+    }
+    let batch = (knobs.micro_batch_size * knobs.num_micro_batches) as f64;
+    let score = match request.objective {
+        Objective::Throughput => time_ms / batch,
+        Objective::Latency => time_ms,
+    };
+    Some(Estimated { score, time_ms, knobs, devices, plans, layers: taken })
+}
+
+/// Micro-batch configurations and schedule classes the pipeline search tries.
+fn knob_groups(request: &TuneRequest, space: &KnobSpace) -> Vec<Knobs> {
+    let mut groups = Vec::new();
+    for &mb in &space.micro_batch_sizes {
+        for &n in &space.micro_batch_counts {
+            let fits = match request.batch {
+                BatchChoice::Fixed(b) => mb * n == b,
+                BatchChoice::Auto { max } => mb * n <= max,
+            };
+            if !fits {
+                continue;
+            }
+            for schedule in [Schedule::LayerPrefetch, Schedule::Pipelined] {
+                for prefetch_depth in PREFETCH_DEPTHS {
+                    if space.schedules.contains(&schedule) && space.prefetch_depths.contains(&prefetch_depth) {
+                        groups.push(Knobs { micro_batch_size: mb, num_micro_batches: n, schedule, prefetch_depth });
+                    }
+                }
+            }
+        }
+    }
+    if let (BatchChoice::Fixed(b), true) = (request.batch, groups.is_empty()) {
+        let schedule = Schedule::Pipelined;
+        groups.push(Knobs { micro_batch_size: b, num_micro_batches: 1, schedule, prefetch_depth: 1 });
+    }
+    groups
+}
+
+/// Device orders to search: every order of distinct device kinds (same kind, memory and
+/// host count as one), or the cluster's own order past `MAX_ORDERED_DEVICES`.
+fn device_orders(profile: &Profile) -> Vec<Vec<u16>> {
+    let count = profile.device_count() as u16;
+    let identity: Vec<u16> = (0..count).collect();
+    if count as usize > MAX_ORDERED_DEVICES {
+        return vec![identity];
+    }
+    let signature = |order: &[u16]| -> Vec<(String, u64, u16)> {
+        order
+            .iter()
+            .map(|&d| (profile.device(d).name.to_string(), profile.device(d).memory_bytes, profile.device(d).host))
+            .collect()
+    };
+    let mut orders: Vec<Vec<u16>> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    permutations(&identity, &mut Vec::new(), &mut |order| {
+        if seen.insert(signature(order)) {
+            orders.push(order.to_vec());
+        }
+    });
+    orders
+}
+
+fn permutations(rest: &[u16], prefix: &mut Vec<u16>, visit: &mut dyn FnMut(&[u16])) {
+    if rest.is_empty() {
+        return visit(prefix);
+    }
+    for i in 0..rest.len() {
+        let mut remaining = rest.to_vec();
+        prefix.push(remaining.remove(i));
+        permutations(&remaining, prefix, visit);
+        prefix.pop();
+    }
+}
+
+fn device_terms(request: &TuneRequest, searcher: &Searcher, device: u16, knobs: Knobs) -> DeviceTerms {
+    let profile = request.profile;
+    let view = profile.device(device);
+    let group = Group {
+        micro_batch_size: knobs.micro_batch_size,
+        num_micro_batches: knobs.num_micro_batches,
+        host_attention: false,
+        host_compute: false,
+        pinned: !view.unified_memory,
+        class: Class::of(knobs.schedule),
+        schedules: vec![knobs.schedule],
+    };
+    let figures = searcher.figures(&group);
+    let layout = &searcher.layout;
+    let gb = |b: u64| b as f64 / 1e9;
+    let cost = &searcher.cost;
+    let model = request.model;
+    let m = knobs.num_micro_batches as f64;
+    let head_ms = [request.prompt_len, 1].map(|new_tokens| {
+        let rows = knobs.micro_batch_size * new_tokens;
+        let flops = model.projection_flops(WeightGroup::Head, knobs.micro_batch_size);
+        let bytes = layout.bytes(WeightGroup::Head, 0);
+        m * cost.compute_ns(view.compute, ferry_core::graph::Op::Head, flops, bytes, rows, 0, None) / 1e6
+    });
+    let link_in_ms = [request.prompt_len, 1].map(|new_tokens| {
+        let bytes = knobs.micro_batch_size * new_tokens * model.activation_bytes_per_token();
+        let full = CostModel::new(profile, model);
+        let slowest = (0..profile.device_count() as u16)
+            .filter(|&d| d != device)
+            .map(|d| {
+                let link = ferry_core::graph::Resource::link(Place::Device(d), Place::Device(device));
+                let task = activation_task(link, bytes);
+                match full.task_cost(&task) {
+                    crate::cost::TaskCost::Transfer { curve, chunk_bytes, work_bytes, .. } => {
+                        work_bytes / full.bandwidth(curve, chunk_bytes, 1)
+                    }
+                    crate::cost::TaskCost::Compute { nominal_ns } => nominal_ns,
+                }
+            })
+            .fold(0.0, f64::max);
+        m * slowest / 1e6
+    });
+    let devices_on_host = (0..profile.device_count() as u16).filter(|&d| profile.device(d).host == view.host).count();
+    let curve = if view.unified_memory { Curve::HostToDevicePageable(0) } else { Curve::HostToDevicePinned(0) };
+    DeviceTerms {
+        unified: view.unified_memory,
+        embeddings_gb: gb(layout.bytes(WeightGroup::Embeddings, 0)),
+        head_gb: gb(layout.bytes(WeightGroup::Head, 0)),
+        head_ms,
+        link_in_ms,
+        h2d_gbps: cost.bandwidth(curve, CHUNK_BYTES, COPY_STREAMS),
+        disk_gbps: cost.bandwidth(Curve::DiskRead(0), CHUNK_BYTES, IO_QUEUE_DEPTH),
+        host_share_gb: figures.host_capacity_gb / devices_on_host as f64,
+        reloads: if Class::of(knobs.schedule) == Class::BatchMajor { m } else { 1.0 },
+        window_layers: (knobs.prefetch_depth + 1) as f64,
+        figures,
+    }
+}
+
+/// A copy of the hidden state over `link`, as the lowering emits it.
+fn activation_task(link: ferry_core::graph::Resource, bytes: u64) -> ferry_core::graph::Task {
+    use ferry_core::graph::{Payload, Task, TaskKind};
+    Task {
+        kind: TaskKind::Copy,
+        resource: link,
+        payload: Payload::Activations,
+        layer: 0,
+        micro_batch: 0,
+        step: 0,
+        bytes,
+        flops: 0,
+        tokens: 0,
+        context: 0,
+        chunk_bytes: Task::request_bytes(bytes.max(1)),
+        piece: 0,
+        pinned: true,
+        deps: Vec::new(),
+        acquire: Vec::new(),
+        release: Vec::new(),
+    }
+}
+
+/// The best offload plan of `layers` layers on a device: each count of resident layers,
+/// the KV cache on the device as far as the rest of its memory goes, everything else on
+/// the host (its share) and then the disk. `None`: not even the streaming buffers fit.
+fn stage_plan(t: &DeviceTerms, layers: u64, first: bool, last: bool) -> Option<StagePlan> {
+    let f = &t.figures;
+    let layer_gb = f.attention_gb + f.mlp_gb;
+    let k = layers as f64;
+    // The one-device probe keeps the head on the device, and the embeddings there too on
+    // unified memory (on the host otherwise): a stage keeps only its own ends.
+    let device_static = f.device_static_gb
+        - if last { 0.0 } else { t.head_gb }
+        - if t.unified && !first { t.embeddings_gb } else { 0.0 };
+    let host_static = if t.unified || first { f.host_static_gb } else { f.host_static_gb - t.embeddings_gb };
+    let device_free = f.device_capacity_gb - device_static;
+    let host_free = if t.unified { 0.0 } else { (t.host_share_gb - host_static.max(0.0)).max(0.0) };
+    let mut best: Option<StagePlan> = None;
+    for resident in (0..=layers).rev() {
+        let r = resident as f64;
+        let window = if resident < layers { t.window_layers * layer_gb } else { 0.0 };
+        let left = device_free - r * layer_gb - window;
+        if left < 0.0 {
+            continue;
+        }
+        // KV on the device as far as it goes (with a double buffer for the rest).
+        let mut kv_device = ((left / f.kv_full_gb.max(1e-12)).floor() as u64).min(layers);
+        if kv_device < layers && kv_device as f64 * f.kv_full_gb + f.kv_buffer_gb > left {
+            kv_device = ((left - f.kv_buffer_gb).max(0.0) / f.kv_full_gb.max(1e-12)).floor() as u64;
+        }
+        let streamed = layers - resident;
+        let weights_host = ((host_free / layer_gb.max(1e-12)).floor() as u64).min(streamed);
+        let host_left = host_free - weights_host as f64 * layer_gb;
+        let kv_off = layers - kv_device;
+        let kv_host = ((host_left / f.kv_full_gb.max(1e-12)).floor() as u64).min(kv_off);
+        let weights = [resident, weights_host, streamed - weights_host];
+        let kv = [kv_device, kv_host, kv_off - kv_host];
+        let busy_ms = busy_ms(t, k, weights, kv, last);
+        if best.is_none_or(|b| busy_ms < b.busy_ms) {
+            best = Some(StagePlan { weights, kv, busy_ms });
+        }
+    }
+    best
+}
+
+/// A stage's busy time over the run: per phase the longest of compute, copies into the
+/// device and disk reads (they overlap), plus the activations crossing in.
+fn busy_ms(t: &DeviceTerms, k: f64, weights: [u64; 3], kv: [u64; 3], last: bool) -> f64 {
+    let f = &t.figures;
+    let layer_gb = f.attention_gb + f.mlp_gb;
+    let mut total = 0.0;
+    for (phase, repeats) in [(0, 1.0), (1, f.decode_steps)] {
+        let compute = k * f.device_fused_ms[phase] + if last { t.head_ms[phase] } else { 0.0 };
+        let kv_read = if phase == 1 { f.kv_read_gb } else { 0.0 };
+        let streamed_gb = (weights[1] + weights[2]) as f64 * layer_gb * t.reloads + (kv[1] + kv[2]) as f64 * kv_read;
+        let disk_gb = weights[2] as f64 * layer_gb * t.reloads + kv[2] as f64 * kv_read;
+        let copies = if t.unified { 0.0 } else { streamed_gb / t.h2d_gbps * 1e3 };
+        let disk = disk_gb / t.disk_gbps * 1e3;
+        total += repeats * (compute.max(copies).max(disk) + t.link_in_ms[phase]);
+    }
+    total
+}
+
+/// The plan of a split: knobs, each used device's stage, totals over the stages.
+fn assemble(request: &TuneRequest, knobs: Knobs, devices: &[u16], plans: &[StagePlan], layers: &[u64]) -> Policy {
+    let counts = |c: [u64; 3]| TierCounts { device: c[0], host: c[1], disk: c[2] };
+    let stages: Vec<Stage> = devices
+        .iter()
+        .zip(plans)
+        .map(|(&device, p)| Stage {
+            device,
+            attention_weights: counts(p.weights),
+            mlp_weights: counts(p.weights),
+            kv_cache: counts(p.kv),
+        })
+        .collect();
+    debug_assert!(stages.iter().zip(layers).all(|(s, &l)| s.layers() == l));
+    let total = |pick: fn(&Stage) -> TierCounts| {
+        stages.iter().map(pick).fold(TierCounts { device: 0, host: 0, disk: 0 }, |a, b| TierCounts {
+            device: a.device + b.device,
+            host: a.host + b.host,
+            disk: a.disk + b.disk,
+        })
+    };
+    let first_unified = request.profile.device(devices[0]).unified_memory;
+    let any_unified = devices.iter().any(|&d| request.profile.device(d).unified_memory);
+    let mut policy = Policy::all_on_device(request.model.num_layers, knobs.micro_batch_size, request.kv_dtype);
+    policy.schedule = knobs.schedule;
+    policy.num_micro_batches = knobs.num_micro_batches;
+    policy.prefetch_depth = knobs.prefetch_depth;
+    policy.attention_weights = total(|s| s.attention_weights);
+    policy.mlp_weights = total(|s| s.mlp_weights);
+    policy.kv_cache = total(|s| s.kv_cache);
+    policy.embeddings = if first_unified { Tier::Device } else { Tier::Host };
+    policy.head = Tier::Device;
+    policy.chunk_bytes = CHUNK_BYTES;
+    policy.copy_streams = if any_unified { 1 } else { COPY_STREAMS };
+    policy.io_queue_depth = IO_QUEUE_DEPTH;
+    let host = request.profile.device(devices[0]).host;
+    policy.pinned_host_bytes = if any_unified { 0 } else { request.profile.host(host).max_pinned_bytes };
+    policy.set_weight_format(request.weight_format.clone());
+    policy.stages = stages;
+    policy
+}
+
+fn simulate(request: &TuneRequest, policy: Policy, mode: Extrapolation) -> Option<Candidate> {
+    let workload =
+        Workload { batch_size: policy.batch_size(), prompt_len: request.prompt_len, gen_len: request.gen_len };
+    let prediction = predict(&policy, request.model, &workload, request.profile, mode).ok()?;
+    Some(Candidate { policy, workload, metrics: prediction.metrics, bound_ns: 0 })
+}
+
+/// An even split and llama.cpp's split in proportion to device memory, over the
+/// devices in their own order with the winner's knobs, each stage placed like the
+/// search places it.
+fn split_baselines(request: &TuneRequest, best: &Candidate, searchers: &[Searcher]) -> Vec<SplitBaseline> {
+    let profile = request.profile;
+    let count = profile.device_count();
+    let layers = request.model.num_layers;
+    let knobs = Knobs {
+        micro_batch_size: best.policy.micro_batch_size,
+        num_micro_batches: best.policy.num_micro_batches,
+        schedule: best.policy.schedule,
+        prefetch_depth: best.policy.prefetch_depth,
+    };
+    let memories: Vec<f64> = (0..count as u16).map(|d| profile.device(d).memory_bytes as f64).collect();
+    let splits = [
+        ("even split", proportional(&vec![1.0; count], layers)),
+        ("llama.cpp split (by memory)", proportional(&memories, layers)),
+    ];
+    let terms: Vec<DeviceTerms> = (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs)).collect();
+    splits
+        .into_iter()
+        .map(|(name, split)| {
+            let mut plans = Vec::new();
+            let mut start = 0;
+            let mut devices = Vec::new();
+            let mut outcome = Ok(());
+            for (device, &take) in split.iter().enumerate() {
+                if take == 0 {
+                    continue;
+                }
+                match stage_plan(&terms[device], take, start == 0, start + take == layers) {
+                    Some(plan) => plans.push(plan),
+                    None => outcome = Err(format!("device {device} cannot hold {take} layers even streaming them")),
+                }
+                devices.push(device as u16);
+                start += take;
+            }
+            let takes: Vec<u64> = split.iter().copied().filter(|&t| t > 0).collect();
+            let outcome = outcome.and_then(|()| {
+                simulate(request, assemble(request, knobs, &devices, &plans, &takes), Extrapolation::Full)
+                    .ok_or_else(|| "does not fit in simulation".to_string())
+            });
+            SplitBaseline { name, layers: split, outcome }
+        })
+        .collect()
+}
+
+/// `layers` split in proportion to `weights`, largest remainders first.
+fn proportional(weights: &[f64], layers: u64) -> Vec<u64> {
+    let total: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| w / total * layers as f64).collect();
+    let mut split: Vec<u64> = exact.iter().map(|e| e.floor() as u64).collect();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let missing = layers - split.iter().sum::<u64>();
+    for &i in order.iter().take(missing as usize) {
+        split[i] += 1;
+    }
+    split
+}
+
+/// Why no pipeline plan fits: what each device needs to hold even one streamed layer
+/// at the smallest batch, against what it has.
+fn nothing_fits(request: &TuneRequest, terms: &[DeviceTerms]) -> String {
+    let profile = request.profile;
+    let gib = |gb: f64| ferry_core::units::format_bytes((gb * 1e9).max(0.0) as u64);
+    let shortfalls: Vec<String> = terms
+        .iter()
+        .enumerate()
+        .map(|(d, t)| {
+            let f = &t.figures;
+            let buffers = t.window_layers * (f.attention_gb + f.mlp_gb);
+            let fixed = f.device_static_gb - t.head_gb - if t.unified { t.embeddings_gb } else { 0.0 };
+            let need = buffers + f.kv_buffer_gb + fixed;
+            format!(
+                "device {d} ({}) needs {} (two streamed layers {}, KV double buffer {}, hidden states and \
+                 workspace {}) but has {} usable, {} short",
+                profile.device(d as u16).name,
+                gib(need),
+                gib(buffers),
+                gib(f.kv_buffer_gb),
+                gib(fixed),
+                gib(f.device_capacity_gb),
+                gib(need - f.device_capacity_gb)
+            )
+        })
+        .collect();
+    format!(
+        "no split of {} over the {} device(s) fits even streaming every layer at batch 1: {}",
+        request.model.name,
+        profile.device_count(),
+        shortfalls.join("; ")
+    )
+}

@@ -1,0 +1,75 @@
+//! Clusters end to end through the binary: `ferry tune --cluster` writes a pipeline
+//! plan that `ferry simulate` predicts with the same figures; GPU lists need a link;
+//! the engine refuses a plan over two machines with a clear error, not a hang.
+
+mod common;
+
+use common::{ferry, text, TINY_PLAN};
+
+#[test]
+fn a_tuned_cluster_plan_simulates_to_the_same_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["tune", "--cluster", "8x-rtx4090", "--model", "70b", "--out", "plan.yaml", "--json"];
+    let out = ferry(dir.path(), &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tuned: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
+    assert!(plan.contains("cluster: 8x-rtx4090") && plan.contains("stages:"), "{plan}");
+    assert_eq!(tuned["formats"][0]["splits"].as_array().unwrap().len(), 2, "{tuned}");
+    let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let simulated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (a, b) =
+        (tuned["metrics"]["tokens_per_s"].as_f64().unwrap(), simulated["metrics"]["tokens_per_s"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-9 * a, "tune {a} vs simulate {b}");
+
+    let out = ferry(dir.path(), &["tune", "--cluster", "8x-rtx4090", "--model", "70b"]);
+    let report = text(&out.stdout);
+    assert!(report.contains("8 devices: 8× rtx4090") && report.contains("llama.cpp split (by memory)"), "{report}");
+}
+
+#[test]
+fn gpu_lists_need_a_link_and_names_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060-laptop-6gb,orin", "--model", "13b"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--link 1gbe"), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060-laptop-6gb,orin", "--link", "1gbe", "--model", "13b"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("on 2 host(s)"), "{}", text(&out.stdout));
+    let out = ferry(dir.path(), &["tune", "--cluster", "8x-rtx409", "--model", "13b"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("did you mean: 8x-rtx4090"), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060,orin", "--link", "10gb", "--model", "13b"]);
+    assert!(text(&out.stderr).contains("10gbe"), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["list", "clusters"]);
+    assert!(text(&out.stdout).contains("edge-trio-wifi"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn the_engine_refuses_a_plan_over_two_machines() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]);
+    assert!(synth.status.success(), "{}", text(&synth.stderr));
+    std::fs::write(
+        dir.path().join("pair.yaml"),
+        "name: pair\ndescription: two machines\nnodes:\n  - host: ferry-ci-vm\n    devices: [{gpu: cpu, memory: 64MiB}]\n  \
+         - host: ferry-ci-vm\n    devices: [{gpu: cpu, memory: 64MiB}]\nnode_link: 1gbe\nsource: test\n",
+    )
+    .unwrap();
+    let plan = TINY_PLAN
+        .replace("  gpu: cpu\n  host: ferry-ci-vm\n  device_memory: 64MiB\n", "  cluster: pair.yaml\n")
+        .replace("  attention_weights: {device: 1, host: 0, disk: 3}\n", "")
+        .replace("  mlp_weights: {device: 2, host: 0, disk: 2}\n", "")
+        .replace("  kv_cache: {device: 3, host: 0, disk: 1}\n", "")
+        + "  stages:
+    - {device: 0, attention_weights: {device: 2, host: 0, disk: 0}, mlp_weights: {device: 2, host: 0, disk: 0}, kv_cache: {device: 2, host: 0, disk: 0}}
+    - {device: 1, attention_weights: {device: 2, host: 0, disk: 0}, mlp_weights: {device: 2, host: 0, disk: 0}, kv_cache: {device: 2, host: 0, disk: 0}}
+";
+    std::fs::write(dir.path().join("plan.yaml"), plan).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("span several machines"), "{}", text(&out.stderr));
+}
