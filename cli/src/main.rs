@@ -11,6 +11,7 @@ mod simulate_cmd;
 mod table;
 mod tune_cmd;
 mod tune_formats;
+mod tune_output;
 mod tune_pipeline;
 mod tune_speculative;
 mod validate_cmd;

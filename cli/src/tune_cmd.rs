@@ -1,24 +1,24 @@
 //! `ferry tune`: search the plan space for this hardware and model.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use ferry_core::catalog::Catalog;
 use ferry_core::model::{ModelSpec, WeightFormats};
-use ferry_core::plan::{HardwareRef, Models, Plan, PredictionNote, Schedule, Speculation};
+use ferry_core::plan::{HardwareRef, Schedule};
 use ferry_core::resolve::{resolve_hardware, resolve_model};
 use ferry_core::units::{format_ns, parse_bytes};
 use ferry_core::CoreError;
 use ferry_sim::tune::{
-    tune_and_compare, tune_pipeline, tune_speculative, Baseline, BatchChoice, Candidate, Comparison, KnobSpace,
-    Objective, SearchStats, TuneRequest, TuneResult, DRAFT_LENS,
+    tune_and_compare, Baseline, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest, TuneResult,
 };
 
 use crate::report;
 use crate::table::Table;
 use crate::tune_formats::{self, Outcome};
+use crate::tune_output;
 use crate::tune_speculative;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -46,83 +46,83 @@ pub struct TuneArgs {
     /// comma-separated, plan a pipeline over them: each on its own machine joined by
     /// --link, or all in one machine with --host.
     #[arg(long, required_unless_present_any = ["profile", "cluster"], conflicts_with_all = ["profile", "cluster"])]
-    gpu: Option<String>,
+    pub(crate) gpu: Option<String>,
     /// A machine of several devices or a cluster of machines (`ferry list clusters`, or a
     /// cluster file): plans split the layers over its devices in pipeline stages.
     #[arg(long, value_name = "NAME|FILE", conflicts_with = "profile")]
-    cluster: Option<String>,
+    pub(crate) cluster: Option<String>,
     /// The link joining the devices --gpu lists (`ferry list links`): 1gbe, 10gbe, wifi6,
     /// pcie4-p2p, nvlink4.
     #[arg(long, value_name = "NAME", requires = "gpu")]
-    link: Option<String>,
+    pub(crate) link: Option<String>,
     /// A profile file instead of catalog datasheets (start from `ferry show profile GPU`).
     #[arg(long, value_name = "FILE")]
-    profile: Option<PathBuf>,
+    pub(crate) profile: Option<PathBuf>,
     /// Model: catalog name or alias (`ferry list models`), a Hugging Face folder, or its config.json.
     #[arg(long, visible_alias = "model-dir")]
-    model: String,
+    pub(crate) model: String,
     /// Host preset (`ferry list hosts`) [default: the GPU's usual host].
     #[arg(long)]
-    host: Option<String>,
+    pub(crate) host: Option<String>,
     /// Offload disk preset (`ferry list disks`) replacing the host preset's disk.
     #[arg(long)]
-    disk: Option<String>,
+    pub(crate) disk: Option<String>,
     /// Host RAM to plan with, e.g. 32GiB [default: the host preset's RAM].
     #[arg(long, value_name = "SIZE")]
-    host_mem: Option<String>,
+    pub(crate) host_mem: Option<String>,
     /// Device memory to plan with, e.g. 6GiB; on the cpu device the RAM budget [default: the GPU's memory].
     #[arg(long, value_name = "SIZE")]
-    device_mem: Option<String>,
+    pub(crate) device_mem: Option<String>,
     /// Prompt tokens per sequence [default: 512, or shorter to fit the model's positions].
     #[arg(long)]
-    prompt_len: Option<u64>,
+    pub(crate) prompt_len: Option<u64>,
     /// Tokens generated per sequence [default: 32, or shorter to fit the model's positions].
     #[arg(long)]
-    gen_len: Option<u64>,
+    pub(crate) gen_len: Option<u64>,
     /// Sequences per batch, or `auto` to search batch sizes up to 64 (throughput) / 1 (latency).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
-    batch: String,
+    pub(crate) batch: String,
     /// What to optimise: generated tokens/s over the batch, or one request's completion time.
     #[arg(long, value_enum, default_value = "throughput")]
-    objective: ObjectiveArg,
+    pub(crate) objective: ObjectiveArg,
     /// Only consider this schedule (sequential, layer-prefetch, zigzag-block, pipelined).
     #[arg(long, value_name = "NAME")]
-    schedule: Option<String>,
+    pub(crate) schedule: Option<String>,
     /// Weight formats to compare, comma-separated: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k
     /// (ggml blocks), int4-g64, int8-g64 (FlexGen's group-wise; -gN sets the group).
     /// Each is tuned and the best plan of each shown; the plan is the best of them.
     /// [default: the model's own: its dtype, or a GGUF file's mix of types as stored]
     #[arg(long, visible_alias = "weight-dtype", value_name = "LIST")]
-    weight_format: Option<String>,
+    pub(crate) weight_format: Option<String>,
     /// Speculative decoding: the draft to try, `self:L` (the model's own first L layers
     /// with its head; LayerSkip-style early exit) or a draft model (catalog name,
     /// folder or GGUF file) with the model's vocabulary. The search runs with and
     /// without it and reports the speed-up and the acceptance rate it needs to win.
     #[arg(long, value_name = "self:L|MODEL", requires = "acceptance")]
-    draft: Option<String>,
+    pub(crate) draft: Option<String>,
     /// Draft tokens per round to plan with [default: search 1 to 8].
     #[arg(long, value_name = "K", requires = "draft")]
-    draft_len: Option<u32>,
+    pub(crate) draft_len: Option<u32>,
     /// The rate α at which the model accepts a draft token, which the speculative
     /// plans are predicted with: your estimate, or the rate `ferry run` measured on a
     /// speculative plan (it prints it).
     #[arg(long, value_name = "α", requires = "draft")]
-    acceptance: Option<f64>,
+    pub(crate) acceptance: Option<f64>,
     /// Write the winning plan (YAML) here.
     #[arg(long, value_name = "FILE")]
-    out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// Write plots (PNG and SVG) into this folder.
     #[arg(long, value_name = "DIR")]
-    plots: Option<PathBuf>,
+    pub(crate) plots: Option<PathBuf>,
     /// Also show this many runner-up plans.
     #[arg(long, default_value_t = 3)]
-    top: usize,
+    pub(crate) top: usize,
     /// Print the result as JSON.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Overwrite files given with --out or in --plots.
     #[arg(long)]
-    force: bool,
+    pub(crate) force: bool,
 }
 
 pub fn run(args: TuneArgs) -> Result<()> {
@@ -185,13 +185,13 @@ pub fn run(args: TuneArgs) -> Result<()> {
         let [format] = formats.as_slice() else {
             bail!("--draft tunes one weight format; give a single --weight-format (or none) with it")
         };
-        return run_speculative(&args, &request_for(format), &hardware, &space, speculation);
+        return tune_speculative::run(&args, &request_for(format), &hardware, &space, speculation);
     }
     if profile.device_count() > 1 {
         let [format] = formats.as_slice() else {
             bail!("a machine of several devices tunes one weight format; give a single --weight-format (or none)")
         };
-        return run_pipeline(&args, &request_for(format), &hardware, &space);
+        return crate::tune_pipeline::run(&args, &request_for(format), &hardware, &space);
     }
     let started = Instant::now();
     let mut outcomes: Vec<Outcome> = formats
@@ -213,10 +213,10 @@ pub fn run(args: TuneArgs) -> Result<()> {
     if let Some(name) = adopted_baseline {
         eprintln!("note: the {name} baseline beat the searched plans; it is the plan");
     }
-    let plan = write_outputs(&args, &request, &hardware, &space, result)?;
+    let plan = tune_output::write_outputs(&args, &request, &hardware, &space, result)?;
     if args.json {
         let formats_json = tune_formats::json(&outcomes, &model, &profile, Some(chosen));
-        return print_json(&plan, result, baseline_results, search_time, args.top, formats_json);
+        return tune_output::print_json(&plan, result, baseline_results, search_time, args.top, formats_json);
     }
     if compared {
         print_formats(&args, &outcomes, &model, &profile, chosen);
@@ -262,7 +262,7 @@ fn print_formats(
 }
 
 /// The human report: the setting, the search, the plan, the baselines, runners-up.
-fn print_report(
+pub(crate) fn print_report(
     args: &TuneArgs,
     request: &TuneRequest,
     result: &TuneResult,
@@ -374,150 +374,6 @@ fn parse_batch(text: &str, objective: Objective) -> Result<BatchChoice> {
     Ok(BatchChoice::Fixed(n))
 }
 
-/// The plan file `tune` writes, checked as `simulate`, `run` and `export` check a plan
-/// file: a plan this writes is one they accept.
-/// The plan of `result`'s best candidate, written to `--out`, and the plots to `--plots`.
-fn write_outputs(
-    args: &TuneArgs,
-    request: &TuneRequest,
-    hardware: &HardwareRef,
-    space: &KnobSpace,
-    result: &TuneResult,
-) -> Result<Plan> {
-    let (model, profile) = (request.model, request.profile);
-    let plan = written_plan(args, model, hardware, profile, &result.best)?;
-    if let Some(path) = &args.out {
-        let text = format!(
-            "# Written by `ferry tune` for {} on {}; run `ferry simulate --plan {}` to predict it again.\n{}",
-            model.name,
-            profile.device_name,
-            path.display(),
-            ferry_core::yaml::to_yaml_string(&plan)?
-        );
-        ferry_core::yaml::write_new_file(path, &text, args.force)?;
-    }
-    if let Some(dir) = &args.plots {
-        crate::plots_cmd::tune_plots(dir, request, space, result, args.force)?;
-    }
-    Ok(plan)
-}
-
-/// `ferry tune --draft`: the search without and with speculation (each draft length),
-/// the recommended plan written and reported like any, then the speculation table.
-fn run_speculative(
-    args: &TuneArgs,
-    request: &TuneRequest,
-    hardware: &HardwareRef,
-    space: &KnobSpace,
-    speculation: Speculation,
-) -> Result<()> {
-    let started = Instant::now();
-    let draft_lens = args.draft_len.map_or(DRAFT_LENS.to_vec(), |k| vec![k]);
-    let outcome = tune_speculative(request, space, speculation.clone(), &draft_lens)?;
-    let search_time = started.elapsed();
-    let mut result = outcome.plain.result.clone();
-    let recommended = outcome.recommended(request).clone();
-    if recommended.policy.speculation.is_some() {
-        result.top.insert(0, recommended.clone());
-        result.best = recommended;
-    }
-    let plan = write_outputs(args, request, hardware, space, &result)?;
-    if args.json {
-        let table = tune_speculative::json(&outcome, request);
-        return print_json(&plan, &result, &outcome.plain.baselines, search_time, args.top, vec![table]);
-    }
-    print_report(args, request, &result, &outcome.plain.baselines, search_time);
-    tune_speculative::print(&outcome, request, &speculation);
-    Ok(())
-}
-
-/// `ferry tune --cluster`: the pipeline search over the machine's devices, its plan
-/// written like any, then its report (`tune_pipeline`).
-fn run_pipeline(args: &TuneArgs, request: &TuneRequest, hardware: &HardwareRef, space: &KnobSpace) -> Result<()> {
-    let started = Instant::now();
-    let outcome = tune_pipeline(request, space)?;
-    let search_time = started.elapsed();
-    let best = outcome.best.clone();
-    let by_batch = vec![(best.workload.batch_size, best.metrics.tokens_per_s)];
-    let result = TuneResult { best: best.clone(), top: vec![best], stats: SearchStats::default(), by_batch };
-    let plan = write_outputs(args, request, hardware, space, &result)?;
-    if args.json {
-        let pipeline = crate::tune_pipeline::json(&outcome);
-        return print_json(&plan, &result, &[], search_time, 0, vec![pipeline]);
-    }
-    crate::tune_pipeline::print(&outcome, request, search_time);
-    Ok(())
-}
-
-fn written_plan(
-    args: &TuneArgs,
-    model: &ModelSpec,
-    hardware: &HardwareRef,
-    profile: &ferry_core::profile::Profile,
-    best: &Candidate,
-) -> Result<Plan> {
-    let named = |given: &str, name: &str| {
-        if Path::new(given).exists() {
-            path_from_plan(Path::new(given), args.out.as_deref())
-        } else {
-            name.to_string()
-        }
-    };
-    // A separate draft is named like the model: a path relative to the plan, or a name.
-    let draft = match (&args.draft, best.policy.speculation.as_ref().and_then(|s| s.draft_spec.as_ref())) {
-        (Some(given), Some(spec)) => Some(named(given, &spec.name)),
-        _ => None,
-    };
-    let plan = Plan {
-        models: Models { target: named(&args.model, &model.name), draft },
-        hardware: HardwareRef {
-            profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
-            ..hardware.clone()
-        },
-        workload: best.workload,
-        policy: best.policy.clone(),
-        predicted: Some(PredictionNote {
-            tokens_per_s: round3(best.metrics.tokens_per_s),
-            time_to_first_token_s: round3(best.metrics.time_to_first_token_ns as f64 / 1e9),
-            time_per_output_token_s: round3(best.metrics.time_per_output_token_ns as f64 / 1e9),
-            profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
-        }),
-    };
-    plan.policy.validate(model, &plan.workload, profile.unified_memory)?;
-    ferry_core::resolve::check_devices(&plan.policy, profile)?;
-    Ok(plan)
-}
-
-fn print_json(
-    plan: &Plan,
-    result: &TuneResult,
-    baseline_results: &[Baseline],
-    search_time: std::time::Duration,
-    top: usize,
-    formats: Vec<serde_json::Value>,
-) -> Result<()> {
-    let baselines_json: Vec<serde_json::Value> = baseline_results
-        .iter()
-        .map(|b| match &b.outcome {
-            Ok(c) => serde_json::json!({"name": b.name, "tokens_per_s": c.metrics.tokens_per_s, "metrics": c.metrics, "policy": c.policy}),
-            Err(e) => serde_json::json!({"name": b.name, "error": e}),
-        })
-        .collect();
-    let out = serde_json::json!({
-        "plan": plan,
-        "metrics": result.best.metrics,
-        "search": result.stats,
-        "search_seconds": search_time.as_secs_f64(),
-        "baselines": baselines_json,
-        "top": result.top.iter().take(top + 1).map(|c| serde_json::json!({"policy": c.policy, "workload": c.workload, "tokens_per_s": c.metrics.tokens_per_s})).collect::<Vec<_>>(),
-        "by_batch": result.by_batch,
-        // The best plan of each weight format tuned (one row unless --weight-format listed several).
-        "formats": formats,
-    });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
-}
-
 fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
     vec![
         name.to_string(),
@@ -528,25 +384,6 @@ fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
         format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),
         c.metrics.resource_label(c.metrics.bottleneck),
     ]
-}
-
-/// `given`, a path relative to the working directory, as a plan written to `out` must
-/// name it: paths in a plan are relative to the plan's folder (as `run`, `simulate`
-/// and `export` read them). Inside that folder it stays relative; elsewhere it
-/// becomes absolute.
-fn path_from_plan(given: &Path, out: Option<&Path>) -> String {
-    let plan_dir = out.and_then(Path::parent).filter(|p| !p.as_os_str().is_empty());
-    let (Some(plan_dir), false) = (plan_dir, given.is_absolute()) else {
-        return given.display().to_string();
-    };
-    let (Ok(target), Ok(dir)) = (given.canonicalize(), plan_dir.canonicalize()) else {
-        // The plan's folder does not exist yet (it is made when the plan is written).
-        return std::path::absolute(given).unwrap_or_else(|_| given.to_path_buf()).display().to_string();
-    };
-    match target.strip_prefix(&dir) {
-        Ok(inside) => inside.display().to_string(),
-        Err(_) => target.display().to_string(),
-    }
 }
 
 /// Prompt and generation lengths within the model's positions, as `run` requires.
@@ -585,10 +422,6 @@ fn context_lengths(
         model.name
     ));
     Ok((p, g))
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// 216000 → "216,000".

@@ -2,12 +2,34 @@
 //! machine, the search, each stage's devices, layers and offload plan, the prediction,
 //! and the other splits of the same devices.
 
-use ferry_core::plan::{Policy, Stage};
+use std::time::Instant;
+
+use anyhow::Result;
+use ferry_core::plan::{HardwareRef, Policy, Stage};
 use ferry_core::units::{format_bytes, format_ns};
-use ferry_sim::tune::{Objective, PipelineResult, TuneRequest};
+use ferry_sim::tune::{tune_pipeline, KnobSpace, Objective, PipelineResult, SearchStats, TuneRequest, TuneResult};
 
 use crate::report;
 use crate::table::Table;
+use crate::tune_cmd::TuneArgs;
+
+/// `ferry tune --cluster`: the pipeline search over the machine's devices, its plan
+/// written like any, then its report (`tune_pipeline`).
+pub fn run(args: &TuneArgs, request: &TuneRequest, hardware: &HardwareRef, space: &KnobSpace) -> Result<()> {
+    let started = Instant::now();
+    let outcome = tune_pipeline(request, space)?;
+    let search_time = started.elapsed();
+    let best = outcome.best.clone();
+    let by_batch = vec![(best.workload.batch_size, best.metrics.tokens_per_s)];
+    let result = TuneResult { best: best.clone(), top: vec![best], stats: SearchStats::default(), by_batch };
+    let plan = crate::tune_output::write_outputs(args, request, hardware, space, &result)?;
+    if args.json {
+        let pipeline = json(&outcome);
+        return crate::tune_output::print_json(&plan, &result, &[], search_time, 0, vec![pipeline]);
+    }
+    print(&outcome, request, search_time);
+    Ok(())
+}
 
 /// The machine in one line: "8 devices (8× rtx4090, 24 GiB each) on 1 host".
 pub fn machine_line(profile: &ferry_core::profile::Profile) -> String {

@@ -4,18 +4,56 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Result;
 use ferry_core::catalog::Catalog;
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::speculation::tokens_per_round;
-use ferry_core::plan::{Draft, Speculation};
+use ferry_core::plan::{Draft, HardwareRef, Speculation};
 use ferry_core::resolve::resolve_model;
 use ferry_core::units::format_ns;
 use ferry_core::CoreError;
-use ferry_sim::tune::{SpeculativeComparison, TuneRequest};
+use ferry_sim::tune::{tune_speculative, KnobSpace, SpeculativeComparison, TuneRequest, DRAFT_LENS};
 
 use crate::table::Table;
+use crate::tune_cmd::TuneArgs;
+
+/// `ferry tune --draft`: the search without and with speculation (each draft length),
+/// the recommended plan written and reported like any, then the speculation table.
+pub fn run(
+    args: &TuneArgs,
+    request: &TuneRequest,
+    hardware: &HardwareRef,
+    space: &KnobSpace,
+    speculation: Speculation,
+) -> Result<()> {
+    let started = Instant::now();
+    let draft_lens = args.draft_len.map_or(DRAFT_LENS.to_vec(), |k| vec![k]);
+    let outcome = tune_speculative(request, space, speculation.clone(), &draft_lens)?;
+    let search_time = started.elapsed();
+    let mut result = outcome.plain.result.clone();
+    let recommended = outcome.recommended(request).clone();
+    if recommended.policy.speculation.is_some() {
+        result.top.insert(0, recommended.clone());
+        result.best = recommended;
+    }
+    let plan = crate::tune_output::write_outputs(args, request, hardware, space, &result)?;
+    if args.json {
+        let table = json(&outcome, request);
+        return crate::tune_output::print_json(
+            &plan,
+            &result,
+            &outcome.plain.baselines,
+            search_time,
+            args.top,
+            vec![table],
+        );
+    }
+    crate::tune_cmd::print_report(args, request, &result, &outcome.plain.baselines, search_time);
+    print(&outcome, request, &speculation);
+    Ok(())
+}
 
 /// The speculation section from `--draft` (`self:L`, or a draft model: a catalog name,
 /// a folder or a GGUF file), `--draft-len` and `--acceptance`, checked against the
