@@ -1,6 +1,7 @@
 //! Clusters end to end through the binary: `ferry tune --cluster` writes a pipeline
 //! plan that `ferry simulate` predicts with the same figures; GPU lists need a link;
-//! the engine refuses a plan over two machines with a clear error, not a hang.
+//! the engine refuses a plan over two machines with a clear error, not a hang;
+//! `ferry export` gives every node of a tuned cluster plan its command.
 
 mod common;
 
@@ -26,6 +27,43 @@ fn a_tuned_cluster_plan_simulates_to_the_same_figures() {
     let out = ferry(dir.path(), &["tune", "--cluster", "8x-rtx4090", "--model", "70b"]);
     let report = text(&out.stdout);
     assert!(report.contains("8 devices: 8× rtx4090") && report.contains("llama.cpp split (by memory)"), "{report}");
+}
+
+#[test]
+fn a_plan_over_two_machines_exports_a_command_for_each_node() {
+    let dir = tempfile::tempdir().unwrap();
+    // The edge pair of the issue: a laptop's 6 GB GPU and a Jetson joined by 1 GbE; 70B
+    // needs both (the tuner's split is checked by the library tests).
+    let args = ["tune", "--cluster", "laptop-orin-1gbe", "--model", "70b", "--out", "plan.yaml", "--json"];
+    let out = ferry(dir.path(), &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tuned: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stages = tuned["plan"]["policy"]["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{tuned}");
+    let layers: Vec<u64> = stages
+        .iter()
+        .map(|s| ["device", "host", "disk"].iter().map(|t| s["attention_weights"][t].as_u64().unwrap()).sum())
+        .collect();
+    for (engine, head_has, worker_has) in [
+        ("llama.cpp", format!("--tensor-split {},{}", layers[0], layers[1] + 1), "rpc-server".to_string()),
+        (
+            "vllm",
+            format!("VLLM_PP_LAYER_PARTITION={},{}", layers[0], layers[1]),
+            "ray start --address NODE0_ADDR".into(),
+        ),
+        ("prima.cpp", format!("-lw \"{},{}\"", layers[0], layers[1]), "--rank 1".into()),
+    ] {
+        let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", engine, "--json"]);
+        assert!(out.status.success(), "{engine}: {}", text(&out.stderr));
+        let export: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let nodes = export["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 2, "{engine}: {export}");
+        let commands = |role: &str| nodes.iter().find(|n| n["role"] == role).unwrap()["commands"].as_str().unwrap();
+        assert!(commands("head").contains(&head_has), "{engine}: {}", commands("head"));
+        assert!(commands("worker").contains(&worker_has), "{engine}: {}", commands("worker"));
+    }
+    let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "flexgen"]);
+    assert!(text(&out.stdout).contains("FlexGen runs on one GPU"), "{}", text(&out.stdout));
 }
 
 #[test]

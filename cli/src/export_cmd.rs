@@ -17,7 +17,8 @@ pub struct ExportArgs {
     /// Plan file, e.g. written by `ferry tune --out plan.yaml`.
     #[arg(long)]
     plan: PathBuf,
-    /// Target engine: llama.cpp, vllm, accelerate or flexgen.
+    /// Target engine: llama.cpp, vllm, accelerate, flexgen or prima.cpp. A plan over
+    /// several machines gets the commands of every node (workers first, the head last).
     #[arg(long, value_name = "ENGINE")]
     to: String,
     /// Print JSON (settings and the list of what the engine cannot express).
@@ -43,13 +44,12 @@ pub fn run(args: ExportArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!(
-        "# {} settings closest to {} ({} on {})",
-        engine.name(),
-        args.plan.display(),
-        resolved.model.name,
-        resolved.profile.device_name
-    );
+    let machine = if resolved.profile.device_count() > 1 {
+        crate::tune_pipeline::machine_line(&resolved.profile)
+    } else {
+        resolved.profile.device_name.clone()
+    };
+    println!("# {} settings closest to {} ({} on {machine})", engine.name(), args.plan.display(), resolved.model.name);
     println!("{}\n", out.settings);
     if out.cannot_express.is_empty() {
         println!("{} can express the whole plan.", engine.name());

@@ -1,6 +1,9 @@
 //! Hugging Face Accelerate: a `device_map` naming every module of the model (OPT and
-//! Llama-style names) and a `max_memory`, for `from_pretrained`.
+//! Llama-style names) and a `max_memory`, for `from_pretrained`. Stages on one
+//! machine's GPUs map their layers to those GPUs (Accelerate runs them in turn, one
+//! at a time: naive pipeline, no micro-batches in flight).
 
+use super::stages::{self, StageView};
 use super::streaming_knobs;
 use crate::model::{Family, ModelSpec};
 use crate::plan::{Plan, Tier};
@@ -10,13 +13,23 @@ use crate::units::GIB;
 /// The `max_memory` and `device_map` for `plan`; adds to `missing` what they cannot express.
 pub(super) fn settings(plan: &Plan, model: &ModelSpec, profile: &Profile, missing: &mut Vec<String>) -> String {
     let p = &plan.policy;
-    let device = if profile.unified_memory { "\"cpu\"".to_string() } else { "0".to_string() };
-    let host = "\"cpu\"".to_string();
-    let place = |tier: Tier| match tier {
-        Tier::Device => device.clone(),
-        Tier::Host => host.clone(),
+    let stages = stages::stages(plan, model, profile);
+    let placements = p.layer_placements(model.num_layers);
+    // A stage's GPU as Accelerate names it: its index on the machine's node, "cpu" for
+    // unified memory or a CPU device.
+    let gpu = |stage: &StageView| {
+        if profile.device(stage.device).unified_memory || stage.cpu {
+            "\"cpu\"".to_string()
+        } else {
+            stage.local_device.to_string()
+        }
+    };
+    let place = |tier: Tier, stage: &StageView| match tier {
+        Tier::Device => gpu(stage),
+        Tier::Host => "\"cpu\"".to_string(),
         Tier::Disk => "\"disk\"".to_string(),
     };
+    let (first, last) = (&stages[0], &stages[stages.len() - 1]);
     let (prefix, attention, mlp, norm_in, norm_post, embed, final_norm) = if model.family == Family::Opt {
         (
             "model.decoder.layers",
@@ -38,10 +51,11 @@ pub(super) fn settings(plan: &Plan, model: &ModelSpec, profile: &Profile, missin
             "model.norm",
         )
     };
-    let mut entries = vec![format!("  \"{embed}\": {}", place(p.embeddings))];
-    for layer in 0..model.num_layers {
-        let a = place(p.attention_weights.tier_of(layer));
-        let m = place(p.mlp_weights.tier_of(layer));
+    let mut entries = vec![format!("  \"{embed}\": {}", place(p.embeddings, first))];
+    for (layer, at) in placements.iter().enumerate() {
+        let stage = stages.iter().find(|s| s.index == at.stage as usize).unwrap_or(first);
+        let a = place(at.attention, stage);
+        let m = place(at.mlp, stage);
         entries.push(format!("  \"{prefix}.{layer}.{norm_in}\": {a}"));
         entries.push(format!("  \"{prefix}.{layer}.{attention}\": {a}"));
         entries.push(format!("  \"{prefix}.{layer}.{norm_post}\": {m}"));
@@ -50,15 +64,21 @@ pub(super) fn settings(plan: &Plan, model: &ModelSpec, profile: &Profile, missin
             entries.push(format!("  \"{prefix}.{layer}.fc2\": {m}"));
         }
     }
-    entries.push(format!("  \"{final_norm}\": {}", place(p.head)));
-    entries.push(format!("  \"lm_head\": {}", place(p.head)));
-    let device_gib = profile.device_memory_bytes as f64 * (1.0 - profile.memory_reserve_fraction) / GIB as f64;
-    let host_gib = profile.host_memory_bytes as f64 * (1.0 - profile.memory_reserve_fraction) / GIB as f64;
-    let max_memory = if profile.unified_memory {
-        format!("{{\"cpu\": \"{device_gib:.1}GiB\"}}")
-    } else {
-        format!("{{0: \"{device_gib:.1}GiB\", \"cpu\": \"{host_gib:.1}GiB\"}}")
-    };
+    entries.push(format!("  \"{final_norm}\": {}", place(p.head, last)));
+    entries.push(format!("  \"lm_head\": {}", place(p.head, last)));
+    let max_memory = max_memory(profile, &stages);
+    for stage in stages.iter().filter(|s| s.host != first.host) {
+        missing.push(format!(
+            "Accelerate runs in one process on one machine; {} is on another node (its layers are mapped as if its GPU were local)",
+            stage.describe()
+        ));
+    }
+    if stages.len() > 1 {
+        missing.push(format!(
+            "Accelerate runs the {} stages one after another with no micro-batches in flight between them",
+            stages.len()
+        ));
+    }
     if p.kv_cache.device < model.num_layers {
         missing.push("Accelerate keeps the KV cache on the execution device; the plan offloads part of it".to_string());
     }
@@ -84,6 +104,27 @@ pub(super) fn settings(plan: &Plan, model: &ModelSpec, profile: &Profile, missin
     )
 }
 
+/// `max_memory`: each GPU the stages use (less its reserve) and the host's RAM.
+fn max_memory(profile: &Profile, stages: &[StageView]) -> String {
+    let gib = |bytes: u64, reserve: f64| bytes as f64 * (1.0 - reserve) / GIB as f64;
+    let host_gib = gib(profile.host_memory_bytes, profile.memory_reserve_fraction);
+    let mut entries = Vec::new();
+    for stage in stages {
+        let device = profile.device(stage.device);
+        if device.unified_memory || stage.cpu {
+            // The device's memory is the host's: one "cpu" budget, the device's.
+            return format!("{{\"cpu\": \"{:.1}GiB\"}}", gib(device.memory_bytes, device.memory_reserve_fraction));
+        }
+        let entry =
+            format!("{}: \"{:.1}GiB\"", stage.local_device, gib(device.memory_bytes, device.memory_reserve_fraction));
+        if !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    }
+    entries.push(format!("\"cpu\": \"{host_gib:.1}GiB\""));
+    format!("{{{}}}", entries.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::export::fixtures::{plan, setup};
@@ -97,5 +138,16 @@ mod tests {
             assert!(out.settings.contains(&format!("\"model.layers.{layer}.mlp\"")));
         }
         assert!(out.settings.contains("\"disk\"") && out.settings.contains("max_memory"));
+    }
+
+    #[test]
+    fn stages_on_one_machine_map_their_layers_to_their_gpus() {
+        let (model, profile, p) = crate::export::fixtures::staged("desktop-3090-3060", "llama-2-13b", &[30, 10]);
+        let out = export(&p, &model, &profile, Engine::Accelerate);
+        assert!(out.settings.contains("\"model.layers.29.self_attn\": 0"), "{}", out.settings);
+        assert!(out.settings.contains("\"model.layers.30.self_attn\": 1"), "{}", out.settings);
+        assert!(out.settings.contains("\"lm_head\": 1"), "{}", out.settings);
+        assert!(out.settings.contains("max_memory = {0: \"") && out.settings.contains(", 1: \""), "{}", out.settings);
+        assert!(!out.cannot_express.iter().any(|l| l.contains("another node")));
     }
 }

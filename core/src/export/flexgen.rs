@@ -56,6 +56,12 @@ pub(super) fn settings(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>
     if p.compute_host_layers_on_host {
         missing.push("FlexGen computes every layer on the GPU".to_string());
     }
+    if p.stages.len() > 1 {
+        missing.push(format!(
+            "FlexGen runs on one GPU; the plan splits the layers over {} devices in stages (these shares are the totals)",
+            p.stages.len()
+        ));
+    }
     missing.push(format!(
         "FlexGen has no transfer chunk size, copy-stream count or I/O queue depth (plan: {} chunks, {} streams, depth {})",
         crate::units::format_bytes(p.chunk_bytes),

@@ -1,11 +1,14 @@
 //! Translating a plan into the settings of engines people already run: llama.cpp,
-//! vLLM, Hugging Face Accelerate and FlexGen. Each export gives the closest settings
-//! in the engine's own terms and one line for every part of the plan the engine
-//! cannot express.
+//! vLLM, Hugging Face Accelerate, FlexGen and prima.cpp. Each export gives the
+//! closest settings in the engine's own terms and one line for every part of the
+//! plan the engine cannot express. A plan of several stages becomes each engine's
+//! own pipeline (llama.cpp's layer split and RPC servers, vLLM's pipeline parallelism
+//! over Ray, prima.cpp's ring of ranks), with the commands of every node.
 //!
 //! This file holds what every target shares: the `Engine` enum, `Export`, `export()`
-//! and helpers such as `streaming_knobs`. Each target engine has its own file
-//! (`llama_cpp`, `vllm`, `accelerate`, `flexgen`) with a `settings` function.
+//! and helpers such as `streaming_knobs`; `stages` gives the stages as the nodes that
+//! run them. Each target engine has its own file (`llama_cpp`, `vllm`, `accelerate`,
+//! `flexgen`, `prima_cpp`) with a `settings` function.
 //!
 //! a new target engine = a new file here + a variant of `Engine` (the compiler then
 //! asks for its arms in `Engine::name` and `export`; add it to `Engine::ALL` too).
@@ -13,6 +16,8 @@
 mod accelerate;
 mod flexgen;
 mod llama_cpp;
+mod prima_cpp;
+mod stages;
 mod vllm;
 
 use serde::Serialize;
@@ -21,6 +26,7 @@ use crate::error::{CoreError, Result};
 use crate::model::ModelSpec;
 use crate::plan::{Plan, Schedule};
 use crate::profile::Profile;
+pub use stages::NodeCommand;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -29,10 +35,12 @@ pub enum Engine {
     Vllm,
     Accelerate,
     Flexgen,
+    PrimaCpp,
 }
 
 impl Engine {
-    pub const ALL: [Engine; 4] = [Engine::LlamaCpp, Engine::Vllm, Engine::Accelerate, Engine::Flexgen];
+    pub const ALL: [Engine; 5] =
+        [Engine::LlamaCpp, Engine::Vllm, Engine::Accelerate, Engine::Flexgen, Engine::PrimaCpp];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +48,7 @@ impl Engine {
             Engine::Vllm => "vllm",
             Engine::Accelerate => "accelerate",
             Engine::Flexgen => "flexgen",
+            Engine::PrimaCpp => "prima.cpp",
         }
     }
 
@@ -60,31 +69,44 @@ pub struct Export {
     pub settings: String,
     /// Parts of the plan the engine cannot express, one sentence each.
     pub cannot_express: Vec<String>,
+    /// Over several machines, what each runs (also in `settings`, workers first).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeCommand>,
 }
 
 pub fn export(plan: &Plan, model: &ModelSpec, profile: &Profile, engine: Engine) -> Export {
     let mut missing = Vec::new();
+    let mut nodes = Vec::new();
     let mut settings = match engine {
-        Engine::LlamaCpp => llama_cpp::settings(plan, model, &mut missing),
-        Engine::Vllm => vllm::settings(plan, model, profile, &mut missing),
+        Engine::LlamaCpp => llama_cpp::settings(plan, model, profile, &mut nodes, &mut missing),
+        Engine::Vllm => vllm::settings(plan, model, profile, &mut nodes, &mut missing),
         Engine::Accelerate => accelerate::settings(plan, model, profile, &mut missing),
         Engine::Flexgen => flexgen::settings(plan, model, &mut missing),
+        Engine::PrimaCpp => prima_cpp::settings(plan, model, profile, &mut nodes, &mut missing),
     };
-    settings.push_str(&speculation_settings(plan, engine, &mut missing));
+    let speculation = speculation_settings(plan, engine, &mut missing);
+    settings.push_str(&speculation);
+    // The draft runs where requests enter: on the head (last in the script).
+    if let Some(head) = nodes.iter_mut().find(|n| n.role == "head") {
+        head.commands.push_str(&speculation);
+    }
     if plan.policy.weight_format.uniform_float().is_none() {
         missing.push(format!(
             "these settings do not carry the plan's weight format ({}); give the engine weights stored that way",
             plan.policy.weight_format.describe()
         ));
     }
-    if plan.policy.stages.len() > 1 {
-        // The per-layer settings above follow the totals; the split over devices is lost.
-        missing.push(format!(
-            "the plan splits the layers over {} devices in stages; these settings place them as if on one device",
-            plan.policy.stages.len()
-        ));
+    let stages = stages::stages(plan, model, profile);
+    if let [only] = stages.as_slice() {
+        if only.device != 0 {
+            // The plan leaves the machine's other devices out: say where this runs.
+            settings = format!(
+                "# on node {} ({}), its device {} ({})\n{settings}",
+                only.host, only.host_name, only.local_device, only.device_name
+            );
+        }
     }
-    Export { engine, settings, cannot_express: missing }
+    Export { engine, settings, cannot_express: missing, nodes }
 }
 
 /// What a target engine does with the plan's draft. A separate draft model maps onto
@@ -114,6 +136,12 @@ fn speculation_settings(plan: &Plan, engine: Engine, missing: &mut Vec<String>) 
                     missing.push(format!("FlexGen has no speculative decoding; the plan drafts {k} tokens per round"));
                     String::new()
                 }
+                Engine::PrimaCpp => {
+                    missing.push(format!(
+                        "prima.cpp's ring has no draft model; the plan drafts {k} tokens per round with {model}"
+                    ));
+                    String::new()
+                }
             }
         }
     };
@@ -137,6 +165,7 @@ fn speculation_settings(plan: &Plan, engine: Engine, missing: &mut Vec<String>) 
              \"num_speculative_tokens\": {k}}}'); {draft}"
         )),
         Engine::Flexgen => missing.push(format!("FlexGen has no speculative decoding; {draft}")),
+        Engine::PrimaCpp => missing.push(format!("prima.cpp's ring has no speculative decoding; {draft}")),
     }
     String::new()
 }
@@ -230,6 +259,42 @@ mod fixtures {
             },
             predicted: None,
         }
+    }
+
+    /// A plan over `cluster`'s first devices, stage `i` holding `layers[i]` layers: all
+    /// attention and three quarters of the MLP on the device, the rest on the host.
+    pub(super) fn staged(cluster: &str, name: &str, layers: &[u64]) -> (ModelSpec, Profile, Plan) {
+        use crate::plan::Stage;
+        let catalog = Catalog::builtin().unwrap();
+        let model = catalog.model(name).unwrap().value;
+        let hardware = HardwareRef { cluster: Some(cluster.into()), ..HardwareRef::default() };
+        let (profile, _) = crate::resolve::resolve_hardware(&catalog, &hardware, std::path::Path::new(".")).unwrap();
+        let mut p = plan(&model);
+        p.hardware = hardware;
+        p.policy.stages = layers
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Stage {
+                device: i as u16,
+                attention_weights: TierCounts { device: n, host: 0, disk: 0 },
+                mlp_weights: TierCounts { device: n - n / 4, host: n / 4, disk: 0 },
+                kv_cache: TierCounts { device: n, host: 0, disk: 0 },
+            })
+            .collect();
+        let sum = |pick: fn(&Stage) -> TierCounts| {
+            p.policy.stages.iter().map(pick).fold(TierCounts { device: 0, host: 0, disk: 0 }, |a, b| TierCounts {
+                device: a.device + b.device,
+                host: a.host + b.host,
+                disk: a.disk + b.disk,
+            })
+        };
+        let (attention, mlp, kv) = (sum(|s| s.attention_weights), sum(|s| s.mlp_weights), sum(|s| s.kv_cache));
+        p.policy.attention_weights = attention;
+        p.policy.mlp_weights = mlp;
+        p.policy.kv_cache = kv;
+        p.policy.host_attention = false;
+        p.policy.validate(&model, &p.workload, false).unwrap();
+        (model, profile, p)
     }
 
     pub(super) fn setup(name: &str) -> (ModelSpec, Profile) {
