@@ -91,9 +91,10 @@ pub fn print(outcome: &PipelineResult, request: &TuneRequest, search_time: std::
     println!();
     print!("{}", report::metrics_text(&best.metrics));
     println!(
-        "\nCompared with other splits of the same devices in their own order (same knobs, each stage placed alike):"
+        "\nCompared with other splits of the same devices in their own order (each stage placed alike; splits with \
+         the KV cache kept on the devices, as engines without KV offload run, at the batch they hold):"
     );
-    let mut table = Table::new(["split", "layers per device", "tokens/s", "first token", "vs ferry"]);
+    let mut table = Table::new(["split", "layers per device", "batch", "tokens/s", "first token", "vs ferry"]);
     let layers_of = |p: &Policy| -> String {
         let mut per_device = vec![0u64; profile.device_count()];
         for s in &p.stages {
@@ -104,6 +105,7 @@ pub fn print(outcome: &PipelineResult, request: &TuneRequest, search_time: std::
     table.row([
         if outcome.adopted.is_some() { "ferry (this plan, adopted below)" } else { "ferry (this plan)" }.to_string(),
         layers_of(policy),
+        best.workload.batch_size.to_string(),
         format!("{:.2}", best.metrics.tokens_per_s),
         format_ns(best.metrics.time_to_first_token_ns),
         "1.00×".into(),
@@ -114,11 +116,12 @@ pub fn print(outcome: &PipelineResult, request: &TuneRequest, search_time: std::
             Ok(c) => table.row([
                 baseline.name.to_string(),
                 layers,
+                c.workload.batch_size.to_string(),
                 format!("{:.2}", c.metrics.tokens_per_s),
                 format_ns(c.metrics.time_to_first_token_ns),
                 format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),
             ]),
-            Err(e) => table.row([baseline.name.to_string(), layers, "—".into(), "—".into(), e.clone()]),
+            Err(e) => table.row([baseline.name.to_string(), layers, "—".into(), "—".into(), "—".into(), e.clone()]),
         }
     }
     print!("{}", table.render());
@@ -155,7 +158,8 @@ pub fn json(outcome: &PipelineResult) -> serde_json::Value {
         .baselines
         .iter()
         .map(|b| match &b.outcome {
-            Ok(c) => serde_json::json!({"name": b.name, "layers": b.layers, "tokens_per_s": c.metrics.tokens_per_s}),
+            Ok(c) => serde_json::json!({"name": b.name, "layers": b.layers, "batch_size": c.workload.batch_size,
+                "tokens_per_s": c.metrics.tokens_per_s, "kv_cache": c.policy.kv_cache}),
             Err(e) => serde_json::json!({"name": b.name, "layers": b.layers, "error": e}),
         })
         .collect();

@@ -13,9 +13,12 @@
 //!    crossing in from the previous stage;
 //! 2. `split::best_split` places the layers exactly over each device order (orders of
 //!    distinct device kinds, up to five devices; else the cluster's own order);
-//! 3. the best estimates are assembled into plans and simulated, the winner stepped
-//!    fully; an even split and llama.cpp's split in proportion to device memory, with
-//!    the winner's knobs, are simulated beside it.
+//! 3. the best estimates (and the best of every batch size) are assembled into plans
+//!    and simulated, the winner stepped fully; an even split and llama.cpp's split in
+//!    proportion to device memory, with the winner's knobs, are simulated beside it;
+//! 4. where the winner parks KV in host memory (PipeMax's offload of the micro-batches
+//!    not active on a stage), the same search with every stage's KV cache on its device
+//!    and the even split so are simulated too: what the offload buys.
 
 use ferry_core::model::WeightGroup;
 use ferry_core::plan::{Policy, Schedule, Stage, Tier, TierCounts, Workload};
@@ -110,6 +113,7 @@ struct DeviceTerms {
     reloads: f64,
     /// Streamed layers in device memory at once: the one computing and those prefetched.
     window_layers: f64,
+    kv: KvCache,
 }
 
 /// Searches pipeline plans over the request's cluster (see the module docs).
@@ -125,49 +129,29 @@ pub fn tune_pipeline(request: &TuneRequest, space: &KnobSpace) -> Result<Pipelin
     let requests: Vec<TuneRequest> =
         singles.iter().map(|p| TuneRequest { profile: p, speculation: None, ..request.clone() }).collect();
     let searchers: Vec<Searcher> = requests.iter().map(|r| Searcher::new(r, space)).collect();
-    let orders = device_orders(profile);
-    let mut stats = PipelineStats { orders_searched: count <= MAX_ORDERED_DEVICES, ..PipelineStats::default() };
-    let mut ranked: Vec<Estimated> = Vec::new();
-    for knobs in knob_groups(request, space) {
-        stats.groups += 1;
-        let terms: Vec<DeviceTerms> =
-            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs)).collect();
-        // Stage plans by (device, layers, first, last): shared by every order.
-        let mut memo = std::collections::HashMap::new();
-        for order in &orders {
-            stats.orders += 1;
-            if let Some(estimated) = split_order(request, knobs, order, &terms, &mut memo, &mut stats) {
-                ranked.push(estimated);
+    let (best, estimate_ms, stats) = search(request, space, &searchers, KvCache::MayOffload)?;
+    let mut baselines = split_baselines(request, &best, &searchers, KvCache::MayOffload);
+    // PipeMax's question: what parking the KV cache in host memory buys. The same
+    // search with every stage's cache on its device (as engines without KV offload
+    // run), and the even split so (vLLM's pipeline), each at the batch it can hold.
+    if best.policy.kv_cache.device < request.model.num_layers {
+        match search(request, space, &searchers, KvCache::OnDevice) {
+            Ok((resident, _, _)) => {
+                let even = split_baselines(request, &resident, &searchers, KvCache::OnDevice);
+                baselines.push(SplitBaseline {
+                    name: "ferry, KV kept on the devices",
+                    layers: layers_per_device(&resident.policy, count),
+                    outcome: Ok(resident),
+                });
+                baselines.extend(even.into_iter().filter(|b| b.name.starts_with("even")));
             }
+            Err(e) => baselines.push(SplitBaseline {
+                name: "ferry, KV kept on the devices",
+                layers: vec![0; count],
+                outcome: Err(e.to_string()),
+            }),
         }
     }
-    if ranked.is_empty() {
-        let smallest =
-            Knobs { micro_batch_size: 1, num_micro_batches: 1, schedule: Schedule::Pipelined, prefetch_depth: 1 };
-        let terms: Vec<DeviceTerms> =
-            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, smallest)).collect();
-        return Err(TuneError::Impossible(nothing_fits(request, &terms)));
-    }
-    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
-    let mut best: Option<(Candidate, f64)> = None;
-    for e in ranked.iter().take(SIMULATED) {
-        let policy = assemble(request, e.knobs, &e.devices, &e.plans, &e.layers);
-        stats.simulated += 1;
-        let Some(candidate) = simulate(request, policy, Extrapolation::Sampled) else { continue };
-        let estimate = e.time_ms;
-        if best.as_ref().is_none_or(|(b, _)| candidate.score(request.objective) > b.score(request.objective)) {
-            best = Some((candidate, estimate));
-        }
-    }
-    let Some((best, estimate_ms)) = best else {
-        return Err(TuneError::Impossible(format!(
-            "{} estimated pipeline plans were assembled, but none fits its pools in simulation",
-            ranked.len().min(SIMULATED)
-        )));
-    };
-    let best = simulate(request, best.policy, Extrapolation::Full)
-        .ok_or_else(|| TuneError::Impossible("the best pipeline plan failed its full simulation".into()))?;
-    let baselines = split_baselines(request, &best, &searchers);
     // The estimate ranks splits; the simulation has the last word: a compared split
     // that simulates better is the plan (as `tune_and_compare` does with baselines).
     let mut best = best;
@@ -181,6 +165,87 @@ pub fn tune_pipeline(request: &TuneRequest, space: &KnobSpace) -> Result<Pipelin
         }
     }
     Ok(PipelineResult { best, estimate_ms, baselines, adopted, stats })
+}
+
+/// Where a stage may keep its KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvCache {
+    /// On the device as far as it fits, the rest in host memory, then on disk.
+    MayOffload,
+    /// All on the device: a stage that cannot hold it does not fit.
+    OnDevice,
+}
+
+/// The search proper: every knob group and device order priced and split, the best
+/// estimates simulated, the winner stepped fully, with the estimate it ranked by.
+fn search(
+    request: &TuneRequest,
+    space: &KnobSpace,
+    searchers: &[Searcher],
+    kv: KvCache,
+) -> Result<(Candidate, f64, PipelineStats), TuneError> {
+    let profile = request.profile;
+    let count = profile.device_count();
+    let orders = device_orders(profile);
+    let mut stats = PipelineStats { orders_searched: count <= MAX_ORDERED_DEVICES, ..PipelineStats::default() };
+    let mut ranked: Vec<Estimated> = Vec::new();
+    for knobs in knob_groups(request, space) {
+        stats.groups += 1;
+        let terms: Vec<DeviceTerms> =
+            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs, kv)).collect();
+        // Stage plans by (device, layers, first, last): shared by every order.
+        let mut memo = std::collections::HashMap::new();
+        for order in &orders {
+            stats.orders += 1;
+            if let Some(estimated) = split_order(request, knobs, order, &terms, &mut memo, &mut stats) {
+                ranked.push(estimated);
+            }
+        }
+    }
+    if ranked.is_empty() {
+        let smallest =
+            Knobs { micro_batch_size: 1, num_micro_batches: 1, schedule: Schedule::Pipelined, prefetch_depth: 1 };
+        let terms: Vec<DeviceTerms> =
+            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, smallest, kv)).collect();
+        return Err(TuneError::Impossible(nothing_fits(request, &terms)));
+    }
+    ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
+    // The best estimates, and the best estimate of every batch size: the estimate can
+    // misjudge a whole batch size (streamed weights at a long context), and a batch the
+    // estimate ranks lower may simulate faster.
+    let mut batches = std::collections::HashSet::new();
+    let chosen = ranked.iter().enumerate().filter(|(i, e)| {
+        let batch = e.knobs.micro_batch_size * e.knobs.num_micro_batches;
+        batches.insert(batch) || *i < SIMULATED
+    });
+    let mut best: Option<(Candidate, f64)> = None;
+    for (_, e) in chosen {
+        let policy = assemble(request, e.knobs, &e.devices, &e.plans, &e.layers);
+        stats.simulated += 1;
+        let Some(candidate) = simulate(request, policy, Extrapolation::Sampled) else { continue };
+        let estimate = e.time_ms;
+        if best.as_ref().is_none_or(|(b, _)| candidate.score(request.objective) > b.score(request.objective)) {
+            best = Some((candidate, estimate));
+        }
+    }
+    let Some((best, estimate_ms)) = best else {
+        return Err(TuneError::Impossible(format!(
+            "{} estimated pipeline plans were assembled, but none fits its pools in simulation",
+            stats.simulated
+        )));
+    };
+    let best = simulate(request, best.policy, Extrapolation::Full)
+        .ok_or_else(|| TuneError::Impossible("the best pipeline plan failed its full simulation".into()))?;
+    Ok((best, estimate_ms, stats))
+}
+
+/// Layers per device of a staged policy, in device order (0 for devices left out).
+fn layers_per_device(policy: &Policy, devices: usize) -> Vec<u64> {
+    let mut out = vec![0; devices];
+    for stage in &policy.stages {
+        out[stage.device as usize] += stage.layers();
+    }
+    out
 }
 
 /// A split the estimate priced: its knobs, used devices in stage order with their
@@ -298,7 +363,7 @@ fn permutations(rest: &[u16], prefix: &mut Vec<u16>, visit: &mut dyn FnMut(&[u16
     }
 }
 
-fn device_terms(request: &TuneRequest, searcher: &Searcher, device: u16, knobs: Knobs) -> DeviceTerms {
+fn device_terms(request: &TuneRequest, searcher: &Searcher, device: u16, knobs: Knobs, kv: KvCache) -> DeviceTerms {
     let profile = request.profile;
     let view = profile.device(device);
     let group = Group {
@@ -353,6 +418,7 @@ fn device_terms(request: &TuneRequest, searcher: &Searcher, device: u16, knobs: 
         host_share_gb: figures.host_capacity_gb / devices_on_host as f64,
         reloads: if Class::of(knobs.schedule) == Class::BatchMajor { m } else { 1.0 },
         window_layers: (knobs.prefetch_depth + 1) as f64,
+        kv,
         figures,
     }
 }
@@ -407,6 +473,9 @@ fn stage_plan(t: &DeviceTerms, layers: u64, first: bool, last: bool) -> Option<S
         let mut kv_device = ((left / f.kv_full_gb.max(1e-12)).floor() as u64).min(layers);
         if kv_device < layers && kv_device as f64 * f.kv_full_gb + f.kv_buffer_gb > left {
             kv_device = ((left - f.kv_buffer_gb).max(0.0) / f.kv_full_gb.max(1e-12)).floor() as u64;
+        }
+        if t.kv == KvCache::OnDevice && kv_device < layers {
+            continue;
         }
         let streamed = layers - resident;
         let weights_host = ((host_free / layer_gb.max(1e-12)).floor() as u64).min(streamed);
@@ -492,8 +561,8 @@ fn simulate(request: &TuneRequest, policy: Policy, mode: Extrapolation) -> Optio
 
 /// An even split and llama.cpp's split in proportion to device memory, over the
 /// devices in their own order with the winner's knobs, each stage placed like the
-/// search places it.
-fn split_baselines(request: &TuneRequest, best: &Candidate, searchers: &[Searcher]) -> Vec<SplitBaseline> {
+/// search places it (its KV cache as `kv` allows).
+fn split_baselines(request: &TuneRequest, best: &Candidate, searchers: &[Searcher], kv: KvCache) -> Vec<SplitBaseline> {
     let profile = request.profile;
     let count = profile.device_count();
     let layers = request.model.num_layers;
@@ -504,11 +573,13 @@ fn split_baselines(request: &TuneRequest, best: &Candidate, searchers: &[Searche
         prefetch_depth: best.policy.prefetch_depth,
     };
     let memories: Vec<f64> = (0..count as u16).map(|d| profile.device(d).memory_bytes as f64).collect();
+    let even = if kv == KvCache::OnDevice { "even split, KV kept on the devices" } else { "even split" };
     let splits = [
-        ("even split", proportional(&vec![1.0; count], layers)),
+        (even, proportional(&vec![1.0; count], layers)),
         ("llama.cpp split (by memory)", proportional(&memories, layers)),
     ];
-    let terms: Vec<DeviceTerms> = (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs)).collect();
+    let terms: Vec<DeviceTerms> =
+        (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs, kv)).collect();
     splits
         .into_iter()
         .map(|(name, split)| {
