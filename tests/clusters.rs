@@ -1,6 +1,8 @@
 //! Clusters end to end through the binary: `ferry tune --cluster` writes a pipeline
 //! plan that `ferry simulate` predicts with the same figures; GPU lists need a link;
-//! the engine refuses a plan over two machines with a clear error, not a hang;
+//! a plan over two machines runs as two processes (a stage worker started by the
+//! head, or given with --worker) with the tokens of one, and a worker that cannot be
+//! reached or holds other weights is a clear error, not a hang;
 //! `ferry export` gives every node of a tuned cluster plan its command.
 
 mod common;
@@ -87,7 +89,7 @@ fn gpu_lists_need_a_link_and_names_are_checked() {
 }
 
 #[test]
-fn the_engine_refuses_a_plan_over_two_machines() {
+fn a_plan_over_two_machines_runs_as_two_processes_with_the_tokens_of_one() {
     let dir = tempfile::tempdir().unwrap();
     let synth = ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]);
     assert!(synth.status.success(), "{}", text(&synth.stderr));
@@ -106,10 +108,49 @@ fn the_engine_refuses_a_plan_over_two_machines() {
     - {device: 0, attention_weights: {device: 2, host: 0, disk: 0}, mlp_weights: {device: 2, host: 0, disk: 0}, kv_cache: {device: 2, host: 0, disk: 0}}
     - {device: 1, attention_weights: {device: 2, host: 0, disk: 0}, mlp_weights: {device: 2, host: 0, disk: 0}, kv_cache: {device: 2, host: 0, disk: 0}}
 ";
-    std::fs::write(dir.path().join("plan.yaml"), plan).unwrap();
+    std::fs::write(dir.path().join("plan.yaml"), &plan).unwrap();
     let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("span several machines"), "{}", text(&out.stderr));
+    // The head starts a stage worker for node 1 (another process) and joins it over loopback.
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let two: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The same stages as two devices of one machine, in one process.
+    let one_machine = plan.replace(
+        "  cluster: pair.yaml\n",
+        "  gpu: cpu\n  host: ferry-ci-vm\n  devices:\n    - memory: 64MiB\n    - memory: 64MiB\n",
+    );
+    std::fs::write(dir.path().join("one.yaml"), one_machine).unwrap();
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "one.yaml", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let one: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(two["tokens"], one["tokens"]);
+    // A worker holding the weights in another format: refused, naming the worker and why.
+    let other = ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f16", "--out", "other"]);
+    assert!(other.status.success(), "{}", text(&other.stderr));
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["stage-worker", "--listen", "127.0.0.1:0", "--once", "--model-dir", "other"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(worker.stdout.take().unwrap()), &mut line).unwrap();
+    let address = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let given = format!("1={address}");
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--worker", &given]);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("node 1 at {address} failed")) && err.contains("holds it as f16"), "{err}");
+    // Nothing listening there any more: a clear error with the address, at once.
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--worker", &given]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&address) && text(&out.stderr).contains("cannot reach"),
+        "{}",
+        text(&out.stderr)
+    );
 }

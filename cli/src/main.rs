@@ -8,6 +8,7 @@ mod plots_cmd;
 mod report;
 mod run_cmd;
 mod simulate_cmd;
+mod stages_cmd;
 mod table;
 mod tune_cmd;
 mod tune_formats;
@@ -52,6 +53,9 @@ enum Command {
     /// Execute a plan for real on the engine (weights streamed from disk within the
     /// plan's memory budget) and report measured speed next to the prediction.
     Run(run_cmd::RunArgs),
+    /// Serve one machine's stages of a plan that spans several machines: the head
+    /// (`ferry run --worker NODE=ADDR`) connects, hands over the plan and gathers the trace.
+    StageWorker(stages_cmd::StageWorkerArgs),
     /// Measure this machine (disk, copies, kernels) with the engine's own code paths and
     /// write a profile for `ferry tune --profile`.
     Profile(engine_cmds::ProfileArgs),
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export_cmd::run(args).map(|()| 0),
         Command::Synth(args) => engine_cmds::synth(args).map(|()| 0),
         Command::Run(args) => run_cmd::run_plan(args).map(|()| 0),
+        Command::StageWorker(args) => stages_cmd::stage_worker(args).map(|()| 0),
         Command::Profile(args) => engine_cmds::profile(args).map(|()| 0),
         Command::Validate(args) => validate_cmd::validate(args),
     };

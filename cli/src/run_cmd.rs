@@ -65,6 +65,12 @@ pub struct RunArgs {
     /// whose rate drifts then does not pass for an error of the model.
     #[arg(long)]
     recheck_disk: bool,
+    /// A plan over several machines: the stage worker of node NODE at HOST:PORT
+    /// (`ferry stage-worker` there), repeated for each node other than the first
+    /// stage's. Without it, a stage worker per node is started on this machine, each
+    /// its own process joined over loopback.
+    #[arg(long, value_name = "NODE=HOST:PORT")]
+    worker: Vec<String>,
     /// Write the measured trace as Chrome trace-event JSON (opens in Perfetto).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
@@ -193,7 +199,12 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         progress: callback,
         draft_files,
     };
-    let report = run(&graph, policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?;
+    let others = crate::stages_cmd::other_hosts(&graph, &resolved.profile, policy);
+    let report = if others.is_empty() {
+        run(&graph, policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?
+    } else {
+        run_over_machines(&args, &others, &graph, &resolved, &files, backend.as_ref(), &options)?
+    };
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -217,6 +228,37 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     print_run(&resolved, &files.spec, backend.name(), &report, &predictions);
     Ok(())
+}
+
+/// The head's side of a plan over several machines: the stage workers given with
+/// `--worker`, or one started here per other node.
+fn run_over_machines(
+    args: &RunArgs,
+    others: &[u16],
+    graph: &ferry_core::graph::TaskGraph,
+    resolved: &ResolvedPlan,
+    files: &ModelFiles,
+    backend: &dyn ferry_engine::backend::Backend,
+    options: &RunOptions,
+) -> Result<ferry_engine::RunReport> {
+    if args.backend != "cpu" {
+        return Err(CoreError::invalid("stages over several machines run on the cpu backend").into());
+    }
+    let given: Vec<(u16, String)> =
+        args.worker.iter().map(|w| crate::stages_cmd::parse_worker(w)).collect::<Result<_>>()?;
+    let local = if given.is_empty() {
+        Some(crate::stages_cmd::LocalWorkers::start(others, &args.model_dir, args.scratch_dir.as_deref())?)
+    } else {
+        None
+    };
+    let workers = local.as_ref().map_or(given, |l| l.addresses.clone());
+    let report =
+        ferry_engine::stages::run_head(graph, &resolved.plan, &resolved.profile, files, backend, options, &workers)
+            .context("running the plan over several machines")?;
+    if let Some(local) = local {
+        local.wait();
+    }
+    Ok(report)
 }
 
 /// `--prompt-len`, `--gen-len` and `--batch` applied to the plan.

@@ -19,6 +19,7 @@ pub mod io;
 pub mod kernels;
 pub mod memory;
 pub mod safetensors;
+pub mod stages;
 pub mod synth;
 pub mod synth_gguf;
 pub mod weights;
@@ -45,7 +46,7 @@ pub fn run(
 }
 
 /// Refuses a graph whose stages span several machines: one process runs the stages of
-/// one host (several devices on it are fine).
+/// one host (several devices on it are fine); `stages` runs the others.
 fn check_one_machine(graph: &ferry_core::graph::TaskGraph) -> Result<(), EngineError> {
     use ferry_core::graph::Place;
     match graph.pools.iter().find_map(|p| match p.pool {
@@ -53,9 +54,8 @@ fn check_one_machine(graph: &ferry_core::graph::TaskGraph) -> Result<(), EngineE
         _ => None,
     }) {
         Some(host) => Err(EngineError::Unsupported(format!(
-            "this plan's stages span several machines (it uses host {host}); the engine runs the stages of one \
-             machine in one process, and stages joined over the network are not built yet (`ferry simulate` \
-             predicts the plan)"
+            "this plan's stages span several machines (it uses host {host}): it runs as one process per machine \
+             (`stages::run_head` with a stage worker per other machine; `ferry run` starts them)"
         ))),
         None => Ok(()),
     }
@@ -103,6 +103,9 @@ pub enum EngineError {
     /// An accelerator could not be used: no driver or library, or a device call failed.
     #[error("cuda backend: {0}")]
     Device(String),
+    /// Stages over the network: a stage process unreachable, failed or gone.
+    #[error("{0}")]
+    Network(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -130,7 +133,7 @@ impl Classify for EngineError {
             // A plan whose memory runs out mid-run was accepted by the checks: the
             // user's budget is too small for what the run needed.
             EngineError::Deadlock(_) => ErrorKind::Usage,
-            EngineError::Device(_) => ErrorKind::Environment,
+            EngineError::Device(_) | EngineError::Network(_) => ErrorKind::Environment,
             EngineError::Internal(_) => ErrorKind::Internal,
         }
     }

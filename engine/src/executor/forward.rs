@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use ferry_core::graph::{Op, Payload, Place, Task};
+use ferry_core::graph::{Op, Place, Task};
 use ferry_core::model::WeightGroup;
 
 use super::speculate::{is_draft, Positions};
@@ -36,7 +36,7 @@ pub(super) struct MicroBatch {
 }
 
 /// The parts of a micro-batch's activations a copy after `after` moves.
-fn activation_parts(activations: &mut Activations, after: Option<Op>) -> Vec<&mut Option<DeviceBuffer>> {
+pub(super) fn activation_parts(activations: &mut Activations, after: Option<Op>) -> Vec<&mut Option<DeviceBuffer>> {
     match after {
         Some(Op::AttnQkv) => vec![&mut activations.q, &mut activations.k, &mut activations.v],
         Some(Op::AttnCore) => vec![&mut activations.attn],
@@ -61,11 +61,7 @@ impl<'a> Engine<'a> {
     pub(super) fn copy_activations(&self, task: &Task) -> Result<(), EngineError> {
         let (from, to) =
             task.link_ends().ok_or_else(|| EngineError::Internal(format!("copy {} has no link", task.label())))?;
-        let producer = task.deps.first().map(|&d| &self.graph.tasks[d as usize]);
-        let after = producer.and_then(|p| match p.payload {
-            Payload::Compute { op, .. } => Some(op),
-            _ => None,
-        });
+        let after = self.copied_after(task);
         let mut state = lock(&self.micro_batches[task.micro_batch as usize]);
         // Copied into fresh memory at the destination; the source stays where it is.
         let mut copies = Vec::new();

@@ -23,6 +23,7 @@
 
 mod forward;
 mod kv;
+mod remote;
 mod scheduler;
 mod speculate;
 mod weights;
@@ -45,8 +46,10 @@ use crate::memory::{self, Buffer, Recycler};
 use crate::weights::ModelFiles;
 use crate::EngineError;
 
+use crate::stages::{LocalView, Network};
 use forward::MicroBatch;
 use kv::KvFile;
+use remote::NetView;
 pub use speculate::SpeculationReport;
 use speculate::{DraftState, Positions};
 use weights::{group_code, Key, Loaded};
@@ -99,6 +102,9 @@ pub struct RunReport {
     /// pages the kernel had to fault in and zero), bytes.
     pub recycled_bytes: u64,
     pub newly_mapped_bytes: u64,
+    /// A run over several machines: what each stage worker reported to the head.
+    #[serde(skip)]
+    pub stage_processes: Vec<crate::stages::wire::StageReport>,
 }
 
 struct Engine<'a> {
@@ -142,6 +148,8 @@ struct Engine<'a> {
     /// The last round that must run (speculation: once every micro-batch has its
     /// tokens); tasks of later rounds are skipped. `u32::MAX` until known.
     last_round: AtomicU32,
+    /// A run over several machines: this process's connections and view of the graph.
+    net: Option<NetView<'a>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,14 +165,40 @@ pub fn run(
     backend: &dyn Backend,
     options: &RunOptions,
 ) -> Result<RunReport, EngineError> {
+    run_on(graph, policy, workload, files, backend, options, None, &mut || Ok(()))
+}
+
+/// `run`, as one of the processes of a run over several machines when `network` is
+/// given: this process's tasks only, `ready` called once its resident weights are
+/// read (the handshake: the clock starts when it returns). The head's report covers
+/// every process; a worker's, its own tasks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_on(
+    graph: &TaskGraph,
+    policy: &Policy,
+    workload: &Workload,
+    files: &ModelFiles,
+    backend: &dyn Backend,
+    options: &RunOptions,
+    network: Option<&Network>,
+    ready: &mut dyn FnMut() -> Result<(), EngineError>,
+) -> Result<RunReport, EngineError> {
     check_plan(graph, policy, workload, files, options)?;
+    let view = network.map(|n| LocalView::new(graph, &n.ownership)).transpose()?;
+    let net = network.zip(view.as_ref()).map(|(network, view)| NetView { network, view });
+    let local_graph = view.as_ref().map_or(graph, |v| &v.graph);
     memory::tame_allocator();
     let baseline_rss_bytes = memory::rss_bytes().unwrap_or(0);
     let setup_start = Instant::now();
-    let engine = Engine::new(graph, policy, workload, files, backend, options)?;
+    let engine = Engine::new(local_graph, policy, workload, files, backend, options, net)?;
     let setup_ns = setup_start.elapsed().as_nanos() as u64;
+    ready()?;
     let read_before = memory::storage_read_bytes().unwrap_or(0);
-    let mut spans = engine.execute_graph()?;
+    let executed = engine.execute_graph(baseline_rss_bytes, setup_ns)?;
+    let mut spans = executed.spans;
+    if network.is_some() {
+        merge_stage_reports(graph, &mut spans, &executed.reports, &executed.arrivals);
+    }
     let storage_read_bytes = memory::storage_read_bytes().unwrap_or(0).saturating_sub(read_before);
     let graph_run = engine.graph_run()?;
     if let Some(run) = &graph_run {
@@ -176,7 +210,8 @@ pub fn run(
     let direct_io = engine.disk_files.values().all(|f| f.direct);
     let requested_read_bytes = *lock(&engine.requested_read_bytes);
     let tokens = std::mem::take(&mut *lock(&engine.tokens));
-    if let Some(check) = tokens.iter().find(|t| t.len() as u64 != workload.gen_len) {
+    let gathers_tokens = network.is_none_or(Network::is_head);
+    if let Some(check) = tokens.iter().find(|t| gathers_tokens && t.len() as u64 != workload.gen_len) {
         return Err(EngineError::Internal(format!(
             "the run produced {} tokens for a sequence, not {}",
             check.len(),
@@ -202,7 +237,34 @@ pub fn run(
         setup_ns,
         recycled_bytes,
         newly_mapped_bytes,
+        stage_processes: executed.reports,
     })
+}
+
+/// The head's trace over every process: each task's span from the process that ran
+/// it; a copy to another machine ends when its activations arrived there (its sender
+/// finished writing them to the socket before).
+fn merge_stage_reports(
+    graph: &TaskGraph,
+    spans: &mut [ferry_core::trace::Span],
+    reports: &[crate::stages::wire::StageReport],
+    arrivals: &[(u32, u64)],
+) {
+    use ferry_core::trace::Span;
+    for report in reports {
+        for &(task, lane, start_ns, end_ns) in &report.spans {
+            if let Some(span) = spans.get_mut(task as usize) {
+                *span = Span { task, lane, start_ns, end_ns };
+            }
+        }
+    }
+    let every_arrival = reports.iter().flat_map(|r| r.arrivals.iter()).chain(arrivals);
+    for &(task, at_ns) in every_arrival {
+        let is_copy = graph.tasks.get(task as usize).is_some_and(|t| t.link_ends().is_some());
+        if let (true, Some(span)) = (is_copy, spans.get_mut(task as usize)) {
+            span.end_ns = span.end_ns.max(at_ns);
+        }
+    }
 }
 
 /// Refuses, before anything starts, a plan that cannot run on these files.
@@ -325,6 +387,7 @@ impl<'a> Engine<'a> {
         files: &'a ModelFiles,
         backend: &'a dyn Backend,
         options: &'a RunOptions,
+        net: Option<NetView<'a>>,
     ) -> Result<Engine<'a>, EngineError> {
         let spec = &files.spec;
         let layers = spec.num_layers as usize;
@@ -385,18 +448,22 @@ impl<'a> Engine<'a> {
             reserved: Mutex::new(HashMap::new()),
             draft: None,
             last_round: AtomicU32::new(u32::MAX),
+            net,
         };
         // Resident weights: embeddings, head, and every group the plan keeps on the device
         // or the host (read once, before the clock starts).
         let mut resident = HashMap::new();
         for group in [WeightGroup::Embeddings, WeightGroup::Head] {
+            if !engine.holds_group(group, NO_LAYER) {
+                continue;
+            }
             let place = engine.resident_place(group, NO_LAYER);
             let loaded = engine.read_group(group, 0, WHOLE_GROUP, place, None)?;
             resident.insert((group_code(group), NO_LAYER), Arc::new(loaded));
         }
         for layer in 0..spec.num_layers {
             for group in WeightGroup::PER_LAYER {
-                if engine.weight_tier(group, layer) != Tier::Disk {
+                if engine.weight_tier(group, layer) != Tier::Disk && engine.holds_group(group, layer as u32) {
                     let place = engine.resident_place(group, layer as u32);
                     let loaded = engine.read_group(group, layer, WHOLE_GROUP, place, None)?;
                     resident.insert((group_code(group), layer as u32), Arc::new(loaded));
@@ -411,6 +478,9 @@ impl<'a> Engine<'a> {
         // Resident KV caches (mapped zero pages: they take memory as they fill).
         let kv_bytes = engine.kv_region_bytes() as usize;
         for layer in 0..spec.num_layers {
+            if !engine.is_local(engine.layer_device(layer as u32)) {
+                continue;
+            }
             let tier = engine.placements[layer as usize].kv;
             for j in 0..micro_batches {
                 let slot = layer as usize * micro_batches + j;

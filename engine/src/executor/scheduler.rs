@@ -11,25 +11,56 @@ use ferry_core::dispatch::Dispatcher;
 use ferry_core::graph::{Payload, Place, Task, TaskGraph, TaskKind};
 use ferry_core::trace::Span;
 
+use super::remote::Arrival;
 use super::{lock, Engine};
 use crate::memory::Recycler;
+use crate::stages::wire::{self, Message, StageReport};
 use crate::EngineError;
 
+/// What the scheduler waits for.
+enum Event {
+    /// A task of this process ran on a lane: (task, lane, start ns, end ns, result).
+    Ran(u32, u32, u64, u64, Result<(), EngineError>),
+    /// Another machine announced a task this process waits on, at this ns.
+    Arrived(u32, Result<Arrival, EngineError>, u64),
+    /// A stage worker's report (the head gathers them).
+    Finished(u16, String),
+    /// A peer failed, or its connection did.
+    PeerFailed(String),
+    /// A peer closed its connection (normal once the run is over).
+    Closed(u16),
+}
+
+/// What running the graph gave: this process's spans, and over several machines the
+/// workers' reports (the head's) and when announced activations arrived here.
+pub(super) struct Executed {
+    pub spans: Vec<Span>,
+    pub reports: Vec<StageReport>,
+    pub arrivals: Vec<(u32, u64)>,
+}
+
 impl<'a> Engine<'a> {
-    pub(super) fn execute_graph(&self) -> Result<Vec<Span>, EngineError> {
+    pub(super) fn execute_graph(&self, baseline_rss_bytes: u64, setup_ns: u64) -> Result<Executed, EngineError> {
         let graph = self.graph;
         let count = graph.tasks.len();
         let mut dispatcher = Dispatcher::new(graph);
         let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; count];
         let mut failure: Option<EngineError> = None;
+        let mut reports: Vec<StageReport> = Vec::new();
+        let mut arrivals: Vec<(u32, u64)> = Vec::new();
         let clock = Instant::now();
 
         std::thread::scope(|scope| {
-            let (done_tx, done_rx) = mpsc::channel::<(u32, u32, u64, u64, Result<(), EngineError>)>();
-            // One worker thread per lane of every resource, indexed like the graph's list.
+            let (done_tx, done_rx) = mpsc::channel::<Event>();
+            // One worker thread per lane of every resource this process runs, indexed
+            // like the graph's list (another machine's resources get none).
             let mut senders: Vec<Vec<mpsc::Sender<u32>>> = Vec::new();
             'spawn: for spec in &graph.resources {
                 let mut lanes = Vec::new();
+                if !self.runs_resource(spec.resource) {
+                    senders.push(lanes);
+                    continue;
+                }
                 for lane in 0..spec.lanes.max(1) {
                     let (tx, rx) = mpsc::channel::<u32>();
                     lanes.push(tx);
@@ -40,7 +71,7 @@ impl<'a> Engine<'a> {
                             let start = clock.elapsed().as_nanos() as u64;
                             let result = self.execute(id);
                             let end = clock.elapsed().as_nanos() as u64;
-                            if done.send((id, lane, start, end, result)).is_err() {
+                            if done.send(Event::Ran(id, lane, start, end, result)).is_err() {
                                 return;
                             }
                         }
@@ -54,15 +85,38 @@ impl<'a> Engine<'a> {
                 }
                 senders.push(lanes);
             }
+            self.spawn_readers(scope, &done_tx, clock);
             drop(done_tx);
             // Freed weight buffers may be kept mapped only while their device's pool has
             // room for them beside everything the graph accounts.
             let budgets = DeviceBudgets::new(graph, &self.recyclers);
             budgets.refresh(&dispatcher);
-            while !dispatcher.is_finished() {
-                if failure.is_none() {
+            let mut local_running = 0usize;
+            // Another machine's tasks this process waits on: dispatched here and not yet
+            // heard of (by lane), or heard of and not yet dispatched.
+            let mut awaiting: HashMap<u32, u32> = HashMap::new();
+            let mut arrived: HashMap<u32, Arrival> = HashMap::new();
+            // Announcements still owed by each other machine.
+            let mut pending_from: HashMap<u16, usize> = HashMap::new();
+            if let Some(net) = &self.net {
+                for (id, _) in net.view.awaited.iter().enumerate().filter(|(_, &a)| a) {
+                    *pending_from.entry(self.owner_of(id as u32)).or_default() += 1;
+                }
+            }
+            let mut reports_due =
+                self.net.as_ref().map_or(0, |n| if n.network.is_head() { n.network.peers.len() } else { 0 });
+            loop {
+                if dispatcher.is_finished() && reports_due == 0 {
+                    break;
+                }
+                if failure.is_none() && !dispatcher.is_finished() {
+                    let mut elsewhere = Vec::new();
                     let mut room = budgets.room(&dispatcher);
                     dispatcher.dispatch(|id, lane, r| {
+                        if !self.owns(id) {
+                            elsewhere.push((id, lane));
+                            return;
+                        }
                         let task = &graph.tasks[id as usize];
                         // A weight read takes a kept buffer before the limit shrinks by its
                         // bytes; the rest are unmapped now if they no longer fit.
@@ -74,40 +128,211 @@ impl<'a> Engine<'a> {
                             }
                         }
                         budgets.acquired(task, &mut room);
+                        local_running += 1;
                         if senders[r][lane as usize].send(id).is_err() {
                             failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
                         }
                     });
-                }
-                if dispatcher.running() == 0 {
-                    if failure.is_none() {
-                        failure = Some(EngineError::Deadlock(dispatcher.stall().message));
+                    // Another machine's task ends here at once, unless this process waits
+                    // on it: then when its announcement is (or was) received.
+                    let mut progressed = false;
+                    for (id, lane) in elsewhere {
+                        if !self.awaits(id) {
+                            dispatcher.complete(id, lane);
+                            progressed = true;
+                        } else if let Some(arrival) = arrived.remove(&id) {
+                            if let Err(e) = self.install(id, arrival) {
+                                failure.get_or_insert(e);
+                            }
+                            dispatcher.complete(id, lane);
+                            progressed = true;
+                        } else {
+                            awaiting.insert(id, lane);
+                        }
                     }
+                    if progressed {
+                        continue;
+                    }
+                }
+                if failure.is_some() && local_running == 0 {
                     break;
                 }
-                let Ok((id, lane, start, end, result)) = done_rx.recv() else {
+                if failure.is_none() && !dispatcher.is_finished() && local_running == 0 && awaiting.is_empty() {
+                    failure = Some(EngineError::Deadlock(dispatcher.stall().message));
+                    break;
+                }
+                let Ok(event) = done_rx.recv() else {
                     failure.get_or_insert(EngineError::Internal("workers vanished".into()));
                     break;
                 };
-                spans[id as usize] = Span { task: id, lane, start_ns: start, end_ns: end };
-                dispatcher.complete(id, lane);
-                budgets.refresh(&dispatcher);
-                if let Err(e) = result {
-                    failure.get_or_insert(e);
-                }
-                let finished = dispatcher.finished();
-                if let Some(progress) = &self.options.progress {
-                    if finished.is_multiple_of(64) || finished == count {
-                        progress(finished, count);
+                match event {
+                    Event::Ran(id, lane, start, end, result) => {
+                        local_running -= 1;
+                        spans[id as usize] = Span { task: id, lane, start_ns: start, end_ns: end };
+                        dispatcher.complete(id, lane);
+                        budgets.refresh(&dispatcher);
+                        if let Err(e) = result {
+                            failure.get_or_insert(e);
+                        }
+                        let finished = dispatcher.finished();
+                        if let Some(progress) = &self.options.progress {
+                            if finished.is_multiple_of(64) || finished == count {
+                                progress(finished, count);
+                            }
+                        }
+                    }
+                    Event::Arrived(id, arrival, at_ns) => {
+                        arrivals.push((id, at_ns));
+                        if let Some(owed) = pending_from.get_mut(&self.owner_of(id)) {
+                            *owed = owed.saturating_sub(1);
+                        }
+                        match (arrival, awaiting.remove(&id)) {
+                            (Err(e), _) => {
+                                failure.get_or_insert(e);
+                            }
+                            (Ok(arrival), Some(lane)) => {
+                                if let Err(e) = self.install(id, arrival) {
+                                    failure.get_or_insert(e);
+                                }
+                                dispatcher.complete(id, lane);
+                            }
+                            (Ok(arrival), None) => {
+                                arrived.insert(id, arrival);
+                            }
+                        }
+                    }
+                    Event::Finished(host, json) => {
+                        reports_due = reports_due.saturating_sub(1);
+                        match serde_json::from_str::<StageReport>(&json) {
+                            Ok(report) => reports.push(report),
+                            Err(e) => {
+                                failure.get_or_insert(EngineError::Network(format!(
+                                    "the stage process of node {host} sent an unreadable report: {e}"
+                                )));
+                            }
+                        }
+                    }
+                    Event::PeerFailed(message) => {
+                        failure.get_or_insert(EngineError::Network(message));
+                    }
+                    Event::Closed(host) => {
+                        // Normal once that process sent all this one waits on (and, to
+                        // the head, its report).
+                        let reported = reports.iter().any(|r| r.host == host);
+                        let head = self.net.as_ref().is_some_and(|n| n.network.is_head());
+                        let owed = pending_from.get(&host).copied().unwrap_or(0);
+                        if owed > 0 || (head && !reported) {
+                            failure.get_or_insert(EngineError::Network(format!(
+                                "the stage process of node {host} closed its connection before the run ended"
+                            )));
+                        }
                     }
                 }
             }
             // Dropping the senders ends the workers.
             drop(senders);
+            self.finish_network(&failure, &spans, &arrivals, baseline_rss_bytes, setup_ns);
         });
         match failure {
             Some(e) => Err(e),
-            None => Ok(spans),
+            None => Ok(Executed { spans, reports, arrivals }),
+        }
+    }
+
+    /// The host whose process runs task `id` (0 without a network).
+    fn owner_of(&self, id: u32) -> u16 {
+        self.net.as_ref().map_or(0, |n| n.network.ownership.owner(self.graph.tasks[id as usize].resource))
+    }
+
+    /// Whether this process runs tasks on `resource` (every one, without a network).
+    fn runs_resource(&self, resource: ferry_core::graph::Resource) -> bool {
+        self.net.as_ref().is_none_or(|n| n.network.ownership.owner(resource) == n.network.ownership.me)
+    }
+
+    /// One thread per peer reading its announcements into the scheduler's events.
+    fn spawn_readers<'s>(
+        &'s self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        events: &mpsc::Sender<Event>,
+        clock: Instant,
+    ) {
+        let Some(net) = &self.net else { return };
+        for peer in &net.network.peers {
+            let Some(mut stream) = peer.take_reader() else { continue };
+            let sender = events.clone();
+            let spawned =
+                std::thread::Builder::new().name(format!("ferry-net-{}", peer.host)).spawn_scoped(scope, move || {
+                    let events = sender;
+                    loop {
+                        let event = match wire::read(&mut stream) {
+                            Ok(Some(Message::Done { task, carried })) => {
+                                let arrival = self.receive(task, carried);
+                                Event::Arrived(task, arrival, clock.elapsed().as_nanos() as u64)
+                            }
+                            Ok(Some(Message::Finished(json))) => Event::Finished(peer.host, json),
+                            Ok(Some(Message::Failed(message))) => {
+                                Event::PeerFailed(format!("{} failed: {message}", peer.describe()))
+                            }
+                            Ok(Some(other)) => {
+                                Event::PeerFailed(format!("{} sent {other:?} during the run", peer.describe()))
+                            }
+                            Ok(None) => {
+                                let _ = events.send(Event::Closed(peer.host));
+                                return;
+                            }
+                            Err(e) => {
+                                let _ =
+                                    events.send(Event::PeerFailed(peer.error("lost the connection", e).to_string()));
+                                return;
+                            }
+                        };
+                        if events.send(event).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                let _ = events.send(Event::PeerFailed(format!("could not start a reader thread: {e}")));
+            }
+        }
+    }
+
+    /// The end of a run over several machines: a worker reports its spans to the head
+    /// (or says why it failed), then every process stops sending, so each peer's
+    /// reader sees the end of its stream.
+    fn finish_network(
+        &self,
+        failure: &Option<EngineError>,
+        spans: &[Span],
+        arrivals: &[(u32, u64)],
+        baseline_rss_bytes: u64,
+        setup_ns: u64,
+    ) {
+        let Some(net) = &self.net else { return };
+        let network = net.network;
+        if let Some(e) = failure {
+            network.fail(&e.to_string());
+        } else if !network.is_head() {
+            let report = StageReport {
+                host: network.ownership.me,
+                spans: spans
+                    .iter()
+                    .enumerate()
+                    .filter(|(id, _)| net.view.owned[*id])
+                    .map(|(id, s)| (id as u32, s.lane, s.start_ns, s.end_ns))
+                    .collect(),
+                arrivals: arrivals.to_vec(),
+                peak_rss_bytes: crate::memory::peak_rss_bytes().unwrap_or(0),
+                baseline_rss_bytes,
+                setup_ns,
+            };
+            let json = serde_json::to_string(&report).unwrap_or_default();
+            if let Ok(head) = network.peer(network.ownership.head) {
+                let _ = head.send(&Message::Finished(json));
+            }
+        }
+        for peer in &network.peers {
+            peer.finish_sending();
         }
     }
 
@@ -117,6 +342,11 @@ impl<'a> Engine<'a> {
         if self.skipped(task) {
             return Ok(());
         }
+        self.run_task(task, id)?;
+        self.announce(task, id)
+    }
+
+    fn run_task(&self, task: &Task, id: u32) -> Result<(), EngineError> {
         let to_device = task.link_ends().is_some_and(|(_, to)| to.is_device());
         match (task.kind, task.payload) {
             (TaskKind::DiskRead, Payload::Weights { group }) => self.load_weights_from_disk(task, group),
@@ -125,6 +355,7 @@ impl<'a> Engine<'a> {
             (TaskKind::Copy, Payload::KvCache) if to_device => self.copy_kv_to_device(task),
             (TaskKind::Copy, Payload::KvCache) => self.store_kv_to_host(task),
             (TaskKind::DiskWrite, Payload::KvCache) => self.write_kv(task),
+            (TaskKind::Copy, Payload::Activations) if self.crosses_machines(task) => self.send_activations(task, id),
             (TaskKind::Copy, Payload::Activations) => self.copy_activations(task),
             (TaskKind::Compute, Payload::Compute { op, .. }) => match task.compute_place() {
                 Some(place) => self.compute(task, op, place),
@@ -134,6 +365,7 @@ impl<'a> Engine<'a> {
         }
     }
 }
+
 /// The device pools' budgets as the recyclers see them: each device's kept buffers
 /// may use only what its pool has free beside the graph's accounting.
 pub(super) struct DeviceBudgets<'e> {

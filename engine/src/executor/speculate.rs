@@ -323,7 +323,7 @@ impl<'a> Engine<'a> {
 
     /// Appends tokens (with the index of their logits row) to each sequence of the
     /// task's micro-batch.
-    fn append(
+    pub(super) fn append(
         &self,
         task: &Task,
         new_tokens: Vec<Vec<(u32, Option<usize>)>>,

@@ -1,0 +1,136 @@
+//! Stages over the network from the command line: `ferry stage-worker` (one machine's
+//! stages of a plan, for the head that connects) and the head's side of `ferry run`
+//! for a plan over several machines — stage workers given with `--worker NODE=ADDR`,
+//! or started on this machine, each its own process with its own memory.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_core::graph::TaskGraph;
+use ferry_core::plan::Policy;
+use ferry_core::profile::Profile;
+use ferry_core::CoreError;
+use ferry_engine::stages::{serve, Ownership, Worker};
+use ferry_engine::weights::ModelFiles;
+
+#[derive(Args)]
+#[command(after_help = "Example (a plan over two machines; node 1 runs its stages here):
+  on node 1:  ferry stage-worker --listen 0.0.0.0:7070 --model-dir models/tinyllama
+  on node 0:  ferry run --plan plan.yaml --model-dir models/tinyllama --worker 1=node1.local:7070
+Without --worker, `ferry run` starts a stage worker for each other node on this machine.")]
+pub struct StageWorkerArgs {
+    /// Address to listen on for the head (HOST:PORT; port 0 picks a free one). The
+    /// address it listens on is printed first: "listening on ADDR".
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// This machine's copy of the model (the head checks it holds the same weights).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// Serve one run and exit (otherwise serve runs one after another until stopped).
+    #[arg(long)]
+    once: bool,
+}
+
+pub fn stage_worker(args: StageWorkerArgs) -> Result<()> {
+    let files = ModelFiles::open(&args.model_dir)?;
+    let backend = ferry_engine::backend::backend("cpu")?;
+    let listener = TcpListener::bind(&args.listen)
+        .map_err(|e| CoreError::invalid(format!("--listen {}: cannot listen there: {e}", args.listen)))?;
+    let address = listener.local_addr().context("the listening address")?;
+    println!("listening on {address}");
+    std::io::stdout().flush()?;
+    let worker = Worker {
+        files: &files,
+        backend: backend.as_ref(),
+        scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| args.model_dir.clone()),
+    };
+    loop {
+        match serve(&listener, &worker) {
+            Ok((head, host)) => eprintln!("served node {host}'s stages for the head at {head}"),
+            Err(e) if args.once => return Err(e.into()),
+            Err(e) => eprintln!("error: {e}"),
+        }
+        if args.once {
+            return Ok(());
+        }
+    }
+}
+
+/// The hosts other than the head's that a graph runs tasks on.
+pub fn other_hosts(graph: &TaskGraph, profile: &Profile, policy: &Policy) -> Vec<u16> {
+    let head = profile.device(policy.first_device()).host;
+    let ownership = Ownership::of(profile, policy, head);
+    ownership.hosts(graph).into_iter().filter(|&h| h != head).collect()
+}
+
+/// `--worker NODE=ADDR` parsed.
+pub fn parse_worker(text: &str) -> Result<(u16, String)> {
+    let (node, address) = text
+        .split_once('=')
+        .ok_or_else(|| CoreError::invalid(format!("--worker {text}: give NODE=HOST:PORT, e.g. 1=192.168.1.5:7070")))?;
+    let node = node
+        .trim()
+        .parse::<u16>()
+        .map_err(|_| CoreError::invalid(format!("--worker {text}: the node '{node}' is not a number")))?;
+    Ok((node, address.trim().to_string()))
+}
+
+/// Stage workers this process started on this machine; killed when dropped (a run
+/// that fails must not leave them waiting).
+pub struct LocalWorkers {
+    children: Vec<Child>,
+    pub addresses: Vec<(u16, String)>,
+}
+
+impl LocalWorkers {
+    /// One `ferry stage-worker --once` per host, on the loopback interface.
+    pub fn start(hosts: &[u16], model_dir: &std::path::Path, scratch_dir: Option<&std::path::Path>) -> Result<Self> {
+        let exe = std::env::current_exe().context("finding the ferry executable to start stage workers")?;
+        let mut workers = LocalWorkers { children: Vec::new(), addresses: Vec::new() };
+        for &host in hosts {
+            let mut command = Command::new(&exe);
+            command.args(["stage-worker", "--listen", "127.0.0.1:0", "--once", "--model-dir"]).arg(model_dir);
+            if let Some(dir) = scratch_dir {
+                command.arg("--scratch-dir").arg(dir);
+            }
+            let mut child = command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting a stage worker for node {host}"))?;
+            let stdout = child.stdout.take().context("the stage worker's output")?;
+            workers.children.push(child);
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).context("reading the stage worker's address")?;
+            let address = line.trim().strip_prefix("listening on ").map(str::to_string).with_context(|| {
+                format!("the stage worker for node {host} did not start (it printed '{}')", line.trim())
+            })?;
+            workers.addresses.push((host, address));
+        }
+        Ok(workers)
+    }
+
+    /// Waits for the workers to exit (after a run they served).
+    pub fn wait(mut self) {
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The two ends of a run over several machines: the head (`run_head`: connects to a
+//! stage worker per other machine, hands each the plan, checks that they lowered the
+//! same graph, starts the clock and gathers the trace) and a stage worker (`serve`:
+//! one run for the head that connects).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_core::graph::TaskGraph;
+use ferry_core::plan::Plan;
+use ferry_core::profile::Profile;
+use ferry_core::schedule::{lower, Steps};
+
+use super::wire::Message;
+use super::{accept, connect, fingerprint, Network, Ownership, Peer, Setup};
+use crate::backend::Backend;
+use crate::executor::{run_on, RunOptions, RunReport};
+use crate::weights::ModelFiles;
+use crate::EngineError;
+
+/// The head's part of `plan` (lowered to `graph`), with a stage worker for every other
+/// machine at the addresses given by host. The report covers every process.
+#[allow(clippy::too_many_arguments)]
+pub fn run_head(
+    graph: &TaskGraph,
+    plan: &Plan,
+    profile: &Profile,
+    files: &ModelFiles,
+    backend: &dyn Backend,
+    options: &RunOptions,
+    workers: &[(u16, String)],
+) -> Result<RunReport, EngineError> {
+    let head = profile.device(plan.policy.first_device()).host;
+    let ownership = Ownership::of(profile, &plan.policy, head);
+    let needed: Vec<u16> = ownership.hosts(graph).into_iter().filter(|&h| h != head).collect();
+    for host in &needed {
+        if !workers.iter().any(|(h, _)| h == host) {
+            return Err(EngineError::Refused(format!(
+                "the plan runs stages on node {host}, and no stage worker was given for it"
+            )));
+        }
+    }
+    let print = fingerprint(graph);
+    let mut peers = Vec::new();
+    for (host, address) in workers.iter().filter(|(h, _)| needed.contains(h)) {
+        let peer = Arc::new(connect(address, *host, head)?);
+        let setup = Setup {
+            plan: plan.clone(),
+            profile: profile.clone(),
+            host: *host,
+            prompts: options.prompts.clone(),
+            keep_logits: options.keep_logits,
+            allow_buffered_io: options.allow_buffered_io,
+            workers: workers.to_vec(),
+            fingerprint: print,
+        };
+        let json = serde_json::to_string(&setup).map_err(|e| EngineError::Internal(format!("setup: {e}")))?;
+        peer.send(&Message::Setup(json))?;
+        peers.push(peer);
+    }
+    let network = Network { ownership, peers };
+    let mut ready = || {
+        for peer in &network.peers {
+            match peer.receive()? {
+                Some(Message::Ready { fingerprint }) if fingerprint == print => {}
+                Some(Message::Ready { .. }) => {
+                    return Err(EngineError::Mismatch(format!(
+                        "{} lowered another graph from the same plan: its model files or its build differ from \
+                         this one's",
+                        peer.describe()
+                    )))
+                }
+                Some(Message::Failed(message)) => {
+                    return Err(EngineError::Network(format!("{} failed: {message}", peer.describe())))
+                }
+                other => {
+                    return Err(EngineError::Network(format!(
+                        "{} answered {} instead of being ready",
+                        peer.describe(),
+                        other.map_or("nothing (it closed the connection)".into(), |m| format!("{m:?}"))
+                    )))
+                }
+            }
+        }
+        for peer in &network.peers {
+            peer.send(&Message::Start)?;
+        }
+        Ok(())
+    };
+    let report = run_on(graph, &plan.policy, &plan.workload, files, backend, options, Some(&network), &mut ready);
+    if let Err(e) = &report {
+        network.fail(&e.to_string());
+    }
+    report
+}
+
+/// A stage worker's files and where it keeps its scratch file.
+pub struct Worker<'a> {
+    pub files: &'a ModelFiles,
+    pub backend: &'a dyn Backend,
+    pub scratch_dir: PathBuf,
+}
+
+/// Serves one run: waits for a head on `listener`, runs this machine's stages of its
+/// plan, reports to the head. Returns the head's address and this machine's host.
+pub fn serve(listener: &TcpListener, worker: &Worker) -> Result<(String, u16), EngineError> {
+    let head = Arc::new(accept(listener)?);
+    let result = serve_head(listener, worker, &head);
+    if let Err(e) = &result {
+        let _ = head.send(&Message::Failed(e.to_string()));
+        head.finish_sending();
+    }
+    result.map(|host| (head.address.clone(), host))
+}
+
+fn serve_head(listener: &TcpListener, worker: &Worker, head: &Arc<Peer>) -> Result<u16, EngineError> {
+    let setup = match head.receive()? {
+        Some(Message::Setup(json)) => serde_json::from_str::<Setup>(&json)
+            .map_err(|e| EngineError::Network(format!("{} sent an unreadable setup: {e}", head.describe())))?,
+        other => return Err(EngineError::Network(format!("{} sent {other:?} instead of a setup", head.describe()))),
+    };
+    let (plan, profile) = (&setup.plan, &setup.profile);
+    let graph = lower(&plan.policy, &worker.files.spec, &plan.workload, profile, &Steps::Bound)?;
+    let print = fingerprint(&graph);
+    if print != setup.fingerprint {
+        return Err(EngineError::Mismatch(format!(
+            "this worker lowered another graph from the head's plan: its model files ({}) or its build differ",
+            worker.files.dir.display()
+        )));
+    }
+    let me = setup.host;
+    let ownership = Ownership::of(profile, &plan.policy, me);
+    // Workers join each other: the lower host connects to the higher.
+    if head.host != ownership.head {
+        return Err(EngineError::Network(format!(
+            "{} introduced itself as node {}, but the plan's head is node {}",
+            head.describe(),
+            head.host,
+            ownership.head
+        )));
+    }
+    let mut peers = vec![head.clone()];
+    for (host, address) in setup.workers.iter().filter(|(h, _)| *h > me && *h != ownership.head) {
+        peers.push(Arc::new(connect(address, *host, me)?));
+    }
+    let lower_workers = setup.workers.iter().filter(|(h, _)| *h < me && *h != ownership.head).count();
+    for _ in 0..lower_workers {
+        peers.push(Arc::new(accept(listener)?));
+    }
+    let network = Network { ownership, peers };
+    let options = RunOptions {
+        prompts: setup.prompts.clone(),
+        scratch_dir: worker.scratch_dir.clone(),
+        allow_buffered_io: setup.allow_buffered_io,
+        keep_logits: setup.keep_logits,
+        progress: None,
+        draft_files: None,
+    };
+    let mut ready = || {
+        let head = network.peer(network.ownership.head)?;
+        head.send(&Message::Ready { fingerprint: print })?;
+        match head.receive()? {
+            Some(Message::Start) => Ok(()),
+            Some(Message::Failed(message)) => {
+                Err(EngineError::Network(format!("{} failed: {message}", head.describe())))
+            }
+            other => Err(EngineError::Network(format!("{} sent {other:?} instead of the start", head.describe()))),
+        }
+    };
+    run_on(&graph, &plan.policy, &plan.workload, worker.files, worker.backend, &options, Some(&network), &mut ready)?;
+    Ok(me)
+}
