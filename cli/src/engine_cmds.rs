@@ -174,6 +174,16 @@ pub struct ProfileArgs {
     /// Weight dtype of the kernel table [default: the model's].
     #[arg(long, value_name = "bf16|f16|f32")]
     dtype: Option<String>,
+    /// Describe this machine as N identical nodes joined by the network link measured
+    /// between this process and a stage worker (latency and one-way rate at the sizes
+    /// stages send): a plan over several machines is then tuned, run and validated
+    /// here, the link shaped with `tc` to an edge network's rate.
+    #[arg(long, value_name = "N")]
+    as_nodes: Option<u16>,
+    /// With --as-nodes: the stage worker to measure the link to (`ferry stage-worker`
+    /// on another machine) [default: one started here, over loopback].
+    #[arg(long, value_name = "HOST:PORT", requires = "as_nodes")]
+    link_to: Option<String>,
     /// Overwrite the output file.
     #[arg(long)]
     force: bool,
@@ -223,6 +233,18 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         ferry_profiler::profile_cpu(&options, report)
     }?;
     bar.finish_and_clear();
+    let profile = match args.as_nodes {
+        Some(nodes) => {
+            let link = crate::stages_cmd::measure_link(args.link_to.as_deref(), args.quick)?;
+            println!(
+                "  network link: {} one way, {:.3} GB/s at 1 MiB (measured)",
+                format_ns(link.latency_ns),
+                link.bytes_per_ns(1 << 20, 1)
+            );
+            profile.as_nodes(nodes, &link, ferry_core::topology::LinkKind::Ethernet)?
+        }
+        None => profile,
+    };
     let best = |curve: &ferry_core::profile::TransferCurve| curve.points.iter().map(|p| p.gbps).fold(0.0, f64::max);
     let text = format!(
         "# Measured by `ferry profile`; pass it to `ferry tune --profile`.\n{}",

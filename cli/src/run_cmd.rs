@@ -247,7 +247,7 @@ fn run_over_machines(
     let given: Vec<(u16, String)> =
         args.worker.iter().map(|w| crate::stages_cmd::parse_worker(w)).collect::<Result<_>>()?;
     let local = if given.is_empty() {
-        Some(crate::stages_cmd::LocalWorkers::start(others, &args.model_dir, args.scratch_dir.as_deref())?)
+        Some(crate::stages_cmd::LocalWorkers::start(others, Some(&args.model_dir), args.scratch_dir.as_deref())?)
     } else {
         None
     };

@@ -14,7 +14,7 @@ use ferry_core::graph::TaskGraph;
 use ferry_core::plan::Policy;
 use ferry_core::profile::Profile;
 use ferry_core::CoreError;
-use ferry_engine::stages::{serve, Ownership, Worker};
+use ferry_engine::stages::{serve, Ownership, Served, Worker};
 use ferry_engine::weights::ModelFiles;
 
 #[derive(Args)]
@@ -27,9 +27,10 @@ pub struct StageWorkerArgs {
     /// address it listens on is printed first: "listening on ADDR".
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: String,
-    /// This machine's copy of the model (the head checks it holds the same weights).
+    /// This machine's copy of the model (the head checks it holds the same weights);
+    /// without it the worker only answers link probes (`ferry profile --as-nodes`).
     #[arg(long)]
-    model_dir: PathBuf,
+    model_dir: Option<PathBuf>,
     /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
@@ -39,21 +40,19 @@ pub struct StageWorkerArgs {
 }
 
 pub fn stage_worker(args: StageWorkerArgs) -> Result<()> {
-    let files = ModelFiles::open(&args.model_dir)?;
+    let files = args.model_dir.as_deref().map(ModelFiles::open).transpose()?;
     let backend = ferry_engine::backend::backend("cpu")?;
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| CoreError::invalid(format!("--listen {}: cannot listen there: {e}", args.listen)))?;
     let address = listener.local_addr().context("the listening address")?;
     println!("listening on {address}");
     std::io::stdout().flush()?;
-    let worker = Worker {
-        files: &files,
-        backend: backend.as_ref(),
-        scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| args.model_dir.clone()),
-    };
+    let scratch_dir = args.scratch_dir.clone().or_else(|| args.model_dir.clone()).unwrap_or_else(|| PathBuf::from("."));
+    let worker = Worker { files: files.as_ref(), backend: backend.as_ref(), scratch_dir };
     loop {
         match serve(&listener, &worker) {
-            Ok((head, host)) => eprintln!("served node {host}'s stages for the head at {head}"),
+            Ok(Served::Run { head, host }) => eprintln!("served node {host}'s stages for the head at {head}"),
+            Ok(Served::Probe { from }) => eprintln!("answered link probes from {from}"),
             Err(e) if args.once => return Err(e.into()),
             Err(e) => eprintln!("error: {e}"),
         }
@@ -82,6 +81,25 @@ pub fn parse_worker(text: &str) -> Result<(u16, String)> {
     Ok((node, address.trim().to_string()))
 }
 
+/// The network link to the stage worker at `address` (or one started here), measured.
+pub fn measure_link(address: Option<&str>, quick: bool) -> Result<ferry_core::profile::TransferCurve> {
+    let local = match address {
+        Some(_) => None,
+        None => Some(LocalWorkers::start(&[1], None, None)?),
+    };
+    let address = address.map(str::to_string).or_else(|| local.as_ref().map(|l| l.addresses[0].1.clone()));
+    let address = address.context("no stage worker to measure the link to")?;
+    eprintln!("measuring the network link to the stage worker at {address} ...");
+    let peer = ferry_engine::stages::connect(&address, 1, 0)?;
+    let curve = ferry_engine::stages::probe::measure_link(&peer, if quick { 5 } else { 11 })?;
+    peer.finish_sending();
+    drop(peer);
+    if let Some(local) = local {
+        local.wait();
+    }
+    Ok(curve)
+}
+
 /// Stage workers this process started on this machine; killed when dropped (a run
 /// that fails must not leave them waiting).
 pub struct LocalWorkers {
@@ -91,12 +109,19 @@ pub struct LocalWorkers {
 
 impl LocalWorkers {
     /// One `ferry stage-worker --once` per host, on the loopback interface.
-    pub fn start(hosts: &[u16], model_dir: &std::path::Path, scratch_dir: Option<&std::path::Path>) -> Result<Self> {
+    pub fn start(
+        hosts: &[u16],
+        model_dir: Option<&std::path::Path>,
+        scratch_dir: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("finding the ferry executable to start stage workers")?;
         let mut workers = LocalWorkers { children: Vec::new(), addresses: Vec::new() };
         for &host in hosts {
             let mut command = Command::new(&exe);
-            command.args(["stage-worker", "--listen", "127.0.0.1:0", "--once", "--model-dir"]).arg(model_dir);
+            command.args(["stage-worker", "--listen", "127.0.0.1:0", "--once"]);
+            if let Some(dir) = model_dir {
+                command.arg("--model-dir").arg(dir);
+            }
             if let Some(dir) = scratch_dir {
                 command.arg("--scratch-dir").arg(dir);
             }

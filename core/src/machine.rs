@@ -223,6 +223,52 @@ impl DeviceProfile {
     }
 }
 
+impl Profile {
+    /// This one-device machine described as `nodes` identical machines (each with this
+    /// machine's device and host figures), every pair joined by `link` (measured
+    /// between two stage processes). What a plan over several machines is validated
+    /// with on one machine, and the profile of a cluster of identical ones.
+    pub fn as_nodes(&self, nodes: u16, link: &TransferCurve, kind: crate::topology::LinkKind) -> Result<Profile> {
+        if self.device_count() != 1 || !self.hosts.is_empty() {
+            return Err(CoreError::invalid(
+                "only a profile of one device on one machine is described as several nodes",
+            ));
+        }
+        if nodes < 2 {
+            return Err(CoreError::invalid(format!("{nodes} node(s): give at least 2")));
+        }
+        let mut out = self.clone();
+        let host = self.host(0);
+        out.devices =
+            (0..nodes).map(|host| DeviceSlot { host, memory_bytes: self.device_memory_bytes, profile: None }).collect();
+        out.hosts = (1..nodes)
+            .map(|n| HostProfile {
+                name: format!("{} (node {n})", host.name),
+                memory_bytes: host.memory_bytes,
+                max_pinned_bytes: host.max_pinned_bytes,
+                compute: host.compute.clone(),
+                disk_read: host.disk_read.clone(),
+                disk_write: host.disk_write.clone(),
+                disk_capacity_bytes: host.disk_capacity_bytes,
+                compute_slowdown: host.compute_slowdown,
+            })
+            .collect();
+        out.links = Vec::new();
+        for from in 0..nodes {
+            for to in (0..nodes).filter(|&to| to != from) {
+                out.links.push(LinkProfile {
+                    from: Place::Device(from),
+                    to: Place::Device(to),
+                    kind,
+                    curve: link.clone(),
+                });
+            }
+        }
+        out.validate()?;
+        Ok(out)
+    }
+}
+
 impl HostProfile {
     /// The figures of `hardware`'s host in a datasheet profile.
     pub fn from_datasheet(hardware: &Hardware) -> HostProfile {

@@ -78,8 +78,24 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
     };
     if let Some(bytes) = hardware.device_memory {
         profile.device_memory_bytes = bytes;
+        // A profile of several devices (`ferry profile --as-nodes`): each one's budget.
+        for slot in &mut profile.devices {
+            slot.memory_bytes = bytes;
+        }
     }
-    if !hardware.devices.is_empty() {
+    if profile.devices.len() > 1 && !hardware.devices.is_empty() {
+        // The profile places its devices on its machines: the plan sets their memory only.
+        if hardware.devices.len() != profile.devices.len() {
+            return Err(CoreError::invalid(format!(
+                "hardware: the profile describes {} devices but `devices` lists {}; give each its memory, in order",
+                profile.devices.len(),
+                hardware.devices.len()
+            )));
+        }
+        for (slot, given) in profile.devices.iter_mut().zip(&hardware.devices) {
+            slot.memory_bytes = given.memory.unwrap_or(slot.memory_bytes);
+        }
+    } else if !hardware.devices.is_empty() {
         // Several devices of the profile's kind, each with its own memory.
         profile.devices = hardware
             .devices

@@ -110,7 +110,7 @@ fn over_tcp(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             workers.push((host, listener.local_addr().unwrap().to_string()));
             threads.push(scope.spawn(move || {
-                let worker = Worker { files, backend: &CpuBackend, scratch_dir: dir.join("scratch") };
+                let worker = Worker { files: Some(files), backend: &CpuBackend, scratch_dir: dir.join("scratch") };
                 serve(&listener, &worker)
             }));
         }

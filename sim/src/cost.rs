@@ -14,7 +14,7 @@
 
 use ferry_core::graph::{Op, Payload, Place, Resource, Task, TaskGraph, TaskKind};
 use ferry_core::model::{ModelSpec, WeightFormats};
-use ferry_core::profile::{ComputeProfile, CurvePoint, Profile, TransferCurve};
+use ferry_core::profile::{ComputeProfile, CurvePoint, KernelTiming, Profile, TransferCurve};
 
 use crate::dequant::{Dequantization, Side};
 
@@ -246,7 +246,7 @@ impl<'a> CostModel<'a> {
         dequant_ns: Option<f64>,
     ) -> f64 {
         if dequant_ns.is_none() {
-            if let Some(ns) = lookup_table(compute, op.name(), shape, tokens, context) {
+            if let Some(ns) = lookup_table(&compute.table, op.name(), shape, tokens, context) {
                 return ns;
             }
         }
@@ -354,16 +354,25 @@ pub fn shape_key(model: &ModelSpec) -> String {
     format!("{}x{}", model.hidden_size, model.intermediate_size)
 }
 
-/// A measured duration for (op, shape) at `tokens` rows and `context`: exact match on
-/// the context when present, linear interpolation in tokens between the nearest
-/// entries, proportional scaling beyond the largest.
-fn lookup_table(compute: &ComputeProfile, op: &str, shape: &str, tokens: u64, context: u64) -> Option<f64> {
-    let mut entries: Vec<_> = compute.table.iter().filter(|e| e.op == op && e.shape == shape).collect();
+/// A measured duration for (op, shape) at `tokens` rows and `context`: the entries of
+/// the nearest context length whose measured rows reach `tokens` (else come nearest
+/// it), linear interpolation in tokens between them, proportional scaling beyond the
+/// largest.
+fn lookup_table(table: &[KernelTiming], op: &str, shape: &str, tokens: u64, context: u64) -> Option<f64> {
+    let mut entries: Vec<_> = table.iter().filter(|e| e.op == op && e.shape == shape).collect();
     if entries.is_empty() {
         return None;
     }
-    // Prefer the entries measured at the nearest context length.
-    let nearest_context = entries.iter().map(|e| e.context).min_by_key(|c| c.abs_diff(context))?;
+    // A table holds decoding rows at several contexts and prefill rows at one: a
+    // prefill priced from a decoding context would scale one row's cost linearly to
+    // hundreds (twice the real cost), so prefer a context measured around `tokens`.
+    // The distance from `tokens` to the rows measured at context `c` (0 inside them).
+    let outside = |c: u64| {
+        let rows = entries.iter().filter(|e| e.context == c).map(|e| e.tokens);
+        let (low, high) = rows.fold((u64::MAX, 0), |(l, h), t| (l.min(t), h.max(t)));
+        low.saturating_sub(tokens).max(tokens.saturating_sub(high))
+    };
+    let nearest_context = entries.iter().map(|e| e.context).min_by_key(|&c| (outside(c), c.abs_diff(context)))?;
     entries.retain(|e| e.context == nearest_context);
     entries.sort_by_key(|e| e.tokens);
     let position = entries.iter().position(|e| e.tokens >= tokens);
@@ -381,4 +390,34 @@ fn lookup_table(compute: &ComputeProfile, op: &str, shape: &str, tokens: u64, co
         }
     };
     Some(ns)
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::lookup_table;
+    use ferry_core::profile::KernelTiming;
+
+    fn entry(tokens: u64, context: u64, ns: u64) -> KernelTiming {
+        KernelTiming { op: "mlp".into(), shape: "s".into(), tokens, context, ns }
+    }
+
+    /// A profile's table: decoding rows (1–16) at contexts 33 and 37, prefill rows
+    /// (32–512) at context 32, as `ferry profile --model` measures it.
+    fn table() -> Vec<KernelTiming> {
+        let mut table = vec![entry(1, 37, 1_000), entry(1, 33, 900), entry(16, 33, 8_000)];
+        table.extend([32, 128, 512].map(|t| entry(t, 32, 10_000 * t / 32)));
+        table
+    }
+
+    #[test]
+    fn a_prefill_at_another_context_reads_the_prefill_rows_not_a_decoding_row_scaled() {
+        // 192 rows at context 96: between the prefill rows measured at 128 and 512.
+        let ns = lookup_table(&table(), "mlp", "s", 192, 96).unwrap();
+        assert!((ns - 60_000.0).abs() < 1.0, "{ns}");
+        // Decoding keeps the nearest decoding context.
+        assert_eq!(lookup_table(&table(), "mlp", "s", 1, 40).unwrap(), 1_000.0);
+        assert_eq!(lookup_table(&table(), "mlp", "s", 1, 34).unwrap(), 900.0);
+        // Beyond every measured size: proportional to the largest.
+        assert_eq!(lookup_table(&table(), "mlp", "s", 1024, 96).unwrap(), 320_000.0);
+    }
 }

@@ -11,10 +11,11 @@
 //! run on lanes without threads — the scheduler ends them at once, or, where a task
 //! of its own waits on one, when its announcement arrives.
 
+pub mod probe;
 mod run;
 pub mod wire;
 
-pub use run::{run_head, serve, Worker};
+pub use run::{run_head, serve, Served, Worker};
 
 use std::collections::HashMap;
 use std::io::BufWriter;

@@ -97,36 +97,53 @@ pub fn run_head(
 
 /// A stage worker's files and where it keeps its scratch file.
 pub struct Worker<'a> {
-    pub files: &'a ModelFiles,
+    /// The model (`None`: the worker only answers link probes).
+    pub files: Option<&'a ModelFiles>,
     pub backend: &'a dyn Backend,
     pub scratch_dir: PathBuf,
 }
 
-/// Serves one run: waits for a head on `listener`, runs this machine's stages of its
-/// plan, reports to the head. Returns the head's address and this machine's host.
-pub fn serve(listener: &TcpListener, worker: &Worker) -> Result<(String, u16), EngineError> {
+/// What a stage worker did for the process that connected.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Served {
+    /// Ran node `host`'s stages of a plan for the head at `head`.
+    Run { head: String, host: u16 },
+    /// Answered a link measurement (`ferry profile --as-nodes`) from `from`.
+    Probe { from: String },
+}
+
+/// Serves one session: waits for a head on `listener`, runs this machine's stages of
+/// its plan and reports to the head (or answers its link probes).
+pub fn serve(listener: &TcpListener, worker: &Worker) -> Result<Served, EngineError> {
     let head = Arc::new(accept(listener)?);
-    let result = serve_head(listener, worker, &head);
+    let result = match head.receive()? {
+        Some(Message::Setup(json)) => serde_json::from_str::<Setup>(&json)
+            .map_err(|e| EngineError::Network(format!("{} sent an unreadable setup: {e}", head.describe())))
+            .and_then(|setup| serve_head(listener, worker, &head, setup))
+            .map(|host| Served::Run { head: head.address.clone(), host }),
+        Some(probe @ Message::Echo { .. }) => {
+            super::probe::answer(&head, probe).map(|()| Served::Probe { from: head.address.clone() })
+        }
+        other => Err(EngineError::Network(format!("{} sent {other:?} instead of a setup", head.describe()))),
+    };
     if let Err(e) = &result {
         let _ = head.send(&Message::Failed(e.to_string()));
         head.finish_sending();
     }
-    result.map(|host| (head.address.clone(), host))
+    result
 }
 
-fn serve_head(listener: &TcpListener, worker: &Worker, head: &Arc<Peer>) -> Result<u16, EngineError> {
-    let setup = match head.receive()? {
-        Some(Message::Setup(json)) => serde_json::from_str::<Setup>(&json)
-            .map_err(|e| EngineError::Network(format!("{} sent an unreadable setup: {e}", head.describe())))?,
-        other => return Err(EngineError::Network(format!("{} sent {other:?} instead of a setup", head.describe()))),
-    };
+fn serve_head(listener: &TcpListener, worker: &Worker, head: &Arc<Peer>, setup: Setup) -> Result<u16, EngineError> {
     let (plan, profile) = (&setup.plan, &setup.profile);
-    let graph = lower(&plan.policy, &worker.files.spec, &plan.workload, profile, &Steps::Bound)?;
+    let files = worker.files.ok_or_else(|| {
+        EngineError::Refused("this stage worker was started without --model-dir: it only answers link probes".into())
+    })?;
+    let graph = lower(&plan.policy, &files.spec, &plan.workload, profile, &Steps::Bound)?;
     let print = fingerprint(&graph);
     if print != setup.fingerprint {
         return Err(EngineError::Mismatch(format!(
             "this worker lowered another graph from the head's plan: its model files ({}) or its build differ",
-            worker.files.dir.display()
+            files.dir.display()
         )));
     }
     let me = setup.host;
@@ -168,6 +185,6 @@ fn serve_head(listener: &TcpListener, worker: &Worker, head: &Arc<Peer>) -> Resu
             other => Err(EngineError::Network(format!("{} sent {other:?} instead of the start", head.describe()))),
         }
     };
-    run_on(&graph, &plan.policy, &plan.workload, worker.files, worker.backend, &options, Some(&network), &mut ready)?;
+    run_on(&graph, &plan.policy, &plan.workload, files, worker.backend, &options, Some(&network), &mut ready)?;
     Ok(me)
 }

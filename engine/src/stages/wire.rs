@@ -41,6 +41,9 @@ pub enum Message {
     Finished(String),
     /// The sender failed; the run is over.
     Failed(String),
+    /// Measuring the link (`probe`): the receiver answers with an `Echo` carrying
+    /// `reply_bytes` bytes.
+    Echo { reply_bytes: u32, payload: Vec<u8> },
 }
 
 const SETUP: u8 = 1;
@@ -50,6 +53,7 @@ const HELLO: u8 = 4;
 const DONE: u8 = 5;
 const FINISHED: u8 = 6;
 const FAILED: u8 = 7;
+const ECHO: u8 = 8;
 
 const NOTHING: u8 = 0;
 const ACTIVATIONS: u8 = 1;
@@ -96,6 +100,11 @@ pub fn write(out: &mut impl Write, message: &Message) -> std::io::Result<()> {
         Message::Failed(text) => {
             body.extend_from_slice(text.as_bytes());
             FAILED
+        }
+        Message::Echo { reply_bytes, payload } => {
+            body.extend_from_slice(&reply_bytes.to_le_bytes());
+            body.extend_from_slice(payload);
+            ECHO
         }
     };
     out.write_all(&((body.len() + 1) as u64).to_le_bytes())?;
@@ -166,6 +175,7 @@ pub fn read(input: &mut impl Read) -> std::io::Result<Option<Message>> {
         DONE => Message::Done { task: cursor.u32()?, carried: cursor.carried()? },
         FINISHED => Message::Finished(text(body)?),
         FAILED => Message::Failed(text(body)?),
+        ECHO => Message::Echo { reply_bytes: cursor.u32()?, payload: body[4..].to_vec() },
         other => return Err(invalid(format!("a message of unknown kind {other}"))),
     };
     Ok(Some(message))
@@ -238,6 +248,7 @@ mod tests {
             Message::Done { task: 11, carried: Carried::Tokens { tokens: vec![5, 6], logits: vec![vec![0.5; 3]] } },
             Message::Finished("{}".into()),
             Message::Failed("out of memory".into()),
+            Message::Echo { reply_bytes: 16, payload: vec![7; 1000] },
         ];
         let mut stream = Vec::new();
         for m in &messages {

@@ -42,6 +42,8 @@ const COPY_STREAMS: u32 = 2;
 const IO_QUEUE_DEPTH: u32 = 8;
 /// Plans simulated after the estimate ranks them.
 const SIMULATED: usize = 6;
+/// Times an estimate that misses its memory in simulation is relaxed and tried again.
+const RELAXATIONS: usize = 3;
 /// Device orders are searched up to this many devices (5! = 120 orders).
 const MAX_ORDERED_DEVICES: usize = 5;
 
@@ -203,11 +205,18 @@ fn search(
         }
     }
     if ranked.is_empty() {
+        // Priced at the smallest micro-batch the request allows (batch 1 when free).
+        let groups = knob_groups(request, space);
         let smallest =
-            Knobs { micro_batch_size: 1, num_micro_batches: 1, schedule: Schedule::Pipelined, prefetch_depth: 1 };
+            groups.iter().copied().min_by_key(|k| (k.micro_batch_size, k.num_micro_batches)).unwrap_or(Knobs {
+                micro_batch_size: 1,
+                num_micro_batches: 1,
+                schedule: Schedule::Pipelined,
+                prefetch_depth: 1,
+            });
         let terms: Vec<DeviceTerms> =
             (0..count).map(|d| device_terms(request, &searchers[d], d as u16, smallest, kv)).collect();
-        return Err(TuneError::Impossible(nothing_fits(request, &terms)));
+        return Err(TuneError::Impossible(nothing_fits(request, smallest, &terms)));
     }
     ranked.sort_by(|a, b| a.score.total_cmp(&b.score));
     // The best estimates, and the best estimate of every batch size: the estimate can
@@ -219,10 +228,36 @@ fn search(
         batches.insert(batch) || *i < SIMULATED
     });
     let mut best: Option<(Candidate, f64)> = None;
+    let mut first_error: Option<String> = None;
     for (_, e) in chosen {
         let policy = assemble(request, e.knobs, &e.devices, &e.plans, &e.layers);
         stats.simulated += 1;
-        let Some(candidate) = simulate(request, policy, Extrapolation::Sampled) else { continue };
+        let candidate = match simulate(request, policy, Extrapolation::Sampled) {
+            Ok(candidate) => candidate,
+            Err(error) => {
+                // The estimate's memory is approximate (buffers in flight): a plan that
+                // misses by a little fits with one layer's cache or weights less on
+                // each device.
+                let mut plans = e.plans.clone();
+                let mut fitted = None;
+                for _ in 0..RELAXATIONS {
+                    plans = plans.iter().map(relaxed).collect();
+                    stats.simulated += 1;
+                    let policy = assemble(request, e.knobs, &e.devices, &plans, &e.layers);
+                    if let Ok(candidate) = simulate(request, policy, Extrapolation::Sampled) {
+                        fitted = Some(candidate);
+                        break;
+                    }
+                }
+                match fitted {
+                    Some(candidate) => candidate,
+                    None => {
+                        first_error.get_or_insert(error);
+                        continue;
+                    }
+                }
+            }
+        };
         let estimate = e.time_ms;
         if best.as_ref().is_none_or(|(b, _)| candidate.score(request.objective) > b.score(request.objective)) {
             best = Some((candidate, estimate));
@@ -230,12 +265,14 @@ fn search(
     }
     let Some((best, estimate_ms)) = best else {
         return Err(TuneError::Impossible(format!(
-            "{} estimated pipeline plans were assembled, but none fits its pools in simulation",
-            stats.simulated
+            "{} estimated pipeline plans were assembled, but none fits its pools in simulation; the best \
+             estimate's: {}",
+            stats.simulated,
+            first_error.unwrap_or_default()
         )));
     };
     let best = simulate(request, best.policy, Extrapolation::Full)
-        .ok_or_else(|| TuneError::Impossible("the best pipeline plan failed its full simulation".into()))?;
+        .map_err(|e| TuneError::Impossible(format!("the best pipeline plan failed its full simulation: {e}")))?;
     Ok((best, estimate_ms, stats))
 }
 
@@ -492,6 +529,23 @@ fn stage_plan(t: &DeviceTerms, layers: u64, first: bool, last: bool) -> Option<S
     best
 }
 
+/// `plan` holding less on its device: one layer's KV cache if any is there (to the
+/// disk, which always has room), else one layer's weights streamed from disk — three
+/// when all were resident, as streaming starts with a window of two layers in flight.
+fn relaxed(plan: &StagePlan) -> StagePlan {
+    let mut out = *plan;
+    let layers = out.weights.iter().sum::<u64>();
+    if out.kv[0] > 0 {
+        out.kv[0] -= 1;
+        out.kv[2] += 1;
+    } else if out.weights[0] > 0 {
+        let off = if out.weights[0] == layers { 3.min(layers) } else { 1 };
+        out.weights[0] -= off;
+        out.weights[2] += off;
+    }
+    out
+}
+
 /// A stage's busy time over the run: per phase the longest of compute, copies into the
 /// device and disk reads (they overlap), plus the activations crossing in.
 fn busy_ms(t: &DeviceTerms, k: f64, weights: [u64; 3], kv: [u64; 3], last: bool) -> f64 {
@@ -552,11 +606,11 @@ fn assemble(request: &TuneRequest, knobs: Knobs, devices: &[u16], plans: &[Stage
     policy
 }
 
-fn simulate(request: &TuneRequest, policy: Policy, mode: Extrapolation) -> Option<Candidate> {
+fn simulate(request: &TuneRequest, policy: Policy, mode: Extrapolation) -> Result<Candidate, String> {
     let workload =
         Workload { batch_size: policy.batch_size(), prompt_len: request.prompt_len, gen_len: request.gen_len };
-    let prediction = predict(&policy, request.model, &workload, request.profile, mode).ok()?;
-    Some(Candidate { policy, workload, metrics: prediction.metrics, bound_ns: 0 })
+    let prediction = predict(&policy, request.model, &workload, request.profile, mode).map_err(|e| e.to_string())?;
+    Ok(Candidate { policy, workload, metrics: prediction.metrics, bound_ns: 0 })
 }
 
 /// An even split and llama.cpp's split in proportion to device memory, over the
@@ -601,7 +655,6 @@ fn split_baselines(request: &TuneRequest, best: &Candidate, searchers: &[Searche
             let takes: Vec<u64> = split.iter().copied().filter(|&t| t > 0).collect();
             let outcome = outcome.and_then(|()| {
                 simulate(request, assemble(request, knobs, &devices, &plans, &takes), Extrapolation::Full)
-                    .ok_or_else(|| "does not fit in simulation".to_string())
             });
             SplitBaseline { name, layers: split, outcome }
         })
@@ -624,9 +677,10 @@ fn proportional(weights: &[f64], layers: u64) -> Vec<u64> {
 
 /// Why no pipeline plan fits: what each device needs to hold even one streamed layer
 /// at the smallest batch, against what it has.
-fn nothing_fits(request: &TuneRequest, terms: &[DeviceTerms]) -> String {
+fn nothing_fits(request: &TuneRequest, knobs: Knobs, terms: &[DeviceTerms]) -> String {
     let profile = request.profile;
     let gib = |gb: f64| ferry_core::units::format_bytes((gb * 1e9).max(0.0) as u64);
+    let mut short = false;
     let shortfalls: Vec<String> = terms
         .iter()
         .enumerate()
@@ -635,6 +689,7 @@ fn nothing_fits(request: &TuneRequest, terms: &[DeviceTerms]) -> String {
             let buffers = t.window_layers * (f.attention_gb + f.mlp_gb);
             let fixed = f.device_static_gb - t.head_gb - if t.unified { t.embeddings_gb } else { 0.0 };
             let need = buffers + f.kv_buffer_gb + fixed;
+            short |= need > f.device_capacity_gb;
             format!(
                 "device {d} ({}) needs {} (two streamed layers {}, KV double buffer {}, hidden states and \
                  workspace {}) but has {} usable, {} short",
@@ -648,10 +703,30 @@ fn nothing_fits(request: &TuneRequest, terms: &[DeviceTerms]) -> String {
             )
         })
         .collect();
+    let batch = knobs.micro_batch_size * knobs.num_micro_batches;
+    let at = format!("batch {batch} (micro-batches of {})", knobs.micro_batch_size);
+    if short {
+        return format!(
+            "no split of {} over the {} device(s) fits even streaming every layer at {at}: {}",
+            request.model.name,
+            profile.device_count(),
+            shortfalls.join("; ")
+        );
+    }
+    let ends = terms.first().map_or(String::new(), |t| {
+        format!(
+            " (the first stage's device also holds the embeddings{}, {}, the last stage's the head, {})",
+            if t.unified { "" } else { " when its memory is unified" },
+            gib(t.embeddings_gb),
+            gib(t.head_gb)
+        )
+    });
     format!(
-        "no split of {} over the {} device(s) fits even streaming every layer at batch 1: {}",
+        "no split of {} over the {} device(s) fits at {at}: each device holds a streamed middle stage ({}), but no \
+         split of all {} layers fits beside what the ends keep{ends}; a smaller --batch or larger budgets",
         request.model.name,
         profile.device_count(),
-        shortfalls.join("; ")
+        shortfalls.join("; ").replace(", 0 B short", ""),
+        request.model.num_layers
     )
 }
