@@ -45,8 +45,9 @@ enum Command {
     /// Find the best plan for a GPU (or the CPU) and a model: placement, batching,
     /// schedule and transfer knobs, with predicted speed, memory and utilization.
     Tune(Box<tune_cmd::TuneArgs>),
-    /// Translate a plan into llama.cpp, vLLM, Accelerate or FlexGen settings, and list
-    /// what each cannot express.
+    /// Translate a plan into llama.cpp, vLLM, Accelerate, FlexGen or prima.cpp settings
+    /// (each node's commands for a plan over several machines), and list what each
+    /// cannot express.
     Export(export_cmd::ExportArgs),
     /// Write a Hugging Face style model folder with deterministic random weights.
     Synth(engine_cmds::SynthArgs),

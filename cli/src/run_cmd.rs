@@ -349,6 +349,12 @@ fn print_run_json(
         "predicted_tokens_per_s_at_measured_acceptance":
             predictions.at_measured_acceptance.as_ref().map(|m| m.tokens_per_s),
         "tasks": tasks,
+        "stage_workers": report.stage_processes.iter().map(|w| serde_json::json!({
+            "node": w.host,
+            "peak_rss_bytes": w.peak_rss_bytes,
+            "baseline_rss_bytes": w.baseline_rss_bytes,
+            "setup_seconds": w.setup_ns as f64 / 1e9,
+        })).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
@@ -409,7 +415,8 @@ fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunRepo
     // Every device's budget together: the process holds all of them.
     let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
     println!(
-        "process peak memory {} (VmHWM) for {} of device budget{}; {} was resident before the model loaded",
+        "{} peak memory {} (VmHWM) for {} of device budget{}; {} was resident before the model loaded",
+        if report.stage_processes.is_empty() { "process" } else { "head process" },
         format_bytes(report.peak_rss_bytes),
         format_bytes(budget),
         match resolved.profile.device_count() {
@@ -418,6 +425,14 @@ fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunRepo
         },
         format_bytes(report.baseline_rss_bytes)
     );
+    for worker in &report.stage_processes {
+        println!(
+            "stage worker of node {}: peak memory {} (VmHWM), {} before the model loaded",
+            worker.host,
+            format_bytes(worker.peak_rss_bytes),
+            format_bytes(worker.baseline_rss_bytes)
+        );
+    }
     println!(
         "disk: {} requested by tasks, {} read from storage by the kernel ({})",
         format_bytes(report.requested_read_bytes),
