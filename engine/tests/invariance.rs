@@ -2,12 +2,14 @@
 //! — every schedule, placement (device / host / disk for weights and KV), host
 //! attention, host-computed layers, micro-batching, chunk size and budget that fits.
 
+mod common;
+
 use std::path::Path;
 
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::model::Dtype;
-use ferry_core::plan::{Policy, Schedule, Stage, Tier, TierCounts, Workload};
+use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::topology::{DeviceSlot, Place, Resource};
@@ -15,6 +17,8 @@ use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::CpuBackend;
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{run, RunOptions, RunReport};
+
+use common::staged;
 
 fn profile(gpu: &str, host: &str, device_bytes: u64) -> Profile {
     let catalog = Catalog::builtin().unwrap();
@@ -35,30 +39,6 @@ fn prompts(batch: u64, len: u64, vocab: u64) -> Vec<Vec<u32>> {
 fn with_devices(profile: &Profile, count: usize, device_bytes: u64) -> Profile {
     let mut p = profile.clone();
     p.devices = vec![DeviceSlot { host: 0, memory_bytes: device_bytes, profile: None }; count];
-    p
-}
-
-/// `policy` with its layers split into stages of `sizes` layers on devices `devices`,
-/// each stage placing its layers like `place(stage, layers)` says.
-fn staged(policy: &Policy, sizes: &[u64], devices: &[u16], place: impl Fn(usize, u64) -> [TierCounts; 3]) -> Policy {
-    let mut p = policy.clone();
-    p.stages = sizes
-        .iter()
-        .zip(devices)
-        .enumerate()
-        .map(|(i, (&n, &device))| {
-            let [attention_weights, mlp_weights, kv_cache] = place(i, n);
-            Stage { device, attention_weights, mlp_weights, kv_cache }
-        })
-        .collect();
-    let sum = |k: usize| {
-        p.stage_list().iter().fold(TierCounts { device: 0, host: 0, disk: 0 }, |a, s| {
-            let c = [s.attention_weights, s.mlp_weights, s.kv_cache][k];
-            TierCounts { device: a.device + c.device, host: a.host + c.host, disk: a.disk + c.disk }
-        })
-    };
-    let totals = [sum(0), sum(1), sum(2)];
-    [p.attention_weights, p.mlp_weights, p.kv_cache] = totals;
     p
 }
 

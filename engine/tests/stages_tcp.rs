@@ -4,6 +4,8 @@
 //! in one process — the head on host 0 or not, two or three machines, weights and KV
 //! on every tier, host attention, every schedule.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::Path;
 
@@ -11,7 +13,7 @@ use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::machine::HostProfile;
 use ferry_core::model::Dtype;
-use ferry_core::plan::{HardwareRef, Models, Plan, Policy, Schedule, Stage, Tier, TierCounts, Workload};
+use ferry_core::plan::{HardwareRef, Models, Plan, Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::topology::{DeviceSlot, Place, Resource};
@@ -20,6 +22,8 @@ use ferry_engine::backend::CpuBackend;
 use ferry_engine::stages::{run_head, serve, Worker};
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{run, RunOptions, RunReport};
+
+use common::staged;
 
 fn profile(gpu: &str, host: &str) -> (Profile, Hardware) {
     let catalog = Catalog::builtin().unwrap();
@@ -35,27 +39,6 @@ fn machine(base: &(Profile, Hardware), hosts: &[u16]) -> Profile {
     p.devices = hosts.iter().map(|&host| DeviceSlot { host, memory_bytes: 32 * MIB, profile: None }).collect();
     let count = hosts.iter().copied().max().unwrap_or(0);
     p.hosts = (0..count).map(|_| HostProfile::from_datasheet(&base.1)).collect();
-    p
-}
-
-fn staged(policy: &Policy, sizes: &[u64], devices: &[u16], place: impl Fn(usize, u64) -> [TierCounts; 3]) -> Policy {
-    let mut p = policy.clone();
-    p.stages = sizes
-        .iter()
-        .zip(devices)
-        .enumerate()
-        .map(|(i, (&n, &device))| {
-            let [attention_weights, mlp_weights, kv_cache] = place(i, n);
-            Stage { device, attention_weights, mlp_weights, kv_cache }
-        })
-        .collect();
-    let sum = |k: usize| {
-        p.stages.iter().fold(TierCounts { device: 0, host: 0, disk: 0 }, |a, s| {
-            let c = [s.attention_weights, s.mlp_weights, s.kv_cache][k];
-            TierCounts { device: a.device + c.device, host: a.host + c.host, disk: a.disk + c.disk }
-        })
-    };
-    [p.attention_weights, p.mlp_weights, p.kv_cache] = [sum(0), sum(1), sum(2)];
     p
 }
 
