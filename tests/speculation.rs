@@ -85,10 +85,29 @@ fn tune_with_a_draft_writes_a_speculative_plan_or_says_why_not() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
         assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
     }
-    // --draft without --acceptance: clap says what is missing.
+    // --draft without --acceptance and no measured rate: says both ways to give one.
     let out = tune(&["--draft", "self:1"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("--acceptance"), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("--acceptance") && err.contains("ferry profile"), "{err}");
+    // A rate measured into the profile (`ferry profile --draft`) is used, and said.
+    let mut profile = text(&ferry(dir.path(), &["show", "profile", "cpu"]).stdout);
+    profile.push_str(
+        "acceptance:\n- {target: test-tiny, draft: 'self:1', draft_len: 4, acceptance_rate: 0.9, judged: 120, \
+         sequences: 4, tokens_per_sequence: 32}\n",
+    );
+    std::fs::write(dir.path().join("measured.yaml"), profile).unwrap();
+    let args = ["tune", "--profile", "measured.yaml", "--device-mem", "4MiB", "--model", "test-tiny", "--batch", "1"];
+    let mut args = args.to_vec();
+    args.extend(["--prompt-len", "16", "--gen-len", "32", "--draft", "self:1", "--out", "measured-plan.yaml"]);
+    let out = ferry(dir.path(), &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("α = 0.900") && text(&out.stderr).contains("120 judged"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("planned at α = 0.900"), "{}", text(&out.stdout));
 }
 
 #[test]

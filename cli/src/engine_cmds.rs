@@ -174,6 +174,15 @@ pub struct ProfileArgs {
     /// Weight dtype of the kernel table [default: the model's].
     #[arg(long, value_name = "bf16|f16|f32")]
     dtype: Option<String>,
+    /// Also measure the rate at which the model (--model: its folder or GGUF file, with
+    /// real weights) accepts this draft's tokens, `self:L` or a draft model's folder:
+    /// greedy speculative decoding of random prompts on this machine's engine. Written
+    /// into the profile; `ferry tune --draft` predicts with it.
+    #[arg(long, value_name = "self:L|DIR", requires = "model")]
+    draft: Option<String>,
+    /// Draft tokens per round the acceptance is measured at.
+    #[arg(long, value_name = "K", default_value_t = 4, requires = "draft")]
+    draft_len: u32,
     /// Describe this machine as N identical nodes joined by the network link measured
     /// between this process and a stage worker (latency and one-way rate at the sizes
     /// stages send): a plan over several machines is then tuned, run and validated
@@ -233,6 +242,15 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         ferry_profiler::profile_cpu(&options, report)
     }?;
     bar.finish_and_clear();
+    let mut profile = profile;
+    if let Some(draft) = &args.draft {
+        let measured = measure_acceptance(&args, draft, &profile, &options.scratch_dir)?;
+        println!(
+            "  acceptance: {} accepted {}'s tokens at α = {:.3} ({} judged, {} per round; measured)",
+            measured.target, measured.draft, measured.acceptance_rate, measured.judged, measured.draft_len
+        );
+        profile.acceptance.push(measured);
+    }
     let profile = match args.as_nodes {
         Some(nodes) => {
             let link = crate::stages_cmd::measure_link(args.link_to.as_deref(), args.quick)?;
@@ -298,4 +316,41 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());
     }
     Ok(())
+}
+
+/// `ferry profile --draft`: the target's own files and the draft's, run on this machine.
+fn measure_acceptance(
+    args: &ProfileArgs,
+    draft: &str,
+    profile: &ferry_core::profile::Profile,
+    scratch: &std::path::Path,
+) -> Result<ferry_core::profile::MeasuredAcceptance> {
+    use ferry_core::plan::Draft;
+    let model = args.model.as_deref().unwrap_or_default();
+    let path = std::path::Path::new(model);
+    if !path.exists() {
+        return Err(CoreError::invalid(format!(
+            "--draft measures the model on its own weights: give --model its folder or GGUF file, not '{model}'"
+        ))
+        .into());
+    }
+    let target = ferry_engine::weights::ModelFiles::open(path)?;
+    let (kind, draft_path, name) = match draft.strip_prefix("self:") {
+        Some(layers) => {
+            let layers = layers.trim().parse::<u64>().map_err(|_| {
+                CoreError::invalid(format!("--draft {draft}: give self:L, the model's first L layers (e.g. self:1)"))
+            })?;
+            (Draft::SelfLayers { layers }, None, format!("self:{layers}"))
+        }
+        None => {
+            let draft_path = std::path::Path::new(draft);
+            let spec = ferry_engine::weights::ModelFiles::open(draft_path)
+                .map_err(|e| anyhow::Error::from(e).context(format!("--draft {draft}: self:L or a draft's folder")))?
+                .spec;
+            (Draft::Model, Some(draft_path), spec.name)
+        }
+    };
+    eprintln!("measuring how often {} accepts {name}'s tokens ...", target.spec.name);
+    let run = ferry_profiler::acceptance::AcceptanceRun::new(args.quick, args.draft_len);
+    Ok(ferry_profiler::acceptance::measure_acceptance(&target, kind, draft_path, &name, profile, run, scratch)?)
 }

@@ -98,14 +98,15 @@ pub struct TuneArgs {
     /// with its head; LayerSkip-style early exit) or a draft model (catalog name,
     /// folder or GGUF file) with the model's vocabulary. The search runs with and
     /// without it and reports the speed-up and the acceptance rate it needs to win.
-    #[arg(long, value_name = "self:L|MODEL", requires = "acceptance")]
+    #[arg(long, value_name = "self:L|MODEL")]
     pub(crate) draft: Option<String>,
     /// Draft tokens per round to plan with [default: search 1 to 8].
     #[arg(long, value_name = "K", requires = "draft")]
     pub(crate) draft_len: Option<u32>,
     /// The rate α at which the model accepts a draft token, which the speculative
     /// plans are predicted with: your estimate, or the rate `ferry run` measured on a
-    /// speculative plan (it prints it).
+    /// speculative plan (it prints it) [default: the rate `ferry profile --draft`
+    /// measured into the --profile given].
     #[arg(long, value_name = "α", requires = "draft")]
     pub(crate) acceptance: Option<f64>,
     /// Write the winning plan (YAML) here.
@@ -181,7 +182,8 @@ pub fn run(args: TuneArgs) -> Result<()> {
         speculation: None,
     };
     if let Some(draft) = &args.draft {
-        let speculation = tune_speculative::requested(draft, args.draft_len, args.acceptance, &model, &catalog)?;
+        let speculation =
+            tune_speculative::requested(draft, args.draft_len, args.acceptance, &model, &catalog, &profile)?;
         let [format] = formats.as_slice() else {
             bail!("--draft tunes one weight format; give a single --weight-format (or none) with it")
         };

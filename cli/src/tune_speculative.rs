@@ -56,23 +56,19 @@ pub fn run(
 }
 
 /// The speculation section from `--draft` (`self:L`, or a draft model: a catalog name,
-/// a folder or a GGUF file), `--draft-len` and `--acceptance`, checked against the
-/// model.
+/// a folder or a GGUF file), `--draft-len` and `--acceptance` — or, without it, the
+/// rate `ferry profile --draft` measured for this pair into `profile` — checked
+/// against the model.
 pub fn requested(
     draft: &str,
     draft_len: Option<u32>,
     acceptance: Option<f64>,
     model: &ModelSpec,
     catalog: &Catalog,
+    profile: &ferry_core::profile::Profile,
 ) -> Result<Speculation> {
-    let acceptance_rate = acceptance.ok_or_else(|| {
-        CoreError::invalid(
-            "--draft needs --acceptance α, the rate at which the model accepts a draft token: your estimate, or \
-             the rate `ferry run` reports for a speculative plan",
-        )
-    })?;
     let draft_len = draft_len.unwrap_or(1);
-    let speculation = match draft.strip_prefix("self:") {
+    let (kind, draft_spec) = match draft.strip_prefix("self:") {
         Some(layers) => {
             let layers = layers.trim().parse::<u64>().map_err(|_| {
                 CoreError::invalid(format!("--draft {draft}: give self:L, the model's first L layers (e.g. self:2)"))
@@ -85,16 +81,41 @@ pub fn requested(
                 ))
                 .into());
             }
-            Speculation { draft: Draft::SelfLayers { layers }, draft_len, acceptance_rate, draft_spec: None }
+            (Draft::SelfLayers { layers }, None)
         }
         None => {
             let (spec, _) = resolve_model(catalog, draft, Path::new(".")).map_err(|e| {
                 anyhow::Error::from(e)
                     .context(format!("--draft {draft}: a draft model, or self:L for the model's own first layers"))
             })?;
-            Speculation { draft: Draft::Model, draft_len, acceptance_rate, draft_spec: Some(Arc::new(spec)) }
+            (Draft::Model, Some(Arc::new(spec)))
         }
     };
+    let key = match (kind, &draft_spec) {
+        (Draft::SelfLayers { layers }, _) => format!("self:{layers}"),
+        (_, Some(spec)) => spec.name.clone(),
+        (_, None) => draft.to_string(),
+    };
+    let acceptance_rate = match (acceptance, profile.measured_acceptance(&model.name, &key)) {
+        (Some(rate), _) => rate,
+        (None, Some(measured)) => {
+            eprintln!(
+                "note: α = {:.3}: {} accepted {key}'s tokens at this rate on this machine ({} judged; ferry profile)",
+                measured.acceptance_rate, model.name, measured.judged
+            );
+            measured.acceptance_rate
+        }
+        (None, None) => {
+            return Err(CoreError::invalid(format!(
+                "--draft needs --acceptance α, the rate at which the model accepts a draft token: your estimate, \
+                 the rate `ferry run` reports for a speculative plan, or measured into a profile (ferry profile \
+                 --model {} --draft {draft} --out profile.yaml, then --profile profile.yaml)",
+                model.name
+            ))
+            .into())
+        }
+    };
+    let speculation = Speculation { draft: kind, draft_len, acceptance_rate, draft_spec };
     speculation.validate(model)?;
     Ok(speculation)
 }
@@ -108,7 +129,7 @@ pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation
         (Draft::Model, None) => "a draft model".into(),
     };
     println!(
-        "\nspeculation: a draft of {draft}, α = {:.3} assumed (a micro-batch of m sequences accepts a token at α^m)",
+        "\nspeculation: a draft of {draft}, planned at α = {:.3} (a micro-batch of m sequences accepts a token at α^m)",
         speculation.acceptance_rate
     );
     let mut table = Table::new(["draft tokens", "batch", "tokens/round", "tokens/s", "first token", "vs no draft"]);

@@ -202,6 +202,7 @@ impl Profile {
             devices: Vec::new(),
             links: Vec::new(),
             hosts: Vec::new(),
+            acceptance: Vec::new(),
         }
     }
 }

@@ -275,6 +275,36 @@ pub struct Profile {
     /// nodes of a cluster (`crate::machine`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<crate::machine::HostProfile>,
+    /// Acceptance rates measured on this machine (`ferry profile --model DIR --draft D`):
+    /// what `ferry tune --draft D` predicts with when no `--acceptance` is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acceptance: Vec<MeasuredAcceptance>,
+}
+
+/// The rate at which a target accepted a draft's tokens, measured by running them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasuredAcceptance {
+    /// The target model's name (its folder's or file's).
+    pub target: String,
+    /// `self:L`, or the draft model's name.
+    pub draft: String,
+    /// Draft tokens per round it was measured at.
+    pub draft_len: u32,
+    /// Draft tokens the target agreed with ÷ those it judged (each sequence on its own).
+    pub acceptance_rate: f64,
+    /// Draft tokens judged: the sample the rate rests on.
+    pub judged: u64,
+    /// Sequences and new tokens per sequence of the run.
+    pub sequences: u64,
+    pub tokens_per_sequence: u64,
+}
+
+impl Profile {
+    /// The acceptance measured for `target` with `draft` (the largest sample if several).
+    pub fn measured_acceptance(&self, target: &str, draft: &str) -> Option<&MeasuredAcceptance> {
+        self.acceptance.iter().filter(|a| a.target == target && a.draft == draft).max_by_key(|a| a.judged)
+    }
 }
 
 /// One direction of a link between two places, with its own curve.
@@ -392,6 +422,7 @@ impl Profile {
             devices: Vec::new(),
             links: Vec::new(),
             hosts: Vec::new(),
+            acceptance: Vec::new(),
         }
     }
 

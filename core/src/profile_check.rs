@@ -110,6 +110,9 @@ impl Profile {
         for (i, link) in self.links.iter().enumerate() {
             check_curve(&format!("links[{i}].curve"), &link.curve)?;
         }
+        for (i, measured) in self.acceptance.iter().enumerate() {
+            check_range(&format!("acceptance[{i}].acceptance_rate"), measured.acceptance_rate, (0.0, 1.0), "a rate")?;
+        }
         check_compute("device_compute", &self.device_compute)?;
         check_compute("host_compute", &self.host_compute)?;
         let interference = &self.interference;

@@ -10,6 +10,7 @@
 //! median of repeated trials with its spread; the only inputs that are not are the
 //! memory sizes, read from /proc/meminfo.
 
+pub mod acceptance;
 pub mod cuda;
 mod dequant;
 mod kernel_table;
@@ -224,6 +225,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         devices: Vec::new(),
         links: Vec::new(),
         hosts: Vec::new(),
+        acceptance: Vec::new(),
     };
     profile.validate()?;
     Ok(profile)

@@ -230,6 +230,7 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
         devices: Vec::new(),
         links: Vec::new(),
         hosts: Vec::new(),
+        acceptance: Vec::new(),
     };
     profile.validate()?;
     Ok(profile)

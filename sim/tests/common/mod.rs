@@ -49,6 +49,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         devices: Vec::new(),
         links: Vec::new(),
         hosts: Vec::new(),
+        acceptance: Vec::new(),
     }
 }
 
