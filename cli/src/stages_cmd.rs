@@ -24,7 +24,8 @@ use ferry_engine::weights::ModelFiles;
 Without --worker, `ferry run` starts a stage worker for each other node on this machine.")]
 pub struct StageWorkerArgs {
     /// Address to listen on for the head (HOST:PORT; port 0 picks a free one). The
-    /// address it listens on is printed first: "listening on ADDR".
+    /// address it listens on is printed first: "listening on ADDR". There is no
+    /// authentication: listen only on a network you trust.
     #[arg(long, default_value = "0.0.0.0:7070")]
     listen: String,
     /// This machine's copy of the model (the head checks it holds the same weights);
