@@ -112,7 +112,8 @@ fn a_plan_over_two_machines_runs_as_two_processes_with_the_tokens_of_one() {
     let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The head starts a stage worker for node 1 (another process) and joins it over loopback.
-    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json"]);
+    let out =
+        ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json", "--logits", "two.npy"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let two: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // The same stages as two devices of one machine, in one process.
@@ -121,10 +122,23 @@ fn a_plan_over_two_machines_runs_as_two_processes_with_the_tokens_of_one() {
         "  gpu: cpu\n  host: ferry-ci-vm\n  devices:\n    - memory: 64MiB\n    - memory: 64MiB\n",
     );
     std::fs::write(dir.path().join("one.yaml"), one_machine).unwrap();
-    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "one.yaml", "--json"]);
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "one.yaml", "--json", "--logits", "one.npy"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let one: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(two["tokens"], one["tokens"]);
+    // The last step's logits (--logits, NumPy's format): the same over TCP as in one
+    // process, and each sequence's last token is their argmax.
+    let last: Vec<String> = one["tokens"].as_array().unwrap().iter().map(|t| t[4].to_string()).collect();
+    let check = std::process::Command::new("python3")
+        .current_dir(dir.path())
+        .args(["-c", &format!(
+            "import numpy as np\na, b = np.load('one.npy'), np.load('two.npy')\nassert a.dtype == np.float32 and a.shape == (4, 512), a.shape\n\
+             assert np.allclose(a, b, rtol=0, atol=1e-5 * abs(a).max())\nassert list(a.argmax(axis=1)) == [{}], a.argmax(axis=1)",
+            last.join(", ")
+        )])
+        .output()
+        .expect("python3 runs");
+    assert!(check.status.success(), "{}", text(&check.stderr));
     // A worker holding the weights in another format: refused, naming the worker and why.
     let other = ferry(dir.path(), &["synth", "--model", "test-tiny", "--dtype", "f16", "--out", "other"]);
     assert!(other.status.success(), "{}", text(&other.stderr));

@@ -71,13 +71,18 @@ pub struct RunArgs {
     /// its own process joined over loopback.
     #[arg(long, value_name = "NODE=HOST:PORT")]
     worker: Vec<String>,
+    /// Write the last step's logits as a NumPy `.npy` array (sequences × vocabulary,
+    /// f32), to compare with another engine on the same weights (`numpy.load`). The run
+    /// keeps every step's logits in memory for it (steps × sequences × vocabulary × 4 bytes).
+    #[arg(long, value_name = "FILE")]
+    logits: Option<PathBuf>,
     /// Write the measured trace as Chrome trace-event JSON (opens in Perfetto).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Overwrite the trace file.
+    /// Overwrite the trace and logits files.
     #[arg(long)]
     force: bool,
 }
@@ -156,7 +161,7 @@ fn resolve_for_folder(
 }
 
 pub fn run_plan(args: RunArgs) -> Result<()> {
-    if let Some(path) = &args.trace {
+    for path in args.trace.iter().chain(&args.logits) {
         ferry_core::atomic::check_output_path(path, args.force)?;
     }
     let catalog = Catalog::builtin()?;
@@ -195,7 +200,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         prompts,
         scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| args.model_dir.clone()),
         allow_buffered_io: true,
-        keep_logits: false,
+        keep_logits: args.logits.is_some(),
         progress: callback,
         draft_files,
     };
@@ -219,6 +224,10 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     // A speculative run stops once every sequence has its tokens: its trace is over the
     // rounds that ran.
     let graph = report.graph_run.as_ref().unwrap_or(&graph);
+    if let Some(path) = &args.logits {
+        let last = report.logits.last().context("the run kept no logits")?;
+        ferry_core::atomic::write_atomic(path, &ferry_core::npy::f32_matrix(last)?, args.force)?;
+    }
     if let Some(path) = &args.trace {
         let json = chrome_trace(graph, &report.trace);
         ferry_core::yaml::write_new_file(path, &serde_json::to_string(&json)?, args.force)?;

@@ -22,6 +22,7 @@ pub mod export;
 pub mod gguf;
 pub mod graph;
 pub mod machine;
+pub mod npy;
 pub mod plan;
 pub mod profile;
 mod profile_check;
