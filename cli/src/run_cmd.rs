@@ -421,24 +421,31 @@ fn print_run(
 }
 
 fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunReport) {
-    // Every device's budget together: the process holds all of them.
-    let budget: u64 = resolved.profile.device_slots().iter().map(|d| d.memory_bytes).sum();
+    // The budgets of the devices on a host together: its process holds all of them.
+    let profile = &resolved.profile;
+    let budget_of = |host: u16| -> (u64, usize) {
+        let on = (0..profile.device_count() as u16).filter(|&d| profile.device(d).host == host);
+        on.fold((0, 0), |(bytes, n), d| (bytes + profile.device(d).memory_bytes, n + 1))
+    };
+    let devices = |n: usize| if n == 1 { String::new() } else { format!(" over {n} devices") };
+    let head = profile.device(resolved.plan.policy.first_device()).host;
+    let (budget, n) = budget_of(head);
     println!(
         "{} peak memory {} (VmHWM) for {} of device budget{}; {} was resident before the model loaded",
         if report.stage_processes.is_empty() { "process" } else { "head process" },
         format_bytes(report.peak_rss_bytes),
         format_bytes(budget),
-        match resolved.profile.device_count() {
-            1 => String::new(),
-            n => format!(" over {n} devices"),
-        },
+        devices(n),
         format_bytes(report.baseline_rss_bytes)
     );
     for worker in &report.stage_processes {
+        let (budget, n) = budget_of(worker.host);
         println!(
-            "stage worker of node {}: peak memory {} (VmHWM), {} before the model loaded",
+            "stage worker of node {}: peak memory {} (VmHWM) for {} of device budget{}; {} before the model loaded",
             worker.host,
             format_bytes(worker.peak_rss_bytes),
+            format_bytes(budget),
+            devices(n),
             format_bytes(worker.baseline_rss_bytes)
         );
     }
