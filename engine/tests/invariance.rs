@@ -18,7 +18,7 @@ use ferry_engine::backend::CpuBackend;
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{run, RunOptions, RunReport};
 
-use common::staged;
+use common::{assert_same, staged};
 
 fn profile(gpu: &str, host: &str, device_bytes: u64) -> Profile {
     let catalog = Catalog::builtin().unwrap();
@@ -57,24 +57,6 @@ fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload,
         draft_files: None,
     };
     run(&graph, policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
-}
-
-fn assert_same(reference: &RunReport, other: &RunReport, what: &str) {
-    assert_eq!(reference.tokens, other.tokens, "{what}: tokens differ");
-    for (step, (a, b)) in reference.logits.iter().zip(&other.logits).enumerate() {
-        for (seq, (x, y)) in a.iter().zip(b).enumerate() {
-            // Relative to the vector's largest logit: a different micro-batch size changes
-            // the GEMM's row count and so its summation order, which moves near-zero
-            // logits by far more than 1e-5 of themselves but not of the vector.
-            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                assert!(
-                    (p - q).abs() <= 1e-5 * scale,
-                    "{what}: step {step} seq {seq} logit {i}: {p} vs {q} (largest {scale})"
-                );
-            }
-        }
-    }
 }
 
 #[test]

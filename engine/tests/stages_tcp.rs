@@ -23,7 +23,7 @@ use ferry_engine::stages::{run_head, serve, Worker};
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{run, RunOptions, RunReport};
 
-use common::staged;
+use common::{assert_same, staged, tiny_model};
 
 fn profile(gpu: &str, host: &str) -> (Profile, Hardware) {
     let catalog = Catalog::builtin().unwrap();
@@ -106,28 +106,11 @@ fn over_tcp(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload
     })
 }
 
-fn assert_same(reference: &RunReport, other: &RunReport, what: &str) {
-    assert_eq!(reference.tokens, other.tokens, "{what}: tokens differ");
-    assert_eq!(reference.logits.len(), other.logits.len(), "{what}");
-    for (step, (a, b)) in reference.logits.iter().zip(&other.logits).enumerate() {
-        for (seq, (x, y)) in a.iter().zip(b).enumerate() {
-            assert_eq!(x.len(), y.len(), "{what}: step {step} seq {seq}");
-            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            for (p, q) in x.iter().zip(y) {
-                assert!((p - q).abs() <= 1e-5 * scale, "{what}: step {step} seq {seq}: {p} vs {q}");
-            }
-        }
-    }
-}
-
 #[test]
 fn stages_over_tcp_compute_the_tokens_and_logits_of_one_process() {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::builtin().unwrap();
-    let spec = catalog.model("test-tiny").unwrap().value;
-    let model_dir = dir.path().join("model");
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
-    let files = ModelFiles::open(&model_dir).unwrap();
+    let files = tiny_model(dir.path());
+    let spec = files.spec.clone();
     let workload = Workload { batch_size: 4, prompt_len: 6, gen_len: 4 };
     let cpu = profile("cpu", "ferry-ci-vm");
     let discrete = profile("rtx3060-12gb", "desktop-pcie4");
@@ -201,11 +184,8 @@ fn stages_over_tcp_compute_the_tokens_and_logits_of_one_process() {
 #[test]
 fn an_unreachable_stage_worker_is_an_error_naming_its_address() {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::builtin().unwrap();
-    let spec = catalog.model("test-tiny").unwrap().value;
-    let model_dir = dir.path().join("model");
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
-    let files = ModelFiles::open(&model_dir).unwrap();
+    let files = tiny_model(dir.path());
+    let spec = files.spec.clone();
     let workload = Workload { batch_size: 2, prompt_len: 4, gen_len: 2 };
     let profile = machine(&profile("cpu", "ferry-ci-vm"), &[0, 1]);
     let base = Policy::all_on_device(spec.num_layers, 2, Dtype::F32);

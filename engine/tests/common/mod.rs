@@ -1,6 +1,21 @@
 //! Helpers the engine's integration tests share.
 
+use std::path::Path;
+
+use ferry_core::catalog::Catalog;
+use ferry_core::model::Dtype;
 use ferry_core::plan::{Policy, Stage, TierCounts};
+use ferry_engine::weights::ModelFiles;
+use ferry_engine::RunReport;
+
+/// test-tiny in f32 (seed 7) written to `dir/model`, opened.
+#[allow(dead_code)]
+pub fn tiny_model(dir: &Path) -> ModelFiles {
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let model_dir = dir.join("model");
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
+    ModelFiles::open(&model_dir).unwrap()
+}
 
 /// `policy` with its layers split into stages of `sizes` layers on devices `devices`,
 /// each stage placing its layers like `place(stage, layers)` says.
@@ -29,4 +44,23 @@ pub fn staged(
     let totals = [sum(0), sum(1), sum(2)];
     [p.attention_weights, p.mlp_weights, p.kv_cache] = totals;
     p
+}
+
+/// The same tokens, and logits within 1e-5 of each vector's largest.
+pub fn assert_same(reference: &RunReport, other: &RunReport, what: &str) {
+    assert_eq!(reference.tokens, other.tokens, "{what}: tokens differ");
+    for (step, (a, b)) in reference.logits.iter().zip(&other.logits).enumerate() {
+        for (seq, (x, y)) in a.iter().zip(b).enumerate() {
+            // Relative to the vector's largest logit: a different micro-batch size changes
+            // the GEMM's row count and so its summation order, which moves near-zero
+            // logits by far more than 1e-5 of themselves but not of the vector.
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 * scale,
+                    "{what}: step {step} seq {seq} logit {i}: {p} vs {q} (largest {scale})"
+                );
+            }
+        }
+    }
 }
