@@ -7,7 +7,8 @@ stands for two one-core machines. The link is loopback as it is, or shaped with 
 (a token bucket on `lo`: needs root) to 1 Gbit/s or 100 Mbit/s. For every link the
 machine is profiled once (`ferry profile --quick --as-nodes 2`, which measures that
 link between two processes), then two sets of plans run (`ferry run --json`) beside
-their prediction:
+their prediction, with the disk's read rate re-measured around each run
+(`--recheck-disk`: this machine's disk drifts by tens of percent):
 
 - resident: every stage's weights and KV cache in its budget, the layers split 3/7,
   5/5 and 7/3, batches 4 and 8 (two micro-batches), prompts 32 and 96;
@@ -105,7 +106,7 @@ policy:
 def measure(plan, model, kind, link, budgets, batch, prompt, layers, rounds):
     rows = []
     for _ in range(rounds):
-        out = json.loads(run([BIN, "run", "--model-dir", model, "--plan", plan, "--json"]).stdout)
+        out = json.loads(run([BIN, "run", "--model-dir", model, "--plan", plan, "--json", "--recheck-disk"]).stdout)
         measured, predicted = out["metrics"]["tokens_per_s"], out["predicted_tokens_per_s"]
         row = dict(kind=kind, link=link, budgets=list(budgets), batch=batch, prompt=prompt, layers=layers,
                    measured=measured, predicted=predicted, error=(predicted - measured) / measured)

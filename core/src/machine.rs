@@ -373,6 +373,27 @@ mod tests {
     use crate::catalog::Catalog;
 
     #[test]
+    fn a_machine_as_nodes_has_its_figures_on_each_node_and_one_disk() {
+        let catalog = Catalog::builtin().unwrap();
+        let gpu = catalog.gpu("cpu").unwrap().value;
+        let host = catalog.host("ferry-ci-vm").unwrap().value;
+        let one = Profile::from_datasheet(&Hardware { gpu, host });
+        let link = TransferCurve::from_datasheet(0.125, 200_000, 200_000);
+        let mut three = one.as_nodes(3, &link, crate::topology::LinkKind::Ethernet).unwrap();
+        assert_eq!(three.device_count(), 3);
+        assert_eq!((0..3).map(|d| three.device(d).host).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(three.host(2).compute, &one.host_compute);
+        assert_eq!(three.links.len(), 6, "every ordered pair of nodes");
+        assert!(one.as_nodes(1, &link, crate::topology::LinkKind::Ethernet).is_err());
+        assert!(three.as_nodes(2, &link, crate::topology::LinkKind::Ethernet).is_err(), "one machine only");
+        // Re-measuring the disk scales every node's copy of it.
+        let before = three.host(1).disk_read.points[0].gbps;
+        three.scale_disk_reads(0.5);
+        assert_eq!(three.host(1).disk_read.points[0].gbps, before * 0.5);
+        assert_eq!(three.host(0).disk_read.points[0].gbps, before * 0.5);
+    }
+
+    #[test]
     fn one_device_views_are_the_top_level_figures() {
         let catalog = Catalog::builtin().unwrap();
         let gpu = catalog.gpu("rtx3060").unwrap().value;

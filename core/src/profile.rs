@@ -451,8 +451,12 @@ impl Profile {
     /// Scales every disk-read figure (alone and under compute) by `factor`: how a disk
     /// re-measured just now compares with the profile.
     pub fn scale_disk_reads(&mut self, factor: f64) {
+        // Other hosts described with this host's very disk figures (`as_nodes`: one
+        // machine standing for several) are taken to be this disk.
+        let same_disk = self.hosts.iter_mut().filter(|h| h.disk_read == self.disk_read).map(|h| &mut h.disk_read);
+        let same_disk: Vec<&mut TransferCurve> = same_disk.collect();
         let under_compute = self.interference.disk_read_under_compute.iter_mut();
-        for curve in std::iter::once(&mut self.disk_read).chain(under_compute) {
+        for curve in std::iter::once(&mut self.disk_read).chain(under_compute).chain(same_disk) {
             for point in &mut curve.points {
                 point.gbps *= factor;
             }
