@@ -208,3 +208,56 @@ fn a_separate_draft_model_yields_the_targets_tokens_and_agrees_as_its_layers_do(
         assert_eq!(reference.tokens, narrow.tokens, "{what}: a draft of another shape changed the tokens");
     }
 }
+
+/// A separate draft on the first stage's device, the target split over two devices of
+/// one machine: the last stage verifies, the first drafts the next round — the tokens
+/// are still the target's own, and the draft agrees exactly as it does on one device.
+#[test]
+fn a_separate_draft_speculates_over_two_stages() {
+    use ferry_core::plan::{Stage, Tier};
+    use ferry_core::topology::DeviceSlot;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
+    let model_dir = dir.path().join("model");
+    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
+    let first_layer = ferry_core::model::ModelSpec { num_layers: 1, ..spec.clone() };
+    let cut_dir = dir.path().join("cut");
+    ferry_engine::synth::synthesize(&first_layer, Dtype::F32, 7, &cut_dir, false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let layers = spec.num_layers;
+    let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 12 };
+    let plain = Policy::all_on_device(layers, 2, Dtype::F32);
+    let reference = execute(dir.path(), &files, &plain, &workload);
+    let one_stage = execute_with(dir.path(), &files, Some(&cut_dir), &with_draft_model(&plain, 3), &workload);
+
+    let mut two = with_draft_model(&plain, 3);
+    let half = TierCounts::all(Tier::Device, layers / 2);
+    two.stages =
+        (0..2).map(|device| Stage { device, attention_weights: half, mlp_weights: half, kv_cache: half }).collect();
+    let mut machine = profile(false);
+    machine.devices = vec![DeviceSlot { host: 0, memory_bytes: 32 * MIB, profile: None }; 2];
+    let draft = ModelFiles::open(&cut_dir).unwrap();
+    if let Some(speculation) = two.speculation.as_mut() {
+        speculation.draft_spec = Some(Arc::new(draft.spec.clone()));
+    }
+    two.validate(&files.spec, &workload, true).unwrap();
+    let graph = lower(&two, &files.spec, &workload, &machine, &Steps::Bound).unwrap();
+    let options = RunOptions {
+        prompts: prompts(workload.batch_size, workload.prompt_len, files.spec.vocab_size),
+        scratch_dir: dir.path().join("scratch"),
+        allow_buffered_io: true,
+        keep_logits: false,
+        progress: None,
+        draft_files: Some(draft),
+    };
+    let report = run(&graph, &two, &workload, &files, &CpuBackend, &options).unwrap();
+    assert_eq!(reference.tokens, report.tokens, "two stages with a draft changed the tokens");
+    let (a, b) = (one_stage.speculation.unwrap(), report.speculation.unwrap());
+    assert_eq!((a.agreed, a.rejections, a.rounds), (b.agreed, b.rejections, b.rounds));
+    // A self-speculating draft over several stages is refused, saying why.
+    let mut own = speculating(&plain, 1, 3);
+    own.stages = two.stages.clone();
+    let err = own.validate(&files.spec, &workload, true).unwrap_err().to_string();
+    assert!(err.contains("separate draft model"), "{err}");
+}

@@ -271,13 +271,16 @@ impl Policy {
         Ok(())
     }
 
-    /// The draft runs on the (one) device and shares the target's embeddings and head
-    /// there.
+    /// The draft runs on the first stage's device; a self-speculating one shares the
+    /// target's embeddings and head there, so it needs them both on that one device.
     fn validate_speculation(&self, speculation: &Speculation, model: &ModelSpec) -> Result<()> {
         speculation.validate(model)?;
         let fail = |m: &str| Err(CoreError::invalid(format!("plan: speculation: {m}")));
-        if self.stages.len() > 1 {
-            return fail("speculative plans run on one device (several stages are not supported with a draft yet)");
+        if self.stages.len() > 1 && speculation.is_self() {
+            return fail(
+                "a self-speculating draft shares the target's head, which several stages keep on the last stage's \
+                 device while the draft runs on the first's: speculate with a separate draft model (models.draft)",
+            );
         }
         match speculation.draft {
             Draft::SelfLayers { .. } if self.embeddings != Tier::Device || self.head != Tier::Device => {

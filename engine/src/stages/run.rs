@@ -31,6 +31,13 @@ pub fn run_head(
     options: &RunOptions,
     workers: &[(u16, String)],
 ) -> Result<RunReport, EngineError> {
+    if plan.policy.speculation.is_some() {
+        // The draft's guesses live where it runs (the head); verification at the last
+        // stage would need them on another machine.
+        return Err(EngineError::Unsupported(
+            "speculative plans run on one machine: stages over the network do not carry the draft's guesses".into(),
+        ));
+    }
     let head = profile.device(plan.policy.first_device()).host;
     let ownership = Ownership::of(profile, &plan.policy, head);
     let needed: Vec<u16> = ownership.hosts(graph).into_iter().filter(|&h| h != head).collect();
