@@ -70,6 +70,20 @@ fn execute_with(
     run(&graph, &policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
 }
 
+/// test-tiny with its later layers damped (`DAMPING`), written to `dir/model`, and a
+/// file of exactly its first layer, embeddings, final norm and head (synthetic values
+/// depend only on the seed and the tensor's name) in `dir/cut`.
+fn damped_and_its_first_layer(dir: &Path) -> (ferry_core::model::ModelSpec, std::path::PathBuf, std::path::PathBuf) {
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
+    let model_dir = dir.join("model");
+    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
+    let first_layer = ferry_core::model::ModelSpec { num_layers: 1, ..spec.clone() };
+    let cut_dir = dir.join("cut");
+    ferry_engine::synth::synthesize(&first_layer, Dtype::F32, 7, &cut_dir, false, |_, _| {}).unwrap();
+    (spec, model_dir, cut_dir)
+}
+
 fn speculating(policy: &Policy, layers: u64, draft_len: u32) -> Policy {
     let draft = Draft::SelfLayers { layers };
     let speculation = Speculation { draft, draft_len, acceptance_rate: 0.5, draft_spec: None };
@@ -167,16 +181,9 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
 #[test]
 fn a_separate_draft_model_yields_the_targets_tokens_and_agrees_as_its_layers_do() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
-    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
-    let model_dir = dir.path().join("model");
-    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
-    // A file holding exactly the target's first layer, embeddings, final norm and head
-    // (synthetic values depend only on the seed and the tensor's name): as a separate
-    // draft it must agree with the target exactly as the self-speculating one does.
-    let first_layer = ferry_core::model::ModelSpec { num_layers: 1, ..spec.clone() };
-    let cut_dir = dir.path().join("cut");
-    ferry_engine::synth::synthesize(&first_layer, Dtype::F32, 7, &cut_dir, false, |_, _| {}).unwrap();
+    // The first-layer file as a separate draft must agree with the target exactly as
+    // the self-speculating one does.
+    let (spec, model_dir, cut_dir) = damped_and_its_first_layer(dir.path());
     // A draft of another shape (narrower, two layers, its own weights) with the vocabulary.
     let narrow = ferry_core::model::ModelSpec {
         name: "test-narrow".into(),
@@ -217,13 +224,7 @@ fn a_separate_draft_speculates_over_two_stages() {
     use ferry_core::plan::{Stage, Tier};
     use ferry_core::topology::DeviceSlot;
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
-    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
-    let model_dir = dir.path().join("model");
-    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
-    let first_layer = ferry_core::model::ModelSpec { num_layers: 1, ..spec.clone() };
-    let cut_dir = dir.path().join("cut");
-    ferry_engine::synth::synthesize(&first_layer, Dtype::F32, 7, &cut_dir, false, |_, _| {}).unwrap();
+    let (spec, model_dir, cut_dir) = damped_and_its_first_layer(dir.path());
     let files = ModelFiles::open(&model_dir).unwrap();
     let layers = spec.num_layers;
     let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 12 };

@@ -13,16 +13,16 @@
 pub mod acceptance;
 pub mod cuda;
 mod dequant;
+mod disk;
 mod kernel_table;
 mod machine;
 
+use disk::timed_release_ns_per_mib;
+pub(crate) use disk::{measure_read_curve, read_bytes, ScratchDisk};
 use kernel_table::{measure_kernel_table, measure_task_overhead};
 pub(crate) use machine::{disk_free_bytes, meminfo_bytes};
 pub use machine::{fingerprint, today};
 
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -127,13 +127,6 @@ pub fn median_spread(values: &[f64]) -> (f64, f64) {
     let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
     let spread = if median > 0.0 { (sorted[n - 1] - sorted[0]) / median } else { 0.0 };
     (median, spread)
-}
-
-fn drop_from_cache(file: &File, len: u64) {
-    // SAFETY: advisory call on an open descriptor.
-    unsafe {
-        libc::posix_fadvise(file.as_raw_fd(), 0, len as i64, libc::POSIX_FADV_DONTNEED);
-    }
 }
 
 /// Measures the cpu backend. `progress(step, fraction)` reports as it goes.
@@ -283,91 +276,6 @@ pub(crate) fn measure_host_compute(
     })
 }
 
-/// The scratch file reads are timed on: written (timing buffered writes with fsync, what
-/// KV-cache stores do), evicted from the page cache, opened for direct I/O, and removed
-/// when dropped.
-pub(crate) struct ScratchDisk {
-    pub disk: Arc<DiskFile>,
-    pub write_points: Vec<CurvePoint>,
-    /// Median time to the first byte of a single 4 KiB direct read.
-    pub read_latency_ns: f64,
-    _cleanup: ferry_core::atomic::ScratchPath,
-}
-
-impl ScratchDisk {
-    pub fn create(options: &ProfileOptions, progress: &mut impl FnMut(&str, f64)) -> Result<ScratchDisk, ProfileError> {
-        std::fs::create_dir_all(&options.scratch_dir).map_err(io_error(&options.scratch_dir))?;
-        let path = options.scratch_dir.join(format!("ferry-profile-{}.bin", std::process::id()));
-        let cleanup = ferry_core::atomic::ScratchPath::register(path.clone());
-        progress("disk writes", 0.0);
-        let mut write_points = Vec::new();
-        let region = options.scratch_bytes / 2;
-        for (i, &chunk) in [64 * KIB, 4 * MIB].iter().enumerate() {
-            let mut rates = Vec::new();
-            for _ in 0..options.trials.min(3) {
-                rates.push(timed_write(&path, region, chunk)?);
-            }
-            let (gbps, spread) = median_spread(&rates);
-            write_points.push(CurvePoint { chunk_bytes: chunk, concurrency: 1, gbps, spread: Some(spread) });
-            progress("disk writes", (i + 1) as f64 / 2.0);
-        }
-        timed_write(&path, options.scratch_bytes, 4 * MIB)?;
-        let file = File::open(&path).map_err(io_error(&path))?;
-        drop_from_cache(&file, options.scratch_bytes);
-        let disk = Arc::new(DiskFile::open(&path, false)?);
-        if !disk.direct {
-            return Err(ProfileError::Unsupported(format!(
-                "{} does not support direct I/O; profile on the disk you offload to",
-                options.scratch_dir.display()
-            )));
-        }
-        let pool = ReadPool::new(1);
-        let mut latencies = Vec::new();
-        for i in 0..32u64 {
-            let offset = (i * 7919 * 4096) % (options.scratch_bytes - 4096) / 4096 * 4096;
-            let start = Instant::now();
-            drop(pool.read_ranges(&disk, &[(offset, offset + 4096)], 4096)?);
-            latencies.push(start.elapsed().as_nanos() as f64);
-        }
-        let (read_latency_ns, _) = median_spread(&latencies);
-        Ok(ScratchDisk { disk, write_points, read_latency_ns, _cleanup: cleanup })
-    }
-}
-
-/// Read bandwidth over the scratch file for every request size × requests in flight;
-/// `read(pool, offset, bytes, chunk)` performs one timed read.
-pub(crate) fn measure_read_curve(
-    options: &ProfileOptions,
-    mut read: impl FnMut(&ReadPool, u64, u64, u64) -> Result<(), ferry_engine::EngineError>,
-    mut progress: impl FnMut(f64),
-) -> Result<Vec<CurvePoint>, ProfileError> {
-    let mut points = Vec::new();
-    let total = options.chunk_sizes.len() * options.queue_depths.len();
-    for &depth in &options.queue_depths {
-        let pool = ReadPool::new(depth as usize);
-        for &chunk in &options.chunk_sizes {
-            let bytes = read_bytes(options, chunk, depth);
-            let mut rates = Vec::new();
-            for trial in 0..options.trials {
-                let offset = (trial as u64 * bytes) % (options.scratch_bytes - bytes + 1) / 4096 * 4096;
-                let start = Instant::now();
-                read(&pool, offset, bytes, chunk)?;
-                rates.push(bytes as f64 / start.elapsed().as_secs_f64() / 1e9);
-            }
-            let (gbps, spread) = median_spread(&rates);
-            points.push(CurvePoint { chunk_bytes: chunk, concurrency: depth, gbps, spread: Some(spread) });
-            progress(points.len() as f64 / total as f64);
-        }
-    }
-    Ok(points)
-}
-
-/// Bytes one timed read covers: enough that a measurement takes tens of milliseconds
-/// even for small requests, never more than the scratch file.
-pub(crate) fn read_bytes(options: &ProfileOptions, chunk: u64, depth: u32) -> u64 {
-    (options.scratch_bytes / 4).max(chunk * depth as u64 * 8).min(options.scratch_bytes) / 4096 * 4096
-}
-
 /// Work repeated on a background thread until dropped: the load a measurement runs beside.
 pub(crate) struct Background {
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -422,45 +330,6 @@ impl Drop for Background {
             let _ = worker.join();
         }
     }
-}
-
-/// Writes `bytes` of pseudo-random data in `chunk` writes and fsyncs; GB/s.
-fn timed_write(path: &Path, bytes: u64, chunk: u64) -> Result<f64, ProfileError> {
-    let mut rng = ferry_engine::synth::SplitMix64::new(bytes ^ chunk);
-    let data: Vec<u8> = (0..chunk / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
-    let mut file = File::create(path).map_err(io_error(path))?;
-    let start = Instant::now();
-    let mut written = 0;
-    while written < bytes {
-        let n = chunk.min(bytes - written) as usize;
-        file.write_all(&data[..n]).map_err(io_error(path))?;
-        written += n as u64;
-    }
-    file.sync_all().map_err(io_error(path))?;
-    let seconds = start.elapsed().as_secs_f64();
-    drop_from_cache(&file, bytes);
-    Ok(bytes as f64 / seconds / 1e9)
-}
-
-/// ns per MiB the engine's compute task spends freeing streamed weights: a buffer
-/// filled by a direct read handed back to the engine's recycler, which keeps it for
-/// the next load while the budget has room. (When the budget is full it is unmapped
-/// instead, at about 20 µs per MiB on this machine, by the scheduler; not modelled.)
-fn timed_release_ns_per_mib(options: &ProfileOptions, disk: &Arc<DiskFile>) -> Result<f64, ProfileError> {
-    let bytes = (64 * MIB).min(options.scratch_bytes / 4096 * 4096);
-    let pool = ReadPool::new(4);
-    let recycler = ferry_engine::memory::Recycler::new();
-    recycler.set_limit(bytes);
-    let mut samples = Vec::new();
-    for trial in 0..options.trials.max(3) as u64 {
-        let offset = (trial * bytes) % (options.scratch_bytes - bytes + 1) / 4096 * 4096;
-        let (buffer, _) =
-            pool.read_ranges_into(disk, &[(offset, offset + bytes)], 4 * MIB, |len| recycler.take(len))?;
-        let start = Instant::now();
-        recycler.give(buffer);
-        samples.push(start.elapsed().as_nanos() as f64 / (bytes as f64 / MIB as f64));
-    }
-    Ok(median_spread(&samples).0)
 }
 
 /// Copies `bytes` between two engine buffers in `chunk` pieces on `threads` threads; GB/s.

@@ -197,7 +197,7 @@ pub(crate) fn run_on(
     let executed = engine.execute_graph(baseline_rss_bytes, setup_ns)?;
     let mut spans = executed.spans;
     if network.is_some() {
-        merge_stage_reports(graph, &mut spans, &executed.reports, &executed.arrivals);
+        remote::merge_stage_reports(graph, &mut spans, &executed.reports, &executed.arrivals);
     }
     let storage_read_bytes = memory::storage_read_bytes().unwrap_or(0).saturating_sub(read_before);
     let graph_run = engine.graph_run()?;
@@ -239,32 +239,6 @@ pub(crate) fn run_on(
         newly_mapped_bytes,
         stage_processes: executed.reports,
     })
-}
-
-/// The head's trace over every process: each task's span from the process that ran
-/// it; a copy to another machine ends when its activations arrived there (its sender
-/// finished writing them to the socket before).
-fn merge_stage_reports(
-    graph: &TaskGraph,
-    spans: &mut [ferry_core::trace::Span],
-    reports: &[crate::stages::wire::StageReport],
-    arrivals: &[(u32, u64)],
-) {
-    use ferry_core::trace::Span;
-    for report in reports {
-        for &(task, lane, start_ns, end_ns) in &report.spans {
-            if let Some(span) = spans.get_mut(task as usize) {
-                *span = Span { task, lane, start_ns, end_ns };
-            }
-        }
-    }
-    let every_arrival = reports.iter().flat_map(|r| r.arrivals.iter()).chain(arrivals);
-    for &(task, at_ns) in every_arrival {
-        let is_copy = graph.tasks.get(task as usize).is_some_and(|t| t.link_ends().is_some());
-        if let (true, Some(span)) = (is_copy, spans.get_mut(task as usize)) {
-            span.end_ns = span.end_ns.max(at_ns);
-        }
-    }
 }
 
 /// Refuses, before anything starts, a plan that cannot run on these files.

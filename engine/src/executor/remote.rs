@@ -2,7 +2,7 @@
 //! runs, what it announces when one ends (the activations a copy carries to another
 //! machine, a head's tokens), and what an announcement from another machine installs.
 
-use ferry_core::graph::{Op, Payload, Place, Task};
+use ferry_core::graph::{Op, Payload, Place, Task, TaskGraph};
 use ferry_core::model::WeightGroup;
 
 use super::{lock, Engine};
@@ -192,5 +192,31 @@ impl<'a> Engine<'a> {
             Payload::Compute { op, .. } => Some(op),
             _ => None,
         })
+    }
+}
+
+/// The head's trace over every process: each task's span from the process that ran
+/// it; a copy to another machine ends when its activations arrived there (its sender
+/// finished writing them to the socket before).
+pub(super) fn merge_stage_reports(
+    graph: &TaskGraph,
+    spans: &mut [ferry_core::trace::Span],
+    reports: &[crate::stages::wire::StageReport],
+    arrivals: &[(u32, u64)],
+) {
+    use ferry_core::trace::Span;
+    for report in reports {
+        for &(task, lane, start_ns, end_ns) in &report.spans {
+            if let Some(span) = spans.get_mut(task as usize) {
+                *span = Span { task, lane, start_ns, end_ns };
+            }
+        }
+    }
+    let every_arrival = reports.iter().flat_map(|r| r.arrivals.iter()).chain(arrivals);
+    for &(task, at_ns) in every_arrival {
+        let is_copy = graph.tasks.get(task as usize).is_some_and(|t| t.link_ends().is_some());
+        if let (true, Some(span)) = (is_copy, spans.get_mut(task as usize)) {
+            span.end_ns = span.end_ns.max(at_ns);
+        }
     }
 }

@@ -171,7 +171,7 @@ pub fn read(input: &mut impl Read) -> std::io::Result<Option<Message>> {
         SETUP => Message::Setup(text(body)?),
         READY => Message::Ready { fingerprint: cursor.u64()? },
         START => Message::Start,
-        HELLO => Message::Hello { host: u16::from_le_bytes(cursor.take(2)?.try_into().expect("2 bytes")) },
+        HELLO => Message::Hello { host: u16::from_le_bytes(cursor.array()?) },
         DONE => Message::Done { task: cursor.u32()?, carried: cursor.carried()? },
         FINISHED => Message::Finished(text(body)?),
         FAILED => Message::Failed(text(body)?),
@@ -199,18 +199,24 @@ impl Cursor<'_> {
         Ok(out)
     }
 
+    fn array<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
     fn u32(&mut self) -> std::io::Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(self.array()?))
     }
 
     fn u64(&mut self) -> std::io::Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(self.array()?))
     }
 
     fn floats(&mut self) -> std::io::Result<Vec<f32>> {
         let n = self.u64()? as usize;
         let bytes = self.take(n.checked_mul(4).ok_or_else(|| invalid("an impossible length".into()))?)?;
-        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     }
 
     fn carried(&mut self) -> std::io::Result<Carried> {
