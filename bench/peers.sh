@@ -9,7 +9,8 @@
 #                            # N alternated rounds (default 3): tokens/s of each
 #
 # Ferry's figure is its measured decode rate (1 / time per output token, batch
-# sequences per step); llama.cpp's is llama-bench's tg32 (batch 1) and
+# sequences per step), with its default activations (8-bit, as llama.cpp) and with
+# --activations f32; llama.cpp's is llama-bench's tg32 (batch 1) and
 # llama-batched-bench's decode rate with 8 parallel sequences after a 64-token prompt.
 # Both use every core. Needs: cmake (pip install cmake), a C++17 compiler, python3.
 set -euo pipefail
@@ -40,8 +41,8 @@ PY
   ls "$PEERS/build/bin"
 }
 
-ferry_rate() { # model plan -> tokens/s (batch sequences per step / time per output token)
-  "$FERRY" run --model-dir "$1" --plan "$2" --json 2>/dev/null |
+ferry_rate() { # model plan [run options] -> tokens/s (batch sequences per step / time per output token)
+  "$FERRY" run --model-dir "$1" --plan "$2" "${@:3}" --json 2>/dev/null |
     python3 -c "import json,sys; d=json.load(sys.stdin); m=d['metrics']; print(round(len(d['tokens'])*1e9/m['time_per_output_token_ns'],2))"
 }
 
@@ -59,14 +60,17 @@ ram() {
   for round in $(seq "$rounds"); do
     for q in q4_0 q8_0; do
       local file="$PEERS/tinyllama-$q.gguf"
-      local ferry1 ferry8 llama1 llama8
+      local ferry1 ferry8 exact1 exact8 llama1 llama8
       ferry1=$(ferry_rate "$file" "$PEERS/plan-$q-b1.yaml")
+      exact1=$(ferry_rate "$file" "$PEERS/plan-$q-b1.yaml" --activations f32)
       llama1=$("$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 -o json 2>/dev/null |
         python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
       ferry8=$(ferry_rate "$file" "$PEERS/plan-$q-b8.yaml")
+      exact8=$(ferry_rate "$file" "$PEERS/plan-$q-b8.yaml" --activations f32)
       llama8=$("$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 --output-format jsonl 2>/dev/null |
         python3 -c "import json,sys; print(round([json.loads(l) for l in sys.stdin if l.startswith('{')][-1]['speed_tg'],2))")
-      echo "round $round $q: batch 1 ferry $ferry1 llama.cpp $llama1 tokens/s; batch 8 ferry $ferry8 llama.cpp $llama8 tokens/s"
+      echo "round $round $q: batch 1 ferry $ferry1 (f32 activations $exact1) llama.cpp $llama1 tokens/s;" \
+        "batch 8 ferry $ferry8 (f32 activations $exact8) llama.cpp $llama8 tokens/s"
     done
   done
 }

@@ -1,8 +1,9 @@
 //! GGUF files end to end with the real binary: `show model` describes a quantized file
 //! by the tensor types it holds, `tune` and `simulate` plan float and quantized files
-//! at the bytes the file holds, `run` refuses a GGUF file clearly. The files are written by llama.cpp's
-//! `gguf` Python package (tests/reference/tiny_gguf.py; the README's test command
-//! installs it).
+//! at the bytes the file holds, `run` runs a quantized file with 8-bit or f32
+//! activations and refuses a plan in another format clearly. The files are written
+//! by llama.cpp's `gguf` Python package (tests/reference/tiny_gguf.py; the README's
+//! test command installs it).
 
 mod common;
 
@@ -104,6 +105,20 @@ fn a_quantized_gguf_file_tunes_and_runs() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["tokens"].as_array().map(Vec::len), Some(2), "{report}");
     }
+    // 8-bit activations (the default) and f32 ones give close, not equal, logits.
+    for (activations, npy) in [("q8", "q8.npy"), ("f32", "f32.npy")] {
+        let run = ["run", "--model-dir", "m/tiny.gguf", "--plan", "plan.yaml", "--activations", activations];
+        let out = ferry(dir.path(), &[&run[..], &["--logits", npy]].concat());
+        assert!(out.status.success(), "{activations}: {}", text(&out.stderr));
+    }
+    let compare = "import numpy as np\na, b = np.load('q8.npy'), np.load('f32.npy')\n\
+                   scale = np.abs(b).max()\nworst = np.abs(a - b).max()\n\
+                   assert 0 < worst < 0.05 * scale, (worst, scale)\n";
+    let out = std::process::Command::new("python3").args(["-c", compare]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["run", "--model-dir", "m/tiny.gguf", "--plan", "plan.yaml", "--activations", "int8"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("unknown activations 'int8'; use one of q8, f32"), "{}", text(&out.stderr));
     // A plan in another format than the file's is refused, saying what to plan.
     let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
     std::fs::write(dir.path().join("q8.yaml"), plan.replace("weight_format: stored", "weight_format: q8_0")).unwrap();

@@ -14,6 +14,7 @@ use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::{chrome_trace, Metrics};
 use ferry_core::units::{format_bytes, format_ns};
 use ferry_core::CoreError;
+use ferry_engine::kernels::Activations;
 use ferry_engine::synth::SplitMix64;
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{backend, run, RunOptions};
@@ -52,6 +53,12 @@ pub struct RunArgs {
     /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// How products over Q8_0 and Q4_0 weights take their inputs: q8 rounds them to
+    /// 8 bits per block of 32, as llama.cpp does (integer products: its speed and its
+    /// numerics); f32 keeps them exact (logits within float rounding of
+    /// "dequantize, then multiply"). Other weight formats always multiply f32.
+    #[arg(long, default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]
+    activations: Activations,
     /// The draft model's files, for a plan that speculates with a separate draft
     /// [default: the plan's `models.draft`, relative to the plan's folder].
     #[arg(long, value_name = "DIR|FILE")]
@@ -165,7 +172,10 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         ferry_core::atomic::check_output_path(path, args.force)?;
     }
     let catalog = Catalog::builtin()?;
-    let backend = backend::backend(&args.backend)?;
+    if args.backend != "cpu" && args.activations != Activations::default() {
+        return Err(CoreError::invalid("--activations applies to the cpu backend").into());
+    }
+    let backend = backend::backend(&args.backend, args.activations)?;
     let files = ModelFiles::open(&args.model_dir)?;
     let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec, args.draft_dir.as_deref())?;
     let draft_files = open_draft(&args.plan, &mut resolved)?;
@@ -256,7 +266,8 @@ fn run_over_machines(
     let given: Vec<(u16, String)> =
         args.worker.iter().map(|w| crate::stages_cmd::parse_worker(w)).collect::<Result<_>>()?;
     let local = if given.is_empty() {
-        Some(crate::stages_cmd::LocalWorkers::start(others, Some(&args.model_dir), args.scratch_dir.as_deref())?)
+        let (model_dir, scratch_dir) = (Some(args.model_dir.as_path()), args.scratch_dir.as_deref());
+        Some(crate::stages_cmd::LocalWorkers::start(others, model_dir, scratch_dir, args.activations)?)
     } else {
         None
     };

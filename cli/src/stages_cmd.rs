@@ -14,6 +14,7 @@ use ferry_core::graph::TaskGraph;
 use ferry_core::plan::Policy;
 use ferry_core::profile::Profile;
 use ferry_core::CoreError;
+use ferry_engine::kernels::Activations;
 use ferry_engine::stages::{serve, Ownership, Served, Worker};
 use ferry_engine::weights::ModelFiles;
 
@@ -38,11 +39,23 @@ pub struct StageWorkerArgs {
     /// Serve one run and exit (otherwise serve runs one after another until stopped).
     #[arg(long)]
     once: bool,
+    /// How products over Q8_0 and Q4_0 weights take their inputs (as `ferry run
+    /// --activations`; give every process of a run the same).
+    #[arg(long, default_value = "q8", value_parser = parse_activations)]
+    activations: Activations,
+}
+
+/// `q8` or `f32`, for `--activations`.
+pub fn parse_activations(text: &str) -> Result<Activations, String> {
+    Activations::parse(text).ok_or_else(|| {
+        let names: Vec<&str> = Activations::ALL.iter().map(|a| a.name()).collect();
+        format!("unknown activations '{text}'; use one of {}", names.join(", "))
+    })
 }
 
 pub fn stage_worker(args: StageWorkerArgs) -> Result<()> {
     let files = args.model_dir.as_deref().map(ModelFiles::open).transpose()?;
-    let backend = ferry_engine::backend::backend("cpu")?;
+    let backend = ferry_engine::backend::backend("cpu", args.activations)?;
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| CoreError::invalid(format!("--listen {}: cannot listen there: {e}", args.listen)))?;
     let address = listener.local_addr().context("the listening address")?;
@@ -86,7 +99,7 @@ pub fn parse_worker(text: &str) -> Result<(u16, String)> {
 pub fn measure_link(address: Option<&str>, quick: bool) -> Result<ferry_core::profile::TransferCurve> {
     let local = match address {
         Some(_) => None,
-        None => Some(LocalWorkers::start(&[1], None, None)?),
+        None => Some(LocalWorkers::start(&[1], None, None, Activations::default())?),
     };
     let address = address.map(str::to_string).or_else(|| local.as_ref().map(|l| l.addresses[0].1.clone()));
     let address = address.context("no stage worker to measure the link to")?;
@@ -114,12 +127,13 @@ impl LocalWorkers {
         hosts: &[u16],
         model_dir: Option<&std::path::Path>,
         scratch_dir: Option<&std::path::Path>,
+        activations: Activations,
     ) -> Result<Self> {
         let exe = std::env::current_exe().context("finding the ferry executable to start stage workers")?;
         let mut workers = LocalWorkers { children: Vec::new(), addresses: Vec::new() };
         for &host in hosts {
             let mut command = Command::new(&exe);
-            command.args(["stage-worker", "--listen", "127.0.0.1:0", "--once"]);
+            command.args(["stage-worker", "--listen", "127.0.0.1:0", "--once", "--activations", activations.name()]);
             if let Some(dir) = model_dir {
                 command.arg("--model-dir").arg(dir);
             }

@@ -5,6 +5,10 @@
 //! TinyLlama's MLP shape (5632 × 2048) per format, used in turn, so every product
 //! reads its weights from RAM as decoding does.
 //!
+//! Q8_0 and Q4_0 also run with the activations rounded to 8 bits (`linear_q8`, the
+//! engine's default for them), and at 64 rows (prefill) against the f32 path there
+//! (blocks decoded to f32 and multiplied by the GEMM).
+//!
 //! Run: cargo bench -p ferry-engine --bench quant_rows
 //! Throughput is weights multiplied per second (Elements): formats compare at equal
 //! work; bytes per weight differ (bf16 2, Q8_0 1.06, Q6_K 0.82, Q4_K 0.56, Q4_0 0.56).
@@ -12,7 +16,9 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_core::model::Dtype;
 use ferry_engine::kernels::quant::{sample_blocks, BlockFormat};
-use ferry_engine::kernels::{from_f32, linear_rows, quant_rows, simd_path, Matrix, QuantMatrix, SimdPath};
+use ferry_engine::kernels::{
+    from_f32, linear_q8, linear_rows, quant_converted, quant_rows, simd_path, Matrix, QuantMatrix, SimdPath,
+};
 
 const N: usize = 5632;
 const K: usize = 2048;
@@ -48,8 +54,34 @@ fn bench(c: &mut Criterion) {
                     quant_rows(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
+            if matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0) {
+                group.bench_with_input(
+                    BenchmarkId::new(format!("{} q8 activations", format.name()), m),
+                    &m,
+                    |b, &m| {
+                        b.iter(|| {
+                            next = (next + 1) % MATRICES;
+                            let matrix = QuantMatrix { bytes: &stored[next], format, rows: N, cols: K };
+                            linear_q8(path, &x, m, matrix, &mut out, N, 0)
+                        })
+                    },
+                );
+            }
         }
     }
+    // Prefill: 64 rows, Q4_0, the integer products against decoding to f32 for the GEMM.
+    let m = 64;
+    group.throughput(Throughput::Elements((m * N * K) as u64));
+    let x: Vec<f32> = (0..m * K).map(|i| ((i % 17) as f32 - 8.0) / 64.0).collect();
+    let mut out = vec![0.0f32; m * N];
+    let stored = sample_blocks(BlockFormat::Q4_0, N * K / 32, 7);
+    let matrix = QuantMatrix { bytes: &stored, format: BlockFormat::Q4_0, rows: N, cols: K };
+    group.bench_with_input(BenchmarkId::new("Q4_0 f32 via GEMM (MAC/s)", m), &m, |b, &m| {
+        b.iter(|| quant_converted(&x, m, matrix, &mut out, N, 0))
+    });
+    group.bench_with_input(BenchmarkId::new("Q4_0 q8 activations (MAC/s)", m), &m, |b, &m| {
+        b.iter(|| linear_q8(path, &x, m, matrix, &mut out, N, 0))
+    });
     group.finish();
 }
 

@@ -118,20 +118,20 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
     // A 1 MiB budget cannot hold the 3.3 MiB of resident weights.
     profile.device_memory_bytes = MIB;
     let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
-    let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err().to_string();
+    let err = run(&graph, &policy, &workload, &files, &CpuBackend::default(), &options).unwrap_err().to_string();
     assert!(err.contains("device memory") && err.contains("short by"), "{err}");
     // A plan that reads the weights in another dtype is not for these files.
     profile.device_memory_bytes = 64 * MIB;
     policy.set_weight_format(WeightFormats::uniform(WeightFormat::Bf16));
     let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
-    let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err().to_string();
+    let err = run(&graph, &policy, &workload, &files, &CpuBackend::default(), &options).unwrap_err().to_string();
     assert!(err.contains("stores 'model.embed_tokens.weight' as bf16 but") && err.contains("holds it as f32"), "{err}");
     // Nor is a plan of quantized weights for float files; and FlexGen's group-wise
     // formats, which the simulator predicts, are refused saying what the engine runs.
     for (format, expected) in [("q8_0", "as q8_0 but"), ("int4-g64", "not int4-g64")] {
         policy.set_weight_format(WeightFormats::uniform(WeightFormat::parse(format).unwrap()));
         let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
-        let err = run(&graph, &policy, &workload, &files, &CpuBackend, &options).unwrap_err();
+        let err = run(&graph, &policy, &workload, &files, &CpuBackend::default(), &options).unwrap_err();
         assert!(err.is_usage_error(), "{err}");
         let err = err.to_string();
         assert!(err.contains(expected), "{err}");
@@ -141,7 +141,7 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
     let long = Workload { gen_len: 20, ..workload };
     let sampled = lower(&policy, &spec, &long, &profile, &Steps::Only(vec![1, 2, 9])).unwrap();
     assert!(!sampled.is_complete());
-    let err = run(&sampled, &policy, &long, &files, &CpuBackend, &options).unwrap_err().to_string();
+    let err = run(&sampled, &policy, &long, &files, &CpuBackend::default(), &options).unwrap_err().to_string();
     assert!(err.contains("complete graphs"), "{err}");
     // A round that yields two tokens needs a verifier the engine does not have.
     let mut graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
@@ -149,13 +149,13 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
     graph.gen_len += 1;
     assert!(graph.is_complete() && graph.validate().is_ok());
     let three = Workload { gen_len: 3, ..workload };
-    let err = run(&graph, &policy, &three, &files, &CpuBackend, &options).unwrap_err();
+    let err = run(&graph, &policy, &three, &files, &CpuBackend::default(), &options).unwrap_err();
     assert!(matches!(err, EngineError::Unsupported(_)), "{err}");
     assert!(err.to_string().contains("round 1") && err.to_string().contains("yields 2 token(s)"), "{err}");
     // Token ids outside the vocabulary.
     let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
     let bad = RunOptions { prompts: vec![vec![1, 2, 3, 4], vec![5, 6, 7, 9999]], ..options };
-    let err = run(&graph, &policy, &workload, &files, &CpuBackend, &bad).unwrap_err().to_string();
+    let err = run(&graph, &policy, &workload, &files, &CpuBackend::default(), &bad).unwrap_err().to_string();
     assert!(err.contains("outside the vocabulary"), "{err}");
 }
 
@@ -163,7 +163,7 @@ fn plans_that_do_not_fit_or_match_are_refused_before_running() {
 /// missing: the driver (built with the `cuda` feature) or the feature itself.
 #[test]
 fn the_cuda_backend_opens_or_says_what_is_missing() {
-    match ferry_engine::backend::backend("cuda") {
+    match ferry_engine::backend::backend("cuda", Default::default()) {
         Ok(backend) => assert_eq!(backend.name(), "cuda"),
         Err(e) => {
             let message = e.to_string();

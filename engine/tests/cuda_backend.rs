@@ -93,7 +93,7 @@ const CLEAR_FAILURES: [&str; 4] = [
 
 /// The cuda backend, or `None` after checking that its failure is a clear one.
 fn cuda_or_clear_failure() -> Option<Box<dyn Backend>> {
-    match backend("cuda") {
+    match backend("cuda", Default::default()) {
         Ok(cuda) => Some(cuda),
         Err(e) => {
             let message = e.to_string();
@@ -171,7 +171,7 @@ fn the_cuda_backend_computes_the_cpu_backends_tokens() {
             ));
             let profile = if on_discrete { &discrete } else { &unified };
             let what = format!("{dtype:?} model, {what}");
-            let cpu = execute(dir.path(), &files, &policy, &workload, profile, &CpuBackend);
+            let cpu = execute(dir.path(), &files, &policy, &workload, profile, &CpuBackend::default());
             assert!(cpu.tokens.iter().all(|t| t.len() == workload.gen_len as usize), "{what}");
             if let Some(cuda) = &cuda {
                 let gpu = execute(dir.path(), &files, &policy, &workload, profile, cuda.as_ref());

@@ -1,6 +1,7 @@
 //! Plan invariance: the engine computes the same tokens and logits whatever the plan
 //! — every schedule, placement (device / host / disk for weights and KV), host
-//! attention, host-computed layers, micro-batching, chunk size and budget that fits.
+//! attention, host-computed layers, micro-batching, chunk size and budget that fits;
+//! for float weights, and for a Q4_0 file with 8-bit activations.
 
 mod common;
 
@@ -8,13 +9,15 @@ use std::path::Path;
 
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
-use ferry_core::model::Dtype;
+use ferry_core::model::{Dtype, WeightFormats};
 use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::topology::{DeviceSlot, Place, Resource};
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::CpuBackend;
+use ferry_engine::kernels::quant::BlockFormat;
+use ferry_engine::synth_gguf::GgufStorage;
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{run, RunOptions, RunReport};
 
@@ -46,6 +49,13 @@ fn base_policy(layers: u64) -> Policy {
     Policy { chunk_bytes: 64 * KIB, io_queue_depth: 2, ..Policy::all_on_device(layers, 4, Dtype::F32) }
 }
 
+/// `base_policy` for a file planned as stored (a GGUF file's block formats).
+fn stored_policy(layers: u64) -> Policy {
+    let mut p = base_policy(layers);
+    p.set_weight_format(WeightFormats::stored());
+    p
+}
+
 fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload, profile: &Profile) -> RunReport {
     let graph = lower(policy, &files.spec, workload, profile, &Steps::Bound).unwrap();
     let options = RunOptions {
@@ -56,23 +66,40 @@ fn execute(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload,
         progress: None,
         draft_files: None,
     };
-    run(&graph, policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+    run(&graph, policy, workload, files, &CpuBackend::default(), &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
 }
 
 #[test]
 fn every_schedule_and_placement_computes_the_same_tokens_and_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::builtin().unwrap();
-    let spec = catalog.model("test-tiny").unwrap().value;
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
     let model_dir = dir.path().join("model");
     ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
-    let files = ModelFiles::open(&model_dir).unwrap();
-    let layers = spec.num_layers;
+    every_plan_agrees(dir.path(), &ModelFiles::open(&model_dir).unwrap(), base_policy);
+}
+
+/// The same over a Q4_0 GGUF file with the default 8-bit activations, whose rounding
+/// would turn a last-bit difference between plans into a different next-layer input:
+/// the plans must agree to the bit there.
+#[test]
+fn every_plan_over_a_q4_0_file_with_8_bit_activations_computes_the_same_tokens_and_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    let file = dir.path().join("tiny-q4_0.gguf");
+    let storage = GgufStorage::Blocks(BlockFormat::Q4_0);
+    ferry_engine::synth_gguf::synthesize_gguf(&spec, storage, 7, &file, false, |_, _| {}).unwrap();
+    every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
+}
+
+/// Runs every schedule, placement and micro-batching (`base` gives the plan every case
+/// starts from) and requires the tokens and logits of the all-resident plan.
+fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Policy) {
+    let layers = files.spec.num_layers;
     let workload = Workload { batch_size: 4, prompt_len: 6, gen_len: 4 };
     let cpu = profile("cpu", "ferry-ci-vm", 64 * MIB);
     let discrete = profile("rtx3060-12gb", "desktop-pcie4", 64 * MIB);
 
-    let reference = execute(dir.path(), &files, &base_policy(layers), &workload, &cpu);
+    let reference = execute(dir, files, &base_policy(layers), &workload, &cpu);
     assert_eq!(reference.tokens.len(), 4);
     assert!(reference.tokens.iter().all(|t| t.len() == 4));
 
@@ -163,7 +190,7 @@ fn every_schedule_and_placement_computes_the_same_tokens_and_logits() {
         }
     }
     for (what, policy, profile) in &cases {
-        let report = execute(dir.path(), &files, policy, &workload, profile);
+        let report = execute(dir, files, policy, &workload, profile);
         assert_same(&reference, &report, what);
         // Every pool stayed inside its budget.
         for pool in &report.metrics.pools {

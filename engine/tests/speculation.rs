@@ -67,7 +67,8 @@ fn execute_with(
         progress: None,
         draft_files,
     };
-    run(&graph, &policy, workload, files, &CpuBackend, &options).unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+    run(&graph, &policy, workload, files, &CpuBackend::default(), &options)
+        .unwrap_or_else(|e| panic!("{policy:?}: {e}"))
 }
 
 /// test-tiny with its later layers damped (`DAMPING`), written to `dir/model`, and a
@@ -252,7 +253,7 @@ fn a_separate_draft_speculates_over_two_stages() {
         progress: None,
         draft_files: Some(draft),
     };
-    let report = run(&graph, &two, &workload, &files, &CpuBackend, &options).unwrap();
+    let report = run(&graph, &two, &workload, &files, &CpuBackend::default(), &options).unwrap();
     assert_eq!(reference.tokens, report.tokens, "two stages with a draft changed the tokens");
     let (a, b) = (one_stage.speculation.unwrap(), report.speculation.unwrap());
     assert_eq!((a.agreed, a.rejections, a.rounds), (b.agreed, b.rejections, b.rounds));

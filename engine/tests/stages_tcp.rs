@@ -70,7 +70,8 @@ fn in_one_process(
         slot.host = 0;
     }
     let graph = lower(policy, &files.spec, workload, &one, &Steps::Bound).unwrap();
-    run(&graph, policy, workload, files, &CpuBackend, &options(dir, workload, files.spec.vocab_size)).unwrap()
+    run(&graph, policy, workload, files, &CpuBackend::default(), &options(dir, workload, files.spec.vocab_size))
+        .unwrap()
 }
 
 /// The plan over its machines: a stage worker on a thread per host other than the
@@ -93,12 +94,13 @@ fn over_tcp(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             workers.push((host, listener.local_addr().unwrap().to_string()));
             threads.push(scope.spawn(move || {
-                let worker = Worker { files: Some(files), backend: &CpuBackend, scratch_dir: dir.join("scratch") };
+                let worker =
+                    Worker { files: Some(files), backend: &CpuBackend::default(), scratch_dir: dir.join("scratch") };
                 serve(&listener, &worker)
             }));
         }
         let options = options(dir, workload, files.spec.vocab_size);
-        let report = run_head(&graph, &plan, profile, files, &CpuBackend, &options, &workers);
+        let report = run_head(&graph, &plan, profile, files, &CpuBackend::default(), &options, &workers);
         for thread in threads {
             thread.join().unwrap().unwrap();
         }
@@ -203,10 +205,11 @@ fn an_unreachable_stage_worker_is_an_error_naming_its_address() {
     let options = options(dir.path(), &workload, spec.vocab_size);
     let started = std::time::Instant::now();
     let workers = vec![(1, address.clone())];
-    let err = run_head(&graph, &plan, &profile, &files, &CpuBackend, &options, &workers).unwrap_err().to_string();
+    let err =
+        run_head(&graph, &plan, &profile, &files, &CpuBackend::default(), &options, &workers).unwrap_err().to_string();
     assert!(err.contains(&address) && err.contains("node 1") && err.contains("cannot reach"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(15), "it waited {:?}", started.elapsed());
     // No worker given for a node the plan uses.
-    let err = run_head(&graph, &plan, &profile, &files, &CpuBackend, &options, &[]).unwrap_err().to_string();
+    let err = run_head(&graph, &plan, &profile, &files, &CpuBackend::default(), &options, &[]).unwrap_err().to_string();
     assert!(err.contains("node 1") && err.contains("no stage worker"), "{err}");
 }

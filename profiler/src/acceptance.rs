@@ -77,7 +77,7 @@ pub fn measure_acceptance(
         progress: None,
         draft_files,
     };
-    let report = ferry_engine::run(&graph, &policy, &workload, target, &CpuBackend, &options)?;
+    let report = ferry_engine::run(&graph, &policy, &workload, target, &CpuBackend::default(), &options)?;
     let measured = report
         .speculation
         .ok_or_else(|| ProfileError::Unsupported("the speculative run reported no acceptance".into()))?;

@@ -1,6 +1,7 @@
-//! Dequantization throughput of the engine's quantized kernels: `kernels::quant_rows`
-//! (the products straight from the blocks) multiplying one row by weights of each ggml block
-//! format held in the caches, on the engine's compute pool — the kernel `ferry run`
+//! Dequantization throughput of the engine's quantized kernels: `kernels::linear_quant`
+//! (the products straight from the blocks, activations as a run takes them by
+//! default) multiplying one row by weights of each ggml block format held in the
+//! caches, on the engine's compute pool — the kernel `ferry run`
 //! runs, at the decoding batch where its decoding shows most.
 //!
 //! The cost model charges a quantized task `FLOPs time + bytes ÷ rate` (plus the
@@ -47,7 +48,6 @@ fn decode_rate(format: BlockFormat, input: &[u8], peak_flops: f64) -> f64 {
     let rows = (STEP_INPUT_BYTES as usize / row_bytes).max(1);
     let x = vec![0.25f32; COLS];
     let mut out = vec![0.0f32; rows];
-    let path = kernels::simd_path().unwrap_or(kernels::SimdPath::Scalar);
     let pieces: Vec<&[u8]> = input.chunks_exact(rows * row_bytes).collect();
     // One pass untimed: the first touch of each page is not the kernel's cost.
     let mut run = || {
@@ -55,7 +55,8 @@ fn decode_rate(format: BlockFormat, input: &[u8], peak_flops: f64) -> f64 {
             // Each piece twice: the second product reads it from the caches.
             for _ in 0..2 {
                 let matrix = QuantMatrix { bytes: piece, format, rows, cols: COLS };
-                kernels::quant_rows(path, &x, 1, matrix, &mut out, rows, 0);
+                // The product a run makes: activations as the cpu backend's default.
+                kernels::linear_quant(&x, 1, matrix, &mut out, rows, 0, kernels::Activations::default());
             }
         }
     };

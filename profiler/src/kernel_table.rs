@@ -82,7 +82,7 @@ pub(crate) fn measure_kernel_table(
                 &policy,
                 &workload,
                 &files,
-                &ferry_engine::backend::CpuBackend,
+                &ferry_engine::backend::CpuBackend::default(),
                 &run_options,
             )?;
             for span in &report.trace.spans {
@@ -146,7 +146,8 @@ pub(crate) fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s
         progress: None,
         draft_files: None,
     };
-    let report = ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend, &options)?;
+    let report =
+        ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend::default(), &options)?;
     let mut excess: Vec<f64> = Vec::new();
     for span in &report.trace.spans {
         let task = &graph.tasks[span.task as usize];

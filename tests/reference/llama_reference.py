@@ -11,6 +11,11 @@ compares its logits with the committed output.
     ferry synth --model test-tiny --dtype f32 --seed 11 --out /tmp/tiny
     python3 tests/reference/llama_reference.py /tmp/tiny tests/reference/prompts.json \
         tests/reference/test-tiny-seed11-golden.json
+
+With `--activations q8` after the paths, every product with a Q8_0 or Q4_0 weight first
+rounds its input the way llama.cpp does (blocks of 32 values, scale max|x| / 127,
+values rounded to the nearest step, half away from zero; computed in float32 like the
+engine), then multiplies in float64.
 """
 import json
 import struct
@@ -61,6 +66,7 @@ def load_gguf(path):
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
     w = {}
+    QUANTIZED_INPUTS.clear()
     for t in reader.tensors:
         base, kind = t.name.rsplit(".", 1)
         if base.startswith("blk."):
@@ -75,8 +81,33 @@ def load_gguf(path):
             # Stored row 2i + j of a head is Hugging Face row j * head_dim / 2 + i.
             values = values.reshape(rows // head_dim, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
         w[hf] = values
+        if t.tensor_type.name in ("Q8_0", "Q4_0"):
+            QUANTIZED_INPUTS.add(hf)
     cfg["tie_word_embeddings"] = "lm_head.weight" not in w
     return cfg, w
+
+
+# Weights whose products round their input to 8 bits (`--activations q8`).
+QUANTIZED_INPUTS = set()
+ACTIVATIONS = {"mode": "f32"}
+
+
+def quantize_rows(x):
+    """x rounded to llama.cpp's Q8_0 activation blocks, as float64."""
+    x32 = np.asarray(x, dtype=np.float32)
+    blocks = x32.reshape(*x32.shape[:-1], -1, 32)
+    d = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inverse = np.where(d > 0, np.float32(1) / np.where(d > 0, d, np.float32(1)), np.float32(0)).astype(np.float32)
+    scaled = blocks * inverse
+    q = np.clip(np.sign(scaled) * np.floor(np.abs(scaled) + np.float32(0.5)), -127, 127)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x32.shape)
+
+
+def matmul(x, w, name):
+    """x @ w[name].T, with x rounded to 8 bits where the engine does so."""
+    if ACTIVATIONS["mode"] == "q8" and name in QUANTIZED_INPUTS:
+        x = quantize_rows(x)
+    return x @ w[name].T
 
 
 def rms_norm(x, w, eps):
@@ -105,9 +136,9 @@ def forward(cfg, w, tokens, cache, start):
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         xn = rms_norm(x, w[f"{p}.input_layernorm.weight"], eps)
-        q = (xn @ w[f"{p}.self_attn.q_proj.weight"].T).reshape(len(tokens), heads, d)
-        k = (xn @ w[f"{p}.self_attn.k_proj.weight"].T).reshape(len(tokens), kv_heads, d)
-        v = (xn @ w[f"{p}.self_attn.v_proj.weight"].T).reshape(len(tokens), kv_heads, d)
+        q = matmul(xn, w, f"{p}.self_attn.q_proj.weight").reshape(len(tokens), heads, d)
+        k = matmul(xn, w, f"{p}.self_attn.k_proj.weight").reshape(len(tokens), kv_heads, d)
+        v = matmul(xn, w, f"{p}.self_attn.v_proj.weight").reshape(len(tokens), kv_heads, d)
         q = rope(q, positions, cfg["rope_theta"])
         k = rope(k, positions, cfg["rope_theta"])
         keys, values = cache.setdefault(layer, (np.zeros((0, kv_heads, d)), np.zeros((0, kv_heads, d))))
@@ -124,18 +155,22 @@ def forward(cfg, w, tokens, cache, start):
                 probs = np.exp(scores - scores.max())
                 probs /= probs.sum()
                 out[t, head] = probs @ values[:visible, kh]
-        x = x + out.reshape(len(tokens), h) @ w[f"{p}.self_attn.o_proj.weight"].T
+        x = x + matmul(out.reshape(len(tokens), h), w, f"{p}.self_attn.o_proj.weight")
         xn = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
-        gate = xn @ w[f"{p}.mlp.gate_proj.weight"].T
-        up = xn @ w[f"{p}.mlp.up_proj.weight"].T
-        x = x + (gate / (1.0 + np.exp(-gate)) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+        gate = matmul(xn, w, f"{p}.mlp.gate_proj.weight")
+        up = matmul(xn, w, f"{p}.mlp.up_proj.weight")
+        x = x + matmul(gate / (1.0 + np.exp(-gate)) * up, w, f"{p}.mlp.down_proj.weight")
     last = rms_norm(x[-1], w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else w["lm_head.weight"]
-    return head @ last
+    head = "model.embed_tokens.weight" if cfg["tie_word_embeddings"] else "lm_head.weight"
+    return matmul(last[None, :], w, head)[0]
 
 
 def main():
     model_dir, prompts_path, out_path = sys.argv[1:4]
+    if sys.argv[4:6] == ["--activations", "q8"]:
+        ACTIVATIONS["mode"] = "q8"
+    elif sys.argv[4:]:
+        sys.exit(f"unknown arguments {sys.argv[4:]}: the only option is --activations q8")
     if model_dir.endswith(".gguf"):
         cfg, w = load_gguf(model_dir)
     else:

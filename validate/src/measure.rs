@@ -118,7 +118,7 @@ pub fn predict_and_run(
         draft_files: None,
     };
     drop_page_cache();
-    let report = run(&graph, &plan.policy, &plan.workload, files, &CpuBackend, &options)
+    let report = run(&graph, &plan.policy, &plan.workload, files, &CpuBackend::default(), &options)
         .map_err(|source| ValidateError::Run { plan: describe(plan), source })?;
     let measured = report.metrics;
     let mut disk_factor = 1.0;

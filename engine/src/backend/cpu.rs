@@ -8,11 +8,17 @@ use ferry_core::model::WeightFormat;
 
 use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
 use crate::kernels::quant::BlockFormat;
-use crate::kernels::{self, Matrix, QuantMatrix};
+use crate::kernels::{self, Activations, Matrix, QuantMatrix};
 use crate::memory::Buffer;
 use crate::EngineError;
 
-pub struct CpuBackend;
+/// The cpu backend; `activations` says how products over Q8_0 and Q4_0 weights treat
+/// their inputs (quantized to 8 bits by default, as llama.cpp does; f32 to compare
+/// with a float reference).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend {
+    pub activations: Activations,
+}
 
 /// The host memory behind a buffer; another backend's memory is the executor's mistake.
 pub(crate) fn host(buffer: &DeviceBuffer) -> Result<&HostBytes, EngineError> {
@@ -146,7 +152,7 @@ impl Backend for CpuBackend {
             }
             None => {
                 let matrix = QuantMatrix { bytes, format: block_format(w.format)?, rows: w.rows, cols: w.cols };
-                kernels::linear_quant(x, rows, matrix, out, out_stride, col0);
+                kernels::linear_quant(x, rows, matrix, out, out_stride, col0, self.activations);
             }
         }
         Ok(())

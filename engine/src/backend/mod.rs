@@ -266,9 +266,11 @@ pub fn copy_kv_positions(
 }
 
 /// Picks a backend by name; `cuda` says what it needs when it cannot start.
-pub fn backend(name: &str) -> Result<Box<dyn Backend>, EngineError> {
+/// `activations` applies to the cpu backend's products (the cuda backend runs its
+/// host-side products with the default).
+pub fn backend(name: &str, activations: crate::kernels::Activations) -> Result<Box<dyn Backend>, EngineError> {
     match name {
-        "cpu" => Ok(Box::new(CpuBackend)),
+        "cpu" => Ok(Box::new(CpuBackend { activations })),
         "cuda" => cuda_backend(),
         other => Err(EngineError::Unsupported(format!("unknown backend '{other}'; use cpu or cuda"))),
     }

@@ -20,6 +20,9 @@ use ferry_core::model::Dtype;
 
 #[cfg(target_arch = "x86_64")]
 mod k_quants;
+mod q8;
+
+pub use q8::{linear_q8, Activations, Q8Rows};
 
 /// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks.
 #[derive(Clone, Copy)]
@@ -56,9 +59,23 @@ const LANES: usize = 8;
 const ROWS_PER_TASK: usize = 32;
 
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `m` rows of `x`; `out` rows are
-/// `out_stride` wide. Few rows multiply from the blocks (`quant_rows`), many rows go
-/// through the GEMM.
-pub fn linear_quant(x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
+/// `out_stride` wide. With activations quantized (`Activations::Q8`, Q8_0 and Q4_0
+/// weights) every row count takes the integer products (`linear_q8`); otherwise few
+/// rows multiply from the blocks (`quant_rows`) and many rows go through the GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_quant(
+    x: &[f32],
+    m: usize,
+    w: QuantMatrix,
+    out: &mut [f32],
+    out_stride: usize,
+    col0: usize,
+    activations: Activations,
+) {
+    if activations.quantizes(w.format) {
+        let path = super::simd_path().unwrap_or(SimdPath::Scalar);
+        return linear_q8(path, x, m, w, out, out_stride, col0);
+    }
     match super::simd_path().filter(|_| m <= MAX_ROWS) {
         Some(path) => quant_rows(path, x, m, w, out, out_stride, col0),
         None => quant_converted(x, m, w, out, out_stride, col0),

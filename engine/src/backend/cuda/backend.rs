@@ -95,7 +95,7 @@ impl Backend for CudaBackend {
         if self.on_gpu(place)? {
             self.gpu_zeroed(bytes)
         } else {
-            CpuBackend.allocate(place, bytes)
+            CpuBackend::default().allocate(place, bytes)
         }
     }
 
@@ -125,14 +125,16 @@ impl Backend for CudaBackend {
         bytes: usize,
     ) -> Result<(), EngineError> {
         match (src, &*dst) {
-            (DeviceBuffer::Host(_), DeviceBuffer::Host(_)) => CpuBackend.copy(src, src_offset, dst, dst_offset, bytes),
+            (DeviceBuffer::Host(_), DeviceBuffer::Host(_)) => {
+                CpuBackend::default().copy(src, src_offset, dst, dst_offset, bytes)
+            }
             _ => self.gpu_copy(src, src_offset, dst, dst_offset, bytes),
         }
     }
 
     fn download_f32(&self, x: &DeviceBuffer) -> Result<Vec<f32>, EngineError> {
         match x {
-            DeviceBuffer::Host(_) => CpuBackend.download_f32(x),
+            DeviceBuffer::Host(_) => CpuBackend::default().download_f32(x),
             DeviceBuffer::Cuda(buffer) => self.gpu_download_f32(buffer),
         }
     }
@@ -144,7 +146,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError> {
         match side("embed", &[table.memory, out])? {
-            Side::Host => CpuBackend.embed(table, tokens, out),
+            Side::Host => CpuBackend::default().embed(table, tokens, out),
             Side::Gpu => self.gpu_embed(table, tokens, out),
         }
     }
@@ -159,7 +161,7 @@ impl Backend for CudaBackend {
         col0: usize,
     ) -> Result<(), EngineError> {
         match side("linear", &[x, w.memory, out])? {
-            Side::Host => CpuBackend.linear(x, rows, w, out, out_stride, col0),
+            Side::Host => CpuBackend::default().linear(x, rows, w, out, out_stride, col0),
             Side::Gpu => self.gpu_linear(x, rows, w, out, out_stride, col0),
         }
     }
@@ -172,14 +174,14 @@ impl Backend for CudaBackend {
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("rms_norm", &[x, weight.memory, out])? {
-            Side::Host => CpuBackend.rms_norm(x, weight, eps, out),
+            Side::Host => CpuBackend::default().rms_norm(x, weight, eps, out),
             Side::Gpu => self.gpu_rms_norm(x, weight, eps, out),
         }
     }
 
     fn rope(&self, x: &mut DeviceBuffer, rotary: Rotary, positions: &[usize]) -> Result<(), EngineError> {
         match side("rope", &[x])? {
-            Side::Host => CpuBackend.rope(x, rotary, positions),
+            Side::Host => CpuBackend::default().rope(x, rotary, positions),
             Side::Gpu => self.gpu_rope(x, rotary, positions),
         }
     }
@@ -193,7 +195,7 @@ impl Backend for CudaBackend {
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("attention", &[q, cache, out])? {
-            Side::Host => CpuBackend.attention(q, cache, layout, shape, out),
+            Side::Host => CpuBackend::default().attention(q, cache, layout, shape, out),
             Side::Gpu => self.gpu_attention(q, cache, layout, shape, out),
         }
     }
@@ -208,28 +210,28 @@ impl Backend for CudaBackend {
         position: usize,
     ) -> Result<(), EngineError> {
         match side("store_kv", &[rows, cache])? {
-            Side::Host => CpuBackend.store_kv(rows, new, half, cache, layout, position),
+            Side::Host => CpuBackend::default().store_kv(rows, new, half, cache, layout, position),
             Side::Gpu => self.gpu_store_kv(rows, new, half, cache, layout, position),
         }
     }
 
     fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError> {
         match side("silu_mul", &[gate, up])? {
-            Side::Host => CpuBackend.silu_mul(gate, up),
+            Side::Host => CpuBackend::default().silu_mul(gate, up),
             Side::Gpu => self.gpu_pairwise(Kernel::SiluMul, gate, up),
         }
     }
 
     fn add(&self, x: &mut DeviceBuffer, delta: &DeviceBuffer) -> Result<(), EngineError> {
         match side("add", &[x, delta])? {
-            Side::Host => CpuBackend.add(x, delta),
+            Side::Host => CpuBackend::default().add(x, delta),
             Side::Gpu => self.gpu_pairwise(Kernel::Add, x, delta),
         }
     }
 
     fn add_bias(&self, out: &mut DeviceBuffer, bias: WeightRef, stride: usize, col0: usize) -> Result<(), EngineError> {
         match side("add_bias", &[out, bias.memory])? {
-            Side::Host => CpuBackend.add_bias(out, bias, stride, col0),
+            Side::Host => CpuBackend::default().add_bias(out, bias, stride, col0),
             Side::Gpu => self.gpu_add_bias(out, bias, stride, col0),
         }
     }
@@ -242,14 +244,14 @@ impl Backend for CudaBackend {
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("gather_rows", &[x, out])? {
-            Side::Host => CpuBackend.gather_rows(x, width, rows, out),
+            Side::Host => CpuBackend::default().gather_rows(x, width, rows, out),
             Side::Gpu => self.gpu_gather_rows(x, width, rows, out),
         }
     }
 
     fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError> {
         match side("rows_finite", &[x])? {
-            Side::Host => CpuBackend.rows_finite(x, width, rows),
+            Side::Host => CpuBackend::default().rows_finite(x, width, rows),
             Side::Gpu => self.gpu_rows_finite(x, width, rows),
         }
     }

@@ -271,8 +271,8 @@ fn attention_matches_the_cpu() {
         };
         let q_bytes: Vec<u8> = q.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = DeviceBuffer::Host(HostBytes::heap(q.len() * 4));
-        CpuBackend.attention(&host(&q_bytes), &host(&cache), layout, shape, &mut out).unwrap();
-        let want = CpuBackend.download_f32(&out).unwrap();
+        CpuBackend::default().attention(&host(&q_bytes), &host(&cache), layout, shape, &mut out).unwrap();
+        let want = CpuBackend::default().download_f32(&out).unwrap();
         assert_near(&format!("attention {past}+{new} {heads}/{kv_heads}×{head_dim} {dtype:?}"), &got, &want, 1e-5);
     }
 }

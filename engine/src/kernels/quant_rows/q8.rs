@@ -1,0 +1,372 @@
+//! Products over Q8_0 and Q4_0 weights with the activations quantized to 8 bits, the
+//! way llama.cpp computes them: each row of x becomes blocks of 32 signed bytes and a
+//! scale (`d = max|x| ÷ 127`, values rounded to the nearest step), and a block's
+//! product is an integer sum of byte products scaled once by both blocks' scales.
+//! Multiplying bytes instead of floats decodes no weight to f32, so one row is bound
+//! by memory bandwidth rather than by the widening (see BENCHMARKS.md), and many rows
+//! need no f32 copy of the weights at all.
+//!
+//! The price is the rounding of x: each product moves by at most half an activation
+//! step times Σ|w| (the tests hold it to that bound). And rounding makes the result
+//! jump where a value of x sits on a boundary between steps: an x that differs in its
+//! last bit (another order of additions upstream) can move the next layer's input by
+//! a whole step, and the logits by about 1 % on the test model. So that plans still
+//! give identical tokens, a product's value for one row of x and one weight row is
+//! the same bits on every path, whatever rows of x or weights are computed beside it:
+//! each block's integer sum (exact), minus Q4_0's offset, is converted to f32 and
+//! multiplied by `d_w · d_x` into the row's sum with one fused multiply-add, block
+//! after block. The x86 kernel does this for eight weight rows at once, one lane each;
+//! the one-row body does it with `mul_add`.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::{QuantMatrix, ROWS_PER_TASK};
+use crate::kernels::quant::BlockFormat;
+use crate::kernels::{compute_pool, SendPtr, SimdPath, MAX_ROWS};
+
+/// Values per block of quantized activations (Q8_0's and Q4_0's block size).
+const BLOCK: usize = 32;
+
+/// How activations meet block-quantized weights in the engine's products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// Quantized to 8 bits per block of 32 where the weights are Q8_0 or Q4_0
+    /// (llama.cpp's numerics and speed); f32 for the other formats.
+    #[default]
+    Q8,
+    /// Always f32: products within float rounding of "dequantize, then multiply".
+    F32,
+}
+
+impl Activations {
+    pub const ALL: [Activations; 2] = [Activations::Q8, Activations::F32];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::Q8 => "q8",
+            Activations::F32 => "f32",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Activations> {
+        Activations::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Whether products with `format` weights quantize the activations.
+    pub fn quantizes(self, format: BlockFormat) -> bool {
+        self == Activations::Q8 && matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0)
+    }
+}
+
+/// Rows of x quantized in blocks of 32: `quants[i·k + c]`, `scales[i·(k/32) + b]`,
+/// and each block's sum of quants (`sums`, for Q4_0's offset of 8).
+#[derive(Default)]
+pub struct Q8Rows {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+    k: usize,
+}
+
+impl Q8Rows {
+    /// Quantizes `m` rows of `k` values (k a multiple of 32) from `x`.
+    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+        assert!(k.is_multiple_of(BLOCK) && x.len() >= m * k, "q8 activations: {m} rows of {k}");
+        self.k = k;
+        self.quants.resize(m * k, 0);
+        self.scales.resize(m * k / BLOCK, 0.0);
+        self.sums.resize(m * k / BLOCK, 0);
+        let blocks = x[..m * k].chunks_exact(BLOCK).zip(self.quants.chunks_exact_mut(BLOCK));
+        for (((values, quants), scale), sum) in blocks.zip(self.scales.iter_mut()).zip(self.sums.iter_mut()) {
+            *scale = quantize_block(values, quants);
+            *sum = quants.iter().map(|&q| q as i32).sum();
+        }
+    }
+
+    /// Row `i`'s values times its block scales, as f32 (what the products multiply).
+    pub fn dequantized_row(&self, i: usize) -> Vec<f32> {
+        let quants = &self.quants[i * self.k..(i + 1) * self.k];
+        let scales = &self.scales[i * self.k / BLOCK..(i + 1) * self.k / BLOCK];
+        quants.chunks_exact(BLOCK).zip(scales).flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d)).collect()
+    }
+}
+
+/// One block: `d = max|x| ÷ 127`, `q = round(x ÷ d)`. A NaN or infinite value makes
+/// the scale NaN, so that it reaches the product instead of rounding to a byte.
+fn quantize_block(values: &[f32], quants: &mut [i8]) -> f32 {
+    let amax = values.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    if !amax.is_finite() || values.iter().any(|v| v.is_nan()) {
+        quants.fill(0);
+        return f32::NAN;
+    }
+    let d = amax / 127.0;
+    let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (q, v) in quants.iter_mut().zip(values) {
+        // |v · inverse| ≤ 127 up to rounding; `as` saturates the rest.
+        *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+thread_local! {
+    /// The caller's quantized x, reused between products.
+    static QUANTIZED: RefCell<Q8Rows> = RefCell::default();
+}
+
+/// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for any number of rows of x, with x
+/// quantized to 8 bits (`w` Q8_0 or Q4_0); `out` rows are `out_stride` wide.
+pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    w.check();
+    let k = w.cols;
+    assert!(
+        matches!(w.format, BlockFormat::Q8_0 | BlockFormat::Q4_0),
+        "q8 activations with {} weights",
+        w.format.name()
+    );
+    assert!(x.len() >= m * k, "linear_q8: {m} rows of {k}");
+    assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride, "linear_q8: output too small");
+    let path = if path.supported() { path } else { SimdPath::Scalar };
+    QUANTIZED.with_borrow_mut(|xq| {
+        xq.quantize(x, m, k);
+        products(path, xq, m, w, out, out_stride, col0);
+    });
+}
+
+/// The products of quantized x with every row of `w`: tasks of `ROWS_PER_TASK` weight
+/// rows in parallel; within a task, x in groups of up to `MAX_ROWS` rows, each weight
+/// row's blocks decoded once per group (the task's weights stay in the L2 cache
+/// between groups).
+fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    let row_bytes = w.row_bytes();
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    compute_pool().install(|| {
+        (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let first = task * ROWS_PER_TASK;
+            let last = (first + ROWS_PER_TASK).min(w.rows);
+            let mut dots = [0.0f32; MAX_ROWS];
+            for group in (0..m).step_by(MAX_ROWS) {
+                let rows = MAX_ROWS.min(m - group);
+                // Eight weight rows at a time where the kernel has them; a weight row
+                // always lands in the same kernel (tasks and groups of eight are fixed
+                // by the matrix), whatever the rows of x.
+                let mut j = first;
+                while j + EIGHT <= last {
+                    let Some(dots) = eight_rows_dots(path, &w, j, xq, group, rows) else { break };
+                    for (i, row_dots) in dots[..rows].iter().enumerate() {
+                        for (r, &dot) in row_dots.iter().enumerate() {
+                            // SAFETY: as below.
+                            unsafe { *out_ptr.get().add((group + i) * out_stride + col0 + j + r) = dot };
+                        }
+                    }
+                    j += EIGHT;
+                }
+                for j in j..last {
+                    let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
+                    row_dots(w.format, row, xq, group, rows, &mut dots);
+                    for (i, &dot) in dots[..rows].iter().enumerate() {
+                        // SAFETY: this task alone writes columns col0 + first .. col0 +
+                        // last; `linear_q8`'s asserts keep every index inside `out`.
+                        unsafe { *out_ptr.get().add((group + i) * out_stride + col0 + j) = dot };
+                    }
+                }
+            }
+        })
+    });
+}
+
+/// Weight rows the x86 kernel multiplies at once.
+const EIGHT: usize = 8;
+
+/// `dots[i][r] = x[first + i] · w row (j + r)` for eight weight rows, where the path
+/// has a kernel for it (None elsewhere).
+#[allow(unused_variables)]
+fn eight_rows_dots(
+    path: SimdPath,
+    w: &QuantMatrix,
+    j: usize,
+    xq: &Q8Rows,
+    first: usize,
+    rows: usize,
+) -> Option<[[f32; EIGHT]; MAX_ROWS]> {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(path, SimdPath::Avx2 | SimdPath::Avx512) {
+        let (k, row_bytes) = (xq.k, w.row_bytes());
+        let blocks = k / BLOCK;
+        let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
+        let x = (
+            &xq.quants[first * k..(first + rows) * k],
+            &xq.scales[first * blocks..(first + rows) * blocks],
+            &xq.sums[first * blocks..(first + rows) * blocks],
+        );
+        let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
+        // SAFETY: as in `row_dots`; `weights` holds eight whole rows.
+        unsafe { x86::eight_rows(w.format, weights, row_bytes, x, rows, k, &mut dots) };
+        return Some(dots);
+    }
+    None
+}
+
+/// `dots[i] = x[first + i] · row` for `rows` rows of quantized x, one weight row on
+/// its own (rows left over from groups of eight, and every row off x86).
+fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
+    let k = xq.k;
+    let blocks = k / BLOCK;
+    let quants = &xq.quants[first * k..(first + rows) * k];
+    let scales = &xq.scales[first * blocks..(first + rows) * blocks];
+    let block_bytes = format.block().1;
+    let mut sums = [0.0f32; MAX_ROWS];
+    for (b, block) in row.chunks_exact(block_bytes).enumerate() {
+        let (w, d) = decode_block(format, block);
+        for (i, sum) in sums[..rows].iter_mut().enumerate() {
+            let xs = &quants[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
+            let dot: i32 = w.iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();
+            // The operations of a lane of the eight-row kernel, in its order.
+            *sum = (dot as f32).mul_add(d * scales[i * blocks + b], *sum);
+        }
+    }
+    dots[..rows].copy_from_slice(&sums[..rows]);
+}
+
+/// A weight block as 32 signed integers and its scale.
+fn decode_block(format: BlockFormat, block: &[u8]) -> ([i8; BLOCK], f32) {
+    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let mut q = [0i8; BLOCK];
+    match format {
+        BlockFormat::Q4_0 => {
+            for (j, &byte) in block[2..18].iter().enumerate() {
+                q[j] = (byte & 0x0F) as i8 - 8;
+                q[j + 16] = (byte >> 4) as i8 - 8;
+            }
+        }
+        _ => {
+            for (q, &byte) in q.iter_mut().zip(&block[2..34]) {
+                *q = byte as i8;
+            }
+        }
+    }
+    (q, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2, eight weight rows at a time: `maddubs` multiplies a weight block's bytes
+    //! by x's pairwise into 16-bit sums — Q8_0 as `maddubs(|w|, sign(x, w))` (|w| ≤ 128,
+    //! |x| ≤ 127: a pair stays below 2¹⁵), Q4_0's nibbles unsigned (0–15) with 8·Σx
+    //! taken off afterwards — and `madd` by ones widens them to 32 bits. Rows of x come
+    //! in a const count `M` so that the accumulators stay in registers.
+
+    use std::arch::x86_64::*;
+
+    use super::{BlockFormat, BLOCK, MAX_ROWS};
+
+    /// x for `eight_rows`: quants, scales and block sums of its rows.
+    pub(super) type QuantizedX<'a> = (&'a [i8], &'a [f32], &'a [i32]);
+
+    /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
+    /// `row_bytes`) and `rows` rows of x. Each x block is loaded once for the eight
+    /// rows; each row's eight 32-bit sums reduce, across rows, into one vector whose
+    /// lane r is row r's block sum, so the block's scales (eight weight scales as one
+    /// vector) and its FMA are shared by the eight rows. Q4_0's nibbles multiply
+    /// unsigned (0–15) and the block's 8·Σx is taken off the integer sum.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn eight_rows(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        x: QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        let q4 = format == BlockFormat::Q4_0;
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            match rows {
+                1 => eight::<1>(q4, weights, row_bytes, x, k, dots),
+                2 => eight::<2>(q4, weights, row_bytes, x, k, dots),
+                3 => eight::<3>(q4, weights, row_bytes, x, k, dots),
+                4 => eight::<4>(q4, weights, row_bytes, x, k, dots),
+                5 => eight::<5>(q4, weights, row_bytes, x, k, dots),
+                6 => eight::<6>(q4, weights, row_bytes, x, k, dots),
+                7 => eight::<7>(q4, weights, row_bytes, x, k, dots),
+                _ => eight::<8>(q4, weights, row_bytes, x, k, dots),
+            }
+        }
+    }
+
+    /// Eight vectors of eight i32 into one: lane r holds the sum of vector r's lanes.
+    #[inline(always)]
+    unsafe fn reduce_eight(p: [__m256i; 8]) -> __m256i {
+        // SAFETY: AVX2 is present where this is inlined.
+        unsafe {
+            let h01 = _mm256_hadd_epi32(p[0], p[1]);
+            let h23 = _mm256_hadd_epi32(p[2], p[3]);
+            let h45 = _mm256_hadd_epi32(p[4], p[5]);
+            let h67 = _mm256_hadd_epi32(p[6], p[7]);
+            // Per 128-bit half: [Σ p0, Σ p1, Σ p2, Σ p3] over that half's lanes.
+            let low = _mm256_hadd_epi32(h01, h23);
+            let high = _mm256_hadd_epi32(h45, h67);
+            _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn eight<const M: usize>(
+        q4: bool,
+        weights: &[u8],
+        row_bytes: usize,
+        (quants, scales, sums): QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        let block_bytes = if q4 { 18 } else { 34 };
+        let blocks = k / BLOCK;
+        // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let nibble = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); M];
+            for b in 0..blocks {
+                let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
+                let mut bits = [0u16; 8];
+                for (r, bits) in bits.iter_mut().enumerate() {
+                    *bits = at(r).cast::<u16>().read_unaligned();
+                }
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
+                let w: [__m256i; 8] = std::array::from_fn(|r| {
+                    if q4 {
+                        let packed = _mm_loadu_si128(at(r).add(2).cast());
+                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble)
+                    } else {
+                        _mm256_loadu_si256(at(r).add(2).cast())
+                    }
+                });
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    let x = _mm256_loadu_si256(quants.as_ptr().add(i * k + b * BLOCK).cast());
+                    let p: [__m256i; 8] = std::array::from_fn(|r| {
+                        let pairs = if q4 {
+                            _mm256_maddubs_epi16(w[r], x)
+                        } else {
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(x, w[r]))
+                        };
+                        _mm256_madd_epi16(pairs, ones)
+                    });
+                    let mut total = reduce_eight(p);
+                    if q4 {
+                        total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *sums.get_unchecked(i * blocks + b)));
+                    }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*scales.get_unchecked(i * blocks + b)));
+                    *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
+                }
+            }
+            for (row_dots, sum) in dots.iter_mut().zip(acc) {
+                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

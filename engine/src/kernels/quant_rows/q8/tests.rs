@@ -1,0 +1,178 @@
+use super::*;
+use crate::kernels::quant::dequantize;
+use crate::kernels::quant_rows::tests::random_blocks;
+use crate::synth::SplitMix64;
+
+const FORMATS: [BlockFormat; 2] = [BlockFormat::Q8_0, BlockFormat::Q4_0];
+
+fn random_x(len: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..len).map(|_| rng.next_signed() * 3.0).collect()
+}
+
+/// The paths this CPU runs, each called directly.
+fn paths() -> Vec<SimdPath> {
+    [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512].into_iter().filter(|p| p.supported()).collect()
+}
+
+/// `(Σ w·x, Σ |w·x|)` in f64 over the decoded weights, for weight row `r` and `x_row`.
+fn exact(decoded: &[f32], r: usize, x_row: &[f32]) -> (f64, f64) {
+    let k = x_row.len();
+    let products = decoded[r * k..(r + 1) * k].iter().zip(x_row).map(|(&w, &x)| w as f64 * x as f64);
+    products.fold((0.0, 0.0), |(sum, size), p| (sum + p, size + p.abs()))
+}
+
+/// Runs `linear_q8` into an output wider than the weights (stride and column offset
+/// exercised) and returns out[i][col0 + j] as out[i][j].
+fn product(path: SimdPath, format: BlockFormat, w: &[u8], rows: usize, x: &[f32], m: usize, k: usize) -> Vec<Vec<f32>> {
+    let (stride, col0) = (rows + 5, 3);
+    let mut out = vec![f32::NAN; m * stride];
+    let matrix = QuantMatrix { bytes: w, format, rows, cols: k };
+    linear_q8(path, x, m, matrix, &mut out, stride, col0);
+    (0..m).map(|i| out[i * stride + col0..i * stride + col0 + rows].to_vec()).collect()
+}
+
+#[test]
+fn products_equal_the_exact_sums_over_the_quantized_activations_on_every_path() {
+    let (rows, k) = (37, 256); // two tasks of weight rows
+    for format in FORMATS {
+        let w = random_blocks(format, rows * k / 32, 7);
+        let mut decoded = vec![0.0f32; rows * k];
+        dequantize(format, &w, &mut decoded);
+        for path in paths() {
+            for m in [1, 2, 3, 5, 8, 13, 21] {
+                let x = random_x(m * k, 100 + m as u64);
+                let mut xq = Q8Rows::default();
+                xq.quantize(&x, m, k);
+                let got = product(path, format, &w, rows, &x, m, k);
+                for (i, row) in got.iter().enumerate() {
+                    let x_row = xq.dequantized_row(i);
+                    for (r, &value) in row.iter().enumerate() {
+                        let (want, size) = exact(&decoded, r, &x_row);
+                        assert!(
+                            (value as f64 - want).abs() <= 1e-5 * size,
+                            "{} {path:?} m={m} x row {i} weight row {r}: {value} vs {want}",
+                            format.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rounding_the_activations_moves_a_product_by_at_most_half_a_step_per_weight() {
+    let (rows, k) = (9, 512);
+    for format in FORMATS {
+        let w = random_blocks(format, rows * k / 32, 3);
+        let mut decoded = vec![0.0f32; rows * k];
+        dequantize(format, &w, &mut decoded);
+        let m = 4;
+        let mut moved = 0;
+        let x = random_x(m * k, 5);
+        let mut xq = Q8Rows::default();
+        xq.quantize(&x, m, k);
+        let got = product(SimdPath::best(), format, &w, rows, &x, m, k);
+        for i in 0..m {
+            let x_row = &x[i * k..(i + 1) * k];
+            for r in 0..rows {
+                let (want, size) = exact(&decoded, r, x_row);
+                // Each x moves by at most half its block's step d = max|x| / 127.
+                let bound: f64 =
+                    (0..k).map(|c| decoded[r * k + c].abs() as f64 * xq.scales[i * k / 32 + c / 32] as f64 / 2.0).sum();
+                let error = (got[i][r] as f64 - want).abs();
+                assert!(error <= bound + 1e-5 * size, "{} row {i}·{r}: off by {error}, bound {bound}", format.name());
+                moved += usize::from(error > 1e-5 * size);
+            }
+        }
+        // The rounding is real: most products move by more than float rounding.
+        assert!(moved > m * rows / 2, "{}: only {moved} products moved", format.name());
+    }
+}
+
+#[test]
+fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
+    let (rows, k) = (40, 128);
+    for format in FORMATS {
+        let w = random_blocks(format, rows * k / 32, 11);
+        for path in paths() {
+            let m = 19;
+            let x = random_x(m * k, 13);
+            let together = product(path, format, &w, rows, &x, m, k);
+            for i in [0, 7, 8, 18] {
+                let alone = product(path, format, &w, rows, &x[i * k..(i + 1) * k], 1, k);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&together[i]), bits(&alone[0]), "{} {path:?} row {i}", format.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_activation_reaches_its_rows_products_and_no_other() {
+    let (rows, k) = (4, 64);
+    for format in FORMATS {
+        let w = random_blocks(format, rows * k / 32, 17);
+        for poison in [f32::NAN, f32::INFINITY] {
+            let mut x = random_x(2 * k, 19);
+            x[k + 40] = poison;
+            for path in paths() {
+                let out = product(path, format, &w, rows, &x, 2, k);
+                assert!(out[0].iter().all(|v| v.is_finite()), "{path:?}: row 0 {:?}", out[0]);
+                assert!(out[1].iter().all(|v| v.is_nan()), "{path:?}: row 1 {:?}", out[1]);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_block_quantizes_its_largest_value_to_127_and_zeros_to_zero() {
+    let mut q = [0i8; 32];
+    let mut values = [0.0f32; 32];
+    assert_eq!(quantize_block(&values, &mut q), 0.0);
+    assert!(q.iter().all(|&v| v == 0));
+    values[3] = -2.54;
+    values[4] = 1.27;
+    values[5] = 0.009;
+    let d = quantize_block(&values, &mut q);
+    assert_eq!((q[3], q[4], q[5], q[6]), (-127, 64, 0, 0));
+    assert!((d - 0.02).abs() < 1e-7, "{d}");
+}
+
+#[test]
+fn only_q8_0_and_q4_0_products_quantize_the_activations() {
+    let quantized: Vec<&str> =
+        BlockFormat::ALL.into_iter().filter(|&f| Activations::Q8.quantizes(f)).map(|f| f.name()).collect();
+    assert_eq!(quantized, ["Q8_0", "Q4_0"]);
+    assert!(BlockFormat::ALL.into_iter().all(|f| !Activations::F32.quantizes(f)));
+    assert_eq!(Activations::parse("f32"), Some(Activations::F32));
+    assert_eq!(Activations::parse("int8"), None);
+}
+
+#[test]
+fn every_path_and_every_split_of_the_weight_rows_gives_the_same_bits() {
+    let (rows, k, m) = (45, 192, 3);
+    for format in FORMATS {
+        let w = random_blocks(format, rows * k / 32, 23);
+        let x = random_x(m * k, 29);
+        let whole = product(SimdPath::Scalar, format, &w, rows, &x, m, k);
+        let row_bytes = k / 32 * format.block().1;
+        for path in paths() {
+            // Pieces as a streamed plan delivers them: groups of eight fall elsewhere.
+            for pieces in [vec![45], vec![3, 13, 29], vec![1, 8, 36]] {
+                let mut first = 0;
+                for piece in pieces {
+                    let bytes = &w[first * row_bytes..(first + piece) * row_bytes];
+                    let got = product(path, format, bytes, piece, &x, m, k);
+                    for i in 0..m {
+                        let want: Vec<u32> = whole[i][first..first + piece].iter().map(|v| v.to_bits()).collect();
+                        let got: Vec<u32> = got[i].iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{} {path:?} rows {first}..{}", format.name(), first + piece);
+                    }
+                    first += piece;
+                }
+            }
+        }
+    }
+}
