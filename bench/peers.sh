@@ -7,6 +7,11 @@
 #   bench/peers.sh ram [N]   # TinyLlama shape, Q4_0 and Q8_0 (ferry synth --format gguf),
 #                            # everything in RAM, prompt 64, 32 tokens, batch 1 and 8,
 #                            # N alternated rounds (default 3): tokens/s of each
+#   bench/peers.sh budget [N] # the same files under a memory budget of a third of the
+#                            # file (root: llama.cpp in a cgroup-v1 memory limit, which
+#                            # counts its page cache, mmap and no repacking; Ferry with
+#                            # its plan's budget), page cache dropped before every run,
+#                            # the file's direct-I/O read rate measured around each pair
 #
 # Ferry's figure is its measured decode rate (1 / time per output token, batch
 # sequences per step), with its default activations (8-bit, as llama.cpp) and with
@@ -75,8 +80,58 @@ ram() {
   done
 }
 
+disk_rate() { # file -> GB/s of direct 8 MiB reads of it
+  dd if="$1" of=/dev/null bs=8M iflag=direct 2>&1 | tail -1 |
+    python3 -c "import re,sys; t=sys.stdin.read(); b=int(t.split()[0]); s=float(re.search(r'([0-9.]+) s,', t).group(1)); print(round(b/s/1e9,2))"
+}
+
+in_cgroup() { # limit-bytes command... : runs the command in a fresh memory cgroup (v1)
+  local group=/sys/fs/cgroup/memory/ferry-peers
+  [ -d "$group" ] || mkdir "$group"
+  echo "$1" > "$group/memory.limit_in_bytes"
+  shift
+  bash -c 'echo $$ > '"$group"'/cgroup.procs && exec "$@"' bash "$@"
+}
+
+budget() {
+  local rounds=${1:-3} bin="$PEERS/build/bin"
+  cargo build --release -q -p ferry
+  for q in q4_0 q8_0; do
+    local file="$PEERS/tinyllama-$q.gguf"
+    [ -f "$file" ] || "$FERRY" synth --model tinyllama-1.1b --format gguf --dtype $q --out "$file" > /dev/null
+    local third=$(( $(stat -c %s "$file") / 3 ))
+    for b in 1 8; do
+      "$FERRY" tune --gpu cpu --device-mem "$third" --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
+        --gen-len 32 --out "$PEERS/budget-$q-b$b.yaml" --force > /dev/null
+    done
+  done
+  for round in $(seq "$rounds"); do
+    for q in q4_0 q8_0; do
+      local file="$PEERS/tinyllama-$q.gguf" third
+      third=$(( $(stat -c %s "$file") / 3 ))
+      local before after ferry1 ferry8 llama1 llama8
+      before=$(disk_rate "$file")
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      ferry1=$(ferry_rate "$file" "$PEERS/budget-$q-b1.yaml")
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      llama1=$(in_cgroup "$third" "$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 --repack 0 -lm mmap -o json 2>/dev/null |
+        python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      ferry8=$(ferry_rate "$file" "$PEERS/budget-$q-b8.yaml")
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      llama8=$(in_cgroup "$third" "$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 -nr \
+        --output-format jsonl 2>/dev/null |
+        python3 -c "import json,sys; print(round([json.loads(l) for l in sys.stdin if l.startswith('{')][-1]['speed_tg'],2))")
+      after=$(disk_rate "$file")
+      echo "round $round $q, budget $((third >> 20)) MiB: batch 1 ferry $ferry1 llama.cpp $llama1 tokens/s;" \
+        "batch 8 ferry $ferry8 llama.cpp $llama8 tokens/s; disk $before / $after GB/s"
+    done
+  done
+}
+
 case "${1:-}" in
   build) build ;;
   ram) ram "${2:-3}" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  budget) budget "${2:-3}" ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

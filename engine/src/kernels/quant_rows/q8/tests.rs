@@ -176,3 +176,27 @@ fn every_path_and_every_split_of_the_weight_rows_gives_the_same_bits() {
         }
     }
 }
+
+#[test]
+fn a_block_rounds_like_roundf_halves_included() {
+    let mut rng = SplitMix64::new(31);
+    for trial in 0..2000 {
+        let mut values: Vec<f32> = (0..32).map(|_| rng.next_signed() * 5.0).collect();
+        if trial % 2 == 0 {
+            // Values on and just beside the halfway points between steps.
+            let d = 5.0f32 / 127.0;
+            values[0] = 5.0;
+            for (j, v) in values.iter_mut().enumerate().skip(1) {
+                let half = ((j % 20) as f32 - 10.0 + 0.5) * d;
+                *v = [half, f32::from_bits(half.to_bits() + 1), f32::from_bits(half.to_bits() - 1)][j % 3];
+            }
+        }
+        let mut q = [0i8; 32];
+        let d = quantize_block(&values, &mut q);
+        let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+        for (j, (&got, &v)) in q.iter().zip(&values).enumerate() {
+            let want = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+            assert_eq!(got, want, "trial {trial} value {j}: {v} scaled {}", v * inverse);
+        }
+    }
+}
