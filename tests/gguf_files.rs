@@ -105,6 +105,16 @@ fn a_quantized_gguf_file_tunes_and_runs() {
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(report["tokens"].as_array().map(Vec::len), Some(2), "{report}");
     }
+    // With the KV cache on disk, its scratch file goes beside the GGUF file.
+    let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
+    let resident_kv = "kv_cache:\n    device: 4\n    host: 0\n    disk: 0";
+    assert!(plan.contains(resident_kv), "{plan}");
+    let disk_kv = plan.replace(resident_kv, "kv_cache:\n    device: 0\n    host: 0\n    disk: 4");
+    std::fs::write(dir.path().join("disk-kv.yaml"), disk_kv).unwrap();
+    let out = ferry(dir.path(), &["run", "--model-dir", "m/tiny.gguf", "--plan", "disk-kv.yaml", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("m")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["tiny.gguf"], "the scratch file is removed");
     // 8-bit activations (the default) and f32 ones give close, not equal, logits.
     for (activations, npy) in [("q8", "q8.npy"), ("f32", "f32.npy")] {
         let run = ["run", "--model-dir", "m/tiny.gguf", "--plan", "plan.yaml", "--activations", activations];

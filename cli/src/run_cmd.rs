@@ -63,7 +63,8 @@ pub struct RunArgs {
     /// [default: the plan's `models.draft`, relative to the plan's folder].
     #[arg(long, value_name = "DIR|FILE")]
     draft_dir: Option<PathBuf>,
-    /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
+    /// Where a disk-resident KV cache file is created (and removed) [default: the model
+    /// folder, or the folder holding the GGUF file].
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
     /// Measure the disk's read rate (the plan's request size and queue depth, direct I/O
@@ -208,7 +209,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     });
     let options = RunOptions {
         prompts,
-        scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| args.model_dir.clone()),
+        scratch_dir: args.scratch_dir.clone().unwrap_or_else(|| ferry_engine::weights::model_folder(&args.model_dir)),
         allow_buffered_io: true,
         keep_logits: args.logits.is_some(),
         progress: callback,

@@ -33,7 +33,8 @@ pub struct StageWorkerArgs {
     /// without it the worker only answers link probes (`ferry profile --as-nodes`).
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Where a disk-resident KV cache file is created (and removed) [default: the model folder].
+    /// Where a disk-resident KV cache file is created (and removed) [default: the model
+    /// folder, or the folder holding the GGUF file].
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
     /// Serve one run and exit (otherwise serve runs one after another until stopped).
@@ -61,7 +62,9 @@ pub fn stage_worker(args: StageWorkerArgs) -> Result<()> {
     let address = listener.local_addr().context("the listening address")?;
     println!("listening on {address}");
     std::io::stdout().flush()?;
-    let scratch_dir = args.scratch_dir.clone().or_else(|| args.model_dir.clone()).unwrap_or_else(|| PathBuf::from("."));
+    let scratch_dir = args.scratch_dir.clone().unwrap_or_else(|| {
+        args.model_dir.as_deref().map_or_else(|| PathBuf::from("."), ferry_engine::weights::model_folder)
+    });
     let worker = Worker { files: files.as_ref(), backend: backend.as_ref(), scratch_dir };
     loop {
         match serve(&listener, &worker) {

@@ -38,6 +38,21 @@ impl GroupLocation {
     }
 }
 
+/// The folder a model lives in: `path` itself for a model folder, the folder holding
+/// it for a GGUF file (where a run's scratch files go by default).
+pub fn model_folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if path.is_file() => {
+            if parent.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                parent.to_path_buf()
+            }
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
 /// A model's files (the tensor table is long: `Debug` names the model only).
 pub struct ModelFiles {
     /// The model folder, or the GGUF file.

@@ -171,7 +171,8 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     }
     let mut rows = Vec::new();
     for (index, plan) in plans.iter().enumerate() {
-        let measured = measure::predict_and_run(plan, &files, &base_profile, disk_file.as_deref(), &options.model_dir)?;
+        let scratch = ferry_engine::weights::model_folder(&options.model_dir);
+        let measured = measure::predict_and_run(plan, &files, &base_profile, disk_file.as_deref(), &scratch)?;
         if let Some(dir) = &options.report {
             report::write_plan(dir, index, plan, &measured, options.force)?;
         }
