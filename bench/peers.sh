@@ -11,7 +11,9 @@
 #                            # file (root: llama.cpp in a cgroup-v1 memory limit, which
 #                            # counts its page cache, mmap and no repacking; Ferry with
 #                            # its plan's budget), page cache dropped before every run,
-#                            # the file's direct-I/O read rate measured around each pair
+#                            # the file's direct-I/O read rate measured around each pair;
+#                            # PROFILE=FILE tunes Ferry's plans with that measured profile
+#                            # (`ferry profile --backend cpu`) instead of datasheet figures
 #
 # Ferry's figure is its measured decode rate (1 / time per output token, batch
 # sequences per step), with its default activations (8-bit, as llama.cpp) and with
@@ -100,8 +102,10 @@ budget() {
     local file="$PEERS/tinyllama-$q.gguf"
     [ -f "$file" ] || "$FERRY" synth --model tinyllama-1.1b --format gguf --dtype $q --out "$file" > /dev/null
     local third=$(( $(stat -c %s "$file") / 3 ))
+    local hardware=(--gpu cpu --host ferry-ci-vm)
+    [ -z "${PROFILE:-}" ] || hardware=(--profile "$PROFILE")
     for b in 1 8; do
-      "$FERRY" tune --gpu cpu --device-mem "$third" --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
+      "$FERRY" tune "${hardware[@]}" --device-mem "$third" --model "$file" --batch $b --prompt-len 64 \
         --gen-len 32 --out "$PEERS/budget-$q-b$b.yaml" --force > /dev/null
     done
   done
