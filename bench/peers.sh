@@ -53,12 +53,19 @@ ferry_rate() { # model plan [run options] -> tokens/s (batch sequences per step 
     python3 -c "import json,sys; d=json.load(sys.stdin); m=d['metrics']; print(round(len(d['tokens'])*1e9/m['time_per_output_token_ns'],2))"
 }
 
-ram() {
-  local rounds=${1:-3} bin="$PEERS/build/bin"
+prepare() { # builds Ferry and writes the GGUF files it does not find
   cargo build --release -q -p ferry
   for q in q4_0 q8_0; do
     local file="$PEERS/tinyllama-$q.gguf"
     [ -f "$file" ] || "$FERRY" synth --model tinyllama-1.1b --format gguf --dtype $q --out "$file" > /dev/null
+  done
+}
+
+ram() {
+  local rounds=${1:-3} bin="$PEERS/build/bin"
+  prepare
+  for q in q4_0 q8_0; do
+    local file="$PEERS/tinyllama-$q.gguf"
     for b in 1 8; do
       "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
         --gen-len 32 --out "$PEERS/plan-$q-b$b.yaml" --force > /dev/null
@@ -97,10 +104,9 @@ in_cgroup() { # limit-bytes command... : runs the command in a fresh memory cgro
 
 budget() {
   local rounds=${1:-3} bin="$PEERS/build/bin"
-  cargo build --release -q -p ferry
+  prepare
   for q in q4_0 q8_0; do
     local file="$PEERS/tinyllama-$q.gguf"
-    [ -f "$file" ] || "$FERRY" synth --model tinyllama-1.1b --format gguf --dtype $q --out "$file" > /dev/null
     local third=$(( $(stat -c %s "$file") / 3 ))
     local hardware=(--gpu cpu --host ferry-ci-vm)
     [ -z "${PROFILE:-}" ] || hardware=(--profile "$PROFILE")
