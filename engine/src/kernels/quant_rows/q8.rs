@@ -165,9 +165,8 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
             let mut dots = [0.0f32; MAX_ROWS];
             for group in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - group);
-                // Eight weight rows at a time where the kernel has them; a weight row
-                // always lands in the same kernel (tasks and groups of eight are fixed
-                // by the matrix), whatever the rows of x.
+                // Eight weight rows at a time where the path has that kernel, the rest
+                // one at a time: both compute the same bits (see the module's docs).
                 let mut j = first;
                 while j + EIGHT <= last {
                     let Some(dots) = eight_rows_dots(path, &w, j, xq, group, rows) else { break };
