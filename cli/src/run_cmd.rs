@@ -57,7 +57,7 @@ pub struct RunArgs {
     /// 8 bits per block of 32, as llama.cpp does (integer products: its speed and its
     /// numerics); f32 keeps them exact (logits within float rounding of
     /// "dequantize, then multiply"). Other weight formats always multiply f32.
-    #[arg(long, default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]
+    #[arg(long, value_name = "q8|f32", default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]
     activations: Activations,
     /// The draft model's files, for a plan that speculates with a separate draft
     /// [default: the plan's `models.draft`, relative to the plan's folder].
