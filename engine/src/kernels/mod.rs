@@ -13,7 +13,7 @@ mod rows;
 use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
-pub use quant_rows::{linear_q8, linear_quant, quant_converted, quant_rows, Activations, Q8Rows, QuantMatrix};
+pub use quant_rows::{linear_q8, linear_quant, quant_converted, quant_rows, Activations, QuantMatrix};
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 
 /// Converts `bytes` of `dtype` to f32 into `out` (same element count).

@@ -10,7 +10,8 @@
 //! body decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic
-//! dominates.
+//! dominates. With 8-bit activations (`q8`, the cpu backend's default) Q8_0 and Q4_0
+//! skip all of this at every row count: their products are integer sums.
 
 use rayon::prelude::*;
 
@@ -22,7 +23,7 @@ use ferry_core::model::Dtype;
 mod k_quants;
 mod q8;
 
-pub use q8::{linear_q8, Activations, Q8Rows};
+pub use q8::{linear_q8, Activations};
 
 /// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks.
 #[derive(Clone, Copy)]

@@ -63,7 +63,7 @@ impl Activations {
 /// Rows of x quantized in blocks of 32: `quants[i·k + c]`, `scales[i·(k/32) + b]`,
 /// and each block's sum of quants (`sums`, for Q4_0's offset of 8).
 #[derive(Default)]
-pub struct Q8Rows {
+pub(crate) struct Q8Rows {
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
@@ -72,7 +72,7 @@ pub struct Q8Rows {
 
 impl Q8Rows {
     /// Quantizes `m` rows of `k` values (k a multiple of 32) from `x`.
-    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+    pub(crate) fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
         assert!(k.is_multiple_of(BLOCK) && x.len() >= m * k, "q8 activations: {m} rows of {k}");
         self.k = k;
         self.quants.resize(m * k, 0);
@@ -86,7 +86,8 @@ impl Q8Rows {
     }
 
     /// Row `i`'s values times its block scales, as f32 (what the products multiply).
-    pub fn dequantized_row(&self, i: usize) -> Vec<f32> {
+    #[cfg(test)]
+    fn dequantized_row(&self, i: usize) -> Vec<f32> {
         let quants = &self.quants[i * self.k..(i + 1) * self.k];
         let scales = &self.scales[i * self.k / BLOCK..(i + 1) * self.k / BLOCK];
         quants.chunks_exact(BLOCK).zip(scales).flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d)).collect()
@@ -169,8 +170,8 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
                 // one at a time: both compute the same bits (see the module's docs).
                 let mut j = first;
                 while j + EIGHT <= last {
-                    let Some(dots) = eight_rows_dots(path, &w, j, xq, group, rows) else { break };
-                    for (i, row_dots) in dots[..rows].iter().enumerate() {
+                    let Some(eight) = eight_rows_dots(path, &w, j, xq, group, rows) else { break };
+                    for (i, row_dots) in eight[..rows].iter().enumerate() {
                         for (r, &dot) in row_dots.iter().enumerate() {
                             // SAFETY: as below.
                             unsafe { *out_ptr.get().add((group + i) * out_stride + col0 + j + r) = dot };
