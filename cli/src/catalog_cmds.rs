@@ -198,6 +198,8 @@ pub fn show(args: ShowArgs) -> Result<()> {
                 let breakdown = serde_json::json!({
                     "model": model,
                     "params": model.params(),
+                    "active_params": model.active_params(),
+                    "expert_params": model.expert_params(),
                     "kv_bytes_per_token_fp16": model.kv_bytes_per_token_per_layer(Dtype::F16) * model.num_layers,
                 });
                 println!("{}", serde_json::to_string_pretty(&breakdown)?);
@@ -219,27 +221,52 @@ pub fn show(args: ShowArgs) -> Result<()> {
                 })
                 .collect();
             let mut table = Table::new(["weights", "params", "f32", "f16/bf16", "q8_0", "q6_k", "q4_k", "int4-g64"]);
-            let mut add = |label: String, count: u64, bytes: &dyn Fn(&WeightLayout) -> u64| {
+            let add = |table: &mut Table, label: String, count: u64, bytes: &dyn Fn(&WeightLayout) -> u64| {
                 let mut row = vec![label, format_params(count)];
                 row.extend(layouts.iter().map(|l| l.as_ref().map_or("—".into(), |l| format_bytes(bytes(l)))));
                 table.row(row);
             };
             let half = params.norms_per_layer / 2;
             let per_layer = params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer;
-            add("attention, per layer".into(), params.attention_per_layer + half, &|l| {
+            add(&mut table, "attention, per layer".into(), params.attention_per_layer + half, &|l| {
                 l.bytes(WeightGroup::Attention, 0)
             });
-            add("MLP, per layer".into(), params.mlp_per_layer + params.norms_per_layer - half, &|l| {
+            add(&mut table, "MLP, per layer".into(), params.mlp_per_layer + params.norms_per_layer - half, &|l| {
                 l.bytes(WeightGroup::Mlp, 0)
             });
-            add("one layer".into(), per_layer, &|l| l.bytes(WeightGroup::Attention, 0) + l.bytes(WeightGroup::Mlp, 0));
-            add(format!("all {} layers", model.num_layers), model.num_layers * per_layer, &|l| {
+            add(&mut table, "one layer".into(), per_layer, &|l| {
+                l.bytes(WeightGroup::Attention, 0) + l.bytes(WeightGroup::Mlp, 0)
+            });
+            add(&mut table, format!("all {} layers", model.num_layers), model.num_layers * per_layer, &|l| {
                 l.group_total(WeightGroup::Attention) + l.group_total(WeightGroup::Mlp)
             });
-            add("embeddings".into(), params.embeddings, &|l| l.bytes(WeightGroup::Embeddings, 0));
-            add("final norm + head".into(), params.head, &|l| l.bytes(WeightGroup::Head, 0));
-            add("total".into(), params.total, &|l| l.total_bytes());
+            if model.num_experts > 0 {
+                // One expert's gate, up and down projections, in each format.
+                let (h, ffn) = (model.hidden_size, model.intermediate_size);
+                let mut row = vec!["one expert".to_string(), format_params(model.expert_params())];
+                row.extend(formats.iter().zip(&layouts).map(|(name, layout)| {
+                    match (layout, WeightFormat::parse(name)) {
+                        (Some(_), Ok(f)) => format_bytes(2 * f.bytes(ffn, h) + f.bytes(h, ffn)),
+                        _ => "—".into(),
+                    }
+                }));
+                table.row(row);
+            }
+            add(&mut table, "embeddings".into(), params.embeddings, &|l| l.bytes(WeightGroup::Embeddings, 0));
+            add(&mut table, "final norm + head".into(), params.head, &|l| l.bytes(WeightGroup::Head, 0));
+            add(&mut table, "total".into(), params.total, &|l| l.total_bytes());
             print!("{}", table.render());
+            if model.num_experts > 0 {
+                println!(
+                    "\nactive per token: {} of {} parameters ({} of {} experts per layer); a batch of 8 tokens \
+                     touches {:.1} experts per layer on average under uniform routing",
+                    format_params(model.active_params()),
+                    format_params(params.total),
+                    model.experts_per_token,
+                    model.num_experts,
+                    model.expected_experts(8)
+                );
+            }
             let kv16 = model.kv_bytes_per_token_per_layer(Dtype::F16);
             println!(
                 "\nKV cache (fp16): {} per token per layer, {} per token for all layers; {} for one 4096-token sequence",

@@ -296,6 +296,8 @@ mod tests {
             "tinyllama-1.1b",
             "test-tiny",
             "test-small",
+            "test-tiny-moe",
+            "test-moe",
         ] {
             catalog.model(model).unwrap();
         }

@@ -415,9 +415,12 @@ impl ModelSpec {
     }
 
     /// Largest intermediate inside a layer per token, in f32: the MLP's gate and up
-    /// outputs together (experts run one at a time), or q/k/v together.
+    /// outputs together, or q/k/v together. A mixture of experts runs one expert at a
+    /// time and also holds, per token, its input gathered for that expert, the expert's
+    /// output, the layer's output it is summed into and the router's logits.
     pub fn workspace_bytes_per_token(&self) -> u64 {
-        let mlp = 2 * self.intermediate_size;
+        let routing = if self.num_experts > 0 { 3 * self.hidden_size + self.num_experts } else { 0 };
+        let mlp = 2 * self.intermediate_size + routing;
         let qkv = self.hidden_size + 2 * self.kv_dim();
         4 * mlp.max(qkv) + 4 * self.hidden_size
     }
@@ -436,14 +439,43 @@ impl ModelSpec {
     }
 
     /// Bytes of MLP weights a step actually reads, of `all` bytes in the layer's MLP:
-    /// all of a dense MLP; for a mixture of experts only the experts the `rows` tokens
-    /// are routed to (at most all of them).
+    /// all of a dense MLP; for a mixture of experts the share of the experts that
+    /// `rows` tokens are expected to be routed to (`expected_experts`).
     pub fn mlp_bytes_read(&self, rows: u64, all: u64) -> u64 {
         if self.num_experts == 0 {
             return all;
         }
-        let touched = (rows * self.experts_per_token).min(self.num_experts);
-        all * touched / self.num_experts
+        let share = self.expected_experts(rows) / self.num_experts as f64;
+        (all as f64 * share).round() as u64
+    }
+
+    /// How many distinct experts of a layer `tokens` tokens are expected to touch when
+    /// each picks `experts_per_token` of `num_experts` uniformly: each expert is missed
+    /// by one token with probability 1 − k/E, so by all with (1 − k/E)^tokens, and
+    /// E·(1 − (1 − k/E)^tokens) are touched (k for one token, at most E). Real routers
+    /// are skewed, which touches fewer; a measured histogram would say by how much.
+    pub fn expected_experts(&self, tokens: u64) -> f64 {
+        if self.num_experts == 0 {
+            return 0.0;
+        }
+        let (e, k) = (self.num_experts as f64, self.experts_per_token as f64);
+        let missed = (1.0 - k / e).powi(tokens.min(i32::MAX as u64) as i32);
+        e * (1.0 - missed)
+    }
+
+    /// Parameters of one expert (gate, up and down projections; 0 for a dense model).
+    pub fn expert_params(&self) -> u64 {
+        if self.num_experts == 0 {
+            return 0;
+        }
+        3 * self.hidden_size * self.intermediate_size
+    }
+
+    /// Parameters one token computes with: all of them but the experts it is not
+    /// routed to (the total for a dense model).
+    pub fn active_params(&self) -> u64 {
+        let idle = self.num_experts.saturating_sub(self.experts_per_token);
+        self.params().total - self.num_layers * idle * self.expert_params()
     }
 
     /// Matrix-multiply FLOPs of one layer's projections for `tokens` tokens
@@ -516,6 +548,11 @@ mod tests {
         assert!(tiny < 8_000_000, "test-tiny is {tiny} bytes");
         let small = model("test-small").total_bytes(Dtype::Bf16);
         assert!((150_000_000..=300_000_000).contains(&small), "test-small is {small} bytes");
+        let tiny_moe = model("test-tiny-moe").total_bytes(Dtype::F32);
+        assert!(tiny_moe < 8_000_000, "test-tiny-moe is {tiny_moe} bytes");
+        let moe = model("test-moe");
+        assert!((400_000_000..=800_000_000).contains(&moe.total_bytes(Dtype::Bf16)), "test-moe");
+        assert!(moe.active_params() * 3 < moe.params().total, "test-moe's experts dominate");
     }
 
     #[test]
@@ -530,7 +567,7 @@ mod tests {
 
     #[test]
     fn group_tensors_add_up_to_the_parameter_counts() {
-        for name in ["llama-2-7b", "llama-2-70b", "mixtral-8x7b", "qwen2.5-14b", "opt-13b", "test-tiny"] {
+        for name in ["llama-2-7b", "llama-2-70b", "mixtral-8x7b", "qwen2.5-14b", "opt-13b", "test-tiny", "test-moe"] {
             let m = model(name);
             let p = m.params();
             let sum = |g| m.group_tensors(g, 0).iter().map(TensorSpec::elements).sum::<u64>();
@@ -558,6 +595,22 @@ mod tests {
         }
         assert_eq!(WeightGroup::Embeddings.layer_slot(), None);
         assert_eq!(WeightGroup::Head.layer_slot(), None);
+    }
+
+    #[test]
+    fn experts_touched_follow_uniform_routing() {
+        let m = model("mixtral-8x7b");
+        // One token touches exactly its k experts; many touch all; in between E(1 - (1 - k/E)^t).
+        assert!((m.expected_experts(1) - 2.0).abs() < 1e-12);
+        assert!((m.expected_experts(2) - 8.0 * (1.0 - 0.75f64 * 0.75)).abs() < 1e-12);
+        assert!(m.expected_experts(1000) > 7.999 && m.expected_experts(1000) <= 8.0);
+        let all = m.group_bytes(WeightGroup::Mlp, Dtype::F16);
+        assert_eq!(m.mlp_bytes_read(1, all), (all as f64 / 4.0).round() as u64);
+        assert_eq!(model("test-tiny").mlp_bytes_read(5, 1234), 1234);
+        // Mixtral 8x7B: 46.7 B parameters, 12.9 B active per token (Mistral AI's figures).
+        let active = m.active_params() as f64 / 1e9;
+        assert!((active - 12.9).abs() < 0.05, "{active}");
+        assert_eq!(model("test-tiny").active_params(), model("test-tiny").params().total);
     }
 
     #[test]
