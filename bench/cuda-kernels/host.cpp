@@ -70,6 +70,7 @@ extern "C" int ferry_host_launch(const char* name, unsigned grid, unsigned block
     KERNEL(ferry_add)
     KERNEL(ferry_add_bias)
     KERNEL(ferry_gather_rows)
+    KERNEL(ferry_add_scaled_rows)
     KERNEL(ferry_rows_finite)
     KERNEL(ferry_rms_norm)
     KERNEL(ferry_attention)

@@ -71,9 +71,12 @@ pub fn tensor_list(model: &ModelSpec) -> Vec<(String, Vec<u64>)> {
 
 /// Whether Ferry's engine can run this architecture.
 pub fn check_supported(model: &ModelSpec) -> Result<(), EngineError> {
-    if model.family == Family::Opt || model.num_experts > 0 {
+    // Qwen2-MoE's shared expert and router names are not Mixtral's.
+    let moe_unsupported = model.num_experts > 0 && model.family == Family::Qwen2;
+    if model.family == Family::Opt || moe_unsupported {
         return Err(EngineError::Unsupported(format!(
-            "{} ({:?}{}) is not supported by the engine yet: it runs dense Llama-family decoders (llama, mistral, qwen2)",
+            "{} ({:?}{}) is not supported by the engine yet: it runs Llama-family decoders (llama, mistral, \
+             qwen2) and Mixtral's mixture of experts",
             model.name,
             model.family,
             if model.num_experts > 0 { ", mixture of experts" } else { "" }
@@ -84,13 +87,14 @@ pub fn check_supported(model: &ModelSpec) -> Result<(), EngineError> {
 
 /// The `config.json` of a synthetic model.
 pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
-    let model_type = match model.family {
-        Family::Mistral => "mistral",
-        Family::Qwen2 => "qwen2",
-        _ => "llama",
+    let (model_type, architecture) = match model.family {
+        _ if model.num_experts > 0 => ("mixtral", "MixtralForCausalLM"),
+        Family::Mistral => ("mistral", "MistralForCausalLM"),
+        Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        _ => ("llama", "LlamaForCausalLM"),
     };
-    serde_json::json!({
-        "architectures": [match model.family { Family::Mistral => "MistralForCausalLM", Family::Qwen2 => "Qwen2ForCausalLM", _ => "LlamaForCausalLM" }],
+    let mut config = serde_json::json!({
+        "architectures": [architecture],
         "model_type": model_type,
         "hidden_size": model.hidden_size,
         "intermediate_size": model.intermediate_size,
@@ -105,7 +109,12 @@ pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
         "hidden_act": "silu",
         "torch_dtype": match dtype { Dtype::F32 => "float32", Dtype::Bf16 => "bfloat16", _ => "float16" },
         "ferry_synthetic": {"source": model.name, "note": "random weights written by ferry synth"},
-    })
+    });
+    if model.num_experts > 0 {
+        config["num_local_experts"] = model.num_experts.into();
+        config["num_experts_per_tok"] = model.experts_per_token.into();
+    }
+    config
 }
 
 /// Layers from `from_layer` on add their attention and MLP outputs to the residual

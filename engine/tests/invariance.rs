@@ -1,7 +1,7 @@
 //! Plan invariance: the engine computes the same tokens and logits whatever the plan
 //! — every schedule, placement (device / host / disk for weights and KV), host
 //! attention, host-computed layers, micro-batching, chunk size and budget that fits;
-//! for float weights, and for a Q4_0 file with 8-bit activations.
+//! for float weights, a mixture of experts, and a Q4_0 file with 8-bit activations.
 
 mod common;
 
@@ -89,6 +89,17 @@ fn every_plan_over_a_q4_0_file_with_8_bit_activations_computes_the_same_tokens_a
     let storage = GgufStorage::Blocks(BlockFormat::Q4_0);
     ferry_engine::synth_gguf::synthesize_gguf(&spec, storage, 7, &file, false, |_, _| {}).unwrap();
     every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
+}
+
+/// The same over a mixture of experts (test-tiny-moe: 8 experts, 2 per token), where
+/// micro-batching changes which tokens an expert multiplies together.
+#[test]
+fn every_plan_over_a_mixture_of_experts_computes_the_same_tokens_and_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
+    let model_dir = dir.path().join("model");
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
+    every_plan_agrees(dir.path(), &ModelFiles::open(&model_dir).unwrap(), base_policy);
 }
 
 /// Runs every schedule, placement and micro-batching (`base` gives the plan every case

@@ -8,6 +8,8 @@
 //! twice: with f32 activations, and with activations rounded to 8 bits as llama.cpp
 //! does (the engine's default), the reference rounding them the same way — there the
 //! plans must agree bit for bit and the prompt's logits match within 2 % (see the test).
+//! A Mixtral-shaped mixture of experts (test-tiny-moe: router, top-2 of 8 experts,
+//! renormalised weights) matches the reference run live over the same folder.
 
 use std::path::Path;
 
@@ -162,18 +164,8 @@ fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights(
         if !file.exists() {
             synthesize_gguf(&spec, storage, 11, &file, false, |_, _| {}).unwrap();
         }
-        let expected = dir.path().join("expected.json");
-        let script = reference_dir().join("llama_reference.py");
-        let out = std::process::Command::new("python3")
-            .arg(&script)
-            .arg(&file)
-            .arg(reference_dir().join("prompts.json"))
-            .arg(&expected)
-            .args(["--activations", activations.name()].iter().filter(|_| activations == Activations::Q8))
-            .output()
-            .expect("python3 runs");
-        assert!(out.status.success(), "the numpy reference failed: {}", String::from_utf8_lossy(&out.stderr));
-        let reference = read_json(&expected);
+        let options: &[&str] = if activations == Activations::Q8 { &["--activations", "q8"] } else { &[] };
+        let reference = numpy_reference(&file, &dir.path().join("expected.json"), options);
         let files = ModelFiles::open(&file).unwrap();
         let streamed = streaming(spec.num_layers, WeightFormats::stored(), Dtype::F32);
         let resident = Policy {
@@ -202,4 +194,41 @@ fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights(
             assert_prompt_logits_within(&first, &reference, 2e-2, &what);
         }
     }
+}
+
+/// Runs the numpy reference over `model` (a folder or a GGUF file) into `out`.
+fn numpy_reference(model: &Path, out: &Path, options: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new("python3")
+        .arg(reference_dir().join("llama_reference.py"))
+        .arg(model)
+        .arg(reference_dir().join("prompts.json"))
+        .arg(out)
+        .args(options)
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "the numpy reference failed: {}", String::from_utf8_lossy(&output.stderr));
+    read_json(out)
+}
+
+#[test]
+fn a_mixture_of_experts_matches_the_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
+    assert!(spec.num_experts > spec.experts_per_token && spec.experts_per_token > 1);
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
+    let reference = numpy_reference(dir.path(), &dir.path().join("expected.json"), &[]);
+    let files = ModelFiles::open(dir.path()).unwrap();
+    let gen_len = reference["gen_len"].as_u64().unwrap();
+    let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
+    let resident = Policy {
+        schedule: Schedule::Sequential,
+        num_micro_batches: 1,
+        micro_batch_size: 2,
+        attention_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
+        mlp_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
+        kv_cache: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
+        ..streamed.clone()
+    };
+    assert_matches(&run_plan(&files, &streamed, gen_len, dir.path()), &reference, "test-tiny-moe streamed");
+    assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, "test-tiny-moe resident");
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """An independent reference for Ferry's engine: a Llama-family forward pass in numpy
-(float64), written from the Hugging Face Llama definition, not from Ferry's code.
+(float64), written from the Hugging Face Llama definition, not from Ferry's code, with
+Mixtral's sparse mixture-of-experts block where the model has one.
 
 It reads a model folder written by `ferry synth` (config.json + model.safetensors in
 f32), or a GGUF file (any tensor types llama.cpp's `gguf` package decodes; the query
@@ -125,6 +126,32 @@ def rope(x, positions, theta):
     return x * cos + rotated * sin
 
 
+def swiglu(w, prefix, names, xn):
+    gate_name, up_name, down_name = names
+    gate = matmul(xn, w, f"{prefix}.{gate_name}.weight")
+    up = matmul(xn, w, f"{prefix}.{up_name}.weight")
+    return matmul(gate / (1.0 + np.exp(-gate)) * up, w, f"{prefix}.{down_name}.weight")
+
+
+def mixture_of_experts(cfg, w, p, xn):
+    """Mixtral's sparse MoE block: softmax over every expert's router logit, the top k
+    kept and renormalised to sum to 1, each token's experts' outputs summed with those
+    weights (Hugging Face's MixtralSparseMoeBlock)."""
+    experts, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+    logits = matmul(xn, w, f"{p}.block_sparse_moe.gate.weight")
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    out = np.zeros_like(xn)
+    for t in range(len(xn)):
+        chosen = np.argsort(-probs[t], kind="stable")[:k]
+        weights = probs[t, chosen] / probs[t, chosen].sum()
+        for e, weight in zip(chosen, weights):
+            names = ("w1", "w3", "w2")
+            out[t] += weight * swiglu(w, f"{p}.block_sparse_moe.experts.{e}", names, xn[t:t + 1])[0]
+    assert experts == sum(1 for name in w if name.startswith(f"{p}.block_sparse_moe.experts.") and name.endswith(".w1.weight"))
+    return out
+
+
 def forward(cfg, w, tokens, cache, start):
     h = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
@@ -157,9 +184,10 @@ def forward(cfg, w, tokens, cache, start):
                 out[t, head] = probs @ values[:visible, kh]
         x = x + matmul(out.reshape(len(tokens), h), w, f"{p}.self_attn.o_proj.weight")
         xn = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
-        gate = matmul(xn, w, f"{p}.mlp.gate_proj.weight")
-        up = matmul(xn, w, f"{p}.mlp.up_proj.weight")
-        x = x + matmul(gate / (1.0 + np.exp(-gate)) * up, w, f"{p}.mlp.down_proj.weight")
+        if f"{p}.block_sparse_moe.gate.weight" in w:
+            x = x + mixture_of_experts(cfg, w, p, xn)
+        else:
+            x = x + swiglu(w, f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"), xn)
     last = rms_norm(x[-1], w["model.norm.weight"], eps)
     head = "model.embed_tokens.weight" if cfg["tie_word_embeddings"] else "lm_head.weight"
     return matmul(last[None, :], w, head)[0]

@@ -260,6 +260,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn add_scaled_rows(
+        &self,
+        out: &mut DeviceBuffer,
+        width: usize,
+        rows: &[usize],
+        scales: &[f32],
+        y: &DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let (out, y) = (host_mut(out)?.as_f32_mut(), host(y)?.as_f32());
+        if scales.len() != rows.len() || y.len() < rows.len() * width {
+            return Err(out_of_range("the rows to add"));
+        }
+        for ((&row, &scale), source) in rows.iter().zip(scales).zip(y.chunks_exact(width)) {
+            let dst = out.get_mut(row * width..(row + 1) * width).ok_or_else(|| out_of_range("a row"))?;
+            for (d, s) in dst.iter_mut().zip(source) {
+                *d += scale * s;
+            }
+        }
+        Ok(())
+    }
+
     fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError> {
         let x = host(x)?.as_f32();
         for &row in rows {

@@ -237,6 +237,18 @@ pub trait Backend: Send + Sync {
         rows: &[usize],
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError>;
+    /// Row `rows[i]` of `out` += `scales[i]` × row i of `y` (rows `width` wide; the
+    /// listed rows are distinct): an expert's output summed into a mixture of experts'
+    /// output with its routing weight. Rounded as `out + (scale × y)`, two roundings
+    /// and no fused multiply-add, on every backend.
+    fn add_scaled_rows(
+        &self,
+        out: &mut DeviceBuffer,
+        width: usize,
+        rows: &[usize],
+        scales: &[f32],
+        y: &DeviceBuffer,
+    ) -> Result<(), EngineError>;
     /// Whether rows `rows` of `x` (rows `width` wide) are all finite.
     fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError>;
 }

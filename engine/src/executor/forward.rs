@@ -96,7 +96,11 @@ impl<'a> Engine<'a> {
 
     /// The weights a layer task multiplies by: the draft's resident ones, or the
     /// target's as its visit loaded them.
-    fn layer_weights(&self, task: &Task, group: WeightGroup) -> Result<Vec<std::sync::Arc<Loaded>>, EngineError> {
+    pub(super) fn layer_weights(
+        &self,
+        task: &Task,
+        group: WeightGroup,
+    ) -> Result<Vec<std::sync::Arc<Loaded>>, EngineError> {
         if is_draft(task) {
             self.draft_weights(group, task.layer)
         } else {
@@ -295,6 +299,9 @@ impl<'a> Engine<'a> {
 
     pub(super) fn mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec_of(task);
+        if spec.num_experts > 0 {
+            return self.moe_mlp(task, side);
+        }
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Mlp)?;

@@ -21,6 +21,7 @@
 //! tier, the scratch file for the disk tier), `forward` (the model's forward pass on
 //! each micro-batch's activations, kept per place).
 
+mod experts;
 mod forward;
 mod kv;
 mod remote;

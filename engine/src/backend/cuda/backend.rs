@@ -249,6 +249,20 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn add_scaled_rows(
+        &self,
+        out: &mut DeviceBuffer,
+        width: usize,
+        rows: &[usize],
+        scales: &[f32],
+        y: &DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        match side("add_scaled_rows", &[out, y])? {
+            Side::Host => CpuBackend::default().add_scaled_rows(out, width, rows, scales, y),
+            Side::Gpu => self.gpu_add_scaled_rows(out, width, rows, scales, y),
+        }
+    }
+
     fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError> {
         match side("rows_finite", &[x])? {
             Side::Host => CpuBackend::default().rows_finite(x, width, rows),

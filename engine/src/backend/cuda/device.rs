@@ -347,6 +347,26 @@ impl CudaBackend {
         })
     }
 
+    pub(super) fn gpu_add_scaled_rows(
+        &self,
+        out: &mut DeviceBuffer,
+        width: usize,
+        rows: &[usize],
+        scales: &[f32],
+        y: &DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let (out, y) = (gpu_mut(out)?, gpu(y)?);
+        if scales.len() != rows.len() || floats(y) < rows.len() * width {
+            return Err(EngineError::Internal("add_scaled_rows: fewer scales or rows of y than rows".into()));
+        }
+        let list = CudaBackend::row_list(out, width, rows)?;
+        self.on("add_scaled_rows", |scope| {
+            let list = scope.upload(&list)?;
+            let scales = scope.upload(scales)?;
+            self.launch(scope, launches::add_scaled_rows(out.ptr(), width, list, scales, rows.len(), y.ptr()))
+        })
+    }
+
     pub(super) fn gpu_rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError> {
         let x = gpu(x)?;
         let list = CudaBackend::row_list(x, width, rows)?;

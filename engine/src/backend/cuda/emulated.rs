@@ -77,6 +77,13 @@ fn wave(count: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// f32 values as the cpu backend's memory.
+fn host_buffer(values: &[f32]) -> DeviceBuffer {
+    let mut h = HostBytes::heap(values.len() * 4);
+    h.as_f32_mut().copy_from_slice(values);
+    DeviceBuffer::Host(h)
+}
+
 fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     let mut bytes = vec![0u8; values.len() * element_bytes(dtype)];
     kernels::from_f32(dtype, values, &mut bytes);
@@ -228,6 +235,14 @@ fn elementwise_kernels_match_the_cpu() {
     run(f, launches::gather_rows(addr(&x), stride, addr(&list), list.len(), addr_mut(&mut got)));
     let want: Vec<f32> = list.iter().flat_map(|&r| x[r as usize * stride..][..stride].to_vec()).collect();
     assert_eq!(got, want, "gather_rows");
+    // add_scaled_rows: three rows of an expert's output summed in with their weights.
+    let y = wave(list.len() * stride, 11);
+    let scales = [0.25f32, -1.5, 0.7];
+    let mut got = x.clone();
+    run(f, launches::add_scaled_rows(addr_mut(&mut got), stride, addr(&list), addr(&scales), list.len(), addr(&y)));
+    let (mut want, rows): (_, Vec<usize>) = (host_buffer(&x), list.iter().map(|&r| r as usize).collect());
+    CpuBackend::default().add_scaled_rows(&mut want, stride, &rows, &scales, &host_buffer(&y)).unwrap();
+    assert_eq!(got, CpuBackend::default().download_f32(&want).unwrap(), "add_scaled_rows");
     let mut with_nan = x.clone();
     with_nan[17 * stride + 4] = f32::NAN;
     with_nan[30 * stride] = f32::INFINITY;

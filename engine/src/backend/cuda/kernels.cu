@@ -206,6 +206,16 @@ extern "C" __global__ void ferry_gather_rows(const float* x, i64 width, const i6
     GRID_STRIDE(i, count * width) { out[i] = x[rows[i / width] * width + i % width]; }
 }
 
+// out[rows[r]] += scales[r] * y[r] for count distinct rows: an expert's output summed
+// with its routing weight (a product, then a sum: fmad is off, as on the CPU).
+extern "C" __global__ void ferry_add_scaled_rows(float* out, i64 width, const i64* rows, const float* scales,
+                                                 i64 count, const float* y) {
+    GRID_STRIDE(i, count * width) {
+        i64 r = i / width;
+        out[rows[r] * width + i % width] += scales[r] * y[i];
+    }
+}
+
 // Sets *found to 1 if any value of the listed rows is NaN or infinite.
 extern "C" __global__ void ferry_rows_finite(const float* x, i64 width, const i64* rows, i64 count, u32* found) {
     GRID_STRIDE(i, count * width) {

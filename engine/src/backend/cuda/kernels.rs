@@ -66,6 +66,7 @@ pub(super) enum Kernel {
     Add,
     AddBias,
     GatherRows,
+    AddScaledRows,
     RowsFinite,
     RmsNorm,
     Attention,
@@ -74,7 +75,7 @@ pub(super) enum Kernel {
 use Kind::{Ptr, F32, I64};
 
 impl Kernel {
-    pub(super) const ALL: [Kernel; 11] = [
+    pub(super) const ALL: [Kernel; 12] = [
         Kernel::Decode,
         Kernel::Embed,
         Kernel::Rope,
@@ -83,6 +84,7 @@ impl Kernel {
         Kernel::Add,
         Kernel::AddBias,
         Kernel::GatherRows,
+        Kernel::AddScaledRows,
         Kernel::RowsFinite,
         Kernel::RmsNorm,
         Kernel::Attention,
@@ -98,6 +100,7 @@ impl Kernel {
             Kernel::Add => "ferry_add",
             Kernel::AddBias => "ferry_add_bias",
             Kernel::GatherRows => "ferry_gather_rows",
+            Kernel::AddScaledRows => "ferry_add_scaled_rows",
             Kernel::RowsFinite => "ferry_rows_finite",
             Kernel::RmsNorm => "ferry_rms_norm",
             Kernel::Attention => "ferry_attention",
@@ -115,6 +118,7 @@ impl Kernel {
             Kernel::Add => &[Ptr, Ptr, I64],
             Kernel::AddBias => &[Ptr, Ptr, I64, I64, I64, I64, I64],
             Kernel::GatherRows => &[Ptr, I64, Ptr, I64, Ptr],
+            Kernel::AddScaledRows => &[Ptr, I64, Ptr, Ptr, I64, Ptr],
             Kernel::RowsFinite => &[Ptr, I64, Ptr, I64, Ptr],
             Kernel::RmsNorm => &[Ptr, Ptr, I64, I64, F32, Ptr],
             Kernel::Attention => &[Ptr, Ptr, I64, I64, I64, I64, I64, I64, I64, I64, I64, Ptr],

@@ -166,6 +166,15 @@ pub(super) fn gather_rows(x: u64, width: usize, list: u64, count: usize, out: u6
     }
 }
 
+/// Row `list[i]` of `out` += `scales[i]` × row i of `y`, for `count` distinct rows `width` wide.
+pub(super) fn add_scaled_rows(out: u64, width: usize, list: u64, scales: u64, count: usize, y: u64) -> Launch {
+    Launch {
+        kernel: Kernel::AddScaledRows,
+        config: elementwise(count * width),
+        args: vec![Arg::Ptr(out), n(width), Arg::Ptr(list), Arg::Ptr(scales), n(count), Arg::Ptr(y)],
+    }
+}
+
 /// Sets the u32 at `found` to 1 if rows `list[..count]` of `x` hold a NaN or infinity.
 pub(super) fn rows_finite(x: u64, width: usize, list: u64, count: usize, found: u64) -> Launch {
     Launch {

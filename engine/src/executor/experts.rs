@@ -1,0 +1,125 @@
+//! A mixture-of-experts MLP (Mixtral): a router picks each token's `k` experts, each
+//! expert (a SwiGLU MLP) multiplies the tokens routed to it once per step, and its
+//! output joins each token's sum with that token's routing weight.
+//!
+//! Determinism across plans: a token's output is summed over its experts in
+//! ascending expert order, and each expert's products give a row the same bits
+//! whatever rows sit beside it (`kernels`' invariant), so grouping tokens into
+//! different micro-batches cannot change a token.
+
+use ferry_core::graph::{Place, Task};
+use ferry_core::model::WeightGroup;
+
+use super::speculate::is_draft;
+use super::Engine;
+use crate::EngineError;
+
+/// Tensors of an MoE group before the experts: the norm, then the router.
+const ROUTER_TENSOR: u32 = 1;
+/// Each expert's tensors in `ModelSpec::group_tensors` order: w1 (gate), w2 (down), w3 (up).
+const TENSORS_PER_EXPERT: u32 = 3;
+
+/// Each token's experts with their weights: the `k` largest router logits (ties to
+/// the lower expert), weighted by a softmax over those `k` alone — Mixtral's softmax
+/// over all experts renormalised over the chosen ones, which is the same number.
+/// The weights are computed in f64 and rounded once.
+pub(super) fn route(logits: &[f32], experts: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
+    logits
+        .chunks_exact(experts)
+        .map(|row| {
+            let mut order: Vec<usize> = (0..experts).collect();
+            // NaN sorts last (a non-finite hidden state is reported where it arose).
+            order
+                .sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or_else(|| row[a].is_nan().cmp(&row[b].is_nan())));
+            order.truncate(k);
+            order.sort_unstable();
+            let top = order.iter().map(|&e| row[e] as f64).fold(f64::NEG_INFINITY, f64::max);
+            let exp: Vec<f64> = order.iter().map(|&e| (row[e] as f64 - top).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            order.iter().zip(&exp).map(|(&e, &x)| (e, (x / sum) as f32)).collect()
+        })
+        .collect()
+}
+
+/// Per expert, the rows routed to it (ascending) and their weights.
+pub(super) fn group_by_expert(routes: &[Vec<(usize, f32)>], experts: usize) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let mut groups = vec![(Vec::new(), Vec::new()); experts];
+    for (row, choices) in routes.iter().enumerate() {
+        for &(expert, weight) in choices {
+            groups[expert].0.push(row);
+            groups[expert].1.push(weight);
+        }
+    }
+    groups
+}
+
+impl Engine<'_> {
+    /// The MoE MLP of one layer and its residual: norm, router, the routed experts.
+    pub(super) fn moe_mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let spec = self.spec_of(task);
+        let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
+        let (experts, k) = (spec.num_experts as usize, spec.experts_per_token as usize);
+        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
+        let weights = self.layer_weights(task, WeightGroup::Mlp)?;
+        let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
+        let logits = self.project(&weights, ROUTER_TENSOR, &normed, rows, experts, side)?;
+        let routes = route(&self.backend.download_f32(&logits)?, experts, k);
+        drop(logits);
+        let mut out = self.activation(side, rows * h)?;
+        for (expert, (chosen, scales)) in group_by_expert(&routes, experts).into_iter().enumerate() {
+            if chosen.is_empty() {
+                continue;
+            }
+            let first = ROUTER_TENSOR + 1 + TENSORS_PER_EXPERT * expert as u32;
+            let mut x = self.activation(side, chosen.len() * h)?;
+            self.backend.gather_rows(&normed, h, &chosen, &mut x)?;
+            let mut gate = self.project(&weights, first, &x, chosen.len(), ffn, side)?;
+            let up = self.project(&weights, first + 2, &x, chosen.len(), ffn, side)?;
+            drop(x);
+            self.backend.silu_mul(&mut gate, &up)?;
+            drop(up);
+            let down = self.project(&weights, first + 1, &gate, chosen.len(), h, side)?;
+            drop(gate);
+            self.backend.add_scaled_rows(&mut out, h, &chosen, &scales, &down)?;
+        }
+        drop(normed);
+        self.add_to_hidden(task, side, &out, "mlp")?;
+        if !is_draft(task) {
+            self.release_weights_if_last(task, WeightGroup::Mlp);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_takes_the_top_k_and_renormalises_their_softmax() {
+        let logits = [0.1f32, 2.0, -1.0, 1.0, /* row 2 */ 3.0, 3.0, 0.0, 5.0];
+        let routes = route(&logits, 4, 2);
+        let (a, b) = (2.0f64.exp(), 1.0f64.exp());
+        assert_eq!(routes[0], vec![(1, (a / (a + b)) as f32), (3, (b / (a + b)) as f32)]);
+        // A tie for second place goes to the lower expert; the pair comes back in expert order.
+        let (a, b) = (5.0f64.exp(), 3.0f64.exp());
+        assert_eq!(routes[1], vec![(0, (b / (a + b)) as f32), (3, (a / (a + b)) as f32)]);
+        // k = E: every expert, weights the full softmax.
+        let all = route(&logits[..4], 4, 4);
+        assert_eq!(all[0].len(), 4);
+        assert!((all[0].iter().map(|&(_, w)| w as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+        // NaN never wins a place over a number.
+        let with_nan = route(&[f32::NAN, 1.0, 0.5], 3, 2);
+        assert_eq!(with_nan[0].iter().map(|&(e, _)| e).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn tokens_group_by_expert_in_row_order() {
+        let routes = vec![vec![(0, 0.5), (2, 0.5)], vec![(2, 0.9), (3, 0.1)], vec![(0, 0.3), (3, 0.7)]];
+        let groups = group_by_expert(&routes, 4);
+        assert_eq!(groups[0], (vec![0, 2], vec![0.5, 0.3]));
+        assert_eq!(groups[1], (vec![], vec![]));
+        assert_eq!(groups[2], (vec![0, 1], vec![0.5, 0.9]));
+        assert_eq!(groups[3], (vec![1, 2], vec![0.1, 0.7]));
+    }
+}
