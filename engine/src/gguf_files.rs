@@ -8,6 +8,11 @@
 //! with each head's halves interleaved, for its rotary embedding that turns adjacent
 //! pairs; the engine runs them as stored with `RopeLayout::Pairs`, which gives the
 //! same attention scores (see `synth_gguf`). `qwen2` files are stored unpermuted.
+//!
+//! A mixture of experts (Mixtral, written by llama.cpp as a `llama` file with
+//! `expert_count`) stores each layer's experts as one 3-D tensor per projection
+//! (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`); each expert is a contiguous
+//! slice of it, read as its own tensor.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,13 +55,39 @@ pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
                 _ => WeightFormat::Block(info.ggml_type),
             };
             let shape: Vec<u64> = info.dims.iter().rev().copied().collect();
-            let stored = StoredTensor { file: path.to_path_buf(), format, shape, start: info.start, end: info.end };
+            let mut stored = StoredTensor { file: path.to_path_buf(), format, shape, start: info.start, end: info.end };
+            if let Some(expert) = expert_index(&tensor.name) {
+                stored = expert_slice(stored, expert, spec.num_experts).map_err(|m| bad(format!("'{gguf}': {m}")))?;
+            }
             tensors.insert(tensor.name, stored);
         }
     }
     let files = ModelFiles::new(path.to_path_buf(), spec, WeightFormats::stored(), rope_layout, tensors);
     files.validate()?;
     Ok(files)
+}
+
+/// The expert a Hugging Face tensor name belongs to (`...experts.7.w1.weight` → 7).
+fn expert_index(hf: &str) -> Option<u64> {
+    let rest = hf.split_once(".experts.")?.1;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Expert `expert` of a layer's 3-D expert tensor (`[experts][rows][cols]`, the
+/// experts contiguous one after another): its rows × cols matrix and byte range.
+fn expert_slice(whole: StoredTensor, expert: u64, experts: u64) -> Result<StoredTensor, String> {
+    let [count, rows, cols] = whole.shape[..] else {
+        return Err(format!("an expert tensor must have 3 dimensions, not {:?}", whole.shape));
+    };
+    if count != experts || expert >= experts {
+        return Err(format!("holds {count} experts where the metadata says {experts} (expert_count)"));
+    }
+    let bytes = whole.format.bytes(rows, cols);
+    if whole.end - whole.start != bytes * count {
+        return Err(format!("spans {} bytes, not {count} experts of {bytes}", whole.end - whole.start));
+    }
+    let start = whole.start + expert * bytes;
+    Ok(StoredTensor { shape: vec![rows, cols], start, end: start + bytes, ..whole })
 }
 
 /// The one `.gguf` file in a folder, if it holds exactly one (two are ambiguous: an
@@ -78,5 +109,32 @@ pub fn only_gguf_in(dir: &Path) -> Result<Option<PathBuf>, EngineError> {
             dir.display(),
             found.iter().filter_map(|p| p.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn experts(shape: Vec<u64>, bytes: u64) -> StoredTensor {
+        StoredTensor { file: "m.gguf".into(), format: WeightFormat::F32, shape, start: 100, end: 100 + bytes }
+    }
+
+    #[test]
+    fn each_expert_is_its_slice_of_the_layers_tensor() {
+        assert_eq!(expert_index("model.layers.3.block_sparse_moe.experts.12.w2.weight"), Some(12));
+        assert_eq!(expert_index("model.layers.3.block_sparse_moe.gate.weight"), None);
+        let slice = expert_slice(experts(vec![4, 6, 8], 4 * 6 * 8 * 4), 2, 4).unwrap();
+        assert_eq!((slice.shape, slice.start, slice.end), (vec![6, 8], 100 + 2 * 192, 100 + 3 * 192));
+    }
+
+    #[test]
+    fn expert_tensors_that_disagree_with_the_metadata_are_errors() {
+        let err = expert_slice(experts(vec![4, 6, 8], 4 * 192), 0, 8).unwrap_err();
+        assert!(err.contains("holds 4 experts where the metadata says 8"), "{err}");
+        let err = expert_slice(experts(vec![4, 6, 8], 4 * 192 - 4), 0, 4).unwrap_err();
+        assert!(err.contains("not 4 experts of 192"), "{err}");
+        let err = expert_slice(experts(vec![6, 8], 192), 0, 4).unwrap_err();
+        assert!(err.contains("3 dimensions"), "{err}");
     }
 }

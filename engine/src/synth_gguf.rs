@@ -103,6 +103,10 @@ fn metadata(model: &ModelSpec, storage: GgufStorage) -> Vec<(String, Meta)> {
         (key("rope.freq_base"), Meta::F32(model.rope_theta as f32)),
         (key("vocab_size"), Meta::U32(model.vocab_size as u32)),
     ];
+    if model.num_experts > 0 {
+        meta.push((key("expert_count"), Meta::U32(model.num_experts as u32)));
+        meta.push((key("expert_used_count"), Meta::U32(model.experts_per_token as u32)));
+    }
     if matches!(storage, GgufStorage::Blocks(_)) {
         meta.push(("general.quantization_version".into(), Meta::U32(2)));
     }
@@ -147,6 +151,26 @@ fn stored_values(model: &ModelSpec, seed: u64, hf: &str, shape: &[u64]) -> Vec<f
     out
 }
 
+/// The file's tensors in order: llama.cpp's name, the Hugging Face tensors it holds
+/// (one, or a layer's experts of one projection, stacked) and its shape (outermost
+/// first: `[experts, rows, cols]` for experts).
+fn file_tensors(model: &ModelSpec) -> Result<Vec<(String, Vec<String>, Vec<u64>)>, EngineError> {
+    let mut out: Vec<(String, Vec<String>, Vec<u64>)> = Vec::new();
+    for (hf, shape) in tensor_list(model) {
+        let name = gguf_name(&hf).ok_or_else(|| EngineError::Internal(format!("no GGUF name for {hf}")))?;
+        match out.iter_mut().find(|(n, _, _)| *n == name) {
+            // Another expert of a projection already listed: one more slice.
+            Some((_, parts, stacked)) => {
+                parts.push(hf);
+                stacked[0] += 1;
+            }
+            None if name.contains("_exps.") => out.push((name, vec![hf], [&[1], &shape[..]].concat())),
+            None => out.push((name, vec![hf], shape)),
+        }
+    }
+    Ok(out)
+}
+
 /// Writes the model to `out` (a `.gguf` file; an existing one only with `force`).
 /// `progress(tensors_done, tensors_total)` is called as tensors are written.
 pub fn synthesize_gguf(
@@ -158,11 +182,10 @@ pub fn synthesize_gguf(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), EngineError> {
     check_supported(model)?;
-    let list = tensor_list(model);
+    let list = file_tensors(model)?;
     let mut tensors = Vec::with_capacity(list.len());
-    for (hf, shape) in &list {
-        let name = gguf_name(hf).ok_or_else(|| EngineError::Internal(format!("no GGUF name for {hf}")))?;
-        let kind = if shape.len() == 2 { storage.ggml_name() } else { "F32" };
+    for (name, _, shape) in &list {
+        let kind = if shape.len() >= 2 && !name.contains("ffn_gate_inp") { storage.ggml_name() } else { "F32" };
         let ggml_type = ggml_type(kind)?;
         let cols = *shape.last().unwrap_or(&0);
         if !cols.is_multiple_of(ggml_type.block_elements) {
@@ -173,18 +196,20 @@ pub fn synthesize_gguf(
             )));
         }
         // ggml lists dimensions from the contiguous one.
-        tensors.push(GgufTensor { name, dims: shape.iter().rev().copied().collect(), ggml_type });
+        tensors.push(GgufTensor { name: name.clone(), dims: shape.iter().rev().copied().collect(), ggml_type });
     }
     let total = tensors.len() as u64;
     let mut bytes = Vec::new();
     gguf_write::write(out, force, &metadata(model, storage), &tensors, |index, writer| {
-        let (hf, shape) = &list[index];
-        let values = stored_values(model, seed, hf, shape);
+        let (_, parts, shape) = &list[index];
+        // Each part is a matrix (or a vector): the last two dimensions.
+        let part_shape = &shape[shape.len().saturating_sub(2)..];
+        let values: Vec<f32> = parts.iter().flat_map(|hf| stored_values(model, seed, hf, part_shape)).collect();
         bytes.clear();
-        match (shape.len(), storage) {
-            (2, GgufStorage::F16) => values.iter().for_each(|v| bytes.extend(half::f16::from_f32(*v).to_le_bytes())),
-            (2, GgufStorage::Blocks(format)) => quantize(format, &values, &mut bytes),
-            _ => values.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+        match (tensors[index].ggml_type.name, storage) {
+            ("F32", _) | (_, GgufStorage::F32) => values.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
+            (_, GgufStorage::F16) => values.iter().for_each(|v| bytes.extend(half::f16::from_f32(*v).to_le_bytes())),
+            (_, GgufStorage::Blocks(format)) => quantize(format, &values, &mut bytes),
         }
         writer.write_all(&bytes)?;
         progress(index as u64 + 1, total);

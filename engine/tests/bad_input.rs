@@ -73,11 +73,35 @@ fn missing_tensors_and_unsupported_architectures_are_reported() {
     );
     std::fs::write(&config, mixtral).unwrap();
     let err = message(ModelFiles::open(dir.path()));
-    assert!(err.contains("not supported by the engine"), "{err}");
+    assert!(err.contains("missing tensor 'model.layers.0.block_sparse_moe.gate.weight'"), "{err}");
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     std::fs::write(&config, original).unwrap();
     let err = message(ModelFiles::open(dir.path()));
     assert!(err.contains("no model.safetensors"), "{err}");
+}
+
+/// A mixture of experts whose config disagrees with its tensors: more or fewer
+/// experts than stored (the router's rows give it away), more per token than there are.
+#[test]
+fn expert_counts_that_disagree_with_the_tensors_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir.path(), false, |_, _| {}).unwrap();
+    let config = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let with = |from: &str, to: &str| {
+        assert!(original.contains(from), "{from}");
+        std::fs::write(&config, original.replace(from, to)).unwrap();
+        message(ModelFiles::open(dir.path()))
+    };
+    let err = with("\"num_local_experts\": 8", "\"num_local_experts\": 10");
+    assert!(err.contains("block_sparse_moe.gate.weight' has shape [8, 128]") && err.contains("[10, 128]"), "{err}");
+    let err = with("\"num_local_experts\": 8", "\"num_local_experts\": 4");
+    assert!(err.contains("block_sparse_moe.gate.weight' has shape [8, 128]") && err.contains("[4, 128]"), "{err}");
+    let err = with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9");
+    assert!(err.contains("config.json") && err.contains("9 experts per token (num_experts_per_tok) of 8"), "{err}");
+    std::fs::write(&config, original).unwrap();
+    ModelFiles::open(dir.path()).unwrap();
 }
 
 #[test]

@@ -144,22 +144,29 @@ fn logits_match_the_numpy_reference() {
     assert_matches(&report, &golden, "safetensors f32");
 }
 
+const Q8_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q8_0);
+const Q4_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q4_0);
+
 #[test]
 fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
-    let gen_len = read_json(&reference_dir().join("prompts.json"))["gen_len"].as_u64().unwrap();
-    let q8_0 = GgufStorage::Blocks(BlockFormat::Q8_0);
-    let q4_0 = GgufStorage::Blocks(BlockFormat::Q4_0);
     // Activations as f32, and (Q8_0, Q4_0) rounded to 8 bits with the reference doing the same.
     let cases = [
         (GgufStorage::F16, Activations::F32),
-        (q8_0, Activations::F32),
-        (q4_0, Activations::F32),
-        (q8_0, Activations::Q8),
-        (q4_0, Activations::Q8),
+        (Q8_0, Activations::F32),
+        (Q4_0, Activations::F32),
+        (Q8_0, Activations::Q8),
+        (Q4_0, Activations::Q8),
     ];
-    for (storage, activations) in cases {
+    gguf_files_match("test-tiny", &cases);
+}
+
+/// GGUF files of `model` in each storage, run with each kind of activations, match
+/// the reference over the same file through a streaming plan and a resident one.
+fn gguf_files_match(model: &str, cases: &[(GgufStorage, Activations)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
+    let gen_len = read_json(&reference_dir().join("prompts.json"))["gen_len"].as_u64().unwrap();
+    for &(storage, activations) in cases {
         let file = dir.path().join(format!("tiny-{storage:?}.gguf"));
         if !file.exists() {
             synthesize_gguf(&spec, storage, 11, &file, false, |_, _| {}).unwrap();
@@ -177,7 +184,7 @@ fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights(
             kv_cache: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
             ..streamed.clone()
         };
-        let what = format!("{storage:?}, {} activations", activations.name());
+        let what = format!("{model} {storage:?}, {} activations", activations.name());
         let first = run_with(&files, &streamed, gen_len, dir.path(), activations);
         let second = run_with(&files, &resident, gen_len, dir.path(), activations);
         assert_eq!(first.tokens, second.tokens, "{what}: the plans disagree");
@@ -231,4 +238,6 @@ fn a_mixture_of_experts_matches_the_numpy_reference() {
     };
     assert_matches(&run_plan(&files, &streamed, gen_len, dir.path()), &reference, "test-tiny-moe streamed");
     assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, "test-tiny-moe resident");
+    // As llama.cpp stores it: each projection's experts one 3-D tensor, the router in f32.
+    gguf_files_match("test-tiny-moe", &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);
 }

@@ -42,7 +42,10 @@ def load_safetensors(path):
 
 GGUF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "ffn_gate_inp": "block_sparse_moe.gate"}
+# A layer's experts: one 3-D tensor per projection, expert e its e-th slice.
+GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
 
 
 def load_gguf(path):
@@ -64,19 +67,29 @@ def load_gguf(path):
         "rms_norm_eps": field(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": field(f"{arch}.rope.freq_base"),
     }
+    if f"{arch}.expert_count" in reader.fields:
+        cfg["num_local_experts"] = field(f"{arch}.expert_count")
+        cfg["num_experts_per_tok"] = field(f"{arch}.expert_used_count")
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
     w = {}
     QUANTIZED_INPUTS.clear()
     for t in reader.tensors:
         base, kind = t.name.rsplit(".", 1)
+        shape = [int(d) for d in reversed(t.shape.tolist())]
+        values = quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
         if base.startswith("blk."):
             _, layer, short = base.split(".")
+            if short in GGUF_EXPERTS:
+                for e, expert in enumerate(values):
+                    hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{GGUF_EXPERTS[short]}.{kind}"
+                    w[hf] = expert
+                    if t.tensor_type.name in ("Q8_0", "Q4_0"):
+                        QUANTIZED_INPUTS.add(hf)
+                continue
             hf = f"model.layers.{layer}.{GGUF_NAMES[short]}.{kind}"
         else:
             hf = f"{names[base]}.{kind}"
-        shape = [int(d) for d in reversed(t.shape.tolist())]
-        values = quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
         if arch == "llama" and hf.endswith(("q_proj.weight", "k_proj.weight")):
             rows, cols = values.shape
             # Stored row 2i + j of a head is Hugging Face row j * head_dim / 2 + i.

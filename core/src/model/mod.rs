@@ -219,7 +219,10 @@ impl ModelSpec {
             return fail("intermediate_size and vocab_size must be positive");
         }
         if self.num_experts > 0 && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts) {
-            return fail("experts_per_token must be between 1 and num_experts");
+            return fail(&format!(
+                "{} experts per token (num_experts_per_tok) of {} experts: it must be between 1 and the number of experts",
+                self.experts_per_token, self.num_experts
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
             return fail("rms_norm_eps must be a positive finite number");
