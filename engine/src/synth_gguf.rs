@@ -151,21 +151,30 @@ fn stored_values(model: &ModelSpec, seed: u64, hf: &str, shape: &[u64]) -> Vec<f
     out
 }
 
-/// The file's tensors in order: llama.cpp's name, the Hugging Face tensors it holds
-/// (one, or a layer's experts of one projection, stacked) and its shape (outermost
-/// first: `[experts, rows, cols]` for experts).
-fn file_tensors(model: &ModelSpec) -> Result<Vec<(String, Vec<String>, Vec<u64>)>, EngineError> {
-    let mut out: Vec<(String, Vec<String>, Vec<u64>)> = Vec::new();
+/// One tensor of the file: llama.cpp's name, the Hugging Face tensors it holds (one,
+/// or a layer's experts of one projection, stacked) and its shape (outermost first:
+/// `[experts, rows, cols]` for experts).
+struct FileTensor {
+    name: String,
+    parts: Vec<String>,
+    shape: Vec<u64>,
+}
+
+/// The file's tensors in order.
+fn file_tensors(model: &ModelSpec) -> Result<Vec<FileTensor>, EngineError> {
+    let mut out: Vec<FileTensor> = Vec::new();
     for (hf, shape) in tensor_list(model) {
         let name = gguf_name(&hf).ok_or_else(|| EngineError::Internal(format!("no GGUF name for {hf}")))?;
-        match out.iter_mut().find(|(n, _, _)| *n == name) {
+        match out.iter_mut().find(|t| t.name == name) {
             // Another expert of a projection already listed: one more slice.
-            Some((_, parts, stacked)) => {
-                parts.push(hf);
-                stacked[0] += 1;
+            Some(stacked) => {
+                stacked.parts.push(hf);
+                stacked.shape[0] += 1;
             }
-            None if name.contains("_exps.") => out.push((name, vec![hf], [&[1], &shape[..]].concat())),
-            None => out.push((name, vec![hf], shape)),
+            None => {
+                let shape = if name.contains("_exps.") { [&[1], &shape[..]].concat() } else { shape };
+                out.push(FileTensor { name, parts: vec![hf], shape });
+            }
         }
     }
     Ok(out)
@@ -184,7 +193,7 @@ pub fn synthesize_gguf(
     check_supported(model)?;
     let list = file_tensors(model)?;
     let mut tensors = Vec::with_capacity(list.len());
-    for (name, _, shape) in &list {
+    for FileTensor { name, shape, .. } in &list {
         let kind = if shape.len() >= 2 && !name.contains("ffn_gate_inp") { storage.ggml_name() } else { "F32" };
         let ggml_type = ggml_type(kind)?;
         let cols = *shape.last().unwrap_or(&0);
@@ -201,7 +210,7 @@ pub fn synthesize_gguf(
     let total = tensors.len() as u64;
     let mut bytes = Vec::new();
     gguf_write::write(out, force, &metadata(model, storage), &tensors, |index, writer| {
-        let (_, parts, shape) = &list[index];
+        let FileTensor { parts, shape, .. } = &list[index];
         // Each part is a matrix (or a vector): the last two dimensions.
         let part_shape = &shape[shape.len().saturating_sub(2)..];
         let values: Vec<f32> = parts.iter().flat_map(|hf| stored_values(model, seed, hf, part_shape)).collect();
