@@ -4,7 +4,8 @@
 #   bench/peers.sh build     # llama.cpp from the llama-cpp-python source distribution
 #                            # (its vendor/llama.cpp), CPU only, native flags:
 #                            # ~15 min on two cores, once, into $PEERS (default bench/work/peers)
-#   bench/peers.sh ram [N]   # TinyLlama shape, Q4_0 and Q8_0 (ferry synth --format gguf),
+#   bench/peers.sh ram [N]   # TinyLlama shape (MODEL=NAME: another catalog shape, such as
+#                            # the mixture of experts test-moe), Q4_0 and Q8_0 (ferry synth --format gguf),
 #                            # everything in RAM, prompt 64, 32 tokens, batch 1 and 8,
 #                            # N alternated rounds (default 3): tokens/s of each
 #   bench/peers.sh budget [N] # the same files under a memory budget of a third of the
@@ -25,6 +26,8 @@ cd "$(dirname "$0")/.."
 PEERS=${PEERS:-$PWD/bench/work/peers}
 VERSION=0.3.36
 FERRY=${FERRY:-$PWD/target/release/ferry}
+MODEL=${MODEL:-tinyllama-1.1b}
+STEM=${MODEL%-1.1b} # the files' names: tinyllama-q4_0.gguf, test-moe-q4_0.gguf
 mkdir -p "$PEERS"
 
 build() {
@@ -56,8 +59,8 @@ ferry_rate() { # model plan [run options] -> tokens/s (batch sequences per step 
 prepare() { # builds Ferry and writes the GGUF files it does not find
   cargo build --release -q -p ferry
   for q in q4_0 q8_0; do
-    local file="$PEERS/tinyllama-$q.gguf"
-    [ -f "$file" ] || "$FERRY" synth --model tinyllama-1.1b --format gguf --dtype $q --out "$file" > /dev/null
+    local file="$PEERS/$STEM-$q.gguf"
+    [ -f "$file" ] || "$FERRY" synth --model "$MODEL" --format gguf --dtype $q --out "$file" > /dev/null
   done
 }
 
@@ -65,22 +68,22 @@ ram() {
   local rounds=${1:-3} bin="$PEERS/build/bin"
   prepare
   for q in q4_0 q8_0; do
-    local file="$PEERS/tinyllama-$q.gguf"
+    local file="$PEERS/$STEM-$q.gguf"
     for b in 1 8; do
       "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
-        --gen-len 32 --out "$PEERS/plan-$q-b$b.yaml" --force > /dev/null
+        --gen-len 32 --out "$PEERS/plan-$STEM-$q-b$b.yaml" --force > /dev/null
     done
   done
   for round in $(seq "$rounds"); do
     for q in q4_0 q8_0; do
-      local file="$PEERS/tinyllama-$q.gguf"
+      local file="$PEERS/$STEM-$q.gguf"
       local ferry1 ferry8 exact1 exact8 llama1 llama8
-      ferry1=$(ferry_rate "$file" "$PEERS/plan-$q-b1.yaml")
-      exact1=$(ferry_rate "$file" "$PEERS/plan-$q-b1.yaml" --activations f32)
+      ferry1=$(ferry_rate "$file" "$PEERS/plan-$STEM-$q-b1.yaml")
+      exact1=$(ferry_rate "$file" "$PEERS/plan-$STEM-$q-b1.yaml" --activations f32)
       llama1=$("$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 -o json 2>/dev/null |
         python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
-      ferry8=$(ferry_rate "$file" "$PEERS/plan-$q-b8.yaml")
-      exact8=$(ferry_rate "$file" "$PEERS/plan-$q-b8.yaml" --activations f32)
+      ferry8=$(ferry_rate "$file" "$PEERS/plan-$STEM-$q-b8.yaml")
+      exact8=$(ferry_rate "$file" "$PEERS/plan-$STEM-$q-b8.yaml" --activations f32)
       llama8=$("$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 --output-format jsonl 2>/dev/null |
         python3 -c "import json,sys; print(round([json.loads(l) for l in sys.stdin if l.startswith('{')][-1]['speed_tg'],2))")
       echo "round $round $q: batch 1 ferry $ferry1 (f32 activations $exact1) llama.cpp $llama1 tokens/s;" \
@@ -106,28 +109,28 @@ budget() {
   local rounds=${1:-3} bin="$PEERS/build/bin"
   prepare
   for q in q4_0 q8_0; do
-    local file="$PEERS/tinyllama-$q.gguf"
+    local file="$PEERS/$STEM-$q.gguf"
     local third=$(( $(stat -c %s "$file") / 3 ))
     local hardware=(--gpu cpu --host ferry-ci-vm)
     [ -z "${PROFILE:-}" ] || hardware=(--profile "$PROFILE")
     for b in 1 8; do
       "$FERRY" tune "${hardware[@]}" --device-mem "$third" --model "$file" --batch $b --prompt-len 64 \
-        --gen-len 32 --out "$PEERS/budget-$q-b$b.yaml" --force > /dev/null
+        --gen-len 32 --out "$PEERS/budget-$STEM-$q-b$b.yaml" --force > /dev/null
     done
   done
   for round in $(seq "$rounds"); do
     for q in q4_0 q8_0; do
-      local file="$PEERS/tinyllama-$q.gguf" third
+      local file="$PEERS/$STEM-$q.gguf" third
       third=$(( $(stat -c %s "$file") / 3 ))
       local before after ferry1 ferry8 llama1 llama8
       before=$(disk_rate "$file")
       sync; echo 3 > /proc/sys/vm/drop_caches
-      ferry1=$(ferry_rate "$file" "$PEERS/budget-$q-b1.yaml")
+      ferry1=$(ferry_rate "$file" "$PEERS/budget-$STEM-$q-b1.yaml")
       sync; echo 3 > /proc/sys/vm/drop_caches
       llama1=$(in_cgroup "$third" "$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 --repack 0 -lm mmap -o json 2>/dev/null |
         python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
       sync; echo 3 > /proc/sys/vm/drop_caches
-      ferry8=$(ferry_rate "$file" "$PEERS/budget-$q-b8.yaml")
+      ferry8=$(ferry_rate "$file" "$PEERS/budget-$STEM-$q-b8.yaml")
       sync; echo 3 > /proc/sys/vm/drop_caches
       llama8=$(in_cgroup "$third" "$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 -nr \
         --output-format jsonl 2>/dev/null |
@@ -143,5 +146,5 @@ case "${1:-}" in
   build) build ;;
   ram) ram "${2:-3}" ;;
   budget) budget "${2:-3}" ;;
-  *) sed -n '2,19p' "$0"; exit 2 ;;
+  *) sed -n '2,21p' "$0"; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use ferry_core::dispatch::Dispatcher;
 use ferry_core::graph::{Payload, Place, Task, TaskGraph, TaskKind};
+use ferry_core::topology::Resource;
 use ferry_core::trace::Span;
 
 use super::remote::Arrival;
@@ -66,10 +67,27 @@ impl<'a> Engine<'a> {
                     lanes.push(tx);
                     let done = done_tx.clone();
                     let name = format!("ferry-{}-{lane}", graph.resource_label(spec.resource));
+                    // Computing on the CPU, the lane runs its tasks inside its own pool of
+                    // compute threads (`kernels::compute_threads` says why).
+                    let threads = match spec.resource {
+                        Resource::Compute { at } if self.backend.host_addressable(at) => {
+                            match crate::kernels::compute_threads(&name) {
+                                Ok(pool) => Some(pool),
+                                Err(e) => {
+                                    failure = Some(EngineError::Internal(format!("starting {name}'s threads: {e}")));
+                                    break 'spawn;
+                                }
+                            }
+                        }
+                        _ => None,
+                    };
                     let spawned = std::thread::Builder::new().name(name.clone()).spawn_scoped(scope, move || {
                         while let Ok(id) = rx.recv() {
                             let start = clock.elapsed().as_nanos() as u64;
-                            let result = self.execute(id);
+                            let result = match &threads {
+                                Some(pool) => pool.install(|| self.execute(id)),
+                                None => self.execute(id),
+                            };
                             let end = clock.elapsed().as_nanos() as u64;
                             if done.send(Event::Ran(id, lane, start, end, result)).is_err() {
                                 return;

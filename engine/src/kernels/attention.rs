@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::{compute_pool, simd_path, SimdPath};
+use super::{in_pool, simd_path, SimdPath};
 
 /// Lanes of the vectorised loops: one AVX-512 register of f32, two AVX2 ones.
 const LANES: usize = 16;
@@ -30,7 +30,7 @@ pub(super) fn attention(q: &[f32], keys: &[f32], values: &[f32], shape: Shape, o
 fn attention_on(path: SimdPath, q: &[f32], keys: &[f32], values: &[f32], shape: Shape, out: &mut [f32]) {
     let Shape { heads, head_dim, .. } = shape;
     let path = if path.supported() { path } else { SimdPath::Scalar };
-    compute_pool().install(|| {
+    in_pool(|| {
         out.par_chunks_mut(head_dim).enumerate().with_min_len(4).for_each_init(Vec::new, |scores, (index, o)| {
             let task = Task { q, keys, values, shape, t: index / heads, h: index % heads };
             // SAFETY: `path` is one this CPU supports (checked above).

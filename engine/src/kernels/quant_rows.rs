@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use super::quant::{dequantize_block, BlockFormat};
-use super::{compute_pool, linear_converted, Matrix, SendPtr, SimdPath, MAX_ROWS};
+use super::{in_pool, linear_converted, Matrix, SendPtr, SimdPath, MAX_ROWS};
 use ferry_core::model::Dtype;
 
 #[cfg(target_arch = "x86_64")]
@@ -100,7 +100,7 @@ pub fn quant_rows(
     let path = if path.supported() { path } else { SimdPath::Scalar };
     let row_bytes = w.row_bytes();
     let out_ptr = SendPtr(out.as_mut_ptr());
-    compute_pool().install(|| {
+    in_pool(|| {
         (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let mut dots = [[0.0f32; MAX_ROWS]; 2];
             let last = ((task + 1) * ROWS_PER_TASK).min(w.rows);

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
-use super::{compute_pool, Matrix, SendPtr};
+use super::{in_pool, Matrix, SendPtr};
 
 /// The most rows of `x` this path takes; more rows go to the GEMM, where arithmetic
 /// starts to dominate (measured: see BENCHMARKS.md, "few-row products").
@@ -94,7 +94,7 @@ pub fn linear_rows(path: SimdPath, x: &[f32], m: usize, w: Matrix, out: &mut [f3
     let path = if path.supported() { path } else { SimdPath::Scalar };
     let out_ptr = SendPtr(out.as_mut_ptr());
     let tasks = w.rows.div_ceil(ROWS_PER_TASK);
-    compute_pool().install(|| {
+    in_pool(|| {
         (0..tasks).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
             let last = (first + ROWS_PER_TASK).min(w.rows);

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 
 use super::{QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
-use crate::kernels::{compute_pool, SendPtr, SimdPath, MAX_ROWS};
+use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).
 const BLOCK: usize = 32;
@@ -159,7 +159,7 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
 fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
     let row_bytes = w.row_bytes();
     let out_ptr = SendPtr(out.as_mut_ptr());
-    compute_pool().install(|| {
+    in_pool(|| {
         (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
             let last = (first + ROWS_PER_TASK).min(w.rows);
