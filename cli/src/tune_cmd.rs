@@ -303,6 +303,9 @@ pub(crate) fn print_report(
     );
     println!("Best plan (batch {}):", batch_size);
     print!("{}", report::policy_table(&result.best.policy));
+    if let Some(line) = experts_line(model, &result.best.policy) {
+        println!("{line}");
+    }
     println!();
     print!("{}", report::metrics_text(&result.best.metrics));
     println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");
@@ -437,4 +440,28 @@ fn group_digits(n: u64) -> String {
         out.push(ch);
     }
     out
+}
+
+/// For a mixture of experts, where the plan keeps the experts, in llama.cpp's terms.
+fn experts_line(model: &ferry_core::model::ModelSpec, policy: &ferry_core::plan::Policy) -> Option<String> {
+    if model.num_experts == 0 {
+        return None;
+    }
+    let mlp = policy.mlp_weights;
+    let on_cpu = if policy.compute_host_layers_on_host { mlp.host } else { 0 };
+    Some(if on_cpu > 0 {
+        format!(
+            "experts: {on_cpu} of {} layers' experts stay in host RAM and are computed there, the rest on the device \
+             (llama.cpp: --n-cpu-moe {on_cpu} keeps as many, the first layers'; `ferry export --to llama.cpp` \
+             gives the plan's exact -ot rule)",
+            model.num_layers
+        )
+    } else {
+        format!(
+            "experts: {} of {} layers' experts on the device, {} streamed to it from host RAM or disk",
+            mlp.device,
+            model.num_layers,
+            mlp.host + mlp.disk
+        )
+    })
 }

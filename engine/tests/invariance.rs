@@ -151,7 +151,14 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
         s.attention_weights = TierCounts { device: 2, host: 2, disk: 0 };
         s.mlp_weights = s.attention_weights;
         s.kv_cache = TierCounts { device: 2, host: 2, disk: 0 };
-        cases.push((format!("discrete {schedule:?} llama.cpp split"), s, &discrete));
+        cases.push((format!("discrete {schedule:?} llama.cpp split"), s.clone(), &discrete));
+        // llama.cpp's --n-cpu-moe: attention (and KV) on the device, some layers' MLPs
+        // on the host and computed there.
+        let mut e = s;
+        e.attention_weights = TierCounts { device: layers, host: 0, disk: 0 };
+        e.mlp_weights = TierCounts { device: 1, host: layers - 1, disk: 0 };
+        e.kv_cache = TierCounts { device: layers, host: 0, disk: 0 };
+        cases.push((format!("discrete {schedule:?} MLPs on the host"), e, &discrete));
     }
     // Several stages: layers split over devices, the hidden state crossing the link
     // between them (two or three cpu devices on one host, each with its own budget;
@@ -206,6 +213,11 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
         // Every pool stayed inside its budget.
         for pool in &report.metrics.pools {
             assert!(pool.peak_bytes <= pool.capacity_bytes, "{what}: {pool:?}");
+        }
+        // Host-placed groups under llama.cpp's split were computed on the host.
+        if policy.compute_host_layers_on_host && policy.mlp_weights.host > 0 {
+            let host = Resource::compute(Place::HOST);
+            assert!(report.metrics.utilization(host) > 0.0, "{what}: nothing was computed on the host");
         }
         // A multi-stage run used every stage's device and moved activations between them.
         if policy.stages.len() > 1 {

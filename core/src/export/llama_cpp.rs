@@ -66,7 +66,11 @@ fn server_args(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>) -> Vec
     if !cpu_attention.is_empty() {
         args.push(regex(&cpu_attention, "attn"));
     }
-    if !cpu_mlp.is_empty() {
+    if !cpu_mlp.is_empty() && model.num_experts > 0 {
+        // A mixture of experts: the experts of those layers (llama.cpp keeps the
+        // router and norms beside them on the device, a few KiB).
+        args.push(format!("-ot \"blk\\.({})\\.ffn_.*_exps\\.=CPU\"", cpu_mlp.join("|")));
+    } else if !cpu_mlp.is_empty() {
         args.push(regex(&cpu_mlp, "ffn"));
     }
     // llama.cpp keeps token embeddings on the CPU anyway; only the head needs a rule.
@@ -211,6 +215,26 @@ mod tests {
         assert!(out.cannot_express.iter().any(|l| l.contains("mmap")));
         assert!(out.cannot_express.iter().any(|l| l.contains("micro-batch")));
         assert!(out.nodes.is_empty());
+    }
+
+    /// A mixture of experts with some layers' MLPs on the host: exactly those layers'
+    /// experts go to the CPU; attention and KV stay on the device.
+    #[test]
+    fn llama_cpp_keeps_the_plan_s_host_experts_on_the_cpu() {
+        let (model, profile) = setup("mixtral-8x7b");
+        let mut p = plan(&model);
+        let layers = model.num_layers;
+        p.policy.compute_host_layers_on_host = true;
+        p.policy.host_attention = false;
+        p.policy.attention_weights = crate::plan::TierCounts::all(Tier::Device, layers);
+        p.policy.kv_cache = crate::plan::TierCounts::all(Tier::Device, layers);
+        p.policy.mlp_weights = crate::plan::TierCounts { device: 10, host: layers - 10, disk: 0 };
+        let out = export(&p, &model, &profile, Engine::LlamaCpp);
+        let host: Vec<String> =
+            (0..layers).filter(|&l| p.policy.mlp_weights.tier_of(l) == Tier::Host).map(|l| l.to_string()).collect();
+        assert_eq!(host.len(), 22);
+        assert!(out.settings.contains(&format!("blk\\.({})\\.ffn_.*_exps\\.=CPU", host.join("|"))), "{}", out.settings);
+        assert!(!out.settings.contains("attn_") && !out.settings.contains("-nkvo"), "{}", out.settings);
     }
 
     /// llama.cpp's rule (llama-model.cpp, `get_layer_buft_list`): with `-ngl n+1`,

@@ -137,10 +137,13 @@ impl LayerPlacement {
         }
     }
 
-    /// Whether the layer is computed on the host where its weights live (llama.cpp's
-    /// split, when the policy turns it on): both weight groups are on the host.
-    pub fn computed_on_host(&self, split_enabled: bool) -> bool {
-        split_enabled && self.attention == Tier::Host && self.mlp == Tier::Host
+    /// Whether `group` of the layer is computed on the host where its weights live
+    /// (llama.cpp's split, when the policy turns it on: a tensor placed on the CPU is
+    /// computed there). Attention on the host computes over a host KV cache; an MLP on
+    /// the host beside attention on the device is llama.cpp's `--n-cpu-moe` for a
+    /// mixture of experts.
+    pub fn computed_on_host(&self, group: WeightGroup, split_enabled: bool) -> bool {
+        split_enabled && self.tier(group) == Tier::Host
     }
 }
 

@@ -259,10 +259,10 @@ impl Policy {
         }
         if self.compute_host_layers_on_host {
             for (layer, place) in self.layer_placements(layers).iter().enumerate() {
-                if place.computed_on_host(true) && place.kv != Tier::Host {
+                if place.computed_on_host(crate::model::WeightGroup::Attention, true) && place.kv != Tier::Host {
                     return fail(format!(
-                        "layer {layer} is computed on the host but its KV cache is on the {}; \
-                         place the KV cache of host-computed layers on the host",
+                        "layer {layer}'s attention is computed on the host but its KV cache is on the {}; \
+                         place the KV cache of layers whose attention is on the host on the host",
                         place.kv.name()
                     ));
                 }
@@ -471,6 +471,11 @@ impl Policy {
             ("embeddings / head".into(), format!("{} / {}", self.embeddings.name(), self.head.name())),
             ("KV cache".into(), self.kv_cache.describe()),
             ("attention on host".into(), if self.host_attention { "yes".into() } else { "no".into() }),
+        ];
+        if self.compute_host_layers_on_host {
+            rows.push(("host-placed weights".into(), "computed on the host (llama.cpp's split)".into()));
+        }
+        rows.extend([
             ("prefetch depth".into(), format!("{} layers", self.prefetch_depth)),
             ("transfer chunk".into(), format_bytes(self.chunk_bytes)),
             ("copy streams / I/O depth".into(), format!("{} / {}", self.copy_streams, self.io_queue_depth)),
@@ -484,7 +489,7 @@ impl Policy {
                         .map_or(self.kv_dtype.name().to_string(), WeightFormat::name)
                 ),
             ),
-        ];
+        ]);
         if let Some(speculation) = &self.speculation {
             let draft = match (speculation.draft, &speculation.draft_spec) {
                 (Draft::SelfLayers { layers }, _) => format!("the first {layers} layers"),

@@ -257,9 +257,10 @@ impl<'a> Builder<'a> {
         self.hidden_producer[j as usize] = Some(producer);
     }
 
-    /// Whether `layer` is computed on the host (llama.cpp's split; `LayerPlacement::computed_on_host`).
-    pub(super) fn on_host(&self, layer: u32) -> bool {
-        self.placements[layer as usize].computed_on_host(self.policy.compute_host_layers_on_host)
+    /// Whether `group` of `layer` is computed on the host (llama.cpp's split;
+    /// `LayerPlacement::computed_on_host`).
+    pub(super) fn on_host(&self, group: WeightGroup, layer: u32) -> bool {
+        self.placements[layer as usize].computed_on_host(group, self.policy.compute_host_layers_on_host)
     }
 
     /// The device a layer's stage runs on.
@@ -342,7 +343,7 @@ impl<'a> Builder<'a> {
         let placement = self.placements[layer as usize];
         let tier = placement.tier(group);
         let device = self.device_of(layer);
-        if tier == Tier::Device || self.on_host(layer) {
+        if tier == Tier::Device || self.on_host(group, layer) {
             return Loaded::default();
         }
         let size = self.layout.group(group, layer as u64);
@@ -403,7 +404,8 @@ impl<'a> Builder<'a> {
         let last_j = js.end - 1;
         let attention = self.load_weights(WeightGroup::Attention, layer, step, first_j, &gate);
         let mlp = self.load_weights(WeightGroup::Mlp, layer, step, first_j, &gate);
-        let on_host = self.on_host(layer);
+        let (attention_on_host, mlp_on_host) =
+            (self.on_host(WeightGroup::Attention, layer), self.on_host(WeightGroup::Mlp, layer));
         let mut attention_tasks: Vec<TaskId> = Vec::new();
         let mut mlp_tasks: Vec<TaskId> = Vec::new();
         let mut last_mlp = 0;
@@ -411,7 +413,7 @@ impl<'a> Builder<'a> {
             let is_last = j == last_j;
             let kv_gate =
                 if j >= first_j + 2 { vec![attention_tasks[(j - first_j - 2) as usize]] } else { gate.clone() };
-            let attn_done = if on_host {
+            let attn_done = if attention_on_host {
                 self.attention_on_host_layer(step, layer, j)
             } else {
                 let release = if is_last { attention.device_bytes } else { 0 };
@@ -426,13 +428,15 @@ impl<'a> Builder<'a> {
                 self.attention(step, layer, j, &inputs)
             };
             attention_tasks.push(attn_done);
-            // MLP.
-            let side = if on_host { self.host_of(layer) } else { self.device_of(layer) };
+            // MLP, where its weights are computed: the hidden state follows it there.
+            let side = if mlp_on_host { self.host_of(layer) } else { self.device_of(layer) };
+            let hidden = self.hidden_on(side, j, step, layer);
             let rows = self.rows();
             let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
             let bytes = self.model.mlp_bytes_read(rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));
             let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
             task.deps.push(attn_done);
+            task.deps.extend(hidden.filter(|&h| h != attn_done));
             task.deps.extend(&mlp.ready);
             if is_last && mlp.device_bytes > 0 {
                 task.release.push(MemOp { pool: side, bytes: mlp.device_bytes });

@@ -125,7 +125,7 @@ impl Builder<'_> {
             let last = self.end_host(false) == place;
             let layers_here = (0..self.placements.len() as u32).filter(|&l| self.host_of(l) == place);
             let host_computes = layers_here.clone().any(|l| {
-                policy.compute_host_layers_on_host && self.on_host(l)
+                WeightGroup::PER_LAYER.iter().any(|&g| self.on_host(g, l))
                     || policy.host_attention && self.kv_tier(l) != Tier::Device && !self.unified(l)
             }) || first && policy.embeddings == Tier::Host
                 || last && policy.head == Tier::Host;

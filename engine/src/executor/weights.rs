@@ -203,7 +203,7 @@ impl<'a> Engine<'a> {
     ) -> Result<Vec<Arc<Loaded>>, EngineError> {
         if let Some(resident) = self.resident.get(&(group_code(group), layer)) {
             let split = self.policy.compute_host_layers_on_host;
-            let on_host = self.placements.get(layer as usize).is_some_and(|p| p.computed_on_host(split));
+            let on_host = self.placements.get(layer as usize).is_some_and(|p| p.computed_on_host(group, split));
             if self.weight_tier(group, layer as u64) == Tier::Device || on_host {
                 return Ok(vec![Arc::clone(resident)]);
             }

@@ -40,6 +40,9 @@ pub(super) struct LayerFigures {
     pub(super) device_split_ms: [f64; 2],
     pub(super) host_core_ms: [f64; 2],
     pub(super) host_layer_ms: [f64; 2],
+    /// The MLP's part of `device_fused_ms` and of `host_layer_ms`.
+    pub(super) device_mlp_ms: [f64; 2],
+    pub(super) host_mlp_ms: [f64; 2],
     pub(super) device_static_gb: f64,
     pub(super) host_static_gb: f64,
     pub(super) device_capacity_gb: f64,
@@ -55,6 +58,8 @@ struct LayerTimes {
     device_split_ms: [f64; 2],
     host_core_ms: [f64; 2],
     host_layer_ms: [f64; 2],
+    device_mlp_ms: [f64; 2],
+    host_mlp_ms: [f64; 2],
 }
 
 /// Bandwidths (GB/s) and prefetch window (layers) of one member, or the best case of a group.
@@ -131,6 +136,8 @@ impl Searcher<'_> {
             device_split_ms: times.device_split_ms,
             host_core_ms: times.host_core_ms,
             host_layer_ms: times.host_layer_ms,
+            device_mlp_ms: times.device_mlp_ms,
+            host_mlp_ms: times.host_mlp_ms,
             device_static_gb: gb(device_static),
             host_static_gb: gb(host_static),
             device_capacity_gb: gb(device_capacity),
@@ -169,6 +176,8 @@ impl Searcher<'_> {
         let mut device_split_ms = [0.0; 2];
         let mut host_core_ms = [0.0; 2];
         let mut host_layer_ms = [0.0; 2];
+        let mut device_mlp_ms = [0.0; 2];
+        let mut host_mlp_ms = [0.0; 2];
         for (phase, (new_tokens, context)) in
             [(request.prompt_len, request.prompt_len), (1, (mean_past + 1.0).round() as u64)].into_iter().enumerate()
         {
@@ -205,6 +214,7 @@ impl Searcher<'_> {
             device_split_ms[phase] = nmb * (split + mlp) / 1e6;
             host_core_ms[phase] =
                 nmb * c.compute_ns(host, Op::AttnCore, core_flops, kv_bytes, rows, context, None) / 1e6;
+            let host_mlp = c.compute_ns(host, Op::Mlp, mlp_flops, mlp_bytes, rows, context, dq(true, Op::Mlp));
             host_layer_ms[phase] = nmb
                 * (c.compute_ns(
                     host,
@@ -214,10 +224,12 @@ impl Searcher<'_> {
                     rows,
                     context,
                     dq(true, Op::Attention),
-                ) + c.compute_ns(host, Op::Mlp, mlp_flops, mlp_bytes, rows, context, dq(true, Op::Mlp)))
+                ) + host_mlp)
                 / 1e6;
+            device_mlp_ms[phase] = nmb * mlp / 1e6;
+            host_mlp_ms[phase] = nmb * host_mlp / 1e6;
         }
-        LayerTimes { device_fused_ms, device_split_ms, host_core_ms, host_layer_ms }
+        LayerTimes { device_fused_ms, device_split_ms, host_core_ms, host_layer_ms, device_mlp_ms, host_mlp_ms }
     }
 
     /// Static memory (device, host bytes): the same resident items the lowering puts in
@@ -299,7 +311,13 @@ impl Searcher<'_> {
         let l = f.layers;
         let mut constraints = Vec::new();
         let device_weights = l * (f.attention_gb * a[0] + f.mlp_gb * m[0]);
-        let stream_buffers = window * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2]));
+        // Under llama.cpp's split host-tier weights are computed where they are: only
+        // disk-tier ones stream to the device.
+        let stream_buffers = if group.host_compute {
+            window * (f.attention_gb * a[2] + f.mlp_gb * m[2])
+        } else {
+            window * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2]))
+        };
         let kv_buffers = if group.host_attention || group.host_compute {
             Expression::from(0.0)
         } else {
@@ -329,17 +347,26 @@ impl Searcher<'_> {
         let visits = if group.class == Class::LayerMajor { 1.0 } else { group.num_micro_batches as f64 };
         let offloaded = fr.kv[1] + fr.kv[2];
         let mut total = 0.0;
+        let (a, m) = (&fr.attention, &fr.mlp);
         for phase in 0..2 {
-            let streamed = visits
-                * l
-                * (f.attention_gb * (fr.attention[1] + fr.attention[2]) + f.mlp_gb * (fr.mlp[1] + fr.mlp[2]))
-                + if phase == 1 && !group.host_attention { l * f.kv_read_gb * offloaded } else { 0.0 };
-            let from_disk = visits * l * (f.attention_gb * fr.attention[2] + f.mlp_gb * fr.mlp[2])
-                + if phase == 1 { l * f.kv_read_gb * fr.kv[2] } else { 0.0 };
+            let (streamed, from_disk, device, host) = if group.host_compute {
+                // As `phase_load` prices llama.cpp's split.
+                let mlp_streamed = visits * l * f.mlp_gb * m[2];
+                let device_attention = f.device_fused_ms[phase] - f.device_mlp_ms[phase];
+                let host_attention = f.host_layer_ms[phase] - f.host_mlp_ms[phase];
+                let device = l * (device_attention * a[0] + f.device_mlp_ms[phase] * (m[0] + m[2]));
+                let host = l * (host_attention * a[1] + f.host_mlp_ms[phase] * m[1]);
+                (mlp_streamed, mlp_streamed, device, host)
+            } else {
+                let streamed = visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2]))
+                    + if phase == 1 && !group.host_attention { l * f.kv_read_gb * offloaded } else { 0.0 };
+                let from_disk = visits * l * (f.attention_gb * a[2] + f.mlp_gb * m[2])
+                    + if phase == 1 { l * f.kv_read_gb * fr.kv[2] } else { 0.0 };
+                let host = if group.host_attention { l * f.host_core_ms[phase] * offloaded } else { 0.0 };
+                (streamed, from_disk, l * f.device_fused_ms[phase], host)
+            };
             let h2d = if self.unified() { 0.0 } else { streamed * 1000.0 / transfer.h2d_gbps };
             let disk = from_disk * 1000.0 / transfer.disk_gbps;
-            let device = l * f.device_fused_ms[phase];
-            let host = if group.host_attention { l * f.host_core_ms[phase] * offloaded } else { 0.0 };
             let step = if group.class == Class::Sequential {
                 device + host + h2d + disk
             } else {
@@ -351,16 +378,18 @@ impl Searcher<'_> {
     }
 }
 
-/// With llama.cpp-style host compute, whole layers: both weight groups share a tier; KV
-/// of host layers on the host, the rest on the device.
+/// With llama.cpp-style host compute each group is computed where it lives: the KV
+/// cache follows attention (host attention over a host cache, device attention over a
+/// device one), and attention is never on disk (llama.cpp cannot stream it; it would
+/// also put a layer's attention and its cache on different tiers). MLPs are free: on
+/// the host beside device attention is llama.cpp's `--n-cpu-moe`.
 fn whole_layer_constraints(group: &Group, v: &LpVariables) -> Vec<Constraint> {
-    let (a, m, kv) = (&v.a, &v.m, &v.kv);
+    let (a, kv) = (&v.a, &v.kv);
     let mut constraints = Vec::new();
     if group.host_compute {
-        for i in 0..3 {
-            constraints.push((a[i] - m[i]).eq(0.0));
-        }
+        constraints.push((kv[0] - a[0]).eq(0.0));
         constraints.push((kv[1] - a[1]).eq(0.0));
+        constraints.push(Expression::from(a[2]).eq(0.0));
         constraints.push(Expression::from(kv[2]).eq(0.0));
     }
     constraints
@@ -376,11 +405,15 @@ fn phase_load(group: &Group, f: &LayerFigures, v: &LpVariables, phase: usize) ->
         _ => group.num_micro_batches as f64,
     };
     if group.host_compute {
+        // Attention is on the device or the host (`whole_layer_constraints`); disk-tier
+        // MLPs stream to the device and are computed there.
+        let device_attention = f.device_fused_ms[phase] - f.device_mlp_ms[phase];
+        let host_attention = f.host_layer_ms[phase] - f.host_mlp_ms[phase];
         return PhaseLoad {
-            streamed: visits * l * (f.attention_gb + f.mlp_gb) * a[2],
-            from_disk: visits * l * (f.attention_gb + f.mlp_gb) * a[2],
-            device_ms: l * f.device_fused_ms[phase] * (a[0] + a[2]),
-            host_ms: l * f.host_layer_ms[phase] * a[1],
+            streamed: visits * l * f.mlp_gb * m[2],
+            from_disk: visits * l * f.mlp_gb * m[2],
+            device_ms: l * (device_attention * a[0] + f.device_mlp_ms[phase] * (m[0] + m[2])),
+            host_ms: l * (host_attention * a[1] + f.host_mlp_ms[phase] * m[1]),
         };
     }
     let ha = if group.host_attention { 1.0 } else { 0.0 };

@@ -24,7 +24,14 @@ impl Searcher<'_> {
             num_micro_batches: group.num_micro_batches,
             prefetch_depth: member.prefetch_depth,
             attention_weights: round_counts(fr.attention, layers),
-            mlp_weights: round_counts(fr.mlp, layers),
+            // Under llama.cpp's split a disk-tier MLP streams whole into a device buffer
+            // the LP priced at its fraction; less than a layer of it rounds to the host,
+            // where it is computed in place (`fit` moves layers back if the host is full).
+            mlp_weights: if group.host_compute {
+                round_counts_disk_down(fr.mlp, layers)
+            } else {
+                round_counts(fr.mlp, layers)
+            },
             embeddings,
             head,
             kv_cache: round_counts(fr.kv, layers),
@@ -71,6 +78,9 @@ impl Searcher<'_> {
             if device_ok && host_ok {
                 return Some(policy);
             }
+            // Under llama.cpp's split attention stays off the disk and the KV cache
+            // follows it (see the LP's `whole_layer_constraints`).
+            let split = policy.compute_host_layers_on_host;
             if !device_ok {
                 if !shift(&mut policy.mlp_weights, Tier::Device, spill)
                     && !shift(&mut policy.attention_weights, Tier::Device, spill)
@@ -79,19 +89,13 @@ impl Searcher<'_> {
                     return None;
                 }
             } else if !shift(&mut policy.mlp_weights, Tier::Host, Tier::Disk)
-                && !shift(&mut policy.attention_weights, Tier::Host, Tier::Disk)
-                && !shift(&mut policy.kv_cache, Tier::Host, Tier::Disk)
+                && (split || !shift(&mut policy.attention_weights, Tier::Host, Tier::Disk))
+                && (split || !shift(&mut policy.kv_cache, Tier::Host, Tier::Disk))
             {
                 return None;
             }
-            if policy.compute_host_layers_on_host {
-                // Keep whole layers together for the llama.cpp split.
-                policy.attention_weights = policy.mlp_weights;
-                policy.kv_cache = TierCounts {
-                    device: policy.mlp_weights.device + policy.mlp_weights.disk,
-                    host: policy.mlp_weights.host,
-                    disk: 0,
-                };
+            if split {
+                policy.kv_cache = policy.attention_weights;
             }
         }
         None
@@ -113,6 +117,14 @@ fn shift(counts: &mut TierCounts, from: Tier, to: Tier) -> bool {
     *slot(counts, from) -= 1;
     *slot(counts, to) += 1;
     true
+}
+
+/// Fractions to whole layers as `round_counts` does for the device, the disk rounded
+/// down and the host taking the rest.
+fn round_counts_disk_down(fractions: [f64; 3], layers: u64) -> TierCounts {
+    let rounded = round_counts(fractions, layers);
+    let disk = ((fractions[2] * layers as f64) + 1e-6).floor().min(rounded.disk as f64) as u64;
+    TierCounts { device: rounded.device, host: layers - rounded.device - disk, disk }
 }
 
 /// Fractions (device, host, disk) to whole layers: device rounded down (so the LP's
