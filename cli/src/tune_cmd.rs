@@ -223,7 +223,7 @@ pub fn run(args: TuneArgs) -> Result<()> {
     if compared {
         print_formats(&args, &outcomes, &model, &profile, chosen);
     }
-    print_report(&args, &request, result, baseline_results, search_time);
+    print_report(&args, &request, result, baseline_results, search_time, &plan);
     if result.best.metrics.tokens_per_s <= 0.0 {
         bail!("the best plan predicts no throughput; this is a bug");
     }
@@ -270,6 +270,7 @@ pub(crate) fn print_report(
     result: &TuneResult,
     baseline_results: &[Baseline],
     search_time: std::time::Duration,
+    plan: &ferry_core::plan::Plan,
 ) {
     let (model, profile) = (request.model, request.profile);
     let (prompt_len, gen_len, objective) = (request.prompt_len, request.gen_len, request.objective);
@@ -305,6 +306,8 @@ pub(crate) fn print_report(
     print!("{}", report::policy_table(&result.best.policy));
     if let Some(line) = experts_line(model, &result.best.policy) {
         println!("{line}");
+        let export = ferry_core::export::export(plan, model, profile, ferry_core::export::Engine::LlamaCpp);
+        println!("llama.cpp for this plan:\n  {}", export.settings.replace('\n', "\n  "));
     }
     println!();
     print!("{}", report::metrics_text(&result.best.metrics));
@@ -452,8 +455,8 @@ fn experts_line(model: &ferry_core::model::ModelSpec, policy: &ferry_core::plan:
     Some(if on_cpu > 0 {
         format!(
             "experts: {on_cpu} of {} layers' experts stay in host RAM and are computed there, the rest on the device \
-             (llama.cpp: --n-cpu-moe {on_cpu} keeps as many, the first layers'; `ferry export --to llama.cpp` \
-             gives the plan's exact -ot rule)",
+             (llama.cpp's --n-cpu-moe {on_cpu} keeps as many, the first layers'; the -ot rule below keeps the \
+             plan's own)",
             model.num_layers
         )
     } else {

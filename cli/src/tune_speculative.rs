@@ -50,7 +50,7 @@ pub fn run(
             vec![table],
         );
     }
-    crate::tune_cmd::print_report(args, request, &result, &outcome.plain.baselines, search_time);
+    crate::tune_cmd::print_report(args, request, &result, &outcome.plain.baselines, search_time, &plan);
     print(&outcome, request, &speculation);
     Ok(())
 }

@@ -298,6 +298,8 @@ mod tests {
             "test-small",
             "test-tiny-moe",
             "test-moe",
+            "qwen3-30b-a3b",
+            "qwen3-235b-a22b",
         ] {
             catalog.model(model).unwrap();
         }

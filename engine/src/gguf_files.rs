@@ -137,4 +137,63 @@ mod tests {
         let err = expert_slice(experts(vec![6, 8], 192), 0, 4).unwrap_err();
         assert!(err.contains("3 dimensions"), "{err}");
     }
+
+    /// A `qwen3moe` file as llama.cpp writes one (tiny): its experts' width
+    /// (`expert_feed_forward_length`), head width (`attention.key_length`), per-head
+    /// query and key norms and 3-D experts are read into the shape; the engine says it
+    /// does not run Qwen3 yet.
+    #[test]
+    fn a_qwen3_moe_file_reads_as_its_shape_and_the_engine_refuses_it_clearly() {
+        use crate::gguf_write::{write, GgufTensor, Meta};
+        use ferry_core::gguf::GgmlType;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen3moe-tiny.gguf");
+        let (hidden, layers, experts, expert_ffn, head_dim, vocab) = (64u64, 2u64, 4u64, 32u64, 48u64, 80u64);
+        let key = |k: &str| format!("qwen3moe.{k}");
+        let metadata = vec![
+            ("general.architecture".to_string(), Meta::Str("qwen3moe".into())),
+            (key("embedding_length"), Meta::U32(hidden as u32)),
+            (key("block_count"), Meta::U32(layers as u32)),
+            (key("feed_forward_length"), Meta::U32(256)),
+            (key("expert_feed_forward_length"), Meta::U32(expert_ffn as u32)),
+            (key("attention.head_count"), Meta::U32(2)),
+            (key("attention.head_count_kv"), Meta::U32(1)),
+            (key("attention.key_length"), Meta::U32(head_dim as u32)),
+            (key("expert_count"), Meta::U32(experts as u32)),
+            (key("expert_used_count"), Meta::U32(2)),
+            ("tokenizer.ggml.tokens".to_string(), Meta::Strings((0..vocab).map(|i| format!("t{i}")).collect())),
+        ];
+        let f32 = GgmlType::all().find(|t| t.name == "F32").unwrap();
+        let t = |name: String, dims: Vec<u64>| GgufTensor { name, dims, ggml_type: f32 };
+        let mut tensors = vec![t("token_embd.weight".into(), vec![hidden, vocab])];
+        for l in 0..layers {
+            let b = |n: &str| format!("blk.{l}.{n}.weight");
+            tensors.extend([
+                t(b("attn_norm"), vec![hidden]),
+                t(b("attn_q"), vec![hidden, 2 * head_dim]),
+                t(b("attn_k"), vec![hidden, head_dim]),
+                t(b("attn_v"), vec![hidden, head_dim]),
+                t(b("attn_output"), vec![2 * head_dim, hidden]),
+                t(b("attn_q_norm"), vec![head_dim]),
+                t(b("attn_k_norm"), vec![head_dim]),
+                t(b("ffn_norm"), vec![hidden]),
+                t(b("ffn_gate_inp"), vec![hidden, experts]),
+                t(b("ffn_gate_exps"), vec![hidden, expert_ffn, experts]),
+                t(b("ffn_down_exps"), vec![expert_ffn, hidden, experts]),
+                t(b("ffn_up_exps"), vec![hidden, expert_ffn, experts]),
+            ]);
+        }
+        tensors.extend([t("output_norm.weight".into(), vec![hidden]), t("output.weight".into(), vec![hidden, vocab])]);
+        write(&path, false, &metadata, &tensors, |i, out| out.write_all(&vec![0u8; tensors[i].bytes() as usize]))
+            .unwrap();
+        let header = GgufHeader::open(&path).unwrap();
+        let spec = ferry_core::model::from_gguf(&header, "q").unwrap();
+        assert_eq!(spec.family, ferry_core::model::Family::Qwen3);
+        assert_eq!((spec.intermediate_size, spec.head_dim, spec.q_dim()), (expert_ffn, Some(head_dim), 96));
+        assert_eq!((spec.num_experts, spec.experts_per_token), (experts, 2));
+        let stored: u64 = tensors.iter().map(GgufTensor::bytes).sum();
+        assert_eq!(spec.stored.as_ref().unwrap().total_bytes(), stored, "every tensor in a group");
+        let err = open(&path).unwrap_err().to_string();
+        assert!(err.contains("not supported by the engine"), "{err}");
+    }
 }

@@ -71,9 +71,10 @@ pub fn tensor_list(model: &ModelSpec) -> Vec<(String, Vec<u64>)> {
 
 /// Whether Ferry's engine can run this architecture.
 pub fn check_supported(model: &ModelSpec) -> Result<(), EngineError> {
-    // Qwen2-MoE's shared expert and router names are not Mixtral's.
-    let moe_unsupported = model.num_experts > 0 && model.family == Family::Qwen2;
-    if model.family == Family::Opt || moe_unsupported {
+    // Qwen3's per-head query and key norms and its own head width are not in the
+    // forward pass yet (its shapes plan and simulate).
+    let unsupported = matches!(model.family, Family::Opt | Family::Qwen3) || model.head_dim.is_some();
+    if unsupported {
         return Err(EngineError::Unsupported(format!(
             "{} ({:?}{}) is not supported by the engine yet: it runs Llama-family decoders (llama, mistral, \
              qwen2) and Mixtral's mixture of experts",

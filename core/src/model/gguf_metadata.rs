@@ -22,7 +22,12 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
         "qwen2" => Family::Qwen2,
-        other => return Err(bad(format!("architecture '{other}' is not one Ferry reads (llama, mistral, qwen2)"))),
+        "qwen3" | "qwen3moe" => Family::Qwen3,
+        other => {
+            return Err(bad(format!(
+                "architecture '{other}' is not one Ferry reads (llama, mistral, qwen2, qwen3, qwen3moe)"
+            )))
+        }
     };
     let size = |key: &str, max: u64| -> Result<Option<u64>> {
         let full = format!("{arch}.{key}");
@@ -54,11 +59,19 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
     if !(1..=MAX_VOCAB).contains(&vocab) {
         return Err(bad(format!("the vocabulary has {vocab} tokens (tokenizer.ggml.tokens or token_embd.weight)")));
     }
+    let hidden = need("embedding_length", MAX_WIDTH)?;
+    let experts = size("expert_count", MAX_EXPERTS)?.unwrap_or(0);
+    // Qwen3-MoE gives its experts' width apart from the (unused) dense one.
+    let ffn = match size("expert_feed_forward_length", MAX_WIDTH)? {
+        Some(width) if experts > 0 => width,
+        _ => need("feed_forward_length", MAX_WIDTH)?,
+    };
+    let head_dim = size("attention.key_length", MAX_WIDTH)?.filter(|&d| d * heads != hidden || hidden % heads != 0);
     let spec = ModelSpec {
         name: name.to_string(),
         family,
-        hidden_size: need("embedding_length", MAX_WIDTH)?,
-        intermediate_size: need("feed_forward_length", MAX_WIDTH)?,
+        hidden_size: hidden,
+        intermediate_size: ffn,
         num_layers: need("block_count", MAX_LAYERS)?,
         num_heads: heads,
         num_kv_heads: size("attention.head_count_kv", MAX_WIDTH)?.unwrap_or(heads),
@@ -66,9 +79,10 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         max_position_embeddings: size("context_length", MAX_POSITIONS)?.unwrap_or(4096),
         // llama.cpp writes no `output.weight` when the head is the embeddings.
         tie_word_embeddings: !header.tensors.iter().any(|t| t.name == "output.weight"),
-        num_experts: size("expert_count", MAX_EXPERTS)?.unwrap_or(0),
+        num_experts: experts,
         experts_per_token: size("expert_used_count", MAX_EXPERTS)?.unwrap_or(0),
         qkv_bias: header.tensors.iter().any(|t| t.name.ends_with("attn_q.bias")),
+        head_dim,
         rms_norm_eps: positive("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         rope_theta: positive("rope.freq_base")?.unwrap_or(10000.0),
         dtype: float_dtype(header).unwrap_or(Dtype::F16),
@@ -140,7 +154,9 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
-        "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
         t if t.starts_with("self_attn.") => {
             let (projection, kind) = t.strip_prefix("self_attn.")?.split_once('.')?;
             let short = match projection {
@@ -152,12 +168,14 @@ pub fn gguf_name(hf: &str) -> Option<String> {
             };
             return Some(format!("blk.{layer}.{short}.{kind}"));
         }
-        t if t.starts_with("block_sparse_moe.experts.") => match t.rsplit('.').nth(1)? {
-            "w1" => "ffn_gate_exps.weight",
-            "w2" => "ffn_down_exps.weight",
-            "w3" => "ffn_up_exps.weight",
-            _ => return None,
-        },
+        t if t.starts_with("block_sparse_moe.experts.") || t.starts_with("mlp.experts.") => {
+            match t.rsplit('.').nth(1)? {
+                "w1" | "gate_proj" => "ffn_gate_exps.weight",
+                "w2" | "down_proj" => "ffn_down_exps.weight",
+                "w3" | "up_proj" => "ffn_up_exps.weight",
+                _ => return None,
+            }
+        }
         _ => return None,
     };
     Some(format!("blk.{layer}.{mapped}"))

@@ -66,7 +66,7 @@ impl HfConfig<'_> {
     }
 }
 
-/// Reads a Hugging Face `config.json` (llama, mistral, qwen2, mixtral, opt).
+/// Reads a Hugging Face `config.json` (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, opt).
 pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec> {
     let value: serde_json::Value = crate::yaml::from_json_str(text, origin)?;
     let map = value
@@ -78,11 +78,19 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
         "qwen2" => Family::Qwen2,
+        "qwen3" | "qwen3_moe" => Family::Qwen3,
         "mixtral" => Family::Mixtral,
         "opt" => Family::Opt,
+        "qwen2_moe" => {
+            return Err(CoreError::invalid(format!(
+                "{origin}: model_type 'qwen2_moe' has shared experts, which Ferry does not model yet \
+                 (it reads mixtral and qwen3_moe mixtures of experts)"
+            )))
+        }
         other => {
             return Err(CoreError::invalid(format!(
-                "{origin}: unsupported model_type '{other}' (Ferry reads llama, mistral, qwen2, mixtral and opt)"
+                "{origin}: unsupported model_type '{other}' (Ferry reads llama, mistral, qwen2, qwen3, qwen3_moe, \
+                 mixtral and opt)"
             )))
         }
     };
@@ -115,6 +123,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             num_experts: 0,
             experts_per_token: 0,
             qkv_bias: true,
+            head_dim: None,
             rms_norm_eps: 1e-5,
             rope_theta: 0.0,
             dtype,
@@ -131,10 +140,23 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             }
         }
         let heads = config.need_size("num_attention_heads", MAX_WIDTH)?;
-        let experts = match config.value("num_local_experts").and_then(|v| v.as_u64()) {
+        // Mixtral counts its experts in `num_local_experts`, Qwen in `num_experts`.
+        let experts_key = if config.value("num_local_experts").is_some() { "num_local_experts" } else { "num_experts" };
+        let experts = match config.value(experts_key).and_then(|v| v.as_u64()) {
             Some(0) => 0,
-            _ => config.size("num_local_experts", MAX_EXPERTS)?.unwrap_or(0),
+            _ => config.size(experts_key, MAX_EXPERTS)?.unwrap_or(0),
         };
+        if experts > 0 {
+            check_every_layer_sparse(&config, origin)?;
+        }
+        let hidden = config.need_size("hidden_size", MAX_WIDTH)?;
+        // Qwen-MoE's experts have their own width; its dense `intermediate_size` is unused
+        // when every layer is sparse.
+        let ffn = match config.size("moe_intermediate_size", MAX_WIDTH)? {
+            Some(width) if experts > 0 => width,
+            _ => config.need_size("intermediate_size", MAX_WIDTH)?,
+        };
+        let head_dim = config.size("head_dim", MAX_WIDTH)?.filter(|&d| d * heads != hidden || hidden % heads != 0);
         let experts_per_token = match config.value("num_experts_per_tok").and_then(|v| v.as_u64()) {
             Some(0) => 0,
             _ => config.size("num_experts_per_tok", MAX_EXPERTS)?.unwrap_or(0),
@@ -142,8 +164,8 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
         ModelSpec {
             name: name.to_string(),
             family,
-            hidden_size: config.need_size("hidden_size", MAX_WIDTH)?,
-            intermediate_size: config.need_size("intermediate_size", MAX_WIDTH)?,
+            hidden_size: hidden,
+            intermediate_size: ffn,
             num_layers: config.need_size("num_hidden_layers", MAX_LAYERS)?,
             num_heads: heads,
             num_kv_heads: config.size("num_key_value_heads", MAX_WIDTH)?.unwrap_or(heads),
@@ -153,6 +175,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             num_experts: experts,
             experts_per_token,
             qkv_bias: family == Family::Qwen2,
+            head_dim,
             rms_norm_eps: config.positive("rms_norm_eps")?.unwrap_or(1e-5),
             rope_theta: config.positive("rope_theta")?.unwrap_or(10000.0),
             dtype,
@@ -162,6 +185,27 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
     };
     spec.validate().map_err(|e| CoreError::invalid(format!("{origin}: {e}")))?;
     Ok(spec)
+}
+
+/// Ferry models a mixture of experts whose every layer is sparse: Qwen-MoE's
+/// `decoder_sparse_step` above 1 or `mlp_only_layers` would mix dense layers in, and
+/// shared experts (`shared_expert_intermediate_size`) are not modelled yet.
+fn check_every_layer_sparse(config: &HfConfig, origin: &str) -> Result<()> {
+    let unsupported = |what: &str| {
+        Err(CoreError::invalid(format!(
+            "{origin}: {what}; Ferry models mixtures of experts whose every layer is sparse, without shared experts"
+        )))
+    };
+    if config.size("decoder_sparse_step", MAX_LAYERS)?.is_some_and(|step| step > 1) {
+        return unsupported("decoder_sparse_step above 1 makes some layers dense");
+    }
+    if config.value("mlp_only_layers").and_then(|v| v.as_array()).is_some_and(|layers| !layers.is_empty()) {
+        return unsupported("mlp_only_layers makes some layers dense");
+    }
+    if config.size("shared_expert_intermediate_size", MAX_WIDTH)?.is_some() {
+        return unsupported("the model has shared experts (shared_expert_intermediate_size)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -239,5 +283,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("implausibly large"), "{err}");
+    }
+
+    /// Qwen3-30B-A3B's config.json (the keys that matter): experts counted in
+    /// `num_experts`, their width in `moe_intermediate_size`, a head width of its own.
+    #[test]
+    fn qwen3_moe_configs_read_as_their_published_shape() {
+        let text = r#"{"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+            "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+            "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": true,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "tie_word_embeddings": false, "hidden_act": "silu",
+            "torch_dtype": "bfloat16"}"#;
+        let spec = from_hf_config(text, "q/config.json", "q").unwrap();
+        let catalog = crate::catalog::Catalog::builtin().unwrap().model("qwen3-30b-a3b").unwrap().value;
+        assert_eq!((spec.family, spec.intermediate_size, spec.head_dim), (Family::Qwen3, 768, Some(128)));
+        assert_eq!((spec.num_experts, spec.experts_per_token), (128, 8));
+        assert_eq!(spec.params(), catalog.params());
+        // Dense layers mixed in, or shared experts, are refused by name.
+        for (from, to, what) in [
+            ("\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2", "decoder_sparse_step"),
+            ("\"mlp_only_layers\": []", "\"mlp_only_layers\": [0, 5]", "mlp_only_layers"),
+            (
+                "\"num_experts\": 128,",
+                "\"num_experts\": 128, \"shared_expert_intermediate_size\": 5632,",
+                "shared experts",
+            ),
+            ("qwen3_moe", "qwen2_moe", "shared experts"),
+        ] {
+            let err = from_hf_config(&text.replace(from, to), "q/config.json", "q").unwrap_err().to_string();
+            assert!(err.starts_with("q/config.json: ") && err.contains(what), "{what}: {err}");
+        }
     }
 }

@@ -26,6 +26,9 @@ pub enum Family {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen3 and Qwen3-MoE: Llama-shaped with per-head RMSNorms on queries and keys and
+    /// a head width of its own (`ModelSpec::head_dim`).
+    Qwen3,
     Mixtral,
     Opt,
 }
@@ -135,6 +138,10 @@ pub struct ModelSpec {
     /// Biases on q, k, v (Qwen2).
     #[serde(default)]
     pub qkv_bias: bool,
+    /// Width of one attention head when it is not hidden_size / num_heads (Qwen3: 128
+    /// with a hidden size of 2048 and 32 heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<u64>,
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
@@ -179,7 +186,8 @@ impl TensorSpec {
     /// (`tensor_allows_quantization`: `ffn_gate_inp`, `LLM_TENSOR_POS_EMBD`). Vectors
     /// (norms, biases) are never quantized.
     pub fn quantizable(&self) -> bool {
-        self.rows > 1 && !self.name.ends_with("block_sparse_moe.gate.weight") && !self.name.contains("embed_positions")
+        let router = self.name.ends_with("block_sparse_moe.gate.weight") || self.name.ends_with("mlp.gate.weight");
+        self.rows > 1 && !router && !self.name.contains("embed_positions")
     }
 }
 
@@ -196,7 +204,13 @@ pub struct ParamCounts {
 
 impl ModelSpec {
     pub fn head_dim(&self) -> u64 {
-        self.hidden_size / self.num_heads
+        self.head_dim.unwrap_or(self.hidden_size / self.num_heads)
+    }
+
+    /// Width of the queries (and of the attention output): heads × head width, the
+    /// hidden size unless the model sets its own head width.
+    pub fn q_dim(&self) -> u64 {
+        self.num_heads * self.head_dim()
     }
 
     pub fn kv_dim(&self) -> u64 {
@@ -209,8 +223,12 @@ impl ModelSpec {
         if self.hidden_size == 0 || self.num_layers == 0 || self.num_heads == 0 {
             return fail("hidden_size, num_layers and num_heads must be positive");
         }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
-            return fail("hidden_size must be a multiple of num_heads");
+        match self.head_dim {
+            None if !self.hidden_size.is_multiple_of(self.num_heads) => {
+                return fail("hidden_size must be a multiple of num_heads (or head_dim given)");
+            }
+            Some(d) if d == 0 || d > 1 << 16 => return fail("head_dim must be between 1 and 65536"),
+            _ => {}
         }
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fail("num_heads must be a multiple of num_kv_heads");
@@ -269,9 +287,10 @@ impl ModelSpec {
                 (attention, mlp, norms, embeddings, head)
             }
             _ => {
-                let kv = self.kv_dim();
-                let bias = if self.qkv_bias { h + 2 * kv } else { 0 };
-                let attention = 2 * h * h + 2 * h * kv + bias;
+                let (q, kv) = (self.q_dim(), self.kv_dim());
+                let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+                let qk_norms = if self.family == Family::Qwen3 { 2 * self.head_dim() } else { 0 };
+                let attention = 2 * h * q + 2 * h * kv + bias + qk_norms;
                 let dense_mlp = 3 * h * ffn;
                 let mlp =
                     if self.num_experts > 0 { self.num_experts * dense_mlp + h * self.num_experts } else { dense_mlp };
@@ -333,14 +352,15 @@ impl ModelSpec {
             };
         }
         let p = format!("model.layers.{layer}");
+        let q = self.q_dim();
         match group {
             WeightGroup::Attention => {
                 let mut v = vec![
                     t(format!("{p}.input_layernorm.weight"), 1, h),
-                    t(format!("{p}.self_attn.q_proj.weight"), h, h),
+                    t(format!("{p}.self_attn.q_proj.weight"), q, h),
                 ];
                 if self.qkv_bias {
-                    v.push(t(format!("{p}.self_attn.q_proj.bias"), 1, h));
+                    v.push(t(format!("{p}.self_attn.q_proj.bias"), 1, q));
                 }
                 v.push(t(format!("{p}.self_attn.k_proj.weight"), kv, h));
                 if self.qkv_bias {
@@ -350,18 +370,30 @@ impl ModelSpec {
                 if self.qkv_bias {
                     v.push(t(format!("{p}.self_attn.v_proj.bias"), 1, kv));
                 }
-                v.push(t(format!("{p}.self_attn.o_proj.weight"), h, h));
+                v.push(t(format!("{p}.self_attn.o_proj.weight"), h, q));
+                if self.family == Family::Qwen3 {
+                    let d = self.head_dim();
+                    v.push(t(format!("{p}.self_attn.q_norm.weight"), 1, d));
+                    v.push(t(format!("{p}.self_attn.k_norm.weight"), 1, d));
+                }
                 v
             }
             WeightGroup::Mlp => {
                 let mut v = vec![t(format!("{p}.post_attention_layernorm.weight"), 1, h)];
                 if self.num_experts > 0 {
-                    v.push(t(format!("{p}.block_sparse_moe.gate.weight"), self.num_experts, h));
+                    // Router, then each expert's gate, down and up projections (Mixtral's
+                    // w1, w2, w3; Qwen's names in that order too).
+                    let (block, [gate, down, up]) = if self.family == Family::Qwen3 {
+                        ("mlp", ["gate_proj", "down_proj", "up_proj"])
+                    } else {
+                        ("block_sparse_moe", ["w1", "w2", "w3"])
+                    };
+                    v.push(t(format!("{p}.{block}.gate.weight"), self.num_experts, h));
                     for e in 0..self.num_experts {
-                        let q = format!("{p}.block_sparse_moe.experts.{e}");
-                        v.push(t(format!("{q}.w1.weight"), ffn, h));
-                        v.push(t(format!("{q}.w2.weight"), h, ffn));
-                        v.push(t(format!("{q}.w3.weight"), ffn, h));
+                        let x = format!("{p}.{block}.experts.{e}");
+                        v.push(t(format!("{x}.{gate}.weight"), ffn, h));
+                        v.push(t(format!("{x}.{down}.weight"), h, ffn));
+                        v.push(t(format!("{x}.{up}.weight"), ffn, h));
                     }
                 } else {
                     v.push(t(format!("{p}.mlp.gate_proj.weight"), ffn, h));
@@ -424,7 +456,7 @@ impl ModelSpec {
     pub fn workspace_bytes_per_token(&self) -> u64 {
         let routing = if self.num_experts > 0 { 3 * self.hidden_size + self.num_experts } else { 0 };
         let mlp = 2 * self.intermediate_size + routing;
-        let qkv = self.hidden_size + 2 * self.kv_dim();
+        let qkv = self.q_dim() + 2 * self.kv_dim();
         4 * mlp.max(qkv) + 4 * self.hidden_size
     }
 
@@ -437,7 +469,7 @@ impl ModelSpec {
 
     /// Parameters of the q, k, v projections (with biases) and of the output projection.
     pub fn attention_split_params(&self) -> (u64, u64) {
-        let out = self.hidden_size * self.hidden_size + if self.family == Family::Opt { self.hidden_size } else { 0 };
+        let out = self.hidden_size * self.q_dim() + if self.family == Family::Opt { self.hidden_size } else { 0 };
         (self.params().attention_per_layer - out, out)
     }
 
@@ -507,7 +539,7 @@ impl ModelSpec {
         // Each query at position p attends to p + 1 keys; summed over the new tokens.
         let first = context - new_tokens + 1;
         let keys_total = (first + context) * new_tokens / 2;
-        4 * self.hidden_size * keys_total
+        4 * self.q_dim() * keys_total
     }
 }
 
@@ -536,6 +568,8 @@ mod tests {
             ("opt-30b", 29.97, 0.01),
             ("opt-175b", 174.6, 0.01),
             ("qwen2.5-14b", 14.77, 0.005),
+            ("qwen3-30b-a3b", 30.5, 0.005),
+            ("qwen3-235b-a22b", 235.0, 0.005),
             ("tinyllama-1.1b", 1.10, 0.005),
         ];
         for (name, billions, tolerance) in cases {
@@ -570,7 +604,16 @@ mod tests {
 
     #[test]
     fn group_tensors_add_up_to_the_parameter_counts() {
-        for name in ["llama-2-7b", "llama-2-70b", "mixtral-8x7b", "qwen2.5-14b", "opt-13b", "test-tiny", "test-moe"] {
+        for name in [
+            "llama-2-7b",
+            "llama-2-70b",
+            "mixtral-8x7b",
+            "qwen2.5-14b",
+            "qwen3-30b-a3b",
+            "opt-13b",
+            "test-tiny",
+            "test-moe",
+        ] {
             let m = model(name);
             let p = m.params();
             let sum = |g| m.group_tensors(g, 0).iter().map(TensorSpec::elements).sum::<u64>();
@@ -613,6 +656,11 @@ mod tests {
         // Mixtral 8x7B: 46.7 B parameters, 12.9 B active per token (Mistral AI's figures).
         let active = m.active_params() as f64 / 1e9;
         assert!((active - 12.9).abs() < 0.05, "{active}");
+        // Qwen3's model cards: 3.3 B and 22 B activated.
+        for (name, billions) in [("qwen3-30b-a3b", 3.3), ("qwen3-235b-a22b", 22.0)] {
+            let active = model(name).active_params() as f64 / 1e9;
+            assert!((active - billions).abs() / billions < 0.02, "{name}: {active}");
+        }
         assert_eq!(model("test-tiny").active_params(), model("test-tiny").params().total);
     }
 
