@@ -71,7 +71,7 @@ impl<'a> Engine<'a> {
                     // compute threads (`kernels::compute_threads` says why).
                     let threads = match spec.resource {
                         Resource::Compute { at } if self.backend.host_addressable(at) => {
-                            match crate::kernels::compute_threads(&name) {
+                            match crate::kernels::lend_compute_threads("ferry-lane") {
                                 Ok(pool) => Some(pool),
                                 Err(e) => {
                                     failure = Some(EngineError::Internal(format!("starting {name}'s threads: {e}")));

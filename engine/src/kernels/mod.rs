@@ -155,6 +155,39 @@ pub fn compute_threads(name: &str) -> Result<rayon::ThreadPool, rayon::ThreadPoo
         .build()
 }
 
+/// Pools of compute threads lent to one compute lane at a time (`lend_compute_threads`).
+static IDLE_POOLS: std::sync::Mutex<Vec<rayon::ThreadPool>> = std::sync::Mutex::new(Vec::new());
+
+/// A pool of compute threads for one compute lane of one run, back to the idle pools
+/// when dropped: runs in one process (`ferry validate`, the profiler's kernel table)
+/// reuse warm threads and their buffers instead of starting new ones each time, and
+/// two runs at once never share a pool.
+pub struct LentPool(Option<rayon::ThreadPool>);
+
+impl std::ops::Deref for LentPool {
+    type Target = rayon::ThreadPool;
+    fn deref(&self) -> &rayon::ThreadPool {
+        self.0.as_ref().expect("a lent pool is present until dropped")
+    }
+}
+
+impl Drop for LentPool {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            IDLE_POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(pool);
+        }
+    }
+}
+
+/// An idle pool of compute threads, or a new one named `name-<i>`.
+pub fn lend_compute_threads(name: &str) -> Result<LentPool, rayon::ThreadPoolBuildError> {
+    let idle = IDLE_POOLS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+    match idle {
+        Some(pool) => Ok(LentPool(Some(pool))),
+        None => compute_threads(name).map(|pool| LentPool(Some(pool))),
+    }
+}
+
 /// Runs `op` (parallel work) in the pool the calling thread belongs to, or in
 /// `compute_pool` from any other thread.
 pub fn in_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
