@@ -423,6 +423,9 @@ fn print_run(
         );
     }
     print_memory_and_disk(resolved, report);
+    if let Some(line) = experts_line(resolved, report) {
+        println!("{line}");
+    }
     println!("\ngenerated token ids:");
     for (i, tokens) in report.tokens.iter().enumerate().take(8) {
         println!("  sequence {i}: {tokens:?}");
@@ -471,4 +474,22 @@ fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunRepo
             "buffered reads, pages dropped after use: this file system refused O_DIRECT"
         }
     );
+}
+
+/// A mixture of experts: how many experts a layer's tokens touched per step, measured
+/// against what uniform routing predicts for the same tokens (the simulator's figure).
+fn experts_line(resolved: &ResolvedPlan, report: &ferry_engine::RunReport) -> Option<String> {
+    let model = &resolved.model;
+    let (prefill, decode) = (report.mean_experts(true)?, report.mean_experts(false));
+    let rows = |new: u64| resolved.plan.policy.micro_batch_size * new;
+    let prompt = resolved.plan.workload.prompt_len;
+    let mut line = format!(
+        "experts: {prefill:.1} of {} per layer and micro-batch in the prefill (uniform routing: {:.1})",
+        model.num_experts,
+        model.expected_experts(rows(prompt))
+    );
+    if let Some(decode) = decode {
+        line.push_str(&format!(", {decode:.1} per decoding step ({:.1})", model.expected_experts(rows(1))));
+    }
+    Some(line)
 }

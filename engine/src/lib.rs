@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_core::{Classify, ErrorKind};
 
-pub use executor::{RunOptions, RunReport};
+pub use executor::{ExpertUse, RunOptions, RunReport};
 
 /// Runs a plan's graph on `files` (see `executor::run`), after refusing weight formats
 /// the engine cannot execute.

@@ -236,7 +236,19 @@ fn a_mixture_of_experts_matches_the_numpy_reference() {
         kv_cache: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
         ..streamed.clone()
     };
-    assert_matches(&run_plan(&files, &streamed, gen_len, dir.path()), &reference, "test-tiny-moe streamed");
+    let report = run_plan(&files, &streamed, gen_len, dir.path());
+    assert_matches(&report, &reference, "test-tiny-moe streamed");
+    // Every MoE layer of every step and micro-batch says which experts it computed
+    // with: a decoding token exactly k, a 6-token prompt between k and min(6k, E).
+    let (k, experts) = (spec.experts_per_token as usize, spec.num_experts as usize);
+    assert_eq!(report.experts.len() as u64, gen_len * spec.num_layers * 2);
+    for used in &report.experts {
+        let most = (k * used.tokens as usize).min(experts);
+        assert!((k..=most).contains(&used.experts.len()), "{used:?}");
+        assert!(used.experts.windows(2).all(|w| w[0] < w[1]) && used.experts.iter().all(|&e| (e as usize) < experts));
+        assert_eq!(used.tokens, if used.step == 0 { 6 } else { 1 }, "{used:?}");
+    }
+    assert_eq!(report.mean_experts(false), Some(k as f64));
     assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, "test-tiny-moe resident");
     // As llama.cpp stores it: each projection's experts one 3-D tensor, the router in f32.
     gguf_files_match("test-tiny-moe", &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);

@@ -11,7 +11,7 @@ use ferry_core::graph::{Place, Task};
 use ferry_core::model::WeightGroup;
 
 use super::speculate::is_draft;
-use super::Engine;
+use super::{lock, Engine, ExpertUse};
 use crate::EngineError;
 
 /// Tensors of an MoE group before the experts: the norm, then the router.
@@ -65,8 +65,14 @@ impl Engine<'_> {
         let logits = self.project(&weights, ROUTER_TENSOR, &normed, rows, experts, side)?;
         let routes = route(&self.backend.download_f32(&logits)?, experts, k);
         drop(logits);
+        let groups = group_by_expert(&routes, experts);
+        if !is_draft(task) {
+            let used = groups.iter().enumerate().filter(|(_, g)| !g.0.is_empty()).map(|(e, _)| e as u16).collect();
+            let (step, layer, micro_batch, tokens) = (task.step, task.layer, task.micro_batch, rows as u32);
+            lock(&self.expert_use).push(ExpertUse { step, layer, micro_batch, tokens, experts: used });
+        }
         let mut out = self.activation(side, rows * h)?;
-        for (expert, (chosen, scales)) in group_by_expert(&routes, experts).into_iter().enumerate() {
+        for (expert, (chosen, scales)) in groups.into_iter().enumerate() {
             if chosen.is_empty() {
                 continue;
             }

@@ -106,6 +106,31 @@ pub struct RunReport {
     /// A run over several machines: what each stage worker reported to the head.
     #[serde(skip)]
     pub stage_processes: Vec<crate::stages::wire::StageReport>,
+    /// A mixture of experts: the experts each MoE layer computed with, per step and
+    /// micro-batch (draft passes not counted).
+    pub experts: Vec<ExpertUse>,
+}
+
+/// The experts one MoE layer's tokens of one micro-batch were routed to in one step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExpertUse {
+    pub step: u32,
+    pub layer: u32,
+    pub micro_batch: u32,
+    /// Tokens routed (rows of the micro-batch in this step).
+    pub tokens: u32,
+    /// The distinct experts they were routed to, ascending.
+    pub experts: Vec<u16>,
+}
+
+impl RunReport {
+    /// Mean distinct experts per (MoE layer, micro-batch) in the prefill (`prefill`)
+    /// or in the decoding steps; `None` for a dense model.
+    pub fn mean_experts(&self, prefill: bool) -> Option<f64> {
+        let used: Vec<usize> =
+            self.experts.iter().filter(|u| (u.step == 0) == prefill).map(|u| u.experts.len()).collect();
+        (!used.is_empty()).then(|| used.iter().sum::<usize>() as f64 / used.len() as f64)
+    }
 }
 
 struct Engine<'a> {
@@ -138,6 +163,8 @@ struct Engine<'a> {
     tokens: Mutex<Vec<Vec<u32>>>,
     logits: Mutex<Vec<Vec<Vec<f32>>>>,
     requested_read_bytes: Mutex<u64>,
+    /// The experts each MoE layer computed with (`RunReport::experts`).
+    expert_use: Mutex<Vec<ExpertUse>>,
     /// Per device: freed streamed-weight buffers kept mapped for its next loads (see
     /// `Recycler`), each within its own device's budget.
     recyclers: HashMap<u16, Arc<Recycler>>,
@@ -220,6 +247,8 @@ pub(crate) fn run_on(
         )));
     }
     let logits = std::mem::take(&mut *lock(&engine.logits));
+    let mut experts = std::mem::take(&mut *lock(&engine.expert_use));
+    experts.sort_by_key(|u| (u.step, u.layer, u.micro_batch));
     let (recycled_bytes, newly_mapped_bytes) =
         engine.recyclers.values().map(|r| r.counters()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d));
     drop(engine);
@@ -239,6 +268,7 @@ pub(crate) fn run_on(
         recycled_bytes,
         newly_mapped_bytes,
         stage_processes: executed.reports,
+        experts,
     })
 }
 
@@ -419,6 +449,7 @@ impl<'a> Engine<'a> {
             tokens: Mutex::new(vec![Vec::new(); workload.batch_size as usize]),
             logits: Mutex::new(Vec::new()),
             requested_read_bytes: Mutex::new(0),
+            expert_use: Mutex::new(Vec::new()),
             recyclers: policy.stage_list().iter().map(|s| (s.device, Arc::new(Recycler::new()))).collect(),
             reserved: Mutex::new(HashMap::new()),
             draft: None,
