@@ -73,6 +73,19 @@ fn streaming(layers: u64, weight_format: WeightFormats, kv_dtype: Dtype) -> Poli
     policy
 }
 
+/// `streamed` with everything on the device, both sequences in one micro-batch.
+fn resident(streamed: &Policy, layers: u64) -> Policy {
+    Policy {
+        schedule: Schedule::Sequential,
+        num_micro_batches: 1,
+        micro_batch_size: 2,
+        attention_weights: TierCounts::all(Tier::Device, layers),
+        mlp_weights: TierCounts::all(Tier::Device, layers),
+        kv_cache: TierCounts::all(Tier::Device, layers),
+        ..streamed.clone()
+    }
+}
+
 fn run_plan(files: &ModelFiles, policy: &Policy, gen_len: u64, scratch: &Path) -> RunReport {
     run_with(files, policy, gen_len, scratch, Activations::F32)
 }
@@ -175,15 +188,7 @@ fn gguf_files_match(model: &str, cases: &[(GgufStorage, Activations)]) {
         let reference = numpy_reference(&file, &dir.path().join("expected.json"), options);
         let files = ModelFiles::open(&file).unwrap();
         let streamed = streaming(spec.num_layers, WeightFormats::stored(), Dtype::F32);
-        let resident = Policy {
-            schedule: Schedule::Sequential,
-            num_micro_batches: 1,
-            micro_batch_size: 2,
-            attention_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
-            mlp_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
-            kv_cache: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
-            ..streamed.clone()
-        };
+        let resident = resident(&streamed, spec.num_layers);
         let what = format!("{model} {storage:?}, {} activations", activations.name());
         let first = run_with(&files, &streamed, gen_len, dir.path(), activations);
         let second = run_with(&files, &resident, gen_len, dir.path(), activations);
@@ -227,15 +232,7 @@ fn a_mixture_of_experts_matches_the_numpy_reference() {
     let files = ModelFiles::open(dir.path()).unwrap();
     let gen_len = reference["gen_len"].as_u64().unwrap();
     let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
-    let resident = Policy {
-        schedule: Schedule::Sequential,
-        num_micro_batches: 1,
-        micro_batch_size: 2,
-        attention_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
-        mlp_weights: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
-        kv_cache: TierCounts { device: spec.num_layers, host: 0, disk: 0 },
-        ..streamed.clone()
-    };
+    let resident = resident(&streamed, spec.num_layers);
     let report = run_plan(&files, &streamed, gen_len, dir.path());
     assert_matches(&report, &reference, "test-tiny-moe streamed");
     // Every MoE layer of every step and micro-batch says which experts it computed
