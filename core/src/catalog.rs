@@ -300,6 +300,7 @@ mod tests {
             "test-moe",
             "qwen3-30b-a3b",
             "qwen3-235b-a22b",
+            "test-tiny-qwen3-moe",
         ] {
             catalog.model(model).unwrap();
         }

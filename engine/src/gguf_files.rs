@@ -7,7 +7,8 @@
 //! llama.cpp's converter stores the query and key rows of `llama`-architecture files
 //! with each head's halves interleaved, for its rotary embedding that turns adjacent
 //! pairs; the engine runs them as stored with `RopeLayout::Pairs`, which gives the
-//! same attention scores (see `synth_gguf`). `qwen2` files are stored unpermuted.
+//! same attention scores (see `synth_gguf`). `qwen2`, `qwen3` and `qwen3moe` files are
+//! stored unpermuted.
 //!
 //! A mixture of experts (Mixtral, written by llama.cpp as a `llama` file with
 //! `expert_count`) stores each layer's experts as one 3-D tensor per projection
@@ -31,7 +32,7 @@ pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
     let spec = ferry_core::model::from_gguf(&header, name)?;
     crate::synth::check_supported(&spec)?;
     let rope_layout = match header.architecture()? {
-        "qwen2" => RopeLayout::Halves,
+        "qwen2" | "qwen3" | "qwen3moe" => RopeLayout::Halves,
         _ => RopeLayout::Pairs,
     };
     let by_name: BTreeMap<&str, &ferry_core::gguf::TensorInfo> =
@@ -140,10 +141,9 @@ mod tests {
 
     /// A `qwen3moe` file as llama.cpp writes one (tiny): its experts' width
     /// (`expert_feed_forward_length`), head width (`attention.key_length`), per-head
-    /// query and key norms and 3-D experts are read into the shape; the engine says it
-    /// does not run Qwen3 yet.
+    /// query and key norms and 3-D experts are read into the shape the engine runs.
     #[test]
-    fn a_qwen3_moe_file_reads_as_its_shape_and_the_engine_refuses_it_clearly() {
+    fn a_qwen3_moe_file_reads_as_its_shape() {
         use crate::gguf_write::{write, GgufTensor, Meta};
         use ferry_core::gguf::GgmlType;
         let dir = tempfile::tempdir().unwrap();
@@ -193,7 +193,10 @@ mod tests {
         assert_eq!((spec.num_experts, spec.experts_per_token), (experts, 2));
         let stored: u64 = tensors.iter().map(GgufTensor::bytes).sum();
         assert_eq!(spec.stored.as_ref().unwrap().total_bytes(), stored, "every tensor in a group");
-        let err = open(&path).unwrap_err().to_string();
-        assert!(err.contains("not supported by the engine"), "{err}");
+        // Read with each expert a slice; the rotation on unpermuted halves.
+        let files = open(&path).unwrap();
+        assert_eq!(files.rope_layout, RopeLayout::Halves);
+        let expert = files.tensor("model.layers.1.mlp.experts.3.down_proj.weight").unwrap();
+        assert_eq!(expert.shape, vec![hidden, expert_ffn]);
     }
 }

@@ -71,13 +71,10 @@ pub fn tensor_list(model: &ModelSpec) -> Vec<(String, Vec<u64>)> {
 
 /// Whether Ferry's engine can run this architecture.
 pub fn check_supported(model: &ModelSpec) -> Result<(), EngineError> {
-    // Qwen3's per-head query and key norms and its own head width are not in the
-    // forward pass yet (its shapes plan and simulate).
-    let unsupported = matches!(model.family, Family::Opt | Family::Qwen3) || model.head_dim.is_some();
-    if unsupported {
+    if model.family == Family::Opt {
         return Err(EngineError::Unsupported(format!(
             "{} ({:?}{}) is not supported by the engine yet: it runs Llama-family decoders (llama, mistral, \
-             qwen2) and Mixtral's mixture of experts",
+             qwen2, qwen3) and mixtures of experts (Mixtral, Qwen3-MoE)",
             model.name,
             model.family,
             if model.num_experts > 0 { ", mixture of experts" } else { "" }
@@ -89,6 +86,8 @@ pub fn check_supported(model: &ModelSpec) -> Result<(), EngineError> {
 /// The `config.json` of a synthetic model.
 pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
     let (model_type, architecture) = match model.family {
+        Family::Qwen3 if model.num_experts > 0 => ("qwen3_moe", "Qwen3MoeForCausalLM"),
+        Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         _ if model.num_experts > 0 => ("mixtral", "MixtralForCausalLM"),
         Family::Mistral => ("mistral", "MistralForCausalLM"),
         Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
@@ -111,9 +110,24 @@ pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
         "torch_dtype": match dtype { Dtype::F32 => "float32", Dtype::Bf16 => "bfloat16", _ => "float16" },
         "ferry_synthetic": {"source": model.name, "note": "random weights written by ferry synth"},
     });
-    if model.num_experts > 0 {
-        config["num_local_experts"] = model.num_experts.into();
-        config["num_experts_per_tok"] = model.experts_per_token.into();
+    if let Some(head_dim) = model.head_dim {
+        config["head_dim"] = head_dim.into();
+    }
+    match (model.num_experts, model.family) {
+        (0, _) => {}
+        (experts, Family::Qwen3) => {
+            // Qwen-MoE's names: every layer sparse, top-k renormalised as Mixtral does.
+            config["num_experts"] = experts.into();
+            config["num_experts_per_tok"] = model.experts_per_token.into();
+            config["moe_intermediate_size"] = model.intermediate_size.into();
+            config["norm_topk_prob"] = true.into();
+            config["decoder_sparse_step"] = 1.into();
+            config["mlp_only_layers"] = serde_json::json!([]);
+        }
+        (experts, _) => {
+            config["num_local_experts"] = experts.into();
+            config["num_experts_per_tok"] = model.experts_per_token.into();
+        }
     }
     config
 }

@@ -75,10 +75,11 @@ pub fn unpermuted_row(row: usize, head_dim: usize) -> usize {
 }
 
 fn architecture(model: &ModelSpec) -> &'static str {
-    if model.family == Family::Qwen2 {
-        "qwen2"
-    } else {
-        "llama"
+    match model.family {
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 if model.num_experts > 0 => "qwen3moe",
+        Family::Qwen3 => "qwen3",
+        _ => "llama",
     }
 }
 
@@ -106,6 +107,13 @@ fn metadata(model: &ModelSpec, storage: GgufStorage) -> Vec<(String, Meta)> {
     if model.num_experts > 0 {
         meta.push((key("expert_count"), Meta::U32(model.num_experts as u32)));
         meta.push((key("expert_used_count"), Meta::U32(model.experts_per_token as u32)));
+        if arch == "qwen3moe" {
+            meta.push((key("expert_feed_forward_length"), Meta::U32(model.intermediate_size as u32)));
+        }
+    }
+    if model.head_dim.is_some() {
+        meta.push((key("attention.key_length"), Meta::U32(model.head_dim() as u32)));
+        meta.push((key("attention.value_length"), Meta::U32(model.head_dim() as u32)));
     }
     if matches!(storage, GgufStorage::Blocks(_)) {
         meta.push(("general.quantization_version".into(), Meta::U32(2)));

@@ -224,8 +224,23 @@ fn numpy_reference(model: &Path, out: &Path, options: &[&str]) -> serde_json::Va
 
 #[test]
 fn a_mixture_of_experts_matches_the_numpy_reference() {
+    mixture_matches("test-tiny-moe");
+}
+
+/// Qwen3-MoE: heads wider than hidden / heads, an RMSNorm over each head of q and k,
+/// experts under Qwen's names (`qwen3moe` in GGUF, stored unpermuted).
+#[test]
+fn a_qwen3_mixture_of_experts_matches_the_numpy_reference() {
+    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen3-moe").unwrap().value;
+    assert!(spec.head_dim() * spec.num_heads != spec.hidden_size);
+    mixture_matches("test-tiny-qwen3-moe");
+}
+
+/// `model`'s safetensors folder, then GGUF files of it, against the numpy reference;
+/// the experts each step computed with are reported.
+fn mixture_matches(model: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
+    let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
     assert!(spec.num_experts > spec.experts_per_token && spec.experts_per_token > 1);
     ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
     let reference = numpy_reference(dir.path(), &dir.path().join("expected.json"), &[]);
@@ -234,7 +249,7 @@ fn a_mixture_of_experts_matches_the_numpy_reference() {
     let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
     let resident = resident(&streamed, spec.num_layers);
     let report = run_plan(&files, &streamed, gen_len, dir.path());
-    assert_matches(&report, &reference, "test-tiny-moe streamed");
+    assert_matches(&report, &reference, &format!("{model} streamed"));
     // Every MoE layer of every step and micro-batch says which experts it computed
     // with: a decoding token exactly k, a 6-token prompt between k and min(6k, E).
     let (k, experts) = (spec.experts_per_token as usize, spec.num_experts as usize);
@@ -246,7 +261,7 @@ fn a_mixture_of_experts_matches_the_numpy_reference() {
         assert_eq!(used.tokens, if used.step == 0 { 6 } else { 1 }, "{used:?}");
     }
     assert_eq!(report.mean_experts(false), Some(k as f64));
-    assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, "test-tiny-moe resident");
+    assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, &format!("{model} resident"));
     // As llama.cpp stores it: each projection's experts one 3-D tensor, the router in f32.
-    gguf_files_match("test-tiny-moe", &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);
+    gguf_files_match(model, &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);
 }

@@ -43,7 +43,8 @@ def load_safetensors(path):
 GGUF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-              "ffn_gate_inp": "block_sparse_moe.gate"}
+              "ffn_gate_inp": "block_sparse_moe.gate", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm"}
 # A layer's experts: one 3-D tensor per projection, expert e its e-th slice.
 GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
 
@@ -70,7 +71,9 @@ def load_gguf(path):
     if f"{arch}.expert_count" in reader.fields:
         cfg["num_local_experts"] = field(f"{arch}.expert_count")
         cfg["num_experts_per_tok"] = field(f"{arch}.expert_used_count")
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if f"{arch}.attention.key_length" in reader.fields:
+        cfg["head_dim"] = field(f"{arch}.attention.key_length")
+    head_dim = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
     w = {}
     QUANTIZED_INPUTS.clear()
@@ -147,11 +150,16 @@ def swiglu(w, prefix, names, xn):
 
 
 def mixture_of_experts(cfg, w, p, xn):
-    """Mixtral's sparse MoE block: softmax over every expert's router logit, the top k
-    kept and renormalised to sum to 1, each token's experts' outputs summed with those
-    weights (Hugging Face's MixtralSparseMoeBlock)."""
-    experts, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
-    logits = matmul(xn, w, f"{p}.block_sparse_moe.gate.weight")
+    """Mixtral's sparse MoE block (Qwen3-MoE's with norm_topk_prob is the same): softmax
+    over every expert's router logit, the top k kept and renormalised to sum to 1, each
+    token's experts' outputs summed with those weights (Hugging Face's
+    MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock). Tensors under either's names."""
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    k = cfg["num_experts_per_tok"]
+    mixtral = f"{p}.block_sparse_moe.gate.weight" in w
+    block = "block_sparse_moe" if mixtral else "mlp"
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    logits = matmul(xn, w, f"{p}.{block}.gate.weight")
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     out = np.zeros_like(xn)
@@ -159,9 +167,9 @@ def mixture_of_experts(cfg, w, p, xn):
         chosen = np.argsort(-probs[t], kind="stable")[:k]
         weights = probs[t, chosen] / probs[t, chosen].sum()
         for e, weight in zip(chosen, weights):
-            names = ("w1", "w3", "w2")
-            out[t] += weight * swiglu(w, f"{p}.block_sparse_moe.experts.{e}", names, xn[t:t + 1])[0]
-    assert experts == sum(1 for name in w if name.startswith(f"{p}.block_sparse_moe.experts.") and name.endswith(".w1.weight"))
+            out[t] += weight * swiglu(w, f"{p}.{block}.experts.{e}", names, xn[t:t + 1])[0]
+    prefix, first = f"{p}.{block}.experts.", f".{names[0]}.weight"
+    assert experts == sum(1 for name in w if name.startswith(prefix) and name.endswith(first))
     return out
 
 
@@ -169,7 +177,7 @@ def forward(cfg, w, tokens, cache, start):
     h = cfg["hidden_size"]
     heads = cfg["num_attention_heads"]
     kv_heads = cfg["num_key_value_heads"]
-    d = h // heads
+    d = cfg.get("head_dim") or h // heads
     eps = cfg["rms_norm_eps"]
     x = w["model.embed_tokens.weight"][tokens]
     positions = np.arange(start, start + len(tokens))
@@ -179,6 +187,10 @@ def forward(cfg, w, tokens, cache, start):
         q = matmul(xn, w, f"{p}.self_attn.q_proj.weight").reshape(len(tokens), heads, d)
         k = matmul(xn, w, f"{p}.self_attn.k_proj.weight").reshape(len(tokens), kv_heads, d)
         v = matmul(xn, w, f"{p}.self_attn.v_proj.weight").reshape(len(tokens), kv_heads, d)
+        if f"{p}.self_attn.q_norm.weight" in w:
+            # Qwen3: an RMSNorm over each head of q and k before the rotation.
+            q = rms_norm(q, w[f"{p}.self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, w[f"{p}.self_attn.k_norm.weight"], eps)
         q = rope(q, positions, cfg["rope_theta"])
         k = rope(k, positions, cfg["rope_theta"])
         keys, values = cache.setdefault(layer, (np.zeros((0, kv_heads, d)), np.zeros((0, kv_heads, d))))
@@ -195,9 +207,9 @@ def forward(cfg, w, tokens, cache, start):
                 probs = np.exp(scores - scores.max())
                 probs /= probs.sum()
                 out[t, head] = probs @ values[:visible, kh]
-        x = x + matmul(out.reshape(len(tokens), h), w, f"{p}.self_attn.o_proj.weight")
+        x = x + matmul(out.reshape(len(tokens), heads * d), w, f"{p}.self_attn.o_proj.weight")
         xn = rms_norm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
-        if f"{p}.block_sparse_moe.gate.weight" in w:
+        if f"{p}.block_sparse_moe.gate.weight" in w or f"{p}.mlp.gate.weight" in w:
             x = x + mixture_of_experts(cfg, w, p, xn)
         else:
             x = x + swiglu(w, f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"), xn)

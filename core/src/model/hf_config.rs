@@ -148,6 +148,14 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
         };
         if experts > 0 {
             check_every_layer_sparse(&config, origin)?;
+            // Mixtral always renormalises its top-k weights; Qwen-MoE does when told to
+            // (its default is not to), and Ferry models only the renormalised kind.
+            if family == Family::Qwen3 && config.flag("norm_topk_prob")? != Some(true) {
+                return Err(CoreError::invalid(format!(
+                    "{origin}: norm_topk_prob is not true: Ferry models mixtures of experts that \
+                     renormalise each token's top-k routing weights"
+                )));
+            }
         }
         let hidden = config.need_size("hidden_size", MAX_WIDTH)?;
         // Qwen-MoE's experts have their own width; its dense `intermediate_size` is unused
@@ -312,6 +320,7 @@ mod tests {
                 "shared experts",
             ),
             ("qwen3_moe", "qwen2_moe", "shared experts"),
+            ("\"norm_topk_prob\": true", "\"norm_topk_prob\": false", "norm_topk_prob"),
         ] {
             let err = from_hf_config(&text.replace(from, to), "q/config.json", "q").unwrap_err().to_string();
             assert!(err.starts_with("q/config.json: ") && err.contains(what), "{what}: {err}");

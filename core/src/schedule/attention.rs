@@ -64,7 +64,7 @@ impl Builder<'_> {
         qkv.deps.extend(inputs.weights_ready);
         let qkv_id = self.push(qkv);
         let rows = self.rows();
-        let qkv_bytes = rows * 4 * (self.model.hidden_size + 2 * self.model.kv_dim());
+        let qkv_bytes = rows * 4 * (self.model.q_dim() + 2 * self.model.kv_dim());
         let host = self.host_of(layer);
         let mut down = Builder::activation_copy(device, host, at, qkv_bytes);
         down.deps.push(qkv_id);
@@ -88,7 +88,8 @@ impl Builder<'_> {
             let write_id = self.push(write);
             self.last_kv_store.insert((layer, j), write_id);
         }
-        let mut up = Builder::activation_copy(host, device, at, rows * self.model.activation_bytes_per_token());
+        // The attention output: heads × head width per row.
+        let mut up = Builder::activation_copy(host, device, at, rows * 4 * self.model.q_dim());
         up.deps.push(core_id);
         let up_id = self.push(up);
         let mut out = self.compute_task(device, Op::AttnOut, at, out_flops, attn_bytes - qkv_share);

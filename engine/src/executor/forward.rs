@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use ferry_core::graph::{Op, Place, Task};
-use ferry_core::model::WeightGroup;
+use ferry_core::model::{Family, WeightGroup};
 
 use super::speculate::{is_draft, Positions};
 use super::weights::Loaded;
@@ -244,26 +244,61 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Norm, q/k/v projections and rotary embedding into the side's q, k and v.
+    /// Norm, q/k/v projections (with Qwen2's biases, or Qwen3's per-head norms) and
+    /// rotary embedding into the side's q, k and v.
     pub(super) fn attn_qkv(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec_of(task);
-        let (h, kv, d) = (spec.hidden_size as usize, spec.kv_dim() as usize, spec.head_dim() as usize);
-        let at = self.positions_of(task)?;
-        let rows = self.policy.micro_batch_size as usize * at.new;
+        let (q_dim, kv) = (spec.q_dim() as usize, spec.kv_dim() as usize);
+        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Attention)?;
         let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
-        // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o.
+        // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o, [q norm, k norm].
         let bias = spec.qkv_bias;
         let (q_t, k_t, v_t) = if bias { (1, 3, 5) } else { (1, 2, 3) };
-        let mut q = self.project(&weights, q_t, &normed, rows, h, side)?;
+        let mut q = self.project(&weights, q_t, &normed, rows, q_dim, side)?;
         let mut k = self.project(&weights, k_t, &normed, rows, kv, side)?;
         let mut v = self.project(&weights, v_t, &normed, rows, kv, side)?;
         drop(normed);
         if bias {
-            self.backend.add_bias(&mut q, Engine::tensor(&weights, 2)?, h, 0)?;
+            self.backend.add_bias(&mut q, Engine::tensor(&weights, 2)?, q_dim, 0)?;
             self.backend.add_bias(&mut k, Engine::tensor(&weights, 4)?, kv, 0)?;
             self.backend.add_bias(&mut v, Engine::tensor(&weights, 6)?, kv, 0)?;
         }
+        if spec.family == Family::Qwen3 {
+            // Qwen3: an RMSNorm over each head of q and of k before the rotation (each
+            // row of the norm's weight is one head wide).
+            q = self.head_norm(&q, Engine::tensor(&weights, 5)?, rows * q_dim, side, spec.rms_norm_eps)?;
+            k = self.head_norm(&k, Engine::tensor(&weights, 6)?, rows * kv, side, spec.rms_norm_eps)?;
+        }
+        self.finish_qkv(task, side, q, k, v)
+    }
+
+    /// Each head of `x` (`elements` values) normalised by `weight` into new memory.
+    fn head_norm(
+        &self,
+        x: &DeviceBuffer,
+        weight: WeightRef,
+        elements: usize,
+        side: Place,
+        eps: f64,
+    ) -> Result<DeviceBuffer, EngineError> {
+        let mut out = self.activation(side, elements)?;
+        self.backend.rms_norm(x, weight, eps as f32, &mut out)?;
+        Ok(out)
+    }
+
+    /// Rotary embedding of q and k, then q, k and v into the side's activations.
+    fn finish_qkv(
+        &self,
+        task: &Task,
+        side: Place,
+        mut q: DeviceBuffer,
+        mut k: DeviceBuffer,
+        v: DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let spec = self.spec_of(task);
+        let d = spec.head_dim() as usize;
+        let at = self.positions_of(task)?;
         let positions = self.positions(at);
         let rotary = |heads: u64| Rotary {
             heads: heads as usize,

@@ -129,7 +129,7 @@ impl<'a> Engine<'a> {
             kv_heads: spec.num_kv_heads as usize,
             head_dim: spec.head_dim() as usize,
         };
-        let mut out = self.activation(side, rows * spec.hidden_size as usize)?;
+        let mut out = self.activation(side, rows * spec.q_dim() as usize)?;
         let layout = self.kv_layout_of(task);
         // Where the cache lives decides where past rows come from and where new rows go.
         let resident_region = match (is_draft(task), self.placements[task.layer as usize].kv, side) {
