@@ -1,4 +1,4 @@
-//! A mixture-of-experts MLP (Mixtral): a router picks each token's `k` experts, each
+//! A mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router picks each token's `k` experts, each
 //! expert (a SwiGLU MLP) multiplies the tokens routed to it once per step, and its
 //! output joins each token's sum with that token's routing weight.
 //!
@@ -11,7 +11,7 @@ use ferry_core::graph::{Place, Task};
 use ferry_core::model::WeightGroup;
 
 use super::speculate::is_draft;
-use super::{lock, Engine, ExpertUse};
+use super::{lock, Engine, RunReport};
 use crate::EngineError;
 
 /// Tensors of an MoE group before the experts: the norm, then the router.
@@ -51,6 +51,28 @@ pub(super) fn group_by_expert(routes: &[Vec<(usize, f32)>], experts: usize) -> V
         }
     }
     groups
+}
+
+/// The experts one MoE layer's tokens of one micro-batch were routed to in one step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExpertUse {
+    pub step: u32,
+    pub layer: u32,
+    pub micro_batch: u32,
+    /// Tokens routed (rows of the micro-batch in this step).
+    pub tokens: u32,
+    /// The distinct experts they were routed to, ascending.
+    pub experts: Vec<u16>,
+}
+
+impl RunReport {
+    /// Mean distinct experts per (MoE layer, micro-batch) in the prefill (`prefill`)
+    /// or in the decoding steps; `None` for a dense model.
+    pub fn mean_experts(&self, prefill: bool) -> Option<f64> {
+        let used: Vec<usize> =
+            self.experts.iter().filter(|u| (u.step == 0) == prefill).map(|u| u.experts.len()).collect();
+        (!used.is_empty()).then(|| used.iter().sum::<usize>() as f64 / used.len() as f64)
+    }
 }
 
 impl Engine<'_> {

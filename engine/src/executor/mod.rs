@@ -22,6 +22,8 @@
 //! each micro-batch's activations, kept per place).
 
 mod experts;
+
+pub use experts::ExpertUse;
 mod forward;
 mod kv;
 mod remote;
@@ -109,28 +111,6 @@ pub struct RunReport {
     /// A mixture of experts: the experts each MoE layer computed with, per step and
     /// micro-batch (draft passes not counted).
     pub experts: Vec<ExpertUse>,
-}
-
-/// The experts one MoE layer's tokens of one micro-batch were routed to in one step.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ExpertUse {
-    pub step: u32,
-    pub layer: u32,
-    pub micro_batch: u32,
-    /// Tokens routed (rows of the micro-batch in this step).
-    pub tokens: u32,
-    /// The distinct experts they were routed to, ascending.
-    pub experts: Vec<u16>,
-}
-
-impl RunReport {
-    /// Mean distinct experts per (MoE layer, micro-batch) in the prefill (`prefill`)
-    /// or in the decoding steps; `None` for a dense model.
-    pub fn mean_experts(&self, prefill: bool) -> Option<f64> {
-        let used: Vec<usize> =
-            self.experts.iter().filter(|u| (u.step == 0) == prefill).map(|u| u.experts.len()).collect();
-        (!used.is_empty()).then(|| used.iter().sum::<usize>() as f64 / used.len() as f64)
-    }
 }
 
 struct Engine<'a> {
