@@ -91,15 +91,18 @@ fn every_plan_over_a_q4_0_file_with_8_bit_activations_computes_the_same_tokens_a
     every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
 }
 
-/// The same over a mixture of experts (test-tiny-moe: 8 experts, 2 per token), where
-/// micro-batching changes which tokens an expert multiplies together.
+/// The same over mixtures of experts (8 experts, 2 per token; Mixtral's shape, and
+/// Qwen3-MoE's with its wider heads and per-head q/k norms), where micro-batching
+/// changes which tokens an expert multiplies together.
 #[test]
 fn every_plan_over_a_mixture_of_experts_computes_the_same_tokens_and_logits() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
-    let model_dir = dir.path().join("model");
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
-    every_plan_agrees(dir.path(), &ModelFiles::open(&model_dir).unwrap(), base_policy);
+    for model in ["test-tiny-moe", "test-tiny-qwen3-moe"] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
+        let model_dir = dir.path().join("model");
+        ferry_engine::synth::synthesize(&spec, Dtype::F32, 7, &model_dir, false, |_, _| {}).unwrap();
+        every_plan_agrees(dir.path(), &ModelFiles::open(&model_dir).unwrap(), base_policy);
+    }
 }
 
 /// Runs every schedule, placement and micro-batching (`base` gives the plan every case
