@@ -126,6 +126,16 @@ pub struct PlanResult {
     pub disk_factor: f64,
     pub predicted_busy_s: Vec<(Resource, f64)>,
     pub measured_busy_s: Vec<(Resource, f64)>,
+    /// A mixture of experts: distinct experts per layer and micro-batch in a decoding
+    /// step, as the simulator prices them (uniform routing) and as the run routed them.
+    pub experts_per_step: Option<ExpertsPerStep>,
+}
+
+/// Predicted and measured experts per layer and micro-batch in a decoding step.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ExpertsPerStep {
+    pub predicted: f64,
+    pub measured: f64,
 }
 
 /// The result of a validation.

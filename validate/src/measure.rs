@@ -18,7 +18,7 @@ use ferry_engine::{backend::CpuBackend, run, RunOptions};
 use ferry_sim::cost::CostModel;
 
 use crate::sweep::describe;
-use crate::{PlanResult, ValidateError};
+use crate::{ExpertsPerStep, PlanResult, ValidateError};
 
 /// One plan, run and predicted: the comparison, with the graph and both traces.
 pub struct Measured {
@@ -120,6 +120,9 @@ pub fn predict_and_run(
     drop_page_cache();
     let report = run(&graph, &plan.policy, &plan.workload, files, &CpuBackend::default(), &options)
         .map_err(|source| ValidateError::Run { plan: describe(plan), source })?;
+    let experts_per_step = report
+        .mean_experts(false)
+        .map(|measured| ExpertsPerStep { predicted: spec.expected_experts(plan.policy.micro_batch_size), measured });
     let measured = report.metrics;
     let mut disk_factor = 1.0;
     if let (Some((file, chunk, depth)), Some(before)) = (recheck, before) {
@@ -146,6 +149,7 @@ pub fn predict_and_run(
         disk_factor,
         predicted_busy_s: busy(&predicted),
         measured_busy_s: busy(&measured),
+        experts_per_step,
     };
     Ok(Measured { result, graph, predicted: predicted_trace, measured: report.trace })
 }

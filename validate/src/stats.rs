@@ -98,6 +98,7 @@ mod tests {
             measured_tokens_per_s: measured,
             signed_error_pct: (predicted / measured - 1.0) * 100.0,
             disk_factor: 1.0,
+            experts_per_step: None,
             predicted_busy_s: Vec::new(),
             measured_busy_s: Vec::new(),
         }
