@@ -136,21 +136,10 @@ fn print_human(outcome: &Outcome) {
         s.spearman,
         outcome.plans.len()
     );
-    let experts: Vec<f64> = outcome
-        .plans
-        .iter()
-        .filter_map(|r| r.experts_per_step)
-        .map(|e| (e.measured / e.predicted - 1.0).abs() * 100.0)
-        .collect();
-    if let Some(worst) = experts.iter().copied().reduce(f64::max) {
-        let mut sorted = experts.clone();
-        sorted.sort_by(f64::total_cmp);
+    if let Some((median, worst, plans)) = ferry_validate::stats::experts_error(&outcome.plans) {
         println!(
             "experts per decoding step (per layer and micro-batch), measured against uniform routing's \
-             prediction: median |difference| {:.1} %, max {:.1} % over {} plans",
-            sorted[sorted.len() / 2],
-            worst,
-            sorted.len()
+             prediction: median |difference| {median:.1} %, max {worst:.1} % over {plans} plans"
         );
     }
     if let Some(t) = &outcome.tolerances {

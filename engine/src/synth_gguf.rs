@@ -171,16 +171,18 @@ struct FileTensor {
 /// The file's tensors in order.
 fn file_tensors(model: &ModelSpec) -> Result<Vec<FileTensor>, EngineError> {
     let mut out: Vec<FileTensor> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (hf, shape) in tensor_list(model) {
         let name = gguf_name(&hf).ok_or_else(|| EngineError::Internal(format!("no GGUF name for {hf}")))?;
-        match out.iter_mut().find(|t| t.name == name) {
+        match index.get(&name) {
             // Another expert of a projection already listed: one more slice.
-            Some(stacked) => {
-                stacked.parts.push(hf);
-                stacked.shape[0] += 1;
+            Some(&at) => {
+                out[at].parts.push(hf);
+                out[at].shape[0] += 1;
             }
             None => {
                 let shape = if name.contains("_exps.") { [&[1], &shape[..]].concat() } else { shape };
+                index.insert(name.clone(), out.len());
                 out.push(FileTensor { name, parts: vec![hf], shape });
             }
         }

@@ -67,6 +67,18 @@ impl ErrorStats {
     }
 }
 
+/// A mixture of experts: |measured ÷ predicted − 1| of the experts per decoding step,
+/// percent — (median, maximum, plans) over the plans that report them.
+pub fn experts_error(rows: &[PlanResult]) -> Option<(f64, f64, usize)> {
+    let errors: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r.experts_per_step)
+        .map(|e| (e.measured / e.predicted - 1.0).abs() * 100.0)
+        .collect();
+    let max = errors.iter().copied().reduce(f64::max)?;
+    Some((Data::new(errors.clone()).median(), max, errors.len()))
+}
+
 /// Pearson correlation of the ranks (average ranks for ties).
 pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     if a.len() < 2 {

@@ -66,7 +66,7 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         Some(width) if experts > 0 => width,
         _ => need("feed_forward_length", MAX_WIDTH)?,
     };
-    let head_dim = size("attention.key_length", MAX_WIDTH)?.filter(|&d| d * heads != hidden || hidden % heads != 0);
+    let head_dim = ModelSpec::own_head_dim(size("attention.key_length", MAX_WIDTH)?, hidden, heads);
     let spec = ModelSpec {
         name: name.to_string(),
         family,

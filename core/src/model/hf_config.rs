@@ -164,7 +164,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             Some(width) if experts > 0 => width,
             _ => config.need_size("intermediate_size", MAX_WIDTH)?,
         };
-        let head_dim = config.size("head_dim", MAX_WIDTH)?.filter(|&d| d * heads != hidden || hidden % heads != 0);
+        let head_dim = ModelSpec::own_head_dim(config.size("head_dim", MAX_WIDTH)?, hidden, heads);
         let experts_per_token = match config.value("num_experts_per_tok").and_then(|v| v.as_u64()) {
             Some(0) => 0,
             _ => config.size("num_experts_per_tok", MAX_EXPERTS)?.unwrap_or(0),

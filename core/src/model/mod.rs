@@ -207,6 +207,12 @@ impl ModelSpec {
         self.head_dim.unwrap_or(self.hidden_size / self.num_heads)
     }
 
+    /// A head width a config or file gives, kept only where it is not the implied
+    /// hidden / heads (so a model without one of its own stays `None`).
+    pub(super) fn own_head_dim(given: Option<u64>, hidden: u64, heads: u64) -> Option<u64> {
+        given.filter(|&d| d * heads != hidden || !hidden.is_multiple_of(heads))
+    }
+
     /// Width of the queries (and of the attention output): heads × head width, the
     /// hidden size unless the model sets its own head width.
     pub fn q_dim(&self) -> u64 {

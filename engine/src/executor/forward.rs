@@ -267,22 +267,21 @@ impl<'a> Engine<'a> {
         if spec.family == Family::Qwen3 {
             // Qwen3: an RMSNorm over each head of q and of k before the rotation (each
             // row of the norm's weight is one head wide).
-            q = self.head_norm(&q, Engine::tensor(&weights, 5)?, rows * q_dim, side, spec.rms_norm_eps)?;
-            k = self.head_norm(&k, Engine::tensor(&weights, 6)?, rows * kv, side, spec.rms_norm_eps)?;
+            q = self.head_norm(&q, Engine::tensor(&weights, 5)?, side, spec.rms_norm_eps)?;
+            k = self.head_norm(&k, Engine::tensor(&weights, 6)?, side, spec.rms_norm_eps)?;
         }
         self.finish_qkv(task, side, q, k, v)
     }
 
-    /// Each head of `x` (`elements` values) normalised by `weight` into new memory.
+    /// Each head of `x` normalised by `weight` (one head wide) into new memory.
     fn head_norm(
         &self,
         x: &DeviceBuffer,
         weight: WeightRef,
-        elements: usize,
         side: Place,
         eps: f64,
     ) -> Result<DeviceBuffer, EngineError> {
-        let mut out = self.activation(side, elements)?;
+        let mut out = self.backend.scratch(side, x.len_bytes())?;
         self.backend.rms_norm(x, weight, eps as f32, &mut out)?;
         Ok(out)
     }

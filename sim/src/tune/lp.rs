@@ -40,7 +40,7 @@ pub(super) struct LayerFigures {
     pub(super) device_split_ms: [f64; 2],
     pub(super) host_core_ms: [f64; 2],
     pub(super) host_layer_ms: [f64; 2],
-    /// The MLP's part of `device_fused_ms` and of `host_layer_ms`.
+    /// The MLP's part of `device_fused_ms` and of `host_layer_ms` (`split_ms`).
     pub(super) device_mlp_ms: [f64; 2],
     pub(super) host_mlp_ms: [f64; 2],
     pub(super) device_static_gb: f64,
@@ -50,6 +50,26 @@ pub(super) struct LayerFigures {
     /// The offload disk's space, when known.
     pub(super) disk_capacity_gb: Option<f64>,
     pub(super) decode_steps: f64,
+}
+
+/// One phase's per-layer compute under llama.cpp's split, where each weight group is
+/// computed where it lives, ms.
+struct SplitTimes {
+    device_attention: f64,
+    device_mlp: f64,
+    host_attention: f64,
+    host_mlp: f64,
+}
+
+impl LayerFigures {
+    fn split_ms(&self, phase: usize) -> SplitTimes {
+        SplitTimes {
+            device_attention: self.device_fused_ms[phase] - self.device_mlp_ms[phase],
+            device_mlp: self.device_mlp_ms[phase],
+            host_attention: self.host_layer_ms[phase] - self.host_mlp_ms[phase],
+            host_mlp: self.host_mlp_ms[phase],
+        }
+    }
 }
 
 /// Per layer, all micro-batches: [prefill, decode] ms (see `LayerFigures`).
@@ -352,10 +372,9 @@ impl Searcher<'_> {
             let (streamed, from_disk, device, host) = if group.host_compute {
                 // As `phase_load` prices llama.cpp's split.
                 let mlp_streamed = visits * l * f.mlp_gb * m[2];
-                let device_attention = f.device_fused_ms[phase] - f.device_mlp_ms[phase];
-                let host_attention = f.host_layer_ms[phase] - f.host_mlp_ms[phase];
-                let device = l * (device_attention * a[0] + f.device_mlp_ms[phase] * (m[0] + m[2]));
-                let host = l * (host_attention * a[1] + f.host_mlp_ms[phase] * m[1]);
+                let t = f.split_ms(phase);
+                let device = l * (t.device_attention * a[0] + t.device_mlp * (m[0] + m[2]));
+                let host = l * (t.host_attention * a[1] + t.host_mlp * m[1]);
                 (mlp_streamed, mlp_streamed, device, host)
             } else {
                 let streamed = visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2]))
@@ -407,13 +426,12 @@ fn phase_load(group: &Group, f: &LayerFigures, v: &LpVariables, phase: usize) ->
     if group.host_compute {
         // Attention is on the device or the host (`whole_layer_constraints`); disk-tier
         // MLPs stream to the device and are computed there.
-        let device_attention = f.device_fused_ms[phase] - f.device_mlp_ms[phase];
-        let host_attention = f.host_layer_ms[phase] - f.host_mlp_ms[phase];
+        let t = f.split_ms(phase);
         return PhaseLoad {
             streamed: visits * l * f.mlp_gb * m[2],
             from_disk: visits * l * f.mlp_gb * m[2],
-            device_ms: l * (device_attention * a[0] + f.device_mlp_ms[phase] * (m[0] + m[2])),
-            host_ms: l * (host_attention * a[1] + f.host_mlp_ms[phase] * m[1]),
+            device_ms: l * (t.device_attention * a[0] + t.device_mlp * (m[0] + m[2])),
+            host_ms: l * (t.host_attention * a[1] + t.host_mlp * m[1]),
         };
     }
     let ha = if group.host_attention { 1.0 } else { 0.0 };
