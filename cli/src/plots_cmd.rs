@@ -85,7 +85,7 @@ pub fn tune_plots(
             (TaskKind::Compute, Payload::Compute { draft: true, .. }) => 6,
             (TaskKind::Compute, Payload::Compute { op, .. }) => match op {
                 Op::Attention | Op::AttnQkv | Op::AttnCore | Op::AttnOut => 3,
-                Op::Mlp => 4,
+                Op::Mlp | Op::Route => 4,
                 Op::Embed | Op::Head => 5,
             },
             _ => 5,

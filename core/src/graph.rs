@@ -52,6 +52,9 @@ pub enum Op {
     AttnCore,
     AttnOut,
     Mlp,
+    /// A mixture of experts' router: the MLP's norm and each token's top-k experts,
+    /// computed before the routed experts are read (`ExpertReads::Routed`).
+    Route,
     /// Final norm, language-model head and greedy sampling.
     Head,
 }
@@ -65,6 +68,7 @@ impl Op {
             Op::AttnCore => "attn-core",
             Op::AttnOut => "attn-out",
             Op::Mlp => "mlp",
+            Op::Route => "route",
             Op::Head => "head",
         }
     }
@@ -99,6 +103,15 @@ pub const NO_LAYER: u32 = u32::MAX;
 
 /// Marks a weight transfer that moves its whole group (not one pipelined piece).
 pub const WHOLE_GROUP: u32 = u32::MAX;
+
+/// Marks the load of a mixture of experts' router part (the MLP's norm and router,
+/// `ModelSpec::ROUTER_TENSORS`), read ahead like a whole group.
+pub const ROUTER_PART: u32 = u32::MAX - 1;
+
+/// Marks the load of the experts a visit's tokens were routed to, read once every
+/// micro-batch of the visit is routed: its `bytes` are the expected experts', its
+/// acquisitions the most it may read.
+pub const ROUTED_EXPERTS: u32 = u32::MAX - 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -162,6 +175,8 @@ impl Task {
     pub fn label(&self) -> String {
         let layer = if self.layer == NO_LAYER { String::new() } else { format!(" L{}", self.layer) };
         let what = match self.payload {
+            Payload::Weights { .. } if self.piece == ROUTER_PART => "router".to_string(),
+            Payload::Weights { .. } if self.piece == ROUTED_EXPERTS => "routed experts".to_string(),
             Payload::Weights { group } => format!("{group:?} weights").to_lowercase(),
             Payload::KvCache => "kv".to_string(),
             Payload::Activations => "activations".to_string(),

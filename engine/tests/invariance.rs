@@ -10,7 +10,7 @@ use std::path::Path;
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::model::{Dtype, WeightFormats};
-use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::plan::{ExpertReads, Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::topology::{DeviceSlot, Place, Resource};
@@ -131,6 +131,12 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
             p.prefetch_depth = 2;
             p.chunk_bytes = 16 * KIB;
             cases.push((format!("cpu {schedule:?} {mb}x{n} disk"), p.clone(), &cpu));
+            if files.spec.num_experts > 0 {
+                // Every expert of a layer read ahead, beside the routed reads of the rest.
+                let mut w = p.clone();
+                w.expert_reads = ExpertReads::Whole;
+                cases.push((format!("cpu {schedule:?} {mb}x{n} disk, whole experts"), w, &cpu));
+            }
             // A discrete device: host-resident weights and KV, host attention, pinned copies.
             let mut q = p.clone();
             q.attention_weights = TierCounts { device: 1, host: 2, disk: layers - 3 };

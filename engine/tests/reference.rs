@@ -59,6 +59,7 @@ fn streaming(layers: u64, weight_format: WeightFormats, kv_dtype: Dtype) -> Poli
         kv_cache: TierCounts { device: 1, host: 0, disk: layers - 1 },
         host_attention: false,
         compute_host_layers_on_host: false,
+        expert_reads: Default::default(),
         weight_dtype: Dtype::F32,
         weight_format: WeightFormats::uniform(WeightFormat::F32),
         kv_dtype,

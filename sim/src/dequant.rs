@@ -93,7 +93,8 @@ impl Dequantization {
                 lookup = self.layout.embedding_lookup(rows);
                 (&lookup, 1.0)
             }
-            Op::AttnCore => return None,
+            // The router is a few rows per expert: nothing to speak of to decode.
+            Op::AttnCore | Op::Route => return None,
         };
         if !size.is_quantized() {
             return None;

@@ -153,6 +153,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     kv_cache: if unified { counts(kd, 0, layers) } else { counts(kd, kh, layers) },
                     host_attention: host_attn && !unified,
                     compute_host_layers_on_host: false,
+                    expert_reads: Default::default(),
                     weight_format: WeightFormats::uniform(WeightFormat::F32),
                     weight_dtype: Dtype::F32,
                     kv_dtype: Dtype::F32,

@@ -247,6 +247,7 @@ mod fixtures {
                 kv_cache: TierCounts { device: 0, host: layers, disk: 0 },
                 host_attention: true,
                 compute_host_layers_on_host: false,
+                expert_reads: Default::default(),
                 weight_format: crate::model::WeightFormats::uniform(crate::model::WeightFormat::F16),
                 weight_dtype: crate::model::Dtype::F16,
                 kv_dtype: crate::model::Dtype::F16,

@@ -39,6 +39,31 @@ impl GroupSize {
     }
 }
 
+/// One layer's mixture-of-experts MLP in a plan's formats, split the way routed reads
+/// move it (`ExpertReads::Routed`): the router part first, then the chosen experts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertBytes {
+    /// The norm and the router (`ModelSpec::ROUTER_TENSORS`).
+    pub router: u64,
+    /// Each expert's three projections, in expert order.
+    pub experts: Vec<u64>,
+}
+
+impl ExpertBytes {
+    /// The most `count` experts can take: the largest ones (what a buffer must hold).
+    pub fn most(&self, count: u64) -> u64 {
+        let mut sizes = self.experts.clone();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        sizes.iter().take(count as usize).sum()
+    }
+
+    /// What `experts` experts take on average (a fractional count: an expectation).
+    pub fn expected(&self, experts: f64) -> u64 {
+        let mean = self.experts.iter().sum::<u64>() as f64 / self.experts.len().max(1) as f64;
+        (mean * experts).round() as u64
+    }
+}
+
 /// The bytes of a model's weight groups in one plan's formats.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightLayout {
@@ -120,6 +145,22 @@ impl WeightLayout {
 
     pub fn bytes(&self, group: WeightGroup, layer: u64) -> u64 {
         self.group(group, layer).bytes
+    }
+
+    /// A mixture of experts' MLP of `layer` as router part and experts; `None` for a
+    /// dense model.
+    pub fn expert_bytes(&self, model: &ModelSpec, layer: u64) -> Option<ExpertBytes> {
+        if model.num_experts == 0 {
+            return None;
+        }
+        let formats = &self.group(WeightGroup::Mlp, layer).tensors;
+        let tensors = model.group_tensors(WeightGroup::Mlp, layer);
+        let bytes: Vec<u64> = tensors.iter().zip(formats).map(|(t, f)| f.bytes(t.rows, t.cols)).collect();
+        let sum = |range: std::ops::Range<usize>| bytes.get(range).map_or(0, |b| b.iter().sum());
+        Some(ExpertBytes {
+            router: sum(ModelSpec::ROUTER_TENSORS),
+            experts: (0..model.num_experts as usize).map(|e| sum(ModelSpec::expert_tensors(e))).collect(),
+        })
     }
 
     /// Whether every layer's groups have the same bytes.

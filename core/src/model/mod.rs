@@ -13,7 +13,7 @@ mod layout;
 pub use format::{WeightFormat, WeightFormats, DEFAULT_GROUP_SIZE, MAX_GROUP_SIZE, PLANNABLE_BLOCKS};
 pub use gguf_metadata::{float_dtype, from_gguf, gguf_name, group_of, GroupBytes};
 pub use hf_config::from_hf_config;
-pub use layout::{GroupSize, SharedLayout, WeightLayout};
+pub use layout::{ExpertBytes, GroupSize, SharedLayout, WeightLayout};
 
 /// Query rows per block when the engine computes attention scores (see
 /// `ModelSpec::attention_scratch_bytes`).
@@ -502,6 +502,24 @@ impl ModelSpec {
         let (e, k) = (self.num_experts as f64, self.experts_per_token as f64);
         let missed = (1.0 - k / e).powi(tokens.min(i32::MAX as u64) as i32);
         e * (1.0 - missed)
+    }
+
+    /// A mixture of experts' MLP tensors (`group_tensors` order) before the experts: the
+    /// norm, then the router — what must be read before a token's experts are known.
+    pub const ROUTER_TENSORS: std::ops::Range<usize> = 0..2;
+
+    /// Tensors of each expert: gate, down and up projections.
+    pub const TENSORS_PER_EXPERT: usize = 3;
+
+    /// The MLP tensors (`group_tensors` order) of expert `expert`.
+    pub fn expert_tensors(expert: usize) -> std::ops::Range<usize> {
+        let first = ModelSpec::ROUTER_TENSORS.end + ModelSpec::TENSORS_PER_EXPERT * expert;
+        first..first + ModelSpec::TENSORS_PER_EXPERT
+    }
+
+    /// The most distinct experts `tokens` tokens can be routed to in one layer.
+    pub fn most_experts(&self, tokens: u64) -> u64 {
+        (tokens * self.experts_per_token).min(self.num_experts)
     }
 
     /// Parameters of one expert (gate, up and down projections; 0 for a dense model).

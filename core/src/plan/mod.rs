@@ -14,7 +14,7 @@ mod policy;
 pub mod speculation;
 
 pub use placement::{LayerPlacement, Stage, Tier, TierCounts};
-pub use policy::Policy;
+pub use policy::{ExpertReads, Policy};
 pub use speculation::{Draft, Speculation};
 
 use serde::{Deserialize, Serialize};

@@ -18,6 +18,32 @@ pub const MAX_COPY_STREAMS: u32 = 64;
 /// The most disk requests a plan may keep in flight (NVMe queues saturate far below).
 pub const MAX_IO_QUEUE_DEPTH: u32 = 256;
 
+/// How a mixture of experts' streamed MLP is read (dense models ignore it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExpertReads {
+    /// The router part ahead of time like any group; the experts once every
+    /// micro-batch of the visit is routed, only those chosen: k/E of the bytes for one
+    /// token, but a read that cannot start before the layer's attention ends.
+    #[default]
+    Routed,
+    /// Every expert of the layer ahead of time, as a dense MLP is read.
+    Whole,
+}
+
+impl ExpertReads {
+    pub fn is_routed(&self) -> bool {
+        *self == ExpertReads::Routed
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ExpertReads::Routed => "routed",
+            ExpertReads::Whole => "whole",
+        }
+    }
+}
+
 /// The knobs a tuner turns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "PolicyFile")]
@@ -40,6 +66,10 @@ pub struct Policy {
     /// Their KV cache must be on the host too.
     #[serde(default)]
     pub compute_host_layers_on_host: bool,
+    /// A mixture of experts whose MLP streams: read only the experts a visit's tokens
+    /// were routed to, once routed (the default), or whole layers ahead of time.
+    #[serde(default, skip_serializing_if = "ExpertReads::is_routed")]
+    pub expert_reads: ExpertReads,
     /// How each weight group is stored (`f16`, `q4_k`, `{default: q4_k, head: q6_k}`,
     /// `stored`); what memory, transfers and compute are priced at.
     pub weight_format: WeightFormats,
@@ -87,6 +117,8 @@ struct PolicyFile {
     host_attention: bool,
     #[serde(default)]
     compute_host_layers_on_host: bool,
+    #[serde(default)]
+    expert_reads: ExpertReads,
     /// The old name of a float `weight_format` (plans before weight formats).
     #[serde(default)]
     weight_dtype: Option<Dtype>,
@@ -145,6 +177,7 @@ impl TryFrom<PolicyFile> for Policy {
             head: f.head,
             host_attention: f.host_attention,
             compute_host_layers_on_host: f.compute_host_layers_on_host,
+            expert_reads: f.expert_reads,
             weight_dtype: engine_dtype(&weight_format),
             weight_format,
             kv_dtype: f.kv_dtype,
@@ -431,6 +464,7 @@ impl Policy {
             kv_cache: TierCounts::all(Tier::Device, layers),
             host_attention: false,
             compute_host_layers_on_host: false,
+            expert_reads: ExpertReads::Routed,
             weight_dtype: engine_dtype(&weight_format),
             weight_format,
             kv_dtype: dtype,

@@ -16,6 +16,24 @@ pub(super) struct Loaded {
     pub(super) device_bytes: u64,
 }
 
+/// The visit being lowered: one layer for micro-batches `first_j..=last_j`.
+#[derive(Clone, Copy)]
+pub(super) struct Visit {
+    pub(super) step: u32,
+    pub(super) layer: u32,
+    pub(super) first_j: u32,
+    pub(super) last_j: u32,
+}
+
+/// One transfer of a group's load: which part (`Task::piece`), the bytes it moves and
+/// the bytes it holds (more than it moves where routing decides the bytes at run time).
+#[derive(Clone, Copy)]
+pub(super) struct LoadPart {
+    pub(super) piece: u32,
+    pub(super) bytes: u64,
+    pub(super) held_bytes: u64,
+}
+
 pub(super) struct Builder<'a> {
     pub(super) policy: &'a Policy,
     pub(super) model: &'a ModelSpec,
@@ -340,38 +358,55 @@ impl<'a> Builder<'a> {
         first_j: u32,
         gate: &[TaskId],
     ) -> Loaded {
-        let placement = self.placements[layer as usize];
-        let tier = placement.tier(group);
-        let device = self.device_of(layer);
-        if tier == Tier::Device || self.on_host(group, layer) {
+        if !self.streams(group, layer) {
             return Loaded::default();
         }
         let size = self.layout.group(group, layer as u64);
-        let bytes = size.bytes;
         let chunk = self.policy.chunk_bytes;
         // Only the pipelined schedule makes each piece its own task; others move the whole group.
-        let pieces: Vec<(u32, u64)> = if self.policy.schedule == Schedule::Pipelined {
+        let pieces: Vec<LoadPart> = if self.policy.schedule == Schedule::Pipelined {
             format_pieces(self.model, group, layer as u64, size, chunk)
                 .iter()
                 .enumerate()
-                .map(|(i, p)| (i as u32, p.bytes))
+                .map(|(i, p)| LoadPart { piece: i as u32, bytes: p.bytes, held_bytes: p.bytes })
                 .collect()
         } else {
-            vec![(WHOLE_GROUP, bytes)]
+            vec![LoadPart { piece: WHOLE_GROUP, bytes: size.bytes, held_bytes: size.bytes }]
         };
+        self.load_parts(group, (layer, step, first_j), gate, &pieces)
+    }
+
+    /// Whether `group` of `layer` is brought to its device for each visit (not kept
+    /// there, nor computed where it lives on the host).
+    pub(super) fn streams(&self, group: WeightGroup, layer: u32) -> bool {
+        self.placements[layer as usize].tier(group) != Tier::Device && !self.on_host(group, layer)
+    }
+
+    /// Emits the reads and copies of `parts` of one group for a visit at
+    /// (`layer`, `step`, first micro-batch `first_j`), each after `gate`.
+    pub(super) fn load_parts(
+        &mut self,
+        group: WeightGroup,
+        (layer, step, first_j): (u32, u32, u32),
+        gate: &[TaskId],
+        parts: &[LoadPart],
+    ) -> Loaded {
+        let tier = self.placements[layer as usize].tier(group);
+        let device = self.device_of(layer);
+        let chunk = self.policy.chunk_bytes;
         let slot = group.layer_slot().unwrap_or(0);
         let payload = Payload::Weights { group };
-        let mut loaded = Loaded { ready: Vec::new(), device_bytes: bytes };
-        for (piece_index, piece) in pieces {
+        let mut loaded = Loaded { ready: Vec::new(), device_bytes: parts.iter().map(|p| p.held_bytes).sum() };
+        for &LoadPart { piece, bytes, held_bytes } in parts {
             let mut deps = gate.to_vec();
             if tier == Tier::Disk {
                 let mut read =
                     Builder::new_task(TaskKind::DiskRead, self.disk_of(layer), payload, layer, first_j, step);
-                read.piece = piece_index;
-                read.bytes = piece;
-                read.chunk_bytes = Task::request_bytes(chunk.min(piece));
+                read.piece = piece;
+                read.bytes = bytes;
+                read.chunk_bytes = Task::request_bytes(chunk.min(bytes));
                 read.deps = deps;
-                read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: piece });
+                read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: held_bytes });
                 let id = self.push(read);
                 if self.unified(layer) {
                     loaded.ready.push(id);
@@ -382,14 +417,14 @@ impl<'a> Builder<'a> {
             let host = self.host_of(layer);
             let mut copy =
                 Builder::new_task(TaskKind::Copy, Resource::link(host, device), payload, layer, first_j, step);
-            copy.piece = piece_index;
-            copy.bytes = piece;
-            copy.chunk_bytes = Task::request_bytes(chunk.min(piece));
+            copy.piece = piece;
+            copy.bytes = bytes;
+            copy.chunk_bytes = Task::request_bytes(chunk.min(bytes));
             copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
             copy.deps = deps;
-            copy.acquire.push(MemOp { pool: device, bytes: piece });
+            copy.acquire.push(MemOp { pool: device, bytes: held_bytes });
             if tier == Tier::Disk {
-                copy.release.push(MemOp { pool: host, bytes: piece });
+                copy.release.push(MemOp { pool: host, bytes: held_bytes });
             }
             let id = self.push(copy);
             loaded.ready.push(id);
@@ -397,61 +432,95 @@ impl<'a> Builder<'a> {
         loaded
     }
 
-    /// One layer for the micro-batches `js`: loads, then attention and MLP of each.
+    /// One layer for the micro-batches `js`: loads, then attention and MLP of each. A
+    /// mixture of experts read as routed (`routes_experts`) routes every micro-batch
+    /// first, then reads the experts they chose, then computes their MLPs.
     pub(super) fn visit(&mut self, step: u32, layer: u32, js: std::ops::Range<u32>) {
         let gate = self.load_gate(layer);
-        let first_j = js.start;
-        let last_j = js.end - 1;
-        let attention = self.load_weights(WeightGroup::Attention, layer, step, first_j, &gate);
-        let mlp = self.load_weights(WeightGroup::Mlp, layer, step, first_j, &gate);
-        let (attention_on_host, mlp_on_host) =
-            (self.on_host(WeightGroup::Attention, layer), self.on_host(WeightGroup::Mlp, layer));
+        let visit = Visit { step, layer, first_j: js.start, last_j: js.end - 1 };
+        let attention = self.load_weights(WeightGroup::Attention, layer, step, visit.first_j, &gate);
+        let routed = self.routes_experts(layer);
+        let mut mlp = if routed {
+            self.load_router(layer, step, visit.first_j, &gate)
+        } else {
+            self.load_weights(WeightGroup::Mlp, layer, step, visit.first_j, &gate)
+        };
         let mut attention_tasks: Vec<TaskId> = Vec::new();
         let mut mlp_tasks: Vec<TaskId> = Vec::new();
-        let mut last_mlp = 0;
-        for j in js {
-            let is_last = j == last_j;
-            let kv_gate =
-                if j >= first_j + 2 { vec![attention_tasks[(j - first_j - 2) as usize]] } else { gate.clone() };
-            let attn_done = if attention_on_host {
-                self.attention_on_host_layer(step, layer, j)
-            } else {
-                let release = if is_last { attention.device_bytes } else { 0 };
-                // The task that frees the visit's weights runs after every other consumer
-                // of them: micro-batches may otherwise finish out of order.
-                let mut weights_ready = attention.ready.clone();
-                if is_last && release > 0 {
-                    weights_ready.extend(&attention_tasks);
-                }
-                let inputs =
-                    AttentionInputs { weights_ready: &weights_ready, release_weights: release, kv_gate: &kv_gate };
-                self.attention(step, layer, j, &inputs)
-            };
+        let mut routes: Vec<TaskId> = Vec::new();
+        for j in js.clone() {
+            let attn_done = self.visit_attention(&visit, j, &attention, &attention_tasks, &gate);
             attention_tasks.push(attn_done);
-            // MLP, where its weights are computed: the hidden state follows it there.
-            let side = if mlp_on_host { self.host_of(layer) } else { self.device_of(layer) };
-            let hidden = self.hidden_on(side, j, step, layer);
-            let rows = self.rows();
-            let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
-            let bytes = self.model.mlp_bytes_read(rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));
-            let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
-            task.deps.push(attn_done);
-            task.deps.extend(hidden.filter(|&h| h != attn_done));
-            task.deps.extend(&mlp.ready);
-            if is_last && mlp.device_bytes > 0 {
-                task.release.push(MemOp { pool: side, bytes: mlp.device_bytes });
-                task.deps.extend(&mlp_tasks);
+            if routed {
+                routes.push(self.route(step, layer, j, attn_done, &mlp.ready));
+            } else {
+                let id = self.mlp(&visit, j, attn_done, &mlp, &mlp_tasks);
+                mlp_tasks.push(id);
             }
-            let id = self.push(task);
-            self.set_hidden(j, side, id);
-            mlp_tasks.push(id);
-            last_mlp = id;
+        }
+        if routed {
+            let experts = self.load_routed_experts(layer, step, visit.first_j, &routes);
+            // The router part was ready before any route: the MLPs wait for the experts.
+            mlp = Loaded { ready: experts.ready, device_bytes: mlp.device_bytes + experts.device_bytes };
+            for (j, &route) in js.zip(&routes) {
+                let id = self.mlp(&visit, j, route, &mlp, &mlp_tasks);
+                mlp_tasks.push(id);
+            }
         }
         let device = self.placements[layer as usize].device as usize;
         if self.visit_done.len() <= device {
             self.visit_done.resize(device + 1, Vec::new());
         }
-        self.visit_done[device].push(last_mlp);
+        self.visit_done[device].extend(mlp_tasks.last());
+    }
+
+    /// Micro-batch `j`'s attention in a visit: on the host where it is computed there,
+    /// else on the device after the visit's attention weights.
+    fn visit_attention(
+        &mut self,
+        visit: &Visit,
+        j: u32,
+        weights: &Loaded,
+        earlier: &[TaskId],
+        gate: &[TaskId],
+    ) -> TaskId {
+        let Visit { step, layer, first_j, last_j } = *visit;
+        if self.on_host(WeightGroup::Attention, layer) {
+            return self.attention_on_host_layer(step, layer, j);
+        }
+        let kv_gate = if j >= first_j + 2 { vec![earlier[(j - first_j - 2) as usize]] } else { gate.to_vec() };
+        let is_last = j == last_j;
+        let release = if is_last { weights.device_bytes } else { 0 };
+        // The task that frees the visit's weights runs after every other consumer
+        // of them: micro-batches may otherwise finish out of order.
+        let mut weights_ready = weights.ready.clone();
+        if is_last && release > 0 {
+            weights_ready.extend(earlier);
+        }
+        let inputs = AttentionInputs { weights_ready: &weights_ready, release_weights: release, kv_gate: &kv_gate };
+        self.attention(step, layer, j, &inputs)
+    }
+
+    /// Micro-batch `j`'s MLP after `after`, where its weights are computed (the hidden
+    /// state follows it there); the last of the visit frees the visit's MLP weights.
+    fn mlp(&mut self, visit: &Visit, j: u32, after: TaskId, weights: &Loaded, earlier: &[TaskId]) -> TaskId {
+        let Visit { step, layer, last_j, .. } = *visit;
+        let side = if self.on_host(WeightGroup::Mlp, layer) { self.host_of(layer) } else { self.device_of(layer) };
+        let hidden = self.hidden_on(side, j, step, layer);
+        let rows = self.rows();
+        let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
+        let bytes = self.model.mlp_bytes_read(rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));
+        let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
+        task.deps.push(after);
+        task.deps.extend(hidden.filter(|&h| h != after));
+        task.deps.extend(&weights.ready);
+        if j == last_j && weights.device_bytes > 0 {
+            task.release.push(MemOp { pool: side, bytes: weights.device_bytes });
+            task.deps.extend(earlier);
+        }
+        let id = self.push(task);
+        self.set_hidden(j, side, id);
+        id
     }
 
     pub(super) fn kv_tier(&self, layer: u32) -> Tier {

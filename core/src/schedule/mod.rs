@@ -32,6 +32,7 @@
 mod attention;
 mod builder;
 mod draft;
+mod experts;
 mod resources;
 
 use crate::error::{CoreError, Result};

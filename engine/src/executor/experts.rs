@@ -8,22 +8,23 @@
 //! different micro-batches cannot change a token.
 
 use ferry_core::graph::{Place, Task};
-use ferry_core::model::WeightGroup;
+use ferry_core::model::{ModelSpec, WeightGroup};
 
 use super::speculate::is_draft;
 use super::{lock, Engine, RunReport};
 use crate::EngineError;
 
-/// Tensors of an MoE group before the experts: the norm, then the router.
+/// The router among an MoE group's tensors (`ModelSpec::ROUTER_TENSORS`: the norm, then it).
 const ROUTER_TENSOR: u32 = 1;
-/// Each expert's tensors in `ModelSpec::group_tensors` order: w1 (gate), w2 (down), w3 (up).
-const TENSORS_PER_EXPERT: u32 = 3;
+
+/// Each token's chosen experts and their weights, one entry per row.
+pub(super) type Routes = Vec<Vec<(usize, f32)>>;
 
 /// Each token's experts with their weights: the `k` largest router logits (ties to
 /// the lower expert), weighted by a softmax over those `k` alone — Mixtral's softmax
 /// over all experts renormalised over the chosen ones, which is the same number.
 /// The weights are computed in f64 and rounded once.
-pub(super) fn route(logits: &[f32], experts: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
+pub(super) fn route(logits: &[f32], experts: usize, k: usize) -> Routes {
     logits
         .chunks_exact(experts)
         .map(|row| {
@@ -76,18 +77,66 @@ impl RunReport {
 }
 
 impl Engine<'_> {
-    /// The MoE MLP of one layer and its residual: norm, router, the routed experts.
+    /// Routes one micro-batch's tokens of one layer: the MLP's norm and router, each
+    /// token's top k. Kept for the routed-experts read and the MLP (`Op::Route`).
+    pub(super) fn route_tokens(&self, task: &Task, side: Place) -> Result<(), EngineError> {
+        let weights = self.layer_weights(task, WeightGroup::Mlp)?;
+        let routes = self.routes_of(task, side, &weights)?;
+        lock(&self.routes).insert((task.layer, task.step, task.micro_batch), routes);
+        Ok(())
+    }
+
+    /// The norm, the router's logits and each row's top k for `task`'s rows.
+    fn routes_of(
+        &self,
+        task: &Task,
+        side: Place,
+        weights: &[std::sync::Arc<super::weights::Loaded>],
+    ) -> Result<Routes, EngineError> {
+        let spec = self.spec_of(task);
+        let (experts, k) = (spec.num_experts as usize, spec.experts_per_token as usize);
+        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
+        let normed = self.normed_hidden(task, side, Engine::tensor(weights, 0)?, rows)?;
+        let logits = self.project(weights, ROUTER_TENSOR, &normed, rows, experts, side)?;
+        Ok(route(&self.backend.download_f32(&logits)?, experts, k))
+    }
+
+    /// The distinct experts the micro-batches of `task`'s visit were routed to in its
+    /// layer and step, ascending (what a routed read brings in).
+    pub(super) fn visit_experts(&self, task: &Task) -> Result<Vec<usize>, EngineError> {
+        let visit = if self.layer_major() {
+            0..self.policy.num_micro_batches as u32
+        } else {
+            task.micro_batch..task.micro_batch + 1
+        };
+        let routes = lock(&self.routes);
+        let mut used = vec![false; self.spec.num_experts as usize];
+        for j in visit {
+            let rows = routes.get(&(task.layer, task.step, j)).ok_or_else(|| {
+                EngineError::Internal(format!("{}: micro-batch {j} was not routed before the read", task.label()))
+            })?;
+            for &(expert, _) in rows.iter().flatten() {
+                used[expert] = true;
+            }
+        }
+        Ok(used.iter().enumerate().filter(|(_, &u)| u).map(|(e, _)| e).collect())
+    }
+
+    /// The MoE MLP of one layer and its residual: norm, router (or the routes its
+    /// `Op::Route` task kept), the routed experts.
     pub(super) fn moe_mlp(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec_of(task);
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
-        let (experts, k) = (spec.num_experts as usize, spec.experts_per_token as usize);
         let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Mlp)?;
+        let kept =
+            if is_draft(task) { None } else { lock(&self.routes).remove(&(task.layer, task.step, task.micro_batch)) };
+        let routes = match kept {
+            Some(routes) => routes,
+            None => self.routes_of(task, side, &weights)?,
+        };
         let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
-        let logits = self.project(&weights, ROUTER_TENSOR, &normed, rows, experts, side)?;
-        let routes = route(&self.backend.download_f32(&logits)?, experts, k);
-        drop(logits);
-        let groups = group_by_expert(&routes, experts);
+        let groups = group_by_expert(&routes, spec.num_experts as usize);
         if !is_draft(task) {
             let used = groups.iter().enumerate().filter(|(_, g)| !g.0.is_empty()).map(|(e, _)| e as u16).collect();
             let (step, layer, micro_batch, tokens) = (task.step, task.layer, task.micro_batch, rows as u32);
@@ -98,7 +147,7 @@ impl Engine<'_> {
             if chosen.is_empty() {
                 continue;
             }
-            let first = ROUTER_TENSOR + 1 + TENSORS_PER_EXPERT * expert as u32;
+            let first = ModelSpec::expert_tensors(expert).start as u32;
             let mut x = self.activation(side, chosen.len() * h)?;
             self.backend.gather_rows(&normed, h, &chosen, &mut x)?;
             let mut gate = self.project(&weights, first, &x, chosen.len(), ffn, side)?;

@@ -91,6 +91,7 @@ impl<'a> Engine<'a> {
             Op::AttnCore => self.attn_core(task, side),
             Op::AttnOut => self.attn_out(task, side),
             Op::Mlp => self.mlp(task, side),
+            Op::Route => self.route_tokens(task, side),
         }
     }
 

@@ -37,10 +37,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use ferry_core::graph::{Place, Task, TaskGraph, NO_LAYER, WHOLE_GROUP};
+use ferry_core::graph::{Place, Task, TaskGraph, NO_LAYER};
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup, WeightLayout};
 use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use ferry_core::trace::{Metrics, Trace, TraceSource};
+use weights::GroupPart;
 
 use crate::backend::{Backend, DeviceBuffer};
 use crate::io::{DiskFile, ReadPool};
@@ -145,6 +146,9 @@ struct Engine<'a> {
     requested_read_bytes: Mutex<u64>,
     /// The experts each MoE layer computed with (`RunReport::experts`).
     expert_use: Mutex<Vec<ExpertUse>>,
+    /// Each routed (layer, step, micro-batch)'s routes, from its `Op::Route` task until
+    /// its MLP takes them (a routed-experts read looks at the visit's).
+    routes: Mutex<HashMap<(u32, u32, u32), experts::Routes>>,
     /// Per device: freed streamed-weight buffers kept mapped for its next loads (see
     /// `Recycler`), each within its own device's budget.
     recyclers: HashMap<u16, Arc<Recycler>>,
@@ -430,6 +434,7 @@ impl<'a> Engine<'a> {
             logits: Mutex::new(Vec::new()),
             requested_read_bytes: Mutex::new(0),
             expert_use: Mutex::new(Vec::new()),
+            routes: Mutex::new(HashMap::new()),
             recyclers: policy.stage_list().iter().map(|s| (s.device, Arc::new(Recycler::new()))).collect(),
             reserved: Mutex::new(HashMap::new()),
             draft: None,
@@ -444,14 +449,14 @@ impl<'a> Engine<'a> {
                 continue;
             }
             let place = engine.resident_place(group, NO_LAYER);
-            let loaded = engine.read_group(group, 0, WHOLE_GROUP, place, None)?;
+            let loaded = engine.read_group(group, 0, &GroupPart::Whole, place, None)?;
             resident.insert((group_code(group), NO_LAYER), Arc::new(loaded));
         }
         for layer in 0..spec.num_layers {
             for group in WeightGroup::PER_LAYER {
                 if engine.weight_tier(group, layer) != Tier::Disk && engine.holds_group(group, layer as u32) {
                     let place = engine.resident_place(group, layer as u32);
-                    let loaded = engine.read_group(group, layer, WHOLE_GROUP, place, None)?;
+                    let loaded = engine.read_group(group, layer, &GroupPart::Whole, place, None)?;
                     resident.insert((group_code(group), layer as u32), Arc::new(loaded));
                 }
             }

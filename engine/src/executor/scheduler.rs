@@ -140,7 +140,10 @@ impl<'a> Engine<'a> {
                         // bytes; the rest are unmapped now if they no longer fit.
                         if let (TaskKind::DiskRead, Payload::Weights { group }) = (task.kind, task.payload) {
                             if !Engine::lands_on_host(task) {
-                                if let Some(buffer) = self.recycler(task.layer).take_kept(task.bytes as usize) {
+                                // What it holds, not what it is expected to move: a routed
+                                // read's bytes are known only as it starts.
+                                let held: u64 = task.acquire.iter().map(|m| m.bytes).sum();
+                                if let Some(buffer) = self.recycler(task.layer).take_kept(held as usize) {
                                     lock(&self.reserved).insert(self.key(task, group), buffer);
                                 }
                             }

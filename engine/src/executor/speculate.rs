@@ -12,7 +12,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ferry_core::graph::{Payload, Place, Task, NO_LAYER, WHOLE_GROUP};
+use ferry_core::graph::{Payload, Place, Task, NO_LAYER};
+
+use super::weights::GroupPart;
 use ferry_core::model::{ModelSpec, WeightGroup};
 use ferry_core::plan::{Draft, Speculation, Tier};
 use serde::Serialize;
@@ -105,7 +107,7 @@ impl<'a> Engine<'a> {
             let shared = speculation.is_self() && self.weight_tier(group, layer) == Tier::Device;
             let loaded = match self.resident.get(&key) {
                 Some(resident) if shared => Arc::clone(resident),
-                _ => Arc::new(self.read_group_of(files, &spec, group, layer, WHOLE_GROUP, device, None)?),
+                _ => Arc::new(self.read_group_of(files, &spec, group, layer, &GroupPart::Whole, device, None)?),
             };
             weights.insert(key, loaded);
         }

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use ferry_core::graph::{Place, Task, NO_LAYER, WHOLE_GROUP};
-use ferry_core::model::{WeightFormat, WeightGroup};
+use ferry_core::graph::{Place, Task, NO_LAYER, ROUTED_EXPERTS, ROUTER_PART, WHOLE_GROUP};
+use ferry_core::model::{ModelSpec, WeightFormat, WeightGroup};
 use ferry_core::plan::Tier;
 use ferry_core::schedule::format_pieces;
 
@@ -25,6 +25,16 @@ pub(super) struct View {
     rows: usize,
     cols: usize,
     format: WeightFormat,
+}
+
+/// Which of a group's bytes a read or a copy brings in.
+pub(super) enum GroupPart {
+    Whole,
+    /// One pipelined piece (`schedule::format_pieces`).
+    Piece(u32),
+    /// Whole tensors by their index in `ModelSpec::group_tensors`: a mixture of
+    /// experts' router part, or the experts a visit was routed to.
+    Tensors(Vec<usize>),
 }
 
 /// Rows `row_start .. + rows` of one tensor of a group, at bytes `start..end` of `file`.
@@ -71,11 +81,11 @@ impl<'a> Engine<'a> {
         &self,
         group: WeightGroup,
         layer: u64,
-        piece: u32,
+        part: &GroupPart,
         place: Place,
         recycle: Option<Key>,
     ) -> Result<Loaded, EngineError> {
-        self.read_group_of(self.files, self.spec, group, layer, piece, place, recycle)
+        self.read_group_of(self.files, self.spec, group, layer, part, place, recycle)
     }
 
     /// `read_group` from another model's files (a separate draft's).
@@ -86,46 +96,58 @@ impl<'a> Engine<'a> {
         spec: &ferry_core::model::ModelSpec,
         group: WeightGroup,
         layer: u64,
-        piece: u32,
+        part: &GroupPart,
         place: Place,
         recycle: Option<Key>,
     ) -> Result<Loaded, EngineError> {
         let recycle = recycle.filter(|_| self.backend.host_addressable(place));
         let location = files.group(group, layer);
         let tensors = spec.group_tensors(group, layer);
-        let mut parts = Vec::new();
-        if piece == WHOLE_GROUP {
-            for (i, (t, loc)) in tensors.iter().zip(&location.tensors).enumerate() {
-                parts.push(Part {
-                    tensor: i as u32,
-                    row_start: 0,
-                    rows: t.rows as usize,
-                    cols: t.cols as usize,
-                    format: loc.format,
-                    file: loc.file.clone(),
-                    start: loc.start,
-                    end: loc.end,
-                });
-            }
-        } else {
-            let p = self
-                .pieces(group, layer)
-                .get(piece as usize)
-                .copied()
-                .ok_or_else(|| EngineError::Internal(format!("piece {piece} out of range")))?;
-            let (t, loc) = (&tensors[p.tensor as usize], &location.tensors[p.tensor as usize]);
-            let start = loc.start + loc.format.bytes(p.row_start, t.cols);
-            parts.push(Part {
-                tensor: p.tensor,
-                row_start: p.row_start as usize,
-                rows: p.rows as usize,
+        let whole = |i: usize| -> Result<Part, EngineError> {
+            let (t, loc) = tensors
+                .get(i)
+                .zip(location.tensors.get(i))
+                .ok_or_else(|| EngineError::Internal(format!("tensor {i} of layer {layer} {group:?} out of range")))?;
+            Ok(Part {
+                tensor: i as u32,
+                row_start: 0,
+                rows: t.rows as usize,
                 cols: t.cols as usize,
                 format: loc.format,
                 file: loc.file.clone(),
-                start,
-                end: start + p.bytes,
-            });
-        }
+                start: loc.start,
+                end: loc.end,
+            })
+        };
+        let parts = match part {
+            GroupPart::Whole => (0..tensors.len()).map(whole).collect::<Result<Vec<_>, _>>()?,
+            GroupPart::Tensors(chosen) => {
+                let mut parts = chosen.iter().map(|&i| whole(i)).collect::<Result<Vec<_>, _>>()?;
+                // In file order, so that neighbours merge into one range (a GGUF file keeps
+                // each projection of every expert together, not each expert).
+                parts.sort_by(|a, b| (&a.file, a.start).cmp(&(&b.file, b.start)));
+                parts
+            }
+            GroupPart::Piece(piece) => {
+                let p = self
+                    .pieces(group, layer)
+                    .get(*piece as usize)
+                    .copied()
+                    .ok_or_else(|| EngineError::Internal(format!("piece {piece} out of range")))?;
+                let (t, loc) = (&tensors[p.tensor as usize], &location.tensors[p.tensor as usize]);
+                let start = loc.start + loc.format.bytes(p.row_start, t.cols);
+                vec![Part {
+                    tensor: p.tensor,
+                    row_start: p.row_start as usize,
+                    rows: p.rows as usize,
+                    cols: t.cols as usize,
+                    format: loc.format,
+                    file: loc.file.clone(),
+                    start,
+                    end: start + p.bytes,
+                }]
+            }
+        };
         // Merge byte ranges that touch (a group's tensors are usually adjacent in the file).
         let mut loaded = Loaded {
             buffers: Vec::new(),
@@ -267,8 +289,12 @@ impl<'a> Engine<'a> {
         n: usize,
         place: Place,
     ) -> Result<DeviceBuffer, EngineError> {
+        let blocks = Engine::matrix(loaded, tensor);
+        if blocks.is_empty() {
+            return Err(EngineError::Internal(format!("tensor {tensor} of a group is not in memory")));
+        }
         let mut out = self.activation(place, m * n)?;
-        for (row_start, block) in Engine::matrix(loaded, tensor) {
+        for (row_start, block) in blocks {
             self.backend.linear(x, m, block, &mut out, n, row_start)?;
         }
         Ok(out)
@@ -279,7 +305,8 @@ impl<'a> Engine<'a> {
         let (place, target) =
             if on_host { (Place::HOST, &self.staged) } else { (self.layer_device(task.layer), &self.streamed) };
         let recycle = (!on_host).then(|| self.key(task, group));
-        let loaded = Arc::new(self.read_group(group, task.layer as u64, task.piece, place, recycle)?);
+        let part = self.part_of(task)?;
+        let loaded = Arc::new(self.read_group(group, task.layer as u64, &part, place, recycle)?);
         lock(target).insert(self.key(task, group), loaded);
         Ok(())
     }
@@ -306,10 +333,10 @@ impl<'a> Engine<'a> {
                 let whole = self.resident.get(&(group_code(group), task.layer)).ok_or_else(|| {
                     EngineError::Internal(format!("layer {} {group:?} is neither staged nor host-resident", task.layer))
                 })?;
-                if task.piece == WHOLE_GROUP {
-                    self.copy_whole(task.layer, whole, recycler)?
-                } else {
-                    self.copy_piece(task, group, whole, recycler)?
+                match self.part_of(task)? {
+                    GroupPart::Whole => self.copy_whole(task.layer, whole, recycler)?,
+                    GroupPart::Piece(_) => self.copy_piece(task, group, whole, recycler)?,
+                    GroupPart::Tensors(chosen) => self.copy_tensors(task, whole, &chosen, recycler)?,
                 }
             }
         };
@@ -327,6 +354,42 @@ impl<'a> Engine<'a> {
             buffers.push(copy);
         }
         Ok(Loaded { buffers, views: source.views.clone(), recycler })
+    }
+
+    /// What part of its group a weight transfer moves.
+    fn part_of(&self, task: &Task) -> Result<GroupPart, EngineError> {
+        Ok(match task.piece {
+            WHOLE_GROUP => GroupPart::Whole,
+            ROUTER_PART => GroupPart::Tensors(ModelSpec::ROUTER_TENSORS.collect()),
+            ROUTED_EXPERTS => {
+                GroupPart::Tensors(self.visit_experts(task)?.into_iter().flat_map(ModelSpec::expert_tensors).collect())
+            }
+            piece => GroupPart::Piece(piece),
+        })
+    }
+
+    /// Whole tensors of a host-resident group, copied into one buffer on the layer's device.
+    fn copy_tensors(
+        &self,
+        task: &Task,
+        whole: &Loaded,
+        chosen: &[usize],
+        recycler: Option<Arc<Recycler>>,
+    ) -> Result<Loaded, EngineError> {
+        let missing = |t: usize| EngineError::Internal(format!("{}: tensor {t} is not in memory", task.label()));
+        let sources =
+            chosen.iter().map(|&t| whole.views.iter().find(|v| v.tensor as usize == t).ok_or_else(|| missing(t)));
+        let sources: Vec<&View> = sources.collect::<Result<_, _>>()?;
+        let size = |v: &View| v.format.bytes(v.rows as u64, v.cols as u64) as usize;
+        let mut buffer = self.device_memory(task.layer, sources.iter().map(|v| size(v)).sum())?;
+        let mut views = Vec::with_capacity(sources.len());
+        let mut offset = 0;
+        for v in sources {
+            self.backend.copy(&whole.buffers[v.buffer], v.offset, &mut buffer, offset, size(v))?;
+            views.push(View { buffer: 0, offset, ..v.clone() });
+            offset += size(v);
+        }
+        Ok(Loaded { recycler, buffers: vec![buffer], views })
     }
 
     /// One pipelined piece of a host-resident group, copied to the layer's device.

@@ -1,0 +1,59 @@
+//! Routed expert reads (`ExpertReads::Routed`): a mixture of experts whose MLP streams
+//! reads its router part ahead like any group, routes each micro-batch of the visit
+//! (`Op::Route`, after its attention), and only then reads the experts they chose —
+//! one read for the visit, so an expert two micro-batches share is read once. The
+//! read's `bytes` are the experts uniform routing is expected to touch
+//! (`ModelSpec::expected_experts`, what the simulator moves); it holds the most the
+//! visit's tokens could choose (`ModelSpec::most_experts`, the largest experts: what
+//! the engine may need, so the pools stay a true bound).
+
+use super::builder::{Builder, LoadPart, Loaded};
+use crate::graph::{Op, TaskId, ROUTED_EXPERTS, ROUTER_PART};
+use crate::model::{ExpertBytes, WeightGroup};
+
+impl Builder<'_> {
+    /// Whether `layer`'s experts are read as routed: a mixture of experts whose MLP
+    /// streams to its device, under a policy that routes reads.
+    pub(super) fn routes_experts(&self, layer: u32) -> bool {
+        self.model.num_experts > 0 && self.policy.expert_reads.is_routed() && self.streams(WeightGroup::Mlp, layer)
+    }
+
+    fn expert_bytes(&self, layer: u32) -> ExpertBytes {
+        self.layout.expert_bytes(self.model, layer as u64).unwrap_or(ExpertBytes { router: 0, experts: Vec::new() })
+    }
+
+    /// The router part's load for a visit, gated like any weight load.
+    pub(super) fn load_router(&mut self, layer: u32, step: u32, first_j: u32, gate: &[TaskId]) -> Loaded {
+        let router = self.expert_bytes(layer).router;
+        let part = LoadPart { piece: ROUTER_PART, bytes: router, held_bytes: router };
+        self.load_parts(WeightGroup::Mlp, (layer, step, first_j), gate, &[part])
+    }
+
+    /// Micro-batch `j`'s routing after its attention: the MLP's norm and router on the
+    /// device, with the router part loaded.
+    pub(super) fn route(&mut self, step: u32, layer: u32, j: u32, attn_done: TaskId, router: &[TaskId]) -> TaskId {
+        let side = self.device_of(layer);
+        let hidden = self.hidden_on(side, j, step, layer);
+        let rows = self.rows();
+        let flops = 2 * rows * self.model.hidden_size * self.model.num_experts;
+        let bytes = self.expert_bytes(layer).router;
+        let mut task = self.compute_task(side, Op::Route, (layer, j, step), flops, bytes);
+        task.deps.push(attn_done);
+        task.deps.extend(hidden.filter(|&h| h != attn_done));
+        task.deps.extend(router);
+        self.push(task)
+    }
+
+    /// The read of the experts the visit's micro-batches were routed to, after every
+    /// route of the visit (`routes`).
+    pub(super) fn load_routed_experts(&mut self, layer: u32, step: u32, first_j: u32, routes: &[TaskId]) -> Loaded {
+        let sizes = self.expert_bytes(layer);
+        let tokens = self.rows() * routes.len() as u64;
+        let part = LoadPart {
+            piece: ROUTED_EXPERTS,
+            bytes: sizes.expected(self.model.expected_experts(tokens)),
+            held_bytes: sizes.most(self.model.most_experts(tokens)),
+        };
+        self.load_parts(WeightGroup::Mlp, (layer, step, first_j), routes, &[part])
+    }
+}
