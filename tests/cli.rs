@@ -541,14 +541,27 @@ fn one_error_exits_alike_in_every_command() {
     }
 }
 
-/// The `--n-cpu-moe` question for a mixture of experts on a 12 GB GPU: the plan keeps
-/// attention and KV on the device, some layers' experts in host RAM computed there,
-/// says how many, and gives the llama.cpp command keeping exactly those layers' experts
-/// on the CPU; its plan file reloads with the same prediction.
+/// The `--n-cpu-moe` question for a mixture of experts on a 12 GB GPU, for a long
+/// answer (256 tokens: decoding outweighs the prompt): the plan keeps attention and KV
+/// on the device, some layers' experts in host RAM computed there, says how many, and
+/// gives the llama.cpp command keeping exactly those layers' experts on the CPU; its
+/// plan file reloads with the same prediction.
 #[test]
 fn tune_answers_where_a_mixture_of_experts_keeps_its_experts() {
     let dir = tempfile::tempdir().unwrap();
-    let args = ["tune", "--gpu", "rtx3060", "--model", "qwen3-30b-a3b", "--weight-format", "q4_k", "--batch", "1"];
+    let args = [
+        "tune",
+        "--gpu",
+        "rtx3060",
+        "--model",
+        "qwen3-30b-a3b",
+        "--weight-format",
+        "q4_k",
+        "--batch",
+        "1",
+        "--gen-len",
+        "256",
+    ];
     let out = ferry(dir.path(), &[&args[..], &["--out", "plan.yaml"]].concat());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
@@ -567,4 +580,23 @@ fn tune_answers_where_a_mixture_of_experts_keeps_its_experts() {
     assert_eq!(layers, on_cpu, "{rule}");
     let exported = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "llama.cpp"]);
     assert!(text(&exported.stdout).contains(rule.trim().trim_end_matches(" \\")), "{}", text(&exported.stdout));
+}
+
+/// For a short answer (32 tokens) the same GPU does better streaming the experts each
+/// step routes to from host RAM (the 512-token prompt is then computed on the device,
+/// not the CPU): the plan says so, and the llama.cpp export says llama.cpp cannot.
+#[test]
+fn tune_streams_only_the_routed_experts_where_that_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["tune", "--gpu", "rtx3060", "--model", "qwen3-30b-a3b", "--weight-format", "q4_k", "--batch", "1"];
+    let out = ferry(dir.path(), &[&args[..], &["--out", "plan.yaml"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("experts: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("reads only the experts its tokens are routed to (about 8.0 of 128"), "{line}");
+    let plan: ferry_core::plan::Plan = ferry_core::yaml::read_file(&dir.path().join("plan.yaml")).unwrap();
+    assert!(plan.policy.expert_reads.is_routed() && !plan.policy.compute_host_layers_on_host);
+    assert!(plan.policy.mlp_weights.host + plan.policy.mlp_weights.disk > 0);
+    let exported = text(&ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "llama.cpp"]).stdout);
+    assert!(exported.contains("only the experts each step routes to"), "{exported}");
 }

@@ -447,6 +447,7 @@ fn group_digits(n: u64) -> String {
 
 /// For a mixture of experts, where the plan keeps the experts, in llama.cpp's terms.
 fn experts_line(model: &ferry_core::model::ModelSpec, policy: &ferry_core::plan::Policy) -> Option<String> {
+    use ferry_core::plan::ExpertReads;
     if model.num_experts == 0 {
         return None;
     }
@@ -460,11 +461,20 @@ fn experts_line(model: &ferry_core::model::ModelSpec, policy: &ferry_core::plan:
             model.num_layers
         )
     } else {
+        let streamed = mlp.host + mlp.disk;
+        let how = match policy.expert_reads {
+            _ if streamed == 0 => String::new(),
+            ExpertReads::Routed => format!(
+                ": each decoding step reads only the experts its tokens are routed to (about {:.1} of {} per \
+                 layer under uniform routing)",
+                model.expected_experts(policy.sequences_per_visit()),
+                model.num_experts
+            ),
+            ExpertReads::Whole => ": every expert of a layer, read ahead (expert_reads: whole)".to_string(),
+        };
         format!(
-            "experts: {} of {} layers' experts on the device, {} streamed to it from host RAM or disk",
-            mlp.device,
-            model.num_layers,
-            mlp.host + mlp.disk
+            "experts: {} of {} layers' experts on the device, {streamed} streamed to it from host RAM or disk{how}",
+            mlp.device, model.num_layers
         )
     })
 }

@@ -93,7 +93,7 @@ fn pieces_cut_quantized_tensors_at_whole_rows_and_groups() {
     for format in ["q4_k", "q6_k", "int4-g64", "f16"] {
         let l = layout(&m, format);
         let size = l.group(WeightGroup::Mlp, 2);
-        let pieces = format_pieces(&m, WeightGroup::Mlp, 2, size, 4 << 20);
+        let pieces = format_pieces(&m, WeightGroup::Mlp, size, 4 << 20);
         assert!(pieces.len() > 3, "{format}");
         assert_eq!(pieces.iter().map(|p| p.bytes).sum::<u64>(), size.bytes, "{format}: pieces add up");
         let tensors = m.group_tensors(WeightGroup::Mlp, 2);
@@ -107,8 +107,8 @@ fn pieces_cut_quantized_tensors_at_whole_rows_and_groups() {
     }
     // Float formats cut exactly as the executor's float pieces do.
     let f16 = layout(&m, "f16");
-    let pieces = format_pieces(&m, WeightGroup::Attention, 0, f16.group(WeightGroup::Attention, 0), 1 << 20);
-    assert_eq!(pieces, weight_pieces(&m, WeightGroup::Attention, 0, Dtype::F16, 1 << 20));
+    let pieces = format_pieces(&m, WeightGroup::Attention, f16.group(WeightGroup::Attention, 0), 1 << 20);
+    assert_eq!(pieces, weight_pieces(&m, WeightGroup::Attention, Dtype::F16, 1 << 20));
 }
 
 const POLICY: &str = "model: 13b

@@ -97,7 +97,15 @@ fn server_args(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>) -> Vec
             ));
         }
     }
-    if !p.compute_host_layers_on_host && (!cpu_attention.is_empty() || !cpu_mlp.is_empty()) {
+    let routed = super::routed_expert_layers(plan, model);
+    if routed > 0 {
+        missing.push(format!(
+            "llama.cpp computes CPU-placed experts on the CPU; the plan streams to the device only the experts each \
+             step routes to ({routed} layers' experts)"
+        ));
+    }
+    let streamed_mlp = !cpu_mlp.is_empty() && routed == 0;
+    if !p.compute_host_layers_on_host && (!cpu_attention.is_empty() || streamed_mlp) {
         missing.push(
             "llama.cpp computes CPU-placed tensors on the CPU (large batches may be offloaded per operation); the plan streams them to the device instead"
                 .to_string(),

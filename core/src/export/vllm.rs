@@ -47,6 +47,13 @@ pub(super) fn settings(
     if p.host_attention || p.compute_host_layers_on_host {
         missing.push("vLLM runs no attention or layers on the CPU".to_string());
     }
+    let routed = super::routed_expert_layers(plan, model);
+    if routed > 0 {
+        missing.push(format!(
+            "vLLM offloads weights by the layer, not by the routed expert; the plan streams to the device only the \
+             experts each step routes to ({routed} layers' experts)"
+        ));
+    }
     if p.num_micro_batches > 1 {
         missing.push("vLLM schedules sequences itself; the plan's micro-batches have no setting".to_string());
     }

@@ -47,11 +47,18 @@ pub struct ExpertBytes {
     pub router: u64,
     /// Each expert's three projections, in expert order.
     pub experts: Vec<u64>,
+    /// The largest single projection of an expert: the most one request of a routed
+    /// read can take, as no file keeps an expert's projections together (a GGUF file
+    /// stacks each projection of every expert; safetensors files order tensors by name).
+    pub largest_tensor: u64,
 }
 
 impl ExpertBytes {
     /// The most `count` experts can take: the largest ones (what a buffer must hold).
     pub fn most(&self, count: u64) -> u64 {
+        if self.experts.windows(2).all(|w| w[0] == w[1]) {
+            return count.min(self.experts.len() as u64) * self.experts.first().copied().unwrap_or(0);
+        }
         let mut sizes = self.experts.clone();
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         sizes.iter().take(count as usize).sum()
@@ -154,12 +161,16 @@ impl WeightLayout {
             return None;
         }
         let formats = &self.group(WeightGroup::Mlp, layer).tensors;
-        let tensors = model.group_tensors(WeightGroup::Mlp, layer);
-        let bytes: Vec<u64> = tensors.iter().zip(formats).map(|(t, f)| f.bytes(t.rows, t.cols)).collect();
+        let shapes = model.group_shapes(WeightGroup::Mlp);
+        let bytes: Vec<u64> = shapes.iter().zip(formats).map(|(t, f)| f.bytes(t.rows, t.cols)).collect();
         let sum = |range: std::ops::Range<usize>| bytes.get(range).map_or(0, |b| b.iter().sum());
         Some(ExpertBytes {
             router: sum(ModelSpec::ROUTER_TENSORS),
             experts: (0..model.num_experts as usize).map(|e| sum(ModelSpec::expert_tensors(e))).collect(),
+            largest_tensor: bytes
+                .get(ModelSpec::ROUTER_TENSORS.end..)
+                .and_then(|b| b.iter().max().copied())
+                .unwrap_or(0),
         })
     }
 
@@ -223,7 +234,7 @@ impl WeightLayout {
 /// has the same shapes).
 pub(super) fn group_size(model: &ModelSpec, group: WeightGroup, format: WeightFormat) -> GroupSize {
     let mut size = GroupSize::default();
-    for tensor in model.group_tensors(group, 0) {
+    for tensor in model.group_shapes(group) {
         let applied = format.for_tensor(&tensor, model.dtype);
         size.add(applied, applied.bytes(tensor.rows, tensor.cols));
     }

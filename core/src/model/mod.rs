@@ -321,39 +321,61 @@ impl ModelSpec {
     /// the order Ferry stores and reads them. Their elements add up to the group's
     /// parameters.
     pub fn group_tensors(&self, group: WeightGroup, layer: u64) -> Vec<TensorSpec> {
+        self.tensor_list(group, layer, true)
+    }
+
+    /// `group_tensors` of layer 0 with the experts' names left empty: for arithmetic
+    /// that runs per lowered graph (a hundred experts per layer make their names
+    /// costly; the other names say which tensors stay unquantized, `quantizable`).
+    pub fn group_shapes(&self, group: WeightGroup) -> Vec<TensorSpec> {
+        self.tensor_list(group, 0, false)
+    }
+
+    fn tensor_list(&self, group: WeightGroup, layer: u64, name_experts: bool) -> Vec<TensorSpec> {
         let h = self.hidden_size;
         let kv = self.kv_dim();
         let ffn = self.intermediate_size;
-        let t = |name: String, rows: u64, cols: u64| TensorSpec { name, rows, cols };
+        macro_rules! t {
+            ($rows:expr, $cols:expr, $($name:tt)+) => {
+                TensorSpec { name: format!($($name)+), rows: $rows, cols: $cols }
+            };
+        }
+        macro_rules! expert {
+            ($rows:expr, $cols:expr, $($name:tt)+) => {
+                TensorSpec {
+                    name: if name_experts { format!($($name)+) } else { String::new() },
+                    rows: $rows,
+                    cols: $cols,
+                }
+            };
+        }
         if self.family == Family::Opt {
             let p = format!("model.decoder.layers.{layer}");
             return match group {
                 WeightGroup::Attention => {
-                    let mut v = vec![
-                        t(format!("{p}.self_attn_layer_norm.weight"), 1, h),
-                        t(format!("{p}.self_attn_layer_norm.bias"), 1, h),
-                    ];
+                    let mut v =
+                        vec![t!(1, h, "{p}.self_attn_layer_norm.weight"), t!(1, h, "{p}.self_attn_layer_norm.bias")];
                     for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                        v.push(t(format!("{p}.self_attn.{proj}.weight"), h, h));
-                        v.push(t(format!("{p}.self_attn.{proj}.bias"), 1, h));
+                        v.push(t!(h, h, "{p}.self_attn.{proj}.weight"));
+                        v.push(t!(1, h, "{p}.self_attn.{proj}.bias"));
                     }
                     v
                 }
                 WeightGroup::Mlp => vec![
-                    t(format!("{p}.final_layer_norm.weight"), 1, h),
-                    t(format!("{p}.final_layer_norm.bias"), 1, h),
-                    t(format!("{p}.fc1.weight"), ffn, h),
-                    t(format!("{p}.fc1.bias"), 1, ffn),
-                    t(format!("{p}.fc2.weight"), h, ffn),
-                    t(format!("{p}.fc2.bias"), 1, h),
+                    t!(1, h, "{p}.final_layer_norm.weight"),
+                    t!(1, h, "{p}.final_layer_norm.bias"),
+                    t!(ffn, h, "{p}.fc1.weight"),
+                    t!(1, ffn, "{p}.fc1.bias"),
+                    t!(h, ffn, "{p}.fc2.weight"),
+                    t!(1, h, "{p}.fc2.bias"),
                 ],
                 WeightGroup::Embeddings => vec![
-                    t("model.decoder.embed_tokens.weight".into(), self.vocab_size, h),
-                    t("model.decoder.embed_positions.weight".into(), self.max_position_embeddings + 2, h),
+                    t!(self.vocab_size, h, "model.decoder.embed_tokens.weight"),
+                    t!(self.max_position_embeddings + 2, h, "model.decoder.embed_positions.weight"),
                 ],
                 WeightGroup::Head => vec![
-                    t("model.decoder.final_layer_norm.weight".into(), 1, h),
-                    t("model.decoder.final_layer_norm.bias".into(), 1, h),
+                    t!(1, h, "model.decoder.final_layer_norm.weight"),
+                    t!(1, h, "model.decoder.final_layer_norm.bias"),
                 ],
             };
         }
@@ -361,31 +383,28 @@ impl ModelSpec {
         let q = self.q_dim();
         match group {
             WeightGroup::Attention => {
-                let mut v = vec![
-                    t(format!("{p}.input_layernorm.weight"), 1, h),
-                    t(format!("{p}.self_attn.q_proj.weight"), q, h),
-                ];
+                let mut v = vec![t!(1, h, "{p}.input_layernorm.weight"), t!(q, h, "{p}.self_attn.q_proj.weight")];
                 if self.qkv_bias {
-                    v.push(t(format!("{p}.self_attn.q_proj.bias"), 1, q));
+                    v.push(t!(1, q, "{p}.self_attn.q_proj.bias"));
                 }
-                v.push(t(format!("{p}.self_attn.k_proj.weight"), kv, h));
+                v.push(t!(kv, h, "{p}.self_attn.k_proj.weight"));
                 if self.qkv_bias {
-                    v.push(t(format!("{p}.self_attn.k_proj.bias"), 1, kv));
+                    v.push(t!(1, kv, "{p}.self_attn.k_proj.bias"));
                 }
-                v.push(t(format!("{p}.self_attn.v_proj.weight"), kv, h));
+                v.push(t!(kv, h, "{p}.self_attn.v_proj.weight"));
                 if self.qkv_bias {
-                    v.push(t(format!("{p}.self_attn.v_proj.bias"), 1, kv));
+                    v.push(t!(1, kv, "{p}.self_attn.v_proj.bias"));
                 }
-                v.push(t(format!("{p}.self_attn.o_proj.weight"), h, q));
+                v.push(t!(h, q, "{p}.self_attn.o_proj.weight"));
                 if self.family == Family::Qwen3 {
                     let d = self.head_dim();
-                    v.push(t(format!("{p}.self_attn.q_norm.weight"), 1, d));
-                    v.push(t(format!("{p}.self_attn.k_norm.weight"), 1, d));
+                    v.push(t!(1, d, "{p}.self_attn.q_norm.weight"));
+                    v.push(t!(1, d, "{p}.self_attn.k_norm.weight"));
                 }
                 v
             }
             WeightGroup::Mlp => {
-                let mut v = vec![t(format!("{p}.post_attention_layernorm.weight"), 1, h)];
+                let mut v = vec![t!(1, h, "{p}.post_attention_layernorm.weight")];
                 if self.num_experts > 0 {
                     // Router, then each expert's gate, down and up projections (Mixtral's
                     // w1, w2, w3; Qwen's names in that order too).
@@ -394,25 +413,24 @@ impl ModelSpec {
                     } else {
                         ("block_sparse_moe", ["w1", "w2", "w3"])
                     };
-                    v.push(t(format!("{p}.{block}.gate.weight"), self.num_experts, h));
+                    v.push(t!(self.num_experts, h, "{p}.{block}.gate.weight"));
                     for e in 0..self.num_experts {
-                        let x = format!("{p}.{block}.experts.{e}");
-                        v.push(t(format!("{x}.{gate}.weight"), ffn, h));
-                        v.push(t(format!("{x}.{down}.weight"), h, ffn));
-                        v.push(t(format!("{x}.{up}.weight"), ffn, h));
+                        v.push(expert!(ffn, h, "{p}.{block}.experts.{e}.{gate}.weight"));
+                        v.push(expert!(h, ffn, "{p}.{block}.experts.{e}.{down}.weight"));
+                        v.push(expert!(ffn, h, "{p}.{block}.experts.{e}.{up}.weight"));
                     }
                 } else {
-                    v.push(t(format!("{p}.mlp.gate_proj.weight"), ffn, h));
-                    v.push(t(format!("{p}.mlp.up_proj.weight"), ffn, h));
-                    v.push(t(format!("{p}.mlp.down_proj.weight"), h, ffn));
+                    v.push(t!(ffn, h, "{p}.mlp.gate_proj.weight"));
+                    v.push(t!(ffn, h, "{p}.mlp.up_proj.weight"));
+                    v.push(t!(h, ffn, "{p}.mlp.down_proj.weight"));
                 }
                 v
             }
-            WeightGroup::Embeddings => vec![t("model.embed_tokens.weight".into(), self.vocab_size, h)],
+            WeightGroup::Embeddings => vec![t!(self.vocab_size, h, "model.embed_tokens.weight")],
             WeightGroup::Head => {
-                let mut v = vec![t("model.norm.weight".into(), 1, h)];
+                let mut v = vec![t!(1, h, "model.norm.weight")];
                 if !self.tie_word_embeddings {
-                    v.push(t("lm_head.weight".into(), self.vocab_size, h));
+                    v.push(t!(self.vocab_size, h, "lm_head.weight"));
                 }
                 v
             }

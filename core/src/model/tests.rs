@@ -151,3 +151,44 @@ fn huge_catalog_shapes_are_refused_not_overflowed() {
     m.rope_theta = f64::NAN;
     assert!(m.validate().unwrap_err().to_string().contains("rope_theta"));
 }
+
+#[test]
+fn a_layer_of_experts_splits_into_its_router_part_and_experts_in_any_format() {
+    for name in ["test-moe", "qwen3-30b-a3b", "mixtral-8x7b"] {
+        let m = model(name);
+        for format in [WeightFormat::F16, WeightFormat::parse("q4_k").unwrap()] {
+            let layout = WeightLayout::of(&m, &WeightFormats::uniform(format));
+            let sizes = layout.expert_bytes(&m, 0).unwrap();
+            assert_eq!(sizes.experts.len() as u64, m.num_experts);
+            // The same bytes as the group's tensors, as `group_tensors` lists them.
+            assert_eq!(sizes.router + sizes.experts.iter().sum::<u64>(), layout.bytes(WeightGroup::Mlp, 0), "{name}");
+            let tensors = m.group_tensors(WeightGroup::Mlp, 0);
+            let router: u64 = tensors[ModelSpec::ROUTER_TENSORS]
+                .iter()
+                .map(|t| format.for_tensor(t, m.dtype).bytes(t.rows, t.cols))
+                .sum();
+            assert_eq!(sizes.router, router, "{name}");
+            assert_eq!(sizes.most(m.experts_per_token), m.experts_per_token * sizes.experts[0]);
+            assert_eq!(sizes.most(10 * m.num_experts), sizes.experts.iter().sum::<u64>());
+            assert_eq!(sizes.expected(m.expected_experts(1)), m.experts_per_token * sizes.experts[0]);
+            assert!(sizes.largest_tensor * 3 >= sizes.experts[0] && sizes.largest_tensor < sizes.experts[0]);
+        }
+    }
+    assert!(WeightLayout::of(&model("test-tiny"), &WeightFormats::uniform(WeightFormat::F16))
+        .expert_bytes(&model("test-tiny"), 0)
+        .is_none());
+}
+
+#[test]
+fn group_shapes_are_layer_zeros_tensors_with_the_same_quantizable_ones() {
+    for name in ["test-tiny", "opt-6.7b", "qwen2.5-14b", "test-moe", "qwen3-30b-a3b", "mixtral-8x7b"] {
+        let m = model(name);
+        for group in [WeightGroup::Attention, WeightGroup::Mlp, WeightGroup::Embeddings, WeightGroup::Head] {
+            let (named, shapes) = (m.group_tensors(group, 0), m.group_shapes(group));
+            assert_eq!(named.len(), shapes.len(), "{name} {group:?}");
+            for (t, s) in named.iter().zip(&shapes) {
+                assert_eq!((t.rows, t.cols, t.quantizable()), (s.rows, s.cols, s.quantizable()), "{name} {}", t.name);
+            }
+        }
+    }
+}

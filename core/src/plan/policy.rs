@@ -477,6 +477,15 @@ impl Policy {
         }
     }
 
+    /// Sequences one visit of a layer computes: the whole batch where a layer serves
+    /// every micro-batch before the next (layer-major schedules), one micro-batch else.
+    pub fn sequences_per_visit(&self) -> u64 {
+        match self.schedule {
+            Schedule::ZigzagBlock | Schedule::Pipelined => self.micro_batch_size * self.num_micro_batches,
+            Schedule::Sequential | Schedule::LayerPrefetch => self.micro_batch_size,
+        }
+    }
+
     /// Weight bytes kept on each tier (device, host, disk) of `model` in this policy's
     /// formats: the per-layer groups where each layer places them, embeddings and head.
     pub fn weight_bytes_by_tier(&self, model: &ModelSpec) -> [u64; 3] {

@@ -4,7 +4,7 @@
 use super::attention::AttentionInputs;
 use super::format_pieces;
 use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Round, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
-use crate::model::{ModelSpec, WeightGroup, WeightLayout};
+use crate::model::{ExpertBytes, ModelSpec, WeightGroup, WeightLayout};
 use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use crate::profile::Profile;
 
@@ -26,12 +26,21 @@ pub(super) struct Visit {
 }
 
 /// One transfer of a group's load: which part (`Task::piece`), the bytes it moves and
-/// the bytes it holds (more than it moves where routing decides the bytes at run time).
+/// the bytes it holds (more than it moves where routing decides the bytes at run time),
+/// and the largest request it can make (a routed read asks for separate tensors).
 #[derive(Clone, Copy)]
 pub(super) struct LoadPart {
     pub(super) piece: u32,
     pub(super) bytes: u64,
     pub(super) held_bytes: u64,
+    pub(super) largest_request: u64,
+}
+
+impl LoadPart {
+    /// A part read as one range of `bytes`.
+    pub(super) fn contiguous(piece: u32, bytes: u64) -> LoadPart {
+        LoadPart { piece, bytes, held_bytes: bytes, largest_request: bytes }
+    }
 }
 
 pub(super) struct Builder<'a> {
@@ -66,6 +75,9 @@ pub(super) struct Builder<'a> {
     pub(super) last_kv_store: std::collections::HashMap<(u32, u32), TaskId>,
     /// The draft of a speculative plan (`schedule::draft`).
     pub(super) draft: Option<super::draft::DraftShape>,
+    /// A mixture of experts: each layer's MLP as router part and experts (one entry
+    /// when every layer is alike), for routed reads (`schedule::experts`).
+    pub(super) expert_bytes: Vec<ExpertBytes>,
 }
 
 impl<'a> Builder<'a> {
@@ -94,6 +106,8 @@ impl<'a> Builder<'a> {
             * model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * workload.batch_size
             * policy.kv_positions(workload);
+        let layers_with_sizes = if layout.layers_alike() { 1 } else { model.num_layers };
+        let expert_bytes = (0..layers_with_sizes).filter_map(|layer| layout.expert_bytes(model, layer)).collect();
         Builder {
             policy,
             model,
@@ -101,6 +115,7 @@ impl<'a> Builder<'a> {
             profile,
             placements,
             layout,
+            expert_bytes,
             round: Round::decoding(workload, 0),
             tasks: Vec::new(),
             visit_done: Vec::new(),
@@ -365,13 +380,13 @@ impl<'a> Builder<'a> {
         let chunk = self.policy.chunk_bytes;
         // Only the pipelined schedule makes each piece its own task; others move the whole group.
         let pieces: Vec<LoadPart> = if self.policy.schedule == Schedule::Pipelined {
-            format_pieces(self.model, group, layer as u64, size, chunk)
+            format_pieces(self.model, group, size, chunk)
                 .iter()
                 .enumerate()
-                .map(|(i, p)| LoadPart { piece: i as u32, bytes: p.bytes, held_bytes: p.bytes })
+                .map(|(i, p)| LoadPart::contiguous(i as u32, p.bytes))
                 .collect()
         } else {
-            vec![LoadPart { piece: WHOLE_GROUP, bytes: size.bytes, held_bytes: size.bytes }]
+            vec![LoadPart::contiguous(WHOLE_GROUP, size.bytes)]
         };
         self.load_parts(group, (layer, step, first_j), gate, &pieces)
     }
@@ -397,14 +412,15 @@ impl<'a> Builder<'a> {
         let slot = group.layer_slot().unwrap_or(0);
         let payload = Payload::Weights { group };
         let mut loaded = Loaded { ready: Vec::new(), device_bytes: parts.iter().map(|p| p.held_bytes).sum() };
-        for &LoadPart { piece, bytes, held_bytes } in parts {
+        for &LoadPart { piece, bytes, held_bytes, largest_request } in parts {
+            let request = Task::request_bytes(chunk.min(bytes).min(largest_request));
             let mut deps = gate.to_vec();
             if tier == Tier::Disk {
                 let mut read =
                     Builder::new_task(TaskKind::DiskRead, self.disk_of(layer), payload, layer, first_j, step);
                 read.piece = piece;
                 read.bytes = bytes;
-                read.chunk_bytes = Task::request_bytes(chunk.min(bytes));
+                read.chunk_bytes = request;
                 read.deps = deps;
                 read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: held_bytes });
                 let id = self.push(read);
@@ -419,7 +435,7 @@ impl<'a> Builder<'a> {
                 Builder::new_task(TaskKind::Copy, Resource::link(host, device), payload, layer, first_j, step);
             copy.piece = piece;
             copy.bytes = bytes;
-            copy.chunk_bytes = Task::request_bytes(chunk.min(bytes));
+            copy.chunk_bytes = request;
             copy.pinned = tier == Tier::Disk || self.pinned[layer as usize][slot];
             copy.deps = deps;
             copy.acquire.push(MemOp { pool: device, bytes: held_bytes });

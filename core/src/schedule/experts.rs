@@ -5,7 +5,8 @@
 //! read's `bytes` are the experts uniform routing is expected to touch
 //! (`ModelSpec::expected_experts`, what the simulator moves); it holds the most the
 //! visit's tokens could choose (`ModelSpec::most_experts`, the largest experts: what
-//! the engine may need, so the pools stay a true bound).
+//! the engine may need, so the pools stay a true bound). Its requests are at most one
+//! projection of one expert (`ExpertBytes::largest_tensor`).
 
 use super::builder::{Builder, LoadPart, Loaded};
 use crate::graph::{Op, TaskId, ROUTED_EXPERTS, ROUTER_PART};
@@ -18,14 +19,14 @@ impl Builder<'_> {
         self.model.num_experts > 0 && self.policy.expert_reads.is_routed() && self.streams(WeightGroup::Mlp, layer)
     }
 
-    fn expert_bytes(&self, layer: u32) -> ExpertBytes {
-        self.layout.expert_bytes(self.model, layer as u64).unwrap_or(ExpertBytes { router: 0, experts: Vec::new() })
+    fn expert_bytes(&self, layer: u32) -> &ExpertBytes {
+        &self.expert_bytes[(layer as usize).min(self.expert_bytes.len() - 1)]
     }
 
     /// The router part's load for a visit, gated like any weight load.
     pub(super) fn load_router(&mut self, layer: u32, step: u32, first_j: u32, gate: &[TaskId]) -> Loaded {
         let router = self.expert_bytes(layer).router;
-        let part = LoadPart { piece: ROUTER_PART, bytes: router, held_bytes: router };
+        let part = LoadPart::contiguous(ROUTER_PART, router);
         self.load_parts(WeightGroup::Mlp, (layer, step, first_j), gate, &[part])
     }
 
@@ -47,12 +48,13 @@ impl Builder<'_> {
     /// The read of the experts the visit's micro-batches were routed to, after every
     /// route of the visit (`routes`).
     pub(super) fn load_routed_experts(&mut self, layer: u32, step: u32, first_j: u32, routes: &[TaskId]) -> Loaded {
-        let sizes = self.expert_bytes(layer);
         let tokens = self.rows() * routes.len() as u64;
+        let sizes = self.expert_bytes(layer);
         let part = LoadPart {
             piece: ROUTED_EXPERTS,
             bytes: sizes.expected(self.model.expected_experts(tokens)),
             held_bytes: sizes.most(self.model.most_experts(tokens)),
+            largest_request: sizes.largest_tensor,
         };
         self.load_parts(WeightGroup::Mlp, (layer, step, first_j), routes, &[part])
     }

@@ -61,15 +61,15 @@ pub struct Piece {
 
 /// The pieces of one weight group for a `pipelined` transfer with `chunk_bytes`
 /// requests, every tensor in the float `dtype` (what the executor reads today): each
-/// tensor is cut into row blocks of about max(chunk, group ÷ 16) bytes.
+/// tensor is cut into row blocks of about max(chunk, group ÷ 16) bytes (every layer
+/// has the same shapes).
 pub fn weight_pieces(
     model: &ModelSpec,
     group: WeightGroup,
-    layer: u64,
     dtype: crate::model::Dtype,
     chunk_bytes: u64,
 ) -> Vec<Piece> {
-    let tensors = model.group_tensors(group, layer);
+    let tensors = model.group_shapes(group);
     cut_pieces(&tensors, chunk_bytes, |_, rows, cols| dtype.bytes_of(rows * cols), |_| 1)
 }
 
@@ -77,14 +77,8 @@ pub fn weight_pieces(
 /// `GroupSize::tensors`): row blocks of about max(chunk, group ÷ 16) bytes that cut a
 /// quantized tensor only between whole rows (whole blocks) and a group-wise one only
 /// between whole groups of rows. For float formats, exactly `weight_pieces`.
-pub fn format_pieces(
-    model: &ModelSpec,
-    group: WeightGroup,
-    layer: u64,
-    size: &GroupSize,
-    chunk_bytes: u64,
-) -> Vec<Piece> {
-    let tensors = model.group_tensors(group, layer);
+pub fn format_pieces(model: &ModelSpec, group: WeightGroup, size: &GroupSize, chunk_bytes: u64) -> Vec<Piece> {
+    let tensors = model.group_shapes(group);
     let format = |index: usize| size.tensors.get(index).copied().unwrap_or(WeightFormat::F32);
     cut_pieces(&tensors, chunk_bytes, |i, rows, cols| format(i).bytes(rows, cols), |i| format(i).row_unit())
 }
@@ -302,5 +296,55 @@ mod tests {
         let mut graph = tiny_graph(&workload, &Steps::All);
         graph.rounds.swap(1, 2);
         assert!(graph.validate().unwrap_err().to_string().contains("ascend"));
+    }
+
+    /// A mixture of experts with its MLPs on disk, layer-major over two micro-batches:
+    /// each visit reads the router part ahead, routes both micro-batches, then reads
+    /// the expected experts once (holding the most their tokens could choose), and only
+    /// then computes the MLPs; `expert_reads: whole` reads whole layers ahead as before.
+    #[test]
+    fn routed_visits_route_every_micro_batch_before_reading_the_chosen_experts() {
+        use crate::graph::{Op, Payload, TaskKind, ROUTED_EXPERTS, ROUTER_PART};
+        use crate::plan::{ExpertReads, Schedule, TierCounts};
+        let catalog = Catalog::builtin().unwrap();
+        let model = catalog.model("test-tiny-moe").unwrap().value;
+        let profile = Profile::from_datasheet(&Hardware {
+            gpu: catalog.gpu("cpu").unwrap().value,
+            host: catalog.host("ferry-ci-vm").unwrap().value,
+        });
+        let mut policy = Policy::all_on_device(model.num_layers, 1, Dtype::F32);
+        policy.schedule = Schedule::ZigzagBlock;
+        policy.num_micro_batches = 2;
+        policy.mlp_weights = TierCounts { device: 0, host: 0, disk: model.num_layers };
+        let workload = Workload { batch_size: 2, prompt_len: 3, gen_len: 2 };
+        let graph = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        let sizes = crate::model::WeightLayout::of(&model, &policy.weight_format).expert_bytes(&model, 0).unwrap();
+        let of_visit = |step: u32| graph.tasks.iter().enumerate().filter(move |(_, t)| t.layer == 0 && t.step == step);
+        for (step, tokens) in [(0u32, 2 * 3u64), (1, 2)] {
+            let position = |what: &dyn Fn(&crate::graph::Task) -> bool| -> Vec<usize> {
+                of_visit(step).filter(|(_, t)| what(t)).map(|(i, _)| i).collect()
+            };
+            let router = position(&|t| t.kind == TaskKind::DiskRead && t.piece == ROUTER_PART);
+            let routes = position(&|t| t.payload == Payload::Compute { op: Op::Route, draft: false });
+            let experts = position(&|t| t.kind == TaskKind::DiskRead && t.piece == ROUTED_EXPERTS);
+            let mlps = position(&|t| t.payload == Payload::Compute { op: Op::Mlp, draft: false });
+            assert_eq!((router.len(), routes.len(), experts.len(), mlps.len()), (1, 2, 1, 2), "step {step}");
+            let read = &graph.tasks[experts[0]];
+            assert!(routes.iter().all(|r| read.deps.contains(&(*r as u32))), "the read waits for every route");
+            assert!(mlps.iter().all(|m| graph.tasks[*m].deps.contains(&(experts[0] as u32))));
+            assert_eq!(graph.tasks[router[0]].bytes, sizes.router);
+            assert_eq!(read.bytes, sizes.expected(model.expected_experts(tokens)));
+            assert_eq!(read.acquire[0].bytes, sizes.most(model.most_experts(tokens)));
+            assert!(read.bytes < read.acquire[0].bytes);
+        }
+        // A decoding step's two tokens choose at most 2 × 2 of the 8 experts: the read
+        // holds half a layer's experts, not all.
+        let decoding = graph.tasks.iter().find(|t| t.step == 1 && t.piece == ROUTED_EXPERTS).unwrap();
+        assert_eq!(decoding.acquire[0].bytes, 4 * sizes.experts[0]);
+        policy.expert_reads = ExpertReads::Whole;
+        let whole = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        assert!(whole.tasks.iter().all(|t| t.payload != Payload::Compute { op: Op::Route, draft: false }));
+        let reads: Vec<_> = whole.tasks.iter().filter(|t| t.kind == TaskKind::DiskRead && t.layer == 0).collect();
+        assert!(reads.iter().all(|t| t.bytes == sizes.router + sizes.experts.iter().sum::<u64>()));
     }
 }

@@ -212,7 +212,7 @@ impl<'a> Engine<'a> {
     /// The pieces a pipelined transfer of (group, layer) cuts, as lowering cut them:
     /// from the plan's layout, which `check_plan` found equal to the files' formats.
     fn pieces(&self, group: WeightGroup, layer: u64) -> Vec<ferry_core::schedule::Piece> {
-        format_pieces(self.spec, group, layer, self.layout.group(group, layer), self.policy.chunk_bytes)
+        format_pieces(self.spec, group, self.layout.group(group, layer), self.policy.chunk_bytes)
     }
 
     /// The loaded weights a compute of (group, layer) at (step, micro-batch) uses.

@@ -90,6 +90,7 @@ impl Searcher<'_> {
             pinned: false,
             class: Class::Sequential,
             schedules: vec![Schedule::Sequential],
+            expert_reads: ferry_core::plan::ExpertReads::Routed,
         };
         // One copy per weight group (no chunking knob); mmap-style small reads on unified memory.
         let member = Member {

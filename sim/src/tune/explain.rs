@@ -43,6 +43,7 @@ impl Searcher<'_> {
             pinned: false,
             class: Class::Sequential,
             schedules: vec![Schedule::Sequential],
+            expert_reads: ferry_core::plan::ExpertReads::Routed,
         };
         let all_disk = Fractions { attention: [0.0, 0.0, 1.0], mlp: [0.0, 0.0, 1.0], kv: [0.0, 0.0, 1.0] };
         let member = Member {

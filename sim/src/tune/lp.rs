@@ -29,6 +29,10 @@ pub(super) struct LayerFigures {
     pub(super) layers: f64,
     pub(super) attention_gb: f64,
     pub(super) mlp_gb: f64,
+    /// MLP bytes one visit moves, [prefill, decode]: `mlp_gb`, or for a mixture of
+    /// experts read as routed the router part and the experts its tokens are expected
+    /// to choose.
+    pub(super) mlp_moved_gb: [f64; 2],
     /// Full-sequence KV of one layer for the whole batch.
     pub(super) kv_full_gb: f64,
     /// KV one decode step reads per layer for the whole batch, at the mean context.
@@ -149,6 +153,7 @@ impl Searcher<'_> {
             layers: model.num_layers as f64,
             attention_gb: gb(attention_bytes),
             mlp_gb: gb(layout.mean_bytes(WeightGroup::Mlp)),
+            mlp_moved_gb: [request.prompt_len, 1].map(|new_tokens| gb(self.mlp_moved_bytes(group, new_tokens))),
             kv_full_gb: kv_token * (batch * max_context) as f64 / 1e9,
             kv_read_gb: kv_token * batch as f64 * mean_past / 1e9,
             kv_buffer_gb: 2.0 * kv_token * (mb * max_context) as f64 / 1e9,
@@ -175,6 +180,18 @@ impl Searcher<'_> {
                 ),
             },
         }
+    }
+
+    /// The mean layer's MLP bytes a visit moves when each sequence adds `new_tokens`:
+    /// whole, or as routed reads move a mixture of experts (`schedule::experts`).
+    fn mlp_moved_bytes(&self, group: &Group, new_tokens: u64) -> u64 {
+        let whole = self.layout.mean_bytes(WeightGroup::Mlp);
+        let Some(experts) = self.experts.as_ref().filter(|_| group.expert_reads.is_routed()) else { return whole };
+        let sequences = if group.class == Class::LayerMajor { group.batch() } else { group.micro_batch_size };
+        let expected = self.request.model.expected_experts(sequences * new_tokens);
+        let first_layer = experts.router + experts.experts.iter().sum::<u64>();
+        let moved = experts.router + experts.expected(expected);
+        (whole as f64 * moved as f64 / first_layer.max(1) as f64).round() as u64
     }
 
     /// Compute time of one layer for all micro-batches, in prefill and in a decode step
@@ -371,15 +388,15 @@ impl Searcher<'_> {
         for phase in 0..2 {
             let (streamed, from_disk, device, host) = if group.host_compute {
                 // As `phase_load` prices llama.cpp's split.
-                let mlp_streamed = visits * l * f.mlp_gb * m[2];
+                let mlp_streamed = visits * l * f.mlp_moved_gb[phase] * m[2];
                 let t = f.split_ms(phase);
                 let device = l * (t.device_attention * a[0] + t.device_mlp * (m[0] + m[2]));
                 let host = l * (t.host_attention * a[1] + t.host_mlp * m[1]);
                 (mlp_streamed, mlp_streamed, device, host)
             } else {
-                let streamed = visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2]))
+                let streamed = visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_moved_gb[phase] * (m[1] + m[2]))
                     + if phase == 1 && !group.host_attention { l * f.kv_read_gb * offloaded } else { 0.0 };
-                let from_disk = visits * l * (f.attention_gb * a[2] + f.mlp_gb * m[2])
+                let from_disk = visits * l * (f.attention_gb * a[2] + f.mlp_moved_gb[phase] * m[2])
                     + if phase == 1 { l * f.kv_read_gb * fr.kv[2] } else { 0.0 };
                 let host = if group.host_attention { l * f.host_core_ms[phase] * offloaded } else { 0.0 };
                 (streamed, from_disk, l * f.device_fused_ms[phase], host)
@@ -428,8 +445,8 @@ fn phase_load(group: &Group, f: &LayerFigures, v: &LpVariables, phase: usize) ->
         // MLPs stream to the device and are computed there.
         let t = f.split_ms(phase);
         return PhaseLoad {
-            streamed: visits * l * f.mlp_gb * m[2],
-            from_disk: visits * l * f.mlp_gb * m[2],
+            streamed: visits * l * f.mlp_moved_gb[phase] * m[2],
+            from_disk: visits * l * f.mlp_moved_gb[phase] * m[2],
             device_ms: l * (t.device_attention * a[0] + t.device_mlp * (m[0] + m[2])),
             host_ms: l * (t.host_attention * a[1] + t.host_mlp * m[1]),
         };
@@ -444,8 +461,8 @@ fn phase_load(group: &Group, f: &LayerFigures, v: &LpVariables, phase: usize) ->
     let kv_disk = if phase == 1 { l * f.kv_read_gb * kv[2] } else { Expression::from(0.0) };
     let split = if group.host_attention { f.device_split_ms[phase] - f.device_fused_ms[phase] } else { 0.0 };
     PhaseLoad {
-        streamed: visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_gb * (m[1] + m[2])) + kv_h2d,
-        from_disk: visits * l * (f.attention_gb * a[2] + f.mlp_gb * m[2]) + kv_disk,
+        streamed: visits * l * (f.attention_gb * (a[1] + a[2]) + f.mlp_moved_gb[phase] * (m[1] + m[2])) + kv_h2d,
+        from_disk: visits * l * (f.attention_gb * a[2] + f.mlp_moved_gb[phase] * m[2]) + kv_disk,
         device_ms: l * f.device_fused_ms[phase] + l * split * kv_offloaded.clone(),
         host_ms: l * f.host_core_ms[phase] * ha * kv_offloaded,
     }

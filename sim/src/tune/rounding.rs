@@ -37,7 +37,7 @@ impl Searcher<'_> {
             kv_cache: round_counts(fr.kv, layers),
             host_attention: group.host_attention,
             compute_host_layers_on_host: group.host_compute,
-            expert_reads: Default::default(),
+            expert_reads: group.expert_reads,
             weight_dtype: ferry_core::model::Dtype::F32,
             weight_format: self.request.weight_format.clone(),
             kv_dtype: self.request.kv_dtype,

@@ -4,7 +4,7 @@
 //! the survivors rounded, fitted and simulated. Ends by choosing among near-ties and
 //! summarising the simulated plans into a `TuneResult`.
 
-use ferry_core::plan::{Schedule, Workload};
+use ferry_core::plan::{ExpertReads, Schedule, Workload};
 
 use super::lp::{Fractions, LayerFigures, Transfer};
 use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
@@ -38,6 +38,8 @@ pub(super) struct Group {
     pub(super) pinned: bool,
     pub(super) class: Class,
     pub(super) schedules: Vec<Schedule>,
+    /// How a mixture of experts' streamed experts are read (both are searched).
+    pub(super) expert_reads: ExpertReads,
 }
 
 impl Group {
@@ -62,6 +64,9 @@ pub(super) struct Searcher<'a> {
     pub(super) cost: CostModel<'a>,
     /// The weights' bytes in the request's formats.
     pub(super) layout: ferry_core::model::WeightLayout,
+    /// A mixture of experts: the first layer's MLP as router part and experts (what
+    /// routed reads move; `None` for a dense model).
+    pub(super) experts: Option<ferry_core::model::ExpertBytes>,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -83,11 +88,13 @@ struct Bounded {
 
 impl<'a> Searcher<'a> {
     pub(super) fn new(request: &'a TuneRequest<'a>, space: &'a KnobSpace) -> Searcher<'a> {
+        let layout = ferry_core::model::WeightLayout::of(request.model, &request.weight_format);
         Searcher {
             request,
             space,
             cost: CostModel::for_formats(request.profile, request.model, &request.weight_format),
-            layout: ferry_core::model::WeightLayout::of(request.model, &request.weight_format),
+            experts: layout.expert_bytes(request.model, 0),
+            layout,
         }
     }
 
@@ -131,6 +138,12 @@ impl<'a> Searcher<'a> {
             only_false(&self.space.host_compute),
             only_false(&self.space.pinned),
         );
+        // Only a mixture of experts reads its MLP either way.
+        let expert_reads: &[ExpertReads] = if self.request.model.num_experts > 0 {
+            &[ExpertReads::Routed, ExpertReads::Whole]
+        } else {
+            &[ExpertReads::Routed]
+        };
         let mut groups = Vec::new();
         for (mb, n) in self.batch_configs() {
             for &host_attention in &host_attention_options {
@@ -146,15 +159,18 @@ impl<'a> Searcher<'a> {
                             if schedules.is_empty() {
                                 continue;
                             }
-                            groups.push(Group {
-                                micro_batch_size: mb,
-                                num_micro_batches: n,
-                                host_attention,
-                                host_compute,
-                                pinned,
-                                class,
-                                schedules,
-                            });
+                            for &expert_reads in expert_reads {
+                                groups.push(Group {
+                                    micro_batch_size: mb,
+                                    num_micro_batches: n,
+                                    host_attention,
+                                    host_compute,
+                                    pinned,
+                                    class,
+                                    schedules: schedules.clone(),
+                                    expert_reads,
+                                });
+                            }
                         }
                     }
                 }

@@ -49,6 +49,7 @@ pub(super) fn device_terms(
         pinned: !view.unified_memory,
         class: Class::of(knobs.schedule),
         schedules: vec![knobs.schedule],
+        expert_reads: ferry_core::plan::ExpertReads::Routed,
     };
     let figures = searcher.figures(&group);
     let layout = &searcher.layout;
