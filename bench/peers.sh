@@ -15,6 +15,14 @@
 #                            # the file's direct-I/O read rate measured around each pair;
 #                            # PROFILE=FILE tunes Ferry's plans with that measured profile
 #                            # (`ferry profile --backend cpu`) instead of datasheet figures
+#   bench/peers.sh experts [N] # a mixture of experts (MODEL=test-moe) under the same
+#                            # budget: the tuned plan reading only the routed experts
+#                            # against the same plan reading whole layers of experts
+#                            # (`expert_reads: whole`), page cache dropped before every
+#                            # run; the decoding steps' bytes read per token (a run's
+#                            # requested bytes less a prefill-only run's) and the rate
+#                            # they amount to over the decoding time, beside the file's
+#                            # direct-I/O rate (`dd`) around each round
 #
 # Ferry's figure is its measured decode rate (1 / time per output token, batch
 # sequences per step), with its default activations (8-bit, as llama.cpp) and with
@@ -142,9 +150,61 @@ budget() {
   done
 }
 
+ferry_figures() { # model plan [run options] -> "tokens/s requested-bytes"
+  "$FERRY" run --model-dir "$1" --plan "$2" "${@:3}" --json 2>/dev/null |
+    python3 -c "import json,sys; d=json.load(sys.stdin); m=d['metrics']; t=m['time_per_output_token_ns']; print(round(len(d['tokens'])*1e9/t,2) if t else 0, d['requested_read_bytes'], t)"
+}
+
+experts() {
+  local rounds=${1:-3}
+  prepare
+  for q in q4_0 q8_0; do
+    local file="$PEERS/$STEM-$q.gguf"
+    local third=$(( $(stat -c %s "$file") / 3 ))
+    for b in 1 8; do
+      local plan="$PEERS/experts-$STEM-$q-b$b.yaml"
+      "$FERRY" tune --gpu cpu --host ferry-ci-vm --device-mem "$third" --model "$file" --batch $b --prompt-len 64 \
+        --gen-len 32 --out "$plan" --force > /dev/null 2>&1
+      grep -q "^  expert_reads: whole" "$plan" && { echo "the tuner chose whole reads for $plan"; exit 1; }
+      sed 's/^  compute_host_layers_on_host: \(.*\)$/  compute_host_layers_on_host: \1\n  expert_reads: whole/' "$plan" \
+        > "$PEERS/experts-$STEM-$q-b$b-whole.yaml"
+    done
+  done
+  for round in $(seq "$rounds"); do
+    for q in q4_0 q8_0; do
+      local file="$PEERS/$STEM-$q.gguf" rate
+      rate=$(disk_rate "$file")
+      for b in 1 8; do
+        local plan="$PEERS/experts-$STEM-$q-b$b.yaml" routed whole prefill
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        routed=$(ferry_figures "$file" "$plan")
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        whole=$(ferry_figures "$file" "${plan%.yaml}-whole.yaml")
+        sync; echo 3 > /proc/sys/vm/drop_caches
+        prefill=$(ferry_figures "$file" "$plan" --gen-len 1)
+        python3 - "$q" "$b" "$rate" $routed $whole $prefill <<'PY'
+import sys
+q, b, rate = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+routed_ts, routed_bytes, routed_tpot = float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+whole_ts, whole_bytes = float(sys.argv[7]), int(sys.argv[8])
+prefill_bytes = int(sys.argv[11])
+steps = 31  # decoding steps after the prefill's token
+per_step = (routed_bytes - prefill_bytes) / steps
+achieved = per_step / routed_tpot  # bytes per ns = GB/s while decoding, reads and compute together
+print(f"{q} batch {b}: routed {routed_ts} tokens/s, whole {whole_ts} tokens/s ({routed_ts / whole_ts:.2f}x); "
+      f"decoding reads {per_step / b / 2**20:.2f} MiB per token (whole: {(whole_bytes - prefill_bytes) / steps / b / 2**20:.2f}), "
+      f"{achieved:.2f} GB/s over the decoding time (dd before the round: {rate} GB/s)")
+PY
+      done
+    done
+    echo "round $round done; disk after: $(disk_rate "$PEERS/$STEM-q4_0.gguf") GB/s"
+  done
+}
+
 case "${1:-}" in
   build) build ;;
   ram) ram "${2:-3}" ;;
   budget) budget "${2:-3}" ;;
-  *) sed -n '2,21p' "$0"; exit 2 ;;
+  experts) experts "${2:-3}" ;;
+  *) sed -n '2,29p' "$0"; exit 2 ;;
 esac

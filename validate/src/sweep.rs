@@ -32,7 +32,7 @@ pub fn describe(plan: &Plan) -> String {
         p.mlp_weights.device,
         p.kv_cache.device,
         plan.hardware.device_memory.map(format_bytes).unwrap_or_default().replace(' ', "")
-    )
+    ) + if p.expert_reads.is_routed() { "" } else { " whole-experts" }
 }
 
 /// The configurations in the order they are tried: the tuner's own pick at the middle

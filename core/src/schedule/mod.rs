@@ -24,9 +24,14 @@
 //! Where the hidden state of each micro-batch lives (device or host) is tracked, and
 //! an activation copy is emitted whenever the next operation runs on the other side.
 //!
-//! The lowering is split in three: `builder` (program order, gates, weight loads,
+//! A mixture of experts read as routed (`experts`) changes a visit's order: every
+//! micro-batch's attention and routing first, then one read of the experts they chose,
+//! then their MLPs (the read cannot start before the routes exist).
+//!
+//! The lowering is split in five: `builder` (program order, gates, weight loads,
 //! where each micro-batch's hidden state is), `attention` (attention with the KV
-//! cache at any tier, fused or around host attention), `resources` (the pools and
+//! cache at any tier, fused or around host attention), `experts` (routed expert
+//! reads), `draft` (a speculative round's draft passes), `resources` (the pools and
 //! resources a graph gets, one per place).
 
 mod attention;
