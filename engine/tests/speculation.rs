@@ -179,6 +179,30 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
     assert!(agreed > 0 && rejected > 0, "agreed {agreed}, rejected {rejected}");
 }
 
+/// A mixture of experts speculating while its experts stream from disk as routed reads
+/// (the draft's first layer computes its routes itself; the target's verification
+/// routes, reads the chosen experts and computes): exactly plain greedy decoding.
+#[test]
+fn a_mixture_of_experts_speculates_over_routed_expert_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
+    let model_dir = dir.path().join("model");
+    let damping = Some(Damping { from_layer: 1, factor: DAMPING });
+    ferry_engine::synth::synthesize_damped(&spec, Dtype::F32, 7, damping, &model_dir, false, |_, _| {}).unwrap();
+    let files = ModelFiles::open(&model_dir).unwrap();
+    let layers = spec.num_layers;
+    let workload = Workload { batch_size: 2, prompt_len: 5, gen_len: 8 };
+    let reference = execute(dir.path(), &files, &Policy::all_on_device(layers, 2, Dtype::F32), &workload);
+    for schedule in [Schedule::LayerPrefetch, Schedule::ZigzagBlock] {
+        for (mb, n) in [(2, 1), (1, 2)] {
+            let policy = speculating(&streamed(layers, schedule, mb, n), 1, 3);
+            let report = execute(dir.path(), &files, &policy, &workload);
+            assert_eq!(reference.tokens, report.tokens, "{schedule:?} {mb}×{n}: tokens differ from greedy decoding");
+            assert!(report.speculation.is_some());
+        }
+    }
+}
+
 #[test]
 fn a_separate_draft_model_yields_the_targets_tokens_and_agrees_as_its_layers_do() {
     let dir = tempfile::tempdir().unwrap();
