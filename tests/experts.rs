@@ -1,0 +1,66 @@
+//! End-to-end tests of a mixture of experts' plans: where `ferry tune` keeps the
+//! experts of a model too large for the GPU, in llama.cpp's terms and in Ferry's own.
+
+mod common;
+
+use common::{ferry, text};
+
+/// The `--n-cpu-moe` question for a mixture of experts on a 12 GB GPU, for a long
+/// answer (256 tokens: decoding outweighs the prompt): the plan keeps attention and KV
+/// on the device, some layers' experts in host RAM computed there, says how many, and
+/// gives the llama.cpp command keeping exactly those layers' experts on the CPU; its
+/// plan file reloads with the same prediction.
+#[test]
+fn tune_answers_where_a_mixture_of_experts_keeps_its_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "tune",
+        "--gpu",
+        "rtx3060",
+        "--model",
+        "qwen3-30b-a3b",
+        "--weight-format",
+        "q4_k",
+        "--batch",
+        "1",
+        "--gen-len",
+        "256",
+    ];
+    let out = ferry(dir.path(), &[&args[..], &["--out", "plan.yaml"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("experts: ")).unwrap_or_else(|| panic!("{stdout}"));
+    let on_cpu: u64 = line["experts: ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!((1..48).contains(&on_cpu), "{line}");
+    assert!(line.contains(&format!("--n-cpu-moe {on_cpu}")), "{line}");
+    let plan: ferry_core::plan::Plan = ferry_core::yaml::read_file(&dir.path().join("plan.yaml")).unwrap();
+    let policy = &plan.policy;
+    assert!(policy.compute_host_layers_on_host);
+    assert_eq!((policy.attention_weights.device, policy.kv_cache.device), (48, 48));
+    assert_eq!(policy.mlp_weights.host, on_cpu);
+    // The -ot rule names exactly on_cpu layers' experts.
+    let rule = stdout.lines().find(|l| l.contains("_exps")).unwrap_or_else(|| panic!("{stdout}"));
+    let layers = rule.split('(').nth(1).unwrap().split(')').next().unwrap().split('|').count() as u64;
+    assert_eq!(layers, on_cpu, "{rule}");
+    let exported = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "llama.cpp"]);
+    assert!(text(&exported.stdout).contains(rule.trim().trim_end_matches(" \\")), "{}", text(&exported.stdout));
+}
+
+/// For a short answer (32 tokens) the same GPU does better streaming the experts each
+/// step routes to from host RAM (the 512-token prompt is then computed on the device,
+/// not the CPU): the plan says so, and the llama.cpp export says llama.cpp cannot.
+#[test]
+fn tune_streams_only_the_routed_experts_where_that_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["tune", "--gpu", "rtx3060", "--model", "qwen3-30b-a3b", "--weight-format", "q4_k", "--batch", "1"];
+    let out = ferry(dir.path(), &[&args[..], &["--out", "plan.yaml"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("experts: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("reads only the experts its tokens are routed to (about 8.0 of 128"), "{line}");
+    let plan: ferry_core::plan::Plan = ferry_core::yaml::read_file(&dir.path().join("plan.yaml")).unwrap();
+    assert!(plan.policy.expert_reads.is_routed() && !plan.policy.compute_host_layers_on_host);
+    assert!(plan.policy.mlp_weights.host + plan.policy.mlp_weights.disk > 0);
+    let exported = text(&ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "llama.cpp"]).stdout);
+    assert!(exported.contains("only the experts each step routes to"), "{exported}");
+}
