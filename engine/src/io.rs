@@ -2,12 +2,18 @@
 //! bypassed, so the disk, not RAM, is measured), issued as `chunk_bytes` requests by
 //! a pool of `io_queue_depth` threads shared by all disk tasks — the same request
 //! size and requests-in-flight the simulator's disk curve is indexed by.
+//!
+//! The pool serves the reads in flight in turn, one request of each (round robin over
+//! submissions), not in the order they were queued: the simulator shares the disk
+//! among the tasks reading at once, and a small read (a KV cache) queued behind a
+//! prefetch of several layers' weights would otherwise wait for all of them.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::memory::{Buffer, PAGE};
 use crate::EngineError;
@@ -70,35 +76,66 @@ struct Request {
 // answered (the submitting task waits for every answer before using the buffer).
 unsafe impl Send for Request {}
 
+/// The requests waiting, by submission (one read of one task): the front submission
+/// gives the next request and goes to the back if it has more.
+#[derive(Default)]
+struct Waiting {
+    submissions: VecDeque<VecDeque<Request>>,
+    closed: bool,
+}
+
+impl Waiting {
+    fn next(&mut self) -> Option<Request> {
+        let mut submission = self.submissions.pop_front()?;
+        let request = submission.pop_front();
+        if !submission.is_empty() {
+            self.submissions.push_back(submission);
+        }
+        request
+    }
+}
+
 /// `threads` workers serving read requests: the disk's queue depth.
 pub struct ReadPool {
-    sender: Mutex<Option<mpsc::Sender<Request>>>,
+    waiting: Arc<(Mutex<Waiting>, Condvar)>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ReadPool {
     pub fn new(threads: usize) -> ReadPool {
-        let (sender, receiver) = mpsc::channel::<Request>();
-        let receiver = Arc::new(Mutex::new(receiver));
+        let waiting: Arc<(Mutex<Waiting>, Condvar)> = Arc::default();
         let workers = (0..threads.max(1))
             .map(|i| {
-                let receiver = Arc::clone(&receiver);
+                let waiting = Arc::clone(&waiting);
                 std::thread::Builder::new()
                     .name(format!("ferry-io-{i}"))
-                    .spawn(move || loop {
-                        let request = match receiver.lock().map(|r| r.recv()) {
-                            Ok(Ok(request)) => request,
-                            _ => return,
-                        };
-                        // SAFETY: see `Request`.
-                        let dest = unsafe { std::slice::from_raw_parts_mut(request.dest, request.len) };
-                        let result = request.file.read_at(dest, request.offset);
-                        let _ = request.done.send(result);
+                    .spawn(move || {
+                        while let Some(request) = ReadPool::take(&waiting) {
+                            // SAFETY: see `Request`.
+                            let dest = unsafe { std::slice::from_raw_parts_mut(request.dest, request.len) };
+                            let result = request.file.read_at(dest, request.offset);
+                            let _ = request.done.send(result);
+                        }
                     })
                     .expect("spawn an I/O thread")
             })
             .collect();
-        ReadPool { sender: Mutex::new(Some(sender)), workers }
+        ReadPool { waiting, workers }
+    }
+
+    /// The next request to serve, waiting for one; `None` once the pool is closed.
+    fn take(waiting: &(Mutex<Waiting>, Condvar)) -> Option<Request> {
+        let (lock, ready) = waiting;
+        let mut queue = lock.lock().ok()?;
+        loop {
+            if let Some(request) = queue.next() {
+                return Some(request);
+            }
+            if queue.closed {
+                return None;
+            }
+            queue = ready.wait(queue).ok()?;
+        }
     }
 
     /// Reads the byte ranges `ranges` (absolute file offsets) of `file` one after another
@@ -194,28 +231,27 @@ impl ReadPool {
     ) -> Result<(), EngineError> {
         let chunk = (chunk_bytes as usize).max(PAGE) / PAGE * PAGE;
         let (done_tx, done_rx) = mpsc::channel();
-        let mut requests = 0;
-        {
-            let sender = self.sender.lock().expect("pool lock");
-            let sender = sender.as_ref().expect("pool open");
-            for &(start, base, len) in pieces {
-                let mut done = 0;
-                while done < len {
-                    let n = chunk.min(len - done);
-                    // SAFETY: `done + n <= len`, inside the caller's destination.
-                    let dest = unsafe { base.add(done) };
-                    let request = Request {
-                        file: Arc::clone(file),
-                        offset: start + done as u64,
-                        dest,
-                        len: n,
-                        done: done_tx.clone(),
-                    };
-                    sender.send(request).map_err(|_| EngineError::Internal("I/O pool stopped".into()))?;
-                    requests += 1;
-                    done += n;
-                }
+        let mut submission = VecDeque::new();
+        for &(start, base, len) in pieces {
+            let mut done = 0;
+            while done < len {
+                let n = chunk.min(len - done);
+                // SAFETY: `done + n <= len`, inside the caller's destination.
+                let dest = unsafe { base.add(done) };
+                let offset = start + done as u64;
+                submission.push_back(Request { file: Arc::clone(file), offset, dest, len: n, done: done_tx.clone() });
+                done += n;
             }
+        }
+        let requests = submission.len();
+        {
+            let (lock, ready) = &*self.waiting;
+            let mut queue = lock.lock().map_err(|_| EngineError::Internal("I/O pool lock poisoned".into()))?;
+            if queue.closed {
+                return Err(EngineError::Internal("I/O pool stopped".into()));
+            }
+            queue.submissions.push_back(submission);
+            ready.notify_all();
         }
         let mut first_error = None;
         for _ in 0..requests {
@@ -236,9 +272,41 @@ impl ReadPool {
 
 impl Drop for ReadPool {
     fn drop(&mut self) {
-        self.sender.lock().map(|mut s| s.take()).ok();
+        let (lock, ready) = &*self.waiting;
+        if let Ok(mut queue) = lock.lock() {
+            queue.closed = true;
+        }
+        ready.notify_all();
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads in flight take turns: a one-request read queued after a four-request one
+    /// is served second, not fifth.
+    #[test]
+    fn the_pool_serves_the_reads_in_flight_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let file = Arc::new(DiskFile::open(&path, true).unwrap());
+        let (done, _answers) = mpsc::channel();
+        let request = |offset: u64| Request {
+            file: Arc::clone(&file),
+            offset,
+            dest: std::ptr::null_mut(),
+            len: 0,
+            done: done.clone(),
+        };
+        let mut waiting = Waiting::default();
+        waiting.submissions.push_back((0..4).map(request).collect());
+        waiting.submissions.push_back([request(100)].into_iter().collect());
+        let order: Vec<u64> = std::iter::from_fn(|| waiting.next()).map(|r| r.offset).collect();
+        assert_eq!(order, [0, 100, 1, 2, 3]);
     }
 }
