@@ -64,3 +64,48 @@ fn tune_streams_only_the_routed_experts_where_that_wins() {
     let exported = text(&ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "llama.cpp"]).stdout);
     assert!(exported.contains("only the experts each step routes to"), "{exported}");
 }
+
+/// A run writes its routing (`--routing-out`); tuning with it (`--routing`) plans with
+/// those shares and names the file in the plan, which `simulate` reads back; a routing
+/// that does not fit the model, and a dense model's routing, are refused with a reason.
+#[test]
+fn a_runs_measured_routing_feeds_the_next_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    assert!(ferry(d, &["synth", "--model", "test-tiny-moe", "--dtype", "f32", "--out", "moe"]).status.success());
+    std::fs::write(d.join("plan.yaml"), common::TINY_PLAN.replace("model: tiny", "model: moe")).unwrap();
+    let run = ferry(d, &["run", "--model-dir", "moe", "--plan", "plan.yaml", "--routing-out", "routing.yaml"]);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let routing: ferry_core::model::ExpertPopularity = ferry_core::yaml::read_file(&d.join("routing.yaml")).unwrap();
+    assert_eq!((routing.layers.len(), routing.experts_per_token), (4, 2));
+    // 4 sequences × (6 prompt + 4 decoded) tokens, each layer's shares adding up to k.
+    assert_eq!(routing.tokens, 40);
+    routing.check(4, 8, 2).unwrap();
+    // Nothing is overwritten without --force.
+    let again = ferry(d, &["run", "--model-dir", "moe", "--plan", "plan.yaml", "--routing-out", "routing.yaml"]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again.stderr));
+
+    let args = ["tune", "--gpu", "cpu", "--host", "ferry-ci-vm", "--device-mem", "8MiB", "--model", "moe"];
+    let tuned = ferry(d, &[&args[..], &["--routing", "routing.yaml", "--out", "tuned.yaml"]].concat());
+    assert!(tuned.status.success(), "{}", text(&tuned.stderr));
+    let plan: ferry_core::plan::Plan = ferry_core::yaml::read_file(&d.join("tuned.yaml")).unwrap();
+    assert_eq!(plan.models.routing.as_deref(), Some("routing.yaml"));
+    let simulated = ferry(d, &["simulate", "--plan", "tuned.yaml"]);
+    assert!(simulated.status.success(), "{}", text(&simulated.stderr));
+
+    // A layer whose shares do not add up to k: the file and the layer are named.
+    let mut broken = routing.clone();
+    broken.layers[0][0] = (broken.layers[0][0] + 0.5) % 1.0;
+    std::fs::write(d.join("broken.yaml"), ferry_core::yaml::to_yaml_string(&broken).unwrap()).unwrap();
+    let refused = ferry(d, &[&args[..], &["--routing", "broken.yaml"]].concat());
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("broken.yaml") && stderr.contains("layer 0"), "{stderr}");
+    // A dense model has no routing to write.
+    assert!(ferry(d, &["synth", "--model", "test-tiny", "--dtype", "f32", "--out", "tiny"]).status.success());
+    std::fs::write(d.join("dense.yaml"), common::TINY_PLAN).unwrap();
+    let dense =
+        ferry(d, &["run", "--model-dir", "tiny", "--plan", "dense.yaml", "--routing-out", "dense-routing.yaml"]);
+    assert_eq!(dense.status.code(), Some(2));
+    assert!(text(&dense.stderr).contains("no mixture of experts"), "{}", text(&dense.stderr));
+}

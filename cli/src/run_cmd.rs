@@ -87,10 +87,15 @@ pub struct RunArgs {
     /// Write the measured trace as Chrome trace-event JSON (opens in Perfetto).
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
+    /// A mixture of experts: write the run's routing (per layer, the share of tokens
+    /// routed to each expert) as YAML, for `ferry tune --routing` and a plan's
+    /// `models.routing`: predictions then count the experts a step touches from it.
+    #[arg(long, value_name = "FILE")]
+    routing_out: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Overwrite the trace and logits files.
+    /// Overwrite the trace, logits and routing files.
     #[arg(long)]
     force: bool,
 }
@@ -169,7 +174,7 @@ fn resolve_for_folder(
 }
 
 pub fn run_plan(args: RunArgs) -> Result<()> {
-    for path in args.trace.iter().chain(&args.logits) {
+    for path in args.trace.iter().chain(&args.logits).chain(&args.routing_out) {
         ferry_core::atomic::check_output_path(path, args.force)?;
     }
     let catalog = Catalog::builtin()?;
@@ -178,6 +183,13 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     let backend = backend::backend(&args.backend, args.activations)?;
     let files = ModelFiles::open(&args.model_dir)?;
+    if args.routing_out.is_some() && files.spec.num_experts == 0 {
+        return Err(CoreError::invalid(format!(
+            "--routing-out: {} is no mixture of experts, so it has no routing to write",
+            files.spec.name
+        ))
+        .into());
+    }
     let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec, args.draft_dir.as_deref())?;
     let draft_files = open_draft(&args.plan, &mut resolved)?;
     // A backend whose "device" is host RAM (cpu) measures nothing of a discrete GPU's plan.
@@ -238,6 +250,10 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     if let Some(path) = &args.logits {
         let last = report.logits.last().context("the run kept no logits")?;
         ferry_core::atomic::write_atomic(path, &ferry_core::npy::f32_matrix(last)?, args.force)?;
+    }
+    if let Some(path) = &args.routing_out {
+        let routing = report.expert_popularity(&files.spec).context("--routing-out: the run routed no tokens")?;
+        ferry_core::yaml::write_new_file(path, &ferry_core::yaml::to_yaml_string(&routing)?, args.force)?;
     }
     if let Some(path) = &args.trace {
         let json = chrome_trace(graph, &report.trace);
@@ -477,15 +493,17 @@ fn print_memory_and_disk(resolved: &ResolvedPlan, report: &ferry_engine::RunRepo
 }
 
 /// A mixture of experts: how many experts a layer's tokens touched per step, measured
-/// against what uniform routing predicts for the same tokens (the simulator's figure).
+/// against what the simulator predicts for the same tokens (uniform routing, or the
+/// plan's measured routing).
 fn experts_line(resolved: &ResolvedPlan, report: &ferry_engine::RunReport) -> Option<String> {
     let model = &resolved.model;
     let (prefill, decode) = (report.mean_experts(true)?, report.mean_experts(false));
     let rows = |new: u64| resolved.plan.policy.micro_batch_size * new;
     let prompt = resolved.plan.workload.prompt_len;
     let mut line = format!(
-        "experts: {prefill:.1} of {} per layer and micro-batch in the prefill (uniform routing: {:.1})",
+        "experts: {prefill:.1} of {} per layer and micro-batch in the prefill ({}: {:.1})",
         model.num_experts,
+        model.routing_name(),
         model.expected_experts(rows(prompt))
     );
     if let Some(decode) = decode {

@@ -94,6 +94,11 @@ pub struct TuneArgs {
     /// [default: the model's own: its dtype, or a GGUF file's mix of types as stored]
     #[arg(long, visible_alias = "weight-dtype", value_name = "LIST")]
     pub(crate) weight_format: Option<String>,
+    /// A mixture of experts' measured routing (`ferry run --routing-out FILE`): plans
+    /// count the experts a step touches from it instead of uniform routing; the plan
+    /// written names the file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) routing: Option<PathBuf>,
     /// Speculative decoding: the draft to try, `self:L` (the model's own first L layers
     /// with its head; LayerSkip-style early exit) or a draft model (catalog name,
     /// folder or GGUF file) with the model's vocabulary. The search runs with and
@@ -133,7 +138,10 @@ pub fn run(args: TuneArgs) -> Result<()> {
     }
     let catalog = Catalog::builtin()?;
     let cwd = std::path::Path::new(".");
-    let (model, mut notes) = resolve_model(&catalog, &args.model, cwd)?;
+    let (mut model, mut notes) = resolve_model(&catalog, &args.model, cwd)?;
+    if let Some(file) = &args.routing {
+        model.routing = Some(std::sync::Arc::new(ferry_core::resolve::load_routing(file, &model)?));
+    }
     let hardware = HardwareRef {
         gpu: args.gpu.clone(),
         cluster: args.cluster.clone(),
@@ -466,9 +474,10 @@ fn experts_line(model: &ferry_core::model::ModelSpec, policy: &ferry_core::plan:
             _ if streamed == 0 => String::new(),
             ExpertReads::Routed => format!(
                 ": each decoding step reads only the experts its tokens are routed to (about {:.1} of {} per \
-                 layer under uniform routing)",
+                 layer under {})",
                 model.expected_experts(policy.sequences_per_visit()),
-                model.num_experts
+                model.num_experts,
+                model.routing_name()
             ),
             ExpertReads::Whole => ": every expert of a layer, read ahead (expert_reads: whole)".to_string(),
         };

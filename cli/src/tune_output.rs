@@ -59,7 +59,11 @@ fn written_plan(
         _ => None,
     };
     let plan = Plan {
-        models: Models { target: named(&args.model, &model.name), draft },
+        models: Models {
+            target: named(&args.model, &model.name),
+            draft,
+            routing: args.routing.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
+        },
         hardware: HardwareRef {
             profile: args.profile.as_deref().map(|p| path_from_plan(p, args.out.as_deref())),
             ..hardware.clone()

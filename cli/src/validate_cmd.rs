@@ -47,6 +47,11 @@ pub struct ValidateArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+    /// A mixture of experts' measured routing (`ferry run --routing-out`, from other
+    /// prompts than validation's): predictions count the experts a step touches from it
+    /// instead of uniform routing.
+    #[arg(long, value_name = "FILE")]
+    routing: Option<PathBuf>,
     /// Do not re-measure the disk around each plan (by default its read bandwidth is
     /// measured right before and right after each run and the profile's disk curves
     /// scaled to the mean: a shared disk drifts by tens of percent within minutes).
@@ -74,6 +79,7 @@ impl ValidateArgs {
             gen_len: self.gen_len,
             report: self.report,
             disk_recheck: !self.no_disk_recheck,
+            routing: self.routing,
             force: self.force,
         }
     }
@@ -138,8 +144,9 @@ fn print_human(outcome: &Outcome) {
     );
     if let Some((median, worst, plans)) = ferry_validate::stats::experts_error(&outcome.plans) {
         println!(
-            "experts per decoding step (per layer and micro-batch), measured against uniform routing's \
-             prediction: median |difference| {median:.1} %, max {worst:.1} % over {plans} plans"
+            "experts per decoding step (per layer and micro-batch), measured against the prediction ({}): \
+             median |difference| {median:.1} %, max {worst:.1} % over {plans} plans",
+            if outcome.routing_measured { "the measured routing" } else { "uniform routing" }
         );
     }
     if let Some(t) = &outcome.tolerances {

@@ -263,13 +263,34 @@ pub fn resolve_plan_with_model(
     base_dir: &Path,
 ) -> Result<ResolvedPlan> {
     let mut plan = plan;
+    let mut model = model;
     resolve_draft(catalog, &mut plan, base_dir, &mut notes)?;
+    if let Some(file) = &plan.models.routing {
+        model.routing = Some(std::sync::Arc::new(load_routing(&base_dir.join(file), &model)?));
+    }
     let (profile, hardware_notes) = resolve_hardware(catalog, &plan.hardware, base_dir)?;
     notes.extend(hardware_notes);
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
     check_devices(&plan.policy, &profile)?;
     notes.extend(weight_format_notes(&plan.policy.weight_format, &model, &profile));
     Ok(ResolvedPlan { plan, model, profile, notes })
+}
+
+/// A measured routing file for `model` (`ExpertPopularity`), checked against its
+/// layers and experts.
+pub fn load_routing(path: &Path, model: &ModelSpec) -> Result<crate::model::ExpertPopularity> {
+    if model.num_experts == 0 {
+        return Err(CoreError::invalid(format!(
+            "plan: models.routing names {}, but {} is no mixture of experts",
+            path.display(),
+            model.name
+        )));
+    }
+    let routing: crate::model::ExpertPopularity = crate::yaml::read_file(path)?;
+    routing
+        .check(model.num_layers, model.num_experts, model.experts_per_token)
+        .map_err(|e| CoreError::invalid(format!("{}: {e}", path.display())))?;
+    Ok(routing)
 }
 
 /// Fills a speculative plan's separate draft (`models.draft`) into its speculation

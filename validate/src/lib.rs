@@ -96,6 +96,9 @@ pub struct Options {
     /// the profile's disk curves to the mean (a shared disk drifts by tens of percent
     /// within minutes).
     pub disk_recheck: bool,
+    /// A mixture of experts' measured routing file (`ferry run --routing-out`): the
+    /// predictions count experts with it instead of uniform routing.
+    pub routing: Option<PathBuf>,
     /// Overwrite report files.
     pub force: bool,
 }
@@ -127,7 +130,8 @@ pub struct PlanResult {
     pub predicted_busy_s: Vec<(Resource, f64)>,
     pub measured_busy_s: Vec<(Resource, f64)>,
     /// A mixture of experts: distinct experts per layer and micro-batch in a decoding
-    /// step, as the simulator prices them (uniform routing) and as the run routed them.
+    /// step, as the simulator prices them (uniform routing, or `Options::routing`) and as
+    /// the run routed them.
     pub experts_per_step: Option<ExpertsPerStep>,
 }
 
@@ -148,6 +152,8 @@ pub struct Outcome {
     pub tolerances: Option<Tolerances>,
     /// Whether the statistics are within the tolerances (always, without tolerances).
     pub passed: bool,
+    /// Whether predictions counted experts with a measured routing (`Options::routing`).
+    pub routing_measured: bool,
 }
 
 /// Predicts and runs `options.plans` diverse plans and compares prediction with
@@ -155,7 +161,11 @@ pub struct Outcome {
 /// error.
 pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Outcome, ValidateError> {
     let catalog = Catalog::builtin()?;
-    let files = ModelFiles::open(&options.model_dir)?;
+    let mut files = ModelFiles::open(&options.model_dir)?;
+    if let Some(path) = &options.routing {
+        let routing = ferry_core::resolve::load_routing(path, &files.spec)?;
+        files.spec.routing = Some(std::sync::Arc::new(routing));
+    }
     let (base_profile, _) = resolve_hardware(
         &catalog,
         &HardwareRef { profile: Some(options.profile.display().to_string()), ..HardwareRef::default() },
@@ -195,7 +205,7 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
         report::write_summary(dir, &files.spec.name, options, &rows, &stats)?;
     }
     let passed = tolerances.as_ref().is_none_or(|t| t.passed_by(&stats));
-    Ok(Outcome { plans: rows, stats, tolerances, passed })
+    Ok(Outcome { plans: rows, stats, tolerances, passed, routing_measured: options.routing.is_some() })
 }
 
 #[cfg(test)]

@@ -99,7 +99,10 @@ pub(crate) fn plans(options: &Options, files: &ModelFiles, base_profile: &Profil
         };
         let Ok(result) = tune(&request, &space) else { continue };
         let plan = Plan {
-            models: Models::target(absolute(&options.model_dir)),
+            models: Models {
+                routing: options.routing.as_deref().map(absolute),
+                ..Models::target(absolute(&options.model_dir))
+            },
             hardware: HardwareRef {
                 profile: Some(absolute(&options.profile)),
                 device_memory: Some(profile.device_memory_bytes),

@@ -88,6 +88,7 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         dtype: float_dtype(header).unwrap_or(Dtype::F16),
         source: origin.clone(),
         stored: None,
+        routing: None,
     };
     spec.validate().map_err(|e| bad(e.to_string()))?;
     let stored = stored_layout(header, &spec).map_err(bad)?;

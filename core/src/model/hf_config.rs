@@ -129,6 +129,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             dtype,
             source: origin.to_string(),
             stored: None,
+            routing: None,
         }
     } else {
         match config.text("hidden_act")? {
@@ -189,6 +190,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             dtype,
             source: origin.to_string(),
             stored: None,
+            routing: None,
         }
     };
     spec.validate().map_err(|e| CoreError::invalid(format!("{origin}: {e}")))?;

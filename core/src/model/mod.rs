@@ -9,11 +9,13 @@ mod format;
 mod gguf_metadata;
 mod hf_config;
 mod layout;
+mod routing;
 
 pub use format::{WeightFormat, WeightFormats, DEFAULT_GROUP_SIZE, MAX_GROUP_SIZE, PLANNABLE_BLOCKS};
 pub use gguf_metadata::{float_dtype, from_gguf, gguf_name, group_of, GroupBytes};
 pub use hf_config::from_hf_config;
 pub use layout::{ExpertBytes, GroupSize, SharedLayout, WeightLayout};
+pub use routing::ExpertPopularity;
 
 /// Query rows per block when the engine computes attention scores (see
 /// `ModelSpec::attention_scratch_bytes`).
@@ -155,6 +157,10 @@ pub struct ModelSpec {
     /// plans with. Never in a catalog file.
     #[serde(skip)]
     pub stored: Option<SharedLayout>,
+    /// A mixture of experts' measured routing (`ExpertPopularity`), when a plan names
+    /// one: what `expected_experts` counts with instead of uniform routing.
+    #[serde(skip)]
+    pub routing: Option<std::sync::Arc<ExpertPopularity>>,
 }
 
 fn default_rms_eps() -> f64 {
@@ -512,10 +518,13 @@ impl ModelSpec {
     /// each picks `experts_per_token` of `num_experts` uniformly: each expert is missed
     /// by one token with probability 1 − k/E, so by all with (1 − k/E)^tokens, and
     /// E·(1 − (1 − k/E)^tokens) are touched (k for one token, at most E). Real routers
-    /// are skewed, which touches fewer; a measured histogram would say by how much.
+    /// are skewed, which touches fewer: with a measured routing (`routing`), its shares.
     pub fn expected_experts(&self, tokens: u64) -> f64 {
         if self.num_experts == 0 {
             return 0.0;
+        }
+        if let Some(routing) = &self.routing {
+            return routing.expected_experts(tokens);
         }
         let (e, k) = (self.num_experts as f64, self.experts_per_token as f64);
         let missed = (1.0 - k / e).powi(tokens.min(i32::MAX as u64) as i32);
@@ -538,6 +547,16 @@ impl ModelSpec {
     /// The most distinct experts `tokens` tokens can be routed to in one layer.
     pub fn most_experts(&self, tokens: u64) -> u64 {
         (tokens * self.experts_per_token).min(self.num_experts)
+    }
+
+    /// What `expected_experts` counts with, for people: "uniform routing" or "the
+    /// measured routing".
+    pub fn routing_name(&self) -> &'static str {
+        if self.routing.is_some() {
+            "the measured routing"
+        } else {
+            "uniform routing"
+        }
     }
 
     /// Parameters of one expert (gate, up and down projections; 0 for a dense model).

@@ -140,11 +140,16 @@ pub struct Models {
     /// `draft: {kind: model}`), named like the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draft: Option<String>,
+    /// A mixture of experts' measured routing (`ferry run --routing-out`), a YAML file
+    /// relative to the plan file: the simulator counts the experts a step touches from
+    /// it instead of uniform routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<String>,
 }
 
 impl Models {
     pub fn target(name: impl Into<String>) -> Models {
-        Models { target: name.into(), draft: None }
+        Models { target: name.into(), draft: None, routing: None }
     }
 }
 

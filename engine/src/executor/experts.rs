@@ -8,7 +8,7 @@
 //! different micro-batches cannot change a token.
 
 use ferry_core::graph::{Place, Task};
-use ferry_core::model::{ModelSpec, WeightGroup};
+use ferry_core::model::{ExpertPopularity, ModelSpec, WeightGroup};
 
 use super::speculate::is_draft;
 use super::{lock, Engine, RunReport};
@@ -64,6 +64,8 @@ pub struct ExpertUse {
     pub tokens: u32,
     /// The distinct experts they were routed to, ascending.
     pub experts: Vec<u16>,
+    /// Tokens routed to each of `experts`.
+    pub routed: Vec<u32>,
 }
 
 impl RunReport {
@@ -73,6 +75,24 @@ impl RunReport {
         let used: Vec<usize> =
             self.experts.iter().filter(|u| (u.step == 0) == prefill).map(|u| u.experts.len()).collect();
         (!used.is_empty()).then(|| used.iter().sum::<usize>() as f64 / used.len() as f64)
+    }
+
+    /// The run's routing: per MoE layer, the share of its tokens routed to each expert
+    /// (every step; `None` for a dense model or a run without MoE layers).
+    pub fn expert_popularity(&self, spec: &ModelSpec) -> Option<ExpertPopularity> {
+        if self.experts.is_empty() || spec.num_experts == 0 {
+            return None;
+        }
+        let mut counts = vec![vec![0u64; spec.num_experts as usize]; spec.num_layers as usize];
+        let mut tokens = vec![0u64; spec.num_layers as usize];
+        for used in &self.experts {
+            tokens[used.layer as usize] += used.tokens as u64;
+            for (&expert, &n) in used.experts.iter().zip(&used.routed) {
+                counts[used.layer as usize][expert as usize] += n as u64;
+            }
+        }
+        // Every layer routes every token of every step: one count of tokens for all.
+        Some(ExpertPopularity::from_counts(&spec.name, spec.experts_per_token, tokens[0], &counts))
     }
 }
 
@@ -138,9 +158,10 @@ impl Engine<'_> {
         let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
         let groups = group_by_expert(&routes, spec.num_experts as usize);
         if !is_draft(task) {
-            let used = groups.iter().enumerate().filter(|(_, g)| !g.0.is_empty()).map(|(e, _)| e as u16).collect();
+            let chosen = groups.iter().enumerate().filter(|(_, g)| !g.0.is_empty());
+            let (experts, routed) = chosen.map(|(e, g)| (e as u16, g.0.len() as u32)).unzip();
             let (step, layer, micro_batch, tokens) = (task.step, task.layer, task.micro_batch, rows as u32);
-            lock(&self.expert_use).push(ExpertUse { step, layer, micro_batch, tokens, experts: used });
+            lock(&self.expert_use).push(ExpertUse { step, layer, micro_batch, tokens, experts, routed });
         }
         let mut out = self.activation(side, rows * h)?;
         for (expert, (chosen, scales)) in groups.into_iter().enumerate() {
