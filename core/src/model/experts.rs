@@ -1,0 +1,78 @@
+//! A mixture of experts' arithmetic on `ModelSpec`: where its router and experts sit
+//! among the MLP's tensors, how many experts a step's tokens touch (uniform routing or
+//! a measured one), the bytes they read and the parameters a token computes with.
+
+use super::ModelSpec;
+
+impl ModelSpec {
+    /// Bytes of MLP weights a step actually reads, of `all` bytes in the layer's MLP:
+    /// all of a dense MLP; for a mixture of experts the share of the experts that
+    /// `rows` tokens are expected to be routed to (`expected_experts`).
+    pub fn mlp_bytes_read(&self, rows: u64, all: u64) -> u64 {
+        if self.num_experts == 0 {
+            return all;
+        }
+        let share = self.expected_experts(rows) / self.num_experts as f64;
+        (all as f64 * share).round() as u64
+    }
+
+    /// How many distinct experts of a layer `tokens` tokens are expected to touch when
+    /// each picks `experts_per_token` of `num_experts` uniformly: each expert is missed
+    /// by one token with probability 1 − k/E, so by all with (1 − k/E)^tokens, and
+    /// E·(1 − (1 − k/E)^tokens) are touched (k for one token, at most E). Real routers
+    /// are skewed, which touches fewer: with a measured routing (`routing`), its shares.
+    pub fn expected_experts(&self, tokens: u64) -> f64 {
+        if self.num_experts == 0 {
+            return 0.0;
+        }
+        if let Some(routing) = &self.routing {
+            return routing.expected_experts(tokens);
+        }
+        let (e, k) = (self.num_experts as f64, self.experts_per_token as f64);
+        let missed = (1.0 - k / e).powi(tokens.min(i32::MAX as u64) as i32);
+        e * (1.0 - missed)
+    }
+
+    /// A mixture of experts' MLP tensors (`group_tensors` order) before the experts: the
+    /// norm, then the router — what must be read before a token's experts are known.
+    pub const ROUTER_TENSORS: std::ops::Range<usize> = 0..2;
+
+    /// Tensors of each expert: gate, down and up projections.
+    pub const TENSORS_PER_EXPERT: usize = 3;
+
+    /// The MLP tensors (`group_tensors` order) of expert `expert`.
+    pub fn expert_tensors(expert: usize) -> std::ops::Range<usize> {
+        let first = ModelSpec::ROUTER_TENSORS.end + ModelSpec::TENSORS_PER_EXPERT * expert;
+        first..first + ModelSpec::TENSORS_PER_EXPERT
+    }
+
+    /// The most distinct experts `tokens` tokens can be routed to in one layer.
+    pub fn most_experts(&self, tokens: u64) -> u64 {
+        (tokens * self.experts_per_token).min(self.num_experts)
+    }
+
+    /// What `expected_experts` counts with, for people: "uniform routing" or "the
+    /// measured routing".
+    pub fn routing_name(&self) -> &'static str {
+        if self.routing.is_some() {
+            "the measured routing"
+        } else {
+            "uniform routing"
+        }
+    }
+
+    /// Parameters of one expert (gate, up and down projections; 0 for a dense model).
+    pub fn expert_params(&self) -> u64 {
+        if self.num_experts == 0 {
+            return 0;
+        }
+        3 * self.hidden_size * self.intermediate_size
+    }
+
+    /// Parameters one token computes with: all of them but the experts it is not
+    /// routed to (the total for a dense model).
+    pub fn active_params(&self) -> u64 {
+        let idle = self.num_experts.saturating_sub(self.experts_per_token);
+        self.params().total - self.num_layers * idle * self.expert_params()
+    }
+}
