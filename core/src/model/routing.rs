@@ -16,21 +16,24 @@ pub struct ExpertPopularity {
     /// The model the routing was measured on (for people; checked by shape).
     pub model: String,
     pub experts_per_token: u64,
-    /// Tokens routed per layer in the measurement.
+    /// Tokens routed per layer in the measurement (the most any layer routed).
     pub tokens: u64,
     /// `layers[l][e]`: the share of layer `l`'s tokens routed to expert `e`.
     pub layers: Vec<Vec<f64>>,
 }
 
 impl ExpertPopularity {
-    /// The shares from counts: `counts[l][e]` tokens of `tokens` routed to expert `e` in layer `l`.
-    pub fn from_counts(model: &str, experts_per_token: u64, tokens: u64, counts: &[Vec<u64>]) -> ExpertPopularity {
-        let share = |c: &u64| if tokens == 0 { 0.0 } else { *c as f64 / tokens as f64 };
+    /// The shares from counts: per layer, the tokens it routed and how many of them
+    /// went to each expert.
+    pub fn from_counts(model: &str, experts_per_token: u64, counts: &[(u64, Vec<u64>)]) -> ExpertPopularity {
+        let shares = |(tokens, routed): &(u64, Vec<u64>)| {
+            routed.iter().map(|&c| if *tokens == 0 { 0.0 } else { c as f64 / *tokens as f64 }).collect()
+        };
         ExpertPopularity {
             model: model.to_string(),
             experts_per_token,
-            tokens,
-            layers: counts.iter().map(|layer| layer.iter().map(share).collect()).collect(),
+            tokens: counts.iter().map(|(tokens, _)| *tokens).max().unwrap_or(0),
+            layers: counts.iter().map(shares).collect(),
         }
     }
 
@@ -77,20 +80,20 @@ mod tests {
 
     #[test]
     fn uniform_shares_give_uniform_routing_and_skew_touches_fewer() {
-        let uniform = ExpertPopularity::from_counts("m", 2, 8, &[vec![2; 8]]);
+        let uniform = ExpertPopularity::from_counts("m", 2, &[(8, vec![2; 8])]);
         uniform.check(1, 8, 2).unwrap();
         let expected = 8.0 * (1.0 - (1.0f64 - 2.0 / 8.0).powi(4));
         assert!((uniform.expected_experts(4) - expected).abs() < 1e-12);
         assert!((uniform.expected_experts(1) - 2.0).abs() < 1e-12);
         // Two experts take every token: four tokens still touch only those two.
-        let skewed = ExpertPopularity::from_counts("m", 2, 8, &[vec![8, 8, 0, 0, 0, 0, 0, 0]]);
+        let skewed = ExpertPopularity::from_counts("m", 2, &[(8, vec![8, 8, 0, 0, 0, 0, 0, 0])]);
         skewed.check(1, 8, 2).unwrap();
         assert!((skewed.expected_experts(4) - 2.0).abs() < 1e-12);
     }
 
     #[test]
     fn shares_that_do_not_fit_the_model_are_refused_by_layer() {
-        let p = ExpertPopularity::from_counts("m", 2, 8, &[vec![2; 8], vec![2; 8]]);
+        let p = ExpertPopularity::from_counts("m", 2, &[(8, vec![2; 8]), (8, vec![2; 8])]);
         assert!(p.check(3, 8, 2).unwrap_err().to_string().contains("2 layers"));
         assert!(p.check(2, 16, 2).unwrap_err().to_string().contains("layer 0 has 8 experts"));
         let mut q = p.clone();

@@ -83,16 +83,15 @@ impl RunReport {
         if self.experts.is_empty() || spec.num_experts == 0 {
             return None;
         }
-        let mut counts = vec![vec![0u64; spec.num_experts as usize]; spec.num_layers as usize];
-        let mut tokens = vec![0u64; spec.num_layers as usize];
+        let mut counts = vec![(0u64, vec![0u64; spec.num_experts as usize]); spec.num_layers as usize];
         for used in &self.experts {
-            tokens[used.layer as usize] += used.tokens as u64;
+            let (tokens, routed) = &mut counts[used.layer as usize];
+            *tokens += used.tokens as u64;
             for (&expert, &n) in used.experts.iter().zip(&used.routed) {
-                counts[used.layer as usize][expert as usize] += n as u64;
+                routed[expert as usize] += n as u64;
             }
         }
-        // Every layer routes every token of every step: one count of tokens for all.
-        Some(ExpertPopularity::from_counts(&spec.name, spec.experts_per_token, tokens[0], &counts))
+        Some(ExpertPopularity::from_counts(&spec.name, spec.experts_per_token, &counts))
     }
 }
 
