@@ -2,11 +2,12 @@
 //! reads its router part ahead like any group, routes each micro-batch of the visit
 //! (`Op::Route`, after its attention), and only then reads the experts they chose —
 //! one read for the visit, so an expert two micro-batches share is read once. The
-//! read's `bytes` are the experts uniform routing is expected to touch
-//! (`ModelSpec::expected_experts`, what the simulator moves); it holds the most the
-//! visit's tokens could choose (`ModelSpec::most_experts`, the largest experts: what
-//! the engine may need, so the pools stay a true bound). Its requests are at most one
-//! projection of one expert (`ExpertBytes::largest_tensor`).
+//! read's `bytes` are the experts the visit's tokens are expected to touch (uniform
+//! routing, or the plan's measured routing: `ModelSpec::expected_experts`, what the
+//! simulator moves); it holds the most the visit's tokens could choose
+//! (`ModelSpec::most_experts`, the largest experts: what the engine may need, so the
+//! pools stay a true bound). Its requests are at most one projection of one expert
+//! (`ExpertBytes::largest_tensor`).
 
 use super::builder::{Builder, LoadPart, Loaded};
 use crate::graph::{Op, TaskId, ROUTED_EXPERTS, ROUTER_PART};
