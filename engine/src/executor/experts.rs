@@ -100,23 +100,25 @@ impl Engine<'_> {
     /// token's top k. Kept for the routed-experts read and the MLP (`Op::Route`).
     pub(super) fn route_tokens(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let weights = self.layer_weights(task, WeightGroup::Mlp)?;
-        let routes = self.routes_of(task, side, &weights)?;
+        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
+        let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
+        let routes = self.routes_of(task, side, &weights, &normed, rows)?;
         lock(&self.routes).insert((task.layer, task.step, task.micro_batch), routes);
         Ok(())
     }
 
-    /// The norm, the router's logits and each row's top k for `task`'s rows.
+    /// The router's logits over the `rows` normed rows and each row's top k.
     fn routes_of(
         &self,
         task: &Task,
         side: Place,
         weights: &[std::sync::Arc<super::weights::Loaded>],
+        normed: &crate::backend::DeviceBuffer,
+        rows: usize,
     ) -> Result<Routes, EngineError> {
         let spec = self.spec_of(task);
         let (experts, k) = (spec.num_experts as usize, spec.experts_per_token as usize);
-        let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
-        let normed = self.normed_hidden(task, side, Engine::tensor(weights, 0)?, rows)?;
-        let logits = self.project(weights, ROUTER_TENSOR, &normed, rows, experts, side)?;
+        let logits = self.project(weights, ROUTER_TENSOR, normed, rows, experts, side)?;
         Ok(route(&self.backend.download_f32(&logits)?, experts, k))
     }
 
@@ -148,13 +150,15 @@ impl Engine<'_> {
         let (h, ffn) = (spec.hidden_size as usize, spec.intermediate_size as usize);
         let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Mlp)?;
+        // The norm again where a route task routed these rows: a few rows of h values,
+        // cheaper than keeping every routed micro-batch's normed rows until its MLP.
+        let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
         let kept =
             if is_draft(task) { None } else { lock(&self.routes).remove(&(task.layer, task.step, task.micro_batch)) };
         let routes = match kept {
             Some(routes) => routes,
-            None => self.routes_of(task, side, &weights)?,
+            None => self.routes_of(task, side, &weights, &normed, rows)?,
         };
-        let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
         let groups = group_by_expert(&routes, spec.num_experts as usize);
         if !is_draft(task) {
             let chosen = groups.iter().enumerate().filter(|(_, g)| !g.0.is_empty());
