@@ -107,7 +107,7 @@ pub fn measure_link(address: Option<&str>, quick: bool) -> Result<ferry_core::pr
     let address = address.map(str::to_string).or_else(|| local.as_ref().map(|l| l.addresses[0].1.clone()));
     let address = address.context("no stage worker to measure the link to")?;
     eprintln!("measuring the network link to the stage worker at {address} ...");
-    let peer = ferry_engine::stages::connect(&address, 1, 0)?;
+    let peer = ferry_engine::stages::connect(&address, 1, 0, ferry_engine::stages::Role::Head)?;
     let curve = ferry_engine::stages::probe::measure_link(&peer, if quick { 5 } else { 11 })?;
     peer.finish_sending();
     drop(peer);

@@ -77,6 +77,18 @@ fn in_one_process(
 /// The plan over its machines: a stage worker on a thread per host other than the
 /// head's, each serving one run on its own loopback port.
 fn over_tcp(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload, profile: &Profile) -> RunReport {
+    over_tcp_via(dir, files, policy, workload, profile, |_, address| address)
+}
+
+/// `over_tcp`, the workers' addresses passed through `route` (host, address) first.
+fn over_tcp_via(
+    dir: &Path,
+    files: &ModelFiles,
+    policy: &Policy,
+    workload: &Workload,
+    profile: &Profile,
+    route: impl Fn(u16, String) -> String,
+) -> RunReport {
     let graph = lower(policy, &files.spec, workload, profile, &Steps::Bound).unwrap();
     let head = profile.device(policy.first_device()).host;
     let hosts: Vec<u16> = (0..profile.host_count() as u16).filter(|&h| h != head).collect();
@@ -92,7 +104,7 @@ fn over_tcp(dir: &Path, files: &ModelFiles, policy: &Policy, workload: &Workload
         let mut threads = Vec::new();
         for &host in &hosts {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            workers.push((host, listener.local_addr().unwrap().to_string()));
+            workers.push((host, route(host, listener.local_addr().unwrap().to_string())));
             threads.push(scope.spawn(move || {
                 let worker =
                     Worker { files: Some(files), backend: &CpuBackend::default(), scratch_dir: dir.join("scratch") };
@@ -212,4 +224,70 @@ fn an_unreachable_stage_worker_is_an_error_naming_its_address() {
     // No worker given for a node the plan uses.
     let err = run_head(&graph, &plan, &profile, &files, &CpuBackend::default(), &options, &[]).unwrap_err().to_string();
     assert!(err.contains("node 1") && err.contains("no stage worker"), "{err}");
+}
+
+/// Relays connections to `upstream`, holding back the first one by `delay` while later
+/// ones pass at once.
+fn relay_delaying_the_first(upstream: String, delay: std::time::Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (i, client) in listener.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                if i == 0 {
+                    std::thread::sleep(delay);
+                }
+                let server = std::net::TcpStream::connect(&upstream).unwrap();
+                let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let forward = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_in, &mut server_out);
+                    let _ = server_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut server_in, mut client_out) = (server, client);
+                let _ = std::io::copy(&mut server_in, &mut client_out);
+                let _ = client_out.shutdown(std::net::Shutdown::Write);
+                let _ = forward.join();
+            });
+        }
+    });
+    address
+}
+
+/// The head connects to its workers in turn, and a worker set up by it connects to
+/// the workers above it: the last worker may hear from a lower worker before it
+/// accepts the head. It must keep that connection for the run, not take it for the
+/// head's (which once left all three processes waiting on each other).
+#[test]
+fn a_worker_that_joins_before_the_head_connects_is_kept_for_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_model(dir.path());
+    let workload = Workload { batch_size: 2, prompt_len: 4, gen_len: 2 };
+    let profile = machine(&profile("cpu", "ferry-ci-vm"), &[0, 1, 2]);
+    let base = Policy::all_on_device(files.spec.num_layers, 2, Dtype::F32);
+    let policy = staged(&base, &[1, 1, 2], &[0, 1, 2], |_, n| [TierCounts::all(Tier::Device, n); 3]);
+    let reference = in_one_process(dir.path(), &files, &policy, &workload, &profile);
+    // Hang or not, the test ends: a deadlock is a failure, not a stuck CI.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = finished.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        if !watched.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("the stages waited on each other for 2 minutes: deadlock");
+            std::process::exit(101);
+        }
+    });
+    // The head connects first to node 2 through the relay, which holds it back while
+    // node 1 (set up before) joins node 2 through it.
+    let delay = std::time::Duration::from_millis(1500);
+    let report = over_tcp_via(dir.path(), &files, &policy, &workload, &profile, |host, address| {
+        if host == 2 {
+            relay_delaying_the_first(address, delay)
+        } else {
+            address
+        }
+    });
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_same(&reference, &report, "a worker joined before the head");
 }

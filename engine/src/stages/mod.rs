@@ -248,8 +248,18 @@ fn peer_error(address: &str, host: u16, what: &str, e: std::io::Error) -> Engine
     EngineError::Network(format!("{}: {what}: {e}", describe(address, host)))
 }
 
-/// Connects to the stage process of `host` at `address` and introduces this one.
-pub fn connect(address: &str, host: u16, me: u16) -> Result<Peer, EngineError> {
+/// How a process that connects to a stage worker introduces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The head of a run, or a process measuring the link (`Message::Hello`).
+    Head,
+    /// Another stage worker of the same run (`Message::Join`).
+    Worker,
+}
+
+/// Connects to the stage process of `host` at `address` and introduces this one,
+/// node `me`, in its `role`.
+pub fn connect(address: &str, host: u16, me: u16, role: Role) -> Result<Peer, EngineError> {
     let addrs: Vec<_> = address
         .to_socket_addrs()
         .map_err(|e| peer_error(address, host, "not an address (give HOST:PORT)", e))?
@@ -263,7 +273,10 @@ pub fn connect(address: &str, host: u16, me: u16) -> Result<Peer, EngineError> {
                 std::io::Write::write_all(&mut *writer, wire::MAGIC)
                     .map_err(|e| peer_error(address, host, "could not send to it", e))?;
                 drop(writer);
-                peer.send(&Message::Hello { host: me })?;
+                peer.send(&match role {
+                    Role::Head => Message::Hello { host: me },
+                    Role::Worker => Message::Join { host: me },
+                })?;
                 return Ok(peer);
             }
             Err(e) => last = Some(e),
@@ -273,8 +286,9 @@ pub fn connect(address: &str, host: u16, me: u16) -> Result<Peer, EngineError> {
     Err(peer_error(address, host, "cannot reach it (is `ferry stage-worker` running there?)", e))
 }
 
-/// Accepts the next stage process connecting to `listener`, with the host it says it runs.
-pub fn accept(listener: &TcpListener) -> Result<Peer, EngineError> {
+/// Accepts the next stage process connecting to `listener`, with the host it says it
+/// runs and its role.
+pub fn accept(listener: &TcpListener) -> Result<(Peer, Role), EngineError> {
     let (stream, from) = listener.accept().map_err(|e| EngineError::Network(format!("accepting a connection: {e}")))?;
     let address = from.to_string();
     let mut magic = [0u8; 8];
@@ -287,13 +301,20 @@ pub fn accept(listener: &TcpListener) -> Result<Peer, EngineError> {
     }
     let _ = reading.set_read_timeout(None);
     let mut peer = Peer::new(0, address.clone(), stream)?;
-    match peer.receive()? {
-        Some(Message::Hello { host }) => peer.host = host,
+    let role = match peer.receive()? {
+        Some(Message::Hello { host }) => {
+            peer.host = host;
+            Role::Head
+        }
+        Some(Message::Join { host }) => {
+            peer.host = host;
+            Role::Worker
+        }
         other => {
             return Err(EngineError::Network(format!("{address} greeted with {other:?} instead of its host")));
         }
-    }
-    Ok(peer)
+    };
+    Ok((peer, role))
 }
 
 /// The connections of one process to the others of a run.

@@ -13,7 +13,7 @@ use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 
 use super::wire::Message;
-use super::{accept, connect, fingerprint, Network, Ownership, Peer, Setup};
+use super::{accept, connect, fingerprint, Network, Ownership, Peer, Role, Setup};
 use crate::backend::Backend;
 use crate::executor::{run_on, RunOptions, RunReport};
 use crate::weights::ModelFiles;
@@ -51,7 +51,7 @@ pub fn run_head(
     let print = fingerprint(graph);
     let mut peers = Vec::new();
     for (host, address) in workers.iter().filter(|(h, _)| needed.contains(h)) {
-        let peer = Arc::new(connect(address, *host, head)?);
+        let peer = Arc::new(connect(address, *host, head, Role::Head)?);
         let setup = Setup {
             plan: plan.clone(),
             profile: profile.clone(),
@@ -119,14 +119,31 @@ pub enum Served {
     Probe { from: String },
 }
 
+/// Most workers that may join this one before the head's own connection is accepted.
+const MAX_EARLY_JOINS: usize = 1024;
+
 /// Serves one session: waits for a head on `listener`, runs this machine's stages of
 /// its plan and reports to the head (or answers its link probes).
 pub fn serve(listener: &TcpListener, worker: &Worker) -> Result<Served, EngineError> {
-    let head = Arc::new(accept(listener)?);
+    // A lower worker, set up before this one, may join before the head's connection
+    // is accepted: keep it for the run.
+    let mut joined = Vec::new();
+    let head = loop {
+        match accept(listener)? {
+            (peer, Role::Head) => break Arc::new(peer),
+            (peer, Role::Worker) if joined.len() < MAX_EARLY_JOINS => joined.push(Arc::new(peer)),
+            (peer, Role::Worker) => {
+                return Err(EngineError::Network(format!(
+                    "{} joined after {MAX_EARLY_JOINS} other workers and no head connected",
+                    peer.describe()
+                )))
+            }
+        }
+    };
     let result = match head.receive()? {
         Some(Message::Setup(json)) => serde_json::from_str::<Setup>(&json)
             .map_err(|e| EngineError::Network(format!("{} sent an unreadable setup: {e}", head.describe())))
-            .and_then(|setup| serve_head(listener, worker, &head, setup))
+            .and_then(|setup| serve_head(listener, worker, &head, setup, joined))
             .map(|host| Served::Run { head: head.address.clone(), host }),
         Some(probe @ Message::Echo { .. }) => {
             super::probe::answer(&head, probe).map(|()| Served::Probe { from: head.address.clone() })
@@ -140,7 +157,13 @@ pub fn serve(listener: &TcpListener, worker: &Worker) -> Result<Served, EngineEr
     result
 }
 
-fn serve_head(listener: &TcpListener, worker: &Worker, head: &Arc<Peer>, setup: Setup) -> Result<u16, EngineError> {
+fn serve_head(
+    listener: &TcpListener,
+    worker: &Worker,
+    head: &Arc<Peer>,
+    setup: Setup,
+    joined: Vec<Arc<Peer>>,
+) -> Result<u16, EngineError> {
     let (plan, profile) = (&setup.plan, &setup.profile);
     let files = worker.files.ok_or_else(|| {
         EngineError::Refused("this stage worker was started without --model-dir: it only answers link probes".into())
@@ -166,11 +189,35 @@ fn serve_head(listener: &TcpListener, worker: &Worker, head: &Arc<Peer>, setup: 
     }
     let mut peers = vec![head.clone()];
     for (host, address) in setup.workers.iter().filter(|(h, _)| *h > me && *h != ownership.head) {
-        peers.push(Arc::new(connect(address, *host, me)?));
+        peers.push(Arc::new(connect(address, *host, me, Role::Worker)?));
     }
-    let lower_workers = setup.workers.iter().filter(|(h, _)| *h < me && *h != ownership.head).count();
-    for _ in 0..lower_workers {
-        peers.push(Arc::new(accept(listener)?));
+    let mut lower: Vec<u16> =
+        setup.workers.iter().map(|(h, _)| *h).filter(|&h| h < me && h != ownership.head).collect();
+    let mut joined = joined.into_iter();
+    while !lower.is_empty() {
+        let peer = match joined.next() {
+            Some(peer) => peer,
+            None => match accept(listener)? {
+                (peer, Role::Worker) => Arc::new(peer),
+                (peer, Role::Head) => {
+                    return Err(EngineError::Network(format!(
+                        "{} connected as a head while this worker waits for the run's other workers",
+                        peer.describe()
+                    )))
+                }
+            },
+        };
+        let Some(at) = lower.iter().position(|&h| h == peer.host) else {
+            return Err(EngineError::Network(format!(
+                "{} joined, but this run expects workers {lower:?} to join",
+                peer.describe()
+            )));
+        };
+        lower.swap_remove(at);
+        peers.push(peer);
+    }
+    if let Some(extra) = joined.next() {
+        return Err(EngineError::Network(format!("{} joined, but is not a worker of this run", extra.describe())));
     }
     let network = Network { ownership, peers };
     let options = RunOptions {

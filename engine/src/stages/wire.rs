@@ -33,8 +33,12 @@ pub enum Message {
     Ready { fingerprint: u64 },
     /// Head → workers: the clock starts.
     Start,
-    /// A worker introducing itself to another (workers join each other by host index).
+    /// The head (or a link probe) introducing itself to a stage worker.
     Hello { host: u16 },
+    /// A worker introducing itself to another (workers join each other by host index).
+    /// Distinct from `Hello`: a worker may connect before the head's own connection
+    /// is accepted, and the worker must not take it for the head.
+    Join { host: u16 },
     /// A task finished; the receiver waits on it.
     Done { task: u32, carried: Carried },
     /// Worker → head: its spans and arrivals (JSON of `StageReport`).
@@ -54,6 +58,7 @@ const DONE: u8 = 5;
 const FINISHED: u8 = 6;
 const FAILED: u8 = 7;
 const ECHO: u8 = 8;
+const JOIN: u8 = 9;
 
 const NOTHING: u8 = 0;
 const ACTIVATIONS: u8 = 1;
@@ -87,6 +92,10 @@ pub fn write(out: &mut impl Write, message: &Message) -> std::io::Result<()> {
         Message::Hello { host } => {
             body.extend_from_slice(&host.to_le_bytes());
             HELLO
+        }
+        Message::Join { host } => {
+            body.extend_from_slice(&host.to_le_bytes());
+            JOIN
         }
         Message::Done { task, carried } => {
             body.extend_from_slice(&task.to_le_bytes());
@@ -172,6 +181,7 @@ pub fn read(input: &mut impl Read) -> std::io::Result<Option<Message>> {
         READY => Message::Ready { fingerprint: cursor.u64()? },
         START => Message::Start,
         HELLO => Message::Hello { host: u16::from_le_bytes(cursor.array()?) },
+        JOIN => Message::Join { host: u16::from_le_bytes(cursor.array()?) },
         DONE => Message::Done { task: cursor.u32()?, carried: cursor.carried()? },
         FINISHED => Message::Finished(text(body)?),
         FAILED => Message::Failed(text(body)?),
@@ -249,6 +259,7 @@ mod tests {
             Message::Ready { fingerprint: 0xdead_beef_0123 },
             Message::Start,
             Message::Hello { host: 3 },
+            Message::Join { host: 2 },
             Message::Done { task: 7, carried: Carried::Nothing },
             Message::Done { task: 9, carried: Carried::Activations(vec![vec![1.0, -2.5], vec![], vec![f32::MAX]]) },
             Message::Done { task: 11, carried: Carried::Tokens { tokens: vec![5, 6], logits: vec![vec![0.5; 3]] } },
