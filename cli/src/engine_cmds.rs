@@ -307,10 +307,16 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     }
     println!("  engine compute task overhead {}", format_ns(profile.device_compute.task_overhead_ns));
     let rates: Vec<String> = (profile.host_compute.dequantize.iter())
-        .map(|r| format!("{} {:.1} GB/s", r.format, r.bytes_per_s / 1e9))
+        .map(|r| match r.product_flops_per_s {
+            Some(flops) => format!("{} {:.1} GB/s, products {:.1} GFLOP/s", r.format, r.bytes_per_s / 1e9, flops / 1e9),
+            None => format!("{} {:.1} GB/s", r.format, r.bytes_per_s / 1e9),
+        })
         .collect();
     if !rates.is_empty() {
-        println!("  dequantization (host, of quantized bytes): {}", rates.join(", "));
+        println!(
+            "  quantized weights (host: decoding, of quantized bytes; products over many rows): {}",
+            rates.join("; ")
+        );
     }
     if !profile.device_compute.table.is_empty() {
         println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());

@@ -81,7 +81,7 @@ pub fn best(outcomes: &[Outcome], objective: Objective) -> Option<usize> {
 /// formats whose rates were measured.
 pub fn unpriced(formats: &WeightFormats, model: &ModelSpec, profile: &Profile) -> bool {
     let quantized = formats.quantized_formats(model);
-    quantized.iter().any(|f| profile.device_compute.dequant_bytes_per_s(&f.name()).is_none())
+    quantized.iter().any(|f| profile.device_compute.dequant_rate(&f.name()).is_none())
 }
 
 /// The comparison table: for each format the best plan's figures and where its weights

@@ -174,7 +174,9 @@ pub struct ComputeProfile {
     pub dequantize: Vec<DequantRate>,
 }
 
-/// How fast one weight format is dequantized to f32.
+/// How fast the engine multiplies by one weight format's stored blocks: a product over
+/// `rows` rows costs `2·weights·rows ÷ product_flops_per_s + bytes ÷ bytes_per_s` (the
+/// multiply-adds, and decoding each block once).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DequantRate {
@@ -182,12 +184,24 @@ pub struct DequantRate {
     pub format: String,
     /// Bytes of quantized input decoded per second.
     pub bytes_per_s: f64,
+    /// FLOPs per second of the format's products once decoding is paid (`None`: the
+    /// profile's `peak_flops`, as older profiles priced them). Integer products over
+    /// 8-bit activations are not the float GEMM, so prefill over Q4_0 runs at its own
+    /// rate, faster or slower than the peak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_flops_per_s: Option<f64>,
 }
 
 impl ComputeProfile {
-    /// The measured dequantization rate of `format` (bytes of quantized input per second).
-    pub fn dequant_bytes_per_s(&self, format: &str) -> Option<f64> {
-        self.dequantize.iter().find(|d| d.format == format).map(|d| d.bytes_per_s)
+    /// The measured rates of `format`'s products.
+    pub fn dequant_rate(&self, format: &str) -> Option<&DequantRate> {
+        self.dequantize.iter().find(|d| d.format == format)
+    }
+
+    /// The rate the cost model charges FLOPs at: the measured peak at the efficiency
+    /// the profile gives it.
+    pub fn flops_per_s(&self) -> f64 {
+        self.peak_flops * self.matmul_efficiency
     }
 }
 

@@ -78,6 +78,9 @@ fn check_compute(field: &str, compute: &ComputeProfile) -> Result<()> {
         crate::model::WeightFormat::parse(&rate.format)
             .map_err(|e| CoreError::invalid(format!("profile: {field}.dequantize[{i}].format: {e}")))?;
         check_range(&format!("{field}.dequantize[{i}].bytes_per_s"), rate.bytes_per_s, BYTES_PER_S, "bytes/s")?;
+        if let Some(flops) = rate.product_flops_per_s {
+            check_range(&format!("{field}.dequantize[{i}].product_flops_per_s"), flops, FLOPS, "FLOP/s")?;
+        }
     }
     for (i, timing) in compute.table.iter().enumerate() {
         if timing.ns == 0 || timing.ns > MAX_TASK_NS {
@@ -257,15 +260,34 @@ mod tests {
             (
                 "host_compute.dequantize[0].bytes_per_s",
                 Box::new(|p| {
-                    let rate = crate::profile::DequantRate { format: "q4_k".into(), bytes_per_s: 1e15 };
+                    let rate = crate::profile::DequantRate {
+                        format: "q4_k".into(),
+                        bytes_per_s: 1e15,
+                        product_flops_per_s: None,
+                    };
                     p.host_compute.dequantize.push(rate)
                 }),
             ),
             (
                 "device_compute.dequantize[0].format",
                 Box::new(|p| {
-                    let rate = crate::profile::DequantRate { format: "q4_kk".into(), bytes_per_s: 1e9 };
+                    let rate = crate::profile::DequantRate {
+                        format: "q4_kk".into(),
+                        bytes_per_s: 1e9,
+                        product_flops_per_s: None,
+                    };
                     p.device_compute.dequantize.push(rate)
+                }),
+            ),
+            (
+                "host_compute.dequantize[0].product_flops_per_s",
+                Box::new(|p| {
+                    let rate = crate::profile::DequantRate {
+                        format: "q4_0".into(),
+                        bytes_per_s: 1e9,
+                        product_flops_per_s: Some(f64::NAN),
+                    };
+                    p.host_compute.dequantize.push(rate)
                 }),
             ),
         ];

@@ -331,7 +331,7 @@ pub fn weight_format_notes(formats: &WeightFormats, model: &ModelSpec, profile: 
         let name = format.name();
         let missing: Vec<&str> = [("device", &profile.device_compute), ("host", &profile.host_compute)]
             .into_iter()
-            .filter(|(_, compute)| compute.dequant_bytes_per_s(&name).is_none())
+            .filter(|(_, compute)| compute.dequant_rate(&name).is_none())
             .map(|(side, _)| side)
             .collect();
         if missing.is_empty() {

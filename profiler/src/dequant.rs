@@ -1,62 +1,93 @@
-//! Dequantization throughput of the engine's quantized kernels: `kernels::linear_quant`
-//! (the products straight from the blocks, activations as a run takes them by
-//! default) multiplying one row by weights of each ggml block format held in the
-//! caches, on the engine's compute pool — the kernel `ferry run`
-//! runs, at the decoding batch where its decoding shows most.
+//! The rates of the engine's quantized kernels: `kernels::linear_quant` (the products
+//! straight from the blocks, activations as a run takes them by default) over weights
+//! of each ggml block format, a projection's worth at a time, on the engine's compute
+//! pool — the kernel `ferry run` runs — at one row (decoding) and at a prefill's many
+//! rows.
 //!
-//! The cost model charges a quantized task `FLOPs time + bytes ÷ rate` (plus the
-//! roofline's memory bound; `sim::dequant`), FLOPs at the profile's peak. So that a
-//! one-row product costs what it measured, the rate written is the product's time less
-//! those FLOPs at that peak: bytes ÷ (measured − 2·weights ÷ peak). Where the FLOPs
-//! would take most of the measured time, the decoding is taken to cost at least a
-//! tenth of it (a rate 10× the product's), never nothing.
+//! The cost model charges a quantized task `FLOPs ÷ product rate + bytes ÷ decode
+//! rate` (plus the roofline's memory bound; `sim::dequant`): per weight,
+//! `t(rows) = 2·rows ÷ product + bytes per weight ÷ decode`. The two measured points
+//! fix both: the product rate from how the time grows with the rows, the decode rate
+//! from what the one-row product spends beyond its multiply-adds. Where that would be
+//! nothing or less, the decoding is taken to cost a tenth of the one-row product,
+//! never nothing; where the many rows took no longer than one (a broken timer), the
+//! products are left at the peak as older profiles priced them.
 
 use std::time::Instant;
 
 use ferry_core::profile::DequantRate;
-use ferry_core::units::{KIB, MIB};
+use ferry_core::units::MIB;
 use ferry_engine::kernels::quant::BlockFormat;
 use ferry_engine::kernels::{self, QuantMatrix};
 
 use super::{median_spread, ProfileOptions};
 
-/// Quantized bytes multiplied per trial: tens of milliseconds on a fast machine.
+/// Quantized bytes multiplied per one-row trial: tens of milliseconds on a fast machine.
 const INPUT_BYTES: u64 = 32 * MIB;
-/// Weights per product: small enough to stay in the caches while it is multiplied,
-/// so the figure is the kernel's, not the memory's (which the roofline prices).
-const STEP_INPUT_BYTES: u64 = 256 * KIB;
+/// Weights per product: a projection of a small model (2048 × 2048 in Q4_0 is 2.25
+/// MiB). Products of a few hundred KiB run a third slower per weight at many rows than
+/// a model's do (dispatch and quantizing the rows weigh more), which would price
+/// prefill too slow; the cache level they come from matters little at many rows, and
+/// at one row the roofline prices memory separately.
+const STEP_INPUT_BYTES: u64 = 2 * MIB;
 /// Values per weight row: a multiple of every block (256) and a common hidden size.
 const COLS: usize = 2048;
+/// Rows of the many-row products: a 64-token prompt's prefill.
+const MANY_ROWS: usize = 64;
+/// The many-row products cover this share of the input (they take `MANY_ROWS` times
+/// the arithmetic per weight).
+const MANY_ROWS_INPUT_SHARE: usize = 8;
 
 /// One rate per block format the engine multiplies, named as plans name formats
-/// (`q4_k`); `peak_flops` is the measured rate the cost model charges FLOPs at.
+/// (`q4_k`); `peak_flops` is the rate the cost model charges other FLOPs at.
 pub(crate) fn measure_dequantize(options: &ProfileOptions, peak_flops: f64) -> Vec<DequantRate> {
     BlockFormat::ALL
         .iter()
         .map(|&format| {
             let input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
-            let rates: Vec<f64> = (0..options.trials.max(1)).map(|_| decode_rate(format, &input, peak_flops)).collect();
-            DequantRate { format: format.name().to_ascii_lowercase(), bytes_per_s: median_spread(&rates).0 }
+            let many_input = &input[..input.len() / MANY_ROWS_INPUT_SHARE];
+            let (mut one, mut many) = (Vec::new(), Vec::new());
+            for _ in 0..options.trials.max(1) {
+                one.push(seconds_per_weight(format, &input, 1));
+                many.push(seconds_per_weight(format, many_input, MANY_ROWS));
+            }
+            fit(format, median_spread(&one).0, median_spread(&many).0, peak_flops)
         })
         .collect()
 }
 
-/// Bytes of `input` per second of decoding, from one pass of one-row products over it.
-fn decode_rate(format: BlockFormat, input: &[u8], peak_flops: f64) -> f64 {
+/// The rates that make `t(rows) = 2·rows ÷ product + bytes per weight ÷ decode` pass
+/// through the measured seconds per weight at one row and at `MANY_ROWS`.
+fn fit(format: BlockFormat, one_row_s: f64, many_rows_s: f64, peak_flops: f64) -> DequantRate {
+    let (weights, block_bytes) = format.block();
+    let bytes_per_weight = block_bytes as f64 / weights as f64;
+    let growth_s = many_rows_s - one_row_s;
+    let product_flops_per_s = (growth_s > 0.0).then(|| 2.0 * (MANY_ROWS - 1) as f64 / growth_s);
+    let flops_s = 2.0 / product_flops_per_s.unwrap_or(peak_flops.max(1.0));
+    let decode_s = (one_row_s - flops_s).max(one_row_s / 10.0);
+    DequantRate {
+        format: format.name().to_ascii_lowercase(),
+        bytes_per_s: bytes_per_weight / decode_s,
+        product_flops_per_s,
+    }
+}
+
+/// Seconds per weight of a pass of `rows`-row products over `input`.
+fn seconds_per_weight(format: BlockFormat, input: &[u8], rows: usize) -> f64 {
     let (weights, block_bytes) = format.block();
     let row_bytes = COLS / weights * block_bytes;
-    let rows = (STEP_INPUT_BYTES as usize / row_bytes).max(1);
-    let x = vec![0.25f32; COLS];
-    let mut out = vec![0.0f32; rows];
-    let pieces: Vec<&[u8]> = input.chunks_exact(rows * row_bytes).collect();
+    let weight_rows = (STEP_INPUT_BYTES as usize / row_bytes).max(1);
+    let x = vec![0.25f32; rows * COLS];
+    let mut out = vec![0.0f32; rows * weight_rows];
+    let pieces: Vec<&[u8]> = input.chunks_exact(weight_rows * row_bytes).collect();
     // One pass untimed: the first touch of each page is not the kernel's cost.
     let mut run = || {
         for piece in &pieces {
-            // Each piece twice: the second product reads it from the caches.
+            // Each piece twice: the second product finds it in the caches.
             for _ in 0..2 {
-                let matrix = QuantMatrix { bytes: piece, format, rows, cols: COLS };
+                let matrix = QuantMatrix { bytes: piece, format, rows: weight_rows, cols: COLS };
                 // The product a run makes: activations as the cpu backend's default.
-                kernels::linear_quant(&x, 1, matrix, &mut out, rows, 0, kernels::Activations::default());
+                kernels::linear_quant(&x, rows, matrix, &mut out, weight_rows, 0, kernels::Activations::default());
             }
         }
     };
@@ -64,14 +95,30 @@ fn decode_rate(format: BlockFormat, input: &[u8], peak_flops: f64) -> f64 {
     let start = Instant::now();
     run();
     let seconds = start.elapsed().as_secs_f64();
-    let bytes = 2.0 * (pieces.len() * rows * row_bytes) as f64;
-    let flops_seconds = 2.0 * 2.0 * (pieces.len() * rows * COLS) as f64 / peak_flops.max(1.0);
-    bytes / (seconds - flops_seconds).max(seconds / 10.0)
+    seconds / (2 * pieces.len() * weight_rows * COLS).max(1) as f64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fit_passes_through_both_measured_points() {
+        let (format, peak) = (BlockFormat::Q4_0, 50e9);
+        let bytes_per_weight = 18.0 / 32.0;
+        // 100 GFLOP/s products, 10 GB/s decoding.
+        let t = |rows: f64| 2.0 * rows / 100e9 + bytes_per_weight / 10e9;
+        let rate = fit(format, t(1.0), t(MANY_ROWS as f64), peak);
+        assert!((rate.product_flops_per_s.unwrap() / 100e9 - 1.0).abs() < 1e-9, "{rate:?}");
+        assert!((rate.bytes_per_s / 10e9 - 1.0).abs() < 1e-9, "{rate:?}");
+        // Decoding that seems free costs a tenth of the one-row product; many rows no
+        // slower than one leave the products at the peak.
+        let free = fit(format, 2.0 / 100e9, t(MANY_ROWS as f64) - bytes_per_weight / 10e9, peak);
+        assert!((free.bytes_per_s - bytes_per_weight / (0.1 * 2.0 / 100e9)).abs() < 1.0, "{free:?}");
+        let broken = fit(format, t(1.0), t(1.0), peak);
+        assert_eq!(broken.product_flops_per_s, None);
+        assert!((broken.bytes_per_s - bytes_per_weight / (t(1.0) - 2.0 / peak)).abs() < 1.0, "{broken:?}");
+    }
 
     #[test]
     fn every_block_format_the_engine_decodes_gets_a_plausible_rate() {
@@ -82,6 +129,9 @@ mod tests {
         for rate in &rates {
             // Slower than 1 MB/s or faster than 10 TB/s would be a broken timer, not a CPU.
             assert!((1e6..1e13).contains(&rate.bytes_per_s), "{}: {}", rate.format, rate.bytes_per_s);
+            // Likewise slower than 10 MFLOP/s or faster than 10 PFLOP/s for two cores.
+            let flops = rate.product_flops_per_s.unwrap_or_else(|| panic!("{}: no product rate", rate.format));
+            assert!((1e7..1e16).contains(&flops), "{}: {flops}", rate.format);
             ferry_core::model::WeightFormat::parse(&rate.format).unwrap();
         }
     }

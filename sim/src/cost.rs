@@ -250,9 +250,11 @@ impl<'a> CostModel<'a> {
                 return ns;
             }
         }
-        let flops_ns = flops as f64 / (compute.peak_flops * compute.matmul_efficiency) * 1e9;
+        let flops_ns = flops as f64 / compute.flops_per_s() * 1e9;
         let bytes_ns = bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
-        compute.task_overhead_ns as f64 + (flops_ns + dequant_ns.unwrap_or(0.0)).max(bytes_ns)
+        // A format's products may run faster than the float peak (`dequant_ns` < 0).
+        let arithmetic_ns = (flops_ns + dequant_ns.unwrap_or(0.0)).max(0.0);
+        compute.task_overhead_ns as f64 + arithmetic_ns.max(bytes_ns)
     }
 
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.

@@ -1,19 +1,23 @@
-//! What a plan's quantized weights add to compute: the time to dequantize them, from
-//! the profile's measured rates (`ComputeProfile::dequantize`, bytes of quantized input
-//! per second), never from a constant.
+//! What a plan's quantized weights add to compute, from the profile's measured rates
+//! (`ComputeProfile::dequantize`), never from a constant: the time to decode them, and
+//! the difference between the format's own product rate and the float peak the
+//! task's FLOPs are otherwise charged at.
 //!
 //! A compute task that reads quantized weights decodes each of them once (the engine's
 //! quantized kernels decode blocks inside the multiply); decoding and the multiply-adds
 //! share the cores, memory streams beside both, so the task costs
 //! `overhead + max(FLOPs time + dequantization time, bytes time)` at the format's real
-//! bytes (`CostModel::compute_ns`). Where the profile has no rate for a format — every
-//! datasheet GPU profile, older measured ones — the dequantization is taken as fused into
-//! the matrix multiply at no extra cost, so the task is memory-bound at its real bytes;
-//! `ferry_core::resolve::weight_format_notes` says so beside the prediction.
+//! bytes (`CostModel::compute_ns`), the products over its quantized weights at the
+//! format's measured rate (8-bit integer products are not the float GEMM: over many
+//! rows they ran 1.7× this machine's f32 peak). Where the profile has no rate for a
+//! format — every datasheet GPU profile, older measured ones — the dequantization is
+//! taken as fused into the matrix multiply at no extra cost, so the task is
+//! memory-bound at its real bytes; `ferry_core::resolve::weight_format_notes` says so
+//! beside the prediction.
 
 use ferry_core::graph::Op;
 use ferry_core::model::{GroupSize, ModelSpec, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
-use ferry_core::profile::{ComputeProfile, Profile};
+use ferry_core::profile::{ComputeProfile, DequantRate, Profile};
 
 /// Which processor's rates apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,9 +30,11 @@ pub enum Side {
 #[derive(Debug, Clone)]
 pub struct Dequantization {
     layout: WeightLayout,
-    /// Per side (device, host): each quantized format's measured rate, bytes/s (`None`:
-    /// the profile has no figure).
-    rates: [Vec<(WeightFormat, Option<f64>)>; 2],
+    /// Per side (device, host): each quantized format's measured rates (`None`: the
+    /// profile has no figure).
+    rates: [Vec<(WeightFormat, Option<DequantRate>)>; 2],
+    /// Per side: the FLOPs rate the task's FLOPs are charged at.
+    flops_per_s: [f64; 2],
     /// The q, k, v projections' share of a layer's attention weights.
     qkv_share: f64,
     num_layers: u64,
@@ -50,12 +56,13 @@ impl Dequantization {
         if used.is_empty() {
             return None;
         }
-        let rates_of = |compute: &ComputeProfile| -> Vec<(WeightFormat, Option<f64>)> {
-            used.iter().map(|&f| (f, compute.dequant_bytes_per_s(&f.name()))).collect()
+        let rates_of = |compute: &ComputeProfile| -> Vec<(WeightFormat, Option<DequantRate>)> {
+            used.iter().map(|&f| (f, compute.dequant_rate(&f.name()).cloned())).collect()
         };
         let (qkv_params, _) = model.attention_split_params();
         Some(Dequantization {
             rates: [rates_of(&profile.device_compute), rates_of(&profile.host_compute)],
+            flops_per_s: [profile.device_compute.flops_per_s(), profile.host_compute.flops_per_s()],
             qkv_share: qkv_params as f64 / model.params().attention_per_layer.max(1) as f64,
             num_layers: model.num_layers,
             layout,
@@ -79,19 +86,29 @@ impl Dequantization {
 
     fn layer_ns(&self, side: Side, op: Op, layer: u64, rows: u64) -> Option<f64> {
         let lookup;
-        let (size, share): (&GroupSize, f64) = match op {
-            Op::Attention => (self.layout.group(WeightGroup::Attention, layer), 1.0),
-            Op::AttnQkv => (self.layout.group(WeightGroup::Attention, layer), self.qkv_share),
-            Op::AttnOut => (self.layout.group(WeightGroup::Attention, layer), 1.0 - self.qkv_share),
+        // The group, the share of its bytes the task reads and the share of its weights
+        // each row multiplies by.
+        let (size, read, multiplied): (&GroupSize, f64, f64) = match op {
+            Op::Attention => (self.layout.group(WeightGroup::Attention, layer), 1.0, 1.0),
+            Op::AttnQkv => (self.layout.group(WeightGroup::Attention, layer), self.qkv_share, self.qkv_share),
+            Op::AttnOut => {
+                let share = 1.0 - self.qkv_share;
+                (self.layout.group(WeightGroup::Attention, layer), share, share)
+            }
             Op::Mlp => {
                 let size = self.layout.group(WeightGroup::Mlp, layer);
-                let read = self.model.mlp_bytes_read(rows, size.bytes);
-                (size, read as f64 / size.bytes.max(1) as f64)
+                let read = self.model.mlp_bytes_read(rows, size.bytes) as f64 / size.bytes.max(1) as f64;
+                // A token multiplies by its own experts only (the router stays float).
+                let multiplied = match self.model.num_experts {
+                    0 => 1.0,
+                    experts => self.model.experts_per_token as f64 / experts as f64,
+                };
+                (size, read, multiplied)
             }
-            Op::Head => (self.layout.group(WeightGroup::Head, 0), 1.0),
+            Op::Head => (self.layout.group(WeightGroup::Head, 0), 1.0, 1.0),
             Op::Embed => {
                 lookup = self.layout.embedding_lookup(rows);
-                (&lookup, 1.0)
+                (&lookup, 1.0, 0.0)
             }
             // The router is a few rows per expert: nothing to speak of to decode.
             Op::AttnCore | Op::Route => return None,
@@ -100,12 +117,20 @@ impl Dequantization {
             return None;
         }
         let rates = &self.rates[side as usize];
+        let peak = self.flops_per_s[side as usize];
         let ns = size
             .quantized
             .iter()
             .map(|(format, bytes)| {
-                let rate = rates.iter().find(|(f, _)| f == format).and_then(|(_, r)| *r);
-                rate.map_or(0.0, |r| *bytes as f64 * share / r * 1e9)
+                let Some(rate) = rates.iter().find(|(f, _)| f == format).and_then(|(_, r)| r.as_ref()) else {
+                    return 0.0;
+                };
+                let decode_ns = *bytes as f64 * read / rate.bytes_per_s * 1e9;
+                // The products at the format's rate instead of the peak the task's FLOPs
+                // are charged at.
+                let flops = 2.0 * rows as f64 * format.weights_in(*bytes) * multiplied;
+                let product_ns = rate.product_flops_per_s.map_or(0.0, |r| flops / r * 1e9 - flops / peak * 1e9);
+                decode_ns + product_ns
             })
             .sum();
         Some(ns)
@@ -119,7 +144,7 @@ mod tests {
     use ferry_core::catalog::Catalog;
     use ferry_core::hardware::Hardware;
     use ferry_core::plan::{Policy, Workload};
-    use ferry_core::profile::{DequantRate, KernelTiming};
+    use ferry_core::profile::KernelTiming;
 
     fn setup() -> (ModelSpec, Profile) {
         let catalog = Catalog::builtin().unwrap();
@@ -129,6 +154,10 @@ mod tests {
             host: catalog.host("ferry-ci-vm").unwrap().value,
         });
         (model, profile)
+    }
+
+    fn rate(bytes_per_s: f64, product_flops_per_s: Option<f64>) -> DequantRate {
+        DequantRate { format: "q8_0".into(), bytes_per_s, product_flops_per_s }
     }
 
     fn q8_0() -> WeightFormats {
@@ -150,12 +179,46 @@ mod tests {
         assert_eq!(unpriced.dequant_ns(false, Op::Mlp, Some(0), 1), Some(0.0));
         assert_eq!(unpriced.dequant_ns(false, Op::AttnCore, Some(0), 1), None);
         // 1 GB/s: one ns per quantized byte, on the side that has the rate only.
-        profile.device_compute.dequantize.push(DequantRate { format: "q8_0".into(), bytes_per_s: 1e9 });
+        profile.device_compute.dequantize.push(rate(1e9, None));
         let priced = CostModel::for_formats(&profile, &model, &q8_0());
         let ns = priced.dequant_ns(false, Op::Mlp, Some(0), 1).unwrap();
         assert!((ns - MLP_Q8_0_BYTES).abs() < 1e-6, "{ns}");
         assert_eq!(priced.dequant_ns(true, Op::Mlp, Some(0), 1), Some(0.0));
         assert_eq!(priced.dequant_ns(false, Op::Mlp, None, 1), Some(ns), "every layer alike");
+    }
+
+    #[test]
+    fn a_formats_measured_product_rate_replaces_the_peak_for_its_products() {
+        let (model, mut profile) = setup();
+        let peak = profile.device_compute.flops_per_s();
+        profile.device_compute.dequantize.push(rate(1e9, Some(2.0 * peak)));
+        let c = CostModel::for_formats(&profile, &model, &q8_0());
+        let weights = (3 * 352 * 128) as f64;
+        for rows in [1u64, 64] {
+            let flops = 2.0 * rows as f64 * weights;
+            let ns = c.dequant_ns(false, Op::Mlp, Some(0), rows).unwrap();
+            let want = MLP_Q8_0_BYTES + flops / (2.0 * peak) * 1e9 - flops / peak * 1e9;
+            assert!((ns - want).abs() < 1e-6 * want.abs(), "{rows} rows: {ns} against {want}");
+            // The task: its FLOPs at the format's rate, its bytes decoded once.
+            let compute = &profile.device_compute;
+            let task = c.compute_ns(compute, Op::Mlp, flops as u64, 1, rows, 0, Some(ns));
+            let want = compute.task_overhead_ns as f64 + flops / (2.0 * peak) * 1e9 + MLP_Q8_0_BYTES;
+            assert!((task - want).abs() < 1e-6 * want, "{rows} rows: {task} against {want}");
+        }
+        // A mixture of experts: a token multiplies by its own experts' weights only.
+        let moe = Catalog::builtin().unwrap().model("test-moe").unwrap().value;
+        let formats = q8_0();
+        let without = {
+            let mut p = profile.clone();
+            p.device_compute.dequantize[0].product_flops_per_s = None;
+            CostModel::for_formats(&p, &moe, &formats).dequant_ns(false, Op::Mlp, Some(0), 64).unwrap()
+        };
+        let with = CostModel::for_formats(&profile, &moe, &formats).dequant_ns(false, Op::Mlp, Some(0), 64).unwrap();
+        let layout = WeightLayout::of(&moe, &formats);
+        let experts: f64 = layout.group(WeightGroup::Mlp, 0).quantized.iter().map(|(f, b)| f.weights_in(*b)).sum();
+        let routed = experts * moe.experts_per_token as f64 / moe.num_experts as f64;
+        let want = -2.0 * 64.0 * routed / (2.0 * peak) * 1e9;
+        assert!(((with - without) - want).abs() < 1e-6 * want.abs(), "{} against {want}", with - without);
     }
 
     #[test]
@@ -191,7 +254,7 @@ mod tests {
         };
         let fused = tokens_per_s(&profile);
         // 10 MB/s: each layer's 0.2 MB of Q8_0 weights take milliseconds to decode.
-        profile.device_compute.dequantize.push(DequantRate { format: "q8_0".into(), bytes_per_s: 1e7 });
+        profile.device_compute.dequantize.push(rate(1e7, None));
         let slow = tokens_per_s(&profile);
         assert!(slow < fused / 2.0, "{slow} vs {fused}");
     }

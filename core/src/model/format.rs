@@ -158,6 +158,19 @@ impl WeightFormat {
         }
     }
 
+    /// How many weights `bytes` of this format hold (a group-wise format's padding
+    /// counted as weights).
+    pub fn weights_in(self, bytes: u64) -> f64 {
+        let (weights, bytes_per_unit) = match self {
+            WeightFormat::Block(t) => (t.block_elements, t.block_bytes),
+            WeightFormat::Grouped { bits, group_size } => {
+                (group_size as u64, grouped_group_bytes(bits, group_size as u64))
+            }
+            float => (1, float.dtype().map_or(1, |d| d.bytes_of(1))),
+        };
+        bytes as f64 * weights as f64 / bytes_per_unit.max(1) as f64
+    }
+
     /// Bytes read to look up `rows` rows of a `cols`-wide matrix (an embedding lookup):
     /// whole rows for float and block formats; for group-wise formats each row's packed
     /// values and its share of its group's scales and minimums.
