@@ -53,6 +53,26 @@ pub struct SynthArgs {
     force: bool,
 }
 
+/// The ggml block format named `text` (`q4_0`), if the engine multiplies it.
+fn block_format(text: &str) -> Option<ferry_engine::kernels::quant::BlockFormat> {
+    let all = ferry_engine::kernels::quant::BlockFormat::ALL;
+    all.into_iter().find(|f| f.name().eq_ignore_ascii_case(text))
+}
+
+/// The kernel table's weights for `model`: the block format holding most of a GGUF
+/// file's first MLP (a Q4_K_M file: Q4_K), else its float dtype (bf16 for others).
+fn table_weights(model: &ferry_core::model::ModelSpec) -> ferry_profiler::TableWeights {
+    let stored = model.stored.as_ref().map(|layout| layout.group(ferry_core::model::WeightGroup::Mlp, 0));
+    let main = stored.and_then(|mlp| mlp.quantized.iter().max_by_key(|(_, bytes)| *bytes).map(|(f, _)| f.name()));
+    match main.as_deref().and_then(block_format) {
+        Some(format) => ferry_profiler::TableWeights::Blocks(format),
+        None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => {
+            ferry_profiler::TableWeights::Float(model.dtype)
+        }
+        None => ferry_profiler::TableWeights::Float(Dtype::Bf16),
+    }
+}
+
 fn parse_dtype(text: &str) -> Result<Dtype> {
     match text {
         "bf16" => Ok(Dtype::Bf16),
@@ -171,8 +191,11 @@ pub struct ProfileArgs {
     /// the kernel table the simulator prefers to its roofline.
     #[arg(long, visible_alias = "model-dir")]
     model: Option<String>,
-    /// Weight dtype of the kernel table [default: the model's].
-    #[arg(long, value_name = "bf16|f16|f32")]
+    /// Weights of the kernel table's copy of the model: a float dtype, or a ggml block
+    /// format (measured as a GGUF file in it; its entries then price plans in that
+    /// format) [default: the model's: a GGUF file's main block format, else its float
+    /// dtype]
+    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q4_k|q6_k")]
     dtype: Option<String>,
     /// Also measure the rate at which the model (--model: its folder or GGUF file, with
     /// real weights) accepts this draft's tokens, `self:L` or a draft model's folder:
@@ -217,12 +240,16 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     if let Some(name) = &args.model {
         let model = Catalog::builtin()?.model(name)?.value;
         ferry_engine::synth::check_supported(&model)?;
-        let dtype = match args.dtype.as_deref() {
-            Some(text) => parse_dtype(text)?,
-            None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => model.dtype,
-            None => Dtype::Bf16,
+        let weights = match args.dtype.as_deref() {
+            Some(text) => match block_format(text) {
+                Some(format) => ferry_profiler::TableWeights::Blocks(format),
+                None => ferry_profiler::TableWeights::Float(parse_dtype(text).map_err(|_| {
+                    CoreError::invalid(format!("--dtype {text}: use bf16, f16, f32, q8_0, q4_0, q4_k or q6_k"))
+                })?),
+            },
+            None => table_weights(&model),
         };
-        options.kernel_model = Some((model, dtype));
+        options.kernel_model = Some((model, weights));
     }
     eprintln!(
         "measuring {} with a {} scratch file in {} ...",

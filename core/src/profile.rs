@@ -217,6 +217,11 @@ pub struct KernelTiming {
     #[serde(default)]
     pub context: u64,
     pub ns: u64,
+    /// The weight format the task multiplied by (`q4_0`, as plans name formats), when
+    /// the table was measured over quantized weights; absent for float weights, whose
+    /// entries price every float format (the profiler measures them in one dtype).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// Measured or assumed slowdowns when resources run together.

@@ -89,6 +89,10 @@ fn check_compute(field: &str, compute: &ComputeProfile) -> Result<()> {
         if timing.tokens == 0 {
             return Err(out_of_range(&format!("{field}.table[{i}].tokens"), 0, "at least one token"));
         }
+        if let Some(format) = &timing.format {
+            crate::model::WeightFormat::parse(format)
+                .map_err(|e| CoreError::invalid(format!("profile: {field}.table[{i}].format: {e}")))?;
+        }
     }
     Ok(())
 }
@@ -299,8 +303,14 @@ mod tests {
 
     #[test]
     fn measured_table_and_curve_entries_are_checked_too() {
-        let timing =
-            crate::profile::KernelTiming { op: "mlp".into(), shape: "1x1".into(), tokens: 1, context: 0, ns: 0 };
+        let timing = crate::profile::KernelTiming {
+            op: "mlp".into(),
+            shape: "1x1".into(),
+            tokens: 1,
+            context: 0,
+            ns: 0,
+            format: None,
+        };
         let message = refused(|p| p.host_compute.table.push(timing));
         assert!(message.contains("host_compute.table[0].ns"), "{message}");
         let mut curve = cpu_profile().disk_read;

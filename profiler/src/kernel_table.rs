@@ -1,6 +1,9 @@
 //! The kernel table: the engine's compute tasks timed at a model's shape through the
 //! real executor, alone and while the read pool streams, and the engine's fixed
-//! per-task overhead.
+//! per-task overhead. A model stored in a ggml block format is measured in that
+//! format (a GGUF copy of its shape), so its products are timed as runs make them,
+//! 8-bit activations and all; its entries carry the format, and price only plans that
+//! store their weights so.
 
 use super::*;
 
@@ -19,6 +22,28 @@ pub(crate) fn kernel_table_layers(model: &ferry_core::model::ModelSpec, dtype: D
     (GIB_BYTES / model.layer_bytes(dtype).max(1)).clamp(3, 4)
 }
 
+/// Writes the few-layer copy `spec` in `weights` under `dir`; returns the path to open
+/// and the block format its entries are filed under (`None`: float weights).
+fn synthesize_copy(
+    spec: &ferry_core::model::ModelSpec,
+    weights: TableWeights,
+    dir: &Path,
+) -> Result<(PathBuf, Option<kernels::quant::BlockFormat>), ProfileError> {
+    match weights {
+        TableWeights::Float(dtype) => {
+            ferry_engine::synth::synthesize(spec, dtype, 3, dir, true, |_, _| {})?;
+            Ok((dir.to_path_buf(), None))
+        }
+        TableWeights::Blocks(format) => {
+            std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+            let path = dir.join(format!("{}.gguf", spec.name));
+            let storage = ferry_engine::synth_gguf::GgufStorage::Blocks(format);
+            ferry_engine::synth_gguf::synthesize_gguf(spec, storage, 3, &path, true, |_, _| {})?;
+            Ok((path, Some(format)))
+        }
+    }
+}
+
 /// The engine's compute tasks timed at a model's shape: a few-layer copy of the model
 /// (same hidden size, MLP, heads and vocabulary) runs fully resident through the real
 /// executor at each micro-batch size; every compute task's measured duration is filed
@@ -27,7 +52,7 @@ pub(crate) fn kernel_table_layers(model: &ferry_core::model::ModelSpec, dtype: D
 pub(crate) fn measure_kernel_table(
     options: &ProfileOptions,
     model: &ferry_core::model::ModelSpec,
-    dtype: Dtype,
+    weights: TableWeights,
     disk: &Arc<DiskFile>,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<KernelTable, ProfileError> {
@@ -35,20 +60,33 @@ pub(crate) fn measure_kernel_table(
     use ferry_core::plan::{Policy, Workload};
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let mut spec = model.clone();
-    spec.num_layers = kernel_table_layers(model, dtype);
+    let dtype = match weights {
+        TableWeights::Float(dtype) => dtype,
+        // What the executor keeps activations in, and the size the layers are counted at.
+        TableWeights::Blocks(_) => Dtype::F32,
+    };
+    spec.num_layers = kernel_table_layers(model, Dtype::Bf16);
     spec.name = format!("{}-{}-layers", model.name, spec.num_layers);
+    spec.stored = None;
     let dir = options.scratch_dir.join(format!("ferry-profile-shape-{}", std::process::id()));
     let _cleanup = RemoveDirOnDrop(dir.clone());
     progress("kernel table: synthesizing the shape", 0.0);
-    ferry_engine::synth::synthesize(&spec, dtype, 3, &dir, true, |_, _| {})?;
-    let files = ferry_engine::weights::ModelFiles::open(&dir)?;
+    let (path, block_format) = synthesize_copy(&spec, weights, &dir)?;
+    let files = ferry_engine::weights::ModelFiles::open(&path)?;
+    let spec = files.spec.clone();
+    // Only tasks that multiply by weights are filed under their format.
+    let format_of = |op: ferry_core::graph::Op| {
+        use ferry_core::graph::Op;
+        block_format.filter(|_| !matches!(op, Op::AttnCore | Op::Route)).map(|f| f.name().to_ascii_lowercase())
+    };
     let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
-    type Samples = std::collections::BTreeMap<(String, u64, u64), Vec<f64>>;
+    type Samples = std::collections::BTreeMap<(String, Option<String>, u64, u64), Vec<f64>>;
     let (mut samples, mut contended): (Samples, Samples) = Default::default();
     let gen_len = 6;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
         let layers = spec.num_layers;
-        let policy = Policy::all_on_device(layers, batch, dtype);
+        let mut policy = Policy::all_on_device(layers, batch, dtype);
+        policy.set_weight_format(files.formats.clone());
         let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len };
         let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
             gpu: catalog.gpu("cpu")?.value,
@@ -88,7 +126,7 @@ pub(crate) fn measure_kernel_table(
             for span in &report.trace.spans {
                 let task = &graph.tasks[span.task as usize];
                 if let Payload::Compute { op, .. } = task.payload {
-                    let key = (op.name().to_string(), task.tokens as u64, task.context as u64);
+                    let key = (op.name().to_string(), format_of(op), task.tokens as u64, task.context as u64);
                     into.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
                 }
             }
@@ -105,12 +143,13 @@ pub(crate) fn measure_kernel_table(
     }
     let entries = samples
         .into_iter()
-        .map(|((op, tokens, context), durations)| ferry_core::profile::KernelTiming {
+        .map(|((op, format, tokens, context), durations)| ferry_core::profile::KernelTiming {
             op,
             shape: shape.clone(),
             tokens,
             context,
             ns: median(&durations) as u64,
+            format,
         })
         .collect();
     let slowdown_during_reads = if alone_ns > 0.0 { (with_reads_ns / alone_ns - 1.0).max(0.0) } else { 0.0 };
@@ -165,5 +204,36 @@ struct RemoveDirOnDrop(PathBuf);
 impl Drop for RemoveDirOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF model's table is measured over its block format, and says so.
+    #[test]
+    fn a_block_format_table_files_its_entries_under_the_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = ProfileOptions {
+            scratch_bytes: 4 * MIB,
+            trials: 1,
+            kernel_batches: vec![1, 2],
+            kernel_prompt_len: 4,
+            kernel_runs: 1,
+            ..ProfileOptions::quick(dir.path().to_path_buf())
+        };
+        let scratch = dir.path().join("scratch.bin");
+        std::fs::write(&scratch, vec![7u8; options.scratch_bytes as usize]).unwrap();
+        let disk = Arc::new(DiskFile::open(&scratch, true).unwrap());
+        let model = ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+        let weights = TableWeights::Blocks(kernels::quant::BlockFormat::Q8_0);
+        let table = measure_kernel_table(&options, &model, weights, &disk, &mut |_, _| {}).unwrap();
+        for op in ["attention", "mlp", "head", "embed"] {
+            let entries: Vec<_> = table.entries.iter().filter(|e| e.op == op).collect();
+            assert!(!entries.is_empty(), "no {op} entry");
+            assert!(entries.iter().all(|e| e.format.as_deref() == Some("q8_0") && e.shape == "128x352"), "{op}");
+        }
+        assert!(table.entries.iter().any(|e| e.op == "mlp" && e.tokens == 8), "prefill rows = batch 2 × prompt 4");
     }
 }

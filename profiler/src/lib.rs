@@ -64,6 +64,15 @@ impl ferry_core::Classify for ProfileError {
     }
 }
 
+/// What the kernel table's copy of a model stores its weights as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableWeights {
+    /// Safetensors in a float dtype: the entries price every float format.
+    Float(Dtype),
+    /// A GGUF file in one ggml block format: the entries price that format only.
+    Blocks(kernels::quant::BlockFormat),
+}
+
 /// How much to measure.
 #[derive(Debug, Clone)]
 pub struct ProfileOptions {
@@ -76,7 +85,7 @@ pub struct ProfileOptions {
     pub chunk_sizes: Vec<u64>,
     pub queue_depths: Vec<u32>,
     /// Also measure the engine's compute tasks at this model's shape (the kernel table).
-    pub kernel_model: Option<(ferry_core::model::ModelSpec, Dtype)>,
+    pub kernel_model: Option<(ferry_core::model::ModelSpec, TableWeights)>,
     /// Micro-batch sizes the kernel table is measured at.
     pub kernel_batches: Vec<u64>,
     /// Prompt length of the kernel-table runs (prefill rows = batch × this).
@@ -171,8 +180,8 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     // own reads (the kernel table's runs), a better measure than one long product.
     let host = measure_host_compute(options, disk, options.kernel_model.is_none(), &mut progress)?;
     let (table, slowdown) = match &options.kernel_model {
-        Some((model, dtype)) => {
-            let table = measure_kernel_table(options, model, *dtype, disk, &mut progress)?;
+        Some((model, weights)) => {
+            let table = measure_kernel_table(options, model, *weights, disk, &mut progress)?;
             (table.entries, table.slowdown_during_reads)
         }
         None => (Vec::new(), host.slowdown_during_reads.unwrap_or(0.0)),
@@ -439,7 +448,7 @@ mod tests {
             queue_depths: vec![1, 4],
             kernel_model: Some((
                 ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value,
-                Dtype::F32,
+                TableWeights::Float(Dtype::F32),
             )),
             kernel_batches: vec![1, 2],
             kernel_prompt_len: 4,
@@ -461,6 +470,7 @@ mod tests {
         for op in ["attention", "mlp", "head", "embed"] {
             assert!(table.iter().any(|e| e.op == op && e.shape == "128x352" && e.ns > 0), "no {op} entry");
         }
+        assert!(table.iter().all(|e| e.format.is_none()), "float weights: entries for every float format");
         assert!(table.iter().any(|e| e.op == "mlp" && e.tokens == 8), "prefill rows = batch 2 × prompt 4");
         assert!(steps.contains(&"disk reads".to_string()) && steps.last().map(String::as_str) == Some("done"));
         let text = ferry_core::yaml::to_yaml_string(&profile).unwrap();

@@ -16,7 +16,7 @@ use ferry_core::graph::{Op, Payload, Place, Resource, Task, TaskGraph, TaskKind}
 use ferry_core::model::{ModelSpec, WeightFormats};
 use ferry_core::profile::{ComputeProfile, CurvePoint, KernelTiming, Profile, TransferCurve};
 
-use crate::dequant::{Dequantization, Side};
+use crate::dequant::{Dequantization, Quantized, Side};
 
 /// Which curve a transfer uses: of which host's disk, which device's link to its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,11 +99,11 @@ impl<'a> CostModel<'a> {
         CostModel { dequant: Dequantization::new(profile, model, formats), ..CostModel::new(profile, model) }
     }
 
-    /// Dequantization ns of an `op` task of `layer` (`None`: the mean layer) over `rows`
-    /// rows on the host or the device, when it reads quantized weights (see `compute_ns`).
-    pub fn dequant_ns(&self, on_host: bool, op: Op, layer: Option<u64>, rows: u64) -> Option<f64> {
+    /// What quantized weights add to an `op` task of `layer` (`None`: the mean layer)
+    /// over `rows` rows on the host or the device, when it reads any (see `compute_ns`).
+    pub fn quantized(&self, on_host: bool, op: Op, layer: Option<u64>, rows: u64) -> Option<Quantized> {
         let side = if on_host { Side::Host } else { Side::Device };
-        self.dequant.as_ref()?.task_ns(side, op, layer, rows)
+        self.dequant.as_ref()?.task(side, op, layer, rows)
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
@@ -201,12 +201,12 @@ impl<'a> CostModel<'a> {
         let nominal_ns = match (&self.draft, task.payload) {
             // A separate draft's task: its own shape in the kernel table, its own formats.
             (Some((shape, dequant)), Payload::Compute { draft: true, .. }) => {
-                let dequant = dequant.as_ref().and_then(|d| d.task_ns(side, op, layer.or(Some(0)), tokens));
-                self.compute_ns_at(shape, compute, op, (task.flops, task.bytes), (tokens, context), dequant)
+                let quantized = dequant.as_ref().and_then(|d| d.task(side, op, layer.or(Some(0)), tokens));
+                self.compute_ns_at(shape, compute, op, (task.flops, task.bytes), (tokens, context), quantized)
             }
             _ => {
-                let dequant = self.dequant_ns(on_host, op, layer.or(Some(0)), tokens);
-                self.compute_ns(compute, op, task.flops, task.bytes, tokens, context, dequant)
+                let quantized = self.quantized(on_host, op, layer.or(Some(0)), tokens);
+                self.compute_ns(compute, op, task.flops, task.bytes, tokens, context, quantized)
             }
         };
         // Memory the task frees (streamed weights, a loaded cache) is returned to the
@@ -217,10 +217,11 @@ impl<'a> CostModel<'a> {
     }
 
     /// Nominal duration of one compute operation: the profile's measured table where it
-    /// has this operation and shape, else the roofline plus the per-task overhead. With
-    /// `dequant_ns` (the task reads quantized weights; `dequant_ns`): the roofline at the
-    /// real bytes, the dequantization added to the FLOPs time — decoding and
-    /// multiply-adds share the cores while memory streams beside both.
+    /// has this operation and shape (for `quantized` weights, a table measured over
+    /// their format), else the roofline plus the per-task overhead. With `quantized`
+    /// weights the roofline is at their real bytes, their decoding and their products'
+    /// own rate added to the FLOPs time — decoding and multiply-adds share the cores
+    /// while memory streams beside both.
     #[allow(clippy::too_many_arguments)]
     pub fn compute_ns(
         &self,
@@ -230,9 +231,9 @@ impl<'a> CostModel<'a> {
         bytes: u64,
         tokens: u64,
         context: u64,
-        dequant_ns: Option<f64>,
+        quantized: Option<Quantized>,
     ) -> f64 {
-        self.compute_ns_at(&self.shape, compute, op, (flops, bytes), (tokens, context), dequant_ns)
+        self.compute_ns_at(&self.shape, compute, op, (flops, bytes), (tokens, context), quantized)
     }
 
     /// `compute_ns` with the kernel table read at `shape`.
@@ -243,17 +244,22 @@ impl<'a> CostModel<'a> {
         op: Op,
         (flops, bytes): (u64, u64),
         (tokens, context): (u64, u64),
-        dequant_ns: Option<f64>,
+        quantized: Option<Quantized>,
     ) -> f64 {
-        if dequant_ns.is_none() {
-            if let Some(ns) = lookup_table(&compute.table, op.name(), shape, tokens, context) {
+        // Float entries price float weights; a quantized format's entries, that format.
+        let table_format = match quantized {
+            None => Some(None),
+            Some(Quantized { format, .. }) => format.map(|f| Some(f.name())),
+        };
+        if let Some(format) = table_format {
+            if let Some(ns) = lookup_table(&compute.table, op.name(), shape, format.as_deref(), tokens, context) {
                 return ns;
             }
         }
         let flops_ns = flops as f64 / compute.flops_per_s() * 1e9;
         let bytes_ns = bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
-        // A format's products may run faster than the float peak (`dequant_ns` < 0).
-        let arithmetic_ns = (flops_ns + dequant_ns.unwrap_or(0.0)).max(0.0);
+        // A format's products may run faster than the float peak (`extra_ns` < 0).
+        let arithmetic_ns = (flops_ns + quantized.map_or(0.0, |q| q.extra_ns)).max(0.0);
         compute.task_overhead_ns as f64 + arithmetic_ns.max(bytes_ns)
     }
 
@@ -360,8 +366,16 @@ pub fn shape_key(model: &ModelSpec) -> String {
 /// the nearest context length whose measured rows reach `tokens` (else come nearest
 /// it), linear interpolation in tokens between them, proportional scaling beyond the
 /// largest.
-fn lookup_table(table: &[KernelTiming], op: &str, shape: &str, tokens: u64, context: u64) -> Option<f64> {
-    let mut entries: Vec<_> = table.iter().filter(|e| e.op == op && e.shape == shape).collect();
+fn lookup_table(
+    table: &[KernelTiming],
+    op: &str,
+    shape: &str,
+    format: Option<&str>,
+    tokens: u64,
+    context: u64,
+) -> Option<f64> {
+    let mut entries: Vec<_> =
+        table.iter().filter(|e| e.op == op && e.shape == shape && e.format.as_deref() == format).collect();
     if entries.is_empty() {
         return None;
     }
@@ -400,7 +414,7 @@ mod table_tests {
     use ferry_core::profile::KernelTiming;
 
     fn entry(tokens: u64, context: u64, ns: u64) -> KernelTiming {
-        KernelTiming { op: "mlp".into(), shape: "s".into(), tokens, context, ns }
+        KernelTiming { op: "mlp".into(), shape: "s".into(), tokens, context, ns, format: None }
     }
 
     /// A profile's table: decoding rows (1–16) at contexts 33 and 37, prefill rows
@@ -414,12 +428,12 @@ mod table_tests {
     #[test]
     fn a_prefill_at_another_context_reads_the_prefill_rows_not_a_decoding_row_scaled() {
         // 192 rows at context 96: between the prefill rows measured at 128 and 512.
-        let ns = lookup_table(&table(), "mlp", "s", 192, 96).unwrap();
+        let ns = lookup_table(&table(), "mlp", "s", None, 192, 96).unwrap();
         assert!((ns - 60_000.0).abs() < 1.0, "{ns}");
         // Decoding keeps the nearest decoding context.
-        assert_eq!(lookup_table(&table(), "mlp", "s", 1, 40).unwrap(), 1_000.0);
-        assert_eq!(lookup_table(&table(), "mlp", "s", 1, 34).unwrap(), 900.0);
+        assert_eq!(lookup_table(&table(), "mlp", "s", None, 1, 40).unwrap(), 1_000.0);
+        assert_eq!(lookup_table(&table(), "mlp", "s", None, 1, 34).unwrap(), 900.0);
         // Beyond every measured size: proportional to the largest.
-        assert_eq!(lookup_table(&table(), "mlp", "s", 1024, 96).unwrap(), 320_000.0);
+        assert_eq!(lookup_table(&table(), "mlp", "s", None, 1024, 96).unwrap(), 320_000.0);
     }
 }

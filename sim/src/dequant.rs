@@ -26,6 +26,17 @@ pub enum Side {
     Host = 1,
 }
 
+/// What a task that reads quantized weights adds to its float price.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quantized {
+    /// Decoding, and the products at the format's rate rather than the float peak, ns
+    /// (negative where the format's products outrun the peak).
+    pub extra_ns: f64,
+    /// The one quantized format of the weights the task multiplies by (`None` when they
+    /// mix formats): a kernel table measured over that format prices the task instead.
+    pub format: Option<WeightFormat>,
+}
+
 /// The dequantization costs of one plan's weights.
 #[derive(Debug, Clone)]
 pub struct Dequantization {
@@ -70,21 +81,25 @@ impl Dequantization {
         })
     }
 
-    /// Dequantization ns of the quantized weights an `op` task of `layer` (`None`: the
-    /// mean layer) reads over `rows` rows on `side`; `None` when it reads none.
-    pub fn task_ns(&self, side: Side, op: Op, layer: Option<u64>, rows: u64) -> Option<f64> {
+    /// What the quantized weights an `op` task of `layer` (`None`: the mean layer) reads
+    /// over `rows` rows on `side` add to its float price; `None` when it reads none.
+    pub fn task(&self, side: Side, op: Op, layer: Option<u64>, rows: u64) -> Option<Quantized> {
         match layer {
-            Some(layer) => self.layer_ns(side, op, layer, rows),
-            None if self.layout.layers_alike() => self.layer_ns(side, op, 0, rows),
+            Some(layer) => self.layer(side, op, layer, rows),
+            None if self.layout.layers_alike() => self.layer(side, op, 0, rows),
             None => {
-                let per_layer: Vec<f64> =
-                    (0..self.num_layers).filter_map(|l| self.layer_ns(side, op, l, rows)).collect();
-                (!per_layer.is_empty()).then(|| per_layer.iter().sum::<f64>() / self.num_layers as f64)
+                let per_layer: Vec<Quantized> =
+                    (0..self.num_layers).filter_map(|l| self.layer(side, op, l, rows)).collect();
+                let first = per_layer.first()?.format;
+                Some(Quantized {
+                    extra_ns: per_layer.iter().map(|q| q.extra_ns).sum::<f64>() / self.num_layers as f64,
+                    format: first.filter(|f| per_layer.iter().all(|q| q.format == Some(*f))),
+                })
             }
         }
     }
 
-    fn layer_ns(&self, side: Side, op: Op, layer: u64, rows: u64) -> Option<f64> {
+    fn layer(&self, side: Side, op: Op, layer: u64, rows: u64) -> Option<Quantized> {
         let lookup;
         // The group, the share of its bytes the task reads and the share of its weights
         // each row multiplies by.
@@ -133,7 +148,11 @@ impl Dequantization {
                 decode_ns + product_ns
             })
             .sum();
-        Some(ns)
+        let format = match size.quantized.as_slice() {
+            [(format, _)] => Some(*format),
+            _ => None,
+        };
+        Some(Quantized { extra_ns: ns, format })
     }
 }
 
@@ -168,23 +187,30 @@ mod tests {
     /// 128 values is 4 blocks of 34 bytes, of 352 values 11 blocks: 47,872 bytes each.
     const MLP_Q8_0_BYTES: f64 = (2 * 352 * 4 * 34 + 128 * 11 * 34) as f64;
 
+    /// The ns a quantized task adds, asserting it has one format.
+    fn extra_ns(c: &CostModel, on_host: bool, model_rows: (Option<u64>, u64)) -> Option<f64> {
+        let q = c.quantized(on_host, Op::Mlp, model_rows.0, model_rows.1)?;
+        assert_eq!(q.format, Some(WeightFormat::parse("q8_0").unwrap()));
+        Some(q.extra_ns)
+    }
+
     #[test]
     fn dequantization_is_charged_at_the_profile_rate_and_only_there() {
         let (model, mut profile) = setup();
         let float =
             CostModel::for_formats(&profile, &model, &WeightFormats::float(ferry_core::model::Dtype::F16).unwrap());
-        assert_eq!(float.dequant_ns(false, Op::Mlp, Some(0), 1), None, "float weights decode nothing");
+        assert_eq!(float.quantized(false, Op::Mlp, Some(0), 1), None, "float weights decode nothing");
         // No rate: quantized, priced as fused (nothing added).
         let unpriced = CostModel::for_formats(&profile, &model, &q8_0());
-        assert_eq!(unpriced.dequant_ns(false, Op::Mlp, Some(0), 1), Some(0.0));
-        assert_eq!(unpriced.dequant_ns(false, Op::AttnCore, Some(0), 1), None);
+        assert_eq!(extra_ns(&unpriced, false, (Some(0), 1)), Some(0.0));
+        assert_eq!(unpriced.quantized(false, Op::AttnCore, Some(0), 1), None);
         // 1 GB/s: one ns per quantized byte, on the side that has the rate only.
         profile.device_compute.dequantize.push(rate(1e9, None));
         let priced = CostModel::for_formats(&profile, &model, &q8_0());
-        let ns = priced.dequant_ns(false, Op::Mlp, Some(0), 1).unwrap();
+        let ns = extra_ns(&priced, false, (Some(0), 1)).unwrap();
         assert!((ns - MLP_Q8_0_BYTES).abs() < 1e-6, "{ns}");
-        assert_eq!(priced.dequant_ns(true, Op::Mlp, Some(0), 1), Some(0.0));
-        assert_eq!(priced.dequant_ns(false, Op::Mlp, None, 1), Some(ns), "every layer alike");
+        assert_eq!(extra_ns(&priced, true, (Some(0), 1)), Some(0.0));
+        assert_eq!(extra_ns(&priced, false, (None, 1)), Some(ns), "every layer alike");
     }
 
     #[test]
@@ -196,12 +222,12 @@ mod tests {
         let weights = (3 * 352 * 128) as f64;
         for rows in [1u64, 64] {
             let flops = 2.0 * rows as f64 * weights;
-            let ns = c.dequant_ns(false, Op::Mlp, Some(0), rows).unwrap();
+            let q = c.quantized(false, Op::Mlp, Some(0), rows).unwrap();
             let want = MLP_Q8_0_BYTES + flops / (2.0 * peak) * 1e9 - flops / peak * 1e9;
-            assert!((ns - want).abs() < 1e-6 * want.abs(), "{rows} rows: {ns} against {want}");
+            assert!((q.extra_ns - want).abs() < 1e-6 * want.abs(), "{rows} rows: {q:?} against {want}");
             // The task: its FLOPs at the format's rate, its bytes decoded once.
             let compute = &profile.device_compute;
-            let task = c.compute_ns(compute, Op::Mlp, flops as u64, 1, rows, 0, Some(ns));
+            let task = c.compute_ns(compute, Op::Mlp, flops as u64, 1, rows, 0, Some(q));
             let want = compute.task_overhead_ns as f64 + flops / (2.0 * peak) * 1e9 + MLP_Q8_0_BYTES;
             assert!((task - want).abs() < 1e-6 * want, "{rows} rows: {task} against {want}");
         }
@@ -211,9 +237,9 @@ mod tests {
         let without = {
             let mut p = profile.clone();
             p.device_compute.dequantize[0].product_flops_per_s = None;
-            CostModel::for_formats(&p, &moe, &formats).dequant_ns(false, Op::Mlp, Some(0), 64).unwrap()
+            extra_ns(&CostModel::for_formats(&p, &moe, &formats), false, (Some(0), 64)).unwrap()
         };
-        let with = CostModel::for_formats(&profile, &moe, &formats).dequant_ns(false, Op::Mlp, Some(0), 64).unwrap();
+        let with = extra_ns(&CostModel::for_formats(&profile, &moe, &formats), false, (Some(0), 64)).unwrap();
         let layout = WeightLayout::of(&moe, &formats);
         let experts: f64 = layout.group(WeightGroup::Mlp, 0).quantized.iter().map(|(f, b)| f.weights_in(*b)).sum();
         let routed = experts * moe.experts_per_token as f64 / moe.num_experts as f64;
@@ -222,22 +248,34 @@ mod tests {
     }
 
     #[test]
-    fn quantized_tasks_skip_the_float_kernel_table() {
+    fn quantized_tasks_take_the_kernel_table_of_their_own_format_only() {
         let (model, mut profile) = setup();
         let shape = crate::cost::shape_key(&model);
-        profile.device_compute.table.push(KernelTiming {
+        let entry = |ns: u64, format: Option<&str>| KernelTiming {
             op: "mlp".into(),
-            shape,
+            shape: shape.clone(),
             tokens: 1,
             context: 0,
-            ns: 77_777_777,
-        });
+            ns,
+            format: format.map(str::to_string),
+        };
+        profile.device_compute.table.push(entry(77_777_777, None));
+        profile.device_compute.table.push(entry(55_555_555, Some("q4_0")));
         let c = CostModel::for_formats(&profile, &model, &q8_0());
         let compute = &profile.device_compute;
-        assert_eq!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, None), 77_777_777.0);
-        let quantized = c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, Some(0.0));
-        assert!(quantized < 1e6, "the roofline, not the float table: {quantized}");
-        assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, Some(5e6)) > 5e6, "decoding adds to the FLOPs");
+        assert_eq!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, None), 77_777_777.0, "float: float entries");
+        let q8_0_format = WeightFormat::parse("q8_0").unwrap();
+        let q8 = |extra_ns: f64| Some(Quantized { extra_ns, format: Some(q8_0_format) });
+        let roofline = c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, q8(0.0));
+        assert!(roofline < 1e6, "neither the float nor another format's entries: {roofline}");
+        assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, q8(5e6)) > 5e6, "decoding adds to the FLOPs");
+        // A table measured over the plan's format prices it.
+        profile.device_compute.table.push(entry(33_333_333, Some("q8_0")));
+        let c = CostModel::for_formats(&profile, &model, &q8_0());
+        assert_eq!(c.compute_ns(&profile.device_compute, Op::Mlp, 1000, 1000, 1, 0, q8(0.0)), 33_333_333.0);
+        // Weights of mixed formats: the roofline.
+        let mixed = Some(Quantized { extra_ns: 0.0, format: None });
+        assert!(c.compute_ns(&profile.device_compute, Op::Mlp, 1000, 1000, 1, 0, mixed) < 1e6);
     }
 
     #[test]

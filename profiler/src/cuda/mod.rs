@@ -142,7 +142,14 @@ pub fn compose_kernel_table(
                 ns += attention_ns(attention_shape(model, tokens, context));
             }
             ns += extra_launches(op) as f64 * launch_ns;
-            table.push(KernelTiming { op: op.to_string(), shape: shape.clone(), tokens: rows, context, ns: ns as u64 });
+            table.push(KernelTiming {
+                op: op.to_string(),
+                shape: shape.clone(),
+                tokens: rows,
+                context,
+                ns: ns as u64,
+                format: None,
+            });
         }
     }
     table

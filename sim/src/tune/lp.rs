@@ -226,7 +226,7 @@ impl Searcher<'_> {
             let mlp_flops = model.projection_flops(WeightGroup::Mlp, rows);
             let mlp_bytes = model.mlp_bytes_read(rows, layout.mean_bytes(WeightGroup::Mlp));
             let c = &self.cost;
-            let dq = |on_host: bool, op: Op| c.dequant_ns(on_host, op, None, rows);
+            let dq = |on_host: bool, op: Op| c.quantized(on_host, op, None, rows);
             let fused = c.compute_ns(
                 dev,
                 Op::Attention,
