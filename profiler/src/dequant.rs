@@ -24,10 +24,9 @@ use super::{median_spread, ProfileOptions};
 
 /// Quantized bytes multiplied per one-row trial: tens of milliseconds on a fast machine.
 const INPUT_BYTES: u64 = 32 * MIB;
-/// Weights per product: a projection of a small model (2048 × 2048 in Q4_0 is 2.25
-/// MiB). Products of a few hundred KiB run a third slower per weight at many rows than
-/// a model's do (dispatch and quantizing the rows weigh more), which would price
-/// prefill too slow; the cache level they come from matters little at many rows, and
+/// Weights per product: a projection of a small model (about 2048 × 1820 in Q4_0).
+/// Products of 256 KiB gave lower many-row rates than the model's own products
+/// (BENCHMARKS.md, "Predicting quantized plans"), which priced prefill too slow;
 /// at one row the roofline prices memory separately.
 const STEP_INPUT_BYTES: u64 = 2 * MIB;
 /// Values per weight row: a multiple of every block (256) and a common hidden size.
