@@ -22,6 +22,16 @@ pub(crate) fn kernel_table_layers(model: &ferry_core::model::ModelSpec, dtype: D
     (GIB_BYTES / model.layer_bytes(dtype).max(1)).clamp(3, 4)
 }
 
+/// One run of the kernel table's model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Untimed: threads wake, pages fault, caches fill.
+    Warmup,
+    Alone,
+    /// Beside the read pool streaming the scratch file.
+    Reads,
+}
+
 /// Writes the few-layer copy `spec` in `weights` under `dir`; returns the path to open
 /// and the block format its entries are filed under (`None`: float weights).
 fn synthesize_copy(
@@ -81,7 +91,7 @@ pub(crate) fn measure_kernel_table(
     };
     let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
     type Samples = std::collections::BTreeMap<(String, Option<String>, u64, u64), Vec<f64>>;
-    let (mut samples, mut contended): (Samples, Samples) = Default::default();
+    let (mut samples, mut contended, mut warmup): (Samples, Samples, Samples) = Default::default();
     let gen_len = 6;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
         let layers = spec.num_layers;
@@ -99,13 +109,23 @@ pub(crate) fn measure_kernel_table(
             .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
             .collect();
         // The slowdown is one figure: measured at the smallest batch (and, in a full
-        // profile, every fourth one too), which keeps --quick under a minute.
-        let mut passes = vec![false; options.kernel_runs.max(1)];
-        if i == 0 || (options.kernel_runs > 2 && i % 4 == 0) {
-            passes.push(true);
-        }
-        for reads in passes {
-            let into = if reads { &mut contended } else { &mut samples };
+        // profile, every fourth one too), which keeps --quick under a minute. There,
+        // after an untimed run, runs alone and runs beside reads alternate, so neither
+        // side gets the cold first run or the machine's drift to itself (run first and
+        // once, the reads' side measured 0 to 54 % in five profiles of one hour).
+        let runs = options.kernel_runs.max(1);
+        let passes: Vec<Pass> = if i == 0 || (options.kernel_runs > 2 && i % 4 == 0) {
+            std::iter::once(Pass::Warmup).chain((0..runs).flat_map(|_| [Pass::Alone, Pass::Reads])).collect()
+        } else {
+            vec![Pass::Alone; runs]
+        };
+        for pass in passes {
+            let reads = pass == Pass::Reads;
+            let into = match pass {
+                Pass::Warmup => &mut warmup,
+                Pass::Alone => &mut samples,
+                Pass::Reads => &mut contended,
+            };
             let run_options = ferry_engine::RunOptions {
                 prompts: prompts.clone(),
                 scratch_dir: dir.clone(),
