@@ -387,3 +387,30 @@ fn measure_acceptance(
     let run = ferry_profiler::acceptance::AcceptanceRun::new(args.quick, args.draft_len);
     Ok(ferry_profiler::acceptance::measure_acceptance(&target, kind, draft_path, &name, profile, run, scratch)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::model::{WeightFormat, WeightFormats, WeightLayout};
+    use ferry_engine::kernels::quant::BlockFormat;
+    use ferry_profiler::TableWeights;
+
+    fn stored(model: &mut ferry_core::model::ModelSpec, format: &str) {
+        let formats = WeightFormats::uniform(WeightFormat::parse(format).unwrap());
+        model.stored = Some(std::sync::Arc::new(WeightLayout::of(model, &formats)));
+    }
+
+    #[test]
+    fn the_kernel_table_takes_a_gguf_files_block_format_and_a_float_models_dtype() {
+        let catalog = Catalog::builtin().unwrap();
+        let mut model = catalog.model("test-tiny").unwrap().value;
+        assert_eq!(table_weights(&model), TableWeights::Float(model.dtype));
+        stored(&mut model, "q4_0");
+        assert_eq!(table_weights(&model), TableWeights::Blocks(BlockFormat::Q4_0));
+        // A format the engine does not multiply: the float dtype, as before.
+        stored(&mut model, "int4-g64");
+        assert_eq!(table_weights(&model), TableWeights::Float(model.dtype));
+        assert_eq!(block_format("Q6_K"), Some(BlockFormat::Q6K));
+        assert_eq!(block_format("q5_k"), None);
+    }
+}
