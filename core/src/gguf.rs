@@ -20,6 +20,8 @@ use crate::error::{CoreError, Result};
 
 /// The most header bytes read: large vocabularies take a few MiB.
 pub const MAX_HEADER_BYTES: usize = 64 << 20;
+/// Bytes a header is first read in (`GgufHeader::open`).
+const FIRST_HEADER_READ_BYTES: usize = 1 << 20;
 /// Arrays of arrays deeper than this are refused (the format allows nesting; models
 /// use one level).
 const MAX_ARRAY_DEPTH: usize = 4;
@@ -131,14 +133,27 @@ pub struct GgufHeader {
 }
 
 impl GgufHeader {
-    /// Reads and validates the header of a GGUF file.
+    /// Reads and validates the header of a GGUF file: its first MiB, and four times
+    /// more while that does not hold the whole header (a large vocabulary), up to
+    /// `MAX_HEADER_BYTES`. Reading the limit at once read most of a small model's
+    /// weights through the page cache on every open.
     pub fn open(path: &Path) -> Result<GgufHeader> {
         use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
+        let mut file = std::fs::File::open(path).map_err(|e| CoreError::io(path, e))?;
         let file_len = file.metadata().map_err(|e| CoreError::io(path, e))?.len();
+        let limit = (MAX_HEADER_BYTES as u64).min(file_len) as usize;
         let mut bytes = Vec::new();
-        file.take(MAX_HEADER_BYTES as u64).read_to_end(&mut bytes).map_err(|e| CoreError::io(path, e))?;
-        GgufHeader::parse(path, &bytes, file_len)
+        let mut wanted = FIRST_HEADER_READ_BYTES.min(limit);
+        loop {
+            let more = (wanted - bytes.len()) as u64;
+            (&mut file).take(more).read_to_end(&mut bytes).map_err(|e| CoreError::io(path, e))?;
+            match GgufHeader::parse(path, &bytes, file_len) {
+                // What was read ends before `wanted`: the file is shorter than it says.
+                Err(e) if bytes.len() < wanted || bytes.len() >= limit => return Err(e),
+                Err(_) => wanted = wanted.saturating_mul(4).min(limit),
+                header => return header,
+            }
+        }
     }
 
     /// Validates the header in `bytes` (the file's first bytes, or all of it) of a

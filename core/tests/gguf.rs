@@ -131,6 +131,23 @@ fn a_well_formed_header_reads_back() {
     assert!(header.uint("llama.missing").unwrap_err().to_string().contains("llama.missing"));
 }
 
+/// A header past the first read (a vocabulary of megabytes) is read on, and a file cut
+/// inside its header is still refused, by `open` as by `parse`.
+#[test]
+fn open_reads_headers_longer_than_its_first_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let long = "x".repeat(3 << 20);
+    let bytes = llama().meta_str("tokenizer.chat_template", &long).bytes();
+    std::fs::write(&path, &bytes).unwrap();
+    let header = GgufHeader::open(&path).unwrap();
+    assert_eq!(header.tensors.len(), 4);
+    assert!(matches!(header.get("tokenizer.chat_template"), Some(Value::String(s)) if s.len() == long.len()));
+    std::fs::write(&path, &bytes[..2 << 20]).unwrap();
+    let message = GgufHeader::open(&path).unwrap_err().to_string();
+    assert!(message.contains("model.gguf") && message.contains("truncated"), "{message}");
+}
+
 #[test]
 fn malformed_headers_are_errors_naming_what_is_wrong() {
     let good = llama().bytes();
