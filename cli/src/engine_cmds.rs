@@ -346,7 +346,12 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         );
     }
     if !profile.device_compute.table.is_empty() {
-        println!("  kernel table: {} entries at the model's shape", profile.device_compute.table.len());
+        let table = &profile.device_compute.table;
+        let weights = match table.iter().find_map(|e| e.format.as_deref()) {
+            Some(format) => format!("{format} weights (prices plans in {format})"),
+            None => "float weights".to_string(),
+        };
+        println!("  kernel table: {} entries at the model's shape, over {weights}", table.len());
     }
     Ok(())
 }
