@@ -168,19 +168,16 @@ impl Recycler {
         (self.reused_bytes.load(Relaxed), self.new_bytes.load(Relaxed))
     }
 
-    /// Keeps `buffer` for reuse, or unmaps it when the kept buffers already reach the
-    /// limit. Called as memory the graph still accounts is freed (the freeing task has
-    /// not completed): moving it to the kept list does not change what is mapped, and
-    /// the limit grows by its size when the task completes.
+    /// Keeps `buffer` for reuse. Called as memory the graph still accounts is freed
+    /// (the freeing task has not completed), so keeping it changes nothing that is
+    /// mapped; when the task completes the limit is set again (`set_limit`, from the
+    /// budget's room, which then includes these bytes) and what no longer fits is
+    /// unmapped. Checking the limit here instead unmapped every buffer but the first
+    /// that one task frees (a GGUF layer's tensors are several reads), so under a tight
+    /// budget most loads mapped new memory, whose zeroing took the compute threads'
+    /// time on two cores.
     pub fn give(&self, buffer: Buffer) {
-        let mut free = self.free();
-        let kept: u64 = free.iter().map(|b| b.mapped as u64).sum();
-        if kept <= self.limit_bytes.load(std::sync::atomic::Ordering::Acquire) {
-            free.push(buffer);
-        } else {
-            drop(free);
-            drop(buffer);
-        }
+        self.free().push(buffer);
     }
 
     /// Sets how many bytes may be kept, unmapping kept buffers (largest first) past it.
@@ -249,13 +246,19 @@ mod tests {
         let recycler = Recycler::new();
         recycler.set_limit(0);
         let first = recycler.take(100 * PAGE).unwrap();
-        let address = first.as_slice().as_ptr();
         // Freed while the graph still accounts it: kept even at a limit of 0 (moving a
-        // buffer to the kept list changes nothing that is mapped).
+        // buffer to the kept list changes nothing that is mapped), a second one too ...
         recycler.give(first);
-        assert_eq!(recycler.free_bytes(), 100 * PAGE as u64);
-        // A second buffer freed beyond the limit is unmapped.
         recycler.give(Buffer::new(PAGE).unwrap());
+        assert_eq!(recycler.free_bytes(), 101 * PAGE as u64);
+        // ... until the limit is set again: the largest go first.
+        recycler.set_limit(100 * PAGE as u64);
+        assert_eq!(recycler.free_bytes(), PAGE as u64);
+        recycler.set_limit(0);
+        let first = recycler.take(100 * PAGE).unwrap();
+        let address = first.as_slice().as_ptr();
+        recycler.give(first);
+        recycler.set_limit(100 * PAGE as u64);
         assert_eq!(recycler.free_bytes(), 100 * PAGE as u64);
         // The next request of a similar size gets the same mapping back, sized to it.
         let again = recycler.take(95 * PAGE + 1).unwrap();
