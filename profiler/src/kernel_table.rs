@@ -91,7 +91,7 @@ pub(crate) fn measure_kernel_table(
     };
     let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
     type Samples = std::collections::BTreeMap<(String, Option<String>, u64, u64), Vec<f64>>;
-    let (mut samples, mut contended, mut warmup): (Samples, Samples, Samples) = Default::default();
+    let (mut samples, mut contended): (Samples, Samples) = Default::default();
     let gen_len = 6;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
         let layers = spec.num_layers;
@@ -121,10 +121,11 @@ pub(crate) fn measure_kernel_table(
         };
         for pass in passes {
             let reads = pass == Pass::Reads;
+            // A warm-up's timings are not kept.
             let into = match pass {
-                Pass::Warmup => &mut warmup,
-                Pass::Alone => &mut samples,
-                Pass::Reads => &mut contended,
+                Pass::Warmup => None,
+                Pass::Alone => Some(&mut samples),
+                Pass::Reads => Some(&mut contended),
             };
             let run_options = ferry_engine::RunOptions {
                 prompts: prompts.clone(),
@@ -143,6 +144,7 @@ pub(crate) fn measure_kernel_table(
                 &ferry_engine::backend::CpuBackend::default(),
                 &run_options,
             )?;
+            let Some(into) = into else { continue };
             for span in &report.trace.spans {
                 let task = &graph.tasks[span.task as usize];
                 if let Payload::Compute { op, .. } = task.payload {
