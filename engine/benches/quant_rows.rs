@@ -5,9 +5,9 @@
 //! TinyLlama's MLP shape (5632 × 2048) per format, used in turn, so every product
 //! reads its weights from RAM as decoding does.
 //!
-//! Q8_0 and Q4_0 also run with the activations rounded to 8 bits (`linear_q8`, the
-//! engine's default for them), and at 64 rows (prefill) against the f32 path there
-//! (blocks decoded to f32 and multiplied by the GEMM).
+//! Every format also runs with the activations rounded to 8 bits (`linear_q8`, the
+//! engine's default), and Q4_0 and Q4_K at 64 rows (prefill) against the f32 path
+//! there (blocks decoded to f32 and multiplied by the GEMM).
 //!
 //! Run: cargo bench -p ferry-engine --bench quant_rows
 //! Throughput is weights multiplied per second (Elements): formats compare at equal
@@ -54,34 +54,31 @@ fn bench(c: &mut Criterion) {
                     quant_rows(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
-            if matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0) {
-                group.bench_with_input(
-                    BenchmarkId::new(format!("{} q8 activations", format.name()), m),
-                    &m,
-                    |b, &m| {
-                        b.iter(|| {
-                            next = (next + 1) % MATRICES;
-                            let matrix = QuantMatrix { bytes: &stored[next], format, rows: N, cols: K };
-                            linear_q8(path, &x, m, matrix, &mut out, N, 0)
-                        })
-                    },
-                );
-            }
+            group.bench_with_input(BenchmarkId::new(format!("{} q8 activations", format.name()), m), &m, |b, &m| {
+                b.iter(|| {
+                    next = (next + 1) % MATRICES;
+                    let matrix = QuantMatrix { bytes: &stored[next], format, rows: N, cols: K };
+                    linear_q8(path, &x, m, matrix, &mut out, N, 0)
+                })
+            });
         }
     }
-    // Prefill: 64 rows, Q4_0, the integer products against decoding to f32 for the GEMM.
+    // Prefill: 64 rows, the integer products against decoding to f32 for the GEMM.
     let m = 64;
     group.throughput(Throughput::Elements((m * N * K) as u64));
     let x: Vec<f32> = (0..m * K).map(|i| ((i % 17) as f32 - 8.0) / 64.0).collect();
     let mut out = vec![0.0f32; m * N];
-    let stored = sample_blocks(BlockFormat::Q4_0, N * K / 32, 7);
-    let matrix = QuantMatrix { bytes: &stored, format: BlockFormat::Q4_0, rows: N, cols: K };
-    group.bench_with_input(BenchmarkId::new("Q4_0 f32 via GEMM (MAC/s)", m), &m, |b, &m| {
-        b.iter(|| quant_converted(&x, m, matrix, &mut out, N, 0))
-    });
-    group.bench_with_input(BenchmarkId::new("Q4_0 q8 activations (MAC/s)", m), &m, |b, &m| {
-        b.iter(|| linear_q8(path, &x, m, matrix, &mut out, N, 0))
-    });
+    for format in [BlockFormat::Q4_0, BlockFormat::Q4K] {
+        let stored = sample_blocks(format, N * K / format.block().0, 7);
+        let matrix = QuantMatrix { bytes: &stored, format, rows: N, cols: K };
+        let name = format.name();
+        group.bench_with_input(BenchmarkId::new(format!("{name} f32 via GEMM (MAC/s)"), m), &m, |b, &m| {
+            b.iter(|| quant_converted(&x, m, matrix, &mut out, N, 0))
+        });
+        group.bench_with_input(BenchmarkId::new(format!("{name} q8 activations (MAC/s)"), m), &m, |b, &m| {
+            b.iter(|| linear_q8(path, &x, m, matrix, &mut out, N, 0))
+        });
+    }
     group.finish();
 }
 

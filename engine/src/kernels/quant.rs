@@ -103,7 +103,7 @@ fn q4_0(block: &[u8], y: &mut [f32]) {
 
 /// The 6-bit scale and minimum of sub-block `j` of a K-quant's 12 packed bytes.
 #[inline(always)]
-fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, scales: &[u8]) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {

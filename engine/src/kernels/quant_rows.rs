@@ -73,7 +73,7 @@ pub fn linear_quant(
     col0: usize,
     activations: Activations,
 ) {
-    if activations.quantizes(w.format) {
+    if activations == Activations::Q8 {
         let path = super::simd_path().unwrap_or(SimdPath::Scalar);
         return linear_q8(path, x, m, w, out, out_stride, col0);
     }

@@ -26,14 +26,16 @@ use super::{QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
+mod k_quants;
+
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).
 const BLOCK: usize = 32;
 
 /// How activations meet block-quantized weights in the engine's products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Activations {
-    /// Quantized to 8 bits per block of 32 where the weights are Q8_0 or Q4_0
-    /// (llama.cpp's numerics and speed); f32 for the other formats.
+    /// Quantized to 8 bits per block of 32 (llama.cpp's speed; its numerics for
+    /// Q8_0 and Q4_0, where it also rounds x in blocks of 32).
     #[default]
     Q8,
     /// Always f32: products within float rounding of "dequantize, then multiply".
@@ -53,21 +55,26 @@ impl Activations {
     pub fn parse(name: &str) -> Option<Activations> {
         Activations::ALL.into_iter().find(|a| a.name() == name)
     }
-
-    /// Whether products with `format` weights quantize the activations.
-    pub fn quantizes(self, format: BlockFormat) -> bool {
-        self == Activations::Q8 && matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0)
-    }
 }
 
 /// Rows of x quantized in blocks of 32: `quants[i·k + c]`, `scales[i·(k/32) + b]`,
-/// and each block's sum of quants (`sums`, for Q4_0's offset of 8).
+/// each block's sum of quants (`sums`, for Q4_0's offset of 8) and that sum times the
+/// block's scale (`scaled_sums`, for Q4_K's minimums).
 #[derive(Default)]
 pub(crate) struct Q8Rows {
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
+    scaled_sums: Vec<f32>,
     k: usize,
+}
+
+/// Some rows of a `Q8Rows`, as the kernels read them (row 0 is the first of them).
+struct QuantizedX<'a> {
+    quants: &'a [i8],
+    scales: &'a [f32],
+    sums: &'a [i32],
+    scaled_sums: &'a [f32],
 }
 
 impl Q8Rows {
@@ -78,10 +85,24 @@ impl Q8Rows {
         self.quants.resize(m * k, 0);
         self.scales.resize(m * k / BLOCK, 0.0);
         self.sums.resize(m * k / BLOCK, 0);
+        self.scaled_sums.resize(m * k / BLOCK, 0.0);
         let blocks = x[..m * k].chunks_exact(BLOCK).zip(self.quants.chunks_exact_mut(BLOCK));
-        for (((values, quants), scale), sum) in blocks.zip(self.scales.iter_mut()).zip(self.sums.iter_mut()) {
+        let per_block = self.scales.iter_mut().zip(self.sums.iter_mut()).zip(self.scaled_sums.iter_mut());
+        for ((values, quants), ((scale, sum), scaled_sum)) in blocks.zip(per_block) {
             *scale = quantize_block(values, quants);
             *sum = quants.iter().map(|&q| q as i32).sum();
+            *scaled_sum = *scale * *sum as f32;
+        }
+    }
+
+    /// Rows `first .. first + rows`.
+    fn rows(&self, first: usize, rows: usize) -> QuantizedX<'_> {
+        let (k, blocks) = (self.k, self.k / BLOCK);
+        QuantizedX {
+            quants: &self.quants[first * k..(first + rows) * k],
+            scales: &self.scales[first * blocks..(first + rows) * blocks],
+            sums: &self.sums[first * blocks..(first + rows) * blocks],
+            scaled_sums: &self.scaled_sums[first * blocks..(first + rows) * blocks],
         }
     }
 
@@ -134,15 +155,10 @@ thread_local! {
 }
 
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for any number of rows of x, with x
-/// quantized to 8 bits (`w` Q8_0 or Q4_0); `out` rows are `out_stride` wide.
+/// quantized to 8 bits; `out` rows are `out_stride` wide.
 pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
     w.check();
     let k = w.cols;
-    assert!(
-        matches!(w.format, BlockFormat::Q8_0 | BlockFormat::Q4_0),
-        "q8 activations with {} weights",
-        w.format.name()
-    );
     assert!(x.len() >= m * k, "linear_q8: {m} rows of {k}");
     assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride, "linear_q8: output too small");
     let path = if path.supported() { path } else { SimdPath::Scalar };
@@ -209,17 +225,21 @@ fn eight_rows_dots(
 ) -> Option<[[f32; EIGHT]; MAX_ROWS]> {
     #[cfg(target_arch = "x86_64")]
     if matches!(path, SimdPath::Avx2 | SimdPath::Avx512) {
-        let (k, row_bytes) = (xq.k, w.row_bytes());
-        let blocks = k / BLOCK;
+        let row_bytes = w.row_bytes();
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
-        let x = (
-            &xq.quants[first * k..(first + rows) * k],
-            &xq.scales[first * blocks..(first + rows) * blocks],
-            &xq.sums[first * blocks..(first + rows) * blocks],
-        );
+        let x = xq.rows(first, rows);
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
         // SAFETY: as in `row_dots`; `weights` holds eight whole rows.
-        unsafe { x86::eight_rows(w.format, weights, row_bytes, x, rows, k, &mut dots) };
+        unsafe {
+            match w.format {
+                BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+                    x86::eight_rows(w.format, weights, row_bytes, &x, rows, xq.k, &mut dots)
+                }
+                BlockFormat::Q4K | BlockFormat::Q6K => {
+                    k_quants::x86::eight_rows(w.format, weights, row_bytes, &x, rows, xq.k, &mut dots)
+                }
+            }
+        }
         return Some(dots);
     }
     None
@@ -228,19 +248,20 @@ fn eight_rows_dots(
 /// `dots[i] = x[first + i] · row` for `rows` rows of quantized x, one weight row on
 /// its own (rows left over from groups of eight, and every row off x86).
 fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
-    let k = xq.k;
+    let (k, x) = (xq.k, xq.rows(first, rows));
+    if matches!(format, BlockFormat::Q4K | BlockFormat::Q6K) {
+        return k_quants::row_dots(format, row, &x, rows, k, dots);
+    }
     let blocks = k / BLOCK;
-    let quants = &xq.quants[first * k..(first + rows) * k];
-    let scales = &xq.scales[first * blocks..(first + rows) * blocks];
     let block_bytes = format.block().1;
     let mut sums = [0.0f32; MAX_ROWS];
     for (b, block) in row.chunks_exact(block_bytes).enumerate() {
         let (w, d) = decode_block(format, block);
         for (i, sum) in sums[..rows].iter_mut().enumerate() {
-            let xs = &quants[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
+            let xs = &x.quants[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
             let dot: i32 = w.iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();
             // The operations of a lane of the eight-row kernel, in its order.
-            *sum = (dot as f32).mul_add(d * scales[i * blocks + b], *sum);
+            *sum = (dot as f32).mul_add(d * x.scales[i * blocks + b], *sum);
         }
     }
     dots[..rows].copy_from_slice(&sums[..rows]);
@@ -276,10 +297,7 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{BlockFormat, BLOCK, MAX_ROWS};
-
-    /// x for `eight_rows`: quants, scales and block sums of its rows.
-    pub(super) type QuantizedX<'a> = (&'a [i8], &'a [f32], &'a [i32]);
+    use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
 
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
     /// `row_bytes`) and `rows` rows of x. Each x block is loaded once for the eight
@@ -292,7 +310,7 @@ mod x86 {
         format: BlockFormat,
         weights: &[u8],
         row_bytes: usize,
-        x: QuantizedX,
+        x: &QuantizedX,
         rows: usize,
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
@@ -318,6 +336,17 @@ mod x86 {
     unsafe fn reduce_eight(p: [__m256i; 8]) -> __m256i {
         // SAFETY: AVX2 is present where this is inlined.
         unsafe {
+            let (first, second) = reduce_halves(p);
+            _mm256_add_epi32(first, second)
+        }
+    }
+
+    /// Eight vectors of eight i32 into two: lane r of the first holds the sum of
+    /// vector r's lanes 0–3 (from bytes 0–15 of a block), of the second its lanes 4–7.
+    #[inline(always)]
+    pub(super) unsafe fn reduce_halves(p: [__m256i; 8]) -> (__m256i, __m256i) {
+        // SAFETY: AVX2 is present where this is inlined.
+        unsafe {
             let h01 = _mm256_hadd_epi32(p[0], p[1]);
             let h23 = _mm256_hadd_epi32(p[2], p[3]);
             let h45 = _mm256_hadd_epi32(p[4], p[5]);
@@ -325,7 +354,26 @@ mod x86 {
             // Per 128-bit half: [Σ p0, Σ p1, Σ p2, Σ p3] over that half's lanes.
             let low = _mm256_hadd_epi32(h01, h23);
             let high = _mm256_hadd_epi32(h45, h67);
-            _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31))
+            (_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31))
+        }
+    }
+
+    /// Fetches the share of step `s` (of `steps`: blocks or super-blocks) of the eight
+    /// weight rows after `weights` into the cache: the kernel reads its eight rows side by side,
+    /// sixteen streams on two threads, which the hardware prefetcher does not keep
+    /// ahead of, while the next eight rows are one contiguous run of memory.
+    #[inline(always)]
+    pub(super) unsafe fn prefetch_next_rows(weights: &[u8], row_bytes: usize, s: usize, steps: usize) {
+        const LINE: usize = 64;
+        let lines = (8 * row_bytes).div_ceil(LINE);
+        let share = lines.div_ceil(steps);
+        // `wrapping_add`: the next rows may lie past this slice (the last group of a
+        // matrix); a prefetch of any address is harmless, a pointer past the
+        // allocation made with `add` would not be.
+        let next = weights.as_ptr().wrapping_add(8 * row_bytes);
+        for line in s * share..((s + 1) * share).min(lines) {
+            // SAFETY: a prefetch reads nothing the program sees and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * LINE).cast()) };
         }
     }
 
@@ -334,7 +382,7 @@ mod x86 {
         q4: bool,
         weights: &[u8],
         row_bytes: usize,
-        (quants, scales, sums): QuantizedX,
+        x: &QuantizedX,
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
@@ -346,6 +394,7 @@ mod x86 {
             let nibble = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); M];
             for b in 0..blocks {
+                prefetch_next_rows(weights, row_bytes, b, blocks);
                 let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
                 let mut bits = [0u16; 8];
                 for (r, bits) in bits.iter_mut().enumerate() {
@@ -361,20 +410,20 @@ mod x86 {
                     }
                 });
                 for (i, sum) in acc.iter_mut().enumerate() {
-                    let x = _mm256_loadu_si256(quants.as_ptr().add(i * k + b * BLOCK).cast());
+                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(i * k + b * BLOCK).cast());
                     let p: [__m256i; 8] = std::array::from_fn(|r| {
                         let pairs = if q4 {
-                            _mm256_maddubs_epi16(w[r], x)
+                            _mm256_maddubs_epi16(w[r], xv)
                         } else {
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(x, w[r]))
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(xv, w[r]))
                         };
                         _mm256_madd_epi16(pairs, ones)
                     });
                     let mut total = reduce_eight(p);
                     if q4 {
-                        total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *sums.get_unchecked(i * blocks + b)));
+                        total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
                     }
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*scales.get_unchecked(i * blocks + b)));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
                     *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
                 }
             }

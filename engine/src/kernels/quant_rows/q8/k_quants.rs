@@ -1,0 +1,330 @@
+//! Q4_K and Q6_K products with 8-bit activations. x keeps Q8_0's blocks of 32 values
+//! (one scale each), and those line up with the K-quants' sub-blocks: a Q4_K
+//! sub-block is 32 values under one 6-bit scale `sc` and minimum `m`, a Q6_K
+//! sub-block 16 values under a signed 8-bit scale, two per block of x. So each block
+//! of x meets small integers under integer scales, and its product is
+//!
+//! - Q4_K: `S = sc · Σ q·x` (q 0–15), then `sum += S·(d·d_x)` and
+//!   `sum −= (dmin·m)·(d_x·Σx)`;
+//! - Q6_K: `S = sc_a · Σ₁₆ (q−32)·x + sc_b · Σ₁₆ (q−32)·x` over the block's two
+//!   halves, then `sum += S·(d·d_x)`;
+//!
+//! with `S` exact in 32 bits (|S| < 2²⁴) and the float steps fused and in this order
+//! on every path, so a product's value for one row of x and one weight row is the
+//! same bits whatever is computed beside it (see `q8`'s docs). llama.cpp quantizes x
+//! for K-quants in blocks of 256 instead (Q8_K: one scale per super-block, fewer
+//! float steps, a coarser x); blocks of 32 keep one quantizer and one rounding bound
+//! for every format.
+
+use super::{QuantizedX, BLOCK, MAX_ROWS};
+use crate::kernels::quant::{scale_min_k4, BlockFormat};
+
+/// Values per super-block.
+const SUPER: usize = 256;
+
+/// Blocks of x per super-block.
+const BLOCKS_PER_SUPER: usize = SUPER / BLOCK;
+
+/// One super-block's values as small signed integers (Q4_K: q; Q6_K: q − 32) and its
+/// scales: Q4_K's `(sc, m)` per sub-block of 32 in `scales[0..8]` and `mins`, Q6_K's
+/// signed scale per 16 values in `scales[0..16]`; `d` and (Q4_K) `dmin`.
+struct Unpacked {
+    values: [i8; SUPER],
+    scales: [i32; 16],
+    mins: [i32; 8],
+    d: f32,
+    dmin: f32,
+}
+
+fn f16_at(block: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
+}
+
+/// The reference unpacking (`quant::q4_k`, `quant::q6_k`) into integers.
+fn unpack(format: BlockFormat, block: &[u8]) -> Unpacked {
+    let mut u = Unpacked { values: [0; SUPER], scales: [0; 16], mins: [0; 8], d: 0.0, dmin: 0.0 };
+    if format == BlockFormat::Q4K {
+        (u.d, u.dmin) = (f16_at(block, 0), f16_at(block, 2));
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &block[4..16]);
+            (u.scales[j], u.mins[j]) = (sc as i32, m as i32);
+            let packed = &block[16 + 32 * (j / 2)..][..32];
+            for (value, &byte) in u.values[32 * j..][..32].iter_mut().zip(packed) {
+                *value = ((byte >> (4 * (j % 2))) & 0x0F) as i8;
+            }
+        }
+    } else {
+        u.d = f16_at(block, 208);
+        for (t, scale) in u.scales.iter_mut().enumerate() {
+            *scale = block[192 + t] as i8 as i32;
+        }
+        for (v, value) in u.values.iter_mut().enumerate() {
+            let (half, quarter, l) = (v / 128, v / 32 % 4, v % 32);
+            let low = block[64 * half + 32 * (quarter % 2) + l] >> (4 * (quarter / 2)) & 0x0F;
+            let high = (block[128 + 32 * half + l] >> (2 * quarter)) & 3;
+            *value = (low | high << 4) as i8 - 32;
+        }
+    }
+    u
+}
+
+/// `dots[i] = x[first + i] · row` for one weight row of Q4_K or Q6_K super-blocks:
+/// the operations of a lane of the eight-row kernel, in its order.
+pub(super) fn row_dots(
+    format: BlockFormat,
+    row: &[u8],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [f32; MAX_ROWS],
+) {
+    let blocks = k / BLOCK;
+    let mut sums = [0.0f32; MAX_ROWS];
+    for (s, block) in row.chunks_exact(format.block().1).enumerate() {
+        let u = unpack(format, block);
+        for c in 0..BLOCKS_PER_SUPER {
+            let b = s * BLOCKS_PER_SUPER + c;
+            let values = &u.values[c * BLOCK..][..BLOCK];
+            for (i, sum) in sums[..rows].iter_mut().enumerate() {
+                let xs = &x.quants[i * k + b * BLOCK..][..BLOCK];
+                let half = |h: usize| -> i32 {
+                    let pairs = values[16 * h..][..16].iter().zip(&xs[16 * h..][..16]);
+                    pairs.map(|(&w, &x)| w as i32 * x as i32).sum()
+                };
+                let d_x = x.scales[i * blocks + b];
+                if format == BlockFormat::Q4K {
+                    let total = u.scales[c] * (half(0) + half(1));
+                    *sum = (total as f32).mul_add(u.d * d_x, *sum);
+                    *sum = (-(u.dmin * u.mins[c] as f32)).mul_add(x.scaled_sums[i * blocks + b], *sum);
+                } else {
+                    let total = u.scales[2 * c] * half(0) + u.scales[2 * c + 1] * half(1);
+                    *sum = (total as f32).mul_add(u.d * d_x, *sum);
+                }
+            }
+        }
+    }
+    dots[..rows].copy_from_slice(&sums[..rows]);
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    //! AVX2, eight weight rows at a time, as `q8::x86` does Q8_0 and Q4_0: each block
+    //! of x is loaded once for the eight rows, `maddubs` multiplies the unsigned
+    //! weights (Q4_K 0–15, Q6_K 0–63) by x's signed bytes pairwise (below 2¹⁵), and
+    //! the eight rows' sums reduce into one vector whose lane r is row r's. The
+    //! super-block's scales are transposed once (`scale_columns`) so that a block's
+    //! scales for the eight rows are one vector too.
+
+    use std::arch::x86_64::*;
+
+    use super::super::{x86::prefetch_next_rows, x86::reduce_halves, QuantizedX};
+    use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
+
+    /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
+    /// (`weights`, rows of `row_bytes`) and `rows` rows of x.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn eight_rows(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        macro_rules! by_rows {
+            ($q6:literal) => {
+                match rows {
+                    1 => eight::<1, $q6>(weights, row_bytes, x, k, dots),
+                    2 => eight::<2, $q6>(weights, row_bytes, x, k, dots),
+                    3 => eight::<3, $q6>(weights, row_bytes, x, k, dots),
+                    4 => eight::<4, $q6>(weights, row_bytes, x, k, dots),
+                    5 => eight::<5, $q6>(weights, row_bytes, x, k, dots),
+                    6 => eight::<6, $q6>(weights, row_bytes, x, k, dots),
+                    7 => eight::<7, $q6>(weights, row_bytes, x, k, dots),
+                    _ => eight::<8, $q6>(weights, row_bytes, x, k, dots),
+                }
+            };
+        }
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            if format == BlockFormat::Q6K {
+                by_rows!(true)
+            } else {
+                by_rows!(false)
+            }
+        }
+    }
+
+    /// A Q4_K super-block's 12 bytes of packed scales as 16 bytes: `sc` of sub-blocks
+    /// 0–7, then `m` of 0–7 (the unpacking of `quant::scale_min_k4`, four at a time:
+    /// sub-blocks 0–3 keep the low 6 bits of their bytes, 4–7 gather a nibble and the
+    /// two bits 0–3 left over).
+    #[inline(always)]
+    unsafe fn q4_k_scales(packed: *const u8) -> __m128i {
+        // SAFETY: the caller's block holds 12 bytes of scales at `packed`.
+        let word = |at: usize| unsafe { packed.add(at).cast::<u32>().read_unaligned() };
+        let (a, b, c) = (word(0), word(4), word(8));
+        let low6 = 0x3F3F_3F3F;
+        let (nibble, two) = (0x0F0F_0F0F, 0x0303_0303);
+        let sc_high = (c & nibble) | (((a >> 6) & two) << 4);
+        let m_high = ((c >> 4) & nibble) | (((b >> 6) & two) << 4);
+        // SAFETY: SSE2 is part of x86_64.
+        unsafe { _mm_setr_epi32((a & low6) as i32, sc_high as i32, (b & low6) as i32, m_high as i32) }
+    }
+
+    /// Eight rows of 16 scale bytes transposed: vector t holds column 2t in its low
+    /// 8 bytes and column 2t + 1 in its high 8, byte r of each from row r.
+    #[inline(always)]
+    unsafe fn scale_columns(rows: [__m128i; 8]) -> [__m128i; 8] {
+        // SAFETY: SSE2 is part of x86_64.
+        unsafe {
+            let pairs: [__m128i; 8] = std::array::from_fn(|p| {
+                let (a, b) = (rows[2 * (p / 2)], rows[2 * (p / 2) + 1]);
+                if p.is_multiple_of(2) {
+                    _mm_unpacklo_epi8(a, b) // columns 0–7 of rows 2q, 2q + 1
+                } else {
+                    _mm_unpackhi_epi8(a, b) // columns 8–15
+                }
+            });
+            // quads[h·4 + g]: columns 4g .. 4g + 4 of rows 4h .. 4h + 4.
+            let quads: [__m128i; 8] = std::array::from_fn(|n| {
+                let (h, g) = (n / 4, n % 4);
+                let (a, b) = (pairs[4 * h + g / 2], pairs[4 * h + 2 + g / 2]);
+                if g.is_multiple_of(2) {
+                    _mm_unpacklo_epi16(a, b)
+                } else {
+                    _mm_unpackhi_epi16(a, b)
+                }
+            });
+            std::array::from_fn(|t| {
+                let (a, b) = (quads[t / 2], quads[4 + t / 2]);
+                if t.is_multiple_of(2) {
+                    _mm_unpacklo_epi32(a, b)
+                } else {
+                    _mm_unpackhi_epi32(a, b)
+                }
+            })
+        }
+    }
+
+    /// Eight f16 scales at `offset` of the eight rows' super-block `s`, as f32.
+    #[inline(always)]
+    unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) -> __m256 {
+        let mut bits = [0u16; 8];
+        for (r, bits) in bits.iter_mut().enumerate() {
+            // SAFETY: the caller's blocks hold an f16 at `offset`.
+            *bits = unsafe { at(r).add(offset).cast::<u16>().read_unaligned() };
+        }
+        // SAFETY: F16C is enabled where this is inlined.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
+    }
+
+    /// Block `c` (32 values) of a Q4_K super-block at `block`: the low nibbles of a
+    /// 32-byte chunk for even blocks, the high ones for odd.
+    #[inline(always)]
+    unsafe fn q4_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
+        // SAFETY: the caller's super-block holds 128 bytes of values at 16.
+        unsafe {
+            let packed = _mm256_loadu_si256(block.add(16 + 32 * (c / 2)).cast());
+            _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4)
+        }
+    }
+
+    /// Block `c` (32 values) of a Q6_K super-block at `block`, 0–63: four low bits
+    /// from `ql` (a nibble of one of the half's two 32-byte chunks), two high bits
+    /// from `qh` (a pair of the half's 32 bytes), as `quant::q6_k` unpacks them.
+    #[inline(always)]
+    unsafe fn q6_k_weights(block: *const u8, c: usize, low4: __m256i, low2: __m256i) -> __m256i {
+        let (half, quarter) = (c / 4, c % 4);
+        // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64).
+        unsafe {
+            let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
+            let low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)), low4);
+            let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
+            let high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32)), low2);
+            _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn eight<const M: usize, const Q6: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        let block_bytes = if Q6 { 210 } else { 144 };
+        let blocks = k / BLOCK;
+        // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let low4 = _mm256_set1_epi8(0x0F);
+            let low2 = _mm256_set1_epi8(3);
+            let offset32 = _mm256_set1_epi8(32);
+            let mut acc = [_mm256_setzero_ps(); M];
+            for s in 0..k / SUPER {
+                let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
+                prefetch_next_rows(weights, row_bytes, s, k / SUPER);
+                let d = f16_scales(at, if Q6 { 208 } else { 0 });
+                let dmin = if Q6 { d } else { f16_scales(at, 2) };
+                let columns = scale_columns(std::array::from_fn(|r| {
+                    if Q6 {
+                        _mm_loadu_si128(at(r).add(192).cast())
+                    } else {
+                        q4_k_scales(at(r).add(4))
+                    }
+                }));
+                for c in 0..BLOCKS_PER_SUPER {
+                    let b = s * BLOCKS_PER_SUPER + c;
+                    // A loop, not `from_fn`: a closure this size is not always inlined,
+                    // and outside this function it would lose the target features.
+                    let mut w = [_mm256_setzero_si256(); 8];
+                    for (r, w) in w.iter_mut().enumerate() {
+                        *w = if Q6 { q6_k_weights(at(r), c, low4, low2) } else { q4_k_weights(at(r), c, low4) };
+                    }
+                    // Column t of the scales as eight i32 lanes (lane r: row r's).
+                    let column = |t: usize| {
+                        let pair = columns[t / 2];
+                        let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
+                        if Q6 {
+                            _mm256_cvtepi8_epi32(bytes)
+                        } else {
+                            _mm256_cvtepu8_epi32(bytes)
+                        }
+                    };
+                    let (scale_a, scale_b) =
+                        if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
+                    // Q4_K: dmin·m for the block, one product per lane as the row body has it.
+                    let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
+                    for (i, sum) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_si256(x.quants.as_ptr().add(i * k + b * BLOCK).cast());
+                        let d_x = *x.scales.get_unchecked(i * blocks + b);
+                        let total = if Q6 {
+                            let offset = _mm256_maddubs_epi16(offset32, xv);
+                            let p: [__m256i; 8] = std::array::from_fn(|r| {
+                                _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w[r], xv), offset), ones)
+                            });
+                            let (first, second) = reduce_halves(p);
+                            _mm256_add_epi32(_mm256_mullo_epi32(first, scale_a), _mm256_mullo_epi32(second, scale_b))
+                        } else {
+                            let p: [__m256i; 8] =
+                                std::array::from_fn(|r| _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones));
+                            let (first, second) = reduce_halves(p);
+                            _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale_a)
+                        };
+                        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
+                        if !Q6 {
+                            let scaled_sum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(i * blocks + b));
+                            *sum = _mm256_fnmadd_ps(min, scaled_sum, *sum);
+                        }
+                    }
+                }
+            }
+            for (row_dots, sum) in dots.iter_mut().zip(acc) {
+                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            }
+        }
+    }
+}
