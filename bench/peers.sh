@@ -5,7 +5,8 @@
 #                            # (its vendor/llama.cpp), CPU only, native flags:
 #                            # ~15 min on two cores, once, into $PEERS (default bench/work/peers)
 #   bench/peers.sh ram [N]   # TinyLlama shape (MODEL=NAME: another catalog shape, such as
-#                            # the mixture of experts test-moe), Q4_0 and Q8_0 (ferry synth --format gguf),
+#                            # the mixture of experts test-moe), Q4_0 and Q8_0 (ferry synth --format gguf;
+#                            # FORMATS="q4_0 q4_k": others),
 #                            # everything in RAM, prompt 64, 32 tokens, batch 1 and 8,
 #                            # N alternated rounds (default 3): tokens/s of each
 #   bench/peers.sh budget [N] # the same files under a memory budget of a third of the
@@ -36,6 +37,7 @@ VERSION=0.3.36
 FERRY=${FERRY:-$PWD/target/release/ferry}
 MODEL=${MODEL:-tinyllama-1.1b}
 STEM=${MODEL%-1.1b} # the files' names: tinyllama-q4_0.gguf, test-moe-q4_0.gguf
+FORMATS=${FORMATS:-q4_0 q8_0} # the files' block formats (also q4_k, q6_k)
 mkdir -p "$PEERS"
 
 build() {
@@ -66,7 +68,7 @@ ferry_rate() { # model plan [run options] -> tokens/s (batch sequences per step 
 
 prepare() { # builds Ferry and writes the GGUF files it does not find
   cargo build --release -q -p ferry
-  for q in q4_0 q8_0; do
+  for q in $FORMATS; do
     local file="$PEERS/$STEM-$q.gguf"
     [ -f "$file" ] || "$FERRY" synth --model "$MODEL" --format gguf --dtype $q --out "$file" > /dev/null
   done
@@ -75,7 +77,7 @@ prepare() { # builds Ferry and writes the GGUF files it does not find
 ram() {
   local rounds=${1:-3} bin="$PEERS/build/bin"
   prepare
-  for q in q4_0 q8_0; do
+  for q in $FORMATS; do
     local file="$PEERS/$STEM-$q.gguf"
     for b in 1 8; do
       "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
@@ -83,7 +85,7 @@ ram() {
     done
   done
   for round in $(seq "$rounds"); do
-    for q in q4_0 q8_0; do
+    for q in $FORMATS; do
       local file="$PEERS/$STEM-$q.gguf"
       local ferry1 ferry8 exact1 exact8 llama1 llama8
       ferry1=$(ferry_rate "$file" "$PEERS/plan-$STEM-$q-b1.yaml")
@@ -116,7 +118,7 @@ in_cgroup() { # limit-bytes command... : runs the command in a fresh memory cgro
 budget() {
   local rounds=${1:-3} bin="$PEERS/build/bin"
   prepare
-  for q in q4_0 q8_0; do
+  for q in $FORMATS; do
     local file="$PEERS/$STEM-$q.gguf"
     local third=$(( $(stat -c %s "$file") / 3 ))
     local hardware=(--gpu cpu --host ferry-ci-vm)
@@ -127,7 +129,7 @@ budget() {
     done
   done
   for round in $(seq "$rounds"); do
-    for q in q4_0 q8_0; do
+    for q in $FORMATS; do
       local file="$PEERS/$STEM-$q.gguf" third
       third=$(( $(stat -c %s "$file") / 3 ))
       local before after ferry1 ferry8 llama1 llama8
@@ -158,7 +160,7 @@ ferry_figures() { # model plan [run options] -> "tokens/s requested-bytes"
 experts() {
   local rounds=${1:-3}
   prepare
-  for q in q4_0 q8_0; do
+  for q in $FORMATS; do
     local file="$PEERS/$STEM-$q.gguf"
     local third=$(( $(stat -c %s "$file") / 3 ))
     for b in 1 8; do
@@ -171,7 +173,7 @@ experts() {
     done
   done
   for round in $(seq "$rounds"); do
-    for q in q4_0 q8_0; do
+    for q in $FORMATS; do
       local file="$PEERS/$STEM-$q.gguf" rate
       rate=$(disk_rate "$file")
       for b in 1 8; do

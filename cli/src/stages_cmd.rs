@@ -40,7 +40,7 @@ pub struct StageWorkerArgs {
     /// Serve one run and exit (otherwise serve runs one after another until stopped).
     #[arg(long)]
     once: bool,
-    /// How products over Q8_0 and Q4_0 weights take their inputs (as `ferry run
+    /// How products over block-quantized weights take their inputs (as `ferry run
     /// --activations`; give every process of a run the same).
     #[arg(long, value_name = "q8|f32", default_value = "q8", value_parser = parse_activations)]
     activations: Activations,

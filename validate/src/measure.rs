@@ -28,9 +28,12 @@ pub struct Measured {
     pub measured: Trace,
 }
 
-/// The model's weights file whose disk is re-measured: `model.safetensors`, or else the
-/// first `.safetensors` file in the folder.
+/// The model's weights file whose disk is re-measured: a GGUF model's file itself, or
+/// a folder's `model.safetensors`, or else its first `.safetensors` file.
 pub fn weights_file(model_dir: &Path) -> Option<PathBuf> {
+    if model_dir.is_file() {
+        return Some(model_dir.to_path_buf());
+    }
     ["model.safetensors"].iter().map(|f| model_dir.join(f)).find(|p| p.exists()).or_else(|| {
         std::fs::read_dir(model_dir)
             .ok()?
@@ -152,4 +155,25 @@ pub fn predict_and_run(
         experts_per_step,
     };
     Ok(Measured { result, graph, predicted: predicted_trace, measured: report.trace })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rechecked_file_is_a_gguf_model_itself_or_a_folders_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("small-q4_k.gguf");
+        std::fs::write(&gguf, b"GGUF").unwrap();
+        assert_eq!(weights_file(&gguf), Some(gguf.clone()));
+        let folder = dir.path().join("model");
+        std::fs::create_dir(&folder).unwrap();
+        assert_eq!(weights_file(&folder), None);
+        let shard = folder.join("model-00001-of-00002.safetensors");
+        std::fs::write(&shard, b"{}").unwrap();
+        assert_eq!(weights_file(&folder), Some(shard));
+        std::fs::write(folder.join("model.safetensors"), b"{}").unwrap();
+        assert_eq!(weights_file(&folder), Some(folder.join("model.safetensors")));
+    }
 }

@@ -12,7 +12,7 @@ use crate::kernels::{self, Activations, Matrix, QuantMatrix};
 use crate::memory::Buffer;
 use crate::EngineError;
 
-/// The cpu backend; `activations` says how products over Q8_0 and Q4_0 weights treat
+/// The cpu backend; `activations` says how products over block-quantized weights treat
 /// their inputs (quantized to 8 bits by default, as llama.cpp does; f32 to compare
 /// with a float reference).
 #[derive(Clone, Copy, Debug, Default)]

@@ -10,8 +10,9 @@
 //! body decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic
-//! dominates. With 8-bit activations (`q8`, the cpu backend's default) Q8_0 and Q4_0
-//! skip all of this at every row count: their products are integer sums.
+//! dominates. With 8-bit activations (`q8`, the cpu backend's default) every format
+//! skips all of this at every row count: its products are integer sums (`q8` for
+//! Q8_0 and Q4_0, `q8::k_quants` for Q4_K and Q6_K).
 
 use rayon::prelude::*;
 
@@ -60,9 +61,9 @@ const LANES: usize = 8;
 const ROWS_PER_TASK: usize = 32;
 
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `m` rows of `x`; `out` rows are
-/// `out_stride` wide. With activations quantized (`Activations::Q8`, Q8_0 and Q4_0
-/// weights) every row count takes the integer products (`linear_q8`); otherwise few
-/// rows multiply from the blocks (`quant_rows`) and many rows go through the GEMM.
+/// `out_stride` wide. With activations quantized (`Activations::Q8`) every row count
+/// takes the integer products (`linear_q8`); otherwise few rows multiply from the
+/// blocks (`quant_rows`) and many rows go through the GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_quant(
     x: &[f32],

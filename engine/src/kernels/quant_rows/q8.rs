@@ -1,4 +1,4 @@
-//! Products over Q8_0 and Q4_0 weights with the activations quantized to 8 bits, the
+//! Products over block-quantized weights with the activations quantized to 8 bits, the
 //! way llama.cpp computes them: each row of x becomes blocks of 32 signed bytes and a
 //! scale (`d = max|x| ÷ 127`, values rounded to the nearest step), and a block's
 //! product is an integer sum of byte products scaled once by both blocks' scales.
@@ -16,7 +16,8 @@
 //! each block's integer sum (exact), minus Q4_0's offset, is converted to f32 and
 //! multiplied by `d_w · d_x` into the row's sum with one fused multiply-add, block
 //! after block. The x86 kernel does this for eight weight rows at once, one lane each;
-//! the one-row body does it with `mul_add`.
+//! the one-row body does it with `mul_add`. Q4_K and Q6_K, whose sub-blocks carry
+//! their own integer scales, follow the same scheme in `k_quants`.
 
 use std::cell::RefCell;
 
