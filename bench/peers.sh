@@ -9,6 +9,8 @@
 #                            # FORMATS="q4_0 q4_k": others),
 #                            # everything in RAM, prompt 64, 32 tokens, batch 1 and 8,
 #                            # N alternated rounds (default 3): tokens/s of each
+#   bench/peers.sh versus [N] # the ram plans run by this build, by FERRY_BEFORE=PATH (another
+#                            # build of ferry) and by llama.cpp, alternated, N rounds
 #   bench/peers.sh budget [N] # the same files under a memory budget of a third of the
 #                            # file (root: llama.cpp in a cgroup-v1 memory limit, which
 #                            # counts its page cache, mmap and no repacking; Ferry with
@@ -203,10 +205,39 @@ PY
   done
 }
 
+versus() { # the ram plans run by Ferry, by FERRY_BEFORE (another build) and by llama.cpp, alternated
+  local rounds=${1:-3} bin="$PEERS/build/bin" before=${FERRY_BEFORE:?FERRY_BEFORE=path of the other ferry binary}
+  prepare
+  for q in $FORMATS; do
+    for b in 1 8; do
+      "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$PEERS/$STEM-$q.gguf" --batch $b --prompt-len 64 \
+        --gen-len 32 --out "$PEERS/plan-$STEM-$q-b$b.yaml" --force > /dev/null
+    done
+  done
+  for round in $(seq "$rounds"); do
+    for q in $FORMATS; do
+      local file="$PEERS/$STEM-$q.gguf" now earlier llama
+      for b in 1 8; do
+        now=$(ferry_rate "$file" "$PEERS/plan-$STEM-$q-b$b.yaml")
+        earlier=$(FERRY=$before ferry_rate "$file" "$PEERS/plan-$STEM-$q-b$b.yaml")
+        if [ $b = 1 ]; then
+          llama=$("$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 -o json 2>/dev/null |
+            python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
+        else
+          llama=$("$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 --output-format jsonl 2>/dev/null |
+            python3 -c "import json,sys; print(round([json.loads(l) for l in sys.stdin if l.startswith('{')][-1]['speed_tg'],2))")
+        fi
+        echo "round $round $q b$b: ferry $now, before $earlier, llama.cpp $llama tokens/s"
+      done
+    done
+  done
+}
+
 case "${1:-}" in
   build) build ;;
   ram) ram "${2:-3}" ;;
+  versus) versus "${2:-3}" ;;
   budget) budget "${2:-3}" ;;
   experts) experts "${2:-3}" ;;
-  *) sed -n '2,29p' "$0"; exit 2 ;;
+  *) sed -n '2,34p' "$0"; exit 2 ;;
 esac
