@@ -378,6 +378,18 @@ mod x86 {
         }
     }
 
+    /// The f16 at `offset` of each of eight rows' blocks (`at(r)`), as eight f32.
+    #[inline(always)]
+    pub(super) unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) -> __m256 {
+        let mut bits = [0u16; 8];
+        for (r, bits) in bits.iter_mut().enumerate() {
+            // SAFETY: the caller's blocks hold an f16 at `offset`.
+            *bits = unsafe { at(r).add(offset).cast::<u16>().read_unaligned() };
+        }
+        // SAFETY: F16C is enabled where this is inlined.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
+    }
+
     #[inline(always)]
     unsafe fn eight<const M: usize>(
         q4: bool,
@@ -397,11 +409,7 @@ mod x86 {
             for b in 0..blocks {
                 prefetch_next_rows(weights, row_bytes, b, blocks);
                 let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
-                let mut bits = [0u16; 8];
-                for (r, bits) in bits.iter_mut().enumerate() {
-                    *bits = at(r).cast::<u16>().read_unaligned();
-                }
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast()));
+                let d = f16_scales(at, 0);
                 let w: [__m256i; 8] = std::array::from_fn(|r| {
                     if q4 {
                         let packed = _mm_loadu_si128(at(r).add(2).cast());

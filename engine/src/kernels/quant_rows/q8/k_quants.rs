@@ -117,7 +117,8 @@ pub(super) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::super::{x86::prefetch_next_rows, x86::reduce_halves, QuantizedX};
+    use super::super::x86::{f16_scales, prefetch_next_rows, reduce_halves};
+    use super::super::QuantizedX;
     use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
@@ -206,18 +207,6 @@ pub(super) mod x86 {
                 }
             })
         }
-    }
-
-    /// Eight f16 scales at `offset` of the eight rows' super-block `s`, as f32.
-    #[inline(always)]
-    unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) -> __m256 {
-        let mut bits = [0u16; 8];
-        for (r, bits) in bits.iter_mut().enumerate() {
-            // SAFETY: the caller's blocks hold an f16 at `offset`.
-            *bits = unsafe { at(r).add(offset).cast::<u16>().read_unaligned() };
-        }
-        // SAFETY: F16C is enabled where this is inlined.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
     }
 
     /// Block `c` (32 values) of a Q4_K super-block at `block`: the low nibbles of a
