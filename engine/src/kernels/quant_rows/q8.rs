@@ -348,13 +348,14 @@ mod x86 {
     pub(super) unsafe fn reduce_halves(p: [__m256i; 8]) -> (__m256i, __m256i) {
         // SAFETY: AVX2 is present where this is inlined.
         unsafe {
-            let h01 = _mm256_hadd_epi32(p[0], p[1]);
-            let h23 = _mm256_hadd_epi32(p[2], p[3]);
-            let h45 = _mm256_hadd_epi32(p[4], p[5]);
-            let h67 = _mm256_hadd_epi32(p[6], p[7]);
-            // Per 128-bit half: [Σ p0, Σ p1, Σ p2, Σ p3] over that half's lanes.
-            let low = _mm256_hadd_epi32(h01, h23);
-            let high = _mm256_hadd_epi32(h45, h67);
+            // Pairs of vectors interleaved and added, twice (one µop per instruction,
+            // where a horizontal add is three): per 128-bit half, [Σ p0, Σ p1, Σ p2, Σ p3].
+            let pair =
+                |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+            let quad =
+                |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+            let low = quad(pair(p[0], p[1]), pair(p[2], p[3]));
+            let high = quad(pair(p[4], p[5]), pair(p[6], p[7]));
             (_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31))
         }
     }
