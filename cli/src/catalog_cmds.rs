@@ -415,7 +415,7 @@ fn show_gguf(path: &std::path::Path, json: bool) -> Result<()> {
     if ferry_core::model::float_dtype(&header).is_none() {
         println!(
             "`ferry tune` and `ferry simulate` plan this file as stored (weight_format: stored, these bytes); \
-             `ferry run` multiplies from its blocks (Q8_0 and Q4_0 with 8-bit activations, as llama.cpp; \
+             `ferry run` multiplies from its blocks (with 8-bit activations, as llama.cpp; \
              `--activations f32` to keep them exact)"
         );
     }

@@ -33,8 +33,10 @@ pub struct SynthArgs {
     #[arg(long, value_name = "safetensors|gguf", default_value = "safetensors")]
     format: String,
     /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types;
-    /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q4_k and q6_k.
-    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q4_k|q6_k")]
+    /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q4_k, q6_k and
+    /// q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head and some layers' value
+    /// and down projections).
+    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q4_k|q6_k|q4_k_m")]
     dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]

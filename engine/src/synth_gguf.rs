@@ -25,10 +25,14 @@ pub enum GgufStorage {
     F32,
     F16,
     Blocks(BlockFormat),
+    /// llama.cpp's Q4_K_M mixture, the format most GGUF downloads come in: Q4_K, with
+    /// Q6_K for the output head and for the value and down projections of the layers
+    /// that get more bits (`more_bits`).
+    Q4KM,
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 6] = ["f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k"];
+    pub const NAMES: [&'static str; 7] = ["f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m"];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
         Some(match text.to_ascii_lowercase().as_str() {
@@ -38,15 +42,26 @@ impl GgufStorage {
             "q4_0" => GgufStorage::Blocks(BlockFormat::Q4_0),
             "q4_k" => GgufStorage::Blocks(BlockFormat::Q4K),
             "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
+            "q4_k_m" => GgufStorage::Q4KM,
             _ => return None,
         })
     }
 
-    fn ggml_name(self) -> &'static str {
+    /// The ggml type of matrix `name` (llama.cpp's tensor name) of a model of `layers`.
+    fn ggml_name(self, name: &str, layers: u64) -> &'static str {
         match self {
             GgufStorage::F32 => "F32",
             GgufStorage::F16 => "F16",
             GgufStorage::Blocks(format) => format.name(),
+            GgufStorage::Q4KM => {
+                let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+                let wide = name.contains(".attn_v.") || name.contains(".ffn_down");
+                match layer {
+                    _ if name == "output.weight" => "Q6_K",
+                    Some(layer) if wide && more_bits(layer, layers) => "Q6_K",
+                    _ => "Q4_K",
+                }
+            }
         }
     }
 
@@ -59,8 +74,16 @@ impl GgufStorage {
             GgufStorage::Blocks(BlockFormat::Q8_0) => 7,
             GgufStorage::Blocks(BlockFormat::Q4K) => 14,
             GgufStorage::Blocks(BlockFormat::Q6K) => 18,
+            GgufStorage::Q4KM => 15,
         }
     }
+}
+
+/// Whether Q4_K_M gives layer `layer` of `layers` Q6_K value and down projections, as
+/// llama.cpp's quantizer does: the first and the last eighth of the layers, and every
+/// third layer between them.
+fn more_bits(layer: u64, layers: u64) -> bool {
+    layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
 }
 
 fn ggml_type(name: &str) -> Result<GgmlType, EngineError> {
@@ -204,7 +227,8 @@ pub fn synthesize_gguf(
     let list = file_tensors(model)?;
     let mut tensors = Vec::with_capacity(list.len());
     for FileTensor { name, shape, .. } in &list {
-        let kind = if shape.len() >= 2 && !name.contains("ffn_gate_inp") { storage.ggml_name() } else { "F32" };
+        let matrix = shape.len() >= 2 && !name.contains("ffn_gate_inp");
+        let kind = if matrix { storage.ggml_name(name, model.num_layers) } else { "F32" };
         let ggml_type = ggml_type(kind)?;
         let cols = *shape.last().unwrap_or(&0);
         if !cols.is_multiple_of(ggml_type.block_elements) {
@@ -225,10 +249,11 @@ pub fn synthesize_gguf(
         let part_shape = &shape[shape.len().saturating_sub(2)..];
         let values: Vec<f32> = parts.iter().flat_map(|hf| stored_values(model, seed, hf, part_shape)).collect();
         bytes.clear();
-        match (tensors[index].ggml_type.name, storage) {
-            ("F32", _) | (_, GgufStorage::F32) => values.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
-            (_, GgufStorage::F16) => values.iter().for_each(|v| bytes.extend(half::f16::from_f32(*v).to_le_bytes())),
-            (_, GgufStorage::Blocks(format)) => quantize(format, &values, &mut bytes),
+        let kind = tensors[index].ggml_type.name;
+        match BlockFormat::from_ggml(kind) {
+            Some(format) => quantize(format, &values, &mut bytes),
+            None if kind == "F16" => values.iter().for_each(|v| bytes.extend(half::f16::from_f32(*v).to_le_bytes())),
+            None => values.iter().for_each(|v| bytes.extend(v.to_le_bytes())),
         }
         writer.write_all(&bytes)?;
         progress(index as u64 + 1, total);
@@ -239,6 +264,25 @@ pub fn synthesize_gguf(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q4_K_M as llama.cpp's quantizer lays it out for a 32-layer model: Q6_K for the
+    /// head, and for the value and down projections of layers 0–3, 28–31 and every
+    /// third layer from 6; Q4_K for everything else.
+    #[test]
+    fn q4_k_m_gives_the_head_and_some_layers_value_and_down_projections_q6_k() {
+        let q4km = |name: &str| GgufStorage::Q4KM.ggml_name(name, 32);
+        assert_eq!((q4km("output.weight"), q4km("token_embd.weight")), ("Q6_K", "Q4_K"));
+        let wide: Vec<u64> = (0..32).filter(|i| q4km(&format!("blk.{i}.attn_v.weight")) == "Q6_K").collect();
+        assert_eq!(wide, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        for i in 0..32 {
+            let down = [format!("blk.{i}.ffn_down.weight"), format!("blk.{i}.ffn_down_exps.weight")];
+            assert!(down.iter().all(|n| q4km(n) == q4km(&format!("blk.{i}.attn_v.weight"))), "layer {i}");
+            for other in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+                assert_eq!(q4km(&format!("blk.{i}.{other}.weight")), "Q4_K", "layer {i} {other}");
+            }
+        }
+        assert_eq!(GgufStorage::parse("Q4_K_M"), Some(GgufStorage::Q4KM));
+    }
 
     /// The permutation is llama.cpp's `reshape(heads, 2, d/2, cols).swapaxes(1, 2)`:
     /// a bijection on each head's rows that interleaves its two halves.
