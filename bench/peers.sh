@@ -76,16 +76,19 @@ prepare() { # builds Ferry and writes the GGUF files it does not find
   done
 }
 
-ram() {
-  local rounds=${1:-3} bin="$PEERS/build/bin"
+ram_plans() { # builds Ferry, writes missing files, tunes the in-RAM plans (batch 1 and 8)
   prepare
   for q in $FORMATS; do
-    local file="$PEERS/$STEM-$q.gguf"
     for b in 1 8; do
-      "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$file" --batch $b --prompt-len 64 \
-        --gen-len 32 --out "$PEERS/plan-$STEM-$q-b$b.yaml" --force > /dev/null
+      "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$PEERS/$STEM-$q.gguf" --batch $b \
+        --prompt-len 64 --gen-len 32 --out "$PEERS/plan-$STEM-$q-b$b.yaml" --force > /dev/null
     done
   done
+}
+
+ram() {
+  local rounds=${1:-3} bin="$PEERS/build/bin"
+  ram_plans
   for round in $(seq "$rounds"); do
     for q in $FORMATS; do
       local file="$PEERS/$STEM-$q.gguf"
@@ -207,13 +210,7 @@ PY
 
 versus() { # the ram plans run by Ferry, by FERRY_BEFORE (another build) and by llama.cpp, alternated
   local rounds=${1:-3} bin="$PEERS/build/bin" before=${FERRY_BEFORE:?FERRY_BEFORE=path of the other ferry binary}
-  prepare
-  for q in $FORMATS; do
-    for b in 1 8; do
-      "$FERRY" tune --gpu cpu --device-mem 8GiB --host ferry-ci-vm --model "$PEERS/$STEM-$q.gguf" --batch $b --prompt-len 64 \
-        --gen-len 32 --out "$PEERS/plan-$STEM-$q-b$b.yaml" --force > /dev/null
-    done
-  done
+  ram_plans
   for round in $(seq "$rounds"); do
     for q in $FORMATS; do
       local file="$PEERS/$STEM-$q.gguf" now earlier llama
