@@ -59,14 +59,13 @@ impl Activations {
 }
 
 /// Rows of x quantized in blocks of 32: `quants[i·k + c]`, `scales[i·(k/32) + b]`,
-/// each block's sum of quants (`sums`, for Q4_0's offset of 8) and that sum times the
-/// block's scale (`scaled_sums`, for Q4_K's minimums).
+/// and each block's sum of quants (`sums`, for Q4_0's offset of 8 and, times the
+/// block's scale, Q4_K's minimums).
 #[derive(Default)]
 pub(crate) struct Q8Rows {
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
-    scaled_sums: Vec<f32>,
     k: usize,
 }
 
@@ -75,7 +74,6 @@ struct QuantizedX<'a> {
     quants: &'a [i8],
     scales: &'a [f32],
     sums: &'a [i32],
-    scaled_sums: &'a [f32],
 }
 
 impl Q8Rows {
@@ -86,13 +84,10 @@ impl Q8Rows {
         self.quants.resize(m * k, 0);
         self.scales.resize(m * k / BLOCK, 0.0);
         self.sums.resize(m * k / BLOCK, 0);
-        self.scaled_sums.resize(m * k / BLOCK, 0.0);
         let blocks = x[..m * k].chunks_exact(BLOCK).zip(self.quants.chunks_exact_mut(BLOCK));
-        let per_block = self.scales.iter_mut().zip(self.sums.iter_mut()).zip(self.scaled_sums.iter_mut());
-        for ((values, quants), ((scale, sum), scaled_sum)) in blocks.zip(per_block) {
+        for (((values, quants), scale), sum) in blocks.zip(self.scales.iter_mut()).zip(self.sums.iter_mut()) {
             *scale = quantize_block(values, quants);
             *sum = quants.iter().map(|&q| q as i32).sum();
-            *scaled_sum = *scale * *sum as f32;
         }
     }
 
@@ -103,7 +98,6 @@ impl Q8Rows {
             quants: &self.quants[first * k..(first + rows) * k],
             scales: &self.scales[first * blocks..(first + rows) * blocks],
             sums: &self.sums[first * blocks..(first + rows) * blocks],
-            scaled_sums: &self.scaled_sums[first * blocks..(first + rows) * blocks],
         }
     }
 

@@ -95,7 +95,8 @@ pub(super) fn row_dots(
                 if format == BlockFormat::Q4K {
                     let total = u.scales[c] * (half(0) + half(1));
                     *sum = (total as f32).mul_add(u.d * d_x, *sum);
-                    *sum = (-(u.dmin * u.mins[c] as f32)).mul_add(x.scaled_sums[i * blocks + b], *sum);
+                    let scaled_sum = d_x * x.sums[i * blocks + b] as f32;
+                    *sum = (-(u.dmin * u.mins[c] as f32)).mul_add(scaled_sum, *sum);
                 } else {
                     let total = u.scales[2 * c] * half(0) + u.scales[2 * c + 1] * half(1);
                     *sum = (total as f32).mul_add(u.d * d_x, *sum);
@@ -257,7 +258,8 @@ pub(super) mod x86 {
                 let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
                 prefetch_next_rows(weights, row_bytes, s, k / SUPER);
                 let d = f16_scales(at, if Q6 { 208 } else { 0 });
-                let dmin = if Q6 { d } else { f16_scales(at, 2) };
+                // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
+                let dmin = if Q6 { None } else { Some(f16_scales(at, 2)) };
                 let columns = scale_columns(std::array::from_fn(|r| {
                     if Q6 {
                         _mm_loadu_si128(at(r).add(192).cast())
@@ -286,7 +288,7 @@ pub(super) mod x86 {
                     let (scale_a, scale_b) =
                         if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
                     // Q4_K: dmin·m for the block, one product per lane as the row body has it.
-                    let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
+                    let min = dmin.map(|dmin| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b)));
                     for (i, sum) in acc.iter_mut().enumerate() {
                         let xv = _mm256_loadu_si256(x.quants.as_ptr().add(i * k + b * BLOCK).cast());
                         let d_x = *x.scales.get_unchecked(i * blocks + b);
@@ -304,9 +306,9 @@ pub(super) mod x86 {
                             _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale_a)
                         };
                         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
-                        if !Q6 {
-                            let scaled_sum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(i * blocks + b));
-                            *sum = _mm256_fnmadd_ps(min, scaled_sum, *sum);
+                        if let Some(min) = min {
+                            let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
+                            *sum = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), *sum);
                         }
                     }
                 }
