@@ -295,11 +295,9 @@ mod x86 {
     use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
 
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
-    /// `row_bytes`) and `rows` rows of x. Each x block is loaded once for the eight
-    /// rows; each row's eight 32-bit sums reduce, across rows, into one vector whose
-    /// lane r is row r's block sum, so the block's scales (eight weight scales as one
-    /// vector) and its FMA are shared by the eight rows. Q4_0's nibbles multiply
-    /// unsigned (0–15) and the block's 8·Σx is taken off the integer sum.
+    /// `row_bytes`) and `rows` rows of x: one or two rows of x by `eight`, more by
+    /// `columns` (the same bits; see there). Q4_0's nibbles multiply unsigned (0–15)
+    /// and the block's 8·Σx is taken off the integer sum.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn eight_rows(
         format: BlockFormat,
@@ -310,18 +308,85 @@ mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        let q4 = format == BlockFormat::Q4_0;
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            if format == BlockFormat::Q4_0 {
+                by_rows::<true>(weights, row_bytes, x, rows, k, dots)
+            } else {
+                by_rows::<false>(weights, row_bytes, x, rows, k, dots)
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn by_rows<const Q4: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             match rows {
-                1 => eight::<1>(q4, weights, row_bytes, x, k, dots),
-                2 => eight::<2>(q4, weights, row_bytes, x, k, dots),
-                3 => eight::<3>(q4, weights, row_bytes, x, k, dots),
-                4 => eight::<4>(q4, weights, row_bytes, x, k, dots),
-                5 => eight::<5>(q4, weights, row_bytes, x, k, dots),
-                6 => eight::<6>(q4, weights, row_bytes, x, k, dots),
-                7 => eight::<7>(q4, weights, row_bytes, x, k, dots),
-                _ => eight::<8>(q4, weights, row_bytes, x, k, dots),
+                1 => eight::<1, Q4>(weights, row_bytes, x, k, dots),
+                2 => eight::<2, Q4>(weights, row_bytes, x, k, dots),
+                3 => columns::<3, Q4>(weights, row_bytes, x, k, dots),
+                4 => columns::<4, Q4>(weights, row_bytes, x, k, dots),
+                5 => columns::<5, Q4>(weights, row_bytes, x, k, dots),
+                6 => columns::<6, Q4>(weights, row_bytes, x, k, dots),
+                7 => columns::<7, Q4>(weights, row_bytes, x, k, dots),
+                _ => columns::<8, Q4>(weights, row_bytes, x, k, dots),
+            }
+        }
+    }
+
+    /// Eight vectors of eight 32-bit groups transposed: lane r of vector g is group g
+    /// of vector r (bytes 4g..4g+4 of weight row r's block). Loops, not `from_fn`: a
+    /// closure that is not inlined loses the caller's target features, and then every
+    /// intrinsic in it is a call.
+    #[inline(always)]
+    unsafe fn transpose_groups(w: &[__m256i; 8]) -> [__m256i; 8] {
+        // SAFETY: AVX2 is present where this is inlined.
+        unsafe {
+            // Rows (2p, 2p+1) interleaved: t[2p] per 128-bit half [r g0, r' g0, r g1, r' g1]
+            // (groups 0, 1 | 4, 5), t[2p + 1] the same for groups 2, 3 | 6, 7.
+            let mut t = [_mm256_setzero_si256(); 8];
+            for pair in 0..4 {
+                t[2 * pair] = _mm256_unpacklo_epi32(w[2 * pair], w[2 * pair + 1]);
+                t[2 * pair + 1] = _mm256_unpackhi_epi32(w[2 * pair], w[2 * pair + 1]);
+            }
+            // Pairs of pairs: u[4q + j] holds rows 4q..4q+4 of group j | group j + 4.
+            let mut u = [_mm256_setzero_si256(); 8];
+            for q in 0..2 {
+                for half in 0..2 {
+                    let (a, b) = (t[4 * q + half], t[4 * q + 2 + half]);
+                    u[4 * q + 2 * half] = _mm256_unpacklo_epi64(a, b);
+                    u[4 * q + 2 * half + 1] = _mm256_unpackhi_epi64(a, b);
+                }
+            }
+            // Rows 0–3 and 4–7 side by side.
+            let mut v = [_mm256_setzero_si256(); 8];
+            for g in 0..4 {
+                v[g] = _mm256_permute2x128_si256(u[g], u[4 + g], 0x20);
+                v[g + 4] = _mm256_permute2x128_si256(u[g], u[4 + g], 0x31);
+            }
+            v
+        }
+    }
+
+    /// Row r's block `b` as 32 bytes in x's order: Q4_0's nibbles (0–15), Q8_0's bytes.
+    #[inline(always)]
+    unsafe fn block_values<const Q4: bool>(block: *const u8) -> __m256i {
+        // SAFETY: `block` is a whole block; AVX2 is present where this is inlined.
+        unsafe {
+            if Q4 {
+                let packed = _mm_loadu_si128(block.add(2).cast());
+                let nibble = _mm256_set1_epi8(0x0F);
+                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble)
+            } else {
+                _mm256_loadu_si256(block.add(2).cast())
             }
         }
     }
@@ -385,48 +450,116 @@ mod x86 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
     }
 
+    /// Each x block is loaded once for the eight rows; each row's eight 32-bit sums
+    /// reduce, across rows, into one vector whose lane r is row r's block sum, so the
+    /// block's scales (eight weight scales as one vector) and its FMA are shared by
+    /// the eight rows.
     #[inline(always)]
-    unsafe fn eight<const M: usize>(
-        q4: bool,
+    unsafe fn eight<const M: usize, const Q4: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        let block_bytes = if q4 { 18 } else { 34 };
+        let block_bytes = if Q4 { 18 } else { 34 };
         let blocks = k / BLOCK;
         // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let nibble = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); M];
             for b in 0..blocks {
                 prefetch_next_rows(weights, row_bytes, b, blocks);
                 let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
                 let d = f16_scales(at, 0);
-                let w: [__m256i; 8] = std::array::from_fn(|r| {
-                    if q4 {
-                        let packed = _mm_loadu_si128(at(r).add(2).cast());
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble)
-                    } else {
-                        _mm256_loadu_si256(at(r).add(2).cast())
-                    }
-                });
+                let mut w = [_mm256_setzero_si256(); 8];
+                for (r, w) in w.iter_mut().enumerate() {
+                    *w = block_values::<Q4>(at(r));
+                }
                 for (i, sum) in acc.iter_mut().enumerate() {
                     let xv = _mm256_loadu_si256(x.quants.as_ptr().add(i * k + b * BLOCK).cast());
-                    let p: [__m256i; 8] = std::array::from_fn(|r| {
-                        let pairs = if q4 {
-                            _mm256_maddubs_epi16(w[r], xv)
+                    let mut p = [_mm256_setzero_si256(); 8];
+                    for (p, &w) in p.iter_mut().zip(&w) {
+                        let pairs = if Q4 {
+                            _mm256_maddubs_epi16(w, xv)
                         } else {
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(w[r], w[r]), _mm256_sign_epi8(xv, w[r]))
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
                         };
-                        _mm256_madd_epi16(pairs, ones)
-                    });
+                        *p = _mm256_madd_epi16(pairs, ones);
+                    }
                     let mut total = reduce_eight(p);
-                    if q4 {
+                    if Q4 {
                         total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
                     }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
+                    *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
+                }
+            }
+            for (row_dots, sum) in dots.iter_mut().zip(acc) {
+                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            }
+        }
+    }
+
+    /// `eight`'s products with the eight rows' blocks transposed once per block
+    /// (`transpose_groups`) instead of each row of x's sums reduced across rows: lane r
+    /// of `v[g]` holds row r's bytes 4g..4g+4, so `maddubs` by x's group g broadcast
+    /// to every lane leaves row r's pair sums in lane r, and eight of them add up to
+    /// the block's sums with no reduction. The transpose costs about what one row of
+    /// x's reduction does, so this pays from three rows of x. The integer sums are the
+    /// same (exact) and the float steps are `eight`'s, so the bits are too. Q4_0's
+    /// eight groups add in 16 bits (each ≤ 2·15·127, eight ≤ 30 480); Q8_0's pairs
+    /// reach 2·128·127 and widen to 32 bits per group.
+    #[inline(always)]
+    unsafe fn columns<const M: usize, const Q4: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        let block_bytes = if Q4 { 18 } else { 34 };
+        let blocks = k / BLOCK;
+        // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); M];
+            for b in 0..blocks {
+                prefetch_next_rows(weights, row_bytes, b, blocks);
+                let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
+                let d = f16_scales(at, 0);
+                let mut w = [_mm256_setzero_si256(); 8];
+                for (r, w) in w.iter_mut().enumerate() {
+                    *w = block_values::<Q4>(at(r));
+                }
+                let v = transpose_groups(&w);
+                // Q8_0 multiplies |w| by x with w's sign.
+                let mut magnitude = v;
+                if !Q4 {
+                    for (m, &v) in magnitude.iter_mut().zip(&v) {
+                        *m = _mm256_sign_epi8(v, v);
+                    }
+                }
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    let xs = x.quants.as_ptr().add(i * k + b * BLOCK).cast::<i32>();
+                    let total = if Q4 {
+                        let mut pairs = _mm256_setzero_si256();
+                        for (g, &v) in v.iter().enumerate() {
+                            let group = _mm256_set1_epi32(xs.add(g).read_unaligned());
+                            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, group));
+                        }
+                        let offset = _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b));
+                        _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset)
+                    } else {
+                        let mut total = _mm256_setzero_si256();
+                        for g in 0..8 {
+                            let group = _mm256_set1_epi32(xs.add(g).read_unaligned());
+                            let signed = _mm256_sign_epi8(group, v[g]);
+                            let pairs = _mm256_maddubs_epi16(magnitude[g], signed);
+                            total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs, ones));
+                        }
+                        total
+                    };
                     let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
                     *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
                 }

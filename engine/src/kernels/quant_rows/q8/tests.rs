@@ -202,3 +202,43 @@ fn a_block_rounds_like_roundf_halves_included() {
         }
     }
 }
+
+/// The largest integer sums the byte products can reach — every weight at its format's
+/// extreme (Q4_0's nibble 15 and 0, Q8_0's −128 and 127) against x at ±127 — come out
+/// exact at every row count, where a 16-bit pair sum or a sum of eight groups would
+/// saturate if the kernels' bounds were wrong.
+#[test]
+fn the_largest_byte_sums_do_not_saturate() {
+    let (rows, k) = (8, 256);
+    for format in [BlockFormat::Q4_0, BlockFormat::Q8_0] {
+        let block_bytes = format.block().1;
+        for (weight, sign) in [(0xFFu8, 1.0f32), (0xFF, -1.0), (0x00, 1.0), (0x80, 1.0), (0x80, -1.0), (0x7F, 1.0)] {
+            if format == BlockFormat::Q4_0 && weight > 0x7F && weight != 0xFF {
+                continue;
+            }
+            let mut w = vec![weight; rows * k / 32 * block_bytes];
+            for block in w.chunks_exact_mut(block_bytes) {
+                block[..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+            }
+            let mut decoded = vec![0.0f32; rows * k];
+            dequantize(format, &w, &mut decoded);
+            for path in paths() {
+                for m in 1..=8 {
+                    let x = vec![127.0 * sign; m * k];
+                    let got = product(path, format, &w, rows, &x, m, k);
+                    for (i, row) in got.iter().enumerate() {
+                        for (r, &value) in row.iter().enumerate() {
+                            let (want, _) = exact(&decoded, r, &x[i * k..(i + 1) * k]);
+                            assert_eq!(
+                                value as f64,
+                                want,
+                                "{} {path:?} m={m} weight {weight:#x}·{sign}",
+                                format.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
