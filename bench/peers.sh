@@ -10,7 +10,9 @@
 #                            # everything in RAM, prompt 64, 32 tokens, batch 1 and 8,
 #                            # N alternated rounds (default 3): tokens/s of each
 #   bench/peers.sh versus [N] # the ram plans run by this build, by FERRY_BEFORE=PATH (another
-#                            # build of ferry) and by llama.cpp, alternated, N rounds
+#                            # build of ferry) and by llama.cpp, alternated, N rounds: decode
+#                            # at batch 1 and 8, and the batch-1 prefill of the 64-token
+#                            # prompt (Ferry: 64 / time to first token; llama-bench's pp64)
 #   bench/peers.sh budget [N] # the same files under a memory budget of a third of the
 #                            # file (root: llama.cpp in a cgroup-v1 memory limit, which
 #                            # counts its page cache, mmap and no repacking; Ferry with
@@ -66,6 +68,11 @@ PY
 ferry_rate() { # model plan [run options] -> tokens/s (batch sequences per step / time per output token)
   "$FERRY" run --model-dir "$1" --plan "$2" "${@:3}" --json 2>/dev/null |
     python3 -c "import json,sys; d=json.load(sys.stdin); m=d['metrics']; print(round(len(d['tokens'])*1e9/m['time_per_output_token_ns'],2))"
+}
+
+ferry_prefill() { # model plan -> prompt tokens/s of the prefill (batch · prompt / time to first token)
+  "$FERRY" run --model-dir "$1" --plan "$2" --gen-len 1 --json 2>/dev/null |
+    python3 -c "import json,sys; d=json.load(sys.stdin); print(round(len(d['tokens'])*64e9/d['metrics']['time_to_first_token_ns'],2))"
 }
 
 prepare() { # builds Ferry and writes the GGUF files it does not find
@@ -226,6 +233,11 @@ versus() { # the ram plans run by Ferry, by FERRY_BEFORE (another build) and by 
         fi
         echo "round $round $q b$b: ferry $now, before $earlier, llama.cpp $llama tokens/s"
       done
+      now=$(ferry_prefill "$file" "$PEERS/plan-$STEM-$q-b1.yaml")
+      earlier=$(FERRY=$before ferry_prefill "$file" "$PEERS/plan-$STEM-$q-b1.yaml")
+      llama=$("$bin/llama-bench" -m "$file" -p 64 -n 0 -r 1 -o json 2>/dev/null |
+        python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
+      echo "round $round $q prefill 64: ferry $now, before $earlier, llama.cpp $llama tokens/s"
     done
   done
 }

@@ -295,8 +295,8 @@ mod x86 {
     use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
 
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
-    /// `row_bytes`) and `rows` rows of x: one or two rows of x by `eight`, more by
-    /// `columns` (the same bits; see there). Q4_0's nibbles multiply unsigned (0–15)
+    /// `row_bytes`) and `rows` rows of x: one or two rows of x by `row_sums`, more by
+    /// `column_sums` (the same bits; see there). Q4_0's nibbles multiply unsigned (0–15)
     /// and the block's 8·Σx is taken off the integer sum.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn eight_rows(
@@ -330,14 +330,14 @@ mod x86 {
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             match rows {
-                1 => eight::<1, Q4>(weights, row_bytes, x, k, dots),
-                2 => eight::<2, Q4>(weights, row_bytes, x, k, dots),
-                3 => columns::<3, Q4>(weights, row_bytes, x, k, dots),
-                4 => columns::<4, Q4>(weights, row_bytes, x, k, dots),
-                5 => columns::<5, Q4>(weights, row_bytes, x, k, dots),
-                6 => columns::<6, Q4>(weights, row_bytes, x, k, dots),
-                7 => columns::<7, Q4>(weights, row_bytes, x, k, dots),
-                _ => columns::<8, Q4>(weights, row_bytes, x, k, dots),
+                1 => eight::<1, Q4, false>(weights, row_bytes, x, k, dots),
+                2 => eight::<2, Q4, false>(weights, row_bytes, x, k, dots),
+                3 => eight::<3, Q4, true>(weights, row_bytes, x, k, dots),
+                4 => eight::<4, Q4, true>(weights, row_bytes, x, k, dots),
+                5 => eight::<5, Q4, true>(weights, row_bytes, x, k, dots),
+                6 => eight::<6, Q4, true>(weights, row_bytes, x, k, dots),
+                7 => eight::<7, Q4, true>(weights, row_bytes, x, k, dots),
+                _ => eight::<8, Q4, true>(weights, row_bytes, x, k, dots),
             }
         }
     }
@@ -450,12 +450,13 @@ mod x86 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
     }
 
-    /// Each x block is loaded once for the eight rows; each row's eight 32-bit sums
-    /// reduce, across rows, into one vector whose lane r is row r's block sum, so the
+    /// The eight rows' products with `M` rows of x, block by block: each row of x's
+    /// integer sums for the block as one vector whose lane r is weight row r's (by
+    /// `row_sums` or, with `COLUMNS`, `column_sums`: the same integers), so that the
     /// block's scales (eight weight scales as one vector) and its FMA are shared by
     /// the eight rows.
     #[inline(always)]
-    unsafe fn eight<const M: usize, const Q4: bool>(
+    unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
@@ -466,7 +467,6 @@ mod x86 {
         let blocks = k / BLOCK;
         // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
             let mut acc = [_mm256_setzero_ps(); M];
             for b in 0..blocks {
                 prefetch_next_rows(weights, row_bytes, b, blocks);
@@ -476,18 +476,23 @@ mod x86 {
                 for (r, w) in w.iter_mut().enumerate() {
                     *w = block_values::<Q4>(at(r));
                 }
-                for (i, sum) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_loadu_si256(x.quants.as_ptr().add(i * k + b * BLOCK).cast());
-                    let mut p = [_mm256_setzero_si256(); 8];
-                    for (p, &w) in p.iter_mut().zip(&w) {
-                        let pairs = if Q4 {
-                            _mm256_maddubs_epi16(w, xv)
-                        } else {
-                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
-                        };
-                        *p = _mm256_madd_epi16(pairs, ones);
+                if COLUMNS {
+                    w = transpose_groups(&w);
+                }
+                // Q8_0 multiplies |w| by x with w's sign.
+                let mut magnitude = w;
+                if !Q4 {
+                    for (m, &w) in magnitude.iter_mut().zip(&w) {
+                        *m = _mm256_sign_epi8(w, w);
                     }
-                    let mut total = reduce_eight(p);
+                }
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
+                    let mut total = if COLUMNS {
+                        column_sums::<Q4>(&w, &magnitude, xs)
+                    } else {
+                        row_sums::<Q4>(&w, &magnitude, xs)
+                    };
                     if Q4 {
                         total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
                     }
@@ -501,71 +506,53 @@ mod x86 {
         }
     }
 
-    /// `eight`'s products with the eight rows' blocks transposed once per block
-    /// (`transpose_groups`) instead of each row of x's sums reduced across rows: lane r
-    /// of `v[g]` holds row r's bytes 4g..4g+4, so `maddubs` by x's group g broadcast
-    /// to every lane leaves row r's pair sums in lane r, and eight of them add up to
-    /// the block's sums with no reduction. The transpose costs about what one row of
-    /// x's reduction does, so this pays from three rows of x. The integer sums are the
-    /// same (exact) and the float steps are `eight`'s, so the bits are too. Q4_0's
-    /// eight groups add in 16 bits (each ≤ 2·15·127, eight ≤ 30 480); Q8_0's pairs
-    /// reach 2·128·127 and widen to 32 bits per group.
+    /// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (`magnitude`: |w|
+    /// for Q8_0): each row's 32-bit sums, reduced across rows.
     #[inline(always)]
-    unsafe fn columns<const M: usize, const Q4: bool>(
-        weights: &[u8],
-        row_bytes: usize,
-        x: &QuantizedX,
-        k: usize,
-        dots: &mut [[f32; 8]; MAX_ROWS],
-    ) {
-        let block_bytes = if Q4 { 18 } else { 34 };
-        let blocks = k / BLOCK;
-        // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
+    unsafe fn row_sums<const Q4: bool>(w: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
+        // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
         unsafe {
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); M];
-            for b in 0..blocks {
-                prefetch_next_rows(weights, row_bytes, b, blocks);
-                let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
-                let d = f16_scales(at, 0);
-                let mut w = [_mm256_setzero_si256(); 8];
-                for (r, w) in w.iter_mut().enumerate() {
-                    *w = block_values::<Q4>(at(r));
-                }
-                let v = transpose_groups(&w);
-                // Q8_0 multiplies |w| by x with w's sign.
-                let mut magnitude = v;
-                if !Q4 {
-                    for (m, &v) in magnitude.iter_mut().zip(&v) {
-                        *m = _mm256_sign_epi8(v, v);
-                    }
-                }
-                for (i, sum) in acc.iter_mut().enumerate() {
-                    let xs = x.quants.as_ptr().add(i * k + b * BLOCK).cast::<i32>();
-                    let total = if Q4 {
-                        let mut pairs = _mm256_setzero_si256();
-                        for (g, &v) in v.iter().enumerate() {
-                            let group = _mm256_set1_epi32(xs.add(g).read_unaligned());
-                            pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, group));
-                        }
-                        let offset = _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b));
-                        _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), offset)
-                    } else {
-                        let mut total = _mm256_setzero_si256();
-                        for g in 0..8 {
-                            let group = _mm256_set1_epi32(xs.add(g).read_unaligned());
-                            let signed = _mm256_sign_epi8(group, v[g]);
-                            let pairs = _mm256_maddubs_epi16(magnitude[g], signed);
-                            total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs, ones));
-                        }
-                        total
-                    };
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
-                    *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
-                }
+            let xv = _mm256_loadu_si256(xs.cast());
+            let mut p = [_mm256_setzero_si256(); 8];
+            for r in 0..8 {
+                let pairs = if Q4 {
+                    _mm256_maddubs_epi16(w[r], xv)
+                } else {
+                    _mm256_maddubs_epi16(magnitude[r], _mm256_sign_epi8(xv, w[r]))
+                };
+                p[r] = _mm256_madd_epi16(pairs, ones);
             }
-            for (row_dots, sum) in dots.iter_mut().zip(acc) {
-                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            reduce_eight(p)
+        }
+    }
+
+    /// `row_sums` over blocks transposed by `transpose_groups`: lane r of `v[g]` holds
+    /// row r's bytes 4g..4g+4, so `maddubs` by x's group g broadcast to every lane
+    /// leaves row r's pair sums in lane r, and eight of them add up to the block's
+    /// sums with no reduction. The transpose costs about what one row of x's
+    /// reduction does, so this pays from three rows of x. Q4_0's eight groups add in
+    /// 16 bits (each ≤ 2·15·127, eight ≤ 30 480); Q8_0's pairs reach 2·128·127 and
+    /// widen to 32 bits per group.
+    #[inline(always)]
+    unsafe fn column_sums<const Q4: bool>(v: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
+        // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
+            if Q4 {
+                let mut pairs = _mm256_setzero_si256();
+                for (g, &v) in v.iter().enumerate() {
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, group(g)));
+                }
+                _mm256_madd_epi16(pairs, ones)
+            } else {
+                let mut total = _mm256_setzero_si256();
+                for g in 0..8 {
+                    let pairs = _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), v[g]));
+                    total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs, ones));
+                }
+                total
             }
         }
     }
