@@ -347,7 +347,7 @@ mod x86 {
     /// closure that is not inlined loses the caller's target features, and then every
     /// intrinsic in it is a call.
     #[inline(always)]
-    unsafe fn transpose_groups(w: &[__m256i; 8]) -> [__m256i; 8] {
+    pub(super) unsafe fn transpose_groups(w: &[__m256i; 8]) -> [__m256i; 8] {
         // SAFETY: AVX2 is present where this is inlined.
         unsafe {
             // Rows (2p, 2p+1) interleaved: t[2p] per 128-bit half [r g0, r' g0, r g1, r' g1]

@@ -118,7 +118,7 @@ pub(super) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::super::x86::{f16_scales, prefetch_next_rows, reduce_halves};
+    use super::super::x86::{f16_scales, prefetch_next_rows, reduce_halves, transpose_groups};
     use super::super::QuantizedX;
     use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
@@ -137,14 +137,14 @@ pub(super) mod x86 {
         macro_rules! by_rows {
             ($q6:literal) => {
                 match rows {
-                    1 => eight::<1, $q6>(weights, row_bytes, x, k, dots),
-                    2 => eight::<2, $q6>(weights, row_bytes, x, k, dots),
-                    3 => eight::<3, $q6>(weights, row_bytes, x, k, dots),
-                    4 => eight::<4, $q6>(weights, row_bytes, x, k, dots),
-                    5 => eight::<5, $q6>(weights, row_bytes, x, k, dots),
-                    6 => eight::<6, $q6>(weights, row_bytes, x, k, dots),
-                    7 => eight::<7, $q6>(weights, row_bytes, x, k, dots),
-                    _ => eight::<8, $q6>(weights, row_bytes, x, k, dots),
+                    1 => eight::<1, $q6, false>(weights, row_bytes, x, k, dots),
+                    2 => eight::<2, $q6, false>(weights, row_bytes, x, k, dots),
+                    3 => eight::<3, $q6, true>(weights, row_bytes, x, k, dots),
+                    4 => eight::<4, $q6, true>(weights, row_bytes, x, k, dots),
+                    5 => eight::<5, $q6, true>(weights, row_bytes, x, k, dots),
+                    6 => eight::<6, $q6, true>(weights, row_bytes, x, k, dots),
+                    7 => eight::<7, $q6, true>(weights, row_bytes, x, k, dots),
+                    _ => eight::<8, $q6, true>(weights, row_bytes, x, k, dots),
                 }
             };
         }
@@ -237,8 +237,11 @@ pub(super) mod x86 {
         }
     }
 
+    /// The eight rows' products with `M` rows of x, block by block, each row of x's
+    /// integer sums for the block as one vector whose lane r is weight row r's (by
+    /// `row_totals` or, with `COLUMNS`, `column_totals`: the same integers).
     #[inline(always)]
-    unsafe fn eight<const M: usize, const Q6: bool>(
+    unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
@@ -249,10 +252,8 @@ pub(super) mod x86 {
         let blocks = k / BLOCK;
         // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
         unsafe {
-            let ones = _mm256_set1_epi16(1);
             let low4 = _mm256_set1_epi8(0x0F);
             let low2 = _mm256_set1_epi8(3);
-            let offset32 = _mm256_set1_epi8(32);
             let mut acc = [_mm256_setzero_ps(); M];
             for s in 0..k / SUPER {
                 let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
@@ -260,13 +261,11 @@ pub(super) mod x86 {
                 let d = f16_scales(at, if Q6 { 208 } else { 0 });
                 // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
                 let dmin = if Q6 { None } else { Some(f16_scales(at, 2)) };
-                let columns = scale_columns(std::array::from_fn(|r| {
-                    if Q6 {
-                        _mm_loadu_si128(at(r).add(192).cast())
-                    } else {
-                        q4_k_scales(at(r).add(4))
-                    }
-                }));
+                let mut scales = [_mm_setzero_si128(); 8];
+                for (r, scales) in scales.iter_mut().enumerate() {
+                    *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
+                }
+                let columns = scale_columns(scales);
                 for c in 0..BLOCKS_PER_SUPER {
                     let b = s * BLOCKS_PER_SUPER + c;
                     // A loop, not `from_fn`: a closure this size is not always inlined,
@@ -274,6 +273,19 @@ pub(super) mod x86 {
                     let mut w = [_mm256_setzero_si256(); 8];
                     for (r, w) in w.iter_mut().enumerate() {
                         *w = if Q6 { q6_k_weights(at(r), c, low4, low2) } else { q4_k_weights(at(r), c, low4) };
+                    }
+                    // By columns, Q6_K's values less 32 (−32 to 31) multiply as |q − 32|
+                    // by x with q − 32's sign.
+                    let mut magnitude = w;
+                    if COLUMNS {
+                        w = transpose_groups(&w);
+                        magnitude = w;
+                        if Q6 {
+                            for (w, m) in w.iter_mut().zip(magnitude.iter_mut()) {
+                                *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
+                                *m = _mm256_sign_epi8(*w, *w);
+                            }
+                        }
                     }
                     // Column t of the scales as eight i32 lanes (lane r: row r's).
                     let column = |t: usize| {
@@ -290,19 +302,14 @@ pub(super) mod x86 {
                     // Q4_K: dmin·m for the block, one product per lane as the row body has it.
                     let min = dmin.map(|dmin| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b)));
                     for (i, sum) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_si256(x.quants.as_ptr().add(i * k + b * BLOCK).cast());
+                        let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
                         let d_x = *x.scales.get_unchecked(i * blocks + b);
+                        // Each half's (Q6_K) or the block's (Q4_K) sums times its scales.
+                        let (first, second) =
+                            if COLUMNS { column_totals::<Q6>(&w, &magnitude, xs) } else { row_totals::<Q6>(&w, xs) };
                         let total = if Q6 {
-                            let offset = _mm256_maddubs_epi16(offset32, xv);
-                            let p: [__m256i; 8] = std::array::from_fn(|r| {
-                                _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(w[r], xv), offset), ones)
-                            });
-                            let (first, second) = reduce_halves(p);
                             _mm256_add_epi32(_mm256_mullo_epi32(first, scale_a), _mm256_mullo_epi32(second, scale_b))
                         } else {
-                            let p: [__m256i; 8] =
-                                std::array::from_fn(|r| _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones));
-                            let (first, second) = reduce_halves(p);
                             _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale_a)
                         };
                         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
@@ -316,6 +323,60 @@ pub(super) mod x86 {
             for (row_dots, sum) in dots.iter_mut().zip(acc) {
                 _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
             }
+        }
+    }
+
+    /// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (values 0–15 or
+    /// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
+    /// reduced across rows into lane r of two vectors.
+    #[inline(always)]
+    unsafe fn row_totals<const Q6: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
+        // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let xv = _mm256_loadu_si256(xs.cast());
+            let offset = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv);
+            let mut p = [_mm256_setzero_si256(); 8];
+            for (p, &w) in p.iter_mut().zip(w) {
+                let pairs = _mm256_maddubs_epi16(w, xv);
+                *p = _mm256_madd_epi16(if Q6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+            }
+            reduce_halves(p)
+        }
+    }
+
+    /// `row_totals` over blocks transposed by `transpose_groups` (see `q8`'s
+    /// `column_sums`), Q6_K's as q − 32 (`w`) and |q − 32| (`magnitude`): groups
+    /// 0–3 are the block's first half, 4–7 its second. Q4_K's pairs (≤ 2·15·127) add
+    /// in 16 bits over the block (its sum comes back whole, the second half zero),
+    /// Q6_K's (≤ 2·32·127 = 8 128) four to a half.
+    #[inline(always)]
+    unsafe fn column_totals<const Q6: bool>(
+        w: &[__m256i; 8],
+        magnitude: &[__m256i; 8],
+        xs: *const i8,
+    ) -> (__m256i, __m256i) {
+        // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
+            if !Q6 {
+                let mut pairs = _mm256_setzero_si256();
+                for (g, &w) in w.iter().enumerate() {
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w, group(g)));
+                }
+                return (_mm256_madd_epi16(pairs, ones), _mm256_setzero_si256());
+            }
+            let mut halves = [_mm256_setzero_si256(); 2];
+            for (h, half) in halves.iter_mut().enumerate() {
+                let mut pairs = _mm256_setzero_si256();
+                for g in 4 * h..4 * h + 4 {
+                    let product = _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]));
+                    pairs = _mm256_add_epi16(pairs, product);
+                }
+                *half = _mm256_madd_epi16(pairs, ones);
+            }
+            (halves[0], halves[1])
         }
     }
 }

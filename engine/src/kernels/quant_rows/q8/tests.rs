@@ -203,36 +203,61 @@ fn a_block_rounds_like_roundf_halves_included() {
     }
 }
 
-/// The largest integer sums the byte products can reach — every weight at its format's
-/// extreme (Q4_0's nibble 15 and 0, Q8_0's −128 and 127) against x at ±127 — come out
-/// exact at every row count, where a 16-bit pair sum or a sum of eight groups would
-/// saturate if the kernels' bounds were wrong.
+/// Blocks of `format` whose every value sits at one extreme, all scales 1 except the
+/// integer sub-block scales (`fill` fills the rest of each block's bytes): Q4_0 and
+/// Q4_K nibbles 15 or 0, Q8_0 −128 or 127, Q6_K q − 32 = −32 or 31, sub-block
+/// scales at 63 (Q4_K) and −128 or 127 (Q6_K).
+fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) -> Vec<u8> {
+    let one = half::f16::from_f32(1.0).to_le_bytes();
+    let block_bytes = format.block().1;
+    let mut bytes = vec![fill; count * block_bytes];
+    for block in bytes.chunks_exact_mut(block_bytes) {
+        match format {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 => block[..2].copy_from_slice(&one),
+            BlockFormat::Q4K => {
+                block[..2].copy_from_slice(&one);
+                block[2..4].copy_from_slice(&one);
+            }
+            BlockFormat::Q6K => {
+                block[192..208].fill(sub_scale);
+                block[208..210].copy_from_slice(&one);
+            }
+        }
+    }
+    bytes
+}
+
+/// The largest integer sums the byte products can reach — every weight at its
+/// format's extreme against x at ±127 — come out right at every row count, where a
+/// 16-bit pair sum or a sum of groups would saturate if the kernels' bounds were wrong.
 #[test]
 fn the_largest_byte_sums_do_not_saturate() {
     let (rows, k) = (8, 256);
-    for format in [BlockFormat::Q4_0, BlockFormat::Q8_0] {
-        let block_bytes = format.block().1;
-        for (weight, sign) in [(0xFFu8, 1.0f32), (0xFF, -1.0), (0x00, 1.0), (0x80, 1.0), (0x80, -1.0), (0x7F, 1.0)] {
-            if format == BlockFormat::Q4_0 && weight > 0x7F && weight != 0xFF {
-                continue;
-            }
-            let mut w = vec![weight; rows * k / 32 * block_bytes];
-            for block in w.chunks_exact_mut(block_bytes) {
-                block[..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
-            }
-            let mut decoded = vec![0.0f32; rows * k];
-            dequantize(format, &w, &mut decoded);
+    let cases: [(BlockFormat, u8, u8); 8] = [
+        (BlockFormat::Q4_0, 0xFF, 0),
+        (BlockFormat::Q4_0, 0x00, 0),
+        (BlockFormat::Q8_0, 0x80, 0),
+        (BlockFormat::Q8_0, 0x7F, 0),
+        (BlockFormat::Q4K, 0xFF, 0),
+        (BlockFormat::Q6K, 0x00, 0x80),
+        (BlockFormat::Q6K, 0x00, 0x7F),
+        (BlockFormat::Q6K, 0xFF, 0x80),
+    ];
+    for (format, fill, sub_scale) in cases {
+        let w = extreme_blocks(format, blocks(format, rows * k), fill, sub_scale);
+        let mut decoded = vec![0.0f32; rows * k];
+        dequantize(format, &w, &mut decoded);
+        for sign in [1.0f32, -1.0] {
             for path in paths() {
                 for m in 1..=8 {
                     let x = vec![127.0 * sign; m * k];
                     let got = product(path, format, &w, rows, &x, m, k);
                     for (i, row) in got.iter().enumerate() {
                         for (r, &value) in row.iter().enumerate() {
-                            let (want, _) = exact(&decoded, r, &x[i * k..(i + 1) * k]);
-                            assert_eq!(
-                                value as f64,
-                                want,
-                                "{} {path:?} m={m} weight {weight:#x}·{sign}",
+                            let (want, size) = exact(&decoded, r, &x[i * k..(i + 1) * k]);
+                            assert!(
+                                (value as f64 - want).abs() <= 1e-6 * size,
+                                "{} {path:?} m={m} fill {fill:#x}, x {sign}·127: {value} vs {want}",
                                 format.name()
                             );
                         }
