@@ -9,6 +9,10 @@
 //! engine's default), and Q4_0 and Q4_K at 64 rows (prefill) against the f32 path
 //! there (blocks decoded to f32 and multiplied by the GEMM).
 //!
+//! Last, the machine's integer multiply-add peak for the instructions the 8-bit
+//! products spend their time in (`maddubs` and 16-bit adds, on registers, on every
+//! thread of the pool): what "near the peak" means for the 64-row figures.
+//!
 //! Run: cargo bench -p ferry-engine --bench quant_rows
 //! Throughput is weights multiplied per second (Elements): formats compare at equal
 //! work; bytes per weight differ (bf16 2, Q8_0 1.06, Q6_K 0.82, Q4_K 0.56, Q4_0 0.56).
@@ -79,7 +83,47 @@ fn bench(c: &mut Criterion) {
             b.iter(|| linear_q8(path, &x, m, matrix, &mut out, N, 0))
         });
     }
+    // The machine's integer multiply-add peak for these instructions, beside them.
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        const ITERATIONS: usize = 1 << 16;
+        let threads = rayon::current_num_threads();
+        // Eight independent chains of `maddubs` (32 byte multiply-adds each) per iteration.
+        group.throughput(Throughput::Elements((threads * ITERATIONS * 8 * 32) as u64));
+        group.bench_function("int8 multiply-add peak, maddubs + 16-bit add (MAC/s)", |b| {
+            b.iter(|| {
+                use rayon::prelude::*;
+                (0..threads).into_par_iter().map(|t| unsafe { peak::maddubs(ITERATIONS, t as i32) }).sum::<i64>()
+            })
+        });
+    }
     group.finish();
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// `iterations` rounds of eight independent `maddubs` + 16-bit adds on registers
+    /// (no memory): the inner operation of the engine's products over three or more
+    /// rows of x. Returns a sum so that nothing is optimised away.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn maddubs(iterations: usize, seed: i32) -> i64 {
+        let a = _mm256_set1_epi8(3);
+        let mut x: [__m256i; 8] = std::array::from_fn(|j| _mm256_set1_epi32(seed + j as i32));
+        let mut acc = [_mm256_setzero_si256(); 8];
+        for _ in 0..iterations {
+            for (acc, x) in acc.iter_mut().zip(x.iter_mut()) {
+                *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(a, *x));
+                // Keeps the compiler from hoisting the product: x "might have changed".
+                std::arch::asm!("/* {0} */", inout(ymm_reg) * x, options(nomem, nostack, preserves_flags));
+            }
+        }
+        let mut lanes = [0i16; 16];
+        let total = acc.iter().fold(_mm256_setzero_si256(), |s, &v| _mm256_add_epi16(s, v));
+        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), total);
+        lanes.iter().map(|&v| v as i64).sum()
+    }
 }
 
 criterion_group!(benches, bench);
