@@ -164,39 +164,42 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
 }
 
 /// The products of quantized x with every row of `w`: tasks of `ROWS_PER_TASK` weight
-/// rows in parallel; within a task, x in groups of up to `MAX_ROWS` rows, each weight
-/// row's blocks decoded once per group (the task's weights stay in the L2 cache
-/// between groups).
+/// rows in parallel; within a task, eight weight rows at a time (their blocks stay in
+/// the L1 cache) times every row of x, in groups of up to `MAX_ROWS` rows.
 fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
     let row_bytes = w.row_bytes();
     let out_ptr = SendPtr(out.as_mut_ptr());
+    // SAFETY: each task alone writes columns col0 + first .. col0 + last, its weight
+    // rows; `linear_q8`'s asserts keep every index inside `out`.
+    let write = |i: usize, j: usize, dot: f32| unsafe { *out_ptr.get().add(i * out_stride + col0 + j) = dot };
     in_pool(|| {
         (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
             let last = (first + ROWS_PER_TASK).min(w.rows);
-            let mut dots = [0.0f32; MAX_ROWS];
-            for group in (0..m).step_by(MAX_ROWS) {
-                let rows = MAX_ROWS.min(m - group);
-                // Eight weight rows at a time where the path has that kernel, the rest
-                // one at a time: both compute the same bits (see the module's docs).
-                let mut j = first;
-                while j + EIGHT <= last {
-                    let Some(eight) = eight_rows_dots(path, &w, j, xq, group, rows) else { break };
+            // Eight weight rows at a time where the path has that kernel, the rest one
+            // at a time: both compute the same bits (see the module's docs).
+            let mut j = first;
+            while j + EIGHT <= last {
+                let emit = &mut |group: usize, rows: usize, eight: &[[f32; EIGHT]; MAX_ROWS]| {
                     for (i, row_dots) in eight[..rows].iter().enumerate() {
                         for (r, &dot) in row_dots.iter().enumerate() {
-                            // SAFETY: as below.
-                            unsafe { *out_ptr.get().add((group + i) * out_stride + col0 + j + r) = dot };
+                            write(group + i, j + r, dot);
                         }
                     }
-                    j += EIGHT;
+                };
+                if !eight_rows_dots(path, &w, j, xq, m, emit) {
+                    break;
                 }
-                for j in j..last {
-                    let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
+                j += EIGHT;
+            }
+            let mut dots = [0.0f32; MAX_ROWS];
+            for j in j..last {
+                let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
+                for group in (0..m).step_by(MAX_ROWS) {
+                    let rows = MAX_ROWS.min(m - group);
                     row_dots(w.format, row, xq, group, rows, &mut dots);
                     for (i, &dot) in dots[..rows].iter().enumerate() {
-                        // SAFETY: this task alone writes columns col0 + first .. col0 +
-                        // last; `linear_q8`'s asserts keep every index inside `out`.
-                        unsafe { *out_ptr.get().add((group + i) * out_stride + col0 + j) = dot };
+                        write(group + i, j, dot);
                     }
                 }
             }
@@ -207,37 +210,57 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
 /// Weight rows the x86 kernel multiplies at once.
 const EIGHT: usize = 8;
 
-/// `dots[i][r] = x[first + i] · w row (j + r)` for eight weight rows, where the path
-/// has a kernel for it (None elsewhere).
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's eight weight rows transposed (`x86::transpose_set`), reused.
+    static SET: RefCell<Vec<x86::EightBlocks>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Receives `(first, rows, dots)`: rows `first .. first + rows` of x times eight weight
+/// rows, `dots[i][r]` for row `first + i` of x and weight row r.
+type Emit<'a> = &'a mut dyn FnMut(usize, usize, &[[f32; EIGHT]; MAX_ROWS]);
+
+/// `emit(first, rows, dots)` with `dots[i][r] = x[first + i] · w row (j + r)` for
+/// eight weight rows and every group of up to `MAX_ROWS` rows of x, where the path
+/// has a kernel for it (false elsewhere). Q8_0 and Q4_0 times more than one group of
+/// rows of x transpose the eight rows' blocks once for all the groups (a prefill);
+/// one group transposes each block in registers as it goes.
 #[allow(unused_variables)]
-fn eight_rows_dots(
-    path: SimdPath,
-    w: &QuantMatrix,
-    j: usize,
-    xq: &Q8Rows,
-    first: usize,
-    rows: usize,
-) -> Option<[[f32; EIGHT]; MAX_ROWS]> {
+fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: usize, emit: Emit) -> bool {
     #[cfg(target_arch = "x86_64")]
     if matches!(path, SimdPath::Avx2 | SimdPath::Avx512) {
-        let row_bytes = w.row_bytes();
+        let (row_bytes, k) = (w.row_bytes(), xq.k);
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
-        let x = xq.rows(first, rows);
+        let transposed = matches!(w.format, BlockFormat::Q8_0 | BlockFormat::Q4_0) && m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
-        // SAFETY: as in `row_dots`; `weights` holds eight whole rows.
-        unsafe {
-            match w.format {
-                BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
-                    x86::eight_rows(w.format, weights, row_bytes, &x, rows, xq.k, &mut dots)
-                }
-                BlockFormat::Q4K | BlockFormat::Q6K => {
-                    k_quants::x86::eight_rows(w.format, weights, row_bytes, &x, rows, xq.k, &mut dots)
-                }
+        SET.with_borrow_mut(|set| {
+            // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows,
+            // `x` the group's rows.
+            if transposed {
+                unsafe { x86::transpose_set(w.format, weights, row_bytes, k, set) };
             }
-        }
-        return Some(dots);
+            for group in (0..m).step_by(MAX_ROWS) {
+                let rows = MAX_ROWS.min(m - group);
+                let x = xq.rows(group, rows);
+                unsafe {
+                    match w.format {
+                        BlockFormat::Q8_0 | BlockFormat::Q4_0 if transposed => {
+                            x86::from_columns(w.format, set, &x, rows, k, &mut dots)
+                        }
+                        BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+                            x86::eight_rows(w.format, weights, row_bytes, &x, rows, k, &mut dots)
+                        }
+                        BlockFormat::Q4K | BlockFormat::Q6K => {
+                            k_quants::x86::eight_rows(w.format, weights, row_bytes, &x, rows, k, &mut dots)
+                        }
+                    }
+                }
+                emit(group, rows, &dots);
+            }
+        });
+        return true;
     }
-    None
+    false
 }
 
 /// `dots[i] = x[first + i] · row` for `rows` rows of quantized x, one weight row on
@@ -295,9 +318,11 @@ mod x86 {
     use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
 
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
-    /// `row_bytes`) and `rows` rows of x: one or two rows of x by `row_sums`, more by
-    /// `column_sums` (the same bits; see there). Q4_0's nibbles multiply unsigned (0–15)
-    /// and the block's 8·Σx is taken off the integer sum.
+    /// `row_bytes`) and `rows` rows of x: one or two by `row_sums`, more by
+    /// `column_sums`, each block transposed in registers (the same bits; see there).
+    /// Many rows of x go through `transpose_set` and `from_columns` instead. Q4_0's
+    /// nibbles multiply unsigned (0–15) and the block's 8·Σx is taken off the integer
+    /// sum.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn eight_rows(
         format: BlockFormat,
@@ -311,15 +336,15 @@ mod x86 {
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             if format == BlockFormat::Q4_0 {
-                by_rows::<true>(weights, row_bytes, x, rows, k, dots)
+                eight_by_rows::<true>(weights, row_bytes, x, rows, k, dots)
             } else {
-                by_rows::<false>(weights, row_bytes, x, rows, k, dots)
+                eight_by_rows::<false>(weights, row_bytes, x, rows, k, dots)
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn by_rows<const Q4: bool>(
+    unsafe fn eight_by_rows<const Q4: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
@@ -338,6 +363,113 @@ mod x86 {
                 6 => eight::<6, Q4, true>(weights, row_bytes, x, k, dots),
                 7 => eight::<7, Q4, true>(weights, row_bytes, x, k, dots),
                 _ => eight::<8, Q4, true>(weights, row_bytes, x, k, dots),
+            }
+        }
+    }
+
+    /// Eight rows' block, ready to multiply: their values (by row, or with `COLUMNS`
+    /// transposed by 4-byte groups for `column_sums`), the values' magnitudes (Q8_0
+    /// multiplies |w| by x with w's sign) and the eight scales.
+    #[derive(Clone, Copy)]
+    pub(super) struct EightBlocks {
+        values: [__m256i; 8],
+        magnitudes: [__m256i; 8],
+        scales: __m256,
+    }
+
+    /// Block `b` of the eight rows at `weights` as `EightBlocks`.
+    #[inline(always)]
+    unsafe fn eight_blocks<const Q4: bool, const COLUMNS: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        b: usize,
+    ) -> EightBlocks {
+        let block_bytes = if Q4 { 18 } else { 34 };
+        // SAFETY: block `b` of each of the eight rows lies inside `weights`.
+        unsafe {
+            let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
+            let mut values = [_mm256_setzero_si256(); 8];
+            for (r, w) in values.iter_mut().enumerate() {
+                *w = block_values::<Q4>(at(r));
+            }
+            if COLUMNS {
+                values = transpose_groups(&values);
+            }
+            let mut magnitudes = values;
+            if !Q4 {
+                for (m, &w) in magnitudes.iter_mut().zip(&values) {
+                    *m = _mm256_sign_epi8(w, w);
+                }
+            }
+            EightBlocks { values, magnitudes, scales: f16_scales(at, 0) }
+        }
+    }
+
+    /// Every block of the eight rows at `weights`, transposed, into `set`: done once
+    /// for all the rows of x that multiply them (`from_columns`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn transpose_set(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        k: usize,
+        set: &mut Vec<EightBlocks>,
+    ) {
+        let blocks = k / BLOCK;
+        set.clear();
+        // SAFETY: as the caller vouches: `weights` holds eight whole rows.
+        unsafe {
+            for b in 0..blocks {
+                prefetch_next_rows(weights, row_bytes, b, blocks);
+                set.push(if format == BlockFormat::Q4_0 {
+                    eight_blocks::<true, true>(weights, row_bytes, b)
+                } else {
+                    eight_blocks::<false, true>(weights, row_bytes, b)
+                });
+            }
+        }
+    }
+
+    /// `eight_rows` for any number of rows of x (up to eight) over a set transposed
+    /// by `transpose_set`, by `column_sums`: the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn from_columns(
+        format: BlockFormat,
+        set: &[EightBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            if format == BlockFormat::Q4_0 {
+                set_by_rows::<true>(set, x, rows, k, dots)
+            } else {
+                set_by_rows::<false>(set, x, rows, k, dots)
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn set_by_rows<const Q4: bool>(
+        set: &[EightBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            match rows {
+                1 => columns::<1, Q4>(set, x, k, dots),
+                2 => columns::<2, Q4>(set, x, k, dots),
+                3 => columns::<3, Q4>(set, x, k, dots),
+                4 => columns::<4, Q4>(set, x, k, dots),
+                5 => columns::<5, Q4>(set, x, k, dots),
+                6 => columns::<6, Q4>(set, x, k, dots),
+                7 => columns::<7, Q4>(set, x, k, dots),
+                _ => columns::<8, Q4>(set, x, k, dots),
             }
         }
     }
@@ -450,11 +582,7 @@ mod x86 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
     }
 
-    /// The eight rows' products with `M` rows of x, block by block: each row of x's
-    /// integer sums for the block as one vector whose lane r is weight row r's (by
-    /// `row_sums` or, with `COLUMNS`, `column_sums`: the same integers), so that the
-    /// block's scales (eight weight scales as one vector) and its FMA are shared by
-    /// the eight rows.
+    /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
     #[inline(always)]
     unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
         weights: &[u8],
@@ -463,46 +591,73 @@ mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        let block_bytes = if Q4 { 18 } else { 34 };
         let blocks = k / BLOCK;
         // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
         unsafe {
             let mut acc = [_mm256_setzero_ps(); M];
             for b in 0..blocks {
                 prefetch_next_rows(weights, row_bytes, b, blocks);
-                let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
-                let d = f16_scales(at, 0);
-                let mut w = [_mm256_setzero_si256(); 8];
-                for (r, w) in w.iter_mut().enumerate() {
-                    *w = block_values::<Q4>(at(r));
-                }
-                if COLUMNS {
-                    w = transpose_groups(&w);
-                }
-                // Q8_0 multiplies |w| by x with w's sign.
-                let mut magnitude = w;
-                if !Q4 {
-                    for (m, &w) in magnitude.iter_mut().zip(&w) {
-                        *m = _mm256_sign_epi8(w, w);
-                    }
-                }
+                let block = eight_blocks::<Q4, COLUMNS>(weights, row_bytes, b);
                 for (i, sum) in acc.iter_mut().enumerate() {
-                    let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
-                    let mut total = if COLUMNS {
-                        column_sums::<Q4>(&w, &magnitude, xs)
-                    } else {
-                        row_sums::<Q4>(&w, &magnitude, xs)
-                    };
-                    if Q4 {
-                        total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
-                    }
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
-                    *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
+                    accumulate::<Q4, COLUMNS>(&block, x, i, b, k, sum);
                 }
             }
             for (row_dots, sum) in dots.iter_mut().zip(acc) {
                 _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
             }
+        }
+    }
+
+    /// `eight` over a transposed set.
+    #[inline(always)]
+    unsafe fn columns<const M: usize, const Q4: bool>(
+        set: &[EightBlocks],
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY: see `from_columns`; x holds M rows of k.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); M];
+            for (b, block) in set.iter().enumerate() {
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    accumulate::<Q4, true>(block, x, i, b, k, sum);
+                }
+            }
+            for (row_dots, sum) in dots.iter_mut().zip(acc) {
+                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            }
+        }
+    }
+
+    /// Row `i` of x's block `b` times the eight rows' block, into `sum` (lane r: row
+    /// r's): the block's integer sums as one vector whose lane r is weight row r's
+    /// (by `row_sums` or, with `COLUMNS`, `column_sums`: the same integers), so that
+    /// the block's scales (eight weight scales as one vector) and its FMA are shared
+    /// by the eight rows.
+    #[inline(always)]
+    unsafe fn accumulate<const Q4: bool, const COLUMNS: bool>(
+        block: &EightBlocks,
+        x: &QuantizedX,
+        i: usize,
+        b: usize,
+        k: usize,
+        sum: &mut __m256,
+    ) {
+        let blocks = k / BLOCK;
+        // SAFETY: row i of x holds block b; AVX2 and FMA are present where this is inlined.
+        unsafe {
+            let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
+            let mut total = if COLUMNS {
+                column_sums::<Q4>(&block.values, &block.magnitudes, xs)
+            } else {
+                row_sums::<Q4>(&block.values, &block.magnitudes, xs)
+            };
+            if Q4 {
+                total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
+            }
+            let scale = _mm256_mul_ps(block.scales, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
+            *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
         }
     }
 
