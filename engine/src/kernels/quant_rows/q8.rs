@@ -214,50 +214,57 @@ const EIGHT: usize = 8;
 thread_local! {
     /// Each thread's eight weight rows transposed (`x86::transpose_set`), reused.
     static SET: RefCell<Vec<x86::EightBlocks>> = const { RefCell::new(Vec::new()) };
+    /// The same for Q4_K and Q6_K (`k_quants::x86::transpose_set`).
+    static K_SET: RefCell<Vec<k_quants::x86::KBlocks>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Receives `(first, rows, dots)`: rows `first .. first + rows` of x times eight weight
 /// rows, `dots[i][r]` for row `first + i` of x and weight row r.
 type Emit<'a> = &'a mut dyn FnMut(usize, usize, &[[f32; EIGHT]; MAX_ROWS]);
 
+/// Fills `dots` with a group of rows of x (its `rows` rows) times eight weight rows.
+#[cfg(target_arch = "x86_64")]
+type Multiply<'a> = &'a mut dyn FnMut(&QuantizedX, usize, &mut [[f32; EIGHT]; MAX_ROWS]);
+
 /// `emit(first, rows, dots)` with `dots[i][r] = x[first + i] · w row (j + r)` for
 /// eight weight rows and every group of up to `MAX_ROWS` rows of x, where the path
-/// has a kernel for it (false elsewhere). Q8_0 and Q4_0 times more than one group of
-/// rows of x transpose the eight rows' blocks once for all the groups (a prefill);
-/// one group transposes each block in registers as it goes.
+/// has a kernel for it (false elsewhere). More than one group of rows of x (a
+/// prefill) transposes the eight rows' blocks once for all the groups; one group
+/// transposes each block in registers as it goes.
 #[allow(unused_variables)]
 fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: usize, emit: Emit) -> bool {
     #[cfg(target_arch = "x86_64")]
     if matches!(path, SimdPath::Avx2 | SimdPath::Avx512) {
         let (row_bytes, k) = (w.row_bytes(), xq.k);
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
-        let transposed = matches!(w.format, BlockFormat::Q8_0 | BlockFormat::Q4_0) && m > MAX_ROWS;
+        let transposed = m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
-        SET.with_borrow_mut(|set| {
-            // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows,
-            // `x` the group's rows.
-            if transposed {
-                unsafe { x86::transpose_set(w.format, weights, row_bytes, k, set) };
-            }
+        let mut groups = |multiply: Multiply| {
             for group in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - group);
-                let x = xq.rows(group, rows);
-                unsafe {
-                    match w.format {
-                        BlockFormat::Q8_0 | BlockFormat::Q4_0 if transposed => {
-                            x86::from_columns(w.format, set, &x, rows, k, &mut dots)
-                        }
-                        BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
-                            x86::eight_rows(w.format, weights, row_bytes, &x, rows, k, &mut dots)
-                        }
-                        BlockFormat::Q4K | BlockFormat::Q6K => {
-                            k_quants::x86::eight_rows(w.format, weights, row_bytes, &x, rows, k, &mut dots)
-                        }
-                    }
-                }
+                multiply(&xq.rows(group, rows), rows, &mut dots);
                 emit(group, rows, &dots);
             }
-        });
+        };
+        let format = w.format;
+        // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows, `x`
+        // the group's rows.
+        match format {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 if transposed => SET.with_borrow_mut(|set| {
+                unsafe { x86::transpose_set(format, weights, row_bytes, k, set) };
+                groups(&mut |x, rows, dots| unsafe { x86::from_columns(format, set, x, rows, k, dots) })
+            }),
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+                groups(&mut |x, rows, dots| unsafe { x86::eight_rows(format, weights, row_bytes, x, rows, k, dots) })
+            }
+            BlockFormat::Q4K | BlockFormat::Q6K if transposed => K_SET.with_borrow_mut(|set| {
+                unsafe { k_quants::x86::transpose_set(format, weights, row_bytes, k, set) };
+                groups(&mut |x, rows, dots| unsafe { k_quants::x86::from_columns(format, set, x, rows, k, dots) })
+            }),
+            BlockFormat::Q4K | BlockFormat::Q6K => groups(&mut |x, rows, dots| unsafe {
+                k_quants::x86::eight_rows(format, weights, row_bytes, x, rows, k, dots)
+            }),
+        }
         return true;
     }
     false

@@ -240,6 +240,80 @@ pub(super) mod x86 {
     /// The eight rows' products with `M` rows of x, block by block, each row of x's
     /// integer sums for the block as one vector whose lane r is weight row r's (by
     /// `row_totals` or, with `COLUMNS`, `column_totals`: the same integers).
+    /// Eight rows' block of 32 values, ready to multiply: the values (by row, or with
+    /// `COLUMNS` transposed by 4-byte groups for `column_totals`, Q6_K's then less 32),
+    /// their magnitudes (Q6_K by columns multiplies |q − 32| by x with q − 32's sign),
+    /// the sub-block scales of the block's halves as i32 lanes (Q4_K: `sc` and `m`),
+    /// the super-block's `d`, and Q4_K's `dmin·m`.
+    #[derive(Clone, Copy)]
+    pub(in super::super) struct KBlocks {
+        values: [__m256i; 8],
+        magnitudes: [__m256i; 8],
+        scale_a: __m256i,
+        scale_b: __m256i,
+        d: __m256,
+        min: __m256,
+    }
+
+    /// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`.
+    #[inline(always)]
+    unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        s: usize,
+        mut each: impl FnMut(usize, &KBlocks),
+    ) {
+        let block_bytes = if Q6 { 210 } else { 144 };
+        // SAFETY: super-block `s` of each of the eight rows lies inside `weights`.
+        unsafe {
+            let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+            let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
+            let d = f16_scales(at, if Q6 { 208 } else { 0 });
+            // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
+            let dmin = if Q6 { _mm256_setzero_ps() } else { f16_scales(at, 2) };
+            let mut scales = [_mm_setzero_si128(); 8];
+            for (r, scales) in scales.iter_mut().enumerate() {
+                *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
+            }
+            let columns = scale_columns(scales);
+            // Column t of the scales as eight i32 lanes (lane r: row r's).
+            let column = |t: usize| {
+                let pair = columns[t / 2];
+                let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
+                if Q6 {
+                    _mm256_cvtepi8_epi32(bytes)
+                } else {
+                    _mm256_cvtepu8_epi32(bytes)
+                }
+            };
+            for c in 0..BLOCKS_PER_SUPER {
+                // A loop, not `from_fn`: a closure this size is not always inlined,
+                // and outside this function it would lose the target features.
+                let mut values = [_mm256_setzero_si256(); 8];
+                for (r, w) in values.iter_mut().enumerate() {
+                    *w = if Q6 { q6_k_weights(at(r), c, low4, low2) } else { q4_k_weights(at(r), c, low4) };
+                }
+                let mut magnitudes = values;
+                if COLUMNS {
+                    values = transpose_groups(&values);
+                    magnitudes = values;
+                    if Q6 {
+                        for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
+                            *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
+                            *m = _mm256_sign_epi8(*w, *w);
+                        }
+                    }
+                }
+                let (scale_a, scale_b) =
+                    if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
+                // Q4_K: dmin·m for the block, one product per lane as the row body has it.
+                let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
+                each(c, &KBlocks { values, magnitudes, scale_a, scale_b, d, min });
+            }
+        }
+    }
+
+    /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
     #[inline(always)]
     unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool>(
         weights: &[u8],
@@ -248,80 +322,135 @@ pub(super) mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        let block_bytes = if Q6 { 210 } else { 144 };
-        let blocks = k / BLOCK;
         // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
         unsafe {
-            let low4 = _mm256_set1_epi8(0x0F);
-            let low2 = _mm256_set1_epi8(3);
             let mut acc = [_mm256_setzero_ps(); M];
             for s in 0..k / SUPER {
-                let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
                 prefetch_next_rows(weights, row_bytes, s, k / SUPER);
-                let d = f16_scales(at, if Q6 { 208 } else { 0 });
-                // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
-                let dmin = if Q6 { None } else { Some(f16_scales(at, 2)) };
-                let mut scales = [_mm_setzero_si128(); 8];
-                for (r, scales) in scales.iter_mut().enumerate() {
-                    *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
-                }
-                let columns = scale_columns(scales);
-                for c in 0..BLOCKS_PER_SUPER {
-                    let b = s * BLOCKS_PER_SUPER + c;
-                    // A loop, not `from_fn`: a closure this size is not always inlined,
-                    // and outside this function it would lose the target features.
-                    let mut w = [_mm256_setzero_si256(); 8];
-                    for (r, w) in w.iter_mut().enumerate() {
-                        *w = if Q6 { q6_k_weights(at(r), c, low4, low2) } else { q4_k_weights(at(r), c, low4) };
-                    }
-                    // By columns, Q6_K's values less 32 (−32 to 31) multiply as |q − 32|
-                    // by x with q − 32's sign.
-                    let mut magnitude = w;
-                    if COLUMNS {
-                        w = transpose_groups(&w);
-                        magnitude = w;
-                        if Q6 {
-                            for (w, m) in w.iter_mut().zip(magnitude.iter_mut()) {
-                                *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
-                                *m = _mm256_sign_epi8(*w, *w);
-                            }
-                        }
-                    }
-                    // Column t of the scales as eight i32 lanes (lane r: row r's).
-                    let column = |t: usize| {
-                        let pair = columns[t / 2];
-                        let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
-                        if Q6 {
-                            _mm256_cvtepi8_epi32(bytes)
-                        } else {
-                            _mm256_cvtepu8_epi32(bytes)
-                        }
-                    };
-                    let (scale_a, scale_b) =
-                        if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
-                    // Q4_K: dmin·m for the block, one product per lane as the row body has it.
-                    let min = dmin.map(|dmin| _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b)));
+                super_blocks::<Q6, COLUMNS>(weights, row_bytes, s, |c, block| {
                     for (i, sum) in acc.iter_mut().enumerate() {
-                        let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
-                        let d_x = *x.scales.get_unchecked(i * blocks + b);
-                        // Each half's (Q6_K) or the block's (Q4_K) sums times its scales.
-                        let (first, second) =
-                            if COLUMNS { column_totals::<Q6>(&w, &magnitude, xs) } else { row_totals::<Q6>(&w, xs) };
-                        let total = if Q6 {
-                            _mm256_add_epi32(_mm256_mullo_epi32(first, scale_a), _mm256_mullo_epi32(second, scale_b))
-                        } else {
-                            _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale_a)
-                        };
-                        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
-                        if let Some(min) = min {
-                            let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
-                            *sum = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), *sum);
-                        }
+                        accumulate::<Q6, COLUMNS>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
                     }
+                });
+            }
+            for (row_dots, sum) in dots.iter_mut().zip(acc) {
+                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            }
+        }
+    }
+
+    /// Every block of the eight rows at `weights`, transposed, into `set`: done once
+    /// for all the rows of x that multiply them (`from_columns`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn transpose_set(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        k: usize,
+        set: &mut Vec<KBlocks>,
+    ) {
+        set.clear();
+        // SAFETY: as the caller vouches: `weights` holds eight whole rows.
+        unsafe {
+            for s in 0..k / SUPER {
+                prefetch_next_rows(weights, row_bytes, s, k / SUPER);
+                if format == BlockFormat::Q6K {
+                    super_blocks::<true, true>(weights, row_bytes, s, |_, block| set.push(*block));
+                } else {
+                    super_blocks::<false, true>(weights, row_bytes, s, |_, block| set.push(*block));
+                }
+            }
+        }
+    }
+
+    /// `eight_rows` for any number of rows of x (up to eight) over a set transposed
+    /// by `transpose_set`, by `column_totals`: the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn from_columns(
+        format: BlockFormat,
+        set: &[KBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        macro_rules! by_rows {
+            ($q6:literal) => {
+                match rows {
+                    1 => columns::<1, $q6>(set, x, k, dots),
+                    2 => columns::<2, $q6>(set, x, k, dots),
+                    3 => columns::<3, $q6>(set, x, k, dots),
+                    4 => columns::<4, $q6>(set, x, k, dots),
+                    5 => columns::<5, $q6>(set, x, k, dots),
+                    6 => columns::<6, $q6>(set, x, k, dots),
+                    7 => columns::<7, $q6>(set, x, k, dots),
+                    _ => columns::<8, $q6>(set, x, k, dots),
+                }
+            };
+        }
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            if format == BlockFormat::Q6K {
+                by_rows!(true)
+            } else {
+                by_rows!(false)
+            }
+        }
+    }
+
+    /// `eight` over a transposed set.
+    #[inline(always)]
+    unsafe fn columns<const M: usize, const Q6: bool>(
+        set: &[KBlocks],
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY: see `from_columns`; x holds M rows of k.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); M];
+            for (b, block) in set.iter().enumerate() {
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    accumulate::<Q6, true>(block, x, i, b, k, sum);
                 }
             }
             for (row_dots, sum) in dots.iter_mut().zip(acc) {
                 _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
+            }
+        }
+    }
+
+    /// Row `i` of x's block `b` times the eight rows' block, into `sum` (lane r: row
+    /// r's): each half's (Q6_K) or the block's (Q4_K) integer sums times its scales,
+    /// then the float steps in the row body's order.
+    #[inline(always)]
+    unsafe fn accumulate<const Q6: bool, const COLUMNS: bool>(
+        block: &KBlocks,
+        x: &QuantizedX,
+        i: usize,
+        b: usize,
+        k: usize,
+        sum: &mut __m256,
+    ) {
+        let blocks = k / BLOCK;
+        // SAFETY: row i of x holds block b; AVX2 and FMA are present where this is inlined.
+        unsafe {
+            let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
+            let d_x = *x.scales.get_unchecked(i * blocks + b);
+            let (first, second) = if COLUMNS {
+                column_totals::<Q6>(&block.values, &block.magnitudes, xs)
+            } else {
+                row_totals::<Q6>(&block.values, xs)
+            };
+            let total = if Q6 {
+                _mm256_add_epi32(_mm256_mullo_epi32(first, block.scale_a), _mm256_mullo_epi32(second, block.scale_b))
+            } else {
+                _mm256_mullo_epi32(_mm256_add_epi32(first, second), block.scale_a)
+            };
+            *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(block.d, _mm256_set1_ps(d_x)), *sum);
+            if !Q6 {
+                let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
+                *sum = _mm256_fnmadd_ps(block.min, _mm256_set1_ps(scaled_sum), *sum);
             }
         }
     }
