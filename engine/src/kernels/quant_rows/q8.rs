@@ -27,6 +27,24 @@ use super::{QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
+/// `kernel::<M, …>(args)` with `M`, the const count of rows of x (1–8) the kernels
+/// keep their sums for in registers, matched to `rows` at run time.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_rows {
+    ($rows:expr, $kernel:ident::<_ $(, $param:tt)*>($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $kernel::<1 $(, $param)*>($($arg),*),
+            2 => $kernel::<2 $(, $param)*>($($arg),*),
+            3 => $kernel::<3 $(, $param)*>($($arg),*),
+            4 => $kernel::<4 $(, $param)*>($($arg),*),
+            5 => $kernel::<5 $(, $param)*>($($arg),*),
+            6 => $kernel::<6 $(, $param)*>($($arg),*),
+            7 => $kernel::<7 $(, $param)*>($($arg),*),
+            _ => $kernel::<8 $(, $param)*>($($arg),*),
+        }
+    };
+}
+
 mod k_quants;
 
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).
@@ -360,18 +378,7 @@ mod x86 {
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
         // SAFETY (each arm): as the caller vouches.
-        unsafe {
-            match rows {
-                1 => eight::<1, Q4, false>(weights, row_bytes, x, k, dots),
-                2 => eight::<2, Q4, false>(weights, row_bytes, x, k, dots),
-                3 => eight::<3, Q4, true>(weights, row_bytes, x, k, dots),
-                4 => eight::<4, Q4, true>(weights, row_bytes, x, k, dots),
-                5 => eight::<5, Q4, true>(weights, row_bytes, x, k, dots),
-                6 => eight::<6, Q4, true>(weights, row_bytes, x, k, dots),
-                7 => eight::<7, Q4, true>(weights, row_bytes, x, k, dots),
-                _ => eight::<8, Q4, true>(weights, row_bytes, x, k, dots),
-            }
-        }
+        unsafe { with_rows!(rows, eight_m::<_, Q4>(weights, row_bytes, x, k, dots)) }
     }
 
     /// Eight rows' block, ready to multiply: their values (by row, or with `COLUMNS`
@@ -467,18 +474,7 @@ mod x86 {
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
         // SAFETY (each arm): as the caller vouches.
-        unsafe {
-            match rows {
-                1 => columns::<1, Q4>(set, x, k, dots),
-                2 => columns::<2, Q4>(set, x, k, dots),
-                3 => columns::<3, Q4>(set, x, k, dots),
-                4 => columns::<4, Q4>(set, x, k, dots),
-                5 => columns::<5, Q4>(set, x, k, dots),
-                6 => columns::<6, Q4>(set, x, k, dots),
-                7 => columns::<7, Q4>(set, x, k, dots),
-                _ => columns::<8, Q4>(set, x, k, dots),
-            }
-        }
+        unsafe { with_rows!(rows, columns::<_, Q4>(set, x, k, dots)) }
     }
 
     /// Eight vectors of eight 32-bit groups transposed: lane r of vector g is group g
@@ -589,6 +585,34 @@ mod x86 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
     }
 
+    /// `eight` by rows for one or two rows of x, by columns from three.
+    #[inline(always)]
+    unsafe fn eight_m<const M: usize, const Q4: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY: as the caller vouches.
+        unsafe {
+            if M >= 3 {
+                eight::<M, Q4, true>(weights, row_bytes, x, k, dots)
+            } else {
+                eight::<M, Q4, false>(weights, row_bytes, x, k, dots)
+            }
+        }
+    }
+
+    /// Each row of x's eight sums (lane r: weight row r's) into `dots`.
+    #[inline(always)]
+    pub(super) unsafe fn store<const M: usize>(acc: [__m256; M], dots: &mut [[f32; 8]; MAX_ROWS]) {
+        for (row_dots, sum) in dots.iter_mut().zip(acc) {
+            // SAFETY: AVX is present where this is inlined; `row_dots` holds eight f32.
+            unsafe { _mm256_storeu_ps(row_dots.as_mut_ptr(), sum) };
+        }
+    }
+
     /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
     #[inline(always)]
     unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
@@ -609,9 +633,7 @@ mod x86 {
                     accumulate::<Q4, COLUMNS>(&block, x, i, b, k, sum);
                 }
             }
-            for (row_dots, sum) in dots.iter_mut().zip(acc) {
-                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
-            }
+            store(acc, dots);
         }
     }
 
@@ -631,9 +653,7 @@ mod x86 {
                     accumulate::<Q4, true>(block, x, i, b, k, sum);
                 }
             }
-            for (row_dots, sum) in dots.iter_mut().zip(acc) {
-                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
-            }
+            store(acc, dots);
         }
     }
 

@@ -118,7 +118,7 @@ pub(super) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::super::x86::{f16_scales, prefetch_next_rows, reduce_halves, transpose_groups};
+    use super::super::x86::{f16_scales, prefetch_next_rows, reduce_halves, store, transpose_groups};
     use super::super::QuantizedX;
     use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
@@ -134,26 +134,31 @@ pub(super) mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        macro_rules! by_rows {
-            ($q6:literal) => {
-                match rows {
-                    1 => eight::<1, $q6, false>(weights, row_bytes, x, k, dots),
-                    2 => eight::<2, $q6, false>(weights, row_bytes, x, k, dots),
-                    3 => eight::<3, $q6, true>(weights, row_bytes, x, k, dots),
-                    4 => eight::<4, $q6, true>(weights, row_bytes, x, k, dots),
-                    5 => eight::<5, $q6, true>(weights, row_bytes, x, k, dots),
-                    6 => eight::<6, $q6, true>(weights, row_bytes, x, k, dots),
-                    7 => eight::<7, $q6, true>(weights, row_bytes, x, k, dots),
-                    _ => eight::<8, $q6, true>(weights, row_bytes, x, k, dots),
-                }
-            };
-        }
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             if format == BlockFormat::Q6K {
-                by_rows!(true)
+                with_rows!(rows, eight_m::<_, true>(weights, row_bytes, x, k, dots))
             } else {
-                by_rows!(false)
+                with_rows!(rows, eight_m::<_, false>(weights, row_bytes, x, k, dots))
+            }
+        }
+    }
+
+    /// `eight` by rows for one or two rows of x, by columns from three.
+    #[inline(always)]
+    unsafe fn eight_m<const M: usize, const Q6: bool>(
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY: as the caller vouches.
+        unsafe {
+            if M >= 3 {
+                eight::<M, Q6, true>(weights, row_bytes, x, k, dots)
+            } else {
+                eight::<M, Q6, false>(weights, row_bytes, x, k, dots)
             }
         }
     }
@@ -333,9 +338,7 @@ pub(super) mod x86 {
                     }
                 });
             }
-            for (row_dots, sum) in dots.iter_mut().zip(acc) {
-                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
-            }
+            store(acc, dots);
         }
     }
 
@@ -374,26 +377,12 @@ pub(super) mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        macro_rules! by_rows {
-            ($q6:literal) => {
-                match rows {
-                    1 => columns::<1, $q6>(set, x, k, dots),
-                    2 => columns::<2, $q6>(set, x, k, dots),
-                    3 => columns::<3, $q6>(set, x, k, dots),
-                    4 => columns::<4, $q6>(set, x, k, dots),
-                    5 => columns::<5, $q6>(set, x, k, dots),
-                    6 => columns::<6, $q6>(set, x, k, dots),
-                    7 => columns::<7, $q6>(set, x, k, dots),
-                    _ => columns::<8, $q6>(set, x, k, dots),
-                }
-            };
-        }
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             if format == BlockFormat::Q6K {
-                by_rows!(true)
+                with_rows!(rows, columns::<_, true>(set, x, k, dots))
             } else {
-                by_rows!(false)
+                with_rows!(rows, columns::<_, false>(set, x, k, dots))
             }
         }
     }
@@ -414,9 +403,7 @@ pub(super) mod x86 {
                     accumulate::<Q6, true>(block, x, i, b, k, sum);
                 }
             }
-            for (row_dots, sum) in dots.iter_mut().zip(acc) {
-                _mm256_storeu_ps(row_dots.as_mut_ptr(), sum);
-            }
+            store(acc, dots);
         }
     }
 
