@@ -336,7 +336,11 @@ mod x86 {
     //! by x's pairwise into 16-bit sums — Q8_0 as `maddubs(|w|, sign(x, w))` (|w| ≤ 128,
     //! |x| ≤ 127: a pair stays below 2¹⁵), Q4_0's nibbles unsigned (0–15) with 8·Σx
     //! taken off afterwards — and `madd` by ones widens them to 32 bits. Rows of x come
-    //! in a const count `M` so that the accumulators stay in registers.
+    //! in a const count `M` so that the accumulators stay in registers. Two orders give
+    //! the same integers: by rows (`row_sums`: each row of x's sums reduced across the
+    //! eight weight rows, for one or two rows of x) and by columns (`column_sums`: the
+    //! eight rows' block transposed once, in registers for one group of x rows or into
+    //! a per-thread set for all the groups of a prefill).
 
     use std::arch::x86_64::*;
 

@@ -112,7 +112,9 @@ pub(super) mod x86 {
     //! AVX2, eight weight rows at a time, as `q8::x86` does Q8_0 and Q4_0: each block
     //! of x is loaded once for the eight rows, `maddubs` multiplies the unsigned
     //! weights (Q4_K 0–15, Q6_K 0–63) by x's signed bytes pairwise (below 2¹⁵), and
-    //! the eight rows' sums reduce into one vector whose lane r is row r's. The
+    //! the eight rows' sums reduce into one vector whose lane r is row r's — or, from
+    //! three rows of x, the eight rows' block is transposed by 4-byte groups so that
+    //! row r's sums land in lane r unreduced (`column_totals`; see `q8::x86`). The
     //! super-block's scales are transposed once (`scale_columns`) so that a block's
     //! scales for the eight rows are one vector too.
 
