@@ -1,0 +1,404 @@
+//! AVX2, eight weight rows at a time: `maddubs` multiplies a weight block's bytes
+//! by x's pairwise into 16-bit sums — Q8_0 as `maddubs(|w|, sign(x, w))` (|w| ≤ 128,
+//! |x| ≤ 127: a pair stays below 2¹⁵), Q4_0's nibbles unsigned (0–15) with 8·Σx
+//! taken off afterwards — and `madd` by ones widens them to 32 bits. Rows of x come
+//! in a const count `M` so that the accumulators stay in registers. Two orders give
+//! the same integers: by rows (`row_sums`: each row of x's sums reduced across the
+//! eight weight rows, for one or two rows of x) and by columns (`column_sums`: the
+//! eight rows' block transposed once, in registers for one group of x rows or into
+//! a per-thread set for all the groups of a prefill).
+
+use std::arch::x86_64::*;
+
+use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
+
+/// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
+/// `row_bytes`) and `rows` rows of x: one or two by `row_sums`, more by
+/// `column_sums`, each block transposed in registers (the same bits; see there).
+/// Many rows of x go through `transpose_set` and `from_columns` instead. Q4_0's
+/// nibbles multiply unsigned (0–15) and the block's 8·Σx is taken off the integer
+/// sum.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn eight_rows(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY (each arm): as the caller vouches.
+    unsafe {
+        if format == BlockFormat::Q4_0 {
+            eight_by_rows::<true>(weights, row_bytes, x, rows, k, dots)
+        } else {
+            eight_by_rows::<false>(weights, row_bytes, x, rows, k, dots)
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn eight_by_rows<const Q4: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY (each arm): as the caller vouches.
+    unsafe { with_rows!(rows, eight_m::<_, Q4>(weights, row_bytes, x, k, dots)) }
+}
+
+/// Eight rows' block, ready to multiply: their values (by row, or with `COLUMNS`
+/// transposed by 4-byte groups for `column_sums`), the values' magnitudes (Q8_0
+/// multiplies |w| by x with w's sign) and the eight scales.
+#[derive(Clone, Copy)]
+pub(super) struct EightBlocks {
+    values: [__m256i; 8],
+    magnitudes: [__m256i; 8],
+    scales: __m256,
+}
+
+/// Block `b` of the eight rows at `weights` as `EightBlocks`.
+#[inline(always)]
+unsafe fn eight_blocks<const Q4: bool, const COLUMNS: bool>(weights: &[u8], row_bytes: usize, b: usize) -> EightBlocks {
+    let block_bytes = if Q4 { 18 } else { 34 };
+    // SAFETY: block `b` of each of the eight rows lies inside `weights`.
+    unsafe {
+        let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
+        let mut values = [_mm256_setzero_si256(); 8];
+        for (r, w) in values.iter_mut().enumerate() {
+            *w = block_values::<Q4>(at(r));
+        }
+        if COLUMNS {
+            values = transpose_groups(&values);
+        }
+        let mut magnitudes = values;
+        if !Q4 {
+            for (m, &w) in magnitudes.iter_mut().zip(&values) {
+                *m = _mm256_sign_epi8(w, w);
+            }
+        }
+        EightBlocks { values, magnitudes, scales: f16_scales(at, 0) }
+    }
+}
+
+/// Every block of the eight rows at `weights`, transposed, into `set`: done once
+/// for all the rows of x that multiply them (`from_columns`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn transpose_set(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    k: usize,
+    set: &mut Vec<EightBlocks>,
+) {
+    let blocks = k / BLOCK;
+    set.clear();
+    // SAFETY: as the caller vouches: `weights` holds eight whole rows.
+    unsafe {
+        for b in 0..blocks {
+            prefetch_next_rows(weights, row_bytes, b, blocks);
+            set.push(if format == BlockFormat::Q4_0 {
+                eight_blocks::<true, true>(weights, row_bytes, b)
+            } else {
+                eight_blocks::<false, true>(weights, row_bytes, b)
+            });
+        }
+    }
+}
+
+/// `eight_rows` for any number of rows of x (up to eight) over a set transposed
+/// by `transpose_set`, by `column_sums`: the same bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn from_columns(
+    format: BlockFormat,
+    set: &[EightBlocks],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY (each arm): as the caller vouches.
+    unsafe {
+        if format == BlockFormat::Q4_0 {
+            set_by_rows::<true>(set, x, rows, k, dots)
+        } else {
+            set_by_rows::<false>(set, x, rows, k, dots)
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn set_by_rows<const Q4: bool>(
+    set: &[EightBlocks],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY (each arm): as the caller vouches.
+    unsafe { with_rows!(rows, columns::<_, Q4>(set, x, k, dots)) }
+}
+
+/// Eight vectors of eight 32-bit groups transposed: lane r of vector g is group g
+/// of vector r (bytes 4g..4g+4 of weight row r's block). Loops, not `from_fn`: a
+/// closure that is not inlined loses the caller's target features, and then every
+/// intrinsic in it is a call.
+#[inline(always)]
+pub(super) unsafe fn transpose_groups(w: &[__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: AVX2 is present where this is inlined.
+    unsafe {
+        // Rows (2p, 2p+1) interleaved: t[2p] per 128-bit half [r g0, r' g0, r g1, r' g1]
+        // (groups 0, 1 | 4, 5), t[2p + 1] the same for groups 2, 3 | 6, 7.
+        let mut t = [_mm256_setzero_si256(); 8];
+        for pair in 0..4 {
+            t[2 * pair] = _mm256_unpacklo_epi32(w[2 * pair], w[2 * pair + 1]);
+            t[2 * pair + 1] = _mm256_unpackhi_epi32(w[2 * pair], w[2 * pair + 1]);
+        }
+        // Pairs of pairs: u[4q + j] holds rows 4q..4q+4 of group j | group j + 4.
+        let mut u = [_mm256_setzero_si256(); 8];
+        for q in 0..2 {
+            for half in 0..2 {
+                let (a, b) = (t[4 * q + half], t[4 * q + 2 + half]);
+                u[4 * q + 2 * half] = _mm256_unpacklo_epi64(a, b);
+                u[4 * q + 2 * half + 1] = _mm256_unpackhi_epi64(a, b);
+            }
+        }
+        // Rows 0–3 and 4–7 side by side.
+        let mut v = [_mm256_setzero_si256(); 8];
+        for g in 0..4 {
+            v[g] = _mm256_permute2x128_si256(u[g], u[4 + g], 0x20);
+            v[g + 4] = _mm256_permute2x128_si256(u[g], u[4 + g], 0x31);
+        }
+        v
+    }
+}
+
+/// Row r's block `b` as 32 bytes in x's order: Q4_0's nibbles (0–15), Q8_0's bytes.
+#[inline(always)]
+unsafe fn block_values<const Q4: bool>(block: *const u8) -> __m256i {
+    // SAFETY: `block` is a whole block; AVX2 is present where this is inlined.
+    unsafe {
+        if Q4 {
+            let packed = _mm_loadu_si128(block.add(2).cast());
+            let nibble = _mm256_set1_epi8(0x0F);
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble)
+        } else {
+            _mm256_loadu_si256(block.add(2).cast())
+        }
+    }
+}
+
+/// Eight vectors of eight i32 into one: lane r holds the sum of vector r's lanes.
+#[inline(always)]
+unsafe fn reduce_eight(p: [__m256i; 8]) -> __m256i {
+    // SAFETY: AVX2 is present where this is inlined.
+    unsafe {
+        let (first, second) = reduce_halves(p);
+        _mm256_add_epi32(first, second)
+    }
+}
+
+/// Eight vectors of eight i32 into two: lane r of the first holds the sum of
+/// vector r's lanes 0–3 (from bytes 0–15 of a block), of the second its lanes 4–7.
+#[inline(always)]
+pub(super) unsafe fn reduce_halves(p: [__m256i; 8]) -> (__m256i, __m256i) {
+    // SAFETY: AVX2 is present where this is inlined.
+    unsafe {
+        // Pairs of vectors interleaved and added, twice (one µop per instruction,
+        // where a horizontal add is three): per 128-bit half, [Σ p0, Σ p1, Σ p2, Σ p3].
+        let pair = |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+        let quad = |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+        let low = quad(pair(p[0], p[1]), pair(p[2], p[3]));
+        let high = quad(pair(p[4], p[5]), pair(p[6], p[7]));
+        (_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31))
+    }
+}
+
+/// Fetches the share of step `s` (of `steps`: blocks or super-blocks) of the eight
+/// weight rows after `weights` into the cache: the kernel reads its eight rows side by side,
+/// sixteen streams on two threads, which the hardware prefetcher does not keep
+/// ahead of, while the next eight rows are one contiguous run of memory.
+#[inline(always)]
+pub(super) unsafe fn prefetch_next_rows(weights: &[u8], row_bytes: usize, s: usize, steps: usize) {
+    const LINE: usize = 64;
+    let lines = (8 * row_bytes).div_ceil(LINE);
+    let share = lines.div_ceil(steps);
+    // `wrapping_add`: the next rows may lie past this slice (the last group of a
+    // matrix); a prefetch of any address is harmless, a pointer past the
+    // allocation made with `add` would not be.
+    let next = weights.as_ptr().wrapping_add(8 * row_bytes);
+    for line in s * share..((s + 1) * share).min(lines) {
+        // SAFETY: a prefetch reads nothing the program sees and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * LINE).cast()) };
+    }
+}
+
+/// The f16 at `offset` of each of eight rows' blocks (`at(r)`), as eight f32.
+#[inline(always)]
+pub(super) unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) -> __m256 {
+    let mut bits = [0u16; 8];
+    for (r, bits) in bits.iter_mut().enumerate() {
+        // SAFETY: the caller's blocks hold an f16 at `offset`.
+        *bits = unsafe { at(r).add(offset).cast::<u16>().read_unaligned() };
+    }
+    // SAFETY: F16C is enabled where this is inlined.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr().cast())) }
+}
+
+/// `eight` by rows for one or two rows of x, by columns from three.
+#[inline(always)]
+unsafe fn eight_m<const M: usize, const Q4: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe {
+        if M >= 3 {
+            eight::<M, Q4, true>(weights, row_bytes, x, k, dots)
+        } else {
+            eight::<M, Q4, false>(weights, row_bytes, x, k, dots)
+        }
+    }
+}
+
+/// Each row of x's eight sums (lane r: weight row r's) into `dots`.
+#[inline(always)]
+pub(super) unsafe fn store<const M: usize>(acc: [__m256; M], dots: &mut [[f32; 8]; MAX_ROWS]) {
+    for (row_dots, sum) in dots.iter_mut().zip(acc) {
+        // SAFETY: AVX is present where this is inlined; `row_dots` holds eight f32.
+        unsafe { _mm256_storeu_ps(row_dots.as_mut_ptr(), sum) };
+    }
+}
+
+/// The eight rows' products with `M` rows of x, block by block (`accumulate`).
+#[inline(always)]
+unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    let blocks = k / BLOCK;
+    // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        for b in 0..blocks {
+            prefetch_next_rows(weights, row_bytes, b, blocks);
+            let block = eight_blocks::<Q4, COLUMNS>(weights, row_bytes, b);
+            for (i, sum) in acc.iter_mut().enumerate() {
+                accumulate::<Q4, COLUMNS>(&block, x, i, b, k, sum);
+            }
+        }
+        store(acc, dots);
+    }
+}
+
+/// `eight` over a transposed set.
+#[inline(always)]
+unsafe fn columns<const M: usize, const Q4: bool>(
+    set: &[EightBlocks],
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: see `from_columns`; x holds M rows of k.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        for (b, block) in set.iter().enumerate() {
+            for (i, sum) in acc.iter_mut().enumerate() {
+                accumulate::<Q4, true>(block, x, i, b, k, sum);
+            }
+        }
+        store(acc, dots);
+    }
+}
+
+/// Row `i` of x's block `b` times the eight rows' block, into `sum` (lane r: row
+/// r's): the block's integer sums as one vector whose lane r is weight row r's
+/// (by `row_sums` or, with `COLUMNS`, `column_sums`: the same integers), so that
+/// the block's scales (eight weight scales as one vector) and its FMA are shared
+/// by the eight rows.
+#[inline(always)]
+unsafe fn accumulate<const Q4: bool, const COLUMNS: bool>(
+    block: &EightBlocks,
+    x: &QuantizedX,
+    i: usize,
+    b: usize,
+    k: usize,
+    sum: &mut __m256,
+) {
+    let blocks = k / BLOCK;
+    // SAFETY: row i of x holds block b; AVX2 and FMA are present where this is inlined.
+    unsafe {
+        let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
+        let mut total = if COLUMNS {
+            column_sums::<Q4>(&block.values, &block.magnitudes, xs)
+        } else {
+            row_sums::<Q4>(&block.values, &block.magnitudes, xs)
+        };
+        if Q4 {
+            total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
+        }
+        let scale = _mm256_mul_ps(block.scales, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
+        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
+    }
+}
+
+/// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (`magnitude`: |w|
+/// for Q8_0): each row's 32-bit sums, reduced across rows.
+#[inline(always)]
+unsafe fn row_sums<const Q4: bool>(w: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
+    // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let xv = _mm256_loadu_si256(xs.cast());
+        let mut p = [_mm256_setzero_si256(); 8];
+        for r in 0..8 {
+            let pairs = if Q4 {
+                _mm256_maddubs_epi16(w[r], xv)
+            } else {
+                _mm256_maddubs_epi16(magnitude[r], _mm256_sign_epi8(xv, w[r]))
+            };
+            p[r] = _mm256_madd_epi16(pairs, ones);
+        }
+        reduce_eight(p)
+    }
+}
+
+/// `row_sums` over blocks transposed by `transpose_groups`: lane r of `v[g]` holds
+/// row r's bytes 4g..4g+4, so `maddubs` by x's group g broadcast to every lane
+/// leaves row r's pair sums in lane r, and eight of them add up to the block's
+/// sums with no reduction. The transpose costs about what one row of x's
+/// reduction does, so this pays from three rows of x. Q4_0's eight groups add in
+/// 16 bits (each ≤ 2·15·127, eight ≤ 30 480); Q8_0's pairs reach 2·128·127 and
+/// widen to 32 bits per group.
+#[inline(always)]
+unsafe fn column_sums<const Q4: bool>(v: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
+    // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
+        if Q4 {
+            let mut pairs = _mm256_setzero_si256();
+            for (g, &v) in v.iter().enumerate() {
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, group(g)));
+            }
+            _mm256_madd_epi16(pairs, ones)
+        } else {
+            let mut total = _mm256_setzero_si256();
+            for g in 0..8 {
+                let pairs = _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), v[g]));
+                total = _mm256_add_epi32(total, _mm256_madd_epi16(pairs, ones));
+            }
+            total
+        }
+    }
+}
