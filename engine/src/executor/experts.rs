@@ -9,9 +9,11 @@
 
 use ferry_core::graph::{Place, Task};
 use ferry_core::model::{ExpertPopularity, ModelSpec, WeightGroup};
+use rayon::prelude::*;
 
 use super::speculate::is_draft;
 use super::{lock, Engine, RunReport};
+use crate::backend::DeviceBuffer;
 use crate::EngineError;
 
 /// The router among an MoE group's tensors (`ModelSpec::ROUTER_TENSORS`: the norm, then it).
@@ -166,22 +168,34 @@ impl Engine<'_> {
             let (step, layer, micro_batch, tokens) = (task.step, task.layer, task.micro_batch, rows as u32);
             lock(&self.expert_use).push(ExpertUse { step, layer, micro_batch, tokens, experts, routed });
         }
-        let mut out = self.activation(side, rows * h)?;
-        for (expert, (chosen, scales)) in groups.into_iter().enumerate() {
-            if chosen.is_empty() {
-                continue;
-            }
-            let first = ModelSpec::expert_tensors(expert).start as u32;
-            let mut x = self.activation(side, chosen.len() * h)?;
-            self.backend.gather_rows(&normed, h, &chosen, &mut x)?;
-            let mut gate = self.project(&weights, first, &x, chosen.len(), ffn, side)?;
-            let up = self.project(&weights, first + 2, &x, chosen.len(), ffn, side)?;
+        let chosen: Vec<(usize, (Vec<usize>, Vec<f32>))> =
+            groups.into_iter().enumerate().filter(|(_, (rows, _))| !rows.is_empty()).collect();
+        let expert_output = |(expert, (rows, _)): &(usize, (Vec<usize>, Vec<f32>))| {
+            let first = ModelSpec::expert_tensors(*expert).start as u32;
+            let mut x = self.activation(side, rows.len() * h)?;
+            self.backend.gather_rows(&normed, h, rows, &mut x)?;
+            let mut gate = self.project(&weights, first, &x, rows.len(), ffn, side)?;
+            let up = self.project(&weights, first + 2, &x, rows.len(), ffn, side)?;
             drop(x);
             self.backend.silu_mul(&mut gate, &up)?;
             drop(up);
-            let down = self.project(&weights, first + 1, &gate, chosen.len(), h, side)?;
-            drop(gate);
-            self.backend.add_scaled_rows(&mut out, h, &chosen, &scales, &down)?;
+            self.project(&weights, first + 1, &gate, rows.len(), h, side)
+        };
+        // Where the CPU computes, the chosen experts run side by side on the compute
+        // threads: a decoding step's few rows make each product too small to split
+        // well (three parallel passes per expert, each mostly hand-over), while one
+        // expert per thread keeps every thread busy; a product inside still splits
+        // when a thread is idle. Each expert's output is the same bits either way
+        // (the products do not depend on the threads), and they are summed in expert
+        // order below, so the tokens are too.
+        let outputs: Vec<Result<DeviceBuffer, EngineError>> = if self.backend.host_addressable(side) {
+            crate::kernels::in_pool(|| chosen.par_iter().map(expert_output).collect())
+        } else {
+            chosen.iter().map(expert_output).collect()
+        };
+        let mut out = self.activation(side, rows * h)?;
+        for ((_, (rows, scales)), down) in chosen.iter().zip(outputs) {
+            self.backend.add_scaled_rows(&mut out, h, rows, scales, &down?)?;
         }
         drop(normed);
         self.add_to_hidden(task, side, &out, "mlp")?;
