@@ -44,8 +44,11 @@ pub(super) fn route(logits: &[f32], experts: usize, k: usize) -> Routes {
         .collect()
 }
 
-/// Per expert, the rows routed to it (ascending) and their weights.
-pub(super) fn group_by_expert(routes: &[Vec<(usize, f32)>], experts: usize) -> Vec<(Vec<usize>, Vec<f32>)> {
+/// The rows routed to one expert (ascending) and their weights.
+pub(super) type ExpertRows = (Vec<usize>, Vec<f32>);
+
+/// Per expert, the rows routed to it and their weights.
+pub(super) fn group_by_expert(routes: &[Vec<(usize, f32)>], experts: usize) -> Vec<ExpertRows> {
     let mut groups = vec![(Vec::new(), Vec::new()); experts];
     for (row, choices) in routes.iter().enumerate() {
         for &(expert, weight) in choices {
@@ -168,9 +171,9 @@ impl Engine<'_> {
             let (step, layer, micro_batch, tokens) = (task.step, task.layer, task.micro_batch, rows as u32);
             lock(&self.expert_use).push(ExpertUse { step, layer, micro_batch, tokens, experts, routed });
         }
-        let chosen: Vec<(usize, (Vec<usize>, Vec<f32>))> =
+        let chosen: Vec<(usize, ExpertRows)> =
             groups.into_iter().enumerate().filter(|(_, (rows, _))| !rows.is_empty()).collect();
-        let expert_output = |(expert, (rows, _)): &(usize, (Vec<usize>, Vec<f32>))| {
+        let expert_output = |(expert, (rows, _)): &(usize, ExpertRows)| {
             let first = ModelSpec::expert_tensors(*expert).start as u32;
             let mut x = self.activation(side, rows.len() * h)?;
             self.backend.gather_rows(&normed, h, rows, &mut x)?;
