@@ -82,16 +82,22 @@ impl<'a> Engine<'a> {
                         _ => None,
                     };
                     let spawned = std::thread::Builder::new().name(name.clone()).spawn_scoped(scope, move || {
-                        while let Ok(id) = rx.recv() {
-                            let start = clock.elapsed().as_nanos() as u64;
-                            let result = match &threads {
-                                Some(pool) => pool.install(|| self.execute(id)),
-                                None => self.execute(id),
-                            };
-                            let end = clock.elapsed().as_nanos() as u64;
-                            if done.send(Event::Ran(id, lane, start, end, result)).is_err() {
-                                return;
+                        let serve = move || {
+                            while let Ok(id) = rx.recv() {
+                                let start = clock.elapsed().as_nanos() as u64;
+                                let result = self.execute(id);
+                                let end = clock.elapsed().as_nanos() as u64;
+                                if done.send(Event::Ran(id, lane, start, end, result)).is_err() {
+                                    return;
+                                }
                             }
+                        };
+                        // The whole loop inside the lane's pool, not each task: a task then
+                        // starts on a thread of the pool as it is received, where handing
+                        // each one in and its end back out cost two more thread wake-ups.
+                        match &threads {
+                            Some(pool) => pool.install(serve),
+                            None => serve(),
                         }
                     });
                     // The system refusing a thread ends the run with an error, not a panic
