@@ -217,39 +217,30 @@ pub(super) mod x86 {
         }
     }
 
-    /// Block `C` (32 values) of a Q4_K super-block at `block`: the low nibbles of a
-    /// 32-byte chunk for even blocks, the high ones for odd. `C` is a constant so
-    /// that every shift is an immediate and none is a shift by zero.
+    /// Block `c` (32 values) of a Q4_K super-block at `block`: the low nibbles of a
+    /// 32-byte chunk for even blocks, the high ones for odd.
     #[inline(always)]
-    unsafe fn q4_k_weights<const C: usize>(block: *const u8, low4: __m256i) -> __m256i {
+    unsafe fn q4_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
         // SAFETY: the caller's super-block holds 128 bytes of values at 16.
         unsafe {
-            let packed = _mm256_loadu_si256(block.add(16 + 32 * (C / 2)).cast());
-            let nibbles = if C.is_multiple_of(2) { packed } else { _mm256_srli_epi16::<4>(packed) };
-            _mm256_and_si256(nibbles, low4)
+            let packed = _mm256_loadu_si256(block.add(16 + 32 * (c / 2)).cast());
+            _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4)
         }
     }
 
-    /// Block `C` (32 values) of a Q6_K super-block at `block`, 0–63: four low bits
+    /// Block `c` (32 values) of a Q6_K super-block at `block`, 0–63: four low bits
     /// from `ql` (a nibble of one of the half's two 32-byte chunks), two high bits
-    /// from `qh` (bits 2q, 2q + 1 of the half's 32 bytes for quarter q, shifted to
-    /// bits 4–5 and masked), as `quant::q6_k` unpacks them.
+    /// from `qh` (a pair of the half's 32 bytes), as `quant::q6_k` unpacks them.
     #[inline(always)]
-    unsafe fn q6_k_weights<const C: usize>(block: *const u8, low4: __m256i, bits45: __m256i) -> __m256i {
-        let (half, quarter) = (C / 4, C % 4);
+    unsafe fn q6_k_weights(block: *const u8, c: usize, low4: __m256i, low2: __m256i) -> __m256i {
+        let (half, quarter) = (c / 4, c % 4);
         // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64).
         unsafe {
             let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
-            let low = _mm256_and_si256(if quarter < 2 { ql } else { _mm256_srli_epi16::<4>(ql) }, low4);
+            let low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)), low4);
             let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
-            // 16-bit shifts: what crosses from the neighbouring byte is masked off.
-            let high = match quarter {
-                0 => _mm256_slli_epi16::<4>(qh),
-                1 => _mm256_slli_epi16::<2>(qh),
-                2 => qh,
-                _ => _mm256_srli_epi16::<2>(qh),
-            };
-            _mm256_or_si256(low, _mm256_and_si256(high, bits45))
+            let high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32)), low2);
+            _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
         }
     }
 
@@ -283,8 +274,8 @@ pub(super) mod x86 {
         let block_bytes = if Q6 { 210 } else { 144 };
         // SAFETY: super-block `s` of each of the eight rows lies inside `weights`.
         unsafe {
-            let rows = weights.as_ptr().add(s * block_bytes);
-            let at = |r: usize| rows.add(r * row_bytes);
+            let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+            let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
             let d = f16_scales(at, if Q6 { 208 } else { 0 });
             // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
             let dmin = if Q6 { _mm256_setzero_ps() } else { f16_scales(at, 2) };
@@ -292,47 +283,10 @@ pub(super) mod x86 {
             for (r, scales) in scales.iter_mut().enumerate() {
                 *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
             }
-            let head = SuperHead { rows, row_bytes, columns: scale_columns(scales), d, dmin };
-            for c in 0..BLOCKS_PER_SUPER {
-                // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
-                // the cache's queue of misses and stalls the products behind it.
-                prefetch_next_rows(weights, row_bytes, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
-                // A match on the block, not a loop over the const: each arm's shifts
-                // are immediates, and `each` (the products) is inlined at one place.
-                let blocks = match c {
-                    0 => block::<Q6, COLUMNS, 0>(&head),
-                    1 => block::<Q6, COLUMNS, 1>(&head),
-                    2 => block::<Q6, COLUMNS, 2>(&head),
-                    3 => block::<Q6, COLUMNS, 3>(&head),
-                    4 => block::<Q6, COLUMNS, 4>(&head),
-                    5 => block::<Q6, COLUMNS, 5>(&head),
-                    6 => block::<Q6, COLUMNS, 6>(&head),
-                    _ => block::<Q6, COLUMNS, 7>(&head),
-                };
-                each(c, &blocks);
-            }
-        }
-    }
-
-    /// What a super-block's blocks share: the eight rows' super-block (row r at
-    /// `rows + r·row_bytes`), their scales transposed (`scale_columns`), `d`, `dmin`.
-    struct SuperHead {
-        rows: *const u8,
-        row_bytes: usize,
-        columns: [__m128i; 8],
-        d: __m256,
-        dmin: __m256,
-    }
-
-    /// Block `C` of the super-block `head`, for the eight rows.
-    #[inline(always)]
-    unsafe fn block<const Q6: bool, const COLUMNS: bool, const C: usize>(head: &SuperHead) -> KBlocks {
-        // SAFETY: as `super_blocks` vouches.
-        unsafe {
-            let (low4, bits45) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+            let columns = scale_columns(scales);
             // Column t of the scales as eight i32 lanes (lane r: row r's).
             let column = |t: usize| {
-                let pair = head.columns[t / 2];
+                let pair = columns[t / 2];
                 let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
                 if Q6 {
                     _mm256_cvtepi8_epi32(bytes)
@@ -340,28 +294,33 @@ pub(super) mod x86 {
                     _mm256_cvtepu8_epi32(bytes)
                 }
             };
-            // A loop, not `from_fn`: a closure this size is not always inlined,
-            // and outside this function it would lose the target features.
-            let mut values = [_mm256_setzero_si256(); 8];
-            for (r, w) in values.iter_mut().enumerate() {
-                let at = head.rows.add(r * head.row_bytes);
-                *w = if Q6 { q6_k_weights::<C>(at, low4, bits45) } else { q4_k_weights::<C>(at, low4) };
-            }
-            let mut magnitudes = values;
-            if COLUMNS {
-                values = transpose_groups(&values);
-                magnitudes = values;
-                if Q6 {
-                    for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
-                        *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
-                        *m = _mm256_sign_epi8(*w, *w);
+            for c in 0..BLOCKS_PER_SUPER {
+                // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
+                // the cache's queue of misses and stalls the products behind it.
+                prefetch_next_rows(weights, row_bytes, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
+                // A loop, not `from_fn`: a closure this size is not always inlined,
+                // and outside this function it would lose the target features.
+                let mut values = [_mm256_setzero_si256(); 8];
+                for (r, w) in values.iter_mut().enumerate() {
+                    *w = if Q6 { q6_k_weights(at(r), c, low4, low2) } else { q4_k_weights(at(r), c, low4) };
+                }
+                let mut magnitudes = values;
+                if COLUMNS {
+                    values = transpose_groups(&values);
+                    magnitudes = values;
+                    if Q6 {
+                        for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
+                            *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
+                            *m = _mm256_sign_epi8(*w, *w);
+                        }
                     }
                 }
+                let (scale_a, scale_b) =
+                    if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
+                // Q4_K: dmin·m for the block, one product per lane as the row body has it.
+                let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
+                each(c, &KBlocks { values, magnitudes, scale_a, scale_b, d, min });
             }
-            let (scale_a, scale_b) = if Q6 { (column(2 * C), column(2 * C + 1)) } else { (column(C), column(8 + C)) };
-            // Q4_K: dmin·m for the block, one product per lane as the row body has it.
-            let min = _mm256_mul_ps(head.dmin, _mm256_cvtepi32_ps(scale_b));
-            KBlocks { values, magnitudes, scale_a, scale_b, d: head.d, min }
         }
     }
 
