@@ -510,6 +510,30 @@ fn validate_reports_errors_and_gates_on_tolerance() {
     let out = ferry(dir.path(), &strict);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["passed"], false);
+    // A measured profile that never timed this model's kernels is refused, with the
+    // command that measures one (its roofline alone was 44 % off on test-small).
+    let mut measured = String::new();
+    let mut in_provenance = false;
+    for line in text(&profile.stdout).lines() {
+        if line == "provenance:" {
+            measured += "provenance:\n  kind: measured\n  machine: ci\n  date: 2026-12-02\n  backend: cpu\n";
+            in_provenance = true;
+        } else if !(in_provenance && line.starts_with(' ')) {
+            in_provenance = false;
+            measured += line;
+            measured += "\n";
+        }
+    }
+    std::fs::write(dir.path().join("measured.yaml"), measured).unwrap();
+    let mut no_table = args.to_vec();
+    no_table[4] = "measured.yaml";
+    let out = ferry(dir.path(), &no_table);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no kernel table") && stderr.contains("ferry profile --backend cpu --quick --model tiny"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -219,9 +219,12 @@ pub fn run(args: TuneArgs) -> Result<()> {
     let compared = outcomes.len() > 1;
     let Ok(comparison) = &outcomes[chosen].result else { bail!("the chosen format has no plan; this is a bug") };
     let request = request_for(&outcomes[chosen].formats);
-    let Comparison { result, baselines: baseline_results, adopted_baseline } = comparison;
+    let Comparison { result, baselines: baseline_results, adopted_baseline, disk_note } = comparison;
     if let Some(name) = adopted_baseline {
         eprintln!("note: the {name} baseline beat the searched plans; it is the plan");
+    }
+    if let Some(note) = disk_note {
+        eprintln!("note: {note}");
     }
     let plan = tune_output::write_outputs(&args, &request, &hardware, &space, result)?;
     if args.json {

@@ -130,5 +130,52 @@ fn restricting_the_schedule_is_honoured() {
         let result = tune(&req, &space).unwrap();
         assert!(result.top.iter().all(|c| c.policy.schedule == schedule));
         assert_eq!(result.best.workload.batch_size, 8);
+        // A faster baseline of another schedule is compared, not adopted.
+        let compared = tune_and_compare(&req, &space).unwrap();
+        assert_eq!(compared.result.best.policy.schedule, schedule);
     }
+}
+
+/// The sequential schedule holds one layer's weights in flight, the least of any: it
+/// must fit every budget some other schedule fits (a user asking for it at a tight
+/// budget used to be told nothing fits while pipelined plans did).
+#[test]
+fn the_least_memory_schedule_fits_whenever_any_does() {
+    let (model, _) = setup("cpu", "laptop-pcie3", "test-small", None);
+    let mut checked = 0;
+    for device_mib in (60..=120).step_by(2) {
+        let (_, profile) = setup("cpu", "laptop-pcie3", "test-small", Some(device_mib * MIB));
+        let req = TuneRequest { prompt_len: 16, gen_len: 4, ..request(&model, &profile, BatchChoice::Fixed(2)) };
+        if tune(&req, &KnobSpace::full()).is_err() {
+            continue;
+        }
+        checked += 1;
+        let sequential = KnobSpace { schedules: vec![ferry_core::plan::Schedule::Sequential], ..KnobSpace::full() };
+        if let Err(error) = tune(&req, &sequential) {
+            panic!("{device_mib} MiB: some schedule fits but sequential does not: {error}");
+        }
+    }
+    assert!(checked > 20, "only {checked} budgets fit at all");
+}
+
+/// The LP is indifferent between tiers that are not the bottleneck; among equally fast
+/// plans a person would hold the KV cache in free host RAM rather than write it to the
+/// SSD every step, and the tuner must too, or say why not.
+#[test]
+fn free_host_ram_is_used_before_the_disk() {
+    let (model, profile) = setup("rtx3060-12gb", "desktop-pcie4", "llama-2-13b", None);
+    let req = TuneRequest { objective: Objective::Latency, ..request(&model, &profile, BatchChoice::Fixed(1)) };
+    let comparison = tune_and_compare(&req, &KnobSpace::full()).unwrap();
+    let policy = &comparison.result.best.policy;
+    assert_eq!((policy.kv_cache.disk, policy.attention_weights.disk, policy.mlp_weights.disk), (0, 0, 0), "{policy:?}");
+    assert_eq!(comparison.disk_note, None);
+    // Where the host is too small, the plan says so.
+    let mut small = profile.clone();
+    small.host_memory_bytes = 16 << 30;
+    let req = request(&model, &small, BatchChoice::Fixed(16));
+    let comparison = tune_and_compare(&req, &KnobSpace::full()).unwrap();
+    let policy = &comparison.result.best.policy;
+    assert!(policy.kv_cache.disk + policy.mlp_weights.disk > 0, "{policy:?}");
+    let note = comparison.disk_note.expect("a plan with layers on disk says why");
+    assert!(note.contains("stay on disk") && note.contains("no room"), "{note}");
 }

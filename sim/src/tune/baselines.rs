@@ -2,7 +2,7 @@
 //! Accelerate-like and llama.cpp-like greedy whole-layer placements, and FlexGen (the
 //! search restricted to FlexGen's policy space).
 
-use ferry_core::plan::{Schedule, Tier, TierCounts, Workload};
+use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::schedule::pool_specs;
 use ferry_core::units::MIB;
 
@@ -74,14 +74,35 @@ pub fn baselines(request: &TuneRequest, batch: u64) -> Vec<Baseline> {
 /// Knob space of the greedy baselines (they set every knob themselves).
 static NO_KNOBS: std::sync::LazyLock<KnobSpace> = std::sync::LazyLock::new(KnobSpace::full);
 
+/// llama.cpp's placement as Ferry models it (the llama.cpp baseline's): `-ngl
+/// offloaded_layers` whole layers on the device with their KV cache, the rest in host
+/// RAM and computed there beside their KV cache, the output layer on the device only
+/// when `-ngl` exceeds the layers, the token embeddings on the host; one sequential
+/// pass with no prefetch. On the cpu device every layer is in its RAM whatever `-ngl`.
+pub fn llama_cpp_policy(request: &TuneRequest, offloaded_layers: u64) -> Policy {
+    let searcher = Searcher::new(request, &NO_KNOBS);
+    let layers = request.model.num_layers;
+    let batch = match request.batch {
+        BatchChoice::Fixed(b) => b,
+        BatchChoice::Auto { max } => max,
+    };
+    let cpu = request.profile.device_name == "cpu";
+    let (group, member) = searcher.whole_layer_knobs(batch, true);
+    let mut policy = searcher.policy_for(&group, &Fractions::default(), &member);
+    let device = if cpu { layers } else { offloaded_layers.min(layers) };
+    let placed = TierCounts { device, host: layers - device, disk: 0 };
+    (policy.attention_weights, policy.mlp_weights, policy.kv_cache) = (placed, placed, placed);
+    policy.head = if cpu || offloaded_layers > layers { Tier::Device } else { Tier::Host };
+    policy.embeddings = if cpu { Tier::Device } else { Tier::Host };
+    policy
+}
+
 impl Searcher<'_> {
-    /// Greedy whole-layer placement: as many layers on the device as fit beside the
-    /// KV cache (device KV for device-computed layers), the rest on the host, then disk.
-    fn greedy(&self, batch: u64, host_compute: bool) -> Result<Candidate, String> {
-        let request = self.request;
-        let layers = request.model.num_layers;
+    /// The group and member of a whole-layer baseline: sequential, one micro-batch, no
+    /// prefetch, one copy per weight group (no chunking knob; mmap-style small reads on
+    /// unified memory), pageable memory.
+    fn whole_layer_knobs(&self, batch: u64, host_compute: bool) -> (Group, Member) {
         let unified = self.unified();
-        let workload = Workload { batch_size: batch, prompt_len: request.prompt_len, gen_len: request.gen_len };
         let group = Group {
             micro_batch_size: batch,
             num_micro_batches: 1,
@@ -92,7 +113,6 @@ impl Searcher<'_> {
             schedules: vec![Schedule::Sequential],
             expert_reads: ferry_core::plan::ExpertReads::Routed,
         };
-        // One copy per weight group (no chunking knob); mmap-style small reads on unified memory.
         let member = Member {
             schedule: Schedule::Sequential,
             prefetch_depth: 0,
@@ -100,6 +120,17 @@ impl Searcher<'_> {
             copy_streams: 1,
             io_queue_depth: 1,
         };
+        (group, member)
+    }
+
+    /// Greedy whole-layer placement: as many layers on the device as fit beside the
+    /// KV cache (device KV for device-computed layers), the rest on the host, then disk.
+    fn greedy(&self, batch: u64, host_compute: bool) -> Result<Candidate, String> {
+        let request = self.request;
+        let layers = request.model.num_layers;
+        let unified = self.unified();
+        let workload = Workload { batch_size: batch, prompt_len: request.prompt_len, gen_len: request.gen_len };
+        let (group, member) = self.whole_layer_knobs(batch, host_compute);
         let mut last_error = None;
         for device_layers in (0..=layers).rev() {
             let rest = layers - device_layers;

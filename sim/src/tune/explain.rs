@@ -93,3 +93,78 @@ impl Searcher<'_> {
         )
     }
 }
+
+impl Searcher<'_> {
+    /// Why a plan keeps layers on the disk, when it does: the host has no room for
+    /// more of them, or holding them there was predicted slower or ran out of memory.
+    /// `None` when nothing is on disk (or there is no host tier).
+    pub(super) fn why_on_disk(&self, candidate: &super::Candidate) -> Option<String> {
+        let policy = &candidate.policy;
+        let on_disk: Vec<String> = [
+            ("KV cache", policy.kv_cache.disk),
+            ("attention weights", policy.attention_weights.disk),
+            ("MLP weights", policy.mlp_weights.disk),
+        ]
+        .iter()
+        .filter(|(_, layers)| *layers > 0)
+        .map(|(what, layers)| layers_of(*layers, what))
+        .collect();
+        if on_disk.is_empty() || self.unified() {
+            return None;
+        }
+        let request = self.request;
+        let what = on_disk.join(", ");
+        let in_flight = super::search::host_in_flight_bytes(candidate);
+        let Some(promoted) = self.promoted(policy, &candidate.workload, in_flight) else {
+            let pools = pool_specs(policy, request.model, &candidate.workload, request.profile);
+            let host = &pools[HOST_POOL];
+            return Some(format!(
+                "{what} stay on disk: the host budget has no room for another layer of them ({} resident and {} in flight of {})",
+                format_bytes(host.resident_bytes()),
+                format_bytes(in_flight),
+                format_bytes(host.capacity_bytes)
+            ));
+        };
+        let moved = moved_to_host(policy, &promoted);
+        let held = match crate::predict::predict(
+            &promoted,
+            request.model,
+            &candidate.workload,
+            request.profile,
+            crate::predict::Extrapolation::Sampled,
+        ) {
+            Ok(p) => {
+                let (with, without) = (p.metrics.total_ns as f64, candidate.metrics.total_ns as f64);
+                format!(
+                    "holding {moved} in host RAM instead is predicted {:.1} % slower",
+                    (with / without - 1.0) * 100.0
+                )
+            }
+            Err(error) => format!("holding {moved} in host RAM instead does not run: {error}"),
+        };
+        Some(format!("{what} stay on disk: {held}"))
+    }
+}
+
+/// What `promoted` holds on the host that `policy` kept on disk, in words.
+fn moved_to_host(policy: &ferry_core::plan::Policy, promoted: &ferry_core::plan::Policy) -> String {
+    [
+        ("KV cache", policy.kv_cache.disk - promoted.kv_cache.disk),
+        ("attention weights", policy.attention_weights.disk - promoted.attention_weights.disk),
+        ("MLP weights", policy.mlp_weights.disk - promoted.mlp_weights.disk),
+    ]
+    .iter()
+    .filter(|(_, layers)| *layers > 0)
+    .map(|(what, layers)| layers_of(*layers, what))
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
+/// "1 layer's KV cache", "3 layers' KV cache".
+fn layers_of(layers: u64, what: &str) -> String {
+    if layers == 1 {
+        format!("1 layer's {what}")
+    } else {
+        format!("{layers} layers' {what}")
+    }
+}

@@ -52,7 +52,7 @@ use ferry_core::units::MIB;
 use crate::des::SimError;
 use crate::predict::{predict, Extrapolation};
 
-pub use self::baselines::{baselines, Baseline};
+pub use self::baselines::{baselines, llama_cpp_policy, Baseline};
 use self::search::Searcher;
 pub use self::speculative::{tune_speculative, SpeculativeComparison, DRAFT_LENS};
 pub use self::stages::{tune_pipeline, PipelineResult, PipelineStats, SplitBaseline};
@@ -229,10 +229,12 @@ pub struct Comparison {
     pub baselines: Vec<Baseline>,
     /// The baseline that beat every searched plan and so became the plan, if any.
     pub adopted_baseline: Option<&'static str>,
+    /// Why the plan keeps layers on disk, when it does (see `Searcher::why_on_disk`).
+    pub disk_note: Option<String>,
 }
 
 /// Searches, simulates the baselines at the winner's batch, and makes sure the plan
-/// returned is never worse in simulation than any baseline.
+/// returned is never worse in simulation than any baseline of a schedule in `space`.
 ///
 /// The search ranks with sampled extrapolation; the winner and the baselines are then
 /// simulated step by step, so the figures reported are those `ferry simulate` gives.
@@ -253,12 +255,15 @@ pub fn tune_and_compare(request: &TuneRequest, space: &KnobSpace) -> Result<Comp
     let mut adopted_baseline = None;
     for baseline in &baselines {
         if let Ok(candidate) = &baseline.outcome {
-            if candidate.score(request.objective) > result.best.score(request.objective) {
+            // A baseline outside the space asked for (`--schedule`) is compared, not adopted.
+            let allowed = space.schedules.contains(&candidate.policy.schedule);
+            if allowed && candidate.score(request.objective) > result.best.score(request.objective) {
                 result.top.insert(0, candidate.clone());
                 result.best = candidate.clone();
                 adopted_baseline = Some(baseline.name);
             }
         }
     }
-    Ok(Comparison { result, baselines, adopted_baseline })
+    let disk_note = Searcher::new(request, space).why_on_disk(&result.best);
+    Ok(Comparison { result, baselines, adopted_baseline, disk_note })
 }

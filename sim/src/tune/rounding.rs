@@ -101,6 +101,70 @@ impl Searcher<'_> {
         }
         None
     }
+
+    /// `policy` with one layer less on the device (MLP first, then attention, then KV,
+    /// as `fit` moves them); `None` when nothing is left there.
+    pub(super) fn relaxed(&self, mut policy: Policy) -> Option<Policy> {
+        let spill = if self.unified() { Tier::Disk } else { Tier::Host };
+        let moved = shift(&mut policy.mlp_weights, Tier::Device, spill)
+            || shift(&mut policy.attention_weights, Tier::Device, spill)
+            || shift(&mut policy.kv_cache, Tier::Device, spill);
+        if policy.compute_host_layers_on_host {
+            policy.kv_cache = policy.attention_weights;
+        }
+        moved.then_some(policy)
+    }
+}
+
+impl Searcher<'_> {
+    /// `policy` with layers moved from the disk to the host while the host's resident
+    /// set and `in_flight_bytes` (what tasks held at once beside it in the simulated
+    /// plan) fit: the KV cache first (it is written to the SSD every step), then
+    /// attention, then MLP weights. `None` when nothing moves (unified memory has no
+    /// host tier).
+    ///
+    /// The LP is indifferent between tiers that are not the bottleneck, so its vertex
+    /// may leave a disk-tier cache beside gigabytes of free RAM; a person would not.
+    pub(super) fn promoted(&self, policy: &Policy, workload: &Workload, in_flight_bytes: u64) -> Option<Policy> {
+        if self.unified() {
+            return None;
+        }
+        let fits = |p: &Policy| {
+            let pools = pool_specs(p, self.request.model, workload, self.request.profile);
+            pools[HOST_POOL].resident_bytes() + in_flight_bytes <= pools[HOST_POOL].capacity_bytes
+        };
+        let mut out = policy.clone();
+        let split = out.compute_host_layers_on_host;
+        let groups: [fn(&mut Policy) -> &mut TierCounts; 3] =
+            [|p| &mut p.kv_cache, |p| &mut p.attention_weights, |p| &mut p.mlp_weights];
+        for group in groups {
+            // The most layers of this group the host takes: its resident set grows with
+            // each, so a bisection over the count finds it.
+            let (mut low, mut high) = (0, group(&mut out).disk);
+            while low < high {
+                let mid = (low + high).div_ceil(2);
+                let mut trial = out.clone();
+                let counts = group(&mut trial);
+                counts.disk -= mid;
+                counts.host += mid;
+                if split {
+                    trial.kv_cache = trial.attention_weights;
+                }
+                if fits(&trial) {
+                    low = mid;
+                } else {
+                    high = mid - 1;
+                }
+            }
+            let counts = group(&mut out);
+            counts.disk -= low;
+            counts.host += low;
+        }
+        if split {
+            out.kv_cache = out.attention_weights;
+        }
+        (out != *policy).then_some(out)
+    }
 }
 
 /// Moves one layer from `from` to `to`; false if none is left on `from`.

@@ -76,6 +76,10 @@ const BOUND_SLACK: f64 = 0.02;
 /// Plans predicted within this fraction of the best count as tied (see `rank_simulated`).
 const NEAR_TIE: f64 = 0.005;
 
+/// Times a plan whose simulation runs out of memory is tried again with a layer less
+/// on the device.
+const RELAXATIONS: usize = 3;
+
 /// A group whose LP has a solution: its members, the figures and placement of its LP,
 /// and its bound.
 struct Bounded {
@@ -341,13 +345,66 @@ impl<'a> Searcher<'a> {
     }
 
     /// Rounds the group's placement for `member`, fits it and simulates it; `None` when
-    /// the rounded placement does not fit or the simulation fails (deadlock).
+    /// the rounded placement does not fit or the simulation fails (deadlock) even with
+    /// `RELAXATIONS` more layers off the device.
     fn simulate_member(&self, b: &Bounded, member: &Member, workload: Workload) -> Option<Candidate> {
         let policy = self.policy_for(&b.group, &b.fractions, member);
-        let policy = self.fit(policy, &workload)?;
-        let prediction =
-            predict(&policy, self.request.model, &workload, self.request.profile, Extrapolation::Sampled).ok()?;
-        Some(Candidate { policy, workload, metrics: prediction.metrics, bound_ns: (b.bound_ms * 1e6) as u64 })
+        let mut policy = self.fit(policy, &workload)?;
+        let request = self.request;
+        for _ in 0..=RELAXATIONS {
+            match predict(&policy, request.model, &workload, request.profile, Extrapolation::Sampled) {
+                Ok(prediction) => {
+                    let bound_ns = (b.bound_ms * 1e6) as u64;
+                    let candidate = Candidate { policy, workload, metrics: prediction.metrics, bound_ns };
+                    return Some(self.with_disk_layers_promoted(candidate));
+                }
+                // `fit` counts the resident sets only; the buffers of the weights in
+                // flight come on top, so a plan that misses by a little fits with a
+                // layer less on the device.
+                Err(crate::des::SimError::Deadlock { .. }) => {
+                    policy = self.fit(self.relaxed(policy)?, &workload)?;
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Searcher<'_> {
+    /// `candidate` with its disk-tier layers in host RAM where they fit and the plan is
+    /// predicted as fast (within `NEAR_TIE`); else `candidate` itself.
+    fn with_disk_layers_promoted(&self, candidate: Candidate) -> Candidate {
+        let request = self.request;
+        let in_flight = host_in_flight_bytes(&candidate);
+        let Some(policy) = self.promoted(&candidate.policy, &candidate.workload, in_flight) else { return candidate };
+        match predict(&policy, request.model, &candidate.workload, request.profile, Extrapolation::Sampled) {
+            Ok(p) => {
+                let promoted = Candidate { policy, metrics: p.metrics, ..candidate.clone() };
+                let objective = request.objective;
+                if near_tie(promoted.score(objective), candidate.score(objective), objective) {
+                    promoted
+                } else {
+                    candidate
+                }
+            }
+            Err(_) => candidate,
+        }
+    }
+}
+
+/// The most the simulated plan's tasks held in host memory at once beside its resident set.
+pub(super) fn host_in_flight_bytes(candidate: &Candidate) -> u64 {
+    let host = candidate.metrics.pools.iter().find(|p| matches!(p.pool, ferry_core::graph::Place::Host(_)));
+    host.map_or(0, |p| p.peak_bytes.saturating_sub(p.resident_bytes))
+}
+
+/// Whether `score` is within `NEAR_TIE` of `best` (or better).
+fn near_tie(score: f64, best: f64, objective: Objective) -> bool {
+    match objective {
+        Objective::Throughput => score >= best * (1.0 - NEAR_TIE),
+        // Latency scores are negative milliseconds.
+        Objective::Latency => score >= best * (1.0 + NEAR_TIE),
     }
 }
 
@@ -371,10 +428,7 @@ fn rank_simulated(simulated: &mut Vec<Candidate>, objective: Objective) {
     // (each one streams the layer's weights through memory again), then the shallowest
     // prefetch. Prediction error is far larger than such differences.
     let best_score = simulated[0].score(objective);
-    let near = |c: &Candidate| match objective {
-        Objective::Throughput => c.score(objective) >= best_score * (1.0 - NEAR_TIE),
-        Objective::Latency => c.score(objective) >= best_score * (1.0 + NEAR_TIE),
-    };
+    let near = |c: &Candidate| near_tie(c.score(objective), best_score, objective);
     if let Some(simplest) = (0..simulated.len())
         .filter(|&i| near(&simulated[i]))
         .min_by_key(|&i| (simulated[i].policy.num_micro_batches, simulated[i].policy.prefetch_depth, i))
