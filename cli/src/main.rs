@@ -2,6 +2,7 @@
 //! everything it shows is computed by the library crates.
 
 mod catalog_cmds;
+mod check_cmd;
 mod engine_cmds;
 mod export_cmd;
 mod plots_cmd;
@@ -49,6 +50,10 @@ enum Command {
     /// (each node's commands for a plan over several machines), and list what each
     /// cannot express.
     Export(export_cmd::ExportArgs),
+    /// Check a llama.cpp command line you already have: memory per device at the
+    /// context it allocates, whether it runs out, its predicted speed, the largest -ngl
+    /// that fits, and Ferry's plan at that budget (`ferry check --gpu G -- llama-server ...`).
+    Check(check_cmd::CheckArgs),
     /// Write a Hugging Face style model folder with deterministic random weights.
     Synth(engine_cmds::SynthArgs),
     /// Execute a plan for real on the engine (weights streamed from disk within the
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate_cmd::run(args).map(|()| 0),
         Command::Tune(args) => tune_cmd::run(*args).map(|()| 0),
         Command::Export(args) => export_cmd::run(args).map(|()| 0),
+        Command::Check(args) => check_cmd::run(args),
         Command::Synth(args) => engine_cmds::synth(args).map(|()| 0),
         Command::Run(args) => run_cmd::run_plan(args).map(|()| 0),
         Command::StageWorker(args) => stages_cmd::stage_worker(args).map(|()| 0),

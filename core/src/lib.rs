@@ -18,6 +18,7 @@ pub mod yaml;
 
 pub use error::{Classify, CoreError, ErrorKind, Result};
 pub mod dispatch;
+pub mod engine_args;
 pub mod export;
 pub mod gguf;
 pub mod graph;

@@ -78,23 +78,14 @@ static NO_KNOBS: std::sync::LazyLock<KnobSpace> = std::sync::LazyLock::new(KnobS
 /// offloaded_layers` whole layers on the device with their KV cache, the rest in host
 /// RAM and computed there beside their KV cache, the output layer on the device only
 /// when `-ngl` exceeds the layers, the token embeddings on the host; one sequential
-/// pass with no prefetch. On the cpu device every layer is in its RAM whatever `-ngl`.
+/// pass with no prefetch. On a device that shares the host's memory (the cpu device)
+/// every layer is in that memory whatever `-ngl` says.
 pub fn llama_cpp_policy(request: &TuneRequest, offloaded_layers: u64) -> Policy {
-    let searcher = Searcher::new(request, &NO_KNOBS);
-    let layers = request.model.num_layers;
     let batch = match request.batch {
         BatchChoice::Fixed(b) => b,
         BatchChoice::Auto { max } => max,
     };
-    let cpu = request.profile.device_name == "cpu";
-    let (group, member) = searcher.whole_layer_knobs(batch, true);
-    let mut policy = searcher.policy_for(&group, &Fractions::default(), &member);
-    let device = if cpu { layers } else { offloaded_layers.min(layers) };
-    let placed = TierCounts { device, host: layers - device, disk: 0 };
-    (policy.attention_weights, policy.mlp_weights, policy.kv_cache) = (placed, placed, placed);
-    policy.head = if cpu || offloaded_layers > layers { Tier::Device } else { Tier::Host };
-    policy.embeddings = if cpu { Tier::Device } else { Tier::Host };
-    policy
+    Searcher::new(request, &NO_KNOBS).llama_cpp(batch, offloaded_layers)
 }
 
 impl Searcher<'_> {
@@ -123,47 +114,102 @@ impl Searcher<'_> {
         (group, member)
     }
 
+    /// See `llama_cpp_policy`.
+    fn llama_cpp(&self, batch: u64, offloaded_layers: u64) -> Policy {
+        let layers = self.request.model.num_layers;
+        let unified = self.unified();
+        let (group, member) = self.whole_layer_knobs(batch, true);
+        let mut policy = self.policy_for(&group, &Fractions::default(), &member);
+        let device = if unified { layers } else { offloaded_layers.min(layers) };
+        let placed = TierCounts { device, host: layers - device, disk: 0 };
+        (policy.attention_weights, policy.mlp_weights, policy.kv_cache) = (placed, placed, placed);
+        policy.head = if unified || offloaded_layers > layers { Tier::Device } else { Tier::Host };
+        policy.embeddings = if unified { Tier::Device } else { Tier::Host };
+        policy
+    }
+
     /// Greedy whole-layer placement: as many layers on the device as fit beside the
-    /// KV cache (device KV for device-computed layers), the rest on the host, then disk.
+    /// KV cache, the rest on the host, then disk. With `host_compute` (and a host apart
+    /// from the device) llama.cpp's: the largest `-ngl` that fits, as `ferry check`
+    /// finds it.
     fn greedy(&self, batch: u64, host_compute: bool) -> Result<Candidate, String> {
         let request = self.request;
         let layers = request.model.num_layers;
         let unified = self.unified();
-        let workload = Workload { batch_size: batch, prompt_len: request.prompt_len, gen_len: request.gen_len };
         let (group, member) = self.whole_layer_knobs(batch, host_compute);
+        let workload = Workload { batch_size: batch, prompt_len: request.prompt_len, gen_len: request.gen_len };
+        if group.host_compute {
+            let ngls = (0..=layers + 1).rev().map(|ngl| self.llama_cpp(batch, ngl));
+            return self.first_that_runs(ngls, &workload, &workload, Extrapolation::Sampled);
+        }
+        let device_first = (0..=layers).rev().flat_map(move |device| {
+            let rest = layers - device;
+            (0..=if unified { 0 } else { rest }).rev().map(move |host| (device, host, rest - host))
+        });
+        let placements = device_first.map(|(device, host, disk)| {
+            let mut policy = self.policy_for(&group, &Fractions::default(), &member);
+            policy.attention_weights = TierCounts { device, host, disk };
+            policy.mlp_weights = policy.attention_weights;
+            policy.kv_cache = TierCounts::all(Tier::Device, layers);
+            if !unified {
+                policy.embeddings = Tier::Device;
+            }
+            policy
+        });
+        self.first_that_runs(placements, &workload, &workload, Extrapolation::Sampled)
+    }
+
+    /// The first of `placements` whose resident sets fit at `allocated` and which runs
+    /// `workload` without running out of memory, with its prediction.
+    fn first_that_runs(
+        &self,
+        placements: impl Iterator<Item = Policy>,
+        allocated: &Workload,
+        workload: &Workload,
+        extrapolation: Extrapolation,
+    ) -> Result<Candidate, String> {
+        let request = self.request;
         let mut last_error = None;
-        for device_layers in (0..=layers).rev() {
-            let rest = layers - device_layers;
-            for host_layers in (0..=if unified { 0 } else { rest }).rev() {
-                let weights = TierCounts { device: device_layers, host: host_layers, disk: rest - host_layers };
-                if group.host_compute && weights.disk > 0 {
-                    continue; // llama.cpp computes non-offloaded layers from RAM
-                }
-                let kv = if group.host_compute {
-                    TierCounts { device: device_layers, host: host_layers, disk: 0 }
-                } else {
-                    TierCounts::all(Tier::Device, layers)
-                };
-                let mut policy = self.policy_for(&group, &Fractions::default(), &member);
-                policy.attention_weights = weights;
-                policy.mlp_weights = weights;
-                policy.kv_cache = kv;
-                if !unified {
-                    policy.embeddings = Tier::Device;
-                }
-                let pools = pool_specs(&policy, request.model, &workload, request.profile);
-                if pools.iter().any(|p| p.resident_bytes() > p.capacity_bytes) {
-                    continue;
-                }
-                // Resident sets fit; the streamed layer's buffer may still not: then keep fewer layers.
-                match predict(&policy, request.model, &workload, request.profile, Extrapolation::Sampled) {
-                    Ok(p) => return Ok(Candidate { policy, workload, metrics: p.metrics, bound_ns: 0 }),
-                    Err(e) => last_error = Some(e.to_string()),
-                }
+        for policy in placements {
+            let pools = pool_specs(&policy, request.model, allocated, request.profile);
+            if pools.iter().any(|p| p.resident_bytes() > p.capacity_bytes) {
+                continue;
+            }
+            // Resident sets fit; the streamed layer's buffer may still not: then keep fewer layers.
+            match predict(&policy, request.model, workload, request.profile, extrapolation) {
+                Ok(p) => return Ok(Candidate { policy, workload: *workload, metrics: p.metrics, bound_ns: 0 }),
+                Err(e) => last_error = Some(e.to_string()),
             }
         }
         Err(last_error.unwrap_or_else(|| {
-            format!("does not fit at batch {batch}: its KV cache stays on the device and the layers that do not fit must fit in host RAM")
+            format!(
+                "does not fit at batch {}: its KV cache stays on the device and the layers that do not fit must fit in host RAM",
+                allocated.batch_size
+            )
         }))
     }
+}
+
+/// llama.cpp's best `-ngl` as Ferry models it: the largest whose resident sets fit
+/// with the KV cache `allocated` (llama.cpp allocates the whole context's at start-up)
+/// and which runs `workload` (predicted step by step), with that run.
+pub fn llama_cpp_largest_fit(
+    request: &TuneRequest,
+    allocated: &Workload,
+    workload: &Workload,
+) -> Result<(u64, Candidate), String> {
+    let searcher = Searcher::new(request, &NO_KNOBS);
+    let layers = request.model.num_layers;
+    let batch = allocated.batch_size;
+    let ngls = (0..=layers + 1).rev();
+    let candidate = searcher.first_that_runs(
+        ngls.map(|ngl| searcher.llama_cpp(batch, ngl)),
+        allocated,
+        workload,
+        Extrapolation::Full,
+    )?;
+    // The placement names its -ngl: the device layers, one more with the output layer.
+    let p = &candidate.policy;
+    let ngl = p.attention_weights.device + u64::from(p.head == Tier::Device && p.attention_weights.device == layers);
+    Ok((ngl, candidate))
 }

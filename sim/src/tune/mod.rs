@@ -52,7 +52,7 @@ use ferry_core::units::MIB;
 use crate::des::SimError;
 use crate::predict::{predict, Extrapolation};
 
-pub use self::baselines::{baselines, llama_cpp_policy, Baseline};
+pub use self::baselines::{baselines, llama_cpp_largest_fit, llama_cpp_policy, Baseline};
 use self::search::Searcher;
 pub use self::speculative::{tune_speculative, SpeculativeComparison, DRAFT_LENS};
 pub use self::stages::{tune_pipeline, PipelineResult, PipelineStats, SplitBaseline};

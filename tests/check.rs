@@ -1,0 +1,81 @@
+//! `ferry check -- llama-server ...` with the real binary: a llama.cpp command line
+//! read back into memory per device, a verdict, a predicted speed and the largest
+//! `-ngl` that fits; refusals of what it cannot model.
+
+mod common;
+
+use common::{ferry, text};
+
+fn check_json(dir: &std::path::Path, gpu: &str, command: &str) -> (i32, serde_json::Value) {
+    let mut args = vec!["check", "--gpu", gpu, "--json", "--"];
+    args.extend(command.split_whitespace());
+    let out = ferry(dir, &args);
+    let code = out.status.code().unwrap();
+    assert!(code == 0 || code == 1, "{command}: {}", text(&out.stderr));
+    (code, serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout))))
+}
+
+fn device(json: &serde_json::Value) -> &serde_json::Value {
+    json["memory"].as_array().unwrap().iter().find(|p| p["pool"] == "device").unwrap()
+}
+
+#[test]
+fn a_command_that_runs_out_names_the_largest_ngl_that_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, all) = check_json(dir.path(), "rtx3060", "llama-server -m llama-2-13b -ngl 99 -c 4096 --port 8080");
+    assert_eq!(code, 1, "13B f16 does not fit a 12 GB card");
+    assert_eq!(device(&all)["fits"], false);
+    assert_eq!(all["runs"], false);
+    // llama.cpp's own log for this model and context: "KV self size = 3200.00 MiB".
+    let kv = device(&all)["items"].as_array().unwrap().iter().find(|i| i["what"] == "resident KV cache").unwrap();
+    assert_eq!(kv["bytes"], 3200u64 << 20);
+    assert_eq!(all["ignored"], serde_json::json!(["--port 8080"]));
+    let best = &all["largest_gpu_layers_that_fit"];
+    let ngl = best["gpu_layers"].as_u64().unwrap();
+    assert!(ngl > 0 && ngl < 40, "{best}");
+    // The -ngl it names fits and runs at the speed it said; one layer more does not fit.
+    let (code, fits) = check_json(dir.path(), "rtx3060", &format!("llama-server -m llama-2-13b -ngl {ngl} -c 4096"));
+    assert_eq!(code, 0);
+    assert_eq!((device(&fits)["fits"].clone(), fits["runs"].clone()), (true.into(), true.into()));
+    assert_eq!(fits["predicted"]["tokens_per_s"], best["tokens_per_s"]);
+    let (code, _) = check_json(dir.path(), "rtx3060", &format!("llama-server -m llama-2-13b -ngl {} -c 4096", ngl + 1));
+    assert_eq!(code, 1);
+    // A smaller context leaves room for more layers.
+    let (_, short) = check_json(dir.path(), "rtx3060", "llama-server -m llama-2-13b -ngl 99 -c 512");
+    assert!(short["largest_gpu_layers_that_fit"]["gpu_layers"].as_u64().unwrap() > ngl);
+}
+
+#[test]
+fn a_gguf_file_is_checked_at_its_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = ["synth", "--model", "test-tiny", "--format", "gguf", "--dtype", "q4_0", "--out", "m/tiny.gguf"];
+    assert!(ferry(dir.path(), &synth).status.success());
+    let out =
+        ferry(dir.path(), &["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "m/tiny.gguf", "-ngl", "99"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("-ngl all: all ") && stdout.contains("predicted:"), "{stdout}");
+    assert!(text(&out.stderr).contains("no -c: checked at 4096 tokens"));
+    let args =
+        ["check", "--gpu", "rtx3060", "--device-mem", "1MiB", "--", "llama-server", "-m", "m/tiny.gguf", "-ngl", "99"];
+    let out = ferry(dir.path(), &args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("OUT OF MEMORY"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn what_it_cannot_model_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, expected) in [
+        (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "13b", "-ot", "ffn=CPU"], "-ot places tensors"),
+        (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "13b", "-ctk", "q4_0"], "quantized cache"),
+        (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "nosuch"], "unknown model"),
+        (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "13b", "-c", "8", "-np", "8"], "larger -c"),
+        (vec!["check", "--gpu", "rtx3060"], "COMMAND"),
+    ] {
+        let out = ferry(dir.path(), &args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected) && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
