@@ -117,6 +117,8 @@ fn print_json(outcome: &Outcome) -> Result<()> {
         "median_abs_error_pct": stats.median_abs_error_pct,
         "max_abs_error_pct": stats.max_abs_error_pct,
         "spearman": stats.spearman,
+        "replayed_median_abs_error_pct": stats.replayed_median_abs_error_pct,
+        "replayed_max_abs_error_pct": stats.replayed_max_abs_error_pct,
         "passed": outcome.passed,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -124,13 +126,14 @@ fn print_json(outcome: &Outcome) -> Result<()> {
 }
 
 fn print_human(outcome: &Outcome) {
-    let mut table = Table::new(["plan", "predicted tok/s", "measured tok/s", "error"]);
+    let mut table = Table::new(["plan", "predicted tok/s", "measured tok/s", "error", "replayed"]);
     for r in &outcome.plans {
         table.row([
             r.plan.clone(),
             format!("{:.3}", r.predicted_tokens_per_s),
             format!("{:.3}", r.measured_tokens_per_s),
             format!("{:+.1} %", r.signed_error_pct),
+            format!("{:+.1} %", r.replayed_error_pct),
         ]);
     }
     print!("{}", table.render());
@@ -141,6 +144,11 @@ fn print_human(outcome: &Outcome) {
         s.max_abs_error_pct,
         s.spearman,
         outcome.plans.len()
+    );
+    println!(
+        "replayed at the rates each run achieved (the model's own error, free of the machine's drift): \
+         median |error| {:.1} %, max {:.1} %",
+        s.replayed_median_abs_error_pct, s.replayed_max_abs_error_pct
     );
     if let Some((median, worst, plans)) = ferry_validate::stats::experts_error(&outcome.plans) {
         println!(

@@ -193,6 +193,22 @@ pub struct DequantRate {
 }
 
 impl ComputeProfile {
+    /// This processor running `factor` times as fast: every rate multiplied, every
+    /// measured or fixed duration divided.
+    pub fn scale_speed(&mut self, factor: f64) {
+        self.peak_flops *= factor;
+        self.memory_bytes_per_s *= factor;
+        self.task_overhead_ns = (self.task_overhead_ns as f64 / factor).round() as u64;
+        self.release_ns_per_mib /= factor;
+        for entry in &mut self.table {
+            entry.ns = (entry.ns as f64 / factor).round() as u64;
+        }
+        for rate in &mut self.dequantize {
+            rate.bytes_per_s *= factor;
+            rate.product_flops_per_s = rate.product_flops_per_s.map(|f| f * factor);
+        }
+    }
+
     /// The measured rates of `format`'s products.
     pub fn dequant_rate(&self, format: &str) -> Option<&DequantRate> {
         self.dequantize.iter().find(|d| d.format == format)
@@ -479,6 +495,31 @@ impl Profile {
             for point in &mut curve.points {
                 point.gbps *= factor;
             }
+        }
+    }
+
+    /// Scales how fast `resource` runs by `factor` (2: twice as fast): a disk's reads
+    /// and writes, a link's copies in that direction, a processor's every rate and
+    /// per-task cost (devices: the profile's device kind). What `ferry validate`
+    /// replays a run's achieved rates with.
+    pub fn scale_resource(&mut self, resource: crate::graph::Resource, factor: f64) {
+        use crate::graph::{Place, Resource};
+        let scale_curve = |curve: &mut TransferCurve| curve.points.iter_mut().for_each(|p| p.gbps *= factor);
+        match resource {
+            Resource::Disk { .. } => {
+                self.scale_disk_reads(factor);
+                scale_curve(&mut self.disk_write);
+            }
+            Resource::Link { from: Place::Host(_), to: Place::Device(_) } => {
+                scale_curve(&mut self.host_to_device);
+                scale_curve(&mut self.host_to_device_pageable);
+            }
+            Resource::Link { from: Place::Device(_), to: Place::Host(_) } => scale_curve(&mut self.device_to_host),
+            Resource::Link { from, to } => {
+                self.links.iter_mut().filter(|l| (l.from, l.to) == (from, to)).for_each(|l| scale_curve(&mut l.curve))
+            }
+            Resource::Compute { at: Place::Device(_) } => self.device_compute.scale_speed(factor),
+            Resource::Compute { at: Place::Host(_) } => self.host_compute.scale_speed(factor),
         }
     }
 

@@ -124,6 +124,13 @@ pub struct PlanResult {
     pub measured_tokens_per_s: f64,
     /// predicted ÷ measured − 1, percent.
     pub signed_error_pct: f64,
+    /// The plan predicted again with each resource at the rate the run achieved
+    /// (`achieved_rates`): the model's own error, free of the machine's drift.
+    pub replayed_tokens_per_s: f64,
+    /// replayed ÷ measured − 1, percent.
+    pub replayed_error_pct: f64,
+    /// Each resource's achieved rate ÷ the (disk-rechecked) profile's, from the traces.
+    pub achieved_rates: Vec<(Resource, f64)>,
     /// Disk read bandwidth around the run (mean of before and after) ÷ the profile's, at
     /// this plan's request size and depth.
     pub disk_factor: f64,

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ferry_core::graph::TaskGraph;
+use ferry_core::graph::{Resource, TaskGraph};
 use ferry_core::plan::Plan;
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
@@ -144,11 +144,17 @@ pub fn predict_and_run(
     let busy = |m: &Metrics| {
         m.resources.iter().filter(|r| r.busy_ns > 0).map(|r| (r.resource, r.busy_ns as f64 / 1e9)).collect()
     };
+    let achieved_rates = achieved_rates(&predicted, &measured);
+    let replayed = replay(&graph, &profile, spec, &plan.policy.weight_format, &achieved_rates)?;
+    let error_pct = |predicted: f64| (predicted / measured.tokens_per_s - 1.0) * 100.0;
     let result = PlanResult {
         plan: describe(plan),
         predicted_tokens_per_s: predicted.tokens_per_s,
         measured_tokens_per_s: measured.tokens_per_s,
-        signed_error_pct: (predicted.tokens_per_s / measured.tokens_per_s - 1.0) * 100.0,
+        signed_error_pct: error_pct(predicted.tokens_per_s),
+        replayed_tokens_per_s: replayed,
+        replayed_error_pct: error_pct(replayed),
+        achieved_rates,
         disk_factor,
         predicted_busy_s: busy(&predicted),
         measured_busy_s: busy(&measured),
@@ -157,9 +163,80 @@ pub fn predict_and_run(
     Ok(Measured { result, graph, predicted: predicted_trace, measured: report.trace })
 }
 
+/// How fast each resource ran in the measured run against the prediction: predicted
+/// busy time ÷ measured busy time (the same tasks move the same bytes and do the same
+/// work in both, so this is the achieved rate ÷ the profile's; 2: twice as fast).
+pub fn achieved_rates(predicted: &Metrics, measured: &Metrics) -> Vec<(Resource, f64)> {
+    predicted
+        .resources
+        .iter()
+        .filter_map(|p| {
+            let m = measured.resources.iter().find(|m| m.resource == p.resource)?;
+            (p.busy_ns > 0 && m.busy_ns > 0).then(|| (p.resource, p.busy_ns as f64 / m.busy_ns as f64))
+        })
+        .collect()
+}
+
+/// The plan predicted again with every resource at the rate the run achieved: what is
+/// left of the error is the model's own (overlap, dependencies, what the graph leaves
+/// out), free of the machine's drift. Tokens/s.
+fn replay(
+    graph: &TaskGraph,
+    profile: &Profile,
+    spec: &ferry_core::model::ModelSpec,
+    weight_format: &ferry_core::model::WeightFormats,
+    achieved_rates: &[(Resource, f64)],
+) -> Result<f64, ValidateError> {
+    let mut replayed = profile.clone();
+    for &(resource, factor) in achieved_rates {
+        replayed.scale_resource(resource, factor);
+    }
+    let cost = CostModel::for_formats(&replayed, spec, weight_format);
+    let trace = ferry_sim::simulate(graph, &cost).map_err(ValidateError::Simulate)?.trace;
+    Ok(Metrics::compute(graph, &trace).tokens_per_s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A "run" that differs from the prediction only in its rates (simulated on a
+    /// profile whose disk is half and whose processor is 0.8 times as fast): the
+    /// achieved rates recover both factors, and the replay recovers its speed.
+    #[test]
+    fn replaying_the_achieved_rates_recovers_a_run_that_differs_only_in_rates() {
+        use ferry_core::catalog::Catalog;
+        use ferry_core::hardware::Hardware;
+        use ferry_core::model::Dtype;
+        use ferry_core::plan::{Policy, Schedule, TierCounts, Workload};
+        let catalog = Catalog::builtin().unwrap();
+        let spec = catalog.model("test-small").unwrap().value;
+        let hardware =
+            Hardware { gpu: catalog.gpu("cpu").unwrap().value, host: catalog.host("ferry-ci-vm").unwrap().value };
+        let profile = Profile::from_datasheet(&hardware);
+        let mut policy = Policy::all_on_device(spec.num_layers, 1, Dtype::F32);
+        policy.schedule = Schedule::LayerPrefetch;
+        policy.prefetch_depth = 1;
+        policy.mlp_weights = TierCounts { device: 4, host: 0, disk: spec.num_layers - 4 };
+        let workload = Workload { batch_size: 1, prompt_len: 8, gen_len: 4 };
+        let graph = lower(&policy, &spec, &workload, &profile, &Steps::All).unwrap();
+        let metrics_on = |profile: &Profile| {
+            let cost = CostModel::for_formats(profile, &spec, &policy.weight_format);
+            Metrics::compute(&graph, &ferry_sim::simulate(&graph, &cost).unwrap().trace)
+        };
+        let mut slower = profile.clone();
+        slower.scale_resource(Resource::DISK, 0.5);
+        slower.scale_resource(Resource::DEVICE_COMPUTE, 0.8);
+        let (predicted, measured) = (metrics_on(&profile), metrics_on(&slower));
+        let rates = achieved_rates(&predicted, &measured);
+        let rate = |resource| rates.iter().find(|(r, _)| *r == resource).unwrap().1;
+        assert!((rate(Resource::DISK) - 0.5).abs() < 0.03, "{rates:?}");
+        assert!((rate(Resource::DEVICE_COMPUTE) - 0.8).abs() < 0.05, "{rates:?}");
+        let replayed = replay(&graph, &profile, &spec, &policy.weight_format, &rates).unwrap();
+        assert!(predicted.tokens_per_s > measured.tokens_per_s * 1.2, "the rates matter to this plan");
+        let error = (replayed / measured.tokens_per_s - 1.0).abs();
+        assert!(error < 0.02, "replayed {replayed} against {} tokens/s", measured.tokens_per_s);
+    }
 
     #[test]
     fn the_rechecked_file_is_a_gguf_model_itself_or_a_folders_safetensors() {

@@ -73,7 +73,7 @@ fn busy_of(list: &[(Resource, f64)], resource: Resource) -> f64 {
 fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorStats) -> String {
     let worst = &rows[stats.worst];
     let mut md = format!(
-        "# Validation of {}\n\n{} plans, prompt {}, {} new tokens; median |error| {:.1} %, max {:.1} %, Spearman {:.3}.\n\n![predicted vs measured](predicted-vs-measured.png)\n\n## Worst plan: {}\n\npredicted {:.3} tokens/s, measured {:.3} ({:+.1} %)\n\n| resource | predicted busy (s) | measured busy (s) |\n|---|---|---|\n",
+        "# Validation of {}\n\n{} plans, prompt {}, {} new tokens; median |error| {:.1} %, max {:.1} %, Spearman {:.3}. With each run's achieved rates replayed (the model's own error, free of drift): median |error| {:.1} %, max {:.1} %.\n\n![predicted vs measured](predicted-vs-measured.png)\n\n## Worst plan: {}\n\npredicted {:.3} tokens/s, measured {:.3} ({:+.1} %)\n\n| resource | predicted busy (s) | measured busy (s) |\n|---|---|---|\n",
         model,
         rows.len(),
         options.prompt_len,
@@ -81,6 +81,8 @@ fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorSt
         stats.median_abs_error_pct,
         stats.max_abs_error_pct,
         stats.spearman,
+        stats.replayed_median_abs_error_pct,
+        stats.replayed_max_abs_error_pct,
         worst.plan,
         worst.predicted_tokens_per_s,
         worst.measured_tokens_per_s,
@@ -95,22 +97,27 @@ fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorSt
     md.push_str(
         "\n## Every plan\n\nBusy seconds per resource, predicted / measured; the disk factor is the disk's read \
          rate around the run (mean of right before and right after) over the profile's (the prediction uses it). Plans and both traces are in \
-         `plans/` (open the .json files in Perfetto).\n\n| # | plan | predicted tok/s | measured tok/s | error | disk factor | disk busy (s) | compute busy (s) |\n|---|---|---|---|---|---|---|---|\n",
+         `plans/` (open the .json files in Perfetto). Replayed: predicted again with every resource at the rate \
+         the run achieved (achieved ÷ profile per resource in the last column).\n\n| # | plan | predicted tok/s | measured tok/s | error | replayed error | disk factor | disk busy (s) | compute busy (s) | achieved rates |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (i, r) in rows.iter().enumerate() {
         let pair = |resource| {
             format!("{:.2} / {:.2}", busy_of(&r.predicted_busy_s, resource), busy_of(&r.measured_busy_s, resource))
         };
+        let rates: Vec<String> =
+            r.achieved_rates.iter().map(|(resource, f)| format!("{} {f:.2}", resource.label(false))).collect();
         md.push_str(&format!(
-            "| {:02} | {} | {:.3} | {:.3} | {:+.1} % | {:.2} | {} | {} |\n",
+            "| {:02} | {} | {:.3} | {:.3} | {:+.1} % | {:+.1} % | {:.2} | {} | {} | {} |\n",
             i + 1,
             r.plan,
             r.predicted_tokens_per_s,
             r.measured_tokens_per_s,
             r.signed_error_pct,
+            r.replayed_error_pct,
             r.disk_factor,
             pair(Resource::DISK),
-            pair(Resource::DEVICE_COMPUTE)
+            pair(Resource::DEVICE_COMPUTE),
+            rates.join(", ")
         ));
     }
     md

@@ -46,13 +46,20 @@ pub struct ErrorStats {
     pub spearman: f64,
     /// Index of the plan with the largest |error| (0 when there are none).
     pub worst: usize,
+    /// Median and largest |error| of the predictions replayed at the rates each run
+    /// achieved (`PlanResult::replayed_error_pct`): the model's own error.
+    pub replayed_median_abs_error_pct: f64,
+    pub replayed_max_abs_error_pct: f64,
 }
 
 impl ErrorStats {
     pub fn of(rows: &[PlanResult]) -> ErrorStats {
-        let abs: Vec<f64> = rows.iter().map(|r| r.signed_error_pct.abs()).collect();
-        let median = Data::new(abs.clone()).median();
-        let max = abs.iter().copied().fold(0.0, f64::max);
+        let median_max = |error: fn(&PlanResult) -> f64| {
+            let abs: Vec<f64> = rows.iter().map(|r| error(r).abs()).collect();
+            (Data::new(abs.clone()).median(), abs.iter().copied().fold(0.0, f64::max))
+        };
+        let (median, max) = median_max(|r| r.signed_error_pct);
+        let (replayed_median, replayed_max) = median_max(|r| r.replayed_error_pct);
         let rho = spearman(
             &rows.iter().map(|r| r.predicted_tokens_per_s).collect::<Vec<_>>(),
             &rows.iter().map(|r| r.measured_tokens_per_s).collect::<Vec<_>>(),
@@ -63,7 +70,14 @@ impl ErrorStats {
             .max_by(|a, b| a.1.signed_error_pct.abs().total_cmp(&b.1.signed_error_pct.abs()))
             .map(|(i, _)| i)
             .unwrap_or(0);
-        ErrorStats { median_abs_error_pct: median, max_abs_error_pct: max, spearman: rho, worst }
+        ErrorStats {
+            median_abs_error_pct: median,
+            max_abs_error_pct: max,
+            spearman: rho,
+            worst,
+            replayed_median_abs_error_pct: replayed_median,
+            replayed_max_abs_error_pct: replayed_max,
+        }
     }
 }
 
@@ -109,6 +123,10 @@ mod tests {
             predicted_tokens_per_s: predicted,
             measured_tokens_per_s: measured,
             signed_error_pct: (predicted / measured - 1.0) * 100.0,
+            // Replayed at the achieved rates, each prediction comes half as close.
+            replayed_tokens_per_s: (predicted + measured) / 2.0,
+            replayed_error_pct: ((predicted + measured) / 2.0 / measured - 1.0) * 100.0,
+            achieved_rates: Vec::new(),
             disk_factor: 1.0,
             experts_per_step: None,
             predicted_busy_s: Vec::new(),
@@ -122,6 +140,8 @@ mod tests {
         assert!((stats.median_abs_error_pct - 10.0).abs() < 1e-9);
         assert!((stats.max_abs_error_pct - 25.0).abs() < 1e-9);
         assert_eq!(stats.worst, 1);
+        assert!((stats.replayed_median_abs_error_pct - 5.0).abs() < 1e-9);
+        assert!((stats.replayed_max_abs_error_pct - 12.5).abs() < 1e-9);
         assert!((stats.spearman - 1.0).abs() < 1e-12);
         // The largest error defaults to 2.5 × the median.
         let flags = Tolerances::resolve(&ToleranceSource::Percent { median_pct: 10.5, max_pct: None }).unwrap();
