@@ -27,11 +27,28 @@ pub fn policy_table(policy: &Policy) -> String {
     table.render()
 }
 
-pub fn metrics_text(metrics: &Metrics) -> String {
+/// ` (10.2–15.9)`: a prediction's interval as printed after its tokens/s.
+pub fn interval_text(interval: Option<&ferry_sim::Interval>) -> String {
+    interval.map_or_else(String::new, |i| format!(" ({:.2}–{:.2})", i.slow_tokens_per_s, i.fast_tokens_per_s))
+}
+
+/// Where a prediction's interval comes from, for the line under it.
+pub fn interval_basis(profile: &Profile) -> Option<String> {
+    let drift = profile.drift.as_ref()?;
+    Some(format!(
+        "interval: every resource at the slowest and at the fastest rate this profile's runs achieved ({})",
+        drift.basis
+    ))
+}
+
+/// A prediction's or a measurement's figures; `interval` (a prediction's, from the
+/// profile's drift) follows the tokens/s.
+pub fn metrics_text(metrics: &Metrics, interval: Option<&ferry_sim::Interval>) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "throughput        {:.2} tokens/s ({} tokens in {})\n",
+        "throughput        {:.2} tokens/s{} ({} tokens in {})\n",
         metrics.tokens_per_s,
+        interval_text(interval),
         metrics.generated_tokens,
         format_ns(metrics.total_ns)
     ));

@@ -329,6 +329,8 @@ struct RunPredictions {
     at_measured_acceptance: Option<Metrics>,
     /// The profile's disk rates were scaled by this (`--recheck-disk`).
     disk_factor: Option<f64>,
+    /// The plan's interval from the profile's drift (as given, without the recheck).
+    interval: Option<ferry_sim::Interval>,
 }
 
 /// The plan predicted with the profile, its disk figures scaled to the disk as it was
@@ -358,7 +360,9 @@ fn predict_run(
         policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
         predict_at(&policy).ok()
     });
-    RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor }
+    let interval =
+        ferry_sim::interval(&resolved.plan.policy, spec, &workload, &resolved.profile, Extrapolation::Full).ok().flatten();
+    RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor, interval }
 }
 
 fn print_run_json(
@@ -382,6 +386,7 @@ fn print_run_json(
         "direct_io": report.direct_io,
         "setup_seconds": report.setup_ns as f64 / 1e9,
         "predicted_tokens_per_s": predictions.plan.as_ref().ok().map(|m| m.tokens_per_s),
+        "predicted_tokens_per_s_interval": predictions.interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
         "disk_factor": predictions.disk_factor,
         "speculation": report.speculation,
         "predicted_tokens_per_s_at_measured_acceptance":
@@ -411,7 +416,7 @@ fn print_run(
         spec.name, workload.batch_size, workload.prompt_len, workload.gen_len
     );
     println!("resident weights read before the run in {}\n", format_ns(report.setup_ns));
-    print!("{}", report::metrics_text(&report.metrics));
+    print!("{}", report::metrics_text(&report.metrics, None));
     let measured_rate = report.metrics.tokens_per_s;
     if let (Some(measured), Some(plan)) = (&report.speculation, &resolved.plan.policy.speculation) {
         println!(
@@ -429,8 +434,9 @@ fn print_run(
     }
     if let Ok(p) = &predictions.plan {
         println!(
-            "\npredicted for the same plan: {:.2} tokens/s ({:+.1} % from measured; {})",
+            "\npredicted for the same plan: {:.2} tokens/s{} ({:+.1} % from measured; {})",
             p.tokens_per_s,
+            report::interval_text(predictions.interval.as_ref()),
             (p.tokens_per_s / measured_rate - 1.0) * 100.0,
             match (resolved.profile.is_measured(), predictions.disk_factor) {
                 (true, Some(f)) => format!("measured profile, its disk rates × {f:.2} as rechecked around the run"),

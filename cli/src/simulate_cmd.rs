@@ -58,6 +58,8 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let mode = if args.sampled { Extrapolation::Sampled } else { Extrapolation::Full };
     let prediction = predict(&resolved.plan.policy, &resolved.model, &resolved.plan.workload, &resolved.profile, mode)
         .with_context(|| format!("simulating {}", path.display()))?;
+    let plan = &resolved.plan;
+    let interval = ferry_sim::interval(&plan.policy, &resolved.model, &plan.workload, &resolved.profile, mode)?;
     if let Some(trace_path) = &args.trace {
         let json = chrome_trace(&prediction.graph, &prediction.trace);
         ferry_core::yaml::write_new_file(trace_path, &serde_json::to_string(&json)?, args.force)?;
@@ -72,6 +74,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
             "plan": path.display().to_string(),
             "profile": if resolved.profile.is_measured() { "measured" } else { "datasheet" },
             "metrics": prediction.metrics,
+            "tokens_per_s_interval": interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
             "tasks": prediction.graph.tasks.len(),
             "events": prediction.events,
             "speculation": resolved.plan.policy.speculation.as_ref().map(|s| serde_json::json!({
@@ -90,6 +93,9 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     println!("{}\n", report::provenance_line(&resolved.profile));
     print!("{}", report::policy_table(&resolved.plan.policy));
     println!();
-    print!("{}", report::metrics_text(&prediction.metrics));
+    print!("{}", report::metrics_text(&prediction.metrics, interval.as_ref()));
+    if let Some(basis) = report::interval_basis(&resolved.profile) {
+        println!("{basis}");
+    }
     Ok(())
 }

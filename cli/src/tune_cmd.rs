@@ -321,7 +321,12 @@ pub(crate) fn print_report(
         println!("llama.cpp for this plan:\n  {}", export.settings.replace('\n', "\n  "));
     }
     println!();
-    print!("{}", report::metrics_text(&result.best.metrics));
+    let best = &result.best;
+    let interval = ferry_sim::interval(&best.policy, model, &best.workload, profile, ferry_sim::Extrapolation::Full);
+    print!("{}", report::metrics_text(&best.metrics, interval.ok().flatten().as_ref()));
+    if let Some(basis) = report::interval_basis(profile) {
+        println!("{basis}");
+    }
     println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");
     let mut table = Table::new(["policy", "batch", "tokens/s", "first token", "per token", "vs ferry", "bottleneck"]);
     let best = &result.best;

@@ -75,6 +75,16 @@ fn written_plan(
             time_to_first_token_s: round3(best.metrics.time_to_first_token_ns as f64 / 1e9),
             time_per_output_token_s: round3(best.metrics.time_per_output_token_ns as f64 / 1e9),
             profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
+            tokens_per_s_interval: ferry_sim::interval(
+                &best.policy,
+                model,
+                &best.workload,
+                profile,
+                ferry_sim::Extrapolation::Full,
+            )
+            .ok()
+            .flatten()
+            .map(|i| [round3(i.slow_tokens_per_s), round3(i.fast_tokens_per_s)]),
         }),
     };
     plan.policy.validate(model, &plan.workload, profile.unified_memory)?;

@@ -89,7 +89,7 @@ pub fn print(outcome: &PipelineResult, request: &TuneRequest, search_time: std::
     );
     print!("{}", stage_table(policy, profile));
     println!();
-    print!("{}", report::metrics_text(&best.metrics));
+    print!("{}", report::metrics_text(&best.metrics, None));
     println!(
         "\nCompared with other splits of the same devices in their own order (each stage placed alike; splits with \
          the KV cache kept on the devices, as engines without KV offload run, at the batch they hold):"

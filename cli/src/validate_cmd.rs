@@ -57,7 +57,12 @@ pub struct ValidateArgs {
     /// scaled to the mean: a shared disk drifts by tens of percent within minutes).
     #[arg(long)]
     no_disk_recheck: bool,
-    /// Overwrite report files.
+    /// Write the profile to FILE with the drift these runs saw: each resource's slowest
+    /// and fastest achieved rate against it. Predictions with that profile then carry an
+    /// interval (`26.1 tokens/s (23.8–27.4)`), and validating with it reports coverage.
+    #[arg(long, value_name = "FILE")]
+    save_profile: Option<PathBuf>,
+    /// Overwrite report files and --save-profile's file.
     #[arg(long)]
     force: bool,
 }
@@ -80,6 +85,7 @@ impl ValidateArgs {
             report: self.report,
             disk_recheck: !self.no_disk_recheck,
             routing: self.routing,
+            save_profile: self.save_profile,
             force: self.force,
         }
     }
@@ -119,6 +125,7 @@ fn print_json(outcome: &Outcome) -> Result<()> {
         "spearman": stats.spearman,
         "replayed_median_abs_error_pct": stats.replayed_median_abs_error_pct,
         "replayed_max_abs_error_pct": stats.replayed_max_abs_error_pct,
+        "coverage": stats.coverage.map(|(inside, of)| serde_json::json!({"inside": inside, "plans": of})),
         "passed": outcome.passed,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -128,9 +135,10 @@ fn print_json(outcome: &Outcome) -> Result<()> {
 fn print_human(outcome: &Outcome) {
     let mut table = Table::new(["plan", "predicted tok/s", "measured tok/s", "error", "replayed"]);
     for r in &outcome.plans {
+        let interval = r.interval.map_or_else(String::new, |[slow, fast]| format!(" ({slow:.2}–{fast:.2})"));
         table.row([
             r.plan.clone(),
-            format!("{:.3}", r.predicted_tokens_per_s),
+            format!("{:.3}{interval}", r.predicted_tokens_per_s),
             format!("{:.3}", r.measured_tokens_per_s),
             format!("{:+.1} %", r.signed_error_pct),
             format!("{:+.1} %", r.replayed_error_pct),
@@ -150,6 +158,15 @@ fn print_human(outcome: &Outcome) {
          median |error| {:.1} %, max {:.1} %",
         s.replayed_median_abs_error_pct, s.replayed_max_abs_error_pct
     );
+    match s.coverage {
+        Some((inside, of)) => println!(
+            "coverage: {inside} of {of} measurements ({:.0} %) inside their prediction's interval (the profile's drift)",
+            inside as f64 * 100.0 / of as f64
+        ),
+        None => println!(
+            "coverage: no intervals (the profile records no drift; --save-profile FILE writes one with these runs')"
+        ),
+    }
     if let Some((median, worst, plans)) = ferry_validate::stats::experts_error(&outcome.plans) {
         println!(
             "experts per decoding step (per layer and micro-batch), measured against the prediction ({}): \

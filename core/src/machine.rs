@@ -203,6 +203,7 @@ impl Profile {
             links: Vec::new(),
             hosts: Vec::new(),
             acceptance: Vec::new(),
+            drift: None,
         }
     }
 }

@@ -314,6 +314,79 @@ pub struct Profile {
     /// what `ferry tune --draft D` predicts with when no `--acceptance` is given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acceptance: Vec<MeasuredAcceptance>,
+    /// How far this machine's resources ran from the profile's rates in runs checked
+    /// against it (`ferry validate --save-profile`): what a prediction's interval rests on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Drift>,
+}
+
+/// Each resource's slowest and fastest achieved rate ÷ the profile's over a set of runs,
+/// and what runs those were. A prediction's interval is the plan simulated with every
+/// resource at its slowest and with every one at its fastest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drift {
+    /// Where the ranges come from (`ferry validate`, how many plans, when).
+    pub basis: String,
+    pub rates: Vec<RateRange>,
+}
+
+/// One resource's achieved rate ÷ the profile's: its lowest and highest over the runs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateRange {
+    pub resource: RateResource,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// The resources whose rates a drift range scales (a one-device machine's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateResource {
+    Disk,
+    HostToDevice,
+    DeviceToHost,
+    DeviceCompute,
+    HostCompute,
+}
+
+impl RateResource {
+    pub fn resource(self) -> crate::graph::Resource {
+        use crate::graph::Resource;
+        match self {
+            RateResource::Disk => Resource::DISK,
+            RateResource::HostToDevice => Resource::HOST_TO_DEVICE,
+            RateResource::DeviceToHost => Resource::DEVICE_TO_HOST,
+            RateResource::DeviceCompute => Resource::DEVICE_COMPUTE,
+            RateResource::HostCompute => Resource::HOST_COMPUTE,
+        }
+    }
+
+    /// The range's resource for a one-device machine's `resource` (`None`: another).
+    pub fn of(resource: crate::graph::Resource) -> Option<RateResource> {
+        [
+            RateResource::Disk,
+            RateResource::HostToDevice,
+            RateResource::DeviceToHost,
+            RateResource::DeviceCompute,
+            RateResource::HostCompute,
+        ]
+        .into_iter()
+        .find(|r| r.resource() == resource)
+    }
+}
+
+impl Drift {
+    /// The profile with every resource of the ranges at its lowest (`fast`: false) or
+    /// highest rate.
+    pub fn apply(&self, profile: &Profile, fast: bool) -> Profile {
+        let mut out = profile.clone();
+        for range in &self.rates {
+            out.scale_resource(range.resource.resource(), if fast { range.high } else { range.low });
+        }
+        out
+    }
 }
 
 /// The rate at which a target accepted a draft's tokens, measured by running them.
@@ -458,6 +531,7 @@ impl Profile {
             links: Vec::new(),
             hosts: Vec::new(),
             acceptance: Vec::new(),
+            drift: None,
         }
     }
 

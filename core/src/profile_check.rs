@@ -117,6 +117,13 @@ impl Profile {
         for (i, link) in self.links.iter().enumerate() {
             check_curve(&format!("links[{i}].curve"), &link.curve)?;
         }
+        if let Some(drift) = &self.drift {
+            for (i, range) in drift.rates.iter().enumerate() {
+                let field = format!("drift.rates[{i}]");
+                check_range(&format!("{field}.low"), range.low, (1e-3, 1e3), "a ratio of rates")?;
+                check_range(&format!("{field}.high"), range.high, (range.low, 1e3), "a ratio of rates, at least low")?;
+            }
+        }
         for (i, measured) in self.acceptance.iter().enumerate() {
             check_range(&format!("acceptance[{i}].acceptance_rate"), measured.acceptance_rate, (0.0, 1.0), "a rate")?;
         }

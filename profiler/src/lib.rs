@@ -228,6 +228,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
         links: Vec::new(),
         hosts: Vec::new(),
         acceptance: Vec::new(),
+        drift: None,
     };
     profile.validate()?;
     Ok(profile)

@@ -13,7 +13,7 @@ pub mod predict;
 pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
-pub use predict::{predict, Extrapolation, Prediction};
+pub use predict::{interval, predict, Extrapolation, Interval, Prediction};
 
 use ferry_core::{Classify, ErrorKind};
 

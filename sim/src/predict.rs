@@ -37,6 +37,40 @@ pub struct Prediction {
     pub events: u64,
 }
 
+/// How slow and how fast a plan may run on a machine whose resources drift as its
+/// profile records (`Profile::drift`): tokens/s with every resource at its slowest
+/// achieved rate, and with every one at its fastest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Interval {
+    pub slow_tokens_per_s: f64,
+    pub fast_tokens_per_s: f64,
+}
+
+impl Interval {
+    /// Whether `tokens_per_s` lies within the interval.
+    pub fn covers(&self, tokens_per_s: f64) -> bool {
+        self.slow_tokens_per_s <= tokens_per_s && tokens_per_s <= self.fast_tokens_per_s
+    }
+}
+
+/// The plan's `Interval`, or `None` when the profile records no drift.
+pub fn interval(
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    mode: Extrapolation,
+) -> Result<Option<Interval>, SimError> {
+    let Some(drift) = &profile.drift else { return Ok(None) };
+    let at = |fast: bool| -> Result<f64, SimError> {
+        Ok(predict(policy, model, workload, &drift.apply(profile, fast), mode)?.metrics.tokens_per_s)
+    };
+    let (slow, fast) = (at(false)?, at(true)?);
+    // A range whose low and high straddle 1 brackets the prediction; one that does not
+    // still orders slow before fast.
+    Ok(Some(Interval { slow_tokens_per_s: slow.min(fast), fast_tokens_per_s: slow.max(fast) }))
+}
+
 pub fn predict(
     policy: &Policy,
     model: &ModelSpec,

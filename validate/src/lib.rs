@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use ferry_core::catalog::Catalog;
 use ferry_core::graph::Resource;
 use ferry_core::plan::HardwareRef;
+use ferry_core::profile::{Drift, Profile, RateRange, RateResource};
 use ferry_core::resolve::resolve_hardware;
 use ferry_core::{Classify, CoreError, ErrorKind};
 use ferry_engine::weights::ModelFiles;
@@ -99,7 +100,10 @@ pub struct Options {
     /// A mixture of experts' measured routing file (`ferry run --routing-out`): the
     /// predictions count experts with it instead of uniform routing.
     pub routing: Option<PathBuf>,
-    /// Overwrite report files.
+    /// Write the profile here with the drift these runs saw (`Profile::drift`): the
+    /// slowest and fastest rate each resource achieved against it.
+    pub save_profile: Option<PathBuf>,
+    /// Overwrite report files (and `save_profile`).
     pub force: bool,
 }
 
@@ -131,6 +135,9 @@ pub struct PlanResult {
     pub replayed_error_pct: f64,
     /// Each resource's achieved rate ÷ the (disk-rechecked) profile's, from the traces.
     pub achieved_rates: Vec<(Resource, f64)>,
+    /// The prediction's interval from the profile's drift (slow, fast tokens/s), as a
+    /// user of the profile is shown it; `None` when the profile records no drift.
+    pub interval: Option<[f64; 2]>,
     /// Disk read bandwidth around the run (mean of before and after) ÷ the profile's, at
     /// this plan's request size and depth.
     pub disk_factor: f64,
@@ -213,8 +220,44 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     if let Some(dir) = &options.report {
         report::write_summary(dir, &files.spec.name, options, &rows, &stats)?;
     }
+    if let Some(path) = &options.save_profile {
+        let profile = Profile { drift: Some(drift_of(&rows, &files.spec.name, options)), ..base_profile.clone() };
+        let text = format!(
+            "# Measured by `ferry profile`, its drift by `ferry validate`; pass it to `ferry tune --profile`.\n{}",
+            ferry_core::yaml::to_yaml_string(&profile)?
+        );
+        ferry_core::yaml::write_new_file(path, &text, options.force)?;
+    }
     let passed = tolerances.as_ref().is_none_or(|t| t.passed_by(&stats));
     Ok(Outcome { plans: rows, stats, tolerances, passed, routing_measured: options.routing.is_some() })
+}
+
+/// The drift `rows` saw: per resource, the slowest and fastest rate achieved against
+/// the profile as given (the disk's against its rechecked rate times the recheck).
+pub fn drift_of(rows: &[PlanResult], model: &str, options: &Options) -> Drift {
+    let mut rates: Vec<RateRange> = Vec::new();
+    for row in rows {
+        for &(resource, achieved) in &row.achieved_rates {
+            let Some(kind) = RateResource::of(resource) else { continue };
+            let factor = if kind == RateResource::Disk { achieved * row.disk_factor } else { achieved };
+            match rates.iter_mut().find(|r| r.resource == kind) {
+                Some(range) => {
+                    range.low = range.low.min(factor);
+                    range.high = range.high.max(factor);
+                }
+                None => rates.push(RateRange { resource: kind, low: factor, high: factor }),
+            }
+        }
+    }
+    Drift {
+        basis: format!(
+            "ferry validate: {} plans of {model}, prompt {}, {} new tokens",
+            rows.len(),
+            options.prompt_len,
+            options.gen_len
+        ),
+        rates,
+    }
 }
 
 /// A measured profile must have timed this model's kernels: without a table at its

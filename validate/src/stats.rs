@@ -50,6 +50,9 @@ pub struct ErrorStats {
     /// achieved (`PlanResult::replayed_error_pct`): the model's own error.
     pub replayed_median_abs_error_pct: f64,
     pub replayed_max_abs_error_pct: f64,
+    /// Plans whose measurement fell inside their prediction's interval, of the plans
+    /// with one (`None`: the profile records no drift, so no plan has one).
+    pub coverage: Option<(usize, usize)>,
 }
 
 impl ErrorStats {
@@ -77,8 +80,20 @@ impl ErrorStats {
             worst,
             replayed_median_abs_error_pct: replayed_median,
             replayed_max_abs_error_pct: replayed_max,
+            coverage: coverage(rows),
         }
     }
+}
+
+/// (inside, with an interval) over `rows`.
+fn coverage(rows: &[PlanResult]) -> Option<(usize, usize)> {
+    let with: Vec<[f64; 2]> = rows.iter().filter_map(|r| r.interval).collect();
+    let inside = rows
+        .iter()
+        .filter_map(|r| r.interval.map(|[slow, fast]| (slow..=fast).contains(&r.measured_tokens_per_s)))
+        .filter(|&inside| inside)
+        .count();
+    (!with.is_empty()).then_some((inside, with.len()))
 }
 
 /// A mixture of experts: |measured ÷ predicted − 1| of the experts per decoding step,
@@ -127,6 +142,7 @@ mod tests {
             replayed_tokens_per_s: (predicted + measured) / 2.0,
             replayed_error_pct: ((predicted + measured) / 2.0 / measured - 1.0) * 100.0,
             achieved_rates: Vec::new(),
+            interval: Some([predicted * 0.9, predicted * 1.2]).filter(|_| predicted < 20.0),
             disk_factor: 1.0,
             experts_per_step: None,
             predicted_busy_s: Vec::new(),
@@ -142,6 +158,9 @@ mod tests {
         assert_eq!(stats.worst, 1);
         assert!((stats.replayed_median_abs_error_pct - 5.0).abs() < 1e-9);
         assert!((stats.replayed_max_abs_error_pct - 12.5).abs() < 1e-9);
+        // Two plans carry an interval; it holds the first's measurement (10 in 9.9–13.2),
+        // not the second's (20 beyond 13.5–18).
+        assert_eq!(stats.coverage, Some((1, 2)));
         assert!((stats.spearman - 1.0).abs() < 1e-12);
         // The largest error defaults to 2.5 × the median.
         let flags = Tolerances::resolve(&ToleranceSource::Percent { median_pct: 10.5, max_pct: None }).unwrap();

@@ -126,6 +126,10 @@ pub struct PredictionNote {
     pub time_per_output_token_s: f64,
     /// `datasheet` or `measured`: where the profile's numbers came from.
     pub profile: String,
+    /// Tokens/s with every resource at the slowest and at the fastest rate the
+    /// profile's runs achieved (`Profile::drift`); absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s_interval: Option<[f64; 2]>,
 }
 
 /// The models of a plan, by the role each plays: the `target` (the model whose tokens

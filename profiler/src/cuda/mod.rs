@@ -238,6 +238,7 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
         links: Vec::new(),
         hosts: Vec::new(),
         acceptance: Vec::new(),
+        drift: None,
     };
     profile.validate()?;
     Ok(profile)

@@ -50,6 +50,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         links: Vec::new(),
         hosts: Vec::new(),
         acceptance: Vec::new(),
+        drift: None,
     }
 }
 
