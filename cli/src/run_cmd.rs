@@ -360,8 +360,9 @@ fn predict_run(
         policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
         predict_at(&policy).ok()
     });
-    let interval =
-        ferry_sim::interval(&resolved.plan.policy, spec, &workload, &resolved.profile, Extrapolation::Full).ok().flatten();
+    let interval = ferry_sim::interval(&resolved.plan.policy, spec, &workload, &resolved.profile, Extrapolation::Full)
+        .ok()
+        .flatten();
     RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor, interval }
 }
 

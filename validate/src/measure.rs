@@ -109,9 +109,8 @@ pub fn predict_and_run(
     let recheck = disk_file.map(|file| (file, plan.policy.chunk_bytes, plan.policy.io_queue_depth));
     let before = recheck.map(|(file, chunk, depth)| disk_read_gbps(file, chunk, depth)).transpose()?;
     // The interval a user of the profile is shown: from its drift, without the recheck.
-    let interval =
-        ferry_sim::interval(&plan.policy, spec, &plan.workload, &profile, ferry_sim::Extrapolation::Full)
-            .map_err(ValidateError::Simulate)?;
+    let interval = ferry_sim::interval(&plan.policy, spec, &plan.workload, &profile, ferry_sim::Extrapolation::Full)
+        .map_err(ValidateError::Simulate)?;
     let mut rng = SplitMix64::new(plan.workload.batch_size);
     let prompts = (0..plan.workload.batch_size)
         .map(|_| (0..plan.workload.prompt_len).map(|_| (rng.next_u64() % spec.vocab_size) as u32).collect())
