@@ -133,16 +133,25 @@ fn print_json(outcome: &Outcome) -> Result<()> {
 }
 
 fn print_human(outcome: &Outcome) {
-    let mut table = Table::new(["plan", "predicted tok/s", "measured tok/s", "error", "replayed"]);
+    let with_intervals = outcome.plans.iter().any(|r| r.interval.is_some());
+    let mut header = vec!["plan", "predicted tok/s", "measured tok/s", "error", "replayed"];
+    if with_intervals {
+        header.push("interval (profile as given)");
+    }
+    let mut table = Table::new(header);
     for r in &outcome.plans {
-        let interval = r.interval.map_or_else(String::new, |[slow, fast]| format!(" ({slow:.2}–{fast:.2})"));
-        table.row([
+        let mut row = vec![
             r.plan.clone(),
-            format!("{:.3}{interval}", r.predicted_tokens_per_s),
+            format!("{:.3}", r.predicted_tokens_per_s),
             format!("{:.3}", r.measured_tokens_per_s),
             format!("{:+.1} %", r.signed_error_pct),
             format!("{:+.1} %", r.replayed_error_pct),
-        ]);
+        ];
+        if let Some([slow, fast]) = r.interval {
+            let inside = if (slow..=fast).contains(&r.measured_tokens_per_s) { "" } else { "  measured outside" };
+            row.push(format!("{slow:.3}–{fast:.3}{inside}"));
+        }
+        table.row(row);
     }
     print!("{}", table.render());
     let s = &outcome.stats;
@@ -160,7 +169,9 @@ fn print_human(outcome: &Outcome) {
     );
     match s.coverage {
         Some((inside, of)) => println!(
-            "coverage: {inside} of {of} measurements ({:.0} %) inside their prediction's interval (the profile's drift)",
+            "coverage: {inside} of {of} measurements ({:.0} %) inside their interval (the plan predicted with the \
+             profile as given, every resource at the slowest and at the fastest rate of its recorded drift; the \
+             predicted column rechecks the disk around each run)",
             inside as f64 * 100.0 / of as f64
         ),
         None => println!(
