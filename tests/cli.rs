@@ -204,6 +204,15 @@ fn tune_prints_a_plan_writes_it_and_it_simulates_the_same() {
         let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", engine]);
         assert!(out.status.success(), "{engine}: {}", text(&out.stderr));
         assert!(text(&out.stdout).contains("cannot express"), "{engine}");
+        // Each engine's model prices the settings, or says why it cannot.
+        let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", engine, "--json"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!((json["plan_tokens_per_s"].as_f64().unwrap() - predicted).abs() / predicted < 0.001);
+        let engine_prediction = &json["engine_prediction"];
+        match engine_prediction["tokens_per_s"].as_f64() {
+            Some(tokens_per_s) => assert!(tokens_per_s > 0.0, "{engine}: {engine_prediction}"),
+            None => assert!(engine_prediction["not_predicted"].is_string(), "{engine}: {engine_prediction}"),
+        }
     }
     let out = ferry(dir.path(), &["export", "--plan", "plan.yaml", "--to", "tensorrt"]);
     assert_eq!(out.status.code(), Some(2));

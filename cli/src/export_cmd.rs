@@ -37,11 +37,20 @@ pub fn run(args: ExportArgs) -> Result<()> {
     // built) is refused here too: settings for a plan that cannot run would mislead.
     // The sampled prediction checks the same graph rules at a fraction of the cost.
     let plan = &resolved.plan;
-    predict(&plan.policy, &resolved.model, &plan.workload, &resolved.profile, Extrapolation::Sampled)
+    let planned = predict(&plan.policy, &resolved.model, &plan.workload, &resolved.profile, Extrapolation::Full)
         .with_context(|| format!("{} cannot run", args.plan.display()))?;
     let out = export(&resolved.plan, &resolved.model, &resolved.profile, engine);
+    let engine_run = engine_prediction(&resolved, engine);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let mut json = serde_json::to_value(&out)?;
+        json["plan_tokens_per_s"] = planned.metrics.tokens_per_s.into();
+        json["engine_prediction"] = match &engine_run {
+            EnginePrediction::Priced { tokens_per_s, approximations } => {
+                serde_json::json!({"tokens_per_s": tokens_per_s, "approximations": approximations})
+            }
+            EnginePrediction::Not(why) => serde_json::json!({"not_predicted": why}),
+        };
+        println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(());
     }
     let machine = if resolved.profile.device_count() > 1 {
@@ -59,5 +68,37 @@ pub fn run(args: ExportArgs) -> Result<()> {
             println!("  - {line}");
         }
     }
+    let ferry = format!("the plan on Ferry's engine: {:.2} tokens/s", planned.metrics.tokens_per_s);
+    match engine_run {
+        EnginePrediction::Priced { tokens_per_s, approximations } => {
+            println!("\npredicted for {} with these settings: {tokens_per_s:.2} tokens/s ({ferry})", engine.name());
+            for line in approximations {
+                println!("  approximated: {line}");
+            }
+        }
+        EnginePrediction::Not(why) => {
+            println!("\n{} with these settings is not predicted: {why} ({ferry})", engine.name())
+        }
+    }
     Ok(())
+}
+
+/// What the engine's model predicts for the exported settings.
+enum EnginePrediction {
+    Priced { tokens_per_s: f64, approximations: Vec<String> },
+    Not(String),
+}
+
+/// The plan as `engine` would run it (`ferry_sim::engines`), simulated.
+fn engine_prediction(resolved: &ferry_core::resolve::ResolvedPlan, engine: Engine) -> EnginePrediction {
+    let (plan, model, profile) = (&resolved.plan, &resolved.model, &resolved.profile);
+    match ferry_sim::engines::as_run_by(engine, &plan.policy, model, profile, plan.workload.batch_size) {
+        ferry_sim::engines::EngineRun::NotModelled(what) => EnginePrediction::Not(format!("{what} is not modelled")),
+        ferry_sim::engines::EngineRun::Priced { policy, approximations } => {
+            match predict(&policy, model, &plan.workload, profile, Extrapolation::Full) {
+                Ok(p) => EnginePrediction::Priced { tokens_per_s: p.metrics.tokens_per_s, approximations },
+                Err(error) => EnginePrediction::Not(format!("in Ferry's model of it, it does not run: {error}")),
+            }
+        }
+    }
 }

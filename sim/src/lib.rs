@@ -9,6 +9,7 @@
 pub mod cost;
 pub mod dequant;
 pub mod des;
+pub mod engines;
 pub mod predict;
 pub mod tune;
 
