@@ -79,3 +79,32 @@ fn what_it_cannot_model_is_refused_by_name() {
         assert!(stderr.contains(expected) && !stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn vllm_serve_is_checked_within_its_share_of_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let vllm = |flags: &str| check_json(dir.path(), "rtx4090", &format!("vllm serve llama-2-13b {flags}"));
+    // 13B in f16 (24 GiB) does not fit 90 % of a 24 GB card.
+    let (code, all) = vllm("--max-model-len 4096");
+    assert_eq!(code, 1);
+    assert_eq!((device(&all)["fits"].clone(), all["runs"].clone()), (false.into(), false.into()));
+    // Offloading 8 GiB of weights leaves room for the KV cache of a few sequences.
+    let (code, offloaded) = vllm("--cpu-offload-gb 8 --max-model-len 2048 --max-num-seqs 16 --port 8000");
+    assert_eq!(code, 0, "{offloaded}");
+    let layers = offloaded["offloaded_layers"].as_u64().unwrap();
+    assert!(layers > 0 && layers < 40, "{offloaded}");
+    let host = offloaded["memory"].as_array().unwrap().iter().find(|p| p["pool"] == "host").unwrap();
+    assert!(host["needs_bytes"].as_u64().unwrap() >= 8 << 30, "the offloaded weights sit in host RAM: {host}");
+    let sequences = offloaded["sequences"].as_u64().unwrap();
+    assert!((1..=16).contains(&sequences) && offloaded["predicted"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(offloaded["ignored"], serde_json::json!(["--port 8000"]));
+    // More offloaded leaves more room for sequences; a smaller share of the GPU, less.
+    let (_, more) = vllm("--cpu-offload-gb 12 --max-model-len 2048 --max-num-seqs 16");
+    assert!(more["sequences"].as_u64().unwrap() >= sequences, "{more}");
+    let (code, _) = vllm("--cpu-offload-gb 8 --max-model-len 2048 --gpu-memory-utilization 0.4");
+    assert_eq!(code, 1);
+    // What it cannot model is refused by name.
+    let out = ferry(dir.path(), &["check", "--gpu", "rtx4090", "--", "vllm", "serve", "llama-2-13b", "-tp", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("several GPUs"), "{}", text(&out.stderr));
+}

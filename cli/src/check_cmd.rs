@@ -26,9 +26,11 @@ use crate::table::Table;
 #[command(after_help = "Examples:
   ferry check --gpu rtx3060 -- llama-server -m llama-2-13b.Q4_K_M.gguf -ngl 30 -c 4096
   ferry check --gpu rtx3060-laptop-6gb --host-mem 16GiB -- llama-cli -m 13b -ngl 20 -c 2048
+  ferry check --gpu rtx4090 -- vllm serve llama-2-13b --cpu-offload-gb 4 --max-model-len 4096
 
 -m takes a GGUF file, or a catalog model name for a quick look (priced at its own dtype).
-Read: -m, -ngl, -c, -np, -n, -ctk/-ctv. Refused by name: flags that place tensors in ways
+llama.cpp: -m, -ngl, -c, -np, -n, -ctk/-ctv are read. vLLM: the model, --cpu-offload-gb,
+--gpu-memory-utilization, --max-model-len, --max-num-seqs. Refused by name: flags that place tensors in ways
 Ferry's plans cannot say (-ot, --n-cpu-moe, -nkvo, --tensor-split, ...). Other flags are
 listed as ignored. Exit status 1 when the command runs out of memory, 0 when it fits.")]
 pub struct CheckArgs {
@@ -52,14 +54,14 @@ pub struct CheckArgs {
     device_mem: Option<String>,
     /// Prompt tokens per request, for the predicted speed (fewer where -c is shorter).
     #[arg(long, default_value_t = 512)]
-    prompt_len: u64,
+    pub(crate) prompt_len: u64,
     /// Tokens generated per request, for the predicted speed [default: -n, else 128].
     #[arg(long)]
-    gen_len: Option<u64>,
+    pub(crate) gen_len: Option<u64>,
     /// Print the result as JSON.
     #[arg(long)]
-    json: bool,
-    /// The llama.cpp command line, after `--`.
+    pub(crate) json: bool,
+    /// The llama.cpp (`llama-server`, `llama-cli`) or vLLM (`vllm serve`) command line, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
@@ -75,28 +77,13 @@ struct Shape {
 }
 
 pub fn run(args: CheckArgs) -> Result<u8> {
-    let command = llama_cpp::parse(&args.command)?;
-    let catalog = Catalog::builtin()?;
-    let cwd = std::path::Path::new(".");
-    let (model, mut notes) = resolve_model(&catalog, &command.model, cwd)?;
-    let hardware = HardwareRef {
-        gpu: args.gpu.clone(),
-        host: args.host.clone(),
-        disk: args.disk.clone(),
-        profile: args.profile.as_ref().map(|p| p.display().to_string()),
-        device_memory: args.device_mem.as_deref().map(parse_bytes).transpose()?,
-        host_memory: args.host_mem.as_deref().map(parse_bytes).transpose()?,
-        ..HardwareRef::default()
-    };
-    let (profile, hardware_notes) = resolve_hardware(&catalog, &hardware, cwd)?;
-    notes.extend(hardware_notes);
-    if profile.device_count() > 1 {
-        return Err(CoreError::invalid(format!(
-            "ferry check models llama.cpp on one device; the profile describes {}",
-            profile.device_count()
-        ))
-        .into());
+    if args.command.first().is_some_and(|program| program.ends_with("vllm")) {
+        let command = ferry_core::engine_args::vllm::parse(&args.command)?;
+        let (model, profile, notes) = setting(&args, &command.model)?;
+        return crate::check_vllm::run(&args, &command, &model, &profile, notes);
     }
+    let command = llama_cpp::parse(&args.command)?;
+    let (model, profile, mut notes) = setting(&args, &command.model)?;
     let shape = shape(&args, &command, &model, &profile, &mut notes)?;
     for note in &notes {
         eprintln!("note: {note}");
@@ -135,6 +122,50 @@ pub fn run(args: CheckArgs) -> Result<u8> {
         report.human(&predicted, &best_ngl, &ferry_plan, &args);
     }
     Ok(if ok { 0 } else { 1 })
+}
+
+/// The model the command names and the machine it runs on (one device), with notes.
+fn setting(args: &CheckArgs, model_name: &str) -> Result<(ModelSpec, Profile, Vec<String>)> {
+    let catalog = Catalog::builtin()?;
+    let cwd = std::path::Path::new(".");
+    let (model, mut notes) = resolve_model(&catalog, model_name, cwd)?;
+    let hardware = HardwareRef {
+        gpu: args.gpu.clone(),
+        host: args.host.clone(),
+        disk: args.disk.clone(),
+        profile: args.profile.as_ref().map(|p| p.display().to_string()),
+        device_memory: args.device_mem.as_deref().map(parse_bytes).transpose()?,
+        host_memory: args.host_mem.as_deref().map(parse_bytes).transpose()?,
+        ..HardwareRef::default()
+    };
+    let (profile, hardware_notes) = resolve_hardware(&catalog, &hardware, cwd)?;
+    notes.extend(hardware_notes);
+    if profile.device_count() > 1 {
+        return Err(CoreError::invalid(format!(
+            "ferry check models an engine on one device; the profile describes {}",
+            profile.device_count()
+        ))
+        .into());
+    }
+    Ok((model, profile, notes))
+}
+
+/// Memory per pool: what it needs, its budget, and whether it fits (with what fills
+/// it when it does not).
+pub(crate) fn memory_table(pools: &[PoolSpec]) -> String {
+    let mut table = Table::new(["memory", "needs", "budget", "verdict"]);
+    let mut short = Vec::new();
+    for pool in pools {
+        let (need, budget) = (pool.resident_bytes(), pool.capacity_bytes);
+        let verdict = if need <= budget {
+            format!("fits ({} free)", format_bytes(budget - need))
+        } else {
+            short.push(format!("  {}: {}\n", pool_name(pool), items(pool)));
+            format!("OUT OF MEMORY: short by {}", format_bytes(need - budget))
+        };
+        table.row([pool_name(pool), format_bytes(need), format_bytes(budget), verdict]);
+    }
+    table.render() + &short.concat()
 }
 
 /// The layers, context and sequences the command asks for (llama.cpp's defaults where
@@ -247,22 +278,7 @@ impl Report<'_> {
             shape.sequences,
             shape.context_per_sequence
         );
-        let mut table = Table::new(["memory", "needs", "budget", "verdict"]);
-        let mut short = Vec::new();
-        for pool in self.pools {
-            let (need, budget) = (pool.resident_bytes(), pool.capacity_bytes);
-            let verdict = if need <= budget {
-                format!("fits ({} free)", format_bytes(budget - need))
-            } else {
-                short.push(format!("{}: {}", pool_name(pool), items(pool)));
-                format!("OUT OF MEMORY: short by {}", format_bytes(need - budget))
-            };
-            table.row([pool_name(pool), format_bytes(need), format_bytes(budget), verdict]);
-        }
-        print!("{}", table.render());
-        for line in short {
-            println!("  {line}");
-        }
+        print!("{}", memory_table(self.pools));
         let request = format!(
             "prompt {}, {} new tokens, {} sequence(s)",
             shape.speed.prompt_len, shape.speed.gen_len, shape.speed.batch_size
@@ -317,19 +333,7 @@ impl Report<'_> {
         best_ngl: &BestNgl,
         ferry_plan: &Option<ferry_sim::tune::Candidate>,
     ) -> Result<()> {
-        let pools: Vec<_> = self
-            .pools
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "pool": pool_name(p),
-                    "needs_bytes": p.resident_bytes(),
-                    "budget_bytes": p.capacity_bytes,
-                    "fits": p.resident_bytes() <= p.capacity_bytes,
-                    "items": p.resident.iter().map(|(what, bytes)| serde_json::json!({"what": what, "bytes": bytes})).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
+        let pools = memory_json(self.pools);
         let out = serde_json::json!({
             "program": self.command.program,
             "model": self.model.name,
@@ -352,6 +356,25 @@ impl Report<'_> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         Ok(())
     }
+}
+
+/// Memory per pool as JSON: needs, budget, whether it fits, and its items.
+pub(crate) fn memory_json(pools: &[PoolSpec]) -> Vec<serde_json::Value> {
+    let items = |p: &PoolSpec| -> Vec<serde_json::Value> {
+        p.resident.iter().map(|(what, bytes)| serde_json::json!({"what": what, "bytes": bytes})).collect()
+    };
+    pools
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "pool": pool_name(p),
+                "needs_bytes": p.resident_bytes(),
+                "budget_bytes": p.capacity_bytes,
+                "fits": p.resident_bytes() <= p.capacity_bytes,
+                "items": items(p),
+            })
+        })
+        .collect()
 }
 
 fn pool_name(pool: &PoolSpec) -> String {

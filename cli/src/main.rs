@@ -3,6 +3,7 @@
 
 mod catalog_cmds;
 mod check_cmd;
+mod check_vllm;
 mod engine_cmds;
 mod export_cmd;
 mod plots_cmd;
@@ -50,8 +51,8 @@ enum Command {
     /// (each node's commands for a plan over several machines), and list what each
     /// cannot express.
     Export(export_cmd::ExportArgs),
-    /// Check a llama.cpp command line you already have: memory per device at the
-    /// context it allocates, whether it runs out, its predicted speed, the largest -ngl
+    /// Check a llama.cpp or vLLM command line you already have: memory per device at
+    /// what it allocates, whether it runs out, its predicted speed, the largest -ngl
     /// that fits, and Ferry's plan at that budget (`ferry check --gpu G -- llama-server ...`).
     Check(check_cmd::CheckArgs),
     /// Write a Hugging Face style model folder with deterministic random weights.

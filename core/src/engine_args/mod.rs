@@ -2,3 +2,4 @@
 //! for `ferry check`, which predicts what a command a user already has will do.
 
 pub mod llama_cpp;
+pub mod vllm;

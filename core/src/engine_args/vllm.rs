@@ -1,0 +1,152 @@
+//! A `vllm serve` command line read back into what Ferry models of it: the model,
+//! the weights offloaded to host RAM (`--cpu-offload-gb`), the share of GPU memory it
+//! may take, the longest sequence it must hold and the sequences it batches. The
+//! inverse of `export::vllm`, for `ferry check`.
+//!
+//! As with llama.cpp, flags Ferry's model cannot follow (tensor or pipeline
+//! parallelism, quantization methods, fp8 caches, speculative decoding) are refused by
+//! name; flags without effect on memory or placement are listed as ignored.
+
+use crate::error::{CoreError, Result};
+
+/// What a `vllm serve` command line asks for, as far as memory and speed go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VllmArgs {
+    /// The model (a folder, a GGUF file or a catalog name).
+    pub model: String,
+    /// `--cpu-offload-gb`: GiB of weights kept in host RAM, per GPU.
+    pub cpu_offload_gib: f64,
+    /// `--gpu-memory-utilization`: the share of the GPU's memory vLLM may use.
+    pub gpu_memory_utilization: f64,
+    /// `--max-model-len`: the longest sequence (`None`: the model's positions).
+    pub max_model_len: Option<u64>,
+    /// `--max-num-seqs`: the most sequences batched together (`None`: not given).
+    pub max_num_seqs: Option<u64>,
+    /// Flags read but without effect on memory or placement, for the report.
+    pub ignored: Vec<String>,
+}
+
+const MODEL: &[&str] = &["--model"];
+const OFFLOAD: &[&str] = &["--cpu-offload-gb"];
+const UTILIZATION: &[&str] = &["--gpu-memory-utilization"];
+const MAX_LEN: &[&str] = &["--max-model-len"];
+const MAX_SEQS: &[&str] = &["--max-num-seqs"];
+
+/// Flags Ferry's model of vLLM cannot follow, with what they do.
+const NOT_MODELLED: &[(&[&str], &str)] = &[
+    (&["-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"], "splits the model over several GPUs"),
+    (&["-q", "--quantization"], "quantizes the weights with a method Ferry does not price"),
+    (&["--speculative-config", "--speculative-model"], "adds speculative decoding"),
+    (&["--cpu-offload-params"], "chooses which parameters to offload"),
+];
+
+/// Reads `args` (`vllm serve MODEL ...`). Unknown flags are ignored and listed.
+pub fn parse(args: &[String]) -> Result<VllmArgs> {
+    let rest = match args {
+        [program, serve, rest @ ..] if program.ends_with("vllm") && serve == "serve" => rest,
+        _ => return Err(CoreError::invalid("expected `vllm serve MODEL [flags]`")),
+    };
+    let mut parsed = VllmArgs {
+        model: String::new(),
+        cpu_offload_gib: 0.0,
+        gpu_memory_utilization: 0.9,
+        max_model_len: None,
+        max_num_seqs: None,
+        ignored: Vec::new(),
+    };
+    let mut index = 0;
+    while index < rest.len() {
+        let token = &rest[index];
+        index += 1;
+        let (flag, inline) = match token.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
+            _ => (token.as_str(), None),
+        };
+        if !flag.starts_with('-') {
+            if !parsed.model.is_empty() {
+                return Err(CoreError::invalid(format!("'{token}': vllm serve takes one model")));
+            }
+            parsed.model = token.clone();
+            continue;
+        }
+        if let Some((_, what)) = NOT_MODELLED.iter().find(|(names, _)| names.contains(&flag)) {
+            return Err(CoreError::invalid(format!(
+                "{flag} {what}: Ferry's check does not model it; check the command without it"
+            )));
+        }
+        let known = [MODEL, OFFLOAD, UTILIZATION, MAX_LEN, MAX_SEQS];
+        let Some(names) = known.iter().find(|names| names.contains(&flag)) else {
+            let value = inline.or_else(|| {
+                let next = rest.get(index).filter(|t| !t.starts_with('-'))?;
+                index += 1;
+                Some(next.clone())
+            });
+            parsed.ignored.push(value.map_or_else(|| flag.to_string(), |v| format!("{flag} {v}")));
+            continue;
+        };
+        let value = match inline {
+            Some(value) => value,
+            None => {
+                let value = rest.get(index).ok_or_else(|| CoreError::invalid(format!("{flag} needs a value")))?;
+                index += 1;
+                value.clone()
+            }
+        };
+        let number = |range: (f64, f64)| -> Result<f64> {
+            value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= range.0 && *v <= range.1).ok_or_else(|| {
+                CoreError::invalid(format!("{flag} {value}: expected a number from {} to {}", range.0, range.1))
+            })
+        };
+        match *names {
+            MODEL => parsed.model = value,
+            OFFLOAD => parsed.cpu_offload_gib = number((0.0, 1e6))?,
+            UTILIZATION => parsed.gpu_memory_utilization = number((0.01, 1.0))?,
+            MAX_LEN => parsed.max_model_len = Some(number((2.0, 1e9))? as u64),
+            _ => parsed.max_num_seqs = Some(number((1.0, 1e6))? as u64),
+        }
+    }
+    if parsed.model.is_empty() {
+        return Err(CoreError::invalid("the command names no model: vllm serve MODEL"));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn reads_the_flags_that_set_memory_and_lists_the_rest() {
+        let parsed = parse(&args(
+            "vllm serve llama-2-13b --cpu-offload-gb 10 --gpu-memory-utilization=0.85 --max-model-len 4096 \
+             --max-num-seqs 8 --port 8000 --enforce-eager",
+        ))
+        .unwrap();
+        assert_eq!(parsed.model, "llama-2-13b");
+        assert_eq!((parsed.cpu_offload_gib, parsed.gpu_memory_utilization), (10.0, 0.85));
+        assert_eq!((parsed.max_model_len, parsed.max_num_seqs), (Some(4096), Some(8)));
+        assert_eq!(parsed.ignored, ["--port 8000", "--enforce-eager"]);
+        let defaults = parse(&args("vllm serve m")).unwrap();
+        assert_eq!((defaults.cpu_offload_gib, defaults.gpu_memory_utilization), (0.0, 0.9));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_model_or_read() {
+        for (line, expected) in [
+            ("vllm serve m -tp 2", "several GPUs"),
+            ("vllm serve m --quantization awq", "quantizes"),
+            ("vllm serve m --gpu-memory-utilization 1.5", "from 0.01 to 1"),
+            ("vllm serve m --cpu-offload-gb", "needs a value"),
+            ("vllm serve m n", "one model"),
+            ("vllm serve --port 1", "names no model"),
+            ("llama-server -m m", "vllm serve"),
+        ] {
+            let error = parse(&args(line)).unwrap_err().to_string();
+            assert!(error.contains(expected), "{line}: {error}");
+        }
+    }
+}
