@@ -29,22 +29,8 @@ pub(crate) fn run(
     profile: &Profile,
     mut notes: Vec<String>,
 ) -> Result<u8> {
-    if profile.unified_memory {
-        return Err(CoreError::invalid("vLLM's CPU backend is not modelled; check a GPU (--gpu)").into());
-    }
-    let positions = model.max_position_embeddings;
-    let max_len = command.max_model_len.unwrap_or(positions);
-    if max_len > positions {
-        return Err(CoreError::invalid(format!(
-            "--max-model-len {max_len} exceeds the {positions} positions {} has; vLLM refuses it",
-            model.name
-        ))
-        .into());
-    }
-    // vLLM takes this share of the GPU's memory; the profile's reserve stays the host's.
-    let mut profile = profile.clone();
-    let usable = (profile.device_memory_bytes as f64 * command.gpu_memory_utilization) as u64;
-    profile.device_memory_bytes = (usable as f64 / (1.0 - profile.device(0).memory_reserve_fraction)) as u64;
+    let max_len = max_model_len(command, model, profile)?;
+    let (profile, usable) = gpu_share(profile, command.gpu_memory_utilization);
     let formats = crate::tune_formats::requested(None, model)?.swap_remove(0);
     let kv_dtype = crate::tune_formats::kv_dtype(&formats);
     let (offloaded, approximation) = offloaded_layers(model, &formats, command.cpu_offload_gib);
@@ -219,6 +205,33 @@ impl Outcome<'_> {
             println!("ignored (no effect on memory or placement in Ferry's model): {}", command.ignored.join(", "));
         }
     }
+}
+
+/// `--max-model-len` or the model's positions; more than those, or a device sharing
+/// the host's memory, is refused.
+fn max_model_len(command: &VllmArgs, model: &ModelSpec, profile: &Profile) -> Result<u64> {
+    if profile.unified_memory {
+        return Err(CoreError::invalid("vLLM's CPU backend is not modelled; check a GPU (--gpu)").into());
+    }
+    let positions = model.max_position_embeddings;
+    let max_len = command.max_model_len.unwrap_or(positions);
+    if max_len > positions {
+        return Err(CoreError::invalid(format!(
+            "--max-model-len {max_len} exceeds the {positions} positions {} has; vLLM refuses it",
+            model.name
+        ))
+        .into());
+    }
+    Ok(max_len)
+}
+
+/// The profile with the device's pool at `utilization` of its memory (the profile's
+/// reserve stays the host's), and those bytes.
+fn gpu_share(profile: &Profile, utilization: f64) -> (Profile, u64) {
+    let mut profile = profile.clone();
+    let usable = (profile.device_memory_bytes as f64 * utilization) as u64;
+    profile.device_memory_bytes = (usable as f64 / (1.0 - profile.device(0).memory_reserve_fraction)) as u64;
+    (profile, usable)
 }
 
 /// The largest batch up to `fitting` whose run does not run out of memory, halving
