@@ -75,45 +75,22 @@ pub fn parse(args: &[String]) -> Result<LlamaCppArgs> {
         ignored: Vec::new(),
     };
     let (mut cache_k, mut cache_v) = (None, None);
-    let mut index = 0;
-    while index < rest.len() {
-        let token = &rest[index];
-        index += 1;
-        // `--flag=value` and `--flag value` alike.
-        let (flag, inline) = match token.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
-            _ => (token.as_str(), None),
-        };
-        if let Some((_, what)) = NOT_MODELLED.iter().find(|(names, _)| names.contains(&flag)) {
-            return Err(CoreError::invalid(format!(
-                "{flag} {what}: Ferry's check does not model it; check the command without it, or tune a plan \
-                 (`ferry tune`) and export it (`ferry export --to llama.cpp`)"
-            )));
-        }
+    let mut flags = super::Flags::new(rest);
+    while let Some((flag, inline)) = flags.next_token() {
+        let advice =
+            "check the command without it, or tune a plan (`ferry tune`) and export it (`ferry export --to llama.cpp`)";
+        super::refuse_unmodelled(NOT_MODELLED, flag, advice)?;
         let known = [MODEL, GPU_LAYERS, CONTEXT, PARALLEL, PREDICT, CACHE_K, CACHE_V];
         let Some(names) = known.iter().find(|names| names.contains(&flag)) else {
             if !flag.starts_with('-') {
                 return Err(CoreError::invalid(format!(
-                    "'{token}' is not a flag and follows no flag Ferry reads; llama.cpp takes no positional arguments"
+                    "'{flag}' is not a flag and follows no flag Ferry reads; llama.cpp takes no positional arguments"
                 )));
             }
-            // An unknown flag's value, if it has one, is the next token not starting with '-'.
-            let value = inline.or_else(|| {
-                let next = rest.get(index).filter(|t| !t.starts_with('-') || t.parse::<f64>().is_ok())?;
-                index += 1;
-                Some(next.clone())
-            });
-            parsed.ignored.push(value.map_or_else(|| flag.to_string(), |v| format!("{flag} {v}")));
+            parsed.ignored.push(flags.ignored(flag, inline));
             continue;
         };
-        let value = match inline {
-            Some(value) => value,
-            None => {
-                let value = rest.get(index).ok_or_else(|| CoreError::invalid(format!("{flag} needs a value")))?;
-                index += 1;
-                value.clone()
-            }
-        };
+        let value = flags.value(flag, inline)?;
         let number = || -> Result<u64> {
             value
                 .parse::<i64>()

@@ -54,44 +54,22 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
         max_num_seqs: None,
         ignored: Vec::new(),
     };
-    let mut index = 0;
-    while index < rest.len() {
-        let token = &rest[index];
-        index += 1;
-        let (flag, inline) = match token.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => (flag, Some(value.to_string())),
-            _ => (token.as_str(), None),
-        };
+    let mut flags = super::Flags::new(rest);
+    while let Some((flag, inline)) = flags.next_token() {
         if !flag.starts_with('-') {
             if !parsed.model.is_empty() {
-                return Err(CoreError::invalid(format!("'{token}': vllm serve takes one model")));
+                return Err(CoreError::invalid(format!("'{flag}': vllm serve takes one model")));
             }
-            parsed.model = token.clone();
+            parsed.model = flag.to_string();
             continue;
         }
-        if let Some((_, what)) = NOT_MODELLED.iter().find(|(names, _)| names.contains(&flag)) {
-            return Err(CoreError::invalid(format!(
-                "{flag} {what}: Ferry's check does not model it; check the command without it"
-            )));
-        }
+        super::refuse_unmodelled(NOT_MODELLED, flag, "check the command without it")?;
         let known = [MODEL, OFFLOAD, UTILIZATION, MAX_LEN, MAX_SEQS];
         let Some(names) = known.iter().find(|names| names.contains(&flag)) else {
-            let value = inline.or_else(|| {
-                let next = rest.get(index).filter(|t| !t.starts_with('-'))?;
-                index += 1;
-                Some(next.clone())
-            });
-            parsed.ignored.push(value.map_or_else(|| flag.to_string(), |v| format!("{flag} {v}")));
+            parsed.ignored.push(flags.ignored(flag, inline));
             continue;
         };
-        let value = match inline {
-            Some(value) => value,
-            None => {
-                let value = rest.get(index).ok_or_else(|| CoreError::invalid(format!("{flag} needs a value")))?;
-                index += 1;
-                value.clone()
-            }
-        };
+        let value = flags.value(flag, inline)?;
         let number = |range: (f64, f64)| -> Result<f64> {
             value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= range.0 && *v <= range.1).ok_or_else(|| {
                 CoreError::invalid(format!("{flag} {value}: expected a number from {} to {}", range.0, range.1))

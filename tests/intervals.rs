@@ -1,0 +1,54 @@
+//! Intervals end to end with the real binary: a profile with a recorded drift gives
+//! `tune`, the plan it writes and `simulate` an interval around the prediction; a
+//! profile without one gives none.
+
+mod common;
+
+use common::{ferry, text};
+
+#[test]
+fn a_profile_with_drift_gives_every_prediction_an_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = text(&ferry(dir.path(), &["show", "profile", "cpu"]).stdout);
+    let drift = "drift:\n  basis: a test's\n  rates:\n  - resource: disk\n    low: 0.5\n    high: 1.4\n  \
+                 - resource: device_compute\n    low: 0.8\n    high: 1.1\n";
+    std::fs::write(dir.path().join("drift.yaml"), format!("{profile}{drift}")).unwrap();
+    let tune = [
+        "tune",
+        "--profile",
+        "drift.yaml",
+        "--model",
+        "test-small",
+        "--device-mem",
+        "100MiB",
+        "--batch",
+        "1",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--out",
+        "plan.yaml",
+    ];
+    let out = ferry(dir.path(), &tune);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("interval: every resource at the slowest") && stdout.contains("a test's"), "{stdout}");
+    let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
+    assert!(plan.contains("tokens_per_s_interval"), "{plan}");
+    let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let predicted = json["metrics"]["tokens_per_s"].as_f64().unwrap();
+    let [slow, fast] = [0, 1].map(|i| json["tokens_per_s_interval"][i].as_f64().unwrap());
+    assert!(slow < predicted && predicted < fast, "{slow} {predicted} {fast}");
+    // Without a drift there is no interval, and the outputs say nothing of one.
+    let mut plain = tune.to_vec();
+    plain[1..3].copy_from_slice(&["--gpu", "cpu"]);
+    let last = plain.len() - 1;
+    plain[last] = "plain.yaml";
+    let out = ferry(dir.path(), &plain);
+    assert!(out.status.success() && !text(&out.stdout).contains("interval"), "{}", text(&out.stdout));
+    let out = ferry(dir.path(), &["simulate", "--plan", "plain.yaml", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(json["tokens_per_s_interval"].is_null());
+}
