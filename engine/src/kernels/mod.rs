@@ -89,12 +89,32 @@ const BLOCK_ELEMENTS: usize = 1 << 18;
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `x` of `m` rows × `w.cols`, where `out`
 /// has `out_stride` columns. Row blocks of `w` are converted and multiplied in parallel.
 pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
-    if let Some(path) = simd_path().filter(|_| m <= MAX_ROWS) {
-        // Few rows (decoding): one pass over the stored weights beats converting them.
-        return linear_rows(path, x, m, w, out, out_stride, col0);
+    if let Some(path) = simd_path() {
+        if m <= MAX_ROWS {
+            // Few rows (decoding): one pass over the stored weights beats converting them.
+            return linear_rows(path, x, m, w, out, out_stride, col0);
+        }
+        if w.rows <= ROW_INDEPENDENT_ROWS {
+            // A matrix this small (a mixture of experts' router) costs little either
+            // way; taken a few rows at a time, a row's result never depends on how many
+            // rows are multiplied with it, so the experts a token chooses cannot change
+            // with the micro-batching (the GEMM adds in another order than the few-row
+            // kernels, and on AVX-512 machines that moved a router's last bits).
+            let k = w.cols;
+            for first in (0..m).step_by(MAX_ROWS) {
+                let rows = MAX_ROWS.min(m - first);
+                let x = &x[first * k..(first + rows) * k];
+                linear_rows(path, x, rows, w, &mut out[first * out_stride..], out_stride, col0);
+            }
+            return;
+        }
     }
     linear_converted(x, m, w, out, out_stride, col0);
 }
+
+/// Weight matrices of at most this many rows take the few-row kernels for any number
+/// of rows of x (see `linear`): a router has one row per expert (128 in Qwen3's MoE).
+const ROW_INDEPENDENT_ROWS: usize = 256;
 
 /// `linear` through the GEMM: row blocks of `w` converted to f32 and multiplied in
 /// parallel (the path for many rows; public so benchmarks can compare the two).

@@ -397,4 +397,24 @@ mod tests {
             }
         }
     }
+
+    /// A router-sized matrix (one row per expert) gives each row of x the same bits
+    /// whether it is multiplied alone or among many rows: the experts a token chooses
+    /// must not depend on the micro-batching.
+    #[test]
+    fn a_small_matrix_gives_each_row_the_same_bits_at_any_row_count() {
+        let (n, k) = (8usize, 128usize);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 37) as f32 - 18.0) / 23.0).collect();
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let matrix = Matrix { bytes: &bytes, dtype: Dtype::F32, rows: n, cols: k };
+        let m = 3 * MAX_ROWS + 5;
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 11 % 41) as f32 - 20.0) / 9.0).collect();
+        let mut all = vec![0.0f32; m * n];
+        crate::kernels::linear(&x, m, matrix, &mut all, n, 0);
+        for i in 0..m {
+            let mut alone = vec![0.0f32; n];
+            crate::kernels::linear(&x[i * k..(i + 1) * k], 1, matrix, &mut alone, n, 0);
+            assert_eq!(alone, all[i * n..(i + 1) * n], "row {i} of {m}");
+        }
+    }
 }
