@@ -78,7 +78,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
             "tasks": prediction.graph.tasks.len(),
             "events": prediction.events,
             "speculation": resolved.plan.policy.speculation.as_ref().map(|s| serde_json::json!({
-                "tokens_per_round": s.tokens_per_round(resolved.plan.policy.micro_batch_size),
+                "tokens_per_round": s.tokens_per_round(),
                 "expected_rounds": ferry_core::schedule::expected_decode_rounds(&resolved.plan.policy, &resolved.plan.workload),
             })),
         });

@@ -129,7 +129,7 @@ pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation
         (Draft::Model, None) => "a draft model".into(),
     };
     println!(
-        "\nspeculation: a draft of {draft}, planned at α = {:.3} (a micro-batch of m sequences accepts a token at α^m)",
+        "\nspeculation: a draft of {draft}, planned at α = {:.3} (each sequence accepts its own draft tokens)",
         speculation.acceptance_rate
     );
     let mut table = Table::new(["draft tokens", "batch", "tokens/round", "tokens/s", "first token", "vs no draft"]);
@@ -149,11 +149,10 @@ pub fn print(outcome: &SpeculativeComparison, request: &TuneRequest, speculation
                 continue;
             }
         };
-        let a = speculation.acceptance_rate.powi(c.policy.micro_batch_size as i32);
         table.row([
             draft_len.to_string(),
             c.workload.batch_size.to_string(),
-            format!("{:.2}", tokens_per_round(a, *draft_len)),
+            format!("{:.2}", tokens_per_round(speculation.acceptance_rate, *draft_len)),
             format!("{:.2}", c.metrics.tokens_per_s),
             format_ns(c.metrics.time_to_first_token_ns),
             format!("{:.2}×", c.metrics.tokens_per_s / plain.metrics.tokens_per_s),

@@ -150,8 +150,10 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
     host.kv_cache = TierCounts { device: 1, host: layers - 1, disk: 0 };
     host.host_attention = true;
     cases.push(("host weights and KV, host attention, k 4".into(), speculating(&host, 2, 4)));
+    let host_pair = Policy { micro_batch_size: 2, num_micro_batches: 1, ..host };
+    cases.push(("host weights and KV, host attention, 2×1, k 3".into(), speculating(&host_pair, 1, 3)));
 
-    let (mut agreed, mut rejected) = (0, 0);
+    let (mut agreed, mut rejected, mut ragged) = (0, 0, Vec::new());
     for (what, policy) in cases {
         let report = execute(dir.path(), &files, &policy, &workload);
         assert_eq!(reference.tokens, report.tokens, "{what}: tokens differ from plain greedy decoding");
@@ -174,9 +176,17 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
         }
         agreed += measured.agreed;
         rejected += measured.rejections;
+        if policy.micro_batch_size > 1 && measured.ragged_rounds > 0 {
+            ragged.push(what);
+        }
     }
-    // The cases exercise both sides of verification.
+    // The cases exercise both sides of verification, and sequences of one micro-batch
+    // advancing by different counts (each accepts on its own) with the KV cache at
+    // every tier: on the device, on the host under host attention, on disk.
     assert!(agreed > 0 && rejected > 0, "agreed {agreed}, rejected {rejected}");
+    for needle in ["resident", "streamed", "host weights"] {
+        assert!(ragged.iter().any(|w| w.contains(needle)), "no ragged round in {needle} plans: {ragged:?}");
+    }
 }
 
 /// A mixture of experts speculating while its experts stream from disk as routed reads

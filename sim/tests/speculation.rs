@@ -111,3 +111,57 @@ fn the_speculative_search_reports_its_gain_and_the_rate_it_needs() {
     };
     assert!(score(rate + 0.01) > plain && score((rate - 0.01).max(0.0)) <= plain, "{rate}");
 }
+
+/// Each sequence accepts on its own: the rounds a batch needs depend on how many
+/// sequences wait for the slowest, not on how they are grouped into micro-batches, and
+/// a micro-batch of several sequences gains from a draft as one sequence does (a round
+/// no longer needs every sequence to accept a guess).
+#[test]
+fn sequences_accept_on_their_own_whatever_their_micro_batch() {
+    let (model, profile) = setup();
+    let workload = Workload { batch_size: 4, prompt_len: 64, gen_len: 33 };
+    let one_of_four = streamed(&model, Schedule::ZigzagBlock, 4);
+    let four_of_one = Policy { micro_batch_size: 1, num_micro_batches: 4, ..one_of_four.clone() };
+    let (a, b) = (with(&one_of_four, 4, 0.7), with(&four_of_one, 4, 0.7));
+    assert_eq!(expected_decode_rounds(&a, &workload), expected_decode_rounds(&b, &workload));
+    let single = Workload { batch_size: 1, ..workload };
+    let alone = expected_decode_rounds(&with(&streamed(&model, Schedule::ZigzagBlock, 1), 4, 0.7), &single);
+    let together = expected_decode_rounds(&a, &workload);
+    // The slowest of four takes longer than one sequence, but far fewer rounds than
+    // tokens (at α⁴ ≈ 0.24 per guess a micro-batch would need ~25 of 32).
+    assert!(together > alone && together < 16.0, "{alone} {together}");
+    let plain = predict(&one_of_four, &model, &workload, &profile, Extrapolation::Full).unwrap().metrics.tokens_per_s;
+    let drafted = predict(&a, &model, &workload, &profile, Extrapolation::Full).unwrap().metrics.tokens_per_s;
+    assert!(drafted > 1.5 * plain, "four sequences in one micro-batch: {drafted} vs {plain} tok/s");
+}
+
+/// SpecOffload's interleaving comes from the dispatch rule: with two micro-batches
+/// streaming the target one after the other, the second's draft passes run while the
+/// first's target layers wait for their weights, not after the first's pass.
+#[test]
+fn one_micro_batchs_drafts_run_while_anothers_target_streams() {
+    use ferry_core::graph::{Op, Payload};
+    let (model, profile) = setup();
+    let workload = Workload { batch_size: 2, prompt_len: 16, gen_len: 6 };
+    let policy = with(&Policy { num_micro_batches: 2, ..streamed(&model, Schedule::LayerPrefetch, 1) }, 4, 0.6);
+    let p = predict(&policy, &model, &workload, &profile, Extrapolation::Full).unwrap();
+    let span = |id: usize| p.trace.spans.iter().find(|s| s.task as usize == id).unwrap();
+    for step in 1..p.graph.rounds.len() as u32 {
+        let of = |j: u32, draft: bool, op: Op| {
+            p.graph.tasks.iter().enumerate().filter(move |(_, t)| {
+                t.step == step
+                    && t.micro_batch == j
+                    && matches!(t.payload, Payload::Compute { op: o, draft: d } if o == op && d == draft)
+            })
+        };
+        // The first micro-batch's target pass: from its embedding to its head.
+        let (first_embed, _) = of(0, false, Op::Embed).next().unwrap();
+        let (first_head, _) = of(0, false, Op::Head).next().unwrap();
+        let (from, to) = (span(first_embed).start_ns, span(first_head).end_ns);
+        let inside = of(1, true, Op::Head).filter(|(id, _)| span(*id).end_ns < to && span(*id).start_ns > from).count();
+        assert!(
+            inside >= 3,
+            "round {step}: {inside} of the second micro-batch's 4 draft passes end inside the first's pass"
+        );
+    }
+}

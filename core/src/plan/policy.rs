@@ -545,7 +545,7 @@ impl Policy {
                     "draft: {draft}; {} draft tokens per round; α = {} assumed ({:.2} tokens per round)",
                     speculation.draft_len,
                     speculation.acceptance_rate,
-                    speculation.tokens_per_round(self.micro_batch_size)
+                    speculation.tokens_per_round()
                 ),
             ));
         }

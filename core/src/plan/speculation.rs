@@ -3,12 +3,12 @@
 //! one pass over `draft_len + 1` positions, so one stream of its weights yields up to
 //! `draft_len + 1` tokens.
 //!
-//! Verification is greedy and a micro-batch advances together: a round accepts the
-//! longest prefix of draft tokens that *every* sequence of the micro-batch accepted
-//! and appends the target's own token after it. Each sequence's output is then
-//! exactly the target's greedy decoding; the price is that a micro-batch of `m`
-//! sequences accepts a token with probability α^m where one sequence would with α.
-//! (Per-sequence lengths need attention over ragged contexts; not built yet.)
+//! Verification is greedy and per sequence: a round accepts, for each sequence, the
+//! longest prefix of its draft tokens the target agrees with and appends the target's
+//! own token after it, so each sequence's output is exactly the target's greedy
+//! decoding and each advances by its own count. A micro-batch's sequences then sit at
+//! different positions (the engine's attention and KV stores take one past per
+//! sequence); its rounds go on until its slowest sequence has its tokens.
 //!
 //! This file holds the plan's section and the arithmetic of rounds under the usual
 //! model of acceptance: each draft token is accepted independently with probability
@@ -119,16 +119,16 @@ impl Speculation {
         }
     }
 
-    /// The acceptance rate of a whole micro-batch of `sequences`: α^sequences (every
-    /// sequence must accept the token).
-    pub fn group_acceptance(&self, sequences: u64) -> f64 {
-        self.acceptance_rate.powi(sequences.min(i32::MAX as u64) as i32)
+    /// Expected tokens per round for each sequence: (1 − α^(k+1)) ÷ (1 − α) (k + 1
+    /// when α = 1).
+    pub fn tokens_per_round(&self) -> f64 {
+        tokens_per_round(self.acceptance_rate, self.draft_len)
     }
 
-    /// Expected tokens per round for one micro-batch of `sequences`:
-    /// (1 − a^(k+1)) ÷ (1 − a) with a = α^sequences (k + 1 when a = 1).
-    pub fn tokens_per_round(&self, sequences: u64) -> f64 {
-        tokens_per_round(self.group_acceptance(sequences), self.draft_len)
+    /// Expected rounds until every one of `sequences` (each accepting on its own) has
+    /// `tokens` tokens: the rounds of the slowest (`expected_rounds`).
+    pub fn expected_rounds(&self, tokens: u64, sequences: u64) -> f64 {
+        expected_rounds(self.acceptance_rate, self.draft_len, tokens, sequences)
     }
 }
 
@@ -149,9 +149,9 @@ fn round_yield(a: f64, k: u32) -> Vec<f64> {
     p
 }
 
-/// The expected number of rounds until each of `groups` micro-batches (independent,
+/// The expected number of rounds until each of `groups` sequences (independent,
 /// acceptance `a` each) has yielded `tokens` tokens: the run lasts as long as its
-/// slowest micro-batch, E[max of `groups` round counts]. Exact for the model of
+/// slowest sequence, E[max of `groups` round counts]. Exact for the model of
 /// acceptance above (a distribution over totals, round by round).
 pub fn expected_rounds(a: f64, k: u32, tokens: u64, groups: u64) -> f64 {
     if tokens == 0 {

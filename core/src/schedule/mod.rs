@@ -134,18 +134,13 @@ pub fn decode_rounds(policy: &Policy, workload: &Workload) -> u32 {
 }
 
 /// The expected number of decode rounds after the prefill: one per token, or with
-/// speculation the expected rounds until every micro-batch has its tokens
+/// speculation the expected rounds until every sequence has its tokens
 /// (`plan::speculation::expected_rounds`).
 pub fn expected_decode_rounds(policy: &Policy, workload: &Workload) -> f64 {
     let tokens = workload.gen_len.saturating_sub(1);
     match &policy.speculation {
         None => tokens as f64,
-        Some(s) => crate::plan::speculation::expected_rounds(
-            s.group_acceptance(policy.micro_batch_size),
-            s.draft_len,
-            tokens,
-            policy.num_micro_batches,
-        ),
+        Some(s) => s.expected_rounds(tokens, workload.batch_size),
     }
 }
 

@@ -182,32 +182,20 @@ impl Backend for CpuBackend {
         s: AttentionShape,
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
-        let (q, cache, out) = (host(q)?.as_f32(), host(cache)?.as_bytes(), host_mut(out)?.as_f32_mut());
-        let visible = s.past + s.new;
-        let (width, kv_dim) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-        let mut keys = vec![0.0f32; visible * kv_dim];
-        let mut values = vec![0.0f32; visible * kv_dim];
-        let span = visible * layout.row_bytes;
-        for seq in 0..layout.sequences {
-            let (k_at, v_at) = (layout.offset(0, seq, 0), layout.offset(1, seq, 0));
-            let k = cache.get(k_at..k_at + span).ok_or_else(|| out_of_range("attention's keys"))?;
-            let v = cache.get(v_at..v_at + span).ok_or_else(|| out_of_range("attention's values"))?;
-            kernels::to_f32(layout.dtype, k, &mut keys);
-            kernels::to_f32(layout.dtype, v, &mut values);
-            let rows = seq * s.new * width..(seq + 1) * s.new * width;
-            kernels::attention(
-                &q[rows.clone()],
-                &keys,
-                &values,
-                s.past,
-                s.new,
-                s.heads,
-                s.kv_heads,
-                s.head_dim,
-                &mut out[rows],
-            );
-        }
-        Ok(())
+        attend(q, cache, layout, s, &vec![s.past; layout.sequences], out)
+    }
+
+    fn attention_ragged(
+        &self,
+        _at: Place,
+        q: &DeviceBuffer,
+        cache: &DeviceBuffer,
+        layout: KvLayout,
+        s: AttentionShape,
+        pasts: &[usize],
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        attend(q, cache, layout, s, pasts, out)
     }
 
     fn store_kv(
@@ -219,14 +207,20 @@ impl Backend for CpuBackend {
         layout: KvLayout,
         position: usize,
     ) -> Result<(), EngineError> {
-        let (rows, cache) = (host(rows)?.as_f32(), host_mut(cache)?.as_bytes_mut());
-        let kv_dim = layout.row_bytes / kernels::element_bytes(layout.dtype);
-        for seq in 0..layout.sequences {
-            let at = layout.offset(half, seq, position);
-            let dst = cache.get_mut(at..at + new * layout.row_bytes).ok_or_else(|| out_of_range("a KV store"))?;
-            kernels::from_f32(layout.dtype, &rows[seq * new * kv_dim..(seq + 1) * new * kv_dim], dst);
-        }
-        Ok(())
+        store(rows, new, half, cache, layout, &vec![position; layout.sequences])
+    }
+
+    fn store_kv_ragged(
+        &self,
+        _at: Place,
+        rows: &DeviceBuffer,
+        new: usize,
+        half: usize,
+        cache: &mut DeviceBuffer,
+        layout: KvLayout,
+        positions: &[usize],
+    ) -> Result<(), EngineError> {
+        store(rows, new, half, cache, layout, positions)
     }
 
     fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError> {
@@ -291,4 +285,70 @@ impl Backend for CpuBackend {
         }
         Ok(true)
     }
+}
+
+/// Attention of each sequence's `s.new` rows at positions `pasts[seq] ..` over its
+/// positions `0 .. pasts[seq] + s.new` of `cache`.
+fn attend(
+    q: &DeviceBuffer,
+    cache: &DeviceBuffer,
+    layout: KvLayout,
+    s: AttentionShape,
+    pasts: &[usize],
+    out: &mut DeviceBuffer,
+) -> Result<(), EngineError> {
+    if pasts.len() != layout.sequences {
+        return Err(EngineError::Internal(format!("{} pasts for {} sequences", pasts.len(), layout.sequences)));
+    }
+    let (q, cache, out) = (host(q)?.as_f32(), host(cache)?.as_bytes(), host_mut(out)?.as_f32_mut());
+    let (width, kv_dim) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let most = pasts.iter().max().copied().unwrap_or(0) + s.new;
+    let mut keys = vec![0.0f32; most * kv_dim];
+    let mut values = vec![0.0f32; most * kv_dim];
+    for (seq, &past) in pasts.iter().enumerate() {
+        let visible = past + s.new;
+        let span = visible * layout.row_bytes;
+        let (k_at, v_at) = (layout.offset(0, seq, 0), layout.offset(1, seq, 0));
+        let k = cache.get(k_at..k_at + span).ok_or_else(|| out_of_range("attention's keys"))?;
+        let v = cache.get(v_at..v_at + span).ok_or_else(|| out_of_range("attention's values"))?;
+        let (keys, values) = (&mut keys[..visible * kv_dim], &mut values[..visible * kv_dim]);
+        kernels::to_f32(layout.dtype, k, keys);
+        kernels::to_f32(layout.dtype, v, values);
+        let rows = seq * s.new * width..(seq + 1) * s.new * width;
+        kernels::attention(
+            &q[rows.clone()],
+            keys,
+            values,
+            past,
+            s.new,
+            s.heads,
+            s.kv_heads,
+            s.head_dim,
+            &mut out[rows],
+        );
+    }
+    Ok(())
+}
+
+/// Each sequence's `new` rows of keys or values (f32) into its positions
+/// `positions[seq] ..` of `cache`, converted to the cache's dtype.
+fn store(
+    rows: &DeviceBuffer,
+    new: usize,
+    half: usize,
+    cache: &mut DeviceBuffer,
+    layout: KvLayout,
+    positions: &[usize],
+) -> Result<(), EngineError> {
+    if positions.len() != layout.sequences {
+        return Err(EngineError::Internal(format!("{} positions for {} sequences", positions.len(), layout.sequences)));
+    }
+    let (rows, cache) = (host(rows)?.as_f32(), host_mut(cache)?.as_bytes_mut());
+    let kv_dim = layout.row_bytes / kernels::element_bytes(layout.dtype);
+    for (seq, &position) in positions.iter().enumerate() {
+        let at = layout.offset(half, seq, position);
+        let dst = cache.get_mut(at..at + new * layout.row_bytes).ok_or_else(|| out_of_range("a KV store"))?;
+        kernels::from_f32(layout.dtype, &rows[seq * new * kv_dim..(seq + 1) * new * kv_dim], dst);
+    }
+    Ok(())
 }

@@ -22,6 +22,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 mod host;
+pub mod ragged;
 
 use ferry_core::graph::Place;
 use ferry_core::model::{Dtype, WeightFormat};
@@ -223,6 +224,40 @@ pub trait Backend: Send + Sync {
         layout: KvLayout,
         position: usize,
     ) -> Result<(), EngineError>;
+    /// `attention` where sequence i's queries sit at positions `pasts[i] .. pasts[i] +
+    /// shape.new` (`shape.past` unused): a speculative round in which the sequences of
+    /// a micro-batch accepted different counts. `at` is where the buffers live. The
+    /// default works on any backend, one sequence at a time through copies
+    /// (`ragged::attention_by_copies`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_ragged(
+        &self,
+        at: Place,
+        q: &DeviceBuffer,
+        cache: &DeviceBuffer,
+        layout: KvLayout,
+        shape: AttentionShape,
+        pasts: &[usize],
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        ragged::attention_by_copies(self, at, q, cache, layout, shape, pasts, out)
+    }
+    /// `store_kv` with each sequence's rows at its own position `positions[i]`. The
+    /// default stores them all at 0 of a block of `new` positions, then copies each
+    /// sequence's into place.
+    #[allow(clippy::too_many_arguments)]
+    fn store_kv_ragged(
+        &self,
+        at: Place,
+        rows: &DeviceBuffer,
+        new: usize,
+        half: usize,
+        cache: &mut DeviceBuffer,
+        layout: KvLayout,
+        positions: &[usize],
+    ) -> Result<(), EngineError> {
+        ragged::store_kv_by_copies(self, at, rows, new, half, cache, layout, positions)
+    }
     /// SwiGLU: `gate = silu(gate) × up`.
     fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError>;
     /// `x += delta` (the residual connection).
@@ -266,11 +301,29 @@ pub fn copy_kv_positions(
     dst_position: usize,
     count: usize,
 ) -> Result<(), EngineError> {
+    let sequences = src_layout.sequences;
+    let (from, to) = (vec![src_position; sequences], vec![dst_position; sequences]);
+    copy_kv_rows(backend, src, src_layout, &from, dst, dst_layout, &to, count)
+}
+
+/// `copy_kv_positions` with each sequence's own positions: sequence i's
+/// `src_positions[i] .. + count` to its `dst_positions[i] ..`.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_kv_rows(
+    backend: &dyn Backend,
+    src: &DeviceBuffer,
+    src_layout: KvLayout,
+    src_positions: &[usize],
+    dst: &mut DeviceBuffer,
+    dst_layout: KvLayout,
+    dst_positions: &[usize],
+    count: usize,
+) -> Result<(), EngineError> {
     let bytes = count * src_layout.row_bytes;
     for half in 0..2 {
-        for seq in 0..src_layout.sequences {
-            let from = src_layout.offset(half, seq, src_position);
-            let to = dst_layout.offset(half, seq, dst_position);
+        for (seq, (&from, &to)) in src_positions.iter().zip(dst_positions).enumerate() {
+            let from = src_layout.offset(half, seq, from);
+            let to = dst_layout.offset(half, seq, to);
             backend.copy(src, from, dst, to, bytes)?;
         }
     }

@@ -117,7 +117,7 @@ impl<'a> Engine<'a> {
     pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec_of(task).hidden_size as usize;
         let at = self.positions_of(task)?;
-        let ids = self.input_tokens(task, at)?;
+        let ids = self.input_tokens(task, &at)?;
         let table = self.table(task, WeightGroup::Embeddings)?;
         let table_ref = Engine::tensor(std::slice::from_ref(&table), 0)?;
         let mut hidden = self.activation(side, ids.len() * h)?;
@@ -134,7 +134,7 @@ impl<'a> Engine<'a> {
 
     /// The rows a head projects: each sequence's last, or for a verification every
     /// row (the target's token after each guess).
-    fn head_rows(&self, task: &Task, at: Positions) -> Vec<usize> {
+    fn head_rows(&self, task: &Task, at: &Positions) -> Vec<usize> {
         if !is_draft(task) && self.graph.rounds[task.step as usize].drafted > 0 {
             (0..self.policy.micro_batch_size as usize * at.new).collect()
         } else {
@@ -147,7 +147,7 @@ impl<'a> Engine<'a> {
         let h = spec.hidden_size as usize;
         let vocab = spec.vocab_size as usize;
         let at = self.positions_of(task)?;
-        let rows = self.head_rows(task, at);
+        let rows = self.head_rows(task, &at);
         let head = self.table(task, WeightGroup::Head)?;
         let norm = Engine::tensor(std::slice::from_ref(&head), 0)?;
         let mut last = self.activation(side, rows.len() * h)?;
@@ -299,7 +299,7 @@ impl<'a> Engine<'a> {
         let spec = self.spec_of(task);
         let d = spec.head_dim() as usize;
         let at = self.positions_of(task)?;
-        let positions = self.positions(at);
+        let positions = self.positions(&at);
         let rotary = |heads: u64| Rotary {
             heads: heads as usize,
             head_dim: d,

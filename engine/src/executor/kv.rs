@@ -13,7 +13,7 @@ use ferry_core::plan::{Policy, Tier, Workload};
 
 use super::speculate::{is_draft, Positions};
 use super::{lock, Engine, RunOptions};
-use crate::backend::{copy_kv_positions, AttentionShape, KvLayout};
+use crate::backend::{copy_kv_positions, copy_kv_rows, AttentionShape, DeviceBuffer, KvLayout};
 use crate::io::DiskFile;
 use crate::EngineError;
 
@@ -113,7 +113,8 @@ impl<'a> Engine<'a> {
     /// there (a resident region), or passes them on to where the cache lives.
     pub(super) fn attn_core(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let spec = self.spec_of(task);
-        let Positions { past, new } = self.positions_of(task)?;
+        let at = self.positions_of(task)?;
+        let new = at.new;
         let rows = self.policy.micro_batch_size as usize * new;
         let (q, k_new, v_new) = {
             let mut state = lock(self.activations_of(task));
@@ -123,7 +124,7 @@ impl<'a> Engine<'a> {
         let missing = || EngineError::Internal(format!("{}: q, k and v are not at {}", task.label(), side.token()));
         let (q, k_new, v_new) = (q.ok_or_else(missing)?, k_new.ok_or_else(missing)?, v_new.ok_or_else(missing)?);
         let shape = AttentionShape {
-            past,
+            past: at.most_past(),
             new,
             heads: spec.num_heads as usize,
             kv_heads: spec.num_kv_heads as usize,
@@ -141,15 +142,16 @@ impl<'a> Engine<'a> {
         if let Some(region) = resident_region {
             let mut slot = lock(region);
             let region = slot.as_mut().ok_or_else(|| EngineError::Internal("KV region missing".into()))?;
-            self.backend.store_kv(&k_new, new, 0, region, layout, past)?;
-            self.backend.store_kv(&v_new, new, 1, region, layout, past)?;
-            self.backend.attention(&q, region, layout, shape, &mut out)?;
+            self.store_and_attend(side, [&k_new, &v_new], &q, region, layout, shape, &at, &mut out)?;
         } else {
             // The past positions arrived (read or copied) for this round; assembled with
-            // the new ones into one block the attention reads.
-            let visible = layout.with_capacity(past + new);
+            // the new ones into one block the attention reads. Sequences that accepted
+            // fewer tokens than others hold rows beyond their own past here, which their
+            // attention does not read and their new rows overwrite.
+            let most = at.most_past();
+            let visible = layout.with_capacity(most + new);
             let mut cache = self.backend.scratch(side, visible.bytes())?;
-            if past > 0 {
+            if most > 0 {
                 let arrived = if side.is_device() { &self.kv_loaded } else { &self.kv_staged };
                 let past_kv = lock(arrived).remove(&Engine::kv_key(task)).ok_or_else(|| {
                     EngineError::Internal(format!("KV of layer {} did not arrive at {}", task.layer, side.token()))
@@ -157,18 +159,49 @@ impl<'a> Engine<'a> {
                 // What arrived may hold more positions than this round reads (a
                 // speculative round's loads carry the most it could need).
                 let arrived_layout = layout.with_capacity(self.loaded_past(task.step));
-                copy_kv_positions(self.backend, &past_kv, arrived_layout, 0, &mut cache, visible, 0, past)?;
+                copy_kv_positions(self.backend, &past_kv, arrived_layout, 0, &mut cache, visible, 0, most)?;
             }
-            self.backend.store_kv(&k_new, new, 0, &mut cache, visible, past)?;
-            self.backend.store_kv(&v_new, new, 1, &mut cache, visible, past)?;
-            self.backend.attention(&q, &cache, visible, shape, &mut out)?;
+            self.store_and_attend(side, [&k_new, &v_new], &q, &mut cache, visible, shape, &at, &mut out)?;
             let carried = layout.with_capacity(new);
             let mut new_kv = self.backend.scratch(side, carried.bytes())?;
-            copy_kv_positions(self.backend, &cache, visible, past, &mut new_kv, carried, 0, new)?;
+            let zeros = vec![0; at.pasts.len()];
+            copy_kv_rows(self.backend, &cache, visible, &at.pasts, &mut new_kv, carried, &zeros, new)?;
             lock(&self.kv_outbox).insert(Engine::kv_key(task), new_kv);
         }
         lock(self.activations_of(task)).at(side).attn = Some(out);
         Ok(())
+    }
+
+    /// Stores the new keys and values at each sequence's position of `cache`, then
+    /// attends over it: the backend's uniform operations when the sequences share their
+    /// past, else its ragged ones.
+    #[allow(clippy::too_many_arguments)]
+    fn store_and_attend(
+        &self,
+        side: Place,
+        new_kv: [&DeviceBuffer; 2],
+        q: &DeviceBuffer,
+        cache: &mut DeviceBuffer,
+        layout: KvLayout,
+        shape: AttentionShape,
+        at: &Positions,
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let (backend, pasts) = (self.backend, &at.pasts);
+        match at.common_past() {
+            Some(past) => {
+                for (half, rows) in new_kv.into_iter().enumerate() {
+                    backend.store_kv(rows, shape.new, half, cache, layout, past)?;
+                }
+                backend.attention(q, cache, layout, AttentionShape { past, ..shape }, out)
+            }
+            None => {
+                for (half, rows) in new_kv.into_iter().enumerate() {
+                    backend.store_kv_ragged(side, rows, shape.new, half, cache, layout, pasts)?;
+                }
+                backend.attention_ragged(side, q, cache, layout, shape, pasts, out)
+            }
+        }
     }
 
     pub(super) fn read_kv(&self, task: &Task) -> Result<(), EngineError> {
@@ -225,11 +258,12 @@ impl<'a> Engine<'a> {
         let new_kv =
             lock(&self.kv_outbox).remove(&key).ok_or_else(|| EngineError::Internal("no new KV to store".into()))?;
         let layout = self.kv_layout();
-        let Positions { past, new } = self.positions_of(task)?;
+        let Positions { pasts, new } = self.positions_of(task)?;
         if self.placements[task.layer as usize].kv == Tier::Host {
             let mut slot = lock(&self.kv_host[self.kv_slot(task.layer, task.micro_batch)]);
             let region = slot.as_mut().ok_or_else(|| EngineError::Internal("host KV missing".into()))?;
-            copy_kv_positions(self.backend, &new_kv, layout.with_capacity(new), 0, region, layout, past, new)?;
+            let zeros = vec![0; pasts.len()];
+            copy_kv_rows(self.backend, &new_kv, layout.with_capacity(new), &zeros, region, layout, &pasts, new)?;
         } else {
             // On its way to disk.
             let bytes = new_kv.len_bytes();
@@ -249,10 +283,12 @@ impl<'a> Engine<'a> {
             .host_bytes()
             .ok_or_else(|| EngineError::Internal(format!("{}: the KV to write is not in host memory", task.label())))?;
         let layout = self.kv_layout();
-        let Positions { past, new } = self.positions_of(task)?;
+        let Positions { pasts, new } = self.positions_of(task)?;
         let span = new * layout.row_bytes;
         let base = kv.region_offset(self.kv_slot(task.layer, task.micro_batch));
+        // Rows of (half, sequence) in order: keys of every sequence, then values.
         for i in 0..2 * layout.sequences {
+            let past = pasts[i % layout.sequences];
             let offset = base + ((i * layout.capacity + past) * layout.row_bytes) as u64;
             let src = &new_kv[i * span..(i + 1) * span];
             kv.writer.write_all_at(src, offset).map_err(|e| EngineError::io(&kv.path, e))?;

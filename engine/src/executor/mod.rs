@@ -487,18 +487,17 @@ impl<'a> Engine<'a> {
     }
 
     /// The graph as it ran, when a speculative run stopped early: the rounds up to the
-    /// last that ran, each yielding what the last micro-batch to finish gained in it.
+    /// last that ran, each yielding what the last sequence to finish gained in it.
     fn graph_run(&self) -> Result<Option<TaskGraph>, EngineError> {
         let Some(draft) = &self.draft else { return Ok(None) };
         let finished = lock(&draft.finished_at).clone();
-        let slowest = (0..finished.len()).max_by_key(|&j| finished[j].unwrap_or(u32::MAX));
-        let (Some(j), Some(last)) = (slowest, finished.iter().map(|f| f.unwrap_or(u32::MAX)).max()) else {
-            return Ok(None);
-        };
+        let Some(last) = finished.iter().map(|f| f.unwrap_or(u32::MAX)).max() else { return Ok(None) };
         if last == u32::MAX {
             return Err(EngineError::Internal("a speculative run ended before every sequence had its tokens".into()));
         }
-        let yielded = lock(&draft.yielded_by_round)[j].clone();
+        // The slowest sequence gained something in every round up to the last.
+        let by_sequence = lock(&draft.yielded_by_round);
+        let yielded = by_sequence.iter().max_by_key(|gains| gains.len()).cloned().unwrap_or_default();
         Ok(Some(self.graph.truncated(last, &yielded)?))
     }
 
@@ -592,8 +591,8 @@ impl<'a> Engine<'a> {
         j as usize * mb..(j as usize + 1) * mb
     }
 
-    /// Each row's position: every sequence processes `at.new` after `at.past`.
-    pub(super) fn positions(&self, at: Positions) -> Vec<usize> {
-        (0..self.policy.micro_batch_size as usize).flat_map(|_| (0..at.new).map(move |t| at.past + t)).collect()
+    /// Each row's position: sequence i processes `at.new` after `at.pasts[i]`.
+    pub(super) fn positions(&self, at: &Positions) -> Vec<usize> {
+        at.pasts.iter().flat_map(|&past| (0..at.new).map(move |t| past + t)).collect()
     }
 }

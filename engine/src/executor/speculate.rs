@@ -2,12 +2,15 @@
 //! activations; the positions each task of a speculative round processes (known only
 //! at run time); greedy verification; and the measured acceptance.
 //!
-//! A micro-batch advances together (see `ferry_core::plan::speculation`): after the
-//! target's pass over the last accepted token and the draft's guesses, the round
-//! accepts the longest prefix of guesses every sequence's target argmax agrees with,
-//! then the target's token after it. Rejected positions need no undo: the next round
-//! starts at the first of them and overwrites their keys and values in both caches
-//! (attention never reads beyond a round's own rows).
+//! Each sequence advances by its own count (see `ferry_core::plan::speculation`):
+//! after the target's pass over the last accepted token and the draft's guesses, the
+//! round accepts the longest prefix of a sequence's guesses its target argmax agrees
+//! with, then the target's token after it. The sequences of a micro-batch then start
+//! the next round at different positions: every task's `Positions` holds one past per
+//! sequence, and attention and KV stores take them (`Backend::attention_ragged`).
+//! Rejected positions need no undo: the next round starts at the first of them and
+//! overwrites their keys and values in both caches (attention never reads beyond a
+//! sequence's own rows).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,14 +38,17 @@ pub struct SpeculationReport {
     /// agreed with (each sequence on its own), and rounds in which it disagreed with one.
     pub agreed: u64,
     pub rejections: u64,
-    /// Tokens the micro-batches' rounds yielded (accepted guesses + the target's own),
-    /// over the rounds that yielded them.
+    /// Tokens the sequences' rounds yielded (accepted guesses + the target's own), over
+    /// the sequence-rounds that yielded them.
     pub yielded: u64,
     pub yielding_rounds: u64,
+    /// Micro-batch rounds whose sequences gained different counts (each advances by its
+    /// own; the next round's positions differ between them).
+    pub ragged_rounds: u64,
     /// α measured: agreed ÷ (agreed + rejections), the rate at which the target accepts
     /// one draft token (each token accepted until the first rejection).
     pub acceptance_rate: f64,
-    /// Tokens per micro-batch round, measured (yielded ÷ yielding rounds).
+    /// Tokens per round and sequence, measured (yielded ÷ yielding rounds).
     pub tokens_per_round: f64,
 }
 
@@ -60,21 +66,42 @@ pub(super) struct DraftState {
     pub(super) micro_batches: Vec<Mutex<MicroBatch>>,
     /// Per sequence: this round's guesses so far.
     pub(super) guesses: Mutex<Vec<Vec<u32>>>,
-    /// The target's first position (its last accepted token) in round (step, micro-batch).
-    pub(super) round_start: Mutex<HashMap<(u32, u32), usize>>,
-    /// Per micro-batch: the last round that yielded tokens for it (it has all its tokens
-    /// after that; later rounds recompute the same positions and add nothing).
+    /// Per sequence of micro-batch j: the target's first position (its last accepted
+    /// token) in round (step, j).
+    pub(super) round_start: Mutex<HashMap<(u32, u32), Vec<usize>>>,
+    /// Per micro-batch: the last round that yielded tokens for it (every sequence has
+    /// all its tokens after that; later rounds recompute the same positions and add
+    /// nothing).
     pub(super) finished_at: Mutex<Vec<Option<u32>>>,
     pub(super) report: Mutex<SpeculationReport>,
-    /// Per round, the tokens the last micro-batch to finish gained in it.
+    /// Per sequence: the tokens each round gained it, until it had them all.
     pub(super) yielded_by_round: Mutex<Vec<Vec<u32>>>,
 }
 
-/// The positions one task processes: `new` per sequence after `past` earlier ones.
-#[derive(Debug, Clone, Copy)]
+/// The positions one task processes: `new` per sequence after `pasts[i]` earlier ones
+/// for sequence i of its micro-batch (the same for all but in a speculative round after
+/// the sequences accepted different counts).
+#[derive(Debug, Clone)]
 pub(super) struct Positions {
-    pub(super) past: usize,
+    pub(super) pasts: Vec<usize>,
     pub(super) new: usize,
+}
+
+impl Positions {
+    pub(super) fn uniform(past: usize, new: usize, sequences: usize) -> Positions {
+        Positions { pasts: vec![past; sequences], new }
+    }
+
+    /// The past every sequence shares, if they do.
+    pub(super) fn common_past(&self) -> Option<usize> {
+        let first = *self.pasts.first()?;
+        self.pasts.iter().all(|&p| p == first).then_some(first)
+    }
+
+    /// The most positions any sequence has before this task's.
+    pub(super) fn most_past(&self) -> usize {
+        self.pasts.iter().copied().max().unwrap_or(0)
+    }
 }
 
 pub(super) fn is_draft(task: &Task) -> bool {
@@ -127,7 +154,7 @@ impl<'a> Engine<'a> {
             round_start: Mutex::new(HashMap::new()),
             finished_at: Mutex::new(vec![None; micro_batches]),
             report: Mutex::new(SpeculationReport { draft_len: speculation.draft_len, ..Default::default() }),
-            yielded_by_round: Mutex::new(vec![Vec::new(); micro_batches]),
+            yielded_by_round: Mutex::new(vec![Vec::new(); self.workload.batch_size as usize]),
         })
     }
 
@@ -165,41 +192,44 @@ impl<'a> Engine<'a> {
     }
 
     /// The positions a compute task (or a KV store after it) processes. Plain decoding
-    /// and the prefill: its round's. A verification: from its round's first position,
-    /// known once the round before was verified. A draft pass: the prompt in the
-    /// prefill; then the two positions ending at the round's first, then one guess each.
+    /// and the prefill: its round's. A verification: from each sequence's first
+    /// position in its round, known once the round before was verified. A draft pass:
+    /// the prompt in the prefill; then the two positions ending at the round's first,
+    /// then one guess each.
     pub(super) fn positions_of(&self, task: &Task) -> Result<Positions, EngineError> {
         let round = &self.graph.rounds[task.step as usize];
+        let sequences = self.policy.micro_batch_size as usize;
         let Some(draft) = &self.draft else {
-            return Ok(Positions { past: round.past as usize, new: round.rows as usize });
+            return Ok(Positions::uniform(round.past as usize, round.rows as usize, sequences));
         };
         if task.step == 0 {
-            return Ok(Positions { past: 0, new: round.rows as usize });
+            return Ok(Positions::uniform(0, round.rows as usize, sequences));
         }
-        let start = lock(&draft.round_start)
+        let starts = lock(&draft.round_start)
             .get(&(task.step, task.micro_batch))
-            .copied()
+            .cloned()
             .ok_or_else(|| EngineError::Internal(format!("{}: round {} has no start yet", task.label(), task.step)))?;
         if !is_draft(task) {
-            return Ok(Positions { past: start, new: round.rows as usize });
+            return Ok(Positions { pasts: starts, new: round.rows as usize });
         }
+        // Every sequence of a micro-batch has made the same number of guesses.
         let first_seq = self.sequences(task.micro_batch).start;
         let guessed = lock(&draft.guesses)[first_seq].len();
         Ok(if guessed == 0 {
-            Positions { past: start - 1, new: 2 }
+            Positions { pasts: starts.iter().map(|s| s - 1).collect(), new: 2 }
         } else {
-            Positions { past: start + guessed, new: 1 }
+            Positions { pasts: starts.iter().map(|s| s + guessed).collect(), new: 1 }
         })
     }
 
     /// The token ids a task embeds, per sequence of its micro-batch, in row order.
-    pub(super) fn input_tokens(&self, task: &Task, at: Positions) -> Result<Vec<u32>, EngineError> {
+    pub(super) fn input_tokens(&self, task: &Task, at: &Positions) -> Result<Vec<u32>, EngineError> {
         let prompt_len = self.workload.prompt_len as usize;
         let tokens = lock(&self.tokens);
         let guesses = self.draft.as_ref().map(|d| lock(&d.guesses));
         let mut ids = Vec::with_capacity(self.policy.micro_batch_size as usize * at.new);
-        for seq in self.sequences(task.micro_batch) {
-            for position in at.past..at.past + at.new {
+        for (seq, &past) in self.sequences(task.micro_batch).zip(&at.pasts) {
+            for position in past..past + at.new {
                 let accepted = prompt_len + tokens[seq].len();
                 ids.push(if position < prompt_len {
                     self.options.prompts[seq][position]
@@ -267,57 +297,61 @@ impl<'a> Engine<'a> {
         };
         let j = task.micro_batch as usize;
         let mut guesses = lock(&draft.guesses);
-        // Per sequence: how many guesses its target agrees with.
-        let agreed: Vec<usize> = sequences
-            .clone()
-            .enumerate()
-            .map(|(i, seq)| {
-                let row = &predicted[i * rows..(i + 1) * rows];
-                guesses[seq].iter().zip(row).take_while(|(g, p)| g == p).count()
-            })
-            .collect();
-        let accepted = if task.step == 0 { 0 } else { agreed.iter().copied().min().unwrap_or(0) };
-        let mut finished = lock(&draft.finished_at);
-        let start = if task.step == 0 {
-            self.workload.prompt_len as usize
+        let starts = if task.step == 0 {
+            vec![self.workload.prompt_len as usize; sequences.len()]
         } else {
-            lock(&draft.round_start)[&(task.step, task.micro_batch)]
+            lock(&draft.round_start)[&(task.step, task.micro_batch)].clone()
         };
-        let mut next_start = start;
-        if finished[j].is_none() {
-            let have = lock(&self.tokens)[sequences.start].len();
-            let gained = (accepted + 1).min(gen_len - have);
-            let mut new_tokens = Vec::new();
-            for (i, seq) in sequences.clone().enumerate() {
-                let row = &predicted[i * rows..(i + 1) * rows];
-                let keep: Vec<(u32, Option<usize>)> = (0..gained)
-                    .map(|t| (if t < accepted { guesses[seq][t] } else { row[t] }, Some(i * rows + t)))
-                    .collect();
-                new_tokens.push(keep);
+        let had: Vec<usize> = {
+            let tokens = lock(&self.tokens);
+            sequences.clone().map(|seq| tokens[seq].len()).collect()
+        };
+        // Each sequence on its own: the guesses its target agrees with, then the
+        // target's token after them, up to its last token.
+        let (mut new_tokens, mut next_starts) = (Vec::new(), starts.clone());
+        let (mut report, mut yielded_by_round) = (lock(&draft.report), lock(&draft.yielded_by_round));
+        let (mut gains, mut all_done) = (Vec::new(), true);
+        for (i, seq) in sequences.clone().enumerate() {
+            let row = &predicted[i * rows..(i + 1) * rows];
+            let agreed =
+                if task.step == 0 { 0 } else { guesses[seq].iter().zip(row).take_while(|(g, p)| g == p).count() };
+            let gained = (agreed + 1).min(gen_len - had[i]);
+            new_tokens.push(
+                (0..gained)
+                    .map(|t| (if t < agreed { guesses[seq][t] } else { row[t] }, Some(i * rows + t)))
+                    .collect::<Vec<_>>(),
+            );
+            all_done &= had[i] + gained >= gen_len;
+            if gained == 0 {
+                continue;
             }
+            gains.push(gained);
+            yielded_by_round[seq].push(gained as u32);
             if task.step > 0 {
-                let mut report = lock(&draft.report);
-                for &n in &agreed {
-                    report.agreed += n as u64;
-                    report.rejections += u64::from(n < draft.speculation.draft_len as usize);
-                }
+                report.agreed += agreed as u64;
+                report.rejections += u64::from(agreed < draft.speculation.draft_len as usize);
                 report.yielded += gained as u64;
                 report.yielding_rounds += 1;
             }
-            lock(&draft.yielded_by_round)[j].push(gained as u32);
-            self.append(task, new_tokens, logits)?;
-            if have + gained >= gen_len {
-                // Later rounds recompute this round's positions (within the bounds the
-                // graph was lowered for) and add nothing.
-                finished[j] = Some(task.step);
-            } else if task.step > 0 {
-                next_start = start + gained;
+            // A sequence with all its tokens stays where it is: later rounds recompute
+            // its positions (within the bounds the graph was lowered for), adding nothing.
+            if task.step > 0 && had[i] + gained < gen_len {
+                next_starts[i] = starts[i] + gained;
             }
+        }
+        if task.step > 0 && gains.iter().any(|&g| g != gains[0]) {
+            report.ragged_rounds += 1;
+        }
+        drop((report, yielded_by_round));
+        self.append(task, new_tokens, logits)?;
+        let mut finished = lock(&draft.finished_at);
+        if finished[j].is_none() && all_done {
+            finished[j] = Some(task.step);
         }
         for seq in sequences {
             guesses[seq].clear();
         }
-        lock(&draft.round_start).insert((task.step + 1, task.micro_batch), next_start);
+        lock(&draft.round_start).insert((task.step + 1, task.micro_batch), next_starts);
         drop((guesses, finished));
         self.note_round_done(task.step);
         Ok(())

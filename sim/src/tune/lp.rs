@@ -172,12 +172,7 @@ impl Searcher<'_> {
             // computes at least a plain step (the bound stays a lower bound).
             decode_steps: match &request.speculation {
                 None => request.gen_len.saturating_sub(1) as f64,
-                Some(s) => ferry_core::plan::speculation::expected_rounds(
-                    s.group_acceptance(group.micro_batch_size),
-                    s.draft_len,
-                    request.gen_len.saturating_sub(1),
-                    group.num_micro_batches,
-                ),
+                Some(s) => s.expected_rounds(request.gen_len.saturating_sub(1), group.batch()),
             },
         }
     }
