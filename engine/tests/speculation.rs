@@ -104,8 +104,9 @@ fn streamed(layers: u64, schedule: Schedule, micro_batch_size: u64, micro_batche
     p.schedule = schedule;
     p.chunk_bytes = 64 * KIB;
     p.io_queue_depth = 2;
-    // The first layer stays on the device (the draft shares it), the rest stream from
-    // disk; half the KV cache is on disk.
+    // One layer stays on the device (the last: device layers are the last of each
+    // share, so a one-layer draft keeps its own copy), the rest stream from disk; half
+    // the KV cache is on disk.
     p.attention_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
     p.mlp_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
     p.kv_cache = TierCounts { device: layers / 2, host: 0, disk: layers - layers / 2 };
