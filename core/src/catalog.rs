@@ -301,6 +301,7 @@ mod tests {
             "qwen3-30b-a3b",
             "qwen3-235b-a22b",
             "test-tiny-qwen3-moe",
+            "test-tiny-qwen2",
         ] {
             catalog.model(model).unwrap();
         }

@@ -237,6 +237,25 @@ fn a_qwen3_mixture_of_experts_matches_the_numpy_reference() {
     mixture_matches("test-tiny-qwen3-moe");
 }
 
+/// Qwen2: biases on the q, k and v projections and a rotary base of 10⁶, from a
+/// safetensors folder (streamed and resident) and from GGUF files (`qwen2`, q and k
+/// stored as Hugging Face orders them), against the numpy reference.
+#[test]
+fn a_qwen2_model_with_projection_biases_matches_the_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen2").unwrap().value;
+    assert!(spec.qkv_bias);
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
+    let reference = numpy_reference(dir.path(), &dir.path().join("expected.json"), &[]);
+    let files = ModelFiles::open(dir.path()).unwrap();
+    let gen_len = reference["gen_len"].as_u64().unwrap();
+    let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
+    let resident = resident(&streamed, spec.num_layers);
+    assert_matches(&run_plan(&files, &streamed, gen_len, dir.path()), &reference, "test-tiny-qwen2 streamed");
+    assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, "test-tiny-qwen2 resident");
+    gguf_files_match("test-tiny-qwen2", &[(GgufStorage::F16, Activations::F32), (Q8_0, Activations::Q8)]);
+}
+
 /// `model`'s safetensors folder, then GGUF files of it, against the numpy reference;
 /// the experts each step computed with are reported.
 fn mixture_matches(model: &str) {

@@ -127,6 +127,13 @@ def matmul(x, w, name):
     return x @ w[name].T
 
 
+def projection(w, prefix, x):
+    """x @ weight.T, plus the bias where the model has one (Qwen2's q, k and v)."""
+    out = matmul(x, w, f"{prefix}.weight")
+    bias = w.get(f"{prefix}.bias")
+    return out if bias is None else out + bias
+
+
 def rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
@@ -184,9 +191,9 @@ def forward(cfg, w, tokens, cache, start):
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         xn = rms_norm(x, w[f"{p}.input_layernorm.weight"], eps)
-        q = matmul(xn, w, f"{p}.self_attn.q_proj.weight").reshape(len(tokens), heads, d)
-        k = matmul(xn, w, f"{p}.self_attn.k_proj.weight").reshape(len(tokens), kv_heads, d)
-        v = matmul(xn, w, f"{p}.self_attn.v_proj.weight").reshape(len(tokens), kv_heads, d)
+        q = projection(w, f"{p}.self_attn.q_proj", xn).reshape(len(tokens), heads, d)
+        k = projection(w, f"{p}.self_attn.k_proj", xn).reshape(len(tokens), kv_heads, d)
+        v = projection(w, f"{p}.self_attn.v_proj", xn).reshape(len(tokens), kv_heads, d)
         if f"{p}.self_attn.q_norm.weight" in w:
             # Qwen3: an RMSNorm over each head of q and k before the rotation.
             q = rms_norm(q, w[f"{p}.self_attn.q_norm.weight"], eps)
