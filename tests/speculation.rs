@@ -50,6 +50,7 @@ fn a_speculative_plan_simulates_runs_and_measures_its_acceptance() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("(measured; the plan assumed 0.600)"), "{stdout}");
     assert!(stdout.contains("predicted at the measured α"), "{stdout}");
+    assert!(stdout.contains("tokens per round and sequence"), "{stdout}");
 }
 
 #[test]

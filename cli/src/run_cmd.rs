@@ -421,9 +421,16 @@ fn print_run(
     let measured_rate = report.metrics.tokens_per_s;
     if let (Some(measured), Some(plan)) = (&report.speculation, &resolved.plan.policy.speculation) {
         println!(
-            "\nspeculation: {} rounds after the prefill, {:.2} tokens per round; the target accepted a draft token \
-             at α = {:.3} (measured; the plan assumed {:.3})",
-            measured.rounds, measured.tokens_per_round, measured.acceptance_rate, plan.acceptance_rate
+            "\nspeculation: {} rounds after the prefill, {:.2} tokens per round and sequence{}; the target accepted \
+             a draft token at α = {:.3} (measured; the plan assumed {:.3})",
+            measured.rounds,
+            measured.tokens_per_round,
+            match measured.ragged_rounds {
+                0 => String::new(),
+                n => format!(" ({n} rounds advanced a micro-batch's sequences by different counts)"),
+            },
+            measured.acceptance_rate,
+            plan.acceptance_rate
         );
         if let Some(p) = &predictions.at_measured_acceptance {
             println!(
