@@ -179,3 +179,28 @@ fn free_host_ram_is_used_before_the_disk() {
     let note = comparison.disk_note.expect("a plan with layers on disk says why");
     assert!(note.contains("stay on disk") && note.contains("no room"), "{note}");
 }
+
+/// A budget too small for two streamed layers beside the resident set: every
+/// overlapping schedule's group LP misses its prefetch window, yet such plans run (a
+/// load waits for memory) and stream several times faster than the sequential one.
+/// The search bounds those groups again with one layer in flight instead of giving
+/// them up (it once returned the sequential plan here).
+#[test]
+fn groups_that_cannot_hold_their_prefetch_window_are_still_searched() {
+    let (model, profile) = setup("cpu", "ferry-ci-vm", "tinyllama-1.1b", Some(384 * MIB));
+    let req = TuneRequest { prompt_len: 64, gen_len: 32, ..request(&model, &profile, BatchChoice::Auto { max: 64 }) };
+    let best = tune(&req, &KnobSpace::full()).unwrap().best;
+    let sequential = KnobSpace { schedules: vec![ferry_core::plan::Schedule::Sequential], ..KnobSpace::full() };
+    let only_sequential = tune(&req, &sequential).unwrap().best;
+    assert_ne!(best.policy.schedule, ferry_core::plan::Schedule::Sequential);
+    assert!(
+        best.metrics.tokens_per_s > 1.5 * only_sequential.metrics.tokens_per_s,
+        "{} against {} tok/s sequential",
+        best.metrics.tokens_per_s,
+        only_sequential.metrics.tokens_per_s
+    );
+    // The plan runs in simulation within its budget (no deadlock, no overdraft).
+    let p = predict(&best.policy, &model, &best.workload, &profile, Extrapolation::Full).unwrap();
+    let device = p.metrics.pools.iter().find(|pool| pool.pool == ferry_core::graph::Place::DEVICE).unwrap();
+    assert!(device.peak_bytes <= 384 * MIB, "{}", device.peak_bytes);
+}

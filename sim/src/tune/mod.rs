@@ -13,7 +13,10 @@
 //!    memory constraint: resident weights and KV for the full sequence, hidden states,
 //!    workspace, prefetch windows and staging buffers, and the profile's reserve. The
 //!    group's LP uses the best bandwidth any of its members can reach and the smallest
-//!    prefetch window, so its bound holds for every member.
+//!    prefetch window, so its bound holds for every member. A group that cannot hold
+//!    that window is bounded again with one layer in flight: a plan runs with less
+//!    memory than its prefetch depth asks (its loads wait for memory), and such groups
+//!    were once given up although their plans fit and ran fastest under tight budgets.
 //! 2. **Members** add the transfer knobs: schedule, prefetch depth, chunk size, copy
 //!    streams, I/O queue depth. Groups are visited best bound first; a group whose
 //!    bound cannot beat the best simulated plan is pruned whole. In a surviving group,

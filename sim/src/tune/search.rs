@@ -275,7 +275,14 @@ impl<'a> Searcher<'a> {
             stats.lp_solves += 1;
             let figures = self.figures(&group);
             let best = self.best_transfer(&group, &members);
-            match self.solve(&group, &figures, best) {
+            // The window keeps room to prefetch, but a plan also runs with less (its loads
+            // wait for memory under the dispatch rule): a group that cannot hold the
+            // window is bounded again with one layer in flight before it is given up.
+            let solved = self.solve(&group, &figures, best).or_else(|| {
+                stats.lp_solves += 1;
+                self.solve(&group, &figures, Transfer { window: best.window.min(1.0), ..best })
+            });
+            match solved {
                 Some((fractions, bound_ms)) => bounded.push(Bounded { group, members, figures, fractions, bound_ms }),
                 None => stats.infeasible += members.len() as u64,
             }
