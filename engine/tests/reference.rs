@@ -243,33 +243,51 @@ fn a_qwen3_mixture_of_experts_matches_the_numpy_reference() {
 #[test]
 fn a_qwen2_model_with_projection_biases_matches_the_numpy_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen2").unwrap().value;
-    assert!(spec.qkv_bias);
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
-    let reference = numpy_reference(dir.path(), &dir.path().join("expected.json"), &[]);
-    let files = ModelFiles::open(dir.path()).unwrap();
-    let gen_len = reference["gen_len"].as_u64().unwrap();
-    let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
-    let resident = resident(&streamed, spec.num_layers);
-    assert_matches(&run_plan(&files, &streamed, gen_len, dir.path()), &reference, "test-tiny-qwen2 streamed");
-    assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, "test-tiny-qwen2 resident");
+    let case = Synthesized::new("test-tiny-qwen2", dir.path());
+    assert!(case.spec.qkv_bias);
+    assert_matches(&case.run(&case.streamed), &case.reference, "test-tiny-qwen2 streamed");
+    assert_matches(&case.run(&case.resident), &case.reference, "test-tiny-qwen2 resident");
     gguf_files_match("test-tiny-qwen2", &[(GgufStorage::F16, Activations::F32), (Q8_0, Activations::Q8)]);
+}
+
+/// A catalog model synthesized in f32 (seed 11) into a folder, the numpy reference's
+/// output for it, and a streaming plan and a resident one to run it with.
+struct Synthesized<'a> {
+    dir: &'a Path,
+    spec: ferry_core::model::ModelSpec,
+    reference: serde_json::Value,
+    files: ModelFiles,
+    gen_len: u64,
+    streamed: Policy,
+    resident: Policy,
+}
+
+impl<'a> Synthesized<'a> {
+    fn new(model: &str, dir: &'a Path) -> Synthesized<'a> {
+        let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
+        ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir, false, |_, _| {}).unwrap();
+        let reference = numpy_reference(dir, &dir.join("expected.json"), &[]);
+        let files = ModelFiles::open(dir).unwrap();
+        let gen_len = reference["gen_len"].as_u64().unwrap();
+        let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
+        let resident = resident(&streamed, spec.num_layers);
+        Synthesized { dir, spec, reference, files, gen_len, streamed, resident }
+    }
+
+    fn run(&self, policy: &Policy) -> RunReport {
+        run_plan(&self.files, policy, self.gen_len, self.dir)
+    }
 }
 
 /// `model`'s safetensors folder, then GGUF files of it, against the numpy reference;
 /// the experts each step computed with are reported.
 fn mixture_matches(model: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
+    let case = Synthesized::new(model, dir.path());
+    let (spec, reference, gen_len) = (&case.spec, &case.reference, case.gen_len);
     assert!(spec.num_experts > spec.experts_per_token && spec.experts_per_token > 1);
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, dir.path(), false, |_, _| {}).unwrap();
-    let reference = numpy_reference(dir.path(), &dir.path().join("expected.json"), &[]);
-    let files = ModelFiles::open(dir.path()).unwrap();
-    let gen_len = reference["gen_len"].as_u64().unwrap();
-    let streamed = streaming(spec.num_layers, WeightFormats::uniform(WeightFormat::F32), Dtype::F32);
-    let resident = resident(&streamed, spec.num_layers);
-    let report = run_plan(&files, &streamed, gen_len, dir.path());
-    assert_matches(&report, &reference, &format!("{model} streamed"));
+    let report = case.run(&case.streamed);
+    assert_matches(&report, reference, &format!("{model} streamed"));
     // Every MoE layer of every step and micro-batch says which experts it computed
     // with: a decoding token exactly k, a 6-token prompt between k and min(6k, E).
     let (k, experts) = (spec.experts_per_token as usize, spec.num_experts as usize);
@@ -281,7 +299,7 @@ fn mixture_matches(model: &str) {
         assert_eq!(used.tokens, if used.step == 0 { 6 } else { 1 }, "{used:?}");
     }
     assert_eq!(report.mean_experts(false), Some(k as f64));
-    assert_matches(&run_plan(&files, &resident, gen_len, dir.path()), &reference, &format!("{model} resident"));
+    assert_matches(&case.run(&case.resident), reference, &format!("{model} resident"));
     // As llama.cpp stores it: each projection's experts one 3-D tensor, the router in f32.
     gguf_files_match(model, &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);
 }
