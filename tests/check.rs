@@ -72,6 +72,7 @@ fn what_it_cannot_model_is_refused_by_name() {
         (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "nosuch"], "unknown model"),
         (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "13b", "-c", "8", "-np", "8"], "larger -c"),
         (vec!["check", "--gpu", "rtx3060"], "COMMAND"),
+        (vec!["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "13b", "-md", "1b"], "ferry tune --draft"),
     ] {
         let out = ferry(dir.path(), &args);
         let stderr = text(&out.stderr);

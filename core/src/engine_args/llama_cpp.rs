@@ -53,7 +53,10 @@ const NOT_MODELLED: &[(&[&str], &str)] = &[
         &["-ts", "--tensor-split", "-sm", "--split-mode", "-dev", "--device", "--rpc", "-mg", "--main-gpu"],
         "splits the model over several devices",
     ),
-    (&["-md", "--model-draft", "-hfd", "--hf-repo-draft"], "adds a draft model"),
+    (
+        &["-md", "--model-draft", "-hfd", "--hf-repo-draft"],
+        "adds a draft model (a plan with one: `ferry tune --draft MODEL --acceptance α`)",
+    ),
     (&["-hf", "-hfr", "--hf-repo", "-mu", "--model-url"], "downloads the model; give the local file with -m"),
     (&["--lora", "--lora-scaled", "--control-vector"], "adds adapter weights"),
 ];

@@ -36,7 +36,10 @@ const MAX_SEQS: &[&str] = &["--max-num-seqs"];
 const NOT_MODELLED: &[(&[&str], &str)] = &[
     (&["-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"], "splits the model over several GPUs"),
     (&["-q", "--quantization"], "quantizes the weights with a method Ferry does not price"),
-    (&["--speculative-config", "--speculative-model"], "adds speculative decoding"),
+    (
+        &["--speculative-config", "--speculative-model"],
+        "adds speculative decoding (a plan with a draft: `ferry tune --draft MODEL --acceptance α`)",
+    ),
     (&["--cpu-offload-params"], "chooses which parameters to offload"),
 ];
 
