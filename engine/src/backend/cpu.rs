@@ -182,7 +182,7 @@ impl Backend for CpuBackend {
         s: AttentionShape,
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
-        attend(q, cache, layout, s, &vec![s.past; layout.sequences], out)
+        attend(q, cache, layout, s, |_| s.past, out)
     }
 
     fn attention_ragged(
@@ -195,7 +195,8 @@ impl Backend for CpuBackend {
         pasts: &[usize],
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
-        attend(q, cache, layout, s, pasts, out)
+        super::ragged::check_sequences(pasts, layout)?;
+        attend(q, cache, layout, s, |seq| pasts[seq], out)
     }
 
     fn store_kv(
@@ -207,7 +208,7 @@ impl Backend for CpuBackend {
         layout: KvLayout,
         position: usize,
     ) -> Result<(), EngineError> {
-        store(rows, new, half, cache, layout, &vec![position; layout.sequences])
+        store(rows, new, half, cache, layout, |_| position)
     }
 
     fn store_kv_ragged(
@@ -220,7 +221,8 @@ impl Backend for CpuBackend {
         layout: KvLayout,
         positions: &[usize],
     ) -> Result<(), EngineError> {
-        store(rows, new, half, cache, layout, positions)
+        super::ragged::check_sequences(positions, layout)?;
+        store(rows, new, half, cache, layout, |seq| positions[seq])
     }
 
     fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError> {
@@ -287,25 +289,23 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Attention of each sequence's `s.new` rows at positions `pasts[seq] ..` over its
-/// positions `0 .. pasts[seq] + s.new` of `cache`.
+/// Attention of each sequence's `s.new` rows at positions `past_of(seq) ..` over its
+/// positions `0 .. past_of(seq) + s.new` of `cache`.
 fn attend(
     q: &DeviceBuffer,
     cache: &DeviceBuffer,
     layout: KvLayout,
     s: AttentionShape,
-    pasts: &[usize],
+    past_of: impl Fn(usize) -> usize,
     out: &mut DeviceBuffer,
 ) -> Result<(), EngineError> {
-    if pasts.len() != layout.sequences {
-        return Err(EngineError::Internal(format!("{} pasts for {} sequences", pasts.len(), layout.sequences)));
-    }
     let (q, cache, out) = (host(q)?.as_f32(), host(cache)?.as_bytes(), host_mut(out)?.as_f32_mut());
     let (width, kv_dim) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    let most = pasts.iter().max().copied().unwrap_or(0) + s.new;
+    let most = (0..layout.sequences).map(&past_of).max().unwrap_or(0) + s.new;
     let mut keys = vec![0.0f32; most * kv_dim];
     let mut values = vec![0.0f32; most * kv_dim];
-    for (seq, &past) in pasts.iter().enumerate() {
+    for seq in 0..layout.sequences {
+        let past = past_of(seq);
         let visible = past + s.new;
         let span = visible * layout.row_bytes;
         let (k_at, v_at) = (layout.offset(0, seq, 0), layout.offset(1, seq, 0));
@@ -331,22 +331,19 @@ fn attend(
 }
 
 /// Each sequence's `new` rows of keys or values (f32) into its positions
-/// `positions[seq] ..` of `cache`, converted to the cache's dtype.
+/// `position_of(seq) ..` of `cache`, converted to the cache's dtype.
 fn store(
     rows: &DeviceBuffer,
     new: usize,
     half: usize,
     cache: &mut DeviceBuffer,
     layout: KvLayout,
-    positions: &[usize],
+    position_of: impl Fn(usize) -> usize,
 ) -> Result<(), EngineError> {
-    if positions.len() != layout.sequences {
-        return Err(EngineError::Internal(format!("{} positions for {} sequences", positions.len(), layout.sequences)));
-    }
     let (rows, cache) = (host(rows)?.as_f32(), host_mut(cache)?.as_bytes_mut());
     let kv_dim = layout.row_bytes / kernels::element_bytes(layout.dtype);
-    for (seq, &position) in positions.iter().enumerate() {
-        let at = layout.offset(half, seq, position);
+    for seq in 0..layout.sequences {
+        let at = layout.offset(half, seq, position_of(seq));
         let dst = cache.get_mut(at..at + new * layout.row_bytes).ok_or_else(|| out_of_range("a KV store"))?;
         kernels::from_f32(layout.dtype, &rows[seq * new * kv_dim..(seq + 1) * new * kv_dim], dst);
     }

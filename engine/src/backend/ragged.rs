@@ -70,7 +70,8 @@ pub fn store_kv_by_copies<B: Backend + ?Sized>(
     Ok(())
 }
 
-fn check_sequences(positions: &[usize], layout: KvLayout) -> Result<(), EngineError> {
+/// A ragged call's positions must name every sequence of the block.
+pub(super) fn check_sequences(positions: &[usize], layout: KvLayout) -> Result<(), EngineError> {
     if positions.len() != layout.sequences {
         return Err(EngineError::Internal(format!(
             "{} positions for a block of {} sequences",

@@ -296,12 +296,13 @@ impl<'a> Engine<'a> {
             return self.append(task, one_each.collect(), logits);
         };
         let j = task.micro_batch as usize;
-        let mut guesses = lock(&draft.guesses);
+        // Each sequence's first position this round (a verification's pasts).
         let starts = if task.step == 0 {
             vec![self.workload.prompt_len as usize; sequences.len()]
         } else {
-            lock(&draft.round_start)[&(task.step, task.micro_batch)].clone()
+            self.positions_of(task)?.pasts
         };
+        let mut guesses = lock(&draft.guesses);
         let had: Vec<usize> = {
             let tokens = lock(&self.tokens);
             sequences.clone().map(|seq| tokens[seq].len()).collect()
