@@ -425,7 +425,12 @@ fn show_gguf(path: &std::path::Path, json: bool) -> Result<()> {
 /// "22 layers, hidden 2048, MLP 5632, 32 heads (4 KV heads), vocabulary 32000[, experts]".
 fn shape_line(model: &ferry_core::model::ModelSpec) -> String {
     let experts = if model.num_experts > 0 {
-        format!(", {} experts ({} per token)", model.num_experts, model.experts_per_token)
+        let weights = if model.renormalize_top_k { "" } else { ", weights not renormalised" };
+        let shared = match model.shared_expert_intermediate_size {
+            0 => String::new(),
+            width => format!(" and a shared expert of width {width}"),
+        };
+        format!(", {} experts ({} per token{weights}){shared}", model.num_experts, model.experts_per_token)
     } else {
         String::new()
     };

@@ -23,7 +23,7 @@ A GGUF file is what llama.cpp reads: its matrices in --dtype (q8_0, q4_0, q4_k a
 quantized by Ferry), norms in f32, the query and key rows in llama.cpp's order, and a
 placeholder vocabulary. The same --seed gives the same model in both formats.")]
 pub struct SynthArgs {
-    /// A catalog model the engine runs (`ferry list models`): Llama, Mistral, Qwen2/3 and the mixtures of experts Mixtral and Qwen3-MoE — tinyllama-1.1b, test-tiny, test-small, test-moe, llama-2-7b, ...
+    /// A catalog model the engine runs (`ferry list models`): Llama, Mistral, Qwen2/3 and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE — tinyllama-1.1b, test-tiny, test-small, test-moe, llama-2-7b, ...
     #[arg(long)]
     model: String,
     /// safetensors: a folder with config.json and model.safetensors; gguf: one .gguf file.

@@ -302,6 +302,8 @@ mod tests {
             "qwen3-235b-a22b",
             "test-tiny-qwen3-moe",
             "test-tiny-qwen2",
+            "test-tiny-qwen2-moe",
+            "qwen1.5-moe-a2.7b",
         ] {
             catalog.model(model).unwrap();
         }

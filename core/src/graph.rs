@@ -104,8 +104,8 @@ pub const NO_LAYER: u32 = u32::MAX;
 /// Marks a weight transfer that moves its whole group (not one pipelined piece).
 pub const WHOLE_GROUP: u32 = u32::MAX;
 
-/// Marks the load of a mixture of experts' router part (the MLP's norm and router,
-/// `ModelSpec::ROUTER_TENSORS`), read ahead like a whole group.
+/// Marks the load of a mixture of experts' router part (the MLP's norm, router and
+/// shared expert, `ModelSpec::router_tensors`), read ahead like a whole group.
 pub const ROUTER_PART: u32 = u32::MAX - 1;
 
 /// Marks the load of the experts a visit's tokens were routed to, read once every

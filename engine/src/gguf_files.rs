@@ -32,7 +32,7 @@ pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
     let spec = ferry_core::model::from_gguf(&header, name)?;
     crate::synth::check_supported(&spec)?;
     let rope_layout = match header.architecture()? {
-        "qwen2" | "qwen3" | "qwen3moe" => RopeLayout::Halves,
+        "qwen2" | "qwen2moe" | "qwen3" | "qwen3moe" => RopeLayout::Halves,
         _ => RopeLayout::Pairs,
     };
     let by_name: BTreeMap<&str, &ferry_core::gguf::TensorInfo> =

@@ -88,6 +88,7 @@ pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
     let (model_type, architecture) = match model.family {
         Family::Qwen3 if model.num_experts > 0 => ("qwen3_moe", "Qwen3MoeForCausalLM"),
         Family::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        Family::Qwen2 if model.num_experts > 0 => ("qwen2_moe", "Qwen2MoeForCausalLM"),
         _ if model.num_experts > 0 => ("mixtral", "MixtralForCausalLM"),
         Family::Mistral => ("mistral", "MistralForCausalLM"),
         Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
@@ -115,14 +116,17 @@ pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
     }
     match (model.num_experts, model.family) {
         (0, _) => {}
-        (experts, Family::Qwen3) => {
-            // Qwen-MoE's names: every layer sparse, top-k renormalised as Mixtral does.
+        (experts, Family::Qwen2 | Family::Qwen3) => {
+            // Qwen-MoE's names: every layer sparse.
             config["num_experts"] = experts.into();
             config["num_experts_per_tok"] = model.experts_per_token.into();
             config["moe_intermediate_size"] = model.intermediate_size.into();
-            config["norm_topk_prob"] = true.into();
+            config["norm_topk_prob"] = model.renormalize_top_k.into();
             config["decoder_sparse_step"] = 1.into();
             config["mlp_only_layers"] = serde_json::json!([]);
+            if model.shared_expert_intermediate_size > 0 {
+                config["shared_expert_intermediate_size"] = model.shared_expert_intermediate_size.into();
+            }
         }
         (experts, _) => {
             config["num_local_experts"] = experts.into();

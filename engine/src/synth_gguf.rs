@@ -99,6 +99,7 @@ pub fn unpermuted_row(row: usize, head_dim: usize) -> usize {
 
 fn architecture(model: &ModelSpec) -> &'static str {
     match model.family {
+        Family::Qwen2 if model.num_experts > 0 => "qwen2moe",
         Family::Qwen2 => "qwen2",
         Family::Qwen3 if model.num_experts > 0 => "qwen3moe",
         Family::Qwen3 => "qwen3",
@@ -130,9 +131,16 @@ fn metadata(model: &ModelSpec, storage: GgufStorage) -> Vec<(String, Meta)> {
     if model.num_experts > 0 {
         meta.push((key("expert_count"), Meta::U32(model.num_experts as u32)));
         meta.push((key("expert_used_count"), Meta::U32(model.experts_per_token as u32)));
-        if arch == "qwen3moe" {
+        if arch == "qwen3moe" || arch == "qwen2moe" {
             meta.push((key("expert_feed_forward_length"), Meta::U32(model.intermediate_size as u32)));
         }
+        if model.shared_expert_intermediate_size > 0 {
+            let width = model.shared_expert_intermediate_size as u32;
+            meta.push((key("expert_shared_feed_forward_length"), Meta::U32(width)));
+        }
+        // llama.cpp takes the weighting from the architecture (Qwen2-MoE's not
+        // renormalised, the others' renormalised); the key makes the file say it.
+        meta.push((key("expert_weights_norm"), Meta::Bool(model.renormalize_top_k)));
     }
     if model.head_dim.is_some() {
         meta.push((key("attention.key_length"), Meta::U32(model.head_dim() as u32)));

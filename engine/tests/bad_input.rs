@@ -104,6 +104,27 @@ fn expert_counts_that_disagree_with_the_tensors_are_reported() {
     ModelFiles::open(dir.path()).unwrap();
 }
 
+/// A shared expert whose config width disagrees with its tensors is an error naming
+/// the tensor and both shapes.
+#[test]
+fn a_shared_expert_that_disagrees_with_the_tensors_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen2-moe").unwrap().value;
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir.path(), false, |_, _| {}).unwrap();
+    let config = dir.path().join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let from = "\"shared_expert_intermediate_size\": 96";
+    assert!(original.contains(from));
+    std::fs::write(&config, original.replace(from, "\"shared_expert_intermediate_size\": 128")).unwrap();
+    let err = message(ModelFiles::open(dir.path()));
+    assert!(
+        err.contains("mlp.shared_expert.gate_proj.weight' has shape [96, 128]") && err.contains("[128, 128]"),
+        "{err}"
+    );
+    std::fs::write(&config, original).unwrap();
+    ModelFiles::open(dir.path()).unwrap();
+}
+
 #[test]
 fn synth_refuses_to_overwrite() {
     let dir = tempfile::tempdir().unwrap();

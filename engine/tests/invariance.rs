@@ -112,7 +112,7 @@ fn every_plan_over_k_quant_files_with_8_bit_activations_computes_the_same_tokens
 /// changes which tokens an expert multiplies together.
 #[test]
 fn every_plan_over_a_mixture_of_experts_computes_the_same_tokens_and_logits() {
-    for model in ["test-tiny-moe", "test-tiny-qwen3-moe"] {
+    for model in ["test-tiny-moe", "test-tiny-qwen3-moe", "test-tiny-qwen2-moe"] {
         let dir = tempfile::tempdir().unwrap();
         let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
         let model_dir = dir.path().join("model");

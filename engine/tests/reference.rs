@@ -237,6 +237,16 @@ fn a_qwen3_mixture_of_experts_matches_the_numpy_reference() {
     mixture_matches("test-tiny-qwen3-moe");
 }
 
+/// Qwen2-MoE: a shared expert every token passes through (its output scaled by a
+/// sigmoid gate) beside its routed experts, weighted by their share of the softmax over
+/// every expert (`norm_topk_prob: false`); `qwen2moe` in GGUF.
+#[test]
+fn a_qwen2_mixture_of_experts_with_a_shared_expert_matches_the_numpy_reference() {
+    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen2-moe").unwrap().value;
+    assert!(spec.shared_expert_intermediate_size > 0 && !spec.renormalize_top_k && spec.qkv_bias);
+    mixture_matches("test-tiny-qwen2-moe");
+}
+
 /// Qwen2: biases on the q, k and v projections and a rotary base of 10⁶, from a
 /// safetensors folder (streamed and resident) and from GGUF files (`qwen2`, q and k
 /// stored as Hugging Face orders them), against the numpy reference.

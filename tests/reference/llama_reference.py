@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """An independent reference for Ferry's engine: a Llama-family forward pass in numpy
 (float64), written from the Hugging Face Llama definition, not from Ferry's code, with
-Mixtral's sparse mixture-of-experts block where the model has one.
+Mixtral's, Qwen3-MoE's or Qwen2-MoE's sparse mixture-of-experts block (Qwen2-MoE's with
+its shared expert and its weights not renormalised) where the model has one.
 
 It reads a model folder written by `ferry synth` (config.json + model.safetensors in
 f32), or a GGUF file (any tensor types llama.cpp's `gguf` package decodes; the query
@@ -44,7 +45,9 @@ GGUF_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "att
               "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
               "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
               "ffn_gate_inp": "block_sparse_moe.gate", "attn_q_norm": "self_attn.q_norm",
-              "attn_k_norm": "self_attn.k_norm"}
+              "attn_k_norm": "self_attn.k_norm", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+              "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+              "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 # A layer's experts: one 3-D tensor per projection, expert e its e-th slice.
 GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
 
@@ -71,6 +74,9 @@ def load_gguf(path):
     if f"{arch}.expert_count" in reader.fields:
         cfg["num_local_experts"] = field(f"{arch}.expert_count")
         cfg["num_experts_per_tok"] = field(f"{arch}.expert_used_count")
+        # llama.cpp renormalises every architecture's top k but Qwen2-MoE's.
+        norm_key = f"{arch}.expert_weights_norm"
+        cfg["norm_topk_prob"] = bool(field(norm_key)) if norm_key in reader.fields else arch != "qwen2moe"
     if f"{arch}.attention.key_length" in reader.fields:
         cfg["head_dim"] = field(f"{arch}.attention.key_length")
     head_dim = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -160,7 +166,9 @@ def mixture_of_experts(cfg, w, p, xn):
     """Mixtral's sparse MoE block (Qwen3-MoE's with norm_topk_prob is the same): softmax
     over every expert's router logit, the top k kept and renormalised to sum to 1, each
     token's experts' outputs summed with those weights (Hugging Face's
-    MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock). Tensors under either's names."""
+    MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock). Tensors under either's names.
+    Qwen2MoeSparseMoeBlock: the top k keep their softmax weights unless norm_topk_prob,
+    and a shared expert's output, scaled by the sigmoid of its gate, is added last."""
     experts = cfg.get("num_local_experts", cfg.get("num_experts"))
     k = cfg["num_experts_per_tok"]
     mixtral = f"{p}.block_sparse_moe.gate.weight" in w
@@ -170,13 +178,18 @@ def mixture_of_experts(cfg, w, p, xn):
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     out = np.zeros_like(xn)
+    renormalise = cfg.get("norm_topk_prob", mixtral)
     for t in range(len(xn)):
         chosen = np.argsort(-probs[t], kind="stable")[:k]
-        weights = probs[t, chosen] / probs[t, chosen].sum()
+        weights = probs[t, chosen] / probs[t, chosen].sum() if renormalise else probs[t, chosen]
         for e, weight in zip(chosen, weights):
             out[t] += weight * swiglu(w, f"{p}.{block}.experts.{e}", names, xn[t:t + 1])[0]
     prefix, first = f"{p}.{block}.experts.", f".{names[0]}.weight"
     assert experts == sum(1 for name in w if name.startswith(prefix) and name.endswith(first))
+    if f"{p}.mlp.shared_expert_gate.weight" in w:
+        shared = swiglu(w, f"{p}.mlp.shared_expert", ("gate_proj", "up_proj", "down_proj"), xn)
+        gate = matmul(xn, w, f"{p}.mlp.shared_expert_gate.weight")
+        out += shared / (1.0 + np.exp(-gate.reshape(len(xn), 1)))
     return out
 
 

@@ -67,9 +67,11 @@ fn server_args(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>) -> Vec
         args.push(regex(&cpu_attention, "attn"));
     }
     if !cpu_mlp.is_empty() && model.num_experts > 0 {
-        // A mixture of experts: the experts of those layers (llama.cpp keeps the
+        // A mixture of experts: the experts of those layers, and the shared expert
+        // where there is one, as the plan keeps it with them (llama.cpp keeps the
         // router and norms beside them on the device, a few KiB).
-        args.push(format!("-ot \"blk\\.({})\\.ffn_.*_exps\\.=CPU\"", cpu_mlp.join("|")));
+        let tensors = if model.shared_expert_intermediate_size > 0 { "(exps|shexp)" } else { "exps" };
+        args.push(format!("-ot \"blk\\.({})\\.ffn_.*_{tensors}\\.=CPU\"", cpu_mlp.join("|")));
     } else if !cpu_mlp.is_empty() {
         args.push(regex(&cpu_mlp, "ffn"));
     }
@@ -229,7 +231,15 @@ mod tests {
     /// experts go to the CPU; attention and KV stay on the device.
     #[test]
     fn llama_cpp_keeps_the_plan_s_host_experts_on_the_cpu() {
-        let (model, profile) = setup("mixtral-8x7b");
+        for (name, tensors) in [("mixtral-8x7b", "exps"), ("qwen1.5-moe-a2.7b", "(exps|shexp)")] {
+            host_experts_go_to_the_cpu(name, tensors);
+        }
+    }
+
+    /// `name`'s plan with 10 layers' MLPs on the device: the others' `tensors` go to
+    /// the CPU (a shared expert with them, as the plan keeps it in their group).
+    fn host_experts_go_to_the_cpu(name: &str, tensors: &str) {
+        let (model, profile) = setup(name);
         let mut p = plan(&model);
         let layers = model.num_layers;
         p.policy.compute_host_layers_on_host = true;
@@ -240,8 +250,9 @@ mod tests {
         let out = export(&p, &model, &profile, Engine::LlamaCpp);
         let host: Vec<String> =
             (0..layers).filter(|&l| p.policy.mlp_weights.tier_of(l) == Tier::Host).map(|l| l.to_string()).collect();
-        assert_eq!(host.len(), 22);
-        assert!(out.settings.contains(&format!("blk\\.({})\\.ffn_.*_exps\\.=CPU", host.join("|"))), "{}", out.settings);
+        assert_eq!(host.len() as u64, layers - 10);
+        let rule = format!("blk\\.({})\\.ffn_.*_{tensors}\\.=CPU", host.join("|"));
+        assert!(out.settings.contains(&rule), "{}", out.settings);
         assert!(!out.settings.contains("attn_") && !out.settings.contains("-nkvo"), "{}", out.settings);
     }
 

@@ -6,14 +6,17 @@ use super::ModelSpec;
 
 impl ModelSpec {
     /// Bytes of MLP weights a step actually reads, of `all` bytes in the layer's MLP:
-    /// all of a dense MLP; for a mixture of experts the share of the experts that
-    /// `rows` tokens are expected to be routed to (`expected_experts`).
+    /// all of a dense MLP; for a mixture of experts the part every token uses (norm,
+    /// router, shared expert) and the share of the experts that `rows` tokens are
+    /// expected to be routed to (`expected_experts`), apportioned by parameters.
     pub fn mlp_bytes_read(&self, rows: u64, all: u64) -> u64 {
         if self.num_experts == 0 {
             return all;
         }
+        let experts = (self.num_experts * self.expert_params()) as f64;
+        let always = self.params().mlp_per_layer as f64 - experts + self.params().norms_per_layer as f64 / 2.0;
         let share = self.expected_experts(rows) / self.num_experts as f64;
-        (all as f64 * share).round() as u64
+        (all as f64 * (always + share * experts) / (always + experts)).round() as u64
     }
 
     /// How many distinct experts of a layer `tokens` tokens are expected to touch when
@@ -34,15 +37,31 @@ impl ModelSpec {
     }
 
     /// A mixture of experts' MLP tensors (`group_tensors` order) before the experts: the
-    /// norm, then the router — what must be read before a token's experts are known.
-    pub const ROUTER_TENSORS: std::ops::Range<usize> = 0..2;
+    /// norm, the router and the shared expert if there is one — what must be read
+    /// before a token's experts are known, and what every token uses.
+    pub fn router_tensors(&self) -> std::ops::Range<usize> {
+        let shared = if self.shared_expert_intermediate_size > 0 { ModelSpec::SHARED_EXPERT_TENSORS } else { 0 };
+        0..2 + shared
+    }
+
+    /// The router among the MLP's tensors (after the norm).
+    pub const ROUTER_TENSOR: usize = 1;
+
+    /// Tensors of the shared expert: gate, down and up projections, then its gate's
+    /// one row (a sigmoid of it scales the expert's output).
+    pub const SHARED_EXPERT_TENSORS: usize = 4;
+
+    /// The shared expert's tensors (`group_tensors` order), if the model has one.
+    pub fn shared_expert_tensors(&self) -> Option<std::ops::Range<usize>> {
+        (self.shared_expert_intermediate_size > 0).then_some(2..2 + ModelSpec::SHARED_EXPERT_TENSORS)
+    }
 
     /// Tensors of each expert: gate, down and up projections.
     pub const TENSORS_PER_EXPERT: usize = 3;
 
     /// The MLP tensors (`group_tensors` order) of expert `expert`.
-    pub fn expert_tensors(expert: usize) -> std::ops::Range<usize> {
-        let first = ModelSpec::ROUTER_TENSORS.end + ModelSpec::TENSORS_PER_EXPERT * expert;
+    pub fn expert_tensors(&self, expert: usize) -> std::ops::Range<usize> {
+        let first = self.router_tensors().end + ModelSpec::TENSORS_PER_EXPERT * expert;
         first..first + ModelSpec::TENSORS_PER_EXPERT
     }
 
@@ -67,6 +86,15 @@ impl ModelSpec {
             return 0;
         }
         3 * self.hidden_size * self.intermediate_size
+    }
+
+    /// Parameters of the shared expert (its projections and its gate; 0 without one).
+    pub fn shared_expert_params(&self) -> u64 {
+        let width = self.shared_expert_intermediate_size;
+        if width == 0 {
+            return 0;
+        }
+        3 * self.hidden_size * width + self.hidden_size
     }
 
     /// Parameters one token computes with: all of them but the experts it is not

@@ -21,11 +21,11 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
     let family = match arch {
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
-        "qwen2" => Family::Qwen2,
+        "qwen2" | "qwen2moe" => Family::Qwen2,
         "qwen3" | "qwen3moe" => Family::Qwen3,
         other => {
             return Err(bad(format!(
-                "architecture '{other}' is not one Ferry reads (llama, mistral, qwen2, qwen3, qwen3moe)"
+                "architecture '{other}' is not one Ferry reads (llama, mistral, qwen2, qwen2moe, qwen3, qwen3moe)"
             )))
         }
     };
@@ -67,6 +67,15 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         _ => need("feed_forward_length", MAX_WIDTH)?,
     };
     let head_dim = ModelSpec::own_head_dim(size("attention.key_length", MAX_WIDTH)?, hidden, heads);
+    let shared_expert =
+        if experts > 0 { size("expert_shared_feed_forward_length", MAX_WIDTH)?.unwrap_or(0) } else { 0 };
+    // llama.cpp weighs Qwen2-MoE's chosen experts by their share of the whole softmax and
+    // renormalises the others' (Mixtral, Qwen3-MoE), unless the file says otherwise.
+    let renormalize_top_k = match header.get(&format!("{arch}.expert_weights_norm")) {
+        Some(Value::Bool(norm)) => *norm,
+        Some(other) => return Err(bad(format!("`{arch}.expert_weights_norm` = {other:?} is not true or false"))),
+        None => arch != "qwen2moe",
+    };
     let spec = ModelSpec {
         name: name.to_string(),
         family,
@@ -81,6 +90,8 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         tie_word_embeddings: !header.tensors.iter().any(|t| t.name == "output.weight"),
         num_experts: experts,
         experts_per_token: size("expert_used_count", MAX_EXPERTS)?.unwrap_or(0),
+        shared_expert_intermediate_size: shared_expert,
+        renormalize_top_k: renormalize_top_k || experts == 0,
         qkv_bias: header.tensors.iter().any(|t| t.name.ends_with("attn_q.bias")),
         head_dim,
         rms_norm_eps: positive("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
@@ -156,6 +167,10 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
         "block_sparse_moe.gate.weight" | "mlp.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
         "self_attn.q_norm.weight" => "attn_q_norm.weight",
         "self_attn.k_norm.weight" => "attn_k_norm.weight",
         t if t.starts_with("self_attn.") => {

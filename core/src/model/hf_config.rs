@@ -66,7 +66,8 @@ impl HfConfig<'_> {
     }
 }
 
-/// Reads a Hugging Face `config.json` (llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, opt).
+/// Reads a Hugging Face `config.json` (llama, mistral, qwen2, qwen2_moe, qwen3, qwen3_moe,
+/// mixtral, opt).
 pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec> {
     let value: serde_json::Value = crate::yaml::from_json_str(text, origin)?;
     let map = value
@@ -77,20 +78,14 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
     let family = match model_type {
         "llama" => Family::Llama,
         "mistral" => Family::Mistral,
-        "qwen2" => Family::Qwen2,
+        "qwen2" | "qwen2_moe" => Family::Qwen2,
         "qwen3" | "qwen3_moe" => Family::Qwen3,
         "mixtral" => Family::Mixtral,
         "opt" => Family::Opt,
-        "qwen2_moe" => {
-            return Err(CoreError::invalid(format!(
-                "{origin}: model_type 'qwen2_moe' has shared experts, which Ferry does not model yet \
-                 (it reads mixtral and qwen3_moe mixtures of experts)"
-            )))
-        }
         other => {
             return Err(CoreError::invalid(format!(
-                "{origin}: unsupported model_type '{other}' (Ferry reads llama, mistral, qwen2, qwen3, qwen3_moe, \
-                 mixtral and opt)"
+                "{origin}: unsupported model_type '{other}' (Ferry reads llama, mistral, qwen2, qwen2_moe, qwen3, \
+                 qwen3_moe, mixtral and opt)"
             )))
         }
     };
@@ -122,6 +117,8 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             tie_word_embeddings: true,
             num_experts: 0,
             experts_per_token: 0,
+            shared_expert_intermediate_size: 0,
+            renormalize_top_k: true,
             qkv_bias: true,
             head_dim: None,
             rms_norm_eps: 1e-5,
@@ -149,15 +146,20 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
         };
         if experts > 0 {
             check_every_layer_sparse(&config, origin)?;
-            // Mixtral always renormalises its top-k weights; Qwen-MoE does when told to
-            // (its default is not to), and Ferry models only the renormalised kind.
-            if family == Family::Qwen3 && config.flag("norm_topk_prob")? != Some(true) {
-                return Err(CoreError::invalid(format!(
-                    "{origin}: norm_topk_prob is not true: Ferry models mixtures of experts that \
-                     renormalise each token's top-k routing weights"
-                )));
-            }
         }
+        // Mixtral always renormalises its top-k weights; Qwen-MoE does when told to (the
+        // default of its Hugging Face configs is not to).
+        let renormalize_top_k = family == Family::Mixtral || config.flag("norm_topk_prob")?.unwrap_or(false);
+        let shared_expert = match config.size("shared_expert_intermediate_size", MAX_WIDTH)? {
+            Some(width) if experts > 0 => width,
+            Some(_) => {
+                return Err(CoreError::invalid(format!(
+                    "{origin}: 'shared_expert_intermediate_size' is given but the model has no experts \
+                     ({experts_key})"
+                )))
+            }
+            None => 0,
+        };
         let hidden = config.need_size("hidden_size", MAX_WIDTH)?;
         // Qwen-MoE's experts have their own width; its dense `intermediate_size` is unused
         // when every layer is sparse.
@@ -183,6 +185,8 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             tie_word_embeddings: config.flag("tie_word_embeddings")?.unwrap_or(false),
             num_experts: experts,
             experts_per_token,
+            shared_expert_intermediate_size: shared_expert,
+            renormalize_top_k: renormalize_top_k || experts == 0,
             qkv_bias: family == Family::Qwen2,
             head_dim,
             rms_norm_eps: config.positive("rms_norm_eps")?.unwrap_or(1e-5),
@@ -198,12 +202,11 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
 }
 
 /// Ferry models a mixture of experts whose every layer is sparse: Qwen-MoE's
-/// `decoder_sparse_step` above 1 or `mlp_only_layers` would mix dense layers in, and
-/// shared experts (`shared_expert_intermediate_size`) are not modelled yet.
+/// `decoder_sparse_step` above 1 or `mlp_only_layers` would mix dense layers in.
 fn check_every_layer_sparse(config: &HfConfig, origin: &str) -> Result<()> {
     let unsupported = |what: &str| {
         Err(CoreError::invalid(format!(
-            "{origin}: {what}; Ferry models mixtures of experts whose every layer is sparse, without shared experts"
+            "{origin}: {what}; Ferry models mixtures of experts whose every layer is sparse"
         )))
     };
     if config.size("decoder_sparse_step", MAX_LAYERS)?.is_some_and(|step| step > 1) {
@@ -211,9 +214,6 @@ fn check_every_layer_sparse(config: &HfConfig, origin: &str) -> Result<()> {
     }
     if config.value("mlp_only_layers").and_then(|v| v.as_array()).is_some_and(|layers| !layers.is_empty()) {
         return unsupported("mlp_only_layers makes some layers dense");
-    }
-    if config.size("shared_expert_intermediate_size", MAX_WIDTH)?.is_some() {
-        return unsupported("the model has shared experts (shared_expert_intermediate_size)");
     }
     Ok(())
 }
@@ -312,20 +312,47 @@ mod tests {
         assert_eq!((spec.family, spec.intermediate_size, spec.head_dim), (Family::Qwen3, 768, Some(128)));
         assert_eq!((spec.num_experts, spec.experts_per_token), (128, 8));
         assert_eq!(spec.params(), catalog.params());
-        // Dense layers mixed in, or shared experts, are refused by name.
+        assert!(spec.renormalize_top_k && spec.shared_expert_intermediate_size == 0);
+        // Weights left as the softmax gave them where the config says so (or says nothing).
+        for (from, to) in [("\"norm_topk_prob\": true", "\"norm_topk_prob\": false"), ("\"norm_topk_prob\": true,", "")]
+        {
+            assert!(!from_hf_config(&text.replace(from, to), "q/config.json", "q").unwrap().renormalize_top_k);
+        }
+        // Dense layers mixed in are refused by name.
         for (from, to, what) in [
             ("\"decoder_sparse_step\": 1", "\"decoder_sparse_step\": 2", "decoder_sparse_step"),
             ("\"mlp_only_layers\": []", "\"mlp_only_layers\": [0, 5]", "mlp_only_layers"),
-            (
-                "\"num_experts\": 128,",
-                "\"num_experts\": 128, \"shared_expert_intermediate_size\": 5632,",
-                "shared experts",
-            ),
-            ("qwen3_moe", "qwen2_moe", "shared experts"),
-            ("\"norm_topk_prob\": true", "\"norm_topk_prob\": false", "norm_topk_prob"),
         ] {
             let err = from_hf_config(&text.replace(from, to), "q/config.json", "q").unwrap_err().to_string();
             assert!(err.starts_with("q/config.json: ") && err.contains(what), "{what}: {err}");
         }
+    }
+
+    /// Qwen1.5-MoE-A2.7B's config.json: a shared expert beside 60 routed ones, weights
+    /// not renormalised, biases on q, k and v — 14.3 B parameters, 2.7 B active.
+    #[test]
+    fn qwen2_moe_configs_read_with_their_shared_expert() {
+        let text = r#"{"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
+            "max_position_embeddings": 8192, "num_experts": 60, "num_experts_per_tok": 4,
+            "norm_topk_prob": false, "decoder_sparse_step": 1, "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0, "tie_word_embeddings": false, "hidden_act": "silu",
+            "torch_dtype": "bfloat16"}"#;
+        let spec = from_hf_config(text, "q/config.json", "q").unwrap();
+        let catalog = crate::catalog::Catalog::builtin().unwrap().model("qwen1.5-moe-a2.7b").unwrap().value;
+        assert_eq!(
+            (spec.family, spec.intermediate_size, spec.shared_expert_intermediate_size),
+            (Family::Qwen2, 1408, 5632)
+        );
+        assert!(spec.qkv_bias && !spec.renormalize_top_k);
+        assert_eq!(spec.params(), catalog.params());
+        let (total, active) = (spec.params().total as f64 / 1e9, spec.active_params() as f64 / 1e9);
+        assert!((total - 14.3).abs() < 0.05 && (active - 2.7).abs() < 0.05, "{total} B, {active} B active");
+        // A shared expert without routed ones is refused, naming the key.
+        let dense = text.replace("\"num_experts\": 60,", "");
+        let err = from_hf_config(&dense, "q/config.json", "q").unwrap_err().to_string();
+        assert!(err.contains("shared_expert_intermediate_size"), "{err}");
     }
 }

@@ -43,8 +43,11 @@ impl GroupSize {
 /// move it (`ExpertReads::Routed`): the router part first, then the chosen experts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertBytes {
-    /// The norm and the router (`ModelSpec::ROUTER_TENSORS`).
+    /// What every token uses, read ahead of routing (`ModelSpec::router_tensors`): the
+    /// norm, the router and the shared expert.
     pub router: u64,
+    /// The shared expert's part of `router` (0 without one).
+    pub shared: u64,
     /// Each expert's three projections, in expert order.
     pub experts: Vec<u64>,
     /// The largest single projection of an expert: the most one request of a routed
@@ -164,13 +167,12 @@ impl WeightLayout {
         let shapes = model.group_shapes(WeightGroup::Mlp);
         let bytes: Vec<u64> = shapes.iter().zip(formats).map(|(t, f)| f.bytes(t.rows, t.cols)).collect();
         let sum = |range: std::ops::Range<usize>| bytes.get(range).map_or(0, |b| b.iter().sum());
+        let router = model.router_tensors();
         Some(ExpertBytes {
-            router: sum(ModelSpec::ROUTER_TENSORS),
-            experts: (0..model.num_experts as usize).map(|e| sum(ModelSpec::expert_tensors(e))).collect(),
-            largest_tensor: bytes
-                .get(ModelSpec::ROUTER_TENSORS.end..)
-                .and_then(|b| b.iter().max().copied())
-                .unwrap_or(0),
+            shared: model.shared_expert_tensors().map_or(0, sum),
+            experts: (0..model.num_experts as usize).map(|e| sum(model.expert_tensors(e))).collect(),
+            largest_tensor: bytes.get(router.end..).and_then(|b| b.iter().max().copied()).unwrap_or(0),
+            router: sum(router),
         })
     }
 

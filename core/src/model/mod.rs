@@ -138,6 +138,16 @@ pub struct ModelSpec {
     pub num_experts: u64,
     #[serde(default)]
     pub experts_per_token: u64,
+    /// Width of a mixture of experts' shared expert, a SwiGLU MLP every token passes
+    /// through beside its routed experts, its output scaled by a sigmoid gate (Qwen2-MoE's
+    /// `shared_expert_intermediate_size`); 0 for none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_expert_intermediate_size: u64,
+    /// Whether each token's top-k routing weights are renormalised to sum to 1 (Mixtral
+    /// always; Qwen-MoE's `norm_topk_prob`). Without it a token's experts are weighted by
+    /// their share of the softmax over every expert.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub renormalize_top_k: bool,
     /// Biases on q, k, v (Qwen2).
     #[serde(default)]
     pub qkv_bias: bool,
@@ -164,6 +174,15 @@ pub struct ModelSpec {
     pub routing: Option<std::sync::Arc<ExpertPopularity>>,
 }
 
+fn is_zero(x: &u64) -> bool {
+    *x == 0
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(x: &bool) -> bool {
+    *x
+}
 fn default_rms_eps() -> f64 {
     1e-5
 }
@@ -249,6 +268,15 @@ impl ModelSpec {
         if self.intermediate_size == 0 || self.vocab_size == 0 {
             return fail("intermediate_size and vocab_size must be positive");
         }
+        if self.num_experts == 0 && self.shared_expert_intermediate_size > 0 {
+            return fail("a shared expert (shared_expert_intermediate_size) needs routed experts (num_experts)");
+        }
+        // Only Qwen's mixtures of experts have the names (and Hugging Face classes) for
+        // a shared expert or weights left unnormalised; Mixtral's never do.
+        let qwen = matches!(self.family, Family::Qwen2 | Family::Qwen3);
+        if !qwen && (self.shared_expert_intermediate_size > 0 || !self.renormalize_top_k) {
+            return fail("a shared expert, or top-k weights not renormalised, are modelled for the qwen2 and qwen3 families only");
+        }
         if self.num_experts > 0 && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts) {
             return fail(&format!(
                 "{} experts per token (num_experts_per_tok) of {} experts: it must be between 1 and the number of experts",
@@ -270,13 +298,14 @@ impl ModelSpec {
             self.vocab_size,
             self.max_position_embeddings,
             self.num_experts.max(1),
+            self.shared_expert_intermediate_size,
         ];
         let too_large = "the shape is implausibly large (more than 2^48 parameters)";
         if sizes.iter().any(|&x| x > 1 << 30) {
             return fail(too_large);
         }
-        let [h, ffn, layers, vocab, positions, experts] = sizes.map(u128::from);
-        let per_layer = 8 * h * h + 8 * h + experts * (3 * h * ffn + 2 * h);
+        let [h, ffn, layers, vocab, positions, experts, shared] = sizes.map(u128::from);
+        let per_layer = 8 * h * h + 8 * h + experts * (3 * h * ffn + 2 * h) + 3 * h * shared + h;
         let bound = layers * per_layer + 2 * vocab * h + (positions + 2) * h + 2 * h;
         if bound > MAX_PARAMS {
             return fail(too_large);
@@ -305,8 +334,11 @@ impl ModelSpec {
                 let qk_norms = if self.family == Family::Qwen3 { 2 * self.head_dim() } else { 0 };
                 let attention = 2 * h * q + 2 * h * kv + bias + qk_norms;
                 let dense_mlp = 3 * h * ffn;
-                let mlp =
-                    if self.num_experts > 0 { self.num_experts * dense_mlp + h * self.num_experts } else { dense_mlp };
+                let mlp = if self.num_experts > 0 {
+                    self.num_experts * dense_mlp + h * self.num_experts + self.shared_expert_params()
+                } else {
+                    dense_mlp
+                };
                 let norms = 2 * h;
                 let embeddings = self.vocab_size * h;
                 let projection = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
@@ -413,14 +445,22 @@ impl ModelSpec {
             WeightGroup::Mlp => {
                 let mut v = vec![t!(1, h, "{p}.post_attention_layernorm.weight")];
                 if self.num_experts > 0 {
-                    // Router, then each expert's gate, down and up projections (Mixtral's
-                    // w1, w2, w3; Qwen's names in that order too).
-                    let (block, [gate, down, up]) = if self.family == Family::Qwen3 {
+                    // Router, the shared expert if any (`router_tensors`), then each
+                    // expert's gate, down and up projections (Mixtral's w1, w2, w3;
+                    // Qwen's names in that order too).
+                    let (block, [gate, down, up]) = if matches!(self.family, Family::Qwen2 | Family::Qwen3) {
                         ("mlp", ["gate_proj", "down_proj", "up_proj"])
                     } else {
                         ("block_sparse_moe", ["w1", "w2", "w3"])
                     };
                     v.push(t!(self.num_experts, h, "{p}.{block}.gate.weight"));
+                    let shared = self.shared_expert_intermediate_size;
+                    if shared > 0 {
+                        v.push(t!(shared, h, "{p}.mlp.shared_expert.gate_proj.weight"));
+                        v.push(t!(h, shared, "{p}.mlp.shared_expert.down_proj.weight"));
+                        v.push(t!(shared, h, "{p}.mlp.shared_expert.up_proj.weight"));
+                        v.push(t!(1, h, "{p}.mlp.shared_expert_gate.weight"));
+                    }
                     for e in 0..self.num_experts {
                         v.push(expert!(ffn, h, "{p}.{block}.experts.{e}.{gate}.weight"));
                         v.push(expert!(h, ffn, "{p}.{block}.experts.{e}.{down}.weight"));
@@ -486,7 +526,7 @@ impl ModelSpec {
     /// output, the layer's output it is summed into and the router's logits.
     pub fn workspace_bytes_per_token(&self) -> u64 {
         let routing = if self.num_experts > 0 { 3 * self.hidden_size + self.num_experts } else { 0 };
-        let mlp = 2 * self.intermediate_size + routing;
+        let mlp = 2 * self.intermediate_size.max(self.shared_expert_intermediate_size) + routing;
         let qkv = self.q_dim() + 2 * self.kv_dim();
         4 * mlp.max(qkv) + 4 * self.hidden_size
     }
@@ -512,8 +552,9 @@ impl ModelSpec {
             WeightGroup::Attention => p.attention_per_layer,
             WeightGroup::Mlp => {
                 if self.num_experts > 0 {
-                    self.experts_per_token * 3 * self.hidden_size * self.intermediate_size
+                    self.experts_per_token * self.expert_params()
                         + self.hidden_size * self.num_experts
+                        + self.shared_expert_params()
                 } else {
                     p.mlp_per_layer
                 }

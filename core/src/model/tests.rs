@@ -103,7 +103,15 @@ fn experts_touched_follow_uniform_routing() {
     assert!((m.expected_experts(2) - 8.0 * (1.0 - 0.75f64 * 0.75)).abs() < 1e-12);
     assert!(m.expected_experts(1000) > 7.999 && m.expected_experts(1000) <= 8.0);
     let all = m.group_bytes(WeightGroup::Mlp, Dtype::F16);
-    assert_eq!(m.mlp_bytes_read(1, all), (all as f64 / 4.0).round() as u64);
+    // One token reads the norm, the router and its 2 of 8 experts.
+    let norm_and_router = m.hidden_size + m.hidden_size * m.num_experts;
+    assert_eq!(m.mlp_bytes_read(1, all), Dtype::F16.bytes_of(norm_and_router + 2 * m.expert_params()));
+    // A shared expert is read by every step, whatever the routing.
+    let q = model("qwen1.5-moe-a2.7b");
+    let all = q.group_bytes(WeightGroup::Mlp, Dtype::Bf16);
+    let always = q.hidden_size + q.hidden_size * q.num_experts + q.shared_expert_params();
+    assert_eq!(q.mlp_bytes_read(1, all), Dtype::Bf16.bytes_of(always + 4 * q.expert_params()));
+    assert!(q.mlp_bytes_read(1, all) as f64 > 1.9 * Dtype::Bf16.bytes_of(4 * q.expert_params()) as f64);
     assert_eq!(model("test-tiny").mlp_bytes_read(5, 1234), 1234);
     // Mixtral 8x7B: 46.7 B parameters, 12.9 B active per token (Mistral AI's figures).
     let active = m.active_params() as f64 / 1e9;
@@ -154,7 +162,7 @@ fn huge_catalog_shapes_are_refused_not_overflowed() {
 
 #[test]
 fn a_layer_of_experts_splits_into_its_router_part_and_experts_in_any_format() {
-    for name in ["test-moe", "qwen3-30b-a3b", "mixtral-8x7b"] {
+    for name in ["test-moe", "qwen3-30b-a3b", "mixtral-8x7b", "qwen1.5-moe-a2.7b"] {
         let m = model(name);
         for format in [WeightFormat::F16, WeightFormat::parse("q4_k").unwrap()] {
             let layout = WeightLayout::of(&m, &WeightFormats::uniform(format));
@@ -163,10 +171,8 @@ fn a_layer_of_experts_splits_into_its_router_part_and_experts_in_any_format() {
             // The same bytes as the group's tensors, as `group_tensors` lists them.
             assert_eq!(sizes.router + sizes.experts.iter().sum::<u64>(), layout.bytes(WeightGroup::Mlp, 0), "{name}");
             let tensors = m.group_tensors(WeightGroup::Mlp, 0);
-            let router: u64 = tensors[ModelSpec::ROUTER_TENSORS]
-                .iter()
-                .map(|t| format.for_tensor(t, m.dtype).bytes(t.rows, t.cols))
-                .sum();
+            let router: u64 =
+                tensors[m.router_tensors()].iter().map(|t| format.for_tensor(t, m.dtype).bytes(t.rows, t.cols)).sum();
             assert_eq!(sizes.router, router, "{name}");
             assert_eq!(sizes.most(m.experts_per_token), m.experts_per_token * sizes.experts[0]);
             assert_eq!(sizes.most(10 * m.num_experts), sizes.experts.iter().sum::<u64>());
@@ -181,7 +187,9 @@ fn a_layer_of_experts_splits_into_its_router_part_and_experts_in_any_format() {
 
 #[test]
 fn group_shapes_are_layer_zeros_tensors_with_the_same_quantizable_ones() {
-    for name in ["test-tiny", "opt-6.7b", "qwen2.5-14b", "test-moe", "qwen3-30b-a3b", "mixtral-8x7b"] {
+    for name in
+        ["test-tiny", "opt-6.7b", "qwen2.5-14b", "test-moe", "qwen3-30b-a3b", "mixtral-8x7b", "qwen1.5-moe-a2.7b"]
+    {
         let m = model(name);
         for group in [WeightGroup::Attention, WeightGroup::Mlp, WeightGroup::Embeddings, WeightGroup::Head] {
             let (named, shapes) = (m.group_tensors(group, 0), m.group_shapes(group));

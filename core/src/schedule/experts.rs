@@ -38,7 +38,9 @@ impl Builder<'_> {
         let hidden = self.hidden_on(side, j, step, layer);
         let rows = self.rows();
         let flops = 2 * rows * self.model.hidden_size * self.model.num_experts;
-        let bytes = self.expert_bytes(layer).router;
+        // The norm and the router; the shared expert read ahead with them is the MLP's.
+        let sizes = self.expert_bytes(layer);
+        let bytes = sizes.router - sizes.shared;
         let mut task = self.compute_task(side, Op::Route, (layer, j, step), flops, bytes);
         task.deps.push(attn_done);
         task.deps.extend(hidden.filter(|&h| h != attn_done));

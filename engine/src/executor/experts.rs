@@ -1,6 +1,8 @@
-//! A mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router picks each token's `k` experts, each
-//! expert (a SwiGLU MLP) multiplies the tokens routed to it once per step, and its
-//! output joins each token's sum with that token's routing weight.
+//! A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's
+//! `k` experts, each expert (a SwiGLU MLP) multiplies the tokens routed to it once per
+//! step, and its output joins each token's sum with that token's routing weight. A
+//! shared expert (Qwen2-MoE) then adds every token's own output, scaled by a sigmoid
+//! gate.
 //!
 //! Determinism across plans: a token's output is summed over its experts in
 //! ascending expert order, and each expert's products give a row the same bits
@@ -16,17 +18,18 @@ use super::{lock, Engine, RunReport};
 use crate::backend::DeviceBuffer;
 use crate::EngineError;
 
-/// The router among an MoE group's tensors (`ModelSpec::ROUTER_TENSORS`: the norm, then it).
-const ROUTER_TENSOR: u32 = 1;
+/// The router among an MoE group's tensors (`ModelSpec::router_tensors`: the norm, then it).
+const ROUTER_TENSOR: u32 = ModelSpec::ROUTER_TENSOR as u32;
 
 /// Each token's chosen experts and their weights, one entry per row.
 pub(super) type Routes = Vec<Vec<(usize, f32)>>;
 
 /// Each token's experts with their weights: the `k` largest router logits (ties to
-/// the lower expert), weighted by a softmax over those `k` alone — Mixtral's softmax
-/// over all experts renormalised over the chosen ones, which is the same number.
-/// The weights are computed in f64 and rounded once.
-pub(super) fn route(logits: &[f32], experts: usize, k: usize) -> Routes {
+/// the lower expert), weighted by their share of a softmax over every expert, or with
+/// `renormalize` by a softmax over those `k` alone — Mixtral's softmax over all experts
+/// renormalised over the chosen ones, which is the same number. The weights are
+/// computed in f64 and rounded once.
+pub(super) fn route(logits: &[f32], experts: usize, k: usize, renormalize: bool) -> Routes {
     logits
         .chunks_exact(experts)
         .map(|row| {
@@ -34,11 +37,13 @@ pub(super) fn route(logits: &[f32], experts: usize, k: usize) -> Routes {
             // NaN sorts last (a non-finite hidden state is reported where it arose).
             order
                 .sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or_else(|| row[a].is_nan().cmp(&row[b].is_nan())));
+            // The softmax's shift: the largest logit (chosen first: NaN sorts last).
+            let top = row[order[0]] as f64;
+            let over_all: f64 = if renormalize { 0.0 } else { row.iter().map(|&x| (x as f64 - top).exp()).sum() };
             order.truncate(k);
             order.sort_unstable();
-            let top = order.iter().map(|&e| row[e] as f64).fold(f64::NEG_INFINITY, f64::max);
             let exp: Vec<f64> = order.iter().map(|&e| (row[e] as f64 - top).exp()).collect();
-            let sum: f64 = exp.iter().sum();
+            let sum: f64 = if renormalize { exp.iter().sum() } else { over_all };
             order.iter().zip(&exp).map(|(&e, &x)| (e, (x / sum) as f32)).collect()
         })
         .collect()
@@ -124,7 +129,7 @@ impl Engine<'_> {
         let spec = self.spec_of(task);
         let (experts, k) = (spec.num_experts as usize, spec.experts_per_token as usize);
         let logits = self.project(weights, ROUTER_TENSOR, normed, rows, experts, side)?;
-        Ok(route(&self.backend.download_f32(&logits)?, experts, k))
+        Ok(route(&self.backend.download_f32(&logits)?, experts, k, spec.renormalize_top_k))
     }
 
     /// The distinct experts the micro-batches of `task`'s visit were routed to in its
@@ -174,15 +179,10 @@ impl Engine<'_> {
         let chosen: Vec<(usize, ExpertRows)> =
             groups.into_iter().enumerate().filter(|(_, (rows, _))| !rows.is_empty()).collect();
         let expert_output = |(expert, (rows, _)): &(usize, ExpertRows)| {
-            let first = ModelSpec::expert_tensors(*expert).start as u32;
+            let first = spec.expert_tensors(*expert).start as u32;
             let mut x = self.activation(side, rows.len() * h)?;
             self.backend.gather_rows(&normed, h, rows, &mut x)?;
-            let mut gate = self.project(&weights, first, &x, rows.len(), ffn, side)?;
-            let up = self.project(&weights, first + 2, &x, rows.len(), ffn, side)?;
-            drop(x);
-            self.backend.silu_mul(&mut gate, &up)?;
-            drop(up);
-            self.project(&weights, first + 1, &gate, rows.len(), h, side)
+            self.swiglu(task, &weights, first, &x, rows.len(), ffn, side)
         };
         // Where the CPU computes, the chosen experts run side by side on the compute
         // threads: a decoding step's few rows make each product too small to split
@@ -200,11 +200,63 @@ impl Engine<'_> {
         for ((_, (rows, scales)), down) in chosen.iter().zip(outputs) {
             self.backend.add_scaled_rows(&mut out, h, rows, scales, &down?)?;
         }
+        if let Some(shared) = spec.shared_expert_tensors() {
+            self.add_shared_expert(task, side, &weights, &normed, rows, shared.start as u32, &mut out)?;
+        }
         drop(normed);
         self.add_to_hidden(task, side, &out, "mlp")?;
         if !is_draft(task) {
             self.release_weights_if_last(task, WeightGroup::Mlp);
         }
+        Ok(())
+    }
+}
+
+impl Engine<'_> {
+    /// A SwiGLU MLP whose gate, down and up projections are the group's tensors
+    /// `first`, `first + 1` and `first + 2`, over `rows` rows of `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu(
+        &self,
+        task: &Task,
+        weights: &[std::sync::Arc<super::weights::Loaded>],
+        first: u32,
+        x: &DeviceBuffer,
+        rows: usize,
+        width: usize,
+        side: Place,
+    ) -> Result<DeviceBuffer, EngineError> {
+        let h = self.spec_of(task).hidden_size as usize;
+        let mut gate = self.project(weights, first, x, rows, width, side)?;
+        let up = self.project(weights, first + 2, x, rows, width, side)?;
+        self.backend.silu_mul(&mut gate, &up)?;
+        drop(up);
+        self.project(weights, first + 1, &gate, rows, h, side)
+    }
+
+    /// The shared expert over every row of `normed` (its tensors from `first`: gate,
+    /// down and up projections, then its gate's row), each row's output scaled by the
+    /// sigmoid of its gate and added to `out` after the routed experts (Hugging Face's
+    /// Qwen2MoeSparseMoeBlock adds it last too).
+    #[allow(clippy::too_many_arguments)]
+    fn add_shared_expert(
+        &self,
+        task: &Task,
+        side: Place,
+        weights: &[std::sync::Arc<super::weights::Loaded>],
+        normed: &DeviceBuffer,
+        rows: usize,
+        first: u32,
+        out: &mut DeviceBuffer,
+    ) -> Result<(), EngineError> {
+        let spec = self.spec_of(task);
+        let (h, width) = (spec.hidden_size as usize, spec.shared_expert_intermediate_size as usize);
+        let down = self.swiglu(task, weights, first, normed, rows, width, side)?;
+        let gate = self.project(weights, first + 3, normed, rows, 1, side)?;
+        let scales: Vec<f32> =
+            self.backend.download_f32(&gate)?.iter().map(|&x| (1.0 / (1.0 + (-(x as f64)).exp())) as f32).collect();
+        let every_row: Vec<usize> = (0..rows).collect();
+        self.backend.add_scaled_rows(out, h, &every_row, &scales, &down)?;
         Ok(())
     }
 }
@@ -216,19 +268,34 @@ mod tests {
     #[test]
     fn routing_takes_the_top_k_and_renormalises_their_softmax() {
         let logits = [0.1f32, 2.0, -1.0, 1.0, /* row 2 */ 3.0, 3.0, 0.0, 5.0];
-        let routes = route(&logits, 4, 2);
+        let routes = route(&logits, 4, 2, true);
         let (a, b) = (2.0f64.exp(), 1.0f64.exp());
         assert_eq!(routes[0], vec![(1, (a / (a + b)) as f32), (3, (b / (a + b)) as f32)]);
         // A tie for second place goes to the lower expert; the pair comes back in expert order.
         let (a, b) = (5.0f64.exp(), 3.0f64.exp());
         assert_eq!(routes[1], vec![(0, (b / (a + b)) as f32), (3, (a / (a + b)) as f32)]);
         // k = E: every expert, weights the full softmax.
-        let all = route(&logits[..4], 4, 4);
+        let all = route(&logits[..4], 4, 4, true);
         assert_eq!(all[0].len(), 4);
         assert!((all[0].iter().map(|&(_, w)| w as f64).sum::<f64>() - 1.0).abs() < 1e-6);
         // NaN never wins a place over a number.
-        let with_nan = route(&[f32::NAN, 1.0, 0.5], 3, 2);
+        let with_nan = route(&[f32::NAN, 1.0, 0.5], 3, 2, true);
         assert_eq!(with_nan[0].iter().map(|&(e, _)| e).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn without_renormalising_the_chosen_keep_their_share_of_the_whole_softmax() {
+        let logits = [0.1f32, 2.0, -1.0, 1.0];
+        let all: f64 = logits.iter().map(|&x| (x as f64 - 2.0).exp()).sum();
+        let routes = route(&logits, 4, 2, false);
+        assert_eq!(routes[0], vec![(1, (1.0 / all) as f32), (3, ((-1.0f64).exp() / all) as f32)]);
+        assert!(routes[0].iter().map(|&(_, w)| w).sum::<f32>() < 1.0);
+        // The same experts as with renormalising, only the weights differ.
+        let renormalised = route(&logits, 4, 2, true);
+        assert_eq!(
+            routes[0].iter().map(|r| r.0).collect::<Vec<_>>(),
+            renormalised[0].iter().map(|r| r.0).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ferry_core::graph::{Place, Task, NO_LAYER, ROUTED_EXPERTS, ROUTER_PART, WHOLE_GROUP};
-use ferry_core::model::{ModelSpec, WeightFormat, WeightGroup};
+use ferry_core::model::{WeightFormat, WeightGroup};
 use ferry_core::plan::Tier;
 use ferry_core::schedule::format_pieces;
 
@@ -360,9 +360,10 @@ impl<'a> Engine<'a> {
     fn part_of(&self, task: &Task) -> Result<GroupPart, EngineError> {
         Ok(match task.piece {
             WHOLE_GROUP => GroupPart::Whole,
-            ROUTER_PART => GroupPart::Tensors(ModelSpec::ROUTER_TENSORS.collect()),
+            ROUTER_PART => GroupPart::Tensors(self.spec_of(task).router_tensors().collect()),
             ROUTED_EXPERTS => {
-                GroupPart::Tensors(self.visit_experts(task)?.into_iter().flat_map(ModelSpec::expert_tensors).collect())
+                let spec = self.spec_of(task);
+                GroupPart::Tensors(self.visit_experts(task)?.into_iter().flat_map(|e| spec.expert_tensors(e)).collect())
             }
             piece => GroupPart::Piece(piece),
         })
