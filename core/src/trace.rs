@@ -91,15 +91,15 @@ impl Metrics {
         let trace_start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let trace_end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
         let window = (trace_end - trace_start).max(1);
-        let resource_of = graph.task_resource_indices();
+        let busy = busy_unions(graph, trace);
         let resources: Vec<ResourceUsage> = graph
             .resources
             .iter()
-            .enumerate()
-            .map(|(index, spec)| {
-                let resource = spec.resource;
-                let busy_ns = busy_union(&resource_of, trace, index as u32);
-                ResourceUsage { resource, busy_ns, utilization: busy_ns as f64 / window as f64 }
+            .zip(busy)
+            .map(|(spec, busy_ns)| ResourceUsage {
+                resource: spec.resource,
+                busy_ns,
+                utilization: busy_ns as f64 / window as f64,
             })
             .collect();
         let bottleneck = resources
@@ -109,11 +109,12 @@ impl Metrics {
         let pools = graph
             .pools
             .iter()
-            .map(|spec| PoolUsage {
+            .zip(peaks_dynamic(graph, trace))
+            .map(|(spec, peak)| PoolUsage {
                 pool: spec.pool,
                 capacity_bytes: spec.capacity_bytes,
                 resident_bytes: spec.resident_bytes(),
-                peak_bytes: spec.resident_bytes() + peak_dynamic(graph, trace, spec.pool),
+                peak_bytes: spec.resident_bytes() + peak,
             })
             .collect();
         Metrics {
@@ -166,55 +167,69 @@ pub fn step_end_times(graph: &TaskGraph, trace: &Trace) -> Vec<u64> {
     ends.into_iter().zip(present).filter(|(_, p)| *p).map(|(e, _)| e).collect()
 }
 
-/// Length of the union of the busy intervals of resource number `resource`
-/// (`resource_of`: every task's resource index).
-fn busy_union(resource_of: &[u32], trace: &Trace, resource: u32) -> u64 {
-    let mut intervals: Vec<(u64, u64)> = trace
-        .spans
-        .iter()
-        .filter(|s| resource_of[s.task as usize] == resource && s.end_ns > s.start_ns)
-        .map(|s| (s.start_ns, s.end_ns))
-        .collect();
-    intervals.sort_unstable();
-    let mut busy = 0;
-    let mut current: Option<(u64, u64)> = None;
-    for (start, end) in intervals {
-        match current {
-            Some((cs, ce)) if start <= ce => current = Some((cs, ce.max(end))),
-            Some((cs, ce)) => {
-                busy += ce - cs;
-                current = Some((start, end));
-            }
-            None => current = Some((start, end)),
+/// Per resource of the graph (in order), the time its spans cover, overlaps counted
+/// once. One pass over the spans sorts them into their resources.
+fn busy_unions(graph: &TaskGraph, trace: &Trace) -> Vec<u64> {
+    let resource_of = graph.task_resource_indices();
+    let mut intervals: Vec<Vec<(u64, u64)>> = vec![Vec::new(); graph.resources.len()];
+    for s in trace.spans.iter().filter(|s| s.end_ns > s.start_ns) {
+        if let Some(list) = intervals.get_mut(resource_of[s.task as usize] as usize) {
+            list.push((s.start_ns, s.end_ns));
         }
     }
-    busy + current.map_or(0, |(s, e)| e - s)
+    intervals
+        .into_iter()
+        .map(|mut list| {
+            list.sort_unstable();
+            let mut busy = 0;
+            let mut current: Option<(u64, u64)> = None;
+            for (start, end) in list {
+                match current {
+                    Some((cs, ce)) if start <= ce => current = Some((cs, ce.max(end))),
+                    Some((cs, ce)) => {
+                        busy += ce - cs;
+                        current = Some((start, end));
+                    }
+                    None => current = Some((start, end)),
+                }
+            }
+            busy + current.map_or(0, |(s, e)| e - s)
+        })
+        .collect()
 }
 
-/// The most bytes tasks held in `pool` at once. Releases at an instant are applied
-/// before acquisitions at the same instant, as both the simulator and the engine do.
-fn peak_dynamic(graph: &TaskGraph, trace: &Trace, pool: Pool) -> u64 {
-    let mut events: Vec<(u64, u8, u64)> = Vec::new();
+/// Per pool of the graph (in order), the most bytes tasks held in it at once. Releases
+/// at an instant are applied before acquisitions at the same instant, as both the
+/// simulator and the engine do. One pass over the spans sorts the events into pools.
+fn peaks_dynamic(graph: &TaskGraph, trace: &Trace) -> Vec<u64> {
+    let mut events: Vec<Vec<(u64, u8, u64)>> = vec![Vec::new(); graph.pools.len()];
+    let index_of = |pool: Pool| graph.pools.iter().position(|p| p.pool == pool);
     for span in &trace.spans {
         let task = &graph.tasks[span.task as usize];
-        for m in task.acquire.iter().filter(|m| m.pool == pool) {
-            events.push((span.start_ns, 1, m.bytes));
-        }
-        for m in task.release.iter().filter(|m| m.pool == pool) {
-            events.push((span.end_ns, 0, m.bytes));
+        let ops =
+            task.acquire.iter().map(|m| (m, span.start_ns, 1)).chain(task.release.iter().map(|m| (m, span.end_ns, 0)));
+        for (m, at, is_acquire) in ops {
+            if let Some(list) = index_of(m.pool).and_then(|i| events.get_mut(i)) {
+                list.push((at, is_acquire, m.bytes));
+            }
         }
     }
-    events.sort_unstable();
-    let (mut held, mut peak) = (0i128, 0i128);
-    for (_, is_acquire, bytes) in events {
-        if is_acquire == 1 {
-            held += bytes as i128;
-        } else {
-            held -= bytes as i128;
-        }
-        peak = peak.max(held);
-    }
-    peak.max(0) as u64
+    events
+        .into_iter()
+        .map(|mut list| {
+            list.sort_unstable();
+            let (mut held, mut peak) = (0i128, 0i128);
+            for (_, is_acquire, bytes) in list {
+                if is_acquire == 1 {
+                    held += bytes as i128;
+                } else {
+                    held -= bytes as i128;
+                }
+                peak = peak.max(held);
+            }
+            peak.max(0) as u64
+        })
+        .collect()
 }
 
 /// Chrome trace-event JSON (opens in Perfetto or chrome://tracing): one process per

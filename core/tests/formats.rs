@@ -111,6 +111,66 @@ fn pieces_cut_quantized_tensors_at_whole_rows_and_groups() {
     assert_eq!(pieces, weight_pieces(&m, WeightGroup::Attention, Dtype::F16, 1 << 20));
 }
 
+/// A mixture of experts' hundreds of expert projections are packed into pieces of
+/// about the target size (whole tensors, in order), so a pipelined transfer of a
+/// Qwen3-30B-A3B layer is tens of tasks, not one per projection; dense groups are cut
+/// as before.
+#[test]
+fn pieces_pack_an_mlp_s_small_expert_projections_whole() {
+    let cases = [
+        ("qwen3-30b-a3b", "q4_k", 256u64 << 20),
+        ("test-moe", "f16", 4 << 20),
+        ("qwen1.5-moe-a2.7b", "q8_0", 16 << 20),
+    ];
+    for (name, format, chunk) in cases {
+        let m = model(name);
+        let l = layout(&m, format);
+        let size = l.group(WeightGroup::Mlp, 0);
+        let pieces = format_pieces(&m, WeightGroup::Mlp, size, chunk);
+        let tensors = m.group_tensors(WeightGroup::Mlp, 0);
+        assert_eq!(pieces.iter().map(|p| p.bytes).sum::<u64>(), size.bytes, "{name}: pieces add up");
+        let share = size.bytes.div_ceil(ferry_core::schedule::MAX_PIPELINE_PIECES);
+        // Every tensor is covered once, in order; packed pieces hold whole expert tensors.
+        let mut next = 0;
+        for p in &pieces {
+            let first = p.tensor as usize;
+            if p.tensors > 1 {
+                assert_eq!(first, next, "{name}: {p:?}");
+                assert!(first >= m.router_tensors().end && p.bytes <= share, "{name}: {p:?}");
+                let whole: u64 = (first..first + p.tensors as usize)
+                    .map(|t| size.tensors[t].bytes(tensors[t].rows, tensors[t].cols))
+                    .sum();
+                assert_eq!(p.bytes, whole, "{name}: {p:?}");
+                next = first + p.tensors as usize;
+            } else {
+                assert!(first == next || (first + 1 == next && p.row_start > 0), "{name}: {p:?}");
+                assert_eq!(p.bytes, size.tensors[first].bytes(p.rows, tensors[first].cols), "{name}: {p:?}");
+                next = first + 1;
+            }
+        }
+        assert_eq!(next, tensors.len(), "{name}");
+        assert!(pieces.iter().any(|p| p.tensors > 1), "{name}: nothing packed");
+        // About the intended count, whatever the number of experts.
+        let count = pieces.len() as u64;
+        assert!(
+            count <= 2 * ferry_core::schedule::MAX_PIPELINE_PIECES + m.router_tensors().end as u64 + 1,
+            "{name}: {count} pieces"
+        );
+    }
+    // Projections of a 16th of the group or more stay pieces of their own (Mixtral's).
+    let m = model("mixtral-8x7b");
+    let q4k = layout(&m, "q4_k");
+    let pieces = format_pieces(&m, WeightGroup::Mlp, q4k.group(WeightGroup::Mlp, 0), 256 << 20);
+    assert!(pieces.iter().all(|p| p.tensors == 1));
+    assert_eq!(pieces.len(), m.group_tensors(WeightGroup::Mlp, 0).len());
+    // A dense group keeps a piece per tensor at least.
+    let m = model("llama-2-7b");
+    let f16 = layout(&m, "f16");
+    let pieces = format_pieces(&m, WeightGroup::Attention, f16.group(WeightGroup::Attention, 0), 1 << 30);
+    assert_eq!(pieces.len(), m.group_tensors(WeightGroup::Attention, 0).len());
+    assert!(pieces.iter().all(|p| p.tensors == 1));
+}
+
 const POLICY: &str = "model: 13b
 hardware: {gpu: rtx3060}
 workload: {batch_size: 1, prompt_len: 8, gen_len: 4}

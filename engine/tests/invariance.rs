@@ -151,7 +151,14 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
                 // Every expert of a layer read ahead, beside the routed reads of the rest.
                 let mut w = p.clone();
                 w.expert_reads = ExpertReads::Whole;
-                cases.push((format!("cpu {schedule:?} {mb}x{n} disk, whole experts"), w, &cpu));
+                cases.push((format!("cpu {schedule:?} {mb}x{n} disk, whole experts"), w.clone(), &cpu));
+                // Pieces larger than an expert's projections: pipelined reads pack several
+                // whole projections into one piece, read from disk or copied from the host.
+                w.chunk_bytes = 256 * KIB;
+                cases.push((format!("cpu {schedule:?} {mb}x{n} disk, whole experts, packed pieces"), w.clone(), &cpu));
+                w.mlp_weights = TierCounts { device: 1, host: layers - 1, disk: 0 };
+                w.embeddings = Tier::Host;
+                cases.push((format!("discrete {schedule:?} {mb}x{n} host experts, packed pieces"), w, &discrete));
             }
             // A discrete device: host-resident weights and KV, host attention, pinned copies.
             let mut q = p.clone();

@@ -78,6 +78,12 @@ pub(super) struct Builder<'a> {
     /// A mixture of experts: each layer's MLP as router part and experts (one entry
     /// when every layer is alike), for routed reads (`schedule::experts`).
     pub(super) expert_bytes: Vec<ExpertBytes>,
+    /// Memo of the pipelined pieces of (group slot, layer — 0 when every layer is
+    /// alike): a mixture of experts' hundreds of tensors make cutting them costly, and
+    /// every visit of a layer cuts the same.
+    pieces: std::collections::HashMap<(usize, u64), Vec<LoadPart>>,
+    /// Memo of the MLP bytes a compute task reads, by (layer as above, rows).
+    mlp_read: std::collections::HashMap<(u64, u64), u64>,
 }
 
 impl<'a> Builder<'a> {
@@ -126,6 +132,17 @@ impl<'a> Builder<'a> {
             kv_pinned: host_kv <= pinned_left,
             last_kv_store: std::collections::HashMap::new(),
             draft: super::draft::DraftShape::of(policy, model),
+            pieces: std::collections::HashMap::new(),
+            mlp_read: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The layer a per-layer size is looked up under: 0 when every layer is alike.
+    fn size_key(&self, layer: u32) -> u64 {
+        if self.layout.layers_alike() {
+            0
+        } else {
+            layer as u64
         }
     }
 
@@ -380,11 +397,16 @@ impl<'a> Builder<'a> {
         let chunk = self.policy.chunk_bytes;
         // Only the pipelined schedule makes each piece its own task; others move the whole group.
         let pieces: Vec<LoadPart> = if self.policy.schedule == Schedule::Pipelined {
-            format_pieces(self.model, group, size, chunk)
-                .iter()
-                .enumerate()
-                .map(|(i, p)| LoadPart::contiguous(i as u32, p.bytes))
-                .collect()
+            let key = (group.layer_slot().unwrap_or(usize::MAX), self.size_key(layer));
+            let (model, memo) = (self.model, &mut self.pieces);
+            let cut = memo.entry(key).or_insert_with(|| {
+                format_pieces(model, group, size, chunk)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| LoadPart::contiguous(i as u32, p.bytes))
+                    .collect()
+            });
+            cut.clone()
         } else {
             vec![LoadPart::contiguous(WHOLE_GROUP, size.bytes)]
         };
@@ -525,7 +547,12 @@ impl<'a> Builder<'a> {
         let hidden = self.hidden_on(side, j, step, layer);
         let rows = self.rows();
         let flops = self.model.projection_flops(WeightGroup::Mlp, rows);
-        let bytes = self.model.mlp_bytes_read(rows, self.layout.bytes(WeightGroup::Mlp, layer as u64));
+        let key = (self.size_key(layer), rows);
+        let (model, layout) = (self.model, &self.layout);
+        let bytes = *self
+            .mlp_read
+            .entry(key)
+            .or_insert_with(|| model.mlp_bytes_read(rows, layout.bytes(WeightGroup::Mlp, layer as u64)));
         let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
         task.deps.push(after);
         task.deps.extend(hidden.filter(|&h| h != after));

@@ -54,11 +54,14 @@ pub const MAX_PIPELINE_PIECES: u64 = 16;
 
 /// A piece of a weight group moved by one pipelined task: rows `row_start ..
 /// row_start + rows` of the group's tensor number `tensor` (see
-/// `ModelSpec::group_tensors`). The simulator needs only the bytes; the engine
-/// multiplies by each row block as it arrives.
+/// `ModelSpec::group_tensors`), or, where `tensors` is above 1, the whole tensors
+/// `tensor .. tensor + tensors` (a mixture of experts' projections, each smaller than
+/// a piece, packed together; `row_start` and `rows` are then 0). The simulator needs
+/// only the bytes; the engine multiplies by each row block as it arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Piece {
     pub tensor: u32,
+    pub tensors: u32,
     pub row_start: u64,
     pub rows: u64,
     pub bytes: u64,
@@ -75,7 +78,21 @@ pub fn weight_pieces(
     chunk_bytes: u64,
 ) -> Vec<Piece> {
     let tensors = model.group_shapes(group);
-    cut_pieces(&tensors, chunk_bytes, |_, rows, cols| dtype.bytes_of(rows * cols), |_| 1)
+    let packed_from = packed_from(model, group, tensors.len());
+    cut_pieces(&tensors, chunk_bytes, packed_from, |_, rows, cols| dtype.bytes_of(rows * cols), |_| 1)
+}
+
+/// The first tensor of a group from which whole tensors smaller than a piece are packed
+/// together: a mixture of experts' expert projections (hundreds per layer, which would
+/// otherwise make a piece each — 386 transfer tasks a layer for Qwen3-30B-A3B where
+/// about `MAX_PIPELINE_PIECES` are meant). Dense groups have a few tensors and are cut
+/// tensor by tensor, as they always were (the figures of existing plans stay).
+fn packed_from(model: &ModelSpec, group: WeightGroup, count: usize) -> usize {
+    if group == WeightGroup::Mlp && model.num_experts > 0 {
+        model.router_tensors().end
+    } else {
+        count
+    }
 }
 
 /// The pieces of one weight group stored as `size` says (each tensor in its own format,
@@ -85,30 +102,61 @@ pub fn weight_pieces(
 pub fn format_pieces(model: &ModelSpec, group: WeightGroup, size: &GroupSize, chunk_bytes: u64) -> Vec<Piece> {
     let tensors = model.group_shapes(group);
     let format = |index: usize| size.tensors.get(index).copied().unwrap_or(WeightFormat::F32);
-    cut_pieces(&tensors, chunk_bytes, |i, rows, cols| format(i).bytes(rows, cols), |i| format(i).row_unit())
+    let packed_from = packed_from(model, group, tensors.len());
+    let bytes = |i: usize, rows, cols| format(i).bytes(rows, cols);
+    cut_pieces(&tensors, chunk_bytes, packed_from, bytes, |i| format(i).row_unit())
 }
 
 /// Cuts tensors into row blocks: `bytes(tensor, rows, cols)` prices rows of a tensor,
-/// `unit(tensor)` is the row count a cut must be a multiple of.
+/// `unit(tensor)` is the row count a cut must be a multiple of. From tensor
+/// `packed_from` on, neighbouring whole tensors smaller than 1/`MAX_PIPELINE_PIECES`
+/// of the group share a piece of at most that.
 fn cut_pieces(
     tensors: &[TensorSpec],
     chunk_bytes: u64,
+    packed_from: usize,
     bytes: impl Fn(usize, u64, u64) -> u64,
     unit: impl Fn(usize) -> u64,
 ) -> Vec<Piece> {
     let total: u64 = tensors.iter().enumerate().map(|(i, t)| bytes(i, t.rows, t.cols)).sum();
-    let target = chunk_bytes.max(total.div_ceil(MAX_PIPELINE_PIECES)).max(1);
-    let mut pieces = Vec::new();
+    let share = total.div_ceil(MAX_PIPELINE_PIECES).max(1);
+    let target = chunk_bytes.max(share);
+    let mut pieces: Vec<Piece> = Vec::new();
+    // Whether the last piece is whole tensors that a next small one may join.
+    let mut packing = false;
     for (index, tensor) in tensors.iter().enumerate() {
+        let whole = bytes(index, tensor.rows, tensor.cols);
+        // Packed up to a 1/MAX_PIPELINE_PIECES share of the group, not up to the chunk:
+        // packing bounds the count of pieces and leaves tensors of a share or more
+        // (Mixtral's 33 MB projections in Q4_K) the pieces they were.
+        if index >= packed_from && whole < share {
+            match pieces.last_mut() {
+                Some(last) if packing && last.bytes + whole <= share => {
+                    last.tensors += 1;
+                    last.bytes += whole;
+                }
+                _ => {
+                    pieces.push(Piece { tensor: index as u32, tensors: 1, row_start: 0, rows: 0, bytes: whole });
+                    packing = true;
+                }
+            }
+            continue;
+        }
+        packing = false;
         let unit_rows = unit(index).max(1);
         let unit_bytes = bytes(index, unit_rows, tensor.cols).max(1);
         let rows_per_piece = (target / unit_bytes).max(1) * unit_rows;
         let mut row = 0;
         while row < tensor.rows {
             let rows = rows_per_piece.min(tensor.rows - row);
-            pieces.push(Piece { tensor: index as u32, row_start: row, rows, bytes: bytes(index, rows, tensor.cols) });
+            let bytes = bytes(index, rows, tensor.cols);
+            pieces.push(Piece { tensor: index as u32, tensors: 1, row_start: row, rows, bytes });
             row += rows;
         }
+    }
+    // A packed piece of a single tensor is that tensor's rows like any other.
+    for p in pieces.iter_mut().filter(|p| p.tensors == 1 && p.rows == 0) {
+        p.rows = tensors[p.tensor as usize].rows;
     }
     pieces
 }

@@ -101,6 +101,18 @@ impl<'a> Engine<'a> {
         recycle: Option<Key>,
     ) -> Result<Loaded, EngineError> {
         let recycle = recycle.filter(|_| self.backend.host_addressable(place));
+        // A piece of whole tensors packed together reads as those tensors.
+        let packed;
+        let part = match part {
+            GroupPart::Piece(piece) => match self.pieces(group, layer).get(*piece as usize) {
+                Some(p) if p.tensors > 1 => {
+                    packed = GroupPart::Tensors(piece_tensors(p));
+                    &packed
+                }
+                _ => part,
+            },
+            _ => part,
+        };
         let location = files.group(group, layer);
         let tensors = spec.group_tensors(group, layer);
         let whole = |i: usize| -> Result<Part, EngineError> {
@@ -404,6 +416,9 @@ impl<'a> Engine<'a> {
         let pieces = self.pieces(group, task.layer as u64);
         let missing = || EngineError::Internal(format!("{}: no such piece in memory", task.label()));
         let p = *pieces.get(task.piece as usize).ok_or_else(missing)?;
+        if p.tensors > 1 {
+            return self.copy_tensors(task, whole, &piece_tensors(&p), recycler);
+        }
         let view = whole.views.iter().find(|v| v.tensor == p.tensor).ok_or_else(missing)?;
         let start = view.offset + view.format.bytes(p.row_start, view.cols as u64) as usize;
         let mut buffer = self.device_memory(task.layer, p.bytes as usize)?;
@@ -434,4 +449,9 @@ impl<'a> Engine<'a> {
         lock(&self.streamed)
             .retain(|k, _| !(k.0 == group_code(group) && k.1 == task.layer && k.2 == task.step && k.3 == first));
     }
+}
+
+/// The whole tensors a packed piece holds (`Piece::tensors` above 1).
+fn piece_tensors(piece: &ferry_core::schedule::Piece) -> Vec<usize> {
+    (piece.tensor as usize..(piece.tensor + piece.tensors) as usize).collect()
 }

@@ -48,20 +48,24 @@ pub fn baselines(request: &TuneRequest, batch: u64) -> Vec<Baseline> {
             Searcher::new(&fixed, &NO_KNOBS).greedy(b, host_compute)
         })
     };
-    let flexgen = first_fit(&|b: u64| {
-        let fixed = TuneRequest { batch: BatchChoice::Fixed(b), ..request.clone() };
-        tune(&fixed, &KnobSpace::flexgen()).map(|r| r.best).map_err(|e| e.to_string())
-    });
+    let flexgen = || {
+        first_fit(&|b: u64| {
+            let fixed = TuneRequest { batch: BatchChoice::Fixed(b), ..request.clone() };
+            tune(&fixed, &KnobSpace::flexgen()).map(|r| r.best).map_err(|e| e.to_string())
+        })
+    };
+    // Three independent searches, side by side.
+    let (flexgen, (accelerate, llama_cpp)) = rayon::join(flexgen, || rayon::join(|| greedy(false), || greedy(true)));
     vec![
         Baseline {
             name: "accelerate",
             description: "Accelerate-like: sequential, greedy device-first whole layers, KV on device",
-            outcome: greedy(false),
+            outcome: accelerate,
         },
         Baseline {
             name: "llama.cpp",
             description: "llama.cpp-like: whole layers on the device as fit, the rest computed on the host",
-            outcome: greedy(true),
+            outcome: llama_cpp,
         },
         Baseline {
             name: "flexgen",

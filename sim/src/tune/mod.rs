@@ -51,6 +51,7 @@ use ferry_core::plan::{Policy, Schedule, Speculation, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::trace::Metrics;
 use ferry_core::units::MIB;
+use rayon::prelude::*;
 
 use crate::des::SimError;
 use crate::predict::{predict, Extrapolation};
@@ -247,12 +248,22 @@ pub fn tune_and_compare(request: &TuneRequest, space: &KnobSpace) -> Result<Comp
         let p = predict(&c.policy, request.model, &c.workload, request.profile, Extrapolation::Full)?;
         Ok(Candidate { metrics: p.metrics, ..c.clone() })
     };
-    result.best = exact(&result.best)?;
-    result.top[0] = result.best.clone();
     let mut baselines = baselines(request, result.best.workload.batch_size);
-    for baseline in &mut baselines {
-        if let Ok(c) = &baseline.outcome {
-            baseline.outcome = exact(c).map_err(|e| e.to_string());
+    // The winner's and the baselines' step-by-step simulations, side by side.
+    let (best, exact_baselines) = rayon::join(
+        || exact(&result.best),
+        || {
+            baselines
+                .par_iter()
+                .map(|b| b.outcome.as_ref().ok().map(|c| exact(c).map_err(|e| e.to_string())))
+                .collect::<Vec<_>>()
+        },
+    );
+    result.best = best?;
+    result.top[0] = result.best.clone();
+    for (baseline, exact) in baselines.iter_mut().zip(exact_baselines) {
+        if let Some(outcome) = exact {
+            baseline.outcome = outcome;
         }
     }
     let mut adopted_baseline = None;

@@ -5,6 +5,7 @@
 //! summarising the simulated plans into a `TuneResult`.
 
 use ferry_core::plan::{ExpertReads, Schedule, Workload};
+use rayon::prelude::*;
 
 use super::lp::{Fractions, LayerFigures, Transfer};
 use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
@@ -323,25 +324,25 @@ impl<'a> Searcher<'a> {
     }
 
     /// Ranks the group's members; simulates the best one per (schedule, prefetch depth).
+    /// The simulations run side by side (each is independent; the candidates come back
+    /// in rank order, so the search is the same on any number of cores).
     fn simulate_best_members(&self, b: &Bounded, stats: &mut SearchStats) -> Vec<Candidate> {
-        let mut candidates = Vec::new();
-        let mut chosen: Vec<(Schedule, u64)> = Vec::new();
+        let mut chosen: Vec<Member> = Vec::new();
         let workload = self.workload(&b.group);
         for index in self.rank_members(b) {
             let member = b.members[index];
             let key = (member.schedule, member.prefetch_depth);
-            if chosen.contains(&key) {
+            if chosen.iter().any(|m| (m.schedule, m.prefetch_depth) == key) {
                 stats.ranked_out += 1;
                 continue;
             }
-            chosen.push(key);
-            stats.simulated += 1;
-            match self.simulate_member(b, &member, workload) {
-                Some(candidate) => candidates.push(candidate),
-                None => stats.rejected += 1,
-            }
+            chosen.push(member);
         }
-        candidates
+        stats.simulated += chosen.len() as u64;
+        let outcomes: Vec<Option<Candidate>> =
+            chosen.par_iter().map(|member| self.simulate_member(b, member, workload)).collect();
+        stats.rejected += outcomes.iter().filter(|c| c.is_none()).count() as u64;
+        outcomes.into_iter().flatten().collect()
     }
 
     /// Member indices, best estimate first (ties in enumeration order).
@@ -392,7 +393,7 @@ impl Searcher<'_> {
         let objective = self.request.objective;
         let best = simulated.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
         simulated
-            .into_iter()
+            .into_par_iter()
             .map(|c| {
                 if within(c.score(objective), best, objective, PROMOTE_WITHIN) {
                     self.with_disk_layers_promoted(c)
