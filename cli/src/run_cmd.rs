@@ -183,7 +183,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         return Err(CoreError::invalid("--activations applies to the cpu backend").into());
     }
     let backend = backend::backend(&args.backend, args.activations)?;
-    let files = ModelFiles::open(&args.model_dir)?;
+    let mut files = ModelFiles::open(&args.model_dir)?;
     if args.routing_out.is_some() && files.spec.num_experts == 0 {
         return Err(CoreError::invalid(format!(
             "--routing-out: {} is no mixture of experts, so it has no routing to write",
@@ -192,6 +192,9 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         .into());
     }
     let mut resolved = resolve_for_folder(&catalog, &args.plan, &files.spec, args.draft_dir.as_deref())?;
+    // The plan's measured routing: what the run is lowered and predicted with, and
+    // which experts a plan's `hot_experts` keeps on the device.
+    files.spec.routing = resolved.model.routing.clone();
     let draft_files = open_draft(&args.plan, &mut resolved)?;
     // A backend whose "device" is host RAM (cpu) measures nothing of a discrete GPU's plan.
     if !resolved.profile.unified_memory && backend.host_addressable(ferry_core::graph::Place::DEVICE) {

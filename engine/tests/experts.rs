@@ -55,7 +55,7 @@ fn execute(dir: &Path, files: &ModelFiles, policy: &Policy) -> RunReport {
 
 /// The bytes a run reads when each visit reads its router part and the union of the
 /// experts its micro-batches were routed to (every micro-batch of a step in a
-/// layer-major schedule, each alone otherwise).
+/// layer-major schedule, each alone otherwise), but for the layer's hot experts.
 fn routed_bytes(report: &RunReport, files: &ModelFiles, policy: &Policy, layer_major: bool) -> u64 {
     let layout = WeightLayout::of(&files.spec, &policy.weight_format);
     let mut visits: BTreeMap<(u32, u32, u32), BTreeSet<u16>> = BTreeMap::new();
@@ -71,7 +71,9 @@ fn routed_bytes(report: &RunReport, files: &ModelFiles, policy: &Policy, layer_m
         .iter()
         .map(|(&(_, layer, _), experts)| {
             let sizes = layout.expert_bytes(&files.spec, layer as u64).unwrap();
-            sizes.router + experts.iter().map(|&e| sizes.experts[e as usize]).sum::<u64>()
+            let hot = files.spec.hot_experts(layer as u64, policy.hot_experts);
+            let cold = experts.iter().filter(|&&e| !hot.contains(&(e as usize)));
+            sizes.router + cold.map(|&e| sizes.experts[e as usize]).sum::<u64>()
         })
         .sum()
 }
@@ -103,6 +105,21 @@ fn reads_only_routed_experts(files: &ModelFiles, formats: WeightFormats) {
         assert_eq!(all.requested_read_bytes, visits_per_step * steps * whole_layers, "{what}: whole layers");
         assert_eq!(all.tokens, routed.tokens, "{what}: the same tokens either way");
         assert!(routed.metrics.pools.iter().all(|p| p.peak_bytes <= p.capacity_bytes), "{what}: within budget");
+        // Three experts a layer kept on the device: never read again, the same tokens.
+        let mut hot = policy.clone();
+        hot.hot_experts = 3;
+        let kept = execute(dir.path(), files, &hot);
+        assert_eq!(kept.tokens, routed.tokens, "{what}: the same tokens with hot experts");
+        let expected = routed_bytes(&kept, files, &hot, layer_major);
+        assert_eq!(kept.requested_read_bytes, expected, "{what}: the routed experts' bytes but the hot ones'");
+        assert!(kept.requested_read_bytes < routed.requested_read_bytes, "{what}: hot experts are not read");
+        assert!(kept.metrics.pools.iter().all(|p| p.peak_bytes <= p.capacity_bytes), "{what}: within budget");
+        // Every expert kept: a visit reads its router part only.
+        hot.hot_experts = files.spec.num_experts;
+        let all_kept = execute(dir.path(), files, &hot);
+        assert_eq!(all_kept.tokens, routed.tokens, "{what}: the same tokens with every expert kept");
+        let router: u64 = (0..layers).map(|l| layout.expert_bytes(&files.spec, l).unwrap().router).sum();
+        assert_eq!(all_kept.requested_read_bytes, visits_per_step * steps * router, "{what}: router parts only");
     }
 }
 

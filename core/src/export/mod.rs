@@ -260,6 +260,7 @@ mod fixtures {
                 host_attention: true,
                 compute_host_layers_on_host: false,
                 expert_reads: Default::default(),
+                hot_experts: 0,
                 weight_format: crate::model::WeightFormats::uniform(crate::model::WeightFormat::F16),
                 weight_dtype: crate::model::Dtype::F16,
                 kv_dtype: crate::model::Dtype::F16,

@@ -65,6 +65,75 @@ impl ModelSpec {
         first..first + ModelSpec::TENSORS_PER_EXPERT
     }
 
+    /// The `count` experts of `layer` a plan keeps on the device (`Policy::hot_experts`),
+    /// ascending: the most popular by the measured routing (ties to the lower expert),
+    /// else the first `count` — under uniform routing every set is as good.
+    pub fn hot_experts(&self, layer: u64, count: u64) -> Vec<usize> {
+        let count = count.min(self.num_experts) as usize;
+        let shares = self.routing.as_ref().and_then(|r| r.layers.get(layer as usize));
+        let mut hot: Vec<usize> = match shares {
+            Some(shares) => {
+                let mut order: Vec<usize> = (0..shares.len()).collect();
+                order.sort_by(|&a, &b| shares[b].total_cmp(&shares[a]).then(a.cmp(&b)));
+                order.truncate(count);
+                order
+            }
+            None => (0..count).collect(),
+        };
+        hot.sort_unstable();
+        hot
+    }
+
+    /// Distinct experts outside each layer's `hot` kept ones that `tokens` tokens are
+    /// expected to touch (what a routed read brings in): uniform routing's
+    /// (E − hot)·(1 − (1 − k/E)^tokens), or with a measured routing the mean over the
+    /// layers of Σ 1 − (1 − pₑ)^tokens over the experts outside the layer's hot set.
+    pub fn expected_cold_experts(&self, tokens: u64, hot: u64) -> f64 {
+        if hot == 0 {
+            return self.expected_experts(tokens);
+        }
+        let t = tokens.min(i32::MAX as u64) as i32;
+        match &self.routing {
+            Some(routing) => {
+                let layer = |(l, shares): (usize, &Vec<f64>)| {
+                    let kept = self.hot_experts(l as u64, hot);
+                    let touched = |(e, p): (usize, &f64)| {
+                        if kept.contains(&e) {
+                            0.0
+                        } else {
+                            1.0 - (1.0 - p.clamp(0.0, 1.0)).powi(t)
+                        }
+                    };
+                    shares.iter().enumerate().map(touched).sum::<f64>()
+                };
+                routing.layers.iter().enumerate().map(layer).sum::<f64>() / routing.layers.len().max(1) as f64
+            }
+            None => {
+                let (e, k) = (self.num_experts as f64, self.experts_per_token as f64);
+                (e - hot.min(self.num_experts) as f64) * (1.0 - (1.0 - k / e).powi(t))
+            }
+        }
+    }
+
+    /// The share of tokens' expert choices that `hot` kept experts per layer serve:
+    /// hot/E under uniform routing, else their measured shares (mean over layers).
+    pub fn hot_hit_rate(&self, hot: u64) -> f64 {
+        if self.num_experts == 0 {
+            return 0.0;
+        }
+        match &self.routing {
+            Some(routing) => {
+                let k = self.experts_per_token.max(1) as f64;
+                let layer = |(l, shares): (usize, &Vec<f64>)| {
+                    self.hot_experts(l as u64, hot).iter().map(|&e| shares.get(e).copied().unwrap_or(0.0)).sum::<f64>()
+                        / k
+                };
+                routing.layers.iter().enumerate().map(layer).sum::<f64>() / routing.layers.len().max(1) as f64
+            }
+            None => hot.min(self.num_experts) as f64 / self.num_experts as f64,
+        }
+    }
+
     /// The most distinct experts `tokens` tokens can be routed to in one layer.
     pub fn most_experts(&self, tokens: u64) -> u64 {
         (tokens * self.experts_per_token).min(self.num_experts)

@@ -67,6 +67,11 @@ impl ExpertBytes {
         sizes.iter().take(count as usize).sum()
     }
 
+    /// What the experts `chosen` take together.
+    pub fn of(&self, chosen: &[usize]) -> u64 {
+        chosen.iter().map(|&e| self.experts.get(e).copied().unwrap_or(0)).sum()
+    }
+
     /// What `experts` experts take on average (a fractional count: an expectation).
     pub fn expected(&self, experts: f64) -> u64 {
         let mean = self.experts.iter().sum::<u64>() as f64 / self.experts.len().max(1) as f64;

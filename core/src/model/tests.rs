@@ -200,3 +200,36 @@ fn group_shapes_are_layer_zeros_tensors_with_the_same_quantizable_ones() {
         }
     }
 }
+
+#[test]
+fn hot_experts_are_the_most_popular_and_take_their_share_of_the_routing() {
+    let mut m = model("test-tiny-moe");
+    let (e, k) = (m.num_experts as f64, m.experts_per_token as f64);
+    // Uniform routing: the first ones, any are alike; they serve hot/E of the choices.
+    assert_eq!(m.hot_experts(0, 3), vec![0, 1, 2]);
+    assert_eq!(m.expected_cold_experts(5, 0), m.expected_experts(5));
+    let uniform = (e - 3.0) * (1.0 - (1.0 - k / e).powi(5));
+    assert!((m.expected_cold_experts(5, 3) - uniform).abs() < 1e-12);
+    assert!((m.hot_hit_rate(3) - 3.0 / e).abs() < 1e-12);
+    assert_eq!(m.expected_cold_experts(5, m.num_experts), 0.0);
+    // A measured routing: each layer's most popular ones, ties to the lower expert.
+    let layers = m.num_layers as usize;
+    let mut shares = vec![vec![0.1, 0.1, 0.5, 0.1, 0.1, 0.9, 0.1, 0.1]; layers];
+    shares[1] = vec![0.25; 8];
+    m.routing = Some(std::sync::Arc::new(ExpertPopularity {
+        model: m.name.clone(),
+        experts_per_token: 2,
+        tokens: 100,
+        layers: shares.clone(),
+    }));
+    assert_eq!(m.hot_experts(0, 2), vec![2, 5]);
+    assert_eq!(m.hot_experts(1, 2), vec![0, 1]);
+    // Layer 0's two hot experts serve 1.4 of each token's 2 choices; layer 1's 0.5.
+    let rate = (1.4 / 2.0 + 0.5 / 2.0 + (layers - 2) as f64 * 1.4 / 2.0) / layers as f64;
+    assert!((m.hot_hit_rate(2) - rate).abs() < 1e-12, "{}", m.hot_hit_rate(2));
+    // One token touches only the cold experts it picks: layer 0 six of 0.1 each.
+    let layer0 = 6.0 * 0.1;
+    let layer1 = 6.0 * 0.25;
+    let cold = (layer0 + layer1 + (layers - 2) as f64 * layer0) / layers as f64;
+    assert!((m.expected_cold_experts(1, 2) - cold).abs() < 1e-12);
+}

@@ -70,6 +70,12 @@ pub struct Policy {
     /// were routed to, once routed (the default), or whole layers ahead of time.
     #[serde(default, skip_serializing_if = "ExpertReads::is_routed")]
     pub expert_reads: ExpertReads,
+    /// Under routed reads, each streamed layer keeps this many of its experts on the
+    /// device for good — the most popular ones by the plan's measured routing, or the
+    /// first ones under uniform routing, where all are alike — and a visit reads only
+    /// the chosen experts outside them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hot_experts: u64,
     /// How each weight group is stored (`f16`, `q4_k`, `{default: q4_k, head: q6_k}`,
     /// `stored`); what memory, transfers and compute are priced at.
     pub weight_format: WeightFormats,
@@ -119,6 +125,8 @@ struct PolicyFile {
     compute_host_layers_on_host: bool,
     #[serde(default)]
     expert_reads: ExpertReads,
+    #[serde(default)]
+    hot_experts: u64,
     /// The old name of a float `weight_format` (plans before weight formats).
     #[serde(default)]
     weight_dtype: Option<Dtype>,
@@ -178,6 +186,7 @@ impl TryFrom<PolicyFile> for Policy {
             host_attention: f.host_attention,
             compute_host_layers_on_host: f.compute_host_layers_on_host,
             expert_reads: f.expert_reads,
+            hot_experts: f.hot_experts,
             weight_dtype: engine_dtype(&weight_format),
             weight_format,
             kv_dtype: f.kv_dtype,
@@ -189,6 +198,10 @@ impl TryFrom<PolicyFile> for Policy {
             speculation: f.speculation,
         })
     }
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// `Policy::weight_dtype` for a plan's formats.
@@ -289,6 +302,24 @@ impl Policy {
         }
         if let Some(speculation) = &self.speculation {
             self.validate_speculation(speculation, model)?;
+        }
+        if self.hot_experts > 0 {
+            if model.num_experts == 0 {
+                return fail(format!("hot_experts {}: {} has no experts", self.hot_experts, model.name));
+            }
+            if self.hot_experts > model.num_experts {
+                return fail(format!(
+                    "hot_experts {} is more than the {} experts of a layer of {}",
+                    self.hot_experts, model.num_experts, model.name
+                ));
+            }
+            if !self.expert_reads.is_routed() {
+                return fail(format!(
+                    "hot_experts {} keeps experts on the device for routed reads; with expert_reads: whole every \
+                     expert is read anyway (drop one of the two)",
+                    self.hot_experts
+                ));
+            }
         }
         if self.compute_host_layers_on_host {
             for (layer, place) in self.layer_placements(layers).iter().enumerate() {
@@ -465,6 +496,7 @@ impl Policy {
             host_attention: false,
             compute_host_layers_on_host: false,
             expert_reads: ExpertReads::Routed,
+            hot_experts: 0,
             weight_dtype: engine_dtype(&weight_format),
             weight_format,
             kv_dtype: dtype,

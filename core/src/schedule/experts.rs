@@ -20,6 +20,15 @@ impl Builder<'_> {
         self.model.num_experts > 0 && self.policy.expert_reads.is_routed() && self.streams(WeightGroup::Mlp, layer)
     }
 
+    /// Bytes of `layer`'s hot experts, kept on its device (0 unless its experts are
+    /// read as routed and the policy keeps some).
+    pub(super) fn hot_expert_bytes(&self, layer: u32) -> u64 {
+        if self.policy.hot_experts == 0 || !self.routes_experts(layer) {
+            return 0;
+        }
+        self.expert_bytes(layer).of(&self.model.hot_experts(layer as u64, self.policy.hot_experts))
+    }
+
     fn expert_bytes(&self, layer: u32) -> &ExpertBytes {
         &self.expert_bytes[(layer as usize).min(self.expert_bytes.len() - 1)]
     }
@@ -49,14 +58,17 @@ impl Builder<'_> {
     }
 
     /// The read of the experts the visit's micro-batches were routed to, after every
-    /// route of the visit (`routes`).
+    /// route of the visit (`routes`), less the layer's hot experts (`Policy::hot_experts`),
+    /// which stay on the device.
     pub(super) fn load_routed_experts(&mut self, layer: u32, step: u32, first_j: u32, routes: &[TaskId]) -> Loaded {
         let tokens = self.rows() * routes.len() as u64;
+        let hot = self.policy.hot_experts;
+        let cold = self.model.num_experts - hot.min(self.model.num_experts);
         let sizes = self.expert_bytes(layer);
         let part = LoadPart {
             piece: ROUTED_EXPERTS,
-            bytes: sizes.expected(self.model.expected_experts(tokens)),
-            held_bytes: sizes.most(self.model.most_experts(tokens)),
+            bytes: sizes.expected(self.model.expected_cold_experts(tokens, hot)),
+            held_bytes: sizes.most(self.model.most_experts(tokens).min(cold)),
             largest_request: sizes.largest_tensor,
         };
         self.load_parts(WeightGroup::Mlp, (layer, step, first_j), routes, &[part])

@@ -394,5 +394,27 @@ mod tests {
         assert!(whole.tasks.iter().all(|t| t.payload != Payload::Compute { op: Op::Route, draft: false }));
         let reads: Vec<_> = whole.tasks.iter().filter(|t| t.kind == TaskKind::DiskRead && t.layer == 0).collect();
         assert!(reads.iter().all(|t| t.bytes == sizes.router + sizes.experts.iter().sum::<u64>()));
+        // Hot experts: resident on the device for every routed layer, read no more,
+        // and a routed read holds the most of the rest the tokens could choose.
+        policy.expert_reads = ExpertReads::Routed;
+        policy.hot_experts = 6;
+        let hot = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        let device = hot.pools.iter().find(|p| p.pool == crate::graph::Place::DEVICE).unwrap();
+        let kept = device.resident.iter().find(|(what, _)| what == "hot experts").unwrap().1;
+        assert_eq!(kept, model.num_layers * 6 * sizes.experts[0]);
+        let decoding = hot.tasks.iter().find(|t| t.step == 1 && t.piece == ROUTED_EXPERTS).unwrap();
+        assert_eq!(decoding.acquire[0].bytes, 2 * sizes.experts[0], "at most the 2 experts left");
+        assert_eq!(decoding.bytes, sizes.expected(model.expected_cold_experts(2, 6)));
+        // Refused: more than there are, or beside whole-layer reads.
+        let big = Policy { hot_experts: 9, ..policy.clone() };
+        assert!(lower(&big, &model, &workload, &profile, &Steps::All)
+            .unwrap_err()
+            .to_string()
+            .contains("hot_experts 9"));
+        let whole = Policy { hot_experts: 2, expert_reads: ExpertReads::Whole, ..policy.clone() };
+        assert!(lower(&whole, &model, &workload, &profile, &Steps::All)
+            .unwrap_err()
+            .to_string()
+            .contains("expert_reads: whole"));
     }
 }

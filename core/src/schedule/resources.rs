@@ -64,6 +64,7 @@ impl Builder<'_> {
         // cache; per host: host-resident weights, then the host KV cache.
         const KV: usize = WeightGroup::PER_LAYER.len();
         let mut on_device = vec![[0u64; KV + 1]; devices.len()];
+        let mut hot_experts = vec![0u64; devices.len()];
         let mut on_host = vec![[0u64; 2]; hosts.len()];
         let kv_per_layer = model.kv_bytes_per_token_per_layer(policy.kv_dtype)
             * self.workload.batch_size
@@ -79,6 +80,7 @@ impl Builder<'_> {
                     Tier::Disk => {}
                 }
             }
+            hot_experts[slot] += self.hot_expert_bytes(layer as u32);
             match place.kv {
                 Tier::Device => on_device[slot][KV] += kv_per_layer,
                 Tier::Host => on_host[host_slot][1] += kv_per_layer,
@@ -94,7 +96,8 @@ impl Builder<'_> {
         let mut pools: Vec<PoolSpec> = devices
             .iter()
             .zip(&on_device)
-            .map(|(&d, resident)| {
+            .zip(&hot_experts)
+            .map(|((&d, resident), &hot)| {
                 let first = d == policy.first_device();
                 let last = d == policy.last_device();
                 PoolSpec {
@@ -111,6 +114,7 @@ impl Builder<'_> {
                             ),
                             ("head".into(), if last { on(policy.head, Tier::Device, head) } else { 0 }),
                             ("resident KV cache".into(), resident[KV]),
+                            ("hot experts".into(), hot),
                             ("hidden states".into(), hidden_states),
                             ("workspace".into(), workspace),
                         ])

@@ -13,7 +13,13 @@ use ferry_core::graph::{Place, Task};
 use ferry_core::model::{ExpertPopularity, ModelSpec, WeightGroup};
 use rayon::prelude::*;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_core::plan::Tier;
+
 use super::speculate::is_draft;
+use super::weights::{GroupPart, Loaded};
 use super::{lock, Engine, RunReport};
 use crate::backend::DeviceBuffer;
 use crate::EngineError;
@@ -132,8 +138,42 @@ impl Engine<'_> {
         Ok(route(&self.backend.download_f32(&logits)?, experts, k, spec.renormalize_top_k))
     }
 
+    /// Whether `layer`'s experts are read as routed: its MLP streams to its device
+    /// (`schedule::experts`' `routes_experts`, for the engine's placements).
+    fn routes_experts(&self, layer: u32) -> bool {
+        let split = self.policy.compute_host_layers_on_host;
+        let streamed = self.weight_tier(WeightGroup::Mlp, layer as u64) != Tier::Device
+            && !self.placements.get(layer as usize).is_some_and(|p| p.computed_on_host(WeightGroup::Mlp, split));
+        self.spec.num_experts > 0 && self.policy.expert_reads.is_routed() && streamed
+    }
+
+    /// Every routed layer's hot experts (`Policy::hot_experts`), read onto its device
+    /// before the run, as the plan's resident weights are.
+    pub(super) fn read_hot_experts(&self) -> Result<HashMap<u32, Arc<Loaded>>, EngineError> {
+        let mut hot = HashMap::new();
+        if self.policy.hot_experts == 0 {
+            return Ok(hot);
+        }
+        for layer in 0..self.spec.num_layers as u32 {
+            if !self.routes_experts(layer) || !self.holds_group(WeightGroup::Mlp, layer) {
+                continue;
+            }
+            let experts = self.spec.hot_experts(layer as u64, self.policy.hot_experts);
+            let tensors = GroupPart::Tensors(experts.iter().flat_map(|&e| self.spec.expert_tensors(e)).collect());
+            let place = self.layer_device(layer);
+            hot.insert(layer, Arc::new(self.read_group(WeightGroup::Mlp, layer as u64, &tensors, place, None)?));
+        }
+        Ok(hot)
+    }
+
+    /// The hot experts kept on `layer`'s device, if any.
+    pub(super) fn hot_loaded(&self, layer: u32) -> Option<Arc<Loaded>> {
+        self.hot_experts.get(&layer).cloned()
+    }
+
     /// The distinct experts the micro-batches of `task`'s visit were routed to in its
-    /// layer and step, ascending (what a routed read brings in).
+    /// layer and step that its device does not keep (`Policy::hot_experts`), ascending:
+    /// what a routed read brings in.
     pub(super) fn visit_experts(&self, task: &Task) -> Result<Vec<usize>, EngineError> {
         let visit = if self.layer_major() {
             0..self.policy.num_micro_batches as u32
@@ -148,6 +188,11 @@ impl Engine<'_> {
             })?;
             for &(expert, _) in rows.iter().flatten() {
                 used[expert] = true;
+            }
+        }
+        if self.hot_experts.contains_key(&task.layer) {
+            for e in self.spec.hot_experts(task.layer as u64, self.policy.hot_experts) {
+                used[e] = false;
             }
         }
         Ok(used.iter().enumerate().filter(|(_, &u)| u).map(|(e, _)| e).collect())

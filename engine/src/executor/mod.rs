@@ -126,6 +126,9 @@ struct Engine<'a> {
     disk_files: HashMap<PathBuf, Arc<DiskFile>>,
     kv_file: Option<KvFile>,
     resident: HashMap<(u8, u32), Arc<Loaded>>,
+    /// Per layer whose experts are read as routed: its hot experts (`Policy::hot_experts`),
+    /// on its device for the whole run.
+    hot_experts: HashMap<u32, Arc<Loaded>>,
     streamed: Mutex<HashMap<Key, Arc<Loaded>>>,
     staged: Mutex<HashMap<Key, Arc<Loaded>>>,
     /// Where every layer lives and runs.
@@ -420,6 +423,7 @@ impl<'a> Engine<'a> {
             disk_files,
             kv_file,
             resident: HashMap::new(),
+            hot_experts: HashMap::new(),
             streamed: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
             placements: policy.layer_placements(spec.num_layers),
@@ -462,6 +466,7 @@ impl<'a> Engine<'a> {
             }
         }
         engine.resident = resident;
+        engine.hot_experts = engine.read_hot_experts()?;
         if let Some(speculation) = &policy.speculation {
             engine.draft = Some(engine.draft_state(speculation)?);
         }

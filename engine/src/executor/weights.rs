@@ -255,7 +255,8 @@ impl<'a> Engine<'a> {
             )));
         }
         pieces.sort_by_key(|(piece, _)| *piece);
-        Ok(pieces.into_iter().map(|(_, l)| l).collect())
+        let hot = if group == WeightGroup::Mlp { self.hot_loaded(layer) } else { None };
+        Ok(pieces.into_iter().map(|(_, l)| l).chain(hot).collect())
     }
 
     pub(super) fn resident_group(&self, group: WeightGroup) -> Arc<Loaded> {
