@@ -204,3 +204,53 @@ fn groups_that_cannot_hold_their_prefetch_window_are_still_searched() {
     let device = p.metrics.pools.iter().find(|pool| pool.pool == ferry_core::graph::Place::DEVICE).unwrap();
     assert!(device.peak_bytes <= 384 * MIB, "{}", device.peak_bytes);
 }
+
+/// A mixture of experts whose measured routing sends most tokens to two experts per
+/// layer: with device memory left beside the streamed layers, the tuner keeps those
+/// experts on the device (`hot_experts`) — predicted faster than the same plan without
+/// them — and under uniform routing it keeps none unless that is faster too.
+#[test]
+fn a_skewed_routing_keeps_its_hot_experts_on_the_device() {
+    let (mut model, profile) = setup("cpu", "ferry-ci-vm", "test-moe", Some(300 * MIB));
+    let (layers, experts) = (model.num_layers as usize, model.num_experts as usize);
+    let shares = (0..layers)
+        .map(|l| {
+            let mut s = vec![0.2 / (experts - 2) as f64; experts];
+            s[(3 * l) % experts] = 0.9;
+            s[(3 * l + 5) % experts] = 0.9;
+            s
+        })
+        .collect();
+    let routing = ferry_core::model::ExpertPopularity {
+        model: model.name.clone(),
+        experts_per_token: model.experts_per_token,
+        tokens: 1000,
+        layers: shares,
+    };
+    routing.check(model.num_layers, model.num_experts, model.experts_per_token).unwrap();
+    model.routing = Some(std::sync::Arc::new(routing));
+    let req = TuneRequest { prompt_len: 32, gen_len: 32, ..request(&model, &profile, BatchChoice::Fixed(1)) };
+    let best = tune_and_compare(&req, &KnobSpace::full()).unwrap().result.best;
+    let policy = &best.policy;
+    assert!(policy.hot_experts >= 2, "{policy:?}");
+    let mut cold = policy.clone();
+    cold.hot_experts = 0;
+    let without = predict(&cold, &model, &best.workload, &profile, Extrapolation::Full).unwrap();
+    assert!(
+        best.metrics.tokens_per_s > 1.2 * without.metrics.tokens_per_s,
+        "{} against {}",
+        best.metrics.tokens_per_s,
+        without.metrics.tokens_per_s
+    );
+    assert!(best.metrics.pools.iter().all(|p| p.peak_bytes <= p.capacity_bytes));
+    // Hot experts are only kept where they are faster.
+    model.routing = None;
+    let req = TuneRequest { prompt_len: 32, gen_len: 32, ..request(&model, &profile, BatchChoice::Fixed(1)) };
+    let best = tune_and_compare(&req, &KnobSpace::full()).unwrap().result.best;
+    if best.policy.hot_experts > 0 {
+        let mut cold = best.policy.clone();
+        cold.hot_experts = 0;
+        let without = predict(&cold, &model, &best.workload, &profile, Extrapolation::Full).unwrap();
+        assert!(best.metrics.tokens_per_s > without.metrics.tokens_per_s);
+    }
+}

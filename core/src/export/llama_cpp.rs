@@ -103,7 +103,8 @@ fn server_args(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>) -> Vec
     if routed > 0 {
         missing.push(format!(
             "llama.cpp computes CPU-placed experts on the CPU; the plan streams to the device only the experts each \
-             step routes to ({routed} layers' experts)"
+             step routes to ({routed} layers' experts){}",
+            super::hot_experts_clause(plan)
         ));
     }
     let streamed_mlp = !cpu_mlp.is_empty() && routed == 0;

@@ -182,6 +182,14 @@ fn routed_expert_layers(plan: &Plan, model: &ModelSpec) -> u64 {
     placements.iter().filter(|l| l.mlp != Tier::Device && !l.computed_on_host(WeightGroup::Mlp, split)).count() as u64
 }
 
+/// ", keeping N hot experts of each on the device" where the plan keeps some.
+fn hot_experts_clause(plan: &Plan) -> String {
+    match plan.policy.hot_experts {
+        0 => String::new(),
+        hot => format!(", keeping {hot} hot experts of each on the device"),
+    }
+}
+
 /// Adds the lines for the streaming knobs a target without them cannot express:
 /// schedule and prefetch depth, chunk size, copy streams and I/O queue depth.
 fn streaming_knobs(plan: &Plan, engine: &str, missing: &mut Vec<String>) {

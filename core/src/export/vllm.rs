@@ -51,7 +51,8 @@ pub(super) fn settings(
     if routed > 0 {
         missing.push(format!(
             "vLLM offloads weights by the layer, not by the routed expert; the plan streams to the device only the \
-             experts each step routes to ({routed} layers' experts)"
+             experts each step routes to ({routed} layers' experts){}",
+            super::hot_experts_clause(plan)
         ));
     }
     if p.num_micro_batches > 1 {

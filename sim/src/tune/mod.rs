@@ -39,6 +39,7 @@
 
 mod baselines;
 mod explain;
+mod hot;
 mod lp;
 mod rounding;
 mod search;

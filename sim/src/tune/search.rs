@@ -263,7 +263,11 @@ impl<'a> Searcher<'a> {
                 self.explain_impossible()
             )));
         }
-        Ok(summarise(self.promote_leaders(simulated), stats, self.request.objective))
+        let promoted = self.promote_leaders(simulated);
+        let objective = self.request.objective;
+        let best = promoted.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
+        let heated = self.heat_leaders(promoted, |c| within(c.score(objective), best, objective, PROMOTE_WITHIN));
+        Ok(summarise(heated, stats, objective))
     }
 
     /// Solves every group's LP; the groups with a feasible placement, in search order.
