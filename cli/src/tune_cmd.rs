@@ -480,15 +480,26 @@ fn experts_line(model: &ferry_core::model::ModelSpec, policy: &ferry_core::plan:
         let streamed = mlp.host + mlp.disk;
         let how = match policy.expert_reads {
             _ if streamed == 0 => String::new(),
-            ExpertReads::Routed if policy.hot_experts > 0 => format!(
-                ": {} hot experts of each stay on the device ({:.0} % of the tokens' choices under {}), and a \
-                 decoding step reads only the other experts its tokens are routed to (about {:.1} of {} per layer)",
-                policy.hot_experts,
-                100.0 * model.hot_hit_rate(policy.hot_experts),
-                model.routing_name(),
-                model.expected_cold_experts(policy.sequences_per_visit(), policy.hot_experts),
-                model.num_experts - policy.hot_experts,
-            ),
+            ExpertReads::Routed if policy.hot_experts + policy.prefetched_experts > 0 => {
+                let (hot, ahead) = (policy.hot_experts, policy.prefetched_experts);
+                let kept = hot + ahead;
+                let mut parts = Vec::new();
+                if hot > 0 {
+                    parts.push(format!("{hot} hot experts of each stay on the device"));
+                }
+                if ahead > 0 {
+                    parts.push(format!("the next {ahead} most popular are read ahead with its router"));
+                }
+                format!(
+                    ": {} ({:.0} % of the tokens' choices under {}), and a decoding step reads only the other \
+                     experts its tokens are routed to (about {:.1} of {} per layer)",
+                    parts.join(" and "),
+                    100.0 * model.hot_hit_rate(kept),
+                    model.routing_name(),
+                    model.expected_cold_experts(policy.sequences_per_visit(), kept),
+                    model.num_experts - kept,
+                )
+            }
             ExpertReads::Routed => format!(
                 ": each decoding step reads only the experts its tokens are routed to (about {:.1} of {} per \
                  layer under {})",

@@ -72,8 +72,9 @@ fn routed_bytes(report: &RunReport, files: &ModelFiles, policy: &Policy, layer_m
         .map(|(&(_, layer, _), experts)| {
             let sizes = layout.expert_bytes(&files.spec, layer as u64).unwrap();
             let hot = files.spec.hot_experts(layer as u64, policy.hot_experts);
-            let cold = experts.iter().filter(|&&e| !hot.contains(&(e as usize)));
-            sizes.router + cold.map(|&e| sizes.experts[e as usize]).sum::<u64>()
+            let ahead = files.spec.prefetched_experts(layer as u64, policy.hot_experts, policy.prefetched_experts);
+            let cold = experts.iter().filter(|&&e| !hot.contains(&(e as usize)) && !ahead.contains(&(e as usize)));
+            sizes.router + sizes.of(&ahead) + cold.map(|&e| sizes.experts[e as usize]).sum::<u64>()
         })
         .sum()
 }
@@ -114,6 +115,14 @@ fn reads_only_routed_experts(files: &ModelFiles, formats: WeightFormats) {
         assert_eq!(kept.requested_read_bytes, expected, "{what}: the routed experts' bytes but the hot ones'");
         assert!(kept.requested_read_bytes < routed.requested_read_bytes, "{what}: hot experts are not read");
         assert!(kept.metrics.pools.iter().all(|p| p.peak_bytes <= p.capacity_bytes), "{what}: within budget");
+        // Two more read ahead with the router part, whether routed to or not.
+        hot.prefetched_experts = 2;
+        let ahead = execute(dir.path(), files, &hot);
+        assert_eq!(ahead.tokens, routed.tokens, "{what}: the same tokens with prefetched experts");
+        let expected = routed_bytes(&ahead, files, &hot, layer_major);
+        assert_eq!(ahead.requested_read_bytes, expected, "{what}: router parts, prefetched and other routed experts");
+        assert!(ahead.metrics.pools.iter().all(|p| p.peak_bytes <= p.capacity_bytes), "{what}: within budget");
+        hot.prefetched_experts = 0;
         // Every expert kept: a visit reads its router part only.
         hot.hot_experts = files.spec.num_experts;
         let all_kept = execute(dir.path(), files, &hot);

@@ -159,13 +159,15 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
                 w.mlp_weights = TierCounts { device: 1, host: layers - 1, disk: 0 };
                 w.embeddings = Tier::Host;
                 cases.push((format!("discrete {schedule:?} {mb}x{n} host experts, packed pieces"), w, &discrete));
-                // Routed reads with three experts of each streamed layer kept on the device.
+                // Routed reads with three experts of each streamed layer kept on the device,
+                // and on a discrete device two more read ahead with the router part.
                 let mut h = p.clone();
                 h.hot_experts = 3;
                 cases.push((format!("cpu {schedule:?} {mb}x{n} disk, hot experts"), h.clone(), &cpu));
                 h.mlp_weights = TierCounts { device: 1, host: layers - 1, disk: 0 };
                 h.embeddings = Tier::Host;
-                cases.push((format!("discrete {schedule:?} {mb}x{n} host experts, hot experts"), h, &discrete));
+                h.prefetched_experts = 2;
+                cases.push((format!("discrete {schedule:?} {mb}x{n} host experts, hot and prefetched"), h, &discrete));
             }
             // A discrete device: host-resident weights and KV, host attention, pinned copies.
             let mut q = p.clone();

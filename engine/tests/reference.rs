@@ -61,6 +61,7 @@ fn streaming(layers: u64, weight_format: WeightFormats, kv_dtype: Dtype) -> Poli
         compute_host_layers_on_host: false,
         expert_reads: Default::default(),
         hot_experts: 0,
+        prefetched_experts: 0,
         weight_dtype: Dtype::F32,
         weight_format: WeightFormats::uniform(WeightFormat::F32),
         kv_dtype,

@@ -155,6 +155,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     compute_host_layers_on_host: false,
                     expert_reads: Default::default(),
                     hot_experts: 0,
+                    prefetched_experts: 0,
                     weight_format: WeightFormats::uniform(WeightFormat::F32),
                     weight_dtype: Dtype::F32,
                     kv_dtype: Dtype::F32,

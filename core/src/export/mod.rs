@@ -182,12 +182,18 @@ fn routed_expert_layers(plan: &Plan, model: &ModelSpec) -> u64 {
     placements.iter().filter(|l| l.mlp != Tier::Device && !l.computed_on_host(WeightGroup::Mlp, split)).count() as u64
 }
 
-/// ", keeping N hot experts of each on the device" where the plan keeps some.
+/// ", keeping N hot experts of each on the device" (and ", reading M ahead") where
+/// the plan does.
 fn hot_experts_clause(plan: &Plan) -> String {
-    match plan.policy.hot_experts {
-        0 => String::new(),
-        hot => format!(", keeping {hot} hot experts of each on the device"),
+    let p = &plan.policy;
+    let mut clause = String::new();
+    if p.hot_experts > 0 {
+        clause += &format!(", keeping {} hot experts of each on the device", p.hot_experts);
     }
+    if p.prefetched_experts > 0 {
+        clause += &format!(", reading the next {} most popular ahead of routing", p.prefetched_experts);
+    }
+    clause
 }
 
 /// Adds the lines for the streaming knobs a target without them cannot express:
@@ -269,6 +275,7 @@ mod fixtures {
                 compute_host_layers_on_host: false,
                 expert_reads: Default::default(),
                 hot_experts: 0,
+                prefetched_experts: 0,
                 weight_format: crate::model::WeightFormats::uniform(crate::model::WeightFormat::F16),
                 weight_dtype: crate::model::Dtype::F16,
                 kv_dtype: crate::model::Dtype::F16,

@@ -69,19 +69,30 @@ impl ModelSpec {
     /// ascending: the most popular by the measured routing (ties to the lower expert),
     /// else the first `count` — under uniform routing every set is as good.
     pub fn hot_experts(&self, layer: u64, count: u64) -> Vec<usize> {
-        let count = count.min(self.num_experts) as usize;
+        self.popular_experts(layer, 0..count)
+    }
+
+    /// The experts a plan reads ahead with `layer`'s router part
+    /// (`Policy::prefetched_experts`), ascending: the `count` next most popular after
+    /// its `hot` ones.
+    pub fn prefetched_experts(&self, layer: u64, hot: u64, count: u64) -> Vec<usize> {
+        self.popular_experts(layer, hot..hot + count)
+    }
+
+    /// The experts of `layer` at places `ranks` of its popularity (most popular first,
+    /// ties to the lower expert; expert order under uniform routing), ascending.
+    fn popular_experts(&self, layer: u64, ranks: std::ops::Range<u64>) -> Vec<usize> {
+        let end = ranks.end.min(self.num_experts) as usize;
+        let start = (ranks.start as usize).min(end);
         let shares = self.routing.as_ref().and_then(|r| r.layers.get(layer as usize));
-        let mut hot: Vec<usize> = match shares {
-            Some(shares) => {
-                let mut order: Vec<usize> = (0..shares.len()).collect();
-                order.sort_by(|&a, &b| shares[b].total_cmp(&shares[a]).then(a.cmp(&b)));
-                order.truncate(count);
-                order
-            }
-            None => (0..count).collect(),
-        };
-        hot.sort_unstable();
-        hot
+        let mut order: Vec<usize> = (0..self.num_experts as usize).collect();
+        if let Some(shares) = shares {
+            let share = |e: usize| shares.get(e).copied().unwrap_or(0.0);
+            order.sort_by(|&a, &b| share(b).total_cmp(&share(a)).then(a.cmp(&b)));
+        }
+        let mut chosen = order[start..end].to_vec();
+        chosen.sort_unstable();
+        chosen
     }
 
     /// Distinct experts outside each layer's `hot` kept ones that `tokens` tokens are

@@ -76,6 +76,12 @@ pub struct Policy {
     /// the chosen experts outside them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hot_experts: u64,
+    /// Under routed reads, each streamed layer's next most popular experts after the hot
+    /// ones, this many, are read ahead with its router part (before the layer's tokens
+    /// are routed, so the read overlaps the layers before it); the routed read then
+    /// brings in only the chosen experts outside both sets.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prefetched_experts: u64,
     /// How each weight group is stored (`f16`, `q4_k`, `{default: q4_k, head: q6_k}`,
     /// `stored`); what memory, transfers and compute are priced at.
     pub weight_format: WeightFormats,
@@ -127,6 +133,8 @@ struct PolicyFile {
     expert_reads: ExpertReads,
     #[serde(default)]
     hot_experts: u64,
+    #[serde(default)]
+    prefetched_experts: u64,
     /// The old name of a float `weight_format` (plans before weight formats).
     #[serde(default)]
     weight_dtype: Option<Dtype>,
@@ -187,6 +195,7 @@ impl TryFrom<PolicyFile> for Policy {
             compute_host_layers_on_host: f.compute_host_layers_on_host,
             expert_reads: f.expert_reads,
             hot_experts: f.hot_experts,
+            prefetched_experts: f.prefetched_experts,
             weight_dtype: engine_dtype(&weight_format),
             weight_format,
             kv_dtype: f.kv_dtype,
@@ -303,24 +312,7 @@ impl Policy {
         if let Some(speculation) = &self.speculation {
             self.validate_speculation(speculation, model)?;
         }
-        if self.hot_experts > 0 {
-            if model.num_experts == 0 {
-                return fail(format!("hot_experts {}: {} has no experts", self.hot_experts, model.name));
-            }
-            if self.hot_experts > model.num_experts {
-                return fail(format!(
-                    "hot_experts {} is more than the {} experts of a layer of {}",
-                    self.hot_experts, model.num_experts, model.name
-                ));
-            }
-            if !self.expert_reads.is_routed() {
-                return fail(format!(
-                    "hot_experts {} keeps experts on the device for routed reads; with expert_reads: whole every \
-                     expert is read anyway (drop one of the two)",
-                    self.hot_experts
-                ));
-            }
-        }
+        self.validate_kept_experts(model)?;
         if self.compute_host_layers_on_host {
             for (layer, place) in self.layer_placements(layers).iter().enumerate() {
                 if place.computed_on_host(crate::model::WeightGroup::Attention, true) && place.kv != Tier::Host {
@@ -331,6 +323,31 @@ impl Policy {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// `hot_experts` and `prefetched_experts`: experts the model has, under routed reads.
+    fn validate_kept_experts(&self, model: &ModelSpec) -> Result<()> {
+        let fail = |m: String| Err(CoreError::invalid(format!("plan: {m}")));
+        let (hot, prefetched) = (self.hot_experts, self.prefetched_experts);
+        if hot + prefetched == 0 {
+            return Ok(());
+        }
+        let what = format!("hot_experts {hot} and prefetched_experts {prefetched}");
+        if model.num_experts == 0 {
+            return fail(format!("{what}: {} has no experts", model.name));
+        }
+        if hot + prefetched > model.num_experts {
+            return fail(format!(
+                "{what} are more than the {} experts of a layer of {}",
+                model.num_experts, model.name
+            ));
+        }
+        if !self.expert_reads.is_routed() {
+            return fail(format!(
+                "{what} spare routed reads; with expert_reads: whole every expert is read anyway (drop one of them)"
+            ));
         }
         Ok(())
     }
@@ -497,6 +514,7 @@ impl Policy {
             compute_host_layers_on_host: false,
             expert_reads: ExpertReads::Routed,
             hot_experts: 0,
+            prefetched_experts: 0,
             weight_dtype: engine_dtype(&weight_format),
             weight_format,
             kv_dtype: dtype,

@@ -33,9 +33,12 @@ impl Builder<'_> {
         &self.expert_bytes[(layer as usize).min(self.expert_bytes.len() - 1)]
     }
 
-    /// The router part's load for a visit, gated like any weight load.
+    /// The router part's load for a visit, gated like any weight load, with the
+    /// layer's prefetched experts (`Policy::prefetched_experts`).
     pub(super) fn load_router(&mut self, layer: u32, step: u32, first_j: u32, gate: &[TaskId]) -> Loaded {
-        let router = self.expert_bytes(layer).router;
+        let (hot, count) = (self.policy.hot_experts, self.policy.prefetched_experts);
+        let sizes = self.expert_bytes(layer);
+        let router = sizes.router + sizes.of(&self.model.prefetched_experts(layer as u64, hot, count));
         let part = LoadPart::contiguous(ROUTER_PART, router);
         self.load_parts(WeightGroup::Mlp, (layer, step, first_j), gate, &[part])
     }
@@ -59,10 +62,10 @@ impl Builder<'_> {
 
     /// The read of the experts the visit's micro-batches were routed to, after every
     /// route of the visit (`routes`), less the layer's hot experts (`Policy::hot_experts`),
-    /// which stay on the device.
+    /// which stay on the device, and its prefetched ones, read with the router part.
     pub(super) fn load_routed_experts(&mut self, layer: u32, step: u32, first_j: u32, routes: &[TaskId]) -> Loaded {
         let tokens = self.rows() * routes.len() as u64;
-        let hot = self.policy.hot_experts;
+        let hot = self.policy.hot_experts + self.policy.prefetched_experts;
         let cold = self.model.num_experts - hot.min(self.model.num_experts);
         let sizes = self.expert_bytes(layer);
         let part = LoadPart {

@@ -416,5 +416,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("expert_reads: whole"));
+        // Two more read ahead with the router part: the routed read leaves them out too.
+        let ahead = Policy { prefetched_experts: 2, ..policy.clone() };
+        let graph = lower(&ahead, &model, &workload, &profile, &Steps::All).unwrap();
+        let router = graph.tasks.iter().find(|t| t.step == 1 && t.piece == ROUTER_PART).unwrap();
+        assert_eq!(router.bytes, sizes.router + 2 * sizes.experts[0]);
+        let decoding = graph.tasks.iter().find(|t| t.step == 1 && t.piece == ROUTED_EXPERTS).unwrap();
+        assert_eq!(decoding.bytes, sizes.expected(model.expected_cold_experts(2, 8)));
+        assert_eq!(decoding.acquire[0].bytes, 0, "every expert is hot or read ahead");
+        let over = Policy { prefetched_experts: 3, ..policy.clone() };
+        let err = lower(&over, &model, &workload, &profile, &Steps::All).unwrap_err().to_string();
+        assert!(err.contains("more than the 8"), "{err}");
     }
 }

@@ -166,6 +166,16 @@ impl Engine<'_> {
         Ok(hot)
     }
 
+    /// What a router part's read brings in: the router part's tensors and the layer's
+    /// prefetched experts' (`Policy::prefetched_experts`).
+    pub(super) fn router_part_tensors(&self, task: &Task) -> Vec<usize> {
+        let spec = self.spec_of(task);
+        let (hot, count) = (self.policy.hot_experts, self.policy.prefetched_experts);
+        let prefetched =
+            if is_draft(task) { Vec::new() } else { spec.prefetched_experts(task.layer as u64, hot, count) };
+        spec.router_tensors().chain(prefetched.into_iter().flat_map(|e| spec.expert_tensors(e))).collect()
+    }
+
     /// The hot experts kept on `layer`'s device, if any.
     pub(super) fn hot_loaded(&self, layer: u32) -> Option<Arc<Loaded>> {
         self.hot_experts.get(&layer).cloned()
@@ -194,6 +204,10 @@ impl Engine<'_> {
             for e in self.spec.hot_experts(task.layer as u64, self.policy.hot_experts) {
                 used[e] = false;
             }
+        }
+        let (hot, count) = (self.policy.hot_experts, self.policy.prefetched_experts);
+        for e in self.spec.prefetched_experts(task.layer as u64, hot, count) {
+            used[e] = false;
         }
         Ok(used.iter().enumerate().filter(|(_, &u)| u).map(|(e, _)| e).collect())
     }

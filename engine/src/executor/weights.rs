@@ -373,7 +373,7 @@ impl<'a> Engine<'a> {
     fn part_of(&self, task: &Task) -> Result<GroupPart, EngineError> {
         Ok(match task.piece {
             WHOLE_GROUP => GroupPart::Whole,
-            ROUTER_PART => GroupPart::Tensors(self.spec_of(task).router_tensors().collect()),
+            ROUTER_PART => GroupPart::Tensors(self.router_part_tensors(task)),
             ROUTED_EXPERTS => {
                 let spec = self.spec_of(task);
                 GroupPart::Tensors(self.visit_experts(task)?.into_iter().flat_map(|e| spec.expert_tensors(e)).collect())

@@ -1,13 +1,15 @@
-//! Hot experts for the leading plans: a mixture of experts whose MLPs stream as routed
-//! reads can keep each such layer's most popular experts on the device
-//! (`Policy::hot_experts`), so that a step reads only the others. The LP does not price
-//! the knob; device memory a simulated plan leaves unused does. Each leading plan is
-//! offered as many hot experts per routed layer as that memory holds, simulated, and
-//! kept when it is faster.
+//! Experts kept or read ahead for the leading plans: a mixture of experts whose MLPs
+//! stream as routed reads can keep each such layer's most popular experts on the device
+//! (`Policy::hot_experts`), so that a step reads only the others, and read the next most
+//! popular ones ahead with the router part (`Policy::prefetched_experts`), so that their
+//! read overlaps the layers before. The LP prices neither; device memory a simulated plan
+//! leaves unused and the simulation do. Each leading plan is offered as many hot experts
+//! per routed layer as that memory holds, then k and 2k prefetched ones (k: experts per
+//! token), each simulated and kept when faster.
 
 use ferry_core::graph::Place;
 use ferry_core::model::WeightGroup;
-use ferry_core::plan::Tier;
+use ferry_core::plan::{Policy, Tier};
 use rayon::prelude::*;
 
 use super::search::Searcher;
@@ -15,9 +17,9 @@ use super::Candidate;
 use crate::predict::{predict, Extrapolation};
 
 impl Searcher<'_> {
-    /// `candidates` with hot experts where they make a plan faster (each offered
-    /// side by side; the order is kept). Only the plans within `within` of the best are
-    /// offered: each offer is a simulation.
+    /// `candidates` with hot and prefetched experts where they make a plan faster (each
+    /// offered side by side; the order is kept). Only the `leading` plans are offered:
+    /// each offer is a simulation.
     pub(super) fn heat_leaders(
         &self,
         candidates: Vec<Candidate>,
@@ -26,17 +28,17 @@ impl Searcher<'_> {
         if self.experts.is_none() {
             return candidates;
         }
-        candidates.into_par_iter().map(|c| if leading(&c) { self.with_hot_experts(c) } else { c }).collect()
+        candidates.into_par_iter().map(|c| if leading(&c) { self.with_kept_experts(c) } else { c }).collect()
     }
 
-    /// `candidate` with the most hot experts its unused device memory holds, or (when
-    /// that is not faster, or no expert fits) `candidate` itself. A plan whose
-    /// simulation runs out of memory is offered half as many, once.
-    fn with_hot_experts(&self, candidate: Candidate) -> Candidate {
+    /// `candidate` with the most hot experts its unused device memory holds (half as
+    /// many when that runs out of memory), then with k or 2k prefetched experts, each
+    /// kept only when faster.
+    fn with_kept_experts(&self, candidate: Candidate) -> Candidate {
         let request = self.request;
         let Some(sizes) = &self.experts else { return candidate };
         let policy = &candidate.policy;
-        if !policy.expert_reads.is_routed() || policy.hot_experts > 0 {
+        if !policy.expert_reads.is_routed() || policy.hot_experts + policy.prefetched_experts > 0 {
             return candidate;
         }
         let split = policy.compute_host_layers_on_host;
@@ -48,23 +50,42 @@ impl Searcher<'_> {
         let device = candidate.metrics.pools.iter().find(|p| p.pool == Place::DEVICE);
         let (Some(device), true) = (device, routed_layers > 0) else { return candidate };
         let free = device.capacity_bytes.saturating_sub(device.peak_bytes);
-        let per_layer = sizes.most(1).max(1);
-        let mut hot = (free / (routed_layers * per_layer)).min(request.model.num_experts);
-        let objective = request.objective;
+        let experts = request.model.num_experts;
+        let mut hot = (free / (routed_layers * sizes.most(1).max(1))).min(experts);
+        let mut best = candidate;
         for _ in 0..2 {
             if hot == 0 {
                 break;
             }
-            let mut heated = policy.clone();
-            heated.hot_experts = hot;
-            match predict(&heated, request.model, &candidate.workload, request.profile, Extrapolation::Sampled) {
-                Ok(p) => {
-                    let offered = Candidate { policy: heated, metrics: p.metrics, ..candidate.clone() };
-                    return if offered.score(objective) > candidate.score(objective) { offered } else { candidate };
+            match self.offer(&best, Policy { hot_experts: hot, ..best.policy.clone() }) {
+                Ok(better) => {
+                    best = better.unwrap_or(best);
+                    break;
                 }
-                Err(_) => hot /= 2,
+                Err(()) => hot /= 2,
             }
         }
-        candidate
+        let k = request.model.experts_per_token;
+        let left = experts - best.policy.hot_experts;
+        for count in [k, 2 * k] {
+            if count > left {
+                break;
+            }
+            if let Ok(Some(better)) = self.offer(&best, Policy { prefetched_experts: count, ..best.policy.clone() }) {
+                best = better;
+            }
+        }
+        best
+    }
+
+    /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
+    /// its simulation fails (it runs out of memory).
+    fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
+        let request = self.request;
+        let p =
+            predict(&policy, request.model, &base.workload, request.profile, Extrapolation::Sampled).map_err(|_| ())?;
+        let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
+        let objective = request.objective;
+        Ok((offered.score(objective) > base.score(objective)).then_some(offered))
     }
 }

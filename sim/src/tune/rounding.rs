@@ -39,6 +39,7 @@ impl Searcher<'_> {
             compute_host_layers_on_host: group.host_compute,
             expert_reads: group.expert_reads,
             hot_experts: 0,
+            prefetched_experts: 0,
             weight_dtype: ferry_core::model::Dtype::F32,
             weight_format: self.request.weight_format.clone(),
             kv_dtype: self.request.kv_dtype,
