@@ -9,12 +9,14 @@
 //! their checks in `policy` (`Policy`). Everything is re-exported here, so callers
 //! name it `plan::X`.
 
+mod experts;
 mod placement;
 mod policy;
 pub mod speculation;
 
+pub use experts::ExpertReads;
 pub use placement::{LayerPlacement, Stage, Tier, TierCounts};
-pub use policy::{ExpertReads, Policy};
+pub use policy::Policy;
 pub use speculation::{Draft, Speculation};
 
 use serde::{Deserialize, Serialize};

@@ -41,7 +41,6 @@ use ferry_core::graph::{Place, Task, TaskGraph, NO_LAYER};
 use ferry_core::model::{Dtype, ModelSpec, WeightGroup, WeightLayout};
 use ferry_core::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use ferry_core::trace::{Metrics, Trace, TraceSource};
-use weights::GroupPart;
 
 use crate::backend::{Backend, DeviceBuffer};
 use crate::io::{DiskFile, ReadPool};
@@ -126,8 +125,7 @@ struct Engine<'a> {
     disk_files: HashMap<PathBuf, Arc<DiskFile>>,
     kv_file: Option<KvFile>,
     resident: HashMap<(u8, u32), Arc<Loaded>>,
-    /// Per layer whose experts are read as routed: its hot experts (`Policy::hot_experts`),
-    /// on its device for the whole run.
+    /// Per routed layer: its hot experts (`Policy::hot_experts`), on its device for the run.
     hot_experts: HashMap<u32, Arc<Loaded>>,
     streamed: Mutex<HashMap<Key, Arc<Loaded>>>,
     staged: Mutex<HashMap<Key, Arc<Loaded>>>,
@@ -445,27 +443,7 @@ impl<'a> Engine<'a> {
             last_round: AtomicU32::new(u32::MAX),
             net,
         };
-        // Resident weights: embeddings, head, and every group the plan keeps on the device
-        // or the host (read once, before the clock starts).
-        let mut resident = HashMap::new();
-        for group in [WeightGroup::Embeddings, WeightGroup::Head] {
-            if !engine.holds_group(group, NO_LAYER) {
-                continue;
-            }
-            let place = engine.resident_place(group, NO_LAYER);
-            let loaded = engine.read_group(group, 0, &GroupPart::Whole, place, None)?;
-            resident.insert((group_code(group), NO_LAYER), Arc::new(loaded));
-        }
-        for layer in 0..spec.num_layers {
-            for group in WeightGroup::PER_LAYER {
-                if engine.weight_tier(group, layer) != Tier::Disk && engine.holds_group(group, layer as u32) {
-                    let place = engine.resident_place(group, layer as u32);
-                    let loaded = engine.read_group(group, layer, &GroupPart::Whole, place, None)?;
-                    resident.insert((group_code(group), layer as u32), Arc::new(loaded));
-                }
-            }
-        }
-        engine.resident = resident;
+        engine.resident = engine.read_resident()?;
         engine.hot_experts = engine.read_hot_experts()?;
         if let Some(speculation) = &policy.speculation {
             engine.draft = Some(engine.draft_state(speculation)?);

@@ -1,6 +1,7 @@
 //! Weight bytes in memory: groups (or pipelined pieces) read from disk or copied from
 //! host memory into per-visit buffers, and row-block views the kernels multiply by.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use ferry_core::graph::{Place, Task, NO_LAYER, ROUTED_EXPERTS, ROUTER_PART, WHOLE_GROUP};
@@ -257,6 +258,30 @@ impl<'a> Engine<'a> {
         pieces.sort_by_key(|(piece, _)| *piece);
         let hot = if group == WeightGroup::Mlp { self.hot_loaded(layer) } else { None };
         Ok(pieces.into_iter().map(|(_, l)| l).chain(hot).collect())
+    }
+
+    /// Resident weights: embeddings, head, and every group the plan keeps on the device
+    /// or the host (read once, before the clock starts).
+    pub(super) fn read_resident(&self) -> Result<HashMap<(u8, u32), Arc<Loaded>>, EngineError> {
+        let mut resident = HashMap::new();
+        for group in [WeightGroup::Embeddings, WeightGroup::Head] {
+            if !self.holds_group(group, NO_LAYER) {
+                continue;
+            }
+            let place = self.resident_place(group, NO_LAYER);
+            let loaded = self.read_group(group, 0, &GroupPart::Whole, place, None)?;
+            resident.insert((group_code(group), NO_LAYER), Arc::new(loaded));
+        }
+        for layer in 0..self.spec.num_layers {
+            for group in WeightGroup::PER_LAYER {
+                if self.weight_tier(group, layer) != Tier::Disk && self.holds_group(group, layer as u32) {
+                    let place = self.resident_place(group, layer as u32);
+                    let loaded = self.read_group(group, layer, &GroupPart::Whole, place, None)?;
+                    resident.insert((group_code(group), layer as u32), Arc::new(loaded));
+                }
+            }
+        }
+        Ok(resident)
     }
 
     pub(super) fn resident_group(&self, group: WeightGroup) -> Arc<Loaded> {
