@@ -92,6 +92,24 @@ fn a_runs_measured_routing_feeds_the_next_plan() {
     assert_eq!(plan.models.routing.as_deref(), Some("routing.yaml"));
     let simulated = ferry(d, &["simulate", "--plan", "tuned.yaml"]);
     assert!(simulated.status.success(), "{}", text(&simulated.stderr));
+    // The same prompts again with each layer's 2 most popular experts kept on the device
+    // and the next 2 read ahead: the run says what share of the tokens' choices those
+    // took — the routing's own, as the tokens are the same.
+    let kept = common::TINY_PLAN
+        .replace("model: tiny", "models: {target: moe, routing: routing.yaml}")
+        .replace("pinned_host_bytes: 0", "pinned_host_bytes: 0\n  hot_experts: 2\n  prefetched_experts: 2");
+    std::fs::write(d.join("kept.yaml"), kept).unwrap();
+    let run_kept = ferry(d, &["run", "--model-dir", "moe", "--plan", "kept.yaml"]);
+    assert!(run_kept.status.success(), "{}", text(&run_kept.stderr));
+    let out = text(&run_kept.stdout);
+    let line = out.lines().find(|l| l.starts_with("experts:")).unwrap();
+    let share = 100.0 * plan_model_with(&routing).hot_hit_rate(4);
+    assert!(
+        line.contains(&format!(
+            "the 4 kept or read ahead per layer took {share:.0} % of the tokens' choices ({share:.0} % predicted)"
+        )),
+        "{line}"
+    );
 
     // A layer whose shares do not add up to k: the file and the layer are named.
     let mut broken = routing.clone();
@@ -108,4 +126,11 @@ fn a_runs_measured_routing_feeds_the_next_plan() {
         ferry(d, &["run", "--model-dir", "tiny", "--plan", "dense.yaml", "--routing-out", "dense-routing.yaml"]);
     assert_eq!(dense.status.code(), Some(2));
     assert!(text(&dense.stderr).contains("no mixture of experts"), "{}", text(&dense.stderr));
+}
+
+/// test-tiny-moe with `routing` as its measured routing.
+fn plan_model_with(routing: &ferry_core::model::ExpertPopularity) -> ferry_core::model::ModelSpec {
+    let mut model = ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
+    model.routing = Some(std::sync::Arc::new(routing.clone()));
+    model
 }

@@ -527,5 +527,35 @@ fn experts_line(resolved: &ResolvedPlan, report: &ferry_engine::RunReport) -> Op
     if let Some(decode) = decode {
         line.push_str(&format!(", {decode:.1} per decoding step ({:.1})", model.expected_experts(rows(1))));
     }
+    let policy = &resolved.plan.policy;
+    let kept = policy.hot_experts + policy.prefetched_experts;
+    if kept > 0 {
+        line.push_str(&format!(
+            "; the {kept} kept or read ahead per layer took {:.0} % of the tokens' choices ({:.0} % predicted)",
+            100.0 * kept_share(model, policy, report),
+            100.0 * model.hot_hit_rate(kept)
+        ));
+    }
     Some(line)
+}
+
+/// The share of the run's token-to-expert choices that went to each layer's hot or
+/// prefetched experts (`Policy::hot_experts`, `Policy::prefetched_experts`).
+fn kept_share(
+    model: &ferry_core::model::ModelSpec,
+    policy: &ferry_core::plan::Policy,
+    report: &ferry_engine::RunReport,
+) -> f64 {
+    let kept = policy.hot_experts + policy.prefetched_experts;
+    let (mut on_kept, mut all) = (0u64, 0u64);
+    for used in &report.experts {
+        let set = model.hot_experts(used.layer as u64, kept);
+        for (&expert, &routed) in used.experts.iter().zip(&used.routed) {
+            all += routed as u64;
+            if set.contains(&(expert as usize)) {
+                on_kept += routed as u64;
+            }
+        }
+    }
+    on_kept as f64 / all.max(1) as f64
 }
