@@ -23,8 +23,8 @@ mod vllm;
 use serde::Serialize;
 
 use crate::error::{CoreError, Result};
-use crate::model::{ModelSpec, WeightGroup};
-use crate::plan::{Plan, Schedule, Tier};
+use crate::model::ModelSpec;
+use crate::plan::{Plan, Schedule};
 use crate::profile::Profile;
 pub use stages::NodeCommand;
 
@@ -174,12 +174,7 @@ fn speculation_settings(plan: &Plan, engine: Engine, missing: &mut Vec<String>) 
 /// routes to (`ExpertReads::Routed`): what no target engine does from host memory.
 fn routed_expert_layers(plan: &Plan, model: &ModelSpec) -> u64 {
     let p = &plan.policy;
-    if model.num_experts == 0 || !p.expert_reads.is_routed() {
-        return 0;
-    }
-    let split = p.compute_host_layers_on_host;
-    let placements = p.layer_placements(model.num_layers);
-    placements.iter().filter(|l| l.mlp != Tier::Device && !l.computed_on_host(WeightGroup::Mlp, split)).count() as u64
+    p.layer_placements(model.num_layers).iter().filter(|place| p.routes_experts(model, place)).count() as u64
 }
 
 /// ", keeping N hot experts of each on the device" (and ", reading M ahead") where

@@ -84,6 +84,9 @@ impl ModelSpec {
     fn popular_experts(&self, layer: u64, ranks: std::ops::Range<u64>) -> Vec<usize> {
         let end = ranks.end.min(self.num_experts) as usize;
         let start = (ranks.start as usize).min(end);
+        if start == end {
+            return Vec::new();
+        }
         let shares = self.routing.as_ref().and_then(|r| r.layers.get(layer as usize));
         let mut order: Vec<usize> = (0..self.num_experts as usize).collect();
         if let Some(shares) = shares {

@@ -4,9 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Policy;
+use super::{LayerPlacement, Policy, Tier};
 use crate::error::{CoreError, Result};
-use crate::model::ModelSpec;
+use crate::model::{ModelSpec, WeightGroup};
 
 /// How a mixture of experts' streamed MLP is read (dense models ignore it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -35,6 +35,18 @@ impl ExpertReads {
 }
 
 impl Policy {
+    /// Whether a layer placed at `place` reads its experts as routed: a mixture of
+    /// experts whose MLP streams to its device (not kept there, nor computed where it
+    /// lives on the host) under `expert_reads: routed`. The one definition the
+    /// lowering, the engine, the tuner and the exports share.
+    pub fn routes_experts(&self, model: &ModelSpec, place: &LayerPlacement) -> bool {
+        let on_host = place.computed_on_host(WeightGroup::Mlp, self.compute_host_layers_on_host);
+        model.num_experts > 0
+            && self.expert_reads.is_routed()
+            && place.tier(WeightGroup::Mlp) != Tier::Device
+            && !on_host
+    }
+
     /// `hot_experts` and `prefetched_experts`: experts the model has, under routed reads.
     pub(super) fn validate_kept_experts(&self, model: &ModelSpec) -> Result<()> {
         let fail = |m: String| Err(CoreError::invalid(format!("plan: {m}")));

@@ -84,6 +84,9 @@ pub(super) struct Builder<'a> {
     pieces: std::collections::HashMap<(usize, u64), Vec<LoadPart>>,
     /// Memo of the MLP bytes a compute task reads, by (layer as above, rows).
     mlp_read: std::collections::HashMap<(u64, u64), u64>,
+    /// Memo of `ModelSpec::expected_cold_experts` by tokens (a measured routing ranks
+    /// every layer's experts for each figure).
+    pub(super) cold_experts: std::collections::HashMap<u64, f64>,
 }
 
 impl<'a> Builder<'a> {
@@ -134,6 +137,7 @@ impl<'a> Builder<'a> {
             draft: super::draft::DraftShape::of(policy, model),
             pieces: std::collections::HashMap::new(),
             mlp_read: std::collections::HashMap::new(),
+            cold_experts: std::collections::HashMap::new(),
         }
     }
 

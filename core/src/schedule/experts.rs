@@ -17,7 +17,7 @@ impl Builder<'_> {
     /// Whether `layer`'s experts are read as routed: a mixture of experts whose MLP
     /// streams to its device, under a policy that routes reads.
     pub(super) fn routes_experts(&self, layer: u32) -> bool {
-        self.model.num_experts > 0 && self.policy.expert_reads.is_routed() && self.streams(WeightGroup::Mlp, layer)
+        self.policy.routes_experts(self.model, &self.placements[layer as usize])
     }
 
     /// Bytes of `layer`'s hot experts, kept on its device (0 unless its experts are
@@ -67,10 +67,12 @@ impl Builder<'_> {
         let tokens = self.rows() * routes.len() as u64;
         let hot = self.policy.hot_experts + self.policy.prefetched_experts;
         let cold = self.model.num_experts - hot.min(self.model.num_experts);
+        let model = self.model;
+        let expected = *self.cold_experts.entry(tokens).or_insert_with(|| model.expected_cold_experts(tokens, hot));
         let sizes = self.expert_bytes(layer);
         let part = LoadPart {
             piece: ROUTED_EXPERTS,
-            bytes: sizes.expected(self.model.expected_cold_experts(tokens, hot)),
+            bytes: sizes.expected(expected),
             held_bytes: sizes.most(self.model.most_experts(tokens).min(cold)),
             largest_request: sizes.largest_tensor,
         };

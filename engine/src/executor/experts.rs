@@ -16,8 +16,6 @@ use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use ferry_core::plan::Tier;
-
 use super::speculate::is_draft;
 use super::weights::{GroupPart, Loaded};
 use super::{lock, Engine, RunReport};
@@ -141,10 +139,7 @@ impl Engine<'_> {
     /// Whether `layer`'s experts are read as routed: its MLP streams to its device
     /// (`schedule::experts`' `routes_experts`, for the engine's placements).
     fn routes_experts(&self, layer: u32) -> bool {
-        let split = self.policy.compute_host_layers_on_host;
-        let streamed = self.weight_tier(WeightGroup::Mlp, layer as u64) != Tier::Device
-            && !self.placements.get(layer as usize).is_some_and(|p| p.computed_on_host(WeightGroup::Mlp, split));
-        self.spec.num_experts > 0 && self.policy.expert_reads.is_routed() && streamed
+        self.placements.get(layer as usize).is_some_and(|place| self.policy.routes_experts(self.spec, place))
     }
 
     /// Every routed layer's hot experts (`Policy::hot_experts`), read onto its device

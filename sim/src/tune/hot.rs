@@ -8,8 +8,7 @@
 //! token), each simulated and kept when faster.
 
 use ferry_core::graph::Place;
-use ferry_core::model::WeightGroup;
-use ferry_core::plan::{Policy, Tier};
+use ferry_core::plan::Policy;
 use rayon::prelude::*;
 
 use super::search::Searcher;
@@ -41,11 +40,10 @@ impl Searcher<'_> {
         if !policy.expert_reads.is_routed() || policy.hot_experts + policy.prefetched_experts > 0 {
             return candidate;
         }
-        let split = policy.compute_host_layers_on_host;
         let routed_layers = policy
             .layer_placements(request.model.num_layers)
             .iter()
-            .filter(|p| p.tier(WeightGroup::Mlp) != Tier::Device && !p.computed_on_host(WeightGroup::Mlp, split))
+            .filter(|place| policy.routes_experts(request.model, place))
             .count() as u64;
         let device = candidate.metrics.pools.iter().find(|p| p.pool == Place::DEVICE);
         let (Some(device), true) = (device, routed_layers > 0) else { return candidate };
