@@ -131,6 +131,40 @@ fn deadlock_names_the_pool_and_shortfall() {
     assert!(text.contains("needs 3.00 KiB") && text.contains("1.00 KiB is free"), "{text}");
 }
 
+/// Layer 0's weights come from disk, layer 1's from host RAM, and the device holds
+/// one layer's weights. Layer 1's copy is ready first; let it take the room and layer
+/// 0's copy can never start, while layer 1's compute waits for layer 0's. The copy
+/// that comes later in program order must wait: the graph runs in program order.
+fn a_later_copy_ready_first(device_bytes: u64) -> ferry_core::graph::TaskGraph {
+    let read0 = task(DISK_READ, 1_000, 0, vec![]);
+    let mut copy0 = task(H2D, 1_000, 0, vec![0]);
+    copy0.acquire.push(MemOp { pool: Pool::DEVICE, bytes: 1_000 });
+    let mut copy1 = task(H2D, 1_000, 0, vec![]);
+    copy1.acquire.push(MemOp { pool: Pool::DEVICE, bytes: 1_000 });
+    let mut compute0 = task(DEVICE_COMPUTE, 0, 100, vec![1]);
+    compute0.release.push(MemOp { pool: Pool::DEVICE, bytes: 1_000 });
+    let mut compute1 = task(DEVICE_COMPUTE, 0, 100, vec![2, 3]);
+    compute1.release.push(MemOp { pool: Pool::DEVICE, bytes: 1_000 });
+    graph(vec![read0, copy0, copy1, compute0, compute1], device_bytes, 1 << 20, 1)
+}
+
+#[test]
+fn a_ready_copy_does_not_take_the_room_of_an_earlier_one_still_reading() {
+    // 1 byte per ns: the read ends at 1000, copy 0 at 2000, compute 0 at 2100; copy 1
+    // may only start then (3100), and compute 1 ends at 3200.
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let g = a_later_copy_ready_first(1_000);
+    let run = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap();
+    assert_eq!(Metrics::compute(&g, &run.trace).total_ns, 3_200);
+    // With room for both, the later copy still overtakes: it runs while layer 0 reads,
+    // and compute 1 ends at 2000 (copy 0) + 100 + 100.
+    let g = a_later_copy_ready_first(2_000);
+    let run = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap();
+    let copy1 = run.trace.spans.iter().find(|s| s.task == 2).unwrap();
+    assert_eq!((copy1.start_ns, copy1.end_ns), (0, 1_000));
+    assert_eq!(Metrics::compute(&g, &run.trace).total_ns, 2_200);
+}
+
 #[test]
 fn sampled_extrapolation_stays_within_half_a_percent() {
     let catalog = Catalog::builtin().unwrap();

@@ -158,6 +158,20 @@ fn the_least_memory_schedule_fits_whenever_any_does() {
     assert!(checked > 20, "only {checked} budgets fit at all");
 }
 
+/// A plan with weights both in host RAM and on disk: a later layer's host-resident copy
+/// is ready while an earlier layer's copy still waits on its read. Taking the earlier
+/// copy's room deadlocked a simulation, and `ferry tune --gpu rtx4090
+/// --model 70b` failed with "device memory is exhausted".
+#[test]
+fn a_plan_mixing_host_and_disk_weights_simulates_to_the_end() {
+    let (model, profile) = setup("rtx4090", "desktop-pcie4", "llama-2-70b", None);
+    let req = TuneRequest { prompt_len: 512, gen_len: 32, ..request(&model, &profile, BatchChoice::Fixed(64)) };
+    let best = tune_and_compare(&req, &KnobSpace::full()).unwrap().result.best;
+    let p = &best.policy;
+    assert!(p.mlp_weights.host > 0 && p.mlp_weights.disk > 0, "{p:?}");
+    assert!(best.metrics.tokens_per_s > 0.0);
+}
+
 /// The LP is indifferent between tiers that are not the bottleneck; among equally fast
 /// plans a person would hold the KV cache in free host RAM rather than write it to the
 /// SSD every step, and the tuner must too, or say why not.

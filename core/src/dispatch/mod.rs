@@ -10,6 +10,15 @@
 //! "no task overtakes it". Across resources, candidates are tried in ascending id.
 //! Memory is acquired when a task starts and released when it ends.
 //!
+//! A task that overtakes tasks earlier in program order — on its own resource or on
+//! another — may not take the memory they have yet to acquire in the same pool: it
+//! starts only if, after it, the pool still holds every earlier pending acquisition
+//! (`pending`). Without that reservation a copy whose source is ready (host-resident
+//! weights for a later layer) could take the room of an earlier copy still waiting on
+//! its disk read; the later layer's compute waits for the earlier layer's, which waits
+//! for its copy: a deadlock. With it, whatever fits when the graph runs in program order
+//! still runs, and a later task still overtakes where there is room for both.
+//!
 //! `Dispatcher` keeps that state; the simulator drives it from its event loop, the
 //! engine from its scheduler thread.
 
@@ -18,6 +27,10 @@ use std::collections::BinaryHeap;
 
 use crate::graph::{Pool, TaskGraph, TaskId};
 use crate::units::format_bytes;
+
+mod pending;
+
+use pending::{PendingAcquires, PendingTables};
 
 /// Dispatch state over one graph. Resources and pools are indexed by their position
 /// in the graph's lists (`TaskGraph::resource_index`, `pool_index`), looked up once.
@@ -33,6 +46,7 @@ pub struct Dispatcher<'g> {
     queues: Vec<QueueInfo>,
     /// Pool index by place, without a search (see `PoolSlots`).
     pool_slots: PoolSlots,
+    pending: PendingAcquires,
     ready: Vec<BinaryHeap<Reverse<TaskId>>>,
     /// The lowest id in each ready queue (`TaskId::MAX` when empty), kept beside the
     /// heaps so choosing the next task reads one small array.
@@ -62,6 +76,7 @@ pub struct DispatchTables {
     dependent_start: Vec<u32>,
     dependents: Vec<u32>,
     queue_of: Vec<u32>,
+    pending: PendingTables,
 }
 
 impl<'g> Dispatcher<'g> {
@@ -71,9 +86,10 @@ impl<'g> Dispatcher<'g> {
 
     /// `new`, filling `tables` (whatever they held) instead of allocating its own.
     pub fn with_tables(graph: &'g TaskGraph, tables: DispatchTables) -> Dispatcher<'g> {
-        let DispatchTables { mut remaining_deps, mut dependent_start, mut dependents, mut queue_of } = tables;
+        let DispatchTables { mut remaining_deps, mut dependent_start, mut dependents, mut queue_of, pending } = tables;
         dependents_of(graph, &mut remaining_deps, &mut dependent_start, &mut dependents);
         let pool_slots = PoolSlots::new(graph);
+        let pending = PendingAcquires::new(graph, &pool_slots, pending);
         let queue_keys = queues(graph, &pool_slots, &mut queue_of);
         let mut ready: Vec<BinaryHeap<Reverse<TaskId>>> = vec![BinaryHeap::new(); queue_keys.len()];
         for (id, &deps) in remaining_deps.iter().enumerate() {
@@ -94,6 +110,7 @@ impl<'g> Dispatcher<'g> {
                 .map(|&(r, p)| QueueInfo { resource: r, acquires_only_its_pool: p != SHARED && p != u32::MAX })
                 .collect(),
             pool_slots,
+            pending,
             ready,
             heads,
             lane_busy: lanes.iter().map(|&n| vec![false; n]).collect(),
@@ -112,6 +129,7 @@ impl<'g> Dispatcher<'g> {
             dependent_start: self.dependent_start,
             dependents: self.dependents,
             queue_of: self.queue_of,
+            pending: self.pending.into_tables(),
         }
     }
 
@@ -150,7 +168,7 @@ impl<'g> Dispatcher<'g> {
             let slots = &self.pool_slots;
             let fits = acquire.iter().all(|m| {
                 let p = slots.index(m.pool);
-                self.used[p] + m.bytes <= self.capacity[p]
+                self.used[p] + m.bytes + self.pending.before(p, id) <= self.capacity[p]
             });
             if !fits {
                 blocked |= 1 << q.min(127);
@@ -160,7 +178,9 @@ impl<'g> Dispatcher<'g> {
             self.ready[q].pop();
             self.heads[q] = self.ready[q].peek().map_or(TaskId::MAX, |r| r.0);
             for m in acquire {
-                self.used[slots.index(m.pool)] += m.bytes;
+                let p = slots.index(m.pool);
+                self.used[p] += m.bytes;
+                self.pending.started(p, id);
             }
             let lane = self.lane_busy[r].iter().position(|b| !b).unwrap_or(0);
             self.lane_busy[r][lane] = true;
