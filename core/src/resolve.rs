@@ -326,7 +326,7 @@ pub fn resolve_draft(catalog: &Catalog, plan: &mut Plan, base_dir: &Path, notes:
 /// instead (the table timed float weights).
 pub fn weight_format_notes(formats: &WeightFormats, model: &ModelSpec, profile: &Profile) -> Vec<String> {
     let quantized = formats.quantized_formats(model);
-    let mut notes = Vec::new();
+    let mut notes = formats.fallbacks(model);
     for format in &quantized {
         let name = format.name();
         let missing: Vec<&str> = [("device", &profile.device_compute), ("host", &profile.host_compute)]

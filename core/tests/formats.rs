@@ -77,14 +77,38 @@ fn quantized_formats_leave_routers_and_position_embeddings_float() {
     assert_eq!(layout(&opt, "q8_0").bytes(WeightGroup::Embeddings, 0), tokens + positions * 2);
 }
 
+/// Rows a K-quant's 256-value blocks do not divide take llama.cpp's quantizer's
+/// fallback (Q4_K → Q5_0, Q6_K → Q8_0), as Qwen1.5-MoE's 1408-wide experts do in its
+/// Q4_K_M files; rows no 32-value block divides either are refused for the 32-value
+/// formats, naming the tensor.
 #[test]
-fn a_shape_a_format_cannot_store_is_refused_naming_the_tensor() {
-    // test-tiny's rows are 128 values: not whole Q4_K blocks of 256.
+fn rows_a_k_quant_cannot_store_take_llama_cpps_fallback() {
+    // test-tiny's rows are 128 values: not whole blocks of 256.
     let m = model("test-tiny");
-    let err = WeightFormats::uniform(WeightFormat::parse("q4_k").unwrap()).check(&m).unwrap_err().to_string();
-    assert!(err.contains("q_proj.weight") && err.contains("blocks of 256"), "{err}");
-    assert!(err.contains("q8_0 or q4_0 can store it"), "{err}");
-    WeightFormats::uniform(WeightFormat::parse("q8_0").unwrap()).check(&m).unwrap();
+    for (asked, stored) in [("q4_k", "q5_0"), ("q6_k", "q8_0")] {
+        WeightFormats::uniform(WeightFormat::parse(asked).unwrap()).check(&m).unwrap();
+        for group in [WeightGroup::Attention, WeightGroup::Mlp, WeightGroup::Head] {
+            assert_eq!(layout(&m, asked).bytes(group, 0), layout(&m, stored).bytes(group, 0), "{asked} {group:?}");
+        }
+    }
+    // Qwen1.5-MoE: the experts' down projections (1408 values a row) in Q5_0, the rest Q4_K.
+    let qwen = model("qwen1.5-moe-a2.7b");
+    let l = layout(&qwen, "q4_k");
+    let tensors = qwen.group_tensors(WeightGroup::Mlp, 0);
+    let formats = &l.group(WeightGroup::Mlp, 0).tensors;
+    for (t, f) in tensors.iter().zip(formats.iter()) {
+        let want = if t.name.contains("experts.") && t.name.ends_with("down_proj.weight") { "q5_0" } else { "q4_k" };
+        if t.rows > 1 && t.quantizable() {
+            assert_eq!(f.name(), want, "{}", t.name);
+        }
+    }
+    // Rows of 200 values: whole blocks of no quantized type. Q4_K falls back to F16 as
+    // llama.cpp's does; Q4_0 cannot store them.
+    let mut odd = model("test-tiny");
+    odd.intermediate_size = 200;
+    WeightFormats::uniform(WeightFormat::parse("q4_k").unwrap()).check(&odd).unwrap();
+    let err = WeightFormats::uniform(WeightFormat::parse("q4_0").unwrap()).check(&odd).unwrap_err().to_string();
+    assert!(err.contains("down_proj.weight") && err.contains("blocks of 32"), "{err}");
 }
 
 #[test]

@@ -75,7 +75,7 @@ pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), Engi
         };
         if !runs {
             return Err(EngineError::Unsupported(format!(
-                "this plan's weight format is {}; the engine runs f32, f16, bf16, q8_0, q4_0, q4_k and q6_k \
+                "this plan's weight format is {}; the engine runs f32, f16, bf16, q8_0, q4_0, q5_0, q4_k and q6_k \
                  weights, not {} (`ferry simulate` predicts the plan; tune with another --weight-format for a \
                  plan it runs)",
                 policy.weight_format.describe(),

@@ -32,7 +32,7 @@ pub enum GgufStorage {
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 7] = ["f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k", "q4_k_m"];
+    pub const NAMES: [&'static str; 8] = ["f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k", "q4_k_m"];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
         Some(match text.to_ascii_lowercase().as_str() {
@@ -40,6 +40,7 @@ impl GgufStorage {
             "f16" => GgufStorage::F16,
             "q8_0" => GgufStorage::Blocks(BlockFormat::Q8_0),
             "q4_0" => GgufStorage::Blocks(BlockFormat::Q4_0),
+            "q5_0" => GgufStorage::Blocks(BlockFormat::Q5_0),
             "q4_k" => GgufStorage::Blocks(BlockFormat::Q4K),
             "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
             "q4_k_m" => GgufStorage::Q4KM,
@@ -72,6 +73,7 @@ impl GgufStorage {
             GgufStorage::F16 => 1,
             GgufStorage::Blocks(BlockFormat::Q4_0) => 2,
             GgufStorage::Blocks(BlockFormat::Q8_0) => 7,
+            GgufStorage::Blocks(BlockFormat::Q5_0) => 8,
             GgufStorage::Blocks(BlockFormat::Q4K) => 14,
             GgufStorage::Blocks(BlockFormat::Q6K) => 18,
             GgufStorage::Q4KM => 15,
@@ -237,12 +239,13 @@ pub fn synthesize_gguf(
     for FileTensor { name, shape, .. } in &list {
         let matrix = shape.len() >= 2 && !name.contains("ffn_gate_inp");
         let kind = if matrix { storage.ggml_name(name, model.num_layers) } else { "F32" };
-        let ggml_type = ggml_type(kind)?;
         let cols = *shape.last().unwrap_or(&0);
+        // Rows a K-quant's blocks do not divide take llama.cpp's quantizer's fallback.
+        let ggml_type = ggml_type(kind)?.for_rows_of(cols);
         if !cols.is_multiple_of(ggml_type.block_elements) {
             return Err(EngineError::Unsupported(format!(
                 "{} cannot be stored as {}: {name} has rows of {cols} values, not whole {}-value blocks \
-                 (q8_0 and q4_0 need rows of a multiple of 32, q4_k and q6_k of 256)",
+                 (q8_0, q4_0 and q5_0 need rows of a multiple of 32)",
                 model.name, ggml_type.name, ggml_type.block_elements
             )));
         }

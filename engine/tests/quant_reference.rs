@@ -13,12 +13,7 @@ fn random_blocks(format: BlockFormat, blocks: usize, seed: u64) -> Vec<u8> {
         (state >> 33) as u8
     };
     let mut bytes: Vec<u8> = (0..blocks * block_bytes).map(|_| next()).collect();
-    // Where each format keeps its f16 scales.
-    let scale_offsets: &[usize] = match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
-        BlockFormat::Q4K => &[0, 2],
-        BlockFormat::Q6K => &[208],
-    };
+    let scale_offsets = ferry_engine::kernels::quant::scale_offsets(format);
     for (b, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
         for (i, &at) in scale_offsets.iter().enumerate() {
             let scale = half::f16::from_f32(((b * 7 + i * 3) % 23) as f32 / 64.0 - 0.17);
@@ -142,10 +137,10 @@ fn quantized_products_match_the_reference_decoding_on_every_path() {
     }
 }
 
-/// Q8_0 and Q4_0 encode to the same bytes as llama.cpp's reference quantizers (the
-/// `gguf` package's `quants.quantize`), ties and outliers included.
+/// Q8_0, Q4_0 and Q5_0 encode to the same bytes as llama.cpp's reference quantizers
+/// (the `gguf` package's `quants.quantize`), ties and outliers included.
 #[test]
-fn q8_0_and_q4_0_quantize_byte_identically_to_the_gguf_package() {
+fn q8_0_q4_0_and_q5_0_quantize_byte_identically_to_the_gguf_package() {
     use ferry_engine::kernels::quant::quantize;
     let dir = tempfile::tempdir().unwrap();
     // Signed values with exact halves (ties), zeros, an all-zero block and outliers.
@@ -155,7 +150,7 @@ fn q8_0_and_q4_0_quantize_byte_identically_to_the_gguf_package() {
     values[200] = -40.0;
     let input = dir.path().join("values.f32");
     std::fs::write(&input, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0] {
         let output = dir.path().join(format!("{}.bin", format.name()));
         let script =
             "import sys, numpy as np\nfrom gguf import quants\nfrom gguf.constants import GGMLQuantizationType as T\n\

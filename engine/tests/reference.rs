@@ -162,6 +162,7 @@ fn logits_match_the_numpy_reference() {
 
 const Q8_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q8_0);
 const Q4_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q4_0);
+const Q5_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q5_0);
 
 #[test]
 fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights() {
@@ -170,10 +171,31 @@ fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights(
         (GgufStorage::F16, Activations::F32),
         (Q8_0, Activations::F32),
         (Q4_0, Activations::F32),
+        (Q5_0, Activations::F32),
         (Q8_0, Activations::Q8),
         (Q4_0, Activations::Q8),
+        (Q5_0, Activations::Q8),
     ];
     gguf_files_match("test-tiny", &cases);
+}
+
+/// Qwen1.5-MoE's Q4_K_M files hold its 1408-wide experts in Q5_0, where Q4_K's
+/// 256-value blocks do not divide their rows (llama.cpp's quantizer's fallback). Every
+/// matrix of test-tiny-qwen2-moe (rows of 64 or 128 values) falls back so: Q5_0 for
+/// Q4_K, Q8_0 for Q6_K, each matched against the reference over the file's own weights.
+#[test]
+fn a_k_quant_file_of_rows_not_whole_super_blocks_matches_the_numpy_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen2-moe").unwrap().value;
+    let file = dir.path().join("q4_k_m.gguf");
+    synthesize_gguf(&spec, GgufStorage::Q4KM, 11, &file, false, |_, _| {}).unwrap();
+    let stored = ModelFiles::open(&file).unwrap().spec;
+    let mut formats: Vec<String> =
+        WeightFormats::stored().quantized_formats(&stored).iter().map(|f| f.name()).collect();
+    formats.sort();
+    assert_eq!(formats, ["q5_0", "q8_0"]);
+    let cases = [(GgufStorage::Q4KM, Activations::F32), (GgufStorage::Q4KM, Activations::Q8)];
+    gguf_files_match("test-tiny-qwen2-moe", &cases);
 }
 
 /// GGUF files of `model` in each storage, run with each kind of activations, match

@@ -124,7 +124,7 @@ mod tests {
         let options = ProfileOptions { trials: 1, ..ProfileOptions::quick(std::env::temp_dir()) };
         let rates = measure_dequantize(&options, 50e9);
         let names: Vec<&str> = rates.iter().map(|r| r.format.as_str()).collect();
-        assert_eq!(names, ["q8_0", "q4_0", "q4_k", "q6_k"]);
+        assert_eq!(names, ["q8_0", "q4_0", "q5_0", "q4_k", "q6_k"]);
         for rate in &rates {
             // Slower than 1 MB/s or faster than 10 TB/s would be a broken timer, not a CPU.
             assert!((1e6..1e13).contains(&rate.bytes_per_s), "{}: {}", rate.format, rate.bytes_per_s);

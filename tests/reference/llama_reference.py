@@ -14,7 +14,7 @@ compares its logits with the committed output.
     python3 tests/reference/llama_reference.py /tmp/tiny tests/reference/prompts.json \
         tests/reference/test-tiny-seed11-golden.json
 
-With `--activations q8` after the paths, every product with a Q8_0 or Q4_0 weight first
+With `--activations q8` after the paths, every product with a Q8_0, Q4_0 or Q5_0 weight first
 rounds its input the way llama.cpp does (blocks of 32 values, scale max|x| / 127,
 values rounded to the nearest step, half away from zero; computed in float32 like the
 engine), then multiplies in float64.
@@ -93,7 +93,7 @@ def load_gguf(path):
                 for e, expert in enumerate(values):
                     hf = f"model.layers.{layer}.block_sparse_moe.experts.{e}.{GGUF_EXPERTS[short]}.{kind}"
                     w[hf] = expert
-                    if t.tensor_type.name in ("Q8_0", "Q4_0"):
+                    if t.tensor_type.name in ROUNDED_INPUT_TYPES:
                         QUANTIZED_INPUTS.add(hf)
                 continue
             hf = f"model.layers.{layer}.{GGUF_NAMES[short]}.{kind}"
@@ -104,7 +104,7 @@ def load_gguf(path):
             # Stored row 2i + j of a head is Hugging Face row j * head_dim / 2 + i.
             values = values.reshape(rows // head_dim, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
         w[hf] = values
-        if t.tensor_type.name in ("Q8_0", "Q4_0"):
+        if t.tensor_type.name in ROUNDED_INPUT_TYPES:
             QUANTIZED_INPUTS.add(hf)
     cfg["tie_word_embeddings"] = "lm_head.weight" not in w
     return cfg, w
@@ -112,6 +112,8 @@ def load_gguf(path):
 
 # Weights whose products round their input to 8 bits (`--activations q8`).
 QUANTIZED_INPUTS = set()
+# The types llama.cpp multiplies by activations in Q8_0 blocks of 32.
+ROUNDED_INPUT_TYPES = ("Q8_0", "Q4_0", "Q5_0")
 ACTIVATIONS = {"mode": "f32"}
 
 

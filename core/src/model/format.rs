@@ -4,10 +4,12 @@
 //! FlexGen's group-wise compression.
 //!
 //! - **Float** (`f32`, `f16`, `bf16`): every tensor of the group in that type.
-//! - **ggml blocks** (`q8_0`, `q4_0`, `q4_k`, `q6_k`): the layouts of `gguf::GgmlType`
-//!   (one table, shared with the GGUF reader). A row is stored as whole blocks, so a
-//!   matrix whose rows are not a multiple of the block (256 values for the k-quants)
-//!   cannot be stored and is refused (`WeightFormats::check`). As llama.cpp's
+//! - **ggml blocks** (`q8_0`, `q4_0`, `q5_0`, `q4_k`, `q6_k`): the layouts of
+//!   `gguf::GgmlType` (one table, shared with the GGUF reader). A row is stored as
+//!   whole blocks. Where a K-quant's 256-value blocks do not divide a matrix's rows,
+//!   the matrix takes llama.cpp's quantizer's fallback (`GgmlType::for_rows_of`: Q4_K
+//!   to Q5_0, Q6_K to Q8_0); where a 32-value block does not divide them either, the
+//!   format cannot store the matrix and is refused (`WeightFormats::check`). As llama.cpp's
 //!   quantizer does (`tensor_allows_quantization` in `src/llama-quant.cpp`), only
 //!   matrices are quantized; vectors (norms, biases) stay F32 as GGUF files keep them,
 //!   and the MoE router (`ffn_gate_inp`) and learned position embeddings keep the
@@ -41,7 +43,7 @@ use crate::gguf::GgmlType;
 
 /// ggml block types a plan may name (the ones the engine decodes, `kernels::quant`).
 /// A GGUF file's other types (Q5_K, Q3_K, …) are planned through `stored`.
-pub const PLANNABLE_BLOCKS: [&str; 4] = ["Q8_0", "Q4_0", "Q4_K", "Q6_K"];
+pub const PLANNABLE_BLOCKS: [&str; 5] = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"];
 /// FlexGen's default group size for weights.
 pub const DEFAULT_GROUP_SIZE: u32 = 64;
 /// The largest group size accepted (FlexGen uses 64; larger groups lose precision).
@@ -224,7 +226,12 @@ impl WeightFormat {
                 if tensor.rows == 1 {
                     WeightFormat::F32
                 } else if tensor.quantizable() {
-                    self
+                    let stored = t.for_rows_of(tensor.cols);
+                    if stored.is_quantized() {
+                        WeightFormat::Block(stored)
+                    } else {
+                        WeightFormat::F16
+                    }
                 } else {
                     model_float
                 }
@@ -359,6 +366,45 @@ impl WeightFormats {
             }
         }
         Ok(())
+    }
+
+    /// The matrices stored in another block type than their group's, because the
+    /// asked type's blocks do not divide their rows (`GgmlType::for_rows_of`), one line
+    /// per (asked, stored) pair: `q4_k: mlp.experts.0.down_proj.weight and 59 more
+    /// matrices per layer are stored as q5_0 …`.
+    pub fn fallbacks(&self, model: &ModelSpec) -> Vec<String> {
+        let mut found: Vec<(WeightFormat, WeightFormat, Vec<(String, u64)>)> = Vec::new();
+        for group in WeightFormats::GROUPS {
+            let Some(format) = self.group(group) else { continue };
+            for tensor in model.group_tensors(group, 0) {
+                let applied = format.for_tensor(&tensor, model.dtype);
+                let planned = tensor.rows > 1 && tensor.quantizable() && format.is_quantized();
+                if !planned || applied == format {
+                    continue;
+                }
+                let short = tensor.name.strip_prefix("model.layers.0.").unwrap_or(&tensor.name).to_string();
+                match found.iter_mut().find(|(f, a, _)| (*f, *a) == (format, applied)) {
+                    Some((_, _, tensors)) => tensors.push((short, tensor.cols)),
+                    None => found.push((format, applied, vec![(short, tensor.cols)])),
+                }
+            }
+        }
+        found
+            .into_iter()
+            .map(|(format, applied, tensors)| {
+                let (first, cols) = &tensors[0];
+                let more = match tensors.len() {
+                    1 => String::new(),
+                    n => format!(" and {} more matrices", n - 1),
+                };
+                format!(
+                    "{asked}: {first}{more} stored as {stored}, as llama.cpp's quantizer stores them: rows of \
+                     {cols} values are not whole {asked} blocks",
+                    asked = format.name(),
+                    stored = applied.name(),
+                )
+            })
+            .collect()
     }
 
     /// For people: `q4_k`, `q4_k (head q6_k)`, `stored (the model file's own types)`.

@@ -11,6 +11,10 @@ pub enum BlockFormat {
     Q8_0,
     /// 32 weights: an f16 scale and 32 4-bit values offset by 8.
     Q4_0,
+    /// 32 weights: an f16 scale, the 32 values' fifth bits in a u32, and their low
+    /// nibbles; values offset by 16. llama.cpp stores a K-quant's matrices in it where
+    /// their rows are not whole 256-value blocks (Qwen1.5-MoE's experts).
+    Q5_0,
     /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and minimum under
     /// two f16 super-scales; 4-bit values.
     Q4K,
@@ -20,13 +24,15 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 4] = [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K, BlockFormat::Q6K];
+    pub const ALL: [BlockFormat; 5] =
+        [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q6K];
 
     /// ggml's name (`Q4_K`), as `GgmlType::name` has it.
     pub fn name(self) -> &'static str {
         match self {
             BlockFormat::Q8_0 => "Q8_0",
             BlockFormat::Q4_0 => "Q4_0",
+            BlockFormat::Q5_0 => "Q5_0",
             BlockFormat::Q4K => "Q4_K",
             BlockFormat::Q6K => "Q6_K",
         }
@@ -42,6 +48,7 @@ impl BlockFormat {
         match self {
             BlockFormat::Q8_0 => (32, 34),
             BlockFormat::Q4_0 => (32, 18),
+            BlockFormat::Q5_0 => (32, 22),
             BlockFormat::Q4K => (256, 144),
             BlockFormat::Q6K => (256, 210),
         }
@@ -77,6 +84,7 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
     match format {
         BlockFormat::Q8_0 => q8_0(block, y),
         BlockFormat::Q4_0 => q4_0(block, y),
+        BlockFormat::Q5_0 => q5_0(block, y),
         BlockFormat::Q4K => q4_k(block, y),
         BlockFormat::Q6K => q6_k(block, y),
     }
@@ -98,6 +106,26 @@ fn q4_0(block: &[u8], y: &mut [f32]) {
         // Low nibbles are weights 0..16, high nibbles 16..32.
         y[l] = d * ((q & 0x0F) as i32 - 8) as f32;
         y[l + 16] = d * ((q >> 4) as i32 - 8) as f32;
+    }
+}
+
+/// The fifth bits of a Q5_0 block: bit j of the little-endian u32 at bytes 2..6 is
+/// weight j's.
+#[inline(always)]
+pub(crate) fn q5_0_high_bits(block: &[u8]) -> u32 {
+    u32::from_le_bytes([block[2], block[3], block[4], block[5]])
+}
+
+#[inline(always)]
+fn q5_0(block: &[u8], y: &mut [f32]) {
+    let d = f16_at(block, 0);
+    let qh = q5_0_high_bits(block);
+    for (j, &q) in block[6..22].iter().enumerate() {
+        // As `q4_0`, with each value's fifth bit from `qh`.
+        let low = (q & 0x0F) as u32 | ((qh >> j) << 4 & 0x10);
+        let high = (q >> 4) as u32 | ((qh >> (j + 12)) & 0x10);
+        y[j] = d * (low as i32 - 16) as f32;
+        y[j + 16] = d * (high as i32 - 16) as f32;
     }
 }
 
@@ -180,17 +208,17 @@ pub fn sample_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Where each format keeps its f16 scales (ggml's block layouts).
-fn scale_offsets(format: BlockFormat) -> &'static [usize] {
+pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
     match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
+        BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => &[0],
         BlockFormat::Q4K => &[0, 2],
         BlockFormat::Q6K => &[208],
     }
 }
 
-/// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0 and Q4_0
-/// follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
-/// `quantize_row_q4_0_ref`) operation for operation, so their bytes equal llama.cpp's
+/// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0 and
+/// Q5_0 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
+/// `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`) operation for operation, so their bytes equal llama.cpp's
 /// (tested against the `gguf` package). Q4_K and Q6_K use a plain min/max fit per
 /// sub-block, not llama.cpp's iterative search for the scales: valid blocks any
 /// reader decodes, with somewhat larger rounding error than llama.cpp's own files.
@@ -204,6 +232,7 @@ pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
         match format {
             BlockFormat::Q8_0 => quantize_q8_0(x, block),
             BlockFormat::Q4_0 => quantize_q4_0(x, block),
+            BlockFormat::Q5_0 => quantize_q5_0(x, block),
             BlockFormat::Q4K => quantize_q4_k(x, block),
             BlockFormat::Q6K => quantize_q6_k(x, block),
         }
@@ -232,8 +261,8 @@ fn quantize_q8_0(x: &[f32], block: &mut [u8]) {
     }
 }
 
-fn quantize_q4_0(x: &[f32], block: &mut [u8]) {
-    // The value of largest magnitude, with its sign (the first on ties).
+/// The value of largest magnitude, with its sign (the first on ties).
+fn signed_max(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if amax < v.abs() {
@@ -241,7 +270,11 @@ fn quantize_q4_0(x: &[f32], block: &mut [u8]) {
             max = v;
         }
     }
-    let d = max / -8.0;
+    max
+}
+
+fn quantize_q4_0(x: &[f32], block: &mut [u8]) {
+    let d = signed_max(x) / -8.0;
     let id = inverse(d);
     put_f16(block, 0, d);
     for j in 0..16 {
@@ -249,6 +282,21 @@ fn quantize_q4_0(x: &[f32], block: &mut [u8]) {
         let high = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
         block[2 + j] = low | (high << 4);
     }
+}
+
+fn quantize_q5_0(x: &[f32], block: &mut [u8]) {
+    let d = signed_max(x) / -16.0;
+    let id = inverse(d);
+    put_f16(block, 0, d);
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let low = ((x[j] * id + 16.5) as i8).min(31) as u8;
+        let high = ((x[j + 16] * id + 16.5) as i8).min(31) as u8;
+        block[6 + j] = (low & 0x0F) | ((high & 0x0F) << 4);
+        qh |= (((low & 0x10) >> 4) as u32) << j;
+        qh |= (((high & 0x10) >> 4) as u32) << (j + 16);
+    }
+    block[2..6].copy_from_slice(&qh.to_le_bytes());
 }
 
 /// Rounds `value / step` to an integer in `0..=max` (0 where the step is 0).
@@ -372,6 +420,7 @@ mod tests {
             let (group, levels) = match format {
                 BlockFormat::Q8_0 => (32, 254.0),
                 BlockFormat::Q4_0 => (32, 15.0),
+                BlockFormat::Q5_0 => (32, 31.0),
                 BlockFormat::Q4K => (32, 15.0),
                 BlockFormat::Q6K => (16, 62.0),
             };

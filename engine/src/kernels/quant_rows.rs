@@ -1,4 +1,4 @@
-//! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q4_K and Q6_K),
+//! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q5_0, Q4_K and Q6_K),
 //! multiplied straight from the stored blocks: no float copy of a tensor is made.
 //!
 //! For few rows (decoding) each block is decoded and multiplied into every row of `x`
@@ -6,13 +6,15 @@
 //! at their quantized size; results differ from "dequantize, then multiply" only in
 //! the order of additions. The path follows `simd_path()` like the float kernels:
 //! AVX2 (with FMA and F16C) and AVX-512 kernels per format (`x86` for Q8_0 and Q4_0,
-//! `k_quants` for Q4_K and Q6_K) decode a block straight into vectors; the portable
+//! `k_quants` for Q4_K and Q6_K) decode a block straight into vectors; Q5_0 (llama.cpp's
+//! fallback for a K-quant's matrices of other widths, a small share of a file) and
+//! every format off x86 take the portable
 //! body decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic
 //! dominates. With 8-bit activations (`q8`, the cpu backend's default) every format
 //! skips all of this at every row count: its products are integer sums (`q8` for
-//! Q8_0 and Q4_0, `q8::k_quants` for Q4_K and Q6_K).
+//! Q8_0, Q4_0 and Q5_0, `q8::k_quants` for Q4_K and Q6_K).
 
 use rayon::prelude::*;
 
@@ -188,6 +190,7 @@ fn row_dots(
         SimdPath::Avx512 => unsafe {
             match format {
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 => x86::small_blocks_avx512(format, row, x, m, k, dots),
+                BlockFormat::Q5_0 => by_format(format, row, x, m, k, dots),
                 _ if k_quants::avx512_present() => k_quants::k_blocks_avx512(format, row, x, m, k, dots),
                 _ => k_quants::k_blocks(format, row, x, m, k, dots),
             }
@@ -197,6 +200,7 @@ fn row_dots(
             match format {
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 => x86::small_blocks(format, row, x, m, k, dots),
                 BlockFormat::Q4K | BlockFormat::Q6K => k_quants::k_blocks(format, row, x, m, k, dots),
+                BlockFormat::Q5_0 => by_format(format, row, x, m, k, dots),
             }
         },
         _ => by_format(format, row, x, m, k, dots),
@@ -209,6 +213,7 @@ fn by_format(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dot
     match format {
         BlockFormat::Q8_0 => row_body(BlockFormat::Q8_0, row, x, m, k, dots),
         BlockFormat::Q4_0 => row_body(BlockFormat::Q4_0, row, x, m, k, dots),
+        BlockFormat::Q5_0 => row_body(BlockFormat::Q5_0, row, x, m, k, dots),
         BlockFormat::Q4K => row_body(BlockFormat::Q4K, row, x, m, k, dots),
         BlockFormat::Q6K => row_body(BlockFormat::Q6K, row, x, m, k, dots),
     }

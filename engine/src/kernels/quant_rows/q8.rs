@@ -282,6 +282,8 @@ fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: us
             BlockFormat::Q4K | BlockFormat::Q6K => groups(&mut |x, rows, dots| unsafe {
                 k_quants::x86::eight_rows(format, weights, row_bytes, x, rows, k, dots)
             }),
+            // No x86 kernel: a K-quant file's few Q5_0 matrices take `row_dots`.
+            BlockFormat::Q5_0 => return false,
         }
         return true;
     }
@@ -319,6 +321,13 @@ fn decode_block(format: BlockFormat, block: &[u8]) -> ([i8; BLOCK], f32) {
             for (j, &byte) in block[2..18].iter().enumerate() {
                 q[j] = (byte & 0x0F) as i8 - 8;
                 q[j + 16] = (byte >> 4) as i8 - 8;
+            }
+        }
+        BlockFormat::Q5_0 => {
+            let qh = super::super::quant::q5_0_high_bits(block);
+            for (j, &byte) in block[6..22].iter().enumerate() {
+                q[j] = ((byte & 0x0F) as u32 | ((qh >> j) << 4 & 0x10)) as i8 - 16;
+                q[j + 16] = ((byte >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i8 - 16;
             }
         }
         _ => {

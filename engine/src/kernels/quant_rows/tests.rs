@@ -7,11 +7,7 @@ use crate::synth::SplitMix64;
 pub(super) fn random_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
     let mut bytes = crate::kernels::quant::sample_blocks(format, count, seed);
     let mut rng = SplitMix64::new(seed ^ 0x5CA1E);
-    let scales: &[usize] = match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 => &[0],
-        BlockFormat::Q4K => &[0, 2],
-        BlockFormat::Q6K => &[208],
-    };
+    let scales = crate::kernels::quant::scale_offsets(format);
     for block in bytes.chunks_exact_mut(format.block().1) {
         for &at in scales {
             let scale = rng.next_signed() * 0.05;

@@ -3,7 +3,7 @@ use crate::kernels::quant::dequantize;
 use crate::kernels::quant_rows::tests::random_blocks;
 use crate::synth::SplitMix64;
 
-const FORMATS: [BlockFormat; 4] = BlockFormat::ALL;
+const FORMATS: [BlockFormat; 5] = BlockFormat::ALL;
 
 /// Blocks of `format` in `weights` weights.
 fn blocks(format: BlockFormat, weights: usize) -> usize {
@@ -213,7 +213,7 @@ fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) ->
     let mut bytes = vec![fill; count * block_bytes];
     for block in bytes.chunks_exact_mut(block_bytes) {
         match format {
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 => block[..2].copy_from_slice(&one),
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => block[..2].copy_from_slice(&one),
             BlockFormat::Q4K => {
                 block[..2].copy_from_slice(&one);
                 block[2..4].copy_from_slice(&one);
