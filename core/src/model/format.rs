@@ -373,35 +373,43 @@ impl WeightFormats {
     /// per (asked, stored) pair: `q4_k: mlp.experts.0.down_proj.weight and 59 more
     /// matrices per layer are stored as q5_0 …`.
     pub fn fallbacks(&self, model: &ModelSpec) -> Vec<String> {
-        let mut found: Vec<(WeightFormat, WeightFormat, Vec<(String, u64)>)> = Vec::new();
+        /// Matrices of one (asked, stored) pair: the first's name and row width, how many.
+        struct Fallback {
+            asked: WeightFormat,
+            stored: WeightFormat,
+            first: String,
+            cols: u64,
+            count: usize,
+        }
+        let mut found: Vec<Fallback> = Vec::new();
         for group in WeightFormats::GROUPS {
-            let Some(format) = self.group(group) else { continue };
+            let Some(asked) = self.group(group) else { continue };
             for tensor in model.group_tensors(group, 0) {
-                let applied = format.for_tensor(&tensor, model.dtype);
-                let planned = tensor.rows > 1 && tensor.quantizable() && format.is_quantized();
-                if !planned || applied == format {
+                let stored = asked.for_tensor(&tensor, model.dtype);
+                let planned = tensor.rows > 1 && tensor.quantizable() && asked.is_quantized();
+                if !planned || stored == asked {
                     continue;
                 }
-                let short = tensor.name.strip_prefix("model.layers.0.").unwrap_or(&tensor.name).to_string();
-                match found.iter_mut().find(|(f, a, _)| (*f, *a) == (format, applied)) {
-                    Some((_, _, tensors)) => tensors.push((short, tensor.cols)),
-                    None => found.push((format, applied, vec![(short, tensor.cols)])),
+                match found.iter_mut().find(|f| (f.asked, f.stored) == (asked, stored)) {
+                    Some(f) => f.count += 1,
+                    None => {
+                        let first = tensor.name.strip_prefix("model.layers.0.").unwrap_or(&tensor.name).to_string();
+                        found.push(Fallback { asked, stored, first, cols: tensor.cols, count: 1 });
+                    }
                 }
             }
         }
         found
             .into_iter()
-            .map(|(format, applied, tensors)| {
-                let (first, cols) = &tensors[0];
-                let more = match tensors.len() {
-                    1 => String::new(),
-                    n => format!(" and {} more matrices", n - 1),
-                };
+            .map(|f| {
+                let more = if f.count > 1 { format!(" and {} more matrices", f.count - 1) } else { String::new() };
                 format!(
-                    "{asked}: {first}{more} stored as {stored}, as llama.cpp's quantizer stores them: rows of \
-                     {cols} values are not whole {asked} blocks",
-                    asked = format.name(),
-                    stored = applied.name(),
+                    "{asked}: {first}{more} stored as {stored}, as llama.cpp's quantizer stores them: rows of {cols} \
+                     values are not whole {asked} blocks",
+                    asked = f.asked.name(),
+                    first = f.first,
+                    stored = f.stored.name(),
+                    cols = f.cols,
                 )
             })
             .collect()
