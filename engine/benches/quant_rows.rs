@@ -6,7 +6,7 @@
 //! reads its weights from RAM as decoding does.
 //!
 //! Every format also runs with the activations rounded to 8 bits (`linear_q8`, the
-//! engine's default), and Q4_0, Q4_K and Q6_K at 64 rows (prefill) against the f32 path
+//! engine's default), and Q4_0, Q5_0, Q4_K and Q6_K at 64 rows (prefill) against the f32 path
 //! there (blocks decoded to f32 and multiplied by the GEMM).
 //!
 //! Last, the machine's integer multiply-add peak for the instructions the 8-bit
@@ -15,7 +15,7 @@
 //!
 //! Run: cargo bench -p ferry-engine --bench quant_rows
 //! Throughput is weights multiplied per second (Elements): formats compare at equal
-//! work; bytes per weight differ (bf16 2, Q8_0 1.06, Q6_K 0.82, Q4_K 0.56, Q4_0 0.56).
+//! work; bytes per weight differ (bf16 2, Q8_0 1.06, Q6_K 0.82, Q5_0 0.69, Q4_K 0.56, Q4_0 0.56).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_core::model::Dtype;
@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements((m * N * K) as u64));
     let x: Vec<f32> = (0..m * K).map(|i| ((i % 17) as f32 - 8.0) / 64.0).collect();
     let mut out = vec![0.0f32; m * N];
-    for format in [BlockFormat::Q4_0, BlockFormat::Q4K, BlockFormat::Q6K] {
+    for format in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q6K] {
         let stored = sample_blocks(format, N * K / format.block().0, 7);
         let matrix = QuantMatrix { bytes: &stored, format, rows: N, cols: K };
         let name = format.name();

@@ -7,8 +7,8 @@
 //! the order of additions. The path follows `simd_path()` like the float kernels:
 //! AVX2 (with FMA and F16C) and AVX-512 kernels per format (`x86` for Q8_0 and Q4_0,
 //! `k_quants` for Q4_K and Q6_K) decode a block straight into vectors; Q5_0 (llama.cpp's
-//! fallback for a K-quant's matrices of other widths, a small share of a file) and
-//! every format off x86 take the portable
+//! fallback for a K-quant's matrices of other widths; its 8-bit-activation products,
+//! the default, have the x86 kernel) and every format off x86 take the portable
 //! body decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic

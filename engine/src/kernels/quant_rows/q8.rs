@@ -268,11 +268,11 @@ fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: us
         // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows, `x`
         // the group's rows.
         match format {
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 if transposed => SET.with_borrow_mut(|set| {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 if transposed => SET.with_borrow_mut(|set| {
                 unsafe { x86::transpose_set(format, weights, row_bytes, k, set) };
                 groups(&mut |x, rows, dots| unsafe { x86::from_columns(format, set, x, rows, k, dots) })
             }),
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 => {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                 groups(&mut |x, rows, dots| unsafe { x86::eight_rows(format, weights, row_bytes, x, rows, k, dots) })
             }
             BlockFormat::Q4K | BlockFormat::Q6K if transposed => K_SET.with_borrow_mut(|set| {
@@ -282,8 +282,6 @@ fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: us
             BlockFormat::Q4K | BlockFormat::Q6K => groups(&mut |x, rows, dots| unsafe {
                 k_quants::x86::eight_rows(format, weights, row_bytes, x, rows, k, dots)
             }),
-            // No x86 kernel: a K-quant file's few Q5_0 matrices take `row_dots`.
-            BlockFormat::Q5_0 => return false,
         }
         return true;
     }

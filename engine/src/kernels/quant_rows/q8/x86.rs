@@ -12,6 +12,13 @@ use std::arch::x86_64::*;
 
 use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
 
+/// The block formats these kernels take, as const parameters: Q8_0's and Q5_0's
+/// values are signed bytes (multiplied as |w| by x with w's sign), Q4_0's unsigned
+/// nibbles (8·Σx taken off after).
+const KIND_Q8_0: u8 = 0;
+const KIND_Q4_0: u8 = 1;
+const KIND_Q5_0: u8 = 2;
+
 /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
 /// `row_bytes`) and `rows` rows of x: one or two by `row_sums`, more by
 /// `column_sums`, each block transposed in registers (the same bits; see there).
@@ -30,16 +37,16 @@ pub(super) unsafe fn eight_rows(
 ) {
     // SAFETY (each arm): as the caller vouches.
     unsafe {
-        if format == BlockFormat::Q4_0 {
-            eight_by_rows::<true>(weights, row_bytes, x, rows, k, dots)
-        } else {
-            eight_by_rows::<false>(weights, row_bytes, x, rows, k, dots)
+        match format {
+            BlockFormat::Q4_0 => eight_by_rows::<KIND_Q4_0>(weights, row_bytes, x, rows, k, dots),
+            BlockFormat::Q5_0 => eight_by_rows::<KIND_Q5_0>(weights, row_bytes, x, rows, k, dots),
+            _ => eight_by_rows::<KIND_Q8_0>(weights, row_bytes, x, rows, k, dots),
         }
     }
 }
 
 #[inline(always)]
-unsafe fn eight_by_rows<const Q4: bool>(
+unsafe fn eight_by_rows<const KIND: u8>(
     weights: &[u8],
     row_bytes: usize,
     x: &QuantizedX,
@@ -48,7 +55,7 @@ unsafe fn eight_by_rows<const Q4: bool>(
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
     // SAFETY (each arm): as the caller vouches.
-    unsafe { with_rows!(rows, eight_m::<_, Q4>(weights, row_bytes, x, k, dots)) }
+    unsafe { with_rows!(rows, eight_m::<_, KIND>(weights, row_bytes, x, k, dots)) }
 }
 
 /// Eight rows' block, ready to multiply: their values (by row, or with `COLUMNS`
@@ -63,20 +70,24 @@ pub(super) struct EightBlocks {
 
 /// Block `b` of the eight rows at `weights` as `EightBlocks`.
 #[inline(always)]
-unsafe fn eight_blocks<const Q4: bool, const COLUMNS: bool>(weights: &[u8], row_bytes: usize, b: usize) -> EightBlocks {
-    let block_bytes = if Q4 { 18 } else { 34 };
+unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], row_bytes: usize, b: usize) -> EightBlocks {
+    let block_bytes = match KIND {
+        KIND_Q4_0 => 18,
+        KIND_Q5_0 => 22,
+        _ => 34,
+    };
     // SAFETY: block `b` of each of the eight rows lies inside `weights`.
     unsafe {
         let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
         let mut values = [_mm256_setzero_si256(); 8];
         for (r, w) in values.iter_mut().enumerate() {
-            *w = block_values::<Q4>(at(r));
+            *w = block_values::<KIND>(at(r));
         }
         if COLUMNS {
             values = transpose_groups(&values);
         }
         let mut magnitudes = values;
-        if !Q4 {
+        if KIND != KIND_Q4_0 {
             for (m, &w) in magnitudes.iter_mut().zip(&values) {
                 *m = _mm256_sign_epi8(w, w);
             }
@@ -101,10 +112,10 @@ pub(super) unsafe fn transpose_set(
     unsafe {
         for b in 0..blocks {
             prefetch_next_rows(weights, row_bytes, b, blocks);
-            set.push(if format == BlockFormat::Q4_0 {
-                eight_blocks::<true, true>(weights, row_bytes, b)
-            } else {
-                eight_blocks::<false, true>(weights, row_bytes, b)
+            set.push(match format {
+                BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, row_bytes, b),
+                BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, row_bytes, b),
+                _ => eight_blocks::<KIND_Q8_0, true>(weights, row_bytes, b),
             });
         }
     }
@@ -123,16 +134,16 @@ pub(super) unsafe fn from_columns(
 ) {
     // SAFETY (each arm): as the caller vouches.
     unsafe {
-        if format == BlockFormat::Q4_0 {
-            set_by_rows::<true>(set, x, rows, k, dots)
-        } else {
-            set_by_rows::<false>(set, x, rows, k, dots)
+        match format {
+            BlockFormat::Q4_0 => set_by_rows::<KIND_Q4_0>(set, x, rows, k, dots),
+            BlockFormat::Q5_0 => set_by_rows::<KIND_Q5_0>(set, x, rows, k, dots),
+            _ => set_by_rows::<KIND_Q8_0>(set, x, rows, k, dots),
         }
     }
 }
 
 #[inline(always)]
-unsafe fn set_by_rows<const Q4: bool>(
+unsafe fn set_by_rows<const KIND: u8>(
     set: &[EightBlocks],
     x: &QuantizedX,
     rows: usize,
@@ -140,7 +151,7 @@ unsafe fn set_by_rows<const Q4: bool>(
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
     // SAFETY (each arm): as the caller vouches.
-    unsafe { with_rows!(rows, columns::<_, Q4>(set, x, k, dots)) }
+    unsafe { with_rows!(rows, columns::<_, KIND>(set, x, k, dots)) }
 }
 
 /// Eight vectors of eight 32-bit groups transposed: lane r of vector g is group g
@@ -177,17 +188,33 @@ pub(super) unsafe fn transpose_groups(w: &[__m256i; 8]) -> [__m256i; 8] {
     }
 }
 
-/// Row r's block `b` as 32 bytes in x's order: Q4_0's nibbles (0–15), Q8_0's bytes.
+/// Row r's block `b` as 32 bytes in x's order: Q4_0's nibbles (0–15), Q5_0's
+/// signed values (−16–15), Q8_0's bytes.
 #[inline(always)]
-unsafe fn block_values<const Q4: bool>(block: *const u8) -> __m256i {
+unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
     // SAFETY: `block` is a whole block; AVX2 is present where this is inlined.
     unsafe {
-        if Q4 {
-            let packed = _mm_loadu_si128(block.add(2).cast());
-            let nibble = _mm256_set1_epi8(0x0F);
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble)
-        } else {
-            _mm256_loadu_si256(block.add(2).cast())
+        let nibbles = |at: usize| {
+            let packed = _mm_loadu_si128(block.add(at).cast());
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F))
+        };
+        match KIND {
+            KIND_Q4_0 => nibbles(2),
+            KIND_Q5_0 => {
+                // Byte j of a mask is 0xFF where bit j of the block's u32 is set: the
+                // u32 broadcast, byte j taken from the byte holding bit j, and tested
+                // against bit j % 8 of it.
+                let bits = _mm256_set1_epi32(block.add(2).cast::<i32>().read_unaligned());
+                let spread = _mm256_shuffle_epi8(
+                    bits,
+                    _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+                );
+                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+                // A nibble without its fifth bit is nibble − 16: the byte 0xF0 | nibble.
+                _mm256_or_si256(nibbles(6), _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)))
+            }
+            _ => _mm256_loadu_si256(block.add(2).cast()),
         }
     }
 }
@@ -251,7 +278,7 @@ pub(super) unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) 
 
 /// `eight` by rows for one or two rows of x, by columns from three.
 #[inline(always)]
-unsafe fn eight_m<const M: usize, const Q4: bool>(
+unsafe fn eight_m<const M: usize, const KIND: u8>(
     weights: &[u8],
     row_bytes: usize,
     x: &QuantizedX,
@@ -261,9 +288,9 @@ unsafe fn eight_m<const M: usize, const Q4: bool>(
     // SAFETY: as the caller vouches.
     unsafe {
         if M >= 3 {
-            eight::<M, Q4, true>(weights, row_bytes, x, k, dots)
+            eight::<M, KIND, true>(weights, row_bytes, x, k, dots)
         } else {
-            eight::<M, Q4, false>(weights, row_bytes, x, k, dots)
+            eight::<M, KIND, false>(weights, row_bytes, x, k, dots)
         }
     }
 }
@@ -279,7 +306,7 @@ pub(super) unsafe fn store<const M: usize>(acc: [__m256; M], dots: &mut [[f32; 8
 
 /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
 #[inline(always)]
-unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
+unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool>(
     weights: &[u8],
     row_bytes: usize,
     x: &QuantizedX,
@@ -292,9 +319,9 @@ unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
         let mut acc = [_mm256_setzero_ps(); M];
         for b in 0..blocks {
             prefetch_next_rows(weights, row_bytes, b, blocks);
-            let block = eight_blocks::<Q4, COLUMNS>(weights, row_bytes, b);
+            let block = eight_blocks::<KIND, COLUMNS>(weights, row_bytes, b);
             for (i, sum) in acc.iter_mut().enumerate() {
-                accumulate::<Q4, COLUMNS>(&block, x, i, b, k, sum);
+                accumulate::<KIND, COLUMNS>(&block, x, i, b, k, sum);
             }
         }
         store(acc, dots);
@@ -303,7 +330,7 @@ unsafe fn eight<const M: usize, const Q4: bool, const COLUMNS: bool>(
 
 /// `eight` over a transposed set.
 #[inline(always)]
-unsafe fn columns<const M: usize, const Q4: bool>(
+unsafe fn columns<const M: usize, const KIND: u8>(
     set: &[EightBlocks],
     x: &QuantizedX,
     k: usize,
@@ -314,7 +341,7 @@ unsafe fn columns<const M: usize, const Q4: bool>(
         let mut acc = [_mm256_setzero_ps(); M];
         for (b, block) in set.iter().enumerate() {
             for (i, sum) in acc.iter_mut().enumerate() {
-                accumulate::<Q4, true>(block, x, i, b, k, sum);
+                accumulate::<KIND, true>(block, x, i, b, k, sum);
             }
         }
         store(acc, dots);
@@ -327,7 +354,7 @@ unsafe fn columns<const M: usize, const Q4: bool>(
 /// the block's scales (eight weight scales as one vector) and its FMA are shared
 /// by the eight rows.
 #[inline(always)]
-unsafe fn accumulate<const Q4: bool, const COLUMNS: bool>(
+unsafe fn accumulate<const KIND: u8, const COLUMNS: bool>(
     block: &EightBlocks,
     x: &QuantizedX,
     i: usize,
@@ -340,11 +367,11 @@ unsafe fn accumulate<const Q4: bool, const COLUMNS: bool>(
     unsafe {
         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
         let mut total = if COLUMNS {
-            column_sums::<Q4>(&block.values, &block.magnitudes, xs)
+            column_sums::<KIND>(&block.values, &block.magnitudes, xs)
         } else {
-            row_sums::<Q4>(&block.values, &block.magnitudes, xs)
+            row_sums::<KIND>(&block.values, &block.magnitudes, xs)
         };
-        if Q4 {
+        if KIND == KIND_Q4_0 {
             total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
         }
         let scale = _mm256_mul_ps(block.scales, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
@@ -355,14 +382,14 @@ unsafe fn accumulate<const Q4: bool, const COLUMNS: bool>(
 /// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (`magnitude`: |w|
 /// for Q8_0): each row's 32-bit sums, reduced across rows.
 #[inline(always)]
-unsafe fn row_sums<const Q4: bool>(w: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
+unsafe fn row_sums<const KIND: u8>(w: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
     // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let xv = _mm256_loadu_si256(xs.cast());
         let mut p = [_mm256_setzero_si256(); 8];
         for r in 0..8 {
-            let pairs = if Q4 {
+            let pairs = if KIND == KIND_Q4_0 {
                 _mm256_maddubs_epi16(w[r], xv)
             } else {
                 _mm256_maddubs_epi16(magnitude[r], _mm256_sign_epi8(xv, w[r]))
@@ -381,12 +408,12 @@ unsafe fn row_sums<const Q4: bool>(w: &[__m256i; 8], magnitude: &[__m256i; 8], x
 /// 16 bits (each ≤ 2·15·127, eight ≤ 30 480); Q8_0's pairs reach 2·128·127 and
 /// widen to 32 bits per group.
 #[inline(always)]
-unsafe fn column_sums<const Q4: bool>(v: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
+unsafe fn column_sums<const KIND: u8>(v: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
     // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
-        if Q4 {
+        if KIND == KIND_Q4_0 {
             let mut pairs = _mm256_setzero_si256();
             for (g, &v) in v.iter().enumerate() {
                 pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, group(g)));
