@@ -271,25 +271,39 @@ impl<'a> Searcher<'a> {
     }
 
     /// Solves every group's LP; the groups with a feasible placement, in search order.
+    /// The groups are independent: their LPs are solved side by side (results in
+    /// group order, so the search is the same on any number of cores).
     fn bound_groups(&self, stats: &mut SearchStats) -> Vec<Bounded> {
+        let solved: Vec<(Option<Bounded>, u64, u64)> = self
+            .groups()
+            .into_par_iter()
+            .map(|group| {
+                let members = self.members(&group);
+                let count = members.len() as u64;
+                let figures = self.figures(&group);
+                let best = self.best_transfer(&group, &members);
+                // The window keeps room to prefetch, but a plan also runs with less (its
+                // loads wait for memory under the dispatch rule): a group that cannot
+                // hold the window is bounded again with one layer in flight before it
+                // is given up.
+                let mut solves = 1;
+                let solved = self.solve(&group, &figures, best).or_else(|| {
+                    solves += 1;
+                    self.solve(&group, &figures, Transfer { window: best.window.min(1.0), ..best })
+                });
+                let bounded =
+                    solved.map(|(fractions, bound_ms)| Bounded { group, members, figures, fractions, bound_ms });
+                (bounded, count, solves)
+            })
+            .collect();
         let mut bounded: Vec<Bounded> = Vec::new();
-        for group in self.groups() {
-            let members = self.members(&group);
-            stats.considered += members.len() as u64;
-            stats.bounded += members.len() as u64;
-            stats.lp_solves += 1;
-            let figures = self.figures(&group);
-            let best = self.best_transfer(&group, &members);
-            // The window keeps room to prefetch, but a plan also runs with less (its loads
-            // wait for memory under the dispatch rule): a group that cannot hold the
-            // window is bounded again with one layer in flight before it is given up.
-            let solved = self.solve(&group, &figures, best).or_else(|| {
-                stats.lp_solves += 1;
-                self.solve(&group, &figures, Transfer { window: best.window.min(1.0), ..best })
-            });
-            match solved {
-                Some((fractions, bound_ms)) => bounded.push(Bounded { group, members, figures, fractions, bound_ms }),
-                None => stats.infeasible += members.len() as u64,
+        for (group, count, solves) in solved {
+            stats.considered += count;
+            stats.bounded += count;
+            stats.lp_solves += solves;
+            match group {
+                Some(b) => bounded.push(b),
+                None => stats.infeasible += count,
             }
         }
         bounded
