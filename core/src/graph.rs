@@ -113,6 +113,17 @@ pub const ROUTER_PART: u32 = u32::MAX - 1;
 /// acquisitions the most it may read.
 pub const ROUTED_EXPERTS: u32 = u32::MAX - 2;
 
+/// A task's dependencies, inline up to four: a graph has up to 160,000 tasks and the
+/// tuner builds thousands of graphs; a heap allocation per task for its dependencies
+/// and memory operations was a sixth of `ferry tune` (in `malloc` and `free`).
+pub type Deps = smallvec::SmallVec<[TaskId; 4]>;
+/// A task's memory acquisitions or releases, inline up to one.
+pub type MemOps = smallvec::SmallVec<[MemOp; 1]>;
+
+// A task stays within 128 bytes (see `Task::chunk_bytes`), its inline lists no larger
+// than the vectors they replace.
+const _: () = assert!(std::mem::size_of::<Task>() <= 128 && std::mem::size_of::<Deps>() <= 24);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     pub kind: TaskKind,
@@ -139,9 +150,9 @@ pub struct Task {
     pub piece: u32,
     /// Host→device copies from page-locked memory.
     pub pinned: bool,
-    pub deps: Vec<TaskId>,
-    pub acquire: Vec<MemOp>,
-    pub release: Vec<MemOp>,
+    pub deps: Deps,
+    pub acquire: MemOps,
+    pub release: MemOps,
 }
 
 impl Task {

@@ -4,7 +4,7 @@
 //! Task emission order is program order; changing it changes every prediction.
 
 use super::builder::Builder;
-use crate::graph::{MemOp, Op, Payload, Place, Resource, Task, TaskId, TaskKind};
+use crate::graph::{Deps, MemOp, Op, Payload, Place, Resource, Task, TaskId, TaskKind};
 use crate::model::WeightGroup;
 use crate::plan::Tier;
 
@@ -61,7 +61,7 @@ impl Builder<'_> {
         let qkv_share = attn_bytes * qkv_params / self.model.params().attention_per_layer.max(1);
         let mut qkv = self.compute_task(device, Op::AttnQkv, at, qkv_flops, qkv_share);
         qkv.deps.extend(hidden);
-        qkv.deps.extend(inputs.weights_ready);
+        qkv.deps.extend_from_slice(inputs.weights_ready);
         let qkv_id = self.push(qkv);
         let rows = self.rows();
         let qkv_bytes = rows * 4 * (self.model.q_dim() + 2 * self.model.kv_dim());
@@ -74,8 +74,8 @@ impl Builder<'_> {
         core.deps.push(down_id);
         if kv_tier == Tier::Disk && past_kv > 0 {
             let mut read = self.kv_transfer(TaskKind::DiskRead, self.disk_of(layer), at, past_kv);
-            read.deps = inputs.kv_gate.to_vec();
-            read.deps.extend(self.last_kv_store.get(&(layer, j)));
+            read.deps = Deps::from_slice(inputs.kv_gate);
+            read.deps.extend(self.last_kv_store.get(&(layer, j)).copied());
             read.acquire.push(MemOp { pool: host, bytes: past_kv });
             core.deps.push(self.push(read));
             core.release.push(MemOp { pool: host, bytes: past_kv });
@@ -115,7 +115,7 @@ impl Builder<'_> {
         let flops = qkv_flops + core_flops + out_flops;
         let mut task = self.compute_task(device, Op::Attention, (layer, j, step), flops, attn_bytes + kv_read);
         task.deps.extend(hidden);
-        task.deps.extend(inputs.weights_ready);
+        task.deps.extend_from_slice(inputs.weights_ready);
         task.deps.extend(kv_ready);
         if release_kv > 0 {
             task.release.push(MemOp { pool: device, bytes: release_kv });
@@ -144,7 +144,7 @@ impl Builder<'_> {
         deps.extend(self.last_kv_store.get(&(layer, j)));
         if kv_tier == Tier::Disk {
             let mut read = self.kv_transfer(TaskKind::DiskRead, self.disk_of(layer), at, past_kv);
-            read.deps = deps;
+            read.deps = deps.into();
             read.acquire.push(MemOp { pool: self.staging_pool(layer), bytes: past_kv });
             deps = vec![self.push(read)];
         }
@@ -154,7 +154,7 @@ impl Builder<'_> {
         let host = self.host_of(layer);
         let mut copy = self.kv_transfer(TaskKind::Copy, Resource::link(host, device), at, past_kv);
         copy.pinned = kv_tier == Tier::Disk || self.kv_pinned;
-        copy.deps = deps;
+        copy.deps = deps.into();
         copy.acquire.push(MemOp { pool: device, bytes: past_kv });
         if kv_tier == Tier::Disk {
             copy.release.push(MemOp { pool: host, bytes: past_kv });
@@ -176,12 +176,12 @@ impl Builder<'_> {
             let link = Resource::link(self.device_of(layer), self.host_of(layer));
             let mut store = self.kv_transfer(TaskKind::Copy, link, at, new_kv);
             store.pinned = kv_tier == Tier::Disk || self.kv_pinned;
-            store.deps = store_deps;
+            store.deps = store_deps.into();
             store_deps = vec![self.push(store)];
         }
         if kv_tier == Tier::Disk {
             let mut write = self.kv_transfer(TaskKind::DiskWrite, self.disk_of(layer), at, new_kv);
-            write.deps = store_deps;
+            write.deps = store_deps.into();
             store_deps = vec![self.push(write)];
         }
         self.last_kv_store.insert((layer, j), store_deps[0]);

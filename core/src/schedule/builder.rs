@@ -3,7 +3,9 @@
 
 use super::attention::AttentionInputs;
 use super::format_pieces;
-use crate::graph::{MemOp, Op, Payload, Place, Pool, Resource, Round, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP};
+use crate::graph::{
+    Deps, MemOp, MemOps, Op, Payload, Place, Pool, Resource, Round, Task, TaskId, TaskKind, NO_LAYER, WHOLE_GROUP,
+};
 use crate::model::{ExpertBytes, ModelSpec, WeightGroup, WeightLayout};
 use crate::plan::{LayerPlacement, Policy, Schedule, Tier, Workload};
 use crate::profile::Profile;
@@ -182,9 +184,9 @@ impl<'a> Builder<'a> {
             chunk_bytes: 0,
             piece: WHOLE_GROUP,
             pinned: false,
-            deps: Vec::new(),
-            acquire: Vec::new(),
-            release: Vec::new(),
+            deps: Deps::new(),
+            acquire: MemOps::new(),
+            release: MemOps::new(),
         }
     }
 
@@ -440,7 +442,7 @@ impl<'a> Builder<'a> {
         let mut loaded = Loaded { ready: Vec::new(), device_bytes: parts.iter().map(|p| p.held_bytes).sum() };
         for &LoadPart { piece, bytes, held_bytes, largest_request } in parts {
             let request = Task::request_bytes(chunk.min(bytes).min(largest_request));
-            let mut deps = gate.to_vec();
+            let mut deps = Deps::from_slice(gate);
             if tier == Tier::Disk {
                 let mut read =
                     Builder::new_task(TaskKind::DiskRead, self.disk_of(layer), payload, layer, first_j, step);
@@ -454,7 +456,7 @@ impl<'a> Builder<'a> {
                     loaded.ready.push(id);
                     continue;
                 }
-                deps = vec![id];
+                deps = Deps::from_slice(&[id]);
             }
             let host = self.host_of(layer);
             let mut copy =
@@ -560,10 +562,10 @@ impl<'a> Builder<'a> {
         let mut task = self.compute_task(side, Op::Mlp, (layer, j, step), flops, bytes);
         task.deps.push(after);
         task.deps.extend(hidden.filter(|&h| h != after));
-        task.deps.extend(&weights.ready);
+        task.deps.extend_from_slice(&weights.ready);
         if j == last_j && weights.device_bytes > 0 {
             task.release.push(MemOp { pool: side, bytes: weights.device_bytes });
-            task.deps.extend(earlier);
+            task.deps.extend(earlier.iter().copied());
         }
         let id = self.push(task);
         self.set_hidden(j, side, id);

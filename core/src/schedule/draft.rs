@@ -64,7 +64,7 @@ impl Builder<'_> {
             task.payload = Payload::Compute { op, draft: true };
             task.tokens = tokens as u32;
             task.context = context as u32;
-            task.deps = std::mem::take(&mut previous);
+            task.deps = std::mem::take(&mut previous).into();
             let id = builder.push(task);
             previous = vec![id];
             id

@@ -56,7 +56,7 @@ impl Builder<'_> {
         let mut task = self.compute_task(side, Op::Route, (layer, j, step), flops, bytes);
         task.deps.push(attn_done);
         task.deps.extend(hidden.filter(|&h| h != attn_done));
-        task.deps.extend(router);
+        task.deps.extend_from_slice(router);
         self.push(task)
     }
 

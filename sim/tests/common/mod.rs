@@ -82,9 +82,9 @@ pub fn task((kind, resource): Kind, bytes: u64, flops: u64, deps: Vec<TaskId>) -
         chunk_bytes: Task::request_bytes(bytes.max(4096)),
         piece: WHOLE_GROUP,
         pinned: true,
-        deps,
-        acquire: Vec::new(),
-        release: Vec::new(),
+        deps: deps.into(),
+        acquire: Default::default(),
+        release: Default::default(),
     }
 }
 

@@ -116,9 +116,9 @@ fn activation_task(link: ferry_core::graph::Resource, bytes: u64) -> ferry_core:
         chunk_bytes: Task::request_bytes(bytes.max(1)),
         piece: 0,
         pinned: true,
-        deps: Vec::new(),
-        acquire: Vec::new(),
-        release: Vec::new(),
+        deps: Default::default(),
+        acquire: Default::default(),
+        release: Default::default(),
     }
 }
 
