@@ -53,9 +53,9 @@ pub struct RunArgs {
     /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
     #[arg(long, default_value = "cpu")]
     backend: String,
-    /// How products over block-quantized weights (Q8_0, Q4_0, Q4_K, Q6_K) take their
-    /// inputs: q8 rounds them to 8 bits per block of 32, as llama.cpp does for Q8_0
-    /// and Q4_0 (integer products: its speed; for K-quants llama.cpp rounds per 256
+    /// How products over block-quantized weights (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) take their
+    /// inputs: q8 rounds them to 8 bits per block of 32, as llama.cpp does for Q8_0,
+    /// Q4_0 and Q5_0 (integer products: its speed; for K-quants llama.cpp rounds per 256
     /// values, a coarser x); f32 keeps them exact (logits within float rounding of
     /// "dequantize, then multiply"). Float weights always multiply f32.
     #[arg(long, value_name = "q8|f32", default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]

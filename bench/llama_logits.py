@@ -1,0 +1,75 @@
+"""Ferry's logits against llama.cpp's on the same GGUF file (not CI: needs
+llama-cpp-python, which builds llama.cpp: `pip install llama-cpp-python==0.3.36`,
+about 15 minutes on two cores).
+
+For each model and storage it writes the file with `ferry synth --format gguf`,
+runs the prompt `ferry run` draws (SplitMix64 from --seed, modulo the vocabulary) as
+one prefill with `--logits`, has llama.cpp evaluate the same tokens, and compares the
+last position's logits: the largest difference as a share of the largest logit, and
+whether the top token agrees. Ferry's default 8-bit activations are llama.cpp's
+numerics for Q8_0, Q4_0 and Q5_0 (its K-quants round x per 256 values instead).
+
+usage: python3 bench/llama_logits.py [FERRY_BINARY] [WORK_DIR]
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+from llama_cpp import Llama
+
+FERRY = sys.argv[1] if len(sys.argv) > 1 else "target/release/ferry"
+WORK = sys.argv[2] if len(sys.argv) > 2 else "bench/work/llama-logits"
+CASES = [
+    # (catalog model, storage): test-tiny-qwen2-moe's rows (64 and 128 values) are not
+    # whole 256-value blocks, so its Q4_K_M file holds Q5_0 and Q8_0 (llama.cpp's fallback).
+    ("test-tiny-qwen2-moe", "q4_k_m"),
+    ("test-tiny-qwen2-moe", "q5_0"),
+    ("test-tiny-qwen2-moe", "q8_0"),
+    ("test-tiny", "q5_0"),
+    ("test-tiny-moe", "q4_0"),
+]
+PROMPT = 24
+SEED = 1
+
+
+def splitmix(seed):
+    state = seed
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        yield z ^ (z >> 31)
+
+
+def ferry(*args):
+    out = subprocess.run([FERRY, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"ferry {' '.join(args)} failed:\n{out.stderr}")
+    return out
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    print("model                 storage  max |diff| / max |logit|  top token (ferry, llama.cpp)")
+    for model, storage in CASES:
+        stem = os.path.join(WORK, f"{model}-{storage}")
+        gguf = stem + ".gguf"
+        ferry("synth", "--model", model, "--format", "gguf", "--dtype", storage, "--seed", "11", "--out", gguf,
+              "--force")
+        ferry("tune", "--gpu", "cpu", "--model", gguf, "--batch", "1", "--prompt-len", str(PROMPT), "--gen-len",
+              "1", "--out", stem + ".yaml", "--force")
+        ferry("run", "--model-dir", gguf, "--plan", stem + ".yaml", "--seed", str(SEED), "--logits", stem + ".npy",
+              "--trace", stem + "-trace.json", "--force")
+        ours = np.load(stem + ".npy")[0].astype(np.float64)
+        rng = splitmix(SEED)
+        tokens = [next(rng) % ours.shape[0] for _ in range(PROMPT)]
+        llm = Llama(model_path=gguf, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(tokens)
+        theirs = np.array(llm.scores[PROMPT - 1], dtype=np.float64)
+        share = np.abs(ours - theirs).max() / np.abs(theirs).max()
+        print(f"{model:<21} {storage:<8} {share:>24.2e}  {int(ours.argmax())}, {int(theirs.argmax())}")
+
+
+main()
