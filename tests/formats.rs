@@ -83,6 +83,13 @@ fn formats_are_checked_by_name_and_against_the_shape() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("stored as q5_0") && err.contains("not whole q4_k blocks"), "{err}");
+    // `show model` prices each matrix in the type it is stored in and says which fall back.
+    let out = ferry(dir.path(), &["show", "model", "qwen1.5-moe-a2.7b"]);
+    let shown = text(&out.stdout);
+    let expert = shown.lines().find(|l| l.starts_with("one expert")).unwrap_or_default();
+    // Gate and up (1408 rows of 2048) in Q4_K, down (2048 rows of 1408) in Q5_0: 4.98 MiB.
+    assert!(expert.contains("4.98 MiB"), "{shown}");
+    assert!(shown.contains("q4_k: mlp.experts.0.down_proj.weight and 59 more matrices stored as q5_0"), "{shown}");
     let out = ferry(dir.path(), &["tune", "--help"]);
     let help = text(&out.stdout);
     assert!(

@@ -241,21 +241,25 @@ pub fn show(args: ShowArgs) -> Result<()> {
                 l.group_total(WeightGroup::Attention) + l.group_total(WeightGroup::Mlp)
             });
             if model.num_experts > 0 {
-                // One expert's gate, up and down projections, in each format.
-                let (h, ffn) = (model.hidden_size, model.intermediate_size);
-                let mut row = vec!["one expert".to_string(), format_params(model.expert_params())];
-                row.extend(formats.iter().zip(&layouts).map(|(name, layout)| {
-                    match (layout, WeightFormat::parse(name)) {
-                        (Some(_), Ok(f)) => format_bytes(2 * f.bytes(ffn, h) + f.bytes(h, ffn)),
-                        _ => "—".into(),
-                    }
-                }));
-                table.row(row);
+                // One expert's gate, up and down projections, each in the type the layout
+                // gives it (a K-quant's fallback where its blocks do not divide the rows).
+                let mlp = model.group_tensors(WeightGroup::Mlp, 0);
+                let expert = mlp.get(model.expert_tensors(0)).unwrap_or_default();
+                add(&mut table, "one expert".into(), model.expert_params(), &|l| {
+                    let formats = l.group(WeightGroup::Mlp, 0).tensors.get(model.expert_tensors(0)).unwrap_or_default();
+                    expert.iter().zip(formats).map(|(t, f)| f.bytes(t.rows, t.cols)).sum()
+                });
             }
             add(&mut table, "embeddings".into(), params.embeddings, &|l| l.bytes(WeightGroup::Embeddings, 0));
             add(&mut table, "final norm + head".into(), params.head, &|l| l.bytes(WeightGroup::Head, 0));
             add(&mut table, "total".into(), params.total, &|l| l.total_bytes());
             print!("{}", table.render());
+            for name in formats {
+                let Ok(format) = WeightFormat::parse(name) else { continue };
+                for note in WeightFormats::uniform(format).fallbacks(&model) {
+                    println!("{note}");
+                }
+            }
             if model.num_experts > 0 {
                 println!(
                     "\nactive per token: {} of {} parameters ({} of {} experts per layer); a batch of 8 tokens \
