@@ -246,8 +246,11 @@ impl<'a> CostModel<'a> {
         (tokens, context): (u64, u64),
         quantized: Option<Quantized>,
     ) -> f64 {
-        // Float entries price float weights; a quantized format's entries, that format.
+        // Float entries price float weights; a quantized format's entries, that format
+        // (named only where there is a table: a datasheet profile has none, and a name
+        // per task was 3 % of a search).
         let table_format = match quantized {
+            _ if compute.table.is_empty() => None,
             None => Some(None),
             Some(Quantized { format, .. }) => format.map(|f| Some(f.name())),
         };
