@@ -168,7 +168,9 @@ impl<'g> Dispatcher<'g> {
             let slots = &self.pool_slots;
             let fits = acquire.iter().all(|m| {
                 let p = slots.index(m.pool);
-                self.used[p] + m.bytes + self.pending.before(p, id) <= self.capacity[p]
+                // All the task takes in this pool (a task rarely acquires twice in one).
+                let bytes: u64 = acquire.iter().filter(|o| o.pool == m.pool).map(|o| o.bytes).sum();
+                self.used[p] + bytes + self.pending.before(p, id) <= self.capacity[p]
             });
             if !fits {
                 blocked |= 1 << q.min(127);
