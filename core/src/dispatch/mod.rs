@@ -19,6 +19,15 @@
 //! for its copy: a deadlock. With it, whatever fits when the graph runs in program order
 //! still runs, and a later task still overtakes where there is room for both.
 //!
+//! Why: every acquisition keeps "held + what tasks before j have yet to take ≤
+//! capacity" true for every started task j (an earlier task's acquisition moves bytes
+//! from one term to the other; a later one is checked against a larger set). When
+//! nothing runs, let R be the lowest unfinished task: all before it have finished, so
+//! it is ready; if a task after it has started, the invariant for that task leaves R's
+//! bytes free, and if none has, the pools hold what program order holds before R. R
+//! starts either way (tested on random graphs: `a_graph_that_fits_in_program_order_
+//! never_deadlocks`).
+//!
 //! `Dispatcher` keeps that state; the simulator drives it from its event loop, the
 //! engine from its scheduler thread.
 
