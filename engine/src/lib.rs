@@ -62,7 +62,7 @@ fn check_one_machine(graph: &ferry_core::graph::TaskGraph) -> Result<(), EngineE
 }
 
 /// Refuses a plan naming a weight format the engine has no kernels for: it runs f32,
-/// f16, bf16 and ggml's Q8_0, Q4_0, Q4_K and Q6_K (and a file's `stored` mix of those);
+/// f16, bf16 and ggml's Q8_0, Q4_0, Q5_0, Q4_K and Q6_K (and a file's `stored` mix of those);
 /// FlexGen's group-wise formats are planned and priced, not run.
 pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), EngineError> {
     use ferry_core::model::{WeightFormat, WeightGroup};
