@@ -6,10 +6,9 @@
 //! at their quantized size; results differ from "dequantize, then multiply" only in
 //! the order of additions. The path follows `simd_path()` like the float kernels:
 //! AVX2 (with FMA and F16C) and AVX-512 kernels per format (`x86` for Q8_0 and Q4_0,
-//! `k_quants` for Q4_K and Q6_K) decode a block straight into vectors; Q5_0 (llama.cpp's
-//! fallback for a K-quant's matrices of other widths; its 8-bit-activation products,
-//! the default, have the x86 kernel) and every format off x86 take the portable
-//! body decodes each block into a small stack buffer with the reference unpacking
+//! `k_quants` for Q4_K and Q6_K; `x86` also for Q5_0, llama.cpp's fallback for a
+//! K-quant's matrices of other widths) decode a block straight into vectors; every
+//! format off x86 takes the portable body, which decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic
 //! dominates. With 8-bit activations (`q8`, the cpu backend's default) every format
@@ -144,7 +143,7 @@ fn weight_rows_dots(
         let second = &second[..row_bytes];
         match format {
             // SAFETY: `quant_rows` only passes a path this CPU supports; both rows are whole.
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 => unsafe {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => unsafe {
                 x86::two_rows_avx512(format, first, second, x, m, k, dots);
                 return 2;
             },
@@ -189,8 +188,9 @@ fn row_dots(
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx512 => unsafe {
             match format {
-                BlockFormat::Q8_0 | BlockFormat::Q4_0 => x86::small_blocks_avx512(format, row, x, m, k, dots),
-                BlockFormat::Q5_0 => by_format(format, row, x, m, k, dots),
+                BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
+                    x86::small_blocks_avx512(format, row, x, m, k, dots)
+                }
                 _ if k_quants::avx512_present() => k_quants::k_blocks_avx512(format, row, x, m, k, dots),
                 _ => k_quants::k_blocks(format, row, x, m, k, dots),
             }
@@ -198,9 +198,10 @@ fn row_dots(
         #[cfg(target_arch = "x86_64")]
         SimdPath::Avx2 => unsafe {
             match format {
-                BlockFormat::Q8_0 | BlockFormat::Q4_0 => x86::small_blocks(format, row, x, m, k, dots),
+                BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
+                    x86::small_blocks(format, row, x, m, k, dots)
+                }
                 BlockFormat::Q4K | BlockFormat::Q6K => k_quants::k_blocks(format, row, x, m, k, dots),
-                BlockFormat::Q5_0 => by_format(format, row, x, m, k, dots),
             }
         },
         _ => by_format(format, row, x, m, k, dots),
@@ -264,8 +265,8 @@ pub fn quant_converted(x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! Q8_0 and Q4_0 with AVX2: a block's 32 small integers widen to four vectors of
-    //! f32 (`q`, minus 8 for Q4_0) and multiply into each row of x; the block's scale
+    //! Q8_0, Q4_0 and Q5_0 with AVX2: a block's 32 small integers (`signed_bytes`)
+    //! widen to four vectors of f32 and multiply into each row of x; the block's scale
     //! `d` multiplies the block's sum once: d·Σ q·x instead of Σ (d·q)·x. Each d·q is
     //! exact in f32 (an 11-bit f16 mantissa times a 4- or 8-bit integer), so this
     //! differs from the reference decoding only in rounding order. Rows of x come in a
@@ -275,7 +276,7 @@ mod x86 {
 
     use super::{BlockFormat, MAX_ROWS};
 
-    /// `dots[i] = x[i] · row` for a row of Q8_0 or Q4_0 blocks.
+    /// `dots[i] = x[i] · row` for a row of Q8_0, Q4_0 or Q5_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn small_blocks(
         format: BlockFormat,
@@ -285,19 +286,18 @@ mod x86 {
         k: usize,
         dots: &mut [f32; MAX_ROWS],
     ) {
-        let q4 = format == BlockFormat::Q4_0;
         // SAFETY (each arm): the caller checked `row` holds whole blocks of `format`
         // and `x` holds m rows of k = 32 × blocks values; AVX2, FMA and F16C are present.
         unsafe {
             match m {
-                1 => rows::<1>(q4, row, x, k, dots),
-                2 => rows::<2>(q4, row, x, k, dots),
-                3 => rows::<3>(q4, row, x, k, dots),
-                4 => rows::<4>(q4, row, x, k, dots),
-                5 => rows::<5>(q4, row, x, k, dots),
-                6 => rows::<6>(q4, row, x, k, dots),
-                7 => rows::<7>(q4, row, x, k, dots),
-                _ => rows::<8>(q4, row, x, k, dots),
+                1 => rows::<1>(format, row, x, k, dots),
+                2 => rows::<2>(format, row, x, k, dots),
+                3 => rows::<3>(format, row, x, k, dots),
+                4 => rows::<4>(format, row, x, k, dots),
+                5 => rows::<5>(format, row, x, k, dots),
+                6 => rows::<6>(format, row, x, k, dots),
+                7 => rows::<7>(format, row, x, k, dots),
+                _ => rows::<8>(format, row, x, k, dots),
             }
         }
     }
@@ -309,22 +309,52 @@ mod x86 {
         unsafe { super::k_quants::f16_at(block) }
     }
 
+    /// The block's 32 values as signed bytes: weights 0–15, then 16–31.
+    #[inline(always)]
+    unsafe fn signed_bytes(format: BlockFormat, block: *const u8) -> (__m128i, __m128i) {
+        // SAFETY: the block holds its format's bytes (34, 18 or 22); SSSE3 is present
+        // wherever this is inlined (AVX2 or AVX-512 kernels).
+        unsafe {
+            let nibble = _mm_set1_epi8(0x0F);
+            match format {
+                BlockFormat::Q4_0 => {
+                    // Low nibbles are weights 0..16, high nibbles 16..32; both offset by 8.
+                    let packed = _mm_loadu_si128(block.add(2).cast());
+                    let eight = _mm_set1_epi8(8);
+                    let low = _mm_sub_epi8(_mm_and_si128(packed, nibble), eight);
+                    let high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), eight);
+                    (low, high)
+                }
+                BlockFormat::Q5_0 => {
+                    // As Q4_0, each value's fifth bit from the u32 at bytes 2..6 (bit j:
+                    // weight j), offset by 16: a nibble without its bit is the byte
+                    // 0xF0 | nibble, with it the nibble.
+                    let packed = _mm_loadu_si128(block.add(6).cast());
+                    let bits = _mm_cvtsi32_si128(block.add(2).cast::<i32>().read_unaligned());
+                    let bit = _mm_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+                    let clear = |spread: __m128i| {
+                        let set = _mm_cmpeq_epi8(_mm_and_si128(_mm_shuffle_epi8(bits, spread), bit), bit);
+                        _mm_andnot_si128(set, _mm_set1_epi8(0xF0u8 as i8))
+                    };
+                    let low =
+                        _mm_or_si128(_mm_and_si128(packed, nibble), clear(_mm_set_epi64x(0x0101_0101_0101_0101, 0)));
+                    let high = _mm_or_si128(
+                        _mm_and_si128(_mm_srli_epi16(packed, 4), nibble),
+                        clear(_mm_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202)),
+                    );
+                    (low, high)
+                }
+                _ => (_mm_loadu_si128(block.add(2).cast()), _mm_loadu_si128(block.add(18).cast())),
+            }
+        }
+    }
+
     /// The block's 32 values as four vectors of f32 (weights 0–7, 8–15, 16–23, 24–31).
     #[inline(always)]
-    unsafe fn widen(q4: bool, block: *const u8) -> [__m256; 4] {
-        // SAFETY: the block holds 2 + 32 (Q8_0) or 2 + 16 (Q4_0) bytes.
+    unsafe fn widen(format: BlockFormat, block: *const u8) -> [__m256; 4] {
+        // SAFETY: as `signed_bytes`.
         unsafe {
-            let (low, high) = if q4 {
-                // Low nibbles are weights 0..16, high nibbles 16..32; both offset by 8.
-                let packed = _mm_loadu_si128(block.add(2).cast());
-                let nibble = _mm_set1_epi8(0x0F);
-                let eight = _mm_set1_epi8(8);
-                let low = _mm_sub_epi8(_mm_and_si128(packed, nibble), eight);
-                let high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), eight);
-                (low, high)
-            } else {
-                (_mm_loadu_si128(block.add(2).cast()), _mm_loadu_si128(block.add(18).cast()))
-            };
+            let (low, high) = signed_bytes(format, block);
             [
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(low)),
                 _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(low, 8))),
@@ -345,18 +375,17 @@ mod x86 {
         k: usize,
         dots: &mut [f32; MAX_ROWS],
     ) {
-        let q4 = format == BlockFormat::Q4_0;
         // SAFETY (each arm): as in `small_blocks`; AVX-512F is present.
         unsafe {
             match m {
-                1 => rows16::<1>(q4, row, x, k, dots),
-                2 => rows16::<2>(q4, row, x, k, dots),
-                3 => rows16::<3>(q4, row, x, k, dots),
-                4 => rows16::<4>(q4, row, x, k, dots),
-                5 => rows16::<5>(q4, row, x, k, dots),
-                6 => rows16::<6>(q4, row, x, k, dots),
-                7 => rows16::<7>(q4, row, x, k, dots),
-                _ => rows16::<8>(q4, row, x, k, dots),
+                1 => rows16::<1>(format, row, x, k, dots),
+                2 => rows16::<2>(format, row, x, k, dots),
+                3 => rows16::<3>(format, row, x, k, dots),
+                4 => rows16::<4>(format, row, x, k, dots),
+                5 => rows16::<5>(format, row, x, k, dots),
+                6 => rows16::<6>(format, row, x, k, dots),
+                7 => rows16::<7>(format, row, x, k, dots),
+                _ => rows16::<8>(format, row, x, k, dots),
             }
         }
     }
@@ -374,18 +403,17 @@ mod x86 {
         k: usize,
         dots: &mut [[f32; MAX_ROWS]; 2],
     ) {
-        let q4 = format == BlockFormat::Q4_0;
         // SAFETY (each arm): as in `small_blocks`, for both rows; AVX-512F is present.
         unsafe {
             match m {
-                1 => pair16::<1>(q4, [first, second], x, k, dots),
-                2 => pair16::<2>(q4, [first, second], x, k, dots),
-                3 => pair16::<3>(q4, [first, second], x, k, dots),
-                4 => pair16::<4>(q4, [first, second], x, k, dots),
-                5 => pair16::<5>(q4, [first, second], x, k, dots),
-                6 => pair16::<6>(q4, [first, second], x, k, dots),
-                7 => pair16::<7>(q4, [first, second], x, k, dots),
-                _ => pair16::<8>(q4, [first, second], x, k, dots),
+                1 => pair16::<1>(format, [first, second], x, k, dots),
+                2 => pair16::<2>(format, [first, second], x, k, dots),
+                3 => pair16::<3>(format, [first, second], x, k, dots),
+                4 => pair16::<4>(format, [first, second], x, k, dots),
+                5 => pair16::<5>(format, [first, second], x, k, dots),
+                6 => pair16::<6>(format, [first, second], x, k, dots),
+                7 => pair16::<7>(format, [first, second], x, k, dots),
+                _ => pair16::<8>(format, [first, second], x, k, dots),
             }
         }
     }
@@ -393,15 +421,21 @@ mod x86 {
     // `i` picks a row of x and the accumulator of both weight rows for it.
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn pair16<const M: usize>(q4: bool, rows: [&[u8]; 2], x: &[f32], k: usize, dots: &mut [[f32; MAX_ROWS]; 2]) {
-        let block_bytes = if q4 { 18 } else { 34 };
+    unsafe fn pair16<const M: usize>(
+        format: BlockFormat,
+        rows: [&[u8]; 2],
+        x: &[f32],
+        k: usize,
+        dots: &mut [[f32; MAX_ROWS]; 2],
+    ) {
+        let block_bytes = format.block().1;
         // SAFETY: see `small_blocks`; every load below lies inside the rows or `x`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); M]; 2];
             for b in 0..rows[0].len() / block_bytes {
                 let blocks = [rows[0].as_ptr().add(b * block_bytes), rows[1].as_ptr().add(b * block_bytes)];
                 let d = [_mm512_set1_ps(scale(blocks[0])), _mm512_set1_ps(scale(blocks[1]))];
-                let q = [widen16(q4, blocks[0]), widen16(q4, blocks[1])];
+                let q = [widen16(format, blocks[0]), widen16(format, blocks[1])];
                 for i in 0..M {
                     let xs = x.as_ptr().add(i * k + b * 32);
                     let (low, high) = (_mm512_loadu_ps(xs), _mm512_loadu_ps(xs.add(16)));
@@ -421,32 +455,24 @@ mod x86 {
 
     /// The block's 32 values as two vectors of f32 (weights 0–15, 16–31).
     #[inline(always)]
-    unsafe fn widen16(q4: bool, block: *const u8) -> [__m512; 2] {
-        // SAFETY: the block holds 2 + 32 (Q8_0) or 2 + 16 (Q4_0) bytes.
+    unsafe fn widen16(format: BlockFormat, block: *const u8) -> [__m512; 2] {
+        // SAFETY: as `signed_bytes`.
         unsafe {
-            let (low, high) = if q4 {
-                let packed = _mm_loadu_si128(block.add(2).cast());
-                let (nibble, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
-                let low = _mm_sub_epi8(_mm_and_si128(packed, nibble), eight);
-                let high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), eight);
-                (low, high)
-            } else {
-                (_mm_loadu_si128(block.add(2).cast()), _mm_loadu_si128(block.add(18).cast()))
-            };
+            let (low, high) = signed_bytes(format, block);
             [_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(low)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(high))]
         }
     }
 
     #[inline(always)]
-    unsafe fn rows16<const M: usize>(q4: bool, row: &[u8], x: &[f32], k: usize, dots: &mut [f32; MAX_ROWS]) {
-        let block_bytes = if q4 { 18 } else { 34 };
+    unsafe fn rows16<const M: usize>(format: BlockFormat, row: &[u8], x: &[f32], k: usize, dots: &mut [f32; MAX_ROWS]) {
+        let block_bytes = format.block().1;
         // SAFETY: see `small_blocks`; every load below lies inside `row` or `x`.
         unsafe {
             let mut acc = [_mm512_setzero_ps(); M];
             for b in 0..row.len() / block_bytes {
                 let block = row.as_ptr().add(b * block_bytes);
                 let d = _mm512_set1_ps(scale(block));
-                let q = widen16(q4, block);
+                let q = widen16(format, block);
                 for (i, sum) in acc.iter_mut().enumerate() {
                     let xs = x.as_ptr().add(i * k + b * 32);
                     let s = _mm512_mul_ps(q[0], _mm512_loadu_ps(xs));
@@ -461,15 +487,15 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn rows<const M: usize>(q4: bool, row: &[u8], x: &[f32], k: usize, dots: &mut [f32; MAX_ROWS]) {
-        let block_bytes = if q4 { 18 } else { 34 };
+    unsafe fn rows<const M: usize>(format: BlockFormat, row: &[u8], x: &[f32], k: usize, dots: &mut [f32; MAX_ROWS]) {
+        let block_bytes = format.block().1;
         // SAFETY: see `small_blocks`; every load below lies inside `row` or `x`.
         unsafe {
             let mut acc = [_mm256_setzero_ps(); M];
             for b in 0..row.len() / block_bytes {
                 let block = row.as_ptr().add(b * block_bytes);
                 let d = _mm256_set1_ps(scale(block));
-                let q = widen(q4, block);
+                let q = widen(format, block);
                 for (i, sum) in acc.iter_mut().enumerate() {
                     let xs = x.as_ptr().add(i * k + b * 32);
                     let mut s = _mm256_mul_ps(q[0], _mm256_loadu_ps(xs));
