@@ -21,6 +21,24 @@ use super::quant::{dequantize_block, BlockFormat};
 use super::{in_pool, linear_converted, Matrix, SendPtr, SimdPath, MAX_ROWS};
 use ferry_core::model::Dtype;
 
+/// `kernel::<M, …>(args)` with `M`, the const count of rows of x (1–8) the kernels
+/// keep their sums for in registers, matched to `rows` at run time (here and in `q8`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_rows {
+    ($rows:expr, $kernel:ident::<_ $(, $param:tt)*>($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $kernel::<1 $(, $param)*>($($arg),*),
+            2 => $kernel::<2 $(, $param)*>($($arg),*),
+            3 => $kernel::<3 $(, $param)*>($($arg),*),
+            4 => $kernel::<4 $(, $param)*>($($arg),*),
+            5 => $kernel::<5 $(, $param)*>($($arg),*),
+            6 => $kernel::<6 $(, $param)*>($($arg),*),
+            7 => $kernel::<7 $(, $param)*>($($arg),*),
+            _ => $kernel::<8 $(, $param)*>($($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod k_quants;
 mod q8;
@@ -288,18 +306,7 @@ mod x86 {
     ) {
         // SAFETY (each arm): the caller checked `row` holds whole blocks of `format`
         // and `x` holds m rows of k = 32 × blocks values; AVX2, FMA and F16C are present.
-        unsafe {
-            match m {
-                1 => rows::<1>(format, row, x, k, dots),
-                2 => rows::<2>(format, row, x, k, dots),
-                3 => rows::<3>(format, row, x, k, dots),
-                4 => rows::<4>(format, row, x, k, dots),
-                5 => rows::<5>(format, row, x, k, dots),
-                6 => rows::<6>(format, row, x, k, dots),
-                7 => rows::<7>(format, row, x, k, dots),
-                _ => rows::<8>(format, row, x, k, dots),
-            }
-        }
+        unsafe { with_rows!(m, rows::<_>(format, row, x, k, dots)) }
     }
 
     /// The block's f16 scale (its first two bytes) as f32.
@@ -376,18 +383,7 @@ mod x86 {
         dots: &mut [f32; MAX_ROWS],
     ) {
         // SAFETY (each arm): as in `small_blocks`; AVX-512F is present.
-        unsafe {
-            match m {
-                1 => rows16::<1>(format, row, x, k, dots),
-                2 => rows16::<2>(format, row, x, k, dots),
-                3 => rows16::<3>(format, row, x, k, dots),
-                4 => rows16::<4>(format, row, x, k, dots),
-                5 => rows16::<5>(format, row, x, k, dots),
-                6 => rows16::<6>(format, row, x, k, dots),
-                7 => rows16::<7>(format, row, x, k, dots),
-                _ => rows16::<8>(format, row, x, k, dots),
-            }
-        }
+        unsafe { with_rows!(m, rows16::<_>(format, row, x, k, dots)) }
     }
 
     /// `small_blocks_avx512` for two weight rows at once: each pair of x vectors is
@@ -404,18 +400,7 @@ mod x86 {
         dots: &mut [[f32; MAX_ROWS]; 2],
     ) {
         // SAFETY (each arm): as in `small_blocks`, for both rows; AVX-512F is present.
-        unsafe {
-            match m {
-                1 => pair16::<1>(format, [first, second], x, k, dots),
-                2 => pair16::<2>(format, [first, second], x, k, dots),
-                3 => pair16::<3>(format, [first, second], x, k, dots),
-                4 => pair16::<4>(format, [first, second], x, k, dots),
-                5 => pair16::<5>(format, [first, second], x, k, dots),
-                6 => pair16::<6>(format, [first, second], x, k, dots),
-                7 => pair16::<7>(format, [first, second], x, k, dots),
-                _ => pair16::<8>(format, [first, second], x, k, dots),
-            }
-        }
+        unsafe { with_rows!(m, pair16::<_>(format, [first, second], x, k, dots)) }
     }
 
     // `i` picks a row of x and the accumulator of both weight rows for it.

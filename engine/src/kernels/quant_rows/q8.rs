@@ -27,24 +27,6 @@ use super::{QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
-/// `kernel::<M, …>(args)` with `M`, the const count of rows of x (1–8) the kernels
-/// keep their sums for in registers, matched to `rows` at run time.
-#[cfg(target_arch = "x86_64")]
-macro_rules! with_rows {
-    ($rows:expr, $kernel:ident::<_ $(, $param:tt)*>($($arg:expr),* $(,)?)) => {
-        match $rows {
-            1 => $kernel::<1 $(, $param)*>($($arg),*),
-            2 => $kernel::<2 $(, $param)*>($($arg),*),
-            3 => $kernel::<3 $(, $param)*>($($arg),*),
-            4 => $kernel::<4 $(, $param)*>($($arg),*),
-            5 => $kernel::<5 $(, $param)*>($($arg),*),
-            6 => $kernel::<6 $(, $param)*>($($arg),*),
-            7 => $kernel::<7 $(, $param)*>($($arg),*),
-            _ => $kernel::<8 $(, $param)*>($($arg),*),
-        }
-    };
-}
-
 mod k_quants;
 
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).
