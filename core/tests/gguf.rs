@@ -298,3 +298,24 @@ fn block_layouts_match_the_gguf_package() {
         );
     }
 }
+
+/// llama.cpp's quantizer (`llama_tensor_get_type`) stores a K-quant's matrices whose
+/// rows are not whole 256-value blocks in a 32-value type of at least as many bits,
+/// or F16 where no 32-value block divides them either; other types stay.
+#[test]
+fn k_quants_fall_back_as_llama_cpps_quantizer_does() {
+    let t = |name: &str| GgmlType::by_name(name).unwrap();
+    for (asked, cols, stored) in [
+        ("Q4_K", 4096, "Q4_K"),
+        ("Q4_K", 1408, "Q5_0"),
+        ("Q6_K", 1408, "Q8_0"),
+        ("Q5_K", 1408, "Q5_1"),
+        ("Q3_K", 1408, "IQ4_NL"),
+        ("Q2_K", 96, "IQ4_NL"),
+        ("Q4_K", 200, "F16"),
+        ("Q4_0", 1408, "Q4_0"),
+        ("F16", 1408, "F16"),
+    ] {
+        assert_eq!(t(asked).for_rows_of(cols).name, stored, "{asked} with rows of {cols}");
+    }
+}
