@@ -82,25 +82,35 @@ fn missing_tensors_and_unsupported_architectures_are_reported() {
 
 /// A mixture of experts whose config disagrees with its tensors: more or fewer
 /// experts than stored (the router's rows give it away), more per token than there are.
+/// Synthesizes catalog model `name` into `dir`; `edit(from, to)` then opens it with
+/// `from` replaced by `to` in its config.json and returns the error's text, and
+/// `restore()` puts the original config back.
+fn edited_config<'a>(dir: &'a std::path::Path, name: &str) -> (impl Fn(&str, &str) -> String + 'a, impl Fn() + 'a) {
+    let spec = Catalog::builtin().unwrap().model(name).unwrap().value;
+    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir, false, |_, _| {}).unwrap();
+    let config = dir.join("config.json");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let (config_edit, original_edit) = (config.clone(), original.clone());
+    let edit = move |from: &str, to: &str| {
+        assert!(original_edit.contains(from), "{from}");
+        std::fs::write(&config_edit, original_edit.replace(from, to)).unwrap();
+        message(ModelFiles::open(dir))
+    };
+    let restore = move || std::fs::write(&config, &original).unwrap();
+    (edit, restore)
+}
+
 #[test]
 fn expert_counts_that_disagree_with_the_tensors_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny-moe").unwrap().value;
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir.path(), false, |_, _| {}).unwrap();
-    let config = dir.path().join("config.json");
-    let original = std::fs::read_to_string(&config).unwrap();
-    let with = |from: &str, to: &str| {
-        assert!(original.contains(from), "{from}");
-        std::fs::write(&config, original.replace(from, to)).unwrap();
-        message(ModelFiles::open(dir.path()))
-    };
+    let (with, restore) = edited_config(dir.path(), "test-tiny-moe");
     let err = with("\"num_local_experts\": 8", "\"num_local_experts\": 10");
     assert!(err.contains("block_sparse_moe.gate.weight' has shape [8, 128]") && err.contains("[10, 128]"), "{err}");
     let err = with("\"num_local_experts\": 8", "\"num_local_experts\": 4");
     assert!(err.contains("block_sparse_moe.gate.weight' has shape [8, 128]") && err.contains("[4, 128]"), "{err}");
     let err = with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 9");
     assert!(err.contains("config.json") && err.contains("9 experts per token (num_experts_per_tok) of 8"), "{err}");
-    std::fs::write(&config, original).unwrap();
+    restore();
     ModelFiles::open(dir.path()).unwrap();
 }
 
@@ -109,19 +119,13 @@ fn expert_counts_that_disagree_with_the_tensors_are_reported() {
 #[test]
 fn a_shared_expert_that_disagrees_with_the_tensors_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model("test-tiny-qwen2-moe").unwrap().value;
-    ferry_engine::synth::synthesize(&spec, Dtype::F32, 3, dir.path(), false, |_, _| {}).unwrap();
-    let config = dir.path().join("config.json");
-    let original = std::fs::read_to_string(&config).unwrap();
-    let from = "\"shared_expert_intermediate_size\": 96";
-    assert!(original.contains(from));
-    std::fs::write(&config, original.replace(from, "\"shared_expert_intermediate_size\": 128")).unwrap();
-    let err = message(ModelFiles::open(dir.path()));
+    let (with, restore) = edited_config(dir.path(), "test-tiny-qwen2-moe");
+    let err = with("\"shared_expert_intermediate_size\": 96", "\"shared_expert_intermediate_size\": 128");
     assert!(
         err.contains("mlp.shared_expert.gate_proj.weight' has shape [96, 128]") && err.contains("[128, 128]"),
         "{err}"
     );
-    std::fs::write(&config, original).unwrap();
+    restore();
     ModelFiles::open(dir.path()).unwrap();
 }
 
