@@ -57,8 +57,11 @@ pub struct RunArgs {
     /// inputs: q8 rounds them to 8 bits per block of 32, as llama.cpp does for Q8_0,
     /// Q4_0 and Q5_0 (integer products: its speed; for K-quants llama.cpp rounds per 256
     /// values, a coarser x); f32 keeps them exact (logits within float rounding of
-    /// "dequantize, then multiply"). Float weights always multiply f32.
-    #[arg(long, value_name = "q8|f32", default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]
+    /// "dequantize, then multiply"); bf16 is q8 and, for bf16 weights, x rounded to bf16
+    /// as llama.cpp does for bf16 files, multiplied on the CPU's AMX tiles where it has
+    /// them (prefill and large batches at several times the f32 rate). Other float
+    /// weights always multiply f32.
+    #[arg(long, value_name = "q8|f32|bf16", default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]
     activations: Activations,
     /// The draft model's files, for a plan that speculates with a separate draft
     /// [default: the plan's `models.draft`, relative to the plan's folder].

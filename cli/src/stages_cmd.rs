@@ -42,11 +42,11 @@ pub struct StageWorkerArgs {
     once: bool,
     /// How products over block-quantized weights take their inputs (as `ferry run
     /// --activations`; give every process of a run the same).
-    #[arg(long, value_name = "q8|f32", default_value = "q8", value_parser = parse_activations)]
+    #[arg(long, value_name = "q8|f32|bf16", default_value = "q8", value_parser = parse_activations)]
     activations: Activations,
 }
 
-/// `q8` or `f32`, for `--activations`.
+/// `q8`, `f32` or `bf16`, for `--activations`.
 pub fn parse_activations(text: &str) -> Result<Activations, String> {
     Activations::parse(text).ok_or_else(|| {
         let names: Vec<&str> = Activations::ALL.iter().map(|a| a.name()).collect();

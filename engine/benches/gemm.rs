@@ -3,12 +3,15 @@
 //! reads bf16 weights and converts row blocks to f32 as it goes; the reference
 //! multiplies f32 matrices that are already converted, multi-threaded by gemm itself.
 //!
+//! "engine bf16 x" is the same product with x rounded to bf16 (`--activations bf16`):
+//! on AMX tiles where the CPU has them (`FERRY_AMX=off` for the f32 path it falls back to).
+//!
 //! Run: cargo bench -p ferry-engine --bench gemm
 //! Throughput is reported in FLOP (2·m·n·k per product).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ferry_core::model::Dtype;
-use ferry_engine::kernels::{from_f32, linear, Matrix};
+use ferry_engine::kernels::{from_f32, linear, linear_bf16, Matrix};
 
 fn bench(c: &mut Criterion) {
     let threads = rayon::current_num_threads();
@@ -26,6 +29,11 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(format!("{name} engine bf16"), m), &m, |b, &m| {
                 b.iter(|| {
                     linear(&x, m, Matrix { bytes: &w_bf16, dtype: Dtype::Bf16, rows: n, cols: k }, &mut out, n, 0)
+                })
+            });
+            group.bench_with_input(BenchmarkId::new(format!("{name} engine bf16 x"), m), &m, |b, &m| {
+                b.iter(|| {
+                    linear_bf16(&x, m, Matrix { bytes: &w_bf16, dtype: Dtype::Bf16, rows: n, cols: k }, &mut out, n, 0)
                 })
             });
             let w_bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();

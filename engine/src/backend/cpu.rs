@@ -148,7 +148,11 @@ impl Backend for CpuBackend {
         match w.format.dtype() {
             Some(dtype) => {
                 let matrix = Matrix { bytes, dtype, rows: w.rows, cols: w.cols };
-                kernels::linear(x, rows, matrix, out, out_stride, col0);
+                if self.activations == Activations::Bf16 {
+                    kernels::linear_bf16(x, rows, matrix, out, out_stride, col0);
+                } else {
+                    kernels::linear(x, rows, matrix, out, out_stride, col0);
+                }
             }
             None => {
                 let matrix = QuantMatrix { bytes, format: block_format(w.format)?, rows: w.rows, cols: w.cols };

@@ -6,6 +6,7 @@
 //! memory) and greedy sampling.
 
 mod attention;
+mod bf16;
 pub mod quant;
 mod quant_rows;
 mod rows;
@@ -13,6 +14,7 @@ mod rows;
 use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
+pub use bf16::{linear_bf16, matrix_path};
 pub use quant_rows::{linear_q8, linear_quant, quant_converted, quant_rows, Activations, QuantMatrix};
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 

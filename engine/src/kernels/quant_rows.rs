@@ -80,7 +80,8 @@ const LANES: usize = 8;
 const ROWS_PER_TASK: usize = 32;
 
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `m` rows of `x`; `out` rows are
-/// `out_stride` wide. With activations quantized (`Activations::Q8`) every row count
+/// `out_stride` wide. With activations quantized (`Activations::Q8`, and `Bf16`, which
+/// rounds only float weights' x to bf16) every row count
 /// takes the integer products (`linear_q8`); otherwise few rows multiply from the
 /// blocks (`quant_rows`) and many rows go through the GEMM.
 #[allow(clippy::too_many_arguments)]
@@ -93,7 +94,7 @@ pub fn linear_quant(
     col0: usize,
     activations: Activations,
 ) {
-    if activations == Activations::Q8 {
+    if activations.quantize_for_blocks() {
         let path = super::simd_path().unwrap_or(SimdPath::Scalar);
         return linear_q8(path, x, m, w, out, out_stride, col0);
     }

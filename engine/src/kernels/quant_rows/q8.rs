@@ -41,16 +41,26 @@ pub enum Activations {
     Q8,
     /// Always f32: products within float rounding of "dequantize, then multiply".
     F32,
+    /// As `Q8` for block-quantized weights, and x rounded to bf16 before every product
+    /// over bf16 weights (llama.cpp's numerics for bf16 files): many rows then multiply on
+    /// the CPU's AMX tiles where it has them (`kernels::linear_bf16`).
+    Bf16,
 }
 
 impl Activations {
-    pub const ALL: [Activations; 2] = [Activations::Q8, Activations::F32];
+    pub const ALL: [Activations; 3] = [Activations::Q8, Activations::F32, Activations::Bf16];
 
     pub fn name(self) -> &'static str {
         match self {
             Activations::Q8 => "q8",
             Activations::F32 => "f32",
+            Activations::Bf16 => "bf16",
         }
+    }
+
+    /// Whether products over block-quantized weights round x to 8 bits.
+    pub fn quantize_for_blocks(self) -> bool {
+        self != Activations::F32
     }
 
     pub fn parse(name: &str) -> Option<Activations> {

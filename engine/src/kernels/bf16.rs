@@ -1,0 +1,71 @@
+//! Products over bf16 weights with x rounded to bf16 (`Activations::Bf16`): llama.cpp's
+//! numerics for bf16 files (it rounds x to bf16 before every product over bf16 weights),
+//! and the numerics under which the CPU's bf16 matrix instructions apply. Every product of
+//! two bf16 values is exact in f32, so what differs from the f32 path is the rounding of x
+//! alone, the same for every row count and every machine: a row's result never depends
+//! on the path that computed it beyond f32 summation order, as between the GEMM and the
+//! few-row kernels.
+//!
+//! Many rows (prefill, large batches) run on AMX tiles where the CPU and the kernel allow
+//! them (`amx`), at several times the f32 rate; elsewhere, and for few rows (memory-bound:
+//! the weights' bytes decide), x is rounded and the f32 kernels multiply it.
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
+use super::{linear, Matrix, MAX_ROWS, ROW_INDEPENDENT_ROWS};
+use ferry_core::model::Dtype;
+
+/// The bf16 value nearest `v` (ties to even; NaN stays NaN, quieted), as its bits: the
+/// `half` crate's rounding, written without branches so packing loops vectorize (it took
+/// an eighth of a prefill through `half`).
+#[inline(always)]
+pub fn round_bits(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let nan = (bits >> 16) | 0x40;
+    (if bits & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded }) as u16
+}
+
+/// `v` rounded to the nearest bf16, as f32.
+pub fn round(v: f32) -> f32 {
+    f32::from_bits((round_bits(v) as u32) << 16)
+}
+
+/// The instructions `linear_bf16` multiplies many rows with on this machine: "amx", or
+/// "f32" where the CPU or the kernel does not offer AMX (`FERRY_AMX=off` turns it off).
+pub fn matrix_path() -> &'static str {
+    if amx_available() {
+        "amx"
+    } else {
+        "f32"
+    }
+}
+
+fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[:, col0 .. col0 + w.rows] = round_bf16(x) · wᵀ` for bf16 `w` (other dtypes: the
+/// plain `linear`, x unrounded), `out` being `out_stride` columns wide.
+pub fn linear_bf16(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    if w.dtype != Dtype::Bf16 {
+        return linear(x, m, w, out, out_stride, col0);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m > MAX_ROWS && w.rows > ROW_INDEPENDENT_ROWS && amx::fits(w) && amx::available() {
+        return amx::linear(x, m, w, out, out_stride, col0);
+    }
+    let rounded: Vec<f32> = x[..m * w.cols].iter().map(|&v| round(v)).collect();
+    linear(&rounded, m, w, out, out_stride, col0);
+}
+
+#[cfg(test)]
+mod tests;
