@@ -53,15 +53,15 @@ pub struct RunArgs {
     /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
     #[arg(long, default_value = "cpu")]
     backend: String,
-    /// How products over block-quantized weights (Q8_0, Q4_0, Q5_0, Q4_K, Q6_K) take their
-    /// inputs: q8 rounds them to 8 bits per block of 32, as llama.cpp does for Q8_0,
-    /// Q4_0 and Q5_0 (integer products: its speed; for K-quants llama.cpp rounds per 256
-    /// values, a coarser x); f32 keeps them exact (logits within float rounding of
-    /// "dequantize, then multiply"); bf16 is q8 and, for bf16 weights, x rounded to bf16
-    /// as llama.cpp does for bf16 files, multiplied on the CPU's AMX tiles where it has
-    /// them (prefill and large batches at several times the f32 rate). Other float
-    /// weights always multiply f32.
-    #[arg(long, value_name = "q8|f32|bf16", default_value = "q8", value_parser = crate::stages_cmd::parse_activations)]
+    /// How products take their inputs (x). bf16: llama.cpp's numerics: x rounded to bf16
+    /// before products over bf16 weights (many rows then multiply on the CPU's AMX tiles
+    /// where it has them: prefill and large batches at several times the f32 rate) and
+    /// to 8 bits per block of 32 before products over block-quantized weights (Q8_0,
+    /// Q4_0, Q5_0, Q4_K, Q6_K: integer products, llama.cpp's speed; for K-quants it rounds
+    /// per 256 values, a coarser x). q8: the same for quantized weights, f32 x for float
+    /// weights. f32: x never rounded (logits within float rounding of "dequantize, then
+    /// multiply"). f16 and f32 weights always multiply f32 x.
+    #[arg(long, value_name = "q8|f32|bf16", default_value = "bf16", value_parser = crate::stages_cmd::parse_activations)]
     activations: Activations,
     /// The draft model's files, for a plan that speculates with a separate draft
     /// [default: the plan's `models.draft`, relative to the plan's folder].

@@ -42,7 +42,7 @@ pub struct StageWorkerArgs {
     once: bool,
     /// How products over block-quantized weights take their inputs (as `ferry run
     /// --activations`; give every process of a run the same).
-    #[arg(long, value_name = "q8|f32|bf16", default_value = "q8", value_parser = parse_activations)]
+    #[arg(long, value_name = "q8|f32|bf16", default_value = "bf16", value_parser = parse_activations)]
     activations: Activations,
 }
 

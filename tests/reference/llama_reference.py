@@ -17,7 +17,9 @@ compares its logits with the committed output.
 With `--activations q8` after the paths, every product with a Q8_0, Q4_0 or Q5_0 weight first
 rounds its input the way llama.cpp does (blocks of 32 values, scale max|x| / 127,
 values rounded to the nearest step, half away from zero; computed in float32 like the
-engine), then multiplies in float64.
+engine), then multiplies in float64. With `--activations bf16` it does the same, and every
+product with a weight stored in bf16 first rounds its input to the nearest bf16 (ties to
+even, from the float32 value), as llama.cpp does for bf16 files (the engine's default).
 """
 import json
 import struct
@@ -35,9 +37,15 @@ def load_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        assert info["dtype"] == "F32", "the reference reads f32 models"
         start, end = info["data_offsets"]
-        tensors[name] = np.frombuffer(data[start:end], dtype="<f4").reshape(info["shape"]).astype(np.float64)
+        if info["dtype"] == "BF16":
+            bits = np.frombuffer(data[start:end], dtype="<u2").astype(np.uint32) << 16
+            values = bits.view(np.float32)
+            BF16_INPUTS.add(name)
+        else:
+            assert info["dtype"] == "F32", "the reference reads f32 and bf16 models"
+            values = np.frombuffer(data[start:end], dtype="<f4")
+        tensors[name] = values.reshape(info["shape"]).astype(np.float64)
     return tensors
 
 
@@ -106,12 +114,16 @@ def load_gguf(path):
         w[hf] = values
         if t.tensor_type.name in ROUNDED_INPUT_TYPES:
             QUANTIZED_INPUTS.add(hf)
+        if t.tensor_type.name == "BF16":
+            BF16_INPUTS.add(hf)
     cfg["tie_word_embeddings"] = "lm_head.weight" not in w
     return cfg, w
 
 
-# Weights whose products round their input to 8 bits (`--activations q8`).
+# Weights whose products round their input to 8 bits (`--activations q8` and `bf16`).
 QUANTIZED_INPUTS = set()
+# Weights stored in bf16, whose products round their input to bf16 (`--activations bf16`).
+BF16_INPUTS = set()
 # The types llama.cpp multiplies by activations in Q8_0 blocks of 32.
 ROUNDED_INPUT_TYPES = ("Q8_0", "Q4_0", "Q5_0")
 ACTIVATIONS = {"mode": "f32"}
@@ -128,10 +140,19 @@ def quantize_rows(x):
     return (q.astype(np.float64) * d.astype(np.float64)).reshape(x32.shape)
 
 
+def round_bf16(x):
+    """x (via float32) rounded to the nearest bf16, ties to even, as float64."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    return rounded.view(np.float32).astype(np.float64)
+
+
 def matmul(x, w, name):
-    """x @ w[name].T, with x rounded to 8 bits where the engine does so."""
-    if ACTIVATIONS["mode"] == "q8" and name in QUANTIZED_INPUTS:
+    """x @ w[name].T, with x rounded (8 bits, bf16) where the engine does so."""
+    if ACTIVATIONS["mode"] in ("q8", "bf16") and name in QUANTIZED_INPUTS:
         x = quantize_rows(x)
+    if ACTIVATIONS["mode"] == "bf16" and name in BF16_INPUTS:
+        x = round_bf16(x)
     return x @ w[name].T
 
 
@@ -242,10 +263,10 @@ def forward(cfg, w, tokens, cache, start):
 
 def main():
     model_dir, prompts_path, out_path = sys.argv[1:4]
-    if sys.argv[4:6] == ["--activations", "q8"]:
-        ACTIVATIONS["mode"] = "q8"
+    if len(sys.argv) == 6 and sys.argv[4] == "--activations" and sys.argv[5] in ("q8", "bf16", "f32"):
+        ACTIVATIONS["mode"] = sys.argv[5]
     elif sys.argv[4:]:
-        sys.exit(f"unknown arguments {sys.argv[4:]}: the only option is --activations q8")
+        sys.exit(f"unknown arguments {sys.argv[4:]}: the only option is --activations q8|bf16|f32")
     if model_dir.endswith(".gguf"):
         cfg, w = load_gguf(model_dir)
     else:

@@ -12,9 +12,9 @@ use crate::kernels::{self, Activations, Matrix, QuantMatrix};
 use crate::memory::Buffer;
 use crate::EngineError;
 
-/// The cpu backend; `activations` says how products over block-quantized weights treat
-/// their inputs (quantized to 8 bits by default, as llama.cpp does; f32 to compare
-/// with a float reference).
+/// The cpu backend; `activations` says how products treat their inputs (by default as
+/// llama.cpp does: rounded to 8 bits for block-quantized weights, to bf16 for bf16
+/// weights; f32 to compare with a float reference).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend {
     pub activations: Activations,

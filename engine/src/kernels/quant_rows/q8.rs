@@ -32,18 +32,19 @@ mod k_quants;
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).
 const BLOCK: usize = 32;
 
-/// How activations meet block-quantized weights in the engine's products.
+/// How activations (x) meet weights in the engine's products: rounded for block-quantized
+/// weights (`Q8`, `Bf16`) and for bf16 weights (`Bf16`, the default: llama.cpp's numerics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Activations {
     /// Quantized to 8 bits per block of 32 (llama.cpp's speed; its numerics for
     /// Q8_0 and Q4_0, where it also rounds x in blocks of 32).
-    #[default]
     Q8,
     /// Always f32: products within float rounding of "dequantize, then multiply".
     F32,
     /// As `Q8` for block-quantized weights, and x rounded to bf16 before every product
     /// over bf16 weights (llama.cpp's numerics for bf16 files): many rows then multiply on
     /// the CPU's AMX tiles where it has them (`kernels::linear_bf16`).
+    #[default]
     Bf16,
 }
 
