@@ -12,6 +12,19 @@ fn values(count: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Random x (m × k) and bf16 weights (n × k, as bytes), and `round_bf16(x) · wᵀ` by the
+/// definition in f64.
+fn case(m: usize, n: usize, k: usize, seed: u64) -> (Vec<f32>, Vec<u8>, Vec<f32>) {
+    let x = values(m * k, seed + m as u64);
+    let w = values(n * k, seed + 4 + n as u64);
+    let mut bytes = vec![0u8; n * k * 2];
+    from_f32(Dtype::Bf16, &w, &mut bytes);
+    let w_rounded: Vec<f32> = w.iter().map(|&v| round(v)).collect();
+    let x_rounded: Vec<f32> = x.iter().map(|&v| round(v)).collect();
+    let expected = naive(&x_rounded, m, &w_rounded, n, k);
+    (x, bytes, expected)
+}
+
 /// `round_bf16(x) · wᵀ` for bf16 `w` against the definition (f64 sums), written into the
 /// middle columns of a wider output, for shapes that exercise every tail: rows of x past
 /// a tile, weight rows past a task's 32, k not a whole tile row (the f32 path), and few
@@ -19,13 +32,7 @@ fn values(count: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn products_over_bf16_weights_round_x_and_match_the_definition() {
     for (m, n, k) in [(1, 40, 64), (9, 48, 64), (17, 300, 64), (33, 270, 96), (40, 257, 48), (70, 530, 128)] {
-        let x = values(m * k, 7 + m as u64);
-        let w = values(n * k, 11 + n as u64);
-        let mut bytes = vec![0u8; n * k * 2];
-        from_f32(Dtype::Bf16, &w, &mut bytes);
-        let w_rounded: Vec<f32> = w.iter().map(|&v| round(v)).collect();
-        let x_rounded: Vec<f32> = x.iter().map(|&v| round(v)).collect();
-        let expected = naive(&x_rounded, m, &w_rounded, n, k);
+        let (x, bytes, expected) = case(m, n, k, 7);
         let stride = n + 3;
         let mut out = vec![f32::NAN; m * stride];
         linear_bf16(&x, m, Matrix { bytes: &bytes, dtype: Dtype::Bf16, rows: n, cols: k }, &mut out, stride, 1);
@@ -49,13 +56,7 @@ fn the_tiles_match_the_definition_at_every_edge() {
         return;
     }
     for (m, n, k) in [(1, 5, 32), (16, 16, 32), (5, 20, 64), (16, 33, 32), (31, 64, 160), (48, 31, 64)] {
-        let x = values(m * k, 17 + m as u64);
-        let w = values(n * k, 19 + n as u64);
-        let mut bytes = vec![0u8; n * k * 2];
-        from_f32(Dtype::Bf16, &w, &mut bytes);
-        let w_rounded: Vec<f32> = w.iter().map(|&v| round(v)).collect();
-        let x_rounded: Vec<f32> = x.iter().map(|&v| round(v)).collect();
-        let expected = naive(&x_rounded, m, &w_rounded, n, k);
+        let (x, bytes, expected) = case(m, n, k, 17);
         let mut out = vec![f32::NAN; m * n];
         amx::linear(&x, m, Matrix { bytes: &bytes, dtype: Dtype::Bf16, rows: n, cols: k }, &mut out, n, 0);
         for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
