@@ -40,8 +40,8 @@ pub struct StageWorkerArgs {
     /// Serve one run and exit (otherwise serve runs one after another until stopped).
     #[arg(long)]
     once: bool,
-    /// How products over block-quantized weights take their inputs (as `ferry run
-    /// --activations`; give every process of a run the same).
+    /// How products take their inputs (as `ferry run --activations`; give every process
+    /// of a run the same).
     #[arg(long, value_name = "q8|f32|bf16", default_value = "bf16", value_parser = parse_activations)]
     activations: Activations,
 }

@@ -63,8 +63,19 @@ pub fn linear_bf16(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: 
     if m > MAX_ROWS && w.rows > ROW_INDEPENDENT_ROWS && amx::fits(w) && amx::available() {
         return amx::linear(x, m, w, out, out_stride, col0);
     }
-    let rounded: Vec<f32> = x[..m * w.cols].iter().map(|&v| round(v)).collect();
+    let mut rounded = ROUNDED.take();
+    rounded.clear();
+    rounded.extend(x[..m * w.cols].iter().map(|&v| round(v)));
     linear(&rounded, m, w, out, out_stride, col0);
+    ROUNDED.set(rounded);
+}
+
+thread_local! {
+    /// The calling thread's rounded x for the f32 kernels, reused across products (a
+    /// decoding step makes several per layer). Taken out, not borrowed, while the
+    /// product runs: a pool thread waiting inside a parallel product may run another
+    /// product on its stack, which then finds an empty buffer, not a borrow in use.
+    static ROUNDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@
 //! `w` (its natural row-major layout, 32 values of k per row), the right tile 16 rows of x
 //! in the pair-interleaved ("VNNI") layout the instruction wants, and the result is the
 //! transpose of a 16 × 16 block of `out`. x is packed once per product (and rounded to
-//! bf16 on the way); each task packs its 32 weight rows into one contiguous run per 32
-//! values of k, because 16 rows `cols × 2` bytes apart all fall in the same L1 sets.
+//! bf16 on the way); each task packs its weight rows (up to 128, blocks of 32) into one
+//! contiguous run per 32 values of k, because 16 rows `cols × 2` bytes apart all fall in
+//! the same L1 sets.
 //!
 //! Tiles 0–3 accumulate a 2 × 2 block (32 weight rows × 32 rows of x), 4–5 hold the
 //! weights and 6–7 x: each loaded tile feeds two products. Tile state is per thread:
@@ -29,7 +30,7 @@ use crate::kernels::{in_pool, Matrix, SendPtr};
 const TILE_ROWS: usize = 16;
 /// k values per tile row: 64 bytes of bf16.
 const TILE_K: usize = 32;
-/// Weight rows per task: two left tiles.
+/// Weight rows per block: two left tiles.
 const BLOCK_ROWS: usize = 2 * TILE_ROWS;
 
 /// Whether this CPU has AMX with bf16 and the kernel lets this process use the tiles.
@@ -110,7 +111,8 @@ impl Drop for Tiles {
 pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
     let k = w.cols;
     assert!(x.len() >= m * k && out.len() >= (m - 1) * out_stride + col0 + w.rows, "amx::linear: shapes");
-    let x_packed = pack_x(x, m, k);
+    let mut x_packed = X_PACKED.take();
+    pack_x(x, m, k, &mut x_packed);
     let out_ptr = SendPtr(out.as_mut_ptr());
     // Up to four blocks of 32 weight rows per task (512 KiB at k = 2048 stays in L2),
     // each pair of x blocks multiplied against all of them in turn: x then comes from
@@ -144,6 +146,7 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
             })
         })
     });
+    X_PACKED.set(x_packed);
 }
 
 /// Columns `col .. col + cols` of `out` (cols ≤ 32) for x blocks `2·pair` and the one
@@ -188,13 +191,17 @@ unsafe fn block_product(
 thread_local! {
     /// Each thread's packed weight rows, reused across products.
     static W_PACKED: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's packed x, reused across products (taken out while the
+    /// product runs, as `bf16::ROUNDED`).
+    static X_PACKED: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// x rounded to bf16 and laid out for the right-hand tiles: per block of 16 rows, per
-/// pair of k, the 16 rows' two values side by side (rows past `m` are zeros).
-fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+/// x rounded to bf16 and laid out for the right-hand tiles into `packed`: per block of
+/// 16 rows, per pair of k, the 16 rows' two values side by side (rows past `m` zeros).
+fn pack_x(x: &[f32], m: usize, k: usize, packed: &mut Vec<u32>) {
     let blocks = m.div_ceil(TILE_ROWS);
-    let mut packed = vec![0u32; blocks * TILE_ROWS * k / 2];
+    packed.clear();
+    packed.resize(blocks * TILE_ROWS * k / 2, 0);
     in_pool(|| {
         packed.par_chunks_mut(TILE_ROWS * k / 2).enumerate().for_each(|(block, packed)| {
             for r in 0..TILE_ROWS.min(m - block * TILE_ROWS) {
@@ -206,7 +213,6 @@ fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<u32> {
             }
         })
     });
-    packed
 }
 
 /// Weight rows `row0 .. row0 + rows` as blocks of 32 rows, each k/32 runs of 32 rows ×
