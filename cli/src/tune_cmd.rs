@@ -302,7 +302,7 @@ pub(crate) fn print_report(
     );
     println!("{}", report::provenance_line(profile));
     println!(
-        "search: {} configurations considered, {} LP bounds solved ({} configurations bounded, {} infeasible), {} pruned by bound, {} ranked out, {} simulated ({} rejected) in {:.2} s\n",
+        "search: {} configurations considered, {} LP bounds solved ({} configurations bounded, {} infeasible), {} pruned by bound, {} ranked out, {} simulated ({} rejected), {} variants of the leaders simulated, in {:.2} s\n",
         group_digits(stats.considered),
         stats.lp_solves,
         group_digits(stats.bounded),
@@ -311,6 +311,7 @@ pub(crate) fn print_report(
         group_digits(stats.ranked_out),
         stats.simulated,
         stats.rejected,
+        stats.refined,
         search_time.as_secs_f64()
     );
     println!("Best plan (batch {}):", batch_size);

@@ -78,8 +78,9 @@ impl Searcher<'_> {
 
     /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
     /// its simulation fails (it runs out of memory).
-    fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
+    pub(super) fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
         let request = self.request;
+        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p =
             predict(&policy, request.model, &base.workload, request.profile, Extrapolation::Sampled).map_err(|_| ())?;
         let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };

@@ -23,6 +23,11 @@
 //!    members are ranked by the LP's time terms at the group's placement with the
 //!    member's own bandwidths, and the best member for each (schedule, prefetch depth)
 //!    is rounded to whole layers and simulated.
+//! 3. **Leaders** (plans within 15 % of the best) are offered variants, each simulated
+//!    and kept when faster (or as fast, for the first): disk layers in free host RAM, more room to stream where
+//!    resident layers leave less than two streamed layers of it (the LP's stream buffer
+//!    shrinks with the fraction streamed, so it cannot see that cliff), and for a
+//!    mixture of experts, experts kept on the device or read ahead.
 //!
 //! The LP is written in GB and ms: badly scaled LPs are misreported as infeasible.
 //!
@@ -34,6 +39,7 @@
 //! - `lp`: the per-layer figures a group's LP is written in, the LP itself, and the
 //!   member estimate taken from its time terms;
 //! - `rounding`: LP fractions to whole layers, and fitting them into memory;
+//! - `room`, `hot`: the leaders' variants (room to stream; experts kept or read ahead);
 //! - `baselines`: the Accelerate-like, llama.cpp-like and FlexGen plans the search is compared with;
 //! - `explain`: why nothing fits — which memory falls short, and by how much.
 
@@ -41,6 +47,7 @@ mod baselines;
 mod explain;
 mod hot;
 mod lp;
+mod room;
 mod rounding;
 mod search;
 mod speculative;
@@ -75,6 +82,9 @@ pub struct KnobSpace {
     pub host_attention: Vec<bool>,
     pub host_compute: Vec<bool>,
     pub pinned: Vec<bool>,
+    /// Offer the leading plans more room to stream: device weight layers moved off
+    /// where the window does not fit beside them (`room`). FlexGen keeps its LP's placement.
+    pub stream_room: bool,
 }
 
 impl KnobSpace {
@@ -103,6 +113,7 @@ impl KnobSpace {
             host_attention: vec![false, true],
             host_compute: vec![false, true],
             pinned: vec![false, true],
+            stream_room: true,
         }
     }
 
@@ -117,6 +128,7 @@ impl KnobSpace {
             io_queue_depths: vec![1],
             host_compute: vec![false],
             pinned: vec![true],
+            stream_room: false,
             ..KnobSpace::full()
         }
     }
@@ -197,6 +209,9 @@ pub struct SearchStats {
     pub simulated: u64,
     /// Simulated configurations whose rounded placement did not fit or deadlocked.
     pub rejected: u64,
+    /// Variants of the leading plans simulated: disk layers in free host RAM, more
+    /// room to stream, experts kept on the device or read ahead.
+    pub refined: u64,
 }
 
 #[derive(Debug, Clone)]

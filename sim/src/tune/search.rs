@@ -61,13 +61,16 @@ pub(super) struct Member {
 
 pub(super) struct Searcher<'a> {
     pub(super) request: &'a TuneRequest<'a>,
-    space: &'a KnobSpace,
+    pub(super) space: &'a KnobSpace,
     pub(super) cost: CostModel<'a>,
     /// The weights' bytes in the request's formats.
     pub(super) layout: ferry_core::model::WeightLayout,
     /// A mixture of experts: the first layer's MLP as router part and experts (what
     /// routed reads move; `None` for a dense model).
     pub(super) experts: Option<ferry_core::model::ExpertBytes>,
+    /// Variants of the leading plans simulated so far (`SearchStats::refined`); counted
+    /// from the threads that simulate them side by side.
+    pub(super) refined: std::sync::atomic::AtomicU64,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -105,6 +108,7 @@ impl<'a> Searcher<'a> {
             cost: CostModel::for_formats(request.profile, request.model, &request.weight_format),
             experts: layout.expert_bytes(request.model, 0),
             layout,
+            refined: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -265,8 +269,13 @@ impl<'a> Searcher<'a> {
         }
         let promoted = self.promote_leaders(simulated);
         let objective = self.request.objective;
-        let best = promoted.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
-        let heated = self.heat_leaders(promoted, |c| within(c.score(objective), best, objective, PROMOTE_WITHIN));
+        let best_of = |cs: &[Candidate]| cs.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
+        let best = best_of(&promoted);
+        let roomier =
+            self.make_room_for_leaders(promoted, |c| within(c.score(objective), best, objective, PROMOTE_WITHIN));
+        let best = best_of(&roomier);
+        let heated = self.heat_leaders(roomier, |c| within(c.score(objective), best, objective, PROMOTE_WITHIN));
+        stats.refined = self.refined.load(std::sync::atomic::Ordering::Relaxed);
         Ok(summarise(heated, stats, objective))
     }
 
@@ -428,6 +437,7 @@ impl Searcher<'_> {
         let request = self.request;
         let in_flight = host_in_flight_bytes(&candidate);
         let Some(policy) = self.promoted(&candidate.policy, &candidate.workload, in_flight) else { return candidate };
+        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match predict(&policy, request.model, &candidate.workload, request.profile, Extrapolation::Sampled) {
             Ok(p) => {
                 let promoted = Candidate { policy, metrics: p.metrics, ..candidate.clone() };

@@ -53,7 +53,6 @@ pub fn tune_speculative(
     for &draft_len in draft_lens {
         let with =
             TuneRequest { speculation: Some(Speculation { draft_len, ..speculation.clone() }), ..request.clone() };
-        // A draft length whose plans do not fit is a row without a plan, not a failure.
         // A draft length whose plans do not fit is a row saying why, not a failure.
         let best = match tune(&with, space) {
             Ok(result) => Ok(exact(&with, result.best)?),
