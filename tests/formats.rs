@@ -65,7 +65,9 @@ fn tune_compares_formats_and_writes_the_best_plan() {
     let shown = text(&out.stdout);
     assert!(shown.contains("weights on device / host / disk") && shown.contains("chosen: q4_k"), "{shown}");
     let f16_line = shown.lines().find(|l| l.starts_with("f16 ")).unwrap();
-    assert!(f16_line.contains(" / 0 B / 1.16 GiB"), "{f16_line}");
+    // 844 MiB stay: with one MLP more streamed, two streamed layers fit beside the rest
+    // (`tune::room`), which the simulation finds faster than keeping 910 MiB.
+    assert!(f16_line.contains(" / 0 B / 1.22 GiB"), "{f16_line}");
 }
 
 #[test]

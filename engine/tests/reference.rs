@@ -57,6 +57,7 @@ fn streaming(layers: u64, weight_format: WeightFormats, kv_dtype: Dtype) -> Poli
         embeddings: Tier::Device,
         head: Tier::Device,
         kv_cache: TierCounts { device: 1, host: 0, disk: layers - 1 },
+        device_layers: Default::default(),
         host_attention: false,
         compute_host_layers_on_host: false,
         expert_reads: Default::default(),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::model::Dtype;
-use ferry_core::plan::{Draft, Policy, Schedule, Speculation, TierCounts, Workload};
+use ferry_core::plan::{DeviceLayers, Draft, Policy, Schedule, Speculation, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::units::{KIB, MIB};
@@ -104,9 +104,9 @@ fn streamed(layers: u64, schedule: Schedule, micro_batch_size: u64, micro_batche
     p.schedule = schedule;
     p.chunk_bytes = 64 * KIB;
     p.io_queue_depth = 2;
-    // One layer stays on the device (the last: device layers are the last of each
-    // share, so a one-layer draft keeps its own copy), the rest stream from disk; half
-    // the KV cache is on disk.
+    // One layer stays on the device (the last: spread device layers are the last of
+    // each share, so a one-layer draft keeps its own copy), the rest stream from disk;
+    // half the KV cache is on disk.
     p.attention_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
     p.mlp_weights = TierCounts { device: 1, host: 0, disk: layers - 1 };
     p.kv_cache = TierCounts { device: layers / 2, host: 0, disk: layers - layers / 2 };
@@ -146,6 +146,11 @@ fn speculation_yields_exactly_the_targets_greedy_tokens() {
             cases.push((format!("{schedule:?} {mb}×{n} streamed, self 2, k 5"), speculating(&p, 2, 5)));
         }
     }
+    // The first layer on the device: a one-layer draft shares it, a two-layer draft
+    // shares it and keeps its own copy of the second.
+    let first = Policy { device_layers: DeviceLayers::First, ..streamed(layers, Schedule::Pipelined, 1, 2) };
+    cases.push(("Pipelined 1×2, first layer resident and shared, self 1, k 3".into(), speculating(&first, 1, 3)));
+    cases.push(("Pipelined 1×2, first layer resident and shared, self 2, k 4".into(), speculating(&first, 2, 4)));
     let mut host = streamed(layers, Schedule::LayerPrefetch, 1, 2);
     host.attention_weights = TierCounts { device: 1, host: layers - 1, disk: 0 };
     host.kv_cache = TierCounts { device: 1, host: layers - 1, disk: 0 };

@@ -6,7 +6,7 @@ use common::*;
 use ferry_core::catalog::Catalog;
 use ferry_core::graph::{MemOp, Payload, Pool, TaskGraph, TaskKind};
 use ferry_core::model::{Dtype, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
-use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
+use ferry_core::plan::{DeviceLayers, Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::{Metrics, Trace};
 use ferry_sim::cost::CostModel;
@@ -207,7 +207,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
         (0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5),
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
         (prop::sample::select(vec![4096u64, 16384, 65536]), 1u32..4, 1u32..4, 0u64..400_000),
-        (1u64..10, 1u64..6, 0usize..4),
+        (1u64..10, 1u64..6, 0usize..4, any::<bool>()),
     )
         .prop_map(
             move |(
@@ -215,7 +215,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                 (ad, ah, md, mh, kd, kh),
                 (emb_dev, head_dev, host_attn, unified),
                 (chunk, streams, qd, pinned),
-                (prompt, gen, format),
+                (prompt, gen, format, first),
             )| {
                 // test-tiny's rows (128 and 352 values) are whole q8_0 and q4_0 blocks.
                 let format = ["f32", "q8_0", "q4_0", "int4-g64"][format];
@@ -229,6 +229,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     embeddings: if emb_dev || unified { Tier::Device } else { Tier::Host },
                     head: if head_dev || unified { Tier::Device } else { Tier::Host },
                     kv_cache: if unified { counts(kd, 0, layers) } else { counts(kd, kh, layers) },
+                    device_layers: if first { DeviceLayers::First } else { DeviceLayers::Spread },
                     host_attention: host_attn && !unified,
                     compute_host_layers_on_host: false,
                     expert_reads: Default::default(),

@@ -6,7 +6,7 @@ use ferry_core::catalog::Catalog;
 use ferry_core::hardware::Hardware;
 use ferry_core::model::{Dtype, ModelSpec, WeightFormat, WeightFormats};
 use ferry_core::plan::speculation::tokens_per_round;
-use ferry_core::plan::{Draft, Policy, Schedule, Speculation, TierCounts, Workload};
+use ferry_core::plan::{DeviceLayers, Draft, Policy, Schedule, Speculation, TierCounts, Workload};
 use ferry_core::profile::Profile;
 use ferry_core::schedule::expected_decode_rounds;
 use ferry_core::units::MIB;
@@ -171,8 +171,11 @@ fn one_micro_batchs_drafts_run_while_anothers_target_streams() {
 /// of room, and each layer's read then waits for the layer before. The tuner's plan is
 /// never slower than itself with every weight layer streamed. (At these figures the LP
 /// kept four attention layers resident: 9.58 tokens/s against 10.18 all streamed.)
+/// And the draft's own copy of its layer is memory the target can use: the tuner keeps
+/// the first layer on the device for both (`DeviceLayers::First`), which holds the same
+/// bytes as the copy and streams one layer less.
 #[test]
-fn the_speculative_search_keeps_room_for_the_stream_beside_the_draft() {
+fn the_speculative_search_keeps_room_for_the_stream_and_shares_the_drafts_layer() {
     let catalog = Catalog::builtin().unwrap();
     let mut profile = Profile::from_datasheet(&Hardware {
         gpu: catalog.gpu("cpu").unwrap().value,
@@ -196,16 +199,39 @@ fn the_speculative_search_keeps_room_for_the_stream_beside_the_draft() {
     let outcome = tune_speculative(&request, &KnobSpace::full(), speculation, &[3]).unwrap();
     let best = outcome.best.expect("a one-layer draft fits in 512 MiB");
     let layers = model.num_layers;
-    let mut streamed = best.policy.clone();
+    let policy = &best.policy;
+    let predicted = |p: &Policy| predict(p, &model, &best.workload, &profile, Extrapolation::Full).unwrap().metrics;
+    // The plan the LP's placement missed: every layer streamed, read one layer ahead.
+    let mut streamed = Policy {
+        schedule: Schedule::LayerPrefetch,
+        device_layers: DeviceLayers::Spread,
+        prefetch_depth: 1,
+        ..policy.clone()
+    };
     streamed.attention_weights = TierCounts { device: 0, host: 0, disk: layers };
     streamed.mlp_weights = TierCounts { device: 0, host: 0, disk: layers };
-    let all_streamed =
-        predict(&streamed, &model, &best.workload, &profile, Extrapolation::Full).unwrap().metrics.tokens_per_s;
+    let all_streamed = predicted(&streamed).tokens_per_s;
     assert!(
         best.metrics.tokens_per_s >= all_streamed,
         "the tuned plan ({} attention, {} MLP layers on the device) predicts {} tokens/s; streamed whole, {all_streamed}",
-        best.policy.attention_weights.device,
-        best.policy.mlp_weights.device,
+        policy.attention_weights.device,
+        policy.mlp_weights.device,
         best.metrics.tokens_per_s
     );
+    assert_eq!(policy.device_layers, DeviceLayers::First, "{policy:?}");
+    assert!(policy.attention_weights.device >= 1 && policy.mlp_weights.device >= 1, "{policy:?}");
+    // The same counts spread keep the last layer on the device: the draft then holds its
+    // own copy of the first, more memory for a plan no faster.
+    let spread = Policy { device_layers: DeviceLayers::Spread, ..policy.clone() };
+    let resident = |p: &Policy| {
+        let pools = ferry_core::schedule::pool_specs(p, &model, &best.workload, &profile);
+        pools[0].resident_bytes()
+    };
+    let params = model.params();
+    let layer_bytes = 2 * (params.attention_per_layer + params.mlp_per_layer + params.norms_per_layer);
+    assert_eq!(resident(&spread) - resident(policy), layer_bytes, "the draft's copy of its bf16 layer");
+    // (Here it does not even run: its window no longer fits beside the copy.)
+    if let Ok(p) = predict(&spread, &model, &best.workload, &profile, Extrapolation::Full) {
+        assert!(p.metrics.tokens_per_s <= best.metrics.tokens_per_s);
+    }
 }

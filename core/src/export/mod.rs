@@ -266,6 +266,7 @@ mod fixtures {
                 embeddings: Tier::Host,
                 head: Tier::Device,
                 kv_cache: TierCounts { device: 0, host: layers, disk: 0 },
+                device_layers: Default::default(),
                 host_attention: true,
                 compute_host_layers_on_host: false,
                 expert_reads: Default::default(),

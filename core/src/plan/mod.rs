@@ -15,7 +15,7 @@ mod policy;
 pub mod speculation;
 
 pub use experts::ExpertReads;
-pub use placement::{LayerPlacement, Stage, Tier, TierCounts};
+pub use placement::{DeviceLayers, LayerPlacement, Stage, Tier, TierCounts};
 pub use policy::Policy;
 pub use speculation::{Draft, Speculation};
 
@@ -256,6 +256,30 @@ policy:
         let text = crate::yaml::to_yaml_string(&short).unwrap();
         assert!(text.starts_with("models:\n  target: 13b\n"), "{text}");
         assert_eq!(crate::yaml::from_yaml_str::<Plan>(&text, "again.yaml").unwrap(), short);
+    }
+
+    #[test]
+    fn device_layers_are_spread_unless_the_plan_says_first() {
+        let spread = parse("model: 13b\n").unwrap();
+        assert_eq!(spread.policy.device_layers, DeviceLayers::Spread);
+        // Plans written before the field read and write the same.
+        assert!(!crate::yaml::to_yaml_string(&spread).unwrap().contains("device_layers"));
+        let first = crate::yaml::from_yaml_str::<Plan>(
+            &format!("model: 13b\n{}", REST.replace("  host_attention:", "  device_layers: first\n  host_attention:")),
+            "plan.yaml",
+        )
+        .unwrap();
+        assert_eq!(first.policy.device_layers, DeviceLayers::First);
+        let text = crate::yaml::to_yaml_string(&first).unwrap();
+        assert!(text.contains("device_layers: first"), "{text}");
+        assert_eq!(crate::yaml::from_yaml_str::<Plan>(&text, "again.yaml").unwrap(), first);
+        let wrong = crate::yaml::from_yaml_str::<Plan>(
+            &format!("model: 13b\n{}", REST.replace("  host_attention:", "  device_layers: last\n  host_attention:")),
+            "plan.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(wrong.contains("spread") && wrong.contains("first"), "{wrong}");
     }
 
     #[test]

@@ -25,9 +25,28 @@ impl Tier {
     }
 }
 
+/// Which layers a stage keeps on its device (`Policy::device_layers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceLayers {
+    /// Spread evenly through the stack, the last of each share resident: streamed
+    /// layers alternate with resident ones and their loads overlap resident compute.
+    #[default]
+    Spread,
+    /// The first ones: a self-speculating draft runs the target's first layers, and
+    /// shares those the target keeps on the device instead of holding its own copy.
+    First,
+}
+
+impl DeviceLayers {
+    pub fn is_spread(&self) -> bool {
+        *self == DeviceLayers::Spread
+    }
+}
+
 /// How many layers keep something on each tier. Which layers go where is fixed by
-/// `tier_of`: device layers are spread evenly through the stack, so streamed layers
-/// alternate with resident ones and their loads overlap resident compute.
+/// `tier_in`: device layers are spread evenly through the stack (or are the first
+/// ones, `DeviceLayers::First`); host layers are spread among the rest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TierCounts {
@@ -49,14 +68,24 @@ impl TierCounts {
         self.device + self.host + self.disk
     }
 
-    /// The tier of `layer` (0-based) out of `total()` layers.
+    /// The tier of `layer` (0-based) out of `total()` layers, device layers spread.
     pub fn tier_of(&self, layer: u64) -> Tier {
+        self.tier_in(layer, DeviceLayers::Spread)
+    }
+
+    /// The tier of `layer` (0-based) out of `total()` layers with device layers
+    /// arranged as `device_layers` says.
+    pub fn tier_in(&self, layer: u64, device_layers: DeviceLayers) -> Tier {
         let total = self.total();
-        if spread_pick(layer, total, self.device) {
+        let (on_device, device_before) = match device_layers {
+            DeviceLayers::Spread => (spread_pick(layer, total, self.device), picks_before(layer, total, self.device)),
+            DeviceLayers::First => (layer < self.device, layer.min(self.device)),
+        };
+        if on_device {
             return Tier::Device;
         }
         // Rank of this layer among the non-device layers, then spread host among those.
-        let non_device_rank = layer - picks_before(layer, total, self.device);
+        let non_device_rank = layer - device_before;
         if spread_pick(non_device_rank, total - self.device, self.host) {
             Tier::Host
         } else {
@@ -99,14 +128,15 @@ impl Stage {
     }
 
     /// Where this stage's layer number `local` (0-based within the stage) lives; the
-    /// stage is number `index` of its policy.
-    pub fn placement(&self, index: u16, local: u64) -> LayerPlacement {
+    /// stage is number `index` of its policy, whose device layers are arranged as
+    /// `device_layers` says.
+    pub fn placement(&self, index: u16, local: u64, device_layers: DeviceLayers) -> LayerPlacement {
         LayerPlacement {
             stage: index,
             device: self.device,
-            attention: self.attention_weights.tier_of(local),
-            mlp: self.mlp_weights.tier_of(local),
-            kv: self.kv_cache.tier_of(local),
+            attention: self.attention_weights.tier_in(local, device_layers),
+            mlp: self.mlp_weights.tier_in(local, device_layers),
+            kv: self.kv_cache.tier_in(local, device_layers),
         }
     }
 }
@@ -161,13 +191,23 @@ mod tests {
         assert_ne!(tiers[0], tiers[1], "device layers alternate with streamed ones: {tiers:?}");
     }
 
+    #[test]
+    fn first_device_layers_are_the_first_and_host_layers_spread_over_the_rest() {
+        let counts = TierCounts { device: 2, host: 2, disk: 4 };
+        let tiers: Vec<Tier> = (0..8).map(|l| counts.tier_in(l, DeviceLayers::First)).collect();
+        use Tier::{Device as V, Disk as D, Host as H};
+        assert_eq!(tiers, [V, V, D, D, H, D, D, H].to_vec());
+        assert_eq!(counts.tier_in(5, DeviceLayers::Spread), counts.tier_of(5));
+    }
+
     proptest::proptest! {
         #[test]
-        fn tier_of_honours_the_counts(device in 0u64..50, host in 0u64..50, disk in 0u64..50) {
+        fn tier_in_honours_the_counts(device in 0u64..50, host in 0u64..50, disk in 0u64..50, first: bool) {
             let counts = TierCounts { device, host, disk };
+            let arrangement = if first { DeviceLayers::First } else { DeviceLayers::Spread };
             let mut seen = [0u64; 3];
             for layer in 0..counts.total() {
-                seen[counts.tier_of(layer) as usize] += 1;
+                seen[counts.tier_in(layer, arrangement) as usize] += 1;
             }
             proptest::prop_assert_eq!(seen, [device, host, disk]);
         }

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::experts::ExpertReads;
-use super::placement::{LayerPlacement, Stage, Tier, TierCounts};
+use super::placement::{DeviceLayers, LayerPlacement, Stage, Tier, TierCounts};
 use super::speculation::{Draft, Speculation};
 use super::{Schedule, Workload};
 use crate::error::{CoreError, Result};
@@ -34,6 +34,10 @@ pub struct Policy {
     pub head: Tier,
     /// Layers whose KV cache lives on each tier.
     pub kv_cache: TierCounts,
+    /// Which layers the counts above keep on the device: spread through the stack (the
+    /// default) or the first ones (a self-speculating draft then shares them).
+    #[serde(default, skip_serializing_if = "DeviceLayers::is_spread")]
+    pub device_layers: DeviceLayers,
     /// Attention over host-resident KV runs on the host (FlexGen's CPU delegation).
     pub host_attention: bool,
     /// Layers whose attention and MLP weights are both on the host are computed by the
@@ -101,6 +105,8 @@ struct PolicyFile {
     embeddings: Tier,
     head: Tier,
     kv_cache: Option<TierCounts>,
+    #[serde(default)]
+    device_layers: DeviceLayers,
     host_attention: bool,
     #[serde(default)]
     compute_host_layers_on_host: bool,
@@ -160,6 +166,7 @@ impl TryFrom<PolicyFile> for Policy {
             attention_weights: f.attention_weights.unwrap_or_else(|| total(|s| s.attention_weights)),
             mlp_weights: f.mlp_weights.unwrap_or_else(|| total(|s| s.mlp_weights)),
             kv_cache: f.kv_cache.unwrap_or_else(|| total(|s| s.kv_cache)),
+            device_layers: f.device_layers,
             schedule: f.schedule,
             micro_batch_size: f.micro_batch_size,
             num_micro_batches: f.num_micro_batches,
@@ -403,7 +410,7 @@ impl Policy {
     pub fn layer_placements(&self, layers: u64) -> Vec<LayerPlacement> {
         let mut out = Vec::with_capacity(layers as usize);
         for (index, stage) in self.stage_list().iter().enumerate() {
-            out.extend((0..stage.layers()).map(|local| stage.placement(index as u16, local)));
+            out.extend((0..stage.layers()).map(|local| stage.placement(index as u16, local, self.device_layers)));
         }
         out.resize(out.len().max(layers as usize), LayerPlacement::UNPLACED);
         out
@@ -419,12 +426,12 @@ impl Policy {
                 mlp_weights: self.mlp_weights,
                 kv_cache: self.kv_cache,
             }
-            .placement(0, layer);
+            .placement(0, layer, self.device_layers);
         }
         let mut first = 0;
         for (index, stage) in self.stages.iter().enumerate() {
             if layer < first + stage.layers() {
-                return stage.placement(index as u16, layer - first);
+                return stage.placement(index as u16, layer - first, self.device_layers);
             }
             first += stage.layers();
         }
@@ -460,6 +467,7 @@ impl Policy {
             embeddings: Tier::Device,
             head: Tier::Device,
             kv_cache: TierCounts::all(Tier::Device, layers),
+            device_layers: DeviceLayers::Spread,
             host_attention: false,
             compute_host_layers_on_host: false,
             expert_reads: ExpertReads::Routed,
@@ -517,6 +525,9 @@ impl Policy {
         ];
         if self.compute_host_layers_on_host {
             rows.push(("host-placed weights".into(), "computed on the host (llama.cpp's split)".into()));
+        }
+        if self.device_layers == DeviceLayers::First {
+            rows.push(("device layers".into(), "the first ones (a self-speculating draft shares them)".into()));
         }
         rows.extend([
             ("prefetch depth".into(), format!("{} layers", self.prefetch_depth)),

@@ -281,9 +281,10 @@ impl Searcher<'_> {
         let workload = self.workload(group);
         let pools = pool_specs(&probe, self.request.model, &workload, self.request.profile);
         // A draft's copies of its layers count whole: it shares only layers the target
-        // keeps on the device, and device layers are spread over the model with the
-        // last layer of each share resident (`TierCounts::tier_of`), so a
-        // self-speculating draft's first layers are rarely among them.
+        // keeps on the device, and the LP's placements spread device layers over the
+        // model (`DeviceLayers::Spread`), so a self-speculating draft's first layers are
+        // rarely among them. The leading plans are offered the draft's layers first on
+        // the device afterwards (`shared_draft`).
         (pools[DEVICE_POOL].resident_bytes(), pools[HOST_POOL].resident_bytes())
     }
 

@@ -26,8 +26,9 @@
 //! 3. **Leaders** (plans within 15 % of the best) are offered variants, each simulated
 //!    and kept when faster (or as fast, for the first): disk layers in free host RAM, more room to stream where
 //!    resident layers leave less than two streamed layers of it (the LP's stream buffer
-//!    shrinks with the fraction streamed, so it cannot see that cliff), and for a
-//!    mixture of experts, experts kept on the device or read ahead.
+//!    shrinks with the fraction streamed, so it cannot see that cliff), a
+//!    self-speculating draft's layers shared with the target (its device layers
+//!    first), and for a mixture of experts, experts kept on the device or read ahead.
 //!
 //! The LP is written in GB and ms: badly scaled LPs are misreported as infeasible.
 //!
@@ -39,7 +40,8 @@
 //! - `lp`: the per-layer figures a group's LP is written in, the LP itself, and the
 //!   member estimate taken from its time terms;
 //! - `rounding`: LP fractions to whole layers, and fitting them into memory;
-//! - `room`, `hot`: the leaders' variants (room to stream; experts kept or read ahead);
+//! - `room`, `shared_draft`, `hot`: the leaders' variants (room to stream; the draft's
+//!   layers shared; experts kept or read ahead);
 //! - `baselines`: the Accelerate-like, llama.cpp-like and FlexGen plans the search is compared with;
 //! - `explain`: why nothing fits — which memory falls short, and by how much.
 
@@ -50,6 +52,7 @@ mod lp;
 mod room;
 mod rounding;
 mod search;
+mod shared_draft;
 mod speculative;
 mod split;
 mod stages;

@@ -35,6 +35,7 @@ impl Searcher<'_> {
             embeddings,
             head,
             kv_cache: round_counts(fr.kv, layers),
+            device_layers: ferry_core::plan::DeviceLayers::Spread,
             host_attention: group.host_attention,
             compute_host_layers_on_host: group.host_compute,
             expert_reads: group.expert_reads,

@@ -269,12 +269,19 @@ impl<'a> Searcher<'a> {
         }
         let promoted = self.promote_leaders(simulated);
         let objective = self.request.objective;
-        let best_of = |cs: &[Candidate]| cs.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
-        let best = best_of(&promoted);
-        let roomier =
-            self.make_room_for_leaders(promoted, |c| within(c.score(objective), best, objective, PROMOTE_WITHIN));
-        let best = best_of(&roomier);
-        let heated = self.heat_leaders(roomier, |c| within(c.score(objective), best, objective, PROMOTE_WITHIN));
+        // The leaders of `cs`: the plans within `PROMOTE_WITHIN` of its best.
+        let leaders_of = |cs: &[Candidate]| {
+            let best = cs.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
+            move |c: &Candidate| within(c.score(objective), best, objective, PROMOTE_WITHIN)
+        };
+        // Room first: its chain moves device layers off one at a time, which would undo
+        // a shared draft layer; sharing then puts the draft's layers back on the device.
+        let leading = leaders_of(&promoted);
+        let roomier = self.make_room_for_leaders(promoted, leading);
+        let leading = leaders_of(&roomier);
+        let shared = self.share_draft_for_leaders(roomier, leading);
+        let leading = leaders_of(&shared);
+        let heated = self.heat_leaders(shared, leading);
         stats.refined = self.refined.load(std::sync::atomic::Ordering::Relaxed);
         Ok(summarise(heated, stats, objective))
     }
