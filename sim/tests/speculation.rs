@@ -39,6 +39,21 @@ fn streamed(model: &ModelSpec, schedule: Schedule, micro_batch_size: u64) -> Pol
     p
 }
 
+/// Tuning bf16 weights for throughput at a fixed batch, prompt 64, without a draft.
+fn bf16_request<'a>(model: &'a ModelSpec, profile: &'a Profile, gen_len: u64, batch: u64) -> TuneRequest<'a> {
+    TuneRequest {
+        model,
+        profile,
+        prompt_len: 64,
+        gen_len,
+        batch: BatchChoice::Fixed(batch),
+        objective: Objective::Throughput,
+        weight_format: WeightFormats::uniform(WeightFormat::Bf16),
+        kv_dtype: Dtype::F16,
+        speculation: None,
+    }
+}
+
 fn with(policy: &Policy, draft_len: u32, acceptance_rate: f64) -> Policy {
     let draft = Draft::SelfLayers { layers: 1 };
     Policy { speculation: Some(Speculation { draft, draft_len, acceptance_rate, draft_spec: None }), ..policy.clone() }
@@ -83,17 +98,7 @@ fn a_draft_never_accepted_never_predicts_a_faster_run_and_acceptance_only_helps(
 #[test]
 fn the_speculative_search_reports_its_gain_and_the_rate_it_needs() {
     let (model, profile) = setup();
-    let request = TuneRequest {
-        model: &model,
-        profile: &profile,
-        prompt_len: 64,
-        gen_len: 24,
-        batch: BatchChoice::Fixed(1),
-        objective: Objective::Throughput,
-        weight_format: WeightFormats::uniform(WeightFormat::Bf16),
-        kv_dtype: Dtype::F16,
-        speculation: None,
-    };
+    let request = bf16_request(&model, &profile, 24, 1);
     let speculation =
         Speculation { draft: Draft::SelfLayers { layers: 1 }, draft_len: 1, acceptance_rate: 0.8, draft_spec: None };
     let outcome = tune_speculative(&request, &KnobSpace::full(), speculation, &[2, 4]).unwrap();
@@ -183,17 +188,7 @@ fn the_speculative_search_keeps_room_for_the_stream_and_shares_the_drafts_layer(
     });
     profile.device_memory_bytes = 512 * MIB;
     let model = catalog.model("tinyllama-1.1b").unwrap().value;
-    let request = TuneRequest {
-        model: &model,
-        profile: &profile,
-        prompt_len: 64,
-        gen_len: 64,
-        batch: BatchChoice::Fixed(4),
-        objective: Objective::Throughput,
-        weight_format: WeightFormats::uniform(WeightFormat::Bf16),
-        kv_dtype: Dtype::F16,
-        speculation: None,
-    };
+    let request = bf16_request(&model, &profile, 64, 4);
     let speculation =
         Speculation { draft: Draft::SelfLayers { layers: 1 }, draft_len: 3, acceptance_rate: 0.556, draft_spec: None };
     let outcome = tune_speculative(&request, &KnobSpace::full(), speculation, &[3]).unwrap();

@@ -9,31 +9,16 @@
 
 use ferry_core::graph::Place;
 use ferry_core::plan::Policy;
-use rayon::prelude::*;
 
 use super::search::Searcher;
 use super::Candidate;
 use crate::predict::{predict, Extrapolation};
 
 impl Searcher<'_> {
-    /// `candidates` with hot and prefetched experts where they make a plan faster (each
-    /// offered side by side; the order is kept). Only the `leading` plans are offered:
-    /// each offer is a simulation.
-    pub(super) fn heat_leaders(
-        &self,
-        candidates: Vec<Candidate>,
-        leading: impl Fn(&Candidate) -> bool + Sync,
-    ) -> Vec<Candidate> {
-        if self.experts.is_none() {
-            return candidates;
-        }
-        candidates.into_par_iter().map(|c| if leading(&c) { self.with_kept_experts(c) } else { c }).collect()
-    }
-
     /// `candidate` with the most hot experts its unused device memory holds (half as
     /// many when that runs out of memory), then with k or 2k prefetched experts, each
     /// kept only when faster.
-    fn with_kept_experts(&self, candidate: Candidate) -> Candidate {
+    pub(super) fn with_kept_experts(&self, candidate: Candidate) -> Candidate {
         let request = self.request;
         let Some(sizes) = &self.experts else { return candidate };
         let policy = &candidate.policy;

@@ -13,28 +13,17 @@
 use ferry_core::model::WeightGroup;
 use ferry_core::plan::Policy;
 use ferry_core::schedule::pool_specs;
-use rayon::prelude::*;
 
 use super::search::Searcher;
 use super::{Candidate, DEVICE_POOL};
 
 impl Searcher<'_> {
-    /// `candidates` with more room to stream where that makes a plan faster (offered side
-    /// by side; the order is kept). Only the `leading` plans are offered: each offer is a
-    /// few simulations.
-    pub(super) fn make_room_for_leaders(
-        &self,
-        candidates: Vec<Candidate>,
-        leading: impl Fn(&Candidate) -> bool + Sync,
-    ) -> Vec<Candidate> {
+    /// The fastest of `candidate` and its variants with device weight layers moved off
+    /// (`candidate` itself where the knob space leaves placement to the LP: FlexGen's).
+    pub(super) fn with_room_to_stream(&self, candidate: Candidate) -> Candidate {
         if !self.space.stream_room {
-            return candidates;
+            return candidate;
         }
-        candidates.into_par_iter().map(|c| if leading(&c) { self.with_room_to_stream(c) } else { c }).collect()
-    }
-
-    /// The fastest of `candidate` and its variants with device weight layers moved off.
-    fn with_room_to_stream(&self, candidate: Candidate) -> Candidate {
         let mut best = candidate;
         for policy in self.roomier_policies(&best.policy, &best.workload) {
             if let Ok(Some(better)) = self.offer(&best, policy) {

@@ -267,23 +267,15 @@ impl<'a> Searcher<'a> {
                 self.explain_impossible()
             )));
         }
-        let promoted = self.promote_leaders(simulated);
-        let objective = self.request.objective;
-        // The leaders of `cs`: the plans within `PROMOTE_WITHIN` of its best.
-        let leaders_of = |cs: &[Candidate]| {
-            let best = cs.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
-            move |c: &Candidate| within(c.score(objective), best, objective, PROMOTE_WITHIN)
-        };
-        // Room first: its chain moves device layers off one at a time, which would undo
-        // a shared draft layer; sharing then puts the draft's layers back on the device.
-        let leading = leaders_of(&promoted);
-        let roomier = self.make_room_for_leaders(promoted, leading);
-        let leading = leaders_of(&roomier);
-        let shared = self.share_draft_for_leaders(roomier, leading);
-        let leading = leaders_of(&shared);
-        let heated = self.heat_leaders(shared, leading);
+        // The leaders' variants, each kept where it simulates faster. Room before the
+        // draft's shared layers: room's chain moves device layers off one at a time,
+        // which would undo a shared layer; sharing then puts the draft's layers back.
+        let promoted = self.refine_leaders(simulated, |c| self.with_disk_layers_promoted(c));
+        let roomier = self.refine_leaders(promoted, |c| self.with_room_to_stream(c));
+        let shared = self.refine_leaders(roomier, |c| self.with_draft_shared(c));
+        let heated = self.refine_leaders(shared, |c| self.with_kept_experts(c));
         stats.refined = self.refined.load(std::sync::atomic::Ordering::Relaxed);
-        Ok(summarise(heated, stats, objective))
+        Ok(summarise(heated, stats, self.request.objective))
     }
 
     /// Solves every group's LP; the groups with a feasible placement, in search order.
@@ -419,22 +411,19 @@ impl<'a> Searcher<'a> {
 }
 
 impl Searcher<'_> {
-    /// The simulated plans within `PROMOTE_WITHIN` of the best with their disk-tier
-    /// layers moved to free host RAM where that is as fast (`with_disk_layers_promoted`);
-    /// the rest as they are. Only the leaders: each promotion is another simulation,
-    /// and a plan far behind does not win by it.
-    fn promote_leaders(&self, simulated: Vec<Candidate>) -> Vec<Candidate> {
+    /// `candidates` with `refine` applied to the leaders: the plans within
+    /// `PROMOTE_WITHIN` of the best (each refinement is another simulation or a few, and
+    /// a plan far behind does not win by it). Side by side; the order is kept.
+    fn refine_leaders(
+        &self,
+        candidates: Vec<Candidate>,
+        refine: impl Fn(Candidate) -> Candidate + Sync + Send,
+    ) -> Vec<Candidate> {
         let objective = self.request.objective;
-        let best = simulated.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
-        simulated
+        let best = candidates.iter().map(|c| c.score(objective)).fold(f64::NEG_INFINITY, f64::max);
+        candidates
             .into_par_iter()
-            .map(|c| {
-                if within(c.score(objective), best, objective, PROMOTE_WITHIN) {
-                    self.with_disk_layers_promoted(c)
-                } else {
-                    c
-                }
-            })
+            .map(|c| if within(c.score(objective), best, objective, PROMOTE_WITHIN) { refine(c) } else { c })
             .collect()
     }
 

@@ -9,33 +9,20 @@
 //! which the target no longer streams. It is simulated and kept when faster.
 
 use ferry_core::plan::{DeviceLayers, Draft, Policy, TierCounts};
-use rayon::prelude::*;
 
 use super::search::Searcher;
 use super::Candidate;
 
 impl Searcher<'_> {
-    /// `candidates` with the draft's layers shared where that makes a plan faster
-    /// (offered side by side; the order is kept). Only the `leading` plans are offered.
-    pub(super) fn share_draft_for_leaders(
-        &self,
-        candidates: Vec<Candidate>,
-        leading: impl Fn(&Candidate) -> bool + Sync,
-    ) -> Vec<Candidate> {
+    /// `candidate`, or its variant with the first L layers' weights on the device when
+    /// that simulates faster (L: a self-speculating draft's layers). Plans without such
+    /// a draft, over several stages, computing host layers where they are, or already
+    /// arranged so are left as they are.
+    pub(super) fn with_draft_shared(&self, candidate: Candidate) -> Candidate {
         let draft_layers = match self.request.speculation.as_ref().map(|s| s.draft) {
             Some(Draft::SelfLayers { layers }) => layers,
-            _ => return candidates,
+            _ => return candidate,
         };
-        candidates
-            .into_par_iter()
-            .map(|c| if leading(&c) { self.with_draft_shared(c, draft_layers) } else { c })
-            .collect()
-    }
-
-    /// `candidate`, or its variant with the first `draft_layers` layers' weights on the
-    /// device when that simulates faster. Plans over several stages, plans computing
-    /// host layers where they are, and plans already arranged so are left as they are.
-    fn with_draft_shared(&self, candidate: Candidate, draft_layers: u64) -> Candidate {
         let policy = &candidate.policy;
         if policy.device_layers == DeviceLayers::First
             || !policy.stages.is_empty()
