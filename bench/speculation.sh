@@ -53,7 +53,18 @@ results = {"plain": [], "spec": []}
 for _ in range(rounds):
     for plan in ("plain", "spec"):
         results[plan].append(run(plan))
-assert all(r["tokens"] == results["plain"][0]["tokens"] for rs in results.values() for r in rs), "tokens differ"
+# Each plan's runs must agree among themselves (the engine is deterministic); between
+# the plans, tokens can differ by the kernels' summation order alone: the speculative
+# verification multiplies k + 1 positions per sequence, which on an AMX machine take the
+# tiles while plain decoding's few rows take the row kernels (ARCHITECTURE, invariants).
+for plan, rs in results.items():
+    assert all(r["tokens"] == rs[0]["tokens"] for r in rs), f"{plan}: runs of one plan differ"
+reference, speculated = results["plain"][0]["tokens"], results["spec"][0]["tokens"]
+differing = [(s, next(i for i, (x, y) in enumerate(zip(a, b)) if x != y))
+             for s, (a, b) in enumerate(zip(reference, speculated)) if a != b]
+same = "tokens identical in every run" if not differing else (
+    f"TOKENS DIFFER from plain decoding in {len(differing)} of {len(reference)} sequences "
+    f"(sequence, first token: {differing}); rerun with FERRY_AMX=off to check it is summation order alone")
 plain = statistics.median(r["metrics"]["tokens_per_s"] for r in results["plain"])
 spec = statistics.median(r["metrics"]["tokens_per_s"] for r in results["spec"])
 alphas = [r["speculation"]["acceptance_rate"] for r in results["spec"]]
@@ -65,7 +76,7 @@ k = int(plan.split("draft_len: ")[1].split()[0])
 a = statistics.median(alphas)
 formula = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
 factors = [r["disk_factor"] for rs in results.values() for r in rs]
-print(f"rounds: {rounds}, alternated; tokens identical in every run; disk at {min(factors):.2f}–{max(factors):.2f}× the profile's rate around the runs (predictions use it)")
+print(f"rounds: {rounds}, alternated; {same}; disk at {min(factors):.2f}–{max(factors):.2f}× the profile's rate around the runs (predictions use it)")
 print(f"without a draft: {plain:.3f} tok/s measured, {pred_plain:.3f} predicted ({(pred_plain/plain-1)*100:+.1f} %)")
 print(f"self-speculation (draft {k} tokens): {spec:.3f} tok/s measured, {pred_spec:.3f} predicted at the measured α ({(pred_spec/spec-1)*100:+.1f} %)")
 print(f"measured α {min(alphas):.3f}–{max(alphas):.3f} (median {a:.3f}); tokens per round {statistics.median(per_round):.2f} measured, {formula:.2f} by the formula")
