@@ -12,7 +12,6 @@ use ferry_core::plan::Policy;
 
 use super::search::Searcher;
 use super::Candidate;
-use crate::predict::{predict, Extrapolation};
 
 impl Searcher<'_> {
     /// `candidate` with the most hot experts its unused device memory holds (half as
@@ -59,17 +58,5 @@ impl Searcher<'_> {
             }
         }
         best
-    }
-
-    /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
-    /// its simulation fails (it runs out of memory).
-    pub(super) fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
-        let request = self.request;
-        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p =
-            predict(&policy, request.model, &base.workload, request.profile, Extrapolation::Sampled).map_err(|_| ())?;
-        let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
-        let objective = request.objective;
-        Ok((offered.score(objective) > base.score(objective)).then_some(offered))
     }
 }

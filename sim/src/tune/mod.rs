@@ -24,11 +24,11 @@
 //!    member's own bandwidths, and the best member for each (schedule, prefetch depth)
 //!    is rounded to whole layers and simulated.
 //! 3. **Leaders** (plans within 15 % of the best) are offered variants, each simulated
-//!    and kept when faster (or as fast, for the first): disk layers in free host RAM, more room to stream where
-//!    resident layers leave less than two streamed layers of it (the LP's stream buffer
-//!    shrinks with the fraction streamed, so it cannot see that cliff), a
-//!    self-speculating draft's layers shared with the target (its device layers
-//!    first), and for a mixture of experts, experts kept on the device or read ahead.
+//!    and kept when faster (or as fast, for the first): disk layers in free host RAM;
+//!    more room to stream where resident layers leave less than two streamed layers of
+//!    it (the LP's stream buffer shrinks with the fraction streamed, so it cannot see
+//!    that cliff); a self-speculating draft's layers shared with the target (its device
+//!    layers first); for a mixture of experts, experts kept on the device or read ahead.
 //!
 //! The LP is written in GB and ms: badly scaled LPs are misreported as infeasible.
 //!
@@ -213,7 +213,7 @@ pub struct SearchStats {
     /// Simulated configurations whose rounded placement did not fit or deadlocked.
     pub rejected: u64,
     /// Variants of the leading plans simulated: disk layers in free host RAM, more
-    /// room to stream, experts kept on the device or read ahead.
+    /// room to stream, a draft's layers shared, experts kept on the device or read ahead.
     pub refined: u64,
 }
 

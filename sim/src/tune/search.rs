@@ -4,7 +4,7 @@
 //! the survivors rounded, fitted and simulated. Ends by choosing among near-ties and
 //! summarising the simulated plans into a `TuneResult`.
 
-use ferry_core::plan::{ExpertReads, Schedule, Workload};
+use ferry_core::plan::{ExpertReads, Policy, Schedule, Workload};
 use rayon::prelude::*;
 
 use super::lp::{Fractions, LayerFigures, Transfer};
@@ -425,6 +425,18 @@ impl Searcher<'_> {
             .into_par_iter()
             .map(|c| if within(c.score(objective), best, objective, PROMOTE_WITHIN) { refine(c) } else { c })
             .collect()
+    }
+
+    /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
+    /// its simulation fails (it runs out of memory).
+    pub(super) fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
+        let request = self.request;
+        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p =
+            predict(&policy, request.model, &base.workload, request.profile, Extrapolation::Sampled).map_err(|_| ())?;
+        let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
+        let objective = request.objective;
+        Ok((offered.score(objective) > base.score(objective)).then_some(offered))
     }
 
     /// `candidate` with its disk-tier layers in host RAM where they fit and the plan is
