@@ -223,6 +223,12 @@ impl ComputeProfile {
     }
 }
 
+/// Rows of x the cpu engine's few-row kernels multiply per pass over the weights
+/// (`kernels::MAX_ROWS`). More rows take the GEMM or the AMX tiles, unless a product
+/// asks for the few-row kernels (a speculative verification takes plain decoding's
+/// kernels: `kernels::Rows`); it then pays a pass per this many rows.
+pub const FEW_ROWS: u64 = 8;
+
 /// One measured compute task: an operation of a model shape at a number of tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -86,7 +86,15 @@ fn seconds_per_weight(format: BlockFormat, input: &[u8], rows: usize) -> f64 {
             for _ in 0..2 {
                 let matrix = QuantMatrix { bytes: piece, format, rows: weight_rows, cols: COLS };
                 // The product a run makes: activations as the cpu backend's default.
-                kernels::linear_quant(&x, rows, matrix, &mut out, weight_rows, 0, kernels::Activations::default());
+                kernels::linear_quant(
+                    &x,
+                    kernels::Rows::all(rows),
+                    matrix,
+                    &mut out,
+                    weight_rows,
+                    0,
+                    kernels::Activations::default(),
+                );
             }
         }
     };

@@ -321,7 +321,7 @@ impl Background {
         Ok(Background::start(move || {
             let matrix = WeightRef { memory: &weights, offset: 0, format: WeightFormat::Bf16, rows: n, cols: k };
             // A load only: its result is not read, and the same call succeeded when timed.
-            let _ = CpuBackend::default().linear(&x, 1, matrix, &mut out, n, 0);
+            let _ = CpuBackend::default().linear(&x, kernels::Rows::all(1), matrix, &mut out, n, 0);
         }))
     }
 
@@ -398,10 +398,10 @@ fn timed_backend_linear(
     let matrix = WeightRef { memory: &w, offset: 0, format, rows: n, cols: k };
     let mut out = on_device(&vec![0u8; m * n * 4])?;
     if warm {
-        CpuBackend::default().linear(&x, m, matrix, &mut out, n, 0)?;
+        CpuBackend::default().linear(&x, kernels::Rows::all(m), matrix, &mut out, n, 0)?;
     }
     let start = Instant::now();
-    CpuBackend::default().linear(&x, m, matrix, &mut out, n, 0)?;
+    CpuBackend::default().linear(&x, kernels::Rows::all(m), matrix, &mut out, n, 0)?;
     Ok(start.elapsed().as_secs_f64())
 }
 

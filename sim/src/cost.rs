@@ -14,7 +14,7 @@
 
 use ferry_core::graph::{Op, Payload, Place, Resource, Task, TaskGraph, TaskKind};
 use ferry_core::model::{ModelSpec, WeightFormats};
-use ferry_core::profile::{ComputeProfile, CurvePoint, KernelTiming, Profile, TransferCurve};
+use ferry_core::profile::{ComputeProfile, CurvePoint, KernelTiming, Profile, TransferCurve, FEW_ROWS};
 
 use crate::dequant::{Dequantization, Quantized, Side};
 
@@ -157,13 +157,21 @@ impl<'a> CostModel<'a> {
         }
     }
 
+    /// A task's cost, its products taking the kernel for its own rows (outside a graph
+    /// there is no round to say otherwise: see `kernel_tokens`).
     pub fn task_cost(&self, task: &Task) -> TaskCost {
-        self.task_cost_with(task, &mut |curve, chunk| self.bandwidth(curve, chunk, 1))
+        self.task_cost_with(task, task.tokens as u64, &mut |curve, chunk| self.bandwidth(curve, chunk, 1))
     }
 
-    /// `task_cost` with the single-request bandwidth supplied by the caller (memoised
-    /// over a whole graph: interpolating a curve per task would dominate setup).
-    fn task_cost_with(&self, task: &Task, single_stream: &mut dyn FnMut(Curve, u64) -> f64) -> TaskCost {
+    /// `task_cost` with the rows whose kernel a compute task's products take, and the
+    /// single-request bandwidth supplied by the caller (memoised over a whole graph:
+    /// interpolating a curve per task would dominate setup).
+    fn task_cost_with(
+        &self,
+        task: &Task,
+        kernel_tokens: u64,
+        single_stream: &mut dyn FnMut(Curve, u64) -> f64,
+    ) -> TaskCost {
         let host_of_disk = |resource| match resource {
             Resource::Disk { host } => host,
             _ => 0,
@@ -173,10 +181,10 @@ impl<'a> CostModel<'a> {
             (TaskKind::DiskWrite, resource) => Curve::DiskWrite(host_of_disk(resource)),
             (_, Resource::Link { from, to }) => self.link_curve(from, to, task.pinned),
             (_, Resource::Compute { at: Place::Device(d) }) => {
-                return self.compute_cost(task, self.profile.device(d).compute, false)
+                return self.compute_cost(task, kernel_tokens, self.profile.device(d).compute, false)
             }
             (_, Resource::Compute { at: Place::Host(h) }) => {
-                return self.compute_cost(task, self.profile.host(h).compute, true)
+                return self.compute_cost(task, kernel_tokens, self.profile.host(h).compute, true)
             }
             (_, Resource::Disk { .. }) => unreachable!("a disk runs reads and writes only (TaskGraph::validate)"),
         };
@@ -190,7 +198,7 @@ impl<'a> CostModel<'a> {
         }
     }
 
-    fn compute_cost(&self, task: &Task, compute: &ComputeProfile, on_host: bool) -> TaskCost {
+    fn compute_cost(&self, task: &Task, kernel_tokens: u64, compute: &ComputeProfile, on_host: bool) -> TaskCost {
         let op = match task.payload {
             Payload::Compute { op, .. } => op,
             _ => Op::Mlp,
@@ -202,11 +210,13 @@ impl<'a> CostModel<'a> {
             // A separate draft's task: its own shape in the kernel table, its own formats.
             (Some((shape, dequant)), Payload::Compute { draft: true, .. }) => {
                 let quantized = dequant.as_ref().and_then(|d| d.task(side, op, layer.or(Some(0)), tokens));
-                self.compute_ns_at(shape, compute, op, (task.flops, task.bytes), (tokens, context), quantized)
+                let rows = (tokens, kernel_tokens, context);
+                self.compute_ns_at(shape, compute, op, (task.flops, task.bytes), rows, quantized)
             }
             _ => {
                 let quantized = self.quantized(on_host, op, layer.or(Some(0)), tokens);
-                self.compute_ns(compute, op, task.flops, task.bytes, tokens, context, quantized)
+                let rows = (tokens, kernel_tokens, context);
+                self.compute_ns_at(&self.shape, compute, op, (task.flops, task.bytes), rows, quantized)
             }
         };
         // Memory the task frees (streamed weights, a loaded cache) is returned to the
@@ -233,17 +243,18 @@ impl<'a> CostModel<'a> {
         context: u64,
         quantized: Option<Quantized>,
     ) -> f64 {
-        self.compute_ns_at(&self.shape, compute, op, (flops, bytes), (tokens, context), quantized)
+        self.compute_ns_at(&self.shape, compute, op, (flops, bytes), (tokens, tokens, context), quantized)
     }
 
-    /// `compute_ns` with the kernel table read at `shape`.
+    /// `compute_ns` with the kernel table read at `shape`, for `tokens` rows taking the
+    /// kernel of `kernel_tokens` (`table_ns`).
     fn compute_ns_at(
         &self,
         shape: &str,
         compute: &ComputeProfile,
         op: Op,
         (flops, bytes): (u64, u64),
-        (tokens, context): (u64, u64),
+        (tokens, kernel_tokens, context): (u64, u64, u64),
         quantized: Option<Quantized>,
     ) -> f64 {
         // Float entries price float weights; a quantized format's entries, that format
@@ -255,7 +266,8 @@ impl<'a> CostModel<'a> {
             Some(Quantized { format, .. }) => format.map(|f| Some(f.name())),
         };
         if let Some(format) = table_format {
-            if let Some(ns) = lookup_table(&compute.table, op.name(), shape, format.as_deref(), tokens, context) {
+            let entry = TableKey { op: op.name(), shape, format: format.as_deref(), context };
+            if let Some(ns) = table_ns(&compute.table, entry, tokens, kernel_tokens) {
                 return ns;
             }
         }
@@ -320,8 +332,45 @@ impl<'a> CostModel<'a> {
             }
         };
         costs.clear();
-        costs.extend(graph.tasks.iter().map(|t| self.task_cost_with(t, &mut single_stream)));
+        costs.extend(graph.tasks.iter().map(|t| self.task_cost_with(t, kernel_tokens(graph, t), &mut single_stream)));
     }
+}
+
+/// The rows whose kernel a task's products take, as the engine chooses them
+/// (`Engine::product_rows`): a speculative verification's target tasks multiply
+/// `drafted + 1` rows per sequence with plain decoding's kernel, that of one row per
+/// sequence, so that speculation cannot change a token; every other task its own rows.
+fn kernel_tokens(graph: &TaskGraph, task: &Task) -> u64 {
+    let drafted = graph.rounds.get(task.step as usize).map_or(0, |r| r.drafted as u64);
+    match task.payload {
+        Payload::Compute { draft: false, .. } if task.step > 0 && drafted > 0 => task.tokens as u64 / (drafted + 1),
+        _ => task.tokens as u64,
+    }
+}
+
+/// Which kernel table entries price a task: operation, model shape, weight format
+/// (`None`: float weights) and context.
+#[derive(Clone, Copy)]
+struct TableKey<'a> {
+    op: &'a str,
+    shape: &'a str,
+    format: Option<&'a str>,
+    context: u64,
+}
+
+/// A measured duration for `tokens` rows taking the kernel of `kernel_tokens`. Where
+/// that is the few-row kernels' and the rows are more than one pass of them
+/// (`FEW_ROWS`), the product makes a pass per `FEW_ROWS` rows: priced as that many
+/// entries of `FEW_ROWS` rows and one of the rest, not as the table's entry at
+/// `tokens`, which was measured on the GEMM or the AMX tiles.
+fn table_ns(table: &[KernelTiming], key: TableKey, tokens: u64, kernel_tokens: u64) -> Option<f64> {
+    let lookup = |rows| lookup_table(table, key.op, key.shape, key.format, rows, key.context);
+    if kernel_tokens > FEW_ROWS || tokens <= FEW_ROWS {
+        return lookup(tokens);
+    }
+    let (passes, rest) = (tokens / FEW_ROWS, tokens % FEW_ROWS);
+    let rest_ns = if rest > 0 { lookup(rest)? } else { 0.0 };
+    Some(passes as f64 * lookup(FEW_ROWS)? + rest_ns)
 }
 
 /// Every device→device copy the profile has no link curve for (see `peer_via_host`).
@@ -413,7 +462,7 @@ fn lookup_table(
 
 #[cfg(test)]
 mod table_tests {
-    use super::lookup_table;
+    use super::{lookup_table, table_ns, TableKey};
     use ferry_core::profile::KernelTiming;
 
     fn entry(tokens: u64, context: u64, ns: u64) -> KernelTiming {
@@ -438,5 +487,21 @@ mod table_tests {
         assert_eq!(lookup_table(&table(), "mlp", "s", None, 1, 34).unwrap(), 900.0);
         // Beyond every measured size: proportional to the largest.
         assert_eq!(lookup_table(&table(), "mlp", "s", None, 1024, 96).unwrap(), 320_000.0);
+    }
+
+    /// A speculative verification of 4 sequences × 4 positions takes plain decoding's
+    /// few-row kernels: two passes of 8 rows, not the 16-row entry measured on the
+    /// GEMM; 12 rows are a pass of 8 and one of 4. Rows that take their own kernel, and
+    /// the few-row kernels at up to 8 rows, read the table as before.
+    #[test]
+    fn rows_taking_the_few_row_kernels_are_priced_a_pass_per_eight() {
+        let mut table = vec![entry(4, 33, 4_000), entry(8, 33, 9_000), entry(16, 33, 12_000)];
+        table.push(entry(64, 32, 30_000));
+        let key = TableKey { op: "mlp", shape: "s", format: None, context: 34 };
+        assert_eq!(table_ns(&table, key, 16, 4), Some(18_000.0));
+        assert_eq!(table_ns(&table, key, 12, 4), Some(13_000.0));
+        assert_eq!(table_ns(&table, key, 16, 16), Some(12_000.0));
+        assert_eq!(table_ns(&table, key, 8, 2), Some(9_000.0));
+        assert_eq!(table_ns(&table, key, 64, 64), Some(30_000.0));
     }
 }

@@ -230,3 +230,57 @@ fn the_speculative_search_keeps_room_for_the_stream_and_shares_the_drafts_layer(
         assert!(p.metrics.tokens_per_s <= best.metrics.tokens_per_s);
     }
 }
+
+/// On a measured kernel table, a verification's target tasks (4 sequences × 4
+/// positions) are priced as the engine runs them: plain decoding's few-row kernels, a
+/// pass per 8 rows (two 8-row entries), not the 16-row entry measured on the GEMM or
+/// the AMX tiles; the draft's tasks and the prefill read the entry at their own rows.
+#[test]
+fn a_verification_is_priced_with_plain_decodings_kernels() {
+    use ferry_core::graph::{Op, Payload};
+    use ferry_core::profile::KernelTiming;
+    use ferry_sim::cost::{shape_key, CostModel, TaskCost};
+    let (model, mut profile) = setup();
+    let shape = shape_key(&model);
+    // Every op at every row count costs 1000 ns per row, but 16 rows (the GEMM's) 5000.
+    let rows = [1u64, 2, 3, 4, 8, 16, 64, 256];
+    let entry = |op: Op, tokens: u64| KernelTiming {
+        op: op.name().into(),
+        shape: shape.clone(),
+        tokens,
+        context: 64,
+        ns: if tokens == 16 { 5_000 } else { 1_000 * tokens },
+        format: None,
+    };
+    let ops = [Op::Embed, Op::Attention, Op::Mlp, Op::Head];
+    profile.device_compute.table = ops.iter().flat_map(|&op| rows.map(|t| entry(op, t))).collect();
+    profile.device_memory_bytes = 4096 * MIB;
+    let policy = with(&Policy::all_on_device(model.num_layers, 4, Dtype::Bf16), 3, 0.5);
+    let workload = Workload { batch_size: 4, prompt_len: 64, gen_len: 16 };
+    let graph =
+        ferry_core::schedule::lower(&policy, &model, &workload, &profile, &ferry_core::schedule::Steps::Bound).unwrap();
+    let cost = CostModel::for_policy(&profile, &model, &policy);
+    let costs = cost.graph_costs(&graph);
+    let (mut verifications, mut drafts) = (0, 0);
+    for (task, cost) in graph.tasks.iter().zip(&costs) {
+        let (Payload::Compute { op: Op::Mlp, draft }, TaskCost::Compute { nominal_ns }) = (task.payload, cost) else {
+            continue;
+        };
+        let want = match (task.step, draft) {
+            (0, _) => 256_000.0,
+            (_, false) => {
+                verifications += 1;
+                16_000.0
+            }
+            (_, true) => {
+                drafts += 1;
+                1_000.0 * task.tokens as f64
+            }
+        };
+        assert_eq!(*nominal_ns, want, "{} ({} rows)", task.label(), task.tokens);
+        if task.step > 0 && !draft {
+            assert_eq!(task.tokens, 16, "{}", task.label());
+        }
+    }
+    assert!(verifications > 0 && drafts > 0, "{verifications} verifications, {drafts} draft passes");
+}

@@ -8,7 +8,7 @@ use ferry_core::model::WeightFormat;
 
 use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
 use crate::kernels::quant::BlockFormat;
-use crate::kernels::{self, Activations, Matrix, QuantMatrix};
+use crate::kernels::{self, Activations, Matrix, QuantMatrix, Rows};
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -138,7 +138,7 @@ impl Backend for CpuBackend {
     fn linear(
         &self,
         x: &DeviceBuffer,
-        rows: usize,
+        rows: Rows,
         w: WeightRef,
         out: &mut DeviceBuffer,
         out_stride: usize,
@@ -149,9 +149,9 @@ impl Backend for CpuBackend {
             Some(dtype) => {
                 let matrix = Matrix { bytes, dtype, rows: w.rows, cols: w.cols };
                 if self.activations == Activations::Bf16 {
-                    kernels::linear_bf16(x, rows, matrix, out, out_stride, col0);
+                    kernels::linear_bf16_for(x, rows, matrix, out, out_stride, col0);
                 } else {
-                    kernels::linear(x, rows, matrix, out, out_stride, col0);
+                    kernels::linear_for(x, rows, matrix, out, out_stride, col0);
                 }
             }
             None => {

@@ -31,6 +31,7 @@ pub use cpu::CpuBackend;
 pub use host::HostBytes;
 
 pub use crate::kernels::RopeLayout;
+use crate::kernels::Rows;
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -180,12 +181,13 @@ pub trait Backend: Send + Sync {
 
     /// Row `t` of `out` = row `tokens[t]` of the embedding table, as f32.
     fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError>;
-    /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `rows` rows of `x`; `out` rows are
-    /// `out_stride` wide (a weight split in row blocks writes its columns in place).
+    /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `rows.count` rows of `x`; `out` rows
+    /// are `out_stride` wide (a weight split in row blocks writes its columns in place).
+    /// Each row comes out as it would among `rows.kernel_for` rows (`kernels::Rows`).
     fn linear(
         &self,
         x: &DeviceBuffer,
-        rows: usize,
+        rows: Rows,
         w: WeightRef,
         out: &mut DeviceBuffer,
         out_stride: usize,

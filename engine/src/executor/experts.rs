@@ -6,8 +6,11 @@
 //!
 //! Determinism across plans: a token's output is summed over its experts in
 //! ascending expert order, and each expert's products give a row the same bits
-//! whatever rows sit beside it (`kernels`' invariant), so grouping tokens into
-//! different micro-batches cannot change a token.
+//! whatever rows sit beside it within a kernel (`kernels::Rows`). In a decoding step
+//! every routed expert takes the few-row kernels (`Engine::expert_rows`), so neither
+//! the micro-batching nor a speculative verification's extra rows can change a token
+//! there; in the prefill an expert's row count, and with it its kernel, follows the
+//! micro-batching.
 
 use ferry_core::graph::{Place, Task};
 use ferry_core::model::{ExpertPopularity, ModelSpec, WeightGroup};
@@ -20,6 +23,7 @@ use super::speculate::is_draft;
 use super::weights::{GroupPart, Loaded};
 use super::{lock, Engine, RunReport};
 use crate::backend::DeviceBuffer;
+use crate::kernels::Rows;
 use crate::EngineError;
 
 /// The router among an MoE group's tensors (`ModelSpec::router_tensors`: the norm, then it).
@@ -132,7 +136,7 @@ impl Engine<'_> {
     ) -> Result<Routes, EngineError> {
         let spec = self.spec_of(task);
         let (experts, k) = (spec.num_experts as usize, spec.experts_per_token as usize);
-        let logits = self.project(weights, ROUTER_TENSOR, normed, rows, experts, side)?;
+        let logits = self.project(weights, ROUTER_TENSOR, normed, self.product_rows(task, rows), experts, side)?;
         Ok(route(&self.backend.download_f32(&logits)?, experts, k, spec.renormalize_top_k))
     }
 
@@ -236,7 +240,7 @@ impl Engine<'_> {
             let first = spec.expert_tensors(*expert).start as u32;
             let mut x = self.activation(side, rows.len() * h)?;
             self.backend.gather_rows(&normed, h, rows, &mut x)?;
-            self.swiglu(task, &weights, first, &x, rows.len(), ffn, side)
+            self.swiglu(&weights, first, &x, self.expert_rows(task, rows.len()), (ffn, h), side)
         };
         // Where the CPU computes, the chosen experts run side by side on the compute
         // threads: a decoding step's few rows make each product too small to split
@@ -268,19 +272,17 @@ impl Engine<'_> {
 
 impl Engine<'_> {
     /// A SwiGLU MLP whose gate, down and up projections are the group's tensors
-    /// `first`, `first + 1` and `first + 2`, over `rows` rows of `x`.
-    #[allow(clippy::too_many_arguments)]
+    /// `first`, `first + 1` and `first + 2`, over `rows` rows of `x`: (intermediate
+    /// width, hidden size) wide.
     fn swiglu(
         &self,
-        task: &Task,
         weights: &[std::sync::Arc<super::weights::Loaded>],
         first: u32,
         x: &DeviceBuffer,
-        rows: usize,
-        width: usize,
+        rows: Rows,
+        (width, h): (usize, usize),
         side: Place,
     ) -> Result<DeviceBuffer, EngineError> {
-        let h = self.spec_of(task).hidden_size as usize;
         let mut gate = self.project(weights, first, x, rows, width, side)?;
         let up = self.project(weights, first + 2, x, rows, width, side)?;
         self.backend.silu_mul(&mut gate, &up)?;
@@ -305,8 +307,8 @@ impl Engine<'_> {
     ) -> Result<(), EngineError> {
         let spec = self.spec_of(task);
         let (h, width) = (spec.hidden_size as usize, spec.shared_expert_intermediate_size as usize);
-        let down = self.swiglu(task, weights, first, normed, rows, width, side)?;
-        let gate = self.project(weights, first + 3, normed, rows, 1, side)?;
+        let down = self.swiglu(weights, first, normed, self.product_rows(task, rows), (width, h), side)?;
+        let gate = self.project(weights, first + 3, normed, self.product_rows(task, rows), 1, side)?;
         let scales: Vec<f32> =
             self.backend.download_f32(&gate)?.iter().map(|&x| (1.0 / (1.0 + (-(x as f64)).exp())) as f32).collect();
         let every_row: Vec<usize> = (0..rows).collect();

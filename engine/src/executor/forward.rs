@@ -11,7 +11,7 @@ use super::speculate::{is_draft, Positions};
 use super::weights::Loaded;
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, Rotary, WeightRef};
-use crate::kernels;
+use crate::kernels::{self, Rows};
 use crate::EngineError;
 
 /// One micro-batch's activations at one place: the hidden state and the attention
@@ -109,6 +109,33 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// `count` rows of a micro-batch's product and the kernel they take. The prefill
+    /// takes the kernel for its rows; a decoding or verification step of the target
+    /// the one plain decoding's step takes, a product of the micro-batch's sequences.
+    /// The few-row, GEMM and AMX kernels add in different orders (a row's last bits,
+    /// and at a near-tie its token, follow the kernel), so without this a verification
+    /// of k + 1 guesses per sequence could take another kernel than plain decoding and
+    /// speculation could change a token (measured on AMX at the TinyLlama shape). The
+    /// draft's passes take their own rows' kernel: its guesses decide how many tokens a
+    /// round yields, never which. The cost model prices the same choice (`sim::cost`,
+    /// `kernel_tokens`).
+    pub(super) fn product_rows(&self, task: &Task, count: usize) -> Rows {
+        if task.step == 0 || is_draft(task) {
+            return Rows::all(count);
+        }
+        Rows { count, kernel_for: self.policy.micro_batch_size as usize }
+    }
+
+    /// `product_rows` for the rows routed to one expert: how many there are depends on
+    /// what the step's other rows chose, so the target's decoding steps take the
+    /// few-row kernels whatever their number (one expert's rows in a step are few).
+    pub(super) fn expert_rows(&self, task: &Task, count: usize) -> Rows {
+        if task.step == 0 || is_draft(task) {
+            return Rows::all(count);
+        }
+        Rows { count, kernel_for: 1 }
+    }
+
     /// f32 working memory for `elements` values at `place`.
     pub(super) fn activation(&self, place: Place, elements: usize) -> Result<DeviceBuffer, EngineError> {
         self.backend.scratch(place, elements * 4)
@@ -160,9 +187,9 @@ impl<'a> Engine<'a> {
         self.backend.rms_norm(&last, norm, spec.rms_norm_eps as f32, &mut normed)?;
         let logits = if spec.tie_word_embeddings {
             let table = self.table(task, WeightGroup::Embeddings)?;
-            self.project(std::slice::from_ref(&table), 0, &normed, rows.len(), vocab, side)?
+            self.project(std::slice::from_ref(&table), 0, &normed, self.product_rows(task, rows.len()), vocab, side)?
         } else {
-            self.project(std::slice::from_ref(&head), 1, &normed, rows.len(), vocab, side)?
+            self.project(std::slice::from_ref(&head), 1, &normed, self.product_rows(task, rows.len()), vocab, side)?
         };
         let logits = self.backend.download_f32(&logits)?;
         let per_sequence = rows.len() / self.policy.micro_batch_size as usize;
@@ -256,9 +283,9 @@ impl<'a> Engine<'a> {
         // Tensor order: norm, q, [q bias], k, [k bias], v, [v bias], o, [q norm, k norm].
         let bias = spec.qkv_bias;
         let (q_t, k_t, v_t) = if bias { (1, 3, 5) } else { (1, 2, 3) };
-        let mut q = self.project(&weights, q_t, &normed, rows, q_dim, side)?;
-        let mut k = self.project(&weights, k_t, &normed, rows, kv, side)?;
-        let mut v = self.project(&weights, v_t, &normed, rows, kv, side)?;
+        let mut q = self.project(&weights, q_t, &normed, self.product_rows(task, rows), q_dim, side)?;
+        let mut k = self.project(&weights, k_t, &normed, self.product_rows(task, rows), kv, side)?;
+        let mut v = self.project(&weights, v_t, &normed, self.product_rows(task, rows), kv, side)?;
         drop(normed);
         if bias {
             self.backend.add_bias(&mut q, Engine::tensor(&weights, 2)?, q_dim, 0)?;
@@ -323,7 +350,7 @@ impl<'a> Engine<'a> {
         let o_tensor = if spec.qkv_bias { 7 } else { 4 };
         let attn = lock(self.activations_of(task)).at(side).attn.take();
         let attn = attn.ok_or_else(|| missing("attention output", task))?;
-        let projected = self.project(&weights, o_tensor, &attn, rows, h, side)?;
+        let projected = self.project(&weights, o_tensor, &attn, self.product_rows(task, rows), h, side)?;
         drop(attn);
         self.add_to_hidden(task, side, &projected, "attention")?;
         if !is_draft(task) {
@@ -341,12 +368,12 @@ impl<'a> Engine<'a> {
         let rows = self.policy.micro_batch_size as usize * self.positions_of(task)?.new;
         let weights = self.layer_weights(task, WeightGroup::Mlp)?;
         let normed = self.normed_hidden(task, side, Engine::tensor(&weights, 0)?, rows)?;
-        let mut gate = self.project(&weights, 1, &normed, rows, ffn, side)?;
-        let up = self.project(&weights, 2, &normed, rows, ffn, side)?;
+        let mut gate = self.project(&weights, 1, &normed, self.product_rows(task, rows), ffn, side)?;
+        let up = self.project(&weights, 2, &normed, self.product_rows(task, rows), ffn, side)?;
         drop(normed);
         self.backend.silu_mul(&mut gate, &up)?;
         drop(up);
-        let down = self.project(&weights, 3, &gate, rows, h, side)?;
+        let down = self.project(&weights, 3, &gate, self.product_rows(task, rows), h, side)?;
         drop(gate);
         self.add_to_hidden(task, side, &down, "mlp")?;
         if !is_draft(task) {

@@ -11,6 +11,7 @@ use ferry_core::schedule::format_pieces;
 
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, WeightRef};
+use crate::kernels::Rows;
 use crate::memory::{Buffer, Recycler};
 use crate::weights::ModelFiles;
 use crate::EngineError;
@@ -317,13 +318,14 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks, into new memory at `place`.
+    /// out (m × n) = x · Wᵀ for tensor `tensor` split in row blocks, into new memory at
+    /// `place`, for `rows.count` = m rows of x (`product_rows`, `expert_rows`).
     pub(super) fn project(
         &self,
         loaded: &[Arc<Loaded>],
         tensor: u32,
         x: &DeviceBuffer,
-        m: usize,
+        rows: Rows,
         n: usize,
         place: Place,
     ) -> Result<DeviceBuffer, EngineError> {
@@ -331,9 +333,9 @@ impl<'a> Engine<'a> {
         if blocks.is_empty() {
             return Err(EngineError::Internal(format!("tensor {tensor} of a group is not in memory")));
         }
-        let mut out = self.activation(place, m * n)?;
+        let mut out = self.activation(place, rows.count * n)?;
         for (row_start, block) in blocks {
-            self.backend.linear(x, m, block, &mut out, n, row_start)?;
+            self.backend.linear(x, rows, block, &mut out, n, row_start)?;
         }
         Ok(out)
     }

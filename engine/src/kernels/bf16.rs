@@ -13,7 +13,7 @@
 #[cfg(target_arch = "x86_64")]
 mod amx;
 
-use super::{linear, Matrix, MAX_ROWS, ROW_INDEPENDENT_ROWS};
+use super::{linear_for, Matrix, Rows, ROW_INDEPENDENT_ROWS};
 use ferry_core::model::Dtype;
 
 /// The bf16 value nearest `v` (ties to even; NaN stays NaN, quieted), as its bits: the
@@ -56,17 +56,23 @@ fn amx_available() -> bool {
 /// `out[:, col0 .. col0 + w.rows] = round_bf16(x) · wᵀ` for bf16 `w` (other dtypes: the
 /// plain `linear`, x unrounded), `out` being `out_stride` columns wide.
 pub fn linear_bf16(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    linear_bf16_for(x, Rows::all(m), w, out, out_stride, col0)
+}
+
+/// `linear_bf16` with the kernel `rows.kernel_for` rows take (see `Rows`).
+pub fn linear_bf16_for(x: &[f32], rows: Rows, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
     if w.dtype != Dtype::Bf16 {
-        return linear(x, m, w, out, out_stride, col0);
+        return linear_for(x, rows, w, out, out_stride, col0);
     }
     #[cfg(target_arch = "x86_64")]
-    if m > MAX_ROWS && w.rows > ROW_INDEPENDENT_ROWS && amx::fits(w) && amx::available() {
-        return amx::linear(x, m, w, out, out_stride, col0);
+    if !rows.few() && w.rows > ROW_INDEPENDENT_ROWS && amx::fits(w) && amx::available() {
+        return amx::linear(x, rows.count, w, out, out_stride, col0);
     }
+    let m = rows.count;
     let mut rounded = ROUNDED.take();
     rounded.clear();
     rounded.extend(x[..m * w.cols].iter().map(|&v| round(v)));
-    linear(&rounded, m, w, out, out_stride, col0);
+    linear_for(&rounded, rows, w, out, out_stride, col0);
     ROUNDED.set(rounded);
 }
 

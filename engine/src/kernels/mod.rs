@@ -14,7 +14,7 @@ mod rows;
 use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
-pub use bf16::{linear_bf16, matrix_path};
+pub use bf16::{linear_bf16, linear_bf16_for, matrix_path};
 pub use quant_rows::{linear_q8, linear_quant, quant_converted, quant_rows, Activations, QuantMatrix};
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 
@@ -88,15 +88,46 @@ pub struct Matrix<'a> {
 /// Rows of weights converted per block: about 1 MiB of f32 per block.
 const BLOCK_ELEMENTS: usize = 1 << 18;
 
+/// How many rows of x a product multiplies (`count`), and the row count whose kernel it
+/// takes (`kernel_for`). The few-row kernels, the GEMM and the AMX tiles each compute a
+/// row the same way whatever rows come with it, but they add in different orders, so a
+/// row's last bits depend on the kernel: a caller that needs a row to come out as it
+/// would among `kernel_for` rows (a decoding step's verification of k + 1 guesses per
+/// sequence against plain decoding's one) says so here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub count: usize,
+    pub kernel_for: usize,
+}
+
+impl Rows {
+    /// `count` rows taking their own kernel.
+    pub fn all(count: usize) -> Rows {
+        Rows { count, kernel_for: count }
+    }
+
+    /// Whether the product takes the few-row kernels (a pass over the stored weights
+    /// per `MAX_ROWS` rows of x), not the GEMM or the AMX tiles.
+    pub fn few(self) -> bool {
+        self.kernel_for <= MAX_ROWS
+    }
+}
+
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `x` of `m` rows × `w.cols`, where `out`
 /// has `out_stride` columns. Row blocks of `w` are converted and multiplied in parallel.
 pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    linear_for(x, Rows::all(m), w, out, out_stride, col0)
+}
+
+/// `linear` with the kernel `rows.kernel_for` rows take (see `Rows`).
+pub fn linear_for(x: &[f32], rows: Rows, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
+    let m = rows.count;
     if let Some(path) = simd_path() {
-        if m <= MAX_ROWS {
+        if m <= MAX_ROWS && rows.few() {
             // Few rows (decoding): one pass over the stored weights beats converting them.
             return linear_rows(path, x, m, w, out, out_stride, col0);
         }
-        if w.rows <= ROW_INDEPENDENT_ROWS {
+        if rows.few() || w.rows <= ROW_INDEPENDENT_ROWS {
             // A matrix this small (a mixture of experts' router) costs little either
             // way; taken a few rows at a time, a row's result never depends on how many
             // rows are multiplied with it, so the experts a token chooses cannot change
@@ -387,6 +418,9 @@ pub fn argmax(values: &[f32]) -> u32 {
     }
     best as u32
 }
+
+#[cfg(test)]
+mod rows_for_tests;
 
 #[cfg(test)]
 pub(super) mod tests {

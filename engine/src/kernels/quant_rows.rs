@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use super::quant::{dequantize_block, BlockFormat};
-use super::{in_pool, linear_converted, Matrix, SendPtr, SimdPath, MAX_ROWS};
+use super::{in_pool, linear_converted, Matrix, Rows, SendPtr, SimdPath, MAX_ROWS};
 use ferry_core::model::Dtype;
 
 /// `kernel::<M, …>(args)` with `M`, the const count of rows of x (1–8) the kernels
@@ -79,27 +79,35 @@ const LANES: usize = 8;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
-/// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `m` rows of `x`; `out` rows are
+/// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `rows.count` rows of `x`; `out` rows are
 /// `out_stride` wide. With activations quantized (`Activations::Q8`, and `Bf16`, which
-/// rounds only float weights' x to bf16) every row count
-/// takes the integer products (`linear_q8`); otherwise few rows multiply from the
-/// blocks (`quant_rows`) and many rows go through the GEMM.
+/// rounds only float weights' x to bf16) every row count takes the integer products
+/// (`linear_q8`); otherwise the few-row kernels multiply from the blocks (`quant_rows`,
+/// `MAX_ROWS` rows of x at a time) where `rows` asks for them, and the GEMM the rest.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_quant(
     x: &[f32],
-    m: usize,
+    rows: Rows,
     w: QuantMatrix,
     out: &mut [f32],
     out_stride: usize,
     col0: usize,
     activations: Activations,
 ) {
+    let m = rows.count;
     if activations.quantize_for_blocks() {
         let path = super::simd_path().unwrap_or(SimdPath::Scalar);
         return linear_q8(path, x, m, w, out, out_stride, col0);
     }
-    match super::simd_path().filter(|_| m <= MAX_ROWS) {
-        Some(path) => quant_rows(path, x, m, w, out, out_stride, col0),
+    match super::simd_path().filter(|_| rows.few()) {
+        Some(path) => {
+            let k = w.cols;
+            for first in (0..m).step_by(MAX_ROWS) {
+                let group = MAX_ROWS.min(m - first);
+                let x = &x[first * k..(first + group) * k];
+                quant_rows(path, x, group, w, &mut out[first * out_stride..], out_stride, col0);
+            }
+        }
         None => quant_converted(x, m, w, out, out_stride, col0),
     }
 }

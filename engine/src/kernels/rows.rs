@@ -21,8 +21,9 @@ use rayon::prelude::*;
 use super::{in_pool, Matrix, SendPtr};
 
 /// The most rows of `x` this path takes; more rows go to the GEMM, where arithmetic
-/// starts to dominate (measured: see BENCHMARKS.md, "few-row products").
-pub const MAX_ROWS: usize = 8;
+/// starts to dominate (measured: see BENCHMARKS.md, "few-row products"). The cost
+/// model prices a product asking for this path at more rows as a pass per this many.
+pub const MAX_ROWS: usize = ferry_core::profile::FEW_ROWS as usize;
 
 /// Weight rows per parallel task: enough work to amortise the task, small enough to
 /// balance over the cores.

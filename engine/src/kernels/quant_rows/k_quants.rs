@@ -117,9 +117,13 @@ unsafe fn by_rows<V: Vector, F: Pieces<V>, const R: usize>(
 }
 
 /// `dots[r][i] = x[i] · rows[r]` for R weight rows (of equal length) and M rows of x.
-/// Fewer than eight accumulators are too few independent chains of additions to keep
-/// the FMA units busy: each piece's products then go into a fresh sum first, so that
-/// consecutive pieces do not wait on each other (measured both ways).
+/// Each piece's products go into a fresh sum first, then into the row's accumulator:
+/// with fewer than eight accumulators that keeps consecutive pieces from waiting on
+/// each other (measured), and with more it costs one addition per four products. The
+/// same order at every M and R is what gives a row of x the same bits whatever rows
+/// and weight rows are multiplied with it (`Rows::kernel_for`; adding straight into
+/// the accumulators from eight on moved a Q4_K row's last bits between one row of x
+/// and four).
 // `r` and `i` index the weights, the sums and the accumulators alike.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
@@ -129,7 +133,6 @@ unsafe fn kernel<V: Vector, F: Pieces<V>, const M: usize, const R: usize>(
     k: usize,
     dots: &mut [[f32; MAX_ROWS]; R],
 ) {
-    let chains = M * R >= 8;
     // SAFETY: every row holds whole super-blocks of F and x holds M rows of k = 256 ×
     // super-blocks values (the caller's checks), so every load below lies inside them.
     unsafe {
@@ -147,15 +150,6 @@ unsafe fn kernel<V: Vector, F: Pieces<V>, const M: usize, const R: usize>(
                 }
                 for i in 0..M {
                     let xs = x.as_ptr().add(i * k + b * 256);
-                    if chains {
-                        for v in 0..4 {
-                            let xv = V::load(xs.add(F::offset(p, v)));
-                            for r in 0..R {
-                                acc[r][i] = V::fmadd(w[r][v], xv, acc[r][i]);
-                            }
-                        }
-                        continue;
-                    }
                     let mut sum = [V::zero(); R];
                     for v in 0..4 {
                         let xv = V::load(xs.add(F::offset(p, v)));
