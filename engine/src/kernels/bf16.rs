@@ -7,11 +7,15 @@
 //! few-row kernels.
 //!
 //! Many rows (prefill, large batches) run on AMX tiles where the CPU and the kernel allow
-//! them (`amx`), at several times the f32 rate; elsewhere, and for few rows (memory-bound:
-//! the weights' bytes decide), x is rounded and the f32 kernels multiply it.
+//! them (`amx`), at several times the f32 rate. Few rows (decoding) run on AVX512-BF16
+//! pair products where the CPU has them (`pairs`: no widening of the weights, two
+//! products per lane and instruction). Elsewhere x is rounded and the f32 kernels
+//! multiply it.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod pairs;
 
 use super::{linear_for, Matrix, Rows, ROW_INDEPENDENT_ROWS};
 use ferry_core::model::Dtype;
@@ -64,11 +68,28 @@ pub fn linear_bf16_for(x: &[f32], rows: Rows, w: Matrix, out: &mut [f32], out_st
     if w.dtype != Dtype::Bf16 {
         return linear_for(x, rows, w, out, out_stride, col0);
     }
+    // The few-row kernels where the rows ask for them, and for a matrix small enough
+    // that any row count takes them (`linear`): its rows' bits never follow the count.
+    let few = rows.few() || w.rows <= ROW_INDEPENDENT_ROWS;
     #[cfg(target_arch = "x86_64")]
-    if !rows.few() && w.rows > ROW_INDEPENDENT_ROWS && amx::fits(w) && amx::available() {
+    if !few && amx::fits(w) && amx::available() {
         return amx::linear(x, rows.count, w, out, out_stride, col0);
     }
     let m = rows.count;
+    #[cfg(target_arch = "x86_64")]
+    if few && pairs::available() {
+        // x as bf16 bits, MAX_ROWS rows at a time (the pair products' limit).
+        let mut bits = ROUNDED_BITS.take();
+        bits.clear();
+        bits.extend(x[..m * w.cols].iter().map(|&v| round_bits(v)));
+        for first in (0..m).step_by(super::MAX_ROWS) {
+            let group = super::MAX_ROWS.min(m - first);
+            let x = &bits[first * w.cols..(first + group) * w.cols];
+            pairs::linear(x, group, w, &mut out[first * out_stride..], out_stride, col0);
+        }
+        ROUNDED_BITS.set(bits);
+        return;
+    }
     let mut rounded = ROUNDED.take();
     rounded.clear();
     rounded.extend(x[..m * w.cols].iter().map(|&v| round(v)));
@@ -82,6 +103,8 @@ thread_local! {
     /// product runs: a pool thread waiting inside a parallel product may run another
     /// product on its stack, which then finds an empty buffer, not a borrow in use.
     static ROUNDED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The same as bf16 bits, for the pair products.
+    static ROUNDED_BITS: std::cell::Cell<Vec<u16>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -120,3 +120,42 @@ fn the_matrix_path_is_amx_where_the_cpu_has_it() {
 fn amx_cpu() -> bool {
     std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| info.contains(" amx_bf16") && info.contains(" amx_tile"))
 }
+
+/// The pair products (AVX512-BF16) against the definition for every row count they take
+/// and every tail: weight rows past a block, k past the last whole 32 and below one.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn pair_products_match_the_definition_at_every_row_count_and_tail() {
+    if !pairs::available() {
+        let declined = std::env::var("FERRY_BF16_PAIRS").is_ok_and(|v| v == "off");
+        assert!(declined || !is_x86_feature_detected!("avx512bf16"), "this CPU has AVX512-BF16 but it went unused");
+        return;
+    }
+    for m in 1..=crate::kernels::MAX_ROWS {
+        for (n, k) in [(37, 64), (5, 80), (9, 31)] {
+            let (x, bytes, expected) = case(m, n, k, 29);
+            let bits: Vec<u16> = x.iter().map(|&v| round_bits(v)).collect();
+            let mut out = vec![f32::NAN; m * n];
+            pairs::linear(&bits, m, Matrix { bytes: &bytes, dtype: Dtype::Bf16, rows: n, cols: k }, &mut out, n, 0);
+            for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "{m}×{n}×{k} at {i}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+/// A router-sized bf16 matrix gives each row the same bits alone and among many rows
+/// (the few-row kernels at any row count), as the f32 one does (`rows`' test).
+#[test]
+fn a_small_bf16_matrix_gives_each_row_the_same_bits_at_any_row_count() {
+    let (m, n, k) = (29, 8, 128);
+    let (x, bytes, _) = case(m, n, k, 31);
+    let matrix = Matrix { bytes: &bytes, dtype: Dtype::Bf16, rows: n, cols: k };
+    let mut all = vec![0.0f32; m * n];
+    linear_bf16(&x, m, matrix, &mut all, n, 0);
+    for i in 0..m {
+        let mut alone = vec![0.0f32; n];
+        linear_bf16(&x[i * k..(i + 1) * k], 1, matrix, &mut alone, n, 0);
+        assert_eq!(alone, all[i * n..(i + 1) * n], "row {i} of {m}");
+    }
+}
