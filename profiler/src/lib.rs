@@ -198,9 +198,10 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
             // Which kernels ran (few rows; many rows over bf16 weights): the kernel
             // table and the peak hold their timings.
             backend: format!(
-                "cpu, {} kernels, bf16 products on {} (profiled in {:.0} s)",
+                "cpu, {} kernels, bf16 products on {} (few rows: {}) (profiled in {:.0} s)",
                 kernels::simd_path().map_or("gemm-only", |p| p.name()),
                 kernels::matrix_path(),
+                kernels::few_rows_path(),
                 started.elapsed().as_secs_f64()
             ),
         },

@@ -46,6 +46,16 @@ pub fn matrix_path() -> &'static str {
     }
 }
 
+/// The instructions `linear_bf16` multiplies few rows with on this machine: "pairs"
+/// (AVX512-BF16), or "f32" where the CPU lacks it (`FERRY_BF16_PAIRS=off` turns it off).
+pub fn few_rows_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if pairs::available() {
+        return "pairs";
+    }
+    "f32"
+}
+
 fn amx_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
