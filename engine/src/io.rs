@@ -7,6 +7,14 @@
 //! submissions), not in the order they were queued: the simulator shares the disk
 //! among the tasks reading at once, and a small read (a KV cache) queued behind a
 //! prefetch of several layers' weights would otherwise wait for all of them.
+//!
+//! Reads come in two priorities (`ReadPriority`): urgent ones (a layer's KV cache,
+//! which the next attention waits on) are taken before any streamed weights. At the
+//! disk they still queue behind the requests already submitted, and an elevator
+//! scheduler (mq-deadline, a SATA or virtual disk's default) can hold a small read far
+//! from a sequential stream up to its deadline (500 ms by default). Issuing the
+//! streams in the kernel's idle I/O class removed most of that wait for a lone probe
+//! but made whole runs no faster (BENCHMARKS.md), so every read keeps the default class.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -64,6 +72,15 @@ impl DiskFile {
     }
 }
 
+/// Which reads the pool serves first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPriority {
+    /// Small reads the next computation waits on (a KV cache): taken before streamed ones.
+    Urgent,
+    /// Weights streamed ahead of use: in turn among themselves.
+    Stream,
+}
+
 struct Request {
     file: Arc<DiskFile>,
     offset: u64,
@@ -76,20 +93,23 @@ struct Request {
 // answered (the submitting task waits for every answer before using the buffer).
 unsafe impl Send for Request {}
 
-/// The requests waiting, by submission (one read of one task): the front submission
-/// gives the next request and goes to the back if it has more.
+/// The requests waiting, by submission (one read of one task), urgent ones apart: the
+/// front urgent submission, else the front streamed one, gives the next request and
+/// goes to the back of its queue if it has more.
 #[derive(Default)]
 struct Waiting {
+    urgent: VecDeque<VecDeque<Request>>,
     submissions: VecDeque<VecDeque<Request>>,
     closed: bool,
 }
 
 impl Waiting {
     fn next(&mut self) -> Option<Request> {
-        let mut submission = self.submissions.pop_front()?;
+        let queue = if self.urgent.is_empty() { &mut self.submissions } else { &mut self.urgent };
+        let mut submission = queue.pop_front()?;
         let request = submission.pop_front();
         if !submission.is_empty() {
-            self.submissions.push_back(submission);
+            queue.push_back(submission);
         }
         request
     }
@@ -146,8 +166,9 @@ impl ReadPool {
         file: &Arc<DiskFile>,
         ranges: &[(u64, u64)],
         chunk_bytes: u64,
+        priority: ReadPriority,
     ) -> Result<(Buffer, Vec<usize>), EngineError> {
-        self.read_ranges_into(file, ranges, chunk_bytes, Buffer::new)
+        self.read_ranges_into(file, ranges, chunk_bytes, priority, Buffer::new)
     }
 
     /// Reads `ranges` into a buffer from `recycler` and hands it straight back: the
@@ -158,9 +179,10 @@ impl ReadPool {
         file: &Arc<DiskFile>,
         ranges: &[(u64, u64)],
         chunk_bytes: u64,
+        priority: ReadPriority,
         recycler: &crate::memory::Recycler,
     ) -> Result<(), EngineError> {
-        let (buffer, _) = self.read_ranges_into(file, ranges, chunk_bytes, |len| recycler.take(len))?;
+        let (buffer, _) = self.read_ranges_into(file, ranges, chunk_bytes, priority, |len| recycler.take(len))?;
         recycler.give(buffer);
         Ok(())
     }
@@ -171,6 +193,7 @@ impl ReadPool {
         file: &Arc<DiskFile>,
         ranges: &[(u64, u64)],
         chunk_bytes: u64,
+        priority: ReadPriority,
         allocate: impl FnOnce(usize) -> std::io::Result<Buffer>,
     ) -> Result<(Buffer, Vec<usize>), EngineError> {
         // Each range is widened to whole pages (direct I/O), read into its own page-aligned slot.
@@ -191,7 +214,7 @@ impl ReadPool {
                 (aligned_start, unsafe { base.add(slot) }, (aligned_end - aligned_start) as usize)
             })
             .collect();
-        self.read_pieces(file, &pieces, chunk_bytes)?;
+        self.read_pieces(file, &pieces, chunk_bytes, priority)?;
         let starts = slots.iter().map(|&(_, _, slot, skip)| slot + skip).collect();
         Ok((buffer, starts))
     }
@@ -205,6 +228,7 @@ impl ReadPool {
         offset: u64,
         dest: &mut [u8],
         chunk_bytes: u64,
+        priority: ReadPriority,
     ) -> Result<(), EngineError> {
         if file.direct
             && (!(dest.as_ptr() as usize).is_multiple_of(PAGE)
@@ -217,7 +241,7 @@ impl ReadPool {
                 dest.as_ptr()
             )));
         }
-        self.read_pieces(file, &[(offset, dest.as_mut_ptr(), dest.len())], chunk_bytes)
+        self.read_pieces(file, &[(offset, dest.as_mut_ptr(), dest.len())], chunk_bytes, priority)
     }
 
     /// Queues every (file offset, destination, length) piece as `chunk_bytes` requests,
@@ -228,6 +252,7 @@ impl ReadPool {
         file: &Arc<DiskFile>,
         pieces: &[(u64, *mut u8, usize)],
         chunk_bytes: u64,
+        priority: ReadPriority,
     ) -> Result<(), EngineError> {
         let chunk = (chunk_bytes as usize).max(PAGE) / PAGE * PAGE;
         let (done_tx, done_rx) = mpsc::channel();
@@ -250,7 +275,10 @@ impl ReadPool {
             if queue.closed {
                 return Err(EngineError::Internal("I/O pool stopped".into()));
             }
-            queue.submissions.push_back(submission);
+            match priority {
+                ReadPriority::Urgent => queue.urgent.push_back(submission),
+                ReadPriority::Stream => queue.submissions.push_back(submission),
+            }
             ready.notify_all();
         }
         let mut first_error = None;
@@ -308,5 +336,28 @@ mod tests {
         waiting.submissions.push_back([request(100)].into_iter().collect());
         let order: Vec<u64> = std::iter::from_fn(|| waiting.next()).map(|r| r.offset).collect();
         assert_eq!(order, [0, 100, 1, 2, 3]);
+        // An urgent read queued after both streams goes before their next requests.
+        waiting.submissions.push_back((0..3).map(request).collect());
+        waiting.submissions.push_back((10..12).map(request).collect());
+        assert_eq!(waiting.next().map(|r| r.offset), Some(0));
+        waiting.urgent.push_back([request(50), request(51)].into_iter().collect());
+        let order: Vec<u64> = std::iter::from_fn(|| waiting.next()).map(|r| r.offset).collect();
+        assert_eq!(order, [50, 51, 10, 1, 11, 2]);
+    }
+
+    /// Reads of both priorities arrive whole and right.
+    #[test]
+    fn urgent_and_streamed_reads_return_the_files_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..64 * 4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = Arc::new(DiskFile::open(&path, true).unwrap());
+        let pool = ReadPool::new(2);
+        for priority in [ReadPriority::Stream, ReadPriority::Urgent] {
+            let (buffer, starts) = pool.read_ranges(&file, &[(4096, 12288), (40960, 45056)], 4096, priority).unwrap();
+            assert_eq!(&buffer.as_slice()[starts[0]..starts[0] + 8192], &bytes[4096..12288]);
+            assert_eq!(&buffer.as_slice()[starts[1]..starts[1] + 4096], &bytes[40960..45056]);
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use ferry_core::profile::CurvePoint;
 use ferry_core::units::{KIB, MIB};
-use ferry_engine::io::{DiskFile, ReadPool};
+use ferry_engine::io::{DiskFile, ReadPool, ReadPriority};
 
 use crate::{io_error, median_spread, ProfileError, ProfileOptions};
 
@@ -65,7 +65,7 @@ impl ScratchDisk {
         for i in 0..32u64 {
             let offset = (i * 7919 * 4096) % (options.scratch_bytes - 4096) / 4096 * 4096;
             let start = Instant::now();
-            drop(pool.read_ranges(&disk, &[(offset, offset + 4096)], 4096)?);
+            drop(pool.read_ranges(&disk, &[(offset, offset + 4096)], 4096, ReadPriority::Urgent)?);
             latencies.push(start.elapsed().as_nanos() as f64);
         }
         let (read_latency_ns, _) = median_spread(&latencies);
@@ -138,7 +138,9 @@ pub(crate) fn timed_release_ns_per_mib(options: &ProfileOptions, disk: &Arc<Disk
     for trial in 0..options.trials.max(3) as u64 {
         let offset = (trial * bytes) % (options.scratch_bytes - bytes + 1) / 4096 * 4096;
         let (buffer, _) =
-            pool.read_ranges_into(disk, &[(offset, offset + bytes)], 4 * MIB, |len| recycler.take(len))?;
+            pool.read_ranges_into(disk, &[(offset, offset + bytes)], 4 * MIB, ReadPriority::Stream, |len| {
+                recycler.take(len)
+            })?;
         let start = Instant::now();
         recycler.give(buffer);
         samples.push(start.elapsed().as_nanos() as f64 / (bytes as f64 / MIB as f64));

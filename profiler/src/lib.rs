@@ -31,7 +31,7 @@ use ferry_core::model::{Dtype, WeightFormat};
 use ferry_core::profile::{ComputeProfile, CurvePoint, Interference, Profile, Provenance, TransferCurve};
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::{Backend, CpuBackend, DeviceBuffer, WeightRef};
-use ferry_engine::io::{DiskFile, ReadPool};
+use ferry_engine::io::{DiskFile, ReadPool, ReadPriority};
 use ferry_engine::kernels;
 use ferry_engine::memory::Buffer;
 
@@ -151,7 +151,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     let recycler = ferry_engine::memory::Recycler::new();
     recycler.set_limit(u64::MAX);
     let into_recycled = |pool: &ReadPool, offset: u64, bytes: u64, chunk: u64| {
-        pool.read_recycled(disk, &[(offset, offset + bytes)], chunk, &recycler)
+        pool.read_recycled(disk, &[(offset, offset + bytes)], chunk, ReadPriority::Stream, &recycler)
     };
     let read_points = measure_read_curve(options, into_recycled, |done| progress("disk reads", done))?;
     let under_compute = {
@@ -334,7 +334,13 @@ impl Background {
         let recycler = ferry_engine::memory::Recycler::new();
         recycler.set_limit(u64::MAX);
         Background::start(move || {
-            let _ = pool.read_recycled(&disk, &[(0, scratch_bytes.min(64 * MIB))], 4 * MIB, &recycler);
+            let _ = pool.read_recycled(
+                &disk,
+                &[(0, scratch_bytes.min(64 * MIB))],
+                4 * MIB,
+                ReadPriority::Stream,
+                &recycler,
+            );
         })
     }
 }

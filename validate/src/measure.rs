@@ -10,7 +10,7 @@ use ferry_core::schedule::{lower, Steps};
 use ferry_core::trace::{Metrics, Trace};
 use ferry_core::units::MIB;
 use ferry_core::CoreError;
-use ferry_engine::io::{DiskFile, ReadPool};
+use ferry_engine::io::{DiskFile, ReadPool, ReadPriority};
 use ferry_engine::memory::Recycler;
 use ferry_engine::synth::SplitMix64;
 use ferry_engine::weights::ModelFiles;
@@ -59,7 +59,8 @@ pub fn disk_read_gbps(file: &Path, chunk: u64, depth: u32) -> Result<f64, Valida
     let pool = ReadPool::new(depth as usize);
     let recycler = Recycler::new();
     recycler.set_limit(u64::MAX);
-    let read = |offset: u64| pool.read_recycled(&disk, &[(offset, offset + piece)], chunk, &recycler);
+    let read =
+        |offset: u64| pool.read_recycled(&disk, &[(offset, offset + piece)], chunk, ReadPriority::Stream, &recycler);
     // The first read maps the buffer; the timed ones reuse it.
     read(len - piece)?;
     let start = std::time::Instant::now();

@@ -14,7 +14,7 @@ use ferry_core::plan::{Policy, Tier, Workload};
 use super::speculate::{is_draft, Positions};
 use super::{lock, Engine, RunOptions};
 use crate::backend::{copy_kv_positions, copy_kv_rows, AttentionShape, DeviceBuffer, KvLayout};
-use crate::io::DiskFile;
+use crate::io::{DiskFile, ReadPriority};
 use crate::EngineError;
 
 /// The disk-resident KV cache: one region per (layer, micro-batch), K then V, each
@@ -216,7 +216,8 @@ impl<'a> Engine<'a> {
                 (start, start + span as u64)
             })
             .collect();
-        let (mut buffer, starts) = self.reader.read_ranges(&kv.reader, &ranges, self.policy.chunk_bytes)?;
+        let (mut buffer, starts) =
+            self.reader.read_ranges(&kv.reader, &ranges, self.policy.chunk_bytes, ReadPriority::Urgent)?;
         *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
         // Packed in place into the layout of the positions read: each range lies at or
         // after its packed place, so moving them in order never overwrites one unread.

@@ -11,6 +11,7 @@ use ferry_core::schedule::format_pieces;
 
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, WeightRef};
+use crate::io::ReadPriority;
 use crate::kernels::Rows;
 use crate::memory::{Buffer, Recycler};
 use crate::weights::ModelFiles;
@@ -198,7 +199,8 @@ impl<'a> Engine<'a> {
                     self.recycler(layer as u32).take(len)
                 }
             };
-            let (buffer, starts) = self.reader.read_ranges_into(disk, &ranges, self.policy.chunk_bytes, allocate)?;
+            let (buffer, starts) =
+                self.reader.read_ranges_into(disk, &ranges, self.policy.chunk_bytes, ReadPriority::Stream, allocate)?;
             *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
             let buffer_index = loaded.buffers.len();
             for (part, range) in members {

@@ -92,11 +92,9 @@ pub fn linear_bf16_for(x: &[f32], rows: Rows, w: Matrix, out: &mut [f32], out_st
         let mut bits = ROUNDED_BITS.take();
         bits.clear();
         bits.extend(x[..m * w.cols].iter().map(|&v| round_bits(v)));
-        for first in (0..m).step_by(super::MAX_ROWS) {
-            let group = super::MAX_ROWS.min(m - first);
-            let x = &bits[first * w.cols..(first + group) * w.cols];
-            pairs::linear(x, group, w, &mut out[first * out_stride..], out_stride, col0);
-        }
+        super::in_row_groups(&bits, m, w.cols, out, out_stride, |x, group, out| {
+            pairs::linear(x, group, w, out, out_stride, col0)
+        });
         ROUNDED_BITS.set(bits);
         return;
     }

@@ -123,26 +123,36 @@ pub fn linear(x: &[f32], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
 pub fn linear_for(x: &[f32], rows: Rows, w: Matrix, out: &mut [f32], out_stride: usize, col0: usize) {
     let m = rows.count;
     if let Some(path) = simd_path() {
-        if m <= MAX_ROWS && rows.few() {
-            // Few rows (decoding): one pass over the stored weights beats converting them.
-            return linear_rows(path, x, m, w, out, out_stride, col0);
-        }
+        // Few rows (decoding): one pass over the stored weights per `MAX_ROWS` rows
+        // beats converting them. A matrix this small (a mixture of experts' router)
+        // costs little either way; taken a few rows at a time, a row's result never
+        // depends on how many rows are multiplied with it, so the experts a token
+        // chooses cannot change with the micro-batching (the GEMM adds in another order
+        // than the few-row kernels, and on AVX-512 machines that moved a router's last bits).
         if rows.few() || w.rows <= ROW_INDEPENDENT_ROWS {
-            // A matrix this small (a mixture of experts' router) costs little either
-            // way; taken a few rows at a time, a row's result never depends on how many
-            // rows are multiplied with it, so the experts a token chooses cannot change
-            // with the micro-batching (the GEMM adds in another order than the few-row
-            // kernels, and on AVX-512 machines that moved a router's last bits).
-            let k = w.cols;
-            for first in (0..m).step_by(MAX_ROWS) {
-                let rows = MAX_ROWS.min(m - first);
-                let x = &x[first * k..(first + rows) * k];
-                linear_rows(path, x, rows, w, &mut out[first * out_stride..], out_stride, col0);
-            }
-            return;
+            return in_row_groups(x, m, w.cols, out, out_stride, |x, group, out| {
+                linear_rows(path, x, group, w, out, out_stride, col0)
+            });
         }
     }
     linear_converted(x, m, w, out, out_stride, col0);
+}
+
+/// Calls `product(x_group, rows, out_group)` for each run of at most `MAX_ROWS`
+/// consecutive rows of `x` (`m` rows of `k` values): the few-row kernels' limit.
+/// `out_group` starts at the group's first row of `out` (rows `out_stride` wide).
+pub(crate) fn in_row_groups<T>(
+    x: &[T],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    mut product: impl FnMut(&[T], usize, &mut [f32]),
+) {
+    for first in (0..m).step_by(MAX_ROWS) {
+        let rows = MAX_ROWS.min(m - first);
+        product(&x[first * k..(first + rows) * k], rows, &mut out[first * out_stride..]);
+    }
 }
 
 /// Weight matrices of at most this many rows take the few-row kernels for any number

@@ -100,14 +100,9 @@ pub fn linear_quant(
         return linear_q8(path, x, m, w, out, out_stride, col0);
     }
     match super::simd_path().filter(|_| rows.few()) {
-        Some(path) => {
-            let k = w.cols;
-            for first in (0..m).step_by(MAX_ROWS) {
-                let group = MAX_ROWS.min(m - first);
-                let x = &x[first * k..(first + group) * k];
-                quant_rows(path, x, group, w, &mut out[first * out_stride..], out_stride, col0);
-            }
-        }
+        Some(path) => super::in_row_groups(x, m, w.cols, out, out_stride, |x, group, out| {
+            quant_rows(path, x, group, w, out, out_stride, col0)
+        }),
         None => quant_converted(x, m, w, out, out_stride, col0),
     }
 }

@@ -93,18 +93,54 @@ pub fn linear_rows(path: SimdPath, x: &[f32], m: usize, w: Matrix, out: &mut [f3
     let element = super::element_bytes(w.dtype);
     assert!(w.bytes.len() >= w.rows * k * element, "linear_rows: weights too short");
     let path = if path.supported() { path } else { SimdPath::Scalar };
+    let weights = WeightRows { bytes: w.bytes, rows: w.rows, row_bytes: k * element };
+    by_weight_rows(weights, m, out, out_stride, col0, |rows, available, dots| {
+        dot_block(path, w.dtype, rows, available, x, m, k, dots)
+    });
+}
+
+/// The most weight rows one call of a vector kernel multiplies together.
+pub(crate) const MAX_BLOCK: usize = 4;
+
+/// A few-row product's weights as stored: `rows` rows of `row_bytes` bytes each.
+#[derive(Clone, Copy)]
+pub(crate) struct WeightRows<'a> {
+    pub bytes: &'a [u8],
+    pub rows: usize,
+    pub row_bytes: usize,
+}
+
+/// The task loop every few-row kernel shares: the weight rows in parallel tasks of
+/// `ROWS_PER_TASK`, each handing `block(rows, available, dots)` the rest of its rows
+/// until done; `block` fills `dots[r][i] = x[i] · w[r]` for the block of weight rows it
+/// takes (returned) and the first `m` rows of x, and the loop writes them to
+/// `out[i, col0 + j + r]` (`out` rows `out_stride` wide).
+///
+/// # Panics
+/// Where `out` or the weights are too small for the shapes, or `m` exceeds `MAX_ROWS`.
+pub(crate) fn by_weight_rows(
+    weights: WeightRows,
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    col0: usize,
+    block: impl Fn(&[u8], usize, &mut [[f32; MAX_ROWS]; MAX_BLOCK]) -> usize + Sync,
+) {
+    let WeightRows { bytes, rows, row_bytes } = weights;
+    assert!(m <= MAX_ROWS, "few-row products: {m} rows of x");
+    assert!(col0 + rows <= out_stride && out.len() >= m * out_stride, "few-row products: output too small");
+    assert!(bytes.len() >= rows * row_bytes, "few-row products: weights too short");
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let tasks = w.rows.div_ceil(ROWS_PER_TASK);
     in_pool(|| {
-        (0..tasks).into_par_iter().for_each(|task| {
+        (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
-            let last = (first + ROWS_PER_TASK).min(w.rows);
+            let last = (first + ROWS_PER_TASK).min(rows);
             let mut dots = [[0.0f32; MAX_ROWS]; MAX_BLOCK];
             let mut j = first;
             while j < last {
-                let rows = &w.bytes[j * k * element..last * k * element];
-                let done = dot_block(path, w.dtype, rows, last - j, x, m, k, &mut dots);
-                for (r, row_dots) in dots[..done].iter().enumerate() {
+                let done = block(&bytes[j * row_bytes..last * row_bytes], last - j, &mut dots);
+                assert!((1..=MAX_BLOCK).contains(&done), "few-row products: a block of {done} rows");
+                for (r, row_dots) in dots[..done.min(last - j)].iter().enumerate() {
                     for (i, &dot) in row_dots[..m].iter().enumerate() {
                         // SAFETY: task `task` alone writes columns col0 + first .. col0 + last
                         // of each row; the asserts above keep every index inside `out`.
@@ -116,9 +152,6 @@ pub fn linear_rows(path: SimdPath, x: &[f32], m: usize, w: Matrix, out: &mut [f3
         })
     });
 }
-
-/// The most weight rows one call of a vector kernel multiplies together.
-const MAX_BLOCK: usize = 4;
 
 /// `dots[r][i] = x[i] · w[r]` for a block of the `available` weight rows at the start
 /// of `rows` and the first `m` rows of `x`; returns how many weight rows it did.

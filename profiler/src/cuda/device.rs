@@ -241,7 +241,13 @@ pub(super) fn measure(
     let disk_read = crate::measure_read_curve(
         options,
         |pool, offset, bytes, chunk| {
-            pool.read_into(&scratch.disk, offset, &mut landing.slice_mut()[..bytes as usize], chunk)
+            pool.read_into(
+                &scratch.disk,
+                offset,
+                &mut landing.slice_mut()[..bytes as usize],
+                chunk,
+                ferry_engine::io::ReadPriority::Stream,
+            )
         },
         |f| progress("disk reads into pinned memory", f),
     )?;

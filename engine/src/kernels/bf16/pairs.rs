@@ -17,14 +17,9 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
+use crate::kernels::rows::{by_weight_rows, WeightRows, MAX_BLOCK};
+use crate::kernels::{Matrix, MAX_ROWS};
 
-use crate::kernels::{in_pool, Matrix, SendPtr, MAX_ROWS};
-
-/// Weight rows per parallel task, as in the f32 row kernels.
-const ROWS_PER_TASK: usize = 64;
-/// The most weight rows one call of the block kernel multiplies together.
-const MAX_BLOCK: usize = 4;
 /// bf16 values per vector.
 const LANES: usize = 32;
 
@@ -50,33 +45,11 @@ pub fn linear(x: &[u16], m: usize, w: Matrix, out: &mut [f32], out_stride: usize
     assert!((1..=MAX_ROWS).contains(&m) && x.len() >= m * k, "bf16 pairs: {m} rows of {k}");
     assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride, "bf16 pairs: output too small");
     assert!(w.bytes.len() >= w.rows * k * 2, "bf16 pairs: weights too short");
-    products(x, m, w.bytes, w.rows, k, out, out_stride, col0)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn products(x: &[u16], m: usize, w: &[u8], rows: usize, k: usize, out: &mut [f32], out_stride: usize, col0: usize) {
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    in_pool(|| {
-        (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-            let first = task * ROWS_PER_TASK;
-            let last = (first + ROWS_PER_TASK).min(rows);
-            let mut dots = [[0.0f32; MAX_ROWS]; MAX_BLOCK];
-            let mut j = first;
-            while j < last {
-                let block = &w[j * k * 2..last * k * 2];
-                // SAFETY: `linear` checked the CPU and the shapes; `block` holds
-                // `last - j` whole rows of k values.
-                let done = unsafe { by_shape(block, last - j, x, m, k, &mut dots) };
-                for (r, row_dots) in dots[..done].iter().enumerate() {
-                    for (i, &dot) in row_dots[..m].iter().enumerate() {
-                        // SAFETY: this task alone writes columns col0 + first .. col0 +
-                        // last; `linear`'s asserts keep every index inside `out`.
-                        unsafe { *out_ptr.get().add(i * out_stride + col0 + j + r) = dot };
-                    }
-                }
-                j += done;
-            }
-        })
+    let weights = WeightRows { bytes: w.bytes, rows: w.rows, row_bytes: k * 2 };
+    by_weight_rows(weights, m, out, out_stride, col0, |rows, available, dots| {
+        // SAFETY: the CPU was checked above, and `rows` holds `available` whole rows of
+        // k values (`by_weight_rows`).
+        unsafe { by_shape(rows, available, x, m, k, dots) }
     });
 }
 
