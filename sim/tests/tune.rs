@@ -268,3 +268,31 @@ fn a_skewed_routing_keeps_its_hot_experts_on_the_device() {
         assert!(best.metrics.tokens_per_s > without.metrics.tokens_per_s);
     }
 }
+
+/// Past a measured curve's largest request size every size ties with it (the curve
+/// holds its last rate), and a tie would go to the coarsest: a size nothing measured.
+/// A measured profile's plans stay within what it measured; a datasheet's keep the
+/// whole range.
+#[test]
+fn a_measured_profile_is_not_tuned_past_the_request_sizes_it_measured() {
+    use ferry_core::profile::{CurvePoint, Provenance, TransferCurve};
+    let (model, mut profile) = setup("cpu", "ferry-ci-vm", "tinyllama-1.1b", Some(512 * MIB));
+    let chunks_of = |profile: &Profile| {
+        let best = tune(&request(&model, profile, BatchChoice::Fixed(4)), &KnobSpace::full()).unwrap().best;
+        assert!(best.policy.mlp_weights.disk > 0, "the plan streams from disk: {:?}", best.policy);
+        best.policy.chunk_bytes
+    };
+    let datasheet_chunk = chunks_of(&profile);
+    profile.provenance =
+        Provenance::Measured { machine: "test".into(), date: "2026-12-03".into(), backend: "cpu".into() };
+    let point =
+        |chunk_bytes: u64, concurrency: u32, gbps: f64| CurvePoint { chunk_bytes, concurrency, gbps, spread: None };
+    profile.disk_read = TransferCurve {
+        latency_ns: 80_000,
+        points: vec![point(MIB / 4, 1, 0.6), point(4 * MIB, 1, 1.0), point(16 * MIB, 1, 1.2), point(16 * MIB, 8, 1.5)],
+    };
+    profile.interference.disk_read_under_compute = None;
+    let measured_chunk = chunks_of(&profile);
+    assert!(measured_chunk <= 16 * MIB, "tuned to {measured_chunk} bytes per request; the curve stops at 16 MiB");
+    assert!(datasheet_chunk >= measured_chunk, "datasheet {datasheet_chunk}, measured {measured_chunk}");
+}
