@@ -99,13 +99,13 @@ unsafe impl Send for Request {}
 #[derive(Default)]
 struct Waiting {
     urgent: VecDeque<VecDeque<Request>>,
-    submissions: VecDeque<VecDeque<Request>>,
+    streamed: VecDeque<VecDeque<Request>>,
     closed: bool,
 }
 
 impl Waiting {
     fn next(&mut self) -> Option<Request> {
-        let queue = if self.urgent.is_empty() { &mut self.submissions } else { &mut self.urgent };
+        let queue = if self.urgent.is_empty() { &mut self.streamed } else { &mut self.urgent };
         let mut submission = queue.pop_front()?;
         let request = submission.pop_front();
         if !submission.is_empty() {
@@ -277,7 +277,7 @@ impl ReadPool {
             }
             match priority {
                 ReadPriority::Urgent => queue.urgent.push_back(submission),
-                ReadPriority::Stream => queue.submissions.push_back(submission),
+                ReadPriority::Stream => queue.streamed.push_back(submission),
             }
             ready.notify_all();
         }
@@ -332,13 +332,13 @@ mod tests {
             done: done.clone(),
         };
         let mut waiting = Waiting::default();
-        waiting.submissions.push_back((0..4).map(request).collect());
-        waiting.submissions.push_back([request(100)].into_iter().collect());
+        waiting.streamed.push_back((0..4).map(request).collect());
+        waiting.streamed.push_back([request(100)].into_iter().collect());
         let order: Vec<u64> = std::iter::from_fn(|| waiting.next()).map(|r| r.offset).collect();
         assert_eq!(order, [0, 100, 1, 2, 3]);
         // An urgent read queued after both streams goes before their next requests.
-        waiting.submissions.push_back((0..3).map(request).collect());
-        waiting.submissions.push_back((10..12).map(request).collect());
+        waiting.streamed.push_back((0..3).map(request).collect());
+        waiting.streamed.push_back((10..12).map(request).collect());
         assert_eq!(waiting.next().map(|r| r.offset), Some(0));
         waiting.urgent.push_back([request(50), request(51)].into_iter().collect());
         let order: Vec<u64> = std::iter::from_fn(|| waiting.next()).map(|r| r.offset).collect();

@@ -71,6 +71,8 @@ pub(super) struct Searcher<'a> {
     /// Variants of the leading plans simulated so far (`SearchStats::refined`); counted
     /// from the threads that simulate them side by side.
     pub(super) refined: std::sync::atomic::AtomicU64,
+    /// The request sizes searched (`searched_chunk_sizes`).
+    chunk_sizes: Vec<u64>,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -109,6 +111,7 @@ impl<'a> Searcher<'a> {
             experts: layout.expert_bytes(request.model, 0),
             layout,
             refined: std::sync::atomic::AtomicU64::new(0),
+            chunk_sizes: searched_chunk_sizes(request.profile, space),
         }
     }
 
@@ -196,12 +199,11 @@ impl<'a> Searcher<'a> {
     fn members(&self, group: &Group) -> Vec<Member> {
         let unified = self.unified();
         let streams: &[u32] = if unified { &[1] } else { &self.space.copy_streams };
-        let chunks = self.chunk_sizes();
         let mut members = Vec::new();
         for &schedule in &group.schedules {
             let depths: &[u64] = if schedule == Schedule::Sequential { &[0] } else { &self.space.prefetch_depths };
             for &prefetch_depth in depths {
-                for &chunk_bytes in &chunks {
+                for &chunk_bytes in &self.chunk_sizes {
                     for &copy_streams in streams {
                         for &io_queue_depth in &self.space.io_queue_depths {
                             members.push(Member {
@@ -217,31 +219,6 @@ impl<'a> Searcher<'a> {
             }
         }
         members
-    }
-
-    /// The request sizes searched. With a measured profile, none past the largest size
-    /// its transfer curves measured: beyond it a curve holds its last rate, so every
-    /// larger size ties with it, and ties go to the coarser transfer (`KnobSpace::full`)
-    /// — a request size nothing measured, which on this project's VM ran no faster and
-    /// was predicted worse, a KV read queued behind 256 MiB requests waiting for them
-    /// (BENCHMARKS.md, "Small reads behind a weight stream").
-    pub(super) fn chunk_sizes(&self) -> Vec<u64> {
-        let profile = self.request.profile;
-        if !profile.is_measured() {
-            return self.space.chunk_bytes.clone();
-        }
-        let mut curves = vec![&profile.disk_read];
-        if !self.unified() {
-            curves.extend([&profile.host_to_device, &profile.host_to_device_pageable]);
-        }
-        let largest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.chunk_bytes)).max().unwrap_or(u64::MAX);
-        let measured: Vec<u64> = self.space.chunk_bytes.iter().copied().filter(|&c| c <= largest).collect();
-        if measured.is_empty() {
-            // Every size searched lies past the curves: the smallest is the least guess.
-            self.space.chunk_bytes.iter().copied().min().into_iter().collect()
-        } else {
-            measured
-        }
     }
 
     fn h2d_curve(&self, pinned: bool) -> Curve {
@@ -548,4 +525,28 @@ fn best_by_batch(simulated: &[Candidate]) -> Vec<(u64, f64)> {
     }
     by_batch.sort_by_key(|(batch, _)| *batch);
     by_batch
+}
+
+/// The request sizes a search tries: `space`'s, and with a measured profile none past
+/// the largest size its transfer curves measured. Beyond it a curve holds its last
+/// rate, so every larger size ties with it, and ties go to the coarser transfer
+/// (`KnobSpace::full`) — a request size nothing measured, which on this project's VM ran
+/// no faster and was predicted worse, a KV read queued behind 256 MiB requests waiting
+/// for them (BENCHMARKS.md, "Small reads behind a weight stream").
+fn searched_chunk_sizes(profile: &ferry_core::profile::Profile, space: &KnobSpace) -> Vec<u64> {
+    if !profile.is_measured() {
+        return space.chunk_bytes.clone();
+    }
+    let mut curves = vec![&profile.disk_read];
+    if !profile.unified_memory {
+        curves.extend([&profile.host_to_device, &profile.host_to_device_pageable]);
+    }
+    let largest = curves.iter().flat_map(|c| c.points.iter().map(|p| p.chunk_bytes)).max().unwrap_or(u64::MAX);
+    let measured: Vec<u64> = space.chunk_bytes.iter().copied().filter(|&c| c <= largest).collect();
+    if measured.is_empty() {
+        // Every size searched lies past the curves: the smallest is the least guess.
+        space.chunk_bytes.iter().copied().min().into_iter().collect()
+    } else {
+        measured
+    }
 }
