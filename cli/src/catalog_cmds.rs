@@ -298,6 +298,12 @@ pub fn show(args: ShowArgs) -> Result<()> {
             let mut table = Table::new(["figure", "value"]);
             table.row(["memory".to_string(), format_bytes(gpu.memory_bytes)]);
             table.row(["fp16/bf16 tensor (dense)".to_string(), format!("{} TFLOP/s", gpu.fp16_tflops)]);
+            if let Some(sustained) = &gpu.sustained {
+                table.row([
+                    "fp16 products, sustained (measured)".to_string(),
+                    format!("{} TFLOP/s", sustained.fp16_gemm_tflops),
+                ]);
+            }
             table.row(["fp32".to_string(), format!("{} TFLOP/s", gpu.fp32_tflops)]);
             table.row(["memory bandwidth".to_string(), format!("{} GB/s", gpu.memory_bandwidth_gbps)]);
             let link = match gpu.interconnect.peak_gbps() {
@@ -308,6 +314,9 @@ pub fn show(args: ShowArgs) -> Result<()> {
             table.row(["default host preset".to_string(), gpu.default_host.clone()]);
             print!("{}", table.render());
             println!("source: {}", gpu.source);
+            if let Some(sustained) = &gpu.sustained {
+                println!("sustained figures: {}", sustained.source);
+            }
         }
         ShowWhat::Profile => {
             let gpu = catalog.gpu(&args.name)?;

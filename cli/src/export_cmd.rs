@@ -95,7 +95,8 @@ fn engine_prediction(resolved: &ferry_core::resolve::ResolvedPlan, engine: Engin
     match ferry_sim::engines::as_run_by(engine, &plan.policy, model, profile, plan.workload.batch_size) {
         ferry_sim::engines::EngineRun::NotModelled(what) => EnginePrediction::Not(format!("{what} is not modelled")),
         ferry_sim::engines::EngineRun::Priced { policy, approximations } => {
-            match predict(&policy, model, &plan.workload, profile, Extrapolation::Full) {
+            match ferry_sim::predict_run_by(Some(engine), &policy, model, &plan.workload, profile, Extrapolation::Full)
+            {
                 Ok(p) => EnginePrediction::Priced { tokens_per_s: p.metrics.tokens_per_s, approximations },
                 Err(error) => EnginePrediction::Not(format!("in Ferry's model of it, it does not run: {error}")),
             }

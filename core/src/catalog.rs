@@ -86,6 +86,7 @@ impl Catalog {
             if let Some(rest) = path.strip_prefix("gpus/") {
                 let gpu: GpuSpec = from_yaml_str(text, &origin)?;
                 check_file_name(&origin, rest, &gpu.name)?;
+                gpu.validate().map_err(|e| CoreError::invalid(format!("{origin}: {e}")))?;
                 catalog.gpus.push(gpu);
             } else if let Some(rest) = path.strip_prefix("models/") {
                 let model: ModelSpec = from_yaml_str(text, &origin)?;
@@ -353,6 +354,17 @@ mod tests {
         assert!(err.starts_with("catalog:gpus/t9.yaml:3:"), "{err}");
         let err = Catalog::from_files([("gpus/t9.yaml", "name: [\n")]).unwrap_err().to_string();
         assert!(err.starts_with("catalog:gpus/t9.yaml:"), "{err}");
+    }
+
+    #[test]
+    fn a_sustained_rate_past_the_datasheet_peak_is_refused_naming_the_file() {
+        let t4 = CATALOG_FILES.iter().find(|(path, _)| *path == "gpus/t4.yaml").unwrap().1;
+        let faster = t4.replace("fp16_gemm_tflops: 24", "fp16_gemm_tflops: 80");
+        assert_ne!(faster, t4, "the shipped T4 entry carries a sustained rate");
+        let err = Catalog::from_files([("gpus/t4.yaml", faster.as_str())]).unwrap_err().to_string();
+        assert!(err.contains("catalog:gpus/t4.yaml") && err.contains("no larger than"), "{err}");
+        let nan = t4.replace("fp16_gemm_tflops: 24", "fp16_gemm_tflops: .nan");
+        assert!(Catalog::from_files([("gpus/t4.yaml", nan.as_str())]).is_err());
     }
 
     #[test]

@@ -63,9 +63,41 @@ pub struct GpuSpec {
     pub default_host: String,
     /// The datasheet the figures come from.
     pub source: String,
+    /// A published measurement of what the device sustains, used by its datasheet
+    /// profile in place of the datasheet peak times an assumed efficiency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sustained: Option<SustainedFigures>,
+}
+
+/// What a device was measured to sustain, with where (the datasheet peak assumes
+/// boost clocks that a power-capped card such as the T4's 70 W does not hold).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SustainedFigures {
+    /// Dense fp16 products of large matrices (a vendor BLAS), TFLOP/s, run long
+    /// enough to reach the clocks the card holds.
+    pub fp16_gemm_tflops: f64,
+    /// Who measured it, how, and where it is published.
+    pub source: String,
 }
 
 impl GpuSpec {
+    /// Checks what serde cannot: a sustained rate is a positive number no larger than
+    /// the datasheet peak it falls short of.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        if let Some(sustained) = &self.sustained {
+            let tflops = sustained.fp16_gemm_tflops;
+            if !(tflops.is_finite() && tflops > 0.0 && tflops <= self.fp16_tflops) {
+                return Err(crate::error::CoreError::invalid(format!(
+                    "gpu {}: sustained.fp16_gemm_tflops is {tflops}; give a positive rate no larger than the \
+                     datasheet's fp16_tflops ({})",
+                    self.name, self.fp16_tflops
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// True for the host CPU acting as the compute device (the `cpu` backend).
     pub fn is_cpu(&self) -> bool {
         self.name == "cpu"

@@ -424,10 +424,15 @@ impl Profile {
         let device_compute = if gpu.is_cpu() {
             host_compute.clone()
         } else {
+            // A published sustained GEMM rate is already what large products reach.
+            let (peak_flops, matmul_efficiency) = match &gpu.sustained {
+                Some(sustained) => (sustained.fp16_gemm_tflops * 1e12, 1.0),
+                None => (gpu.fp16_tflops * 1e12, GPU_MATMUL_EFFICIENCY),
+            };
             ComputeProfile {
-                peak_flops: gpu.fp16_tflops * 1e12,
+                peak_flops,
                 memory_bytes_per_s: gpu.memory_bandwidth_gbps * 1e9,
-                matmul_efficiency: GPU_MATMUL_EFFICIENCY,
+                matmul_efficiency,
                 memory_efficiency: MEMORY_EFFICIENCY,
                 task_overhead_ns: GPU_TASK_OVERHEAD_NS,
                 table: Vec::new(),
@@ -440,7 +445,11 @@ impl Profile {
             provenance: Provenance::Datasheet {
                 gpu: gpu.name.clone(),
                 host: host.name.clone(),
-                sources: vec![gpu.source.clone(), host.source.clone()],
+                sources: [Some(&gpu.source), gpu.sustained.as_ref().map(|s| &s.source), Some(&host.source)]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect(),
             },
             device_name: gpu.name.clone(),
             unified_memory: unified,

@@ -322,8 +322,8 @@ pub fn resolve_draft(catalog: &Catalog, plan: &mut Plan, base_dir: &Path, notes:
 /// What a prediction of weights stored in `formats` assumes about their dequantization:
 /// for each quantized format the profile has no measured rate for, that it is taken as
 /// fused into the matrix multiply at no extra cost (memory-bound at its real bytes);
-/// where the profile has a kernel table, that quantized tasks are priced by the roofline
-/// instead (the table timed float weights).
+/// where the profile has a kernel table but none of its entries timed a format, that the
+/// format's tasks are priced by the roofline instead.
 pub fn weight_format_notes(formats: &WeightFormats, model: &ModelSpec, profile: &Profile) -> Vec<String> {
     let quantized = formats.quantized_formats(model);
     let mut notes = formats.fallbacks(model);
@@ -348,13 +348,20 @@ pub fn weight_format_notes(formats: &WeightFormats, model: &ModelSpec, profile: 
             missing.join(" or the ")
         ));
     }
-    let table = !profile.device_compute.table.is_empty() || !profile.host_compute.table.is_empty();
-    if table && !quantized.is_empty() {
-        notes.push(
-            "the profile's kernel table timed float weights: tasks reading quantized weights are priced by the \
-             roofline at their real bytes plus the dequantization instead"
-                .into(),
-        );
+    // A table measured over a format's own weights prices that format's tasks; a float
+    // table leaves the others to the roofline.
+    let tables = [&profile.device_compute.table, &profile.host_compute.table];
+    let untimed: Vec<String> = quantized
+        .iter()
+        .map(|format| format.name())
+        .filter(|name| tables.iter().all(|t| t.iter().all(|e| e.format.as_deref() != Some(name.as_str()))))
+        .collect();
+    if tables.iter().any(|t| !t.is_empty()) && !untimed.is_empty() {
+        notes.push(format!(
+            "the profile's kernel table did not time {} weights: those tasks are priced by the roofline at their \
+             real bytes plus the dequantization instead (`ferry profile --model` with a file in that format times them)",
+            untimed.join(", ")
+        ));
     }
     notes
 }

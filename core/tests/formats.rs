@@ -269,3 +269,38 @@ fn a_q8_0_llama_2_7b_weighs_what_the_published_file_does() {
     assert_eq!(total, 7_160_348_672);
     assert!((total as f64 - 7.16e9).abs() / 7.16e9 < 0.001, "{total}");
 }
+
+/// A profile's kernel table prices a quantized format's tasks only where its entries
+/// timed that format; the note says which formats it did not.
+#[test]
+fn the_kernel_table_note_names_only_the_formats_the_table_did_not_time() {
+    use ferry_core::profile::{KernelTiming, Profile};
+    let catalog = Catalog::builtin().unwrap();
+    let hardware = ferry_core::hardware::Hardware {
+        gpu: catalog.gpu("cpu").unwrap().value,
+        host: catalog.host("ferry-ci-vm").unwrap().value,
+    };
+    let m = model("tinyllama-1.1b");
+    let timing = |format: Option<&str>| KernelTiming {
+        op: "mlp".into(),
+        shape: "2048x5632".into(),
+        tokens: 1,
+        context: 0,
+        ns: 1_000_000,
+        format: format.map(str::to_string),
+    };
+    let note = |table: Vec<KernelTiming>, format: &str| -> Vec<String> {
+        let mut profile = Profile::from_datasheet(&hardware);
+        profile.device_compute.table = table;
+        let formats = WeightFormats::uniform(WeightFormat::parse(format).unwrap());
+        ferry_core::resolve::weight_format_notes(&formats, &m, &profile)
+            .into_iter()
+            .filter(|n| n.contains("kernel table"))
+            .collect()
+    };
+    assert!(note(vec![timing(Some("q4_0"))], "q4_0").is_empty());
+    let float_table = note(vec![timing(None)], "q4_0");
+    assert!(float_table.len() == 1 && float_table[0].contains("did not time q4_0"), "{float_table:?}");
+    assert_eq!(note(vec![timing(Some("q4_0"))], "q8_0").len(), 1);
+    assert!(note(Vec::new(), "q4_0").is_empty(), "no table, nothing to say about one");
+}

@@ -17,6 +17,8 @@ use ferry_core::model::{ModelSpec, WeightFormats};
 use ferry_core::profile::{ComputeProfile, CurvePoint, KernelTiming, Profile, TransferCurve, FEW_ROWS};
 
 use crate::dequant::{Dequantization, Quantized, Side};
+use crate::engines::EngineCosts;
+use ferry_core::export::Engine;
 
 /// Which curve a transfer uses: of which host's disk, which device's link to its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,6 +70,8 @@ pub struct CostModel<'a> {
     /// A separate draft model's shape key and dequantization (speculative plans): its
     /// tasks are priced at its own shape.
     draft: Option<(String, Option<Dequantization>)>,
+    /// What the engine running the plan costs beyond Ferry's own (`run_by`).
+    engine: EngineCosts,
 }
 
 impl<'a> CostModel<'a> {
@@ -79,7 +83,13 @@ impl<'a> CostModel<'a> {
             peer_via_host: std::sync::OnceLock::new(),
             dequant: None,
             draft: None,
+            engine: EngineCosts::of(None),
         }
+    }
+
+    /// This cost model for the plan as `engine` runs it (`None`: Ferry's engine).
+    pub fn run_by(self, engine: Option<Engine>) -> CostModel<'a> {
+        CostModel { engine: EngineCosts::of(engine), ..self }
     }
 
     /// The cost model of `policy`'s plan: its weight formats, and a separate draft's
@@ -207,6 +217,11 @@ impl<'a> CostModel<'a> {
         let (tokens, context) = (task.tokens as u64, task.context as u64);
         let side = if on_host { Side::Host } else { Side::Device };
         let nominal_ns = match (&self.draft, task.payload) {
+            // Another engine's attention over a host cache runs its own kernels, not
+            // those the table timed: the roofline at the bytes it moves.
+            _ if on_host && op == Op::AttnCore && !self.engine.host_attention_as_ferry() => {
+                roofline_ns(compute, task.flops, self.engine.host_attention_bytes(task.bytes), None)
+            }
             // A separate draft's task: its own shape in the kernel table, its own formats.
             (Some((shape, dequant)), Payload::Compute { draft: true, .. }) => {
                 let quantized = dequant.as_ref().and_then(|d| d.task(side, op, layer.or(Some(0)), tokens));
@@ -271,11 +286,7 @@ impl<'a> CostModel<'a> {
                 return ns;
             }
         }
-        let flops_ns = flops as f64 / compute.flops_per_s() * 1e9;
-        let bytes_ns = bytes as f64 / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
-        // A format's products may run faster than the float peak (`extra_ns` < 0).
-        let arithmetic_ns = (flops_ns + quantized.map_or(0.0, |q| q.extra_ns)).max(0.0);
-        compute.task_overhead_ns as f64 + arithmetic_ns.max(bytes_ns)
+        roofline_ns(compute, flops, bytes as f64, quantized)
     }
 
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.
@@ -340,6 +351,16 @@ impl<'a> CostModel<'a> {
 /// (`Engine::product_rows`): a speculative verification's target tasks multiply
 /// `drafted + 1` rows per sequence with plain decoding's kernel, that of one row per
 /// sequence, so that speculation cannot change a token; every other task its own rows.
+/// The larger of FLOPs over achievable FLOP/s and bytes over achievable bandwidth,
+/// plus the per-task overhead.
+fn roofline_ns(compute: &ComputeProfile, flops: u64, bytes: f64, quantized: Option<Quantized>) -> f64 {
+    let flops_ns = flops as f64 / compute.flops_per_s() * 1e9;
+    let bytes_ns = bytes / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
+    // A format's products may run faster than the float peak (`extra_ns` < 0).
+    let arithmetic_ns = (flops_ns + quantized.map_or(0.0, |q| q.extra_ns)).max(0.0);
+    compute.task_overhead_ns as f64 + arithmetic_ns.max(bytes_ns)
+}
+
 fn kernel_tokens(graph: &TaskGraph, task: &Task) -> u64 {
     let drafted = graph.rounds.get(task.step as usize).map_or(0, |r| r.drafted as u64);
     match task.payload {

@@ -29,6 +29,40 @@ use ferry_core::units::MIB;
 
 use crate::tune::{llama_cpp_policy, BatchChoice, KnobSpace, Objective, TuneRequest};
 
+/// What an engine's own implementation costs beyond the work of the plan it runs,
+/// where its code says so (each figure with the line it comes from). Ferry's engine
+/// adds nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineCosts {
+    /// Bytes an attention over a host-resident KV cache moves per byte of the cache.
+    host_attention_bytes_per_cache_byte: f64,
+}
+
+impl EngineCosts {
+    /// The costs of `engine` (`None`: Ferry's own engine).
+    pub fn of(engine: Option<Engine>) -> EngineCosts {
+        match engine {
+            // FlexGen's attention over a CPU cache (flexgen/pytorch_backend.py,
+            // `mha_gen`, commit 19753bc) converts the fp16 cache to f32 first
+            // (`k, v = k.float(), v.float()`) and the batched products read the copy:
+            // 2 bytes read, 4 written and 4 read again per cached value, at least five
+            // times one pass over the cache.
+            Some(Engine::Flexgen) => EngineCosts { host_attention_bytes_per_cache_byte: 5.0 },
+            _ => EngineCosts { host_attention_bytes_per_cache_byte: 1.0 },
+        }
+    }
+
+    /// Whether attention over a host cache costs what Ferry's engine makes it cost.
+    pub fn host_attention_as_ferry(&self) -> bool {
+        self.host_attention_bytes_per_cache_byte == 1.0
+    }
+
+    /// The bytes an attention reading `cache_bytes` of a host cache moves.
+    pub fn host_attention_bytes(&self, cache_bytes: u64) -> f64 {
+        cache_bytes as f64 * self.host_attention_bytes_per_cache_byte
+    }
+}
+
 /// How an engine would run a plan, as a policy the simulator prices.
 #[derive(Debug, Clone)]
 pub enum EngineRun {
@@ -182,5 +216,47 @@ mod tests {
         assert_eq!((flexgen.schedule, flexgen.prefetch_depth), (Schedule::ZigzagBlock, 1));
         assert_eq!(flexgen.num_micro_batches, 2, "FlexGen keeps its GPU batches");
         assert!(matches!(as_run_by(Engine::PrimaCpp, &policy, &model, &profile, 8), EngineRun::NotModelled(_)));
+    }
+
+    #[test]
+    fn flexgen_pays_for_converting_a_host_cache_and_nothing_else() {
+        use crate::cost::{CostModel, TaskCost};
+        use ferry_core::plan::Workload;
+        use ferry_core::schedule::{lower, Steps};
+        let (model, profile, mut policy) = setup();
+        policy.schedule = Schedule::ZigzagBlock;
+        let workload = Workload { batch_size: 2, prompt_len: 256, gen_len: 4 };
+        let graph = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        let ferry = CostModel::for_policy(&profile, &model, &policy);
+        let flexgen = CostModel::for_policy(&profile, &model, &policy).run_by(Some(Engine::Flexgen));
+        let host = profile.host(0).compute;
+        let nominal = |cost: &CostModel, task| match cost.task_cost(task) {
+            TaskCost::Compute { nominal_ns } => nominal_ns,
+            TaskCost::Transfer { work_bytes, .. } => work_bytes,
+        };
+        let (mut host_cores, mut slower) = (0, 0);
+        for task in &graph.tasks {
+            let (ours, theirs) = (nominal(&ferry, task), nominal(&flexgen, task));
+            let host_core =
+                matches!(task.payload, ferry_core::graph::Payload::Compute { op: ferry_core::graph::Op::AttnCore, .. })
+                    && task.resource == ferry_core::graph::Resource::Compute { at: ferry_core::graph::Place::Host(0) };
+            if !host_core {
+                assert_eq!(ours, theirs, "{:?}", task.payload);
+                continue;
+            }
+            host_cores += 1;
+            // The roofline with five passes' worth of bytes over the cache.
+            let pass_ns = task.bytes as f64 / (host.memory_bytes_per_s * host.memory_efficiency) * 1e9;
+            let flops_ns = task.flops as f64 / host.flops_per_s() * 1e9;
+            let expected = host.task_overhead_ns as f64 + flops_ns.max(5.0 * pass_ns);
+            assert!((theirs - expected).abs() <= 1e-6 * theirs, "{theirs} against {expected}");
+            assert!(theirs >= ours, "{theirs} against {ours}");
+            slower += usize::from(theirs > 1.5 * ours);
+        }
+        assert!(host_cores > 0, "the plan computes attention on the host");
+        assert!(slower > 0, "decoding's attention over the cache is memory-bound: FlexGen's is slower");
+        for engine in [None, Some(Engine::Accelerate), Some(Engine::LlamaCpp), Some(Engine::Vllm)] {
+            assert!(EngineCosts::of(engine).host_attention_as_ferry(), "{engine:?}");
+        }
     }
 }

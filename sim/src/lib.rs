@@ -14,7 +14,7 @@ pub mod predict;
 pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
-pub use predict::{interval, predict, Extrapolation, Interval, Prediction};
+pub use predict::{interval, predict, predict_run_by, Extrapolation, Interval, Prediction};
 
 use ferry_core::{Classify, ErrorKind};
 

@@ -4,6 +4,7 @@
 //! steps further on, and interpolate the steps in between (tested to stay within
 //! 0.5 % of simulating every step).
 
+use ferry_core::export::Engine;
 use ferry_core::graph::TaskGraph;
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::{Policy, Workload};
@@ -78,7 +79,20 @@ pub fn predict(
     profile: &Profile,
     mode: Extrapolation,
 ) -> Result<Prediction, SimError> {
-    let cost = CostModel::for_policy(profile, model, policy);
+    predict_run_by(None, policy, model, workload, profile, mode)
+}
+
+/// `predict` for the plan as `engine` runs it (`None`: Ferry's engine), at that
+/// engine's own costs (`engines::EngineCosts`).
+pub fn predict_run_by(
+    engine: Option<Engine>,
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    mode: Extrapolation,
+) -> Result<Prediction, SimError> {
+    let cost = CostModel::for_policy(profile, model, policy).run_by(engine);
     let decode_steps = decode_rounds(policy, workload);
     let sampled = sample_steps(decode_steps);
     let steps = match (mode, &sampled) {

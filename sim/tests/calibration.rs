@@ -17,19 +17,20 @@ use std::path::{Path, PathBuf};
 use ferry_core::catalog::Catalog;
 use ferry_core::plan::Plan;
 use ferry_core::resolve::resolve_plan;
-use ferry_sim::{predict, Extrapolation};
+use ferry_sim::{predict_run_by, Extrapolation};
 use serde::Deserialize;
 
 /// Goal of issue 14: |predicted ÷ published − 1| ≤ 20 % for every row.
 const GOAL: f64 = 0.20;
 
-/// Regression gate, from the errors of the datasheet profiles as they stand (8 gated
-/// rows, all over-predicting: +21.0 % to +170.3 %, median |error| 46.1 %; table in
-/// BENCHMARKS.md): no row's |error| may exceed the worst today plus 5 points, and the
-/// median |error| may not exceed today's plus 4 points. Far from the goal: it only stops
-/// the predictions getting worse while the profiles are calibrated.
-const GATE_WORST: f64 = 1.75;
-const GATE_MEDIAN: f64 = 0.50;
+/// Regression gate, from the errors as they stand (8 gated rows, all over-predicting:
+/// +5.8 % to +55.8 %, median |error| 17.2 %; table in BENCHMARKS.md, "Calibration
+/// against published measurements"): no row's |error| may exceed the worst today plus
+/// 5 points, and the median |error| may not exceed today's plus 4 points. The three
+/// rows past the goal stream weights over PCIe with per-module fetches the profile
+/// does not price (BENCHMARKS.md says how); the gate stops them getting worse.
+const GATE_WORST: f64 = 0.61;
+const GATE_MEDIAN: f64 = 0.21;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,6 +53,10 @@ struct Row {
     /// Whether the regression gate applies to this row.
     gate: bool,
     notes: String,
+    /// The engine the system is, where Ferry models its costs (`ferry export --to`'s
+    /// names): the row is priced as that engine runs it. Absent: priced as Ferry's.
+    #[serde(default)]
+    engine: Option<String>,
     /// Pending rows: what Ferry lacks to simulate this policy.
     #[serde(default)]
     not_expressible: Option<String>,
@@ -81,7 +86,11 @@ struct Outcome {
     predicted: f64,
     gate: bool,
     time_to_first_token_s: f64,
+    time_per_output_token_s: f64,
     bottleneck: String,
+    /// Every resource busy at least 1 % of the run, busiest first: what a row's error
+    /// is explained from.
+    busy: String,
 }
 
 impl Outcome {
@@ -123,7 +132,11 @@ fn simulate_row(catalog: &Catalog, path: &Path, row: &Row) -> Outcome {
     // would reject runs the systems made (FlexGen's OPT-6.7B at batch 2 uses 13.1 GiB
     // of the T4's 16).
     resolved.profile.memory_reserve_fraction = 0.0;
-    let prediction = predict(
+    let engine = row.engine.as_deref().map(|name| {
+        ferry_core::export::Engine::parse(name).unwrap_or_else(|e| panic!("{}: row {}: {e}", path.display(), row.id))
+    });
+    let prediction = predict_run_by(
+        engine,
         &resolved.plan.policy,
         &resolved.model,
         &resolved.plan.workload,
@@ -138,6 +151,16 @@ fn simulate_row(catalog: &Catalog, path: &Path, row: &Row) -> Outcome {
         predicted: prediction.metrics.tokens_per_s,
         gate: row.gate,
         time_to_first_token_s: prediction.metrics.time_to_first_token_ns as f64 / 1e9,
+        time_per_output_token_s: prediction.metrics.time_per_output_token_ns as f64 / 1e9,
+        busy: {
+            let mut resources: Vec<_> = prediction.metrics.resources.iter().filter(|r| r.utilization >= 0.01).collect();
+            resources.sort_by(|a, b| b.utilization.total_cmp(&a.utilization));
+            let busy: Vec<String> = resources
+                .iter()
+                .map(|r| format!("{} {:.0} %", r.resource.label(false), r.utilization * 100.0))
+                .collect();
+            busy.join(", ")
+        },
         bottleneck: {
             let m = &prediction.metrics;
             let busy = m.resources.iter().find(|r| r.resource == m.bottleneck).map_or(0.0, |r| r.utilization);
@@ -216,6 +239,11 @@ fn every_row_predicts_within_the_gate() {
             o.time_to_first_token_s,
             o.bottleneck
         );
+    }
+    println!("\n| row | predicted TTFT | predicted time per output token | resources busy |");
+    println!("|---|---|---|---|");
+    for o in &outcomes {
+        println!("| {} | {:.2} s | {:.3} s | {} |", o.id, o.time_to_first_token_s, o.time_per_output_token_s, o.busy);
     }
     let gated: Vec<&Outcome> = outcomes.iter().filter(|o| o.gate).collect();
     let mut absolute: Vec<f64> = gated.iter().map(|o| o.error().abs()).collect();

@@ -10,7 +10,7 @@ use ferry_core::schedule::{lower, Steps};
 use ferry_core::units::MIB;
 use ferry_sim::cost::CostModel;
 use ferry_sim::tune::{tune, tune_and_compare, BatchChoice, KnobSpace, Objective, TuneError, TuneRequest};
-use ferry_sim::{predict, simulate, Extrapolation};
+use ferry_sim::{predict, predict_run_by, simulate, Extrapolation};
 
 fn setup(gpu: &str, host: &str, model: &str, device_mem: Option<u64>) -> (ModelSpec, Profile) {
     let catalog = Catalog::builtin().unwrap();
@@ -63,6 +63,10 @@ fn tuned_plan_is_never_worse_than_a_baseline_and_fits() {
                     c.metrics.tokens_per_s,
                     best.metrics.tokens_per_s
                 );
+                // Each baseline is priced as the engine it models runs it.
+                let priced =
+                    predict_run_by(baseline.engine, &c.policy, &model, &c.workload, &profile, Extrapolation::Full);
+                assert_eq!(priced.unwrap().metrics.tokens_per_s, c.metrics.tokens_per_s, "{}", baseline.name);
             }
         }
         // The emitted plan fits its budgets when every step is simulated.

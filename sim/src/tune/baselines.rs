@@ -2,6 +2,7 @@
 //! Accelerate-like and llama.cpp-like greedy whole-layer placements, and FlexGen (the
 //! search restricted to FlexGen's policy space).
 
+use ferry_core::export::Engine;
 use ferry_core::plan::{Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::schedule::pool_specs;
 use ferry_core::units::MIB;
@@ -16,6 +17,8 @@ use crate::predict::{predict, Extrapolation};
 pub struct Baseline {
     pub name: &'static str,
     pub description: &'static str,
+    /// The engine it models, whose costs price it.
+    pub engine: Option<Engine>,
     pub outcome: Result<Candidate, String>,
 }
 
@@ -59,16 +62,19 @@ pub fn baselines(request: &TuneRequest, batch: u64) -> Vec<Baseline> {
     vec![
         Baseline {
             name: "accelerate",
+            engine: Some(Engine::Accelerate),
             description: "Accelerate-like: sequential, greedy device-first whole layers, KV on device",
             outcome: accelerate,
         },
         Baseline {
             name: "llama.cpp",
+            engine: Some(Engine::LlamaCpp),
             description: "llama.cpp-like: whole layers on the device as fit, the rest computed on the host",
             outcome: llama_cpp,
         },
         Baseline {
             name: "flexgen",
+            engine: Some(Engine::Flexgen),
             description: "FlexGen: zig-zag block schedule, LP placement, no chunk/prefetch/stream knobs",
             outcome: flexgen,
         },

@@ -57,6 +57,7 @@ mod speculative;
 mod split;
 mod stages;
 
+use ferry_core::export::Engine;
 use ferry_core::model::{Dtype, ModelSpec, WeightFormats};
 use ferry_core::plan::{Policy, Schedule, Speculation, Workload};
 use ferry_core::profile::Profile;
@@ -65,7 +66,7 @@ use ferry_core::units::MIB;
 use rayon::prelude::*;
 
 use crate::des::SimError;
-use crate::predict::{predict, Extrapolation};
+use crate::predict::{predict_run_by, Extrapolation};
 
 pub use self::baselines::{baselines, llama_cpp_largest_fit, llama_cpp_policy, Baseline};
 use self::search::Searcher;
@@ -88,6 +89,9 @@ pub struct KnobSpace {
     /// Offer the leading plans more room to stream: device weight layers moved off
     /// where the window does not fit beside them (`room`). FlexGen keeps its LP's placement.
     pub stream_room: bool,
+    /// Whose implementation runs the plans, at its own costs (`engines::EngineCosts`):
+    /// FlexGen's for its baseline; `None`, Ferry's engine.
+    pub engine: Option<Engine>,
 }
 
 impl KnobSpace {
@@ -117,6 +121,7 @@ impl KnobSpace {
             host_compute: vec![false, true],
             pinned: vec![false, true],
             stream_room: true,
+            engine: None,
         }
     }
 
@@ -132,6 +137,7 @@ impl KnobSpace {
             host_compute: vec![false],
             pinned: vec![true],
             stream_room: false,
+            engine: Some(Engine::Flexgen),
             ..KnobSpace::full()
         }
     }
@@ -263,18 +269,18 @@ pub struct Comparison {
 /// simulated step by step, so the figures reported are those `ferry simulate` gives.
 pub fn tune_and_compare(request: &TuneRequest, space: &KnobSpace) -> Result<Comparison, TuneError> {
     let mut result = tune(request, space)?;
-    let exact = |c: &Candidate| -> Result<Candidate, SimError> {
-        let p = predict(&c.policy, request.model, &c.workload, request.profile, Extrapolation::Full)?;
+    let exact = |c: &Candidate, engine: Option<Engine>| -> Result<Candidate, SimError> {
+        let p = predict_run_by(engine, &c.policy, request.model, &c.workload, request.profile, Extrapolation::Full)?;
         Ok(Candidate { metrics: p.metrics, ..c.clone() })
     };
     let mut baselines = baselines(request, result.best.workload.batch_size);
     // The winner's and the baselines' step-by-step simulations, side by side.
     let (best, exact_baselines) = rayon::join(
-        || exact(&result.best),
+        || exact(&result.best, space.engine),
         || {
             baselines
                 .par_iter()
-                .map(|b| b.outcome.as_ref().ok().map(|c| exact(c).map_err(|e| e.to_string())))
+                .map(|b| b.outcome.as_ref().ok().map(|c| exact(c, b.engine).map_err(|e| e.to_string())))
                 .collect::<Vec<_>>()
         },
     );
@@ -291,8 +297,13 @@ pub fn tune_and_compare(request: &TuneRequest, space: &KnobSpace) -> Result<Comp
             // A baseline outside the space asked for (`--schedule`) is compared, not adopted.
             let allowed = space.schedules.contains(&candidate.policy.schedule);
             if allowed && candidate.score(request.objective) > result.best.score(request.objective) {
+                // Priced as the plan's own engine runs it, which is no slower.
+                let candidate = match baseline.engine == space.engine {
+                    true => candidate.clone(),
+                    false => exact(candidate, space.engine)?,
+                };
                 result.top.insert(0, candidate.clone());
-                result.best = candidate.clone();
+                result.best = candidate;
                 adopted_baseline = Some(baseline.name);
             }
         }

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::lp::{Fractions, LayerFigures, Transfer};
 use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
 use crate::cost::{CostModel, Curve};
-use crate::predict::{predict, Extrapolation};
+use crate::predict::{predict_run_by, Extrapolation};
 
 /// Schedule classes share a placement LP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,7 +394,14 @@ impl<'a> Searcher<'a> {
         let mut policy = self.fit(policy, &workload)?;
         let request = self.request;
         for _ in 0..=RELAXATIONS {
-            match predict(&policy, request.model, &workload, request.profile, Extrapolation::Sampled) {
+            match predict_run_by(
+                self.space.engine,
+                &policy,
+                request.model,
+                &workload,
+                request.profile,
+                Extrapolation::Sampled,
+            ) {
                 Ok(prediction) => {
                     let bound_ns = (b.bound_ms * 1e6) as u64;
                     let candidate = Candidate { policy, workload, metrics: prediction.metrics, bound_ns };
@@ -435,8 +442,15 @@ impl Searcher<'_> {
     pub(super) fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
         let request = self.request;
         self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p =
-            predict(&policy, request.model, &base.workload, request.profile, Extrapolation::Sampled).map_err(|_| ())?;
+        let p = predict_run_by(
+            self.space.engine,
+            &policy,
+            request.model,
+            &base.workload,
+            request.profile,
+            Extrapolation::Sampled,
+        )
+        .map_err(|_| ())?;
         let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
         let objective = request.objective;
         Ok((offered.score(objective) > base.score(objective)).then_some(offered))
@@ -449,7 +463,14 @@ impl Searcher<'_> {
         let in_flight = host_in_flight_bytes(&candidate);
         let Some(policy) = self.promoted(&candidate.policy, &candidate.workload, in_flight) else { return candidate };
         self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match predict(&policy, request.model, &candidate.workload, request.profile, Extrapolation::Sampled) {
+        match predict_run_by(
+            self.space.engine,
+            &policy,
+            request.model,
+            &candidate.workload,
+            request.profile,
+            Extrapolation::Sampled,
+        ) {
             Ok(p) => {
                 let promoted = Candidate { policy, metrics: p.metrics, ..candidate.clone() };
                 let objective = request.objective;
