@@ -52,3 +52,36 @@ fn a_profile_with_drift_gives_every_prediction_an_interval() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(json["tokens_per_s_interval"].is_null());
 }
+
+/// A GPU's datasheet profile has no drift: its predictions carry the spread the
+/// calibration set has shown between published speeds and Ferry's predictions.
+#[test]
+fn a_gpu_datasheet_prediction_carries_the_calibration_sets_spread() {
+    let dir = tempfile::tempdir().unwrap();
+    let tune = [
+        "tune",
+        "--gpu",
+        "t4",
+        "--model",
+        "opt-6.7b",
+        "--batch",
+        "2",
+        "--prompt-len",
+        "64",
+        "--gen-len",
+        "8",
+        "--out",
+        "plan.yaml",
+    ];
+    let out = ferry(dir.path(), &tune);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("interval: real systems' published speeds ran"), "{stdout}");
+    let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let predicted = json["metrics"]["tokens_per_s"].as_f64().unwrap();
+    let [slow, fast] = [0, 1].map(|i| json["tokens_per_s_interval"][i].as_f64().unwrap());
+    let (low, high) = ferry_sim::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
+    assert!((slow - predicted * low).abs() < 1e-9 * predicted, "{slow} against {predicted} × {low}");
+    assert!((fast - predicted * high).abs() < 1e-9 * predicted, "{fast} against {predicted} × {high}");
+}

@@ -32,15 +32,6 @@ pub fn interval_text(interval: Option<&ferry_sim::Interval>) -> String {
     interval.map_or_else(String::new, |i| format!(" ({:.2}–{:.2})", i.slow_tokens_per_s, i.fast_tokens_per_s))
 }
 
-/// Where a prediction's interval comes from, for the line under it.
-pub fn interval_basis(profile: &Profile) -> Option<String> {
-    let drift = profile.drift.as_ref()?;
-    Some(format!(
-        "interval: every resource at the slowest and at the fastest rate this profile's runs achieved ({})",
-        drift.basis
-    ))
-}
-
 /// A prediction's or a measurement's figures; `interval` (a prediction's, from the
 /// profile's drift) follows the tokens/s.
 pub fn metrics_text(metrics: &Metrics, interval: Option<&ferry_sim::Interval>) -> String {

@@ -325,7 +325,7 @@ pub(crate) fn print_report(
     let best = &result.best;
     let interval = ferry_sim::interval(&best.policy, model, &best.workload, profile, ferry_sim::Extrapolation::Full);
     print!("{}", report::metrics_text(&best.metrics, interval.ok().flatten().as_ref()));
-    if let Some(basis) = report::interval_basis(profile) {
+    if let Some(basis) = ferry_sim::calibration::interval_basis(profile) {
         println!("{basis}");
     }
     println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");

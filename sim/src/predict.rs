@@ -54,7 +54,9 @@ impl Interval {
     }
 }
 
-/// The plan's `Interval`, or `None` when the profile records no drift.
+/// The plan's `Interval`: from the rates the profile's runs achieved (`Profile::drift`),
+/// or for a GPU's datasheet profile the spread the calibration set has shown
+/// (`calibration`); `None` for a profile with neither.
 pub fn interval(
     policy: &Policy,
     model: &ModelSpec,
@@ -62,7 +64,14 @@ pub fn interval(
     profile: &Profile,
     mode: Extrapolation,
 ) -> Result<Option<Interval>, SimError> {
-    let Some(drift) = &profile.drift else { return Ok(None) };
+    let Some(drift) = &profile.drift else {
+        if !crate::calibration::applies_to(profile) {
+            return Ok(None);
+        }
+        let predicted = predict(policy, model, workload, profile, mode)?.metrics.tokens_per_s;
+        let (low, high) = crate::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
+        return Ok(Some(Interval { slow_tokens_per_s: predicted * low, fast_tokens_per_s: predicted * high }));
+    };
     let at = |fast: bool| -> Result<f64, SimError> {
         Ok(predict(policy, model, workload, &drift.apply(profile, fast), mode)?.metrics.tokens_per_s)
     };

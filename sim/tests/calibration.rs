@@ -272,6 +272,18 @@ fn every_row_predicts_within_the_gate() {
         GOAL * 100.0
     );
 
+    // The spread datasheet predictions print as their interval is this set's.
+    let ratios: Vec<f64> = gated.iter().map(|o| o.published / o.predicted).collect();
+    let seen = (ratios.iter().copied().fold(f64::MAX, f64::min), ratios.iter().copied().fold(0.0, f64::max));
+    let stated = ferry_sim::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
+    println!("published ÷ predicted: {:.3}–{:.3}", seen.0, seen.1);
+    assert!(
+        (seen.0 - stated.0).abs() < 0.0015 && (seen.1 - stated.1).abs() < 0.0015,
+        "the rows give published ÷ predicted {:.3}–{:.3}; set calibration::DATASHEET_PUBLISHED_OVER_PREDICTED to it",
+        seen.0,
+        seen.1
+    );
+
     let outside: Vec<String> = gated
         .iter()
         .filter(|o| o.error().abs() > GATE_WORST)
