@@ -45,6 +45,36 @@ fn a_command_that_runs_out_names_the_largest_ngl_that_fits() {
     assert!(short["largest_gpu_layers_that_fit"]["gpu_layers"].as_u64().unwrap() > ngl);
 }
 
+/// `ferry check --help`'s first example names a file this machine does not have: it
+/// is checked as the catalog model and type its name gives, at that type's bytes.
+#[test]
+fn a_gguf_file_that_is_not_here_is_checked_by_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = "llama-server -m llama-2-13b.Q4_K_M.gguf -ngl 30 -c 4096";
+    let (code, by_name) = check_json(dir.path(), "rtx3060", command);
+    assert_eq!((code, by_name["model"].as_str()), (0, Some("llama-2-13b")), "{by_name}");
+    let (_, f16) = check_json(dir.path(), "rtx3060", "llama-server -m llama-2-13b -ngl 30 -c 4096");
+    let weights = |json: &serde_json::Value| -> u64 {
+        let items = device(json)["items"].as_array().unwrap().clone();
+        items
+            .iter()
+            .filter(|i| i["what"].as_str().unwrap().contains("weights"))
+            .map(|i| i["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    // Q4_K: 144 bytes per 256 weights against f16's 512.
+    let ratio = weights(&by_name) as f64 / weights(&f16) as f64;
+    assert!((ratio - 144.0 / 512.0).abs() < 0.01, "{ratio}");
+    let out = ferry(dir.path(), &["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "llama-2-13b.Q4_K_M.gguf"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stderr.contains("not on this machine") && stdout.contains("--model llama-2-13b --weight-format q4_k"),
+        "{stderr}{stdout}"
+    );
+    let out = ferry(dir.path(), &["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "mystery-7b.gguf"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no such file"), "{}", text(&out.stderr));
+}
+
 #[test]
 fn a_gguf_file_is_checked_at_its_own_bytes() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use ferry_core::graph::PoolSpec;
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::{HardwareRef, Policy, Workload};
 use ferry_core::profile::Profile;
-use ferry_core::resolve::{resolve_hardware, resolve_model};
+use ferry_core::resolve::resolve_hardware;
 use ferry_core::schedule::pool_specs;
 use ferry_core::units::{format_bytes, parse_bytes};
 use ferry_core::CoreError;
@@ -79,16 +79,25 @@ struct Shape {
 pub fn run(args: CheckArgs) -> Result<u8> {
     if args.command.first().is_some_and(|program| program.ends_with("vllm")) {
         let command = ferry_core::engine_args::vllm::parse(&args.command)?;
-        let (model, profile, notes) = setting(&args, &command.model)?;
-        return crate::check_vllm::run(&args, &command, &model, &profile, notes);
+        let (named, profile) = setting(&args, &command.model)?;
+        return crate::check_vllm::run(&args, &command, &named.model, &profile, named.notes);
     }
     let command = llama_cpp::parse(&args.command)?;
-    let (model, profile, mut notes) = setting(&args, &command.model)?;
+    let (named, profile) = setting(&args, &command.model)?;
+    let (model, mut notes) = (named.model, named.notes);
+    // How `ferry tune` names this model: a missing file by the catalog model and type read from its name.
+    let tune_model = match named.format {
+        Some(format) => format!("{} --weight-format {}", model.name, format.name()),
+        None => command.model.clone(),
+    };
     let shape = shape(&args, &command, &model, &profile, &mut notes)?;
     for note in &notes {
         eprintln!("note: {note}");
     }
-    let formats = crate::tune_formats::requested(None, &model)?.swap_remove(0);
+    let formats = match named.format {
+        Some(format) => ferry_core::model::WeightFormats::uniform(format),
+        None => crate::tune_formats::requested(None, &model)?.swap_remove(0),
+    };
     let request = |workload: &Workload| TuneRequest {
         model: &model,
         profile: &profile,
@@ -113,8 +122,22 @@ pub fn run(args: CheckArgs) -> Result<u8> {
         .ok()
         .map(|(ngl, candidate)| (ngl, candidate.metrics));
     let ferry_plan = tune(&request(&shape.speed), &KnobSpace::full()).ok().map(|r| r.best);
-    let report =
-        Report { command: &command, model: &model, profile: &profile, shape: &shape, policy: &policy, pools: &pools };
+    let interval = matches!(predicted, Some(Ok(_)))
+        .then(|| {
+            let engine = Some(ferry_core::export::Engine::LlamaCpp);
+            ferry_sim::interval_run_by(engine, &policy, &model, &shape.speed, &profile, Extrapolation::Full)
+        })
+        .and_then(|i| i.ok().flatten());
+    let report = Report {
+        command: &command,
+        model: &model,
+        profile: &profile,
+        shape: &shape,
+        policy: &policy,
+        pools: &pools,
+        interval,
+        tune_model,
+    };
     let ok = predicted.as_ref().is_some_and(|p| p.is_ok());
     if args.json {
         report.json(&predicted, &best_ngl, &ferry_plan)?;
@@ -125,10 +148,10 @@ pub fn run(args: CheckArgs) -> Result<u8> {
 }
 
 /// The model the command names and the machine it runs on (one device), with notes.
-fn setting(args: &CheckArgs, model_name: &str) -> Result<(ModelSpec, Profile, Vec<String>)> {
+fn setting(args: &CheckArgs, model_name: &str) -> Result<(crate::check_model::NamedModel, Profile)> {
     let catalog = Catalog::builtin()?;
     let cwd = std::path::Path::new(".");
-    let (model, mut notes) = resolve_model(&catalog, model_name, cwd)?;
+    let mut named = crate::check_model::resolve(&catalog, model_name, cwd)?;
     let hardware = HardwareRef {
         gpu: args.gpu.clone(),
         host: args.host.clone(),
@@ -139,7 +162,7 @@ fn setting(args: &CheckArgs, model_name: &str) -> Result<(ModelSpec, Profile, Ve
         ..HardwareRef::default()
     };
     let (profile, hardware_notes) = resolve_hardware(&catalog, &hardware, cwd)?;
-    notes.extend(hardware_notes);
+    named.notes.extend(hardware_notes);
     if profile.device_count() > 1 {
         return Err(CoreError::invalid(format!(
             "ferry check models an engine on one device; the profile describes {}",
@@ -147,7 +170,7 @@ fn setting(args: &CheckArgs, model_name: &str) -> Result<(ModelSpec, Profile, Ve
         ))
         .into());
     }
-    Ok((model, profile, notes))
+    Ok((named, profile))
 }
 
 /// Memory per pool: what it needs, its budget, and whether it fits (with what fills
@@ -236,6 +259,10 @@ struct Report<'a> {
     shape: &'a Shape,
     policy: &'a Policy,
     pools: &'a [PoolSpec],
+    /// The prediction's interval (`ferry_sim::interval_run_by`), where the profile gives one.
+    interval: Option<ferry_sim::Interval>,
+    /// `ferry tune`'s `--model` (and `--weight-format`) for this model.
+    tune_model: String,
 }
 
 type Predicted = Option<Result<ferry_sim::Prediction, ferry_sim::SimError>>;
@@ -286,12 +313,18 @@ impl Report<'_> {
         match predicted {
             None => println!("\nverdict: runs out of memory when llama.cpp allocates its buffers at start-up"),
             Some(Err(error)) => println!("\nverdict: runs out of memory while running: {error}"),
-            Some(Ok(p)) => println!(
-                "\npredicted: {:.2} tokens/s over the request ({request}); first token {}, then {} per token",
-                p.metrics.tokens_per_s,
-                ms(p.metrics.time_to_first_token_ns),
-                ms(p.metrics.time_per_output_token_ns)
-            ),
+            Some(Ok(p)) => {
+                println!(
+                    "\npredicted: {:.2} tokens/s{} over the request ({request}); first token {}, then {} per token",
+                    p.metrics.tokens_per_s,
+                    crate::report::interval_text(self.interval.as_ref()),
+                    ms(p.metrics.time_to_first_token_ns),
+                    ms(p.metrics.time_per_output_token_ns)
+                );
+                if let Some(basis) = self.interval.and(ferry_sim::calibration::interval_basis(self.profile)) {
+                    println!("{basis}");
+                }
+            }
         }
         let llama_best = best_ngl.as_ref().map(|(ngl, m)| (*ngl, m.tokens_per_s));
         let cpu = self.profile.device_name == "cpu";
@@ -312,7 +345,7 @@ impl Report<'_> {
                 plan.metrics.tokens_per_s,
                 vs.unwrap_or_default(),
                 args.gpu.as_deref().unwrap_or("<your profile>"),
-                self.command.model,
+                self.tune_model,
                 shape.speed.batch_size,
                 shape.speed.prompt_len,
                 shape.speed.gen_len
@@ -348,6 +381,7 @@ impl Report<'_> {
                 Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
                 None => serde_json::Value::Null,
             },
+            "predicted_tokens_per_s_interval": self.interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
             "workload": serde_json::to_value(self.shape.speed)?,
             "largest_gpu_layers_that_fit": best_ngl.as_ref().map(|(ngl, m)| serde_json::json!({"gpu_layers": ngl, "tokens_per_s": m.tokens_per_s})),
             "ferry_plan_tokens_per_s": ferry_plan.as_ref().map(|c| c.metrics.tokens_per_s),

@@ -45,9 +45,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
         let mut json = serde_json::to_value(&out)?;
         json["plan_tokens_per_s"] = planned.metrics.tokens_per_s.into();
         json["engine_prediction"] = match &engine_run {
-            EnginePrediction::Priced { tokens_per_s, approximations } => {
-                serde_json::json!({"tokens_per_s": tokens_per_s, "approximations": approximations})
-            }
+            EnginePrediction::Priced { tokens_per_s, interval, approximations } => serde_json::json!({
+                "tokens_per_s": tokens_per_s,
+                "tokens_per_s_interval": interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
+                "approximations": approximations
+            }),
             EnginePrediction::Not(why) => serde_json::json!({"not_predicted": why}),
         };
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -70,10 +72,17 @@ pub fn run(args: ExportArgs) -> Result<()> {
     }
     let ferry = format!("the plan on Ferry's engine: {:.2} tokens/s", planned.metrics.tokens_per_s);
     match engine_run {
-        EnginePrediction::Priced { tokens_per_s, approximations } => {
-            println!("\npredicted for {} with these settings: {tokens_per_s:.2} tokens/s ({ferry})", engine.name());
+        EnginePrediction::Priced { tokens_per_s, interval, approximations } => {
+            println!(
+                "\npredicted for {} with these settings: {tokens_per_s:.2} tokens/s{} ({ferry})",
+                engine.name(),
+                crate::report::interval_text(interval.as_ref())
+            );
             for line in approximations {
                 println!("  approximated: {line}");
+            }
+            if let Some(basis) = interval.and(ferry_sim::calibration::interval_basis(&resolved.profile)) {
+                println!("{basis}");
             }
         }
         EnginePrediction::Not(why) => {
@@ -85,7 +94,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
 
 /// What the engine's model predicts for the exported settings.
 enum EnginePrediction {
-    Priced { tokens_per_s: f64, approximations: Vec<String> },
+    Priced { tokens_per_s: f64, interval: Option<ferry_sim::Interval>, approximations: Vec<String> },
     Not(String),
 }
 
@@ -95,9 +104,22 @@ fn engine_prediction(resolved: &ferry_core::resolve::ResolvedPlan, engine: Engin
     match ferry_sim::engines::as_run_by(engine, &plan.policy, model, profile, plan.workload.batch_size) {
         ferry_sim::engines::EngineRun::NotModelled(what) => EnginePrediction::Not(format!("{what} is not modelled")),
         ferry_sim::engines::EngineRun::Priced { policy, approximations } => {
-            match ferry_sim::predict_run_by(Some(engine), &policy, model, &plan.workload, profile, Extrapolation::Full)
-            {
-                Ok(p) => EnginePrediction::Priced { tokens_per_s: p.metrics.tokens_per_s, approximations },
+            let (engine, workload) = (Some(engine), &plan.workload);
+            match ferry_sim::predict_run_by(engine, &policy, model, workload, profile, Extrapolation::Full) {
+                Ok(p) => EnginePrediction::Priced {
+                    tokens_per_s: p.metrics.tokens_per_s,
+                    interval: ferry_sim::interval_run_by(
+                        engine,
+                        &policy,
+                        model,
+                        workload,
+                        profile,
+                        Extrapolation::Full,
+                    )
+                    .ok()
+                    .flatten(),
+                    approximations,
+                },
                 Err(error) => EnginePrediction::Not(format!("in Ferry's model of it, it does not run: {error}")),
             }
         }

@@ -3,6 +3,7 @@
 
 mod catalog_cmds;
 mod check_cmd;
+mod check_model;
 mod check_vllm;
 mod engine_cmds;
 mod export_cmd;

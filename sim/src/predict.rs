@@ -64,17 +64,28 @@ pub fn interval(
     profile: &Profile,
     mode: Extrapolation,
 ) -> Result<Option<Interval>, SimError> {
+    interval_run_by(None, policy, model, workload, profile, mode)
+}
+
+/// `interval` for the plan as `engine` runs it (`predict_run_by`).
+pub fn interval_run_by(
+    engine: Option<Engine>,
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    mode: Extrapolation,
+) -> Result<Option<Interval>, SimError> {
+    let predict = |profile: &Profile| predict_run_by(engine, policy, model, workload, profile, mode);
     let Some(drift) = &profile.drift else {
         if !crate::calibration::applies_to(profile) {
             return Ok(None);
         }
-        let predicted = predict(policy, model, workload, profile, mode)?.metrics.tokens_per_s;
+        let predicted = predict(profile)?.metrics.tokens_per_s;
         let (low, high) = crate::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
         return Ok(Some(Interval { slow_tokens_per_s: predicted * low, fast_tokens_per_s: predicted * high }));
     };
-    let at = |fast: bool| -> Result<f64, SimError> {
-        Ok(predict(policy, model, workload, &drift.apply(profile, fast), mode)?.metrics.tokens_per_s)
-    };
+    let at = |fast: bool| -> Result<f64, SimError> { Ok(predict(&drift.apply(profile, fast))?.metrics.tokens_per_s) };
     let (slow, fast) = (at(false)?, at(true)?);
     // A range whose low and high straddle 1 brackets the prediction; one that does not
     // still orders slow before fast.
