@@ -298,10 +298,8 @@ pub fn tune_and_compare(request: &TuneRequest, space: &KnobSpace) -> Result<Comp
             let allowed = space.schedules.contains(&candidate.policy.schedule);
             if allowed && candidate.score(request.objective) > result.best.score(request.objective) {
                 // Priced as the plan's own engine runs it, which is no slower.
-                let candidate = match baseline.engine == space.engine {
-                    true => candidate.clone(),
-                    false => exact(candidate, space.engine)?,
-                };
+                let candidate =
+                    if baseline.engine == space.engine { candidate.clone() } else { exact(candidate, space.engine)? };
                 result.top.insert(0, candidate.clone());
                 result.best = candidate;
                 adopted_baseline = Some(baseline.name);
