@@ -84,4 +84,15 @@ fn a_gpu_datasheet_prediction_carries_the_calibration_sets_spread() {
     let (low, high) = ferry_sim::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
     assert!((slow - predicted * low).abs() < 1e-9 * predicted, "{slow} against {predicted} × {low}");
     assert!((fast - predicted * high).abs() < 1e-9 * predicted, "{fast} against {predicted} × {high}");
+    // Each format's best plan in a comparison carries its own.
+    let mut compare = tune[..tune.len() - 2].to_vec();
+    compare.extend(["--weight-format", "q8_0,f16", "--json"]);
+    let out = ferry(dir.path(), &compare);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for row in json["formats"].as_array().unwrap() {
+        let predicted = row["tokens_per_s"].as_f64().unwrap();
+        let slow = row["tokens_per_s_interval"][0].as_f64().unwrap();
+        assert!((slow - predicted * low).abs() < 1e-9 * predicted, "{row}");
+    }
 }

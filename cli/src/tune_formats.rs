@@ -110,10 +110,11 @@ pub fn table(outcomes: &[Outcome], model: &ModelSpec, profile: &Profile, chosen:
                 let best = &c.result.best;
                 let [device, host, disk] = best.policy.weight_bytes_by_tier(model);
                 let peak = best.metrics.pools.iter().find(|p| p.pool.is_device()).map_or(0, |p| p.peak_bytes);
+                let interval = interval_of(best, model, profile);
                 table.row([
                     name,
                     format_bytes(total),
-                    format!("{:.2}", best.metrics.tokens_per_s),
+                    format!("{:.2}{}", best.metrics.tokens_per_s, crate::report::interval_text(interval.as_ref())),
                     format_ns(best.metrics.time_to_first_token_ns),
                     format_ns(best.metrics.time_per_output_token_ns),
                     best.workload.batch_size.to_string(),
@@ -143,6 +144,11 @@ pub fn table(outcomes: &[Outcome], model: &ModelSpec, profile: &Profile, chosen:
     text
 }
 
+/// The interval of a format's best plan, as its own report would print it.
+fn interval_of(best: &ferry_sim::tune::Candidate, model: &ModelSpec, profile: &Profile) -> Option<ferry_sim::Interval> {
+    ferry_sim::interval(&best.policy, model, &best.workload, profile, ferry_sim::Extrapolation::Full).ok().flatten()
+}
+
 /// The comparison as JSON rows.
 pub fn json(
     outcomes: &[Outcome],
@@ -166,6 +172,8 @@ pub fn json(
                     let best = &c.result.best;
                     let [device, host, disk] = best.policy.weight_bytes_by_tier(model);
                     row["tokens_per_s"] = best.metrics.tokens_per_s.into();
+                    row["tokens_per_s_interval"] =
+                        interval_of(best, model, profile).map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]).into();
                     row["time_to_first_token_ns"] = best.metrics.time_to_first_token_ns.into();
                     row["time_per_output_token_ns"] = best.metrics.time_per_output_token_ns.into();
                     row["batch_size"] = best.workload.batch_size.into();
