@@ -54,7 +54,8 @@ fn at_release_figures(plan: &Path, scratch: &Path) -> std::path::PathBuf {
     }
     let mut profile = yaml(&ferry(&["show", "profile", &gpu]));
     profile["device_compute"]["peak_flops"] = (spec["fp16_tflops"].as_f64().unwrap() * 1e12).into();
-    profile["device_compute"]["matmul_efficiency"] = 0.7.into();
+    let efficiency = ferry_core::profile::datasheet_assumptions::GPU_MATMUL_EFFICIENCY;
+    profile["device_compute"]["matmul_efficiency"] = efficiency.into();
     let stem = plan.file_stem().unwrap().to_string_lossy().to_string();
     let profile_path = scratch.join(format!("{stem}-profile.yaml"));
     std::fs::write(&profile_path, serde_json::to_string(&profile).unwrap()).unwrap();

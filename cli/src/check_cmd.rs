@@ -321,7 +321,7 @@ impl Report<'_> {
                     ms(p.metrics.time_to_first_token_ns),
                     ms(p.metrics.time_per_output_token_ns)
                 );
-                if let Some(basis) = self.interval.and(ferry_sim::calibration::interval_basis(self.profile)) {
+                if let Some(basis) = self.interval.and(ferry_sim::interval_basis(self.profile)) {
                     println!("{basis}");
                 }
             }

@@ -81,7 +81,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
             for line in approximations {
                 println!("  approximated: {line}");
             }
-            if let Some(basis) = interval.and(ferry_sim::calibration::interval_basis(&resolved.profile)) {
+            if let Some(basis) = interval.and(ferry_sim::interval_basis(&resolved.profile)) {
                 println!("{basis}");
             }
         }

@@ -94,7 +94,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     print!("{}", report::policy_table(&resolved.plan.policy));
     println!();
     print!("{}", report::metrics_text(&prediction.metrics, interval.as_ref()));
-    if let Some(basis) = ferry_sim::calibration::interval_basis(&resolved.profile) {
+    if let Some(basis) = ferry_sim::interval_basis(&resolved.profile) {
         println!("{basis}");
     }
     Ok(())

@@ -323,9 +323,14 @@ pub(crate) fn print_report(
     }
     println!();
     let best = &result.best;
-    let interval = ferry_sim::interval(&best.policy, model, &best.workload, profile, ferry_sim::Extrapolation::Full);
-    print!("{}", report::metrics_text(&best.metrics, interval.ok().flatten().as_ref()));
-    if let Some(basis) = ferry_sim::calibration::interval_basis(profile) {
+    // The interval `write_outputs` put in the plan, not simulated again.
+    let interval = plan
+        .predicted
+        .as_ref()
+        .and_then(|p| p.tokens_per_s_interval)
+        .map(|[slow, fast]| ferry_sim::Interval { slow_tokens_per_s: slow, fast_tokens_per_s: fast });
+    print!("{}", report::metrics_text(&best.metrics, interval.as_ref()));
+    if let Some(basis) = interval.and(ferry_sim::interval_basis(profile)) {
         println!("{basis}");
     }
     println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");

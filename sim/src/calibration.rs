@@ -18,23 +18,3 @@ pub const DATASHEET_PUBLISHED_OVER_PREDICTED: (f64, f64) = (0.642, 0.945);
 pub fn applies_to(profile: &Profile) -> bool {
     !profile.is_measured() && profile.device_name != "cpu"
 }
-
-/// How the interval of a prediction from `profile` was found, in a sentence; `None`
-/// when it has none.
-pub fn interval_basis(profile: &Profile) -> Option<String> {
-    if let Some(drift) = &profile.drift {
-        return Some(format!(
-            "interval: every resource at the slowest and at the fastest rate this profile's runs achieved ({})",
-            drift.basis
-        ));
-    }
-    applies_to(profile).then(|| {
-        let (low, high) = DATASHEET_PUBLISHED_OVER_PREDICTED;
-        format!(
-            "interval: real systems' published speeds ran {:.0}–{:.0} % below Ferry's datasheet predictions for \
-             their own policies (configs/calibration/); `ferry profile` on this machine gives a measured one",
-            (1.0 - high) * 100.0,
-            (1.0 - low) * 100.0
-        )
-    })
-}

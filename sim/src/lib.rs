@@ -15,7 +15,9 @@ pub mod predict;
 pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
-pub use predict::{interval, interval_run_by, predict, predict_run_by, Extrapolation, Interval, Prediction};
+pub use predict::{
+    interval, interval_basis, interval_run_by, predict, predict_run_by, Extrapolation, Interval, Prediction,
+};
 
 use ferry_core::{Classify, ErrorKind};
 

@@ -92,6 +92,26 @@ pub fn interval_run_by(
     Ok(Some(Interval { slow_tokens_per_s: slow.min(fast), fast_tokens_per_s: slow.max(fast) }))
 }
 
+/// How the interval of a prediction from `profile` was found, in a sentence; `None`
+/// when it has none.
+pub fn interval_basis(profile: &Profile) -> Option<String> {
+    if let Some(drift) = &profile.drift {
+        return Some(format!(
+            "interval: every resource at the slowest and at the fastest rate this profile's runs achieved ({})",
+            drift.basis
+        ));
+    }
+    crate::calibration::applies_to(profile).then(|| {
+        let (low, high) = crate::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
+        format!(
+            "interval: real systems' published speeds ran {:.0}–{:.0} % below Ferry's datasheet predictions for \
+             their own policies (configs/calibration/); `ferry profile` on this machine gives a measured one",
+            (1.0 - high) * 100.0,
+            (1.0 - low) * 100.0
+        )
+    })
+}
+
 pub fn predict(
     policy: &Policy,
     model: &ModelSpec,
