@@ -90,12 +90,11 @@ impl TransferCurve {
     /// flight: log-linear interpolation in chunk size at the nearest measured concurrency
     /// levels, linear between them, clamped at the ends of the measured range.
     pub fn bytes_per_ns(&self, chunk_bytes: u64, concurrency: u32) -> f64 {
-        let mut levels: Vec<u32> = self.points.iter().map(|p| p.concurrency).collect();
-        levels.sort_unstable();
-        levels.dedup();
-        let below = levels.iter().rev().find(|&&c| c <= concurrency).or(levels.first());
-        let above = levels.iter().find(|&&c| c >= concurrency).or(levels.last());
-        let (Some(&low), Some(&high)) = (below, above) else {
+        // No allocation: the simulator and the tuner ask this for every transfer task.
+        let levels = || self.points.iter().map(|p| p.concurrency);
+        let below = levels().filter(|&c| c <= concurrency).max().or_else(|| levels().min());
+        let above = levels().filter(|&c| c >= concurrency).min().or_else(|| levels().max());
+        let (Some(low), Some(high)) = (below, above) else {
             return 0.0;
         };
         let at_low = self.interpolate_chunk(chunk_bytes, low);
@@ -107,20 +106,29 @@ impl TransferCurve {
         at_low + (at_high - at_low) * weight
     }
 
+    /// Between the measured request sizes just below and at or above `chunk_bytes` (the
+    /// first listed of equal sizes above, the last listed below), clamped at the ends.
     fn interpolate_chunk(&self, chunk_bytes: u64, concurrency: u32) -> f64 {
-        let mut points: Vec<&CurvePoint> = self.points.iter().filter(|p| p.concurrency == concurrency).collect();
-        points.sort_by_key(|p| p.chunk_bytes);
-        let x = (chunk_bytes.max(1) as f64).ln();
-        let gbps = match points.iter().position(|p| p.chunk_bytes >= chunk_bytes) {
-            None => points.last().map_or(0.0, |p| p.gbps),
-            Some(0) => points[0].gbps,
-            Some(i) => {
-                let (a, b) = (points[i - 1], points[i]);
+        let (mut below, mut at_or_above): (Option<&CurvePoint>, Option<&CurvePoint>) = (None, None);
+        for p in self.points.iter().filter(|p| p.concurrency == concurrency) {
+            if p.chunk_bytes >= chunk_bytes {
+                if at_or_above.is_none_or(|b| p.chunk_bytes < b.chunk_bytes) {
+                    at_or_above = Some(p);
+                }
+            } else if below.is_none_or(|a| p.chunk_bytes >= a.chunk_bytes) {
+                below = Some(p);
+            }
+        }
+        // GB/s is bytes per ns.
+        match (below, at_or_above) {
+            (None, None) => 0.0,
+            (Some(p), None) | (None, Some(p)) => p.gbps,
+            (Some(a), Some(b)) => {
+                let x = (chunk_bytes.max(1) as f64).ln();
                 let (xa, xb) = ((a.chunk_bytes as f64).ln(), (b.chunk_bytes as f64).ln());
                 a.gbps + (b.gbps - a.gbps) * (x - xa) / (xb - xa)
             }
-        };
-        gbps // GB/s is bytes per ns
+        }
     }
 
     /// A datasheet curve: each request pays `overhead_ns` before streaming at `peak_gbps`;

@@ -3,6 +3,7 @@
 
 use super::price::{device_terms, stage_plan, DeviceTerms};
 use super::{assemble, simulate, Knobs, KvCache, SplitBaseline};
+use crate::cost::CostModel;
 use crate::predict::Extrapolation;
 use crate::tune::search::Searcher;
 use crate::tune::{Candidate, TuneRequest};
@@ -31,8 +32,9 @@ pub(super) fn split_baselines(
         (even, proportional(&vec![1.0; count], layers)),
         ("llama.cpp split (by memory)", proportional(&memories, layers)),
     ];
+    let cluster = CostModel::new(profile, request.model);
     let terms: Vec<DeviceTerms> =
-        (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs, kv)).collect();
+        (0..count).map(|d| device_terms(request, &cluster, &searchers[d], d as u16, knobs, kv)).collect();
     splits
         .into_iter()
         .map(|(name, split)| {

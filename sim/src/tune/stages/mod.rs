@@ -29,6 +29,7 @@ use ferry_core::profile::Profile;
 use super::search::Searcher;
 use super::split::best_split;
 use super::{BatchChoice, Candidate, KnobSpace, Objective, TuneError, TuneRequest};
+use crate::cost::CostModel;
 use crate::predict::{predict, Extrapolation};
 use compare::{nothing_fits, split_baselines};
 use price::{device_terms, relaxed, stage_plan, DeviceTerms};
@@ -169,12 +170,13 @@ fn search(
     let profile = request.profile;
     let count = profile.device_count();
     let orders = device_orders(profile);
+    let cluster = CostModel::new(profile, request.model);
     let mut stats = PipelineStats { orders_searched: count <= MAX_ORDERED_DEVICES, ..PipelineStats::default() };
     let mut ranked: Vec<Estimated> = Vec::new();
     for knobs in knob_groups(request, space) {
         stats.groups += 1;
         let terms: Vec<DeviceTerms> =
-            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, knobs, kv)).collect();
+            (0..count).map(|d| device_terms(request, &cluster, &searchers[d], d as u16, knobs, kv)).collect();
         // Stage plans by (device, layers, first, last): shared by every order.
         let mut memo = std::collections::HashMap::new();
         for order in &orders {
@@ -195,7 +197,7 @@ fn search(
                 prefetch_depth: 1,
             });
         let terms: Vec<DeviceTerms> =
-            (0..count).map(|d| device_terms(request, &searchers[d], d as u16, smallest, kv)).collect();
+            (0..count).map(|d| device_terms(request, &cluster, &searchers[d], d as u16, smallest, kv)).collect();
         return Err(TuneError::Impossible(nothing_fits(request, smallest, &terms)));
     }
     ranked.sort_by(|a, b| a.score.total_cmp(&b.score));

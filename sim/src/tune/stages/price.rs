@@ -32,8 +32,11 @@ pub(super) struct DeviceTerms {
     pub(super) kv: KvCache,
 }
 
+/// `cluster` prices the links between devices: built once per search, as its
+/// device→device curves are derived on first use and cost more than the rest of this.
 pub(super) fn device_terms(
     request: &TuneRequest,
+    cluster: &CostModel,
     searcher: &Searcher,
     device: u16,
     knobs: Knobs,
@@ -65,15 +68,14 @@ pub(super) fn device_terms(
     });
     let link_in_ms = [request.prompt_len, 1].map(|new_tokens| {
         let bytes = knobs.micro_batch_size * new_tokens * model.activation_bytes_per_token();
-        let full = CostModel::new(profile, model);
         let slowest = (0..profile.device_count() as u16)
             .filter(|&d| d != device)
             .map(|d| {
                 let link = ferry_core::graph::Resource::link(Place::Device(d), Place::Device(device));
                 let task = activation_task(link, bytes);
-                match full.task_cost(&task) {
+                match cluster.task_cost(&task) {
                     crate::cost::TaskCost::Transfer { curve, chunk_bytes, work_bytes, .. } => {
-                        work_bytes / full.bandwidth(curve, chunk_bytes, 1)
+                        work_bytes / cluster.bandwidth(curve, chunk_bytes, 1)
                     }
                     crate::cost::TaskCost::Compute { nominal_ns } => nominal_ns,
                 }
