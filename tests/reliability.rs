@@ -328,3 +328,24 @@ fn non_finite_weights_and_activations_stop_a_run_naming_where() {
     assert!(stderr.contains("step 0: the logits"), "{stderr}");
     assert!(stderr.contains("layer 1 (mlp) at step 0"), "{stderr}");
 }
+
+/// A device memory beyond the hardware's is planned as given (a card variant the
+/// catalog lacks can have more) but said, so that a typo (100GiB for 10GiB) does not
+/// pass for a plan the machine can run.
+#[test]
+fn device_memory_beyond_the_hardware_is_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let tune = |gpu: &str, memory: &str| {
+        let out = ferry(dir.path(), &["tune", "--gpu", gpu, "--model", "7b", "--batch", "1", "--device-mem", memory]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let stderr = tune("rtx3060", "100GiB");
+    assert!(stderr.contains("device memory 100 GiB is more than the rtx3060-12gb's 12.0 GiB"), "{stderr}");
+    let stderr = tune("cpu", "1TiB");
+    assert!(stderr.contains("device memory 1024 GiB is more than the host's") && stderr.contains("of RAM"), "{stderr}");
+    for (gpu, memory) in [("rtx3060", "10GiB"), ("rtx3060", "12GiB"), ("cpu", "4GiB")] {
+        let stderr = tune(gpu, memory);
+        assert!(!stderr.contains("is more than"), "{gpu} with {memory}: {stderr}");
+    }
+}

@@ -76,6 +76,7 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
             ))
         }
     };
+    let device_has_bytes = profile.device_memory_bytes;
     if let Some(bytes) = hardware.device_memory {
         profile.device_memory_bytes = bytes;
         // A profile of several devices (`ferry profile --as-nodes`): each one's budget.
@@ -117,10 +118,33 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
             "hardware: device_memory, host_memory and every device's memory must be more than 0 bytes",
         ));
     }
+    if let Some(bytes) = hardware.device_memory {
+        notes.extend(memory_beyond_hardware(&profile, bytes, device_has_bytes));
+    }
     // The overrides above change figures of a checked profile: check them again, so
     // every command that resolves a plan (simulate, run, export, tune) refuses alike.
     profile.validate()?;
     Ok((profile, notes))
+}
+
+/// A note when a device memory override is more than the hardware has: most likely a
+/// typo (100GiB for 10GiB), but a card variant the catalog lacks can have more memory
+/// than its namesake, so the plan takes the figure as given and says so. On unified
+/// memory (the cpu device) the budget is RAM, bounded by the host's.
+fn memory_beyond_hardware(profile: &Profile, bytes: u64, device_has_bytes: u64) -> Option<String> {
+    let fmt = crate::units::format_bytes;
+    let (has, what) = if profile.unified_memory {
+        (profile.host_memory_bytes, format!("the host's {} of RAM", fmt(profile.host_memory_bytes)))
+    } else {
+        (device_has_bytes, format!("the {}'s {}", profile.device_name, fmt(device_has_bytes)))
+    };
+    (bytes > has).then(|| {
+        format!(
+            "device memory {} is more than {what}; planning with it as given (a plan for memory the machine \
+             lacks runs out of it)",
+            fmt(bytes)
+        )
+    })
 }
 
 /// The profile of a cluster: a catalog cluster (or file), or a list of GPUs with a link.
