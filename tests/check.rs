@@ -134,6 +134,13 @@ fn vllm_serve_is_checked_within_its_share_of_the_gpu() {
     assert!(more["sequences"].as_u64().unwrap() >= sequences, "{more}");
     let (code, _) = vllm("--cpu-offload-gb 8 --max-model-len 2048 --gpu-memory-utilization 0.4");
     assert_eq!(code, 1);
+    // vLLM users name the model by its Hugging Face repository: the same check.
+    let (_, by_repository) = check_json(
+        dir.path(),
+        "rtx4090",
+        "vllm serve meta-llama/Llama-2-13b-chat-hf --cpu-offload-gb 8 --max-model-len 2048 --max-num-seqs 16 --port 8000",
+    );
+    assert_eq!(by_repository, offloaded);
     // What it cannot model is refused by name.
     let out = ferry(dir.path(), &["check", "--gpu", "rtx4090", "--", "vllm", "serve", "llama-2-13b", "-tp", "2"]);
     assert_eq!(out.status.code(), Some(2));

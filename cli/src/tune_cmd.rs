@@ -58,7 +58,8 @@ pub struct TuneArgs {
     /// A profile file instead of catalog datasheets (start from `ferry show profile GPU`).
     #[arg(long, value_name = "FILE")]
     pub(crate) profile: Option<PathBuf>,
-    /// Model: catalog name or alias (`ferry list models`), a Hugging Face folder, or its config.json.
+    /// Model: catalog name or alias (`ferry list models`) or a Hugging Face repository id it has the shape
+    /// of (meta-llama/Llama-2-13b-hf), a Hugging Face folder, its config.json, or a GGUF file.
     #[arg(long, visible_alias = "model-dir")]
     pub(crate) model: String,
     /// Host preset (`ferry list hosts`) [default: the GPU's usual host].

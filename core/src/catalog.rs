@@ -33,6 +33,9 @@ struct AliasFile {
     models: Vec<Alias>,
     #[serde(default)]
     hosts: Vec<Alias>,
+    /// Hugging Face repositories whose `config.json` has a catalog model's shape.
+    #[serde(default)]
+    repositories: Vec<Alias>,
 }
 
 /// A name as resolved: the entry, and a sentence to show when an alias was used.
@@ -57,6 +60,9 @@ pub struct Catalog {
     pub gpu_aliases: Vec<Alias>,
     pub model_aliases: Vec<Alias>,
     pub host_aliases: Vec<Alias>,
+    /// Hugging Face repository ids (`meta-llama/Llama-2-13b-hf`) a model is also known
+    /// by, as vLLM and Accelerate users name it; matched case-insensitively, not listed.
+    pub model_repositories: Vec<Alias>,
     /// Example plans shipped in `configs/plans/`, as (file name, text).
     pub plans: Vec<(String, String)>,
 }
@@ -79,6 +85,7 @@ impl Catalog {
             gpu_aliases: Vec::new(),
             model_aliases: Vec::new(),
             host_aliases: Vec::new(),
+            model_repositories: Vec::new(),
             plans: Vec::new(),
         };
         for (path, text) in files {
@@ -116,6 +123,7 @@ impl Catalog {
                 catalog.gpu_aliases = aliases.gpus;
                 catalog.model_aliases = aliases.models;
                 catalog.host_aliases = aliases.hosts;
+                catalog.model_repositories = aliases.repositories;
             }
         }
         Ok(catalog)
@@ -156,7 +164,24 @@ impl Catalog {
         if path.is_dir() || (path.is_file() && name.ends_with(".json")) {
             return model_from_path(path).map(|value| Resolved { value, note: None });
         }
-        resolve("model", name, &self.models, |m| &m.name, &self.model_aliases)
+        let by_name = resolve("model", name, &self.models, |m| &m.name, &self.model_aliases);
+        if by_name.is_ok() || !name.contains('/') {
+            return by_name;
+        }
+        // A repository id the catalog knows (a folder of that name would have been read above).
+        let wanted = name.trim().to_ascii_lowercase();
+        let repository = self.model_repositories.iter().find(|r| r.alias.to_ascii_lowercase() == wanted);
+        match repository.and_then(|r| self.models.iter().find(|m| m.name == r.target)) {
+            Some(model) => Ok(Resolved {
+                value: model.clone(),
+                note: Some(format!(
+                    "model '{name}' resolved to '{}' (the shape of that repository's config.json; no weights are \
+                     downloaded)",
+                    model.name
+                )),
+            }),
+            None => by_name,
+        }
     }
 
     /// Aliases that point at `target`, for listings.
@@ -317,6 +342,34 @@ mod tests {
                 || catalog.hosts.iter().any(|h| h.name == alias.target);
             assert!(ok, "alias {} points at missing {}", alias.alias, alias.target);
         }
+    }
+
+    #[test]
+    fn a_model_resolves_by_the_repository_its_shape_came_from() {
+        let catalog = Catalog::builtin().unwrap();
+        let mut named = 0;
+        for model in &catalog.models {
+            // `source: "meta-llama/Llama-2-13b-hf config.json"`: the repository it was read from.
+            let Some(repository) = model.source.split_whitespace().next().filter(|s| s.contains('/')) else {
+                continue;
+            };
+            named += 1;
+            let resolved = catalog.model(repository).unwrap_or_else(|e| panic!("{repository}: {e}"));
+            assert_eq!(resolved.value.name, model.name, "{repository}");
+            assert!(resolved.note.unwrap().contains("resolved to"));
+            assert_eq!(catalog.model(&repository.to_ascii_uppercase()).unwrap().value.name, model.name);
+        }
+        assert!(named >= 15, "only {named} models name their repository");
+        for repository in &catalog.model_repositories {
+            assert!(
+                catalog.models.iter().any(|m| m.name == repository.target),
+                "{} → {}",
+                repository.alias,
+                repository.target
+            );
+        }
+        let unknown = catalog.model("meta-llama/Llama-2-13x-hf").unwrap_err().to_string();
+        assert!(unknown.contains("unknown model"), "{unknown}");
     }
 
     #[test]
