@@ -478,6 +478,12 @@ fn profile_refuses_what_it_cannot_do() {
     let out = ferry(dir.path(), &["profile", "--out", "p.yaml", "--quick"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(std::fs::read_to_string(dir.path().join("p.yaml")).unwrap(), "keep me");
+    // A mistyped scratch folder would measure another disk: refused, nothing made.
+    let out = ferry(dir.path(), &["profile", "--quick", "--scratch-dir", "nvme/scratch", "--out", "q.yaml"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--scratch-dir nvme/scratch does not exist"), "{stderr}");
+    assert!(!dir.path().join("nvme").exists() && !dir.path().join("q.yaml").exists());
 }
 
 #[test]

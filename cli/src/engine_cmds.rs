@@ -81,6 +81,10 @@ fn parse_dtype(text: &str) -> Result<Dtype> {
         "bf16" => Ok(Dtype::Bf16),
         "f16" => Ok(Dtype::F16),
         "f32" => Ok(Dtype::F32),
+        other if block_format(other).is_some() => Err(CoreError::invalid(format!(
+            "dtype '{other}' is a GGUF block format: a safetensors folder holds bf16, f16 or f32; add --format gguf"
+        ))
+        .into()),
         other => Err(CoreError::invalid(format!("dtype '{other}': use bf16, f16 or f32")).into()),
     }
 }
@@ -224,6 +228,20 @@ pub struct ProfileArgs {
     force: bool,
 }
 
+/// `ferry profile`'s `--scratch-dir` must exist: the disk it is on is the one measured,
+/// so a mistyped path must not quietly put the scratch file on another disk.
+fn existing_scratch_dir(dir: &std::path::Path, what: &str) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let problem = if dir.exists() { "is not a folder" } else { "does not exist" };
+    Err(CoreError::invalid(format!(
+        "--scratch-dir {} {problem}; {what} goes there, so create the folder on the disk you offload to",
+        dir.display()
+    ))
+    .into())
+}
+
 pub fn profile(args: ProfileArgs) -> Result<()> {
     if !matches!(args.backend.as_str(), "cpu" | "cuda") {
         return Err(CoreError::invalid(format!("unknown backend '{}'; use cpu or cuda", args.backend)).into());
@@ -235,6 +253,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     // Before minutes of measuring: the file written at the end must be writable.
     ferry_core::atomic::check_output_path(&args.out, args.force)?;
     let scratch = args.scratch_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    existing_scratch_dir(&scratch, "the scratch file whose disk is measured")?;
     let mut options = if args.quick {
         ferry_profiler::ProfileOptions::quick(scratch)
     } else {
