@@ -382,6 +382,14 @@ pub(crate) fn print_report(
             ]);
         }
         print!("{}", table.render());
+        let shown = result.top.iter().skip(1).take(args.top);
+        if shown.clone().any(|c| c.score(request.objective) > best.score(request.objective)) {
+            println!(
+                "the plan is the simplest within {:.1} % of the fastest (fewest micro-batches, then the shallowest \
+                 prefetch): predictions differ from runs by far more than that",
+                ferry_sim::tune::NEAR_TIE * 100.0
+            );
+        }
     }
     match &args.out {
         Some(path) => println!("\nwrote {} (run it through the simulator again with `ferry simulate --plan {}`)", path.display(), path.display()),

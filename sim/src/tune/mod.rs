@@ -70,6 +70,7 @@ use crate::predict::{predict_run_by, Extrapolation};
 
 pub use self::baselines::{baselines, llama_cpp_largest_fit, llama_cpp_policy, Baseline};
 use self::search::Searcher;
+pub use self::search::NEAR_TIE;
 pub use self::speculative::{tune_speculative, SpeculativeComparison, DRAFT_LENS};
 pub use self::stages::{tune_pipeline, PipelineResult, PipelineStats, SplitBaseline};
 

@@ -80,7 +80,7 @@ pub(super) struct Searcher<'a> {
 const BOUND_SLACK: f64 = 0.02;
 
 /// Plans predicted within this fraction of the best count as tied (see `rank_simulated`).
-const NEAR_TIE: f64 = 0.005;
+pub const NEAR_TIE: f64 = 0.005;
 
 /// Simulated plans within this fraction of the best are offered host RAM for their
 /// disk-tier layers (promotion has gained 12 % on a plan: 26.2 → 29.4 tokens/s;
