@@ -127,7 +127,12 @@ fn vllm_serve_is_checked_within_its_share_of_the_gpu() {
     let host = offloaded["memory"].as_array().unwrap().iter().find(|p| p["pool"] == "host").unwrap();
     assert!(host["needs_bytes"].as_u64().unwrap() >= 8 << 30, "the offloaded weights sit in host RAM: {host}");
     let sequences = offloaded["sequences"].as_u64().unwrap();
-    assert!((1..=16).contains(&sequences) && offloaded["predicted"]["tokens_per_s"].as_f64().unwrap() > 0.0);
+    let predicted = offloaded["predicted"]["tokens_per_s"].as_f64().unwrap();
+    assert!((1..=16).contains(&sequences) && predicted > 0.0);
+    // A datasheet prediction carries the calibration set's spread, below it.
+    let interval = offloaded["predicted_tokens_per_s_interval"].as_array().expect("an interval");
+    let (slow, fast) = (interval[0].as_f64().unwrap(), interval[1].as_f64().unwrap());
+    assert!(0.0 < slow && slow < fast && fast <= predicted, "{slow}–{fast} around {predicted}");
     assert_eq!(offloaded["ignored"], serde_json::json!(["--port 8000"]));
     // More offloaded leaves more room for sequences; a smaller share of the GPU, less.
     let (_, more) = vllm("--cpu-offload-gb 12 --max-model-len 2048 --max-num-seqs 16");

@@ -84,6 +84,11 @@ pub(crate) fn run(
     } else {
         (fitting, None)
     };
+    let speed = Workload { batch_size: batch, prompt_len, gen_len };
+    let interval = match &predicted {
+        Some(Ok(_)) => ferry_sim::interval(&policy_at(batch)?, model, &speed, &profile, Extrapolation::Full)?,
+        _ => None,
+    };
     let request = TuneRequest {
         model,
         profile: &profile,
@@ -108,8 +113,9 @@ pub(crate) fn run(
         kv_tokens,
         fitting,
         batch,
-        speed: Workload { batch_size: batch, prompt_len, gen_len },
+        speed,
         predicted,
+        interval,
         ferry_plan: ferry_plan.map(|c| c.metrics.tokens_per_s),
     };
     let ok = outcome.predicted.as_ref().is_some_and(|p| p.is_ok());
@@ -138,6 +144,8 @@ struct Outcome<'a> {
     batch: u64,
     speed: Workload,
     predicted: Option<Result<ferry_sim::Prediction, ferry_sim::SimError>>,
+    /// The prediction's interval (`ferry_sim::interval`), where the profile gives one.
+    interval: Option<ferry_sim::Interval>,
     ferry_plan: Option<f64>,
 }
 
@@ -159,6 +167,7 @@ impl Outcome<'_> {
                 Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
                 None => serde_json::Value::Null,
             },
+            "predicted_tokens_per_s_interval": self.interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
             "ferry_plan_tokens_per_s": self.ferry_plan,
             "ignored": self.command.ignored,
         });
@@ -186,13 +195,17 @@ impl Outcome<'_> {
             Some(Err(error)) => println!("\nverdict: runs out of memory while running: {error}"),
             Some(Ok(p)) => println!(
                 "\nthe KV cache holds {} tokens: {} sequence(s) of prompt {prompt_len} + {gen_len} run at once \
-                 (--max-num-seqs {}{})\npredicted: {:.2} tokens/s over the batch",
+                 (--max-num-seqs {}{})\npredicted: {:.2} tokens/s{} over the batch",
                 self.kv_tokens,
                 self.batch,
                 self.max_num_seqs,
                 if self.batch < self.fitting { "; more would leave no room for the weights in flight" } else { "" },
-                p.metrics.tokens_per_s
+                p.metrics.tokens_per_s,
+                crate::report::interval_text(self.interval.as_ref())
             ),
+        }
+        if let Some(basis) = self.interval.and(ferry_sim::interval_basis(self.profile)) {
+            println!("{basis}");
         }
         if let (Some(ferry), Some(Ok(p))) = (self.ferry_plan, &self.predicted) {
             println!(
