@@ -335,10 +335,20 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
             best(&profile.device_to_host)
         );
     }
+    let compute = &profile.device_compute;
     println!(
-        "  matrix products: {:.0} GFLOP/s peak; bf16 weights stream through one-row products at {:.1} GB/s",
-        profile.device_compute.peak_flops / 1e9,
-        profile.device_compute.memory_bytes_per_s / 1e9
+        "  matrix products: {:.0} GFLOP/s peak; bf16 weights stream through one-row products at {:.1} GB/s{}",
+        compute.peak_flops / 1e9,
+        compute.memory_bytes_per_s * compute.memory_efficiency / 1e9,
+        if profile.unified_memory {
+            format!(
+                ", {:.0} % of the memory's read rate ({:.1} GB/s)",
+                compute.memory_efficiency * 100.0,
+                compute.memory_bytes_per_s / 1e9
+            )
+        } else {
+            String::new()
+        }
     );
     if let Some(under_compute) = &profile.interference.disk_read_under_compute {
         println!("  disk read while compute runs: up to {:.2} GB/s", best(under_compute));

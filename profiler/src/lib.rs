@@ -16,6 +16,7 @@ mod dequant;
 mod disk;
 mod kernel_table;
 mod machine;
+mod memory;
 
 use disk::timed_release_ns_per_mib;
 pub(crate) use disk::{measure_read_curve, read_bytes, ScratchDisk};
@@ -93,6 +94,9 @@ pub struct ProfileOptions {
     /// Runs per micro-batch size for the kernel table (a slow moment during one run
     /// would otherwise bias every entry of that size).
     pub kernel_runs: usize,
+    /// Buffer the memory's read bandwidth is timed over: larger than any last-level
+    /// cache (AMD's largest hold several hundred MiB).
+    pub memory_read_bytes: u64,
 }
 
 impl ProfileOptions {
@@ -108,6 +112,7 @@ impl ProfileOptions {
             kernel_batches: vec![1, 2, 4, 8, 16],
             kernel_prompt_len: 32,
             kernel_runs: 2,
+            memory_read_bytes: GIB_BYTES,
         }
     }
 
@@ -264,6 +269,8 @@ pub(crate) fn measure_host_compute(
     progress("kernels", 0.5);
     let streams = || (0..options.trials).map(|_| timed_weight_stream(256 * MIB)).collect::<Result<Vec<_>, _>>();
     let (stream_bytes_per_s, _) = median_spread(&streams()?);
+    let threads = ferry_engine::kernels::compute_pool().current_num_threads();
+    let read_bytes_per_s = memory::read_bytes_per_s(options.memory_read_bytes, threads, options.trials);
     let slowdown_during_reads = if slowdown {
         progress("interference", 0.0);
         let _load = Background::reads(disk, options.scratch_bytes);
@@ -279,10 +286,13 @@ pub(crate) fn measure_host_compute(
     Ok(HostCompute {
         compute: ComputeProfile {
             peak_flops,
-            memory_bytes_per_s: stream_bytes_per_s,
+            // The memory's own rate, and the share of it one-row products reach: their
+            // product is the products' measured rate (a faster product than the read,
+            // within the noise of two measurements, counts as the memory's rate).
+            memory_bytes_per_s: read_bytes_per_s.max(stream_bytes_per_s),
             // Measured rates are achieved rates.
             matmul_efficiency: 1.0,
-            memory_efficiency: 1.0,
+            memory_efficiency: stream_bytes_per_s / read_bytes_per_s.max(stream_bytes_per_s),
             task_overhead_ns,
             table: Vec::new(),
             release_ns_per_mib: timed_release_ns_per_mib(options, disk)?,
@@ -466,6 +476,7 @@ mod tests {
             kernel_batches: vec![1, 2],
             kernel_prompt_len: 4,
             kernel_runs: 1,
+            memory_read_bytes: 64 * MIB,
         };
         let mut steps = Vec::new();
         let profile = profile_cpu(&options, |step, _| steps.push(step.to_string())).unwrap();
@@ -474,6 +485,9 @@ mod tests {
         assert!(profile.disk_read.points.iter().all(|p| p.gbps > 0.0 && p.spread.is_some()));
         assert!(profile.device_compute.peak_flops > 1e9, "{}", profile.device_compute.peak_flops);
         assert!(profile.device_compute.memory_bytes_per_s > 1e8);
+        // The memory's read rate, and the share of it one-row products reach.
+        let efficiency = profile.device_compute.memory_efficiency;
+        assert!(efficiency > 0.0 && efficiency <= 1.0, "{efficiency}");
         assert!(profile.device_compute.task_overhead_ns > 0, "the engine's per-task cost is measured");
         // Every block format the engine decodes has a measured dequantization rate.
         let formats: Vec<&str> = profile.device_compute.dequantize.iter().map(|d| d.format.as_str()).collect();
