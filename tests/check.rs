@@ -38,6 +38,12 @@ fn a_command_that_runs_out_names_the_largest_ngl_that_fits() {
     assert_eq!(code, 0);
     assert_eq!((device(&fits)["fits"].clone(), fits["runs"].clone()), (true.into(), true.into()));
     assert_eq!(fits["predicted"]["tokens_per_s"], best["tokens_per_s"]);
+    // Every prediction printed carries its interval, the same for the same plan.
+    assert_eq!(fits["predicted_tokens_per_s_interval"], best["tokens_per_s_interval"]);
+    let plan = fits["ferry_plan_tokens_per_s"].as_f64().unwrap();
+    let interval = fits["ferry_plan_tokens_per_s_interval"].as_array().expect("Ferry's plan's interval");
+    assert!(interval[0].as_f64().unwrap() < interval[1].as_f64().unwrap(), "{interval:?}");
+    assert!(interval[1].as_f64().unwrap() <= plan, "datasheet: published speeds ran below predictions");
     let (code, _) = check_json(dir.path(), "rtx3060", &format!("llama-server -m llama-2-13b -ngl {} -c 4096", ngl + 1));
     assert_eq!(code, 1);
     // A smaller context leaves room for more layers.

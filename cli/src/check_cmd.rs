@@ -118,10 +118,16 @@ pub fn run(args: CheckArgs) -> Result<u8> {
     let predicted = fits.then(|| speed_of(&policy));
     // The most layers llama.cpp could offload at this context: fewer layers on the
     // device only slows it, so the largest that fits (and streams) is its best.
-    let best_ngl = llama_cpp_largest_fit(&request(&allocated), &allocated, &shape.speed)
-        .ok()
-        .map(|(ngl, candidate)| (ngl, candidate.metrics));
+    // Each prediction printed carries its interval (`None` where the profile gives none).
+    let interval_of = |policy: &Policy, workload: &Workload| {
+        ferry_sim::interval(policy, &model, workload, &profile, Extrapolation::Full).ok().flatten()
+    };
+    let best_ngl = llama_cpp_largest_fit(&request(&allocated), &allocated, &shape.speed).ok().map(|(ngl, c)| {
+        let interval = interval_of(&c.policy, &c.workload);
+        (ngl, c.metrics, interval)
+    });
     let ferry_plan = tune(&request(&shape.speed), &KnobSpace::full()).ok().map(|r| r.best);
+    let plan_interval = ferry_plan.as_ref().and_then(|c| interval_of(&c.policy, &c.workload));
     let interval = matches!(predicted, Some(Ok(_)))
         .then(|| {
             let engine = Some(ferry_core::export::Engine::LlamaCpp);
@@ -136,6 +142,7 @@ pub fn run(args: CheckArgs) -> Result<u8> {
         policy: &policy,
         pools: &pools,
         interval,
+        plan_interval,
         tune_model,
     };
     let ok = predicted.as_ref().is_some_and(|p| p.is_ok());
@@ -261,12 +268,15 @@ struct Report<'a> {
     pools: &'a [PoolSpec],
     /// The prediction's interval (`ferry_sim::interval_run_by`), where the profile gives one.
     interval: Option<ferry_sim::Interval>,
+    /// The interval of Ferry's own plan's prediction.
+    plan_interval: Option<ferry_sim::Interval>,
     /// `ferry tune`'s `--model` (and `--weight-format`) for this model.
     tune_model: String,
 }
 
 type Predicted = Option<Result<ferry_sim::Prediction, ferry_sim::SimError>>;
-type BestNgl = Option<(u64, ferry_core::trace::Metrics)>;
+/// The largest `-ngl` that fits, its predicted metrics and their interval.
+type BestNgl = Option<(u64, ferry_core::trace::Metrics, Option<ferry_sim::Interval>)>;
 
 impl Report<'_> {
     fn placement(&self) -> String {
@@ -326,13 +336,15 @@ impl Report<'_> {
                 }
             }
         }
-        let llama_best = best_ngl.as_ref().map(|(ngl, m)| (*ngl, m.tokens_per_s));
+        let llama_best = best_ngl.as_ref().map(|(ngl, m, _)| (*ngl, m.tokens_per_s));
         let cpu = self.profile.device_name == "cpu";
-        match llama_best {
+        match best_ngl {
             Some(_) if cpu => {}
-            Some((ngl, tps)) => println!(
-                "largest -ngl that fits at this context: {} → {tps:.2} tokens/s predicted",
-                ngl_text(ngl, model.num_layers)
+            Some((ngl, m, interval)) => println!(
+                "largest -ngl that fits at this context: {} → {:.2} tokens/s{} predicted",
+                ngl_text(*ngl, model.num_layers),
+                m.tokens_per_s,
+                crate::report::interval_text(interval.as_ref())
             ),
             None => println!("nothing fits at this context: lower -c or -np"),
         }
@@ -340,9 +352,10 @@ impl Report<'_> {
             let vs =
                 llama_best.map(|(_, tps)| format!(" ({:.2}× llama.cpp's best -ngl)", plan.metrics.tokens_per_s / tps));
             println!(
-                "Ferry's plan for its own engine at this budget: {:.2} tokens/s{}; see it with `ferry tune --gpu {} \
+                "Ferry's plan for its own engine at this budget: {:.2} tokens/s{}{}; see it with `ferry tune --gpu {} \
                  --model {} --batch {} --prompt-len {} --gen-len {}`",
                 plan.metrics.tokens_per_s,
+                crate::report::interval_text(self.plan_interval.as_ref()),
                 vs.unwrap_or_default(),
                 args.gpu.as_deref().unwrap_or("<your profile>"),
                 self.tune_model,
@@ -383,8 +396,9 @@ impl Report<'_> {
             },
             "predicted_tokens_per_s_interval": self.interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
             "workload": serde_json::to_value(self.shape.speed)?,
-            "largest_gpu_layers_that_fit": best_ngl.as_ref().map(|(ngl, m)| serde_json::json!({"gpu_layers": ngl, "tokens_per_s": m.tokens_per_s})),
+            "largest_gpu_layers_that_fit": best_ngl.as_ref().map(|(ngl, m, i)| serde_json::json!({"gpu_layers": ngl, "tokens_per_s": m.tokens_per_s, "tokens_per_s_interval": i.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s])})),
             "ferry_plan_tokens_per_s": ferry_plan.as_ref().map(|c| c.metrics.tokens_per_s),
+            "ferry_plan_tokens_per_s_interval": self.plan_interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
             "ignored": self.command.ignored,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
