@@ -35,6 +35,19 @@ fn a_profile_with_drift_gives_every_prediction_an_interval() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(stdout.contains("interval: every resource at the slowest") && stdout.contains("a test's"), "{stdout}");
+    // So does every row of the baselines table that has a speed.
+    let rows = |stdout: &str| -> Vec<String> {
+        let table = stdout.lines().skip_while(|l| !l.starts_with("Compared with baseline policies"));
+        table
+            .skip(3)
+            .take_while(|l| !l.trim().is_empty() && !l.starts_with("  "))
+            .filter(|l| !l.contains(" — "))
+            .map(str::to_string)
+            .collect()
+    };
+    let baselines = rows(&stdout);
+    assert!(baselines.len() >= 2 && baselines[0].starts_with("ferry (this plan)"), "{stdout}");
+    assert!(baselines.iter().all(|r| r.contains('–')), "{baselines:#?}");
     let plan = std::fs::read_to_string(dir.path().join("plan.yaml")).unwrap();
     assert!(plan.contains("tokens_per_s_interval"), "{plan}");
     let out = ferry(dir.path(), &["simulate", "--plan", "plan.yaml", "--json"]);
@@ -49,6 +62,7 @@ fn a_profile_with_drift_gives_every_prediction_an_interval() {
     plain[last] = "plain.yaml";
     let out = ferry(dir.path(), &plain);
     assert!(out.status.success() && !text(&out.stdout).contains("interval"), "{}", text(&out.stdout));
+    assert!(rows(&text(&out.stdout)).iter().all(|r| !r.contains('–')), "{}", text(&out.stdout));
     let out = ferry(dir.path(), &["simulate", "--plan", "plain.yaml", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(json["tokens_per_s_interval"].is_null());

@@ -14,6 +14,7 @@ use ferry_core::CoreError;
 use ferry_sim::tune::{
     tune_and_compare, Baseline, BatchChoice, Candidate, Comparison, KnobSpace, Objective, TuneRequest, TuneResult,
 };
+use ferry_sim::Extrapolation;
 
 use crate::report;
 use crate::table::Table;
@@ -334,13 +335,24 @@ pub(crate) fn print_report(
     if let Some(basis) = interval.and(ferry_sim::interval_basis(profile)) {
         println!("{basis}");
     }
+    // Every prediction printed carries its interval: a datasheet one scaled from the
+    // calibration set's spread, a drifted profile's simulated at both ends.
+    let interval_of = |engine, c: &Candidate, mode| {
+        ferry_sim::calibration_interval(profile, c.metrics.tokens_per_s).or_else(|| {
+            profile.drift.as_ref()?;
+            ferry_sim::interval_run_by(engine, &c.policy, model, &c.workload, profile, mode).ok().flatten()
+        })
+    };
     println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");
     let mut table = Table::new(["policy", "batch", "tokens/s", "first token", "per token", "vs ferry", "bottleneck"]);
     let best = &result.best;
-    table.row(row("ferry (this plan)", best, best));
+    table.row(row("ferry (this plan)", best, best, interval.as_ref()));
     for baseline in baseline_results {
         match &baseline.outcome {
-            Ok(c) => table.row(row(baseline.name, c, best)),
+            Ok(c) => {
+                let interval = interval_of(baseline.engine, c, Extrapolation::Full);
+                table.row(row(baseline.name, c, best, interval.as_ref()))
+            }
             Err(e) => table.row([
                 baseline.name.to_string(),
                 "—".into(),
@@ -370,9 +382,10 @@ pub(crate) fn print_report(
         ]);
         for (i, c) in result.top.iter().skip(1).take(args.top).enumerate() {
             let p = &c.policy;
+            let interval = interval_of(None, c, Extrapolation::Sampled);
             table.row([
                 (i + 2).to_string(),
-                format!("{:.2}", c.metrics.tokens_per_s),
+                format!("{:.2}{}", c.metrics.tokens_per_s, report::interval_text(interval.as_ref())),
                 format!("{}×{}", p.micro_batch_size, p.num_micro_batches),
                 p.schedule.name().to_string(),
                 p.prefetch_depth.to_string(),
@@ -413,11 +426,11 @@ fn parse_batch(text: &str, objective: Objective) -> Result<BatchChoice> {
     Ok(BatchChoice::Fixed(n))
 }
 
-fn row(name: &str, c: &Candidate, best: &Candidate) -> Vec<String> {
+fn row(name: &str, c: &Candidate, best: &Candidate, interval: Option<&ferry_sim::Interval>) -> Vec<String> {
     vec![
         name.to_string(),
         c.workload.batch_size.to_string(),
-        format!("{:.2}", c.metrics.tokens_per_s),
+        format!("{:.2}{}", c.metrics.tokens_per_s, report::interval_text(interval)),
         format_ns(c.metrics.time_to_first_token_ns),
         format_ns(c.metrics.time_per_output_token_ns),
         format!("{:.2}×", c.metrics.tokens_per_s / best.metrics.tokens_per_s),

@@ -16,7 +16,8 @@ pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
 pub use predict::{
-    interval, interval_basis, interval_run_by, predict, predict_run_by, Extrapolation, Interval, Prediction,
+    calibration_interval, interval, interval_basis, interval_run_by, predict, predict_run_by, Extrapolation, Interval,
+    Prediction,
 };
 
 use ferry_core::{Classify, ErrorKind};
