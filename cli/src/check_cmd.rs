@@ -119,21 +119,24 @@ pub fn run(args: CheckArgs) -> Result<u8> {
     // The most layers llama.cpp could offload at this context: fewer layers on the
     // device only slows it, so the largest that fits (and streams) is its best.
     // Each prediction printed carries its interval (`None` where the profile gives none).
-    let interval_of = |policy: &Policy, workload: &Workload| {
-        ferry_sim::interval(policy, &model, workload, &profile, Extrapolation::Full).ok().flatten()
+    let interval_of = |engine, policy: &Policy, workload: &Workload, tokens_per_s: f64| {
+        let mode = Extrapolation::Full;
+        ferry_sim::interval_of_prediction(engine, policy, &model, workload, &profile, mode, tokens_per_s).ok().flatten()
     };
     let best_ngl = llama_cpp_largest_fit(&request(&allocated), &allocated, &shape.speed).ok().map(|(ngl, c)| {
-        let interval = interval_of(&c.policy, &c.workload);
+        let interval = interval_of(None, &c.policy, &c.workload, c.metrics.tokens_per_s);
         (ngl, c.metrics, interval)
     });
     let ferry_plan = tune(&request(&shape.speed), &KnobSpace::full()).ok().map(|r| r.best);
-    let plan_interval = ferry_plan.as_ref().and_then(|c| interval_of(&c.policy, &c.workload));
-    let interval = matches!(predicted, Some(Ok(_)))
-        .then(|| {
+    let plan_interval =
+        ferry_plan.as_ref().and_then(|c| interval_of(None, &c.policy, &c.workload, c.metrics.tokens_per_s));
+    let interval = match &predicted {
+        Some(Ok(p)) => {
             let engine = Some(ferry_core::export::Engine::LlamaCpp);
-            ferry_sim::interval_run_by(engine, &policy, &model, &shape.speed, &profile, Extrapolation::Full)
-        })
-        .and_then(|i| i.ok().flatten());
+            interval_of(engine, &policy, &shape.speed, p.metrics.tokens_per_s)
+        }
+        _ => None,
+    };
     let report = Report {
         command: &command,
         model: &model,
@@ -266,7 +269,7 @@ struct Report<'a> {
     shape: &'a Shape,
     policy: &'a Policy,
     pools: &'a [PoolSpec],
-    /// The prediction's interval (`ferry_sim::interval_run_by`), where the profile gives one.
+    /// The prediction's interval (`ferry_sim::interval_of_prediction`), where the profile gives one.
     interval: Option<ferry_sim::Interval>,
     /// The interval of Ferry's own plan's prediction.
     plan_interval: Option<ferry_sim::Interval>,

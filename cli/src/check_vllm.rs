@@ -86,7 +86,18 @@ pub(crate) fn run(
     };
     let speed = Workload { batch_size: batch, prompt_len, gen_len };
     let interval = match &predicted {
-        Some(Ok(_)) => ferry_sim::interval(&policy_at(batch)?, model, &speed, &profile, Extrapolation::Full)?,
+        Some(Ok(p)) => {
+            let (policy, tokens_per_s) = (policy_at(batch)?, p.metrics.tokens_per_s);
+            ferry_sim::interval_of_prediction(
+                None,
+                &policy,
+                model,
+                &speed,
+                &profile,
+                Extrapolation::Full,
+                tokens_per_s,
+            )?
+        }
         _ => None,
     };
     let request = TuneRequest {
@@ -144,7 +155,7 @@ struct Outcome<'a> {
     batch: u64,
     speed: Workload,
     predicted: Option<Result<ferry_sim::Prediction, ferry_sim::SimError>>,
-    /// The prediction's interval (`ferry_sim::interval`), where the profile gives one.
+    /// The prediction's interval (`ferry_sim::interval_of_prediction`), where the profile gives one.
     interval: Option<ferry_sim::Interval>,
     ferry_plan: Option<f64>,
 }

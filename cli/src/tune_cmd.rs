@@ -338,10 +338,10 @@ pub(crate) fn print_report(
     // Every prediction printed carries its interval: a datasheet one scaled from the
     // calibration set's spread, a drifted profile's simulated at both ends.
     let interval_of = |engine, c: &Candidate, mode| {
-        ferry_sim::calibration_interval(profile, c.metrics.tokens_per_s).or_else(|| {
-            profile.drift.as_ref()?;
-            ferry_sim::interval_run_by(engine, &c.policy, model, &c.workload, profile, mode).ok().flatten()
-        })
+        let tokens_per_s = c.metrics.tokens_per_s;
+        ferry_sim::interval_of_prediction(engine, &c.policy, model, &c.workload, profile, mode, tokens_per_s)
+            .ok()
+            .flatten()
     };
     println!("\nCompared with baseline policies, simulated on the same hardware (at batch {batch_size}, or the largest half of it that fits):");
     let mut table = Table::new(["policy", "batch", "tokens/s", "first token", "per token", "vs ferry", "bottleneck"]);

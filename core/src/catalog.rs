@@ -169,19 +169,7 @@ impl Catalog {
             return by_name;
         }
         // A repository id the catalog knows (a folder of that name would have been read above).
-        let wanted = name.trim().to_ascii_lowercase();
-        let repository = self.model_repositories.iter().find(|r| r.alias.to_ascii_lowercase() == wanted);
-        match repository.and_then(|r| self.models.iter().find(|m| m.name == r.target)) {
-            Some(model) => Ok(Resolved {
-                value: model.clone(),
-                note: Some(format!(
-                    "model '{name}' resolved to '{}' (the shape of that repository's config.json; no weights are \
-                     downloaded)",
-                    model.name
-                )),
-            }),
-            None => by_name,
-        }
+        resolve("model", name, &self.models, |m| &m.name, &self.model_repositories).or(by_name)
     }
 
     /// Aliases that point at `target`, for listings.
@@ -228,7 +216,7 @@ fn resolve<T: Clone>(
     if let Some(entry) = entries.iter().find(|e| *name_of(e) == wanted) {
         return Ok(Resolved { value: entry.clone(), note: None });
     }
-    if let Some(alias) = aliases.iter().find(|a| a.alias == wanted) {
+    if let Some(alias) = aliases.iter().find(|a| a.alias.eq_ignore_ascii_case(&wanted)) {
         if let Some(entry) = entries.iter().find(|e| *name_of(e) == alias.target) {
             let mut note = format!("{kind} '{name}' resolved to '{}'", alias.target);
             if let Some(extra) = &alias.note {

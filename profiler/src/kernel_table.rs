@@ -243,7 +243,6 @@ mod tests {
             kernel_batches: vec![1, 2],
             kernel_prompt_len: 4,
             kernel_runs: 1,
-            memory_read_bytes: 8 * MIB,
             ..ProfileOptions::quick(dir.path().to_path_buf())
         };
         let scratch = dir.path().join("scratch.bin");

@@ -76,29 +76,50 @@ pub fn interval_run_by(
     profile: &Profile,
     mode: Extrapolation,
 ) -> Result<Option<Interval>, SimError> {
+    interval_around(engine, policy, model, workload, profile, mode, None)
+}
+
+/// `interval_run_by` of a prediction already made at `tokens_per_s` (with the same
+/// engine, profile and `mode`): a datasheet interval is scaled from it without
+/// simulating again; a drifted profile's is simulated at both ends.
+pub fn interval_of_prediction(
+    engine: Option<Engine>,
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    mode: Extrapolation,
+    tokens_per_s: f64,
+) -> Result<Option<Interval>, SimError> {
+    interval_around(engine, policy, model, workload, profile, mode, Some(tokens_per_s))
+}
+
+fn interval_around(
+    engine: Option<Engine>,
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    mode: Extrapolation,
+    predicted_tokens_per_s: Option<f64>,
+) -> Result<Option<Interval>, SimError> {
     let predict = |profile: &Profile| predict_run_by(engine, policy, model, workload, profile, mode);
     let Some(drift) = &profile.drift else {
         if !crate::calibration::applies_to(profile) {
             return Ok(None);
         }
-        return Ok(calibration_interval(profile, predict(profile)?.metrics.tokens_per_s));
+        let predicted = match predicted_tokens_per_s {
+            Some(tokens_per_s) => tokens_per_s,
+            None => predict(profile)?.metrics.tokens_per_s,
+        };
+        let (low, high) = crate::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
+        return Ok(Some(Interval { slow_tokens_per_s: predicted * low, fast_tokens_per_s: predicted * high }));
     };
     let at = |fast: bool| -> Result<f64, SimError> { Ok(predict(&drift.apply(profile, fast))?.metrics.tokens_per_s) };
     let (slow, fast) = (at(false)?, at(true)?);
     // A range whose low and high straddle 1 brackets the prediction; one that does not
     // still orders slow before fast.
     Ok(Some(Interval { slow_tokens_per_s: slow.min(fast), fast_tokens_per_s: slow.max(fast) }))
-}
-
-/// The interval of a datasheet prediction of `tokens_per_s` from the calibration set's
-/// spread, without simulating again; `None` for a profile with runs to draw on (a
-/// measured one, whose drift, if recorded, needs the plan: `interval`).
-pub fn calibration_interval(profile: &Profile, tokens_per_s: f64) -> Option<Interval> {
-    if profile.drift.is_some() || !crate::calibration::applies_to(profile) {
-        return None;
-    }
-    let (low, high) = crate::calibration::DATASHEET_PUBLISHED_OVER_PREDICTED;
-    Some(Interval { slow_tokens_per_s: tokens_per_s * low, fast_tokens_per_s: tokens_per_s * high })
 }
 
 /// How the interval of a prediction from `profile` was found, in a sentence; `None`
