@@ -120,7 +120,10 @@ pub(super) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::super::x86::{f16_scales, prefetch_next_rows, reduce_halves, store, transpose_groups};
+    use super::super::x86::{
+        broadcast_halves, f16_scales, paired_nibbles, prefetch_next_rows, reduce_halves, reduce_paired, store,
+        transpose_groups,
+    };
     use super::super::QuantizedX;
     use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
@@ -159,6 +162,8 @@ pub(super) mod x86 {
         unsafe {
             if M >= 3 {
                 eight::<M, Q6, true>(weights, row_bytes, x, k, dots)
+            } else if M == 1 && !Q6 {
+                q4_k_one_row(weights, row_bytes, x, k, dots)
             } else {
                 eight::<M, Q6, false>(weights, row_bytes, x, k, dots)
             }
@@ -262,6 +267,112 @@ pub(super) mod x86 {
         min: __m256,
     }
 
+    /// A super-block's scales for eight rows: `d`, Q4_K's `dmin` (zero for Q6_K) and
+    /// the sub-block scale bytes transposed (`scale_columns`; read by `scale_column`).
+    struct SuperScales {
+        d: __m256,
+        dmin: __m256,
+        columns: [__m128i; 8],
+    }
+
+    /// The scales of the eight rows' super-blocks at `at(r)`.
+    #[inline(always)]
+    unsafe fn super_scales<const Q6: bool>(at: impl Fn(usize) -> *const u8) -> SuperScales {
+        // SAFETY: each `at(r)` is a whole super-block; AVX2 and F16C are present where
+        // this is inlined.
+        unsafe {
+            let d = f16_scales(&at, if Q6 { 208 } else { 0 });
+            // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
+            let dmin = if Q6 { _mm256_setzero_ps() } else { f16_scales(&at, 2) };
+            let mut scales = [_mm_setzero_si128(); 8];
+            for (r, scales) in scales.iter_mut().enumerate() {
+                *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
+            }
+            SuperScales { d, dmin, columns: scale_columns(scales) }
+        }
+    }
+
+    /// Column t of the scales as eight i32 lanes (lane r: row r's): Q4_K's `sc` of
+    /// sub-block t for t < 8 and its `m` of sub-block t − 8 after; Q6_K's signed
+    /// scale of its 16 values t.
+    #[inline(always)]
+    unsafe fn scale_column<const Q6: bool>(columns: &[__m128i; 8], t: usize) -> __m256i {
+        // SAFETY: AVX2 is present where this is inlined.
+        unsafe {
+            let pair = columns[t / 2];
+            let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
+            if Q6 {
+                _mm256_cvtepi8_epi32(bytes)
+            } else {
+                _mm256_cvtepu8_epi32(bytes)
+            }
+        }
+    }
+
+    /// `eight` for Q4_K and one row of x (batch-1 decoding), two weight rows to a
+    /// vector as `q8::x86`'s `q4_0_one_row` does: a 32-byte chunk of values holds
+    /// block 2j in its low nibbles and block 2j + 1 in its high ones, so rows p and
+    /// p + 4's chunk halves side by side give both blocks' sums for the two rows from
+    /// two loads, and the eight rows reduce from four vectors per block, not eight.
+    /// The integers are `row_totals`' (the block's two halves added, as `accumulate`
+    /// adds them) and the float steps `accumulate`'s: the same bits.
+    #[inline(always)]
+    unsafe fn q4_k_one_row(
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        const BLOCK_BYTES: usize = 144;
+        let (blocks, supers) = (k / BLOCK, k / SUPER);
+        // SAFETY: see `eight_rows`: super-block s of each of the eight rows lies inside
+        // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
+        unsafe {
+            let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+            let mut acc = _mm256_setzero_ps();
+            for s in 0..supers {
+                let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * BLOCK_BYTES);
+                let SuperScales { d, dmin, columns } = super_scales::<false>(at);
+                for chunk in 0..BLOCKS_PER_SUPER / 2 {
+                    let first = s * BLOCKS_PER_SUPER + 2 * chunk;
+                    prefetch_next_rows(weights, row_bytes, first, blocks);
+                    prefetch_next_rows(weights, row_bytes, first + 1, blocks);
+                    let (x0_low, x0_high) = broadcast_halves(x.quants.as_ptr().add(first * BLOCK));
+                    let (x1_low, x1_high) = broadcast_halves(x.quants.as_ptr().add((first + 1) * BLOCK));
+                    // Per pair of rows: the chunk's first and second 16 bytes, each
+                    // as (low, high) nibbles. Two pairs' sum is at most 2 · 2 · 15 · 127.
+                    let mut even = [_mm256_setzero_si256(); 4];
+                    let mut odd = [_mm256_setzero_si256(); 4];
+                    for p in 0..4 {
+                        let values = |r: usize, half: usize| at(r).add(16 + 32 * chunk + 16 * half);
+                        let (low_a, high_a) = paired_nibbles(values(p, 0), values(p + 4, 0), nibble);
+                        let (low_b, high_b) = paired_nibbles(values(p, 1), values(p + 4, 1), nibble);
+                        let pairs =
+                            _mm256_add_epi16(_mm256_maddubs_epi16(low_a, x0_low), _mm256_maddubs_epi16(low_b, x0_high));
+                        even[p] = _mm256_madd_epi16(pairs, ones);
+                        let pairs = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(high_a, x1_low),
+                            _mm256_maddubs_epi16(high_b, x1_high),
+                        );
+                        odd[p] = _mm256_madd_epi16(pairs, ones);
+                    }
+                    for (c, sums) in [(2 * chunk, even), (2 * chunk + 1, odd)] {
+                        let b = s * BLOCKS_PER_SUPER + c;
+                        let d_x = *x.scales.get_unchecked(b);
+                        let total = _mm256_mullo_epi32(reduce_paired(sums), scale_column::<false>(&columns, c));
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), acc);
+                        // As `super_blocks`' `min` and `accumulate`'s last step.
+                        let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<false>(&columns, 8 + c)));
+                        let scaled_sum = d_x * *x.sums.get_unchecked(b) as f32;
+                        acc = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), acc);
+                    }
+                }
+            }
+            store([acc], dots);
+        }
+    }
+
     /// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`.
     #[inline(always)]
     unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool>(
@@ -276,24 +387,8 @@ pub(super) mod x86 {
         unsafe {
             let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
             let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
-            let d = f16_scales(at, if Q6 { 208 } else { 0 });
-            // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
-            let dmin = if Q6 { _mm256_setzero_ps() } else { f16_scales(at, 2) };
-            let mut scales = [_mm_setzero_si128(); 8];
-            for (r, scales) in scales.iter_mut().enumerate() {
-                *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
-            }
-            let columns = scale_columns(scales);
-            // Column t of the scales as eight i32 lanes (lane r: row r's).
-            let column = |t: usize| {
-                let pair = columns[t / 2];
-                let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
-                if Q6 {
-                    _mm256_cvtepi8_epi32(bytes)
-                } else {
-                    _mm256_cvtepu8_epi32(bytes)
-                }
-            };
+            let SuperScales { d, dmin, columns } = super_scales::<Q6>(at);
+            let column = |t: usize| scale_column::<Q6>(&columns, t);
             for c in 0..BLOCKS_PER_SUPER {
                 // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
                 // the cache's queue of misses and stalls the products behind it.

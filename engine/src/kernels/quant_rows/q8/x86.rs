@@ -219,6 +219,43 @@ unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
     }
 }
 
+/// Weight rows p and p + 4's 16 bytes of nibbles (at `row` and `row_plus_4`) side by
+/// side, as (low nibbles, high nibbles): 128-bit lane 0 row p's, lane 1 row p + 4's.
+#[inline(always)]
+pub(super) unsafe fn paired_nibbles(row: *const u8, row_plus_4: *const u8, nibble: __m256i) -> (__m256i, __m256i) {
+    // SAFETY: both hold 16 bytes; AVX2 is present where this is inlined.
+    unsafe {
+        let packed = _mm256_loadu2_m128i(row_plus_4.cast(), row.cast());
+        (_mm256_and_si256(packed, nibble), _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble))
+    }
+}
+
+/// A block of x's two halves (16 values each), each in both 128-bit lanes: what
+/// `paired_nibbles`' low and high nibbles multiply.
+#[inline(always)]
+pub(super) unsafe fn broadcast_halves(xs: *const i8) -> (__m256i, __m256i) {
+    // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+    unsafe {
+        (
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(xs.cast())),
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(xs.add(16).cast())),
+        )
+    }
+}
+
+/// Four vectors of paired rows into one: `sums[p]`'s lanes 0–3 are row p's 32-bit
+/// sums and lanes 4–7 row p + 4's; lane r of the result is row r's total (as
+/// `reduce_halves` does, per 128-bit lane).
+#[inline(always)]
+pub(super) unsafe fn reduce_paired(sums: [__m256i; 4]) -> __m256i {
+    // SAFETY: AVX2 is present where this is inlined.
+    unsafe {
+        let pair = |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+        let quad = |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+        quad(pair(sums[0], sums[1]), pair(sums[2], sums[3]))
+    }
+}
+
 /// Eight vectors of eight i32 into one: lane r holds the sum of vector r's lanes.
 #[inline(always)]
 unsafe fn reduce_eight(p: [__m256i; 8]) -> __m256i {
@@ -318,26 +355,16 @@ unsafe fn q4_0_one_row(weights: &[u8], row_bytes: usize, x: &QuantizedX, k: usiz
             prefetch_next_rows(weights, row_bytes, b, blocks);
             let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * BLOCK_BYTES);
             let xs = x.quants.as_ptr().add(b * BLOCK);
-            let x_low = _mm256_broadcastsi128_si256(_mm_loadu_si128(xs.cast()));
-            let x_high = _mm256_broadcastsi128_si256(_mm_loadu_si128(xs.add(16).cast()));
+            let (x_low, x_high) = broadcast_halves(xs);
             // Lanes 0–3 of `sums[p]`: row p's 32-bit sums, lanes 4–7 row p + 4's. A
             // nibble times x is at most 15 · 127, two pairs' sum 7 620: 16 bits hold it.
             let mut sums = [_mm256_setzero_si256(); 4];
             for (p, sum) in sums.iter_mut().enumerate() {
-                let packed = _mm256_loadu2_m128i(at(p + 4).add(2).cast(), at(p).add(2).cast());
-                let low = _mm256_and_si256(packed, nibble);
-                let high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble);
+                let (low, high) = paired_nibbles(at(p).add(2), at(p + 4).add(2), nibble);
                 let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_low), _mm256_maddubs_epi16(high, x_high));
                 *sum = _mm256_madd_epi16(pairs, ones);
             }
-            // As `reduce_halves`: per 128-bit lane [Σ sums[0], …, Σ sums[3]], so lane r
-            // is row r's block sum.
-            let pair =
-                |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-            let quad =
-                |a: __m256i, b: __m256i| _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
-            let mut total = quad(pair(sums[0], sums[1]), pair(sums[2], sums[3]));
-            total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(b)));
+            let total = _mm256_sub_epi32(reduce_paired(sums), _mm256_set1_epi32(8 * *x.sums.get_unchecked(b)));
             let scale = _mm256_mul_ps(f16_scales(at, 0), _mm256_set1_ps(*x.scales.get_unchecked(b)));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc);
         }
