@@ -75,12 +75,16 @@ fn written_plan(
             time_to_first_token_s: round3(best.metrics.time_to_first_token_ns as f64 / 1e9),
             time_per_output_token_s: round3(best.metrics.time_per_output_token_ns as f64 / 1e9),
             profile: if profile.is_measured() { "measured".into() } else { "datasheet".into() },
-            tokens_per_s_interval: ferry_sim::interval(
+            // Scaled from the step-by-step prediction just made (a datasheet profile's);
+            // a drifted profile's is simulated at both ends.
+            tokens_per_s_interval: ferry_sim::interval_of_prediction(
+                None,
                 &best.policy,
                 model,
                 &best.workload,
                 profile,
                 ferry_sim::Extrapolation::Full,
+                best.metrics.tokens_per_s,
             )
             .ok()
             .flatten()
