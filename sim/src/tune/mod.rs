@@ -39,6 +39,7 @@
 //! - `search`: groups and members, bounding, pruning, ranking and simulating (the `Searcher`);
 //! - `lp`: the per-layer figures a group's LP is written in, the LP itself, and the
 //!   member estimate taken from its time terms;
+//! - `rates`: the bandwidths of the members' transfer knobs, looked up once per search;
 //! - `rounding`: LP fractions to whole layers, and fitting them into memory;
 //! - `room`, `shared_draft`, `hot`: the leaders' variants (room to stream; the draft's
 //!   layers shared; experts kept or read ahead);
@@ -49,6 +50,7 @@ mod baselines;
 mod explain;
 mod hot;
 mod lp;
+mod rates;
 mod room;
 mod rounding;
 mod search;

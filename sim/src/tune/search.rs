@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::lp::{Fractions, LayerFigures, Transfer};
 use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
-use crate::cost::{CostModel, Curve};
+use crate::cost::CostModel;
 use crate::predict::{predict_run_by, Extrapolation};
 
 /// Schedule classes share a placement LP.
@@ -73,6 +73,8 @@ pub(super) struct Searcher<'a> {
     pub(super) refined: std::sync::atomic::AtomicU64,
     /// The request sizes searched (`searched_chunk_sizes`).
     chunk_sizes: Vec<u64>,
+    /// The members' bandwidths, looked up once (`rates`).
+    pub(super) rates: super::rates::MemberRates,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -104,14 +106,18 @@ struct Bounded {
 impl<'a> Searcher<'a> {
     pub(super) fn new(request: &'a TuneRequest<'a>, space: &'a KnobSpace) -> Searcher<'a> {
         let layout = ferry_core::model::WeightLayout::of(request.model, &request.weight_format);
+        let cost = CostModel::for_formats(request.profile, request.model, &request.weight_format);
+        let chunk_sizes = searched_chunk_sizes(request.profile, space);
+        let rates = super::rates::MemberRates::new(&cost, &chunk_sizes, &space.copy_streams, &space.io_queue_depths);
         Searcher {
             request,
             space,
-            cost: CostModel::for_formats(request.profile, request.model, &request.weight_format),
+            cost,
+            rates,
             experts: layout.expert_bytes(request.model, 0),
             layout,
             refined: std::sync::atomic::AtomicU64::new(0),
-            chunk_sizes: searched_chunk_sizes(request.profile, space),
+            chunk_sizes,
         }
     }
 
@@ -221,18 +227,10 @@ impl<'a> Searcher<'a> {
         members
     }
 
-    fn h2d_curve(&self, pinned: bool) -> Curve {
-        if pinned {
-            Curve::HostToDevicePinned(0)
-        } else {
-            Curve::HostToDevicePageable(0)
-        }
-    }
-
     fn member_transfer(&self, group: &Group, member: &Member) -> Transfer {
         Transfer {
-            h2d_gbps: self.cost.bandwidth(self.h2d_curve(group.pinned), member.chunk_bytes, member.copy_streams),
-            disk_gbps: self.cost.bandwidth(Curve::DiskRead(0), member.chunk_bytes, member.io_queue_depth),
+            h2d_gbps: self.h2d_rate(group.pinned, member.chunk_bytes, member.copy_streams),
+            disk_gbps: self.disk_rate(member.chunk_bytes, member.io_queue_depth),
             window: member.prefetch_depth as f64 + 1.0,
         }
     }
