@@ -69,9 +69,36 @@ pub struct Metrics {
     pub bottleneck: Resource,
 }
 
+/// What a trace shows of the resources and pools besides its timing: per resource of
+/// the graph (in order) the time its spans cover, overlaps counted once, and per pool
+/// (in order) the most bytes tasks held in it at once beside its resident set — taken
+/// at the end of each instant, so that at one instant releases count before
+/// acquisitions and a task that starts and ends there holds nothing.
+///
+/// `of_trace` is the definition; the simulator keeps the same figures as its clock
+/// advances (the time each resource has a task running; each pool's use as time moves
+/// on) instead of sorting every span again, and is tested to give these exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub busy_ns: Vec<u64>,
+    pub held_peak_bytes: Vec<u64>,
+}
+
+impl Usage {
+    /// `graph`'s usage as `trace` ran it.
+    pub fn of_trace(graph: &TaskGraph, trace: &Trace) -> Usage {
+        Usage { busy_ns: busy_unions(graph, trace), held_peak_bytes: peaks_dynamic(graph, trace) }
+    }
+}
+
 impl Metrics {
     /// Computes the metrics of a full trace of `graph` (every decode step present).
     pub fn compute(graph: &TaskGraph, trace: &Trace) -> Metrics {
+        Metrics::compute_with(graph, trace, &Usage::of_trace(graph, trace))
+    }
+
+    /// `compute` with the trace's `usage` already known (the simulator keeps it).
+    pub fn compute_with(graph: &TaskGraph, trace: &Trace, usage: &Usage) -> Metrics {
         let start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
         let total_ns = end - start;
@@ -80,22 +107,28 @@ impl Metrics {
         let decode_ns = total_ns - ttft;
         let decode_steps = graph.gen_len.saturating_sub(1);
         let tpot = decode_ns.checked_div(decode_steps).unwrap_or(0);
-        Metrics::assemble(graph, trace, total_ns, ttft, tpot)
+        Metrics::assemble(graph, trace, usage, total_ns, ttft, tpot)
     }
 
-    /// Builds metrics from the timing figures and a trace whose spans give utilization
-    /// and memory (the simulator uses this when it extrapolates decode steps).
-    pub fn assemble(graph: &TaskGraph, trace: &Trace, total_ns: u64, ttft_ns: u64, tpot_ns: u64) -> Metrics {
+    /// Builds metrics from the timing figures, a trace whose spans give the window, and
+    /// its `usage` (the simulator uses this when it extrapolates decode steps).
+    pub fn assemble(
+        graph: &TaskGraph,
+        trace: &Trace,
+        usage: &Usage,
+        total_ns: u64,
+        ttft_ns: u64,
+        tpot_ns: u64,
+    ) -> Metrics {
         let generated_tokens = graph.batch_size * graph.gen_len;
         let tokens_per_s = if total_ns == 0 { 0.0 } else { generated_tokens as f64 * 1e9 / total_ns as f64 };
         let trace_start = trace.spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
         let trace_end = trace.spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
         let window = (trace_end - trace_start).max(1);
-        let busy = busy_unions(graph, trace);
         let resources: Vec<ResourceUsage> = graph
             .resources
             .iter()
-            .zip(busy)
+            .zip(usage.busy_ns.iter().copied())
             .map(|(spec, busy_ns)| ResourceUsage {
                 resource: spec.resource,
                 busy_ns,
@@ -109,7 +142,7 @@ impl Metrics {
         let pools = graph
             .pools
             .iter()
-            .zip(peaks_dynamic(graph, trace))
+            .zip(usage.held_peak_bytes.iter().copied())
             .map(|(spec, peak)| PoolUsage {
                 pool: spec.pool,
                 capacity_bytes: spec.capacity_bytes,

@@ -22,7 +22,7 @@ use std::cell::Cell;
 
 use ferry_core::dispatch::{DispatchTables, Dispatcher};
 use ferry_core::graph::TaskGraph;
-use ferry_core::trace::{Span, Trace, TraceSource};
+use ferry_core::trace::{Span, Trace, TraceSource, Usage};
 
 use crate::cost::{CostModel, TaskCost};
 
@@ -44,6 +44,8 @@ pub enum SimError {
 #[derive(Debug, Clone)]
 pub struct SimOutput {
     pub trace: Trace,
+    /// The trace's `Usage`, kept as the clock advanced (equal to `Usage::of_trace`).
+    pub usage: Usage,
     /// Task starts plus task completions.
     pub events: u64,
 }
@@ -274,6 +276,8 @@ fn replay(graph: &TaskGraph, cost: &CostModel, workspace: &mut Workspace) -> Res
     let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; graph.tasks.len()];
     let mut time: u64 = 0;
     let mut events: u64 = 0;
+    let resident: Vec<u64> = graph.pools.iter().map(|p| p.resident_bytes()).collect();
+    let mut usage = Usage { busy_ns: vec![0; table.count], held_peak_bytes: vec![0; resident.len()] };
 
     // Bit r: resource r has active tasks. Kept as tasks start and end, so every step
     // below visits only busy resources, in ascending order (as iteration order fixes
@@ -306,6 +310,14 @@ fn replay(graph: &TaskGraph, cost: &CostModel, workspace: &mut Workspace) -> Res
             return Err(SimError::Deadlock { pool: graph.pool_label(stall.pool), message: stall.message });
         }
         let next = table.set_rates_and_finish(busy, time, active, &bandwidth);
+        if next > time {
+            // The instant `time` is over (tasks that start and end in it have ended):
+            // what the pools hold now is what they hold until `next`.
+            note_held(&mut usage, dispatcher.used_bytes(), &resident);
+            for r in bits(busy) {
+                usage.busy_ns[r] += next - time;
+            }
+        }
         let elapsed = (next - time) as f64;
         completed.clear();
         for r in bits(busy) {
@@ -337,7 +349,15 @@ fn replay(graph: &TaskGraph, cost: &CostModel, workspace: &mut Workspace) -> Res
             events += 1;
         }
     }
+    note_held(&mut usage, dispatcher.used_bytes(), &resident);
     workspace.dispatch = dispatcher.into_tables();
     workspace.bandwidth_rows = bandwidth.row_of;
-    Ok(SimOutput { trace: Trace { source: TraceSource::Predicted, spans }, events })
+    Ok(SimOutput { trace: Trace { source: TraceSource::Predicted, spans }, usage, events })
+}
+
+/// Raises each pool's peak to what tasks hold in it now beside its resident set.
+fn note_held(usage: &mut Usage, used: &[u64], resident: &[u64]) {
+    for ((peak, &used), &resident) in usage.held_peak_bytes.iter_mut().zip(used).zip(resident) {
+        *peak = (*peak).max(used.saturating_sub(resident));
+    }
 }

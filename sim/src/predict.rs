@@ -176,7 +176,7 @@ pub fn predict_run_by(
     let graph = lower(policy, model, workload, profile, &steps)?;
     let output = simulate(&graph, &cost)?;
     let metrics = match steps {
-        Steps::All if policy.speculation.is_none() => Metrics::compute(&graph, &output.trace),
+        Steps::All if policy.speculation.is_none() => Metrics::compute_with(&graph, &output.trace, &output.usage),
         Steps::All | Steps::Bound => {
             // Speculation: the graph holds the expected rounds rounded up; the decode
             // time is scaled to the expected (fractional) number.
@@ -187,7 +187,14 @@ pub fn predict_run_by(
             let scale = expected_decode_rounds(policy, workload) / decode_steps.max(1) as f64;
             let decode_ns = (end - start - ttft) as f64 * scale;
             let tpot = decode_ns / workload.gen_len.saturating_sub(1).max(1) as f64;
-            Metrics::assemble(&graph, &output.trace, ttft + decode_ns.round() as u64, ttft, tpot.round() as u64)
+            Metrics::assemble(
+                &graph,
+                &output.trace,
+                &output.usage,
+                ttft + decode_ns.round() as u64,
+                ttft,
+                tpot.round() as u64,
+            )
         }
         Steps::Only(list) => {
             let ends = step_end_times(&graph, &output.trace);
@@ -207,7 +214,7 @@ pub fn predict_run_by(
             let total = ttft + decode_ns.round() as u64;
             // Per output token: speculative rounds yield several.
             let tpot = (decode_ns / workload.gen_len.saturating_sub(1).max(1) as f64).round() as u64;
-            Metrics::assemble(&graph, &output.trace, total, ttft, tpot)
+            Metrics::assemble(&graph, &output.trace, &output.usage, total, ttft, tpot)
         }
     };
     Ok(Prediction { graph, trace: output.trace, metrics, events: output.events })

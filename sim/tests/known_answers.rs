@@ -235,3 +235,30 @@ fn copies_in_opposite_directions_slow_each_other_by_the_duplex_factor() {
     let alone = graph(vec![task(H2D, 2_000, 0, vec![])], 1 << 30, 1 << 30, 1);
     assert_eq!(simulate(&alone, &CostModel::new(&profile, &tiny())).unwrap().trace.spans[0].end_ns, 2_000);
 }
+
+#[test]
+fn a_pools_peak_counts_an_instants_releases_before_its_acquisitions() {
+    // Compute 0 holds 100 device bytes until task 1, which takes no time, releases
+    // them at 1000 ns — the instant copy 2 takes 50. At that instant the release
+    // counts first: the peak is 100, not 150; the device computes for 1000 ns and the
+    // copy (1000 bytes at 1 byte/ns) keeps the link busy for 1000 more.
+    let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    let mut hold = task(DEVICE_COMPUTE, 0, 1_000, vec![]);
+    let (hundred, fifty) = (MemOp { pool: Pool::DEVICE, bytes: 100 }, MemOp { pool: Pool::DEVICE, bytes: 50 });
+    hold.acquire.push(hundred);
+    let mut free = task(DEVICE_COMPUTE, 0, 0, vec![0]);
+    free.release.push(hundred);
+    let mut copy = task(H2D, 1_000, 0, vec![0]);
+    copy.acquire.push(fifty);
+    copy.release.push(fifty);
+    let g = graph(vec![hold, free, copy], 1 << 30, 1 << 30, 1);
+    let out = simulate(&g, &CostModel::new(&profile, &tiny())).unwrap();
+    let spans = &out.trace.spans;
+    assert_eq!((spans[1].start_ns, spans[1].end_ns, spans[2].start_ns, spans[2].end_ns), (1_000, 1_000, 1_000, 2_000));
+    let usage = ferry_core::trace::Usage::of_trace(&g, &out.trace);
+    assert_eq!(usage.held_peak_bytes[g.pool_index(Pool::DEVICE)], 100);
+    assert_eq!(usage.busy_ns[g.resource_index(ferry_core::graph::Resource::DEVICE_COMPUTE)], 1_000);
+    assert_eq!(usage.busy_ns[g.resource_index(ferry_core::graph::Resource::HOST_TO_DEVICE)], 1_000);
+    // The simulator's own figures, kept as its clock advanced, are the same.
+    assert_eq!(out.usage, usage);
+}

@@ -8,7 +8,7 @@ use ferry_core::graph::{MemOp, Payload, Pool, TaskGraph, TaskKind};
 use ferry_core::model::{Dtype, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
 use ferry_core::plan::{DeviceLayers, Policy, Schedule, Tier, TierCounts, Workload};
 use ferry_core::schedule::{lower, Steps};
-use ferry_core::trace::{Metrics, Trace};
+use ferry_core::trace::{Metrics, Trace, Usage};
 use ferry_sim::cost::CostModel;
 use ferry_sim::{simulate, SimError};
 use proptest::prelude::*;
@@ -23,7 +23,7 @@ fn random_graph() -> impl Strategy<Value = (TaskGraph, u32)> {
             let tasks = proptest::collection::vec(
                 (
                     0usize..6,
-                    1u64..5_000,
+                    0u64..5_000,
                     proptest::collection::vec(any::<prop::sample::Index>(), 0..3),
                     0u64..3_000,
                     any::<bool>(),
@@ -106,6 +106,8 @@ proptest! {
                 for pool in [Pool::DEVICE, Pool::HOST] {
                     prop_assert!(peak(&g, &out.trace, pool) <= g.pool(pool).capacity_bytes);
                 }
+                // The usage kept as the clock advanced is the trace's, exactly.
+                prop_assert_eq!(&out.usage, &Usage::of_trace(&g, &out.trace));
                 // Same input, identical trace.
                 let again = simulate(&g, &cost).unwrap();
                 prop_assert_eq!(&again.trace, &out.trace);
@@ -303,6 +305,7 @@ proptest! {
         // The simulation finishes, within the pools.
         let cost = CostModel::for_formats(&profile, &model, &policy.weight_format);
         let out = simulate(&graph, &cost).unwrap();
+        prop_assert_eq!(&out.usage, &Usage::of_trace(&graph, &out.trace));
         let metrics = Metrics::compute(&graph, &out.trace);
         for pool in &metrics.pools {
             prop_assert!(pool.peak_bytes <= pool.capacity_bytes);

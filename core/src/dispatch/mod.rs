@@ -236,6 +236,11 @@ impl<'g> Dispatcher<'g> {
         self.finished
     }
 
+    /// Bytes held in each pool now (resident set included), indexed like the graph's pools.
+    pub fn used_bytes(&self) -> &[u64] {
+        &self.used
+    }
+
     /// Bytes held in `pool` now (resident set included).
     pub fn used(&self, pool: Pool) -> u64 {
         self.used.get(self.graph.pool_index(pool)).copied().unwrap_or(0)
