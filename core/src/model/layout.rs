@@ -240,10 +240,25 @@ impl WeightLayout {
 /// One group's bytes with its base format applied per tensor (layer 0: every layer
 /// has the same shapes).
 pub(super) fn group_size(model: &ModelSpec, group: WeightGroup, format: WeightFormat) -> GroupSize {
-    let mut size = GroupSize::default();
-    for tensor in model.group_shapes(group) {
-        let applied = format.for_tensor(&tensor, model.dtype);
-        size.add(applied, applied.bytes(tensor.rows, tensor.cols));
+    let shapes = model.group_shapes(group);
+    let mut size = GroupSize { tensors: Vec::with_capacity(shapes.len()), ..GroupSize::default() };
+    // A mixture's experts are hundreds of unnamed tensors of two shapes, and every
+    // plan lowered prices its layout: each shape's format and bytes are found once.
+    let mut unnamed: Vec<((u64, u64), WeightFormat, u64)> = Vec::new();
+    for tensor in &shapes {
+        let shape = (tensor.rows, tensor.cols);
+        let (applied, bytes) = match unnamed.iter().find(|(s, _, _)| tensor.name.is_empty() && *s == shape) {
+            Some(&(_, applied, bytes)) => (applied, bytes),
+            None => {
+                let applied = format.for_tensor(tensor, model.dtype);
+                let bytes = applied.bytes(tensor.rows, tensor.cols);
+                if tensor.name.is_empty() {
+                    unnamed.push((shape, applied, bytes));
+                }
+                (applied, bytes)
+            }
+        };
+        size.add(applied, bytes);
     }
     size
 }

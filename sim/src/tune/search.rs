@@ -10,7 +10,8 @@ use rayon::prelude::*;
 use super::lp::{Fractions, LayerFigures, Transfer};
 use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
 use crate::cost::CostModel;
-use crate::predict::{predict_run_by, Extrapolation};
+use crate::des::SimError;
+use crate::predict::{predict_at, predict_run_by, Extrapolation, Prediction};
 
 /// Schedule classes share a placement LP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +74,8 @@ pub(super) struct Searcher<'a> {
     pub(super) refined: std::sync::atomic::AtomicU64,
     /// The request sizes searched (`searched_chunk_sizes`).
     chunk_sizes: Vec<u64>,
+    /// The cost model plans are simulated at (`predict`): `cost` run by the space's engine.
+    sim_cost: CostModel<'a>,
     /// The members' bandwidths, looked up once (`rates`).
     pub(super) rates: super::rates::MemberRates,
 }
@@ -112,6 +115,8 @@ impl<'a> Searcher<'a> {
         Searcher {
             request,
             space,
+            sim_cost: CostModel::for_formats(request.profile, request.model, &request.weight_format)
+                .run_by(space.engine),
             cost,
             rates,
             experts: layout.expert_bytes(request.model, 0),
@@ -390,16 +395,8 @@ impl<'a> Searcher<'a> {
     fn simulate_member(&self, b: &Bounded, member: &Member, workload: Workload) -> Option<Candidate> {
         let policy = self.policy_for(&b.group, &b.fractions, member);
         let mut policy = self.fit(policy, &workload)?;
-        let request = self.request;
         for _ in 0..=RELAXATIONS {
-            match predict_run_by(
-                self.space.engine,
-                &policy,
-                request.model,
-                &workload,
-                request.profile,
-                Extrapolation::Sampled,
-            ) {
+            match self.predict(&policy, &workload) {
                 Ok(prediction) => {
                     let bound_ns = (b.bound_ms * 1e6) as u64;
                     let candidate = Candidate { policy, workload, metrics: prediction.metrics, bound_ns };
@@ -435,20 +432,24 @@ impl Searcher<'_> {
             .collect()
     }
 
+    /// `policy`'s sampled prediction, at the search's own cost model where the policy
+    /// is priced like the request (the same formats, no separate draft).
+    pub(super) fn predict(&self, policy: &Policy, workload: &Workload) -> Result<Prediction, SimError> {
+        let request = self.request;
+        let separate_draft = policy.speculation.as_ref().is_some_and(|s| !s.is_self());
+        if separate_draft || policy.weight_format != request.weight_format {
+            let engine = self.space.engine;
+            return predict_run_by(engine, policy, request.model, workload, request.profile, Extrapolation::Sampled);
+        }
+        predict_at(&self.sim_cost, policy, request.model, workload, request.profile, Extrapolation::Sampled)
+    }
+
     /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
     /// its simulation fails (it runs out of memory).
     pub(super) fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
         let request = self.request;
         self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = predict_run_by(
-            self.space.engine,
-            &policy,
-            request.model,
-            &base.workload,
-            request.profile,
-            Extrapolation::Sampled,
-        )
-        .map_err(|_| ())?;
+        let p = self.predict(&policy, &base.workload).map_err(|_| ())?;
         let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
         let objective = request.objective;
         Ok((offered.score(objective) > base.score(objective)).then_some(offered))
@@ -461,14 +462,7 @@ impl Searcher<'_> {
         let in_flight = host_in_flight_bytes(&candidate);
         let Some(policy) = self.promoted(&candidate.policy, &candidate.workload, in_flight) else { return candidate };
         self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match predict_run_by(
-            self.space.engine,
-            &policy,
-            request.model,
-            &candidate.workload,
-            request.profile,
-            Extrapolation::Sampled,
-        ) {
+        match self.predict(&policy, &candidate.workload) {
             Ok(p) => {
                 let promoted = Candidate { policy, metrics: p.metrics, ..candidate.clone() };
                 let objective = request.objective;
