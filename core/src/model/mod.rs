@@ -443,7 +443,9 @@ impl ModelSpec {
                 v
             }
             WeightGroup::Mlp => {
-                let mut v = vec![t!(1, h, "{p}.post_attention_layernorm.weight")];
+                // The norm, the router, a shared expert's four and three per expert.
+                let mut v = Vec::with_capacity(6 + 3 * self.num_experts as usize);
+                v.push(t!(1, h, "{p}.post_attention_layernorm.weight"));
                 if self.num_experts > 0 {
                     // Router, the shared expert if any (`router_tensors`), then each
                     // expert's gate, down and up projections (Mixtral's w1, w2, w3;

@@ -268,15 +268,16 @@ pub fn lower(
     let rounds = rounds(policy, workload, steps)?;
     crate::resolve::check_devices(policy, profile)?;
     let mut builder = Builder::new(policy, model, workload, profile);
-    // Decode rounds have the same tasks: once the first is lowered, the rest are
-    // reserved at its size, which saves the vector's regrowth copies (the tuner pays
-    // them on every candidate it simulates).
+    // Decode rounds have the same tasks, and the prefill about as many: once the
+    // prefill is lowered the rest are reserved at its size, and again at the first
+    // decode round's where that is larger, which saves the vector's regrowth copies
+    // (the tuner pays them on every candidate it simulates).
     let mut before = 0;
     for (index, &round) in rounds.iter().enumerate() {
         builder.round(round);
-        if index == 1 {
+        if index < 2 {
             let per_round = builder.tasks.len() - before;
-            builder.tasks.reserve((per_round * (rounds.len() - 2)).min(1 << 24));
+            builder.tasks.reserve((per_round * (rounds.len() - index - 1)).min(1 << 24));
         }
         before = builder.tasks.len();
     }
