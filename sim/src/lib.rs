@@ -16,8 +16,8 @@ pub mod tune;
 
 pub use des::{simulate, SimError, SimOutput};
 pub use predict::{
-    interval, interval_basis, interval_of_prediction, interval_run_by, predict, predict_at, predict_run_by,
-    Extrapolation, Interval, Prediction,
+    interval, interval_basis, interval_of_prediction, interval_run_by, predict, predict_run_by, Extrapolation,
+    Interval, Prediction,
 };
 
 use ferry_core::{Classify, ErrorKind};

@@ -167,20 +167,6 @@ pub fn predict_run_by(
     mode: Extrapolation,
 ) -> Result<Prediction, SimError> {
     let cost = CostModel::for_policy(profile, model, policy).run_by(engine);
-    predict_at(&cost, policy, model, workload, profile, mode)
-}
-
-/// `predict_run_by` at `cost`: `CostModel::for_policy(profile, model, policy)` run by
-/// the engine, built once by a caller that predicts many plans alike in formats, draft
-/// and engine (the tuner; building it prices the whole layout).
-pub fn predict_at(
-    cost: &CostModel,
-    policy: &Policy,
-    model: &ModelSpec,
-    workload: &Workload,
-    profile: &Profile,
-    mode: Extrapolation,
-) -> Result<Prediction, SimError> {
     let decode_steps = decode_rounds(policy, workload);
     let sampled = sample_steps(decode_steps);
     let steps = match (mode, &sampled) {
@@ -188,7 +174,7 @@ pub fn predict_at(
         _ => Steps::All,
     };
     let graph = lower(policy, model, workload, profile, &steps)?;
-    let output = simulate(&graph, cost)?;
+    let output = simulate(&graph, &cost)?;
     let metrics = match steps {
         Steps::All if policy.speculation.is_none() => Metrics::compute_with(&graph, &output.trace, &output.usage),
         Steps::All | Steps::Bound => {

@@ -22,7 +22,7 @@ pub(super) struct MemberRates {
 impl MemberRates {
     pub(super) fn new(cost: &CostModel, chunk_bytes: &[u64], copy_streams: &[u32], io_queue_depths: &[u32]) -> Self {
         let mut h2d = Vec::with_capacity(2 * chunk_bytes.len() * copy_streams.len());
-        for curve in [Curve::HostToDevicePageable(0), Curve::HostToDevicePinned(0)] {
+        for curve in [false, true].map(h2d_curve) {
             for &chunk in chunk_bytes {
                 h2d.extend(copy_streams.iter().map(|&streams| cost.bandwidth(curve, chunk, streams)));
             }
@@ -56,14 +56,22 @@ impl MemberRates {
     }
 }
 
+/// The host→device curve of pinned or pageable copies (the table's rows in that order).
+fn h2d_curve(pinned: bool) -> Curve {
+    if pinned {
+        Curve::HostToDevicePinned(0)
+    } else {
+        Curve::HostToDevicePageable(0)
+    }
+}
+
 impl Searcher<'_> {
     /// Host→device bytes/ns of a member: from the table, or the curve itself for a
     /// value outside the searched lists.
     pub(super) fn h2d_rate(&self, pinned: bool, chunk_bytes: u64, copy_streams: u32) -> f64 {
-        self.rates.h2d(pinned, chunk_bytes, copy_streams).unwrap_or_else(|| {
-            let curve = if pinned { Curve::HostToDevicePinned(0) } else { Curve::HostToDevicePageable(0) };
-            self.cost.bandwidth(curve, chunk_bytes, copy_streams)
-        })
+        self.rates
+            .h2d(pinned, chunk_bytes, copy_streams)
+            .unwrap_or_else(|| self.cost.bandwidth(h2d_curve(pinned), chunk_bytes, copy_streams))
     }
 
     /// Disk-read bytes/ns of a member (see `h2d_rate`).

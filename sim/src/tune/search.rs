@@ -11,7 +11,7 @@ use super::lp::{Fractions, LayerFigures, Transfer};
 use super::{BatchChoice, Candidate, KnobSpace, Objective, SearchStats, TuneError, TuneRequest, TuneResult};
 use crate::cost::CostModel;
 use crate::des::SimError;
-use crate::predict::{predict_at, predict_run_by, Extrapolation, Prediction};
+use crate::predict::{predict_run_by, Extrapolation, Prediction};
 
 /// Schedule classes share a placement LP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +74,6 @@ pub(super) struct Searcher<'a> {
     pub(super) refined: std::sync::atomic::AtomicU64,
     /// The request sizes searched (`searched_chunk_sizes`).
     chunk_sizes: Vec<u64>,
-    /// The cost model plans are simulated at (`predict`): `cost` run by the space's engine.
-    sim_cost: CostModel<'a>,
     /// The members' bandwidths, looked up once (`rates`).
     pub(super) rates: super::rates::MemberRates,
 }
@@ -115,8 +113,6 @@ impl<'a> Searcher<'a> {
         Searcher {
             request,
             space,
-            sim_cost: CostModel::for_formats(request.profile, request.model, &request.weight_format)
-                .run_by(space.engine),
             cost,
             rates,
             experts: layout.expert_bytes(request.model, 0),
@@ -432,16 +428,10 @@ impl Searcher<'_> {
             .collect()
     }
 
-    /// `policy`'s sampled prediction, at the search's own cost model where the policy
-    /// is priced like the request (the same formats, no separate draft).
+    /// `policy`'s sampled prediction, as the space's engine runs it.
     pub(super) fn predict(&self, policy: &Policy, workload: &Workload) -> Result<Prediction, SimError> {
         let request = self.request;
-        let separate_draft = policy.speculation.as_ref().is_some_and(|s| !s.is_self());
-        if separate_draft || policy.weight_format != request.weight_format {
-            let engine = self.space.engine;
-            return predict_run_by(engine, policy, request.model, workload, request.profile, Extrapolation::Sampled);
-        }
-        predict_at(&self.sim_cost, policy, request.model, workload, request.profile, Extrapolation::Sampled)
+        predict_run_by(self.space.engine, policy, request.model, workload, request.profile, Extrapolation::Sampled)
     }
 
     /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
