@@ -147,6 +147,13 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
             p.prefetch_depth = 2;
             p.chunk_bytes = 16 * KIB;
             cases.push((format!("cpu {schedule:?} {mb}x{n} disk"), p.clone(), &cpu));
+            let untied = !files.spec.tie_word_embeddings;
+            if untied && mb == 2 {
+                // The embedding table left in the file: each lookup reads its rows.
+                let mut e = p.clone();
+                e.embeddings = Tier::Disk;
+                cases.push((format!("cpu {schedule:?} {mb}x{n} disk, embeddings on disk"), e, &cpu));
+            }
             if files.spec.num_experts > 0 {
                 // Every expert of a layer read ahead, beside the routed reads of the rest.
                 let mut w = p.clone();
@@ -183,6 +190,12 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
             let mut r = q.clone();
             r.host_attention = false;
             r.head = Tier::Host;
+            if untied && mb == 1 {
+                // Rows read to the host, looked up there, the hidden state copied up.
+                let mut e = r.clone();
+                e.embeddings = Tier::Disk;
+                cases.push((format!("discrete {schedule:?} {mb}x{n} kv streamed, embeddings on disk"), e, &discrete));
+            }
             cases.push((format!("discrete {schedule:?} {mb}x{n} kv streamed"), r, &discrete));
         }
         // llama.cpp's split: host layers computed on the host.
@@ -226,6 +239,11 @@ fn every_plan_agrees(dir: &Path, files: &ModelFiles, base_policy: fn(u64) -> Pol
                     [mixed(n), all(Tier::Disk, n), mixed(n)]
                 }
             });
+            if !files.spec.tie_word_embeddings && mb == 2 {
+                let mut e = streamed.clone();
+                e.embeddings = Tier::Disk;
+                cases.push((format!("2 cpu stages {schedule:?} {mb}x{n} streamed, embeddings on disk"), e, &two_cpus));
+            }
             cases.push((format!("2 cpu stages {schedule:?} {mb}x{n} streamed, devices reversed"), streamed, &two_cpus));
             let three = staged(&p, &[1, 1, 2], &[0, 1, 2], |i, n| {
                 [if i == 1 { all(Tier::Disk, n) } else { all(Tier::Device, n) }, mixed(n), all(Tier::Device, n)]

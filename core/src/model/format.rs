@@ -146,6 +146,13 @@ impl WeightFormat {
         })
     }
 
+    /// Whether row `r` of a tensor is its bytes `r × bytes(1, cols)` on, so one row can be
+    /// read alone: float and block formats; not group-wise ones, which quantize groups
+    /// of rows together.
+    pub fn rows_contiguous(self) -> bool {
+        !matches!(self, WeightFormat::Grouped { .. })
+    }
+
     /// Bytes of a `rows` × `cols` tensor (`cols` contiguous). Block formats store whole
     /// blocks per row (a partial block is counted whole: `cannot_store` says when that
     /// happens); group-wise formats pad the last group of rows, as FlexGen does.

@@ -226,6 +226,17 @@ impl WeightLayout {
         size
     }
 
+    /// What a lookup of `rows` tokens reads when the table stays in its file
+    /// (`embeddings: disk`): (bytes, bytes per request). Direct reads cover whole pages,
+    /// so a row of `r` bytes at a random offset costs `r - 1 + PAGE` bytes on average, in
+    /// a request of its own; many rows read at most the table once.
+    pub fn embedding_disk_read(&self, rows: u64) -> (u64, u64) {
+        const PAGE: u64 = 4096;
+        let row = self.token_embedding.lookup_bytes(1, self.hidden).max(1);
+        let request = row - 1 + PAGE;
+        ((rows * request).min(self.embeddings.bytes.max(request)), request)
+    }
+
     /// The token embeddings' format.
     pub fn token_embedding(&self) -> WeightFormat {
         self.token_embedding

@@ -30,6 +30,8 @@ pub struct Policy {
     pub prefetch_depth: u64,
     pub attention_weights: TierCounts,
     pub mlp_weights: TierCounts,
+    /// The token embedding table: on the device or host, or `disk`, where it stays in
+    /// the file and each lookup reads only its tokens' rows.
     pub embeddings: Tier,
     pub head: Tier,
     /// Layers whose KV cache lives on each tier.
@@ -275,8 +277,24 @@ impl Policy {
                 self.copy_streams, self.io_queue_depth
             ));
         }
-        if matches!(self.embeddings, Tier::Disk) || matches!(self.head, Tier::Disk) {
-            return fail("embeddings and head live on the device or the host, not on disk".into());
+        if self.head == Tier::Disk {
+            return fail("the head lives on the device or the host, not on disk: every step multiplies by all of it".into());
+        }
+        if self.embeddings == Tier::Disk {
+            // A lookup reads its tokens' rows from the file; a tied head needs the whole
+            // table every step, and a speculating round looks up tokens the draft guesses.
+            if model.tie_word_embeddings {
+                return fail(format!(
+                    "embeddings: disk, but {} ties its head to the embeddings, which every step multiplies by \
+                     whole: place the embeddings with the head",
+                    model.name
+                ));
+            }
+            if self.speculation.is_some() {
+                return fail("embeddings: disk is for plans without speculation: place the embeddings on the device \
+                             or the host"
+                    .into());
+            }
         }
         // With several stages, each stage's device is checked against the machine
         // (`resolve::check_devices`): a cluster may mix unified and discrete devices.

@@ -358,12 +358,26 @@ impl<'a> Builder<'a> {
     pub(super) fn embed(&mut self, step: u32, j: u32) {
         let side = match self.policy.embeddings {
             Tier::Device => Place::Device(self.policy.first_device()),
-            _ => self.end_host(true),
+            // Rows read from the file land where disk reads of the first layer land.
+            Tier::Disk => self.staging_pool(0),
+            Tier::Host => self.end_host(true),
         };
         let rows = self.rows();
         let bytes = self.layout.embedding_lookup(rows).bytes;
         let mut task = self.compute_task(side, Op::Embed, (NO_LAYER, j, step), 0, bytes);
         task.deps.extend(self.last_head[j as usize]);
+        if self.policy.embeddings == Tier::Disk {
+            // The lookup's rows from the table in its file, once the tokens are known.
+            let (read_bytes, request) = self.layout.embedding_disk_read(rows);
+            let payload = Payload::Weights { group: WeightGroup::Embeddings };
+            let mut read = Builder::new_task(TaskKind::DiskRead, self.disk_of(0), payload, NO_LAYER, j, step);
+            read.bytes = read_bytes;
+            read.chunk_bytes = Task::request_bytes(request);
+            read.deps = task.deps.clone();
+            read.acquire.push(MemOp { pool: side, bytes: read_bytes });
+            task.release.push(MemOp { pool: side, bytes: read_bytes });
+            task.deps.push(self.push(read));
+        }
         let id = self.push(task);
         self.set_hidden(j, side, id);
     }

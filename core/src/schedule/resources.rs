@@ -128,12 +128,14 @@ impl Builder<'_> {
             let first = self.end_host(true) == place;
             let last = self.end_host(false) == place;
             let layers_here = (0..self.placements.len() as u32).filter(|&l| self.host_of(l) == place);
+            let unified = layers_here.clone().next().is_some_and(|l| self.unified(l));
+            // Embeddings read from disk are looked up where the reads land: here unless unified.
+            let embeds_here = policy.embeddings == Tier::Host || policy.embeddings == Tier::Disk && !unified;
             let host_computes = layers_here.clone().any(|l| {
                 WeightGroup::PER_LAYER.iter().any(|&g| self.on_host(g, l))
                     || policy.host_attention && self.kv_tier(l) != Tier::Device && !self.unified(l)
-            }) || first && policy.embeddings == Tier::Host
+            }) || first && embeds_here
                 || last && policy.head == Tier::Host;
-            let unified = layers_here.clone().next().is_some_and(|l| self.unified(l));
             let host_workspace = if host_computes && !unified { workspace + hidden_states } else { 0 };
             pools.push(PoolSpec {
                 pool: place,

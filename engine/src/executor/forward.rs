@@ -3,9 +3,11 @@
 //! runs, and the copies that move those activations between places.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ferry_core::graph::{Op, Place, Task};
 use ferry_core::model::{Family, WeightGroup};
+use ferry_core::plan::Tier;
 
 use super::speculate::{is_draft, Positions};
 use super::weights::Loaded;
@@ -144,8 +146,14 @@ impl<'a> Engine<'a> {
     pub(super) fn embed(&self, task: &Task, side: Place) -> Result<(), EngineError> {
         let h = self.spec_of(task).hidden_size as usize;
         let at = self.positions_of(task)?;
-        let ids = self.input_tokens(task, &at)?;
-        let table = self.table(task, WeightGroup::Embeddings)?;
+        let mut ids = self.input_tokens(task, &at)?;
+        let table = if self.policy.embeddings == Tier::Disk && !is_draft(task) {
+            let rows = self.take_embedding_rows(task)?;
+            ids = rows.rows_of(&ids)?;
+            Arc::clone(rows.table())
+        } else {
+            self.table(task, WeightGroup::Embeddings)?
+        };
         let table_ref = Engine::tensor(std::slice::from_ref(&table), 0)?;
         let mut hidden = self.activation(side, ids.len() * h)?;
         self.backend.embed(table_ref, &ids, &mut hidden)?;

@@ -21,6 +21,7 @@
 //! tier, the scratch file for the disk tier), `forward` (the model's forward pass on
 //! each micro-batch's activations, kept per place).
 
+mod embed_rows;
 mod experts;
 
 pub use experts::ExpertUse;
@@ -156,6 +157,8 @@ struct Engine<'a> {
     /// Buffers the scheduler took from the recycler for weight reads it dispatched,
     /// by the read's key.
     reserved: Mutex<HashMap<Key, Buffer>>,
+    /// Embedding rows read for a lookup, by (step, micro-batch) (`embeddings: disk`).
+    embedding_rows: Mutex<HashMap<(u32, u32), embed_rows::EmbeddingRows>>,
     /// Speculative decoding: the draft's memory and the run's rounds.
     draft: Option<DraftState>,
     /// The last round that must run (speculation: once every micro-batch has its
@@ -439,6 +442,7 @@ impl<'a> Engine<'a> {
             routes: Mutex::new(HashMap::new()),
             recyclers: policy.stage_list().iter().map(|s| (s.device, Arc::new(Recycler::new()))).collect(),
             reserved: Mutex::new(HashMap::new()),
+            embedding_rows: Mutex::new(HashMap::new()),
             draft: None,
             last_round: AtomicU32::new(u32::MAX),
             net,

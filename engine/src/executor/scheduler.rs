@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use ferry_core::dispatch::Dispatcher;
 use ferry_core::graph::{Payload, Place, Task, TaskGraph, TaskKind};
+use ferry_core::model::WeightGroup;
 use ferry_core::topology::Resource;
 use ferry_core::trace::Span;
 
@@ -145,7 +146,7 @@ impl<'a> Engine<'a> {
                         // A weight read takes a kept buffer before the limit shrinks by its
                         // bytes; the rest are unmapped now if they no longer fit.
                         if let (TaskKind::DiskRead, Payload::Weights { group }) = (task.kind, task.payload) {
-                            if !Engine::lands_on_host(task) {
+                            if !Engine::lands_on_host(task) && group != WeightGroup::Embeddings {
                                 // What it holds, not what it is expected to move: a routed
                                 // read's bytes are known only as it starts.
                                 let held: u64 = task.acquire.iter().map(|m| m.bytes).sum();
@@ -376,6 +377,9 @@ impl<'a> Engine<'a> {
     fn run_task(&self, task: &Task, id: u32) -> Result<(), EngineError> {
         let to_device = task.link_ends().is_some_and(|(_, to)| to.is_device());
         match (task.kind, task.payload) {
+            (TaskKind::DiskRead, Payload::Weights { group: WeightGroup::Embeddings }) => {
+                self.read_embedding_rows(task)
+            }
             (TaskKind::DiskRead, Payload::Weights { group }) => self.load_weights_from_disk(task, group),
             (TaskKind::Copy, Payload::Weights { group }) if to_device => self.copy_weights_to_device(task, group),
             (TaskKind::DiskRead, Payload::KvCache) => self.read_kv(task),

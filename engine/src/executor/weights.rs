@@ -60,6 +60,14 @@ pub(super) struct Loaded {
     recycler: Option<Arc<Recycler>>,
 }
 
+impl Loaded {
+    /// One tensor of `rows` × `cols` filling `buffer` (not recycled when freed).
+    pub(super) fn single(buffer: DeviceBuffer, rows: usize, cols: usize, format: WeightFormat) -> Loaded {
+        let view = View { buffer: 0, offset: 0, tensor: 0, row_start: 0, rows, cols, format };
+        Loaded { buffers: vec![buffer], views: vec![view], recycler: None }
+    }
+}
+
 impl Drop for Loaded {
     fn drop(&mut self) {
         if let Some(recycler) = &self.recycler {
@@ -268,7 +276,8 @@ impl<'a> Engine<'a> {
     pub(super) fn read_resident(&self) -> Result<HashMap<(u8, u32), Arc<Loaded>>, EngineError> {
         let mut resident = HashMap::new();
         for group in [WeightGroup::Embeddings, WeightGroup::Head] {
-            if !self.holds_group(group, NO_LAYER) {
+            // Embeddings on disk stay there: each lookup reads its rows (`embed_rows`).
+            if !self.holds_group(group, NO_LAYER) || self.weight_tier(group, 0) == Tier::Disk {
                 continue;
             }
             let place = self.resident_place(group, NO_LAYER);

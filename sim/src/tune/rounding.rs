@@ -16,7 +16,14 @@ impl Searcher<'_> {
         let unified = self.unified();
         // A self-speculating draft shares the embeddings and head on the device.
         let on_device = unified || self.request.speculation.as_ref().is_some_and(|s| s.is_self());
-        let (embeddings, head) = if on_device { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
+        let (mut embeddings, head) = if on_device { (Tier::Device, Tier::Device) } else { (Tier::Host, Tier::Device) };
+        // A plan that streams layers from disk leaves the embedding table there too: a
+        // lookup reads its tokens' rows (kilobytes a step), and the table's bytes hold
+        // layers that would otherwise stream every step.
+        let streams = [fr.attention, fr.mlp, fr.kv].iter().any(|f| f[2] > 1e-9);
+        if streams && self.embeddings_may_stay_on_disk() {
+            embeddings = Tier::Disk;
+        }
         let pinned_host_bytes = if group.pinned { self.request.profile.max_pinned_bytes } else { 0 };
         let mut policy = Policy {
             schedule: member.schedule,
@@ -73,7 +80,7 @@ impl Searcher<'_> {
             }
         }
         let spill = if self.unified() { Tier::Disk } else { Tier::Host };
-        for _ in 0..(3 * request.model.num_layers + 2) {
+        for _ in 0..(3 * request.model.num_layers + 3) {
             let pools = pool_specs(&policy, request.model, workload, request.profile);
             let device = &pools[DEVICE_POOL];
             let host = &pools[HOST_POOL];
@@ -81,6 +88,12 @@ impl Searcher<'_> {
             let host_ok = host.resident_bytes() <= host.capacity_bytes;
             if device_ok && host_ok {
                 return Some(policy);
+            }
+            // The embedding table leaves memory before any layer does (see `policy_for`).
+            let embeddings_full = if self.unified() { !device_ok } else { !host_ok };
+            if embeddings_full && policy.embeddings != Tier::Disk && self.embeddings_may_stay_on_disk() {
+                policy.embeddings = Tier::Disk;
+                continue;
             }
             // Under llama.cpp's split attention stays off the disk and the KV cache
             // follows it (see the LP's `whole_layer_constraints`).
@@ -103,6 +116,14 @@ impl Searcher<'_> {
             }
         }
         None
+    }
+
+    /// Whether a plan may leave the embedding table on disk (`Policy::validate`'s rules):
+    /// an untied head, no draft, rows stored contiguously.
+    pub(super) fn embeddings_may_stay_on_disk(&self) -> bool {
+        !self.request.model.tie_word_embeddings
+            && self.request.speculation.is_none()
+            && self.layout.token_embedding().rows_contiguous()
     }
 
     /// `policy` with one layer less on the device (MLP first, then attention, then KV,
