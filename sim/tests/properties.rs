@@ -209,7 +209,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
     (
         (0usize..4, 1u64..4, 1u64..4, 0u64..4),
         (0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5, 0u64..5),
-        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        (0usize..3, any::<bool>(), any::<bool>(), any::<bool>()),
         (prop::sample::select(vec![4096u64, 16384, 65536]), 1u32..4, 1u32..4, 0u64..400_000),
         (1u64..10, 1u64..6, 0usize..4, any::<bool>()),
     )
@@ -217,7 +217,7 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
             move |(
                 (schedule, mb, nmb, depth),
                 (ad, ah, md, mh, kd, kh),
-                (emb_dev, head_dev, host_attn, unified),
+                (embeddings, head_dev, host_attn, unified),
                 (chunk, streams, qd, pinned),
                 (prompt, gen, format, first),
             )| {
@@ -230,7 +230,12 @@ fn random_policy(layers: u64) -> impl Strategy<Value = (Policy, Workload, bool)>
                     prefetch_depth: depth,
                     attention_weights: if unified { counts(ad, 0, layers) } else { counts(ad, ah, layers) },
                     mlp_weights: if unified { counts(md, 0, layers) } else { counts(md, mh, layers) },
-                    embeddings: if emb_dev || unified { Tier::Device } else { Tier::Host },
+                    // The table on disk where its rows can be read alone (not group-wise).
+                    embeddings: match embeddings {
+                        2 if format != "int4-g64" => Tier::Disk,
+                        1 if !unified => Tier::Host,
+                        _ => Tier::Device,
+                    },
                     head: if head_dev || unified { Tier::Device } else { Tier::Host },
                     kv_cache: if unified { counts(kd, 0, layers) } else { counts(kd, kh, layers) },
                     device_layers: if first { DeviceLayers::First } else { DeviceLayers::Spread },
@@ -282,6 +287,15 @@ proptest! {
                     Tier::Host => expected_stream += bytes,
                     Tier::Disk => { expected_stream += bytes; expected_disk += bytes; }
                 }
+            }
+        }
+        // An embedding table on disk: each lookup's rows, read where they are looked up.
+        if policy.embeddings == Tier::Disk {
+            let rows = [workload.prompt_len].into_iter().chain(std::iter::repeat_n(1, steps as usize - 1));
+            let lookups: u64 = rows.map(|r| layout.embedding_disk_read(r * policy.micro_batch_size).0).sum();
+            expected_disk += lookups * policy.num_micro_batches;
+            if unified {
+                expected_stream += lookups * policy.num_micro_batches;
             }
         }
         let weight_bytes = |(kind, resource): Kind| -> u64 {

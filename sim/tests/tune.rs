@@ -103,6 +103,23 @@ fn a_model_that_fits_stays_on_the_device() {
 }
 
 #[test]
+fn a_plan_that_streams_leaves_an_untied_embedding_table_on_disk() {
+    // TinyLlama's f16 table is 131 MB of a 512 MiB budget; a lookup reads kilobytes.
+    let (model, profile) = setup("cpu", "ferry-ci-vm", "tinyllama-1.1b", Some(512 * MIB));
+    let best = tune(&request(&model, &profile, BatchChoice::Fixed(4)), &KnobSpace::full()).unwrap().best;
+    assert!(best.policy.mlp_weights.disk > 0, "{:?}", best.policy);
+    assert_eq!(best.policy.embeddings, Tier::Disk);
+    let device = best.metrics.pools.iter().find(|p| p.pool.is_device()).unwrap();
+    assert!(device.peak_bytes <= device.capacity_bytes);
+    // A tied head multiplies by the whole table every step: it stays in memory.
+    let (tied, profile) = setup("cpu", "ferry-ci-vm", "opt-6.7b", Some(4096 * MIB));
+    assert!(tied.tie_word_embeddings);
+    let best = tune(&request(&tied, &profile, BatchChoice::Fixed(4)), &KnobSpace::full()).unwrap().best;
+    assert!(best.policy.mlp_weights.disk > 0, "{:?}", best.policy);
+    assert_eq!(best.policy.embeddings, Tier::Device);
+}
+
+#[test]
 fn tuning_is_deterministic() {
     let (model, profile) = setup("rtx3060-laptop-6gb", "laptop-pcie3", "llama-2-13b", None);
     let req = request(&model, &profile, BatchChoice::Auto { max: 16 });

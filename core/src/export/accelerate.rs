@@ -97,6 +97,13 @@ pub(super) fn settings(plan: &Plan, model: &ModelSpec, profile: &Profile, missin
     if p.pinned_host_bytes > 0 {
         missing.push("Accelerate copies from pageable memory; the plan pins host weights".to_string());
     }
+    if p.embeddings == Tier::Disk {
+        missing.push(
+            "Accelerate loads a disk-offloaded embedding table whole for each forward pass; the plan reads only the \
+             looked-up rows"
+                .to_string(),
+        );
+    }
     streaming_knobs(plan, "Accelerate", missing);
     format!(
         "# from_pretrained(..., device_map=device_map, max_memory=max_memory, offload_folder=\"offload\")\nmax_memory = {max_memory}\ndevice_map = {{\n{}\n}}",

@@ -75,7 +75,8 @@ fn server_args(plan: &Plan, model: &ModelSpec, missing: &mut Vec<String>) -> Vec
     } else if !cpu_mlp.is_empty() {
         args.push(regex(&cpu_mlp, "ffn"));
     }
-    // llama.cpp keeps token embeddings on the CPU anyway; only the head needs a rule.
+    // llama.cpp keeps token embeddings on the CPU anyway, mapped from the file, so a
+    // lookup pages in only its rows (what `embeddings: disk` does); only the head needs a rule.
     if p.head != Tier::Device {
         args.push("-ot \"output.*=CPU\"".to_string());
     }

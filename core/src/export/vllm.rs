@@ -6,7 +6,7 @@
 use super::stages::{self, NodeCommand, StageView};
 use super::streaming_knobs;
 use crate::model::ModelSpec;
-use crate::plan::Plan;
+use crate::plan::{Plan, Tier};
 use crate::profile::Profile;
 use crate::units::GIB;
 
@@ -35,7 +35,7 @@ pub(super) fn settings(
         format!("--max-model-len {}", plan.workload.max_context()),
         format!("--dtype {}", if p.weight_dtype == crate::model::Dtype::Bf16 { "bfloat16" } else { "float16" }),
     ];
-    if p.attention_weights.disk + p.mlp_weights.disk > 0 {
+    if p.attention_weights.disk + p.mlp_weights.disk > 0 || p.embeddings == Tier::Disk {
         missing.push(
             "vLLM cannot offload weights to disk; --cpu-offload-gb counts the disk-placed weights as host RAM"
                 .to_string(),

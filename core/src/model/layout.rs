@@ -133,12 +133,7 @@ impl WeightLayout {
             Some(f) => computed(group, f),
             None => stored_group(group, 0),
         };
-        let token_embedding = match formats.group(WeightGroup::Embeddings) {
-            Some(f) => {
-                model.group_tensors(WeightGroup::Embeddings, 0).first().map_or(f, |t| f.for_tensor(t, model.dtype))
-            }
-            None => stored.map_or(model_float, |s| s.token_embedding),
-        };
+        let token_embedding = WeightLayout::token_embedding_of(model, formats);
         WeightLayout {
             layers,
             num_layers: model.num_layers,
@@ -146,6 +141,19 @@ impl WeightLayout {
             head: single(WeightGroup::Head),
             token_embedding,
             hidden: model.hidden_size,
+        }
+    }
+
+    /// The format `model`'s token embeddings take in `formats` (`of`'s, without the rest).
+    pub fn token_embedding_of(model: &ModelSpec, formats: &WeightFormats) -> WeightFormat {
+        match formats.group(WeightGroup::Embeddings) {
+            Some(f) => {
+                model.group_tensors(WeightGroup::Embeddings, 0).first().map_or(f, |t| f.for_tensor(t, model.dtype))
+            }
+            None => match model.stored.as_deref() {
+                Some(stored) => stored.token_embedding,
+                None => WeightFormat::from_dtype(model.dtype).unwrap_or(WeightFormat::F16),
+            },
         }
     }
 
@@ -229,12 +237,19 @@ impl WeightLayout {
     /// What a lookup of `rows` tokens reads when the table stays in its file
     /// (`embeddings: disk`): (bytes, bytes per request). Direct reads cover whole pages,
     /// so a row of `r` bytes at a random offset costs `r - 1 + PAGE` bytes on average, in
-    /// a request of its own; many rows read at most the table once.
+    /// a request of its own (rows whose pages touch merge into one request in the
+    /// engine, which this leaves out: an upper estimate). Many rows read at most the
+    /// table, then as one range.
     pub fn embedding_disk_read(&self, rows: u64) -> (u64, u64) {
         const PAGE: u64 = 4096;
         let row = self.token_embedding.lookup_bytes(1, self.hidden).max(1);
         let request = row - 1 + PAGE;
-        ((rows * request).min(self.embeddings.bytes.max(request)), request)
+        let table = self.embeddings.bytes.max(request);
+        if rows * request >= table {
+            (table, table)
+        } else {
+            (rows * request, request)
+        }
     }
 
     /// The token embeddings' format.

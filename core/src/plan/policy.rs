@@ -278,7 +278,9 @@ impl Policy {
             ));
         }
         if self.head == Tier::Disk {
-            return fail("the head lives on the device or the host, not on disk: every step multiplies by all of it".into());
+            return fail(
+                "the head lives on the device or the host, not on disk: every step multiplies by all of it".into(),
+            );
         }
         if self.embeddings == Tier::Disk {
             // A lookup reads its tokens' rows from the file; a tied head needs the whole
@@ -291,9 +293,19 @@ impl Policy {
                 ));
             }
             if self.speculation.is_some() {
-                return fail("embeddings: disk is for plans without speculation: place the embeddings on the device \
+                return fail(
+                    "embeddings: disk is for plans without speculation: place the embeddings on the device \
                              or the host"
-                    .into());
+                        .into(),
+                );
+            }
+            let table = crate::model::WeightLayout::token_embedding_of(model, &self.weight_format);
+            if !table.rows_contiguous() {
+                return fail(format!(
+                    "embeddings: disk reads rows of the table alone, but {} quantizes groups of its rows together: \
+                     place the embeddings on the device or the host",
+                    table.name()
+                ));
             }
         }
         // With several stages, each stage's device is checked against the machine

@@ -372,7 +372,7 @@ impl<'a> Builder<'a> {
             let payload = Payload::Weights { group: WeightGroup::Embeddings };
             let mut read = Builder::new_task(TaskKind::DiskRead, self.disk_of(0), payload, NO_LAYER, j, step);
             read.bytes = read_bytes;
-            read.chunk_bytes = Task::request_bytes(request);
+            read.chunk_bytes = Task::request_bytes(request.min(self.policy.chunk_bytes));
             read.deps = task.deps.clone();
             read.acquire.push(MemOp { pool: side, bytes: read_bytes });
             task.release.push(MemOp { pool: side, bytes: read_bytes });

@@ -429,4 +429,51 @@ mod tests {
         let err = lower(&over, &model, &workload, &profile, &Steps::All).unwrap_err().to_string();
         assert!(err.contains("more than the 8"), "{err}");
     }
+
+    #[test]
+    fn embeddings_on_disk_read_each_lookups_rows_before_it_and_are_not_resident() {
+        use crate::graph::{MemOp, Op, Payload, TaskKind};
+        use crate::plan::Tier;
+        let catalog = Catalog::builtin().unwrap();
+        let model = catalog.model("test-tiny").unwrap().value;
+        let profile = Profile::from_datasheet(&Hardware {
+            gpu: catalog.gpu("cpu").unwrap().value,
+            host: catalog.host("ferry-ci-vm").unwrap().value,
+        });
+        let workload = Workload { batch_size: 2, prompt_len: 8, gen_len: 3 };
+        let mut policy = Policy::all_on_device(model.num_layers, 2, Dtype::F32);
+        policy.embeddings = Tier::Disk;
+        let graph = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        let device = graph.pools.iter().find(|p| p.pool == Place::DEVICE).unwrap();
+        assert_eq!(device.resident.iter().find(|(what, _)| what == "embeddings").unwrap().1, 0);
+        // f32 rows of 128 values: 512 bytes, a page around each on average.
+        let per_row = 512 - 1 + 4096;
+        let embeds: Vec<_> =
+            graph.tasks.iter().filter(|t| t.payload == Payload::Compute { op: Op::Embed, draft: false }).collect();
+        assert_eq!(embeds.len(), 3, "one lookup a round");
+        for embed in embeds {
+            let read = embed.deps.iter().map(|&d| &graph.tasks[d as usize]).find(|t| t.kind == TaskKind::DiskRead);
+            let read = read.expect("each lookup waits for its rows");
+            let rows = if embed.step == 0 { 16 } else { 2 };
+            assert_eq!((read.bytes, read.chunk_bytes as u64), (rows * per_row, per_row), "step {}", embed.step);
+            assert_eq!(read.acquire[0], MemOp { pool: Place::DEVICE, bytes: read.bytes });
+            assert!(embed.release.contains(&read.acquire[0]), "the lookup frees the rows");
+            // The rows are read once the tokens are known: after the round before's head.
+            assert_eq!(read.deps.as_slice(), &embed.deps[..embed.deps.len() - 1]);
+        }
+        // A prompt whose rows would read more than the table reads the table, as one range
+        // in the plan's requests.
+        let long = Workload { prompt_len: 64, ..workload };
+        let graph = lower(&policy, &model, &long, &profile, &Steps::All).unwrap();
+        let read = graph.tasks.iter().find(|t| t.kind == TaskKind::DiskRead && t.step == 0).unwrap();
+        assert_eq!((read.bytes, read.chunk_bytes as u64), (512 * 512, (512 * 512).min(policy.chunk_bytes)));
+        // Refused where a lookup cannot read rows alone: a tied head, the head itself.
+        let mut tied = model.clone();
+        tied.tie_word_embeddings = true;
+        let err = lower(&policy, &tied, &workload, &profile, &Steps::All).unwrap_err().to_string();
+        assert!(err.contains("ties its head"), "{err}");
+        let head = Policy { head: Tier::Disk, embeddings: Tier::Device, ..policy };
+        let err = lower(&head, &model, &workload, &profile, &Steps::All).unwrap_err().to_string();
+        assert!(err.contains("head lives on the device or the host"), "{err}");
+    }
 }

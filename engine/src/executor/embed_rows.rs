@@ -52,16 +52,8 @@ impl Engine<'_> {
         let (Some(stored), Some(shape)) = (stored, shape) else {
             return Err(EngineError::Internal("the model has no embedding table".into()));
         };
+        // Rows lie one after another (`Policy::validate` refuses group-wise formats here).
         let row_bytes = stored.format.bytes(1, shape.cols);
-        if !stored.format.rows_contiguous() {
-            return Err(EngineError::Unsupported(format!(
-                "embeddings: disk reads rows of the table, but {} stores {} in {}, whose rows are not \
-                 contiguous: place the embeddings on the device",
-                stored.file.display(),
-                shape.name,
-                stored.format.name()
-            )));
-        }
         let row_start = |id: u32| stored.start + id as u64 * row_bytes;
         // One range per run of rows whose pages touch, so no page is read twice.
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -83,8 +75,7 @@ impl Engine<'_> {
             .ok_or_else(|| EngineError::Internal(format!("{} not open", stored.file.display())))?;
         let (read, starts) = self.reader.read_ranges(disk, &ranges, self.policy.chunk_bytes, ReadPriority::Urgent)?;
         *lock(&self.requested_read_bytes) += read.len() as u64;
-        let mut gathered =
-            Buffer::new(ids.len() * row_bytes as usize).map_err(|e| EngineError::io(&stored.file, e))?;
+        let mut gathered = Buffer::new(ids.len() * row_bytes as usize).map_err(|e| EngineError::io(&stored.file, e))?;
         for (i, (&id, &range)) in ids.iter().zip(&range_of).enumerate() {
             let offset = starts[range] + (row_start(id) - ranges[range].0) as usize;
             let row = &read.as_slice()[offset..offset + row_bytes as usize];

@@ -377,9 +377,7 @@ impl<'a> Engine<'a> {
     fn run_task(&self, task: &Task, id: u32) -> Result<(), EngineError> {
         let to_device = task.link_ends().is_some_and(|(_, to)| to.is_device());
         match (task.kind, task.payload) {
-            (TaskKind::DiskRead, Payload::Weights { group: WeightGroup::Embeddings }) => {
-                self.read_embedding_rows(task)
-            }
+            (TaskKind::DiskRead, Payload::Weights { group: WeightGroup::Embeddings }) => self.read_embedding_rows(task),
             (TaskKind::DiskRead, Payload::Weights { group }) => self.load_weights_from_disk(task, group),
             (TaskKind::Copy, Payload::Weights { group }) if to_device => self.copy_weights_to_device(task, group),
             (TaskKind::DiskRead, Payload::KvCache) => self.read_kv(task),
