@@ -92,6 +92,10 @@ pub struct KnobSpace {
     /// Offer the leading plans more room to stream: device weight layers moved off
     /// where the window does not fit beside them (`room`). FlexGen keeps its LP's placement.
     pub stream_room: bool,
+    /// Leave the embedding table on disk in plans that stream (`embeddings: disk`, a
+    /// lookup reading its rows). FlexGen reads a layer's weights whole; a pipeline's
+    /// stages are priced with the table in memory.
+    pub embeddings_on_disk: bool,
     /// Whose implementation runs the plans, at its own costs (`engines::EngineCosts`):
     /// FlexGen's for its baseline; `None`, Ferry's engine.
     pub engine: Option<Engine>,
@@ -124,6 +128,7 @@ impl KnobSpace {
             host_compute: vec![false, true],
             pinned: vec![false, true],
             stream_room: true,
+            embeddings_on_disk: true,
             engine: None,
         }
     }
@@ -140,6 +145,7 @@ impl KnobSpace {
             host_compute: vec![false],
             pinned: vec![true],
             stream_room: false,
+            embeddings_on_disk: false,
             engine: Some(Engine::Flexgen),
             ..KnobSpace::full()
         }

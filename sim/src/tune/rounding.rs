@@ -118,14 +118,6 @@ impl Searcher<'_> {
         None
     }
 
-    /// Whether a plan may leave the embedding table on disk (`Policy::validate`'s rules):
-    /// an untied head, no draft, rows stored contiguously.
-    pub(super) fn embeddings_may_stay_on_disk(&self) -> bool {
-        !self.request.model.tie_word_embeddings
-            && self.request.speculation.is_none()
-            && self.layout.token_embedding().rows_contiguous()
-    }
-
     /// `policy` with one layer less on the device (MLP first, then attention, then KV,
     /// as `fit` moves them); `None` when nothing is left there.
     pub(super) fn relaxed(&self, mut policy: Policy) -> Option<Policy> {

@@ -76,6 +76,8 @@ pub(super) struct Searcher<'a> {
     chunk_sizes: Vec<u64>,
     /// The members' bandwidths, looked up once (`rates`).
     pub(super) rates: super::rates::MemberRates,
+    /// Whether plans may leave the embedding table on disk (`embeddings_may_stay_on_disk`).
+    embeddings_may_stream: bool,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -110,6 +112,11 @@ impl<'a> Searcher<'a> {
         let cost = CostModel::for_formats(request.profile, request.model, &request.weight_format);
         let chunk_sizes = searched_chunk_sizes(request.profile, space);
         let rates = super::rates::MemberRates::new(&cost, &chunk_sizes, &space.copy_streams, &space.io_queue_depths);
+        // `Policy::validate`'s rules: an untied head, no draft, rows stored one by one.
+        let embeddings_may_stream = space.embeddings_on_disk
+            && !request.model.tie_word_embeddings
+            && request.speculation.is_none()
+            && layout.token_embedding().rows_contiguous();
         Searcher {
             request,
             space,
@@ -119,7 +126,13 @@ impl<'a> Searcher<'a> {
             layout,
             refined: std::sync::atomic::AtomicU64::new(0),
             chunk_sizes,
+            embeddings_may_stream,
         }
+    }
+
+    /// Whether a plan may leave the embedding table on disk.
+    pub(super) fn embeddings_may_stay_on_disk(&self) -> bool {
+        self.embeddings_may_stream
     }
 
     pub(super) fn unified(&self) -> bool {
@@ -399,9 +412,10 @@ impl<'a> Searcher<'a> {
                     return Some(candidate);
                 }
                 // `fit` counts the resident sets only; the buffers of the weights in
-                // flight come on top, so a plan that misses by a little fits with a
-                // layer less on the device.
-                Err(crate::des::SimError::Deadlock { .. }) => {
+                // flight come on top, so a plan that misses by a little (a deadlock, or
+                // a streamed buffer larger than what is left) fits with a layer less on
+                // the device.
+                Err(crate::des::SimError::Deadlock { .. } | crate::des::SimError::DoesNotFit(_)) => {
                     policy = self.fit(self.relaxed(policy)?, &workload)?;
                 }
                 Err(_) => return None,

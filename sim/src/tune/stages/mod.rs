@@ -111,6 +111,8 @@ pub fn tune_pipeline(request: &TuneRequest, space: &KnobSpace) -> Result<Pipelin
     let singles: Vec<Profile> = (0..count as u16).map(|d| profile.single_device(d)).collect();
     let requests: Vec<TuneRequest> =
         singles.iter().map(|p| TuneRequest { profile: p, speculation: None, ..request.clone() }).collect();
+    // Stages are priced and assembled with the embedding table in memory.
+    let space = &KnobSpace { embeddings_on_disk: false, ..space.clone() };
     let searchers: Vec<Searcher> = requests.iter().map(|r| Searcher::new(r, space)).collect();
     let (best, estimate_ms, stats) = search(request, space, &searchers, KvCache::MayOffload)?;
     let mut baselines = split_baselines(request, &best, &searchers, KvCache::MayOffload);
