@@ -115,6 +115,19 @@ fn a_quantized_gguf_file_tunes_and_runs() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let left: Vec<_> = std::fs::read_dir(dir.path().join("m")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["tiny.gguf"], "the scratch file is removed");
+    // Under a budget a third of the file's, the layers stream and the embedding table
+    // stays in the file: the same tokens, each lookup reading its rows.
+    let tokens = |plan: &str| {
+        let out = ferry(dir.path(), &["run", "--model-dir", "m/tiny.gguf", "--plan", plan, "--json"]);
+        assert!(out.status.success(), "{plan}: {}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tokens"].clone()
+    };
+    let tight = [&tune[..4], &["1600KiB"], &tune[5..], &["--gen-len", "4", "--out", "tight.yaml"]].concat();
+    let out = ferry(dir.path(), &tight);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan = std::fs::read_to_string(dir.path().join("tight.yaml")).unwrap();
+    assert!(plan.contains("embeddings: disk") && plan.contains("disk: 4"), "{plan}");
+    assert_eq!(tokens("tight.yaml"), tokens("plan.yaml"));
     // 8-bit activations (the default) and f32 ones give close, not equal, logits.
     for (activations, npy) in [("q8", "q8.npy"), ("f32", "f32.npy")] {
         let run = ["run", "--model-dir", "m/tiny.gguf", "--plan", "plan.yaml", "--activations", activations];
