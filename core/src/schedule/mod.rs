@@ -301,13 +301,18 @@ mod tests {
     use crate::hardware::Hardware;
     use crate::model::Dtype;
 
-    fn tiny_graph(workload: &Workload, steps: &Steps) -> TaskGraph {
+    /// A catalog model and the datasheet profile of the cpu device on the CI host.
+    fn on_cpu(model: &str) -> (ModelSpec, Profile) {
         let catalog = Catalog::builtin().unwrap();
-        let model = catalog.model("test-tiny").unwrap().value;
         let profile = Profile::from_datasheet(&Hardware {
             gpu: catalog.gpu("cpu").unwrap().value,
             host: catalog.host("ferry-ci-vm").unwrap().value,
         });
+        (catalog.model(model).unwrap().value, profile)
+    }
+
+    fn tiny_graph(workload: &Workload, steps: &Steps) -> TaskGraph {
+        let (model, profile) = on_cpu("test-tiny");
         let policy = Policy::all_on_device(model.num_layers, 1, Dtype::F32);
         lower(&policy, &model, workload, &profile, steps).unwrap()
     }
@@ -355,12 +360,7 @@ mod tests {
     fn routed_visits_route_every_micro_batch_before_reading_the_chosen_experts() {
         use crate::graph::{Op, Payload, TaskKind, ROUTED_EXPERTS, ROUTER_PART};
         use crate::plan::{ExpertReads, Schedule, TierCounts};
-        let catalog = Catalog::builtin().unwrap();
-        let model = catalog.model("test-tiny-moe").unwrap().value;
-        let profile = Profile::from_datasheet(&Hardware {
-            gpu: catalog.gpu("cpu").unwrap().value,
-            host: catalog.host("ferry-ci-vm").unwrap().value,
-        });
+        let (model, profile) = on_cpu("test-tiny-moe");
         let mut policy = Policy::all_on_device(model.num_layers, 1, Dtype::F32);
         policy.schedule = Schedule::ZigzagBlock;
         policy.num_micro_batches = 2;
@@ -434,12 +434,7 @@ mod tests {
     fn embeddings_on_disk_read_each_lookups_rows_before_it_and_are_not_resident() {
         use crate::graph::{MemOp, Op, Payload, TaskKind};
         use crate::plan::Tier;
-        let catalog = Catalog::builtin().unwrap();
-        let model = catalog.model("test-tiny").unwrap().value;
-        let profile = Profile::from_datasheet(&Hardware {
-            gpu: catalog.gpu("cpu").unwrap().value,
-            host: catalog.host("ferry-ci-vm").unwrap().value,
-        });
+        let (model, profile) = on_cpu("test-tiny");
         let workload = Workload { batch_size: 2, prompt_len: 8, gen_len: 3 };
         let mut policy = Policy::all_on_device(model.num_layers, 2, Dtype::F32);
         policy.embeddings = Tier::Disk;
