@@ -549,7 +549,11 @@ impl Policy {
             ("batch".into(), format!("{} × {} micro-batches", self.micro_batch_size, self.num_micro_batches)),
             ("attention weights".into(), self.attention_weights.describe()),
             ("MLP weights".into(), self.mlp_weights.describe()),
-            ("embeddings / head".into(), format!("{} / {}", self.embeddings.name(), self.head.name())),
+            ("embeddings / head".into(), {
+                // Said in words: a table on disk is not streamed whole.
+                let rows = if self.embeddings == Tier::Disk { " (a lookup reads its rows)" } else { "" };
+                format!("{}{rows} / {}", self.embeddings.name(), self.head.name())
+            }),
             ("KV cache".into(), self.kv_cache.describe()),
             ("attention on host".into(), if self.host_attention { "yes".into() } else { "no".into() }),
         ];
