@@ -274,8 +274,14 @@ impl<'a> Searcher<'a> {
             return Err(TuneError::Impossible(self.explain_impossible()));
         }
         bounded.sort_by(|x, y| self.bound_score(y).total_cmp(&self.bound_score(x)));
-        // Level 2: visit groups best bound first.
-        let simulated = self.visit_groups(&bounded, &mut stats);
+        // Level 2: visit groups best bound first. Where no rounded plan runs, again with
+        // plans whose streamed buffer misses the budget relaxed too (`simulate_member`).
+        let bounded_stats = stats.clone();
+        let mut simulated = self.visit_groups(&bounded, &mut stats, false);
+        if simulated.is_empty() {
+            stats = bounded_stats;
+            simulated = self.visit_groups(&bounded, &mut stats, true);
+        }
         if simulated.is_empty() {
             return Err(TuneError::Impossible(format!(
                 "no rounded placement fits or runs without deadlock: {}",
@@ -342,7 +348,7 @@ impl<'a> Searcher<'a> {
 
     /// Simulates the surviving groups' best members, pruning every group whose bound
     /// cannot beat the best plan simulated so far.
-    fn visit_groups(&self, bounded: &[Bounded], stats: &mut SearchStats) -> Vec<Candidate> {
+    fn visit_groups(&self, bounded: &[Bounded], stats: &mut SearchStats, relax_misfits: bool) -> Vec<Candidate> {
         let objective = self.request.objective;
         let mut simulated: Vec<Candidate> = Vec::new();
         let mut best_score = f64::NEG_INFINITY;
@@ -356,7 +362,7 @@ impl<'a> Searcher<'a> {
                 stats.pruned += b.members.len() as u64;
                 continue;
             }
-            for candidate in self.simulate_best_members(b, stats) {
+            for candidate in self.simulate_best_members(b, stats, relax_misfits) {
                 best_score = best_score.max(candidate.score(objective));
                 simulated.push(candidate);
             }
@@ -367,7 +373,7 @@ impl<'a> Searcher<'a> {
     /// Ranks the group's members; simulates the best one per (schedule, prefetch depth).
     /// The simulations run side by side (each is independent; the candidates come back
     /// in rank order, so the search is the same on any number of cores).
-    fn simulate_best_members(&self, b: &Bounded, stats: &mut SearchStats) -> Vec<Candidate> {
+    fn simulate_best_members(&self, b: &Bounded, stats: &mut SearchStats, relax_misfits: bool) -> Vec<Candidate> {
         let mut chosen: Vec<Member> = Vec::new();
         let workload = self.workload(&b.group);
         for index in self.rank_members(b) {
@@ -381,7 +387,7 @@ impl<'a> Searcher<'a> {
         }
         stats.simulated += chosen.len() as u64;
         let outcomes: Vec<Option<Candidate>> =
-            chosen.par_iter().map(|member| self.simulate_member(b, member, workload)).collect();
+            chosen.par_iter().map(|member| self.simulate_member(b, member, workload, relax_misfits)).collect();
         stats.rejected += outcomes.iter().filter(|c| c.is_none()).count() as u64;
         outcomes.into_iter().flatten().collect()
     }
@@ -400,11 +406,18 @@ impl<'a> Searcher<'a> {
 
     /// Rounds the group's placement for `member`, fits it and simulates it; `None` when
     /// the rounded placement does not fit or the simulation fails (deadlock) even with
-    /// `RELAXATIONS` more layers off the device.
-    fn simulate_member(&self, b: &Bounded, member: &Member, workload: Workload) -> Option<Candidate> {
+    /// `RELAXATIONS` more layers off the device. With `relax_misfits`, a plan whose
+    /// streamed buffer is larger than what its resident set leaves is relaxed too.
+    fn simulate_member(
+        &self,
+        b: &Bounded,
+        member: &Member,
+        workload: Workload,
+        relax_misfits: bool,
+    ) -> Option<Candidate> {
         let policy = self.policy_for(&b.group, &b.fractions, member);
         let mut policy = self.fit(policy, &workload)?;
-        for _ in 0..=RELAXATIONS {
+        for attempt in 0..=RELAXATIONS {
             match self.predict(&policy, &workload) {
                 Ok(prediction) => {
                     let bound_ns = (b.bound_ms * 1e6) as u64;
@@ -412,10 +425,15 @@ impl<'a> Searcher<'a> {
                     return Some(candidate);
                 }
                 // `fit` counts the resident sets only; the buffers of the weights in
-                // flight come on top, so a plan that misses by a little (a deadlock, or
-                // a streamed buffer larger than what is left) fits with a layer less on
-                // the device.
-                Err(crate::des::SimError::Deadlock { .. } | crate::des::SimError::DoesNotFit(_)) => {
+                // flight come on top, so a plan that misses by a little fits with a
+                // layer less on the device: one that deadlocks, or (when asked, once:
+                // a layer frees a streamed buffer's worth, and each try costs a
+                // lowering) one whose streamed buffer is larger than what the resident
+                // set leaves.
+                Err(crate::des::SimError::Deadlock { .. }) => {
+                    policy = self.fit(self.relaxed(policy)?, &workload)?;
+                }
+                Err(crate::des::SimError::DoesNotFit(_)) if relax_misfits && attempt == 0 => {
                     policy = self.fit(self.relaxed(policy)?, &workload)?;
                 }
                 Err(_) => return None,
