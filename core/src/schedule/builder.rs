@@ -374,8 +374,11 @@ impl<'a> Builder<'a> {
             read.bytes = read_bytes;
             read.chunk_bytes = Task::request_bytes(request.min(self.policy.chunk_bytes));
             read.deps = task.deps.clone();
-            read.acquire.push(MemOp { pool: side, bytes: read_bytes });
-            task.release.push(MemOp { pool: side, bytes: read_bytes });
+            // The pages read, and the rows gathered from them for the lookup (both are
+            // held while the rows are copied out).
+            let held = read_bytes + bytes;
+            read.acquire.push(MemOp { pool: side, bytes: held });
+            task.release.push(MemOp { pool: side, bytes: held });
             task.deps.push(self.push(read));
         }
         let id = self.push(task);

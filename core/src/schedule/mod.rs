@@ -451,7 +451,8 @@ mod tests {
             let read = read.expect("each lookup waits for its rows");
             let rows = if embed.step == 0 { 16 } else { 2 };
             assert_eq!((read.bytes, read.chunk_bytes as u64), (rows * per_row, per_row), "step {}", embed.step);
-            assert_eq!(read.acquire[0], MemOp { pool: Place::DEVICE, bytes: read.bytes });
+            // It holds the pages and the rows gathered from them until the lookup.
+            assert_eq!(read.acquire[0], MemOp { pool: Place::DEVICE, bytes: read.bytes + rows * 512 });
             assert!(embed.release.contains(&read.acquire[0]), "the lookup frees the rows");
             // The rows are read once the tokens are known: after the round before's head.
             assert_eq!(read.deps.as_slice(), &embed.deps[..embed.deps.len() - 1]);
