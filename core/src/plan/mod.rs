@@ -9,6 +9,7 @@
 //! their checks in `policy` (`Policy`). Everything is re-exported here, so callers
 //! name it `plan::X`.
 
+mod ends;
 mod experts;
 mod placement;
 mod policy;

@@ -277,37 +277,7 @@ impl Policy {
                 self.copy_streams, self.io_queue_depth
             ));
         }
-        if self.head == Tier::Disk {
-            return fail(
-                "the head lives on the device or the host, not on disk: every step multiplies by all of it".into(),
-            );
-        }
-        if self.embeddings == Tier::Disk {
-            // A lookup reads its tokens' rows from the file; a tied head needs the whole
-            // table every step, and a speculating round looks up tokens the draft guesses.
-            if model.tie_word_embeddings {
-                return fail(format!(
-                    "embeddings: disk, but {} ties its head to the embeddings, which every step multiplies by \
-                     whole: place the embeddings with the head",
-                    model.name
-                ));
-            }
-            if self.speculation.is_some() {
-                return fail(
-                    "embeddings: disk is for plans without speculation: place the embeddings on the device \
-                             or the host"
-                        .into(),
-                );
-            }
-            let table = crate::model::WeightLayout::token_embedding_of(model, &self.weight_format);
-            if !table.rows_contiguous() {
-                return fail(format!(
-                    "embeddings: disk reads rows of the table alone, but {} quantizes groups of its rows together: \
-                     place the embeddings on the device or the host",
-                    table.name()
-                ));
-            }
-        }
+        self.validate_ends(model)?;
         // With several stages, each stage's device is checked against the machine
         // (`resolve::check_devices`): a cluster may mix unified and discrete devices.
         if unified_memory && self.stages.len() <= 1 {

@@ -37,6 +37,7 @@
 mod attention;
 mod builder;
 mod draft;
+mod ends;
 mod experts;
 mod resources;
 
