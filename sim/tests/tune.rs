@@ -119,6 +119,24 @@ fn a_plan_that_streams_leaves_an_untied_embedding_table_on_disk() {
     assert_eq!(best.policy.embeddings, Tier::Device);
 }
 
+/// The LP is indifferent between tiers that are not the bottleneck; on unified memory a
+/// KV layer stays on disk only where the device has no room for one more beside what
+/// the simulated plan held in flight (a person would not write it to the SSD every step).
+#[test]
+fn free_device_memory_holds_the_kv_cache_before_the_disk_on_unified_memory() {
+    let (model, profile) = setup("cpu", "ferry-ci-vm", "tinyllama-1.1b", Some(512 * MIB));
+    let best = tune(&request(&model, &profile, BatchChoice::Fixed(1)), &KnobSpace::full()).unwrap().best;
+    assert!(best.policy.kv_cache.device > 0, "{:?}", best.policy);
+    if best.policy.kv_cache.disk > 0 {
+        let device = best.metrics.pools.iter().find(|p| p.pool.is_device()).unwrap();
+        let in_flight = device.peak_bytes - device.resident_bytes;
+        let mut more = best.policy.clone();
+        (more.kv_cache.device, more.kv_cache.disk) = (more.kv_cache.device + 1, more.kv_cache.disk - 1);
+        let pools = ferry_core::schedule::pool_specs(&more, &model, &best.workload, &profile);
+        assert!(pools[0].resident_bytes() + in_flight > pools[0].capacity_bytes, "{:?}", best.policy);
+    }
+}
+
 #[test]
 fn tuning_is_deterministic() {
     let (model, profile) = setup("rtx3060-laptop-6gb", "laptop-pcie3", "llama-2-13b", None);

@@ -114,7 +114,7 @@ impl Searcher<'_> {
         }
         let request = self.request;
         let what = on_disk.join(", ");
-        let in_flight = super::search::host_in_flight_bytes(candidate);
+        let in_flight = super::search::in_flight_bytes(candidate, false);
         let Some(promoted) = self.promoted(policy, &candidate.workload, in_flight) else {
             let pools = pool_specs(policy, request.model, &candidate.workload, request.profile);
             let host = &pools[HOST_POOL];

@@ -136,23 +136,25 @@ impl Searcher<'_> {
     /// `policy` with layers moved from the disk to the host while the host's resident
     /// set and `in_flight_bytes` (what tasks held at once beside it in the simulated
     /// plan) fit: the KV cache first (it is written to the SSD every step), then
-    /// attention, then MLP weights. `None` when nothing moves (unified memory has no
-    /// host tier).
+    /// attention, then MLP weights. On unified memory (no host tier) the KV cache alone
+    /// moves to the device: weights there would take the room the stream needs
+    /// (`room`). `None` when nothing moves.
     ///
     /// The LP is indifferent between tiers that are not the bottleneck, so its vertex
     /// may leave a disk-tier cache beside gigabytes of free RAM; a person would not.
     pub(super) fn promoted(&self, policy: &Policy, workload: &Workload, in_flight_bytes: u64) -> Option<Policy> {
-        if self.unified() {
-            return None;
-        }
+        let (pool, tier) = if self.unified() { (DEVICE_POOL, Tier::Device) } else { (HOST_POOL, Tier::Host) };
         let fits = |p: &Policy| {
             let pools = pool_specs(p, self.request.model, workload, self.request.profile);
-            pools[HOST_POOL].resident_bytes() + in_flight_bytes <= pools[HOST_POOL].capacity_bytes
+            pools[pool].resident_bytes() + in_flight_bytes <= pools[pool].capacity_bytes
         };
         let mut out = policy.clone();
         let split = out.compute_host_layers_on_host;
-        let groups: [fn(&mut Policy) -> &mut TierCounts; 3] =
-            [|p| &mut p.kv_cache, |p| &mut p.attention_weights, |p| &mut p.mlp_weights];
+        let groups: &[fn(&mut Policy) -> &mut TierCounts] = if self.unified() {
+            &[|p| &mut p.kv_cache]
+        } else {
+            &[|p| &mut p.kv_cache, |p| &mut p.attention_weights, |p| &mut p.mlp_weights]
+        };
         for group in groups {
             // The most layers of this group the host takes: its resident set grows with
             // each, so a bisection over the count finds it.
@@ -162,7 +164,7 @@ impl Searcher<'_> {
                 let mut trial = out.clone();
                 let counts = group(&mut trial);
                 counts.disk -= mid;
-                counts.host += mid;
+                *tier_slot(counts, tier) += mid;
                 if split {
                     trial.kv_cache = trial.attention_weights;
                 }
@@ -174,7 +176,7 @@ impl Searcher<'_> {
             }
             let counts = group(&mut out);
             counts.disk -= low;
-            counts.host += low;
+            *tier_slot(counts, tier) += low;
         }
         if split {
             out.kv_cache = out.attention_weights;
@@ -183,20 +185,22 @@ impl Searcher<'_> {
     }
 }
 
+/// The count of layers `counts` places on `tier`.
+fn tier_slot(counts: &mut TierCounts, tier: Tier) -> &mut u64 {
+    match tier {
+        Tier::Device => &mut counts.device,
+        Tier::Host => &mut counts.host,
+        Tier::Disk => &mut counts.disk,
+    }
+}
+
 /// Moves one layer from `from` to `to`; false if none is left on `from`.
 fn shift(counts: &mut TierCounts, from: Tier, to: Tier) -> bool {
-    fn slot(counts: &mut TierCounts, tier: Tier) -> &mut u64 {
-        match tier {
-            Tier::Device => &mut counts.device,
-            Tier::Host => &mut counts.host,
-            Tier::Disk => &mut counts.disk,
-        }
-    }
-    if *slot(counts, from) == 0 {
+    if *tier_slot(counts, from) == 0 {
         return false;
     }
-    *slot(counts, from) -= 1;
-    *slot(counts, to) += 1;
+    *tier_slot(counts, from) -= 1;
+    *tier_slot(counts, to) += 1;
     true
 }
 

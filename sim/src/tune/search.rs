@@ -481,7 +481,7 @@ impl Searcher<'_> {
     /// predicted as fast (within `NEAR_TIE`); else `candidate` itself.
     fn with_disk_layers_promoted(&self, candidate: Candidate) -> Candidate {
         let request = self.request;
-        let in_flight = host_in_flight_bytes(&candidate);
+        let in_flight = in_flight_bytes(&candidate, self.unified());
         let Some(policy) = self.promoted(&candidate.policy, &candidate.workload, in_flight) else { return candidate };
         self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.predict(&policy, &candidate.workload) {
@@ -499,10 +499,11 @@ impl Searcher<'_> {
     }
 }
 
-/// The most the simulated plan's tasks held in host memory at once beside its resident set.
-pub(super) fn host_in_flight_bytes(candidate: &Candidate) -> u64 {
-    let host = candidate.metrics.pools.iter().find(|p| matches!(p.pool, ferry_core::graph::Place::Host(_)));
-    host.map_or(0, |p| p.peak_bytes.saturating_sub(p.resident_bytes))
+/// The most the simulated plan's tasks held at once beside the resident set in host
+/// memory, or on unified memory in the device's.
+pub(super) fn in_flight_bytes(candidate: &Candidate, unified: bool) -> u64 {
+    let pool = candidate.metrics.pools.iter().find(|p| p.pool.is_device() == unified);
+    pool.map_or(0, |p| p.peak_bytes.saturating_sub(p.resident_bytes))
 }
 
 /// Whether `score` is within `NEAR_TIE` of `best` (or better).
