@@ -21,7 +21,7 @@ impl Searcher<'_> {
         // lookup reads its tokens' rows (kilobytes a step), and the table's bytes hold
         // layers that would otherwise stream every step.
         let streams = [fr.attention, fr.mlp, fr.kv].iter().any(|f| f[2] > 1e-9);
-        if streams && self.embeddings_may_stay_on_disk() {
+        if streams && self.embeddings_may_stay_on_disk {
             embeddings = Tier::Disk;
         }
         let pinned_host_bytes = if group.pinned { self.request.profile.max_pinned_bytes } else { 0 };
@@ -91,7 +91,7 @@ impl Searcher<'_> {
             }
             // The embedding table leaves memory before any layer does (see `policy_for`).
             let embeddings_full = if self.unified() { !device_ok } else { !host_ok };
-            if embeddings_full && policy.embeddings != Tier::Disk && self.embeddings_may_stay_on_disk() {
+            if embeddings_full && policy.embeddings != Tier::Disk && self.embeddings_may_stay_on_disk {
                 policy.embeddings = Tier::Disk;
                 continue;
             }

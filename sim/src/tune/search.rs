@@ -76,8 +76,9 @@ pub(super) struct Searcher<'a> {
     chunk_sizes: Vec<u64>,
     /// The members' bandwidths, looked up once (`rates`).
     pub(super) rates: super::rates::MemberRates,
-    /// Whether plans may leave the embedding table on disk (`embeddings_may_stay_on_disk`).
-    embeddings_may_stream: bool,
+    /// Whether plans may leave the embedding table on disk: the space allows it and
+    /// `Policy::validate`'s rules do (an untied head, no draft, rows stored one by one).
+    pub(super) embeddings_may_stay_on_disk: bool,
 }
 
 /// Prune when even the optimistic bound is this much worse than the best simulated plan
@@ -112,8 +113,7 @@ impl<'a> Searcher<'a> {
         let cost = CostModel::for_formats(request.profile, request.model, &request.weight_format);
         let chunk_sizes = searched_chunk_sizes(request.profile, space);
         let rates = super::rates::MemberRates::new(&cost, &chunk_sizes, &space.copy_streams, &space.io_queue_depths);
-        // `Policy::validate`'s rules: an untied head, no draft, rows stored one by one.
-        let embeddings_may_stream = space.embeddings_on_disk
+        let embeddings_may_stay_on_disk = space.embeddings_on_disk
             && !request.model.tie_word_embeddings
             && request.speculation.is_none()
             && layout.token_embedding().rows_contiguous();
@@ -126,13 +126,8 @@ impl<'a> Searcher<'a> {
             layout,
             refined: std::sync::atomic::AtomicU64::new(0),
             chunk_sizes,
-            embeddings_may_stream,
+            embeddings_may_stay_on_disk,
         }
-    }
-
-    /// Whether a plan may leave the embedding table on disk.
-    pub(super) fn embeddings_may_stay_on_disk(&self) -> bool {
-        self.embeddings_may_stream
     }
 
     pub(super) fn unified(&self) -> bool {
