@@ -13,6 +13,8 @@
 //! products spend their time in (`maddubs` and 16-bit adds, on registers, on every
 //! thread of the pool): what "near the peak" means for the 64-row figures.
 //!
+//! The weights lie in the engine's own memory (`memory::Buffer`), as in a run.
+//!
 //! Run: cargo bench -p ferry-engine --bench quant_rows
 //! Throughput is weights multiplied per second (Elements): formats compare at equal
 //! work; bytes per weight differ (bf16 2, Q8_0 1.06, Q6_K 0.82, Q5_0 0.69, Q4_K 0.56, Q4_0 0.56).
@@ -23,10 +25,19 @@ use ferry_engine::kernels::quant::{sample_blocks, BlockFormat};
 use ferry_engine::kernels::{
     from_f32, linear_q8, linear_rows, quant_converted, quant_rows, simd_path, Matrix, QuantMatrix, SimdPath,
 };
+use ferry_engine::memory::Buffer;
 
 const N: usize = 5632;
 const K: usize = 2048;
 const MATRICES: usize = 8;
+
+/// `bytes` in the engine's own memory (`memory::Buffer`: huge pages where the kernel
+/// gives them), where it keeps the weights it multiplies.
+fn engine_memory(bytes: &[u8]) -> Buffer {
+    let mut buffer = Buffer::new(bytes.len()).expect("map a buffer");
+    buffer.as_mut_slice().copy_from_slice(bytes);
+    buffer
+}
 
 fn bench(c: &mut Criterion) {
     let path = simd_path().unwrap_or_else(SimdPath::best);
@@ -36,7 +47,7 @@ fn bench(c: &mut Criterion) {
     let w: Vec<f32> = (0..N * K).map(|i| ((i % 23) as f32 - 11.0) / 128.0).collect();
     let mut one = vec![0u8; N * K * 2];
     from_f32(Dtype::Bf16, &w, &mut one);
-    let bf16: Vec<Vec<u8>> = (0..MATRICES).map(|_| one.clone()).collect();
+    let bf16: Vec<Buffer> = (0..MATRICES).map(|_| engine_memory(&one)).collect();
     let mut next = 0;
     for m in [1usize, 8] {
         let x: Vec<f32> = (0..m * K).map(|i| ((i % 17) as f32 - 8.0) / 64.0).collect();
@@ -44,24 +55,24 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("bf16 one pass", m), &m, |b, &m| {
             b.iter(|| {
                 next = (next + 1) % MATRICES;
-                let matrix = Matrix { bytes: &bf16[next], dtype: Dtype::Bf16, rows: N, cols: K };
+                let matrix = Matrix { bytes: bf16[next].as_slice(), dtype: Dtype::Bf16, rows: N, cols: K };
                 linear_rows(path, &x, m, matrix, &mut out, N, 0)
             })
         });
         for format in BlockFormat::ALL {
             let one = sample_blocks(format, N * K / format.block().0, 7);
-            let stored: Vec<Vec<u8>> = (0..MATRICES).map(|_| one.clone()).collect();
+            let stored: Vec<Buffer> = (0..MATRICES).map(|_| engine_memory(&one)).collect();
             group.bench_with_input(BenchmarkId::new(format.name(), m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let matrix = QuantMatrix { bytes: &stored[next], format, rows: N, cols: K };
+                    let matrix = QuantMatrix { bytes: stored[next].as_slice(), format, rows: N, cols: K };
                     quant_rows(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
             group.bench_with_input(BenchmarkId::new(format!("{} q8 activations", format.name()), m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let matrix = QuantMatrix { bytes: &stored[next], format, rows: N, cols: K };
+                    let matrix = QuantMatrix { bytes: stored[next].as_slice(), format, rows: N, cols: K };
                     linear_q8(path, &x, m, matrix, &mut out, N, 0)
                 })
             });

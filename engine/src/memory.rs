@@ -16,6 +16,64 @@ pub const PAGE: usize = 4096;
 /// the kernels' thread-local scratch), independent of the model's size.
 pub const FIXED_OVERHEAD_BYTES: u64 = 64 << 20;
 
+/// The size of a transparent huge page on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// An anonymous private mapping of `len` bytes (a multiple of `PAGE`) starting at a
+/// multiple of `alignment` (a power of two, at least `PAGE`): `alignment − PAGE` bytes
+/// more are mapped and the ends beyond the aligned stretch unmapped again.
+fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
+    let slack = alignment - PAGE;
+    // SAFETY: an anonymous private mapping with no address hint; checked for MAP_FAILED.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len + slack,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = ptr as usize;
+    let head = start.next_multiple_of(alignment) - start;
+    let tail = slack - head;
+    // SAFETY: both stretches lie inside the mapping just made and outside the part
+    // kept; unmapping page-aligned parts of a private anonymous mapping cannot fail
+    // but for a limit on mappings, which leaves them mapped (and is harmless).
+    unsafe {
+        if head > 0 {
+            libc::munmap(ptr, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + head + len) as *mut libc::c_void, tail);
+        }
+    }
+    NonNull::new((start + head) as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned a null address"))
+}
+
+/// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages where it
+/// can (`MADV_HUGEPAGE`; the whole 2 MiB-aligned stretches inside the mapping).
+///
+/// Why: the products stream weights in eight rows at a time and a CPU's hardware
+/// prefetchers stop at each 4 KiB page, so with small pages every row's stream stalls
+/// at every page boundary, and each page costs a TLB walk. Measured end to end on
+/// TinyLlama Q4_K_M, batch 1 from RAM: 1.06–1.25× faster decoding (BENCHMARKS.md).
+/// Most distributions set THP to `madvise`, which backs a region with huge pages
+/// only when asked. The budget is unchanged: a huge page lies wholly inside the
+/// mapping, so the resident set never exceeds what the arenas account. A kernel
+/// without THP refuses the advice, and the buffer keeps small pages: nothing to do.
+fn ask_for_huge_pages(ptr: NonNull<u8>, len: usize) {
+    // SAFETY: advice on a mapping this process just created; it changes no contents.
+    #[cfg(target_os = "linux")]
+    let _refused = unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
+}
+
 /// An anonymous, page-aligned mapping (zero-filled when new); unmapped on drop.
 pub struct Buffer {
     ptr: NonNull<u8>,
@@ -30,21 +88,14 @@ unsafe impl Sync for Buffer {}
 impl Buffer {
     pub fn new(len: usize) -> std::io::Result<Buffer> {
         let mapped = len.max(1).div_ceil(PAGE) * PAGE;
-        // SAFETY: an anonymous private mapping with no address hint; checked for MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
+        // A buffer of a huge page or more starts on a huge page's boundary, so that
+        // all but its last partial stretch can be backed by huge pages.
+        let alignment = if mapped >= HUGE_PAGE { HUGE_PAGE } else { PAGE };
+        let ptr = map_aligned(mapped, alignment)?;
+        if alignment == HUGE_PAGE {
+            ask_for_huge_pages(ptr, mapped);
         }
-        Ok(Buffer { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, mapped })
+        Ok(Buffer { ptr, len, mapped })
     }
 
     pub fn len(&self) -> usize {
@@ -240,6 +291,21 @@ pub fn storage_read_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_of_a_huge_page_or_more_starts_on_a_huge_page_boundary() {
+        for len in [HUGE_PAGE, 3 * HUGE_PAGE + 5, 7 * PAGE] {
+            let mut buffer = Buffer::new(len).unwrap();
+            let alignment = if len >= HUGE_PAGE { HUGE_PAGE } else { PAGE };
+            assert_eq!(buffer.as_slice().as_ptr() as usize % alignment, 0, "{len} bytes");
+            // Zero-filled and writable to its last mapped byte.
+            assert!(buffer.as_slice().iter().all(|&b| b == 0));
+            let mapped = buffer.mapped_mut();
+            assert_eq!(mapped.len(), len.div_ceil(PAGE) * PAGE);
+            mapped.fill(7);
+            assert!(buffer.as_slice().iter().all(|&b| b == 7));
+        }
+    }
 
     #[test]
     fn the_recycler_reuses_mappings_within_its_limit() {

@@ -270,7 +270,7 @@ pub(crate) fn measure_host_compute(
     let streams = || (0..options.trials).map(|_| timed_weight_stream(256 * MIB)).collect::<Result<Vec<_>, _>>();
     let (stream_bytes_per_s, _) = median_spread(&streams()?);
     let threads = ferry_engine::kernels::compute_pool().current_num_threads();
-    let read_bytes_per_s = memory::read_bytes_per_s(options.memory_read_bytes, threads, options.trials);
+    let read_bytes_per_s = memory::read_bytes_per_s(options.memory_read_bytes, threads, options.trials)?;
     let slowdown_during_reads = if slowdown {
         progress("interference", 0.0);
         let _load = Background::reads(disk, options.scratch_bytes);

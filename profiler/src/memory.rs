@@ -6,15 +6,25 @@
 
 use std::time::Instant;
 
-use crate::median_spread;
+use std::path::Path;
+
+use ferry_engine::memory::Buffer;
+
+use crate::{io_error, median_spread, ProfileError};
 
 /// Read bandwidth, bytes/s: each of `threads` threads sums its share of a buffer of
 /// `bytes` (larger than any last-level cache, so that the reads reach the memory), the
 /// median over `trials`.
-pub(crate) fn read_bytes_per_s(bytes: u64, threads: usize, trials: usize) -> f64 {
+pub(crate) fn read_bytes_per_s(bytes: u64, threads: usize, trials: usize) -> Result<f64, ProfileError> {
     let words = (bytes / 8).max(8) as usize;
-    // Written, so that every page is mapped before the timing.
-    let data: Vec<u64> = vec![1; words];
+    // In the engine's own memory (huge pages where the kernel gives them), as the
+    // weights the products read; written, so that every page is mapped before the timing.
+    let mut buffer = Buffer::new(words * 8).map_err(io_error(Path::new("memory")))?;
+    // SAFETY: any bytes are a valid u64; the buffer is page-aligned, so all of it
+    // is in the aligned middle.
+    let (_, data, _) = unsafe { buffer.as_mut_slice().align_to_mut::<u64>() };
+    data.fill(1);
+    let data: &[u64] = data;
     let per_thread = words.div_ceil(threads.max(1));
     let mut rates = Vec::new();
     for _ in 0..trials.max(1) {
@@ -29,7 +39,7 @@ pub(crate) fn read_bytes_per_s(bytes: u64, threads: usize, trials: usize) -> f64
         std::hint::black_box(sum);
         rates.push((words * 8) as f64 / seconds.max(1e-9));
     }
-    median_spread(&rates).0
+    Ok(median_spread(&rates).0)
 }
 
 /// The sum of `words`, with the widest vector loads the CPU has: narrow loads issue
@@ -78,7 +88,7 @@ mod tests {
         let words: Vec<u64> = (1..=1001).collect();
         assert_eq!(sum_words(&words), 1001 * 1002 / 2);
         assert_eq!(sum_words_portable(&words), 1001 * 1002 / 2);
-        let rate = read_bytes_per_s(8 << 20, 3, 2);
+        let rate = read_bytes_per_s(8 << 20, 3, 2).unwrap();
         assert!(rate.is_finite() && rate > 1e8, "{rate} bytes/s");
     }
 }
