@@ -66,12 +66,24 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
 /// only when asked. The budget is unchanged: a huge page lies wholly inside the
 /// mapping, so the resident set never exceeds what the arenas account. A kernel
 /// without THP refuses the advice, and the buffer keeps small pages: nothing to do.
+///
+/// `FERRY_HUGE_PAGES=off` declines (a machine whose memory is fragmented may stall a
+/// huge page's first touch while the kernel compacts memory for it).
 fn ask_for_huge_pages(ptr: NonNull<u8>, len: usize) {
+    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*WANTED.get_or_init(|| huge_pages_wanted(std::env::var("FERRY_HUGE_PAGES").ok().as_deref())) {
+        return;
+    }
     // SAFETY: advice on a mapping this process just created; it changes no contents.
     #[cfg(target_os = "linux")]
     let _refused = unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
     #[cfg(not(target_os = "linux"))]
     let _ = (ptr, len);
+}
+
+/// Whether `FERRY_HUGE_PAGES`' value asks for huge pages: anything but `off`.
+fn huge_pages_wanted(setting: Option<&str>) -> bool {
+    setting.is_none_or(|value| !value.trim().eq_ignore_ascii_case("off"))
 }
 
 /// An anonymous, page-aligned mapping (zero-filled when new); unmapped on drop.
@@ -291,6 +303,14 @@ pub fn storage_read_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_pages_are_declined_only_by_off() {
+        assert!(huge_pages_wanted(None));
+        assert!(huge_pages_wanted(Some("on")));
+        assert!(!huge_pages_wanted(Some("off")));
+        assert!(!huge_pages_wanted(Some(" OFF ")));
+    }
 
     #[test]
     fn a_buffer_of_a_huge_page_or_more_starts_on_a_huge_page_boundary() {
