@@ -219,6 +219,20 @@ fn resource_slot(resource: Resource) -> Option<usize> {
     }
 }
 
+/// Whether every pool's resident set fits its capacity and every task's acquisition
+/// fits beside it: `TaskGraph::check_fits`'s test, on any tasks (`lower` applies it to
+/// the prefill's before lowering the rest).
+pub fn fits_beside_resident(pools: &[PoolSpec], tasks: &[Task]) -> bool {
+    let mut free: Vec<(Pool, u64)> = Vec::with_capacity(pools.len());
+    for spec in pools {
+        match spec.capacity_bytes.checked_sub(spec.resident_bytes()) {
+            Some(bytes) => free.push((spec.pool, bytes)),
+            None => return false,
+        }
+    }
+    tasks.iter().all(|t| t.acquire.iter().all(|m| free.iter().all(|&(pool, bytes)| pool != m.pool || m.bytes <= bytes)))
+}
+
 /// A pool's capacity and what stays resident in it for the whole run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PoolSpec {
@@ -534,16 +548,7 @@ impl TaskGraph {
     /// one per pool): the simulator checks every candidate plan's graph. The full check
     /// runs only to name what does not fit.
     fn fits_everywhere(&self) -> bool {
-        let mut free: Vec<(Pool, u64)> = Vec::with_capacity(self.pools.len());
-        for spec in &self.pools {
-            match spec.capacity_bytes.checked_sub(spec.resident_bytes()) {
-                Some(bytes) => free.push((spec.pool, bytes)),
-                None => return false,
-            }
-        }
-        self.tasks
-            .iter()
-            .all(|t| t.acquire.iter().all(|m| free.iter().all(|&(pool, bytes)| pool != m.pool || m.bytes <= bytes)))
+        fits_beside_resident(&self.pools, &self.tasks)
     }
 
     /// Total bytes moved per task kind, for checks that the graph moves what the plan needs.

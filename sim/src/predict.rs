@@ -9,7 +9,7 @@ use ferry_core::graph::TaskGraph;
 use ferry_core::model::ModelSpec;
 use ferry_core::plan::{Policy, Workload};
 use ferry_core::profile::Profile;
-use ferry_core::schedule::{decode_rounds, expected_decode_rounds, lower, Steps};
+use ferry_core::schedule::{decode_rounds, expected_decode_rounds, lower_if_fits, Steps};
 use ferry_core::trace::{step_end_times, Metrics, Trace};
 
 use crate::cost::CostModel;
@@ -173,7 +173,7 @@ pub fn predict_run_by(
         (Extrapolation::Sampled, Some(list)) => Steps::Only(list.clone()),
         _ => Steps::All,
     };
-    let graph = lower(policy, model, workload, profile, &steps)?;
+    let graph = lower_if_fits(policy, model, workload, profile, &steps)?;
     let output = simulate(&graph, &cost)?;
     let metrics = match steps {
         Steps::All if policy.speculation.is_none() => Metrics::compute_with(&graph, &output.trace, &output.usage),

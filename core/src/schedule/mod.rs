@@ -42,7 +42,7 @@ mod experts;
 mod resources;
 
 use crate::error::{CoreError, Result};
-use crate::graph::{Place, PoolSpec, Round, TaskGraph};
+use crate::graph::{fits_beside_resident, Place, PoolSpec, Round, TaskGraph};
 use crate::model::{GroupSize, ModelSpec, TensorSpec, WeightFormat, WeightGroup};
 use crate::plan::{Policy, Workload};
 use crate::profile::Profile;
@@ -265,6 +265,33 @@ pub fn lower(
     profile: &Profile,
     steps: &Steps,
 ) -> Result<TaskGraph> {
+    lower_with(policy, model, workload, profile, steps, false)
+}
+
+/// `lower`, refusing a graph that cannot fit (`TaskGraph::check_fits`' error) as soon
+/// as its prefill shows it, before the decode rounds are lowered: for a caller that
+/// would refuse it anyway (the simulator). The tuner meets many such plans (on
+/// Qwen3-235B, 158 of the 256 it simulates), and lowering their decode rounds was most
+/// of what they cost it. A graph whose misfit shows only in a later round (a growing
+/// KV cache) is lowered whole, as by `lower`.
+pub fn lower_if_fits(
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    steps: &Steps,
+) -> Result<TaskGraph> {
+    lower_with(policy, model, workload, profile, steps, true)
+}
+
+fn lower_with(
+    policy: &Policy,
+    model: &ModelSpec,
+    workload: &Workload,
+    profile: &Profile,
+    steps: &Steps,
+    refuse_misfit_prefill: bool,
+) -> Result<TaskGraph> {
     policy.validate(model, workload, profile.unified_memory)?;
     let rounds = rounds(policy, workload, steps)?;
     crate::resolve::check_devices(policy, profile)?;
@@ -276,6 +303,14 @@ pub fn lower(
     let mut before = 0;
     for (index, &round) in rounds.iter().enumerate() {
         builder.round(round);
+        // A prefill task that cannot fit beside the resident set fails the graph
+        // whatever the decode rounds hold.
+        if refuse_misfit_prefill && index == 0 && rounds.len() > 1 {
+            let pools = builder.pools();
+            if !fits_beside_resident(&pools, &builder.tasks) {
+                return Err(misfit_of_prefill(builder, pools, workload, round));
+            }
+        }
         if index < 2 {
             let per_round = builder.tasks.len() - before;
             builder.tasks.reserve((per_round * (rounds.len() - index - 1)).min(1 << 24));
@@ -293,6 +328,24 @@ pub fn lower(
     };
     graph.validate()?;
     Ok(graph)
+}
+
+/// `check_fits`' error for a graph of the prefill alone (`round`), whose tasks
+/// `fits_beside_resident` found not to fit `pools`.
+fn misfit_of_prefill(builder: Builder, pools: Vec<PoolSpec>, workload: &Workload, round: Round) -> CoreError {
+    let graph = TaskGraph {
+        pools,
+        resources: builder.resources(),
+        tasks: builder.tasks,
+        batch_size: workload.batch_size,
+        prompt_len: workload.prompt_len,
+        gen_len: workload.gen_len,
+        rounds: vec![round],
+    };
+    match graph.check_fits() {
+        Err(error) => error,
+        Ok(()) => CoreError::invalid("the prefill's tasks do not fit beside the resident set"),
+    }
 }
 
 #[cfg(test)]
@@ -429,6 +482,40 @@ mod tests {
         let over = Policy { prefetched_experts: 3, ..policy.clone() };
         let err = lower(&over, &model, &workload, &profile, &Steps::All).unwrap_err().to_string();
         assert!(err.contains("more than the 8"), "{err}");
+    }
+
+    /// `lower_if_fits` refuses a prefill task that cannot fit beside the resident set
+    /// before the decode rounds are built, with `check_fits`' message; a budget one
+    /// byte larger lowers every round; `lower` lowers the misfit whole.
+    #[test]
+    fn a_prefill_that_cannot_fit_is_refused_before_its_decode_rounds() {
+        use crate::graph::TaskKind;
+        use crate::plan::TierCounts;
+        let (model, mut profile) = on_cpu("test-tiny");
+        let workload = Workload { batch_size: 1, prompt_len: 8, gen_len: 4 };
+        let mut policy = Policy::all_on_device(model.num_layers, 1, Dtype::F32);
+        policy.mlp_weights = TierCounts { device: 0, host: 0, disk: model.num_layers };
+        let graph = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        let device = graph.pools.iter().find(|p| p.pool == Place::DEVICE).unwrap();
+        let largest = graph
+            .tasks
+            .iter()
+            .flat_map(|t| t.acquire.iter().filter(|m| m.pool == Place::DEVICE).map(|m| m.bytes))
+            .max()
+            .unwrap();
+        assert!(graph.tasks.iter().any(|t| t.kind == TaskKind::DiskRead && t.step > 0), "decode reads its MLPs");
+        // Just enough beside the resident set: every round is lowered.
+        profile.device_memory_bytes = device.resident_bytes() + largest;
+        let graph = lower_if_fits(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        assert_eq!(graph.rounds.len(), 4);
+        graph.check_fits().unwrap();
+        // A byte less: refused, naming a task of the prefill.
+        profile.device_memory_bytes -= 1;
+        let err = lower_if_fits(&policy, &model, &workload, &profile, &Steps::All).unwrap_err().to_string();
+        assert!(err.contains("left beside the resident set (short by 1 B)") && err.contains(" s0'"), "{err}");
+        let whole = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
+        assert_eq!(whole.rounds.len(), 4);
+        assert!(whole.check_fits().unwrap_err().to_string().contains("short by 1 B"));
     }
 
     #[test]
