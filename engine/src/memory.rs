@@ -58,9 +58,9 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
 /// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages where it
 /// can (`MADV_HUGEPAGE`; the whole 2 MiB-aligned stretches inside the mapping).
 ///
-/// Why: the products stream weights in eight rows at a time and a CPU's hardware
-/// prefetchers stop at each 4 KiB page, so with small pages every row's stream stalls
-/// at every page boundary, and each page costs a TLB walk. Measured end to end on
+/// Why: the products stream eight weight rows side by side on every thread, and with
+/// small pages each 4 KiB of each row costs a TLB walk; direct I/O pins every page it
+/// reads into, 512 times as many with small pages. Measured end to end on
 /// TinyLlama Q4_K_M, batch 1 from RAM: 1.06–1.25× faster decoding (BENCHMARKS.md).
 /// Most distributions set THP to `madvise`, which backs a region with huge pages
 /// only when asked. The budget is unchanged: a huge page lies wholly inside the
