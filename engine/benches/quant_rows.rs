@@ -31,10 +31,10 @@ const N: usize = 5632;
 const K: usize = 2048;
 const MATRICES: usize = 8;
 
-/// `bytes` in the engine's own memory (`memory::Buffer`: huge pages where the kernel
-/// gives them), where it keeps the weights it multiplies.
+/// `bytes` in the engine's own memory for resident weights (`Buffer::resident`: huge
+/// pages where the kernel gives them), where it keeps the weights it multiplies.
 fn engine_memory(bytes: &[u8]) -> Buffer {
-    let mut buffer = Buffer::new(bytes.len()).expect("map a buffer");
+    let mut buffer = Buffer::resident(bytes.len()).expect("map a buffer");
     buffer.as_mut_slice().copy_from_slice(bytes);
     buffer
 }

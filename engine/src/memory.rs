@@ -55,6 +55,38 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
     NonNull::new((start + head) as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned a null address"))
 }
 
+/// Which buffers huge pages are asked for (`FERRY_HUGE_PAGES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HugePages {
+    /// None.
+    Off,
+    /// Weights kept for the whole run (the default).
+    Resident,
+    /// Every buffer of 2 MiB or more, streamed weights too.
+    All,
+}
+
+/// `FERRY_HUGE_PAGES`' value: `off`, `resident` (or unset) or `on`; any other value is
+/// refused with the accepted ones, to be reported once.
+fn huge_pages_setting(value: Option<&str>) -> Result<HugePages, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("resident") => Ok(HugePages::Resident),
+        Some("off") => Ok(HugePages::Off),
+        Some("on") | Some("all") => Ok(HugePages::All),
+        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of off, resident, on; using resident")),
+    }
+}
+
+fn huge_pages() -> HugePages {
+    static SETTING: std::sync::OnceLock<HugePages> = std::sync::OnceLock::new();
+    *SETTING.get_or_init(|| {
+        huge_pages_setting(std::env::var("FERRY_HUGE_PAGES").ok().as_deref()).unwrap_or_else(|message| {
+            eprintln!("warning: {message}");
+            HugePages::Resident
+        })
+    })
+}
+
 /// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages where it
 /// can (`MADV_HUGEPAGE`; the whole 2 MiB-aligned stretches inside the mapping).
 ///
@@ -67,27 +99,18 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
 /// mapping, so the resident set never exceeds what the arenas account. A kernel
 /// without THP refuses the advice, and the buffer keeps small pages: nothing to do.
 ///
-/// Opt-in (`FERRY_HUGE_PAGES=on`) for now: with them, a streamed plan's reads (CI's
-/// `pipelined` plan of 32 MiB chunks) ran at about half the disk rate its profile
-/// measured, four CI attempts in four, where the model's prediction had held without
-/// them; until the profile sees what the run does, the default keeps predictions
+/// Streamed weights get them only with `FERRY_HUGE_PAGES=on`: with them, a streamed
+/// plan's reads (CI's `pipelined` plan of 32 MiB chunks) ran at about half the disk
+/// rate its profile measured, where the model's prediction holds with small pages.
+/// Until the profile sees what such a run's reads do, the default keeps predictions
 /// true. (A machine whose memory is fragmented may also stall a huge page's first
 /// touch while the kernel compacts memory for it.)
 fn ask_for_huge_pages(ptr: NonNull<u8>, len: usize) {
-    static WANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*WANTED.get_or_init(|| huge_pages_wanted(std::env::var("FERRY_HUGE_PAGES").ok().as_deref())) {
-        return;
-    }
     // SAFETY: advice on a mapping this process just created; it changes no contents.
     #[cfg(target_os = "linux")]
     let _refused = unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
     #[cfg(not(target_os = "linux"))]
     let _ = (ptr, len);
-}
-
-/// Whether `FERRY_HUGE_PAGES`' value asks for huge pages: `on`.
-fn huge_pages_wanted(setting: Option<&str>) -> bool {
-    setting.is_some_and(|value| value.trim().eq_ignore_ascii_case("on"))
 }
 
 /// An anonymous, page-aligned mapping (zero-filled when new); unmapped on drop.
@@ -102,13 +125,25 @@ unsafe impl Send for Buffer {}
 unsafe impl Sync for Buffer {}
 
 impl Buffer {
+    /// A buffer for bytes that come and go (streamed weights, scratch): small pages
+    /// unless `FERRY_HUGE_PAGES=on`.
     pub fn new(len: usize) -> std::io::Result<Buffer> {
+        Buffer::map(len, huge_pages() == HugePages::All)
+    }
+
+    /// A buffer for weights kept for the whole run: huge pages unless
+    /// `FERRY_HUGE_PAGES=off`.
+    pub fn resident(len: usize) -> std::io::Result<Buffer> {
+        Buffer::map(len, huge_pages() != HugePages::Off)
+    }
+
+    fn map(len: usize, huge: bool) -> std::io::Result<Buffer> {
         let mapped = len.max(1).div_ceil(PAGE) * PAGE;
         // A buffer of a huge page or more starts on a huge page's boundary, so that
         // all but its last partial stretch can be backed by huge pages.
         let alignment = if mapped >= HUGE_PAGE { HUGE_PAGE } else { PAGE };
         let ptr = map_aligned(mapped, alignment)?;
-        if alignment == HUGE_PAGE {
+        if huge && alignment == HUGE_PAGE {
             ask_for_huge_pages(ptr, mapped);
         }
         Ok(Buffer { ptr, len, mapped })
@@ -309,11 +344,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn huge_pages_are_asked_for_only_by_on() {
-        assert!(!huge_pages_wanted(None));
-        assert!(huge_pages_wanted(Some("on")));
-        assert!(huge_pages_wanted(Some(" ON ")));
-        assert!(!huge_pages_wanted(Some("off")));
+    fn huge_pages_go_to_resident_weights_unless_set_otherwise() {
+        assert_eq!(huge_pages_setting(None), Ok(HugePages::Resident));
+        assert_eq!(huge_pages_setting(Some(" Resident ")), Ok(HugePages::Resident));
+        assert_eq!(huge_pages_setting(Some("on")), Ok(HugePages::All));
+        assert_eq!(huge_pages_setting(Some("ALL")), Ok(HugePages::All));
+        assert_eq!(huge_pages_setting(Some("off")), Ok(HugePages::Off));
+        let refused = huge_pages_setting(Some("yes")).unwrap_err();
+        assert!(refused.contains("\"yes\"") && refused.contains("off, resident, on"), "{refused}");
     }
 
     #[test]

@@ -386,10 +386,10 @@ fn timed_copy(bytes: u64, chunk: u64, threads: u32) -> Result<f64, ProfileError>
     Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e9)
 }
 
-/// Host bytes as memory of the cpu backend's device, where the engine keeps weights
-/// and activations.
+/// Host bytes as memory of the cpu backend's device, as the engine keeps resident
+/// weights (and activations: small ones, which the same call maps as small pages).
 fn on_device(bytes: &[u8]) -> Result<DeviceBuffer, ProfileError> {
-    let mut buffer = Buffer::new(bytes.len()).map_err(io_error(Path::new("memory")))?;
+    let mut buffer = Buffer::resident(bytes.len()).map_err(io_error(Path::new("memory")))?;
     buffer.as_mut_slice().copy_from_slice(bytes);
     Ok(DeviceBuffer::from_mapped(buffer))
 }

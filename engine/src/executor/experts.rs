@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::speculate::is_draft;
-use super::weights::{GroupPart, Loaded};
+use super::weights::{GroupPart, Lands, Loaded};
 use super::{lock, Engine, RunReport};
 use crate::backend::DeviceBuffer;
 use crate::kernels::Rows;
@@ -160,7 +160,7 @@ impl Engine<'_> {
             let experts = self.spec.hot_experts(layer as u64, self.policy.hot_experts);
             let tensors = GroupPart::Tensors(experts.iter().flat_map(|&e| self.spec.expert_tensors(e)).collect());
             let place = self.layer_device(layer);
-            hot.insert(layer, Arc::new(self.read_group(WeightGroup::Mlp, layer as u64, &tensors, place, None)?));
+            hot.insert(layer, Arc::new(self.read_group(WeightGroup::Mlp, layer as u64, &tensors, place, Lands::Resident)?));
         }
         Ok(hot)
     }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_core::graph::{Payload, Place, Task, NO_LAYER};
 
-use super::weights::GroupPart;
+use super::weights::{GroupPart, Lands};
 use ferry_core::model::{ModelSpec, WeightGroup};
 use ferry_core::plan::{Draft, Speculation, Tier};
 use serde::Serialize;
@@ -134,7 +134,7 @@ impl<'a> Engine<'a> {
             let shared = speculation.is_self() && self.weight_tier(group, layer) == Tier::Device;
             let loaded = match self.resident.get(&key) {
                 Some(resident) if shared => Arc::clone(resident),
-                _ => Arc::new(self.read_group_of(files, &spec, group, layer, &GroupPart::Whole, device, None)?),
+                _ => Arc::new(self.read_group_of(files, &spec, group, layer, &GroupPart::Whole, device, Lands::Resident)?),
             };
             weights.insert(key, loaded);
         }

@@ -82,21 +82,31 @@ pub(super) fn group_code(group: WeightGroup) -> u8 {
     group as u8
 }
 
+/// What a weight read's bytes are for, which decides the memory they land in.
+#[derive(Clone, Copy)]
+pub(super) enum Lands {
+    /// Kept for the whole run (resident weights, a draft, hot experts): huge pages by
+    /// default (`Buffer::resident`).
+    Resident,
+    /// Streamed: into a recycled buffer when the read has its key, else fresh memory.
+    Streamed(Option<Key>),
+}
+
 impl<'a> Engine<'a> {
     /// Reads a weight group (or one pipelined piece of it) from disk into memory at
-    /// `place`. With `recycle` (the read's key) the bytes land in a recycled buffer (the
-    /// one the scheduler reserved for this read, or any that fits) and return to the
-    /// recycler when freed; that needs memory the CPU addresses, so a backend whose
-    /// `place` is not reads into fresh host memory and uploads it.
+    /// `place`. A streamed read with its key lands in a recycled buffer (the one the
+    /// scheduler reserved for this read, or any that fits) and returns to the recycler
+    /// when freed; that needs memory the CPU addresses, so a backend whose `place` is
+    /// not reads into fresh host memory and uploads it.
     pub(super) fn read_group(
         &self,
         group: WeightGroup,
         layer: u64,
         part: &GroupPart,
         place: Place,
-        recycle: Option<Key>,
+        lands: Lands,
     ) -> Result<Loaded, EngineError> {
-        self.read_group_of(self.files, self.spec, group, layer, part, place, recycle)
+        self.read_group_of(self.files, self.spec, group, layer, part, place, lands)
     }
 
     /// `read_group` from another model's files (a separate draft's).
@@ -109,9 +119,14 @@ impl<'a> Engine<'a> {
         layer: u64,
         part: &GroupPart,
         place: Place,
-        recycle: Option<Key>,
+        lands: Lands,
     ) -> Result<Loaded, EngineError> {
-        let recycle = recycle.filter(|_| self.backend.host_addressable(place));
+        let kept_here = self.backend.host_addressable(place);
+        let recycle = match lands {
+            Lands::Streamed(key) => key.filter(|_| kept_here),
+            Lands::Resident => None,
+        };
+        let resident = matches!(lands, Lands::Resident) && kept_here;
         // A piece of whole tensors packed together reads as those tensors.
         let packed;
         let part = match part {
@@ -198,6 +213,7 @@ impl<'a> Engine<'a> {
                 .get(&file)
                 .ok_or_else(|| EngineError::Internal(format!("{} not open", file.display())))?;
             let allocate = |len: usize| match (recycle, reserved.take()) {
+                (None, _) if resident => Buffer::resident(len),
                 (None, _) => Buffer::new(len),
                 (Some(_), Some(buffer)) if buffer.mapped_len() >= len => Ok(buffer.with_len(len)),
                 (Some(_), other) => {
@@ -281,14 +297,14 @@ impl<'a> Engine<'a> {
                 continue;
             }
             let place = self.resident_place(group, NO_LAYER);
-            let loaded = self.read_group(group, 0, &GroupPart::Whole, place, None)?;
+            let loaded = self.read_group(group, 0, &GroupPart::Whole, place, Lands::Resident)?;
             resident.insert((group_code(group), NO_LAYER), Arc::new(loaded));
         }
         for layer in 0..self.spec.num_layers {
             for group in WeightGroup::PER_LAYER {
                 if self.weight_tier(group, layer) != Tier::Disk && self.holds_group(group, layer as u32) {
                     let place = self.resident_place(group, layer as u32);
-                    let loaded = self.read_group(group, layer, &GroupPart::Whole, place, None)?;
+                    let loaded = self.read_group(group, layer, &GroupPart::Whole, place, Lands::Resident)?;
                     resident.insert((group_code(group), layer as u32), Arc::new(loaded));
                 }
             }
@@ -357,7 +373,7 @@ impl<'a> Engine<'a> {
             if on_host { (Place::HOST, &self.staged) } else { (self.layer_device(task.layer), &self.streamed) };
         let recycle = (!on_host).then(|| self.key(task, group));
         let part = self.part_of(task)?;
-        let loaded = Arc::new(self.read_group(group, task.layer as u64, &part, place, recycle)?);
+        let loaded = Arc::new(self.read_group(group, task.layer as u64, &part, place, Lands::Streamed(recycle))?);
         lock(target).insert(self.key(task, group), loaded);
         Ok(())
     }
