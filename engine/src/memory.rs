@@ -58,22 +58,25 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
 /// Which buffers huge pages are asked for (`FERRY_HUGE_PAGES`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HugePages {
-    /// None.
+    /// None (the default).
     Off,
-    /// Weights kept for the whole run (the default).
+    /// Weights kept for the whole run only. Measured, not recommended: 1.03–1.07×
+    /// in RAM, but under a tight budget, with the streamed weights in small pages
+    /// beside resident ones in huge pages, a run's reads ran 1.7–3.5× slower in most
+    /// rounds (cause not found; BENCHMARKS.md, "Huge pages: where the time goes").
     Resident,
     /// Every buffer of 2 MiB or more, streamed weights too.
     All,
 }
 
-/// `FERRY_HUGE_PAGES`' value: `off`, `resident` (or unset) or `on`; any other value is
+/// `FERRY_HUGE_PAGES`' value: `off` (or unset), `resident` or `on`; any other value is
 /// refused with the accepted ones, to be reported once.
 fn huge_pages_setting(value: Option<&str>) -> Result<HugePages, String> {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("resident") => Ok(HugePages::Resident),
-        Some("off") => Ok(HugePages::Off),
+        None | Some("") | Some("off") => Ok(HugePages::Off),
+        Some("resident") => Ok(HugePages::Resident),
         Some("on") | Some("all") => Ok(HugePages::All),
-        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of off, resident, on; using resident")),
+        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of off, resident, on; using off")),
     }
 }
 
@@ -82,7 +85,7 @@ fn huge_pages() -> HugePages {
     *SETTING.get_or_init(|| {
         huge_pages_setting(std::env::var("FERRY_HUGE_PAGES").ok().as_deref()).unwrap_or_else(|message| {
             eprintln!("warning: {message}");
-            HugePages::Resident
+            HugePages::Off
         })
     })
 }
@@ -99,10 +102,13 @@ fn huge_pages() -> HugePages {
 /// mapping, so the resident set never exceeds what the arenas account. A kernel
 /// without THP refuses the advice, and the buffer keeps small pages: nothing to do.
 ///
-/// Streamed weights get them only with `FERRY_HUGE_PAGES=on`: with them, a streamed
-/// plan's reads (CI's `pipelined` plan of 32 MiB chunks) ran at about half the disk
-/// rate its profile measured, where the model's prediction holds with small pages.
-/// Until the profile sees what such a run's reads do, the default keeps predictions
+/// Opt-in (`FERRY_HUGE_PAGES=on`): with them, a streamed plan's reads (CI's
+/// `pipelined` plan of 32 MiB chunks) ran at about half the disk rate its profile
+/// measured, where the model's prediction holds with small pages. Found since: the
+/// profile reads into whole huge pages, while a streamed buffer's last partial 2 MiB
+/// stays in small pages, and those read at small pages' rate (a 5.5 MiB read with
+/// 1.5 MiB of it in small pages: 2.2–2.3 GB/s against 5.0 for 6 MiB in whole huge
+/// pages). Until the cost model prices that tail, the default keeps predictions
 /// true. (A machine whose memory is fragmented may also stall a huge page's first
 /// touch while the kernel compacts memory for it.)
 fn ask_for_huge_pages(ptr: NonNull<u8>, len: usize) {
@@ -125,14 +131,14 @@ unsafe impl Send for Buffer {}
 unsafe impl Sync for Buffer {}
 
 impl Buffer {
-    /// A buffer for bytes that come and go (streamed weights, scratch): small pages
-    /// unless `FERRY_HUGE_PAGES=on`.
+    /// A buffer for bytes that come and go (streamed weights, scratch): huge pages
+    /// only with `FERRY_HUGE_PAGES=on`.
     pub fn new(len: usize) -> std::io::Result<Buffer> {
         Buffer::map(len, huge_pages() == HugePages::All)
     }
 
-    /// A buffer for weights kept for the whole run: huge pages unless
-    /// `FERRY_HUGE_PAGES=off`.
+    /// A buffer for weights kept for the whole run: huge pages with
+    /// `FERRY_HUGE_PAGES=on` or `resident`.
     pub fn resident(len: usize) -> std::io::Result<Buffer> {
         Buffer::map(len, huge_pages() != HugePages::Off)
     }
@@ -344,8 +350,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn huge_pages_go_to_resident_weights_unless_set_otherwise() {
-        assert_eq!(huge_pages_setting(None), Ok(HugePages::Resident));
+    fn huge_pages_are_asked_for_by_on_or_resident_only() {
+        assert_eq!(huge_pages_setting(None), Ok(HugePages::Off));
         assert_eq!(huge_pages_setting(Some(" Resident ")), Ok(HugePages::Resident));
         assert_eq!(huge_pages_setting(Some("on")), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some("ALL")), Ok(HugePages::All));
