@@ -160,7 +160,10 @@ impl Engine<'_> {
             let experts = self.spec.hot_experts(layer as u64, self.policy.hot_experts);
             let tensors = GroupPart::Tensors(experts.iter().flat_map(|&e| self.spec.expert_tensors(e)).collect());
             let place = self.layer_device(layer);
-            hot.insert(layer, Arc::new(self.read_group(WeightGroup::Mlp, layer as u64, &tensors, place, Lands::Resident)?));
+            hot.insert(
+                layer,
+                Arc::new(self.read_group(WeightGroup::Mlp, layer as u64, &tensors, place, Lands::Resident)?),
+            );
         }
         Ok(hot)
     }

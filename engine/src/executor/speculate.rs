@@ -134,7 +134,15 @@ impl<'a> Engine<'a> {
             let shared = speculation.is_self() && self.weight_tier(group, layer) == Tier::Device;
             let loaded = match self.resident.get(&key) {
                 Some(resident) if shared => Arc::clone(resident),
-                _ => Arc::new(self.read_group_of(files, &spec, group, layer, &GroupPart::Whole, device, Lands::Resident)?),
+                _ => Arc::new(self.read_group_of(
+                    files,
+                    &spec,
+                    group,
+                    layer,
+                    &GroupPart::Whole,
+                    device,
+                    Lands::Resident,
+                )?),
             };
             weights.insert(key, loaded);
         }
