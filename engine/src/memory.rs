@@ -17,7 +17,7 @@ pub const PAGE: usize = 4096;
 pub const FIXED_OVERHEAD_BYTES: u64 = 64 << 20;
 
 /// The size of a transparent huge page on x86-64 and most arm64 kernels.
-const HUGE_PAGE: usize = 2 << 20;
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// An anonymous private mapping of `len` bytes (a multiple of `PAGE`) starting at a
 /// multiple of `alignment` (a power of two, at least `PAGE`): `alignment − PAGE` bytes
@@ -58,26 +58,31 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
 /// Which buffers huge pages are asked for (`FERRY_HUGE_PAGES`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HugePages {
-    /// None (the default).
+    /// None.
     Off,
     /// Weights kept for the whole run only. Measured, not recommended: 1.03–1.07×
     /// in RAM, but under a tight budget, with the streamed weights in small pages
     /// beside resident ones in huge pages, a run's reads ran 1.7–3.5× slower in most
     /// rounds (cause not found; BENCHMARKS.md, "Huge pages: where the time goes").
     Resident,
-    /// Every buffer of 2 MiB or more, streamed weights too.
+    /// Every buffer of 2 MiB or more, streamed weights too (the default).
     All,
 }
 
-/// `FERRY_HUGE_PAGES`' value: `off` (or unset), `resident` or `on`; any other value is
+/// `FERRY_HUGE_PAGES`' value: `on` (or unset), `resident` or `off`; any other value is
 /// refused with the accepted ones, to be reported once.
 fn huge_pages_setting(value: Option<&str>) -> Result<HugePages, String> {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("off") => Ok(HugePages::Off),
+        None | Some("") | Some("on") | Some("all") => Ok(HugePages::All),
         Some("resident") => Ok(HugePages::Resident),
-        Some("on") | Some("all") => Ok(HugePages::All),
-        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of off, resident, on; using off")),
+        Some("off") => Ok(HugePages::Off),
+        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of on, resident, off; using on")),
     }
+}
+
+/// Whether streamed weights' buffers are advised into huge pages (`FERRY_HUGE_PAGES=on`).
+pub(crate) fn streams_in_huge_pages() -> bool {
+    huge_pages() == HugePages::All
 }
 
 fn huge_pages() -> HugePages {
@@ -85,7 +90,7 @@ fn huge_pages() -> HugePages {
     *SETTING.get_or_init(|| {
         huge_pages_setting(std::env::var("FERRY_HUGE_PAGES").ok().as_deref()).unwrap_or_else(|message| {
             eprintln!("warning: {message}");
-            HugePages::Off
+            HugePages::All
         })
     })
 }
@@ -102,15 +107,14 @@ fn huge_pages() -> HugePages {
 /// mapping, so the resident set never exceeds what the arenas account. A kernel
 /// without THP refuses the advice, and the buffer keeps small pages: nothing to do.
 ///
-/// Opt-in (`FERRY_HUGE_PAGES=on`): with them, a streamed plan's reads (CI's
-/// `pipelined` plan of 32 MiB chunks) ran at about half the disk rate its profile
-/// measured, where the model's prediction holds with small pages. Found since: the
-/// profile reads into whole huge pages, while a streamed buffer's last partial 2 MiB
-/// stays in small pages, and those read at small pages' rate (a 5.5 MiB read with
-/// 1.5 MiB of it in small pages: 2.2–2.3 GB/s against 5.0 for 6 MiB in whole huge
-/// pages). Until the cost model prices that tail, the default keeps predictions
-/// true. (A machine whose memory is fragmented may also stall a huge page's first
-/// touch while the kernel compacts memory for it.)
+/// A streamed buffer's last partial 2 MiB stays in small pages, which a direct read
+/// fills at small pages' rate (on this project's VM a 5.5 MiB read with 1.5 MiB of it
+/// in small pages ran at 2.2 GB/s against 5.0 for 6 MiB of whole huge pages, and the
+/// profile, reading into whole huge pages, predicted streamed plans 30–70 % fast), so
+/// the read pool reads such tails through buffers of huge pages (`io::Bounces`).
+/// `FERRY_HUGE_PAGES=off` keeps every buffer in small pages. (A machine whose memory
+/// is fragmented may stall a huge page's first touch while the kernel compacts memory
+/// for it: `off` is the way out.)
 fn ask_for_huge_pages(ptr: NonNull<u8>, len: usize) {
     // SAFETY: advice on a mapping this process just created; it changes no contents.
     #[cfg(target_os = "linux")]
@@ -124,6 +128,9 @@ pub struct Buffer {
     ptr: NonNull<u8>,
     len: usize,
     mapped: usize,
+    /// Bytes from the start asked to be backed by huge pages: the whole 2 MiB pages
+    /// of a buffer so advised (the rest, its last partial 2 MiB, keeps small pages).
+    huge_bytes: usize,
 }
 
 // The buffer is plain memory owned by this value.
@@ -132,13 +139,13 @@ unsafe impl Sync for Buffer {}
 
 impl Buffer {
     /// A buffer for bytes that come and go (streamed weights, scratch): huge pages
-    /// only with `FERRY_HUGE_PAGES=on`.
+    /// unless `FERRY_HUGE_PAGES` is `resident` or `off`.
     pub fn new(len: usize) -> std::io::Result<Buffer> {
         Buffer::map(len, huge_pages() == HugePages::All)
     }
 
-    /// A buffer for weights kept for the whole run: huge pages with
-    /// `FERRY_HUGE_PAGES=on` or `resident`.
+    /// A buffer for weights kept for the whole run: huge pages unless
+    /// `FERRY_HUGE_PAGES=off`.
     pub fn resident(len: usize) -> std::io::Result<Buffer> {
         Buffer::map(len, huge_pages() != HugePages::Off)
     }
@@ -149,10 +156,23 @@ impl Buffer {
         // all but its last partial stretch can be backed by huge pages.
         let alignment = if mapped >= HUGE_PAGE { HUGE_PAGE } else { PAGE };
         let ptr = map_aligned(mapped, alignment)?;
-        if huge && alignment == HUGE_PAGE {
+        let huge = huge && alignment == HUGE_PAGE;
+        if huge {
             ask_for_huge_pages(ptr, mapped);
         }
-        Ok(Buffer { ptr, len, mapped })
+        let huge_bytes = if huge { mapped / HUGE_PAGE * HUGE_PAGE } else { 0 };
+        Ok(Buffer { ptr, len, mapped, huge_bytes })
+    }
+
+    /// A buffer of whole huge pages (where the kernel gives them), whatever
+    /// `FERRY_HUGE_PAGES` says: the read pool's bounce buffers (see `io`).
+    pub(crate) fn huge(len: usize) -> std::io::Result<Buffer> {
+        Buffer::map(len.next_multiple_of(HUGE_PAGE), true)
+    }
+
+    /// How many bytes from the start were asked to be huge pages (see the field).
+    pub fn huge_bytes(&self) -> usize {
+        self.huge_bytes
     }
 
     pub fn len(&self) -> usize {
@@ -350,14 +370,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn huge_pages_are_asked_for_by_on_or_resident_only() {
-        assert_eq!(huge_pages_setting(None), Ok(HugePages::Off));
+    fn huge_pages_are_asked_for_unless_set_otherwise() {
+        assert_eq!(huge_pages_setting(None), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some(" Resident ")), Ok(HugePages::Resident));
         assert_eq!(huge_pages_setting(Some("on")), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some("ALL")), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some("off")), Ok(HugePages::Off));
         let refused = huge_pages_setting(Some("yes")).unwrap_err();
-        assert!(refused.contains("\"yes\"") && refused.contains("off, resident, on"), "{refused}");
+        assert!(refused.contains("\"yes\"") && refused.contains("on, resident, off"), "{refused}");
     }
 
     #[test]
