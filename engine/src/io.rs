@@ -20,7 +20,6 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -93,19 +92,21 @@ struct Request {
 }
 
 /// Buffers of whole huge pages that reads into small pages go through when streamed
-/// weights are in huge pages (the default; see `memory`): a streamed buffer's last partial
+/// weights are in huge pages (`FERRY_HUGE_PAGES=on`; see `memory`): a streamed buffer's last partial
 /// 2 MiB keeps small pages, and on this project's VM a direct read into small pages
 /// ran at about 0.8 GB/s against about 5 GB/s into huge pages (each 4 KiB page is a
 /// segment of the disk's request, 254 to a request, so the read is split into many
 /// requests): a 5.5 MiB read with 1.5 MiB in small pages ran at 2 GB/s, where the
 /// profile, reading into whole huge pages, measured 5 (BENCHMARKS.md, "Huge pages:
 /// where the time goes"). Copying the tail out of a bounce costs about 0.15 ms per
-/// 1.5 MiB. At most `BOUNCES` of them exist (the memory the budget does not see); a
-/// request finding none free reads directly.
+/// 1.5 MiB. `BOUNCES` of them at most (memory the budget does not see): a request
+/// waits for one to be free rather than read into small pages (reading directly when
+/// none could be mapped), since two reads in flight into huge pages outrun eight into
+/// small ones.
 #[derive(Default)]
 struct Bounces {
-    free: Mutex<Vec<Buffer>>,
-    made: AtomicUsize,
+    free: Mutex<(Vec<Buffer>, usize)>,
+    returned: Condvar,
 }
 
 const BOUNCES: usize = 2;
@@ -121,27 +122,40 @@ impl Bounces {
         if let Ok(done) = result {
             dest[..done].copy_from_slice(&bounce.as_slice()[..done]);
         }
-        if let Ok(mut free) = self.free.lock() {
-            free.push(bounce);
-        }
+        self.give(bounce);
         result
     }
 
+    /// A free bounce buffer, a new one while fewer than `BOUNCES` exist, else the next
+    /// one handed back; `None` if one could not be mapped (or the lock is poisoned).
     fn take(&self) -> Option<Buffer> {
-        if let Some(bounce) = self.free.lock().ok()?.pop() {
-            return Some(bounce);
-        }
-        if self.made.fetch_add(1, Ordering::Relaxed) >= BOUNCES {
-            self.made.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        match Buffer::huge(BOUNCE_BYTES) {
-            Ok(bounce) => Some(bounce),
-            Err(_) => {
-                self.made.fetch_sub(1, Ordering::Relaxed);
-                None
+        let mut state = self.free.lock().ok()?;
+        loop {
+            let (free, made) = &mut *state;
+            if let Some(bounce) = free.pop() {
+                return Some(bounce);
             }
+            if *made < BOUNCES {
+                *made += 1;
+                drop(state);
+                let bounce = Buffer::huge(BOUNCE_BYTES).ok();
+                if bounce.is_none() {
+                    // Never mapped: others may try again (and read directly meanwhile).
+                    if let Ok(mut state) = self.free.lock() {
+                        state.1 -= 1;
+                    }
+                }
+                return bounce;
+            }
+            state = self.returned.wait(state).ok()?;
         }
+    }
+
+    fn give(&self, bounce: Buffer) {
+        if let Ok(mut state) = self.free.lock() {
+            state.0.push(bounce);
+        }
+        self.returned.notify_one();
     }
 }
 
@@ -268,13 +282,14 @@ impl ReadPool {
             total += (aligned_end - aligned_start) as usize;
         }
         let mut buffer = allocate(total).map_err(|e| EngineError::io(&file.path, e))?;
+        let huge_bytes = buffer.huge_bytes();
+        let base = buffer.mapped_mut().as_mut_ptr();
         // Where small pages start, when streamed weights are meant to be in huge pages
         // (see `Bounces`).
         let small_from = match crate::memory::streams_in_huge_pages() && file.direct {
-            true => buffer.huge_bytes(),
+            true => base as usize + huge_bytes,
             false => usize::MAX,
         };
-        let base = buffer.mapped_mut().as_mut_ptr();
         let pieces: Vec<_> = slots
             .iter()
             // SAFETY: every slot lies inside `buffer`, and slots do not overlap.
@@ -282,9 +297,7 @@ impl ReadPool {
                 (aligned_start, unsafe { base.add(slot) }, (aligned_end - aligned_start) as usize)
             })
             .collect();
-        // SAFETY: at most one past the buffer's end (`huge_bytes` <= its mapped size).
-        let small_from = (small_from != usize::MAX).then(|| unsafe { base.add(small_from) } as usize);
-        self.read_pieces(file, &pieces, chunk_bytes, priority, small_from.unwrap_or(usize::MAX))?;
+        self.read_pieces(file, &pieces, chunk_bytes, priority, small_from)?;
         let starts = slots.iter().map(|&(_, _, slot, skip)| slot + skip).collect();
         Ok((buffer, starts))
     }
@@ -464,16 +477,23 @@ mod tests {
         }
     }
 
-    /// No more than `BOUNCES` bounce buffers are ever mapped; one handed back is reused.
+    /// No more than `BOUNCES` bounce buffers are ever mapped: a request finding them
+    /// all taken waits for one handed back, and gets that one.
     #[test]
-    fn bounce_buffers_are_few_and_reused() {
+    fn bounce_buffers_are_few_and_waited_for() {
         let bounces = Bounces::default();
-        let taken: Vec<Buffer> = (0..BOUNCES).map_while(|_| bounces.take()).collect();
+        let mut taken: Vec<Buffer> = (0..BOUNCES).map_while(|_| bounces.take()).collect();
         assert_eq!(taken.len(), BOUNCES);
         assert!(taken.iter().all(|b| b.len() >= BOUNCE_BYTES));
-        assert!(bounces.take().is_none(), "a request finding none free reads directly");
-        let address = taken[0].as_slice().as_ptr();
-        bounces.free.lock().unwrap().extend(taken);
-        assert!((0..BOUNCES).filter_map(|_| bounces.take()).any(|b| b.as_slice().as_ptr() == address));
+        let returned = taken.pop().unwrap();
+        let address = returned.as_slice().as_ptr() as usize;
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| bounces.take().map(|b| b.as_slice().as_ptr() as usize));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!waiter.is_finished(), "a third request waits while both are taken");
+            bounces.give(returned);
+            assert_eq!(waiter.join().unwrap(), Some(address));
+        });
+        assert_eq!(bounces.free.lock().unwrap().1, BOUNCES);
     }
 }
