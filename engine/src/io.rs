@@ -92,11 +92,11 @@ struct Request {
 }
 
 /// Buffers of whole huge pages that reads into small pages go through when streamed
-/// weights are in huge pages (`FERRY_HUGE_PAGES=on`; see `memory`): a streamed buffer's last partial
-/// 2 MiB keeps small pages, and on this project's VM a direct read into small pages
-/// ran at about 0.8 GB/s against about 5 GB/s into huge pages (each 4 KiB page is a
-/// segment of the disk's request, 254 to a request, so the read is split into many
-/// requests): a 5.5 MiB read with 1.5 MiB in small pages ran at 2 GB/s, where the
+/// weights are in huge pages (`FERRY_HUGE_PAGES=on`; see `memory`): a streamed
+/// buffer's last partial 2 MiB keeps small pages, and on this project's VM a direct
+/// read into small pages ran at about 0.8 GB/s against about 5 GB/s into huge pages
+/// (each 4 KiB page is a segment of the disk's request, 254 to a request, so the read
+/// is split into many requests): a 5.5 MiB read with 1.5 MiB in small pages ran at 2 GB/s, where the
 /// profile, reading into whole huge pages, measured 5 (BENCHMARKS.md, "Huge pages:
 /// where the time goes"). Copying the tail out of a bounce costs about 0.15 ms per
 /// 1.5 MiB. `BOUNCES` of them at most (memory the budget does not see): a request

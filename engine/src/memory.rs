@@ -62,8 +62,8 @@ enum HugePages {
     Off,
     /// Weights kept for the whole run only. Measured, not recommended: 1.03–1.07×
     /// in RAM, but under a tight budget, with the streamed weights in small pages
-    /// beside resident ones in huge pages, a run's reads ran 1.7–3.5× slower in most
-    /// rounds (cause not found; BENCHMARKS.md, "Huge pages: where the time goes").
+    /// beside resident ones in huge pages, runs went at 0.26–0.54× of `Off` in 13
+    /// pairs of 19 (cause not found; BENCHMARKS.md, "Huge pages: where the time goes").
     Resident,
     /// Every buffer of 2 MiB or more, streamed weights too.
     All,
@@ -120,8 +120,9 @@ fn huge_pages() -> HugePages {
 /// the read pool reads such tails through buffers of huge pages (`io::Bounces`).
 ///
 /// Opt-in (`FERRY_HUGE_PAGES=on`) all the same: with the bounce buffers, CI's gate
-/// passed eight attempts in nine, but plans streaming in 1 MiB requests still ran
-/// 23–62 % slower than predicted (their replay at the achieved rates within 8 %):
+/// passed eight local attempts in eight but a fresh-clone CI failed both of its, and
+/// plans streaming in 1 MiB requests still ran 23–62 % slower than predicted (their
+/// replay at the achieved rates within 8 %):
 /// some of the disk's rate into huge pages that the profile measures is still not
 /// what such a run gets. (A machine whose memory is fragmented may also stall a huge
 /// page's first touch while the kernel compacts memory for it.)
@@ -181,7 +182,7 @@ impl Buffer {
     }
 
     /// How many bytes from the start were asked to be huge pages (see the field).
-    pub fn huge_bytes(&self) -> usize {
+    pub(crate) fn huge_bytes(&self) -> usize {
         self.huge_bytes
     }
 

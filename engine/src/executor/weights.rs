@@ -85,8 +85,8 @@ pub(super) fn group_code(group: WeightGroup) -> u8 {
 /// What a weight read's bytes are for, which decides the memory they land in.
 #[derive(Clone, Copy)]
 pub(super) enum Lands {
-    /// Kept for the whole run (resident weights, a draft, hot experts): huge pages by
-    /// default (`Buffer::resident`).
+    /// Kept for the whole run (resident weights, a draft, hot experts):
+    /// `Buffer::resident`, in huge pages with `FERRY_HUGE_PAGES=on` or `resident`.
     Resident,
     /// Streamed: into a recycled buffer when the read has its key, else fresh memory.
     Streamed(Option<Key>),
