@@ -59,7 +59,10 @@ for dtype in f32 bf16; do
     --batch 4 --out "$work/plan-$dtype.yaml" --force >/dev/null
   ran=0
   for backend in cpu cuda; do
-    if "$FERRY" run --model-dir "$model" --plan "$work/plan-$dtype.yaml" --backend "$backend" --json \
+    # The cuda backend's numerics are f32 activations over widened weights: the cpu
+    # backend's --activations f32 (its default rounds x to bf16 over bf16 weights).
+    numerics=(); [[ $backend == cpu ]] && numerics=(--activations f32)
+    if "$FERRY" run --model-dir "$model" --plan "$work/plan-$dtype.yaml" --backend "$backend" "${numerics[@]}" --json \
       --trace "$work/trace-$dtype-$backend.json" --force >"$work/run-$dtype-$backend.json" \
       2>"$work/run-$dtype-$backend.log"; then
       ran=$((ran + 1))

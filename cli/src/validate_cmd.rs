@@ -25,6 +25,10 @@ pub struct ValidateArgs {
     /// How many plans to predict and run.
     #[arg(long, default_value_t = 12)]
     plans: usize,
+    /// Backend to run the plans on: cpu, or cuda (the plans' device is CUDA GPU 0; pass a
+    /// profile measured with `ferry profile --backend cuda`).
+    #[arg(long, value_name = "cpu|cuda", default_value = "cpu")]
+    backend: String,
     /// Fail (exit 1) when the median absolute error exceeds this many percent.
     #[arg(long, value_name = "PCT")]
     tolerance: Option<f64>,
@@ -78,6 +82,7 @@ impl ValidateArgs {
             model_dir: self.model_dir,
             profile: self.profile,
             plans: self.plans,
+            backend: self.backend,
             tolerances,
             budget_fractions: self.budget_fractions,
             prompt_len: self.prompt_len,

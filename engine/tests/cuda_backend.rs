@@ -20,6 +20,7 @@ use ferry_core::profile::Profile;
 use ferry_core::schedule::{lower, Steps};
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::{backend, Backend, CpuBackend};
+use ferry_engine::kernels::Activations;
 use ferry_engine::weights::ModelFiles;
 use ferry_engine::{run, EngineError, RunOptions, RunReport};
 
@@ -171,7 +172,10 @@ fn the_cuda_backend_computes_the_cpu_backends_tokens() {
             ));
             let profile = if on_discrete { &discrete } else { &unified };
             let what = format!("{dtype:?} model, {what}");
-            let cpu = execute(dir.path(), &files, &policy, &workload, profile, &CpuBackend::default());
+            // The cuda backend multiplies f32 activations by widened weights: the cpu
+            // backend's f32 numerics, not its default (x rounded to bf16 over bf16 weights).
+            let cpu_f32 = CpuBackend { activations: Activations::F32 };
+            let cpu = execute(dir.path(), &files, &policy, &workload, profile, &cpu_f32);
             assert!(cpu.tokens.iter().all(|t| t.len() == workload.gen_len as usize), "{what}");
             if let Some(cuda) = &cuda {
                 let gpu = execute(dir.path(), &files, &policy, &workload, profile, cuda.as_ref());

@@ -64,6 +64,7 @@ pub(crate) fn measure_kernel_table(
     model: &ferry_core::model::ModelSpec,
     weights: TableWeights,
     disk: &Arc<DiskFile>,
+    backend: &dyn ferry_engine::backend::Backend,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<KernelTable, ProfileError> {
     use ferry_core::graph::Payload;
@@ -136,14 +137,7 @@ pub(crate) fn measure_kernel_table(
                 draft_files: None,
             };
             let _load = reads.then(|| Background::reads(disk, options.scratch_bytes));
-            let report = ferry_engine::run(
-                &graph,
-                &policy,
-                &workload,
-                &files,
-                &ferry_engine::backend::CpuBackend::default(),
-                &run_options,
-            )?;
+            let report = ferry_engine::run(&graph, &policy, &workload, &files, backend, &run_options)?;
             let Some(into) = into else { continue };
             for span in &report.trace.spans {
                 let task = &graph.tasks[span.task as usize];
@@ -182,7 +176,12 @@ pub(crate) fn measure_kernel_table(
 /// buffer set-up, one parallel dispatch per projection): runs a tiny synthetic model,
 /// fully resident, through the real executor and takes the median over compute tasks
 /// of (measured duration − roofline time at the measured rates).
-pub(crate) fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s: f64) -> Result<u64, ProfileError> {
+pub(crate) fn measure_task_overhead(
+    scratch: &Path,
+    peak_flops: f64,
+    bytes_per_s: f64,
+    backend: &dyn ferry_engine::backend::Backend,
+) -> Result<u64, ProfileError> {
     use ferry_core::plan::{Policy, Workload};
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let spec = catalog.model("test-tiny")?.value;
@@ -207,8 +206,7 @@ pub(crate) fn measure_task_overhead(scratch: &Path, peak_flops: f64, bytes_per_s
         progress: None,
         draft_files: None,
     };
-    let report =
-        ferry_engine::run(&graph, &policy, &workload, &files, &ferry_engine::backend::CpuBackend::default(), &options)?;
+    let report = ferry_engine::run(&graph, &policy, &workload, &files, backend, &options)?;
     let mut excess: Vec<f64> = Vec::new();
     for span in &report.trace.spans {
         let task = &graph.tasks[span.task as usize];
@@ -250,7 +248,8 @@ mod tests {
         let disk = Arc::new(DiskFile::open(&scratch, true).unwrap());
         let model = ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
         let weights = TableWeights::Blocks(kernels::quant::BlockFormat::Q8_0);
-        let table = measure_kernel_table(&options, &model, weights, &disk, &mut |_, _| {}).unwrap();
+        let table =
+            measure_kernel_table(&options, &model, weights, &disk, &CpuBackend::default(), &mut |_, _| {}).unwrap();
         for op in ["attention", "mlp", "head", "embed"] {
             let entries: Vec<_> = table.entries.iter().filter(|e| e.op == op).collect();
             assert!(!entries.is_empty(), "no {op} entry");

@@ -186,7 +186,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     let host = measure_host_compute(options, disk, options.kernel_model.is_none(), &mut progress)?;
     let (table, slowdown) = match &options.kernel_model {
         Some((model, weights)) => {
-            let table = measure_kernel_table(options, model, *weights, disk, &mut progress)?;
+            let table = measure_kernel_table(options, model, *weights, disk, &CpuBackend::default(), &mut progress)?;
             (table.entries, table.slowdown_during_reads)
         }
         None => (Vec::new(), host.slowdown_during_reads.unwrap_or(0.0)),
@@ -282,7 +282,8 @@ pub(crate) fn measure_host_compute(
     progress("dequantization", 0.0);
     let dequantize = dequant::measure_dequantize(options, peak_flops);
     progress("task overhead", 0.0);
-    let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s)?;
+    let task_overhead_ns =
+        measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s, &CpuBackend::default())?;
     Ok(HostCompute {
         compute: ComputeProfile {
             peak_flops,

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use ferry_core::catalog::Catalog;
 use ferry_core::graph::Resource;
 use ferry_core::plan::HardwareRef;
-use ferry_core::profile::{Drift, Profile, RateRange, RateResource};
+use ferry_core::profile::{Drift, Profile, Provenance, RateRange, RateResource};
 use ferry_core::resolve::resolve_hardware;
 use ferry_core::{Classify, CoreError, ErrorKind};
 use ferry_engine::weights::ModelFiles;
@@ -85,6 +85,8 @@ pub struct Options {
     pub profile: PathBuf,
     /// How many plans to predict and run (at most).
     pub plans: usize,
+    /// The engine backend the plans run on (`cpu` or `cuda`).
+    pub backend: String,
     /// The gate; `None` always passes.
     pub tolerances: Option<ToleranceSource>,
     /// Device-memory budgets to plan for, as fractions of the model's size.
@@ -194,6 +196,7 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
         check_kernel_table(&base_profile, &files.spec, options)?;
     }
     let tolerances = options.tolerances.as_ref().map(Tolerances::resolve).transpose()?;
+    let backend = open_backend(options, &base_profile, progress)?;
     let plans = sweep::plans(options, &files, &base_profile)?;
     if !measure::drop_page_cache() {
         progress(Event::Note(
@@ -208,7 +211,8 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     let mut rows = Vec::new();
     for (index, plan) in plans.iter().enumerate() {
         let scratch = ferry_engine::weights::model_folder(&options.model_dir);
-        let measured = measure::predict_and_run(plan, &files, &base_profile, disk_file.as_deref(), &scratch)?;
+        let measured =
+            measure::predict_and_run(plan, &files, &base_profile, backend.as_ref(), disk_file.as_deref(), &scratch)?;
         if let Some(dir) = &options.report {
             report::write_plan(dir, index, plan, &measured, options.force)?;
         }
@@ -230,6 +234,36 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     }
     let passed = tolerances.as_ref().is_none_or(|t| t.passed_by(&stats));
     Ok(Outcome { plans: rows, stats, tolerances, passed, routing_measured: options.routing.is_some() })
+}
+
+/// The backend the plans run on. A profile measured on another backend prices another
+/// machine's device (a GPU's copies and GEMMs, or the CPU's): said, not refused, since
+/// comparing them is sometimes the point.
+fn open_backend(
+    options: &Options,
+    profile: &Profile,
+    progress: &mut dyn FnMut(Event),
+) -> Result<Box<dyn ferry_engine::backend::Backend>, ValidateError> {
+    let backend = ferry_engine::backend::backend(&options.backend, Default::default())?;
+    if let Provenance::Measured { backend: measured_on, .. } = &profile.provenance {
+        if measured_on != backend.name() {
+            progress(Event::Note(format!(
+                "{} was measured with --backend {measured_on}; these plans run on the {} backend",
+                options.profile.display(),
+                backend.name()
+            )));
+        }
+    }
+    // A backend whose device is host RAM measures nothing of a discrete GPU's plan.
+    if !profile.unified_memory && backend.host_addressable(ferry_core::graph::Place::DEVICE) {
+        return Err(ValidateError::Core(CoreError::invalid(format!(
+            "{} describes a discrete GPU; the {} backend runs plans for the cpu device: pass --backend cuda, \
+             or a profile measured with --backend cpu",
+            options.profile.display(),
+            backend.name()
+        ))));
+    }
+    Ok(backend)
 }
 
 /// The drift `rows` saw: per resource, the slowest and fastest rate achieved against

@@ -14,7 +14,7 @@ use ferry_engine::io::{DiskFile, ReadPool, ReadPriority};
 use ferry_engine::memory::Recycler;
 use ferry_engine::synth::SplitMix64;
 use ferry_engine::weights::ModelFiles;
-use ferry_engine::{backend::CpuBackend, run, RunOptions};
+use ferry_engine::{backend::Backend, run, RunOptions};
 use ferry_sim::cost::CostModel;
 
 use crate::sweep::describe;
@@ -97,6 +97,7 @@ pub fn predict_and_run(
     plan: &Plan,
     files: &ModelFiles,
     base_profile: &Profile,
+    backend: &dyn Backend,
     disk_file: Option<&Path>,
     scratch_dir: &Path,
 ) -> Result<Measured, ValidateError> {
@@ -125,7 +126,7 @@ pub fn predict_and_run(
         draft_files: None,
     };
     drop_page_cache();
-    let report = run(&graph, &plan.policy, &plan.workload, files, &CpuBackend::default(), &options)
+    let report = run(&graph, &plan.policy, &plan.workload, files, backend, &options)
         .map_err(|source| ValidateError::Run { plan: describe(plan), source })?;
     let experts_per_step = report
         .mean_experts(false)

@@ -280,9 +280,21 @@ impl<'a> Engine<'a> {
         let new_kv = lock(&self.kv_outbox)
             .remove(&Engine::kv_key(task))
             .ok_or_else(|| EngineError::Internal("no new KV to write".into()))?;
-        let new_kv = new_kv
-            .host_bytes()
-            .ok_or_else(|| EngineError::Internal(format!("{}: the KV to write is not in host memory", task.label())))?;
+        // A plan lowered for unified memory stores no copy to host before the write (its
+        // device is host memory); on a discrete GPU's backend the rows are staged here.
+        let staged;
+        let new_kv = match new_kv.host_bytes() {
+            Some(bytes) => bytes,
+            None => {
+                let bytes = new_kv.len_bytes();
+                let mut host = self.backend.scratch(Place::HOST, bytes)?;
+                self.backend.copy(&new_kv, 0, &mut host, 0, bytes)?;
+                staged = host;
+                staged.host_bytes().ok_or_else(|| {
+                    EngineError::Internal(format!("{}: host scratch is not host memory", task.label()))
+                })?
+            }
+        };
         let layout = self.kv_layout();
         let Positions { pasts, new } = self.positions_of(task)?;
         let span = new * layout.row_bytes;

@@ -164,13 +164,16 @@ pub(super) fn measure(
     progress("cuBLAS", 0.0);
     let compute_stream = &streams[0];
     // Every product to time, so the operand buffers can be sized for the largest.
+    // cuBLAS's products make the kernel table only where the engine cannot run the
+    // model on the GPU (block formats; see `engine`).
+    let composed = matches!(&options.kernel_model, Some((_, crate::TableWeights::Blocks(_))));
     let points = match &options.kernel_model {
-        Some(_) => super::table_points(&options.kernel_batches, options.kernel_prompt_len, 16),
-        None => Vec::new(),
+        Some(_) if composed => super::table_points(&options.kernel_batches, options.kernel_prompt_len, 16),
+        _ => Vec::new(),
     };
     let mut gemm_shapes = std::collections::BTreeSet::new();
     let mut attention_shapes = std::collections::BTreeSet::new();
-    if let Some((model, _)) = &options.kernel_model {
+    if let Some((model, _)) = options.kernel_model.as_ref().filter(|_| composed) {
         for &(tokens, context) in &points {
             let sequences = super::attention_shape(model, tokens, context).batch / model.num_heads;
             for op in ["attention", "mlp", "head"] {
@@ -221,7 +224,7 @@ pub(super) fn measure(
         })?;
         attention_times.insert(attention, ns);
     }
-    let kernel_table = match &options.kernel_model {
+    let composed_table = match options.kernel_model.as_ref().filter(|_| composed) {
         Some((model, _)) => super::compose_kernel_table(
             model,
             &points,
@@ -255,6 +258,15 @@ pub(super) fn measure(
     // The host CPU: what host attention and host layers run on.
     progress("host compute", 0.0);
     let host = crate::measure_host_compute(options, &scratch.disk, true, &mut |step, f| progress(step, f))?;
+    drop(landing);
+    let engine = super::engine::measure(
+        options,
+        cuda.device_ordinal,
+        &scratch.disk,
+        peak_flops,
+        device_memory_bytes_per_s,
+        progress,
+    )?;
     Ok(CudaMeasurements {
         device_name,
         device_memory_bytes,
@@ -274,7 +286,8 @@ pub(super) fn measure(
         disk_capacity_bytes: crate::disk_free_bytes(&options.scratch_dir),
         host_compute: host.compute,
         host_compute_slowdown: host.slowdown_during_reads.unwrap_or(0.0),
-        kernel_table,
+        task_overhead_ns: engine.task_overhead_ns,
+        kernel_table: engine.table.unwrap_or(composed_table),
         machine: crate::fingerprint(),
         date: crate::today(),
         seconds: started.elapsed().as_secs_f64(),

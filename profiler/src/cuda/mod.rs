@@ -182,6 +182,10 @@ pub struct CudaMeasurements {
     /// The host's CPU, measured with the engine's kernels (host attention, host layers).
     pub host_compute: ComputeProfile,
     pub host_compute_slowdown: f64,
+    /// The engine's cost per compute task beyond its roofline (`engine`).
+    pub task_overhead_ns: u64,
+    /// The engine's tasks timed on the GPU (a float model), else cuBLAS's products
+    /// composed (`compose_kernel_table`).
     pub kernel_table: Vec<KernelTiming>,
     pub machine: String,
     pub date: String,
@@ -217,7 +221,7 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
             memory_bytes_per_s: m.device_memory_bytes_per_s,
             matmul_efficiency: 1.0,
             memory_efficiency: 1.0,
-            task_overhead_ns: m.launch_ns as u64,
+            task_overhead_ns: m.task_overhead_ns,
             table: m.kernel_table,
             // A GPU engine keeps freed device memory in a caching allocator.
             release_ns_per_mib: 0.0,
@@ -277,6 +281,7 @@ pub fn profile_cuda(
 }
 
 mod device;
+mod engine;
 
 #[cfg(test)]
 mod tests {
@@ -381,6 +386,7 @@ mod tests {
             disk_capacity_bytes: Some(100 << 30),
             host_compute: host.clone(),
             host_compute_slowdown: 0.2,
+            task_overhead_ns: 41_000,
             kernel_table: Vec::new(),
             machine: "test".into(),
             date: "2026-11-24".into(),
@@ -392,7 +398,9 @@ mod tests {
         assert_eq!(profile.host_to_device_pageable.points[0].gbps, 5.0);
         assert_eq!(profile.device_to_host.points[0].gbps, 12.0);
         assert!((profile.interference.copy_duplex_slowdown - 0.5).abs() < 1e-12, "12 alone, 8 together");
-        assert_eq!(profile.device_compute.task_overhead_ns, 6_000);
+        // The engine's per-task cost, not one cuBLAS launch: copies keep the launch.
+        assert_eq!(profile.device_compute.task_overhead_ns, 41_000);
+        assert_eq!(profile.host_to_device.latency_ns, 6_000);
         assert_eq!(profile.host_compute, host);
         assert_eq!(profile.disk_read.latency_ns, 80_000);
         // Round trip through YAML, as `ferry profile` writes it.
