@@ -184,6 +184,8 @@ pub struct CudaMeasurements {
     pub host_compute_slowdown: f64,
     /// The engine's cost per compute task beyond its roofline (`engine`).
     pub task_overhead_ns: u64,
+    /// The engine's cost of one small copy (`engine`): the copy curves' latency.
+    pub copy_latency_ns: u64,
     /// The engine's tasks timed on the GPU (a float model), else cuBLAS's products
     /// composed (`compose_kernel_table`).
     pub kernel_table: Vec<KernelTiming>,
@@ -194,7 +196,7 @@ pub struct CudaMeasurements {
 
 /// The profile of a measured GPU machine.
 pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
-    let curve = |points: Vec<CurvePoint>| TransferCurve { latency_ns: m.launch_ns as u64, points };
+    let curve = |points: Vec<CurvePoint>| TransferCurve { latency_ns: m.copy_latency_ns, points };
     let duplex_slowdown =
         if m.duplex_both_gbps > 0.0 { (m.duplex_alone_gbps / m.duplex_both_gbps - 1.0).max(0.0) } else { 0.0 };
     let profile = Profile {
@@ -387,6 +389,7 @@ mod tests {
             host_compute: host.clone(),
             host_compute_slowdown: 0.2,
             task_overhead_ns: 41_000,
+            copy_latency_ns: 30_000,
             kernel_table: Vec::new(),
             machine: "test".into(),
             date: "2026-11-24".into(),
@@ -398,9 +401,10 @@ mod tests {
         assert_eq!(profile.host_to_device_pageable.points[0].gbps, 5.0);
         assert_eq!(profile.device_to_host.points[0].gbps, 12.0);
         assert!((profile.interference.copy_duplex_slowdown - 0.5).abs() < 1e-12, "12 alone, 8 together");
-        // The engine's per-task cost, not one cuBLAS launch: copies keep the launch.
+        // The engine's own per-task and per-copy costs, not one cuBLAS launch.
         assert_eq!(profile.device_compute.task_overhead_ns, 41_000);
-        assert_eq!(profile.host_to_device.latency_ns, 6_000);
+        assert_eq!(profile.host_to_device.latency_ns, 30_000);
+        assert_eq!(profile.device_to_host.latency_ns, 30_000);
         assert_eq!(profile.host_compute, host);
         assert_eq!(profile.disk_read.latency_ns, 80_000);
         // Round trip through YAML, as `ferry profile` writes it.

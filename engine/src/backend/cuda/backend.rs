@@ -18,6 +18,13 @@ use crate::kernels::Rows;
 use crate::memory::Buffer;
 use crate::EngineError;
 
+/// What host places compute on: the cpu backend's kernels with f32 activations, the
+/// GPU kernels' numerics (x in f32 over widened weights), so that where a plan puts a
+/// layer changes no token. (The cpu backend's default rounds x to bf16 over bf16
+/// weights; with it, a bf16 head on the host differed from the GPU's by 3e-4 of the
+/// largest logit on an H200.)
+pub const HOST_KERNELS: CpuBackend = CpuBackend { activations: crate::kernels::Activations::F32 };
+
 pub struct CudaBackend {
     pub(super) lanes: Lanes,
     pub(super) kernels: Kernels,
@@ -96,7 +103,7 @@ impl Backend for CudaBackend {
         if self.on_gpu(place)? {
             self.gpu_zeroed(bytes)
         } else {
-            CpuBackend::default().allocate(place, bytes)
+            HOST_KERNELS.allocate(place, bytes)
         }
     }
 
@@ -127,7 +134,7 @@ impl Backend for CudaBackend {
     ) -> Result<(), EngineError> {
         match (src, &*dst) {
             (DeviceBuffer::Host(_), DeviceBuffer::Host(_)) => {
-                CpuBackend::default().copy(src, src_offset, dst, dst_offset, bytes)
+                HOST_KERNELS.copy(src, src_offset, dst, dst_offset, bytes)
             }
             _ => self.gpu_copy(src, src_offset, dst, dst_offset, bytes),
         }
@@ -135,7 +142,7 @@ impl Backend for CudaBackend {
 
     fn download_f32(&self, x: &DeviceBuffer) -> Result<Vec<f32>, EngineError> {
         match x {
-            DeviceBuffer::Host(_) => CpuBackend::default().download_f32(x),
+            DeviceBuffer::Host(_) => HOST_KERNELS.download_f32(x),
             DeviceBuffer::Cuda(buffer) => self.gpu_download_f32(buffer),
         }
     }
@@ -147,7 +154,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError> {
         match side("embed", &[table.memory, out])? {
-            Side::Host => CpuBackend::default().embed(table, tokens, out),
+            Side::Host => HOST_KERNELS.embed(table, tokens, out),
             Side::Gpu => self.gpu_embed(table, tokens, out),
         }
     }
@@ -162,7 +169,7 @@ impl Backend for CudaBackend {
         col0: usize,
     ) -> Result<(), EngineError> {
         match side("linear", &[x, w.memory, out])? {
-            Side::Host => CpuBackend::default().linear(x, rows, w, out, out_stride, col0),
+            Side::Host => HOST_KERNELS.linear(x, rows, w, out, out_stride, col0),
             // cuBLAS picks its algorithm by shape: whether a row's bits follow
             // `rows.kernel_for` there is not verified (no GPU on the build machines).
             Side::Gpu => self.gpu_linear(x, rows.count, w, out, out_stride, col0),
@@ -177,14 +184,14 @@ impl Backend for CudaBackend {
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("rms_norm", &[x, weight.memory, out])? {
-            Side::Host => CpuBackend::default().rms_norm(x, weight, eps, out),
+            Side::Host => HOST_KERNELS.rms_norm(x, weight, eps, out),
             Side::Gpu => self.gpu_rms_norm(x, weight, eps, out),
         }
     }
 
     fn rope(&self, x: &mut DeviceBuffer, rotary: Rotary, positions: &[usize]) -> Result<(), EngineError> {
         match side("rope", &[x])? {
-            Side::Host => CpuBackend::default().rope(x, rotary, positions),
+            Side::Host => HOST_KERNELS.rope(x, rotary, positions),
             Side::Gpu => self.gpu_rope(x, rotary, positions),
         }
     }
@@ -198,7 +205,7 @@ impl Backend for CudaBackend {
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("attention", &[q, cache, out])? {
-            Side::Host => CpuBackend::default().attention(q, cache, layout, shape, out),
+            Side::Host => HOST_KERNELS.attention(q, cache, layout, shape, out),
             Side::Gpu => self.gpu_attention(q, cache, layout, shape, out),
         }
     }
@@ -213,28 +220,28 @@ impl Backend for CudaBackend {
         position: usize,
     ) -> Result<(), EngineError> {
         match side("store_kv", &[rows, cache])? {
-            Side::Host => CpuBackend::default().store_kv(rows, new, half, cache, layout, position),
+            Side::Host => HOST_KERNELS.store_kv(rows, new, half, cache, layout, position),
             Side::Gpu => self.gpu_store_kv(rows, new, half, cache, layout, position),
         }
     }
 
     fn silu_mul(&self, gate: &mut DeviceBuffer, up: &DeviceBuffer) -> Result<(), EngineError> {
         match side("silu_mul", &[gate, up])? {
-            Side::Host => CpuBackend::default().silu_mul(gate, up),
+            Side::Host => HOST_KERNELS.silu_mul(gate, up),
             Side::Gpu => self.gpu_pairwise(Kernel::SiluMul, gate, up),
         }
     }
 
     fn add(&self, x: &mut DeviceBuffer, delta: &DeviceBuffer) -> Result<(), EngineError> {
         match side("add", &[x, delta])? {
-            Side::Host => CpuBackend::default().add(x, delta),
+            Side::Host => HOST_KERNELS.add(x, delta),
             Side::Gpu => self.gpu_pairwise(Kernel::Add, x, delta),
         }
     }
 
     fn add_bias(&self, out: &mut DeviceBuffer, bias: WeightRef, stride: usize, col0: usize) -> Result<(), EngineError> {
         match side("add_bias", &[out, bias.memory])? {
-            Side::Host => CpuBackend::default().add_bias(out, bias, stride, col0),
+            Side::Host => HOST_KERNELS.add_bias(out, bias, stride, col0),
             Side::Gpu => self.gpu_add_bias(out, bias, stride, col0),
         }
     }
@@ -247,7 +254,7 @@ impl Backend for CudaBackend {
         out: &mut DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("gather_rows", &[x, out])? {
-            Side::Host => CpuBackend::default().gather_rows(x, width, rows, out),
+            Side::Host => HOST_KERNELS.gather_rows(x, width, rows, out),
             Side::Gpu => self.gpu_gather_rows(x, width, rows, out),
         }
     }
@@ -261,14 +268,14 @@ impl Backend for CudaBackend {
         y: &DeviceBuffer,
     ) -> Result<(), EngineError> {
         match side("add_scaled_rows", &[out, y])? {
-            Side::Host => CpuBackend::default().add_scaled_rows(out, width, rows, scales, y),
+            Side::Host => HOST_KERNELS.add_scaled_rows(out, width, rows, scales, y),
             Side::Gpu => self.gpu_add_scaled_rows(out, width, rows, scales, y),
         }
     }
 
     fn rows_finite(&self, x: &DeviceBuffer, width: usize, rows: &[usize]) -> Result<bool, EngineError> {
         match side("rows_finite", &[x])? {
-            Side::Host => CpuBackend::default().rows_finite(x, width, rows),
+            Side::Host => HOST_KERNELS.rows_finite(x, width, rows),
             Side::Gpu => self.gpu_rows_finite(x, width, rows),
         }
     }

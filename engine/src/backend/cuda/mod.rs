@@ -24,7 +24,7 @@ mod memory;
 mod primitives;
 mod shapes;
 
-pub use backend::CudaBackend;
+pub use backend::{CudaBackend, HOST_KERNELS};
 pub use memory::CudaBuffer;
 pub use primitives::{
     check_libraries, copy_async, library_names, open_device, DeviceMemory, Direction, Gemm, GemmShape, PinnedMemory,
