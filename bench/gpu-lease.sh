@@ -8,7 +8,8 @@
 # Build first, here: `bench/gpu-lease.sh --build` puts ferry and the engine's cuda test
 # binary in .gpu/ (git-ignored). On the GPU machine: `bench/gpu-lease.sh` (LEASE_OUT=folder
 # for the results; default bench/work/gpu-lease). MODEL is a catalog model synthesized
-# there (default tinyllama-1.1b, bf16); PLANS how many plans validate runs (default 6).
+# there (default tinyllama-1.1b, bf16); PLANS how many plans validate runs (default 6);
+# SKIP_CHECK=1 leaves out step 1.
 #
 # cudarc (built for CUDA 12.8) looks for libcublas.so, libcublas.so.12, ...; a machine
 # with only CUDA 13's libraries (libcublas.so.13) gets unversioned links to them in a
@@ -63,9 +64,11 @@ done
 export LD_LIBRARY_PATH="$links$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-step "1. bench/gpu-check.sh"
-FERRY=$ferry CUDA_TEST=$PWD/.gpu/cuda_backend timeout 150 bench/gpu-check.sh 2>&1 | tee "$out/gpu-check.log"
-cp bench/work/gpu-check/*.yaml bench/work/gpu-check/*.json bench/work/gpu-check/*.log "$out/" 2>/dev/null
+if [[ -z "${SKIP_CHECK:-}" ]]; then
+  step "1. bench/gpu-check.sh"
+  FERRY=$ferry CUDA_TEST=$PWD/.gpu/cuda_backend timeout 150 bench/gpu-check.sh 2>&1 | tee "$out/gpu-check.log"
+  cp bench/work/gpu-check/*.yaml bench/work/gpu-check/*.json bench/work/gpu-check/*.log "$out/" 2>/dev/null
+fi
 
 step "2. ferry profile --backend cuda --quick --model $model"
 "$ferry" synth --model "$model" --dtype bf16 --out "$work/$model" --force | tail -2

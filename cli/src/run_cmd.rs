@@ -250,7 +250,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         let profiled = profiled_read_gbps(&resolved.profile, file, *chunk, *depth)?;
         disk_factor = (around > 0.0 && profiled > 0.0).then(|| around / profiled);
     }
-    let predictions = predict_run(&resolved, &files.spec, &graph, &report, disk_factor);
+    let predictions = predict_run(&resolved, &files.spec, &graph, &report, disk_factor, backend.pins_host_memory());
     // A speculative run stops once every sequence has its tokens: its trace is over the
     // rounds that ran.
     let graph = report.graph_run.as_ref().unwrap_or(&graph);
@@ -347,8 +347,12 @@ fn predict_run(
     graph: &ferry_core::graph::TaskGraph,
     report: &ferry_engine::RunReport,
     disk_factor: Option<f64>,
+    pins_host_memory: bool,
 ) -> RunPredictions {
-    let mut profile = resolved.profile.clone();
+    // What this engine does: a backend that pins no host memory copies at the pageable rate.
+    let base =
+        if pins_host_memory { resolved.profile.clone() } else { resolved.profile.clone().with_pageable_copies() };
+    let mut profile = base.clone();
     if let Some(factor) = disk_factor {
         profile.scale_disk_reads(factor);
     }
@@ -366,9 +370,8 @@ fn predict_run(
         policy.speculation.as_mut()?.acceptance_rate = measured.acceptance_rate;
         predict_at(&policy).ok()
     });
-    let interval = ferry_sim::interval(&resolved.plan.policy, spec, &workload, &resolved.profile, Extrapolation::Full)
-        .ok()
-        .flatten();
+    let interval =
+        ferry_sim::interval(&resolved.plan.policy, spec, &workload, &base, Extrapolation::Full).ok().flatten();
     RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor, interval }
 }
 

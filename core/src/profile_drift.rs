@@ -100,4 +100,39 @@ impl Profile {
             Resource::Compute { at: Place::Host(_) } => self.host_compute.scale_speed(factor),
         }
     }
+
+    /// Every host→device copy priced at the pageable rate: for an engine that copies
+    /// from memory it has not page-locked, where the plan's pinned copies become
+    /// pageable ones (the driver stages them). Devices with figures of their own too.
+    pub fn with_pageable_copies(mut self) -> Profile {
+        self.host_to_device = self.host_to_device_pageable.clone();
+        for slot in &mut self.devices {
+            if let Some(own) = slot.profile.as_mut() {
+                own.host_to_device = own.host_to_device_pageable.clone();
+            }
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::catalog::Catalog;
+    use crate::hardware::Hardware;
+    use crate::profile::Profile;
+
+    #[test]
+    fn pageable_copies_replace_the_pinned_host_to_device_curve_only() {
+        let catalog = Catalog::builtin().unwrap();
+        let profile = Profile::from_datasheet(&Hardware {
+            gpu: catalog.gpu("rtx3060-12gb").unwrap().value,
+            host: catalog.host("desktop-pcie4").unwrap().value,
+        });
+        assert_ne!(profile.host_to_device, profile.host_to_device_pageable, "a datasheet GPU pins faster");
+        let pageable = profile.clone().with_pageable_copies();
+        assert_eq!(pageable.host_to_device, profile.host_to_device_pageable);
+        assert_eq!(pageable.host_to_device_pageable, profile.host_to_device_pageable);
+        assert_eq!(pageable.device_to_host, profile.device_to_host);
+        assert_eq!(pageable.disk_read, profile.disk_read);
+    }
 }

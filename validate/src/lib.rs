@@ -197,7 +197,19 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     }
     let tolerances = options.tolerances.as_ref().map(Tolerances::resolve).transpose()?;
     let backend = open_backend(options, &base_profile, progress)?;
-    let plans = sweep::plans(options, &files, &base_profile)?;
+    // Plans are chosen and predicted for the engine that runs them: one that pins no
+    // host memory copies at the pageable rate (the saved profile keeps both curves).
+    let priced = if backend.pins_host_memory() {
+        base_profile.clone()
+    } else {
+        progress(Event::Note(format!(
+            "the {} backend copies from pageable host memory: its host→device copies are priced at the \
+             profile's pageable rate",
+            backend.name()
+        )));
+        base_profile.clone().with_pageable_copies()
+    };
+    let plans = sweep::plans(options, &files, &priced)?;
     if !measure::drop_page_cache() {
         progress(Event::Note(
             "cannot drop the page cache (not root); runs use direct I/O, which bypasses it anyway".into(),
@@ -212,7 +224,7 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     for (index, plan) in plans.iter().enumerate() {
         let scratch = ferry_engine::weights::model_folder(&options.model_dir);
         let measured =
-            measure::predict_and_run(plan, &files, &base_profile, backend.as_ref(), disk_file.as_deref(), &scratch)?;
+            measure::predict_and_run(plan, &files, &priced, backend.as_ref(), disk_file.as_deref(), &scratch)?;
         if let Some(dir) = &options.report {
             report::write_plan(dir, index, plan, &measured, options.force)?;
         }

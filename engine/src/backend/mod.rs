@@ -154,6 +154,12 @@ pub trait Backend: Send + Sync {
     /// Whether the CPU can address memory at `place` (the cpu backend: everywhere).
     /// Disk reads land in such memory directly; elsewhere they arrive through `adopt`.
     fn host_addressable(&self, place: Place) -> bool;
+    /// Whether copies from host memory into device memory start from page-locked
+    /// memory, as the plan's pinned copies assume. A backend that pins nothing copies
+    /// at the pageable rate (predictions of its runs take `Profile::with_pageable_copies`).
+    fn pins_host_memory(&self) -> bool {
+        true
+    }
     /// `bytes` of zeroed memory at `place` that the plan accounts for (resident KV
     /// caches): on the host, a fresh mapping whose pages count as they fill.
     fn allocate(&self, place: Place, bytes: usize) -> Result<DeviceBuffer, EngineError>;
