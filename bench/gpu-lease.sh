@@ -9,7 +9,8 @@
 # binary in .gpu/ (git-ignored). On the GPU machine: `bench/gpu-lease.sh` (LEASE_OUT=folder
 # for the results; default bench/work/gpu-lease). MODEL is a catalog model synthesized
 # there (default tinyllama-1.1b, bf16); PLANS how many plans validate runs (default 6);
-# SKIP_CHECK=1 leaves out step 1.
+# SKIP_CHECK=1 leaves out step 1, TEST_ONLY=1 runs only its engine test; PROFILE=file
+# validates with that profile instead of measuring one.
 #
 # cudarc (built for CUDA 12.8) looks for libcublas.so, libcublas.so.12, ...; a machine
 # with only CUDA 13's libraries (libcublas.so.13) gets unversioned links to them in a
@@ -64,16 +65,24 @@ done
 export LD_LIBRARY_PATH="$links$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
-if [[ -z "${SKIP_CHECK:-}" ]]; then
+if [[ -n "${TEST_ONLY:-}" ]]; then
+  step "1. the engine's cuda test only"
+  FERRY_REQUIRE_GPU=1 timeout 120 .gpu/cuda_backend --test-threads 1 2>&1 | tee "$out/cuda-test.log" | tail -25
+elif [[ -z "${SKIP_CHECK:-}" ]]; then
   step "1. bench/gpu-check.sh"
   FERRY=$ferry CUDA_TEST=$PWD/.gpu/cuda_backend timeout 150 bench/gpu-check.sh 2>&1 | tee "$out/gpu-check.log"
   cp bench/work/gpu-check/*.yaml bench/work/gpu-check/*.json bench/work/gpu-check/*.log "$out/" 2>/dev/null
 fi
 
-step "2. ferry profile --backend cuda --quick --model $model"
 "$ferry" synth --model "$model" --dtype bf16 --out "$work/$model" --force | tail -2
-timeout 150 "$ferry" profile --backend cuda --quick --model "$work/$model" --scratch-dir "$work" \
-  --out "$out/profile-cuda-$model.yaml" --force 2>&1 | tee "$out/profile.log"
+if [[ -n "${PROFILE:-}" ]]; then
+  step "2. the profile given: $PROFILE"
+  cp "$PROFILE" "$out/profile-cuda-$model.yaml"
+else
+  step "2. ferry profile --backend cuda --quick --model $model"
+  timeout 150 "$ferry" profile --backend cuda --quick --model "$work/$model" --scratch-dir "$work" \
+    --out "$out/profile-cuda-$model.yaml" --force 2>&1 | tee "$out/profile.log"
+fi
 
 step "3. ferry validate --backend cuda on $model, $plans plans"
 if [[ -f "$out/profile-cuda-$model.yaml" ]]; then

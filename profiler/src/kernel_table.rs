@@ -10,8 +10,7 @@ use super::*;
 /// The kernel table and how much the same tasks slow while the disk is read.
 pub(crate) struct KernelTable {
     pub(crate) entries: Vec<ferry_core::profile::KernelTiming>,
-    /// Σ task time beside the contention (the read pool streaming, on the cpu backend)
-    /// ÷ Σ task time alone − 1, over the same tasks.
+    /// Σ task time with reads running ÷ Σ task time alone − 1, over the same tasks.
     pub(crate) slowdown_during_reads: f64,
 }
 
@@ -29,8 +28,7 @@ enum Pass {
     /// Untimed: threads wake, pages fault, caches fill.
     Warmup,
     Alone,
-    /// Beside the contention `measure_kernel_table` is given (the read pool streaming
-    /// the scratch file, on the cpu backend).
+    /// Beside the read pool streaming the scratch file.
     Reads,
 }
 
@@ -60,12 +58,12 @@ fn synthesize_copy(
 /// (same hidden size, MLP, heads and vocabulary) runs fully resident through the real
 /// executor at each micro-batch size; every compute task's measured duration is filed
 /// under (operation, shape, rows, context), and the median over layers and runs is kept. Each
-/// run is repeated beside `contention` (a background load it starts), for the slowdown.
+/// run is repeated while the read pool streams the scratch file, for the slowdown.
 pub(crate) fn measure_kernel_table(
     options: &ProfileOptions,
     model: &ferry_core::model::ModelSpec,
     weights: TableWeights,
-    contention: &dyn Fn() -> Result<Background, ProfileError>,
+    disk: &Arc<DiskFile>,
     backend: &dyn ferry_engine::backend::Backend,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<KernelTable, ProfileError> {
@@ -138,7 +136,7 @@ pub(crate) fn measure_kernel_table(
                 progress: None,
                 draft_files: None,
             };
-            let _load = if reads { Some(contention()?) } else { None };
+            let _load = reads.then(|| Background::reads(disk, options.scratch_bytes));
             let report = ferry_engine::run(&graph, &policy, &workload, &files, backend, &run_options)?;
             let Some(into) = into else { continue };
             for span in &report.trace.spans {
@@ -250,15 +248,8 @@ mod tests {
         let disk = Arc::new(DiskFile::open(&scratch, true).unwrap());
         let model = ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
         let weights = TableWeights::Blocks(kernels::quant::BlockFormat::Q8_0);
-        let table = measure_kernel_table(
-            &options,
-            &model,
-            weights,
-            &|| Ok(Background::reads(&disk, options.scratch_bytes)),
-            &CpuBackend::default(),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let table =
+            measure_kernel_table(&options, &model, weights, &disk, &CpuBackend::default(), &mut |_, _| {}).unwrap();
         for op in ["attention", "mlp", "head", "embed"] {
             let entries: Vec<_> = table.entries.iter().filter(|e| e.op == op).collect();
             assert!(!entries.is_empty(), "no {op} entry");

@@ -186,14 +186,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     let host = measure_host_compute(options, disk, options.kernel_model.is_none(), &mut progress)?;
     let (table, slowdown) = match &options.kernel_model {
         Some((model, weights)) => {
-            let table = measure_kernel_table(
-                options,
-                model,
-                *weights,
-                &|| Ok(Background::reads(disk, options.scratch_bytes)),
-                &CpuBackend::default(),
-                &mut progress,
-            )?;
+            let table = measure_kernel_table(options, model, *weights, disk, &CpuBackend::default(), &mut progress)?;
             (table.entries, table.slowdown_during_reads)
         }
         None => (Vec::new(), host.slowdown_during_reads.unwrap_or(0.0)),

@@ -279,9 +279,7 @@ pub(super) fn measure(
         launch_ns,
         peak_flops,
         device_memory_bytes_per_s,
-        // The engine's tasks beside its own kind of copies where measured (a float
-        // model); else one large GEMM beside a pinned copy.
-        compute_slowdown_during_copy: engine.slowdown_during_copies.unwrap_or(compute_slowdown_during_copy),
+        compute_slowdown_during_copy,
         disk_read,
         disk_write: scratch.write_points.clone(),
         read_latency_ns: scratch.read_latency_ns,

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 
 use ferry_core::profile::KernelTiming;
-use ferry_engine::backend::cuda::{copy_async, open_device, CudaBackend, DeviceMemory, Direction, HOST_KERNELS};
+use ferry_engine::backend::cuda::{CudaBackend, HOST_KERNELS};
 use ferry_engine::io::DiskFile;
 
 use crate::kernel_table::{measure_kernel_table, measure_task_overhead};
-use crate::{Background, ProfileError, ProfileOptions, TableWeights};
+use crate::{ProfileError, ProfileOptions, TableWeights};
 
 /// What the engine's tasks took on the GPU.
 pub(super) struct EngineTimings {
@@ -26,8 +26,6 @@ pub(super) struct EngineTimings {
     pub host_table: Vec<KernelTiming>,
     /// One small copy's time through the backend, ns: the copy curves' latency.
     pub copy_latency_ns: u64,
-    /// How much the engine's GPU tasks slow beside host→device copies (a float model).
-    pub slowdown_during_copies: Option<f64>,
 }
 
 /// Times the engine's tasks on GPU `ordinal` (peak rate and device bandwidth as
@@ -47,44 +45,19 @@ pub(super) fn measure(
         Some((model, TableWeights::Float(dtype))) => {
             let weights = TableWeights::Float(*dtype);
             let mut report = |step: &str, f: f64| progress(step, f);
-            // Beside the copies a streamed plan overlaps with compute, as this engine
-            // makes them: from pageable memory (`Backend::pins_host_memory`).
-            let copies = || copies_in_background(ordinal);
-            let device = measure_kernel_table(options, model, weights, &copies, &backend, &mut report)?;
+            let device = measure_kernel_table(options, model, weights, disk, &backend, &mut report)?.entries;
             // The same tasks on the host CPU, with the kernels and numerics the cuda
             // backend computes host places with (host attention, host layers, a head
             // on the host): the host's roofline priced them 2.6-7x fast on an H200
             // machine's 16-core host.
             report("the engine's tasks on the host", 0.0);
-            let reads = || Ok(Background::reads(disk, options.scratch_bytes));
-            let host = measure_kernel_table(options, model, weights, &reads, &HOST_KERNELS, &mut report)?.entries;
+            let host = measure_kernel_table(options, model, weights, disk, &HOST_KERNELS, &mut report)?.entries;
             (Some(device), host)
         }
         _ => (None, Vec::new()),
     };
-    let (table, slowdown_during_copies) = match table {
-        Some(t) => (Some(t.entries), Some(t.slowdown_during_reads)),
-        None => (None, None),
-    };
     let copy_latency_ns = small_copy_ns(&backend)?;
-    Ok(EngineTimings { task_overhead_ns, table, host_table, copy_latency_ns, slowdown_during_copies })
-}
-
-/// 64 MiB host→device copies from pageable memory over and over, on a stream of
-/// their own (the engine's copies run on their own threads' streams).
-fn copies_in_background(ordinal: usize) -> Result<Background, ProfileError> {
-    const BYTES: usize = 64 << 20;
-    let ctx = open_device(ordinal)?;
-    let stream = ctx.new_stream().map_err(|e| ProfileError::Cuda(format!("a copy stream: {e}")))?;
-    let device = DeviceMemory::new(BYTES)?;
-    let mut host = vec![1u8; BYTES];
-    Ok(Background::start(move || {
-        // A load only: a failed copy shows as no slowdown, and the backend's own
-        // copies would fail the run just measured.
-        if ctx.bind_to_thread().is_ok() && copy_async(&stream, Direction::HostToDevice, &mut host, &device, 0).is_ok() {
-            let _ = stream.synchronize();
-        }
-    }))
+    Ok(EngineTimings { task_overhead_ns, table, host_table, copy_latency_ns })
 }
 
 /// The engine's fixed cost of one copy between host and GPU memory (its activation

@@ -66,7 +66,22 @@ impl CudaBackend {
         let ctx = open_device(ordinal)?;
         let allocator = Allocator::new(&ctx)?;
         let kernels = Kernels::load(&ctx)?;
-        Ok(CudaBackend { lanes: Lanes::new(&ctx), kernels, allocator, ctx })
+        let backend = CudaBackend { lanes: Lanes::new(&ctx), kernels, allocator, ctx };
+        backend.warm_up()?;
+        Ok(backend)
+    }
+
+    /// One small product through the real path (a lane, widening, SGEMM), so that
+    /// cuBLAS's initialisation and its first kernels load here and not inside the
+    /// first run's time (on an H200 the first compute task of a run took 159 ms, the
+    /// next ones 0.4 ms).
+    fn warm_up(&self) -> Result<(), EngineError> {
+        let (rows, cols) = (64usize, 64usize);
+        let weights = self.gpu_upload(&vec![0u8; rows * cols * 2])?;
+        let x = self.gpu_upload(&vec![0u8; cols * 4])?;
+        let mut out = self.gpu_zeroed(rows * 4)?;
+        let w = WeightRef { memory: &weights, offset: 0, format: ferry_core::model::WeightFormat::Bf16, rows, cols };
+        self.linear(&x, Rows::all(1), w, &mut out, rows, 0)
     }
 
     /// The GPU's name, as the driver reports it.

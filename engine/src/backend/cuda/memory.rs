@@ -1,11 +1,11 @@
 //! Device memory and streams of the cuda backend.
 //!
-//! **One stream per calling thread, synchronised before every call returns.** The
+//! **One stream per call in flight, synchronised before every call returns.** The
 //! executor calls its backend from several threads at once (the compute lane, the copy
 //! lanes, the disk lanes) and counts a task as finished when its call returns; the task
-//! that depends on it may run next on another thread. So each thread gets its own
-//! stream (and cuBLAS handle), created the first time it calls, with the context bound
-//! to it; every operation waits for its stream before it returns. Then:
+//! that depends on it may run next on another thread. So each call takes a stream (and
+//! cuBLAS handle) no other call is using (`Lanes`), with the context bound to its
+//! thread; every operation waits for its stream before it returns. Then:
 //! - a task's measured time is its real GPU time (the trace and the simulator's
 //!   comparison stay honest);
 //! - dependencies between threads hold without events: whatever a finished task wrote
@@ -19,9 +19,7 @@
 //! returned to the driver at every synchronisation: activations are allocated and freed
 //! per operation. On a device without memory pools, plain `cuMemAlloc`/`cuMemFree`.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
 
 use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode};
 use cudarc::cublas::CudaBlas;
@@ -119,32 +117,62 @@ impl CudaBuffer {
     }
 }
 
-/// A thread's stream and cuBLAS handle. The handle is only used by its thread.
+/// A stream and its cuBLAS handle, used by one call at a time.
 pub(super) struct Lane {
     pub(super) blas: CudaBlas,
     pub(super) stream: Arc<CudaStream>,
 }
 
-/// Every calling thread's lane (see the module docs).
+/// The backend's lanes: each call takes a free one (or a new one) and gives it back
+/// when it returns, so there are as many as calls ever ran at once, and they outlive
+/// the threads and the runs that made them. Why: a new lane costs a stream and a
+/// cuBLAS handle (the process's first one initialises cuBLAS), and lanes made per
+/// thread were made again by every run's new worker threads, inside the run's time.
 pub(super) struct Lanes {
     ctx: Arc<CudaContext>,
-    by_thread: Mutex<HashMap<ThreadId, Arc<Lane>>>,
+    free: Mutex<Vec<Lane>>,
+}
+
+/// A lane taken for one call; back to the free list on drop.
+pub(super) struct TakenLane<'a> {
+    lanes: &'a Lanes,
+    lane: Option<Lane>,
+}
+
+impl std::ops::Deref for TakenLane<'_> {
+    type Target = Lane;
+
+    fn deref(&self) -> &Lane {
+        // Present from `take` until drop.
+        self.lane.as_ref().unwrap_or_else(|| unreachable!("a taken lane is held until dropped"))
+    }
+}
+
+impl Drop for TakenLane<'_> {
+    fn drop(&mut self) {
+        if let Some(lane) = self.lane.take() {
+            self.lanes.free.lock().unwrap_or_else(|e| e.into_inner()).push(lane);
+        }
+    }
 }
 
 impl Lanes {
     pub(super) fn new(ctx: &Arc<CudaContext>) -> Lanes {
-        Lanes { ctx: Arc::clone(ctx), by_thread: Mutex::new(HashMap::new()) }
+        Lanes { ctx: Arc::clone(ctx), free: Mutex::new(Vec::new()) }
     }
 
-    /// The calling thread's lane, created on its first call, with the context bound.
-    /// (Threads are few and live as long as a run: the map stays small.)
-    pub(super) fn current(&self) -> Result<Arc<Lane>, EngineError> {
+    /// A lane for the calling thread's next call, with the context bound to the thread.
+    pub(super) fn take(&self) -> Result<TakenLane<'_>, EngineError> {
         self.ctx.bind_to_thread().map_err(driver("binding the CUDA context to a thread"))?;
-        let id = std::thread::current().id();
-        let mut lanes = self.by_thread.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(lane) = lanes.get(&id) {
-            return Ok(Arc::clone(lane));
-        }
+        let free = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let lane = match free {
+            Some(lane) => lane,
+            None => self.new_lane()?,
+        };
+        Ok(TakenLane { lanes: self, lane: Some(lane) })
+    }
+
+    fn new_lane(&self) -> Result<Lane, EngineError> {
         let stream = self.ctx.new_stream().map_err(driver("creating a CUDA stream"))?;
         let blas =
             CudaBlas::new(Arc::clone(&stream)).map_err(|e| EngineError::Device(format!("starting cuBLAS: {e}")))?;
@@ -154,9 +182,7 @@ impl Lanes {
         unsafe { cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_DEFAULT_MATH) }
             .result()
             .map_err(|e| EngineError::Device(format!("setting cuBLAS's math mode: {e}")))?;
-        let lane = Arc::new(Lane { blas, stream });
-        lanes.insert(id, Arc::clone(&lane));
-        Ok(lane)
+        Ok(Lane { blas, stream })
     }
 
     /// Waits for every stream of the context.
@@ -228,7 +254,7 @@ pub(super) fn on_lane<T>(
     what: &str,
     work: impl FnOnce(&mut Scope) -> Result<T, EngineError>,
 ) -> Result<T, EngineError> {
-    let lane = lanes.current()?;
+    let lane = lanes.take()?;
     let mut scope = Scope { lane: &lane, allocator, keep: Vec::new() };
     let result = work(&mut scope);
     let synced = lane.stream.synchronize().map_err(|e| EngineError::Device(format!("{what} on the GPU: {e}")));
