@@ -176,8 +176,9 @@ fn synth_gguf(args: &SynthArgs, model: &ModelSpec) -> Result<()> {
 cpu measures this machine with the engine's own code paths (disk reads alone and
 while compute runs, copies, the engine's kernels and per-task cost). cuda measures an
 NVIDIA GPU through the driver and cuBLAS, loaded at run time: pinned and pageable
-copies both ways and both at once, cuBLAS GEMMs at the model's shapes, launch
-overhead, disk reads into pinned memory; it says so plainly where there is no driver.")]
+copies both ways and both at once, cuBLAS's peak, the engine's own tasks at the
+model's shape on the GPU and on the host (the kernel tables `ferry validate --backend
+cuda` checks), disk reads into pinned memory; it says so plainly where there is no driver.")]
 pub struct ProfileArgs {
     /// Backend to measure: cpu or cuda.
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda")]

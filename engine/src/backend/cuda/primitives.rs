@@ -19,6 +19,11 @@ fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> EngineErr
     move |e| EngineError::Device(format!("{what}: {e}"))
 }
 
+/// What to do with CUDA 13's libraries, which cudarc does not look for by their names
+/// (libcublas.so.13): they served an H200 machine through unversioned links.
+const CUDA_13: &str = "With only CUDA 13 installed (libcublas.so.13, libnvrtc.so.13), link each as \
+    libcublas.so, libcublasLt.so and libnvrtc.so in a folder on LD_LIBRARY_PATH (bench/gpu-lease.sh does)";
+
 /// Whether the CUDA driver, cuBLAS and NVRTC (which compiles the backend's kernels at
 /// run time) can be loaded; the error names what is missing and how to get it.
 pub fn check_libraries() -> Result<(), EngineError> {
@@ -34,7 +39,8 @@ pub fn check_libraries() -> Result<(), EngineError> {
     if !unsafe { cudarc::cublas::sys::is_culib_present() } {
         return Err(EngineError::Device(format!(
             "the NVIDIA driver is present but cuBLAS is not (looked for {}). Install the CUDA 12 runtime \
-             libraries (e.g. the nvidia-cublas-cu12 wheel or the toolkit) and add their folder to LD_LIBRARY_PATH",
+             libraries (e.g. the nvidia-cublas-cu12 wheel or the toolkit) and add their folder to LD_LIBRARY_PATH. \
+             {CUDA_13}",
             library_names("cublas")
         )));
     }
@@ -43,7 +49,7 @@ pub fn check_libraries() -> Result<(), EngineError> {
         return Err(EngineError::Device(format!(
             "the NVIDIA driver and cuBLAS are present but NVRTC, which compiles Ferry's GPU kernels when the \
              cuda backend starts, is not (looked for {}). Install the CUDA 12 runtime compiler (e.g. the \
-             nvidia-cuda-nvrtc-cu12 wheel or the toolkit) and add its folder to LD_LIBRARY_PATH",
+             nvidia-cuda-nvrtc-cu12 wheel or the toolkit) and add its folder to LD_LIBRARY_PATH. {CUDA_13}",
             library_names("nvrtc")
         )));
     }
