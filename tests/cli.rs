@@ -549,6 +549,23 @@ fn validate_reports_errors_and_gates_on_tolerance() {
         stderr.contains("no kernel table") && stderr.contains("ferry profile --backend cpu --quick --model tiny"),
         "{stderr}"
     );
+    // On the cuda backend, where there is no NVIDIA driver: said before anything runs.
+    let mut on_cuda = args.to_vec();
+    on_cuda.extend(["--backend", "cuda"]);
+    let out = ferry(dir.path(), &on_cuda);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no NVIDIA driver") && !stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no plan ran");
+    // A discrete GPU's profile on the cpu backend, whose device is host RAM: refused.
+    let gpu = ferry(dir.path(), &["show", "profile", "rtx3060-12gb"]);
+    std::fs::write(dir.path().join("gpu.yaml"), &gpu.stdout).unwrap();
+    let mut discrete = args.to_vec();
+    discrete[4] = "gpu.yaml";
+    let out = ferry(dir.path(), &discrete);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("describes a discrete GPU") && stderr.contains("--backend cuda"), "{stderr}");
 }
 
 #[test]
