@@ -337,6 +337,8 @@ struct RunPredictions {
     disk_factor: Option<f64>,
     /// The plan's interval from the profile's drift (as given, without the recheck).
     interval: Option<ferry_sim::Interval>,
+    /// The backend pins no host memory: its host→device copies were priced pageable.
+    pageable_copies: bool,
 }
 
 /// The plan predicted with the profile, its disk figures scaled to the disk as it was
@@ -372,7 +374,13 @@ fn predict_run(
     });
     let interval =
         ferry_sim::interval(&resolved.plan.policy, spec, &workload, &base, Extrapolation::Full).ok().flatten();
-    RunPredictions { plan: predict_at(&resolved.plan.policy), at_measured_acceptance, disk_factor, interval }
+    RunPredictions {
+        plan: predict_at(&resolved.plan.policy),
+        at_measured_acceptance,
+        disk_factor,
+        interval,
+        pageable_copies: !pins_host_memory,
+    }
 }
 
 fn print_run_json(
@@ -396,6 +404,7 @@ fn print_run_json(
         "direct_io": report.direct_io,
         "setup_seconds": report.setup_ns as f64 / 1e9,
         "predicted_tokens_per_s": predictions.plan.as_ref().ok().map(|m| m.tokens_per_s),
+        "predicted_with_pageable_copies": predictions.pageable_copies,
         "predicted_tokens_per_s_interval": predictions.interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
         "disk_factor": predictions.disk_factor,
         "speculation": report.speculation,
@@ -461,6 +470,12 @@ fn print_run(
                 (false, _) => "datasheet profile".into(),
             }
         );
+        if predictions.pageable_copies && !resolved.profile.unified_memory {
+            println!(
+                "  (the {backend} backend pins no host memory: its copies to the device were priced at the \
+                 profile's pageable rate, not the pinned rate the plan assumes)"
+            );
+        }
     }
     print_memory_and_disk(resolved, report);
     if let Some(line) = experts_line(resolved, report) {
