@@ -71,17 +71,26 @@ impl CudaBackend {
         Ok(backend)
     }
 
-    /// One small product through the real path (a lane, widening, SGEMM), so that
-    /// cuBLAS's initialisation and its first kernels load here and not inside the
-    /// first run's time (on an H200 the first compute task of a run took 159 ms, the
-    /// next ones 0.4 ms).
+    /// Products through the real path (a lane, widening, SGEMM) at the row counts of
+    /// decoding and of prefills, so that cuBLAS's initialisation and the kernels it
+    /// picks for those shapes (CUDA loads each on its first launch) load here and not
+    /// inside the first run's time: on an H200 a run's first compute task took 159 ms,
+    /// the next ones 0.4 ms; warmed at one row only, still 153 ms.
     fn warm_up(&self) -> Result<(), EngineError> {
-        let (rows, cols) = (64usize, 64usize);
-        let weights = self.gpu_upload(&vec![0u8; rows * cols * 2])?;
-        let x = self.gpu_upload(&vec![0u8; cols * 4])?;
-        let mut out = self.gpu_zeroed(rows * 4)?;
-        let w = WeightRef { memory: &weights, offset: 0, format: ferry_core::model::WeightFormat::Bf16, rows, cols };
-        self.linear(&x, Rows::all(1), w, &mut out, rows, 0)
+        const WIDTH: usize = 1024;
+        const MOST_ROWS: usize = 512;
+        let weights = self.gpu_upload(&vec![0u8; WIDTH * WIDTH * 2])?;
+        let x = self.gpu_upload(&vec![0u8; MOST_ROWS * WIDTH * 4])?;
+        let mut out = self.gpu_zeroed(MOST_ROWS * WIDTH * 4)?;
+        let format = ferry_core::model::WeightFormat::Bf16;
+        let w = || WeightRef { memory: &weights, offset: 0, format, rows: WIDTH, cols: WIDTH };
+        for rows in [1, 4, 16, 64, 128, MOST_ROWS] {
+            self.linear(&x, Rows::all(rows), w(), &mut out, WIDTH, 0)?;
+        }
+        // The pool keeps what is freed (its release threshold is raised at open): the
+        // largest block a product widens into is mapped once, here.
+        drop(self.gpu_zeroed(super::shapes::f32_bytes(super::shapes::WIDEN_ELEMENTS))?);
+        Ok(())
     }
 
     /// The GPU's name, as the driver reports it.
