@@ -7,8 +7,8 @@
 #   2. `ferry run --backend cuda` against `--backend cpu` on the same plan for a
 #      synthesized test-small (f32 and bf16): identical tokens, both timings printed;
 #   3. `ferry profile --backend cuda --quick` (the profiler's GEMMs and copies).
-# Needs: the NVIDIA driver, cuBLAS and NVRTC of CUDA 12 (e.g. LD_LIBRARY_PATH pointing
-# at the nvidia-cublas-cu12 and nvidia-cuda-nvrtc-cu12 wheels' lib folders), python3.
+# Needs: the NVIDIA driver, cuBLAS and NVRTC of CUDA 12 or 13 (found under /usr/local,
+# /opt or /usr/lib by bench/cuda-libs.sh, or on LD_LIBRARY_PATH), python3.
 #
 # Where the GPU machine cannot build (no crates offline), build here and pass the binaries:
 #   FERRY=path/to/ferry CUDA_TEST=path/to/cuda_backend-<hash> bench/gpu-check.sh
@@ -22,6 +22,8 @@ status=0
 
 echo "== the machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "(no nvidia-smi)"
+echo "== CUDA libraries"
+source bench/cuda-libs.sh
 
 echo "== 1. engine test: cuda backend vs cpu backend"
 if [[ -n "${CUDA_TEST:-}" ]]; then

@@ -11,10 +11,7 @@
 # there (default tinyllama-1.1b, bf16); PLANS how many plans validate runs (default 6);
 # SKIP_CHECK=1 leaves out step 1, TEST_ONLY=1 runs only its engine test; PROFILE=file
 # validates with that profile instead of measuring one.
-#
-# cudarc (built for CUDA 12.8) looks for libcublas.so, libcublas.so.12, ...; a machine
-# with only CUDA 13's libraries (libcublas.so.13) gets unversioned links to them in a
-# folder on LD_LIBRARY_PATH. The driver API and cuBLAS keep their CUDA 12 entry points.
+# CUDA 13's libraries are linked under the names cudarc looks for (bench/cuda-libs.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,19 +47,7 @@ echo "cpus $(nproc); $(free -g | awk '/Mem:/ {print $2 " GiB RAM"}'); disk: $(df
 lsblk -d -o NAME,SIZE,ROTA,MODEL 2>/dev/null | head -5
 
 step "CUDA libraries"
-links=/tmp/ferry-cuda-libs
-mkdir -p "$links"
-dirs=""
-for lib in cublas cublasLt nvrtc; do
-  found=$(timeout 60 find /usr/local /opt /usr/lib /usr/lib64 -name "lib$lib.so*" \( -type f -o -type l \) 2>/dev/null \
-    | grep -v stub | sort -V | tail -1)
-  echo "lib$lib: ${found:-not found}"
-  if [[ -n "$found" ]]; then
-    ln -sf "$(readlink -f "$found")" "$links/lib$lib.so"
-    dirs="$dirs:$(dirname "$(readlink -f "$found")")"
-  fi
-done
-export LD_LIBRARY_PATH="$links$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source bench/cuda-libs.sh
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
 if [[ -n "${TEST_ONLY:-}" ]]; then
