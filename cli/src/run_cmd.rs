@@ -50,7 +50,8 @@ pub struct RunArgs {
     seed: u64,
     /// Backend to run on: cpu, or cuda (the plan's device is CUDA GPU 0, its memory and
     /// compute; host memory and host compute stay on the CPU). cuda loads the NVIDIA
-    /// driver, cuBLAS and NVRTC (CUDA 12) at run time and says which is missing.
+    /// driver, cuBLAS and NVRTC (CUDA 12, or 13 linked as bench/cuda-libs.sh does) at
+    /// run time and says which is missing.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// How products take their inputs (x). bf16: llama.cpp's numerics: x rounded to bf16
