@@ -2,9 +2,9 @@
 //! kernel table, timed through the cuda backend as the cpu profile times the cpu
 //! backend. A prediction priced with these is a prediction of Ferry's engine on this
 //! GPU, which `ferry validate --backend cuda` can check (its host tasks are timed on
-//! the host CPU the same way); cuBLAS's bf16 products at the
-//! same shapes price a faster engine than Ferry's (measured on an H200: its attention
-//! tasks 14×, MLP 4× and head 18× slower than that composition), so they remain only
+//! the host CPU the same way). cuBLAS's bf16 products at the same shapes price a
+//! faster engine than Ferry's (on an H200 at TinyLlama's shapes its attention tasks
+//! took 4-10×, MLP 5-12× and head 10-41× that composition's time), so they remain only
 //! where the cuda backend cannot run the model (block formats), as a floor.
 
 use std::sync::Arc;
