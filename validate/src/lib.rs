@@ -258,9 +258,10 @@ fn open_backend(
 ) -> Result<Box<dyn ferry_engine::backend::Backend>, ValidateError> {
     let backend = ferry_engine::backend::backend(&options.backend, Default::default())?;
     if let Provenance::Measured { backend: measured_on, .. } = &profile.provenance {
-        if measured_on != backend.name() {
+        let name = backend_name(measured_on);
+        if name != backend.name() {
             progress(Event::Note(format!(
-                "{} was measured with --backend {measured_on}; these plans run on the {} backend",
+                "{} was measured with --backend {name} ({measured_on}); these plans run on the {} backend",
                 options.profile.display(),
                 backend.name()
             )));
@@ -276,6 +277,12 @@ fn open_backend(
         ))));
     }
     Ok(backend)
+}
+
+/// The backend a measured profile's provenance names: the profiler writes it first
+/// ("cpu, avx2 kernels, ...", "cuda: NVIDIA H200 (...)").
+fn backend_name(provenance: &str) -> &str {
+    provenance.split([',', ':', ' ']).next().unwrap_or_default()
 }
 
 /// The drift `rows` saw: per resource, the slowest and fastest rate achieved against
@@ -344,6 +351,13 @@ fn check_kernel_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_profiles_backend_is_the_first_word_of_its_provenance() {
+        assert_eq!(backend_name("cpu, avx2 kernels, bf16 products on gemm (few rows: avx2) (profiled in 9 s)"), "cpu");
+        assert_eq!(backend_name("cuda: NVIDIA H200 (profiled in 55 s)"), "cuda");
+        assert_eq!(backend_name("cpu"), "cpu");
+    }
 
     #[test]
     fn kind_comes_from_the_wrapped_error() {
