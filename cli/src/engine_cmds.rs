@@ -386,6 +386,14 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         };
         println!("  kernel table: {} entries at the model's shape, over {weights}", table.len());
     }
+    // A GPU's profile also times the engine's tasks on the host CPU (host attention,
+    // host layers).
+    if !profile.unified_memory && !profile.host_compute.table.is_empty() {
+        println!(
+            "  host kernel table: {} entries (the engine's tasks on the host CPU)",
+            profile.host_compute.table.len()
+        );
+    }
     Ok(())
 }
 
