@@ -267,12 +267,18 @@ impl<'a> Engine<'a> {
             copy_kv_rows(self.backend, &new_kv, layout.with_capacity(new), &zeros, region, layout, &pasts, new)?;
         } else {
             // On its way to disk.
-            let bytes = new_kv.len_bytes();
-            let mut host = self.backend.scratch(Place::HOST, bytes)?;
-            self.backend.copy(&new_kv, 0, &mut host, 0, bytes)?;
+            let host = self.on_host(&new_kv)?;
             lock(&self.kv_outbox).insert(key, host);
         }
         Ok(())
+    }
+
+    /// A copy of `rows` in host scratch memory (new KV on its way to disk).
+    fn on_host(&self, rows: &DeviceBuffer) -> Result<DeviceBuffer, EngineError> {
+        let bytes = rows.len_bytes();
+        let mut host = self.backend.scratch(Place::HOST, bytes)?;
+        self.backend.copy(rows, 0, &mut host, 0, bytes)?;
+        Ok(host)
     }
 
     pub(super) fn write_kv(&self, task: &Task) -> Result<(), EngineError> {
@@ -282,19 +288,13 @@ impl<'a> Engine<'a> {
             .ok_or_else(|| EngineError::Internal("no new KV to write".into()))?;
         // A plan lowered for unified memory stores no copy to host before the write (its
         // device is host memory); on a discrete GPU's backend the rows are staged here.
-        let staged;
         let new_kv = match new_kv.host_bytes() {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = new_kv.len_bytes();
-                let mut host = self.backend.scratch(Place::HOST, bytes)?;
-                self.backend.copy(&new_kv, 0, &mut host, 0, bytes)?;
-                staged = host;
-                staged.host_bytes().ok_or_else(|| {
-                    EngineError::Internal(format!("{}: host scratch is not host memory", task.label()))
-                })?
-            }
+            Some(_) => new_kv,
+            None => self.on_host(&new_kv)?,
         };
+        let new_kv = new_kv
+            .host_bytes()
+            .ok_or_else(|| EngineError::Internal(format!("{}: host scratch is not host memory", task.label())))?;
         let layout = self.kv_layout();
         let Positions { pasts, new } = self.positions_of(task)?;
         let span = new * layout.row_bytes;
