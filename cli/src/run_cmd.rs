@@ -211,6 +211,11 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         .into());
     }
     apply_overrides(&args, &mut resolved.plan)?;
+    if let ferry_core::profile::Provenance::Measured { backend: measured_on, .. } = &resolved.profile.provenance {
+        if let Some(note) = ferry_engine::memory::page_mode_mismatch(measured_on) {
+            eprintln!("note: {note}");
+        }
+    }
     let (workload, policy) = (resolved.plan.workload, &resolved.plan.policy);
     // Refused before anything is set up (the engine checks again when it runs).
     ferry_engine::check_weight_format(policy)?;

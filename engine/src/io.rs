@@ -92,7 +92,7 @@ struct Request {
 }
 
 /// Buffers of whole huge pages that reads into small pages go through when streamed
-/// weights are in huge pages (`FERRY_HUGE_PAGES=on`; see `memory`): a streamed
+/// weights are in huge pages (the default; see `memory`): a streamed
 /// buffer's last partial 2 MiB keeps small pages, and on this project's VM a direct
 /// read into small pages ran at about 0.8 GB/s against about 5 GB/s into huge pages
 /// (each 4 KiB page is a segment of the disk's request, 254 to a request, so the read

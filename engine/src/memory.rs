@@ -58,29 +58,69 @@ fn map_aligned(len: usize, alignment: usize) -> std::io::Result<NonNull<u8>> {
 /// Which buffers huge pages are asked for (`FERRY_HUGE_PAGES`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HugePages {
-    /// None (the default).
+    /// None (`FERRY_HUGE_PAGES=off`, or a kernel whose huge pages are off).
     Off,
     /// Weights kept for the whole run only. Measured, not recommended: 1.03–1.07×
     /// in RAM, but under a tight budget, with the streamed weights in small pages
     /// beside resident ones in huge pages, runs went at 0.26–0.54× of `Off` in 13
     /// pairs of 19 (cause not found; BENCHMARKS.md, "Huge pages: where the time goes").
     Resident,
-    /// Every buffer of 2 MiB or more, streamed weights too.
+    /// Every buffer of 2 MiB or more, streamed weights too (the default).
     All,
 }
 
-/// `FERRY_HUGE_PAGES`' value: `off` (or unset), `on` or `resident`; any other value is
+/// `FERRY_HUGE_PAGES`' value: `on` (or unset), `off` or `resident`; any other value is
 /// refused with the accepted ones, to be reported once.
 fn huge_pages_setting(value: Option<&str>) -> Result<HugePages, String> {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        None | Some("") | Some("off") => Ok(HugePages::Off),
-        Some("on") | Some("all") => Ok(HugePages::All),
+        None | Some("") | Some("on") | Some("all") => Ok(HugePages::All),
+        Some("off") => Ok(HugePages::Off),
         Some("resident") => Ok(HugePages::Resident),
-        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of off, on, resident; using off")),
+        Some(other) => Err(format!("FERRY_HUGE_PAGES={other:?} is not one of on, off, resident; using on")),
     }
 }
 
-/// Whether streamed weights' buffers are advised into huge pages (`FERRY_HUGE_PAGES=on`).
+/// Which pages the engine's weights go into, as a profile's provenance records it
+/// ("weights in huge pages", "weights in small pages", "resident weights in huge
+/// pages"): a direct read into small pages runs several times slower on some disks
+/// (see `ask_for_huge_pages`), so a profile measured in one mode misprices runs in
+/// the other (`page_mode_mismatch`).
+pub fn page_mode() -> &'static str {
+    match huge_pages() {
+        HugePages::All => "weights in huge pages",
+        HugePages::Resident => "resident weights in huge pages",
+        HugePages::Off => "weights in small pages",
+    }
+}
+
+/// A note when a measured profile's provenance (`provenance`, the profiler's
+/// description of what it ran) names another page mode than this process runs
+/// (`page_mode`); `None` when they agree. A profile that names none predates the
+/// field: its reads went into small pages unless it was measured with
+/// `FERRY_HUGE_PAGES=on`. Only the cpu backend's profiles read into these buffers.
+pub fn page_mode_mismatch(provenance: &str) -> Option<String> {
+    mode_mismatch(provenance, page_mode())
+}
+
+fn mode_mismatch(provenance: &str, running: &str) -> Option<String> {
+    if !provenance.starts_with("cpu") {
+        return None;
+    }
+    // The longest first: "weights in huge pages" is inside "resident weights in ...".
+    const MODES: [&str; 3] = ["resident weights in huge pages", "weights in huge pages", "weights in small pages"];
+    let advice = "measure the profile again, or run with FERRY_HUGE_PAGES=on|off|resident as it was measured";
+    match MODES.iter().find(|mode| provenance.contains(*mode)) {
+        Some(mode) if *mode == running => None,
+        Some(mode) => Some(format!("the profile was measured with {mode}; this run has {running}: {advice}")),
+        None if running == "weights in small pages" => None,
+        None => Some(format!(
+            "the profile does not say which pages its reads went into (profiles from before huge pages \
+             were the default used small pages); this run has {running}: {advice}"
+        )),
+    }
+}
+
+/// Whether streamed weights' buffers are advised into huge pages (the default, `on`).
 pub(crate) fn streams_in_huge_pages() -> bool {
     huge_pages() == HugePages::All
 }
@@ -96,7 +136,7 @@ fn huge_pages() -> HugePages {
         }
         huge_pages_setting(std::env::var("FERRY_HUGE_PAGES").ok().as_deref()).unwrap_or_else(|message| {
             eprintln!("warning: {message}");
-            HugePages::Off
+            HugePages::All
         })
     })
 }
@@ -119,13 +159,12 @@ fn huge_pages() -> HugePages {
 /// profile, reading into whole huge pages, predicted streamed plans 30–70 % fast), so
 /// the read pool reads such tails through buffers of huge pages (`io::Bounces`).
 ///
-/// Opt-in (`FERRY_HUGE_PAGES=on`) all the same: with the bounce buffers, CI's gate
-/// passed eight local attempts in eight but a fresh-clone CI failed both of its, and
-/// plans streaming in 1 MiB requests still ran 23–62 % slower than predicted (their
-/// replay at the achieved rates within 8 %):
-/// some of the disk's rate into huge pages that the profile measures is still not
-/// what such a run gets. (A machine whose memory is fragmented may also stall a huge
-/// page's first touch while the kernel compacts memory for it.)
+/// The default since CI's gate, run alternately with huge pages on and off by the same
+/// build (four attempts each), erred less with them (median 11.8–13.6 %, max
+/// 17.7–35.3 %) than without (median 7.4–21.2 %, max 37.7–62.4 %, one attempt failing),
+/// and its streamed plans ran 1.5–2.5× faster. `FERRY_HUGE_PAGES=off` declines. (A
+/// machine whose memory is fragmented may stall a huge page's first touch while the
+/// kernel compacts memory for it.)
 fn ask_for_huge_pages(ptr: NonNull<u8>, len: usize) {
     // SAFETY: advice on a mapping this process just created; it changes no contents.
     #[cfg(target_os = "linux")]
@@ -150,13 +189,13 @@ unsafe impl Sync for Buffer {}
 
 impl Buffer {
     /// A buffer for bytes that come and go (streamed weights, scratch): huge pages
-    /// with `FERRY_HUGE_PAGES=on`.
+    /// unless `FERRY_HUGE_PAGES` is `off` or `resident`.
     pub fn new(len: usize) -> std::io::Result<Buffer> {
         Buffer::map(len, huge_pages() == HugePages::All)
     }
 
-    /// A buffer for weights kept for the whole run: huge pages with
-    /// `FERRY_HUGE_PAGES=on` or `resident`.
+    /// A buffer for weights kept for the whole run: huge pages unless
+    /// `FERRY_HUGE_PAGES=off`.
     pub fn resident(len: usize) -> std::io::Result<Buffer> {
         Buffer::map(len, huge_pages() != HugePages::Off)
     }
@@ -381,14 +420,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn huge_pages_are_asked_for_by_on_or_resident_only() {
-        assert_eq!(huge_pages_setting(None), Ok(HugePages::Off));
+    fn huge_pages_are_the_default_and_off_or_resident_decline_them() {
+        assert_eq!(huge_pages_setting(None), Ok(HugePages::All));
+        assert_eq!(huge_pages_setting(Some("")), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some(" Resident ")), Ok(HugePages::Resident));
         assert_eq!(huge_pages_setting(Some("on")), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some("ALL")), Ok(HugePages::All));
         assert_eq!(huge_pages_setting(Some("off")), Ok(HugePages::Off));
         let refused = huge_pages_setting(Some("yes")).unwrap_err();
-        assert!(refused.contains("\"yes\"") && refused.contains("off, on, resident"), "{refused}");
+        assert!(refused.contains("\"yes\"") && refused.contains("on, off, resident"), "{refused}");
+    }
+
+    #[test]
+    fn a_profile_measured_in_another_page_mode_is_named() {
+        let huge = "cpu, avx2 kernels, bf16 products on f32 (few rows: f32), weights in huge pages (profiled in 9 s)";
+        let small = huge.replace("huge pages", "small pages");
+        let resident = huge.replace("weights in huge", "resident weights in huge");
+        let old = "cpu, avx2 kernels, bf16 products on f32 (few rows: f32) (profiled in 9 s)";
+        assert_eq!(mode_mismatch(huge, "weights in huge pages"), None);
+        assert_eq!(mode_mismatch(&small, "weights in small pages"), None);
+        assert_eq!(mode_mismatch(&resident, "resident weights in huge pages"), None);
+        let note = mode_mismatch(&small, "weights in huge pages").unwrap();
+        assert!(note.contains("measured with weights in small pages") && note.contains("FERRY_HUGE_PAGES"), "{note}");
+        let note = mode_mismatch(&resident, "weights in huge pages").unwrap();
+        assert!(note.contains("measured with resident weights"), "{note}");
+        assert!(mode_mismatch(old, "weights in huge pages").unwrap().contains("does not say"));
+        assert_eq!(mode_mismatch(old, "weights in small pages"), None, "old profiles read into small pages");
+        assert_eq!(mode_mismatch("cuda: NVIDIA H200 (profiled in 55 s)", "weights in huge pages"), None);
     }
 
     #[test]

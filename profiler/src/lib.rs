@@ -201,12 +201,15 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
             machine: fingerprint(),
             date: today(),
             // Which kernels ran (few rows; many rows over bf16 weights): the kernel
-            // table and the peak hold their timings.
+            // table and the peak hold their timings. And which pages the reads went
+            // into: on some disks direct reads into small pages run several times
+            // slower, so runs in the other mode are told (`memory::page_mode_mismatch`).
             backend: format!(
-                "cpu, {} kernels, bf16 products on {} (few rows: {}) (profiled in {:.0} s)",
+                "cpu, {} kernels, bf16 products on {} (few rows: {}), {} (profiled in {:.0} s)",
                 kernels::simd_path().map_or("gemm-only", |p| p.name()),
                 kernels::matrix_path(),
                 kernels::few_rows_path(),
+                ferry_engine::memory::page_mode(),
                 started.elapsed().as_secs_f64()
             ),
         },

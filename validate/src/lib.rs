@@ -266,6 +266,9 @@ fn open_backend(
                 backend.name()
             )));
         }
+        if let Some(note) = ferry_engine::memory::page_mode_mismatch(measured_on) {
+            progress(Event::Note(format!("{}: {note}", options.profile.display())));
+        }
     }
     // A backend whose device is host RAM measures nothing of a discrete GPU's plan.
     if !profile.unified_memory && backend.host_addressable(ferry_core::graph::Place::DEVICE) {

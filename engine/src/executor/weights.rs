@@ -86,7 +86,7 @@ pub(super) fn group_code(group: WeightGroup) -> u8 {
 #[derive(Clone, Copy)]
 pub(super) enum Lands {
     /// Kept for the whole run (resident weights, a draft, hot experts):
-    /// `Buffer::resident`, in huge pages with `FERRY_HUGE_PAGES=on` or `resident`.
+    /// `Buffer::resident`, in huge pages unless `FERRY_HUGE_PAGES=off`.
     Resident,
     /// Streamed: into a recycled buffer when the read has its key, else fresh memory.
     Streamed(Option<Key>),
