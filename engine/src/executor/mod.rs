@@ -102,8 +102,9 @@ pub struct RunReport {
     pub direct_io: bool,
     /// Reading the resident weights before the run, ns (not part of the metrics).
     pub setup_ns: u64,
-    /// Streamed weights that landed in recycled buffers, and in newly mapped ones (whose
-    /// pages the kernel had to fault in and zero), bytes.
+    /// Streamed weights that landed in kept pages of recycled buffers, and in pages the
+    /// kernel had to fault in and zero (new mappings, and the tails recycled buffers
+    /// had handed back to stay within the budget), bytes.
     pub recycled_bytes: u64,
     pub newly_mapped_bytes: u64,
     /// A run over several machines: what each stage worker reported to the head.

@@ -4,6 +4,9 @@
 
 use std::ptr::NonNull;
 
+mod recycler;
+pub use recycler::Recycler;
+
 pub const PAGE: usize = 4096;
 
 /// What a run may hold beyond its device budget: the binary, thread stacks, the task
@@ -181,6 +184,9 @@ pub struct Buffer {
     /// Bytes from the start asked to be backed by huge pages: the whole 2 MiB pages
     /// of a buffer so advised (the rest, its last partial 2 MiB, keeps small pages).
     huge_bytes: usize,
+    /// Bytes from the start that may hold pages; past them the kernel holds none
+    /// (handed back by `release_from`), and touching them faults in zeroed pages.
+    populated: usize,
 }
 
 // The buffer is plain memory owned by this value.
@@ -211,7 +217,7 @@ impl Buffer {
             ask_for_huge_pages(ptr, mapped);
         }
         let huge_bytes = if huge { mapped / HUGE_PAGE * HUGE_PAGE } else { 0 };
-        Ok(Buffer { ptr, len, mapped, huge_bytes })
+        Ok(Buffer { ptr, len, mapped, huge_bytes, populated: mapped })
     }
 
     /// A buffer of whole huge pages (where the kernel gives them), whatever
@@ -284,97 +290,34 @@ impl Buffer {
     pub fn mapped_len(&self) -> usize {
         self.mapped
     }
-}
 
-/// Freed buffers kept mapped for reuse, so that streaming weights does not map,
-/// page-fault (the kernel zeroes every 4 KiB page: about 0.3 ms per MiB of CPU here)
-/// and unmap (about 20 µs per MiB) the same sizes over and over. How much it may keep
-/// is set from outside (`set_limit`): the executor keeps it at the device budget
-/// minus what the graph has accounted, so mapped memory never exceeds the budget.
-#[derive(Default)]
-pub struct Recycler {
-    free: std::sync::Mutex<Vec<Buffer>>,
-    limit_bytes: std::sync::atomic::AtomicU64,
-    /// Bytes served from kept buffers, and newly mapped, by `take`/`take_kept`.
-    reused_bytes: std::sync::atomic::AtomicU64,
-    new_bytes: std::sync::atomic::AtomicU64,
-}
-
-impl Recycler {
-    pub fn new() -> Recycler {
-        Recycler::default()
+    /// Bytes from the start that may hold memory (see the field).
+    pub(crate) fn populated(&self) -> usize {
+        self.populated
     }
 
-    fn free(&self) -> std::sync::MutexGuard<'_, Vec<Buffer>> {
-        self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Bytes kept for reuse now.
-    pub fn free_bytes(&self) -> u64 {
-        self.free().iter().map(|b| b.mapped as u64).sum()
-    }
-
-    /// A kept buffer that can hold `len` bytes without wasting more than an eighth of
-    /// it, or a new one.
-    pub fn take(&self, len: usize) -> std::io::Result<Buffer> {
-        match self.take_kept(len) {
-            Some(buffer) => Ok(buffer),
-            None => {
-                self.new_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-                Buffer::new(len)
-            }
+    /// Hands the pages past `keep` bytes back to the kernel, keeping the mapping: whole
+    /// huge pages within the huge part (so the ones kept stay huge), small pages past
+    /// it; `keep` is rounded down to that granule. Returns the bytes handed back.
+    pub(crate) fn release_from(&mut self, keep: usize) -> usize {
+        let granule = if keep < self.huge_bytes { HUGE_PAGE } else { PAGE };
+        let keep = keep / granule * granule;
+        if keep >= self.populated {
+            return 0;
         }
+        // SAFETY: the range lies inside this mapping, which self owns; its contents
+        // are not needed (a kept buffer's bytes are overwritten before use).
+        let _ =
+            unsafe { libc::madvise(self.ptr.as_ptr().add(keep).cast(), self.populated - keep, libc::MADV_DONTNEED) };
+        let released = self.populated - keep;
+        self.populated = keep;
+        released
     }
 
-    /// A kept buffer for `len` bytes (see `take`), if there is one.
-    pub fn take_kept(&self, len: usize) -> Option<Buffer> {
-        let mapped = len.max(1).div_ceil(PAGE) * PAGE;
-        let mut free = self.free();
-        let fit = free
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.mapped >= mapped && b.mapped - mapped <= mapped / 8)
-            .min_by_key(|(_, b)| b.mapped)
-            .map(|(i, _)| i)?;
-        self.reused_bytes.fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
-        Some(free.swap_remove(fit).with_len(len))
-    }
-
-    /// (bytes served from kept buffers, bytes newly mapped) so far.
-    pub fn counters(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.reused_bytes.load(Relaxed), self.new_bytes.load(Relaxed))
-    }
-
-    /// Keeps `buffer` for reuse. Called as memory the graph still accounts is freed
-    /// (the freeing task has not completed), so keeping it changes nothing that is
-    /// mapped; when the task completes the limit is set again (`set_limit`, from the
-    /// budget's room, which then includes these bytes) and what no longer fits is
-    /// unmapped. Checking the limit here instead unmapped every buffer but the first
-    /// that one task frees (a GGUF layer's tensors are several reads), so under a tight
-    /// budget most loads mapped new memory, whose zeroing took the compute threads'
-    /// time on two cores.
-    pub fn give(&self, buffer: Buffer) {
-        self.free().push(buffer);
-    }
-
-    /// Sets how many bytes may be kept, unmapping kept buffers (largest first) past it.
-    pub fn set_limit(&self, limit_bytes: u64) {
-        self.limit_bytes.store(limit_bytes, std::sync::atomic::Ordering::Release);
-        let mut free = self.free();
-        let mut kept: u64 = free.iter().map(|b| b.mapped as u64).sum();
-        if kept <= limit_bytes {
-            return;
-        }
-        free.sort_by_key(|b| b.mapped);
-        let mut evicted = Vec::new();
-        while kept > limit_bytes {
-            let Some(buffer) = free.pop() else { break };
-            kept -= buffer.mapped as u64;
-            evicted.push(buffer);
-        }
-        drop(free);
-        drop(evicted);
+    /// The buffer is taken for use: every page of it will be touched.
+    pub(crate) fn in_use(mut self) -> Buffer {
+        self.populated = self.mapped;
+        self
     }
 }
 
@@ -462,45 +405,5 @@ mod tests {
             mapped.fill(7);
             assert!(buffer.as_slice().iter().all(|&b| b == 7));
         }
-    }
-
-    #[test]
-    fn the_recycler_reuses_mappings_within_its_limit() {
-        let recycler = Recycler::new();
-        recycler.set_limit(0);
-        let first = recycler.take(100 * PAGE).unwrap();
-        // Freed while the graph still accounts it: kept even at a limit of 0 (moving a
-        // buffer to the kept list changes nothing that is mapped), a second one too ...
-        recycler.give(first);
-        recycler.give(Buffer::new(PAGE).unwrap());
-        assert_eq!(recycler.free_bytes(), 101 * PAGE as u64);
-        // ... until the limit is set again: the largest go first.
-        recycler.set_limit(100 * PAGE as u64);
-        assert_eq!(recycler.free_bytes(), PAGE as u64);
-        recycler.set_limit(0);
-        let first = recycler.take(100 * PAGE).unwrap();
-        let address = first.as_slice().as_ptr();
-        recycler.give(first);
-        recycler.set_limit(100 * PAGE as u64);
-        assert_eq!(recycler.free_bytes(), 100 * PAGE as u64);
-        // The next request of a similar size gets the same mapping back, sized to it.
-        let again = recycler.take(95 * PAGE + 1).unwrap();
-        assert_eq!(again.as_slice().as_ptr(), address);
-        assert_eq!(again.len(), 95 * PAGE + 1);
-        assert_eq!(recycler.free_bytes(), 0);
-        recycler.give(again);
-        // Too small a request would waste more than an eighth: a new mapping instead.
-        let small = recycler.take(10 * PAGE).unwrap();
-        assert_ne!(small.as_slice().as_ptr(), address);
-        assert_eq!(recycler.free_bytes(), 100 * PAGE as u64);
-        // Lowering the limit unmaps kept buffers until they fit.
-        recycler.set_limit(50 * PAGE as u64);
-        assert_eq!(recycler.free_bytes(), 0);
-        recycler.set_limit(1 << 30);
-        recycler.give(small);
-        recycler.give(Buffer::new(20 * PAGE).unwrap());
-        assert_eq!(recycler.free_bytes(), 30 * PAGE as u64);
-        assert!(recycler.take_kept(40 * PAGE).is_none(), "nothing kept is large enough");
-        assert_eq!(recycler.take_kept(19 * PAGE).map(|b| b.mapped_len()), Some(20 * PAGE));
     }
 }
