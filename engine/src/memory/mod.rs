@@ -301,7 +301,22 @@ impl Buffer {
     /// it; `keep` is rounded down to that granule. Returns the bytes handed back.
     pub(crate) fn release_from(&mut self, keep: usize) -> usize {
         let granule = if keep < self.huge_bytes { HUGE_PAGE } else { PAGE };
-        let keep = keep / granule * granule;
+        self.release_exactly_from(keep / granule * granule)
+    }
+
+    /// Hands back every page past `keep` bytes (rounded up to a small page), so that
+    /// the buffer holds no more than a request of `keep` bytes accounts. Inside the huge
+    /// part that splits a huge page: the huge part then ends before it (the read pool
+    /// reads what follows through its bounce buffers, as any small-page tail).
+    pub(crate) fn release_past(&mut self, keep: usize) -> usize {
+        let keep = keep.next_multiple_of(PAGE);
+        if keep < self.populated && keep < self.huge_bytes {
+            self.huge_bytes = keep / HUGE_PAGE * HUGE_PAGE;
+        }
+        self.release_exactly_from(keep)
+    }
+
+    fn release_exactly_from(&mut self, keep: usize) -> usize {
         if keep >= self.populated {
             return 0;
         }

@@ -41,8 +41,7 @@ impl Recycler {
         self.free().iter().map(|b| b.populated() as u64).sum()
     }
 
-    /// A kept buffer that can hold `len` bytes without wasting more than an eighth of
-    /// it, or a new one.
+    /// A kept buffer that can hold `len` bytes, or a new one.
     pub fn take(&self, len: usize) -> std::io::Result<Buffer> {
         match self.take_kept(len) {
             Some(buffer) => Ok(buffer),
@@ -53,18 +52,25 @@ impl Recycler {
         }
     }
 
-    /// A kept buffer for `len` bytes (see `take`), if there is one: of those that fit,
-    /// the smallest mapping, then the one holding the most pages.
+    /// A kept buffer for `len` bytes, if one is mapped large enough but not twice as
+    /// large (a small read does not eat the pages a large one will want): of those, the
+    /// one holding the most of the `len` bytes' pages (the fewest to fault in), then
+    /// the smallest mapping. Its pages past `len` are handed back
+    /// (`Buffer::release_past`), so it holds no more than the request accounts: a
+    /// layer whose tensors mix formats (a Q4_K_M file's Q4_K and Q6_K MLPs: 19.0 and
+    /// 21.9 MiB) reuses a larger layer's buffer instead of mapping its own.
     pub fn take_kept(&self, len: usize) -> Option<Buffer> {
-        let mapped = len.max(1).div_ceil(PAGE) * PAGE;
+        let needed = len.max(1).div_ceil(PAGE) * PAGE;
         let mut free = self.free();
         let fit = free
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.mapped >= mapped && b.mapped - mapped <= mapped / 8)
-            .min_by_key(|(_, b)| (b.mapped, std::cmp::Reverse(b.populated())))
+            .filter(|(_, b)| b.mapped >= needed && b.mapped <= 2 * needed)
+            .max_by_key(|(_, b)| (b.populated().min(needed), std::cmp::Reverse(b.mapped)))
             .map(|(i, _)| i)?;
-        let buffer = free.swap_remove(fit);
+        let mut buffer = free.swap_remove(fit);
+        drop(free);
+        buffer.release_past(len);
         let faulted = (len as u64).saturating_sub(buffer.populated() as u64);
         self.reused_bytes.fetch_add(len as u64 - faulted, Ordering::Relaxed);
         self.new_bytes.fetch_add(faulted, Ordering::Relaxed);
@@ -153,19 +159,29 @@ mod tests {
         assert_eq!(again.len(), 95 * PAGE + 1);
         assert_eq!(recycler.free_bytes(), 0);
         recycler.give(again);
-        // Too small a request would waste more than an eighth: a new mapping instead.
-        let small = recycler.take(10 * PAGE).unwrap();
-        assert_ne!(small.as_slice().as_ptr(), address);
-        assert_eq!(recycler.free_bytes(), 100 * PAGE as u64);
         // Lowering the limit hands back pages until they fit, the mapping kept.
         recycler.set_limit(50 * PAGE as u64);
         assert_eq!(recycler.free_bytes(), 50 * PAGE as u64);
+        // A request of less than half of it maps its own ...
+        let tiny = recycler.take(49 * PAGE).unwrap();
+        assert_ne!(tiny.as_slice().as_ptr(), address);
+        drop(tiny);
+        // ... a smaller one takes the larger mapping, which hands back its pages past
+        // the request.
+        let small = recycler.take(60 * PAGE).unwrap();
+        assert_eq!(small.as_slice().as_ptr(), address);
+        assert_eq!(small.populated(), small.mapped_len(), "in use: all of it may be touched");
+        assert_eq!(recycler.free_bytes(), 0);
         recycler.set_limit(1 << 30);
         recycler.give(small);
+        assert_eq!(recycler.free_bytes(), 100 * PAGE as u64, "counted whole again once given back");
+        recycler.set_limit(10 * PAGE as u64);
         recycler.give(Buffer::new(20 * PAGE).unwrap());
-        assert_eq!(recycler.free_bytes(), 80 * PAGE as u64);
+        recycler.give(Buffer::new(30 * PAGE).unwrap());
         assert!(recycler.take_kept(120 * PAGE).is_none(), "nothing kept is large enough");
+        // The one holding most of the request's pages, then the smallest mapping.
         assert_eq!(recycler.take_kept(19 * PAGE).map(|b| b.mapped_len()), Some(20 * PAGE));
+        assert_eq!(recycler.take_kept(15 * PAGE).map(|b| b.mapped_len()), Some(30 * PAGE));
     }
 
     #[test]
@@ -189,6 +205,18 @@ mod tests {
         assert!(again.as_slice()[40 * PAGE..].iter().all(|&b| b == 0));
         again.mapped_mut().fill(5);
         assert!(again.as_slice().iter().all(|&b| b == 5));
+    }
+
+    #[test]
+    fn a_buffer_taken_for_less_holds_no_more_than_the_request() {
+        let mut buffer = Buffer::huge(4 * HUGE_PAGE).unwrap();
+        buffer.mapped_mut().fill(1);
+        // Cut inside the second huge page: the huge part ends before it.
+        assert_eq!(buffer.release_past(HUGE_PAGE + 3), 3 * HUGE_PAGE - PAGE);
+        assert_eq!(buffer.populated(), HUGE_PAGE + PAGE);
+        assert_eq!(buffer.huge_bytes(), HUGE_PAGE);
+        assert!(buffer.as_slice()[..HUGE_PAGE + PAGE].iter().all(|&b| b == 1));
+        assert!(buffer.as_slice()[HUGE_PAGE + PAGE..].iter().all(|&b| b == 0));
     }
 
     #[test]
