@@ -349,3 +349,65 @@ fn device_memory_beyond_the_hardware_is_said() {
         assert!(!stderr.contains("is more than"), "{gpu} with {memory}: {stderr}");
     }
 }
+
+/// A measured cpu profile names the pages its reads went into (a direct read into
+/// small pages ran at a fifth of the rate on this project's VM): a run priced by a
+/// profile of the other mode, or of none, is told so; one in the same mode is not.
+#[test]
+fn a_run_priced_by_a_profile_of_another_page_mode_says_so() {
+    let dir = setup();
+    let datasheet = ferry(dir.path(), &["show", "profile", "cpu"]);
+    assert!(datasheet.status.success(), "{}", text(&datasheet.stderr));
+    let measured_as = |backend: &str| {
+        let mut profile = String::new();
+        let mut in_provenance = false;
+        for line in text(&datasheet.stdout).lines() {
+            if line == "provenance:" {
+                profile += &format!(
+                    "provenance:\n  kind: measured\n  machine: ci\n  date: 2026-12-04\n  backend: '{backend}'\n"
+                );
+                in_provenance = true;
+            } else if !(in_provenance && line.starts_with(' ')) {
+                in_provenance = false;
+                profile += line;
+                profile += "\n";
+            }
+        }
+        profile
+    };
+    let plan = disk_kv_plan().replace("  gpu: cpu\n  host: ferry-ci-vm\n", "  profile: measured.yaml\n");
+    std::fs::write(dir.path().join("measured-plan.yaml"), plan).unwrap();
+    let kernels = "cpu, avx2 kernels, bf16 products on f32 (few rows: f32)";
+    let cases = [
+        (
+            format!("{kernels}, weights in small pages (profiled in 9 s)"),
+            "on",
+            Some("measured with weights in small pages"),
+        ),
+        (format!("{kernels}, weights in small pages (profiled in 9 s)"), "off", None),
+        (format!("{kernels}, weights in huge pages (profiled in 9 s)"), "on", None),
+        (
+            format!("{kernels}, weights in huge pages (profiled in 9 s)"),
+            "off",
+            Some("this run has weights in small pages"),
+        ),
+        (format!("{kernels} (profiled in 9 s)"), "on", Some("does not say which pages")),
+    ];
+    for (backend, pages, note) in cases {
+        std::fs::write(dir.path().join("measured.yaml"), measured_as(&backend)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "--model-dir", "tiny", "--plan", "measured-plan.yaml", "--gen-len", "2", "--json"])
+            .env("FERRY_HUGE_PAGES", pages)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{backend}, {pages}: {stderr}");
+        match note {
+            Some(note) => {
+                assert!(stderr.contains(note) && stderr.contains("FERRY_HUGE_PAGES"), "{backend}, {pages}: {stderr}")
+            }
+            None => assert!(!stderr.contains("pages"), "{backend}, {pages}: {stderr}"),
+        }
+    }
+}
