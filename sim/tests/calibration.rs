@@ -12,6 +12,8 @@
 //!   small margin, so a change that makes any row worse fails here. It is tightened
 //!   as the profiles improve, never widened to let a change pass.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use ferry_core::catalog::Catalog;
@@ -175,16 +177,6 @@ fn simulate_row(catalog: &Catalog, path: &Path, row: &Row) -> Outcome {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 #[test]
 fn rows_are_complete_and_sourced() {
     let rows = load_rows();
@@ -263,7 +255,7 @@ fn every_row_predicts_within_the_gate() {
     let mut absolute: Vec<f64> = gated.iter().map(|o| o.error().abs()).collect();
     let within_goal = absolute.iter().filter(|e| **e <= GOAL).count();
     let worst = absolute.iter().copied().fold(0.0, f64::max);
-    let median_error = median(&mut absolute);
+    let median_error = common::median(&mut absolute);
     println!(
         "\n{} gated rows: median |error| {:.1} %, worst {:.1} %, {within_goal} within the ±{:.0} % goal",
         gated.len(),

@@ -7,6 +7,8 @@
 //!
 //! Run `cargo test -p ferry-sim --test measured_gpu -- --nocapture` for the table.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use ferry_core::catalog::Catalog;
@@ -82,17 +84,6 @@ fn predict(catalog: &Catalog, file: &Path) -> Vec<(String, f64, f64)> {
         .collect()
 }
 
-fn median_abs(errors: &[f64]) -> f64 {
-    let mut sorted: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
-    }
-}
-
 #[test]
 fn runs_measured_on_a_gpu_are_predicted_within_the_gate() {
     let catalog = Catalog::builtin().unwrap();
@@ -106,7 +97,7 @@ fn runs_measured_on_a_gpu_are_predicted_within_the_gate() {
             eprintln!("  {plan}: predicted {predicted:7.2} measured {measured:7.2} tokens/s  {:+6.1} %", error * 100.0);
         }
         let worst = errors.iter().fold(0.0f64, |w, e| w.max(e.abs()));
-        let median = median_abs(&errors);
+        let median = common::median(&mut errors.iter().map(|e| e.abs()).collect::<Vec<_>>());
         eprintln!("  median |error| {:.1} %, worst {:.1} %", median * 100.0, worst * 100.0);
         assert!(
             worst <= GATE_WORST,

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Default)]
 pub struct Recycler {
     free: std::sync::Mutex<Vec<Buffer>>,
-    limit_bytes: AtomicU64,
     /// Bytes served from kept pages, and faulted in anew (fresh mappings and trimmed
     /// tails), by `take`/`take_kept`.
     reused_bytes: AtomicU64,
@@ -98,7 +97,6 @@ impl Recycler {
     /// the buffer holding the most, then the next; a buffer left with nothing is
     /// unmapped.
     pub fn set_limit(&self, limit_bytes: u64) {
-        self.limit_bytes.store(limit_bytes, Ordering::Release);
         let mut free = self.free();
         let mut kept: u64 = free.iter().map(|b| b.populated() as u64).sum();
         let mut unmapped = Vec::new();

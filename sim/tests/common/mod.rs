@@ -111,3 +111,14 @@ pub const ONE_DEVICE_RESOURCES: [Resource; 5] = [
     Resource::DEVICE_COMPUTE,
     Resource::HOST_COMPUTE,
 ];
+
+/// The median of `values` (sorted in place); the mean of the middle two for an even count.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
