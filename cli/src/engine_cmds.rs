@@ -365,7 +365,11 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
             profile.interference.copy_duplex_slowdown * 100.0
         );
     }
-    println!("  engine compute task overhead {}", format_ns(profile.device_compute.task_overhead_ns));
+    println!(
+        "  engine compute task overhead {}, hand-over to the next task {}",
+        format_ns(profile.device_compute.task_overhead_ns),
+        format_ns(profile.device_compute.handoff_ns)
+    );
     let rates: Vec<String> = (profile.host_compute.dequantize.iter())
         .map(|r| match r.product_flops_per_s {
             Some(flops) => format!("{} {:.1} GB/s, products {:.1} GFLOP/s", r.format, r.bytes_per_s / 1e9, flops / 1e9),

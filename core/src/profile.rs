@@ -166,6 +166,13 @@ pub struct ComputeProfile {
     pub memory_efficiency: f64,
     /// Fixed cost of one compute task (kernel launches, thread wake-ups), ns.
     pub task_overhead_ns: u64,
+    /// The engine's hand-over from one compute task's end to the next one's start on
+    /// the same lane, ns: its scheduler hears of the end and dispatches the next task
+    /// (two thread wake-ups, 10-20 µs on a 2-core VM), time in which the lane computes
+    /// nothing. Measured (`ferry profile`); 0 in datasheet profiles and older measured
+    /// ones. Ferry's engine pays it per compute task; other engines' models do not.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub handoff_ns: u64,
     /// Measured durations of compute tasks by operation and shape; preferred over the
     /// roofline where an entry matches.
     #[serde(default)]
@@ -204,11 +211,13 @@ pub struct DequantRate {
 
 impl ComputeProfile {
     /// This processor running `factor` times as fast: every rate multiplied, every
-    /// measured or fixed duration divided.
+    /// measured or fixed duration divided (the hand-over between tasks too: its thread
+    /// wake-ups run on this processor, and took 3× as long in runs on a slowed core).
     pub fn scale_speed(&mut self, factor: f64) {
         self.peak_flops *= factor;
         self.memory_bytes_per_s *= factor;
         self.task_overhead_ns = (self.task_overhead_ns as f64 / factor).round() as u64;
+        self.handoff_ns = (self.handoff_ns as f64 / factor).round() as u64;
         self.release_ns_per_mib /= factor;
         for entry in &mut self.table {
             entry.ns = (entry.ns as f64 / factor).round() as u64;
@@ -281,6 +290,10 @@ pub struct Interference {
 
 fn is_zero(value: &f64) -> bool {
     *value == 0.0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Everything the simulator knows about a machine.
@@ -443,6 +456,7 @@ impl Profile {
                 matmul_efficiency,
                 memory_efficiency: MEMORY_EFFICIENCY,
                 task_overhead_ns: GPU_TASK_OVERHEAD_NS,
+                handoff_ns: 0,
                 table: Vec::new(),
                 release_ns_per_mib: 0.0,
                 dequantize: Vec::new(),
@@ -541,6 +555,7 @@ fn host_compute_profile(hardware: &Hardware) -> ComputeProfile {
         matmul_efficiency: CPU_MATMUL_EFFICIENCY,
         memory_efficiency: MEMORY_EFFICIENCY,
         task_overhead_ns: CPU_TASK_OVERHEAD_NS,
+        handoff_ns: 0,
         table: Vec::new(),
         release_ns_per_mib: 0.0,
         dequantize: Vec::new(),

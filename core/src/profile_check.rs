@@ -72,6 +72,9 @@ fn check_compute(field: &str, compute: &ComputeProfile) -> Result<()> {
     if compute.task_overhead_ns > MAX_LATENCY_NS {
         return Err(out_of_range(&format!("{field}.task_overhead_ns"), compute.task_overhead_ns, "at most 10 s"));
     }
+    if compute.handoff_ns > MAX_LATENCY_NS {
+        return Err(out_of_range(&format!("{field}.handoff_ns"), compute.handoff_ns, "at most 10 s"));
+    }
     let release = (0.0, MAX_LATENCY_NS as f64);
     check_range(&format!("{field}.release_ns_per_mib"), compute.release_ns_per_mib, release, "ns")?;
     for (i, rate) in compute.dequantize.iter().enumerate() {
@@ -256,6 +259,7 @@ mod tests {
             ("device_compute.memory_bytes_per_s", Box::new(|p| p.device_compute.memory_bytes_per_s = 1e20)),
             ("host_compute.matmul_efficiency", Box::new(|p| p.host_compute.matmul_efficiency = f64::NAN)),
             ("device_compute.task_overhead_ns", Box::new(|p| p.device_compute.task_overhead_ns = u64::MAX)),
+            ("host_compute.handoff_ns", Box::new(|p| p.host_compute.handoff_ns = u64::MAX)),
             ("device_compute.release_ns_per_mib", Box::new(|p| p.device_compute.release_ns_per_mib = -1.0)),
             ("disk_read.points[0].gbps", Box::new(|p| p.disk_read.points[0].gbps = 1e-300)),
             ("disk_write.points[2].gbps", Box::new(|p| p.disk_write.points[2].gbps = f64::NAN)),

@@ -172,16 +172,28 @@ pub(crate) fn measure_kernel_table(
     Ok(KernelTable { entries, slowdown_during_reads })
 }
 
-/// The fixed cost of one compute task in the engine (hand-off to a worker, locks,
-/// buffer set-up, one parallel dispatch per projection): runs a tiny synthetic model,
-/// fully resident, through the real executor and takes the median over compute tasks
-/// of (measured duration − roofline time at the measured rates).
+/// What one compute task costs the engine beyond its work, ns.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TaskCosts {
+    /// Inside the task: hand-off to a worker, locks, buffer set-up, one parallel
+    /// dispatch per projection (the median of a task's duration beyond its roofline).
+    pub overhead_ns: u64,
+    /// Between tasks: from one compute task's end to the next one's start on the same
+    /// lane, while the scheduler hears of the end and dispatches the next (the median
+    /// gap in a chain where each task waits only on the one before).
+    pub handoff_ns: u64,
+}
+
+/// The fixed costs of one compute task in the engine: runs a tiny synthetic model,
+/// fully resident on one sequential lane, through the real executor and takes the
+/// medians over decoding's compute tasks of (measured duration − roofline time at the
+/// measured rates) and of the gap before the next one starts.
 pub(crate) fn measure_task_overhead(
     scratch: &Path,
     peak_flops: f64,
     bytes_per_s: f64,
     backend: &dyn ferry_engine::backend::Backend,
-) -> Result<u64, ProfileError> {
+) -> Result<TaskCosts, ProfileError> {
     use ferry_core::plan::{Policy, Workload};
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let spec = catalog.model("test-tiny")?.value;
@@ -207,16 +219,32 @@ pub(crate) fn measure_task_overhead(
         draft_files: None,
     };
     let report = ferry_engine::run(&graph, &policy, &workload, &files, backend, &options)?;
-    let mut excess: Vec<f64> = Vec::new();
-    for span in &report.trace.spans {
-        let task = &graph.tasks[span.task as usize];
-        if task.resource() != ferry_core::graph::Resource::DEVICE_COMPUTE || task.step == 0 {
-            continue;
-        }
-        let roofline_ns = (task.flops as f64 / peak_flops).max(task.bytes as f64 / bytes_per_s) * 1e9;
-        excess.push(((span.end_ns - span.start_ns) as f64 - roofline_ns).max(0.0));
-    }
-    Ok(median_spread(&excess).0 as u64)
+    let mut compute: Vec<&ferry_core::trace::Span> = report
+        .trace
+        .spans
+        .iter()
+        .filter(|span| {
+            let task = &graph.tasks[span.task as usize];
+            task.resource() == ferry_core::graph::Resource::DEVICE_COMPUTE && task.step > 0
+        })
+        .collect();
+    compute.sort_by_key(|span| span.start_ns);
+    let excess: Vec<f64> = compute
+        .iter()
+        .map(|span| {
+            let task = &graph.tasks[span.task as usize];
+            let roofline_ns = (task.flops as f64 / peak_flops).max(task.bytes as f64 / bytes_per_s) * 1e9;
+            ((span.end_ns - span.start_ns) as f64 - roofline_ns).max(0.0)
+        })
+        .collect();
+    // One lane, one micro-batch, everything resident: each task waits only on the one
+    // before it, so the gap between them is the hand-over alone.
+    let gaps: Vec<f64> = compute
+        .windows(2)
+        .filter(|pair| pair[0].lane == pair[1].lane)
+        .map(|pair| pair[1].start_ns.saturating_sub(pair[0].end_ns) as f64)
+        .collect();
+    Ok(TaskCosts { overhead_ns: median_spread(&excess).0 as u64, handoff_ns: median_spread(&gaps).0 as u64 })
 }
 
 struct RemoveDirOnDrop(PathBuf);

@@ -285,7 +285,7 @@ pub(crate) fn measure_host_compute(
     progress("dequantization", 0.0);
     let dequantize = dequant::measure_dequantize(options, peak_flops);
     progress("task overhead", 0.0);
-    let task_overhead_ns =
+    let task_costs =
         measure_task_overhead(&options.scratch_dir, peak_flops, stream_bytes_per_s, &CpuBackend::default())?;
     Ok(HostCompute {
         compute: ComputeProfile {
@@ -297,7 +297,8 @@ pub(crate) fn measure_host_compute(
             // Measured rates are achieved rates.
             matmul_efficiency: 1.0,
             memory_efficiency: stream_bytes_per_s / read_bytes_per_s.max(stream_bytes_per_s),
-            task_overhead_ns,
+            task_overhead_ns: task_costs.overhead_ns,
+            handoff_ns: task_costs.handoff_ns,
             table: Vec::new(),
             release_ns_per_mib: timed_release_ns_per_mib(options, disk)?,
             dequantize,
@@ -493,6 +494,8 @@ mod tests {
         let efficiency = profile.device_compute.memory_efficiency;
         assert!(efficiency > 0.0 && efficiency <= 1.0, "{efficiency}");
         assert!(profile.device_compute.task_overhead_ns > 0, "the engine's per-task cost is measured");
+        // Two thread wake-ups between one task and the next: never free.
+        assert!(profile.device_compute.handoff_ns > 0, "the scheduler's hand-over is measured");
         // Every block format the engine decodes has a measured dequantization rate.
         let formats: Vec<&str> = profile.device_compute.dequantize.iter().map(|d| d.format.as_str()).collect();
         assert_eq!(formats, ["q8_0", "q4_0", "q5_0", "q4_k", "q6_k"]);

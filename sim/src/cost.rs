@@ -238,7 +238,10 @@ impl<'a> CostModel<'a> {
         // system by the task itself.
         let released_bytes: u64 = task.release.iter().map(|m| m.bytes).sum();
         let release_ns = compute.release_ns_per_mib * released_bytes as f64 / (1u64 << 20) as f64;
-        TaskCost::Compute { nominal_ns: nominal_ns + release_ns }
+        // The lane idles while the engine's scheduler hears of the task before and
+        // dispatches this one: the simulator counts it as the task's own time.
+        let handoff_ns = self.engine.handoff_ns(compute.handoff_ns);
+        TaskCost::Compute { nominal_ns: nominal_ns + release_ns + handoff_ns }
     }
 
     /// Nominal duration of one compute operation: the profile's measured table where it

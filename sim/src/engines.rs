@@ -31,11 +31,15 @@ use crate::tune::{llama_cpp_policy, BatchChoice, KnobSpace, Objective, TuneReque
 
 /// What an engine's own implementation costs beyond the work of the plan it runs,
 /// where its code says so (each figure with the line it comes from). Ferry's engine
-/// adds nothing.
+/// adds only what its profile measured of it (the scheduler's hand-over).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineCosts {
     /// Bytes an attention over a host-resident KV cache moves per byte of the cache.
     host_attention_bytes_per_cache_byte: f64,
+    /// Whether each compute task waits the profile's `handoff_ns` for Ferry's
+    /// scheduler to dispatch it: a measured profile times Ferry's engine, not
+    /// another engine's scheduler.
+    pays_ferry_handoff: bool,
 }
 
 impl EngineCosts {
@@ -47,8 +51,20 @@ impl EngineCosts {
             // (`k, v = k.float(), v.float()`) and the batched products read the copy:
             // 2 bytes read, 4 written and 4 read again per cached value, at least five
             // times one pass over the cache.
-            Some(Engine::Flexgen) => EngineCosts { host_attention_bytes_per_cache_byte: 5.0 },
-            _ => EngineCosts { host_attention_bytes_per_cache_byte: 1.0 },
+            Some(Engine::Flexgen) => {
+                EngineCosts { host_attention_bytes_per_cache_byte: 5.0, pays_ferry_handoff: false }
+            }
+            Some(_) => EngineCosts { host_attention_bytes_per_cache_byte: 1.0, pays_ferry_handoff: false },
+            None => EngineCosts { host_attention_bytes_per_cache_byte: 1.0, pays_ferry_handoff: true },
+        }
+    }
+
+    /// The wait before each compute task on a processor whose hand-over is `handoff_ns`.
+    pub fn handoff_ns(&self, handoff_ns: u64) -> f64 {
+        if self.pays_ferry_handoff {
+            handoff_ns as f64
+        } else {
+            0.0
         }
     }
 

@@ -35,6 +35,29 @@ fn one_resource_in_series_is_the_sum_of_durations() {
     assert_eq!(end, 4_200);
 }
 
+/// A measured hand-over between compute tasks (Ferry's scheduler hearing of one task's
+/// end and dispatching the next) is paid once per compute task by Ferry's engine, and
+/// not by another engine's model priced on the same profile.
+#[test]
+fn the_engines_hand_over_is_paid_once_per_compute_task_by_ferry_alone() {
+    let mut profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);
+    profile.device_compute.handoff_ns = 300;
+    let g = graph(
+        vec![
+            task(DEVICE_COMPUTE, 0, 1_000, vec![]),
+            task(DEVICE_COMPUTE, 0, 2_500, vec![0]),
+            task(DEVICE_COMPUTE, 0, 700, vec![1]),
+        ],
+        1 << 30,
+        1 << 30,
+        1,
+    );
+    let end = |cost: &CostModel| simulate(&g, cost).unwrap().trace.spans.iter().map(|s| s.end_ns).max().unwrap();
+    assert_eq!(end(&CostModel::new(&profile, &tiny())), 4_200 + 3 * 300);
+    let llama_cpp = CostModel::new(&profile, &tiny()).run_by(Some(ferry_core::export::Engine::LlamaCpp));
+    assert_eq!(end(&llama_cpp), 4_200);
+}
+
 #[test]
 fn overlapped_load_and_compute_is_the_larger_per_layer_plus_fill() {
     let profile = flat_profile(1.0, 1.0, 1 << 30, 1 << 30);

@@ -149,7 +149,7 @@ pub fn predict_and_run(
     let busy = |m: &Metrics| {
         m.resources.iter().filter(|r| r.busy_ns > 0).map(|r| (r.resource, r.busy_ns as f64 / 1e9)).collect()
     };
-    let achieved_rates = achieved_rates(&predicted, &measured);
+    let achieved_rates = achieved_rates(&predicted, &measured, &handoffs_ns(&graph, &profile));
     let replayed = replay(&graph, &profile, spec, &plan.policy.weight_format, &achieved_rates)?;
     let error_pct = |predicted: f64| (predicted / measured.tokens_per_s - 1.0) * 100.0;
     let result = PlanResult {
@@ -171,16 +171,39 @@ pub fn predict_and_run(
 
 /// How fast each resource ran in the measured run against the prediction: predicted
 /// busy time ÷ measured busy time (the same tasks move the same bytes and do the same
-/// work in both, so this is the achieved rate ÷ the profile's; 2: twice as fast).
-pub fn achieved_rates(predicted: &Metrics, measured: &Metrics) -> Vec<(Resource, f64)> {
+/// work in both, so this is the achieved rate ÷ the profile's; 2: twice as fast). A
+/// measured trace's spans hold the work alone, so the hand-overs the prediction counts
+/// into its compute tasks (`handoffs`, ns per resource) are taken out of its busy time.
+pub fn achieved_rates(predicted: &Metrics, measured: &Metrics, handoffs: &[(Resource, f64)]) -> Vec<(Resource, f64)> {
     predicted
         .resources
         .iter()
         .filter_map(|p| {
             let m = measured.resources.iter().find(|m| m.resource == p.resource)?;
-            (p.busy_ns > 0 && m.busy_ns > 0).then(|| (p.resource, p.busy_ns as f64 / m.busy_ns as f64))
+            let handoff_ns = handoffs.iter().find(|(r, _)| *r == p.resource).map_or(0.0, |(_, ns)| *ns);
+            let work_ns = p.busy_ns as f64 - handoff_ns;
+            (work_ns > 0.0 && m.busy_ns > 0).then(|| (p.resource, work_ns / m.busy_ns as f64))
         })
         .collect()
+}
+
+/// The hand-overs Ferry's scheduler adds before a plan's compute tasks, ns per
+/// processor (`ComputeProfile::handoff_ns` times its compute tasks).
+fn handoffs_ns(graph: &TaskGraph, profile: &Profile) -> Vec<(Resource, f64)> {
+    let mut totals: Vec<(Resource, f64)> = Vec::new();
+    for task in graph.tasks.iter().filter(|t| t.kind == ferry_core::graph::TaskKind::Compute) {
+        let resource = task.resource();
+        let handoff_ns = match resource {
+            Resource::Compute { at: ferry_core::graph::Place::Device(d) } => profile.device(d).compute.handoff_ns,
+            Resource::Compute { at: ferry_core::graph::Place::Host(h) } => profile.host(h).compute.handoff_ns,
+            _ => 0,
+        };
+        match totals.iter_mut().find(|(r, _)| *r == resource) {
+            Some((_, total)) => *total += handoff_ns as f64,
+            None => totals.push((resource, handoff_ns as f64)),
+        }
+    }
+    totals
 }
 
 /// The plan predicted again with every resource at the rate the run achieved: what is
@@ -234,7 +257,7 @@ mod tests {
         slower.scale_resource(Resource::DISK, 0.5);
         slower.scale_resource(Resource::DEVICE_COMPUTE, 0.8);
         let (predicted, measured) = (metrics_on(&profile), metrics_on(&slower));
-        let rates = achieved_rates(&predicted, &measured);
+        let rates = achieved_rates(&predicted, &measured, &handoffs_ns(&graph, &profile));
         let rate = |resource| rates.iter().find(|(r, _)| *r == resource).unwrap().1;
         assert!((rate(Resource::DISK) - 0.5).abs() < 0.03, "{rates:?}");
         assert!((rate(Resource::DEVICE_COMPUTE) - 0.8).abs() < 0.05, "{rates:?}");
@@ -242,6 +265,18 @@ mod tests {
         assert!(predicted.tokens_per_s > measured.tokens_per_s * 1.2, "the rates matter to this plan");
         let error = (replayed / measured.tokens_per_s - 1.0).abs();
         assert!(error < 0.02, "replayed {replayed} against {} tokens/s", measured.tokens_per_s);
+
+        // A profile with the engine's hand-over between compute tasks: a real run's
+        // spans hold the work alone (the hand-over is the gap between them), so its
+        // processor's rate is the work's, not the work and the gaps'.
+        let mut handing = profile.clone();
+        handing.device_compute.handoff_ns = 500_000;
+        let mut work_only = slower.clone();
+        work_only.device_compute.handoff_ns = 0;
+        let (predicted, measured) = (metrics_on(&handing), metrics_on(&work_only));
+        let rates = achieved_rates(&predicted, &measured, &handoffs_ns(&graph, &handing));
+        let rate = |resource| rates.iter().find(|(r, _)| *r == resource).unwrap().1;
+        assert!((rate(Resource::DEVICE_COMPUTE) - 0.8).abs() < 0.05, "{rates:?}");
     }
 
     #[test]

@@ -13,13 +13,13 @@ use ferry_core::profile::KernelTiming;
 use ferry_engine::backend::cuda::{CudaBackend, HOST_KERNELS};
 use ferry_engine::io::DiskFile;
 
-use crate::kernel_table::{measure_kernel_table, measure_task_overhead};
+use crate::kernel_table::{measure_kernel_table, measure_task_overhead, TaskCosts};
 use crate::{ProfileError, ProfileOptions, TableWeights};
 
 /// What the engine's tasks took on the GPU.
 pub(super) struct EngineTimings {
-    /// Median time a tiny model's compute task takes beyond its roofline, ns.
-    pub task_overhead_ns: u64,
+    /// A tiny model's compute tasks beyond their roofline, and between them.
+    pub task_costs: TaskCosts,
     /// The kernel table of `ProfileOptions::kernel_model` when it is a float model.
     pub table: Option<Vec<KernelTiming>>,
     /// The same model's tasks on the host CPU (empty without a float model).
@@ -40,7 +40,7 @@ pub(super) fn measure(
 ) -> Result<EngineTimings, ProfileError> {
     progress("the engine's tasks on the GPU", 0.0);
     let backend = CudaBackend::open(ordinal)?;
-    let task_overhead_ns = measure_task_overhead(&options.scratch_dir, peak_flops, memory_bytes_per_s, &backend)?;
+    let task_costs = measure_task_overhead(&options.scratch_dir, peak_flops, memory_bytes_per_s, &backend)?;
     let (table, host_table) = match &options.kernel_model {
         Some((model, TableWeights::Float(dtype))) => {
             let weights = TableWeights::Float(*dtype);
@@ -57,7 +57,7 @@ pub(super) fn measure(
         _ => (None, Vec::new()),
     };
     let copy_latency_ns = small_copy_ns(&backend)?;
-    Ok(EngineTimings { task_overhead_ns, table, host_table, copy_latency_ns })
+    Ok(EngineTimings { task_costs, table, host_table, copy_latency_ns })
 }
 
 /// The engine's fixed cost of one copy between host and GPU memory (its activation

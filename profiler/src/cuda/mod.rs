@@ -184,6 +184,8 @@ pub struct CudaMeasurements {
     pub host_compute_slowdown: f64,
     /// The engine's cost per compute task beyond its roofline (`engine`).
     pub task_overhead_ns: u64,
+    /// The engine's hand-over between one compute task and the next (`engine`).
+    pub handoff_ns: u64,
     /// The engine's cost of one small copy (`engine`): the copy curves' latency.
     pub copy_latency_ns: u64,
     /// The engine's tasks timed on the GPU (a float model), else cuBLAS's products
@@ -224,6 +226,7 @@ pub fn assemble(m: CudaMeasurements) -> Result<Profile, ProfileError> {
             matmul_efficiency: 1.0,
             memory_efficiency: 1.0,
             task_overhead_ns: m.task_overhead_ns,
+            handoff_ns: m.handoff_ns,
             table: m.kernel_table,
             // A GPU engine keeps freed device memory in a caching allocator.
             release_ns_per_mib: 0.0,
@@ -365,6 +368,7 @@ mod tests {
             matmul_efficiency: 1.0,
             memory_efficiency: 1.0,
             task_overhead_ns: 90_000,
+            handoff_ns: 12_000,
             table: Vec::new(),
             release_ns_per_mib: 50_000.0,
             dequantize: Vec::new(),
@@ -389,6 +393,7 @@ mod tests {
             host_compute: host.clone(),
             host_compute_slowdown: 0.2,
             task_overhead_ns: 41_000,
+            handoff_ns: 25_000,
             copy_latency_ns: 30_000,
             kernel_table: Vec::new(),
             machine: "test".into(),
@@ -403,6 +408,7 @@ mod tests {
         assert!((profile.interference.copy_duplex_slowdown - 0.5).abs() < 1e-12, "12 alone, 8 together");
         // The engine's own per-task and per-copy costs, not one cuBLAS launch.
         assert_eq!(profile.device_compute.task_overhead_ns, 41_000);
+        assert_eq!(profile.device_compute.handoff_ns, 25_000);
         assert_eq!(profile.host_to_device.latency_ns, 30_000);
         assert_eq!(profile.device_to_host.latency_ns, 30_000);
         assert_eq!(profile.host_compute, host);

@@ -20,6 +20,7 @@ pub fn flat_profile(gbps: f64, gflops: f64, device_bytes: u64, host_bytes: u64) 
         matmul_efficiency: 1.0,
         memory_efficiency: 1.0,
         task_overhead_ns: 0,
+        handoff_ns: 0,
         table: Vec::new(),
         release_ns_per_mib: 0.0,
         dequantize: Vec::new(),
