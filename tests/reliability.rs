@@ -411,3 +411,31 @@ fn a_run_priced_by_a_profile_of_another_page_mode_says_so() {
         }
     }
 }
+
+/// `ferry validate --runs N` runs each plan N times, each run predicted and measured on
+/// its own, and reports the run of median error with every run's error beside it; a
+/// count of 0 is refused before anything runs.
+#[test]
+fn validate_with_several_runs_reports_the_run_of_median_error() {
+    let dir = setup();
+    let profile = ferry(dir.path(), &["show", "profile", "cpu"]);
+    std::fs::write(dir.path().join("datasheet.yaml"), &profile.stdout).unwrap();
+    let args = ["validate", "--model-dir", "tiny", "--profile", "datasheet.yaml", "--plans", "2"];
+    let short = ["--prompt-len", "4", "--gen-len", "2", "--json"];
+    let out = ferry(dir.path(), &[&args[..], &short, &["--runs", "3"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans = json["plans"].as_array().unwrap();
+    assert_eq!(plans.len(), 2);
+    for plan in plans {
+        let mut errors: Vec<f64> =
+            plan["run_errors_pct"].as_array().unwrap().iter().map(|e| e.as_f64().unwrap()).collect();
+        assert_eq!(errors.len(), 3, "{plan}");
+        errors.sort_by(f64::total_cmp);
+        assert_eq!(plan["signed_error_pct"].as_f64().unwrap(), errors[1], "{plan}");
+    }
+    let out = ferry(dir.path(), &[&args[..], &short, &["--runs", "0"]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--runs"), "{}", text(&out.stderr));
+    assert!(out.stdout.is_empty());
+}

@@ -25,6 +25,11 @@ pub struct ValidateArgs {
     /// How many plans to predict and run.
     #[arg(long, default_value_t = 12)]
     plans: usize,
+    /// Run each plan this many times, each run predicted and measured on its own, and
+    /// report the run of median error (a shared machine's CPU can slow by half for a
+    /// second; every run's error is in --json and the report).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    runs: u64,
     /// Backend to run the plans on: cpu, or cuda (the plans' device is CUDA GPU 0; pass a
     /// profile measured with `ferry profile --backend cuda`).
     #[arg(long, value_name = "cpu|cuda", default_value = "cpu")]
@@ -82,6 +87,7 @@ impl ValidateArgs {
             model_dir: self.model_dir,
             profile: self.profile,
             plans: self.plans,
+            runs: self.runs as usize,
             backend: self.backend,
             tolerances,
             budget_fractions: self.budget_fractions,

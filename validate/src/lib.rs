@@ -85,6 +85,10 @@ pub struct Options {
     pub profile: PathBuf,
     /// How many plans to predict and run (at most).
     pub plans: usize,
+    /// Runs of each plan (at least 1): each is predicted and measured on its own, and
+    /// the plan's result is the run of median error, so one run on a core that slowed
+    /// for a second does not stand for the plan.
+    pub runs: usize,
     /// The engine backend the plans run on (`cpu` or `cuda`).
     pub backend: String,
     /// The gate; `None` always passes.
@@ -143,6 +147,9 @@ pub struct PlanResult {
     /// Disk read bandwidth around the run (mean of before and after) ÷ the profile's, at
     /// this plan's request size and depth.
     pub disk_factor: f64,
+    /// Every run's signed error, percent, in the order they ran (one per run; the
+    /// result is the run of median error).
+    pub run_errors_pct: Vec<f64>,
     pub predicted_busy_s: Vec<(Resource, f64)>,
     pub measured_busy_s: Vec<(Resource, f64)>,
     /// A mixture of experts: distinct experts per layer and micro-batch in a decoding
@@ -223,8 +230,18 @@ pub fn validate(options: &Options, progress: &mut dyn FnMut(Event)) -> Result<Ou
     let mut rows = Vec::new();
     for (index, plan) in plans.iter().enumerate() {
         let scratch = ferry_engine::weights::model_folder(&options.model_dir);
-        let measured =
-            measure::predict_and_run(plan, &files, &priced, backend.as_ref(), disk_file.as_deref(), &scratch)?;
+        let mut runs = Vec::with_capacity(options.runs.max(1));
+        for _ in 0..options.runs.max(1) {
+            runs.push(measure::predict_and_run(
+                plan,
+                &files,
+                &priced,
+                backend.as_ref(),
+                disk_file.as_deref(),
+                &scratch,
+            )?);
+        }
+        let measured = median_run(runs);
         if let Some(dir) = &options.report {
             report::write_plan(dir, index, plan, &measured, options.force)?;
         }
@@ -280,6 +297,16 @@ fn open_backend(
         ))));
     }
     Ok(backend)
+}
+
+/// The run of median signed error among a plan's runs (the lower middle one of an
+/// even count), with every run's error recorded in it.
+fn median_run(mut runs: Vec<measure::Measured>) -> measure::Measured {
+    let errors: Vec<f64> = runs.iter().map(|m| m.result.signed_error_pct).collect();
+    runs.sort_by(|a, b| a.result.signed_error_pct.total_cmp(&b.result.signed_error_pct));
+    let mut median = runs.swap_remove((runs.len() - 1) / 2);
+    median.result.run_errors_pct = errors;
+    median
 }
 
 /// The backend a measured profile's provenance names: the profiler writes it first

@@ -162,6 +162,7 @@ pub fn predict_and_run(
         achieved_rates,
         interval: interval.map(|i| [i.slow_tokens_per_s, i.fast_tokens_per_s]),
         disk_factor,
+        run_errors_pct: vec![error_pct(predicted.tokens_per_s)],
         predicted_busy_s: busy(&predicted),
         measured_busy_s: busy(&measured),
         experts_per_step,

@@ -98,7 +98,8 @@ fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorSt
         "\n## Every plan\n\nBusy seconds per resource, predicted / measured; the disk factor is the disk's read \
          rate around the run (mean of right before and right after) over the profile's (the prediction uses it). Plans and both traces are in \
          `plans/` (open the .json files in Perfetto). Replayed: predicted again with every resource at the rate \
-         the run achieved (achieved ÷ profile per resource in the last column).\n\n| # | plan | predicted tok/s | measured tok/s | error | replayed error | disk factor | disk busy (s) | compute busy (s) | achieved rates |\n|---|---|---|---|---|---|---|---|---|---|\n",
+         the run achieved (achieved ÷ profile per resource in the last column). With several runs of a plan \
+         (`--runs`), its row is the run of median error, and every run's error is listed.\n\n| # | plan | predicted tok/s | measured tok/s | error | runs' errors | replayed error | disk factor | disk busy (s) | compute busy (s) | achieved rates |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (i, r) in rows.iter().enumerate() {
         let pair = |resource| {
@@ -107,12 +108,13 @@ fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorSt
         let rates: Vec<String> =
             r.achieved_rates.iter().map(|(resource, f)| format!("{} {f:.2}", resource.label(false))).collect();
         md.push_str(&format!(
-            "| {:02} | {} | {:.3} | {:.3} | {:+.1} % | {:+.1} % | {:.2} | {} | {} | {} |\n",
+            "| {:02} | {} | {:.3} | {:.3} | {:+.1} % | {} | {:+.1} % | {:.2} | {} | {} | {} |\n",
             i + 1,
             r.plan,
             r.predicted_tokens_per_s,
             r.measured_tokens_per_s,
             r.signed_error_pct,
+            r.run_errors_pct.iter().map(|e| format!("{e:+.1}")).collect::<Vec<_>>().join(", "),
             r.replayed_error_pct,
             r.disk_factor,
             pair(Resource::DISK),

@@ -144,6 +144,7 @@ mod tests {
             achieved_rates: Vec::new(),
             interval: Some([predicted * 0.9, predicted * 1.2]).filter(|_| predicted < 20.0),
             disk_factor: 1.0,
+            run_errors_pct: vec![(predicted / measured - 1.0) * 100.0],
             experts_per_step: None,
             predicted_busy_s: Vec::new(),
             measured_busy_s: Vec::new(),
