@@ -164,9 +164,17 @@ budget() {
   done
 }
 
-ferry_figures() { # model plan [run options] -> "tokens/s requested-bytes"
-  "$FERRY" run --model-dir "$1" --plan "$2" "${@:3}" --json 2>/dev/null |
-    python3 -c "import json,sys; d=json.load(sys.stdin); m=d['metrics']; t=m['time_per_output_token_ns']; print(round(len(d['tokens'])*1e9/t,2) if t else 0, d['requested_read_bytes'], t)"
+ferry_figures() { # model plan [run options] -> "tokens/s requested-bytes ns-per-token" ("0 0 0": the run failed)
+  { "$FERRY" run --model-dir "$1" --plan "$2" "${@:3}" --json 2>/dev/null || true; } |
+    python3 -c "
+import json, sys
+try:
+    d = json.load(sys.stdin)
+except ValueError:
+    print(0, 0, 0)
+    sys.exit()
+m = d['metrics']; t = m['time_per_output_token_ns']
+print(round(len(d['tokens'])*1e9/t,2) if t else 0, d['requested_read_bytes'], t)"
 }
 
 experts() {
@@ -180,7 +188,9 @@ experts() {
       "$FERRY" tune --gpu cpu --host ferry-ci-vm --device-mem "$third" --model "$file" --batch $b --prompt-len 64 \
         --gen-len 32 --out "$plan" --force > /dev/null 2>&1
       grep -q "^  expert_reads: whole" "$plan" && { echo "the tuner chose whole reads for $plan"; exit 1; }
-      sed 's/^  compute_host_layers_on_host: \(.*\)$/  compute_host_layers_on_host: \1\n  expert_reads: whole/' "$plan" \
+      # Whole layers read every expert: the kept and read-ahead experts go with them.
+      sed -e 's/^  compute_host_layers_on_host: \(.*\)$/  compute_host_layers_on_host: \1\n  expert_reads: whole/' \
+        -e '/^  hot_experts:/d' -e '/^  prefetched_experts:/d' "$plan" \
         > "$PEERS/experts-$STEM-$q-b$b-whole.yaml"
     done
   done
@@ -205,8 +215,11 @@ prefill_bytes = int(sys.argv[11])
 steps = 31  # decoding steps after the prefill's token
 per_step = (routed_bytes - prefill_bytes) / steps
 achieved = per_step / routed_tpot  # bytes per ns = GB/s while decoding, reads and compute together
-print(f"{q} batch {b}: routed {routed_ts} tokens/s, whole {whole_ts} tokens/s ({routed_ts / whole_ts:.2f}x); "
-      f"decoding reads {per_step / b / 2**20:.2f} MiB per token (whole: {(whole_bytes - prefill_bytes) / steps / b / 2**20:.2f}), "
+# The same plan reading whole layers can need more memory than the budget holds.
+whole = (f"whole {whole_ts} tokens/s ({routed_ts / whole_ts:.2f}x)" if whole_ts else "whole reads do not fit the budget")
+whole_reads = f"{(whole_bytes - prefill_bytes) / steps / b / 2**20:.2f}" if whole_ts else "-"
+print(f"{q} batch {b}: routed {routed_ts} tokens/s, {whole}; "
+      f"decoding reads {per_step / b / 2**20:.2f} MiB per token (whole: {whole_reads}), "
       f"{achieved:.2f} GB/s over the decoding time (dd before the round: {rate} GB/s)")
 PY
       done
