@@ -58,6 +58,9 @@ fn tune_streams_only_the_routed_experts_where_that_wins() {
     let stdout = text(&out.stdout);
     let line = stdout.lines().find(|l| l.starts_with("experts: ")).unwrap_or_else(|| panic!("{stdout}"));
     assert!(line.contains("reads only the experts its tokens are routed to (about 8.0 of 128"), "{line}");
+    // The llama.cpp command under it computes those experts on the CPU instead: said there.
+    let note = stdout.lines().find(|l| l.starts_with("  not the same run: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(note.contains("computes CPU-placed experts on the CPU") && note.contains("ferry export"), "{note}");
     let plan: ferry_core::plan::Plan = ferry_core::yaml::read_file(&dir.path().join("plan.yaml")).unwrap();
     assert!(plan.policy.expert_reads.is_routed() && !plan.policy.compute_host_layers_on_host);
     assert!(plan.policy.mlp_weights.host + plan.policy.mlp_weights.disk > 0);

@@ -322,6 +322,14 @@ pub(crate) fn print_report(
         println!("{line}");
         let export = ferry_core::export::export(plan, model, profile, ferry_core::export::Engine::LlamaCpp);
         println!("llama.cpp for this plan:\n  {}", export.settings.replace('\n', "\n  "));
+        // The command is the nearest llama.cpp can do, not the plan, where the plan
+        // streams experts to the device: say so here, not only in `ferry export`.
+        if let Some(difference) = export.cannot_express.iter().find(|line| line.contains("experts")) {
+            println!(
+                "  not the same run: {difference}; `ferry export --to llama.cpp` prices llama.cpp's run of it \
+                 and lists every difference"
+            );
+        }
     }
     println!();
     let best = &result.best;
