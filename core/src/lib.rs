@@ -27,6 +27,7 @@ pub mod npy;
 pub mod plan;
 pub mod profile;
 mod profile_check;
+mod profile_datasheet;
 mod profile_drift;
 pub mod resolve;
 pub mod schedule;
