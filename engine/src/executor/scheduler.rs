@@ -4,7 +4,7 @@
 //! resources and pools; nothing of the model.
 
 use std::collections::HashMap;
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use ferry_core::dispatch::Dispatcher;
@@ -23,6 +23,9 @@ use crate::EngineError;
 enum Event {
     /// A task of this process ran on a lane: (task, lane, start ns, end ns, result).
     Ran(u32, u32, u64, u64, Result<(), EngineError>),
+    /// A lane that handled its task's end itself (`Shared`) left nothing running, or
+    /// everything finished: the scheduler looks at the state again.
+    Wake,
     /// Another machine announced a task this process waits on, at this ns.
     Arrived(u32, Result<Arrival, EngineError>, u64),
     /// A stage worker's report (the head gathers them).
@@ -33,6 +36,23 @@ enum Event {
     Closed(u16),
 }
 
+/// Tells a lane's thread to stop (no task has this id).
+const STOP: u32 = u32::MAX;
+
+/// The scheduler's state. In a run of one process the lane that ran a task records its
+/// end and dispatches what it made ready itself, under this lock: a chain of tasks on
+/// one lane then goes from one to the next without waking the scheduler's thread and
+/// then the lane's again (two thread wake-ups, 12-37 µs on the 2-core build VM, which
+/// were most of the gap between a small model's compute tasks). Over several machines
+/// the scheduler's thread does it all, beside the peers' announcements.
+struct Shared<'g> {
+    dispatcher: Dispatcher<'g>,
+    spans: Vec<Span>,
+    failure: Option<EngineError>,
+    /// Tasks sent to this process's lanes and not yet ended.
+    local_running: usize,
+}
+
 /// What running the graph gave: this process's spans, and over several machines the
 /// workers' reports (the head's) and when announced activations arrived here.
 pub(super) struct Executed {
@@ -41,31 +61,45 @@ pub(super) struct Executed {
     pub arrivals: Vec<(u32, u64)>,
 }
 
+/// Each lane's channel, indexed like the graph's resources (another machine's
+/// resources get none).
+type Senders = Vec<Vec<mpsc::Sender<u32>>>;
+
 impl<'a> Engine<'a> {
     pub(super) fn execute_graph(&self, baseline_rss_bytes: u64, setup_ns: u64) -> Result<Executed, EngineError> {
         let graph = self.graph;
         let count = graph.tasks.len();
-        let mut dispatcher = Dispatcher::new(graph);
-        let mut spans = vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; count];
-        let mut failure: Option<EngineError> = None;
+        let shared = Mutex::new(Shared {
+            dispatcher: Dispatcher::new(graph),
+            spans: vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; count],
+            failure: None,
+            local_running: 0,
+        });
         let mut reports: Vec<StageReport> = Vec::new();
         let mut arrivals: Vec<(u32, u64)> = Vec::new();
         let clock = Instant::now();
+        // A lane handles its own tasks' ends without a network only (see `Shared`).
+        let inline = self.net.is_none();
+        let (done_tx, done_rx) = mpsc::channel::<Event>();
+        let mut senders: Senders = Vec::new();
+        let mut receivers = Vec::new();
+        for spec in &graph.resources {
+            let lanes = if self.runs_resource(spec.resource) { spec.lanes.max(1) } else { 0 };
+            let (tx, rx): (Vec<_>, Vec<_>) = (0..lanes).map(|_| mpsc::channel::<u32>()).unzip();
+            senders.push(tx);
+            receivers.push(rx);
+        }
+        // Freed weight buffers may be kept mapped only while their device's pool has
+        // room for them beside everything the graph accounts.
+        let budgets = DeviceBudgets::new(graph, &self.recyclers);
+        budgets.refresh(&lock(&shared).dispatcher);
 
         std::thread::scope(|scope| {
-            let (done_tx, done_rx) = mpsc::channel::<Event>();
-            // One worker thread per lane of every resource this process runs, indexed
-            // like the graph's list (another machine's resources get none).
-            let mut senders: Vec<Vec<mpsc::Sender<u32>>> = Vec::new();
-            'spawn: for spec in &graph.resources {
-                let mut lanes = Vec::new();
-                if !self.runs_resource(spec.resource) {
-                    senders.push(lanes);
-                    continue;
-                }
-                for lane in 0..spec.lanes.max(1) {
-                    let (tx, rx) = mpsc::channel::<u32>();
-                    lanes.push(tx);
+            // One worker thread per lane of every resource this process runs.
+            let mut started: Vec<&mpsc::Sender<u32>> = Vec::new();
+            'spawn: for ((spec, lanes), txs) in graph.resources.iter().zip(receivers).zip(&senders) {
+                for ((lane, rx), tx) in lanes.into_iter().enumerate().zip(txs) {
+                    let lane = lane as u32;
                     let done = done_tx.clone();
                     let name = format!("ferry-{}-{lane}", graph.resource_label(spec.resource));
                     // Computing on the CPU, the lane runs its tasks inside its own pool of
@@ -75,20 +109,40 @@ impl<'a> Engine<'a> {
                             match crate::kernels::lend_compute_threads("ferry-lane") {
                                 Ok(pool) => Some(pool),
                                 Err(e) => {
-                                    failure = Some(EngineError::Internal(format!("starting {name}'s threads: {e}")));
+                                    lock(&shared).failure =
+                                        Some(EngineError::Internal(format!("starting {name}'s threads: {e}")));
                                     break 'spawn;
                                 }
                             }
                         }
                         _ => None,
                     };
+                    let (shared, budgets, senders) = (&shared, &budgets, &senders);
                     let spawned = std::thread::Builder::new().name(name.clone()).spawn_scoped(scope, move || {
                         let serve = move || {
                             while let Ok(id) = rx.recv() {
+                                if id == STOP {
+                                    return;
+                                }
                                 let start = clock.elapsed().as_nanos() as u64;
                                 let result = self.execute(id);
                                 let end = clock.elapsed().as_nanos() as u64;
-                                if done.send(Event::Ran(id, lane, start, end, result)).is_err() {
+                                let event = if inline {
+                                    let mut state = lock(shared);
+                                    self.ran(&mut state, budgets, (id, lane, start, end), result);
+                                    if state.failure.is_none() && !state.dispatcher.is_finished() {
+                                        self.dispatch(&mut state, budgets, senders);
+                                    }
+                                    let idle = state.local_running == 0 || state.dispatcher.is_finished();
+                                    drop(state);
+                                    if !idle {
+                                        continue;
+                                    }
+                                    Event::Wake
+                                } else {
+                                    Event::Ran(id, lane, start, end, result)
+                                };
+                                if done.send(event).is_err() {
                                     return;
                                 }
                             }
@@ -103,167 +157,217 @@ impl<'a> Engine<'a> {
                     });
                     // The system refusing a thread ends the run with an error, not a panic
                     // (nothing has been dispatched yet).
-                    if let Err(e) = spawned {
-                        failure = Some(EngineError::io(std::path::Path::new(&format!("thread {name}")), e));
-                        break 'spawn;
+                    match spawned {
+                        Ok(_) => started.push(tx),
+                        Err(e) => {
+                            lock(shared).failure =
+                                Some(EngineError::io(std::path::Path::new(&format!("thread {name}")), e));
+                            break 'spawn;
+                        }
                     }
                 }
-                senders.push(lanes);
             }
             self.spawn_readers(scope, &done_tx, clock);
             drop(done_tx);
-            // Freed weight buffers may be kept mapped only while their device's pool has
-            // room for them beside everything the graph accounts.
-            let budgets = DeviceBudgets::new(graph, &self.recyclers);
-            budgets.refresh(&dispatcher);
-            let mut local_running = 0usize;
-            // Another machine's tasks this process waits on: dispatched here and not yet
-            // heard of (by lane), or heard of and not yet dispatched.
-            let mut awaiting: HashMap<u32, u32> = HashMap::new();
-            let mut arrived: HashMap<u32, Arrival> = HashMap::new();
-            // Announcements still owed by each other machine.
-            let mut pending_from: HashMap<u16, usize> = HashMap::new();
-            if let Some(net) = &self.net {
-                for (id, _) in net.view.awaited.iter().enumerate().filter(|(_, &a)| a) {
-                    *pending_from.entry(self.owner_of(id as u32)).or_default() += 1;
+            self.drive(&shared, &budgets, &senders, &done_rx, &mut reports, &mut arrivals);
+            // Every lane stops once its queue is empty.
+            for tx in started {
+                let _ = tx.send(STOP);
+            }
+            let state = lock(&shared);
+            self.finish_network(&state.failure, &state.spans, &arrivals, baseline_rss_bytes, setup_ns);
+        });
+        let state = shared.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match state.failure {
+            Some(e) => Err(e),
+            None => Ok(Executed { spans: state.spans, reports, arrivals }),
+        }
+    }
+
+    /// The scheduler's thread: dispatches, hears of tasks' ends (over several machines,
+    /// of the peers' announcements too) until the graph is finished or has failed.
+    fn drive(
+        &self,
+        shared: &Mutex<Shared>,
+        budgets: &DeviceBudgets,
+        senders: &Senders,
+        done_rx: &mpsc::Receiver<Event>,
+        reports: &mut Vec<StageReport>,
+        arrivals: &mut Vec<(u32, u64)>,
+    ) {
+        // Another machine's tasks this process waits on: dispatched here and not yet
+        // heard of (by lane), or heard of and not yet dispatched.
+        let mut awaiting: HashMap<u32, u32> = HashMap::new();
+        let mut arrived: HashMap<u32, Arrival> = HashMap::new();
+        // Announcements still owed by each other machine.
+        let mut pending_from: HashMap<u16, usize> = HashMap::new();
+        if let Some(net) = &self.net {
+            for (id, _) in net.view.awaited.iter().enumerate().filter(|(_, &a)| a) {
+                *pending_from.entry(self.owner_of(id as u32)).or_default() += 1;
+            }
+        }
+        let mut reports_due =
+            self.net.as_ref().map_or(0, |n| if n.network.is_head() { n.network.peers.len() } else { 0 });
+        loop {
+            let mut state = lock(shared);
+            if state.dispatcher.is_finished() && reports_due == 0 {
+                break;
+            }
+            if state.failure.is_none() && !state.dispatcher.is_finished() {
+                let elsewhere = self.dispatch(&mut state, budgets, senders);
+                // Another machine's task ends here at once, unless this process waits
+                // on it: then when its announcement is (or was) received.
+                let mut progressed = false;
+                for (id, lane) in elsewhere {
+                    if !self.awaits(id) {
+                        state.dispatcher.complete(id, lane);
+                        progressed = true;
+                    } else if let Some(arrival) = arrived.remove(&id) {
+                        if let Err(e) = self.install(id, arrival) {
+                            state.failure.get_or_insert(e);
+                        }
+                        state.dispatcher.complete(id, lane);
+                        progressed = true;
+                    } else {
+                        awaiting.insert(id, lane);
+                    }
+                }
+                if progressed {
+                    continue;
                 }
             }
-            let mut reports_due =
-                self.net.as_ref().map_or(0, |n| if n.network.is_head() { n.network.peers.len() } else { 0 });
-            loop {
-                if dispatcher.is_finished() && reports_due == 0 {
-                    break;
+            if state.failure.is_some() && state.local_running == 0 {
+                break;
+            }
+            if state.failure.is_none()
+                && !state.dispatcher.is_finished()
+                && state.local_running == 0
+                && awaiting.is_empty()
+            {
+                state.failure = Some(EngineError::Deadlock(state.dispatcher.stall().message));
+                break;
+            }
+            drop(state);
+            let Ok(event) = done_rx.recv() else {
+                lock(shared).failure.get_or_insert(EngineError::Internal("workers vanished".into()));
+                break;
+            };
+            let mut state = lock(shared);
+            match event {
+                Event::Ran(id, lane, start, end, result) => {
+                    self.ran(&mut state, budgets, (id, lane, start, end), result)
                 }
-                if failure.is_none() && !dispatcher.is_finished() {
-                    let mut elsewhere = Vec::new();
-                    let mut room = budgets.room(&dispatcher);
-                    dispatcher.dispatch(|id, lane, r| {
-                        if !self.owns(id) {
-                            elsewhere.push((id, lane));
-                            return;
+                Event::Wake => {}
+                Event::Arrived(id, arrival, at_ns) => {
+                    arrivals.push((id, at_ns));
+                    if let Some(owed) = pending_from.get_mut(&self.owner_of(id)) {
+                        *owed = owed.saturating_sub(1);
+                    }
+                    match (arrival, awaiting.remove(&id)) {
+                        (Err(e), _) => {
+                            state.failure.get_or_insert(e);
                         }
-                        let task = &graph.tasks[id as usize];
-                        // A weight read takes a kept buffer before the limit shrinks by its
-                        // bytes; the rest are unmapped now if they no longer fit.
-                        if let (TaskKind::DiskRead, Payload::Weights { group }) = (task.kind, task.payload) {
-                            if !Engine::lands_on_host(task) && group != WeightGroup::Embeddings {
-                                // What it holds, not what it is expected to move: a routed
-                                // read's bytes are known only as it starts.
-                                let held: u64 = task.acquire.iter().map(|m| m.bytes).sum();
-                                if let Some(buffer) = self.recycler(task.layer).take_kept(held as usize) {
-                                    lock(&self.reserved).insert(self.key(task, group), buffer);
-                                }
-                            }
-                        }
-                        budgets.acquired(task, &mut room);
-                        local_running += 1;
-                        if senders[r][lane as usize].send(id).is_err() {
-                            failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
-                        }
-                    });
-                    // Another machine's task ends here at once, unless this process waits
-                    // on it: then when its announcement is (or was) received.
-                    let mut progressed = false;
-                    for (id, lane) in elsewhere {
-                        if !self.awaits(id) {
-                            dispatcher.complete(id, lane);
-                            progressed = true;
-                        } else if let Some(arrival) = arrived.remove(&id) {
+                        (Ok(arrival), Some(lane)) => {
                             if let Err(e) = self.install(id, arrival) {
-                                failure.get_or_insert(e);
+                                state.failure.get_or_insert(e);
                             }
-                            dispatcher.complete(id, lane);
-                            progressed = true;
-                        } else {
-                            awaiting.insert(id, lane);
+                            state.dispatcher.complete(id, lane);
                         }
-                    }
-                    if progressed {
-                        continue;
+                        (Ok(arrival), None) => {
+                            arrived.insert(id, arrival);
+                        }
                     }
                 }
-                if failure.is_some() && local_running == 0 {
-                    break;
-                }
-                if failure.is_none() && !dispatcher.is_finished() && local_running == 0 && awaiting.is_empty() {
-                    failure = Some(EngineError::Deadlock(dispatcher.stall().message));
-                    break;
-                }
-                let Ok(event) = done_rx.recv() else {
-                    failure.get_or_insert(EngineError::Internal("workers vanished".into()));
-                    break;
-                };
-                match event {
-                    Event::Ran(id, lane, start, end, result) => {
-                        local_running -= 1;
-                        spans[id as usize] = Span { task: id, lane, start_ns: start, end_ns: end };
-                        dispatcher.complete(id, lane);
-                        budgets.refresh(&dispatcher);
-                        if let Err(e) = result {
-                            failure.get_or_insert(e);
-                        }
-                        let finished = dispatcher.finished();
-                        if let Some(progress) = &self.options.progress {
-                            if finished.is_multiple_of(64) || finished == count {
-                                progress(finished, count);
-                            }
-                        }
-                    }
-                    Event::Arrived(id, arrival, at_ns) => {
-                        arrivals.push((id, at_ns));
-                        if let Some(owed) = pending_from.get_mut(&self.owner_of(id)) {
-                            *owed = owed.saturating_sub(1);
-                        }
-                        match (arrival, awaiting.remove(&id)) {
-                            (Err(e), _) => {
-                                failure.get_or_insert(e);
-                            }
-                            (Ok(arrival), Some(lane)) => {
-                                if let Err(e) = self.install(id, arrival) {
-                                    failure.get_or_insert(e);
-                                }
-                                dispatcher.complete(id, lane);
-                            }
-                            (Ok(arrival), None) => {
-                                arrived.insert(id, arrival);
-                            }
-                        }
-                    }
-                    Event::Finished(host, json) => {
-                        reports_due = reports_due.saturating_sub(1);
-                        match serde_json::from_str::<StageReport>(&json) {
-                            Ok(report) => reports.push(report),
-                            Err(e) => {
-                                failure.get_or_insert(EngineError::Network(format!(
-                                    "the stage process of node {host} sent an unreadable report: {e}"
-                                )));
-                            }
-                        }
-                    }
-                    Event::PeerFailed(message) => {
-                        failure.get_or_insert(EngineError::Network(message));
-                    }
-                    Event::Closed(host) => {
-                        // Normal once that process sent all this one waits on (and, to
-                        // the head, its report).
-                        let reported = reports.iter().any(|r| r.host == host);
-                        let head = self.net.as_ref().is_some_and(|n| n.network.is_head());
-                        let owed = pending_from.get(&host).copied().unwrap_or(0);
-                        if owed > 0 || (head && !reported) {
-                            failure.get_or_insert(EngineError::Network(format!(
-                                "the stage process of node {host} closed its connection before the run ended"
+                Event::Finished(host, json) => {
+                    reports_due = reports_due.saturating_sub(1);
+                    match serde_json::from_str::<StageReport>(&json) {
+                        Ok(report) => reports.push(report),
+                        Err(e) => {
+                            state.failure.get_or_insert(EngineError::Network(format!(
+                                "the stage process of node {host} sent an unreadable report: {e}"
                             )));
                         }
                     }
                 }
+                Event::PeerFailed(message) => {
+                    state.failure.get_or_insert(EngineError::Network(message));
+                }
+                Event::Closed(host) => {
+                    // Normal once that process sent all this one waits on (and, to
+                    // the head, its report).
+                    let reported = reports.iter().any(|r| r.host == host);
+                    let head = self.net.as_ref().is_some_and(|n| n.network.is_head());
+                    let owed = pending_from.get(&host).copied().unwrap_or(0);
+                    if owed > 0 || (head && !reported) {
+                        state.failure.get_or_insert(EngineError::Network(format!(
+                            "the stage process of node {host} closed its connection before the run ended"
+                        )));
+                    }
+                }
             }
-            // Dropping the senders ends the workers.
-            drop(senders);
-            self.finish_network(&failure, &spans, &arrivals, baseline_rss_bytes, setup_ns);
+        }
+    }
+
+    /// Sends every task the dispatcher finds ready to its lane; returns another
+    /// machine's tasks among them (task, lane).
+    fn dispatch(&self, state: &mut Shared, budgets: &DeviceBudgets, senders: &Senders) -> Vec<(u32, u32)> {
+        let graph = self.graph;
+        let mut elsewhere = Vec::new();
+        let mut room = budgets.room(&state.dispatcher);
+        let (mut started, mut stopped) = (0usize, false);
+        state.dispatcher.dispatch(|id, lane, r| {
+            if !self.owns(id) {
+                elsewhere.push((id, lane));
+                return;
+            }
+            let task = &graph.tasks[id as usize];
+            // A weight read takes a kept buffer before the limit shrinks by its bytes;
+            // the rest are unmapped now if they no longer fit.
+            if let (TaskKind::DiskRead, Payload::Weights { group }) = (task.kind, task.payload) {
+                if !Engine::lands_on_host(task) && group != WeightGroup::Embeddings {
+                    // What it holds, not what it is expected to move: a routed read's
+                    // bytes are known only as it starts.
+                    let held: u64 = task.acquire.iter().map(|m| m.bytes).sum();
+                    if let Some(buffer) = self.recycler(task.layer).take_kept(held as usize) {
+                        lock(&self.reserved).insert(self.key(task, group), buffer);
+                    }
+                }
+            }
+            budgets.acquired(task, &mut room);
+            started += 1;
+            if senders[r][lane as usize].send(id).is_err() {
+                stopped = true;
+            }
         });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(Executed { spans, reports, arrivals }),
+        state.local_running += started;
+        if stopped {
+            state.failure.get_or_insert(EngineError::Internal("a worker stopped".into()));
+        }
+        elsewhere
+    }
+
+    /// A task of this process ended: its span, its end to the dispatcher, the devices'
+    /// budgets, its error if any, progress.
+    fn ran(
+        &self,
+        state: &mut Shared,
+        budgets: &DeviceBudgets,
+        span: (u32, u32, u64, u64),
+        result: Result<(), EngineError>,
+    ) {
+        let (id, lane, start_ns, end_ns) = span;
+        state.local_running -= 1;
+        state.spans[id as usize] = Span { task: id, lane, start_ns, end_ns };
+        state.dispatcher.complete(id, lane);
+        budgets.refresh(&state.dispatcher);
+        if let Err(e) = result {
+            state.failure.get_or_insert(e);
+        }
+        let (finished, count) = (state.dispatcher.finished(), self.graph.tasks.len());
+        if let Some(progress) = &self.options.progress {
+            if finished.is_multiple_of(64) || finished == count {
+                progress(finished, count);
+            }
         }
     }
 
