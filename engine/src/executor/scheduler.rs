@@ -1,6 +1,7 @@
 //! The scheduler: drives `ferry_core::dispatch::Dispatcher` (the simulator's rule)
-//! from the calling thread, with one worker thread per lane of every resource, and
-//! hands each task to the code that moves or computes its data. It knows tasks,
+//! with one worker thread per lane of every resource — each lane dispatches what its
+//! task's end made ready, the calling thread what other machines announce — and hands
+//! each task to the code that moves or computes its data. It knows tasks,
 //! resources and pools; nothing of the model.
 
 use std::collections::HashMap;
@@ -21,8 +22,6 @@ use crate::EngineError;
 
 /// What the scheduler waits for.
 enum Event {
-    /// A task of this process ran on a lane: (task, lane, start ns, end ns, result).
-    Ran(u32, u32, u64, u64, Result<(), EngineError>),
     /// A lane that handled its task's end itself (`Shared`) left nothing running, or
     /// everything finished: the scheduler looks at the state again.
     Wake,
@@ -39,18 +38,23 @@ enum Event {
 /// Tells a lane's thread to stop (no task has this id).
 const STOP: u32 = u32::MAX;
 
-/// The scheduler's state. In a run of one process the lane that ran a task records its
-/// end and dispatches what it made ready itself, under this lock: a chain of tasks on
-/// one lane then goes from one to the next without waking the scheduler's thread and
-/// then the lane's again (two thread wake-ups, 12-37 µs on the 2-core build VM, which
-/// were most of the gap between a small model's compute tasks). Over several machines
-/// the scheduler's thread does it all, beside the peers' announcements.
+/// The scheduler's state. The lane that ran a task records its end and dispatches what
+/// it made ready itself, under this lock: a chain of tasks on one lane then goes from
+/// one to the next without waking the scheduler's thread and then the lane's again (two
+/// thread wake-ups, 12-37 µs on the 2-core build VM, which were most of the gap between
+/// a small model's compute tasks). The scheduler's thread hears of the rest: another
+/// machine's announcements, its report, a lane left idle.
 struct Shared<'g> {
     dispatcher: Dispatcher<'g>,
     spans: Vec<Span>,
     failure: Option<EngineError>,
     /// Tasks sent to this process's lanes and not yet ended.
     local_running: usize,
+    /// Another machine's tasks this process waits on, dispatched here and not yet heard
+    /// of (task → lane).
+    awaiting: HashMap<u32, u32>,
+    /// Another machine's tasks heard of and not yet dispatched here.
+    arrived: HashMap<u32, Arrival>,
 }
 
 /// What running the graph gave: this process's spans, and over several machines the
@@ -74,12 +78,12 @@ impl<'a> Engine<'a> {
             spans: vec![Span { task: 0, lane: 0, start_ns: 0, end_ns: 0 }; count],
             failure: None,
             local_running: 0,
+            awaiting: HashMap::new(),
+            arrived: HashMap::new(),
         });
         let mut reports: Vec<StageReport> = Vec::new();
         let mut arrivals: Vec<(u32, u64)> = Vec::new();
         let clock = Instant::now();
-        // A lane handles its own tasks' ends without a network only (see `Shared`).
-        let inline = self.net.is_none();
         let (done_tx, done_rx) = mpsc::channel::<Event>();
         let mut senders: Senders = Vec::new();
         let mut receivers = Vec::new();
@@ -127,22 +131,14 @@ impl<'a> Engine<'a> {
                                 let start = clock.elapsed().as_nanos() as u64;
                                 let result = self.execute(id);
                                 let end = clock.elapsed().as_nanos() as u64;
-                                let event = if inline {
-                                    let mut state = lock(shared);
-                                    self.ran(&mut state, budgets, (id, lane, start, end), result);
-                                    if state.failure.is_none() && !state.dispatcher.is_finished() {
-                                        self.dispatch(&mut state, budgets, senders);
-                                    }
-                                    let idle = state.local_running == 0 || state.dispatcher.is_finished();
-                                    drop(state);
-                                    if !idle {
-                                        continue;
-                                    }
-                                    Event::Wake
-                                } else {
-                                    Event::Ran(id, lane, start, end, result)
-                                };
-                                if done.send(event).is_err() {
+                                let mut state = lock(shared);
+                                self.ran(&mut state, budgets, (id, lane, start, end), result);
+                                self.advance(&mut state, budgets, senders);
+                                let idle = state.local_running == 0 || state.dispatcher.is_finished();
+                                drop(state);
+                                // Only a lane that left nothing running wakes the scheduler's
+                                // thread: to finish, or to see whether the run can go on.
+                                if idle && done.send(Event::Wake).is_err() {
                                     return;
                                 }
                             }
@@ -184,8 +180,9 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// The scheduler's thread: dispatches, hears of tasks' ends (over several machines,
-    /// of the peers' announcements too) until the graph is finished or has failed.
+    /// The scheduler's thread: dispatches the first tasks, then wakes when a lane is
+    /// left idle or (over several machines) a peer announces a task, until the graph is
+    /// finished (and the workers have reported to the head) or has failed.
     fn drive(
         &self,
         shared: &Mutex<Shared>,
@@ -195,10 +192,6 @@ impl<'a> Engine<'a> {
         reports: &mut Vec<StageReport>,
         arrivals: &mut Vec<(u32, u64)>,
     ) {
-        // Another machine's tasks this process waits on: dispatched here and not yet
-        // heard of (by lane), or heard of and not yet dispatched.
-        let mut awaiting: HashMap<u32, u32> = HashMap::new();
-        let mut arrived: HashMap<u32, Arrival> = HashMap::new();
         // Announcements still owed by each other machine.
         let mut pending_from: HashMap<u16, usize> = HashMap::new();
         if let Some(net) = &self.net {
@@ -213,36 +206,14 @@ impl<'a> Engine<'a> {
             if state.dispatcher.is_finished() && reports_due == 0 {
                 break;
             }
-            if state.failure.is_none() && !state.dispatcher.is_finished() {
-                let elsewhere = self.dispatch(&mut state, budgets, senders);
-                // Another machine's task ends here at once, unless this process waits
-                // on it: then when its announcement is (or was) received.
-                let mut progressed = false;
-                for (id, lane) in elsewhere {
-                    if !self.awaits(id) {
-                        state.dispatcher.complete(id, lane);
-                        progressed = true;
-                    } else if let Some(arrival) = arrived.remove(&id) {
-                        if let Err(e) = self.install(id, arrival) {
-                            state.failure.get_or_insert(e);
-                        }
-                        state.dispatcher.complete(id, lane);
-                        progressed = true;
-                    } else {
-                        awaiting.insert(id, lane);
-                    }
-                }
-                if progressed {
-                    continue;
-                }
-            }
+            self.advance(&mut state, budgets, senders);
             if state.failure.is_some() && state.local_running == 0 {
                 break;
             }
             if state.failure.is_none()
                 && !state.dispatcher.is_finished()
                 && state.local_running == 0
-                && awaiting.is_empty()
+                && state.awaiting.is_empty()
             {
                 state.failure = Some(EngineError::Deadlock(state.dispatcher.stall().message));
                 break;
@@ -254,16 +225,13 @@ impl<'a> Engine<'a> {
             };
             let mut state = lock(shared);
             match event {
-                Event::Ran(id, lane, start, end, result) => {
-                    self.ran(&mut state, budgets, (id, lane, start, end), result)
-                }
                 Event::Wake => {}
                 Event::Arrived(id, arrival, at_ns) => {
                     arrivals.push((id, at_ns));
                     if let Some(owed) = pending_from.get_mut(&self.owner_of(id)) {
                         *owed = owed.saturating_sub(1);
                     }
-                    match (arrival, awaiting.remove(&id)) {
+                    match (arrival, state.awaiting.remove(&id)) {
                         (Err(e), _) => {
                             state.failure.get_or_insert(e);
                         }
@@ -274,7 +242,7 @@ impl<'a> Engine<'a> {
                             state.dispatcher.complete(id, lane);
                         }
                         (Ok(arrival), None) => {
-                            arrived.insert(id, arrival);
+                            state.arrived.insert(id, arrival);
                         }
                     }
                 }
@@ -304,6 +272,32 @@ impl<'a> Engine<'a> {
                         )));
                     }
                 }
+            }
+        }
+    }
+
+    /// Dispatches until nothing more is ready: this process's tasks go to their lanes;
+    /// another machine's task ends here at once, unless this process waits on it: then
+    /// when its announcement is (or was) received.
+    fn advance(&self, state: &mut Shared, budgets: &DeviceBudgets, senders: &Senders) {
+        while state.failure.is_none() && !state.dispatcher.is_finished() {
+            let mut progressed = false;
+            for (id, lane) in self.dispatch(state, budgets, senders) {
+                if !self.awaits(id) {
+                    state.dispatcher.complete(id, lane);
+                    progressed = true;
+                } else if let Some(arrival) = state.arrived.remove(&id) {
+                    if let Err(e) = self.install(id, arrival) {
+                        state.failure.get_or_insert(e);
+                    }
+                    state.dispatcher.complete(id, lane);
+                    progressed = true;
+                } else {
+                    state.awaiting.insert(id, lane);
+                }
+            }
+            if !progressed {
+                return;
             }
         }
     }
