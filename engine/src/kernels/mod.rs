@@ -15,7 +15,9 @@ use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
 pub use bf16::{few_rows_path, linear_bf16, linear_bf16_for, matrix_path};
-pub use quant_rows::{linear_q8, linear_quant, quant_converted, quant_rows, Activations, QuantMatrix};
+pub use quant_rows::{
+    byte_products_path, linear_q8, linear_quant, quant_converted, quant_rows, Activations, QuantMatrix,
+};
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 
 /// Converts `bytes` of `dtype` to f32 into `out` (same element count).

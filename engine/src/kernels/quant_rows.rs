@@ -43,7 +43,7 @@ macro_rules! with_rows {
 mod k_quants;
 mod q8;
 
-pub use q8::{linear_q8, Activations};
+pub use q8::{byte_products_path, linear_q8, Activations};
 
 /// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks.
 #[derive(Clone, Copy)]

@@ -250,6 +250,16 @@ fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: us
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
         let transposed = m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
+        // One row of x on the AVX-512 path: VNNI's byte products where the CPU has them.
+        // SAFETY: as below, with x's one row.
+        if m == 1
+            && matches!(path, SimdPath::Avx512)
+            && x86::has_vnni()
+            && unsafe { x86::one_row_vnni(w.format, weights, row_bytes, &xq.rows(0, 1), k, &mut dots) }
+        {
+            emit(0, 1, &dots);
+            return true;
+        }
         let mut groups = |multiply: Multiply| {
             for group in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - group);
@@ -332,6 +342,16 @@ fn decode_block(format: BlockFormat, block: &[u8]) -> ([i8; BLOCK], f32) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+/// The instructions one row of 8-bit x multiplies Q4_K and Q6_K blocks with on the
+/// AVX-512 path: "vnni" (AVX-512 VNNI, declined by `FERRY_VNNI=off`) or "maddubs".
+pub fn byte_products_path() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(crate::kernels::simd_path(), Some(SimdPath::Avx512)) && x86::has_vnni() {
+        return "vnni";
+    }
+    "maddubs"
+}
 
 #[cfg(test)]
 mod tests;

@@ -121,8 +121,8 @@ pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::x86::{
-        broadcast_halves, f16_scales, paired_nibbles, prefetch_next_rows, reduce_halves, reduce_paired, store,
-        transpose_groups,
+        broadcast_halves, f16_scales, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves, reduce_paired,
+        store, transpose_groups,
     };
     use super::super::QuantizedX;
     use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
@@ -149,6 +149,26 @@ pub(super) mod x86 {
         }
     }
 
+    /// One row of x with AVX-512 VNNI (`q8::x86::one_row_vnni`): Q4_K or Q6_K.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub(in super::super) unsafe fn one_row_vnni(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY (each arm): as the caller vouches.
+        unsafe {
+            if format == BlockFormat::Q6K {
+                eight::<1, true, false, true>(weights, row_bytes, x, k, dots)
+            } else {
+                q4_k_one_row::<true>(weights, row_bytes, x, k, dots)
+            }
+        }
+    }
+
     /// `eight` by rows for one or two rows of x, by columns from three.
     #[inline(always)]
     unsafe fn eight_m<const M: usize, const Q6: bool>(
@@ -161,11 +181,11 @@ pub(super) mod x86 {
         // SAFETY: as the caller vouches.
         unsafe {
             if M >= 3 {
-                eight::<M, Q6, true>(weights, row_bytes, x, k, dots)
+                eight::<M, Q6, true, false>(weights, row_bytes, x, k, dots)
             } else if M == 1 && !Q6 {
-                q4_k_one_row(weights, row_bytes, x, k, dots)
+                q4_k_one_row::<false>(weights, row_bytes, x, k, dots)
             } else {
-                eight::<M, Q6, false>(weights, row_bytes, x, k, dots)
+                eight::<M, Q6, false, false>(weights, row_bytes, x, k, dots)
             }
         }
     }
@@ -249,6 +269,33 @@ pub(super) mod x86 {
         }
     }
 
+    /// `q6_k_weights` in fewer operations where AVX-512 VL is present (the VNNI
+    /// kernels): `qh`'s pair shifted straight to bits 4–5 and merged with the nibble
+    /// under a mask by one `VPTERNLOGD`. The same bytes.
+    #[inline(always)]
+    unsafe fn q6_k_weights_ternary(block: *const u8, c: usize, low4: __m256i) -> __m256i {
+        let (half, quarter) = (c / 4, c % 4);
+        // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64); AVX-512
+        // VL is present where this is inlined.
+        unsafe {
+            let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
+            let low = if quarter < 2 { ql } else { _mm256_srli_epi16::<4>(ql) };
+            let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
+            // Pair `quarter` (bits 2q, 2q + 1) to bits 4–5.
+            let high = match quarter {
+                0 => _mm256_slli_epi16::<4>(qh),
+                1 => _mm256_slli_epi16::<2>(qh),
+                2 => qh,
+                _ => _mm256_srli_epi16::<2>(qh),
+            };
+            // (low & 0x0F) | (high & 0x30): the pair masked, then one table (bit
+            // (a << 2 | b << 1 | c) of 0xD8 is `c ? b : a`) takes low's bits under
+            // 0x0F and high's elsewhere.
+            let high = _mm256_and_si256(high, _mm256_set1_epi8(0x30));
+            _mm256_ternarylogic_epi32::<0xD8>(high, low, low4)
+        }
+    }
+
     /// The eight rows' products with `M` rows of x, block by block, each row of x's
     /// integer sums for the block as one vector whose lane r is weight row r's (by
     /// `row_totals` or, with `COLUMNS`, `column_totals`: the same integers).
@@ -317,7 +364,7 @@ pub(super) mod x86 {
     /// The integers are `row_totals`' (the block's two halves added, as `accumulate`
     /// adds them) and the float steps `accumulate`'s: the same bits.
     #[inline(always)]
-    unsafe fn q4_k_one_row(
+    unsafe fn q4_k_one_row<const VNNI: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
@@ -329,7 +376,7 @@ pub(super) mod x86 {
         // SAFETY: see `eight_rows`: super-block s of each of the eight rows lies inside
         // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
         unsafe {
-            let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+            let nibble = _mm256_set1_epi8(0x0F);
             let mut acc = _mm256_setzero_ps();
             for s in 0..supers {
                 let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * BLOCK_BYTES);
@@ -348,14 +395,8 @@ pub(super) mod x86 {
                         let values = |r: usize, half: usize| at(r).add(16 + 32 * chunk + 16 * half);
                         let (low_a, high_a) = paired_nibbles(values(p, 0), values(p + 4, 0), nibble);
                         let (low_b, high_b) = paired_nibbles(values(p, 1), values(p + 4, 1), nibble);
-                        let pairs =
-                            _mm256_add_epi16(_mm256_maddubs_epi16(low_a, x0_low), _mm256_maddubs_epi16(low_b, x0_high));
-                        even[p] = _mm256_madd_epi16(pairs, ones);
-                        let pairs = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(high_a, x1_low),
-                            _mm256_maddubs_epi16(high_b, x1_high),
-                        );
-                        odd[p] = _mm256_madd_epi16(pairs, ones);
+                        even[p] = pair_sums::<VNNI>(low_a, x0_low, low_b, x0_high);
+                        odd[p] = pair_sums::<VNNI>(high_a, x1_low, high_b, x1_high);
                     }
                     for (c, sums) in [(2 * chunk, even), (2 * chunk + 1, odd)] {
                         let b = s * BLOCKS_PER_SUPER + c;
@@ -375,7 +416,7 @@ pub(super) mod x86 {
 
     /// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`.
     #[inline(always)]
-    unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool>(
+    unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
         weights: &[u8],
         row_bytes: usize,
         s: usize,
@@ -397,7 +438,13 @@ pub(super) mod x86 {
                 // and outside this function it would lose the target features.
                 let mut values = [_mm256_setzero_si256(); 8];
                 for (r, w) in values.iter_mut().enumerate() {
-                    *w = if Q6 { q6_k_weights(at(r), c, low4, low2) } else { q4_k_weights(at(r), c, low4) };
+                    *w = if Q6 && VNNI {
+                        q6_k_weights_ternary(at(r), c, low4)
+                    } else if Q6 {
+                        q6_k_weights(at(r), c, low4, low2)
+                    } else {
+                        q4_k_weights(at(r), c, low4)
+                    };
                 }
                 let mut magnitudes = values;
                 if COLUMNS {
@@ -421,7 +468,7 @@ pub(super) mod x86 {
 
     /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
     #[inline(always)]
-    unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool>(
+    unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
@@ -432,9 +479,9 @@ pub(super) mod x86 {
         unsafe {
             let mut acc = [_mm256_setzero_ps(); M];
             for s in 0..k / SUPER {
-                super_blocks::<Q6, COLUMNS>(weights, row_bytes, s, k / SUPER, |c, block| {
+                super_blocks::<Q6, COLUMNS, VNNI>(weights, row_bytes, s, k / SUPER, |c, block| {
                     for (i, sum) in acc.iter_mut().enumerate() {
-                        accumulate::<Q6, COLUMNS>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
+                        accumulate::<Q6, COLUMNS, VNNI>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
                     }
                 });
             }
@@ -457,9 +504,9 @@ pub(super) mod x86 {
         unsafe {
             for s in 0..k / SUPER {
                 if format == BlockFormat::Q6K {
-                    super_blocks::<true, true>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
+                    super_blocks::<true, true, false>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
                 } else {
-                    super_blocks::<false, true>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
+                    super_blocks::<false, true, false>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
                 }
             }
         }
@@ -499,7 +546,7 @@ pub(super) mod x86 {
             let mut acc = [_mm256_setzero_ps(); M];
             for (b, block) in set.iter().enumerate() {
                 for (i, sum) in acc.iter_mut().enumerate() {
-                    accumulate::<Q6, true>(block, x, i, b, k, sum);
+                    accumulate::<Q6, true, false>(block, x, i, b, k, sum);
                 }
             }
             store(acc, dots);
@@ -510,7 +557,7 @@ pub(super) mod x86 {
     /// r's): each half's (Q6_K) or the block's (Q4_K) integer sums times its scales,
     /// then the float steps in the row body's order.
     #[inline(always)]
-    unsafe fn accumulate<const Q6: bool, const COLUMNS: bool>(
+    unsafe fn accumulate<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
         block: &KBlocks,
         x: &QuantizedX,
         i: usize,
@@ -526,7 +573,7 @@ pub(super) mod x86 {
             let (first, second) = if COLUMNS {
                 column_totals::<Q6>(&block.values, &block.magnitudes, xs)
             } else {
-                row_totals::<Q6>(&block.values, xs)
+                row_totals::<Q6, VNNI>(&block.values, xs)
             };
             let total = if Q6 {
                 _mm256_add_epi32(_mm256_mullo_epi32(first, block.scale_a), _mm256_mullo_epi32(second, block.scale_b))
@@ -545,16 +592,27 @@ pub(super) mod x86 {
     /// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
     /// reduced across rows into lane r of two vectors.
     #[inline(always)]
-    unsafe fn row_totals<const Q6: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
-        // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+    unsafe fn row_totals<const Q6: bool, const VNNI: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
+        // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
+        // present where this is inlined.
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let xv = _mm256_loadu_si256(xs.cast());
             let offset = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv);
             let mut p = [_mm256_setzero_si256(); 8];
-            for (p, &w) in p.iter_mut().zip(w) {
-                let pairs = _mm256_maddubs_epi16(w, xv);
-                *p = _mm256_madd_epi16(if Q6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+            if VNNI {
+                // Four products to a lane at once, less 32·x over the same four: the
+                // 16-bit pairs' difference widened, as below.
+                let offset = _mm256_madd_epi16(offset, ones);
+                for (p, &w) in p.iter_mut().zip(w) {
+                    let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+                    *p = if Q6 { _mm256_sub_epi32(sums, offset) } else { sums };
+                }
+            } else {
+                for (p, &w) in p.iter_mut().zip(w) {
+                    let pairs = _mm256_maddubs_epi16(w, xv);
+                    *p = _mm256_madd_epi16(if Q6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+                }
             }
             reduce_halves(p)
         }

@@ -243,6 +243,63 @@ pub(super) unsafe fn broadcast_halves(xs: *const i8) -> (__m256i, __m256i) {
     }
 }
 
+/// Whether this CPU multiplies bytes with AVX-512 VNNI on 256-bit vectors (`VPDPBUSD`
+/// with VL), which the one-row kernels use on the AVX-512 path, and `FERRY_VNNI=off`
+/// does not decline it (benchmarks compare the two).
+pub fn has_vnni() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("FERRY_VNNI").map_or(true, |v| v != "off")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// Lane j of the result: Σ over bytes 4j..4j+4 of `a`·`xa` + `b`·`xb` (`a`, `b`
+/// unsigned, `xa`, `xb` signed). With `VNNI` two `VPDPBUSD`; without, `maddubs` pairs
+/// added in 16 bits and widened by `madd`, which the callers' bounds keep below 2¹⁵
+/// (so no pair saturates): the same integers either way.
+#[inline(always)]
+pub(super) unsafe fn pair_sums<const VNNI: bool>(a: __m256i, xa: __m256i, b: __m256i, xb: __m256i) -> __m256i {
+    // SAFETY: AVX2 (and with `VNNI`, AVX-512 VNNI and VL) is present where this is inlined.
+    unsafe {
+        if VNNI {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), a, xa), b, xb)
+        } else {
+            let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, xa), _mm256_maddubs_epi16(b, xb));
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
+    }
+}
+
+/// One row of x (batch-1 decoding) with AVX-512 VNNI: Q4_K by `q4_k_one_row`, Q6_K by
+/// its by-rows kernel; false for a format it does not take. The same integers as the
+/// AVX2 kernels (`pair_sums`), the same float steps: the same bits. Q4_0 keeps its AVX2
+/// kernel: its one-row products read at 85 % of the memory's rate already, and VNNI
+/// moved neither them (criterion) nor a decoding step (0.91–1.02× in alternated pairs),
+/// where the K-quants' heavier arithmetic gained (Q4_K_M decoding 1.07×, BENCHMARKS.md).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(in super::super) unsafe fn one_row_vnni(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) -> bool {
+    // SAFETY (each arm): as the caller vouches for `eight_rows`, with one row of x.
+    unsafe {
+        match format {
+            BlockFormat::Q4K | BlockFormat::Q6K => {
+                super::k_quants::x86::one_row_vnni(format, weights, row_bytes, x, k, dots)
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Four vectors of paired rows into one: `sums[p]`'s lanes 0–3 are row p's 32-bit
 /// sums and lanes 4–7 row p + 4's; lane r of the result is row r's total (as
 /// `reduce_halves` does, per 128-bit lane).
@@ -349,7 +406,7 @@ unsafe fn q4_0_one_row(weights: &[u8], row_bytes: usize, x: &QuantizedX, k: usiz
     // SAFETY: see `eight_rows`: block b of each of the eight rows lies inside
     // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
     unsafe {
-        let (ones, nibble) = (_mm256_set1_epi16(1), _mm256_set1_epi8(0x0F));
+        let nibble = _mm256_set1_epi8(0x0F);
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
             prefetch_next_rows(weights, row_bytes, b, blocks);
@@ -361,8 +418,7 @@ unsafe fn q4_0_one_row(weights: &[u8], row_bytes: usize, x: &QuantizedX, k: usiz
             let mut sums = [_mm256_setzero_si256(); 4];
             for (p, sum) in sums.iter_mut().enumerate() {
                 let (low, high) = paired_nibbles(at(p).add(2), at(p + 4).add(2), nibble);
-                let pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, x_low), _mm256_maddubs_epi16(high, x_high));
-                *sum = _mm256_madd_epi16(pairs, ones);
+                *sum = pair_sums::<false>(low, x_low, high, x_high);
             }
             let total = _mm256_sub_epi32(reduce_paired(sums), _mm256_set1_epi32(8 * *x.sums.get_unchecked(b)));
             let scale = _mm256_mul_ps(f16_scales(at, 0), _mm256_set1_ps(*x.scales.get_unchecked(b)));
