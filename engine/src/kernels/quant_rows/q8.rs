@@ -250,16 +250,8 @@ fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: us
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
         let transposed = m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
-        // One row of x on the AVX-512 path: VNNI's byte products where the CPU has them.
-        // SAFETY: as below, with x's one row.
-        if m == 1
-            && matches!(path, SimdPath::Avx512)
-            && x86::has_vnni()
-            && unsafe { x86::one_row_vnni(w.format, weights, row_bytes, &xq.rows(0, 1), k, &mut dots) }
-        {
-            emit(0, 1, &dots);
-            return true;
-        }
+        // The AVX-512 path takes VNNI's byte products where the CPU has them.
+        let vnni = matches!(path, SimdPath::Avx512) && x86::has_vnni();
         let mut groups = |multiply: Multiply| {
             for group in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - group);
@@ -273,18 +265,22 @@ fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: us
         match format {
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 if transposed => SET.with_borrow_mut(|set| {
                 unsafe { x86::transpose_set(format, weights, row_bytes, k, set) };
-                groups(&mut |x, rows, dots| unsafe { x86::from_columns(format, set, x, rows, k, dots) })
+                let from_columns = if vnni { x86::from_columns_vnni } else { x86::from_columns };
+                groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
             }),
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
-                groups(&mut |x, rows, dots| unsafe { x86::eight_rows(format, weights, row_bytes, x, rows, k, dots) })
+                let eight_rows = if vnni { x86::eight_rows_vnni } else { x86::eight_rows };
+                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, row_bytes, x, rows, k, dots) })
             }
             BlockFormat::Q4K | BlockFormat::Q6K if transposed => K_SET.with_borrow_mut(|set| {
                 unsafe { k_quants::x86::transpose_set(format, weights, row_bytes, k, set) };
-                groups(&mut |x, rows, dots| unsafe { k_quants::x86::from_columns(format, set, x, rows, k, dots) })
+                let from_columns = if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
+                groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
             }),
-            BlockFormat::Q4K | BlockFormat::Q6K => groups(&mut |x, rows, dots| unsafe {
-                k_quants::x86::eight_rows(format, weights, row_bytes, x, rows, k, dots)
-            }),
+            BlockFormat::Q4K | BlockFormat::Q6K => {
+                let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
+                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, row_bytes, x, rows, k, dots) })
+            }
         }
         return true;
     }
@@ -343,8 +339,8 @@ fn decode_block(format: BlockFormat, block: &[u8]) -> ([i8; BLOCK], f32) {
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-/// The instructions one row of 8-bit x multiplies Q4_K and Q6_K blocks with on the
-/// AVX-512 path: "vnni" (AVX-512 VNNI, declined by `FERRY_VNNI=off`) or "maddubs".
+/// The instructions 8-bit x multiplies block-quantized weights with on the AVX-512
+/// path (one row of Q4_0 keeps `maddubs`): "vnni" (AVX-512 VNNI, declined by `FERRY_VNNI=off`) or "maddubs".
 pub fn byte_products_path() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if matches!(crate::kernels::simd_path(), Some(SimdPath::Avx512)) && x86::has_vnni() {

@@ -139,39 +139,49 @@ pub(super) mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
-        // SAFETY (each arm): as the caller vouches.
-        unsafe {
-            if format == BlockFormat::Q6K {
-                with_rows!(rows, eight_m::<_, true>(weights, row_bytes, x, k, dots))
-            } else {
-                with_rows!(rows, eight_m::<_, false>(weights, row_bytes, x, k, dots))
-            }
-        }
+        // SAFETY: as the caller vouches.
+        unsafe { eight_rows_in::<false>(format, weights, row_bytes, x, rows, k, dots) }
     }
 
-    /// One row of x with AVX-512 VNNI (`q8::x86::one_row_vnni`): Q4_K or Q6_K.
+    /// `eight_rows` with AVX-512 VNNI's byte products and a one-table Q6_K decode
+    /// (`q6_k_weights_ternary`): the same bits.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-    pub(in super::super) unsafe fn one_row_vnni(
+    pub(in super::super) unsafe fn eight_rows_vnni(
         format: BlockFormat,
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY: as the caller vouches.
+        unsafe { eight_rows_in::<true>(format, weights, row_bytes, x, rows, k, dots) }
+    }
+
+    #[inline(always)]
+    unsafe fn eight_rows_in<const VNNI: bool>(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        rows: usize,
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             if format == BlockFormat::Q6K {
-                eight::<1, true, false, true>(weights, row_bytes, x, k, dots)
+                with_rows!(rows, eight_m::<_, true, VNNI>(weights, row_bytes, x, k, dots))
             } else {
-                q4_k_one_row::<true>(weights, row_bytes, x, k, dots)
+                with_rows!(rows, eight_m::<_, false, VNNI>(weights, row_bytes, x, k, dots))
             }
         }
     }
 
     /// `eight` by rows for one or two rows of x, by columns from three.
     #[inline(always)]
-    unsafe fn eight_m<const M: usize, const Q6: bool>(
+    unsafe fn eight_m<const M: usize, const Q6: bool, const VNNI: bool>(
         weights: &[u8],
         row_bytes: usize,
         x: &QuantizedX,
@@ -181,11 +191,11 @@ pub(super) mod x86 {
         // SAFETY: as the caller vouches.
         unsafe {
             if M >= 3 {
-                eight::<M, Q6, true, false>(weights, row_bytes, x, k, dots)
+                eight::<M, Q6, true, VNNI>(weights, row_bytes, x, k, dots)
             } else if M == 1 && !Q6 {
-                q4_k_one_row::<false>(weights, row_bytes, x, k, dots)
+                q4_k_one_row::<VNNI>(weights, row_bytes, x, k, dots)
             } else {
-                eight::<M, Q6, false, false>(weights, row_bytes, x, k, dots)
+                eight::<M, Q6, false, VNNI>(weights, row_bytes, x, k, dots)
             }
         }
     }
@@ -523,19 +533,46 @@ pub(super) mod x86 {
         k: usize,
         dots: &mut [[f32; 8]; MAX_ROWS],
     ) {
+        // SAFETY: as the caller vouches.
+        unsafe { from_columns_in::<false>(format, set, x, rows, k, dots) }
+    }
+
+    /// `from_columns` with AVX-512 VNNI's byte products: the same bits.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub(in super::super) unsafe fn from_columns_vnni(
+        format: BlockFormat,
+        set: &[KBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
+        // SAFETY: as the caller vouches.
+        unsafe { from_columns_in::<true>(format, set, x, rows, k, dots) }
+    }
+
+    #[inline(always)]
+    unsafe fn from_columns_in<const VNNI: bool>(
+        format: BlockFormat,
+        set: &[KBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    ) {
         // SAFETY (each arm): as the caller vouches.
         unsafe {
             if format == BlockFormat::Q6K {
-                with_rows!(rows, columns::<_, true>(set, x, k, dots))
+                with_rows!(rows, columns::<_, true, VNNI>(set, x, k, dots))
             } else {
-                with_rows!(rows, columns::<_, false>(set, x, k, dots))
+                with_rows!(rows, columns::<_, false, VNNI>(set, x, k, dots))
             }
         }
     }
 
     /// `eight` over a transposed set.
     #[inline(always)]
-    unsafe fn columns<const M: usize, const Q6: bool>(
+    unsafe fn columns<const M: usize, const Q6: bool, const VNNI: bool>(
         set: &[KBlocks],
         x: &QuantizedX,
         k: usize,
@@ -546,7 +583,7 @@ pub(super) mod x86 {
             let mut acc = [_mm256_setzero_ps(); M];
             for (b, block) in set.iter().enumerate() {
                 for (i, sum) in acc.iter_mut().enumerate() {
-                    accumulate::<Q6, true, false>(block, x, i, b, k, sum);
+                    accumulate::<Q6, true, VNNI>(block, x, i, b, k, sum);
                 }
             }
             store(acc, dots);
@@ -571,7 +608,7 @@ pub(super) mod x86 {
             let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
             let d_x = *x.scales.get_unchecked(i * blocks + b);
             let (first, second) = if COLUMNS {
-                column_totals::<Q6>(&block.values, &block.magnitudes, xs)
+                column_totals::<Q6, VNNI>(&block.values, &block.magnitudes, xs)
             } else {
                 row_totals::<Q6, VNNI>(&block.values, xs)
             };
@@ -624,15 +661,30 @@ pub(super) mod x86 {
     /// in 16 bits over the block (its sum comes back whole, the second half zero),
     /// Q6_K's (≤ 2·32·127 = 8 128) four to a half.
     #[inline(always)]
-    unsafe fn column_totals<const Q6: bool>(
+    unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
         w: &[__m256i; 8],
         magnitude: &[__m256i; 8],
         xs: *const i8,
     ) -> (__m256i, __m256i) {
-        // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+        // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
+        // present where this is inlined.
         unsafe {
             let ones = _mm256_set1_epi16(1);
             let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
+            if VNNI {
+                // Four products to a lane, summed into 32 bits as they come (Q6_K's
+                // halves apart): the same integers.
+                let mut halves = [_mm256_setzero_si256(); 2];
+                for g in 0..8 {
+                    let half = &mut halves[if Q6 { g / 4 } else { 0 }];
+                    *half = if Q6 {
+                        _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
+                    } else {
+                        _mm256_dpbusd_epi32(*half, w[g], group(g))
+                    };
+                }
+                return (halves[0], halves[1]);
+            }
             if !Q6 {
                 let mut pairs = _mm256_setzero_si256();
                 for (g, &w) in w.iter().enumerate() {

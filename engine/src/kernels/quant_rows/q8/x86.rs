@@ -6,7 +6,11 @@
 //! the same integers: by rows (`row_sums`: each row of x's sums reduced across the
 //! eight weight rows, for one or two rows of x) and by columns (`column_sums`: the
 //! eight rows' block transposed once, in registers for one group of x rows or into
-//! a per-thread set for all the groups of a prefill).
+//! a per-thread set for all the groups of a prefill). Where the CPU has AVX-512 VNNI
+//! (and `FERRY_VNNI` does not decline it), the `_vnni` entries compile the same
+//! kernels with `VPDPBUSD`, four byte products summed into each 32-bit lane at once
+//! (`byte_sums`, `pair_sums`): no pair can saturate 16 bits in the AVX2 order, so both
+//! give the same integers and the same bits.
 
 use std::arch::x86_64::*;
 
@@ -35,18 +39,28 @@ pub(super) unsafe fn eight_rows(
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
-    // SAFETY (each arm): as the caller vouches.
-    unsafe {
-        match format {
-            BlockFormat::Q4_0 => eight_by_rows::<KIND_Q4_0>(weights, row_bytes, x, rows, k, dots),
-            BlockFormat::Q5_0 => eight_by_rows::<KIND_Q5_0>(weights, row_bytes, x, rows, k, dots),
-            _ => eight_by_rows::<KIND_Q8_0>(weights, row_bytes, x, rows, k, dots),
-        }
-    }
+    // SAFETY: as the caller vouches.
+    unsafe { eight_rows_in::<false>(format, weights, row_bytes, x, rows, k, dots) }
+}
+
+/// `eight_rows` with AVX-512 VNNI's byte products (`pair_sums`): the same bits.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(super) unsafe fn eight_rows_vnni(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { eight_rows_in::<true>(format, weights, row_bytes, x, rows, k, dots) }
 }
 
 #[inline(always)]
-unsafe fn eight_by_rows<const KIND: u8>(
+unsafe fn eight_rows_in<const VNNI: bool>(
+    format: BlockFormat,
     weights: &[u8],
     row_bytes: usize,
     x: &QuantizedX,
@@ -55,7 +69,13 @@ unsafe fn eight_by_rows<const KIND: u8>(
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
     // SAFETY (each arm): as the caller vouches.
-    unsafe { with_rows!(rows, eight_m::<_, KIND>(weights, row_bytes, x, k, dots)) }
+    unsafe {
+        match format {
+            BlockFormat::Q4_0 => with_rows!(rows, eight_m::<_, KIND_Q4_0, VNNI>(weights, row_bytes, x, k, dots)),
+            BlockFormat::Q5_0 => with_rows!(rows, eight_m::<_, KIND_Q5_0, VNNI>(weights, row_bytes, x, k, dots)),
+            _ => with_rows!(rows, eight_m::<_, KIND_Q8_0, VNNI>(weights, row_bytes, x, k, dots)),
+        }
+    }
 }
 
 /// Eight rows' block, ready to multiply: their values (by row, or with `COLUMNS`
@@ -132,18 +152,27 @@ pub(super) unsafe fn from_columns(
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
-    // SAFETY (each arm): as the caller vouches.
-    unsafe {
-        match format {
-            BlockFormat::Q4_0 => set_by_rows::<KIND_Q4_0>(set, x, rows, k, dots),
-            BlockFormat::Q5_0 => set_by_rows::<KIND_Q5_0>(set, x, rows, k, dots),
-            _ => set_by_rows::<KIND_Q8_0>(set, x, rows, k, dots),
-        }
-    }
+    // SAFETY: as the caller vouches.
+    unsafe { from_columns_in::<false>(format, set, x, rows, k, dots) }
+}
+
+/// `from_columns` with AVX-512 VNNI's byte products: the same bits.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(super) unsafe fn from_columns_vnni(
+    format: BlockFormat,
+    set: &[EightBlocks],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { from_columns_in::<true>(format, set, x, rows, k, dots) }
 }
 
 #[inline(always)]
-unsafe fn set_by_rows<const KIND: u8>(
+unsafe fn from_columns_in<const VNNI: bool>(
+    format: BlockFormat,
     set: &[EightBlocks],
     x: &QuantizedX,
     rows: usize,
@@ -151,7 +180,13 @@ unsafe fn set_by_rows<const KIND: u8>(
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
     // SAFETY (each arm): as the caller vouches.
-    unsafe { with_rows!(rows, columns::<_, KIND>(set, x, k, dots)) }
+    unsafe {
+        match format {
+            BlockFormat::Q4_0 => with_rows!(rows, columns::<_, KIND_Q4_0, VNNI>(set, x, k, dots)),
+            BlockFormat::Q5_0 => with_rows!(rows, columns::<_, KIND_Q5_0, VNNI>(set, x, k, dots)),
+            _ => with_rows!(rows, columns::<_, KIND_Q8_0, VNNI>(set, x, k, dots)),
+        }
+    }
 }
 
 /// Eight vectors of eight 32-bit groups transposed: lane r of vector g is group g
@@ -273,31 +308,19 @@ pub(super) unsafe fn pair_sums<const VNNI: bool>(a: __m256i, xa: __m256i, b: __m
     }
 }
 
-/// One row of x (batch-1 decoding) with AVX-512 VNNI: Q4_K by `q4_k_one_row`, Q6_K by
-/// its by-rows kernel; false for a format it does not take. The same integers as the
-/// AVX2 kernels (`pair_sums`), the same float steps: the same bits. Q4_0 keeps its AVX2
-/// kernel: its one-row products read at 85 % of the memory's rate already, and VNNI
-/// moved neither them (criterion) nor a decoding step (0.91–1.02× in alternated pairs),
-/// where the K-quants' heavier arithmetic gained (Q4_K_M decoding 1.07×, BENCHMARKS.md).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub(in super::super) unsafe fn one_row_vnni(
-    format: BlockFormat,
-    weights: &[u8],
-    row_bytes: usize,
-    x: &QuantizedX,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) -> bool {
-    // SAFETY (each arm): as the caller vouches for `eight_rows`, with one row of x.
+/// `acc` plus, in lane j, Σ over bytes 4j..4j+4 of `a`·`b` (`a` unsigned, `b`
+/// signed): one `VPDPBUSD` with `VNNI`, else `maddubs` widened by `madd` (the
+/// callers' pairs stay below 2¹⁵): the same integers.
+#[inline(always)]
+pub(super) unsafe fn byte_sums<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: AVX2 (and with `VNNI`, AVX-512 VNNI and VL) is present where this is inlined.
     unsafe {
-        match format {
-            BlockFormat::Q4K | BlockFormat::Q6K => {
-                super::k_quants::x86::one_row_vnni(format, weights, row_bytes, x, k, dots)
-            }
-            _ => return false,
+        if VNNI {
+            _mm256_dpbusd_epi32(acc, a, b)
+        } else {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)))
         }
     }
-    true
 }
 
 /// Four vectors of paired rows into one: `sums[p]`'s lanes 0–3 are row p's 32-bit
@@ -372,7 +395,7 @@ pub(super) unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) 
 
 /// `eight` by rows for one or two rows of x, by columns from three.
 #[inline(always)]
-unsafe fn eight_m<const M: usize, const KIND: u8>(
+unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     weights: &[u8],
     row_bytes: usize,
     x: &QuantizedX,
@@ -382,11 +405,13 @@ unsafe fn eight_m<const M: usize, const KIND: u8>(
     // SAFETY: as the caller vouches.
     unsafe {
         if M >= 3 {
-            eight::<M, KIND, true>(weights, row_bytes, x, k, dots)
+            eight::<M, KIND, true, VNNI>(weights, row_bytes, x, k, dots)
         } else if M == 1 && KIND == KIND_Q4_0 {
+            // Its AVX2 products read at 85 % of the memory's rate already: VNNI moved
+            // neither them (criterion) nor a decoding step (0.91–1.02× in pairs).
             q4_0_one_row(weights, row_bytes, x, k, dots)
         } else {
-            eight::<M, KIND, false>(weights, row_bytes, x, k, dots)
+            eight::<M, KIND, false, VNNI>(weights, row_bytes, x, k, dots)
         }
     }
 }
@@ -439,7 +464,7 @@ pub(super) unsafe fn store<const M: usize>(acc: [__m256; M], dots: &mut [[f32; 8
 
 /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
 #[inline(always)]
-unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool>(
+unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
     row_bytes: usize,
     x: &QuantizedX,
@@ -454,7 +479,7 @@ unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool>(
             prefetch_next_rows(weights, row_bytes, b, blocks);
             let block = eight_blocks::<KIND, COLUMNS>(weights, row_bytes, b);
             for (i, sum) in acc.iter_mut().enumerate() {
-                accumulate::<KIND, COLUMNS>(&block, x, i, b, k, sum);
+                accumulate::<KIND, COLUMNS, VNNI>(&block, x, i, b, k, sum);
             }
         }
         store(acc, dots);
@@ -463,7 +488,7 @@ unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool>(
 
 /// `eight` over a transposed set.
 #[inline(always)]
-unsafe fn columns<const M: usize, const KIND: u8>(
+unsafe fn columns<const M: usize, const KIND: u8, const VNNI: bool>(
     set: &[EightBlocks],
     x: &QuantizedX,
     k: usize,
@@ -474,7 +499,7 @@ unsafe fn columns<const M: usize, const KIND: u8>(
         let mut acc = [_mm256_setzero_ps(); M];
         for (b, block) in set.iter().enumerate() {
             for (i, sum) in acc.iter_mut().enumerate() {
-                accumulate::<KIND, true>(block, x, i, b, k, sum);
+                accumulate::<KIND, true, VNNI>(block, x, i, b, k, sum);
             }
         }
         store(acc, dots);
@@ -487,7 +512,7 @@ unsafe fn columns<const M: usize, const KIND: u8>(
 /// the block's scales (eight weight scales as one vector) and its FMA are shared
 /// by the eight rows.
 #[inline(always)]
-unsafe fn accumulate<const KIND: u8, const COLUMNS: bool>(
+unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     block: &EightBlocks,
     x: &QuantizedX,
     i: usize,
@@ -500,9 +525,9 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool>(
     unsafe {
         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
         let mut total = if COLUMNS {
-            column_sums::<KIND>(&block.values, &block.magnitudes, xs)
+            column_sums::<KIND, VNNI>(&block.values, &block.magnitudes, xs)
         } else {
-            row_sums::<KIND>(&block.values, &block.magnitudes, xs)
+            row_sums::<KIND, VNNI>(&block.values, &block.magnitudes, xs)
         };
         if KIND == KIND_Q4_0 {
             total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
@@ -515,19 +540,22 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool>(
 /// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (`magnitude`: |w|
 /// for Q8_0): each row's 32-bit sums, reduced across rows.
 #[inline(always)]
-unsafe fn row_sums<const KIND: u8>(w: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
-    // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+unsafe fn row_sums<const KIND: u8, const VNNI: bool>(
+    w: &[__m256i; 8],
+    magnitude: &[__m256i; 8],
+    xs: *const i8,
+) -> __m256i {
+    // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is present
+    // where this is inlined.
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let xv = _mm256_loadu_si256(xs.cast());
         let mut p = [_mm256_setzero_si256(); 8];
         for r in 0..8 {
-            let pairs = if KIND == KIND_Q4_0 {
-                _mm256_maddubs_epi16(w[r], xv)
+            p[r] = if KIND == KIND_Q4_0 {
+                byte_sums::<VNNI>(_mm256_setzero_si256(), w[r], xv)
             } else {
-                _mm256_maddubs_epi16(magnitude[r], _mm256_sign_epi8(xv, w[r]))
+                byte_sums::<VNNI>(_mm256_setzero_si256(), magnitude[r], _mm256_sign_epi8(xv, w[r]))
             };
-            p[r] = _mm256_madd_epi16(pairs, ones);
         }
         reduce_eight(p)
     }
@@ -541,11 +569,28 @@ unsafe fn row_sums<const KIND: u8>(w: &[__m256i; 8], magnitude: &[__m256i; 8], x
 /// 16 bits (each ≤ 2·15·127, eight ≤ 30 480); Q8_0's pairs reach 2·128·127 and
 /// widen to 32 bits per group.
 #[inline(always)]
-unsafe fn column_sums<const KIND: u8>(v: &[__m256i; 8], magnitude: &[__m256i; 8], xs: *const i8) -> __m256i {
-    // SAFETY: `xs` holds 32 bytes; AVX2 is present where this is inlined.
+unsafe fn column_sums<const KIND: u8, const VNNI: bool>(
+    v: &[__m256i; 8],
+    magnitude: &[__m256i; 8],
+    xs: *const i8,
+) -> __m256i {
+    // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is present
+    // where this is inlined.
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
+        if VNNI {
+            // Four products to a lane, summed into 32 bits as they come: the same integers.
+            let mut total = _mm256_setzero_si256();
+            for g in 0..8 {
+                total = if KIND == KIND_Q4_0 {
+                    _mm256_dpbusd_epi32(total, v[g], group(g))
+                } else {
+                    _mm256_dpbusd_epi32(total, magnitude[g], _mm256_sign_epi8(group(g), v[g]))
+                };
+            }
+            return total;
+        }
         if KIND == KIND_Q4_0 {
             let mut pairs = _mm256_setzero_si256();
             for (g, &v) in v.iter().enumerate() {
