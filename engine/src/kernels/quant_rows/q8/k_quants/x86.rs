@@ -1,0 +1,594 @@
+//! AVX2, eight weight rows at a time, as `q8::x86` does Q8_0 and Q4_0: each block
+//! of x is loaded once for the eight rows, `maddubs` multiplies the unsigned
+//! weights (Q4_K 0–15, Q6_K 0–63) by x's signed bytes pairwise (below 2¹⁵), and
+//! the eight rows' sums reduce into one vector whose lane r is row r's — or, from
+//! three rows of x, the eight rows' block is transposed by 4-byte groups so that
+//! row r's sums land in lane r unreduced (`column_totals`; see `q8::x86`). The
+//! super-block's scales are transposed once (`scale_columns`) so that a block's
+//! scales for the eight rows are one vector too.
+
+use std::arch::x86_64::*;
+
+use super::super::x86::{
+    broadcast_halves, f16_scales, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves, reduce_paired, store,
+    transpose_groups,
+};
+use super::super::QuantizedX;
+use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
+
+/// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
+/// (`weights`, rows of `row_bytes`) and `rows` rows of x.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(in super::super) unsafe fn eight_rows(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { eight_rows_in::<false>(format, weights, row_bytes, x, rows, k, dots) }
+}
+
+/// `eight_rows` with AVX-512 VNNI's byte products and a one-table Q6_K decode
+/// (`q6_k_weights_ternary`): the same bits.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(in super::super) unsafe fn eight_rows_vnni(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { eight_rows_in::<true>(format, weights, row_bytes, x, rows, k, dots) }
+}
+
+#[inline(always)]
+unsafe fn eight_rows_in<const VNNI: bool>(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY (each arm): as the caller vouches.
+    unsafe {
+        if format == BlockFormat::Q6K {
+            with_rows!(rows, eight_m::<_, true, VNNI>(weights, row_bytes, x, k, dots))
+        } else {
+            with_rows!(rows, eight_m::<_, false, VNNI>(weights, row_bytes, x, k, dots))
+        }
+    }
+}
+
+/// `eight` by rows for one or two rows of x, by columns from three.
+#[inline(always)]
+unsafe fn eight_m<const M: usize, const Q6: bool, const VNNI: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe {
+        if M >= 3 {
+            eight::<M, Q6, true, VNNI>(weights, row_bytes, x, k, dots)
+        } else if M == 1 && !Q6 {
+            q4_k_one_row::<VNNI>(weights, row_bytes, x, k, dots)
+        } else {
+            eight::<M, Q6, false, VNNI>(weights, row_bytes, x, k, dots)
+        }
+    }
+}
+
+/// A Q4_K super-block's 12 bytes of packed scales as 16 bytes: `sc` of sub-blocks
+/// 0–7, then `m` of 0–7 (the unpacking of `quant::scale_min_k4`, four at a time:
+/// sub-blocks 0–3 keep the low 6 bits of their bytes, 4–7 gather a nibble and the
+/// two bits 0–3 left over).
+#[inline(always)]
+unsafe fn q4_k_scales(packed: *const u8) -> __m128i {
+    // SAFETY: the caller's block holds 12 bytes of scales at `packed`.
+    let word = |at: usize| unsafe { packed.add(at).cast::<u32>().read_unaligned() };
+    let (a, b, c) = (word(0), word(4), word(8));
+    let low6 = 0x3F3F_3F3F;
+    let (nibble, two) = (0x0F0F_0F0F, 0x0303_0303);
+    let sc_high = (c & nibble) | (((a >> 6) & two) << 4);
+    let m_high = ((c >> 4) & nibble) | (((b >> 6) & two) << 4);
+    // SAFETY: SSE2 is part of x86_64.
+    unsafe { _mm_setr_epi32((a & low6) as i32, sc_high as i32, (b & low6) as i32, m_high as i32) }
+}
+
+/// Eight rows of 16 scale bytes transposed: vector t holds column 2t in its low
+/// 8 bytes and column 2t + 1 in its high 8, byte r of each from row r.
+#[inline(always)]
+unsafe fn scale_columns(rows: [__m128i; 8]) -> [__m128i; 8] {
+    // SAFETY: SSE2 is part of x86_64.
+    unsafe {
+        let pairs: [__m128i; 8] = std::array::from_fn(|p| {
+            let (a, b) = (rows[2 * (p / 2)], rows[2 * (p / 2) + 1]);
+            if p.is_multiple_of(2) {
+                _mm_unpacklo_epi8(a, b) // columns 0–7 of rows 2q, 2q + 1
+            } else {
+                _mm_unpackhi_epi8(a, b) // columns 8–15
+            }
+        });
+        // quads[h·4 + g]: columns 4g .. 4g + 4 of rows 4h .. 4h + 4.
+        let quads: [__m128i; 8] = std::array::from_fn(|n| {
+            let (h, g) = (n / 4, n % 4);
+            let (a, b) = (pairs[4 * h + g / 2], pairs[4 * h + 2 + g / 2]);
+            if g.is_multiple_of(2) {
+                _mm_unpacklo_epi16(a, b)
+            } else {
+                _mm_unpackhi_epi16(a, b)
+            }
+        });
+        std::array::from_fn(|t| {
+            let (a, b) = (quads[t / 2], quads[4 + t / 2]);
+            if t.is_multiple_of(2) {
+                _mm_unpacklo_epi32(a, b)
+            } else {
+                _mm_unpackhi_epi32(a, b)
+            }
+        })
+    }
+}
+
+/// Block `c` (32 values) of a Q4_K super-block at `block`: the low nibbles of a
+/// 32-byte chunk for even blocks, the high ones for odd.
+#[inline(always)]
+unsafe fn q4_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
+    // SAFETY: the caller's super-block holds 128 bytes of values at 16.
+    unsafe {
+        let packed = _mm256_loadu_si256(block.add(16 + 32 * (c / 2)).cast());
+        _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4)
+    }
+}
+
+/// Block `c` (32 values) of a Q6_K super-block at `block`, 0–63: four low bits
+/// from `ql` (a nibble of one of the half's two 32-byte chunks), two high bits
+/// from `qh` (a pair of the half's 32 bytes), as `quant::q6_k` unpacks them.
+#[inline(always)]
+unsafe fn q6_k_weights(block: *const u8, c: usize, low4: __m256i, low2: __m256i) -> __m256i {
+    let (half, quarter) = (c / 4, c % 4);
+    // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64).
+    unsafe {
+        let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
+        let low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)), low4);
+        let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
+        let high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32)), low2);
+        _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
+    }
+}
+
+/// `q6_k_weights` in fewer operations where AVX-512 VL is present (the VNNI
+/// kernels): `qh`'s pair shifted straight to bits 4–5 and merged with the nibble
+/// under a mask by one `VPTERNLOGD`. The same bytes.
+#[inline(always)]
+unsafe fn q6_k_weights_ternary(block: *const u8, c: usize, low4: __m256i) -> __m256i {
+    let (half, quarter) = (c / 4, c % 4);
+    // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64); AVX-512
+    // VL is present where this is inlined.
+    unsafe {
+        let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
+        let low = if quarter < 2 { ql } else { _mm256_srli_epi16::<4>(ql) };
+        let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
+        // Pair `quarter` (bits 2q, 2q + 1) to bits 4–5.
+        let high = match quarter {
+            0 => _mm256_slli_epi16::<4>(qh),
+            1 => _mm256_slli_epi16::<2>(qh),
+            2 => qh,
+            _ => _mm256_srli_epi16::<2>(qh),
+        };
+        // (low & 0x0F) | (high & 0x30): the pair masked, then one table (bit
+        // (a << 2 | b << 1 | c) of 0xD8 is `c ? b : a`) takes low's bits under
+        // 0x0F and high's elsewhere.
+        let high = _mm256_and_si256(high, _mm256_set1_epi8(0x30));
+        _mm256_ternarylogic_epi32::<0xD8>(high, low, low4)
+    }
+}
+
+/// The eight rows' products with `M` rows of x, block by block, each row of x's
+/// integer sums for the block as one vector whose lane r is weight row r's (by
+/// `row_totals` or, with `COLUMNS`, `column_totals`: the same integers).
+/// Eight rows' block of 32 values, ready to multiply: the values (by row, or with
+/// `COLUMNS` transposed by 4-byte groups for `column_totals`, Q6_K's then less 32),
+/// their magnitudes (Q6_K by columns multiplies |q − 32| by x with q − 32's sign),
+/// the sub-block scales of the block's halves as i32 lanes (Q4_K: `sc` and `m`),
+/// the super-block's `d`, and Q4_K's `dmin·m`.
+#[derive(Clone, Copy)]
+pub(in super::super) struct KBlocks {
+    values: [__m256i; 8],
+    magnitudes: [__m256i; 8],
+    scale_a: __m256i,
+    scale_b: __m256i,
+    d: __m256,
+    min: __m256,
+}
+
+/// A super-block's scales for eight rows: `d`, Q4_K's `dmin` (zero for Q6_K) and
+/// the sub-block scale bytes transposed (`scale_columns`; read by `scale_column`).
+struct SuperScales {
+    d: __m256,
+    dmin: __m256,
+    columns: [__m128i; 8],
+}
+
+/// The scales of the eight rows' super-blocks at `at(r)`.
+#[inline(always)]
+unsafe fn super_scales<const Q6: bool>(at: impl Fn(usize) -> *const u8) -> SuperScales {
+    // SAFETY: each `at(r)` is a whole super-block; AVX2 and F16C are present where
+    // this is inlined.
+    unsafe {
+        let d = f16_scales(&at, if Q6 { 208 } else { 0 });
+        // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
+        let dmin = if Q6 { _mm256_setzero_ps() } else { f16_scales(&at, 2) };
+        let mut scales = [_mm_setzero_si128(); 8];
+        for (r, scales) in scales.iter_mut().enumerate() {
+            *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
+        }
+        SuperScales { d, dmin, columns: scale_columns(scales) }
+    }
+}
+
+/// Column t of the scales as eight i32 lanes (lane r: row r's): Q4_K's `sc` of
+/// sub-block t for t < 8 and its `m` of sub-block t − 8 after; Q6_K's signed
+/// scale of its 16 values t.
+#[inline(always)]
+unsafe fn scale_column<const Q6: bool>(columns: &[__m128i; 8], t: usize) -> __m256i {
+    // SAFETY: AVX2 is present where this is inlined.
+    unsafe {
+        let pair = columns[t / 2];
+        let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
+        if Q6 {
+            _mm256_cvtepi8_epi32(bytes)
+        } else {
+            _mm256_cvtepu8_epi32(bytes)
+        }
+    }
+}
+
+/// `eight` for Q4_K and one row of x (batch-1 decoding), two weight rows to a
+/// vector as `q8::x86`'s `q4_0_one_row` does: a 32-byte chunk of values holds
+/// block 2j in its low nibbles and block 2j + 1 in its high ones, so rows p and
+/// p + 4's chunk halves side by side give both blocks' sums for the two rows from
+/// two loads, and the eight rows reduce from four vectors per block, not eight.
+/// The integers are `row_totals`' (the block's two halves added, as `accumulate`
+/// adds them) and the float steps `accumulate`'s: the same bits.
+#[inline(always)]
+unsafe fn q4_k_one_row<const VNNI: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    const BLOCK_BYTES: usize = 144;
+    let (blocks, supers) = (k / BLOCK, k / SUPER);
+    // SAFETY: see `eight_rows`: super-block s of each of the eight rows lies inside
+    // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
+    unsafe {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        for s in 0..supers {
+            let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * BLOCK_BYTES);
+            let SuperScales { d, dmin, columns } = super_scales::<false>(at);
+            for chunk in 0..BLOCKS_PER_SUPER / 2 {
+                let first = s * BLOCKS_PER_SUPER + 2 * chunk;
+                prefetch_next_rows(weights, row_bytes, first, blocks);
+                prefetch_next_rows(weights, row_bytes, first + 1, blocks);
+                let (x0_low, x0_high) = broadcast_halves(x.quants.as_ptr().add(first * BLOCK));
+                let (x1_low, x1_high) = broadcast_halves(x.quants.as_ptr().add((first + 1) * BLOCK));
+                // Per pair of rows: the chunk's first and second 16 bytes, each
+                // as (low, high) nibbles. Two pairs' sum is at most 2 · 2 · 15 · 127.
+                let mut even = [_mm256_setzero_si256(); 4];
+                let mut odd = [_mm256_setzero_si256(); 4];
+                for p in 0..4 {
+                    let values = |r: usize, half: usize| at(r).add(16 + 32 * chunk + 16 * half);
+                    let (low_a, high_a) = paired_nibbles(values(p, 0), values(p + 4, 0), nibble);
+                    let (low_b, high_b) = paired_nibbles(values(p, 1), values(p + 4, 1), nibble);
+                    even[p] = pair_sums::<VNNI>(low_a, x0_low, low_b, x0_high);
+                    odd[p] = pair_sums::<VNNI>(high_a, x1_low, high_b, x1_high);
+                }
+                for (c, sums) in [(2 * chunk, even), (2 * chunk + 1, odd)] {
+                    let b = s * BLOCKS_PER_SUPER + c;
+                    let d_x = *x.scales.get_unchecked(b);
+                    let total = _mm256_mullo_epi32(reduce_paired(sums), scale_column::<false>(&columns, c));
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), acc);
+                    // As `super_blocks`' `min` and `accumulate`'s last step.
+                    let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<false>(&columns, 8 + c)));
+                    let scaled_sum = d_x * *x.sums.get_unchecked(b) as f32;
+                    acc = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), acc);
+                }
+            }
+        }
+        store([acc], dots);
+    }
+}
+
+/// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`.
+#[inline(always)]
+unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    s: usize,
+    supers: usize,
+    mut each: impl FnMut(usize, &KBlocks),
+) {
+    let block_bytes = if Q6 { 210 } else { 144 };
+    // SAFETY: super-block `s` of each of the eight rows lies inside `weights`.
+    unsafe {
+        let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+        let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
+        let SuperScales { d, dmin, columns } = super_scales::<Q6>(at);
+        let column = |t: usize| scale_column::<Q6>(&columns, t);
+        for c in 0..BLOCKS_PER_SUPER {
+            // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
+            // the cache's queue of misses and stalls the products behind it.
+            prefetch_next_rows(weights, row_bytes, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
+            // A loop, not `from_fn`: a closure this size is not always inlined,
+            // and outside this function it would lose the target features.
+            let mut values = [_mm256_setzero_si256(); 8];
+            for (r, w) in values.iter_mut().enumerate() {
+                *w = if Q6 && VNNI {
+                    q6_k_weights_ternary(at(r), c, low4)
+                } else if Q6 {
+                    q6_k_weights(at(r), c, low4, low2)
+                } else {
+                    q4_k_weights(at(r), c, low4)
+                };
+            }
+            let mut magnitudes = values;
+            if COLUMNS {
+                values = transpose_groups(&values);
+                magnitudes = values;
+                if Q6 {
+                    for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
+                        *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
+                        *m = _mm256_sign_epi8(*w, *w);
+                    }
+                }
+            }
+            let (scale_a, scale_b) = if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
+            // Q4_K: dmin·m for the block, one product per lane as the row body has it.
+            let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
+            each(c, &KBlocks { values, magnitudes, scale_a, scale_b, d, min });
+        }
+    }
+}
+
+/// The eight rows' products with `M` rows of x, block by block (`accumulate`).
+#[inline(always)]
+unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
+    weights: &[u8],
+    row_bytes: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        for s in 0..k / SUPER {
+            super_blocks::<Q6, COLUMNS, VNNI>(weights, row_bytes, s, k / SUPER, |c, block| {
+                for (i, sum) in acc.iter_mut().enumerate() {
+                    accumulate::<Q6, COLUMNS, VNNI>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
+                }
+            });
+        }
+        store(acc, dots);
+    }
+}
+
+/// Every block of the eight rows at `weights`, transposed, into `set`: done once
+/// for all the rows of x that multiply them (`from_columns`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(in super::super) unsafe fn transpose_set(
+    format: BlockFormat,
+    weights: &[u8],
+    row_bytes: usize,
+    k: usize,
+    set: &mut Vec<KBlocks>,
+) {
+    set.clear();
+    // SAFETY: as the caller vouches: `weights` holds eight whole rows.
+    unsafe {
+        for s in 0..k / SUPER {
+            if format == BlockFormat::Q6K {
+                super_blocks::<true, true, false>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
+            } else {
+                super_blocks::<false, true, false>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
+            }
+        }
+    }
+}
+
+/// `eight_rows` for any number of rows of x (up to eight) over a set transposed
+/// by `transpose_set`, by `column_totals`: the same bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(in super::super) unsafe fn from_columns(
+    format: BlockFormat,
+    set: &[KBlocks],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { from_columns_in::<false>(format, set, x, rows, k, dots) }
+}
+
+/// `from_columns` with AVX-512 VNNI's byte products: the same bits.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(in super::super) unsafe fn from_columns_vnni(
+    format: BlockFormat,
+    set: &[KBlocks],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { from_columns_in::<true>(format, set, x, rows, k, dots) }
+}
+
+#[inline(always)]
+unsafe fn from_columns_in<const VNNI: bool>(
+    format: BlockFormat,
+    set: &[KBlocks],
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY (each arm): as the caller vouches.
+    unsafe {
+        if format == BlockFormat::Q6K {
+            with_rows!(rows, columns::<_, true, VNNI>(set, x, k, dots))
+        } else {
+            with_rows!(rows, columns::<_, false, VNNI>(set, x, k, dots))
+        }
+    }
+}
+
+/// `eight` over a transposed set.
+#[inline(always)]
+unsafe fn columns<const M: usize, const Q6: bool, const VNNI: bool>(
+    set: &[KBlocks],
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
+    // SAFETY: see `from_columns`; x holds M rows of k.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); M];
+        for (b, block) in set.iter().enumerate() {
+            for (i, sum) in acc.iter_mut().enumerate() {
+                accumulate::<Q6, true, VNNI>(block, x, i, b, k, sum);
+            }
+        }
+        store(acc, dots);
+    }
+}
+
+/// Row `i` of x's block `b` times the eight rows' block, into `sum` (lane r: row
+/// r's): each half's (Q6_K) or the block's (Q4_K) integer sums times its scales,
+/// then the float steps in the row body's order.
+#[inline(always)]
+unsafe fn accumulate<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
+    block: &KBlocks,
+    x: &QuantizedX,
+    i: usize,
+    b: usize,
+    k: usize,
+    sum: &mut __m256,
+) {
+    let blocks = k / BLOCK;
+    // SAFETY: row i of x holds block b; AVX2 and FMA are present where this is inlined.
+    unsafe {
+        let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
+        let d_x = *x.scales.get_unchecked(i * blocks + b);
+        let (first, second) = if COLUMNS {
+            column_totals::<Q6, VNNI>(&block.values, &block.magnitudes, xs)
+        } else {
+            row_totals::<Q6, VNNI>(&block.values, xs)
+        };
+        let total = if Q6 {
+            _mm256_add_epi32(_mm256_mullo_epi32(first, block.scale_a), _mm256_mullo_epi32(second, block.scale_b))
+        } else {
+            _mm256_mullo_epi32(_mm256_add_epi32(first, second), block.scale_a)
+        };
+        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(block.d, _mm256_set1_ps(d_x)), *sum);
+        if !Q6 {
+            let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
+            *sum = _mm256_fnmadd_ps(block.min, _mm256_set1_ps(scaled_sum), *sum);
+        }
+    }
+}
+
+/// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (values 0–15 or
+/// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
+/// reduced across rows into lane r of two vectors.
+#[inline(always)]
+unsafe fn row_totals<const Q6: bool, const VNNI: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
+    // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
+    // present where this is inlined.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let xv = _mm256_loadu_si256(xs.cast());
+        let offset = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv);
+        let mut p = [_mm256_setzero_si256(); 8];
+        if VNNI {
+            // Four products to a lane at once, less 32·x over the same four: the
+            // 16-bit pairs' difference widened, as below.
+            let offset = _mm256_madd_epi16(offset, ones);
+            for (p, &w) in p.iter_mut().zip(w) {
+                let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+                *p = if Q6 { _mm256_sub_epi32(sums, offset) } else { sums };
+            }
+        } else {
+            for (p, &w) in p.iter_mut().zip(w) {
+                let pairs = _mm256_maddubs_epi16(w, xv);
+                *p = _mm256_madd_epi16(if Q6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+            }
+        }
+        reduce_halves(p)
+    }
+}
+
+/// `row_totals` over blocks transposed by `transpose_groups` (see `q8`'s
+/// `column_sums`), Q6_K's as q − 32 (`w`) and |q − 32| (`magnitude`): groups
+/// 0–3 are the block's first half, 4–7 its second. Q4_K's pairs (≤ 2·15·127) add
+/// in 16 bits over the block (its sum comes back whole, the second half zero),
+/// Q6_K's (≤ 2·32·127 = 8 128) four to a half.
+#[inline(always)]
+unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
+    w: &[__m256i; 8],
+    magnitude: &[__m256i; 8],
+    xs: *const i8,
+) -> (__m256i, __m256i) {
+    // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
+    // present where this is inlined.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
+        if VNNI {
+            // Four products to a lane, summed into 32 bits as they come (Q6_K's
+            // halves apart): the same integers.
+            let mut halves = [_mm256_setzero_si256(); 2];
+            for g in 0..8 {
+                let half = &mut halves[if Q6 { g / 4 } else { 0 }];
+                *half = if Q6 {
+                    _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
+                } else {
+                    _mm256_dpbusd_epi32(*half, w[g], group(g))
+                };
+            }
+            return (halves[0], halves[1]);
+        }
+        if !Q6 {
+            let mut pairs = _mm256_setzero_si256();
+            for (g, &w) in w.iter().enumerate() {
+                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w, group(g)));
+            }
+            return (_mm256_madd_epi16(pairs, ones), _mm256_setzero_si256());
+        }
+        let mut halves = [_mm256_setzero_si256(); 2];
+        for (h, half) in halves.iter_mut().enumerate() {
+            let mut pairs = _mm256_setzero_si256();
+            for g in 4 * h..4 * h + 4 {
+                let product = _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]));
+                pairs = _mm256_add_epi16(pairs, product);
+            }
+            *half = _mm256_madd_epi16(pairs, ones);
+        }
+        (halves[0], halves[1])
+    }
+}
