@@ -350,18 +350,19 @@ fn device_memory_beyond_the_hardware_is_said() {
     }
 }
 
-/// A measured cpu profile names the pages its reads went into (a direct read into
-/// small pages ran at a fifth of the rate on this project's VM): a run priced by a
-/// profile of the other mode, or of none, is told so; one in the same mode is not.
-#[test]
-fn a_run_priced_by_a_profile_of_another_page_mode_says_so() {
-    let dir = setup();
-    let datasheet = ferry(dir.path(), &["show", "profile", "cpu"]);
+/// The cpu datasheet profile as if measured by a backend described as `backend`
+/// (returned: the profile's text for that description), and `measured-plan.yaml` in
+/// `dir`, a plan priced by `measured.yaml`.
+fn measured_profile(dir: &std::path::Path) -> impl Fn(&str) -> String {
+    let datasheet = ferry(dir, &["show", "profile", "cpu"]);
     assert!(datasheet.status.success(), "{}", text(&datasheet.stderr));
-    let measured_as = |backend: &str| {
+    let plan = disk_kv_plan().replace("  gpu: cpu\n  host: ferry-ci-vm\n", "  profile: measured.yaml\n");
+    std::fs::write(dir.join("measured-plan.yaml"), plan).unwrap();
+    let datasheet = text(&datasheet.stdout);
+    move |backend: &str| {
         let mut profile = String::new();
         let mut in_provenance = false;
-        for line in text(&datasheet.stdout).lines() {
+        for line in datasheet.lines() {
             if line == "provenance:" {
                 profile += &format!(
                     "provenance:\n  kind: measured\n  machine: ci\n  date: 2026-12-04\n  backend: '{backend}'\n"
@@ -374,9 +375,45 @@ fn a_run_priced_by_a_profile_of_another_page_mode_says_so() {
             }
         }
         profile
-    };
-    let plan = disk_kv_plan().replace("  gpu: cpu\n  host: ferry-ci-vm\n", "  profile: measured.yaml\n");
-    std::fs::write(dir.path().join("measured-plan.yaml"), plan).unwrap();
+    }
+}
+
+/// A run priced by a profile whose kernel table timed other kernels is told which:
+/// 8-bit x by VNNI in the profile, declined in the run (`FERRY_VNNI=off`, so the same
+/// on any CPU); a profile of the run's own choice gets no such note.
+#[test]
+fn a_run_priced_by_a_profile_of_other_kernels_says_which() {
+    let dir = setup();
+    let measured_as = measured_profile(dir.path());
+    for (bytes, note) in [("vnni", Some("8-bit x: vnni in the profile, maddubs here")), ("maddubs", None)] {
+        let backend = format!(
+            "cpu, avx2 kernels, bf16 products on f32 (few rows: f32), 8-bit x by {bytes}, weights in huge pages \
+             (profiled in 9 s)"
+        );
+        std::fs::write(dir.path().join("measured.yaml"), measured_as(&backend)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "--model-dir", "tiny", "--plan", "measured-plan.yaml", "--gen-len", "2", "--json"])
+            .env("FERRY_VNNI", "off")
+            .env("FERRY_HUGE_PAGES", "on")
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{bytes}: {stderr}");
+        match note {
+            Some(note) => assert!(stderr.contains(note) && stderr.contains("FERRY_VNNI"), "{bytes}: {stderr}"),
+            None => assert!(!stderr.contains("8-bit x"), "{bytes}: {stderr}"),
+        }
+    }
+}
+
+/// A measured cpu profile names the pages its reads went into (a direct read into
+/// small pages ran at a fifth of the rate on this project's VM): a run priced by a
+/// profile of the other mode, or of none, is told so; one in the same mode is not.
+#[test]
+fn a_run_priced_by_a_profile_of_another_page_mode_says_so() {
+    let dir = setup();
+    let measured_as = measured_profile(dir.path());
     let kernels = "cpu, avx2 kernels, bf16 products on f32 (few rows: f32)";
     let cases = [
         (

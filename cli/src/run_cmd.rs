@@ -212,7 +212,11 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     apply_overrides(&args, &mut resolved.plan)?;
     if let ferry_core::profile::Provenance::Measured { backend: measured_on, .. } = &resolved.profile.provenance {
-        if let Some(note) = ferry_engine::memory::page_mode_mismatch(measured_on) {
+        let notes = [
+            ferry_engine::memory::page_mode_mismatch(measured_on),
+            ferry_engine::kernels::kernels_mismatch(measured_on),
+        ];
+        for note in notes.into_iter().flatten() {
             eprintln!("note: {note}");
         }
     }

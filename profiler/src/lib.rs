@@ -201,15 +201,13 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
             machine: fingerprint(),
             date: today(),
             // Which kernels ran (few rows; many rows over bf16 weights; 8-bit x): the kernel
-            // table and the peak hold their timings. And which pages the reads went
+            // table and the peak hold their timings (`kernels::kernels_mismatch` tells a run
+            // on others). And which pages the reads went
             // into: on some disks direct reads into small pages run several times
             // slower, so runs in the other mode are told (`memory::page_mode_mismatch`).
             backend: format!(
-                "cpu, {} kernels, bf16 products on {} (few rows: {}), 8-bit x by {}, {} (profiled in {:.0} s)",
-                kernels::simd_path().map_or("gemm-only", |p| p.name()),
-                kernels::matrix_path(),
-                kernels::few_rows_path(),
-                kernels::byte_products_path(),
+                "cpu, {}, {} (profiled in {:.0} s)",
+                kernels::description(),
                 ferry_engine::memory::page_mode(),
                 started.elapsed().as_secs_f64()
             ),

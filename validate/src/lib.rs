@@ -283,7 +283,11 @@ fn open_backend(
                 backend.name()
             )));
         }
-        if let Some(note) = ferry_engine::memory::page_mode_mismatch(measured_on) {
+        let notes = [
+            ferry_engine::memory::page_mode_mismatch(measured_on),
+            ferry_engine::kernels::kernels_mismatch(measured_on),
+        ];
+        for note in notes.into_iter().flatten() {
             progress(Event::Note(format!("{}: {note}", options.profile.display())));
         }
     }

@@ -7,6 +7,7 @@
 
 mod attention;
 mod bf16;
+mod paths;
 pub mod quant;
 mod quant_rows;
 mod rows;
@@ -15,6 +16,7 @@ use ferry_core::model::Dtype;
 use rayon::prelude::*;
 
 pub use bf16::{few_rows_path, linear_bf16, linear_bf16_for, matrix_path};
+pub use paths::{description, kernels_mismatch};
 pub use quant_rows::{
     byte_products_path, linear_q8, linear_quant, quant_converted, quant_rows, Activations, QuantMatrix,
 };
