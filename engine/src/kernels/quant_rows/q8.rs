@@ -27,6 +27,28 @@ use super::{QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
+/// An x86 kernel's two entry points over one body generic in `VNNI`: `$name` with
+/// AVX2 (`maddubs`), `$vnni` with AVX-512 VNNI's byte products (the same bits). Each
+/// is `unsafe` as its body is: the caller vouches for the slices' bounds.
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx2_and_vnni {
+    ($(#[$doc:meta])* $name:ident, $vnni:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$doc])*
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(in crate::kernels::quant_rows::q8) unsafe fn $name($($arg: $ty),*) {
+            // SAFETY: as the caller vouches.
+            unsafe { $body::<false>($($arg),*) }
+        }
+
+        #[doc = concat!("`", stringify!($name), "` with AVX-512 VNNI's byte products: the same bits.")]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+        pub(in crate::kernels::quant_rows::q8) unsafe fn $vnni($($arg: $ty),*) {
+            // SAFETY: as the caller vouches.
+            unsafe { $body::<true>($($arg),*) }
+        }
+    };
+}
+
 mod k_quants;
 
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).

@@ -27,40 +27,23 @@ const KIND_Q8_0: u8 = 0;
 const KIND_Q4_0: u8 = 1;
 const KIND_Q5_0: u8 = 2;
 
-/// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
-/// `row_bytes`) and `rows` rows of x: one or two by `row_sums`, more by
-/// `column_sums`, each block transposed in registers (the same bits; see there).
-/// Many rows of x go through `transpose_set` and `from_columns` instead. Q4_0's
-/// nibbles multiply unsigned (0–15) and the block's 8·Σx is taken off the integer
-/// sum.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn eight_rows(
-    format: BlockFormat,
-    weights: &[u8],
-    row_bytes: usize,
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { eight_rows_in::<false>(format, weights, row_bytes, x, rows, k, dots) }
-}
-
-/// `eight_rows` with AVX-512 VNNI's byte products (`pair_sums`): the same bits.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub(super) unsafe fn eight_rows_vnni(
-    format: BlockFormat,
-    weights: &[u8],
-    row_bytes: usize,
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { eight_rows_in::<true>(format, weights, row_bytes, x, rows, k, dots) }
-}
+avx2_and_vnni!(
+    /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
+    /// `row_bytes`) and `rows` rows of x: one or two by `row_sums`, more by
+    /// `column_sums`, each block transposed in registers (the same bits; see there).
+    /// Many rows of x go through `transpose_set` and `from_columns` instead. Q4_0's
+    /// nibbles multiply unsigned (0–15) and the block's 8·Σx is taken off the integer
+    /// sum.
+    eight_rows, eight_rows_vnni => eight_rows_in(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    )
+);
 
 #[inline(always)]
 unsafe fn eight_rows_in<const VNNI: bool>(
@@ -145,34 +128,18 @@ pub(super) unsafe fn transpose_set(
     }
 }
 
-/// `eight_rows` for any number of rows of x (up to eight) over a set transposed
-/// by `transpose_set`, by `column_sums`: the same bits.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn from_columns(
-    format: BlockFormat,
-    set: &[EightBlocks],
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { from_columns_in::<false>(format, set, x, rows, k, dots) }
-}
-
-/// `from_columns` with AVX-512 VNNI's byte products: the same bits.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub(super) unsafe fn from_columns_vnni(
-    format: BlockFormat,
-    set: &[EightBlocks],
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { from_columns_in::<true>(format, set, x, rows, k, dots) }
-}
+avx2_and_vnni!(
+    /// `eight_rows` for any number of rows of x (up to eight) over a set transposed
+    /// by `transpose_set`, by `column_sums`: the same bits.
+    from_columns, from_columns_vnni => from_columns_in(
+        format: BlockFormat,
+        set: &[EightBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    )
+);
 
 #[inline(always)]
 unsafe fn from_columns_in<const VNNI: bool>(

@@ -16,37 +16,19 @@ use super::super::x86::{
 use super::super::QuantizedX;
 use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
-/// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
-/// (`weights`, rows of `row_bytes`) and `rows` rows of x.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(in super::super) unsafe fn eight_rows(
-    format: BlockFormat,
-    weights: &[u8],
-    row_bytes: usize,
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { eight_rows_in::<false>(format, weights, row_bytes, x, rows, k, dots) }
-}
-
-/// `eight_rows` with AVX-512 VNNI's byte products and a one-table Q6_K decode
-/// (`q6_k_weights_ternary`): the same bits.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub(in super::super) unsafe fn eight_rows_vnni(
-    format: BlockFormat,
-    weights: &[u8],
-    row_bytes: usize,
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { eight_rows_in::<true>(format, weights, row_bytes, x, rows, k, dots) }
-}
+avx2_and_vnni!(
+    /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
+    /// (`weights`, rows of `row_bytes`) and `rows` rows of x.
+    eight_rows, eight_rows_vnni => eight_rows_in(
+        format: BlockFormat,
+        weights: &[u8],
+        row_bytes: usize,
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    )
+);
 
 #[inline(always)]
 unsafe fn eight_rows_in<const VNNI: bool>(
@@ -410,34 +392,18 @@ pub(in super::super) unsafe fn transpose_set(
     }
 }
 
-/// `eight_rows` for any number of rows of x (up to eight) over a set transposed
-/// by `transpose_set`, by `column_totals`: the same bits.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(in super::super) unsafe fn from_columns(
-    format: BlockFormat,
-    set: &[KBlocks],
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { from_columns_in::<false>(format, set, x, rows, k, dots) }
-}
-
-/// `from_columns` with AVX-512 VNNI's byte products: the same bits.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub(in super::super) unsafe fn from_columns_vnni(
-    format: BlockFormat,
-    set: &[KBlocks],
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY: as the caller vouches.
-    unsafe { from_columns_in::<true>(format, set, x, rows, k, dots) }
-}
+avx2_and_vnni!(
+    /// `eight_rows` for any number of rows of x (up to eight) over a set transposed
+    /// by `transpose_set`, by `column_totals`: the same bits.
+    from_columns, from_columns_vnni => from_columns_in(
+        format: BlockFormat,
+        set: &[KBlocks],
+        x: &QuantizedX,
+        rows: usize,
+        k: usize,
+        dots: &mut [[f32; 8]; MAX_ROWS],
+    )
+);
 
 #[inline(always)]
 unsafe fn from_columns_in<const VNNI: bool>(
