@@ -205,6 +205,8 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
     // SAFETY: each task alone writes columns col0 + first .. col0 + last, its weight
     // rows; `linear_q8`'s asserts keep every index inside `out`.
     let write = |i: usize, j: usize, dot: f32| unsafe { *out_ptr.get().add(i * out_stride + col0 + j) = dot };
+    // Chosen once per product, not per eight weight rows.
+    let vnni = takes_vnni(path);
     in_pool(|| {
         (0..w.rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let first = task * ROWS_PER_TASK;
@@ -220,7 +222,7 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
                         }
                     }
                 };
-                if !eight_rows_dots(path, &w, j, xq, m, emit) {
+                if !eight_rows_dots(path, vnni, &w, j, xq, m, emit) {
                     break;
                 }
                 j += EIGHT;
@@ -265,15 +267,13 @@ type Multiply<'a> = &'a mut dyn FnMut(&QuantizedX, usize, &mut [[f32; EIGHT]; MA
 /// prefill) transposes the eight rows' blocks once for all the groups; one group
 /// transposes each block in registers as it goes.
 #[allow(unused_variables)]
-fn eight_rows_dots(path: SimdPath, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: usize, emit: Emit) -> bool {
+fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: usize, emit: Emit) -> bool {
     #[cfg(target_arch = "x86_64")]
     if matches!(path, SimdPath::Avx2 | SimdPath::Avx512) {
         let (row_bytes, k) = (w.row_bytes(), xq.k);
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
         let transposed = m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
-        // The AVX-512 path takes VNNI's byte products where the CPU has them.
-        let vnni = matches!(path, SimdPath::Avx512) && x86::has_vnni();
         let mut groups = |multiply: Multiply| {
             for group in (0..m).step_by(MAX_ROWS) {
                 let rows = MAX_ROWS.min(m - group);
@@ -361,14 +361,24 @@ fn decode_block(format: BlockFormat, block: &[u8]) -> ([i8; BLOCK], f32) {
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+/// Whether `path` multiplies 8-bit x with VNNI's byte products: the AVX-512 path, where
+/// the CPU has AVX-512 VNNI and `FERRY_VNNI` does not decline it.
+fn takes_vnni(path: SimdPath) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(path, SimdPath::Avx512) {
+        return x86::has_vnni();
+    }
+    let _ = path;
+    false
+}
+
 /// The instructions 8-bit x multiplies block-quantized weights with on the AVX-512
 /// path (one row of Q4_0 keeps `maddubs`): "vnni" (AVX-512 VNNI, declined by `FERRY_VNNI=off`) or "maddubs".
 pub fn byte_products_path() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if matches!(crate::kernels::simd_path(), Some(SimdPath::Avx512)) && x86::has_vnni() {
-        return "vnni";
+    match crate::kernels::simd_path() {
+        Some(path) if takes_vnni(path) => "vnni",
+        _ => "maddubs",
     }
-    "maddubs"
 }
 
 #[cfg(test)]

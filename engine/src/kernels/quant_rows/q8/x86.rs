@@ -218,7 +218,7 @@ pub(super) unsafe fn broadcast_halves(xs: *const i8) -> (__m256i, __m256i) {
 /// Whether this CPU multiplies bytes with AVX-512 VNNI on 256-bit vectors (`VPDPBUSD`
 /// with VL), which the one-row kernels use on the AVX-512 path, and `FERRY_VNNI=off`
 /// does not decline it (benchmarks compare the two).
-pub fn has_vnni() -> bool {
+pub(super) fn has_vnni() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         std::env::var("FERRY_VNNI").map_or(true, |v| v != "off")
