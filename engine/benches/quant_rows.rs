@@ -6,8 +6,10 @@
 //! reads its weights from RAM as decoding does.
 //!
 //! Every format also runs with the activations rounded to 8 bits (`linear_q8`, the
-//! engine's default), and Q4_0, Q5_0, Q4_K and Q6_K at 64 rows (prefill) against the f32 path
-//! there (blocks decoded to f32 and multiplied by the GEMM).
+//! engine's default), over rows in the file's order and interleaved by eights (the
+//! order a run keeps resident weights in), and Q4_0, Q5_0, Q4_K and Q6_K at 64 rows
+//! (prefill) against the f32 path there (blocks decoded to f32 and multiplied by the
+//! GEMM).
 //!
 //! Last, the machine's integer multiply-add peak for the instructions the 8-bit
 //! products spend their time in (`maddubs` and 16-bit adds, on registers, on every
@@ -23,7 +25,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use ferry_core::model::Dtype;
 use ferry_engine::kernels::quant::{sample_blocks, BlockFormat};
 use ferry_engine::kernels::{
-    from_f32, linear_q8, linear_rows, quant_converted, quant_rows, simd_path, Matrix, QuantMatrix, SimdPath,
+    from_f32, interleave, linear_q8, linear_rows, quant_converted, quant_rows, simd_path, BlockOrder, Matrix,
+    QuantMatrix, SimdPath,
 };
 use ferry_engine::memory::Buffer;
 
@@ -65,14 +68,39 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(format.name(), m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let matrix = QuantMatrix { bytes: stored[next].as_slice(), format, rows: N, cols: K };
+                    let matrix = QuantMatrix {
+                        bytes: stored[next].as_slice(),
+                        format,
+                        rows: N,
+                        cols: K,
+                        order: BlockOrder::Rows,
+                    };
                     quant_rows(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
             group.bench_with_input(BenchmarkId::new(format!("{} q8 activations", format.name()), m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let matrix = QuantMatrix { bytes: stored[next].as_slice(), format, rows: N, cols: K };
+                    let matrix = QuantMatrix {
+                        bytes: stored[next].as_slice(),
+                        format,
+                        rows: N,
+                        cols: K,
+                        order: BlockOrder::Rows,
+                    };
+                    linear_q8(path, &x, m, matrix, &mut out, N, 0)
+                })
+            });
+            // The same weights interleaved by eights, as a run keeps resident ones.
+            let mut eights = one.clone();
+            interleave(format, N, K, &mut eights);
+            let stored: Vec<Buffer> = (0..MATRICES).map(|_| engine_memory(&eights)).collect();
+            let name = format!("{} q8 activations, eight rows interleaved", format.name());
+            group.bench_with_input(BenchmarkId::new(name, m), &m, |b, &m| {
+                b.iter(|| {
+                    next = (next + 1) % MATRICES;
+                    let order = BlockOrder::EightRows;
+                    let matrix = QuantMatrix { bytes: stored[next].as_slice(), format, rows: N, cols: K, order };
                     linear_q8(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
@@ -85,7 +113,7 @@ fn bench(c: &mut Criterion) {
     let mut out = vec![0.0f32; m * N];
     for format in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q6K] {
         let stored = sample_blocks(format, N * K / format.block().0, 7);
-        let matrix = QuantMatrix { bytes: &stored, format, rows: N, cols: K };
+        let matrix = QuantMatrix { bytes: &stored, format, rows: N, cols: K, order: BlockOrder::Rows };
         let name = format.name();
         group.bench_with_input(BenchmarkId::new(format!("{name} f32 via GEMM (MAC/s)"), m), &m, |b, &m| {
             b.iter(|| quant_converted(&x, m, matrix, &mut out, N, 0))

@@ -86,7 +86,7 @@ fn reference_product(format: BlockFormat, w: &[u8], rows: usize, cols: usize, x:
 /// the middle columns of a wider output (the other columns untouched).
 #[test]
 fn quantized_products_match_the_reference_decoding_on_every_path() {
-    use ferry_engine::kernels::{quant_converted, quant_rows, QuantMatrix, SimdPath};
+    use ferry_engine::kernels::{quant_converted, quant_rows, BlockOrder, QuantMatrix, SimdPath};
     let paths: Vec<SimdPath> =
         [SimdPath::Scalar, SimdPath::Avx2, SimdPath::Avx512].into_iter().filter(|p| p.supported()).collect();
     for (f, format) in BlockFormat::ALL.into_iter().enumerate() {
@@ -94,7 +94,7 @@ fn quantized_products_match_the_reference_decoding_on_every_path() {
         let (rows, cols) = (37, 2 * weights);
         let w = random_blocks(format, rows * cols / weights, 101 + f as u64);
         assert_eq!(w.len(), rows * cols / weights * block_bytes);
-        let matrix = QuantMatrix { bytes: &w, format, rows, cols };
+        let matrix = QuantMatrix { bytes: &w, format, rows, cols, order: BlockOrder::Rows };
         for m in [1, 2, 3, 5, 8, 11] {
             let x: Vec<f32> = (0..m * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
             let expected = reference_product(format, &w, rows, cols, &x, m);

@@ -18,7 +18,7 @@ use std::time::Instant;
 use ferry_core::profile::DequantRate;
 use ferry_core::units::MIB;
 use ferry_engine::kernels::quant::BlockFormat;
-use ferry_engine::kernels::{self, QuantMatrix};
+use ferry_engine::kernels::{self, BlockOrder, QuantMatrix};
 
 use super::{median_spread, ProfileOptions};
 
@@ -78,13 +78,21 @@ fn seconds_per_weight(format: BlockFormat, input: &[u8], rows: usize) -> f64 {
     let weight_rows = (STEP_INPUT_BYTES as usize / row_bytes).max(1);
     let x = vec![0.25f32; rows * COLS];
     let mut out = vec![0.0f32; rows * weight_rows];
+    // In the order a run keeps resident weights in (`kernels::resident_order`).
+    let order = kernels::resident_order();
+    let mut input = input.to_vec();
+    if order == BlockOrder::EightRows {
+        for piece in input.chunks_exact_mut(weight_rows * row_bytes) {
+            kernels::interleave(format, weight_rows, COLS, piece);
+        }
+    }
     let pieces: Vec<&[u8]> = input.chunks_exact(weight_rows * row_bytes).collect();
     // One pass untimed: the first touch of each page is not the kernel's cost.
     let mut run = || {
         for piece in &pieces {
             // Each piece twice: the second product finds it in the caches.
             for _ in 0..2 {
-                let matrix = QuantMatrix { bytes: piece, format, rows: weight_rows, cols: COLS };
+                let matrix = QuantMatrix { bytes: piece, format, rows: weight_rows, cols: COLS, order };
                 // The product a run makes: activations as the cpu backend's default.
                 kernels::linear_quant(
                     &x,

@@ -33,7 +33,7 @@ use ferry_core::profile::{ComputeProfile, CurvePoint, Interference, Profile, Pro
 use ferry_core::units::{KIB, MIB};
 use ferry_engine::backend::{Backend, CpuBackend, DeviceBuffer, WeightRef};
 use ferry_engine::io::{DiskFile, ReadPool, ReadPriority};
-use ferry_engine::kernels;
+use ferry_engine::kernels::{self, BlockOrder};
 use ferry_engine::memory::Buffer;
 
 #[derive(Debug, thiserror::Error)]
@@ -334,7 +334,14 @@ impl Background {
         let weights = on_device(&vec![0x3fu8; n * k * 2])?;
         let mut out = on_device(&vec![0u8; n * 4])?;
         Ok(Background::start(move || {
-            let matrix = WeightRef { memory: &weights, offset: 0, format: WeightFormat::Bf16, rows: n, cols: k };
+            let matrix = WeightRef {
+                memory: &weights,
+                offset: 0,
+                format: WeightFormat::Bf16,
+                rows: n,
+                cols: k,
+                order: BlockOrder::Rows,
+            };
             // A load only: its result is not read, and the same call succeeded when timed.
             let _ = CpuBackend::default().linear(&x, kernels::Rows::all(1), matrix, &mut out, n, 0);
         }))
@@ -416,7 +423,7 @@ fn timed_backend_linear(
     let k = x.len() / m;
     let (x, w) = (on_device(&f32_bytes(x))?, on_device(weights)?);
     let format = WeightFormat::from_dtype(dtype).unwrap_or(WeightFormat::F32);
-    let matrix = WeightRef { memory: &w, offset: 0, format, rows: n, cols: k };
+    let matrix = WeightRef { memory: &w, offset: 0, format, rows: n, cols: k, order: BlockOrder::Rows };
     let mut out = on_device(&vec![0u8; m * n * 4])?;
     if warm {
         CpuBackend::default().linear(&x, kernels::Rows::all(m), matrix, &mut out, n, 0)?;

@@ -8,7 +8,7 @@ use ferry_core::model::WeightFormat;
 
 use super::{AttentionShape, Backend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
 use crate::kernels::quant::BlockFormat;
-use crate::kernels::{self, Activations, Matrix, QuantMatrix, Rows};
+use crate::kernels::{self, Activations, BlockOrder, Matrix, QuantMatrix, Rows};
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -83,6 +83,16 @@ impl Backend for CpuBackend {
         true
     }
 
+    /// Interleaved by eights on the device places, where the products with 8-bit x
+    /// have eight-row kernels; host-resident weights, which pieces are copied out of,
+    /// keep the file's order.
+    fn resident_order(&self, place: Place) -> BlockOrder {
+        if place == Place::HOST || !self.activations.quantize_for_blocks() {
+            return BlockOrder::Rows;
+        }
+        kernels::resident_order()
+    }
+
     fn allocate(&self, place: Place, bytes: usize) -> Result<DeviceBuffer, EngineError> {
         let buffer = Buffer::new(bytes).map_err(|e| {
             EngineError::io(std::path::Path::new(&format!("{} memory ({bytes} bytes)", place.token())), e)
@@ -155,7 +165,8 @@ impl Backend for CpuBackend {
                 }
             }
             None => {
-                let matrix = QuantMatrix { bytes, format: block_format(w.format)?, rows: w.rows, cols: w.cols };
+                let format = block_format(w.format)?;
+                let matrix = QuantMatrix { bytes, format, rows: w.rows, cols: w.cols, order: w.order };
                 kernels::linear_quant(x, rows, matrix, out, out_stride, col0, self.activations);
             }
         }

@@ -27,6 +27,8 @@ pub mod ragged;
 use ferry_core::graph::Place;
 use ferry_core::model::{Dtype, WeightFormat};
 
+use crate::kernels::BlockOrder;
+
 pub use cpu::CpuBackend;
 pub use host::HostBytes;
 
@@ -87,6 +89,8 @@ pub struct WeightRef<'a> {
     pub format: WeightFormat,
     pub rows: usize,
     pub cols: usize,
+    /// Where a block-quantized matrix's blocks lie (`Backend::resident_order`).
+    pub order: BlockOrder,
 }
 
 impl WeightRef<'_> {
@@ -159,6 +163,12 @@ pub trait Backend: Send + Sync {
     /// at the pageable rate (predictions of its runs take `Profile::with_pageable_copies`).
     fn pins_host_memory(&self) -> bool {
         true
+    }
+    /// The order in which block-quantized weights kept for the whole run at `place`
+    /// lay out their blocks (`BlockOrder::EightRows` where this backend's kernels read
+    /// interleaved groups faster); weights read per visit stay in the file's row order.
+    fn resident_order(&self, _place: Place) -> BlockOrder {
+        BlockOrder::Rows
     }
     /// `bytes` of zeroed memory at `place` that the plan accounts for (resident KV
     /// caches): on the host, a fresh mapping whose pages count as they fill.

@@ -12,7 +12,8 @@ use ferry_core::schedule::format_pieces;
 use super::{lock, Engine};
 use crate::backend::{DeviceBuffer, WeightRef};
 use crate::io::ReadPriority;
-use crate::kernels::Rows;
+use crate::kernels::quant::BlockFormat;
+use crate::kernels::{self, BlockOrder, Rows, GROUP_ROWS};
 use crate::memory::{Buffer, Recycler};
 use crate::weights::ModelFiles;
 use crate::EngineError;
@@ -28,6 +29,7 @@ pub(super) struct View {
     rows: usize,
     cols: usize,
     format: WeightFormat,
+    order: BlockOrder,
 }
 
 /// Which of a group's bytes a read or a copy brings in.
@@ -63,7 +65,7 @@ pub(super) struct Loaded {
 impl Loaded {
     /// One tensor of `rows` × `cols` filling `buffer` (not recycled when freed).
     pub(super) fn single(buffer: DeviceBuffer, rows: usize, cols: usize, format: WeightFormat) -> Loaded {
-        let view = View { buffer: 0, offset: 0, tensor: 0, row_start: 0, rows, cols, format };
+        let view = View { buffer: 0, offset: 0, tensor: 0, row_start: 0, rows, cols, format, order: BlockOrder::Rows };
         Loaded { buffers: vec![buffer], views: vec![view], recycler: None }
     }
 }
@@ -127,6 +129,13 @@ impl<'a> Engine<'a> {
             Lands::Resident => None,
         };
         let resident = matches!(lands, Lands::Resident) && kept_here;
+        // Kept weights in the order the backend's kernels read fastest; the embedding
+        // table is looked up by rows.
+        let order = match group {
+            WeightGroup::Embeddings => BlockOrder::Rows,
+            _ if resident => self.backend.resident_order(place),
+            _ => BlockOrder::Rows,
+        };
         // A piece of whole tensors packed together reads as those tensors.
         let packed;
         let part = match part {
@@ -223,7 +232,7 @@ impl<'a> Engine<'a> {
                     self.recycler(layer as u32).take(len)
                 }
             };
-            let (buffer, starts) =
+            let (mut buffer, starts) =
                 self.reader.read_ranges_into(disk, &ranges, self.policy.chunk_bytes, ReadPriority::Stream, allocate)?;
             *lock(&self.requested_read_bytes) += ranges.iter().map(|(s, e)| e - s).sum::<u64>();
             let buffer_index = loaded.buffers.len();
@@ -233,6 +242,7 @@ impl<'a> Engine<'a> {
                 let name = &tensors[p.tensor as usize].name;
                 let bytes = &buffer.as_slice()[offset..offset + (p.end - p.start) as usize];
                 files.check_finite(name, &file, p.start, bytes)?;
+                let order = interleave_if(order, p, &mut buffer.as_mut_slice()[offset..]);
                 loaded.views.push(View {
                     buffer: buffer_index,
                     offset,
@@ -241,6 +251,7 @@ impl<'a> Engine<'a> {
                     rows: p.rows,
                     cols: p.cols,
                     format: p.format,
+                    order,
                 });
             }
             loaded.buffers.push(self.backend.adopt(place, buffer)?);
@@ -327,6 +338,7 @@ impl<'a> Engine<'a> {
                     format: v.format,
                     rows: v.rows,
                     cols: v.cols,
+                    order: v.order,
                 };
                 blocks.push((v.row_start, block));
             }
@@ -489,6 +501,7 @@ impl<'a> Engine<'a> {
                 rows: p.rows as usize,
                 cols: view.cols,
                 format: view.format,
+                order: view.order,
             }],
         })
     }
@@ -503,6 +516,23 @@ impl<'a> Engine<'a> {
         let first = self.first_j(task.micro_batch);
         lock(&self.streamed)
             .retain(|k, _| !(k.0 == group_code(group) && k.1 == task.layer && k.2 == task.step && k.3 == first));
+    }
+}
+
+/// The order `part`'s bytes (at the start of `bytes`) end in: `order` for a
+/// block-quantized matrix whose rows the engine has kernels for, interleaved here;
+/// rows otherwise (float weights, vectors).
+fn interleave_if(order: BlockOrder, part: &Part, bytes: &mut [u8]) -> BlockOrder {
+    let format = match part.format {
+        WeightFormat::Block(t) => BlockFormat::from_ggml(t.name),
+        _ => None,
+    };
+    match format {
+        Some(format) if order == BlockOrder::EightRows && part.rows >= GROUP_ROWS => {
+            kernels::interleave(format, part.rows, part.cols, bytes);
+            BlockOrder::EightRows
+        }
+        _ => BlockOrder::Rows,
     }
 }
 

@@ -41,17 +41,21 @@ macro_rules! with_rows {
 
 #[cfg(target_arch = "x86_64")]
 mod k_quants;
+mod order;
 mod q8;
 
+pub use order::{deinterleave, interleave, resident_order, BlockOrder, GROUP_ROWS};
 pub use q8::{byte_products_path, linear_q8, Activations};
 
-/// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks.
+/// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks, in
+/// `order`.
 #[derive(Clone, Copy)]
 pub struct QuantMatrix<'a> {
     pub bytes: &'a [u8],
     pub format: BlockFormat,
     pub rows: usize,
     pub cols: usize,
+    pub order: BlockOrder,
 }
 
 impl QuantMatrix<'_> {
@@ -76,8 +80,10 @@ impl QuantMatrix<'_> {
 /// Accumulator lanes per row of `x`: one AVX2 vector of f32.
 const LANES: usize = 8;
 
-/// Weight rows per parallel task.
+/// Weight rows per parallel task: whole groups of eight, so that a task's groups are
+/// the matrix's (`BlockOrder::EightRows`).
 const ROWS_PER_TASK: usize = 32;
+const _: () = assert!(ROWS_PER_TASK.is_multiple_of(GROUP_ROWS));
 
 /// `out[:, col0 .. col0 + w.rows] = x · wᵀ` for `rows.count` rows of `x`; `out` rows are
 /// `out_stride` wide. With activations quantized (`Activations::Q8`, and `Bf16`, which
@@ -118,6 +124,9 @@ pub fn quant_rows(
     col0: usize,
 ) {
     w.check();
+    // These kernels read a row at a time (or two): rows in order.
+    let bytes = w.in_row_order();
+    let w = QuantMatrix { bytes: &bytes, order: BlockOrder::Rows, ..w };
     let k = w.cols;
     assert!((1..=MAX_ROWS).contains(&m) && x.len() >= m * k, "quant_rows: {m} rows of {k}");
     assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride, "quant_rows: output too small");
@@ -270,6 +279,8 @@ fn row_body(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dots
 /// by the GEMM.
 pub fn quant_converted(x: &[f32], m: usize, w: QuantMatrix, out: &mut [f32], out_stride: usize, col0: usize) {
     w.check();
+    let bytes = w.in_row_order();
+    let w = QuantMatrix { bytes: &bytes, order: BlockOrder::Rows, ..w };
     let k = w.cols;
     let block_rows = ((1 << 18) / k.max(1)).clamp(1, w.rows.max(1));
     let row_bytes = w.row_bytes();

@@ -57,7 +57,7 @@ fn block_quantized_weights_give_each_row_the_bits_of_its_kernel_row_count() {
     for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K] {
         let (weights, _) = format.block();
         let bytes = sample_blocks(format, N * K / weights, 11);
-        let matrix = QuantMatrix { bytes: &bytes, format, rows: N, cols: K };
+        let matrix = QuantMatrix { bytes: &bytes, format, rows: N, cols: K, order: super::BlockOrder::Rows };
         for activations in Activations::ALL {
             let what = format!("{} with {activations:?} x", format.name());
             check(&what, |x, rows, out| linear_quant(x, rows, matrix, out, N, 0, activations));

@@ -14,7 +14,7 @@ use super::kernels::{Kernel, Kernels};
 use super::memory::{Allocator, Lanes};
 use super::primitives::{check_libraries, open_device};
 use crate::backend::{AttentionShape, Backend, CpuBackend, DeviceBuffer, HostBytes, KvLayout, Rotary, WeightRef};
-use crate::kernels::Rows;
+use crate::kernels::{BlockOrder, Rows};
 use crate::memory::Buffer;
 use crate::EngineError;
 
@@ -84,7 +84,7 @@ impl CudaBackend {
         let x = self.gpu_upload(&vec![0u8; MOST_ROWS * WIDTH * 4])?;
         let mut out = self.gpu_zeroed(MOST_ROWS * WIDTH * 4)?;
         let format = ferry_core::model::WeightFormat::Bf16;
-        let w = || WeightRef { memory: &weights, offset: 0, format, rows: WIDTH, cols: WIDTH };
+        let w = || WeightRef { memory: &weights, offset: 0, format, rows: WIDTH, cols: WIDTH, order: BlockOrder::Rows };
         for rows in [1, 4, 16, 64, 128, MOST_ROWS] {
             self.linear(&x, Rows::all(rows), w(), &mut out, WIDTH, 0)?;
         }

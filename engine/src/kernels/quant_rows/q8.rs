@@ -23,7 +23,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{QuantMatrix, ROWS_PER_TASK};
+use super::order::{has_eight_row_kernels, Strides};
+use super::{BlockOrder, QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
@@ -190,6 +191,14 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
     assert!(x.len() >= m * k, "linear_q8: {m} rows of {k}");
     assert!(col0 + w.rows <= out_stride && out.len() >= m * out_stride, "linear_q8: output too small");
     let path = if path.supported() { path } else { SimdPath::Scalar };
+    // Only the eight-row kernels read interleaved groups; the one-row body reads rows.
+    let in_rows;
+    let w = if w.order == BlockOrder::EightRows && !has_eight_row_kernels(path) {
+        in_rows = w.in_row_order();
+        QuantMatrix { bytes: &in_rows, order: BlockOrder::Rows, ..w }
+    } else {
+        w
+    };
     QUANTIZED.with_borrow_mut(|xq| {
         xq.quantize(x, m, k);
         products(path, xq, m, w, out, out_stride, col0);
@@ -243,7 +252,7 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
 }
 
 /// Weight rows the x86 kernel multiplies at once.
-const EIGHT: usize = 8;
+const EIGHT: usize = super::GROUP_ROWS;
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
@@ -269,9 +278,11 @@ type Multiply<'a> = &'a mut dyn FnMut(&QuantizedX, usize, &mut [[f32; EIGHT]; MA
 #[allow(unused_variables)]
 fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q8Rows, m: usize, emit: Emit) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if matches!(path, SimdPath::Avx2 | SimdPath::Avx512) {
+    if has_eight_row_kernels(path) {
         let (row_bytes, k) = (w.row_bytes(), xq.k);
+        // A group's bytes are the same in either order; the strides say where its blocks are.
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
+        let strides = Strides::of(w.order, w.format, row_bytes);
         let transposed = m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
         let mut groups = |multiply: Multiply| {
@@ -286,22 +297,22 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // the group's rows.
         match format {
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 if transposed => SET.with_borrow_mut(|set| {
-                unsafe { x86::transpose_set(format, weights, row_bytes, k, set) };
+                unsafe { x86::transpose_set(format, weights, strides, k, set) };
                 let from_columns = if vnni { x86::from_columns_vnni } else { x86::from_columns };
                 groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
             }),
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                 let eight_rows = if vnni { x86::eight_rows_vnni } else { x86::eight_rows };
-                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, row_bytes, x, rows, k, dots) })
+                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
             BlockFormat::Q4K | BlockFormat::Q6K if transposed => K_SET.with_borrow_mut(|set| {
-                unsafe { k_quants::x86::transpose_set(format, weights, row_bytes, k, set) };
+                unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
                 let from_columns = if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
                 groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
             }),
             BlockFormat::Q4K | BlockFormat::Q6K => {
                 let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
-                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, row_bytes, x, rows, k, dots) })
+                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
         }
         return true;

@@ -148,7 +148,7 @@ fn quant_rows_on_every_path_matches_the_reference() {
     for format in BlockFormat::ALL {
         let blocks = rows * k / format.block().0;
         let w = random_blocks(format, blocks, 3);
-        let matrix = QuantMatrix { bytes: &w, format, rows, cols: k };
+        let matrix = QuantMatrix { bytes: &w, format, rows, cols: k, order: BlockOrder::Rows };
         for m in 1..=MAX_ROWS {
             let x = random_x(m * k, m as u64);
             let want = reference(format, &w, rows, &x, m, k);
@@ -168,6 +168,33 @@ fn quant_rows_on_every_path_matches_the_reference() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The float-activation products read rows: over weights interleaved by eights they
+/// give the same bits as over the same weights in row order.
+#[test]
+fn float_activations_over_interleaved_weights_match_row_order() {
+    let (rows, k) = (19, 512);
+    for format in BlockFormat::ALL {
+        let w = random_blocks(format, rows * k / format.block().0, 5);
+        let mut interleaved = w.clone();
+        interleave(format, rows, k, &mut interleaved);
+        let by_rows = QuantMatrix { bytes: &w, format, rows, cols: k, order: BlockOrder::Rows };
+        let by_eights = QuantMatrix { bytes: &interleaved, order: BlockOrder::EightRows, ..by_rows };
+        for m in [1, 3, 40] {
+            let x = random_x(m * k, 9);
+            let mut outputs = Vec::new();
+            for matrix in [by_rows, by_eights] {
+                let mut out = vec![0.0f32; m * rows];
+                match crate::kernels::simd_path().filter(|_| m <= MAX_ROWS) {
+                    Some(path) => quant_rows(path, &x, m, matrix, &mut out, rows, 0),
+                    None => quant_converted(&x, m, matrix, &mut out, rows, 0),
+                }
+                outputs.push(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+            assert_eq!(outputs[0], outputs[1], "{} m={m}", format.name());
         }
     }
 }

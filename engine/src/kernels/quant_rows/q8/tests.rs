@@ -30,9 +30,24 @@ fn exact(decoded: &[f32], r: usize, x_row: &[f32]) -> (f64, f64) {
 /// Runs `linear_q8` into an output wider than the weights (stride and column offset
 /// exercised) and returns out[i][col0 + j] as out[i][j].
 fn product(path: SimdPath, format: BlockFormat, w: &[u8], rows: usize, x: &[f32], m: usize, k: usize) -> Vec<Vec<f32>> {
+    product_in(BlockOrder::Rows, path, format, w, rows, x, m, k)
+}
+
+/// `product` over weights in `order` (`w` already in it).
+#[allow(clippy::too_many_arguments)]
+fn product_in(
+    order: BlockOrder,
+    path: SimdPath,
+    format: BlockFormat,
+    w: &[u8],
+    rows: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+) -> Vec<Vec<f32>> {
     let (stride, col0) = (rows + 5, 3);
     let mut out = vec![f32::NAN; m * stride];
-    let matrix = QuantMatrix { bytes: w, format, rows, cols: k };
+    let matrix = QuantMatrix { bytes: w, format, rows, cols: k, order };
     linear_q8(path, x, m, matrix, &mut out, stride, col0);
     (0..m).map(|i| out[i * stride + col0..i * stride + col0 + rows].to_vec()).collect()
 }
@@ -174,6 +189,29 @@ fn every_path_and_every_split_of_the_weight_rows_gives_the_same_bits() {
                         assert_eq!(got, want, "{} {path:?} rows {first}..{}", format.name(), first + piece);
                     }
                     first += piece;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn weights_interleaved_by_eights_give_the_same_bits_on_every_path() {
+    // Five whole groups of eight and five rows left in row order; from nine rows of x
+    // the eight-row kernels transpose a set (`from_columns`).
+    let (rows, k) = (45, 512);
+    for format in FORMATS {
+        let w = random_blocks(format, blocks(format, rows * k), 41);
+        let mut interleaved = w.clone();
+        super::super::interleave(format, rows, k, &mut interleaved);
+        for m in [1, 2, 3, 8, 9, 13] {
+            let x = random_x(m * k, 43 + m as u64);
+            let want = product(SimdPath::Scalar, format, &w, rows, &x, m, k);
+            for path in paths() {
+                let got = product_in(BlockOrder::EightRows, path, format, &interleaved, rows, &x, m, k);
+                for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+                    let bits = |row: &[f32]| row.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(got), bits(want), "{} {path:?} m={m} x row {i}", format.name());
                 }
             }
         }

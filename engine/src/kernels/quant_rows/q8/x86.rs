@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BlockFormat, QuantizedX, BLOCK, MAX_ROWS};
+use super::{BlockFormat, QuantizedX, Strides, BLOCK, MAX_ROWS};
 
 mod lanes;
 use lanes::{byte_sums, reduce_eight};
@@ -28,8 +28,8 @@ const KIND_Q4_0: u8 = 1;
 const KIND_Q5_0: u8 = 2;
 
 avx2_and_vnni!(
-    /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, rows of
-    /// `row_bytes`) and `rows` rows of x: one or two by `row_sums`, more by
+    /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, their
+    /// blocks where `strides` says) and `rows` rows of x: one or two by `row_sums`, more by
     /// `column_sums`, each block transposed in registers (the same bits; see there).
     /// Many rows of x go through `transpose_set` and `from_columns` instead. Q4_0's
     /// nibbles multiply unsigned (0–15) and the block's 8·Σx is taken off the integer
@@ -37,7 +37,7 @@ avx2_and_vnni!(
     eight_rows, eight_rows_vnni => eight_rows_in(
         format: BlockFormat,
         weights: &[u8],
-        row_bytes: usize,
+        strides: Strides,
         x: &QuantizedX,
         rows: usize,
         k: usize,
@@ -49,7 +49,7 @@ avx2_and_vnni!(
 unsafe fn eight_rows_in<const VNNI: bool>(
     format: BlockFormat,
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     rows: usize,
     k: usize,
@@ -58,9 +58,9 @@ unsafe fn eight_rows_in<const VNNI: bool>(
     // SAFETY (each arm): as the caller vouches.
     unsafe {
         match format {
-            BlockFormat::Q4_0 => with_rows!(rows, eight_m::<_, KIND_Q4_0, VNNI>(weights, row_bytes, x, k, dots)),
-            BlockFormat::Q5_0 => with_rows!(rows, eight_m::<_, KIND_Q5_0, VNNI>(weights, row_bytes, x, k, dots)),
-            _ => with_rows!(rows, eight_m::<_, KIND_Q8_0, VNNI>(weights, row_bytes, x, k, dots)),
+            BlockFormat::Q4_0 => with_rows!(rows, eight_m::<_, KIND_Q4_0, VNNI>(weights, strides, x, k, dots)),
+            BlockFormat::Q5_0 => with_rows!(rows, eight_m::<_, KIND_Q5_0, VNNI>(weights, strides, x, k, dots)),
+            _ => with_rows!(rows, eight_m::<_, KIND_Q8_0, VNNI>(weights, strides, x, k, dots)),
         }
     }
 }
@@ -77,15 +77,10 @@ pub(super) struct EightBlocks {
 
 /// Block `b` of the eight rows at `weights` as `EightBlocks`.
 #[inline(always)]
-unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], row_bytes: usize, b: usize) -> EightBlocks {
-    let block_bytes = match KIND {
-        KIND_Q4_0 => 18,
-        KIND_Q5_0 => 22,
-        _ => 34,
-    };
+unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], strides: Strides, b: usize) -> EightBlocks {
     // SAFETY: block `b` of each of the eight rows lies inside `weights`.
     unsafe {
-        let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * block_bytes);
+        let at = |r: usize| block_at(weights, strides, r, b);
         let mut values = [_mm256_setzero_si256(); 8];
         for (r, w) in values.iter_mut().enumerate() {
             *w = block_values::<KIND>(at(r));
@@ -109,7 +104,7 @@ unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], row_
 pub(super) unsafe fn transpose_set(
     format: BlockFormat,
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     k: usize,
     set: &mut Vec<EightBlocks>,
 ) {
@@ -118,11 +113,11 @@ pub(super) unsafe fn transpose_set(
     // SAFETY: as the caller vouches: `weights` holds eight whole rows.
     unsafe {
         for b in 0..blocks {
-            prefetch_next_rows(weights, row_bytes, b, blocks);
+            prefetch_next_rows(weights, strides, b, blocks);
             set.push(match format {
-                BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, row_bytes, b),
-                BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, row_bytes, b),
-                _ => eight_blocks::<KIND_Q8_0, true>(weights, row_bytes, b),
+                BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, strides, b),
+                BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, strides, b),
+                _ => eight_blocks::<KIND_Q8_0, true>(weights, strides, b),
             });
         }
     }
@@ -228,19 +223,32 @@ pub(super) fn has_vnni() -> bool {
     })
 }
 
-/// Fetches the share of step `s` (of `steps`: blocks or super-blocks) of the eight
-/// weight rows after `weights` into the cache: the kernel reads its eight rows side by side,
-/// sixteen streams on two threads, which the hardware prefetcher does not keep
-/// ahead of, while the next eight rows are one contiguous run of memory.
+/// Block (or super-block) `b` of row `r` of the eight rows at `weights`.
 #[inline(always)]
-pub(super) unsafe fn prefetch_next_rows(weights: &[u8], row_bytes: usize, s: usize, steps: usize) {
+pub(super) unsafe fn block_at(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
+    // SAFETY: the caller's block lies inside `weights`.
+    unsafe { weights.as_ptr().add(r * strides.row + b * strides.block) }
+}
+
+/// Fetches the share of step `s` (of `steps`: blocks or super-blocks) of the eight
+/// weight rows after `weights` into the cache where they lie in row order: the kernel
+/// then reads its eight rows side by side, sixteen streams on two threads, which the
+/// hardware prefetcher does not keep ahead of, while the next eight rows are one
+/// contiguous run of memory. Interleaved rows are one stream already, which the
+/// prefetcher follows; fetching them as well made one row of x slower (0.73×).
+#[inline(always)]
+pub(super) unsafe fn prefetch_next_rows(weights: &[u8], strides: Strides, s: usize, steps: usize) {
     const LINE: usize = 64;
-    let lines = (8 * row_bytes).div_ceil(LINE);
+    if strides.interleaved() {
+        return;
+    }
+    let group_bytes = 8 * strides.row;
+    let lines = group_bytes.div_ceil(LINE);
     let share = lines.div_ceil(steps);
     // `wrapping_add`: the next rows may lie past this slice (the last group of a
     // matrix); a prefetch of any address is harmless, a pointer past the
     // allocation made with `add` would not be.
-    let next = weights.as_ptr().wrapping_add(8 * row_bytes);
+    let next = weights.as_ptr().wrapping_add(group_bytes);
     for line in s * share..((s + 1) * share).min(lines) {
         // SAFETY: a prefetch reads nothing the program sees and cannot fault.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * LINE).cast()) };
@@ -263,7 +271,7 @@ pub(super) unsafe fn f16_scales(at: impl Fn(usize) -> *const u8, offset: usize) 
 #[inline(always)]
 unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
@@ -271,13 +279,13 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     // SAFETY: as the caller vouches.
     unsafe {
         if M >= 3 {
-            eight::<M, KIND, true, VNNI>(weights, row_bytes, x, k, dots)
+            eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
         } else if M == 1 && KIND == KIND_Q4_0 {
             // Its AVX2 products read at 85 % of the memory's rate already: VNNI moved
             // neither them (criterion) nor a decoding step (0.91–1.02× in pairs).
-            q4_0_one_row(weights, row_bytes, x, k, dots)
+            q4_0_one_row(weights, strides, x, k, dots)
         } else {
-            eight::<M, KIND, false, VNNI>(weights, row_bytes, x, k, dots)
+            eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
         }
     }
 }
@@ -291,8 +299,7 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
 /// where the memory gives 27–30). The integer sums are the same integers as
 /// `row_sums`' and the float steps the same, in lane order: the same bits.
 #[inline(always)]
-unsafe fn q4_0_one_row(weights: &[u8], row_bytes: usize, x: &QuantizedX, k: usize, dots: &mut [[f32; 8]; MAX_ROWS]) {
-    const BLOCK_BYTES: usize = 18;
+unsafe fn q4_0_one_row(weights: &[u8], strides: Strides, x: &QuantizedX, k: usize, dots: &mut [[f32; 8]; MAX_ROWS]) {
     let blocks = k / BLOCK;
     // SAFETY: see `eight_rows`: block b of each of the eight rows lies inside
     // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
@@ -300,8 +307,8 @@ unsafe fn q4_0_one_row(weights: &[u8], row_bytes: usize, x: &QuantizedX, k: usiz
         let nibble = _mm256_set1_epi8(0x0F);
         let mut acc = _mm256_setzero_ps();
         for b in 0..blocks {
-            prefetch_next_rows(weights, row_bytes, b, blocks);
-            let at = |r: usize| weights.as_ptr().add(r * row_bytes + b * BLOCK_BYTES);
+            prefetch_next_rows(weights, strides, b, blocks);
+            let at = |r: usize| block_at(weights, strides, r, b);
             let xs = x.quants.as_ptr().add(b * BLOCK);
             let (x_low, x_high) = broadcast_halves(xs);
             // Lanes 0–3 of `sums[p]`: row p's 32-bit sums, lanes 4–7 row p + 4's. A
@@ -332,7 +339,7 @@ pub(super) unsafe fn store<const M: usize>(acc: [__m256; M], dots: &mut [[f32; 8
 #[inline(always)]
 unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
@@ -342,8 +349,8 @@ unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool, const VNNI:
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
         for b in 0..blocks {
-            prefetch_next_rows(weights, row_bytes, b, blocks);
-            let block = eight_blocks::<KIND, COLUMNS>(weights, row_bytes, b);
+            prefetch_next_rows(weights, strides, b, blocks);
+            let block = eight_blocks::<KIND, COLUMNS>(weights, strides, b);
             for (i, sum) in acc.iter_mut().enumerate() {
                 accumulate::<KIND, COLUMNS, VNNI>(&block, x, i, b, k, sum);
             }

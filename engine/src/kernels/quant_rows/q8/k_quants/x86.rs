@@ -10,19 +10,19 @@
 use std::arch::x86_64::*;
 
 use super::super::x86::{
-    broadcast_halves, f16_scales, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves, reduce_paired, store,
-    transpose_groups,
+    block_at, broadcast_halves, f16_scales, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves,
+    reduce_paired, store, transpose_groups,
 };
-use super::super::QuantizedX;
+use super::super::{QuantizedX, Strides};
 use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
 avx2_and_vnni!(
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
-    /// (`weights`, rows of `row_bytes`) and `rows` rows of x.
+    /// (`weights`, their super-blocks where `strides` says) and `rows` rows of x.
     eight_rows, eight_rows_vnni => eight_rows_in(
         format: BlockFormat,
         weights: &[u8],
-        row_bytes: usize,
+        strides: Strides,
         x: &QuantizedX,
         rows: usize,
         k: usize,
@@ -34,7 +34,7 @@ avx2_and_vnni!(
 unsafe fn eight_rows_in<const VNNI: bool>(
     format: BlockFormat,
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     rows: usize,
     k: usize,
@@ -43,9 +43,9 @@ unsafe fn eight_rows_in<const VNNI: bool>(
     // SAFETY (each arm): as the caller vouches.
     unsafe {
         if format == BlockFormat::Q6K {
-            with_rows!(rows, eight_m::<_, true, VNNI>(weights, row_bytes, x, k, dots))
+            with_rows!(rows, eight_m::<_, true, VNNI>(weights, strides, x, k, dots))
         } else {
-            with_rows!(rows, eight_m::<_, false, VNNI>(weights, row_bytes, x, k, dots))
+            with_rows!(rows, eight_m::<_, false, VNNI>(weights, strides, x, k, dots))
         }
     }
 }
@@ -54,7 +54,7 @@ unsafe fn eight_rows_in<const VNNI: bool>(
 #[inline(always)]
 unsafe fn eight_m<const M: usize, const Q6: bool, const VNNI: bool>(
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
@@ -62,11 +62,11 @@ unsafe fn eight_m<const M: usize, const Q6: bool, const VNNI: bool>(
     // SAFETY: as the caller vouches.
     unsafe {
         if M >= 3 {
-            eight::<M, Q6, true, VNNI>(weights, row_bytes, x, k, dots)
+            eight::<M, Q6, true, VNNI>(weights, strides, x, k, dots)
         } else if M == 1 && !Q6 {
-            q4_k_one_row::<VNNI>(weights, row_bytes, x, k, dots)
+            q4_k_one_row::<VNNI>(weights, strides, x, k, dots)
         } else {
-            eight::<M, Q6, false, VNNI>(weights, row_bytes, x, k, dots)
+            eight::<M, Q6, false, VNNI>(weights, strides, x, k, dots)
         }
     }
 }
@@ -247,12 +247,11 @@ unsafe fn scale_column<const Q6: bool>(columns: &[__m128i; 8], t: usize) -> __m2
 #[inline(always)]
 unsafe fn q4_k_one_row<const VNNI: bool>(
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
-    const BLOCK_BYTES: usize = 144;
     let (blocks, supers) = (k / BLOCK, k / SUPER);
     // SAFETY: see `eight_rows`: super-block s of each of the eight rows lies inside
     // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
@@ -260,12 +259,12 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
         let nibble = _mm256_set1_epi8(0x0F);
         let mut acc = _mm256_setzero_ps();
         for s in 0..supers {
-            let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * BLOCK_BYTES);
+            let at = |r: usize| block_at(weights, strides, r, s);
             let SuperScales { d, dmin, columns } = super_scales::<false>(at);
             for chunk in 0..BLOCKS_PER_SUPER / 2 {
                 let first = s * BLOCKS_PER_SUPER + 2 * chunk;
-                prefetch_next_rows(weights, row_bytes, first, blocks);
-                prefetch_next_rows(weights, row_bytes, first + 1, blocks);
+                prefetch_next_rows(weights, strides, first, blocks);
+                prefetch_next_rows(weights, strides, first + 1, blocks);
                 let (x0_low, x0_high) = broadcast_halves(x.quants.as_ptr().add(first * BLOCK));
                 let (x1_low, x1_high) = broadcast_halves(x.quants.as_ptr().add((first + 1) * BLOCK));
                 // Per pair of rows: the chunk's first and second 16 bytes, each
@@ -299,22 +298,21 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
 #[inline(always)]
 unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     s: usize,
     supers: usize,
     mut each: impl FnMut(usize, &KBlocks),
 ) {
-    let block_bytes = if Q6 { 210 } else { 144 };
     // SAFETY: super-block `s` of each of the eight rows lies inside `weights`.
     unsafe {
         let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
-        let at = |r: usize| weights.as_ptr().add(r * row_bytes + s * block_bytes);
+        let at = |r: usize| block_at(weights, strides, r, s);
         let SuperScales { d, dmin, columns } = super_scales::<Q6>(at);
         let column = |t: usize| scale_column::<Q6>(&columns, t);
         for c in 0..BLOCKS_PER_SUPER {
             // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
             // the cache's queue of misses and stalls the products behind it.
-            prefetch_next_rows(weights, row_bytes, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
+            prefetch_next_rows(weights, strides, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
             // A loop, not `from_fn`: a closure this size is not always inlined,
             // and outside this function it would lose the target features.
             let mut values = [_mm256_setzero_si256(); 8];
@@ -350,7 +348,7 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
 #[inline(always)]
 unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     x: &QuantizedX,
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
@@ -359,7 +357,7 @@ unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI:
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
         for s in 0..k / SUPER {
-            super_blocks::<Q6, COLUMNS, VNNI>(weights, row_bytes, s, k / SUPER, |c, block| {
+            super_blocks::<Q6, COLUMNS, VNNI>(weights, strides, s, k / SUPER, |c, block| {
                 for (i, sum) in acc.iter_mut().enumerate() {
                     accumulate::<Q6, COLUMNS, VNNI>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
                 }
@@ -375,7 +373,7 @@ unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI:
 pub(in super::super) unsafe fn transpose_set(
     format: BlockFormat,
     weights: &[u8],
-    row_bytes: usize,
+    strides: Strides,
     k: usize,
     set: &mut Vec<KBlocks>,
 ) {
@@ -384,9 +382,9 @@ pub(in super::super) unsafe fn transpose_set(
     unsafe {
         for s in 0..k / SUPER {
             if format == BlockFormat::Q6K {
-                super_blocks::<true, true, false>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
+                super_blocks::<true, true, false>(weights, strides, s, k / SUPER, |_, block| set.push(*block));
             } else {
-                super_blocks::<false, true, false>(weights, row_bytes, s, k / SUPER, |_, block| set.push(*block));
+                super_blocks::<false, true, false>(weights, strides, s, k / SUPER, |_, block| set.push(*block));
             }
         }
     }
