@@ -113,7 +113,7 @@ pub(super) unsafe fn transpose_set(
     // SAFETY: as the caller vouches: `weights` holds eight whole rows.
     unsafe {
         for b in 0..blocks {
-            prefetch_next_rows(weights, strides, b, blocks);
+            prefetch_next_rows(weights, true, b, blocks);
             set.push(match format {
                 BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, strides, b),
                 BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, strides, b),
@@ -230,25 +230,36 @@ pub(super) unsafe fn block_at(weights: &[u8], strides: Strides, r: usize, b: usi
     unsafe { weights.as_ptr().add(r * strides.row + b * strides.block) }
 }
 
-/// Fetches the share of step `s` (of `steps`: blocks or super-blocks) of the eight
-/// weight rows after `weights` into the cache where they lie in row order: the kernel
-/// then reads its eight rows side by side, sixteen streams on two threads, which the
-/// hardware prefetcher does not keep ahead of, while the next eight rows are one
-/// contiguous run of memory. Interleaved rows are one stream already, which the
-/// prefetcher follows; fetching them as well made one row of x slower (0.73×).
+/// Whether a kernel multiplying `rows_of_x` rows of x by eight weight rows in
+/// `strides` fetches the next eight rows ahead (`prefetch_next_rows`). In row order it
+/// does: the kernel reads its eight rows side by side, sixteen streams on two
+/// threads, which the hardware prefetcher does not keep ahead of, while the next
+/// eight rows are one contiguous run of memory. Interleaved rows are one stream,
+/// which the prefetcher follows at one row of x (fetching as well made those products
+/// 0.78–0.98× as fast) but not at eight, whose slower pace wants the next rows in the
+/// cache (0.76–0.86× without; BENCHMARKS.md, "Weights in the order the kernels read
+/// them").
 #[inline(always)]
-pub(super) unsafe fn prefetch_next_rows(weights: &[u8], strides: Strides, s: usize, steps: usize) {
+pub(super) fn fetch_ahead(strides: Strides, rows_of_x: usize) -> bool {
+    rows_of_x > 1 || !strides.interleaved()
+}
+
+/// Fetches the share of step `s` (of `steps`: blocks or super-blocks) of the eight
+/// weight rows after `weights` (eight rows, the same bytes in either order) into the
+/// cache, where `ahead` (`fetch_ahead`) says so: a few lines per step, as a burst
+/// stalls the products behind it.
+#[inline(always)]
+pub(super) unsafe fn prefetch_next_rows(weights: &[u8], ahead: bool, s: usize, steps: usize) {
     const LINE: usize = 64;
-    if strides.interleaved() {
+    if !ahead {
         return;
     }
-    let group_bytes = 8 * strides.row;
-    let lines = group_bytes.div_ceil(LINE);
+    let lines = weights.len().div_ceil(LINE);
     let share = lines.div_ceil(steps);
     // `wrapping_add`: the next rows may lie past this slice (the last group of a
     // matrix); a prefetch of any address is harmless, a pointer past the
     // allocation made with `add` would not be.
-    let next = weights.as_ptr().wrapping_add(group_bytes);
+    let next = weights.as_ptr().wrapping_add(weights.len());
     for line in s * share..((s + 1) * share).min(lines) {
         // SAFETY: a prefetch reads nothing the program sees and cannot fault.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * LINE).cast()) };
@@ -306,8 +317,9 @@ unsafe fn q4_0_one_row(weights: &[u8], strides: Strides, x: &QuantizedX, k: usiz
     unsafe {
         let nibble = _mm256_set1_epi8(0x0F);
         let mut acc = _mm256_setzero_ps();
+        let ahead = fetch_ahead(strides, 1);
         for b in 0..blocks {
-            prefetch_next_rows(weights, strides, b, blocks);
+            prefetch_next_rows(weights, ahead, b, blocks);
             let at = |r: usize| block_at(weights, strides, r, b);
             let xs = x.quants.as_ptr().add(b * BLOCK);
             let (x_low, x_high) = broadcast_halves(xs);
@@ -348,8 +360,9 @@ unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool, const VNNI:
     // SAFETY: see `eight_rows`; every load lies inside `weights` (8 rows) or x.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
+        let ahead = fetch_ahead(strides, M);
         for b in 0..blocks {
-            prefetch_next_rows(weights, strides, b, blocks);
+            prefetch_next_rows(weights, ahead, b, blocks);
             let block = eight_blocks::<KIND, COLUMNS>(weights, strides, b);
             for (i, sum) in acc.iter_mut().enumerate() {
                 accumulate::<KIND, COLUMNS, VNNI>(&block, x, i, b, k, sum);

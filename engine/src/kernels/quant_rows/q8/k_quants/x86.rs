@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 
 use super::super::x86::{
-    block_at, broadcast_halves, f16_scales, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves,
+    block_at, broadcast_halves, f16_scales, fetch_ahead, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves,
     reduce_paired, store, transpose_groups,
 };
 use super::super::{QuantizedX, Strides};
@@ -258,13 +258,14 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
     unsafe {
         let nibble = _mm256_set1_epi8(0x0F);
         let mut acc = _mm256_setzero_ps();
+        let ahead = fetch_ahead(strides, 1);
         for s in 0..supers {
             let at = |r: usize| block_at(weights, strides, r, s);
             let SuperScales { d, dmin, columns } = super_scales::<false>(at);
             for chunk in 0..BLOCKS_PER_SUPER / 2 {
                 let first = s * BLOCKS_PER_SUPER + 2 * chunk;
-                prefetch_next_rows(weights, strides, first, blocks);
-                prefetch_next_rows(weights, strides, first + 1, blocks);
+                prefetch_next_rows(weights, ahead, first, blocks);
+                prefetch_next_rows(weights, ahead, first + 1, blocks);
                 let (x0_low, x0_high) = broadcast_halves(x.quants.as_ptr().add(first * BLOCK));
                 let (x1_low, x1_high) = broadcast_halves(x.quants.as_ptr().add((first + 1) * BLOCK));
                 // Per pair of rows: the chunk's first and second 16 bytes, each
@@ -294,11 +295,13 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
     }
 }
 
-/// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`.
+/// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`;
+/// fetching the next eight rows' share where `ahead` says so.
 #[inline(always)]
 unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
+    ahead: bool,
     s: usize,
     supers: usize,
     mut each: impl FnMut(usize, &KBlocks),
@@ -312,7 +315,7 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
         for c in 0..BLOCKS_PER_SUPER {
             // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
             // the cache's queue of misses and stalls the products behind it.
-            prefetch_next_rows(weights, strides, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
+            prefetch_next_rows(weights, ahead, s * BLOCKS_PER_SUPER + c, supers * BLOCKS_PER_SUPER);
             // A loop, not `from_fn`: a closure this size is not always inlined,
             // and outside this function it would lose the target features.
             let mut values = [_mm256_setzero_si256(); 8];
@@ -357,7 +360,7 @@ unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI:
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
         for s in 0..k / SUPER {
-            super_blocks::<Q6, COLUMNS, VNNI>(weights, strides, s, k / SUPER, |c, block| {
+            super_blocks::<Q6, COLUMNS, VNNI>(weights, strides, fetch_ahead(strides, M), s, k / SUPER, |c, block| {
                 for (i, sum) in acc.iter_mut().enumerate() {
                     accumulate::<Q6, COLUMNS, VNNI>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
                 }
@@ -382,9 +385,9 @@ pub(in super::super) unsafe fn transpose_set(
     unsafe {
         for s in 0..k / SUPER {
             if format == BlockFormat::Q6K {
-                super_blocks::<true, true, false>(weights, strides, s, k / SUPER, |_, block| set.push(*block));
+                super_blocks::<true, true, false>(weights, strides, true, s, k / SUPER, |_, block| set.push(*block));
             } else {
-                super_blocks::<false, true, false>(weights, strides, s, k / SUPER, |_, block| set.push(*block));
+                super_blocks::<false, true, false>(weights, strides, true, s, k / SUPER, |_, block| set.push(*block));
             }
         }
     }
