@@ -384,7 +384,7 @@ fn takes_vnni(path: SimdPath) -> bool {
 }
 
 /// The instructions 8-bit x multiplies block-quantized weights with on the AVX-512
-/// path (one row of Q4_0 keeps `maddubs`): "vnni" (AVX-512 VNNI, declined by `FERRY_VNNI=off`) or "maddubs".
+/// path: "vnni" (AVX-512 VNNI, declined by `FERRY_VNNI=off`) or "maddubs".
 pub fn byte_products_path() -> &'static str {
     match crate::kernels::simd_path() {
         Some(path) if takes_vnni(path) => "vnni",

@@ -292,9 +292,7 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
         if M >= 3 {
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
         } else if M == 1 && KIND == KIND_Q4_0 {
-            // Its AVX2 products read at 85 % of the memory's rate already: VNNI moved
-            // neither them (criterion) nor a decoding step (0.91–1.02× in pairs).
-            q4_0_one_row(weights, strides, x, k, dots)
+            q4_0_one_row::<VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
         }
@@ -307,10 +305,18 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
 /// to both 128-bit lanes), so no nibble is moved across lanes and the eight rows
 /// reduce from four vectors, not eight. This kernel's time was its arithmetic, not
 /// its reads (one row of x multiplied 35 G weights/s from RAM, 20 GB/s of blocks,
-/// where the memory gives 27–30). The integer sums are the same integers as
+/// where the memory gives 27–30). With VNNI it gained nothing while its rows lay in
+/// row order (a decoding step 0.91–1.02× in pairs), and 1.02–1.07× once they came
+/// interleaved (five pairs, all faster). The integer sums are the same integers as
 /// `row_sums`' and the float steps the same, in lane order: the same bits.
 #[inline(always)]
-unsafe fn q4_0_one_row(weights: &[u8], strides: Strides, x: &QuantizedX, k: usize, dots: &mut [[f32; 8]; MAX_ROWS]) {
+unsafe fn q4_0_one_row<const VNNI: bool>(
+    weights: &[u8],
+    strides: Strides,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; 8]; MAX_ROWS],
+) {
     let blocks = k / BLOCK;
     // SAFETY: see `eight_rows`: block b of each of the eight rows lies inside
     // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
@@ -328,7 +334,7 @@ unsafe fn q4_0_one_row(weights: &[u8], strides: Strides, x: &QuantizedX, k: usiz
             let mut sums = [_mm256_setzero_si256(); 4];
             for (p, sum) in sums.iter_mut().enumerate() {
                 let (low, high) = paired_nibbles(at(p).add(2), at(p + 4).add(2), nibble);
-                *sum = pair_sums::<false>(low, x_low, high, x_high);
+                *sum = pair_sums::<VNNI>(low, x_low, high, x_high);
             }
             let total = _mm256_sub_epi32(reduce_paired(sums), _mm256_set1_epi32(8 * *x.sums.get_unchecked(b)));
             let scale = _mm256_mul_ps(f16_scales(at, 0), _mm256_set1_ps(*x.scales.get_unchecked(b)));
