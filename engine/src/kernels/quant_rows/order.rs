@@ -51,20 +51,38 @@ pub fn resident_order() -> BlockOrder {
 }
 
 /// Where the blocks of eight weight rows lie: block b (a K-quant's super-block b) of
-/// row r at `r · row + b · block` bytes from the group's start.
+/// row r at `r · row + b · block` bytes from the group's start — with `scales_first`,
+/// the bytes after its f16 scale there, the eight rows' scales side by side at the
+/// start of the eight blocks (`scales_first`).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Strides {
     pub row: usize,
     pub block: usize,
+    pub scales_first: bool,
 }
+
+/// Whether `format`'s interleaved blocks put the eight rows' scales side by side ahead
+/// of their values: the 32-value formats, whose one f16 scale leads each block. The
+/// kernel then loads them as one vector where it gathered eight 2-byte loads, a sixth
+/// of one row of Q4_0's time (BENCHMARKS.md, "Weights in the order the kernels read
+/// them"). A K-quant's super-block keeps its bytes together.
+pub(crate) fn scales_first(format: BlockFormat) -> bool {
+    matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0)
+}
+
+/// Bytes of the f16 scale that leads a 32-value block.
+pub(crate) const SCALE_BYTES: usize = 2;
 
 impl Strides {
     /// The strides of a group of `format` rows of `row_bytes` in `order`.
     pub(crate) fn of(order: BlockOrder, format: BlockFormat, row_bytes: usize) -> Strides {
         let block_bytes = format.block().1;
         match order {
-            BlockOrder::Rows => Strides { row: row_bytes, block: block_bytes },
-            BlockOrder::EightRows => Strides { row: block_bytes, block: GROUP_ROWS * block_bytes },
+            BlockOrder::Rows => Strides { row: row_bytes, block: block_bytes, scales_first: false },
+            BlockOrder::EightRows if scales_first(format) => {
+                Strides { row: block_bytes - SCALE_BYTES, block: GROUP_ROWS * block_bytes, scales_first: true }
+            }
+            BlockOrder::EightRows => Strides { row: block_bytes, block: GROUP_ROWS * block_bytes, scales_first: false },
         }
     }
 
@@ -92,14 +110,27 @@ fn reorder(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8], to_e
     assert!(bytes.len() >= rows * row_bytes, "{}: {} bytes do not hold {rows} rows", format.name(), bytes.len());
     let mut copy = vec![0u8; group_bytes];
     let blocks = row_bytes / block_bytes;
+    let eights = Strides::of(BlockOrder::EightRows, format, row_bytes);
+    // Each block as (offset, length) pieces in row order and interleaved: the scale
+    // and the rest apart where the scales come first, the whole block otherwise.
+    let pieces = |r: usize, b: usize| -> [(usize, usize, usize); 2] {
+        let in_rows = r * row_bytes + b * block_bytes;
+        if eights.scales_first {
+            let scale = b * eights.block + r * SCALE_BYTES;
+            let rest = b * eights.block + GROUP_ROWS * SCALE_BYTES + r * eights.row;
+            [(in_rows, scale, SCALE_BYTES), (in_rows + SCALE_BYTES, rest, eights.row)]
+        } else {
+            [(in_rows, b * eights.block + r * eights.row, block_bytes), (0, 0, 0)]
+        }
+    };
     for group in bytes[..rows / GROUP_ROWS * group_bytes].chunks_exact_mut(group_bytes) {
         copy.copy_from_slice(group);
         for r in 0..GROUP_ROWS {
             for b in 0..blocks {
-                let in_rows = r * row_bytes + b * block_bytes;
-                let in_eights = (b * GROUP_ROWS + r) * block_bytes;
-                let (to, from) = if to_eight { (in_eights, in_rows) } else { (in_rows, in_eights) };
-                group[to..to + block_bytes].copy_from_slice(&copy[from..from + block_bytes]);
+                for (in_rows, in_eights, len) in pieces(r, b) {
+                    let (to, from) = if to_eight { (in_eights, in_rows) } else { (in_rows, in_eights) };
+                    group[to..to + len].copy_from_slice(&copy[from..from + len]);
+                }
             }
         }
     }
@@ -137,10 +168,19 @@ mod tests {
             interleave(format, rows, cols, &mut bytes);
             let row_bytes = 2 * block_bytes;
             // Block 1 of row 10 (group 1, row 2 in it) sits after group 1's block 0 and
-            // the first two rows' block 1.
-            let at = GROUP_ROWS * row_bytes + (GROUP_ROWS + 2) * block_bytes;
-            let from = 10 * row_bytes + block_bytes;
-            assert_eq!(bytes[at..at + block_bytes], original[from..from + block_bytes], "{}", format.name());
+            // the first two rows' block 1; where the scales come first, its scale after
+            // theirs and its values after the eight scales and two rows' values.
+            let (group, from) = (GROUP_ROWS * row_bytes, 10 * row_bytes + block_bytes);
+            let block_1 = group + GROUP_ROWS * block_bytes;
+            let pieces = if scales_first(format) {
+                let rest = block_bytes - SCALE_BYTES;
+                vec![(block_1 + 2 * SCALE_BYTES, 0, SCALE_BYTES), (block_1 + 16 + 2 * rest, SCALE_BYTES, rest)]
+            } else {
+                vec![(block_1 + 2 * block_bytes, 0, block_bytes)]
+            };
+            for (at, within, len) in pieces {
+                assert_eq!(bytes[at..at + len], original[from + within..from + within + len], "{}", format.name());
+            }
             assert_eq!(bytes[16 * row_bytes..], original[16 * row_bytes..], "{}: the tail moved", format.name());
             assert_ne!(bytes, original, "{}: nothing moved", format.name());
             deinterleave(format, rows, cols, &mut bytes);

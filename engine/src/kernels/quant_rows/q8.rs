@@ -23,7 +23,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::order::{has_eight_row_kernels, Strides};
+use super::order::{has_eight_row_kernels, Strides, SCALE_BYTES};
+use super::GROUP_ROWS;
 use super::{BlockOrder, QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};

@@ -14,7 +14,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BlockFormat, QuantizedX, Strides, BLOCK, MAX_ROWS};
+use super::{BlockFormat, QuantizedX, Strides, BLOCK, GROUP_ROWS, MAX_ROWS, SCALE_BYTES};
 
 mod lanes;
 use lanes::{byte_sums, reduce_eight};
@@ -94,7 +94,7 @@ unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], stri
                 *m = _mm256_sign_epi8(w, w);
             }
         }
-        EightBlocks { values, magnitudes, scales: f16_scales(at, 0) }
+        EightBlocks { values, magnitudes, scales: scales_of(weights, strides, b) }
     }
 }
 
@@ -223,11 +223,30 @@ pub(super) fn has_vnni() -> bool {
     })
 }
 
-/// Block (or super-block) `b` of row `r` of the eight rows at `weights`.
+/// Block (or super-block) `b` of row `r` of the eight rows at `weights`. Where the
+/// scales come first (`Strides::scales_first`), the address two bytes before the
+/// block's values, so that its values are where a whole block has them; its scale is
+/// not there (`scales_of`).
 #[inline(always)]
 pub(super) unsafe fn block_at(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
-    // SAFETY: the caller's block lies inside `weights`.
-    unsafe { weights.as_ptr().add(r * strides.row + b * strides.block) }
+    let scales = if strides.scales_first { GROUP_ROWS * SCALE_BYTES - SCALE_BYTES } else { 0 };
+    // SAFETY: the caller's block lies inside `weights`, and so do the values after it.
+    unsafe { weights.as_ptr().add(b * strides.block + scales + r * strides.row) }
+}
+
+/// The f16 scales leading block `b` of the eight rows at `weights`, as eight f32: one
+/// load where they lie side by side, eight otherwise.
+#[inline(always)]
+unsafe fn scales_of(weights: &[u8], strides: Strides, b: usize) -> __m256 {
+    // SAFETY: block `b` of the eight rows lies inside `weights`; F16C is present
+    // where this is inlined.
+    unsafe {
+        if strides.scales_first {
+            _mm256_cvtph_ps(_mm_loadu_si128(weights.as_ptr().add(b * strides.block).cast()))
+        } else {
+            f16_scales(|r| block_at(weights, strides, r, b), 0)
+        }
+    }
 }
 
 /// Whether a kernel multiplying `rows_of_x` rows of x by eight weight rows in
@@ -337,7 +356,7 @@ unsafe fn q4_0_one_row<const VNNI: bool>(
                 *sum = pair_sums::<VNNI>(low, x_low, high, x_high);
             }
             let total = _mm256_sub_epi32(reduce_paired(sums), _mm256_set1_epi32(8 * *x.sums.get_unchecked(b)));
-            let scale = _mm256_mul_ps(f16_scales(at, 0), _mm256_set1_ps(*x.scales.get_unchecked(b)));
+            let scale = _mm256_mul_ps(scales_of(weights, strides, b), _mm256_set1_ps(*x.scales.get_unchecked(b)));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc);
         }
         store([acc], dots);
