@@ -42,6 +42,11 @@ fn engine_memory(bytes: &[u8]) -> Buffer {
     buffer
 }
 
+/// One of the stored N × K matrices.
+fn matrix_of(buffer: &Buffer, format: BlockFormat, order: BlockOrder) -> QuantMatrix<'_> {
+    QuantMatrix { bytes: buffer.as_slice(), format, rows: N, cols: K, order }
+}
+
 fn bench(c: &mut Criterion) {
     let path = simd_path().unwrap_or_else(SimdPath::best);
     let mut group = c.benchmark_group(format!("quantized rows ({})", path.name()));
@@ -68,26 +73,14 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(format.name(), m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let matrix = QuantMatrix {
-                        bytes: stored[next].as_slice(),
-                        format,
-                        rows: N,
-                        cols: K,
-                        order: BlockOrder::Rows,
-                    };
+                    let matrix = matrix_of(&stored[next], format, BlockOrder::Rows);
                     quant_rows(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
             group.bench_with_input(BenchmarkId::new(format!("{} q8 activations", format.name()), m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let matrix = QuantMatrix {
-                        bytes: stored[next].as_slice(),
-                        format,
-                        rows: N,
-                        cols: K,
-                        order: BlockOrder::Rows,
-                    };
+                    let matrix = matrix_of(&stored[next], format, BlockOrder::Rows);
                     linear_q8(path, &x, m, matrix, &mut out, N, 0)
                 })
             });
@@ -99,8 +92,7 @@ fn bench(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(name, m), &m, |b, &m| {
                 b.iter(|| {
                     next = (next + 1) % MATRICES;
-                    let order = BlockOrder::EightRows;
-                    let matrix = QuantMatrix { bytes: stored[next].as_slice(), format, rows: N, cols: K, order };
+                    let matrix = matrix_of(&stored[next], format, BlockOrder::EightRows);
                     linear_q8(path, &x, m, matrix, &mut out, N, 0)
                 })
             });

@@ -3,9 +3,10 @@
 //! row order they read eight streams a row apart (on two threads, sixteen), which
 //! the hardware prefetcher does not keep ahead of. Interleaved by eights, the same
 //! bytes are one stream: block b of rows 8g … 8g + 7 side by side, then block b + 1
-//! (as llama.cpp repacks Q4_0 and Q4_K for its CPU kernels). One row of x multiplied
-//! Q8_0 weights from RAM 1.6× as fast so (BENCHMARKS.md, "Weights in the order the
-//! kernels read them").
+//! (as llama.cpp repacks Q4_0 and Q4_K for its CPU kernels), for the 32-value formats
+//! with the eight rows' scales first. One row of x multiplied Q8_0 weights from RAM
+//! 1.75× as fast so, Q4_0 1.55× (BENCHMARKS.md, "Weights in the order the kernels
+//! read them").
 //!
 //! A group of eight rows occupies the same bytes in both orders, and rows past the
 //! last whole group stay in row order: a range of whole groups is the same bytes
