@@ -43,12 +43,22 @@ pub(crate) fn measure_dequantize(options: &ProfileOptions, peak_flops: f64) -> V
     BlockFormat::ALL
         .iter()
         .map(|&format| {
-            let input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
+            let mut input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
+            // In the order a run keeps resident weights in (`kernels::resident_order`),
+            // each product's piece interleaved once; the many-row input is whole pieces
+            // of it from the start.
+            let order = kernels::resident_order();
+            if order == BlockOrder::EightRows {
+                let piece_rows = piece_rows(format);
+                for piece in input.chunks_exact_mut(piece_rows * row_bytes(format)) {
+                    kernels::interleave(format, piece_rows, COLS, piece);
+                }
+            }
             let many_input = &input[..input.len() / MANY_ROWS_INPUT_SHARE];
             let (mut one, mut many) = (Vec::new(), Vec::new());
             for _ in 0..options.trials.max(1) {
-                one.push(seconds_per_weight(format, &input, 1));
-                many.push(seconds_per_weight(format, many_input, MANY_ROWS));
+                one.push(seconds_per_weight(format, order, &input, 1));
+                many.push(seconds_per_weight(format, order, many_input, MANY_ROWS));
             }
             fit(format, median_spread(&one).0, median_spread(&many).0, peak_flops)
         })
@@ -71,21 +81,22 @@ fn fit(format: BlockFormat, one_row_s: f64, many_rows_s: f64, peak_flops: f64) -
     }
 }
 
-/// Seconds per weight of a pass of `rows`-row products over `input`.
-fn seconds_per_weight(format: BlockFormat, input: &[u8], rows: usize) -> f64 {
+/// Bytes of one weight row of `format`, `COLS` wide.
+fn row_bytes(format: BlockFormat) -> usize {
     let (weights, block_bytes) = format.block();
-    let row_bytes = COLS / weights * block_bytes;
-    let weight_rows = (STEP_INPUT_BYTES as usize / row_bytes).max(1);
+    COLS / weights * block_bytes
+}
+
+/// Weight rows of one product (`STEP_INPUT_BYTES` of them).
+fn piece_rows(format: BlockFormat) -> usize {
+    (STEP_INPUT_BYTES as usize / row_bytes(format)).max(1)
+}
+
+/// Seconds per weight of a pass of `rows`-row products over `input` (in `order`).
+fn seconds_per_weight(format: BlockFormat, order: BlockOrder, input: &[u8], rows: usize) -> f64 {
+    let (row_bytes, weight_rows) = (row_bytes(format), piece_rows(format));
     let x = vec![0.25f32; rows * COLS];
     let mut out = vec![0.0f32; rows * weight_rows];
-    // In the order a run keeps resident weights in (`kernels::resident_order`).
-    let order = kernels::resident_order();
-    let mut input = input.to_vec();
-    if order == BlockOrder::EightRows {
-        for piece in input.chunks_exact_mut(weight_rows * row_bytes) {
-            kernels::interleave(format, weight_rows, COLS, piece);
-        }
-    }
     let pieces: Vec<&[u8]> = input.chunks_exact(weight_rows * row_bytes).collect();
     // One pass untimed: the first touch of each page is not the kernel's cost.
     let mut run = || {

@@ -134,6 +134,11 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: WeightRef, tokens: &[u32], out: &mut DeviceBuffer) -> Result<(), EngineError> {
+        // A lookup reads whole rows where the file has them (the executor keeps the
+        // table in row order).
+        if table.order != BlockOrder::Rows {
+            return Err(EngineError::Internal("an embedding table interleaved by eights".into()));
+        }
         let bytes = stored(&table)?;
         let row_bytes = table.format.bytes(1, table.cols as u64) as usize;
         let out = host_mut(out)?.as_f32_mut();

@@ -18,8 +18,8 @@ use rayon::prelude::*;
 pub use bf16::{few_rows_path, linear_bf16, linear_bf16_for, matrix_path};
 pub use paths::{description, kernels_mismatch};
 pub use quant_rows::{
-    byte_products_path, deinterleave, interleave, linear_q8, linear_quant, quant_converted, quant_rows, resident_order,
-    Activations, BlockOrder, QuantMatrix, GROUP_ROWS,
+    byte_products_path, interleave, linear_q8, linear_quant, quant_converted, quant_rows, resident_order, Activations,
+    BlockOrder, QuantMatrix, GROUP_ROWS,
 };
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 

@@ -100,7 +100,7 @@ pub fn interleave(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8
 }
 
 /// The inverse of `interleave`: `EightRows` back to `Rows`, in place.
-pub fn deinterleave(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8]) {
+fn deinterleave(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8]) {
     reorder(format, rows, cols, bytes, false)
 }
 
