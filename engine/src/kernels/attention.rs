@@ -92,14 +92,36 @@ fn head_body<const FUSED: bool>(task: &Task, scores: &mut Vec<f32>, o: &mut [f32
     }
     let mut sum = 0.0;
     for score in scores.iter_mut() {
-        *score = (*score - max).exp();
+        *score = super::exp::exp::<FUSED>(*score - max);
         sum += *score;
     }
-    o.fill(0.0);
-    for (p, score) in scores.iter().enumerate() {
-        axpy::<FUSED>(score / sum, &values[p * kv_width + kv_offset..][..head_dim], o);
+    // The weighted sum of values, `OUT_LANES` of the output at a time held in
+    // registers across every position (through memory, each position's additions
+    // waited on the last one's store). Each output value still adds the positions in
+    // order, one fused multiply-add each: the same bits.
+    for (chunk, o) in o.chunks_mut(OUT_LANES).enumerate() {
+        let first = kv_offset + chunk * OUT_LANES;
+        if o.len() == OUT_LANES {
+            let mut acc = [0.0f32; OUT_LANES];
+            for (p, score) in scores.iter().enumerate() {
+                let weight = score / sum;
+                let v = &values[p * kv_width + first..][..OUT_LANES];
+                for i in 0..OUT_LANES {
+                    acc[i] = fma::<FUSED>(weight, v[i], acc[i]);
+                }
+            }
+            o.copy_from_slice(&acc);
+        } else {
+            o.fill(0.0);
+            for (p, score) in scores.iter().enumerate() {
+                axpy::<FUSED>(score / sum, &values[p * kv_width + first..][..o.len()], o);
+            }
+        }
     }
 }
+
+/// Output values of a head summed in registers at once: four AVX-512 registers.
+const OUT_LANES: usize = 64;
 
 #[inline(always)]
 fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
