@@ -119,10 +119,15 @@ impl Q8Rows {
         self.quants.resize(m * k, 0);
         self.scales.resize(m * k / BLOCK, 0.0);
         self.sums.resize(m * k / BLOCK, 0);
-        let blocks = x[..m * k].chunks_exact(BLOCK).zip(self.quants.chunks_exact_mut(BLOCK));
-        for (((values, quants), scale), sum) in blocks.zip(self.scales.iter_mut()).zip(self.sums.iter_mut()) {
-            *scale = quantize_block(values, quants);
-            *sum = quants.iter().map(|&q| q as i32).sum();
+        let (x, quants, scales, sums) = (&x[..m * k], &mut self.quants[..], &mut self.scales[..], &mut self.sums[..]);
+        match crate::kernels::simd_path() {
+            // SAFETY: the path is one this CPU supports.
+            #[cfg(target_arch = "x86_64")]
+            Some(SimdPath::Avx512) => unsafe { quantize_avx512(x, quants, scales, sums) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Some(SimdPath::Avx2) => unsafe { quantize_avx2(x, quants, scales, sums) },
+            _ => quantize_blocks::<false>(x, quants, scales, sums),
         }
     }
 
@@ -145,38 +150,109 @@ impl Q8Rows {
     }
 }
 
+/// Every block of `x` into `quants`, `scales` and `sums` (each block's Σq): every
+/// block's scale first, then every block's values, so that one block's divisions
+/// and reductions do not wait on the last one's (the same values as block by block).
+#[inline(always)]
+fn quantize_blocks<const VECTOR: bool>(x: &[f32], quants: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    for (values, scale) in x.chunks_exact(BLOCK).zip(scales.iter_mut()) {
+        *scale = block_scale(values);
+    }
+    let blocks = x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK));
+    for (((values, quants), &scale), sum) in blocks.zip(scales.iter()).zip(sums.iter_mut()) {
+        *sum = round_block::<VECTOR>(values, scale, quants);
+    }
+}
+
+/// `quantize_blocks` compiled for AVX-512: the same values, in vector registers 16
+/// wide (a row of 2 048 took 4.5 µs for the baseline's SSE2, 5 632 took 12.3 — on one
+/// thread, before every product, while the others wait).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_avx512(x: &[f32], quants: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    quantize_blocks::<true>(x, quants, scales, sums)
+}
+
+/// `quantize_blocks` compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(x: &[f32], quants: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    quantize_blocks::<true>(x, quants, scales, sums)
+}
+
 /// One block: `d = max|x| ÷ 127`, `q = round(x ÷ d)` (half away from zero, as C's
-/// `roundf`). A NaN or infinite value makes the scale NaN, so that it reaches the
-/// product instead of rounding to a byte. Written without calls (`f32::round` is one
-/// into libm per value) so that it compiles to vector instructions: quantizing the
-/// input of every product runs on one thread while the others wait.
-fn quantize_block(values: &[f32], quants: &mut [i8]) -> f32 {
+/// `roundf`), and Σq. A NaN or infinite value makes the scale NaN, so that it reaches
+/// the product instead of rounding to a byte. Written without calls (`f32::round` is
+/// one into libm per value) so that it compiles to vector instructions: quantizing
+/// the input of every product runs on one thread while the others wait.
+#[cfg(test)]
+fn quantize_block<const VECTOR: bool>(values: &[f32], quants: &mut [i8]) -> (f32, i32) {
+    let d = block_scale(values);
+    (d, round_block::<VECTOR>(values, d, quants))
+}
+
+/// A block's scale `d = max|x| ÷ 127`, NaN where a value is not finite.
+#[inline(always)]
+fn block_scale(values: &[f32]) -> f32 {
     // Eight lanes apiece, so that the reductions vectorize. v · 0 is 0 for a finite v
     // and NaN otherwise, and NaN survives the sums.
     let (mut largest, mut poison) = ([0.0f32; 8], [0.0f32; 8]);
     for chunk in values.chunks_exact(8) {
         for lane in 0..8 {
-            largest[lane] = largest[lane].max(chunk[lane].abs());
+            // A plain comparison, not `f32::max`'s NaN rules (NaN is `poison`'s).
+            let size = chunk[lane].abs();
+            largest[lane] = if size > largest[lane] { size } else { largest[lane] };
             poison[lane] += chunk[lane] * 0.0;
         }
     }
-    let amax = largest.iter().fold(0.0f32, |a, &v| a.max(v));
+    let pairs: [f32; 4] =
+        std::array::from_fn(|i| if largest[i + 4] > largest[i] { largest[i + 4] } else { largest[i] });
+    let amax = pairs.iter().fold(0.0f32, |a, &v| if v > a { v } else { a });
     if poison.iter().sum::<f32>() != 0.0 {
-        quants.fill(0);
         return f32::NAN;
     }
-    let d = amax / 127.0;
+    amax / 127.0
+}
+
+/// The block's values rounded to steps of `d` (zeros where `d` is NaN) into `quants`;
+/// returns their sum.
+#[inline(always)]
+fn round_block<const VECTOR: bool>(values: &[f32], d: f32, quants: &mut [i8]) -> i32 {
+    if d.is_nan() {
+        quants.fill(0);
+        return 0;
+    }
     let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0;
     for (q, v) in quants.iter_mut().zip(values) {
         let scaled = v * inverse;
-        // |scaled| ≤ 127 up to rounding: the cast truncates, and what it cut off is
-        // exact in f32; half a step or more moves the value away from zero.
-        let truncated = scaled as i32;
-        let away = ((scaled - truncated as f32).abs() >= 0.5) as i32;
-        let rounded = if scaled < 0.0 { truncated - away } else { truncated + away };
-        *q = rounded.clamp(-127, 127) as i8;
+        // |scaled| ≤ 127 up to rounding: truncated, what was cut off is exact in f32;
+        // half a step or more moves the value away from zero. `VECTOR` (compiled with
+        // SSE4.1 or later) truncates in floats, which vectorizes, where the saturating
+        // cast does not; elsewhere `trunc` is a call. The same bytes either way.
+        let rounded = if VECTOR {
+            let truncated = scaled.trunc();
+            let away = if (scaled - truncated).abs() >= 0.5 { 1.0f32.copysign(scaled) } else { 0.0 };
+            // A NaN (0 × an infinite inverse of a subnormal scale) is 0, as the cast
+            // below makes it. The integer, exact in f32 and within ±127, is read from
+            // the low mantissa bits of its sum with 1.5 · 2²³: Rust's saturating
+            // float-to-integer cast does not vectorize.
+            let rounded = (truncated + away).clamp(-127.0, 127.0);
+            let rounded = if rounded.is_nan() { 0.0 } else { rounded };
+            const MAGIC: f32 = 12_582_912.0;
+            (rounded + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
+        } else {
+            let truncated = scaled as i32;
+            let away = ((scaled - truncated as f32).abs() >= 0.5) as i32;
+            // Saturating: an infinite `scaled` (a subnormal block's scale) casts to
+            // i32::MAX, which one more step would wrap to −127.
+            let rounded = if scaled < 0.0 { truncated.saturating_sub(away) } else { truncated.saturating_add(away) };
+            rounded.clamp(-127, 127)
+        };
+        *q = rounded as i8;
+        sum += rounded;
     }
-    d
+    sum
 }
 
 thread_local! {

@@ -148,16 +148,44 @@ fn a_non_finite_activation_reaches_its_rows_products_and_no_other() {
 
 #[test]
 fn a_block_quantizes_its_largest_value_to_127_and_zeros_to_zero() {
-    let mut q = [0i8; 32];
-    let mut values = [0.0f32; 32];
-    assert_eq!(quantize_block(&values, &mut q), 0.0);
-    assert!(q.iter().all(|&v| v == 0));
-    values[3] = -2.54;
-    values[4] = 1.27;
-    values[5] = 0.009;
-    let d = quantize_block(&values, &mut q);
-    assert_eq!((q[3], q[4], q[5], q[6]), (-127, 64, 0, 0));
-    assert!((d - 0.02).abs() < 1e-7, "{d}");
+    for quantize_block in [quantize_block::<false>, quantize_block::<true>] {
+        let mut q = [0i8; 32];
+        let mut values = [0.0f32; 32];
+        assert_eq!(quantize_block(&values, &mut q), (0.0, 0));
+        assert!(q.iter().all(|&v| v == 0));
+        values[3] = -2.54;
+        values[4] = 1.27;
+        values[5] = 0.009;
+        let (d, sum) = quantize_block(&values, &mut q);
+        assert_eq!((q[3], q[4], q[5], q[6], sum), (-127, 64, 0, 0, -63));
+        assert!((d - 0.02).abs() < 1e-7, "{d}");
+    }
+}
+
+#[test]
+fn the_quantizer_this_cpu_runs_gives_the_bytes_of_the_plain_one() {
+    let (m, k) = (3, 5632);
+    let mut x = random_x(m * k, 11);
+    // Halfway points, an infinity (its block's scale NaN) and a block of zeros.
+    for (i, v) in x.iter_mut().enumerate().take(256) {
+        *v = (i as f32 - 128.0 + 0.5) / 127.0;
+    }
+    x[1000] = f32::INFINITY;
+    x[2048..2080].fill(0.0);
+    // Subnormal values: the scale's inverse is infinite, 0 × it NaN.
+    x[3008..3040].fill(0.0);
+    x[3010] = 1e-40;
+    x[3011] = -3e-41;
+    let mut dispatched = Q8Rows::default();
+    dispatched.quantize(&x, m, k);
+    let (mut quants, mut scales, mut sums) = (vec![0i8; m * k], vec![0.0f32; m * k / 32], vec![0i32; m * k / 32]);
+    quantize_blocks::<false>(&x, &mut quants, &mut scales, &mut sums);
+    let first_difference = dispatched.quants.iter().zip(&quants).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "{:?}", first_difference.map(|i| (x[i], dispatched.quants[i], quants[i])));
+    assert_eq!(dispatched.sums, sums);
+    let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&dispatched.scales), bits(&scales));
+    assert!(dispatched.scales[1000 / 32].is_nan() && dispatched.scales[2048 / 32] == 0.0);
 }
 
 #[test]
@@ -232,12 +260,15 @@ fn a_block_rounds_like_roundf_halves_included() {
                 *v = [half, f32::from_bits(half.to_bits() + 1), f32::from_bits(half.to_bits() - 1)][j % 3];
             }
         }
-        let mut q = [0i8; 32];
-        let d = quantize_block(&values, &mut q);
-        let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
-        for (j, (&got, &v)) in q.iter().zip(&values).enumerate() {
-            let want = (v * inverse).round().clamp(-127.0, 127.0) as i8;
-            assert_eq!(got, want, "trial {trial} value {j}: {v} scaled {}", v * inverse);
+        for quantize_block in [quantize_block::<false>, quantize_block::<true>] {
+            let mut q = [0i8; 32];
+            let (d, sum) = quantize_block(&values, &mut q);
+            assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
+            let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (j, (&got, &v)) in q.iter().zip(&values).enumerate() {
+                let want = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+                assert_eq!(got, want, "trial {trial} value {j}: {v} scaled {}", v * inverse);
+            }
         }
     }
 }
