@@ -1,18 +1,18 @@
 //! Causal grouped-query attention on the CPU. Each (query row, head) pair is a task:
 //! its scores against every visible key, a softmax, and the weighted sum of values.
-//! The dot products and the weighted sums are written as sixteen independent lanes,
-//! which the compiler turns into vector instructions without reordering any lane's
-//! additions; the function is compiled once per instruction set (`SimdPath`) and the
-//! path chosen at run time, as for the few-row products. Decoding has one query row,
-//! so tasks are spread over heads as well as rows: one row's heads used to run on
-//! one thread, scalar.
+//! The keys come by dimension (`super::keys_by_dim`), so a block of `SCORE_LANES`
+//! positions' scores is a vertical sum over the head's dimensions, and the weighted sum
+//! keeps `OUT_LANES` outputs in registers over the positions; both are written as
+//! independent lanes, which the compiler turns into vector instructions without
+//! reordering any lane's additions. The function is compiled once per instruction set
+//! (`SimdPath`) and the path chosen at run time, as for the few-row products. Decoding
+//! has one query row, so tasks are spread over heads as well as rows: one row's heads
+//! used to run on one thread, scalar.
 
 use rayon::prelude::*;
 
+use super::keys_by_dim::{stride_for, SCORE_LANES};
 use super::{in_pool, simd_path, SimdPath};
-
-/// Lanes of the vectorised loops: one AVX-512 register of f32, two AVX2 ones.
-const LANES: usize = 16;
 
 /// The shape of one sequence's attention (see `super::attention`).
 #[derive(Clone, Copy)]
@@ -23,16 +23,21 @@ pub(super) struct Shape {
     pub head_dim: usize,
 }
 
+/// Attention with `keys` by dimension (`keys_by_dim`, rows of `stride_for(past + new)`
+/// positions) and `values` by position.
 pub(super) fn attention(q: &[f32], keys: &[f32], values: &[f32], shape: Shape, out: &mut [f32]) {
     attention_on(simd_path().unwrap_or(SimdPath::Scalar), q, keys, values, shape, out);
 }
 
 fn attention_on(path: SimdPath, q: &[f32], keys: &[f32], values: &[f32], shape: Shape, out: &mut [f32]) {
-    let Shape { heads, head_dim, .. } = shape;
+    let Shape { past, heads, kv_heads, head_dim } = shape;
+    let new = out.len() / (heads * head_dim);
+    let stride = stride_for(past + new);
+    assert!(keys.len() >= kv_heads * head_dim * stride, "attention: keys by dimension for {} positions", past + new);
     let path = if path.supported() { path } else { SimdPath::Scalar };
     in_pool(|| {
         out.par_chunks_mut(head_dim).enumerate().with_min_len(4).for_each_init(Vec::new, |scores, (index, o)| {
-            let task = Task { q, keys, values, shape, t: index / heads, h: index % heads };
+            let task = Task { q, keys, stride, values, shape, t: index / heads, h: index % heads };
             // SAFETY: `path` is one this CPU supports (checked above).
             unsafe { head(path, &task, scores, o) }
         })
@@ -42,7 +47,9 @@ fn attention_on(path: SimdPath, q: &[f32], keys: &[f32], values: &[f32], shape: 
 /// One (query row, head) of one sequence's attention.
 struct Task<'a> {
     q: &'a [f32],
+    /// By dimension, rows of `stride` positions.
     keys: &'a [f32],
+    stride: usize,
     values: &'a [f32],
     shape: Shape,
     t: usize,
@@ -76,29 +83,57 @@ unsafe fn head_avx2(task: &Task, scores: &mut Vec<f32>, o: &mut [f32]) {
 /// CPU has FMA; without it `mul_add` would be a library call).
 #[inline(always)]
 fn head_body<const FUSED: bool>(task: &Task, scores: &mut Vec<f32>, o: &mut [f32]) {
-    let Task { q, keys, values, shape, t, h } = *task;
+    let Task { q, keys, stride, values, shape, t, h } = *task;
     let Shape { past, heads, kv_heads, head_dim } = shape;
     let kv_width = kv_heads * head_dim;
     let kv_offset = (h / (heads / kv_heads)) * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let visible = past + t + 1;
     let q_row = &q[(t * heads + h) * head_dim..][..head_dim];
+    // This head's keys by dimension: row d holds dimension d of every position.
+    let head_keys = &keys[kv_offset * stride..][..head_dim * stride];
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for p in 0..visible {
-        let score = dot::<FUSED>(q_row, &keys[p * kv_width + kv_offset..][..head_dim]) * scale;
-        max = max.max(score);
-        scores.push(score);
+    scores.resize(visible.next_multiple_of(SCORE_LANES), 0.0);
+    // `SCORE_LANES` positions' scores at once: Σ_d q[d] · keys[d][p], d in order, in
+    // registers; positions past `visible` (padding) are computed and dropped.
+    for (block, chunk) in scores.chunks_exact_mut(SCORE_LANES).enumerate() {
+        let first = block * SCORE_LANES;
+        let mut acc = [0.0f32; SCORE_LANES];
+        for (d, &q_d) in q_row.iter().enumerate() {
+            let row = &head_keys[d * stride + first..][..SCORE_LANES];
+            for i in 0..SCORE_LANES {
+                acc[i] = fma::<FUSED>(q_d, row[i], acc[i]);
+            }
+        }
+        for (score, total) in chunk.iter_mut().zip(acc) {
+            *score = total * scale;
+        }
     }
-    let mut sum = 0.0;
+    scores.truncate(visible);
+    // The softmax in loops that vectorize: the largest score in lanes (a maximum in
+    // any order is the same), the exponentials alone, their sum in `SUM_LANES` partial
+    // sums then those in order (one running sum held each exponential back on the last
+    // one's addition, and kept them scalar).
+    let mut largest = [f32::NEG_INFINITY; SUM_LANES];
+    for chunk in scores.chunks(SUM_LANES) {
+        for (lane, &score) in largest.iter_mut().zip(chunk) {
+            *lane = lane.max(score);
+        }
+    }
+    let max = largest.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     for score in scores.iter_mut() {
         *score = super::exp::exp::<FUSED>(*score - max);
-        sum += *score;
     }
+    let mut partial = [0.0f32; SUM_LANES];
+    for chunk in scores.chunks(SUM_LANES) {
+        for (lane, &score) in partial.iter_mut().zip(chunk) {
+            *lane += score;
+        }
+    }
+    let sum: f32 = partial.iter().sum();
     // The weighted sum of values, `OUT_LANES` of the output at a time held in
     // registers across every position (through memory, each position's additions
-    // waited on the last one's store). Each output value still adds the positions in
-    // order, one fused multiply-add each: the same bits.
+    // waited on the last one's store); each output value adds the positions in order.
     for (chunk, o) in o.chunks_mut(OUT_LANES).enumerate() {
         let first = kv_offset + chunk * OUT_LANES;
         if o.len() == OUT_LANES {
@@ -123,6 +158,9 @@ fn head_body<const FUSED: bool>(task: &Task, scores: &mut Vec<f32>, o: &mut [f32
 /// Output values of a head summed in registers at once: four AVX-512 registers.
 const OUT_LANES: usize = 64;
 
+/// Partial sums of the softmax's maximum and total: one AVX-512 register.
+const SUM_LANES: usize = 16;
+
 #[inline(always)]
 fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FUSED {
@@ -130,24 +168,6 @@ fn fma<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     } else {
         a * b + c
     }
-}
-
-/// `a · b` in `LANES` independent partial sums, then their total.
-#[inline(always)]
-fn dot<const FUSED: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
-    for (ca, cb) in a_chunks.zip(b_chunks) {
-        for i in 0..LANES {
-            lanes[i] = fma::<FUSED>(ca[i], cb[i], lanes[i]);
-        }
-    }
-    let mut total: f32 = lanes.iter().sum();
-    for (x, y) in a_tail.iter().zip(b_tail) {
-        total = fma::<FUSED>(*x, *y, total);
-    }
-    total
 }
 
 /// `out += alpha × x`.
@@ -210,7 +230,8 @@ mod tests {
             let expected = naive(&q, &keys, &values, shape, new);
             for &path in &paths {
                 let mut out = vec![f32::NAN; new * heads * head_dim];
-                attention_on(path, &q, &keys, &values, shape, &mut out);
+                let by_dim = crate::kernels::keys_by_dim::from_f32_rows(&keys, rows, kv_heads, head_dim);
+                attention_on(path, &q, &by_dim, &values, shape, &mut out);
                 for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
                     assert!(
                         (got - want).abs() <= 1e-5 * want.abs().max(1.0),

@@ -8,6 +8,7 @@
 mod attention;
 mod bf16;
 pub mod exp;
+pub mod keys_by_dim;
 mod paths;
 pub mod quant;
 mod quant_rows;
@@ -439,10 +440,32 @@ pub fn attention(
     head_dim: usize,
     out: &mut [f32],
 ) {
+    assert!(keys.len() >= (past + new) * kv_heads * head_dim, "attention: {} key rows", past + new);
+    let by_dim = keys_by_dim::from_f32_rows(keys, past + new, kv_heads, head_dim);
+    attention_keys_by_dim(q, &by_dim, values, past, new, heads, kv_heads, head_dim, out)
+}
+
+/// `attention` with the keys by dimension (`keys_by_dim`: for each KV head, each
+/// dimension's values for positions `0 .. past + new`, rows of
+/// `keys_by_dim::stride_for(past + new)`), as the cpu backend converts them from its
+/// cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_keys_by_dim(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    past: usize,
+    new: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
     assert_eq!(out.len(), new * heads * head_dim, "attention: output of {new} rows");
     assert!(q.len() >= new * heads * head_dim, "attention: {new} query rows");
     assert!(
-        keys.len() >= (past + new) * kv_heads * head_dim && values.len() >= (past + new) * kv_heads * head_dim,
+        keys.len() >= keys_by_dim::len_for(past + new, kv_heads, head_dim)
+            && values.len() >= (past + new) * kv_heads * head_dim,
         "attention: {} key and value rows",
         past + new
     );
