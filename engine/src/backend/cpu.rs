@@ -344,7 +344,7 @@ fn attend(
                 )
             });
             let rows = seq * s.new * width..(seq + 1) * s.new * width;
-            kernels::attention_keys_by_dim(
+            kernels::attention(
                 &q[rows.clone()],
                 keys,
                 values,

@@ -115,8 +115,9 @@ unsafe fn f16_by_eights(rows: &[u8], positions: usize, kv_heads: usize, head_dim
 }
 
 /// `positions` rows of f32 keys (`kv_heads × head_dim` each) by dimension, into a new
-/// vector: for callers holding keys by position (`super::attention`).
-pub fn from_f32_rows(keys: &[f32], positions: usize, kv_heads: usize, head_dim: usize) -> Vec<f32> {
+/// vector: the tests' keys, held by position.
+#[cfg(test)]
+pub(crate) fn from_f32_rows(keys: &[f32], positions: usize, kv_heads: usize, head_dim: usize) -> Vec<f32> {
     let (width, stride) = (kv_heads * head_dim, stride_for(positions));
     let mut out = vec![0.0f32; len_for(positions, kv_heads, head_dim)];
     for (p, row) in keys.chunks_exact(width).take(positions).enumerate() {

@@ -426,31 +426,13 @@ pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], t
 }
 
 /// Causal grouped-query attention for one sequence: `q` holds `new` query rows
-/// (heads × head_dim each) at positions `past .. past + new`; `keys`/`values` hold
-/// `past + new` rows of kv_heads × head_dim. Writes `new` rows of heads × head_dim.
+/// (heads × head_dim each) at positions `past .. past + new`; `keys` those positions'
+/// keys by dimension (`keys_by_dim`: for each KV head, each dimension's values for
+/// every position, rows of `keys_by_dim::stride_for(past + new)`, as the cpu backend
+/// converts them from its cache), `values` their `past + new` rows of kv_heads ×
+/// head_dim. Writes `new` rows of heads × head_dim.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    past: usize,
-    new: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
-    assert!(keys.len() >= (past + new) * kv_heads * head_dim, "attention: {} key rows", past + new);
-    let by_dim = keys_by_dim::from_f32_rows(keys, past + new, kv_heads, head_dim);
-    attention_keys_by_dim(q, &by_dim, values, past, new, heads, kv_heads, head_dim, out)
-}
-
-/// `attention` with the keys by dimension (`keys_by_dim`: for each KV head, each
-/// dimension's values for positions `0 .. past + new`, rows of
-/// `keys_by_dim::stride_for(past + new)`), as the cpu backend converts them from its
-/// cache.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_keys_by_dim(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -568,6 +550,7 @@ pub(super) mod tests {
         let keys: Vec<f32> = (0..kv_heads * d).map(|i| i as f32 * 0.1).collect();
         let values: Vec<f32> = (0..kv_heads * d).map(|i| i as f32).collect();
         let mut out = vec![0.0f32; heads * d];
+        let keys = keys_by_dim::from_f32_rows(&keys, 1, kv_heads, d);
         attention(&q, &keys, &values, 0, 1, heads, kv_heads, d, &mut out);
         for h in 0..heads {
             let kv = h / 2;
