@@ -62,9 +62,11 @@ unsafe fn f16_by_eights(rows: &[u8], positions: usize, kv_heads: usize, head_dim
     use std::arch::x86_64::*;
     let (width, stride) = (kv_heads * head_dim, stride_for(positions));
     let whole = positions / 8 * 8;
-    // Column `i` (a head's dimension across the whole width) of position block `p0`.
-    for p0 in (0..whole).step_by(8) {
-        for i0 in (0..width).step_by(8) {
+    // Eight rows of `out` (values i0 .. i0 + 8 of every position) filled along the
+    // positions, so that each row is written in order: sweeping the values first wrote
+    // 8 × 32 bytes `stride` floats apart, addresses that share the L1's few sets.
+    for i0 in (0..width).step_by(8) {
+        for p0 in (0..whole).step_by(8) {
             // SAFETY: positions p0 .. p0 + 8 < `positions` and values i0 .. i0 + 8 <
             // `width` lie inside `rows` (asserted by `from_rows`); rows i0 .. i0 + 8 of
             // `out` hold `stride` ≥ p0 + 8 values each.
