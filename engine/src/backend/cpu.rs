@@ -336,7 +336,8 @@ fn attend(
             let values = &mut values[..visible * kv_dim];
             // Keys by dimension, as the attention reads them, and values by position, side
             // by side on the compute threads: converting the whole cache every step is
-            // O(context) (at 300 positions of TinyLlama, 68 µs on one thread).
+            // O(context) (at 500 positions of TinyLlama, 26.5 µs on one thread;
+            // `benches/decode_steps.rs`).
             kernels::in_pool(|| {
                 rayon::join(
                     || kernels::keys_by_dim::from_rows(layout.dtype, k, visible, s.kv_heads, s.head_dim, keys),
