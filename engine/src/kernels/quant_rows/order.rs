@@ -4,7 +4,10 @@
 //! the hardware prefetcher does not keep ahead of. Interleaved by eights, the same
 //! bytes are one stream: block b of rows 8g … 8g + 7 side by side, then block b + 1
 //! (as llama.cpp repacks Q4_0 and Q4_K for its CPU kernels), for the 32-value formats
-//! with the eight rows' scales first. One row of x multiplied Q8_0 weights from RAM
+//! with the eight rows' scales first. The K-quants go further (`KGroup`): the eight
+//! rows' super-blocks b are also transposed by 4-byte groups, so that one 32-byte load
+//! holds four values of each of the eight rows and the kernels' byte sums land in
+//! lane r for row r with nothing to reduce across lanes. One row of x multiplied Q8_0 weights from RAM
 //! 1.75× as fast so, Q4_0 1.55× (BENCHMARKS.md, "Weights in the order the kernels
 //! read them").
 //!
@@ -54,12 +57,15 @@ pub fn resident_order() -> BlockOrder {
 /// Where the blocks of eight weight rows lie: block b (a K-quant's super-block b) of
 /// row r at `r · row + b · block` bytes from the group's start — with `scales_first`,
 /// the bytes after its f16 scale there, the eight rows' scales side by side at the
-/// start of the eight blocks (`scales_first`).
+/// start of the eight blocks (`scales_first`). With `transposed` (K-quants
+/// interleaved), the eight super-blocks b fill `block` bytes as `KGroup` lays them
+/// out, and `row` says nothing.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Strides {
     pub row: usize,
     pub block: usize,
     pub scales_first: bool,
+    pub transposed: bool,
 }
 
 /// Whether `format`'s interleaved blocks put the eight rows' scales side by side ahead
@@ -78,12 +84,16 @@ impl Strides {
     /// The strides of a group of `format` rows of `row_bytes` in `order`.
     pub(crate) fn of(order: BlockOrder, format: BlockFormat, row_bytes: usize) -> Strides {
         let block_bytes = format.block().1;
+        let group = GROUP_ROWS * block_bytes;
         match order {
-            BlockOrder::Rows => Strides { row: row_bytes, block: block_bytes, scales_first: false },
+            BlockOrder::Rows => Strides { row: row_bytes, block: block_bytes, scales_first: false, transposed: false },
             BlockOrder::EightRows if scales_first(format) => {
-                Strides { row: block_bytes - SCALE_BYTES, block: GROUP_ROWS * block_bytes, scales_first: true }
+                Strides { row: block_bytes - SCALE_BYTES, block: group, scales_first: true, transposed: false }
             }
-            BlockOrder::EightRows => Strides { row: block_bytes, block: GROUP_ROWS * block_bytes, scales_first: false },
+            BlockOrder::EightRows => {
+                let transposed = KGroup::of(format).is_some();
+                Strides { row: block_bytes, block: group, scales_first: false, transposed }
+            }
         }
     }
 
@@ -112,26 +122,100 @@ fn reorder(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8], to_e
     let mut copy = vec![0u8; group_bytes];
     let blocks = row_bytes / block_bytes;
     let eights = Strides::of(BlockOrder::EightRows, format, row_bytes);
-    // Each block as (offset, length) pieces in row order and interleaved: the scale
-    // and the rest apart where the scales come first, the whole block otherwise.
-    let pieces = |r: usize, b: usize| -> [(usize, usize, usize); 2] {
-        let in_rows = r * row_bytes + b * block_bytes;
-        if eights.scales_first {
-            let scale = b * eights.block + r * SCALE_BYTES;
-            let rest = b * eights.block + GROUP_ROWS * SCALE_BYTES + r * eights.row;
-            [(in_rows, scale, SCALE_BYTES), (in_rows + SCALE_BYTES, rest, eights.row)]
-        } else {
-            [(in_rows, b * eights.block + r * eights.row, block_bytes), (0, 0, 0)]
-        }
-    };
+    // Row r's block as (offset in the block, offset in the eight rows' blocks, length)
+    // pieces: the scale and the rest apart where the scales come first, `KGroup`'s
+    // pieces for the K-quants, the whole block otherwise.
+    let pieces: Vec<Vec<(usize, usize, usize)>> = (0..GROUP_ROWS)
+        .map(|r| match KGroup::of(format) {
+            Some(layout) => layout.pieces(r),
+            None if eights.scales_first => {
+                let rest = GROUP_ROWS * SCALE_BYTES + r * eights.row;
+                vec![(0, r * SCALE_BYTES, SCALE_BYTES), (SCALE_BYTES, rest, eights.row)]
+            }
+            None => vec![(0, r * eights.row, block_bytes)],
+        })
+        .collect();
     for group in bytes[..rows / GROUP_ROWS * group_bytes].chunks_exact_mut(group_bytes) {
         copy.copy_from_slice(group);
-        for r in 0..GROUP_ROWS {
+        for (r, pieces) in pieces.iter().enumerate() {
             for b in 0..blocks {
-                for (in_rows, in_eights, len) in pieces(r, b) {
+                let (in_rows, in_eights) = (r * row_bytes + b * block_bytes, b * eights.block);
+                for &(within, at, len) in pieces {
+                    let (in_rows, in_eights) = (in_rows + within, in_eights + at);
                     let (to, from) = if to_eight { (in_eights, in_rows) } else { (in_rows, in_eights) };
                     group[to..to + len].copy_from_slice(&copy[from..from + len]);
                 }
+            }
+        }
+    }
+}
+
+/// How the eight rows' super-blocks b of a K-quant lie when interleaved: every f16
+/// scale of the eight side by side, the sub-block scales by column, and the values
+/// transposed by 4-byte groups — group G of the eight rows' values (bytes 4G … 4G + 3
+/// of each) as 32 bytes, row r's four at 4r. A 32-byte load then holds four values of
+/// every row, a byte product sums them into lane r, and the kernels reduce nothing
+/// across lanes (`q8::k_quants::x86::transposed`). The same bytes as the eight
+/// super-blocks, moved:
+///
+/// - Q4_K (8 × 144): `d` of rows 0–7 (16 bytes), `dmin` (16), the 12 packed scale
+///   bytes as three 32-byte vectors whose byte 8j + r is row r's byte j, 4 + j and
+///   8 + j (j < 4; so that the 6-bit scales unpack for all eight rows at once), then
+///   the 128 value bytes in 32 groups (1 024).
+/// - Q6_K (8 × 210): `d` (16), the 16 signed scales by column, byte 8t + r row r's
+///   scale t (128), then per half of 128 values (768 each) its 8 groups of `ql`'s
+///   first chunk (low nibbles: quarter 0, high: 2), 8 of `qh`, 8 of `ql`'s second
+///   chunk (quarters 1 and 3): a block reads 512 bytes in a row (quarter 0 and 2 the
+///   first, 1 and 3 the last), as the hardware prefetcher follows best. (`qh` after
+///   all of `ql`, as the rows store them, ran 0.6× as fast from memory.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KGroup {
+    Q4K,
+    Q6K,
+}
+
+impl KGroup {
+    pub(crate) fn of(format: BlockFormat) -> Option<KGroup> {
+        match format {
+            BlockFormat::Q4K => Some(KGroup::Q4K),
+            BlockFormat::Q6K => Some(KGroup::Q6K),
+            _ => None,
+        }
+    }
+
+    /// Q4_K: where the values' groups start; the three vectors of scale bytes
+    /// before them start at `Q4K_SCALES`.
+    pub(crate) const Q4K_VALUES: usize = 128;
+    pub(crate) const Q4K_SCALES: usize = 32;
+    /// Q6_K: the scales by column; half h's groups at `Q6K_VALUES + h · Q6K_HALF`,
+    /// `ql`'s first chunk's, then `qh`'s at `Q6K_QH`, the second chunk's at `Q6K_QL_1`.
+    pub(crate) const Q6K_SCALES: usize = 16;
+    pub(crate) const Q6K_VALUES: usize = 144;
+    pub(crate) const Q6K_HALF: usize = 768;
+    pub(crate) const Q6K_QH: usize = 256;
+    pub(crate) const Q6K_QL_1: usize = 512;
+
+    /// Row r's super-block as (offset in it, offset in the eight rows', length) pieces.
+    fn pieces(self, r: usize) -> Vec<(usize, usize, usize)> {
+        let groups =
+            |from: usize, to: usize, count: usize| (0..count).map(move |g| (from + 4 * g, to + 32 * g + 4 * r, 4));
+        match self {
+            KGroup::Q4K => {
+                let scales = (0..12).map(|j| (4 + j, Self::Q4K_SCALES + 32 * (j / 4) + 8 * (j % 4) + r, 1));
+                [(0, 2 * r, 2), (2, 16 + 2 * r, 2)]
+                    .into_iter()
+                    .chain(scales)
+                    .chain(groups(16, Self::Q4K_VALUES, 32))
+                    .collect()
+            }
+            KGroup::Q6K => {
+                let scales = (0..16).map(|t| (192 + t, Self::Q6K_SCALES + 8 * t + r, 1));
+                let values = (0..2).flat_map(|h| {
+                    let at = Self::Q6K_VALUES + h * Self::Q6K_HALF;
+                    let ql = groups(64 * h, at, 8).chain(groups(64 * h + 32, at + Self::Q6K_QL_1, 8));
+                    ql.chain(groups(128 + 32 * h, at + Self::Q6K_QH, 8))
+                });
+                [(208, 2 * r, 2)].into_iter().chain(scales).chain(values).collect()
             }
         }
     }
@@ -173,7 +257,9 @@ mod tests {
             // theirs and its values after the eight scales and two rows' values.
             let (group, from) = (GROUP_ROWS * row_bytes, 10 * row_bytes + block_bytes);
             let block_1 = group + GROUP_ROWS * block_bytes;
-            let pieces = if scales_first(format) {
+            let pieces = if KGroup::of(format).is_some() {
+                vec![] // moved byte by byte: `k_quant_groups_are_transposed_by_four_bytes`
+            } else if scales_first(format) {
                 let rest = block_bytes - SCALE_BYTES;
                 vec![(block_1 + 2 * SCALE_BYTES, 0, SCALE_BYTES), (block_1 + 16 + 2 * rest, SCALE_BYTES, rest)]
             } else {
@@ -186,6 +272,51 @@ mod tests {
             assert_ne!(bytes, original, "{}: nothing moved", format.name());
             deinterleave(format, rows, cols, &mut bytes);
             assert_eq!(bytes, original, "{}", format.name());
+        }
+    }
+
+    #[test]
+    fn k_quant_groups_are_transposed_by_four_bytes() {
+        for (format, layout) in [(BlockFormat::Q4K, KGroup::Q4K), (BlockFormat::Q6K, KGroup::Q6K)] {
+            let block_bytes = format.block().1;
+            // Every byte of the eight super-blocks lands once, inside the eight's bytes.
+            let mut landed = vec![0u8; GROUP_ROWS * block_bytes];
+            for r in 0..GROUP_ROWS {
+                let mut covered = vec![0u8; block_bytes];
+                for (within, at, len) in layout.pieces(r) {
+                    covered[within..within + len].iter_mut().for_each(|c| *c += 1);
+                    landed[at..at + len].iter_mut().for_each(|c| *c += 1);
+                }
+                assert!(covered.iter().all(|&c| c == 1), "{}: row {r}'s bytes", format.name());
+            }
+            assert!(landed.iter().all(|&c| c == 1), "{}: the eight rows' bytes", format.name());
+        }
+        // Two groups of eight rows of two super-blocks: row 11 is row 3 of group 1.
+        let (rows, cols) = (16, 512);
+        for format in [BlockFormat::Q4K, BlockFormat::Q6K] {
+            let block_bytes = format.block().1;
+            let original = sample_blocks(format, rows * 2, 5);
+            let mut bytes = original.clone();
+            interleave(format, rows, cols, &mut bytes);
+            let row_11_block_1 = 11 * 2 * block_bytes + block_bytes;
+            let eights_block_1 = GROUP_ROWS * 2 * block_bytes + GROUP_ROWS * block_bytes;
+            let byte = |within: usize| original[row_11_block_1 + within];
+            // (offset in row 11's super-block 1, where the eight rows' super-blocks 1 hold it)
+            let places: Vec<(usize, usize)> = if format == BlockFormat::Q4K {
+                vec![(0, 6), (3, 16 + 7), (4 + 9, 32 + 64 + 8 + 3), (16 + 4 * 5 + 2, 128 + 32 * 5 + 12 + 2)]
+            } else {
+                // ql byte 125: half 1, second chunk, group 7; qh byte 36: half 1, group 1.
+                let half_1 = 144 + 768;
+                vec![
+                    (209, 7),
+                    (192 + 7, 16 + 56 + 3),
+                    (125, half_1 + 512 + 32 * 7 + 13),
+                    (128 + 36, half_1 + 256 + 32 + 12),
+                ]
+            };
+            for (within, at) in places {
+                assert_eq!(bytes[eights_block_1 + at], byte(within), "{}: byte {within}", format.name());
+            }
         }
     }
 }

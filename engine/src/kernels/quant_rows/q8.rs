@@ -94,13 +94,15 @@ impl Activations {
 }
 
 /// Rows of x quantized in blocks of 32: `quants[i·k + c]`, `scales[i·(k/32) + b]`,
-/// and each block's sum of quants (`sums`, for Q4_0's offset of 8 and, times the
-/// block's scale, Q4_K's minimums).
+/// each block's sum of quants (`sums`, for Q4_0's offset of 8 and, times the
+/// block's scale, Q4_K's minimums) and of its first 16 (`halves`, for Q6_K's offset
+/// of 32 where its sub-blocks of 16 are summed apart).
 #[derive(Default)]
 pub(crate) struct Q8Rows {
     quants: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i32>,
+    halves: Vec<i32>,
     k: usize,
 }
 
@@ -109,6 +111,7 @@ struct QuantizedX<'a> {
     quants: &'a [i8],
     scales: &'a [f32],
     sums: &'a [i32],
+    halves: &'a [i32],
 }
 
 impl Q8Rows {
@@ -119,15 +122,22 @@ impl Q8Rows {
         self.quants.resize(m * k, 0);
         self.scales.resize(m * k / BLOCK, 0.0);
         self.sums.resize(m * k / BLOCK, 0);
-        let (x, quants, scales, sums) = (&x[..m * k], &mut self.quants[..], &mut self.scales[..], &mut self.sums[..]);
+        self.halves.resize(m * k / BLOCK, 0);
+        let x = &x[..m * k];
+        let out = Quantized {
+            quants: &mut self.quants[..],
+            scales: &mut self.scales[..],
+            sums: &mut self.sums[..],
+            halves: &mut self.halves[..],
+        };
         match crate::kernels::simd_path() {
             // SAFETY: the path is one this CPU supports.
             #[cfg(target_arch = "x86_64")]
-            Some(SimdPath::Avx512) => unsafe { quantize_avx512(x, quants, scales, sums) },
+            Some(SimdPath::Avx512) => unsafe { quantize_avx512(x, out) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Some(SimdPath::Avx2) => unsafe { quantize_avx2(x, quants, scales, sums) },
-            _ => quantize_blocks::<false>(x, quants, scales, sums),
+            Some(SimdPath::Avx2) => unsafe { quantize_avx2(x, out) },
+            _ => quantize_blocks::<false>(x, out),
         }
     }
 
@@ -138,6 +148,7 @@ impl Q8Rows {
             quants: &self.quants[first * k..(first + rows) * k],
             scales: &self.scales[first * blocks..(first + rows) * blocks],
             sums: &self.sums[first * blocks..(first + rows) * blocks],
+            halves: &self.halves[first * blocks..(first + rows) * blocks],
         }
     }
 
@@ -150,17 +161,27 @@ impl Q8Rows {
     }
 }
 
-/// Every block of `x` into `quants`, `scales` and `sums` (each block's Σq): every
-/// block's scale first, then every block's values, so that one block's divisions
-/// and reductions do not wait on the last one's (the same values as block by block).
+/// Where `quantize_blocks` writes: a `Q8Rows`' vectors, each as long as x needs.
+struct Quantized<'a> {
+    quants: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [i32],
+    halves: &'a mut [i32],
+}
+
+/// Every block of `x` into `quants`, `scales`, `sums` (each block's Σq) and `halves`
+/// (Σq over its first 16): every block's scale first, then every block's values, so
+/// that one block's divisions and reductions do not wait on the last one's (the same
+/// values as block by block).
 #[inline(always)]
-fn quantize_blocks<const VECTOR: bool>(x: &[f32], quants: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
-    for (values, scale) in x.chunks_exact(BLOCK).zip(scales.iter_mut()) {
+fn quantize_blocks<const VECTOR: bool>(x: &[f32], out: Quantized) {
+    for (values, scale) in x.chunks_exact(BLOCK).zip(out.scales.iter_mut()) {
         *scale = block_scale(values);
     }
-    let blocks = x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK));
-    for (((values, quants), &scale), sum) in blocks.zip(scales.iter()).zip(sums.iter_mut()) {
+    let blocks = x.chunks_exact(BLOCK).zip(out.quants.chunks_exact_mut(BLOCK)).zip(out.scales.iter());
+    for (((values, quants), &scale), (sum, half)) in blocks.zip(out.sums.iter_mut().zip(out.halves.iter_mut())) {
         *sum = round_block::<VECTOR>(values, scale, quants);
+        *half = quants[..BLOCK / 2].iter().map(|&q| q as i32).sum();
     }
 }
 
@@ -169,15 +190,15 @@ fn quantize_blocks<const VECTOR: bool>(x: &[f32], quants: &mut [i8], scales: &mu
 /// thread, before every product, while the others wait).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_avx512(x: &[f32], quants: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
-    quantize_blocks::<true>(x, quants, scales, sums)
+unsafe fn quantize_avx512(x: &[f32], out: Quantized) {
+    quantize_blocks::<true>(x, out)
 }
 
 /// `quantize_blocks` compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_avx2(x: &[f32], quants: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
-    quantize_blocks::<true>(x, quants, scales, sums)
+unsafe fn quantize_avx2(x: &[f32], out: Quantized) {
+    quantize_blocks::<true>(x, out)
 }
 
 /// One block: `d = max|x| ÷ 127`, `q = round(x ÷ d)` (half away from zero, as C's
@@ -380,6 +401,12 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
             }),
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                 let eight_rows = if vnni { x86::eight_rows_vnni } else { x86::eight_rows };
+                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
+            }
+            // Resident K-quants: already transposed in memory (`order::KGroup`).
+            BlockFormat::Q4K | BlockFormat::Q6K if strides.transposed => {
+                let eight_rows =
+                    if vnni { k_quants::x86::eight_rows_transposed_vnni } else { k_quants::x86::eight_rows_transposed };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
             BlockFormat::Q4K | BlockFormat::Q6K if transposed => K_SET.with_borrow_mut(|set| {

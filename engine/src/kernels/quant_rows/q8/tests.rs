@@ -178,11 +178,17 @@ fn the_quantizer_this_cpu_runs_gives_the_bytes_of_the_plain_one() {
     x[3011] = -3e-41;
     let mut dispatched = Q8Rows::default();
     dispatched.quantize(&x, m, k);
-    let (mut quants, mut scales, mut sums) = (vec![0i8; m * k], vec![0.0f32; m * k / 32], vec![0i32; m * k / 32]);
-    quantize_blocks::<false>(&x, &mut quants, &mut scales, &mut sums);
+    let (mut quants, mut scales) = (vec![0i8; m * k], vec![0.0f32; m * k / 32]);
+    let (mut sums, mut halves) = (vec![0i32; m * k / 32], vec![0i32; m * k / 32]);
+    let out = Quantized { quants: &mut quants, scales: &mut scales, sums: &mut sums, halves: &mut halves };
+    quantize_blocks::<false>(&x, out);
     let first_difference = dispatched.quants.iter().zip(&quants).position(|(a, b)| a != b);
     assert_eq!(first_difference, None, "{:?}", first_difference.map(|i| (x[i], dispatched.quants[i], quants[i])));
     assert_eq!(dispatched.sums, sums);
+    assert_eq!(dispatched.halves, halves);
+    // The halves are the first 16 values' sums.
+    let first_sixteen = |b: usize| quants[32 * b..32 * b + 16].iter().map(|&q| q as i32).sum::<i32>();
+    assert!((0..m * k / 32).all(|b| halves[b] == first_sixteen(b)));
     let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&dispatched.scales), bits(&scales));
     assert!(dispatched.scales[1000 / 32].is_nan() && dispatched.scales[2048 / 32] == 0.0);
@@ -317,17 +323,21 @@ fn the_largest_byte_sums_do_not_saturate() {
         let w = extreme_blocks(format, blocks(format, rows * k), fill, sub_scale);
         let mut decoded = vec![0.0f32; rows * k];
         dequantize(format, &w, &mut decoded);
-        for sign in [1.0f32, -1.0] {
+        // In file order and interleaved (the K-quants transposed: other sums).
+        let mut interleaved = w.clone();
+        super::super::interleave(format, rows, k, &mut interleaved);
+        let orders = [(BlockOrder::Rows, &w), (BlockOrder::EightRows, &interleaved)];
+        for (sign, (order, w)) in [1.0f32, -1.0].into_iter().flat_map(|s| orders.map(|o| (s, o))) {
             for path in paths() {
                 for m in 1..=8 {
                     let x = vec![127.0 * sign; m * k];
-                    let got = product(path, format, &w, rows, &x, m, k);
+                    let got = product_in(order, path, format, w, rows, &x, m, k);
                     for (i, row) in got.iter().enumerate() {
                         for (r, &value) in row.iter().enumerate() {
                             let (want, size) = exact(&decoded, r, &x[i * k..(i + 1) * k]);
                             assert!(
                                 (value as f64 - want).abs() <= 1e-6 * size,
-                                "{} {path:?} m={m} fill {fill:#x}, x {sign}·127: {value} vs {want}",
+                                "{} {order:?} {path:?} m={m} fill {fill:#x}, x {sign}·127: {value} vs {want}",
                                 format.name()
                             );
                         }

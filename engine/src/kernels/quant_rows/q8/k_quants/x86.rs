@@ -16,6 +16,9 @@ use super::super::x86::{
 use super::super::{QuantizedX, Strides};
 use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
+mod transposed;
+pub(in super::super) use transposed::{eight_rows_transposed, eight_rows_transposed_vnni};
+
 avx2_and_vnni!(
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
     /// (`weights`, their super-blocks where `strides` says) and `rows` rows of x.
@@ -138,30 +141,34 @@ unsafe fn q4_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
 /// from `ql` (a nibble of one of the half's two 32-byte chunks), two high bits
 /// from `qh` (a pair of the half's 32 bytes), as `quant::q6_k` unpacks them.
 #[inline(always)]
-unsafe fn q6_k_weights(block: *const u8, c: usize, low4: __m256i, low2: __m256i) -> __m256i {
+unsafe fn q6_k_weights<const TERNARY: bool>(block: *const u8, c: usize) -> __m256i {
     let (half, quarter) = (c / 4, c % 4);
     // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64).
     unsafe {
         let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
-        let low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)), low4);
         let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
-        let high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32)), low2);
-        _mm256_or_si256(low, _mm256_slli_epi16(high, 4))
+        q6_k_values::<TERNARY>(ql, qh, quarter)
     }
 }
 
-/// `q6_k_weights` in fewer operations where AVX-512 VL is present (the VNNI
-/// kernels): `qh`'s pair shifted straight to bits 4–5 and merged with the nibble
-/// under a mask by one `VPTERNLOGD`. The same bytes.
+/// Quarter `quarter`'s values 0–63 from bytes of `ql` (the low nibbles of quarters 0
+/// and 1, the high ones of 2 and 3) and `qh` (the pair at bits 2·quarter) side by
+/// side: bytewise, so the bytes may come in any order as long as both share it.
+/// With `TERNARY` (AVX-512 VL, the VNNI kernels) in fewer operations: `qh`'s pair
+/// shifted straight to bits 4–5 and merged with the nibble under a mask by one
+/// `VPTERNLOGD`. The same bytes.
 #[inline(always)]
-unsafe fn q6_k_weights_ternary(block: *const u8, c: usize, low4: __m256i) -> __m256i {
-    let (half, quarter) = (c / 4, c % 4);
-    // SAFETY: the caller's super-block holds `ql` (128 bytes) and `qh` (64); AVX-512
-    // VL is present where this is inlined.
+pub(super) unsafe fn q6_k_values<const TERNARY: bool>(ql: __m256i, qh: __m256i, quarter: usize) -> __m256i {
+    // SAFETY: AVX2 (with `TERNARY`, AVX-512 VL) is present where this is inlined.
     unsafe {
-        let ql = _mm256_loadu_si256(block.add(64 * half + 32 * (quarter % 2)).cast());
+        let low4 = _mm256_set1_epi8(0x0F);
+        if !TERNARY {
+            let low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)), low4);
+            let pair = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32));
+            let high = _mm256_and_si256(pair, _mm256_set1_epi8(3));
+            return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+        }
         let low = if quarter < 2 { ql } else { _mm256_srli_epi16::<4>(ql) };
-        let qh = _mm256_loadu_si256(block.add(128 + 32 * half).cast());
         // Pair `quarter` (bits 2q, 2q + 1) to bits 4–5.
         let high = match quarter {
             0 => _mm256_slli_epi16::<4>(qh),
@@ -308,7 +315,7 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
 ) {
     // SAFETY: super-block `s` of each of the eight rows lies inside `weights`.
     unsafe {
-        let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+        let low4 = _mm256_set1_epi8(0x0F);
         let at = |r: usize| block_at(weights, strides, r, s);
         let SuperScales { d, dmin, columns } = super_scales::<Q6>(at);
         let column = |t: usize| scale_column::<Q6>(&columns, t);
@@ -320,13 +327,7 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
             // and outside this function it would lose the target features.
             let mut values = [_mm256_setzero_si256(); 8];
             for (r, w) in values.iter_mut().enumerate() {
-                *w = if Q6 && VNNI {
-                    q6_k_weights_ternary(at(r), c, low4)
-                } else if Q6 {
-                    q6_k_weights(at(r), c, low4, low2)
-                } else {
-                    q4_k_weights(at(r), c, low4)
-                };
+                *w = if Q6 { q6_k_weights::<VNNI>(at(r), c) } else { q4_k_weights(at(r), c, low4) };
             }
             let mut magnitudes = values;
             if COLUMNS {
