@@ -15,9 +15,11 @@
 //! last whole group stay in row order: a range of whole groups is the same bytes
 //! either way, and so is every row count's size.
 
+use rayon::prelude::*;
+
 use super::QuantMatrix;
 use crate::kernels::quant::BlockFormat;
-use crate::kernels::SimdPath;
+use crate::kernels::{in_pool, SimdPath};
 
 /// Weight rows a group of the interleaved order holds (the x86 kernels' row count).
 pub const GROUP_ROWS: usize = 8;
@@ -119,34 +121,72 @@ fn reorder(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8], to_e
     let row_bytes = cols / weights * block_bytes;
     let group_bytes = GROUP_ROWS * row_bytes;
     assert!(bytes.len() >= rows * row_bytes, "{}: {} bytes do not hold {rows} rows", format.name(), bytes.len());
-    let mut copy = vec![0u8; group_bytes];
     let blocks = row_bytes / block_bytes;
     let eights = Strides::of(BlockOrder::EightRows, format, row_bytes);
-    // Row r's block as (offset in the block, offset in the eight rows' blocks, length)
-    // pieces: the scale and the rest apart where the scales come first, `KGroup`'s
-    // pieces for the K-quants, the whole block otherwise.
-    let pieces: Vec<Vec<(usize, usize, usize)>> = (0..GROUP_ROWS)
+    // Row r's block as runs of pieces: the scale and the rest apart where the scales
+    // come first, `KGroup`'s runs for the K-quants, the whole block otherwise.
+    let runs: Vec<Vec<Run>> = (0..GROUP_ROWS)
         .map(|r| match KGroup::of(format) {
-            Some(layout) => layout.pieces(r),
+            Some(layout) => layout.runs(r),
             None if eights.scales_first => {
                 let rest = GROUP_ROWS * SCALE_BYTES + r * eights.row;
-                vec![(0, r * SCALE_BYTES, SCALE_BYTES), (SCALE_BYTES, rest, eights.row)]
+                vec![Run::one(0, r * SCALE_BYTES, SCALE_BYTES), Run::one(SCALE_BYTES, rest, eights.row)]
             }
-            None => vec![(0, r * eights.row, block_bytes)],
+            None => vec![Run::one(0, r * eights.row, block_bytes)],
         })
         .collect();
-    for group in bytes[..rows / GROUP_ROWS * group_bytes].chunks_exact_mut(group_bytes) {
+    // Groups on every compute thread: a K-quant's small pieces took 0.5 s of loading
+    // a 640 MiB model on one.
+    let whole_groups = bytes[..rows / GROUP_ROWS * group_bytes].par_chunks_exact_mut(group_bytes);
+    let each = |copy: &mut Vec<u8>, group: &mut [u8]| {
         copy.copy_from_slice(group);
-        for (r, pieces) in pieces.iter().enumerate() {
+        for (r, runs) in runs.iter().enumerate() {
             for b in 0..blocks {
                 let (in_rows, in_eights) = (r * row_bytes + b * block_bytes, b * eights.block);
-                for &(within, at, len) in pieces {
-                    let (in_rows, in_eights) = (in_rows + within, in_eights + at);
+                for run in runs {
+                    let (in_rows, in_eights) = ((in_rows + run.within, run.len), (in_eights + run.at, run.at_step));
                     let (to, from) = if to_eight { (in_eights, in_rows) } else { (in_rows, in_eights) };
-                    group[to..to + len].copy_from_slice(&copy[from..from + len]);
+                    // Pieces of 1, 2 and 4 bytes as moves of that size, not calls to
+                    // `memmove`.
+                    match run.len {
+                        1 => move_run::<1>(group, to, copy, from, run.count),
+                        2 => move_run::<2>(group, to, copy, from, run.count),
+                        4 => move_run::<4>(group, to, copy, from, run.count),
+                        len => {
+                            let ((to, _), (from, _)) = (to, from);
+                            group[to..to + len].copy_from_slice(&copy[from..from + len]);
+                        }
+                    }
                 }
             }
         }
+    };
+    in_pool(|| whole_groups.for_each_init(|| vec![0u8; group_bytes], each));
+}
+
+/// `count` pieces of `len` bytes of a row's block: piece i at `within + i·len` in the
+/// block and at `at + i·at_step` in the eight rows' blocks.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    within: usize,
+    at: usize,
+    len: usize,
+    count: usize,
+    at_step: usize,
+}
+
+impl Run {
+    fn one(within: usize, at: usize, len: usize) -> Run {
+        Run { within, at, len, count: 1, at_step: len }
+    }
+}
+
+/// `count` moves of `LEN` bytes from `src` to `dst`, each side `(start, step)`.
+#[inline(always)]
+fn move_run<const LEN: usize>(dst: &mut [u8], to: (usize, usize), src: &[u8], from: (usize, usize), count: usize) {
+    for i in 0..count {
+        let (to, from) = (to.0 + i * to.1, from.0 + i * from.1);
+        dst[to..to + LEN].copy_from_slice(&src[from..from + LEN]);
     }
 }
 
@@ -195,29 +235,45 @@ impl KGroup {
     pub(crate) const Q6K_QH: usize = 256;
     pub(crate) const Q6K_QL_1: usize = 512;
 
-    /// Row r's super-block as (offset in it, offset in the eight rows', length) pieces.
-    fn pieces(self, r: usize) -> Vec<(usize, usize, usize)> {
+    /// Row r's super-block as runs of pieces.
+    fn runs(self, r: usize) -> Vec<Run> {
+        // `count` groups of four value bytes from `within` on, to `at` on in the eight's.
         let groups =
-            |from: usize, to: usize, count: usize| (0..count).map(move |g| (from + 4 * g, to + 32 * g + 4 * r, 4));
+            |within: usize, at: usize, count: usize| Run { within, at: at + 4 * r, len: 4, count, at_step: 32 };
         match self {
             KGroup::Q4K => {
-                let scales = (0..12).map(|j| (4 + j, Self::Q4K_SCALES + 32 * (j / 4) + 8 * (j % 4) + r, 1));
-                [(0, 2 * r, 2), (2, 16 + 2 * r, 2)]
-                    .into_iter()
-                    .chain(scales)
-                    .chain(groups(16, Self::Q4K_VALUES, 32))
-                    .collect()
+                // Scale bytes 4v … 4v + 3 (v < 3) to vector v: byte 8j + r for byte 4v + j.
+                let scales = (0..3).map(|v| Run {
+                    within: 4 + 4 * v,
+                    at: Self::Q4K_SCALES + 32 * v + r,
+                    len: 1,
+                    count: 4,
+                    at_step: 8,
+                });
+                let heads = [Run::one(0, 2 * r, 2), Run::one(2, 16 + 2 * r, 2)];
+                heads.into_iter().chain(scales).chain([groups(16, Self::Q4K_VALUES, 32)]).collect()
             }
             KGroup::Q6K => {
-                let scales = (0..16).map(|t| (192 + t, Self::Q6K_SCALES + 8 * t + r, 1));
+                let scales = Run { within: 192, at: Self::Q6K_SCALES + r, len: 1, count: 16, at_step: 8 };
                 let values = (0..2).flat_map(|h| {
                     let at = Self::Q6K_VALUES + h * Self::Q6K_HALF;
-                    let ql = groups(64 * h, at, 8).chain(groups(64 * h + 32, at + Self::Q6K_QL_1, 8));
-                    ql.chain(groups(128 + 32 * h, at + Self::Q6K_QH, 8))
+                    [
+                        groups(64 * h, at, 8),
+                        groups(64 * h + 32, at + Self::Q6K_QL_1, 8),
+                        groups(128 + 32 * h, at + Self::Q6K_QH, 8),
+                    ]
                 });
-                [(208, 2 * r, 2)].into_iter().chain(scales).chain(values).collect()
+                [Run::one(208, 2 * r, 2), scales].into_iter().chain(values).collect()
             }
         }
+    }
+
+    /// Row r's super-block as (offset in it, offset in the eight rows', length) pieces.
+    #[cfg(test)]
+    fn pieces(self, r: usize) -> Vec<(usize, usize, usize)> {
+        let runs = self.runs(r).into_iter();
+        runs.flat_map(|run| (0..run.count).map(move |i| (run.within + i * run.len, run.at + i * run.at_step, run.len)))
+            .collect()
     }
 }
 
