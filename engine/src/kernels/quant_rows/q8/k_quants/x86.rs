@@ -514,7 +514,8 @@ unsafe fn row_totals<const Q6: bool, const VNNI: bool>(w: &[__m256i; 8], xs: *co
 /// `row_totals` over blocks transposed by `transpose_groups` (see `q8`'s
 /// `column_sums`), Q6_K's as q − 32 (`w`) and |q − 32| (`magnitude`): groups
 /// 0–3 are the block's first half, 4–7 its second. Q4_K's pairs (≤ 2·15·127) add
-/// in 16 bits over the block (its sum comes back whole, the second half zero),
+/// in 16 bits over the block (its sum comes back in two parts to add: with VNNI
+/// the even and odd groups, else whole and zero),
 /// Q6_K's (≤ 2·32·127 = 8 128) four to a half.
 #[inline(always)]
 unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
@@ -529,10 +530,11 @@ unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
         let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
         if VNNI {
             // Four products to a lane, summed into 32 bits as they come (Q6_K's
-            // halves apart): the same integers.
+            // halves apart; Q4_K's groups in two chains, even and odd, so that each
+            // product waits on half as many): the same integers.
             let mut halves = [_mm256_setzero_si256(); 2];
             for g in 0..8 {
-                let half = &mut halves[if Q6 { g / 4 } else { 0 }];
+                let half = &mut halves[if Q6 { g / 4 } else { g % 2 }];
                 *half = if Q6 {
                     _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
                 } else {

@@ -136,9 +136,9 @@ unsafe fn q4_k<const M: usize, const VNNI: bool>(
                     let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<false>(columns.as_ptr(), 8 + c)));
                     for (i, sum) in acc.iter_mut().enumerate() {
                         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
-                        let (total, _) = column_totals::<false, VNNI>(&w, &w, xs);
+                        let (first, second) = column_totals::<false, VNNI>(&w, &w, xs);
                         let d_x = *x.scales.get_unchecked(i * blocks + b);
-                        let total = _mm256_mullo_epi32(total, scale);
+                        let total = _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale);
                         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
                         let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
                         *sum = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), *sum);
