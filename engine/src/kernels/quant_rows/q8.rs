@@ -403,13 +403,8 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
                 let eight_rows = if vnni { x86::eight_rows_vnni } else { x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
-            // Resident K-quants: already transposed in memory (`order::KGroup`).
-            BlockFormat::Q4K | BlockFormat::Q6K if strides.transposed => {
-                let eight_rows =
-                    if vnni { k_quants::x86::eight_rows_transposed_vnni } else { k_quants::x86::eight_rows_transposed };
-                groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
-            }
-            BlockFormat::Q4K | BlockFormat::Q6K if transposed => K_SET.with_borrow_mut(|set| {
+            // Resident K-quants come transposed (`order::KGroup`): `eight_rows` reads them.
+            BlockFormat::Q4K | BlockFormat::Q6K if transposed && !strides.transposed => K_SET.with_borrow_mut(|set| {
                 unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
                 let from_columns = if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
                 groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })

@@ -17,11 +17,12 @@ use super::super::{QuantizedX, Strides};
 use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
 mod transposed;
-pub(in super::super) use transposed::{eight_rows_transposed, eight_rows_transposed_vnni};
+use transposed::{q4_k as q4_k_transposed, q6_k as q6_k_transposed};
 
 avx2_and_vnni!(
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K
-    /// (`weights`, their super-blocks where `strides` says) and `rows` rows of x.
+    /// (`weights`, their super-blocks where `strides` says; with `strides.transposed`
+    /// laid out as `order::KGroup`, which `transposed` multiplies) and `rows` rows of x.
     eight_rows, eight_rows_vnni => eight_rows_in(
         format: BlockFormat,
         weights: &[u8],
@@ -45,10 +46,11 @@ unsafe fn eight_rows_in<const VNNI: bool>(
 ) {
     // SAFETY (each arm): as the caller vouches.
     unsafe {
-        if format == BlockFormat::Q6K {
-            with_rows!(rows, eight_m::<_, true, VNNI>(weights, strides, x, k, dots))
-        } else {
-            with_rows!(rows, eight_m::<_, false, VNNI>(weights, strides, x, k, dots))
+        match (format == BlockFormat::Q6K, strides.transposed) {
+            (true, true) => with_rows!(rows, q6_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
+            (false, true) => with_rows!(rows, q4_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
+            (true, false) => with_rows!(rows, eight_m::<_, true, VNNI>(weights, strides, x, k, dots)),
+            (false, false) => with_rows!(rows, eight_m::<_, false, VNNI>(weights, strides, x, k, dots)),
         }
     }
 }

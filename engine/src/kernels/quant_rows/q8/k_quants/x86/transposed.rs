@@ -15,44 +15,9 @@ use std::arch::x86_64::*;
 
 use super::super::super::x86::{fetch_ahead, prefetch_next_rows, store};
 use super::super::super::{QuantizedX, Strides};
-use super::super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
+use super::super::{BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 use super::{column_totals, q6_k_values};
 use crate::kernels::quant_rows::order::KGroup;
-
-avx2_and_vnni!(
-    /// `dots[i][r] = x[i] · weight row r` for eight weight rows of Q4_K or Q6_K laid
-    /// out as `KGroup` (super-block s of the eight at `s · strides.block`) and `rows`
-    /// rows of x.
-    eight_rows_transposed, eight_rows_transposed_vnni => transposed_in(
-        format: BlockFormat,
-        weights: &[u8],
-        strides: Strides,
-        x: &QuantizedX,
-        rows: usize,
-        k: usize,
-        dots: &mut [[f32; 8]; MAX_ROWS],
-    )
-);
-
-#[inline(always)]
-unsafe fn transposed_in<const VNNI: bool>(
-    format: BlockFormat,
-    weights: &[u8],
-    strides: Strides,
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    // SAFETY (each arm): as the caller vouches.
-    unsafe {
-        if format == BlockFormat::Q6K {
-            with_rows!(rows, q6_k::<_, VNNI>(weights, strides, x, k, dots))
-        } else {
-            with_rows!(rows, q4_k::<_, VNNI>(weights, strides, x, k, dots))
-        }
-    }
-}
 
 /// Column t of the scales (`columns`: byte 8t + r is row r's), as eight i32 lanes:
 /// zero-extended (Q4_K's 6-bit scales and minimums) or sign-extended (Q6_K's).
@@ -96,7 +61,7 @@ unsafe fn q4_k_scale_columns(packed: *const u8, columns: &mut [u8; 128]) {
 
 /// The eight rows' Q4_K products with `M` rows of x.
 #[inline(always)]
-unsafe fn q4_k<const M: usize, const VNNI: bool>(
+pub(super) unsafe fn q4_k<const M: usize, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     x: &QuantizedX,
@@ -104,7 +69,7 @@ unsafe fn q4_k<const M: usize, const VNNI: bool>(
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
     let (blocks, supers) = (k / BLOCK, k / SUPER);
-    // SAFETY: see `eight_rows_transposed`: each super-block group lies inside
+    // SAFETY: see `eight_rows`: each super-block group lies inside
     // `weights`, x's rows hold `blocks` blocks; AVX2, FMA and F16C are present.
     unsafe {
         let nibble = _mm256_set1_epi8(0x0F);
@@ -152,7 +117,7 @@ unsafe fn q4_k<const M: usize, const VNNI: bool>(
 
 /// The eight rows' Q6_K products with `M` rows of x.
 #[inline(always)]
-unsafe fn q6_k<const M: usize, const VNNI: bool>(
+pub(super) unsafe fn q6_k<const M: usize, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     x: &QuantizedX,
