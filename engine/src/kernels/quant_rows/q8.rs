@@ -96,7 +96,8 @@ impl Activations {
 /// Rows of x quantized in blocks of 32: `quants[i·k + c]`, `scales[i·(k/32) + b]`,
 /// each block's sum of quants (`sums`, for Q4_0's offset of 8 and, times the
 /// block's scale, Q4_K's minimums) and of its first 16 (`halves`, for Q6_K's offset
-/// of 32 where its sub-blocks of 16 are summed apart).
+/// of 32 where its sub-blocks of 16 are summed apart; filled only where asked for,
+/// as the Q6_K products ask).
 #[derive(Default)]
 pub(crate) struct Q8Rows {
     quants: Vec<i8>,
@@ -115,8 +116,9 @@ struct QuantizedX<'a> {
 }
 
 impl Q8Rows {
-    /// Quantizes `m` rows of `k` values (k a multiple of 32) from `x`.
-    pub(crate) fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
+    /// Quantizes `m` rows of `k` values (k a multiple of 32) from `x`, with the
+    /// blocks' half sums where `halves` says (the Q6_K products read them).
+    pub(crate) fn quantize(&mut self, x: &[f32], m: usize, k: usize, halves: bool) {
         assert!(k.is_multiple_of(BLOCK) && x.len() >= m * k, "q8 activations: {m} rows of {k}");
         self.k = k;
         self.quants.resize(m * k, 0);
@@ -128,7 +130,7 @@ impl Q8Rows {
             quants: &mut self.quants[..],
             scales: &mut self.scales[..],
             sums: &mut self.sums[..],
-            halves: &mut self.halves[..],
+            halves: halves.then_some(&mut self.halves[..]),
         };
         match crate::kernels::simd_path() {
             // SAFETY: the path is one this CPU supports.
@@ -166,22 +168,26 @@ struct Quantized<'a> {
     quants: &'a mut [i8],
     scales: &'a mut [f32],
     sums: &'a mut [i32],
-    halves: &'a mut [i32],
+    halves: Option<&'a mut [i32]>,
 }
 
-/// Every block of `x` into `quants`, `scales`, `sums` (each block's Σq) and `halves`
-/// (Σq over its first 16): every block's scale first, then every block's values, so
-/// that one block's divisions and reductions do not wait on the last one's (the same
-/// values as block by block).
+/// Every block of `x` into `quants`, `scales`, `sums` (each block's Σq) and, where
+/// given, `halves` (Σq over its first 16): every block's scale first, then every
+/// block's values, so that one block's divisions and reductions do not wait on the
+/// last one's (the same values as block by block).
 #[inline(always)]
 fn quantize_blocks<const VECTOR: bool>(x: &[f32], out: Quantized) {
     for (values, scale) in x.chunks_exact(BLOCK).zip(out.scales.iter_mut()) {
         *scale = block_scale(values);
     }
-    let blocks = x.chunks_exact(BLOCK).zip(out.quants.chunks_exact_mut(BLOCK)).zip(out.scales.iter());
-    for (((values, quants), &scale), (sum, half)) in blocks.zip(out.sums.iter_mut().zip(out.halves.iter_mut())) {
+    let blocks = x.chunks_exact(BLOCK).zip(out.quants.chunks_exact_mut(BLOCK));
+    for (((values, quants), &scale), sum) in blocks.zip(out.scales.iter()).zip(out.sums.iter_mut()) {
         *sum = round_block::<VECTOR>(values, scale, quants);
-        *half = quants[..BLOCK / 2].iter().map(|&q| q as i32).sum();
+    }
+    if let Some(halves) = out.halves {
+        for (half, quants) in halves.iter_mut().zip(out.quants.chunks_exact(BLOCK)) {
+            *half = quants[..BLOCK / 2].iter().map(|&q| q as i32).sum();
+        }
     }
 }
 
@@ -298,7 +304,7 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
         w
     };
     QUANTIZED.with_borrow_mut(|xq| {
-        xq.quantize(x, m, k);
+        xq.quantize(x, m, k, w.format == BlockFormat::Q6K);
         products(path, xq, m, w, out, out_stride, col0);
     });
 }
@@ -381,7 +387,7 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // A group's bytes are the same in either order; the strides say where its blocks are.
         let weights = &w.bytes[j * row_bytes..(j + EIGHT) * row_bytes];
         let strides = Strides::of(w.order, w.format, row_bytes);
-        let transposed = m > MAX_ROWS;
+        let transpose_once = m > MAX_ROWS;
         let mut dots = [[0.0f32; EIGHT]; MAX_ROWS];
         let mut groups = |multiply: Multiply| {
             for group in (0..m).step_by(MAX_ROWS) {
@@ -394,7 +400,7 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows, `x`
         // the group's rows.
         match format {
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 if transposed => SET.with_borrow_mut(|set| {
+            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 if transpose_once => SET.with_borrow_mut(|set| {
                 unsafe { x86::transpose_set(format, weights, strides, k, set) };
                 let from_columns = if vnni { x86::from_columns_vnni } else { x86::from_columns };
                 groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
@@ -404,11 +410,14 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
             // Resident K-quants come transposed (`order::KGroup`): `eight_rows` reads them.
-            BlockFormat::Q4K | BlockFormat::Q6K if transposed && !strides.transposed => K_SET.with_borrow_mut(|set| {
-                unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
-                let from_columns = if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
-                groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
-            }),
+            BlockFormat::Q4K | BlockFormat::Q6K if transpose_once && !strides.transposed => {
+                K_SET.with_borrow_mut(|set| {
+                    unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
+                    let from_columns =
+                        if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
+                    groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
+                })
+            }
             BlockFormat::Q4K | BlockFormat::Q6K => {
                 let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })

@@ -63,7 +63,7 @@ fn products_equal_the_exact_sums_over_the_quantized_activations_on_every_path() 
             for m in [1, 2, 3, 5, 8, 13, 21] {
                 let x = random_x(m * k, 100 + m as u64);
                 let mut xq = Q8Rows::default();
-                xq.quantize(&x, m, k);
+                xq.quantize(&x, m, k, false);
                 let got = product(path, format, &w, rows, &x, m, k);
                 for (i, row) in got.iter().enumerate() {
                     let x_row = xq.dequantized_row(i);
@@ -92,7 +92,7 @@ fn rounding_the_activations_moves_a_product_by_at_most_half_a_step_per_weight() 
         let mut moved = 0;
         let x = random_x(m * k, 5);
         let mut xq = Q8Rows::default();
-        xq.quantize(&x, m, k);
+        xq.quantize(&x, m, k, false);
         let got = product(SimdPath::best(), format, &w, rows, &x, m, k);
         for i in 0..m {
             let x_row = &x[i * k..(i + 1) * k];
@@ -177,10 +177,10 @@ fn the_quantizer_this_cpu_runs_gives_the_bytes_of_the_plain_one() {
     x[3010] = 1e-40;
     x[3011] = -3e-41;
     let mut dispatched = Q8Rows::default();
-    dispatched.quantize(&x, m, k);
+    dispatched.quantize(&x, m, k, true);
     let (mut quants, mut scales) = (vec![0i8; m * k], vec![0.0f32; m * k / 32]);
     let (mut sums, mut halves) = (vec![0i32; m * k / 32], vec![0i32; m * k / 32]);
-    let out = Quantized { quants: &mut quants, scales: &mut scales, sums: &mut sums, halves: &mut halves };
+    let out = Quantized { quants: &mut quants, scales: &mut scales, sums: &mut sums, halves: Some(&mut halves) };
     quantize_blocks::<false>(&x, out);
     let first_difference = dispatched.quants.iter().zip(&quants).position(|(a, b)| a != b);
     assert_eq!(first_difference, None, "{:?}", first_difference.map(|i| (x[i], dispatched.quants[i], quants[i])));
