@@ -370,10 +370,16 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         format_ns(profile.device_compute.task_overhead_ns),
         format_ns(profile.device_compute.handoff_ns)
     );
+    let describe = |rates: ferry_core::profile::ProductRates| match rates.product_flops_per_s {
+        Some(flops) => format!("{:.1} GB/s, products {:.1} GFLOP/s", rates.bytes_per_s / 1e9, flops / 1e9),
+        None => format!("{:.1} GB/s", rates.bytes_per_s / 1e9),
+    };
     let rates: Vec<String> = (profile.host_compute.dequantize.iter())
-        .map(|r| match r.product_flops_per_s {
-            Some(flops) => format!("{} {:.1} GB/s, products {:.1} GFLOP/s", r.format, r.bytes_per_s / 1e9, flops / 1e9),
-            None => format!("{} {:.1} GB/s", r.format, r.bytes_per_s / 1e9),
+        .map(|r| match r.row_order {
+            Some(rows) => {
+                format!("{} {} (in the file's row order {})", r.format, describe(r.rates(false)), describe(rows))
+            }
+            None => format!("{} {}", r.format, describe(r.rates(false))),
         })
         .collect();
     if !rates.is_empty() {

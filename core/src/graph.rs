@@ -85,10 +85,18 @@ pub enum Payload {
     Activations,
     /// `draft`: an operation of the draft model (speculative decoding), on its own
     /// weights, KV cache and activations.
+    ///
+    /// `weights_off_device`: the weights it multiplies by are not kept on its device —
+    /// streamed for the visit, or computed where the host keeps them. The cpu engine
+    /// reorders only the weights its device keeps (`Backend::resident_order`), so these
+    /// are multiplied in the file's row order, at that order's rates
+    /// (`DequantRate::row_order`).
     Compute {
         op: Op,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         draft: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        weights_off_device: bool,
     },
 }
 
@@ -102,16 +110,16 @@ pub struct MemOp {
 pub const NO_LAYER: u32 = u32::MAX;
 
 /// Marks a weight transfer that moves its whole group (not one pipelined piece).
-pub const WHOLE_GROUP: u32 = u32::MAX;
+pub const WHOLE_GROUP: u16 = u16::MAX;
 
 /// Marks the load of a mixture of experts' router part (the MLP's norm, router and
 /// shared expert, `ModelSpec::router_tensors`), read ahead like a whole group.
-pub const ROUTER_PART: u32 = u32::MAX - 1;
+pub const ROUTER_PART: u16 = u16::MAX - 1;
 
 /// Marks the load of the experts a visit's tokens were routed to, read once every
 /// micro-batch of the visit is routed: its `bytes` are the expected experts', its
 /// acquisitions the most it may read.
-pub const ROUTED_EXPERTS: u32 = u32::MAX - 2;
+pub const ROUTED_EXPERTS: u16 = u16::MAX - 2;
 
 /// A task's dependencies, inline up to four: a graph has up to 160,000 tasks and the
 /// tuner builds thousands of graphs; a heap allocation per task for its dependencies
@@ -147,7 +155,7 @@ pub struct Task {
     pub chunk_bytes: u32,
     /// Which piece of its weight group a pipelined transfer moves
     /// (`schedule::weight_pieces`), or `WHOLE_GROUP`.
-    pub piece: u32,
+    pub piece: u16,
     /// Host→device copies from page-locked memory.
     pub pinned: bool,
     pub deps: Deps,
@@ -191,8 +199,8 @@ impl Task {
             Payload::Weights { group } => format!("{group:?} weights").to_lowercase(),
             Payload::KvCache => "kv".to_string(),
             Payload::Activations => "activations".to_string(),
-            Payload::Compute { op, draft: false } => op.name().to_string(),
-            Payload::Compute { op, draft: true } => format!("draft {}", op.name()),
+            Payload::Compute { op, draft: false, .. } => op.name().to_string(),
+            Payload::Compute { op, draft: true, .. } => format!("draft {}", op.name()),
         };
         let kind = match self.resource {
             Resource::Link { from: Place::Host(_), to: Place::Device(0) } => "h2d".to_string(),

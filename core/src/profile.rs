@@ -206,6 +206,34 @@ pub struct DequantRate {
     /// rate, faster or slower than the peak.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub product_flops_per_s: Option<f64>,
+    /// The same products over weights in the file's row order, where the engine keeps
+    /// the weights resident on its device in another order for its kernels
+    /// (`kernels::resident_order`): weights streamed for a visit, or computed where the
+    /// host keeps them, are multiplied as the file stores them (on this machine's cpu
+    /// engine one row of Q4_K ran at 0.6× the reordered rate). `None`: one order for
+    /// all weights, or a profile from before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_order: Option<ProductRates>,
+}
+
+/// A format's product rates in one order of its blocks (see `DequantRate`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProductRates {
+    pub bytes_per_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_flops_per_s: Option<f64>,
+}
+
+impl DequantRate {
+    /// The rates of products over resident weights, or (`row_order`) over weights in
+    /// the file's row order where the profile measured them apart.
+    pub fn rates(&self, row_order: bool) -> ProductRates {
+        match self.row_order {
+            Some(rates) if row_order => rates,
+            _ => ProductRates { bytes_per_s: self.bytes_per_s, product_flops_per_s: self.product_flops_per_s },
+        }
+    }
 }
 
 impl ComputeProfile {
@@ -224,6 +252,10 @@ impl ComputeProfile {
         for rate in &mut self.dequantize {
             rate.bytes_per_s *= factor;
             rate.product_flops_per_s = rate.product_flops_per_s.map(|f| f * factor);
+            if let Some(rows) = &mut rate.row_order {
+                rows.bytes_per_s *= factor;
+                rows.product_flops_per_s = rows.product_flops_per_s.map(|f| f * factor);
+            }
         }
     }
 

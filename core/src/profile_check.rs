@@ -80,9 +80,13 @@ fn check_compute(field: &str, compute: &ComputeProfile) -> Result<()> {
     for (i, rate) in compute.dequantize.iter().enumerate() {
         crate::model::WeightFormat::parse(&rate.format)
             .map_err(|e| CoreError::invalid(format!("profile: {field}.dequantize[{i}].format: {e}")))?;
-        check_range(&format!("{field}.dequantize[{i}].bytes_per_s"), rate.bytes_per_s, BYTES_PER_S, "bytes/s")?;
-        if let Some(flops) = rate.product_flops_per_s {
-            check_range(&format!("{field}.dequantize[{i}].product_flops_per_s"), flops, FLOPS, "FLOP/s")?;
+        let rates = std::iter::once(("", rate.rates(false))).chain(rate.row_order.map(|r| (".row_order", r)));
+        for (order, rates) in rates {
+            let at = format!("{field}.dequantize[{i}]{order}");
+            check_range(&format!("{at}.bytes_per_s"), rates.bytes_per_s, BYTES_PER_S, "bytes/s")?;
+            if let Some(flops) = rates.product_flops_per_s {
+                check_range(&format!("{at}.product_flops_per_s"), flops, FLOPS, "FLOP/s")?;
+            }
         }
     }
     for (i, timing) in compute.table.iter().enumerate() {
@@ -279,6 +283,7 @@ mod tests {
                         format: "q4_k".into(),
                         bytes_per_s: 1e15,
                         product_flops_per_s: None,
+                        row_order: None,
                     };
                     p.host_compute.dequantize.push(rate)
                 }),
@@ -290,6 +295,7 @@ mod tests {
                         format: "q4_kk".into(),
                         bytes_per_s: 1e9,
                         product_flops_per_s: None,
+                        row_order: None,
                     };
                     p.device_compute.dequantize.push(rate)
                 }),
@@ -301,8 +307,21 @@ mod tests {
                         format: "q4_0".into(),
                         bytes_per_s: 1e9,
                         product_flops_per_s: Some(f64::NAN),
+                        row_order: None,
                     };
                     p.host_compute.dequantize.push(rate)
+                }),
+            ),
+            (
+                "device_compute.dequantize[0].row_order.bytes_per_s",
+                Box::new(|p| {
+                    let rate = crate::profile::DequantRate {
+                        format: "q4_0".into(),
+                        bytes_per_s: 1e9,
+                        product_flops_per_s: None,
+                        row_order: Some(crate::profile::ProductRates { bytes_per_s: -1.0, product_flops_per_s: None }),
+                    };
+                    p.device_compute.dequantize.push(rate)
                 }),
             ),
         ];

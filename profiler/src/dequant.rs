@@ -2,7 +2,8 @@
 //! straight from the blocks, activations as a run takes them by default) over weights
 //! of each ggml block format, a projection's worth at a time, on the engine's compute
 //! pool — the kernel `ferry run` runs — at one row (decoding) and at a prefill's many
-//! rows.
+//! rows; in the order a run keeps resident weights in and, where that is not the
+//! file's, in the file's row order too (streamed weights run those kernels).
 //!
 //! The cost model charges a quantized task `FLOPs ÷ product rate + bytes ÷ decode
 //! rate` (plus the roofline's memory bound; `sim::dequant`): per weight,
@@ -15,7 +16,7 @@
 
 use std::time::Instant;
 
-use ferry_core::profile::DequantRate;
+use ferry_core::profile::{DequantRate, ProductRates};
 use ferry_core::units::MIB;
 use ferry_engine::kernels::quant::BlockFormat;
 use ferry_engine::kernels::{self, BlockOrder, QuantMatrix};
@@ -38,47 +39,75 @@ const MANY_ROWS: usize = 64;
 const MANY_ROWS_INPUT_SHARE: usize = 8;
 
 /// One rate per block format the engine multiplies, named as plans name formats
-/// (`q4_k`); `peak_flops` is the rate the cost model charges other FLOPs at.
+/// (`q4_k`); `peak_flops` is the rate the cost model charges other FLOPs at. Where a
+/// run keeps resident weights in another order than the file's
+/// (`kernels::resident_order`), the products in the file's row order — those of
+/// streamed weights — are measured too, the two orders' trials alternated so that
+/// neither gets the machine's faster minute to itself.
 pub(crate) fn measure_dequantize(options: &ProfileOptions, peak_flops: f64) -> Vec<DequantRate> {
     BlockFormat::ALL
         .iter()
         .map(|&format| {
-            let mut input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
-            // In the order a run keeps resident weights in (`kernels::resident_order`),
-            // each product's piece interleaved once; the many-row input is whole pieces
+            let rows_input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
+            let resident_order = kernels::resident_order();
+            // Each product's piece reordered once; the many-row input is whole pieces
             // of it from the start.
-            let order = kernels::resident_order();
-            if order == BlockOrder::EightRows {
+            let reordered = (resident_order != BlockOrder::Rows).then(|| {
+                let mut reordered = rows_input.clone();
                 let piece_rows = piece_rows(format);
-                for piece in input.chunks_exact_mut(piece_rows * row_bytes(format)) {
+                for piece in reordered.chunks_exact_mut(piece_rows * row_bytes(format)) {
                     kernels::interleave(format, piece_rows, COLS, piece);
                 }
-            }
-            let many_input = &input[..input.len() / MANY_ROWS_INPUT_SHARE];
-            let (mut one, mut many) = (Vec::new(), Vec::new());
+                reordered
+            });
+            let resident_input = reordered.as_deref().unwrap_or(&rows_input);
+            let (mut resident, mut rows) = (Trials::default(), Trials::default());
             for _ in 0..options.trials.max(1) {
-                one.push(seconds_per_weight(format, order, &input, 1));
-                many.push(seconds_per_weight(format, order, many_input, MANY_ROWS));
+                resident.measure(format, resident_order, resident_input);
+                if reordered.is_some() {
+                    rows.measure(format, BlockOrder::Rows, &rows_input);
+                }
             }
-            fit(format, median_spread(&one).0, median_spread(&many).0, peak_flops)
+            let resident = resident.fit(format, peak_flops);
+            DequantRate {
+                format: format.name().to_ascii_lowercase(),
+                bytes_per_s: resident.bytes_per_s,
+                product_flops_per_s: resident.product_flops_per_s,
+                row_order: reordered.is_some().then(|| rows.fit(format, peak_flops)),
+            }
         })
         .collect()
 }
 
+/// Seconds per weight of one order's trials, at one row and at `MANY_ROWS`.
+#[derive(Default)]
+struct Trials {
+    one: Vec<f64>,
+    many: Vec<f64>,
+}
+
+impl Trials {
+    fn measure(&mut self, format: BlockFormat, order: BlockOrder, input: &[u8]) {
+        self.one.push(seconds_per_weight(format, order, input, 1));
+        let many_input = &input[..input.len() / MANY_ROWS_INPUT_SHARE];
+        self.many.push(seconds_per_weight(format, order, many_input, MANY_ROWS));
+    }
+
+    fn fit(&self, format: BlockFormat, peak_flops: f64) -> ProductRates {
+        fit(format, median_spread(&self.one).0, median_spread(&self.many).0, peak_flops)
+    }
+}
+
 /// The rates that make `t(rows) = 2·rows ÷ product + bytes per weight ÷ decode` pass
 /// through the measured seconds per weight at one row and at `MANY_ROWS`.
-fn fit(format: BlockFormat, one_row_s: f64, many_rows_s: f64, peak_flops: f64) -> DequantRate {
+fn fit(format: BlockFormat, one_row_s: f64, many_rows_s: f64, peak_flops: f64) -> ProductRates {
     let (weights, block_bytes) = format.block();
     let bytes_per_weight = block_bytes as f64 / weights as f64;
     let growth_s = many_rows_s - one_row_s;
     let product_flops_per_s = (growth_s > 0.0).then(|| 2.0 * (MANY_ROWS - 1) as f64 / growth_s);
     let flops_s = 2.0 / product_flops_per_s.unwrap_or(peak_flops.max(1.0));
     let decode_s = (one_row_s - flops_s).max(one_row_s / 10.0);
-    DequantRate {
-        format: format.name().to_ascii_lowercase(),
-        bytes_per_s: bytes_per_weight / decode_s,
-        product_flops_per_s,
-    }
+    ProductRates { bytes_per_s: bytes_per_weight / decode_s, product_flops_per_s }
 }
 
 /// Bytes of one weight row of `format`, `COLS` wide.
@@ -153,11 +182,16 @@ mod tests {
         let names: Vec<&str> = rates.iter().map(|r| r.format.as_str()).collect();
         assert_eq!(names, ["q8_0", "q4_0", "q5_0", "q4_k", "q6_k"]);
         for rate in &rates {
-            // Slower than 1 MB/s or faster than 10 TB/s would be a broken timer, not a CPU.
-            assert!((1e6..1e13).contains(&rate.bytes_per_s), "{}: {}", rate.format, rate.bytes_per_s);
-            // Likewise slower than 10 MFLOP/s or faster than 10 PFLOP/s for two cores.
-            let flops = rate.product_flops_per_s.unwrap_or_else(|| panic!("{}: no product rate", rate.format));
-            assert!((1e7..1e16).contains(&flops), "{}: {flops}", rate.format);
+            // The file's row order apart wherever runs keep resident weights otherwise.
+            let reordered = kernels::resident_order() != BlockOrder::Rows;
+            assert_eq!(rate.row_order.is_some(), reordered, "{}", rate.format);
+            for (order, rates) in [("resident", rate.rates(false)), ("row order", rate.rates(true))] {
+                // Slower than 1 MB/s or faster than 10 TB/s would be a broken timer, not a CPU.
+                assert!((1e6..1e13).contains(&rates.bytes_per_s), "{} {order}: {rates:?}", rate.format);
+                // Likewise slower than 10 MFLOP/s or faster than 10 PFLOP/s for two cores.
+                let flops = rates.product_flops_per_s.unwrap_or_else(|| panic!("{}: no product rate", rate.format));
+                assert!((1e7..1e16).contains(&flops), "{} {order}: {flops}", rate.format);
+            }
             ferry_core::model::WeightFormat::parse(&rate.format).unwrap();
         }
     }

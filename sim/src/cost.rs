@@ -110,10 +110,18 @@ impl<'a> CostModel<'a> {
     }
 
     /// What quantized weights add to an `op` task of `layer` (`None`: the mean layer)
-    /// over `rows` rows on the host or the device, when it reads any (see `compute_ns`).
-    pub fn quantized(&self, on_host: bool, op: Op, layer: Option<u64>, rows: u64) -> Option<Quantized> {
+    /// over `rows` rows on the host or the device, when it reads any (see `compute_ns`);
+    /// `row_order`: weights not kept on the device (`Task::weights_off_device`).
+    pub fn quantized(
+        &self,
+        on_host: bool,
+        op: Op,
+        layer: Option<u64>,
+        rows: u64,
+        row_order: bool,
+    ) -> Option<Quantized> {
         let side = if on_host { Side::Host } else { Side::Device };
-        self.dequant.as_ref()?.task(side, op, layer, rows)
+        self.dequant.as_ref()?.task(side, op, layer, rows, row_order)
     }
 
     pub fn curve(&self, curve: Curve) -> &TransferCurve {
@@ -209,9 +217,9 @@ impl<'a> CostModel<'a> {
     }
 
     fn compute_cost(&self, task: &Task, kernel_tokens: u64, compute: &ComputeProfile, on_host: bool) -> TaskCost {
-        let op = match task.payload {
-            Payload::Compute { op, .. } => op,
-            _ => Op::Mlp,
+        let (op, weights_off_device) = match task.payload {
+            Payload::Compute { op, weights_off_device, .. } => (op, weights_off_device),
+            _ => (Op::Mlp, false),
         };
         let layer = (task.layer != ferry_core::graph::NO_LAYER).then_some(task.layer as u64);
         let (tokens, context) = (task.tokens as u64, task.context as u64);
@@ -224,12 +232,12 @@ impl<'a> CostModel<'a> {
             }
             // A separate draft's task: its own shape in the kernel table, its own formats.
             (Some((shape, dequant)), Payload::Compute { draft: true, .. }) => {
-                let quantized = dequant.as_ref().and_then(|d| d.task(side, op, layer.or(Some(0)), tokens));
+                let quantized = dequant.as_ref().and_then(|d| d.task(side, op, layer.or(Some(0)), tokens, false));
                 let rows = (tokens, kernel_tokens, context);
                 self.compute_ns_at(shape, compute, op, (task.flops, task.bytes), rows, quantized)
             }
             _ => {
-                let quantized = self.quantized(on_host, op, layer.or(Some(0)), tokens);
+                let quantized = self.quantized(on_host, op, layer.or(Some(0)), tokens, weights_off_device);
                 let rows = (tokens, kernel_tokens, context);
                 self.compute_ns_at(&self.shape, compute, op, (task.flops, task.bytes), rows, quantized)
             }
@@ -286,7 +294,9 @@ impl<'a> CostModel<'a> {
         if let Some(format) = table_format {
             let entry = TableKey { op: op.name(), shape, format: format.as_deref(), context };
             if let Some(ns) = table_ns(&compute.table, entry, tokens, kernel_tokens) {
-                return ns;
+                // The table times resident weights; those in the file's row order run
+                // that order's kernels.
+                return ns + quantized.map_or(0.0, |q| q.row_order_ns);
             }
         }
         roofline_ns(compute, flops, bytes as f64, quantized)
@@ -360,7 +370,7 @@ fn roofline_ns(compute: &ComputeProfile, flops: u64, bytes: f64, quantized: Opti
     let flops_ns = flops as f64 / compute.flops_per_s() * 1e9;
     let bytes_ns = bytes / (compute.memory_bytes_per_s * compute.memory_efficiency) * 1e9;
     // A format's products may run faster than the float peak (`extra_ns` < 0).
-    let arithmetic_ns = (flops_ns + quantized.map_or(0.0, |q| q.extra_ns)).max(0.0);
+    let arithmetic_ns = (flops_ns + quantized.map_or(0.0, |q| q.extra_ns + q.row_order_ns)).max(0.0);
     compute.task_overhead_ns as f64 + arithmetic_ns.max(bytes_ns)
 }
 

@@ -17,7 +17,7 @@
 
 use ferry_core::graph::Op;
 use ferry_core::model::{GroupSize, ModelSpec, WeightFormat, WeightFormats, WeightGroup, WeightLayout};
-use ferry_core::profile::{ComputeProfile, DequantRate, Profile};
+use ferry_core::profile::{ComputeProfile, DequantRate, ProductRates, Profile};
 
 /// Which processor's rates apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,12 @@ pub enum Side {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Quantized {
     /// Decoding, and the products at the format's rate rather than the float peak, ns
-    /// (negative where the format's products outrun the peak).
+    /// (negative where the format's products outrun the peak), for weights resident as
+    /// the kernel table measured them.
     pub extra_ns: f64,
+    /// What weights in the file's row order add to that (`Task::weights_off_device`;
+    /// the profile's `DequantRate::row_order`), ns: 0 for resident weights.
+    pub row_order_ns: f64,
     /// The one quantized format of the weights the task multiplies by (`None` when they
     /// mix formats): a kernel table measured over that format prices the task instead.
     pub format: Option<WeightFormat>,
@@ -82,24 +86,27 @@ impl Dequantization {
     }
 
     /// What the quantized weights an `op` task of `layer` (`None`: the mean layer) reads
-    /// over `rows` rows on `side` add to its float price; `None` when it reads none.
-    pub fn task(&self, side: Side, op: Op, layer: Option<u64>, rows: u64) -> Option<Quantized> {
+    /// over `rows` rows on `side` add to its float price, in the file's row order or not
+    /// (`row_order`: `Task::weights_off_device`); `None` when it reads none.
+    pub fn task(&self, side: Side, op: Op, layer: Option<u64>, rows: u64, row_order: bool) -> Option<Quantized> {
         match layer {
-            Some(layer) => self.layer(side, op, layer, rows),
-            None if self.layout.layers_alike() => self.layer(side, op, 0, rows),
+            Some(layer) => self.layer(side, op, layer, rows, row_order),
+            None if self.layout.layers_alike() => self.layer(side, op, 0, rows, row_order),
             None => {
                 let per_layer: Vec<Quantized> =
-                    (0..self.num_layers).filter_map(|l| self.layer(side, op, l, rows)).collect();
+                    (0..self.num_layers).filter_map(|l| self.layer(side, op, l, rows, row_order)).collect();
                 let first = per_layer.first()?.format;
+                let mean = |ns: fn(&Quantized) -> f64| per_layer.iter().map(ns).sum::<f64>() / self.num_layers as f64;
                 Some(Quantized {
-                    extra_ns: per_layer.iter().map(|q| q.extra_ns).sum::<f64>() / self.num_layers as f64,
+                    extra_ns: mean(|q| q.extra_ns),
+                    row_order_ns: mean(|q| q.row_order_ns),
                     format: first.filter(|f| per_layer.iter().all(|q| q.format == Some(*f))),
                 })
             }
         }
     }
 
-    fn layer(&self, side: Side, op: Op, layer: u64, rows: u64) -> Option<Quantized> {
+    fn layer(&self, side: Side, op: Op, layer: u64, rows: u64, row_order: bool) -> Option<Quantized> {
         let lookup;
         // The group, the share of its bytes the task reads and the share of its weights
         // each row multiplies by.
@@ -133,26 +140,30 @@ impl Dequantization {
         }
         let rates = &self.rates[side as usize];
         let peak = self.flops_per_s[side as usize];
-        let ns = size
-            .quantized
-            .iter()
-            .map(|(format, bytes)| {
-                let Some(rate) = rates.iter().find(|(f, _)| f == format).and_then(|(_, r)| r.as_ref()) else {
-                    return 0.0;
+        let (mut extra_ns, mut row_order_ns) = (0.0, 0.0);
+        for (format, bytes) in &size.quantized {
+            let Some(rate) = rates.iter().find(|(f, _)| f == format).and_then(|(_, r)| r.as_ref()) else {
+                continue;
+            };
+            let decode_ns = *bytes as f64 * read / rate.bytes_per_s * 1e9;
+            // The products at the format's rate instead of the peak the task's FLOPs
+            // are charged at.
+            let flops = 2.0 * rows as f64 * format.weights_in(*bytes) * multiplied;
+            let product_ns = rate.product_flops_per_s.map_or(0.0, |r| flops / r * 1e9 - flops / peak * 1e9);
+            extra_ns += decode_ns + product_ns;
+            if row_order && rate.row_order.is_some() {
+                // Decoding and products at the row order's rates, less at the resident's.
+                let seconds = |rates: ProductRates| {
+                    *bytes as f64 * read / rates.bytes_per_s + flops / rates.product_flops_per_s.unwrap_or(peak)
                 };
-                let decode_ns = *bytes as f64 * read / rate.bytes_per_s * 1e9;
-                // The products at the format's rate instead of the peak the task's FLOPs
-                // are charged at.
-                let flops = 2.0 * rows as f64 * format.weights_in(*bytes) * multiplied;
-                let product_ns = rate.product_flops_per_s.map_or(0.0, |r| flops / r * 1e9 - flops / peak * 1e9);
-                decode_ns + product_ns
-            })
-            .sum();
+                row_order_ns += (seconds(rate.rates(true)) - seconds(rate.rates(false))) * 1e9;
+            }
+        }
         let format = match size.quantized.as_slice() {
             [(format, _)] => Some(*format),
             _ => None,
         };
-        Some(Quantized { extra_ns: ns, format })
+        Some(Quantized { extra_ns, row_order_ns, format })
     }
 }
 
@@ -162,6 +173,7 @@ mod tests {
     use crate::cost::CostModel;
     use ferry_core::catalog::Catalog;
     use ferry_core::hardware::Hardware;
+    use ferry_core::model::Dtype;
     use ferry_core::plan::{Policy, Workload};
     use ferry_core::profile::KernelTiming;
 
@@ -176,7 +188,7 @@ mod tests {
     }
 
     fn rate(bytes_per_s: f64, product_flops_per_s: Option<f64>) -> DequantRate {
-        DequantRate { format: "q8_0".into(), bytes_per_s, product_flops_per_s }
+        DequantRate { format: "q8_0".into(), bytes_per_s, product_flops_per_s, row_order: None }
     }
 
     fn q8_0() -> WeightFormats {
@@ -189,7 +201,7 @@ mod tests {
 
     /// The ns a quantized task adds, asserting it has one format.
     fn extra_ns(c: &CostModel, on_host: bool, model_rows: (Option<u64>, u64)) -> Option<f64> {
-        let q = c.quantized(on_host, Op::Mlp, model_rows.0, model_rows.1)?;
+        let q = c.quantized(on_host, Op::Mlp, model_rows.0, model_rows.1, false)?;
         assert_eq!(q.format, Some(WeightFormat::parse("q8_0").unwrap()));
         Some(q.extra_ns)
     }
@@ -199,11 +211,11 @@ mod tests {
         let (model, mut profile) = setup();
         let float =
             CostModel::for_formats(&profile, &model, &WeightFormats::float(ferry_core::model::Dtype::F16).unwrap());
-        assert_eq!(float.quantized(false, Op::Mlp, Some(0), 1), None, "float weights decode nothing");
+        assert_eq!(float.quantized(false, Op::Mlp, Some(0), 1, false), None, "float weights decode nothing");
         // No rate: quantized, priced as fused (nothing added).
         let unpriced = CostModel::for_formats(&profile, &model, &q8_0());
         assert_eq!(extra_ns(&unpriced, false, (Some(0), 1)), Some(0.0));
-        assert_eq!(unpriced.quantized(false, Op::AttnCore, Some(0), 1), None);
+        assert_eq!(unpriced.quantized(false, Op::AttnCore, Some(0), 1, false), None);
         // 1 GB/s: one ns per quantized byte, on the side that has the rate only.
         profile.device_compute.dequantize.push(rate(1e9, None));
         let priced = CostModel::for_formats(&profile, &model, &q8_0());
@@ -222,7 +234,7 @@ mod tests {
         let weights = (3 * 352 * 128) as f64;
         for rows in [1u64, 64] {
             let flops = 2.0 * rows as f64 * weights;
-            let q = c.quantized(false, Op::Mlp, Some(0), rows).unwrap();
+            let q = c.quantized(false, Op::Mlp, Some(0), rows, false).unwrap();
             let want = MLP_Q8_0_BYTES + flops / (2.0 * peak) * 1e9 - flops / peak * 1e9;
             assert!((q.extra_ns - want).abs() < 1e-6 * want.abs(), "{rows} rows: {q:?} against {want}");
             // The task: its FLOPs at the format's rate, its bytes decoded once.
@@ -248,6 +260,43 @@ mod tests {
     }
 
     #[test]
+    fn weights_in_the_files_row_order_add_that_orders_rates_to_the_table_and_the_roofline() {
+        let (model, mut profile) = setup();
+        let peak = profile.device_compute.flops_per_s();
+        let mut q8_rate = rate(1e9, Some(2.0 * peak));
+        // Decoding at half the rate (one ns more per byte), products at the peak.
+        q8_rate.row_order = Some(ProductRates { bytes_per_s: 0.5e9, product_flops_per_s: Some(peak) });
+        profile.device_compute.dequantize.push(q8_rate);
+        let shape = crate::cost::shape_key(&model);
+        let timing = KernelTiming { op: "mlp".into(), shape, tokens: 1, context: 0, ns: 33_333_333, format: None };
+        profile.device_compute.table.push(KernelTiming { format: Some("q8_0".into()), ..timing });
+        let c = CostModel::for_formats(&profile, &model, &q8_0());
+        let compute = &profile.device_compute;
+        let flops = 2.0 * (3 * 352 * 128) as f64;
+        let resident = c.quantized(false, Op::Mlp, Some(0), 1, false).unwrap();
+        assert_eq!(resident.row_order_ns, 0.0);
+        let streamed = c.quantized(false, Op::Mlp, Some(0), 1, true).unwrap();
+        assert_eq!(streamed.extra_ns, resident.extra_ns);
+        let want = MLP_Q8_0_BYTES + flops / peak * 1e9 - flops / (2.0 * peak) * 1e9;
+        assert!((streamed.row_order_ns - want).abs() < 1e-6 * want, "{streamed:?} against {want}");
+        // The table measured resident weights: the row order adds to its entry.
+        let table = |q| c.compute_ns(compute, Op::Mlp, flops as u64, 1, 1, 0, Some(q));
+        assert_eq!(table(resident), 33_333_333.0);
+        assert!((table(streamed) - 33_333_333.0 - want).abs() < 1e-6 * want);
+        // Without a table, the roofline at the row order's rates.
+        let mut untabled = profile.clone();
+        untabled.device_compute.table.clear();
+        let c = CostModel::for_formats(&untabled, &model, &q8_0());
+        let roofline = |q| c.compute_ns(&untabled.device_compute, Op::Mlp, flops as u64, 1, 1, 0, Some(q));
+        assert!((roofline(streamed) - roofline(resident) - want).abs() < 1e-6 * want);
+        // A profile that measured one order prices both alike.
+        let mut one_order = untabled.clone();
+        one_order.device_compute.dequantize[0].row_order = None;
+        let c = CostModel::for_formats(&one_order, &model, &q8_0());
+        assert_eq!(c.quantized(false, Op::Mlp, Some(0), 1, true).unwrap().row_order_ns, 0.0);
+    }
+
+    #[test]
     fn quantized_tasks_take_the_kernel_table_of_their_own_format_only() {
         let (model, mut profile) = setup();
         let shape = crate::cost::shape_key(&model);
@@ -265,7 +314,7 @@ mod tests {
         let compute = &profile.device_compute;
         assert_eq!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, None), 77_777_777.0, "float: float entries");
         let q8_0_format = WeightFormat::parse("q8_0").unwrap();
-        let q8 = |extra_ns: f64| Some(Quantized { extra_ns, format: Some(q8_0_format) });
+        let q8 = |extra_ns: f64| Some(Quantized { extra_ns, row_order_ns: 0.0, format: Some(q8_0_format) });
         let roofline = c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, q8(0.0));
         assert!(roofline < 1e6, "neither the float nor another format's entries: {roofline}");
         assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, q8(5e6)) > 5e6, "decoding adds to the FLOPs");
@@ -274,7 +323,7 @@ mod tests {
         let c = CostModel::for_formats(&profile, &model, &q8_0());
         assert_eq!(c.compute_ns(&profile.device_compute, Op::Mlp, 1000, 1000, 1, 0, q8(0.0)), 33_333_333.0);
         // Weights of mixed formats: the roofline.
-        let mixed = Some(Quantized { extra_ns: 0.0, format: None });
+        let mixed = Some(Quantized { extra_ns: 0.0, row_order_ns: 0.0, format: None });
         assert!(c.compute_ns(&profile.device_compute, Op::Mlp, 1000, 1000, 1, 0, mixed) < 1e6);
     }
 
@@ -295,5 +344,27 @@ mod tests {
         profile.device_compute.dequantize.push(rate(1e7, None));
         let slow = tokens_per_s(&profile);
         assert!(slow < fused / 2.0, "{slow} vs {fused}");
+    }
+
+    #[test]
+    fn a_slower_row_order_slows_the_plans_that_stream_and_only_them() {
+        let (model, mut profile) = setup();
+        let workload = Workload { batch_size: 1, prompt_len: 8, gen_len: 4 };
+        let resident = Policy { weight_format: q8_0(), ..Policy::all_on_device(model.num_layers, 1, Dtype::F32) };
+        let streamed = Policy {
+            mlp_weights: ferry_core::plan::TierCounts::all(ferry_core::plan::Tier::Disk, model.num_layers),
+            ..resident.clone()
+        };
+        let tokens_per_s = |policy: &Policy, profile: &Profile| {
+            crate::predict(policy, &model, &workload, profile, crate::Extrapolation::Full).unwrap().metrics.tokens_per_s
+        };
+        profile.device_compute.dequantize.push(rate(1e8, None));
+        let before = [tokens_per_s(&resident, &profile), tokens_per_s(&streamed, &profile)];
+        // The file's row order decoded at a tenth of the rate.
+        profile.device_compute.dequantize[0].row_order =
+            Some(ProductRates { bytes_per_s: 1e7, product_flops_per_s: None });
+        let after = [tokens_per_s(&resident, &profile), tokens_per_s(&streamed, &profile)];
+        assert_eq!(after[0], before[0], "resident weights keep their order");
+        assert!(after[1] < before[1] / 2.0, "streamed: {} against {}", after[1], before[1]);
     }
 }

@@ -156,7 +156,7 @@ fn one_micro_batchs_drafts_run_while_anothers_target_streams() {
             p.graph.tasks.iter().enumerate().filter(move |(_, t)| {
                 t.step == step
                     && t.micro_batch == j
-                    && matches!(t.payload, Payload::Compute { op: o, draft: d } if o == op && d == draft)
+                    && matches!(t.payload, Payload::Compute { op: o, draft: d, .. } if o == op && d == draft)
             })
         };
         // The first micro-batch's target pass: from its embedding to its head.
@@ -263,7 +263,8 @@ fn a_verification_is_priced_with_plain_decodings_kernels() {
     let costs = cost.graph_costs(&graph);
     let (mut verifications, mut drafts) = (0, 0);
     for (task, cost) in graph.tasks.iter().zip(&costs) {
-        let (Payload::Compute { op: Op::Mlp, draft }, TaskCost::Compute { nominal_ns }) = (task.payload, cost) else {
+        let (Payload::Compute { op: Op::Mlp, draft, .. }, TaskCost::Compute { nominal_ns }) = (task.payload, cost)
+        else {
             continue;
         };
         let want = match (task.step, draft) {

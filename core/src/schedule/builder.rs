@@ -32,7 +32,7 @@ pub(super) struct Visit {
 /// and the largest request it can make (a routed read asks for separate tensors).
 #[derive(Clone, Copy)]
 pub(super) struct LoadPart {
-    pub(super) piece: u32,
+    pub(super) piece: u16,
     pub(super) bytes: u64,
     pub(super) held_bytes: u64,
     pub(super) largest_request: u64,
@@ -40,7 +40,7 @@ pub(super) struct LoadPart {
 
 impl LoadPart {
     /// A part read as one range of `bytes`.
-    pub(super) fn contiguous(piece: u32, bytes: u64) -> LoadPart {
+    pub(super) fn contiguous(piece: u16, bytes: u64) -> LoadPart {
         LoadPart { piece, bytes, held_bytes: bytes, largest_request: bytes }
     }
 }
@@ -274,7 +274,7 @@ impl<'a> Builder<'a> {
         let mut task = Builder::new_task(
             TaskKind::Compute,
             Resource::compute(at),
-            Payload::Compute { op, draft: false },
+            Payload::Compute { op, draft: false, weights_off_device: self.weights_off_device(op, layer) },
             layer,
             j,
             step,
@@ -284,6 +284,19 @@ impl<'a> Builder<'a> {
         task.tokens = self.rows() as u32;
         task.context = self.context() as u32;
         task
+    }
+
+    /// Whether the weights an `op` task of `layer` multiplies by are not kept on the
+    /// device tier (see `Task::weights_off_device`).
+    fn weights_off_device(&self, op: Op, layer: u32) -> bool {
+        let placement = self.placements.get(layer as usize);
+        let tier = match op {
+            Op::Attention | Op::AttnQkv | Op::AttnOut => placement.map(|p| p.attention),
+            Op::Mlp => placement.map(|p| p.mlp),
+            Op::Head => Some(self.policy.head),
+            Op::Embed | Op::AttnCore | Op::Route => None,
+        };
+        tier.is_some_and(|tier| tier != Tier::Device)
     }
 
     /// Makes sure micro-batch `j`'s hidden state is at `place`, copying it if needed, and
@@ -377,7 +390,9 @@ impl<'a> Builder<'a> {
                 format_pieces(model, group, size, chunk)
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| LoadPart::contiguous(i as u32, p.bytes))
+                    // A group's pieces number tens (`MAX_PIPELINE_PIECES` per tensor,
+                    // small tensors packed), far from the markers at u16::MAX.
+                    .map(|(i, p)| LoadPart::contiguous(i as u16, p.bytes))
                     .collect()
             });
             cut.clone()

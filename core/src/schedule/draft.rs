@@ -61,7 +61,8 @@ impl Builder<'_> {
         let mut previous: Vec<TaskId> = self.last_head[j as usize].into_iter().collect();
         let mut emit = |builder: &mut Builder, op: Op, layer: u32, flops: u64, bytes: u64, tokens: u64| {
             let mut task = builder.compute_task(device, op, (layer, j, step), flops, bytes);
-            task.payload = Payload::Compute { op, draft: true };
+            // A draft is resident on the device (`plan::speculation`).
+            task.payload = Payload::Compute { op, draft: true, weights_off_device: false };
             task.tokens = tokens as u32;
             task.context = context as u32;
             task.deps = std::mem::take(&mut previous).into();

@@ -428,9 +428,9 @@ mod tests {
                 of_visit(step).filter(|(_, t)| what(t)).map(|(i, _)| i).collect()
             };
             let router = position(&|t| t.kind == TaskKind::DiskRead && t.piece == ROUTER_PART);
-            let routes = position(&|t| t.payload == Payload::Compute { op: Op::Route, draft: false });
+            let routes = position(&|t| matches!(t.payload, Payload::Compute { op: Op::Route, draft: false, .. }));
             let experts = position(&|t| t.kind == TaskKind::DiskRead && t.piece == ROUTED_EXPERTS);
-            let mlps = position(&|t| t.payload == Payload::Compute { op: Op::Mlp, draft: false });
+            let mlps = position(&|t| matches!(t.payload, Payload::Compute { op: Op::Mlp, draft: false, .. }));
             assert_eq!((router.len(), routes.len(), experts.len(), mlps.len()), (1, 2, 1, 2), "step {step}");
             let read = &graph.tasks[experts[0]];
             assert!(routes.iter().all(|r| read.deps.contains(&(*r as u32))), "the read waits for every route");
@@ -446,7 +446,7 @@ mod tests {
         assert_eq!(decoding.acquire[0].bytes, 4 * sizes.experts[0]);
         policy.expert_reads = ExpertReads::Whole;
         let whole = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap();
-        assert!(whole.tasks.iter().all(|t| t.payload != Payload::Compute { op: Op::Route, draft: false }));
+        assert!(whole.tasks.iter().all(|t| !matches!(t.payload, Payload::Compute { op: Op::Route, draft: false, .. })));
         let reads: Vec<_> = whole.tasks.iter().filter(|t| t.kind == TaskKind::DiskRead && t.layer == 0).collect();
         assert!(reads.iter().all(|t| t.bytes == sizes.router + sizes.experts.iter().sum::<u64>()));
         // Hot experts: resident on the device for every routed layer, read no more,
@@ -531,8 +531,11 @@ mod tests {
         assert_eq!(device.resident.iter().find(|(what, _)| what == "embeddings").unwrap().1, 0);
         // f32 rows of 128 values: 512 bytes, a page around each on average.
         let per_row = 512 - 1 + 4096;
-        let embeds: Vec<_> =
-            graph.tasks.iter().filter(|t| t.payload == Payload::Compute { op: Op::Embed, draft: false }).collect();
+        let embeds: Vec<_> = graph
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.payload, Payload::Compute { op: Op::Embed, draft: false, .. }))
+            .collect();
         assert_eq!(embeds.len(), 3, "one lookup a round");
         for embed in embeds {
             let read = embed.deps.iter().map(|&d| &graph.tasks[d as usize]).find(|t| t.kind == TaskKind::DiskRead);

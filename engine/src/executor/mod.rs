@@ -555,7 +555,7 @@ impl<'a> Engine<'a> {
     }
 
     pub(super) fn key(&self, task: &Task, group: WeightGroup) -> Key {
-        (group_code(group), task.layer, task.step, task.micro_batch, task.piece)
+        (group_code(group), task.layer, task.step, task.micro_batch, task.piece.into())
     }
 
     /// Where a disk read's bytes go follows from the pool it acquires: device memory

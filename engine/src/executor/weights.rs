@@ -444,7 +444,7 @@ impl<'a> Engine<'a> {
                 let spec = self.spec_of(task);
                 GroupPart::Tensors(self.visit_experts(task)?.into_iter().flat_map(|e| spec.expert_tensors(e)).collect())
             }
-            piece => GroupPart::Piece(piece),
+            piece => GroupPart::Piece(piece.into()),
         })
     }
 

@@ -221,7 +221,9 @@ impl Searcher<'_> {
             let mlp_flops = model.projection_flops(WeightGroup::Mlp, rows);
             let mlp_bytes = model.mlp_bytes_read(rows, layout.mean_bytes(WeightGroup::Mlp));
             let c = &self.cost;
-            let dq = |on_host: bool, op: Op| c.quantized(on_host, op, None, rows);
+            // Weights priced resident even where they stream: a bound takes the faster
+            // order of their blocks.
+            let dq = |on_host: bool, op: Op| c.quantized(on_host, op, None, rows, false);
             let fused = c.compute_ns(
                 dev,
                 Op::Attention,

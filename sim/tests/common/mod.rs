@@ -70,7 +70,7 @@ pub fn task((kind, resource): Kind, bytes: u64, flops: u64, deps: Vec<TaskId>) -
         kind,
         resource,
         payload: match kind {
-            TaskKind::Compute => Payload::Compute { op: Op::Mlp, draft: false },
+            TaskKind::Compute => Payload::Compute { op: Op::Mlp, draft: false, weights_off_device: false },
             _ => Payload::Activations,
         },
         layer: 0,
