@@ -62,17 +62,31 @@ fn block_format(text: &str) -> Option<ferry_engine::kernels::quant::BlockFormat>
     all.into_iter().find(|f| f.name().eq_ignore_ascii_case(text))
 }
 
-/// The kernel table's weights for `model`: the block format holding most of a GGUF
-/// file's first MLP (a Q4_K_M file: Q4_K), else its float dtype (bf16 for others).
+/// The kernel table's weights for `model`: a GGUF file's block formats that the
+/// engine multiplies, over its layers and head, the one holding most bytes first (a
+/// Q4_K_M file: Q4_K, then Q6_K); else its float dtype (bf16 for others).
 fn table_weights(model: &ferry_core::model::ModelSpec) -> ferry_profiler::TableWeights {
-    let stored = model.stored.as_ref().map(|layout| layout.group(ferry_core::model::WeightGroup::Mlp, 0));
-    let main = stored.and_then(|mlp| mlp.quantized.iter().max_by_key(|(_, bytes)| *bytes).map(|(f, _)| f.name()));
-    match main.as_deref().and_then(block_format) {
-        Some(format) => ferry_profiler::TableWeights::Blocks(format),
-        None if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => {
+    use ferry_core::model::WeightGroup;
+    let mut formats: Vec<(ferry_engine::kernels::quant::BlockFormat, u64)> = Vec::new();
+    if let Some(layout) = &model.stored {
+        let layers = (0..model.num_layers).flat_map(|l| [WeightGroup::Attention, WeightGroup::Mlp].map(|g| (g, l)));
+        for (group, layer) in layers.chain([(WeightGroup::Head, 0)]) {
+            for (format, bytes) in &layout.group(group, layer).quantized {
+                let Some(format) = block_format(&format.name()) else { continue };
+                match formats.iter_mut().find(|(f, _)| *f == format) {
+                    Some((_, total)) => *total += bytes,
+                    None => formats.push((format, *bytes)),
+                }
+            }
+        }
+    }
+    formats.sort_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+    match formats.is_empty() {
+        false => ferry_profiler::TableWeights::Blocks(formats.into_iter().map(|(f, _)| f).collect()),
+        true if matches!(model.dtype, Dtype::F32 | Dtype::F16 | Dtype::Bf16) => {
             ferry_profiler::TableWeights::Float(model.dtype)
         }
-        None => ferry_profiler::TableWeights::Float(Dtype::Bf16),
+        true => ferry_profiler::TableWeights::Float(Dtype::Bf16),
     }
 }
 
@@ -265,7 +279,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         ferry_engine::synth::check_supported(&model)?;
         let weights = match args.dtype.as_deref() {
             Some(text) => match block_format(text) {
-                Some(format) => ferry_profiler::TableWeights::Blocks(format),
+                Some(format) => ferry_profiler::TableWeights::Blocks(vec![format]),
                 None => ferry_profiler::TableWeights::Float(parse_dtype(text).map_err(|_| {
                     CoreError::invalid(format!("--dtype {text}: use bf16, f16, f32, q8_0, q4_0, q5_0, q4_k or q6_k"))
                 })?),
@@ -390,9 +404,19 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     }
     if !profile.device_compute.table.is_empty() {
         let table = &profile.device_compute.table;
-        let weights = match table.iter().find_map(|e| e.format.as_deref()) {
-            Some(format) => format!("{format} weights (prices plans in {format})"),
-            None => "float weights".to_string(),
+        let mut formats: Vec<&str> = Vec::new();
+        for format in table.iter().filter_map(|e| e.format.as_deref()) {
+            if !formats.contains(&format) {
+                formats.push(format);
+            }
+        }
+        let weights = match formats.as_slice() {
+            [] => "float weights".to_string(),
+            [format] => format!("{format} weights (prices plans in {format})"),
+            _ => format!(
+                "{} weights, one copy each (prices plans in them, and their mixtures by each one's share)",
+                formats.join(", ")
+            ),
         };
         println!("  kernel table: {} entries at the model's shape, over {weights}", table.len());
     }
@@ -462,7 +486,16 @@ mod tests {
         let mut model = catalog.model("test-tiny").unwrap().value;
         assert_eq!(table_weights(&model), TableWeights::Float(model.dtype));
         stored(&mut model, "q4_0");
-        assert_eq!(table_weights(&model), TableWeights::Blocks(BlockFormat::Q4_0));
+        assert_eq!(table_weights(&model), TableWeights::Blocks(vec![BlockFormat::Q4_0]));
+        // A mixture (the head in Q6_K, as Q4_K_M files have it): every format, the one
+        // with most bytes first; the embeddings' format only where a product uses it.
+        // (test-small: test-tiny's 352 columns would take K-quants' fallback formats)
+        let mut model = catalog.model("test-small").unwrap().value;
+        let mut formats = WeightFormats::uniform(WeightFormat::parse("q4_k").unwrap());
+        formats.overrides.insert(ferry_core::model::WeightGroup::Head, WeightFormat::parse("q6_k").unwrap());
+        formats.overrides.insert(ferry_core::model::WeightGroup::Embeddings, WeightFormat::parse("q8_0").unwrap());
+        model.stored = Some(std::sync::Arc::new(WeightLayout::of(&model, &formats)));
+        assert_eq!(table_weights(&model), TableWeights::Blocks(vec![BlockFormat::Q4K, BlockFormat::Q6K]));
         // A format the engine does not multiply: the float dtype, as before.
         stored(&mut model, "int4-g64");
         assert_eq!(table_weights(&model), TableWeights::Float(model.dtype));

@@ -32,19 +32,26 @@ enum Pass {
     Reads,
 }
 
+/// What one copy of the model stores its weights as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyWeights {
+    Float(Dtype),
+    Blocks(kernels::quant::BlockFormat),
+}
+
 /// Writes the few-layer copy `spec` in `weights` under `dir`; returns the path to open
 /// and the block format its entries are filed under (`None`: float weights).
 fn synthesize_copy(
     spec: &ferry_core::model::ModelSpec,
-    weights: TableWeights,
+    weights: CopyWeights,
     dir: &Path,
 ) -> Result<(PathBuf, Option<kernels::quant::BlockFormat>), ProfileError> {
     match weights {
-        TableWeights::Float(dtype) => {
+        CopyWeights::Float(dtype) => {
             ferry_engine::synth::synthesize(spec, dtype, 3, dir, true, |_, _| {})?;
             Ok((dir.to_path_buf(), None))
         }
-        TableWeights::Blocks(format) => {
+        CopyWeights::Blocks(format) => {
             std::fs::create_dir_all(dir).map_err(io_error(dir))?;
             let path = dir.join(format!("{}.gguf", spec.name));
             let storage = ferry_engine::synth_gguf::GgufStorage::Blocks(format);
@@ -57,13 +64,40 @@ fn synthesize_copy(
 /// The engine's compute tasks timed at a model's shape: a few-layer copy of the model
 /// (same hidden size, MLP, heads and vocabulary) runs fully resident through the real
 /// executor at each micro-batch size; every compute task's measured duration is filed
-/// under (operation, shape, rows, context), and the median over layers and runs is kept. Each
-/// run is repeated while the read pool streams the scratch file, for the slowdown.
+/// under (operation, shape, format, rows, context), and the median over layers and runs
+/// is kept. One copy per block format of `weights`; the first copy's runs are repeated
+/// while the read pool streams the scratch file, for the slowdown.
 pub(crate) fn measure_kernel_table(
     options: &ProfileOptions,
     model: &ferry_core::model::ModelSpec,
-    weights: TableWeights,
+    weights: &TableWeights,
     disk: &Arc<DiskFile>,
+    backend: &dyn ferry_engine::backend::Backend,
+    progress: &mut impl FnMut(&str, f64),
+) -> Result<KernelTable, ProfileError> {
+    let copies: Vec<CopyWeights> = match weights {
+        TableWeights::Float(dtype) => vec![CopyWeights::Float(*dtype)],
+        TableWeights::Blocks(formats) => formats.iter().map(|&f| CopyWeights::Blocks(f)).collect(),
+    };
+    let mut table = KernelTable { entries: Vec::new(), slowdown_during_reads: 0.0 };
+    for (i, &copy) in copies.iter().enumerate() {
+        let reads = (i == 0).then_some(disk);
+        let measured = measure_copy(options, model, copy, reads, backend, progress)?;
+        table.entries.extend(measured.entries);
+        if i == 0 {
+            table.slowdown_during_reads = measured.slowdown_during_reads;
+        }
+    }
+    Ok(table)
+}
+
+/// The kernel table over one copy of the model in `weights`; the slowdown beside the
+/// `reads` file's streaming where given (else 0).
+fn measure_copy(
+    options: &ProfileOptions,
+    model: &ferry_core::model::ModelSpec,
+    weights: CopyWeights,
+    reads: Option<&Arc<DiskFile>>,
     backend: &dyn ferry_engine::backend::Backend,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<KernelTable, ProfileError> {
@@ -72,9 +106,9 @@ pub(crate) fn measure_kernel_table(
     let catalog = ferry_core::catalog::Catalog::builtin()?;
     let mut spec = model.clone();
     let dtype = match weights {
-        TableWeights::Float(dtype) => dtype,
+        CopyWeights::Float(dtype) => dtype,
         // What the executor keeps activations in, and the size the layers are counted at.
-        TableWeights::Blocks(_) => Dtype::F32,
+        CopyWeights::Blocks(_) => Dtype::F32,
     };
     spec.num_layers = kernel_table_layers(model, Dtype::Bf16);
     spec.name = format!("{}-{}-layers", model.name, spec.num_layers);
@@ -115,13 +149,15 @@ pub(crate) fn measure_kernel_table(
         // side gets the cold first run or the machine's drift to itself (run first and
         // once, the reads' side measured 0 to 54 % in five profiles of one hour).
         let runs = options.kernel_runs.max(1);
-        let passes: Vec<Pass> = if i == 0 || (options.kernel_runs > 2 && i % 4 == 0) {
+        let with_reads = reads.is_some() && (i == 0 || (options.kernel_runs > 2 && i % 4 == 0));
+        let passes: Vec<Pass> = if with_reads {
             std::iter::once(Pass::Warmup).chain((0..runs).flat_map(|_| [Pass::Alone, Pass::Reads])).collect()
+        } else if i == 0 {
+            std::iter::once(Pass::Warmup).chain(std::iter::repeat_n(Pass::Alone, runs)).collect()
         } else {
             vec![Pass::Alone; runs]
         };
         for pass in passes {
-            let reads = pass == Pass::Reads;
             // A warm-up's timings are not kept.
             let into = match pass {
                 Pass::Warmup => None,
@@ -136,7 +172,8 @@ pub(crate) fn measure_kernel_table(
                 progress: None,
                 draft_files: None,
             };
-            let _load = reads.then(|| Background::reads(disk, options.scratch_bytes));
+            let streamed = reads.filter(|_| pass == Pass::Reads);
+            let _load = streamed.map(|disk| Background::reads(disk, options.scratch_bytes));
             let report = ferry_engine::run(&graph, &policy, &workload, &files, backend, &run_options)?;
             let Some(into) = into else { continue };
             for span in &report.trace.spans {
@@ -147,7 +184,11 @@ pub(crate) fn measure_kernel_table(
                 }
             }
         }
-        progress("kernel table", (i + 1) as f64 / options.kernel_batches.len() as f64);
+        let step = match block_format {
+            Some(format) => format!("kernel table ({})", format.name().to_ascii_lowercase()),
+            None => "kernel table".to_string(),
+        };
+        progress(&step, (i + 1) as f64 / options.kernel_batches.len() as f64);
     }
     let median = |durations: &[f64]| median_spread(durations).0;
     let (mut alone_ns, mut with_reads_ns) = (0.0, 0.0);
@@ -278,13 +319,17 @@ mod tests {
         std::fs::write(&scratch, vec![7u8; options.scratch_bytes as usize]).unwrap();
         let disk = Arc::new(DiskFile::open(&scratch, true).unwrap());
         let model = ferry_core::catalog::Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
-        let weights = TableWeights::Blocks(kernels::quant::BlockFormat::Q8_0);
+        use kernels::quant::BlockFormat;
+        let weights = TableWeights::Blocks(vec![BlockFormat::Q8_0, BlockFormat::Q4_0]);
         let table =
-            measure_kernel_table(&options, &model, weights, &disk, &CpuBackend::default(), &mut |_, _| {}).unwrap();
+            measure_kernel_table(&options, &model, &weights, &disk, &CpuBackend::default(), &mut |_, _| {}).unwrap();
         for op in ["attention", "mlp", "head", "embed"] {
             let entries: Vec<_> = table.entries.iter().filter(|e| e.op == op).collect();
-            assert!(!entries.is_empty(), "no {op} entry");
-            assert!(entries.iter().all(|e| e.format.as_deref() == Some("q8_0") && e.shape == "128x352"), "{op}");
+            assert!(entries.iter().all(|e| e.shape == "128x352"), "{op}");
+            for format in ["q8_0", "q4_0"] {
+                let of_format = entries.iter().filter(|e| e.format.as_deref() == Some(format));
+                assert!(of_format.count() * 2 == entries.len(), "{op}: half the entries over {format}");
+            }
         }
         assert!(table.entries.iter().any(|e| e.op == "mlp" && e.tokens == 8), "prefill rows = batch 2 × prompt 4");
     }

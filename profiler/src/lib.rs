@@ -65,13 +65,16 @@ impl ferry_core::Classify for ProfileError {
     }
 }
 
-/// What the kernel table's copy of a model stores its weights as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the kernel table's copies of a model store their weights as.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableWeights {
     /// Safetensors in a float dtype: the entries price every float format.
     Float(Dtype),
-    /// A GGUF file in one ggml block format: the entries price that format only.
-    Blocks(kernels::quant::BlockFormat),
+    /// GGUF files in ggml block formats, one copy per format (a Q4_K_M file's Q4_K and
+    /// Q6_K), the format holding most bytes first (the slowdown beside reads is
+    /// measured on its copy): each copy's entries price its format, and tasks whose
+    /// weights mix them by each one's share.
+    Blocks(Vec<kernels::quant::BlockFormat>),
 }
 
 /// How much to measure.
@@ -186,7 +189,7 @@ pub fn profile_cpu(options: &ProfileOptions, mut progress: impl FnMut(&str, f64)
     let host = measure_host_compute(options, disk, options.kernel_model.is_none(), &mut progress)?;
     let (table, slowdown) = match &options.kernel_model {
         Some((model, weights)) => {
-            let table = measure_kernel_table(options, model, *weights, disk, &CpuBackend::default(), &mut progress)?;
+            let table = measure_kernel_table(options, model, weights, disk, &CpuBackend::default(), &mut progress)?;
             (table.entries, table.slowdown_during_reads)
         }
         None => (Vec::new(), host.slowdown_during_reads.unwrap_or(0.0)),

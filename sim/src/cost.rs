@@ -283,23 +283,24 @@ impl<'a> CostModel<'a> {
         (tokens, kernel_tokens, context): (u64, u64, u64),
         quantized: Option<Quantized>,
     ) -> f64 {
-        // Float entries price float weights; a quantized format's entries, that format
-        // (named only where there is a table: a datasheet profile has none, and a name
-        // per task was 3 % of a search).
-        let table_format = match quantized {
-            _ if compute.table.is_empty() => None,
-            None => Some(None),
-            Some(Quantized { format, .. }) => format.map(|f| Some(f.name())),
+        // Float entries price float weights; quantized formats, the entries measured
+        // over each of them (looked up only where there is a table: a datasheet profile
+        // has none, and a name per task was 3 % of a search).
+        let table = |format: Option<&str>| {
+            let entry = TableKey { op: op.name(), shape, format, context };
+            table_ns(&compute.table, entry, tokens, kernel_tokens)
         };
-        if let Some(format) = table_format {
-            let entry = TableKey { op: op.name(), shape, format: format.as_deref(), context };
-            if let Some(ns) = table_ns(&compute.table, entry, tokens, kernel_tokens) {
+        let tabled = match quantized {
+            _ if compute.table.is_empty() => None,
+            None => table(None),
+            Some(q) => q.shares.list().and_then(|shares| {
+                let each = shares.map(|(format, share)| table(Some(&format.name())).map(|ns| share * ns));
                 // The table times resident weights; those in the file's row order run
                 // that order's kernels.
-                return ns + quantized.map_or(0.0, |q| q.row_order_ns);
-            }
-        }
-        roofline_ns(compute, flops, bytes as f64, quantized)
+                Some(each.sum::<Option<f64>>()? + q.row_order_ns)
+            }),
+        };
+        tabled.unwrap_or_else(|| roofline_ns(compute, flops, bytes as f64, quantized))
     }
 
     /// Compute on `resource` runs at 1 / (1 + slowdown) while one of these transfers runs.

@@ -36,9 +36,57 @@ pub struct Quantized {
     /// What weights in the file's row order add to that (`Task::weights_off_device`;
     /// the profile's `DequantRate::row_order`), ns: 0 for resident weights.
     pub row_order_ns: f64,
-    /// The one quantized format of the weights the task multiplies by (`None` when they
-    /// mix formats): a kernel table measured over that format prices the task instead.
-    pub format: Option<WeightFormat>,
+    /// The quantized formats of the weights the task multiplies by, each with its share
+    /// of their weights (`FormatShares`): kernel tables measured over those formats
+    /// price the task instead.
+    pub shares: FormatShares,
+}
+
+/// Most formats one task's weights mix and still take the kernel table (a Q4_K_M
+/// layer mixes two: Q4_K, and Q6_K for its value or down projection).
+pub const MAX_MIXED_FORMATS: usize = 3;
+
+/// The quantized formats of a task's weights and each one's share of them (summing to
+/// 1), in the order the layout lists them. A task whose weights mix formats is priced
+/// from the kernel table as the shares' mean of each format's entry: each format's
+/// products take its share of the time a whole group in it takes, and the rest of the
+/// task (norms, attention over the cache) is the same in every entry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FormatShares {
+    shares: [Option<(WeightFormat, f64)>; MAX_MIXED_FORMATS],
+    /// More formats than fit: no table prices the task.
+    overflow: bool,
+}
+
+impl FormatShares {
+    /// Weights all in `format`.
+    pub fn single(format: WeightFormat) -> FormatShares {
+        let mut shares = [None; MAX_MIXED_FORMATS];
+        shares[0] = Some((format, 1.0));
+        FormatShares { shares, overflow: false }
+    }
+
+    /// The shares of `weights` (format, weights in it) by format.
+    fn of(weights: impl Iterator<Item = (WeightFormat, f64)>) -> FormatShares {
+        let mut out = FormatShares { shares: [None; MAX_MIXED_FORMATS], overflow: false };
+        let mut total = 0.0;
+        for (format, count) in weights {
+            total += count;
+            match out.shares.iter_mut().find(|slot| slot.is_none_or(|(f, _)| f == format)) {
+                Some(slot) => *slot = Some((format, slot.map_or(0.0, |(_, c)| c) + count)),
+                None => out.overflow = true,
+            }
+        }
+        for (_, share) in out.shares.iter_mut().flatten() {
+            *share /= total.max(f64::MIN_POSITIVE);
+        }
+        out
+    }
+
+    /// Each format and its share; `None` when they are more than `MAX_MIXED_FORMATS`.
+    pub fn list(&self) -> Option<impl Iterator<Item = (WeightFormat, f64)> + '_> {
+        (!self.overflow).then(|| self.shares.iter().flatten().copied())
+    }
 }
 
 /// The dequantization costs of one plan's weights.
@@ -95,13 +143,13 @@ impl Dequantization {
             None => {
                 let per_layer: Vec<Quantized> =
                     (0..self.num_layers).filter_map(|l| self.layer(side, op, l, rows, row_order)).collect();
-                let first = per_layer.first()?.format;
                 let mean = |ns: fn(&Quantized) -> f64| per_layer.iter().map(ns).sum::<f64>() / self.num_layers as f64;
-                Some(Quantized {
-                    extra_ns: mean(|q| q.extra_ns),
-                    row_order_ns: mean(|q| q.row_order_ns),
-                    format: first.filter(|f| per_layer.iter().all(|q| q.format == Some(*f))),
-                })
+                // The mean layer's formats: each layer's shares, averaged (a table
+                // price is linear in them).
+                let mut shares =
+                    FormatShares::of(per_layer.iter().flat_map(|q| q.shares.shares.iter().flatten().copied()));
+                shares.overflow |= per_layer.iter().any(|q| q.shares.overflow);
+                Some(Quantized { extra_ns: mean(|q| q.extra_ns), row_order_ns: mean(|q| q.row_order_ns), shares })
             }
         }
     }
@@ -159,11 +207,9 @@ impl Dequantization {
                 row_order_ns += (seconds(rate.rates(true)) - seconds(rate.rates(false))) * 1e9;
             }
         }
-        let format = match size.quantized.as_slice() {
-            [(format, _)] => Some(*format),
-            _ => None,
-        };
-        Some(Quantized { extra_ns, row_order_ns, format })
+        let shares =
+            FormatShares::of(size.quantized.iter().map(|(format, bytes)| (*format, format.weights_in(*bytes))));
+        Some(Quantized { extra_ns, row_order_ns, shares })
     }
 }
 
@@ -202,7 +248,7 @@ mod tests {
     /// The ns a quantized task adds, asserting it has one format.
     fn extra_ns(c: &CostModel, on_host: bool, model_rows: (Option<u64>, u64)) -> Option<f64> {
         let q = c.quantized(on_host, Op::Mlp, model_rows.0, model_rows.1, false)?;
-        assert_eq!(q.format, Some(WeightFormat::parse("q8_0").unwrap()));
+        assert_eq!(q.shares, FormatShares::single(WeightFormat::parse("q8_0").unwrap()));
         Some(q.extra_ns)
     }
 
@@ -314,7 +360,8 @@ mod tests {
         let compute = &profile.device_compute;
         assert_eq!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, None), 77_777_777.0, "float: float entries");
         let q8_0_format = WeightFormat::parse("q8_0").unwrap();
-        let q8 = |extra_ns: f64| Some(Quantized { extra_ns, row_order_ns: 0.0, format: Some(q8_0_format) });
+        let q8 =
+            |extra_ns: f64| Some(Quantized { extra_ns, row_order_ns: 0.0, shares: FormatShares::single(q8_0_format) });
         let roofline = c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, q8(0.0));
         assert!(roofline < 1e6, "neither the float nor another format's entries: {roofline}");
         assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, q8(5e6)) > 5e6, "decoding adds to the FLOPs");
@@ -322,9 +369,33 @@ mod tests {
         profile.device_compute.table.push(entry(33_333_333, Some("q8_0")));
         let c = CostModel::for_formats(&profile, &model, &q8_0());
         assert_eq!(c.compute_ns(&profile.device_compute, Op::Mlp, 1000, 1000, 1, 0, q8(0.0)), 33_333_333.0);
-        // Weights of mixed formats: the roofline.
-        let mixed = Some(Quantized { extra_ns: 0.0, row_order_ns: 0.0, format: None });
-        assert!(c.compute_ns(&profile.device_compute, Op::Mlp, 1000, 1000, 1, 0, mixed) < 1e6);
+        // Weights mixing formats: each format's entry for its share of the weights.
+        let compute = &profile.device_compute;
+        let q4_0_format = WeightFormat::parse("q4_0").unwrap();
+        let mixed = |formats: [(WeightFormat, f64); 3]| {
+            let shares = FormatShares::of(formats.into_iter());
+            Some(Quantized { extra_ns: 0.0, row_order_ns: 0.0, shares })
+        };
+        let ns = c.compute_ns(
+            compute,
+            Op::Mlp,
+            1000,
+            1000,
+            1,
+            0,
+            mixed([(q8_0_format, 5.0), (q4_0_format, 3.0), (q8_0_format, 2.0)]),
+        );
+        let want = 0.7 * 33_333_333.0 + 0.3 * 55_555_555.0;
+        assert!((ns - want).abs() < 1.0, "{ns} against {want}");
+        // A format without an entry: the roofline.
+        let q6_k_format = WeightFormat::parse("q6_k").unwrap();
+        let unmeasured = mixed([(q8_0_format, 5.0), (q6_k_format, 3.0), (q8_0_format, 2.0)]);
+        assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, unmeasured) < 1e6);
+        // More formats than a task's table price mixes: the roofline.
+        let q4_k_format = WeightFormat::parse("q4_k").unwrap();
+        let formats = [q8_0_format, q4_0_format, q6_k_format, q4_k_format].map(|f| (f, 1.0));
+        let many = Some(Quantized { extra_ns: 0.0, row_order_ns: 0.0, shares: FormatShares::of(formats.into_iter()) });
+        assert!(c.compute_ns(compute, Op::Mlp, 1000, 1000, 1, 0, many) < 1e6);
     }
 
     #[test]

@@ -45,13 +45,13 @@ pub(super) fn measure(
         Some((model, TableWeights::Float(dtype))) => {
             let weights = TableWeights::Float(*dtype);
             let mut report = |step: &str, f: f64| progress(step, f);
-            let device = measure_kernel_table(options, model, weights, disk, &backend, &mut report)?.entries;
+            let device = measure_kernel_table(options, model, &weights, disk, &backend, &mut report)?.entries;
             // The same tasks on the host CPU, with the kernels and numerics the cuda
             // backend computes host places with (host attention, host layers, a head
             // on the host): the host's roofline priced them 2.6-7x fast on an H200
             // machine's 16-core host.
             report("the engine's tasks on the host", 0.0);
-            let host = measure_kernel_table(options, model, weights, disk, &HOST_KERNELS, &mut report)?.entries;
+            let host = measure_kernel_table(options, model, &weights, disk, &HOST_KERNELS, &mut report)?.entries;
             (Some(device), host)
         }
         _ => (None, Vec::new()),
