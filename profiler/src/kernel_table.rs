@@ -65,8 +65,11 @@ fn synthesize_copy(
 /// (same hidden size, MLP, heads and vocabulary) runs fully resident through the real
 /// executor at each micro-batch size; every compute task's measured duration is filed
 /// under (operation, shape, format, rows, context), and the median over layers and runs
-/// is kept. One copy per block format of `weights`; the first copy's runs are repeated
-/// while the read pool streams the scratch file, for the slowdown.
+/// is kept. One copy per block format of `weights`, their runs taken in turn so that
+/// every copy sees the same minutes (measured one after the other, a Q4_K_M file's Q6_K
+/// entries came out 1.6× and 2.4× its Q4_K ones in two profiles of one hour); the first
+/// copy's runs are repeated while the read pool streams the scratch file, for the
+/// slowdown.
 pub(crate) fn measure_kernel_table(
     options: &ProfileOptions,
     model: &ferry_core::model::ModelSpec,
@@ -75,71 +78,27 @@ pub(crate) fn measure_kernel_table(
     backend: &dyn ferry_engine::backend::Backend,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<KernelTable, ProfileError> {
-    let copies: Vec<CopyWeights> = match weights {
+    use ferry_core::plan::Workload;
+    let kinds: Vec<CopyWeights> = match weights {
         TableWeights::Float(dtype) => vec![CopyWeights::Float(*dtype)],
         TableWeights::Blocks(formats) => formats.iter().map(|&f| CopyWeights::Blocks(f)).collect(),
     };
-    let mut table = KernelTable { entries: Vec::new(), slowdown_during_reads: 0.0 };
-    for (i, &copy) in copies.iter().enumerate() {
-        let reads = (i == 0).then_some(disk);
-        let measured = measure_copy(options, model, copy, reads, backend, progress)?;
-        table.entries.extend(measured.entries);
-        if i == 0 {
-            table.slowdown_during_reads = measured.slowdown_during_reads;
-        }
-    }
-    Ok(table)
-}
-
-/// The kernel table over one copy of the model in `weights`; the slowdown beside the
-/// `reads` file's streaming where given (else 0).
-fn measure_copy(
-    options: &ProfileOptions,
-    model: &ferry_core::model::ModelSpec,
-    weights: CopyWeights,
-    reads: Option<&Arc<DiskFile>>,
-    backend: &dyn ferry_engine::backend::Backend,
-    progress: &mut impl FnMut(&str, f64),
-) -> Result<KernelTable, ProfileError> {
-    use ferry_core::graph::Payload;
-    use ferry_core::plan::{Policy, Workload};
-    let catalog = ferry_core::catalog::Catalog::builtin()?;
     let mut spec = model.clone();
-    let dtype = match weights {
-        CopyWeights::Float(dtype) => dtype,
-        // What the executor keeps activations in, and the size the layers are counted at.
-        CopyWeights::Blocks(_) => Dtype::F32,
-    };
     spec.num_layers = kernel_table_layers(model, Dtype::Bf16);
     spec.name = format!("{}-{}-layers", model.name, spec.num_layers);
     spec.stored = None;
     let dir = options.scratch_dir.join(format!("ferry-profile-shape-{}", std::process::id()));
     let _cleanup = RemoveDirOnDrop(dir.clone());
     progress("kernel table: synthesizing the shape", 0.0);
-    let (path, block_format) = synthesize_copy(&spec, weights, &dir)?;
-    let files = ferry_engine::weights::ModelFiles::open(&path)?;
-    let spec = files.spec.clone();
-    // Only tasks that multiply by weights are filed under their format.
-    let format_of = |op: ferry_core::graph::Op| {
-        use ferry_core::graph::Op;
-        block_format.filter(|_| !matches!(op, Op::AttnCore | Op::Route)).map(|f| f.name().to_ascii_lowercase())
-    };
+    let mut copies = Vec::with_capacity(kinds.len());
+    for (c, &kind) in kinds.iter().enumerate() {
+        copies.push(TableCopy::synthesize(&spec, kind, &dir.join(c.to_string()))?);
+    }
     let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
-    type Samples = std::collections::BTreeMap<(String, Option<String>, u64, u64), Vec<f64>>;
-    let (mut samples, mut contended): (Samples, Samples) = Default::default();
-    let gen_len = 6;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
-        let layers = spec.num_layers;
-        let mut policy = Policy::all_on_device(layers, batch, dtype);
-        policy.set_weight_format(files.formats.clone());
-        let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len };
-        let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
-            gpu: catalog.gpu("cpu")?.value,
-            host: catalog.host("ferry-ci-vm")?.value,
-        });
-        profile.device_memory_bytes = 1 << 40;
-        let graph =
-            ferry_core::schedule::lower(&policy, &spec, &workload, &profile, &ferry_core::schedule::Steps::All)?;
+        let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len: GEN_LEN };
+        let runs: Vec<(ferry_core::plan::Policy, ferry_core::graph::TaskGraph)> =
+            copies.iter().map(|copy| copy.lowered(&workload)).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
             .collect();
@@ -148,58 +107,48 @@ fn measure_copy(
         // after an untimed run, runs alone and runs beside reads alternate, so neither
         // side gets the cold first run or the machine's drift to itself (run first and
         // once, the reads' side measured 0 to 54 % in five profiles of one hour).
-        let runs = options.kernel_runs.max(1);
-        let with_reads = reads.is_some() && (i == 0 || (options.kernel_runs > 2 && i % 4 == 0));
+        let runs_per_batch = options.kernel_runs.max(1);
+        let with_reads = i == 0 || (options.kernel_runs > 2 && i % 4 == 0);
         let passes: Vec<Pass> = if with_reads {
-            std::iter::once(Pass::Warmup).chain((0..runs).flat_map(|_| [Pass::Alone, Pass::Reads])).collect()
-        } else if i == 0 {
-            std::iter::once(Pass::Warmup).chain(std::iter::repeat_n(Pass::Alone, runs)).collect()
+            let alternated = (0..runs_per_batch).flat_map(|_| [Pass::Alone, Pass::Reads]);
+            std::iter::once(Pass::Warmup).chain(alternated).collect()
         } else {
-            vec![Pass::Alone; runs]
+            vec![Pass::Alone; runs_per_batch]
         };
         for pass in passes {
-            // A warm-up's timings are not kept.
-            let into = match pass {
-                Pass::Warmup => None,
-                Pass::Alone => Some(&mut samples),
-                Pass::Reads => Some(&mut contended),
-            };
-            let run_options = ferry_engine::RunOptions {
-                prompts: prompts.clone(),
-                scratch_dir: dir.clone(),
-                allow_buffered_io: true,
-                keep_logits: false,
-                progress: None,
-                draft_files: None,
-            };
-            let streamed = reads.filter(|_| pass == Pass::Reads);
-            let _load = streamed.map(|disk| Background::reads(disk, options.scratch_bytes));
-            let report = ferry_engine::run(&graph, &policy, &workload, &files, backend, &run_options)?;
-            let Some(into) = into else { continue };
-            for span in &report.trace.spans {
-                let task = &graph.tasks[span.task as usize];
-                if let Payload::Compute { op, .. } = task.payload {
-                    let key = (op.name().to_string(), format_of(op), task.tokens as u64, task.context as u64);
-                    into.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
+            for (c, (copy, (policy, graph))) in copies.iter_mut().zip(&runs).enumerate() {
+                // Only the first copy runs beside reads; each copy's first run is untimed.
+                if pass == Pass::Reads && c > 0 {
+                    continue;
                 }
+                let run_options = ferry_engine::RunOptions {
+                    prompts: prompts.clone(),
+                    scratch_dir: dir.clone(),
+                    allow_buffered_io: true,
+                    keep_logits: false,
+                    progress: None,
+                    draft_files: None,
+                };
+                let _load = (pass == Pass::Reads).then(|| Background::reads(disk, options.scratch_bytes));
+                let report = ferry_engine::run(graph, policy, &workload, &copy.files, backend, &run_options)?;
+                copy.file(pass, graph, &report.trace);
             }
         }
-        let step = match block_format {
-            Some(format) => format!("kernel table ({})", format.name().to_ascii_lowercase()),
-            None => "kernel table".to_string(),
-        };
-        progress(&step, (i + 1) as f64 / options.kernel_batches.len() as f64);
+        progress("kernel table", (i + 1) as f64 / options.kernel_batches.len() as f64);
     }
     let median = |durations: &[f64]| median_spread(durations).0;
     let (mut alone_ns, mut with_reads_ns) = (0.0, 0.0);
-    for (key, durations) in &samples {
-        if let Some(slowed) = contended.get(key) {
-            alone_ns += median(durations);
-            with_reads_ns += median(slowed);
+    if let Some(first) = copies.first() {
+        for (key, durations) in &first.samples {
+            if let Some(slowed) = first.contended.get(key) {
+                alone_ns += median(durations);
+                with_reads_ns += median(slowed);
+            }
         }
     }
-    let entries = samples
+    let entries = copies
         .into_iter()
+        .flat_map(|copy| copy.samples)
         .map(|((op, format, tokens, context), durations)| ferry_core::profile::KernelTiming {
             op,
             shape: shape.clone(),
@@ -211,6 +160,78 @@ fn measure_copy(
         .collect();
     let slowdown_during_reads = if alone_ns > 0.0 { (with_reads_ns / alone_ns - 1.0).max(0.0) } else { 0.0 };
     Ok(KernelTable { entries, slowdown_during_reads })
+}
+
+/// Decoding steps of each kernel-table run.
+const GEN_LEN: u64 = 6;
+
+/// Durations by (operation, format, rows, context).
+type Samples = std::collections::BTreeMap<(String, Option<String>, u64, u64), Vec<f64>>;
+
+/// One copy of the model the kernel table runs, and what its runs measured.
+struct TableCopy {
+    files: ferry_engine::weights::ModelFiles,
+    /// The block format its entries are filed under (`None`: float weights).
+    block_format: Option<kernels::quant::BlockFormat>,
+    /// The dtype plans of it keep activations in (and its layers are counted at).
+    dtype: Dtype,
+    samples: Samples,
+    contended: Samples,
+}
+
+impl TableCopy {
+    /// Writes the few-layer copy `spec` in `weights` under `dir` and opens it.
+    fn synthesize(spec: &ferry_core::model::ModelSpec, weights: CopyWeights, dir: &Path) -> Result<Self, ProfileError> {
+        let (path, block_format) = synthesize_copy(spec, weights, dir)?;
+        let dtype = match weights {
+            CopyWeights::Float(dtype) => dtype,
+            CopyWeights::Blocks(_) => Dtype::F32,
+        };
+        let files = ferry_engine::weights::ModelFiles::open(&path)?;
+        Ok(TableCopy { files, block_format, dtype, samples: Samples::new(), contended: Samples::new() })
+    }
+
+    /// The all-resident plan of this copy at `workload`'s batch, and its graph.
+    fn lowered(
+        &self,
+        workload: &ferry_core::plan::Workload,
+    ) -> Result<(ferry_core::plan::Policy, ferry_core::graph::TaskGraph), ProfileError> {
+        let catalog = ferry_core::catalog::Catalog::builtin()?;
+        let spec = &self.files.spec;
+        let mut policy = ferry_core::plan::Policy::all_on_device(spec.num_layers, workload.batch_size, self.dtype);
+        policy.set_weight_format(self.files.formats.clone());
+        let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
+            gpu: catalog.gpu("cpu")?.value,
+            host: catalog.host("ferry-ci-vm")?.value,
+        });
+        profile.device_memory_bytes = 1 << 40;
+        let graph = ferry_core::schedule::lower(&policy, spec, workload, &profile, &ferry_core::schedule::Steps::All)?;
+        Ok((policy, graph))
+    }
+
+    /// Files a run's compute tasks under their keys (a warm-up's are not kept).
+    fn file(&mut self, pass: Pass, graph: &ferry_core::graph::TaskGraph, trace: &ferry_core::trace::Trace) {
+        use ferry_core::graph::{Op, Payload};
+        let into = match pass {
+            Pass::Warmup => return,
+            Pass::Alone => &mut self.samples,
+            Pass::Reads => &mut self.contended,
+        };
+        for span in &trace.spans {
+            let task = &graph.tasks[span.task as usize];
+            if let Payload::Compute { op, .. } = task.payload {
+                // Only tasks that multiply by weights are filed under their format.
+                let format = self.block_format.filter(|_| !matches!(op, Op::AttnCore | Op::Route));
+                let key = (
+                    op.name().to_string(),
+                    format.map(|f| f.name().to_ascii_lowercase()),
+                    task.tokens as u64,
+                    task.context as u64,
+                );
+                into.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
+            }
+        }
+    }
 }
 
 /// What one compute task costs the engine beyond its work, ns.
