@@ -450,8 +450,9 @@ fn a_run_priced_by_a_profile_of_another_page_mode_says_so() {
 }
 
 /// `ferry validate --runs N` runs each plan N times, each run predicted and measured on
-/// its own, and reports the run of median error with every run's error beside it; a
-/// count of 0 is refused before anything runs.
+/// its own, and reports the run of median error with every run's error beside it and
+/// the runs' spread as the machine's noise (one run says how to measure it); a count of
+/// 0 is refused before anything runs.
 #[test]
 fn validate_with_several_runs_reports_the_run_of_median_error() {
     let dir = setup();
@@ -471,6 +472,12 @@ fn validate_with_several_runs_reports_the_run_of_median_error() {
         errors.sort_by(f64::total_cmp);
         assert_eq!(plan["signed_error_pct"].as_f64().unwrap(), errors[1], "{plan}");
     }
+    // The runs' spread is the machine's noise, reported beside the errors.
+    let noise = json["run_noise_pct"].as_f64().unwrap();
+    assert!(noise.is_finite() && noise >= 0.0, "{noise}");
+    let one = ferry(dir.path(), &[&args[..], &short[..short.len() - 1]].concat());
+    assert!(one.status.success(), "{}", text(&one.stderr));
+    assert!(text(&one.stdout).contains("--runs 3 also measures the machine's noise"), "{}", text(&one.stdout));
     let out = ferry(dir.path(), &[&args[..], &short, &["--runs", "0"]].concat());
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--runs"), "{}", text(&out.stderr));

@@ -137,6 +137,7 @@ fn print_json(outcome: &Outcome) -> Result<()> {
         "replayed_median_abs_error_pct": stats.replayed_median_abs_error_pct,
         "replayed_max_abs_error_pct": stats.replayed_max_abs_error_pct,
         "coverage": stats.coverage.map(|(inside, of)| serde_json::json!({"inside": inside, "plans": of})),
+        "run_noise_pct": stats.run_noise_pct,
         "passed": outcome.passed,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
@@ -178,6 +179,13 @@ fn print_human(outcome: &Outcome) {
          median |error| {:.1} %, max {:.1} %",
         s.replayed_median_abs_error_pct, s.replayed_max_abs_error_pct
     );
+    match s.run_noise_pct {
+        Some(noise) => println!(
+            "the machine's noise: a plan's runs measured a median {noise:.1} % from its median run (errors of that \
+             size are the measurement's, not the model's)"
+        ),
+        None => println!("one run per plan: --runs 3 also measures the machine's noise beside these errors"),
+    }
     match s.coverage {
         Some((inside, of)) => println!(
             "coverage: {inside} of {of} measurements ({:.0} %) inside their interval (the plan predicted with the \

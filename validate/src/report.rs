@@ -73,7 +73,7 @@ fn busy_of(list: &[(Resource, f64)], resource: Resource) -> f64 {
 fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorStats) -> String {
     let worst = &rows[stats.worst];
     let mut md = format!(
-        "# Validation of {}\n\n{} plans, prompt {}, {} new tokens; median |error| {:.1} %, max {:.1} %, Spearman {:.3}. With each run's achieved rates replayed (the model's own error, free of drift): median |error| {:.1} %, max {:.1} %.\n\n![predicted vs measured](predicted-vs-measured.png)\n\n## Worst plan: {}\n\npredicted {:.3} tokens/s, measured {:.3} ({:+.1} %)\n\n| resource | predicted busy (s) | measured busy (s) |\n|---|---|---|\n",
+        "# Validation of {}\n\n{} plans, prompt {}, {} new tokens; median |error| {:.1} %, max {:.1} %, Spearman {:.3}. With each run's achieved rates replayed (the model's own error, free of drift): median |error| {:.1} %, max {:.1} %.{}\n\n![predicted vs measured](predicted-vs-measured.png)\n\n## Worst plan: {}\n\npredicted {:.3} tokens/s, measured {:.3} ({:+.1} %)\n\n| resource | predicted busy (s) | measured busy (s) |\n|---|---|---|\n",
         model,
         rows.len(),
         options.prompt_len,
@@ -83,6 +83,9 @@ fn markdown(model: &str, options: &Options, rows: &[PlanResult], stats: &ErrorSt
         stats.spearman,
         stats.replayed_median_abs_error_pct,
         stats.replayed_max_abs_error_pct,
+        stats.run_noise_pct.map_or(String::new(), |noise| format!(
+            " A plan's runs measured a median {noise:.1} % from its median run: the machine's noise at this workload."
+        )),
         worst.plan,
         worst.predicted_tokens_per_s,
         worst.measured_tokens_per_s,

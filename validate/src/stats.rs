@@ -53,6 +53,10 @@ pub struct ErrorStats {
     /// Plans whose measurement fell inside their prediction's interval, of the plans
     /// with one (`None`: the profile records no drift, so no plan has one).
     pub coverage: Option<(usize, usize)>,
+    /// The machine's noise at this workload, percent: how far a plan's runs measured
+    /// from its median run (the median over runs, then over plans); `None` with one run
+    /// per plan. An error of that size is the measurement's, not the model's.
+    pub run_noise_pct: Option<f64>,
 }
 
 impl ErrorStats {
@@ -81,8 +85,25 @@ impl ErrorStats {
             replayed_median_abs_error_pct: replayed_median,
             replayed_max_abs_error_pct: replayed_max,
             coverage: coverage(rows),
+            run_noise_pct: run_noise(rows),
         }
     }
+}
+
+/// `ErrorStats::run_noise_pct`: each run's measured speed against the plan's median
+/// run, from the runs' errors against one prediction (`(1 + e_median) ÷ (1 + e_run)`).
+fn run_noise(rows: &[PlanResult]) -> Option<f64> {
+    let per_plan: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.run_errors_pct.len() > 1)
+        .map(|r| {
+            let median = 1.0 + r.signed_error_pct / 100.0;
+            let off: Vec<f64> =
+                r.run_errors_pct.iter().map(|e| (median / (1.0 + e / 100.0) - 1.0).abs() * 100.0).collect();
+            Data::new(off).median()
+        })
+        .collect();
+    (!per_plan.is_empty()).then(|| Data::new(per_plan).median())
 }
 
 /// (inside, with an interval) over `rows`.
@@ -170,5 +191,21 @@ mod tests {
         assert!(!Tolerances { median_pct: 9.9, ..flags.clone() }.passed_by(&stats));
         assert!(!Tolerances { max_pct: 24.9, ..flags.clone() }.passed_by(&stats));
         assert!(!Tolerances { min_spearman: Some(1.5), ..flags }.passed_by(&stats));
+        assert_eq!(stats.run_noise_pct, None, "one run per plan");
+    }
+
+    #[test]
+    fn the_noise_is_how_far_a_plans_runs_measured_from_its_median_run() {
+        // Predicted 10 tokens/s; runs measured 8, 10 and 12.5: the median run (10) is
+        // the plan's, the others 20 % below and 25 % above it.
+        let mut plan = row(10.0, 10.0);
+        plan.run_errors_pct = [8.0, 10.0, 12.5].map(|measured| (10.0 / measured - 1.0) * 100.0).to_vec();
+        let mut steady = row(10.0, 10.0);
+        steady.run_errors_pct = vec![0.0, 0.0, 0.0];
+        let noise = |rows: &[PlanResult]| ErrorStats::of(rows).run_noise_pct.unwrap();
+        assert!((noise(std::slice::from_ref(&plan)) - 20.0).abs() < 1e-9);
+        // The median over plans.
+        assert!((noise(&[plan.clone(), plan.clone(), steady.clone()]) - 20.0).abs() < 1e-9);
+        assert!(noise(&[plan, steady.clone(), steady]).abs() < 1e-9);
     }
 }
