@@ -95,10 +95,16 @@ pub(crate) fn measure_kernel_table(
         copies.push(TableCopy::synthesize(&spec, kind, &dir.join(c.to_string()))?);
     }
     let shape = format!("{}x{}", spec.hidden_size, spec.intermediate_size);
+    let catalog = ferry_core::catalog::Catalog::builtin()?;
+    let mut lowering = Profile::from_datasheet(&ferry_core::hardware::Hardware {
+        gpu: catalog.gpu("cpu")?.value,
+        host: catalog.host("ferry-ci-vm")?.value,
+    });
+    lowering.device_memory_bytes = 1 << 40;
     for (i, &batch) in options.kernel_batches.iter().enumerate() {
         let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len: GEN_LEN };
         let runs: Vec<(ferry_core::plan::Policy, ferry_core::graph::TaskGraph)> =
-            copies.iter().map(|copy| copy.lowered(&workload)).collect::<Result<_, _>>()?;
+            copies.iter().map(|copy| copy.lowered(&workload, &lowering)).collect::<Result<_, _>>()?;
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
             .collect();
@@ -191,21 +197,17 @@ impl TableCopy {
         Ok(TableCopy { files, block_format, dtype, samples: Samples::new(), contended: Samples::new() })
     }
 
-    /// The all-resident plan of this copy at `workload`'s batch, and its graph.
+    /// The all-resident plan of this copy at `workload`'s batch, and its graph lowered
+    /// with `profile` (any one with room for it: the run does not read its rates).
     fn lowered(
         &self,
         workload: &ferry_core::plan::Workload,
+        profile: &Profile,
     ) -> Result<(ferry_core::plan::Policy, ferry_core::graph::TaskGraph), ProfileError> {
-        let catalog = ferry_core::catalog::Catalog::builtin()?;
         let spec = &self.files.spec;
         let mut policy = ferry_core::plan::Policy::all_on_device(spec.num_layers, workload.batch_size, self.dtype);
         policy.set_weight_format(self.files.formats.clone());
-        let mut profile = Profile::from_datasheet(&ferry_core::hardware::Hardware {
-            gpu: catalog.gpu("cpu")?.value,
-            host: catalog.host("ferry-ci-vm")?.value,
-        });
-        profile.device_memory_bytes = 1 << 40;
-        let graph = ferry_core::schedule::lower(&policy, spec, workload, &profile, &ferry_core::schedule::Steps::All)?;
+        let graph = ferry_core::schedule::lower(&policy, spec, workload, profile, &ferry_core::schedule::Steps::All)?;
         Ok((policy, graph))
     }
 
