@@ -67,8 +67,9 @@ fn synthesize_copy(
 /// under (operation, shape, format, rows, context), and the median over layers and runs
 /// is kept. One copy per block format of `weights`, their runs taken in turn so that
 /// every copy sees the same minutes (measured one after the other, a Q4_K_M file's Q6_K
-/// entries came out 1.6× and 2.4× its Q4_K ones in two profiles of one hour); the first
-/// copy's runs are repeated while the read pool streams the scratch file, for the
+/// entries came out 1.6× and 2.4× its Q4_K ones in two profiles of one hour), and in
+/// rounds over the batch sizes for the same reason; the first copy's runs at the
+/// smallest batch are repeated while the read pool streams the scratch file, for the
 /// slowdown.
 pub(crate) fn measure_kernel_table(
     options: &ProfileOptions,
@@ -78,7 +79,6 @@ pub(crate) fn measure_kernel_table(
     backend: &dyn ferry_engine::backend::Backend,
     progress: &mut impl FnMut(&str, f64),
 ) -> Result<KernelTable, ProfileError> {
-    use ferry_core::plan::Workload;
     let kinds: Vec<CopyWeights> = match weights {
         TableWeights::Float(dtype) => vec![CopyWeights::Float(*dtype)],
         TableWeights::Blocks(formats) => formats.iter().map(|&f| CopyWeights::Blocks(f)).collect(),
@@ -101,46 +101,36 @@ pub(crate) fn measure_kernel_table(
         host: catalog.host("ferry-ci-vm")?.value,
     });
     lowering.device_memory_bytes = 1 << 40;
-    for (i, &batch) in options.kernel_batches.iter().enumerate() {
-        let workload = Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len: GEN_LEN };
-        let runs: Vec<(ferry_core::plan::Policy, ferry_core::graph::TaskGraph)> =
-            copies.iter().map(|copy| copy.lowered(&workload, &lowering)).collect::<Result<_, _>>()?;
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
-            .collect();
-        // The slowdown is one figure: measured at the smallest batch (and, in a full
-        // profile, every fourth one too), which keeps --quick under a minute. There,
-        // after an untimed run, runs alone and runs beside reads alternate, so neither
-        // side gets the cold first run or the machine's drift to itself (run first and
-        // once, the reads' side measured 0 to 54 % in five profiles of one hour).
-        let runs_per_batch = options.kernel_runs.max(1);
-        let with_reads = i == 0 || (options.kernel_runs > 2 && i % 4 == 0);
-        let passes: Vec<Pass> = if with_reads {
-            let alternated = (0..runs_per_batch).flat_map(|_| [Pass::Alone, Pass::Reads]);
-            std::iter::once(Pass::Warmup).chain(alternated).collect()
-        } else {
-            vec![Pass::Alone; runs_per_batch]
-        };
-        for pass in passes {
-            for (c, (copy, (policy, graph))) in copies.iter_mut().zip(&runs).enumerate() {
-                // Only the first copy runs beside reads; each copy's first run is untimed.
-                if pass == Pass::Reads && c > 0 {
-                    continue;
-                }
-                let run_options = ferry_engine::RunOptions {
-                    prompts: prompts.clone(),
-                    scratch_dir: dir.clone(),
-                    allow_buffered_io: true,
-                    keep_logits: false,
-                    progress: None,
-                    draft_files: None,
-                };
-                let _load = (pass == Pass::Reads).then(|| Background::reads(disk, options.scratch_bytes));
-                let report = ferry_engine::run(graph, policy, &workload, &copy.files, backend, &run_options)?;
-                copy.file(pass, graph, &report.trace);
+    let batches: Vec<BatchRuns> = options
+        .kernel_batches
+        .iter()
+        .enumerate()
+        .map(|(i, &batch)| BatchRuns::lowered(&copies, &spec, batch, i, options, &lowering))
+        .collect::<Result<_, _>>()?;
+    // Rounds go over every batch size, so that each entry's samples spread over the
+    // whole table's minutes: measured batch after batch, an entry carried its own
+    // second or two of this machine's speed (batch 2 ÷ batch 1 MLP came out 0.99–1.45
+    // in six profiles' tables against 1.28–1.38 inside runs). The round before them is
+    // untimed, at the batch measured beside reads: threads wake, pages fault.
+    let rounds = options.kernel_runs.max(1);
+    for round in 0..=rounds {
+        for batch in &batches {
+            let passes: &[Pass] = match (round, batch.with_reads) {
+                (0, true) => &[Pass::Warmup],
+                (0, false) => &[],
+                // Runs alone and beside reads alternate, so neither side gets the
+                // machine's drift to itself (run once each, the reads' side measured
+                // 0 to 54 % in five profiles of one hour).
+                (_, true) => &[Pass::Alone, Pass::Reads],
+                (_, false) => &[Pass::Alone],
+            };
+            for &pass in passes {
+                batch.run(pass, &mut copies, &dir, backend, disk, options.scratch_bytes)?;
             }
         }
-        progress("kernel table", (i + 1) as f64 / options.kernel_batches.len() as f64);
+        if round > 0 {
+            progress("kernel table", round as f64 / rounds as f64);
+        }
     }
     let median = |durations: &[f64]| median_spread(durations).0;
     let (mut alone_ns, mut with_reads_ns) = (0.0, 0.0);
@@ -166,6 +156,68 @@ pub(crate) fn measure_kernel_table(
         .collect();
     let slowdown_during_reads = if alone_ns > 0.0 { (with_reads_ns / alone_ns - 1.0).max(0.0) } else { 0.0 };
     Ok(KernelTable { entries, slowdown_during_reads })
+}
+
+/// One batch size of the kernel table: every copy's all-resident run at it.
+struct BatchRuns {
+    workload: ferry_core::plan::Workload,
+    /// Per copy, its plan and lowered graph.
+    runs: Vec<(ferry_core::plan::Policy, ferry_core::graph::TaskGraph)>,
+    prompts: Vec<Vec<u32>>,
+    /// Whether its runs alternate with runs beside reads, for the slowdown: one figure,
+    /// measured at the smallest batch (and, in a full profile, every fourth one too),
+    /// which keeps --quick under a minute.
+    with_reads: bool,
+}
+
+impl BatchRuns {
+    fn lowered(
+        copies: &[TableCopy],
+        spec: &ferry_core::model::ModelSpec,
+        batch: u64,
+        index: usize,
+        options: &ProfileOptions,
+        lowering: &Profile,
+    ) -> Result<Self, ProfileError> {
+        let workload =
+            ferry_core::plan::Workload { batch_size: batch, prompt_len: options.kernel_prompt_len, gen_len: GEN_LEN };
+        let runs = copies.iter().map(|copy| copy.lowered(&workload, lowering)).collect::<Result<_, _>>()?;
+        let prompts = (0..batch)
+            .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
+            .collect();
+        let with_reads = index == 0 || (options.kernel_runs > 2 && index % 4 == 0);
+        Ok(BatchRuns { workload, runs, prompts, with_reads })
+    }
+
+    /// One `pass` of every copy (beside reads, only the first copy's: the slowdown is
+    /// measured on it).
+    fn run(
+        &self,
+        pass: Pass,
+        copies: &mut [TableCopy],
+        dir: &Path,
+        backend: &dyn ferry_engine::backend::Backend,
+        disk: &Arc<DiskFile>,
+        scratch_bytes: u64,
+    ) -> Result<(), ProfileError> {
+        for (c, (copy, (policy, graph))) in copies.iter_mut().zip(&self.runs).enumerate() {
+            if pass == Pass::Reads && c > 0 {
+                continue;
+            }
+            let run_options = ferry_engine::RunOptions {
+                prompts: self.prompts.clone(),
+                scratch_dir: dir.to_path_buf(),
+                allow_buffered_io: true,
+                keep_logits: false,
+                progress: None,
+                draft_files: None,
+            };
+            let _load = (pass == Pass::Reads).then(|| Background::reads(disk, scratch_bytes));
+            let report = ferry_engine::run(graph, policy, &self.workload, &copy.files, backend, &run_options)?;
+            copy.file(pass, graph, &report.trace);
+        }
+        Ok(())
+    }
 }
 
 /// Decoding steps of each kernel-table run.
