@@ -17,7 +17,9 @@
 #                            # file (root: llama.cpp in a cgroup-v1 memory limit, which
 #                            # counts its page cache, mmap and no repacking; Ferry with
 #                            # its plan's budget), page cache dropped before every run,
-#                            # the file's direct-I/O read rate measured around each pair;
+#                            # the disk's ceiling (a quick `ferry profile`'s best direct-
+#                            # read rate) measured before and after each round, and each
+#                            # Ferry run's decoding reads against it (the disk bound);
 #                            # PROFILE=FILE tunes Ferry's plans with that measured profile
 #                            # (`ferry profile --backend cpu`) instead of datasheet figures
 #   bench/peers.sh experts [N] # a mixture of experts (MODEL=test-moe) under the same
@@ -144,24 +146,54 @@ budget() {
     for q in $FORMATS; do
       local file="$PEERS/$STEM-$q.gguf" third
       third=$(( $(stat -c %s "$file") / 3 ))
-      local before after ferry1 ferry8 llama1 llama8
-      before=$(disk_rate "$file")
+      local before after llama1 llama8 ferry1 ferry8 prefill1 prefill8
+      before=$(disk_ceiling)
       sync; echo 3 > /proc/sys/vm/drop_caches
-      ferry1=$(ferry_rate "$file" "$PEERS/budget-$STEM-$q-b1.yaml")
+      ferry1=$(ferry_figures "$file" "$PEERS/budget-$STEM-$q-b1.yaml")
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      prefill1=$(ferry_figures "$file" "$PEERS/budget-$STEM-$q-b1.yaml" --gen-len 1)
       sync; echo 3 > /proc/sys/vm/drop_caches
       llama1=$(in_cgroup "$third" "$bin/llama-bench" -m "$file" -p 0 -n 32 -r 1 --repack 0 -lm mmap -o json 2>/dev/null |
         python3 -c "import json,sys; print(round(json.load(sys.stdin)[0]['avg_ts'],2))")
       sync; echo 3 > /proc/sys/vm/drop_caches
-      ferry8=$(ferry_rate "$file" "$PEERS/budget-$STEM-$q-b8.yaml")
+      ferry8=$(ferry_figures "$file" "$PEERS/budget-$STEM-$q-b8.yaml")
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      prefill8=$(ferry_figures "$file" "$PEERS/budget-$STEM-$q-b8.yaml" --gen-len 1)
       sync; echo 3 > /proc/sys/vm/drop_caches
       llama8=$(in_cgroup "$third" "$bin/llama-batched-bench" -m "$file" -c 2048 -b 512 -npp 64 -ntg 32 -npl 8 -nr \
         --output-format jsonl 2>/dev/null |
         python3 -c "import json,sys; print(round([json.loads(l) for l in sys.stdin if l.startswith('{')][-1]['speed_tg'],2))")
-      after=$(disk_rate "$file")
-      echo "round $round $q, budget $((third >> 20)) MiB: batch 1 ferry $ferry1 llama.cpp $llama1 tokens/s;" \
-        "batch 8 ferry $ferry8 llama.cpp $llama8 tokens/s; disk $before / $after GB/s"
+      after=$(disk_ceiling)
+      echo "round $round $q, budget $((third >> 20)) MiB; the disk's ceiling $before / $after GB/s"
+      budget_line 1 "$llama1" "$before" "$after" $ferry1 $prefill1
+      budget_line 8 "$llama8" "$before" "$after" $ferry8 $prefill8
     done
   done
+}
+
+disk_ceiling() { # -> GB/s: the best direct-read rate a quick `ferry profile` measures (the
+  # engine's own read path, several requests in flight; `dd` keeps one in flight)
+  local out; out=$(mktemp --suffix .yaml)
+  "$FERRY" profile --backend cpu --quick --scratch-dir "$PEERS" --out "$out" --force > /dev/null 2>&1
+  python3 -c "import sys,yaml; print(round(max(p['gbps'] for p in yaml.safe_load(open(sys.argv[1]))['disk_read']['points']),2))" "$out"
+  rm -f "$out"
+}
+
+budget_line() { # batch llama-rate ceiling-before ceiling-after (run figures) (prefill-only figures)
+  python3 - "$@" <<'PY'
+import sys
+batch, llama, before, after = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+rate, total_bytes, tpot = float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+prefill_bytes = int(sys.argv[9])
+steps = 31  # decoding steps after the prefill's token
+per_step = (total_bytes - prefill_bytes) / steps
+ceiling = max(before, after)
+# The disk bound: a step's reads at the ceiling, nothing else.
+bound = ceiling * 1e9 / per_step * batch if per_step > 0 else float("inf")
+print(f"  batch {batch}: ferry {rate} tokens/s ({rate / llama:.2f}x llama.cpp's {llama}), "
+      f"reads {per_step / 2**20:.1f} MiB per step at {per_step / tpot:.2f} GB/s over the decoding time: "
+      f"{rate / bound:.0%} of the disk bound ({bound:.2f} tokens/s at {ceiling} GB/s)")
+PY
 }
 
 ferry_figures() { # model plan [run options] -> "tokens/s requested-bytes ns-per-token" ("0 0 0": the run failed)

@@ -137,6 +137,24 @@ fn free_device_memory_holds_the_kv_cache_before_the_disk_on_unified_memory() {
     }
 }
 
+/// On unified memory a budget too tight for the cache beside the resident weights gets it
+/// by streaming a few attention layers (a batch-8 cache of a 4-bit 1B model is a few MB;
+/// on disk it is a small read and write per layer every step behind the weight stream).
+#[test]
+fn a_tight_budget_streams_attention_layers_to_hold_the_kv_cache() {
+    let q4_k = WeightFormat::parse("q4_k").unwrap();
+    let (model, mut profile) = setup("cpu", "ferry-ci-vm", "tinyllama-1.1b", None);
+    let model_bytes = ferry_core::model::WeightLayout::of(&model, &WeightFormats::uniform(q4_k)).total_bytes();
+    profile.device_memory_bytes = model_bytes / 3;
+    profile.memory_reserve_fraction = 0.0;
+    let req =
+        TuneRequest { weight_format: WeightFormats::uniform(q4_k), ..request(&model, &profile, BatchChoice::Fixed(8)) };
+    let best = tune(&req, &KnobSpace::full()).unwrap().best;
+    assert_eq!(best.policy.kv_cache.disk, 0, "{:?}", best.policy);
+    assert!(best.policy.attention_weights.disk > 0, "{:?}", best.policy);
+    assert!(best.policy.attention_weights.device > 0, "{:?}", best.policy);
+}
+
 #[test]
 fn tuning_is_deterministic() {
     let (model, profile) = setup("rtx3060-laptop-6gb", "laptop-pcie3", "llama-2-13b", None);

@@ -472,24 +472,60 @@ impl Searcher<'_> {
         Ok((offered.score(objective) > base.score(objective)).then_some(offered))
     }
 
-    /// `candidate` with its disk-tier layers in host RAM where they fit and the plan is
-    /// predicted as fast (within `NEAR_TIE`); else `candidate` itself.
+    /// `candidate` with its disk-tier layers in host RAM where they fit, then (unified
+    /// memory) its remaining disk-tier KV cache traded for attention weights, each kept
+    /// where the plan is predicted as fast (within `NEAR_TIE`); else `candidate` itself.
+    /// Ties go to the cache off the disk: its small reads and writes wait behind the
+    /// weight stream's large requests in the disk's queue, which the simulator's shared
+    /// disk does not see (a batch-8 Q4_0 plan decoded 1.27× faster with it traded,
+    /// BENCHMARKS.md).
     fn with_disk_layers_promoted(&self, candidate: Candidate) -> Candidate {
-        let request = self.request;
         let in_flight = in_flight_bytes(&candidate, self.unified());
-        let Some(policy) = self.promoted(&candidate.policy, &candidate.workload, in_flight) else { return candidate };
+        let promoted = match self.promoted(&candidate.policy, &candidate.workload, in_flight) {
+            Some(policy) => self.kept_if_as_fast(candidate, policy),
+            None => candidate,
+        };
+        let in_flight = in_flight_bytes(&promoted, self.unified());
+        let traded = self.kv_for_attention(&promoted.policy, &promoted.workload, in_flight);
+        let fastest = traded.into_iter().fold(None::<Candidate>, |best, policy| {
+            self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Ok(p) = self.predict(&policy, &promoted.workload) else { return best };
+            let offered = Candidate { policy, metrics: p.metrics, ..promoted.clone() };
+            let objective = self.request.objective;
+            match best {
+                Some(best) if best.score(objective) >= offered.score(objective) => Some(best),
+                _ => Some(offered),
+            }
+        });
+        match fastest {
+            Some(traded)
+                if near_tie(
+                    traded.score(self.request.objective),
+                    promoted.score(self.request.objective),
+                    self.request.objective,
+                ) =>
+            {
+                traded
+            }
+            _ => promoted,
+        }
+    }
+
+    /// `policy` simulated where it is predicted as fast as `base` (within `NEAR_TIE`) or
+    /// faster and runs; else `base`.
+    fn kept_if_as_fast(&self, base: Candidate, policy: Policy) -> Candidate {
         self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.predict(&policy, &candidate.workload) {
+        match self.predict(&policy, &base.workload) {
             Ok(p) => {
-                let promoted = Candidate { policy, metrics: p.metrics, ..candidate.clone() };
-                let objective = request.objective;
-                if near_tie(promoted.score(objective), candidate.score(objective), objective) {
-                    promoted
+                let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
+                let objective = self.request.objective;
+                if near_tie(offered.score(objective), base.score(objective), objective) {
+                    offered
                 } else {
-                    candidate
+                    base
                 }
             }
-            Err(_) => candidate,
+            Err(_) => base,
         }
     }
 }
