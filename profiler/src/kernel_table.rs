@@ -185,7 +185,7 @@ impl BatchRuns {
         let prompts = (0..batch)
             .map(|s| (0..options.kernel_prompt_len).map(|t| ((s * 31 + t * 7) % spec.vocab_size) as u32).collect())
             .collect();
-        let with_reads = index == 0 || (options.kernel_runs > 2 && index % 4 == 0);
+        let with_reads = index == 0 || (options.kernel_runs > 2 && index.is_multiple_of(4));
         Ok(BatchRuns { workload, runs, prompts, with_reads })
     }
 
