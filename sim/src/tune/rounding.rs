@@ -187,12 +187,13 @@ impl Searcher<'_> {
 
 impl Searcher<'_> {
     /// On unified memory, `policy` with every disk-tier KV layer on the device, paid for
-    /// with the fewest device attention layers moved to the disk for the room (their
-    /// streamed buffers, one per layer of the prefetch window, counted in flight), and
-    /// with one and two layers more (the room a layer more leaves the stream can pay
-    /// for its bytes: at batch 4, three layers simulated 1.2 % slower than the plan and
-    /// four 0.4 % faster). Empty where nothing of the cache is on disk, no attention
-    /// layer is on the device, or even all of them would not make the room.
+    /// with the fewest device attention layers moved to the disk for the room beside
+    /// what the simulated plan held in flight, and with one and two layers more (the
+    /// room a layer more leaves the stream can pay for its bytes: at batch 4, three
+    /// layers simulated 1.2 % slower than the plan and four 0.4 % faster). Empty where
+    /// nothing of the cache is on disk, no attention layer is on the device, or even
+    /// all of them would not make the room. The streamed attention layers' buffers are
+    /// left to the simulation, which refuses a plan that cannot run in its memory.
     ///
     /// The trade `promoted` cannot make: at batch 8 a layer's cache is ~0.8 MB and an
     /// attention layer of a 4-bit 1B model ~5 MB, so a few streamed attention layers
@@ -202,8 +203,6 @@ impl Searcher<'_> {
         if !self.unified() || policy.kv_cache.disk == 0 || policy.attention_weights.device == 0 {
             return Vec::new();
         }
-        let window = policy.prefetch_depth + 1;
-        let attention_bytes = self.layout.mean_bytes(ferry_core::model::WeightGroup::Attention);
         let traded = |moved: u64| {
             let mut trial = policy.clone();
             trial.attention_weights.device -= moved;
@@ -212,12 +211,9 @@ impl Searcher<'_> {
             trial.kv_cache.disk = 0;
             trial
         };
-        let streamed_before = policy.attention_weights.device < self.request.model.num_layers;
         let fits = |moved: u64| {
-            let trial = traded(moved);
-            let pools = pool_specs(&trial, self.request.model, workload, self.request.profile);
-            let buffers = if streamed_before { 0 } else { window.min(moved) * attention_bytes };
-            pools[DEVICE_POOL].resident_bytes() + in_flight_bytes + buffers <= pools[DEVICE_POOL].capacity_bytes
+            let pools = pool_specs(&traded(moved), self.request.model, workload, self.request.profile);
+            pools[DEVICE_POOL].resident_bytes() + in_flight_bytes <= pools[DEVICE_POOL].capacity_bytes
         };
         // The resident set shrinks with each layer moved, so a bisection finds the fewest.
         let (mut low, mut high) = (1, policy.attention_weights.device);
