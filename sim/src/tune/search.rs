@@ -477,55 +477,33 @@ impl Searcher<'_> {
     /// where the plan is predicted as fast (within `NEAR_TIE`); else `candidate` itself.
     /// Ties go to the cache off the disk: its small reads and writes wait behind the
     /// weight stream's large requests in the disk's queue, which the simulator's shared
-    /// disk does not see (a batch-8 Q4_0 plan decoded 1.27× faster with it traded,
+    /// disk does not see (a batch-8 Q4_0 plan decoded 1.34× faster with it traded,
     /// BENCHMARKS.md).
     fn with_disk_layers_promoted(&self, candidate: Candidate) -> Candidate {
         let in_flight = in_flight_bytes(&candidate, self.unified());
-        let promoted = match self.promoted(&candidate.policy, &candidate.workload, in_flight) {
-            Some(policy) => self.kept_if_as_fast(candidate, policy),
-            None => candidate,
-        };
+        let promoted = self.promoted(&candidate.policy, &candidate.workload, in_flight);
+        let promoted = self.fastest_if_as_fast(candidate, promoted.into_iter().collect());
         let in_flight = in_flight_bytes(&promoted, self.unified());
         let traded = self.kv_for_attention(&promoted.policy, &promoted.workload, in_flight);
-        let fastest = traded.into_iter().fold(None::<Candidate>, |best, policy| {
-            self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Ok(p) = self.predict(&policy, &promoted.workload) else { return best };
-            let offered = Candidate { policy, metrics: p.metrics, ..promoted.clone() };
-            let objective = self.request.objective;
-            match best {
-                Some(best) if best.score(objective) >= offered.score(objective) => Some(best),
-                _ => Some(offered),
-            }
-        });
-        match fastest {
-            Some(traded)
-                if near_tie(
-                    traded.score(self.request.objective),
-                    promoted.score(self.request.objective),
-                    self.request.objective,
-                ) =>
-            {
-                traded
-            }
-            _ => promoted,
-        }
+        self.fastest_if_as_fast(promoted, traded)
     }
 
-    /// `policy` simulated where it is predicted as fast as `base` (within `NEAR_TIE`) or
-    /// faster and runs; else `base`.
-    fn kept_if_as_fast(&self, base: Candidate, policy: Policy) -> Candidate {
-        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.predict(&policy, &base.workload) {
-            Ok(p) => {
-                let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
-                let objective = self.request.objective;
-                if near_tie(offered.score(objective), base.score(objective), objective) {
-                    offered
-                } else {
-                    base
-                }
+    /// The fastest of `policies` that runs in simulation where it is predicted as fast
+    /// as `base` (within `NEAR_TIE`) or faster (the first of equals); else `base`.
+    fn fastest_if_as_fast(&self, base: Candidate, policies: Vec<Policy>) -> Candidate {
+        let objective = self.request.objective;
+        let mut fastest: Option<Candidate> = None;
+        for policy in policies {
+            self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Ok(p) = self.predict(&policy, &base.workload) else { continue };
+            let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
+            if fastest.as_ref().is_none_or(|f| offered.score(objective) > f.score(objective)) {
+                fastest = Some(offered);
             }
-            Err(_) => base,
+        }
+        match fastest {
+            Some(offered) if near_tie(offered.score(objective), base.score(objective), objective) => offered,
+            _ => base,
         }
     }
 }
