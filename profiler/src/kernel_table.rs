@@ -220,8 +220,11 @@ impl BatchRuns {
     }
 }
 
-/// Decoding steps of each kernel-table run.
-const GEN_LEN: u64 = 6;
+/// Decoding steps of each kernel-table run: enough that the entries are the steady
+/// steps runs mostly take, not the first ones after the prefill (test-moe's attention
+/// in a 32-token run: 58 µs at the first step, 43–52 after; with 6 steps a fifth of the
+/// samples were first steps), and that attention's entries reach longer contexts.
+const GEN_LEN: u64 = 16;
 
 /// Durations by (operation, format, rows, context).
 type Samples = std::collections::BTreeMap<(String, Option<String>, u64, u64), Vec<f64>>;
