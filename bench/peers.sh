@@ -182,9 +182,12 @@ disk_ceiling() { # -> GB/s: the best direct-read rate a quick `ferry profile` me
 budget_line() { # batch llama-rate ceiling-before ceiling-after (run figures) (prefill-only figures)
   python3 - "$@" <<'PY'
 import sys
-batch, llama, before, after = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+batch, llama, before, after = int(sys.argv[1]), float(sys.argv[2] or 0), float(sys.argv[3]), float(sys.argv[4])
 rate, total_bytes, tpot = float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 prefill_bytes = int(sys.argv[9])
+if rate <= 0 or llama <= 0:
+    print(f"  batch {batch}: a run failed (ferry {rate}, llama.cpp {llama} tokens/s)")
+    sys.exit()
 steps = 31  # decoding steps after the prefill's token
 per_step = (total_bytes - prefill_bytes) / steps
 ceiling = max(before, after)

@@ -464,12 +464,17 @@ impl Searcher<'_> {
     /// `policy` simulated: `Some` when faster than `base`, `None` when not, `Err` when
     /// its simulation fails (it runs out of memory).
     pub(super) fn offer(&self, base: &Candidate, policy: Policy) -> Result<Option<Candidate>, ()> {
-        let request = self.request;
-        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = self.predict(&policy, &base.workload).map_err(|_| ())?;
-        let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
-        let objective = request.objective;
+        let offered = self.variant(base, policy).ok_or(())?;
+        let objective = self.request.objective;
         Ok((offered.score(objective) > base.score(objective)).then_some(offered))
+    }
+
+    /// `base` with `policy` instead, simulated (counted as a refinement); `None` when its
+    /// simulation fails (it runs out of memory).
+    fn variant(&self, base: &Candidate, policy: Policy) -> Option<Candidate> {
+        self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = self.predict(&policy, &base.workload).ok()?;
+        Some(Candidate { policy, metrics: p.metrics, ..base.clone() })
     }
 
     /// `candidate` with its disk-tier layers in host RAM where they fit, then (unified
@@ -494,9 +499,7 @@ impl Searcher<'_> {
         let objective = self.request.objective;
         let mut fastest: Option<Candidate> = None;
         for policy in policies {
-            self.refined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Ok(p) = self.predict(&policy, &base.workload) else { continue };
-            let offered = Candidate { policy, metrics: p.metrics, ..base.clone() };
+            let Some(offered) = self.variant(&base, policy) else { continue };
             if fastest.as_ref().is_none_or(|f| offered.score(objective) > f.score(objective)) {
                 fastest = Some(offered);
             }
