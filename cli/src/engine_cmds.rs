@@ -369,7 +369,8 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         println!("  disk read while compute runs: up to {:.2} GB/s", best(under_compute));
     }
     println!(
-        "  compute slows by {:.0} % while a {} runs",
+        "  {} slows by {:.0} % while a {} runs",
+        if profile.unified_memory { "a decoding step's compute" } else { "compute" },
         profile.interference.device_compute_slowdown * 100.0,
         if profile.unified_memory { "read" } else { "copy" }
     );

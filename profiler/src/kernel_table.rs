@@ -7,10 +7,13 @@
 
 use super::*;
 
+mod slowdown;
+
 /// The kernel table and how much the same tasks slow while the disk is read.
 pub(crate) struct KernelTable {
     pub(crate) entries: Vec<ferry_core::profile::KernelTiming>,
-    /// Σ task time with reads running ÷ Σ task time alone − 1, over the same tasks.
+    /// How much slower a decoding step's compute runs beside reads
+    /// (`slowdown::decoding_slowdown`).
     pub(crate) slowdown_during_reads: f64,
 }
 
@@ -120,8 +123,9 @@ pub(crate) fn measure_kernel_table(
                 (0, false) => &[],
                 // Runs alone and beside reads alternate, so neither side gets the
                 // machine's drift to itself (run once each, the reads' side measured
-                // 0 to 54 % in five profiles of one hour).
-                (_, true) => &[Pass::Alone, Pass::Reads],
+                // 0 to 54 % in five profiles of one hour), in pairs that take turns
+                // going first; the slowdown is the median over pairs.
+                (_, true) => &[Pass::Alone, Pass::Reads, Pass::Reads, Pass::Alone, Pass::Alone, Pass::Reads],
                 (_, false) => &[Pass::Alone],
             };
             for &pass in passes {
@@ -133,15 +137,8 @@ pub(crate) fn measure_kernel_table(
         }
     }
     let median = |durations: &[f64]| median_spread(durations).0;
-    let (mut alone_ns, mut with_reads_ns) = (0.0, 0.0);
-    if let Some(first) = copies.first() {
-        for (key, durations) in &first.samples {
-            if let Some(slowed) = first.contended.get(key) {
-                alone_ns += median(durations);
-                with_reads_ns += median(slowed);
-            }
-        }
-    }
+    let slowdown_during_reads =
+        copies.first().map_or(0.0, |first| first.paired_runs.slowdown(options.kernel_prompt_len, model.num_layers));
     let entries = copies
         .into_iter()
         .flat_map(|copy| copy.samples)
@@ -154,7 +151,6 @@ pub(crate) fn measure_kernel_table(
             format,
         })
         .collect();
-    let slowdown_during_reads = if alone_ns > 0.0 { (with_reads_ns / alone_ns - 1.0).max(0.0) } else { 0.0 };
     Ok(KernelTable { entries, slowdown_during_reads })
 }
 
@@ -214,7 +210,11 @@ impl BatchRuns {
             };
             let _load = (pass == Pass::Reads).then(|| Background::reads(disk, scratch_bytes));
             let report = ferry_engine::run(graph, policy, &self.workload, &copy.files, backend, &run_options)?;
-            copy.file(pass, graph, &report.trace, self.workload.prompt_len + 1);
+            let run = copy.keyed(graph, &report.trace, self.workload.prompt_len + 1);
+            if self.with_reads && c == 0 && pass != Pass::Warmup {
+                copy.paired_runs.push(pass == Pass::Reads, run.clone());
+            }
+            copy.file(pass, run);
         }
         Ok(())
     }
@@ -236,8 +236,10 @@ struct TableCopy {
     block_format: Option<kernels::quant::BlockFormat>,
     /// The dtype plans of it keep activations in (and its layers are counted at).
     dtype: Dtype,
+    /// Its runs alone (the entries).
     samples: Samples,
-    contended: Samples,
+    /// The runs measured for the slowdown, alone and beside reads, in pairs.
+    paired_runs: slowdown::PairedRuns,
 }
 
 impl TableCopy {
@@ -249,7 +251,13 @@ impl TableCopy {
             CopyWeights::Blocks(_) => Dtype::F32,
         };
         let files = ferry_engine::weights::ModelFiles::open(&path)?;
-        Ok(TableCopy { files, block_format, dtype, samples: Samples::new(), contended: Samples::new() })
+        Ok(TableCopy {
+            files,
+            block_format,
+            dtype,
+            samples: Samples::new(),
+            paired_runs: slowdown::PairedRuns::default(),
+        })
     }
 
     /// The all-resident plan of this copy at `workload`'s batch, and its graph lowered
@@ -266,25 +274,30 @@ impl TableCopy {
         Ok((policy, graph))
     }
 
-    /// Files a run's compute tasks under their keys (a warm-up's are not kept). Only
+    /// Files a run's samples as entries: a run alone's (a warm-up's and a run beside
+    /// reads' are not entries).
+    fn file(&mut self, pass: Pass, run: Samples) {
+        if pass == Pass::Alone {
+            for (key, durations) in run {
+                self.samples.entry(key).or_default().extend(durations);
+            }
+        }
+    }
+
+    /// A run's compute tasks' durations under their keys. Only
     /// attention reads the KV cache: every other operation's decoding steps are filed
     /// at `first_decoding_context`, one entry pooled over the run's steps. (Filed at
     /// each step's context, a Q4_K MLP entry held eight samples, and the cost model
     /// priced every longer context at the last one: 683 µs where the entries of the
     /// other contexts were 559–629 and the runs it priced measured 590.)
-    fn file(
-        &mut self,
-        pass: Pass,
+    fn keyed(
+        &self,
         graph: &ferry_core::graph::TaskGraph,
         trace: &ferry_core::trace::Trace,
         first_decoding_context: u64,
-    ) {
+    ) -> Samples {
         use ferry_core::graph::{Op, Payload};
-        let into = match pass {
-            Pass::Warmup => return,
-            Pass::Alone => &mut self.samples,
-            Pass::Reads => &mut self.contended,
-        };
+        let mut samples = Samples::new();
         for span in &trace.spans {
             let task = &graph.tasks[span.task as usize];
             if let Payload::Compute { op, .. } = task.payload {
@@ -294,9 +307,10 @@ impl TableCopy {
                 let context = if task.step > 0 && !reads_kv { first_decoding_context } else { task.context as u64 };
                 let key =
                     (op.name().to_string(), format.map(|f| f.name().to_ascii_lowercase()), task.tokens as u64, context);
-                into.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
+                samples.entry(key).or_default().push((span.end_ns - span.start_ns) as f64);
             }
         }
+        samples
     }
 }
 
