@@ -8,7 +8,8 @@ use super::Samples;
 /// may run first): the machine's speed drifts by tens of percent within a minute, so
 /// each pair is compared on its own and the slowdown is the median over pairs. (Pooled
 /// over two pairs, the figure came out 0 %, 11 %, 15 %, 19 % and 32 % in five quick
-/// profiles of one hour.)
+/// profiles of one hour; with three pairs a round it still spread 0–25 % over a
+/// session on the 2-core build VM, whose CPU runs at two speeds.)
 #[derive(Default)]
 pub(crate) struct PairedRuns {
     /// (alone, beside reads).
