@@ -138,7 +138,7 @@ pub fn table(outcomes: &[Outcome], model: &ModelSpec, profile: &Profile, chosen:
     if outcomes.iter().any(|o| unpriced(&o.formats, model, profile)) {
         text.push_str(
             "† dequantization not measured in this profile: priced as fused into the multiply, a lower bound \
-             (`ferry profile --backend cpu` measures q8_0, q4_0, q5_0, q4_k and q6_k on a CPU)\n",
+             (`ferry profile --backend cpu` measures q8_0, q4_0, q5_0, q4_k, q5_k and q6_k on a CPU)\n",
         );
     }
     text

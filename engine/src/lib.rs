@@ -62,7 +62,7 @@ fn check_one_machine(graph: &ferry_core::graph::TaskGraph) -> Result<(), EngineE
 }
 
 /// Refuses a plan naming a weight format the engine has no kernels for: it runs f32,
-/// f16, bf16 and ggml's Q8_0, Q4_0, Q5_0, Q4_K and Q6_K (and a file's `stored` mix of those);
+/// f16, bf16 and ggml's block formats (`BlockFormat::ALL`; and a file's `stored` mix of those);
 /// FlexGen's group-wise formats are planned and priced, not run.
 pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), EngineError> {
     use ferry_core::model::{WeightFormat, WeightGroup};
@@ -75,10 +75,10 @@ pub fn check_weight_format(policy: &ferry_core::plan::Policy) -> Result<(), Engi
         };
         if !runs {
             return Err(EngineError::Unsupported(format!(
-                "this plan's weight format is {}; the engine runs f32, f16, bf16, q8_0, q4_0, q5_0, q4_k and q6_k \
-                 weights, not {} (`ferry simulate` predicts the plan; tune with another --weight-format for a \
-                 plan it runs)",
+                "this plan's weight format is {}; the engine runs f32, f16, bf16, {} weights, not {} \
+                 (`ferry simulate` predicts the plan; tune with another --weight-format for a plan it runs)",
                 policy.weight_format.describe(),
+                kernels::quant::BlockFormat::listed(true),
                 format.name()
             )));
         }

@@ -29,10 +29,13 @@ pub enum GgufStorage {
     /// Q6_K for the output head and for the value and down projections of the layers
     /// that get more bits (`more_bits`).
     Q4KM,
+    /// Q5_K_M, the same mixture over Q5_K.
+    Q5KM,
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 8] = ["f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k", "q4_k_m"];
+    pub const NAMES: [&'static str; 10] =
+        ["f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m"];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
         Some(match text.to_ascii_lowercase().as_str() {
@@ -42,8 +45,10 @@ impl GgufStorage {
             "q4_0" => GgufStorage::Blocks(BlockFormat::Q4_0),
             "q5_0" => GgufStorage::Blocks(BlockFormat::Q5_0),
             "q4_k" => GgufStorage::Blocks(BlockFormat::Q4K),
+            "q5_k" => GgufStorage::Blocks(BlockFormat::Q5K),
             "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
             "q4_k_m" => GgufStorage::Q4KM,
+            "q5_k_m" => GgufStorage::Q5KM,
             _ => return None,
         })
     }
@@ -54,13 +59,14 @@ impl GgufStorage {
             GgufStorage::F32 => "F32",
             GgufStorage::F16 => "F16",
             GgufStorage::Blocks(format) => format.name(),
-            GgufStorage::Q4KM => {
+            GgufStorage::Q4KM | GgufStorage::Q5KM => {
+                let base = if self == GgufStorage::Q4KM { "Q4_K" } else { "Q5_K" };
                 let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
                 let wide = name.contains(".attn_v.") || name.contains(".ffn_down");
                 match layer {
                     _ if name == "output.weight" => "Q6_K",
                     Some(layer) if wide && more_bits(layer, layers) => "Q6_K",
-                    _ => "Q4_K",
+                    _ => base,
                 }
             }
         }
@@ -75,8 +81,11 @@ impl GgufStorage {
             GgufStorage::Blocks(BlockFormat::Q8_0) => 7,
             GgufStorage::Blocks(BlockFormat::Q5_0) => 8,
             GgufStorage::Blocks(BlockFormat::Q4K) => 14,
+            // Q5_K_S: llama.cpp names no all-Q5_K type.
+            GgufStorage::Blocks(BlockFormat::Q5K) => 16,
             GgufStorage::Blocks(BlockFormat::Q6K) => 18,
             GgufStorage::Q4KM => 15,
+            GgufStorage::Q5KM => 17,
         }
     }
 }
@@ -241,7 +250,18 @@ pub fn synthesize_gguf(
         let kind = if matrix { storage.ggml_name(name, model.num_layers) } else { "F32" };
         let cols = *shape.last().unwrap_or(&0);
         // Rows a K-quant's blocks do not divide take llama.cpp's quantizer's fallback.
-        let ggml_type = ggml_type(kind)?.for_rows_of(cols);
+        let asked = ggml_type(kind)?;
+        let ggml_type = asked.for_rows_of(cols);
+        let writes =
+            ggml_type.name == "F32" || ggml_type.name == "F16" || BlockFormat::from_ggml(ggml_type.name).is_some();
+        if !writes {
+            return Err(EngineError::Unsupported(format!(
+                "{} cannot be stored as {kind}: {name} has rows of {cols} values, not whole {}-value blocks, and \
+                 llama.cpp's quantizer stores such matrices as {}, which Ferry neither writes nor runs \
+                 (q4_k and q6_k fall back to q5_0 and q8_0, which it does)",
+                model.name, asked.block_elements, ggml_type.name
+            )));
+        }
         if !cols.is_multiple_of(ggml_type.block_elements) {
             return Err(EngineError::Unsupported(format!(
                 "{} cannot be stored as {}: {name} has rows of {cols} values, not whole {}-value blocks \

@@ -170,10 +170,11 @@ impl ModelFiles {
                 if let WeightFormat::Block(t) = found.format {
                     if BlockFormat::from_ggml(t.name).is_none() {
                         return Err(EngineError::Unsupported(format!(
-                            "{}: tensor '{}' is {}; the engine runs F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K and Q6_K",
+                            "{}: tensor '{}' is {}; the engine runs F32, F16, BF16, {}",
                             found.file.display(),
                             spec.name,
-                            t.name
+                            t.name,
+                            BlockFormat::listed(false)
                         )));
                     }
                 }

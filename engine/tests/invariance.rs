@@ -91,14 +91,19 @@ fn every_plan_over_a_q4_0_file_with_8_bit_activations_computes_the_same_tokens_a
     every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
 }
 
-/// The same over K-quant files (Q4_K, Q6_K and llama.cpp's Q4_K_M mixture of the two,
+/// The same over K-quant files (Q4_K, Q6_K and llama.cpp's Q4_K_M and Q5_K_M mixtures,
 /// whose products also take 8-bit activations): test-tiny widened to whole 256-value
 /// super-blocks.
 #[test]
 fn every_plan_over_k_quant_files_with_8_bit_activations_computes_the_same_tokens_and_logits() {
     let mut spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
     (spec.hidden_size, spec.intermediate_size) = (256, 512);
-    let storages = [GgufStorage::Blocks(BlockFormat::Q4K), GgufStorage::Blocks(BlockFormat::Q6K), GgufStorage::Q4KM];
+    let storages = [
+        GgufStorage::Blocks(BlockFormat::Q4K),
+        GgufStorage::Blocks(BlockFormat::Q6K),
+        GgufStorage::Q4KM,
+        GgufStorage::Q5KM,
+    ];
     for storage in storages {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join(format!("tiny-{storage:?}.gguf"));

@@ -216,7 +216,7 @@ fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights(
         (Q4_0, Activations::Q8),
         (Q5_0, Activations::Q8),
     ];
-    gguf_files_match("test-tiny", &cases);
+    gguf_files_match(&catalog_model("test-tiny"), &cases);
 }
 
 /// Qwen1.5-MoE's Q4_K_M files hold its 1408-wide experts in Q5_0, where Q4_K's
@@ -235,19 +235,29 @@ fn a_k_quant_file_of_rows_not_whole_super_blocks_matches_the_numpy_reference() {
     formats.sort();
     assert_eq!(formats, ["q5_0", "q8_0"]);
     let cases = [(GgufStorage::Q4KM, Activations::F32), (GgufStorage::Q4KM, Activations::Q8)];
-    gguf_files_match("test-tiny-qwen2-moe", &cases);
+    gguf_files_match(&spec, &cases);
 }
 
-/// GGUF files of `model` in each storage, run with each kind of activations, match
+/// Q5_K (llama.cpp's Q5_K_M mixture: Q5_K, and Q6_K for the head and some layers'
+/// value and down projections) over test-tiny widened to whole 256-value super-blocks.
+#[test]
+fn a_q5_k_m_file_matches_the_numpy_reference() {
+    let mut spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    (spec.hidden_size, spec.intermediate_size) = (256, 512);
+    let cases = [(GgufStorage::Q5KM, Activations::F32), (GgufStorage::Q5KM, Activations::Q8)];
+    gguf_files_match(&spec, &cases);
+}
+
+/// GGUF files of `spec` in each storage, run with each kind of activations, match
 /// the reference over the same file through a streaming plan and a resident one.
-fn gguf_files_match(model: &str, cases: &[(GgufStorage, Activations)]) {
+fn gguf_files_match(spec: &ferry_core::model::ModelSpec, cases: &[(GgufStorage, Activations)]) {
     let dir = tempfile::tempdir().unwrap();
-    let spec = Catalog::builtin().unwrap().model(model).unwrap().value;
+    let model = &spec.name;
     let gen_len = read_json(&reference_dir().join("prompts.json"))["gen_len"].as_u64().unwrap();
     for &(storage, activations) in cases {
         let file = dir.path().join(format!("tiny-{storage:?}.gguf"));
         if !file.exists() {
-            synthesize_gguf(&spec, storage, 11, &file, false, |_, _| {}).unwrap();
+            synthesize_gguf(spec, storage, 11, &file, false, |_, _| {}).unwrap();
         }
         let options: &[&str] = if activations == Activations::Q8 { &["--activations", "q8"] } else { &[] };
         let reference = numpy_reference(&file, &dir.path().join("expected.json"), options);
@@ -321,7 +331,10 @@ fn a_qwen2_model_with_projection_biases_matches_the_numpy_reference() {
     assert!(case.spec.qkv_bias);
     assert_matches(&case.run(&case.streamed), &case.reference, "test-tiny-qwen2 streamed");
     assert_matches(&case.run(&case.resident), &case.reference, "test-tiny-qwen2 resident");
-    gguf_files_match("test-tiny-qwen2", &[(GgufStorage::F16, Activations::F32), (Q8_0, Activations::Q8)]);
+    gguf_files_match(
+        &catalog_model("test-tiny-qwen2"),
+        &[(GgufStorage::F16, Activations::F32), (Q8_0, Activations::Q8)],
+    );
 }
 
 /// A catalog model synthesized in f32 (seed 11) into a folder, the numpy reference's
@@ -375,5 +388,9 @@ fn mixture_matches(model: &str) {
     assert_eq!(report.mean_experts(false), Some(k as f64));
     assert_matches(&case.run(&case.resident), reference, &format!("{model} resident"));
     // As llama.cpp stores it: each projection's experts one 3-D tensor, the router in f32.
-    gguf_files_match(model, &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);
+    gguf_files_match(&catalog_model(model), &[(Q8_0, Activations::F32), (Q4_0, Activations::Q8)]);
+}
+
+fn catalog_model(name: &str) -> ferry_core::model::ModelSpec {
+    Catalog::builtin().unwrap().model(name).unwrap().value
 }

@@ -145,9 +145,10 @@ impl TryFrom<PolicyFile> for Policy {
             (None, Some(dtype)) => WeightFormats::float(dtype).ok_or_else(|| {
                 format!(
                     "weight_dtype {} is no storage format (values without scales); write `weight_format:` with \
-                     int{}-g64 (FlexGen's group-wise) or a ggml block format (q8_0, q4_0, q5_0, q4_k, q6_k)",
+                     int{}-g64 (FlexGen's group-wise) or a ggml block format ({})",
                     dtype.name(),
-                    dtype.bits()
+                    dtype.bits(),
+                    crate::model::PLANNABLE_BLOCKS.map(|n| n.to_ascii_lowercase()).join(", ")
                 )
             })?,
             (Some(_), Some(_)) => {

@@ -18,14 +18,17 @@ pub enum BlockFormat {
     /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and minimum under
     /// two f16 super-scales; 4-bit values.
     Q4K,
+    /// Q4_K's scales and minimums with 5-bit values: the fifth bits in 32 bytes
+    /// (bit j of byte l is value l of sub-block j) before the nibbles.
+    Q5K,
     /// 256 weights in 16 sub-blocks of 16 with signed 8-bit scales under one f16
     /// scale; 6-bit values offset by 32.
     Q6K,
 }
 
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 5] =
-        [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q6K];
+    pub const ALL: [BlockFormat; 6] =
+        [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K];
 
     /// ggml's name (`Q4_K`), as `GgmlType::name` has it.
     pub fn name(self) -> &'static str {
@@ -34,7 +37,21 @@ impl BlockFormat {
             BlockFormat::Q4_0 => "Q4_0",
             BlockFormat::Q5_0 => "Q5_0",
             BlockFormat::Q4K => "Q4_K",
+            BlockFormat::Q5K => "Q5_K",
             BlockFormat::Q6K => "Q6_K",
+        }
+    }
+
+    /// Every format's name, "Q8_0, …, Q4_K and Q6_K" (lower case where `lower`), for
+    /// messages that say what the engine runs.
+    pub fn listed(lower: bool) -> String {
+        let names: Vec<String> = BlockFormat::ALL
+            .iter()
+            .map(|f| if lower { f.name().to_ascii_lowercase() } else { f.name().into() })
+            .collect();
+        match names.split_last() {
+            Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+            None => String::new(),
         }
     }
 
@@ -50,6 +67,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => (32, 18),
             BlockFormat::Q5_0 => (32, 22),
             BlockFormat::Q4K => (256, 144),
+            BlockFormat::Q5K => (256, 176),
             BlockFormat::Q6K => (256, 210),
         }
     }
@@ -86,6 +104,7 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
         BlockFormat::Q4_0 => q4_0(block, y),
         BlockFormat::Q5_0 => q5_0(block, y),
         BlockFormat::Q4K => q4_k(block, y),
+        BlockFormat::Q5K => q5_k(block, y),
         BlockFormat::Q6K => q6_k(block, y),
     }
 }
@@ -158,6 +177,25 @@ fn q4_k(block: &[u8], y: &mut [f32]) {
 }
 
 #[inline(always)]
+fn q5_k(block: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+    let (scales, qh, qs) = (&block[4..16], &block[16..48], &block[48..176]);
+    for chunk in 0..4 {
+        let q = &qs[chunk * 32..chunk * 32 + 32];
+        for (half, shift) in [(0, 0), (1, 4)] {
+            let j = 2 * chunk + half;
+            let (sc, m) = scale_min_k4(j, scales);
+            let (scale, min) = (d * sc as f32, dmin * m as f32);
+            let out = &mut y[j * 32..j * 32 + 32];
+            for ((v, &byte), &high) in out.iter_mut().zip(q).zip(qh) {
+                let value = ((byte >> shift) & 0x0F) | ((high >> j) & 1) << 4;
+                *v = scale * value as f32 - min;
+            }
+        }
+    }
+}
+
+#[inline(always)]
 fn q6_k(block: &[u8], y: &mut [f32]) {
     let (ql_all, qh_all, sc_all) = (&block[0..128], &block[128..192], &block[192..208]);
     let d = f16_at(block, 208);
@@ -211,7 +249,7 @@ pub fn sample_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
 pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
     match format {
         BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => &[0],
-        BlockFormat::Q4K => &[0, 2],
+        BlockFormat::Q4K | BlockFormat::Q5K => &[0, 2],
         BlockFormat::Q6K => &[208],
     }
 }
@@ -219,7 +257,7 @@ pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
 /// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0 and
 /// Q5_0 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
 /// `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`) operation for operation, so their bytes equal llama.cpp's
-/// (tested against the `gguf` package). Q4_K and Q6_K use a plain min/max fit per
+/// (tested against the `gguf` package). Q4_K, Q5_K and Q6_K use a plain min/max fit per
 /// sub-block, not llama.cpp's iterative search for the scales: valid blocks any
 /// reader decodes, with somewhat larger rounding error than llama.cpp's own files.
 pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
@@ -234,6 +272,7 @@ pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
             BlockFormat::Q4_0 => quantize_q4_0(x, block),
             BlockFormat::Q5_0 => quantize_q5_0(x, block),
             BlockFormat::Q4K => quantize_q4_k(x, block),
+            BlockFormat::Q5K => quantize_q5_k(x, block),
             BlockFormat::Q6K => quantize_q6_k(x, block),
         }
     }
@@ -328,7 +367,30 @@ fn stored_step(step: f32) -> f32 {
 }
 
 fn quantize_q4_k(x: &[f32], block: &mut [u8]) {
-    // Each sub-block of 32: value ≈ scale·q − min with q in 0..=15 and min ≥ 0. The
+    let q = k_scales_and_mins(x, 15, block);
+    for chunk in 0..4 {
+        for l in 0..32 {
+            block[16 + chunk * 32 + l] = q[2 * chunk][l] | (q[2 * chunk + 1][l] << 4);
+        }
+    }
+}
+
+fn quantize_q5_k(x: &[f32], block: &mut [u8]) {
+    let q = k_scales_and_mins(x, 31, block);
+    for l in 0..32 {
+        block[16 + l] = (0..8).fold(0u8, |bits, j| bits | (q[j][l] >> 4) << j);
+    }
+    for chunk in 0..4 {
+        for l in 0..32 {
+            block[48 + chunk * 32 + l] = (q[2 * chunk][l] & 0x0F) | ((q[2 * chunk + 1][l] & 0x0F) << 4);
+        }
+    }
+}
+
+/// Q4_K's and Q5_K's scales and minimums for the super-block `x`, written to `block`
+/// (`d`, `dmin` and the 12 packed bytes), and each sub-block's values in `0..=max`.
+fn k_scales_and_mins(x: &[f32], max: u8, block: &mut [u8]) -> [[u8; 32]; 8] {
+    // Each sub-block of 32: value ≈ scale·q − min with q in 0..=max and min ≥ 0. The
     // 6-bit multiples of the super-scales are rounded up, never down, so that every
     // sub-block's range stays covered (rounding down would clip its extremes).
     let lows: Vec<f32> = x.chunks_exact(32).map(|s| s.iter().fold(0.0f32, |a, &v| a.min(v))).collect();
@@ -336,7 +398,7 @@ fn quantize_q4_k(x: &[f32], block: &mut [u8]) {
     let dmin = stored_step(lows.iter().fold(0.0f32, |a, &l| a.max(-l)) / 63.0);
     put_f16(block, 2, dmin);
     let m: Vec<u8> = lows.iter().map(|&l| steps_up(-l, dmin, 63)).collect();
-    let scales: Vec<f32> = highs.iter().zip(&m).map(|(&h, &m)| (h + dmin * m as f32) / 15.0).collect();
+    let scales: Vec<f32> = highs.iter().zip(&m).map(|(&h, &m)| (h + dmin * m as f32) / max as f32).collect();
     let d = stored_step(scales.iter().fold(0.0f32, |a, &s| a.max(s)) / 63.0);
     put_f16(block, 0, d);
     let sc: Vec<u8> = scales.iter().map(|&s| steps_up(s, d, 63)).collect();
@@ -347,12 +409,7 @@ fn quantize_q4_k(x: &[f32], block: &mut [u8]) {
         packed[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
         packed[j + 8] = (sc[j + 4] & 0x0F) | ((m[j + 4] & 0x0F) << 4);
     }
-    for chunk in 0..4 {
-        for l in 0..32 {
-            let q = |j: usize| level(x[j * 32 + l] + dmin * m[j] as f32, d * sc[j] as f32, 15);
-            block[16 + chunk * 32 + l] = q(2 * chunk) | (q(2 * chunk + 1) << 4);
-        }
-    }
+    std::array::from_fn(|j| std::array::from_fn(|l| level(x[j * 32 + l] + dmin * m[j] as f32, d * sc[j] as f32, max)))
 }
 
 fn quantize_q6_k(x: &[f32], block: &mut [u8]) {
@@ -422,6 +479,7 @@ mod tests {
                 BlockFormat::Q4_0 => (32, 15.0),
                 BlockFormat::Q5_0 => (32, 31.0),
                 BlockFormat::Q4K => (32, 15.0),
+                BlockFormat::Q5K => (32, 31.0),
                 BlockFormat::Q6K => (16, 62.0),
             };
             for (g, (xs, ys)) in x.chunks(group).zip(y.chunks(group)).enumerate() {

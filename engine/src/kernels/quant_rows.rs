@@ -1,4 +1,4 @@
-//! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q5_0, Q4_K and Q6_K),
+//! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K and Q6_K),
 //! multiplied straight from the stored blocks: no float copy of a tensor is made.
 //!
 //! For few rows (decoding) each block is decoded and multiplied into every row of `x`
@@ -6,7 +6,7 @@
 //! at their quantized size; results differ from "dequantize, then multiply" only in
 //! the order of additions. The path follows `simd_path()` like the float kernels:
 //! AVX2 (with FMA and F16C) and AVX-512 kernels per format (`x86` for Q8_0 and Q4_0,
-//! `k_quants` for Q4_K and Q6_K; `x86` also for Q5_0, llama.cpp's fallback for a
+//! `k_quants` for Q4_K, Q5_K and Q6_K; `x86` also for Q5_0, llama.cpp's fallback for a
 //! K-quant's matrices of other widths) decode a block straight into vectors; every
 //! format off x86 takes the portable body, which decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
@@ -179,7 +179,7 @@ fn weight_rows_dots(
                 return 2;
             },
             // SAFETY: as above, and the kernel's further features were detected.
-            BlockFormat::Q4K | BlockFormat::Q6K if k_quants::avx512_present() => unsafe {
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K if k_quants::avx512_present() => unsafe {
                 k_quants::k_two_rows_avx512(format, first, second, x, m, k, dots);
                 return 2;
             },
@@ -232,7 +232,9 @@ fn row_dots(
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                     x86::small_blocks(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q4K | BlockFormat::Q6K => k_quants::k_blocks(format, row, x, m, k, dots),
+                BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
+                    k_quants::k_blocks(format, row, x, m, k, dots)
+                }
             }
         },
         _ => by_format(format, row, x, m, k, dots),
@@ -247,6 +249,7 @@ fn by_format(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dot
         BlockFormat::Q4_0 => row_body(BlockFormat::Q4_0, row, x, m, k, dots),
         BlockFormat::Q5_0 => row_body(BlockFormat::Q5_0, row, x, m, k, dots),
         BlockFormat::Q4K => row_body(BlockFormat::Q4K, row, x, m, k, dots),
+        BlockFormat::Q5K => row_body(BlockFormat::Q5K, row, x, m, k, dots),
         BlockFormat::Q6K => row_body(BlockFormat::Q6K, row, x, m, k, dots),
     }
 }

@@ -1,4 +1,4 @@
-//! Q4_K and Q6_K products with AVX2 and AVX-512. A super-block's scales (and Q4_K's
+//! Q4_K, Q5_K and Q6_K products with AVX2 and AVX-512. A super-block's scales (and Q4_K's
 //! minimums) are decoded once into 16 floats; its 256 weights are then decoded a
 //! piece at a time into vectors of f32 and multiplied into each row of x while they
 //! are in registers. The decoding does the reference's float operations
@@ -9,7 +9,7 @@
 //! sums differ from it only in the order of additions.
 //!
 //! One kernel body (`kernel`) serves both vector widths (`Vector`) and both formats
-//! (`Pieces`); rows of x and weight rows come in const counts so that the
+//! (`Pieces`; Q5_K is Q4_K with a fifth bit per value); rows of x and weight rows come in const counts so that the
 //! accumulators stay in registers.
 
 use std::arch::x86_64::*;
@@ -33,6 +33,7 @@ pub(super) unsafe fn k_blocks(
     unsafe {
         match format {
             BlockFormat::Q4K => by_rows::<__m256, Q4K, 1>([row], x, m, k, dots),
+            BlockFormat::Q5K => by_rows::<__m256, Q5K, 1>([row], x, m, k, dots),
             BlockFormat::Q6K => by_rows::<__m256, Q6K, 1>([row], x, m, k, dots),
             _ => unreachable!("{} is not a K-quant", format.name()),
         }
@@ -62,6 +63,7 @@ pub(super) unsafe fn k_blocks_avx512(
     unsafe {
         match format {
             BlockFormat::Q4K => by_rows::<__m512, Q4K, 1>([row], x, m, k, dots),
+            BlockFormat::Q5K => by_rows::<__m512, Q5K, 1>([row], x, m, k, dots),
             BlockFormat::Q6K => by_rows::<__m512, Q6K, 1>([row], x, m, k, dots),
             _ => unreachable!("{} is not a K-quant", format.name()),
         }
@@ -86,6 +88,7 @@ pub(super) unsafe fn k_two_rows_avx512(
     unsafe {
         match format {
             BlockFormat::Q4K => by_rows::<__m512, Q4K, 2>([first, second], x, m, k, dots),
+            BlockFormat::Q5K => by_rows::<__m512, Q5K, 2>([first, second], x, m, k, dots),
             BlockFormat::Q6K => by_rows::<__m512, Q6K, 2>([first, second], x, m, k, dots),
             _ => unreachable!("{} is not a K-quant", format.name()),
         }
@@ -315,8 +318,12 @@ trait Pieces<V> {
     unsafe fn piece(block: *const u8, scales: &[f32; 16], p: usize) -> [V; 4];
 }
 
-/// Q4_K: eight sub-blocks of 32; `scales` holds `d·sc` for each, then `dmin·m`.
-struct Q4K;
+/// Q4_K (`FIFTH` false) and Q5_K (true): eight sub-blocks of 32; `scales` holds
+/// `d·sc` for each, then `dmin·m`. Q5_K keeps the values' fifth bits in 32 bytes
+/// between the scales and the nibbles.
+struct QK<const FIFTH: bool>;
+type Q4K = QK<false>;
+type Q5K = QK<true>;
 
 /// Q6_K: sixteen sub-blocks of 16; `scales` holds `d·sc` for each.
 struct Q6K;
@@ -331,6 +338,21 @@ pub(super) unsafe fn f16_at(at: *const u8) -> f32 {
     }
 }
 
+/// Bit `j` of each byte of `bits` as that byte's bit 4 (16-bit shifts: a bit carried
+/// across bytes falls outside the mask).
+#[inline(always)]
+unsafe fn fifth_bit(bits: __m128i, j: usize) -> __m128i {
+    // SAFETY: SSE2 is part of x86_64.
+    unsafe {
+        let moved = if j <= 4 {
+            _mm_sll_epi16(bits, _mm_cvtsi32_si128(4 - j as i32))
+        } else {
+            _mm_srl_epi16(bits, _mm_cvtsi32_si128(j as i32 - 4))
+        };
+        _mm_and_si128(moved, _mm_set1_epi8(0x10))
+    }
+}
+
 /// Eight f32 of `bytes` (unsigned, or signed) times `factor` into `out`.
 #[inline(always)]
 unsafe fn scaled8(bytes: __m128i, signed: bool, factor: f32, out: *mut f32) {
@@ -341,12 +363,17 @@ unsafe fn scaled8(bytes: __m128i, signed: bool, factor: f32, out: *mut f32) {
     }
 }
 
-impl Q4K {
+impl<const FIFTH: bool> QK<FIFTH> {
+    const BLOCK_BYTES: usize = if FIFTH { 176 } else { 144 };
+    /// Where the nibbles start.
+    const NIBBLES: usize = if FIFTH { 48 } else { 16 };
+
     /// `d·sc` of the eight sub-blocks, then `dmin·m`.
     #[inline(always)]
     unsafe fn scales(block: *const u8) -> [f32; 16] {
         // SAFETY: a Q4_K block is 144 bytes: d, dmin, 12 packed bytes of scales and
-        // minimums, 128 bytes of values. AVX2 and F16C are present.
+        // minimums, 128 bytes of values (Q5_K: 32 bytes of fifth bits before them).
+        // AVX2 and F16C are present.
         unsafe {
             let word = |at: usize| u32::from_le_bytes(*block.add(4 + at).cast::<[u8; 4]>());
             let (a, b, c) = (word(0), word(4), word(8));
@@ -365,15 +392,23 @@ impl Q4K {
         }
     }
 
-    /// Values 0–15 of 16 bytes of chunk `c` (32 bytes, the values of sub-blocks 2c and
-    /// 2c + 1) from byte `l0`: (low nibbles, of sub-block 2c; high, of 2c + 1).
+    /// Values 0–15 (Q5_K: 0–31) of 16 bytes of chunk `c` (32 bytes, the values of
+    /// sub-blocks 2c and 2c + 1) from byte `l0`: (low nibbles, of sub-block 2c; high,
+    /// of 2c + 1), with Q5_K's fifth bits (bit j of fifth-bit byte l is value l's of
+    /// sub-block j).
     #[inline(always)]
     unsafe fn values(block: *const u8, c: usize, l0: usize) -> (__m128i, __m128i) {
-        // SAFETY: c < 4 and l0 ≤ 16 keep the 16 bytes inside the block's values.
+        // SAFETY: c < 4 and l0 ≤ 16 keep the 16 bytes inside the block's values (and
+        // Q5_K's fifth bits).
         unsafe {
-            let packed = _mm_loadu_si128(block.add(16 + 32 * c + l0).cast());
+            let packed = _mm_loadu_si128(block.add(Self::NIBBLES + 32 * c + l0).cast());
             let nibble = _mm_set1_epi8(0x0F);
-            (_mm_and_si128(packed, nibble), _mm_and_si128(_mm_srli_epi16(packed, 4), nibble))
+            let (low, high) = (_mm_and_si128(packed, nibble), _mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
+            if !FIFTH {
+                return (low, high);
+            }
+            let bits = _mm_loadu_si128(block.add(16 + l0).cast());
+            (_mm_or_si128(low, fifth_bit(bits, 2 * c)), _mm_or_si128(high, fifth_bit(bits, 2 * c + 1)))
         }
     }
 
@@ -385,8 +420,8 @@ impl Q4K {
     }
 }
 
-impl Pieces<__m256> for Q4K {
-    const BYTES: usize = 144;
+impl<const FIFTH: bool> Pieces<__m256> for QK<FIFTH> {
+    const BYTES: usize = Self::BLOCK_BYTES;
     // Piece p: 16 bytes (p odd: the second 16) of chunk p / 2, both nibbles.
     const PIECES: usize = 8;
     fn offset(p: usize, v: usize) -> usize {
@@ -395,26 +430,26 @@ impl Pieces<__m256> for Q4K {
     #[inline(always)]
     unsafe fn scales(block: *const u8) -> [f32; 16] {
         // SAFETY: the caller's block and instruction set.
-        unsafe { Q4K::scales(block) }
+        unsafe { Self::scales(block) }
     }
     #[inline(always)]
     unsafe fn piece(block: *const u8, scales: &[f32; 16], p: usize) -> [__m256; 4] {
         // SAFETY: the caller's block and instruction set.
         unsafe {
             let (c, l0) = (p / 2, 16 * (p % 2));
-            let (low, high) = Q4K::values(block, c, l0);
+            let (low, high) = Self::values(block, c, l0);
             [
-                Q4K::weights(low, scales, 2 * c),
-                Q4K::weights(_mm_srli_si128(low, 8), scales, 2 * c),
-                Q4K::weights(high, scales, 2 * c + 1),
-                Q4K::weights(_mm_srli_si128(high, 8), scales, 2 * c + 1),
+                Self::weights(low, scales, 2 * c),
+                Self::weights(_mm_srli_si128(low, 8), scales, 2 * c),
+                Self::weights(high, scales, 2 * c + 1),
+                Self::weights(_mm_srli_si128(high, 8), scales, 2 * c + 1),
             ]
         }
     }
 }
 
-impl Pieces<__m512> for Q4K {
-    const BYTES: usize = 144;
+impl<const FIFTH: bool> Pieces<__m512> for QK<FIFTH> {
+    const BYTES: usize = Self::BLOCK_BYTES;
     // Piece p: chunk p, its 64 weights in order.
     const PIECES: usize = 4;
     fn offset(p: usize, v: usize) -> usize {
@@ -423,19 +458,19 @@ impl Pieces<__m512> for Q4K {
     #[inline(always)]
     unsafe fn scales(block: *const u8) -> [f32; 16] {
         // SAFETY: the caller's block and instruction set.
-        unsafe { Q4K::scales(block) }
+        unsafe { Self::scales(block) }
     }
     #[inline(always)]
     unsafe fn piece(block: *const u8, scales: &[f32; 16], p: usize) -> [__m512; 4] {
         // SAFETY: the caller's block and instruction set.
         unsafe {
-            let (low0, high0) = Q4K::values(block, p, 0);
-            let (low1, high1) = Q4K::values(block, p, 16);
+            let (low0, high0) = Self::values(block, p, 0);
+            let (low1, high1) = Self::values(block, p, 16);
             [
-                Q4K::weights(low0, scales, 2 * p),
-                Q4K::weights(low1, scales, 2 * p),
-                Q4K::weights(high0, scales, 2 * p + 1),
-                Q4K::weights(high1, scales, 2 * p + 1),
+                Self::weights(low0, scales, 2 * p),
+                Self::weights(low1, scales, 2 * p),
+                Self::weights(high0, scales, 2 * p + 1),
+                Self::weights(high1, scales, 2 * p + 1),
             ]
         }
     }

@@ -362,7 +362,7 @@ const EIGHT: usize = super::GROUP_ROWS;
 thread_local! {
     /// Each thread's eight weight rows transposed (`x86::transpose_set`), reused.
     static SET: RefCell<Vec<x86::EightBlocks>> = const { RefCell::new(Vec::new()) };
-    /// The same for Q4_K and Q6_K (`k_quants::x86::transpose_set`).
+    /// The same for the K-quants (`k_quants::x86::transpose_set`).
     static K_SET: RefCell<Vec<k_quants::x86::KBlocks>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -410,15 +410,14 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
             // Resident K-quants come transposed (`order::KGroup`): `eight_rows` reads them.
-            BlockFormat::Q4K | BlockFormat::Q6K if transpose_once && !strides.transposed => {
-                K_SET.with_borrow_mut(|set| {
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K if transpose_once && !strides.transposed => K_SET
+                .with_borrow_mut(|set| {
                     unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
                     let from_columns =
                         if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
                     groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
-                })
-            }
-            BlockFormat::Q4K | BlockFormat::Q6K => {
+                }),
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
                 let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
@@ -432,7 +431,7 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
 /// its own (rows left over from groups of eight, and every row off x86).
 fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
     let (k, x) = (xq.k, xq.rows(first, rows));
-    if matches!(format, BlockFormat::Q4K | BlockFormat::Q6K) {
+    if matches!(format, BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K) {
         return k_quants::row_dots(format, row, &x, rows, k, dots);
     }
     let blocks = k / BLOCK;

@@ -44,7 +44,7 @@ fn assert_close(what: &str, got: f32, (want, size): (f64, f64)) {
 #[cfg(target_arch = "x86_64")]
 type Kernel = (&'static str, fn(BlockFormat, [&[u8]; 2], &[f32], usize, usize) -> [[f32; MAX_ROWS]; 2]);
 
-/// The x86 kernels for Q4_K and Q6_K that this CPU runs, called directly (not
+/// The x86 kernels for the K-quants that this CPU runs, called directly (not
 /// through the dispatch, so that a fallback cannot stand in for them).
 #[cfg(target_arch = "x86_64")]
 fn k_kernels() -> Vec<Kernel> {
@@ -78,7 +78,7 @@ fn k_kernels() -> Vec<Kernel> {
     kernels
 }
 
-/// Each Q4_K and Q6_K kernel this CPU has against the portable body and the f64
+/// Each K-quant kernel this CPU has against the portable body and the f64
 /// product over the reference decoding: 1 to MAX_ROWS rows of x, one, three and
 /// five super-blocks per row.
 #[cfg(target_arch = "x86_64")]
@@ -89,7 +89,7 @@ fn k_quant_kernels_match_the_portable_body_and_the_reference() {
     use std::arch::is_x86_feature_detected as has;
     let expected = if has!("avx512f") && has!("avx512vl") && has!("avx512bw") { 3 } else { has!("avx2") as usize };
     assert_eq!(kernels.len(), expected, "the kernels this CPU runs are all tested");
-    for format in [BlockFormat::Q4K, BlockFormat::Q6K] {
+    for format in [BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K] {
         for blocks in [1, 3, 5] {
             let rows = 3;
             let w = random_blocks(format, rows * blocks, 17 * blocks as u64);

@@ -36,7 +36,7 @@ unsafe fn decoded_avx512<F: Pieces<__m512>>(block: &[u8]) -> Vec<f32> {
 /// every weight: random bytes and random signed scales, 40 blocks a format.
 #[test]
 fn pieces_decode_bit_identically_to_the_reference() {
-    for format in [BlockFormat::Q4K, BlockFormat::Q6K] {
+    for format in [BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K] {
         let bytes = super::super::tests::random_blocks(format, 40, 9);
         for block in bytes.chunks_exact(format.block().1) {
             let mut want = [0.0f32; 256];
@@ -47,6 +47,7 @@ fn pieces_decode_bit_identically_to_the_reference() {
                 runs.push(("avx2", unsafe {
                     match format {
                         BlockFormat::Q4K => decoded_avx2::<Q4K>(block),
+                        BlockFormat::Q5K => decoded_avx2::<Q5K>(block),
                         _ => decoded_avx2::<Q6K>(block),
                     }
                 }));
@@ -55,6 +56,7 @@ fn pieces_decode_bit_identically_to_the_reference() {
                 runs.push(("avx512", unsafe {
                     match format {
                         BlockFormat::Q4K => decoded_avx512::<Q4K>(block),
+                        BlockFormat::Q5K => decoded_avx512::<Q5K>(block),
                         _ => decoded_avx512::<Q6K>(block),
                     }
                 }));

@@ -1,10 +1,10 @@
-//! Q4_K and Q6_K products with 8-bit activations. x keeps Q8_0's blocks of 32 values
-//! (one scale each), and those line up with the K-quants' sub-blocks: a Q4_K
-//! sub-block is 32 values under one 6-bit scale `sc` and minimum `m`, a Q6_K
+//! Q4_K, Q5_K and Q6_K products with 8-bit activations. x keeps Q8_0's blocks of 32
+//! values (one scale each), and those line up with the K-quants' sub-blocks: a Q4_K
+//! (Q5_K) sub-block is 32 values under one 6-bit scale `sc` and minimum `m`, a Q6_K
 //! sub-block 16 values under a signed 8-bit scale, two per block of x. So each block
 //! of x meets small integers under integer scales, and its product is
 //!
-//! - Q4_K: `S = sc · Σ q·x` (q 0–15), then `sum += S·(d·d_x)` and
+//! - Q4_K, Q5_K: `S = sc · Σ q·x` (q 0–15, 0–31), then `sum += S·(d·d_x)` and
 //!   `sum −= (dmin·m)·(d_x·Σx)`;
 //! - Q6_K: `S = sc_a · Σ₁₆ (q−32)·x + sc_b · Σ₁₆ (q−32)·x` over the block's two
 //!   halves, then `sum += S·(d·d_x)`;
@@ -25,8 +25,8 @@ const SUPER: usize = 256;
 /// Blocks of x per super-block.
 const BLOCKS_PER_SUPER: usize = SUPER / BLOCK;
 
-/// One super-block's values as small signed integers (Q4_K: q; Q6_K: q − 32) and its
-/// scales: Q4_K's `(sc, m)` per sub-block of 32 in `scales[0..8]` and `mins`, Q6_K's
+/// One super-block's values as small signed integers (Q4_K, Q5_K: q; Q6_K: q − 32) and
+/// its scales: Q4_K's and Q5_K's `(sc, m)` per sub-block of 32 in `scales[0..8]` and `mins`, Q6_K's
 /// signed scale per 16 values in `scales[0..16]`; `d` and (Q4_K) `dmin`.
 struct Unpacked {
     values: [i8; SUPER],
@@ -40,17 +40,20 @@ fn f16_at(block: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
 }
 
-/// The reference unpacking (`quant::q4_k`, `quant::q6_k`) into integers.
+/// The reference unpacking (`quant::q4_k`, `quant::q5_k`, `quant::q6_k`) into integers.
 fn unpack(format: BlockFormat, block: &[u8]) -> Unpacked {
     let mut u = Unpacked { values: [0; SUPER], scales: [0; 16], mins: [0; 8], d: 0.0, dmin: 0.0 };
-    if format == BlockFormat::Q4K {
+    if format != BlockFormat::Q6K {
+        let fifth = format == BlockFormat::Q5K;
         (u.d, u.dmin) = (f16_at(block, 0), f16_at(block, 2));
+        let nibbles = if fifth { 48 } else { 16 };
         for j in 0..8 {
             let (sc, m) = scale_min_k4(j, &block[4..16]);
             (u.scales[j], u.mins[j]) = (sc as i32, m as i32);
-            let packed = &block[16 + 32 * (j / 2)..][..32];
-            for (value, &byte) in u.values[32 * j..][..32].iter_mut().zip(packed) {
-                *value = ((byte >> (4 * (j % 2))) & 0x0F) as i8;
+            let packed = &block[nibbles + 32 * (j / 2)..][..32];
+            for (l, (value, &byte)) in u.values[32 * j..][..32].iter_mut().zip(packed).enumerate() {
+                let high = if fifth { (block[16 + l] >> j) & 1 } else { 0 };
+                *value = ((byte >> (4 * (j % 2))) & 0x0F | high << 4) as i8;
             }
         }
     } else {
@@ -68,7 +71,7 @@ fn unpack(format: BlockFormat, block: &[u8]) -> Unpacked {
     u
 }
 
-/// `dots[i] = x[first + i] · row` for one weight row of Q4_K or Q6_K super-blocks:
+/// `dots[i] = x[first + i] · row` for one weight row of Q4_K, Q5_K or Q6_K super-blocks:
 /// the operations of a lane of the eight-row kernel, in its order.
 pub(super) fn row_dots(
     format: BlockFormat,
@@ -92,7 +95,7 @@ pub(super) fn row_dots(
                     pairs.map(|(&w, &x)| w as i32 * x as i32).sum()
                 };
                 let d_x = x.scales[i * blocks + b];
-                if format == BlockFormat::Q4K {
+                if format != BlockFormat::Q6K {
                     let total = u.scales[c] * (half(0) + half(1));
                     *sum = (total as f32).mul_add(u.d * d_x, *sum);
                     let scaled_sum = d_x * x.sums[i * blocks + b] as f32;

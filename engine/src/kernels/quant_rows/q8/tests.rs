@@ -3,7 +3,7 @@ use crate::kernels::quant::dequantize;
 use crate::kernels::quant_rows::tests::random_blocks;
 use crate::synth::SplitMix64;
 
-const FORMATS: [BlockFormat; 5] = BlockFormat::ALL;
+const FORMATS: [BlockFormat; 6] = BlockFormat::ALL;
 
 /// Blocks of `format` in `weights` weights.
 fn blocks(format: BlockFormat, weights: usize) -> usize {
@@ -281,8 +281,8 @@ fn a_block_rounds_like_roundf_halves_included() {
 
 /// Blocks of `format` whose every value sits at one extreme, all scales 1 except the
 /// integer sub-block scales (`fill` fills the rest of each block's bytes): Q4_0 and
-/// Q4_K nibbles 15 or 0, Q8_0 −128 or 127, Q6_K q − 32 = −32 or 31, sub-block
-/// scales at 63 (Q4_K) and −128 or 127 (Q6_K).
+/// Q4_K nibbles 15 or 0, Q5_K values 31, Q8_0 −128 or 127, Q6_K q − 32 = −32 or 31,
+/// sub-block scales at 63 (Q4_K, Q5_K) and −128 or 127 (Q6_K).
 fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) -> Vec<u8> {
     let one = half::f16::from_f32(1.0).to_le_bytes();
     let block_bytes = format.block().1;
@@ -290,7 +290,7 @@ fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) ->
     for block in bytes.chunks_exact_mut(block_bytes) {
         match format {
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => block[..2].copy_from_slice(&one),
-            BlockFormat::Q4K => {
+            BlockFormat::Q4K | BlockFormat::Q5K => {
                 block[..2].copy_from_slice(&one);
                 block[2..4].copy_from_slice(&one);
             }
@@ -309,12 +309,13 @@ fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) ->
 #[test]
 fn the_largest_byte_sums_do_not_saturate() {
     let (rows, k) = (8, 256);
-    let cases: [(BlockFormat, u8, u8); 8] = [
+    let cases: [(BlockFormat, u8, u8); 9] = [
         (BlockFormat::Q4_0, 0xFF, 0),
         (BlockFormat::Q4_0, 0x00, 0),
         (BlockFormat::Q8_0, 0x80, 0),
         (BlockFormat::Q8_0, 0x7F, 0),
         (BlockFormat::Q4K, 0xFF, 0),
+        (BlockFormat::Q5K, 0xFF, 0),
         (BlockFormat::Q6K, 0x00, 0x80),
         (BlockFormat::Q6K, 0x00, 0x7F),
         (BlockFormat::Q6K, 0xFF, 0x80),

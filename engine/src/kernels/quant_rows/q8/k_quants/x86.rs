@@ -46,18 +46,20 @@ unsafe fn eight_rows_in<const VNNI: bool>(
 ) {
     // SAFETY (each arm): as the caller vouches.
     unsafe {
-        match (format == BlockFormat::Q6K, strides.transposed) {
-            (true, true) => with_rows!(rows, q6_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
-            (false, true) => with_rows!(rows, q4_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
-            (true, false) => with_rows!(rows, eight_m::<_, true, VNNI>(weights, strides, x, k, dots)),
-            (false, false) => with_rows!(rows, eight_m::<_, false, VNNI>(weights, strides, x, k, dots)),
+        // Q5_K is never transposed (`order::KGroup::of`).
+        match (format, strides.transposed) {
+            (BlockFormat::Q6K, true) => with_rows!(rows, q6_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
+            (_, true) => with_rows!(rows, q4_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
+            (BlockFormat::Q6K, false) => with_rows!(rows, eight_m::<_, K6, VNNI>(weights, strides, x, k, dots)),
+            (BlockFormat::Q5K, false) => with_rows!(rows, eight_m::<_, K5, VNNI>(weights, strides, x, k, dots)),
+            (_, false) => with_rows!(rows, eight_m::<_, K4, VNNI>(weights, strides, x, k, dots)),
         }
     }
 }
 
 /// `eight` by rows for one or two rows of x, by columns from three.
 #[inline(always)]
-unsafe fn eight_m<const M: usize, const Q6: bool, const VNNI: bool>(
+unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     x: &QuantizedX,
@@ -67,14 +69,21 @@ unsafe fn eight_m<const M: usize, const Q6: bool, const VNNI: bool>(
     // SAFETY: as the caller vouches.
     unsafe {
         if M >= 3 {
-            eight::<M, Q6, true, VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && !Q6 {
+            eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
+        } else if M == 1 && KIND == K4 {
             q4_k_one_row::<VNNI>(weights, strides, x, k, dots)
         } else {
-            eight::<M, Q6, false, VNNI>(weights, strides, x, k, dots)
+            eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
         }
     }
 }
+
+/// Which K-quant a kernel multiplies (its const parameter `KIND`). Q5_K is Q4_K's
+/// layout with the values' fifth bits in 32 bytes before the nibbles: the same
+/// scales, minimums and sums, values 0–31.
+const K4: u8 = 4;
+const K5: u8 = 5;
+const K6: u8 = 6;
 
 /// A Q4_K super-block's 12 bytes of packed scales as 16 bytes: `sc` of sub-blocks
 /// 0–7, then `m` of 0–7 (the unpacking of `quant::scale_min_k4`, four at a time:
@@ -136,6 +145,26 @@ unsafe fn q4_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
     unsafe {
         let packed = _mm256_loadu_si256(block.add(16 + 32 * (c / 2)).cast());
         _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4)
+    }
+}
+
+/// Block `c` (32 values) of a Q5_K super-block at `block`: Q4_K's nibbles (after the
+/// 32 bytes of fifth bits) with bit c of fifth-bit byte l as value l's bit 4.
+#[inline(always)]
+unsafe fn q5_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
+    // SAFETY: the caller's super-block holds 32 bytes of fifth bits at 16 and 128
+    // bytes of values at 48.
+    unsafe {
+        let packed = _mm256_loadu_si256(block.add(48 + 32 * (c / 2)).cast());
+        let nibbles = _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4);
+        let bits = _mm256_loadu_si256(block.add(16).cast());
+        // Bit c to bit 4 (16-bit shifts: a bit carried across bytes falls outside the mask).
+        let moved = if c <= 4 {
+            _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - c as i32))
+        } else {
+            _mm256_srl_epi16(bits, _mm_cvtsi32_si128(c as i32 - 4))
+        };
+        _mm256_or_si256(nibbles, _mm256_and_si256(moved, _mm256_set1_epi8(0x10)))
     }
 }
 
@@ -214,16 +243,16 @@ struct SuperScales {
 
 /// The scales of the eight rows' super-blocks at `at(r)`.
 #[inline(always)]
-unsafe fn super_scales<const Q6: bool>(at: impl Fn(usize) -> *const u8) -> SuperScales {
+unsafe fn super_scales<const KIND: u8>(at: impl Fn(usize) -> *const u8) -> SuperScales {
     // SAFETY: each `at(r)` is a whole super-block; AVX2 and F16C are present where
     // this is inlined.
     unsafe {
-        let d = f16_scales(&at, if Q6 { 208 } else { 0 });
+        let d = f16_scales(&at, if KIND == K6 { 208 } else { 0 });
         // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
-        let dmin = if Q6 { _mm256_setzero_ps() } else { f16_scales(&at, 2) };
+        let dmin = if KIND == K6 { _mm256_setzero_ps() } else { f16_scales(&at, 2) };
         let mut scales = [_mm_setzero_si128(); 8];
         for (r, scales) in scales.iter_mut().enumerate() {
-            *scales = if Q6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
+            *scales = if KIND == K6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
         }
         SuperScales { d, dmin, columns: scale_columns(scales) }
     }
@@ -233,12 +262,12 @@ unsafe fn super_scales<const Q6: bool>(at: impl Fn(usize) -> *const u8) -> Super
 /// sub-block t for t < 8 and its `m` of sub-block t − 8 after; Q6_K's signed
 /// scale of its 16 values t.
 #[inline(always)]
-unsafe fn scale_column<const Q6: bool>(columns: &[__m128i; 8], t: usize) -> __m256i {
+unsafe fn scale_column<const KIND: u8>(columns: &[__m128i; 8], t: usize) -> __m256i {
     // SAFETY: AVX2 is present where this is inlined.
     unsafe {
         let pair = columns[t / 2];
         let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
-        if Q6 {
+        if KIND == K6 {
             _mm256_cvtepi8_epi32(bytes)
         } else {
             _mm256_cvtepu8_epi32(bytes)
@@ -270,7 +299,7 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
         let ahead = fetch_ahead(strides, 1);
         for s in 0..supers {
             let at = |r: usize| block_at(weights, strides, r, s);
-            let SuperScales { d, dmin, columns } = super_scales::<false>(at);
+            let SuperScales { d, dmin, columns } = super_scales::<K4>(at);
             for chunk in 0..BLOCKS_PER_SUPER / 2 {
                 let first = s * BLOCKS_PER_SUPER + 2 * chunk;
                 prefetch_next_rows(weights, ahead, first, blocks);
@@ -291,10 +320,10 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
                 for (c, sums) in [(2 * chunk, even), (2 * chunk + 1, odd)] {
                     let b = s * BLOCKS_PER_SUPER + c;
                     let d_x = *x.scales.get_unchecked(b);
-                    let total = _mm256_mullo_epi32(reduce_paired(sums), scale_column::<false>(&columns, c));
+                    let total = _mm256_mullo_epi32(reduce_paired(sums), scale_column::<K4>(&columns, c));
                     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), acc);
                     // As `super_blocks`' `min` and `accumulate`'s last step.
-                    let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<false>(&columns, 8 + c)));
+                    let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<K4>(&columns, 8 + c)));
                     let scaled_sum = d_x * *x.sums.get_unchecked(b) as f32;
                     acc = _mm256_fnmadd_ps(min, _mm256_set1_ps(scaled_sum), acc);
                 }
@@ -307,7 +336,7 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
 /// Super-block `s` of the eight rows at `weights`: its blocks, in order, to `each`;
 /// fetching the next eight rows' share where `ahead` says so.
 #[inline(always)]
-unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
+unsafe fn super_blocks<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     ahead: bool,
@@ -319,8 +348,8 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
     unsafe {
         let low4 = _mm256_set1_epi8(0x0F);
         let at = |r: usize| block_at(weights, strides, r, s);
-        let SuperScales { d, dmin, columns } = super_scales::<Q6>(at);
-        let column = |t: usize| scale_column::<Q6>(&columns, t);
+        let SuperScales { d, dmin, columns } = super_scales::<KIND>(at);
+        let column = |t: usize| scale_column::<KIND>(&columns, t);
         for c in 0..BLOCKS_PER_SUPER {
             // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
             // the cache's queue of misses and stalls the products behind it.
@@ -329,20 +358,25 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
             // and outside this function it would lose the target features.
             let mut values = [_mm256_setzero_si256(); 8];
             for (r, w) in values.iter_mut().enumerate() {
-                *w = if Q6 { q6_k_weights::<VNNI>(at(r), c) } else { q4_k_weights(at(r), c, low4) };
+                *w = match KIND {
+                    K6 => q6_k_weights::<VNNI>(at(r), c),
+                    K5 => q5_k_weights(at(r), c, low4),
+                    _ => q4_k_weights(at(r), c, low4),
+                };
             }
             let mut magnitudes = values;
             if COLUMNS {
                 values = transpose_groups(&values);
                 magnitudes = values;
-                if Q6 {
+                if KIND == K6 {
                     for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
                         *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
                         *m = _mm256_sign_epi8(*w, *w);
                     }
                 }
             }
-            let (scale_a, scale_b) = if Q6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
+            let (scale_a, scale_b) =
+                if KIND == K6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
             // Q4_K: dmin·m for the block, one product per lane as the row body has it.
             let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
             each(c, &KBlocks { values, magnitudes, scale_a, scale_b, d, min });
@@ -352,7 +386,7 @@ unsafe fn super_blocks<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
 
 /// The eight rows' products with `M` rows of x, block by block (`accumulate`).
 #[inline(always)]
-unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
+unsafe fn eight<const M: usize, const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     x: &QuantizedX,
@@ -363,9 +397,9 @@ unsafe fn eight<const M: usize, const Q6: bool, const COLUMNS: bool, const VNNI:
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
         for s in 0..k / SUPER {
-            super_blocks::<Q6, COLUMNS, VNNI>(weights, strides, fetch_ahead(strides, M), s, k / SUPER, |c, block| {
+            super_blocks::<KIND, COLUMNS, VNNI>(weights, strides, fetch_ahead(strides, M), s, k / SUPER, |c, block| {
                 for (i, sum) in acc.iter_mut().enumerate() {
-                    accumulate::<Q6, COLUMNS, VNNI>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
+                    accumulate::<KIND, COLUMNS, VNNI>(block, x, i, s * BLOCKS_PER_SUPER + c, k, sum);
                 }
             });
         }
@@ -387,10 +421,11 @@ pub(in super::super) unsafe fn transpose_set(
     // SAFETY: as the caller vouches: `weights` holds eight whole rows.
     unsafe {
         for s in 0..k / SUPER {
-            if format == BlockFormat::Q6K {
-                super_blocks::<true, true, false>(weights, strides, true, s, k / SUPER, |_, block| set.push(*block));
-            } else {
-                super_blocks::<false, true, false>(weights, strides, true, s, k / SUPER, |_, block| set.push(*block));
+            let push = |_, block: &KBlocks| set.push(*block);
+            match format {
+                BlockFormat::Q6K => super_blocks::<K6, true, false>(weights, strides, true, s, k / SUPER, push),
+                BlockFormat::Q5K => super_blocks::<K5, true, false>(weights, strides, true, s, k / SUPER, push),
+                _ => super_blocks::<K4, true, false>(weights, strides, true, s, k / SUPER, push),
             }
         }
     }
@@ -420,17 +455,17 @@ unsafe fn from_columns_in<const VNNI: bool>(
 ) {
     // SAFETY (each arm): as the caller vouches.
     unsafe {
-        if format == BlockFormat::Q6K {
-            with_rows!(rows, columns::<_, true, VNNI>(set, x, k, dots))
-        } else {
-            with_rows!(rows, columns::<_, false, VNNI>(set, x, k, dots))
+        match format {
+            BlockFormat::Q6K => with_rows!(rows, columns::<_, K6, VNNI>(set, x, k, dots)),
+            BlockFormat::Q5K => with_rows!(rows, columns::<_, K5, VNNI>(set, x, k, dots)),
+            _ => with_rows!(rows, columns::<_, K4, VNNI>(set, x, k, dots)),
         }
     }
 }
 
 /// `eight` over a transposed set.
 #[inline(always)]
-unsafe fn columns<const M: usize, const Q6: bool, const VNNI: bool>(
+unsafe fn columns<const M: usize, const KIND: u8, const VNNI: bool>(
     set: &[KBlocks],
     x: &QuantizedX,
     k: usize,
@@ -441,7 +476,7 @@ unsafe fn columns<const M: usize, const Q6: bool, const VNNI: bool>(
         let mut acc = [_mm256_setzero_ps(); M];
         for (b, block) in set.iter().enumerate() {
             for (i, sum) in acc.iter_mut().enumerate() {
-                accumulate::<Q6, true, VNNI>(block, x, i, b, k, sum);
+                accumulate::<KIND, true, VNNI>(block, x, i, b, k, sum);
             }
         }
         store(acc, dots);
@@ -452,7 +487,7 @@ unsafe fn columns<const M: usize, const Q6: bool, const VNNI: bool>(
 /// r's): each half's (Q6_K) or the block's (Q4_K) integer sums times its scales,
 /// then the float steps in the row body's order.
 #[inline(always)]
-unsafe fn accumulate<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
+unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     block: &KBlocks,
     x: &QuantizedX,
     i: usize,
@@ -466,17 +501,17 @@ unsafe fn accumulate<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
         let d_x = *x.scales.get_unchecked(i * blocks + b);
         let (first, second) = if COLUMNS {
-            column_totals::<Q6, VNNI>(&block.values, &block.magnitudes, xs)
+            column_totals::<KIND, VNNI>(&block.values, &block.magnitudes, xs)
         } else {
-            row_totals::<Q6, VNNI>(&block.values, xs)
+            row_totals::<KIND, VNNI>(&block.values, xs)
         };
-        let total = if Q6 {
+        let total = if KIND == K6 {
             _mm256_add_epi32(_mm256_mullo_epi32(first, block.scale_a), _mm256_mullo_epi32(second, block.scale_b))
         } else {
             _mm256_mullo_epi32(_mm256_add_epi32(first, second), block.scale_a)
         };
         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(block.d, _mm256_set1_ps(d_x)), *sum);
-        if !Q6 {
+        if KIND != K6 {
             let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
             *sum = _mm256_fnmadd_ps(block.min, _mm256_set1_ps(scaled_sum), *sum);
         }
@@ -487,7 +522,7 @@ unsafe fn accumulate<const Q6: bool, const COLUMNS: bool, const VNNI: bool>(
 /// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
 /// reduced across rows into lane r of two vectors.
 #[inline(always)]
-unsafe fn row_totals<const Q6: bool, const VNNI: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
+unsafe fn row_totals<const KIND: u8, const VNNI: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
     // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
     // present where this is inlined.
     unsafe {
@@ -501,12 +536,12 @@ unsafe fn row_totals<const Q6: bool, const VNNI: bool>(w: &[__m256i; 8], xs: *co
             let offset = _mm256_madd_epi16(offset, ones);
             for (p, &w) in p.iter_mut().zip(w) {
                 let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                *p = if Q6 { _mm256_sub_epi32(sums, offset) } else { sums };
+                *p = if KIND == K6 { _mm256_sub_epi32(sums, offset) } else { sums };
             }
         } else {
             for (p, &w) in p.iter_mut().zip(w) {
                 let pairs = _mm256_maddubs_epi16(w, xv);
-                *p = _mm256_madd_epi16(if Q6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+                *p = _mm256_madd_epi16(if KIND == K6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
             }
         }
         reduce_halves(p)
@@ -518,9 +553,9 @@ unsafe fn row_totals<const Q6: bool, const VNNI: bool>(w: &[__m256i; 8], xs: *co
 /// 0–3 are the block's first half, 4–7 its second. Q4_K's pairs (≤ 2·15·127) add
 /// in 16 bits over the block (its sum comes back in two parts to add: with VNNI
 /// the even and odd groups, else whole and zero),
-/// Q6_K's (≤ 2·32·127 = 8 128) four to a half.
+/// Q5_K's (≤ 2·31·127) and Q6_K's (≤ 2·32·127 = 8 128) four to a half.
 #[inline(always)]
-unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
+unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
     w: &[__m256i; 8],
     magnitude: &[__m256i; 8],
     xs: *const i8,
@@ -536,8 +571,8 @@ unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
             // product waits on half as many): the same integers.
             let mut halves = [_mm256_setzero_si256(); 2];
             for g in 0..8 {
-                let half = &mut halves[if Q6 { g / 4 } else { g % 2 }];
-                *half = if Q6 {
+                let half = &mut halves[if KIND == K6 { g / 4 } else { g % 2 }];
+                *half = if KIND == K6 {
                     _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
                 } else {
                     _mm256_dpbusd_epi32(*half, w[g], group(g))
@@ -545,7 +580,7 @@ unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
             }
             return (halves[0], halves[1]);
         }
-        if !Q6 {
+        if KIND == K4 {
             let mut pairs = _mm256_setzero_si256();
             for (g, &w) in w.iter().enumerate() {
                 pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w, group(g)));
@@ -556,7 +591,11 @@ unsafe fn column_totals<const Q6: bool, const VNNI: bool>(
         for (h, half) in halves.iter_mut().enumerate() {
             let mut pairs = _mm256_setzero_si256();
             for g in 4 * h..4 * h + 4 {
-                let product = _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]));
+                let product = if KIND == K6 {
+                    _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]))
+                } else {
+                    _mm256_maddubs_epi16(w[g], group(g))
+                };
                 pairs = _mm256_add_epi16(pairs, product);
             }
             *half = _mm256_madd_epi16(pairs, ones);

@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use super::super::super::x86::{fetch_ahead, prefetch_next_rows, store};
 use super::super::super::{QuantizedX, Strides};
 use super::super::{BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
-use super::{column_totals, q6_k_values};
+use super::{column_totals, q6_k_values, K4};
 use crate::kernels::quant_rows::order::KGroup;
 
 /// Column t of the scales (`columns`: byte 8t + r is row r's), as eight i32 lanes:
@@ -101,7 +101,7 @@ pub(super) unsafe fn q4_k<const M: usize, const VNNI: bool>(
                     let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<false>(columns.as_ptr(), 8 + c)));
                     for (i, sum) in acc.iter_mut().enumerate() {
                         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
-                        let (first, second) = column_totals::<false, VNNI>(&w, &w, xs);
+                        let (first, second) = column_totals::<K4, VNNI>(&w, &w, xs);
                         let d_x = *x.scales.get_unchecked(i * blocks + b);
                         let total = _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale);
                         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
