@@ -184,6 +184,11 @@ fn synth_writes_gguf_files_llama_cpp_reads_as_the_same_model() {
         let shown = text(&ferry(dir.path(), &["show", "model", &file]).stdout);
         assert!(shown.contains("4 layers, hidden 128, MLP 352, 4 heads (2 KV heads), vocabulary 512"), "{shown}");
     }
+    // Q5_K's fallback for such rows is Q5_1, which Ferry neither writes nor runs: refused, naming it.
+    let out = synth(&["--format", "gguf", "--dtype", "q5_k", "--out", "tiny-q5_k.gguf"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("as Q5_1, which Ferry neither writes nor runs"), "{}", text(&out.stderr));
+    assert!(!dir.path().join("tiny-q5_k.gguf").exists());
     // An existing file is not overwritten without --force.
     let out = synth(&["--format", "gguf", "--dtype", "q8_0", "--out", "tiny-q8_0.gguf"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));

@@ -504,6 +504,7 @@ mod tests {
         stored(&mut model, "int4-g64");
         assert_eq!(table_weights(&model), TableWeights::Float(model.dtype));
         assert_eq!(block_format("Q6_K"), Some(BlockFormat::Q6K));
-        assert_eq!(block_format("q5_k"), None);
+        assert_eq!(block_format("q5_k"), Some(BlockFormat::Q5K));
+        assert_eq!(block_format("q3_k"), None);
     }
 }

@@ -74,7 +74,8 @@ fn bench(c: &mut Criterion) {
     });
     let mut row = wave(HEADS * HEAD_DIM, 3);
     group.bench_function("rotary embedding of one row of q", |b| {
-        b.iter(|| rope(&mut row, HEADS, HEAD_DIM, &[77], 10_000.0, RopeLayout::Pairs))
+        let frequencies = ferry_core::model::rope_frequencies(10_000.0, HEAD_DIM, None, None);
+        b.iter(|| rope(&mut row, HEADS, HEAD_DIM, &[77], &frequencies, RopeLayout::Pairs))
     });
     group.finish();
 }

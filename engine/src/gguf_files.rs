@@ -10,6 +10,10 @@
 //! same attention scores (see `synth_gguf`). `qwen2`, `qwen3` and `qwen3moe` files are
 //! stored unpermuted.
 //!
+//! A `rope_freqs` tensor (llama.cpp's converter writes Llama 3.1's long-context
+//! scaling as one divisor per rotary frequency) is read with the file and applied
+//! (`ModelSpec::rope_divisors`); any other tensor the model does not use is refused.
+//!
 //! A mixture of experts (Mixtral, written by llama.cpp as a `llama` file with
 //! `expert_count`) stores each layer's experts as one 3-D tensor per projection
 //! (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`); each expert is a contiguous
@@ -29,8 +33,14 @@ use crate::EngineError;
 pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
     let header = GgufHeader::open(path)?;
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    let spec = ferry_core::model::from_gguf(&header, name)?;
+    let mut spec = ferry_core::model::from_gguf(&header, name)?;
     crate::synth::check_supported(&spec)?;
+    let mut required: std::collections::HashSet<String> =
+        crate::weights::required_tensors(&spec).iter().filter_map(|n| gguf_name(n)).collect();
+    required.insert(ROPE_FREQS.into());
+    if let Some(info) = header.tensors.iter().find(|t| t.name == ROPE_FREQS) {
+        spec.rope_divisors = Some(rope_divisors(path, info, spec.head_dim())?);
+    }
     let rope_layout = match header.architecture()? {
         "qwen2" | "qwen2moe" | "qwen3" | "qwen3moe" => RopeLayout::Halves,
         _ => RopeLayout::Pairs,
@@ -65,7 +75,34 @@ pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
     }
     let files = ModelFiles::new(path.to_path_buf(), spec, WeightFormats::stored(), rope_layout, tensors);
     files.validate()?;
+    crate::weights::check_all_used(path, &required, header.tensors.iter().map(|t| t.name.as_str()))?;
     Ok(files)
+}
+
+/// llama.cpp's name for a file's rotary frequency divisors.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The `rope_freqs` tensor's values: F32, one positive divisor per rotary frequency.
+fn rope_divisors(
+    path: &Path,
+    info: &ferry_core::gguf::TensorInfo,
+    head_dim: u64,
+) -> Result<std::sync::Arc<[f32]>, EngineError> {
+    let bad = |message: String| EngineError::BadWeights { file: path.to_path_buf(), message };
+    if info.ggml_type.name != "F32" {
+        return Err(bad(format!("'{ROPE_FREQS}' is {}; llama.cpp writes it as F32", info.ggml_type.name)));
+    }
+    let mut bytes = vec![0u8; (info.end - info.start) as usize];
+    let mut read = || -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut file = std::fs::File::open(path)?;
+        file.seek(SeekFrom::Start(info.start))?;
+        file.read_exact(&mut bytes)
+    };
+    read().map_err(|e| EngineError::io(path, e))?;
+    let values: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    ferry_core::model::check_rope_divisors(&values, head_dim).map_err(|m| bad(format!("'{ROPE_FREQS}': {m}")))?;
+    Ok(values.into())
 }
 
 /// The expert a Hugging Face tensor name belongs to (`...experts.7.w1.weight` → 7).

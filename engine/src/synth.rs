@@ -114,6 +114,15 @@ pub fn config_json(model: &ModelSpec, dtype: Dtype) -> serde_json::Value {
     if let Some(head_dim) = model.head_dim {
         config["head_dim"] = head_dim.into();
     }
+    if let Some(scaling) = &model.rope_scaling {
+        // Serialised with its `type`; Hugging Face names it `rope_type` now.
+        let mut value = serde_json::to_value(scaling).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            let kind = map.remove("type").unwrap_or_default();
+            map.insert("rope_type".into(), kind);
+        }
+        config["rope_scaling"] = value;
+    }
     match (model.num_experts, model.family) {
         (0, _) => {}
         (experts, Family::Qwen2 | Family::Qwen3) => {

@@ -14,6 +14,7 @@ use std::path::Path;
 use ferry_core::gguf::GgmlType;
 use ferry_core::model::{gguf_name, Family, ModelSpec};
 
+use crate::gguf_files::ROPE_FREQS;
 use crate::gguf_write::{self, GgufTensor, Meta};
 use crate::kernels::quant::{quantize, BlockFormat};
 use crate::synth::{check_supported, tensor_list, tensor_values};
@@ -153,6 +154,10 @@ fn metadata(model: &ModelSpec, storage: GgufStorage) -> Vec<(String, Meta)> {
         // renormalised, the others' renormalised); the key makes the file say it.
         meta.push((key("expert_weights_norm"), Meta::Bool(model.renormalize_top_k)));
     }
+    if let Some(ferry_core::model::RopeScaling::Linear { factor }) = model.rope_scaling {
+        meta.push((key("rope.scaling.type"), Meta::Str("linear".into())));
+        meta.push((key("rope.scaling.factor"), Meta::F32(factor as f32)));
+    }
     if model.head_dim.is_some() {
         meta.push((key("attention.key_length"), Meta::U32(model.head_dim() as u32)));
         meta.push((key("attention.value_length"), Meta::U32(model.head_dim() as u32)));
@@ -229,7 +234,22 @@ fn file_tensors(model: &ModelSpec) -> Result<Vec<FileTensor>, EngineError> {
             }
         }
     }
+    // Llama 3.1's scaling as llama.cpp's converter writes it: a divisor per frequency.
+    if rope_divisors(model).is_some() {
+        out.push(FileTensor { name: ROPE_FREQS.into(), parts: Vec::new(), shape: vec![model.head_dim() / 2] });
+    }
     Ok(out)
+}
+
+/// The `rope_freqs` values of a model with Llama 3.1's rotary scaling.
+fn rope_divisors(model: &ModelSpec) -> Option<Vec<f32>> {
+    match &model.rope_scaling {
+        Some(scaling @ ferry_core::model::RopeScaling::Llama3 { .. }) => {
+            let base = ferry_core::model::rope_frequencies(model.rope_theta, model.head_dim() as usize, None, None);
+            Some(scaling.divisors(&base))
+        }
+        _ => None,
+    }
 }
 
 /// Writes the model to `out` (a `.gguf` file; an existing one only with `force`).
@@ -278,7 +298,10 @@ pub fn synthesize_gguf(
         let FileTensor { parts, shape, .. } = &list[index];
         // Each part is a matrix (or a vector): the last two dimensions.
         let part_shape = &shape[shape.len().saturating_sub(2)..];
-        let values: Vec<f32> = parts.iter().flat_map(|hf| stored_values(model, seed, hf, part_shape)).collect();
+        let values: Vec<f32> = match rope_divisors(model) {
+            Some(divisors) if parts.is_empty() => divisors,
+            _ => parts.iter().flat_map(|hf| stored_values(model, seed, hf, part_shape)).collect(),
+        };
         bytes.clear();
         let kind = tensors[index].ggml_type.name;
         match BlockFormat::from_ggml(kind) {
@@ -340,8 +363,9 @@ mod tests {
             })
             .collect();
         let mut halves = original.clone();
-        rope(&mut halves, heads, head_dim, &[3, 70], 10000.0, RopeLayout::Halves);
-        rope(&mut permuted, heads, head_dim, &[3, 70], 10000.0, RopeLayout::Pairs);
+        let frequencies = ferry_core::model::rope_frequencies(10000.0, head_dim, None, None);
+        rope(&mut halves, heads, head_dim, &[3, 70], &frequencies, RopeLayout::Halves);
+        rope(&mut permuted, heads, head_dim, &[3, 70], &frequencies, RopeLayout::Pairs);
         for (i, &value) in permuted.iter().enumerate() {
             let (row, element) = (i / (heads * head_dim), i % (heads * head_dim));
             assert_eq!(value, halves[row * heads * head_dim + unpermuted_row(element, head_dim)], "element {i}");

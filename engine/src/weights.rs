@@ -123,6 +123,14 @@ impl ModelFiles {
             start: t.start,
             end: t.end,
         };
+        let required: HashSet<String> = required_tensors(&spec).into_iter().collect();
+        // Buffers some checkpoints save beside the weights, and a head the model ties to
+        // its embeddings: not weights the model computes with.
+        let ignorable = |name: &str| {
+            name.ends_with("rotary_emb.inv_freq") || (spec.tie_word_embeddings && name == "lm_head.weight")
+        };
+        let unused: Vec<String> =
+            located.keys().filter(|n| !ignorable(n) && !required.contains(n.as_str())).cloned().collect();
         let files = ModelFiles::new(
             dir.to_path_buf(),
             spec,
@@ -131,6 +139,7 @@ impl ModelFiles {
             located.into_iter().map(|(name, t)| (name, stored(t))).collect(),
         );
         files.validate()?;
+        check_all_used(dir, &required, unused.iter().map(String::as_str))?;
         Ok(files)
     }
 
@@ -145,7 +154,7 @@ impl ModelFiles {
     }
 
     /// Every tensor the architecture needs exists with the right shape, in a format
-    /// the engine decodes.
+    /// the engine decodes (a missing one named with the files' closest names).
     pub(crate) fn validate(&self) -> Result<(), EngineError> {
         let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
         for layer in 0..self.spec.num_layers {
@@ -153,9 +162,15 @@ impl ModelFiles {
         }
         for (group, layer) in groups {
             for spec in self.spec.group_tensors(group, layer) {
-                let found = self.tensors.get(&spec.name).ok_or_else(|| EngineError::BadWeights {
-                    file: self.dir.clone(),
-                    message: format!("missing tensor '{}' required by {}", spec.name, self.spec.name),
+                let found = self.tensors.get(&spec.name).ok_or_else(|| {
+                    let close =
+                        ferry_core::catalog::closest_names(&spec.name, self.tensors.keys().map(String::as_str), 2);
+                    let hint =
+                        if close.is_empty() { String::new() } else { format!("; the files have {}", close.join(", ")) };
+                    EngineError::BadWeights {
+                        file: self.dir.clone(),
+                        message: format!("missing tensor '{}' required by {}{hint}", spec.name, self.spec.name),
+                    }
                 })?;
                 let expected: Vec<u64> = if spec.rows == 1 { vec![spec.cols] } else { vec![spec.rows, spec.cols] };
                 if found.shape != expected {
@@ -269,6 +284,37 @@ pub fn first_non_finite(dtype: ferry_core::model::Dtype, bytes: &[u8]) -> Option
 /// inside the model folder (no `..`, no absolute path) that names a regular file (links
 /// followed, as in the Hugging Face cache); every tensor the index maps is in the shard
 /// it names, and no tensor is in two shards.
+/// Every tensor name the model's architecture computes with (Hugging Face's names).
+pub(crate) fn required_tensors(spec: &ModelSpec) -> Vec<String> {
+    let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
+    for layer in 0..spec.num_layers {
+        groups.extend(WeightGroup::PER_LAYER.map(|g| (g, layer)));
+    }
+    groups.into_iter().flat_map(|(group, layer)| spec.group_tensors(group, layer)).map(|t| t.name).collect()
+}
+
+/// Refuses files holding weights the model as read does not compute with (a bias of
+/// a model whose config has none, a tensor of another architecture): running without
+/// them would give another model's outputs without a word.
+pub(crate) fn check_all_used<'a>(
+    file: &Path,
+    required: &HashSet<String>,
+    present: impl Iterator<Item = &'a str>,
+) -> Result<(), EngineError> {
+    let unused: Vec<&str> = present.filter(|name| !required.contains(*name)).collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = unused.iter().take(3).map(|n| format!("'{n}'")).collect();
+    let more = if unused.len() > 3 { format!(" and {} more", unused.len() - 3) } else { String::new() };
+    Err(EngineError::Unsupported(format!(
+        "{}: the files hold {}{more}, which the model as its config describes does not use; Ferry will not run \
+         it without them (that would compute another model)",
+        file.display(),
+        shown.join(", ")
+    )))
+}
+
 fn read_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, TensorLocation>, EngineError> {
     let bad = |message: String| EngineError::BadWeights { file: index.to_path_buf(), message };
     let text = ferry_core::yaml::read_text(index)?;

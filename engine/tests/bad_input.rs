@@ -221,3 +221,33 @@ fn the_cuda_backend_opens_or_says_what_is_missing() {
         }
     }
 }
+
+/// What a config leaves out of the computation is refused, not dropped: weights the
+/// model as described does not use (a layer past `num_hidden_layers`, Qwen2's biases
+/// under a llama config), Llama's optional biases, a rotary scaling the engine does
+/// not implement. A sliding window caps the model's positions instead (the engine's
+/// full attention is the same computation up to the window).
+#[test]
+fn what_the_engine_would_silently_leave_out_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (edit, restore) = edited_config(dir.path(), "test-tiny");
+    let err = edit("\"num_hidden_layers\": 4", "\"num_hidden_layers\": 3");
+    assert!(err.contains("'model.layers.3.") && err.contains("does not use"), "{err}");
+    let err = edit("\"model_type\": \"llama\"", "\"model_type\": \"llama\", \"attention_bias\": true");
+    assert!(err.contains("'attention_bias': true is not implemented for llama"), "{err}");
+    let err = edit(
+        "\"model_type\": \"llama\"",
+        "\"model_type\": \"llama\", \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
+    );
+    assert!(err.contains("rope_scaling: type 'yarn' is not implemented"), "{err}");
+    restore();
+    let qwen = tempfile::tempdir().unwrap();
+    let (edit, _) = edited_config(qwen.path(), "test-tiny-qwen2");
+    let err = edit("\"model_type\": \"qwen2\"", "\"model_type\": \"llama\"");
+    assert!(err.contains("q_proj.bias'") && err.contains("does not use"), "{err}");
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let mistral = text.replace("\"model_type\": \"llama\"", "\"model_type\": \"mistral\", \"sliding_window\": 64");
+    std::fs::write(&config, mistral).unwrap();
+    assert_eq!(ModelFiles::open(dir.path()).unwrap().spec.max_position_embeddings, 64);
+}

@@ -394,3 +394,54 @@ fn mixture_matches(model: &str) {
 fn catalog_model(name: &str) -> ferry_core::model::ModelSpec {
     Catalog::builtin().unwrap().model(name).unwrap().value
 }
+
+/// Llama 3.1's rotary scaling (low frequencies divided by the factor, a blend
+/// between; test-tiny's 16 frequencies cover all three kinds with an original context
+/// of 64) in a config.json and as a GGUF file's `rope_freqs` divisors, and linear
+/// scaling in a GGUF file's metadata, match the reference computing Hugging Face's
+/// frequencies — and the same weights without the scaling are far from it, so a run
+/// that dropped it would fail here.
+#[test]
+fn rotary_scalings_match_the_numpy_reference() {
+    use ferry_core::model::RopeScaling;
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    };
+    let cases = [
+        ("config.json", llama3, false),
+        ("rope_freqs", llama3, true),
+        ("gguf linear", RopeScaling::Linear { factor: 4.0 }, true),
+    ];
+    let plain = catalog_model("test-tiny");
+    let gen_len = read_json(&reference_dir().join("prompts.json"))["gen_len"].as_u64().unwrap();
+    for (what, scaling, gguf) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ferry_core::model::ModelSpec { rope_scaling: Some(scaling), ..plain.clone() };
+        let (path, unscaled) = (dir.path().join("model"), dir.path().join("plain"));
+        if gguf {
+            let (path, unscaled) = (path.with_extension("gguf"), unscaled.with_extension("gguf"));
+            synthesize_gguf(&spec, GgufStorage::F32, 11, &path, false, |_, _| {}).unwrap();
+            synthesize_gguf(&plain, GgufStorage::F32, 11, &unscaled, false, |_, _| {}).unwrap();
+        } else {
+            ferry_engine::synth::synthesize(&spec, Dtype::F32, 11, &path, false, |_, _| {}).unwrap();
+            ferry_engine::synth::synthesize(&plain, Dtype::F32, 11, &unscaled, false, |_, _| {}).unwrap();
+        }
+        let (path, unscaled) =
+            if gguf { (path.with_extension("gguf"), unscaled.with_extension("gguf")) } else { (path, unscaled) };
+        let reference = numpy_reference(&path, &dir.path().join("expected.json"), &[]);
+        let files = ModelFiles::open(&path).unwrap();
+        let policy = streaming(spec.num_layers, WeightFormats::stored(), Dtype::F32);
+        let report = run_with(&files, &policy, gen_len, dir.path(), Activations::F32);
+        assert_matches(&report, &reference, what);
+        let without = run_with(&ModelFiles::open(&unscaled).unwrap(), &policy, gen_len, dir.path(), Activations::F32);
+        // Ten times `assert_matches`' tolerance: dropping the scaling would fail it.
+        let scale = report.logits[0][0].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let steps = report.logits.iter().zip(&without.logits);
+        let pairs = steps.flat_map(|(a, b)| a.iter().zip(b)).flat_map(|(a, b)| a.iter().zip(b));
+        let apart = pairs.map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(apart > 1e-3 * scale, "{what}: the scaling moves the logits by only {apart} of {scale}");
+    }
+}

@@ -18,11 +18,18 @@ use crate::des::{simulate, SimError};
 /// How many decode steps to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Extrapolation {
-    /// Every step (exact; what `ferry simulate` does by default).
+    /// Every step (exact; what `ferry simulate` does by default), up to
+    /// `MAX_FULL_STEPS`: a longer generation is sampled as `Sampled` is, its graph
+    /// would otherwise hold every step's tasks (100 000 tokens of an 8B model: tens
+    /// of millions, gigabytes).
     Full,
     /// Warm-up steps plus sampled windows, interpolated (what the tuner uses).
     Sampled,
 }
+
+/// The most decode steps `Extrapolation::Full` simulates one by one (0.06–0.19 % is
+/// what sampling costs in accuracy; see `WINDOWS`).
+pub const MAX_FULL_STEPS: u32 = 4096;
 
 /// Decode steps simulated one after another at the start.
 const WARMUP_STEPS: u32 = 2;
@@ -171,6 +178,7 @@ pub fn predict_run_by(
     let sampled = sample_steps(decode_steps);
     let steps = match (mode, &sampled) {
         (Extrapolation::Sampled, Some(list)) => Steps::Only(list.clone()),
+        (Extrapolation::Full, Some(list)) if decode_steps > MAX_FULL_STEPS => Steps::Only(list.clone()),
         _ => Steps::All,
     };
     let graph = lower_if_fits(policy, model, workload, profile, &steps)?;

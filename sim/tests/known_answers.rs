@@ -221,6 +221,29 @@ fn sampled_extrapolation_stays_within_half_a_percent() {
     }
 }
 
+/// A generation longer than `MAX_FULL_STEPS` is sampled even when every step is asked
+/// for (its graph would hold every step's tasks: 100 000 tokens of an 8B model ran
+/// out of memory): the same figures as sampling.
+#[test]
+fn a_full_prediction_past_its_step_limit_is_sampled() {
+    let catalog = Catalog::builtin().unwrap();
+    let name = "cpu-tinyllama-512mib-pipelined";
+    let text = &catalog.plans.iter().find(|(f, _)| f == &format!("{name}.yaml")).unwrap().1;
+    let plan: ferry_core::plan::Plan = ferry_core::yaml::from_yaml_str(text, name).unwrap();
+    let mut resolved = ferry_core::resolve::resolve_plan(&catalog, plan, std::path::Path::new(".")).unwrap();
+    resolved.plan.workload.gen_len = 4 * ferry_sim::predict::MAX_FULL_STEPS as u64;
+    resolved.plan.policy.kv_cache = TierCounts::all(Tier::Disk, resolved.model.num_layers);
+    (resolved.plan.policy.micro_batch_size, resolved.plan.policy.num_micro_batches) = (1, 2);
+    resolved.plan.workload.batch_size = 2;
+    resolved.model.max_position_embeddings = 131_072;
+    let run = |mode| {
+        predict(&resolved.plan.policy, &resolved.model, &resolved.plan.workload, &resolved.profile, mode).unwrap()
+    };
+    let (full, sampled) = (run(Extrapolation::Full), run(Extrapolation::Sampled));
+    assert_eq!(full.metrics.tokens_per_s, sampled.metrics.tokens_per_s);
+    assert!(full.metrics.tokens_per_s > 0.0);
+}
+
 #[test]
 fn disk_reads_follow_the_under_compute_curve_while_cpu_compute_runs() {
     // Disk 1 byte/ns alone, 0.5 byte/ns while compute shares the CPU. A 3000-byte read

@@ -85,6 +85,8 @@ def load_gguf(path):
         # llama.cpp renormalises every architecture's top k but Qwen2-MoE's.
         norm_key = f"{arch}.expert_weights_norm"
         cfg["norm_topk_prob"] = bool(field(norm_key)) if norm_key in reader.fields else arch != "qwen2moe"
+    if reader.fields.get(f"{arch}.rope.scaling.type") and field(f"{arch}.rope.scaling.type") == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
     if f"{arch}.attention.key_length" in reader.fields:
         cfg["head_dim"] = field(f"{arch}.attention.key_length")
     head_dim = cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -93,6 +95,10 @@ def load_gguf(path):
     QUANTIZED_INPUTS.clear()
     for t in reader.tensors:
         base, kind = t.name.rsplit(".", 1)
+        if base == "rope_freqs":
+            # llama.cpp's per-frequency divisors (Llama 3.1's scaling as its converter writes it).
+            cfg["rope_freqs"] = np.asarray(t.data, dtype=np.float64)
+            continue
         shape = [int(d) for d in reversed(t.shape.tolist())]
         values = quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(shape)
         if base.startswith("blk."):
@@ -167,10 +173,35 @@ def rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x, positions, theta):
+def rope_frequencies(cfg, d):
+    """Hugging Face's inv_freq, with its `linear` and `llama3` rope_scaling
+    (`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`), and a GGUF
+    file's `rope_freqs` divisors as llama.cpp applies them."""
+    inv_freq = 1.0 / cfg["rope_theta"] ** (np.arange(0, d, 2) / d)
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind not in (None, "default"):
+        raise SystemExit(f"rope_scaling {kind} is not in this reference")
+    if "rope_freqs" in cfg:
+        inv_freq = inv_freq / cfg["rope_freqs"]
+    return inv_freq
+
+
+def rope(x, positions, cfg):
     # x: [tokens, heads, head_dim]; Hugging Face's rotate-half layout.
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    inv_freq = rope_frequencies(cfg, d)
     angles = np.outer(positions, inv_freq)  # [tokens, d/2]
     cos = np.concatenate([np.cos(angles)] * 2, axis=-1)[:, None, :]
     sin = np.concatenate([np.sin(angles)] * 2, axis=-1)[:, None, :]
@@ -234,8 +265,8 @@ def forward(cfg, w, tokens, cache, start):
             # Qwen3: an RMSNorm over each head of q and k before the rotation.
             q = rms_norm(q, w[f"{p}.self_attn.q_norm.weight"], eps)
             k = rms_norm(k, w[f"{p}.self_attn.k_norm.weight"], eps)
-        q = rope(q, positions, cfg["rope_theta"])
-        k = rope(k, positions, cfg["rope_theta"])
+        q = rope(q, positions, cfg)
+        k = rope(k, positions, cfg)
         keys, values = cache.setdefault(layer, (np.zeros((0, kv_heads, d)), np.zeros((0, kv_heads, d))))
         keys = np.concatenate([keys, k])
         values = np.concatenate([values, v])

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::hf_config::{MAX_EXPERTS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH};
-use super::{Dtype, Family, GroupSize, ModelSpec, WeightFormat, WeightGroup, WeightLayout};
+use super::{Dtype, Family, GroupSize, ModelSpec, RopeScaling, WeightFormat, WeightGroup, WeightLayout};
 use crate::error::{CoreError, Result};
 use crate::gguf::{GgufHeader, Value};
 
@@ -76,6 +76,26 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         Some(other) => return Err(bad(format!("`{arch}.expert_weights_norm` = {other:?} is not true or false"))),
         None => arch != "qwen2moe",
     };
+    // llama.cpp's rope scaling keys; Llama 3.1's comes as the `rope_freqs` tensor instead,
+    // which the engine reads with the weights (`ModelSpec::rope_divisors`).
+    let rope_scaling = match header.get(&format!("{arch}.rope.scaling.type")) {
+        None => None,
+        Some(Value::String(kind)) if kind == "none" => None,
+        Some(Value::String(kind)) if kind == "linear" => match positive("rope.scaling.factor")? {
+            Some(factor) => Some(RopeScaling::Linear { factor }),
+            None => {
+                return Err(bad(format!(
+                    "`{arch}.rope.scaling.type` is linear but `{arch}.rope.scaling.factor` is missing"
+                )))
+            }
+        },
+        Some(other) => {
+            return Err(bad(format!(
+                "`{arch}.rope.scaling.type` = {other:?} is not implemented (Ferry runs linear scaling and a \
+                 `rope_freqs` tensor); computing without it would give another model's outputs"
+            )))
+        }
+    };
     let spec = ModelSpec {
         name: name.to_string(),
         family,
@@ -96,6 +116,8 @@ pub fn from_gguf(header: &GgufHeader, name: &str) -> Result<ModelSpec> {
         head_dim,
         rms_norm_eps: positive("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
         rope_theta: positive("rope.freq_base")?.unwrap_or(10000.0),
+        rope_scaling,
+        rope_divisors: None,
         dtype: float_dtype(header).unwrap_or(Dtype::F16),
         source: origin.clone(),
         stored: None,

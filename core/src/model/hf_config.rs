@@ -1,7 +1,7 @@
 //! Reading a Hugging Face `config.json` into a `ModelSpec`: every key typed and
 //! range-checked, an error naming the file and the key for anything else.
 
-use super::{Dtype, Family, ModelSpec};
+use super::{Dtype, Family, ModelSpec, RopeScaling};
 use crate::error::{CoreError, Result};
 
 /// The largest sizes a `config.json` may give: far above any released model, low
@@ -123,6 +123,8 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             head_dim: None,
             rms_norm_eps: 1e-5,
             rope_theta: 0.0,
+            rope_scaling: None,
+            rope_divisors: None,
             dtype,
             source: origin.to_string(),
             stored: None,
@@ -168,6 +170,17 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             _ => config.need_size("intermediate_size", MAX_WIDTH)?,
         };
         let head_dim = ModelSpec::own_head_dim(config.size("head_dim", MAX_WIDTH)?, hidden, heads);
+        // Llama's optional biases (on q, k, v and o, or on the MLP's three projections)
+        // are not Qwen2's q, k and v biases: refused, not run without them.
+        for key in ["attention_bias", "mlp_bias"] {
+            if family != Family::Qwen2 && config.flag(key)?.unwrap_or(false) {
+                return Err(CoreError::invalid(format!(
+                    "{origin}: '{key}': true is not implemented for {model_type} models (their projections' \
+                     biases); Ferry runs them without biases only"
+                )));
+            }
+        }
+        let positions = config.size("max_position_embeddings", MAX_POSITIONS)?.unwrap_or(4096);
         let experts_per_token = match config.value("num_experts_per_tok").and_then(|v| v.as_u64()) {
             Some(0) => 0,
             _ => config.size("num_experts_per_tok", MAX_EXPERTS)?.unwrap_or(0),
@@ -181,7 +194,7 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             num_heads: heads,
             num_kv_heads: config.size("num_key_value_heads", MAX_WIDTH)?.unwrap_or(heads),
             vocab_size: config.need_size("vocab_size", MAX_VOCAB)?,
-            max_position_embeddings: config.size("max_position_embeddings", MAX_POSITIONS)?.unwrap_or(4096),
+            max_position_embeddings: positions.min(sliding_window(&config, family)?.unwrap_or(u64::MAX)),
             tie_word_embeddings: config.flag("tie_word_embeddings")?.unwrap_or(false),
             num_experts: experts,
             experts_per_token,
@@ -191,6 +204,11 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
             head_dim,
             rms_norm_eps: config.positive("rms_norm_eps")?.unwrap_or(1e-5),
             rope_theta: config.positive("rope_theta")?.unwrap_or(10000.0),
+            rope_scaling: match config.value("rope_scaling") {
+                Some(value) => RopeScaling::from_hf(value, origin)?,
+                None => None,
+            },
+            rope_divisors: None,
             dtype,
             source: origin.to_string(),
             stored: None,
@@ -199,6 +217,23 @@ pub fn from_hf_config(text: &str, origin: &str, name: &str) -> Result<ModelSpec>
     };
     spec.validate().map_err(|e| CoreError::invalid(format!("{origin}: {e}")))?;
     Ok(spec)
+}
+
+/// The attention window of a model that attends only to its last `sliding_window`
+/// positions (Mistral's; Qwen's where `use_sliding_window` is true). The engine
+/// attends to every position, which is the same computation up to the window's
+/// length, so a model read from a config is capped to it: longer runs are refused
+/// as past the model's positions, not computed differently.
+fn sliding_window(config: &HfConfig, family: Family) -> Result<Option<u64>> {
+    let applies = match family {
+        Family::Mistral | Family::Mixtral => true,
+        Family::Qwen2 | Family::Qwen3 => config.flag("use_sliding_window")?.unwrap_or(false),
+        _ => false,
+    };
+    if !applies {
+        return Ok(None);
+    }
+    config.size("sliding_window", MAX_POSITIONS)
 }
 
 /// Ferry models a mixture of experts whose every layer is sparse: Qwen-MoE's

@@ -10,12 +10,14 @@ mod format;
 mod gguf_metadata;
 mod hf_config;
 mod layout;
+mod rope;
 mod routing;
 
 pub use format::{WeightFormat, WeightFormats, DEFAULT_GROUP_SIZE, MAX_GROUP_SIZE, PLANNABLE_BLOCKS};
 pub use gguf_metadata::{float_dtype, from_gguf, gguf_name, group_of, GroupBytes};
 pub use hf_config::from_hf_config;
 pub use layout::{ExpertBytes, GroupSize, SharedLayout, WeightLayout};
+pub use rope::{check_divisors as check_rope_divisors, frequencies as rope_frequencies, RopeScaling};
 pub use routing::ExpertPopularity;
 
 /// Query rows per block when the engine computes attention scores (see
@@ -159,6 +161,13 @@ pub struct ModelSpec {
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
+    /// A checkpoint's long-context change to the rotary frequencies (Llama 3.1's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// A GGUF file's `rope_freqs` tensor: each frequency's divisor, read with the file's
+    /// weights (llama.cpp's converter writes Llama 3.1's scaling so). Never in a catalog file.
+    #[serde(skip)]
+    pub rope_divisors: Option<std::sync::Arc<[f32]>>,
     /// Stored weight type of the released checkpoint.
     #[serde(default = "default_dtype")]
     pub dtype: Dtype,
@@ -233,6 +242,17 @@ impl ModelSpec {
         self.head_dim.unwrap_or(self.hidden_size / self.num_heads)
     }
 
+    /// Each rotary pair's frequency (`rope::frequencies`): θ^(−2i/head_dim), scaled as
+    /// the checkpoint says.
+    pub fn rope_frequencies(&self) -> Vec<f32> {
+        rope::frequencies(
+            self.rope_theta,
+            self.head_dim() as usize,
+            self.rope_scaling.as_ref(),
+            self.rope_divisors.as_deref(),
+        )
+    }
+
     /// A head width a config or file gives, kept only where it is not the implied
     /// hidden / heads (so a model without one of its own stays `None`).
     pub(super) fn own_head_dim(given: Option<u64>, hidden: u64, heads: u64) -> Option<u64> {
@@ -288,6 +308,9 @@ impl ModelSpec {
         }
         if self.family.is_llama_like() && !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return fail("rope_theta must be a positive finite number");
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.check().map_err(|e| CoreError::invalid(format!("model '{}': rope_scaling: {e}", self.name)))?;
         }
         // An upper bound of the parameter count, in 128 bits (each factor below 2^30, so
         // the bound itself cannot overflow), so `params()` cannot overflow.

@@ -192,7 +192,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut DeviceBuffer, r: Rotary, positions: &[usize]) -> Result<(), EngineError> {
-        kernels::rope(host_mut(x)?.as_f32_mut(), r.heads, r.head_dim, positions, r.theta, r.layout);
+        kernels::rope(host_mut(x)?.as_f32_mut(), r.heads, r.head_dim, positions, r.frequencies, r.layout);
         Ok(())
     }
 

@@ -127,12 +127,13 @@ impl KvLayout {
     }
 }
 
-/// A rotary embedding: `heads` heads of `head_dim` per row, base `theta`.
+/// A rotary embedding: `heads` heads of `head_dim` per row, pair i turning by
+/// position × `frequencies[i]` (`ModelSpec::rope_frequencies`).
 #[derive(Debug, Clone, Copy)]
-pub struct Rotary {
+pub struct Rotary<'a> {
     pub heads: usize,
     pub head_dim: usize,
-    pub theta: f32,
+    pub frequencies: &'a [f32],
     pub layout: RopeLayout,
 }
 

@@ -335,10 +335,11 @@ impl<'a> Engine<'a> {
         let d = spec.head_dim() as usize;
         let at = self.positions_of(task)?;
         let positions = self.positions(&at);
+        let frequencies = spec.rope_frequencies();
         let rotary = |heads: u64| Rotary {
             heads: heads as usize,
             head_dim: d,
-            theta: spec.rope_theta as f32,
+            frequencies: &frequencies,
             layout: self.rope_layout_of(task),
         };
         self.backend.rope(&mut q, rotary(spec.num_heads), &positions)?;

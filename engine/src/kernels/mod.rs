@@ -315,10 +315,18 @@ pub enum RopeLayout {
 }
 
 /// Rotary position embedding on each head of each row; `positions[r]` is row r's
-/// position. Pair i turns by position × θ^(−2i/head_dim) in either layout.
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f32, layout: RopeLayout) {
+/// position. Pair i turns by position × `frequencies[i]` in either layout (θ^(−2i/head_dim)
+/// unscaled: `ferry_core::model::rope_frequencies`).
+pub fn rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    frequencies: &[f32],
+    layout: RopeLayout,
+) {
     let half = head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+    assert_eq!(frequencies.len(), half, "rope: {} frequencies for heads of {head_dim}", frequencies.len());
     let (stride, partner) = match layout {
         RopeLayout::Halves => (1, half),
         RopeLayout::Pairs => (2, 1),
@@ -327,7 +335,7 @@ pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], t
     // of the rotation's time: 32 heads of 64 took 4.7 µs).
     let mut turns = vec![(0.0f32, 0.0f32); half];
     for (row, &position) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
-        for (turn, &freq) in turns.iter_mut().zip(&inv_freq) {
+        for (turn, &freq) in turns.iter_mut().zip(frequencies) {
             *turn = (position as f32 * freq).sin_cos();
         }
         for head in row.chunks_exact_mut(head_dim) {
@@ -478,9 +486,10 @@ pub(super) mod tests {
     fn rope_preserves_norm_and_is_identity_at_zero() {
         let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let original = x.clone();
-        rope(&mut x, 2, 8, &[0], 10000.0, RopeLayout::Halves);
+        let frequencies = ferry_core::model::rope_frequencies(10000.0, 8, None, None);
+        rope(&mut x, 2, 8, &[0], &frequencies, RopeLayout::Halves);
         assert_eq!(x, original);
-        rope(&mut x, 2, 8, &[5], 10000.0, RopeLayout::Halves);
+        rope(&mut x, 2, 8, &[5], &frequencies, RopeLayout::Halves);
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
         assert!((norm(&x) - norm(&original)).abs() < 1e-3);
     }

@@ -246,7 +246,7 @@ impl CudaBackend {
         let x = gpu_mut(x)?;
         let width = r.heads * r.head_dim;
         let rows = positions.len().min(floats(x).checked_div(width).unwrap_or(0));
-        let (positions, inv_freq) = launches::rope_tables(&positions[..rows], r.head_dim, r.theta);
+        let (positions, inv_freq) = launches::rope_tables(&positions[..rows], r.frequencies);
         self.on("rope", |scope| {
             let tables = (scope.upload(&positions)?, scope.upload(&inv_freq)?);
             self.launch(scope, launches::rope(x.ptr(), rows, r.heads, r.head_dim, tables, r.layout))

@@ -194,13 +194,14 @@ fn row_kernels_match_the_cpu() {
     // rope over 4 heads of 12.
     let (heads, head_dim) = (4, 12);
     let positions = [0usize, 1, 7, 300, 4095];
-    let (pos, inv_freq) = launches::rope_tables(&positions, head_dim, 10000.0);
+    let frequencies = ferry_core::model::rope_frequencies(10000.0, head_dim, None, None);
+    let (pos, inv_freq) = launches::rope_tables(&positions, &frequencies);
     let tables = (addr(&pos), addr(&inv_freq));
     for layout in [kernels::RopeLayout::Halves, kernels::RopeLayout::Pairs] {
         let mut got = wave(rows * heads * head_dim, 4);
         let mut want = got.clone();
         run(f, launches::rope(addr_mut(&mut got), rows, heads, head_dim, tables, layout));
-        kernels::rope(&mut want, heads, head_dim, &positions, 10000.0, layout);
+        kernels::rope(&mut want, heads, head_dim, &positions, &frequencies, layout);
         assert_near("rope", &got, &want, 1e-6);
     }
 }

@@ -55,11 +55,10 @@ pub(super) fn rms_norm(
 }
 
 /// The rotary tables the rope kernel reads: each row's position as f32 and the
-/// frequencies, computed exactly as `kernels::rope` computes them (so the angles are
-/// bit-identical to the CPU's; only sin and cos run on the GPU).
-pub(super) fn rope_tables(positions: &[usize], head_dim: usize, theta: f32) -> (Vec<f32>, Vec<f32>) {
-    let inv_freq = (0..head_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
-    (positions.iter().map(|&p| p as f32).collect(), inv_freq)
+/// frequencies `kernels::rope` takes (so the angles are bit-identical to the CPU's;
+/// only sin and cos run on the GPU).
+pub(super) fn rope_tables(positions: &[usize], frequencies: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    (positions.iter().map(|&p| p as f32).collect(), frequencies.to_vec())
 }
 
 /// Rotary embedding of `rows` rows of `heads` heads in `layout`, tables from `rope_tables`.
