@@ -11,6 +11,7 @@ numerics for Q8_0, Q4_0 and Q5_0 (its K-quants round x per 256 values instead).
 
 usage: python3 bench/llama_logits.py [FERRY_BINARY] [WORK_DIR]
 """
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,18 @@ CASES = [
     ("test-tiny-qwen2-moe", "q8_0"),
     ("test-tiny", "q5_0"),
     ("test-tiny-moe", "q4_0"),
+    # Q4_K, Q5_K and Q6_K on rows of whole 256-value blocks: llama.cpp's Q4_K_M and
+    # Q5_K_M mixtures (llama.cpp rounds x per 256 values for K-quants, Ferry per 32).
+    ("test-small", "q4_k_m"),
+    ("test-small", "q5_k_m"),
+]
+# Rotary scalings: test-tiny with a scaled config.json, written as GGUF by Ferry
+# (Llama 3.1's as a `rope_freqs` tensor, linear in the metadata), against llama.cpp
+# reading the file. An original context of 16 puts the prompt's 24 positions past it.
+SCALED = [
+    ("llama3", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}),
+    ("linear", {"rope_type": "linear", "factor": 4.0}),
 ]
 PROMPT = 24
 SEED = 1
@@ -57,10 +70,20 @@ def ferry(*args):
 def main():
     os.makedirs(WORK, exist_ok=True)
     print("model                 storage  max |diff| / max |logit|  top token (ferry, llama.cpp)  llama.cpp's top-2 gap / max |logit|")
-    for model, storage in CASES:
-        stem = os.path.join(WORK, f"{model}-{storage}")
+    cases = [(model, storage, None) for model, storage in CASES]
+    cases += [("test-tiny", "f32", scaling) for scaling in SCALED]
+    for model, storage, scaling in cases:
+        stem = os.path.join(WORK, f"{model}-{storage}" + (f"-{scaling[0]}" if scaling else ""))
         gguf = stem + ".gguf"
-        ferry("synth", "--model", model, "--format", "gguf", "--dtype", storage, "--seed", "11", "--out", gguf,
+        source = model
+        if scaling:
+            # The model as a folder whose config.json carries the scaling, then that as GGUF.
+            source = stem + "-folder"
+            ferry("synth", "--model", model, "--dtype", "f32", "--seed", "11", "--out", source, "--force")
+            config = json.load(open(os.path.join(source, "config.json")))
+            config["rope_scaling"] = scaling[1]
+            json.dump(config, open(os.path.join(source, "config.json"), "w"))
+        ferry("synth", "--model", source, "--format", "gguf", "--dtype", storage, "--seed", "11", "--out", gguf,
               "--force")
         ferry("tune", "--gpu", "cpu", "--model", gguf, "--batch", "1", "--prompt-len", str(PROMPT), "--gen-len",
               "1", "--out", stem + ".yaml", "--force")
@@ -78,7 +101,8 @@ def main():
         share = np.abs(ours - theirs).max() / np.abs(theirs).max()
         top2 = np.sort(theirs)[-2:]
         gap = (top2[1] - top2[0]) / np.abs(theirs).max()
-        print(f"{model:<21} {storage:<8} {share:>24.2e}  {int(ours.argmax()):>5}, {int(theirs.argmax()):<5}"
+        label = model + (f" {scaling[0]}" if scaling else "")
+        print(f"{label:<21} {storage:<8} {share:>24.2e}  {int(ours.argmax()):>5}, {int(theirs.argmax()):<5}"
               f"{'':>16}{gap:.2e}")
 
 

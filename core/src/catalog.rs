@@ -152,6 +152,9 @@ impl Catalog {
             let value: ClusterSpec = crate::yaml::read_file(path)?;
             return Ok(Resolved { value, note: None });
         }
+        if (name.starts_with(['.', '/', '~']) || name.ends_with(".yaml") || name.ends_with(".yml")) && !path.exists() {
+            return Err(CoreError::invalid(format!("cluster {name}: no such file")));
+        }
         resolve("cluster", name, &self.clusters, |c| &c.name, &[])
     }
 
@@ -161,8 +164,24 @@ impl Catalog {
         if path.is_file() && name.ends_with(".gguf") {
             return model_from_gguf(path).map(|value| Resolved { value, note: None });
         }
+        if path.is_dir() && !path.join("config.json").exists() {
+            // A folder holding one GGUF file and no config.json, as `ferry run` takes it.
+            if let Some(file) = only_gguf_in(path)? {
+                return model_from_gguf(&file).map(|value| Resolved { value, note: None });
+            }
+        }
         if path.is_dir() || (path.is_file() && name.ends_with(".json")) {
             return model_from_path(path).map(|value| Resolved { value, note: None });
+        }
+        let path_like =
+            name.starts_with(['.', '/', '~']) || [".gguf", ".json", ".safetensors"].iter().any(|e| name.ends_with(e));
+        if path_like && !path.exists() {
+            return Err(CoreError::invalid(format!("model {name}: no such file or folder")));
+        }
+        if path_like && path.is_file() {
+            return Err(CoreError::invalid(format!(
+                "model {name}: give a .gguf file, or the folder holding config.json and the safetensors files"
+            )));
         }
         let by_name = resolve("model", name, &self.models, |m| &m.name, &self.model_aliases);
         if by_name.is_ok() || !name.contains('/') {
@@ -175,6 +194,28 @@ impl Catalog {
     /// Aliases that point at `target`, for listings.
     pub fn aliases_of<'a>(aliases: &'a [Alias], target: &str) -> Vec<&'a str> {
         aliases.iter().filter(|a| a.target == target).map(|a| a.alias.as_str()).collect()
+    }
+}
+
+/// The one `.gguf` file in `dir`, if it holds exactly one (none, or a folder that
+/// cannot be listed: `None`; several are an error naming them).
+pub fn only_gguf_in(dir: &Path) -> Result<Option<std::path::PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut found: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "gguf"))
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(CoreError::invalid(format!(
+            "{} holds several GGUF files ({}); name the one to use",
+            dir.display(),
+            found.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>().join(", ")
+        ))),
     }
 }
 
@@ -425,6 +466,26 @@ mod tests {
         std::fs::write(dir.path().join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
         let err = catalog.model(dir.path().to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("unsupported model_type 'gpt2'"), "{err}");
+    }
+
+    /// A path that does not exist, or a weights file instead of its folder, says so,
+    /// not "unknown model"; a folder holding one GGUF file is that file.
+    #[test]
+    fn model_paths_that_are_not_models_say_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::builtin().unwrap();
+        let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let err = |name: &str| catalog.model(name).map(|_| ()).unwrap_err().to_string();
+        assert!(err(&at("nope.gguf")).contains("no such file or folder"), "{}", err(&at("nope.gguf")));
+        assert!(err("./missing-folder").contains("no such file or folder"));
+        std::fs::write(dir.path().join("model.safetensors"), b"x").unwrap();
+        assert!(err(&at("model.safetensors")).contains("the folder holding config.json"));
+        assert!(err("llama-2-7").contains("did you mean"), "names are still looked up");
+        let two = tempfile::tempdir().unwrap();
+        std::fs::write(two.path().join("a.gguf"), b"GGUF").unwrap();
+        std::fs::write(two.path().join("b.gguf"), b"GGUF").unwrap();
+        let several = err(two.path().to_str().unwrap());
+        assert!(several.contains("several GGUF files (a.gguf, b.gguf)"), "{several}");
     }
 
     #[test]

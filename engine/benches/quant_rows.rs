@@ -7,7 +7,7 @@
 //!
 //! Every format also runs with the activations rounded to 8 bits (`linear_q8`, the
 //! engine's default), over rows in the file's order and interleaved by eights (the
-//! order a run keeps resident weights in), and Q4_0, Q5_0, Q4_K and Q6_K at 64 rows
+//! order a run keeps resident weights in), and Q4_0, Q5_0, Q4_K, Q5_K and Q6_K at 64 rows
 //! (prefill) against the f32 path there (blocks decoded to f32 and multiplied by the
 //! GEMM).
 //!
@@ -103,7 +103,7 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements((m * N * K) as u64));
     let x: Vec<f32> = (0..m * K).map(|i| ((i % 17) as f32 - 8.0) / 64.0).collect();
     let mut out = vec![0.0f32; m * N];
-    for format in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q6K] {
+    for format in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K] {
         let stored = sample_blocks(format, N * K / format.block().0, 7);
         let matrix = QuantMatrix { bytes: &stored, format, rows: N, cols: K, order: BlockOrder::Rows };
         let name = format.name();

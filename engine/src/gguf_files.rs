@@ -131,23 +131,7 @@ fn expert_slice(whole: StoredTensor, expert: u64, experts: u64) -> Result<Stored
 /// The one `.gguf` file in a folder, if it holds exactly one (two are ambiguous: an
 /// error naming them).
 pub fn only_gguf_in(dir: &Path) -> Result<Option<PathBuf>, EngineError> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(None);
-    };
-    let mut found: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "gguf"))
-        .collect();
-    found.sort();
-    match found.len() {
-        0 => Ok(None),
-        1 => Ok(found.pop()),
-        _ => Err(EngineError::Refused(format!(
-            "{} holds several GGUF files ({}); name the one to run",
-            dir.display(),
-            found.iter().filter_map(|p| p.file_name()?.to_str()).collect::<Vec<_>>().join(", ")
-        ))),
-    }
+    Ok(ferry_core::catalog::only_gguf_in(dir)?)
 }
 
 #[cfg(test)]

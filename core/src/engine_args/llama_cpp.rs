@@ -42,6 +42,7 @@ const PARALLEL: &[&str] = &["-np", "--parallel"];
 const PREDICT: &[&str] = &["-n", "--n-predict", "--predict"];
 const CACHE_K: &[&str] = &["-ctk", "--cache-type-k"];
 const CACHE_V: &[&str] = &["-ctv", "--cache-type-v"];
+const SPLIT_MODE: &[&str] = &["-sm", "--split-mode"];
 
 /// Flags that place tensors or split the model in ways a Ferry plan cannot express,
 /// with what they do.
@@ -82,6 +83,14 @@ pub fn parse(args: &[String]) -> Result<LlamaCppArgs> {
     while let Some((flag, inline)) = flags.next_token() {
         let advice =
             "check the command without it, or tune a plan (`ferry tune`) and export it (`ferry export --to llama.cpp`)";
+        // `-sm none`: one GPU, which is what Ferry prices; every other split mode splits.
+        if SPLIT_MODE.contains(&flag) {
+            let value = flags.value(flag, inline.clone())?;
+            if value == "none" {
+                parsed.ignored.push(format!("{flag} none"));
+                continue;
+            }
+        }
         super::refuse_unmodelled(NOT_MODELLED, flag, advice)?;
         let known = [MODEL, GPU_LAYERS, CONTEXT, PARALLEL, PREDICT, CACHE_K, CACHE_V];
         let Some(names) = known.iter().find(|names| names.contains(&flag)) else {
@@ -173,6 +182,8 @@ mod tests {
         assert_eq!(parsed.kv_dtype, Dtype::F32);
         assert_eq!(parsed.ignored, ["--port 8080", "-fa", "-t 8"]);
         assert_eq!(parse(&args("llama-cli -m x --n-gpu-layers all")).unwrap().gpu_layers, Some(u64::MAX));
+        // `-sm none` keeps the model on one GPU: nothing to refuse.
+        assert_eq!(parse(&args("llama-server -m m.gguf -sm none -ngl 9")).unwrap().ignored, ["-sm none"]);
     }
 
     #[test]
@@ -187,6 +198,8 @@ mod tests {
             ("llama-server -m m.gguf -ctk q8_0", "quantized cache"),
             ("llama-server -m m.gguf -ctk f16 -ctv f32", "differ"),
             ("llama-server m.gguf", "not a flag"),
+            ("llama-server -m m.gguf -sm layer", "-sm splits the model"),
+            ("llama-server -m m.gguf --split-mode=row", "--split-mode splits the model"),
         ] {
             let error = parse(&args(line)).unwrap_err().to_string();
             assert!(error.contains(expected), "{line}: {error}");

@@ -219,6 +219,17 @@ mod tests {
         }
     }
 
+    /// The catalog's Llama 3.1 models carry their configs' scaling, so a model
+    /// synthesized from them computes as the released one does.
+    #[test]
+    fn the_catalogs_llama_3_1_models_carry_their_scaling() {
+        let catalog = crate::catalog::Catalog::builtin().unwrap();
+        for name in ["llama-3.1-8b", "llama-3.1-70b"] {
+            assert_eq!(catalog.model(name).unwrap().value.rope_scaling, Some(llama3()), "{name}");
+        }
+        assert_eq!(catalog.model("llama-2-7b").unwrap().value.rope_scaling, None);
+    }
+
     #[test]
     fn a_files_divisors_must_be_one_positive_number_per_frequency() {
         assert!(check_divisors(&[1.0; 64], 128).is_ok());

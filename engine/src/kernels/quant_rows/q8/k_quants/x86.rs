@@ -70,8 +70,8 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     unsafe {
         if M >= 3 {
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && KIND == K4 {
-            q4_k_one_row::<VNNI>(weights, strides, x, k, dots)
+        } else if M == 1 && KIND != K6 {
+            q4_k_one_row::<KIND, VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
         }
@@ -157,14 +157,22 @@ unsafe fn q5_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
     unsafe {
         let packed = _mm256_loadu_si256(block.add(48 + 32 * (c / 2)).cast());
         let nibbles = _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4);
-        let bits = _mm256_loadu_si256(block.add(16).cast());
-        // Bit c to bit 4 (16-bit shifts: a bit carried across bytes falls outside the mask).
+        _mm256_or_si256(nibbles, fifth_bits(_mm256_loadu_si256(block.add(16).cast()), c))
+    }
+}
+
+/// Bit `c` of each byte of `bits` as that byte's bit 4, the rest zero (16-bit shifts:
+/// a bit carried across bytes falls outside the mask).
+#[inline(always)]
+unsafe fn fifth_bits(bits: __m256i, c: usize) -> __m256i {
+    // SAFETY: AVX2 is present where this is inlined.
+    unsafe {
         let moved = if c <= 4 {
             _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - c as i32))
         } else {
             _mm256_srl_epi16(bits, _mm_cvtsi32_si128(c as i32 - 4))
         };
-        _mm256_or_si256(nibbles, _mm256_and_si256(moved, _mm256_set1_epi8(0x10)))
+        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
     }
 }
 
@@ -275,15 +283,17 @@ unsafe fn scale_column<const KIND: u8>(columns: &[__m128i; 8], t: usize) -> __m2
     }
 }
 
-/// `eight` for Q4_K and one row of x (batch-1 decoding), two weight rows to a
-/// vector as `q8::x86`'s `q4_0_one_row` does: a 32-byte chunk of values holds
+/// `eight` for Q4_K (or Q5_K) and one row of x (batch-1 decoding), two weight rows
+/// to a vector as `q8::x86`'s `q4_0_one_row` does: a 32-byte chunk of values holds
 /// block 2j in its low nibbles and block 2j + 1 in its high ones, so rows p and
 /// p + 4's chunk halves side by side give both blocks' sums for the two rows from
 /// two loads, and the eight rows reduce from four vectors per block, not eight.
+/// Q5_K's fifth bits come from the same 16-byte halves of its 32 bytes of them.
 /// The integers are `row_totals`' (the block's two halves added, as `accumulate`
-/// adds them) and the float steps `accumulate`'s: the same bits.
+/// adds them; two pairs' sum at most 2 · 2 · 31 · 127 < 2¹⁵) and the float steps
+/// `accumulate`'s: the same bits.
 #[inline(always)]
-unsafe fn q4_k_one_row<const VNNI: bool>(
+unsafe fn q4_k_one_row<const KIND: u8, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     x: &QuantizedX,
@@ -310,10 +320,21 @@ unsafe fn q4_k_one_row<const VNNI: bool>(
                 // as (low, high) nibbles. Two pairs' sum is at most 2 · 2 · 15 · 127.
                 let mut even = [_mm256_setzero_si256(); 4];
                 let mut odd = [_mm256_setzero_si256(); 4];
+                let nibbles = if KIND == K5 { 48 } else { 16 };
                 for p in 0..4 {
-                    let values = |r: usize, half: usize| at(r).add(16 + 32 * chunk + 16 * half);
-                    let (low_a, high_a) = paired_nibbles(values(p, 0), values(p + 4, 0), nibble);
-                    let (low_b, high_b) = paired_nibbles(values(p, 1), values(p + 4, 1), nibble);
+                    let values = |r: usize, half: usize| at(r).add(nibbles + 32 * chunk + 16 * half);
+                    let (mut low_a, mut high_a) = paired_nibbles(values(p, 0), values(p + 4, 0), nibble);
+                    let (mut low_b, mut high_b) = paired_nibbles(values(p, 1), values(p + 4, 1), nibble);
+                    if KIND == K5 {
+                        let bits = |half: usize| {
+                            _mm256_loadu2_m128i(at(p + 4).add(16 + 16 * half).cast(), at(p).add(16 + 16 * half).cast())
+                        };
+                        let (bits_a, bits_b) = (bits(0), bits(1));
+                        low_a = _mm256_or_si256(low_a, fifth_bits(bits_a, 2 * chunk));
+                        high_a = _mm256_or_si256(high_a, fifth_bits(bits_a, 2 * chunk + 1));
+                        low_b = _mm256_or_si256(low_b, fifth_bits(bits_b, 2 * chunk));
+                        high_b = _mm256_or_si256(high_b, fifth_bits(bits_b, 2 * chunk + 1));
+                    }
                     even[p] = pair_sums::<VNNI>(low_a, x0_low, low_b, x0_high);
                     odd[p] = pair_sums::<VNNI>(high_a, x1_low, high_b, x1_high);
                 }
