@@ -41,7 +41,10 @@ pub(crate) fn best_split(
     let mut frontier: Vec<Vec<Vec<Point>>> = vec![vec![Vec::new(); n + 1]; devices + 1];
     frontier[0][0].push(Point { max: 0.0, sum: 0.0, layers: 0, from: 0 });
     for i in 0..devices {
-        for start in 0..=n {
+        // Later starts first: of splits that tie, the first reached is kept, so the
+        // earlier devices keep the layers (a plan that fits on the first machine of a
+        // cluster runs there, as the head, not on an equal one across a link).
+        for start in (0..=n).rev() {
             if frontier[i][start].is_empty() {
                 continue;
             }
@@ -167,6 +170,15 @@ mod tests {
                 other => panic!("{speeds:?} {fits:?}: {other:?}"),
             }
         }
+    }
+
+    /// One stage is as fast on any of three equal devices: the first holds it (the
+    /// machine `ferry run` runs on), not an equal one across a link.
+    #[test]
+    fn ties_keep_the_layers_on_the_earlier_devices() {
+        // Each stage costs one more than its layers: splitting never pays.
+        let mut cost = |_: usize, _: u64, take: u64| Some(take as f64 + 1.0);
+        assert_eq!(best_split(3, 4, 1, &mut cost).unwrap().0, [4, 0, 0]);
     }
 
     #[test]
