@@ -152,6 +152,14 @@ fn vllm_serve_is_checked_within_its_share_of_the_gpu() {
         "vllm serve meta-llama/Llama-2-13b-chat-hf --cpu-offload-gb 8 --max-model-len 2048 --max-num-seqs 16 --port 8000",
     );
     assert_eq!(by_repository, offloaded);
+    // Its server by the older module name is the same command.
+    let (_, by_module) = check_json(
+        dir.path(),
+        "rtx4090",
+        "python3 -m vllm.entrypoints.openai.api_server --model meta-llama/Llama-2-13b-chat-hf --cpu-offload-gb 8 \
+         --max-model-len 2048 --max-num-seqs 16 --port 8000",
+    );
+    assert_eq!(by_module, offloaded);
     // What it cannot model is refused by name.
     let out = ferry(dir.path(), &["check", "--gpu", "rtx4090", "--", "vllm", "serve", "llama-2-13b", "-tp", "2"]);
     assert_eq!(out.status.code(), Some(2));

@@ -76,7 +76,13 @@ struct Shape {
     speed: Workload,
 }
 
-pub fn run(args: CheckArgs) -> Result<u8> {
+pub fn run(mut args: CheckArgs) -> Result<u8> {
+    // `python -m vllm.entrypoints.openai.api_server --model M ...` is `vllm serve` by its old name.
+    if let [python, m, module, rest @ ..] = &args.command[..] {
+        if python.contains("python") && m == "-m" && module.starts_with("vllm.entrypoints") {
+            args.command = ["vllm".to_string(), "serve".to_string()].into_iter().chain(rest.iter().cloned()).collect();
+        }
+    }
     if args.command.first().is_some_and(|program| program.ends_with("vllm")) {
         let command = ferry_core::engine_args::vllm::parse(&args.command)?;
         let (named, profile) = setting(&args, &command.model)?;

@@ -68,6 +68,13 @@ pub fn parse(args: &[String]) -> Result<LlamaCppArgs> {
     let Some((program, rest)) = args.split_first() else {
         return Err(CoreError::invalid("no command given: put the llama.cpp command line after `--`"));
     };
+    let name = std::path::Path::new(program).file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    if !(name.starts_with("llama") || name == "main" || name == "server") {
+        return Err(CoreError::invalid(format!(
+            "'{program}' is not a llama.cpp program (llama-server, llama-cli, ...) or `vllm serve`: `ferry check` \
+             reads those two engines' command lines"
+        )));
+    }
     let mut parsed = LlamaCppArgs {
         program: program.clone(),
         model: String::new(),
@@ -199,6 +206,7 @@ mod tests {
             ("llama-server -m m.gguf -ctk f16 -ctv f32", "differ"),
             ("llama-server m.gguf", "not a flag"),
             ("llama-server -m m.gguf -sm layer", "-sm splits the model"),
+            ("ollama run m.gguf", "'ollama' is not a llama.cpp program"),
             ("llama-server -m m.gguf --split-mode=row", "--split-mode splits the model"),
         ] {
             let error = parse(&args(line)).unwrap_err().to_string();
