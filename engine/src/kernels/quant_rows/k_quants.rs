@@ -338,19 +338,27 @@ pub(super) unsafe fn f16_at(at: *const u8) -> f32 {
     }
 }
 
-/// Bit `j` of each byte of `bits` as that byte's bit 4 (16-bit shifts: a bit carried
-/// across bytes falls outside the mask).
+/// Bit `c` of each byte of `bits` as that byte's bit 4, the rest zero (16-bit shifts:
+/// a bit carried across bytes falls outside the mask): Q5_K's fifth bits, for these
+/// kernels and the 8-bit ones (`q8::k_quants::x86`).
 #[inline(always)]
-unsafe fn fifth_bit(bits: __m128i, j: usize) -> __m128i {
-    // SAFETY: SSE2 is part of x86_64.
+pub(super) unsafe fn fifth_bits(bits: __m256i, c: usize) -> __m256i {
+    // SAFETY: AVX2 is present where this is inlined.
     unsafe {
-        let moved = if j <= 4 {
-            _mm_sll_epi16(bits, _mm_cvtsi32_si128(4 - j as i32))
+        let moved = if c <= 4 {
+            _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - c as i32))
         } else {
-            _mm_srl_epi16(bits, _mm_cvtsi32_si128(j as i32 - 4))
+            _mm256_srl_epi16(bits, _mm_cvtsi32_si128(c as i32 - 4))
         };
-        _mm_and_si128(moved, _mm_set1_epi8(0x10))
+        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
     }
+}
+
+/// `fifth_bits` of 16 bytes.
+#[inline(always)]
+unsafe fn fifth_bits_128(bits: __m128i, c: usize) -> __m128i {
+    // SAFETY: AVX2 is present where this is inlined; only the defined low half is kept.
+    unsafe { _mm256_castsi256_si128(fifth_bits(_mm256_castsi128_si256(bits), c)) }
 }
 
 /// Eight f32 of `bytes` (unsigned, or signed) times `factor` into `out`.
@@ -408,7 +416,7 @@ impl<const FIFTH: bool> QK<FIFTH> {
                 return (low, high);
             }
             let bits = _mm_loadu_si128(block.add(16 + l0).cast());
-            (_mm_or_si128(low, fifth_bit(bits, 2 * c)), _mm_or_si128(high, fifth_bit(bits, 2 * c + 1)))
+            (_mm_or_si128(low, fifth_bits_128(bits, 2 * c)), _mm_or_si128(high, fifth_bits_128(bits, 2 * c + 1)))
         }
     }
 

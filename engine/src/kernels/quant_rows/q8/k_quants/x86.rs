@@ -9,6 +9,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::super::k_quants::fifth_bits;
 use super::super::x86::{
     block_at, broadcast_halves, f16_scales, fetch_ahead, pair_sums, paired_nibbles, prefetch_next_rows, reduce_halves,
     reduce_paired, store, transpose_groups,
@@ -158,21 +159,6 @@ unsafe fn q5_k_weights(block: *const u8, c: usize, low4: __m256i) -> __m256i {
         let packed = _mm256_loadu_si256(block.add(48 + 32 * (c / 2)).cast());
         let nibbles = _mm256_and_si256(_mm256_srl_epi16(packed, _mm_cvtsi32_si128(4 * (c % 2) as i32)), low4);
         _mm256_or_si256(nibbles, fifth_bits(_mm256_loadu_si256(block.add(16).cast()), c))
-    }
-}
-
-/// Bit `c` of each byte of `bits` as that byte's bit 4, the rest zero (16-bit shifts:
-/// a bit carried across bytes falls outside the mask).
-#[inline(always)]
-unsafe fn fifth_bits(bits: __m256i, c: usize) -> __m256i {
-    // SAFETY: AVX2 is present where this is inlined.
-    unsafe {
-        let moved = if c <= 4 {
-            _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - c as i32))
-        } else {
-            _mm256_srl_epi16(bits, _mm_cvtsi32_si128(c as i32 - 4))
-        };
-        _mm256_and_si256(moved, _mm256_set1_epi8(0x10))
     }
 }
 
