@@ -167,4 +167,11 @@ fn a_plan_over_two_machines_runs_as_two_processes_with_the_tokens_of_one() {
         "{}",
         text(&out.stderr)
     );
+    // A worker for a node the plan does not have, or for a plan of one machine: refused.
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--worker", "7=127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no node 7; its other machines are node 1"), "{}", text(&out.stderr));
+    let out = ferry(dir.path(), &["run", "--model-dir", "tiny", "--plan", "one.yaml", "--worker", "1=127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("this plan runs on one machine"), "{}", text(&out.stderr));
 }

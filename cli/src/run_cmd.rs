@@ -246,6 +246,13 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     };
     let others = crate::stages_cmd::other_hosts(&graph, &resolved.profile, policy);
     let report = if others.is_empty() {
+        if let Some(worker) = args.worker.first() {
+            return Err(CoreError::invalid(format!(
+                "--worker {worker}: this plan runs on one machine; stage workers serve the other machines of a plan \
+                 over several (tune one with --cluster or --gpu A,B --link L)"
+            ))
+            .into());
+        }
         run(&graph, policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?
     } else {
         run_over_machines(&args, &others, &graph, &resolved, &files, backend.as_ref(), &options)?
@@ -299,6 +306,14 @@ fn run_over_machines(
     }
     let given: Vec<(u16, String)> =
         args.worker.iter().map(|w| crate::stages_cmd::parse_worker(w)).collect::<Result<_>>()?;
+    if let Some((node, _)) = given.iter().find(|(node, _)| !others.contains(node)) {
+        let nodes: Vec<String> = others.iter().map(|n| n.to_string()).collect();
+        return Err(CoreError::invalid(format!(
+            "--worker {node}=...: the plan has no node {node}; its other machines are node {}",
+            nodes.join(", node ")
+        ))
+        .into());
+    }
     let local = if given.is_empty() {
         let (model_dir, scratch_dir) = (Some(args.model_dir.as_path()), args.scratch_dir.as_deref());
         Some(crate::stages_cmd::LocalWorkers::start(others, model_dir, scratch_dir, args.activations)?)

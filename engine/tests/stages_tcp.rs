@@ -291,3 +291,25 @@ fn a_worker_that_joins_before_the_head_connects_is_kept_for_the_run() {
     finished.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_same(&reference, &report, "a worker joined before the head");
 }
+
+/// A client that greets and then says nothing does not hold the worker: `serve` gives
+/// up on it within the connection timeout (checked from another thread, so that a
+/// worker that waits forever fails the test instead of hanging it).
+#[test]
+fn a_connection_that_stops_after_the_greeting_is_dropped_within_the_timeout() {
+    use std::io::Write;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let mut silent = std::net::TcpStream::connect(address).unwrap();
+    silent.write_all(ferry_engine::stages::wire::MAGIC).unwrap();
+    let (done, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let backend = CpuBackend::default();
+        let worker = Worker { files: None, backend: &backend, scratch_dir: std::env::temp_dir() };
+        let _ = done.send(serve(&listener, &worker).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let limit = ferry_engine::stages::CONNECT_TIMEOUT + std::time::Duration::from_secs(5);
+    let err = outcome.recv_timeout(limit).expect("the worker still waits on the silent client").unwrap_err();
+    assert!(err.contains("could not read"), "{err}");
+    drop(silent);
+}

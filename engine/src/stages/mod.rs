@@ -299,7 +299,9 @@ pub fn accept(listener: &TcpListener) -> Result<(Peer, Role), EngineError> {
     if &magic != wire::MAGIC {
         return Err(EngineError::Network(format!("{address} is not a ferry stage process (wrong greeting)")));
     }
-    let _ = reading.set_read_timeout(None);
+    // The greeting's message too must come within the timeout (the socket's option,
+    // shared by every handle): a client that sends the magic bytes and then nothing
+    // would otherwise hold this worker, which accepts one connection at a time, forever.
     let mut peer = Peer::new(0, address.clone(), stream)?;
     let role = match peer.receive()? {
         Some(Message::Hello { host }) => {
@@ -314,6 +316,7 @@ pub fn accept(listener: &TcpListener) -> Result<(Peer, Role), EngineError> {
             return Err(EngineError::Network(format!("{address} greeted with {other:?} instead of its host")));
         }
     };
+    let _ = reading.set_read_timeout(None);
     Ok((peer, role))
 }
 
