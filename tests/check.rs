@@ -152,6 +152,16 @@ fn vllm_serve_is_checked_within_its_share_of_the_gpu() {
         "vllm serve meta-llama/Llama-2-13b-chat-hf --cpu-offload-gb 8 --max-model-len 2048 --max-num-seqs 16 --port 8000",
     );
     assert_eq!(by_repository, offloaded);
+    // `--dtype float32` loads the weights in f32: twice the bytes, fewer cache tokens.
+    let (_, half) = check_json(dir.path(), "a100-80gb", "vllm serve llama-2-7b --max-model-len 2048 --max-num-seqs 8");
+    let (_, float) = check_json(
+        dir.path(),
+        "a100-80gb",
+        "vllm serve llama-2-7b --max-model-len 2048 --max-num-seqs 8 --dtype float32",
+    );
+    let needs = |json: &serde_json::Value| device(json)["needs_bytes"].as_u64().unwrap() as f64;
+    assert!(needs(&float) > 1.8 * needs(&half), "{} against {}", needs(&float), needs(&half));
+    assert!(float["kv_cache_tokens"].as_u64() < half["kv_cache_tokens"].as_u64());
     // Its server by the older module name is the same command.
     let (_, by_module) = check_json(
         dir.path(),

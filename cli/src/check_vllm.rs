@@ -31,7 +31,11 @@ pub(crate) fn run(
 ) -> Result<u8> {
     let max_len = max_model_len(command, model, profile)?;
     let (profile, usable) = gpu_share(profile, command.gpu_memory_utilization);
-    let formats = crate::tune_formats::requested(None, model)?.swap_remove(0);
+    let mut formats = crate::tune_formats::requested(None, model)?.swap_remove(0);
+    // `--dtype` converts float weights as vLLM loads them; a quantized file keeps its blocks.
+    if let (Some(dtype), Some(_)) = (command.dtype, formats.uniform_float()) {
+        formats = ferry_core::model::WeightFormats::float(dtype).unwrap_or(formats);
+    }
     let kv_dtype = crate::tune_formats::kv_dtype(&formats);
     let (offloaded, approximation) = offloaded_layers(model, &formats, command.cpu_offload_gib);
     if command.cpu_offload_gib > 0.0 {

@@ -4,7 +4,7 @@
 //! inverse of `export::vllm`, for `ferry check`.
 //!
 //! As with llama.cpp, flags Ferry's model cannot follow (tensor or pipeline
-//! parallelism, quantization methods, fp8 caches, speculative decoding) are refused by
+//! parallelism, quantization methods, 8-bit KV caches, speculative decoding) are refused by
 //! name; flags without effect on memory or placement are listed as ignored.
 
 use crate::error::{CoreError, Result};
@@ -22,6 +22,9 @@ pub struct VllmArgs {
     pub max_model_len: Option<u64>,
     /// `--max-num-seqs`: the most sequences batched together (`None`: not given).
     pub max_num_seqs: Option<u64>,
+    /// `--dtype`: the weights' (and so the KV cache's) float type (`None`: `auto`, the
+    /// model's own).
+    pub dtype: Option<crate::model::Dtype>,
     /// Flags read but without effect on memory or placement, for the report.
     pub ignored: Vec<String>,
 }
@@ -31,6 +34,8 @@ const OFFLOAD: &[&str] = &["--cpu-offload-gb"];
 const UTILIZATION: &[&str] = &["--gpu-memory-utilization"];
 const MAX_LEN: &[&str] = &["--max-model-len"];
 const MAX_SEQS: &[&str] = &["--max-num-seqs"];
+const DTYPE: &[&str] = &["--dtype"];
+const KV_DTYPE: &[&str] = &["--kv-cache-dtype"];
 
 /// Flags Ferry's model of vLLM cannot follow, with what they do.
 const NOT_MODELLED: &[(&[&str], &str)] = &[
@@ -55,6 +60,7 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
         gpu_memory_utilization: 0.9,
         max_model_len: None,
         max_num_seqs: None,
+        dtype: None,
         ignored: Vec::new(),
     };
     let mut flags = super::Flags::new(rest);
@@ -67,7 +73,7 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
             continue;
         }
         super::refuse_unmodelled(NOT_MODELLED, flag, "check the command without it")?;
-        let known = [MODEL, OFFLOAD, UTILIZATION, MAX_LEN, MAX_SEQS];
+        let known = [MODEL, OFFLOAD, UTILIZATION, MAX_LEN, MAX_SEQS, DTYPE, KV_DTYPE];
         let Some(names) = known.iter().find(|names| names.contains(&flag)) else {
             parsed.ignored.push(flags.ignored(flag, inline));
             continue;
@@ -83,13 +89,38 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
             OFFLOAD => parsed.cpu_offload_gib = number((0.0, 1e6))?,
             UTILIZATION => parsed.gpu_memory_utilization = number((0.01, 1.0))?,
             MAX_LEN => parsed.max_model_len = Some(number((2.0, 1e9))? as u64),
-            _ => parsed.max_num_seqs = Some(number((1.0, 1e6))? as u64),
+            MAX_SEQS => parsed.max_num_seqs = Some(number((1.0, 1e6))? as u64),
+            DTYPE => parsed.dtype = dtype(flag, &value)?,
+            // `auto`: the weights' type, which `--dtype` sets; anything else is an fp8 cache.
+            _ if value == "auto" => {}
+            _ => {
+                return Err(CoreError::invalid(format!(
+                    "{flag} {value}: an 8-bit KV cache is not modelled (Ferry prices f16, bf16 and f32 caches); \
+                     check the command without it"
+                )))
+            }
         }
     }
     if parsed.model.is_empty() {
         return Err(CoreError::invalid("the command names no model: vllm serve MODEL"));
     }
     Ok(parsed)
+}
+
+/// vLLM's `--dtype` names: `None` for `auto`.
+fn dtype(flag: &str, value: &str) -> Result<Option<crate::model::Dtype>> {
+    use crate::model::Dtype;
+    Ok(match value {
+        "auto" => None,
+        "half" | "float16" => Some(Dtype::F16),
+        "bfloat16" => Some(Dtype::Bf16),
+        "float" | "float32" => Some(Dtype::F32),
+        other => {
+            return Err(CoreError::invalid(format!(
+                "{flag} {other}: vLLM takes auto, half, float16, bfloat16, float or float32"
+            )))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -111,6 +142,9 @@ mod tests {
         assert_eq!((parsed.cpu_offload_gib, parsed.gpu_memory_utilization), (10.0, 0.85));
         assert_eq!((parsed.max_model_len, parsed.max_num_seqs), (Some(4096), Some(8)));
         assert_eq!(parsed.ignored, ["--port 8000", "--enforce-eager"]);
+        let typed = parse(&args("vllm serve m --dtype float32 --kv-cache-dtype auto")).unwrap();
+        assert_eq!(typed.dtype, Some(crate::model::Dtype::F32));
+        assert!(typed.ignored.is_empty(), "{:?}", typed.ignored);
         let defaults = parse(&args("vllm serve m")).unwrap();
         assert_eq!((defaults.cpu_offload_gib, defaults.gpu_memory_utilization), (0.0, 0.9));
     }
@@ -125,6 +159,8 @@ mod tests {
             ("vllm serve m n", "one model"),
             ("vllm serve --port 1", "names no model"),
             ("llama-server -m m", "vllm serve"),
+            ("vllm serve m --kv-cache-dtype fp8", "8-bit KV cache is not modelled"),
+            ("vllm serve m --dtype int8", "vLLM takes auto"),
         ] {
             let error = parse(&args(line)).unwrap_err().to_string();
             assert!(error.contains(expected), "{line}: {error}");
