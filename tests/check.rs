@@ -175,3 +175,19 @@ fn vllm_serve_is_checked_within_its_share_of_the_gpu() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("several GPUs"), "{}", text(&out.stderr));
 }
+
+/// A request longer than a sequence's context is shortened and the note says to what;
+/// a zero-length request is refused, as `tune` refuses it.
+#[test]
+fn a_request_past_the_context_is_shortened_with_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferry(
+        dir.path(),
+        &["check", "--gpu", "rtx3060", "--", "llama-server", "-m", "7b", "-c", "2048", "-n", "100000"],
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("the speed is predicted for a prompt of 1 and 2047 new tokens"), "{err}");
+    let out = ferry(dir.path(), &["check", "--gpu", "rtx3060", "--prompt-len", "0", "--", "llama-server", "-m", "7b"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("must be at least 1"), "{}", text(&out.stderr));
+}

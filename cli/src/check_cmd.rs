@@ -253,8 +253,20 @@ fn shape(
         ));
     }
     let usable = context_per_sequence.min(positions);
-    let gen_len = command.predict.or(args.gen_len).unwrap_or(128).clamp(1, usable - 1);
+    if args.prompt_len == 0 || args.gen_len == Some(0) {
+        return Err(CoreError::invalid("--prompt-len and --gen-len must be at least 1").into());
+    }
+    let asked_gen = command.predict.or(args.gen_len).unwrap_or(128);
+    let gen_len = asked_gen.clamp(1, usable - 1);
     let prompt_len = args.prompt_len.clamp(1, usable - gen_len);
+    // A request longer than a sequence's context is shortened to fit it, and said so.
+    if (gen_len, prompt_len) != (asked_gen, args.prompt_len) {
+        notes.push(format!(
+            "a prompt of {} and {asked_gen} new tokens do not fit a sequence's {usable} tokens of context: the speed \
+             is predicted for a prompt of {prompt_len} and {gen_len} new tokens",
+            args.prompt_len
+        ));
+    }
     let speed = Workload { batch_size: sequences, prompt_len, gen_len };
     Ok(Shape { gpu_layers, context_per_sequence, sequences, speed })
 }
