@@ -483,3 +483,31 @@ fn validate_with_several_runs_reports_the_run_of_median_error() {
     assert!(text(&out.stderr).contains("--runs"), "{}", text(&out.stderr));
     assert!(out.stdout.is_empty());
 }
+
+/// A scratch folder is made inside an existing one, not as a whole new path; plots are
+/// not drawn "into" a file.
+#[test]
+fn outputs_that_name_the_wrong_kind_of_path_are_refused() {
+    let dir = setup();
+    std::fs::write(dir.path().join("plan.yaml"), disk_kv_plan()).unwrap();
+    let run = |scratch: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["run", "--model-dir", "tiny", "--plan", "plan.yaml", "--json", "--scratch-dir", scratch])
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run("no/such/place");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--scratch-dir no/such does not exist"));
+    assert!(!dir.path().join("no").exists(), "no folders made");
+    std::fs::write(dir.path().join("mine.txt"), "mine").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["tune", "--gpu", "rtx3060", "--model", "7b", "--plots", "mine.txt"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mine.txt is a file"));
+    assert_eq!(std::fs::read_to_string(dir.path().join("mine.txt")).unwrap(), "mine");
+}

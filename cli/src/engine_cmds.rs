@@ -245,7 +245,7 @@ pub struct ProfileArgs {
 
 /// `ferry profile`'s `--scratch-dir` must exist: the disk it is on is the one measured,
 /// so a mistyped path must not quietly put the scratch file on another disk.
-fn existing_scratch_dir(dir: &std::path::Path, what: &str) -> Result<()> {
+pub(crate) fn existing_scratch_dir(dir: &std::path::Path, what: &str) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }

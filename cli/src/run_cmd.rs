@@ -223,6 +223,17 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     let (workload, policy) = (resolved.plan.workload, &resolved.plan.policy);
     // Refused before anything is set up (the engine checks again when it runs).
     ferry_engine::check_weight_format(policy)?;
+    // A new scratch folder is made in an existing one, not a whole path of them (a
+    // mistyped path would otherwise become folders on whatever disk it names).
+    if let Some(dir) = &args.scratch_dir {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.exists() && !parent.is_dir() {
+            crate::engine_cmds::existing_scratch_dir(parent, "the scratch folder")?;
+        }
+        if dir.exists() && !dir.is_dir() {
+            crate::engine_cmds::existing_scratch_dir(dir, "the KV cache's disk tier")?;
+        }
+    }
     let graph = lower(policy, &files.spec, &workload, &resolved.profile, &Steps::Bound)?;
     let recheck = args.recheck_disk.then(|| disk_recheck_file(&args.model_dir)).transpose()?;
     let recheck = recheck.map(|file| (file, policy.chunk_bytes, policy.io_queue_depth));

@@ -82,6 +82,13 @@ const PALETTE: [RGBColor; 8] = [
 /// none may be a symbolic link, and none may exist unless `force`.
 pub fn prepare(dir: &Path, stems: &[&str], force: bool) -> Result<(), ReportError> {
     ferry_core::atomic::refuse_symlink(dir)?;
+    if dir.exists() && !dir.is_dir() {
+        return Err(ferry_core::CoreError::invalid(format!(
+            "{} is a file; the plots go into a folder of that name (give another name, or remove the file)",
+            dir.display()
+        ))
+        .into());
+    }
     std::fs::create_dir_all(dir).map_err(|source| ferry_core::CoreError::io(dir, source))?;
     for stem in stems {
         for ext in ["png", "svg"] {
