@@ -196,7 +196,7 @@ impl GgufHeader {
         let kv_count = r.u64().map_err(&bad)?;
         let mut metadata = BTreeMap::new();
         for index in 0..kv_count {
-            let key = r.string().map_err(|e| bad(format!("metadata entry {index}: {e}")))?;
+            let key = r.name().map_err(|e| bad(format!("metadata entry {index}: {e}")))?;
             let value = r.value(0).map_err(|e| bad(format!("metadata `{key}`: {e}")))?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(bad(format!("metadata `{key}` appears twice")));
@@ -357,6 +357,16 @@ impl<'a> Reader<'a> {
         String::from_utf8(bytes.to_vec()).map_err(|_| "a string is not valid UTF-8".to_string())
     }
 
+    /// A key or tensor name: a string without control characters (a corrupt one
+    /// would otherwise reach the terminal raw in every message that names it).
+    fn name(&mut self) -> Result<String, String> {
+        let name = self.string()?;
+        if name.chars().any(char::is_control) {
+            return Err(format!("a name holds control characters (\"{}\"): corrupt", name.escape_debug()));
+        }
+        Ok(name)
+    }
+
     fn value(&mut self, depth: usize) -> Result<Value, String> {
         let kind = self.u32()?;
         self.value_of(kind, depth)
@@ -398,7 +408,7 @@ impl<'a> Reader<'a> {
 
     /// (name, dims, ggml type id, offset).
     fn tensor_info(&mut self) -> Result<(String, Vec<u64>, u32, u64), String> {
-        let name = self.string()?;
+        let name = self.name()?;
         let n_dims = self.u32()?;
         if !(1..=MAX_DIMS).contains(&n_dims) {
             return Err(format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS})"));

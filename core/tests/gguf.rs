@@ -181,6 +181,12 @@ fn malformed_headers_are_errors_naming_what_is_wrong() {
     assert!(error(&twice.bytes()).contains("`a` appears twice"));
     let key_twice = Builder::new().meta_u32("k", 1).meta_u32("k", 2);
     assert!(error(&key_twice.bytes()).contains("`k` appears twice"));
+    // Control characters in a name are corruption, and shown escaped, not raw.
+    let garbled = error(&Builder::new().meta_u32("general.\u{1b}[2Jx\0", 1).bytes());
+    assert!(garbled.contains("control characters") && garbled.contains("\\u{1b}"), "{garbled}");
+    assert!(!garbled.contains('\u{1b}'), "{garbled}");
+    let garbled = error(&Builder::new().tensor("a\nb", &[8], "F32").bytes());
+    assert!(garbled.contains("control characters") && garbled.contains("a\\nb"), "{garbled}");
 }
 
 const BOUND: Duration = Duration::from_secs(2);
