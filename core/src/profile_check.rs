@@ -30,7 +30,18 @@ fn check_range(field: &str, value: f64, (lo, hi): (f64, f64), unit: &str) -> Res
     if value.is_finite() && value >= lo && value <= hi {
         Ok(())
     } else {
-        Err(out_of_range(field, format!("{value:e}"), &format!("{unit} between {lo:e} and {hi:e}")))
+        Err(out_of_range(field, readable(value), &format!("{unit} between {} and {}", readable(lo), readable(hi))))
+    }
+}
+
+/// A number as people write it: plainly from 0.001 to a million, else in exponent form
+/// (`2.5e12`), never `0e0`.
+fn readable(value: f64) -> String {
+    let magnitude = value.abs();
+    if value == 0.0 || !value.is_finite() || (1e-3..1e6).contains(&magnitude) {
+        format!("{value}")
+    } else {
+        format!("{value:e}")
     }
 }
 
@@ -233,6 +244,17 @@ mod tests {
         let gpu = catalog.gpu("cpu").unwrap().value;
         let host = catalog.host(&gpu.default_host).unwrap().value;
         Profile::from_datasheet(&Hardware { gpu, host })
+    }
+
+    /// Numbers in messages read as people write them: no `0e0`, exponents only for
+    /// the very large and very small.
+    #[test]
+    fn out_of_range_numbers_read_plainly() {
+        use super::readable;
+        assert_eq!([readable(0.0), readable(-3.0), readable(0.25), readable(1e-300)], ["0", "-3", "0.25", "1e-300"]);
+        assert_eq!(readable(4e11), "4e11");
+        let err = refused(|p| p.device_compute.peak_flops = 0.0);
+        assert!(err.contains("= 0 is out of range") && !err.contains("0e0"), "{err}");
     }
 
     /// Applies `edit` to a valid profile and returns the validation error's text.
