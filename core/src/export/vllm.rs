@@ -33,7 +33,15 @@ pub(super) fn settings(
         format!("--max-num-seqs {}", plan.workload.batch_size),
         format!("--gpu-memory-utilization {:.2}", 1.0 - reserve),
         format!("--max-model-len {}", plan.workload.max_context()),
-        format!("--dtype {}", if p.weight_dtype == crate::model::Dtype::Bf16 { "bfloat16" } else { "float16" }),
+        format!(
+            "--dtype {}",
+            // The plan's float type; quantized weights take vLLM's half precision.
+            match p.weight_format.uniform_float() {
+                Some(crate::model::Dtype::Bf16) => "bfloat16",
+                Some(crate::model::Dtype::F32) => "float32",
+                _ => "float16",
+            }
+        ),
     ];
     if p.attention_weights.disk + p.mlp_weights.disk > 0 || p.embeddings == Tier::Disk {
         missing.push(
@@ -135,6 +143,15 @@ mod tests {
         assert!(out.settings.contains("--max-num-seqs 8"));
         assert!(out.cannot_express.iter().any(|l| l.contains("disk")));
         assert!(!out.settings.contains("pipeline"));
+        // The plan's float type, and half precision for block-quantized weights.
+        for (format, dtype) in [("f32", "float32"), ("bf16", "bfloat16"), ("f16", "float16"), ("q4_k", "float16")] {
+            let mut p = plan(&model);
+            p.policy.set_weight_format(crate::model::WeightFormats::uniform(
+                crate::model::WeightFormat::parse(format).unwrap(),
+            ));
+            let out = export(&p, &model, &profile, Engine::Vllm);
+            assert!(out.settings.contains(&format!("--dtype {dtype}")), "{format}: {}", out.settings);
+        }
     }
 
     #[test]

@@ -257,6 +257,24 @@ pub fn pool_specs(policy: &Policy, model: &ModelSpec, workload: &Workload, profi
     Builder::new(policy, model, workload, profile).pools()
 }
 
+/// Refuses more pinned host memory than the head's host can pin: the builder would
+/// pin weights past what the machine has, and the prediction would count on them.
+fn check_pinned(policy: &Policy, profile: &Profile) -> Result<()> {
+    let host = profile.host(profile.device(policy.first_device()).host);
+    if policy.pinned_host_bytes <= host.max_pinned_bytes {
+        return Ok(());
+    }
+    let fmt = crate::units::format_bytes;
+    Err(crate::error::CoreError::invalid(format!(
+        "pinned_host_bytes {} is more than host {} can pin ({} of its {} of RAM): lower it to at most {}",
+        fmt(policy.pinned_host_bytes),
+        host.name,
+        fmt(host.max_pinned_bytes),
+        fmt(host.memory_bytes),
+        fmt(host.max_pinned_bytes)
+    )))
+}
+
 /// Lowers a policy into a task graph. Fails when the policy does not fit the model.
 pub fn lower(
     policy: &Policy,
@@ -295,6 +313,7 @@ fn lower_with(
     policy.validate(model, workload, profile.unified_memory)?;
     let rounds = rounds(policy, workload, steps)?;
     crate::resolve::check_devices(policy, profile)?;
+    check_pinned(policy, profile)?;
     let mut builder = Builder::new(policy, model, workload, profile);
     // Decode rounds have the same tasks, and the prefill about as many: once the
     // prefill is lowered the rest are reserved at its size, and again at the first
@@ -404,6 +423,19 @@ mod tests {
         let mut graph = tiny_graph(&workload, &Steps::All);
         graph.rounds.swap(1, 2);
         assert!(graph.validate().unwrap_err().to_string().contains("ascend"));
+    }
+
+    /// More pinned host memory than the host can pin is refused, naming the most it can.
+    #[test]
+    fn pinning_more_than_the_host_can_is_refused() {
+        let (model, profile) = on_cpu("test-tiny");
+        let workload = Workload { batch_size: 1, prompt_len: 4, gen_len: 2 };
+        let mut policy = Policy::all_on_device(model.num_layers, 1, Dtype::F32);
+        policy.pinned_host_bytes = profile.host(0).max_pinned_bytes;
+        assert!(lower(&policy, &model, &workload, &profile, &Steps::All).is_ok());
+        policy.pinned_host_bytes += 1;
+        let err = lower(&policy, &model, &workload, &profile, &Steps::All).unwrap_err().to_string();
+        assert!(err.contains("pinned_host_bytes") && err.contains("lower it to at most"), "{err}");
     }
 
     /// A mixture of experts with its MLPs on disk, layer-major over two micro-batches:
