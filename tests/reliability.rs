@@ -348,6 +348,13 @@ fn device_memory_beyond_the_hardware_is_said() {
         let stderr = tune(gpu, memory);
         assert!(!stderr.contains("is more than"), "{gpu} with {memory}: {stderr}");
     }
+    // The same for host memory.
+    let out = ferry(dir.path(), &["tune", "--gpu", "rtx3060", "--model", "7b", "--batch", "1", "--host-mem", "1TiB"]);
+    assert!(
+        text(&out.stderr).contains("host memory 1024 GiB is more than the host's 64.0 GiB"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// The cpu datasheet profile as if measured by a backend described as `backend`

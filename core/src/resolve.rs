@@ -109,6 +109,15 @@ pub fn resolve_hardware(catalog: &Catalog, hardware: &HardwareRef, base_dir: &Pa
             .collect();
     }
     if let Some(bytes) = hardware.host_memory {
+        if bytes > profile.host_memory_bytes {
+            let fmt = crate::units::format_bytes;
+            notes.push(format!(
+                "host memory {} is more than the host's {}; planning with it as given (a plan for memory the \
+                 machine lacks runs out of it)",
+                fmt(bytes),
+                fmt(profile.host_memory_bytes)
+            ));
+        }
         profile.host_memory_bytes = bytes;
         profile.max_pinned_bytes = profile.max_pinned_bytes.min(bytes);
     }
