@@ -211,6 +211,7 @@ fn move_run<const LEN: usize>(dst: &mut [u8], to: (usize, usize), src: &[u8], fr
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum KGroup {
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -218,6 +219,7 @@ impl KGroup {
     pub(crate) fn of(format: BlockFormat) -> Option<KGroup> {
         match format {
             BlockFormat::Q4K => Some(KGroup::Q4K),
+            BlockFormat::Q5K => Some(KGroup::Q5K),
             BlockFormat::Q6K => Some(KGroup::Q6K),
             _ => None,
         }
@@ -227,6 +229,9 @@ impl KGroup {
     /// before them start at `Q4K_SCALES`.
     pub(crate) const Q4K_VALUES: usize = 128;
     pub(crate) const Q4K_SCALES: usize = 32;
+    /// Q5_K: Q4_K's heads and scales, then the fifth bits' 8 groups, then the values'.
+    pub(crate) const Q5K_BITS: usize = 128;
+    pub(crate) const Q5K_VALUES: usize = 384;
     /// Q6_K: the scales by column; half h's groups at `Q6K_VALUES + h · Q6K_HALF`,
     /// `ql`'s first chunk's, then `qh`'s at `Q6K_QH`, the second chunk's at `Q6K_QL_1`.
     pub(crate) const Q6K_SCALES: usize = 16;
@@ -241,7 +246,7 @@ impl KGroup {
         let groups =
             |within: usize, at: usize, count: usize| Run { within, at: at + 4 * r, len: 4, count, at_step: 32 };
         match self {
-            KGroup::Q4K => {
+            KGroup::Q4K | KGroup::Q5K => {
                 // Scale bytes 4v … 4v + 3 (v < 3) to vector v: byte 8j + r for byte 4v + j.
                 let scales = (0..3).map(|v| Run {
                     within: 4 + 4 * v,
@@ -251,7 +256,11 @@ impl KGroup {
                     at_step: 8,
                 });
                 let heads = [Run::one(0, 2 * r, 2), Run::one(2, 16 + 2 * r, 2)];
-                heads.into_iter().chain(scales).chain([groups(16, Self::Q4K_VALUES, 32)]).collect()
+                let values = match self {
+                    KGroup::Q4K => vec![groups(16, Self::Q4K_VALUES, 32)],
+                    _ => vec![groups(16, Self::Q5K_BITS, 8), groups(48, Self::Q5K_VALUES, 32)],
+                };
+                heads.into_iter().chain(scales).chain(values).collect()
             }
             KGroup::Q6K => {
                 let scales = Run { within: 192, at: Self::Q6K_SCALES + r, len: 1, count: 16, at_step: 8 };
@@ -333,7 +342,9 @@ mod tests {
 
     #[test]
     fn k_quant_groups_are_transposed_by_four_bytes() {
-        for (format, layout) in [(BlockFormat::Q4K, KGroup::Q4K), (BlockFormat::Q6K, KGroup::Q6K)] {
+        let layouts =
+            [(BlockFormat::Q4K, KGroup::Q4K), (BlockFormat::Q5K, KGroup::Q5K), (BlockFormat::Q6K, KGroup::Q6K)];
+        for (format, layout) in layouts {
             let block_bytes = format.block().1;
             // Every byte of the eight super-blocks lands once, inside the eight's bytes.
             let mut landed = vec![0u8; GROUP_ROWS * block_bytes];
@@ -349,7 +360,7 @@ mod tests {
         }
         // Two groups of eight rows of two super-blocks: row 11 is row 3 of group 1.
         let (rows, cols) = (16, 512);
-        for format in [BlockFormat::Q4K, BlockFormat::Q6K] {
+        for format in [BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K] {
             let block_bytes = format.block().1;
             let original = sample_blocks(format, rows * 2, 5);
             let mut bytes = original.clone();
@@ -360,6 +371,14 @@ mod tests {
             // (offset in row 11's super-block 1, where the eight rows' super-blocks 1 hold it)
             let places: Vec<(usize, usize)> = if format == BlockFormat::Q4K {
                 vec![(0, 6), (3, 16 + 7), (4 + 9, 32 + 64 + 8 + 3), (16 + 4 * 5 + 2, 128 + 32 * 5 + 12 + 2)]
+            } else if format == BlockFormat::Q5K {
+                // Fifth-bit byte 21 (group 5), value byte 22 (group 5).
+                vec![
+                    (0, 6),
+                    (4 + 9, 32 + 64 + 8 + 3),
+                    (16 + 21, 128 + 32 * 5 + 12 + 1),
+                    (48 + 22, 384 + 32 * 5 + 12 + 2),
+                ]
             } else {
                 // ql byte 125: half 1, second chunk, group 7; qh byte 36: half 1, group 1.
                 let half_1 = 144 + 768;

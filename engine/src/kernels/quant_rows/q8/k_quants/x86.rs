@@ -47,10 +47,10 @@ unsafe fn eight_rows_in<const VNNI: bool>(
 ) {
     // SAFETY (each arm): as the caller vouches.
     unsafe {
-        // Q5_K is never transposed (`order::KGroup::of`).
         match (format, strides.transposed) {
             (BlockFormat::Q6K, true) => with_rows!(rows, q6_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
-            (_, true) => with_rows!(rows, q4_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
+            (BlockFormat::Q5K, true) => with_rows!(rows, q4_k_transposed::<_, K5, VNNI>(weights, strides, x, k, dots)),
+            (_, true) => with_rows!(rows, q4_k_transposed::<_, K4, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q6K, false) => with_rows!(rows, eight_m::<_, K6, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q5K, false) => with_rows!(rows, eight_m::<_, K5, VNNI>(weights, strides, x, k, dots)),
             (_, false) => with_rows!(rows, eight_m::<_, K4, VNNI>(weights, strides, x, k, dots)),

@@ -13,10 +13,11 @@
 
 use std::arch::x86_64::*;
 
+use super::super::super::super::k_quants::fifth_bits;
 use super::super::super::x86::{fetch_ahead, prefetch_next_rows, store};
 use super::super::super::{QuantizedX, Strides};
 use super::super::{BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
-use super::{column_totals, q6_k_values, K4};
+use super::{column_totals, q6_k_values, K5};
 use crate::kernels::quant_rows::order::KGroup;
 
 /// Column t of the scales (`columns`: byte 8t + r is row r's), as eight i32 lanes:
@@ -59,9 +60,11 @@ unsafe fn q4_k_scale_columns(packed: *const u8, columns: &mut [u8; 128]) {
     }
 }
 
-/// The eight rows' Q4_K products with `M` rows of x.
+/// The eight rows' Q4_K (`KIND` K4) or Q5_K (K5: each value's fifth bit from the
+/// fifth-bit groups, which line up with every chunk's value groups) products with `M`
+/// rows of x.
 #[inline(always)]
-pub(super) unsafe fn q4_k<const M: usize, const VNNI: bool>(
+pub(super) unsafe fn q4_k<const M: usize, const KIND: u8, const VNNI: bool>(
     weights: &[u8],
     strides: Strides,
     x: &QuantizedX,
@@ -81,27 +84,37 @@ pub(super) unsafe fn q4_k<const M: usize, const VNNI: bool>(
             let d = _mm256_cvtph_ps(_mm_loadu_si128(group.cast()));
             let dmin = _mm256_cvtph_ps(_mm_loadu_si128(group.add(16).cast()));
             q4_k_scale_columns(group.add(KGroup::Q4K_SCALES), &mut columns);
+            let mut bits = [_mm256_setzero_si256(); 8];
+            if KIND == K5 {
+                for (g, b) in bits.iter_mut().enumerate() {
+                    *b = _mm256_loadu_si256(group.add(KGroup::Q5K_BITS + 32 * g).cast());
+                }
+            }
+            let values = if KIND == K5 { KGroup::Q5K_VALUES } else { KGroup::Q4K_VALUES };
             for chunk in 0..BLOCKS_PER_SUPER / 2 {
                 // Values 32·chunk … of every row: block 2·chunk in the low nibbles,
                 // 2·chunk + 1 in the high ones.
                 let mut packed = [_mm256_setzero_si256(); 8];
                 for (g, p) in packed.iter_mut().enumerate() {
-                    *p = _mm256_loadu_si256(group.add(KGroup::Q4K_VALUES + 32 * (8 * chunk + g)).cast());
+                    *p = _mm256_loadu_si256(group.add(values + 32 * (8 * chunk + g)).cast());
                 }
                 for c in [2 * chunk, 2 * chunk + 1] {
                     let b = s * BLOCKS_PER_SUPER + c;
                     prefetch_next_rows(weights, ahead, b, blocks);
                     let mut w = packed;
-                    for w in w.iter_mut() {
+                    for (w, &b) in w.iter_mut().zip(&bits) {
                         let shifted = if c.is_multiple_of(2) { *w } else { _mm256_srli_epi16::<4>(*w) };
                         *w = _mm256_and_si256(shifted, nibble);
+                        if KIND == K5 {
+                            *w = _mm256_or_si256(*w, fifth_bits(b, c));
+                        }
                     }
                     let scale = scale_column::<false>(columns.as_ptr(), c);
                     // dmin·m for the block, as `super_blocks`' `min`.
                     let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_column::<false>(columns.as_ptr(), 8 + c)));
                     for (i, sum) in acc.iter_mut().enumerate() {
                         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
-                        let (first, second) = column_totals::<K4, VNNI>(&w, &w, xs);
+                        let (first, second) = column_totals::<KIND, VNNI>(&w, &w, xs);
                         let d_x = *x.scales.get_unchecked(i * blocks + b);
                         let total = _mm256_mullo_epi32(_mm256_add_epi32(first, second), scale);
                         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, _mm256_set1_ps(d_x)), *sum);
