@@ -166,7 +166,9 @@ fn resolve_cluster(catalog: &Catalog, hardware: &HardwareRef, notes: &mut Vec<St
     }
     if hardware.device_memory.is_some() || hardware.host_memory.is_some() {
         return Err(CoreError::invalid(
-            "hardware: device_memory and host_memory apply to one device; a cluster file sets each node's memory",
+            "hardware: a device memory or host memory budget (--device-mem, --host-mem; `device_memory:`, \
+             `host_memory:` in a plan) applies to one device; over several, a cluster file sets each node's memory \
+             (`ferry list clusters` shows the format)",
         ));
     }
     let spec = match (&hardware.cluster, &hardware.gpu) {
