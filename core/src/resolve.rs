@@ -168,7 +168,7 @@ fn resolve_cluster(catalog: &Catalog, hardware: &HardwareRef, notes: &mut Vec<St
         return Err(CoreError::invalid(
             "hardware: a device memory or host memory budget (--device-mem, --host-mem; `device_memory:`, \
              `host_memory:` in a plan) applies to one device; over several, a cluster file sets each node's memory \
-             (`ferry list clusters` shows the format)",
+             (configs/clusters/ in the source holds examples)",
         ));
     }
     let spec = match (&hardware.cluster, &hardware.gpu) {
