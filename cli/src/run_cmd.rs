@@ -32,7 +32,7 @@ use crate::report;
 pub struct RunArgs {
     /// Hugging Face style model folder (config.json + safetensors).
     #[arg(long)]
-    model_dir: PathBuf,
+    pub(crate) model_dir: PathBuf,
     /// Plan for the cpu device (from `ferry tune --gpu cpu --device-mem ...`).
     #[arg(long)]
     plan: PathBuf,
@@ -53,7 +53,7 @@ pub struct RunArgs {
     /// driver, cuBLAS and NVRTC (CUDA 12, or 13 linked as bench/cuda-libs.sh does) at
     /// run time and says which is missing.
     #[arg(long, default_value = "cpu")]
-    backend: String,
+    pub(crate) backend: String,
     /// How products take their inputs (x). bf16: llama.cpp's numerics: x rounded to bf16
     /// before products over bf16 weights (many rows then multiply on the CPU's AMX tiles
     /// where it has them: prefill and large batches at several times the f32 rate) and
@@ -63,7 +63,7 @@ pub struct RunArgs {
     /// weights. f32: x never rounded (logits within float rounding of "dequantize, then
     /// multiply"). f16 and f32 weights always multiply f32 x.
     #[arg(long, value_name = "q8|f32|bf16", default_value = "bf16", value_parser = crate::stages_cmd::parse_activations)]
-    activations: Activations,
+    pub(crate) activations: Activations,
     /// The draft model's files, for a plan that speculates with a separate draft
     /// [default: the plan's `models.draft`, relative to the plan's folder].
     #[arg(long, value_name = "DIR|FILE")]
@@ -71,7 +71,7 @@ pub struct RunArgs {
     /// Where a disk-resident KV cache file is created (and removed) [default: the model
     /// folder, or the folder holding the GGUF file].
     #[arg(long, value_name = "DIR")]
-    scratch_dir: Option<PathBuf>,
+    pub(crate) scratch_dir: Option<PathBuf>,
     /// Measure the disk's read rate (the plan's request size and queue depth, direct I/O
     /// on the model's weights file) right before and right after the run, and predict
     /// with the profile's disk figures scaled to it, as `ferry validate` does: a disk
@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// stage's. Without it, a stage worker per node is started on this machine, each
     /// its own process joined over loopback.
     #[arg(long, value_name = "NODE=HOST:PORT")]
-    worker: Vec<String>,
+    pub(crate) worker: Vec<String>,
     /// Write the last step's logits as a NumPy `.npy` array (sequences × vocabulary,
     /// f32), to compare with another engine on the same weights (`numpy.load`). The run
     /// keeps every step's logits in memory for it (steps × sequences × vocabulary × 4 bytes).
@@ -266,7 +266,7 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
         }
         run(&graph, policy, &workload, &files, backend.as_ref(), &options).context("running the plan")?
     } else {
-        run_over_machines(&args, &others, &graph, &resolved, &files, backend.as_ref(), &options)?
+        crate::stages_cmd::run_over_machines(&args, &others, &graph, &resolved, &files, backend.as_ref(), &options)?
     };
     if let Some(bar) = progress {
         bar.finish_and_clear();
@@ -299,46 +299,6 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     }
     print_run(&resolved, &files.spec, backend.name(), &report, &predictions);
     Ok(())
-}
-
-/// The head's side of a plan over several machines: the stage workers given with
-/// `--worker`, or one started here per other node.
-fn run_over_machines(
-    args: &RunArgs,
-    others: &[u16],
-    graph: &ferry_core::graph::TaskGraph,
-    resolved: &ResolvedPlan,
-    files: &ModelFiles,
-    backend: &dyn ferry_engine::backend::Backend,
-    options: &RunOptions,
-) -> Result<ferry_engine::RunReport> {
-    if args.backend != "cpu" {
-        return Err(CoreError::invalid("stages over several machines run on the cpu backend").into());
-    }
-    let given: Vec<(u16, String)> =
-        args.worker.iter().map(|w| crate::stages_cmd::parse_worker(w)).collect::<Result<_>>()?;
-    if let Some((node, _)) = given.iter().find(|(node, _)| !others.contains(node)) {
-        let nodes: Vec<String> = others.iter().map(|n| n.to_string()).collect();
-        return Err(CoreError::invalid(format!(
-            "--worker {node}=...: the plan has no node {node}; its other machines are node {}",
-            nodes.join(", node ")
-        ))
-        .into());
-    }
-    let local = if given.is_empty() {
-        let (model_dir, scratch_dir) = (Some(args.model_dir.as_path()), args.scratch_dir.as_deref());
-        Some(crate::stages_cmd::LocalWorkers::start(others, model_dir, scratch_dir, args.activations)?)
-    } else {
-        None
-    };
-    let workers = local.as_ref().map_or(given, |l| l.addresses.clone());
-    let report =
-        ferry_engine::stages::run_head(graph, &resolved.plan, &resolved.profile, files, backend, options, &workers)
-            .context("running the plan over several machines")?;
-    if let Some(local) = local {
-        local.wait();
-    }
-    Ok(report)
 }
 
 /// `--prompt-len`, `--gen-len` and `--batch` applied to the plan.

@@ -177,3 +177,43 @@ impl Drop for LocalWorkers {
         }
     }
 }
+
+/// The head's side of a plan over several machines: the stage workers given with
+/// `--worker`, or one started here per other node.
+pub(crate) fn run_over_machines(
+    args: &crate::run_cmd::RunArgs,
+    others: &[u16],
+    graph: &ferry_core::graph::TaskGraph,
+    resolved: &ferry_core::resolve::ResolvedPlan,
+    files: &ModelFiles,
+    backend: &dyn ferry_engine::backend::Backend,
+    options: &ferry_engine::RunOptions,
+) -> Result<ferry_engine::RunReport> {
+    if args.backend != "cpu" {
+        return Err(CoreError::invalid("stages over several machines run on the cpu backend").into());
+    }
+    let given: Vec<(u16, String)> =
+        args.worker.iter().map(|w| crate::stages_cmd::parse_worker(w)).collect::<Result<_>>()?;
+    if let Some((node, _)) = given.iter().find(|(node, _)| !others.contains(node)) {
+        let nodes: Vec<String> = others.iter().map(|n| n.to_string()).collect();
+        return Err(CoreError::invalid(format!(
+            "--worker {node}=...: the plan has no node {node}; its other machines are node {}",
+            nodes.join(", node ")
+        ))
+        .into());
+    }
+    let local = if given.is_empty() {
+        let (model_dir, scratch_dir) = (Some(args.model_dir.as_path()), args.scratch_dir.as_deref());
+        Some(crate::stages_cmd::LocalWorkers::start(others, model_dir, scratch_dir, args.activations)?)
+    } else {
+        None
+    };
+    let workers = local.as_ref().map_or(given, |l| l.addresses.clone());
+    let report =
+        ferry_engine::stages::run_head(graph, &resolved.plan, &resolved.profile, files, backend, options, &workers)
+            .context("running the plan over several machines")?;
+    if let Some(local) = local {
+        local.wait();
+    }
+    Ok(report)
+}
