@@ -518,3 +518,36 @@ fn outputs_that_name_the_wrong_kind_of_path_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("mine.txt is a file"));
     assert_eq!(std::fs::read_to_string(dir.path().join("mine.txt")).unwrap(), "mine");
 }
+
+/// Transfer knobs past anything they act on are run as given but said: a prefetch
+/// deeper than the model, requests larger than the device.
+#[test]
+fn knobs_past_their_reach_are_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = ferry(dir.path(), &["simulate", "--example", "rtx3060-13b-layer-prefetch"]);
+    assert!(example.status.success(), "{}", text(&example.stderr));
+    let plan = text(&example.stdout);
+    let edited: String = plan
+        .lines()
+        .map(|line| match line.trim_start() {
+            l if l.starts_with("prefetch_depth:") => "  prefetch_depth: 1000".to_string(),
+            l if l.starts_with("chunk_bytes:") => "  chunk_bytes: 1TiB".to_string(),
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("p.yaml"), edited).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", "p.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("prefetch_depth 1000 is more than the model's 40 layers"), "{stderr}");
+    assert!(stderr.contains("chunk_bytes 1024 GiB is more than the device's 12.0 GiB"), "{stderr}");
+    let plain = ferry(dir.path(), &["simulate", "--example", "rtx3060-13b-layer-prefetch"]);
+    std::fs::write(dir.path().join("q.yaml"), text(&plain.stdout)).unwrap();
+    let out = ferry(dir.path(), &["simulate", "--plan", "q.yaml"]);
+    assert!(
+        !text(&out.stderr).contains("past") && !text(&out.stderr).contains("is more than"),
+        "{}",
+        text(&out.stderr)
+    );
+}

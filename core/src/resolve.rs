@@ -308,7 +308,32 @@ pub fn resolve_plan_with_model(
     plan.policy.validate(&model, &plan.workload, profile.unified_memory)?;
     check_devices(&plan.policy, &profile)?;
     notes.extend(weight_format_notes(&plan.policy.weight_format, &model, &profile));
+    notes.extend(knobs_past_their_reach(&plan.policy, &model, &profile));
     Ok(ResolvedPlan { plan, model, profile, notes })
+}
+
+/// Notes for transfer knobs larger than anything they can act on: a prefetch deeper
+/// than the model's layers, requests larger than the device's memory. The plan runs
+/// as given (both are capped where they act), but a typo should not pass unsaid.
+fn knobs_past_their_reach(policy: &crate::plan::Policy, model: &ModelSpec, profile: &Profile) -> Vec<String> {
+    let fmt = crate::units::format_bytes;
+    let mut notes = Vec::new();
+    if policy.prefetch_depth > model.num_layers {
+        notes.push(format!(
+            "prefetch_depth {} is more than the model's {} layers: it prefetches {} at most",
+            policy.prefetch_depth, model.num_layers, model.num_layers
+        ));
+    }
+    let device = profile.device(policy.first_device()).memory_bytes;
+    if policy.chunk_bytes > device {
+        notes.push(format!(
+            "chunk_bytes {} is more than the device's {} of memory: no transfer is that large, so it acts as the \
+             largest one",
+            fmt(policy.chunk_bytes),
+            fmt(device)
+        ));
+    }
+    notes
 }
 
 /// A measured routing file for `model` (`ExpertPopularity`), checked against its
