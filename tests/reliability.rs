@@ -506,7 +506,8 @@ fn outputs_that_name_the_wrong_kind_of_path_are_refused() {
     };
     let out = run("no/such/place");
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--scratch-dir no/such does not exist"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--scratch-dir no/such/place: the folder it would be made in, no/such, does not exist"));
     assert!(!dir.path().join("no").exists(), "no folders made");
     std::fs::write(dir.path().join("mine.txt"), "mine").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))

@@ -228,7 +228,13 @@ pub fn run_plan(args: RunArgs) -> Result<()> {
     if let Some(dir) = &args.scratch_dir {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         if !dir.exists() && !parent.is_dir() {
-            crate::engine_cmds::existing_scratch_dir(parent, "the scratch folder")?;
+            return Err(CoreError::invalid(format!(
+                "--scratch-dir {}: the folder it would be made in, {}, does not exist; create the scratch folder on \
+                 the disk you offload to",
+                dir.display(),
+                parent.display()
+            ))
+            .into());
         }
         if dir.exists() && !dir.is_dir() {
             crate::engine_cmds::existing_scratch_dir(dir, "the KV cache's disk tier")?;

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ferry_core::gguf::GgufHeader;
-use ferry_core::model::{gguf_name, WeightFormat, WeightFormats, WeightGroup};
+use ferry_core::model::{gguf_name, WeightFormat, WeightFormats};
 
 use crate::kernels::RopeLayout;
 use crate::weights::{ModelFiles, StoredTensor};
@@ -36,7 +36,7 @@ pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
     let mut spec = ferry_core::model::from_gguf(&header, name)?;
     crate::synth::check_supported(&spec)?;
     let mut required: std::collections::HashSet<String> =
-        crate::weights::required_tensors(&spec).iter().filter_map(|n| gguf_name(n)).collect();
+        crate::weights::required_tensors(&spec).iter().filter_map(|t| gguf_name(&t.name)).collect();
     required.insert(ROPE_FREQS.into());
     if let Some(info) = header.tensors.iter().find(|t| t.name == ROPE_FREQS) {
         spec.rope_divisors = Some(rope_divisors(path, info, spec.head_dim())?);
@@ -48,30 +48,24 @@ pub fn open(path: &Path) -> Result<ModelFiles, EngineError> {
     let by_name: BTreeMap<&str, &ferry_core::gguf::TensorInfo> =
         header.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut tensors = BTreeMap::new();
-    let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
-    for layer in 0..spec.num_layers {
-        groups.extend(WeightGroup::PER_LAYER.map(|g| (g, layer)));
-    }
-    for (group, layer) in groups {
-        for tensor in spec.group_tensors(group, layer) {
-            let bad = |message: String| EngineError::BadWeights { file: path.to_path_buf(), message };
-            let gguf = gguf_name(&tensor.name).ok_or_else(|| bad(format!("no llama.cpp name for {}", tensor.name)))?;
-            let info = by_name
-                .get(gguf.as_str())
-                .ok_or_else(|| bad(format!("no tensor '{gguf}' ({}, which the metadata implies)", tensor.name)))?;
-            let format = match info.ggml_type.name {
-                "F32" => WeightFormat::F32,
-                "F16" => WeightFormat::F16,
-                "BF16" => WeightFormat::Bf16,
-                _ => WeightFormat::Block(info.ggml_type),
-            };
-            let shape: Vec<u64> = info.dims.iter().rev().copied().collect();
-            let mut stored = StoredTensor { file: path.to_path_buf(), format, shape, start: info.start, end: info.end };
-            if let Some(expert) = expert_index(&tensor.name) {
-                stored = expert_slice(stored, expert, spec.num_experts).map_err(|m| bad(format!("'{gguf}': {m}")))?;
-            }
-            tensors.insert(tensor.name, stored);
+    for tensor in crate::weights::required_tensors(&spec) {
+        let bad = |message: String| EngineError::BadWeights { file: path.to_path_buf(), message };
+        let gguf = gguf_name(&tensor.name).ok_or_else(|| bad(format!("no llama.cpp name for {}", tensor.name)))?;
+        let info = by_name
+            .get(gguf.as_str())
+            .ok_or_else(|| bad(format!("no tensor '{gguf}' ({}, which the metadata implies)", tensor.name)))?;
+        let format = match info.ggml_type.name {
+            "F32" => WeightFormat::F32,
+            "F16" => WeightFormat::F16,
+            "BF16" => WeightFormat::Bf16,
+            _ => WeightFormat::Block(info.ggml_type),
+        };
+        let shape: Vec<u64> = info.dims.iter().rev().copied().collect();
+        let mut stored = StoredTensor { file: path.to_path_buf(), format, shape, start: info.start, end: info.end };
+        if let Some(expert) = expert_index(&tensor.name) {
+            stored = expert_slice(stored, expert, spec.num_experts).map_err(|m| bad(format!("'{gguf}': {m}")))?;
         }
+        tensors.insert(tensor.name, stored);
     }
     let files = ModelFiles::new(path.to_path_buf(), spec, WeightFormats::stored(), rope_layout, tensors);
     files.validate()?;

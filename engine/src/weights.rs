@@ -123,7 +123,7 @@ impl ModelFiles {
             start: t.start,
             end: t.end,
         };
-        let required: HashSet<String> = required_tensors(&spec).into_iter().collect();
+        let required: HashSet<String> = required_tensors(&spec).into_iter().map(|t| t.name).collect();
         // Buffers some checkpoints save beside the weights, and a head the model ties to
         // its embeddings: not weights the model computes with.
         let ignorable = |name: &str| {
@@ -156,42 +156,35 @@ impl ModelFiles {
     /// Every tensor the architecture needs exists with the right shape, in a format
     /// the engine decodes (a missing one named with the files' closest names).
     pub(crate) fn validate(&self) -> Result<(), EngineError> {
-        let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
-        for layer in 0..self.spec.num_layers {
-            groups.extend(WeightGroup::PER_LAYER.map(|g| (g, layer)));
-        }
-        for (group, layer) in groups {
-            for spec in self.spec.group_tensors(group, layer) {
-                let found = self.tensors.get(&spec.name).ok_or_else(|| {
-                    let close =
-                        ferry_core::catalog::closest_names(&spec.name, self.tensors.keys().map(String::as_str), 2);
-                    let hint =
-                        if close.is_empty() { String::new() } else { format!("; the files have {}", close.join(", ")) };
-                    EngineError::BadWeights {
-                        file: self.dir.clone(),
-                        message: format!("missing tensor '{}' required by {}{hint}", spec.name, self.spec.name),
-                    }
-                })?;
-                let expected: Vec<u64> = if spec.rows == 1 { vec![spec.cols] } else { vec![spec.rows, spec.cols] };
-                if found.shape != expected {
-                    return Err(EngineError::BadWeights {
-                        file: found.file.clone(),
-                        message: format!(
-                            "tensor '{}' has shape {:?} but the model's shape implies {:?}",
-                            spec.name, found.shape, expected
-                        ),
-                    });
+        for spec in required_tensors(&self.spec) {
+            let found = self.tensors.get(&spec.name).ok_or_else(|| {
+                let close = ferry_core::catalog::closest_names(&spec.name, self.tensors.keys().map(String::as_str), 2);
+                let hint =
+                    if close.is_empty() { String::new() } else { format!("; the files have {}", close.join(", ")) };
+                EngineError::BadWeights {
+                    file: self.dir.clone(),
+                    message: format!("missing tensor '{}' required by {}{hint}", spec.name, self.spec.name),
                 }
-                if let WeightFormat::Block(t) = found.format {
-                    if BlockFormat::from_ggml(t.name).is_none() {
-                        return Err(EngineError::Unsupported(format!(
-                            "{}: tensor '{}' is {}; the engine runs F32, F16, BF16, {}",
-                            found.file.display(),
-                            spec.name,
-                            t.name,
-                            BlockFormat::listed(false)
-                        )));
-                    }
+            })?;
+            let expected: Vec<u64> = if spec.rows == 1 { vec![spec.cols] } else { vec![spec.rows, spec.cols] };
+            if found.shape != expected {
+                return Err(EngineError::BadWeights {
+                    file: found.file.clone(),
+                    message: format!(
+                        "tensor '{}' has shape {:?} but the model's shape implies {:?}",
+                        spec.name, found.shape, expected
+                    ),
+                });
+            }
+            if let WeightFormat::Block(t) = found.format {
+                if BlockFormat::from_ggml(t.name).is_none() {
+                    return Err(EngineError::Unsupported(format!(
+                        "{}: tensor '{}' is {}; the engine runs F32, F16, BF16, {}",
+                        found.file.display(),
+                        spec.name,
+                        t.name,
+                        BlockFormat::listed(false)
+                    )));
                 }
             }
         }
@@ -284,13 +277,14 @@ pub fn first_non_finite(dtype: ferry_core::model::Dtype, bytes: &[u8]) -> Option
 /// inside the model folder (no `..`, no absolute path) that names a regular file (links
 /// followed, as in the Hugging Face cache); every tensor the index maps is in the shard
 /// it names, and no tensor is in two shards.
-/// Every tensor name the model's architecture computes with (Hugging Face's names).
-pub(crate) fn required_tensors(spec: &ModelSpec) -> Vec<String> {
+/// Every tensor the model's architecture computes with (Hugging Face's names), the
+/// embeddings and head first, then each layer's groups.
+pub(crate) fn required_tensors(spec: &ModelSpec) -> Vec<ferry_core::model::TensorSpec> {
     let mut groups = vec![(WeightGroup::Embeddings, 0), (WeightGroup::Head, 0)];
     for layer in 0..spec.num_layers {
         groups.extend(WeightGroup::PER_LAYER.map(|g| (g, layer)));
     }
-    groups.into_iter().flat_map(|(group, layer)| spec.group_tensors(group, layer)).map(|t| t.name).collect()
+    groups.into_iter().flat_map(|(group, layer)| spec.group_tensors(group, layer)).collect()
 }
 
 /// Refuses files holding weights the model as read does not compute with (a bias of
