@@ -37,7 +37,7 @@ pub struct SynthArgs {
     /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q5_0, q4_k, q5_k, q6_k,
     /// q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head and some layers' value
     /// and down projections) and q5_k_m (the same over Q5_K).
-    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_k|q5_k|q6_k|q4_k_m|q5_k_m")]
+    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_k|q5_k|q6_k|q3_k|q2_k|q4_k_m|q5_k_m|q3_k_m")]
     dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
@@ -505,6 +505,7 @@ mod tests {
         assert_eq!(table_weights(&model), TableWeights::Float(model.dtype));
         assert_eq!(block_format("Q6_K"), Some(BlockFormat::Q6K));
         assert_eq!(block_format("q5_k"), Some(BlockFormat::Q5K));
-        assert_eq!(block_format("q3_k"), None);
+        assert_eq!(block_format("q3_k"), Some(BlockFormat::Q3K));
+        assert_eq!(block_format("iq4_nl"), None);
     }
 }

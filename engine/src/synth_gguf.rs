@@ -32,11 +32,16 @@ pub enum GgufStorage {
     Q4KM,
     /// Q5_K_M, the same mixture over Q5_K.
     Q5KM,
+    /// llama.cpp's Q3_K_M mixture, a common download for 70B models on small GPUs:
+    /// Q3_K, with Q6_K for the output head, Q4_K for the attention output and the down
+    /// projections, and Q5_K for the first two value projections and the first
+    /// sixteenth of the down projections (`q3_k_m_type`).
+    Q3KM,
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 10] =
-        ["f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m"];
+    pub const NAMES: [&'static str; 13] =
+        ["f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "q4_k_m", "q5_k_m", "q3_k_m"];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
         Some(match text.to_ascii_lowercase().as_str() {
@@ -48,8 +53,11 @@ impl GgufStorage {
             "q4_k" => GgufStorage::Blocks(BlockFormat::Q4K),
             "q5_k" => GgufStorage::Blocks(BlockFormat::Q5K),
             "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
+            "q3_k" => GgufStorage::Blocks(BlockFormat::Q3K),
+            "q2_k" => GgufStorage::Blocks(BlockFormat::Q2K),
             "q4_k_m" => GgufStorage::Q4KM,
             "q5_k_m" => GgufStorage::Q5KM,
+            "q3_k_m" => GgufStorage::Q3KM,
             _ => return None,
         })
     }
@@ -70,6 +78,7 @@ impl GgufStorage {
                     _ => base,
                 }
             }
+            GgufStorage::Q3KM => q3_k_m_type(name, layers),
         }
     }
 
@@ -85,8 +94,12 @@ impl GgufStorage {
             // Q5_K_S: llama.cpp names no all-Q5_K type.
             GgufStorage::Blocks(BlockFormat::Q5K) => 16,
             GgufStorage::Blocks(BlockFormat::Q6K) => 18,
+            // Q3_K_S and Q2_K: the types llama.cpp names after these blocks.
+            GgufStorage::Blocks(BlockFormat::Q3K) => 11,
+            GgufStorage::Blocks(BlockFormat::Q2K) => 10,
             GgufStorage::Q4KM => 15,
             GgufStorage::Q5KM => 17,
+            GgufStorage::Q3KM => 12,
         }
     }
 }
@@ -96,6 +109,21 @@ impl GgufStorage {
 /// third layer between them.
 fn more_bits(layer: u64, layers: u64) -> bool {
     layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2
+}
+
+/// The type llama.cpp's quantizer gives matrix `name` of a dense model of `layers` in
+/// a Q3_K_M file (`llama_tensor_get_type_impl` in `src/llama-quant.cpp`). Not modelled:
+/// its 70B rule (value projections Q5_K throughout, for 8 heads sharing each) and its
+/// eight-expert rules (Q8_0 keys and values, Q5_K attention output).
+fn q3_k_m_type(name: &str, layers: u64) -> &'static str {
+    let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+    match layer {
+        _ if name == "output.weight" => "Q6_K",
+        Some(layer) if name.contains(".attn_v.") => ["Q4_K", "Q5_K"][(layer < 2) as usize],
+        Some(layer) if name.contains(".ffn_down") => ["Q4_K", "Q5_K"][(layer < layers / 16) as usize],
+        Some(_) if name.contains(".attn_output.") => "Q4_K",
+        _ => "Q3_K",
+    }
 }
 
 fn ggml_type(name: &str) -> Result<GgmlType, EngineError> {
@@ -278,7 +306,7 @@ pub fn synthesize_gguf(
             return Err(EngineError::Unsupported(format!(
                 "{} cannot be stored as {kind}: {name} has rows of {cols} values, not whole {}-value blocks, and \
                  llama.cpp's quantizer stores such matrices as {}, which Ferry neither writes nor runs \
-                 (q4_k and q6_k fall back to q5_0 and q8_0, which it does)",
+                 (q4_k and q6_k fall back to q5_0 and q8_0, which it does; q3_k and q2_k to IQ4_NL)",
                 model.name, asked.block_elements, ggml_type.name
             )));
         }

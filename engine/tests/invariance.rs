@@ -91,7 +91,7 @@ fn every_plan_over_a_q4_0_file_with_8_bit_activations_computes_the_same_tokens_a
     every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
 }
 
-/// The same over K-quant files (Q4_K, Q6_K and llama.cpp's Q4_K_M and Q5_K_M mixtures,
+/// The same over K-quant files (Q4_K, Q6_K, Q2_K and llama.cpp's Q4_K_M, Q5_K_M and Q3_K_M mixtures,
 /// whose products also take 8-bit activations): test-tiny widened to whole 256-value
 /// super-blocks.
 #[test]
@@ -101,8 +101,10 @@ fn every_plan_over_k_quant_files_with_8_bit_activations_computes_the_same_tokens
     let storages = [
         GgufStorage::Blocks(BlockFormat::Q4K),
         GgufStorage::Blocks(BlockFormat::Q6K),
+        GgufStorage::Blocks(BlockFormat::Q2K),
         GgufStorage::Q4KM,
         GgufStorage::Q5KM,
+        GgufStorage::Q3KM,
     ];
     for storage in storages {
         let dir = tempfile::tempdir().unwrap();

@@ -248,6 +248,30 @@ fn a_q5_k_m_file_matches_the_numpy_reference() {
     gguf_files_match(&spec, &cases);
 }
 
+/// Q3_K (llama.cpp's Q3_K_M mixture, which also holds Q4_K, Q5_K and Q6_K matrices)
+/// and Q2_K throughout, over test-tiny widened to whole super-blocks.
+#[test]
+fn q3_k_m_and_q2_k_files_match_the_numpy_reference() {
+    let mut spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
+    (spec.hidden_size, spec.intermediate_size) = (256, 512);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("q3_k_m.gguf");
+    synthesize_gguf(&spec, GgufStorage::Q3KM, 11, &file, false, |_, _| {}).unwrap();
+    let stored = ModelFiles::open(&file).unwrap().spec;
+    let mut formats: Vec<String> =
+        WeightFormats::stored().quantized_formats(&stored).iter().map(|f| f.name()).collect();
+    formats.sort();
+    assert_eq!(formats, ["q3_k", "q4_k", "q5_k", "q6_k"]);
+    let q2_k = GgufStorage::Blocks(ferry_engine::kernels::quant::BlockFormat::Q2K);
+    let cases = [
+        (GgufStorage::Q3KM, Activations::F32),
+        (GgufStorage::Q3KM, Activations::Q8),
+        (q2_k, Activations::F32),
+        (q2_k, Activations::Q8),
+    ];
+    gguf_files_match(&spec, &cases);
+}
+
 /// GGUF files of `spec` in each storage, run with each kind of activations, match
 /// the reference over the same file through a streaming plan and a resident one.
 fn gguf_files_match(spec: &ferry_core::model::ModelSpec, cases: &[(GgufStorage, Activations)]) {

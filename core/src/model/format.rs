@@ -4,7 +4,7 @@
 //! FlexGen's group-wise compression.
 //!
 //! - **Float** (`f32`, `f16`, `bf16`): every tensor of the group in that type.
-//! - **ggml blocks** (`q8_0`, `q4_0`, `q5_0`, `q4_k`, `q5_k`, `q6_k`): the layouts of
+//! - **ggml blocks** (`q8_0`, `q4_0`, `q5_0`, `q4_k`, `q5_k`, `q6_k`, `q3_k`, `q2_k`): the layouts of
 //!   `gguf::GgmlType` (one table, shared with the GGUF reader). A row is stored as
 //!   whole blocks. Where a K-quant's 256-value blocks do not divide a matrix's rows,
 //!   the matrix takes llama.cpp's quantizer's fallback (`GgmlType::for_rows_of`: Q4_K
@@ -42,8 +42,8 @@ use crate::error::{CoreError, Result};
 use crate::gguf::GgmlType;
 
 /// ggml block types a plan may name (the ones the engine decodes, `kernels::quant`).
-/// A GGUF file's other types (Q3_K, Q2_K, …) are planned through `stored`.
-pub const PLANNABLE_BLOCKS: [&str; 6] = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K"];
+/// A GGUF file's other types (IQ4_NL, IQ2_XS, …) are planned through `stored`.
+pub const PLANNABLE_BLOCKS: [&str; 8] = ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"];
 /// FlexGen's default group size for weights.
 pub const DEFAULT_GROUP_SIZE: u32 = 64;
 /// The largest group size accepted (FlexGen uses 64; larger groups lose precision).

@@ -24,11 +24,26 @@ pub enum BlockFormat {
     /// 256 weights in 16 sub-blocks of 16 with signed 8-bit scales under one f16
     /// scale; 6-bit values offset by 32.
     Q6K,
+    /// 256 weights in 16 sub-blocks of 16, each with a 6-bit scale offset by 32 under
+    /// one f16 scale; 3-bit values offset by 4: their third bits first (`hmask`, bit
+    /// `v / 32` of byte `v % 32`), then their low two bits, then the packed scales.
+    Q3K,
+    /// 256 weights in 16 sub-blocks of 16, each with a 4-bit scale and a 4-bit minimum
+    /// under two f16 super-scales; 2-bit values.
+    Q2K,
 }
 
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 6] =
-        [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K];
+    pub const ALL: [BlockFormat; 8] = [
+        BlockFormat::Q8_0,
+        BlockFormat::Q4_0,
+        BlockFormat::Q5_0,
+        BlockFormat::Q4K,
+        BlockFormat::Q5K,
+        BlockFormat::Q6K,
+        BlockFormat::Q3K,
+        BlockFormat::Q2K,
+    ];
 
     /// ggml's name (`Q4_K`), as `GgmlType::name` has it.
     pub fn name(self) -> &'static str {
@@ -39,6 +54,8 @@ impl BlockFormat {
             BlockFormat::Q4K => "Q4_K",
             BlockFormat::Q5K => "Q5_K",
             BlockFormat::Q6K => "Q6_K",
+            BlockFormat::Q3K => "Q3_K",
+            BlockFormat::Q2K => "Q2_K",
         }
     }
 
@@ -69,6 +86,8 @@ impl BlockFormat {
             BlockFormat::Q4K => (256, 144),
             BlockFormat::Q5K => (256, 176),
             BlockFormat::Q6K => (256, 210),
+            BlockFormat::Q3K => (256, 110),
+            BlockFormat::Q2K => (256, 84),
         }
     }
 }
@@ -106,6 +125,8 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
         BlockFormat::Q4K => q4_k(block, y),
         BlockFormat::Q5K => q5_k(block, y),
         BlockFormat::Q6K => q6_k(block, y),
+        BlockFormat::Q3K => q3_k(block, y),
+        BlockFormat::Q2K => q2_k(block, y),
     }
 }
 
@@ -218,6 +239,56 @@ fn q6_k(block: &[u8], y: &mut [f32]) {
     }
 }
 
+/// Sub-block `s`'s 6-bit scale of a Q3_K block's 12 packed bytes, less its offset of 32:
+/// the low four bits in byte `s` (s < 8) or the high nibble of byte `s − 8`, the high two
+/// in byte `8 + s % 4` at bit `2 · (s / 4)`.
+#[inline(always)]
+pub(crate) fn q3_k_scale(s: usize, scales: &[u8]) -> i8 {
+    let low = if s < 8 { scales[s] & 0x0F } else { scales[s - 8] >> 4 };
+    let high = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+    (low | high << 4) as i8 - 32
+}
+
+/// Value `v` of a Q3_K block (0..256) as its signed 3-bit integer, −4..=3: the low two
+/// bits at bit `2 · (v % 128 / 32)` of byte `v / 128 · 32 + v % 32` of `qs`, the third
+/// (set: no offset of 4) at bit `v / 32` of `hmask[v % 32]`.
+#[inline(always)]
+pub(crate) fn q3_k_value(v: usize, hmask: &[u8], qs: &[u8]) -> i8 {
+    let low = (qs[v / 128 * 32 + v % 32] >> (2 * (v % 128 / 32))) & 3;
+    let high = (hmask[v % 32] >> (v / 32)) & 1;
+    low as i8 - if high == 1 { 0 } else { 4 }
+}
+
+/// Value `v` of a Q2_K block's `qs` (0..256), 0..=3, laid out as Q3_K's low bits.
+#[inline(always)]
+pub(crate) fn q2_k_value(v: usize, qs: &[u8]) -> u8 {
+    (qs[v / 128 * 32 + v % 32] >> (2 * (v % 128 / 32))) & 3
+}
+
+#[inline(always)]
+fn q3_k(block: &[u8], y: &mut [f32]) {
+    let (hmask, qs, scales) = (&block[0..32], &block[32..96], &block[96..108]);
+    let d = f16_at(block, 108);
+    for (s, out) in y.chunks_exact_mut(16).enumerate() {
+        let scale = d * q3_k_scale(s, scales) as f32;
+        for (l, v) in out.iter_mut().enumerate() {
+            *v = scale * q3_k_value(16 * s + l, hmask, qs) as f32;
+        }
+    }
+}
+
+#[inline(always)]
+fn q2_k(block: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&block[0..16], &block[16..80]);
+    let (d, dmin) = (f16_at(block, 80), f16_at(block, 82));
+    for (s, out) in y.chunks_exact_mut(16).enumerate() {
+        let (scale, min) = (d * (scales[s] & 0x0F) as f32, dmin * (scales[s] >> 4) as f32);
+        for (l, v) in out.iter_mut().enumerate() {
+            *v = scale * q2_k_value(16 * s + l, qs) as f32 - min;
+        }
+    }
+}
+
 /// The first weight (index) of a block whose f16 scales are not finite: a NaN or
 /// infinity there makes every weight of the block non-finite.
 pub fn first_non_finite_block(format: BlockFormat, bytes: &[u8]) -> Option<usize> {
@@ -251,261 +322,10 @@ pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
         BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => &[0],
         BlockFormat::Q4K | BlockFormat::Q5K => &[0, 2],
         BlockFormat::Q6K => &[208],
+        BlockFormat::Q3K => &[108],
+        BlockFormat::Q2K => &[80, 82],
     }
 }
 
-/// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0 and
-/// Q5_0 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
-/// `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`) operation for operation, so their bytes equal llama.cpp's
-/// (tested against the `gguf` package). Q4_K, Q5_K and Q6_K use a plain min/max fit per
-/// sub-block, not llama.cpp's iterative search for the scales: valid blocks any
-/// reader decodes, with somewhat larger rounding error than llama.cpp's own files.
-pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
-    let (weights, block_bytes) = format.block();
-    assert!(values.len().is_multiple_of(weights), "quantize {}: {} values", format.name(), values.len());
-    for x in values.chunks_exact(weights) {
-        let at = out.len();
-        out.resize(at + block_bytes, 0);
-        let block = &mut out[at..];
-        match format {
-            BlockFormat::Q8_0 => quantize_q8_0(x, block),
-            BlockFormat::Q4_0 => quantize_q4_0(x, block),
-            BlockFormat::Q5_0 => quantize_q5_0(x, block),
-            BlockFormat::Q4K => quantize_q4_k(x, block),
-            BlockFormat::Q5K => quantize_q5_k(x, block),
-            BlockFormat::Q6K => quantize_q6_k(x, block),
-        }
-    }
-}
-
-fn put_f16(block: &mut [u8], at: usize, value: f32) {
-    block[at..at + 2].copy_from_slice(&half::f16::from_f32(value).to_le_bytes());
-}
-
-fn inverse(d: f32) -> f32 {
-    if d == 0.0 {
-        0.0
-    } else {
-        1.0 / d
-    }
-}
-
-fn quantize_q8_0(x: &[f32], block: &mut [u8]) {
-    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = inverse(d);
-    put_f16(block, 0, d);
-    for (q, v) in block[2..34].iter_mut().zip(x) {
-        *q = (v * id).round() as i8 as u8;
-    }
-}
-
-/// The value of largest magnitude, with its sign (the first on ties).
-fn signed_max(x: &[f32]) -> f32 {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    max
-}
-
-fn quantize_q4_0(x: &[f32], block: &mut [u8]) {
-    let d = signed_max(x) / -8.0;
-    let id = inverse(d);
-    put_f16(block, 0, d);
-    for j in 0..16 {
-        let low = ((x[j] * id + 8.5) as i8).min(15) as u8;
-        let high = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
-        block[2 + j] = low | (high << 4);
-    }
-}
-
-fn quantize_q5_0(x: &[f32], block: &mut [u8]) {
-    let d = signed_max(x) / -16.0;
-    let id = inverse(d);
-    put_f16(block, 0, d);
-    let mut qh = 0u32;
-    for j in 0..16 {
-        let low = ((x[j] * id + 16.5) as i8).min(31) as u8;
-        let high = ((x[j + 16] * id + 16.5) as i8).min(31) as u8;
-        block[6 + j] = (low & 0x0F) | ((high & 0x0F) << 4);
-        qh |= (((low & 0x10) >> 4) as u32) << j;
-        qh |= (((high & 0x10) >> 4) as u32) << (j + 16);
-    }
-    block[2..6].copy_from_slice(&qh.to_le_bytes());
-}
-
-/// Rounds `value / step` to an integer in `0..=max` (0 where the step is 0).
-fn level(value: f32, step: f32, max: u8) -> u8 {
-    if step == 0.0 {
-        0
-    } else {
-        (value / step).round().clamp(0.0, max as f32) as u8
-    }
-}
-
-/// The fewest whole `step`s that reach `value`, at most `max`.
-fn steps_up(value: f32, step: f32, max: u8) -> u8 {
-    if step == 0.0 {
-        0
-    } else {
-        (value / step).ceil().clamp(0.0, max as f32) as u8
-    }
-}
-
-/// `step` as stored (f16), rounded up so that `max` steps still cover what they must.
-fn stored_step(step: f32) -> f32 {
-    let stored = half::f16::from_f32(step);
-    if stored.to_f32() < step {
-        half::f16::from_bits(stored.to_bits() + 1).to_f32()
-    } else {
-        stored.to_f32()
-    }
-}
-
-fn quantize_q4_k(x: &[f32], block: &mut [u8]) {
-    let q = k_scales_and_mins(x, 15, block);
-    for chunk in 0..4 {
-        for l in 0..32 {
-            block[16 + chunk * 32 + l] = q[2 * chunk][l] | (q[2 * chunk + 1][l] << 4);
-        }
-    }
-}
-
-fn quantize_q5_k(x: &[f32], block: &mut [u8]) {
-    let q = k_scales_and_mins(x, 31, block);
-    for l in 0..32 {
-        block[16 + l] = (0..8).fold(0u8, |bits, j| bits | (q[j][l] >> 4) << j);
-    }
-    for chunk in 0..4 {
-        for l in 0..32 {
-            block[48 + chunk * 32 + l] = (q[2 * chunk][l] & 0x0F) | ((q[2 * chunk + 1][l] & 0x0F) << 4);
-        }
-    }
-}
-
-/// Q4_K's and Q5_K's scales and minimums for the super-block `x`, written to `block`
-/// (`d`, `dmin` and the 12 packed bytes), and each sub-block's values in `0..=max`.
-fn k_scales_and_mins(x: &[f32], max: u8, block: &mut [u8]) -> [[u8; 32]; 8] {
-    // Each sub-block of 32: value ≈ scale·q − min with q in 0..=max and min ≥ 0. The
-    // 6-bit multiples of the super-scales are rounded up, never down, so that every
-    // sub-block's range stays covered (rounding down would clip its extremes).
-    let lows: Vec<f32> = x.chunks_exact(32).map(|s| s.iter().fold(0.0f32, |a, &v| a.min(v))).collect();
-    let highs: Vec<f32> = x.chunks_exact(32).map(|s| s.iter().fold(0.0f32, |a, &v| a.max(v))).collect();
-    let dmin = stored_step(lows.iter().fold(0.0f32, |a, &l| a.max(-l)) / 63.0);
-    put_f16(block, 2, dmin);
-    let m: Vec<u8> = lows.iter().map(|&l| steps_up(-l, dmin, 63)).collect();
-    let scales: Vec<f32> = highs.iter().zip(&m).map(|(&h, &m)| (h + dmin * m as f32) / max as f32).collect();
-    let d = stored_step(scales.iter().fold(0.0f32, |a, &s| a.max(s)) / 63.0);
-    put_f16(block, 0, d);
-    let sc: Vec<u8> = scales.iter().map(|&s| steps_up(s, d, 63)).collect();
-    // Packed as `scale_min_k4` unpacks them.
-    let packed = &mut block[4..16];
-    for j in 0..4 {
-        packed[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
-        packed[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
-        packed[j + 8] = (sc[j + 4] & 0x0F) | ((m[j + 4] & 0x0F) << 4);
-    }
-    std::array::from_fn(|j| std::array::from_fn(|l| level(x[j * 32 + l] + dmin * m[j] as f32, d * sc[j] as f32, max)))
-}
-
-fn quantize_q6_k(x: &[f32], block: &mut [u8]) {
-    // Each sub-block of 16: value ≈ scale·(q − 32) with q in 0..=63, scale signed.
-    let mut scales = [0.0f32; 16];
-    for (s, sub) in x.chunks_exact(16).enumerate() {
-        scales[s] = sub.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 31.0;
-    }
-    let d = stored_step(scales.iter().fold(0.0f32, |a, &s| a.max(s)) / 127.0);
-    put_f16(block, 208, d);
-    let sc: Vec<i8> = scales.iter().map(|&s| steps_up(s, d, 127) as i8).collect();
-    for (s, &scale) in sc.iter().enumerate() {
-        block[192 + s] = scale as u8;
-    }
-    let q = |p: usize| {
-        let step = d * sc[p / 16] as f32;
-        if step == 0.0 {
-            32
-        } else {
-            ((x[p] / step).round() + 32.0).clamp(0.0, 63.0) as u8
-        }
-    };
-    // Packed as `q6_k` unpacks them: per half of 128, low nibbles in `ql`, high bits in `qh`.
-    for half in 0..2 {
-        let base = half * 128;
-        for l in 0..32 {
-            let (a, b, c, e) = (q(base + l), q(base + l + 32), q(base + l + 64), q(base + l + 96));
-            block[half * 64 + l] = (a & 0x0F) | ((c & 0x0F) << 4);
-            block[half * 64 + l + 32] = (b & 0x0F) | ((e & 0x0F) << 4);
-            block[128 + half * 32 + l] = (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((e >> 4) << 6);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Values of a transformer weight's size, signed, with one outlier per 64.
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32 ^ seed).wrapping_mul(2654435761) >> 8;
-                let v = (h % 2001) as f32 / 1000.0 - 1.0;
-                if i % 64 == 7 {
-                    v * 4.0
-                } else {
-                    v * 0.05
-                }
-            })
-            .collect()
-    }
-
-    /// Quantized then decoded, every value is within one step (the spacing of levels
-    /// its sub-block can represent) of the original, and most within half a step.
-    #[test]
-    fn round_trips_stay_within_each_formats_step() {
-        for format in BlockFormat::ALL {
-            let x = values(4 * 256, 3);
-            let mut bytes = Vec::new();
-            quantize(format, &x, &mut bytes);
-            assert_eq!(bytes.len(), x.len() / format.block().0 * format.block().1);
-            let mut y = vec![0.0f32; x.len()];
-            dequantize(format, &bytes, &mut y);
-            let (group, levels) = match format {
-                BlockFormat::Q8_0 => (32, 254.0),
-                BlockFormat::Q4_0 => (32, 15.0),
-                BlockFormat::Q5_0 => (32, 31.0),
-                BlockFormat::Q4K => (32, 15.0),
-                BlockFormat::Q5K => (32, 31.0),
-                BlockFormat::Q6K => (16, 62.0),
-            };
-            for (g, (xs, ys)) in x.chunks(group).zip(y.chunks(group)).enumerate() {
-                let range = xs.iter().fold(0.0f32, |a, v| a.max(v.abs())) * 2.0;
-                // Scales are stored in 6 to 16 bits: allow one step plus their rounding.
-                let step = range / levels;
-                for (a, b) in xs.iter().zip(ys) {
-                    assert!(
-                        (a - b).abs() <= step * 1.05 + 1e-6,
-                        "{} group {g}: {a} → {b} (step {step})",
-                        format.name()
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn zero_blocks_quantize_to_zero() {
-        for format in BlockFormat::ALL {
-            let x = vec![0.0f32; 256];
-            let mut bytes = Vec::new();
-            quantize(format, &x, &mut bytes);
-            let mut y = vec![1.0f32; 256];
-            dequantize(format, &bytes, &mut y);
-            assert!(y.iter().all(|&v| v == 0.0), "{}", format.name());
-        }
-    }
-}
+mod encode;
+pub use encode::quantize;

@@ -44,7 +44,7 @@ mod k_quants;
 mod order;
 mod q8;
 
-pub use order::{interleave, resident_order, BlockOrder, GROUP_ROWS};
+pub use order::{interleave, interleaves, resident_order, BlockOrder, GROUP_ROWS};
 pub use q8::{byte_products_path, linear_q8, Activations};
 
 /// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks, in
@@ -222,6 +222,7 @@ fn row_dots(
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                     x86::small_blocks_avx512(format, row, x, m, k, dots)
                 }
+                BlockFormat::Q3K | BlockFormat::Q2K => by_format(format, row, x, m, k, dots),
                 _ if k_quants::avx512_present() => k_quants::k_blocks_avx512(format, row, x, m, k, dots),
                 _ => k_quants::k_blocks(format, row, x, m, k, dots),
             }
@@ -235,6 +236,7 @@ fn row_dots(
                 BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
                     k_quants::k_blocks(format, row, x, m, k, dots)
                 }
+                BlockFormat::Q3K | BlockFormat::Q2K => by_format(format, row, x, m, k, dots),
             }
         },
         _ => by_format(format, row, x, m, k, dots),
@@ -251,6 +253,8 @@ fn by_format(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dot
         BlockFormat::Q4K => row_body(BlockFormat::Q4K, row, x, m, k, dots),
         BlockFormat::Q5K => row_body(BlockFormat::Q5K, row, x, m, k, dots),
         BlockFormat::Q6K => row_body(BlockFormat::Q6K, row, x, m, k, dots),
+        BlockFormat::Q3K => row_body(BlockFormat::Q3K, row, x, m, k, dots),
+        BlockFormat::Q2K => row_body(BlockFormat::Q2K, row, x, m, k, dots),
     }
 }
 

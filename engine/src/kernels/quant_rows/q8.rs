@@ -23,7 +23,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::order::{has_eight_row_kernels, Strides, SCALE_BYTES};
+use super::order::{has_eight_row_kernels, interleaves, Strides, SCALE_BYTES};
 use super::GROUP_ROWS;
 use super::{BlockOrder, QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
@@ -297,14 +297,14 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
     let path = if path.supported() { path } else { SimdPath::Scalar };
     // Only the eight-row kernels read interleaved groups; the one-row body reads rows.
     let in_rows;
-    let w = if w.order == BlockOrder::EightRows && !has_eight_row_kernels(path) {
+    let w = if w.order == BlockOrder::EightRows && !(has_eight_row_kernels(path) && interleaves(w.format)) {
         in_rows = w.in_row_order();
         QuantMatrix { bytes: &in_rows, order: BlockOrder::Rows, ..w }
     } else {
         w
     };
     QUANTIZED.with_borrow_mut(|xq| {
-        xq.quantize(x, m, k, w.format == BlockFormat::Q6K);
+        xq.quantize(x, m, k, matches!(w.format, BlockFormat::Q6K | BlockFormat::Q2K));
         products(path, xq, m, w, out, out_stride, col0);
     });
 }
@@ -421,6 +421,8 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
                 let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
+            // No eight-row kernel: the rows one at a time (`row_dots`).
+            BlockFormat::Q3K | BlockFormat::Q2K => return false,
         }
         return true;
     }
@@ -431,7 +433,7 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
 /// its own (rows left over from groups of eight, and every row off x86).
 fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
     let (k, x) = (xq.k, xq.rows(first, rows));
-    if matches!(format, BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K) {
+    if format.block().0 == k_quants::SUPER {
         return k_quants::row_dots(format, row, &x, rows, k, dots);
     }
     let blocks = k / BLOCK;

@@ -1,4 +1,4 @@
-//! Q4_K, Q5_K and Q6_K products with 8-bit activations. x keeps Q8_0's blocks of 32
+//! Q4_K, Q5_K, Q6_K, Q3_K and Q2_K products with 8-bit activations. x keeps Q8_0's blocks of 32
 //! values (one scale each), and those line up with the K-quants' sub-blocks: a Q4_K
 //! (Q5_K) sub-block is 32 values under one 6-bit scale `sc` and minimum `m`, a Q6_K
 //! sub-block 16 values under a signed 8-bit scale, two per block of x. So each block
@@ -7,7 +7,10 @@
 //! - Q4_K, Q5_K: `S = sc · Σ q·x` (q 0–15, 0–31), then `sum += S·(d·d_x)` and
 //!   `sum −= (dmin·m)·(d_x·Σx)`;
 //! - Q6_K: `S = sc_a · Σ₁₆ (q−32)·x + sc_b · Σ₁₆ (q−32)·x` over the block's two
-//!   halves, then `sum += S·(d·d_x)`;
+//!   halves, then `sum += S·(d·d_x)`; Q3_K the same with its values q − 4 and its
+//!   scales less 32;
+//! - Q2_K: `S` as Q6_K's with q 0–3 and 4-bit scales, then `sum += S·(d·d_x)` and
+//!   `sum −= dmin·(d_x·(m_a·Σ₁₆x + m_b·Σ₁₆x))` (x's half sums);
 //!
 //! with `S` exact in 32 bits (|S| < 2²⁴) and the float steps fused and in this order
 //! on every path, so a product's value for one row of x and one weight row is the
@@ -17,21 +20,22 @@
 //! for every format.
 
 use super::{QuantizedX, BLOCK, MAX_ROWS};
-use crate::kernels::quant::{scale_min_k4, BlockFormat};
+use crate::kernels::quant::{q2_k_value, q3_k_scale, q3_k_value, scale_min_k4, BlockFormat};
 
 /// Values per super-block.
-const SUPER: usize = 256;
+pub(super) const SUPER: usize = 256;
 
 /// Blocks of x per super-block.
 const BLOCKS_PER_SUPER: usize = SUPER / BLOCK;
 
-/// One super-block's values as small signed integers (Q4_K, Q5_K: q; Q6_K: q − 32) and
-/// its scales: Q4_K's and Q5_K's `(sc, m)` per sub-block of 32 in `scales[0..8]` and `mins`, Q6_K's
-/// signed scale per 16 values in `scales[0..16]`; `d` and (Q4_K) `dmin`.
+/// One super-block's values as small signed integers (Q4_K, Q5_K, Q2_K: q; Q6_K: q − 32;
+/// Q3_K: q − 4) and its scales: Q4_K's and Q5_K's `(sc, m)` per sub-block of 32 in
+/// `scales[0..8]` and `mins[0..8]`, the others' scale per 16 values in `scales` (and
+/// Q2_K's minimum in `mins`); `d` and (Q4_K, Q5_K, Q2_K) `dmin`.
 struct Unpacked {
     values: [i8; SUPER],
     scales: [i32; 16],
-    mins: [i32; 8],
+    mins: [i32; 16],
     d: f32,
     dmin: f32,
 }
@@ -42,8 +46,10 @@ fn f16_at(block: &[u8], at: usize) -> f32 {
 
 /// The reference unpacking (`quant::q4_k`, `quant::q5_k`, `quant::q6_k`) into integers.
 fn unpack(format: BlockFormat, block: &[u8]) -> Unpacked {
-    let mut u = Unpacked { values: [0; SUPER], scales: [0; 16], mins: [0; 8], d: 0.0, dmin: 0.0 };
-    if format != BlockFormat::Q6K {
+    let mut u = Unpacked { values: [0; SUPER], scales: [0; 16], mins: [0; 16], d: 0.0, dmin: 0.0 };
+    if matches!(format, BlockFormat::Q3K | BlockFormat::Q2K) {
+        unpack_low_bits(format, block, &mut u);
+    } else if format != BlockFormat::Q6K {
         let fifth = format == BlockFormat::Q5K;
         (u.d, u.dmin) = (f16_at(block, 0), f16_at(block, 2));
         let nibbles = if fifth { 48 } else { 16 };
@@ -71,7 +77,29 @@ fn unpack(format: BlockFormat, block: &[u8]) -> Unpacked {
     u
 }
 
-/// `dots[i] = x[first + i] · row` for one weight row of Q4_K, Q5_K or Q6_K super-blocks:
+/// Q3_K's and Q2_K's values and scales (`quant::q3_k`, `quant::q2_k`).
+fn unpack_low_bits(format: BlockFormat, block: &[u8], u: &mut Unpacked) {
+    if format == BlockFormat::Q3K {
+        let (hmask, qs, scales) = (&block[0..32], &block[32..96], &block[96..108]);
+        u.d = f16_at(block, 108);
+        for (s, scale) in u.scales.iter_mut().enumerate() {
+            *scale = q3_k_scale(s, scales) as i32;
+        }
+        for (v, value) in u.values.iter_mut().enumerate() {
+            *value = q3_k_value(v, hmask, qs);
+        }
+    } else {
+        (u.d, u.dmin) = (f16_at(block, 80), f16_at(block, 82));
+        for s in 0..16 {
+            (u.scales[s], u.mins[s]) = ((block[s] & 0x0F) as i32, (block[s] >> 4) as i32);
+        }
+        for (v, value) in u.values.iter_mut().enumerate() {
+            *value = q2_k_value(v, &block[16..80]) as i8;
+        }
+    }
+}
+
+/// `dots[i] = x[first + i] · row` for one weight row of K-quant super-blocks:
 /// the operations of a lane of the eight-row kernel, in its order.
 pub(super) fn row_dots(
     format: BlockFormat,
@@ -95,7 +123,7 @@ pub(super) fn row_dots(
                     pairs.map(|(&w, &x)| w as i32 * x as i32).sum()
                 };
                 let d_x = x.scales[i * blocks + b];
-                if format != BlockFormat::Q6K {
+                if matches!(format, BlockFormat::Q4K | BlockFormat::Q5K) {
                     let total = u.scales[c] * (half(0) + half(1));
                     *sum = (total as f32).mul_add(u.d * d_x, *sum);
                     let scaled_sum = d_x * x.sums[i * blocks + b] as f32;
@@ -103,6 +131,12 @@ pub(super) fn row_dots(
                 } else {
                     let total = u.scales[2 * c] * half(0) + u.scales[2 * c + 1] * half(1);
                     *sum = (total as f32).mul_add(u.d * d_x, *sum);
+                    if format == BlockFormat::Q2K {
+                        let first = x.halves[i * blocks + b];
+                        let second = x.sums[i * blocks + b] - first;
+                        let mins = u.mins[2 * c] * first + u.mins[2 * c + 1] * second;
+                        *sum = (-u.dmin).mul_add(d_x * mins as f32, *sum);
+                    }
                 }
             }
         }
