@@ -90,8 +90,8 @@ fn unpack_low_bits(format: BlockFormat, block: &[u8], u: &mut Unpacked) {
         }
     } else {
         (u.d, u.dmin) = (f16_at(block, 80), f16_at(block, 82));
-        for s in 0..16 {
-            (u.scales[s], u.mins[s]) = ((block[s] & 0x0F) as i32, (block[s] >> 4) as i32);
+        for (s, &packed) in block[..16].iter().enumerate() {
+            (u.scales[s], u.mins[s]) = ((packed & 0x0F) as i32, (packed >> 4) as i32);
         }
         for (v, value) in u.values.iter_mut().enumerate() {
             *value = q2_k_value(v, &block[16..80]) as i8;
