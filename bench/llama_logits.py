@@ -10,6 +10,7 @@ whether the top token agrees. Ferry's default 8-bit activations are llama.cpp's
 numerics for Q8_0, Q4_0 and Q5_0 (its K-quants round x per 256 values instead).
 
 usage: python3 bench/llama_logits.py [FERRY_BINARY] [WORK_DIR]
+       ONLY="q3_k_m q2_k" python3 bench/llama_logits.py ...   # those storages only
 """
 import json
 import os
@@ -37,6 +38,9 @@ CASES = [
     # Q5_K_M mixtures (llama.cpp rounds x per 256 values for K-quants, Ferry per 32).
     ("test-small", "q4_k_m"),
     ("test-small", "q5_k_m"),
+    # Q3_K (llama.cpp's Q3_K_M mixture: with Q4_K, Q5_K and Q6_K) and Q2_K throughout.
+    ("test-small", "q3_k_m"),
+    ("test-small", "q2_k"),
 ]
 # Rotary scalings: test-tiny with a scaled config.json, written as GGUF by Ferry
 # (Llama 3.1's as a `rope_freqs` tensor, linear in the metadata), against llama.cpp
@@ -72,6 +76,8 @@ def main():
     print("model                 storage  max |diff| / max |logit|  top token (ferry, llama.cpp)  llama.cpp's top-2 gap / max |logit|")
     cases = [(model, storage, None) for model, storage in CASES]
     cases += [("test-tiny", "f32", scaling) for scaling in SCALED]
+    only = os.environ.get("ONLY", "").split()
+    cases = [case for case in cases if not only or case[1] in only]
     for model, storage, scaling in cases:
         stem = os.path.join(WORK, f"{model}-{storage}" + (f"-{scaling[0]}" if scaling else ""))
         gguf = stem + ".gguf"

@@ -49,9 +49,7 @@ pub(crate) fn measure_dequantize(options: &ProfileOptions, peak_flops: f64) -> V
         .iter()
         .map(|&format| {
             let rows_input = kernels::quant::sample_blocks(format, INPUT_BYTES as usize / format.block().1, 7);
-            // Formats the engine keeps in row order wherever they are (`kernels::interleaves`).
-            let resident_order =
-                if kernels::interleaves(format) { kernels::resident_order() } else { BlockOrder::Rows };
+            let resident_order = kernels::resident_order();
             // Each product's piece reordered once; the many-row input is whole pieces
             // of it from the start.
             let reordered = (resident_order != BlockOrder::Rows).then(|| {
@@ -185,9 +183,7 @@ mod tests {
         assert_eq!(names, ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k"]);
         for rate in &rates {
             // The file's row order apart wherever runs keep resident weights otherwise.
-            let interleaves =
-                kernels::interleaves(kernels::quant::BlockFormat::from_ggml(&rate.format.to_uppercase()).unwrap());
-            let reordered = kernels::resident_order() != BlockOrder::Rows && interleaves;
+            let reordered = kernels::resident_order() != BlockOrder::Rows;
             assert_eq!(rate.row_order.is_some(), reordered, "{}", rate.format);
             for (order, rates) in [("resident", rate.rates(false)), ("row order", rate.rates(true))] {
                 // Slower than 1 MB/s or faster than 10 TB/s would be a broken timer, not a CPU.

@@ -528,7 +528,7 @@ fn interleave_if(order: BlockOrder, part: &Part, bytes: &mut [u8]) -> BlockOrder
         _ => None,
     };
     match format {
-        Some(format) if order == BlockOrder::EightRows && kernels::interleaves(format) && part.rows >= GROUP_ROWS => {
+        Some(format) if order == BlockOrder::EightRows && part.rows >= GROUP_ROWS => {
             kernels::interleave(format, part.rows, part.cols, bytes);
             BlockOrder::EightRows
         }

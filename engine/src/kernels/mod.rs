@@ -22,8 +22,8 @@ pub use bf16::{few_rows_path, linear_bf16, linear_bf16_for, matrix_path};
 pub use convert::{element_bytes, from_f32, to_f32};
 pub use paths::{description, kernels_mismatch};
 pub use quant_rows::{
-    byte_products_path, interleave, interleaves, linear_q8, linear_quant, quant_converted, quant_rows, resident_order,
-    Activations, BlockOrder, QuantMatrix, GROUP_ROWS,
+    byte_products_path, interleave, linear_q8, linear_quant, quant_converted, quant_rows, resident_order, Activations,
+    BlockOrder, QuantMatrix, GROUP_ROWS,
 };
 pub use rows::{linear_rows, simd_path, SimdPath, MAX_ROWS};
 

@@ -44,7 +44,7 @@ mod k_quants;
 mod order;
 mod q8;
 
-pub use order::{interleave, interleaves, resident_order, BlockOrder, GROUP_ROWS};
+pub use order::{interleave, resident_order, BlockOrder, GROUP_ROWS};
 pub use q8::{byte_products_path, linear_q8, Activations};
 
 /// A weight matrix stored as `rows` rows of `cols / weights-per-block` blocks, in

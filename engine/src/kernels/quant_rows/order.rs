@@ -42,13 +42,6 @@ pub(super) fn has_eight_row_kernels(path: SimdPath) -> bool {
     cfg!(target_arch = "x86_64") && matches!(path, SimdPath::Avx2 | SimdPath::Avx512)
 }
 
-/// Whether `format`'s matrices are kept interleaved where `resident_order` says so:
-/// the formats with eight-row kernels. Q3_K and Q2_K, multiplied a row at a time, stay
-/// in row order.
-pub fn interleaves(format: BlockFormat) -> bool {
-    !matches!(format, BlockFormat::Q3K | BlockFormat::Q2K)
-}
-
 /// The order for block-quantized weights kept in memory for the products with 8-bit
 /// x on this CPU: `EightRows` where it has the eight-row kernels, unless
 /// `FERRY_BLOCK_ORDER=rows` declines it (to compare the two side by side).

@@ -23,7 +23,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::order::{has_eight_row_kernels, interleaves, Strides, SCALE_BYTES};
+use super::order::{has_eight_row_kernels, Strides, SCALE_BYTES};
 use super::GROUP_ROWS;
 use super::{BlockOrder, QuantMatrix, ROWS_PER_TASK};
 use crate::kernels::quant::BlockFormat;
@@ -297,7 +297,7 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
     let path = if path.supported() { path } else { SimdPath::Scalar };
     // Only the eight-row kernels read interleaved groups; the one-row body reads rows.
     let in_rows;
-    let w = if w.order == BlockOrder::EightRows && !(has_eight_row_kernels(path) && interleaves(w.format)) {
+    let w = if w.order == BlockOrder::EightRows && !has_eight_row_kernels(path) {
         in_rows = w.in_row_order();
         QuantMatrix { bytes: &in_rows, order: BlockOrder::Rows, ..w }
     } else {
@@ -410,19 +410,20 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
             // Resident K-quants come transposed (`order::KGroup`): `eight_rows` reads them.
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K if transpose_once && !strides.transposed => K_SET
-                .with_borrow_mut(|set| {
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K | BlockFormat::Q3K | BlockFormat::Q2K
+                if transpose_once && !strides.transposed =>
+            {
+                K_SET.with_borrow_mut(|set| {
                     unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
                     let from_columns =
                         if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
                     groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
-                }),
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
+                })
+            }
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K | BlockFormat::Q3K | BlockFormat::Q2K => {
                 let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
-            // No eight-row kernel: the rows one at a time (`row_dots`).
-            BlockFormat::Q3K | BlockFormat::Q2K => return false,
         }
         return true;
     }

@@ -16,8 +16,10 @@ use super::super::x86::{
 use super::super::{QuantizedX, Strides};
 use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
+mod low_bits;
 mod one_row;
 mod transposed;
+use low_bits::{q2_k_scales_and_mins, q2_k_weights, q3_k_scales, q3_k_weights};
 use one_row::q4_k_one_row;
 use transposed::{q4_k as q4_k_transposed, q6_k as q6_k_transposed};
 
@@ -53,6 +55,8 @@ unsafe fn eight_rows_in<const VNNI: bool>(
             (BlockFormat::Q5K, true) => with_rows!(rows, q4_k_transposed::<_, K5, VNNI>(weights, strides, x, k, dots)),
             (_, true) => with_rows!(rows, q4_k_transposed::<_, K4, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q6K, false) => with_rows!(rows, eight_m::<_, K6, VNNI>(weights, strides, x, k, dots)),
+            (BlockFormat::Q3K, false) => with_rows!(rows, eight_m::<_, K3, VNNI>(weights, strides, x, k, dots)),
+            (BlockFormat::Q2K, false) => with_rows!(rows, eight_m::<_, K2, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q5K, false) => with_rows!(rows, eight_m::<_, K5, VNNI>(weights, strides, x, k, dots)),
             (_, false) => with_rows!(rows, eight_m::<_, K4, VNNI>(weights, strides, x, k, dots)),
         }
@@ -72,7 +76,7 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     unsafe {
         if M >= 3 {
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && KIND != K6 {
+        } else if M == 1 && (KIND == K4 || KIND == K5) {
             q4_k_one_row::<KIND, VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
@@ -82,10 +86,29 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
 
 /// Which K-quant a kernel multiplies (its const parameter `KIND`). Q5_K is Q4_K's
 /// layout with the values' fifth bits in 32 bytes before the nibbles: the same
-/// scales, minimums and sums, values 0–31.
+/// scales, minimums and sums, values 0–31. Q3_K is Q6_K's arithmetic (a signed scale
+/// per 16 values, values taken unsigned less an offset) over 3-bit values; Q2_K
+/// Q6_K's with 2-bit values, no offset and unsigned scales, and a minimum per 16
+/// values times x's sum over them (x's half sums).
 const K4: u8 = 4;
 const K5: u8 = 5;
 const K6: u8 = 6;
+const K3: u8 = 3;
+const K2: u8 = 2;
+
+/// Whether `KIND`'s scales cover 16 values each (two per block of x).
+const fn per_16(kind: u8) -> bool {
+    matches!(kind, K6 | K3 | K2)
+}
+
+/// What `KIND`'s stored values exceed their signed values by (Q6_K 32, Q3_K 4).
+const fn value_offset(kind: u8) -> i8 {
+    match kind {
+        K6 => 32,
+        K3 => 4,
+        _ => 0,
+    }
+}
 
 /// A Q4_K super-block's 12 bytes of packed scales as 16 bytes: `sc` of sub-blocks
 /// 0–7, then `m` of 0–7 (the unpacking of `quant::scale_min_k4`, four at a time:
@@ -217,7 +240,7 @@ pub(super) unsafe fn q6_k_values<const TERNARY: bool>(ql: __m256i, qh: __m256i, 
 /// `COLUMNS` transposed by 4-byte groups for `column_totals`, Q6_K's then less 32),
 /// their magnitudes (Q6_K by columns multiplies |q − 32| by x with q − 32's sign),
 /// the sub-block scales of the block's halves as i32 lanes (Q4_K: `sc` and `m`),
-/// the super-block's `d`, and Q4_K's `dmin·m`.
+/// the super-block's `d`, Q4_K's `dmin·m`, and Q2_K's `dmin` with its halves' `m`.
 #[derive(Clone, Copy)]
 pub(in super::super) struct KBlocks {
     values: [__m256i; 8],
@@ -226,6 +249,9 @@ pub(in super::super) struct KBlocks {
     scale_b: __m256i,
     d: __m256,
     min: __m256,
+    /// Q2_K: the minimums of the block's halves (and `min` is `dmin`).
+    min_a: __m256i,
+    min_b: __m256i,
 }
 
 /// A super-block's scales for eight rows: `d`, Q4_K's `dmin` (zero for Q6_K) and
@@ -234,6 +260,8 @@ struct SuperScales {
     d: __m256,
     dmin: __m256,
     columns: [__m128i; 8],
+    /// Q2_K's minimums, transposed as `columns`.
+    min_columns: [__m128i; 8],
 }
 
 /// The scales of the eight rows' super-blocks at `at(r)`.
@@ -242,27 +270,50 @@ unsafe fn super_scales<const KIND: u8>(at: impl Fn(usize) -> *const u8) -> Super
     // SAFETY: each `at(r)` is a whole super-block; AVX2 and F16C are present where
     // this is inlined.
     unsafe {
-        let d = f16_scales(&at, if KIND == K6 { 208 } else { 0 });
-        // Q4_K's minimums are scaled by `dmin`; Q6_K has none.
-        let dmin = if KIND == K6 { _mm256_setzero_ps() } else { f16_scales(&at, 2) };
-        let mut scales = [_mm_setzero_si128(); 8];
-        for (r, scales) in scales.iter_mut().enumerate() {
-            *scales = if KIND == K6 { _mm_loadu_si128(at(r).add(192).cast()) } else { q4_k_scales(at(r).add(4)) };
+        let d = f16_scales(
+            &at,
+            match KIND {
+                K6 => 208,
+                K3 => 108,
+                K2 => 80,
+                _ => 0,
+            },
+        );
+        // Q4_K's and Q2_K's minimums are scaled by `dmin`; Q6_K and Q3_K have none.
+        let dmin = match KIND {
+            K6 | K3 => _mm256_setzero_ps(),
+            K2 => f16_scales(&at, 82),
+            _ => f16_scales(&at, 2),
+        };
+        let (mut scales, mut mins) = ([_mm_setzero_si128(); 8], [_mm_setzero_si128(); 8]);
+        for (r, (scales, mins)) in scales.iter_mut().zip(mins.iter_mut()).enumerate() {
+            *scales = match KIND {
+                K6 => _mm_loadu_si128(at(r).add(192).cast()),
+                K3 => q3_k_scales(at(r).add(96)),
+                K2 => {
+                    let (sc, m) = q2_k_scales_and_mins(at(r));
+                    *mins = m;
+                    sc
+                }
+                _ => q4_k_scales(at(r).add(4)),
+            };
         }
-        SuperScales { d, dmin, columns: scale_columns(scales) }
+        let min_columns = if KIND == K2 { scale_columns(mins) } else { mins };
+        SuperScales { d, dmin, columns: scale_columns(scales), min_columns }
     }
 }
 
 /// Column t of the scales as eight i32 lanes (lane r: row r's): Q4_K's `sc` of
-/// sub-block t for t < 8 and its `m` of sub-block t − 8 after; Q6_K's signed
-/// scale of its 16 values t.
+/// sub-block t for t < 8 and its `m` of sub-block t − 8 after; Q6_K's and Q3_K's
+/// signed scale of their 16 values t, Q2_K's unsigned one (or, from its
+/// `min_columns`, its minimum).
 #[inline(always)]
 unsafe fn scale_column<const KIND: u8>(columns: &[__m128i; 8], t: usize) -> __m256i {
     // SAFETY: AVX2 is present where this is inlined.
     unsafe {
         let pair = columns[t / 2];
         let bytes = if t.is_multiple_of(2) { pair } else { _mm_srli_si128(pair, 8) };
-        if KIND == K6 {
+        if KIND == K6 || KIND == K3 {
             _mm256_cvtepi8_epi32(bytes)
         } else {
             _mm256_cvtepu8_epi32(bytes)
@@ -285,7 +336,7 @@ unsafe fn super_blocks<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     unsafe {
         let low4 = _mm256_set1_epi8(0x0F);
         let at = |r: usize| block_at(weights, strides, r, s);
-        let SuperScales { d, dmin, columns } = super_scales::<KIND>(at);
+        let SuperScales { d, dmin, columns, min_columns } = super_scales::<KIND>(at);
         let column = |t: usize| scale_column::<KIND>(&columns, t);
         for c in 0..BLOCKS_PER_SUPER {
             // A few lines at a time: a burst of a super-block's 27 (Q6_K) fills
@@ -297,6 +348,8 @@ unsafe fn super_blocks<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
             for (r, w) in values.iter_mut().enumerate() {
                 *w = match KIND {
                     K6 => q6_k_weights::<VNNI>(at(r), c),
+                    K3 => q3_k_weights(at(r), c),
+                    K2 => q2_k_weights(at(r), c),
                     K5 => q5_k_weights(at(r), c, low4),
                     _ => q4_k_weights(at(r), c, low4),
                 };
@@ -305,18 +358,23 @@ unsafe fn super_blocks<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
             if COLUMNS {
                 values = transpose_groups(&values);
                 magnitudes = values;
-                if KIND == K6 {
+                if value_offset(KIND) != 0 {
                     for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
-                        *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(32));
+                        *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(value_offset(KIND)));
                         *m = _mm256_sign_epi8(*w, *w);
                     }
                 }
             }
             let (scale_a, scale_b) =
-                if KIND == K6 { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
+                if per_16(KIND) { (column(2 * c), column(2 * c + 1)) } else { (column(c), column(8 + c)) };
             // Q4_K: dmin·m for the block, one product per lane as the row body has it.
-            let min = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b));
-            each(c, &KBlocks { values, magnitudes, scale_a, scale_b, d, min });
+            let min = if KIND == K2 { dmin } else { _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(scale_b)) };
+            let (min_a, min_b) = if KIND == K2 {
+                (scale_column::<K2>(&min_columns, 2 * c), scale_column::<K2>(&min_columns, 2 * c + 1))
+            } else {
+                (_mm256_setzero_si256(), _mm256_setzero_si256())
+            };
+            each(c, &KBlocks { values, magnitudes, scale_a, scale_b, d, min, min_a, min_b });
         }
     }
 }
@@ -361,6 +419,8 @@ pub(in super::super) unsafe fn transpose_set(
             let push = |_, block: &KBlocks| set.push(*block);
             match format {
                 BlockFormat::Q6K => super_blocks::<K6, true, false>(weights, strides, true, s, k / SUPER, push),
+                BlockFormat::Q3K => super_blocks::<K3, true, false>(weights, strides, true, s, k / SUPER, push),
+                BlockFormat::Q2K => super_blocks::<K2, true, false>(weights, strides, true, s, k / SUPER, push),
                 BlockFormat::Q5K => super_blocks::<K5, true, false>(weights, strides, true, s, k / SUPER, push),
                 _ => super_blocks::<K4, true, false>(weights, strides, true, s, k / SUPER, push),
             }
@@ -394,6 +454,8 @@ unsafe fn from_columns_in<const VNNI: bool>(
     unsafe {
         match format {
             BlockFormat::Q6K => with_rows!(rows, columns::<_, K6, VNNI>(set, x, k, dots)),
+            BlockFormat::Q3K => with_rows!(rows, columns::<_, K3, VNNI>(set, x, k, dots)),
+            BlockFormat::Q2K => with_rows!(rows, columns::<_, K2, VNNI>(set, x, k, dots)),
             BlockFormat::Q5K => with_rows!(rows, columns::<_, K5, VNNI>(set, x, k, dots)),
             _ => with_rows!(rows, columns::<_, K4, VNNI>(set, x, k, dots)),
         }
@@ -442,15 +504,25 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
         } else {
             row_totals::<KIND, VNNI>(&block.values, xs)
         };
-        let total = if KIND == K6 {
+        let total = if per_16(KIND) {
             _mm256_add_epi32(_mm256_mullo_epi32(first, block.scale_a), _mm256_mullo_epi32(second, block.scale_b))
         } else {
             _mm256_mullo_epi32(_mm256_add_epi32(first, second), block.scale_a)
         };
         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(block.d, _mm256_set1_ps(d_x)), *sum);
-        if KIND != K6 {
+        if KIND == K4 || KIND == K5 {
             let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
             *sum = _mm256_fnmadd_ps(block.min, _mm256_set1_ps(scaled_sum), *sum);
+        } else if KIND == K2 {
+            // dmin·(d_x·(m_a·Σx_a + m_b·Σx_b)), the integers exact in i32 lanes.
+            let first_x = *x.halves.get_unchecked(i * blocks + b);
+            let second_x = *x.sums.get_unchecked(i * blocks + b) - first_x;
+            let mins = _mm256_add_epi32(
+                _mm256_mullo_epi32(block.min_a, _mm256_set1_epi32(first_x)),
+                _mm256_mullo_epi32(block.min_b, _mm256_set1_epi32(second_x)),
+            );
+            let scaled = _mm256_mul_ps(_mm256_set1_ps(d_x), _mm256_cvtepi32_ps(mins));
+            *sum = _mm256_fnmadd_ps(block.min, scaled, *sum);
         }
     }
 }
@@ -465,7 +537,7 @@ unsafe fn row_totals<const KIND: u8, const VNNI: bool>(w: &[__m256i; 8], xs: *co
     unsafe {
         let ones = _mm256_set1_epi16(1);
         let xv = _mm256_loadu_si256(xs.cast());
-        let offset = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv);
+        let offset = _mm256_maddubs_epi16(_mm256_set1_epi8(value_offset(KIND)), xv);
         let mut p = [_mm256_setzero_si256(); 8];
         if VNNI {
             // Four products to a lane at once, less 32·x over the same four: the
@@ -473,12 +545,12 @@ unsafe fn row_totals<const KIND: u8, const VNNI: bool>(w: &[__m256i; 8], xs: *co
             let offset = _mm256_madd_epi16(offset, ones);
             for (p, &w) in p.iter_mut().zip(w) {
                 let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                *p = if KIND == K6 { _mm256_sub_epi32(sums, offset) } else { sums };
+                *p = if value_offset(KIND) != 0 { _mm256_sub_epi32(sums, offset) } else { sums };
             }
         } else {
             for (p, &w) in p.iter_mut().zip(w) {
                 let pairs = _mm256_maddubs_epi16(w, xv);
-                *p = _mm256_madd_epi16(if KIND == K6 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+                *p = _mm256_madd_epi16(if value_offset(KIND) != 0 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
             }
         }
         reduce_halves(p)
@@ -508,8 +580,8 @@ unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
             // product waits on half as many): the same integers.
             let mut halves = [_mm256_setzero_si256(); 2];
             for g in 0..8 {
-                let half = &mut halves[if KIND == K6 { g / 4 } else { g % 2 }];
-                *half = if KIND == K6 {
+                let half = &mut halves[if per_16(KIND) { g / 4 } else { g % 2 }];
+                *half = if value_offset(KIND) != 0 {
                     _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
                 } else {
                     _mm256_dpbusd_epi32(*half, w[g], group(g))
@@ -528,7 +600,7 @@ unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
         for (h, half) in halves.iter_mut().enumerate() {
             let mut pairs = _mm256_setzero_si256();
             for g in 4 * h..4 * h + 4 {
-                let product = if KIND == K6 {
+                let product = if value_offset(KIND) != 0 {
                     _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]))
                 } else {
                     _mm256_maddubs_epi16(w[g], group(g))

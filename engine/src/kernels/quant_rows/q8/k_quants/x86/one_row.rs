@@ -37,7 +37,7 @@ pub(super) unsafe fn q4_k_one_row<const KIND: u8, const VNNI: bool>(
         let ahead = fetch_ahead(strides, 1);
         for s in 0..supers {
             let at = |r: usize| block_at(weights, strides, r, s);
-            let SuperScales { d, dmin, columns } = super_scales::<K4>(at);
+            let SuperScales { d, dmin, columns, .. } = super_scales::<K4>(at);
             for chunk in 0..BLOCKS_PER_SUPER / 2 {
                 let first = s * BLOCKS_PER_SUPER + 2 * chunk;
                 prefetch_next_rows(weights, ahead, first, blocks);
