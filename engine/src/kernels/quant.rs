@@ -249,42 +249,55 @@ pub(crate) fn q3_k_scale(s: usize, scales: &[u8]) -> i8 {
     (low | high << 4) as i8 - 32
 }
 
-/// Value `v` of a Q3_K block (0..256) as its signed 3-bit integer, −4..=3: the low two
-/// bits at bit `2 · (v % 128 / 32)` of byte `v / 128 · 32 + v % 32` of `qs`, the third
-/// (set: no offset of 4) at bit `v / 32` of `hmask[v % 32]`.
+/// A Q3_K block's 256 values as signed 3-bit integers, −4..=3: value v's low two
+/// bits at bit `2 · (v % 128 / 32)` of byte `v / 128 · 32 + v % 32` of `qs`, its third
+/// (set: no offset of 4) at bit `v / 32` of `hmask[v % 32]`. In llama.cpp's loop
+/// order, 32 values at a time, so that the compiler vectorises it.
 #[inline(always)]
-pub(crate) fn q3_k_value(v: usize, hmask: &[u8], qs: &[u8]) -> i8 {
-    let low = (qs[v / 128 * 32 + v % 32] >> (2 * (v % 128 / 32))) & 3;
-    let high = (hmask[v % 32] >> (v / 32)) & 1;
-    low as i8 - if high == 1 { 0 } else { 4 }
+pub(crate) fn q3_k_values(hmask: &[u8], qs: &[u8]) -> [i8; 256] {
+    let mut values = [0i8; 256];
+    for (c, out) in values.chunks_exact_mut(32).enumerate() {
+        let (low_bits, shift) = (&qs[c / 4 * 32..][..32], 2 * (c % 4));
+        for ((v, &low), &high) in out.iter_mut().zip(low_bits).zip(&hmask[..32]) {
+            *v = ((low >> shift) & 3) as i8 - (((high >> c) & 1) ^ 1) as i8 * 4;
+        }
+    }
+    values
 }
 
-/// Value `v` of a Q2_K block's `qs` (0..256), 0..=3, laid out as Q3_K's low bits.
+/// A Q2_K block's 256 values, 0..=3, laid out as Q3_K's low bits.
 #[inline(always)]
-pub(crate) fn q2_k_value(v: usize, qs: &[u8]) -> u8 {
-    (qs[v / 128 * 32 + v % 32] >> (2 * (v % 128 / 32))) & 3
+pub(crate) fn q2_k_values(qs: &[u8]) -> [u8; 256] {
+    let mut values = [0u8; 256];
+    for (c, out) in values.chunks_exact_mut(32).enumerate() {
+        let (low_bits, shift) = (&qs[c / 4 * 32..][..32], 2 * (c % 4));
+        for (v, &low) in out.iter_mut().zip(low_bits) {
+            *v = (low >> shift) & 3;
+        }
+    }
+    values
 }
 
 #[inline(always)]
 fn q3_k(block: &[u8], y: &mut [f32]) {
-    let (hmask, qs, scales) = (&block[0..32], &block[32..96], &block[96..108]);
+    let values = q3_k_values(&block[0..32], &block[32..96]);
     let d = f16_at(block, 108);
-    for (s, out) in y.chunks_exact_mut(16).enumerate() {
-        let scale = d * q3_k_scale(s, scales) as f32;
-        for (l, v) in out.iter_mut().enumerate() {
-            *v = scale * q3_k_value(16 * s + l, hmask, qs) as f32;
+    for (s, (out, q)) in y.chunks_exact_mut(16).zip(values.chunks_exact(16)).enumerate() {
+        let scale = d * q3_k_scale(s, &block[96..108]) as f32;
+        for (v, &q) in out.iter_mut().zip(q) {
+            *v = scale * q as f32;
         }
     }
 }
 
 #[inline(always)]
 fn q2_k(block: &[u8], y: &mut [f32]) {
-    let (scales, qs) = (&block[0..16], &block[16..80]);
+    let values = q2_k_values(&block[16..80]);
     let (d, dmin) = (f16_at(block, 80), f16_at(block, 82));
-    for (s, out) in y.chunks_exact_mut(16).enumerate() {
-        let (scale, min) = (d * (scales[s] & 0x0F) as f32, dmin * (scales[s] >> 4) as f32);
-        for (l, v) in out.iter_mut().enumerate() {
-            *v = scale * q2_k_value(16 * s + l, qs) as f32 - min;
+    for (s, (out, q)) in y.chunks_exact_mut(16).zip(values.chunks_exact(16)).enumerate() {
+        let (scale, min) = (d * (block[s] & 0x0F) as f32, dmin * (block[s] >> 4) as f32);
+        for (v, &q) in out.iter_mut().zip(q) {
+            *v = scale * q as f32 - min;
         }
     }
 }

@@ -222,7 +222,7 @@ fn row_dots(
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                     x86::small_blocks_avx512(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q3K | BlockFormat::Q2K => by_format(format, row, x, m, k, dots),
+                BlockFormat::Q3K | BlockFormat::Q2K => low_bits_avx2(format, row, x, m, k, dots),
                 _ if k_quants::avx512_present() => k_quants::k_blocks_avx512(format, row, x, m, k, dots),
                 _ => k_quants::k_blocks(format, row, x, m, k, dots),
             }
@@ -236,7 +236,7 @@ fn row_dots(
                 BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
                     k_quants::k_blocks(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q3K | BlockFormat::Q2K => by_format(format, row, x, m, k, dots),
+                BlockFormat::Q3K | BlockFormat::Q2K => low_bits_avx2(format, row, x, m, k, dots),
             }
         },
         _ => by_format(format, row, x, m, k, dots),
@@ -255,6 +255,17 @@ fn by_format(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dot
         BlockFormat::Q6K => row_body(BlockFormat::Q6K, row, x, m, k, dots),
         BlockFormat::Q3K => row_body(BlockFormat::Q3K, row, x, m, k, dots),
         BlockFormat::Q2K => row_body(BlockFormat::Q2K, row, x, m, k, dots),
+    }
+}
+
+/// Q3_K's and Q2_K's portable body compiled for AVX2 and FMA: their unpacking and the
+/// sums vectorise (no kernel of their own for f32 x; 8-bit x, the default, has one).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn low_bits_avx2(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dots: &mut [f32; MAX_ROWS]) {
+    match format {
+        BlockFormat::Q3K => row_body(BlockFormat::Q3K, row, x, m, k, dots),
+        _ => row_body(BlockFormat::Q2K, row, x, m, k, dots),
     }
 }
 

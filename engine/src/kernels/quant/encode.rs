@@ -197,7 +197,7 @@ fn quantize_q6_k(x: &[f32], block: &mut [u8]) {
 }
 
 /// Where value `v` of a 256-value super-block sits in Q3_K's and Q2_K's 64 bytes of
-/// 2-bit values: (byte, shift), as `quant::q2_k_value` reads it.
+/// 2-bit values: (byte, shift), as `quant::q2_k_values` reads it.
 fn two_bit_place(v: usize) -> (usize, usize) {
     (v / 128 * 32 + v % 32, 2 * (v % 128 / 32))
 }

@@ -20,7 +20,7 @@
 //! for every format.
 
 use super::{QuantizedX, BLOCK, MAX_ROWS};
-use crate::kernels::quant::{q2_k_value, q3_k_scale, q3_k_value, scale_min_k4, BlockFormat};
+use crate::kernels::quant::{q2_k_values, q3_k_scale, q3_k_values, scale_min_k4, BlockFormat};
 
 /// Values per super-block.
 pub(super) const SUPER: usize = 256;
@@ -85,16 +85,14 @@ fn unpack_low_bits(format: BlockFormat, block: &[u8], u: &mut Unpacked) {
         for (s, scale) in u.scales.iter_mut().enumerate() {
             *scale = q3_k_scale(s, scales) as i32;
         }
-        for (v, value) in u.values.iter_mut().enumerate() {
-            *value = q3_k_value(v, hmask, qs);
-        }
+        u.values = q3_k_values(hmask, qs);
     } else {
         (u.d, u.dmin) = (f16_at(block, 80), f16_at(block, 82));
         for (s, &packed) in block[..16].iter().enumerate() {
             (u.scales[s], u.mins[s]) = ((packed & 0x0F) as i32, (packed >> 4) as i32);
         }
-        for (v, value) in u.values.iter_mut().enumerate() {
-            *value = q2_k_value(v, &block[16..80]) as i8;
+        for (value, &q) in u.values.iter_mut().zip(&q2_k_values(&block[16..80])) {
+            *value = q as i8;
         }
     }
 }

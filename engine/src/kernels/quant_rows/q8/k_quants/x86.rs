@@ -550,7 +550,10 @@ unsafe fn row_totals<const KIND: u8, const VNNI: bool>(w: &[__m256i; 8], xs: *co
         } else {
             for (p, &w) in p.iter_mut().zip(w) {
                 let pairs = _mm256_maddubs_epi16(w, xv);
-                *p = _mm256_madd_epi16(if value_offset(KIND) != 0 { _mm256_sub_epi16(pairs, offset) } else { pairs }, ones);
+                *p = _mm256_madd_epi16(
+                    if value_offset(KIND) != 0 { _mm256_sub_epi16(pairs, offset) } else { pairs },
+                    ones,
+                );
             }
         }
         reduce_halves(p)

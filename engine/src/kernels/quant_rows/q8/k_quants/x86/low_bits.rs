@@ -18,7 +18,7 @@ unsafe fn two_bits(low_bits: *const u8, c: usize) -> __m256i {
     }
 }
 
-/// Block `c` of a Q3_K super-block at `block` as q + 4, 0–7 (`quant::q3_k_value`).
+/// Block `c` of a Q3_K super-block at `block` as q + 4, 0–7 (`quant::q3_k_values`).
 #[inline(always)]
 pub(super) unsafe fn q3_k_weights(block: *const u8, c: usize) -> __m256i {
     // SAFETY: the caller's super-block holds `hmask` (32 bytes) and the 2-bit values
@@ -30,7 +30,7 @@ pub(super) unsafe fn q3_k_weights(block: *const u8, c: usize) -> __m256i {
     }
 }
 
-/// Block `c` of a Q2_K super-block at `block`, 0–3 (`quant::q2_k_value`).
+/// Block `c` of a Q2_K super-block at `block`, 0–3 (`quant::q2_k_values`).
 #[inline(always)]
 pub(super) unsafe fn q2_k_weights(block: *const u8, c: usize) -> __m256i {
     // SAFETY: the caller's super-block holds 64 bytes of values at 16.
