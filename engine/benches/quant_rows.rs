@@ -103,7 +103,16 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements((m * N * K) as u64));
     let x: Vec<f32> = (0..m * K).map(|i| ((i % 17) as f32 - 8.0) / 64.0).collect();
     let mut out = vec![0.0f32; m * N];
-    for format in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4K, BlockFormat::Q5K, BlockFormat::Q6K] {
+    let formats = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q5_0,
+        BlockFormat::Q4K,
+        BlockFormat::Q5K,
+        BlockFormat::Q6K,
+        BlockFormat::Q3K,
+        BlockFormat::Q2K,
+    ];
+    for format in formats {
         let stored = sample_blocks(format, N * K / format.block().0, 7);
         let matrix = QuantMatrix { bytes: &stored, format, rows: N, cols: K, order: BlockOrder::Rows };
         let name = format.name();
