@@ -189,6 +189,12 @@ fn synth_writes_gguf_files_llama_cpp_reads_as_the_same_model() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("as Q5_1, which Ferry neither writes nor runs"), "{}", text(&out.stderr));
     assert!(!dir.path().join("tiny-q5_k.gguf").exists());
+    // Q3_K's and Q2_K's is IQ4_NL: the same (Q3_K_M's mixture included).
+    for storage in ["q3_k_m", "q2_k"] {
+        let out = synth(&["--format", "gguf", "--dtype", storage, "--out", "tiny-low.gguf"]);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("as IQ4_NL, which Ferry neither writes nor runs"), "{}", text(&out.stderr));
+    }
     // An existing file is not overwritten without --force.
     let out = synth(&["--format", "gguf", "--dtype", "q8_0", "--out", "tiny-q8_0.gguf"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));

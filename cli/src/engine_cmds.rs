@@ -35,8 +35,9 @@ pub struct SynthArgs {
     format: String,
     /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types;
     /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q5_0, q4_k, q5_k, q6_k,
-    /// q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head and some layers' value
-    /// and down projections) and q5_k_m (the same over Q5_K).
+    /// q3_k, q2_k, q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head and some
+    /// layers' value and down projections), q5_k_m (the same over Q5_K) and q3_k_m (Q3_K,
+    /// with Q4_K/Q5_K for the attention output, value and down projections, Q6_K head).
     #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_k|q5_k|q6_k|q3_k|q2_k|q4_k_m|q5_k_m|q3_k_m")]
     dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
