@@ -136,10 +136,11 @@ pub fn table(outcomes: &[Outcome], model: &ModelSpec, profile: &Profile, chosen:
     }
     let mut text = table.render();
     if outcomes.iter().any(|o| unpriced(&o.formats, model, profile)) {
-        text.push_str(
+        text.push_str(&format!(
             "† dequantization not measured in this profile: priced as fused into the multiply, a lower bound \
-             (`ferry profile --backend cpu` measures q8_0, q4_0, q5_0, q4_k, q5_k and q6_k on a CPU)\n",
-        );
+             (`ferry profile --backend cpu` measures {} on a CPU)\n",
+            ferry_engine::kernels::quant::BlockFormat::listed(true)
+        ));
     }
     text
 }

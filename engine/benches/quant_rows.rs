@@ -7,7 +7,7 @@
 //!
 //! Every format also runs with the activations rounded to 8 bits (`linear_q8`, the
 //! engine's default), over rows in the file's order and interleaved by eights (the
-//! order a run keeps resident weights in), and Q4_0, Q5_0, Q4_K, Q5_K and Q6_K at 64 rows
+//! order a run keeps resident weights in), and Q4_0, Q5_0 and the K-quants at 64 rows
 //! (prefill) against the f32 path there (blocks decoded to f32 and multiplied by the
 //! GEMM).
 //!

@@ -7,7 +7,7 @@ use super::BlockFormat;
 /// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0 and
 /// Q5_0 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
 /// `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`) operation for operation, so their bytes equal llama.cpp's
-/// (tested against the `gguf` package). Q4_K, Q5_K and Q6_K use a plain min/max fit per
+/// (tested against the `gguf` package). The K-quants use a plain min/max fit per
 /// sub-block, not llama.cpp's iterative search for the scales: valid blocks any
 /// reader decodes, with somewhat larger rounding error than llama.cpp's own files.
 pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
