@@ -88,6 +88,26 @@ fn gpu_lists_need_a_link_and_names_are_checked() {
     assert!(text(&out.stdout).contains("edge-trio-wifi"), "{}", text(&out.stdout));
 }
 
+/// A cluster file's device memory beyond what its GPU has is noted (a typo, most
+/// likely), as `--device-mem` is, and planned as given; less is not.
+#[test]
+fn a_cluster_files_memory_beyond_its_gpus_is_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = |memory: &str| {
+        format!(
+            "name: pair\ndescription: two machines\nnodes:\n  - host: desktop-pcie4\n    devices: [{{gpu: rtx3060-12gb, \
+             memory: {memory}}}]\n  - host: jetson-agx-orin\n    devices: [{{gpu: orin}}]\nnode_link: 1gbe\nsource: test\n"
+        )
+    };
+    for (memory, noted) in [("100GiB", true), ("10GiB", false)] {
+        std::fs::write(dir.path().join("pair.yaml"), cluster(memory)).unwrap();
+        let out = ferry(dir.path(), &["tune", "--cluster", "pair.yaml", "--model", "13b"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let note = "rtx3060-12gb memory 100 GiB is more than the rtx3060-12gb's 12.0 GiB";
+        assert_eq!(text(&out.stderr).contains(note), noted, "{memory}: {}", text(&out.stderr));
+    }
+}
+
 #[test]
 fn a_plan_over_two_machines_runs_as_two_processes_with_the_tokens_of_one() {
     let dir = tempfile::tempdir().unwrap();

@@ -238,6 +238,8 @@ pub fn cluster_hardware(
     let mut nodes = Vec::new();
     for node in &spec.nodes {
         let mut devices = Vec::new();
+        // Entries that set their memory, with their GPU: checked once the host is known.
+        let mut overrides = Vec::new();
         for entry in &node.devices {
             let gpu = catalog.gpu(&entry.gpu).map_err(in_cluster)?;
             notes.extend(gpu.note);
@@ -246,6 +248,9 @@ pub fn cluster_hardware(
                     "{}: count and memory must be more than 0",
                     entry.gpu
                 ))));
+            }
+            if let Some(bytes) = entry.memory {
+                overrides.push((gpu.value.clone(), bytes));
             }
             let memory = entry.memory.unwrap_or(gpu.value.memory_bytes);
             devices.extend(std::iter::repeat_n((gpu.value, memory), entry.count as usize));
@@ -256,6 +261,9 @@ pub fn cluster_hardware(
         let host_name = if node.host.is_empty() { first.default_host.clone() } else { node.host.clone() };
         let host = catalog.host(&host_name).map_err(in_cluster)?;
         notes.extend(host.note);
+        notes.extend(
+            overrides.iter().filter_map(|(gpu, bytes)| node_memory_beyond(&spec.name, gpu, &host.value, *bytes)),
+        );
         nodes.push(NodeHardware { host: host.value, devices });
     }
     let link = |name: &Option<String>| -> Result<Option<crate::hardware::LinkSpec>> {
@@ -266,6 +274,32 @@ pub fn cluster_hardware(
         nodes,
         peer_link: link(&spec.peer_link)?,
         node_link: link(&spec.node_link)?,
+    })
+}
+
+/// A note when a cluster node's device memory is more than its GPU has (or, on
+/// unified memory, than its host's RAM): as `memory_beyond_hardware` says for
+/// `--device-mem`, taken as given.
+fn node_memory_beyond(
+    cluster: &str,
+    gpu: &crate::hardware::GpuSpec,
+    host: &crate::hardware::HostSpec,
+    bytes: u64,
+) -> Option<String> {
+    let fmt = crate::units::format_bytes;
+    let (has, what) = match gpu.interconnect {
+        crate::hardware::Interconnect::Unified => {
+            (host.ram_bytes, format!("host {}'s {} of RAM", host.name, fmt(host.ram_bytes)))
+        }
+        _ => (gpu.memory_bytes, format!("the {}'s {}", gpu.name, fmt(gpu.memory_bytes))),
+    };
+    (bytes > has).then(|| {
+        format!(
+            "cluster {cluster}: {} memory {} is more than {what}; planning with it as given (a plan for memory \
+             the machine lacks runs out of it)",
+            gpu.name,
+            fmt(bytes)
+        )
     })
 }
 
@@ -340,8 +374,10 @@ fn knobs_past_their_reach(policy: &crate::plan::Policy, model: &ModelSpec, profi
 /// layers and experts.
 pub fn load_routing(path: &Path, model: &ModelSpec) -> Result<crate::model::ExpertPopularity> {
     if model.num_experts == 0 {
+        // Said before reading the file: whatever it holds, it cannot apply.
         return Err(CoreError::invalid(format!(
-            "plan: models.routing names {}, but {} is no mixture of experts",
+            "routing {}: a measured routing is a mixture of experts' (`ferry run --routing-out`), but {} is a \
+             dense model with no experts to route",
             path.display(),
             model.name
         )));
