@@ -2,7 +2,9 @@
 //! vLLM (`ferry_sim::engines`): `--cpu-offload-gb` of weights in pinned host RAM copied
 //! in as each layer runs, the KV cache on the GPU in what `--gpu-memory-utilization`
 //! leaves, at least one `--max-model-len` sequence of it (else vLLM refuses to start),
-//! and as many sequences batched as it holds, up to `--max-num-seqs`.
+//! and as many sequences batched as it holds, up to `--max-num-seqs`. Its V1 engine
+//! prefills in chunks of `--max-num-batched-tokens`, so the activations at start-up are
+//! those of one chunk, not of a `--max-model-len` prompt.
 
 use anyhow::Result;
 use ferry_core::engine_args::vllm::VllmArgs;
@@ -19,8 +21,22 @@ use ferry_sim::{predict, Extrapolation};
 
 use crate::check_cmd::{memory_json, memory_table, CheckArgs};
 
-/// vLLM's default `--max-num-seqs` (its V0 engine's; V1 scales it with the GPU).
+/// vLLM's default `--max-num-seqs` (its V0 engine's and, below 70 GiB, V1's; V1 takes
+/// 1024 on larger GPUs, which Ferry's one-pass prefill of the whole batch would
+/// overstate the activations of: see `default_chunk`).
 const DEFAULT_MAX_NUM_SEQS: u64 = 256;
+
+/// vLLM V1's default `--max-num-batched-tokens` for `vllm serve` on `profile`'s GPU:
+/// 8192 on 70 GiB or more other than an A100, else 2048 (`EngineArgs.get_batch_defaults`,
+/// the `OPENAI_API_SERVER` column).
+fn default_chunk(profile: &Profile) -> u64 {
+    let large = profile.device_memory_bytes >= 70 * GIB && !profile.device_name.to_ascii_lowercase().contains("a100");
+    if large {
+        8192
+    } else {
+        2048
+    }
+}
 
 pub(crate) fn run(
     args: &CheckArgs,
@@ -30,6 +46,8 @@ pub(crate) fn run(
     mut notes: Vec<String>,
 ) -> Result<u8> {
     let max_len = max_model_len(command, model, profile)?;
+    // On the GPU's whole memory, as vLLM decides it.
+    let chunk = command.max_num_batched_tokens.unwrap_or_else(|| default_chunk(profile));
     let (profile, usable) = gpu_share(profile, command.gpu_memory_utilization);
     let mut formats = crate::tune_formats::requested(None, model)?.swap_remove(0);
     // `--dtype` converts float weights as vLLM loads them; a quantized file keeps its blocks.
@@ -64,8 +82,10 @@ pub(crate) fn run(
             EngineRun::NotModelled(what) => Err(CoreError::invalid(format!("{what} is not modelled")).into()),
         }
     };
-    // At start-up vLLM needs room for one sequence of --max-model-len.
-    let one_sequence = Workload { batch_size: 1, prompt_len: max_len - 1, gen_len: 1 };
+    // At start-up vLLM needs room for one sequence of --max-model-len, its prompt
+    // prefilled a chunk at a time (the activations of one chunk, the KV cache of all).
+    let chunk_len = chunk.min(max_len - 1);
+    let one_sequence = Workload { batch_size: 1, prompt_len: chunk_len, gen_len: max_len - chunk_len };
     let pools = pool_specs(&policy_at(1)?, model, &one_sequence, &profile);
     let fits = pools.iter().all(|p| p.resident_bytes() <= p.capacity_bytes);
     // The KV cache takes what is left; as many sequences run as it holds.

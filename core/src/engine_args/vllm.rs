@@ -22,6 +22,9 @@ pub struct VllmArgs {
     pub max_model_len: Option<u64>,
     /// `--max-num-seqs`: the most sequences batched together (`None`: not given).
     pub max_num_seqs: Option<u64>,
+    /// `--max-num-batched-tokens`: the most tokens one forward pass takes; vLLM's V1
+    /// engine prefills a longer prompt in chunks of it (`None`: not given).
+    pub max_num_batched_tokens: Option<u64>,
     /// `--dtype`: the weights' (and so the KV cache's) float type (`None`: `auto`, the
     /// model's own).
     pub dtype: Option<crate::model::Dtype>,
@@ -34,6 +37,7 @@ const OFFLOAD: &[&str] = &["--cpu-offload-gb"];
 const UTILIZATION: &[&str] = &["--gpu-memory-utilization"];
 const MAX_LEN: &[&str] = &["--max-model-len"];
 const MAX_SEQS: &[&str] = &["--max-num-seqs"];
+const MAX_BATCHED: &[&str] = &["--max-num-batched-tokens"];
 const DTYPE: &[&str] = &["--dtype"];
 const KV_DTYPE: &[&str] = &["--kv-cache-dtype"];
 
@@ -60,6 +64,7 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
         gpu_memory_utilization: 0.9,
         max_model_len: None,
         max_num_seqs: None,
+        max_num_batched_tokens: None,
         dtype: None,
         ignored: Vec::new(),
     };
@@ -73,7 +78,7 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
             continue;
         }
         super::refuse_unmodelled(NOT_MODELLED, flag, "check the command without it")?;
-        let known = [MODEL, OFFLOAD, UTILIZATION, MAX_LEN, MAX_SEQS, DTYPE, KV_DTYPE];
+        let known = [MODEL, OFFLOAD, UTILIZATION, MAX_LEN, MAX_SEQS, MAX_BATCHED, DTYPE, KV_DTYPE];
         let Some(names) = known.iter().find(|names| names.contains(&flag)) else {
             parsed.ignored.push(flags.ignored(flag, inline));
             continue;
@@ -90,6 +95,7 @@ pub fn parse(args: &[String]) -> Result<VllmArgs> {
             UTILIZATION => parsed.gpu_memory_utilization = number((0.01, 1.0))?,
             MAX_LEN => parsed.max_model_len = Some(number((2.0, 1e9))? as u64),
             MAX_SEQS => parsed.max_num_seqs = Some(number((1.0, 1e6))? as u64),
+            MAX_BATCHED => parsed.max_num_batched_tokens = Some(number((1.0, 1e9))? as u64),
             DTYPE => parsed.dtype = dtype(flag, &value)?,
             // `auto`: the weights' type, which `--dtype` sets; anything else is an fp8 cache.
             _ if value == "auto" => {}
@@ -135,9 +141,10 @@ mod tests {
     fn reads_the_flags_that_set_memory_and_lists_the_rest() {
         let parsed = parse(&args(
             "vllm serve llama-2-13b --cpu-offload-gb 10 --gpu-memory-utilization=0.85 --max-model-len 4096 \
-             --max-num-seqs 8 --port 8000 --enforce-eager",
+             --max-num-seqs 8 --max-num-batched-tokens 512 --port 8000 --enforce-eager",
         ))
         .unwrap();
+        assert_eq!(parsed.max_num_batched_tokens, Some(512));
         assert_eq!(parsed.model, "llama-2-13b");
         assert_eq!((parsed.cpu_offload_gib, parsed.gpu_memory_utilization), (10.0, 0.85));
         assert_eq!((parsed.max_model_len, parsed.max_num_seqs), (Some(4096), Some(8)));
