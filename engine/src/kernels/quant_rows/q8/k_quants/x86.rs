@@ -10,17 +10,17 @@
 use std::arch::x86_64::*;
 
 use super::super::super::k_quants::fifth_bits;
-use super::super::x86::{
-    block_at, f16_scales, fetch_ahead, prefetch_next_rows, reduce_halves, store, transpose_groups,
-};
+use super::super::x86::{block_at, f16_scales, fetch_ahead, prefetch_next_rows, store, transpose_groups};
 use super::super::{QuantizedX, Strides};
 use super::{BlockFormat, BLOCK, BLOCKS_PER_SUPER, MAX_ROWS, SUPER};
 
 mod low_bits;
 mod one_row;
+mod totals;
 mod transposed;
 use low_bits::{q2_k_scales_and_mins, q2_k_weights, q3_k_scales, q3_k_weights};
 use one_row::q4_k_one_row;
+use totals::{column_totals, row_totals};
 use transposed::{q4_k as q4_k_transposed, q6_k as q6_k_transposed};
 
 avx2_and_vnni!(
@@ -524,94 +524,5 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
             let scaled = _mm256_mul_ps(_mm256_set1_ps(d_x), _mm256_cvtepi32_ps(mins));
             *sum = _mm256_fnmadd_ps(block.min, scaled, *sum);
         }
-    }
-}
-
-/// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (values 0–15 or
-/// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
-/// reduced across rows into lane r of two vectors.
-#[inline(always)]
-unsafe fn row_totals<const KIND: u8, const VNNI: bool>(w: &[__m256i; 8], xs: *const i8) -> (__m256i, __m256i) {
-    // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
-    // present where this is inlined.
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        let xv = _mm256_loadu_si256(xs.cast());
-        let offset = _mm256_maddubs_epi16(_mm256_set1_epi8(value_offset(KIND)), xv);
-        let mut p = [_mm256_setzero_si256(); 8];
-        if VNNI {
-            // Four products to a lane at once, less 32·x over the same four: the
-            // 16-bit pairs' difference widened, as below.
-            let offset = _mm256_madd_epi16(offset, ones);
-            for (p, &w) in p.iter_mut().zip(w) {
-                let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                *p = if value_offset(KIND) != 0 { _mm256_sub_epi32(sums, offset) } else { sums };
-            }
-        } else {
-            for (p, &w) in p.iter_mut().zip(w) {
-                let pairs = _mm256_maddubs_epi16(w, xv);
-                *p = _mm256_madd_epi16(
-                    if value_offset(KIND) != 0 { _mm256_sub_epi16(pairs, offset) } else { pairs },
-                    ones,
-                );
-            }
-        }
-        reduce_halves(p)
-    }
-}
-
-/// `row_totals` over blocks transposed by `transpose_groups` (see `q8`'s
-/// `column_sums`), Q6_K's as q − 32 (`w`) and |q − 32| (`magnitude`): groups
-/// 0–3 are the block's first half, 4–7 its second. Q4_K's pairs (≤ 2·15·127) add
-/// in 16 bits over the block (its sum comes back in two parts to add: with VNNI
-/// the even and odd groups, else whole and zero),
-/// Q5_K's (≤ 2·31·127) and Q6_K's (≤ 2·32·127 = 8 128) four to a half.
-#[inline(always)]
-unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
-    w: &[__m256i; 8],
-    magnitude: &[__m256i; 8],
-    xs: *const i8,
-) -> (__m256i, __m256i) {
-    // SAFETY: `xs` holds 32 bytes; AVX2 (with `VNNI`, AVX-512 VNNI and VL) is
-    // present where this is inlined.
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        let group = |g: usize| _mm256_set1_epi32(xs.cast::<i32>().add(g).read_unaligned());
-        if VNNI {
-            // Four products to a lane, summed into 32 bits as they come (Q6_K's
-            // halves apart; Q4_K's groups in two chains, even and odd, so that each
-            // product waits on half as many): the same integers.
-            let mut halves = [_mm256_setzero_si256(); 2];
-            for g in 0..8 {
-                let half = &mut halves[if per_16(KIND) { g / 4 } else { g % 2 }];
-                *half = if value_offset(KIND) != 0 {
-                    _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
-                } else {
-                    _mm256_dpbusd_epi32(*half, w[g], group(g))
-                };
-            }
-            return (halves[0], halves[1]);
-        }
-        if KIND == K4 {
-            let mut pairs = _mm256_setzero_si256();
-            for (g, &w) in w.iter().enumerate() {
-                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w, group(g)));
-            }
-            return (_mm256_madd_epi16(pairs, ones), _mm256_setzero_si256());
-        }
-        let mut halves = [_mm256_setzero_si256(); 2];
-        for (h, half) in halves.iter_mut().enumerate() {
-            let mut pairs = _mm256_setzero_si256();
-            for g in 4 * h..4 * h + 4 {
-                let product = if value_offset(KIND) != 0 {
-                    _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]))
-                } else {
-                    _mm256_maddubs_epi16(w[g], group(g))
-                };
-                pairs = _mm256_add_epi16(pairs, product);
-            }
-            *half = _mm256_madd_epi16(pairs, ones);
-        }
-        (halves[0], halves[1])
     }
 }
