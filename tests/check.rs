@@ -120,15 +120,20 @@ fn what_it_cannot_model_is_refused_by_name() {
 /// vLLM starts once weights, one `--max-model-len` sequence's KV cache and the
 /// activations of one prefill chunk (`--max-num-batched-tokens`, 2048 by default on
 /// this card) fit: Mistral-7B's 32 768 positions fit a 3090, and do not where the
-/// whole prompt is one chunk.
+/// whole prompt is one chunk; and runs as many sequences as the KV cache holds.
 #[test]
-fn vllm_starts_with_the_activations_of_one_prefill_chunk() {
+fn vllm_starts_and_runs_with_the_activations_of_one_prefill_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let (_, stock) = check_json(dir.path(), "rtx3090", "vllm serve mistralai/Mistral-7B-v0.1");
     assert_eq!(device(&stock)["fits"], true, "{stock}");
     let one_chunk = "vllm serve mistralai/Mistral-7B-v0.1 --max-num-batched-tokens 32768";
     let (code, whole) = check_json(dir.path(), "rtx3090", one_chunk);
     assert_eq!((code, device(&whole)["fits"].clone()), (1, false.into()), "{whole}");
+    // Running, too, a step holds one chunk's activations, not the batch's prompts':
+    // stock 7B on a 4090 runs the sequences its KV cache holds (said to run out before).
+    let (code, running) = check_json(dir.path(), "rtx4090", "vllm serve meta-llama/Llama-2-7b-hf");
+    assert_eq!((code, running["runs"].clone()), (0, true.into()), "{running}");
+    assert!(running["sequences"].as_u64().unwrap() > 8, "{running}");
 }
 
 #[test]

@@ -48,6 +48,15 @@ pub(crate) fn run(
     let max_len = max_model_len(command, model, profile)?;
     // On the GPU's whole memory, as vLLM decides it.
     let chunk = command.max_num_batched_tokens.unwrap_or_else(|| default_chunk(profile));
+    notes.push(format!(
+        "vLLM prefills {chunk} tokens a step at most ({}): memory holds one such chunk's activations; the \
+         prediction prices a prefill as one pass per layer",
+        if command.max_num_batched_tokens.is_some() {
+            "--max-num-batched-tokens"
+        } else {
+            "its V1 default on this GPU"
+        }
+    ));
     let (profile, usable) = gpu_share(profile, command.gpu_memory_utilization);
     let mut formats = crate::tune_formats::requested(None, model)?.swap_remove(0);
     // `--dtype` converts float weights as vLLM loads them; a quantized file keeps its blocks.
@@ -98,9 +107,22 @@ pub(crate) fn run(
     let in_flight = if offloaded > 0 { per_layer_bytes(model, &formats) } else { 0 };
     let kv_tokens = kv_capacity_tokens(&pools[0], kv_per_token, in_flight);
     let fitting = (kv_tokens / (prompt_len + gen_len)).clamp(1, max_num_seqs);
-    let run_at = |batch: u64| -> Result<Result<ferry_sim::Prediction, ferry_sim::SimError>> {
+    // Running, vLLM prefills at most one chunk per step; Ferry's simulation prefills
+    // the batch's prompts in one pass per layer. The activations beyond one chunk's,
+    // which vLLM never holds, are given to the simulation as room of its own.
+    let chunk_pools = |batch: u64| -> Result<(Profile, Policy)> {
+        let policy = policy_at(batch)?;
         let speed = Workload { batch_size: batch, prompt_len, gen_len };
-        Ok(predict(&policy_at(batch)?, model, &speed, &profile, Extrapolation::Full))
+        let whole = activation_bytes(&pool_specs(&policy, model, &speed, &profile)[0]);
+        let chunk_tokens = (batch * prompt_len).min(chunk);
+        let one_chunk = Workload { batch_size: 1, prompt_len: chunk_tokens, gen_len };
+        let chunked = activation_bytes(&pool_specs(&policy_at(1)?, model, &one_chunk, &profile)[0]);
+        Ok((with_room(&profile, whole.saturating_sub(chunked)), policy))
+    };
+    let run_at = |batch: u64| -> Result<Result<ferry_sim::Prediction, ferry_sim::SimError>> {
+        let (room, policy) = chunk_pools(batch)?;
+        let speed = Workload { batch_size: batch, prompt_len, gen_len };
+        Ok(predict(&policy, model, &speed, &room, Extrapolation::Full))
     };
     let (batch, predicted) = if fits {
         let (batch, run) = largest_running_batch(fitting, run_at)?;
@@ -111,16 +133,8 @@ pub(crate) fn run(
     let speed = Workload { batch_size: batch, prompt_len, gen_len };
     let interval = match &predicted {
         Some(Ok(p)) => {
-            let (policy, tokens_per_s) = (policy_at(batch)?, p.metrics.tokens_per_s);
-            ferry_sim::interval_of_prediction(
-                None,
-                &policy,
-                model,
-                &speed,
-                &profile,
-                Extrapolation::Full,
-                tokens_per_s,
-            )?
+            let ((room, policy), tokens_per_s) = (chunk_pools(batch)?, p.metrics.tokens_per_s);
+            ferry_sim::interval_of_prediction(None, &policy, model, &speed, &room, Extrapolation::Full, tokens_per_s)?
         }
         _ => None,
     };
@@ -280,6 +294,23 @@ fn gpu_share(profile: &Profile, utilization: f64) -> (Profile, u64) {
     let usable = (profile.device_memory_bytes as f64 * utilization) as u64;
     profile.device_memory_bytes = (usable as f64 / (1.0 - profile.device(0).memory_reserve_fraction)) as u64;
     (profile, usable)
+}
+
+/// A pool's activations: the hidden states and the workspace.
+fn activation_bytes(pool: &PoolSpec) -> u64 {
+    pool.resident
+        .iter()
+        .filter(|(what, _)| what == "hidden states" || what == "workspace")
+        .map(|(_, bytes)| bytes)
+        .sum()
+}
+
+/// `profile` with `bytes` more device memory in its pool.
+fn with_room(profile: &Profile, bytes: u64) -> Profile {
+    let mut profile = profile.clone();
+    let reserve = profile.device(0).memory_reserve_fraction;
+    profile.device_memory_bytes += (bytes as f64 / (1.0 - reserve)).ceil() as u64;
+    profile
 }
 
 /// The largest batch up to `fitting` whose run does not run out of memory, halving
