@@ -208,11 +208,17 @@ fn move_run<const LEN: usize>(dst: &mut [u8], to: (usize, usize), src: &[u8], fr
 ///   chunk (quarters 1 and 3): a block reads 512 bytes in a row (quarter 0 and 2 the
 ///   first, 1 and 3 the last), as the hardware prefetcher follows best. (`qh` after
 ///   all of `ql`, as the rows store them, ran 0.6× as fast from memory.)
+/// - Q3_K (8 × 110): `d` (16), the 12 packed scale bytes as Q4_K's three vectors (96),
+///   `hmask`'s 8 groups (256), then the 2-bit values' 16 groups (512).
+/// - Q2_K (8 × 84): `d` (16), `dmin` (16), the 16 scale-and-minimum bytes by column,
+///   byte 8t + r row r's byte t (128), then the 2-bit values' 16 groups (512).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum KGroup {
     Q4K,
     Q5K,
     Q6K,
+    Q3K,
+    Q2K,
 }
 
 impl KGroup {
@@ -221,6 +227,8 @@ impl KGroup {
             BlockFormat::Q4K => Some(KGroup::Q4K),
             BlockFormat::Q5K => Some(KGroup::Q5K),
             BlockFormat::Q6K => Some(KGroup::Q6K),
+            BlockFormat::Q3K => Some(KGroup::Q3K),
+            BlockFormat::Q2K => Some(KGroup::Q2K),
             _ => None,
         }
     }
@@ -239,6 +247,13 @@ impl KGroup {
     pub(crate) const Q6K_HALF: usize = 768;
     pub(crate) const Q6K_QH: usize = 256;
     pub(crate) const Q6K_QL_1: usize = 512;
+    /// Q3_K: the three vectors of scale bytes, `hmask`'s groups, the values' groups.
+    pub(crate) const Q3K_SCALES: usize = 16;
+    pub(crate) const Q3K_HMASK: usize = 112;
+    pub(crate) const Q3K_VALUES: usize = 368;
+    /// Q2_K: the scale bytes by column, then the values' groups.
+    pub(crate) const Q2K_SCALES: usize = 32;
+    pub(crate) const Q2K_VALUES: usize = 160;
 
     /// Row r's super-block as runs of pieces.
     fn runs(self, r: usize) -> Vec<Run> {
@@ -273,6 +288,24 @@ impl KGroup {
                     ]
                 });
                 [Run::one(208, 2 * r, 2), scales].into_iter().chain(values).collect()
+            }
+            KGroup::Q3K => {
+                // Scale bytes 4v … 4v + 3 (v < 3) to vector v, as Q4_K's.
+                let scales = (0..3).map(|v| Run {
+                    within: 96 + 4 * v,
+                    at: Self::Q3K_SCALES + 32 * v + r,
+                    len: 1,
+                    count: 4,
+                    at_step: 8,
+                });
+                let head = Run::one(108, 2 * r, 2);
+                let bits = [groups(0, Self::Q3K_HMASK, 8), groups(32, Self::Q3K_VALUES, 16)];
+                [head].into_iter().chain(scales).chain(bits).collect()
+            }
+            KGroup::Q2K => {
+                let scales = Run { within: 0, at: Self::Q2K_SCALES + r, len: 1, count: 16, at_step: 8 };
+                let heads = [Run::one(80, 2 * r, 2), Run::one(82, 16 + 2 * r, 2)];
+                heads.into_iter().chain([scales, groups(16, Self::Q2K_VALUES, 16)]).collect()
             }
         }
     }
@@ -342,8 +375,13 @@ mod tests {
 
     #[test]
     fn k_quant_groups_are_transposed_by_four_bytes() {
-        let layouts =
-            [(BlockFormat::Q4K, KGroup::Q4K), (BlockFormat::Q5K, KGroup::Q5K), (BlockFormat::Q6K, KGroup::Q6K)];
+        let layouts = [
+            (BlockFormat::Q4K, KGroup::Q4K),
+            (BlockFormat::Q5K, KGroup::Q5K),
+            (BlockFormat::Q6K, KGroup::Q6K),
+            (BlockFormat::Q3K, KGroup::Q3K),
+            (BlockFormat::Q2K, KGroup::Q2K),
+        ];
         for (format, layout) in layouts {
             let block_bytes = format.block().1;
             // Every byte of the eight super-blocks lands once, inside the eight's bytes.

@@ -304,7 +304,7 @@ pub fn linear_q8(path: SimdPath, x: &[f32], m: usize, w: QuantMatrix, out: &mut 
         w
     };
     QUANTIZED.with_borrow_mut(|xq| {
-        xq.quantize(x, m, k, matches!(w.format, BlockFormat::Q6K | BlockFormat::Q2K));
+        xq.quantize(x, m, k, matches!(w.format, BlockFormat::Q6K | BlockFormat::Q3K | BlockFormat::Q2K));
         products(path, xq, m, w, out, out_stride, col0);
     });
 }

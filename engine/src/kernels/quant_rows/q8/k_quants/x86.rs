@@ -18,7 +18,7 @@ mod low_bits;
 mod one_row;
 mod totals;
 mod transposed;
-use low_bits::{q2_k_scales_and_mins, q2_k_weights, q3_k_scales, q3_k_weights};
+use low_bits::{q2_k_scales_and_mins, q2_k_weights, q3_k_scales, q3_k_weights, transposed as low_bits_transposed};
 use one_row::q4_k_one_row;
 use totals::{column_totals, row_totals};
 use transposed::{q4_k as q4_k_transposed, q6_k as q6_k_transposed};
@@ -53,6 +53,12 @@ unsafe fn eight_rows_in<const VNNI: bool>(
         match (format, strides.transposed) {
             (BlockFormat::Q6K, true) => with_rows!(rows, q6_k_transposed::<_, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q5K, true) => with_rows!(rows, q4_k_transposed::<_, K5, VNNI>(weights, strides, x, k, dots)),
+            (BlockFormat::Q3K, true) => {
+                with_rows!(rows, low_bits_transposed::<_, K3, VNNI>(weights, strides, x, k, dots))
+            }
+            (BlockFormat::Q2K, true) => {
+                with_rows!(rows, low_bits_transposed::<_, K2, VNNI>(weights, strides, x, k, dots))
+            }
             (_, true) => with_rows!(rows, q4_k_transposed::<_, K4, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q6K, false) => with_rows!(rows, eight_m::<_, K6, VNNI>(weights, strides, x, k, dots)),
             (BlockFormat::Q3K, false) => with_rows!(rows, eight_m::<_, K3, VNNI>(weights, strides, x, k, dots)),
@@ -358,7 +364,9 @@ unsafe fn super_blocks<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
             if COLUMNS {
                 values = transpose_groups(&values);
                 magnitudes = values;
-                if value_offset(KIND) != 0 {
+                // Q6_K by columns multiplies |q − 32| by x with q − 32's sign; Q3_K takes
+                // q + 4 as it is and x's half sums take the 4 off (`accumulate`).
+                if KIND == K6 {
                     for (w, m) in values.iter_mut().zip(magnitudes.iter_mut()) {
                         *w = _mm256_sub_epi8(*w, _mm256_set1_epi8(value_offset(KIND)));
                         *m = _mm256_sign_epi8(*w, *w);
@@ -499,11 +507,18 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
     unsafe {
         let xs = x.quants.as_ptr().add(i * k + b * BLOCK);
         let d_x = *x.scales.get_unchecked(i * blocks + b);
-        let (first, second) = if COLUMNS {
+        let (mut first, mut second) = if COLUMNS {
             column_totals::<KIND, VNNI>(&block.values, &block.magnitudes, xs)
         } else {
             row_totals::<KIND, VNNI>(&block.values, xs)
         };
+        if COLUMNS && KIND == K3 {
+            // Σ (q + 4)·x − 4·Σx over each half: the integers of q·x.
+            let first_x = *x.halves.get_unchecked(i * blocks + b);
+            let second_x = *x.sums.get_unchecked(i * blocks + b) - first_x;
+            first = _mm256_sub_epi32(first, _mm256_set1_epi32(4 * first_x));
+            second = _mm256_sub_epi32(second, _mm256_set1_epi32(4 * second_x));
+        }
         let total = if per_16(KIND) {
             _mm256_add_epi32(_mm256_mullo_epi32(first, block.scale_a), _mm256_mullo_epi32(second, block.scale_b))
         } else {

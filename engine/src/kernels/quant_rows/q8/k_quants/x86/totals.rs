@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::super::super::x86::reduce_halves;
-use super::{per_16, value_offset, K4};
+use super::{per_16, value_offset, K4, K6};
 
 /// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (values 0–15 or
 /// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
@@ -67,7 +67,7 @@ pub(super) unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
             let mut halves = [_mm256_setzero_si256(); 2];
             for g in 0..8 {
                 let half = &mut halves[if per_16(KIND) { g / 4 } else { g % 2 }];
-                *half = if value_offset(KIND) != 0 {
+                *half = if KIND == K6 {
                     _mm256_dpbusd_epi32(*half, magnitude[g], _mm256_sign_epi8(group(g), w[g]))
                 } else {
                     _mm256_dpbusd_epi32(*half, w[g], group(g))
@@ -86,7 +86,7 @@ pub(super) unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
         for (h, half) in halves.iter_mut().enumerate() {
             let mut pairs = _mm256_setzero_si256();
             for g in 4 * h..4 * h + 4 {
-                let product = if value_offset(KIND) != 0 {
+                let product = if KIND == K6 {
                     _mm256_maddubs_epi16(magnitude[g], _mm256_sign_epi8(group(g), w[g]))
                 } else {
                     _mm256_maddubs_epi16(w[g], group(g))
