@@ -221,6 +221,13 @@ pub(crate) enum KGroup {
     Q2K,
 }
 
+/// Row r's 12 packed scale bytes (Q4_K's, Q3_K's) from `within` in its super-block to
+/// three vectors from `at` in the eight rows': bytes 4v … 4v + 3 to vector v, byte 4v + j
+/// at 8j + r, so that the eight rows' scales unpack four columns at a time.
+fn scale_vectors(within: usize, at: usize, r: usize) -> impl Iterator<Item = Run> {
+    (0..3).map(move |v| Run { within: within + 4 * v, at: at + 32 * v + r, len: 1, count: 4, at_step: 8 })
+}
+
 impl KGroup {
     pub(crate) fn of(format: BlockFormat) -> Option<KGroup> {
         match format {
@@ -262,14 +269,7 @@ impl KGroup {
             |within: usize, at: usize, count: usize| Run { within, at: at + 4 * r, len: 4, count, at_step: 32 };
         match self {
             KGroup::Q4K | KGroup::Q5K => {
-                // Scale bytes 4v … 4v + 3 (v < 3) to vector v: byte 8j + r for byte 4v + j.
-                let scales = (0..3).map(|v| Run {
-                    within: 4 + 4 * v,
-                    at: Self::Q4K_SCALES + 32 * v + r,
-                    len: 1,
-                    count: 4,
-                    at_step: 8,
-                });
+                let scales = scale_vectors(4, Self::Q4K_SCALES, r);
                 let heads = [Run::one(0, 2 * r, 2), Run::one(2, 16 + 2 * r, 2)];
                 let values = match self {
                     KGroup::Q4K => vec![groups(16, Self::Q4K_VALUES, 32)],
@@ -290,14 +290,7 @@ impl KGroup {
                 [Run::one(208, 2 * r, 2), scales].into_iter().chain(values).collect()
             }
             KGroup::Q3K => {
-                // Scale bytes 4v … 4v + 3 (v < 3) to vector v, as Q4_K's.
-                let scales = (0..3).map(|v| Run {
-                    within: 96 + 4 * v,
-                    at: Self::Q3K_SCALES + 32 * v + r,
-                    len: 1,
-                    count: 4,
-                    at_step: 8,
-                });
+                let scales = scale_vectors(96, Self::Q3K_SCALES, r);
                 let head = Run::one(108, 2 * r, 2);
                 let bits = [groups(0, Self::Q3K_HMASK, 8), groups(32, Self::Q3K_VALUES, 16)];
                 [head].into_iter().chain(scales).chain(bits).collect()
