@@ -7,9 +7,9 @@ use std::arch::x86_64::*;
 use super::super::super::x86::reduce_halves;
 use super::{per_16, value_offset, K4, K6};
 
-/// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (values 0–15 or
-/// 0–63): per row, the integer sums of the block's halves (Q6_K: less 32·x),
-/// reduced across rows into lane r of two vectors.
+/// A block of x (`xs`, 32 bytes) times eight rows' blocks `w` (unsigned values, 0–3
+/// to 0–63): per row, the integer sums of the block's halves (less `value_offset`·x:
+/// Q6_K 32, Q3_K 4), reduced across rows into lane r of two vectors.
 #[inline(always)]
 pub(super) unsafe fn row_totals<const KIND: u8, const VNNI: bool>(
     w: &[__m256i; 8],
@@ -48,7 +48,9 @@ pub(super) unsafe fn row_totals<const KIND: u8, const VNNI: bool>(
 /// 0–3 are the block's first half, 4–7 its second. Q4_K's pairs (≤ 2·15·127) add
 /// in 16 bits over the block (its sum comes back in two parts to add: with VNNI
 /// the even and odd groups, else whole and zero),
-/// Q5_K's (≤ 2·31·127) and Q6_K's (≤ 2·32·127 = 8 128) four to a half.
+/// Q5_K's (≤ 2·31·127) and Q6_K's (≤ 2·32·127 = 8 128) four to a half; Q3_K's
+/// (q + 4, ≤ 2·7·127: `accumulate` takes 4·Σx off each half) and Q2_K's unsigned,
+/// four to a half.
 #[inline(always)]
 pub(super) unsafe fn column_totals<const KIND: u8, const VNNI: bool>(
     w: &[__m256i; 8],
