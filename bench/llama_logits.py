@@ -7,7 +7,8 @@ runs the prompt `ferry run` draws (SplitMix64 from --seed, modulo the vocabulary
 one prefill with `--logits`, has llama.cpp evaluate the same tokens, and compares the
 last position's logits: the largest difference as a share of the largest logit, and
 whether the top token agrees. Ferry's default 8-bit activations are llama.cpp's
-numerics for Q8_0, Q4_0 and Q5_0 (its K-quants round x per 256 values instead).
+numerics for Q8_0, Q4_0, Q5_0 and IQ4_NL (its K-quants and IQ4_XS round x per 256 values
+instead).
 
 usage: python3 bench/llama_logits.py [FERRY_BINARY] [WORK_DIR]
        ONLY="q3_k_m q2_k" python3 bench/llama_logits.py ...   # those storages only
@@ -41,6 +42,12 @@ CASES = [
     # Q3_K (llama.cpp's Q3_K_M mixture: with Q4_K, Q5_K and Q6_K) and Q2_K throughout.
     ("test-small", "q3_k_m"),
     ("test-small", "q2_k"),
+    # IQ4_NL (x per 32 on both sides) and llama.cpp's IQ4_XS mixture (IQ4_XS, Q5_K and
+    # Q6_K; llama.cpp rounds x per 256 for IQ4_XS); test-tiny's rows of 352 values hold
+    # IQ4_NL in its IQ4_XS file (llama.cpp's fallback).
+    ("test-small", "iq4_nl"),
+    ("test-small", "iq4_xs_m"),
+    ("test-tiny", "iq4_xs"),
 ]
 # Rotary scalings: test-tiny with a scaled config.json, written as GGUF by Ferry
 # (Llama 3.1's as a `rope_freqs` tensor, linear in the metadata), against llama.cpp

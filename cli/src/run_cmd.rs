@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// before products over bf16 weights (many rows then multiply on the CPU's AMX tiles
     /// where it has them: prefill and large batches at several times the f32 rate) and
     /// to 8 bits per block of 32 before products over block-quantized weights (Q8_0,
-    /// Q4_0, Q5_0, Q4_K, Q5_K, Q6_K: integer products, llama.cpp's speed; for K-quants it rounds
+    /// Q4_0, Q5_0, IQ4_NL and the K-quants: integer products, llama.cpp's speed; for K-quants it rounds
     /// per 256 values, a coarser x). q8: the same for quantized weights, f32 x for float
     /// weights. f32: x never rounded (logits within float rounding of "dequantize, then
     /// multiply"). f16 and f32 weights always multiply f32 x.

@@ -40,7 +40,7 @@ pub struct GgmlType {
 }
 
 /// ggml's tensor types Ferry knows the layout of (id, name, elements, bytes per block).
-const TYPES: [(u32, &str, u64, u64); 21] = [
+const TYPES: [(u32, &str, u64, u64); 22] = [
     (0, "F32", 1, 4),
     (1, "F16", 1, 2),
     (2, "Q4_0", 32, 18),
@@ -56,6 +56,7 @@ const TYPES: [(u32, &str, u64, u64); 21] = [
     (14, "Q6_K", 256, 210),
     (15, "Q8_K", 256, 292),
     (20, "IQ4_NL", 32, 18),
+    (23, "IQ4_XS", 256, 136),
     (24, "I8", 1, 1),
     (25, "I16", 1, 2),
     (26, "I32", 1, 4),
@@ -94,8 +95,9 @@ impl GgmlType {
     /// asked for `self` (`llama_tensor_get_type` in `src/llama-quant.cpp`). The
     /// K-quants' 256-value blocks do not divide every row — Qwen1.5-MoE's experts are
     /// 1408 wide — and it then falls back to a 32-value type of at least as many bits:
-    /// Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to IQ4_NL; to F16 where
-    /// those blocks do not divide the row either. Any other type stays as it is.
+    /// Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to Q4_0 (older llama.cpp
+    /// versions wrote IQ4_NL: both run, at the same bytes), IQ4_XS to IQ4_NL;
+    /// to F16 where those blocks do not divide the row either. Any other type stays.
     pub fn for_rows_of(self, cols: u64) -> GgmlType {
         if self.block_elements != 256 || cols.is_multiple_of(256) {
             return self;
@@ -104,7 +106,8 @@ impl GgmlType {
             "Q4_K" => "Q5_0",
             "Q5_K" => "Q5_1",
             "Q6_K" => "Q8_0",
-            "Q2_K" | "Q3_K" => "IQ4_NL",
+            "Q2_K" | "Q3_K" => "Q4_0",
+            "IQ4_XS" => "IQ4_NL",
             _ => return self,
         };
         match GgmlType::by_name(fallback) {

@@ -37,11 +37,19 @@ pub enum GgufStorage {
     /// projections, and Q5_K for the first two value projections and the first
     /// sixteenth of the down projections (`q3_k_m_type`).
     Q3KM,
+    /// What llama.cpp's quantizer writes when asked for IQ4_XS (`--dtype iq4_xs_m`;
+    /// plain `iq4_xs` stores every matrix so): IQ4_XS, with Q6_K for the output head,
+    /// Q5_K for the value projections where four or more query heads share each key
+    /// head, and Q5_K for the down projections of the first eighth of the layers
+    /// (`iq4_xs_type`).
+    IQ4XSMixture,
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 13] =
-        ["f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "q4_k_m", "q5_k_m", "q3_k_m"];
+    pub const NAMES: [&'static str; 16] = [
+        "f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_k_m",
+        "q5_k_m", "q3_k_m", "iq4_xs_m",
+    ];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
         Some(match text.to_ascii_lowercase().as_str() {
@@ -55,6 +63,9 @@ impl GgufStorage {
             "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
             "q3_k" => GgufStorage::Blocks(BlockFormat::Q3K),
             "q2_k" => GgufStorage::Blocks(BlockFormat::Q2K),
+            "iq4_nl" => GgufStorage::Blocks(BlockFormat::IQ4NL),
+            "iq4_xs" => GgufStorage::Blocks(BlockFormat::IQ4XS),
+            "iq4_xs_m" => GgufStorage::IQ4XSMixture,
             "q4_k_m" => GgufStorage::Q4KM,
             "q5_k_m" => GgufStorage::Q5KM,
             "q3_k_m" => GgufStorage::Q3KM,
@@ -63,7 +74,7 @@ impl GgufStorage {
     }
 
     /// The ggml type of matrix `name` (llama.cpp's tensor name) of a model of `layers`.
-    fn ggml_name(self, name: &str, layers: u64) -> &'static str {
+    fn ggml_name(self, name: &str, layers: u64, gqa: u64) -> &'static str {
         match self {
             GgufStorage::F32 => "F32",
             GgufStorage::F16 => "F16",
@@ -79,6 +90,7 @@ impl GgufStorage {
                 }
             }
             GgufStorage::Q3KM => q3_k_m_type(name, layers),
+            GgufStorage::IQ4XSMixture => iq4_xs_type(name, layers, gqa),
         }
     }
 
@@ -97,6 +109,8 @@ impl GgufStorage {
             // Q3_K_S and Q2_K: the types llama.cpp names after these blocks.
             GgufStorage::Blocks(BlockFormat::Q3K) => 11,
             GgufStorage::Blocks(BlockFormat::Q2K) => 10,
+            GgufStorage::Blocks(BlockFormat::IQ4NL) => 25,
+            GgufStorage::Blocks(BlockFormat::IQ4XS) | GgufStorage::IQ4XSMixture => 30,
             GgufStorage::Q4KM => 15,
             GgufStorage::Q5KM => 17,
             GgufStorage::Q3KM => 12,
@@ -123,6 +137,20 @@ fn q3_k_m_type(name: &str, layers: u64) -> &'static str {
         Some(layer) if name.contains(".ffn_down") => ["Q4_K", "Q5_K"][(layer < layers / 16) as usize],
         Some(_) if name.contains(".attn_output.") => "Q4_K",
         _ => "Q3_K",
+    }
+}
+
+/// The type llama.cpp's quantizer gives matrix `name` of a dense model of `layers`,
+/// `gqa` query heads to a key head, in an IQ4_XS file without an importance matrix
+/// (`llama_tensor_get_type_impl`): its eight-expert rule (Q5_K attention output) not
+/// modelled.
+fn iq4_xs_type(name: &str, layers: u64, gqa: u64) -> &'static str {
+    let layer = name.strip_prefix("blk.").and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+    match layer {
+        _ if name == "output.weight" => "Q6_K",
+        Some(_) if name.contains(".attn_v.") && gqa >= 4 => "Q5_K",
+        Some(layer) if name.contains(".ffn_down") && layer < layers / 8 => "Q5_K",
+        _ => "IQ4_XS",
     }
 }
 
@@ -295,7 +323,11 @@ pub fn synthesize_gguf(
     let mut tensors = Vec::with_capacity(list.len());
     for FileTensor { name, shape, .. } in &list {
         let matrix = shape.len() >= 2 && !name.contains("ffn_gate_inp");
-        let kind = if matrix { storage.ggml_name(name, model.num_layers) } else { "F32" };
+        let kind = if matrix {
+            storage.ggml_name(name, model.num_layers, model.num_heads / model.num_kv_heads.max(1))
+        } else {
+            "F32"
+        };
         let cols = *shape.last().unwrap_or(&0);
         // Rows a K-quant's blocks do not divide take llama.cpp's quantizer's fallback.
         let asked = ggml_type(kind)?;
@@ -306,7 +338,7 @@ pub fn synthesize_gguf(
             return Err(EngineError::Unsupported(format!(
                 "{} cannot be stored as {kind}: {name} has rows of {cols} values, not whole {}-value blocks, and \
                  llama.cpp's quantizer stores such matrices as {}, which Ferry neither writes nor runs \
-                 (q4_k and q6_k fall back to q5_0 and q8_0, which it does; q3_k and q2_k to IQ4_NL)",
+                 (q4_k and q6_k fall back to q5_0 and q8_0, q3_k and q2_k to q4_0, iq4_xs to iq4_nl, which it does)",
                 model.name, asked.block_elements, ggml_type.name
             )));
         }
@@ -352,7 +384,7 @@ mod tests {
     /// third layer from 6; Q4_K for everything else.
     #[test]
     fn q4_k_m_gives_the_head_and_some_layers_value_and_down_projections_q6_k() {
-        let q4km = |name: &str| GgufStorage::Q4KM.ggml_name(name, 32);
+        let q4km = |name: &str| GgufStorage::Q4KM.ggml_name(name, 32, 4);
         assert_eq!((q4km("output.weight"), q4km("token_embd.weight")), ("Q6_K", "Q4_K"));
         let wide: Vec<u64> = (0..32).filter(|i| q4km(&format!("blk.{i}.attn_v.weight")) == "Q6_K").collect();
         assert_eq!(wide, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
@@ -364,6 +396,19 @@ mod tests {
             }
         }
         assert_eq!(GgufStorage::parse("Q4_K_M"), Some(GgufStorage::Q4KM));
+    }
+
+    /// llama.cpp's IQ4_XS files: the head Q6_K, the value projections Q5_K where four
+    /// or more query heads share a key head, the first eighth's down projections Q5_K.
+    #[test]
+    fn iq4_xs_m_follows_llama_cpps_quantizer() {
+        let iq4 = |name: &str, gqa: u64| GgufStorage::IQ4XSMixture.ggml_name(name, 32, gqa);
+        assert_eq!((iq4("output.weight", 4), iq4("token_embd.weight", 4)), ("Q6_K", "IQ4_XS"));
+        assert_eq!((iq4("blk.9.attn_v.weight", 4), iq4("blk.9.attn_v.weight", 2)), ("Q5_K", "IQ4_XS"));
+        let down: Vec<u64> = (0..32).filter(|i| iq4(&format!("blk.{i}.ffn_down.weight"), 1) == "Q5_K").collect();
+        assert_eq!(down, [0, 1, 2, 3]);
+        assert_eq!(iq4("blk.0.ffn_up.weight", 8), "IQ4_XS");
+        assert_eq!(GgufStorage::parse("IQ4_XS_M"), Some(GgufStorage::IQ4XSMixture));
     }
 
     /// The permutation is llama.cpp's `reshape(heads, 2, d/2, cols).swapaxes(1, 2)`:

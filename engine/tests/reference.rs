@@ -272,6 +272,26 @@ fn q3_k_m_and_q2_k_files_match_the_numpy_reference() {
     gguf_files_match(&spec, &cases);
 }
 
+/// IQ4_NL (32-value blocks on a non-linear grid) over test-tiny, and IQ4_XS (its
+/// super-blocks, plain and as llama.cpp's quantizer mixes it with Q5_K and Q6_K) over
+/// test-tiny widened to whole 256-value super-blocks.
+#[test]
+fn iq4_nl_and_iq4_xs_files_match_the_numpy_reference() {
+    let iq4_nl = GgufStorage::Blocks(BlockFormat::IQ4NL);
+    let cases = [(iq4_nl, Activations::F32), (iq4_nl, Activations::Q8)];
+    gguf_files_match(&catalog_model("test-tiny"), &cases);
+    let mut spec = catalog_model("test-tiny");
+    (spec.hidden_size, spec.intermediate_size) = (256, 512);
+    let iq4_xs = GgufStorage::Blocks(BlockFormat::IQ4XS);
+    let cases = [
+        (iq4_xs, Activations::F32),
+        (iq4_xs, Activations::Q8),
+        (GgufStorage::IQ4XSMixture, Activations::F32),
+        (GgufStorage::IQ4XSMixture, Activations::Q8),
+    ];
+    gguf_files_match(&spec, &cases);
+}
+
 /// GGUF files of `spec` in each storage, run with each kind of activations, match
 /// the reference over the same file through a streaming plan and a resident one.
 fn gguf_files_match(spec: &ferry_core::model::ModelSpec, cases: &[(GgufStorage, Activations)]) {

@@ -31,10 +31,20 @@ pub enum BlockFormat {
     /// 256 weights in 16 sub-blocks of 16, each with a 4-bit scale and a 4-bit minimum
     /// under two f16 super-scales; 2-bit values.
     Q2K,
+    /// 32 weights: an f16 scale and 32 4-bit indices into `IQ4_VALUES` (a non-linear
+    /// grid, denser near zero), low nibbles first as Q4_0's. llama.cpp stores a
+    /// Q3_K's or Q2_K's matrices in it where their rows are not whole 256-value blocks.
+    IQ4NL,
+    /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale offset by 32 under
+    /// one f16 scale; IQ4_NL's indices, 16 bytes per sub-block.
+    IQ4XS,
 }
 
+/// The 16 values IQ4_NL's and IQ4_XS's 4-bit indices name (ggml's `kvalues_iq4nl`).
+pub const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 8] = [
+    pub const ALL: [BlockFormat; 10] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q5_0,
@@ -43,6 +53,8 @@ impl BlockFormat {
         BlockFormat::Q6K,
         BlockFormat::Q3K,
         BlockFormat::Q2K,
+        BlockFormat::IQ4NL,
+        BlockFormat::IQ4XS,
     ];
 
     /// ggml's name (`Q4_K`), as `GgmlType::name` has it.
@@ -56,6 +68,8 @@ impl BlockFormat {
             BlockFormat::Q6K => "Q6_K",
             BlockFormat::Q3K => "Q3_K",
             BlockFormat::Q2K => "Q2_K",
+            BlockFormat::IQ4NL => "IQ4_NL",
+            BlockFormat::IQ4XS => "IQ4_XS",
         }
     }
 
@@ -88,6 +102,8 @@ impl BlockFormat {
             BlockFormat::Q6K => (256, 210),
             BlockFormat::Q3K => (256, 110),
             BlockFormat::Q2K => (256, 84),
+            BlockFormat::IQ4NL => (32, 18),
+            BlockFormat::IQ4XS => (256, 136),
         }
     }
 }
@@ -127,6 +143,8 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
         BlockFormat::Q6K => q6_k(block, y),
         BlockFormat::Q3K => q3_k(block, y),
         BlockFormat::Q2K => q2_k(block, y),
+        BlockFormat::IQ4NL => iq4_nl(block, y),
+        BlockFormat::IQ4XS => iq4_xs(block, y),
     }
 }
 
@@ -302,6 +320,38 @@ fn q2_k(block: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
+fn iq4_nl(block: &[u8], y: &mut [f32]) {
+    let d = f16_at(block, 0);
+    for (l, &q) in block[2..18].iter().enumerate() {
+        y[l] = d * IQ4_VALUES[(q & 0x0F) as usize] as f32;
+        y[l + 16] = d * IQ4_VALUES[(q >> 4) as usize] as f32;
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale of an IQ4_XS block, less its offset of 32: the low
+/// four bits in nibble `j % 2` of byte `4 + j / 2`, the high two at bit `2·j` of the
+/// u16 at bytes 2..4.
+#[inline(always)]
+pub(crate) fn iq4_xs_scale(block: &[u8], j: usize) -> i32 {
+    let high = u16::from_le_bytes([block[2], block[3]]) >> (2 * j) & 3;
+    let low = block[4 + j / 2] >> (4 * (j % 2)) & 0x0F;
+    (low as i32 | (high as i32) << 4) - 32
+}
+
+#[inline(always)]
+fn iq4_xs(block: &[u8], y: &mut [f32]) {
+    let d = f16_at(block, 0);
+    for (j, out) in y.chunks_exact_mut(32).enumerate() {
+        // Exact in f32: an 11-bit mantissa times a 6-bit integer.
+        let scale = d * iq4_xs_scale(block, j) as f32;
+        for (l, &q) in block[8 + 16 * j..][..16].iter().enumerate() {
+            out[l] = scale * IQ4_VALUES[(q & 0x0F) as usize] as f32;
+            out[l + 16] = scale * IQ4_VALUES[(q >> 4) as usize] as f32;
+        }
+    }
+}
+
 /// The first weight (index) of a block whose f16 scales are not finite: a NaN or
 /// infinity there makes every weight of the block non-finite.
 pub fn first_non_finite_block(format: BlockFormat, bytes: &[u8]) -> Option<usize> {
@@ -332,7 +382,7 @@ pub fn sample_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
 /// Where each format keeps its f16 scales (ggml's block layouts).
 pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
     match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => &[0],
+        BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::IQ4NL | BlockFormat::IQ4XS => &[0],
         BlockFormat::Q4K | BlockFormat::Q5K => &[0, 2],
         BlockFormat::Q6K => &[208],
         BlockFormat::Q3K => &[108],

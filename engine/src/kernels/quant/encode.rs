@@ -1,8 +1,9 @@
 //! Encoders for each block format: llama.cpp's reference quantizers where Ferry follows
-//! them bit for bit (Q8_0, Q4_0, Q5_0), plain min/max fits for the K-quants. Synth and
+//! them bit for bit (Q8_0, Q4_0, Q5_0), plain min/max fits for the K-quants, a scale
+//! from the extreme value or a least-squares fit for IQ4_NL and IQ4_XS. Synth and
 //! the tests write files with them; the engine only decodes.
 
-use super::BlockFormat;
+use super::{BlockFormat, IQ4_VALUES};
 
 /// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0 and
 /// Q5_0 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
@@ -26,6 +27,8 @@ pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
             BlockFormat::Q6K => quantize_q6_k(x, block),
             BlockFormat::Q3K => quantize_q3_k(x, block),
             BlockFormat::Q2K => quantize_q2_k(x, block),
+            BlockFormat::IQ4NL => quantize_iq4_nl(x, block),
+            BlockFormat::IQ4XS => quantize_iq4_xs(x, block),
         }
     }
 }
@@ -88,6 +91,68 @@ fn quantize_q5_0(x: &[f32], block: &mut [u8]) {
         qh |= (((high & 0x10) >> 4) as u32) << (j + 16);
     }
     block[2..6].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// The index of `IQ4_VALUES`' nearest value to `x / d` for each of 32 values, as
+/// IQ4_NL and IQ4_XS pack them (16 bytes: low nibbles the first 16, high the last).
+fn iq4_pack(x: &[f32], d: f32, packed: &mut [u8]) {
+    let id = inverse(d);
+    let nearest = |v: f32| -> u8 {
+        let target = v * id;
+        let distance = |i: usize| (IQ4_VALUES[i] as f32 - target).abs();
+        (0..16).min_by(|&a, &b| distance(a).total_cmp(&distance(b))).unwrap_or(8) as u8
+    };
+    for j in 0..16 {
+        packed[j] = nearest(x[j]) | nearest(x[j + 16]) << 4;
+    }
+}
+
+/// 32 values' scale for `IQ4_VALUES`: the value of largest magnitude on the grid's
+/// end (−127), or the least-squares scale for the indices that gives, whichever
+/// leaves the smaller squared error (llama.cpp searches more scales, weighted).
+fn iq4_scale(x: &[f32]) -> f32 {
+    let first = signed_max(x) / IQ4_VALUES[0] as f32;
+    if first == 0.0 {
+        return 0.0;
+    }
+    let values = |d: f32| -> Vec<f32> {
+        let mut packed = [0u8; 16];
+        iq4_pack(x, d, &mut packed);
+        (0..32).map(|l| IQ4_VALUES[(packed[l % 16] >> (4 * (l / 16)) & 0x0F) as usize] as f32).collect()
+    };
+    let error = |d: f32| -> f32 { values(d).iter().zip(x).map(|(q, v)| (d * q - v).powi(2)).sum() };
+    let q = values(first);
+    let squares: f32 = q.iter().map(|q| q * q).sum();
+    let fitted = q.iter().zip(x).map(|(q, v)| q * v).sum::<f32>() / squares;
+    if fitted.is_finite() && error(fitted) < error(first) {
+        fitted
+    } else {
+        first
+    }
+}
+
+fn quantize_iq4_nl(x: &[f32], block: &mut [u8]) {
+    put_f16(block, 0, iq4_scale(x));
+    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+    iq4_pack(x, d, &mut block[2..18]);
+}
+
+/// Each sub-block's own scale (`iq4_scale`) as a 6-bit multiple of one f16 scale,
+/// the largest in magnitude on −32; the values then packed at the scale stored.
+fn quantize_iq4_xs(x: &[f32], block: &mut [u8]) {
+    let scales: Vec<f32> = x.chunks_exact(32).map(iq4_scale).collect();
+    put_f16(block, 0, signed_max(&scales) / -32.0);
+    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+    let id = inverse(d);
+    let mut high = 0u16;
+    for (j, (&scale, x)) in scales.iter().zip(x.chunks_exact(32)).enumerate() {
+        let l = (scale * id).round().clamp(-32.0, 31.0) as i32;
+        let ls = (l + 32) as u8;
+        block[4 + j / 2] |= (ls & 0x0F) << (4 * (j % 2));
+        high |= ((ls >> 4) as u16) << (2 * j);
+        iq4_pack(x, d * l as f32, &mut block[8 + 16 * j..][..16]);
+    }
+    block[2..4].copy_from_slice(&high.to_le_bytes());
 }
 
 /// Rounds `value / step` to an integer in `0..=max` (0 where the step is 0).
@@ -295,6 +360,8 @@ mod tests {
                 BlockFormat::Q6K => (16, 62.0),
                 BlockFormat::Q3K => (16, 7.0),
                 BlockFormat::Q2K => (16, 3.0),
+                // The grid's widest gap, 24 of 127 (113 − 89), as the step.
+                BlockFormat::IQ4NL | BlockFormat::IQ4XS => (32, 2.0 * 127.0 / 24.0),
             };
             // Q3_K's 6-bit and Q2_K's 4-bit sub-block scales are whole multiples of the
             // super-block's `d`, rounded up: a sub-block's step may exceed its own by up
@@ -302,6 +369,10 @@ mod tests {
             let scale_levels = match format {
                 BlockFormat::Q3K => Some(4.0 * 31.0),
                 BlockFormat::Q2K => Some(3.0 * 15.0 / 2.07),
+                // IQ4_XS's 6-bit sub-block scales are whole multiples of `d`, the largest
+                // sub-block scale over 32, rounded to the nearest: a value moves by up
+                // to half a `d` times 127, a 64th of the super-block's largest.
+                BlockFormat::IQ4XS => Some(64.0),
                 _ => None,
             };
             for (g, (xs, ys)) in x.chunks(group).zip(y.chunks(group)).enumerate() {

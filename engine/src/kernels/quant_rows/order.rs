@@ -76,7 +76,7 @@ pub(crate) struct Strides {
 /// of one row of Q4_0's time (BENCHMARKS.md, "Weights in the order the kernels read
 /// them"). A K-quant's super-block keeps its bytes together.
 pub(crate) fn scales_first(format: BlockFormat) -> bool {
-    matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0)
+    matches!(format, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::IQ4NL)
 }
 
 /// Bytes of the f16 scale that leads a 32-value block.

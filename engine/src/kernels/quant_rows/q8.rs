@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use super::order::{has_eight_row_kernels, Strides, SCALE_BYTES};
 use super::GROUP_ROWS;
 use super::{BlockOrder, QuantMatrix, ROWS_PER_TASK};
-use crate::kernels::quant::BlockFormat;
+use crate::kernels::quant::{iq4_xs_scale, BlockFormat, IQ4_VALUES};
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
 /// An x86 kernel's two entry points over one body generic in `VNNI`: `$name` with
@@ -400,27 +400,22 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows, `x`
         // the group's rows.
         match format {
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 if transpose_once => SET.with_borrow_mut(|set| {
+            _ if per_block(format) && transpose_once => SET.with_borrow_mut(|set| {
                 unsafe { x86::transpose_set(format, weights, strides, k, set) };
                 let from_columns = if vnni { x86::from_columns_vnni } else { x86::from_columns };
                 groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
             }),
-            BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
+            _ if per_block(format) => {
                 let eight_rows = if vnni { x86::eight_rows_vnni } else { x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
             // Resident K-quants come transposed (`order::KGroup`): `eight_rows` reads them.
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K | BlockFormat::Q3K | BlockFormat::Q2K
-                if transpose_once && !strides.transposed =>
-            {
-                K_SET.with_borrow_mut(|set| {
-                    unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
-                    let from_columns =
-                        if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
-                    groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
-                })
-            }
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K | BlockFormat::Q3K | BlockFormat::Q2K => {
+            _ if transpose_once && !strides.transposed => K_SET.with_borrow_mut(|set| {
+                unsafe { k_quants::x86::transpose_set(format, weights, strides, k, set) };
+                let from_columns = if vnni { k_quants::x86::from_columns_vnni } else { k_quants::x86::from_columns };
+                groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
+            }),
+            _ => {
                 let eight_rows = if vnni { k_quants::x86::eight_rows_vnni } else { k_quants::x86::eight_rows };
                 groups(&mut |x, rows, dots| unsafe { eight_rows(format, weights, strides, x, rows, k, dots) })
             }
@@ -434,14 +429,13 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
 /// its own (rows left over from groups of eight, and every row off x86).
 fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
     let (k, x) = (xq.k, xq.rows(first, rows));
-    if format.block().0 == k_quants::SUPER {
+    if !per_block(format) {
         return k_quants::row_dots(format, row, &x, rows, k, dots);
     }
     let blocks = k / BLOCK;
-    let block_bytes = format.block().1;
     let mut sums = [0.0f32; MAX_ROWS];
-    for (b, block) in row.chunks_exact(block_bytes).enumerate() {
-        let (w, d) = decode_block(format, block);
+    for b in 0..blocks {
+        let (w, d) = decode_block(format, row, b);
         for (i, sum) in sums[..rows].iter_mut().enumerate() {
             let xs = &x.quants[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
             let dot: i32 = w.iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();
@@ -452,11 +446,34 @@ fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: us
     dots[..rows].copy_from_slice(&sums[..rows]);
 }
 
-/// A weight block as 32 signed integers and its scale.
-fn decode_block(format: BlockFormat, block: &[u8]) -> ([i8; BLOCK], f32) {
-    let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+/// Whether `format`'s products go block of x by block of x with one float scale per
+/// weight block of 32 (`x86`'s kernels): the 32-value formats, and IQ4_XS, whose
+/// sub-blocks' scales are its f16 scale times a small integer (exact in f32). The
+/// K-quants' integer scales multiply integer sums instead (`k_quants`).
+fn per_block(format: BlockFormat) -> bool {
+    format.block().0 == BLOCK || format == BlockFormat::IQ4XS
+}
+
+/// Block `b` (of 32 weights) of a row as 32 signed integers and its scale.
+fn decode_block(format: BlockFormat, row: &[u8], b: usize) -> ([i8; BLOCK], f32) {
+    let f16_at = |at: usize| half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
     let mut q = [0i8; BLOCK];
+    if format == BlockFormat::IQ4XS {
+        let (block_bytes, j) = (format.block().1, b % 8);
+        let block = &row[b / 8 * block_bytes..][..block_bytes];
+        for (l, &byte) in block[8 + 16 * j..][..16].iter().enumerate() {
+            (q[l], q[l + 16]) = (IQ4_VALUES[(byte & 0x0F) as usize], IQ4_VALUES[(byte >> 4) as usize]);
+        }
+        return (q, f16_at(b / 8 * block_bytes) * iq4_xs_scale(block, j) as f32);
+    }
+    let block = &row[b * format.block().1..][..format.block().1];
+    let d = f16_at(b * format.block().1);
     match format {
+        BlockFormat::IQ4NL => {
+            for (l, &byte) in block[2..18].iter().enumerate() {
+                (q[l], q[l + 16]) = (IQ4_VALUES[(byte & 0x0F) as usize], IQ4_VALUES[(byte >> 4) as usize]);
+            }
+        }
         BlockFormat::Q4_0 => {
             for (j, &byte) in block[2..18].iter().enumerate() {
                 q[j] = (byte & 0x0F) as i8 - 8;

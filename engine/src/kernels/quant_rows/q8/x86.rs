@@ -15,6 +15,7 @@
 use std::arch::x86_64::*;
 
 use super::{BlockFormat, QuantizedX, Strides, BLOCK, GROUP_ROWS, MAX_ROWS, SCALE_BYTES};
+use crate::kernels::quant::{iq4_xs_scale, IQ4_VALUES};
 
 mod lanes;
 use lanes::{byte_sums, reduce_eight};
@@ -26,6 +27,11 @@ pub(super) use lanes::{pair_sums, reduce_halves, reduce_paired, transpose_groups
 const KIND_Q8_0: u8 = 0;
 const KIND_Q4_0: u8 = 1;
 const KIND_Q5_0: u8 = 2;
+/// IQ4_NL's and IQ4_XS's indices looked up to `IQ4_VALUES` (signed bytes, as Q8_0's);
+/// IQ4_XS's block b is sub-block b % 8 of super-block b / 8, its scale the
+/// super-block's times the sub-block's 6-bit scale.
+const KIND_IQ4_NL: u8 = 3;
+const KIND_IQ4_XS: u8 = 4;
 
 avx2_and_vnni!(
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, their
@@ -60,6 +66,8 @@ unsafe fn eight_rows_in<const VNNI: bool>(
         match format {
             BlockFormat::Q4_0 => with_rows!(rows, eight_m::<_, KIND_Q4_0, VNNI>(weights, strides, x, k, dots)),
             BlockFormat::Q5_0 => with_rows!(rows, eight_m::<_, KIND_Q5_0, VNNI>(weights, strides, x, k, dots)),
+            BlockFormat::IQ4NL => with_rows!(rows, eight_m::<_, KIND_IQ4_NL, VNNI>(weights, strides, x, k, dots)),
+            BlockFormat::IQ4XS => with_rows!(rows, eight_m::<_, KIND_IQ4_XS, VNNI>(weights, strides, x, k, dots)),
             _ => with_rows!(rows, eight_m::<_, KIND_Q8_0, VNNI>(weights, strides, x, k, dots)),
         }
     }
@@ -80,7 +88,13 @@ pub(super) struct EightBlocks {
 unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], strides: Strides, b: usize) -> EightBlocks {
     // SAFETY: block `b` of each of the eight rows lies inside `weights`.
     unsafe {
-        let at = |r: usize| block_at(weights, strides, r, b);
+        let at = |r: usize| {
+            if KIND == KIND_IQ4_XS {
+                iq4_xs_block_at(weights, strides, r, b)
+            } else {
+                block_at(weights, strides, r, b)
+            }
+        };
         let mut values = [_mm256_setzero_si256(); 8];
         for (r, w) in values.iter_mut().enumerate() {
             *w = block_values::<KIND>(at(r));
@@ -94,7 +108,9 @@ unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], stri
                 *m = _mm256_sign_epi8(w, w);
             }
         }
-        EightBlocks { values, magnitudes, scales: scales_of(weights, strides, b) }
+        let scales =
+            if KIND == KIND_IQ4_XS { iq4_xs_scales(weights, strides, b) } else { scales_of(weights, strides, b) };
+        EightBlocks { values, magnitudes, scales }
     }
 }
 
@@ -117,6 +133,8 @@ pub(super) unsafe fn transpose_set(
             set.push(match format {
                 BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, strides, b),
                 BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, strides, b),
+                BlockFormat::IQ4NL => eight_blocks::<KIND_IQ4_NL, true>(weights, strides, b),
+                BlockFormat::IQ4XS => eight_blocks::<KIND_IQ4_XS, true>(weights, strides, b),
                 _ => eight_blocks::<KIND_Q8_0, true>(weights, strides, b),
             });
         }
@@ -150,13 +168,51 @@ unsafe fn from_columns_in<const VNNI: bool>(
         match format {
             BlockFormat::Q4_0 => with_rows!(rows, columns::<_, KIND_Q4_0, VNNI>(set, x, k, dots)),
             BlockFormat::Q5_0 => with_rows!(rows, columns::<_, KIND_Q5_0, VNNI>(set, x, k, dots)),
+            BlockFormat::IQ4NL => with_rows!(rows, columns::<_, KIND_IQ4_NL, VNNI>(set, x, k, dots)),
+            BlockFormat::IQ4XS => with_rows!(rows, columns::<_, KIND_IQ4_XS, VNNI>(set, x, k, dots)),
             _ => with_rows!(rows, columns::<_, KIND_Q8_0, VNNI>(set, x, k, dots)),
         }
     }
 }
 
+/// IQ4_XS's super-blocks hold eight blocks of 32 after an 8-byte header (the f16
+/// scale, then the sub-blocks' 6-bit scales): row r's sub-block `b % 8` of
+/// super-block `b / 8`, as the address two bytes before its indices (where a 32-value
+/// block's scale would be), so that `block_values` reads them where it reads Q4_0's.
+#[inline(always)]
+unsafe fn iq4_xs_block_at(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
+    const HEADER: usize = 8;
+    // SAFETY: the caller's super-block lies inside `weights`.
+    unsafe { iq4_xs_super_block(weights, strides, r, b).add(HEADER + 16 * (b % 8) - 2) }
+}
+
+/// Row r's IQ4_XS super-block holding block `b` of the eight rows at `weights`.
+#[inline(always)]
+unsafe fn iq4_xs_super_block(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
+    // SAFETY: the caller's super-block lies inside `weights`.
+    unsafe { weights.as_ptr().add(b / 8 * strides.block + r * strides.row) }
+}
+
+/// The eight rows' scales of IQ4_XS block `b`: each super-block's f16 scale times its
+/// sub-block's 6-bit scale less 32, exact in f32 (`quant::iq4_xs` decodes the same).
+#[inline(always)]
+unsafe fn iq4_xs_scales(weights: &[u8], strides: Strides, b: usize) -> __m256 {
+    const HEADER: usize = 8;
+    // SAFETY: block `b` of the eight rows lies inside `weights`; AVX2 and F16C are
+    // present where this is inlined.
+    unsafe {
+        let mut small = [0i32; 8];
+        for (r, scale) in small.iter_mut().enumerate() {
+            let block = std::slice::from_raw_parts(iq4_xs_super_block(weights, strides, r, b), HEADER);
+            *scale = iq4_xs_scale(block, b % 8);
+        }
+        let d = f16_scales(|r| iq4_xs_super_block(weights, strides, r, b), 0);
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_loadu_si256(small.as_ptr().cast())))
+    }
+}
+
 /// Row r's block `b` as 32 bytes in x's order: Q4_0's nibbles (0–15), Q5_0's
-/// signed values (−16–15), Q8_0's bytes.
+/// signed values (−16–15), IQ4_NL's and IQ4_XS's values (`IQ4_VALUES`), Q8_0's bytes.
 #[inline(always)]
 unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
     // SAFETY: `block` is a whole block; AVX2 is present where this is inlined.
@@ -167,6 +223,10 @@ unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
         };
         match KIND {
             KIND_Q4_0 => nibbles(2),
+            KIND_IQ4_NL | KIND_IQ4_XS => {
+                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
+                _mm256_shuffle_epi8(table, nibbles(2))
+            }
             KIND_Q5_0 => {
                 // Byte j of a mask is 0xFF where bit j of the block's u32 is set: the
                 // u32 broadcast, byte j taken from the byte holding bit j, and tested
