@@ -89,6 +89,9 @@ impl Strides {
         let group = GROUP_ROWS * block_bytes;
         match order {
             BlockOrder::Rows => Strides { row: row_bytes, block: block_bytes, scales_first: false, transposed: false },
+            BlockOrder::EightRows if format == BlockFormat::IQ4XS => {
+                Strides { row: IQ4_XS_VALUES, block: group, scales_first: true, transposed: false }
+            }
             BlockOrder::EightRows if scales_first(format) => {
                 Strides { row: block_bytes - SCALE_BYTES, block: group, scales_first: true, transposed: false }
             }
@@ -128,6 +131,7 @@ fn reorder(format: BlockFormat, rows: usize, cols: usize, bytes: &mut [u8], to_e
     let runs: Vec<Vec<Run>> = (0..GROUP_ROWS)
         .map(|r| match KGroup::of(format) {
             Some(layout) => layout.runs(r),
+            None if format == BlockFormat::IQ4XS => iq4_xs_runs(r),
             None if eights.scales_first => {
                 let rest = GROUP_ROWS * SCALE_BYTES + r * eights.row;
                 vec![Run::one(0, r * SCALE_BYTES, SCALE_BYTES), Run::one(SCALE_BYTES, rest, eights.row)]
@@ -179,6 +183,23 @@ impl Run {
     fn one(within: usize, at: usize, len: usize) -> Run {
         Run { within, at, len, count: 1, at_step: len }
     }
+}
+
+/// Bytes of an IQ4_XS super-block's indices (after its 8-byte header).
+pub(crate) const IQ4_XS_VALUES: usize = 128;
+
+/// Row r's IQ4_XS super-block among the eight rows' interleaved ones: the eight f16
+/// scales side by side (16 bytes), the eight u32s of 4-bit sub-block scales (32), the
+/// eight u16s of their high bits (16), then each row's 128 index bytes. The 64 bytes
+/// of headers then load as three vectors where the eight rows' scattered headers took
+/// 24 loads (`q8::x86::iq4::headers`).
+fn iq4_xs_runs(r: usize) -> Vec<Run> {
+    vec![
+        Run::one(0, 2 * r, 2),
+        Run::one(4, 16 + 4 * r, 4),
+        Run::one(2, 48 + 2 * r, 2),
+        Run::one(8, GROUP_ROWS * 8 + r * IQ4_XS_VALUES, IQ4_XS_VALUES),
+    ]
 }
 
 /// `count` moves of `LEN` bytes from `src` to `dst`, each side `(start, step)`.
@@ -350,6 +371,10 @@ mod tests {
             let block_1 = group + GROUP_ROWS * block_bytes;
             let pieces = if KGroup::of(format).is_some() {
                 vec![] // moved byte by byte: `k_quant_groups_are_transposed_by_four_bytes`
+            } else if format == BlockFormat::IQ4XS {
+                // The eight headers' scales, low and high sub-block scales, then indices.
+                let values = block_1 + 64 + 2 * IQ4_XS_VALUES;
+                vec![(block_1 + 4, 0, 2), (block_1 + 16 + 8, 4, 4), (block_1 + 48 + 4, 2, 2), (values, 8, IQ4_XS_VALUES)]
             } else if scales_first(format) {
                 let rest = block_bytes - SCALE_BYTES;
                 vec![(block_1 + 2 * SCALE_BYTES, 0, SCALE_BYTES), (block_1 + 16 + 2 * rest, SCALE_BYTES, rest)]

@@ -15,9 +15,11 @@
 use std::arch::x86_64::*;
 
 use super::{BlockFormat, QuantizedX, Strides, BLOCK, GROUP_ROWS, MAX_ROWS, SCALE_BYTES};
-use crate::kernels::quant::{iq4_xs_scale, IQ4_VALUES};
+use crate::kernels::quant::IQ4_VALUES;
 
+mod iq4;
 mod lanes;
+use iq4::{iq4_xs_block_at, iq4_xs_scales};
 use lanes::{byte_sums, reduce_eight};
 pub(super) use lanes::{pair_sums, reduce_halves, reduce_paired, transpose_groups};
 
@@ -30,8 +32,8 @@ const KIND_Q5_0: u8 = 2;
 /// IQ4_NL's and IQ4_XS's indices looked up to `IQ4_VALUES` (signed bytes, as Q8_0's);
 /// IQ4_XS's block b is sub-block b % 8 of super-block b / 8, its scale the
 /// super-block's times the sub-block's 6-bit scale.
-const KIND_IQ4_NL: u8 = 3;
-const KIND_IQ4_XS: u8 = 4;
+pub(super) const KIND_IQ4_NL: u8 = 3;
+pub(super) const KIND_IQ4_XS: u8 = 4;
 
 avx2_and_vnni!(
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, their
@@ -175,42 +177,6 @@ unsafe fn from_columns_in<const VNNI: bool>(
     }
 }
 
-/// IQ4_XS's super-blocks hold eight blocks of 32 after an 8-byte header (the f16
-/// scale, then the sub-blocks' 6-bit scales): row r's sub-block `b % 8` of
-/// super-block `b / 8`, as the address two bytes before its indices (where a 32-value
-/// block's scale would be), so that `block_values` reads them where it reads Q4_0's.
-#[inline(always)]
-unsafe fn iq4_xs_block_at(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
-    const HEADER: usize = 8;
-    // SAFETY: the caller's super-block lies inside `weights`.
-    unsafe { iq4_xs_super_block(weights, strides, r, b).add(HEADER + 16 * (b % 8) - 2) }
-}
-
-/// Row r's IQ4_XS super-block holding block `b` of the eight rows at `weights`.
-#[inline(always)]
-unsafe fn iq4_xs_super_block(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
-    // SAFETY: the caller's super-block lies inside `weights`.
-    unsafe { weights.as_ptr().add(b / 8 * strides.block + r * strides.row) }
-}
-
-/// The eight rows' scales of IQ4_XS block `b`: each super-block's f16 scale times its
-/// sub-block's 6-bit scale less 32, exact in f32 (`quant::iq4_xs` decodes the same).
-#[inline(always)]
-unsafe fn iq4_xs_scales(weights: &[u8], strides: Strides, b: usize) -> __m256 {
-    const HEADER: usize = 8;
-    // SAFETY: block `b` of the eight rows lies inside `weights`; AVX2 and F16C are
-    // present where this is inlined.
-    unsafe {
-        let mut small = [0i32; 8];
-        for (r, scale) in small.iter_mut().enumerate() {
-            let block = std::slice::from_raw_parts(iq4_xs_super_block(weights, strides, r, b), HEADER);
-            *scale = iq4_xs_scale(block, b % 8);
-        }
-        let d = f16_scales(|r| iq4_xs_super_block(weights, strides, r, b), 0);
-        _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_loadu_si256(small.as_ptr().cast())))
-    }
-}
-
 /// Row r's block `b` as 32 bytes in x's order: Q4_0's nibbles (0–15), Q5_0's
 /// signed values (−16–15), IQ4_NL's and IQ4_XS's values (`IQ4_VALUES`), Q8_0's bytes.
 #[inline(always)]
@@ -297,7 +263,7 @@ pub(super) unsafe fn block_at(weights: &[u8], strides: Strides, r: usize, b: usi
 /// The f16 scales leading block `b` of the eight rows at `weights`, as eight f32: one
 /// load where they lie side by side, eight otherwise.
 #[inline(always)]
-unsafe fn scales_of(weights: &[u8], strides: Strides, b: usize) -> __m256 {
+pub(super) unsafe fn scales_of(weights: &[u8], strides: Strides, b: usize) -> __m256 {
     // SAFETY: block `b` of the eight rows lies inside `weights`; F16C is present
     // where this is inlined.
     unsafe {
@@ -372,6 +338,8 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
         } else if M == 1 && KIND == KIND_Q4_0 {
             q4_0_one_row::<VNNI>(weights, strides, x, k, dots)
+        } else if M == 1 && (KIND == KIND_IQ4_NL || KIND == KIND_IQ4_XS) {
+            iq4::one_row::<KIND, VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
         }
