@@ -374,7 +374,12 @@ mod tests {
             } else if format == BlockFormat::IQ4XS {
                 // The eight headers' scales, low and high sub-block scales, then indices.
                 let values = block_1 + 64 + 2 * IQ4_XS_VALUES;
-                vec![(block_1 + 4, 0, 2), (block_1 + 16 + 8, 4, 4), (block_1 + 48 + 4, 2, 2), (values, 8, IQ4_XS_VALUES)]
+                vec![
+                    (block_1 + 4, 0, 2),
+                    (block_1 + 16 + 8, 4, 4),
+                    (block_1 + 48 + 4, 2, 2),
+                    (values, 8, IQ4_XS_VALUES),
+                ]
             } else if scales_first(format) {
                 let rest = block_bytes - SCALE_BYTES;
                 vec![(block_1 + 2 * SCALE_BYTES, 0, SCALE_BYTES), (block_1 + 16 + 2 * rest, SCALE_BYTES, rest)]

@@ -401,7 +401,7 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // the group's rows.
         match format {
             _ if per_block(format) && transpose_once => SET.with_borrow_mut(|set| {
-                unsafe { x86::transpose_set(format, weights, strides, k, set) };
+                unsafe { x86::transpose_set(format, vnni, weights, strides, k, set) };
                 let from_columns = if vnni { x86::from_columns_vnni } else { x86::from_columns };
                 groups(&mut |x, rows, dots| unsafe { from_columns(format, set, x, rows, k, dots) })
             }),

@@ -34,6 +34,33 @@ const KIND_Q5_0: u8 = 2;
 /// super-block's times the sub-block's 6-bit scale.
 pub(super) const KIND_IQ4_NL: u8 = 3;
 pub(super) const KIND_IQ4_XS: u8 = 4;
+/// A kind's values taken as w + 128 (unsigned, 1–241) with 128·Σx off after: for
+/// VNNI's byte products only, which sum four products into 32 bits with no 16-bit
+/// step to saturate (`maddubs` pairs would), and save the signed path's signs.
+const OFFSET: u8 = 8;
+const KIND_IQ4_NL_OFFSET: u8 = KIND_IQ4_NL | OFFSET;
+const KIND_IQ4_XS_OFFSET: u8 = KIND_IQ4_XS | OFFSET;
+
+/// The format a kind reads (less `OFFSET`).
+pub(super) const fn base(kind: u8) -> u8 {
+    kind & !OFFSET
+}
+
+/// Whether a kind's values multiply x unsigned (Q4_0's nibbles, offset kinds).
+const fn unsigned(kind: u8) -> bool {
+    kind == KIND_Q4_0 || kind & OFFSET != 0
+}
+
+/// What a kind's integer sums carry times Σx: Q4_0's 8, an offset kind's 128.
+const fn offset(kind: u8) -> i32 {
+    if kind == KIND_Q4_0 {
+        8
+    } else if kind & OFFSET != 0 {
+        128
+    } else {
+        0
+    }
+}
 
 avx2_and_vnni!(
     /// `dots[i][r] = x[i] · weight row r` for eight weight rows (`weights`, their
@@ -68,6 +95,12 @@ unsafe fn eight_rows_in<const VNNI: bool>(
         match format {
             BlockFormat::Q4_0 => with_rows!(rows, eight_m::<_, KIND_Q4_0, VNNI>(weights, strides, x, k, dots)),
             BlockFormat::Q5_0 => with_rows!(rows, eight_m::<_, KIND_Q5_0, VNNI>(weights, strides, x, k, dots)),
+            BlockFormat::IQ4NL if VNNI => {
+                with_rows!(rows, eight_m::<_, KIND_IQ4_NL_OFFSET, VNNI>(weights, strides, x, k, dots))
+            }
+            BlockFormat::IQ4XS if VNNI => {
+                with_rows!(rows, eight_m::<_, KIND_IQ4_XS_OFFSET, VNNI>(weights, strides, x, k, dots))
+            }
             BlockFormat::IQ4NL => with_rows!(rows, eight_m::<_, KIND_IQ4_NL, VNNI>(weights, strides, x, k, dots)),
             BlockFormat::IQ4XS => with_rows!(rows, eight_m::<_, KIND_IQ4_XS, VNNI>(weights, strides, x, k, dots)),
             _ => with_rows!(rows, eight_m::<_, KIND_Q8_0, VNNI>(weights, strides, x, k, dots)),
@@ -91,7 +124,7 @@ unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], stri
     // SAFETY: block `b` of each of the eight rows lies inside `weights`.
     unsafe {
         let at = |r: usize| {
-            if KIND == KIND_IQ4_XS {
+            if base(KIND) == KIND_IQ4_XS {
                 iq4_xs_block_at(weights, strides, r, b)
             } else {
                 block_at(weights, strides, r, b)
@@ -105,22 +138,23 @@ unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], stri
             values = transpose_groups(&values);
         }
         let mut magnitudes = values;
-        if KIND != KIND_Q4_0 {
+        if !unsigned(KIND) {
             for (m, &w) in magnitudes.iter_mut().zip(&values) {
                 *m = _mm256_sign_epi8(w, w);
             }
         }
         let scales =
-            if KIND == KIND_IQ4_XS { iq4_xs_scales(weights, strides, b) } else { scales_of(weights, strides, b) };
+            if base(KIND) == KIND_IQ4_XS { iq4_xs_scales(weights, strides, b) } else { scales_of(weights, strides, b) };
         EightBlocks { values, magnitudes, scales }
     }
 }
 
 /// Every block of the eight rows at `weights`, transposed, into `set`: done once
-/// for all the rows of x that multiply them (`from_columns`).
+/// for all the rows of x that multiply them (`from_columns`, VNNI's where `vnni`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn transpose_set(
     format: BlockFormat,
+    vnni: bool,
     weights: &[u8],
     strides: Strides,
     k: usize,
@@ -135,6 +169,8 @@ pub(super) unsafe fn transpose_set(
             set.push(match format {
                 BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, strides, b),
                 BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, strides, b),
+                BlockFormat::IQ4NL if vnni => eight_blocks::<KIND_IQ4_NL_OFFSET, true>(weights, strides, b),
+                BlockFormat::IQ4XS if vnni => eight_blocks::<KIND_IQ4_XS_OFFSET, true>(weights, strides, b),
                 BlockFormat::IQ4NL => eight_blocks::<KIND_IQ4_NL, true>(weights, strides, b),
                 BlockFormat::IQ4XS => eight_blocks::<KIND_IQ4_XS, true>(weights, strides, b),
                 _ => eight_blocks::<KIND_Q8_0, true>(weights, strides, b),
@@ -170,6 +206,8 @@ unsafe fn from_columns_in<const VNNI: bool>(
         match format {
             BlockFormat::Q4_0 => with_rows!(rows, columns::<_, KIND_Q4_0, VNNI>(set, x, k, dots)),
             BlockFormat::Q5_0 => with_rows!(rows, columns::<_, KIND_Q5_0, VNNI>(set, x, k, dots)),
+            BlockFormat::IQ4NL if VNNI => with_rows!(rows, columns::<_, KIND_IQ4_NL_OFFSET, VNNI>(set, x, k, dots)),
+            BlockFormat::IQ4XS if VNNI => with_rows!(rows, columns::<_, KIND_IQ4_XS_OFFSET, VNNI>(set, x, k, dots)),
             BlockFormat::IQ4NL => with_rows!(rows, columns::<_, KIND_IQ4_NL, VNNI>(set, x, k, dots)),
             BlockFormat::IQ4XS => with_rows!(rows, columns::<_, KIND_IQ4_XS, VNNI>(set, x, k, dots)),
             _ => with_rows!(rows, columns::<_, KIND_Q8_0, VNNI>(set, x, k, dots)),
@@ -189,8 +227,11 @@ unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
         };
         match KIND {
             KIND_Q4_0 => nibbles(2),
-            KIND_IQ4_NL | KIND_IQ4_XS => {
-                let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
+            _ if base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS => {
+                let mut table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
+                if KIND & OFFSET != 0 {
+                    table = _mm256_add_epi8(table, _mm256_set1_epi8(-128));
+                }
                 _mm256_shuffle_epi8(table, nibbles(2))
             }
             KIND_Q5_0 => {
@@ -332,13 +373,16 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
+    // An offset kind's pairs would saturate `maddubs`: VNNI only (dispatched so; the
+    // arms for the other are instantiated, never taken).
+    debug_assert!(VNNI || KIND & OFFSET == 0);
     // SAFETY: as the caller vouches.
     unsafe {
         if M >= 3 {
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
         } else if M == 1 && KIND == KIND_Q4_0 {
             q4_0_one_row::<VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && (KIND == KIND_IQ4_NL || KIND == KIND_IQ4_XS) {
+        } else if M == 1 && (base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS) {
             iq4::one_row::<KIND, VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
@@ -433,6 +477,7 @@ unsafe fn columns<const M: usize, const KIND: u8, const VNNI: bool>(
     k: usize,
     dots: &mut [[f32; 8]; MAX_ROWS],
 ) {
+    debug_assert!(VNNI || KIND & OFFSET == 0);
     // SAFETY: see `from_columns`; x holds M rows of k.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); M];
@@ -468,8 +513,9 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
         } else {
             row_sums::<KIND, VNNI>(&block.values, &block.magnitudes, xs)
         };
-        if KIND == KIND_Q4_0 {
-            total = _mm256_sub_epi32(total, _mm256_set1_epi32(8 * *x.sums.get_unchecked(i * blocks + b)));
+        if offset(KIND) != 0 {
+            let taken = offset(KIND) * *x.sums.get_unchecked(i * blocks + b);
+            total = _mm256_sub_epi32(total, _mm256_set1_epi32(taken));
         }
         let scale = _mm256_mul_ps(block.scales, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
@@ -490,7 +536,7 @@ unsafe fn row_sums<const KIND: u8, const VNNI: bool>(
         let xv = _mm256_loadu_si256(xs.cast());
         let mut p = [_mm256_setzero_si256(); 8];
         for r in 0..8 {
-            p[r] = if KIND == KIND_Q4_0 {
+            p[r] = if unsigned(KIND) {
                 byte_sums::<VNNI>(_mm256_setzero_si256(), w[r], xv)
             } else {
                 byte_sums::<VNNI>(_mm256_setzero_si256(), magnitude[r], _mm256_sign_epi8(xv, w[r]))
@@ -522,7 +568,7 @@ unsafe fn column_sums<const KIND: u8, const VNNI: bool>(
             // Four products to a lane, summed into 32 bits as they come: the same integers.
             let mut total = _mm256_setzero_si256();
             for g in 0..8 {
-                total = if KIND == KIND_Q4_0 {
+                total = if unsigned(KIND) {
                     _mm256_dpbusd_epi32(total, v[g], group(g))
                 } else {
                     _mm256_dpbusd_epi32(total, magnitude[g], _mm256_sign_epi8(group(g), v[g]))

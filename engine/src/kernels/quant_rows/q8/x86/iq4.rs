@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use super::lanes::{byte_sums, reduce_paired};
 use super::{
-    block_at, broadcast_halves, f16_scales, fetch_ahead, paired_nibbles, prefetch_next_rows, scales_of, store,
+    base, block_at, broadcast_halves, f16_scales, fetch_ahead, paired_nibbles, prefetch_next_rows, scales_of, store,
     KIND_IQ4_XS,
 };
 use super::{QuantizedX, Strides, BLOCK, GROUP_ROWS, MAX_ROWS};
@@ -90,8 +90,10 @@ pub(super) unsafe fn headers(weights: &[u8], strides: Strides, b: usize) -> Head
 pub(super) unsafe fn sub_block_scales(headers: Headers, j: usize) -> __m256 {
     // SAFETY: AVX2 is present where this is inlined.
     unsafe {
-        let low = _mm256_and_si256(_mm256_srlv_epi32(headers.low, _mm256_set1_epi32(4 * j as i32)), _mm256_set1_epi32(15));
-        let high = _mm256_and_si256(_mm256_srlv_epi32(headers.high, _mm256_set1_epi32(2 * j as i32)), _mm256_set1_epi32(3));
+        let low =
+            _mm256_and_si256(_mm256_srlv_epi32(headers.low, _mm256_set1_epi32(4 * j as i32)), _mm256_set1_epi32(15));
+        let high =
+            _mm256_and_si256(_mm256_srlv_epi32(headers.high, _mm256_set1_epi32(2 * j as i32)), _mm256_set1_epi32(3));
         let scale = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), _mm256_set1_epi32(32));
         _mm256_mul_ps(headers.d, _mm256_cvtepi32_ps(scale))
     }
@@ -127,11 +129,12 @@ pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
         let offset_values = _mm256_add_epi8(values, _mm256_set1_epi8(-128));
         let mut acc = _mm256_setzero_ps();
         let ahead = fetch_ahead(strides, 1);
-        let mut super_block = Headers { d: _mm256_setzero_ps(), low: _mm256_setzero_si256(), high: _mm256_setzero_si256() };
+        let mut super_block =
+            Headers { d: _mm256_setzero_ps(), low: _mm256_setzero_si256(), high: _mm256_setzero_si256() };
         for b in 0..blocks {
             prefetch_next_rows(weights, ahead, b, blocks);
             let at = |r: usize| {
-                if KIND == KIND_IQ4_XS {
+                if base(KIND) == KIND_IQ4_XS {
                     iq4_xs_block_at(weights, strides, r, b)
                 } else {
                     block_at(weights, strides, r, b)
@@ -144,7 +147,8 @@ pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
                 if VNNI {
                     // w + 128 (1–241) times x: VPDPBUSD sums four products into 32 bits
                     // with no 16-bit step to saturate; 128·Σx comes off below.
-                    let (low, high) = (_mm256_shuffle_epi8(offset_values, low), _mm256_shuffle_epi8(offset_values, high));
+                    let (low, high) =
+                        (_mm256_shuffle_epi8(offset_values, low), _mm256_shuffle_epi8(offset_values, high));
                     *sum = byte_sums::<VNNI>(byte_sums::<VNNI>(_mm256_setzero_si256(), low, x_low), high, x_high);
                 } else {
                     let (low, high) = (_mm256_shuffle_epi8(values, low), _mm256_shuffle_epi8(values, high));
@@ -157,7 +161,7 @@ pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
             if VNNI {
                 total = _mm256_sub_epi32(total, _mm256_set1_epi32(128 * *x.sums.get_unchecked(b)));
             }
-            let weight_scales = if KIND == KIND_IQ4_XS {
+            let weight_scales = if base(KIND) == KIND_IQ4_XS {
                 if b % SUB_BLOCKS == 0 {
                     super_block = headers(weights, strides, b);
                 }
