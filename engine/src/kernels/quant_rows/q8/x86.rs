@@ -19,6 +19,7 @@ use crate::kernels::quant::IQ4_VALUES;
 
 mod iq4;
 mod lanes;
+mod one_row;
 use iq4::{iq4_xs_block_at, iq4_xs_scales};
 use lanes::{byte_sums, reduce_eight};
 pub(super) use lanes::{pair_sums, reduce_halves, reduce_paired, transpose_groups};
@@ -27,7 +28,7 @@ pub(super) use lanes::{pair_sums, reduce_halves, reduce_paired, transpose_groups
 /// values are signed bytes (multiplied as |w| by x with w's sign), Q4_0's unsigned
 /// nibbles (8·Σx taken off after).
 const KIND_Q8_0: u8 = 0;
-const KIND_Q4_0: u8 = 1;
+pub(super) const KIND_Q4_0: u8 = 1;
 const KIND_Q5_0: u8 = 2;
 /// IQ4_NL's and IQ4_XS's indices looked up to `IQ4_VALUES` (signed bytes, as Q8_0's);
 /// IQ4_XS's block b is sub-block b % 8 of super-block b / 8, its scale the
@@ -47,12 +48,12 @@ pub(super) const fn base(kind: u8) -> u8 {
 }
 
 /// Whether a kind's values multiply x unsigned (Q4_0's nibbles, offset kinds).
-const fn unsigned(kind: u8) -> bool {
+pub(super) const fn unsigned(kind: u8) -> bool {
     kind == KIND_Q4_0 || kind & OFFSET != 0
 }
 
 /// What a kind's integer sums carry times Σx: Q4_0's 8, an offset kind's 128.
-const fn offset(kind: u8) -> i32 {
+pub(super) const fn offset(kind: u8) -> i32 {
     if kind == KIND_Q4_0 {
         8
     } else if kind & OFFSET != 0 {
@@ -380,58 +381,11 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     unsafe {
         if M >= 3 {
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && KIND == KIND_Q4_0 {
-            q4_0_one_row::<VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && (base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS) {
-            iq4::one_row::<KIND, VNNI>(weights, strides, x, k, dots)
+        } else if M == 1 && (KIND == KIND_Q4_0 || base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS) {
+            one_row::one_row::<KIND, VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
         }
-    }
-}
-
-/// `eight` for Q4_0 and one row of x (batch-1 decoding), two weight rows to a
-/// vector: rows p and p + 4's 16 bytes of nibbles side by side, whose low nibbles
-/// multiply x's first 16 values and high nibbles its last 16 (x's halves broadcast
-/// to both 128-bit lanes), so no nibble is moved across lanes and the eight rows
-/// reduce from four vectors, not eight. This kernel's time was its arithmetic, not
-/// its reads (one row of x multiplied 35 G weights/s from RAM, 20 GB/s of blocks,
-/// where the memory gives 27–30). With VNNI it gained nothing while its rows lay in
-/// row order (a decoding step 0.91–1.02× in pairs), and 1.02–1.07× once they came
-/// interleaved (five pairs, all faster). The integer sums are the same integers as
-/// `row_sums`' and the float steps the same, in lane order: the same bits.
-#[inline(always)]
-unsafe fn q4_0_one_row<const VNNI: bool>(
-    weights: &[u8],
-    strides: Strides,
-    x: &QuantizedX,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    let blocks = k / BLOCK;
-    // SAFETY: see `eight_rows`: block b of each of the eight rows lies inside
-    // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
-    unsafe {
-        let nibble = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let ahead = fetch_ahead(strides, 1);
-        for b in 0..blocks {
-            prefetch_next_rows(weights, ahead, b, blocks);
-            let at = |r: usize| block_at(weights, strides, r, b);
-            let xs = x.quants.as_ptr().add(b * BLOCK);
-            let (x_low, x_high) = broadcast_halves(xs);
-            // Lanes 0–3 of `sums[p]`: row p's 32-bit sums, lanes 4–7 row p + 4's. A
-            // nibble times x is at most 15 · 127, two pairs' sum 7 620: 16 bits hold it.
-            let mut sums = [_mm256_setzero_si256(); 4];
-            for (p, sum) in sums.iter_mut().enumerate() {
-                let (low, high) = paired_nibbles(at(p).add(2), at(p + 4).add(2), nibble);
-                *sum = pair_sums::<VNNI>(low, x_low, high, x_high);
-            }
-            let total = _mm256_sub_epi32(reduce_paired(sums), _mm256_set1_epi32(8 * *x.sums.get_unchecked(b)));
-            let scale = _mm256_mul_ps(scales_of(weights, strides, b), _mm256_set1_ps(*x.scales.get_unchecked(b)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc);
-        }
-        store([acc], dots);
     }
 }
 

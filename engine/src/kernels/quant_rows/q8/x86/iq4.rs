@@ -1,24 +1,17 @@
-//! IQ4_NL and IQ4_XS: their 4-bit indices looked up to `IQ4_VALUES` with one byte
-//! shuffle, then multiplied as Q8_0's signed bytes are (|w| by x with w's sign).
 //! IQ4_XS's blocks of 32 are the sub-blocks of its super-blocks, each scaled by the
-//! super-block's f16 scale times its 6-bit scale less 32 (exact in f32).
+//! super-block's f16 scale times its 6-bit scale less 32 (exact in f32): where a
+//! block's indices lie, and the eight rows' scales from their 8-byte headers.
 
 use std::arch::x86_64::*;
 
-use super::lanes::{byte_sums, reduce_paired};
-use super::{
-    base, block_at, broadcast_halves, f16_scales, fetch_ahead, paired_nibbles, prefetch_next_rows, scales_of, store,
-    KIND_IQ4_XS,
-};
-use super::{QuantizedX, Strides, BLOCK, GROUP_ROWS, MAX_ROWS};
-use crate::kernels::quant::IQ4_VALUES;
+use super::{f16_scales, Strides, GROUP_ROWS};
 
 /// Bytes ahead of an IQ4_XS super-block's indices: its f16 scale, the sub-blocks'
 /// 6-bit scales' high bits (a u16), their low nibbles (4 bytes).
 const HEADER: usize = 8;
 
 /// Sub-blocks (blocks of 32) per IQ4_XS super-block.
-const SUB_BLOCKS: usize = 8;
+pub(super) const SUB_BLOCKS: usize = 8;
 
 /// IQ4_XS's super-blocks hold eight blocks of 32 after an 8-byte header (the f16
 /// scale, then the sub-blocks' 6-bit scales): row r's sub-block `b % 8` of
@@ -51,9 +44,9 @@ unsafe fn iq4_xs_super_block(weights: &[u8], strides: Strides, r: usize, b: usiz
 /// bytes 4..8: sub-block j's at bit 4·j) and high ones (the u16 at bytes 2..4: bit 2·j).
 #[derive(Clone, Copy)]
 pub(super) struct Headers {
-    d: __m256,
-    low: __m256i,
-    high: __m256i,
+    pub(super) d: __m256,
+    pub(super) low: __m256i,
+    pub(super) high: __m256i,
 }
 
 #[inline(always)]
@@ -104,74 +97,4 @@ pub(super) unsafe fn sub_block_scales(headers: Headers, j: usize) -> __m256 {
 pub(super) unsafe fn iq4_xs_scales(weights: &[u8], strides: Strides, b: usize) -> __m256 {
     // SAFETY: as `headers` needs.
     unsafe { sub_block_scales(headers(weights, strides, b), b % SUB_BLOCKS) }
-}
-
-/// `eight` for IQ4_NL or IQ4_XS and one row of x (batch-1 decoding), as Q4_0's
-/// one-row kernel pairs weight rows p and p + 4 in one vector: their indices looked
-/// up in both 128-bit lanes at once, each product |w| times x with w's sign (at most
-/// 127·127, a pair below 2¹⁵), the two halves widened apart; with VNNI, w + 128 times
-/// x (no 16-bit step) less 128·Σx, which saves the signs. The integer sums are
-/// `row_sums`' and the float steps the same, in lane order: the same bits.
-#[inline(always)]
-pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
-    weights: &[u8],
-    strides: Strides,
-    x: &QuantizedX,
-    k: usize,
-    dots: &mut [[f32; 8]; MAX_ROWS],
-) {
-    let blocks = k / BLOCK;
-    // SAFETY: see `eight_rows`: block b of each of the eight rows lies inside
-    // `weights`, and x's one row holds `blocks` blocks; AVX2, FMA and F16C are present.
-    unsafe {
-        let nibble = _mm256_set1_epi8(0x0F);
-        let values = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
-        let offset_values = _mm256_add_epi8(values, _mm256_set1_epi8(-128));
-        let mut acc = _mm256_setzero_ps();
-        let ahead = fetch_ahead(strides, 1);
-        let mut super_block =
-            Headers { d: _mm256_setzero_ps(), low: _mm256_setzero_si256(), high: _mm256_setzero_si256() };
-        for b in 0..blocks {
-            prefetch_next_rows(weights, ahead, b, blocks);
-            let at = |r: usize| {
-                if base(KIND) == KIND_IQ4_XS {
-                    iq4_xs_block_at(weights, strides, r, b)
-                } else {
-                    block_at(weights, strides, r, b)
-                }
-            };
-            let (x_low, x_high) = broadcast_halves(x.quants.as_ptr().add(b * BLOCK));
-            let mut sums = [_mm256_setzero_si256(); 4];
-            for (p, sum) in sums.iter_mut().enumerate() {
-                let (low, high) = paired_nibbles(at(p).add(2), at(p + 4).add(2), nibble);
-                if VNNI {
-                    // w + 128 (1–241) times x: VPDPBUSD sums four products into 32 bits
-                    // with no 16-bit step to saturate; 128·Σx comes off below.
-                    let (low, high) =
-                        (_mm256_shuffle_epi8(offset_values, low), _mm256_shuffle_epi8(offset_values, high));
-                    *sum = byte_sums::<VNNI>(byte_sums::<VNNI>(_mm256_setzero_si256(), low, x_low), high, x_high);
-                } else {
-                    let (low, high) = (_mm256_shuffle_epi8(values, low), _mm256_shuffle_epi8(values, high));
-                    let first =
-                        byte_sums::<VNNI>(_mm256_setzero_si256(), _mm256_abs_epi8(low), _mm256_sign_epi8(x_low, low));
-                    *sum = byte_sums::<VNNI>(first, _mm256_abs_epi8(high), _mm256_sign_epi8(x_high, high));
-                }
-            }
-            let mut total = reduce_paired(sums);
-            if VNNI {
-                total = _mm256_sub_epi32(total, _mm256_set1_epi32(128 * *x.sums.get_unchecked(b)));
-            }
-            let weight_scales = if base(KIND) == KIND_IQ4_XS {
-                if b % SUB_BLOCKS == 0 {
-                    super_block = headers(weights, strides, b);
-                }
-                sub_block_scales(super_block, b % SUB_BLOCKS)
-            } else {
-                scales_of(weights, strides, b)
-            };
-            let scale = _mm256_mul_ps(weight_scales, _mm256_set1_ps(*x.scales.get_unchecked(b)));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc);
-        }
-        store([acc], dots);
-    }
 }
