@@ -513,6 +513,7 @@ mod tests {
         assert_eq!(block_format("Q6_K"), Some(BlockFormat::Q6K));
         assert_eq!(block_format("q5_k"), Some(BlockFormat::Q5K));
         assert_eq!(block_format("q3_k"), Some(BlockFormat::Q3K));
-        assert_eq!(block_format("iq4_nl"), None);
+        assert_eq!(block_format("iq4_nl"), Some(BlockFormat::IQ4NL));
+        assert_eq!(block_format("iq3_s"), None);
     }
 }
