@@ -7,7 +7,7 @@ runs the prompt `ferry run` draws (SplitMix64 from --seed, modulo the vocabulary
 one prefill with `--logits`, has llama.cpp evaluate the same tokens, and compares the
 last position's logits: the largest difference as a share of the largest logit, and
 whether the top token agrees. Ferry's default 8-bit activations are llama.cpp's
-numerics for Q8_0, Q4_0, Q5_0 and IQ4_NL (its K-quants and IQ4_XS round x per 256 values
+numerics for the 32-value formats (its K-quants and IQ4_XS round x per 256 values
 instead).
 
 usage: python3 bench/llama_logits.py [FERRY_BINARY] [WORK_DIR]
@@ -48,6 +48,13 @@ CASES = [
     ("test-small", "iq4_nl"),
     ("test-small", "iq4_xs_m"),
     ("test-tiny", "iq4_xs"),
+    # Q4_1 and Q5_1 (a minimum per block; llama.cpp rounds x per 32 for them as Ferry
+    # does), and the fallbacks of a Q5_K file and a Q3_K_M file on rows of 128 and 352
+    # values: Q5_1, and Q4_0, Q5_0, Q5_1 and Q8_0.
+    ("test-tiny", "q4_1"),
+    ("test-tiny", "q5_1"),
+    ("test-tiny", "q5_k"),
+    ("test-tiny", "q3_k_m"),
 ]
 # Rotary scalings: test-tiny with a scaled config.json, written as GGUF by Ferry
 # (Llama 3.1's as a `rope_freqs` tensor, linear in the metadata), against llama.cpp

@@ -20,9 +20,9 @@ use indicatif::{ProgressBar, ProgressStyle};
   ferry synth --model tinyllama-1.1b --format gguf --dtype q4_0 --out models/tinyllama-q4_0.gguf
 
 A GGUF file is what llama.cpp reads: its matrices in --dtype (quantized by Ferry; matrices
-whose rows are not whole 256-value blocks take llama.cpp's fallback, Q5_0 for Q4_K, Q8_0 for
-Q6_K, Q4_0 for Q3_K and Q2_K, IQ4_NL for IQ4_XS; Q5_K's, Q5_1, the engine does not run), norms
-in f32, the query and key rows in
+whose rows are not whole 256-value blocks take llama.cpp's fallback, Q5_0 for Q4_K, Q5_1 for
+Q5_K, Q8_0 for Q6_K, Q4_0 for Q3_K and Q2_K, IQ4_NL for IQ4_XS), norms in f32, the query and
+key rows in
 llama.cpp's order, and a placeholder vocabulary. The same --seed gives the same model in both formats.")]
 pub struct SynthArgs {
     /// A catalog model the engine runs (`ferry list models`): Llama, Mistral, Qwen2/3 and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE — tinyllama-1.1b, test-tiny, test-small, test-moe, llama-2-7b, ...
@@ -35,15 +35,15 @@ pub struct SynthArgs {
     #[arg(long, value_name = "safetensors|gguf", default_value = "safetensors")]
     format: String,
     /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types;
-    /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q5_0, q4_k, q5_k, q6_k,
-    /// q3_k, q2_k, iq4_nl, iq4_xs, q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head
+    /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q5_0, q4_1, q5_1, q4_k,
+    /// q5_k, q6_k, q3_k, q2_k, iq4_nl, iq4_xs, q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head
     /// and some layers' value and down projections), q5_k_m (the same over Q5_K), q3_k_m
     /// (Q3_K, with Q4_K/Q5_K for the attention output, value and down projections, Q6_K
     /// head) and iq4_xs_m (what llama.cpp writes for IQ4_XS: Q5_K for some value and down
     /// projections, Q6_K head).
     #[arg(
         long,
-        value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs|q4_k_m|q5_k_m|q3_k_m|iq4_xs_m"
+        value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_1|q5_1|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs|q4_k_m|q5_k_m|q3_k_m|iq4_xs_m"
     )]
     dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
@@ -224,7 +224,7 @@ pub struct ProfileArgs {
     /// format (measured as a GGUF file in it; its entries then price plans in that
     /// format) [default: the model's: a GGUF file's main block format, else its float
     /// dtype]
-    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs")]
+    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_1|q5_1|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs")]
     dtype: Option<String>,
     /// Also measure the rate at which the model (--model: its folder or GGUF file, with
     /// real weights) accepts this draft's tokens, `self:L` or a draft model's folder:

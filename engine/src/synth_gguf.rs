@@ -46,9 +46,9 @@ pub enum GgufStorage {
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 16] = [
-        "f32", "f16", "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_k_m",
-        "q5_k_m", "q3_k_m", "iq4_xs_m",
+    pub const NAMES: [&'static str; 18] = [
+        "f32", "f16", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl",
+        "iq4_xs", "q4_k_m", "q5_k_m", "q3_k_m", "iq4_xs_m",
     ];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
@@ -58,6 +58,8 @@ impl GgufStorage {
             "q8_0" => GgufStorage::Blocks(BlockFormat::Q8_0),
             "q4_0" => GgufStorage::Blocks(BlockFormat::Q4_0),
             "q5_0" => GgufStorage::Blocks(BlockFormat::Q5_0),
+            "q4_1" => GgufStorage::Blocks(BlockFormat::Q4_1),
+            "q5_1" => GgufStorage::Blocks(BlockFormat::Q5_1),
             "q4_k" => GgufStorage::Blocks(BlockFormat::Q4K),
             "q5_k" => GgufStorage::Blocks(BlockFormat::Q5K),
             "q6_k" => GgufStorage::Blocks(BlockFormat::Q6K),
@@ -102,6 +104,8 @@ impl GgufStorage {
             GgufStorage::Blocks(BlockFormat::Q4_0) => 2,
             GgufStorage::Blocks(BlockFormat::Q8_0) => 7,
             GgufStorage::Blocks(BlockFormat::Q5_0) => 8,
+            GgufStorage::Blocks(BlockFormat::Q4_1) => 3,
+            GgufStorage::Blocks(BlockFormat::Q5_1) => 9,
             GgufStorage::Blocks(BlockFormat::Q4K) => 14,
             // Q5_K_S: llama.cpp names no all-Q5_K type.
             GgufStorage::Blocks(BlockFormat::Q5K) => 16,
@@ -338,7 +342,8 @@ pub fn synthesize_gguf(
             return Err(EngineError::Unsupported(format!(
                 "{} cannot be stored as {kind}: {name} has rows of {cols} values, not whole {}-value blocks, and \
                  llama.cpp's quantizer stores such matrices as {}, which Ferry neither writes nor runs \
-                 (q4_k and q6_k fall back to q5_0 and q8_0, q3_k and q2_k to q4_0, iq4_xs to iq4_nl, which it does)",
+                 (q4_k, q5_k and q6_k fall back to q5_0, q5_1 and q8_0, q3_k and q2_k to q4_0, iq4_xs to iq4_nl, \
+                 which it does)",
                 model.name, asked.block_elements, ggml_type.name
             )));
         }

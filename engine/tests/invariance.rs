@@ -82,18 +82,20 @@ fn every_schedule_and_placement_computes_the_same_tokens_and_logits() {
 /// would turn a last-bit difference between plans into a different next-layer input:
 /// the plans must agree to the bit there.
 #[test]
-fn every_plan_over_q4_0_and_iq4_nl_files_with_8_bit_activations_computes_the_same_tokens_and_logits() {
+fn every_plan_over_32_value_block_files_with_8_bit_activations_computes_the_same_tokens_and_logits() {
     let dir = tempfile::tempdir().unwrap();
     let spec = Catalog::builtin().unwrap().model("test-tiny").unwrap().value;
     let file = dir.path().join("tiny-q4_0.gguf");
     let storage = GgufStorage::Blocks(BlockFormat::Q4_0);
     ferry_engine::synth_gguf::synthesize_gguf(&spec, storage, 7, &file, false, |_, _| {}).unwrap();
     every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
-    // IQ4_NL: Q4_0's blocks on a non-linear grid.
-    let file = dir.path().join("tiny-iq4_nl.gguf");
-    let storage = GgufStorage::Blocks(BlockFormat::IQ4NL);
-    ferry_engine::synth_gguf::synthesize_gguf(&spec, storage, 7, &file, false, |_, _| {}).unwrap();
-    every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
+    // IQ4_NL (Q4_0's blocks on a non-linear grid), Q4_1 and Q5_1 (a minimum per block).
+    for format in [BlockFormat::IQ4NL, BlockFormat::Q4_1, BlockFormat::Q5_1] {
+        let file = dir.path().join(format!("tiny-{}.gguf", format.name()));
+        let storage = GgufStorage::Blocks(format);
+        ferry_engine::synth_gguf::synthesize_gguf(&spec, storage, 7, &file, false, |_, _| {}).unwrap();
+        every_plan_agrees(dir.path(), &ModelFiles::open(&file).unwrap(), stored_policy);
+    }
 }
 
 /// The same over K-quant files (Q4_K, Q6_K, Q2_K and llama.cpp's Q4_K_M, Q5_K_M and Q3_K_M mixtures,

@@ -137,10 +137,10 @@ fn quantized_products_match_the_reference_decoding_on_every_path() {
     }
 }
 
-/// Q8_0, Q4_0 and Q5_0 encode to the same bytes as llama.cpp's reference quantizers
+/// Q8_0, Q4_0, Q5_0, Q4_1 and Q5_1 encode to the same bytes as llama.cpp's reference quantizers
 /// (the `gguf` package's `quants.quantize`), ties and outliers included.
 #[test]
-fn q8_0_q4_0_and_q5_0_quantize_byte_identically_to_the_gguf_package() {
+fn the_32_value_formats_quantize_byte_identically_to_the_gguf_package() {
     use ferry_engine::kernels::quant::quantize;
     let dir = tempfile::tempdir().unwrap();
     // Signed values with exact halves (ties), zeros, an all-zero block and outliers.
@@ -150,7 +150,7 @@ fn q8_0_q4_0_and_q5_0_quantize_byte_identically_to_the_gguf_package() {
     values[200] = -40.0;
     let input = dir.path().join("values.f32");
     std::fs::write(&input, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
-    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0] {
+    for format in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q4_1, BlockFormat::Q5_1] {
         let output = dir.path().join(format!("{}.bin", format.name()));
         let script =
             "import sys, numpy as np\nfrom gguf import quants\nfrom gguf.constants import GGMLQuantizationType as T\n\

@@ -203,6 +203,8 @@ fn bf16_weights_with_inputs_rounded_to_bf16_match_the_numpy_reference() {
 const Q8_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q8_0);
 const Q4_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q4_0);
 const Q5_0: GgufStorage = GgufStorage::Blocks(BlockFormat::Q5_0);
+const Q4_1: GgufStorage = GgufStorage::Blocks(BlockFormat::Q4_1);
+const Q5_1: GgufStorage = GgufStorage::Blocks(BlockFormat::Q5_1);
 
 #[test]
 fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights() {
@@ -215,6 +217,10 @@ fn gguf_files_quantized_or_not_match_the_numpy_reference_over_their_own_weights(
         (Q8_0, Activations::Q8),
         (Q4_0, Activations::Q8),
         (Q5_0, Activations::Q8),
+        (Q4_1, Activations::F32),
+        (Q5_1, Activations::F32),
+        (Q4_1, Activations::Q8),
+        (Q5_1, Activations::Q8),
     ];
     gguf_files_match(&catalog_model("test-tiny"), &cases);
 }

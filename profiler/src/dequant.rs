@@ -180,7 +180,10 @@ mod tests {
         let options = ProfileOptions { trials: 1, ..ProfileOptions::quick(std::env::temp_dir()) };
         let rates = measure_dequantize(&options, 50e9);
         let names: Vec<&str> = rates.iter().map(|r| r.format.as_str()).collect();
-        assert_eq!(names, ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs"]);
+        assert_eq!(
+            names,
+            ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_1"]
+        );
         for rate in &rates {
             // The file's row order apart wherever runs keep resident weights otherwise.
             let reordered = kernels::resident_order() != BlockOrder::Rows;

@@ -507,7 +507,10 @@ mod tests {
         assert!(profile.device_compute.handoff_ns > 0, "the scheduler's hand-over is measured");
         // Every block format the engine decodes has a measured dequantization rate.
         let formats: Vec<&str> = profile.device_compute.dequantize.iter().map(|d| d.format.as_str()).collect();
-        assert_eq!(formats, ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs"]);
+        assert_eq!(
+            formats,
+            ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_1"]
+        );
         // The kernel table holds the engine's ops at the test-tiny shape, decode and prefill rows.
         let table = &profile.device_compute.table;
         for op in ["attention", "mlp", "head", "embed"] {

@@ -26,7 +26,7 @@ FIXED = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": 
 # step of the format's finest levels, with room for how its scales are stored.
 STEP = {"q8_0": 1 / 127, "q4_0": 1 / 7, "q5_0": 1 / 15, "q4_k": 2 / 15, "q5_k": 2 / 31, "q6_k": 1 / 31,
         # IQ4_NL's grid: its widest gap (24 of 127), with room for a fitted scale.
-        "iq4_nl": 1 / 7}
+        "iq4_nl": 1 / 7, "q4_1": 1 / 7, "q5_1": 1 / 15}
 # llama.cpp's quantizer stores a K-quant's matrices whose rows are not whole 256-value
 # blocks in these types (`llama_tensor_get_type`, src/llama-quant.cpp).
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0", "q2_k": "q4_0", "iq4_xs": "iq4_nl"}

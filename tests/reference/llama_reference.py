@@ -14,7 +14,7 @@ compares its logits with the committed output.
     python3 tests/reference/llama_reference.py /tmp/tiny tests/reference/prompts.json \
         tests/reference/test-tiny-seed11-golden.json
 
-With `--activations q8` after the paths, every product with a Q8_0, Q4_0, Q5_0 or IQ4_NL weight first
+With `--activations q8` after the paths, every product with a Q8_0, Q4_0, Q5_0, IQ4_NL, Q4_1 or Q5_1 weight first
 rounds its input the way llama.cpp does (blocks of 32 values, scale max|x| / 127,
 values rounded to the nearest step, half away from zero; computed in float32 like the
 engine), then multiplies in float64. With `--activations bf16` it does the same, and every
@@ -131,7 +131,7 @@ QUANTIZED_INPUTS = set()
 # Weights stored in bf16, whose products round their input to bf16 (`--activations bf16`).
 BF16_INPUTS = set()
 # The types llama.cpp multiplies by activations in Q8_0 blocks of 32.
-ROUNDED_INPUT_TYPES = ("Q8_0", "Q4_0", "Q5_0", "IQ4_NL")
+ROUNDED_INPUT_TYPES = ("Q8_0", "Q4_0", "Q5_0", "IQ4_NL", "Q4_1", "Q5_1")
 ACTIVATIONS = {"mode": "f32"}
 
 

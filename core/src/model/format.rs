@@ -43,8 +43,8 @@ use crate::gguf::GgmlType;
 
 /// ggml block types a plan may name (the ones the engine decodes, `kernels::quant`).
 /// A GGUF file's other types (IQ2_XS, IQ3_S, …) are planned through `stored`.
-pub const PLANNABLE_BLOCKS: [&str; 10] =
-    ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"];
+pub const PLANNABLE_BLOCKS: [&str; 12] =
+    ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_1"];
 /// FlexGen's default group size for weights.
 pub const DEFAULT_GROUP_SIZE: u32 = 64;
 /// The largest group size accepted (FlexGen uses 64; larger groups lose precision).

@@ -38,13 +38,19 @@ pub enum BlockFormat {
     /// 256 weights in 8 sub-blocks of 32, each with a 6-bit scale offset by 32 under
     /// one f16 scale; IQ4_NL's indices, 16 bytes per sub-block.
     IQ4XS,
+    /// 32 weights: an f16 scale `d`, an f16 minimum `m` and 32 4-bit values, each
+    /// `d·q + m`. Older files' format; llama.cpp's quantizer keeps it for some tensors.
+    Q4_1,
+    /// Q4_1 with 5-bit values, their fifth bits in a u32 as Q5_0's: llama.cpp's
+    /// fallback for a Q5_K matrix whose rows are not whole 256-value blocks.
+    Q5_1,
 }
 
 /// The 16 values IQ4_NL's and IQ4_XS's 4-bit indices name (ggml's `kvalues_iq4nl`).
 pub const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 10] = [
+    pub const ALL: [BlockFormat; 12] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q5_0,
@@ -55,6 +61,8 @@ impl BlockFormat {
         BlockFormat::Q2K,
         BlockFormat::IQ4NL,
         BlockFormat::IQ4XS,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_1,
     ];
 
     /// ggml's name (`Q4_K`), as `GgmlType::name` has it.
@@ -70,6 +78,8 @@ impl BlockFormat {
             BlockFormat::Q2K => "Q2_K",
             BlockFormat::IQ4NL => "IQ4_NL",
             BlockFormat::IQ4XS => "IQ4_XS",
+            BlockFormat::Q4_1 => "Q4_1",
+            BlockFormat::Q5_1 => "Q5_1",
         }
     }
 
@@ -104,6 +114,8 @@ impl BlockFormat {
             BlockFormat::Q2K => (256, 84),
             BlockFormat::IQ4NL => (32, 18),
             BlockFormat::IQ4XS => (256, 136),
+            BlockFormat::Q4_1 => (32, 20),
+            BlockFormat::Q5_1 => (32, 24),
         }
     }
 }
@@ -145,6 +157,8 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
         BlockFormat::Q2K => q2_k(block, y),
         BlockFormat::IQ4NL => iq4_nl(block, y),
         BlockFormat::IQ4XS => iq4_xs(block, y),
+        BlockFormat::Q4_1 => q4_1(block, y),
+        BlockFormat::Q5_1 => q5_1(block, y),
     }
 }
 
@@ -184,6 +198,27 @@ fn q5_0(block: &[u8], y: &mut [f32]) {
         let high = (q >> 4) as u32 | ((qh >> (j + 12)) & 0x10);
         y[j] = d * (low as i32 - 16) as f32;
         y[j + 16] = d * (high as i32 - 16) as f32;
+    }
+}
+
+#[inline(always)]
+fn q4_1(block: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+    for (l, &q) in block[4..20].iter().enumerate() {
+        y[l] = (q & 0x0F) as f32 * d + m;
+        y[l + 16] = (q >> 4) as f32 * d + m;
+    }
+}
+
+#[inline(always)]
+fn q5_1(block: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+    let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+    for (j, &q) in block[8..24].iter().enumerate() {
+        let low = (q & 0x0F) as u32 | ((qh >> j) << 4 & 0x10);
+        let high = (q >> 4) as u32 | ((qh >> (j + 12)) & 0x10);
+        y[j] = low as f32 * d + m;
+        y[j + 16] = high as f32 * d + m;
     }
 }
 
@@ -383,7 +418,7 @@ pub fn sample_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
 pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
     match format {
         BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::IQ4NL | BlockFormat::IQ4XS => &[0],
-        BlockFormat::Q4K | BlockFormat::Q5K => &[0, 2],
+        BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q4_1 | BlockFormat::Q5_1 => &[0, 2],
         BlockFormat::Q6K => &[208],
         BlockFormat::Q3K => &[108],
         BlockFormat::Q2K => &[80, 82],

@@ -1,5 +1,5 @@
 //! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K,
-//! IQ4_NL and IQ4_XS),
+//! IQ4_NL, IQ4_XS, Q4_1 and Q5_1),
 //! multiplied straight from the stored blocks: no float copy of a tensor is made.
 //!
 //! For few rows (decoding) each block is decoded and multiplied into every row of `x`
@@ -8,14 +8,14 @@
 //! the order of additions. The path follows `simd_path()` like the float kernels:
 //! AVX2 (with FMA and F16C) and AVX-512 kernels per format (`x86` for Q8_0 and Q4_0,
 //! `k_quants` for Q4_K, Q5_K and Q6_K; `x86` also for Q5_0, llama.cpp's fallback for a
-//! K-quant's matrices of other widths; Q3_K, Q2_K, IQ4_NL and IQ4_XS take the portable
-//! body compiled for AVX2) decode a block straight into vectors; every
+//! K-quant's matrices of other widths; Q3_K, Q2_K, IQ4_NL, IQ4_XS, Q4_1 and Q5_1 take
+//! the portable body compiled for AVX2) decode a block straight into vectors; every
 //! format off x86 takes the portable body, which decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic
 //! dominates. With 8-bit activations (`q8`, the cpu backend's default) every format
 //! skips all of this at every row count: its products are integer sums (`q8` for
-//! Q8_0, Q4_0, Q5_0, IQ4_NL and IQ4_XS, `q8::k_quants` for the K-quants).
+//! the 32-value formats and IQ4_XS, `q8::k_quants` for the K-quants).
 
 use rayon::prelude::*;
 
@@ -224,9 +224,12 @@ fn row_dots(
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                     x86::small_blocks_avx512(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q3K | BlockFormat::Q2K | BlockFormat::IQ4NL | BlockFormat::IQ4XS => {
-                    portable_avx2(format, row, x, m, k, dots)
-                }
+                BlockFormat::Q3K
+                | BlockFormat::Q2K
+                | BlockFormat::IQ4NL
+                | BlockFormat::IQ4XS
+                | BlockFormat::Q4_1
+                | BlockFormat::Q5_1 => portable_avx2(format, row, x, m, k, dots),
                 _ if k_quants::avx512_present() => k_quants::k_blocks_avx512(format, row, x, m, k, dots),
                 _ => k_quants::k_blocks(format, row, x, m, k, dots),
             }
@@ -240,9 +243,12 @@ fn row_dots(
                 BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
                     k_quants::k_blocks(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q3K | BlockFormat::Q2K | BlockFormat::IQ4NL | BlockFormat::IQ4XS => {
-                    portable_avx2(format, row, x, m, k, dots)
-                }
+                BlockFormat::Q3K
+                | BlockFormat::Q2K
+                | BlockFormat::IQ4NL
+                | BlockFormat::IQ4XS
+                | BlockFormat::Q4_1
+                | BlockFormat::Q5_1 => portable_avx2(format, row, x, m, k, dots),
             }
         },
         _ => by_format(format, row, x, m, k, dots),
@@ -263,11 +269,14 @@ fn by_format(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dot
         BlockFormat::Q2K => row_body(BlockFormat::Q2K, row, x, m, k, dots),
         BlockFormat::IQ4NL => row_body(BlockFormat::IQ4NL, row, x, m, k, dots),
         BlockFormat::IQ4XS => row_body(BlockFormat::IQ4XS, row, x, m, k, dots),
+        BlockFormat::Q4_1 => row_body(BlockFormat::Q4_1, row, x, m, k, dots),
+        BlockFormat::Q5_1 => row_body(BlockFormat::Q5_1, row, x, m, k, dots),
     }
 }
 
 /// The portable body compiled for AVX2 and FMA, for the formats without a kernel of
-/// their own for f32 x (Q3_K, Q2_K, IQ4_NL, IQ4_XS; 8-bit x, the default, has one):
+/// their own for f32 x (Q3_K, Q2_K, IQ4_NL, IQ4_XS, Q4_1, Q5_1; 8-bit x, the default,
+/// has one):
 /// their unpacking and the sums vectorise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -276,6 +285,8 @@ unsafe fn portable_avx2(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k:
         BlockFormat::Q3K => row_body(BlockFormat::Q3K, row, x, m, k, dots),
         BlockFormat::Q2K => row_body(BlockFormat::Q2K, row, x, m, k, dots),
         BlockFormat::IQ4NL => row_body(BlockFormat::IQ4NL, row, x, m, k, dots),
+        BlockFormat::Q4_1 => row_body(BlockFormat::Q4_1, row, x, m, k, dots),
+        BlockFormat::Q5_1 => row_body(BlockFormat::Q5_1, row, x, m, k, dots),
         _ => row_body(BlockFormat::IQ4XS, row, x, m, k, dots),
     }
 }

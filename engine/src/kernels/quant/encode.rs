@@ -1,13 +1,13 @@
 //! Encoders for each block format: llama.cpp's reference quantizers where Ferry follows
-//! them bit for bit (Q8_0, Q4_0, Q5_0), plain min/max fits for the K-quants, a scale
+//! them bit for bit (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1), plain min/max fits for the K-quants, a scale
 //! from the extreme value or a least-squares fit for IQ4_NL and IQ4_XS. Synth and
 //! the tests write files with them; the engine only decodes.
 
 use super::{BlockFormat, IQ4_VALUES};
 
-/// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0 and
-/// Q5_0 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
-/// `quantize_row_q4_0_ref`, `quantize_row_q5_0_ref`) operation for operation, so their bytes equal llama.cpp's
+/// Encodes `values` (whole blocks) in `format`, appending to `out`. Q8_0, Q4_0, Q5_0,
+/// Q4_1 and Q5_1 follow llama.cpp's reference quantizers (`quantize_row_q8_0_ref`,
+/// `quantize_row_q4_0_ref`, …) operation for operation, so their bytes equal llama.cpp's
 /// (tested against the `gguf` package). The K-quants use a plain min/max fit per
 /// sub-block, not llama.cpp's iterative search for the scales: valid blocks any
 /// reader decodes, with somewhat larger rounding error than llama.cpp's own files.
@@ -29,6 +29,8 @@ pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
             BlockFormat::Q2K => quantize_q2_k(x, block),
             BlockFormat::IQ4NL => quantize_iq4_nl(x, block),
             BlockFormat::IQ4XS => quantize_iq4_xs(x, block),
+            BlockFormat::Q4_1 => quantize_q4_1(x, block),
+            BlockFormat::Q5_1 => quantize_q5_1(x, block),
         }
     }
 }
@@ -153,6 +155,40 @@ fn quantize_iq4_xs(x: &[f32], block: &mut [u8]) {
         iq4_pack(x, d * l as f32, &mut block[8 + 16 * j..][..16]);
     }
     block[2..4].copy_from_slice(&high.to_le_bytes());
+}
+
+/// A block's minimum and step for `levels` steps, stored (as llama.cpp's
+/// `quantize_row_q4_1_ref` and `quantize_row_q5_1_ref` compute them), and the
+/// inverse step the values are scaled by.
+fn min_and_step(x: &[f32], levels: f32, block: &mut [u8]) -> (f32, f32) {
+    let (min, max) =
+        x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
+    let d = (max - min) / levels;
+    put_f16(block, 0, d);
+    put_f16(block, 2, min);
+    (min, inverse(d))
+}
+
+fn quantize_q4_1(x: &[f32], block: &mut [u8]) {
+    let (min, id) = min_and_step(x, 15.0, block);
+    for j in 0..16 {
+        let low = (((x[j] - min) * id + 0.5) as i8).min(15) as u8;
+        let high = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
+        block[4 + j] = low | (high << 4);
+    }
+}
+
+fn quantize_q5_1(x: &[f32], block: &mut [u8]) {
+    let (min, id) = min_and_step(x, 31.0, block);
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let low = ((x[j] - min) * id + 0.5) as u8;
+        let high = ((x[j + 16] - min) * id + 0.5) as u8;
+        block[8 + j] = (low & 0x0F) | ((high & 0x0F) << 4);
+        qh |= (((low & 0x10) >> 4) as u32) << j;
+        qh |= (((high & 0x10) >> 4) as u32) << (j + 16);
+    }
+    block[4..8].copy_from_slice(&qh.to_le_bytes());
 }
 
 /// Rounds `value / step` to an integer in `0..=max` (0 where the step is 0).
@@ -362,6 +398,9 @@ mod tests {
                 BlockFormat::Q2K => (16, 3.0),
                 // The grid's widest gap, 24 of 127 (113 − 89), as the step.
                 BlockFormat::IQ4NL | BlockFormat::IQ4XS => (32, 2.0 * 127.0 / 24.0),
+                // The range is max − min, at most twice the largest magnitude.
+                BlockFormat::Q4_1 => (32, 15.0),
+                BlockFormat::Q5_1 => (32, 31.0),
             };
             // Q3_K's 6-bit and Q2_K's 4-bit sub-block scales are whole multiples of the
             // super-block's `d`, rounded up: a sub-block's step may exceed its own by up

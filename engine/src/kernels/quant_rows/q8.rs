@@ -436,11 +436,17 @@ fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: us
     let mut sums = [0.0f32; MAX_ROWS];
     for b in 0..blocks {
         let (w, d) = decode_block(format, row, b);
+        let at = b * format.block().1 + 2;
+        let min = has_min(format).then(|| half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32());
         for (i, sum) in sums[..rows].iter_mut().enumerate() {
             let xs = &x.quants[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
             let dot: i32 = w.iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();
             // The operations of a lane of the eight-row kernel, in its order.
-            *sum = (dot as f32).mul_add(d * x.scales[i * blocks + b], *sum);
+            let d_x = x.scales[i * blocks + b];
+            *sum = (dot as f32).mul_add(d * d_x, *sum);
+            if let Some(min) = min {
+                *sum = min.mul_add(d_x * x.sums[i * blocks + b] as f32, *sum);
+            }
         }
     }
     dots[..rows].copy_from_slice(&sums[..rows]);
@@ -454,7 +460,14 @@ fn per_block(format: BlockFormat) -> bool {
     format.block().0 == BLOCK || format == BlockFormat::IQ4XS
 }
 
-/// Block `b` (of 32 weights) of a row as 32 signed integers and its scale.
+/// Whether `format`'s blocks carry a minimum added to every value (Q4_1, Q5_1): their
+/// products add `m · d_x · Σx` after the integer sum's `d · d_x · Σ q·x`.
+pub(super) fn has_min(format: BlockFormat) -> bool {
+    matches!(format, BlockFormat::Q4_1 | BlockFormat::Q5_1)
+}
+
+/// Block `b` (of 32 weights) of a row as 32 signed integers and its scale (Q4_1's
+/// and Q5_1's values as they are, their minimum apart).
 fn decode_block(format: BlockFormat, row: &[u8], b: usize) -> ([i8; BLOCK], f32) {
     let f16_at = |at: usize| half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
     let mut q = [0i8; BLOCK];
@@ -478,6 +491,18 @@ fn decode_block(format: BlockFormat, row: &[u8], b: usize) -> ([i8; BLOCK], f32)
             for (j, &byte) in block[2..18].iter().enumerate() {
                 q[j] = (byte & 0x0F) as i8 - 8;
                 q[j + 16] = (byte >> 4) as i8 - 8;
+            }
+        }
+        BlockFormat::Q4_1 => {
+            for (j, &byte) in block[4..20].iter().enumerate() {
+                (q[j], q[j + 16]) = ((byte & 0x0F) as i8, (byte >> 4) as i8);
+            }
+        }
+        BlockFormat::Q5_1 => {
+            let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+            for (j, &byte) in block[8..24].iter().enumerate() {
+                q[j] = ((byte & 0x0F) as u32 | ((qh >> j) << 4 & 0x10)) as i8;
+                q[j + 16] = ((byte >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i8;
             }
         }
         BlockFormat::Q5_0 => {

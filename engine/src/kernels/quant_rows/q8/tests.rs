@@ -3,7 +3,7 @@ use crate::kernels::quant::dequantize;
 use crate::kernels::quant_rows::tests::random_blocks;
 use crate::synth::SplitMix64;
 
-const FORMATS: [BlockFormat; 10] = BlockFormat::ALL;
+const FORMATS: [BlockFormat; 12] = BlockFormat::ALL;
 
 /// Blocks of `format` in `weights` weights.
 fn blocks(format: BlockFormat, weights: usize) -> usize {
@@ -284,7 +284,8 @@ fn a_block_rounds_like_roundf_halves_included() {
 /// Q4_K nibbles 15 or 0, Q5_K values 31, Q8_0 −128 or 127, Q6_K q − 32 = −32 or 31,
 /// sub-block scales at 63 (Q4_K, Q5_K) and −128 or 127 (Q6_K); Q3_K values 3 under
 /// scales 31 (fill 0xFF) or −4 under −32 (0x00), Q2_K values 3, scales and minimums 15,
-/// IQ4_NL and IQ4_XS values −127 (fill 0x00; IQ4_XS's scales −32) or 113 (0xFF; 31).
+/// IQ4_NL and IQ4_XS values −127 (fill 0x00; IQ4_XS's scales −32) or 113 (0xFF; 31),
+/// Q4_1 values 15 and Q5_1 31 (0xFF) over a minimum of 1.
 fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) -> Vec<u8> {
     let one = half::f16::from_f32(1.0).to_le_bytes();
     let block_bytes = format.block().1;
@@ -294,7 +295,7 @@ fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) ->
             BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::IQ4NL | BlockFormat::IQ4XS => {
                 block[..2].copy_from_slice(&one)
             }
-            BlockFormat::Q4K | BlockFormat::Q5K => {
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q4_1 | BlockFormat::Q5_1 => {
                 block[..2].copy_from_slice(&one);
                 block[2..4].copy_from_slice(&one);
             }
@@ -318,7 +319,7 @@ fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) ->
 #[test]
 fn the_largest_byte_sums_do_not_saturate() {
     let (rows, k) = (8, 256);
-    let cases: [(BlockFormat, u8, u8); 16] = [
+    let cases: [(BlockFormat, u8, u8); 18] = [
         (BlockFormat::Q4_0, 0xFF, 0),
         (BlockFormat::Q4_0, 0x00, 0),
         (BlockFormat::Q8_0, 0x80, 0),
@@ -335,6 +336,8 @@ fn the_largest_byte_sums_do_not_saturate() {
         (BlockFormat::IQ4NL, 0xFF, 0),
         (BlockFormat::IQ4XS, 0x00, 0),
         (BlockFormat::IQ4XS, 0xFF, 0),
+        (BlockFormat::Q4_1, 0xFF, 0),
+        (BlockFormat::Q5_1, 0xFF, 0),
     ];
     for (format, fill, sub_scale) in cases {
         let w = extreme_blocks(format, blocks(format, rows * k), fill, sub_scale);

@@ -35,6 +35,11 @@ const KIND_Q5_0: u8 = 2;
 /// super-block's times the sub-block's 6-bit scale.
 pub(super) const KIND_IQ4_NL: u8 = 3;
 pub(super) const KIND_IQ4_XS: u8 = 4;
+/// Q4_1's nibbles multiply unsigned as Q4_0's (no offset); Q5_1's 5-bit values as
+/// signed bytes (0–31: a pair of them by x would pass 2¹⁵ in the 16-bit sums of
+/// `column_sums`); both blocks' minimum times x's sum added after (`has_min`).
+pub(super) const KIND_Q4_1: u8 = 5;
+const KIND_Q5_1: u8 = 6;
 /// A kind's values taken as w + 128 (unsigned, 1–241) with 128·Σx off after: for
 /// VNNI's byte products only, which sum four products into 32 bits with no 16-bit
 /// step to saturate (`maddubs` pairs would), and save the signed path's signs.
@@ -49,7 +54,12 @@ pub(super) const fn base(kind: u8) -> u8 {
 
 /// Whether a kind's values multiply x unsigned (Q4_0's nibbles, offset kinds).
 pub(super) const fn unsigned(kind: u8) -> bool {
-    kind == KIND_Q4_0 || kind & OFFSET != 0
+    kind == KIND_Q4_0 || kind == KIND_Q4_1 || kind & OFFSET != 0
+}
+
+/// Whether a kind's blocks carry a minimum (Q4_1, Q5_1: `q8::has_min`).
+pub(super) const fn has_min(kind: u8) -> bool {
+    kind == KIND_Q4_1 || kind == KIND_Q5_1
 }
 
 /// What a kind's integer sums carry times Σx: Q4_0's 8, an offset kind's 128.
@@ -96,6 +106,8 @@ unsafe fn eight_rows_in<const VNNI: bool>(
         match format {
             BlockFormat::Q4_0 => with_rows!(rows, eight_m::<_, KIND_Q4_0, VNNI>(weights, strides, x, k, dots)),
             BlockFormat::Q5_0 => with_rows!(rows, eight_m::<_, KIND_Q5_0, VNNI>(weights, strides, x, k, dots)),
+            BlockFormat::Q4_1 => with_rows!(rows, eight_m::<_, KIND_Q4_1, VNNI>(weights, strides, x, k, dots)),
+            BlockFormat::Q5_1 => with_rows!(rows, eight_m::<_, KIND_Q5_1, VNNI>(weights, strides, x, k, dots)),
             BlockFormat::IQ4NL if VNNI => {
                 with_rows!(rows, eight_m::<_, KIND_IQ4_NL_OFFSET, VNNI>(weights, strides, x, k, dots))
             }
@@ -111,12 +123,13 @@ unsafe fn eight_rows_in<const VNNI: bool>(
 
 /// Eight rows' block, ready to multiply: their values (by row, or with `COLUMNS`
 /// transposed by 4-byte groups for `column_sums`), the values' magnitudes (Q8_0
-/// multiplies |w| by x with w's sign) and the eight scales.
+/// multiplies |w| by x with w's sign), the eight scales and (Q4_1, Q5_1) minimums.
 #[derive(Clone, Copy)]
 pub(super) struct EightBlocks {
     values: [__m256i; 8],
     magnitudes: [__m256i; 8],
     scales: __m256,
+    mins: __m256,
 }
 
 /// Block `b` of the eight rows at `weights` as `EightBlocks`.
@@ -146,7 +159,8 @@ unsafe fn eight_blocks<const KIND: u8, const COLUMNS: bool>(weights: &[u8], stri
         }
         let scales =
             if base(KIND) == KIND_IQ4_XS { iq4_xs_scales(weights, strides, b) } else { scales_of(weights, strides, b) };
-        EightBlocks { values, magnitudes, scales }
+        let mins = if has_min(KIND) { f16_scales(at, 2) } else { _mm256_setzero_ps() };
+        EightBlocks { values, magnitudes, scales, mins }
     }
 }
 
@@ -170,6 +184,8 @@ pub(super) unsafe fn transpose_set(
             set.push(match format {
                 BlockFormat::Q4_0 => eight_blocks::<KIND_Q4_0, true>(weights, strides, b),
                 BlockFormat::Q5_0 => eight_blocks::<KIND_Q5_0, true>(weights, strides, b),
+                BlockFormat::Q4_1 => eight_blocks::<KIND_Q4_1, true>(weights, strides, b),
+                BlockFormat::Q5_1 => eight_blocks::<KIND_Q5_1, true>(weights, strides, b),
                 BlockFormat::IQ4NL if vnni => eight_blocks::<KIND_IQ4_NL_OFFSET, true>(weights, strides, b),
                 BlockFormat::IQ4XS if vnni => eight_blocks::<KIND_IQ4_XS_OFFSET, true>(weights, strides, b),
                 BlockFormat::IQ4NL => eight_blocks::<KIND_IQ4_NL, true>(weights, strides, b),
@@ -207,6 +223,8 @@ unsafe fn from_columns_in<const VNNI: bool>(
         match format {
             BlockFormat::Q4_0 => with_rows!(rows, columns::<_, KIND_Q4_0, VNNI>(set, x, k, dots)),
             BlockFormat::Q5_0 => with_rows!(rows, columns::<_, KIND_Q5_0, VNNI>(set, x, k, dots)),
+            BlockFormat::Q4_1 => with_rows!(rows, columns::<_, KIND_Q4_1, VNNI>(set, x, k, dots)),
+            BlockFormat::Q5_1 => with_rows!(rows, columns::<_, KIND_Q5_1, VNNI>(set, x, k, dots)),
             BlockFormat::IQ4NL if VNNI => with_rows!(rows, columns::<_, KIND_IQ4_NL_OFFSET, VNNI>(set, x, k, dots)),
             BlockFormat::IQ4XS if VNNI => with_rows!(rows, columns::<_, KIND_IQ4_XS_OFFSET, VNNI>(set, x, k, dots)),
             BlockFormat::IQ4NL => with_rows!(rows, columns::<_, KIND_IQ4_NL, VNNI>(set, x, k, dots)),
@@ -228,6 +246,12 @@ unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
         };
         match KIND {
             KIND_Q4_0 => nibbles(2),
+            KIND_Q4_1 => nibbles(4),
+            KIND_Q5_1 => {
+                // Q5_0's fifth bits (here at bytes 4..8), set as 0x10 over the nibble.
+                let set = fifth_bits(block.add(4));
+                _mm256_or_si256(nibbles(8), _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+            }
             _ if base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS => {
                 let mut table = _mm256_broadcastsi128_si256(_mm_loadu_si128(IQ4_VALUES.as_ptr().cast()));
                 if KIND & OFFSET != 0 {
@@ -236,21 +260,29 @@ unsafe fn block_values<const KIND: u8>(block: *const u8) -> __m256i {
                 _mm256_shuffle_epi8(table, nibbles(2))
             }
             KIND_Q5_0 => {
-                // Byte j of a mask is 0xFF where bit j of the block's u32 is set: the
-                // u32 broadcast, byte j taken from the byte holding bit j, and tested
-                // against bit j % 8 of it.
-                let bits = _mm256_set1_epi32(block.add(2).cast::<i32>().read_unaligned());
-                let spread = _mm256_shuffle_epi8(
-                    bits,
-                    _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
-                );
-                let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
                 // A nibble without its fifth bit is nibble − 16: the byte 0xF0 | nibble.
+                let set = fifth_bits(block.add(2));
                 _mm256_or_si256(nibbles(6), _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)))
             }
             _ => _mm256_loadu_si256(block.add(2).cast()),
         }
+    }
+}
+
+/// The u32 of fifth bits at `bits` (Q5_0's, Q5_1's) as a mask: byte j 0xFF where bit
+/// j is set — the u32 broadcast, byte j taken from the byte holding bit j, and tested
+/// against bit j % 8 of it.
+#[inline(always)]
+unsafe fn fifth_bits(bits: *const u8) -> __m256i {
+    // SAFETY: `bits` holds 4 bytes; AVX2 is present where this is inlined.
+    unsafe {
+        let bits = _mm256_set1_epi32(bits.cast::<i32>().read_unaligned());
+        let spread = _mm256_shuffle_epi8(
+            bits,
+            _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
     }
 }
 
@@ -381,7 +413,9 @@ unsafe fn eight_m<const M: usize, const KIND: u8, const VNNI: bool>(
     unsafe {
         if M >= 3 {
             eight::<M, KIND, true, VNNI>(weights, strides, x, k, dots)
-        } else if M == 1 && (KIND == KIND_Q4_0 || base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS) {
+        } else if M == 1
+            && (KIND == KIND_Q4_0 || KIND == KIND_Q4_1 || base(KIND) == KIND_IQ4_NL || base(KIND) == KIND_IQ4_XS)
+        {
             one_row::one_row::<KIND, VNNI>(weights, strides, x, k, dots)
         } else {
             eight::<M, KIND, false, VNNI>(weights, strides, x, k, dots)
@@ -471,8 +505,13 @@ unsafe fn accumulate<const KIND: u8, const COLUMNS: bool, const VNNI: bool>(
             let taken = offset(KIND) * *x.sums.get_unchecked(i * blocks + b);
             total = _mm256_sub_epi32(total, _mm256_set1_epi32(taken));
         }
-        let scale = _mm256_mul_ps(block.scales, _mm256_set1_ps(*x.scales.get_unchecked(i * blocks + b)));
+        let d_x = *x.scales.get_unchecked(i * blocks + b);
+        let scale = _mm256_mul_ps(block.scales, _mm256_set1_ps(d_x));
         *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, *sum);
+        if has_min(KIND) {
+            let scaled_sum = d_x * *x.sums.get_unchecked(i * blocks + b) as f32;
+            *sum = _mm256_fmadd_ps(block.mins, _mm256_set1_ps(scaled_sum), *sum);
+        }
     }
 }
 
@@ -530,7 +569,7 @@ unsafe fn column_sums<const KIND: u8, const VNNI: bool>(
             }
             return total;
         }
-        if KIND == KIND_Q4_0 {
+        if KIND == KIND_Q4_0 || KIND == KIND_Q4_1 {
             let mut pairs = _mm256_setzero_si256();
             for (g, &v) in v.iter().enumerate() {
                 pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, group(g)));

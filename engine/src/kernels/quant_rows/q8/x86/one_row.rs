@@ -1,4 +1,4 @@
-//! `eight` for one row of x (batch-1 decoding) over Q4_0, IQ4_NL and IQ4_XS, two weight
+//! `eight` for one row of x (batch-1 decoding) over Q4_0, Q4_1, IQ4_NL and IQ4_XS, two weight
 //! rows to a vector: rows p and p + 4's 16 bytes of nibbles side by side, whose low
 //! nibbles multiply x's first 16 values and high nibbles its last 16 (x's halves
 //! broadcast to both 128-bit lanes), so no nibble is moved across lanes and the eight
@@ -8,8 +8,9 @@
 //! row order (a decoding step 0.91–1.02× in pairs), and 1.02–1.07× once they came
 //! interleaved (five pairs, all faster).
 //!
-//! Q4_0's nibbles multiply as they are (8·Σx off after; a nibble times x is at most
-//! 15·127, two pairs' sum 7 620: 16 bits hold it). IQ4_NL's and IQ4_XS's are looked up
+//! Q4_0's and Q4_1's nibbles multiply as they are (Q4_0's 8·Σx off after, Q4_1's
+//! minimum times x's sum added; a nibble times x is at most 15·127, two pairs' sum
+//! 7 620: 16 bits hold it). IQ4_NL's and IQ4_XS's are looked up
 //! in both lanes at once: with VNNI as w + 128 (an offset kind; 128·Σx off after: four
 //! products summed into 32 bits, nothing to saturate), else as |w| times x with w's
 //! sign (at most 127·127, a pair below 2¹⁵), the two halves widened apart. The
@@ -21,8 +22,8 @@ use std::arch::x86_64::*;
 use super::iq4::{headers, iq4_xs_block_at, sub_block_scales, Headers, SUB_BLOCKS};
 use super::lanes::{byte_sums, pair_sums, reduce_paired};
 use super::{
-    base, block_at, broadcast_halves, fetch_ahead, offset, paired_nibbles, prefetch_next_rows, scales_of, store,
-    unsigned, KIND_IQ4_XS, KIND_Q4_0, OFFSET,
+    base, block_at, broadcast_halves, f16_scales, fetch_ahead, has_min, offset, paired_nibbles, prefetch_next_rows,
+    scales_of, store, unsigned, KIND_IQ4_XS, KIND_Q4_0, KIND_Q4_1, OFFSET,
 };
 use super::{QuantizedX, Strides, BLOCK, MAX_ROWS};
 use crate::kernels::quant::IQ4_VALUES;
@@ -44,6 +45,8 @@ pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
         if KIND & OFFSET != 0 {
             values = _mm256_add_epi8(values, _mm256_set1_epi8(-128));
         }
+        // Q4_1's nibbles follow its scale and minimum.
+        let values_at = if KIND == KIND_Q4_1 { 4 } else { 2 };
         let mut acc = _mm256_setzero_ps();
         let ahead = fetch_ahead(strides, 1);
         let mut super_block =
@@ -61,8 +64,8 @@ pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
             // Lanes 0–3 of `sums[p]`: row p's 32-bit sums, lanes 4–7 row p + 4's.
             let mut sums = [_mm256_setzero_si256(); 4];
             for (p, sum) in sums.iter_mut().enumerate() {
-                let (mut low, mut high) = paired_nibbles(at(p).add(2), at(p + 4).add(2), nibble);
-                if KIND != KIND_Q4_0 {
+                let (mut low, mut high) = paired_nibbles(at(p).add(values_at), at(p + 4).add(values_at), nibble);
+                if KIND != KIND_Q4_0 && KIND != KIND_Q4_1 {
                     (low, high) = (_mm256_shuffle_epi8(values, low), _mm256_shuffle_epi8(values, high));
                 }
                 *sum = if unsigned(KIND) {
@@ -85,8 +88,13 @@ pub(super) unsafe fn one_row<const KIND: u8, const VNNI: bool>(
             } else {
                 scales_of(weights, strides, b)
             };
-            let scale = _mm256_mul_ps(weight_scales, _mm256_set1_ps(*x.scales.get_unchecked(b)));
+            let d_x = *x.scales.get_unchecked(b);
+            let scale = _mm256_mul_ps(weight_scales, _mm256_set1_ps(d_x));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), scale, acc);
+            if has_min(KIND) {
+                let mins = f16_scales(at, 2);
+                acc = _mm256_fmadd_ps(mins, _mm256_set1_ps(d_x * *x.sums.get_unchecked(b) as f32), acc);
+            }
         }
         store([acc], dots);
     }
