@@ -55,6 +55,10 @@ CASES = [
     ("test-tiny", "q5_1"),
     ("test-tiny", "q5_k"),
     ("test-tiny", "q3_k_m"),
+    # Qwen2.5-0.5B's shape (rows of 896 values: Q5_1, Q5_0 and Q8_0 fallbacks; the
+    # embedding table tied to the head, Q8_0 as llama.cpp stores it).
+    ("qwen2.5-0.5b", "q5_k_m"),
+    ("qwen2.5-0.5b", "q4_k_m"),
 ]
 # Rotary scalings: test-tiny with a scaled config.json, written as GGUF by Ferry
 # (Llama 3.1's as a `rope_freqs` tensor, linear in the metadata), against llama.cpp

@@ -327,11 +327,11 @@ pub fn synthesize_gguf(
     let mut tensors = Vec::with_capacity(list.len());
     for FileTensor { name, shape, .. } in &list {
         let matrix = shape.len() >= 2 && !name.contains("ffn_gate_inp");
-        let kind = if matrix {
-            storage.ggml_name(name, model.num_layers, model.num_heads / model.num_kv_heads.max(1))
-        } else {
-            "F32"
-        };
+        // A tied embedding table is the head too: llama.cpp's quantizer gives it the
+        // head's type.
+        let role = if model.tie_word_embeddings && name == "token_embd.weight" { "output.weight" } else { name };
+        let gqa = model.num_heads / model.num_kv_heads.max(1);
+        let kind = if matrix { storage.ggml_name(role, model.num_layers, gqa) } else { "F32" };
         let cols = *shape.last().unwrap_or(&0);
         // Rows a K-quant's blocks do not divide take llama.cpp's quantizer's fallback.
         let asked = ggml_type(kind)?;
