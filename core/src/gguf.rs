@@ -39,8 +39,10 @@ pub struct GgmlType {
     pub block_bytes: u64,
 }
 
-/// ggml's tensor types Ferry knows the layout of (id, name, elements, bytes per block).
-const TYPES: [(u32, &str, u64, u64); 22] = [
+/// ggml's tensor types Ferry knows the layout of (id, name, elements, bytes per block):
+/// a file holding any of them is read and planned at its real bytes (`stored`); the
+/// engine runs those `kernels::quant` decodes and refuses the others by name.
+const TYPES: [(u32, &str, u64, u64); 31] = [
     (0, "F32", 1, 4),
     (1, "F16", 1, 2),
     (2, "Q4_0", 32, 18),
@@ -55,14 +57,23 @@ const TYPES: [(u32, &str, u64, u64); 22] = [
     (13, "Q5_K", 256, 176),
     (14, "Q6_K", 256, 210),
     (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66),
+    (17, "IQ2_XS", 256, 74),
+    (18, "IQ3_XXS", 256, 98),
+    (19, "IQ1_S", 256, 50),
     (20, "IQ4_NL", 32, 18),
+    (21, "IQ3_S", 256, 110),
+    (22, "IQ2_S", 256, 82),
     (23, "IQ4_XS", 256, 136),
     (24, "I8", 1, 1),
     (25, "I16", 1, 2),
     (26, "I32", 1, 4),
     (27, "I64", 1, 8),
     (28, "F64", 1, 8),
+    (29, "IQ1_M", 256, 56),
     (30, "BF16", 1, 2),
+    (34, "TQ1_0", 256, 54),
+    (35, "TQ2_0", 256, 66),
 ];
 
 impl GgmlType {

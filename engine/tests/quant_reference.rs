@@ -172,3 +172,30 @@ fn the_32_value_formats_quantize_byte_identically_to_the_gguf_package() {
         assert_eq!(first_difference, None, "{}: bytes differ", format.name());
     }
 }
+
+/// Every ggml type Ferry reads has the block layout llama.cpp's `gguf` package gives it
+/// (`GGML_QUANT_SIZES`: values and bytes per block), under the same id and name.
+#[test]
+fn every_ggml_type_ferry_reads_has_the_gguf_packages_block_layout() {
+    let script = "import sys\nfrom gguf.constants import GGMLQuantizationType as T, GGML_QUANT_SIZES as S\n\
+                  for line in sys.stdin:\n    i, name = line.split()\n    t = T(int(i))\n\
+                  \x20   print(t.name, *S[t])\n";
+    let types: Vec<_> = ferry_core::gguf::GgmlType::all().collect();
+    let input: String = types.iter().map(|t| format!("{} {}\n", t.id, t.name)).collect();
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the gguf package (pip install gguf): {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    assert_eq!(lines.len(), types.len());
+    for (t, line) in types.iter().zip(&lines) {
+        assert_eq!(line, &format!("{} {} {}", t.name, t.block_elements, t.block_bytes), "ggml type {}", t.id);
+    }
+}
