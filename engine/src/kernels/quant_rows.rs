@@ -224,14 +224,13 @@ fn row_dots(
                 BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 => {
                     x86::small_blocks_avx512(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q3K
-                | BlockFormat::Q2K
-                | BlockFormat::IQ4NL
-                | BlockFormat::IQ4XS
-                | BlockFormat::Q4_1
-                | BlockFormat::Q5_1 => portable_avx2(format, row, x, m, k, dots),
-                _ if k_quants::avx512_present() => k_quants::k_blocks_avx512(format, row, x, m, k, dots),
-                _ => k_quants::k_blocks(format, row, x, m, k, dots),
+                BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K if k_quants::avx512_present() => {
+                    k_quants::k_blocks_avx512(format, row, x, m, k, dots)
+                }
+                BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
+                    k_quants::k_blocks(format, row, x, m, k, dots)
+                }
+                _ => portable_avx2(format, row, x, m, k, dots),
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -243,12 +242,7 @@ fn row_dots(
                 BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => {
                     k_quants::k_blocks(format, row, x, m, k, dots)
                 }
-                BlockFormat::Q3K
-                | BlockFormat::Q2K
-                | BlockFormat::IQ4NL
-                | BlockFormat::IQ4XS
-                | BlockFormat::Q4_1
-                | BlockFormat::Q5_1 => portable_avx2(format, row, x, m, k, dots),
+                _ => portable_avx2(format, row, x, m, k, dots),
             }
         },
         _ => by_format(format, row, x, m, k, dots),
