@@ -122,11 +122,11 @@ fn iq4_scale(x: &[f32]) -> f32 {
         iq4_pack(x, d, &mut packed);
         (0..32).map(|l| IQ4_VALUES[(packed[l % 16] >> (4 * (l / 16)) & 0x0F) as usize] as f32).collect()
     };
-    let error = |d: f32| -> f32 { values(d).iter().zip(x).map(|(q, v)| (d * q - v).powi(2)).sum() };
+    let error = |d: f32, q: &[f32]| -> f32 { q.iter().zip(x).map(|(q, v)| (d * q - v).powi(2)).sum() };
     let q = values(first);
     let squares: f32 = q.iter().map(|q| q * q).sum();
     let fitted = q.iter().zip(x).map(|(q, v)| q * v).sum::<f32>() / squares;
-    if fitted.is_finite() && error(fitted) < error(first) {
+    if fitted.is_finite() && error(fitted, &values(fitted)) < error(first, &q) {
         fitted
     } else {
         first

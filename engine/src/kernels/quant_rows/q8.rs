@@ -436,8 +436,11 @@ fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: us
     let mut sums = [0.0f32; MAX_ROWS];
     for b in 0..blocks {
         let (w, d) = decode_block(format, row, b);
-        let at = b * format.block().1 + 2;
-        let min = has_min(format).then(|| half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32());
+        // Q4_1's and Q5_1's minimum: the f16 after the block's scale.
+        let min = has_min(format).then(|| {
+            let at = b * format.block().1 + 2;
+            half::f16::from_le_bytes([row[at], row[at + 1]]).to_f32()
+        });
         for (i, sum) in sums[..rows].iter_mut().enumerate() {
             let xs = &x.quants[i * k + b * BLOCK..i * k + (b + 1) * BLOCK];
             let dot: i32 = w.iter().zip(xs).map(|(&a, &b)| a as i32 * b as i32).sum();

@@ -36,7 +36,7 @@ pub(super) unsafe fn iq4_xs_block_at(weights: &[u8], strides: Strides, r: usize,
 #[inline(always)]
 unsafe fn iq4_xs_super_block(weights: &[u8], strides: Strides, r: usize, b: usize) -> *const u8 {
     // SAFETY: the caller's super-block lies inside `weights`.
-    unsafe { weights.as_ptr().add(b / 8 * strides.block + r * strides.row) }
+    unsafe { weights.as_ptr().add(b / SUB_BLOCKS * strides.block + r * strides.row) }
 }
 
 /// The eight rows' IQ4_XS headers of the super-block holding block `b`, as vectors:
