@@ -46,9 +46,10 @@ pub enum GgufStorage {
 }
 
 impl GgufStorage {
-    pub const NAMES: [&'static str; 18] = [
+    pub const NAMES: [&'static str; 25] = [
         "f32", "f16", "q8_0", "q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl",
-        "iq4_xs", "q4_k_m", "q5_k_m", "q3_k_m", "iq4_xs_m",
+        "iq4_xs", "q4_k_m", "q5_k_m", "q3_k_m", "iq4_xs_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s",
+        "iq1_m",
     ];
 
     pub fn parse(text: &str) -> Option<GgufStorage> {
@@ -68,6 +69,13 @@ impl GgufStorage {
             "iq4_nl" => GgufStorage::Blocks(BlockFormat::IQ4NL),
             "iq4_xs" => GgufStorage::Blocks(BlockFormat::IQ4XS),
             "iq4_xs_m" => GgufStorage::IQ4XSMixture,
+            "iq2_xxs" => GgufStorage::Blocks(BlockFormat::IQ2XXS),
+            "iq2_xs" => GgufStorage::Blocks(BlockFormat::IQ2XS),
+            "iq2_s" => GgufStorage::Blocks(BlockFormat::IQ2S),
+            "iq3_xxs" => GgufStorage::Blocks(BlockFormat::IQ3XXS),
+            "iq3_s" => GgufStorage::Blocks(BlockFormat::IQ3S),
+            "iq1_s" => GgufStorage::Blocks(BlockFormat::IQ1S),
+            "iq1_m" => GgufStorage::Blocks(BlockFormat::IQ1M),
             "q4_k_m" => GgufStorage::Q4KM,
             "q5_k_m" => GgufStorage::Q5KM,
             "q3_k_m" => GgufStorage::Q3KM,
@@ -115,6 +123,14 @@ impl GgufStorage {
             GgufStorage::Blocks(BlockFormat::Q2K) => 10,
             GgufStorage::Blocks(BlockFormat::IQ4NL) => 25,
             GgufStorage::Blocks(BlockFormat::IQ4XS) | GgufStorage::IQ4XSMixture => 30,
+            // The types llama.cpp names after these blocks (IQ2_S blocks: its IQ2_M).
+            GgufStorage::Blocks(BlockFormat::IQ2XXS) => 19,
+            GgufStorage::Blocks(BlockFormat::IQ2XS) => 20,
+            GgufStorage::Blocks(BlockFormat::IQ2S) => 29,
+            GgufStorage::Blocks(BlockFormat::IQ3XXS) => 23,
+            GgufStorage::Blocks(BlockFormat::IQ3S) => 26,
+            GgufStorage::Blocks(BlockFormat::IQ1S) => 24,
+            GgufStorage::Blocks(BlockFormat::IQ1M) => 31,
             GgufStorage::Q4KM => 15,
             GgufStorage::Q5KM => 17,
             GgufStorage::Q3KM => 12,

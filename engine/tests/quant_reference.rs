@@ -13,11 +13,10 @@ fn random_blocks(format: BlockFormat, blocks: usize, seed: u64) -> Vec<u8> {
         (state >> 33) as u8
     };
     let mut bytes: Vec<u8> = (0..blocks * block_bytes).map(|_| next()).collect();
-    let scale_offsets = ferry_engine::kernels::quant::scale_offsets(format);
     for (b, block) in bytes.chunks_exact_mut(block_bytes).enumerate() {
-        for (i, &at) in scale_offsets.iter().enumerate() {
+        for i in 0..ferry_engine::kernels::quant::scale_count(format) {
             let scale = half::f16::from_f32(((b * 7 + i * 3) % 23) as f32 / 64.0 - 0.17);
-            block[at..at + 2].copy_from_slice(&scale.to_le_bytes());
+            ferry_engine::kernels::quant::set_scale(format, block, i, scale);
         }
     }
     bytes

@@ -44,13 +44,31 @@ pub enum BlockFormat {
     /// Q4_1 with 5-bit values, their fifth bits in a u32 as Q5_0's: llama.cpp's
     /// fallback for a Q5_K matrix whose rows are not whole 256-value blocks.
     Q5_1,
+    /// 256 weights, 2.06 bits each: per 32, four 8-bit indices of 8-value lattice
+    /// points, their signs (7 bits a point) and a 4-bit scale under one f16 (`grids`).
+    IQ2XXS,
+    /// IQ2_XXS with 9-bit indices and a 4-bit scale per 16 values.
+    IQ2XS,
+    /// 10-bit indices, 8 explicit sign bits a point, a 4-bit scale per 16 values.
+    IQ2S,
+    /// Per 32: eight 8-bit indices of 4-value points, signs (7 bits per 8 values)
+    /// and a 4-bit scale.
+    IQ3XXS,
+    /// 9-bit indices of 4-value points, explicit signs, a 4-bit scale per 32.
+    IQ3S,
+    /// 1.56 bits: 11-bit indices of 8-value points of −1, 0, 1, shifted by ±1/8 per 32
+    /// values, a 3-bit scale per 32.
+    IQ1S,
+    /// IQ1_S's points with the shift per 8 values and a 3-bit scale per 16, its f16
+    /// scale spread over the top bits of the packed scales.
+    IQ1M,
 }
 
 /// The 16 values IQ4_NL's and IQ4_XS's 4-bit indices name (ggml's `kvalues_iq4nl`).
 pub const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 impl BlockFormat {
-    pub const ALL: [BlockFormat; 12] = [
+    pub const ALL: [BlockFormat; 19] = [
         BlockFormat::Q8_0,
         BlockFormat::Q4_0,
         BlockFormat::Q5_0,
@@ -63,6 +81,13 @@ impl BlockFormat {
         BlockFormat::IQ4XS,
         BlockFormat::Q4_1,
         BlockFormat::Q5_1,
+        BlockFormat::IQ2XXS,
+        BlockFormat::IQ2XS,
+        BlockFormat::IQ2S,
+        BlockFormat::IQ3XXS,
+        BlockFormat::IQ3S,
+        BlockFormat::IQ1S,
+        BlockFormat::IQ1M,
     ];
 
     /// ggml's name (`Q4_K`), as `GgmlType::name` has it.
@@ -80,6 +105,13 @@ impl BlockFormat {
             BlockFormat::IQ4XS => "IQ4_XS",
             BlockFormat::Q4_1 => "Q4_1",
             BlockFormat::Q5_1 => "Q5_1",
+            BlockFormat::IQ2XXS => "IQ2_XXS",
+            BlockFormat::IQ2XS => "IQ2_XS",
+            BlockFormat::IQ2S => "IQ2_S",
+            BlockFormat::IQ3XXS => "IQ3_XXS",
+            BlockFormat::IQ3S => "IQ3_S",
+            BlockFormat::IQ1S => "IQ1_S",
+            BlockFormat::IQ1M => "IQ1_M",
         }
     }
 
@@ -116,6 +148,13 @@ impl BlockFormat {
             BlockFormat::IQ4XS => (256, 136),
             BlockFormat::Q4_1 => (32, 20),
             BlockFormat::Q5_1 => (32, 24),
+            BlockFormat::IQ2XXS => (256, 66),
+            BlockFormat::IQ2XS => (256, 74),
+            BlockFormat::IQ2S => (256, 82),
+            BlockFormat::IQ3XXS => (256, 98),
+            BlockFormat::IQ3S => (256, 110),
+            BlockFormat::IQ1S => (256, 50),
+            BlockFormat::IQ1M => (256, 56),
         }
     }
 }
@@ -159,6 +198,7 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
         BlockFormat::IQ4XS => iq4_xs(block, y),
         BlockFormat::Q4_1 => q4_1(block, y),
         BlockFormat::Q5_1 => q5_1(block, y),
+        _ => grids::dequantize_block(format, block, y),
     }
 }
 
@@ -391,10 +431,9 @@ fn iq4_xs(block: &[u8], y: &mut [f32]) {
 /// infinity there makes every weight of the block non-finite.
 pub fn first_non_finite_block(format: BlockFormat, bytes: &[u8]) -> Option<usize> {
     let (weights, block_bytes) = format.block();
-    let scales = scale_offsets(format);
     bytes
         .chunks_exact(block_bytes)
-        .position(|block| scales.iter().any(|&at| !f16_at(block, at).is_finite()))
+        .position(|block| (0..scale_count(format)).any(|i| !scale(format, block, i).is_finite()))
         .map(|b| b * weights)
 }
 
@@ -405,25 +444,57 @@ pub fn sample_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
     let (_, block_bytes) = format.block();
     let mut rng = crate::synth::SplitMix64::new(seed);
     let mut data: Vec<u8> = (0..count * block_bytes).map(|_| rng.next_u64() as u8).collect();
-    let scale = half::f16::from_f32(0.01).to_le_bytes();
     for block in data.chunks_exact_mut(block_bytes) {
-        for &at in scale_offsets(format) {
-            block[at..at + 2].copy_from_slice(&scale);
+        for i in 0..scale_count(format) {
+            set_scale(format, block, i, half::f16::from_f32(0.01));
         }
     }
     data
 }
 
-/// Where each format keeps its f16 scales (ggml's block layouts).
-pub fn scale_offsets(format: BlockFormat) -> &'static [usize] {
+/// How many f16 scales a block of `format` has (ggml's block layouts).
+pub fn scale_count(format: BlockFormat) -> usize {
     match format {
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::IQ4NL | BlockFormat::IQ4XS => &[0],
-        BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q4_1 | BlockFormat::Q5_1 => &[0, 2],
-        BlockFormat::Q6K => &[208],
-        BlockFormat::Q3K => &[108],
-        BlockFormat::Q2K => &[80, 82],
+        BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q4_1 | BlockFormat::Q5_1 | BlockFormat::Q2K => 2,
+        _ => 1,
+    }
+}
+
+/// Where a block keeps its f16 scale `i`; `None` for IQ1_M, which spreads its one
+/// scale over the top four bits of its four packed u16 scales.
+fn scale_offset(format: BlockFormat, i: usize) -> Option<usize> {
+    match format {
+        BlockFormat::Q6K => Some(208),
+        BlockFormat::Q3K => Some(108),
+        BlockFormat::Q2K => Some(80 + 2 * i),
+        BlockFormat::IQ1M => None,
+        _ => Some(2 * i),
+    }
+}
+
+/// A block's f16 scale `i` (`i < scale_count(format)`).
+pub fn scale(format: BlockFormat, block: &[u8], i: usize) -> f32 {
+    match scale_offset(format, i) {
+        Some(at) => f16_at(block, at),
+        None => grids::iq1_m_scale(block),
+    }
+}
+
+/// Sets a block's f16 scale `i` to `value`, its other bits untouched.
+pub fn set_scale(format: BlockFormat, block: &mut [u8], i: usize, value: half::f16) {
+    match scale_offset(format, i) {
+        Some(at) => block[at..at + 2].copy_from_slice(&value.to_le_bytes()),
+        None => {
+            let bits = value.to_bits();
+            for t in 0..4 {
+                let at = 48 + 2 * t + 1;
+                block[at] = (block[at] & 0x0F) | ((bits >> (4 * t) & 0x0F) as u8) << 4;
+            }
+        }
     }
 }
 
 mod encode;
+mod grid_encode;
+pub(crate) mod grids;
 pub use encode::quantize;

@@ -265,6 +265,8 @@ fn by_format(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k: usize, dot
         BlockFormat::IQ4XS => row_body(BlockFormat::IQ4XS, row, x, m, k, dots),
         BlockFormat::Q4_1 => row_body(BlockFormat::Q4_1, row, x, m, k, dots),
         BlockFormat::Q5_1 => row_body(BlockFormat::Q5_1, row, x, m, k, dots),
+        // The lattice formats' unpacking is table lookups: one body for all of them.
+        _ => row_body(format, row, x, m, k, dots),
     }
 }
 
@@ -281,7 +283,8 @@ unsafe fn portable_avx2(format: BlockFormat, row: &[u8], x: &[f32], m: usize, k:
         BlockFormat::IQ4NL => row_body(BlockFormat::IQ4NL, row, x, m, k, dots),
         BlockFormat::Q4_1 => row_body(BlockFormat::Q4_1, row, x, m, k, dots),
         BlockFormat::Q5_1 => row_body(BlockFormat::Q5_1, row, x, m, k, dots),
-        _ => row_body(BlockFormat::IQ4XS, row, x, m, k, dots),
+        BlockFormat::IQ4XS => row_body(BlockFormat::IQ4XS, row, x, m, k, dots),
+        _ => row_body(format, row, x, m, k, dots),
     }
 }
 

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use super::order::{has_eight_row_kernels, Strides, SCALE_BYTES};
 use super::GROUP_ROWS;
 use super::{BlockOrder, QuantMatrix, ROWS_PER_TASK};
+use crate::kernels::quant::grids::is_grid;
 use crate::kernels::quant::{iq4_xs_scale, BlockFormat, IQ4_VALUES};
 use crate::kernels::{in_pool, SendPtr, SimdPath, MAX_ROWS};
 
@@ -51,6 +52,7 @@ macro_rules! avx2_and_vnni {
     };
 }
 
+mod grids;
 mod k_quants;
 
 /// Values per block of quantized activations (Q8_0's and Q4_0's block size).
@@ -400,6 +402,9 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // SAFETY (each call): as in `row_dots`; `weights` holds eight whole rows, `x`
         // the group's rows.
         match format {
+            _ if is_grid(format) => {
+                groups(&mut |x, rows, dots| grid_dots(format, weights, strides, EIGHT, x, rows, k, dots))
+            }
             _ if per_block(format) && transpose_once => SET.with_borrow_mut(|set| {
                 unsafe { x86::transpose_set(format, vnni, weights, strides, k, set) };
                 let from_columns = if vnni { x86::from_columns_vnni } else { x86::from_columns };
@@ -429,6 +434,15 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
 /// its own (rows left over from groups of eight, and every row off x86).
 fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
     let (k, x) = (xq.k, xq.rows(first, rows));
+    if is_grid(format) {
+        let strides = Strides::of(BlockOrder::Rows, format, row.len());
+        let mut eight = [[0.0f32; EIGHT]; MAX_ROWS];
+        grid_dots(format, row, strides, 1, &x, rows, k, &mut eight);
+        for (dot, eight) in dots[..rows].iter_mut().zip(&eight) {
+            *dot = eight[0];
+        }
+        return;
+    }
     if !per_block(format) {
         return k_quants::row_dots(format, row, &x, rows, k, dots);
     }
@@ -453,6 +467,26 @@ fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: us
         }
     }
     dots[..rows].copy_from_slice(&sums[..rows]);
+}
+
+/// The lattice formats' products (`grids`), compiled for AVX2 where the CPU has it.
+#[allow(clippy::too_many_arguments)]
+fn grid_dots(
+    format: BlockFormat,
+    weights: &[u8],
+    strides: Strides,
+    weight_rows: usize,
+    x: &QuantizedX,
+    rows: usize,
+    k: usize,
+    dots: &mut [[f32; EIGHT]; MAX_ROWS],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::simd_path().is_some_and(|p| matches!(p, SimdPath::Avx2 | SimdPath::Avx512)) {
+        // SAFETY: both paths' CPUs have AVX2 and FMA.
+        return unsafe { grids::eight_rows_avx2(format, weights, strides, weight_rows, x, rows, k, dots) };
+    }
+    grids::eight_rows(format, weights, strides, weight_rows, x, rows, k, dots)
 }
 
 /// Whether `format`'s products go block of x by block of x with one float scale per

@@ -7,11 +7,10 @@ use crate::synth::SplitMix64;
 pub(super) fn random_blocks(format: BlockFormat, count: usize, seed: u64) -> Vec<u8> {
     let mut bytes = crate::kernels::quant::sample_blocks(format, count, seed);
     let mut rng = SplitMix64::new(seed ^ 0x5CA1E);
-    let scales = crate::kernels::quant::scale_offsets(format);
     for block in bytes.chunks_exact_mut(format.block().1) {
-        for &at in scales {
+        for i in 0..crate::kernels::quant::scale_count(format) {
             let scale = rng.next_signed() * 0.05;
-            block[at..at + 2].copy_from_slice(&half::f16::from_f32(scale).to_le_bytes());
+            crate::kernels::quant::set_scale(format, block, i, half::f16::from_f32(scale));
         }
     }
     bytes

@@ -3,7 +3,7 @@ use crate::kernels::quant::dequantize;
 use crate::kernels::quant_rows::tests::random_blocks;
 use crate::synth::SplitMix64;
 
-const FORMATS: [BlockFormat; 12] = BlockFormat::ALL;
+const FORMATS: [BlockFormat; 19] = BlockFormat::ALL;
 
 /// Blocks of `format` in `weights` weights.
 fn blocks(format: BlockFormat, weights: usize) -> usize {
@@ -308,6 +308,8 @@ fn extreme_blocks(format: BlockFormat, count: usize, fill: u8, sub_scale: u8) ->
                 block[80..82].copy_from_slice(&one);
                 block[82..84].copy_from_slice(&one);
             }
+            // Lattice formats: every index, sign and scale bit the fill's.
+            _ => crate::kernels::quant::set_scale(format, block, 0, half::f16::ONE),
         }
     }
     bytes
