@@ -205,37 +205,37 @@ fn synth_writes_gguf_files_llama_cpp_reads_as_the_same_model() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 }
 
-/// A file in a ggml type the engine does not decode (here IQ3_S: a Q3_K file's tensors
-/// relabelled, the same 110-byte blocks) is read, shown and planned at its real bytes,
+/// A file in a ggml type the engine does not decode (here TQ2_0: an IQ2_XXS file's
+/// tensors relabelled, the same 66-byte blocks) is read, shown and planned at its real bytes,
 /// and `ferry run` refuses it naming the type and what it runs.
 #[test]
 fn a_file_of_a_type_the_engine_does_not_run_is_planned_and_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let out = ferry(
         dir.path(),
-        &["synth", "--model", "test-small", "--format", "gguf", "--dtype", "q3_k", "--out", "q3.gguf"],
+        &["synth", "--model", "test-small", "--format", "gguf", "--dtype", "iq2_xxs", "--out", "iq2.gguf"],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let relabel = "import struct, sys\nfrom gguf import GGUFReader\nr = GGUFReader(sys.argv[1])\n\
                    data = bytearray(open(sys.argv[1], 'rb').read())\n\
-                   for t in r.tensors:\n    if t.tensor_type.value == 11:\n\
+                   for t in r.tensors:\n    if t.tensor_type.value == 16:\n\
                    \x20       at = t.field.parts[4].ctypes.data - r.data.ctypes.data\n\
-                   \x20       struct.pack_into('<I', data, at, 21)\n\
+                   \x20       struct.pack_into('<I', data, at, 35)\n\
                    open(sys.argv[2], 'wb').write(data)\n";
     let out = std::process::Command::new("python3")
-        .args(["-c", relabel, "q3.gguf", "iq3_s.gguf"])
+        .args(["-c", relabel, "iq2.gguf", "tq2.gguf"])
         .current_dir(dir.path())
         .output()
         .expect("python3 runs");
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let shown = ferry(dir.path(), &["show", "model", "iq3_s.gguf"]);
-    assert!(text(&shown.stdout).contains("MLP, all 10 layers        35.5 MiB"), "{}", text(&shown.stdout));
-    assert!(text(&shown.stdout).contains("IQ3_S 100 %"), "{}", text(&shown.stdout));
-    let tune = ["tune", "--gpu", "cpu", "--device-mem", "40MiB", "--model", "iq3_s.gguf", "--out", "plan.yaml"];
+    let shown = ferry(dir.path(), &["show", "model", "tq2.gguf"]);
+    assert!(text(&shown.stdout).contains("MLP, all 10 layers        21.3 MiB"), "{}", text(&shown.stdout));
+    assert!(text(&shown.stdout).contains("TQ2_0 100 %"), "{}", text(&shown.stdout));
+    let tune = ["tune", "--gpu", "cpu", "--device-mem", "40MiB", "--model", "tq2.gguf", "--out", "plan.yaml"];
     let out = ferry(dir.path(), &tune);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let out = ferry(dir.path(), &["run", "--model-dir", "iq3_s.gguf", "--plan", "plan.yaml"]);
+    let out = ferry(dir.path(), &["run", "--model-dir", "tq2.gguf", "--plan", "plan.yaml"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("is IQ3_S; the engine runs") && err.contains("IQ4_XS"), "{err}");
+    assert!(err.contains("is TQ2_0; the engine runs") && err.contains("IQ1_M"), "{err}");
 }

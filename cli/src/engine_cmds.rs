@@ -36,14 +36,16 @@ pub struct SynthArgs {
     format: String,
     /// Weight dtype [default: the catalog model's dtype (test-tiny: f32), bf16 for int types;
     /// gguf: f16, or f32 for f32 models]. gguf also takes q8_0, q4_0, q5_0, q4_1, q5_1, q4_k,
-    /// q5_k, q6_k, q3_k, q2_k, iq4_nl, iq4_xs, q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head
+    /// q5_k, q6_k, q3_k, q2_k, iq4_nl, iq4_xs, the lattice formats iq2_xxs, iq2_xs, iq2_s, iq3_xxs,
+    /// iq3_s, iq1_s and iq1_m (every matrix so; Ferry's own quantizer, without llama.cpp's importance
+    /// matrix), q4_k_m (llama.cpp's mixture: Q4_K, and Q6_K for the head
     /// and some layers' value and down projections), q5_k_m (the same over Q5_K), q3_k_m
     /// (Q3_K, with Q4_K/Q5_K for the attention output, value and down projections, Q6_K
     /// head) and iq4_xs_m (what llama.cpp writes for IQ4_XS: Q5_K for some value and down
     /// projections, Q6_K head).
     #[arg(
         long,
-        value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_1|q5_1|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs|q4_k_m|q5_k_m|q3_k_m|iq4_xs_m"
+        value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_1|q5_1|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs|iq2_xxs|iq2_xs|iq2_s|iq3_xxs|iq3_s|iq1_s|iq1_m|q4_k_m|q5_k_m|q3_k_m|iq4_xs_m"
     )]
     dtype: Option<String>,
     /// Random seed; the same seed gives the same weights.
@@ -224,7 +226,10 @@ pub struct ProfileArgs {
     /// format (measured as a GGUF file in it; its entries then price plans in that
     /// format) [default: the model's: a GGUF file's main block format, else its float
     /// dtype]
-    #[arg(long, value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_1|q5_1|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs")]
+    #[arg(
+        long,
+        value_name = "bf16|f16|f32|q8_0|q4_0|q5_0|q4_1|q5_1|q4_k|q5_k|q6_k|q3_k|q2_k|iq4_nl|iq4_xs|iq2_xxs|iq2_xs|iq2_s|iq3_xxs|iq3_s|iq1_s|iq1_m"
+    )]
     dtype: Option<String>,
     /// Also measure the rate at which the model (--model: its folder or GGUF file, with
     /// real weights) accepts this draft's tokens, `self:L` or a draft model's folder:

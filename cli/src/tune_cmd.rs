@@ -91,7 +91,7 @@ pub struct TuneArgs {
     #[arg(long, value_name = "NAME")]
     pub(crate) schedule: Option<String>,
     /// Weight formats to compare, comma-separated: f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q5_k, q6_k,
-    /// q3_k, q2_k, iq4_nl, iq4_xs (ggml blocks), int4-g64, int8-g64 (FlexGen's group-wise; -gN sets the group).
+    /// q3_k, q2_k, iq4_nl, iq4_xs, iq2_xxs, iq2_xs, iq2_s, iq3_xxs, iq3_s, iq1_s, iq1_m (ggml blocks), int4-g64, int8-g64 (FlexGen's group-wise; -gN sets the group).
     /// Each is tuned and the best plan of each shown; the plan is the best of them.
     /// [default: the model's own: its dtype, or a GGUF file's mix of types as stored]
     #[arg(long, visible_alias = "weight-dtype", value_name = "LIST")]

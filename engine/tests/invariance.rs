@@ -99,7 +99,7 @@ fn every_plan_over_32_value_block_files_with_8_bit_activations_computes_the_same
 }
 
 /// The same over K-quant files (Q4_K, Q6_K, Q2_K and llama.cpp's Q4_K_M, Q5_K_M and Q3_K_M mixtures,
-/// and IQ4_XS, plain and in llama.cpp's mixture,
+/// IQ4_XS, plain and in llama.cpp's mixture, and the lattice formats,
 /// whose products also take 8-bit activations): test-tiny widened to whole 256-value
 /// super-blocks.
 #[test]
@@ -115,6 +115,11 @@ fn every_plan_over_k_quant_files_with_8_bit_activations_computes_the_same_tokens
         GgufStorage::Q3KM,
         GgufStorage::Blocks(BlockFormat::IQ4XS),
         GgufStorage::IQ4XSMixture,
+        // Lattice formats: a scale per 32 (IQ2_XXS, IQ3_S) or per 16 (IQ2_S, IQ1_M).
+        GgufStorage::Blocks(BlockFormat::IQ2XXS),
+        GgufStorage::Blocks(BlockFormat::IQ2S),
+        GgufStorage::Blocks(BlockFormat::IQ3S),
+        GgufStorage::Blocks(BlockFormat::IQ1M),
     ];
     for storage in storages {
         let dir = tempfile::tempdir().unwrap();

@@ -298,6 +298,30 @@ fn iq4_nl_and_iq4_xs_files_match_the_numpy_reference() {
     gguf_files_match(&spec, &cases);
 }
 
+/// The lattice formats (IQ2_XXS … IQ1_M: points of a fixed lattice by index, signs or a
+/// shift apart, scales per 32 or 16 values) over test-tiny widened to whole 256-value
+/// super-blocks, with 8-bit x (each format) and f32 x (one of each kind of scale).
+#[test]
+fn lattice_format_files_match_the_numpy_reference() {
+    let mut spec = catalog_model("test-tiny");
+    (spec.hidden_size, spec.intermediate_size) = (256, 512);
+    let mut cases: Vec<(GgufStorage, Activations)> = [
+        BlockFormat::IQ2XXS,
+        BlockFormat::IQ2XS,
+        BlockFormat::IQ2S,
+        BlockFormat::IQ3XXS,
+        BlockFormat::IQ3S,
+        BlockFormat::IQ1S,
+        BlockFormat::IQ1M,
+    ]
+    .into_iter()
+    .map(|f| (GgufStorage::Blocks(f), Activations::Q8))
+    .collect();
+    cases.push((GgufStorage::Blocks(BlockFormat::IQ2S), Activations::F32));
+    cases.push((GgufStorage::Blocks(BlockFormat::IQ1M), Activations::F32));
+    gguf_files_match(&spec, &cases);
+}
+
 /// GGUF files of `spec` in each storage, run with each kind of activations, match
 /// the reference over the same file through a streaming plan and a resident one.
 fn gguf_files_match(spec: &ferry_core::model::ModelSpec, cases: &[(GgufStorage, Activations)]) {

@@ -182,7 +182,10 @@ mod tests {
         let names: Vec<&str> = rates.iter().map(|r| r.format.as_str()).collect();
         assert_eq!(
             names,
-            ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_1"]
+            [
+                "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_1",
+                "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"
+            ]
         );
         for rate in &rates {
             // The file's row order apart wherever runs keep resident weights otherwise.

@@ -509,7 +509,10 @@ mod tests {
         let formats: Vec<&str> = profile.device_compute.dequantize.iter().map(|d| d.format.as_str()).collect();
         assert_eq!(
             formats,
-            ["q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_1"]
+            [
+                "q8_0", "q4_0", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs", "q4_1", "q5_1",
+                "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m"
+            ]
         );
         // The kernel table holds the engine's ops at the test-tiny shape, decode and prefill rows.
         let table = &profile.device_compute.table;

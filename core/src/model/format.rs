@@ -42,9 +42,11 @@ use crate::error::{CoreError, Result};
 use crate::gguf::GgmlType;
 
 /// ggml block types a plan may name (the ones the engine decodes, `kernels::quant`).
-/// A GGUF file's other types (IQ2_XS, IQ3_S, …) are planned through `stored`.
-pub const PLANNABLE_BLOCKS: [&str; 12] =
-    ["Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_1"];
+/// A GGUF file's other types (TQ1_0, TQ2_0, Q8_K, …) are planned through `stored`.
+pub const PLANNABLE_BLOCKS: [&str; 19] = [
+    "Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q4_1", "Q5_1", "IQ2_XXS",
+    "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
+];
 /// FlexGen's default group size for weights.
 pub const DEFAULT_GROUP_SIZE: u32 = 64;
 /// The largest group size accepted (FlexGen uses 64; larger groups lose precision).
