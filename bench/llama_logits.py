@@ -59,6 +59,14 @@ CASES = [
     # embedding table tied to the head, Q8_0 as llama.cpp stores it).
     ("qwen2.5-0.5b", "q5_k_m"),
     ("qwen2.5-0.5b", "q4_k_m"),
+    # The lattice formats, every matrix in one (llama.cpp rounds x per 256 for them).
+    ("test-small", "iq2_xxs"),
+    ("test-small", "iq2_xs"),
+    ("test-small", "iq2_s"),
+    ("test-small", "iq3_xxs"),
+    ("test-small", "iq3_s"),
+    ("test-small", "iq1_s"),
+    ("test-small", "iq1_m"),
 ]
 # Rotary scalings: test-tiny with a scaled config.json, written as GGUF by Ferry
 # (Llama 3.1's as a `rope_freqs` tensor, linear in the metadata), against llama.cpp

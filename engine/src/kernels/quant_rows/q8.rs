@@ -347,7 +347,7 @@ fn products(path: SimdPath, xq: &Q8Rows, m: usize, w: QuantMatrix, out: &mut [f3
                 let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
                 for group in (0..m).step_by(MAX_ROWS) {
                     let rows = MAX_ROWS.min(m - group);
-                    row_dots(w.format, row, xq, group, rows, &mut dots);
+                    row_dots(path, w.format, row, xq, group, rows, &mut dots);
                     for (i, &dot) in dots[..rows].iter().enumerate() {
                         write(group + i, j, dot);
                     }
@@ -403,7 +403,7 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
         // the group's rows.
         match format {
             _ if is_grid(format) => {
-                groups(&mut |x, rows, dots| grid_dots(format, weights, strides, EIGHT, x, rows, k, dots))
+                groups(&mut |x, rows, dots| grid_dots(path, format, weights, strides, EIGHT, x, rows, k, dots))
             }
             _ if per_block(format) && transpose_once => SET.with_borrow_mut(|set| {
                 unsafe { x86::transpose_set(format, vnni, weights, strides, k, set) };
@@ -432,12 +432,20 @@ fn eight_rows_dots(path: SimdPath, vnni: bool, w: &QuantMatrix, j: usize, xq: &Q
 
 /// `dots[i] = x[first + i] · row` for `rows` rows of quantized x, one weight row on
 /// its own (rows left over from groups of eight, and every row off x86).
-fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: usize, dots: &mut [f32; MAX_ROWS]) {
+fn row_dots(
+    path: SimdPath,
+    format: BlockFormat,
+    row: &[u8],
+    xq: &Q8Rows,
+    first: usize,
+    rows: usize,
+    dots: &mut [f32; MAX_ROWS],
+) {
     let (k, x) = (xq.k, xq.rows(first, rows));
     if is_grid(format) {
         let strides = Strides::of(BlockOrder::Rows, format, row.len());
         let mut eight = [[0.0f32; EIGHT]; MAX_ROWS];
-        grid_dots(format, row, strides, 1, &x, rows, k, &mut eight);
+        grid_dots(path, format, row, strides, 1, &x, rows, k, &mut eight);
         for (dot, eight) in dots[..rows].iter_mut().zip(&eight) {
             *dot = eight[0];
         }
@@ -469,9 +477,11 @@ fn row_dots(format: BlockFormat, row: &[u8], xq: &Q8Rows, first: usize, rows: us
     dots[..rows].copy_from_slice(&sums[..rows]);
 }
 
-/// The lattice formats' products (`grids`), compiled for AVX2 where the CPU has it.
+/// The lattice formats' products: in vectors where the CPU has AVX2 (`x86::grids`,
+/// with VNNI where `takes_vnni`), else the portable body (`grids`); the same bits.
 #[allow(clippy::too_many_arguments)]
 fn grid_dots(
+    path: SimdPath,
     format: BlockFormat,
     weights: &[u8],
     strides: Strides,
@@ -482,9 +492,10 @@ fn grid_dots(
     dots: &mut [[f32; EIGHT]; MAX_ROWS],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd_path().is_some_and(|p| matches!(p, SimdPath::Avx2 | SimdPath::Avx512)) {
-        // SAFETY: both paths' CPUs have AVX2 and FMA.
-        return unsafe { grids::eight_rows_avx2(format, weights, strides, weight_rows, x, rows, k, dots) };
+    if has_eight_row_kernels(path) {
+        let kernel = if takes_vnni(path) { x86::grids::eight_rows_vnni } else { x86::grids::eight_rows };
+        // SAFETY: both paths' CPUs have AVX2, FMA and F16C, and `takes_vnni` checked VNNI.
+        return unsafe { kernel(format, weights, strides, weight_rows, x, rows, k, dots) };
     }
     grids::eight_rows(format, weights, strides, weight_rows, x, rows, k, dots)
 }

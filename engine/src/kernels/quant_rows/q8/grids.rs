@@ -9,11 +9,11 @@
 //! integer sums vectorise when compiled for AVX2 (`eight_rows_avx2`).
 
 use super::{QuantizedX, BLOCK, EIGHT, MAX_ROWS};
-use crate::kernels::quant::grids::{scales_halves, sub_block, SubBlock, SUB};
+use crate::kernels::quant::grids::{scales_halves, sub_block, SUB};
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::quant_rows::order::Strides;
 
-const _: () = assert!(SUB == BLOCK);
+const _: () = assert!(SUB == BLOCK && SUB * LANES == 256);
 
 /// Σ w·x over 16 or 32 bytes (exact in i32: |w| ≤ 63, |x| ≤ 127).
 #[inline(always)]
@@ -21,26 +21,12 @@ fn byte_dot(w: &[i8], x: &[i8]) -> i32 {
     w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
 }
 
-/// Adds sub-block `sub`'s products with block `b` of `rows` rows of x into `sums`.
-#[inline(always)]
-fn add_sub_block(sub: &SubBlock, halves: bool, x: &QuantizedX, b: usize, rows: usize, k: usize, sums: &mut [f32]) {
-    let blocks = k / BLOCK;
-    for (i, sum) in sums[..rows].iter_mut().enumerate() {
-        let xs = &x.quants[i * k + b * BLOCK..][..BLOCK];
-        let d_x = x.scales[i * blocks + b];
-        if halves {
-            let (low, high) = (byte_dot(&sub.values[..16], &xs[..16]), byte_dot(&sub.values[16..], &xs[16..]));
-            *sum = (low as f32).mul_add(sub.scales[0] * d_x, *sum);
-            *sum = (high as f32).mul_add(sub.scales[1] * d_x, *sum);
-        } else {
-            *sum = (byte_dot(&sub.values, xs) as f32).mul_add(sub.scales[0] * d_x, *sum);
-        }
-    }
-}
-
 /// `dots[i][r] = x[i] · weight row r` for `weight_rows` rows (1 to 8) whose block b
 /// lies at `r · strides.row + b · strides.block` in `weights`, and `rows` rows of x.
+/// Each row of x keeps eight f32 sums, sum j taking sub-block j of every super-block
+/// (as `x86::grids` keeps them in one vector's lanes), reduced at the end by `reduce`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn body(
     format: BlockFormat,
     weights: &[u8],
@@ -52,46 +38,48 @@ fn body(
     dots: &mut [[f32; EIGHT]; MAX_ROWS],
 ) {
     let (weights_per_block, block_bytes) = format.block();
-    let halves = scales_halves(format);
+    let (halves, blocks) = (scales_halves(format), k / BLOCK);
     for r in 0..weight_rows {
-        let mut sums = [0.0f32; MAX_ROWS];
+        let mut sums = [[0.0f32; LANES]; MAX_ROWS];
         for super_block in 0..k / weights_per_block {
             let block = &weights[r * strides.row + super_block * strides.block..][..block_bytes];
-            for j in 0..weights_per_block / SUB {
+            for j in 0..LANES {
                 let sub = sub_block(format, block, j);
-                add_sub_block(&sub, halves, x, super_block * (weights_per_block / SUB) + j, rows, k, &mut sums);
+                let b = super_block * LANES + j;
+                for (i, sums) in sums[..rows].iter_mut().enumerate() {
+                    let (xs, d_x) = (&x.quants[i * k + b * BLOCK..][..BLOCK], x.scales[i * blocks + b]);
+                    let sum = &mut sums[j];
+                    if halves {
+                        let (low, high) =
+                            (byte_dot(&sub.values[..16], &xs[..16]), byte_dot(&sub.values[16..], &xs[16..]));
+                        *sum = (low as f32).mul_add(sub.scales[0] * d_x, *sum);
+                        *sum = (high as f32).mul_add(sub.scales[1] * d_x, *sum);
+                    } else {
+                        *sum = (byte_dot(&sub.values, xs) as f32).mul_add(sub.scales[0] * d_x, *sum);
+                    }
+                }
             }
         }
-        for (i, &sum) in sums[..rows].iter().enumerate() {
-            dots[i][r] = sum;
+        for (i, sums) in sums[..rows].iter().enumerate() {
+            dots[i][r] = reduce(sums);
         }
     }
 }
 
-/// `body` as compiled for the baseline instruction set.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn eight_rows(
-    format: BlockFormat,
-    weights: &[u8],
-    strides: Strides,
-    weight_rows: usize,
-    x: &QuantizedX,
-    rows: usize,
-    k: usize,
-    dots: &mut [[f32; EIGHT]; MAX_ROWS],
-) {
-    body(format, weights, strides, weight_rows, x, rows, k, dots)
+/// Sub-blocks per super-block, and f32 sums per row of x.
+const LANES: usize = 8;
+
+/// The eight sums' total in the order of a vector's horizontal sum: the halves added
+/// lane by lane, then those four's halves, then the last two.
+#[inline(always)]
+pub(super) fn reduce(sums: &[f32; LANES]) -> f32 {
+    let b: [f32; 4] = std::array::from_fn(|l| sums[l] + sums[l + 4]);
+    (b[0] + b[2]) + (b[1] + b[3])
 }
 
-/// `body` compiled for AVX2: the byte sums in vector registers. The same bits as
-/// `eight_rows` (integer sums, then the same float steps in the same order).
-///
-/// # Safety
-/// The CPU must have AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+/// The products off x86 (and where the CPU lacks AVX2).
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn eight_rows_avx2(
+pub(super) fn eight_rows(
     format: BlockFormat,
     weights: &[u8],
     strides: Strides,

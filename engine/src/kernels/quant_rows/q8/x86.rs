@@ -17,6 +17,7 @@ use std::arch::x86_64::*;
 use super::{BlockFormat, QuantizedX, Strides, BLOCK, GROUP_ROWS, MAX_ROWS, SCALE_BYTES};
 use crate::kernels::quant::IQ4_VALUES;
 
+pub(super) mod grids;
 mod iq4;
 mod lanes;
 mod one_row;
