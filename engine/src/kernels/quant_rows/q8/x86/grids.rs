@@ -14,8 +14,7 @@ use super::super::grids::reduce;
 use super::super::{QuantizedX, BLOCK, EIGHT, MAX_ROWS};
 use super::lanes::byte_sums;
 use crate::kernels::quant::grids::{
-    iq1_m_scale, scales_halves, seven_bit_signs, IQ1_GRID, IQ2_S_GRID, IQ2_XS_GRID, IQ2_XXS_GRID, IQ3_S_GRID,
-    IQ3_XXS_GRID,
+    iq1_m_scale, scales_halves, IQ1_GRID, IQ2_S_GRID, IQ2_XS_GRID, IQ2_XXS_GRID, IQ3_S_GRID, IQ3_XXS_GRID,
 };
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::quant_rows::order::Strides;
@@ -33,6 +32,17 @@ static SIGN_MASKS: [u64; 256] = {
             k += 1;
         }
         s += 1;
+    }
+    masks
+};
+
+/// The mask of the eight signs a 7-bit index names (`grids::seven_bit_signs`).
+static SEVEN_BIT_MASKS: [u64; 128] = {
+    let mut masks = [0u64; 128];
+    let mut index = 0;
+    while index < 128 {
+        masks[index] = SIGN_MASKS[index | ((index as u32).count_ones() as usize & 1) << 7];
+        index += 1;
     }
     masks
 };
@@ -81,87 +91,157 @@ unsafe fn shifted(points: __m256i, shifts: __m256i) -> (__m256i, __m256i) {
     }
 }
 
-/// A block's eight sub-blocks (`grids::sub_block`'s values and scales, as vectors).
-#[inline(always)]
-unsafe fn decode(format: BlockFormat, block: &[u8]) -> Decoded {
-    let zero = unsafe { _mm256_setzero_si256() };
-    let mut out = Decoded { magnitudes: [zero; 8], masks: [zero; 8], low: [0.0; 8], high: [0.0; 8] };
-    let masks = |signs: [u8; 4]| signs.map(|s| SIGN_MASKS[s as usize]);
-    // SAFETY (each block): AVX2 is present where this is inlined; the block is whole.
-    for j in 0..8 {
-        match format {
-            BlockFormat::IQ2XXS => unsafe {
-                let (indices, aux) = (u32_at(block, 2 + 8 * j), u32_at(block, 6 + 8 * j));
-                let points = std::array::from_fn(|l| IQ2_XXS_GRID[(indices >> (8 * l) & 0xFF) as usize]);
-                out.magnitudes[j] = four(points);
-                out.masks[j] = four(masks(std::array::from_fn(|l| seven_bit_signs(aux >> (7 * l)))));
-                out.low[j] = f16_at(block, 0) * (0.5 + (aux >> 28) as f32) * 0.25;
-                out.high[j] = out.low[j];
-            },
-            BlockFormat::IQ2XS => unsafe {
-                let q: [usize; 4] = std::array::from_fn(|l| u16_at(block, 2 + 8 * j + 2 * l));
-                out.magnitudes[j] = four(q.map(|q| IQ2_XS_GRID[q & 511]));
-                out.masks[j] = four(masks(q.map(|q| seven_bit_signs((q >> 9) as u32))));
-                let (d, byte) = (f16_at(block, 0), block[66 + j]);
-                out.low[j] = d * (0.5 + (byte & 0x0F) as f32) * 0.25;
-                out.high[j] = d * (0.5 + (byte >> 4) as f32) * 0.25;
-            },
-            BlockFormat::IQ2S => unsafe {
-                let high = block[66 + j] as usize;
-                let points =
-                    std::array::from_fn(|l| IQ2_S_GRID[block[2 + 4 * j + l] as usize | (high >> (2 * l) & 3) << 8]);
-                out.magnitudes[j] = four(points);
-                out.masks[j] = four(masks(std::array::from_fn(|l| block[34 + 4 * j + l])));
-                let (d, byte) = (f16_at(block, 0), block[74 + j]);
-                out.low[j] = d * (0.5 + (byte & 0x0F) as f32) * 0.25;
-                out.high[j] = d * (0.5 + (byte >> 4) as f32) * 0.25;
-            },
-            BlockFormat::IQ3XXS => unsafe {
-                let aux = u32_at(block, 66 + 4 * j);
-                let point = |i: usize| IQ3_XXS_GRID[block[2 + 8 * j + i] as usize];
-                out.magnitudes[j] = four(std::array::from_fn(|l| point(2 * l) | point(2 * l + 1) << 32));
-                out.masks[j] = four(masks(std::array::from_fn(|l| seven_bit_signs(aux >> (7 * l)))));
-                out.low[j] = f16_at(block, 0) * (0.5 + (aux >> 28) as f32) * 0.5;
-                out.high[j] = out.low[j];
-            },
-            BlockFormat::IQ3S => unsafe {
-                let high = block[66 + j] as usize;
-                let point = |i: usize| IQ3_S_GRID[block[2 + 8 * j + i] as usize | (high >> i & 1) << 8];
-                out.magnitudes[j] = four(std::array::from_fn(|l| point(2 * l) | point(2 * l + 1) << 32));
-                out.masks[j] = four(masks(std::array::from_fn(|l| block[74 + 4 * j + l])));
-                let step = block[106 + j / 2] >> (4 * (j % 2)) & 0x0F;
-                out.low[j] = f16_at(block, 0) * (1 + 2 * step as u32) as f32;
-                out.high[j] = out.low[j];
-            },
-            BlockFormat::IQ1S => unsafe {
-                let qh = u16_at(block, 34 + 2 * j);
-                let points =
-                    std::array::from_fn(|l| IQ1_GRID[block[2 + 4 * j + l] as usize | (qh >> (3 * l) & 7) << 8]);
-                let shift = if qh & 0x8000 == 0 { 1 } else { -1 };
-                (out.magnitudes[j], out.masks[j]) = shifted(four(points), _mm256_set1_epi8(shift));
-                out.low[j] = f16_at(block, 0) * (2 * (qh >> 12 & 7) + 1) as f32 * 0.125;
-                out.high[j] = out.low[j];
-            },
-            BlockFormat::IQ1M => unsafe {
-                let high = |l: usize| (block[32 + 2 * j + l / 2] >> (4 * (l % 2))) as usize;
-                let points = std::array::from_fn(|l| IQ1_GRID[block[4 * j + l] as usize | (high(l) & 7) << 8]);
-                let shifts = std::array::from_fn(|l| if high(l) & 8 == 0 { 0x0101_0101_0101_0101 } else { u64::MAX });
-                (out.magnitudes[j], out.masks[j]) = shifted(four(points), four(shifts));
-                let (d, packed) = (iq1_m_scale(block), u16_at(block, 48 + 2 * (j / 2)) >> (6 * (j % 2)));
-                out.low[j] = d * (2 * (packed & 7) + 1) as f32 * 0.125;
-                out.high[j] = d * (2 * (packed >> 3 & 7) + 1) as f32 * 0.125;
-            },
-            _ => unreachable!("{} is not a lattice format", format.name()),
+/// `$body` for `$j` = 0 to 7, each a constant.
+macro_rules! for_each_sub_block {
+    ($j:ident => $body:block) => {{
+        {
+            let $j: usize = 0;
+            $body
         }
+        {
+            let $j: usize = 1;
+            $body
+        }
+        {
+            let $j: usize = 2;
+            $body
+        }
+        {
+            let $j: usize = 3;
+            $body
+        }
+        {
+            let $j: usize = 4;
+            $body
+        }
+        {
+            let $j: usize = 5;
+            $body
+        }
+        {
+            let $j: usize = 6;
+            $body
+        }
+        {
+            let $j: usize = 7;
+            $body
+        }
+    }};
+}
+
+/// The f16 scale of a block (IQ1_M's spread over its packed scales): converted once a
+/// block, not per sub-block (`half` checks the CPU for F16C each time).
+#[inline(always)]
+fn block_scale(format: BlockFormat, block: &[u8]) -> f32 {
+    if format == BlockFormat::IQ1M {
+        iq1_m_scale(block)
+    } else {
+        f16_at(block, 0)
     }
-    out
+}
+
+/// One sub-block in registers: its magnitudes, the mask of its negative values, and
+/// the scales of its halves (the same where the format has one per 32).
+struct Sub {
+    magnitudes: __m256i,
+    masks: __m256i,
+    low: f32,
+    high: f32,
+}
+
+/// Sub-block `j` of `block` (`grids::sub_block`'s values and scales, as vectors); `d`
+/// is the block's `block_scale`.
+#[inline(always)]
+unsafe fn decode_sub(format: BlockFormat, block: &[u8], d: f32, j: usize) -> Sub {
+    // Its length a constant where `format` is one (`body`'s copies): no bounds checks.
+    let block = &block[..format.block().1];
+    let masks = |signs: [u8; 4]| signs.map(|s| SIGN_MASKS[s as usize]);
+    // 7-bit sign indices straight to masks (the eighth sign's parity looked up with them).
+    let seven_bit_masks = |aux: u32| std::array::from_fn(|l| SEVEN_BIT_MASKS[(aux >> (7 * l) & 0x7F) as usize]);
+    // SAFETY (each arm): AVX2 is present where this is inlined; the block is whole.
+    let zero = unsafe { _mm256_setzero_si256() };
+    let mut sub = Sub { magnitudes: zero, masks: zero, low: 0.0, high: 0.0 };
+    match format {
+        BlockFormat::IQ2XXS => unsafe {
+            let (indices, aux) = (u32_at(block, 2 + 8 * j), u32_at(block, 6 + 8 * j));
+            let points = std::array::from_fn(|l| IQ2_XXS_GRID[(indices >> (8 * l) & 0xFF) as usize]);
+            sub.magnitudes = four(points);
+            sub.masks = four(seven_bit_masks(aux));
+            sub.low = d * (0.5 + (aux >> 28) as f32) * 0.25;
+            sub.high = sub.low;
+        },
+        BlockFormat::IQ2XS => unsafe {
+            let q: [usize; 4] = std::array::from_fn(|l| u16_at(block, 2 + 8 * j + 2 * l));
+            sub.magnitudes = four(q.map(|q| IQ2_XS_GRID[q & 511]));
+            sub.masks = four(q.map(|q| SEVEN_BIT_MASKS[q >> 9]));
+            let byte = block[66 + j];
+            sub.low = d * (0.5 + (byte & 0x0F) as f32) * 0.25;
+            sub.high = d * (0.5 + (byte >> 4) as f32) * 0.25;
+        },
+        BlockFormat::IQ2S => unsafe {
+            let high = block[66 + j] as usize;
+            let points =
+                std::array::from_fn(|l| IQ2_S_GRID[block[2 + 4 * j + l] as usize | (high >> (2 * l) & 3) << 8]);
+            sub.magnitudes = four(points);
+            sub.masks = four(masks(std::array::from_fn(|l| block[34 + 4 * j + l])));
+            let byte = block[74 + j];
+            sub.low = d * (0.5 + (byte & 0x0F) as f32) * 0.25;
+            sub.high = d * (0.5 + (byte >> 4) as f32) * 0.25;
+        },
+        BlockFormat::IQ3XXS => unsafe {
+            let aux = u32_at(block, 66 + 4 * j);
+            let point = |i: usize| IQ3_XXS_GRID[block[2 + 8 * j + i] as usize];
+            sub.magnitudes = four(std::array::from_fn(|l| point(2 * l) | point(2 * l + 1) << 32));
+            sub.masks = four(seven_bit_masks(aux));
+            sub.low = d * (0.5 + (aux >> 28) as f32) * 0.5;
+            sub.high = sub.low;
+        },
+        BlockFormat::IQ3S => unsafe {
+            let high = block[66 + j] as usize;
+            let point = |i: usize| IQ3_S_GRID[block[2 + 8 * j + i] as usize | (high >> i & 1) << 8];
+            sub.magnitudes = four(std::array::from_fn(|l| point(2 * l) | point(2 * l + 1) << 32));
+            sub.masks = four(masks(std::array::from_fn(|l| block[74 + 4 * j + l])));
+            let step = block[106 + j / 2] >> (4 * (j % 2)) & 0x0F;
+            sub.low = d * (1 + 2 * step as u32) as f32;
+            sub.high = sub.low;
+        },
+        BlockFormat::IQ1S => unsafe {
+            let qh = u16_at(block, 34 + 2 * j);
+            let points = std::array::from_fn(|l| IQ1_GRID[block[2 + 4 * j + l] as usize | (qh >> (3 * l) & 7) << 8]);
+            let shift = if qh & 0x8000 == 0 { 1 } else { -1 };
+            (sub.magnitudes, sub.masks) = shifted(four(points), _mm256_set1_epi8(shift));
+            sub.low = d * (2 * (qh >> 12 & 7) + 1) as f32 * 0.125;
+            sub.high = sub.low;
+        },
+        BlockFormat::IQ1M => unsafe {
+            let high = |l: usize| (block[32 + 2 * j + l / 2] >> (4 * (l % 2))) as usize;
+            let points = std::array::from_fn(|l| IQ1_GRID[block[4 * j + l] as usize | (high(l) & 7) << 8]);
+            let shifts = std::array::from_fn(|l| if high(l) & 8 == 0 { 0x0101_0101_0101_0101 } else { u64::MAX });
+            (sub.magnitudes, sub.masks) = shifted(four(points), four(shifts));
+            let packed = u16_at(block, 48 + 2 * (j / 2)) >> (6 * (j % 2));
+            sub.low = d * (2 * (packed & 7) + 1) as f32 * 0.125;
+            sub.high = d * (2 * (packed >> 3 & 7) + 1) as f32 * 0.125;
+        },
+        _ => unreachable!("{} is not a lattice format", format.name()),
+    }
+    sub
+}
+
+/// A block's eight sub-blocks, into `out`.
+#[inline(always)]
+unsafe fn decode(format: BlockFormat, block: &[u8], out: &mut Decoded) {
+    let d = block_scale(format, block);
+    for_each_sub_block!(j => {
+        // SAFETY: as the caller vouches.
+        let sub = unsafe { decode_sub(format, block, d, j) };
+        (out.magnitudes[j], out.masks[j], out.low[j], out.high[j]) = (sub.magnitudes, sub.masks, sub.low, sub.high);
+    });
 }
 
 /// The portable body's `dots` for the same arguments, in vectors (see the module's docs).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn body<const VNNI: bool>(
-    format: BlockFormat,
+unsafe fn body<const VNNI: bool, const FORMAT: usize>(
     weights: &[u8],
     strides: Strides,
     weight_rows: usize,
@@ -170,56 +250,164 @@ unsafe fn body<const VNNI: bool>(
     k: usize,
     dots: &mut [[f32; EIGHT]; MAX_ROWS],
 ) {
+    // A constant in each copy: the format's branches fold away.
+    let format = LATTICE[FORMAT];
     let (weights_per_block, block_bytes) = format.block();
     let (halves, blocks) = (scales_halves(format), k / BLOCK);
     assert!(x.quants.len() >= rows * k && x.scales.len() >= rows * blocks);
     // SAFETY: AVX2 and FMA (and with `VNNI`, AVX-512 VNNI and VL) are present, as the
     // callers vouch; every load is inside x's rows (asserted) or a whole block.
     unsafe {
-        for r in 0..weight_rows {
-            let mut sums = [_mm256_setzero_ps(); MAX_ROWS];
-            for super_block in 0..k / weights_per_block {
-                let block = &weights[r * strides.row + super_block * strides.block..][..block_bytes];
-                let decoded = decode(format, block);
-                let (low_scales, high_scales) =
-                    (_mm256_loadu_ps(decoded.low.as_ptr()), _mm256_loadu_ps(decoded.high.as_ptr()));
-                for (i, sum) in sums[..rows].iter_mut().enumerate() {
-                    let xs = x.quants.as_ptr().add(i * k + super_block * weights_per_block);
-                    // Plain loops: a closure would not inherit this function's features.
-                    let mut sub_sums = [_mm256_setzero_si256(); 8];
-                    for (j, sub_sum) in sub_sums.iter_mut().enumerate() {
-                        let values = _mm256_loadu_si256(xs.add(j * BLOCK).cast());
-                        let signed = _mm256_sub_epi8(_mm256_xor_si256(values, decoded.masks[j]), decoded.masks[j]);
-                        *sub_sum = byte_sums::<VNNI>(_mm256_setzero_si256(), decoded.magnitudes[j], signed);
-                    }
-                    // Lanes 0–3 of a sub-block's sums are its first 16 bytes', 4–7 the rest.
-                    let first = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(sub_sums[0], sub_sums[1]),
-                        _mm256_hadd_epi32(sub_sums[2], sub_sums[3]),
-                    );
-                    let last = _mm256_hadd_epi32(
-                        _mm256_hadd_epi32(sub_sums[4], sub_sums[5]),
-                        _mm256_hadd_epi32(sub_sums[6], sub_sums[7]),
-                    );
-                    let (low, high) =
-                        (_mm256_permute2x128_si256(first, last, 0x20), _mm256_permute2x128_si256(first, last, 0x31));
-                    let d_x = _mm256_loadu_ps(x.scales.as_ptr().add(i * blocks + super_block * 8));
-                    if halves {
-                        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), _mm256_mul_ps(low_scales, d_x), *sum);
-                        *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(high), _mm256_mul_ps(high_scales, d_x), *sum);
-                    } else {
-                        let whole = _mm256_cvtepi32_ps(_mm256_add_epi32(low, high));
-                        *sum = _mm256_fmadd_ps(whole, _mm256_mul_ps(low_scales, d_x), *sum);
-                    }
-                }
+        if rows == 1 {
+            return one_row::<VNNI>(format, weights, strides, weight_rows, x, k, dots);
+        }
+        // Super-block by super-block, each weight row's in turn: the order of the bytes
+        // where the rows come interleaved, one stream. Two decodings in turn: the
+        // products read one while the next is written, so that its vectors — stored
+        // in pieces — are not loaded whole straight after.
+        let mut sums = [[_mm256_setzero_ps(); EIGHT]; MAX_ROWS];
+        let zero = _mm256_setzero_si256();
+        let empty = || Decoded { magnitudes: [zero; 8], masks: [zero; 8], low: [0.0; 8], high: [0.0; 8] };
+        let mut decodings = [empty(), empty()];
+        let units = k / weights_per_block * weight_rows;
+        let block = |unit: usize| {
+            let (super_block, r) = (unit / weight_rows, unit % weight_rows);
+            &weights[r * strides.row + super_block * strides.block..][..block_bytes]
+        };
+        decode(format, block(0), &mut decodings[0]);
+        for unit in 0..units {
+            let (super_block, r) = (unit / weight_rows, unit % weight_rows);
+            let (even, odd) = decodings.split_at_mut(1);
+            let (decoded, next) = if unit % 2 == 0 { (&even[0], &mut odd[0]) } else { (&odd[0], &mut even[0]) };
+            if unit + 1 < units {
+                decode(format, block(unit + 1), next);
             }
-            for (i, sum) in sums[..rows].iter().enumerate() {
+            let (low_scales, high_scales) =
+                (_mm256_loadu_ps(decoded.low.as_ptr()), _mm256_loadu_ps(decoded.high.as_ptr()));
+            for (i, sums) in sums[..rows].iter_mut().enumerate() {
+                let sum = &mut sums[r];
+                let xs = x.quants.as_ptr().add(i * k + super_block * weights_per_block);
+                // Plain loops: a closure would not inherit this function's features.
+                let mut sub_sums = [_mm256_setzero_si256(); 8];
+                for_each_sub_block!(j => {
+                    let values = _mm256_loadu_si256(xs.add(j * BLOCK).cast());
+                    let signed = _mm256_sub_epi8(_mm256_xor_si256(values, decoded.masks[j]), decoded.masks[j]);
+                    sub_sums[j] = byte_sums::<VNNI>(_mm256_setzero_si256(), decoded.magnitudes[j], signed);
+                });
+                let d_x = _mm256_loadu_ps(x.scales.as_ptr().add(i * blocks + super_block * 8));
+                *sum = add_super_block(halves, &sub_sums, low_scales, high_scales, d_x, *sum);
+            }
+        }
+        for (i, sums) in sums[..rows].iter().enumerate() {
+            for (r, sum) in sums[..weight_rows].iter().enumerate() {
                 let mut lanes = [0.0f32; 8];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
                 dots[i][r] = reduce(&lanes);
             }
         }
     }
+}
+
+/// `sum` plus a super-block's eight sub-block sums (lanes 0–3 of each its first 16
+/// bytes', 4–7 the rest) times their scales and x's block scales `d_x`: with
+/// `halves`, the halves' sums by `low` and `high` apart; else the whole by `low`.
+#[inline(always)]
+unsafe fn add_super_block(
+    halves: bool,
+    sub_sums: &[__m256i; 8],
+    low: __m256,
+    high: __m256,
+    d_x: __m256,
+    sum: __m256,
+) -> __m256 {
+    // SAFETY: AVX2 and FMA are present where this is inlined.
+    unsafe {
+        let first =
+            _mm256_hadd_epi32(_mm256_hadd_epi32(sub_sums[0], sub_sums[1]), _mm256_hadd_epi32(sub_sums[2], sub_sums[3]));
+        let last =
+            _mm256_hadd_epi32(_mm256_hadd_epi32(sub_sums[4], sub_sums[5]), _mm256_hadd_epi32(sub_sums[6], sub_sums[7]));
+        let (first_halves, last_halves) =
+            (_mm256_permute2x128_si256(first, last, 0x20), _mm256_permute2x128_si256(first, last, 0x31));
+        if halves {
+            let sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first_halves), _mm256_mul_ps(low, d_x), sum);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(last_halves), _mm256_mul_ps(high, d_x), sum)
+        } else {
+            let whole = _mm256_cvtepi32_ps(_mm256_add_epi32(first_halves, last_halves));
+            _mm256_fmadd_ps(whole, _mm256_mul_ps(low, d_x), sum)
+        }
+    }
+}
+
+/// `body` for one row of x: each sub-block decoded and multiplied in registers.
+#[inline(always)]
+unsafe fn one_row<const VNNI: bool>(
+    format: BlockFormat,
+    weights: &[u8],
+    strides: Strides,
+    weight_rows: usize,
+    x: &QuantizedX,
+    k: usize,
+    dots: &mut [[f32; EIGHT]; MAX_ROWS],
+) {
+    let (weights_per_block, block_bytes) = format.block();
+    assert!(x.quants.len() >= k && x.scales.len() >= k / BLOCK);
+    // SAFETY: as `body`'s.
+    unsafe {
+        let mut sums = [_mm256_setzero_ps(); EIGHT];
+        for super_block in 0..k / weights_per_block {
+            let xs = x.quants.as_ptr().add(super_block * weights_per_block);
+            let d_x = _mm256_loadu_ps(x.scales.as_ptr().add(super_block * 8));
+            for (r, sum) in sums[..weight_rows].iter_mut().enumerate() {
+                let block = &weights[r * strides.row + super_block * strides.block..][..block_bytes];
+                let d = block_scale(format, block);
+                let (mut sub_sums, mut low, mut high) = ([_mm256_setzero_si256(); 8], [0.0f32; 8], [0.0f32; 8]);
+                // Written out eight times: as a loop it was not unrolled, and its sums
+                // and scales went through memory (a failed store forward each block).
+                for_each_sub_block!(j => {
+                    let sub = decode_sub(format, block, d, j);
+                    let values = _mm256_loadu_si256(xs.add(j * BLOCK).cast());
+                    let signed = _mm256_sub_epi8(_mm256_xor_si256(values, sub.masks), sub.masks);
+                    sub_sums[j] = byte_sums::<VNNI>(_mm256_setzero_si256(), sub.magnitudes, signed);
+                    (low[j], high[j]) = (sub.low, sub.high);
+                });
+                let low = _mm256_setr_ps(low[0], low[1], low[2], low[3], low[4], low[5], low[6], low[7]);
+                let high = _mm256_setr_ps(high[0], high[1], high[2], high[3], high[4], high[5], high[6], high[7]);
+                *sum = add_super_block(scales_halves(format), &sub_sums, low, high, d_x, *sum);
+            }
+        }
+        for (r, sum) in sums[..weight_rows].iter().enumerate() {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
+            dots[0][r] = reduce(&lanes);
+        }
+    }
+}
+
+/// The lattice formats in the order `body`'s `FORMAT` indexes them.
+const LATTICE: [BlockFormat; 7] = [
+    BlockFormat::IQ2XXS,
+    BlockFormat::IQ2XS,
+    BlockFormat::IQ2S,
+    BlockFormat::IQ3XXS,
+    BlockFormat::IQ3S,
+    BlockFormat::IQ1S,
+    BlockFormat::IQ1M,
+];
+
+/// `body::<VNNI, F>(args)` with F the index of `format` in `LATTICE`: one copy per format.
+macro_rules! by_format {
+    ($format:expr, body::<$vnni:tt, _>($($arg:expr),* $(,)?)) => {
+        match $format {
+            BlockFormat::IQ2XXS => body::<$vnni, 0>($($arg),*),
+            BlockFormat::IQ2XS => body::<$vnni, 1>($($arg),*),
+            BlockFormat::IQ2S => body::<$vnni, 2>($($arg),*),
+            BlockFormat::IQ3XXS => body::<$vnni, 3>($($arg),*),
+            BlockFormat::IQ3S => body::<$vnni, 4>($($arg),*),
+            BlockFormat::IQ1S => body::<$vnni, 5>($($arg),*),
+            BlockFormat::IQ1M => body::<$vnni, 6>($($arg),*),
+            _ => unreachable!("{} is not a lattice format", $format.name()),
+        }
+    };
 }
 
 /// `body` with AVX2's `maddubs`.
@@ -239,7 +427,7 @@ pub(in crate::kernels::quant_rows::q8) unsafe fn eight_rows(
     dots: &mut [[f32; EIGHT]; MAX_ROWS],
 ) {
     // SAFETY: as the caller vouches.
-    unsafe { body::<false>(format, weights, strides, weight_rows, x, rows, k, dots) }
+    unsafe { by_format!(format, body::<false, _>(weights, strides, weight_rows, x, rows, k, dots)) }
 }
 
 /// `body` with AVX-512 VNNI's byte products: the same bits.
@@ -259,5 +447,5 @@ pub(in crate::kernels::quant_rows::q8) unsafe fn eight_rows_vnni(
     dots: &mut [[f32; EIGHT]; MAX_ROWS],
 ) {
     // SAFETY: as the caller vouches.
-    unsafe { body::<true>(format, weights, strides, weight_rows, x, rows, k, dots) }
+    unsafe { by_format!(format, body::<true, _>(weights, strides, weight_rows, x, rows, k, dots)) }
 }
