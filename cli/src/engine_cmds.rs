@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 A GGUF file is what llama.cpp reads: its matrices in --dtype (quantized by Ferry; matrices
 whose rows are not whole 256-value blocks take llama.cpp's fallback, Q5_0 for Q4_K, Q5_1 for
-Q5_K, Q8_0 for Q6_K, Q4_0 for Q3_K and Q2_K, IQ4_NL for IQ4_XS), norms in f32, the query and
+Q5_K, Q8_0 for Q6_K, Q4_0 for Q3_K and Q2_K, IQ4_NL for IQ4_XS and IQ1_S … IQ3_S), norms in f32, the query and
 key rows in
 llama.cpp's order, and a placeholder vocabulary. The same --seed gives the same model in both formats.")]
 pub struct SynthArgs {
@@ -519,6 +519,7 @@ mod tests {
         assert_eq!(block_format("q5_k"), Some(BlockFormat::Q5K));
         assert_eq!(block_format("q3_k"), Some(BlockFormat::Q3K));
         assert_eq!(block_format("iq4_nl"), Some(BlockFormat::IQ4NL));
-        assert_eq!(block_format("iq3_s"), None);
+        assert_eq!(block_format("iq3_s"), Some(BlockFormat::IQ3S));
+        assert_eq!(block_format("tq2_0"), None);
     }
 }

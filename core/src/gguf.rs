@@ -107,7 +107,9 @@ impl GgmlType {
     /// K-quants' 256-value blocks do not divide every row — Qwen1.5-MoE's experts are
     /// 1408 wide — and it then falls back to a 32-value type of at least as many bits:
     /// Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, Q2_K and Q3_K to Q4_0 (older llama.cpp
-    /// versions wrote IQ4_NL: both run, at the same bytes), IQ4_XS to IQ4_NL;
+    /// versions wrote IQ4_NL: both run, at the same bytes), IQ4_XS and the lattice types
+    /// (IQ1_S … IQ3_S) to IQ4_NL, TQ1_0 and TQ2_0 to Q4_0 (`tensor_type_fallback` in
+    /// `src/llama-quant.cpp`);
     /// to F16 where those blocks do not divide the row either. Any other type stays.
     pub fn for_rows_of(self, cols: u64) -> GgmlType {
         if self.block_elements != 256 || cols.is_multiple_of(256) {
@@ -117,8 +119,8 @@ impl GgmlType {
             "Q4_K" => "Q5_0",
             "Q5_K" => "Q5_1",
             "Q6_K" => "Q8_0",
-            "Q2_K" | "Q3_K" => "Q4_0",
-            "IQ4_XS" => "IQ4_NL",
+            "Q2_K" | "Q3_K" | "TQ1_0" | "TQ2_0" => "Q4_0",
+            "IQ4_XS" | "IQ1_S" | "IQ1_M" | "IQ2_XXS" | "IQ2_XS" | "IQ2_S" | "IQ3_XXS" | "IQ3_S" => "IQ4_NL",
             _ => return self,
         };
         match GgmlType::by_name(fallback) {

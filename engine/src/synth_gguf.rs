@@ -358,7 +358,8 @@ pub fn synthesize_gguf(
             return Err(EngineError::Unsupported(format!(
                 "{} cannot be stored as {kind}: {name} has rows of {cols} values, not whole {}-value blocks, and \
                  llama.cpp's quantizer stores such matrices as {}, which Ferry neither writes nor runs \
-                 (q4_k, q5_k and q6_k fall back to q5_0, q5_1 and q8_0, q3_k and q2_k to q4_0, iq4_xs to iq4_nl, \
+                 (q4_k, q5_k and q6_k fall back to q5_0, q5_1 and q8_0, q3_k and q2_k to q4_0, iq4_xs and the \
+                 lattice types iq1_s … iq3_s to iq4_nl, \
                  which it does)",
                 model.name, asked.block_elements, ggml_type.name
             )));
