@@ -81,18 +81,20 @@ pub(crate) fn scales_halves(format: BlockFormat) -> bool {
     matches!(format, BlockFormat::IQ2XS | BlockFormat::IQ2S | BlockFormat::IQ1M)
 }
 
+/// The lattice formats, in `BlockFormat::ALL`'s order (the x86 kernels' copies index it).
+pub(crate) const LATTICE: [BlockFormat; 7] = [
+    BlockFormat::IQ2XXS,
+    BlockFormat::IQ2XS,
+    BlockFormat::IQ2S,
+    BlockFormat::IQ3XXS,
+    BlockFormat::IQ3S,
+    BlockFormat::IQ1S,
+    BlockFormat::IQ1M,
+];
+
 /// Whether `format` is one of the lattice formats this module decodes.
 pub(crate) fn is_grid(format: BlockFormat) -> bool {
-    matches!(
-        format,
-        BlockFormat::IQ2XXS
-            | BlockFormat::IQ2XS
-            | BlockFormat::IQ2S
-            | BlockFormat::IQ3XXS
-            | BlockFormat::IQ3S
-            | BlockFormat::IQ1S
-            | BlockFormat::IQ1M
-    )
+    LATTICE.contains(&format)
 }
 
 #[inline(always)]

@@ -14,7 +14,7 @@ use super::super::grids::reduce;
 use super::super::{QuantizedX, BLOCK, EIGHT, MAX_ROWS};
 use super::lanes::byte_sums;
 use crate::kernels::quant::grids::{
-    iq1_m_scale, scales_halves, IQ1_GRID, IQ2_S_GRID, IQ2_XS_GRID, IQ2_XXS_GRID, IQ3_S_GRID, IQ3_XXS_GRID,
+    iq1_m_scale, scales_halves, IQ1_GRID, IQ2_S_GRID, IQ2_XS_GRID, IQ2_XXS_GRID, IQ3_S_GRID, IQ3_XXS_GRID, LATTICE,
 };
 use crate::kernels::quant::BlockFormat;
 use crate::kernels::quant_rows::order::Strides;
@@ -396,18 +396,8 @@ unsafe fn one_row<const VNNI: bool>(
     }
 }
 
-/// The lattice formats in the order `body`'s `FORMAT` indexes them.
-const LATTICE: [BlockFormat; 7] = [
-    BlockFormat::IQ2XXS,
-    BlockFormat::IQ2XS,
-    BlockFormat::IQ2S,
-    BlockFormat::IQ3XXS,
-    BlockFormat::IQ3S,
-    BlockFormat::IQ1S,
-    BlockFormat::IQ1M,
-];
-
-/// `body::<VNNI, F>(args)` with F the index of `format` in `LATTICE`: one copy per format.
+/// `body::<VNNI, F>(args)` with F the index of `format` in `grids::LATTICE`: one copy per
+/// format.
 macro_rules! by_format {
     ($format:expr, body::<$vnni:tt, _>($($arg:expr),* $(,)?)) => {
         match $format {
