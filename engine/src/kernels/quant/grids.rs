@@ -228,3 +228,37 @@ pub(crate) fn dequantize_block(format: BlockFormat, block: &[u8], y: &mut [f32])
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every point of every lattice equals the `gguf` package's (`init_grid`), read
+    /// from Python: the tables are the formats' definition.
+    #[test]
+    fn the_lattices_are_the_gguf_packages() {
+        let script = "import sys\nimport gguf.quants as q\nfor name in sys.argv[1:]:\n\
+                      \x20   t = getattr(q, name)\n    t.init_grid()\n\
+                      \x20   print(' '.join(str(int(v)) for v in t.grid.flatten()))\n";
+        let names = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S"];
+        let run = std::process::Command::new("python3").args(["-c", script]).args(names).output();
+        let run = run.expect("python3 runs");
+        assert!(run.status.success(), "the gguf package (pip install gguf): {}", String::from_utf8_lossy(&run.stderr));
+        let ours: [(&[u64], usize); 6] = [
+            (&IQ2_XXS_GRID, 8),
+            (&IQ2_XS_GRID, 8),
+            (&IQ2_S_GRID, 8),
+            (&IQ3_XXS_GRID, 4),
+            (&IQ3_S_GRID, 4),
+            (&IQ1_GRID, 8),
+        ];
+        let text = String::from_utf8_lossy(&run.stdout);
+        for ((line, (grid, width)), name) in text.lines().zip(ours).zip(names) {
+            let theirs: Vec<i64> = line.split(' ').map(|v| v.parse().expect("an integer")).collect();
+            let mine: Vec<i64> =
+                grid.iter().flat_map(|&p| (0..width).map(move |k| (p >> (8 * k)) as u8 as i8 as i64)).collect();
+            assert_eq!(mine, theirs, "{name}");
+        }
+        assert_eq!(text.lines().count(), names.len());
+    }
+}

@@ -1,12 +1,12 @@
-//! Products of the lattice formats (IQ2_XXS … IQ1_M, `quant::grids`) with 8-bit x.
-//! A sub-block of 32 weights decodes to 32 signed bytes and one scale, or one per
-//! half (IQ2_XS, IQ2_S, IQ1_M); it meets one block of x as an exact integer sum per
-//! scale, and each sum enters the row's f32 sum with one fused multiply-add by
-//! `scale · d_x`, sub-block after sub-block, half after half. Eight weight rows
-//! (interleaved or not: `Strides` says where their blocks lie) and a row on its own
-//! run the same steps, so a product's bits do not depend on what is computed beside
-//! it (see `q8`'s docs). The lookups that decode a point vectorise poorly; the
-//! integer sums vectorise when compiled for AVX2 (`eight_rows_avx2`).
+//! Products of the lattice formats (IQ2_XXS … IQ1_M, `quant::grids`) with 8-bit x,
+//! portable. A sub-block of 32 weights decodes to 32 signed bytes and one scale, or
+//! one per half (IQ2_XS, IQ2_S, IQ1_M); it meets one block of x as an exact integer
+//! sum per scale. Each row of x keeps eight f32 sums, sum j taking sub-block j of
+//! every super-block with one fused multiply-add by `scale · d_x` per scale, and the
+//! eight are reduced at the end in a vector's horizontal order: what `x86::grids`
+//! computes in one vector's lanes, so every path gives the same bits, and eight weight
+//! rows (interleaved or not: `Strides` says where their blocks lie) or a row on its
+//! own give the same bits too (see `q8`'s docs).
 
 use super::{QuantizedX, BLOCK, EIGHT, MAX_ROWS};
 use crate::kernels::quant::grids::{scales_halves, sub_block, SUB};
